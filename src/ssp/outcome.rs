@@ -39,6 +39,6 @@ pub enum Rejection {
 
 impl Rejection {
     pub fn status(&self) -> StatusCode {
-        todo!()
+        StatusCode::BAD_REQUEST
     }
 }
