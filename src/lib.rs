@@ -1,6 +1,360 @@
-//! ssp-gateway: an mTLS interoperability gateway in the style of the NHS Spine Secure Proxy.
+//! ssp-gateway: an mTLS interoperability gateway in the style of the NHS Spine Secure Proxy,
+//! for GP Connect 1.2.7. `start` loads a validated `Config`, binds the listeners and returns
+//! their addresses (so tests can use port 0); `run` does the same and waits for shutdown.
 
+pub mod admin;
+pub mod authorise;
+pub mod config;
 pub mod directory;
+pub mod forward;
+pub mod gateway;
 pub mod mock_provider;
+pub mod server;
 pub mod ssp;
+pub mod telemetry;
 pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, DirectoryBackendConfig, MockProviderConfig};
+use crate::directory::ldif::LdifBackend;
+use crate::directory::Directory;
+use crate::gateway::{Gateway, Policy};
+use crate::mock_provider::{MockProvider, MockSettings};
+use crate::server::ServeOptions;
+use crate::ssp::interactions::Catalogue;
+
+/// ALPN protocols the consumer-facing listener offers.
+const ALPN_H2_H1: [&[u8]; 2] = [b"h2", b"http/1.1"];
+const ALPN_H1: [&[u8]; 1] = [b"http/1.1"];
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Something the configuration points at could not be loaded; every problem is listed.
+    #[error("cannot load what the configuration points at:{}", .0.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
+    Load(Vec<String>),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("development certificates in {dir}: {source}")]
+    DevCerts {
+        dir: String,
+        source: tls::pki::PkiError,
+    },
+}
+
+/// A started gateway: where it listens, and a handle to wait for it to stop.
+pub struct Running {
+    pub gateway_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Where the embedded mock provider listens, when enabled.
+    pub mock_provider_addr: Option<SocketAddr>,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// Waits until every listener has stopped (after the shutdown token is cancelled and the
+    /// grace period has run out or all connections have finished).
+    pub async fn wait(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Everything loaded from the files a configuration points at, before any socket is bound.
+pub struct Components {
+    pub gateway: Gateway,
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub mock_provider: Option<(Arc<MockProvider>, Arc<rustls::ServerConfig>)>,
+}
+
+/// Loads certificates, the interaction catalogue and the directory, reporting every problem.
+pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
+    let mut problems = Vec::new();
+    let alpn: &[&[u8]] = if config.listener.http2 {
+        &ALPN_H2_H1
+    } else {
+        &ALPN_H1
+    };
+    let server_tls = tls::server_config(&config.listener.tls, alpn)
+        .map_err(|e| problems.push(format!("listener: {e}")))
+        .ok();
+    let client_tls = tls::client_config(&config.upstream.tls, &ALPN_H1)
+        .map_err(|e| problems.push(format!("upstream: {e}")))
+        .ok();
+    let catalogue = Catalogue::load(&config.policy.interactions_file)
+        .map_err(|e| problems.push(format!("policy.interactions: {e}")))
+        .ok();
+    let backend = match &config.directory.backend {
+        DirectoryBackendConfig::Ldif { file } => LdifBackend::from_path(file)
+            .map_err(|e| problems.push(format!("directory: {e}")))
+            .ok(),
+    };
+    let mock_provider = config.mock_provider.as_ref().and_then(|m| {
+        tls::server_config(&m.tls, &ALPN_H1)
+            .map_err(|e| problems.push(format!("mock_provider: {e}")))
+            .ok()
+            .map(|tls| (Arc::new(MockProvider::new(mock_settings(m))), tls))
+    });
+    match (server_tls, client_tls, catalogue, backend) {
+        (Some(server_tls), Some(client_tls), Some(catalogue), Some(backend))
+            if problems.is_empty() =>
+        {
+            let directory = Directory::new(Arc::new(backend), config.directory.cache);
+            let gateway = Gateway {
+                catalogue,
+                directory,
+                policy: Policy {
+                    jwt: config.policy.jwt,
+                    jwt_clock_skew: config.policy.jwt_clock_skew,
+                    sharing_agreements: config.policy.sharing_agreements.clone(),
+                },
+                upstream: forward::Upstream::new(&config.upstream, client_tls),
+            };
+            Ok(Components {
+                gateway,
+                server_tls,
+                mock_provider,
+            })
+        }
+        _ => Err(problems),
+    }
+}
+
+fn mock_settings(m: &MockProviderConfig) -> MockSettings {
+    let base_path = m
+        .base_url
+        .strip_prefix("https://")
+        .and_then(|rest| rest.find('/').map(|i| rest[i..].to_string()))
+        .unwrap_or_default();
+    MockSettings {
+        asid: m.asid.clone(),
+        ods_code: m.ods_code.clone(),
+        base_path,
+        base_url: m.base_url.clone(),
+    }
+}
+
+/// Creates the development PKI when the configuration asks for it and it is missing.
+pub fn ensure_dev_certs(config: &Config) -> Result<(), StartError> {
+    if !config.dev.generate_certs || tls::pki::dev_certs_present(&config.dev.certs_dir) {
+        return Ok(());
+    }
+    tls::pki::write_dev_certs(&config.dev.certs_dir, false).map_err(|source| {
+        StartError::DevCerts {
+            dir: config.dev.certs_dir.display().to_string(),
+            source,
+        }
+    })?;
+    tracing::info!(dir = %config.dev.certs_dir.display(), "created the development certificates");
+    Ok(())
+}
+
+/// Starts the gateway, the admin listener and (when enabled) the embedded mock provider.
+pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Running, StartError> {
+    ensure_dev_certs(config)?;
+    let components = load_components(config).map_err(StartError::Load)?;
+    let tasks = TaskTracker::new();
+
+    let mock_provider_addr = match (&components.mock_provider, &config.mock_provider) {
+        (Some((mock, tls)), Some(m)) => {
+            let listener = bind("mock provider", m.address).await?;
+            let addr = local_addr("mock provider", &listener)?;
+            let opts = mock_serve_options(config);
+            tasks.spawn(serve_mock(
+                listener,
+                mock.clone(),
+                tls.clone(),
+                m.allowed_clients.clone(),
+                opts,
+                shutdown.clone(),
+            ));
+            Some(addr)
+        }
+        _ => None,
+    };
+
+    let listener = bind("gateway", config.listener.address).await?;
+    let gateway_addr = local_addr("gateway", &listener)?;
+    let admin_listener = bind("admin", config.admin.address).await?;
+    let admin_addr = local_addr("admin", &admin_listener)?;
+
+    let readiness = admin::Readiness::new();
+    readiness.loaded.store(true, Ordering::Release);
+    {
+        let readiness = readiness.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            readiness.draining.store(true, Ordering::Release);
+        });
+    }
+    // The admin listener outlives the gateway listener, so /readyz reports "draining" while
+    // requests in flight finish.
+    let admin_stop = CancellationToken::new();
+    tasks.spawn(admin::serve(admin_listener, readiness, admin_stop.clone()));
+
+    let gateway = Arc::new(components.gateway);
+    let opts = ServeOptions {
+        name: "gateway",
+        handshake_timeout: config.listener.handshake_timeout,
+        header_read_timeout: config.listener.header_read_timeout,
+        http2: config.listener.http2,
+        grace_period: config.shutdown.grace_period,
+    };
+    let serve = server::serve_tls(
+        listener,
+        components.server_tls,
+        opts,
+        shutdown,
+        move |conn, req| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(conn, req).await }
+        },
+    );
+    tasks.spawn(async move {
+        serve.await;
+        admin_stop.cancel();
+    });
+
+    tracing::info!(
+        %gateway_addr,
+        %admin_addr,
+        mock_provider = ?mock_provider_addr,
+        "ssp-gateway started"
+    );
+    Ok(Running {
+        gateway_addr,
+        admin_addr,
+        mock_provider_addr,
+        tasks,
+    })
+}
+
+/// Starts the gateway and waits until it has shut down.
+pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}
+
+/// Runs only the mock provider of `config` (the `mock-provider` command).
+pub async fn start_mock_provider(
+    config: &Config,
+    mock: &MockProviderConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    ensure_dev_certs(config)?;
+    let tls = tls::server_config(&mock.tls, &ALPN_H1)
+        .map_err(|e| StartError::Load(vec![format!("mock_provider: {e}")]))?;
+    let provider = Arc::new(MockProvider::new(mock_settings(mock)));
+    let listener = bind("mock provider", mock.address).await?;
+    let addr = local_addr("mock provider", &listener)?;
+    let tasks = TaskTracker::new();
+    tasks.spawn(serve_mock(
+        listener,
+        provider,
+        tls,
+        mock.allowed_clients.clone(),
+        mock_serve_options(config),
+        shutdown,
+    ));
+    tracing::info!(%addr, "mock provider started");
+    Ok(Running {
+        gateway_addr: addr,
+        admin_addr: addr,
+        mock_provider_addr: Some(addr),
+        tasks,
+    })
+}
+
+fn mock_serve_options(config: &Config) -> ServeOptions {
+    ServeOptions {
+        name: "mock-provider",
+        handshake_timeout: config.listener.handshake_timeout,
+        header_read_timeout: config.listener.header_read_timeout,
+        http2: false,
+        grace_period: config.shutdown.grace_period,
+    }
+}
+
+async fn serve_mock(
+    listener: TcpListener,
+    provider: Arc<MockProvider>,
+    tls: Arc<rustls::ServerConfig>,
+    allowed_clients: Vec<String>,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let allowed = Arc::new(allowed_clients);
+    server::serve_tls(listener, tls, opts, shutdown, move |conn, req| {
+        let provider = provider.clone();
+        let allowed = allowed.clone();
+        async move {
+            let caller_allowed = conn
+                .peer
+                .names
+                .iter()
+                .any(|n| allowed.iter().any(|a| a.eq_ignore_ascii_case(n)));
+            if caller_allowed {
+                provider.handle(req).await
+            } else {
+                tracing::warn!(peer = ?conn.peer.names, "mock provider refused a caller that is not the gateway");
+                provider_access_denied()
+            }
+        }
+    })
+    .await;
+}
+
+/// The mock provider's answer to a caller that is not the gateway: 403 ACCESS_DENIED, as a
+/// GP Connect provider answers it.
+fn provider_access_denied() -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let body = serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "meta": { "profile": ["https://fhir.nhs.uk/STU3/StructureDefinition/GPConnect-OperationOutcome-1"] },
+        "issue": [{
+            "severity": "error",
+            "code": "forbidden",
+            "details": { "coding": [{
+                "system": "https://fhir.nhs.uk/STU3/CodeSystem/Spine-ErrorOrWarningCode-1",
+                "code": "ACCESS_DENIED",
+                "display": "Access denied"
+            }]},
+            "diagnostics": "The client certificate is not the Spine Secure Proxy's"
+        }]
+    });
+    let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+        body.to_string(),
+    )));
+    *resp.status_mut() = http::StatusCode::FORBIDDEN;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/fhir+json;charset=utf-8"),
+    );
+    resp
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local_addr(what: &'static str, listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    let addr = listener.local_addr();
+    addr.map_err(|source| StartError::Bind {
+        what,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}

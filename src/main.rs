@@ -1,1 +1,204 @@
-fn main(){}
+//! The `ssp-gateway` command line. Parses arguments and calls the library; nothing else.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use ssp_gateway::config::{Config, DEFAULT_CONFIG_PATH};
+
+#[derive(Parser)]
+#[command(
+    name = "ssp-gateway",
+    version,
+    about = "An mTLS interoperability gateway for GP Connect 1.2.7, in the style of the NHS Spine Secure Proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (and, in development, the embedded mock provider).
+    Run {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and everything it points at; list every problem.
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Create the development PKI (CA, gateway, consumers, provider).
+    DevCerts {
+        /// Output directory.
+        #[arg(long, default_value = "certs-dev")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run only the mock GP Connect provider of a configuration.
+    MockProvider {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print a valid unsigned GP Connect JWT (alg none) for development requests.
+    DevJwt {
+        /// requested_scope: patient/*.read, patient/*.write or organization/*.read.
+        #[arg(long, default_value = "patient/*.read")]
+        scope: String,
+        /// aud claim (GP Connect consumers send the provider's endpoint or a legacy value).
+        #[arg(long, default_value = "https://localhost:9443/B82617/STU3/1/gpconnect")]
+        aud: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => with_config(&config, |c| serve(c, false)),
+        Command::MockProvider { config } => with_config(&config, |c| serve(c, true)),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::DevCerts { out, force } => {
+            match ssp_gateway::tls::pki::write_dev_certs(&out, force) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DevJwt { scope, aud } => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let claims = ssp_gateway::ssp::jwt::dev_claims(&scope, now, &aud);
+            println!("{}", ssp_gateway::ssp::jwt::encode_unsigned(&claims));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn with_config(path: &Path, f: impl FnOnce(Config) -> ExitCode) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => f(config),
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!(
+                "(run `ssp-gateway check-config --config {}` for the full report)",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut problems = Vec::new();
+    if config.dev.generate_certs && !ssp_gateway::tls::pki::dev_certs_present(&config.dev.certs_dir)
+    {
+        println!(
+            "note: {} is missing; `ssp-gateway run` will create it (or run `ssp-gateway dev-certs`)",
+            config.dev.certs_dir.display()
+        );
+    } else if let Err(p) = ssp_gateway::load_components(&config) {
+        problems = p;
+    }
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{}: {} problem(s)", path.display(), problems.len());
+        for p in problems {
+            eprintln!("  - {p}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn serve(config: Config, mock_only: bool) -> ExitCode {
+    if let Err(e) = ssp_gateway::telemetry::init(&config.log) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let started = if mock_only {
+            match &config.mock_provider {
+                Some(m) => ssp_gateway::start_mock_provider(&config, m, shutdown.clone()).await,
+                None => {
+                    eprintln!(
+                        "error: {}: [mock_provider] is not enabled",
+                        config.source.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            ssp_gateway::start(&config, shutdown.clone()).await
+        };
+        let running = match started {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::spawn(signal_shutdown(shutdown));
+        running.wait().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    shutdown.cancel();
+}

@@ -1,1 +1,1537 @@
-//! (in progress)
+//! The LDIF directory backend: SDS-schema entries from an LDIF file (RFC 2849 content records),
+//! indexed in memory and swapped atomically on reload.
+//! Owns the LDIF parser, the model builder (`nhsAs` -> [`AccreditedSystem`], `nhsMhs` ->
+//! [`MessageHandler`]) and [`LdifBackend`]. It never does I/O on a lookup: only
+//! [`LdifBackend::from_path`] and [`LdifBackend::reload`] read the file.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use futures_util::future::{self, BoxFuture};
+
+use super::{AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler, Party};
+
+/// The development world (`config/directory.ldif`), compiled in as the default directory.
+pub const DEVELOPMENT_WORLD: &str = include_str!("../../config/directory.ldif");
+
+/// The largest LDIF file or text the backend will load (64 MiB).
+pub const MAX_LDIF_BYTES: u64 = 64 * 1024 * 1024;
+
+// ------------------------------------------------------------------------------------------------
+// Parser
+// ------------------------------------------------------------------------------------------------
+
+/// An LDIF syntax error, with the (1-based) line it was found on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct LdifError {
+    pub line: usize,
+    pub reason: String,
+}
+
+impl LdifError {
+    fn new(line: usize, reason: impl Into<String>) -> Self {
+        Self {
+            line,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One LDIF content record (an entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The DN, as written (base64 decoded).
+    pub dn: String,
+    /// Line of the `dn:` line.
+    pub line: usize,
+    /// Attribute values in file order.
+    pub attributes: Vec<AttributeValue>,
+}
+
+/// One `attr: value` line of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributeValue {
+    /// The attribute name, ASCII-lowercased (LDAP attribute names are case-insensitive).
+    pub name: String,
+    /// The value, base64-decoded when it was written `attr:: ...`.
+    pub value: String,
+    /// Line the value starts on.
+    pub line: usize,
+}
+
+impl Record {
+    /// The values of the attribute `name` (give it lowercase).
+    pub fn values<'r>(&'r self, name: &'r str) -> impl Iterator<Item = &'r AttributeValue> + 'r {
+        self.attributes.iter().filter(move |a| a.name == name)
+    }
+}
+
+/// Parse LDIF bytes: they must be UTF-8 (the error names the line of the first bad byte).
+pub fn parse_records_bytes(bytes: &[u8]) -> Result<Vec<Record>, LdifError> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse_records(text),
+        Err(e) => {
+            let line = line_of_offset(bytes, e.valid_up_to());
+            Err(LdifError::new(line, "not valid UTF-8"))
+        }
+    }
+}
+
+/// Parse LDIF text (RFC 2849 content records) into records.
+///
+/// Supported: an optional leading `version: 1`, `#` comments, folded lines (a line starting
+/// with one space continues the previous one), `attr: value`, `attr:: base64` (must decode to
+/// UTF-8), case-insensitive attribute names, LF or CRLF line ends, records separated by blank
+/// lines. Rejected with an error: change records (`changetype:`, `control:`), URL values
+/// (`attr:< url`), attribute options (`cn;lang-en`), and unencoded values that end in a space,
+/// contain NUL or CR, or start with `:` or `<`.
+pub fn parse_records(text: &str) -> Result<Vec<Record>, LdifError> {
+    let mut records = Vec::new();
+    let mut current: Option<Record> = None;
+    let mut first_line_seen = false;
+
+    for item in logical_lines(text) {
+        let (number, line) = match item? {
+            Logical::Blank => {
+                if let Some(record) = current.take() {
+                    records.push(finish(record)?);
+                }
+                continue;
+            }
+            Logical::Line(number, line) => (number, line),
+        };
+        let (name, value) = parse_attr_line(&line, number)?;
+        let is_first_line = !first_line_seen;
+        first_line_seen = true;
+
+        match current.as_mut() {
+            None if is_first_line && name == "version" => {
+                if value != "1" {
+                    return Err(LdifError::new(
+                        number,
+                        format!("unsupported LDIF version {value:?} (only 1)"),
+                    ));
+                }
+            }
+            None if name == "dn" => {
+                if value.is_empty() {
+                    return Err(LdifError::new(number, "empty dn"));
+                }
+                current = Some(Record {
+                    dn: value,
+                    line: number,
+                    attributes: Vec::new(),
+                });
+            }
+            None => {
+                return Err(LdifError::new(
+                    number,
+                    format!("a record must start with 'dn:', found '{name}:'"),
+                ))
+            }
+            Some(_) if name == "dn" => {
+                return Err(LdifError::new(
+                    number,
+                    "'dn:' inside a record: separate records with a blank line",
+                ))
+            }
+            Some(_) if name == "changetype" || name == "control" => {
+                return Err(LdifError::new(
+                    number,
+                    format!("change records ('{name}:') are not supported, only content records"),
+                ))
+            }
+            Some(record) => record.attributes.push(AttributeValue {
+                name,
+                value,
+                line: number,
+            }),
+        }
+    }
+    if let Some(record) = current {
+        records.push(finish(record)?);
+    }
+    Ok(records)
+}
+
+/// A complete record must have at least one attribute (RFC 2849 `ldif-attrval-record`).
+fn finish(record: Record) -> Result<Record, LdifError> {
+    if record.attributes.is_empty() {
+        return Err(LdifError::new(
+            record.line,
+            format!("entry {} has no attributes", record.dn),
+        ));
+    }
+    Ok(record)
+}
+
+/// A logical line (folded lines joined, comments dropped) or a record separator.
+enum Logical<'a> {
+    /// First physical line number, text.
+    Line(usize, Cow<'a, str>),
+    Blank,
+}
+
+/// Split `text` into logical lines: unfold continuations, drop comments, mark blank lines.
+fn logical_lines(text: &str) -> impl Iterator<Item = Result<Logical<'_>, LdifError>> + '_ {
+    let mut physical = text
+        .split('\n')
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.strip_suffix('\r').unwrap_or(l)))
+        .peekable();
+
+    std::iter::from_fn(move || loop {
+        let (number, line) = physical.next()?;
+        if line.is_empty() {
+            return Some(Ok(Logical::Blank));
+        }
+        if line.starts_with(' ') {
+            // Continuations of a line are consumed with it below, so this one follows a blank
+            // line or starts the file.
+            return Some(Err(LdifError::new(
+                number,
+                "continuation line (starting with a space) with no line to continue",
+            )));
+        }
+        let mut joined = Cow::Borrowed(line);
+        while let Some((_, next)) = physical.next_if(|(_, l)| l.starts_with(' ')) {
+            joined.to_mut().push_str(&next[1..]);
+        }
+        // Comments (and their continuations) are dropped.
+        if !joined.starts_with('#') {
+            return Some(Ok(Logical::Line(number, joined)));
+        }
+    })
+}
+
+/// Parse `attr: value`, `attr:: base64` into (lowercase name, value).
+fn parse_attr_line(line: &str, number: usize) -> Result<(String, String), LdifError> {
+    let Some((name, rest)) = line.split_once(':') else {
+        return Err(LdifError::new(number, "expected 'attribute: value'"));
+    };
+    check_attr_name(name, number)?;
+    let name = name.to_ascii_lowercase();
+
+    if let Some(encoded) = rest.strip_prefix(':') {
+        let encoded = encoded.trim_matches(' ');
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| LdifError::new(number, format!("{name}: invalid base64: {e}")))?;
+        let value = String::from_utf8(bytes).map_err(|_| {
+            LdifError::new(number, format!("{name}: base64 value is not valid UTF-8"))
+        })?;
+        return Ok((name, value));
+    }
+    if rest.starts_with('<') {
+        return Err(LdifError::new(
+            number,
+            format!("{name}: URL values ('{name}:< url') are not supported"),
+        ));
+    }
+    let value = rest.trim_start_matches(' ');
+    if value.starts_with(':') || value.starts_with('<') {
+        return Err(LdifError::new(
+            number,
+            format!(
+                "{name}: a value starting with ':' or '<' must be base64-encoded ('{name}:: ...')"
+            ),
+        ));
+    }
+    if value.contains(['\0', '\r']) {
+        return Err(LdifError::new(
+            number,
+            format!("{name}: value contains NUL or CR; base64-encode it"),
+        ));
+    }
+    if value.ends_with(' ') {
+        return Err(LdifError::new(
+            number,
+            format!(
+                "{name}: value ends with a space; base64-encode it ('{name}:: ...') if intended"
+            ),
+        ));
+    }
+    Ok((name, value.to_owned()))
+}
+
+/// Attribute names: a keystring (`ALPHA *(ALPHA / DIGIT / "-")`) or a numeric OID. Options
+/// (`;lang-en`, `;binary`) are rejected: the SDS schema uses none.
+fn check_attr_name(name: &str, number: usize) -> Result<(), LdifError> {
+    if let Some((base, _)) = name.split_once(';') {
+        return Err(LdifError::new(
+            number,
+            format!("{base}: attribute options ('{name}') are not supported"),
+        ));
+    }
+    let bytes = name.as_bytes();
+    let keystring = bytes.first().is_some_and(u8::is_ascii_alphabetic)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-');
+    let numeric_oid = !name.is_empty()
+        && name
+            .split('.')
+            .all(|arc| !arc.is_empty() && arc.bytes().all(|b| b.is_ascii_digit()));
+    if keystring || numeric_oid {
+        Ok(())
+    } else if name.is_empty() {
+        Err(LdifError::new(number, "missing attribute name before ':'"))
+    } else {
+        Err(LdifError::new(
+            number,
+            format!("invalid attribute name {name:?}"),
+        ))
+    }
+}
+
+/// 1-based line number of byte `offset`.
+fn line_of_offset(bytes: &[u8], offset: usize) -> usize {
+    let end = offset.min(bytes.len());
+    bytes[..end].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+// ------------------------------------------------------------------------------------------------
+// Model builder
+// ------------------------------------------------------------------------------------------------
+
+/// An attribute the model reads: its lowercase form (to match) and its schema spelling (to report).
+#[derive(Clone, Copy)]
+struct Attr {
+    lower: &'static str,
+    name: &'static str,
+}
+
+const OBJECT_CLASS: Attr = Attr {
+    lower: "objectclass",
+    name: "objectClass",
+};
+const UNIQUE_IDENTIFIER: Attr = Attr {
+    lower: "uniqueidentifier",
+    name: "uniqueIdentifier",
+};
+const ID_CODE: Attr = Attr {
+    lower: "nhsidcode",
+    name: "nhsIDCode",
+};
+const PARTY_KEY: Attr = Attr {
+    lower: "nhsmhspartykey",
+    name: "nhsMHSPartyKey",
+};
+const AS_SVC_IA: Attr = Attr {
+    lower: "nhsassvcia",
+    name: "nhsAsSvcIA",
+};
+const PRODUCT_NAME: Attr = Attr {
+    lower: "nhsproductname",
+    name: "nhsProductName",
+};
+const PRODUCT_VERSION: Attr = Attr {
+    lower: "nhsproductversion",
+    name: "nhsProductVersion",
+};
+const MHS_SVC_IA: Attr = Attr {
+    lower: "nhsmhssvcia",
+    name: "nhsMhsSvcIA",
+};
+const MHS_END_POINT: Attr = Attr {
+    lower: "nhsmhsendpoint",
+    name: "nhsMHSEndPoint",
+};
+const MHS_FQDN: Attr = Attr {
+    lower: "nhsmhsfqdn",
+    name: "nhsMhsFQDN",
+};
+const MHS_CPA_ID: Attr = Attr {
+    lower: "nhsmhscpaid",
+    name: "nhsMhsCPAId",
+};
+
+/// An entry that parses as LDIF but does not make a valid directory model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// A required attribute is absent (`line` is the entry's `dn:` line).
+    #[error("line {line}: entry {dn}: missing {attribute}")]
+    Missing {
+        dn: String,
+        line: usize,
+        attribute: &'static str,
+    },
+    /// A single-valued attribute has a second value (`line` is the second one).
+    #[error(
+        "line {line}: entry {dn}: {attribute} must have exactly one value, found another here"
+    )]
+    Repeated {
+        dn: String,
+        line: usize,
+        attribute: &'static str,
+    },
+    /// A value the model cannot use (empty, padded with white space, a non-digit ASID).
+    #[error("line {line}: entry {dn}: {attribute}: {reason}")]
+    Invalid {
+        dn: String,
+        line: usize,
+        attribute: &'static str,
+        reason: &'static str,
+    },
+    /// One entry claims both structural classes.
+    #[error("line {line}: entry {dn} is both nhsAs and nhsMhs")]
+    BothClasses { dn: String, line: usize },
+    /// Two `nhsAs` entries have the same ASID.
+    #[error("line {line}: entry {dn}: ASID {asid} is already registered by the entry at line {first_line}")]
+    DuplicateAsid {
+        dn: String,
+        line: usize,
+        asid: String,
+        first_line: usize,
+    },
+    /// Two `nhsMhs` entries serve one interaction for one party key (SDS allows one).
+    #[error("line {line}: entry {dn}: party key {party_key} already has a message handler for {interaction} (line {first_line})")]
+    DuplicateHandler {
+        dn: String,
+        line: usize,
+        party_key: String,
+        interaction: String,
+        first_line: usize,
+    },
+}
+
+/// What a loaded directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Every LDIF record, including those the model ignores (`o=nhs`, other object classes).
+    pub entries: usize,
+    /// `nhsAs` records.
+    pub systems: usize,
+    /// `nhsMhs` records.
+    pub handlers: usize,
+}
+
+/// The lookup tables built from one LDIF file. Immutable once built.
+#[derive(Debug, Default)]
+struct Index {
+    /// ASID (digits) -> AS record.
+    systems: HashMap<String, AccreditedSystem>,
+    /// Lowercased party key -> its MHS records, in file order.
+    handlers: HashMap<String, Vec<MessageHandler>>,
+    stats: Stats,
+}
+
+impl Index {
+    fn party(&self, asid: &str) -> Option<Party> {
+        let system = self.systems.get(asid)?;
+        let handlers = self
+            .handlers
+            .get(&system.party_key.to_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        Some(Party {
+            system: system.clone(),
+            handlers,
+        })
+    }
+}
+
+/// Build the index from parsed records.
+fn build_index(records: &[Record]) -> Result<Index, ModelError> {
+    let mut index = Index::default();
+    let mut asid_lines: HashMap<String, usize> = HashMap::new();
+    let mut handler_lines: HashMap<(String, String), usize> = HashMap::new();
+
+    for record in records {
+        index.stats.entries += 1;
+        let is_class = |class: &str| {
+            record
+                .values(OBJECT_CLASS.lower)
+                .any(|v| v.value.eq_ignore_ascii_case(class))
+        };
+        match (is_class("nhsAs"), is_class("nhsMhs")) {
+            (true, true) => {
+                return Err(ModelError::BothClasses {
+                    dn: record.dn.clone(),
+                    line: record.line,
+                })
+            }
+            (true, false) => {
+                let system = accredited_system(record)?;
+                if let Some(first_line) = asid_lines.insert(system.asid.clone(), record.line) {
+                    return Err(ModelError::DuplicateAsid {
+                        dn: record.dn.clone(),
+                        line: record.line,
+                        asid: system.asid,
+                        first_line,
+                    });
+                }
+                index.stats.systems += 1;
+                index.systems.insert(system.asid.clone(), system);
+            }
+            (false, true) => {
+                let handler = message_handler(record)?;
+                let key = handler.party_key.to_lowercase();
+                let slot = (key.clone(), handler.interaction.clone());
+                if let Some(first_line) = handler_lines.insert(slot, record.line) {
+                    return Err(ModelError::DuplicateHandler {
+                        dn: record.dn.clone(),
+                        line: record.line,
+                        party_key: handler.party_key,
+                        interaction: handler.interaction,
+                        first_line,
+                    });
+                }
+                index.stats.handlers += 1;
+                index.handlers.entry(key).or_default().push(handler);
+            }
+            (false, false) => {}
+        }
+    }
+    Ok(index)
+}
+
+fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
+    let asid = required(record, UNIQUE_IDENTIFIER)?;
+    if !asid.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(
+            record,
+            UNIQUE_IDENTIFIER,
+            asid_line(record),
+            "an ASID must be ASCII digits",
+        ));
+    }
+    Ok(AccreditedSystem {
+        asid: asid.to_owned(),
+        ods_code: required(record, ID_CODE)?.to_owned(),
+        party_key: required(record, PARTY_KEY)?.to_owned(),
+        interactions: record
+            .values(AS_SVC_IA.lower)
+            .map(|v| v.value.clone())
+            .collect(),
+        product_name: optional(record, PRODUCT_NAME)?.map(str::to_owned),
+        product_version: optional(record, PRODUCT_VERSION)?.map(str::to_owned),
+    })
+}
+
+fn message_handler(record: &Record) -> Result<MessageHandler, ModelError> {
+    Ok(MessageHandler {
+        id: required(record, UNIQUE_IDENTIFIER)?.to_owned(),
+        ods_code: required(record, ID_CODE)?.to_owned(),
+        party_key: required(record, PARTY_KEY)?.to_owned(),
+        interaction: required(record, MHS_SVC_IA)?.to_owned(),
+        endpoint: required(record, MHS_END_POINT)?.to_owned(),
+        fqdn: required(record, MHS_FQDN)?.to_owned(),
+        cpa_id: required(record, MHS_CPA_ID)?.to_owned(),
+    })
+}
+
+fn asid_line(record: &Record) -> usize {
+    record
+        .values(UNIQUE_IDENTIFIER.lower)
+        .next()
+        .map_or(record.line, |v| v.line)
+}
+
+/// Exactly one value, non-empty, without leading or trailing white space.
+fn required(record: &Record, attr: Attr) -> Result<&str, ModelError> {
+    optional(record, attr)?.ok_or_else(|| ModelError::Missing {
+        dn: record.dn.clone(),
+        line: record.line,
+        attribute: attr.name,
+    })
+}
+
+/// At most one value; when present, non-empty and without leading or trailing white space.
+fn optional(record: &Record, attr: Attr) -> Result<Option<&str>, ModelError> {
+    let mut values = record.values(attr.lower);
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if let Some(repeat) = values.next() {
+        return Err(ModelError::Repeated {
+            dn: record.dn.clone(),
+            line: repeat.line,
+            attribute: attr.name,
+        });
+    }
+    if first.value.is_empty() {
+        return Err(invalid(record, attr, first.line, "empty value"));
+    }
+    if first.value.trim() != first.value {
+        return Err(invalid(
+            record,
+            attr,
+            first.line,
+            "leading or trailing white space",
+        ));
+    }
+    Ok(Some(&first.value))
+}
+
+fn invalid(record: &Record, attribute: Attr, line: usize, reason: &'static str) -> ModelError {
+    ModelError::Invalid {
+        dn: record.dn.clone(),
+        line,
+        attribute: attribute.name,
+        reason,
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backend
+// ------------------------------------------------------------------------------------------------
+
+/// Why an LDIF directory could not be loaded. Every variant names the file (or text source).
+#[derive(Debug, thiserror::Error)]
+pub enum LdifLoadError {
+    /// The file could not be opened or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file or text is over [`MAX_LDIF_BYTES`].
+    #[error("{origin}: larger than the {limit}-byte limit")]
+    TooLarge { origin: String, limit: u64 },
+    /// The LDIF does not parse.
+    #[error("{origin}: {error}")]
+    Syntax {
+        origin: String,
+        #[source]
+        error: LdifError,
+    },
+    /// The LDIF parses but does not make a valid directory.
+    #[error("{origin}: {error}")]
+    Model {
+        origin: String,
+        #[source]
+        error: ModelError,
+    },
+    /// `reload` on a backend built from text.
+    #[error("{origin}: cannot reload: the directory was built from text, not a file")]
+    NotReloadable { origin: String },
+}
+
+/// A [`DirectoryBackend`] answering from an in-memory index of an LDIF file in the SDS schema.
+/// Lookups never do I/O; [`reload`](Self::reload) swaps in a new file's data atomically.
+#[derive(Debug)]
+pub struct LdifBackend {
+    /// The file to (re)load, or `None` when built from text.
+    path: Option<PathBuf>,
+    /// Name used in errors: the path, or the text's source name.
+    origin: String,
+    index: ArcSwap<Index>,
+}
+
+impl LdifBackend {
+    /// Load and index the LDIF file at `path` (at most [`MAX_LDIF_BYTES`]). Blocking file I/O:
+    /// call it at start-up or from `spawn_blocking`.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, LdifLoadError> {
+        let path = path.as_ref().to_path_buf();
+        let index = load_file(&path)?;
+        Ok(Self {
+            origin: path.display().to_string(),
+            path: Some(path),
+            index: ArcSwap::from_pointee(index),
+        })
+    }
+
+    /// Index LDIF `text`; `source` names it in errors (e.g. "embedded development world").
+    pub fn parse(text: &str, source: impl Into<String>) -> Result<Self, LdifLoadError> {
+        let origin = source.into();
+        let index = index_text(text, &origin)?;
+        Ok(Self {
+            path: None,
+            origin,
+            index: ArcSwap::from_pointee(index),
+        })
+    }
+
+    /// The compiled-in development world ([`DEVELOPMENT_WORLD`]).
+    pub fn development_world() -> Result<Self, LdifLoadError> {
+        Self::parse(DEVELOPMENT_WORLD, "embedded config/directory.ldif")
+    }
+
+    /// Re-read the file and swap in its data. If the new file cannot be read or is invalid, the
+    /// old data stays in service and the error says why. Blocking file I/O (see `from_path`).
+    pub fn reload(&self) -> Result<Stats, LdifLoadError> {
+        let Some(path) = &self.path else {
+            return Err(LdifLoadError::NotReloadable {
+                origin: self.origin.clone(),
+            });
+        };
+        let index = load_file(path)?;
+        let stats = index.stats;
+        self.index.store(Arc::new(index));
+        Ok(stats)
+    }
+
+    /// What the current data holds.
+    pub fn stats(&self) -> Stats {
+        self.index.load().stats
+    }
+
+    /// The file path or text source name.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The party for `asid` from the current data; `None` when no `nhsAs` has that ASID.
+    /// ASIDs are digits, so the match is exact.
+    pub fn lookup(&self, asid: &str) -> Option<Party> {
+        self.index.load().party(asid)
+    }
+}
+
+impl DirectoryBackend for LdifBackend {
+    fn name(&self) -> &'static str {
+        "ldif"
+    }
+
+    fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
+        Box::pin(future::ready(Ok(self.lookup(asid))))
+    }
+}
+
+fn load_file(path: &Path) -> Result<Index, LdifLoadError> {
+    let io = |source| LdifLoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let too_large = || LdifLoadError::TooLarge {
+        origin: path.display().to_string(),
+        limit: MAX_LDIF_BYTES,
+    };
+    let file = File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() > MAX_LDIF_BYTES {
+        return Err(too_large());
+    }
+    // Read at most one byte past the limit: the file may grow, or be a device with no length.
+    let mut bytes = Vec::new();
+    file.take(MAX_LDIF_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_LDIF_BYTES {
+        return Err(too_large());
+    }
+    let origin = path.display().to_string();
+    let records = parse_records_bytes(&bytes).map_err(|error| LdifLoadError::Syntax {
+        origin: origin.clone(),
+        error,
+    })?;
+    build_index(&records).map_err(|error| LdifLoadError::Model { origin, error })
+}
+
+fn index_text(text: &str, origin: &str) -> Result<Index, LdifLoadError> {
+    if text.len() as u64 > MAX_LDIF_BYTES {
+        return Err(LdifLoadError::TooLarge {
+            origin: origin.to_owned(),
+            limit: MAX_LDIF_BYTES,
+        });
+    }
+    let records = parse_records(text).map_err(|error| LdifLoadError::Syntax {
+        origin: origin.to_owned(),
+        error,
+    })?;
+    build_index(&records).map_err(|error| LdifLoadError::Model {
+        origin: origin.to_owned(),
+        error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GPC: &str = "urn:nhs:names:services:gpconnect:";
+    const ENDPOINT: &str = "https://localhost:9443/B82617/STU3/1/gpconnect";
+
+    fn b64(s: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    fn parse_err(text: &str) -> LdifError {
+        match parse_records(text) {
+            Ok(records) => panic!("expected an error, parsed {records:?}"),
+            Err(e) => e,
+        }
+    }
+
+    // ---- parser ----------------------------------------------------------------------------
+
+    #[test]
+    fn parses_version_comments_and_records() {
+        let text = "version: 1\n# a comment\n\ndn: o=nhs\nobjectClass: organization\no: nhs\n\n\n\
+                    # between records\ndn: ou=services,o=nhs\r\n# inside a record\r\nou: services\r\n";
+        let records = parse_records(text).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].dn, "o=nhs");
+        assert_eq!(records[0].line, 4);
+        assert_eq!(records[0].attributes.len(), 2);
+        assert_eq!(records[0].attributes[1].line, 6);
+        assert_eq!(records[1].dn, "ou=services,o=nhs");
+        assert_eq!(records[1].line, 10);
+        let ou: Vec<_> = records[1].values("ou").map(|v| v.value.as_str()).collect();
+        assert_eq!(ou, ["services"], "CRLF must be stripped");
+    }
+
+    #[test]
+    fn unfolds_continuation_lines_and_folded_comments() {
+        let text = "dn: uniqueIdentifier=1,\n ou=services,o=nhs\nnhsMHSEndPoint: https://localhost:9443/\n B82617/STU3/1/\n gpconnect\n# a folded comment\n dn: not-a-line\nnhsMhsFQDN: local\n host\n";
+        let records = parse_records(text).unwrap();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.dn, "uniqueIdentifier=1,ou=services,o=nhs");
+        assert_eq!(
+            r.attributes.len(),
+            2,
+            "the folded comment must stay a comment"
+        );
+        assert_eq!(r.attributes[0].value, ENDPOINT);
+        assert_eq!(r.attributes[0].line, 3);
+        assert_eq!(r.attributes[1].value, "localhost");
+        assert_eq!(r.attributes[1].line, 8);
+    }
+
+    #[test]
+    fn decodes_base64_values_and_dn() {
+        let text = format!(
+            "dn:: {}\nnhsProductName:: {}\ndescription::{}\n",
+            b64(b"uniqueIdentifier=1,o=nhs"),
+            b64("Prodüct name ".as_bytes()),
+            b64(b"")
+        );
+        let records = parse_records(&text).unwrap();
+        assert_eq!(records[0].dn, "uniqueIdentifier=1,o=nhs");
+        assert_eq!(records[0].attributes[0].value, "Prodüct name ");
+        assert_eq!(records[0].attributes[1].value, "");
+    }
+
+    #[test]
+    fn attribute_names_are_case_insensitive() {
+        let records = parse_records("DN: o=nhs\nNHSIDCODE: B82617\nnhsIdCode: x\n").unwrap();
+        assert_eq!(records[0].dn, "o=nhs");
+        let codes: Vec<_> = records[0]
+            .values("nhsidcode")
+            .map(|v| v.value.as_str())
+            .collect();
+        assert_eq!(codes, ["B82617", "x"]);
+    }
+
+    #[test]
+    fn numeric_oid_attribute_names_parse() {
+        let records = parse_records("dn: o=nhs\n0.9.2342.19200300.100.1.44: 1\n").unwrap();
+        assert_eq!(records[0].attributes[0].name, "0.9.2342.19200300.100.1.44");
+    }
+
+    #[test]
+    fn every_syntax_error_names_its_line() {
+        let cases: &[(&str, usize, &str)] = &[
+            (" folded at start\n", 1, "no line to continue"),
+            (
+                "dn: o=nhs\no: nhs\n\n continued after blank\n",
+                4,
+                "no line to continue",
+            ),
+            (
+                "dn: o=nhs\nno colon here\n",
+                2,
+                "expected 'attribute: value'",
+            ),
+            ("# c\nobjectClass: top\n", 2, "must start with 'dn:'"),
+            (
+                "dn: o=nhs\no: nhs\ndn: ou=x,o=nhs\n",
+                3,
+                "'dn:' inside a record",
+            ),
+            ("dn: o=nhs\nchangetype: add\no: nhs\n", 2, "change records"),
+            ("dn: o=nhs\ncontrol: 1.2.3 true\n", 2, "change records"),
+            (
+                "dn: o=nhs\njpegPhoto:< file:///etc/passwd\n",
+                2,
+                "URL values",
+            ),
+            ("dn: o=nhs\ncn;lang-en: x\n", 2, "attribute options"),
+            ("dn: o=nhs\nbad name: x\n", 2, "invalid attribute name"),
+            ("dn: o=nhs\n1abc: x\n", 2, "invalid attribute name"),
+            ("dn: o=nhs\n: x\n", 2, "missing attribute name"),
+            ("dn: o=nhs\no: nhs \n", 2, "ends with a space"),
+            ("dn: o=nhs\no: :nhs\n", 2, "must be base64-encoded"),
+            ("dn: o=nhs\no: <nhs\n", 2, "must be base64-encoded"),
+            ("dn: o=nhs\no: a\0b\n", 2, "NUL or CR"),
+            ("dn: o=nhs\no: a\rb\n", 2, "NUL or CR"),
+            ("dn: o=nhs\no:: not base64!\n", 2, "invalid base64"),
+            (
+                "version: 2\n\ndn: o=nhs\no: nhs\n",
+                1,
+                "unsupported LDIF version",
+            ),
+            (
+                "dn: o=nhs\no: nhs\n\ndn: ou=empty,o=nhs\n\n",
+                4,
+                "has no attributes",
+            ),
+            (
+                "dn: o=nhs\no: nhs\n\ndn: ou=empty,o=nhs\n",
+                4,
+                "has no attributes",
+            ),
+            ("dn:\no: nhs\n", 1, "empty dn"),
+        ];
+        for (text, line, reason) in cases {
+            let err = parse_err(text);
+            assert_eq!(err.line, *line, "{text:?}: {err}");
+            assert!(err.reason.contains(reason), "{text:?}: {err}");
+            assert!(
+                err.to_string().starts_with(&format!("line {line}: ")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn base64_that_is_not_utf8_is_an_error() {
+        let err = parse_err(&format!(
+            "dn: o=nhs\no: nhs\n\n\ndn: o=x\ndescription:: {}\n",
+            b64(&[0xff, 0xfe])
+        ));
+        assert_eq!(err.line, 6);
+        assert!(err.reason.contains("not valid UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn raw_bytes_that_are_not_utf8_report_the_line() {
+        let err = parse_records_bytes(b"dn: o=nhs\no: nhs\ndescription: caf\xe9\n").unwrap_err();
+        assert_eq!(err, LdifError::new(3, "not valid UTF-8"));
+    }
+
+    // ---- model -----------------------------------------------------------------------------
+
+    fn as_entry(asid: &str, pk: &str, extra: &str) -> String {
+        format!(
+            "dn: uniqueIdentifier={asid},ou=services,o=nhs\nobjectClass: top\nobjectClass: nhsAs\n\
+             uniqueIdentifier: {asid}\nnhsIDCode: B82617\nnhsMHSPartyKey: {pk}\n\
+             nhsAsSvcIA: {GPC}fhir:rest:read:metadata-1\n{extra}"
+        )
+    }
+
+    fn mhs_entry(id: &str, pk: &str, interaction: &str, extra: &str) -> String {
+        format!(
+            "dn: uniqueIdentifier={id},ou=services,o=nhs\nobjectClass: top\nobjectClass: nhsMhs\n\
+             uniqueIdentifier: {id}\nnhsIDCode: B82617\nnhsMHSPartyKey: {pk}\nnhsMhsSvcIA: {interaction}\n\
+             nhsMHSEndPoint: {ENDPOINT}\nnhsMhsFQDN: localhost\nnhsMhsCPAId: {id}\n{extra}"
+        )
+    }
+
+    fn model(text: &str) -> Result<Index, ModelError> {
+        build_index(&parse_records(text).expect("test LDIF parses"))
+    }
+
+    fn model_err(text: &str) -> ModelError {
+        match model(text) {
+            Ok(index) => panic!("expected a model error, built {index:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn builds_parties_joining_on_party_key_case_insensitively() {
+        let text =
+            format!(
+            "dn: o=nhs\nobjectClass: organization\no: nhs\n\n{}nhsProductName: Mock\n\n{}\n{}\n{}",
+            as_entry("918999198993", "B82617-0000806", ""),
+            mhs_entry("aaaa", "b82617-0000806", &format!("{GPC}fhir:rest:read:metadata-1"), ""),
+            mhs_entry("bbbb", "B82617-0000806", &format!("{GPC}fhir:rest:search:slot-1"), ""),
+            mhs_entry("cccc", "OTHER-1", &format!("{GPC}fhir:rest:search:slot-1"), ""),
+        );
+        let index = model(&text).unwrap();
+        assert_eq!(
+            index.stats,
+            Stats {
+                entries: 5,
+                systems: 1,
+                handlers: 3
+            }
+        );
+        let party = index.party("918999198993").unwrap();
+        assert_eq!(party.system.ods_code, "B82617");
+        assert_eq!(party.system.product_name.as_deref(), Some("Mock"));
+        assert_eq!(party.system.product_version, None);
+        assert_eq!(
+            party.system.interactions,
+            [format!("{GPC}fhir:rest:read:metadata-1")]
+        );
+        let ids: Vec<_> = party.handlers.iter().map(|h| h.id.as_str()).collect();
+        assert_eq!(ids, ["aaaa", "bbbb"]);
+        assert_eq!(party.handlers[0].endpoint, ENDPOINT);
+        assert_eq!(party.handlers[0].cpa_id, "aaaa");
+        assert!(index.party("918999198994").is_none());
+    }
+
+    #[test]
+    fn object_classes_and_attribute_names_match_case_insensitively() {
+        let text = "dn: uniqueIdentifier=1,o=nhs\nOBJECTCLASS: NHSAS\nUNIQUEIDENTIFIER: 1\nNhsIdCode: X\nNHSMHSPARTYKEY: X-1\n";
+        let index = model(text).unwrap();
+        assert_eq!(index.party("1").unwrap().system.party_key, "X-1");
+    }
+
+    #[test]
+    fn other_object_classes_are_ignored() {
+        let index = model("dn: cn=x,o=nhs\nobjectClass: nhsOrg\ncn: x\n").unwrap();
+        assert_eq!(
+            index.stats,
+            Stats {
+                entries: 1,
+                systems: 0,
+                handlers: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_system_with_no_handlers_has_an_empty_list() {
+        let index = model(&as_entry("5", "P-5", "")).unwrap();
+        assert!(index.party("5").unwrap().handlers.is_empty());
+    }
+
+    #[test]
+    fn missing_required_attributes_are_named_with_dn_and_line() {
+        let full_as = as_entry("1", "P-1", "");
+        for (attr, name) in [
+            ("uniqueIdentifier: 1\n", "uniqueIdentifier"),
+            ("nhsIDCode: B82617\n", "nhsIDCode"),
+            ("nhsMHSPartyKey: P-1\n", "nhsMHSPartyKey"),
+        ] {
+            let text = format!("dn: o=nhs\no: nhs\n\n{}", full_as.replace(attr, ""));
+            assert_eq!(
+                model_err(&text),
+                ModelError::Missing {
+                    dn: "uniqueIdentifier=1,ou=services,o=nhs".into(),
+                    line: 4,
+                    attribute: name
+                },
+            );
+        }
+        let interaction = format!("{GPC}fhir:rest:read:metadata-1");
+        let full_mhs = mhs_entry("ab", "P-1", &interaction, "");
+        for (attr, name) in [
+            ("uniqueIdentifier: ab\n".to_owned(), "uniqueIdentifier"),
+            ("nhsIDCode: B82617\n".to_owned(), "nhsIDCode"),
+            ("nhsMHSPartyKey: P-1\n".to_owned(), "nhsMHSPartyKey"),
+            (format!("nhsMhsSvcIA: {interaction}\n"), "nhsMhsSvcIA"),
+            (format!("nhsMHSEndPoint: {ENDPOINT}\n"), "nhsMHSEndPoint"),
+            ("nhsMhsFQDN: localhost\n".to_owned(), "nhsMhsFQDN"),
+            ("nhsMhsCPAId: ab\n".to_owned(), "nhsMhsCPAId"),
+        ] {
+            let err = model_err(&full_mhs.replace(&attr, ""));
+            assert_eq!(
+                err,
+                ModelError::Missing {
+                    dn: "uniqueIdentifier=ab,ou=services,o=nhs".into(),
+                    line: 1,
+                    attribute: name
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("line 1: entry uniqueIdentifier=ab,ou=services,o=nhs: missing {name}")
+            );
+        }
+    }
+
+    #[test]
+    fn repeated_single_valued_attributes_name_the_repeat_line() {
+        let interaction = format!("{GPC}fhir:rest:read:metadata-1");
+        let cases = [
+            (
+                mhs_entry(
+                    "ab",
+                    "P-1",
+                    &interaction,
+                    &format!("nhsMhsSvcIA: {GPC}fhir:rest:search:slot-1\n"),
+                ),
+                11,
+                "nhsMhsSvcIA",
+            ),
+            (
+                mhs_entry(
+                    "ab",
+                    "P-1",
+                    &interaction,
+                    "nhsMHSEndPoint: https://other/\n",
+                ),
+                11,
+                "nhsMHSEndPoint",
+            ),
+            (
+                mhs_entry("ab", "P-1", &interaction, "nhsMhsFQDN: other\n"),
+                11,
+                "nhsMhsFQDN",
+            ),
+            (
+                mhs_entry("ab", "P-1", &interaction, "nhsMhsCPAId: other\n"),
+                11,
+                "nhsMhsCPAId",
+            ),
+            (
+                mhs_entry("ab", "P-1", &interaction, "uniqueIdentifier: cd\n"),
+                11,
+                "uniqueIdentifier",
+            ),
+            (
+                as_entry("1", "P-1", "nhsMHSPartyKey: P-2\n"),
+                8,
+                "nhsMHSPartyKey",
+            ),
+            (as_entry("1", "P-1", "nhsIDCode: Y\n"), 8, "nhsIDCode"),
+            (
+                as_entry("1", "P-1", "nhsProductName: a\nnhsProductName: b\n"),
+                9,
+                "nhsProductName",
+            ),
+        ];
+        for (text, line, attribute) in cases {
+            let err = model_err(&text);
+            let ModelError::Repeated {
+                line: got,
+                attribute: got_attr,
+                dn,
+            } = &err
+            else {
+                panic!("{attribute}: {err}");
+            };
+            assert_eq!((*got, *got_attr), (line, attribute), "{err}");
+            assert!(dn.starts_with("uniqueIdentifier="), "{err}");
+        }
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        let empty = as_entry("1", "P-1", "nhsProductVersion:\n");
+        assert!(matches!(
+            model_err(&empty),
+            ModelError::Invalid {
+                line: 8,
+                attribute: "nhsProductVersion",
+                reason: "empty value",
+                ..
+            }
+        ));
+
+        let padded = as_entry("1", "P-1", "").replace(
+            "nhsIDCode: B82617",
+            &format!("nhsIDCode:: {}", b64(b" B82617")),
+        );
+        assert!(matches!(
+            model_err(&padded),
+            ModelError::Invalid {
+                line: 5,
+                attribute: "nhsIDCode",
+                reason: "leading or trailing white space",
+                ..
+            }
+        ));
+
+        let not_digits = as_entry("12a", "P-1", "");
+        assert!(matches!(
+            model_err(&not_digits),
+            ModelError::Invalid {
+                line: 4,
+                attribute: "uniqueIdentifier",
+                reason: "an ASID must be ASCII digits",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn duplicate_asids_and_handlers_are_errors() {
+        let text = format!("{}\n{}", as_entry("7", "P-1", ""), as_entry("7", "P-2", ""));
+        assert_eq!(
+            model_err(&text),
+            ModelError::DuplicateAsid {
+                dn: "uniqueIdentifier=7,ou=services,o=nhs".into(),
+                line: 9,
+                asid: "7".into(),
+                first_line: 1
+            }
+        );
+
+        let interaction = format!("{GPC}fhir:rest:read:metadata-1");
+        let text = format!(
+            "{}\n{}",
+            mhs_entry("a1", "P-1", &interaction, ""),
+            mhs_entry("a2", "p-1", &interaction, "")
+        );
+        let err = model_err(&text);
+        assert!(
+            matches!(
+                &err,
+                ModelError::DuplicateHandler {
+                    line: 12,
+                    first_line: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // Same interaction under another party key, or another interaction: fine.
+        let text = format!(
+            "{}\n{}\n{}",
+            mhs_entry("a1", "P-1", &interaction, ""),
+            mhs_entry("a2", "P-2", &interaction, ""),
+            mhs_entry("a3", "P-1", &format!("{GPC}fhir:rest:search:slot-1"), "")
+        );
+        assert_eq!(model(&text).unwrap().stats.handlers, 3);
+    }
+
+    #[test]
+    fn an_entry_cannot_be_both_classes() {
+        let text = as_entry("1", "P-1", "objectClass: nhsMhs\n");
+        assert_eq!(
+            model_err(&text),
+            ModelError::BothClasses {
+                dn: "uniqueIdentifier=1,ou=services,o=nhs".into(),
+                line: 1
+            }
+        );
+    }
+
+    // ---- the shipped development world ----------------------------------------------------
+
+    const PROVIDER: &str = "918999198993";
+    const CONSUMER: &str = "200000000359";
+    const READ_ONLY: &str = "200000000360";
+
+    fn gpc_interactions() -> Vec<String> {
+        [
+            "fhir:rest:read:metadata-1",
+            "fhir:rest:search:patient-1",
+            "fhir:rest:read:patient-1",
+            "fhir:rest:search:practitioner-1",
+            "fhir:rest:read:practitioner-1",
+            "fhir:rest:search:organization-1",
+            "fhir:rest:read:organization-1",
+            "fhir:rest:read:location-1",
+            "fhir:operation:gpc.registerpatient-1",
+            "fhir:rest:search:slot-1",
+            "fhir:rest:create:appointment-1",
+            "fhir:rest:read:appointment-1",
+            "fhir:rest:update:appointment-1",
+            "fhir:rest:cancel:appointment-1",
+            "fhir:rest:search:patient_appointments-1",
+        ]
+        .iter()
+        .map(|i| format!("{GPC}{i}"))
+        .collect()
+    }
+
+    fn shipped() -> LdifBackend {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/directory.ldif");
+        LdifBackend::from_path(&path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn shipped_file_and_embedded_copy_load_the_same_world() {
+        let from_file = shipped();
+        let embedded = LdifBackend::development_world().unwrap();
+        let expected = Stats {
+            entries: 22,
+            systems: 3,
+            handlers: 17,
+        };
+        assert_eq!(from_file.stats(), expected);
+        assert_eq!(embedded.stats(), expected);
+        for asid in [PROVIDER, CONSUMER, READ_ONLY] {
+            assert_eq!(from_file.lookup(asid), embedded.lookup(asid));
+        }
+    }
+
+    #[test]
+    fn shipped_provider_has_one_handler_per_interaction_at_the_mock_endpoint() {
+        let provider = shipped().lookup(PROVIDER).unwrap();
+        assert_eq!(provider.system.ods_code, "B82617");
+        assert_eq!(provider.system.party_key, "B82617-0000806");
+        assert_eq!(
+            provider.system.product_name.as_deref(),
+            Some("ssp-gateway mock provider")
+        );
+        assert_eq!(provider.system.interactions, gpc_interactions());
+        assert_eq!(provider.handlers.len(), 15);
+        let mut cpa_ids = std::collections::HashSet::new();
+        for interaction in gpc_interactions() {
+            assert!(provider.may(&interaction));
+            let handler = provider.handler_for(&interaction).unwrap();
+            assert_eq!(handler.endpoint, ENDPOINT);
+            assert_eq!(handler.fqdn, "localhost");
+            assert_eq!(handler.party_key, "B82617-0000806");
+            assert_eq!(handler.cpa_id, handler.id);
+            assert_eq!(handler.cpa_id.len(), 20);
+            assert!(handler.cpa_id.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(
+                cpa_ids.insert(handler.cpa_id.clone()),
+                "CPA ids must be distinct"
+            );
+        }
+        assert_eq!(provider.fqdns().collect::<Vec<_>>(), ["localhost"]);
+    }
+
+    #[test]
+    fn shipped_consumers_have_their_fqdn_and_interactions() {
+        let world = shipped();
+        let consumer = world.lookup(CONSUMER).unwrap();
+        assert_eq!(consumer.system.party_key, "A20047-821870");
+        assert_eq!(consumer.system.interactions, gpc_interactions());
+        assert_eq!(consumer.fqdns().collect::<Vec<_>>(), ["consumer.dev.local"]);
+        assert!(consumer.has_fqdn("Consumer.Dev.Local"));
+        assert!(!consumer.has_fqdn("readonly.dev.local"));
+        assert!(!consumer.has_fqdn("rogue.dev.local"));
+        assert!(
+            gpc_interactions()
+                .iter()
+                .all(|i| consumer.handler_for(i).is_none()),
+            "consumers register no GP Connect endpoint"
+        );
+
+        let read_only = world.lookup(READ_ONLY).unwrap();
+        assert_eq!(read_only.system.party_key, "A20048-000001");
+        let expected: Vec<_> = [
+            "fhir:rest:read:metadata-1",
+            "fhir:rest:search:patient-1",
+            "fhir:rest:read:patient-1",
+            "fhir:rest:search:slot-1",
+            "fhir:rest:read:appointment-1",
+            "fhir:rest:search:patient_appointments-1",
+        ]
+        .iter()
+        .map(|i| format!("{GPC}{i}"))
+        .collect();
+        assert_eq!(read_only.system.interactions, expected);
+        assert!(!read_only.may(&format!("{GPC}fhir:rest:create:appointment-1")));
+        assert_eq!(
+            read_only.fqdns().collect::<Vec<_>>(),
+            ["readonly.dev.local"]
+        );
+    }
+
+    #[tokio::test]
+    async fn shipped_world_answers_unknown_asids_with_none() {
+        let world = shipped();
+        assert_eq!(world.name(), "ldif");
+        for asid in [
+            "999999999999",
+            "",
+            "918999198993 ",
+            " 918999198993",
+            "91899919899",
+            "B82617",
+        ] {
+            assert_eq!(
+                DirectoryBackend::party(&world, asid).await.unwrap(),
+                None,
+                "{asid:?}"
+            );
+        }
+        let found = DirectoryBackend::party(&world, PROVIDER).await.unwrap();
+        assert_eq!(found.map(|p| p.system.asid), Some(PROVIDER.to_owned()));
+    }
+
+    // ---- loading and reloading ------------------------------------------------------------
+
+    /// A file in the temp directory, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(contents: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("ssp-gateway-ldif-{}.ldif", uuid::Uuid::new_v4()));
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+
+        fn write(&self, contents: &str) {
+            std::fs::write(&self.0, contents).unwrap();
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn reload_swaps_in_new_data_and_keeps_the_old_on_a_broken_file() {
+        let file = TempFile::new(&as_entry("1", "P-1", ""));
+        let backend = LdifBackend::from_path(&file.0).unwrap();
+        assert!(backend.lookup("1").is_some());
+
+        file.write("dn: o=nhs\nthis is not ldif\n");
+        let err = backend.reload().unwrap_err();
+        assert!(matches!(err, LdifLoadError::Syntax { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: line 2: ", file.0.display())),
+            "{err}"
+        );
+        assert!(
+            backend.lookup("1").is_some(),
+            "old data must stay after a syntax error"
+        );
+
+        file.write(&format!(
+            "{}\n{}",
+            as_entry("1", "P-1", ""),
+            as_entry("1", "P-1", "")
+        ));
+        assert!(matches!(
+            backend.reload().unwrap_err(),
+            LdifLoadError::Model { .. }
+        ));
+        assert!(
+            backend.lookup("1").is_some(),
+            "old data must stay after a model error"
+        );
+
+        file.write(&as_entry("2", "P-2", ""));
+        assert_eq!(
+            backend.reload().unwrap(),
+            Stats {
+                entries: 1,
+                systems: 1,
+                handlers: 0
+            }
+        );
+        assert!(backend.lookup("1").is_none());
+        assert!(backend.lookup("2").is_some());
+
+        std::fs::remove_file(&file.0).unwrap();
+        assert!(matches!(
+            backend.reload().unwrap_err(),
+            LdifLoadError::Io { .. }
+        ));
+        assert!(
+            backend.lookup("2").is_some(),
+            "old data must stay when the file is gone"
+        );
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let missing =
+            std::env::temp_dir().join(format!("ssp-gateway-missing-{}.ldif", uuid::Uuid::new_v4()));
+        let err = LdifBackend::from_path(&missing).unwrap_err();
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+
+        let err = LdifBackend::parse("dn: o=nhs\n", "inline test").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "inline test: line 1: entry o=nhs has no attributes"
+        );
+
+        let text = LdifBackend::parse(&as_entry("1", "P-1", ""), "inline").unwrap();
+        assert!(matches!(
+            text.reload().unwrap_err(),
+            LdifLoadError::NotReloadable { .. }
+        ));
+    }
+
+    #[test]
+    fn oversized_files_are_refused_before_reading() {
+        let file = TempFile::new("");
+        // A sparse file: no disk space used, but its length is over the limit.
+        File::options()
+            .write(true)
+            .open(&file.0)
+            .unwrap()
+            .set_len(MAX_LDIF_BYTES + 1)
+            .unwrap();
+        let err = LdifBackend::from_path(&file.0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LdifLoadError::TooLarge {
+                    limit: MAX_LDIF_BYTES,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&file.0.display().to_string()),
+            "{err}"
+        );
+    }
+
+    // ---- fuzz ------------------------------------------------------------------------------
+
+    /// LDIF-ish text: lines built from the tokens that drive the parser's branches.
+    fn ldif_like() -> impl Strategy<Value = String> {
+        let token = prop::sample::select(vec![
+            "dn",
+            "DN",
+            "objectClass",
+            "nhsAs",
+            "nhsMhs",
+            "uniqueIdentifier",
+            "nhsMHSPartyKey",
+            "nhsIDCode",
+            "nhsMhsSvcIA",
+            "nhsMHSEndPoint",
+            "nhsMhsFQDN",
+            "nhsMhsCPAId",
+            "version",
+            "changetype",
+            "1",
+            "x",
+            ":",
+            "::",
+            ":<",
+            ": ",
+            ";",
+            " ",
+            "#",
+            "\n",
+            "\r\n",
+            "\n\n",
+            "\n ",
+            "=",
+            "AAAA",
+            "/w==",
+            "é",
+            "\0",
+        ]);
+        prop::collection::vec(token, 0..80).prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics_on_arbitrary_text(text in ".*") {
+            if let Ok(records) = parse_records(&text) {
+                let _ = build_index(&records);
+            }
+        }
+
+        #[test]
+        fn parser_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_records_bytes(&bytes);
+        }
+
+        #[test]
+        fn parser_and_model_never_panic_on_ldif_like_text(text in ldif_like()) {
+            match parse_records(&text) {
+                Ok(records) => { let _ = build_index(&records); }
+                Err(e) => prop_assert!(e.line >= 1 && e.line <= text.split('\n').count()),
+            }
+        }
+    }
+}

@@ -1,1 +1,610 @@
-//! (in progress)
+//! The SSP envelope of a request: its method, the embedded provider URL in the request target
+//! (`/https://provider/.../FHIR-path?query`) and the four `Ssp-*` headers. Pure parsing and
+//! validation; this is the first wall against the gateway being used as an open proxy, so
+//! anything unusual in the target is refused rather than normalised.
+
+use http::{HeaderMap, HeaderName, Method};
+
+use super::outcome::Rejection;
+
+/// Accept only the methods GP Connect 1.2.7 uses (GET, POST, PUT). OPTIONS (CORS preflight) is
+/// answered by the caller before this check; anything else is 405.
+pub fn check_method(method: &Method) -> Result<(), Rejection> {
+    match *method {
+        Method::GET | Method::POST | Method::PUT => Ok(()),
+        _ => Err(Rejection::MethodNotAllowed {
+            method: method.as_str().to_owned(),
+        }),
+    }
+}
+
+const SCHEME: &str = "https://";
+
+/// The provider URL embedded in the request target, validated, kept exactly as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    url: String,
+    /// Byte index in `url` of the `/` that starts the path.
+    path_start: usize,
+    /// Byte index in `url` of the `?` that starts the query, if any.
+    query_start: Option<usize>,
+}
+
+impl Target {
+    /// The whole target URL, query included, e.g. `https://host/B82617/STU3/1/gpconnect/Slot?x=1`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The target URL without `?` and query.
+    pub fn without_query(&self) -> &str {
+        &self.url[..self.query_start.unwrap_or(self.url.len())]
+    }
+
+    /// The path after the authority; always starts with `/`.
+    pub fn path(&self) -> &str {
+        &self.url[self.path_start..self.query_start.unwrap_or(self.url.len())]
+    }
+
+    /// The query after the first `?` (possibly empty), unchanged; `None` when there is no `?`.
+    pub fn query(&self) -> Option<&str> {
+        self.query_start.map(|q| &self.url[q + 1..])
+    }
+
+    /// The authority (host and optional port), e.g. `localhost:9443`.
+    pub fn authority(&self) -> &str {
+        &self.url[SCHEME.len()..self.path_start]
+    }
+}
+
+/// Parse the embedded target from the request's path-and-query as received (`/https://...`).
+///
+/// Rules (any violation is `InvalidTargetUrl`):
+/// - the target is everything after the first `/` and starts with exactly `https://`;
+/// - authority: non-empty, up to the first `/` or `?`, only letters, digits and `-._~:[]`
+///   (so no userinfo `@`, `%`, `\`, whitespace);
+/// - path: present (a `/` follows the authority), made of non-empty segments (no `//`, no
+///   trailing `/`) of RFC 3986 pchar only (so no `\`, `#`, spaces, controls, non-ASCII); no `.`
+///   segment and no `..` anywhere; percent-escapes well formed and never an encoded `.`, `/`,
+///   `\`, `%` or control character (so `%2e%2e`, `.%2E`, `%2f`, `%5C` in any case are refused);
+/// - query (after the first `?`): passed through unchanged, but no `#`, controls, spaces or
+///   non-ASCII.
+pub fn parse_target(path_and_query: &str) -> Result<Target, Rejection> {
+    let url = path_and_query
+        .strip_prefix('/')
+        .ok_or(Rejection::InvalidTargetUrl)?;
+    let after_scheme = url
+        .strip_prefix(SCHEME)
+        .ok_or(Rejection::InvalidTargetUrl)?;
+
+    let authority_len = after_scheme
+        .find(['/', '?'])
+        .ok_or(Rejection::InvalidTargetUrl)?;
+    let authority = &after_scheme[..authority_len];
+    if authority.is_empty() || authority.contains("..") || !authority.bytes().all(is_authority_byte)
+    {
+        return Err(Rejection::InvalidTargetUrl);
+    }
+    let path_start = SCHEME.len() + authority_len;
+    if url.as_bytes()[path_start] != b'/' {
+        // A `?` straight after the authority: no path.
+        return Err(Rejection::InvalidTargetUrl);
+    }
+
+    let query_start = url[path_start..].find('?').map(|i| path_start + i);
+    let path = &url[path_start..query_start.unwrap_or(url.len())];
+    if !is_valid_path(path) {
+        return Err(Rejection::InvalidTargetUrl);
+    }
+    if let Some(q) = query_start {
+        if !url[q + 1..].bytes().all(is_query_byte) {
+            return Err(Rejection::InvalidTargetUrl);
+        }
+    }
+
+    Ok(Target {
+        url: url.to_owned(),
+        path_start,
+        query_start,
+    })
+}
+
+fn is_authority_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']')
+}
+
+/// RFC 3986 pchar minus pct-encoded (handled separately): unreserved, sub-delims, `:` and `@`.
+fn is_pchar_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
+
+fn is_query_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && b != b'#'
+}
+
+/// `path` starts with `/` (guaranteed by the caller).
+fn is_valid_path(path: &str) -> bool {
+    !path.contains("..") && path[1..].split('/').all(is_valid_segment)
+}
+
+fn is_valid_segment(segment: &str) -> bool {
+    if segment.is_empty() || segment == "." {
+        return false;
+    }
+    let bytes = segment.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let (Some(&hi), Some(&lo)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
+                return false;
+            };
+            let (Some(hi), Some(lo)) = (hex_value(hi), hex_value(lo)) else {
+                return false;
+            };
+            let decoded = hi << 4 | lo;
+            // Encoded `/`, `\`, `.` and `%` (double encoding) could change the path's meaning at
+            // a server that decodes (`%2e%2e` is `..`); encoded controls have no business in a
+            // FHIR path. A dot never needs encoding (it is unreserved), so none is accepted.
+            if matches!(decoded, b'/' | b'\\' | b'.' | b'%') || decoded < 0x20 || decoded == 0x7f {
+                return false;
+            }
+            i += 3;
+        } else if is_pchar_byte(b) {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Canonical name of the trace id header.
+pub const TRACE_ID: &str = "Ssp-TraceID";
+/// Canonical name of the sender ASID header.
+pub const FROM: &str = "Ssp-From";
+/// Canonical name of the receiver ASID header.
+pub const TO: &str = "Ssp-To";
+/// Canonical name of the interaction id header.
+pub const INTERACTION_ID: &str = "Ssp-InteractionID";
+
+const TRACE_ID_NAME: HeaderName = HeaderName::from_static("ssp-traceid");
+const FROM_NAME: HeaderName = HeaderName::from_static("ssp-from");
+const TO_NAME: HeaderName = HeaderName::from_static("ssp-to");
+const INTERACTION_ID_NAME: HeaderName = HeaderName::from_static("ssp-interactionid");
+
+/// The four Spine headers, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SspHeaders {
+    /// `Ssp-TraceID`: a UUID as sent (case kept).
+    pub trace_id: String,
+    /// `Ssp-From`: the sender ASID (digits).
+    pub from: String,
+    /// `Ssp-To`: the receiver ASID (digits).
+    pub to: String,
+    /// `Ssp-InteractionID`: the declared interaction URN (not yet looked up).
+    pub interaction_id: String,
+}
+
+/// Read and validate the Ssp headers, in the order TraceID, From, To, InteractionID; the first
+/// that is missing, repeated, not visible ASCII or malformed is named in the rejection.
+/// Surrounding spaces and tabs (HTTP OWS) are ignored; nothing else is trimmed.
+pub fn parse_headers(headers: &HeaderMap) -> Result<SspHeaders, Rejection> {
+    let trace_id = header(headers, &TRACE_ID_NAME, TRACE_ID, is_uuid)?;
+    let from = header(headers, &FROM_NAME, FROM, is_asid)?;
+    let to = header(headers, &TO_NAME, TO, is_asid)?;
+    let interaction_id = header(
+        headers,
+        &INTERACTION_ID_NAME,
+        INTERACTION_ID,
+        is_interaction_id,
+    )?;
+    Ok(SspHeaders {
+        trace_id: trace_id.to_owned(),
+        from: from.to_owned(),
+        to: to.to_owned(),
+        interaction_id: interaction_id.to_owned(),
+    })
+}
+
+fn header<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+    canonical: &'static str,
+    valid: fn(&str) -> bool,
+) -> Result<&'h str, Rejection> {
+    let invalid = || Rejection::MissingOrInvalidHeader { header: canonical };
+    let mut values = headers.get_all(name).iter();
+    let value = values.next().ok_or_else(invalid)?;
+    if values.next().is_some() {
+        return Err(invalid());
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| invalid())?
+        .trim_matches([' ', '\t']);
+    if valid(text) {
+        Ok(text)
+    } else {
+        Err(invalid())
+    }
+}
+
+/// 8-4-4-4-12 hex digits, either case.
+fn is_uuid(text: &str) -> bool {
+    text.len() == 36
+        && text.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+/// 1 to 32 ASCII digits.
+fn is_asid(text: &str) -> bool {
+    (1..=32).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// 1 to 256 printable ASCII characters, no spaces.
+pub(crate) fn is_interaction_id(text: &str) -> bool {
+    (1..=256).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    const SLOT: &str = "/https://localhost:9443/B82617/STU3/1/gpconnect/Slot?status=free&start=ge2025-05-21T01:00:00%2B01:00&searchFilter=https://fhir.nhs.uk/Id/ods-organization-code|A20047";
+
+    #[test]
+    fn methods() {
+        for m in [Method::GET, Method::POST, Method::PUT] {
+            assert_eq!(check_method(&m), Ok(()));
+        }
+        for m in [
+            Method::OPTIONS,
+            Method::DELETE,
+            Method::PATCH,
+            Method::HEAD,
+            Method::TRACE,
+            Method::CONNECT,
+        ] {
+            assert_eq!(
+                check_method(&m),
+                Err(Rejection::MethodNotAllowed {
+                    method: m.as_str().to_owned()
+                })
+            );
+        }
+        let custom = Method::from_bytes(b"Brew").expect("valid method token");
+        let err = check_method(&custom).expect_err("not allowed");
+        assert_eq!(err.token(), "METHOD_NOT_ALLOWED_BREW");
+    }
+
+    #[test]
+    fn parses_the_slot_search_target() {
+        let t = parse_target(SLOT).expect("valid");
+        assert_eq!(t.url(), &SLOT[1..]);
+        assert_eq!(
+            t.without_query(),
+            "https://localhost:9443/B82617/STU3/1/gpconnect/Slot"
+        );
+        assert_eq!(t.path(), "/B82617/STU3/1/gpconnect/Slot");
+        assert_eq!(t.authority(), "localhost:9443");
+        assert_eq!(
+            t.query(),
+            Some("status=free&start=ge2025-05-21T01:00:00%2B01:00&searchFilter=https://fhir.nhs.uk/Id/ods-organization-code|A20047")
+        );
+    }
+
+    #[test]
+    fn accepts_ordinary_targets() {
+        for ok in [
+            "/https://h/metadata",
+            "/https://h/x/Patient/$gpc.registerpatient",
+            "/https://h/x/Appointment/53",
+            "/https://h/x/Patient/9000000009/Appointment?start=ge2025-06-01&start=le2025-06-14",
+            "/https://h/x/Slot?",
+            "/https://[::1]:9443/x/Slot",
+            "/https://h/a%20b",
+            "/https://h/x/a.b/_c~d",
+            "/https://h/x?a=b\\c",
+        ] {
+            assert!(parse_target(ok).is_ok(), "{ok}");
+        }
+        let t = parse_target("/https://h/x/Slot?").expect("valid");
+        assert_eq!(t.query(), Some(""));
+        assert_eq!(t.path(), "/x/Slot");
+        let t = parse_target("/https://h/x/Slot").expect("valid");
+        assert_eq!(t.query(), None);
+        assert_eq!(t.without_query(), t.url());
+    }
+
+    #[test]
+    fn rejects_bad_targets() {
+        for bad in [
+            "",
+            "/",
+            "https://h/x",
+            "//https://h/x",
+            "/http://h/x",
+            "/HTTPS://h/x",
+            "/Https://h/x",
+            "/https:/h/x",
+            "/https:h/x",
+            "/https://",
+            "/https:///x",
+            "/https://h",
+            "/https://h?x=1",
+            "/https://h/",
+            "/https://h/x/",
+            "/https://h//x",
+            "/https://h/x//y",
+            "/https://user@h/x",
+            "/https://h%2e/x",
+            "/https://h\\x/y",
+            "/https://h x/y",
+            "/https://h\t/y",
+            "/https://hé/y",
+            "/https://h#/y",
+            "/https://h/x/./y",
+            "/https://h/x/.../y",
+            "/https://h/x/a..b",
+            "/https://h..x/y",
+            "/https://h/x/a%2eb",
+            "/https://h/x/../y",
+            "/https://h/..",
+            "/https://h/.",
+            "/https://h/x/%2e/y",
+            "/https://h/x/%2E%2E/y",
+            "/https://h/x/.%2E/y",
+            "/https://h/x/%2e./y",
+            "/https://h/x%2fy",
+            "/https://h/x%2Fy",
+            "/https://h/x%5cy",
+            "/https://h/x%5Cy",
+            "/https://h/x%252e",
+            "/https://h/x%00",
+            "/https://h/x%1f",
+            "/https://h/x%",
+            "/https://h/x%2",
+            "/https://h/x%zz",
+            "/https://h/x\\y",
+            "/https://h/x#frag",
+            "/https://h/x y",
+            "/https://h/x\ty",
+            "/https://h/x\u{0}",
+            "/https://h/x\u{7f}",
+            "/https://h/é",
+            "/https://h/x|y",
+            "/https://h/x{id}",
+            "/https://h/x?a#b",
+            "/https://h/x?a b",
+            "/https://h/x?a\u{1}",
+            "/https://h/x?a\u{7f}",
+            "/https://h/x?é",
+        ] {
+            assert_eq!(
+                parse_target(bad),
+                Err(Rejection::InvalidTargetUrl),
+                "{bad:?}"
+            );
+        }
+    }
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_bytes(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    const GOOD: [(&str, &[u8]); 4] = [
+        ("Ssp-TraceID", b"629ea9ba-a077-4d99-b289-7a9b19fd4e03"),
+        ("Ssp-From", b"200000000359"),
+        ("Ssp-To", b"918999198993"),
+        (
+            "Ssp-InteractionID",
+            b"urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1",
+        ),
+    ];
+
+    fn with(name: &str, value: Option<&'static [u8]>) -> HeaderMap {
+        let mut pairs: Vec<(&str, &[u8])> =
+            GOOD.iter().filter(|(n, _)| *n != name).copied().collect();
+        if let Some(v) = value {
+            pairs.push((name, v));
+        }
+        headers(&pairs)
+    }
+
+    fn rejected(header: &'static str) -> Result<SspHeaders, Rejection> {
+        Err(Rejection::MissingOrInvalidHeader { header })
+    }
+
+    #[test]
+    fn parses_good_headers_any_name_case() {
+        let parsed = parse_headers(&headers(&GOOD)).expect("valid");
+        assert_eq!(parsed.trace_id, "629ea9ba-a077-4d99-b289-7a9b19fd4e03");
+        assert_eq!(parsed.from, "200000000359");
+        assert_eq!(parsed.to, "918999198993");
+        assert_eq!(
+            parsed.interaction_id,
+            "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1"
+        );
+        let mixed = headers(&[
+            ("SSP-TRACEID", b"629EA9BA-A077-4D99-B289-7A9B19FD4E03"),
+            ("ssp-from", b" \t200000000359\t "),
+            ("Ssp-to", b"918999198993"),
+            ("Ssp-InteractionId", b"urn:x"),
+        ]);
+        let parsed = parse_headers(&mixed).expect("valid");
+        assert_eq!(parsed.trace_id, "629EA9BA-A077-4D99-B289-7A9B19FD4E03");
+        assert_eq!(parsed.from, "200000000359");
+        assert_eq!(parsed.interaction_id, "urn:x");
+    }
+
+    #[test]
+    fn each_header_missing_repeated_or_malformed() {
+        let cases: [(&'static str, &[&'static [u8]]); 4] = [
+            (
+                TRACE_ID,
+                &[
+                    b"",
+                    b"629ea9ba-a077-4d99-b289-7a9b19fd4e0",
+                    b"629ea9ba-a077-4d99-b289-7a9b19fd4e033",
+                    b"629ea9baa077-4d99-b289-7a9b19fd4e033",
+                    b"629ea9ba-a077-4d99-b289-7a9b19fd4e0g",
+                    b"{629ea9ba-a077-4d99-b289-7a9b19fd4e03}",
+                    b"629ea9ba_a077-4d99-b289-7a9b19fd4e03",
+                ],
+            ),
+            (
+                FROM,
+                &[
+                    b"",
+                    b"20000000035a",
+                    b"-200000000359",
+                    b"2000 00000359",
+                    b"123456789012345678901234567890123",
+                    b"\xc2\xb2",
+                ],
+            ),
+            (TO, &[b"", b"abc", b"1.5", b"\xff"]),
+            (
+                INTERACTION_ID,
+                &[b"", b"urn:a b", b"urn:a\tb", b"urn:\xc3\xa9"],
+            ),
+        ];
+        for (name, bad_values) in cases {
+            assert_eq!(
+                parse_headers(&with(name, None)),
+                rejected(name),
+                "{name} missing"
+            );
+            for bad in bad_values.iter().copied() {
+                assert_eq!(
+                    parse_headers(&with(name, Some(bad))),
+                    rejected(name),
+                    "{name} = {bad:?}"
+                );
+            }
+            let mut repeated = headers(&GOOD);
+            let good = GOOD.iter().find(|(n, _)| *n == name).expect("known").1;
+            repeated.append(
+                HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).expect("name"),
+                HeaderValue::from_bytes(good).expect("value"),
+            );
+            assert_eq!(parse_headers(&repeated), rejected(name), "{name} repeated");
+        }
+        let long = "a".repeat(257);
+        let mut map = headers(&GOOD);
+        map.insert(
+            INTERACTION_ID_NAME,
+            HeaderValue::from_str(&long).expect("value"),
+        );
+        assert_eq!(parse_headers(&map), rejected(INTERACTION_ID));
+        map.insert(
+            INTERACTION_ID_NAME,
+            HeaderValue::from_str(&long[..256]).expect("value"),
+        );
+        assert!(parse_headers(&map).is_ok());
+        map.insert(
+            FROM_NAME,
+            HeaderValue::from_static("12345678901234567890123456789012"),
+        );
+        assert!(parse_headers(&map).is_ok());
+    }
+
+    #[test]
+    fn headers_are_checked_in_order() {
+        assert_eq!(parse_headers(&HeaderMap::new()), rejected(TRACE_ID));
+        let only_trace = headers(&GOOD[..1]);
+        assert_eq!(parse_headers(&only_trace), rejected(FROM));
+        let no_to = headers(&[GOOD[0], GOOD[1], ("Ssp-InteractionID", b"bad value")]);
+        assert_eq!(parse_headers(&no_to), rejected(TO));
+        let no_interaction = headers(&GOOD[..3]);
+        assert_eq!(parse_headers(&no_interaction), rejected(INTERACTION_ID));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn parse_target_never_panics(s in any::<String>()) {
+            let _ = parse_target(&s);
+        }
+
+        #[test]
+        fn accepted_targets_are_clean(
+            s in "/https://[a-z.:%@\\\\]{0,6}[/?#.%2eEfF5cC\\\\a-z ]{0,30}"
+        ) {
+            if let Ok(t) = parse_target(&s) {
+                let base = t.without_query();
+                prop_assert!(base.starts_with("https://"));
+                prop_assert!(!base.contains(".."));
+                prop_assert!(!base[8..].contains("//"));
+                prop_assert!(!base.contains('\\'));
+                prop_assert!(!base.contains('#'));
+                prop_assert!(t.path().starts_with('/'));
+                prop_assert_eq!(format!("https://{}{}", t.authority(), t.path()), base);
+            }
+        }
+
+        #[test]
+        fn accepted_targets_from_path_like_input_are_clean(
+            segs in proptest::collection::vec("[a-zA-Z0-9.%2eEfF5cC]{0,5}", 1..6),
+            query in proptest::option::of("[ -~]{0,10}"),
+        ) {
+            let mut s = format!("/https://host/{}", segs.join("/"));
+            if let Some(q) = &query {
+                s.push('?');
+                s.push_str(q);
+            }
+            if let Ok(t) = parse_target(&s) {
+                let base = t.without_query();
+                prop_assert!(base.starts_with("https://"));
+                for seg in t.path()[1..].split('/') {
+                    prop_assert!(!seg.is_empty());
+                    prop_assert!(seg != "." && seg != "..");
+                    let lower = seg.to_ascii_lowercase();
+                    prop_assert!(lower != "%2e" && lower != "%2e%2e" && lower != ".%2e" && lower != "%2e.");
+                    prop_assert!(!lower.contains("%2f") && !lower.contains("%5c"));
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,1336 @@
-//! (in progress)
+//! The GP Connect 1.2.7 bearer token (GPC-JWT): an unsigned JWT (`alg: none`, empty
+//! signature) carrying the consumer's audit claims. This module decodes it structurally
+//! (`decode`, for policy `log`), judges it against the 1.2.7 rules (`check`, for policy
+//! `enforce`) and extracts the claims of audit value. Pure functions: the caller supplies the
+//! clock. It never verifies signatures (there are none) and never trusts a claim for routing.
+//!
+//! Rejection reasons (`JwtError::reason`, sent as `INVALID_JWT_<REASON>`), a fixed set:
+//!
+//! | Reason | Meaning |
+//! |---|---|
+//! | `MISSING` | no `Authorization` header |
+//! | `NOT_BEARER` | the scheme is not `Bearer` (case-insensitive) |
+//! | `TOO_LARGE` | the token is longer than 16 KiB |
+//! | `MALFORMED` | not three dot-separated base64url parts, or header/payload not a JSON object |
+//! | `ALG_NOT_NONE` | header `alg` missing or not `none` |
+//! | `TYP_NOT_JWT` | header `typ` present but not `JWT` |
+//! | `SIGNATURE_NOT_EMPTY` | the third part is not empty (the token must end in `.`) |
+//! | `MISSING_CLAIM_<NAME>` | a required claim is absent, null or an empty string |
+//! | `CLAIM_TYPE_<NAME>` | a required claim has the wrong JSON type (string, integer, object) |
+//! | `EXP_NOT_IAT_PLUS_300` | `exp` is not exactly `iat + 300` |
+//! | `EXPIRED` | `now > exp + skew` |
+//! | `IAT_IN_FUTURE` | `iat > now + skew` |
+//! | `REASON_FOR_REQUEST` | `reason_for_request` is not `directcare` |
+//! | `SCOPE_NOT_ALLOWED` | `requested_scope` is not one the interaction allows |
+//! | `INVALID_RESOURCE_<CLAIM>` | `requesting_device`/`_organization`/`_practitioner` is not the minimal resource required |
+//! | `SUB_NOT_PRACTITIONER_ID` | `sub` differs from `requesting_practitioner.id` |
+//!
+//! `<NAME>` is the claim name in upper case: `ISS`, `SUB`, `AUD`, `IAT`, `EXP`,
+//! `REASON_FOR_REQUEST`, `REQUESTED_SCOPE`, `REQUESTING_DEVICE`, `REQUESTING_ORGANIZATION`,
+//! `REQUESTING_PRACTITIONER`.
+
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+use http::HeaderValue;
+use serde_json::{json, Map, Value};
+
+/// The longest bearer token accepted, in bytes.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// `exp` must be exactly `iat` plus this many seconds.
+pub const LIFETIME_SECS: i64 = 300;
+/// The only `reason_for_request` GP Connect 1.2.7 allows.
+pub const DIRECT_CARE: &str = "directcare";
+/// Identifier system of an ODS organisation code.
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+/// Identifier system of an SDS user id.
+pub const SDS_USER_ID_SYSTEM: &str = "https://fhir.nhs.uk/Id/sds-user-id";
+/// Identifier system of an SDS role profile id.
+pub const SDS_ROLE_PROFILE_SYSTEM: &str = "https://fhir.nhs.uk/Id/sds-role-profile-id";
+
+/// The JOSE header of every unsigned GP Connect token.
+const HEADER_JSON: &str = r#"{"alg":"none","typ":"JWT"}"#;
+
+/// base64url, padding optional on input (consumers differ).
+const BASE64URL: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// What the gateway does with the bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JwtPolicy {
+    /// Reject requests whose token breaks the 1.2.7 rules (`check`). The default.
+    #[default]
+    Enforce,
+    /// Forward regardless; audit the claims when the token decodes (`decode`).
+    Log,
+    /// Do not look at the token.
+    Off,
+}
+
+/// The claims of audit value. Every field is optional: under policy `log` a token may lack any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct JwtClaims {
+    /// `iss`: the consumer system's URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// `sub`: the user id (equals `requesting_practitioner.id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// `aud`: as sent (often a legacy value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// `iat`, Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    /// `exp`, Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    /// `reason_for_request`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_for_request: Option<String>,
+    /// `requested_scope`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_scope: Option<String>,
+    /// `requesting_organization` ODS code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub organization_ods_code: Option<String>,
+    /// `requesting_organization.name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub organization_name: Option<String>,
+    /// `requesting_practitioner.id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub practitioner_id: Option<String>,
+    /// The practitioner's SDS user id (may be `UNK`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sds_user_id: Option<String>,
+    /// The practitioner's SDS role profile id (may be `UNK`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sds_role_profile_id: Option<String>,
+    /// The practitioner's name as one display string: given names then family name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub practitioner_name: Option<String>,
+    /// The first `requesting_device` identifier as `system|value`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_identifier: Option<String>,
+    /// `requesting_device.model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_model: Option<String>,
+    /// `requesting_device.version`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_version: Option<String>,
+}
+
+/// A required claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Iss,
+    Sub,
+    Aud,
+    Iat,
+    Exp,
+    ReasonForRequest,
+    RequestedScope,
+    RequestingDevice,
+    RequestingOrganization,
+    RequestingPractitioner,
+}
+
+impl Claim {
+    /// The claim's JSON name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Claim::Iss => "iss",
+            Claim::Sub => "sub",
+            Claim::Aud => "aud",
+            Claim::Iat => "iat",
+            Claim::Exp => "exp",
+            Claim::ReasonForRequest => "reason_for_request",
+            Claim::RequestedScope => "requested_scope",
+            Claim::RequestingDevice => "requesting_device",
+            Claim::RequestingOrganization => "requesting_organization",
+            Claim::RequestingPractitioner => "requesting_practitioner",
+        }
+    }
+
+    fn missing_reason(self) -> &'static str {
+        match self {
+            Claim::Iss => "MISSING_CLAIM_ISS",
+            Claim::Sub => "MISSING_CLAIM_SUB",
+            Claim::Aud => "MISSING_CLAIM_AUD",
+            Claim::Iat => "MISSING_CLAIM_IAT",
+            Claim::Exp => "MISSING_CLAIM_EXP",
+            Claim::ReasonForRequest => "MISSING_CLAIM_REASON_FOR_REQUEST",
+            Claim::RequestedScope => "MISSING_CLAIM_REQUESTED_SCOPE",
+            Claim::RequestingDevice => "MISSING_CLAIM_REQUESTING_DEVICE",
+            Claim::RequestingOrganization => "MISSING_CLAIM_REQUESTING_ORGANIZATION",
+            Claim::RequestingPractitioner => "MISSING_CLAIM_REQUESTING_PRACTITIONER",
+        }
+    }
+
+    fn type_reason(self) -> &'static str {
+        match self {
+            Claim::Iss => "CLAIM_TYPE_ISS",
+            Claim::Sub => "CLAIM_TYPE_SUB",
+            Claim::Aud => "CLAIM_TYPE_AUD",
+            Claim::Iat => "CLAIM_TYPE_IAT",
+            Claim::Exp => "CLAIM_TYPE_EXP",
+            Claim::ReasonForRequest => "CLAIM_TYPE_REASON_FOR_REQUEST",
+            Claim::RequestedScope => "CLAIM_TYPE_REQUESTED_SCOPE",
+            Claim::RequestingDevice => "CLAIM_TYPE_REQUESTING_DEVICE",
+            Claim::RequestingOrganization => "CLAIM_TYPE_REQUESTING_ORGANIZATION",
+            Claim::RequestingPractitioner => "CLAIM_TYPE_REQUESTING_PRACTITIONER",
+        }
+    }
+}
+
+/// A claim holding a minimal FHIR resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceClaim {
+    RequestingDevice,
+    RequestingOrganization,
+    RequestingPractitioner,
+}
+
+impl ResourceClaim {
+    /// The claim's JSON name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ResourceClaim::RequestingDevice => "requesting_device",
+            ResourceClaim::RequestingOrganization => "requesting_organization",
+            ResourceClaim::RequestingPractitioner => "requesting_practitioner",
+        }
+    }
+}
+
+/// Why a bearer token was refused. `reason()` is the bounded token suffix; the `Display` text
+/// is for logs only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    /// `MISSING`
+    #[error("no Authorization header")]
+    Missing,
+    /// `NOT_BEARER`
+    #[error("Authorization scheme is not Bearer")]
+    NotBearer,
+    /// `TOO_LARGE`
+    #[error("bearer token longer than {MAX_TOKEN_LEN} bytes")]
+    TooLarge,
+    /// `MALFORMED`; the text says which part (for logs only)
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    /// `ALG_NOT_NONE`
+    #[error("JWT header alg is not \"none\"")]
+    AlgNotNone,
+    /// `TYP_NOT_JWT`
+    #[error("JWT header typ is not \"JWT\"")]
+    TypNotJwt,
+    /// `SIGNATURE_NOT_EMPTY`
+    #[error("JWT signature part is not empty")]
+    SignatureNotEmpty,
+    /// `MISSING_CLAIM_<NAME>`: absent, null or an empty string
+    #[error("claim {} is missing", .0.name())]
+    MissingClaim(Claim),
+    /// `CLAIM_TYPE_<NAME>`
+    #[error("claim {} has the wrong type", .0.name())]
+    ClaimType(Claim),
+    /// `EXP_NOT_IAT_PLUS_300`
+    #[error("exp is not iat + {LIFETIME_SECS}")]
+    ExpNotIatPlus300,
+    /// `EXPIRED`
+    #[error("token has expired")]
+    Expired,
+    /// `IAT_IN_FUTURE`
+    #[error("iat is in the future")]
+    IatInFuture,
+    /// `REASON_FOR_REQUEST`
+    #[error("reason_for_request is not \"directcare\"")]
+    ReasonForRequest,
+    /// `SCOPE_NOT_ALLOWED`
+    #[error("requested_scope is not allowed for this interaction")]
+    ScopeNotAllowed,
+    /// `SUB_NOT_PRACTITIONER_ID`
+    #[error("sub is not requesting_practitioner.id")]
+    SubNotPractitionerId,
+    /// `INVALID_RESOURCE_<CLAIM>`
+    #[error("claim {} is not a valid resource: {why}", .claim.name())]
+    InvalidResource {
+        claim: ResourceClaim,
+        why: &'static str,
+    },
+}
+
+impl JwtError {
+    /// The upper snake case reason used in `INVALID_JWT_<REASON>` (see the module table).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            JwtError::Missing => "MISSING",
+            JwtError::NotBearer => "NOT_BEARER",
+            JwtError::TooLarge => "TOO_LARGE",
+            JwtError::Malformed(_) => "MALFORMED",
+            JwtError::AlgNotNone => "ALG_NOT_NONE",
+            JwtError::TypNotJwt => "TYP_NOT_JWT",
+            JwtError::SignatureNotEmpty => "SIGNATURE_NOT_EMPTY",
+            JwtError::MissingClaim(claim) => claim.missing_reason(),
+            JwtError::ClaimType(claim) => claim.type_reason(),
+            JwtError::ExpNotIatPlus300 => "EXP_NOT_IAT_PLUS_300",
+            JwtError::Expired => "EXPIRED",
+            JwtError::IatInFuture => "IAT_IN_FUTURE",
+            JwtError::ReasonForRequest => "REASON_FOR_REQUEST",
+            JwtError::ScopeNotAllowed => "SCOPE_NOT_ALLOWED",
+            JwtError::SubNotPractitionerId => "SUB_NOT_PRACTITIONER_ID",
+            JwtError::InvalidResource { claim, .. } => match claim {
+                ResourceClaim::RequestingDevice => "INVALID_RESOURCE_REQUESTING_DEVICE",
+                ResourceClaim::RequestingOrganization => "INVALID_RESOURCE_REQUESTING_ORGANIZATION",
+                ResourceClaim::RequestingPractitioner => "INVALID_RESOURCE_REQUESTING_PRACTITIONER",
+            },
+        }
+    }
+}
+
+/// A structurally valid token: its payload and the claims extracted from it. Lets a caller
+/// audit the claims and then judge the token without decoding twice.
+#[derive(Debug, Clone)]
+pub struct DecodedJwt {
+    payload: Map<String, Value>,
+    claims: JwtClaims,
+}
+
+impl DecodedJwt {
+    /// The claims of audit value.
+    pub fn claims(&self) -> &JwtClaims {
+        &self.claims
+    }
+
+    /// Take the claims.
+    pub fn into_claims(self) -> JwtClaims {
+        self.claims
+    }
+
+    /// Judge the token against the GP Connect 1.2.7 rules (see [`check`]).
+    pub fn validate(
+        &self,
+        allowed_scopes: &[String],
+        now_unix: i64,
+        skew_secs: i64,
+    ) -> Result<(), JwtError> {
+        let p = &self.payload;
+        let skew = skew_secs.max(0);
+        let _iss = required_str(p, Claim::Iss)?;
+        let sub = required_str(p, Claim::Sub)?;
+        let _aud = required_str(p, Claim::Aud)?;
+        let iat = required_int(p, Claim::Iat)?;
+        let exp = required_int(p, Claim::Exp)?;
+        let reason = required_str(p, Claim::ReasonForRequest)?;
+        let scope = required_str(p, Claim::RequestedScope)?;
+        let device = required_object(p, Claim::RequestingDevice)?;
+        let organization = required_object(p, Claim::RequestingOrganization)?;
+        let practitioner = required_object(p, Claim::RequestingPractitioner)?;
+
+        if iat.checked_add(LIFETIME_SECS) != Some(exp) {
+            return Err(JwtError::ExpNotIatPlus300);
+        }
+        if now_unix > exp.saturating_add(skew) {
+            return Err(JwtError::Expired);
+        }
+        if iat > now_unix.saturating_add(skew) {
+            return Err(JwtError::IatInFuture);
+        }
+        if reason != DIRECT_CARE {
+            return Err(JwtError::ReasonForRequest);
+        }
+        if !allowed_scopes.iter().any(|s| s == scope) {
+            return Err(JwtError::ScopeNotAllowed);
+        }
+        check_device(device)?;
+        check_organization(organization)?;
+        check_practitioner(practitioner, sub)
+    }
+}
+
+/// Decode the bearer token structurally: `Bearer` scheme (any case), three base64url parts
+/// (padding tolerated), header `alg: none` (and `typ: JWT` if present), empty signature, a
+/// JSON object payload, at most 16 KiB. No claim is required.
+pub fn parse(authorization: Option<&HeaderValue>) -> Result<DecodedJwt, JwtError> {
+    let value = authorization.ok_or(JwtError::Missing)?;
+    let token = bearer_token(value.as_bytes())?;
+
+    let mut parts = token.split(|&b| b == b'.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed("not three dot-separated parts"));
+    };
+
+    let header = decode_object(header, "header")?;
+    if header.get("alg").and_then(Value::as_str) != Some("none") {
+        return Err(JwtError::AlgNotNone);
+    }
+    match header.get("typ") {
+        None => {}
+        Some(Value::String(typ)) if typ.eq_ignore_ascii_case("JWT") => {}
+        Some(_) => return Err(JwtError::TypNotJwt),
+    }
+    if !signature.is_empty() {
+        return Err(JwtError::SignatureNotEmpty);
+    }
+    let payload = decode_object(payload, "payload")?;
+    let claims = extract_claims(&payload);
+    Ok(DecodedJwt { payload, claims })
+}
+
+/// Decode the token and return its claims without judging them (policy `log`).
+pub fn decode(authorization: Option<&HeaderValue>) -> Result<JwtClaims, JwtError> {
+    parse(authorization).map(DecodedJwt::into_claims)
+}
+
+/// Decode the token and apply the GP Connect 1.2.7 rules (policy `enforce`): `iss`, `sub`,
+/// `aud` strings (`aud` may be any value: consumers send legacy ones); `iat`, `exp` integers
+/// with `exp == iat + 300`; `now <= exp + skew`; `iat <= now + skew`; `reason_for_request`
+/// `directcare`; `requested_scope` in `allowed_scopes`; `requesting_device` a Device with a
+/// non-empty `identifier`; `requesting_organization` an Organization with an ODS code
+/// identifier; `requesting_practitioner` a Practitioner whose `id` equals `sub`, with SDS user
+/// id and SDS role profile id identifiers (value may be `UNK`) and a `name`.
+pub fn check(
+    authorization: Option<&HeaderValue>,
+    allowed_scopes: &[String],
+    now_unix: i64,
+    skew_secs: i64,
+) -> Result<JwtClaims, JwtError> {
+    let decoded = parse(authorization)?;
+    decoded.validate(allowed_scopes, now_unix, skew_secs)?;
+    Ok(decoded.into_claims())
+}
+
+/// `base64url(header).base64url(payload).` with header `{"alg":"none","typ":"JWT"}`.
+pub fn encode_unsigned(claims_json: &Value) -> String {
+    let payload = claims_json.to_string();
+    let mut token = String::with_capacity(40 + payload.len() * 4 / 3);
+    URL_SAFE_NO_PAD.encode_string(HEADER_JSON, &mut token);
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(payload, &mut token);
+    token.push('.');
+    token
+}
+
+/// A valid claim set for the development world's full-access consumer (ODS A20047), modelled
+/// on the recorded GP Connect 1.2.7 booking token: issued `now_unix`, expiring 300 s later.
+pub fn dev_claims(scope: &str, now_unix: i64, audience: &str) -> Value {
+    json!({
+        "iss": "https://consumer.dev.local/",
+        "sub": "1",
+        "aud": audience,
+        "exp": now_unix.saturating_add(LIFETIME_SECS),
+        "iat": now_unix,
+        "reason_for_request": DIRECT_CARE,
+        "requesting_device": {
+            "resourceType": "Device",
+            "identifier": [{
+                "system": "https://consumer.dev.local/Id/device",
+                "value": "ssp-gateway-dev-jwt"
+            }],
+            "model": "ssp-gateway dev-jwt",
+            "version": env!("CARGO_PKG_VERSION")
+        },
+        "requesting_organization": {
+            "resourceType": "Organization",
+            "identifier": [{ "system": ODS_SYSTEM, "value": "A20047" }],
+            "name": "Development consumer practice"
+        },
+        "requesting_practitioner": {
+            "resourceType": "Practitioner",
+            "id": "1",
+            "identifier": [
+                { "system": SDS_USER_ID_SYSTEM, "value": "G13579135" },
+                { "system": SDS_ROLE_PROFILE_SYSTEM, "value": "200000000359" },
+                {
+                    "system": "https://consumer.dev.local/Id/user-guid",
+                    "value": "98ed4f78-814d-4266-8d5b-cde742f3093c"
+                }
+            ],
+            "name": [{ "family": "Practitioner", "given": ["Development"], "prefix": ["Dr"] }]
+        },
+        "requested_scope": scope
+    })
+}
+
+/// The token after `Bearer` and spaces; the length limit applies to the token itself.
+fn bearer_token(value: &[u8]) -> Result<&[u8], JwtError> {
+    let value = trim_ows(value);
+    let (scheme, token) = match value.iter().position(|&b| b == b' ') {
+        Some(space) => (&value[..space], trim_ows(&value[space + 1..])),
+        None => (value, &value[value.len()..]),
+    };
+    if !scheme.eq_ignore_ascii_case(b"Bearer") {
+        return Err(JwtError::NotBearer);
+    }
+    if token.is_empty() {
+        return Err(JwtError::Malformed("empty bearer token"));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(JwtError::TooLarge);
+    }
+    Ok(token)
+}
+
+fn trim_ows(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
+fn decode_object(part: &[u8], what: &'static str) -> Result<Map<String, Value>, JwtError> {
+    let malformed = |why: &'static str| JwtError::Malformed(why);
+    let json = BASE64URL.decode(part).map_err(|_| {
+        malformed(if what == "header" {
+            "header is not base64url"
+        } else {
+            "payload is not base64url"
+        })
+    })?;
+    match serde_json::from_slice::<Value>(&json) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ if what == "header" => Err(malformed("header is not a JSON object")),
+        _ => Err(malformed("payload is not a JSON object")),
+    }
+}
+
+fn required(payload: &Map<String, Value>, claim: Claim) -> Result<&Value, JwtError> {
+    match payload.get(claim.name()) {
+        None | Some(Value::Null) => Err(JwtError::MissingClaim(claim)),
+        Some(value) => Ok(value),
+    }
+}
+
+fn required_str(payload: &Map<String, Value>, claim: Claim) -> Result<&str, JwtError> {
+    match required(payload, claim)? {
+        Value::String(s) if s.is_empty() => Err(JwtError::MissingClaim(claim)),
+        Value::String(s) => Ok(s),
+        _ => Err(JwtError::ClaimType(claim)),
+    }
+}
+
+fn required_int(payload: &Map<String, Value>, claim: Claim) -> Result<i64, JwtError> {
+    required(payload, claim)?
+        .as_i64()
+        .ok_or(JwtError::ClaimType(claim))
+}
+
+fn required_object(
+    payload: &Map<String, Value>,
+    claim: Claim,
+) -> Result<&Map<String, Value>, JwtError> {
+    required(payload, claim)?
+        .as_object()
+        .ok_or(JwtError::ClaimType(claim))
+}
+
+fn resource_type_is(resource: &Map<String, Value>, expected: &str) -> bool {
+    resource.get("resourceType").and_then(Value::as_str) == Some(expected)
+}
+
+/// The `identifier` array of a resource, if it is one.
+fn identifiers(resource: &Map<String, Value>) -> Option<&Vec<Value>> {
+    resource.get("identifier").and_then(Value::as_array)
+}
+
+/// The non-empty string `value` of the first identifier with this `system`.
+fn identifier_value<'r>(resource: &'r Map<String, Value>, system: &str) -> Option<&'r str> {
+    identifiers(resource)?
+        .iter()
+        .find(|i| i.get("system").and_then(Value::as_str) == Some(system))?
+        .get("value")
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+fn check_device(device: &Map<String, Value>) -> Result<(), JwtError> {
+    let invalid = |why| JwtError::InvalidResource {
+        claim: ResourceClaim::RequestingDevice,
+        why,
+    };
+    if !resource_type_is(device, "Device") {
+        return Err(invalid("resourceType is not Device"));
+    }
+    match identifiers(device) {
+        Some(ids) if !ids.is_empty() && ids.iter().all(Value::is_object) => Ok(()),
+        _ => Err(invalid(
+            "identifier is not a non-empty array of identifiers",
+        )),
+    }
+}
+
+fn check_organization(organization: &Map<String, Value>) -> Result<(), JwtError> {
+    let invalid = |why| JwtError::InvalidResource {
+        claim: ResourceClaim::RequestingOrganization,
+        why,
+    };
+    if !resource_type_is(organization, "Organization") {
+        return Err(invalid("resourceType is not Organization"));
+    }
+    identifier_value(organization, ODS_SYSTEM)
+        .map(|_| ())
+        .ok_or(invalid("no ODS organisation code identifier"))
+}
+
+fn check_practitioner(practitioner: &Map<String, Value>, sub: &str) -> Result<(), JwtError> {
+    let invalid = |why| JwtError::InvalidResource {
+        claim: ResourceClaim::RequestingPractitioner,
+        why,
+    };
+    if !resource_type_is(practitioner, "Practitioner") {
+        return Err(invalid("resourceType is not Practitioner"));
+    }
+    if identifier_value(practitioner, SDS_USER_ID_SYSTEM).is_none() {
+        return Err(invalid("no SDS user id identifier"));
+    }
+    if identifier_value(practitioner, SDS_ROLE_PROFILE_SYSTEM).is_none() {
+        return Err(invalid("no SDS role profile id identifier"));
+    }
+    let has_name = match practitioner.get("name") {
+        Some(Value::Array(names)) => !names.is_empty(),
+        Some(Value::Object(_)) => true,
+        _ => false,
+    };
+    if !has_name {
+        return Err(invalid("no name"));
+    }
+    if practitioner.get("id").and_then(Value::as_str) != Some(sub) {
+        return Err(JwtError::SubNotPractitionerId);
+    }
+    Ok(())
+}
+
+/// Lenient extraction: take each claim of audit value when it has the expected shape.
+fn extract_claims(payload: &Map<String, Value>) -> JwtClaims {
+    let string = |map: &Map<String, Value>, key: &str| {
+        map.get(key).and_then(Value::as_str).map(str::to_owned)
+    };
+    let object = |key: &str| payload.get(key).and_then(Value::as_object);
+    let organization = object("requesting_organization");
+    let practitioner = object("requesting_practitioner");
+    let device = object("requesting_device");
+    JwtClaims {
+        iss: string(payload, "iss"),
+        sub: string(payload, "sub"),
+        aud: string(payload, "aud"),
+        iat: payload.get("iat").and_then(Value::as_i64),
+        exp: payload.get("exp").and_then(Value::as_i64),
+        reason_for_request: string(payload, "reason_for_request"),
+        requested_scope: string(payload, "requested_scope"),
+        organization_ods_code: organization
+            .and_then(|o| identifier_value(o, ODS_SYSTEM))
+            .map(str::to_owned),
+        organization_name: organization.and_then(|o| string(o, "name")),
+        practitioner_id: practitioner.and_then(|p| string(p, "id")),
+        sds_user_id: practitioner
+            .and_then(|p| identifier_value(p, SDS_USER_ID_SYSTEM))
+            .map(str::to_owned),
+        sds_role_profile_id: practitioner
+            .and_then(|p| identifier_value(p, SDS_ROLE_PROFILE_SYSTEM))
+            .map(str::to_owned),
+        practitioner_name: practitioner
+            .and_then(|p| p.get("name"))
+            .and_then(display_name),
+        device_identifier: device.and_then(device_identifier),
+        device_model: device.and_then(|d| string(d, "model")),
+        device_version: device.and_then(|d| string(d, "version")),
+    }
+}
+
+/// `given… family` of the first HumanName (an array, or a lone object), else its `text`.
+fn display_name(name: &Value) -> Option<String> {
+    let human = match name {
+        Value::Array(names) => names.first()?,
+        other => other,
+    }
+    .as_object()?;
+    let mut out = String::new();
+    match human.get("given") {
+        Some(Value::Array(given)) => given
+            .iter()
+            .filter_map(Value::as_str)
+            .for_each(|g| push_word(&mut out, g)),
+        Some(Value::String(given)) => push_word(&mut out, given),
+        _ => {}
+    }
+    if let Some(family) = human.get("family").and_then(Value::as_str) {
+        push_word(&mut out, family);
+    }
+    if out.is_empty() {
+        if let Some(text) = human.get("text").and_then(Value::as_str) {
+            push_word(&mut out, text);
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Append a trimmed, non-empty word, space-separated.
+fn push_word(out: &mut String, word: &str) {
+    let word = word.trim();
+    if !word.is_empty() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+}
+
+/// `system|value` of the first device identifier.
+fn device_identifier(device: &Map<String, Value>) -> Option<String> {
+    let first = identifiers(device)?.first()?.as_object()?;
+    let system = first.get("system").and_then(Value::as_str).unwrap_or("");
+    let value = first.get("value").and_then(Value::as_str).unwrap_or("");
+    (!system.is_empty() || !value.is_empty()).then(|| format!("{system}|{value}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_747_730_256;
+    const AUD: &str = "https://localhost:9443/B82617/STU3/1/gpconnect";
+
+    fn scopes(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn bearer(token: &str) -> HeaderValue {
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header value")
+    }
+
+    fn token_for(claims: &Value) -> HeaderValue {
+        bearer(&encode_unsigned(claims))
+    }
+
+    fn check_claims(claims: &Value) -> Result<JwtClaims, JwtError> {
+        check(
+            Some(&token_for(claims)),
+            &scopes(&["patient/*.read", "patient/*.write"]),
+            NOW,
+            0,
+        )
+    }
+
+    fn valid() -> Value {
+        dev_claims("patient/*.read", NOW, AUD)
+    }
+
+    fn with(mutate: impl FnOnce(&mut Map<String, Value>)) -> Value {
+        let mut claims = valid();
+        mutate(claims.as_object_mut().expect("object"));
+        claims
+    }
+
+    fn reason_of(claims: &Value) -> &'static str {
+        check_claims(claims).expect_err("rejected").reason()
+    }
+
+    /// The payload of `appointment-create-jwt.demonstrator-1.2.7-recorded.json` (Apache-2.0).
+    const RECORDED: &str = r#"{"iss":"https://ConsumerSystemURL","sub":"1","aud":"https://authorize.fhir.nhs.net/token","exp":1747730556,"iat":1747730256,"reason_for_request":"directcare","requesting_device":{"resourceType":"Device","identifier":[{"system":"GPConnectTestSystem","value":"Client"}],"model":"v1","version":"1.1"},"requesting_organization":{"resourceType":"Organization","identifier":[{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"GPCA0001"}],"name":"GP Connect Assurance"},"requesting_practitioner":{"resourceType":"Practitioner","id":"1","identifier":[{"system":"https://fhir.nhs.uk/Id/sds-user-id","value":"GCASDS0001"},{"system":"https://fhir.nhs.uk/Id/sds-role-profile-id","value":"112233445566"},{"system":"https://consumersupplier.com/Id/user-guid","value":"98ed4f78-814d-4266-8d5b-cde742f3093c"}],"name":[{"family":"AssurancePractitioner","given":["AssuranceTest"],"prefix":["Mr"]}]},"requested_scope":"patient/*.write"}"#;
+
+    #[test]
+    fn the_recorded_demonstrator_token_is_accepted_with_its_legacy_aud() {
+        let payload: Value = serde_json::from_str(RECORDED).expect("json");
+        let claims = check(
+            Some(&token_for(&payload)),
+            &scopes(&["patient/*.write"]),
+            NOW + 10,
+            0,
+        )
+        .expect("valid");
+        assert_eq!(
+            claims,
+            JwtClaims {
+                iss: Some("https://ConsumerSystemURL".into()),
+                sub: Some("1".into()),
+                aud: Some("https://authorize.fhir.nhs.net/token".into()),
+                iat: Some(1747730256),
+                exp: Some(1747730556),
+                reason_for_request: Some("directcare".into()),
+                requested_scope: Some("patient/*.write".into()),
+                organization_ods_code: Some("GPCA0001".into()),
+                organization_name: Some("GP Connect Assurance".into()),
+                practitioner_id: Some("1".into()),
+                sds_user_id: Some("GCASDS0001".into()),
+                sds_role_profile_id: Some("112233445566".into()),
+                practitioner_name: Some("AssuranceTest AssurancePractitioner".into()),
+                device_identifier: Some("GPConnectTestSystem|Client".into()),
+                device_model: Some("v1".into()),
+                device_version: Some("1.1".into()),
+            }
+        );
+        let audit = serde_json::to_value(&claims).expect("serialise");
+        assert_eq!(audit["organization_ods_code"], "GPCA0001");
+    }
+
+    #[test]
+    fn encode_unsigned_has_the_gp_connect_shape() {
+        let token = encode_unsigned(&json!({"a": 1}));
+        assert!(token.starts_with("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0."));
+        assert!(token.ends_with('.'));
+        assert_eq!(token.matches('.').count(), 2);
+        assert!(!token.contains('='));
+        let payload = token.split('.').nth(1).expect("payload");
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(payload).expect("b64"),
+            br#"{"a":1}"#.to_vec()
+        );
+    }
+
+    #[test]
+    fn dev_claims_pass_check_and_are_the_a20047_consumer() {
+        let claims = check_claims(&valid()).expect("valid");
+        assert_eq!(claims.organization_ods_code.as_deref(), Some("A20047"));
+        assert_eq!(claims.aud.as_deref(), Some(AUD));
+        assert_eq!(claims.exp, Some(NOW + 300));
+        assert_eq!(
+            claims.practitioner_name.as_deref(),
+            Some("Development Practitioner")
+        );
+    }
+
+    #[test]
+    fn structural_errors() {
+        let good = encode_unsigned(&valid());
+        let (h, rest) = good.split_once('.').expect("dot");
+        let p = rest.trim_end_matches('.');
+        let enc = |s: &str| URL_SAFE_NO_PAD.encode(s);
+        let cases: Vec<(Option<HeaderValue>, &str)> = vec![
+            (None, "MISSING"),
+            (
+                Some(HeaderValue::from_static("Basic dXNlcjpwYXNz")),
+                "NOT_BEARER",
+            ),
+            (Some(HeaderValue::from_static("Bearerx")), "NOT_BEARER"),
+            (Some(HeaderValue::from_static("")), "NOT_BEARER"),
+            (Some(HeaderValue::from_static("Bearer")), "MALFORMED"),
+            (Some(HeaderValue::from_static("Bearer   ")), "MALFORMED"),
+            (Some(bearer(&format!("{h}.{p}"))), "MALFORMED"),
+            (Some(bearer(&format!("{h}.{p}.."))), "MALFORMED"),
+            (Some(bearer(&format!("{h}!.{p}."))), "MALFORMED"),
+            (Some(bearer(&format!("{h}.{p}*."))), "MALFORMED"),
+            (Some(bearer(&format!("{}.{p}.", enc("[1]")))), "MALFORMED"),
+            (Some(bearer(&format!("{}.{p}.", enc("{")))), "MALFORMED"),
+            (Some(bearer(&format!("{h}.{}.", enc("[]")))), "MALFORMED"),
+            (Some(bearer(&format!("{h}.{}.", enc("\"x\"")))), "MALFORMED"),
+            (Some(bearer(&format!(".{p}."))), "MALFORMED"),
+            (
+                Some(bearer(&format!("{}.{p}.", enc(r#"{"alg":"HS256"}"#)))),
+                "ALG_NOT_NONE",
+            ),
+            (
+                Some(bearer(&format!("{}.{p}.", enc(r#"{"alg":"None"}"#)))),
+                "ALG_NOT_NONE",
+            ),
+            (
+                Some(bearer(&format!("{}.{p}.", enc(r#"{"typ":"JWT"}"#)))),
+                "ALG_NOT_NONE",
+            ),
+            (
+                Some(bearer(&format!(
+                    "{}.{p}.",
+                    enc(r#"{"alg":"none","typ":"JWS"}"#)
+                ))),
+                "TYP_NOT_JWT",
+            ),
+            (
+                Some(bearer(&format!(
+                    "{}.{p}.",
+                    enc(r#"{"alg":"none","typ":1}"#)
+                ))),
+                "TYP_NOT_JWT",
+            ),
+            (
+                Some(bearer(&format!("{h}.{p}.c2ln"))),
+                "SIGNATURE_NOT_EMPTY",
+            ),
+            (
+                Some(bearer(&format!("{h}.{}.", "A".repeat(MAX_TOKEN_LEN)))),
+                "TOO_LARGE",
+            ),
+        ];
+        for (header, reason) in cases {
+            let err = decode(header.as_ref()).expect_err(reason);
+            assert_eq!(err.reason(), reason, "{header:?}");
+            let err =
+                check(header.as_ref(), &scopes(&["patient/*.read"]), NOW, 0).expect_err(reason);
+            assert_eq!(err.reason(), reason, "{header:?}");
+        }
+    }
+
+    #[test]
+    fn structural_leniency() {
+        let good = encode_unsigned(&valid());
+        let allowed = scopes(&["patient/*.read"]);
+        for header in [
+            format!("bearer {good}"),
+            format!("BEARER {good}"),
+            format!("Bearer   {good}  "),
+        ] {
+            let value = HeaderValue::from_str(&header).expect("value");
+            assert!(check(Some(&value), &allowed, NOW, 0).is_ok(), "{header}");
+        }
+        // Padding is tolerated; typ is optional and case-insensitive.
+        let padded_header = base64::engine::general_purpose::URL_SAFE.encode(r#"{"alg":"none"}"#);
+        assert!(padded_header.ends_with('='));
+        let payload = good.split('.').nth(1).expect("payload");
+        let value = bearer(&format!("{padded_header}.{payload}."));
+        assert!(check(Some(&value), &allowed, NOW, 0).is_ok());
+        let lower = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"jwt"}"#);
+        assert!(check(
+            Some(&bearer(&format!("{lower}.{payload}."))),
+            &allowed,
+            NOW,
+            0
+        )
+        .is_ok());
+        // decode requires no claim at all.
+        let empty = bearer(&encode_unsigned(&json!({})));
+        assert_eq!(decode(Some(&empty)), Ok(JwtClaims::default()));
+        // Exactly at the size limit is fine structurally.
+        let pad = MAX_TOKEN_LEN - good.len();
+        let mut big = valid();
+        big["padding"] = Value::String("x".repeat(pad * 3 / 4 - 20));
+        let token = encode_unsigned(&big);
+        assert!(token.len() <= MAX_TOKEN_LEN, "{}", token.len());
+        assert!(check(Some(&bearer(&token)), &allowed, NOW, 0).is_ok());
+    }
+
+    #[test]
+    fn required_claims_missing_or_wrong_type() {
+        let required = [
+            ("iss", "ISS", json!(1)),
+            ("sub", "SUB", json!(1)),
+            ("aud", "AUD", json!(["a"])),
+            ("iat", "IAT", json!("1747730256")),
+            ("exp", "EXP", json!(1747730556.5)),
+            ("reason_for_request", "REASON_FOR_REQUEST", json!(true)),
+            (
+                "requested_scope",
+                "REQUESTED_SCOPE",
+                json!(["patient/*.read"]),
+            ),
+            ("requesting_device", "REQUESTING_DEVICE", json!("Device")),
+            (
+                "requesting_organization",
+                "REQUESTING_ORGANIZATION",
+                json!([]),
+            ),
+            (
+                "requesting_practitioner",
+                "REQUESTING_PRACTITIONER",
+                json!(1),
+            ),
+        ];
+        for (claim, upper, wrong) in required {
+            let removed = with(|m| {
+                m.remove(claim);
+            });
+            assert_eq!(reason_of(&removed), format!("MISSING_CLAIM_{upper}"));
+            let null = with(|m| {
+                m.insert(claim.into(), Value::Null);
+            });
+            assert_eq!(reason_of(&null), format!("MISSING_CLAIM_{upper}"));
+            let typed = with(|m| {
+                m.insert(claim.into(), wrong);
+            });
+            assert_eq!(reason_of(&typed), format!("CLAIM_TYPE_{upper}"));
+        }
+        for claim in ["iss", "sub", "aud"] {
+            let empty = with(|m| {
+                m.insert(claim.into(), json!(""));
+            });
+            assert_eq!(
+                reason_of(&empty),
+                format!("MISSING_CLAIM_{}", claim.to_uppercase())
+            );
+        }
+    }
+
+    #[test]
+    fn time_rules() {
+        let allowed = scopes(&["patient/*.read"]);
+        let run = |claims: &Value, now: i64, skew: i64| {
+            check(Some(&token_for(claims)), &allowed, now, skew).map(|_| ())
+        };
+        let claims = valid();
+        assert_eq!(run(&claims, NOW, 0), Ok(()));
+        assert_eq!(run(&claims, NOW + 300, 0), Ok(()));
+        assert_eq!(run(&claims, NOW + 301, 0), Err(JwtError::Expired));
+        assert_eq!(run(&claims, NOW + 330, 30), Ok(()));
+        assert_eq!(run(&claims, NOW + 331, 30), Err(JwtError::Expired));
+        assert_eq!(run(&claims, NOW - 1, 0), Err(JwtError::IatInFuture));
+        assert_eq!(run(&claims, NOW - 30, 30), Ok(()));
+        assert_eq!(run(&claims, NOW - 31, 30), Err(JwtError::IatInFuture));
+        // A negative skew counts as none.
+        assert_eq!(run(&claims, NOW, -100), Ok(()));
+        // Consumer clock slow by 600 s: expired.
+        assert_eq!(
+            run(&dev_claims("patient/*.read", NOW - 600, AUD), NOW, 60),
+            Err(JwtError::Expired)
+        );
+        for exp in [NOW + 299, NOW + 301, NOW, NOW + 3600] {
+            let claims = with(|m| {
+                m.insert("exp".into(), json!(exp));
+            });
+            assert_eq!(reason_of(&claims), "EXP_NOT_IAT_PLUS_300");
+        }
+        // Extreme values neither overflow nor pass.
+        let huge = with(|m| {
+            m.insert("iat".into(), json!(i64::MAX));
+            m.insert("exp".into(), json!(i64::MAX));
+        });
+        assert_eq!(reason_of(&huge), "EXP_NOT_IAT_PLUS_300");
+        let far = dev_claims("patient/*.read", i64::MAX - 300, AUD);
+        assert_eq!(run(&far, i64::MIN, i64::MAX), Err(JwtError::IatInFuture));
+        assert_eq!(run(&valid(), i64::MAX, i64::MAX), Ok(()));
+    }
+
+    #[test]
+    fn reason_and_scope() {
+        let claims = with(|m| {
+            m.insert("reason_for_request".into(), json!("secondaryuses"));
+        });
+        assert_eq!(reason_of(&claims), "REASON_FOR_REQUEST");
+        let claims = with(|m| {
+            m.insert("reason_for_request".into(), json!("DirectCare"));
+        });
+        assert_eq!(reason_of(&claims), "REASON_FOR_REQUEST");
+        let claims = dev_claims("organization/*.read", NOW, AUD);
+        assert_eq!(reason_of(&claims), "SCOPE_NOT_ALLOWED");
+        assert_eq!(
+            check(Some(&token_for(&valid())), &[], NOW, 0),
+            Err(JwtError::ScopeNotAllowed)
+        );
+    }
+
+    #[test]
+    fn resource_claims() {
+        let set = |pointer: &'static str, value: Value| {
+            let mut claims = valid();
+            *claims.pointer_mut(pointer).expect(pointer) = value;
+            claims
+        };
+        let remove = |object: &'static str, key: &'static str| {
+            let mut claims = valid();
+            claims
+                .pointer_mut(object)
+                .and_then(Value::as_object_mut)
+                .expect(object)
+                .remove(key);
+            claims
+        };
+        let device = "INVALID_RESOURCE_REQUESTING_DEVICE";
+        let org = "INVALID_RESOURCE_REQUESTING_ORGANIZATION";
+        let prac = "INVALID_RESOURCE_REQUESTING_PRACTITIONER";
+        let cases = [
+            (
+                set("/requesting_device/resourceType", json!("Organization")),
+                device,
+            ),
+            (remove("/requesting_device", "resourceType"), device),
+            (set("/requesting_device/identifier", json!([])), device),
+            (
+                set("/requesting_device/identifier", json!({"system": "x"})),
+                device,
+            ),
+            (set("/requesting_device/identifier", json!(["x"])), device),
+            (remove("/requesting_device", "identifier"), device),
+            (
+                set("/requesting_organization/resourceType", json!("Device")),
+                org,
+            ),
+            (
+                set(
+                    "/requesting_organization/identifier/0/system",
+                    json!("https://x"),
+                ),
+                org,
+            ),
+            (
+                set("/requesting_organization/identifier/0/value", json!("")),
+                org,
+            ),
+            (
+                set("/requesting_organization/identifier/0/value", json!(7)),
+                org,
+            ),
+            (remove("/requesting_organization", "identifier"), org),
+            (
+                set("/requesting_practitioner/resourceType", json!("Patient")),
+                prac,
+            ),
+            (
+                set(
+                    "/requesting_practitioner/identifier/0/system",
+                    json!("https://x"),
+                ),
+                prac,
+            ),
+            (
+                set(
+                    "/requesting_practitioner/identifier/1/system",
+                    json!("https://x"),
+                ),
+                prac,
+            ),
+            (remove("/requesting_practitioner", "identifier"), prac),
+            (remove("/requesting_practitioner", "name"), prac),
+            (set("/requesting_practitioner/name", json!([])), prac),
+            (set("/requesting_practitioner/name", json!("Dr Who")), prac),
+            (
+                set("/requesting_practitioner/id", json!("2")),
+                "SUB_NOT_PRACTITIONER_ID",
+            ),
+            (
+                set("/requesting_practitioner/id", json!(1)),
+                "SUB_NOT_PRACTITIONER_ID",
+            ),
+            (
+                remove("/requesting_practitioner", "id"),
+                "SUB_NOT_PRACTITIONER_ID",
+            ),
+            (set("/sub", json!("2")), "SUB_NOT_PRACTITIONER_ID"),
+        ];
+        for (claims, reason) in cases {
+            assert_eq!(reason_of(&claims), reason, "{claims}");
+        }
+        // UNK is an accepted SDS value; a lone HumanName object is accepted.
+        let unk = set("/requesting_practitioner/identifier/0/value", json!("UNK"));
+        assert!(check_claims(&unk).is_ok());
+        let unk = set("/requesting_practitioner/identifier/1/value", json!("UNK"));
+        assert!(check_claims(&unk).is_ok());
+        let object_name = set(
+            "/requesting_practitioner/name",
+            json!({"family": "Who", "prefix": ["Dr"]}),
+        );
+        assert_eq!(
+            check_claims(&object_name)
+                .expect("valid")
+                .practitioner_name
+                .as_deref(),
+            Some("Who")
+        );
+    }
+
+    #[test]
+    fn every_reason_is_upper_snake_and_distinct() {
+        let claims = [
+            Claim::Iss,
+            Claim::Sub,
+            Claim::Aud,
+            Claim::Iat,
+            Claim::Exp,
+            Claim::ReasonForRequest,
+            Claim::RequestedScope,
+            Claim::RequestingDevice,
+            Claim::RequestingOrganization,
+            Claim::RequestingPractitioner,
+        ];
+        let mut errors = vec![
+            JwtError::Missing,
+            JwtError::NotBearer,
+            JwtError::TooLarge,
+            JwtError::Malformed("x"),
+            JwtError::AlgNotNone,
+            JwtError::TypNotJwt,
+            JwtError::SignatureNotEmpty,
+            JwtError::ExpNotIatPlus300,
+            JwtError::Expired,
+            JwtError::IatInFuture,
+            JwtError::ReasonForRequest,
+            JwtError::ScopeNotAllowed,
+            JwtError::SubNotPractitionerId,
+        ];
+        for claim in claims {
+            errors.push(JwtError::MissingClaim(claim));
+            errors.push(JwtError::ClaimType(claim));
+            assert_eq!(
+                JwtError::MissingClaim(claim).reason(),
+                format!("MISSING_CLAIM_{}", claim.name().to_uppercase())
+            );
+            assert_eq!(
+                JwtError::ClaimType(claim).reason(),
+                format!("CLAIM_TYPE_{}", claim.name().to_uppercase())
+            );
+        }
+        for claim in [
+            ResourceClaim::RequestingDevice,
+            ResourceClaim::RequestingOrganization,
+            ResourceClaim::RequestingPractitioner,
+        ] {
+            let e = JwtError::InvalidResource { claim, why: "x" };
+            assert_eq!(
+                e.reason(),
+                format!("INVALID_RESOURCE_{}", claim.name().to_uppercase())
+            );
+            errors.push(e);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in &errors {
+            let r = e.reason();
+            assert!(r
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'));
+            assert!(seen.insert(r), "duplicate {r}");
+        }
+        assert_eq!(seen.len(), 36);
+        let rejection = crate::ssp::outcome::Rejection::InvalidJwt {
+            reason: JwtError::Expired.reason(),
+        };
+        assert_eq!(rejection.token(), "INVALID_JWT_EXPIRED");
+    }
+
+    #[test]
+    fn lenient_extraction_under_log() {
+        let claims = json!({
+            "iss": 5,
+            "sub": "u",
+            "requesting_practitioner": {"name": [{"text": "Dr A Smith"}], "identifier": "x"},
+            "requesting_device": {"identifier": [{"value": "v"}]},
+            "requesting_organization": {"name": "Org"}
+        });
+        let decoded = decode(Some(&token_for(&claims))).expect("decodes");
+        assert_eq!(decoded.iss, None);
+        assert_eq!(decoded.sub.as_deref(), Some("u"));
+        assert_eq!(decoded.practitioner_name.as_deref(), Some("Dr A Smith"));
+        assert_eq!(decoded.sds_user_id, None);
+        assert_eq!(decoded.device_identifier.as_deref(), Some("|v"));
+        assert_eq!(decoded.organization_name.as_deref(), Some("Org"));
+        let audit = serde_json::to_value(&decoded).expect("serialise");
+        assert!(audit.get("iss").is_none(), "absent claims are omitted");
+    }
+
+    #[test]
+    fn policy_deserialises_lowercase_with_enforce_default() {
+        #[derive(serde::Deserialize)]
+        struct Config {
+            #[serde(default)]
+            jwt: JwtPolicy,
+        }
+        let parse = |s: &str| toml::from_str::<Config>(s).map(|c| c.jwt);
+        assert_eq!(parse("").expect("default"), JwtPolicy::Enforce);
+        assert_eq!(
+            parse("jwt = \"enforce\"").expect("enforce"),
+            JwtPolicy::Enforce
+        );
+        assert_eq!(parse("jwt = \"log\"").expect("log"), JwtPolicy::Log);
+        assert_eq!(parse("jwt = \"off\"").expect("off"), JwtPolicy::Off);
+        assert!(parse("jwt = \"Log\"").is_err());
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-zA-Z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const CLAIM_PATHS: [&str; 14] = [
+        "/iss",
+        "/sub",
+        "/aud",
+        "/iat",
+        "/exp",
+        "/reason_for_request",
+        "/requested_scope",
+        "/requesting_device",
+        "/requesting_device/identifier",
+        "/requesting_organization/identifier/0",
+        "/requesting_practitioner/id",
+        "/requesting_practitioner/identifier",
+        "/requesting_practitioner/name",
+        "/requesting_organization",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn decode_and_check_never_panic_on_arbitrary_headers(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300)
+        ) {
+            if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                let _ = decode(Some(&value));
+                let _ = check(Some(&value), &scopes(&["patient/*.read"]), NOW, 60);
+            }
+        }
+
+        #[test]
+        fn decode_and_check_never_panic_on_arbitrary_parts(
+            header in proptest::collection::vec(any::<u8>(), 0..64),
+            payload in proptest::collection::vec(any::<u8>(), 0..256),
+            signature in "[A-Za-z0-9_=-]{0,4}",
+        ) {
+            let token = format!(
+                "{}.{}.{signature}",
+                URL_SAFE_NO_PAD.encode(header),
+                URL_SAFE_NO_PAD.encode(payload)
+            );
+            let value = bearer(&token);
+            let _ = decode(Some(&value));
+            let _ = check(Some(&value), &scopes(&["patient/*.read"]), NOW, 60);
+        }
+
+        #[test]
+        fn check_never_panics_on_mutated_claims(
+            which in 0..CLAIM_PATHS.len(),
+            replacement in arb_json(),
+            now in any::<i64>(),
+            skew in any::<i64>(),
+        ) {
+            let mut claims = valid();
+            if let Some(slot) = claims.pointer_mut(CLAIM_PATHS[which]) {
+                *slot = replacement;
+            }
+            let _ = decode(Some(&token_for(&claims)));
+            let _ = check(Some(&token_for(&claims)), &scopes(&["patient/*.read"]), now, skew);
+        }
+
+        #[test]
+        fn valid_dev_tokens_round_trip(
+            scope_index in 0..4usize,
+            now in 0i64..8_000_000_000,
+            audience in "[ -~]{0,40}",
+            skew in 0i64..600,
+            age in 0i64..300,
+        ) {
+            let scope = crate::ssp::interactions::ALLOWED_SCOPES[scope_index];
+            let claims = dev_claims(scope, now, &audience);
+            let result = check(Some(&token_for(&claims)), &scopes(&[scope]), now + age, skew);
+            if audience.is_empty() {
+                prop_assert_eq!(result, Err(JwtError::MissingClaim(Claim::Aud)));
+            } else {
+                let claims = result.expect("a dev token is valid");
+                prop_assert_eq!(claims.requested_scope.as_deref(), Some(scope));
+                prop_assert_eq!(claims.aud.as_deref(), Some(audience.as_str()));
+                prop_assert_eq!(claims.iat, Some(now));
+                prop_assert_eq!(claims.exp, Some(now + 300));
+                prop_assert_eq!(claims.organization_ods_code.as_deref(), Some("A20047"));
+            }
+        }
+    }
+}

@@ -1,5 +1,41 @@
 //! TLS for both legs: the mTLS listener's server config (client certificate required, CRLs),
 //! the upstream client config, and who the peer is. Never logs key material.
+//!
+//! Everything here uses the *ring* provider explicitly (never a process-wide default), TLS 1.2
+//! and 1.3 only, and loads certificates and keys from PEM files (CRLs: PEM or DER). Every error
+//! names the file it is about; none carries key bytes. The development and test PKI lives in
+//! [`pki`].
+//!
+//! Revocation policy of the listener, when CRLs are configured:
+//! - every certificate of the client's chain (except the trust anchor) is checked against the
+//!   CRLs, so a revoked intermediate is refused as well as a revoked leaf;
+//! - a certificate whose issuer has no CRL loaded has an unknown status, which is allowed (CRLs
+//!   are configured per issuing CA; the other CAs of the bundle are not revocation-checked);
+//! - a CRL whose `nextUpdate` has passed fails every handshake it would decide (fail closed: a
+//!   stale CRL cannot vouch for a certificate). [`load_crls`] refuses CRLs that are already stale,
+//!   so a bad file is caught at load or reload rather than at the first handshake.
+//!
+//! There is no session resumption on the listener: no tickets and no session cache, so every
+//! connection runs a full handshake and its client certificate is checked against the current
+//! CRLs.
+
+pub mod pki;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{CertificateError, ClientConfig, RootCertStore, ServerConfig};
+use x509_parser::der_parser::asn1_rs::ToDer;
+use x509_parser::extensions::GeneralName;
+use x509_parser::x509::X509Name;
 
 /// Who is on the other end of an mTLS connection, taken from its verified leaf certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -12,4 +48,1594 @@ pub struct PeerIdentity {
     pub serial: String,
     /// SHA-256 of the DER certificate, lowercase hex.
     pub fingerprint_sha256: String,
+}
+
+/// Why loading TLS material or building a TLS config failed. Every variant names the file it is
+/// about; none ever carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read: {source}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The file holds no PEM `CERTIFICATE` section.
+    #[error("{path}: no PEM certificate found (expected a -----BEGIN CERTIFICATE----- section)")]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A certificate in the file is malformed.
+    #[error("{path}: bad certificate: {reason}")]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file holds no PEM private key.
+    #[error(
+        "{path}: no private key found (expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY section)"
+    )]
+    NoPrivateKey {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file holds a private key that cannot be used (encrypted, malformed, unsupported type).
+    #[error("{path}: unsupported private key: {reason}")]
+    UnsupportedKey {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The private key is not the one the certificate was issued for.
+    #[error("{key}: private key does not match the certificate in {cert}")]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// A CRL file is malformed or stale.
+    #[error("{path}: bad CRL: {reason}")]
+    BadCrl {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The CA bundle is empty or holds something that cannot be a trust anchor.
+    #[error("{path}: bad CA bundle: {reason}")]
+    BadCaBundle {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the material loaded from `path`.
+    #[error("{path}: {context}: {source}")]
+    Rustls {
+        /// The file the material came from.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// rustls's error.
+        source: rustls::Error,
+    },
+    /// A certificate received on a connection (not read from a file) cannot be parsed.
+    #[error("peer certificate: {reason}")]
+    PeerCertificate {
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The listener's TLS material (all PEM files; CRLs PEM or DER).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The server certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The server private key.
+    pub key: PathBuf,
+    /// The CA bundle client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// CRLs of the client CAs; empty for no revocation checking.
+    pub crls: Vec<PathBuf>,
+}
+
+/// The upstream (gateway-to-provider) TLS material, all PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// The gateway's client certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The CA bundle provider certificates must chain to (the system roots are not used).
+    pub ca: PathBuf,
+}
+
+/// The protocol versions both legs allow.
+static VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The crypto provider for every config built here: *ring* with its default suites (AEAD only,
+/// ECDHE key exchange only) and key exchange groups.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads the certificates (PEM `CERTIFICATE` sections, leaf first) from `path`. Other PEM
+/// sections in the file are ignored; each certificate must parse as X.509.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let mut certs = Vec::new();
+    for item in CertificateDer::pem_slice_iter(&bytes) {
+        let cert = item.map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            reason: pem_reason(&e),
+        })?;
+        match x509_parser::parse_x509_certificate(&cert) {
+            Ok(([], _)) => certs.push(cert),
+            Ok(_) => {
+                return Err(TlsError::BadCertificate {
+                    path: path.to_owned(),
+                    reason: format!("certificate #{} has trailing data", certs.len() + 1),
+                })
+            }
+            Err(e) => {
+                return Err(TlsError::BadCertificate {
+                    path: path.to_owned(),
+                    reason: format!("certificate #{} is not valid X.509: {e}", certs.len() + 1),
+                })
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the one private key in `path`: PEM PKCS#8 (`PRIVATE KEY`), PKCS#1 RSA
+/// (`RSA PRIVATE KEY`) or SEC1 EC (`EC PRIVATE KEY`). The key must be usable by the *ring*
+/// provider (RSA 2048+, ECDSA P-256/P-384, Ed25519); encrypted keys are refused.
+pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    let mut keys = Vec::new();
+    for item in PrivateKeyDer::pem_slice_iter(&bytes) {
+        // The reason is built from the error kind only: PEM errors can quote file content.
+        let key = item.map_err(|e| TlsError::UnsupportedKey {
+            path: path.to_owned(),
+            reason: pem_reason(&e),
+        })?;
+        keys.push(key);
+    }
+    let key = match keys.len() {
+        0 if is_encrypted_pem(&bytes) => {
+            return Err(TlsError::UnsupportedKey {
+                path: path.to_owned(),
+                reason: "the key is encrypted; store it decrypted with mode 0600 \
+                         (e.g. `openssl pkey -in KEY -out KEY.dec`)"
+                    .to_owned(),
+            })
+        }
+        0 => {
+            return Err(TlsError::NoPrivateKey {
+                path: path.to_owned(),
+            })
+        }
+        1 => keys.remove(0),
+        n => {
+            return Err(TlsError::UnsupportedKey {
+                path: path.to_owned(),
+                reason: format!("the file holds {n} private keys; exactly one is expected"),
+            })
+        }
+    };
+    provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| TlsError::UnsupportedKey {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(key)
+}
+
+/// Reads CRLs from `paths`: each file holds PEM `X509 CRL` sections or one DER CRL. A CRL that
+/// does not parse, or whose `nextUpdate` has already passed, is refused with its file named.
+pub fn load_crls(
+    paths: &[PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let now = x509_parser::time::ASN1Time::now();
+    let mut crls = Vec::new();
+    for path in paths {
+        let bytes = read(path)?;
+        let bad = |reason: String| TlsError::BadCrl {
+            path: path.clone(),
+            reason,
+        };
+        let in_file: Vec<CertificateRevocationListDer<'static>> = if looks_like_pem(&bytes) {
+            CertificateRevocationListDer::pem_slice_iter(&bytes)
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(pem_reason(&e)))?
+        } else {
+            vec![CertificateRevocationListDer::from(bytes)]
+        };
+        if in_file.is_empty() {
+            return Err(bad(
+                "no PEM CRL found (expected a -----BEGIN X509 CRL----- section)".to_owned(),
+            ));
+        }
+        for crl in &in_file {
+            let parsed = match x509_parser::parse_x509_crl(crl) {
+                Ok(([], parsed)) => parsed,
+                Ok(_) => return Err(bad("trailing data after the CRL".to_owned())),
+                Err(e) => return Err(bad(format!("not a valid X.509 CRL: {e}"))),
+            };
+            if let Some(next) = parsed.next_update() {
+                if next < now {
+                    return Err(bad(format!(
+                        "stale: nextUpdate {} has passed; fetch a current CRL from {}",
+                        next,
+                        rfc4514(parsed.issuer()),
+                    )));
+                }
+            }
+        }
+        crls.extend(in_file);
+    }
+    Ok(crls)
+}
+
+/// Reads a CA bundle: one or more PEM CA certificates, each usable as a trust anchor.
+pub fn load_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
+    let bad = |reason: String| TlsError::BadCaBundle {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = load_certs(path).map_err(|e| match e {
+        TlsError::NoCertificate { .. } => bad("no PEM certificate found".to_owned()),
+        TlsError::BadCertificate { reason, .. } => bad(reason),
+        other => other,
+    })?;
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| bad(format!("certificate #{}: {e}", i + 1)))?;
+        if !parsed.is_ca() {
+            return Err(bad(format!(
+                "certificate #{} ({}) is not a CA certificate (basicConstraints CA:TRUE missing)",
+                i + 1,
+                rfc4514(parsed.subject())
+            )));
+        }
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("certificate #{}: {e}", i + 1)))?;
+    }
+    Ok(roots)
+}
+
+/// Builds the listener's config: TLS 1.2/1.3, client certificate required and verified against
+/// `client_ca` (and the CRLs, see the module doc), no session resumption, `alpn` offered in the
+/// given order. The key is checked against the certificate here.
+pub fn server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs(&s.cert)?;
+    let key = load_private_key(&s.key)?;
+    let roots = load_ca_bundle(&s.client_ca)?;
+    let provider = provider();
+    // Each CRL file on its own through webpki first, so a CRL webpki refuses names its file.
+    let mut crls = Vec::new();
+    for path in &s.crls {
+        let in_file = load_crls(std::slice::from_ref(path))?;
+        client_verifier(&provider, roots.clone(), in_file.clone()).map_err(|e| {
+            TlsError::BadCrl {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        crls.extend(in_file);
+    }
+    let verifier = client_verifier(&provider, roots, crls).map_err(|e| TlsError::Rustls {
+        path: s.client_ca.clone(),
+        context: "client certificate verifier",
+        source: e,
+    })?;
+    let certified = certified_key(&provider, &s.cert, certs, &s.key, key)?;
+    assemble_server_config(provider, verifier, certified, alpn).map_err(|e| TlsError::Rustls {
+        path: s.cert.clone(),
+        context: "server config",
+        source: e,
+    })
+}
+
+/// The listener config from loaded parts: versions, verifier, certificate, no resumption, ALPN.
+fn assemble_server_config(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    certified: CertifiedKey,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    // No session cache, no TLS 1.3 tickets: every connection is a full handshake whose client
+    // certificate is checked against the current CRLs. (The builder's default ticketer never
+    // issues TLS 1.2 tickets; the tests assert it.)
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Builds the upstream config: TLS 1.2/1.3, trusting only the CA bundle in `c.ca` (never the
+/// system roots), presenting the client certificate, `alpn` offered in the given order.
+/// Session resumption stays on for this leg (rustls's default in-memory client cache): the
+/// provider decides whether to resume, and resuming saves a full handshake per new connection.
+pub fn client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+    let certs = load_certs(&c.cert)?;
+    let key = load_private_key(&c.key)?;
+    let roots = load_ca_bundle(&c.ca)?;
+    let provider = provider();
+    let server_verifier =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|e| TlsError::BadCaBundle {
+                path: c.ca.clone(),
+                reason: e.to_string(),
+            })?;
+    let certified = certified_key(&provider, &c.cert, certs, &c.key, key)?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| TlsError::Rustls {
+            path: c.cert.clone(),
+            context: "protocol versions",
+            source: e,
+        })?
+        .with_webpki_verifier(server_verifier)
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// The client certificate verifier of the listener (see the module doc for the CRL policy).
+fn client_verifier(
+    provider: &Arc<CryptoProvider>,
+    roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::Error> {
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    if !crls.is_empty() {
+        builder = builder
+            .with_crls(crls)
+            .allow_unknown_revocation_status()
+            .enforce_revocation_expiration();
+    }
+    builder.build().map_err(|e| match e {
+        rustls::server::VerifierBuilderError::InvalidCrl(crl) => {
+            rustls::Error::InvalidCertRevocationList(crl)
+        }
+        other => rustls::Error::General(other.to_string()),
+    })
+}
+
+/// Pairs the chain with its signing key, refusing a key that is not the leaf's.
+fn certified_key(
+    provider: &CryptoProvider,
+    cert_path: &Path,
+    certs: Vec<CertificateDer<'static>>,
+    key_path: &Path,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, TlsError> {
+    let signing_key =
+        provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| TlsError::UnsupportedKey {
+                path: key_path.to_owned(),
+                reason: e.to_string(),
+            })?;
+    let certified = CertifiedKey::new(certs, signing_key);
+    match certified.keys_match() {
+        Ok(()) => Ok(certified),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(TlsError::KeyMismatch {
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+            })
+        }
+        Err(e) => Err(TlsError::Rustls {
+            path: cert_path.to_owned(),
+            context: "checking the private key against the certificate",
+            source: e,
+        }),
+    }
+}
+
+/// The identity of a verified peer, from its leaf certificate.
+pub fn peer_identity(leaf: &CertificateDer<'_>) -> Result<PeerIdentity, TlsError> {
+    let cert = parse_peer(leaf)?;
+    let mut names = Vec::new();
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::PeerCertificate {
+            reason: format!("subjectAltName: {e}"),
+        })?;
+    if let Some(san) = san {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_owned());
+            }
+        }
+    }
+    if names.is_empty() {
+        for cn in cert.subject().iter_common_name() {
+            let cn = cn.as_str().map_err(|e| TlsError::PeerCertificate {
+                reason: format!("subject CN is not a string: {e}"),
+            })?;
+            names.push(cn.to_owned());
+        }
+    }
+    Ok(PeerIdentity {
+        names,
+        subject: rfc4514(cert.subject()),
+        serial: serial_hex(cert.raw_serial()),
+        fingerprint_sha256: hex(&sha256(leaf)),
+    })
+}
+
+/// The identity of the peer of a completed handshake (its first presented certificate).
+pub fn peer_identity_of(connection: &rustls::CommonState) -> Result<PeerIdentity, TlsError> {
+    let leaf = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| TlsError::PeerCertificate {
+            reason: "the peer presented no certificate".to_owned(),
+        })?;
+    peer_identity(leaf)
+}
+
+/// The certificate's `notAfter`, in Unix seconds (for expiry metrics).
+pub fn not_after(cert: &CertificateDer<'_>) -> Result<i64, TlsError> {
+    Ok(parse_peer(cert)?.validity().not_after.timestamp())
+}
+
+/// Why a handshake failed, as a bounded label set for metrics (`reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// The client sent no certificate.
+    NoClientCertificate,
+    /// The peer's certificate (or one in its chain) has expired.
+    CertificateExpired,
+    /// The peer's certificate is not valid yet.
+    CertificateNotYetValid,
+    /// The peer's certificate is listed in a configured CRL.
+    CertificateRevoked,
+    /// The certificate's CRL is stale (`nextUpdate` passed).
+    CrlExpired,
+    /// The chain does not lead to a configured CA.
+    UnknownIssuer,
+    /// Any other certificate problem (bad signature, wrong purpose, bad name, malformed).
+    BadCertificate,
+    /// No common protocol version, cipher suite, group or signature scheme.
+    Incompatible,
+    /// The peer sent an alert (it refused us).
+    AlertReceived,
+    /// The peer sent something that is not TLS, or not valid at that point.
+    Malformed,
+    /// The connection closed or failed before the handshake finished.
+    Io,
+    /// Anything else.
+    Other,
+}
+
+impl HandshakeFailure {
+    /// Classifies the error returned by a tokio-rustls accept or connect.
+    pub fn classify(err: &io::Error) -> Self {
+        match err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(e) => Self::from_rustls(e),
+            None => Self::Io,
+        }
+    }
+
+    /// Classifies a rustls error.
+    pub fn from_rustls(err: &rustls::Error) -> Self {
+        use rustls::Error as E;
+        match err {
+            E::NoCertificatesPresented => Self::NoClientCertificate,
+            E::InvalidCertificate(cert) => match cert {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Self::CertificateExpired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Self::CertificateNotYetValid
+                }
+                CertificateError::Revoked => Self::CertificateRevoked,
+                CertificateError::ExpiredRevocationList
+                | CertificateError::ExpiredRevocationListContext { .. } => Self::CrlExpired,
+                CertificateError::UnknownIssuer => Self::UnknownIssuer,
+                _ => Self::BadCertificate,
+            },
+            E::PeerIncompatible(_) => Self::Incompatible,
+            E::AlertReceived(_) => Self::AlertReceived,
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. }
+            | E::PeerMisbehaved(_)
+            | E::DecryptError => Self::Malformed,
+            _ => Self::Other,
+        }
+    }
+
+    /// The metric label.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::CertificateExpired => "certificate_expired",
+            Self::CertificateNotYetValid => "certificate_not_yet_valid",
+            Self::CertificateRevoked => "certificate_revoked",
+            Self::CrlExpired => "crl_expired",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::BadCertificate => "bad_certificate",
+            Self::Incompatible => "incompatible",
+            Self::AlertReceived => "alert_received",
+            Self::Malformed => "malformed",
+            Self::Io => "io",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_label())
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_peer<'a>(
+    cert: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, TlsError> {
+    match x509_parser::parse_x509_certificate(cert) {
+        Ok(([], parsed)) => Ok(parsed),
+        Ok(_) => Err(TlsError::PeerCertificate {
+            reason: "trailing data after the certificate".to_owned(),
+        }),
+        Err(e) => Err(TlsError::PeerCertificate {
+            reason: format!("not valid X.509: {e}"),
+        }),
+    }
+}
+
+fn looks_like_pem(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|w| w == b"-----BEGIN ")
+}
+
+fn is_encrypted_pem(bytes: &[u8]) -> bool {
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
+}
+
+/// A PEM error as text that never quotes file content (PEM errors can carry key bytes).
+fn pem_reason(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { .. } => "a PEM section has no END line".to_owned(),
+        pem::Error::IllegalSectionStart { .. } => "malformed PEM BEGIN line".to_owned(),
+        pem::Error::Base64Decode(_) => "invalid base64 in a PEM section".to_owned(),
+        pem::Error::Io(e) => format!("read error: {e}"),
+        pem::Error::NoItemsFound => "no PEM section found".to_owned(),
+        pem::Error::SectionTooLarge => "a PEM section is too large".to_owned(),
+        _ => "malformed PEM".to_owned(),
+    }
+}
+
+/// SHA-256 through the *ring* provider's TLS 1.3 suite hash (ring is not a direct dependency).
+fn sha256(data: &[u8]) -> Vec<u8> {
+    match rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256 {
+        rustls::SupportedCipherSuite::Tls13(suite) => {
+            suite.common.hash_provider.hash(data).as_ref().to_vec()
+        }
+        // TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite by definition; this arm is never taken.
+        _ => unreachable!("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 cipher suite"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// A DER INTEGER's content bytes as lowercase hex, without the sign-padding zero bytes.
+pub(crate) fn serial_hex(raw: &[u8]) -> String {
+    let first = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    hex(&raw[first..])
+}
+
+/// A distinguished name as an RFC 4514 string: last RDN first, `,` between RDNs, `+` inside
+/// one, short names for the attribute types of RFC 4514 §3 and dotted OIDs with a `#`-hex DER
+/// value for the others.
+fn rfc4514(name: &X509Name<'_>) -> String {
+    let rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|atv| {
+                    let oid = atv.attr_type().to_id_string();
+                    let short = match oid.as_str() {
+                        "2.5.4.3" => Some("CN"),
+                        "2.5.4.7" => Some("L"),
+                        "2.5.4.8" => Some("ST"),
+                        "2.5.4.10" => Some("O"),
+                        "2.5.4.11" => Some("OU"),
+                        "2.5.4.6" => Some("C"),
+                        "2.5.4.9" => Some("STREET"),
+                        "0.9.2342.19200300.100.1.25" => Some("DC"),
+                        "0.9.2342.19200300.100.1.1" => Some("UID"),
+                        _ => None,
+                    };
+                    match (short, atv.as_str()) {
+                        (Some(short), Ok(value)) => format!("{short}={}", escape_rfc4514(value)),
+                        _ => {
+                            let der = atv.attr_value().to_der_vec().unwrap_or_default();
+                            format!("{}=#{}", short.unwrap_or(&oid), hex(&der))
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+fn escape_rfc4514(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '\0' => out.push_str("\\00"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pki::tests::TempDir;
+    use super::pki::{Ca, Issued, KeyKind, LeafSpec, Validity};
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use rustls::{HandshakeKind, ProtocolVersion};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+    /// A temp dir plus helpers to write PKI items into it.
+    struct Files(TempDir);
+
+    impl Files {
+        fn new(tag: &str) -> Files {
+            Files(TempDir::new(tag))
+        }
+
+        fn text(&self, name: &str, text: impl AsRef<[u8]>) -> PathBuf {
+            let path = self.0.path(name);
+            std::fs::write(&path, text).expect("write test file");
+            path
+        }
+
+        fn leaf(&self, stem: &str, issued: &Issued) -> (PathBuf, PathBuf) {
+            let cert = self.0.path(&format!("{stem}.pem"));
+            let key = self.0.path(&format!("{stem}-key.pem"));
+            issued.write(&cert, &key).expect("write leaf");
+            (cert, key)
+        }
+
+        fn ca(&self, name: &str, cas: &[&Ca]) -> PathBuf {
+            let bundle: String = cas.iter().map(|ca| ca.cert_pem()).collect();
+            self.text(name, bundle)
+        }
+
+        fn server(&self, ca: &Ca, key: KeyKind, client_cas: &[&Ca], crls: &[&str]) -> ServerTls {
+            let leaf = ca
+                .issue(&LeafSpec::server(&["localhost", "127.0.0.1"]).with_key(key))
+                .expect("server cert");
+            let (cert, key) = self.leaf("server", &leaf);
+            let crls = crls
+                .iter()
+                .enumerate()
+                .map(|(i, pem)| self.text(&format!("crl{i}.pem"), pem))
+                .collect();
+            ServerTls {
+                cert,
+                key,
+                client_ca: self.ca("client-ca.pem", client_cas),
+                crls,
+            }
+        }
+
+        fn client(&self, stem: &str, issued: &Issued, server_ca: &Ca) -> ClientTls {
+            let (cert, key) = self.leaf(stem, issued);
+            ClientTls {
+                cert,
+                key,
+                ca: self.ca(&format!("{stem}-trust.pem"), &[server_ca]),
+            }
+        }
+    }
+
+    fn ecdsa_ca(name: &str) -> Ca {
+        Ca::new(name, KeyKind::EcdsaP256).expect("CA")
+    }
+
+    fn client_leaf(ca: &Ca, names: &[&str]) -> Issued {
+        ca.issue(&LeafSpec::client(names)).expect("client cert")
+    }
+
+    /// What the server saw of a successful handshake.
+    #[derive(Debug)]
+    struct Accepted {
+        identity: PeerIdentity,
+        version: Option<ProtocolVersion>,
+        alpn: Option<Vec<u8>>,
+        kind: Option<HandshakeKind>,
+    }
+
+    /// Runs one handshake over an in-memory pipe; the server answers "ok" once it has accepted,
+    /// and the client reads it, so a rejection is seen on both sides in every TLS version.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> (io::Result<Accepted>, io::Result<()>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server_side = async move {
+            let mut tls = TlsAcceptor::from(server).accept(server_io).await?;
+            let (_, conn) = tls.get_ref();
+            let accepted = Accepted {
+                identity: peer_identity_of(conn).map_err(io::Error::other)?,
+                version: conn.protocol_version(),
+                alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+                kind: conn.handshake_kind(),
+            };
+            tls.write_all(b"ok").await?;
+            tls.flush().await?;
+            Ok(accepted)
+        };
+        let client_side = async move {
+            let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
+            let mut tls = TlsConnector::from(client).connect(name, client_io).await?;
+            let mut buf = [0u8; 2];
+            tls.read_exact(&mut buf).await?;
+            assert_eq!(&buf, b"ok");
+            Ok(())
+        };
+        tokio::join!(server_side, client_side)
+    }
+
+    fn failure(result: &io::Result<impl fmt::Debug>) -> HandshakeFailure {
+        match result {
+            Err(e) => HandshakeFailure::classify(e),
+            Ok(ok) => panic!("expected a handshake failure, got {ok:?}"),
+        }
+    }
+
+    fn tls12_client(c: &ClientTls) -> Arc<ClientConfig> {
+        let config = client_config(c, &[]).expect("client config");
+        let mut tls12 = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("TLS 1.2")
+            .with_root_certificates(load_ca_bundle(&c.ca).expect("ca"))
+            .with_client_auth_cert(
+                load_certs(&c.cert).expect("cert"),
+                load_private_key(&c.key).expect("key"),
+            )
+            .expect("client auth");
+        tls12.alpn_protocols = config.alpn_protocols.clone();
+        Arc::new(tls12)
+    }
+
+    fn anonymous_client(ca: &Path) -> Arc<ClientConfig> {
+        Arc::new(
+            ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(VERSIONS)
+                .expect("versions")
+                .with_root_certificates(load_ca_bundle(ca).expect("ca"))
+                .with_no_client_auth(),
+        )
+    }
+
+    // ---- loading ----
+
+    #[test]
+    fn missing_files_are_unreadable_with_their_path() {
+        let files = Files::new("missing");
+        let path = files.0.path("nope.pem");
+        assert!(
+            matches!(load_certs(&path), Err(TlsError::Unreadable { path: p, .. }) if p == path)
+        );
+        assert!(
+            matches!(load_private_key(&path), Err(TlsError::Unreadable { path: p, .. }) if p == path)
+        );
+        assert!(
+            matches!(load_crls(std::slice::from_ref(&path)), Err(TlsError::Unreadable { path: p, .. }) if p == path)
+        );
+        let err = load_certs(&path).expect_err("missing");
+        assert!(err.to_string().contains("nope.pem"), "{err}");
+    }
+
+    #[test]
+    fn empty_and_garbage_files_name_the_problem_and_the_file() {
+        let files = Files::new("garbage");
+        let empty = files.text("empty.pem", "");
+        let garbage = files.text("garbage.pem", "this is not a certificate\n");
+        let bad_b64 = files.text(
+            "bad64.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let not_x509 = files.text(
+            "notx509.pem",
+            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        );
+        assert!(
+            matches!(load_certs(&empty), Err(TlsError::NoCertificate { path }) if path == empty)
+        );
+        assert!(
+            matches!(load_certs(&garbage), Err(TlsError::NoCertificate { path }) if path == garbage)
+        );
+        assert!(
+            matches!(load_certs(&bad_b64), Err(TlsError::BadCertificate { path, .. }) if path == bad_b64)
+        );
+        match load_certs(&not_x509) {
+            Err(TlsError::BadCertificate { path, reason }) => {
+                assert_eq!(path, not_x509);
+                assert!(reason.contains("X.509"), "{reason}");
+            }
+            other => panic!("expected BadCertificate, got {other:?}"),
+        }
+        assert!(
+            matches!(load_private_key(&empty), Err(TlsError::NoPrivateKey { path }) if path == empty)
+        );
+        assert!(
+            matches!(load_private_key(&garbage), Err(TlsError::NoPrivateKey { path }) if path == garbage)
+        );
+        assert!(
+            matches!(load_crls(std::slice::from_ref(&empty)), Err(TlsError::BadCrl { path, .. }) if path == empty)
+        );
+        assert!(
+            matches!(load_crls(std::slice::from_ref(&garbage)), Err(TlsError::BadCrl { path, .. }) if path == garbage)
+        );
+    }
+
+    #[test]
+    fn key_files_that_hold_no_usable_key_are_refused_without_quoting_them() {
+        let files = Files::new("keys");
+        let ca = ecdsa_ca("Keys CA");
+        let leaf = client_leaf(&ca, &["k.example"]);
+        let (cert, _) = files.leaf("leaf", &leaf);
+        assert!(
+            matches!(load_private_key(&cert), Err(TlsError::NoPrivateKey { path }) if path == cert)
+        );
+
+        let encrypted = files.text(
+            "enc.pem",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0=\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        );
+        match load_private_key(&encrypted) {
+            Err(TlsError::UnsupportedKey { path, reason }) => {
+                assert_eq!(path, encrypted);
+                assert!(reason.contains("encrypted"), "{reason}");
+            }
+            other => panic!("expected UnsupportedKey, got {other:?}"),
+        }
+
+        let two = files.text("two.pem", format!("{}{}", leaf.key_pem, leaf.key_pem));
+        assert!(matches!(
+            load_private_key(&two),
+            Err(TlsError::UnsupportedKey { .. })
+        ));
+
+        // A PKCS#8 section whose content is not a key: refused, and the message quotes nothing.
+        let body = "c2VjcmV0LWJ5dGVzLXRoYXQtYXJlLW5vdC1hLWtleQ==";
+        let junk = files.text(
+            "junk.pem",
+            format!("-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n"),
+        );
+        let err = load_private_key(&junk).expect_err("junk key");
+        assert!(matches!(&err, TlsError::UnsupportedKey { path, .. } if *path == junk));
+        let text = err.to_string();
+        assert!(!text.contains(body) && !text.contains("secret"), "{text}");
+
+        let bad64 = files.text(
+            "bad64-key.pem",
+            "-----BEGIN PRIVATE KEY-----\nsecret*bytes\n-----END PRIVATE KEY-----\n",
+        );
+        let text = load_private_key(&bad64)
+            .expect_err("bad base64")
+            .to_string();
+        assert!(
+            !text.contains("secret") && text.contains("base64"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pkcs8_pkcs1_and_sec1_keys_load_and_match_their_certificates() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::DecodePrivateKey;
+        let files = Files::new("keyformats");
+        let ca = ecdsa_ca("Formats CA");
+
+        // PKCS#1 RSA.
+        let rsa_leaf = ca
+            .issue(&LeafSpec::server(&["localhost"]).with_key(KeyKind::Rsa2048))
+            .expect("rsa leaf");
+        let rsa = rsa::RsaPrivateKey::from_pkcs8_der(rsa_leaf.key_der.secret_der()).expect("rsa");
+        let pkcs1 = rsa.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).expect("pkcs1");
+        let (rsa_cert, _) = files.leaf("rsa", &rsa_leaf);
+        let rsa_key = files.text("rsa-pkcs1.pem", pkcs1.as_bytes());
+        assert!(matches!(
+            load_private_key(&rsa_key),
+            Ok(PrivateKeyDer::Pkcs1(_))
+        ));
+
+        // SEC1 EC: the privateKey OCTET STRING inside the PKCS#8 structure.
+        let ec_leaf = ca
+            .issue(&LeafSpec::server(&["localhost"]))
+            .expect("ec leaf");
+        let (_, pkcs8) =
+            x509_parser::der_parser::parse_der(ec_leaf.key_der.secret_der()).expect("pkcs8 DER");
+        let fields = pkcs8.as_sequence().expect("sequence");
+        let sec1 = fields[2].as_slice().expect("octet string");
+        use base64::Engine;
+        let sec1_pem = format!(
+            "-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(sec1)
+        );
+        let (ec_cert, ec_pkcs8) = files.leaf("ec", &ec_leaf);
+        let ec_key = files.text("ec-sec1.pem", sec1_pem);
+        assert!(matches!(
+            load_private_key(&ec_key),
+            Ok(PrivateKeyDer::Sec1(_))
+        ));
+        assert!(matches!(
+            load_private_key(&ec_pkcs8),
+            Ok(PrivateKeyDer::Pkcs8(_))
+        ));
+
+        let client_ca = files.ca("ca.pem", &[&ca]);
+        for (cert, key) in [
+            (&rsa_cert, &rsa_key),
+            (&ec_cert, &ec_key),
+            (&ec_cert, &ec_pkcs8),
+        ] {
+            let s = ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+                crls: vec![],
+            };
+            server_config(&s, ALPN).expect("server config");
+        }
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_a_mismatch_naming_both_files() {
+        let files = Files::new("mismatch");
+        let ca = ecdsa_ca("Mismatch CA");
+        let a = ca.issue(&LeafSpec::server(&["localhost"])).expect("a");
+        let b = ca.issue(&LeafSpec::server(&["localhost"])).expect("b");
+        let (a_cert, _) = files.leaf("a", &a);
+        let (_, b_key) = files.leaf("b", &b);
+        let s = ServerTls {
+            cert: a_cert.clone(),
+            key: b_key.clone(),
+            client_ca: files.ca("ca.pem", &[&ca]),
+            crls: vec![],
+        };
+        match server_config(&s, ALPN) {
+            Err(TlsError::KeyMismatch { cert, key }) => {
+                assert_eq!((cert, key), (a_cert.clone(), b_key.clone()));
+            }
+            other => panic!("expected KeyMismatch, got {other:?}"),
+        }
+        let c = ClientTls {
+            cert: a_cert,
+            key: b_key,
+            ca: s.client_ca.clone(),
+        };
+        assert!(matches!(
+            client_config(&c, &[]),
+            Err(TlsError::KeyMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn ca_bundles_must_hold_ca_certificates() {
+        let files = Files::new("bundle");
+        let ca = ecdsa_ca("Bundle CA");
+        let leaf = client_leaf(&ca, &["leaf.example"]);
+        let (leaf_cert, _) = files.leaf("leaf", &leaf);
+        match load_ca_bundle(&leaf_cert) {
+            Err(TlsError::BadCaBundle { path, reason }) => {
+                assert_eq!(path, leaf_cert);
+                assert!(reason.contains("not a CA"), "{reason}");
+            }
+            other => panic!("expected BadCaBundle, got {:?}", other.map(|r| r.len())),
+        }
+        let empty = files.text("empty.pem", "");
+        assert!(
+            matches!(load_ca_bundle(&empty), Err(TlsError::BadCaBundle { path, .. }) if path == empty)
+        );
+        let two = files.ca("two.pem", &[&ca, &ecdsa_ca("Second CA")]);
+        assert_eq!(load_ca_bundle(&two).expect("bundle").len(), 2);
+    }
+
+    #[test]
+    fn crls_load_from_pem_or_der_and_stale_ones_are_refused() {
+        let files = Files::new("crls");
+        let ca = ecdsa_ca("CRL CA");
+        let leaf = client_leaf(&ca, &["r.example"]);
+        let pem = ca.crl(&[&leaf]).expect("crl");
+        let pem_path = files.text("crl.pem", &pem);
+        let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).expect("der");
+        let der_path = files.text("crl.der", der.as_ref());
+        let loaded = load_crls(&[pem_path, der_path]).expect("load");
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(loaded[0], loaded[1]);
+
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let stale = ca
+            .crl_between(&[&leaf], now - 7200, now - 3600)
+            .expect("stale crl");
+        let stale_path = files.text("stale.pem", stale);
+        match load_crls(std::slice::from_ref(&stale_path)) {
+            Err(TlsError::BadCrl { path, reason }) => {
+                assert_eq!(path, stale_path);
+                assert!(reason.contains("stale"), "{reason}");
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
+        let cert_as_crl = files.text("cert.pem", &leaf.cert_pem);
+        assert!(matches!(
+            load_crls(&[cert_as_crl]),
+            Err(TlsError::BadCrl { .. })
+        ));
+
+        // server_config names the bad CRL file too.
+        let mut s = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
+        s.crls = vec![files.0.path("crl.pem"), stale_path.clone()];
+        assert!(
+            matches!(server_config(&s, ALPN), Err(TlsError::BadCrl { path, .. }) if path == stale_path)
+        );
+    }
+
+    // ---- identity ----
+
+    #[test]
+    fn peer_identity_has_dns_names_in_order_subject_serial_and_fingerprint() {
+        let ca = ecdsa_ca("Identity CA");
+        let leaf = client_leaf(&ca, &["first.example", "10.1.2.3", "second.example"]);
+        let id = peer_identity(&leaf.cert_der).expect("identity");
+        assert_eq!(id.names, ["first.example", "second.example"]);
+        assert_eq!(id.subject, "CN=first.example,O=ssp-gateway development PKI");
+        assert_eq!(id.serial, leaf.serial);
+        assert_eq!(id.fingerprint_sha256, hex(&sha256(&leaf.cert_der)));
+        assert_eq!(id.fingerprint_sha256.len(), 64);
+        assert!(id
+            .fingerprint_sha256
+            .chars()
+            .all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+    }
+
+    #[test]
+    fn peer_identity_falls_back_to_the_cn_without_dns_sans() {
+        let ca = ecdsa_ca("CN CA");
+        let mut spec = LeafSpec::client(&["192.0.2.7"]);
+        spec.common_name = "ip-only.example".to_owned();
+        let leaf = ca.issue(&spec).expect("leaf");
+        let id = peer_identity(&leaf.cert_der).expect("identity");
+        assert_eq!(id.names, ["ip-only.example"]);
+    }
+
+    #[test]
+    fn subjects_are_escaped_per_rfc_4514() {
+        let ca = ecdsa_ca("Escape CA");
+        let mut spec = LeafSpec::client(&["e.example"]);
+        spec.common_name = "#a,b+c\"d\\ ".to_owned();
+        let leaf = ca.issue(&spec).expect("leaf");
+        let id = peer_identity(&leaf.cert_der).expect("identity");
+        assert_eq!(
+            id.subject,
+            "CN=\\#a\\,b\\+c\\\"d\\\\\\ ,O=ssp-gateway development PKI"
+        );
+    }
+
+    #[test]
+    fn sha256_matches_the_fips_180_test_vector() {
+        assert_eq!(
+            hex(&sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(serial_hex(&[0x00, 0x80, 0x01]), "8001");
+        assert_eq!(serial_hex(&[0x00]), "00");
+    }
+
+    #[test]
+    fn not_after_tells_expired_from_current() {
+        let ca = ecdsa_ca("Expiry CA");
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let current = client_leaf(&ca, &["c.example"]);
+        let expired = ca
+            .issue(&LeafSpec::client(&["e.example"]).with_validity(Validity::Expired))
+            .expect("expired");
+        let current_until = not_after(&current.cert_der).expect("not_after");
+        assert!(
+            current_until > now + 300 * 86_400,
+            "{current_until} vs {now}"
+        );
+        assert!(not_after(&expired.cert_der).expect("not_after") < now);
+        assert!(matches!(
+            not_after(&CertificateDer::from(vec![1, 2, 3])),
+            Err(TlsError::PeerCertificate { .. })
+        ));
+    }
+
+    #[test]
+    fn handshake_failure_labels_are_distinct() {
+        use HandshakeFailure::*;
+        let all = [
+            NoClientCertificate,
+            CertificateExpired,
+            CertificateNotYetValid,
+            CertificateRevoked,
+            CrlExpired,
+            UnknownIssuer,
+            BadCertificate,
+            Incompatible,
+            AlertReceived,
+            Malformed,
+            Io,
+            Other,
+        ];
+        let labels: std::collections::HashSet<_> = all.iter().map(|f| f.as_label()).collect();
+        assert_eq!(labels.len(), all.len());
+        assert_eq!(
+            HandshakeFailure::classify(&io::Error::new(io::ErrorKind::UnexpectedEof, "eof")),
+            Io
+        );
+    }
+
+    // ---- handshakes ----
+
+    #[tokio::test]
+    async fn a_client_of_the_ca_is_accepted_and_identified() {
+        let files = Files::new("hs-ok");
+        let ca = ecdsa_ca("Handshake CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server config");
+        let leaf = client_leaf(&ca, &["consumer.dev.local", "alt.dev.local"]);
+        let client =
+            client_config(&files.client("consumer", &leaf, &ca), &[b"h2"]).expect("client");
+        let (accepted, connected) = handshake(server, client).await;
+        connected.expect("client side");
+        let accepted = accepted.expect("server side");
+        assert_eq!(
+            accepted.identity.names,
+            ["consumer.dev.local", "alt.dev.local"]
+        );
+        assert_eq!(accepted.identity.serial, leaf.serial);
+        assert_eq!(
+            accepted.identity,
+            peer_identity(&leaf.cert_der).expect("id")
+        );
+        assert_eq!(accepted.version, Some(ProtocolVersion::TLSv1_3));
+        assert_eq!(accepted.alpn.as_deref(), Some(&b"h2"[..]));
+    }
+
+    #[tokio::test]
+    async fn rsa_and_ecdsa_work_on_both_sides_in_tls_1_2_and_1_3() {
+        let files = Files::new("hs-rsa");
+        let ca = Ca::new("RSA Handshake CA", KeyKind::Rsa2048).expect("CA");
+        let rsa_client = ca
+            .issue(&LeafSpec::client(&["rsa.example"]).with_key(KeyKind::Rsa2048))
+            .expect("rsa client");
+        let ec_client = client_leaf(&ca, &["ec.example"]);
+        let rsa_client = files.client("rsa-client", &rsa_client, &ca);
+        let ec_client = files.client("ec-client", &ec_client, &ca);
+        for (server_key, client, name) in [
+            (KeyKind::Rsa2048, &ec_client, "ec.example"),
+            (KeyKind::EcdsaP256, &rsa_client, "rsa.example"),
+            (KeyKind::Rsa2048, &rsa_client, "rsa.example"),
+        ] {
+            let server =
+                server_config(&files.server(&ca, server_key, &[&ca], &[]), ALPN).expect("server");
+            for (config, version) in [
+                (
+                    client_config(client, &[]).expect("client"),
+                    ProtocolVersion::TLSv1_3,
+                ),
+                (tls12_client(client), ProtocolVersion::TLSv1_2),
+            ] {
+                let (accepted, connected) = handshake(Arc::clone(&server), config).await;
+                connected.expect("client side");
+                let accepted = accepted.expect("server side");
+                assert_eq!(
+                    accepted.identity.names,
+                    [name],
+                    "{server_key:?}/{name}/{version:?}"
+                );
+                assert_eq!(accepted.version, Some(version));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn no_client_certificate_fails_the_handshake() {
+        let files = Files::new("hs-anon");
+        let ca = ecdsa_ca("Anon CA");
+        let s = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
+        let server = server_config(&s, ALPN).expect("server");
+        let (accepted, connected) = handshake(server, anonymous_client(&s.client_ca)).await;
+        assert_eq!(failure(&accepted), HandshakeFailure::NoClientCertificate);
+        assert!(connected.is_err());
+    }
+
+    #[tokio::test]
+    async fn certificates_from_another_ca_expired_or_early_fail() {
+        let files = Files::new("hs-bad");
+        let ca = ecdsa_ca("Good CA");
+        let other = ecdsa_ca("Other CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server");
+        let cases = [
+            (
+                client_leaf(&other, &["x.example"]),
+                HandshakeFailure::UnknownIssuer,
+            ),
+            (
+                ca.issue(&LeafSpec::client(&["x.example"]).with_validity(Validity::Expired))
+                    .expect("expired"),
+                HandshakeFailure::CertificateExpired,
+            ),
+            (
+                ca.issue(&LeafSpec::client(&["x.example"]).with_validity(Validity::NotYetValid))
+                    .expect("early"),
+                HandshakeFailure::CertificateNotYetValid,
+            ),
+            (
+                // A server-only certificate is not a client certificate.
+                ca.issue(&LeafSpec::server(&["x.example"]))
+                    .expect("server-only"),
+                HandshakeFailure::BadCertificate,
+            ),
+        ];
+        for (i, (leaf, expected)) in cases.iter().enumerate() {
+            let client = client_config(&files.client(&format!("c{i}"), leaf, &ca), &[])
+                .expect("client config");
+            let (accepted, connected) = handshake(Arc::clone(&server), client).await;
+            assert_eq!(failure(&accepted), *expected, "case {i}");
+            assert!(
+                connected.is_err(),
+                "case {i}: the client must see the rejection"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revoked_certificate_fails_when_the_crl_is_configured() {
+        let files = Files::new("hs-crl");
+        let ca = ecdsa_ca("Revoking CA");
+        let second = ecdsa_ca("CA without CRL");
+        let revoked = client_leaf(&ca, &["consumer.dev.local"]);
+        let good = client_leaf(&ca, &["consumer.dev.local"]);
+        let from_second = client_leaf(&second, &["second.example"]);
+        let crl = ca.crl(&[&revoked]).expect("crl");
+
+        let with_crl = files.server(&ca, KeyKind::EcdsaP256, &[&ca, &second], &[&crl]);
+        let server = server_config(&with_crl, ALPN).expect("server");
+        let mut no_crl = with_crl.clone();
+        no_crl.crls.clear();
+        let server_without_crl = server_config(&no_crl, ALPN).expect("server");
+
+        let revoked = client_config(&files.client("revoked", &revoked, &ca), &[]).expect("c");
+        let good = client_config(&files.client("good", &good, &ca), &[]).expect("c");
+        let from_second =
+            client_config(&files.client("second", &from_second, &ca), &[]).expect("c");
+
+        let (accepted, connected) = handshake(Arc::clone(&server), Arc::clone(&revoked)).await;
+        assert_eq!(failure(&accepted), HandshakeFailure::CertificateRevoked);
+        assert!(connected.is_err());
+        // Without the CRL the same certificate is accepted: the CRL is what refused it.
+        handshake(server_without_crl, revoked)
+            .await
+            .0
+            .expect("accepted without CRL");
+        handshake(Arc::clone(&server), good)
+            .await
+            .0
+            .expect("not revoked");
+        // An issuer without a CRL has an unknown status, which is allowed.
+        handshake(server, from_second)
+            .await
+            .0
+            .expect("unknown status allowed");
+    }
+
+    #[tokio::test]
+    async fn a_crl_that_goes_stale_while_loaded_fails_handshakes() {
+        let files = Files::new("hs-stale");
+        let ca = ecdsa_ca("Stale CA");
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let stale = ca.crl_between(&[], now - 7200, now - 3600).expect("crl");
+        let stale = CertificateRevocationListDer::from_pem_slice(stale.as_bytes()).expect("der");
+        let s = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
+        let provider = provider();
+        let roots = load_ca_bundle(&s.client_ca).expect("roots");
+        let verifier = client_verifier(&provider, roots, vec![stale]).expect("verifier");
+        let certified = certified_key(
+            &provider,
+            &s.cert,
+            load_certs(&s.cert).expect("cert"),
+            &s.key,
+            load_private_key(&s.key).expect("key"),
+        )
+        .expect("certified");
+        let server = assemble_server_config(provider, verifier, certified, ALPN).expect("config");
+        let client = client_config(
+            &files.client("c", &client_leaf(&ca, &["c.example"]), &ca),
+            &[],
+        )
+        .expect("client");
+        let (accepted, _) = handshake(server, client).await;
+        assert_eq!(failure(&accepted), HandshakeFailure::CrlExpired);
+    }
+
+    #[tokio::test]
+    async fn sessions_are_never_resumed() {
+        let files = Files::new("hs-resume");
+        let ca = ecdsa_ca("Resume CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server");
+        assert!(!server.ticketer.enabled());
+        assert_eq!(server.send_tls13_tickets, 0);
+        // The control: the same config with a session cache and tickets does resume, so the
+        // assertions below can fail.
+        let mut resumable = (*server).clone();
+        resumable.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        resumable.send_tls13_tickets = 2;
+        let resumable = Arc::new(resumable);
+
+        let leaf = client_leaf(&ca, &["c.example"]);
+        let c = files.client("c", &leaf, &ca);
+        for client in [client_config(&c, &[]).expect("client"), tls12_client(&c)] {
+            let (first, _) = handshake(Arc::clone(&resumable), Arc::clone(&client)).await;
+            assert_eq!(first.expect("first").kind, Some(HandshakeKind::Full));
+            let (second, _) = handshake(Arc::clone(&resumable), Arc::clone(&client)).await;
+            assert_eq!(second.expect("control").kind, Some(HandshakeKind::Resumed));
+
+            for _ in 0..2 {
+                let (again, _) = handshake(Arc::clone(&server), Arc::clone(&client)).await;
+                assert_eq!(again.expect("accepted").kind, Some(HandshakeKind::Full));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn alpn_picks_the_clients_protocol_from_the_servers_list() {
+        let files = Files::new("hs-alpn");
+        let ca = ecdsa_ca("ALPN CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server");
+        let c = files.client("c", &client_leaf(&ca, &["c.example"]), &ca);
+        for (offer, expected) in [
+            (&b"http/1.1"[..], b"http/1.1".to_vec()),
+            (b"h2", b"h2".to_vec()),
+        ] {
+            let client = client_config(&c, &[offer]).expect("client");
+            let accepted = handshake(Arc::clone(&server), client)
+                .await
+                .0
+                .expect("accepted");
+            assert_eq!(accepted.alpn, Some(expected));
+        }
+    }
+
+    #[test]
+    fn tls_1_1_is_not_offered_and_a_tls_1_1_hello_is_refused() {
+        // rustls has no TLS 1.1 at all: no client or server can be configured for it.
+        assert!(rustls::ALL_VERSIONS.iter().all(|v| matches!(
+            v.version,
+            ProtocolVersion::TLSv1_2 | ProtocolVersion::TLSv1_3
+        )));
+
+        let files = Files::new("tls11");
+        let ca = ecdsa_ca("TLS 1.1 CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server");
+        // A minimal ClientHello; with version 3.3 (TLS 1.2) and a GCM suite the server goes on to
+        // answer it, which shows that only the version makes the TLS 1.1 one fail.
+        fn client_hello(version: u8, suite: [u8; 2]) -> Vec<u8> {
+            let mut body = vec![0x03, version];
+            body.extend_from_slice(&[0x42; 32]); // random
+            body.push(0x00); // no session id
+            body.extend_from_slice(&[0x00, 0x02, suite[0], suite[1], 0x01, 0x00]);
+            let extensions: &[u8] = &[
+                0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x04,
+                0x01, // signature_algorithms
+                0x00, 0x0a, 0x00, 0x06, 0x00, 0x04, 0x00, 0x1d, 0x00,
+                0x17, // supported_groups
+                0x00, 0x0b, 0x00, 0x02, 0x01, 0x00, // ec_point_formats: uncompressed
+            ];
+            body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+            body.extend_from_slice(extensions);
+            let mut msg = vec![0x01, 0x00];
+            msg.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            msg.extend_from_slice(&body);
+            let mut record = vec![0x16, 0x03, 0x01];
+            record.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            record.extend_from_slice(&msg);
+            record
+        }
+        let ecdhe_ecdsa_aes128_gcm = [0xc0, 0x2b];
+        let ecdhe_ecdsa_aes128_cbc = [0xc0, 0x09];
+
+        let mut control = rustls::ServerConnection::new(Arc::clone(&server)).expect("connection");
+        control
+            .read_tls(&mut &client_hello(0x03, ecdhe_ecdsa_aes128_gcm)[..])
+            .expect("read");
+        control
+            .process_new_packets()
+            .expect("a TLS 1.2 hello is answered");
+
+        let mut conn = rustls::ServerConnection::new(server).expect("connection");
+        conn.read_tls(&mut &client_hello(0x02, ecdhe_ecdsa_aes128_cbc)[..])
+            .expect("read");
+        let err = conn
+            .process_new_packets()
+            .expect_err("TLS 1.1 must be refused");
+        assert_eq!(
+            HandshakeFailure::from_rustls(&err),
+            HandshakeFailure::Incompatible,
+            "{err}"
+        );
+        assert_eq!(
+            err,
+            rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered),
+            "refused for its version, not for anything else in the hello"
+        );
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).expect("alert");
+        // One fatal alert record: type 21, length 2, level fatal (2).
+        assert_eq!(out.len(), 7, "{out:?}");
+        assert_eq!((out[0], out[5]), (0x15, 2), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn the_upstream_client_trusts_only_its_ca_bundle() {
+        let files = Files::new("hs-upstream");
+        let ca = ecdsa_ca("Provider CA");
+        let other = ecdsa_ca("Unrelated CA");
+        // The provider's server certificate comes from `other`; the client trusts only `ca`.
+        let server = server_config(&files.server(&other, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server");
+        let client = client_config(
+            &files.client("gw", &client_leaf(&ca, &["ssp.dev.local"]), &ca),
+            &[],
+        )
+        .expect("client");
+        let (_, connected) = handshake(server, client).await;
+        assert_eq!(failure(&connected), HandshakeFailure::UnknownIssuer);
+
+        // A certificate for another name is refused as well.
+        let wrong_name = ca
+            .issue(&LeafSpec::server(&["elsewhere.example"]))
+            .expect("leaf");
+        let (cert, key) = files.leaf("wrong-name", &wrong_name);
+        let s = ServerTls {
+            cert,
+            key,
+            client_ca: files.ca("ca2.pem", &[&ca]),
+            crls: vec![],
+        };
+        let client = client_config(
+            &files.client("gw2", &client_leaf(&ca, &["ssp.dev.local"]), &ca),
+            &[],
+        )
+        .expect("client");
+        let (_, connected) = handshake(server_config(&s, ALPN).expect("server"), client).await;
+        assert_eq!(failure(&connected), HandshakeFailure::BadCertificate);
+    }
+
+    #[tokio::test]
+    async fn the_development_world_works_end_to_end() {
+        let files = Files::new("devworld");
+        let dir = files.0.path("certs-dev");
+        pki::write_dev_certs(&dir, false).expect("dev certs");
+        let p = |name: &str| dir.join(name);
+        let gateway = server_config(
+            &ServerTls {
+                cert: p("gateway.pem"),
+                key: p("gateway-key.pem"),
+                client_ca: p("ca.pem"),
+                crls: vec![p("ca.crl.pem")],
+            },
+            ALPN,
+        )
+        .expect("gateway listener");
+        let client = |stem: &str| {
+            client_config(
+                &ClientTls {
+                    cert: p(&format!("{stem}.pem")),
+                    key: p(&format!("{stem}-key.pem")),
+                    ca: p("ca.pem"),
+                },
+                &[b"h2"],
+            )
+            .expect("client config")
+        };
+        for (stem, name) in [
+            ("consumer", "consumer.dev.local"),
+            ("readonly", "readonly.dev.local"),
+            ("rogue", "rogue.dev.local"),
+        ] {
+            let accepted = handshake(Arc::clone(&gateway), client(stem))
+                .await
+                .0
+                .expect(stem);
+            assert_eq!(accepted.identity.names, [name]);
+        }
+        let (revoked, _) = handshake(Arc::clone(&gateway), client("revoked")).await;
+        assert_eq!(failure(&revoked), HandshakeFailure::CertificateRevoked);
+
+        // The gateway towards the mock provider.
+        let provider_listener = server_config(
+            &ServerTls {
+                cert: p("provider.pem"),
+                key: p("provider-key.pem"),
+                client_ca: p("ca.pem"),
+                crls: vec![],
+            },
+            ALPN,
+        )
+        .expect("provider listener");
+        let accepted = handshake(provider_listener, client("gateway-client"))
+            .await
+            .0
+            .expect("gateway to provider");
+        assert_eq!(accepted.identity.names, ["ssp.dev.local"]);
+    }
 }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command (README "Test"): installs the system packages the tests start for real,
+# when they are missing, then runs every test. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the integration tests need, as "command:package" pairs.
+NEEDED=()
+missing=()
+for pair in "${NEEDED[@]+"${NEEDED[@]}"}"; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+cargo test --locked --all-targets "$@"

@@ -1,0 +1,760 @@
+//! Configuration: the TOML file an operator writes, read in two phases — raw TOML, then a
+//! validated `Config` whose fields cannot be invalid (parsed addresses, durations, resolved
+//! paths). Every problem is reported at once with its key and reason; unknown keys are errors.
+//! Relative paths are resolved against the directory of the config file.
+//! This module reads the file; it never opens certificates or the directory (see `runtime`).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::directory::CachePolicy;
+use crate::ssp::jwt::JwtPolicy;
+use crate::tls::{ClientTls, ServerTls};
+
+/// Default path of the configuration file, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9100";
+const DEFAULT_MOCK_LISTEN: &str = "127.0.0.1:9443";
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const DEFAULT_POOL_MAX_IDLE_PER_HOST: u64 = 64;
+const DEFAULT_JWT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// The validated configuration of one gateway process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from (for messages).
+    pub source: PathBuf,
+    pub listener: ListenerConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub policy: PolicyConfig,
+    pub directory: DirectoryConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+    pub dev: DevConfig,
+    /// `None` when the embedded mock provider is disabled.
+    pub mock_provider: Option<MockProviderConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub tls: ServerTls,
+    pub http2: bool,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub tls: ClientTls,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub interactions_file: PathBuf,
+    pub jwt: JwtPolicy,
+    pub jwt_clock_skew: Duration,
+    /// `None`: sharing agreements are not checked. `Some(pairs)`: only these sender/receiver
+    /// ASID pairs may talk.
+    pub sharing_agreements: Option<BTreeSet<(String, String)>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirectoryConfig {
+    pub backend: DirectoryBackendConfig,
+    pub cache: CachePolicy,
+}
+
+#[derive(Debug, Clone)]
+pub enum DirectoryBackendConfig {
+    /// An LDIF file in the SDS schema.
+    Ldif { file: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `ssp_gateway=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    /// Generate the development PKI into `certs_dir` at start when it is missing.
+    pub generate_certs: bool,
+    pub certs_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct MockProviderConfig {
+    pub address: SocketAddr,
+    pub tls: ServerTls,
+    /// Certificate names (DNS SAN or CN) the mock accepts as its caller: the gateway's.
+    pub allowed_clients: Vec<String>,
+    pub asid: String,
+    pub ods_code: String,
+    /// The endpoint URL registered for the provider, e.g.
+    /// `https://localhost:9443/B82617/STU3/1/gpconnect`.
+    pub base_url: String,
+}
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `upstream.connect_timeout`; empty for whole-file problems.
+    pub key: String,
+    pub reason: String,
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub source: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} problem{}",
+            self.source.display(),
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.key.is_empty() {
+                write!(f, "\n  - {}", p.reason)?;
+            } else {
+                write!(f, "\n  - {}: {}", p.key, p.reason)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let fail = |reason: String| ConfigErrors {
+            source: path.to_path_buf(),
+            problems: vec![Problem {
+                key: String::new(),
+                reason,
+            }],
+        };
+        let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        if meta.len() > DEFAULT_MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "file is {} bytes; a configuration file is at most {DEFAULT_MAX_CONFIG_BYTES}",
+                meta.len()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, path, &base)
+    }
+
+    /// Validates configuration text; relative paths are resolved against `base_dir`.
+    pub fn parse(text: &str, source: &Path, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigErrors {
+            source: source.to_path_buf(),
+            problems: vec![Problem {
+                key: String::new(),
+                reason: format!("not valid TOML: {}", e.to_string().trim_end()),
+            }],
+        })?;
+        let mut problems = Vec::new();
+        let config = {
+            let mut root = Section::root(&table, base_dir, &mut problems);
+            let config = build(&mut root);
+            root.finish();
+            config
+        };
+        if problems.is_empty() {
+            Ok(Config {
+                source: source.to_path_buf(),
+                ..config
+            })
+        } else {
+            Err(ConfigErrors {
+                source: source.to_path_buf(),
+                problems,
+            })
+        }
+    }
+}
+
+fn build(root: &mut Section<'_, '_>) -> Config {
+    let mut s = root.section("listener");
+    let listener = ListenerConfig {
+        address: s.addr("address", DEFAULT_LISTEN),
+        tls: ServerTls {
+            cert: s.path("cert"),
+            key: s.path("key"),
+            client_ca: s.path("client_ca"),
+            crls: s.paths("crls"),
+        },
+        http2: s.bool("http2", true),
+        handshake_timeout: s.duration("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
+        header_read_timeout: s.duration("header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT),
+    };
+    s.finish();
+
+    let mut s = root.section("admin");
+    let admin = AdminConfig {
+        address: s.addr("address", DEFAULT_ADMIN_LISTEN),
+    };
+    s.finish();
+
+    let mut s = root.section("upstream");
+    let upstream = UpstreamConfig {
+        tls: ClientTls {
+            cert: s.path("cert"),
+            key: s.path("key"),
+            ca: s.path("ca"),
+        },
+        connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        response_timeout: s.duration("response_timeout", DEFAULT_RESPONSE_TIMEOUT),
+        pool_idle_timeout: s.duration("pool_idle_timeout", DEFAULT_POOL_IDLE_TIMEOUT),
+        pool_max_idle_per_host: s.uint(
+            "pool_max_idle_per_host",
+            DEFAULT_POOL_MAX_IDLE_PER_HOST,
+            0,
+            100_000,
+        ) as usize,
+    };
+    s.finish();
+
+    let mut s = root.section("policy");
+    let jwt = match s.string("jwt", Some("enforce")).as_str() {
+        "enforce" => JwtPolicy::Enforce,
+        "log" => JwtPolicy::Log,
+        "off" => JwtPolicy::Off,
+        other => {
+            s.problem("jwt", format!("`{other}` is not one of enforce, log, off"));
+            JwtPolicy::Enforce
+        }
+    };
+    let policy = PolicyConfig {
+        interactions_file: s.path("interactions"),
+        jwt,
+        jwt_clock_skew: s.duration("jwt_clock_skew", DEFAULT_JWT_CLOCK_SKEW),
+        sharing_agreements: sharing_agreements(&mut s),
+    };
+    s.finish();
+
+    let mut s = root.section("directory");
+    let backend = match s.string("backend", Some("ldif")).as_str() {
+        "ldif" => DirectoryBackendConfig::Ldif {
+            file: s.path("ldif_file"),
+        },
+        other => {
+            s.problem(
+                "backend",
+                format!("`{other}` is not a directory backend (ldif)"),
+            );
+            DirectoryBackendConfig::Ldif {
+                file: PathBuf::new(),
+            }
+        }
+    };
+    let defaults = CachePolicy::default();
+    let directory = DirectoryConfig {
+        backend,
+        cache: CachePolicy {
+            ttl: s.duration("cache_ttl", defaults.ttl),
+            negative_ttl: s.duration("negative_cache_ttl", defaults.negative_ttl),
+            capacity: s.uint("cache_capacity", defaults.capacity, 1, 100_000_000),
+        },
+    };
+    s.finish();
+
+    let mut s = root.section("log");
+    let format = match s.string("format", Some("pretty")).as_str() {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            s.problem("format", format!("`{other}` is not one of pretty, json"));
+            LogFormat::Pretty
+        }
+    };
+    let level = s.string("level", Some("info"));
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+        s.problem("level", format!("not a valid log filter: {e}"));
+    }
+    let log = LogConfig { format, level };
+    s.finish();
+
+    let mut s = root.section("shutdown");
+    let shutdown = ShutdownConfig {
+        grace_period: s.duration("grace_period", DEFAULT_GRACE_PERIOD),
+    };
+    s.finish();
+
+    let mut s = root.section("dev");
+    let dev = DevConfig {
+        generate_certs: s.bool("generate_certs", false),
+        certs_dir: s.optional_path("certs_dir").unwrap_or_default(),
+    };
+    if dev.generate_certs && dev.certs_dir.as_os_str().is_empty() {
+        s.problem("certs_dir", "required when generate_certs = true".into());
+    }
+    s.finish();
+
+    let mut s = root.section("mock_provider");
+    let mock_provider = if s.bool("enabled", false) {
+        let m = MockProviderConfig {
+            address: s.addr("address", DEFAULT_MOCK_LISTEN),
+            tls: ServerTls {
+                cert: s.path("cert"),
+                key: s.path("key"),
+                client_ca: s.path("client_ca"),
+                crls: s.paths("crls"),
+            },
+            allowed_clients: s.strings("allowed_clients"),
+            asid: s.string("asid", None),
+            ods_code: s.string("ods_code", None),
+            base_url: s.string("base_url", None),
+        };
+        if m.allowed_clients.is_empty() {
+            s.problem(
+                "allowed_clients",
+                "must name at least one client certificate name".into(),
+            );
+        }
+        if !m.asid.is_empty() && !m.asid.bytes().all(|b| b.is_ascii_digit()) {
+            s.problem("asid", "an ASID is digits only".into());
+        }
+        match m.base_url.strip_prefix("https://") {
+            Some(rest) if rest.contains('/') && !m.base_url.ends_with('/') => {}
+            _ if m.base_url.is_empty() => {}
+            _ => s.problem(
+                "base_url",
+                "must be an https:// URL with a path and no trailing `/`".into(),
+            ),
+        }
+        Some(m)
+    } else {
+        s.ignore_rest();
+        None
+    };
+    s.finish();
+
+    Config {
+        source: PathBuf::new(),
+        listener,
+        admin,
+        upstream,
+        policy,
+        directory,
+        log,
+        shutdown,
+        dev,
+        mock_provider,
+    }
+}
+
+fn sharing_agreements(s: &mut Section<'_, '_>) -> Option<BTreeSet<(String, String)>> {
+    let enabled = s.bool("sharing_agreements_enforced", false);
+    let key = "sharing_agreements";
+    let mut pairs = BTreeSet::new();
+    match s.take(key) {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let pair = item.as_table().and_then(|t| {
+                    let from = t.get("from")?.as_str()?;
+                    let to = t.get("to")?.as_str()?;
+                    (t.len() == 2).then(|| (from.to_string(), to.to_string()))
+                });
+                match pair {
+                    Some((from, to)) if is_asid(&from) && is_asid(&to) => {
+                        pairs.insert((from, to));
+                    }
+                    _ => s.problem(
+                        &format!("{key}[{i}]"),
+                        "must be { from = \"<ASID>\", to = \"<ASID>\" } with digit-only ASIDs"
+                            .into(),
+                    ),
+                }
+            }
+        }
+        Some(_) => s.problem(key, "must be an array of { from, to } tables".into()),
+    }
+    enabled.then_some(pairs)
+}
+
+fn is_asid(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A view of one TOML table that hands out typed values, records problems, and reports the
+/// keys nobody asked for.
+struct Section<'t, 'p> {
+    name: String,
+    table: Option<&'t toml::Table>,
+    used: BTreeSet<String>,
+    base_dir: &'t Path,
+    problems: &'p mut Vec<Problem>,
+    check_unknown: bool,
+}
+
+impl<'t, 'p> Section<'t, 'p> {
+    fn root(table: &'t toml::Table, base_dir: &'t Path, problems: &'p mut Vec<Problem>) -> Self {
+        Section {
+            name: String::new(),
+            table: Some(table),
+            used: BTreeSet::new(),
+            base_dir,
+            problems,
+            check_unknown: true,
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.name.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.name)
+        }
+    }
+
+    fn problem(&mut self, key: &str, reason: String) {
+        let key = self.key(key);
+        self.problems.push(Problem { key, reason });
+    }
+
+    fn take(&mut self, key: &str) -> Option<&'t toml::Value> {
+        self.used.insert(key.to_string());
+        self.table.and_then(|t| t.get(key))
+    }
+
+    /// A sub-section; a missing table is treated as empty (all defaults).
+    fn section<'s>(&'s mut self, name: &str) -> Section<'t, 's> {
+        let table = match self.take(name) {
+            None => None,
+            Some(toml::Value::Table(t)) => Some(t),
+            Some(_) => {
+                self.problem(name, "must be a table ([section])".into());
+                None
+            }
+        };
+        Section {
+            name: self.key(name),
+            table,
+            used: BTreeSet::new(),
+            base_dir: self.base_dir,
+            problems: self.problems,
+            check_unknown: true,
+        }
+    }
+
+    fn ignore_rest(&mut self) {
+        self.check_unknown = false;
+    }
+
+    fn finish(self) {
+        if !self.check_unknown {
+            return;
+        }
+        if let Some(t) = self.table {
+            for k in t.keys() {
+                if !self.used.contains(k) {
+                    let key = if self.name.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{}.{k}", self.name)
+                    };
+                    self.problems.push(Problem {
+                        key,
+                        reason: "unknown key".into(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn string(&mut self, key: &str, default: Option<&str>) -> String {
+        match (self.take(key), default) {
+            (Some(toml::Value::String(s)), _) => s.clone(),
+            (Some(_), d) => {
+                self.problem(key, "must be a string".into());
+                d.unwrap_or_default().to_string()
+            }
+            (None, Some(d)) => d.to_string(),
+            (None, None) => {
+                self.problem(key, "required".into());
+                String::new()
+            }
+        }
+    }
+
+    fn strings(&mut self, key: &str) -> Vec<String> {
+        match self.take(key) {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => {
+                let out: Vec<String> = items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                if out.len() != items.len() {
+                    self.problem(key, "must be an array of strings".into());
+                }
+                out
+            }
+            Some(_) => {
+                self.problem(key, "must be an array of strings".into());
+                Vec::new()
+            }
+        }
+    }
+
+    fn bool(&mut self, key: &str, default: bool) -> bool {
+        match self.take(key) {
+            None => default,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(_) => {
+                self.problem(key, "must be true or false".into());
+                default
+            }
+        }
+    }
+
+    fn uint(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        match self.take(key) {
+            None => default,
+            Some(toml::Value::Integer(i))
+                if (min as i128..=max as i128).contains(&(*i as i128)) =>
+            {
+                *i as u64
+            }
+            Some(_) => {
+                self.problem(key, format!("must be a whole number from {min} to {max}"));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        match self.take(key) {
+            None => default,
+            Some(toml::Value::String(s)) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.problem(key, "must be longer than zero".into());
+                    default
+                }
+                Err(e) => {
+                    self.problem(
+                        key,
+                        format!("`{s}` is not a duration like \"30s\" or \"5m\": {e}"),
+                    );
+                    default
+                }
+            },
+            Some(_) => {
+                self.problem(key, "must be a duration string like \"30s\"".into());
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, default: &str) -> SocketAddr {
+        let fallback: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let text = self.string(key, Some(default));
+        match text.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(key, format!("`{text}` is not an IP:port socket address"));
+                fallback
+            }
+        }
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn optional_path(&mut self, key: &str) -> Option<PathBuf> {
+        match self.take(key) {
+            None => None,
+            Some(toml::Value::String(s)) if !s.is_empty() => Some(self.resolve(s)),
+            Some(_) => {
+                self.problem(key, "must be a non-empty path string".into());
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, key: &str) -> PathBuf {
+        match self.optional_path(key) {
+            Some(p) => p,
+            None => {
+                if !self.problems.iter().any(|p| p.key == self.key(key)) {
+                    self.problem(key, "required".into());
+                }
+                PathBuf::new()
+            }
+        }
+    }
+
+    fn paths(&mut self, key: &str) -> Vec<PathBuf> {
+        self.strings(key).iter().map(|p| self.resolve(p)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, Path::new("test.toml"), Path::new("/etc/ssp"))
+    }
+
+    const MINIMAL: &str = r#"
+[listener]
+cert = "gw.pem"
+key = "gw-key.pem"
+client_ca = "ca.pem"
+[upstream]
+cert = "c.pem"
+key = "c-key.pem"
+ca = "ca.pem"
+[policy]
+interactions = "interactions.toml"
+[directory]
+ldif_file = "directory.ldif"
+"#;
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.mock_provider.is_some());
+        assert_eq!(c.listener.address.port(), 8443);
+        assert_eq!(c.admin.address.port(), 9100);
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_paths() {
+        let c = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listener.address, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(c.listener.tls.cert, PathBuf::from("/etc/ssp/gw.pem"));
+        assert_eq!(c.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.policy.jwt, JwtPolicy::Enforce);
+        assert!(c.policy.sharing_agreements.is_none());
+        assert!(c.mock_provider.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = format!(
+            "bogus = 1\n{MINIMAL}\nstray = 2\n[log]\nformat = \"xml\"\ncolour = true\n[shutdown]\ngrace_period = \"soon\"\n"
+        )
+        .replace("address = ", "x = ");
+        let text = text.replace(
+            "[upstream]\n",
+            "[upstream]\nconnect_timeout = 5\npool_max_idle_per_host = -1\n",
+        );
+        let err = parse(&text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "bogus",
+            "directory.stray",
+            "log.format",
+            "log.colour",
+            "shutdown.grace_period",
+            "upstream.connect_timeout",
+            "upstream.pool_max_idle_per_host",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+        let shown = err.to_string();
+        assert!(shown.contains("log.colour: unknown key"), "{shown}");
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        let err = parse("").unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "listener.cert",
+            "listener.key",
+            "listener.client_ca",
+            "upstream.cert",
+            "policy.interactions",
+            "directory.ldif_file",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn bad_toml_and_bad_values_are_clear() {
+        let err = parse("[listener\n").unwrap_err();
+        assert!(err.problems[0].reason.starts_with("not valid TOML"));
+        let err = parse(&format!("{MINIMAL}\n[admin]\naddress = \"localhost\"\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "admin.address");
+        let err = parse(&MINIMAL.replace(
+            "[policy]\n",
+            "[policy]\njwt = \"maybe\"\nsharing_agreements = [{ from = \"x\", to = \"1\" }]\n",
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["policy.jwt", "policy.sharing_agreements[0]"]);
+    }
+
+    #[test]
+    fn sharing_agreements_parse() {
+        let c = parse(&MINIMAL.replace(
+            "[policy]\n",
+            "[policy]\nsharing_agreements_enforced = true\nsharing_agreements = [{ from = \"1\", to = \"2\" }]\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pairs = c.policy.sharing_agreements.expect("enforced");
+        assert!(pairs.contains(&("1".to_string(), "2".to_string())));
+    }
+}

@@ -1,0 +1,345 @@
+//! Forwarding to the provider: one shared, pooled mTLS client; the request and response bodies
+//! stream through untouched; hop-by-hop headers are dropped, `Host` becomes the provider's and
+//! the forwarding headers are the gateway's own. It only ever sends to a target URL that
+//! `authorise` has proven to be a registered endpoint; it never decides where to go itself.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamConfig;
+use crate::ssp::envelope::Target;
+use crate::ssp::outcome::Rejection;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The upstream side of the gateway: a pooled HTTP/1.1 client over mTLS.
+pub struct Upstream {
+    client: Client<TlsConnector, Incoming>,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, tls: Arc<rustls::ClientConfig>) -> Upstream {
+        let connector = TlsConnector {
+            tls: tokio_rustls::TlsConnector::from(tls),
+            connect_timeout: config.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(connector);
+        Upstream {
+            client,
+            response_timeout: config.response_timeout,
+        }
+    }
+
+    /// Sends the consumer's request to `target` (already authorised) and returns the provider's
+    /// response head with its body still streaming. Connect, TLS or protocol failures are 502;
+    /// no response head within the response timeout is 504.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        target: &Target,
+        client_addr: SocketAddr,
+    ) -> Result<Response<Incoming>, Rejection> {
+        let url = target.without_query().to_string();
+        let uri: Uri = match target.url().parse() {
+            Ok(uri) => uri,
+            Err(_) => return Err(Rejection::UpstreamError { url }),
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        prepare_request_headers(req.headers_mut(), client_addr);
+
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => Err(Rejection::UpstreamTimeout { url }),
+            Ok(Err(e)) => {
+                tracing::warn!(target_url = %url, error = %error_chain(&e), "upstream request failed");
+                Err(Rejection::UpstreamError { url })
+            }
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp)
+            }
+        }
+    }
+}
+
+/// Formats an error with its sources, for logs (never for consumers).
+pub fn error_chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any named in `Connection`.
+/// `Transfer-Encoding` is hyper's to set per hop and is removed too.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Makes the consumer's headers fit for the provider: hop-by-hop ones removed, `Host` left for
+/// the client to set from the target, `Expect` answered here rather than passed on, and the
+/// forwarding headers replaced with the gateway's own view of the client.
+pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::EXPECT);
+    headers.remove(header::FORWARDED);
+    headers.remove(HeaderName::from_static("x-forwarded-for"));
+    headers.remove(HeaderName::from_static("x-forwarded-proto"));
+    headers.remove(HeaderName::from_static("x-forwarded-host"));
+    let ip = client.ip();
+    let forwarded = match ip {
+        IpAddr::V4(v4) => format!("for={v4};proto=https"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+}
+
+/// Connects to a provider: TCP (no Nagle) then TLS with the gateway's client certificate, all
+/// within the connect timeout.
+#[derive(Clone)]
+pub struct TlsConnector {
+    tls: tokio_rustls::TlsConnector,
+    connect_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<TlsConn>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        let limit = self.connect_timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connect(tls, uri)).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("connect timed out after {limit:?}").into()),
+            }
+        })
+    }
+}
+
+async fn connect(tls: tokio_rustls::TlsConnector, uri: Uri) -> Result<TokioIo<TlsConn>, BoxError> {
+    if uri.scheme_str() != Some("https") {
+        return Err("upstream scheme must be https".into());
+    }
+    let host = uri.host().ok_or("upstream URL has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let server_name = ServerName::try_from(host.to_string())?;
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    let stream = tls.connect(server_name, tcp).await?;
+    Ok(TokioIo::new(TlsConn(stream)))
+}
+
+/// An established mTLS connection to a provider.
+pub struct TlsConn(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl Connection for TlsConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// The body of a response the gateway sends: its own OperationOutcome, or the provider's
+/// body streaming through.
+pub enum ProxyBody {
+    Full(http_body_util::Full<Bytes>),
+    Upstream(Incoming),
+}
+
+impl ProxyBody {
+    pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(http_body_util::Full::new(bytes.into()))
+    }
+
+    pub fn empty() -> ProxyBody {
+        ProxyBody::full(Bytes::new())
+    }
+}
+
+impl http_body::Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ProxyBody::Full(b) => b.size_hint(),
+            ProxyBody::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_forwarding_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::HOST, HeaderValue::from_static("gateway.example"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        h.insert("ssp-traceid", HeaderValue::from_static("kept"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer kept"),
+        );
+        prepare_request_headers(&mut h, "10.1.2.3:5555".parse().expect("addr"));
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "host",
+            "te",
+            "upgrade",
+            "proxy-authorization",
+            "transfer-encoding",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be removed");
+        }
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h[header::FORWARDED], "for=10.1.2.3;proto=https");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["ssp-traceid"], "kept");
+        assert_eq!(h[header::AUTHORIZATION], "Bearer kept");
+
+        let mut h = HeaderMap::new();
+        prepare_request_headers(&mut h, "[::1]:5555".parse().expect("addr"));
+        assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=https");
+    }
+}

@@ -1,0 +1,300 @@
+//! The search parameters of the GP Connect 1.2.7 searches, checked as the specification asks:
+//! `identifier=<system>|<value>` for the Find interactions, the free-slot search's `start`,
+//! `end`, `status`, `_include`, `_include:recurse` and `searchFilter`, and the two `start`
+//! bounds of Retrieve a patient's appointments. Pure functions of the decoded query.
+
+use chrono::{DateTime, Duration, FixedOffset, NaiveDate};
+
+use super::calendar::SearchDate;
+use super::outcome::ProviderError;
+use super::request::param_values;
+
+/// The longest free-slot search window GP Connect allows.
+pub const MAX_SLOT_SEARCH_DAYS: i64 = 14;
+
+/// The value of `identifier=<system>|<value>`, which must be given once with system `system`.
+pub fn identifier<'a>(
+    params: &'a [(String, String)],
+    system: &str,
+) -> Result<&'a str, ProviderError> {
+    let values = param_values(params, "identifier");
+    let one = match values.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(ProviderError::BadRequest(
+                "the identifier search parameter is required".into(),
+            ))
+        }
+        _ => {
+            return Err(ProviderError::BadRequest(
+                "the identifier search parameter must be given once".into(),
+            ))
+        }
+    };
+    let (given_system, value) = one.split_once('|').ok_or_else(|| {
+        ProviderError::InvalidIdentifierSystem(format!("identifier {one} must be {system}|<value>"))
+    })?;
+    if given_system != system {
+        return Err(ProviderError::InvalidIdentifierSystem(format!(
+            "identifier system {given_system} is not supported here: use {system}"
+        )));
+    }
+    if value.trim().is_empty() {
+        return Err(ProviderError::InvalidIdentifierValue(
+            "identifier value is empty".into(),
+        ));
+    }
+    Ok(value)
+}
+
+fn invalid(text: impl Into<String>) -> ProviderError {
+    ProviderError::InvalidParameter(text.into())
+}
+
+/// The single value of a required parameter.
+fn exactly_one<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ProviderError> {
+    match param_values(params, name).as_slice() {
+        [one] => Ok(one),
+        [] => Err(invalid(format!("the {name} parameter is required"))),
+        _ => Err(invalid(format!("the {name} parameter must be given once"))),
+    }
+}
+
+/// `<prefix><date>` with the given prefix (`ge`, `le`).
+fn prefixed_date(name: &str, value: &str, prefix: &str) -> Result<SearchDate, ProviderError> {
+    let date = value
+        .strip_prefix(prefix)
+        .ok_or_else(|| invalid(format!("{name}={value} must use the {prefix} prefix")))?;
+    SearchDate::parse(date).ok_or_else(|| {
+        invalid(format!(
+            "{name}={value} is not yyyy-mm-dd or yyyy-mm-ddThh:mm:ss+hh:mm"
+        ))
+    })
+}
+
+/// A checked free-slot search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotQuery {
+    /// Slots starting at or after this instant.
+    pub from: DateTime<FixedOffset>,
+    /// Slots ending at or before this instant (the end of the day for a date).
+    pub to: DateTime<FixedOffset>,
+    pub include_practitioners: bool,
+    pub include_locations: bool,
+    pub include_organization: bool,
+}
+
+impl SlotQuery {
+    /// Checks the SHALL parameters (`start=ge`, `end=le`, `status=free`, `_include=Slot:schedule`),
+    /// the window (end not before start, at most 14 days), the optional includes and the form of
+    /// each `searchFilter` (whose values this provider accepts but does not filter on: every
+    /// slot is open to every booking organisation). Anything wrong is 422 INVALID_PARAMETER.
+    pub fn parse(params: &[(String, String)]) -> Result<Self, ProviderError> {
+        let start = prefixed_date("start", exactly_one(params, "start")?, "ge")?;
+        let end = prefixed_date("end", exactly_one(params, "end")?, "le")?;
+        let status = exactly_one(params, "status")?;
+        if status != "free" {
+            return Err(invalid(format!(
+                "status={status} is not supported: use free"
+            )));
+        }
+        let includes = param_values(params, "_include");
+        if !includes.contains(&"Slot:schedule") {
+            return Err(invalid("_include=Slot:schedule is required"));
+        }
+        if let Some(other) = includes.iter().find(|i| **i != "Slot:schedule") {
+            return Err(invalid(format!("_include={other} is not supported")));
+        }
+        let mut query = Self {
+            from: start.first_instant(),
+            to: end.end_instant(),
+            include_practitioners: false,
+            include_locations: false,
+            include_organization: false,
+        };
+        for recurse in param_values(params, "_include:recurse") {
+            match recurse {
+                "Schedule:actor:Practitioner" => query.include_practitioners = true,
+                "Schedule:actor:Location" => query.include_locations = true,
+                "Location:managingOrganization" => query.include_organization = true,
+                other => {
+                    return Err(invalid(format!(
+                        "_include:recurse={other} is not supported"
+                    )))
+                }
+            }
+        }
+        for filter in param_values(params, "searchFilter") {
+            match filter.split_once('|') {
+                Some((system, value)) if !system.is_empty() && !value.is_empty() => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "searchFilter={filter} must be <system>|<value>"
+                    )))
+                }
+            }
+        }
+        if query.to < query.from {
+            return Err(invalid("the end of the search window is before its start"));
+        }
+        if end.first_instant() - start.first_instant() > Duration::days(MAX_SLOT_SEARCH_DAYS) {
+            return Err(invalid(format!(
+                "the search window is longer than {MAX_SLOT_SEARCH_DAYS} days"
+            )));
+        }
+        Ok(query)
+    }
+}
+
+/// Checks Retrieve a patient's appointments' bounds: exactly two `start` parameters, one `ge`
+/// and one `le`, both `yyyy-mm-dd`, not before `today` and in order. Returns the window as
+/// `[from, to)` instants.
+pub fn appointment_window(
+    params: &[(String, String)],
+    today: NaiveDate,
+) -> Result<(DateTime<FixedOffset>, DateTime<FixedOffset>), ProviderError> {
+    let starts = param_values(params, "start");
+    let [a, b] = starts.as_slice() else {
+        return Err(invalid(
+            "exactly two start parameters are required: start=ge<date>&start=le<date>",
+        ));
+    };
+    let (lower, upper) = match (a.starts_with("ge"), b.starts_with("ge")) {
+        (true, false) => (*a, *b),
+        (false, true) => (*b, *a),
+        _ => return Err(invalid("one start parameter must use ge and the other le")),
+    };
+    let lower = prefixed_date("start", lower, "ge")?;
+    let upper = prefixed_date("start", upper, "le")?;
+    let (SearchDate::Date(from), SearchDate::Date(to)) = (lower, upper) else {
+        return Err(invalid("start bounds must be dates (yyyy-mm-dd)"));
+    };
+    if from < today {
+        return Err(invalid(format!(
+            "start=ge{from} is in the past: only future appointments can be retrieved"
+        )));
+    }
+    if to < from {
+        return Err(invalid("start=le is before start=ge"));
+    }
+    Ok((lower.first_instant(), upper.end_instant()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_provider::calendar::fhir_date_time;
+    use crate::mock_provider::request::query_params;
+
+    fn params(query: &str) -> Vec<(String, String)> {
+        query_params(Some(query)).expect("test query decodes")
+    }
+
+    #[test]
+    fn identifier_needs_the_right_system_and_a_value() {
+        let system = "https://fhir.nhs.uk/Id/nhs-number";
+        let ok = params("identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9000000009");
+        assert_eq!(identifier(&ok, system), Ok("9000000009"));
+        let raw = params("identifier=https://fhir.nhs.uk/Id/nhs-number|9000000009");
+        assert_eq!(identifier(&raw, system), Ok("9000000009"));
+        let cases = [
+            ("", "BAD_REQUEST"),
+            ("identifier=a|1&identifier=a|2", "BAD_REQUEST"),
+            ("identifier=9000000009", "INVALID_IDENTIFIER_SYSTEM"),
+            (
+                "identifier=https://fhir.nhs.uk/Id/sds-user-id|9000000009",
+                "INVALID_IDENTIFIER_SYSTEM",
+            ),
+            (
+                "identifier=https://fhir.nhs.uk/Id/nhs-number|",
+                "INVALID_IDENTIFIER_VALUE",
+            ),
+        ];
+        for (query, code) in cases {
+            assert_eq!(
+                identifier(&params(query), system).unwrap_err().spine_code(),
+                code,
+                "{query}"
+            );
+        }
+    }
+
+    const GOOD: &str = "start=ge2025-05-21T01:00:00%2B01:00&end=le2025-05-23T01:00:00%2B01:00&status=free&_include=Slot:schedule";
+
+    #[test]
+    fn the_recorded_slot_search_parses() {
+        let query = SlotQuery::parse(&params(&format!(
+            "{GOOD}&searchFilter=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fods-organization-code%7CA20047&searchFilter=https%3A%2F%2Ffhir.nhs.uk%2FSTU3%2FCodeSystem%2FGPConnect-OrganisationType-1%7Curgent-care&_include%3Arecurse=Schedule%3Aactor%3ALocation"
+        )))
+        .expect("valid search");
+        assert_eq!(fhir_date_time(&query.from), "2025-05-21T01:00:00+01:00");
+        assert_eq!(fhir_date_time(&query.to), "2025-05-23T01:00:00+01:00");
+        assert!(query.include_locations && !query.include_practitioners);
+    }
+
+    #[test]
+    fn date_only_bounds_cover_whole_days_and_fourteen_days_is_the_limit() {
+        let query = SlotQuery::parse(&params(
+            "start=ge2025-06-02&end=le2025-06-16&status=free&_include=Slot:schedule",
+        ))
+        .expect("fourteen days is allowed");
+        assert_eq!(fhir_date_time(&query.to), "2025-06-17T00:00:00+01:00");
+        let err = SlotQuery::parse(&params(
+            "start=ge2025-06-02&end=le2025-06-17&status=free&_include=Slot:schedule",
+        ))
+        .unwrap_err();
+        assert_eq!(err.spine_code(), "INVALID_PARAMETER");
+    }
+
+    #[test]
+    fn every_broken_slot_search_is_an_invalid_parameter() {
+        let cases = [
+            "end=le2025-05-23&status=free&_include=Slot:schedule",
+            "start=ge2025-05-21&status=free&_include=Slot:schedule",
+            "start=ge2025-05-21&end=le2025-05-23&_include=Slot:schedule",
+            "start=ge2025-05-21&end=le2025-05-23&status=free",
+            "start=2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule",
+            "start=ge2025-05-21&end=ge2025-05-23&status=free&_include=Slot:schedule",
+            "start=ge2025-05-21&start=ge2025-05-22&end=le2025-05-23&status=free&_include=Slot:schedule",
+            "start=ge21-05-2025&end=le2025-05-23&status=free&_include=Slot:schedule",
+            "start=ge2025-05-21&end=le2025-05-23&status=busy&_include=Slot:schedule",
+            "start=ge2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule&_include=Schedule:actor",
+            "start=ge2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule&_include:recurse=Patient:x",
+            "start=ge2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule&searchFilter=A20047",
+            "start=ge2025-05-23&end=le2025-05-21&status=free&_include=Slot:schedule",
+            // An unencoded '+' survives; an encoded space does not parse.
+            "start=ge2025-05-21T01:00:00%2001:00&end=le2025-05-23&status=free&_include=Slot:schedule",
+        ];
+        for query in cases {
+            let err = SlotQuery::parse(&params(query)).unwrap_err();
+            assert_eq!(err.spine_code(), "INVALID_PARAMETER", "{query}");
+            assert_eq!(err.status().as_u16(), 422);
+        }
+        let plus =
+            "start=ge2025-05-21T01:00:00+01:00&end=le2025-05-23&status=free&_include=Slot:schedule";
+        assert!(SlotQuery::parse(&params(plus)).is_ok());
+    }
+
+    #[test]
+    fn appointment_window_takes_exactly_two_future_dates() {
+        let today = NaiveDate::from_ymd_opt(2025, 5, 21).expect("date");
+        let (from, to) =
+            appointment_window(&params("start=le2025-06-01&start=ge2025-05-21"), today)
+                .expect("valid window");
+        assert_eq!(fhir_date_time(&from), "2025-05-21T00:00:00+01:00");
+        assert_eq!(fhir_date_time(&to), "2025-06-02T00:00:00+01:00");
+        for query in [
+            "",
+            "start=ge2025-05-21",
+            "start=ge2025-05-21&start=le2025-06-01&start=le2025-06-02",
+            "start=ge2025-05-21&start=ge2025-06-01",
+            "start=ge2025-05-20&start=le2025-06-01",
+            "start=ge2025-05-22&start=le2025-05-21",
+            "start=ge2025-05-21T10:00:00%2B01:00&start=le2025-06-01",
+            "start=ge2025-13-01&start=le2025-06-01",
+        ] {
+            let err = appointment_window(&params(query), today).unwrap_err();
+            assert_eq!(err.spine_code(), "INVALID_PARAMETER", "{query}");
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The `ssp-gateway` binary itself, as a new user runs it: `dev-certs`, `check-config`, and
+//! `run` on the shipped development configuration (ports moved to free ones), driven with real
+//! mTLS clients and stopped with SIGTERM.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+use ssp_gateway::tls::ClientTls;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A copy of the shipped `config/` under a scratch root, with `certs-dev/` beside it.
+fn copy_config(ports: Option<(u16, u16, u16)>) -> (PathBuf, PathBuf) {
+    let root = scratch_dir("cli");
+    let config_dir = root.join("config");
+    std::fs::create_dir_all(&config_dir).expect("mkdir");
+    for name in [
+        "gateway.toml",
+        "interactions.toml",
+        "directory.ldif",
+        "sds.schema",
+    ] {
+        let mut text = std::fs::read_to_string(repo_path(&format!("config/{name}"))).expect("read");
+        if let Some((gw, admin, mock)) = ports {
+            text = text
+                .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+                .replace("127.0.0.1:9100", &format!("127.0.0.1:{admin}"))
+                .replace("127.0.0.1:9443", &format!("127.0.0.1:{mock}"))
+                .replace(
+                    "https://localhost:9443/",
+                    &format!("https://localhost:{mock}/"),
+                );
+        }
+        std::fs::write(config_dir.join(name), text).expect("write");
+    }
+    (root, config_dir.join("gateway.toml"))
+}
+
+#[test]
+fn dev_certs_writes_the_development_pki_once() {
+    let out = scratch_dir("devcerts").join("certs");
+    let run = |force: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("dev-certs").arg("--out").arg(&out);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().expect("run dev-certs")
+    };
+    let first = run(false);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for name in [
+        "ca.pem",
+        "gateway.pem",
+        "gateway-key.pem",
+        "gateway-client.pem",
+        "gateway-client-key.pem",
+        "consumer.pem",
+        "consumer-key.pem",
+        "readonly.pem",
+        "readonly-key.pem",
+        "rogue.pem",
+        "rogue-key.pem",
+        "provider.pem",
+        "provider-key.pem",
+    ] {
+        assert!(out.join(name).is_file(), "{name} missing");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join("consumer-key.pem"))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "private keys are 0600");
+    }
+    let before = std::fs::read(out.join("ca.pem")).expect("read");
+    let second = run(false);
+    assert!(second.status.success());
+    assert_eq!(
+        std::fs::read(out.join("ca.pem")).expect("read"),
+        before,
+        "kept without --force"
+    );
+    let third = run(true);
+    assert!(third.status.success());
+    assert_ne!(
+        std::fs::read(out.join("ca.pem")).expect("read"),
+        before,
+        "replaced with --force"
+    );
+}
+
+#[test]
+fn check_config_passes_the_shipped_config_and_lists_every_problem() {
+    let (root, config) = copy_config(None);
+    let certs = root.join("certs-dev");
+    let made = Command::new(BIN)
+        .args(["dev-certs", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("dev-certs");
+    assert!(made.status.success());
+    let ok = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let broken = root.join("config/broken.toml");
+    let text = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace(
+            "connect_timeout = \"5s\"",
+            "connect_timeout = \"soon\"\nretries = 3",
+        )
+        .replace("jwt = \"enforce\"", "jwt = \"sometimes\"")
+        .replace(
+            "ldif_file = \"directory.ldif\"",
+            "ldif_file = \"missing.ldif\"",
+        );
+    std::fs::write(&broken, text).expect("write");
+    let bad = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&broken)
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    let report = String::from_utf8_lossy(&bad.stderr);
+    for expected in [
+        "upstream.connect_timeout",
+        "upstream.retries: unknown key",
+        "policy.jwt",
+    ] {
+        assert!(report.contains(expected), "{expected} not in:\n{report}");
+    }
+
+    // A config that parses but points at a directory file that does not exist.
+    let missing = root.join("config/missing.toml");
+    let text = std::fs::read_to_string(&config).expect("read").replace(
+        "ldif_file = \"directory.ldif\"",
+        "ldif_file = \"missing.ldif\"",
+    );
+    std::fs::write(&missing, text).expect("write");
+    let bad = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&missing)
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("missing.ldif"));
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_ready(admin: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", admin)).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf).await;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn client_for(certs: &Path, name: &str, port: u16) -> Client {
+    let tls = ssp_gateway::tls::client_config(
+        &ClientTls {
+            cert: certs.join(format!("{name}.pem")),
+            key: certs.join(format!("{name}-key.pem")),
+            ca: certs.join("ca.pem"),
+        },
+        &[b"h2", b"http/1.1"],
+    )
+    .expect("client TLS");
+    Client {
+        tls,
+        addr: ([127, 0, 0, 1], port).into(),
+        http2: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_the_development_world_and_stops_on_sigterm() {
+    let (gw, admin, mock) = (free_port(), free_port(), free_port());
+    let (root, config) = copy_config(Some((gw, admin, mock)));
+    let child = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ssp-gateway run");
+    let mut child = Child(child);
+    wait_ready(admin).await;
+
+    // It made the development certificates on first start.
+    let certs = root.join("certs-dev");
+    assert!(certs.join("consumer.pem").is_file());
+
+    // A consumer reaches the embedded mock provider through the gateway.
+    let endpoint = format!("https://localhost:{mock}/B82617/STU3/1/gpconnect");
+    let consumer = client_for(&certs, "consumer", gw);
+    let a = consumer
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{endpoint}/metadata"),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.json()["version"], "1.2.7");
+    let a = consumer
+        .clone()
+        .http2()
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{endpoint}/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9000000017"),
+            IX_SEARCH_PATIENT,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.json()["resourceType"], "Bundle");
+
+    // The rogue certificate is refused by the gateway; the mock refuses anyone but the gateway.
+    let rogue = client_for(&certs, "rogue", gw);
+    let a = rogue
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{endpoint}/metadata"),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    let direct = client_for(&certs, "consumer", mock);
+    let a = direct
+        .send(Gpc::new(Method::GET, format!("{endpoint}/metadata"), IX_METADATA).build())
+        .await;
+    match a {
+        Ok(a) => assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text()),
+        Err(e) => assert!(!e.is_empty()),
+    }
+
+    // SIGTERM: a clean exit.
+    let pid = child.0.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}

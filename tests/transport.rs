@@ -1,0 +1,377 @@
+//! The gateway's transport: mTLS refusals at the handshake, RSA and ECDSA on both legs,
+//! HTTP/1.1 and HTTP/2, streamed bodies, upstream failures and timeouts, CORS, XML errors,
+//! the admin listener and graceful shutdown.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use ssp_gateway::tls::pki::KeyKind;
+
+fn slot_target(h: &Harness) -> String {
+    format!(
+        "{}/Slot?status=free&start=ge2030-01-07&end=le2030-01-10&_include=Slot%3Aschedule",
+        h.endpoint()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_certificates_are_refused_at_the_handshake() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let w = &h.world;
+
+    // The good one completes the handshake.
+    assert!(w.client(&w.consumer, h.gateway).handshake().await.is_ok());
+
+    for (what, pair) in [
+        ("expired", &w.expired),
+        ("revoked", &w.revoked),
+        ("untrusted CA", &w.untrusted),
+    ] {
+        let client = w.client(pair, h.gateway);
+        assert!(
+            client.handshake().await.is_err(),
+            "{what} certificate was accepted"
+        );
+        let req = Gpc::new(Method::GET, slot_target(&h), IX_SEARCH_SLOT).build();
+        assert!(
+            client.send(req).await.is_err(),
+            "{what}: a request got through"
+        );
+    }
+
+    // No client certificate at all.
+    let roots = {
+        let mut store = rustls::RootCertStore::empty();
+        for cert in ssp_gateway::tls::load_certs(&w.ca).expect("CA") {
+            store.add(cert).expect("add CA");
+        }
+        store
+    };
+    let no_cert = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let client = Client {
+        tls: Arc::new(no_cert),
+        addr: h.gateway,
+        http2: false,
+    };
+    assert!(
+        client.handshake().await.is_err(),
+        "a client without a certificate was accepted"
+    );
+
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+}
+
+async fn round_trip(server_key: KeyKind, client_key: KeyKind) {
+    let h = start_with_mock(
+        World::new(server_key, client_key),
+        GatewayOptions::default(),
+    )
+    .await;
+    for http2 in [false, true] {
+        let c = h.world.client_with(&h.world.consumer, h.gateway, http2);
+        let a = c
+            .gpc(Gpc::new(
+                Method::GET,
+                format!("{}/metadata", h.endpoint()),
+                IX_METADATA,
+            ))
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        assert_eq!(a.json()["resourceType"], "CapabilityStatement");
+        let expected = if http2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert_eq!(a.version, expected);
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_certificates_on_both_legs_over_http1_and_http2() {
+    round_trip(KeyKind::Rsa2048, KeyKind::Rsa2048).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecdsa_certificates_on_both_legs_over_http1_and_http2() {
+    round_trip(KeyKind::EcdsaP256, KeyKind::EcdsaP256).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabytes_stream_each_way() {
+    const TEN_MB: usize = 10 * 1024 * 1024;
+
+    // Consumer -> provider: a 10 MB booking body, streamed in chunks.
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    for http2 in [false, true] {
+        let c = h.world.client_with(&h.world.consumer, h.gateway, http2);
+        let (parts, _) = Gpc::new(
+            Method::POST,
+            format!("{}/Appointment", h.endpoint()),
+            IX_BOOK,
+        )
+        .build()
+        .into_parts();
+        let body_req = Request::from_parts(parts, StreamBody::Sized { remaining: TEN_MB });
+        let a = c.send(body_req).await.expect("answer");
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        assert_eq!(a.json()["body_length"], TEN_MB);
+    }
+    h.stop().await;
+
+    // Provider -> consumer: a 10 MB response body.
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Big(TEN_MB),
+        GatewayOptions::default(),
+    )
+    .await;
+    for http2 in [false, true] {
+        let c = h.world.client_with(&h.world.consumer, h.gateway, http2);
+        let a = c
+            .gpc(Gpc::new(Method::GET, slot_target(&h), IX_SEARCH_SLOT))
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.body.len(), TEN_MB);
+        assert!(a.body.iter().all(|b| *b == b'x'));
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_down_is_502_and_too_slow_is_504() {
+    // Down: the provider's port has nobody listening.
+    let world = World::ecdsa();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let config = gateway_config(&world, closed, &GatewayOptions::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(closed));
+    let a = world
+        .client(&world.consumer, running.gateway_addr)
+        .gpc(Gpc::new(Method::GET, target.clone(), IX_METADATA))
+        .await;
+    a.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    shutdown.cancel();
+    running.wait().await;
+
+    // Too slow: no response head within the response timeout.
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Slow(Duration::from_secs(5)),
+        GatewayOptions {
+            response_timeout: "500ms",
+            ..Default::default()
+        },
+    )
+    .await;
+    let target = format!("{}/metadata", h.endpoint());
+    let a = h
+        .consumer()
+        .gpc(Gpc::new(Method::GET, target.clone(), IX_METADATA))
+        .await;
+    a.assert_outcome(
+        504,
+        None,
+        &format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_errors_pass_back_unchanged() {
+    const BODY: &str = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"forbidden","details":{"coding":[{"system":"https://fhir.nhs.uk/STU3/CodeSystem/Spine-ErrorOrWarningCode-1","code":"ACCESS DENIED","display":"Access denied"}]},"diagnostics":"GP Connect not enabled"}]}"#;
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Status(403, BODY),
+        GatewayOptions::default(),
+    )
+    .await;
+    let a = h
+        .consumer()
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(a.text(), BODY);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_in_xml_when_asked_for() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let req = Gpc::new(Method::GET, slot_target(&h), IX_SEARCH_SLOT)
+        .from("100000000001")
+        .build();
+    let (mut parts, body) = req.into_parts();
+    parts.headers.insert(
+        http::header::ACCEPT,
+        "application/fhir+xml".parse().expect("value"),
+    );
+    let a = h
+        .consumer()
+        .send(Request::from_parts(parts, body))
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        a.headers[http::header::CONTENT_TYPE],
+        "application/fhir+xml;charset=utf-8"
+    );
+    let text = a.text();
+    assert!(
+        text.contains("<OperationOutcome xmlns=\"http://hl7.org/fhir\">"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ASID_CHECK_FAILED_MESSAGESENDER_100000000001"),
+        "{text}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_lists_the_allowed_methods() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let preflight = |target: String, interaction: Option<&str>| {
+        let mut b = Request::builder()
+            .method(Method::OPTIONS)
+            .uri(format!("/{target}"))
+            .header("Origin", "https://consumer.example")
+            .header("Access-Control-Request-Method", "PUT");
+        if let Some(ix) = interaction {
+            b = b.header("Ssp-InteractionID", ix);
+        }
+        b.body(Full::new(Bytes::new())).expect("request")
+    };
+    let c = h.consumer();
+    let a = c
+        .send(preflight(format!("{}/Appointment/7", h.endpoint()), None))
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::OK);
+    let methods = a.headers[http::header::ACCESS_CONTROL_ALLOW_METHODS]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        methods.contains("GET") && methods.contains("PUT"),
+        "{methods}"
+    );
+    assert_eq!(
+        a.headers[http::header::ACCESS_CONTROL_REQUEST_METHOD],
+        a.headers[http::header::ACCESS_CONTROL_ALLOW_METHODS]
+    );
+    assert_eq!(
+        a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://consumer.example"
+    );
+    let a = c
+        .send(preflight(
+            format!("{}/Appointment", h.endpoint()),
+            Some(IX_BOOK),
+        ))
+        .await
+        .expect("answer");
+    assert_eq!(
+        a.headers[http::header::ACCESS_CONTROL_ALLOW_METHODS],
+        "POST"
+    );
+    assert_eq!(
+        h.recorder.seen(),
+        0,
+        "a preflight is answered by the gateway"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_health_and_readiness() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
+        let (code, body) = plain_get(h.admin, path).await;
+        assert_eq!(code, status, "{path}: {body}");
+    }
+    h.stop().await;
+}
+
+/// A plain HTTP/1.1 GET (the admin listener is not TLS).
+async fn plain_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(path)
+        .header("Host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Slow(Duration::from_millis(800)),
+        GatewayOptions::default(),
+    )
+    .await;
+    let c = h.consumer();
+    let target = format!("{}/metadata", h.endpoint());
+    let in_flight = tokio::spawn({
+        let c = c.clone();
+        async move { c.gpc(Gpc::new(Method::GET, target, IX_METADATA)).await }
+    });
+    // Wait until the request has reached the provider, then shut down.
+    h.recorder.arrived.notified().await;
+    h.shutdown.cancel();
+    // While the request finishes, the admin listener says "not ready" so balancers drain.
+    let (code, body) = plain_get(h.admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"draining\":true"), "{body}");
+    let answer = in_flight.await.expect("task");
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "the in-flight request was cut off"
+    );
+    let gateway = h.gateway;
+    h.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(gateway).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
