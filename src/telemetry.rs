@@ -2,6 +2,8 @@
 //! through `tracing`, as human-readable text or JSON. `RUST_LOG`, when set, overrides the
 //! configured level. Never logs key material or request bodies.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -16,7 +18,9 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
             .parse(&config.level)
             .map_err(|e| format!("log.level: {e}"))?,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     let result = match config.format {
         LogFormat::Json => builder
             .json()

@@ -305,3 +305,17 @@ async fn run_serves_the_development_world_and_stops_on_sigterm() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+#[test]
+fn readme_walkthrough_is_the_shipped_script() {
+    let readme = std::fs::read_to_string(repo_path("README.md")).expect("README");
+    let script = std::fs::read_to_string(repo_path("scripts/walkthrough.sh")).expect("script");
+    let body = script
+        .split_once("set -euo pipefail\n")
+        .map(|(_, body)| body)
+        .expect("script body");
+    assert!(
+        readme.contains(body),
+        "README's walk-through differs from scripts/walkthrough.sh"
+    );
+}

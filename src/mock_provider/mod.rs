@@ -84,13 +84,7 @@ pub fn slot_bundle_fixture() -> Bytes {
     Bytes::from_static(SLOT_BUNDLE_FIXTURE)
 }
 
-/// True for a FHIR logical id: `[A-Za-z0-9\-\.]{1,64}`.
-pub fn is_fhir_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-}
+pub use crate::ssp::interactions::is_fhir_id;
 
 /// Who the mock provider is and where it is served.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -114,7 +114,7 @@ fn is_authority_byte(b: u8) -> bool {
 }
 
 /// RFC 3986 pchar minus pct-encoded (handled separately): unreserved, sub-delims, `:` and `@`.
-fn is_pchar_byte(b: u8) -> bool {
+pub(crate) fn is_pchar_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,

@@ -125,7 +125,7 @@ impl Template {
                     ))
                 }
                 "{id}" => Segment::Id,
-                literal if literal.bytes().all(is_template_byte) => {
+                literal if literal.bytes().all(crate::ssp::envelope::is_pchar_byte) => {
                     Segment::Literal(literal.into())
                 }
                 other => {
@@ -161,32 +161,8 @@ impl Template {
     }
 }
 
-/// RFC 3986 pchar without `%`: unreserved, sub-delims, `:` and `@`.
-fn is_template_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-        )
-}
-
 /// A FHIR logical id: `[A-Za-z0-9\-\.]{1,64}`, never `.` or `..`.
-fn is_fhir_id(text: &str) -> bool {
+pub fn is_fhir_id(text: &str) -> bool {
     (1..=MAX_FHIR_ID_LEN).contains(&text.len())
         && text != "."
         && text != ".."
