@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::directory::CachePolicy;
+use crate::server::Limits;
 use crate::ssp::jwt::JwtPolicy;
 use crate::tls::{ClientTls, ServerTls};
 
@@ -29,6 +30,7 @@ const DEFAULT_POOL_MAX_IDLE_PER_HOST: u64 = 64;
 const DEFAULT_JWT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(5);
 
 /// The validated configuration of one gateway process.
 #[derive(Debug, Clone)]
@@ -42,6 +44,7 @@ pub struct Config {
     pub directory: DirectoryConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub reload: ReloadConfig,
     pub dev: DevConfig,
     /// `None` when the embedded mock provider is disabled.
     pub mock_provider: Option<MockProviderConfig>,
@@ -54,6 +57,14 @@ pub struct ListenerConfig {
     pub http2: bool,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// How often watched files are checked for changes (TLS material; SIGHUP reloads at once).
+#[derive(Debug, Clone)]
+pub struct ReloadConfig {
+    pub watch_files: bool,
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +246,7 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         http2: s.bool("http2", true),
         handshake_timeout: s.duration("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
         header_read_timeout: s.duration("header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT),
+        limits: listener_limits(&mut s),
     };
     s.finish();
 
@@ -329,6 +341,13 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     };
     s.finish();
 
+    let mut s = root.section("reload");
+    let reload = ReloadConfig {
+        watch_files: s.bool("watch_files", true),
+        poll_interval: s.duration("poll_interval", DEFAULT_RELOAD_POLL),
+    };
+    s.finish();
+
     let mut s = root.section("dev");
     let dev = DevConfig {
         generate_certs: s.bool("generate_certs", false),
@@ -387,8 +406,45 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         directory,
         log,
         shutdown,
+        reload,
         dev,
         mock_provider,
+    }
+}
+
+fn listener_limits(s: &mut Section<'_, '_>) -> Limits {
+    let d = Limits::default();
+    let mut uint = |key: &str, default: usize, min: u64, max: u64| {
+        s.uint(key, default as u64, min, max) as usize
+    };
+    let max_connections = uint("max_connections", d.max_connections, 1, 10_000_000);
+    let max_header_bytes = uint(
+        "max_header_bytes",
+        d.max_header_bytes,
+        1024,
+        16 * 1024 * 1024,
+    );
+    let max_headers = uint("max_headers", d.max_headers, 8, 10_000);
+    let h2_max_concurrent_streams = uint(
+        "http2_max_concurrent_streams",
+        d.h2_max_concurrent_streams as usize,
+        1,
+        100_000,
+    ) as u32;
+    let h2_max_pending_reset_streams = uint(
+        "http2_max_pending_reset_streams",
+        d.h2_max_pending_reset_streams,
+        1,
+        100_000,
+    );
+    Limits {
+        max_connections,
+        max_header_bytes,
+        max_headers,
+        h2_max_concurrent_streams,
+        h2_max_pending_reset_streams,
+        h2_keep_alive_interval: s.duration("http2_keep_alive_interval", d.h2_keep_alive_interval),
+        h2_keep_alive_timeout: s.duration("http2_keep_alive_timeout", d.h2_keep_alive_timeout),
     }
 }
 

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
+use crate::reload::Reloadable;
 use crate::ssp::envelope::Target;
 use crate::ssp::outcome::Rejection;
 
@@ -35,9 +36,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, tls: Arc<rustls::ClientConfig>) -> Upstream {
+    pub fn new(config: &UpstreamConfig, tls: Arc<Reloadable<rustls::ClientConfig>>) -> Upstream {
         let connector = TlsConnector {
-            tls: tokio_rustls::TlsConnector::from(tls),
+            tls,
             connect_timeout: config.connect_timeout,
         };
         let client = Client::builder(TokioExecutor::new())
@@ -152,9 +153,11 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
 
 /// Connects to a provider: TCP (no Nagle) then TLS with the gateway's client certificate, all
 /// within the connect timeout.
+/// The client configuration is read per connection, so a reloaded client certificate is used
+/// by new connections while pooled ones finish with the old one.
 #[derive(Clone)]
 pub struct TlsConnector {
-    tls: tokio_rustls::TlsConnector,
+    tls: Arc<Reloadable<rustls::ClientConfig>>,
     connect_timeout: Duration,
 }
 
@@ -168,7 +171,7 @@ impl tower_service::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.tls.clone();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.current());
         let limit = self.connect_timeout;
         Box::pin(async move {
             match tokio::time::timeout(limit, connect(tls, uri)).await {

@@ -9,6 +9,7 @@ pub mod directory;
 pub mod forward;
 pub mod gateway;
 pub mod mock_provider;
+pub mod reload;
 pub mod server;
 pub mod ssp;
 pub mod telemetry;
@@ -27,6 +28,7 @@ use crate::directory::ldif::LdifBackend;
 use crate::directory::Directory;
 use crate::gateway::{Gateway, Policy};
 use crate::mock_provider::{MockProvider, MockSettings};
+use crate::reload::Reloadable;
 use crate::server::ServeOptions;
 use crate::ssp::interactions::Catalogue;
 
@@ -74,19 +76,15 @@ impl Running {
 /// Everything loaded from the files a configuration points at, before any socket is bound.
 pub struct Components {
     pub gateway: Gateway,
-    pub server_tls: Arc<rustls::ServerConfig>,
-    pub mock_provider: Option<(Arc<MockProvider>, Arc<rustls::ServerConfig>)>,
+    pub server_tls: Arc<Reloadable<rustls::ServerConfig>>,
+    pub client_tls: Arc<Reloadable<rustls::ClientConfig>>,
+    pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<rustls::ServerConfig>>)>,
 }
 
 /// Loads certificates, the interaction catalogue and the directory, reporting every problem.
 pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let mut problems = Vec::new();
-    let alpn: &[&[u8]] = if config.listener.http2 {
-        &ALPN_H2_H1
-    } else {
-        &ALPN_H1
-    };
-    let server_tls = tls::server_config(&config.listener.tls, alpn)
+    let server_tls = tls::server_config(&config.listener.tls, listener_alpn(config))
         .map_err(|e| problems.push(format!("listener: {e}")))
         .ok();
     let client_tls = tls::client_config(&config.upstream.tls, &ALPN_H1)
@@ -104,13 +102,18 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         tls::server_config(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))
             .ok()
-            .map(|tls| (Arc::new(MockProvider::new(mock_settings(m))), tls))
+            .map(|tls| {
+                let tls = Reloadable::new("mock provider TLS", tls, vec![]);
+                (Arc::new(MockProvider::new(mock_settings(m))), tls)
+            })
     });
     match (server_tls, client_tls, catalogue, backend) {
         (Some(server_tls), Some(client_tls), Some(catalogue), Some(backend))
             if problems.is_empty() =>
         {
             let directory = Directory::new(Arc::new(backend), config.directory.cache);
+            let server_tls = Reloadable::new("listener TLS", server_tls, server_tls_files(config));
+            let client_tls = Reloadable::new("upstream TLS", client_tls, client_tls_files(config));
             let gateway = Gateway {
                 catalogue,
                 directory,
@@ -119,15 +122,60 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                     jwt_clock_skew: config.policy.jwt_clock_skew,
                     sharing_agreements: config.policy.sharing_agreements.clone(),
                 },
-                upstream: forward::Upstream::new(&config.upstream, client_tls),
+                upstream: forward::Upstream::new(&config.upstream, client_tls.clone()),
             };
             Ok(Components {
                 gateway,
                 server_tls,
+                client_tls,
                 mock_provider,
             })
         }
         _ => Err(problems),
+    }
+}
+
+fn server_tls_files(config: &Config) -> Vec<std::path::PathBuf> {
+    let t = &config.listener.tls;
+    let mut files = vec![t.cert.clone(), t.key.clone(), t.client_ca.clone()];
+    files.extend(t.crls.iter().cloned());
+    files
+}
+
+fn client_tls_files(config: &Config) -> Vec<std::path::PathBuf> {
+    let t = &config.upstream.tls;
+    vec![t.cert.clone(), t.key.clone(), t.ca.clone()]
+}
+
+/// Reloads the listener's and the upstream client's TLS material on SIGHUP and file change.
+fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let poll = if config.reload.watch_files {
+        config.reload.poll_interval
+    } else {
+        // SIGHUP only: a poll so rare it never fires in practice.
+        std::time::Duration::from_secs(60 * 60 * 24 * 365)
+    };
+    let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
+    c.server_tls.watch(
+        move || tls::server_config(&listener, alpn).map(|c| Arc::unwrap_or_clone(c)),
+        poll,
+        shutdown.clone(),
+        tasks,
+    );
+    let upstream = config.upstream.tls.clone();
+    c.client_tls.watch(
+        move || tls::client_config(&upstream, &ALPN_H1).map(|c| Arc::unwrap_or_clone(c)),
+        poll,
+        shutdown.clone(),
+        tasks,
+    );
+}
+
+fn listener_alpn(config: &Config) -> &'static [&'static [u8]] {
+    if config.listener.http2 {
+        &ALPN_H2_H1
+    } else {
+        &ALPN_H1
     }
 }
 
@@ -165,6 +213,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     ensure_dev_certs(config)?;
     let components = load_components(config).map_err(StartError::Load)?;
     let tasks = TaskTracker::new();
+    watch_tls(config, &components, &shutdown, &tasks);
 
     let mock_provider_addr = match (&components.mock_provider, &config.mock_provider) {
         (Some((mock, tls)), Some(m)) => {
@@ -211,6 +260,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         header_read_timeout: config.listener.header_read_timeout,
         http2: config.listener.http2,
         grace_period: config.shutdown.grace_period,
+        limits: config.listener.limits.clone(),
     };
     let serve = server::serve_tls(
         listener,
@@ -256,6 +306,7 @@ pub async fn start_mock_provider(
     ensure_dev_certs(config)?;
     let tls = tls::server_config(&mock.tls, &ALPN_H1)
         .map_err(|e| StartError::Load(vec![format!("mock_provider: {e}")]))?;
+    let tls = Reloadable::new("mock provider TLS", tls, vec![]);
     let provider = Arc::new(MockProvider::new(mock_settings(mock)));
     let listener = bind("mock provider", mock.address).await?;
     let addr = local_addr("mock provider", &listener)?;
@@ -284,13 +335,14 @@ fn mock_serve_options(config: &Config) -> ServeOptions {
         header_read_timeout: config.listener.header_read_timeout,
         http2: false,
         grace_period: config.shutdown.grace_period,
+        limits: server::Limits::default(),
     }
 }
 
 async fn serve_mock(
     listener: TcpListener,
     provider: Arc<MockProvider>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<Reloadable<rustls::ServerConfig>>,
     allowed_clients: Vec<String>,
     opts: ServeOptions,
     shutdown: CancellationToken,

@@ -16,6 +16,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::reload::Reloadable;
 use crate::tls::{peer_identity, PeerIdentity};
 
 /// What the request path knows about the connection a request came on.
@@ -36,13 +37,46 @@ pub struct ServeOptions {
     pub http2: bool,
     /// How long in-flight requests get to finish once shutdown starts.
     pub grace_period: Duration,
+    pub limits: Limits,
+}
+
+/// Protocol limits of one listener (each with a safe default; see `config`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open connections at most; beyond it new connections are accepted and closed at once.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers), bytes.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// HTTP/2: concurrent streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: reset streams a client may leave pending (reset-flood protection).
+    pub h2_max_pending_reset_streams: usize,
+    /// HTTP/2: ping interval for idle connections, and how long to wait for the answer.
+    pub h2_keep_alive_interval: Duration,
+    pub h2_keep_alive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 20_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            h2_max_concurrent_streams: 100,
+            h2_max_pending_reset_streams: 20,
+            h2_keep_alive_interval: Duration::from_secs(30),
+            h2_keep_alive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// Serves mTLS connections from `listener` until `shutdown` is cancelled, then stops accepting
 /// and waits up to the grace period for open connections to finish their requests.
 pub async fn serve_tls<H, Fut, B>(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<Reloadable<rustls::ServerConfig>>,
     opts: ServeOptions,
     shutdown: CancellationToken,
     handler: H,
@@ -52,18 +86,31 @@ pub async fn serve_tls<H, Fut, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
+    let limits = &opts.limits;
+    // hyper needs room for at least 8 KiB in its read buffer.
+    let buf = limits.max_header_bytes.max(8192);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    if !opts.http2 {
-        builder = builder.http1_only();
-    }
-    let builder = Arc::new(builder);
+        // Also bounds how long an idle keep-alive connection waits for its next request.
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(buf)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .keep_alive_interval(limits.h2_keep_alive_interval)
+        .keep_alive_timeout(limits.h2_keep_alive_timeout);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // The protocol is the one ALPN negotiated (h2 over TLS requires ALPN, RFC 9113 §3.2);
+    // no sniffing of the first bytes, so a silent client meets the header read timeout.
+    let h1 = Arc::new(builder.clone().http1_only());
+    let h2 = Arc::new(builder.http2_only());
 
     loop {
         let (tcp, remote) = tokio::select! {
@@ -78,16 +125,24 @@ pub async fn serve_tls<H, Fut, B>(
                 }
             },
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Over the connection limit: refuse at once rather than queue without bound.
+            tracing::warn!(listener = opts.name, %remote, "connection limit reached; refusing");
+            drop(tcp);
+            continue;
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(listener = opts.name, %remote, error = %e, "set_nodelay failed");
         }
-        let acceptor = acceptor.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let handler = handler.clone();
-        let builder = builder.clone();
+        let (h1, h2) = (h1.clone(), h2.clone());
+        let http2_allowed = opts.http2;
         let watcher = graceful.watcher();
         let handshake_timeout = opts.handshake_timeout;
         let name = opts.name;
         tokio::spawn(async move {
+            let _permit = permit;
             let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
@@ -120,6 +175,12 @@ pub async fn serve_tls<H, Fut, B>(
                 let fut = handler(info.clone(), req);
                 async move { Ok::<_, Infallible>(fut.await) }
             });
+            let negotiated_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let builder = if negotiated_h2 && http2_allowed {
+                h2
+            } else {
+                h1
+            };
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error");

@@ -77,6 +77,8 @@ pub struct Pair {
 
 /// The test PKI: one CA for everything, plus a second CA nobody trusts.
 pub struct World {
+    /// The CA everything is issued by (to issue or revoke more in a test).
+    pub authority: Ca,
     pub dir: PathBuf,
     pub ca: PathBuf,
     pub crl: PathBuf,
@@ -88,6 +90,8 @@ pub struct World {
     pub rogue: Pair,
     pub expired: Pair,
     pub revoked: Pair,
+    /// The consumer certificate as issued (to revoke it in a test).
+    pub consumer_issued: Issued,
     pub untrusted: Pair,
 }
 
@@ -186,6 +190,7 @@ impl World {
         let crl = dir.join("ca.crl.pem");
         std::fs::write(&crl, ca.crl(&[&revoked]).expect("CRL")).expect("write CRL");
         World {
+            authority: ca,
             ca: ca_path,
             crl,
             gateway: write_pair(&dir, "gateway", &gateway),
@@ -196,6 +201,7 @@ impl World {
             rogue: write_pair(&dir, "rogue", &rogue),
             expired: write_pair(&dir, "expired", &expired),
             revoked: write_pair(&dir, "revoked", &revoked),
+            consumer_issued: consumer,
             untrusted: write_pair(&dir, "untrusted", &untrusted),
             dir,
         }
@@ -258,6 +264,8 @@ pub struct GatewayOptions {
     pub crls: bool,
     pub response_timeout: &'static str,
     pub extra_policy: &'static str,
+    /// Extra keys for the `[listener]` section.
+    pub extra_listener: &'static str,
     /// Edits the development LDIF (endpoint already moved to the provider's port).
     pub ldif_edit: Option<fn(String) -> String>,
 }
@@ -270,6 +278,7 @@ impl Default for GatewayOptions {
             crls: true,
             response_timeout: "5s",
             extra_policy: "",
+            extra_listener: "",
             ldif_edit: None,
         }
     }
@@ -298,6 +307,7 @@ client_ca = "{ca}"
 crls = {crls}
 http2 = {http2}
 handshake_timeout = "5s"
+{extra_listener}
 [admin]
 address = "127.0.0.1:0"
 [upstream]
@@ -316,6 +326,8 @@ ldif_file = "directory.ldif"
 grace_period = "5s"
 [log]
 level = "warn"
+[reload]
+poll_interval = "50ms"
 "#,
         gw_cert = world.gateway.cert.display(),
         gw_key = world.gateway.key.display(),
@@ -327,6 +339,7 @@ level = "warn"
         interactions = repo_path("config/interactions.toml").display(),
         jwt = opts.jwt,
         extra_policy = opts.extra_policy,
+        extra_listener = opts.extra_listener,
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("write config");
@@ -380,8 +393,7 @@ pub async fn start_with_mock(world: World, opts: GatewayOptions) -> Harness {
     };
     let mock = Arc::new(ssp_gateway::mock_provider::MockProvider::new(settings));
     let recorder = Recorder::new(Behaviour::Echo);
-    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
-        .expect("provider TLS");
+    let tls = provider_tls(&world);
     {
         let recorder = recorder.clone();
         tokio::spawn(ssp_gateway::server::serve_tls(
@@ -424,8 +436,7 @@ pub async fn start_with_recorder(
         .expect("bind provider");
     let provider_port = listener.local_addr().expect("addr").port();
     let recorder = Recorder::new(behaviour);
-    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
-        .expect("provider TLS");
+    let tls = provider_tls(&world);
     {
         let recorder = recorder.clone();
         tokio::spawn(ssp_gateway::server::serve_tls(
@@ -442,8 +453,15 @@ pub async fn start_with_recorder(
     start_gateway(world, provider_port, recorder, shutdown, opts).await
 }
 
+fn provider_tls(world: &World) -> Arc<ssp_gateway::reload::Reloadable<rustls::ServerConfig>> {
+    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+        .expect("provider TLS");
+    ssp_gateway::reload::Reloadable::new("test provider TLS", tls, vec![])
+}
+
 fn serve_options(name: &'static str) -> ServeOptions {
     ServeOptions {
+        limits: Default::default(),
         name,
         handshake_timeout: Duration::from_secs(5),
         header_read_timeout: Duration::from_secs(5),

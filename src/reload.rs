@@ -1,0 +1,221 @@
+//! Hot reload of what the gateway loads from files (TLS material first): a new snapshot is
+//! built off the hot path — on SIGHUP or when a watched file's size or modification time
+//! changes — and swapped in atomically. A snapshot that fails to build is refused, logged and
+//! counted; the previous one stays in force. Connections already open keep the snapshot they
+//! were accepted with; nothing is dropped.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Counts of reload outcomes for one component (for logs, tests and metrics).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl ReloadStats {
+    pub fn succeeded(&self) -> u64 {
+        self.succeeded.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// A value rebuilt from files on change; readers take `current()` (a cheap `Arc` clone).
+pub struct Reloadable<T> {
+    name: &'static str,
+    value: ArcSwap<T>,
+    files: Vec<PathBuf>,
+    stats: ReloadStats,
+}
+
+/// What a watched file looked like at the last check: (modified, length), or absent.
+type Fingerprint = Option<(SystemTime, u64)>;
+
+fn fingerprint(path: &PathBuf) -> Fingerprint {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+impl<T: Send + Sync + 'static> Reloadable<T> {
+    /// `files` are the paths whose change triggers a rebuild.
+    pub fn new(name: &'static str, initial: Arc<T>, files: Vec<PathBuf>) -> Arc<Reloadable<T>> {
+        Arc::new(Reloadable {
+            name,
+            value: ArcSwap::new(initial),
+            files,
+            stats: ReloadStats::default(),
+        })
+    }
+
+    pub fn current(&self) -> Arc<T> {
+        self.value.load_full()
+    }
+
+    pub fn stats(&self) -> &ReloadStats {
+        &self.stats
+    }
+
+    /// Rebuilds with `build` and swaps the result in; on failure keeps the old value.
+    pub fn reload_with<E: std::fmt::Display>(&self, build: impl FnOnce() -> Result<T, E>) -> bool {
+        match build() {
+            Ok(value) => {
+                self.value.store(Arc::new(value));
+                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(component = self.name, "reloaded");
+                true
+            }
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    component = self.name,
+                    error = %e,
+                    "reload refused; the previous version stays in force"
+                );
+                false
+            }
+        }
+    }
+
+    /// Watches the files (every `poll`) and SIGHUP until `shutdown`, rebuilding with `build`
+    /// (run on the blocking pool: it reads files and parses certificates).
+    pub fn watch<E, F>(
+        self: &Arc<Self>,
+        build: F,
+        poll: Duration,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) where
+        E: std::fmt::Display + Send + 'static,
+        F: Fn() -> Result<T, E> + Send + Sync + 'static,
+    {
+        let this = self.clone();
+        let build = Arc::new(build);
+        tasks.spawn(async move {
+            let mut seen: Vec<Fingerprint> = this.files.iter().map(fingerprint).collect();
+            let mut hangup = hangup_signal();
+            let mut tick = tokio::time::interval(poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let forced = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => false,
+                    _ = next_hangup(&mut hangup) => true,
+                };
+                let now: Vec<Fingerprint> = this.files.iter().map(fingerprint).collect();
+                if !forced && now == seen {
+                    continue;
+                }
+                seen = now;
+                let (this2, build) = (this.clone(), build.clone());
+                let joined =
+                    tokio::task::spawn_blocking(move || this2.reload_with(|| build())).await;
+                if let Err(e) = joined {
+                    tracing::error!(component = this.name, error = %e, "reload task failed");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload on file change only");
+            None
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {
+    None
+}
+
+async fn next_hangup(h: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(s) = h {
+        if s.recv().await.is_some() {
+            return;
+        }
+    }
+    let _ = h;
+    std::future::pending::<()>().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_rebuild_keeps_the_old_value() {
+        let r = Reloadable::new("test", Arc::new(1u32), vec![]);
+        assert!(r.reload_with(|| Ok::<_, String>(2)));
+        assert_eq!(*r.current(), 2);
+        assert!(!r.reload_with(|| Err::<u32, _>("broken file".to_string())));
+        assert_eq!(*r.current(), 2);
+        assert_eq!((r.stats().succeeded(), r.stats().failed()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_is_picked_up() {
+        let dir = std::env::temp_dir().join(format!("ssp-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("value.txt");
+        std::fs::write(&file, "1").expect("write");
+        let r = Reloadable::new("test", Arc::new(1u32), vec![file.clone()]);
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let path = file.clone();
+        r.watch(
+            move || {
+                std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| t.trim().parse::<u32>().map_err(|e| e.to_string()))
+            },
+            Duration::from_millis(10),
+            shutdown.clone(),
+            &tasks,
+        );
+        std::fs::write(&file, "22").expect("write");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while *r.current() != 22 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "change not picked up"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A broken file is refused and the value stays.
+        std::fs::write(&file, "not a number").expect("write");
+        while r.stats().failed() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "broken file not noticed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*r.current(), 22);
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

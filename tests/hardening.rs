@@ -1,0 +1,283 @@
+//! Hardening: hot reload of TLS material without dropping a request, CRL publication, and the
+//! listener's limits against misbehaving peers (slowloris, oversized heads, connection floods).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+use ssp_gateway::tls::pki::{KeyKind, LeafSpec, Usage, Validity};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The serial number of the certificate the gateway presents on a new connection.
+async fn served_serial(client: &Client) -> String {
+    let stream = client.handshake().await.expect("handshake");
+    let leaf = stream.get_ref().1.peer_certificates().expect("server cert")[0].clone();
+    ssp_gateway::tls::peer_identity(&leaf)
+        .expect("identity")
+        .serial
+}
+
+async fn wait_until<F: Fn() -> bool>(what: &str, f: F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_certificate_renewal_under_load_drops_nothing() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.consumer();
+    let before = served_serial(&client).await;
+
+    // A steady stream of requests, each on a new connection, while the certificate changes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let target = format!("{}/metadata", h.endpoint());
+    let load = {
+        let (stop, ok, failures, client) =
+            (stop.clone(), ok.clone(), failures.clone(), client.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let req = Gpc::new(Method::GET, target.clone(), IX_METADATA).build();
+                match client.send(req).await {
+                    Ok(a) if a.status == StatusCode::OK => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(a) => failures
+                        .lock()
+                        .expect("lock")
+                        .push(format!("status {}", a.status)),
+                    Err(e) => failures.lock().expect("lock").push(e),
+                }
+            }
+        })
+    };
+    wait_until("requests flowing", || ok.load(Ordering::SeqCst) >= 5).await;
+
+    // Renew: a new key and certificate for the same names, written in place.
+    let renewed = h
+        .world
+        .authority
+        .issue(&LeafSpec {
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+            common_name: "localhost".into(),
+            key: KeyKind::EcdsaP256,
+            usage: Usage::Server,
+            validity: Validity::Current,
+        })
+        .expect("issue");
+    renewed
+        .write(&h.world.gateway.cert, &h.world.gateway.key)
+        .expect("write renewed certificate");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if served_serial(&client).await == renewed.serial {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let at_switch = ok.load(Ordering::SeqCst);
+    wait_until("requests after the switch", || {
+        ok.load(Ordering::SeqCst) >= at_switch + 5
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.expect("load task");
+
+    assert_ne!(before, renewed.serial);
+    let failures = failures.lock().expect("lock").clone();
+    assert!(
+        failures.is_empty(),
+        "requests failed during the renewal: {failures:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_new_certificate_keeps_the_old_one() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.consumer();
+    let before = served_serial(&client).await;
+    std::fs::write(
+        &h.world.gateway.cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .expect("write");
+    // Give the watcher several polls to notice and refuse it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(served_serial(&client).await, before);
+    let a = client
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_a_crl_refuses_the_revoked_consumer_next_time() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.consumer();
+    assert!(client.handshake().await.is_ok());
+    let crl = h
+        .world
+        .authority
+        .crl(&[&h.world.consumer_issued])
+        .expect("CRL");
+    std::fs::write(&h.world.crl, crl).expect("publish CRL");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while client.handshake().await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revoked consumer is still let in"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Others still get in.
+    assert!(h
+        .world
+        .client(&h.world.readonly, h.gateway)
+        .handshake()
+        .await
+        .is_ok());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_cut_off_at_the_header_read_timeout() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_listener: "header_read_timeout = \"1s\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut stream = h.consumer().handshake().await.expect("handshake");
+    stream
+        .write_all(b"GET /https://localhost/x HTTP/1.1\r\nHost: localhost\r\nSsp-From: 1")
+        .await
+        .expect("write");
+    // Never finish the head: the gateway must close the connection by itself.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the gateway kept a slowloris connection open");
+
+    // An idle keep-alive connection is closed the same way.
+    let mut stream = h.consumer().handshake().await.expect("handshake");
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "an idle connection was never closed");
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_are_refused() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_listener: "max_header_bytes = 16384\nmax_headers = 40",
+            ..Default::default()
+        },
+    )
+    .await;
+    let target = format!("{}/metadata", h.endpoint());
+    for http2 in [false, true] {
+        let c = h.world.client_with(&h.world.consumer, h.gateway, http2);
+        let big = Gpc::new(Method::GET, target.clone(), IX_METADATA)
+            .header("X-Big", "a".repeat(32 * 1024));
+        match c.send(big.build()).await {
+            Ok(a) => assert_eq!(
+                a.status,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "h2={http2}"
+            ),
+            Err(e) => assert!(!e.is_empty()),
+        }
+        let mut many = Gpc::new(Method::GET, target.clone(), IX_METADATA);
+        let names: Vec<String> = (0..60).map(|i| format!("x-h{i}")).collect();
+        for n in &names {
+            many = many.header(n.as_str(), "1");
+        }
+        if !http2 {
+            match c.send(many.build()).await {
+                Ok(a) => assert_eq!(a.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+                Err(e) => assert!(!e.is_empty()),
+            }
+        }
+    }
+    assert_eq!(h.recorder.seen(), 0);
+    // A normal request still works.
+    let a = h
+        .consumer()
+        .gpc(Gpc::new(Method::GET, target, IX_METADATA))
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_refused_and_others_carry_on() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_listener: "max_connections = 3",
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = h.consumer();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(c.handshake().await.expect("within the limit"));
+    }
+    assert!(
+        c.handshake().await.is_err(),
+        "a fourth connection was served"
+    );
+    drop(held);
+    // Once connections close, new ones are served again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = c
+            .send(
+                Gpc::new(
+                    Method::GET,
+                    format!("{}/metadata", h.endpoint()),
+                    IX_METADATA,
+                )
+                .build(),
+            )
+            .await;
+        if matches!(&a, Ok(a) if a.status == StatusCode::OK) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recovered: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop().await;
+}
