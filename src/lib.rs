@@ -157,14 +157,14 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
     };
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
     c.server_tls.watch(
-        move || tls::server_config(&listener, alpn).map(|c| Arc::unwrap_or_clone(c)),
+        move || tls::server_config(&listener, alpn).map(Arc::unwrap_or_clone),
         poll,
         shutdown.clone(),
         tasks,
     );
     let upstream = config.upstream.tls.clone();
     c.client_tls.watch(
-        move || tls::client_config(&upstream, &ALPN_H1).map(|c| Arc::unwrap_or_clone(c)),
+        move || tls::client_config(&upstream, &ALPN_H1).map(Arc::unwrap_or_clone),
         poll,
         shutdown.clone(),
         tasks,

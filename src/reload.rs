@@ -101,8 +101,9 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
     {
         let this = self.clone();
         let build = Arc::new(build);
+        // Taken now, not when the task first runs, so a change made meanwhile is not missed.
+        let mut seen: Vec<Fingerprint> = this.files.iter().map(fingerprint).collect();
         tasks.spawn(async move {
-            let mut seen: Vec<Fingerprint> = this.files.iter().map(fingerprint).collect();
             let mut hangup = hangup_signal();
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
