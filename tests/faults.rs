@@ -1,0 +1,250 @@
+//! Fault tests: providers that misbehave at the byte level. Each ends with the gateway healthy,
+//! the right answer to the consumer, and nothing left hanging.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What the raw provider does after reading a request head.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Answers bytes that are not HTTP, then closes.
+    Garbage,
+    /// Sends a 200 head promising 1 MB, 64 KiB of it, then resets the connection.
+    ResetMidBody,
+    /// Streams a 100 MB chunked body in 256 KiB chunks.
+    Trickle100Mb,
+    /// Reads the request and never answers.
+    NeverAnswers,
+}
+
+const HUNDRED_MB: usize = 100 * 1024 * 1024;
+
+/// A provider speaking raw bytes over mTLS, so it can break HTTP in ways hyper would not.
+async fn raw_provider(world: &World, fault: Fault) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+        .expect("provider TLS");
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                match fault {
+                    Fault::Garbage => {
+                        let _ = s
+                            .write_all(b"SSH-2.0-OpenSSH_9.2 this is not HTTP\r\n\r\n")
+                            .await;
+                        let _ = s.shutdown().await;
+                    }
+                    Fault::ResetMidBody => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 1048576\r\n\r\n")
+                            .await;
+                        let _ = s.write_all(&vec![b'{'; 64 * 1024]).await;
+                        let _ = s.flush().await;
+                        let (tcp, _) = s.into_inner();
+                        // SO_LINGER 0: close with a TCP RST, as a crashed provider would.
+                        #[allow(deprecated)]
+                        let _ = tcp.set_linger(Some(Duration::ZERO));
+                        drop(tcp);
+                    }
+                    Fault::Trickle100Mb => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                            .await;
+                        let chunk = vec![b'z'; 256 * 1024];
+                        let mut sent = 0;
+                        while sent < HUNDRED_MB {
+                            let head = format!("{:x}\r\n", chunk.len());
+                            if s.write_all(head.as_bytes()).await.is_err()
+                                || s.write_all(&chunk).await.is_err()
+                                || s.write_all(b"\r\n").await.is_err()
+                            {
+                                return;
+                            }
+                            sent += chunk.len();
+                        }
+                        let _ = s.write_all(b"0\r\n\r\n").await;
+                        let _ = s.flush().await;
+                    }
+                    Fault::NeverAnswers => {
+                        // Hold the connection open, silent, until the gateway gives up.
+                        let mut sink = [0u8; 1024];
+                        while let Ok(n) = s.read(&mut sink).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+async fn gateway_before(
+    fault: Fault,
+    opts: GatewayOptions,
+) -> (
+    World,
+    ssp_gateway::Running,
+    tokio_util::sync::CancellationToken,
+    u16,
+) {
+    let world = World::ecdsa();
+    let port = raw_provider(&world, fault).await;
+    let config = gateway_config(&world, port, &opts);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    (world, running, shutdown, port)
+}
+
+/// The gateway still answers its own checks after the fault.
+async fn still_healthy(world: &World, running: &ssp_gateway::Running) {
+    let a = world
+        .client(&world.consumer, running.gateway_addr)
+        .gpc(Gpc::new(
+            Method::GET,
+            "https://localhost:1/B82617/STU3/1/gpconnect/metadata".into(),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_the_provider_is_a_502() {
+    let (world, running, shutdown, port) =
+        gateway_before(Fault::Garbage, GatewayOptions::default()).await;
+    let target = format!("{}/metadata", endpoint(port));
+    let a = world
+        .client(&world.consumer, running.gateway_addr)
+        .gpc(Gpc::new(Method::GET, target.clone(), IX_METADATA))
+        .await;
+    a.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_answers_is_a_504() {
+    let (world, running, shutdown, port) = gateway_before(
+        Fault::NeverAnswers,
+        GatewayOptions {
+            response_timeout: "500ms",
+            ..Default::default()
+        },
+    )
+    .await;
+    let target = format!("{}/metadata", endpoint(port));
+    let a = world
+        .client(&world.consumer, running.gateway_addr)
+        .gpc(Gpc::new(Method::GET, target.clone(), IX_METADATA))
+        .await;
+    a.assert_outcome(
+        504,
+        None,
+        &format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
+    let (world, running, shutdown, port) =
+        gateway_before(Fault::ResetMidBody, GatewayOptions::default()).await;
+    let target = format!("{}/metadata", endpoint(port));
+    for http2 in [false, true] {
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        // The head was already on its way: the consumer gets 200 and then a body that breaks
+        // off — never a complete-looking truncated body.
+        let result = client
+            .send(Gpc::new(Method::GET, target.clone(), IX_METADATA).build())
+            .await;
+        match result {
+            Ok(a) => panic!(
+                "a truncated body looked complete: {} bytes, status {}",
+                a.body.len(),
+                a.status
+            ),
+            Err(e) => assert!(!e.is_empty()),
+        }
+    }
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_megabyte_chunked_body_streams_through() {
+    let (world, running, shutdown, port) =
+        gateway_before(Fault::Trickle100Mb, GatewayOptions::default()).await;
+    let target = format!("{}/metadata", endpoint(port));
+    let client = world.client(&world.consumer, running.gateway_addr);
+    // Count the body as it arrives instead of collecting 100 MB.
+    let tcp = tokio::net::TcpStream::connect(running.gateway_addr)
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(client.tls.clone())
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(Gpc::new(Method::GET, target, IX_METADATA).build())
+        .await
+        .expect("response head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("body frame");
+        if let Some(d) = frame.data_ref() {
+            assert!(d.iter().all(|b| *b == b'z'));
+            total += d.len();
+        }
+    }
+    assert_eq!(total, HUNDRED_MB);
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
