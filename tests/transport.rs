@@ -375,3 +375,51 @@ async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_honoured() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let mut s = h.consumer().handshake().await.expect("handshake");
+    let body = br#"{"resourceType":"Parameters"}"#;
+    let head = format!(
+        "POST /{}/Patient/$gpc.registerpatient HTTP/1.1\r\nHost: localhost\r\n\
+         Ssp-TraceID: {}\r\nSsp-From: {CONSUMER_ASID}\r\nSsp-To: {PROVIDER_ASID}\r\n\
+         Ssp-InteractionID: {IX_REGISTER_PATIENT}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/fhir+json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        h.endpoint(),
+        uuid::Uuid::new_v4(),
+        jwt("patient/*.write"),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    // The body is only sent once the gateway says 100 Continue, as .NET clients do.
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("no 100 Continue")
+        .expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s.write_all(body).await.expect("write body");
+    let mut rest = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&rest).contains("body_length") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("no answer")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&rest));
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("200 OK"), "{text}");
+    assert!(
+        text.contains(&format!("\"body_length\":{}", body.len())),
+        "{text}"
+    );
+    h.stop().await;
+}
