@@ -76,6 +76,8 @@ pub struct Components {
     pub gateway: Gateway,
     pub server_tls: Arc<rustls::ServerConfig>,
     pub mock_provider: Option<(Arc<MockProvider>, Arc<rustls::ServerConfig>)>,
+    /// The LDIF directory backend, for reloading; `None` for the remote backends.
+    pub ldif: Option<Arc<LdifBackend>>,
 }
 
 /// Loads certificates, the interaction catalogue and the directory, reporting every problem.
@@ -95,11 +97,11 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let catalogue = Catalogue::load(&config.policy.interactions_file)
         .map_err(|e| problems.push(format!("policy.interactions: {e}")))
         .ok();
-    let backend = match &config.directory.backend {
-        DirectoryBackendConfig::Ldif { file } => LdifBackend::from_path(file)
+    let backend = catalogue.as_ref().and_then(|catalogue| {
+        directory::open_backend(&config.directory.backend, catalogue)
             .map_err(|e| problems.push(format!("directory: {e}")))
-            .ok(),
-    };
+            .ok()
+    });
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
         tls::server_config(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))
@@ -110,7 +112,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         (Some(server_tls), Some(client_tls), Some(catalogue), Some(backend))
             if problems.is_empty() =>
         {
-            let directory = Directory::new(Arc::new(backend), config.directory.cache);
+            let directory = Directory::new(backend.backend, config.directory.cache);
             let gateway = Gateway {
                 catalogue,
                 directory,
@@ -125,6 +127,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 gateway,
                 server_tls,
                 mock_provider,
+                ldif: backend.ldif,
             })
         }
         _ => Err(problems),
@@ -191,6 +194,25 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
 
     let readiness = admin::Readiness::new();
     readiness.loaded.store(true, Ordering::Release);
+    let _ = readiness
+        .directory
+        .set(components.gateway.directory.clone());
+    if let (
+        Some(ldif),
+        DirectoryBackendConfig::Ldif {
+            file,
+            poll_interval,
+        },
+    ) = (&components.ldif, &config.directory.backend)
+    {
+        tasks.spawn(directory::reload::watch(
+            ldif.clone(),
+            file.clone(),
+            components.gateway.directory.clone(),
+            *poll_interval,
+            shutdown.clone(),
+        ));
+    }
     {
         let readiness = readiness.clone();
         let shutdown = shutdown.clone();
