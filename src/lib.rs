@@ -59,6 +59,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Where the embedded mock provider listens, when enabled.
     pub mock_provider_addr: Option<SocketAddr>,
+    /// The gateway's directory (its cache and counters); `None` for the mock provider alone.
+    pub directory: Option<Directory>,
     tasks: TaskTracker,
 }
 
@@ -226,6 +228,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let admin_stop = CancellationToken::new();
     tasks.spawn(admin::serve(admin_listener, readiness, admin_stop.clone()));
 
+    let directory = components.gateway.directory.clone();
     let gateway = Arc::new(components.gateway);
     let opts = ServeOptions {
         name: "gateway",
@@ -259,6 +262,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         gateway_addr,
         admin_addr,
         mock_provider_addr,
+        directory: Some(directory),
         tasks,
     })
 }
@@ -295,6 +299,7 @@ pub async fn start_mock_provider(
         gateway_addr: addr,
         admin_addr: addr,
         mock_provider_addr: Some(addr),
+        directory: None,
         tasks,
     })
 }

@@ -260,6 +260,10 @@ pub struct GatewayOptions {
     pub extra_policy: &'static str,
     /// Edits the development LDIF (endpoint already moved to the provider's port).
     pub ldif_edit: Option<fn(String) -> String>,
+    /// Replaces the `[directory]` section's keys: called with the development LDIF (endpoint
+    /// moved, `ldif_edit` applied, also written to `directory.ldif` beside the config) and
+    /// returns the keys, e.g. to start an LDAP server with that data and point at it.
+    pub directory: Option<Box<dyn Fn(&str) -> String>>,
 }
 
 impl Default for GatewayOptions {
@@ -271,6 +275,7 @@ impl Default for GatewayOptions {
             response_timeout: "5s",
             extra_policy: "",
             ldif_edit: None,
+            directory: None,
         }
     }
 }
@@ -282,7 +287,11 @@ pub fn gateway_config(world: &World, provider_port: u16, opts: &GatewayOptions) 
     if let Some(edit) = opts.ldif_edit {
         ldif = edit(ldif);
     }
-    std::fs::write(dir.join("directory.ldif"), ldif).expect("write LDIF");
+    std::fs::write(dir.join("directory.ldif"), &ldif).expect("write LDIF");
+    let directory = match &opts.directory {
+        Some(section) => section(&ldif),
+        None => "ldif_file = \"directory.ldif\"".to_string(),
+    };
     let crls = if opts.crls {
         format!("[\"{}\"]", world.crl.display())
     } else {
@@ -311,7 +320,7 @@ interactions = "{interactions}"
 jwt = "{jwt}"
 {extra_policy}
 [directory]
-ldif_file = "directory.ldif"
+{directory}
 [shutdown]
 grace_period = "5s"
 [log]
@@ -327,6 +336,7 @@ level = "warn"
         interactions = repo_path("config/interactions.toml").display(),
         jwt = opts.jwt,
         extra_policy = opts.extra_policy,
+        directory = directory,
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("write config");
