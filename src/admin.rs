@@ -1,10 +1,11 @@
 //! The admin listener: plain HTTP/1.1 on loopback for orchestrators and operators —
-//! `/healthz` (the process is alive) and `/readyz` (it can serve traffic). It never carries
+//! `/healthz` (the process is alive), `/readyz` (it can serve traffic) and
+//! `POST /directory/invalidate[?asid=A]` (forget cached directory answers). It never carries
 //! consumer traffic and never exposes request data.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +18,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::directory::{is_asid, Directory};
+
 /// What `/readyz` reports on. Components flip these; the admin listener only reads them.
 #[derive(Debug)]
 pub struct Readiness {
@@ -24,6 +27,8 @@ pub struct Readiness {
     pub loaded: AtomicBool,
     /// Set when shutdown begins, so load balancers stop sending new traffic.
     pub draining: AtomicBool,
+    /// The gateway's directory, for `POST /directory/invalidate` (set once at start).
+    pub directory: OnceLock<Directory>,
 }
 
 impl Readiness {
@@ -31,6 +36,7 @@ impl Readiness {
         Arc::new(Readiness {
             loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            directory: OnceLock::new(),
         })
     }
 
@@ -76,7 +82,13 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: C
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &readiness)) }
+                async move {
+                    let resp = match directory_route(&req, &readiness).await {
+                        Some(resp) => resp,
+                        None => answer(&req, &readiness),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -120,4 +132,75 @@ fn answer(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes
         header::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+/// `POST /directory/invalidate?asid=A` forgets the cached answer for one ASID (a stale copy
+/// too); without `asid`, every cached answer. `None` for any other path.
+async fn directory_route(
+    req: &Request<Incoming>,
+    readiness: &Readiness,
+) -> Option<Response<Full<Bytes>>> {
+    if req.uri().path() != "/directory/invalidate" {
+        return None;
+    }
+    let json = |status, body: serde_json::Value| {
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        resp
+    };
+    if req.method() != Method::POST {
+        return Some(json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "method not allowed: use POST" }),
+        ));
+    }
+    let Some(directory) = readiness.directory.get() else {
+        return Some(json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": "the directory is not loaded" }),
+        ));
+    };
+    let mut asid = None;
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("asid", value)) if asid.is_none() && is_asid(value) => asid = Some(value),
+            _ => {
+                return Some(json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": "the only parameter is asid=<digits>, at most once" }),
+                ))
+            }
+        }
+    }
+    let body = match asid {
+        Some(asid) => {
+            directory.invalidate(asid).await;
+            tracing::info!(
+                asid,
+                "directory cache entry invalidated by the admin listener"
+            );
+            serde_json::json!({ "invalidated": "asid", "asid": asid })
+        }
+        None => {
+            directory.invalidate_all();
+            tracing::info!("directory cache emptied by the admin listener");
+            serde_json::json!({ "invalidated": "all" })
+        }
+    };
+    Some(json(StatusCode::OK, body))
 }

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::directory::CachePolicy;
+use crate::directory::fhir::FhirSettings;
+use crate::directory::ldap::LdapSettings;
+use crate::directory::{self, CachePolicy};
 use crate::server::Limits;
 use crate::ssp::jwt::JwtPolicy;
 use crate::tls::{ClientTls, ServerTls};
@@ -99,8 +101,16 @@ pub struct DirectoryConfig {
 
 #[derive(Debug, Clone)]
 pub enum DirectoryBackendConfig {
-    /// An LDIF file in the SDS schema.
-    Ldif { file: PathBuf },
+    /// An LDIF file in the SDS schema, reloaded on SIGHUP and (unless `poll_interval` is
+    /// `None`) when its modification time or size changes.
+    Ldif {
+        file: PathBuf,
+        poll_interval: Option<Duration>,
+    },
+    /// An SDS-shaped LDAP server.
+    Ldap(LdapSettings),
+    /// The SDS FHIR API.
+    Fhir(FhirSettings),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,29 +304,7 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     s.finish();
 
     let mut s = root.section("directory");
-    let backend = match s.string("backend", Some("ldif")).as_str() {
-        "ldif" => DirectoryBackendConfig::Ldif {
-            file: s.path("ldif_file"),
-        },
-        other => {
-            s.problem(
-                "backend",
-                format!("`{other}` is not a directory backend (ldif)"),
-            );
-            DirectoryBackendConfig::Ldif {
-                file: PathBuf::new(),
-            }
-        }
-    };
-    let defaults = CachePolicy::default();
-    let directory = DirectoryConfig {
-        backend,
-        cache: CachePolicy {
-            ttl: s.duration("cache_ttl", defaults.ttl),
-            negative_ttl: s.duration("negative_cache_ttl", defaults.negative_ttl),
-            capacity: s.uint("cache_capacity", defaults.capacity, 1, 100_000_000),
-        },
-    };
+    let directory = directory_config(&mut s);
     s.finish();
 
     let mut s = root.section("log");
@@ -446,6 +434,209 @@ fn listener_limits(s: &mut Section<'_, '_>) -> Limits {
         h2_keep_alive_interval: s.duration("http2_keep_alive_interval", d.h2_keep_alive_interval),
         h2_keep_alive_timeout: s.duration("http2_keep_alive_timeout", d.h2_keep_alive_timeout),
     }
+}
+
+/// The keys each directory backend reads; any of them under another backend is a mistake.
+const LDIF_KEYS: [&str; 2] = ["ldif_file", "ldif_poll_interval"];
+const LDAP_KEYS: [&str; 5] = [
+    "ldap_url",
+    "ldap_search_base",
+    "ldap_cert",
+    "ldap_key",
+    "ldap_ca",
+];
+const FHIR_KEYS: [&str; 4] = [
+    "fhir_base_url",
+    "fhir_api_key_file",
+    "fhir_ca",
+    "fhir_asid_ods",
+];
+const REMOTE_KEYS: [&str; 2] = ["connect_timeout", "query_timeout"];
+/// The longest any cache duration may be (keeps instant arithmetic far from overflow).
+const MAX_CACHE_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
+    let kind = s.string("backend", Some("ldif"));
+    let (own, remote): (&[&str], bool) = match kind.as_str() {
+        "ldif" => (&LDIF_KEYS, false),
+        "ldap" => (&LDAP_KEYS, true),
+        "fhir" => (&FHIR_KEYS, true),
+        other => {
+            s.problem(
+                "backend",
+                format!("`{other}` is not a directory backend (ldif, ldap, fhir)"),
+            );
+            s.ignore_rest();
+            (&[], false)
+        }
+    };
+    for key in LDIF_KEYS.iter().chain(&LDAP_KEYS).chain(&FHIR_KEYS) {
+        if !own.contains(key) && s.take(key).is_some() {
+            s.problem(key, format!("does not apply to backend = \"{kind}\""));
+        }
+    }
+    if !remote {
+        for key in REMOTE_KEYS {
+            if s.take(key).is_some() {
+                s.problem(key, "applies to backend = \"ldap\" or \"fhir\" only".into());
+            }
+        }
+    }
+    let backend = match kind.as_str() {
+        "ldap" => {
+            let url = s.string("ldap_url", None);
+            if !url.is_empty() && !url.starts_with("ldap://") && !url.starts_with("ldaps://") {
+                s.problem(
+                    "ldap_url",
+                    format!("`{url}` is not an ldap:// or ldaps:// URL"),
+                );
+            }
+            let search_base = s.string(
+                "ldap_search_base",
+                Some(directory::ldap::DEFAULT_SEARCH_BASE),
+            );
+            let tls = if url.starts_with("ldaps://") {
+                Some(ClientTls {
+                    cert: s.path("ldap_cert"),
+                    key: s.path("ldap_key"),
+                    ca: s.path("ldap_ca"),
+                })
+            } else {
+                for key in ["ldap_cert", "ldap_key", "ldap_ca"] {
+                    if s.take(key).is_some() {
+                        s.problem(key, "applies to an ldaps:// ldap_url only".into());
+                    }
+                }
+                None
+            };
+            DirectoryBackendConfig::Ldap(LdapSettings {
+                url,
+                search_base,
+                tls,
+                connect_timeout: s
+                    .duration("connect_timeout", directory::ldap::DEFAULT_CONNECT_TIMEOUT),
+                query_timeout: s.duration("query_timeout", directory::ldap::DEFAULT_QUERY_TIMEOUT),
+            })
+        }
+        "fhir" => {
+            let base_url = s.string("fhir_base_url", None);
+            let https = base_url.starts_with("https://");
+            if !base_url.is_empty() && !https && !base_url.starts_with("http://") {
+                s.problem(
+                    "fhir_base_url",
+                    format!("`{base_url}` is not an https:// URL"),
+                );
+            }
+            let api_key_file = s.path("fhir_api_key_file");
+            let ca = if https {
+                Some(s.path("fhir_ca"))
+            } else {
+                s.optional_path("fhir_ca")
+            };
+            DirectoryBackendConfig::Fhir(FhirSettings {
+                base_url,
+                api_key_file,
+                ca,
+                asid_ods: asid_ods(s),
+                connect_timeout: s
+                    .duration("connect_timeout", directory::fhir::DEFAULT_CONNECT_TIMEOUT),
+                query_timeout: s.duration("query_timeout", directory::fhir::DEFAULT_QUERY_TIMEOUT),
+            })
+        }
+        _ => DirectoryBackendConfig::Ldif {
+            file: if kind == "ldif" {
+                s.path("ldif_file")
+            } else {
+                PathBuf::new()
+            },
+            poll_interval: if kind == "ldif" {
+                ldif_poll_interval(s)
+            } else {
+                None
+            },
+        },
+    };
+    let defaults = CachePolicy::default();
+    let mut cache = CachePolicy {
+        ttl: s.duration("cache_ttl", defaults.ttl),
+        negative_ttl: s.duration("negative_cache_ttl", defaults.negative_ttl),
+        capacity: s.uint("cache_capacity", defaults.capacity, 1, 100_000_000),
+        max_stale: duration_or_zero(s, "max_stale", defaults.max_stale),
+        stale_retry: defaults.stale_retry,
+    };
+    for (key, value) in [
+        ("cache_ttl", &mut cache.ttl),
+        ("negative_cache_ttl", &mut cache.negative_ttl),
+        ("max_stale", &mut cache.max_stale),
+    ] {
+        if *value > MAX_CACHE_DURATION {
+            s.problem(key, "must be at most 30 days".into());
+            *value = MAX_CACHE_DURATION;
+        }
+    }
+    DirectoryConfig { backend, cache }
+}
+
+/// `ldif_poll_interval`: a duration, or "off" for SIGHUP only.
+fn ldif_poll_interval(s: &mut Section<'_, '_>) -> Option<Duration> {
+    match s.take("ldif_poll_interval") {
+        Some(toml::Value::String(v)) if v == "off" => None,
+        Some(_) => {
+            // Let the shared parser report a bad value; it reads the key again.
+            s.used.remove("ldif_poll_interval");
+            Some(s.duration(
+                "ldif_poll_interval",
+                directory::reload::DEFAULT_POLL_INTERVAL,
+            ))
+        }
+        None => Some(directory::reload::DEFAULT_POLL_INTERVAL),
+    }
+}
+
+/// A duration that may be zero ("0s").
+fn duration_or_zero(s: &mut Section<'_, '_>, key: &str, default: Duration) -> Duration {
+    match s.take(key) {
+        Some(toml::Value::String(v)) if humantime::parse_duration(v).is_ok_and(|d| d.is_zero()) => {
+            Duration::ZERO
+        }
+        Some(_) => {
+            s.used.remove(key);
+            s.duration(key, default)
+        }
+        None => default,
+    }
+}
+
+/// `fhir_asid_ods`: a table of ASID = "ODS code".
+fn asid_ods(s: &mut Section<'_, '_>) -> std::collections::BTreeMap<String, String> {
+    let key = "fhir_asid_ods";
+    let mut map = std::collections::BTreeMap::new();
+    match s.take(key) {
+        None => s.problem(
+            key,
+            "required: the ODS code of every ASID the gateway serves, e.g. { \"918999198993\" = \"B82617\" }".into(),
+        ),
+        Some(toml::Value::Table(t)) => {
+            for (asid, ods) in t {
+                match ods.as_str() {
+                    Some(ods) if is_asid(asid) && is_ods_code(ods) => {
+                        map.insert(asid.clone(), ods.to_string());
+                    }
+                    _ => s.problem(
+                        &format!("{key}.{asid}"),
+                        "must be \"<ASID digits>\" = \"<ODS code>\"".into(),
+                    ),
+                }
+            }
+        }
+        Some(_) => s.problem(key, "must be a table of ASID = \"ODS code\"".into()),
+    }
+    map
+}
+
+/// ODS codes: 3 to 10 ASCII letters and digits.
+fn is_ods_code(s: &str) -> bool {
+    (3..=10).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 fn sharing_agreements(s: &mut Section<'_, '_>) -> Option<BTreeSet<(String, String)>> {
@@ -812,5 +1003,81 @@ ldif_file = "directory.ldif"
         .unwrap_or_else(|e| panic!("{e}"));
         let pairs = c.policy.sharing_agreements.expect("enforced");
         assert!(pairs.contains(&("1".to_string(), "2".to_string())));
+    }
+
+    #[test]
+    fn directory_backends_read_their_own_keys_and_refuse_the_others() {
+        let c = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            c.directory.backend,
+            DirectoryBackendConfig::Ldif { ref file, poll_interval: Some(_) } if file == Path::new("/etc/ssp/directory.ldif")
+        ));
+        assert_eq!(c.directory.cache, CachePolicy::default());
+
+        let ldap = MINIMAL.replace(
+            "ldif_file = \"directory.ldif\"",
+            "backend = \"ldap\"\nldap_url = \"ldaps://sds.example:636\"\nldap_cert = \"c.pem\"\nldap_key = \"k.pem\"\nldap_ca = \"ca.pem\"\nquery_timeout = \"2s\"\nmax_stale = \"0s\"",
+        );
+        let c = parse(&ldap).unwrap_or_else(|e| panic!("{e}"));
+        let DirectoryBackendConfig::Ldap(l) = &c.directory.backend else {
+            panic!("ldap expected");
+        };
+        assert_eq!(l.search_base, "ou=services,o=nhs");
+        assert_eq!(l.query_timeout, Duration::from_secs(2));
+        assert_eq!(
+            l.tls.as_ref().map(|t| t.ca.clone()),
+            Some(PathBuf::from("/etc/ssp/ca.pem"))
+        );
+        assert_eq!(c.directory.cache.max_stale, Duration::ZERO);
+
+        let fhir = MINIMAL.replace(
+            "ldif_file = \"directory.ldif\"",
+            "backend = \"fhir\"\nfhir_base_url = \"https://api.example/R4\"\nfhir_api_key_file = \"key\"\nfhir_ca = \"ca.pem\"\nfhir_asid_ods = { \"918999198993\" = \"B82617\" }",
+        );
+        let c = parse(&fhir).unwrap_or_else(|e| panic!("{e}"));
+        let DirectoryBackendConfig::Fhir(f) = &c.directory.backend else {
+            panic!("fhir expected");
+        };
+        assert_eq!(
+            f.asid_ods.get("918999198993").map(String::as_str),
+            Some("B82617")
+        );
+
+        let err = parse(&MINIMAL.replace(
+            "ldif_file = \"directory.ldif\"",
+            "ldif_file = \"d.ldif\"\nldap_url = \"ldap://x\"\nquery_timeout = \"1s\"\nmax_stale = \"forever\"\ncache_ttl = \"400days\"\nldif_poll_interval = \"sometimes\"",
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "directory.ldap_url",
+            "directory.query_timeout",
+            "directory.max_stale",
+            "directory.cache_ttl",
+            "directory.ldif_poll_interval",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+
+        let err = parse(&MINIMAL.replace(
+            "ldif_file = \"directory.ldif\"",
+            "backend = \"fhir\"\nfhir_base_url = \"https://api.example/R4\"\nfhir_api_key_file = \"key\"\nfhir_asid_ods = { \"x\" = \"B82617\" }",
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["directory.fhir_ca", "directory.fhir_asid_ods.x"]);
+
+        let off = MINIMAL.replace(
+            "ldif_file = \"directory.ldif\"",
+            "ldif_file = \"d.ldif\"\nldif_poll_interval = \"off\"",
+        );
+        let c = parse(&off).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            c.directory.backend,
+            DirectoryBackendConfig::Ldif {
+                poll_interval: None,
+                ..
+            }
+        ));
     }
 }

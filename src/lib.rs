@@ -61,6 +61,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Where the embedded mock provider listens, when enabled.
     pub mock_provider_addr: Option<SocketAddr>,
+    /// The gateway's directory (its cache and counters); `None` for the mock provider alone.
+    pub directory: Option<Directory>,
     tasks: TaskTracker,
 }
 
@@ -79,6 +81,8 @@ pub struct Components {
     pub server_tls: Arc<Reloadable<rustls::ServerConfig>>,
     pub client_tls: Arc<Reloadable<rustls::ClientConfig>>,
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<rustls::ServerConfig>>)>,
+    /// The LDIF directory backend, for reloading; `None` for the remote backends.
+    pub ldif: Option<Arc<LdifBackend>>,
 }
 
 /// Loads certificates, the interaction catalogue and the directory, reporting every problem.
@@ -93,11 +97,11 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let catalogue = Catalogue::load(&config.policy.interactions_file)
         .map_err(|e| problems.push(format!("policy.interactions: {e}")))
         .ok();
-    let backend = match &config.directory.backend {
-        DirectoryBackendConfig::Ldif { file } => LdifBackend::from_path(file)
+    let backend = catalogue.as_ref().and_then(|catalogue| {
+        directory::open_backend(&config.directory.backend, catalogue)
             .map_err(|e| problems.push(format!("directory: {e}")))
-            .ok(),
-    };
+            .ok()
+    });
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
         tls::server_config(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))
@@ -111,7 +115,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         (Some(server_tls), Some(client_tls), Some(catalogue), Some(backend))
             if problems.is_empty() =>
         {
-            let directory = Directory::new(Arc::new(backend), config.directory.cache);
+            let directory = Directory::new(backend.backend, config.directory.cache);
             let server_tls = Reloadable::new("listener TLS", server_tls, server_tls_files(config));
             let client_tls = Reloadable::new("upstream TLS", client_tls, client_tls_files(config));
             let gateway = Gateway {
@@ -129,6 +133,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 server_tls,
                 client_tls,
                 mock_provider,
+                ldif: backend.ldif,
             })
         }
         _ => Err(problems),
@@ -240,6 +245,25 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
 
     let readiness = admin::Readiness::new();
     readiness.loaded.store(true, Ordering::Release);
+    let _ = readiness
+        .directory
+        .set(components.gateway.directory.clone());
+    if let (
+        Some(ldif),
+        DirectoryBackendConfig::Ldif {
+            file,
+            poll_interval,
+        },
+    ) = (&components.ldif, &config.directory.backend)
+    {
+        tasks.spawn(directory::reload::watch(
+            ldif.clone(),
+            file.clone(),
+            components.gateway.directory.clone(),
+            *poll_interval,
+            shutdown.clone(),
+        ));
+    }
     {
         let readiness = readiness.clone();
         let shutdown = shutdown.clone();
@@ -253,6 +277,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let admin_stop = CancellationToken::new();
     tasks.spawn(admin::serve(admin_listener, readiness, admin_stop.clone()));
 
+    let directory = components.gateway.directory.clone();
     let gateway = Arc::new(components.gateway);
     let opts = ServeOptions {
         name: "gateway",
@@ -287,6 +312,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         gateway_addr,
         admin_addr,
         mock_provider_addr,
+        directory: Some(directory),
         tasks,
     })
 }
@@ -324,6 +350,7 @@ pub async fn start_mock_provider(
         gateway_addr: addr,
         admin_addr: addr,
         mock_provider_addr: Some(addr),
+        directory: None,
         tasks,
     })
 }

@@ -47,6 +47,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Ask the configured directory about a system (what an operator asks first when a
+    /// consumer is refused).
+    Directory {
+        #[command(subcommand)]
+        command: DirectoryCommand,
+    },
     /// Print a valid unsigned GP Connect JWT (alg none) for development requests.
     DevJwt {
         /// requested_scope: patient/*.read, patient/*.write or organization/*.read.
@@ -55,6 +61,22 @@ enum Command {
         /// aud claim (GP Connect consumers send the provider's endpoint or a legacy value).
         #[arg(long, default_value = "https://localhost:9443/B82617/STU3/1/gpconnect")]
         aud: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DirectoryCommand {
+    /// Print what the configured backend says about an ASID (uncached) and, with
+    /// --interaction, what the gateway would decide for it as sender and as receiver.
+    Lookup {
+        /// The ASID (Ssp-From or Ssp-To).
+        #[arg(long)]
+        asid: String,
+        /// An interaction id, e.g. urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1.
+        #[arg(long)]
+        interaction: Option<String>,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
 }
 
@@ -76,6 +98,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Directory {
+            command:
+                DirectoryCommand::Lookup {
+                    asid,
+                    interaction,
+                    config,
+                },
+        } => with_config(&config, |c| {
+            directory_lookup(&c, &asid, interaction.as_deref())
+        }),
         Command::DevJwt { scope, aud } => {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -128,6 +160,68 @@ fn check_config(path: &Path) -> ExitCode {
             eprintln!("  - {p}");
         }
         ExitCode::FAILURE
+    }
+}
+
+/// `directory lookup`: one uncached backend query, described for an operator. Exit 0 when the
+/// ASID is registered, 1 when it is not or the directory cannot answer.
+fn directory_lookup(config: &Config, asid: &str, interaction: Option<&str>) -> ExitCode {
+    use ssp_gateway::directory;
+    let catalogue =
+        match ssp_gateway::ssp::interactions::Catalogue::load(&config.policy.interactions_file) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: policy.interactions: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let opened = match directory::open_backend(&config.directory.backend, &catalogue) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: directory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !directory::is_asid(asid) {
+        eprintln!("error: --asid {asid:?}: an ASID is 1 to 32 digits");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(opened.backend.party(asid)) {
+        Ok(party) => {
+            print!(
+                "{}",
+                directory::inspect::describe(
+                    &opened.description,
+                    asid,
+                    party.as_ref(),
+                    &catalogue,
+                    interaction
+                )
+            );
+            if party.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("directory: {}", opened.description);
+            eprintln!("error: {e}");
+            eprintln!(
+                "(the gateway answers 503 DIRECTORY_UNAVAILABLE while nothing usable is cached)"
+            );
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -208,20 +208,19 @@ async fn wait_ready(admin: u16) {
     }
 }
 
-fn client_for(certs: &Path, name: &str, port: u16) -> Client {
+fn client_for(certs: &Path, name: &str, port: u16, alpn: &[&[u8]]) -> Client {
     let tls = ssp_gateway::tls::client_config(
         &ClientTls {
             cert: certs.join(format!("{name}.pem")),
             key: certs.join(format!("{name}-key.pem")),
             ca: certs.join("ca.pem"),
         },
-        &[b"h2", b"http/1.1"],
+        alpn,
     )
     .expect("client TLS");
     Client {
         tls,
         addr: ([127, 0, 0, 1], port).into(),
-        http2: false,
     }
 }
 
@@ -247,7 +246,7 @@ async fn run_serves_the_development_world_and_stops_on_sigterm() {
 
     // A consumer reaches the embedded mock provider through the gateway.
     let endpoint = format!("https://localhost:{mock}/B82617/STU3/1/gpconnect");
-    let consumer = client_for(&certs, "consumer", gw);
+    let consumer = client_for(&certs, "consumer", gw, &[b"http/1.1"]);
     let a = consumer
         .gpc(Gpc::new(
             Method::GET,
@@ -257,9 +256,7 @@ async fn run_serves_the_development_world_and_stops_on_sigterm() {
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["version"], "1.2.7");
-    let a = consumer
-        .clone()
-        .http2()
+    let a = client_for(&certs, "consumer", gw, &[b"h2", b"http/1.1"])
         .gpc(Gpc::new(
             Method::GET,
             format!("{endpoint}/Patient?identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9000000017"),
@@ -268,9 +265,14 @@ async fn run_serves_the_development_world_and_stops_on_sigterm() {
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["resourceType"], "Bundle");
+    assert_eq!(
+        a.version,
+        http::Version::HTTP_2,
+        "ALPN h2 was offered first"
+    );
 
     // The rogue certificate is refused by the gateway; the mock refuses anyone but the gateway.
-    let rogue = client_for(&certs, "rogue", gw);
+    let rogue = client_for(&certs, "rogue", gw, &[b"h2", b"http/1.1"]);
     let a = rogue
         .gpc(Gpc::new(
             Method::GET,
@@ -279,7 +281,7 @@ async fn run_serves_the_development_world_and_stops_on_sigterm() {
         ))
         .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
-    let direct = client_for(&certs, "consumer", mock);
+    let direct = client_for(&certs, "consumer", mock, &[b"http/1.1"]);
     let a = direct
         .send(Gpc::new(Method::GET, format!("{endpoint}/metadata"), IX_METADATA).build())
         .await;

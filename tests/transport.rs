@@ -63,7 +63,6 @@ async fn bad_client_certificates_are_refused_at_the_handshake() {
     let client = Client {
         tls: Arc::new(no_cert),
         addr: h.gateway,
-        http2: false,
     };
     assert!(
         client.handshake().await.is_err(),

@@ -695,6 +695,10 @@ impl DirectoryBackend for LdifBackend {
     fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
         Box::pin(future::ready(Ok(self.lookup(asid))))
     }
+
+    fn is_local(&self) -> bool {
+        true
+    }
 }
 
 fn load_file(path: &Path) -> Result<Index, LdifLoadError> {

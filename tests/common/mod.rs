@@ -235,7 +235,7 @@ impl World {
             alpn,
         )
         .expect("client TLS config");
-        Client { tls, addr, http2 }
+        Client { tls, addr }
     }
 }
 
@@ -268,6 +268,10 @@ pub struct GatewayOptions {
     pub extra_listener: &'static str,
     /// Edits the development LDIF (endpoint already moved to the provider's port).
     pub ldif_edit: Option<fn(String) -> String>,
+    /// Replaces the `[directory]` section's keys: called with the development LDIF (endpoint
+    /// moved, `ldif_edit` applied, also written to `directory.ldif` beside the config) and
+    /// returns the keys, e.g. to start an LDAP server with that data and point at it.
+    pub directory: Option<Box<dyn Fn(&str) -> String>>,
 }
 
 impl Default for GatewayOptions {
@@ -280,6 +284,7 @@ impl Default for GatewayOptions {
             extra_policy: "",
             extra_listener: "",
             ldif_edit: None,
+            directory: None,
         }
     }
 }
@@ -291,7 +296,11 @@ pub fn gateway_config(world: &World, provider_port: u16, opts: &GatewayOptions) 
     if let Some(edit) = opts.ldif_edit {
         ldif = edit(ldif);
     }
-    std::fs::write(dir.join("directory.ldif"), ldif).expect("write LDIF");
+    std::fs::write(dir.join("directory.ldif"), &ldif).expect("write LDIF");
+    let directory = match &opts.directory {
+        Some(section) => section(&ldif),
+        None => "ldif_file = \"directory.ldif\"".to_string(),
+    };
     let crls = if opts.crls {
         format!("[\"{}\"]", world.crl.display())
     } else {
@@ -321,7 +330,7 @@ interactions = "{interactions}"
 jwt = "{jwt}"
 {extra_policy}
 [directory]
-ldif_file = "directory.ldif"
+{directory}
 [shutdown]
 grace_period = "5s"
 [log]
@@ -340,6 +349,7 @@ poll_interval = "50ms"
         jwt = opts.jwt,
         extra_policy = opts.extra_policy,
         extra_listener = opts.extra_listener,
+        directory = directory,
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("write config");
@@ -651,7 +661,6 @@ impl http_body::Body for StreamBody {
 pub struct Client {
     pub tls: Arc<rustls::ClientConfig>,
     pub addr: SocketAddr,
-    pub http2: bool,
 }
 
 /// A response with its body collected.
@@ -720,11 +729,6 @@ impl Answer {
 }
 
 impl Client {
-    pub fn http2(mut self) -> Client {
-        self.http2 = true;
-        self
-    }
-
     /// Opens an mTLS connection (the handshake alone).
     pub async fn handshake(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(self.addr).await?;
@@ -756,8 +760,10 @@ impl Client {
             .connect(name, tcp)
             .await
             .map_err(|e| e.to_string())?;
+        // Speak what ALPN settled on, as a real client does.
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
         let io = TokioIo::new(tls);
-        let resp = if self.http2 {
+        let resp = if h2 {
             let (mut sender, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                     .await

@@ -1,0 +1,824 @@
+//! The directory cache: a [`DirectoryBackend`] behind a bounded `moka` cache that keeps answering
+//! when its backend cannot. Owns the cache policy (TTL, negative TTL, size, maximum staleness),
+//! the coalescing of concurrent misses, stale-if-error, invalidation and the counters behind the
+//! directory metrics. It never decides whether a request is allowed, and never caches an error
+//! for a request that arrives after the failure.
+//!
+//! One slot per ASID holds the last answer the backend gave (a party, or "not registered") and,
+//! after a failed refresh, that failure:
+//!
+//! - **fresh** (younger than `ttl`, or `negative_ttl` for "not registered"): served from memory;
+//!   this is the hot path — a `&str` map lookup, one clock read and one `Arc` clone.
+//! - **stale** (a party older than `ttl` but within `ttl + max_stale`): the backend is asked
+//!   again; if it fails, the stale party is served and counted (stale-if-error). After a failure
+//!   the stale party is served without asking again for `stale_retry`, so an outage does not put
+//!   a backend timeout on every request.
+//! - **gone** (older than `ttl + max_stale`; "not registered" past `negative_ttl`): the backend
+//!   must answer; if it fails, the caller gets [`DirectoryError`] (the gateway answers 503
+//!   `DIRECTORY_UNAVAILABLE`). "Not registered" is never served stale: during an outage an
+//!   unknown ASID gets 503, not a 403 that blames the consumer.
+//!
+//! Refreshes for one ASID run one at a time under moka's per-key lock. A caller that queued
+//! behind a refresh takes that refresh's outcome (answer or failure) instead of asking again,
+//! so N concurrent misses make one backend query.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use moka::Expiry;
+
+use super::{is_asid, DirectoryBackend, DirectoryError, Party};
+
+/// Default lifetime of a cached party (the 900 s the NHS MHS route lookup uses).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(900);
+/// Default lifetime of a cached "no such ASID".
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+/// Default maximum number of cached ASIDs (found and not found together).
+pub const DEFAULT_CAPACITY: u64 = 100_000;
+/// Default time past `ttl` that a party is still served while the backend is failing.
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(3600);
+/// Default pause, after a failed refresh, before the backend is asked again for a key whose
+/// stale party is being served.
+pub const DEFAULT_STALE_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a failure is kept for the callers that queued behind the query that failed. It is
+/// never used to answer a caller that arrived after the failure.
+const FAILURE_MARKER_TTL: Duration = Duration::from_secs(5);
+
+/// How long the [`Directory`] cache keeps answers, and how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachePolicy {
+    /// Lifetime of a found party.
+    pub ttl: Duration,
+    /// Lifetime of a "not found" answer; keep it short so a new registration shows up quickly.
+    pub negative_ttl: Duration,
+    /// Maximum number of cached ASIDs.
+    pub capacity: u64,
+    /// How long past `ttl` a party is served while the backend fails (zero: never stale).
+    pub max_stale: Duration,
+    /// After a failed refresh, serve the stale party this long before asking the backend again.
+    pub stale_retry: Duration,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        Self {
+            ttl: DEFAULT_TTL,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            capacity: DEFAULT_CAPACITY,
+            max_stale: DEFAULT_MAX_STALE,
+            stale_retry: DEFAULT_STALE_RETRY,
+        }
+    }
+}
+
+/// Counters of the directory cache, for metrics. Cumulative since start, except `entries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DirectoryStats {
+    /// Lookups answered from a fresh cache entry.
+    pub hits: u64,
+    /// Lookups that needed the backend (cold, expired or stale); coalesced callers each count.
+    pub misses: u64,
+    /// Lookups answered with a stale party because the backend failed.
+    pub stale_served: u64,
+    /// Backend queries that failed.
+    pub backend_errors: u64,
+    /// Cached ASIDs now (moka's estimate: it settles after pending maintenance).
+    pub entries: u64,
+}
+
+/// `t + d`, saturating far in the future instead of panicking on overflow.
+fn later(t: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
+}
+
+/// The last answer the backend gave for one ASID.
+#[derive(Debug)]
+struct Answer {
+    party: Option<Arc<Party>>,
+    fresh_until: Instant,
+    /// Until when it may be served while the backend fails; `None`: never ("not found").
+    stale_until: Option<Instant>,
+}
+
+/// A refresh that failed.
+#[derive(Debug)]
+struct Failure {
+    at: Instant,
+    error: DirectoryError,
+}
+
+/// What the cache holds for one ASID.
+#[derive(Debug)]
+struct Slot {
+    answer: Option<Answer>,
+    /// The newest failed refresh since `answer` was fetched.
+    failure: Option<Failure>,
+    /// When moka drops the slot.
+    evict_at: Instant,
+}
+
+impl Slot {
+    fn answered(party: Option<Arc<Party>>, at: Instant, policy: &CachePolicy) -> Slot {
+        let answer = match party {
+            Some(party) => {
+                let fresh_until = later(at, policy.ttl);
+                Answer {
+                    party: Some(party),
+                    fresh_until,
+                    stale_until: Some(later(fresh_until, policy.max_stale)),
+                }
+            }
+            None => Answer {
+                party: None,
+                fresh_until: later(at, policy.negative_ttl),
+                stale_until: None,
+            },
+        };
+        Slot {
+            evict_at: answer.stale_until.unwrap_or(answer.fresh_until),
+            answer: Some(answer),
+            failure: None,
+        }
+    }
+
+    /// The answer when it is fresh at `now`.
+    fn fresh(&self, now: Instant) -> Option<&Option<Arc<Party>>> {
+        self.answer
+            .as_ref()
+            .filter(|a| now < a.fresh_until)
+            .map(|a| &a.party)
+    }
+
+    /// The stale party that may be served at `now` while the backend fails.
+    fn stale(&self, now: Instant) -> Option<&Arc<Party>> {
+        let answer = self.answer.as_ref()?;
+        match (&answer.party, answer.stale_until) {
+            (Some(party), Some(until)) if now < until => Some(party),
+            _ => None,
+        }
+    }
+}
+
+/// Per-slot expiry: moka drops a slot at its `evict_at`.
+struct SlotExpiry;
+
+impl Expiry<String, Arc<Slot>> for SlotExpiry {
+    fn expire_after_create(
+        &self,
+        _asid: &String,
+        slot: &Arc<Slot>,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(slot.evict_at.saturating_duration_since(created_at))
+    }
+
+    fn expire_after_update(
+        &self,
+        _asid: &String,
+        slot: &Arc<Slot>,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(slot.evict_at.saturating_duration_since(updated_at))
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale_served: AtomicU64,
+    backend_errors: AtomicU64,
+}
+
+struct Inner {
+    backend: Arc<dyn DirectoryBackend>,
+    cache: Cache<String, Arc<Slot>>,
+    policy: CachePolicy,
+    counters: Counters,
+    /// False after a failed backend query, true again after a successful one.
+    last_query_ok: AtomicBool,
+}
+
+/// The cached directory the gateway queries: a [`DirectoryBackend`] behind a `moka` cache.
+/// Cloning is cheap and clones share the cache and the counters.
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Directory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Directory")
+            .field("backend", &self.inner.backend.name())
+            .field("policy", &self.inner.policy)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// How a slow-path lookup ended.
+enum Outcome {
+    Answer(Option<Arc<Party>>),
+    Stale(Arc<Party>),
+    Failed(DirectoryError),
+}
+
+impl Directory {
+    /// A directory answering from `backend`, caching as `policy` says.
+    pub fn new(backend: Arc<dyn DirectoryBackend>, policy: CachePolicy) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(policy.capacity)
+            .expire_after(SlotExpiry)
+            .build();
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                cache,
+                policy,
+                counters: Counters::default(),
+                last_query_ok: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// The party registered under `asid`, from the cache or else the backend; `Ok(None)` when no
+    /// such ASID is registered. Concurrent misses for one ASID share a single backend query. When
+    /// the backend fails, a party cached within `ttl + max_stale` is served (and counted);
+    /// otherwise the error is returned. Anything that is not 1 to 32 ASCII digits cannot be an
+    /// ASID and is answered `Ok(None)` without touching cache or backend.
+    ///
+    /// A hit looks the key up by `&str` (no key allocation) and clones one `Arc`.
+    pub async fn party(&self, asid: &str) -> Result<Option<Arc<Party>>, DirectoryError> {
+        if !is_asid(asid) {
+            return Ok(None);
+        }
+        let arrived = Instant::now();
+        if let Some(slot) = self.inner.cache.get(asid).await {
+            if let Some(answer) = slot.fresh(arrived) {
+                self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(answer.clone());
+            }
+        }
+        self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+        match self.refresh(asid, arrived).await {
+            Outcome::Answer(answer) => Ok(answer),
+            Outcome::Stale(party) => {
+                self.inner
+                    .counters
+                    .stale_served
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(Some(party))
+            }
+            Outcome::Failed(error) => Err(error),
+        }
+    }
+
+    /// The slow path, under the per-key lock: use what a refresh that finished while we waited
+    /// left behind, or ask the backend.
+    async fn refresh(&self, asid: &str, arrived: Instant) -> Outcome {
+        let inner = &*self.inner;
+        let policy = &inner.policy;
+        let mut outcome = None;
+        let out = &mut outcome;
+        inner
+            .cache
+            .entry_by_ref(asid)
+            .and_compute_with(|current| async move {
+                let current = current.map(|entry| entry.into_value());
+                let now = Instant::now();
+                if let Some(slot) = &current {
+                    if let Some(answer) = slot.fresh(now) {
+                        *out = Some(Outcome::Answer(answer.clone()));
+                        return Op::Nop;
+                    }
+                    if let Some(failure) = &slot.failure {
+                        let queued_behind_it = failure.at >= arrived;
+                        match slot.stale(now) {
+                            Some(party)
+                                if queued_behind_it
+                                    || now < later(failure.at, policy.stale_retry) =>
+                            {
+                                *out = Some(Outcome::Stale(party.clone()));
+                                return Op::Nop;
+                            }
+                            None if queued_behind_it => {
+                                *out = Some(Outcome::Failed(failure.error.clone()));
+                                return Op::Nop;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                let result = inner.backend.party(asid).await;
+                let now = Instant::now();
+                match result {
+                    Ok(found) => {
+                        inner.last_query_ok.store(true, Ordering::Relaxed);
+                        let found = found.map(Arc::new);
+                        *out = Some(Outcome::Answer(found.clone()));
+                        Op::Put(Arc::new(Slot::answered(found, now, policy)))
+                    }
+                    Err(error) => {
+                        inner.last_query_ok.store(false, Ordering::Relaxed);
+                        inner.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
+                        let failure = Failure {
+                            at: now,
+                            error: error.clone(),
+                        };
+                        match current.as_deref().and_then(|slot| {
+                            let party = slot.stale(now)?.clone();
+                            Some((slot, party))
+                        }) {
+                            Some((slot, party)) => {
+                                tracing::warn!(asid, error = %error, "directory backend failed; serving the cached entry past its TTL");
+                                let answer = slot.answer.as_ref().map(|a| Answer {
+                                    party: a.party.clone(),
+                                    fresh_until: a.fresh_until,
+                                    stale_until: a.stale_until,
+                                });
+                                *out = Some(Outcome::Stale(party));
+                                Op::Put(Arc::new(Slot {
+                                    answer,
+                                    failure: Some(failure),
+                                    evict_at: slot.evict_at,
+                                }))
+                            }
+                            None => {
+                                *out = Some(Outcome::Failed(error));
+                                Op::Put(Arc::new(Slot {
+                                    answer: None,
+                                    failure: Some(failure),
+                                    evict_at: later(now, FAILURE_MARKER_TTL),
+                                }))
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+        outcome.unwrap_or_else(|| {
+            // Unreachable: the compute closure always runs and sets the outcome before
+            // returning. Answer as a failure rather than panic on the request path.
+            Outcome::Failed(DirectoryError::Backend {
+                backend: inner.backend.name(),
+                reason: "cache lookup ended without an outcome".into(),
+            })
+        })
+    }
+
+    /// The backend's short name ("ldif", "ldap", "fhir").
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// The backend itself (uncached), e.g. for the operator's `directory lookup`.
+    pub fn backend(&self) -> &Arc<dyn DirectoryBackend> {
+        &self.inner.backend
+    }
+
+    /// The cache policy in force.
+    pub fn policy(&self) -> &CachePolicy {
+        &self.inner.policy
+    }
+
+    /// Forget the cached answer for `asid` (a stale copy too); the next
+    /// [`party`](Self::party) asks the backend.
+    pub async fn invalidate(&self, asid: &str) {
+        self.inner.cache.invalidate(asid).await;
+    }
+
+    /// Forget every cached answer (e.g. after the backend's data was reloaded).
+    pub fn invalidate_all(&self) {
+        self.inner.cache.invalidate_all();
+    }
+
+    /// The cache counters (a few relaxed atomic loads).
+    pub fn stats(&self) -> DirectoryStats {
+        let c = &self.inner.counters;
+        DirectoryStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            stale_served: c.stale_served.load(Ordering::Relaxed),
+            backend_errors: c.backend_errors.load(Ordering::Relaxed),
+            entries: self.inner.cache.entry_count(),
+        }
+    }
+
+    /// Whether the backend is answering: its last query succeeded (true before the first), or
+    /// it is a local file that cannot fail a lookup (LDIF).
+    pub fn healthy(&self) -> bool {
+        self.inner.backend.is_local() || self.inner.last_query_ok.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ldif, AccreditedSystem, MessageHandler};
+    use super::*;
+    use futures_util::future::BoxFuture;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::sync::Semaphore;
+
+    const METADATA: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
+    const SLOT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1";
+    const LONG: Duration = Duration::from_secs(3600);
+
+    fn party(asid: &str) -> Party {
+        Party {
+            system: AccreditedSystem {
+                asid: asid.into(),
+                ods_code: "B82617".into(),
+                party_key: "B82617-0000806".into(),
+                interactions: vec![METADATA.into(), SLOT.into()],
+                product_name: None,
+                product_version: None,
+            },
+            handlers: vec![MessageHandler {
+                id: "a".into(),
+                ods_code: "B82617".into(),
+                party_key: "B82617-0000806".into(),
+                interaction: METADATA.into(),
+                endpoint: "https://localhost:9443/B82617/STU3/1/gpconnect".into(),
+                fqdn: "localhost".into(),
+                cpa_id: "a".into(),
+            }],
+        }
+    }
+
+    /// A backend that counts queries, can be made to fail, and can hold queries at a gate.
+    struct CountingBackend {
+        parties: HashMap<String, Party>,
+        calls: AtomicUsize,
+        fail: AtomicBool,
+        /// When set, each query waits for a permit before answering.
+        gate: Option<Arc<Semaphore>>,
+    }
+
+    impl CountingBackend {
+        fn new(asids: &[&str]) -> Arc<Self> {
+            Arc::new(Self::with_gate(asids, None))
+        }
+
+        fn with_gate(asids: &[&str], gate: Option<Arc<Semaphore>>) -> Self {
+            Self {
+                parties: asids.iter().map(|a| (a.to_string(), party(a))).collect(),
+                calls: AtomicUsize::new(0),
+                fail: AtomicBool::new(false),
+                gate,
+            }
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn fail(&self, fail: bool) {
+            self.fail.store(fail, Ordering::SeqCst);
+        }
+    }
+
+    impl DirectoryBackend for CountingBackend {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+
+        fn party<'a>(
+            &'a self,
+            asid: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                if let Some(gate) = &self.gate {
+                    let _permit = gate.acquire().await.map_err(|_| DirectoryError::Backend {
+                        backend: "counting",
+                        reason: "gate closed".into(),
+                    })?;
+                }
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(DirectoryError::Backend {
+                        backend: "counting",
+                        reason: "down".into(),
+                    });
+                }
+                Ok(self.parties.get(asid).cloned())
+            })
+        }
+    }
+
+    fn policy(ttl: Duration, negative_ttl: Duration) -> CachePolicy {
+        CachePolicy {
+            ttl,
+            negative_ttl,
+            capacity: 1000,
+            max_stale: Duration::ZERO,
+            stale_retry: Duration::ZERO,
+        }
+    }
+
+    fn directory(backend: &Arc<CountingBackend>, policy: CachePolicy) -> Directory {
+        let backend: Arc<dyn DirectoryBackend> = backend.clone();
+        Directory::new(backend, policy)
+    }
+
+    #[test]
+    fn default_policy_uses_the_named_defaults() {
+        let policy = CachePolicy::default();
+        assert_eq!(policy.ttl, Duration::from_secs(900));
+        assert_eq!(policy.negative_ttl, Duration::from_secs(60));
+        assert_eq!(policy.capacity, 100_000);
+        assert_eq!(policy.max_stale, Duration::from_secs(3600));
+        assert_eq!(policy.stale_retry, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn later_saturates_instead_of_panicking() {
+        let now = Instant::now();
+        assert!(later(now, Duration::MAX) > now);
+        assert_eq!(later(now, Duration::ZERO), now);
+    }
+
+    #[tokio::test]
+    async fn found_and_not_found_are_both_cached_and_counted() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(LONG, LONG));
+        assert_eq!(dir.backend_name(), "counting");
+        let first = dir.party("1").await.unwrap().unwrap();
+        let second = dir.party("1").await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "a hit returns the cached Arc");
+        assert_eq!(first.system.asid, "1");
+        assert_eq!(dir.party("2").await.unwrap(), None);
+        assert_eq!(dir.party("2").await.unwrap(), None);
+        assert_eq!(backend.calls(), 2);
+        let stats = dir.stats();
+        assert_eq!((stats.hits, stats.misses), (2, 2));
+        assert_eq!((stats.stale_served, stats.backend_errors), (0, 0));
+        assert!(dir.healthy());
+    }
+
+    #[tokio::test]
+    async fn negative_ttl_applies_to_not_found_only() {
+        // Zero lifetime expires an entry at once, so no waiting.
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(LONG, Duration::ZERO));
+        for _ in 0..3 {
+            assert!(dir.party("1").await.unwrap().is_some());
+            assert!(dir.party("2").await.unwrap().is_none());
+        }
+        // "1" asked once (cached for LONG), "2" asked every time (expired at once).
+        assert_eq!(backend.calls(), 1 + 3);
+    }
+
+    #[tokio::test]
+    async fn ttl_applies_to_found_only() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(Duration::ZERO, LONG));
+        for _ in 0..3 {
+            assert!(dir.party("1").await.unwrap().is_some());
+            assert!(dir.party("2").await.unwrap().is_none());
+        }
+        assert_eq!(backend.calls(), 3 + 1);
+    }
+
+    #[tokio::test]
+    async fn invalidate_forgets_one_and_invalidate_all_forgets_everything() {
+        let backend = CountingBackend::new(&["1", "2"]);
+        let dir = directory(&backend, policy(LONG, LONG));
+        dir.party("1").await.unwrap();
+        dir.party("2").await.unwrap();
+        assert_eq!(backend.calls(), 2);
+
+        dir.invalidate("1").await;
+        dir.party("1").await.unwrap();
+        dir.party("2").await.unwrap();
+        assert_eq!(
+            backend.calls(),
+            3,
+            "only the invalidated ASID is asked again"
+        );
+
+        dir.invalidate_all();
+        dir.party("1").await.unwrap();
+        dir.party("2").await.unwrap();
+        assert_eq!(backend.calls(), 5);
+    }
+
+    #[tokio::test]
+    async fn backend_errors_are_returned_and_not_cached() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(LONG, LONG));
+        backend.fail(true);
+        let err = dir.party("1").await.unwrap_err();
+        assert_eq!(err.to_string(), "directory backend counting: down");
+        assert!(
+            !dir.healthy(),
+            "a failed query makes the directory unhealthy"
+        );
+        backend.fail(false);
+        assert!(dir.party("1").await.unwrap().is_some());
+        assert!(dir.healthy(), "a successful query makes it healthy again");
+        assert_eq!(backend.calls(), 2);
+        assert_eq!(dir.stats().backend_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn values_that_cannot_be_asids_never_reach_the_backend() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(LONG, LONG));
+        for asid in ["", "abc", "1 ", "１", &"9".repeat(33)] {
+            assert_eq!(dir.party(asid).await.unwrap(), None, "{asid:?}");
+        }
+        assert_eq!(backend.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stale_party_is_served_while_the_backend_fails_and_counted() {
+        // ttl zero: stale at once; max_stale long: still servable.
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(
+            &backend,
+            CachePolicy {
+                max_stale: LONG,
+                ..policy(Duration::ZERO, LONG)
+            },
+        );
+        let fetched = dir.party("1").await.unwrap().unwrap();
+        backend.fail(true);
+        let served = dir.party("1").await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&fetched, &served), "the last known party");
+        let stats = dir.stats();
+        assert_eq!(
+            (stats.stale_served, stats.backend_errors, stats.misses),
+            (1, 1, 2)
+        );
+        assert!(!dir.healthy());
+
+        // stale_retry is zero: each stale request asks again, and is served stale again.
+        dir.party("1").await.unwrap().unwrap();
+        assert_eq!(backend.calls(), 3);
+        assert_eq!(dir.stats().stale_served, 2);
+
+        // The backend recovers: the fresh answer replaces the stale one.
+        backend.fail(false);
+        dir.party("1").await.unwrap().unwrap();
+        assert_eq!(backend.calls(), 4);
+        assert_eq!(dir.stats().stale_served, 2);
+        assert!(dir.healthy());
+
+        // "Not found" is never served stale: an unknown ASID during an outage is an error.
+        let dir = directory(
+            &backend,
+            CachePolicy {
+                max_stale: LONG,
+                ..policy(Duration::ZERO, Duration::ZERO)
+            },
+        );
+        assert_eq!(dir.party("2").await.unwrap(), None);
+        backend.fail(true);
+        assert!(dir.party("2").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_refresh_the_stale_party_is_served_without_asking_again() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(
+            &backend,
+            CachePolicy {
+                max_stale: LONG,
+                stale_retry: LONG,
+                ..policy(Duration::ZERO, LONG)
+            },
+        );
+        dir.party("1").await.unwrap().unwrap();
+        backend.fail(true);
+        for _ in 0..5 {
+            dir.party("1").await.unwrap().unwrap();
+        }
+        assert_eq!(
+            backend.calls(),
+            2,
+            "one failed refresh, then stale_retry holds"
+        );
+        assert_eq!(dir.stats().stale_served, 5);
+        assert_eq!(dir.stats().backend_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn past_max_stale_the_error_is_returned() {
+        // ttl and max_stale zero: the party is gone at once, so a failing backend is an error.
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(Duration::ZERO, LONG));
+        dir.party("1").await.unwrap().unwrap();
+        backend.fail(true);
+        let err = dir.party("1").await.unwrap_err();
+        assert_eq!(err.to_string(), "directory backend counting: down");
+        assert_eq!(dir.stats().stale_served, 0);
+    }
+
+    /// 100 concurrent cold lookups of one ASID make exactly one backend query. The backend is
+    /// held at a gate until every caller is waiting, so without coalescing each would query.
+    #[tokio::test]
+    async fn concurrent_misses_are_coalesced_into_one_query() {
+        const CALLERS: usize = 100;
+        let gate = Arc::new(Semaphore::new(0));
+        let backend = Arc::new(CountingBackend::with_gate(&["42"], Some(gate.clone())));
+        let dir = directory(&backend, policy(LONG, LONG));
+        let started = Arc::new(AtomicUsize::new(0));
+
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let dir = dir.clone();
+                let started = started.clone();
+                tokio::spawn(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    dir.party("42").await
+                })
+            })
+            .collect();
+
+        // Single-threaded runtime: a task that has counted itself has run on to its first
+        // await inside `party` (the gate, or moka's per-key lock).
+        let mut spins = 0;
+        while started.load(Ordering::SeqCst) < CALLERS {
+            tokio::task::yield_now().await;
+            spins += 1;
+            assert!(spins < 100_000, "callers never started");
+        }
+        assert_eq!(backend.calls(), 1, "only one caller may reach the backend");
+        gate.add_permits(CALLERS);
+
+        let mut results = Vec::with_capacity(CALLERS);
+        for task in tasks {
+            results.push(task.await.unwrap().unwrap().unwrap());
+        }
+        assert_eq!(backend.calls(), 1);
+        assert!(
+            results.iter().all(|p| Arc::ptr_eq(p, &results[0])),
+            "every caller shares one answer"
+        );
+        assert_eq!(dir.stats().misses, CALLERS as u64);
+    }
+
+    /// Callers queued behind a failing query share its failure: one backend query, not 100.
+    #[tokio::test]
+    async fn concurrent_misses_share_a_failure() {
+        const CALLERS: usize = 100;
+        let gate = Arc::new(Semaphore::new(0));
+        let backend = Arc::new(CountingBackend::with_gate(&["42"], Some(gate.clone())));
+        backend.fail(true);
+        let dir = directory(&backend, policy(LONG, LONG));
+        let started = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let dir = dir.clone();
+                let started = started.clone();
+                tokio::spawn(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    dir.party("42").await
+                })
+            })
+            .collect();
+        let mut spins = 0;
+        while started.load(Ordering::SeqCst) < CALLERS {
+            tokio::task::yield_now().await;
+            spins += 1;
+            assert!(spins < 100_000, "callers never started");
+        }
+        gate.add_permits(CALLERS);
+        for task in tasks {
+            assert!(task.await.unwrap().is_err());
+        }
+        assert_eq!(backend.calls(), 1);
+        assert_eq!(dir.stats().backend_errors, 1);
+
+        // A caller arriving after the failure asks again: errors are not cached.
+        backend.fail(false);
+        assert!(dir.party("42").await.unwrap().is_some());
+        assert_eq!(backend.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_ldif_backend_is_always_healthy() {
+        let backend: Arc<dyn DirectoryBackend> =
+            Arc::new(ldif::LdifBackend::development_world().unwrap());
+        let dir = Directory::new(backend, CachePolicy::default());
+        assert!(dir.healthy());
+        assert_eq!(dir.backend_name(), "ldif");
+        let consumer = dir.party("200000000359").await.unwrap().unwrap();
+        assert!(consumer.has_fqdn("consumer.dev.local"));
+        assert!(consumer.may(SLOT));
+        let provider = dir.party("918999198993").await.unwrap().unwrap();
+        assert_eq!(
+            provider.handler_for(SLOT).map(|h| h.endpoint.as_str()),
+            Some("https://localhost:9443/B82617/STU3/1/gpconnect")
+        );
+        assert!(dir.party("123456789012").await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,914 @@
+//! The SDS FHIR API directory backend (`GET {base}/Device` and `/Endpoint`, FHIR R4, API-key
+//! auth). Owns the HTTP client (pooled; HTTPS with a CA bundle, or plain HTTP to a loopback
+//! test server only), the query encoding, and the mapping of `Device` and `Endpoint` resources
+//! to the directory model. It only sends GET requests to the configured base URL, with the
+//! `apikey` header and a fresh `X-Correlation-Id` per request; it never logs the API key.
+//!
+//! ## How an ASID is resolved
+//!
+//! The API cannot search by ASID: `/Device` needs an ODS code (`organization`) and an
+//! interaction (`identifier=…/nhsServiceInteractionId|…`). So the backend is configured with
+//! the ODS code of every ASID it may be asked about (`fhir_asid_ods`), and resolves an ASID as:
+//!
+//! 1. its ODS code from that map (an ASID not in the map is answered "not registered");
+//! 2. `GET /Device?organization=<ods>&identifier=<interaction>` for each interaction of the
+//!    gateway's catalogue, in catalogue order, until a Device whose `nhsSpineASID` identifier is
+//!    the ASID comes back. A Device lists every `nhsAsSvcIA` of its AS record, so one match
+//!    gives the whole accreditation; no match for any catalogue interaction is "not registered";
+//! 3. `GET /Endpoint?organization=<ods>&identifier=<nhsMhsPartyKey>|<party key>`: every message
+//!    handler (`address`, `nhsMhsFQDN`, `nhsMhsCPAId`, `nhsMHSId`, interaction) of the party key.
+//!
+//! ## What it cannot do
+//!
+//! - Answer for an ASID that is not in `fhir_asid_ods`: it says "not registered" (403s), so the
+//!   map must list every consumer and provider the gateway serves.
+//! - Find an AS record accredited only for interactions outside the catalogue (the gateway
+//!   would refuse those interactions anyway).
+//! - Return product name and version (the API does not expose them), or message handlers whose
+//!   `nhsIDCode` differs from their AS record's (the `/Endpoint` search is by ODS code and party
+//!   key).
+//! - Follow paged results: a Bundle with a `next` link is refused (the API returns all matches
+//!   in one Bundle).
+//! - Be fresher than the API's own response cache (30 minutes at the NHS API gateway).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::header::{HeaderValue, ACCEPT};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use rustls_pki_types::ServerName;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::{
+    check_handlers, is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler,
+    Party,
+};
+use crate::tls;
+
+const BACKEND: &str = "fhir";
+
+/// ODS organisation codes (`organization`, `managingOrganization`).
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+/// Interaction ids (`identifier` search parameter, interaction extension).
+pub const INTERACTION_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsServiceInteractionId";
+/// ASIDs (`Device.identifier`).
+pub const ASID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsSpineASID";
+/// Party keys (`Device.identifier`, `Endpoint.identifier`, `identifier` search parameter).
+pub const PARTY_KEY_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsPartyKey";
+/// `Endpoint.identifier`: FQDN of the message handler.
+pub const FQDN_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsFQDN";
+/// `Endpoint.identifier`: CPA id.
+pub const CPA_ID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMhsCPAId";
+/// `Endpoint.identifier`: the MHS record's `uniqueIdentifier`.
+pub const MHS_ID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsMHSId";
+/// The extension carrying interaction ids on Device and Endpoint.
+pub const INTERACTION_EXTENSION: &str =
+    "https://fhir.nhs.uk/StructureDefinition/Extension-SDS-NhsServiceInteractionId";
+
+/// Default time to open a connection (TCP and TLS).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time one request may take, body included.
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest response body accepted (an SDS Bundle is a few kilobytes).
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// The largest API key file read.
+const MAX_API_KEY_BYTES: u64 = 4096;
+
+/// Characters escaped in a query parameter value (everything but unreserved characters).
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// How to reach the SDS FHIR API (`[directory]` with `backend = "fhir"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FhirSettings {
+    /// e.g. `https://int.api.service.nhs.uk/spine-directory/FHIR/R4` (no trailing `/`).
+    /// `http://` is accepted for a loopback host only (tests, a local stub).
+    pub base_url: String,
+    /// File holding the API key (sent as the `apikey` header).
+    pub api_key_file: PathBuf,
+    /// CA bundle (PEM) the API's certificate must chain to; required for `https://`.
+    pub ca: Option<PathBuf>,
+    /// ASID -> ODS code of every system the gateway may be asked about.
+    pub asid_ods: BTreeMap<String, String>,
+    pub connect_timeout: Duration,
+    pub query_timeout: Duration,
+}
+
+/// Why the FHIR backend could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FhirSetupError {
+    #[error("fhir_base_url {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("fhir_api_key_file {}: {reason}", path.display())]
+    ApiKey { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// A [`DirectoryBackend`] answering from the SDS FHIR API.
+pub struct FhirBackend {
+    /// Scheme, authority and path of the base, without a trailing `/`.
+    base: String,
+    api_key: HeaderValue,
+    asid_ods: BTreeMap<String, String>,
+    /// The catalogue's interaction ids, in the order they are tried.
+    interactions: Vec<String>,
+    client: Client<Connector, Empty<Bytes>>,
+    query_timeout: Duration,
+}
+
+impl std::fmt::Debug for FhirBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FhirBackend")
+            .field("base", &self.base)
+            .field("asids", &self.asid_ods.len())
+            .finish()
+    }
+}
+
+impl FhirBackend {
+    /// Reads the API key and TLS material; `interactions` are the catalogue's ids (step 2 of
+    /// the resolution in the module doc). Blocking file I/O: call at start-up.
+    pub fn new(settings: &FhirSettings, interactions: Vec<String>) -> Result<Self, FhirSetupError> {
+        let url_error = |reason: &str| FhirSetupError::Url {
+            url: settings.base_url.clone(),
+            reason: reason.to_string(),
+        };
+        let uri: Uri = settings
+            .base_url
+            .parse()
+            .map_err(|_| url_error("not a URL"))?;
+        let host = uri.host().ok_or_else(|| url_error("no host"))?;
+        if uri.query().is_some() || settings.base_url.ends_with('/') {
+            return Err(url_error("must have no query and no trailing `/`"));
+        }
+        let tls = match uri.scheme_str() {
+            Some("https") => {
+                let ca = settings.ca.as_ref().ok_or_else(|| {
+                    url_error(
+                        "https:// needs fhir_ca (the CA bundle the API's certificate chains to)",
+                    )
+                })?;
+                Some(client_tls(ca)?)
+            }
+            Some("http") if is_loopback(host) => None,
+            Some("http") => {
+                return Err(url_error(
+                    "plain http:// is allowed to a loopback host only; use https://",
+                ))
+            }
+            _ => return Err(url_error("must be an https:// URL")),
+        };
+        let api_key = read_api_key(&settings.api_key_file)?;
+        let connector = Connector {
+            tls: tls.map(tokio_rustls::TlsConnector::from),
+            connect_timeout: settings.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(Self {
+            base: settings.base_url.clone(),
+            api_key,
+            asid_ods: settings.asid_ods.clone(),
+            interactions,
+            client,
+            query_timeout: settings.query_timeout,
+        })
+    }
+
+    /// The configured base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn lookup(&self, asid: &str) -> Result<Option<Party>, DirectoryError> {
+        if !is_asid(asid) {
+            return Ok(None);
+        }
+        let Some(ods) = self.asid_ods.get(asid) else {
+            tracing::debug!(
+                asid,
+                "ASID not in fhir_asid_ods: answered as not registered"
+            );
+            return Ok(None);
+        };
+        let organization = format!("{ODS_SYSTEM}|{ods}");
+        let mut system = None;
+        for interaction in &self.interactions {
+            let bundle = self
+                .get(
+                    "Device",
+                    &[
+                        ("organization", &organization),
+                        ("identifier", &format!("{INTERACTION_SYSTEM}|{interaction}")),
+                    ],
+                )
+                .await?;
+            if let Some(found) = device_with_asid(&bundle, asid, ods).map_err(backend_error)? {
+                system = Some(found);
+                break;
+            }
+        }
+        let Some(system) = system else {
+            return Ok(None);
+        };
+        let bundle = self
+            .get(
+                "Endpoint",
+                &[
+                    ("organization", &organization),
+                    (
+                        "identifier",
+                        &format!("{PARTY_KEY_SYSTEM}|{}", system.party_key),
+                    ),
+                ],
+            )
+            .await?;
+        let handlers = endpoints(&bundle).map_err(backend_error)?;
+        check_handlers(&handlers).map_err(backend_error)?;
+        Ok(Some(Party { system, handlers }))
+    }
+
+    /// `GET {base}/{resource}?{params}` → the Bundle, or an error naming the correlation id.
+    async fn get(
+        &self,
+        resource: &str,
+        params: &[(&str, &String)],
+    ) -> Result<Value, DirectoryError> {
+        let query = params
+            .iter()
+            .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, QUERY_VALUE)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let url = format!("{}/{resource}?{query}", self.base);
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let what = format!("GET /{resource} (X-Correlation-Id {correlation_id})");
+        let request = Request::get(&url)
+            .header(ACCEPT, "application/fhir+json")
+            .header("apikey", self.api_key.clone())
+            .header("x-correlation-id", &correlation_id)
+            .body(Empty::new())
+            .map_err(|e| backend_error(format!("{what}: cannot build the request: {e}")))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| format!("{what}: {}", crate::forward::error_chain(&e)))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("{what}: reading the response: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        let (status, body) = match tokio::time::timeout(self.query_timeout, exchange).await {
+            Err(_) => {
+                return Err(backend_error(format!(
+                    "{what}: no answer within {:?}",
+                    self.query_timeout
+                )))
+            }
+            Ok(result) => result.map_err(backend_error)?,
+        };
+        if status != StatusCode::OK {
+            return Err(backend_error(format!(
+                "{what}: HTTP {status}{}",
+                diagnostics(&body)
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            )));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| backend_error(format!("{what}: the response is not JSON: {e}")))
+    }
+}
+
+impl DirectoryBackend for FhirBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
+        Box::pin(self.lookup(asid))
+    }
+}
+
+fn backend_error(reason: impl Into<String>) -> DirectoryError {
+    DirectoryError::Backend {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn read_api_key(path: &Path) -> Result<HeaderValue, FhirSetupError> {
+    let fail = |reason: String| FhirSetupError::ApiKey {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| fail(e.to_string()))?
+        .len();
+    if len > MAX_API_KEY_BYTES {
+        return Err(fail(format!("larger than {MAX_API_KEY_BYTES} bytes")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(fail("empty".into()));
+    }
+    let mut value = HeaderValue::from_str(key)
+        .map_err(|_| fail("not a valid header value (one line of visible ASCII)".into()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// A client config that verifies the API's certificate against `ca` and presents none.
+fn client_tls(ca: &Path) -> Result<Arc<rustls::ClientConfig>, FhirSetupError> {
+    let roots = tls::load_ca_bundle(ca)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| FhirSetupError::Url {
+            url: ca.display().to_string(),
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// `issue[0].diagnostics` of an OperationOutcome body, shortened, for error messages.
+fn diagnostics(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let d = v.get("issue")?.get(0)?.get("diagnostics")?.as_str()?;
+    Some(d.chars().take(200).collect())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Mapping (pure)
+// ------------------------------------------------------------------------------------------------
+
+/// The resources of `kind` in a searchset Bundle.
+fn resources<'b>(bundle: &'b Value, kind: &str) -> Result<Vec<&'b Value>, String> {
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err("the response is not a FHIR Bundle".into());
+    }
+    let links = bundle.get("link").and_then(Value::as_array);
+    if links.is_some_and(|links| {
+        links
+            .iter()
+            .any(|l| l.get("relation").and_then(Value::as_str) == Some("next"))
+    }) {
+        return Err("the Bundle is paged (has a `next` link); paging is not supported".into());
+    }
+    let Some(entries) = bundle.get("entry") else {
+        return Ok(Vec::new());
+    };
+    let entries = entries.as_array().ok_or("Bundle.entry is not an array")?;
+    entries
+        .iter()
+        .map(|entry| {
+            let resource = entry
+                .get("resource")
+                .ok_or("a Bundle entry has no resource")?;
+            match resource.get("resourceType").and_then(Value::as_str) {
+                Some(t) if t == kind => Ok(resource),
+                other => Err(format!(
+                    "a Bundle entry is {}, expected {kind}",
+                    other.unwrap_or("not a resource")
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Where a value came from, for error messages.
+fn label(resource: &Value) -> String {
+    format!(
+        "{}/{}",
+        resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("?"),
+        resource.get("id").and_then(Value::as_str).unwrap_or("?")
+    )
+}
+
+/// A value the model can use: non-empty, no leading or trailing white space.
+fn clean(resource: &Value, what: &str, value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err(format!("{}: {what}: empty value", label(resource)));
+    }
+    if value.trim() != value {
+        return Err(format!(
+            "{}: {what}: leading or trailing white space",
+            label(resource)
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// The values of `resource.identifier[]` with `system`.
+fn identifiers<'r>(resource: &'r Value, system: &str) -> Vec<&'r str> {
+    resource
+        .get("identifier")
+        .and_then(Value::as_array)
+        .map(|ids| {
+            ids.iter()
+                .filter(|id| id.get("system").and_then(Value::as_str) == Some(system))
+                .filter_map(|id| id.get("value").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Exactly one identifier with `system`.
+fn one_identifier(resource: &Value, system: &str) -> Result<String, String> {
+    match identifiers(resource, system).as_slice() {
+        [value] => clean(resource, system, value),
+        [] => Err(format!("{}: no identifier {system}", label(resource))),
+        values => Err(format!(
+            "{}: {} identifiers {system}, expected one",
+            label(resource),
+            values.len()
+        )),
+    }
+}
+
+/// The interaction ids in `resource.extension[]`.
+fn interaction_ids(resource: &Value) -> Result<Vec<String>, String> {
+    let Some(extensions) = resource.get("extension").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    extensions
+        .iter()
+        .filter(|e| e.get("url").and_then(Value::as_str) == Some(INTERACTION_EXTENSION))
+        .map(|e| {
+            let identifier = e
+                .get("valueReference")
+                .and_then(|r| r.get("identifier"))
+                .ok_or_else(|| {
+                    format!(
+                        "{}: interaction extension without valueReference.identifier",
+                        label(resource)
+                    )
+                })?;
+            if identifier.get("system").and_then(Value::as_str) != Some(INTERACTION_SYSTEM) {
+                return Err(format!(
+                    "{}: interaction extension with a system other than {INTERACTION_SYSTEM}",
+                    label(resource)
+                ));
+            }
+            let value = identifier
+                .get("value")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    format!("{}: interaction extension without a value", label(resource))
+                })?;
+            clean(resource, "interaction", value)
+        })
+        .collect()
+}
+
+/// The AS record among a `/Device` Bundle's Devices whose ASID is `asid`, if any. `ods` is the
+/// ODS code searched for (the API filters on the AS record's `nhsIDCode` but does not return it).
+pub fn device_with_asid(
+    bundle: &Value,
+    asid: &str,
+    ods: &str,
+) -> Result<Option<AccreditedSystem>, String> {
+    let mut found = Vec::new();
+    for device in resources(bundle, "Device")? {
+        if !identifiers(device, ASID_SYSTEM).contains(&asid) {
+            continue;
+        }
+        let device_asid = one_identifier(device, ASID_SYSTEM)?;
+        found.push(AccreditedSystem {
+            asid: device_asid,
+            ods_code: ods.to_string(),
+            party_key: one_identifier(device, PARTY_KEY_SYSTEM)?,
+            interactions: interaction_ids(device)?,
+            product_name: None,
+            product_version: None,
+        });
+    }
+    match found.len() {
+        0 | 1 => Ok(found.pop()),
+        n => Err(format!("{n} Devices have ASID {asid}")),
+    }
+}
+
+/// The message handlers in an `/Endpoint` Bundle.
+pub fn endpoints(bundle: &Value) -> Result<Vec<MessageHandler>, String> {
+    let mut handlers: Vec<MessageHandler> = Vec::new();
+    for endpoint in resources(bundle, "Endpoint")? {
+        let interaction = match interaction_ids(endpoint)?.as_slice() {
+            [one] => one.clone(),
+            other => {
+                return Err(format!(
+                    "{}: {} interaction ids, expected one (nhsMhsSvcIA is single-valued)",
+                    label(endpoint),
+                    other.len()
+                ))
+            }
+        };
+        let address = endpoint
+            .get("address")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("{}: no address", label(endpoint)))?;
+        let ods = endpoint
+            .get("managingOrganization")
+            .and_then(|o| o.get("identifier"))
+            .filter(|i| i.get("system").and_then(Value::as_str) == Some(ODS_SYSTEM))
+            .and_then(|i| i.get("value"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("{}: no managingOrganization ODS code", label(endpoint)))?;
+        let handler = MessageHandler {
+            id: one_identifier(endpoint, MHS_ID_SYSTEM)?,
+            ods_code: clean(endpoint, "managingOrganization", ods)?,
+            party_key: one_identifier(endpoint, PARTY_KEY_SYSTEM)?,
+            interaction,
+            endpoint: clean(endpoint, "address", address)?,
+            fqdn: one_identifier(endpoint, FQDN_SYSTEM)?,
+            cpa_id: one_identifier(endpoint, CPA_ID_SYSTEM)?,
+        };
+        // The API returns one Endpoint per nhsMHSEndPoint value: two for one MHS record means
+        // two addresses, and the gateway could not tell which one is registered.
+        if handlers.iter().any(|h| h.id == handler.id) {
+            return Err(format!(
+                "MHS {} has more than one address; expected exactly one",
+                handler.id
+            ));
+        }
+        handlers.push(handler);
+    }
+    Ok(handlers)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Connector: TCP, then TLS for https
+// ------------------------------------------------------------------------------------------------
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens connections to the API: TCP (no Nagle), then TLS for `https`, within the timeout.
+#[derive(Clone)]
+struct Connector {
+    /// `None`: plain HTTP (loopback only, checked when the backend is built).
+    tls: Option<tokio_rustls::TlsConnector>,
+    connect_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        let limit = self.connect_timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connect(tls, uri)).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("connect timed out after {limit:?}").into()),
+            }
+        })
+    }
+}
+
+async fn connect(
+    tls: Option<tokio_rustls::TlsConnector>,
+    uri: Uri,
+) -> Result<TokioIo<Stream>, BoxError> {
+    let host = uri.host().ok_or("the URL has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match (tls, uri.scheme_str()) {
+        (Some(tls), Some("https")) => {
+            let port = uri.port_u16().unwrap_or(443);
+            let server_name = ServerName::try_from(host.to_string())?;
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(server_name, tcp).await?;
+            Ok(TokioIo::new(Stream::Tls(Box::new(stream))))
+        }
+        (None, Some("http")) if is_loopback(host) => {
+            let port = uri.port_u16().unwrap_or(80);
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(Stream::Plain(tcp)))
+        }
+        _ => Err(format!("refusing to connect to {uri}: not the configured API").into()),
+    }
+}
+
+/// A connection to the API.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SLOT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1";
+
+    fn interaction_ext(id: &str) -> Value {
+        json!({ "url": INTERACTION_EXTENSION,
+                "valueReference": { "identifier": { "system": INTERACTION_SYSTEM, "value": id } } })
+    }
+
+    fn device(asid: &str, pk: &str, interactions: &[&str]) -> Value {
+        let mut extensions: Vec<Value> = interactions.iter().map(|i| interaction_ext(i)).collect();
+        extensions.insert(0, json!({
+            "url": "https://fhir.nhs.uk/StructureDefinition/Extension-SDS-ManufacturingOrganisation",
+            "valueReference": { "identifier": { "system": ODS_SYSTEM, "value": "YGA" } } }));
+        json!({ "resourceType": "Device", "id": uuid::Uuid::new_v4().to_string(),
+                "identifier": [ { "system": ASID_SYSTEM, "value": asid },
+                                { "system": PARTY_KEY_SYSTEM, "value": pk } ],
+                "extension": extensions,
+                "owner": { "identifier": { "system": ODS_SYSTEM, "value": "B82617" } } })
+    }
+
+    fn endpoint(id: &str, interaction: &str, address: &str) -> Value {
+        json!({ "resourceType": "Endpoint", "id": uuid::Uuid::new_v4().to_string(), "status": "active",
+                "address": address,
+                "managingOrganization": { "identifier": { "system": ODS_SYSTEM, "value": "B82617" } },
+                "identifier": [ { "system": FQDN_SYSTEM, "value": "localhost" },
+                                { "system": PARTY_KEY_SYSTEM, "value": "B82617-0000806" },
+                                { "system": CPA_ID_SYSTEM, "value": id },
+                                { "system": MHS_ID_SYSTEM, "value": id } ],
+                "extension": [ interaction_ext(interaction) ] })
+    }
+
+    fn bundle(resources: Vec<Value>) -> Value {
+        let entries: Vec<Value> = resources
+            .into_iter()
+            .map(|r| json!({ "fullUrl": "https://x/y", "resource": r, "search": { "mode": "match" } }))
+            .collect();
+        json!({ "resourceType": "Bundle", "type": "searchset", "total": entries.len(),
+                "link": [ { "relation": "self", "url": "https://x/Device?organization=y" } ],
+                "entry": entries })
+    }
+
+    #[test]
+    fn devices_are_matched_by_asid_and_mapped() {
+        let b = bundle(vec![
+            device("111", "B82617-1", &["urn:a"]),
+            device("918999198993", "B82617-0000806", &[SLOT, "urn:b"]),
+        ]);
+        let s = device_with_asid(&b, "918999198993", "B82617")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.party_key, "B82617-0000806");
+        assert_eq!(s.interactions, [SLOT, "urn:b"]);
+        assert_eq!(s.ods_code, "B82617");
+        assert_eq!(device_with_asid(&b, "222", "B82617").unwrap(), None);
+        let empty = json!({ "resourceType": "Bundle", "type": "searchset", "total": 0 });
+        assert_eq!(device_with_asid(&empty, "1", "X").unwrap(), None);
+
+        let twice = bundle(vec![device("1", "P-1", &[]), device("1", "P-2", &[])]);
+        assert!(device_with_asid(&twice, "1", "X")
+            .unwrap_err()
+            .contains("2 Devices"));
+        let no_pk = bundle(vec![json!({ "resourceType": "Device", "id": "d",
+            "identifier": [ { "system": ASID_SYSTEM, "value": "1" } ] })]);
+        assert_eq!(
+            device_with_asid(&no_pk, "1", "X").unwrap_err(),
+            format!("Device/d: no identifier {PARTY_KEY_SYSTEM}")
+        );
+    }
+
+    #[test]
+    fn endpoints_map_to_message_handlers() {
+        let b = bundle(vec![
+            endpoint(
+                "aaa",
+                SLOT,
+                "https://localhost:9443/B82617/STU3/1/gpconnect",
+            ),
+            endpoint(
+                "bbb",
+                "urn:b",
+                "https://localhost:9443/B82617/STU3/1/gpconnect",
+            ),
+        ]);
+        let handlers = endpoints(&b).unwrap();
+        assert_eq!(handlers.len(), 2);
+        assert_eq!(
+            handlers[0],
+            MessageHandler {
+                id: "aaa".into(),
+                ods_code: "B82617".into(),
+                party_key: "B82617-0000806".into(),
+                interaction: SLOT.into(),
+                endpoint: "https://localhost:9443/B82617/STU3/1/gpconnect".into(),
+                fqdn: "localhost".into(),
+                cpa_id: "aaa".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_bundles_and_endpoints_are_refused_with_a_reason() {
+        let cases: Vec<(Value, &str)> = vec![
+            (
+                json!({ "resourceType": "OperationOutcome" }),
+                "not a FHIR Bundle",
+            ),
+            (
+                json!({ "resourceType": "Bundle", "link": [ { "relation": "next", "url": "x" } ] }),
+                "paged",
+            ),
+            (bundle(vec![device("1", "P", &[])]), "expected Endpoint"),
+            (
+                bundle(vec![{
+                    let mut e = endpoint("a", SLOT, "https://x/y");
+                    e["extension"] = json!([interaction_ext(SLOT), interaction_ext("urn:b")]);
+                    e
+                }]),
+                "2 interaction ids",
+            ),
+            (
+                bundle(vec![{
+                    let mut e = endpoint("a", SLOT, "https://x/y");
+                    e.as_object_mut().unwrap().remove("address");
+                    e
+                }]),
+                "no address",
+            ),
+            (
+                bundle(vec![
+                    endpoint("a", SLOT, "https://x/1"),
+                    endpoint("a", SLOT, "https://x/2"),
+                ]),
+                "more than one address",
+            ),
+            (
+                bundle(vec![endpoint("a", SLOT, " https://x/1")]),
+                "white space",
+            ),
+        ];
+        for (b, expected) in cases {
+            let err = endpoints(&b).unwrap_err();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        let v = format!("{ODS_SYSTEM}|B82617");
+        assert_eq!(
+            utf8_percent_encode(&v, QUERY_VALUE).to_string(),
+            "https%3A%2F%2Ffhir.nhs.uk%2FId%2Fods-organization-code%7CB82617"
+        );
+    }
+
+    fn settings(url: &str, key_file: PathBuf) -> FhirSettings {
+        FhirSettings {
+            base_url: url.into(),
+            api_key_file: key_file,
+            ca: None,
+            asid_ods: BTreeMap::new(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
+        }
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let dir = std::env::temp_dir().join(format!("ssp-gateway-fhir-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("apikey");
+        std::fs::write(&key, "secret-key\n").unwrap();
+        assert!(
+            FhirBackend::new(&settings("http://127.0.0.1:1/FHIR/R4", key.clone()), vec![]).is_ok()
+        );
+        for (url, expected) in [
+            ("http://api.example/FHIR/R4", "loopback host only"),
+            ("https://api.example/FHIR/R4", "needs fhir_ca"),
+            ("https://api.example/FHIR/R4/", "trailing"),
+            ("ftp://api.example/x", "https://"),
+            ("not a url", "not a URL"),
+        ] {
+            let err = FhirBackend::new(&settings(url, key.clone()), vec![])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{url}: {err}");
+        }
+        std::fs::write(&key, "  \n").unwrap();
+        let err = FhirBackend::new(&settings("http://[::1]:1/R4", key.clone()), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("empty"), "{err}");
+        std::fs::write(&key, "two\nlines").unwrap();
+        let err = FhirBackend::new(&settings("http://localhost:1/R4", key.clone()), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("header value"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "10.0.0.1",
+            "api.service.nhs.uk",
+            "localhost.example",
+            "0.0.0.0",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+}

@@ -1,0 +1,755 @@
+//! The LDAP directory backend: the real SDS interface. Owns the SDS search filters (RFC 4515
+//! escaped), the one reused connection (`ldap://`, or `ldaps://` with the gateway's client
+//! certificate and a CA bundle, as SDS requires), per-query timeouts, reconnection after the
+//! server goes away, and the mapping of `nhsAs`/`nhsMhs` entries to the directory model with
+//! the same rules the LDIF backend applies. It only reads: it never binds with credentials,
+//! never writes, and never filters on `nhsMhsFQDN` (that attribute has no EQUALITY rule in SDS,
+//! so such a filter never matches: FQDNs are compared on fetched values).
+//!
+//! The searches, all under the configured base (`ou=services,o=nhs`), scope sub:
+//!
+//! | question | filter |
+//! |---|---|
+//! | the accredited system with this ASID | `(&(objectClass=nhsAs)(uniqueIdentifier=<asid>))` |
+//! | the message handler of a party key for an interaction (SDS route lookup) | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>)(nhsMhsSvcIA=<interaction>))` |
+//! | every message handler (and so every FQDN) of a party key | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>))` |
+//!
+//! [`DirectoryBackend::party`] is the first search then the third: the same [`Party`] the LDIF
+//! backend answers for the same data.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
+
+use super::{
+    check_handlers, is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler,
+    Party,
+};
+use crate::tls::{self, ClientTls};
+
+const BACKEND: &str = "ldap";
+
+/// Default search base for SDS services.
+pub const DEFAULT_SEARCH_BASE: &str = "ou=services,o=nhs";
+/// Default time to open a connection (TCP and TLS).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time one search may take (the SDS FHIR API's own LDAP client uses 3 s).
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most entries one search may return; SDS answers a handful per party key.
+const SIZE_LIMIT: i32 = 1000;
+
+/// The AS attributes the model reads.
+const AS_ATTRS: [&str; 6] = [
+    "uniqueIdentifier",
+    "nhsIDCode",
+    "nhsMHSPartyKey",
+    "nhsAsSvcIA",
+    "nhsProductName",
+    "nhsProductVersion",
+];
+/// The MHS attributes the model reads.
+const MHS_ATTRS: [&str; 7] = [
+    "uniqueIdentifier",
+    "nhsIDCode",
+    "nhsMHSPartyKey",
+    "nhsMhsSvcIA",
+    "nhsMHSEndPoint",
+    "nhsMhsFQDN",
+    "nhsMhsCPAId",
+];
+
+/// Where and how to reach the LDAP server (`[directory]` with `backend = "ldap"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LdapSettings {
+    /// `ldap://host[:port]` or `ldaps://host[:port]`.
+    pub url: String,
+    /// Search base, e.g. `ou=services,o=nhs`.
+    pub search_base: String,
+    /// For `ldaps://`: the gateway's client certificate and key, and the CA bundle the server's
+    /// certificate must chain to. `None` for `ldap://`.
+    pub tls: Option<ClientTls>,
+    pub connect_timeout: Duration,
+    pub query_timeout: Duration,
+}
+
+/// Why the LDAP backend could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LdapSetupError {
+    #[error("ldap_url {url}: {reason}")]
+    Url { url: String, reason: &'static str },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// RFC 4515 escaping of an assertion value: `*`, `(`, `)`, `\`, NUL and other control
+/// characters become `\XX`, so a value can never widen or restructure a filter.
+pub fn escape_filter_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '*' | '(' | ')' | '\\' | '\0'..='\x1f' | '\x7f' => {
+                out.push_str(&format!("\\{:02x}", c as u32));
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The accredited system with this ASID.
+pub fn system_filter(asid: &str) -> String {
+    format!(
+        "(&(objectClass=nhsAs)(uniqueIdentifier={}))",
+        escape_filter_value(asid)
+    )
+}
+
+/// The message handler of a party key for one interaction (the SDS route lookup).
+pub fn handler_filter(party_key: &str, interaction: &str) -> String {
+    format!(
+        "(&(objectClass=nhsMhs)(nhsMHSPartyKey={})(nhsMhsSvcIA={}))",
+        escape_filter_value(party_key),
+        escape_filter_value(interaction)
+    )
+}
+
+/// Every message handler of a party key (their `nhsMhsFQDN`s are the party's FQDNs).
+pub fn handlers_filter(party_key: &str) -> String {
+    format!(
+        "(&(objectClass=nhsMhs)(nhsMHSPartyKey={}))",
+        escape_filter_value(party_key)
+    )
+}
+
+/// A search failure, split by whether the connection is still usable.
+enum SearchFailure {
+    /// The connection broke (closed, reset, I/O): drop it; a reused one may be retried once.
+    Connection(String),
+    /// The search took longer than the query timeout: drop the connection, do not retry.
+    Timeout,
+    /// The server answered with an error code, or with something the model cannot use.
+    Answer(String),
+}
+
+/// A [`DirectoryBackend`] that asks an SDS-shaped LDAP server, over one reused connection.
+pub struct LdapBackend {
+    settings: LdapSettings,
+    conn_settings: LdapConnSettings,
+    /// The connection in use, if any, with its number. Cloning an `Ldap` handle is cheap (a
+    /// channel sender); concurrent searches share the connection (message ids multiplex them).
+    conn: Mutex<Option<(u64, Ldap)>>,
+    /// Numbers connections, so a failed search drops only the connection it used.
+    opened: AtomicU64,
+    /// Held while connecting, so concurrent lookups open one connection, not one each.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for LdapBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LdapBackend")
+            .field("url", &self.settings.url)
+            .field("search_base", &self.settings.search_base)
+            .finish()
+    }
+}
+
+impl LdapBackend {
+    /// Prepares the backend (loads the TLS material for `ldaps://`); connects on first use.
+    pub fn new(settings: LdapSettings) -> Result<Self, LdapSetupError> {
+        let url_error = |reason| LdapSetupError::Url {
+            url: settings.url.clone(),
+            reason,
+        };
+        let secure = if settings.url.starts_with("ldaps://") {
+            true
+        } else if settings.url.starts_with("ldap://") {
+            false
+        } else {
+            return Err(url_error("must start with ldap:// or ldaps://"));
+        };
+        let mut conn_settings = LdapConnSettings::new().set_conn_timeout(settings.connect_timeout);
+        match (&settings.tls, secure) {
+            (Some(client), true) => {
+                let config = tls::client_config(client, &[])?;
+                conn_settings = conn_settings.set_config(config);
+            }
+            (None, true) => {
+                return Err(url_error(
+                    "ldaps:// needs ldap_cert, ldap_key and ldap_ca (SDS requires mutual TLS)",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(url_error(
+                    "ldap_cert, ldap_key and ldap_ca apply to ldaps:// only",
+                ))
+            }
+            (None, false) => {}
+        }
+        Ok(Self {
+            settings,
+            conn_settings,
+            conn: Mutex::new(None),
+            opened: AtomicU64::new(0),
+            connecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The configured server URL.
+    pub fn url(&self) -> &str {
+        &self.settings.url
+    }
+
+    /// The accredited system with this ASID, or `None`.
+    pub async fn system(&self, asid: &str) -> Result<Option<AccreditedSystem>, DirectoryError> {
+        if !is_asid(asid) {
+            return Ok(None);
+        }
+        let entries = self.search(&system_filter(asid), &AS_ATTRS).await?;
+        let mut systems = entries
+            .iter()
+            .map(accredited_system)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend_error)?;
+        // The filter matches uniqueIdentifier case-insensitively; ASIDs are digits, so the
+        // match is exact, but check rather than trust.
+        systems.retain(|s| s.asid == asid);
+        match systems.len() {
+            0 => Ok(None),
+            1 => Ok(systems.pop()),
+            n => Err(backend_error(format!(
+                "{n} nhsAs entries have uniqueIdentifier {asid}"
+            ))),
+        }
+    }
+
+    /// The message handler of `party_key` for `interaction`, or `None`.
+    pub async fn handler(
+        &self,
+        party_key: &str,
+        interaction: &str,
+    ) -> Result<Option<MessageHandler>, DirectoryError> {
+        let entries = self
+            .search(&handler_filter(party_key, interaction), &MHS_ATTRS)
+            .await?;
+        let mut handlers = entries
+            .iter()
+            .map(message_handler)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend_error)?;
+        check_handlers(&handlers).map_err(backend_error)?;
+        Ok(handlers.pop())
+    }
+
+    /// Every message handler of `party_key`.
+    pub async fn handlers(&self, party_key: &str) -> Result<Vec<MessageHandler>, DirectoryError> {
+        let entries = self.search(&handlers_filter(party_key), &MHS_ATTRS).await?;
+        let handlers = entries
+            .iter()
+            .map(message_handler)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend_error)?;
+        check_handlers(&handlers).map_err(backend_error)?;
+        Ok(handlers)
+    }
+
+    async fn lookup(&self, asid: &str) -> Result<Option<Party>, DirectoryError> {
+        let Some(system) = self.system(asid).await? else {
+            return Ok(None);
+        };
+        let handlers = self.handlers(&system.party_key).await?;
+        Ok(Some(Party { system, handlers }))
+    }
+
+    /// One search, on the shared connection; a broken reused connection is replaced and the
+    /// search retried once (the first search after a server restart succeeds).
+    async fn search(
+        &self,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<Vec<SearchEntry>, DirectoryError> {
+        let (id, ldap, reused) = self.connection().await?;
+        match self.search_on(ldap, filter, attrs).await {
+            Ok(entries) => Ok(entries),
+            Err(SearchFailure::Connection(reason)) if reused => {
+                tracing::info!(url = %self.settings.url, %reason, "LDAP connection lost; reconnecting");
+                self.forget(id);
+                let (id, ldap, _) = self.connection().await?;
+                self.search_on(ldap, filter, attrs)
+                    .await
+                    .map_err(|failure| self.failed(id, failure))
+            }
+            Err(failure) => Err(self.failed(id, failure)),
+        }
+    }
+
+    fn failed(&self, id: u64, failure: SearchFailure) -> DirectoryError {
+        match failure {
+            SearchFailure::Connection(reason) => {
+                self.forget(id);
+                backend_error(format!("{}: {reason}", self.settings.url))
+            }
+            SearchFailure::Timeout => {
+                self.forget(id);
+                backend_error(format!(
+                    "{}: no answer within {:?}",
+                    self.settings.url, self.settings.query_timeout
+                ))
+            }
+            SearchFailure::Answer(reason) => backend_error(reason),
+        }
+    }
+
+    async fn search_on(
+        &self,
+        mut ldap: Ldap,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<Vec<SearchEntry>, SearchFailure> {
+        let timeout = self.settings.query_timeout;
+        let search = ldap
+            .with_search_options(SearchOptions::new().sizelimit(SIZE_LIMIT))
+            .with_timeout(timeout)
+            .search(&self.settings.search_base, Scope::Subtree, filter, attrs);
+        let result = match tokio::time::timeout(timeout, search).await {
+            Err(_) => return Err(SearchFailure::Timeout),
+            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Ok(result)) => result,
+        };
+        let (entries, _) = result.success().map_err(|e| match e {
+            LdapError::LdapResult { result } => SearchFailure::Answer(format!(
+                "search {filter} under {}: result code {} {}{}",
+                self.settings.search_base,
+                result.rc,
+                result_name(result.rc),
+                if result.text.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", result.text)
+                }
+            )),
+            other => classify(other),
+        })?;
+        entries
+            .into_iter()
+            .map(|raw| {
+                // `construct` panics on a malformed entry; a server must not crash the gateway.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    SearchEntry::construct(raw)
+                }))
+                .map_err(|_| SearchFailure::Answer("the server sent a malformed entry".into()))
+            })
+            .collect()
+    }
+
+    /// The shared connection and its number, opening one if there is none (or it has closed).
+    /// The flag says whether it was already open.
+    async fn connection(&self) -> Result<(u64, Ldap, bool), DirectoryError> {
+        if let Some((id, ldap)) = self.current() {
+            return Ok((id, ldap, true));
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some((id, ldap)) = self.current() {
+            return Ok((id, ldap, true));
+        }
+        let connect = LdapConnAsync::with_settings(self.conn_settings.clone(), &self.settings.url);
+        let limit = self.settings.connect_timeout;
+        let (conn, ldap) = match tokio::time::timeout(limit, connect).await {
+            Err(_) => {
+                return Err(backend_error(format!(
+                    "{}: cannot connect within {limit:?}",
+                    self.settings.url
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(backend_error(format!(
+                    "{}: cannot connect: {e}",
+                    self.settings.url
+                )))
+            }
+            Ok(Ok(pair)) => pair,
+        };
+        let url = self.settings.url.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.drive().await {
+                tracing::warn!(%url, error = %e, "LDAP connection ended with an error");
+            }
+        });
+        let id = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(url = %self.settings.url, connection = id, "LDAP connection open");
+        if let Ok(mut slot) = self.conn.lock() {
+            *slot = Some((id, ldap.clone()));
+        }
+        Ok((id, ldap, false))
+    }
+
+    /// The open connection, if there is one that has not closed.
+    fn current(&self) -> Option<(u64, Ldap)> {
+        let mut slot = self.conn.lock().ok()?;
+        let (id, ldap) = slot.as_mut()?;
+        if ldap.is_closed() {
+            *slot = None;
+            return None;
+        }
+        Some((*id, ldap.clone()))
+    }
+
+    /// Drops the shared connection if it is still connection `id` (another task may already
+    /// have replaced it); the next search opens a fresh one.
+    fn forget(&self, id: u64) {
+        if let Ok(mut slot) = self.conn.lock() {
+            if matches!(slot.as_ref(), Some((current, _)) if *current == id) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// How many connections have been opened (for tests and logs).
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+}
+
+impl DirectoryBackend for LdapBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
+        Box::pin(self.lookup(asid))
+    }
+}
+
+fn backend_error(reason: impl Into<String>) -> DirectoryError {
+    DirectoryError::Backend {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
+}
+
+fn classify(e: LdapError) -> SearchFailure {
+    match e {
+        LdapError::Timeout { .. } => SearchFailure::Timeout,
+        LdapError::Io { .. }
+        | LdapError::OpSend { .. }
+        | LdapError::ResultRecv { .. }
+        | LdapError::IdScrubSend { .. }
+        | LdapError::MiscSend { .. }
+        | LdapError::EndOfStream => SearchFailure::Connection(e.to_string()),
+        other => SearchFailure::Answer(other.to_string()),
+    }
+}
+
+/// The names of the result codes an SDS search can meet (RFC 4511 §4.1.9).
+fn result_name(rc: u32) -> &'static str {
+    match rc {
+        3 => "timeLimitExceeded",
+        4 => "sizeLimitExceeded",
+        11 => "adminLimitExceeded",
+        32 => "noSuchObject (check ldap_search_base)",
+        48 => "inappropriateAuthentication",
+        49 => "invalidCredentials",
+        50 => "insufficientAccessRights",
+        51 => "busy",
+        52 => "unavailable",
+        53 => "unwillingToPerform",
+        _ => "",
+    }
+}
+
+/// The values of one entry, by lowercased attribute name (LDAP names are case-insensitive and
+/// servers answer with the schema's spelling, not the request's).
+struct Values<'e> {
+    dn: &'e str,
+    attrs: HashMap<String, &'e [String]>,
+    binary: Vec<String>,
+}
+
+impl<'e> Values<'e> {
+    fn new(entry: &'e SearchEntry) -> Self {
+        Self {
+            dn: &entry.dn,
+            attrs: entry
+                .attrs
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.as_slice()))
+                .collect(),
+            binary: entry
+                .bin_attrs
+                .keys()
+                .map(|k| k.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    fn all(&self, name: &str) -> &'e [String] {
+        self.attrs
+            .get(&name.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(&[])
+    }
+
+    /// At most one value; when present, non-empty and without leading or trailing white space
+    /// (the rules the LDIF backend applies).
+    fn optional(&self, name: &str) -> Result<Option<String>, String> {
+        if self.binary.contains(&name.to_ascii_lowercase()) {
+            return Err(format!("entry {}: {name}: value is not UTF-8", self.dn));
+        }
+        match self.all(name) {
+            [] => Ok(None),
+            [value] if value.is_empty() => Err(format!("entry {}: {name}: empty value", self.dn)),
+            [value] if value.trim() != value => Err(format!(
+                "entry {}: {name}: leading or trailing white space",
+                self.dn
+            )),
+            [value] => Ok(Some(value.clone())),
+            values => Err(format!(
+                "entry {}: {name} must have exactly one value, found {}",
+                self.dn,
+                values.len()
+            )),
+        }
+    }
+
+    fn required(&self, name: &str) -> Result<String, String> {
+        self.optional(name)?
+            .ok_or_else(|| format!("entry {}: missing {name}", self.dn))
+    }
+}
+
+fn accredited_system(entry: &SearchEntry) -> Result<AccreditedSystem, String> {
+    let v = Values::new(entry);
+    let asid = v.required("uniqueIdentifier")?;
+    if !asid.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "entry {}: uniqueIdentifier: an ASID must be ASCII digits",
+            v.dn
+        ));
+    }
+    Ok(AccreditedSystem {
+        asid,
+        ods_code: v.required("nhsIDCode")?,
+        party_key: v.required("nhsMHSPartyKey")?,
+        interactions: v.all("nhsAsSvcIA").to_vec(),
+        product_name: v.optional("nhsProductName")?,
+        product_version: v.optional("nhsProductVersion")?,
+    })
+}
+
+fn message_handler(entry: &SearchEntry) -> Result<MessageHandler, String> {
+    let v = Values::new(entry);
+    Ok(MessageHandler {
+        id: v.required("uniqueIdentifier")?,
+        ods_code: v.required("nhsIDCode")?,
+        party_key: v.required("nhsMHSPartyKey")?,
+        interaction: v.required("nhsMhsSvcIA")?,
+        endpoint: v.required("nhsMHSEndPoint")?,
+        fqdn: v.required("nhsMhsFQDN")?,
+        cpa_id: v.required("nhsMhsCPAId")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(dn: &str, attrs: &[(&str, &[&str])]) -> SearchEntry {
+        SearchEntry {
+            dn: dn.into(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+                .collect(),
+            bin_attrs: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn filter_values_are_escaped_per_rfc_4515() {
+        assert_eq!(escape_filter_value("B82617-0000806"), "B82617-0000806");
+        assert_eq!(escape_filter_value("a*b"), "a\\2ab");
+        assert_eq!(escape_filter_value("(x)"), "\\28x\\29");
+        assert_eq!(escape_filter_value("a\\b"), "a\\5cb");
+        assert_eq!(escape_filter_value("a\0b\nc"), "a\\00b\\0ac");
+        assert_eq!(escape_filter_value("é"), "é", "UTF-8 passes as is");
+        assert_eq!(
+            handler_filter("*", "x)(objectClass=*"),
+            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=\\2a)(nhsMhsSvcIA=x\\29\\28objectClass=\\2a))"
+        );
+    }
+
+    #[test]
+    fn the_sds_filters_are_exact() {
+        assert_eq!(
+            system_filter("918999198993"),
+            "(&(objectClass=nhsAs)(uniqueIdentifier=918999198993))"
+        );
+        assert_eq!(
+            handler_filter(
+                "B82617-0000806",
+                "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1"
+            ),
+            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=B82617-0000806)(nhsMhsSvcIA=urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1))"
+        );
+        assert_eq!(
+            handlers_filter("B82617-0000806"),
+            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=B82617-0000806))"
+        );
+        for filter in [
+            system_filter("1"),
+            handler_filter("p", "i"),
+            handlers_filter("p"),
+        ] {
+            assert!(!filter.to_lowercase().contains("fqdn"), "{filter}");
+        }
+    }
+
+    #[test]
+    fn entries_map_to_the_model_with_case_insensitive_names() {
+        let e = entry(
+            "uniqueIdentifier=1,ou=services,o=nhs",
+            &[
+                ("uniqueIdentifier", &["1"]),
+                ("nhsIDCode", &["B82617"]),
+                ("nhsMHSPartyKey", &["B82617-1"]),
+                ("nhsAsSvcIA", &["urn:a", "urn:b"]),
+                ("nhsProductName", &["Example"]),
+            ],
+        );
+        let s = accredited_system(&e).unwrap();
+        assert_eq!(s.asid, "1");
+        assert_eq!(s.interactions, ["urn:a", "urn:b"]);
+        assert_eq!(s.product_name.as_deref(), Some("Example"));
+        assert_eq!(s.product_version, None);
+
+        let e = entry(
+            "uniqueIdentifier=m,ou=services,o=nhs",
+            &[
+                ("uniqueidentifier", &["m"]),
+                ("NHSIDCODE", &["B82617"]),
+                ("nhsMhsPartyKey", &["B82617-1"]),
+                ("nhsMHSSvcIA", &["urn:a"]),
+                ("nhsMhsEndPoint", &["https://x.example/a"]),
+                ("nhsMHSFQDN", &["x.example"]),
+                ("nhsMhsCPAId", &["m"]),
+            ],
+        );
+        let h = message_handler(&e).unwrap();
+        assert_eq!(h.endpoint, "https://x.example/a");
+        assert_eq!(h.fqdn, "x.example");
+    }
+
+    #[test]
+    fn entries_that_do_not_fit_the_model_are_named() {
+        let base: Vec<(&str, &[&str])> = vec![
+            ("uniqueIdentifier", &["1"]),
+            ("nhsIDCode", &["B82617"]),
+            ("nhsMHSPartyKey", &["B82617-1"]),
+        ];
+        let dn = "uniqueIdentifier=1,ou=services,o=nhs";
+        let missing = entry(dn, &base[..2]);
+        assert_eq!(
+            accredited_system(&missing).unwrap_err(),
+            format!("entry {dn}: missing nhsMHSPartyKey")
+        );
+        let mut twice = base.clone();
+        twice[1] = ("nhsIDCode", &["A", "B"]);
+        assert!(accredited_system(&entry(dn, &twice))
+            .unwrap_err()
+            .contains("nhsIDCode must have exactly one value, found 2"));
+        let mut letters = base.clone();
+        letters[0] = ("uniqueIdentifier", &["12a"]);
+        assert!(accredited_system(&entry(dn, &letters))
+            .unwrap_err()
+            .contains("ASCII digits"));
+        let mut padded = base.clone();
+        padded[1] = ("nhsIDCode", &[" B82617"]);
+        assert!(accredited_system(&entry(dn, &padded))
+            .unwrap_err()
+            .contains("white space"));
+        let mut binary = entry(dn, &base);
+        binary.attrs.remove("nhsIDCode");
+        binary
+            .bin_attrs
+            .insert("nhsIDCode".into(), vec![vec![0xff, 0xfe]]);
+        assert!(accredited_system(&binary)
+            .unwrap_err()
+            .contains("not UTF-8"));
+    }
+
+    fn settings(url: &str, tls: Option<ClientTls>) -> LdapSettings {
+        LdapSettings {
+            url: url.into(),
+            search_base: DEFAULT_SEARCH_BASE.into(),
+            tls,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
+        }
+    }
+
+    #[test]
+    fn urls_and_tls_settings_are_checked() {
+        let tls = ClientTls {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            ca: "ca.pem".into(),
+        };
+        assert!(LdapBackend::new(settings("ldap://127.0.0.1:1", None)).is_ok());
+        for (url, tls, expected) in [
+            ("http://127.0.0.1", None, "must start with"),
+            ("ldaps://127.0.0.1", None, "mutual TLS"),
+            ("ldap://127.0.0.1", Some(tls.clone()), "ldaps:// only"),
+        ] {
+            let err = LdapBackend::new(settings(url, tls))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{url}: {err}");
+        }
+        let err = LdapBackend::new(settings("ldaps://127.0.0.1", Some(tls)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.pem"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_backend_error_not_a_panic_or_a_hang() {
+        // A port nothing listens on: bind, note the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let backend =
+            LdapBackend::new(settings(&format!("ldap://127.0.0.1:{port}"), None)).unwrap();
+        let err = DirectoryBackend::party(&backend, "918999198993")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot connect"), "{err}");
+        assert_eq!(
+            DirectoryBackend::party(&backend, "not-an-asid")
+                .await
+                .unwrap(),
+            None,
+            "a value that cannot be an ASID is not sent to the server"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn escaped_values_never_contain_filter_metacharacters(value in ".*") {
+            let escaped = escape_filter_value(&value);
+            prop_assert!(!escaped.contains(['*', '(', ')', '\0']));
+            // Every backslash starts a two-hex-digit escape.
+            let bytes = escaped.as_bytes();
+            for (i, b) in bytes.iter().enumerate() {
+                if *b == b'\\' {
+                    prop_assert!(bytes.len() > i + 2);
+                    prop_assert!(bytes[i + 1].is_ascii_hexdigit() && bytes[i + 2].is_ascii_hexdigit());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Reloading the LDIF directory while the gateway runs: when the file changes (polled by
+//! modification time and size) and on SIGHUP. Owns the watcher task only: the parsing and the
+//! atomic swap are `LdifBackend::reload`'s. A file that does not load is refused with a log line
+//! naming the file, the line and the reason, and the previous data stays in service; a
+//! successful reload empties the directory cache so the next lookups see the new data. It never
+//! reads the file on the request path (reloads run on the blocking pool).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::ldif::{LdifBackend, LdifLoadError, Stats};
+use super::Directory;
+
+/// Default interval between checks of the LDIF file for changes.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What identifies one version of the file: (modification time, size).
+type Signature = Option<(SystemTime, u64)>;
+
+async fn signature(path: &Path) -> Signature {
+    let meta = tokio::fs::metadata(path).await.ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Why a reload happened (for the log line).
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    FileChanged,
+    Sighup,
+}
+
+/// Reloads `backend` from its file (on the blocking pool); on success empties the cache of
+/// `directory`. Returns what the new data holds, or why it was refused (already logged).
+pub async fn reload_now(
+    backend: &Arc<LdifBackend>,
+    directory: &Directory,
+) -> Result<Stats, Arc<LdifLoadError>> {
+    let worker = backend.clone();
+    let result = match tokio::task::spawn_blocking(move || worker.reload()).await {
+        Ok(result) => result.map_err(Arc::new),
+        Err(e) => Err(Arc::new(LdifLoadError::Io {
+            path: PathBuf::from(backend.origin()),
+            source: std::io::Error::other(format!("reload task failed: {e}")),
+        })),
+    };
+    match &result {
+        Ok(stats) => {
+            directory.invalidate_all();
+            tracing::info!(
+                file = backend.origin(),
+                systems = stats.systems,
+                handlers = stats.handlers,
+                "directory reloaded; cache emptied"
+            );
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "directory reload refused; the previous directory data stays in service"
+            );
+        }
+    }
+    result
+}
+
+/// Watches the LDIF file of `backend` until `shutdown`: reloads when its modification time or
+/// size changes (checked every `poll_interval`; `None` turns polling off) and on SIGHUP. A file
+/// that failed to load is not retried until it changes again.
+pub async fn watch(
+    backend: Arc<LdifBackend>,
+    path: PathBuf,
+    directory: Directory,
+    poll_interval: Option<Duration>,
+    shutdown: CancellationToken,
+) {
+    let mut hangup = sighup();
+    let mut seen = signature(&path).await;
+    let mut ticker = poll_interval.map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        let trigger = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick(&mut ticker) => Trigger::FileChanged,
+            received = recv(&mut hangup) => {
+                if received {
+                    Trigger::Sighup
+                } else {
+                    // The signal stream ended: keep polling only.
+                    hangup = None;
+                    continue;
+                }
+            }
+        };
+        let now = signature(&path).await;
+        if matches!(trigger, Trigger::FileChanged) && now == seen {
+            continue;
+        }
+        seen = now;
+        tracing::info!(file = %path.display(), trigger = ?trigger, "reloading the directory");
+        let _ = reload_now(&backend, &directory).await;
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn sighup() -> Hangup {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; the directory reloads on file change only");
+            None
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn sighup() -> Hangup {
+    None
+}
+
+/// Waits for SIGHUP; `false` when the stream ended. Never resolves without a stream.
+async fn recv(hangup: &mut Hangup) -> bool {
+    #[cfg(unix)]
+    if let Some(s) = hangup {
+        return s.recv().await.is_some();
+    }
+    let _ = hangup;
+    std::future::pending().await
+}
+
+/// Waits for the next poll; never resolves when polling is off.
+async fn tick(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::{CachePolicy, DirectoryBackend};
+
+    const AS_ENTRY: &str = "dn: uniqueIdentifier=1,ou=services,o=nhs\nobjectClass: nhsAs\nuniqueIdentifier: 1\nnhsIDCode: X\nnhsMHSPartyKey: X-1\n";
+
+    #[tokio::test]
+    async fn reload_now_swaps_data_empties_the_cache_and_keeps_old_data_on_error() {
+        let dir = std::env::temp_dir().join(format!("ssp-gateway-reload-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("directory.ldif");
+        std::fs::write(&path, AS_ENTRY).unwrap();
+        let backend = Arc::new(LdifBackend::from_path(&path).unwrap());
+        let as_dyn: Arc<dyn DirectoryBackend> = backend.clone();
+        let directory = Directory::new(as_dyn, CachePolicy::default());
+        assert!(directory.party("1").await.unwrap().is_some());
+
+        std::fs::write(
+            &path,
+            AS_ENTRY
+                .replace("uniqueIdentifier: 1", "uniqueIdentifier: 2")
+                .replace("=1,", "=2,"),
+        )
+        .unwrap();
+        let stats = reload_now(&backend, &directory).await.unwrap();
+        assert_eq!(stats.systems, 1);
+        assert!(
+            directory.party("1").await.unwrap().is_none(),
+            "the cache was emptied"
+        );
+        assert!(directory.party("2").await.unwrap().is_some());
+
+        std::fs::write(&path, "dn: o=nhs\nnot ldif\n").unwrap();
+        let err = reload_now(&backend, &directory).await.unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(
+            directory.party("2").await.unwrap().is_some(),
+            "old data stays"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,298 @@
+//! One conformance suite, every backend: the same directory questions asked of the LDIF file,
+//! a real slapd loaded with the same file (LDAP backend), and an SDS FHIR API serving the same
+//! file (FHIR backend) get the same answers on the development world. Also the LDAP backend's
+//! own SDS searches against slapd (route lookup, party key case, filter escaping), LDAPS with a
+//! client certificate, and reconnection after slapd restarts.
+
+mod common;
+mod directory_support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use directory_support::{FhirApi, Slapd, SlapdTls, API_KEY};
+use ssp_gateway::directory::fhir::{FhirBackend, FhirSettings};
+use ssp_gateway::directory::ldap::{LdapBackend, LdapSettings, DEFAULT_SEARCH_BASE};
+use ssp_gateway::directory::ldif::LdifBackend;
+use ssp_gateway::directory::{DirectoryBackend, Party};
+use ssp_gateway::ssp::interactions::Catalogue;
+use ssp_gateway::tls::ClientTls;
+
+/// ASIDs asked of every backend: the three parties, and ASIDs nobody registered (one of them
+/// mapped to a real ODS code for the FHIR backend, so it is searched for and not found).
+const ASIDS: [&str; 5] = [
+    PROVIDER_ASID,
+    CONSUMER_ASID,
+    READONLY_ASID,
+    "918999198994",
+    "123456789012",
+];
+
+fn world_ldif() -> String {
+    std::fs::read_to_string(repo_path("config/directory.ldif")).expect("read LDIF")
+}
+
+fn catalogue() -> Catalogue {
+    Catalogue::load(&repo_path("config/interactions.toml")).expect("catalogue")
+}
+
+fn ldap(url: String, tls: Option<ClientTls>) -> LdapBackend {
+    LdapBackend::new(LdapSettings {
+        url,
+        search_base: DEFAULT_SEARCH_BASE.into(),
+        tls,
+        connect_timeout: Duration::from_secs(5),
+        query_timeout: Duration::from_secs(5),
+    })
+    .expect("LDAP backend")
+}
+
+fn fhir(api: &FhirApi) -> FhirBackend {
+    let dir = scratch_dir("fhir-key");
+    let key = dir.join("apikey");
+    std::fs::write(&key, format!("{API_KEY}\n")).expect("write key");
+    let asid_ods: BTreeMap<String, String> = [
+        (PROVIDER_ASID, "B82617"),
+        (CONSUMER_ASID, "A20047"),
+        (READONLY_ASID, "A20048"),
+        ("918999198994", "B82617"),
+    ]
+    .into_iter()
+    .map(|(a, o)| (a.to_string(), o.to_string()))
+    .collect();
+    let settings = FhirSettings {
+        base_url: api.base_url(),
+        api_key_file: key,
+        ca: None,
+        asid_ods,
+        connect_timeout: Duration::from_secs(5),
+        query_timeout: Duration::from_secs(5),
+    };
+    let interactions = catalogue().iter().map(|i| i.id.clone()).collect();
+    FhirBackend::new(&settings, interactions).expect("FHIR backend")
+}
+
+/// A party in a canonical form: handlers ordered by MHS id, interactions sorted. Order carries
+/// no meaning in SDS (multi-valued attributes and search results are sets).
+fn canonical(party: Option<Party>) -> Option<Party> {
+    party.map(|mut p| {
+        p.system.interactions.sort();
+        p.handlers.sort_by(|a, b| a.id.cmp(&b.id));
+        p
+    })
+}
+
+/// What the FHIR API can say: everything but the product name and version.
+fn without_product(party: Option<Party>) -> Option<Party> {
+    party.map(|mut p| {
+        p.system.product_name = None;
+        p.system.product_version = None;
+        p
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldif_ldap_and_fhir_give_the_same_answers_on_the_development_world() {
+    let ldif_text = world_ldif();
+    let slapd = Slapd::start(&ldif_text, None);
+    let api = FhirApi::start(&ldif_text, None).await;
+
+    let ldif = LdifBackend::from_path(repo_path("config/directory.ldif")).expect("LDIF");
+    let ldap = ldap(slapd.url(), None);
+    let fhir = fhir(&api);
+    assert_eq!(
+        (ldif.name(), ldap.name(), fhir.name()),
+        ("ldif", "ldap", "fhir")
+    );
+
+    for asid in ASIDS {
+        let expected = canonical(DirectoryBackend::party(&ldif, asid).await.expect("ldif"));
+        let from_ldap = canonical(DirectoryBackend::party(&ldap, asid).await.expect("ldap"));
+        let from_fhir = canonical(DirectoryBackend::party(&fhir, asid).await.expect("fhir"));
+        assert_eq!(from_ldap, expected, "LDAP vs LDIF for {asid}");
+        assert_eq!(
+            from_fhir,
+            without_product(expected.clone()),
+            "FHIR vs LDIF for {asid}"
+        );
+    }
+
+    // The answers are the development world, not three agreeing empties.
+    let provider = DirectoryBackend::party(&ldap, PROVIDER_ASID)
+        .await
+        .expect("ldap")
+        .expect("provider registered");
+    assert_eq!(provider.handlers.len(), 15);
+    assert_eq!(provider.fqdns().collect::<Vec<_>>(), ["localhost"]);
+    assert_eq!(
+        provider.system.product_name.as_deref(),
+        Some("ssp-gateway mock provider")
+    );
+    let consumer = DirectoryBackend::party(&fhir, CONSUMER_ASID)
+        .await
+        .expect("fhir")
+        .expect("consumer registered");
+    assert_eq!(consumer.fqdns().collect::<Vec<_>>(), ["consumer.dev.local"]);
+    assert!(consumer.may(IX_BOOK));
+    assert!(consumer.handler_for(IX_BOOK).is_none());
+
+    // Every FHIR request carried the API key, a UUID correlation id and the FHIR media type.
+    let seen = api.seen();
+    assert!(!seen.is_empty());
+    for s in &seen {
+        assert_eq!(s.apikey.as_deref(), Some(API_KEY), "{s:?}");
+        let id = s.correlation_id.as_deref().expect("X-Correlation-Id");
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+        assert_eq!(s.accept.as_deref(), Some("application/fhir+json"));
+        assert!(
+            s.path_and_query
+                .starts_with("/spine-directory/FHIR/R4/Device?organization=")
+                || s.path_and_query
+                    .starts_with("/spine-directory/FHIR/R4/Endpoint?organization="),
+            "{s:?}"
+        );
+    }
+    let ids: std::collections::HashSet<_> = seen.iter().map(|s| &s.correlation_id).collect();
+    assert_eq!(ids.len(), seen.len(), "a fresh correlation id per request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ldap_backend_asks_the_sds_questions_exactly() {
+    let slapd = Slapd::start(&world_ldif(), None);
+    let ldap = ldap(slapd.url(), None);
+    let ldif = LdifBackend::development_world().expect("LDIF");
+    let provider = ldif.lookup(PROVIDER_ASID).expect("provider");
+
+    // Route lookup: the message handler of a party key for one interaction.
+    let handler = ldap
+        .handler("B82617-0000806", IX_SEARCH_SLOT)
+        .await
+        .expect("search")
+        .expect("found");
+    assert_eq!(Some(&handler), provider.handler_for(IX_SEARCH_SLOT));
+    assert_eq!(
+        ldap.handler("A20047-821870", IX_SEARCH_SLOT)
+            .await
+            .expect("search"),
+        None,
+        "a consumer registers no GP Connect endpoint"
+    );
+    // Interactions match case-exactly, party keys case-insensitively (the schema's rules).
+    assert_eq!(
+        ldap.handler("B82617-0000806", &IX_SEARCH_SLOT.to_uppercase())
+            .await
+            .expect("search"),
+        None
+    );
+    let by_lower = ldap.handlers("b82617-0000806").await.expect("search");
+    assert_eq!(by_lower.len(), 15);
+
+    // Filter values are escaped: a `*` is a character, not a wildcard; a `)(` cannot widen.
+    assert!(ldap.handlers("B82617-*").await.expect("search").is_empty());
+    assert!(ldap.handlers("*").await.expect("search").is_empty());
+    assert!(ldap
+        .handlers("B82617-0000806)(objectClass=*")
+        .await
+        .expect("search")
+        .is_empty());
+    assert_eq!(ldap.system("9*").await.expect("search"), None);
+
+    // One connection serves every search.
+    for asid in ASIDS {
+        DirectoryBackend::party(&ldap, asid).await.expect("party");
+    }
+    assert_eq!(ldap.connections_opened(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ldap_backend_reconnects_after_slapd_restarts() {
+    let mut slapd = Slapd::start(&world_ldif(), None);
+    let ldap = ldap(slapd.url(), None);
+    assert!(DirectoryBackend::party(&ldap, PROVIDER_ASID)
+        .await
+        .expect("party")
+        .is_some());
+    assert_eq!(ldap.connections_opened(), 1);
+
+    slapd.stop();
+    let err = DirectoryBackend::party(&ldap, PROVIDER_ASID)
+        .await
+        .expect_err("slapd is down");
+    assert!(
+        err.to_string().starts_with("directory backend ldap: "),
+        "{err}"
+    );
+
+    slapd.start_again();
+    assert!(DirectoryBackend::party(&ldap, PROVIDER_ASID)
+        .await
+        .expect("the first query after the restart succeeds")
+        .is_some());
+    assert_eq!(ldap.connections_opened(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ldap_backend_speaks_ldaps_with_a_client_certificate() {
+    let world = World::ecdsa();
+    let slapd = Slapd::start(
+        &world_ldif(),
+        Some(SlapdTls {
+            cert: world.provider.cert.clone(),
+            key: world.provider.key.clone(),
+            ca: world.ca.clone(),
+        }),
+    );
+    let client = |pair: &Pair| ClientTls {
+        cert: pair.cert.clone(),
+        key: pair.key.clone(),
+        ca: world.ca.clone(),
+    };
+
+    let ldaps = ldap(slapd.ldaps_url(), Some(client(&world.gateway_client)));
+    let provider = DirectoryBackend::party(&ldaps, PROVIDER_ASID)
+        .await
+        .expect("ldaps query")
+        .expect("provider");
+    assert_eq!(provider.system.party_key, "B82617-0000806");
+
+    // slapd demands a client certificate from its CA: one from another CA fails.
+    let untrusted = ldap(slapd.ldaps_url(), Some(client(&world.untrusted)));
+    let err = DirectoryBackend::party(&untrusted, PROVIDER_ASID)
+        .await
+        .expect_err("untrusted client certificate");
+    assert!(err.to_string().contains("directory backend ldap"), "{err}");
+
+    // And the gateway verifies the server: a CA that did not issue slapd's certificate fails.
+    let other = World::ecdsa();
+    let wrong_ca = ldap(
+        slapd.ldaps_url(),
+        Some(ClientTls {
+            ca: other.ca.clone(),
+            ..client(&world.gateway_client)
+        }),
+    );
+    assert!(DirectoryBackend::party(&wrong_ca, PROVIDER_ASID)
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_share_one_ldap_connection() {
+    let slapd = Slapd::start(&world_ldif(), None);
+    let ldap = Arc::new(ldap(slapd.url(), None));
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let ldap = ldap.clone();
+            tokio::spawn(async move {
+                let asid = ASIDS[i % ASIDS.len()];
+                DirectoryBackend::party(ldap.as_ref(), asid).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("party");
+    }
+    assert_eq!(ldap.connections_opened(), 1);
+}

@@ -1,0 +1,593 @@
+//! Real directory servers for the directory tests: a private OpenLDAP `slapd` loaded with the
+//! SDS schema and an LDIF world, and an in-process SDS FHIR API that answers `/Device` and
+//! `/Endpoint` in the API's documented shapes from the same LDIF. Both listen on loopback only
+//! and stop when dropped.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use ssp_gateway::directory::ldif::{parse_records, Record};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ssp-gateway-{name}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Finds a Debian slapd tool: on PATH, or in /usr/sbin (not on a normal user's PATH).
+fn tool(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/sbin"])
+    {
+        let candidate = Path::new(dir).join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "{name} not found: the LDAP tests need Debian's slapd (scripts/test.sh installs it: apt-get install slapd ldap-utils)"
+    );
+}
+
+/// TLS material for `ldaps://`: the server's certificate and key, and the CA client
+/// certificates must chain to (slapd demands one).
+pub struct SlapdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// A private slapd: SDS schema, `o=nhs` loaded from an LDIF with slapadd, listening on free
+/// loopback ports. Killed on drop.
+pub struct Slapd {
+    pub dir: PathBuf,
+    pub port: u16,
+    /// The `ldaps://` port, when started with TLS.
+    pub tls_port: Option<u16>,
+    child: Option<Child>,
+}
+
+impl Slapd {
+    /// Loads `ldif` into a fresh database and starts slapd. Panics (the test fails loudly) if
+    /// slapadd or slapd cannot run.
+    pub fn start(ldif: &str, tls: Option<SlapdTls>) -> Slapd {
+        let dir = scratch("slapd");
+        let db = dir.join("db");
+        std::fs::create_dir_all(&db).expect("mkdir db");
+        let tls_lines = match &tls {
+            Some(t) => format!(
+                "TLSCACertificateFile {}\nTLSCertificateFile {}\nTLSCertificateKeyFile {}\nTLSVerifyClient demand\n",
+                t.ca.display(),
+                t.cert.display(),
+                t.key.display()
+            ),
+            None => String::new(),
+        };
+        let conf = format!(
+            "include /etc/ldap/schema/core.schema\n\
+             include /etc/ldap/schema/cosine.schema\n\
+             include {schema}\n\
+             pidfile {dir}/slapd.pid\n\
+             {tls_lines}\
+             modulepath /usr/lib/ldap\n\
+             moduleload back_mdb\n\
+             database mdb\n\
+             maxsize 16777216\n\
+             suffix \"o=nhs\"\n\
+             rootdn \"cn=admin,o=nhs\"\n\
+             directory {db}\n\
+             index objectClass,nhsIDCode,nhsAsSvcIA,nhsMhsSvcIA,nhsMHSPartyKey,uniqueIdentifier eq\n",
+            schema = repo_path("config/sds.schema").display(),
+            dir = dir.display(),
+            db = db.display(),
+        );
+        std::fs::write(dir.join("slapd.conf"), conf).expect("write slapd.conf");
+        std::fs::write(dir.join("world.ldif"), ldif).expect("write LDIF");
+        let out = Command::new(tool("slapadd"))
+            .arg("-f")
+            .arg(dir.join("slapd.conf"))
+            .arg("-l")
+            .arg(dir.join("world.ldif"))
+            .output()
+            .expect("run slapadd");
+        assert!(
+            out.status.success(),
+            "slapadd failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut slapd = Slapd {
+            dir,
+            port: free_port(),
+            tls_port: tls.as_ref().map(|_| free_port()),
+            child: None,
+        };
+        slapd.start_again();
+        slapd
+    }
+
+    pub fn url(&self) -> String {
+        format!("ldap://127.0.0.1:{}", self.port)
+    }
+
+    pub fn ldaps_url(&self) -> String {
+        format!(
+            "ldaps://localhost:{}",
+            self.tls_port.expect("started with TLS")
+        )
+    }
+
+    /// Starts slapd (again) on the same ports and database, and waits until it accepts
+    /// connections (deadline 20 s).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "slapd is already running");
+        let mut urls = format!("ldap://127.0.0.1:{}/", self.port);
+        if let Some(p) = self.tls_port {
+            urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
+        }
+        let log = std::fs::File::create(self.dir.join("slapd.log")).expect("slapd log");
+        let mut child = Command::new(tool("slapd"))
+            .arg("-f")
+            .arg(self.dir.join("slapd.conf"))
+            .arg("-h")
+            .arg(&urls)
+            .arg("-d")
+            .arg("0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn slapd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ports: Vec<u16> = std::iter::once(self.port).chain(self.tls_port).collect();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "slapd exited at start ({status}): {}",
+                    std::fs::read_to_string(self.dir.join("slapd.log")).unwrap_or_default()
+                );
+            }
+            if ports
+                .iter()
+                .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "slapd did not accept connections within 20 s: {}",
+                    std::fs::read_to_string(self.dir.join("slapd.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// Kills slapd (as a crash would) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Slapd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The SDS FHIR API
+// ------------------------------------------------------------------------------------------------
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+pub const BASE_PATH: &str = "/spine-directory/FHIR/R4";
+const ODS: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+const INTERACTION: &str = "https://fhir.nhs.uk/Id/nhsServiceInteractionId";
+const PARTY_KEY: &str = "https://fhir.nhs.uk/Id/nhsMhsPartyKey";
+const EXT_INTERACTION: &str =
+    "https://fhir.nhs.uk/StructureDefinition/Extension-SDS-NhsServiceInteractionId";
+
+/// One request the API received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path_and_query: String,
+    pub apikey: Option<String>,
+    pub correlation_id: Option<String>,
+    pub accept: Option<String>,
+}
+
+/// An in-process SDS FHIR API over an LDIF world, behaving as the real one does (API key
+/// required, X-Correlation-Id checked and echoed, search parameter rules, Bundles with fresh
+/// ids). Plain HTTP on loopback, or HTTPS with the given server config.
+pub struct FhirApi {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// When set, every request is answered 502 (as the API does when LDAP fails).
+    pub failing: Arc<AtomicBool>,
+    pub requests: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl FhirApi {
+    pub async fn start(ldif: &str, tls: Option<Arc<rustls::ServerConfig>>) -> FhirApi {
+        let records = Arc::new(parse_records(ldif).expect("LDIF parses"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let api = FhirApi {
+            addr,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            failing: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let (seen, failing, requests, stop) = (
+            api.seen.clone(),
+            api.failing.clone(),
+            api.requests.clone(),
+            api.stop.clone(),
+        );
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://localhost:{}{BASE_PATH}", addr.port());
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                };
+                let (records, seen, failing, requests, base, acceptor) = (
+                    records.clone(),
+                    seen.clone(),
+                    failing.clone(),
+                    requests.clone(),
+                    base.clone(),
+                    acceptor.clone(),
+                );
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let header = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        seen.lock().expect("lock").push(Seen {
+                            path_and_query: req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default(),
+                            apikey: header("apikey"),
+                            correlation_id: header("x-correlation-id"),
+                            accept: header("accept"),
+                        });
+                        let resp = if failing.load(Ordering::SeqCst) {
+                            outcome(StatusCode::BAD_GATEWAY, "LDAP error", None)
+                        } else {
+                            answer(&req, &records, &base)
+                        };
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(tcp).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                        }
+                    }
+                });
+            }
+        });
+        api
+    }
+
+    /// The base URL a backend is configured with.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}{BASE_PATH}", self.addr.port())
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for FhirApi {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn outcome(
+    status: StatusCode,
+    diagnostics: &str,
+    correlation: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let body = json!({ "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "error", "code": "invalid", "diagnostics": diagnostics }] });
+    respond(status, body, correlation)
+}
+
+fn respond(status: StatusCode, body: Value, correlation: Option<&str>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/fhir+json"),
+    );
+    if let Some(id) = correlation.and_then(|c| http::HeaderValue::from_str(c).ok()) {
+        resp.headers_mut().insert("x-correlation-id", id);
+    }
+    resp
+}
+
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && [8, 4, 4, 4, 12]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn values<'r>(r: &'r Record, name: &str) -> Vec<&'r str> {
+    let lower = name.to_ascii_lowercase();
+    r.attributes
+        .iter()
+        .filter(|a| a.name == lower)
+        .map(|a| a.value.as_str())
+        .collect()
+}
+
+fn first<'r>(r: &'r Record, name: &str) -> Option<&'r str> {
+    values(r, name).first().copied()
+}
+
+fn is_class(r: &Record, class: &str) -> bool {
+    values(r, "objectClass")
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(class))
+}
+
+fn answer(req: &Request<Incoming>, records: &[Record], base: &str) -> Response<Full<Bytes>> {
+    let correlation = req
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let corr = Some(correlation.as_str());
+    if !is_uuid(&correlation) {
+        return outcome(StatusCode::BAD_REQUEST, "Invalid X-Correlation-Id", None);
+    }
+    if req.headers().get("apikey").and_then(|v| v.to_str().ok()) != Some(API_KEY) {
+        return outcome(StatusCode::UNAUTHORIZED, "Invalid access token", corr);
+    }
+    if req.method() != http::Method::GET {
+        return outcome(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", corr);
+    }
+    match req.headers().get("accept").and_then(|v| v.to_str().ok()) {
+        None | Some("application/fhir+json" | "application/json" | "*/*") => {}
+        Some(_) => return outcome(StatusCode::NOT_ACCEPTABLE, "Unsupported Accept", corr),
+    }
+    let path = req.uri().path();
+    let Some(resource) = path
+        .strip_prefix(BASE_PATH)
+        .and_then(|p| p.strip_prefix('/'))
+    else {
+        return outcome(StatusCode::NOT_FOUND, "Not found", corr);
+    };
+    // Parameters: token form system|value; repeated identifiers by system, last one wins.
+    let mut org = None;
+    let mut interaction = None;
+    let mut party_key = None;
+    let mut manufacturer = None;
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .to_string();
+        let Some((system, value)) = v.split_once('|') else {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid value for {k}"),
+                corr,
+            );
+        };
+        match (k, resource, system) {
+            ("organization", _, ODS) => org = Some(value.to_string()),
+            ("manufacturing-organization", "Device", ODS) => manufacturer = Some(value.to_string()),
+            ("identifier", _, INTERACTION) => interaction = Some(value.to_string()),
+            ("identifier", _, PARTY_KEY) => party_key = Some(value.to_string()),
+            _ => return outcome(StatusCode::BAD_REQUEST, "Illegal query parameter", corr),
+        }
+    }
+    let matches_pk = |r: &Record, pk: &Option<String>| {
+        pk.as_ref().map_or(true, |pk| {
+            first(r, "nhsMHSPartyKey").is_some_and(|v| v.eq_ignore_ascii_case(pk))
+        })
+    };
+    let mut resources = Vec::new();
+    match resource {
+        "Device" => {
+            let (Some(org), Some(interaction)) = (&org, &interaction) else {
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "Missing or invalid organization or identifier parameter",
+                    corr,
+                );
+            };
+            for r in records.iter().filter(|r| is_class(r, "nhsAs")) {
+                if first(r, "nhsIDCode") == Some(org.as_str())
+                    && values(r, "nhsAsSvcIA").contains(&interaction.as_str())
+                    && matches_pk(r, &party_key)
+                    && manufacturer.as_ref().map_or(true, |m| {
+                        first(r, "nhsMhsManufacturerOrg").is_some_and(|v| v.eq_ignore_ascii_case(m))
+                    })
+                {
+                    resources.push(device(r));
+                }
+            }
+        }
+        "Endpoint" => {
+            match (&org, &interaction, &party_key) {
+                (Some(_), Some(_), _) | (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {}
+                _ => {
+                    return outcome(
+                        StatusCode::BAD_REQUEST,
+                        "Missing or invalid organization, identifier or party key parameter",
+                        corr,
+                    )
+                }
+            }
+            for r in records.iter().filter(|r| is_class(r, "nhsMhs")) {
+                if org
+                    .as_ref()
+                    .map_or(true, |o| first(r, "nhsIDCode") == Some(o.as_str()))
+                    && interaction
+                        .as_ref()
+                        .map_or(true, |i| first(r, "nhsMhsSvcIA") == Some(i.as_str()))
+                    && matches_pk(r, &party_key)
+                {
+                    resources.extend(endpoints(r));
+                }
+            }
+        }
+        _ => return outcome(StatusCode::NOT_FOUND, "Not found", corr),
+    }
+    let entries: Vec<Value> = resources
+        .into_iter()
+        .map(|r| {
+            json!({ "fullUrl": format!("{base}/{resource}/{}", r["id"].as_str().unwrap_or("")),
+                    "resource": r, "search": { "mode": "match" } })
+        })
+        .collect();
+    let self_url = format!("{base}/{resource}?{}", req.uri().query().unwrap_or(""));
+    let bundle = json!({ "resourceType": "Bundle", "id": uuid::Uuid::new_v4().to_string().to_uppercase(),
+        "type": "searchset", "total": entries.len(),
+        "link": [ { "relation": "self", "url": self_url } ],
+        "entry": entries });
+    respond(StatusCode::OK, bundle, corr)
+}
+
+fn reference(system: &str, value: &str) -> Value {
+    json!({ "identifier": { "system": system, "value": value } })
+}
+
+fn interaction_ext(id: &str) -> Value {
+    json!({ "url": EXT_INTERACTION, "valueReference": reference(INTERACTION, id) })
+}
+
+/// An `nhsAs` record as the API maps it (`fhir_json_mapper.py`).
+fn device(r: &Record) -> Value {
+    let mut extensions = Vec::new();
+    if let Some(m) = first(r, "nhsMhsManufacturerOrg") {
+        extensions.push(json!({
+            "url": "https://fhir.nhs.uk/StructureDefinition/Extension-SDS-ManufacturingOrganisation",
+            "valueReference": reference(ODS, m) }));
+    }
+    extensions.extend(values(r, "nhsAsSvcIA").into_iter().map(interaction_ext));
+    let mut device = json!({
+        "resourceType": "Device", "id": uuid::Uuid::new_v4().to_string().to_uppercase(),
+        "identifier": [
+            { "system": "https://fhir.nhs.uk/Id/nhsSpineASID", "value": first(r, "uniqueIdentifier") },
+            { "system": PARTY_KEY, "value": first(r, "nhsMHSPartyKey") } ],
+        "extension": extensions });
+    if let Some(client) = first(r, "nhsAsClient") {
+        device["owner"] = reference(ODS, client);
+    }
+    device
+}
+
+/// An `nhsMhs` record as the API maps it: one Endpoint per `nhsMHSEndPoint` value.
+fn endpoints(r: &Record) -> Vec<Value> {
+    let mut reliability = Vec::new();
+    let attrs: HashMap<&str, &str> = [
+        ("nhsMHSSyncReplyMode", "valueString"),
+        ("nhsMHSRetryInterval", "valueString"),
+        ("nhsMHSPersistDuration", "valueString"),
+        ("nhsMHSDuplicateElimination", "valueString"),
+        ("nhsMHSAckRequested", "valueString"),
+    ]
+    .into_iter()
+    .collect();
+    for (name, kind) in &attrs {
+        if let Some(v) = first(r, name) {
+            reliability.push(json!({ "url": name, *kind: v }));
+        }
+    }
+    values(r, "nhsMHSEndPoint")
+        .into_iter()
+        .map(|address| {
+            json!({
+                "resourceType": "Endpoint", "id": uuid::Uuid::new_v4().to_string().to_uppercase(),
+                "status": "active",
+                "connectionType": { "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                                    "code": "hl7-fhir-msg", "display": "HL7 FHIR Messaging" },
+                "payloadType": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/endpoint-payload-type",
+                                               "code": "any", "display": "Any" }] }],
+                "address": address,
+                "managingOrganization": reference(ODS, first(r, "nhsIDCode").unwrap_or("")),
+                "identifier": [
+                    { "system": "https://fhir.nhs.uk/Id/nhsMhsFQDN", "value": first(r, "nhsMhsFQDN") },
+                    { "system": PARTY_KEY, "value": first(r, "nhsMHSPartyKey") },
+                    { "system": "https://fhir.nhs.uk/Id/nhsMhsCPAId", "value": first(r, "nhsMhsCPAId") },
+                    { "system": "https://fhir.nhs.uk/Id/nhsMHSId", "value": first(r, "uniqueIdentifier") } ],
+                "extension": [
+                    { "url": "https://fhir.nhs.uk/StructureDefinition/Extension-SDS-ReliabilityConfiguration",
+                      "extension": reliability.clone() },
+                    interaction_ext(first(r, "nhsMhsSvcIA").unwrap_or("")) ]
+            })
+        })
+        .collect()
+}
