@@ -1,6 +1,7 @@
 //! The admin listener: plain HTTP/1.1 on loopback for orchestrators and operators —
-//! `/healthz` (the process is alive) and `/readyz` (it can serve traffic). It never carries
-//! consumer traffic and never exposes request data.
+//! `/healthz` (the process is alive), `/readyz` (it can serve traffic: loaded, not draining,
+//! audit trail writable) and `/metrics` (Prometheus text format). It never carries consumer
+//! traffic and never exposes request data.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
+
 /// What `/readyz` reports on. Components flip these; the admin listener only reads them.
 #[derive(Debug)]
 pub struct Readiness {
@@ -24,6 +27,8 @@ pub struct Readiness {
     pub loaded: AtomicBool,
     /// Set when shutdown begins, so load balancers stop sending new traffic.
     pub draining: AtomicBool,
+    /// The audit writer's view of the trail (`None`: not reported).
+    pub audit_writable: Option<Arc<AtomicBool>>,
 }
 
 impl Readiness {
@@ -31,18 +36,33 @@ impl Readiness {
         Arc::new(Readiness {
             loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            audit_writable: None,
+        })
+    }
+
+    /// Readiness that also requires the audit trail to be writable.
+    pub fn with_audit(audit_writable: Arc<AtomicBool>) -> Arc<Readiness> {
+        Arc::new(Readiness {
+            loaded: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            audit_writable: Some(audit_writable),
         })
     }
 
     fn check(&self) -> (bool, String) {
         let loaded = self.loaded.load(Ordering::Acquire);
         let draining = self.draining.load(Ordering::Acquire);
-        let ready = loaded && !draining;
+        let audit = self
+            .audit_writable
+            .as_ref()
+            .map_or(true, |w| w.load(Ordering::Acquire));
+        let ready = loaded && !draining && audit;
         let body = serde_json::json!({
             "status": if ready { "ready" } else { "not ready" },
             "checks": {
                 "configuration_loaded": loaded,
                 "draining": draining,
+                "audit_writable": audit,
             }
         });
         (ready, body.to_string())
@@ -50,7 +70,12 @@ impl Readiness {
 }
 
 /// Serves the admin endpoints until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
@@ -71,12 +96,14 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: C
             },
         };
         let readiness = readiness.clone();
+        let metrics = metrics.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &readiness)) }
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &readiness, &metrics)) }
             });
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -88,7 +115,23 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: C
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
-fn answer(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    readiness: &Readiness,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
+    if (req.method(), req.uri().path()) == (&Method::GET, "/metrics") {
+        let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        return resp;
+    }
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, r#"{"status":"ok"}"#.to_string()),
         (&Method::GET, "/readyz") => {
@@ -100,7 +143,7 @@ fn answer(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes
             };
             (status, body)
         }
-        (_, "/healthz" | "/readyz") => (
+        (_, "/healthz" | "/readyz" | "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.to_string(),
         ),

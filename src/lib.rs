@@ -3,11 +3,13 @@
 //! their addresses (so tests can use port 0); `run` does the same and waits for shutdown.
 
 pub mod admin;
+pub mod audit;
 pub mod authorise;
 pub mod config;
 pub mod directory;
 pub mod forward;
 pub mod gateway;
+pub mod metrics;
 pub mod mock_provider;
 pub mod server;
 pub mod ssp;
@@ -51,6 +53,8 @@ pub enum StartError {
         dir: String,
         source: tls::pki::PkiError,
     },
+    #[error("{0}")]
+    Audit(#[from] audit::AuditError),
 }
 
 /// A started gateway: where it listens, and a handle to wait for it to stop.
@@ -76,6 +80,34 @@ pub struct Components {
     pub gateway: Gateway,
     pub server_tls: Arc<rustls::ServerConfig>,
     pub mock_provider: Option<(Arc<MockProvider>, Arc<rustls::ServerConfig>)>,
+    /// The audit writer, started by `start` (it opens the trail).
+    pub audit_writer: audit::PendingWriter,
+    /// The span exporter, when `[tracing] otlp_endpoint` is set.
+    pub span_exporter: Option<telemetry::PendingExporter>,
+}
+
+/// `notAfter` (Unix seconds) of the certificates the gateway depends on, by role: the first
+/// certificate of each file (the leaf), the earliest of each CA bundle.
+fn certificate_expiries(config: &Config) -> Vec<(&'static str, i64)> {
+    let files: [(&'static str, &std::path::Path, bool); 4] = [
+        ("server", &config.listener.tls.cert, false),
+        ("client_ca", &config.listener.tls.client_ca, true),
+        ("upstream_client", &config.upstream.tls.cert, false),
+        ("upstream_ca", &config.upstream.tls.ca, true),
+    ];
+    files
+        .into_iter()
+        .filter_map(|(role, path, bundle)| {
+            let certs = tls::load_certs(path).ok()?;
+            let take = if bundle { certs.len() } else { 1 };
+            certs
+                .iter()
+                .take(take)
+                .filter_map(|c| tls::not_after(c).ok())
+                .min()
+                .map(|t| (role, t))
+        })
+        .collect()
 }
 
 /// Loads certificates, the interaction catalogue and the directory, reporting every problem.
@@ -111,6 +143,15 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             if problems.is_empty() =>
         {
             let directory = Directory::new(Arc::new(backend), config.directory.cache);
+            let metrics = metrics::Metrics::new();
+            let (audit, audit_writer) = audit::Audit::prepare(&config.audit, metrics.audit.clone());
+            let (tracer, span_exporter) =
+                telemetry::Tracer::prepare(&config.tracing, metrics.tracing.clone());
+            let upstream = forward::Upstream::with_metrics(
+                &config.upstream,
+                client_tls,
+                Some(metrics.upstream_connect_errors.clone()),
+            );
             let gateway = Gateway {
                 catalogue,
                 directory,
@@ -119,12 +160,17 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                     jwt_clock_skew: config.policy.jwt_clock_skew,
                     sharing_agreements: config.policy.sharing_agreements.clone(),
                 },
-                upstream: forward::Upstream::new(&config.upstream, client_tls),
+                upstream,
+                audit,
+                metrics,
+                tracer,
             };
             Ok(Components {
                 gateway,
                 server_tls,
                 mock_provider,
+                audit_writer,
+                span_exporter,
             })
         }
         _ => Err(problems),
@@ -166,6 +212,19 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let components = load_components(config).map_err(StartError::Load)?;
     let tasks = TaskTracker::new();
 
+    // The audit trail first: nothing is served unless it can be written.
+    let audit_writer = components.audit_writer;
+    tokio::task::spawn_blocking(move || audit_writer.start())
+        .await
+        .map_err(|e| StartError::Load(vec![format!("audit: writer start panicked: {e}")]))??;
+    let audit = components.gateway.audit.clone();
+    let metrics = components.gateway.metrics.clone();
+    metrics.register_certificates(certificate_expiries(config));
+    let exporter_stop = CancellationToken::new();
+    if let Some(exporter) = components.span_exporter {
+        tasks.spawn(exporter.run(exporter_stop.clone()));
+    }
+
     let mock_provider_addr = match (&components.mock_provider, &config.mock_provider) {
         (Some((mock, tls)), Some(m)) => {
             let listener = bind("mock provider", m.address).await?;
@@ -189,7 +248,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let admin_listener = bind("admin", config.admin.address).await?;
     let admin_addr = local_addr("admin", &admin_listener)?;
 
-    let readiness = admin::Readiness::new();
+    let readiness = admin::Readiness::with_audit(audit.writable());
     readiness.loaded.store(true, Ordering::Release);
     {
         let readiness = readiness.clone();
@@ -202,7 +261,12 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     // The admin listener outlives the gateway listener, so /readyz reports "draining" while
     // requests in flight finish.
     let admin_stop = CancellationToken::new();
-    tasks.spawn(admin::serve(admin_listener, readiness, admin_stop.clone()));
+    tasks.spawn(admin::serve(
+        admin_listener,
+        readiness,
+        metrics.clone(),
+        admin_stop.clone(),
+    ));
 
     let gateway = Arc::new(components.gateway);
     let opts = ServeOptions {
@@ -212,10 +276,15 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         http2: config.listener.http2,
         grace_period: config.shutdown.grace_period,
     };
-    let serve = server::serve_tls(
+    let conn_metrics = server::ConnMetrics {
+        active: Some(metrics.active_connections.clone()),
+        handshake_failures: Some(metrics.tls_handshake_failures.clone()),
+    };
+    let serve = server::serve_tls_observed(
         listener,
         components.server_tls,
         opts,
+        conn_metrics,
         shutdown,
         move |conn, req| {
             let gateway = gateway.clone();
@@ -224,6 +293,9 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     );
     tasks.spawn(async move {
         serve.await;
+        // Requests are done: write and sync what the trail still holds, stop exporting.
+        audit.shutdown().await;
+        exporter_stop.cancel();
         admin_stop.cancel();
     });
 
