@@ -555,8 +555,11 @@ impl Collector for ProcessCollector {
             self.threads.set(stat.threads);
             self.virtual_memory
                 .set(i64::try_from(stat.vsize).unwrap_or(i64::MAX));
+            // `c_long` is i32 on 32-bit targets.
+            #[allow(clippy::unnecessary_cast)]
+            let page = page.max(0) as i64;
             self.resident_memory
-                .set(stat.rss_pages.saturating_mul(page.max(0) as i64));
+                .set(stat.rss_pages.saturating_mul(page));
             out.extend(self.threads.collect());
             out.extend(self.virtual_memory.collect());
             out.extend(self.resident_memory.collect());

@@ -576,6 +576,14 @@ async fn sigkill_under_load_loses_no_record_of_a_forwarded_request() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Group commit: under concurrent load, records share fsyncs.
+    let (_, metrics) = http_get(g.admin, "/metrics").await;
+    let fsyncs = sample(&metrics, "ssp_audit_fsync_duration_seconds_count").expect("fsyncs");
+    let written = sample(&metrics, "ssp_audit_records_total").expect("records");
+    assert!(
+        fsyncs < written,
+        "{fsyncs} fsyncs for {written} records: no group commit"
+    );
     // Mid-load: SIGKILL.
     g.child.kill().expect("SIGKILL");
     g.child.wait().expect("reaped");

@@ -72,13 +72,21 @@ async fn prometheus_scrapes_the_gateway_and_counts_its_requests() {
     )
     .expect("write prometheus.yml");
     let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address={web}"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log file"))
         .spawn()
-        .expect("prometheus (Debian package prometheus) must be installed: scripts/test.sh installs it");
+        .expect(
+            "prometheus (Debian package prometheus) must be installed: scripts/test.sh installs it",
+        );
     let _server = Server(child);
 
     let query = "/api/v1/query?query=sum(ssp_requests_total%7Bjob%3D%22ssp-gateway%22%2Cinteraction%3D%22read_metadata%22%2Cstatus%3D%22200%22%7D)";

@@ -298,7 +298,7 @@ mod tests {
         let (mut a, _) = chain(1, GENESIS, 4);
         a[1] = a[1].replace("\"n\":1", "\"n\":9");
         let f = write(&d, "audit.jsonl", &a, "");
-        let r = verify_files(&[f.clone()]).expect("read");
+        let r = verify_files(std::slice::from_ref(&f)).expect("read");
         let b = r.broken.expect("broken");
         assert_eq!((b.line, b.seq), (3, Some(3)));
         assert!(b.reason.contains("altered"), "{}", b.reason);
