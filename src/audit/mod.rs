@@ -220,6 +220,16 @@ impl Audit {
     }
 }
 
+/// Marks the trail unwritable when the writer thread ends.
+struct Stopped(Arc<Shared>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.writable.store(false, Ordering::Release);
+        self.0.metrics.writable.set(0);
+    }
+}
+
 impl PendingWriter {
     /// Opens the trail (creating the directory, taking its lock, finding the chain's head,
     /// setting a torn last line aside) and starts the writer thread.
@@ -228,12 +238,150 @@ impl PendingWriter {
         self.shared.writable.store(true, Ordering::Release);
         self.shared.metrics.writable.set(1);
         let rx = self.rx;
+        let shared = self.shared.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                // However the writer ends (stopped, or a bug panicking it), the trail is no
+                // longer writable: readiness must say so.
+                let _stopped = Stopped(shared);
+                writer.run(rx)
+            })
             .map_err(|source| AuditError::Open {
                 dir: self.config.dir.clone(),
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn scratch() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "ssp-audit-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    fn config(dir: &std::path::Path, durability: Durability) -> AuditConfig {
+        AuditConfig {
+            dir: dir.to_path_buf(),
+            durability,
+            max_file_bytes: 1 << 20,
+            queue_capacity: 1000,
+            write_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(50),
+        }
+    }
+
+    fn record(n: u32) -> AuditRecord {
+        AuditRecord {
+            kind: RecordKind::Rejection,
+            time: record::now_rfc3339(),
+            request_id: format!("r{n}"),
+            ssp_trace_id: None,
+            trace_id: None,
+            from: None,
+            to: None,
+            interaction: None,
+            method: "GET".into(),
+            target_url: "/".into(),
+            client: ClientInfo::default(),
+            jwt: None,
+            jwt_problem: None,
+            status: Some(400),
+            token: None,
+            request_bytes: None,
+            response_bytes: None,
+            upstream_latency_us: None,
+            total_latency_us: None,
+            completed: None,
+        }
+    }
+
+    fn files(dir: &std::path::Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect()
+    }
+
+    async fn run_once(dir: &std::path::Path, durability: Durability, n: u32) {
+        let (audit, pending) =
+            Audit::prepare(&config(dir, durability), Metrics::new().audit.clone());
+        let thread = pending.start().expect("start");
+        for i in 0..n {
+            audit.commit(&record(i)).await.expect("commit");
+        }
+        audit.enqueue(&record(1000));
+        audit.shutdown().await;
+        thread.join().expect("writer thread");
+        assert!(
+            !audit.writable().load(Ordering::Acquire),
+            "stopped means unwritable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restart_continues_the_chain_and_a_torn_file_is_set_aside() {
+        let dir = scratch();
+        run_once(&dir, Durability::Fsync, 3).await;
+        // A crash mid-write leaves half a record at the end of the active file.
+        let active = dir.join(ACTIVE_FILE);
+        let mut text = std::fs::read(&active).expect("read");
+        text.extend_from_slice(b"{\"seq\":5,\"prev\":\"00");
+        std::fs::write(&active, text).expect("write");
+
+        run_once(
+            &dir,
+            Durability::Buffered {
+                interval: Duration::from_millis(10),
+            },
+            2,
+        )
+        .await;
+        let all = files(&dir);
+        assert_eq!(
+            all.len(),
+            2,
+            "the torn file set aside, a new one started: {all:?}"
+        );
+        let report = verify::verify_files(&all).expect("verify");
+        assert!(report.intact(), "{report}");
+        assert_eq!(report.torn.len(), 1, "{report}");
+        assert_eq!(
+            (report.first_seq, report.last_seq),
+            (Some(1), Some(7)),
+            "{report}"
+        );
+        let mode = std::fs::metadata(dir.join(ACTIVE_FILE))
+            .expect("meta")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+
+    #[tokio::test]
+    async fn one_directory_one_writer() {
+        let dir = scratch();
+        let (_a, first) = Audit::prepare(
+            &config(&dir, Durability::Fsync),
+            Metrics::new().audit.clone(),
+        );
+        let _running = first.start().expect("first writer");
+        let (_b, second) = Audit::prepare(
+            &config(&dir, Durability::Fsync),
+            Metrics::new().audit.clone(),
+        );
+        assert!(matches!(second.start(), Err(AuditError::Locked { .. })));
     }
 }
