@@ -1,5 +1,6 @@
 //! The admin listener: plain HTTP/1.1 on loopback for orchestrators and operators —
-//! `/healthz` (the process is alive), `/readyz` (it can serve traffic) and
+//! `/healthz` (the process is alive), `/readyz` (it can serve traffic: loaded, not draining,
+//! audit trail writable), `/metrics` (Prometheus text format) and
 //! `POST /directory/invalidate[?asid=A]` (forget cached directory answers). It never carries
 //! consumer traffic and never exposes request data.
 
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::{is_asid, Directory};
+use crate::metrics::Metrics;
 
 /// What `/readyz` reports on. Components flip these; the admin listener only reads them.
 #[derive(Debug)]
@@ -29,6 +31,8 @@ pub struct Readiness {
     pub draining: AtomicBool,
     /// The gateway's directory, for `POST /directory/invalidate` (set once at start).
     pub directory: OnceLock<Directory>,
+    /// The audit writer's view of the trail (`None`: not reported).
+    pub audit_writable: Option<Arc<AtomicBool>>,
 }
 
 impl Readiness {
@@ -37,18 +41,40 @@ impl Readiness {
             loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             directory: OnceLock::new(),
+            audit_writable: None,
+        })
+    }
+
+    /// Readiness that also requires the audit trail to be writable.
+    pub fn with_audit(audit_writable: Arc<AtomicBool>) -> Arc<Readiness> {
+        Arc::new(Readiness {
+            loaded: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            directory: OnceLock::new(),
+            audit_writable: Some(audit_writable),
         })
     }
 
     fn check(&self) -> (bool, String) {
         let loaded = self.loaded.load(Ordering::Acquire);
         let draining = self.draining.load(Ordering::Acquire);
-        let ready = loaded && !draining;
+        let audit = self
+            .audit_writable
+            .as_ref()
+            .map_or(true, |w| w.load(Ordering::Acquire));
+        // The directory is usable when its backend answers or it has answers cached.
+        let directory = self
+            .directory
+            .get()
+            .map_or(true, |d| d.healthy() || d.stats().entries > 0);
+        let ready = loaded && !draining && audit && directory;
         let body = serde_json::json!({
             "status": if ready { "ready" } else { "not ready" },
             "checks": {
                 "configuration_loaded": loaded,
                 "draining": draining,
+                "audit_writable": audit,
+                "directory_usable": directory,
             }
         });
         (ready, body.to_string())
@@ -56,7 +82,12 @@ impl Readiness {
 }
 
 /// Serves the admin endpoints until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
@@ -77,15 +108,17 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: C
             },
         };
         let readiness = readiness.clone();
+        let metrics = metrics.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let readiness = readiness.clone();
+                let metrics = metrics.clone();
                 async move {
                     let resp = match directory_route(&req, &readiness).await {
                         Some(resp) => resp,
-                        None => answer(&req, &readiness),
+                        None => answer(&req, &readiness, &metrics),
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -100,7 +133,23 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: C
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
-fn answer(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    readiness: &Readiness,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
+    if (req.method(), req.uri().path()) == (&Method::GET, "/metrics") {
+        let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        return resp;
+    }
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, r#"{"status":"ok"}"#.to_string()),
         (&Method::GET, "/readyz") => {
@@ -112,7 +161,7 @@ fn answer(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes
             };
             (status, body)
         }
-        (_, "/healthz" | "/readyz") => (
+        (_, "/healthz" | "/readyz" | "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.to_string(),
         ),

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::audit::{AuditConfig, Durability};
 use crate::directory::fhir::FhirSettings;
 use crate::directory::ldap::LdapSettings;
 use crate::directory::{self, CachePolicy};
@@ -33,6 +34,17 @@ const DEFAULT_JWT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(5);
+const DEFAULT_AUDIT_DIR: &str = "audit";
+const DEFAULT_AUDIT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_AUDIT_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+const DEFAULT_AUDIT_QUEUE_CAPACITY: u64 = 65_536;
+const DEFAULT_AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_AUDIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_TRACING_SERVICE_NAME: &str = "ssp-gateway";
+const DEFAULT_TRACING_QUEUE_CAPACITY: u64 = 4096;
+const DEFAULT_TRACING_MAX_BATCH: u64 = 512;
+const DEFAULT_TRACING_BATCH_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_TRACING_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The validated configuration of one gateway process.
 #[derive(Debug, Clone)]
@@ -45,6 +57,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub directory: DirectoryConfig,
     pub log: LogConfig,
+    pub audit: AuditConfig,
+    pub tracing: TracingConfig,
     pub shutdown: ShutdownConfig,
     pub reload: ReloadConfig,
     pub dev: DevConfig,
@@ -124,6 +138,24 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `ssp_gateway=debug,info`.
     pub level: String,
+}
+
+/// `[tracing]`: OpenTelemetry span export (OTLP/HTTP, JSON encoding).
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// Base URL of an OTLP/HTTP collector (`http://host:4318`); spans go to
+    /// `{endpoint}/v1/traces`. `None`: no export (the default).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Spans waiting for export, at most; past it new spans are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Spans per export request, at most.
+    pub max_batch: usize,
+    /// How long a span may wait for a batch to fill.
+    pub batch_interval: Duration,
+    /// One export request's time limit.
+    pub export_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -323,6 +355,77 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     let log = LogConfig { format, level };
     s.finish();
 
+    let mut s = root.section("audit");
+    let durability = match s.string("durability", Some("fsync")).as_str() {
+        "fsync" => {
+            s.take("fsync_interval");
+            Durability::Fsync
+        }
+        "buffered" => Durability::Buffered {
+            interval: s.duration("fsync_interval", DEFAULT_AUDIT_FSYNC_INTERVAL),
+        },
+        other => {
+            s.problem(
+                "durability",
+                format!("`{other}` is not one of fsync, buffered"),
+            );
+            Durability::Fsync
+        }
+    };
+    let audit = AuditConfig {
+        dir: s
+            .optional_path("dir")
+            .unwrap_or_else(|| s.resolve(DEFAULT_AUDIT_DIR)),
+        durability,
+        max_file_bytes: s.uint(
+            "max_file_bytes",
+            DEFAULT_AUDIT_MAX_FILE_BYTES,
+            4096,
+            1 << 40,
+        ),
+        queue_capacity: s.uint(
+            "queue_capacity",
+            DEFAULT_AUDIT_QUEUE_CAPACITY,
+            1,
+            10_000_000,
+        ) as usize,
+        write_timeout: s.duration("write_timeout", DEFAULT_AUDIT_WRITE_TIMEOUT),
+        retry_interval: s.duration("retry_interval", DEFAULT_AUDIT_RETRY_INTERVAL),
+    };
+    s.finish();
+
+    let mut s = root.section("tracing");
+    let endpoint = s.string("otlp_endpoint", Some(""));
+    let otlp_endpoint = if endpoint.is_empty() {
+        None
+    } else {
+        let host_ok = endpoint
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split('/').next())
+            .is_some_and(|authority| !authority.is_empty() && !authority.contains('@'));
+        if !host_ok || endpoint.parse::<http::Uri>().is_err() {
+            s.problem(
+                "otlp_endpoint",
+                format!("`{endpoint}` is not an http://host:port URL of an OTLP/HTTP collector"),
+            );
+        }
+        Some(endpoint.trim_end_matches('/').to_owned())
+    };
+    let tracing = TracingConfig {
+        otlp_endpoint,
+        service_name: s.string("service_name", Some(DEFAULT_TRACING_SERVICE_NAME)),
+        queue_capacity: s.uint(
+            "queue_capacity",
+            DEFAULT_TRACING_QUEUE_CAPACITY,
+            1,
+            1_000_000,
+        ) as usize,
+        max_batch: s.uint("max_batch", DEFAULT_TRACING_MAX_BATCH, 1, 100_000) as usize,
+        batch_interval: s.duration("batch_interval", DEFAULT_TRACING_BATCH_INTERVAL),
+        export_timeout: s.duration("export_timeout", DEFAULT_TRACING_EXPORT_TIMEOUT),
+    };
+    s.finish();
+
     let mut s = root.section("shutdown");
     let shutdown = ShutdownConfig {
         grace_period: s.duration("grace_period", DEFAULT_GRACE_PERIOD),
@@ -393,6 +496,8 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         policy,
         directory,
         log,
+        audit,
+        tracing,
         shutdown,
         reload,
         dev,
@@ -992,6 +1097,45 @@ ldif_file = "directory.ldif"
         .unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["policy.jwt", "policy.sharing_agreements[0]"]);
+    }
+
+    #[test]
+    fn audit_and_tracing_have_defaults_and_are_validated() {
+        let c = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.audit.dir, PathBuf::from("/etc/ssp/audit"));
+        assert_eq!(c.audit.durability, Durability::Fsync);
+        assert_eq!(c.audit.max_file_bytes, DEFAULT_AUDIT_MAX_FILE_BYTES);
+        assert!(c.tracing.otlp_endpoint.is_none());
+
+        let c = parse(&format!(
+            "{MINIMAL}\n[audit]\ndir = \"/var/lib/ssp/audit\"\ndurability = \"buffered\"\nfsync_interval = \"250ms\"\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318/\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.audit.dir, PathBuf::from("/var/lib/ssp/audit"));
+        assert_eq!(
+            c.audit.durability,
+            Durability::Buffered {
+                interval: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(
+            c.tracing.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+
+        let err = parse(&format!(
+            "{MINIMAL}\n[audit]\ndurability = \"sometimes\"\nmax_file_bytes = 10\nrotate = 1\n[tracing]\notlp_endpoint = \"https://collector\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "audit.durability",
+            "audit.max_file_bytes",
+            "audit.rotate",
+            "tracing.otlp_endpoint",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
     }
 
     #[test]

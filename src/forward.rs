@@ -7,6 +7,7 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,15 +32,26 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The upstream side of the gateway: a pooled HTTP/1.1 client over mTLS.
 pub struct Upstream {
-    client: Client<TlsConnector, Incoming>,
+    client: Client<TlsConnector, Counted<Incoming>>,
     response_timeout: Duration,
 }
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, tls: Arc<Reloadable<rustls::ClientConfig>>) -> Upstream {
+        Upstream::with_metrics(config, tls, None)
+    }
+
+    /// As `new`, counting failed connections in `connect_errors` (label `reason`: `timeout`,
+    /// `tcp`, `tls`, `other`).
+    pub fn with_metrics(
+        config: &UpstreamConfig,
+        tls: Arc<Reloadable<rustls::ClientConfig>>,
+        connect_errors: Option<prometheus::IntCounterVec>,
+    ) -> Upstream {
         let connector = TlsConnector {
             tls,
             connect_timeout: config.connect_timeout,
+            connect_errors,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -58,10 +70,26 @@ impl Upstream {
     /// no response head within the response timeout is 504.
     pub async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         target: &Target,
         client_addr: SocketAddr,
     ) -> Result<Response<Incoming>, Rejection> {
+        self.forward_counted(req, target, client_addr, Arc::default())
+            .await
+    }
+
+    /// As `forward`, adding the request body bytes sent to the provider to `request_bytes`.
+    pub async fn forward_counted(
+        &self,
+        req: Request<Incoming>,
+        target: &Target,
+        client_addr: SocketAddr,
+        request_bytes: Arc<AtomicU64>,
+    ) -> Result<Response<Incoming>, Rejection> {
+        let mut req = req.map(|body| Counted {
+            inner: body,
+            bytes: request_bytes,
+        });
         let url = target.without_query().to_string();
         let uri: Uri = match target.url().parse() {
             Ok(uri) => uri,
@@ -159,6 +187,7 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
 pub struct TlsConnector {
     tls: Arc<Reloadable<rustls::ClientConfig>>,
     connect_timeout: Duration,
+    connect_errors: Option<prometheus::IntCounterVec>,
 }
 
 impl tower_service::Service<Uri> for TlsConnector {
@@ -173,26 +202,49 @@ impl tower_service::Service<Uri> for TlsConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let tls = tokio_rustls::TlsConnector::from(self.tls.current());
         let limit = self.connect_timeout;
+        let errors = self.connect_errors.clone();
         Box::pin(async move {
-            match tokio::time::timeout(limit, connect(tls, uri)).await {
+            let result = match tokio::time::timeout(limit, connect(tls, uri)).await {
                 Ok(result) => result,
-                Err(_) => Err(format!("connect timed out after {limit:?}").into()),
-            }
+                Err(_) => Err((
+                    "timeout",
+                    format!("connect timed out after {limit:?}").into(),
+                )),
+            };
+            result.map_err(|(reason, e)| {
+                if let Some(errors) = &errors {
+                    errors.with_label_values(&[reason]).inc();
+                }
+                e
+            })
         })
     }
 }
 
-async fn connect(tls: tokio_rustls::TlsConnector, uri: Uri) -> Result<TokioIo<TlsConn>, BoxError> {
+/// Connects, naming the step that failed (the `reason` label of connect errors).
+async fn connect(
+    tls: tokio_rustls::TlsConnector,
+    uri: Uri,
+) -> Result<TokioIo<TlsConn>, (&'static str, BoxError)> {
     if uri.scheme_str() != Some("https") {
-        return Err("upstream scheme must be https".into());
+        return Err(("other", "upstream scheme must be https".into()));
     }
-    let host = uri.host().ok_or("upstream URL has no host")?;
+    let host = uri
+        .host()
+        .ok_or(("other", BoxError::from("upstream URL has no host")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(443);
-    let server_name = ServerName::try_from(host.to_string())?;
-    let tcp = TcpStream::connect((host, port)).await?;
-    tcp.set_nodelay(true)?;
-    let stream = tls.connect(server_name, tcp).await?;
+    let server_name =
+        ServerName::try_from(host.to_string()).map_err(|e| ("other", BoxError::from(e)))?;
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| ("tcp", BoxError::from(e)))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| ("tcp", BoxError::from(e)))?;
+    let stream = tls
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| ("tls", BoxError::from(e)))?;
     Ok(TokioIo::new(TlsConn(stream)))
 }
 
@@ -245,14 +297,99 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// A request body on its way to the provider, counting the bytes that pass.
+pub struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B> http_body::Body for Counted<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How a response body ended, for the audit outcome record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyEnd {
+    /// Body bytes that passed to the consumer.
+    pub bytes: u64,
+    /// `true` when the body reached its end; `false` when it was abandoned (consumer gone) or
+    /// failed (provider error mid-body).
+    pub completed: bool,
+}
+
+/// Called once when an observed body ends or is dropped.
+pub type OnBodyEnd = Box<dyn FnOnce(BodyEnd) + Send + Sync>;
+
+/// A response body whose end is reported.
+pub struct Observed {
+    inner: ProxyBody,
+    bytes: u64,
+    on_end: Option<OnBodyEnd>,
+}
+
+impl Observed {
+    fn finish(&mut self, completed: bool) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(BodyEnd {
+                bytes: self.bytes,
+                completed,
+            });
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // hyper may stop polling once the body says it is at its end.
+        let completed = http_body::Body::is_end_stream(&self.inner);
+        self.finish(completed);
+    }
+}
+
 /// The body of a response the gateway sends: its own OperationOutcome, or the provider's
-/// body streaming through.
+/// body streaming through (observed, when its end is to be reported).
 pub enum ProxyBody {
     Full(http_body_util::Full<Bytes>),
     Upstream(Incoming),
+    Observed(Box<Observed>),
 }
 
 impl ProxyBody {
+    /// Wraps `body` so that `on_end` learns how it ended, exactly once.
+    pub fn observed(body: ProxyBody, on_end: OnBodyEnd) -> ProxyBody {
+        ProxyBody::Observed(Box::new(Observed {
+            inner: body,
+            bytes: 0,
+            on_end: Some(on_end),
+        }))
+    }
+
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         ProxyBody::Full(http_body_util::Full::new(bytes.into()))
     }
@@ -273,6 +410,23 @@ impl http_body::Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Observed(o) => {
+                let polled = Pin::new(&mut o.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            o.bytes += data.len() as u64;
+                        }
+                        if http_body::Body::is_end_stream(&o.inner) {
+                            o.finish(true);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => o.finish(false),
+                    Poll::Ready(None) => o.finish(true),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -280,6 +434,7 @@ impl http_body::Body for ProxyBody {
         match self {
             ProxyBody::Full(b) => b.is_end_stream(),
             ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Observed(o) => http_body::Body::is_end_stream(&o.inner),
         }
     }
 
@@ -287,6 +442,7 @@ impl http_body::Body for ProxyBody {
         match self {
             ProxyBody::Full(b) => b.size_hint(),
             ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Observed(o) => http_body::Body::size_hint(&o.inner),
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The request path, top to bottom: envelope -> interaction -> directory -> authorise -> JWT ->
-//! forward -> log. Each step is a pure decision from `ssp`/`authorise` or one I/O call; a
-//! rejection at any step is answered here, in one place, as an OperationOutcome.
+//! audit (durable) -> forward -> record. Each step is a pure decision from `ssp`/`authorise` or
+//! one I/O call; a rejection at any step is answered here, in one place, as an OperationOutcome.
+//! Every request leaves an audit record, a metric sample, an access log line and (when export is
+//! on) a span; nothing is forwarded before its audit record is durable.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -10,14 +13,18 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::audit::record::now_rfc3339;
+use crate::audit::{Audit, AuditRecord, ClientInfo, RecordKind};
 use crate::authorise::{authorise, Facts};
 use crate::directory::Directory;
-use crate::forward::{ProxyBody, Upstream};
+use crate::forward::{BodyEnd, ProxyBody, Upstream};
+use crate::metrics::Metrics;
 use crate::server::ConnInfo;
 use crate::ssp::envelope;
 use crate::ssp::interactions::Catalogue;
-use crate::ssp::jwt::{self, JwtPolicy};
+use crate::ssp::jwt::{self, DecodedJwt, JwtClaims, JwtError, JwtPolicy};
 use crate::ssp::outcome::{self, Format, Rejection};
+use crate::telemetry::{AttrValue, SpanRecord, TraceContext, Tracer};
 
 /// The headers a consumer may send, listed in CORS preflight answers.
 const CORS_ALLOW_HEADERS: &str = "Accept, Authorization, Content-Type, If-Match, Prefer, \
@@ -36,77 +43,233 @@ pub struct Gateway {
     pub directory: Directory,
     pub policy: Policy,
     pub upstream: Upstream,
+    pub audit: Audit,
+    pub metrics: Arc<Metrics>,
+    pub tracer: Tracer,
 }
 
-/// What the access log line says about one request.
+/// What the request path learnt about one request, for its log line, audit record and span.
 #[derive(Default)]
 struct Record<'a> {
     trace_id: Option<String>,
     interaction: Option<&'a str>,
+    interaction_id: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    target_url: Option<String>,
     token: Option<String>,
+    reason: Option<&'static str>,
+    jwt: Option<JwtClaims>,
     jwt_problem: Option<&'static str>,
+    preflight: bool,
+    /// A `request` record was submitted: the request's last record is an `outcome`.
+    audited: bool,
+    upstream_latency: Option<Duration>,
+    request_bytes: Option<Arc<AtomicU64>>,
+}
+
+/// The fixed facts of one request.
+struct Ctx {
+    request_id: uuid::Uuid,
+    started: Instant,
+    start_time: SystemTime,
+    method: Method,
+    raw_target: String,
+    trace: TraceContext,
 }
 
 impl Gateway {
     /// Answers one request. Never fails: every problem becomes an OperationOutcome.
     pub async fn handle(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let request_id = uuid::Uuid::new_v4();
-        let method = req.method().clone();
+        let ctx = Ctx {
+            request_id: uuid::Uuid::new_v4(),
+            started: Instant::now(),
+            start_time: SystemTime::now(),
+            method: req.method().clone(),
+            raw_target: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            trace: TraceContext::continue_or_start(req.headers()),
+        };
         let mut record = Record::default();
         let format = response_format(&req);
 
-        let response = match self.process(&conn, req, &mut record).await {
+        let response = match self.process(&conn, req, &mut record, &ctx).await {
             Ok(resp) => resp,
             Err(rejection) => {
                 record.token = Some(rejection.token());
-                reject(&rejection, format, &request_id)
+                record.reason = Some(rejection.reason());
+                reject(&rejection, format, &ctx.request_id)
             }
         };
 
         let status = response.status().as_u16();
-        let latency_us = started.elapsed().as_micros() as u64;
+        let elapsed = ctx.started.elapsed();
+        let latency_us = elapsed.as_micros() as u64;
+        self.metrics
+            .observe_request(record.interaction, status, elapsed.as_secs_f64());
+        if let Some(reason) = record.reason {
+            self.metrics.rejections.with_label_values(&[reason]).inc();
+        }
+        if let Some(upstream) = record.upstream_latency {
+            let interaction = record
+                .interaction
+                .unwrap_or(crate::metrics::UNKNOWN_INTERACTION);
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[interaction])
+                .observe(upstream.as_secs_f64());
+            self.metrics
+                .overhead_duration
+                .with_label_values(&[interaction])
+                .observe(elapsed.saturating_sub(upstream).as_secs_f64());
+        }
         tracing::info!(
             target: "ssp_gateway::access",
-            request_id = %request_id,
+            request_id = %ctx.request_id,
             trace_id = record.trace_id.as_deref().unwrap_or("-"),
             interaction = record.interaction.unwrap_or("-"),
             from = record.from.as_deref().unwrap_or("-"),
             to = record.to.as_deref().unwrap_or("-"),
             client = %conn.remote,
             peer = conn.peer.names.first().map(String::as_str).unwrap_or("-"),
-            method = %method,
+            method = %ctx.method,
             status,
             latency_us,
             token = record.token.as_deref().unwrap_or("-"),
             jwt_problem = record.jwt_problem.unwrap_or("-"),
+            otel_trace_id = %ctx.trace.trace_id_hex(),
             "request"
         );
-        response
+        self.record_span(&ctx, &record, status);
+        self.record_outcome(&conn, &ctx, record, response)
+    }
+
+    /// The request's last audit record: a `rejection` or `preflight` now, or the `outcome` of a
+    /// forwarded request when its response body has ended.
+    fn record_outcome(
+        &self,
+        conn: &ConnInfo,
+        ctx: &Ctx,
+        record: Record<'_>,
+        response: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        let kind = if record.audited {
+            RecordKind::Outcome
+        } else if record.preflight {
+            RecordKind::Preflight
+        } else {
+            RecordKind::Rejection
+        };
+        let mut audit_record = audit_record(kind, conn, ctx, &record);
+        audit_record.status = Some(response.status().as_u16());
+        let forwarded = record.audited && record.token.is_none();
+        if !forwarded {
+            audit_record.total_latency_us = Some(ctx.started.elapsed().as_micros() as u64);
+            audit_record.request_bytes = request_bytes(&record);
+            self.audit.enqueue(&audit_record);
+            return response;
+        }
+        let audit = self.audit.clone();
+        let started = ctx.started;
+        let request_bytes = record.request_bytes.clone();
+        response.map(move |body| {
+            ProxyBody::observed(
+                body,
+                Box::new(move |end: BodyEnd| {
+                    audit_record.time = now_rfc3339();
+                    audit_record.response_bytes = Some(end.bytes);
+                    audit_record.completed = Some(end.completed);
+                    audit_record.request_bytes = request_bytes.map(|b| b.load(Ordering::Relaxed));
+                    audit_record.total_latency_us = Some(started.elapsed().as_micros() as u64);
+                    audit.enqueue(&audit_record);
+                }),
+            )
+        })
+    }
+
+    fn record_span(&self, ctx: &Ctx, record: &Record<'_>, status: u16) {
+        if !self.tracer.exporting() || !ctx.trace.sampled {
+            return;
+        }
+        let mut attributes = vec![
+            ("ssp.request_id", AttrValue::Str(ctx.request_id.to_string())),
+            (
+                "http.request.method",
+                AttrValue::Str(ctx.method.to_string()),
+            ),
+            (
+                "http.response.status_code",
+                AttrValue::Int(i64::from(status)),
+            ),
+        ];
+        let strings = [
+            ("ssp.trace_id", record.trace_id.as_deref()),
+            ("ssp.interaction", record.interaction_id.as_deref()),
+            ("ssp.interaction.name", record.interaction),
+            ("ssp.from_asid", record.from.as_deref()),
+            ("ssp.to_asid", record.to.as_deref()),
+            ("ssp.rejection.reason", record.reason),
+        ];
+        for (key, value) in strings {
+            if let Some(v) = value {
+                attributes.push((key, AttrValue::Str(v.to_owned())));
+            }
+        }
+        if let Some(up) = record.upstream_latency {
+            attributes.push((
+                "ssp.upstream.duration_us",
+                AttrValue::Int(up.as_micros() as i64),
+            ));
+        }
+        self.tracer.record(SpanRecord {
+            context: ctx.trace,
+            name: format!(
+                "{} {}",
+                ctx.method,
+                record
+                    .interaction
+                    .unwrap_or(crate::metrics::UNKNOWN_INTERACTION)
+            ),
+            start: ctx.start_time,
+            end: SystemTime::now(),
+            attributes,
+            error: (status >= 500).then(|| record.reason.unwrap_or("provider error").to_owned()),
+        });
     }
 
     async fn process<'a>(
         &'a self,
         conn: &ConnInfo,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         record: &mut Record<'a>,
+        ctx: &Ctx,
     ) -> Result<Response<ProxyBody>, Rejection> {
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
 
         // CORS preflight for a known interaction.
         if req.method() == Method::OPTIONS {
+            record.preflight = true;
             return self.preflight(&req, path_and_query);
+        }
+
+        // The bearer token, decoded once: its claims are audited whatever happens next.
+        let token = jwt::parse(req.headers().get(header::AUTHORIZATION));
+        if let Ok(decoded) = &token {
+            record.jwt = Some(decoded.claims().clone());
         }
 
         // 1. The SSP envelope: method, target URL, Ssp-* headers.
         envelope::check_method(req.method())?;
         let target = envelope::parse_target(path_and_query)?;
+        record.target_url = Some(target.url().to_owned());
         let headers = envelope::parse_headers(req.headers())?;
         record.trace_id = Some(headers.trace_id.clone());
         record.from = Some(headers.from.clone());
         record.to = Some(headers.to.clone());
+        record.interaction_id = Some(headers.interaction_id.clone());
 
         // 2. The declared interaction, and the request matching its method and path.
         let interaction = self.catalogue.get(&headers.interaction_id).ok_or_else(|| {
@@ -143,34 +306,58 @@ impl Gateway {
         })?;
 
         // 5. The JWT, per policy.
-        self.check_jwt(&req, &interaction.scopes, record)?;
+        self.check_jwt(&token, &interaction.scopes, record)?;
 
-        // 6. Forward to the registered endpoint; the provider's answer passes back unchanged.
-        let resp = self.upstream.forward(req, &target, conn.remote).await?;
+        // 6. The audit record, durable before the provider sees anything.
+        record.audited = true;
+        let request_record = audit_record(RecordKind::Request, conn, ctx, record);
+        if let Err(e) = self.audit.commit(&request_record).await {
+            tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; request refused");
+            return Err(Rejection::AuditUnavailable);
+        }
+
+        // 7. Forward to the registered endpoint, with this span as the provider's parent; the
+        //    provider's answer passes back unchanged.
+        if let Ok(v) = HeaderValue::from_str(&ctx.trace.traceparent()) {
+            req.headers_mut().insert("traceparent", v);
+        }
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        record.request_bytes = Some(request_bytes.clone());
+        let sent = Instant::now();
+        let forwarded = self
+            .upstream
+            .forward_counted(req, &target, conn.remote, request_bytes)
+            .await;
+        record.upstream_latency = Some(sent.elapsed());
+        let resp = forwarded?;
         Ok(resp.map(ProxyBody::Upstream))
     }
 
     fn check_jwt(
         &self,
-        req: &Request<Incoming>,
+        token: &Result<DecodedJwt, JwtError>,
         scopes: &[String],
         record: &mut Record<'_>,
     ) -> Result<(), Rejection> {
-        let authorization = req.headers().get(header::AUTHORIZATION);
-        match self.policy.jwt {
-            JwtPolicy::Off => Ok(()),
-            JwtPolicy::Enforce | JwtPolicy::Log => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                let skew = self.policy.jwt_clock_skew.as_secs() as i64;
-                match jwt::check(authorization, scopes, now, skew) {
-                    Ok(_) => Ok(()),
-                    Err(e) if self.policy.jwt == JwtPolicy::Log => {
-                        record.jwt_problem = Some(e.reason());
-                        Ok(())
-                    }
-                    Err(e) => Err(Rejection::InvalidJwt { reason: e.reason() }),
+        if self.policy.jwt == JwtPolicy::Off {
+            return Ok(());
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let skew = self.policy.jwt_clock_skew.as_secs() as i64;
+        let problem = match token {
+            Ok(decoded) => decoded.validate(scopes, now, skew).err(),
+            Err(e) => Some(e.clone()),
+        };
+        match problem {
+            None => Ok(()),
+            Some(e) => {
+                record.jwt_problem = Some(e.reason());
+                if self.policy.jwt == JwtPolicy::Log {
+                    Ok(())
+                } else {
+                    Err(Rejection::InvalidJwt { reason: e.reason() })
                 }
             }
         }
@@ -232,6 +419,48 @@ impl Gateway {
             .body(ProxyBody::empty())
             .map_err(|_| Rejection::InvalidTargetUrl)
     }
+}
+
+/// The audit record of `kind` for what is known about the request so far.
+fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_>) -> AuditRecord {
+    AuditRecord {
+        kind,
+        time: now_rfc3339(),
+        request_id: ctx.request_id.to_string(),
+        ssp_trace_id: record.trace_id.clone(),
+        trace_id: Some(ctx.trace.trace_id_hex()),
+        from: record.from.clone(),
+        to: record.to.clone(),
+        interaction: record.interaction_id.clone(),
+        method: ctx.method.to_string(),
+        target_url: record
+            .target_url
+            .clone()
+            .unwrap_or_else(|| ctx.raw_target.clone()),
+        client: ClientInfo {
+            address: conn.remote.to_string(),
+            names: conn.peer.names.clone(),
+            subject: conn.peer.subject.clone(),
+            serial: conn.peer.serial.clone(),
+            fingerprint_sha256: conn.peer.fingerprint_sha256.clone(),
+        },
+        jwt: record.jwt.clone(),
+        jwt_problem: record.jwt_problem,
+        status: None,
+        token: record.token.clone(),
+        request_bytes: None,
+        response_bytes: None,
+        upstream_latency_us: record.upstream_latency.map(|d| d.as_micros() as u64),
+        total_latency_us: None,
+        completed: None,
+    }
+}
+
+fn request_bytes(record: &Record<'_>) -> Option<u64> {
+    record
+        .request_bytes
+        .as_ref()
+        .map(|b| b.load(Ordering::Relaxed))
 }
 
 /// The format the consumer wants errors in: `_format` in the target's query, then `Accept`.

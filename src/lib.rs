@@ -3,11 +3,13 @@
 //! their addresses (so tests can use port 0); `run` does the same and waits for shutdown.
 
 pub mod admin;
+pub mod audit;
 pub mod authorise;
 pub mod config;
 pub mod directory;
 pub mod forward;
 pub mod gateway;
+pub mod metrics;
 pub mod mock_provider;
 pub mod reload;
 pub mod server;
@@ -53,6 +55,8 @@ pub enum StartError {
         dir: String,
         source: tls::pki::PkiError,
     },
+    #[error("{0}")]
+    Audit(#[from] audit::AuditError),
 }
 
 /// A started gateway: where it listens, and a handle to wait for it to stop.
@@ -83,6 +87,34 @@ pub struct Components {
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<rustls::ServerConfig>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
     pub ldif: Option<Arc<LdifBackend>>,
+    /// The audit writer, started by `start` (it opens the trail).
+    pub audit_writer: audit::PendingWriter,
+    /// The span exporter, when `[tracing] otlp_endpoint` is set.
+    pub span_exporter: Option<telemetry::PendingExporter>,
+}
+
+/// `notAfter` (Unix seconds) of the certificates the gateway depends on, by role: the first
+/// certificate of each file (the leaf), the earliest of each CA bundle.
+fn certificate_expiries(config: &Config) -> Vec<(&'static str, i64)> {
+    let files: [(&'static str, &std::path::Path, bool); 4] = [
+        ("server", &config.listener.tls.cert, false),
+        ("client_ca", &config.listener.tls.client_ca, true),
+        ("upstream_client", &config.upstream.tls.cert, false),
+        ("upstream_ca", &config.upstream.tls.ca, true),
+    ];
+    files
+        .into_iter()
+        .filter_map(|(role, path, bundle)| {
+            let certs = tls::load_certs(path).ok()?;
+            let take = if bundle { certs.len() } else { 1 };
+            certs
+                .iter()
+                .take(take)
+                .filter_map(|c| tls::not_after(c).ok())
+                .min()
+                .map(|t| (role, t))
+        })
+        .collect()
 }
 
 /// Loads certificates, the interaction catalogue and the directory, reporting every problem.
@@ -118,6 +150,15 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             let directory = Directory::new(backend.backend, config.directory.cache);
             let server_tls = Reloadable::new("listener TLS", server_tls, server_tls_files(config));
             let client_tls = Reloadable::new("upstream TLS", client_tls, client_tls_files(config));
+            let metrics = metrics::Metrics::new();
+            let (audit, audit_writer) = audit::Audit::prepare(&config.audit, metrics.audit.clone());
+            let (tracer, span_exporter) =
+                telemetry::Tracer::prepare(&config.tracing, metrics.tracing.clone());
+            let upstream = forward::Upstream::with_metrics(
+                &config.upstream,
+                client_tls.clone(),
+                Some(metrics.upstream_connect_errors.clone()),
+            );
             let gateway = Gateway {
                 catalogue,
                 directory,
@@ -126,7 +167,10 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                     jwt_clock_skew: config.policy.jwt_clock_skew,
                     sharing_agreements: config.policy.sharing_agreements.clone(),
                 },
-                upstream: forward::Upstream::new(&config.upstream, client_tls.clone()),
+                upstream,
+                audit,
+                metrics,
+                tracer,
             };
             Ok(Components {
                 gateway,
@@ -134,6 +178,8 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 client_tls,
                 mock_provider,
                 ldif: backend.ldif,
+                audit_writer,
+                span_exporter,
             })
         }
         _ => Err(problems),
@@ -220,6 +266,19 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let tasks = TaskTracker::new();
     watch_tls(config, &components, &shutdown, &tasks);
 
+    // The audit trail first: nothing is served unless it can be written.
+    let audit_writer = components.audit_writer;
+    tokio::task::spawn_blocking(move || audit_writer.start())
+        .await
+        .map_err(|e| StartError::Load(vec![format!("audit: writer start panicked: {e}")]))??;
+    let audit = components.gateway.audit.clone();
+    let metrics = components.gateway.metrics.clone();
+    metrics.register_certificates(certificate_expiries(config));
+    let exporter_stop = CancellationToken::new();
+    if let Some(exporter) = components.span_exporter {
+        tasks.spawn(exporter.run(exporter_stop.clone()));
+    }
+
     let mock_provider_addr = match (&components.mock_provider, &config.mock_provider) {
         (Some((mock, tls)), Some(m)) => {
             let listener = bind("mock provider", m.address).await?;
@@ -243,11 +302,27 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let admin_listener = bind("admin", config.admin.address).await?;
     let admin_addr = local_addr("admin", &admin_listener)?;
 
-    let readiness = admin::Readiness::new();
+    let readiness = admin::Readiness::with_audit(audit.writable());
     readiness.loaded.store(true, Ordering::Release);
     let _ = readiness
         .directory
         .set(components.gateway.directory.clone());
+    {
+        let directory = components.gateway.directory.clone();
+        components
+            .gateway
+            .metrics
+            .register_directory_stats(Arc::new(move || {
+                let s = directory.stats();
+                [
+                    s.hits,
+                    s.misses,
+                    s.stale_served,
+                    s.backend_errors,
+                    s.entries,
+                ]
+            }));
+    }
     if let (
         Some(ldif),
         DirectoryBackendConfig::Ldif {
@@ -275,7 +350,12 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     // The admin listener outlives the gateway listener, so /readyz reports "draining" while
     // requests in flight finish.
     let admin_stop = CancellationToken::new();
-    tasks.spawn(admin::serve(admin_listener, readiness, admin_stop.clone()));
+    tasks.spawn(admin::serve(
+        admin_listener,
+        readiness,
+        metrics.clone(),
+        admin_stop.clone(),
+    ));
 
     let directory = components.gateway.directory.clone();
     let gateway = Arc::new(components.gateway);
@@ -287,10 +367,15 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         grace_period: config.shutdown.grace_period,
         limits: config.listener.limits.clone(),
     };
-    let serve = server::serve_tls(
+    let conn_metrics = server::ConnMetrics {
+        active: Some(metrics.active_connections.clone()),
+        handshake_failures: Some(metrics.tls_handshake_failures.clone()),
+    };
+    let serve = server::serve_tls_observed(
         listener,
         components.server_tls,
         opts,
+        conn_metrics,
         shutdown,
         move |conn, req| {
             let gateway = gateway.clone();
@@ -299,6 +384,9 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     );
     tasks.spawn(async move {
         serve.await;
+        // Requests are done: write and sync what the trail still holds, stop exporting.
+        audit.shutdown().await;
+        exporter_stop.cancel();
         admin_stop.cancel();
     });
 

@@ -62,6 +62,22 @@ enum Command {
         #[arg(long, default_value = "https://localhost:9443/B82617/STU3/1/gpconnect")]
         aud: String,
     },
+    /// Work with the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Prove that audit files form one unbroken hash chain (across rotated files, in any
+    /// order), or name the first broken record. Exit 0: intact; 1: broken; 2: unreadable.
+    Verify {
+        /// The audit files, e.g. /var/lib/ssp-gateway/audit/*.jsonl
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -116,6 +132,22 @@ fn main() -> ExitCode {
             println!("{}", ssp_gateway::ssp::jwt::encode_unsigned(&claims));
             ExitCode::SUCCESS
         }
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => match ssp_gateway::audit::verify::verify_files(&files) {
+            Ok(report) => {
+                println!("{report}");
+                if report.intact() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::reload::Reloadable;
-use crate::tls::{peer_identity, PeerIdentity};
+use crate::tls::{peer_identity, HandshakeFailure, PeerIdentity};
 
 /// What the request path knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -72,12 +72,74 @@ impl Default for Limits {
     }
 }
 
+/// What a listener counts about its connections (the gateway's metrics; empty for others).
+#[derive(Clone, Default)]
+pub struct ConnMetrics {
+    /// Connections open now (after the handshake).
+    pub active: Option<prometheus::IntGauge>,
+    /// Failed handshakes by `HandshakeFailure` label, or `timeout`, `unreadable_certificate`.
+    pub handshake_failures: Option<prometheus::IntCounterVec>,
+}
+
+impl ConnMetrics {
+    fn handshake_failed(&self, reason: &str) {
+        if let Some(c) = &self.handshake_failures {
+            c.with_label_values(&[reason]).inc();
+        }
+    }
+}
+
+/// Decrements the active-connection gauge when the connection ends, however it ends.
+struct ActiveGuard(Option<prometheus::IntGauge>);
+
+impl ActiveGuard {
+    fn new(gauge: Option<prometheus::IntGauge>) -> ActiveGuard {
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        ActiveGuard(gauge)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
+    }
+}
+
 /// Serves mTLS connections from `listener` until `shutdown` is cancelled, then stops accepting
 /// and waits up to the grace period for open connections to finish their requests.
 pub async fn serve_tls<H, Fut, B>(
     listener: TcpListener,
     tls: Arc<Reloadable<rustls::ServerConfig>>,
     opts: ServeOptions,
+    shutdown: CancellationToken,
+    handler: H,
+) where
+    H: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_tls_observed(
+        listener,
+        tls,
+        opts,
+        ConnMetrics::default(),
+        shutdown,
+        handler,
+    )
+    .await;
+}
+
+/// `serve_tls`, counting connections and handshake failures in `metrics`.
+pub async fn serve_tls_observed<H, Fut, B>(
+    listener: TcpListener,
+    tls: Arc<Reloadable<rustls::ServerConfig>>,
+    opts: ServeOptions,
+    metrics: ConnMetrics,
     shutdown: CancellationToken,
     handler: H,
 ) where
@@ -128,6 +190,7 @@ pub async fn serve_tls<H, Fut, B>(
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             // Over the connection limit: refuse at once rather than queue without bound.
             tracing::warn!(listener = opts.name, %remote, "connection limit reached; refusing");
+            metrics.handshake_failed("connection_limit");
             drop(tcp);
             continue;
         };
@@ -137,6 +200,7 @@ pub async fn serve_tls<H, Fut, B>(
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let handler = handler.clone();
         let (h1, h2) = (h1.clone(), h2.clone());
+        let metrics = metrics.clone();
         let http2_allowed = opts.http2;
         let watcher = graceful.watcher();
         let handshake_timeout = opts.handshake_timeout;
@@ -146,10 +210,13 @@ pub async fn serve_tls<H, Fut, B>(
             let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
-                    tracing::info!(listener = name, %remote, error = %e, "TLS handshake failed");
+                    let reason = HandshakeFailure::classify(&e).as_label();
+                    metrics.handshake_failed(reason);
+                    tracing::info!(listener = name, %remote, reason, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    metrics.handshake_failed("timeout");
                     tracing::info!(listener = name, %remote, "TLS handshake timed out");
                     return;
                 }
@@ -162,14 +229,17 @@ pub async fn serve_tls<H, Fut, B>(
             let peer = match leaf.map(peer_identity) {
                 Some(Ok(peer)) => peer,
                 Some(Err(e)) => {
+                    metrics.handshake_failed("unreadable_certificate");
                     tracing::info!(listener = name, %remote, error = %e, "unreadable client certificate");
                     return;
                 }
                 None => {
+                    metrics.handshake_failed(HandshakeFailure::NoClientCertificate.as_label());
                     tracing::info!(listener = name, %remote, "no client certificate");
                     return;
                 }
             };
+            let _active = ActiveGuard::new(metrics.active.clone());
             let info = Arc::new(ConnInfo { remote, peer });
             let service = hyper::service::service_fn(move |req| {
                 let fut = handler(info.clone(), req);

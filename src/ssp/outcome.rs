@@ -46,6 +46,8 @@ pub enum Rejection {
     InvalidJwt { reason: &'static str },
     /// 503 `DIRECTORY_UNAVAILABLE`
     DirectoryUnavailable,
+    /// 503 `AUDIT_UNAVAILABLE`: the audit trail cannot be written, so nothing is forwarded.
+    AuditUnavailable,
     /// 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`
     UpstreamError { url: String },
     /// 504 `TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_<url>`
@@ -78,7 +80,9 @@ impl Rejection {
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => StatusCode::FORBIDDEN,
-            Rejection::DirectoryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::DirectoryUnavailable | Rejection::AuditUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -98,7 +102,9 @@ impl Rejection {
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => Some("ACCESS_DENIED"),
             Rejection::FqdnNotRegistered { .. } => Some("ACCESS_DENIED_SSL"),
-            Rejection::DirectoryUnavailable => Some("INTERNAL_SERVER_ERROR"),
+            Rejection::DirectoryUnavailable | Rejection::AuditUnavailable => {
+                Some("INTERNAL_SERVER_ERROR")
+            }
             Rejection::UpstreamError { .. } | Rejection::UpstreamTimeout { .. } => None,
         }
     }
@@ -117,7 +123,9 @@ impl Rejection {
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => "forbidden",
-            Rejection::DirectoryUnavailable | Rejection::UpstreamError { .. } => "transient",
+            Rejection::DirectoryUnavailable
+            | Rejection::AuditUnavailable
+            | Rejection::UpstreamError { .. } => "transient",
             Rejection::UpstreamTimeout { .. } => "timeout",
         }
     }
@@ -156,6 +164,7 @@ impl Rejection {
             } => format!("ENDPOINT_{endpoint}_CPAID_{cpa_id}_VARIES_FROM_TARGETURL_{target}"),
             Rejection::InvalidJwt { reason } => format!("INVALID_JWT_{reason}"),
             Rejection::DirectoryUnavailable => "DIRECTORY_UNAVAILABLE".to_owned(),
+            Rejection::AuditUnavailable => "AUDIT_UNAVAILABLE".to_owned(),
             Rejection::UpstreamError { url } => {
                 format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{url}")
             }
@@ -180,6 +189,7 @@ impl Rejection {
             Rejection::EndpointMismatch { .. } => "endpoint_mismatch",
             Rejection::InvalidJwt { .. } => "invalid_jwt",
             Rejection::DirectoryUnavailable => "directory_unavailable",
+            Rejection::AuditUnavailable => "audit_unavailable",
             Rejection::UpstreamError { .. } => "upstream_error",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
         }
@@ -573,6 +583,13 @@ mod tests {
                 Some("INTERNAL_SERVER_ERROR"),
                 "transient",
                 "DIRECTORY_UNAVAILABLE",
+            ),
+            (
+                Rejection::AuditUnavailable,
+                503,
+                Some("INTERNAL_SERVER_ERROR"),
+                "transient",
+                "AUDIT_UNAVAILABLE",
             ),
             (
                 Rejection::UpstreamError {

@@ -272,6 +272,8 @@ pub struct GatewayOptions {
     /// moved, `ldif_edit` applied, also written to `directory.ldif` beside the config) and
     /// returns the keys, e.g. to start an LDAP server with that data and point at it.
     pub directory: Option<DirectorySection>,
+    /// Whole sections appended to the configuration (e.g. `[audit]`, `[tracing]`).
+    pub extra_sections: String,
 }
 
 /// Builds a `[directory]` section from the development LDIF text.
@@ -288,6 +290,7 @@ impl Default for GatewayOptions {
             extra_listener: "",
             ldif_edit: None,
             directory: None,
+            extra_sections: String::new(),
         }
     }
 }
@@ -340,6 +343,7 @@ grace_period = "5s"
 level = "warn"
 [reload]
 poll_interval = "50ms"
+{extra_sections}
 "#,
         gw_cert = world.gateway.cert.display(),
         gw_key = world.gateway.key.display(),
@@ -353,6 +357,7 @@ poll_interval = "50ms"
         extra_policy = opts.extra_policy,
         extra_listener = opts.extra_listener,
         directory = directory,
+        extra_sections = opts.extra_sections,
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("write config");
@@ -368,6 +373,8 @@ pub struct Harness {
     pub recorder: Arc<Recorder>,
     pub shutdown: CancellationToken,
     pub running: Option<ssp_gateway::Running>,
+    /// Where this gateway writes its audit trail.
+    pub audit_dir: PathBuf,
 }
 
 impl Harness {
@@ -502,6 +509,7 @@ async fn start_gateway(
         recorder,
         shutdown,
         running: Some(running),
+        audit_dir: config.audit.dir.clone(),
     }
 }
 
@@ -922,4 +930,33 @@ pub fn edit_entry(ldif: &str, entry: &[&str], needle: &str) -> String {
         .join("\n\n");
     assert_ne!(edited, ldif, "the LDIF edit changed nothing");
     edited
+}
+
+/// A plain HTTP/1.1 GET (the admin listener, a Prometheus API): status and body.
+pub async fn http_get(addr: SocketAddr, path_and_query: &str) -> (StatusCode, String) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(conn);
+    let req = Request::get(path_and_query)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of the sample `series` (name with its labels, as exposed) in a Prometheus text
+/// exposition, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

@@ -1,0 +1,387 @@
+//! The audit trail: JSON Lines, one record per event, append-only, hash-chained, rotated by size,
+//! file mode 0600. The request path hands records to `Audit`; one dedicated writer thread (never
+//! the async runtime) writes them with group commit — every record that arrived while the
+//! previous fsync ran shares the next one. A forwarded request's record is `commit`ted (durable)
+//! before the provider sees the request; outcomes and rejections are `enqueue`d and kept until
+//! written. When the trail cannot be written, `commit` fails (the gateway answers 503
+//! `AUDIT_UNAVAILABLE`), `/readyz` turns unready, and the writer keeps retrying until it works.
+//! `verify` proves a chain of files. This module never drops a record of a forwarded request
+//! and never writes anything but whole lines.
+
+pub mod record;
+pub mod verify;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::metrics::AuditMetrics;
+pub use record::{AuditRecord, ClientInfo, RecordKind};
+
+/// Name of the file being written; rotated files are `audit-<UTC time>-<first seq>.jsonl`.
+pub const ACTIVE_FILE: &str = "audit.jsonl";
+
+/// When a record counts as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync before acknowledging: a record survives a power cut once acknowledged. The
+    /// default; group commit amortises the fsync across concurrent requests.
+    Fsync,
+    /// Acknowledge once the record is in the operating system's page cache and fsync on this
+    /// interval: survives a crash of the gateway process, but a power cut or kernel crash can
+    /// lose the records of the last interval. Lower latency on slow disks.
+    Buffered { interval: Duration },
+}
+
+/// `[audit]`: where and how the trail is written.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Directory of the trail (created 0700 when missing). One gateway process per directory.
+    pub dir: PathBuf,
+    pub durability: Durability,
+    /// Rotate the active file before it would grow past this many bytes (a record is never
+    /// split; a single record larger than this gets a file of its own).
+    pub max_file_bytes: u64,
+    /// Records accepted but not yet written, at most. Past it, forwarded requests get 503
+    /// and records of refused requests are dropped (and counted).
+    pub queue_capacity: usize,
+    /// How long a request waits for its record to be durable before it is refused with 503.
+    pub write_timeout: Duration,
+    /// While the trail cannot be written, how often the writer tries again by itself.
+    pub retry_interval: Duration,
+}
+
+/// Why the trail could not be opened, or a record not written.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit directory {dir}: {source}")]
+    Open {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("audit directory {dir} is in use by another gateway process")]
+    Locked { dir: PathBuf },
+    #[error("audit file {path}: {reason} (run `ssp-gateway audit verify` on the trail)")]
+    Corrupt { path: PathBuf, reason: String },
+    /// The writer could not write or sync the record.
+    #[error("the audit trail cannot be written")]
+    Unavailable,
+    /// Too many records waiting.
+    #[error("the audit queue is full")]
+    Overloaded,
+    /// The record was not durable within the write timeout.
+    #[error("the audit record was not written in time")]
+    Timeout,
+    /// The writer has stopped (shutdown).
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+/// A record waiting for the writer, with the caller's acknowledgement channel when the caller
+/// waits for durability.
+struct Pending {
+    body: String,
+    ack: Option<oneshot::Sender<Result<(), AuditError>>>,
+}
+
+enum Msg {
+    Record(Pending),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// State shared by the request path and the writer thread.
+struct Shared {
+    /// Records accepted and not yet written or refused (queue plus backlog).
+    depth: AtomicUsize,
+    writable: Arc<AtomicBool>,
+    metrics: AuditMetrics,
+}
+
+impl Shared {
+    fn done(&self, n: usize) {
+        let left = self.depth.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
+        self.metrics.queue_depth.set(left as i64);
+    }
+}
+
+/// The request path's handle on the trail. Cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    capacity: usize,
+    write_timeout: Duration,
+}
+
+/// The writer before its thread is started: `Audit::prepare` makes both halves without I/O
+/// (so `check-config` can build everything), `start` opens the trail.
+pub struct PendingWriter {
+    rx: mpsc::Receiver<Msg>,
+    config: AuditConfig,
+    shared: Arc<Shared>,
+}
+
+impl Audit {
+    /// The handle and its not-yet-started writer.
+    pub fn prepare(config: &AuditConfig, metrics: AuditMetrics) -> (Audit, PendingWriter) {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            depth: AtomicUsize::new(0),
+            writable: Arc::new(AtomicBool::new(false)),
+            metrics,
+        });
+        (
+            Audit {
+                tx,
+                shared: shared.clone(),
+                capacity: config.queue_capacity,
+                write_timeout: config.write_timeout,
+            },
+            PendingWriter {
+                rx,
+                config: config.clone(),
+                shared,
+            },
+        )
+    }
+
+    /// `true` while the trail can be written (for `/readyz`).
+    pub fn writable(&self) -> Arc<AtomicBool> {
+        self.shared.writable.clone()
+    }
+
+    fn admit(&self) -> bool {
+        let depth = self.shared.depth.fetch_add(1, Ordering::AcqRel) + 1;
+        if depth > self.capacity {
+            self.shared.done(1);
+            return false;
+        }
+        self.shared.metrics.queue_depth.set(depth as i64);
+        true
+    }
+
+    /// Writes `record` and waits until it is durable (per the configured durability).
+    pub async fn commit(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        if !self.admit() {
+            return Err(AuditError::Overloaded);
+        }
+        let (ack, done) = oneshot::channel();
+        let pending = Pending {
+            body: record.to_body(),
+            ack: Some(ack),
+        };
+        if self.tx.send(Msg::Record(pending)).is_err() {
+            self.shared.done(1);
+            return Err(AuditError::Stopped);
+        }
+        match tokio::time::timeout(self.write_timeout, done).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AuditError::Stopped),
+            Err(_) => Err(AuditError::Timeout),
+        }
+    }
+
+    /// Hands `record` to the writer without waiting. It is kept (and retried while the trail
+    /// cannot be written) until it is written; only a full queue drops it, counted and logged.
+    pub fn enqueue(&self, record: &AuditRecord) {
+        if !self.admit() {
+            self.shared.metrics.records_dropped.inc();
+            tracing::error!(
+                request_id = %record.request_id,
+                kind = ?record.kind,
+                "audit queue full: record dropped"
+            );
+            return;
+        }
+        let pending = Pending {
+            body: record.to_body(),
+            ack: None,
+        };
+        if self.tx.send(Msg::Record(pending)).is_err() {
+            self.shared.done(1);
+            self.shared.metrics.records_dropped.inc();
+            tracing::error!(
+                request_id = %record.request_id,
+                "audit writer stopped: record dropped"
+            );
+        }
+    }
+
+    /// Asks the writer to write everything queued so far, sync, and stop; waits for it.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Marks the trail unwritable when the writer thread ends.
+struct Stopped(Arc<Shared>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.writable.store(false, Ordering::Release);
+        self.0.metrics.writable.set(0);
+    }
+}
+
+impl PendingWriter {
+    /// Opens the trail (creating the directory, taking its lock, finding the chain's head,
+    /// setting a torn last line aside) and starts the writer thread.
+    pub fn start(self) -> Result<std::thread::JoinHandle<()>, AuditError> {
+        let writer = writer::Writer::open(&self.config, self.shared.clone())?;
+        self.shared.writable.store(true, Ordering::Release);
+        self.shared.metrics.writable.set(1);
+        let rx = self.rx;
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                // However the writer ends (stopped, or a bug panicking it), the trail is no
+                // longer writable: readiness must say so.
+                let _stopped = Stopped(shared);
+                writer.run(rx)
+            })
+            .map_err(|source| AuditError::Open {
+                dir: self.config.dir.clone(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn scratch() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "ssp-audit-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    fn config(dir: &std::path::Path, durability: Durability) -> AuditConfig {
+        AuditConfig {
+            dir: dir.to_path_buf(),
+            durability,
+            max_file_bytes: 1 << 20,
+            queue_capacity: 1000,
+            write_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(50),
+        }
+    }
+
+    fn record(n: u32) -> AuditRecord {
+        AuditRecord {
+            kind: RecordKind::Rejection,
+            time: record::now_rfc3339(),
+            request_id: format!("r{n}"),
+            ssp_trace_id: None,
+            trace_id: None,
+            from: None,
+            to: None,
+            interaction: None,
+            method: "GET".into(),
+            target_url: "/".into(),
+            client: ClientInfo::default(),
+            jwt: None,
+            jwt_problem: None,
+            status: Some(400),
+            token: None,
+            request_bytes: None,
+            response_bytes: None,
+            upstream_latency_us: None,
+            total_latency_us: None,
+            completed: None,
+        }
+    }
+
+    fn files(dir: &std::path::Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect()
+    }
+
+    async fn run_once(dir: &std::path::Path, durability: Durability, n: u32) {
+        let (audit, pending) =
+            Audit::prepare(&config(dir, durability), Metrics::new().audit.clone());
+        let thread = pending.start().expect("start");
+        for i in 0..n {
+            audit.commit(&record(i)).await.expect("commit");
+        }
+        audit.enqueue(&record(1000));
+        audit.shutdown().await;
+        thread.join().expect("writer thread");
+        assert!(
+            !audit.writable().load(Ordering::Acquire),
+            "stopped means unwritable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restart_continues_the_chain_and_a_torn_file_is_set_aside() {
+        let dir = scratch();
+        run_once(&dir, Durability::Fsync, 3).await;
+        // A crash mid-write leaves half a record at the end of the active file.
+        let active = dir.join(ACTIVE_FILE);
+        let mut text = std::fs::read(&active).expect("read");
+        text.extend_from_slice(b"{\"seq\":5,\"prev\":\"00");
+        std::fs::write(&active, text).expect("write");
+
+        run_once(
+            &dir,
+            Durability::Buffered {
+                interval: Duration::from_millis(10),
+            },
+            2,
+        )
+        .await;
+        let all = files(&dir);
+        assert_eq!(
+            all.len(),
+            2,
+            "the torn file set aside, a new one started: {all:?}"
+        );
+        let report = verify::verify_files(&all).expect("verify");
+        assert!(report.intact(), "{report}");
+        assert_eq!(report.torn.len(), 1, "{report}");
+        assert_eq!(
+            (report.first_seq, report.last_seq),
+            (Some(1), Some(7)),
+            "{report}"
+        );
+        let mode = std::fs::metadata(dir.join(ACTIVE_FILE))
+            .expect("meta")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+
+    #[tokio::test]
+    async fn one_directory_one_writer() {
+        let dir = scratch();
+        let (_a, first) = Audit::prepare(
+            &config(&dir, Durability::Fsync),
+            Metrics::new().audit.clone(),
+        );
+        let _running = first.start().expect("first writer");
+        let (_b, second) = Audit::prepare(
+            &config(&dir, Durability::Fsync),
+            Metrics::new().audit.clone(),
+        );
+        assert!(matches!(second.start(), Err(AuditError::Locked { .. })));
+    }
+}

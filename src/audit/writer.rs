@@ -1,0 +1,684 @@
+//! The audit writer thread: takes records off the channel in batches, chains and frames them,
+//! writes each batch with one `write` and (durability `fsync`) one `fdatasync`, then
+//! acknowledges. It alone touches the files. On any failure it rolls the file back to the last
+//! whole line it knows is there, refuses waiting commits, keeps queued records, and retries.
+//! It never writes a partial line it would then build on, and never runs on the async runtime.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use super::record::{frame, hex, line_hash, GENESIS};
+use super::{AuditConfig, AuditError, Durability, Msg, Pending, Shared, ACTIVE_FILE};
+
+/// Most records taken into one group commit.
+const MAX_BATCH: usize = 4096;
+/// How far back from the end of a file to look for its last line, per step.
+const TAIL_CHUNK: u64 = 64 * 1024;
+
+/// The last record written: the next one's `seq - 1` and `prev`.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    seq: u64,
+    hash: [u8; 32],
+}
+
+/// The open active file.
+struct Active {
+    file: File,
+    dev: u64,
+    ino: u64,
+    /// `seq` of its first record, once it has one (names the file when it is rotated).
+    first_seq: Option<u64>,
+}
+
+pub(super) struct Writer {
+    dir: PathBuf,
+    active_path: PathBuf,
+    durability: Durability,
+    max_file_bytes: u64,
+    retry_interval: Duration,
+    active: Option<Active>,
+    head: Head,
+    /// Bytes of the active file known to be durable.
+    synced_len: u64,
+    /// Bytes written to the active file: `synced_len + unsynced.len()`.
+    written_len: u64,
+    /// What was written since the last sync (acknowledged under `buffered`), kept so it can be
+    /// written again if the sync fails or the file is lost.
+    unsynced: Vec<u8>,
+    /// The file may hold bytes past `written_len` (a failed write whose rollback failed), or
+    /// lost `unsynced`: truncate to `synced_len` and write `unsynced` again before anything else.
+    needs_repair: bool,
+    /// Records waiting for the trail to work again (never commits: those are refused).
+    backlog: VecDeque<Pending>,
+    failed: bool,
+    last_attempt: Instant,
+    last_sync: Instant,
+    shared: Arc<Shared>,
+    /// Held for the writer's lifetime: one process per audit directory.
+    _lock: File,
+}
+
+fn rotated_name(first_seq: u64) -> String {
+    let time = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
+    format!("audit-{time}-{first_seq:012}.jsonl")
+}
+
+/// The first-record seq in a rotated file's name.
+pub(super) fn rotated_seq(name: &str) -> Option<u64> {
+    let stem = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
+    stem.rsplit('-').next()?.parse().ok()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn open_new(path: &Path) -> io::Result<Active> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    let meta = file.metadata()?;
+    Ok(Active {
+        file,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        first_seq: None,
+    })
+}
+
+/// What the end of a trail file holds.
+struct Tail {
+    /// The last complete line (without its newline), if any.
+    last: Option<Vec<u8>>,
+    /// Bytes after the last newline: a record cut short by a crash.
+    torn: bool,
+    /// The first complete line, if any.
+    first: Option<Vec<u8>>,
+}
+
+fn read_tail(path: &Path) -> io::Result<Tail> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(Tail {
+            last: None,
+            torn: false,
+            first: None,
+        });
+    }
+    // The last complete line: grow the window backwards until it holds one whole line.
+    let mut window = TAIL_CHUNK.min(len);
+    let (last, torn) = loop {
+        let start = len - window;
+        file.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; window as usize];
+        file.read_exact(&mut buf)?;
+        let torn = buf.last() != Some(&b'\n');
+        let complete = match buf.iter().rposition(|b| *b == b'\n') {
+            Some(i) => &buf[..i],
+            None if start == 0 => break (None, torn),
+            None => {
+                window = (window * 2).min(len);
+                continue;
+            }
+        };
+        match complete.iter().rposition(|b| *b == b'\n') {
+            Some(i) => break (Some(complete[i + 1..].to_vec()), torn),
+            None if start == 0 => break (Some(complete.to_vec()), torn),
+            None => window = (window * 2).min(len),
+        }
+    };
+    // The first complete line.
+    file.seek(SeekFrom::Start(0))?;
+    let mut first = Vec::new();
+    let mut reader = io::BufReader::new(file.take(len));
+    let first = match io::BufRead::read_until(&mut reader, b'\n', &mut first)? {
+        _ if first.last() == Some(&b'\n') => {
+            first.pop();
+            Some(first)
+        }
+        _ => None,
+    };
+    Ok(Tail { last, torn, first })
+}
+
+/// `seq` of a stored line.
+fn line_seq(line: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    v.get("seq")?.as_u64()
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> AuditError {
+    AuditError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The head of the chain as stored in `line` of `path`.
+fn head_of(path: &Path, line: &[u8]) -> Result<Head, AuditError> {
+    let seq =
+        line_seq(line).ok_or_else(|| corrupt(path, "its last line is not an audit record"))?;
+    Ok(Head {
+        seq,
+        hash: line_hash(line),
+    })
+}
+
+/// The newest rotated file in `dir`, by the first seq in its name.
+fn newest_rotated(dir: &Path) -> io::Result<Option<PathBuf>> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(seq) = name.to_str().and_then(rotated_seq) else {
+            continue;
+        };
+        if best.as_ref().map_or(true, |(s, _)| seq >= *s) {
+            best = Some((seq, entry.path()));
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+impl Writer {
+    pub(super) fn open(config: &AuditConfig, shared: Arc<Shared>) -> Result<Writer, AuditError> {
+        let dir = config.dir.clone();
+        let io_err = |source: io::Error| AuditError::Open {
+            dir: dir.clone(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err)?;
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join(".lock"))
+            .map_err(io_err)?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(AuditError::Locked { dir });
+        }
+
+        let active_path = dir.join(ACTIVE_FILE);
+        let mut head = None;
+        let mut active = None;
+        if active_path.exists() {
+            let tail = read_tail(&active_path).map_err(io_err)?;
+            if let Some(line) = &tail.last {
+                head = Some(head_of(&active_path, line)?);
+            }
+            let first_seq = tail.first.as_deref().and_then(line_seq);
+            if tail.torn {
+                // A record cut short by a crash: set the file aside as it is (verify reports
+                // and tolerates its torn end) and carry on in a new file.
+                let seq = first_seq.unwrap_or_else(|| head.map_or(1, |h| h.seq + 1));
+                let aside = dir.join(rotated_name(seq));
+                fs::rename(&active_path, &aside).map_err(io_err)?;
+                sync_dir(&dir).map_err(io_err)?;
+                tracing::warn!(
+                    file = %aside.display(),
+                    "audit file ended in a torn record (the process stopped mid-write); set aside"
+                );
+            } else {
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&active_path)
+                    .map_err(io_err)?;
+                file.set_permissions(fs::Permissions::from_mode(0o600))
+                    .map_err(io_err)?;
+                // What a crash left in the page cache is made durable before building on it.
+                file.sync_all().map_err(io_err)?;
+                let meta = file.metadata().map_err(io_err)?;
+                active = Some(Active {
+                    file,
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    first_seq,
+                });
+            }
+        }
+        if head.is_none() {
+            if let Some(rotated) = newest_rotated(&dir).map_err(io_err)? {
+                let tail = read_tail(&rotated).map_err(io_err)?;
+                if let Some(line) = &tail.last {
+                    head = Some(head_of(&rotated, line)?);
+                }
+            }
+        }
+        let head = head.unwrap_or(Head {
+            seq: 0,
+            hash: GENESIS,
+        });
+        let len = match &active {
+            Some(a) => a.file.metadata().map_err(io_err)?.len(),
+            None => {
+                active = Some(open_new(&active_path).map_err(io_err)?);
+                sync_dir(&dir).map_err(io_err)?;
+                0
+            }
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            next_seq = head.seq + 1,
+            prev = %hex(&head.hash),
+            "audit trail open"
+        );
+        let now = Instant::now();
+        Ok(Writer {
+            dir,
+            active_path,
+            durability: config.durability,
+            max_file_bytes: config.max_file_bytes,
+            retry_interval: config.retry_interval,
+            active,
+            head,
+            synced_len: len,
+            written_len: len,
+            unsynced: Vec::new(),
+            needs_repair: false,
+            backlog: VecDeque::new(),
+            failed: false,
+            last_attempt: now,
+            last_sync: now,
+            shared,
+            _lock: lock,
+        })
+    }
+
+    /// The writer loop: until shutdown, or until every `Audit` handle is gone.
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let first = match self.next_wakeup() {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(wait) => rx.recv_timeout(wait),
+            };
+            let mut batch = Vec::new();
+            let mut stop = None;
+            let mut disconnected = false;
+            match first {
+                Ok(Msg::Record(p)) => batch.push(p),
+                Ok(Msg::Shutdown(done)) => stop = Some(done),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
+            }
+            // Group commit: everything that queued up meanwhile goes in the same write + sync.
+            while stop.is_none() && !disconnected && batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Msg::Record(p)) => batch.push(p),
+                    Ok(Msg::Shutdown(done)) => stop = Some(done),
+                    Err(_) => break,
+                }
+            }
+            self.process(batch);
+            self.sync_if_due();
+            if stop.is_some() || disconnected {
+                // Whatever is still queued behind the stop request, then a final sync.
+                let rest: Vec<Pending> = rx
+                    .try_iter()
+                    .filter_map(|m| match m {
+                        Msg::Record(p) => Some(p),
+                        Msg::Shutdown(_) => None,
+                    })
+                    .collect();
+                self.process(rest);
+                if self.failed && !self.backlog.is_empty() {
+                    self.retry_now();
+                }
+                self.final_sync();
+                if let Some(done) = stop {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    /// When the loop must wake without a message: to retry, or for a buffered sync.
+    fn next_wakeup(&self) -> Option<Duration> {
+        let mut wake: Option<Duration> = None;
+        if self.failed {
+            wake = Some(
+                self.retry_interval
+                    .saturating_sub(self.last_attempt.elapsed()),
+            );
+        }
+        if let Durability::Buffered { interval } = self.durability {
+            if !self.unsynced.is_empty() {
+                let due = interval.saturating_sub(self.last_sync.elapsed());
+                wake = Some(wake.map_or(due, |w| w.min(due)));
+            }
+        }
+        wake
+    }
+
+    fn process(&mut self, batch: Vec<Pending>) {
+        let has_commit = batch.iter().any(|p| p.ack.is_some());
+        let retry_due = self.last_attempt.elapsed() >= self.retry_interval;
+        if self.failed && !has_commit && !retry_due {
+            // Not hammering a broken disk for records nobody waits on: keep them for the retry.
+            self.backlog.extend(batch);
+            return;
+        }
+        let mut work: Vec<Pending> = self.backlog.drain(..).collect();
+        work.extend(batch);
+        if work.is_empty() {
+            if self.failed && retry_due {
+                self.probe();
+            }
+            return;
+        }
+        self.write_records(work);
+    }
+
+    fn retry_now(&mut self) {
+        let work: Vec<Pending> = self.backlog.drain(..).collect();
+        self.write_records(work);
+    }
+
+    /// With nothing to write while failed: is the trail usable again?
+    fn probe(&mut self) {
+        self.last_attempt = Instant::now();
+        match self.ensure_ready() {
+            Ok(()) => self.recovered(),
+            Err(e) => self.note_failure(&e),
+        }
+    }
+
+    /// Writes `work` in order, rotating between records as needed, acknowledging each unit
+    /// once it is durable.
+    fn write_records(&mut self, work: Vec<Pending>) {
+        self.last_attempt = Instant::now();
+        let mut pending = work.into_iter().peekable();
+        while pending.peek().is_some() {
+            if let Err(e) = self.ensure_ready() {
+                return self.fail(e, pending.collect());
+            }
+            let room = self.max_file_bytes.saturating_sub(self.written_len);
+            let mut head = self.head;
+            let mut bytes = Vec::new();
+            let mut unit = Vec::new();
+            while let Some(p) = pending.peek() {
+                let line = frame(head.seq + 1, &head.hash, &p.body);
+                let need = (bytes.len() + line.len() + 1) as u64;
+                if need > room && (self.written_len > 0 || !bytes.is_empty()) {
+                    break;
+                }
+                head = Head {
+                    seq: head.seq + 1,
+                    hash: line_hash(line.as_bytes()),
+                };
+                bytes.extend_from_slice(line.as_bytes());
+                bytes.push(b'\n');
+                if let Some(p) = pending.next() {
+                    unit.push(p);
+                }
+            }
+            if unit.is_empty() {
+                // The active file is full: close it off and start the next one.
+                if let Err(e) = self.rotate() {
+                    return self.fail(e, pending.collect());
+                }
+                continue;
+            }
+            let first_seq = self.head.seq + 1;
+            match self.write_unit(&bytes) {
+                Ok(()) => {
+                    self.head = head;
+                    if let Some(a) = self.active.as_mut() {
+                        a.first_seq.get_or_insert(first_seq);
+                    }
+                    self.shared
+                        .metrics
+                        .records_written
+                        .inc_by(unit.len() as u64);
+                    self.shared.metrics.batch_records.observe(unit.len() as f64);
+                    let n = unit.len();
+                    for p in unit {
+                        if let Some(ack) = p.ack {
+                            let _ = ack.send(Ok(()));
+                        }
+                    }
+                    self.shared.done(n);
+                    self.recovered();
+                }
+                Err(e) => {
+                    unit.extend(pending);
+                    return self.fail(e, unit);
+                }
+            }
+        }
+    }
+
+    /// Appends `bytes` (whole lines) and, under `fsync`, syncs. On failure the file is rolled
+    /// back to where it was.
+    fn write_unit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let before = self.written_len;
+        let Some(active) = self.active.as_mut() else {
+            return Err(io::Error::other("no active audit file"));
+        };
+        if let Err(e) = active.file.write_all(bytes) {
+            self.rollback_to(before);
+            return Err(e);
+        }
+        self.written_len += bytes.len() as u64;
+        self.unsynced.extend_from_slice(bytes);
+        if self.durability == Durability::Fsync {
+            if let Err(e) = self.sync() {
+                // Not durable: take the unit back out (sync failed, so nothing after
+                // `synced_len` can be trusted).
+                self.rollback_to(before);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets everything written after `len` and cuts the file back to it.
+    fn rollback_to(&mut self, len: u64) {
+        let keep = len.saturating_sub(self.synced_len) as usize;
+        self.unsynced.truncate(keep);
+        self.written_len = self.synced_len + self.unsynced.len() as u64;
+        let cut = self
+            .active
+            .as_ref()
+            .map(|a| a.file.set_len(self.written_len));
+        if !matches!(cut, Some(Ok(()))) {
+            self.needs_repair = true;
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let Some(active) = self.active.as_ref() else {
+            return Err(io::Error::other("no active audit file"));
+        };
+        let started = Instant::now();
+        let result = active.file.sync_data();
+        self.shared
+            .metrics
+            .fsync_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.last_sync = Instant::now();
+        match result {
+            Ok(()) => {
+                self.synced_len = self.written_len;
+                self.unsynced.clear();
+                Ok(())
+            }
+            Err(e) => {
+                // After a failed fsync the page cache cannot be trusted: rewrite on recovery.
+                self.needs_repair = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn sync_if_due(&mut self) {
+        if let Durability::Buffered { interval } = self.durability {
+            if !self.unsynced.is_empty() && self.last_sync.elapsed() >= interval {
+                if let Err(e) = self.sync() {
+                    self.fail(e, Vec::new());
+                }
+            }
+        }
+    }
+
+    fn final_sync(&mut self) {
+        if !self.unsynced.is_empty() {
+            if let Err(e) = self.ensure_ready().and_then(|()| self.sync()) {
+                self.note_failure(&e);
+            }
+        }
+        tracing::info!(
+            last_seq = self.head.seq,
+            head = %hex(&self.head.hash),
+            "audit trail closed"
+        );
+    }
+
+    /// Makes sure the active file is the one at the path, open, and holds exactly the lines
+    /// the writer believes it holds.
+    fn ensure_ready(&mut self) -> io::Result<()> {
+        if let Some(active) = &self.active {
+            match fs::metadata(&self.active_path) {
+                Ok(m) if m.dev() == active.dev && m.ino() == active.ino => {}
+                Ok(_) => {
+                    return Err(io::Error::other(
+                        "the active audit file was replaced by another file",
+                    ))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.dir.is_dir() => {
+                    // Moved or deleted from under us: what was not yet synced goes into a new
+                    // file, and the chain carries on (the head is still ours).
+                    tracing::error!(
+                        file = %self.active_path.display(),
+                        "the active audit file was moved or deleted; starting a new one"
+                    );
+                    self.active = None;
+                    self.synced_len = 0;
+                    self.written_len = self.unsynced.len() as u64;
+                    self.needs_repair = !self.unsynced.is_empty();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.active.is_none() {
+            self.active = Some(open_new(&self.active_path)?);
+            sync_dir(&self.dir)?;
+        }
+        if self.needs_repair {
+            let Some(active) = self.active.as_mut() else {
+                return Err(io::Error::other("no active audit file"));
+            };
+            active.file.set_len(self.synced_len)?;
+            active.file.write_all(&self.unsynced)?;
+            active.file.sync_data()?;
+            self.synced_len += self.unsynced.len() as u64;
+            self.written_len = self.synced_len;
+            self.unsynced.clear();
+            self.needs_repair = false;
+        }
+        Ok(())
+    }
+
+    /// Closes the active file off (synced) under its rotated name and opens a new one.
+    fn rotate(&mut self) -> io::Result<()> {
+        if !self.unsynced.is_empty() {
+            self.sync()?;
+        }
+        let first_seq = self
+            .active
+            .as_ref()
+            .and_then(|a| a.first_seq)
+            .unwrap_or(self.head.seq + 1);
+        let rotated = self.dir.join(rotated_name(first_seq));
+        fs::rename(&self.active_path, &rotated)?;
+        self.active = None;
+        self.synced_len = 0;
+        self.written_len = 0;
+        tracing::info!(
+            file = %rotated.display(),
+            last_seq = self.head.seq,
+            head = %hex(&self.head.hash),
+            "audit file rotated"
+        );
+        sync_dir(&self.dir)?;
+        self.active = Some(open_new(&self.active_path)?);
+        sync_dir(&self.dir)
+    }
+
+    fn note_failure(&mut self, e: &io::Error) {
+        self.shared.metrics.write_errors.inc();
+        if !self.failed {
+            tracing::error!(
+                dir = %self.dir.display(),
+                error = %e,
+                "the audit trail cannot be written: refusing traffic until it can"
+            );
+        } else {
+            tracing::debug!(error = %e, "audit trail still cannot be written");
+        }
+        self.failed = true;
+        self.shared.writable.store(false, Ordering::Release);
+        self.shared.metrics.writable.set(0);
+    }
+
+    /// A write failed: waiting commits are refused, everything else waits for the retry.
+    fn fail(&mut self, e: io::Error, records: Vec<Pending>) {
+        self.note_failure(&e);
+        let mut refused = 0;
+        for p in records {
+            match p.ack {
+                Some(ack) => {
+                    let _ = ack.send(Err(AuditError::Unavailable));
+                    refused += 1;
+                }
+                None => self.backlog.push_back(p),
+            }
+        }
+        if refused > 0 {
+            self.shared.done(refused);
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.failed {
+            tracing::warn!(dir = %self.dir.display(), "the audit trail can be written again");
+            self.failed = false;
+        }
+        self.shared.writable.store(true, Ordering::Release);
+        self.shared.metrics.writable.set(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotated_names_carry_their_first_seq() {
+        let name = rotated_name(42);
+        assert!(
+            name.starts_with("audit-") && name.ends_with("-000000000042.jsonl"),
+            "{name}"
+        );
+        assert_eq!(rotated_seq(&name), Some(42));
+        assert_eq!(rotated_seq("audit.jsonl"), None);
+        assert_eq!(rotated_seq("notes.txt"), None);
+    }
+}

@@ -1,0 +1,731 @@
+//! The audit trail against the real gateway: what a record carries, one record per refused
+//! request and two per forwarded one, rotation without split or loss, tamper evidence through
+//! `ssp-gateway audit verify`, 503 AUDIT_UNAVAILABLE and recovery when the trail cannot be
+//! written (path unwritable; disk full), and — the real binary killed with SIGKILL under
+//! concurrent load — every request the provider received has a durable record.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use ssp_gateway::server::{ConnInfo, ServeOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn audit_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("audit dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every whole record in the directory's files.
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for f in audit_files(dir) {
+        let text = std::fs::read(&f).expect("read audit file");
+        for line in text.split(|b| *b == b'\n') {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+                out.push(v);
+            }
+        }
+    }
+    out.sort_by_key(|v| v["seq"].as_u64());
+    out
+}
+
+/// `ssp-gateway audit verify FILES...`: exit code and output.
+fn verify(files: &[PathBuf]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("audit")
+        .arg("verify")
+        .args(files)
+        .output()
+        .expect("run audit verify");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn for_request<'a>(
+    records: &'a [serde_json::Value],
+    request_id: &str,
+) -> Vec<&'a serde_json::Value> {
+    records
+        .iter()
+        .filter(|r| r["request_id"] == request_id)
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, or panics at the deadline.
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn forwarded_requests_have_two_records_refused_ones_one_and_the_chain_verifies() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let ep = h.endpoint();
+    let body = r#"{"resourceType":"Parameters"}"#;
+    let ok = h
+        .consumer()
+        .gpc(
+            Gpc::new(
+                Method::POST,
+                format!("{ep}/Patient/$gpc.registerpatient"),
+                IX_REGISTER_PATIENT,
+            )
+            .body(body),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let forwarded_trace = ok.json()["headers"]["ssp-traceid"]
+        .as_str()
+        .expect("echoed trace id")
+        .to_owned();
+    // Refused: a read-only consumer booking (403), and a bad JWT (400) whose claims still count.
+    let refused = h
+        .world
+        .client(&h.world.readonly, h.gateway)
+        .gpc(
+            Gpc::new(Method::POST, format!("{ep}/Appointment"), IX_BOOK)
+                .from(READONLY_ASID)
+                .body("{}"),
+        )
+        .await;
+    refused.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("ASID_CHECK_FAILED_MESSAGESENDER_{READONLY_ASID}"),
+    );
+    let bad_jwt = h
+        .consumer()
+        .gpc(
+            Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA)
+                .jwt(Some(jwt("patient/*.read"))),
+        )
+        .await;
+    bad_jwt.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_SCOPE_NOT_ALLOWED");
+    let refused_id = refused.headers["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let bad_jwt_id = bad_jwt.headers["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(h.recorder.seen(), 1);
+
+    let dir = h.audit_dir.clone();
+    let all = eventually("4 audit records", || {
+        let r = records(&dir);
+        (r.len() >= 4).then_some(r)
+    })
+    .await;
+    assert_eq!(all.len(), 4, "{all:#?}");
+
+    // The forwarded request: `request` then `outcome`, same request id.
+    let request = all
+        .iter()
+        .find(|r| r["kind"] == "request")
+        .expect("request record");
+    assert_eq!(request["ssp_trace_id"], forwarded_trace.as_str());
+    let id = request["request_id"].as_str().expect("request id");
+    let pair = for_request(&all, id);
+    assert_eq!(pair.len(), 2);
+    let outcome = pair[1];
+    assert_eq!(outcome["kind"], "outcome");
+    assert!(pair[0]["seq"].as_u64() < outcome["seq"].as_u64());
+    assert_eq!(request["from"], CONSUMER_ASID);
+    assert_eq!(request["to"], PROVIDER_ASID);
+    assert_eq!(request["interaction"], IX_REGISTER_PATIENT);
+    assert_eq!(request["method"], "POST");
+    assert_eq!(
+        request["target_url"],
+        format!("{ep}/Patient/$gpc.registerpatient").as_str()
+    );
+    let client = &request["client"];
+    assert_eq!(client["names"][0], "consumer.dev.local");
+    assert!(client["subject"]
+        .as_str()
+        .expect("subject")
+        .contains("consumer.dev.local"));
+    assert_eq!(
+        client["fingerprint_sha256"].as_str().map(str::len),
+        Some(64)
+    );
+    assert!(client["serial"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(client["address"]
+        .as_str()
+        .expect("addr")
+        .starts_with("127.0.0.1:"));
+    assert_eq!(request["jwt"]["requested_scope"], "patient/*.write");
+    assert_eq!(request["jwt"]["organization_ods_code"], "A20047");
+    assert!(request["jwt"]["sds_user_id"].is_string());
+    assert!(request.get("status").is_none());
+    assert_eq!(outcome["status"], 200);
+    assert_eq!(outcome["request_bytes"], body.len());
+    assert_eq!(outcome["response_bytes"], ok.body.len());
+    assert_eq!(outcome["completed"], true);
+    assert!(outcome["upstream_latency_us"].as_u64().is_some());
+    assert!(outcome["total_latency_us"].as_u64() >= outcome["upstream_latency_us"].as_u64());
+
+    // Refused requests: one `rejection` record each, with the token.
+    let r = for_request(&all, &refused_id);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["kind"], "rejection");
+    assert_eq!(r[0]["status"], 403);
+    assert_eq!(
+        r[0]["token"],
+        format!("ASID_CHECK_FAILED_MESSAGESENDER_{READONLY_ASID}").as_str()
+    );
+    assert_eq!(r[0]["client"]["names"][0], "readonly.dev.local");
+    let j = for_request(&all, &bad_jwt_id);
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0]["jwt_problem"], "SCOPE_NOT_ALLOWED");
+    assert_eq!(
+        j[0]["jwt"]["requested_scope"], "patient/*.read",
+        "claims of a refused token"
+    );
+
+    // Files are 0600, the directory 0700, and the chain verifies.
+    for f in audit_files(&dir) {
+        let mode = std::fs::metadata(&f).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    let dir_mode = std::fs::metadata(&dir).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    let (code, out) = verify(&audit_files(&dir));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 4 records, seq 1..=4"), "{out}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_never_splits_or_loses_a_record_and_tampering_is_named() {
+    let opts = GatewayOptions {
+        extra_sections: "[audit]\nmax_file_bytes = 4096\n".into(),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let ep = h.endpoint();
+    let n = 12;
+    for _ in 0..n {
+        let a = h
+            .consumer()
+            .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    let dir = h.audit_dir.clone();
+    h.stop().await;
+
+    let files = audit_files(&dir);
+    assert!(files.len() >= 3, "expected rotation: {files:?}");
+    let mut seqs = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).expect("read");
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "{} ends mid-record",
+            f.display()
+        );
+        assert!(
+            text.len() <= 4096,
+            "{} is {} bytes",
+            f.display(),
+            text.len()
+        );
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("whole JSON record");
+            seqs.push(v["seq"].as_u64().expect("seq"));
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=2 * n as u64).collect::<Vec<_>>(),
+        "every record, once"
+    );
+
+    // Verify takes the files in any order.
+    let mut shuffled = files.clone();
+    shuffled.reverse();
+    let (code, out) = verify(&shuffled);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("ok: {} records", 2 * n)), "{out}");
+    assert!(out.contains(&format!("{} file(s)", files.len())), "{out}");
+
+    // Alter one record in a rotated file: verify names the next record and fails.
+    let victim = &files[0];
+    let text = std::fs::read_to_string(victim).expect("read");
+    let first = text.lines().next().expect("a line");
+    let altered = first.replacen("\"method\":\"GET\"", "\"method\":\"PUT\"", 1);
+    assert_ne!(first, altered);
+    std::fs::write(victim, text.replacen(first, &altered, 1)).expect("write");
+    let (code, out) = verify(&files);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("BROKEN:") && out.contains("line 2 (seq 2)"),
+        "{out}"
+    );
+
+    // Remove a whole rotated file from the middle: the gap is named.
+    std::fs::write(victim, text).expect("restore");
+    let without_middle: Vec<PathBuf> = files
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, f)| f.clone())
+        .collect();
+    let (code, out) = verify(&without_middle);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is missing"), "{out}");
+}
+
+#[tokio::test]
+async fn an_unwritable_trail_refuses_traffic_with_503_and_recovers_by_itself() {
+    let opts = GatewayOptions {
+        extra_sections: "[audit]\nretry_interval = \"100ms\"\n".into(),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let ep = h.endpoint();
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    assert_eq!(h.consumer().gpc(metadata()).await.status, StatusCode::OK);
+    assert_eq!(http_get(h.admin, "/readyz").await.0, StatusCode::OK);
+
+    // The audit path stops being writable: its directory is replaced by a plain file (root
+    // ignores permission bits, so this is how the test takes the path away).
+    let dir = h.audit_dir.clone();
+    let moved = dir.with_extension("moved");
+    std::fs::rename(&dir, &moved).expect("move the audit dir away");
+    std::fs::write(&dir, b"not a directory").expect("file in its place");
+
+    let refused = h.consumer().gpc(metadata()).await;
+    refused.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "AUDIT_UNAVAILABLE");
+    assert_eq!(h.recorder.seen(), 1, "nothing forwarded unaudited");
+    let (status, body) = http_get(h.admin, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("\"audit_writable\":false"), "{body}");
+    let (_, metrics) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "ssp_audit_writable"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert!(sample(&metrics, "ssp_audit_write_errors_total").unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            "ssp_rejections_total{reason=\"audit_unavailable\"}"
+        ),
+        Some(1.0)
+    );
+
+    // Writable again: the gateway notices by itself (no request needed) and serves.
+    std::fs::remove_file(&dir).expect("remove the file");
+    std::fs::rename(&moved, &dir).expect("put the audit dir back");
+    let start = Instant::now();
+    loop {
+        if http_get(h.admin, "/readyz").await.0 == StatusCode::OK {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "never became ready again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.consumer().gpc(metadata()).await.status, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 2);
+    h.stop().await;
+
+    // The refusal's own record was kept and written on recovery; the chain is whole.
+    let all = records(&dir);
+    let refused_id = refused.headers["x-request-id"].to_str().expect("id");
+    let r = for_request(&all, refused_id);
+    assert_eq!(r.len(), 1, "{all:#?}");
+    assert_eq!(r[0]["kind"], "outcome");
+    assert_eq!(r[0]["token"], "AUDIT_UNAVAILABLE");
+    assert_eq!(all.len(), 5, "2 forwarded x 2 + the refusal: {all:#?}");
+    let (code, out) = verify(&audit_files(&dir));
+    assert_eq!(code, 0, "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary, killed.
+
+/// A provider that records the Ssp-TraceID of every request that reaches it.
+struct Provider {
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: CancellationToken,
+}
+
+async fn recording_provider(world: &World) -> Provider {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+        .expect("provider TLS");
+    let tls = ssp_gateway::reload::Reloadable::new("test provider TLS", tls, vec![]);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stop = CancellationToken::new();
+    let opts = ServeOptions {
+        name: "recording-provider",
+        handshake_timeout: Duration::from_secs(5),
+        header_read_timeout: Duration::from_secs(5),
+        http2: false,
+        grace_period: Duration::from_secs(1),
+        limits: Default::default(),
+    };
+    let log = seen.clone();
+    tokio::spawn(ssp_gateway::server::serve_tls(
+        listener,
+        tls,
+        opts,
+        stop.clone(),
+        move |_conn: Arc<ConnInfo>, req: Request<Incoming>| {
+            let log = log.clone();
+            async move {
+                if let Some(t) = req
+                    .headers()
+                    .get("ssp-traceid")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    log.lock().expect("lock").push(t.to_owned());
+                }
+                let _ = req.into_body().collect().await;
+                Response::new(Full::new(Bytes::from_static(
+                    b"{\"resourceType\":\"Bundle\"}",
+                )))
+            }
+        },
+    ));
+    Provider { port, seen, stop }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The gateway binary on a config written for `world` and `provider_port`.
+struct Spawned {
+    child: Child,
+    gateway: SocketAddr,
+    admin: SocketAddr,
+    audit_dir: PathBuf,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the config (ports fixed, `extra` sections appended) and returns its path.
+fn spawned_config(
+    world: &World,
+    provider_port: u16,
+    extra: &str,
+) -> (PathBuf, SocketAddr, SocketAddr, PathBuf) {
+    let opts = GatewayOptions {
+        extra_sections: extra.to_owned(),
+        ..Default::default()
+    };
+    let config = gateway_config(world, provider_port, &opts);
+    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let text = std::fs::read_to_string(&config.source).expect("read config");
+    let text = text
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{gateway}\""),
+            1,
+        )
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{admin}\""),
+            1,
+        );
+    std::fs::write(&config.source, text).expect("write config");
+    (
+        config.source.clone(),
+        gateway,
+        admin,
+        config.audit.dir.clone(),
+    )
+}
+
+async fn spawn_gateway(
+    config: &Path,
+    gateway: SocketAddr,
+    admin: SocketAddr,
+    audit_dir: &Path,
+    wrap: &[&str],
+) -> Spawned {
+    let mut cmd = if wrap.is_empty() {
+        Command::new(BIN)
+    } else {
+        let mut c = Command::new(wrap[0]);
+        c.args(&wrap[1..]).arg(BIN);
+        c
+    };
+    let child = cmd
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the gateway");
+    let spawned = Spawned {
+        child,
+        gateway,
+        admin,
+        audit_dir: audit_dir.to_path_buf(),
+    };
+    let start = Instant::now();
+    loop {
+        if let Ok(tcp) = tokio::net::TcpStream::connect(admin).await {
+            drop(tcp);
+            if http_get(admin, "/readyz").await.0 == StatusCode::OK {
+                return spawned;
+            }
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the gateway binary never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Sends requests from `workers` concurrent clients until `stop`; returns how many got 200.
+fn load(
+    world: &World,
+    gateway: SocketAddr,
+    provider_port: u16,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    let ep = endpoint(provider_port);
+    (0..workers)
+        .map(|_| {
+            let client = world.client(&world.consumer, gateway);
+            let ep = ep.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut ok = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let req = Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA).build();
+                    match client.send(req).await {
+                        Ok(a) if a.status == StatusCode::OK => ok += 1,
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+                ok
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_load_loses_no_record_of_a_forwarded_request() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let (config, gw, admin, audit_dir) = spawned_config(&world, provider.port, "");
+    let mut g = spawn_gateway(&config, gw, admin, &audit_dir, &[]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&world, g.gateway, provider.port, 32, stop.clone());
+    let start = Instant::now();
+    while provider.seen.lock().expect("lock").len() < 150 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "load never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Group commit: under concurrent load, records share fsyncs.
+    let (_, metrics) = http_get(g.admin, "/metrics").await;
+    let fsyncs = sample(&metrics, "ssp_audit_fsync_duration_seconds_count").expect("fsyncs");
+    let written = sample(&metrics, "ssp_audit_records_total").expect("records");
+    assert!(
+        fsyncs < written,
+        "{fsyncs} fsyncs for {written} records: no group commit"
+    );
+    // Mid-load: SIGKILL.
+    g.child.kill().expect("SIGKILL");
+    g.child.wait().expect("reaped");
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = 0;
+    for w in workers {
+        answered += w.await.expect("worker");
+    }
+    let received = provider.seen.lock().expect("lock").clone();
+    assert!(received.len() >= 150);
+
+    // Every request the provider saw has a `request` record on disk.
+    let all = records(&g.audit_dir);
+    let recorded: std::collections::HashSet<&str> = all
+        .iter()
+        .filter(|r| r["kind"] == "request")
+        .filter_map(|r| r["ssp_trace_id"].as_str())
+        .collect();
+    let missing: Vec<&String> = received
+        .iter()
+        .filter(|t| !recorded.contains(t.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} received requests have no record: {missing:?}",
+        missing.len(),
+        received.len()
+    );
+    assert!(answered <= received.len());
+    let (code, out) = verify(&audit_files(&g.audit_dir));
+    assert_eq!(code, 0, "{out}");
+
+    // Restarted on the same trail, the chain carries on where the killed process stopped.
+    let last_seq = all
+        .iter()
+        .filter_map(|r| r["seq"].as_u64())
+        .max()
+        .expect("records");
+    let g2 = spawn_gateway(&config, gw, admin, &audit_dir, &[]).await;
+    let a = world
+        .client(&world.consumer, g2.gateway)
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{}/metadata", endpoint(provider.port)),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let after = eventually("the new records", || {
+        let r = records(&audit_dir);
+        (r.iter().filter_map(|v| v["seq"].as_u64()).max() >= Some(last_seq + 2)).then_some(r)
+    })
+    .await;
+    assert!(after.iter().any(|r| r["seq"] == last_seq + 1));
+    drop(g2);
+    let (code, out) = verify(&audit_files(&audit_dir));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("from the start of the trail"), "{out}");
+    provider.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_traffic_and_recovers_without_a_torn_record() {
+    // The file size limit (RLIMIT_FSIZE) makes writes past it fail with EFBIG after a short
+    // write — what a full disk does with ENOSPC. SIGXFSZ is ignored so the write fails instead
+    // of killing the process; `prlimit --pid` lifts the limit while it runs.
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let (config, gw, admin, audit_dir) = spawned_config(
+        &world,
+        provider.port,
+        "[audit]\nretry_interval = \"100ms\"\nmax_file_bytes = 1048576\n",
+    );
+    let limit = 24 * 1024;
+    let g = spawn_gateway(
+        &config,
+        gw,
+        admin,
+        &audit_dir,
+        &[
+            "sh",
+            "-c",
+            &format!("trap '' XFSZ; exec prlimit --fsize={limit}:unlimited \"$0\" \"$@\""),
+        ],
+    )
+    .await;
+    let ep = endpoint(provider.port);
+    let client = world.client(&world.consumer, g.gateway);
+    let mut refused = None;
+    for _ in 0..200 {
+        let a = client
+            .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+            .await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            refused = Some(a);
+            break;
+        }
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    let refused = refused.expect("the trail filled up");
+    refused.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "AUDIT_UNAVAILABLE");
+    let seen_when_full = provider.seen.lock().expect("lock").len();
+    assert_eq!(
+        http_get(g.admin, "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // What is on disk is whole records only: the short write was rolled back.
+    let active = audit_dir.join("audit.jsonl");
+    let text = std::fs::read(&active).expect("read");
+    assert!(text.ends_with(b"\n"), "a torn record was left behind");
+    assert_eq!(
+        client
+            .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+            .await
+            .status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(provider.seen.lock().expect("lock").len(), seen_when_full);
+
+    // Space again.
+    let pid = g.child.id().to_string();
+    let lifted = Command::new("prlimit")
+        .args(["--pid", &pid, "--fsize=unlimited:unlimited"])
+        .status()
+        .expect("run prlimit");
+    assert!(lifted.success());
+    let start = Instant::now();
+    while http_get(g.admin, "/readyz").await.0 != StatusCode::OK {
+        assert!(start.elapsed() < DEADLINE, "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = client
+        .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    drop(g);
+    let all = records(&audit_dir);
+    let id = refused.headers["x-request-id"].to_str().expect("id");
+    assert_eq!(for_request(&all, id).len(), 1, "the refusal is on record");
+    let (code, out) = verify(&audit_files(&audit_dir));
+    assert_eq!(code, 0, "{out}");
+    provider.stop.cancel();
+}

@@ -1,0 +1,257 @@
+//! deploy/: the Prometheus configuration and alert rules pass `promtool check` and the rules'
+//! unit tests (`promtool test rules`); every metric the rules and the Grafana dashboard name is
+//! one the gateway exposes; the Kubernetes manifests, container build and systemd unit carry
+//! the properties the project promises (probes on the admin endpoints, non-root, read-only root
+//! filesystem, the audit volume, resources, spread, HPA, PDB). The container image is not built
+//! here (no container engine on the test machines).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::repo_path;
+use ssp_gateway::config::Config;
+use ssp_gateway::metrics::Metrics;
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo_path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn promtool(args: &[&str], dir: &Path) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect(
+            "promtool (Debian package prometheus) must be installed: scripts/test.sh installs it",
+        );
+    assert!(
+        out.status.success(),
+        "promtool {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = repo_path("deploy/prometheus");
+    promtool(&["check", "rules", "alerts.yml"], &dir);
+    promtool(&["check", "config", "prometheus.yml"], &dir);
+    promtool(&["test", "rules", "alerts.test.yml"], &dir);
+    let rules = read("deploy/prometheus/alerts.yml");
+    for alert in [
+        "SspGatewayHighErrorRatio",
+        "SspGatewayHighLatencyP99",
+        "SspGatewayAuditUnwritable",
+        "SspGatewayAuditWriteErrors",
+        "SspGatewayCertificateExpiresSoon",
+        "SspGatewayDirectoryServingStale",
+    ] {
+        assert!(
+            rules.contains(&format!("alert: {alert}")),
+            "{alert} missing"
+        );
+    }
+    assert!(rules.contains("ssp_certificate_expiry_seconds < 14 * 86400"));
+}
+
+/// Every metric family name the gateway can expose.
+fn exposed_names() -> BTreeSet<String> {
+    let m = Metrics::new();
+    m.observe_request(Some("read_metadata"), 200, 0.001);
+    m.rejections.with_label_values(&["invalid_jwt"]).inc();
+    m.upstream_duration
+        .with_label_values(&["read_metadata"])
+        .observe(0.001);
+    m.overhead_duration
+        .with_label_values(&["read_metadata"])
+        .observe(0.0001);
+    m.tls_handshake_failures
+        .with_label_values(&["unknown_issuer"])
+        .inc();
+    m.upstream_connect_errors.with_label_values(&["tcp"]).inc();
+    m.register_certificates(vec![("server", 0)]);
+    m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
+    let text = String::from_utf8(m.render()).expect("utf-8");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Metric names (`ssp_*`, `process_*`) mentioned in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.starts_with("ssp_") || t.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn assert_all_exposed(what: &str, names: &BTreeSet<String>, exposed: &BTreeSet<String>) {
+    assert!(!names.is_empty(), "{what} names no metric");
+    for name in names {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|b| exposed.contains(*b))
+            .unwrap_or(name);
+        assert!(
+            exposed.contains(base),
+            "{what} uses {name}, which the gateway does not expose ({exposed:?})"
+        );
+    }
+}
+
+#[test]
+fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
+    let exposed = exposed_names();
+    assert_all_exposed(
+        "alerts.yml",
+        &metric_names(&read("deploy/prometheus/alerts.yml")),
+        &exposed,
+    );
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/ssp-gateway-dashboard.json"))
+            .expect("the dashboard is JSON");
+    assert_eq!(dashboard["uid"], "ssp-gateway");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut exprs = String::new();
+    let mut rows = Vec::new();
+    for p in panels {
+        if p["type"] == "row" {
+            rows.push(p["title"].as_str().expect("row title").to_owned());
+            continue;
+        }
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            let e = t["expr"].as_str().expect("expr");
+            assert!(!e.trim().is_empty());
+            exprs.push_str(e);
+            exprs.push('\n');
+        }
+    }
+    for row in [
+        "Traffic",
+        "Errors",
+        "Latency",
+        "Directory",
+        "Audit trail",
+        "Certificates and TLS",
+    ] {
+        assert!(rows.iter().any(|r| r == row), "row {row} missing: {rows:?}");
+    }
+    let used = metric_names(&exprs);
+    assert_all_exposed("the dashboard", &used, &exposed);
+    for needed in [
+        "ssp_requests_total",
+        "ssp_rejections_total",
+        "ssp_request_duration_seconds_bucket",
+        "ssp_directory_stale_served_total",
+        "ssp_audit_fsync_duration_seconds_bucket",
+        "ssp_certificate_expiry_seconds",
+    ] {
+        assert!(
+            used.contains(needed),
+            "the dashboard does not show {needed}"
+        );
+    }
+    assert!(exprs.contains("histogram_quantile(0.99"));
+}
+
+#[test]
+fn kubernetes_manifests_have_probes_security_audit_volume_and_scaling() {
+    let k = "deploy/kubernetes";
+    let kustomization = read(&format!("{k}/kustomization.yaml"));
+    let mut kinds = String::new();
+    for line in kustomization
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("- "))
+        .filter(|l| l.ends_with(".yaml"))
+    {
+        kinds.push_str(&read(&format!("{k}/{line}")));
+    }
+    for kind in [
+        "kind: Deployment",
+        "kind: Service",
+        "kind: HorizontalPodAutoscaler",
+        "kind: PodDisruptionBudget",
+        "kind: PersistentVolumeClaim",
+        "kind: NetworkPolicy",
+    ] {
+        assert!(
+            kinds.contains(kind),
+            "{kind} missing from the kustomization"
+        );
+    }
+    assert!(kustomization.contains("configMapGenerator"));
+    assert!(kustomization.contains("ssp-gateway-server-tls"));
+    assert!(kustomization.contains("ssp-gateway-upstream-tls"));
+
+    let d = read(&format!("{k}/deployment.yaml"));
+    for needle in [
+        "readinessProbe:\n            httpGet:\n              path: /readyz\n              port: admin",
+        "livenessProbe:\n            httpGet:\n              path: /healthz\n              port: admin",
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "drop: [\"ALL\"]",
+        "mountPath: /var/lib/ssp-gateway/audit",
+        "subPathExpr: $(POD_NAME)",
+        "claimName: ssp-gateway-audit",
+        "topologySpreadConstraints:",
+        "requests:\n              cpu:",
+        "limits:\n              cpu:",
+        "secretName: ssp-gateway-server-tls",
+        "secretName: ssp-gateway-upstream-tls",
+        "terminationGracePeriodSeconds: 45",
+    ] {
+        assert!(d.contains(needle), "deployment.yaml lacks {needle:?}");
+    }
+
+    // The configuration it mounts is valid, listens where the Deployment probes, and audits
+    // to the volume.
+    let config =
+        Config::load(&repo_path(&format!("{k}/gateway.toml"))).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.admin.address.port(), 9100);
+    assert_eq!(config.listener.address.port(), 8443);
+    assert_eq!(
+        config.audit.dir,
+        Path::new("/var/lib/ssp-gateway/audit").to_path_buf()
+    );
+    assert!(config.mock_provider.is_none());
+    assert!(!config.dev.generate_certs);
+}
+
+#[test]
+fn the_container_build_is_multi_stage_and_non_root_and_the_unit_is_hardened() {
+    let f = read("deploy/container/Dockerfile");
+    let stages = f.lines().filter(|l| l.starts_with("FROM ")).count();
+    assert!(stages >= 2, "multi-stage build");
+    assert!(f.contains("FROM gcr.io/distroless/cc-debian12:nonroot"));
+    assert!(f.contains("USER 65532:65532"));
+    assert!(f.contains("--read-only"));
+    assert!(f.contains("VOLUME [\"/var/lib/ssp-gateway/audit\"]"));
+
+    let u = read("deploy/systemd/ssp-gateway.service");
+    for needle in [
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "ProtectSystem=strict",
+        "StateDirectory=ssp-gateway ssp-gateway/audit",
+        "SystemCallFilter=@system-service",
+        "MemoryDenyWriteExecute=yes",
+        "UMask=0077",
+        "ExecStartPre=/usr/local/bin/ssp-gateway check-config",
+    ] {
+        assert!(u.contains(needle), "the unit lacks {needle:?}");
+    }
+}

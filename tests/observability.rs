@@ -1,0 +1,480 @@
+//! Metrics and traces of the real gateway: `/metrics` after known traffic has the counts,
+//! histograms, connection, handshake, audit and certificate metrics it should, and passes
+//! `promtool check metrics`; upstream connect errors are counted by reason; spans go to an
+//! in-process OTLP/HTTP receiver with the Ssp-TraceID, interaction and ASIDs, and the provider
+//! receives a W3C `traceparent` naming the gateway's span (continuing the caller's trace).
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn scrape(admin: SocketAddr) -> String {
+    let (status, text) = http_get(admin, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    text
+}
+
+/// Scrapes until `series` has `value`.
+async fn scrape_until(admin: SocketAddr, series: &str, value: f64) -> String {
+    let start = Instant::now();
+    loop {
+        let text = scrape(admin).await;
+        if sample(&text, series) == Some(value) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{series} never reached {value}; last scrape:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn promtool_check_metrics(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(
+            "promtool (Debian package prometheus) must be installed: scripts/test.sh installs it",
+        );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics: {report}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_and_pass_promtool() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let ep = h.endpoint();
+    for _ in 0..3 {
+        let a = h
+            .consumer()
+            .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    // No Ssp-From: refused before the interaction is known.
+    let req = Request::get(format!("/{ep}/metadata"))
+        .header("Ssp-TraceID", uuid::Uuid::new_v4().to_string())
+        .header("Ssp-To", PROVIDER_ASID)
+        .header("Ssp-InteractionID", IX_METADATA)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let a = h.consumer().send(req).await.expect("answer");
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    // A certificate registered for nobody.
+    let a = h
+        .world
+        .client(&h.world.rogue, h.gateway)
+        .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    // A certificate from a CA the gateway does not trust: the handshake fails.
+    assert!(h
+        .world
+        .client(&h.world.untrusted, h.gateway)
+        .handshake()
+        .await
+        .is_err());
+    // One connection held open.
+    let held = h.consumer().handshake().await.expect("handshake");
+
+    scrape_until(h.admin, "ssp_active_connections", 1.0).await;
+    let text = scrape_until(h.admin, "ssp_audit_records_total", 8.0).await;
+    let expect = |series: &str, value: f64| {
+        assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+    };
+    expect(
+        "ssp_requests_total{interaction=\"read_metadata\",status=\"200\"}",
+        3.0,
+    );
+    expect(
+        "ssp_requests_total{interaction=\"unknown\",status=\"400\"}",
+        1.0,
+    );
+    expect(
+        "ssp_requests_total{interaction=\"read_metadata\",status=\"403\"}",
+        1.0,
+    );
+    expect(
+        "ssp_rejections_total{reason=\"missing_or_invalid_header\"}",
+        1.0,
+    );
+    expect("ssp_rejections_total{reason=\"fqdn_not_registered\"}", 1.0);
+    expect(
+        "ssp_tls_handshake_failures_total{reason=\"unknown_issuer\"}",
+        1.0,
+    );
+    expect(
+        "ssp_request_duration_seconds_count{interaction=\"read_metadata\"}",
+        4.0,
+    );
+    expect(
+        "ssp_upstream_duration_seconds_count{interaction=\"read_metadata\"}",
+        3.0,
+    );
+    expect(
+        "ssp_request_overhead_seconds_count{interaction=\"read_metadata\"}",
+        3.0,
+    );
+    // Sub-millisecond buckets exist.
+    assert!(text.contains(
+        "ssp_request_overhead_seconds_bucket{interaction=\"read_metadata\",le=\"0.00025\"}"
+    ));
+    expect("ssp_audit_writable", 1.0);
+    expect("ssp_audit_records_dropped_total", 0.0);
+    assert!(sample(&text, "ssp_audit_fsync_duration_seconds_count").unwrap_or(0.0) >= 1.0);
+    assert!(sample(&text, "ssp_audit_batch_records_count").unwrap_or(0.0) >= 1.0);
+    expect(
+        &format!(
+            "ssp_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        1.0,
+    );
+    for role in ["server", "client_ca", "upstream_client", "upstream_ca"] {
+        let secs = sample(
+            &text,
+            &format!("ssp_certificate_expiry_seconds{{certificate=\"{role}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("expiry of {role} in\n{text}"));
+        assert!(secs > 86_400.0, "{role}: {secs}");
+    }
+    assert!(sample(&text, "process_open_fds").unwrap_or(0.0) > 0.0);
+    assert!(sample(&text, "process_resident_memory_bytes").unwrap_or(0.0) > 0.0);
+    // Bounded labels only: no ASID, URL, trace id or client name anywhere.
+    for leak in [
+        CONSUMER_ASID,
+        PROVIDER_ASID,
+        "https://",
+        "consumer.dev.local",
+        "rogue",
+    ] {
+        assert!(!text.contains(leak), "{leak} leaked into /metrics");
+    }
+    promtool_check_metrics(&text);
+
+    drop(held);
+    scrape_until(h.admin, "ssp_active_connections", 0.0).await;
+    scrape_until(h.admin, "ssp_audit_queue_depth", 0.0).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_connect_errors_are_counted_by_reason() {
+    let world = World::ecdsa();
+    // A provider port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let config = gateway_config(&world, closed, &GatewayOptions::default());
+    let shutdown = CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let a = world
+        .client(&world.consumer, running.gateway_addr)
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{}/metadata", endpoint(closed)),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    let text = scrape(running.admin_addr).await;
+    assert!(
+        sample(&text, "ssp_upstream_connect_errors_total{reason=\"tcp\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"upstream_error\"}"),
+        Some(1.0)
+    );
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// An OTLP/HTTP receiver: keeps every JSON body POSTed to /v1/traces.
+struct Receiver {
+    addr: SocketAddr,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    stop: CancellationToken,
+}
+
+async fn otlp_receiver() -> Receiver {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let stop = CancellationToken::new();
+    let (kept, stopped) = (bodies.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                _ = stopped.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(_) => continue,
+                },
+            };
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let kept = kept.clone();
+                        async move {
+                            let ok = req.method() == Method::POST
+                                && req.uri().path() == "/v1/traces"
+                                && req.headers()[http::header::CONTENT_TYPE] == "application/json";
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            let status = match (ok, body) {
+                                (true, Ok(b)) => match serde_json::from_slice(&b) {
+                                    Ok(v) => {
+                                        kept.lock().expect("lock").push(v);
+                                        StatusCode::OK
+                                    }
+                                    Err(_) => StatusCode::BAD_REQUEST,
+                                },
+                                _ => StatusCode::BAD_REQUEST,
+                            };
+                            let mut resp = Response::new(Full::new(Bytes::from_static(b"{}")));
+                            *resp.status_mut() = status;
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Receiver { addr, bodies, stop }
+}
+
+fn spans(bodies: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    bodies
+        .iter()
+        .flat_map(|b| b["resourceSpans"].as_array().cloned().unwrap_or_default())
+        .flat_map(|rs| rs["scopeSpans"].as_array().cloned().unwrap_or_default())
+        .flat_map(|ss| ss["spans"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn attribute<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| &a["value"])
+}
+
+#[tokio::test]
+async fn spans_go_to_the_otlp_collector_and_traceparent_to_the_provider() {
+    let receiver = otlp_receiver().await;
+    let opts = GatewayOptions {
+        extra_sections: format!(
+            "[tracing]\notlp_endpoint = \"http://{}\"\nbatch_interval = \"50ms\"\nservice_name = \"ssp-test\"\n",
+            receiver.addr
+        ),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let ep = h.endpoint();
+
+    // 1. The caller sends a traceparent: the trace is continued.
+    let incoming_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let incoming_parent = "00f067aa0ba902b7";
+    let a = h
+        .consumer()
+        .gpc(
+            Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA).header(
+                "traceparent",
+                format!("00-{incoming_trace}-{incoming_parent}-01"),
+            ),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let (_, _, headers) = h.recorder.last_head();
+    let ssp_trace_id = headers["ssp-traceid"]
+        .to_str()
+        .expect("trace id")
+        .to_owned();
+    let sent = headers["traceparent"]
+        .to_str()
+        .expect("traceparent")
+        .to_owned();
+    assert_eq!(headers.get_all("traceparent").iter().count(), 1);
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{sent}");
+    assert_eq!((parts[0], parts[1], parts[3]), ("00", incoming_trace, "01"));
+    assert_ne!(
+        parts[2], incoming_parent,
+        "the provider's parent is the gateway's span"
+    );
+    let gateway_span_id = parts[2].to_owned();
+
+    // 2. No traceparent: a trace is started, and still propagated.
+    let b = h
+        .consumer()
+        .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+        .await;
+    assert_eq!(b.status, StatusCode::OK);
+    let (_, _, headers2) = h.recorder.last_head();
+    let started = headers2["traceparent"]
+        .to_str()
+        .expect("traceparent")
+        .to_owned();
+    let started: Vec<&str> = started.split('-').collect();
+    assert_eq!((started.len(), started[3]), (4, "01"));
+    assert_ne!(started[1], incoming_trace);
+
+    // 3. A refused request has a span too, marked with its reason.
+    let rogue = h
+        .world
+        .client(&h.world.rogue, h.gateway)
+        .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+        .await;
+    assert_eq!(rogue.status, StatusCode::FORBIDDEN);
+
+    let start = Instant::now();
+    let all = loop {
+        let all = spans(&receiver.bodies.lock().expect("lock"));
+        if all.len() >= 3 {
+            break all;
+        }
+        assert!(start.elapsed() < DEADLINE, "spans never arrived: {all:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(all.len(), 3, "{all:#?}");
+    let bodies = receiver.bodies.lock().expect("lock").clone();
+    assert_eq!(
+        bodies[0]["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"],
+        "ssp-test"
+    );
+
+    let first = all
+        .iter()
+        .find(|s| s["traceId"] == incoming_trace)
+        .expect("the continued trace's span");
+    assert_eq!(first["spanId"], gateway_span_id.as_str());
+    assert_eq!(first["parentSpanId"], incoming_parent);
+    assert_eq!(first["kind"], 2);
+    assert_eq!(first["name"], "GET read_metadata");
+    assert_eq!(
+        attribute(first, "ssp.trace_id").map(|v| &v["stringValue"]),
+        Some(&serde_json::Value::from(ssp_trace_id))
+    );
+    assert_eq!(
+        attribute(first, "ssp.interaction").map(|v| &v["stringValue"]),
+        Some(&serde_json::Value::from(IX_METADATA))
+    );
+    assert_eq!(
+        attribute(first, "ssp.from_asid").map(|v| &v["stringValue"]),
+        Some(&serde_json::Value::from(CONSUMER_ASID))
+    );
+    assert_eq!(
+        attribute(first, "ssp.to_asid").map(|v| &v["stringValue"]),
+        Some(&serde_json::Value::from(PROVIDER_ASID))
+    );
+    assert_eq!(
+        attribute(first, "http.response.status_code").map(|v| &v["intValue"]),
+        Some(&serde_json::Value::from("200"))
+    );
+    let start_ns: u128 = first["startTimeUnixNano"]
+        .as_str()
+        .expect("start")
+        .parse()
+        .expect("ns");
+    let end_ns: u128 = first["endTimeUnixNano"]
+        .as_str()
+        .expect("end")
+        .parse()
+        .expect("ns");
+    assert!(end_ns >= start_ns && start_ns > 0);
+
+    let second = all
+        .iter()
+        .find(|s| s["traceId"] == started[1])
+        .expect("the started trace's span");
+    assert_eq!(second["spanId"], started[2]);
+    assert!(second.get("parentSpanId").is_none());
+
+    let refused = all
+        .iter()
+        .find(|s| attribute(s, "ssp.rejection.reason").is_some())
+        .expect("the refused request's span");
+    assert_eq!(
+        attribute(refused, "ssp.rejection.reason").map(|v| &v["stringValue"]),
+        Some(&serde_json::Value::from("fqdn_not_registered"))
+    );
+    // Target URLs and tokens stay out of traces.
+    let everything = serde_json::to_string(&bodies).expect("json");
+    assert!(!everything.contains("https://"), "{everything}");
+    assert!(
+        !everything.contains("CLIENT_CERTIFICATE_FQDN"),
+        "{everything}"
+    );
+
+    let text = scrape(h.admin).await;
+    assert_eq!(sample(&text, "ssp_tracing_spans_exported_total"), Some(3.0));
+    assert_eq!(sample(&text, "ssp_tracing_spans_dropped_total"), Some(0.0));
+    h.stop().await;
+    receiver.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_dead_collector_drops_spans_without_touching_requests() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("addr");
+    let opts = GatewayOptions {
+        extra_sections: format!(
+            "[tracing]\notlp_endpoint = \"http://{closed}\"\nbatch_interval = \"20ms\"\nexport_timeout = \"2s\"\n"
+        ),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let ep = h.endpoint();
+    for _ in 0..2 {
+        let a = h
+            .consumer()
+            .gpc(Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA))
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    let text = scrape_until(h.admin, "ssp_tracing_spans_dropped_total", 2.0).await;
+    assert!(sample(&text, "ssp_tracing_export_failures_total").unwrap_or(0.0) >= 1.0);
+    assert_eq!(sample(&text, "ssp_tracing_spans_exported_total"), Some(0.0));
+    h.stop().await;
+}
