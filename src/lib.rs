@@ -4,11 +4,13 @@
 
 pub mod admin;
 pub mod authorise;
+pub mod breaker;
 pub mod config;
 pub mod directory;
 pub mod forward;
 pub mod gateway;
 pub mod mock_provider;
+pub mod ratelimit;
 pub mod server;
 pub mod ssp;
 pub mod telemetry;
