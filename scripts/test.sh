@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the integration tests need, as "command:package" pairs.
-NEEDED=()
+NEEDED=("sslscan:sslscan")
 missing=()
 for pair in "${NEEDED[@]+"${NEEDED[@]}"}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
