@@ -6,8 +6,12 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the integration tests need, as "command:package" pairs.
 NEEDED=(
+  "slapd:slapd"
+  "slapadd:slapd"
+  "ldapsearch:ldap-utils"
   "promtool:prometheus"
   "prometheus:prometheus"
+  "sslscan:sslscan"
 )
 missing=()
 for pair in "${NEEDED[@]+"${NEEDED[@]}"}"; do

@@ -5,12 +5,14 @@
 pub mod admin;
 pub mod audit;
 pub mod authorise;
+pub mod breaker;
 pub mod config;
 pub mod directory;
 pub mod forward;
 pub mod gateway;
 pub mod metrics;
 pub mod mock_provider;
+pub mod ratelimit;
 pub mod reload;
 pub mod server;
 pub mod ssp;

@@ -1,0 +1,766 @@
+//! Per-provider circuit breaking: after `failure_threshold` consecutive connect failures or
+//! timeouts to one endpoint host (`host:port`), calls to that host fail fast for `cool_down`;
+//! then exactly one probe goes through (half-open): its success closes the circuit, its failure
+//! opens it for another cool-down. Pure state over atomics with the clock passed in: this module
+//! never does I/O, never sleeps, and never decides where a request goes (the target is
+//! `authorise`'s answer; this only says "not now").
+//!
+//! # Wiring (for the forwarder)
+//!
+//! ```text
+//! let key = breaker::endpoint_key(target.authority());   // "localhost:9443"
+//! let ticket = match breakers.before(&key, Instant::now()) {
+//!     Ok(ticket) => ticket,
+//!     Err(open) => return Err(502 ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>),  // log `open`
+//! };
+//! match send(request).await {
+//!     Ok(response_head)               => ticket.success(),   // any status, 5xx included
+//!     Err(connect error or TLS error) => ticket.failure(Instant::now()),
+//!     Err(response timeout)           => ticket.failure(Instant::now()),
+//!     Err(anything else)              => drop(ticket),       // no verdict
+//! }
+//! ```
+//!
+//! A ticket dropped without a verdict (the consumer went away, a protocol error after the
+//! request was sent) changes nothing; a dropped half-open probe lets the next call probe again,
+//! so a lost probe can never wedge a host open. Hosts come from the directory's registered
+//! endpoints, so the set is small; it is bounded by `max_hosts` all the same (a host that is
+//! closed with no failures is forgotten to make room; past that, new hosts go untracked).
+//! `snapshot()` gives each host's [`State`] for the `ssp_upstream_circuit_state{host}` gauge
+//! (`closed=0`, `open=1`, `half_open=2`).
+//!
+//! # Retries: only connect failures, never a request a provider may have processed
+//!
+//! GP Connect writes (book, amend, cancel, register) are not idempotent: a request that
+//! reached the provider must never be sent twice. So a retry is allowed only when
+//! [`is_retryable_connect_error`] says the client's connector failed — TCP connect refused or
+//! timed out, or the TLS handshake failed — because then no byte of the HTTP request was
+//! written. Never retry a response timeout, a connection reset or closed after the request was
+//! written (hyper's `IncompleteMessage`), a body error, or any HTTP response (a provider's 5xx
+//! is its answer, passed back unchanged). Each attempt takes its own ticket, and an open
+//! circuit ends the retries. Retry at most once, and to the same registered endpoint.
+//!
+//! The request body is a stream (`hyper::body::Incoming`) that `Client::request` takes by value
+//! and drops on a connect failure, so it cannot be resent. Retry only requests without a body
+//! (GET: rebuild from the kept method, URI and headers); a POST/PUT body is never buffered to
+//! make a retry possible (the SSP streams payloads of any size).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+/// Consecutive failures that open a host's circuit.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+/// How long an open circuit fails fast before letting a probe through.
+pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(30);
+/// Most hosts tracked (and reported in the metric).
+pub const DEFAULT_MAX_HOSTS: usize = 1_024;
+
+/// What the breakers enforce. Plain values; [`Breakers::new`] validates them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    pub failure_threshold: u32,
+    pub cool_down: Duration,
+    pub max_hosts: usize,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            cool_down: DEFAULT_COOL_DOWN,
+            max_hosts: DEFAULT_MAX_HOSTS,
+        }
+    }
+}
+
+/// One thing wrong with a breaker policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyProblem {
+    #[error("failure_threshold must be at least 1")]
+    ZeroThreshold,
+    #[error("cool_down must be longer than zero")]
+    ZeroCoolDown,
+    #[error("cool_down {0:?} is too long (at most a year)")]
+    CoolDownTooLong(Duration),
+    #[error("max_hosts must be at least 1")]
+    ZeroMaxHosts,
+}
+
+/// A policy that cannot be enforced; every problem is listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid circuit breaker policy:{}", .0.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
+pub struct PolicyError(pub Vec<PolicyProblem>);
+
+/// A host's circuit state; the discriminant is the metric's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum State {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+impl State {
+    /// The gauge value: closed 0, open 1, half-open 2.
+    pub fn metric_value(self) -> u8 {
+        self as u8
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// The circuit to `host` is open: fail fast (502) without calling the provider.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("circuit to {host} is open{}", match .retry_after { Some(d) => format!(" for {d:?} more"), None => " (a probe is in flight)".to_string() })]
+pub struct Open {
+    pub host: String,
+    /// Cool-down left; `None` while the half-open probe is in flight.
+    pub retry_after: Option<Duration>,
+}
+
+/// A call's permission to go to the provider; report how it went with [`Ticket::success`] or
+/// [`Ticket::failure`], or drop it for no verdict.
+#[derive(Debug)]
+#[must_use = "report the call's outcome with success() or failure()"]
+pub struct Ticket {
+    /// `None`: the host is not tracked (the host set is full); verdicts are ignored.
+    host: Option<Arc<Host>>,
+    /// `Some(word)`: this is the half-open probe, installed as `word`.
+    probe: Option<u64>,
+    clock: Clock,
+    settled: bool,
+}
+
+impl Ticket {
+    /// Whether this call is the half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    /// The provider answered (any HTTP status): resets the failure count; a probe closes the
+    /// circuit.
+    pub fn success(mut self) {
+        self.settled = true;
+        let Some(host) = &self.host else { return };
+        host.failures.store(0, Ordering::Release);
+        if let Some(word) = self.probe {
+            // Only this probe's own half-open state is closed (never a newer one).
+            let _ = host.word.compare_exchange(
+                word,
+                pack(State::Closed, 0),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// The call failed to connect, failed the TLS handshake or timed out, at `now`: counts
+    /// towards opening; a probe's failure opens the circuit for another cool-down.
+    pub fn failure(mut self, now: Instant) {
+        self.settled = true;
+        let Some(host) = &self.host else { return };
+        let t = self.clock.nanos(now);
+        match self.probe {
+            Some(word) => {
+                let _ = host.word.compare_exchange(
+                    word,
+                    pack(State::Open, t),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            None => {
+                let failures = host
+                    .failures
+                    .fetch_add(1, Ordering::AcqRel)
+                    .saturating_add(1);
+                if failures >= self.clock.threshold {
+                    let mut current = host.word.load(Ordering::Acquire);
+                    // Open only from closed: a host already open or probing keeps its state.
+                    while unpack(current).0 == State::Closed {
+                        match host.word.compare_exchange_weak(
+                            current,
+                            pack(State::Open, t),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        ) {
+                            Ok(_) => break,
+                            Err(w) => current = w,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let (Some(host), Some(word)) = (&self.host, self.probe) {
+            // A probe with no verdict: back to open with the cool-down already over, so the
+            // next call probes again.
+            let (_, since) = unpack(word);
+            let reopened = pack(State::Open, since.saturating_sub(self.clock.cool_down));
+            let _ = host
+                .word
+                .compare_exchange(word, reopened, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+}
+
+/// What a ticket needs of the policy, copied in.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    epoch: Instant,
+    threshold: u32,
+    cool_down: i64,
+}
+
+impl Clock {
+    /// Nanoseconds since the epoch, signed (a reading from before construction works), kept
+    /// within the 62 bits a state word holds.
+    fn nanos(&self, now: Instant) -> i64 {
+        let t = match now.checked_duration_since(self.epoch) {
+            Some(d) => i64::try_from(d.as_nanos()).unwrap_or(TIME_LIMIT),
+            None => {
+                let back = self.epoch.duration_since(now).as_nanos();
+                -i64::try_from(back).unwrap_or(TIME_LIMIT)
+            }
+        };
+        t.clamp(-TIME_LIMIT, TIME_LIMIT)
+    }
+}
+
+/// Times in a state word are biased by this to be non-negative (about 36 years either way).
+const TIME_LIMIT: i64 = 1 << 60;
+
+/// A state and the time it was entered, in one word: `(time + TIME_LIMIT) << 2 | state`.
+fn pack(state: State, t: i64) -> u64 {
+    let biased = (t.clamp(-TIME_LIMIT, TIME_LIMIT) + TIME_LIMIT) as u64;
+    (biased << 2) | u64::from(state as u8)
+}
+
+fn unpack(word: u64) -> (State, i64) {
+    let state = match word & 3 {
+        1 => State::Open,
+        2 => State::HalfOpen,
+        _ => State::Closed,
+    };
+    (state, (word >> 2) as i64 - TIME_LIMIT)
+}
+
+#[derive(Debug)]
+struct Host {
+    word: AtomicU64,
+    failures: AtomicU32,
+}
+
+impl Host {
+    fn new() -> Host {
+        Host {
+            word: AtomicU64::new(pack(State::Closed, 0)),
+            failures: AtomicU32::new(0),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        unpack(self.word.load(Ordering::Acquire)).0 == State::Closed
+            && self.failures.load(Ordering::Acquire) == 0
+    }
+}
+
+/// The circuit breakers of every upstream host. See the module doc.
+#[derive(Debug)]
+pub struct Breakers {
+    clock: Clock,
+    max_hosts: usize,
+    /// Read lock-free on every call; replaced whole (copy on write) when a new host appears.
+    hosts: ArcSwap<HashMap<Box<str>, Arc<Host>>>,
+    untracked: AtomicU64,
+}
+
+impl Breakers {
+    /// Validates `policy` (every problem reported at once) and builds the breakers.
+    pub fn new(policy: BreakerPolicy) -> Result<Breakers, PolicyError> {
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        let mut problems = Vec::new();
+        if policy.failure_threshold == 0 {
+            problems.push(PolicyProblem::ZeroThreshold);
+        }
+        if policy.cool_down.is_zero() {
+            problems.push(PolicyProblem::ZeroCoolDown);
+        } else if policy.cool_down > YEAR {
+            problems.push(PolicyProblem::CoolDownTooLong(policy.cool_down));
+        }
+        if policy.max_hosts == 0 {
+            problems.push(PolicyProblem::ZeroMaxHosts);
+        }
+        if !problems.is_empty() {
+            return Err(PolicyError(problems));
+        }
+        Ok(Breakers {
+            clock: Clock {
+                epoch: Instant::now(),
+                threshold: policy.failure_threshold,
+                // Checked above: at most a year, which fits in i64 nanoseconds.
+                cool_down: policy.cool_down.as_nanos() as i64,
+            },
+            max_hosts: policy.max_hosts,
+            hosts: ArcSwap::from_pointee(HashMap::new()),
+            untracked: AtomicU64::new(0),
+        })
+    }
+
+    /// May a call go to `host` (`host:port`, see [`endpoint_key`]) at `now`? A closed circuit
+    /// lets every call through; an open one refuses until its cool-down is over, then gives
+    /// exactly one caller the probe ticket and refuses the rest until the probe reports.
+    pub fn before(&self, host: &str, now: Instant) -> Result<Ticket, Open> {
+        let Some(entry) = self.host(host) else {
+            self.untracked.fetch_add(1, Ordering::Relaxed);
+            return Ok(self.ticket(None, None));
+        };
+        let t = self.clock.nanos(now);
+        let mut word = entry.word.load(Ordering::Acquire);
+        loop {
+            let (state, since) = unpack(word);
+            match state {
+                State::Closed => return Ok(self.ticket(Some(entry), None)),
+                State::HalfOpen => {
+                    return Err(Open {
+                        host: host.to_string(),
+                        retry_after: None,
+                    })
+                }
+                State::Open => {
+                    let elapsed = t.saturating_sub(since);
+                    if elapsed < self.clock.cool_down {
+                        return Err(Open {
+                            host: host.to_string(),
+                            retry_after: Some(Duration::from_nanos(
+                                (self.clock.cool_down - elapsed) as u64,
+                            )),
+                        });
+                    }
+                    let probing = pack(State::HalfOpen, t);
+                    match entry.word.compare_exchange(
+                        word,
+                        probing,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => return Ok(self.ticket(Some(entry), Some(probing))),
+                        Err(current) => word = current,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each tracked host's state, sorted by host (for the gauge; at most `max_hosts` rows).
+    pub fn snapshot(&self) -> Vec<(String, State)> {
+        let hosts = self.hosts.load();
+        let mut rows: Vec<(String, State)> = hosts
+            .iter()
+            .map(|(h, e)| (h.to_string(), unpack(e.word.load(Ordering::Acquire)).0))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+
+    /// One host's state, if tracked.
+    pub fn state(&self, host: &str) -> Option<State> {
+        self.hosts
+            .load()
+            .get(host)
+            .map(|e| unpack(e.word.load(Ordering::Acquire)).0)
+    }
+
+    /// Calls let through untracked because the host set was full (for a counter).
+    pub fn untracked_total(&self) -> u64 {
+        self.untracked.load(Ordering::Relaxed)
+    }
+
+    fn ticket(&self, host: Option<Arc<Host>>, probe: Option<u64>) -> Ticket {
+        Ticket {
+            host,
+            probe,
+            clock: self.clock,
+            settled: false,
+        }
+    }
+
+    /// The host's entry, added on first sight; `None` when the set is full of hosts with
+    /// something to remember.
+    fn host(&self, host: &str) -> Option<Arc<Host>> {
+        if let Some(entry) = self.hosts.load().get(host) {
+            return Some(entry.clone());
+        }
+        let mut found = None;
+        self.hosts.rcu(|hosts| {
+            found = hosts.get(host).cloned();
+            if found.is_some() {
+                return Arc::clone(hosts);
+            }
+            let mut next = HashMap::clone(hosts);
+            if next.len() >= self.max_hosts {
+                next.retain(|_, e| !e.is_idle());
+            }
+            if next.len() >= self.max_hosts {
+                return Arc::clone(hosts);
+            }
+            let entry = Arc::new(Host::new());
+            found = Some(entry.clone());
+            next.insert(host.into(), entry);
+            Arc::new(next)
+        });
+        found
+    }
+}
+
+/// The breaker key of a target's authority: `host:port`, with the default port 443 added when
+/// the URL has none (`localhost` and `localhost:443` are one host).
+pub fn endpoint_key(authority: &str) -> String {
+    let has_port = match authority.rfind(']') {
+        Some(close) => authority[close..].contains(':'),
+        None => authority.contains(':'),
+    };
+    if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    }
+}
+
+/// Whether a failed upstream call may be retried: only when the client's connector failed (TCP
+/// connect or TLS handshake), so no byte of the request reached the provider. See the module
+/// doc for the rest of the retry rules.
+pub fn is_retryable_connect_error(err: &hyper_util::client::legacy::Error) -> bool {
+    err.is_connect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Barrier;
+
+    const H: &str = "provider.example:443";
+    const COOL: Duration = Duration::from_secs(10);
+
+    fn breakers(threshold: u32, max_hosts: usize) -> Breakers {
+        Breakers::new(BreakerPolicy {
+            failure_threshold: threshold,
+            cool_down: COOL,
+            max_hosts,
+        })
+        .expect("valid policy")
+    }
+
+    fn fail(b: &Breakers, host: &str, now: Instant, n: usize) {
+        for _ in 0..n {
+            b.before(host, now).expect("closed").failure(now);
+        }
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_fails_fast_for_the_cool_down() {
+        let t0 = Instant::now();
+        let b = breakers(3, 16);
+        fail(&b, H, t0, 2);
+        b.before(H, t0).expect("closed").success();
+        fail(&b, H, t0, 2);
+        assert_eq!(b.state(H), Some(State::Closed), "a success reset the count");
+        fail(&b, H, t0, 1);
+        assert_eq!(b.state(H), Some(State::Open));
+
+        let open = b.before(H, t0 + Duration::from_secs(4)).expect_err("open");
+        assert_eq!(open.retry_after, Some(Duration::from_secs(6)));
+        assert_eq!(
+            open.to_string(),
+            "circuit to provider.example:443 is open for 6s more"
+        );
+        assert!(b.before(H, t0 + COOL - Duration::from_nanos(1)).is_err());
+        // Other hosts are not affected.
+        b.before("other.example:443", t0).expect("closed").success();
+    }
+
+    #[test]
+    fn half_open_probe_success_closes_and_failure_reopens() {
+        let t0 = Instant::now();
+        let b = breakers(1, 16);
+        fail(&b, H, t0, 1);
+
+        let t1 = t0 + COOL;
+        let probe = b.before(H, t1).expect("the probe");
+        assert!(probe.is_probe());
+        assert_eq!(b.state(H), Some(State::HalfOpen));
+        let busy = b.before(H, t1).expect_err("one probe at a time");
+        assert_eq!(busy.retry_after, None);
+        probe.failure(t1);
+        assert_eq!(b.state(H), Some(State::Open));
+        let again = b.before(H, t1 + Duration::from_secs(1)).expect_err("open");
+        assert_eq!(
+            again.retry_after,
+            Some(COOL - Duration::from_secs(1)),
+            "a fresh cool-down from the probe's failure"
+        );
+
+        let t2 = t1 + COOL;
+        let probe = b.before(H, t2).expect("the next probe");
+        probe.success();
+        assert_eq!(b.state(H), Some(State::Closed));
+        let normal = b.before(H, t2).expect("closed");
+        assert!(!normal.is_probe());
+        normal.success();
+    }
+
+    #[test]
+    fn a_dropped_probe_lets_the_next_call_probe() {
+        let t0 = Instant::now();
+        let b = breakers(1, 16);
+        fail(&b, H, t0, 1);
+        let t1 = t0 + COOL;
+        drop(b.before(H, t1).expect("probe"));
+        assert_eq!(b.state(H), Some(State::Open));
+        let probe = b.before(H, t1).expect("probe again at once");
+        assert!(probe.is_probe());
+        probe.success();
+        assert_eq!(b.state(H), Some(State::Closed));
+    }
+
+    #[test]
+    fn late_verdicts_of_ordinary_calls_do_not_close_an_open_circuit() {
+        let t0 = Instant::now();
+        let b = breakers(2, 16);
+        let slow = b.before(H, t0).expect("closed");
+        fail(&b, H, t0, 2);
+        assert_eq!(b.state(H), Some(State::Open));
+        slow.success();
+        assert_eq!(b.state(H), Some(State::Open), "only the probe closes");
+        // And a stale probe's verdict does not touch a newer state.
+        let t1 = t0 + COOL;
+        let probe = b.before(H, t1).expect("probe");
+        probe.success();
+        let late = b.before(H, t1).expect("closed");
+        fail(&b, H, t1, 2);
+        late.failure(t1 + Duration::from_secs(1));
+        let open = b.before(H, t1 + Duration::from_secs(1)).expect_err("open");
+        assert_eq!(open.retry_after, Some(COOL - Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn exactly_one_probe_under_many_threads() {
+        const THREADS: usize = 8;
+        let t0 = Instant::now();
+        let b = Arc::new(breakers(1, 16));
+        fail(&b, H, t0, 1);
+        for round in 1..=50u32 {
+            let now = t0 + COOL * round;
+            let barrier = Arc::new(Barrier::new(THREADS));
+            let probes = Arc::new(AtomicUsize::new(0));
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let b = b.clone();
+                    let barrier = barrier.clone();
+                    let probes = probes.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let mut mine = Vec::new();
+                        for _ in 0..100 {
+                            if let Ok(ticket) = b.before(H, now) {
+                                probes.fetch_add(1, Ordering::SeqCst);
+                                mine.push(ticket);
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            let mut tickets: Vec<Ticket> = handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("thread"))
+                .collect();
+            assert_eq!(probes.load(Ordering::SeqCst), 1, "round {round}");
+            let probe = tickets.pop().expect("one ticket");
+            assert!(probe.is_probe());
+            probe.failure(now);
+        }
+    }
+
+    #[test]
+    fn failures_from_many_threads_open_once() {
+        const THREADS: usize = 8;
+        let t0 = Instant::now();
+        let b = Arc::new(breakers(100, 16));
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let b = b.clone();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut refused = 0;
+                    for _ in 0..100 {
+                        match b.before(H, t0) {
+                            Ok(ticket) => ticket.failure(t0),
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    refused
+                })
+            })
+            .collect();
+        let refused: usize = handles.into_iter().map(|h| h.join().expect("thread")).sum();
+        assert_eq!(b.state(H), Some(State::Open));
+        // At least the threshold got through before it opened; the rest failed fast.
+        assert!(refused <= THREADS * 100 - 100, "{refused}");
+        assert!(refused > 0);
+    }
+
+    #[test]
+    fn the_host_set_is_bounded_and_forgets_only_idle_hosts() {
+        let t0 = Instant::now();
+        let b = breakers(1, 3);
+        fail(&b, "a:443", t0, 1);
+        fail(&b, "b:443", t0, 1);
+        b.before("c:443", t0).expect("closed").success();
+        // "c" is idle (closed, no failures): forgotten to make room for "d".
+        b.before("d:443", t0).expect("closed").failure(t0);
+        assert_eq!(
+            b.snapshot(),
+            vec![
+                ("a:443".to_string(), State::Open),
+                ("b:443".to_string(), State::Open),
+                ("d:443".to_string(), State::Open),
+            ]
+        );
+        // Full of hosts with something to remember: a new host goes untracked (fail open),
+        // and its verdicts are ignored.
+        let t = b.before("e:443", t0).expect("untracked");
+        t.failure(t0);
+        b.before("e:443", t0).expect("still untracked").success();
+        assert_eq!(b.untracked_total(), 2);
+        assert_eq!(b.snapshot().len(), 3);
+        assert_eq!(
+            b.snapshot()
+                .iter()
+                .map(|(_, s)| s.metric_value())
+                .collect::<Vec<_>>(),
+            vec![1, 1, 1]
+        );
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_every_problem() {
+        let err = Breakers::new(BreakerPolicy {
+            failure_threshold: 0,
+            cool_down: Duration::ZERO,
+            max_hosts: 0,
+        })
+        .expect_err("invalid");
+        assert_eq!(
+            err.0,
+            vec![
+                PolicyProblem::ZeroThreshold,
+                PolicyProblem::ZeroCoolDown,
+                PolicyProblem::ZeroMaxHosts
+            ]
+        );
+        let long = Breakers::new(BreakerPolicy {
+            cool_down: Duration::from_secs(400 * 24 * 3600),
+            ..BreakerPolicy::default()
+        });
+        assert!(matches!(
+            long.expect_err("too long").0[..],
+            [PolicyProblem::CoolDownTooLong(_)]
+        ));
+        assert!(Breakers::new(BreakerPolicy::default()).is_ok());
+        assert_eq!(
+            (
+                State::Closed.metric_value(),
+                State::Open.metric_value(),
+                State::HalfOpen.metric_value()
+            ),
+            (0, 1, 2)
+        );
+    }
+
+    #[test]
+    fn clock_readings_before_construction_work() {
+        let t0 = Instant::now();
+        let past = t0.checked_sub(Duration::from_secs(5)).unwrap_or(t0);
+        let b = breakers(1, 4);
+        fail(&b, H, past, 1);
+        assert!(b.before(H, past + COOL - Duration::from_secs(1)).is_err());
+        assert!(b.before(H, past + COOL).expect("probe").is_probe());
+    }
+
+    #[test]
+    fn endpoint_keys_carry_the_port() {
+        assert_eq!(endpoint_key("localhost:9443"), "localhost:9443");
+        assert_eq!(endpoint_key("provider.example"), "provider.example:443");
+        assert_eq!(endpoint_key("[::1]"), "[::1]:443");
+        assert_eq!(endpoint_key("[::1]:8443"), "[::1]:8443");
+    }
+
+    #[test]
+    fn pack_round_trips_within_the_time_range() {
+        for t in [-TIME_LIMIT, -1, 0, 1, 123_456_789, TIME_LIMIT] {
+            for s in [State::Closed, State::Open, State::HalfOpen] {
+                assert_eq!(unpack(pack(s, t)), (s, t));
+            }
+        }
+    }
+
+    /// Only a failed connector is retryable: a refused connection is; a connection that was
+    /// accepted and then closed after the request was written is not.
+    #[tokio::test]
+    async fn only_connect_failures_are_retryable() {
+        use http_body_util::Empty;
+        use hyper_util::client::legacy::{connect::HttpConnector, Client};
+        use hyper_util::rt::TokioExecutor;
+
+        let client: Client<HttpConnector, Empty<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+
+        // A port with nothing listening: bind, note the port, close.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let uri: http::Uri = format!("http://127.0.0.1:{port}/x").parse().expect("uri");
+        let err = client.get(uri).await.expect_err("refused");
+        assert!(is_retryable_connect_error(&err), "{err:?}");
+
+        // A peer that reads the request and hangs up without answering.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            if let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+            }
+        });
+        let uri: http::Uri = format!("http://{addr}/x").parse().expect("uri");
+        let err = client.get(uri).await.expect_err("closed mid-request");
+        assert!(!is_retryable_connect_error(&err), "{err:?}");
+        server.await.expect("server task");
+    }
+}
