@@ -292,10 +292,11 @@ async fn resumable_control(world: &World, shutdown: CancellationToken) -> Socket
         header_read_timeout: Duration::from_secs(5),
         http2: false,
         grace_period: Duration::from_secs(1),
+        limits: Default::default(),
     };
     tokio::spawn(ssp_gateway::server::serve_tls(
         listener,
-        Arc::new(resumable),
+        ssp_gateway::reload::Reloadable::new("resumable control", Arc::new(resumable), vec![]),
         opts,
         shutdown,
         |_conn, _req| async {
