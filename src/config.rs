@@ -61,6 +61,8 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub shutdown: ShutdownConfig,
     pub reload: ReloadConfig,
+    pub rate_limit: RateLimitConfig,
+    pub circuit_breaker: crate::breaker::BreakerPolicy,
     pub dev: DevConfig,
     /// `None` when the embedded mock provider is disabled.
     pub mock_provider: Option<MockProviderConfig>,
@@ -74,6 +76,15 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub limits: Limits,
+}
+
+/// Per-consumer rate limits and global load shedding.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// `None`: no per-consumer limit.
+    pub per_consumer: Option<crate::ratelimit::RateLimitPolicy>,
+    /// Requests being processed at once across the gateway before new ones get 503.
+    pub max_in_flight: usize,
 }
 
 /// How often watched files are checked for changes (TLS material; SIGHUP reloads at once).
@@ -432,6 +443,20 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     };
     s.finish();
 
+    let mut s = root.section("rate_limit");
+    let rate_limit = rate_limit_config(&mut s);
+    s.finish();
+
+    let mut s = root.section("circuit_breaker");
+    let b = crate::breaker::BreakerPolicy::default();
+    let circuit_breaker = crate::breaker::BreakerPolicy {
+        failure_threshold: s.uint("failure_threshold", u64::from(b.failure_threshold), 1, 1000)
+            as u32,
+        cool_down: s.duration("cool_down", b.cool_down),
+        max_hosts: s.uint("max_hosts", b.max_hosts as u64, 1, 1_000_000) as usize,
+    };
+    s.finish();
+
     let mut s = root.section("reload");
     let reload = ReloadConfig {
         watch_files: s.bool("watch_files", true),
@@ -500,8 +525,64 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         tracing,
         shutdown,
         reload,
+        rate_limit,
+        circuit_breaker,
         dev,
         mock_provider,
+    }
+}
+
+fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
+    use crate::ratelimit::{Limit, RateLimitPolicy};
+    let d = RateLimitPolicy::default();
+    let enabled = s.bool("enabled", true);
+    let requests = s.uint(
+        "requests_per_second",
+        u64::from(d.default.requests),
+        1,
+        10_000_000,
+    ) as u32;
+    let burst = s.uint("burst", u64::from(d.default.burst), 1, 10_000_000) as u32;
+    let max_tracked = s.uint("max_tracked", d.max_tracked as u64, 1, 100_000_000) as usize;
+    let max_in_flight = s.uint(
+        "max_in_flight",
+        crate::ratelimit::DEFAULT_MAX_IN_FLIGHT as u64,
+        1,
+        10_000_000,
+    ) as usize;
+    let mut overrides = std::collections::BTreeMap::new();
+    match s.take("overrides") {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let parsed = item.as_table().and_then(|t| {
+                    let asid = t.get("asid")?.as_str()?;
+                    let rps = u32::try_from(t.get("requests_per_second")?.as_integer()?).ok()?;
+                    let burst = u32::try_from(t.get("burst")?.as_integer()?).ok()?;
+                    (t.len() == 3 && is_asid(asid) && rps > 0 && burst > 0)
+                        .then(|| (asid.to_string(), Limit::per_second(rps, burst)))
+                });
+                match parsed {
+                    Some((asid, limit)) => {
+                        overrides.insert(asid, limit);
+                    }
+                    None => s.problem(
+                        &format!("overrides[{i}]"),
+                        "must be { asid = \"<digits>\", requests_per_second = N, burst = N } with N > 0"
+                            .into(),
+                    ),
+                }
+            }
+        }
+        Some(_) => s.problem("overrides", "must be an array of tables".into()),
+    }
+    RateLimitConfig {
+        per_consumer: enabled.then(|| RateLimitPolicy {
+            default: Limit::per_second(requests, burst),
+            overrides,
+            max_tracked,
+        }),
+        max_in_flight,
     }
 }
 

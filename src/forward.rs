@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -23,6 +23,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::breaker::{endpoint_key, is_retryable_connect_error, Breakers, Ticket};
 use crate::config::UpstreamConfig;
 use crate::reload::Reloadable;
 use crate::ssp::envelope::Target;
@@ -34,6 +35,8 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 pub struct Upstream {
     client: Client<TlsConnector, Counted<Incoming>>,
     response_timeout: Duration,
+    /// Per-host circuit breakers, and the gauge that shows their state.
+    breakers: Option<(Breakers, Option<prometheus::IntGaugeVec>)>,
 }
 
 impl Upstream {
@@ -62,6 +65,45 @@ impl Upstream {
         Upstream {
             client,
             response_timeout: config.response_timeout,
+            breakers: None,
+        }
+    }
+
+    /// Fails fast (502) to a provider host whose circuit is open; `state` shows each host's
+    /// circuit (closed 0, open 1, half-open 2).
+    pub fn with_breakers(
+        mut self,
+        breakers: Breakers,
+        state: Option<prometheus::IntGaugeVec>,
+    ) -> Upstream {
+        self.breakers = Some((breakers, state));
+        self
+    }
+
+    /// Asks the host's breaker for leave to send; `Err` when its circuit is open.
+    fn ticket(&self, key: &str, url: &str) -> Result<Option<Ticket>, Rejection> {
+        let Some((breakers, _)) = &self.breakers else {
+            return Ok(None);
+        };
+        match breakers.before(key, Instant::now()) {
+            Ok(ticket) => Ok(Some(ticket)),
+            Err(open) => {
+                tracing::warn!(host = key, %open, "circuit open: failing fast");
+                Err(Rejection::UpstreamError {
+                    url: url.to_owned(),
+                })
+            }
+        }
+    }
+
+    /// Publishes the host's circuit state after a verdict.
+    fn show_state(&self, key: &str) {
+        if let Some((breakers, Some(gauge))) = &self.breakers {
+            if let Some(state) = breakers.state(key) {
+                gauge
+                    .with_label_values(&[key])
+                    .set(i64::from(state.metric_value()));
+            }
         }
     }
 
@@ -99,17 +141,39 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
         prepare_request_headers(req.headers_mut(), client_addr);
 
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(Rejection::UpstreamTimeout { url }),
+        let key = endpoint_key(target.authority());
+        let ticket = self.ticket(&key, &url)?;
+        // Connect failures are not retried here: the request body streams and cannot be
+        // replayed, and a request a provider may have processed is never sent twice. (hyper
+        // itself re-sends only a request that no byte of was written to a pooled connection
+        // that had closed.)
+        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let answer = match result {
+            Err(_) => {
+                if let Some(t) = ticket {
+                    t.failure(Instant::now());
+                }
+                Err(Rejection::UpstreamTimeout { url })
+            }
             Ok(Err(e)) => {
+                if let Some(t) = ticket {
+                    if is_retryable_connect_error(&e) {
+                        t.failure(Instant::now());
+                    }
+                }
                 tracing::warn!(target_url = %url, error = %error_chain(&e), "upstream request failed");
                 Err(Rejection::UpstreamError { url })
             }
             Ok(Ok(mut resp)) => {
+                if let Some(t) = ticket {
+                    t.success();
+                }
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }
-        }
+        };
+        self.show_state(&key);
+        answer
     }
 }
 

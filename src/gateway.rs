@@ -19,6 +19,7 @@ use crate::authorise::{authorise, Facts};
 use crate::directory::Directory;
 use crate::forward::{BodyEnd, ProxyBody, Upstream};
 use crate::metrics::Metrics;
+use crate::ratelimit::{Decision, Overload, RateLimiter};
 use crate::server::ConnInfo;
 use crate::ssp::envelope;
 use crate::ssp::interactions::Catalogue;
@@ -46,7 +47,14 @@ pub struct Gateway {
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
     pub tracer: Tracer,
+    /// Per-consumer rate limits (`None`: off).
+    pub limiter: Option<RateLimiter>,
+    /// The bound on requests in flight (load shedding).
+    pub overload: Overload,
 }
+
+/// `Strict-Transport-Security` on every response: consumers must only ever use TLS here.
+const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000");
 
 /// What the request path learnt about one request, for its log line, audit record and span.
 #[derive(Default)]
@@ -66,6 +74,8 @@ struct Record<'a> {
     audited: bool,
     upstream_latency: Option<Duration>,
     request_bytes: Option<Arc<AtomicU64>>,
+    /// The rate limiter's refusal, for the 429's headers.
+    rate_limit: Option<Decision>,
 }
 
 /// The fixed facts of one request.
@@ -96,14 +106,31 @@ impl Gateway {
         let mut record = Record::default();
         let format = response_format(&req);
 
-        let response = match self.process(&conn, req, &mut record, &ctx).await {
+        // Load shedding first: past the bound, answer at once rather than queue.
+        let permit = self.overload.try_acquire();
+        let result = match permit {
+            Some(_) => self.process(&conn, req, &mut record, &ctx).await,
+            None => Err(Rejection::Overloaded),
+        };
+        let mut response = match result {
             Ok(resp) => resp,
             Err(rejection) => {
                 record.token = Some(rejection.token());
                 record.reason = Some(rejection.reason());
-                reject(&rejection, format, &ctx.request_id)
+                let mut resp = reject(&rejection, format, &ctx.request_id);
+                if let Some(decision) = &record.rate_limit {
+                    decision.apply_headers(resp.headers_mut());
+                } else if rejection == Rejection::Overloaded {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                resp
             }
         };
+        response
+            .headers_mut()
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert(HSTS);
 
         let status = response.status().as_u16();
         let elapsed = ctx.started.elapsed();
@@ -305,10 +332,22 @@ impl Gateway {
             sharing_agreements: self.policy.sharing_agreements.as_ref(),
         })?;
 
-        // 5. The JWT, per policy.
+        // 5. The consumer's rate limit (its certificate is proven to be Ssp-From's by now, so
+        //    one consumer cannot spend another's tokens).
+        if let Some(limiter) = &self.limiter {
+            let decision = limiter.check(&headers.from, Instant::now());
+            if !decision.allowed {
+                record.rate_limit = Some(decision);
+                return Err(Rejection::RateLimited {
+                    sender: headers.from.clone(),
+                });
+            }
+        }
+
+        // 6. The JWT, per policy.
         self.check_jwt(&token, &interaction.scopes, record)?;
 
-        // 6. The audit record, durable before the provider sees anything.
+        // 7. The audit record, durable before the provider sees anything.
         record.audited = true;
         let request_record = audit_record(RecordKind::Request, conn, ctx, record);
         if let Err(e) = self.audit.commit(&request_record).await {
@@ -316,7 +355,7 @@ impl Gateway {
             return Err(Rejection::AuditUnavailable);
         }
 
-        // 7. Forward to the registered endpoint, with this span as the provider's parent; the
+        // 8. Forward to the registered endpoint, with this span as the provider's parent; the
         //    provider's answer passes back unchanged.
         if let Ok(v) = HeaderValue::from_str(&ctx.trace.traceparent()) {
             req.headers_mut().insert("traceparent", v);

@@ -145,10 +145,31 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 (Arc::new(MockProvider::new(mock_settings(m))), tls)
             })
     });
-    match (server_tls, client_tls, catalogue, backend) {
-        (Some(server_tls), Some(client_tls), Some(catalogue), Some(backend))
-            if problems.is_empty() =>
-        {
+    let limiter = match &config.rate_limit.per_consumer {
+        None => Some(None),
+        Some(policy) => ratelimit::RateLimiter::new(policy.clone())
+            .map(Some)
+            .map_err(|e| problems.push(format!("rate_limit: {e}")))
+            .ok(),
+    };
+    let overload = ratelimit::Overload::new(config.rate_limit.max_in_flight)
+        .map_err(|e| problems.push(format!("rate_limit.max_in_flight: {e}")))
+        .ok();
+    let breakers = breaker::Breakers::new(config.circuit_breaker)
+        .map_err(|e| problems.push(format!("circuit_breaker: {e}")))
+        .ok();
+    match (
+        server_tls, client_tls, catalogue, backend, limiter, overload, breakers,
+    ) {
+        (
+            Some(server_tls),
+            Some(client_tls),
+            Some(catalogue),
+            Some(backend),
+            Some(limiter),
+            Some(overload),
+            Some(breakers),
+        ) if problems.is_empty() => {
             let directory = Directory::new(backend.backend, config.directory.cache);
             let server_tls = Reloadable::new("listener TLS", server_tls, server_tls_files(config));
             let client_tls = Reloadable::new("upstream TLS", client_tls, client_tls_files(config));
@@ -156,11 +177,14 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             let (audit, audit_writer) = audit::Audit::prepare(&config.audit, metrics.audit.clone());
             let (tracer, span_exporter) =
                 telemetry::Tracer::prepare(&config.tracing, metrics.tracing.clone());
+            server_tls.count_in(metrics.reloads.clone());
+            client_tls.count_in(metrics.reloads.clone());
             let upstream = forward::Upstream::with_metrics(
                 &config.upstream,
                 client_tls.clone(),
                 Some(metrics.upstream_connect_errors.clone()),
-            );
+            )
+            .with_breakers(breakers, Some(metrics.upstream_circuit_state.clone()));
             let gateway = Gateway {
                 catalogue,
                 directory,
@@ -173,6 +197,8 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 audit,
                 metrics,
                 tracer,
+                limiter,
+                overload,
             };
             Ok(Components {
                 gateway,

@@ -73,6 +73,10 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     /// Connections to providers that could not be made, by reason (`timeout`, `tcp`, `tls`).
     pub upstream_connect_errors: IntCounterVec,
+    /// Circuit state per provider host: closed 0, open 1, half-open 2.
+    pub upstream_circuit_state: IntGaugeVec,
+    /// Hot reloads by component and result (`ok`, `refused`).
+    pub reloads: IntCounterVec,
     pub audit: AuditMetrics,
     pub tracing: TracingMetrics,
 }
@@ -140,6 +144,22 @@ impl Metrics {
                 "Connections to providers that could not be made, by reason.",
             ),
             &["reason"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "ssp_upstream_circuit_state",
+                "Circuit breaker state per provider host: 0 closed, 1 open, 2 half-open.",
+            ),
+            &["host"],
+        )
+        .expect("static metric definition is valid");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "ssp_reloads_total",
+                "Hot reloads of files, by component and result (ok, refused).",
+            ),
+            &["component", "result"],
         )
         .expect("static metric definition is valid");
         let audit = AuditMetrics {
@@ -212,6 +232,8 @@ impl Metrics {
             Box::new(active_connections.clone()),
             Box::new(tls_handshake_failures.clone()),
             Box::new(upstream_connect_errors.clone()),
+            Box::new(upstream_circuit_state.clone()),
+            Box::new(reloads.clone()),
             Box::new(audit.queue_depth.clone()),
             Box::new(audit.fsync_duration.clone()),
             Box::new(audit.write_errors.clone()),
@@ -240,6 +262,8 @@ impl Metrics {
             active_connections,
             tls_handshake_failures,
             upstream_connect_errors,
+            upstream_circuit_state,
+            reloads,
             audit,
             tracing,
         })

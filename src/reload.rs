@@ -36,6 +36,8 @@ pub struct Reloadable<T> {
     value: ArcSwap<T>,
     files: Vec<PathBuf>,
     stats: ReloadStats,
+    /// `ssp_reloads_total{component, result}`, when metrics are on.
+    counter: std::sync::OnceLock<prometheus::IntCounterVec>,
 }
 
 /// What a watched file looked like at the last check: (modified, length), or absent.
@@ -55,6 +57,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             value: ArcSwap::new(initial),
             files,
             stats: ReloadStats::default(),
+            counter: std::sync::OnceLock::new(),
         })
     }
 
@@ -66,17 +69,30 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         &self.stats
     }
 
+    /// Counts this component's reloads in `counter` (labels: component, result).
+    pub fn count_in(&self, counter: prometheus::IntCounterVec) {
+        let _ = self.counter.set(counter);
+    }
+
+    fn count(&self, result: &str) {
+        if let Some(c) = self.counter.get() {
+            c.with_label_values(&[self.name, result]).inc();
+        }
+    }
+
     /// Rebuilds with `build` and swaps the result in; on failure keeps the old value.
     pub fn reload_with<E: std::fmt::Display>(&self, build: impl FnOnce() -> Result<T, E>) -> bool {
         match build() {
             Ok(value) => {
                 self.value.store(Arc::new(value));
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                self.count("ok");
                 tracing::info!(component = self.name, "reloaded");
                 true
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.count("refused");
                 tracing::error!(
                     component = self.name,
                     error = %e,

@@ -677,6 +677,7 @@ async fn forwarded_request_is_the_consumers_with_the_gateways_hop_headers() {
         )
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.headers["strict-transport-security"], "max-age=31536000");
     let seen = a.json();
     assert_eq!(seen["uri"], format!("{BASE_PATH}/Slot?{}", slot_query()));
     let hd = &seen["headers"];

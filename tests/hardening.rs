@@ -118,8 +118,20 @@ async fn a_bad_new_certificate_keeps_the_old_one() {
         "-----BEGIN CERTIFICATE-----\nnot base64\n",
     )
     .expect("write");
-    // Give the watcher several polls to notice and refuse it.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The watcher notices the change and refuses it (counted in the metrics).
+    let refused = "ssp_reloads_total{component=\"listener TLS\",result=\"refused\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http_get(h.admin, "/metrics").await;
+        if sample(&text, refused).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bad file was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(served_serial(&client).await, before);
     let a = client
         .gpc(Gpc::new(

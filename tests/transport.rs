@@ -240,6 +240,7 @@ async fn errors_in_xml_when_asked_for() {
         .await
         .expect("answer");
     assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(a.headers["strict-transport-security"], "max-age=31536000");
     assert_eq!(
         a.headers[http::header::CONTENT_TYPE],
         "application/fhir+xml;charset=utf-8"

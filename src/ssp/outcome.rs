@@ -48,6 +48,10 @@ pub enum Rejection {
     DirectoryUnavailable,
     /// 503 `AUDIT_UNAVAILABLE`: the audit trail cannot be written, so nothing is forwarded.
     AuditUnavailable,
+    /// 429 `RATE_LIMIT_EXCEEDED_MESSAGESENDER_<asid>`: the consumer is over its rate limit.
+    RateLimited { sender: String },
+    /// 503 `GATEWAY_OVERLOADED`: too many requests in flight across the gateway (load shedding).
+    Overloaded,
     /// 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`
     UpstreamError { url: String },
     /// 504 `TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_<url>`
@@ -80,9 +84,10 @@ impl Rejection {
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => StatusCode::FORBIDDEN,
-            Rejection::DirectoryUnavailable | Rejection::AuditUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Rejection::DirectoryUnavailable
+            | Rejection::AuditUnavailable
+            | Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Rejection::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -105,7 +110,10 @@ impl Rejection {
             Rejection::DirectoryUnavailable | Rejection::AuditUnavailable => {
                 Some("INTERNAL_SERVER_ERROR")
             }
-            Rejection::UpstreamError { .. } | Rejection::UpstreamTimeout { .. } => None,
+            Rejection::UpstreamError { .. }
+            | Rejection::UpstreamTimeout { .. }
+            | Rejection::RateLimited { .. }
+            | Rejection::Overloaded => None,
         }
     }
 
@@ -127,6 +135,7 @@ impl Rejection {
             | Rejection::AuditUnavailable
             | Rejection::UpstreamError { .. } => "transient",
             Rejection::UpstreamTimeout { .. } => "timeout",
+            Rejection::RateLimited { .. } | Rejection::Overloaded => "throttled",
         }
     }
 
@@ -165,6 +174,10 @@ impl Rejection {
             Rejection::InvalidJwt { reason } => format!("INVALID_JWT_{reason}"),
             Rejection::DirectoryUnavailable => "DIRECTORY_UNAVAILABLE".to_owned(),
             Rejection::AuditUnavailable => "AUDIT_UNAVAILABLE".to_owned(),
+            Rejection::RateLimited { sender } => {
+                format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{sender}")
+            }
+            Rejection::Overloaded => "GATEWAY_OVERLOADED".to_owned(),
             Rejection::UpstreamError { url } => {
                 format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{url}")
             }
@@ -190,6 +203,8 @@ impl Rejection {
             Rejection::InvalidJwt { .. } => "invalid_jwt",
             Rejection::DirectoryUnavailable => "directory_unavailable",
             Rejection::AuditUnavailable => "audit_unavailable",
+            Rejection::RateLimited { .. } => "rate_limited",
+            Rejection::Overloaded => "overloaded",
             Rejection::UpstreamError { .. } => "upstream_error",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
         }
@@ -591,6 +606,16 @@ mod tests {
                 "transient",
                 "AUDIT_UNAVAILABLE",
             ),
+            (
+                Rejection::RateLimited {
+                    sender: "200000000359".into(),
+                },
+                429,
+                None,
+                "throttled",
+                "RATE_LIMIT_EXCEEDED_MESSAGESENDER_200000000359",
+            ),
+            (Rejection::Overloaded, 503, None, "throttled", "GATEWAY_OVERLOADED"),
             (
                 Rejection::UpstreamError {
                     url: "https://p.example/D11111/STU3/1/GPConnect/Patient".into(),

@@ -274,6 +274,11 @@ pub struct GatewayOptions {
     pub directory: Option<DirectorySection>,
     /// Whole sections appended to the configuration (e.g. `[audit]`, `[tracing]`).
     pub extra_sections: String,
+    /// The keys of the `[rate_limit]` section (default: per-consumer limits off, so tests
+    /// that send bursts are not limited unless they ask to be).
+    pub rate_limit: &'static str,
+    /// The keys of the `[circuit_breaker]` section.
+    pub circuit_breaker: &'static str,
 }
 
 /// Builds a `[directory]` section from the development LDIF text.
@@ -291,6 +296,8 @@ impl Default for GatewayOptions {
             ldif_edit: None,
             directory: None,
             extra_sections: String::new(),
+            rate_limit: "enabled = false",
+            circuit_breaker: "",
         }
     }
 }
@@ -343,6 +350,10 @@ grace_period = "5s"
 level = "warn"
 [reload]
 poll_interval = "50ms"
+[rate_limit]
+{rate_limit}
+[circuit_breaker]
+{circuit_breaker}
 {extra_sections}
 "#,
         gw_cert = world.gateway.cert.display(),
@@ -358,6 +369,8 @@ poll_interval = "50ms"
         extra_listener = opts.extra_listener,
         directory = directory,
         extra_sections = opts.extra_sections,
+        rate_limit = opts.rate_limit,
+        circuit_breaker = opts.circuit_breaker,
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("write config");
@@ -456,21 +469,27 @@ pub async fn start_with_recorder(
         .expect("bind provider");
     let provider_port = listener.local_addr().expect("addr").port();
     let recorder = Recorder::new(behaviour);
-    let tls = provider_tls(&world);
-    {
-        let recorder = recorder.clone();
-        tokio::spawn(ssp_gateway::server::serve_tls(
-            listener,
-            tls,
-            serve_options("recording-provider"),
-            shutdown.clone(),
-            move |conn: Arc<ConnInfo>, req: Request<Incoming>| {
-                let recorder = recorder.clone();
-                async move { recorder.answer(conn, req).await }
-            },
-        ));
-    }
+    serve_recorder(&world, listener, recorder.clone(), shutdown.clone());
     start_gateway(world, provider_port, recorder, shutdown, opts).await
+}
+
+/// Serves `recorder` as an mTLS provider on `listener` until `shutdown`.
+pub fn serve_recorder(
+    world: &World,
+    listener: TcpListener,
+    recorder: Arc<Recorder>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(ssp_gateway::server::serve_tls(
+        listener,
+        provider_tls(world),
+        serve_options("recording-provider"),
+        shutdown,
+        move |conn: Arc<ConnInfo>, req: Request<Incoming>| {
+            let recorder = recorder.clone();
+            async move { recorder.answer(conn, req).await }
+        },
+    ));
 }
 
 fn provider_tls(world: &World) -> Arc<ssp_gateway::reload::Reloadable<rustls::ServerConfig>> {
