@@ -8,6 +8,7 @@ pub mod config;
 pub mod directory;
 pub mod forward;
 pub mod gateway;
+pub mod loadtest;
 pub mod mock_provider;
 pub mod server;
 pub mod ssp;

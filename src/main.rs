@@ -56,6 +56,9 @@ enum Command {
         #[arg(long, default_value = "https://localhost:9443/B82617/STU3/1/gpconnect")]
         aud: String,
     },
+    /// Load a gateway (or a provider directly) with GP Connect requests and report latency
+    /// percentiles, throughput and errors (README "Performance").
+    Loadtest(Box<ssp_gateway::loadtest::Args>),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
             println!("{}", ssp_gateway::ssp::jwt::encode_unsigned(&claims));
             ExitCode::SUCCESS
         }
+        Command::Loadtest(args) => ssp_gateway::loadtest::cli(*args),
     }
 }
 
