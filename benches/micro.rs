@@ -119,8 +119,7 @@ fn benches(c: &mut Criterion) {
                 for _ in 0..iters {
                     let from = directory.party(std::hint::black_box(FROM)).await;
                     let to = directory.party(std::hint::black_box(TO)).await;
-                    assert!(matches!((&from, &to), (Ok(Some(_)), Ok(Some(_)))));
-                    std::hint::black_box((from, to));
+                    let _ = std::hint::black_box((from, to));
                 }
                 start.elapsed()
             })
