@@ -80,6 +80,10 @@ struct Opts {
     /// Keep the scratch directory (configs, logs, certificates).
     #[arg(long)]
     keep: bool,
+    /// Profile the first gateway during its get-4k run with `perf record` (cpu-clock, DWARF
+    /// call graphs) into this file; that run's figures then include perf's own overhead.
+    #[arg(long)]
+    perf: Option<PathBuf>,
     /// Workloads to run (default: all).
     workloads: Vec<String>,
 }
@@ -183,6 +187,7 @@ struct Bench {
     connections: usize,
     provider_pid: u32,
     provider_port: u16,
+    perf: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -370,6 +375,7 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
         connections,
         provider_pid: provider.pid(),
         provider_port,
+        perf: opts.perf.clone(),
     };
     let load_before = loadavg();
     print_header(&bench, key, smoke, &nginx_version, &load_before);
@@ -396,7 +402,8 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
             _ => None,
         };
         for t in &targets {
-            let row = bench.measure(*w, t, rate);
+            let profile = *w == Workload::Get4k && t.label == targets_first_gateway(&targets);
+            let row = bench.measure(*w, t, rate, profile);
             println!("  {}", row_line(&row));
             rows.push(row);
         }
@@ -474,6 +481,13 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn targets_first_gateway(targets: &[Target]) -> &str {
+    targets
+        .iter()
+        .find(|t| t.label.starts_with("gateway"))
+        .map_or("", |t| t.label.as_str())
 }
 
 /// Removes the scratch directory at the end (unless kept).
@@ -691,7 +705,7 @@ impl Bench {
     }
 
     /// One run of `w` against `t`, with the proxy's and provider's CPU over the measured window.
-    fn measure(&self, w: Workload, t: &Target, rate: Option<f64>) -> Row {
+    fn measure(&self, w: Workload, t: &Target, rate: Option<f64>, profile: bool) -> Row {
         let mut args = self.load_args(t);
         let search = ssp_gateway::loadtest::default_search_query(chrono::Utc::now().date_naive());
         args.extend([
@@ -737,16 +751,24 @@ impl Bench {
         let mut start = (0u64, 0u64);
         let mut end = (0u64, 0u64);
         let mut rss = 0u64;
+        let perf_file = self.perf.as_ref().filter(|_| profile);
+        let mut perf: Option<std::process::Child> = None;
         let outcome = self.drive(&args, |line| {
             if line == "loadtest: measuring" {
                 start = (
                     procs::cpu_ticks(&proxy_tree()),
                     procs::cpu_ticks(&provider_tree),
                 );
+                if let (Some(file), Some(pid)) = (perf_file, t.proxy) {
+                    perf = start_perf(file, pid);
+                }
             } else if line == "loadtest: measured" {
                 let tree = proxy_tree();
                 end = (procs::cpu_ticks(&tree), procs::cpu_ticks(&provider_tree));
                 rss = procs::rss_kb(&tree);
+                if let (Some(p), Some(file)) = (perf.take(), perf_file) {
+                    stop_perf(p, file);
+                }
             }
             false
         });
@@ -869,6 +891,50 @@ impl Bench {
             )
         })?;
         Ok(report)
+    }
+}
+
+/// `perf record` of `pid` into `file`, or None (with a note) when perf cannot run.
+fn start_perf(file: &Path, pid: u32) -> Option<std::process::Child> {
+    let child = Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "999",
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+        ])
+        .arg(file)
+        .args(["-p", &pid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => Some(c),
+        Err(e) => {
+            println!("  perf: cannot start `perf record`: {e}");
+            None
+        }
+    }
+}
+
+/// Stops `perf record` (SIGINT, as Ctrl-C) and waits for it to write `file`.
+fn stop_perf(mut perf: std::process::Child, file: &Path) {
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait();
+    match std::fs::metadata(file) {
+        Ok(m) if m.len() > 0 => println!(
+            "  perf: profile in {} (this run includes perf's overhead); read it with `perf report -i {}`",
+            file.display(),
+            file.display()
+        ),
+        _ => println!("  perf: `perf record` wrote no profile"),
     }
 }
 
