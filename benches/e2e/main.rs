@@ -473,7 +473,7 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
             );
         }
         println!(
-            "e2e smoke: {passed} passed, {} failed",
+            "e2e-smoke: {passed} passed, {} failed",
             failed.len() + idle_failed
         );
         if !failed.is_empty() || idle_failed > 0 {
