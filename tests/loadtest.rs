@@ -315,3 +315,66 @@ async fn bad_arguments_are_refused_before_any_load() {
     let e = loadtest::run(settings).await.expect_err("unreachable");
     assert!(matches!(e, LoadtestError::Unreachable { .. }), "{e}");
 }
+
+/// `ssp-gateway loadtest` itself: text and JSON reports, and a failing exit code when no request
+/// succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_reports_and_fails_when_nothing_succeeds() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let base: Vec<String> = vec![
+        "loadtest".into(),
+        "--url".into(),
+        gateway_url(&h),
+        "--connect-to".into(),
+        h.gateway.to_string(),
+        "--cert".into(),
+        h.world.consumer.cert.display().to_string(),
+        "--key".into(),
+        h.world.consumer.key.display().to_string(),
+        "--cacert".into(),
+        h.world.ca.display().to_string(),
+        "--connections".into(),
+        "1".into(),
+        "--threads".into(),
+        "1".into(),
+        "--warmup".into(),
+        "0s".into(),
+        "--duration".into(),
+        "300ms".into(),
+    ];
+    let run_binary = |extra: &[&str]| {
+        let mut args = base.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+                .args(&args)
+                .output()
+                .expect("run ssp-gateway loadtest")
+        })
+    };
+
+    let ok = run_binary(&["--json"]).await.expect("join");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("JSON report");
+    assert!(report["responses"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert_eq!(report["errors"], 0);
+    assert!(report["latency_ms"]["p99"].as_f64().unwrap_or(0.0) > 0.0);
+
+    let refused = run_binary(&["--to", "999999999999"]).await.expect("join");
+    assert!(
+        !refused.status.success(),
+        "nothing succeeded: exit code non-zero"
+    );
+    let text = String::from_utf8_lossy(&refused.stdout);
+    assert!(text.contains("status      403: "), "{text}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no request succeeded"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    h.stop().await;
+}

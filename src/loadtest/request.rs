@@ -282,10 +282,11 @@ impl Bookings {
     fn next(&self) -> Bytes {
         match self {
             Bookings::Replay(body) => body.clone(),
-            Bookings::Slots { bodies, next } => {
+            Bookings::Slots { bodies, next } if !bodies.is_empty() => {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 bodies[n % bodies.len()].clone()
             }
+            Bookings::Slots { .. } => Bytes::new(),
         }
     }
 
