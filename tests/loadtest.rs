@@ -72,7 +72,7 @@ async fn searches_and_bookings_through_the_gateway_reach_the_mock_provider() {
         r.responses,
         r.ok + r.status.get("409").copied().unwrap_or(0)
     );
-    assert!(r.interactions["search"].responses > r.interactions["book"].responses);
+    assert!(r.interactions["search"].responses > 0 && r.interactions["book"].responses > 0);
     assert!(r.latency_ms.p50 > 0.0 && r.latency_ms.p50 <= r.latency_ms.p99);
     assert!(r.latency_ms.p999 <= r.latency_ms.max);
     assert!(r.rps > 0.0);
