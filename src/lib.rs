@@ -10,6 +10,7 @@ pub mod config;
 pub mod directory;
 pub mod forward;
 pub mod gateway;
+pub mod loadtest;
 pub mod metrics;
 pub mod mock_provider;
 pub mod ratelimit;

@@ -67,6 +67,9 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Load a gateway (or a provider directly) with GP Connect requests and report latency
+    /// percentiles, throughput and errors (README "Performance").
+    Loadtest(Box<ssp_gateway::loadtest::Args>),
 }
 
 #[derive(Subcommand)]
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Loadtest(args) => ssp_gateway::loadtest::cli(*args),
     }
 }
 

@@ -1,0 +1,801 @@
+//! `ssp-gateway loadtest`: a load generator for a deployed gateway (or, for a baseline, a
+//! provider directly). It sends GP Connect requests with a valid SSP envelope and JWT from a
+//! client certificate, over keep-alive HTTP/1.1 or HTTP/2 connections, or a new connection with
+//! a full mTLS handshake per request, either as fast as the connections allow (closed loop) or
+//! at a fixed rate with latency measured from each request's intended send time (so a stalled
+//! server is not hidden: coordinated omission is accounted for), and reports an HdrHistogram of
+//! latencies, throughput and errors by status, as text or JSON. It is what `cargo bench --bench
+//! e2e` drives and what an operator runs against staging.
+//!
+//! A run is always bounded by its warm-up plus duration: requests still in flight then are
+//! abandoned and counted as unfinished. It never retries a request, never follows redirects,
+//! and sends only to the address the URL (or `--connect-to`) names.
+
+mod conn;
+mod report;
+mod request;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use rustls::pki_types::ServerName;
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+pub use conn::{Exchange, Failure};
+pub use report::{IdleReport, InteractionReport, Latency, Report, RunShape, Stats};
+pub use request::{booking_bodies, default_search_query, Bookings, Kind, Mix, ServiceRoot};
+
+use conn::{exchange, Dialer, Sender};
+use request::Factory;
+
+/// The development world's full-access consumer ASID (`Ssp-From`).
+pub const DEV_FROM: &str = "200000000359";
+/// The development world's provider ASID (`Ssp-To`).
+pub const DEV_TO: &str = "918999198993";
+/// The development consumer's ODS code, the booking organisation of generated bookings.
+pub const DEV_ODS: &str = "A20047";
+/// The most connections (or idle connections) one run opens.
+pub const MAX_CONNECTIONS: usize = 100_000;
+/// The largest setup search response read for free slots.
+const MAX_SETUP_BODY: usize = 64 * 1024 * 1024;
+/// Pause after a failed connect before the worker tries again (keeps a down server from
+/// turning the run into a connect storm).
+const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
+
+/// What went wrong before any load was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadtestError {
+    #[error("--url {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("--mix {mix}: {reason}")]
+    BadMix { mix: String, reason: String },
+    #[error("{what}: {reason}")]
+    BadArg { what: &'static str, reason: String },
+    #[error("client TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("--book-body {path}: {source}")]
+    BookBody {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach {target}: {reason}")]
+    Unreachable { target: String, reason: String },
+    #[error("setup search for free slots to book: {0}")]
+    Setup(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The command line of `ssp-gateway loadtest`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// The GP Connect service root to load: the gateway URL followed by the provider's
+    /// registered endpoint (https://gw:8443/https://provider/B82617/STU3/1/gpconnect), or a
+    /// provider's own service root for a direct baseline.
+    #[arg(long)]
+    pub url: String,
+    /// Client certificate chain (PEM) presented on every connection.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// CA bundle (PEM) the server certificate must chain to.
+    #[arg(long)]
+    pub cacert: PathBuf,
+    /// Connect to this address instead of resolving the URL's host (which still gives the TLS
+    /// server name and the Host header).
+    #[arg(long)]
+    pub connect_to: Option<SocketAddr>,
+    /// Interaction mix, `name=weight,...` from `metadata` (GET metadata), `search` (GET Slot)
+    /// and `book` (POST Appointment).
+    #[arg(long, default_value = "search=1")]
+    pub mix: String,
+    /// Query of the slot search (default: free slots from tomorrow for 7 days, with schedules).
+    #[arg(long)]
+    pub search_query: Option<String>,
+    /// Replay this recorded POST Appointment body for every booking. Without it, a setup search
+    /// finds free slots and each is booked once in turn (409 once they are all used).
+    #[arg(long)]
+    pub book_body: Option<PathBuf>,
+    /// Logical id of the patient generated bookings are for.
+    #[arg(long, default_value = "1")]
+    pub patient: String,
+    /// ODS code of the booking organisation in generated bookings.
+    #[arg(long, default_value = DEV_ODS)]
+    pub ods: String,
+    /// Ssp-From: the sending system's ASID.
+    #[arg(long, default_value = DEV_FROM)]
+    pub from: String,
+    /// Ssp-To: the receiving provider's ASID.
+    #[arg(long, default_value = DEV_TO)]
+    pub to: String,
+    /// Concurrent connections (keep-alive), or concurrent connection openers.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Concurrent requests per connection (HTTP/2 only).
+    #[arg(long, default_value_t = 1)]
+    pub streams: usize,
+    /// Use HTTP/2 (ALPN h2) instead of HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
+    /// A new TCP connection and full TLS handshake (no resumption) for every request.
+    #[arg(long, conflicts_with = "idle")]
+    pub new_connection: bool,
+    /// Send at this fixed rate (requests per second, all connections together) and measure
+    /// latency from each request's intended send time; without it, each connection sends its
+    /// next request as soon as the last is answered.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long to measure, after the warm-up.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Load sent before measuring starts (not in the figures).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// A request without a complete response in this time counts as a timeout.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Open this many connections (the first request of the mix on each), then hold them idle
+    /// until the duration is over: for memory measurements. `--connections` open at once.
+    #[arg(long)]
+    pub idle: Option<usize>,
+    /// Runtime worker threads (default: the CPUs this process may run on).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print `loadtest: measuring` and `loadtest: measured` (idle mode: `loadtest: idle open`)
+    /// on stderr as the measured window opens and closes, for harnesses that sample the
+    /// server's CPU time over exactly that window.
+    #[arg(long)]
+    pub markers: bool,
+}
+
+impl Args {
+    /// The command-line defaults for a run against `url` with the given TLS files.
+    pub fn new(url: &str, cert: PathBuf, key: PathBuf, cacert: PathBuf) -> Args {
+        Args {
+            url: url.to_owned(),
+            cert,
+            key,
+            cacert,
+            connect_to: None,
+            mix: "search=1".into(),
+            search_query: None,
+            book_body: None,
+            patient: "1".into(),
+            ods: DEV_ODS.into(),
+            from: DEV_FROM.into(),
+            to: DEV_TO.into(),
+            connections: 32,
+            streams: 1,
+            http2: false,
+            new_connection: false,
+            rate: None,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
+            idle: None,
+            threads: None,
+            json: false,
+            markers: false,
+        }
+    }
+}
+
+/// How connections are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Each connection carries request after request.
+    KeepAlive,
+    /// Each request gets its own connection and full handshake.
+    NewConnection,
+    /// Open this many connections, one request each, then hold them.
+    Idle(usize),
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::KeepAlive => "keep-alive",
+            Mode::NewConnection => "new-connection",
+            Mode::Idle(_) => "idle",
+        }
+    }
+}
+
+/// A validated run.
+pub struct Settings {
+    pub root: ServiceRoot,
+    pub url: String,
+    pub connect_to: Option<SocketAddr>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub http2: bool,
+    pub connections: usize,
+    pub streams: usize,
+    pub mode: Mode,
+    pub rate: Option<f64>,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub timeout: Duration,
+    pub mix: Mix,
+    pub search_query: String,
+    pub book_body: Option<Bytes>,
+    pub patient: String,
+    pub ods: String,
+    pub from: String,
+    pub to: String,
+    pub markers: bool,
+}
+
+impl Settings {
+    /// Checks the arguments and loads the TLS material and any recorded body.
+    pub fn from_args(args: &Args) -> Result<Settings, LoadtestError> {
+        let bad = |what: &'static str, reason: &str| LoadtestError::BadArg {
+            what,
+            reason: reason.to_owned(),
+        };
+        let root = ServiceRoot::parse(&args.url)?;
+        let mix = Mix::parse(&args.mix)?;
+        if args.connections == 0 || args.connections > MAX_CONNECTIONS {
+            return Err(bad("--connections", "must be 1 to 100000"));
+        }
+        if args.streams == 0 || args.streams > 1000 {
+            return Err(bad("--streams", "must be 1 to 1000"));
+        }
+        if args.streams > 1 && !args.http2 {
+            return Err(bad(
+                "--streams",
+                "several requests per connection need --http2",
+            ));
+        }
+        if let Some(rate) = args.rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(bad("--rate", "must be a positive number of requests/s"));
+            }
+        }
+        if args.duration.is_zero() {
+            return Err(bad("--duration", "must be above 0"));
+        }
+        if args.timeout.is_zero() {
+            return Err(bad("--timeout", "must be above 0"));
+        }
+        let mode = match (args.new_connection, args.idle) {
+            (true, Some(_)) => {
+                return Err(bad("--idle", "cannot be combined with --new-connection"))
+            }
+            (true, None) => Mode::NewConnection,
+            (false, Some(n)) if n == 0 || n > MAX_CONNECTIONS => {
+                return Err(bad("--idle", "must be 1 to 100000"))
+            }
+            (false, Some(n)) => Mode::Idle(n),
+            (false, None) => Mode::KeepAlive,
+        };
+        if args.rate.is_some() && matches!(mode, Mode::Idle(_)) {
+            return Err(bad("--rate", "has no meaning with --idle"));
+        }
+        let book_body = match &args.book_body {
+            Some(path) => Some(Bytes::from(std::fs::read(path).map_err(|source| {
+                LoadtestError::BookBody {
+                    path: path.clone(),
+                    source,
+                }
+            })?)),
+            None => None,
+        };
+        let tls = conn::client_tls(
+            &crate::tls::ClientTls {
+                cert: args.cert.clone(),
+                key: args.key.clone(),
+                ca: args.cacert.clone(),
+            },
+            args.http2,
+        )?;
+        let search_query = args
+            .search_query
+            .clone()
+            .unwrap_or_else(|| default_search_query(chrono::Utc::now().date_naive()));
+        Ok(Settings {
+            root,
+            url: args.url.clone(),
+            connect_to: args.connect_to,
+            tls,
+            http2: args.http2,
+            connections: args.connections,
+            streams: args.streams,
+            mode,
+            rate: args.rate,
+            warmup: args.warmup,
+            duration: args.duration,
+            timeout: args.timeout,
+            mix,
+            search_query,
+            book_body,
+            patient: args.patient.clone(),
+            ods: args.ods.clone(),
+            from: args.from.clone(),
+            to: args.to.clone(),
+            markers: args.markers,
+        })
+    }
+
+    fn shape(&self) -> RunShape {
+        RunShape {
+            url: self.url.clone(),
+            mode: self.mode.label(),
+            protocol: if self.http2 { "h2" } else { "http/1.1" },
+            connections: self.connections,
+            streams_per_connection: self.streams,
+            rate: self.rate,
+            mix: self.mix.describe(),
+            warmup_s: self.warmup.as_secs_f64(),
+            duration_s: self.duration.as_secs_f64(),
+        }
+    }
+}
+
+/// `ssp-gateway loadtest`: runs, prints the report, and exits non-zero when nothing succeeded
+/// or the run could not start.
+pub fn cli(args: Args) -> ExitCode {
+    let threads = args
+        .threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1);
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let result = runtime
+        .map_err(LoadtestError::Runtime)
+        .and_then(|rt| rt.block_on(async { run(Settings::from_args(&args)?).await }));
+    match result {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            let succeeded = report.ok > 0 || report.idle.as_ref().is_some_and(|i| i.open > 0);
+            if succeeded {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("loadtest: no request succeeded");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything the workers of one run share.
+struct Run {
+    dialer: Dialer,
+    factory: Factory,
+    mix: Mix,
+    mode: Mode,
+    http2: bool,
+    /// Start of the measured window and the end of the run.
+    measure_from: Instant,
+    end: Instant,
+    timeout: Duration,
+    /// Fixed-rate schedule: request `n` is due at `start + n × interval`.
+    schedule: Option<(Instant, Duration)>,
+    next: AtomicU64,
+}
+
+impl Run {
+    fn in_window(&self, t: Instant) -> bool {
+        t >= self.measure_from && t < self.end
+    }
+
+    /// When the next request is due: its slot in the fixed-rate schedule, or now.
+    fn due(&self) -> Instant {
+        match self.schedule {
+            Some((start, interval)) => {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let offset = interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+                start + offset
+            }
+            None => Instant::now(),
+        }
+    }
+}
+
+/// Runs the load described by `settings` and reports what was measured.
+pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
+    let root = settings.root.clone();
+    let server_name =
+        ServerName::try_from(root.host.clone()).map_err(|_| LoadtestError::BadUrl {
+            url: settings.url.clone(),
+            reason: "the host is not a valid TLS server name".into(),
+        })?;
+    let addr = resolve(&root, settings.connect_to, settings.timeout).await?;
+    let dialer = Dialer {
+        addr,
+        server_name,
+        tls: tokio_rustls::TlsConnector::from(settings.tls.clone()),
+        http2: settings.http2,
+    };
+    let bookings = if settings.mix.contains(Kind::Book) {
+        Some(match &settings.book_body {
+            Some(body) => Bookings::Replay(body.clone()),
+            None => free_slot_bookings(&settings, &dialer).await?,
+        })
+    } else {
+        None
+    };
+    let book_slots = bookings.as_ref().and_then(Bookings::slots);
+    let factory = Factory::new(
+        root,
+        &settings.from,
+        &settings.to,
+        &settings.search_query,
+        bookings,
+        settings.mode == Mode::NewConnection,
+    )?;
+
+    let start = Instant::now();
+    let (measure_from, end) = match settings.mode {
+        // Idle: the whole duration is the hold; there is no warm-up.
+        Mode::Idle(_) => (start, start + settings.duration),
+        _ => (
+            start + settings.warmup,
+            start + settings.warmup + settings.duration,
+        ),
+    };
+    let schedule = settings
+        .rate
+        .map(|rate| (start, Duration::from_secs_f64(1.0 / rate)));
+    let run = Arc::new(Run {
+        dialer,
+        factory,
+        mix: settings.mix.clone(),
+        mode: settings.mode,
+        http2: settings.http2,
+        measure_from,
+        end,
+        timeout: settings.timeout,
+        schedule,
+        next: AtomicU64::new(0),
+    });
+
+    let refresher = {
+        let run = run.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                run.factory.refresh_tokens();
+            }
+        })
+    };
+    let markers = settings.markers.then(|| {
+        let run = run.clone();
+        tokio::spawn(async move {
+            if !matches!(run.mode, Mode::Idle(_)) {
+                sleep_until(run.measure_from).await;
+                eprintln!("loadtest: measuring");
+                sleep_until(run.end).await;
+                eprintln!("loadtest: measured");
+            }
+        })
+    });
+
+    let (stats, idle) = match settings.mode {
+        Mode::Idle(n) => {
+            let (stats, idle) = hold_idle(&run, n, settings.connections, settings.markers).await;
+            (stats, Some(idle))
+        }
+        _ => (
+            drive(&run, settings.connections, settings.streams).await,
+            None,
+        ),
+    };
+    refresher.abort();
+    if let Some(m) = markers {
+        let _ = m.await;
+    }
+    Ok(Report::new(
+        settings.shape(),
+        &stats,
+        settings.duration,
+        book_slots,
+        idle,
+    ))
+}
+
+/// The address to connect to: `--connect-to`, or the first resolved address that accepts a
+/// TCP connection.
+async fn resolve(
+    root: &ServiceRoot,
+    connect_to: Option<SocketAddr>,
+    limit: Duration,
+) -> Result<SocketAddr, LoadtestError> {
+    if let Some(addr) = connect_to {
+        return Ok(addr);
+    }
+    let target = format!("{}:{}", root.host, root.port);
+    let unreachable = |reason: String| LoadtestError::Unreachable {
+        target: target.clone(),
+        reason,
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((root.host.as_str(), root.port))
+        .await
+        .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
+        .collect();
+    let mut last = String::from("the name has no address");
+    for addr in addrs {
+        match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(_)) => return Ok(addr),
+            Ok(Err(e)) => last = format!("{addr}: {e}"),
+            Err(_) => last = format!("{addr}: connect timed out"),
+        }
+    }
+    Err(unreachable(last))
+}
+
+/// Finds free slots with one search and makes a booking body for each.
+async fn free_slot_bookings(
+    settings: &Settings,
+    dialer: &Dialer,
+) -> Result<Bookings, LoadtestError> {
+    let setup = |reason: String| LoadtestError::Setup(reason);
+    let factory = Factory::new(
+        settings.root.clone(),
+        &settings.from,
+        &settings.to,
+        &settings.search_query,
+        None,
+        false,
+    )?;
+    let fetch = async {
+        let mut sender = dialer
+            .open()
+            .await
+            .map_err(|f| setup(format!("{f} failure")))?;
+        let req = factory.build(Kind::Search, settings.http2);
+        let resp = match &mut sender {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+        .map_err(|e| setup(format!("request failed: {e}")))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_SETUP_BODY)
+            .collect()
+            .await
+            .map_err(|e| setup(format!("reading the Bundle: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            return Err(setup(format!("status {status}: {text}")));
+        }
+        Ok(body)
+    };
+    let body = tokio::time::timeout(settings.timeout, fetch)
+        .await
+        .map_err(|_| setup("no answer within --timeout".into()))??;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
+    let bodies = booking_bodies(&body, &settings.patient, &settings.ods, &now);
+    if bodies.is_empty() {
+        return Err(setup(
+            "the search found no free slot; widen --search-query or replay a recorded body with --book-body".into(),
+        ));
+    }
+    Ok(Bookings::Slots {
+        bodies,
+        next: AtomicUsize::new(0),
+    })
+}
+
+/// Keep-alive or new-connection load: `connections` connections (× `streams` for HTTP/2),
+/// each worker sending until the end.
+async fn drive(run: &Arc<Run>, connections: usize, streams: usize) -> Stats {
+    let mut tasks = Vec::with_capacity(connections);
+    for c in 0..connections {
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move {
+            if run.mode == Mode::KeepAlive && run.http2 && streams > 1 {
+                // One shared HTTP/2 connection, `streams` workers on it.
+                let mut stats = Stats::default();
+                let shared = open_until_end(&run, &mut stats).await;
+                let workers = (0..streams).map(|s| {
+                    let sender = shared.as_ref().and_then(Sender::share);
+                    worker(&run, c * streams + s, sender)
+                });
+                for w in futures_util::future::join_all(workers).await {
+                    stats.merge(&w);
+                }
+                stats
+            } else {
+                worker(&run, c, None).await
+            }
+        }));
+    }
+    let mut total = Stats::default();
+    for task in tasks {
+        match task.await {
+            Ok(stats) => total.merge(&stats),
+            Err(e) => eprintln!("loadtest: a worker failed: {e}"),
+        }
+    }
+    total
+}
+
+/// Opens a connection, retrying after failures until the run ends (failures in the measured
+/// window are counted).
+async fn open_until_end(run: &Run, stats: &mut Stats) -> Option<Sender> {
+    loop {
+        let attempt = Instant::now();
+        if attempt >= run.end {
+            return None;
+        }
+        match timeout_at(run.end, run.dialer.open()).await {
+            Ok(Ok(sender)) => return Some(sender),
+            Ok(Err(failure)) => {
+                if run.in_window(attempt) {
+                    stats.failure(failure);
+                }
+                let _ = timeout_at(run.end, tokio::time::sleep(RECONNECT_PAUSE)).await;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// One worker: sends request after request (or one per due time at a fixed rate) until the
+/// run ends, reconnecting after failures.
+async fn worker(run: &Run, id: usize, mut sender: Option<Sender>) -> Stats {
+    let mut stats = Stats::default();
+    let mut n = id;
+    loop {
+        let due = run.due();
+        if due >= run.end {
+            break;
+        }
+        if run.schedule.is_some() {
+            sleep_until(due).await;
+        }
+        // Closed loop: the clock starts now. Fixed rate: it started at the due time.
+        let started = if run.schedule.is_some() {
+            due
+        } else {
+            Instant::now()
+        };
+        let counted = run.in_window(started);
+        let kind = run.mix.kind(n);
+        n += 1;
+        let deadline = (Instant::now() + run.timeout).min(run.end);
+        let fresh = run.mode == Mode::NewConnection;
+        let attempt = async {
+            let mut conn = match sender.take() {
+                Some(s) if !fresh => s,
+                _ => run.dialer.open().await?,
+            };
+            let result = exchange(&mut conn, run.factory.build(kind, run.http2)).await;
+            Ok::<_, Failure>((result, conn))
+        };
+        match timeout_at(deadline, attempt).await {
+            Ok(Ok((Ok(done), conn))) => {
+                if counted {
+                    stats.response(kind, done.status.as_u16(), started.elapsed(), done.bytes);
+                }
+                if !fresh {
+                    sender = Some(conn);
+                }
+            }
+            Ok(Ok((Err(failure), _))) | Ok(Err(failure)) => {
+                if counted {
+                    stats.failure(failure);
+                }
+                if matches!(failure, Failure::Connect | Failure::Tls) {
+                    let _ = timeout_at(run.end, tokio::time::sleep(RECONNECT_PAUSE)).await;
+                }
+            }
+            Err(_) if Instant::now() >= run.end => {
+                if counted {
+                    stats.unfinished();
+                }
+                break;
+            }
+            Err(_) => {
+                if counted {
+                    stats.failure(Failure::Timeout);
+                }
+            }
+        }
+    }
+    stats
+}
+
+/// Idle mode: opens `count` connections, `parallel` at a time, sends one request on each, and
+/// holds them all until the run ends.
+async fn hold_idle(
+    run: &Arc<Run>,
+    count: usize,
+    parallel: usize,
+    markers: bool,
+) -> (Stats, IdleReport) {
+    let started = Instant::now();
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let mut openers = Vec::with_capacity(parallel.min(count));
+    for _ in 0..parallel.min(count) {
+        let run = run.clone();
+        let claimed = claimed.clone();
+        openers.push(tokio::spawn(async move {
+            let mut stats = Stats::default();
+            let mut held = Vec::new();
+            let mut failed = 0usize;
+            while claimed.fetch_add(1, Ordering::Relaxed) < count {
+                let t = Instant::now();
+                let kind = run.mix.kind(0);
+                let attempt = async {
+                    let mut conn = run.dialer.open().await?;
+                    let done = exchange(&mut conn, run.factory.build(kind, run.http2)).await?;
+                    Ok::<_, Failure>((done, conn))
+                };
+                match timeout_at((t + run.timeout).min(run.end), attempt).await {
+                    Ok(Ok((done, conn))) => {
+                        stats.response(kind, done.status.as_u16(), t.elapsed(), done.bytes);
+                        held.push(conn);
+                    }
+                    Ok(Err(failure)) => {
+                        stats.failure(failure);
+                        failed += 1;
+                    }
+                    Err(_) => {
+                        stats.failure(Failure::Timeout);
+                        failed += 1;
+                    }
+                }
+                if Instant::now() >= run.end {
+                    break;
+                }
+            }
+            (stats, held, failed)
+        }));
+    }
+    let mut stats = Stats::default();
+    let mut held = Vec::with_capacity(count);
+    let mut failed = 0;
+    for opener in openers {
+        match opener.await {
+            Ok((s, h, f)) => {
+                stats.merge(&s);
+                held.extend(h);
+                failed += f;
+            }
+            Err(e) => eprintln!("loadtest: an opener failed: {e}"),
+        }
+    }
+    let open_after = started.elapsed();
+    if markers {
+        eprintln!("loadtest: idle open {}", held.len());
+    }
+    sleep_until(run.end).await;
+    let report = IdleReport {
+        requested: count,
+        open: held.len(),
+        failed,
+        open_after_s: open_after.as_secs_f64(),
+    };
+    drop(held);
+    (stats, report)
+}

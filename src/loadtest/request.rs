@@ -1,0 +1,649 @@
+//! What the load generator sends: the service root it is pointed at, the interaction mix, and
+//! the GP Connect requests themselves (Ssp-* headers, a fresh `Ssp-TraceID` per request, a
+//! valid JWT per scope refreshed before it expires, booking bodies). Builds requests; never
+//! touches a socket.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::Full;
+use serde_json::{json, Value};
+
+use super::LoadtestError;
+use crate::ssp::jwt;
+
+const FHIR_JSON: HeaderValue = HeaderValue::from_static("application/fhir+json");
+const FHIR_JSON_UTF8: HeaderValue = HeaderValue::from_static("application/fhir+json;charset=utf-8");
+/// Largest total weight of a mix (the mix is expanded into a schedule of this length at most).
+const MAX_MIX_WEIGHT: u32 = 10_000;
+
+/// One kind of request in the mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `GET metadata` (read:metadata-1).
+    Metadata,
+    /// `GET Slot?…` (search:slot-1).
+    Search,
+    /// `POST Appointment` (create:appointment-1).
+    Book,
+}
+
+impl Kind {
+    /// Every kind, in report order.
+    pub const ALL: [Kind; 3] = [Kind::Metadata, Kind::Search, Kind::Book];
+
+    /// The name used in `--mix` and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Metadata => "metadata",
+            Kind::Search => "search",
+            Kind::Book => "book",
+        }
+    }
+
+    /// Index into per-kind arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    fn interaction_id(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Kind::Metadata => "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
+            Kind::Search => "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1",
+            Kind::Book => "urn:nhs:names:services:gpconnect:fhir:rest:create:appointment-1",
+        })
+    }
+
+    fn scope(self) -> Scope {
+        match self {
+            Kind::Metadata | Kind::Search => Scope::OrganizationRead,
+            Kind::Book => Scope::PatientWrite,
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Kind::Book => Method::POST,
+            Kind::Metadata | Kind::Search => Method::GET,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    OrganizationRead,
+    PatientWrite,
+}
+
+impl Scope {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scope::OrganizationRead => "organization/*.read",
+            Scope::PatientWrite => "patient/*.write",
+        }
+    }
+}
+
+/// A weighted interaction mix, expanded into a fixed schedule: request `n` of a worker is
+/// `schedule[n % len]`, so the mix is exact over any whole number of rounds and needs no RNG.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mix {
+    schedule: Vec<Kind>,
+}
+
+impl Mix {
+    /// Parses `name=weight,name=weight` (a bare `name` weighs 1). Names: `metadata`, `search`,
+    /// `book`.
+    pub fn parse(text: &str) -> Result<Mix, LoadtestError> {
+        let bad = |reason: String| LoadtestError::BadMix {
+            mix: text.to_owned(),
+            reason,
+        };
+        let mut weights = [0u32; 3];
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, weight) = match part.split_once('=') {
+                Some((n, w)) => (n.trim(), w.trim()),
+                None => (part, "1"),
+            };
+            let kind = Kind::from_name(name).ok_or_else(|| {
+                bad(format!(
+                    "unknown interaction `{name}` (known: metadata, search, book)"
+                ))
+            })?;
+            let weight: u32 = weight
+                .parse()
+                .map_err(|_| bad(format!("`{weight}` is not a whole number")))?;
+            weights[kind.index()] = weights[kind.index()].saturating_add(weight);
+        }
+        let total: u32 = weights.iter().fold(0u32, |a, w| a.saturating_add(*w));
+        if total == 0 {
+            return Err(bad("no interaction has a weight above 0".into()));
+        }
+        if total > MAX_MIX_WEIGHT {
+            return Err(bad(format!(
+                "the weights add up to {total}; at most {MAX_MIX_WEIGHT}"
+            )));
+        }
+        // Interleave: at each step take the kind furthest behind its share (smooth weighted
+        // round robin), so a 9:1 mix is nine searches then a booking, not 90 then 10.
+        let mut credit = [0i64; 3];
+        let mut schedule = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            for (c, w) in credit.iter_mut().zip(weights) {
+                *c += i64::from(w);
+            }
+            let pick = (0..3)
+                .filter(|i| weights[*i] > 0)
+                .max_by_key(|i| (credit[*i], std::cmp::Reverse(*i)))
+                .expect("at least one weight is above 0 (checked above)");
+            credit[pick] -= i64::from(total);
+            schedule.push(Kind::ALL[pick]);
+        }
+        Ok(Mix { schedule })
+    }
+
+    /// The kind of a worker's `n`th request.
+    pub fn kind(&self, n: usize) -> Kind {
+        self.schedule[n % self.schedule.len()]
+    }
+
+    /// Whether the mix sends this kind at all.
+    pub fn contains(&self, kind: Kind) -> bool {
+        self.schedule.contains(&kind)
+    }
+
+    /// The kinds in the mix with their weights, for reports.
+    pub fn describe(&self) -> String {
+        Kind::ALL
+            .into_iter()
+            .filter_map(|k| {
+                let n = self.schedule.iter().filter(|s| **s == k).count();
+                (n > 0).then(|| format!("{}={n}", k.name()))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Where the load goes: the URL of a GP Connect service root, either through a gateway
+/// (`https://gateway:8443/https://provider/B82617/STU3/1/gpconnect`) or a provider's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRoot {
+    /// Host as written in the URL (brackets removed from IPv6): SNI and certificate name.
+    pub host: String,
+    pub port: u16,
+    /// `host:port` as written, for the `Host` header.
+    pub authority: String,
+    /// The path up to the service root, no trailing `/` (`/https://provider/…/gpconnect`).
+    pub base_path: String,
+    /// The provider endpoint: the embedded target through a gateway, else the URL itself.
+    pub endpoint: String,
+}
+
+impl ServiceRoot {
+    /// Parses and checks `url` (https only, a path, no query or fragment).
+    pub fn parse(url: &str) -> Result<ServiceRoot, LoadtestError> {
+        let bad = |reason: &str| LoadtestError::BadUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| bad("must start with https://"))?;
+        if rest.contains(['#', ' ']) || url.contains('?') {
+            return Err(bad(
+                "the service root has no query or fragment; the search query is --search-query",
+            ));
+        }
+        let slash = rest
+            .find('/')
+            .ok_or_else(|| bad("has no path: give the service root"))?;
+        let authority = &rest[..slash];
+        let base_path = rest[slash..].trim_end_matches('/');
+        if authority.is_empty() || authority.contains('@') {
+            return Err(bad("has no usable host"));
+        }
+        if base_path.is_empty() {
+            return Err(bad("has no path: give the service root"));
+        }
+        let (host, port) = split_host_port(authority).ok_or_else(|| bad("bad host or port"))?;
+        let endpoint = match base_path.strip_prefix('/') {
+            Some(embedded) if embedded.starts_with("https://") => embedded.to_owned(),
+            _ => format!("https://{authority}{base_path}"),
+        };
+        Ok(ServiceRoot {
+            host,
+            port,
+            authority: authority.to_owned(),
+            base_path: base_path.to_owned(),
+            endpoint,
+        })
+    }
+
+    /// Whether the URL goes through a gateway (it embeds an `https://` target).
+    pub fn through_gateway(&self) -> bool {
+        self.base_path.starts_with("/https://")
+    }
+}
+
+fn split_host_port(authority: &str) -> Option<(String, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => 443,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            Some((host.to_owned(), port.parse().ok()?))
+        }
+        Some(_) => None,
+        None => Some((authority.to_owned(), 443)),
+    }
+}
+
+/// The default slot search: free slots from tomorrow for a week, with their schedules.
+pub fn default_search_query(today: chrono::NaiveDate) -> String {
+    let from = today + chrono::Duration::days(1);
+    let to = today + chrono::Duration::days(7);
+    format!(
+        "status=free&start=ge{}&end=le{}&_include=Slot%3Aschedule",
+        from.format("%Y-%m-%d"),
+        to.format("%Y-%m-%d")
+    )
+}
+
+/// Where booking bodies come from.
+#[derive(Debug)]
+pub enum Bookings {
+    /// The same recorded body for every booking (the provider may answer 409 after the first).
+    Replay(Bytes),
+    /// One body per free slot found by the setup search, each slot booked once, then again
+    /// from the first (the provider answers 409 DUPLICATE_REJECTED once they are used up).
+    Slots {
+        bodies: Vec<Bytes>,
+        next: AtomicUsize,
+    },
+}
+
+impl Bookings {
+    fn next(&self) -> Bytes {
+        match self {
+            Bookings::Replay(body) => body.clone(),
+            Bookings::Slots { bodies, next } if !bodies.is_empty() => {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                bodies[n % bodies.len()].clone()
+            }
+            Bookings::Slots { .. } => Bytes::new(),
+        }
+    }
+
+    /// How many distinct slots are booked, when booking from a search.
+    pub fn slots(&self) -> Option<usize> {
+        match self {
+            Bookings::Replay(_) => None,
+            Bookings::Slots { bodies, .. } => Some(bodies.len()),
+        }
+    }
+}
+
+/// One booking body per free slot in a searchset Bundle, for `Patient/{patient}`, booked on
+/// behalf of the organisation with ODS code `ods`. `now` is the `created` timestamp.
+pub fn booking_bodies(bundle: &[u8], patient: &str, ods: &str, now: &str) -> Vec<Bytes> {
+    let Ok(bundle) = serde_json::from_slice::<Value>(bundle) else {
+        return Vec::new();
+    };
+    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|e| e.get("resource"))
+        .filter(|r| r["resourceType"] == "Slot" && r["status"] == "free")
+        .filter_map(|slot| {
+            let id = slot["id"].as_str()?;
+            let start = slot["start"].as_str()?;
+            let end = slot["end"].as_str()?;
+            let body = json!({
+                "resourceType": "Appointment",
+                "meta": {"profile": ["https://fhir.nhs.uk/STU3/StructureDefinition/GPConnect-Appointment-1"]},
+                "contained": [{
+                    "resourceType": "Organization",
+                    "id": "1",
+                    "identifier": [{"system": jwt::ODS_SYSTEM, "value": ods}],
+                    "name": "ssp-gateway loadtest",
+                    "telecom": [{"system": "phone", "value": "0300 311 22 33", "use": "work"}]
+                }],
+                "extension": [{
+                    "url": "https://fhir.nhs.uk/STU3/StructureDefinition/Extension-GPConnect-BookingOrganisation-1",
+                    "valueReference": {"reference": "#1"}
+                }],
+                "status": "booked",
+                "start": start,
+                "end": end,
+                "slot": [{"reference": format!("Slot/{id}")}],
+                "description": "Booked by ssp-gateway loadtest",
+                "created": now,
+                "participant": [{"actor": {"reference": format!("Patient/{patient}")}, "status": "accepted"}]
+            });
+            Some(Bytes::from(body.to_string()))
+        })
+        .collect()
+}
+
+/// `Authorization` values for each scope, replaced before they expire.
+struct Tokens {
+    organization_read: HeaderValue,
+    patient_write: HeaderValue,
+    issued_at: i64,
+}
+
+impl Tokens {
+    fn new(audience: &str, now: i64) -> Tokens {
+        let bearer = |scope: Scope| {
+            let token = jwt::encode_unsigned(&jwt::dev_claims(scope.as_str(), now, audience));
+            HeaderValue::from_str(&format!("Bearer {token}"))
+                .expect("base64url and dots are valid header characters")
+        };
+        Tokens {
+            organization_read: bearer(Scope::OrganizationRead),
+            patient_write: bearer(Scope::PatientWrite),
+            issued_at: now,
+        }
+    }
+
+    fn get(&self, scope: Scope) -> HeaderValue {
+        match scope {
+            Scope::OrganizationRead => self.organization_read.clone(),
+            Scope::PatientWrite => self.patient_write.clone(),
+        }
+    }
+}
+
+/// How often tokens are re-issued (they live 300 s; gateways allow a clock skew on top).
+const TOKEN_REFRESH_SECS: i64 = 60;
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Builds every request of a run. Shared by all workers.
+pub struct Factory {
+    root: ServiceRoot,
+    host: HeaderValue,
+    from: HeaderValue,
+    to: HeaderValue,
+    uris_h1: [Uri; 3],
+    uris_h2: [Uri; 3],
+    tokens: ArcSwap<Tokens>,
+    bookings: Option<Bookings>,
+    close: bool,
+}
+
+impl Factory {
+    /// `close`: ask the server to close the connection after the response (new-connection
+    /// mode).
+    pub fn new(
+        root: ServiceRoot,
+        from: &str,
+        to: &str,
+        search_query: &str,
+        bookings: Option<Bookings>,
+        close: bool,
+    ) -> Result<Factory, LoadtestError> {
+        let header = |what: &'static str, v: &str| {
+            HeaderValue::from_str(v).map_err(|_| LoadtestError::BadArg {
+                what,
+                reason: format!("`{v}` is not a valid header value"),
+            })
+        };
+        let paths = [
+            format!("{}/metadata", root.base_path),
+            format!("{}/Slot?{search_query}", root.base_path),
+            format!("{}/Appointment", root.base_path),
+        ];
+        let uri = |text: String| {
+            text.parse::<Uri>().map_err(|e| LoadtestError::BadArg {
+                what: "--url / --search-query",
+                reason: format!("`{text}` is not a valid request target: {e}"),
+            })
+        };
+        let [m, s, b] = paths;
+        let uris_h1 = [uri(m.clone())?, uri(s.clone())?, uri(b.clone())?];
+        let abs = |p: &str| format!("https://{}{p}", root.authority);
+        let uris_h2 = [uri(abs(&m))?, uri(abs(&s))?, uri(abs(&b))?];
+        Ok(Factory {
+            host: header("--url", &root.authority)?,
+            from: header("--from", from)?,
+            to: header("--to", to)?,
+            tokens: ArcSwap::from_pointee(Tokens::new(&root.endpoint, unix_now())),
+            root,
+            uris_h1,
+            uris_h2,
+            bookings,
+            close,
+        })
+    }
+
+    /// Re-issues the tokens when they are older than a minute. Cheap when they are not.
+    pub fn refresh_tokens(&self) {
+        let now = unix_now();
+        if now - self.tokens.load().issued_at >= TOKEN_REFRESH_SECS {
+            self.tokens
+                .store(Arc::new(Tokens::new(&self.root.endpoint, now)));
+        }
+    }
+
+    /// One request of `kind`, with a fresh `Ssp-TraceID`.
+    pub fn build(&self, kind: Kind, http2: bool) -> Request<Full<Bytes>> {
+        let uri = if http2 {
+            self.uris_h2[kind.index()].clone()
+        } else {
+            self.uris_h1[kind.index()].clone()
+        };
+        let body = match (kind, &self.bookings) {
+            (Kind::Book, Some(b)) => b.next(),
+            _ => Bytes::new(),
+        };
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = kind.method();
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        if !http2 {
+            h.insert(header::HOST, self.host.clone());
+        }
+        let mut trace = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let trace = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut trace);
+        h.insert(
+            "ssp-traceid",
+            HeaderValue::from_str(trace).expect("a hyphenated UUID is a valid header value"),
+        );
+        h.insert("ssp-from", self.from.clone());
+        h.insert("ssp-to", self.to.clone());
+        h.insert("ssp-interactionid", kind.interaction_id());
+        h.insert(header::AUTHORIZATION, self.tokens.load().get(kind.scope()));
+        h.insert(header::ACCEPT, FHIR_JSON);
+        if kind == Kind::Book {
+            h.insert(header::CONTENT_TYPE, FHIR_JSON_UTF8);
+        }
+        if self.close && !http2 {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        req
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_is_exact_and_interleaved() {
+        let mix = Mix::parse("search=9, book=1").expect("mix");
+        let round: Vec<Kind> = (0..10).map(|n| mix.kind(n)).collect();
+        assert_eq!(round.iter().filter(|k| **k == Kind::Search).count(), 9);
+        assert_eq!(round.iter().filter(|k| **k == Kind::Book).count(), 1);
+        // The pattern repeats exactly every 10 requests.
+        assert_eq!(mix.kind(3), mix.kind(13));
+        assert_eq!(mix.describe(), "search=9,book=1");
+
+        let even = Mix::parse("search,book").expect("mix");
+        assert_ne!(even.kind(0), even.kind(1), "1:1 alternates");
+        assert!(!even.contains(Kind::Metadata));
+    }
+
+    #[test]
+    fn bad_mixes_are_refused_with_the_reason() {
+        for (text, reason) in [
+            ("", "no interaction"),
+            ("search=0", "no interaction"),
+            ("serch=1", "unknown interaction `serch`"),
+            ("search=x", "`x` is not a whole number"),
+            ("search=10001", "at most 10000"),
+        ] {
+            let err = Mix::parse(text).expect_err(text).to_string();
+            assert!(err.contains(reason), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn service_roots_through_a_gateway_and_direct() {
+        let gw = ServiceRoot::parse(
+            "https://localhost:8443/https://localhost:9443/B82617/STU3/1/gpconnect/",
+        )
+        .expect("gateway url");
+        assert_eq!(gw.host, "localhost");
+        assert_eq!(gw.port, 8443);
+        assert_eq!(gw.authority, "localhost:8443");
+        assert_eq!(
+            gw.base_path,
+            "/https://localhost:9443/B82617/STU3/1/gpconnect"
+        );
+        assert_eq!(
+            gw.endpoint,
+            "https://localhost:9443/B82617/STU3/1/gpconnect"
+        );
+        assert!(gw.through_gateway());
+
+        let direct = ServiceRoot::parse("https://[::1]/B82617/STU3/1/gpconnect").expect("direct");
+        assert_eq!(direct.host, "::1");
+        assert_eq!(direct.port, 443);
+        assert_eq!(direct.endpoint, "https://[::1]/B82617/STU3/1/gpconnect");
+        assert!(!direct.through_gateway());
+
+        for bad in [
+            "http://localhost:8443/x",
+            "https://localhost:8443",
+            "https://localhost:8443/",
+            "https://localhost:99999/x",
+            "https://user@localhost/x",
+            "https://localhost/x?status=free",
+        ] {
+            assert!(ServiceRoot::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn requests_carry_the_envelope_and_a_valid_jwt() {
+        let root =
+            ServiceRoot::parse("https://localhost:8443/https://localhost:9443/B/gpc").expect("url");
+        let factory = Factory::new(
+            root,
+            "200000000359",
+            "918999198993",
+            "status=free",
+            Some(Bookings::Replay(Bytes::from_static(b"{}"))),
+            true,
+        )
+        .expect("factory");
+        let search = factory.build(Kind::Search, false);
+        assert_eq!(search.method(), Method::GET);
+        assert_eq!(
+            search.uri(),
+            "/https://localhost:9443/B/gpc/Slot?status=free"
+        );
+        let h = search.headers();
+        assert_eq!(h["host"], "localhost:8443");
+        assert_eq!(h["ssp-from"], "200000000359");
+        assert_eq!(h["ssp-to"], "918999198993");
+        assert_eq!(h["connection"], "close");
+        assert_eq!(
+            h["ssp-interactionid"],
+            "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1"
+        );
+        let trace = h["ssp-traceid"].to_str().expect("ascii");
+        assert!(uuid::Uuid::parse_str(trace).is_ok());
+        let claims = jwt::check(
+            h.get(header::AUTHORIZATION),
+            &["organization/*.read".to_owned()],
+            unix_now(),
+            0,
+        );
+        assert!(claims.is_ok(), "{claims:?}");
+
+        let book = factory.build(Kind::Book, true);
+        assert_eq!(book.method(), Method::POST);
+        assert_eq!(
+            book.uri(),
+            "https://localhost:8443/https://localhost:9443/B/gpc/Appointment"
+        );
+        assert!(book.headers().get("host").is_none(), "h2 uses :authority");
+        assert!(book.headers().get("connection").is_none());
+        assert_eq!(
+            book.headers()[header::CONTENT_TYPE],
+            "application/fhir+json;charset=utf-8"
+        );
+        let other = factory.build(Kind::Search, false);
+        assert_ne!(other.headers()["ssp-traceid"], h["ssp-traceid"]);
+        assert_eq!(
+            book.headers()["ssp-interactionid"],
+            "urn:nhs:names:services:gpconnect:fhir:rest:create:appointment-1"
+        );
+    }
+
+    #[test]
+    fn booking_bodies_are_made_from_free_slots() {
+        let bundle = json!({"resourceType": "Bundle", "entry": [
+            {"resource": {"resourceType": "Slot", "id": "7", "status": "free",
+                "start": "2026-01-02T09:00:00+00:00", "end": "2026-01-02T09:10:00+00:00"}},
+            {"resource": {"resourceType": "Slot", "id": "8", "status": "busy",
+                "start": "2026-01-02T09:10:00+00:00", "end": "2026-01-02T09:20:00+00:00"}},
+            {"resource": {"resourceType": "Schedule", "id": "1"}}
+        ]});
+        let bodies = booking_bodies(
+            bundle.to_string().as_bytes(),
+            "1",
+            "A20047",
+            "2026-01-01T00:00:00+00:00",
+        );
+        assert_eq!(bodies.len(), 1);
+        let body: Value = serde_json::from_slice(&bodies[0]).expect("json");
+        assert_eq!(body["slot"][0]["reference"], "Slot/7");
+        assert_eq!(body["participant"][0]["actor"]["reference"], "Patient/1");
+        assert_eq!(body["start"], "2026-01-02T09:00:00+00:00");
+        assert!(booking_bodies(b"not json", "1", "A", "x").is_empty());
+    }
+
+    #[test]
+    fn default_search_is_the_next_week() {
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 1, 31).expect("date");
+        assert_eq!(
+            default_search_query(day),
+            "status=free&start=ge2026-02-01&end=le2026-02-07&_include=Slot%3Aschedule"
+        );
+    }
+}

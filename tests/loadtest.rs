@@ -1,0 +1,382 @@
+//! `ssp-gateway loadtest` against real servers: the gateway in front of the real mock provider
+//! (searches and bookings the provider accepts), a counting server that sees every connection
+//! (keep-alive versus a handshake per request, idle connections), and a slow provider (fixed
+//! rate accounting for coordinated omission; a run bounded by its duration).
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use ssp_gateway::loadtest::{self, Args, LoadtestError, Report, Settings};
+use ssp_gateway::server::ConnInfo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn args(world: &World, url: &str, addr: SocketAddr) -> Args {
+    let mut a = Args::new(
+        url,
+        world.consumer.cert.clone(),
+        world.consumer.key.clone(),
+        world.ca.clone(),
+    );
+    a.connect_to = Some(addr);
+    a.connections = 2;
+    a.warmup = Duration::from_millis(100);
+    a.duration = Duration::from_millis(600);
+    a
+}
+
+async fn run(a: &Args) -> Report {
+    let settings = Settings::from_args(a).unwrap_or_else(|e| panic!("settings: {e}"));
+    loadtest::run(settings)
+        .await
+        .unwrap_or_else(|e| panic!("run: {e}"))
+}
+
+fn gateway_url(h: &Harness) -> String {
+    format!("https://localhost:{}/{}", h.gateway.port(), h.endpoint())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_and_bookings_through_the_gateway_reach_the_mock_provider() {
+    let h = start_with_mock(World::ecdsa(), GatewayOptions::default()).await;
+    let mut a = args(&h.world, &gateway_url(&h), h.gateway);
+    a.mix = "search=3,book=1".into();
+    let r = run(&a).await;
+
+    assert!(r.failures.is_empty(), "{r:?}");
+    assert!(r.status.get("200").copied().unwrap_or(0) > 0, "{r:?}");
+    assert!(
+        r.status.get("201").copied().unwrap_or(0) > 0,
+        "the mock provider accepted bookings: {r:?}"
+    );
+    let slots = r.book_slots.expect("bookings made from a search");
+    assert!(slots > 0);
+    // Every status is a search's 200 or a booking's 201; 409 only once every slot was used.
+    for status in r.status.keys() {
+        assert!(["200", "201", "409"].contains(&status.as_str()), "{r:?}");
+    }
+    if r.status.contains_key("409") {
+        assert!(r.interactions["book"].responses as usize > slots, "{r:?}");
+    }
+    assert_eq!(
+        r.responses,
+        r.ok + r.status.get("409").copied().unwrap_or(0)
+    );
+    assert!(r.interactions["search"].responses > 0 && r.interactions["book"].responses > 0);
+    assert!(r.latency_ms.p50 > 0.0 && r.latency_ms.p50 <= r.latency_ms.p99);
+    assert!(r.latency_ms.p999 <= r.latency_ms.max);
+    assert!(r.rps > 0.0);
+    // The setup search and the warm-up reached the provider too.
+    assert!(h.recorder.seen() as u64 > r.responses);
+    let (method, uri, headers) = h.recorder.last_head();
+    assert!(uri.contains("/B82617/STU3/1/gpconnect/"), "{method} {uri}");
+    assert_eq!(headers["ssp-from"], CONSUMER_ASID);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_reported_by_status() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let mut a = args(&h.world, &gateway_url(&h), h.gateway);
+    a.to = "999999999999".into();
+    let r = run(&a).await;
+    assert_eq!(r.ok, 0, "{r:?}");
+    assert!(r.status["403"] > 0, "{r:?}");
+    assert_eq!(r.errors, r.status["403"]);
+    assert_eq!(h.recorder.seen(), 0, "nothing reached the provider");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_share_connections_through_the_gateway() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let mut a = args(&h.world, &gateway_url(&h), h.gateway);
+    a.http2 = true;
+    a.streams = 4;
+    a.mix = "metadata=1,search=1".into();
+    let r = run(&a).await;
+    assert_eq!(r.shape.protocol, "h2");
+    assert!(r.ok > 0 && r.errors == 0, "{r:?}");
+    assert!(r.interactions.contains_key("metadata") && r.interactions.contains_key("search"));
+    h.stop().await;
+}
+
+/// A server that answers every request with 200 and records the client port of each
+/// connection a request came on, and how many requests it answered.
+struct Counting {
+    addr: SocketAddr,
+    ports: Arc<Mutex<HashSet<u16>>>,
+    requests: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn counting_server(world: &World) -> Counting {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+        .expect("server TLS");
+    let ports = Arc::new(Mutex::new(HashSet::new()));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let opts = ssp_gateway::server::ServeOptions {
+        name: "counting",
+        handshake_timeout: Duration::from_secs(5),
+        header_read_timeout: Duration::from_secs(30),
+        http2: false,
+        grace_period: Duration::from_millis(100),
+        limits: Default::default(),
+    };
+    let tls = ssp_gateway::reload::Reloadable::new("counting provider TLS", tls, vec![]);
+    {
+        let ports = ports.clone();
+        let requests = requests.clone();
+        tokio::spawn(ssp_gateway::server::serve_tls(
+            listener,
+            tls,
+            opts,
+            stop.clone(),
+            move |conn: Arc<ConnInfo>, _req: Request<Incoming>| {
+                let ports = ports.clone();
+                let requests = requests.clone();
+                async move {
+                    ports.lock().expect("lock").insert(conn.remote.port());
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    Response::new(Full::new(Bytes::from_static(b"{}")))
+                }
+            },
+        ));
+    }
+    Counting {
+        addr,
+        ports,
+        requests,
+        stop,
+    }
+}
+
+fn direct_url(addr: SocketAddr) -> String {
+    format!("https://localhost:{}{BASE_PATH}", addr.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_reuses_its_connections_and_new_connection_mode_never_does() {
+    let world = World::ecdsa();
+    let server = counting_server(&world).await;
+    let a = args(&world, &direct_url(server.addr), server.addr);
+    let r = run(&a).await;
+    assert!(r.ok > 2, "{r:?}");
+    assert_eq!(
+        server.ports.lock().expect("lock").len(),
+        2,
+        "two keep-alive connections carried every request"
+    );
+
+    let server = counting_server(&world).await;
+    let mut a = args(&world, &direct_url(server.addr), server.addr);
+    a.new_connection = true;
+    let r = run(&a).await;
+    assert_eq!(r.shape.mode, "new-connection");
+    assert!(r.ok > 2, "{r:?}");
+    let served = server.requests.load(Ordering::SeqCst);
+    assert_eq!(
+        server.ports.lock().expect("lock").len(),
+        served,
+        "one connection per request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mode_opens_and_holds_connections() {
+    let world = World::ecdsa();
+    let server = counting_server(&world).await;
+    let mut a = args(&world, &direct_url(server.addr), server.addr);
+    a.idle = Some(25);
+    a.connections = 5;
+    a.duration = Duration::from_millis(300);
+    let r = run(&a).await;
+    let idle = r.idle.clone().expect("idle report");
+    assert_eq!(
+        (idle.requested, idle.open, idle.failed),
+        (25, 25, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.responses, 25);
+    assert_eq!(server.ports.lock().expect("lock").len(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_rate_latency_counts_from_the_intended_send_time() {
+    // One connection to a provider that takes 200 ms, asked for 20 requests/s: each request
+    // waits for the ones before it, and its latency includes that wait.
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Slow(Duration::from_millis(200)),
+        GatewayOptions::default(),
+    )
+    .await;
+    let mut a = args(&h.world, &gateway_url(&h), h.gateway);
+    a.connections = 1;
+    a.warmup = Duration::ZERO;
+    a.duration = Duration::from_millis(1500);
+    a.rate = Some(20.0);
+    let fixed = run(&a).await;
+    assert!(fixed.responses >= 2, "{fixed:?}");
+    // A closed-loop measurement would say about 200 ms for every request; from the intended
+    // send time, the later ones waited in the queue for several service times.
+    assert!(
+        fixed.latency_ms.max >= 600.0,
+        "latency from the schedule, not from the send: {fixed:?}"
+    );
+    assert!(fixed.unfinished <= 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_ends_with_its_duration_even_if_the_server_never_answers() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Slow(Duration::from_secs(120)),
+        GatewayOptions {
+            response_timeout: "300s",
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let mut a = args(&h.world, &gateway_url(&h), h.gateway);
+    a.warmup = Duration::ZERO;
+    a.duration = Duration::from_millis(400);
+    a.timeout = Duration::from_secs(300);
+    let r = run(&a).await;
+    assert_eq!(r.responses, 0, "{r:?}");
+    assert_eq!(
+        r.unfinished, 2,
+        "both connections' requests abandoned at the end"
+    );
+    assert!(r.failures.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bad_arguments_are_refused_before_any_load() {
+    let world = World::ecdsa();
+    let base = args(
+        &world,
+        "https://localhost:1/B82617/STU3/1/gpconnect",
+        "127.0.0.1:1".parse().expect("addr"),
+    );
+
+    let mut a = base.clone();
+    a.streams = 4;
+    let e = Settings::from_args(&a).err().expect("streams without h2");
+    assert!(e.to_string().contains("--streams"), "{e}");
+
+    let mut a = base.clone();
+    a.book_body = Some("/nonexistent/booking.json".into());
+    let e = Settings::from_args(&a).err().expect("missing body file");
+    assert!(matches!(e, LoadtestError::BookBody { .. }), "{e}");
+    assert!(e.to_string().contains("/nonexistent/booking.json"));
+
+    let mut a = base.clone();
+    a.key = world.rogue.key.clone();
+    let e = Settings::from_args(&a)
+        .err()
+        .expect("key of another certificate");
+    assert!(matches!(e, LoadtestError::Tls(_)), "{e}");
+
+    let mut a = base.clone();
+    a.url = "https://localhost:1/x?status=free".into();
+    assert!(matches!(
+        Settings::from_args(&a).err(),
+        Some(LoadtestError::BadUrl { .. })
+    ));
+
+    // Nothing listens on the address: the run says so instead of reporting zeroes.
+    let free = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = free.local_addr().expect("addr");
+    drop(free);
+    let mut a = base.clone();
+    a.url = direct_url(addr);
+    a.connect_to = None;
+    let settings = Settings::from_args(&a).expect("settings");
+    let e = loadtest::run(settings).await.expect_err("unreachable");
+    assert!(matches!(e, LoadtestError::Unreachable { .. }), "{e}");
+}
+
+/// `ssp-gateway loadtest` itself: text and JSON reports, and a failing exit code when no request
+/// succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_reports_and_fails_when_nothing_succeeds() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let base: Vec<String> = vec![
+        "loadtest".into(),
+        "--url".into(),
+        gateway_url(&h),
+        "--connect-to".into(),
+        h.gateway.to_string(),
+        "--cert".into(),
+        h.world.consumer.cert.display().to_string(),
+        "--key".into(),
+        h.world.consumer.key.display().to_string(),
+        "--cacert".into(),
+        h.world.ca.display().to_string(),
+        "--connections".into(),
+        "1".into(),
+        "--threads".into(),
+        "1".into(),
+        "--warmup".into(),
+        "0s".into(),
+        "--duration".into(),
+        "300ms".into(),
+    ];
+    let run_binary = |extra: &[&str]| {
+        let mut args = base.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+                .args(&args)
+                .output()
+                .expect("run ssp-gateway loadtest")
+        })
+    };
+
+    let ok = run_binary(&["--json"]).await.expect("join");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("JSON report");
+    assert!(report["responses"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert_eq!(report["errors"], 0);
+    assert!(report["latency_ms"]["p99"].as_f64().unwrap_or(0.0) > 0.0);
+
+    let refused = run_binary(&["--to", "999999999999"]).await.expect("join");
+    assert!(
+        !refused.status.success(),
+        "nothing succeeded: exit code non-zero"
+    );
+    let text = String::from_utf8_lossy(&refused.stdout);
+    assert!(text.contains("status      403: "), "{text}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no request succeeded"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    h.stop().await;
+}
