@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the integration tests need, as "command:package" pairs.
-NEEDED=()
+# slapd, slapadd: the LDAP directory tests run a private slapd (tests/directory_support).
+NEEDED=(slapd:slapd slapadd:slapd ldapsearch:ldap-utils)
+# slapd's tools live in /usr/sbin, which is not on every user's PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
 missing=()
 for pair in "${NEEDED[@]+"${NEEDED[@]}"}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
