@@ -263,8 +263,11 @@ pub struct GatewayOptions {
     /// Replaces the `[directory]` section's keys: called with the development LDIF (endpoint
     /// moved, `ldif_edit` applied, also written to `directory.ldif` beside the config) and
     /// returns the keys, e.g. to start an LDAP server with that data and point at it.
-    pub directory: Option<Box<dyn Fn(&str) -> String>>,
+    pub directory: Option<DirectorySection>,
 }
+
+/// Builds the `[directory]` keys from the development LDIF (see `GatewayOptions::directory`).
+pub type DirectorySection = Box<dyn Fn(&str) -> String>;
 
 impl Default for GatewayOptions {
     fn default() -> Self {
