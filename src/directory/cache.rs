@@ -248,7 +248,8 @@ impl Directory {
     /// otherwise the error is returned. Anything that is not 1 to 32 ASCII digits cannot be an
     /// ASID and is answered `Ok(None)` without touching cache or backend.
     ///
-    /// A hit looks the key up by `&str` (no key allocation) and clones one `Arc`.
+    /// A hit looks the key up by `&str` (no key allocation) and clones one `Arc`. A miss spawns
+    /// the refresh on the Tokio runtime, so call it from within one.
     pub async fn party(&self, asid: &str) -> Result<Option<Arc<Party>>, DirectoryError> {
         if !is_asid(asid) {
             return Ok(None);
@@ -295,8 +296,18 @@ impl Directory {
                         refresh_now(&inner, &key).await
                     });
                     let backend = self.inner.backend.name();
+                    // Weak: the map holds this future, so a strong reference would be a cycle.
+                    let weak = Arc::downgrade(&self.inner);
+                    let key = asid.to_string();
                     let flight = async move {
                         task.await.unwrap_or_else(|e| {
+                            // The task panicked or was cancelled before its `Landing` could
+                            // clear the map: clear it here so the next miss starts afresh.
+                            if let Some(inner) = weak.upgrade() {
+                                if let Ok(mut inflight) = inner.inflight.lock() {
+                                    inflight.remove(&key);
+                                }
+                            }
                             Outcome::Failed(DirectoryError::Backend {
                                 backend,
                                 reason: format!("the lookup task failed: {e}"),
