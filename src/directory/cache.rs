@@ -821,6 +821,37 @@ mod tests {
         assert_eq!(backend.calls(), 2);
     }
 
+    /// A backend that panics fails the lookups waiting on it, and the next miss starts afresh.
+    #[tokio::test]
+    async fn a_panicking_backend_is_an_error_not_a_stuck_key() {
+        struct Panics(AtomicUsize);
+        impl DirectoryBackend for Panics {
+            fn name(&self) -> &'static str {
+                "panics"
+            }
+            fn party<'a>(
+                &'a self,
+                _asid: &'a str,
+            ) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
+                let n = self.0.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    if n == 0 {
+                        panic!("backend bug");
+                    }
+                    Ok(None)
+                })
+            }
+        }
+        let dir = Directory::new(Arc::new(Panics(AtomicUsize::new(0))), policy(LONG, LONG));
+        let err = dir.party("1").await.unwrap_err();
+        assert!(err.to_string().contains("the lookup task failed"), "{err}");
+        assert_eq!(
+            dir.party("1").await.unwrap(),
+            None,
+            "the next miss asks again"
+        );
+    }
+
     /// A caller that goes away does not cancel the query the others wait for.
     #[tokio::test]
     async fn a_cancelled_caller_does_not_cancel_the_shared_refresh() {
