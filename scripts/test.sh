@@ -13,6 +13,8 @@ NEEDED=(
   "prometheus:prometheus"
   "sslscan:sslscan"
 )
+# slapd's tools live in /usr/sbin, which is not on every user's PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
 missing=()
 for pair in "${NEEDED[@]+"${NEEDED[@]}"}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")

@@ -132,11 +132,19 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let catalogue = Catalogue::load(&config.policy.interactions_file)
         .map_err(|e| problems.push(format!("policy.interactions: {e}")))
         .ok();
-    let backend = catalogue.as_ref().and_then(|catalogue| {
-        directory::open_backend(&config.directory.backend, catalogue)
-            .map_err(|e| problems.push(format!("directory: {e}")))
-            .ok()
-    });
+    // The FHIR backend takes the catalogue's interactions; when the catalogue did not load, the
+    // built-in one stands in so directory problems are still reported (nothing is started).
+    let builtin;
+    let interactions = match &catalogue {
+        Some(c) => c,
+        None => {
+            builtin = Catalogue::builtin();
+            &builtin
+        }
+    };
+    let backend = directory::open_backend(&config.directory.backend, interactions)
+        .map_err(|e| problems.push(format!("directory: {e}")))
+        .ok();
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
         tls::server_config(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))

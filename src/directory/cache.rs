@@ -1,11 +1,9 @@
 //! The directory cache: a [`DirectoryBackend`] behind a bounded `moka` cache that keeps answering
 //! when its backend cannot. Owns the cache policy (TTL, negative TTL, size, maximum staleness),
 //! the coalescing of concurrent misses, stale-if-error, invalidation and the counters behind the
-//! directory metrics. It never decides whether a request is allowed, and never caches an error
-//! for a request that arrives after the failure.
+//! directory metrics. It never decides whether a request is allowed, and never caches an error.
 //!
-//! One slot per ASID holds the last answer the backend gave (a party, or "not registered") and,
-//! after a failed refresh, that failure:
+//! One slot per ASID holds the last answer the backend gave (a party, or "not registered"):
 //!
 //! - **fresh** (younger than `ttl`, or `negative_ttl` for "not registered"): served from memory;
 //!   this is the hot path — a `&str` map lookup, one clock read and one `Arc` clone.
@@ -18,17 +16,19 @@
 //!   `DIRECTORY_UNAVAILABLE`). "Not registered" is never served stale: during an outage an
 //!   unknown ASID gets 503, not a 403 that blames the consumer.
 //!
-//! Refreshes for one ASID run one at a time under moka's per-key lock. A caller that queued
-//! behind a refresh takes that refresh's outcome (answer or failure) instead of asking again,
-//! so N concurrent misses make one backend query.
+//! Refreshes are single-flight: the first caller that misses starts one refresh task for the
+//! ASID and every caller that misses while it runs awaits the same outcome (answer, stale party
+//! or error), so N concurrent misses make one backend query whatever the cache admits. The task
+//! is spawned, so a caller that goes away does not cancel the query the others wait for.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use moka::future::Cache;
-use moka::ops::compute::Op;
 use moka::Expiry;
 
 use super::{is_asid, DirectoryBackend, DirectoryError, Party};
@@ -44,10 +44,6 @@ pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(3600);
 /// Default pause, after a failed refresh, before the backend is asked again for a key whose
 /// stale party is being served.
 pub const DEFAULT_STALE_RETRY: Duration = Duration::from_secs(1);
-
-/// How long a failure is kept for the callers that queued behind the query that failed. It is
-/// never used to answer a caller that arrived after the failure.
-const FAILURE_MARKER_TTL: Duration = Duration::from_secs(5);
 
 /// How long the [`Directory`] cache keeps answers, and how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +94,7 @@ fn later(t: Instant, d: Duration) -> Instant {
 }
 
 /// The last answer the backend gave for one ASID.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Answer {
     party: Option<Arc<Party>>,
     fresh_until: Instant,
@@ -106,19 +102,12 @@ struct Answer {
     stale_until: Option<Instant>,
 }
 
-/// A refresh that failed.
-#[derive(Debug)]
-struct Failure {
-    at: Instant,
-    error: DirectoryError,
-}
-
 /// What the cache holds for one ASID.
 #[derive(Debug)]
 struct Slot {
-    answer: Option<Answer>,
-    /// The newest failed refresh since `answer` was fetched.
-    failure: Option<Failure>,
+    answer: Answer,
+    /// When the newest refresh since `answer` was fetched failed.
+    failed_at: Option<Instant>,
     /// When moka drops the slot.
     evict_at: Instant,
 }
@@ -142,22 +131,19 @@ impl Slot {
         };
         Slot {
             evict_at: answer.stale_until.unwrap_or(answer.fresh_until),
-            answer: Some(answer),
-            failure: None,
+            answer,
+            failed_at: None,
         }
     }
 
     /// The answer when it is fresh at `now`.
     fn fresh(&self, now: Instant) -> Option<&Option<Arc<Party>>> {
-        self.answer
-            .as_ref()
-            .filter(|a| now < a.fresh_until)
-            .map(|a| &a.party)
+        (now < self.answer.fresh_until).then_some(&self.answer.party)
     }
 
     /// The stale party that may be served at `now` while the backend fails.
     fn stale(&self, now: Instant) -> Option<&Arc<Party>> {
-        let answer = self.answer.as_ref()?;
+        let answer = &self.answer;
         match (&answer.party, answer.stale_until) {
             (Some(party), Some(until)) if now < until => Some(party),
             _ => None,
@@ -204,7 +190,13 @@ struct Inner {
     counters: Counters,
     /// False after a failed backend query, true again after a successful one.
     last_query_ok: AtomicBool,
+    /// The refresh running for each ASID, shared by every caller that misses meanwhile. The lock
+    /// is held only to look up or insert, never across an await.
+    inflight: Mutex<HashMap<String, Flight>>,
 }
+
+/// One refresh, awaited by every caller that missed while it runs.
+type Flight = Shared<BoxFuture<'static, Outcome>>;
 
 /// The cached directory the gateway queries: a [`DirectoryBackend`] behind a `moka` cache.
 /// Cloning is cheap and clones share the cache and the counters.
@@ -224,6 +216,7 @@ impl fmt::Debug for Directory {
 }
 
 /// How a slow-path lookup ended.
+#[derive(Clone)]
 enum Outcome {
     Answer(Option<Arc<Party>>),
     Stale(Arc<Party>),
@@ -244,6 +237,7 @@ impl Directory {
                 policy,
                 counters: Counters::default(),
                 last_query_ok: AtomicBool::new(true),
+                inflight: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -254,20 +248,21 @@ impl Directory {
     /// otherwise the error is returned. Anything that is not 1 to 32 ASCII digits cannot be an
     /// ASID and is answered `Ok(None)` without touching cache or backend.
     ///
-    /// A hit looks the key up by `&str` (no key allocation) and clones one `Arc`.
+    /// A hit looks the key up by `&str` (no key allocation) and clones one `Arc`. A miss spawns
+    /// the refresh on the Tokio runtime, so call it from within one.
     pub async fn party(&self, asid: &str) -> Result<Option<Arc<Party>>, DirectoryError> {
         if !is_asid(asid) {
             return Ok(None);
         }
-        let arrived = Instant::now();
+        let now = Instant::now();
         if let Some(slot) = self.inner.cache.get(asid).await {
-            if let Some(answer) = slot.fresh(arrived) {
+            if let Some(answer) = slot.fresh(now) {
                 self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(answer.clone());
             }
         }
         self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-        match self.refresh(asid, arrived).await {
+        match self.refresh(asid).await {
             Outcome::Answer(answer) => Ok(answer),
             Outcome::Stale(party) => {
                 self.inner
@@ -280,97 +275,53 @@ impl Directory {
         }
     }
 
-    /// The slow path, under the per-key lock: use what a refresh that finished while we waited
-    /// left behind, or ask the backend.
-    async fn refresh(&self, asid: &str, arrived: Instant) -> Outcome {
-        let inner = &*self.inner;
-        let policy = &inner.policy;
-        let mut outcome = None;
-        let out = &mut outcome;
-        inner
-            .cache
-            .entry_by_ref(asid)
-            .and_compute_with(|current| async move {
-                let current = current.map(|entry| entry.into_value());
-                let now = Instant::now();
-                if let Some(slot) = &current {
-                    if let Some(answer) = slot.fresh(now) {
-                        *out = Some(Outcome::Answer(answer.clone()));
-                        return Op::Nop;
-                    }
-                    if let Some(failure) = &slot.failure {
-                        let queued_behind_it = failure.at >= arrived;
-                        match slot.stale(now) {
-                            Some(party)
-                                if queued_behind_it
-                                    || now < later(failure.at, policy.stale_retry) =>
-                            {
-                                *out = Some(Outcome::Stale(party.clone()));
-                                return Op::Nop;
-                            }
-                            None if queued_behind_it => {
-                                *out = Some(Outcome::Failed(failure.error.clone()));
-                                return Op::Nop;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                let result = inner.backend.party(asid).await;
-                let now = Instant::now();
-                match result {
-                    Ok(found) => {
-                        inner.last_query_ok.store(true, Ordering::Relaxed);
-                        let found = found.map(Arc::new);
-                        *out = Some(Outcome::Answer(found.clone()));
-                        Op::Put(Arc::new(Slot::answered(found, now, policy)))
-                    }
-                    Err(error) => {
-                        inner.last_query_ok.store(false, Ordering::Relaxed);
-                        inner.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
-                        let failure = Failure {
-                            at: now,
-                            error: error.clone(),
+    /// The slow path: join the refresh running for `asid`, or start one.
+    async fn refresh(&self, asid: &str) -> Outcome {
+        let flight = {
+            let Ok(mut inflight) = self.inner.inflight.lock() else {
+                // Poisoned only if a panic happened while the map was locked (a bug): query
+                // directly rather than fail every lookup from now on.
+                return refresh_now(&self.inner, asid).await;
+            };
+            match inflight.get(asid) {
+                Some(flight) => flight.clone(),
+                None => {
+                    let inner = self.inner.clone();
+                    let key = asid.to_string();
+                    let task = tokio::spawn(async move {
+                        let _landing = Landing {
+                            inner: inner.clone(),
+                            key: key.clone(),
                         };
-                        match current.as_deref().and_then(|slot| {
-                            let party = slot.stale(now)?.clone();
-                            Some((slot, party))
-                        }) {
-                            Some((slot, party)) => {
-                                tracing::warn!(asid, error = %error, "directory backend failed; serving the cached entry past its TTL");
-                                let answer = slot.answer.as_ref().map(|a| Answer {
-                                    party: a.party.clone(),
-                                    fresh_until: a.fresh_until,
-                                    stale_until: a.stale_until,
-                                });
-                                *out = Some(Outcome::Stale(party));
-                                Op::Put(Arc::new(Slot {
-                                    answer,
-                                    failure: Some(failure),
-                                    evict_at: slot.evict_at,
-                                }))
+                        refresh_now(&inner, &key).await
+                    });
+                    let backend = self.inner.backend.name();
+                    // Weak: the map holds this future, so a strong reference would be a cycle.
+                    let weak = Arc::downgrade(&self.inner);
+                    let key = asid.to_string();
+                    let flight = async move {
+                        task.await.unwrap_or_else(|e| {
+                            // The task panicked or was cancelled before its `Landing` could
+                            // clear the map: clear it here so the next miss starts afresh.
+                            if let Some(inner) = weak.upgrade() {
+                                if let Ok(mut inflight) = inner.inflight.lock() {
+                                    inflight.remove(&key);
+                                }
                             }
-                            None => {
-                                *out = Some(Outcome::Failed(error));
-                                Op::Put(Arc::new(Slot {
-                                    answer: None,
-                                    failure: Some(failure),
-                                    evict_at: later(now, FAILURE_MARKER_TTL),
-                                }))
-                            }
-                        }
+                            Outcome::Failed(DirectoryError::Backend {
+                                backend,
+                                reason: format!("the lookup task failed: {e}"),
+                            })
+                        })
                     }
+                    .boxed()
+                    .shared();
+                    inflight.insert(asid.to_string(), flight.clone());
+                    flight
                 }
-            })
-            .await;
-        outcome.unwrap_or_else(|| {
-            // Unreachable: the compute closure always runs and sets the outcome before
-            // returning. Answer as a failure rather than panic on the request path.
-            Outcome::Failed(DirectoryError::Backend {
-                backend: inner.backend.name(),
-                reason: "cache lookup ended without an outcome".into(),
-            })
-        })
+            }
+        };
+        flight.await
     }
 
     /// The backend's short name ("ldif", "ldap", "fhir").
@@ -415,6 +366,72 @@ impl Directory {
     /// it is a local file that cannot fail a lookup (LDIF).
     pub fn healthy(&self) -> bool {
         self.inner.backend.is_local() || self.inner.last_query_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// Removes a finished (or panicked) refresh from the in-flight map.
+struct Landing {
+    inner: Arc<Inner>,
+    key: String,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.inner.inflight.lock() {
+            inflight.remove(&self.key);
+        }
+    }
+}
+
+/// One refresh of `asid`: what a refresh that finished just before left behind, the stale party
+/// within `stale_retry` of a failure, or else the backend's answer (stale party on failure).
+async fn refresh_now(inner: &Inner, asid: &str) -> Outcome {
+    let policy = &inner.policy;
+    let now = Instant::now();
+    let current = inner.cache.get(asid).await;
+    if let Some(slot) = &current {
+        if let Some(answer) = slot.fresh(now) {
+            return Outcome::Answer(answer.clone());
+        }
+        if let (Some(party), Some(failed_at)) = (slot.stale(now), slot.failed_at) {
+            if now < later(failed_at, policy.stale_retry) {
+                return Outcome::Stale(party.clone());
+            }
+        }
+    }
+    let result = inner.backend.party(asid).await;
+    let now = Instant::now();
+    match result {
+        Ok(found) => {
+            inner.last_query_ok.store(true, Ordering::Relaxed);
+            let found = found.map(Arc::new);
+            let slot = Slot::answered(found.clone(), now, policy);
+            inner.cache.insert(asid.to_string(), Arc::new(slot)).await;
+            Outcome::Answer(found)
+        }
+        Err(error) => {
+            inner.last_query_ok.store(false, Ordering::Relaxed);
+            inner
+                .counters
+                .backend_errors
+                .fetch_add(1, Ordering::Relaxed);
+            let stale = current
+                .as_deref()
+                .and_then(|slot| Some((slot, slot.stale(now)?.clone())));
+            match stale {
+                Some((slot, party)) => {
+                    tracing::warn!(asid, error = %error, "directory backend failed; serving the cached entry past its TTL");
+                    let marked = Slot {
+                        answer: slot.answer.clone(),
+                        failed_at: Some(now),
+                        evict_at: slot.evict_at,
+                    };
+                    inner.cache.insert(asid.to_string(), Arc::new(marked)).await;
+                    Outcome::Stale(party)
+                }
+                None => Outcome::Failed(error),
+            }
+        }
     }
 }
 
@@ -744,9 +761,9 @@ mod tests {
             .collect();
 
         // Single-threaded runtime: a task that has counted itself has run on to its first
-        // await inside `party` (the gate, or moka's per-key lock).
+        // await inside `party` (the shared refresh); the refresh task is at the gate.
         let mut spins = 0;
-        while started.load(Ordering::SeqCst) < CALLERS {
+        while started.load(Ordering::SeqCst) < CALLERS || backend.calls() == 0 {
             tokio::task::yield_now().await;
             spins += 1;
             assert!(spins < 100_000, "callers never started");
@@ -786,7 +803,7 @@ mod tests {
             })
             .collect();
         let mut spins = 0;
-        while started.load(Ordering::SeqCst) < CALLERS {
+        while started.load(Ordering::SeqCst) < CALLERS || backend.calls() == 0 {
             tokio::task::yield_now().await;
             spins += 1;
             assert!(spins < 100_000, "callers never started");
@@ -802,6 +819,68 @@ mod tests {
         backend.fail(false);
         assert!(dir.party("42").await.unwrap().is_some());
         assert_eq!(backend.calls(), 2);
+    }
+
+    /// A backend that panics fails the lookups waiting on it, and the next miss starts afresh.
+    #[tokio::test]
+    async fn a_panicking_backend_is_an_error_not_a_stuck_key() {
+        struct Panics(AtomicUsize);
+        impl DirectoryBackend for Panics {
+            fn name(&self) -> &'static str {
+                "panics"
+            }
+            fn party<'a>(
+                &'a self,
+                _asid: &'a str,
+            ) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
+                let n = self.0.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    if n == 0 {
+                        panic!("backend bug");
+                    }
+                    Ok(None)
+                })
+            }
+        }
+        let dir = Directory::new(Arc::new(Panics(AtomicUsize::new(0))), policy(LONG, LONG));
+        let err = dir.party("1").await.unwrap_err();
+        assert!(err.to_string().contains("the lookup task failed"), "{err}");
+        assert_eq!(
+            dir.party("1").await.unwrap(),
+            None,
+            "the next miss asks again"
+        );
+    }
+
+    /// A caller that goes away does not cancel the query the others wait for.
+    #[tokio::test]
+    async fn a_cancelled_caller_does_not_cancel_the_shared_refresh() {
+        let gate = Arc::new(Semaphore::new(0));
+        let backend = Arc::new(CountingBackend::with_gate(&["42"], Some(gate.clone())));
+        let dir = directory(&backend, policy(LONG, LONG));
+        let first = {
+            let dir = dir.clone();
+            tokio::spawn(async move { dir.party("42").await })
+        };
+        let second = {
+            let dir = dir.clone();
+            tokio::spawn(async move { dir.party("42").await })
+        };
+        let mut spins = 0;
+        while backend.calls() == 0 {
+            tokio::task::yield_now().await;
+            spins += 1;
+            assert!(spins < 100_000, "the refresh never started");
+        }
+        first.abort();
+        gate.add_permits(1);
+        assert!(second.await.unwrap().unwrap().is_some());
+        assert_eq!(backend.calls(), 1);
+        assert!(
+            dir.party("42").await.unwrap().is_some(),
+            "cached by the refresh"
+        );
+        assert_eq!(backend.calls(), 1);
     }
 
     #[tokio::test]

@@ -281,7 +281,7 @@ pub struct GatewayOptions {
     pub circuit_breaker: &'static str,
 }
 
-/// Builds a `[directory]` section from the development LDIF text.
+/// Builds the `[directory]` keys from the development LDIF (see `GatewayOptions::directory`).
 pub type DirectorySection = Box<dyn Fn(&str) -> String>;
 
 impl Default for GatewayOptions {

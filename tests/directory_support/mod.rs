@@ -238,6 +238,8 @@ pub struct Seen {
 /// ids). Plain HTTP on loopback, or HTTPS with the given server config.
 pub struct FhirApi {
     pub addr: SocketAddr,
+    /// The LDIF records it answers from (replaceable with `serve`).
+    world: Arc<Mutex<Arc<Vec<Record>>>>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// When set, every request is answered 502 (as the API does when LDAP fails).
     pub failing: Arc<AtomicBool>,
@@ -247,11 +249,14 @@ pub struct FhirApi {
 
 impl FhirApi {
     pub async fn start(ldif: &str, tls: Option<Arc<rustls::ServerConfig>>) -> FhirApi {
-        let records = Arc::new(parse_records(ldif).expect("LDIF parses"));
+        let world = Arc::new(Mutex::new(Arc::new(
+            parse_records(ldif).expect("LDIF parses"),
+        )));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let api = FhirApi {
             addr,
+            world: world.clone(),
             seen: Arc::new(Mutex::new(Vec::new())),
             failing: Arc::new(AtomicBool::new(false)),
             requests: Arc::new(AtomicUsize::new(0)),
@@ -275,8 +280,8 @@ impl FhirApi {
                         Err(_) => continue,
                     },
                 };
-                let (records, seen, failing, requests, base, acceptor) = (
-                    records.clone(),
+                let (world, seen, failing, requests, base, acceptor) = (
+                    world.clone(),
                     seen.clone(),
                     failing.clone(),
                     requests.clone(),
@@ -302,6 +307,7 @@ impl FhirApi {
                             correlation_id: header("x-correlation-id"),
                             accept: header("accept"),
                         });
+                        let records = world.lock().expect("lock").clone();
                         let resp = if failing.load(Ordering::SeqCst) {
                             outcome(StatusCode::BAD_GATEWAY, "LDAP error", None)
                         } else {
@@ -324,6 +330,16 @@ impl FhirApi {
             }
         });
         api
+    }
+
+    /// Answers from `ldif` from now on.
+    pub fn serve(&self, ldif: &str) {
+        *self.world.lock().expect("lock") = Arc::new(parse_records(ldif).expect("LDIF parses"));
+    }
+
+    /// The base URL over HTTPS (the server certificate names localhost).
+    pub fn https_base_url(&self) -> String {
+        format!("https://localhost:{}{BASE_PATH}", self.addr.port())
     }
 
     /// The base URL a backend is configured with.

@@ -1,0 +1,218 @@
+//! The SDS FHIR API backend against an in-process API answering in the documented shapes: the
+//! requests it makes (how an ASID is resolved, headers), HTTPS with a CA bundle, the API's
+//! errors as directory errors, and a gateway running on it end to end.
+
+mod common;
+mod directory_support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use directory_support::{FhirApi, API_KEY};
+use http::Method;
+use ssp_gateway::directory::fhir::{FhirBackend, FhirSettings};
+use ssp_gateway::directory::DirectoryBackend;
+use ssp_gateway::ssp::interactions::Catalogue;
+
+fn world_ldif() -> String {
+    std::fs::read_to_string(repo_path("config/directory.ldif")).expect("read LDIF")
+}
+
+fn key_file(key: &str) -> PathBuf {
+    let path = scratch_dir("fhir").join("apikey");
+    std::fs::write(&path, key).expect("write key");
+    path
+}
+
+fn asid_ods() -> BTreeMap<String, String> {
+    [
+        (PROVIDER_ASID, "B82617"),
+        (CONSUMER_ASID, "A20047"),
+        (READONLY_ASID, "A20048"),
+    ]
+    .into_iter()
+    .map(|(a, o)| (a.to_string(), o.to_string()))
+    .collect()
+}
+
+fn backend(base_url: String, key: &str, ca: Option<PathBuf>) -> FhirBackend {
+    let settings = FhirSettings {
+        base_url,
+        api_key_file: key_file(key),
+        ca,
+        asid_ods: asid_ods(),
+        connect_timeout: Duration::from_secs(5),
+        query_timeout: Duration::from_secs(5),
+    };
+    let catalogue = Catalogue::load(&repo_path("config/interactions.toml")).expect("catalogue");
+    FhirBackend::new(&settings, catalogue.iter().map(|i| i.id.clone()).collect())
+        .expect("FHIR backend")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asid_is_resolved_by_ods_code_and_interaction_then_party_key() {
+    let api = FhirApi::start(&world_ldif(), None).await;
+    let fhir = backend(api.base_url(), API_KEY, None);
+
+    let consumer = fhir
+        .party(CONSUMER_ASID)
+        .await
+        .expect("lookup")
+        .expect("registered");
+    assert_eq!(consumer.system.party_key, "A20047-821870");
+    let seen = api.seen();
+    assert_eq!(
+        seen.len(),
+        2,
+        "one /Device search (first catalogue interaction), one /Endpoint"
+    );
+    let metadata = "urn%3Anhs%3Anames%3Aservices%3Agpconnect%3Afhir%3Arest%3Aread%3Ametadata-1";
+    assert_eq!(
+        seen[0].path_and_query,
+        format!("/spine-directory/FHIR/R4/Device?organization=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fods-organization-code%7CA20047&identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2FnhsServiceInteractionId%7C{metadata}")
+    );
+    assert_eq!(
+        seen[1].path_and_query,
+        "/spine-directory/FHIR/R4/Endpoint?organization=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fods-organization-code%7CA20047&identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2FnhsMhsPartyKey%7CA20047-821870"
+    );
+
+    // An ASID not in fhir_asid_ods is "not registered" without asking the API.
+    assert_eq!(fhir.party("999999999999").await.expect("lookup"), None);
+    assert_eq!(api.seen().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_directory_errors_naming_the_correlation_id() {
+    let api = FhirApi::start(&world_ldif(), None).await;
+
+    let wrong_key = backend(api.base_url(), "not-the-key", None);
+    let err = wrong_key
+        .party(PROVIDER_ASID)
+        .await
+        .expect_err("401")
+        .to_string();
+    assert!(
+        err.contains("HTTP 401 Unauthorized: Invalid access token"),
+        "{err}"
+    );
+    assert!(err.contains("X-Correlation-Id "), "{err}");
+    assert!(
+        !err.contains("not-the-key"),
+        "the key is never in messages: {err}"
+    );
+
+    let fhir = backend(api.base_url(), API_KEY, None);
+    api.failing.store(true, Ordering::SeqCst);
+    let err = fhir
+        .party(PROVIDER_ASID)
+        .await
+        .expect_err("502")
+        .to_string();
+    assert!(
+        err.starts_with("directory backend fhir: GET /Device (X-Correlation-Id "),
+        "{err}"
+    );
+    assert!(err.contains("HTTP 502 Bad Gateway: LDAP error"), "{err}");
+    api.failing.store(false, Ordering::SeqCst);
+    assert!(fhir
+        .party(PROVIDER_ASID)
+        .await
+        .expect("recovered")
+        .is_some());
+
+    // Nothing listening: a connection error, not a hang.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let nowhere = backend(
+        format!("http://127.0.0.1:{port}/spine-directory/FHIR/R4"),
+        API_KEY,
+        None,
+    );
+    assert!(nowhere.party(PROVIDER_ASID).await.is_err());
+}
+
+fn server_tls(world: &World) -> Arc<rustls::ServerConfig> {
+    let certs = ssp_gateway::tls::load_certs(&world.provider.cert).expect("certs");
+    let key = ssp_gateway::tls::load_private_key(&world.provider.key).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    Arc::new(config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_verifies_the_api_certificate_against_the_configured_ca() {
+    let world = World::ecdsa();
+    let api = FhirApi::start(&world_ldif(), Some(server_tls(&world))).await;
+    let fhir = backend(api.https_base_url(), API_KEY, Some(world.ca.clone()));
+    let provider = fhir
+        .party(PROVIDER_ASID)
+        .await
+        .expect("lookup over https")
+        .expect("registered");
+    assert_eq!(provider.handlers.len(), 15);
+
+    let other = World::ecdsa();
+    let untrusting = backend(api.https_base_url(), API_KEY, Some(other.ca.clone()));
+    assert!(untrusting.party(PROVIDER_ASID).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_on_the_fhir_backend() {
+    let api = Arc::new(FhirApi::start("", None).await);
+    let key = key_file(API_KEY);
+    let serving = api.clone();
+    let base = api.base_url();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            serving.serve(ldif);
+            format!(
+                "backend = \"fhir\"\nfhir_base_url = \"{base}\"\nfhir_api_key_file = \"{}\"\n\
+                 fhir_asid_ods = {{ \"{PROVIDER_ASID}\" = \"B82617\", \"{CONSUMER_ASID}\" = \"A20047\" }}\n",
+                key.display()
+            )
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let answer = h
+        .consumer()
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(h.recorder.seen(), 1);
+    // Not in fhir_asid_ods: the API cannot resolve it, so it is not registered.
+    let answer = h
+        .world
+        .client(&h.world.readonly, h.gateway)
+        .gpc(
+            Gpc::new(
+                Method::GET,
+                format!("{}/metadata", h.endpoint()),
+                IX_METADATA,
+            )
+            .from(READONLY_ASID),
+        )
+        .await;
+    answer.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("ASID_CHECK_FAILED_MESSAGESENDER_{READONLY_ASID}"),
+    );
+    h.stop().await;
+}

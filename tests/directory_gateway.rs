@@ -1,0 +1,231 @@
+//! The directory inside a running gateway (LDIF backend): `POST /directory/invalidate` on the
+//! admin listener, and the LDIF file reloaded when it changes — a broken file refused with the
+//! previous data kept, a good one taking effect without a restart.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use ssp_gateway::directory::Directory;
+
+/// A plain HTTP/1.1 request to the admin listener.
+async fn admin(addr: std::net::SocketAddr, method: Method, path: &str) -> (u16, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&body).expect("admin answers JSON"),
+    )
+}
+
+fn directory_of(h: &Harness) -> Directory {
+    h.running
+        .as_ref()
+        .and_then(|r| r.directory.clone())
+        .expect("the gateway's directory")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_invalidates_one_asid_or_all() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let directory = directory_of(&h);
+    let metadata = || {
+        Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        )
+    };
+    assert_eq!(h.consumer().gpc(metadata()).await.status, 200);
+    assert_eq!(h.consumer().gpc(metadata()).await.status, 200);
+    let stats = directory.stats();
+    assert_eq!((stats.misses, stats.hits), (2, 2));
+
+    // One ASID: only it is looked up again.
+    let (status, body) = admin(
+        h.admin,
+        Method::POST,
+        &format!("/directory/invalidate?asid={CONSUMER_ASID}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["invalidated"], "asid");
+    assert_eq!(body["asid"], CONSUMER_ASID);
+    assert_eq!(h.consumer().gpc(metadata()).await.status, 200);
+    let stats = directory.stats();
+    assert_eq!((stats.misses, stats.hits), (3, 3));
+
+    // All: both are looked up again.
+    let (status, body) = admin(h.admin, Method::POST, "/directory/invalidate").await;
+    assert_eq!((status, body["invalidated"].as_str()), (200, Some("all")));
+    assert_eq!(h.consumer().gpc(metadata()).await.status, 200);
+    assert_eq!(directory.stats().misses, 5);
+
+    // Mistakes are refused and change nothing.
+    for (method, path, expected) in [
+        (Method::GET, "/directory/invalidate", 405),
+        (Method::POST, "/directory/invalidate?asid=abc", 400),
+        (Method::POST, "/directory/invalidate?asid=1&asid=2", 400),
+        (Method::POST, "/directory/invalidate?who=1", 400),
+    ] {
+        let (status, body) = admin(h.admin, method.clone(), path).await;
+        assert_eq!(status, expected, "{method} {path}: {body}");
+        assert!(body["error"].is_string());
+    }
+    assert_eq!(h.consumer().gpc(metadata()).await.status, 200);
+    assert_eq!(
+        directory.stats().misses,
+        5,
+        "refused requests invalidated nothing"
+    );
+    h.stop().await;
+}
+
+/// Polls until `f` holds, failing after 20 s.
+async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Everything the gateway logs in this test binary, as text.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = LOGS.lock() {
+            logs.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("ssp_gateway::directory=info")
+            .with_ansi(false)
+            .with_writer(|| LogWriter)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
+
+fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().expect("logs")).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ldif_file_reloads_on_change_and_a_broken_file_is_refused() {
+    capture_logs();
+    let ldif_path = scratch_dir("reload").join("directory.ldif");
+    let written = ldif_path.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            std::fs::write(&written, ldif).expect("write LDIF");
+            format!(
+                "ldif_file = \"{}\"\nldif_poll_interval = \"20ms\"\n",
+                written.display()
+            )
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let directory = directory_of(&h);
+    let original = std::fs::read_to_string(&ldif_path).expect("read LDIF");
+    let readonly = h.world.client(&h.world.readonly, h.gateway);
+    let metadata = || {
+        Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        )
+        .from(READONLY_ASID)
+    };
+    assert_eq!(readonly.gpc(metadata()).await.status, 200);
+
+    // The read-only consumer loses metadata: the change takes effect without a restart.
+    let without = edit_entry(
+        &original,
+        &["uniqueIdentifier: 200000000360", "objectClass: nhsAs"],
+        "nhsAsSvcIA: urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1",
+    );
+    std::fs::write(&ldif_path, &without).expect("write LDIF");
+    until(
+        "the reloaded directory refuses the read-only consumer",
+        || async { readonly.gpc(metadata()).await.status == 403 },
+    )
+    .await;
+    readonly.gpc(metadata()).await.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("ASID_CHECK_FAILED_MESSAGESENDER_{READONLY_ASID}"),
+    );
+
+    // A broken file is refused with a log line naming the file, the line and the reason, and
+    // the previous data stays in service.
+    let broken = format!("{without}\nthis line is not LDIF\n");
+    let bad_line = broken.lines().count();
+    std::fs::write(&ldif_path, &broken).expect("write");
+    let expected = format!(
+        "{}: line {bad_line}: expected 'attribute: value'",
+        ldif_path.display()
+    );
+    until("the refusal is logged", || async {
+        logs().contains(&expected)
+    })
+    .await;
+    assert!(
+        logs().contains("directory reload refused; the previous directory data stays in service")
+    );
+    readonly.gpc(metadata()).await.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("ASID_CHECK_FAILED_MESSAGESENDER_{READONLY_ASID}"),
+    );
+    assert!(directory
+        .party(READONLY_ASID)
+        .await
+        .expect("lookup")
+        .is_some());
+
+    // Fixed again: served again.
+    std::fs::write(&ldif_path, &original).expect("write LDIF");
+    until(
+        "the restored directory serves the read-only consumer",
+        || async { readonly.gpc(metadata()).await.status == 200 },
+    )
+    .await;
+    h.stop().await;
+}
