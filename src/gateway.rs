@@ -20,6 +20,7 @@ use crate::directory::Directory;
 use crate::forward::{BodyEnd, ProxyBody, Upstream};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, Overload, RateLimiter};
+use crate::reload::Reloadable;
 use crate::server::ConnInfo;
 use crate::ssp::envelope;
 use crate::ssp::interactions::Catalogue;
@@ -31,8 +32,11 @@ use crate::telemetry::{AttrValue, SpanRecord, TraceContext, Tracer};
 const CORS_ALLOW_HEADERS: &str = "Accept, Authorization, Content-Type, If-Match, Prefer, \
      Ssp-TraceID, Ssp-From, Ssp-To, Ssp-InteractionID";
 
-/// Policy the request path applies, from `[policy]`.
+/// Policy the request path applies, from `[policy]` and the interaction catalogue. Reloaded
+/// as one snapshot (SIGHUP, or the config or catalogue file changing); a request keeps the
+/// snapshot it started with.
 pub struct Policy {
+    pub catalogue: Catalogue,
     pub jwt: JwtPolicy,
     pub jwt_clock_skew: Duration,
     pub sharing_agreements: Option<BTreeSet<(String, String)>>,
@@ -40,9 +44,8 @@ pub struct Policy {
 
 /// Everything one request needs, shared by all connections.
 pub struct Gateway {
-    pub catalogue: Catalogue,
+    pub policy: Arc<Reloadable<Policy>>,
     pub directory: Directory,
-    pub policy: Policy,
     pub upstream: Upstream,
     pub audit: Audit,
     pub metrics: Arc<Metrics>,
@@ -103,13 +106,14 @@ impl Gateway {
                 .to_owned(),
             trace: TraceContext::continue_or_start(req.headers()),
         };
+        let policy = self.policy.current();
         let mut record = Record::default();
         let format = response_format(&req);
 
         // Load shedding first: past the bound, answer at once rather than queue.
         let permit = self.overload.try_acquire();
         let result = match permit {
-            Some(_) => self.process(&conn, req, &mut record, &ctx).await,
+            Some(_) => self.process(&policy, &conn, req, &mut record, &ctx).await,
             None => Err(Rejection::Overloaded),
         };
         let mut response = match result {
@@ -269,6 +273,7 @@ impl Gateway {
 
     async fn process<'a>(
         &'a self,
+        policy: &'a Policy,
         conn: &ConnInfo,
         mut req: Request<Incoming>,
         record: &mut Record<'a>,
@@ -279,7 +284,7 @@ impl Gateway {
         // CORS preflight for a known interaction.
         if req.method() == Method::OPTIONS {
             record.preflight = true;
-            return self.preflight(&req, path_and_query);
+            return self.preflight(policy, &req, path_and_query);
         }
 
         // The bearer token, decoded once: its claims are audited whatever happens next.
@@ -299,11 +304,12 @@ impl Gateway {
         record.interaction_id = Some(headers.interaction_id.clone());
 
         // 2. The declared interaction, and the request matching its method and path.
-        let interaction = self.catalogue.get(&headers.interaction_id).ok_or_else(|| {
-            Rejection::UnsupportedInteraction {
+        let interaction = policy
+            .catalogue
+            .get(&headers.interaction_id)
+            .ok_or_else(|| Rejection::UnsupportedInteraction {
                 id: headers.interaction_id.clone(),
-            }
-        })?;
+            })?;
         record.interaction = Some(interaction.name.as_str());
         let matched = interaction.match_request(req.method(), &target)?;
 
@@ -329,7 +335,7 @@ impl Gateway {
             peer: &conn.peer,
             sender: sender.as_deref(),
             receiver: receiver.as_deref(),
-            sharing_agreements: self.policy.sharing_agreements.as_ref(),
+            sharing_agreements: policy.sharing_agreements.as_ref(),
         })?;
 
         // 5. The consumer's rate limit (its certificate is proven to be Ssp-From's by now, so
@@ -345,7 +351,7 @@ impl Gateway {
         }
 
         // 6. The JWT, per policy.
-        self.check_jwt(&token, &interaction.scopes, record)?;
+        self.check_jwt(policy, &token, &interaction.scopes, record)?;
 
         // 7. The audit record, durable before the provider sees anything.
         record.audited = true;
@@ -374,17 +380,18 @@ impl Gateway {
 
     fn check_jwt(
         &self,
+        policy: &Policy,
         token: &Result<DecodedJwt, JwtError>,
         scopes: &[String],
         record: &mut Record<'_>,
     ) -> Result<(), Rejection> {
-        if self.policy.jwt == JwtPolicy::Off {
+        if policy.jwt == JwtPolicy::Off {
             return Ok(());
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let skew = self.policy.jwt_clock_skew.as_secs() as i64;
+        let skew = policy.jwt_clock_skew.as_secs() as i64;
         let problem = match token {
             Ok(decoded) => decoded.validate(scopes, now, skew).err(),
             Err(e) => Some(e.clone()),
@@ -393,7 +400,7 @@ impl Gateway {
             None => Ok(()),
             Some(e) => {
                 record.jwt_problem = Some(e.reason());
-                if self.policy.jwt == JwtPolicy::Log {
+                if policy.jwt == JwtPolicy::Log {
                     Ok(())
                 } else {
                     Err(Rejection::InvalidJwt { reason: e.reason() })
@@ -406,6 +413,7 @@ impl Gateway {
     /// declared interaction when the header is sent).
     fn preflight(
         &self,
+        policy: &Policy,
         req: &Request<Incoming>,
         path_and_query: &str,
     ) -> Result<Response<ProxyBody>, Rejection> {
@@ -417,14 +425,14 @@ impl Gateway {
             .map(str::trim);
         let methods: Vec<Method> = match declared {
             Some(id) => {
-                let ix = self
+                let ix = policy
                     .catalogue
                     .get(id)
                     .ok_or_else(|| Rejection::UnsupportedInteraction { id: id.to_string() })?;
                 ix.match_request(&ix.method, &target)?;
                 vec![ix.method.clone()]
             }
-            None => self.catalogue.methods_for_target(&target),
+            None => policy.catalogue.methods_for_target(&target),
         };
         if methods.is_empty() {
             return Err(Rejection::MethodNotAllowed {

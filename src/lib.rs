@@ -194,14 +194,15 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 Some(metrics.upstream_connect_errors.clone()),
             )
             .with_breakers(breakers, Some(metrics.upstream_circuit_state.clone()));
+            let policy = Reloadable::new(
+                "policy",
+                Arc::new(policy_from(config, catalogue)),
+                policy_files(config),
+            );
+            policy.count_in(metrics.reloads.clone());
             let gateway = Gateway {
-                catalogue,
+                policy,
                 directory,
-                policy: Policy {
-                    jwt: config.policy.jwt,
-                    jwt_clock_skew: config.policy.jwt_clock_skew,
-                    sharing_agreements: config.policy.sharing_agreements.clone(),
-                },
                 upstream,
                 audit,
                 metrics,
@@ -223,6 +224,31 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     }
 }
 
+fn policy_from(config: &Config, catalogue: Catalogue) -> Policy {
+    Policy {
+        catalogue,
+        jwt: config.policy.jwt,
+        jwt_clock_skew: config.policy.jwt_clock_skew,
+        sharing_agreements: config.policy.sharing_agreements.clone(),
+    }
+}
+
+fn policy_files(config: &Config) -> Vec<std::path::PathBuf> {
+    vec![
+        config.source.clone(),
+        config.policy.interactions_file.clone(),
+    ]
+}
+
+/// Reloads `[policy]` and the interaction catalogue from the configuration file (other
+/// sections need a restart and are not applied; a file that no longer validates is refused).
+fn reload_policy(source: &std::path::Path) -> Result<Policy, String> {
+    let config = Config::load(source).map_err(|e| e.to_string())?;
+    let catalogue = Catalogue::load(&config.policy.interactions_file)
+        .map_err(|e| format!("policy.interactions: {e}"))?;
+    Ok(policy_from(&config, catalogue))
+}
+
 fn server_tls_files(config: &Config) -> Vec<std::path::PathBuf> {
     let t = &config.listener.tls;
     let mut files = vec![t.cert.clone(), t.key.clone(), t.client_ca.clone()];
@@ -235,14 +261,19 @@ fn client_tls_files(config: &Config) -> Vec<std::path::PathBuf> {
     vec![t.cert.clone(), t.key.clone(), t.ca.clone()]
 }
 
-/// Reloads the listener's and the upstream client's TLS material on SIGHUP and file change.
-fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, tasks: &TaskTracker) {
-    let poll = if config.reload.watch_files {
+/// How often watched files are polled (SIGHUP always reloads at once).
+fn reload_poll(config: &Config) -> std::time::Duration {
+    if config.reload.watch_files {
         config.reload.poll_interval
     } else {
         // SIGHUP only: a poll so rare it never fires in practice.
         std::time::Duration::from_secs(60 * 60 * 24 * 365)
-    };
+    }
+}
+
+/// Reloads the listener's and the upstream client's TLS material on SIGHUP and file change.
+fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let poll = reload_poll(config);
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
     c.server_tls.watch(
         move || tls::server_config(&listener, alpn).map(Arc::unwrap_or_clone),
@@ -302,6 +333,15 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let components = load_components(config).map_err(StartError::Load)?;
     let tasks = TaskTracker::new();
     watch_tls(config, &components, &shutdown, &tasks);
+    {
+        let source = config.source.clone();
+        components.gateway.policy.watch(
+            move || reload_policy(&source),
+            reload_poll(config),
+            shutdown.clone(),
+            &tasks,
+        );
+    }
 
     // The audit trail first: nothing is served unless it can be written.
     let audit_writer = components.audit_writer;

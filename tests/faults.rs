@@ -113,6 +113,7 @@ async fn gateway_before(
     ssp_gateway::Running,
     tokio_util::sync::CancellationToken,
     u16,
+    std::path::PathBuf,
 ) {
     let world = World::ecdsa();
     let port = raw_provider(&world, fault).await;
@@ -121,7 +122,39 @@ async fn gateway_before(
     let running = ssp_gateway::start(&config, shutdown.clone())
         .await
         .expect("start");
-    (world, running, shutdown, port)
+    (world, running, shutdown, port, config.audit.dir.clone())
+}
+
+/// Waits until the audit trail holds the final record (`outcome` or `rejection`) of a request
+/// answered with `status`, and returns it.
+async fn audited(dir: &std::path::Path, status: u16) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let records: Vec<serde_json::Value> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .collect();
+        if let Some(r) = records
+            .into_iter()
+            .find(|r| (r["kind"] == "outcome" || r["kind"] == "rejection") && r["status"] == status)
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no audit record of the {status} in {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The gateway still answers its own checks after the fault.
@@ -139,7 +172,7 @@ async fn still_healthy(world: &World, running: &ssp_gateway::Running) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_the_provider_is_a_502() {
-    let (world, running, shutdown, port) =
+    let (world, running, shutdown, port, audit_dir) =
         gateway_before(Fault::Garbage, GatewayOptions::default()).await;
     let target = format!("{}/metadata", endpoint(port));
     let a = world
@@ -151,6 +184,11 @@ async fn garbage_from_the_provider_is_a_502() {
         None,
         &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
     );
+    let record = audited(&audit_dir, 502).await;
+    assert_eq!(
+        record["token"],
+        format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}")
+    );
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
@@ -158,7 +196,7 @@ async fn garbage_from_the_provider_is_a_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_never_answers_is_a_504() {
-    let (world, running, shutdown, port) = gateway_before(
+    let (world, running, shutdown, port, audit_dir) = gateway_before(
         Fault::NeverAnswers,
         GatewayOptions {
             response_timeout: "500ms",
@@ -176,6 +214,11 @@ async fn a_provider_that_never_answers_is_a_504() {
         None,
         &format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
     );
+    let record = audited(&audit_dir, 504).await;
+    assert_eq!(
+        record["token"],
+        format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}")
+    );
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
@@ -183,7 +226,7 @@ async fn a_provider_that_never_answers_is_a_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
-    let (world, running, shutdown, port) =
+    let (world, running, shutdown, port, audit_dir) =
         gateway_before(Fault::ResetMidBody, GatewayOptions::default()).await;
     let target = format!("{}/metadata", endpoint(port));
     for http2 in [false, true] {
@@ -202,6 +245,9 @@ async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
             Err(e) => assert!(!e.is_empty()),
         }
     }
+    // The audit trail says the response broke off.
+    let record = audited(&audit_dir, 200).await;
+    assert_eq!(record["completed"], false, "{record}");
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
@@ -209,7 +255,7 @@ async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabyte_chunked_body_streams_through() {
-    let (world, running, shutdown, port) =
+    let (world, running, shutdown, port, audit_dir) =
         gateway_before(Fault::Trickle100Mb, GatewayOptions::default()).await;
     let target = format!("{}/metadata", endpoint(port));
     let client = world.client(&world.consumer, running.gateway_addr);
@@ -244,6 +290,9 @@ async fn a_hundred_megabyte_chunked_body_streams_through() {
         }
     }
     assert_eq!(total, HUNDRED_MB);
+    let record = audited(&audit_dir, 200).await;
+    assert_eq!(record["response_bytes"], HUNDRED_MB);
+    assert_eq!(record["completed"], true);
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;

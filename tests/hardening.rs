@@ -293,3 +293,65 @@ async fn connections_over_the_limit_are_refused_and_others_carry_on() {
     }
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_apply_without_a_restart_and_a_broken_file_is_refused() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let c = h.consumer();
+    let without_jwt = || {
+        Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        )
+        .jwt(None)
+    };
+    c.gpc(without_jwt())
+        .await
+        .assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_MISSING");
+
+    // The operator switches the JWT policy to "log": applied on the next poll, no restart.
+    let text = std::fs::read_to_string(&h.config_path).expect("read config");
+    assert!(text.contains("jwt = \"enforce\""));
+    std::fs::write(
+        &h.config_path,
+        text.replace("jwt = \"enforce\"", "jwt = \"log\""),
+    )
+    .expect("write");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if c.gpc(without_jwt()).await.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new policy never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A file that no longer validates is refused and the policy in force stays.
+    std::fs::write(
+        &h.config_path,
+        text.replace("jwt = \"enforce\"", "jwt = \"sometimes\""),
+    )
+    .expect("write");
+    let refused = "ssp_reloads_total{component=\"policy\",result=\"refused\"}";
+    loop {
+        let (_, metrics) = http_get(h.admin, "/metrics").await;
+        if sample(&metrics, refused).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken file was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        c.gpc(without_jwt()).await.status,
+        StatusCode::OK,
+        "the last good policy stays"
+    );
+    h.stop().await;
+}

@@ -388,6 +388,8 @@ pub struct Harness {
     pub running: Option<ssp_gateway::Running>,
     /// Where this gateway writes its audit trail.
     pub audit_dir: PathBuf,
+    /// The configuration file it was started from.
+    pub config_path: PathBuf,
 }
 
 impl Harness {
@@ -529,6 +531,7 @@ async fn start_gateway(
         shutdown,
         running: Some(running),
         audit_dir: config.audit.dir.clone(),
+        config_path: config.source.clone(),
     }
 }
 
