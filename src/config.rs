@@ -102,6 +102,9 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub tls: ClientTls,
+    /// Optional cap on a request body forwarded to a provider (`None`: no cap, as the SSP
+    /// must not restrict payload size).
+    pub max_request_body: Option<u64>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
@@ -319,6 +322,10 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         response_timeout: s.duration("response_timeout", DEFAULT_RESPONSE_TIMEOUT),
         pool_idle_timeout: s.duration("pool_idle_timeout", DEFAULT_POOL_IDLE_TIMEOUT),
+        max_request_body: match s.uint("max_request_body_bytes", 0, 0, u64::MAX / 2) {
+            0 => None,
+            n => Some(n),
+        },
         pool_max_idle_per_host: s.uint(
             "pool_max_idle_per_host",
             DEFAULT_POOL_MAX_IDLE_PER_HOST,

@@ -37,6 +37,8 @@ pub struct Upstream {
     response_timeout: Duration,
     /// Per-host circuit breakers, and the gauge that shows their state.
     breakers: Option<(Breakers, Option<prometheus::IntGaugeVec>)>,
+    /// The optional request-body cap, bytes.
+    max_request_body: Option<u64>,
 }
 
 impl Upstream {
@@ -66,7 +68,13 @@ impl Upstream {
             client,
             response_timeout: config.response_timeout,
             breakers: None,
+            max_request_body: config.max_request_body,
         }
+    }
+
+    /// The optional request-body cap, bytes.
+    pub fn max_request_body(&self) -> Option<u64> {
+        self.max_request_body
     }
 
     /// Fails fast (502) to a provider host whose circuit is open; `state` shows each host's
@@ -128,7 +136,9 @@ impl Upstream {
         client_addr: SocketAddr,
         request_bytes: Arc<AtomicU64>,
     ) -> Result<Response<Incoming>, Rejection> {
+        let limit = self.max_request_body;
         let mut req = req.map(|body| Counted {
+            limit,
             inner: body,
             bytes: request_bytes,
         });
@@ -365,27 +375,39 @@ impl AsyncWrite for TlsConn {
 pub struct Counted<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
+    /// Past this many bytes the body fails (the optional request-body cap).
+    limit: Option<u64>,
 }
+
+/// The request body went past the configured cap.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is over the configured cap of {0} bytes")]
+pub struct BodyTooLarge(pub u64);
 
 impl<B> http_body::Body for Counted<B>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let total =
+                    this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                if let Some(limit) = this.limit.filter(|limit| total > *limit) {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
+                }
             }
         }
-        polled
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

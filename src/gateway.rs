@@ -366,6 +366,18 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&ctx.trace.traceparent()) {
             req.headers_mut().insert("traceparent", v);
         }
+        // The optional body cap: a declared length over it is refused before anything is sent.
+        let cap = self.upstream.max_request_body();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(cap), Some(len)) = (cap, declared) {
+            if len > cap {
+                return Err(Rejection::BodyTooLarge);
+            }
+        }
         let request_bytes = Arc::new(AtomicU64::new(0));
         record.request_bytes = Some(request_bytes.clone());
         let sent = Instant::now();
@@ -374,7 +386,15 @@ impl Gateway {
             .forward_counted(req, &target, conn.remote, request_bytes)
             .await;
         record.upstream_latency = Some(sent.elapsed());
-        let resp = forwarded?;
+        // A streamed body that went past the cap was cut off: say so, not "provider error".
+        let over_cap =
+            |bytes: &AtomicU64| cap.is_some_and(|cap| bytes.load(Ordering::Relaxed) > cap);
+        let resp = match forwarded {
+            Err(_) if record.request_bytes.as_deref().is_some_and(over_cap) => {
+                return Err(Rejection::BodyTooLarge)
+            }
+            other => other?,
+        };
         Ok(resp.map(ProxyBody::Upstream))
     }
 

@@ -355,3 +355,47 @@ async fn policy_changes_apply_without_a_restart_and_a_broken_file_is_refused() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_optional_body_cap_refuses_large_bodies_declared_or_streamed() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_upstream: "max_request_body_bytes = 1024",
+            ..Default::default()
+        },
+    )
+    .await;
+    let book = format!("{}/Appointment", h.endpoint());
+    let c = h.consumer();
+    // Declared: refused before anything is sent.
+    let a = c
+        .gpc(Gpc::new(Method::POST, book.clone(), IX_BOOK).body("x".repeat(2048)))
+        .await;
+    a.assert_outcome(413, Some("BAD_REQUEST"), "REQUEST_BODY_TOO_LARGE");
+    assert_eq!(h.recorder.seen(), 0);
+    // Streamed without a length: cut off at the cap.
+    let (parts, _) = Gpc::new(Method::POST, book.clone(), IX_BOOK)
+        .build()
+        .into_parts();
+    let streamed = http::Request::from_parts(
+        parts,
+        StreamBody::Sized {
+            remaining: 256 * 1024,
+        },
+    );
+    match c.send(streamed).await {
+        Ok(a) => {
+            a.assert_outcome(413, Some("BAD_REQUEST"), "REQUEST_BODY_TOO_LARGE");
+        }
+        Err(e) => assert!(!e.is_empty()),
+    }
+    assert!(h.recorder.body_bytes.load(Ordering::SeqCst) <= 1024 + 64 * 1024);
+    // Under the cap: forwarded.
+    let a = c
+        .gpc(Gpc::new(Method::POST, book, IX_BOOK).body("{}"))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    h.stop().await;
+}

@@ -52,6 +52,8 @@ pub enum Rejection {
     RateLimited { sender: String },
     /// 503 `GATEWAY_OVERLOADED`: too many requests in flight across the gateway (load shedding).
     Overloaded,
+    /// 413 `REQUEST_BODY_TOO_LARGE`: the body is over the optional configured cap.
+    BodyTooLarge,
     /// 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`
     UpstreamError { url: String },
     /// 504 `TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_<url>`
@@ -88,6 +90,7 @@ impl Rejection {
             | Rejection::AuditUnavailable
             | Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -102,7 +105,8 @@ impl Rejection {
             | Rejection::UnsupportedInteraction { .. }
             | Rejection::InteractionMismatch { .. }
             | Rejection::EndpointMismatch { .. }
-            | Rejection::InvalidJwt { .. } => Some("BAD_REQUEST"),
+            | Rejection::InvalidJwt { .. }
+            | Rejection::BodyTooLarge => Some("BAD_REQUEST"),
             Rejection::AsidCheckFailed { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => Some("ACCESS_DENIED"),
@@ -136,6 +140,7 @@ impl Rejection {
             | Rejection::UpstreamError { .. } => "transient",
             Rejection::UpstreamTimeout { .. } => "timeout",
             Rejection::RateLimited { .. } | Rejection::Overloaded => "throttled",
+            Rejection::BodyTooLarge => "too-long",
         }
     }
 
@@ -178,6 +183,7 @@ impl Rejection {
                 format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{sender}")
             }
             Rejection::Overloaded => "GATEWAY_OVERLOADED".to_owned(),
+            Rejection::BodyTooLarge => "REQUEST_BODY_TOO_LARGE".to_owned(),
             Rejection::UpstreamError { url } => {
                 format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{url}")
             }
@@ -205,6 +211,7 @@ impl Rejection {
             Rejection::AuditUnavailable => "audit_unavailable",
             Rejection::RateLimited { .. } => "rate_limited",
             Rejection::Overloaded => "overloaded",
+            Rejection::BodyTooLarge => "body_too_large",
             Rejection::UpstreamError { .. } => "upstream_error",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
         }
@@ -616,6 +623,13 @@ mod tests {
                 "RATE_LIMIT_EXCEEDED_MESSAGESENDER_200000000359",
             ),
             (Rejection::Overloaded, 503, None, "throttled", "GATEWAY_OVERLOADED"),
+            (
+                Rejection::BodyTooLarge,
+                413,
+                Some("BAD_REQUEST"),
+                "too-long",
+                "REQUEST_BODY_TOO_LARGE",
+            ),
             (
                 Rejection::UpstreamError {
                     url: "https://p.example/D11111/STU3/1/GPConnect/Patient".into(),

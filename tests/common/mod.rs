@@ -266,6 +266,8 @@ pub struct GatewayOptions {
     pub extra_policy: &'static str,
     /// Extra keys for the `[listener]` section.
     pub extra_listener: &'static str,
+    /// Extra keys for the `[upstream]` section.
+    pub extra_upstream: &'static str,
     /// Edits the development LDIF (endpoint already moved to the provider's port).
     pub ldif_edit: Option<fn(String) -> String>,
     /// Replaces the `[directory]` section's keys: called with the development LDIF (endpoint
@@ -293,6 +295,7 @@ impl Default for GatewayOptions {
             response_timeout: "5s",
             extra_policy: "",
             extra_listener: "",
+            extra_upstream: "",
             ldif_edit: None,
             directory: None,
             extra_sections: String::new(),
@@ -338,6 +341,7 @@ key = "{gc_key}"
 ca = "{ca}"
 connect_timeout = "2s"
 response_timeout = "{response_timeout}"
+{extra_upstream}
 [policy]
 interactions = "{interactions}"
 jwt = "{jwt}"
@@ -367,6 +371,7 @@ poll_interval = "50ms"
         jwt = opts.jwt,
         extra_policy = opts.extra_policy,
         extra_listener = opts.extra_listener,
+        extra_upstream = opts.extra_upstream,
         directory = directory,
         extra_sections = opts.extra_sections,
         rate_limit = opts.rate_limit,
