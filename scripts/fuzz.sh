@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     --libfuzzer) mode=libfuzzer; shift ;;
     --keep-corpus) keep=1; shift ;;
     --debug-assertions) build_flags=(-O -a); shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
