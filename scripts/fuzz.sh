@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets in fuzz/ (envelope, jwt, ldif, endpoint) for a bounded time each.
 #
-#   scripts/fuzz.sh [--seconds N] [--fallback | --libfuzzer] [--keep-corpus] [TARGET...]
+#   scripts/fuzz.sh [--seconds N] [--fallback | --libfuzzer] [--keep-corpus]
+#                   [--debug-assertions] [TARGET...]
 #
 #   --seconds N     time per target (default: $FUZZ_SECONDS, else 60)
 #   --libfuzzer     cargo fuzz (libFuzzer + AddressSanitizer) or fail; the default is to try it
@@ -9,6 +10,7 @@
 #   --fallback      the same targets without libFuzzer: corpus replay + random mutation, not
 #                   coverage guided (fuzz/src/bin/fallback.rs)
 #   --keep-corpus   keep each target's working corpus (new inputs found) and print where
+#   --debug-assertions  libFuzzer build with debug assertions and overflow checks (cargo fuzz -a)
 #
 # cargo fuzz needs nightly compiler features (-Zsanitizer): the script uses the machine's stable
 # toolchain with RUSTC_BOOTSTRAP=1 (FUZZ_TOOLCHAIN=nightly uses a rustup toolchain instead).
@@ -24,6 +26,7 @@ ALL=(envelope jwt ldif endpoint)
 seconds=${FUZZ_SECONDS:-60}
 mode=auto
 keep=0
+build_flags=(-O)
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +35,7 @@ while [ $# -gt 0 ]; do
     --fallback) mode=fallback; shift ;;
     --libfuzzer) mode=libfuzzer; shift ;;
     --keep-corpus) keep=1; shift ;;
+    --debug-assertions) build_flags=(-O -a); shift ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
@@ -62,8 +66,8 @@ pick_libfuzzer() {
   # cargo fuzz build takes one target, or none for all of them.
   local one=()
   [ ${#targets[@]} -eq 1 ] && one=("${targets[0]}")
-  echo "building the targets with: ${cargo_fuzz[*]} build -O ${one[*]}"
-  if ! "${cargo_fuzz[@]}" build -O "${one[@]}" >"$logs/build.log" 2>&1; then
+  echo "building the targets with: ${cargo_fuzz[*]} build ${build_flags[*]} ${one[*]}"
+  if ! "${cargo_fuzz[@]}" build "${build_flags[@]}" "${one[@]}" >"$logs/build.log" 2>&1; then
     echo "cargo fuzz build failed; last lines:" >&2
     tail -n 20 "$logs/build.log" >&2
     return 1
@@ -93,7 +97,7 @@ for t in "${targets[@]}"; do
   echo "== $t: $seconds s ($mode)"
   if [ "$mode" = libfuzzer ]; then
     set +e
-    "${cargo_fuzz[@]}" run -O "$t" "$work" "fuzz/corpus/$t" -- \
+    "${cargo_fuzz[@]}" run "${build_flags[@]}" "$t" "$work" "fuzz/corpus/$t" -- \
       -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       >"$logs/$t.log" 2>&1
     rc=$?

@@ -11,13 +11,16 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use ssp_gateway::authorise::{authorise, Facts};
 use ssp_gateway::directory::ldif::{self, LdifBackend};
 use ssp_gateway::directory::Party;
-use ssp_gateway::ssp::envelope::{self, SspHeaders, Target};
+use ssp_gateway::ssp::envelope::{self, SspHeaders};
 use ssp_gateway::ssp::interactions::Catalogue;
 use ssp_gateway::ssp::jwt;
 use ssp_gateway::tls::PeerIdentity;
 
+/// One fuzz target: takes any bytes, panics on a broken property.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, for the fallback runner.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("envelope", envelope),
     ("jwt", jwt),
     ("ldif", ldif),
@@ -65,7 +68,7 @@ pub fn envelope(data: &[u8]) {
     }
 }
 
-fn check_target(input: &str, t: &Target) {
+fn check_target(input: &str, t: &envelope::Target) {
     let url = t.url();
     assert_eq!(Some(url), input.strip_prefix('/'), "target kept as sent");
     assert!(url.starts_with("https://"), "{url}");
