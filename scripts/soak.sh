@@ -109,6 +109,8 @@ sed -i \
   -e "s#https://localhost:9443/#https://localhost:$mock_port/#" \
   -e 's#^level = "info"#level = "warn"#' \
   -e 's#^format = "pretty"#format = "json"#' \
+  -e 's#^requests_per_second = 50$#requests_per_second = 1000000#' \
+  -e 's#^burst = 100$#burst = 1000000#' \
   "$cfg"
 sed -i "s#https://localhost:9443/#https://localhost:$mock_port/#g" "$work/config/directory.ldif"
 for port in "$gw_port" "$admin_port" "$mock_port"; do
@@ -175,7 +177,10 @@ loadgen="curl workers x $concurrency"
 if "$bin" loadtest --help 2>/dev/null | grep -q -- '--json'; then
   # The gateway's own load generator (documented in README "Load test").
   loadgen="ssp-gateway loadtest x $concurrency"
-  "$bin" loadtest --json --config "$cfg" --duration "${duration}s" --concurrency "$concurrency" \
+  "$bin" loadtest --json \
+    --url "https://localhost:$gw_port/https://localhost:$mock_port/B82617/STU3/1/gpconnect" \
+    --cert "$certs/consumer.pem" --key "$certs/consumer-key.pem" --cacert "$certs/ca.pem" \
+    --mix "search=3,metadata=1" --connections "$concurrency" --warmup 0s --duration "${duration}s" \
     >"$out/loadtest.json" 2>"$out/loadtest.log" &
   loader_pids+=($!)
   sleep 2
