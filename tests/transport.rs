@@ -315,30 +315,10 @@ async fn cors_preflight_lists_the_allowed_methods() {
 async fn admin_health_and_readiness() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
     for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
-        let (code, body) = plain_get(h.admin, path).await;
-        assert_eq!(code, status, "{path}: {body}");
+        let (code, body) = http_get(h.admin, path).await;
+        assert_eq!(code.as_u16(), status, "{path}: {body}");
     }
     h.stop().await;
-}
-
-/// A plain HTTP/1.1 GET (the admin listener is not TLS).
-async fn plain_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .uri(path)
-        .header("Host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = sender.send_request(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,8 +339,8 @@ async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
     h.recorder.arrived.notified().await;
     h.shutdown.cancel();
     // While the request finishes, the admin listener says "not ready" so balancers drain.
-    let (code, body) = plain_get(h.admin, "/readyz").await;
-    assert_eq!(code, 503, "{body}");
+    let (code, body) = http_get(h.admin, "/readyz").await;
+    assert_eq!(code.as_u16(), 503, "{body}");
     assert!(body.contains("\"draining\":true"), "{body}");
     let answer = in_flight.await.expect("task");
     assert_eq!(
