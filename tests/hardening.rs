@@ -399,3 +399,89 @@ async fn the_optional_body_cap_refuses_large_bodies_declared_or_streamed() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_listener: "",
+            ..Default::default()
+        },
+    )
+    .await;
+    // TCP only, no ClientHello: the gateway closes it when handshake_timeout (5 s) is over.
+    let mut tcp = tokio::net::TcpStream::connect(h.gateway)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent connection was kept: {read:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_reset_flood_loses_its_connection_and_nobody_else_notices() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_listener: "http2_max_pending_reset_streams = 5",
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let tls = client.handshake().await.expect("handshake");
+    let (mut sender, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let target = format!("/{}/metadata", h.endpoint());
+    // Open streams and reset them at once, many times over (CVE-2023-44487 style).
+    let mut refused = false;
+    for _ in 0..2000 {
+        let req = http::Request::builder()
+            .method("GET")
+            .uri(format!("https://localhost{target}"))
+            .body(())
+            .expect("request");
+        let ready = match sender.clone().ready().await {
+            Ok(s) => s,
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        };
+        sender = ready;
+        match sender.send_request(req, true) {
+            Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(
+        refused || matches!(closed, Ok(Ok(Err(_)))),
+        "the flood was tolerated: {closed:?}"
+    );
+    // Everyone else is served.
+    let other = h.world.client(&h.world.readonly, h.gateway);
+    let req = Gpc::new(
+        Method::GET,
+        format!("{}/metadata", h.endpoint()),
+        IX_METADATA,
+    )
+    .from(READONLY_ASID)
+    .build();
+    let a = tokio::time::timeout(Duration::from_secs(30), other.send(req))
+        .await
+        .expect("answered")
+        .expect("request");
+    assert_eq!(a.status, StatusCode::OK);
+    h.stop().await;
+}
