@@ -1212,6 +1212,261 @@ mod tests {
         assert!(audit.get("iss").is_none(), "absent claims are omitted");
     }
 
+    /// A token whose payload is this exact JSON text (for shapes `json!` cannot build).
+    fn raw(payload: &str) -> HeaderValue {
+        bearer(&format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(HEADER_JSON),
+            URL_SAFE_NO_PAD.encode(payload)
+        ))
+    }
+
+    fn raw_reason(payload: &str) -> &'static str {
+        check(
+            Some(&raw(payload)),
+            &scopes(&["patient/*.write"]),
+            NOW + 10,
+            0,
+        )
+        .expect_err("rejected")
+        .reason()
+    }
+
+    #[test]
+    fn duplicate_members_last_one_wins() {
+        let body = &RECORDED[1..];
+        let allowed = scopes(&["patient/*.write"]);
+        let first_bad = format!(r#"{{"sub":7,"reason_for_request":"x",{body}"#);
+        assert!(check(Some(&raw(&first_bad)), &allowed, NOW + 10, 0).is_ok());
+        let last_bad = format!(r#"{}, "sub": 7}}"#, &RECORDED[..RECORDED.len() - 1]);
+        assert_eq!(raw_reason(&last_bad), "CLAIM_TYPE_SUB");
+        let last_null = format!(r#"{}, "iss": null}}"#, &RECORDED[..RECORDED.len() - 1]);
+        assert_eq!(raw_reason(&last_null), "MISSING_CLAIM_ISS");
+        let nested = RECORDED.replace(
+            r#""resourceType":"Device","#,
+            r#""resourceType":"Device","identifier":7,"#,
+        );
+        assert!(check(Some(&raw(&nested)), &allowed, NOW + 10, 0).is_ok());
+        let nested = RECORDED.replace(r#","model":"v1""#, r#","model":"v1","identifier":[]"#);
+        assert_eq!(raw_reason(&nested), "INVALID_RESOURCE_REQUESTING_DEVICE");
+    }
+
+    #[test]
+    fn escaped_strings_and_members_are_read_as_their_text() {
+        let escaped = RECORDED
+            .replace(r#""directcare""#, r#""direct\u0063are""#)
+            .replace(r#""iss":"#, r#""i\u0073s":"#)
+            .replace(
+                r#""family":"AssurancePractitioner""#,
+                r#""family":"Assurance\/Pr""#,
+            );
+        let claims = check(
+            Some(&raw(&escaped)),
+            &scopes(&["patient/*.write"]),
+            NOW + 10,
+            0,
+        )
+        .expect("valid");
+        assert_eq!(claims.reason_for_request.as_deref(), Some("directcare"));
+        assert_eq!(claims.iss.as_deref(), Some("https://ConsumerSystemURL"));
+        assert_eq!(
+            claims.practitioner_name.as_deref(),
+            Some("AssuranceTest Assurance/Pr")
+        );
+    }
+
+    #[test]
+    fn integers_must_fit_i64_and_not_be_floats() {
+        for iat in [
+            "9223372036854775808",
+            "1747730256.0",
+            "1.747730256e9",
+            "true",
+            "{}",
+        ] {
+            let claims = RECORDED.replace("\"iat\":1747730256", &format!("\"iat\":{iat}"));
+            assert_eq!(raw_reason(&claims), "CLAIM_TYPE_IAT", "{iat}");
+            let decoded = decode(Some(&raw(&claims))).expect("decodes");
+            assert_eq!(decoded.iat, None, "{iat}");
+        }
+        let negative = RECORDED
+            .replace("\"iat\":1747730256", "\"iat\":-300")
+            .replace("\"exp\":1747730556", "\"exp\":0");
+        assert_eq!(raw_reason(&negative), "EXPIRED");
+        assert_eq!(
+            decode(Some(&raw(&negative))).expect("decodes").iat,
+            Some(-300)
+        );
+    }
+
+    #[test]
+    fn invalid_json_anywhere_is_malformed() {
+        let body = &RECORDED[1..];
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for extra in [
+            deep.as_str(),
+            r#""\ud800""#,
+            "01",
+            "1e999",
+            r#"[1,]"#,
+            r#"{"a":1,}"#,
+            "nul",
+        ] {
+            let payload = format!(r#"{{"extra":{extra},{body}"#);
+            let err = decode(Some(&raw(&payload))).expect_err("malformed");
+            assert_eq!(err.reason(), "MALFORMED", "{extra}");
+        }
+        let trailing = format!("{RECORDED} x");
+        assert_eq!(
+            decode(Some(&raw(&trailing)))
+                .expect_err("trailing")
+                .reason(),
+            "MALFORMED"
+        );
+        // Deep but within serde_json's limit is fine.
+        let nested = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let payload = format!(r#"{{"extra":{nested},{body}"#);
+        assert!(decode(Some(&raw(&payload))).is_ok());
+    }
+
+    #[test]
+    fn header_member_types() {
+        let payload = URL_SAFE_NO_PAD.encode(RECORDED);
+        let reason = |header: &str| {
+            let token = bearer(&format!("{}.{payload}.", URL_SAFE_NO_PAD.encode(header)));
+            decode(Some(&token)).map(|_| ()).map_err(|e| e.reason())
+        };
+        assert_eq!(reason(r#"{"alg":"none","typ":null}"#), Err("TYP_NOT_JWT"));
+        assert_eq!(reason(r#"{"alg":null}"#), Err("ALG_NOT_NONE"));
+        assert_eq!(reason(r#"{"alg":["none"]}"#), Err("ALG_NOT_NONE"));
+        assert_eq!(reason(r#"{"alg":"HS256","alg":"none"}"#), Ok(()));
+        assert_eq!(reason(r#"{"alg":"n\u006fne","kid":{"x":[1]}}"#), Ok(()));
+        assert_eq!(reason(r#" {"alg":"none"} "#), Ok(()));
+        assert_eq!(reason(""), Err("MALFORMED"));
+        assert_eq!(reason("null"), Err("MALFORMED"));
+    }
+
+    #[test]
+    fn identifier_lookup_takes_the_first_identifier_with_the_system() {
+        let ods = r#"{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"GPCA0001"}"#;
+        let org = |identifiers: &str| RECORDED.replace(&format!("[{ods}]"), identifiers);
+        let allowed = scopes(&["patient/*.write"]);
+        // A non-object or other-system element before the ODS code is passed over.
+        let passed = org(&format!(
+            r#"["x", null, {{"system":"s","value":"v"}}, {ods}]"#
+        ));
+        let claims = check(Some(&raw(&passed)), &allowed, NOW + 10, 0).expect("valid");
+        assert_eq!(claims.organization_ods_code.as_deref(), Some("GPCA0001"));
+        // The first ODS identifier decides, even when a later one is good.
+        let empty_first = ods.replace("GPCA0001", "");
+        let first = org(&format!("[{empty_first}, {ods}]"));
+        assert_eq!(
+            raw_reason(&first),
+            "INVALID_RESOURCE_REQUESTING_ORGANIZATION"
+        );
+        assert_eq!(
+            decode(Some(&raw(&first)))
+                .expect("decodes")
+                .organization_ods_code,
+            None
+        );
+        let numeric_first = ods.replace("\"GPCA0001\"", "1");
+        let first = org(&format!("[{numeric_first}, {ods}]"));
+        assert_eq!(
+            raw_reason(&first),
+            "INVALID_RESOURCE_REQUESTING_ORGANIZATION"
+        );
+        // The device identifier is the first element, and only when it is an object.
+        let device = RECORDED.replace(
+            r#"[{"system":"GPConnectTestSystem","value":"Client"}]"#,
+            r#"[{"value":"Client","system":5}, 3]"#,
+        );
+        assert_eq!(raw_reason(&device), "INVALID_RESOURCE_REQUESTING_DEVICE");
+        let decoded = decode(Some(&raw(&device))).expect("decodes");
+        assert_eq!(decoded.device_identifier.as_deref(), Some("|Client"));
+        let device = RECORDED.replace(
+            r#"[{"system":"GPConnectTestSystem","value":"Client"}]"#,
+            r#"[[], {"system":"s","value":"v"}]"#,
+        );
+        assert_eq!(
+            decode(Some(&raw(&device)))
+                .expect("decodes")
+                .device_identifier,
+            None
+        );
+    }
+
+    #[test]
+    fn practitioner_name_shapes() {
+        let name = |value: &str| {
+            let claims = RECORDED.replace(
+                r#"[{"family":"AssurancePractitioner","given":["AssuranceTest"],"prefix":["Mr"]}]"#,
+                value,
+            );
+            let decoded = decode(Some(&raw(&claims))).expect("decodes");
+            let verdict = check(
+                Some(&raw(&claims)),
+                &scopes(&["patient/*.write"]),
+                NOW + 10,
+                0,
+            );
+            (
+                decoded.practitioner_name,
+                verdict.map(|_| ()).map_err(|e| e.reason()),
+            )
+        };
+        let prac = Err("INVALID_RESOURCE_REQUESTING_PRACTITIONER");
+        assert_eq!(name(r#"[null]"#), (None, Ok(())));
+        assert_eq!(
+            name(r#"[{"given":" A  ","family":" B "}, 1]"#),
+            (Some("A B".into()), Ok(()))
+        );
+        assert_eq!(
+            name(r#"[{"given":["A",1,"","C"],"text":"T","given":["D"]}]"#),
+            (Some("D".into()), Ok(()))
+        );
+        assert_eq!(
+            name(r#"[{"text":" Dr T ","family":""}]"#),
+            (Some("Dr T".into()), Ok(()))
+        );
+        assert_eq!(
+            name(r#"{"family":"F","given":null}"#),
+            (Some("F".into()), Ok(()))
+        );
+        assert_eq!(name(r#"{}"#), (None, Ok(())));
+        assert_eq!(name(r#"[]"#), (None, prac));
+        assert_eq!(name(r#""Dr Who""#), (None, prac));
+        assert_eq!(name("null"), (None, prac));
+    }
+
+    #[test]
+    fn wrong_types_inside_resources_are_lenient_in_decode() {
+        let claims = RECORDED
+            .replace(r#""model":"v1""#, r#""model":1"#)
+            .replace(r#""name":"GP Connect Assurance""#, r#""name":{"a":"b"}"#)
+            .replace(r#""id":"1""#, r#""id":1"#);
+        let decoded = decode(Some(&raw(&claims))).expect("decodes");
+        assert_eq!(decoded.device_model, None);
+        assert_eq!(decoded.device_version.as_deref(), Some("1.1"));
+        assert_eq!(decoded.organization_name, None);
+        assert_eq!(decoded.practitioner_id, None);
+        assert_eq!(raw_reason(&claims), "SUB_NOT_PRACTITIONER_ID");
+        let empty_strings = RECORDED.replace(r#""sub":"1""#, r#""sub":"""#);
+        assert_eq!(raw_reason(&empty_strings), "MISSING_CLAIM_SUB");
+        assert_eq!(
+            decode(Some(&raw(&empty_strings)))
+                .expect("decodes")
+                .sub
+                .as_deref(),
+            Some("")
+        );
+        let empty_reason = RECORDED.replace(r#""directcare""#, r#""""#);
+        assert_eq!(
+            raw_reason(&empty_reason),
+            "MISSING_CLAIM_REASON_FOR_REQUEST"
+        );
+    }
+
     #[test]
     fn policy_deserialises_lowercase_with_enforce_default() {
         #[derive(serde::Deserialize)]
