@@ -34,7 +34,14 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use http::HeaderValue;
-use serde_json::{json, Map, Value};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+#[cfg(test)]
+use serde_json::Map;
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
 
 /// The longest bearer token accepted, in bytes.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -293,12 +300,24 @@ impl JwtError {
     }
 }
 
-/// A structurally valid token: its payload and the claims extracted from it. Lets a caller
-/// audit the claims and then judge the token without decoding twice.
+/// A structurally valid token: the claims extracted from it and the verdict of the rules that
+/// do not depend on the caller's scopes or clock. Lets a caller audit the claims and then judge
+/// the token without decoding twice.
 #[derive(Debug, Clone)]
 pub struct DecodedJwt {
-    payload: Map<String, Value>,
     claims: JwtClaims,
+    /// The first missing or mistyped required claim, else what the remaining rules need.
+    rules: Result<Judged, JwtError>,
+}
+
+/// What [`DecodedJwt::validate`] needs once every required claim is present and typed.
+#[derive(Debug, Clone)]
+struct Judged {
+    iat: i64,
+    exp: i64,
+    direct_care: bool,
+    /// The verdict on `requesting_device`, `_organization`, `_practitioner` and `sub`.
+    resources: Result<(), JwtError>,
 }
 
 impl DecodedJwt {
@@ -319,37 +338,26 @@ impl DecodedJwt {
         now_unix: i64,
         skew_secs: i64,
     ) -> Result<(), JwtError> {
-        let p = &self.payload;
+        let judged = self.rules.as_ref().map_err(Clone::clone)?;
         let skew = skew_secs.max(0);
-        let _iss = required_str(p, Claim::Iss)?;
-        let sub = required_str(p, Claim::Sub)?;
-        let _aud = required_str(p, Claim::Aud)?;
-        let iat = required_int(p, Claim::Iat)?;
-        let exp = required_int(p, Claim::Exp)?;
-        let reason = required_str(p, Claim::ReasonForRequest)?;
-        let scope = required_str(p, Claim::RequestedScope)?;
-        let device = required_object(p, Claim::RequestingDevice)?;
-        let organization = required_object(p, Claim::RequestingOrganization)?;
-        let practitioner = required_object(p, Claim::RequestingPractitioner)?;
-
-        if iat.checked_add(LIFETIME_SECS) != Some(exp) {
+        if judged.iat.checked_add(LIFETIME_SECS) != Some(judged.exp) {
             return Err(JwtError::ExpNotIatPlus300);
         }
-        if now_unix > exp.saturating_add(skew) {
+        if now_unix > judged.exp.saturating_add(skew) {
             return Err(JwtError::Expired);
         }
-        if iat > now_unix.saturating_add(skew) {
+        if judged.iat > now_unix.saturating_add(skew) {
             return Err(JwtError::IatInFuture);
         }
-        if reason != DIRECT_CARE {
+        if !judged.direct_care {
             return Err(JwtError::ReasonForRequest);
         }
-        if !allowed_scopes.iter().any(|s| s == scope) {
+        // Judged exists only when requested_scope is a non-empty string.
+        let scope = self.claims.requested_scope.as_deref();
+        if !allowed_scopes.iter().any(|s| Some(s.as_str()) == scope) {
             return Err(JwtError::ScopeNotAllowed);
         }
-        check_device(device)?;
-        check_organization(organization)?;
-        check_practitioner(practitioner, sub)
+        judged.resources.clone()
     }
 }
 
@@ -367,21 +375,35 @@ pub fn parse(authorization: Option<&HeaderValue>) -> Result<DecodedJwt, JwtError
         return Err(JwtError::Malformed("not three dot-separated parts"));
     };
 
-    let header = decode_object(header, "header")?;
-    if header.get("alg").and_then(Value::as_str) != Some("none") {
+    // One buffer for both decoded parts, sized so that neither decode reallocates.
+    let mut json = Vec::with_capacity(header.len().max(payload.len()).div_ceil(4) * 3);
+    BASE64URL
+        .decode_vec(header, &mut json)
+        .map_err(|_| JwtError::Malformed("header is not base64url"))?;
+    let header =
+        json_object::<Header>(&json).ok_or(JwtError::Malformed("header is not a JSON object"))?;
+    if header.alg.get().map(AsRef::as_ref) != Some("none") {
         return Err(JwtError::AlgNotNone);
     }
-    match header.get("typ") {
-        None => {}
-        Some(Value::String(typ)) if typ.eq_ignore_ascii_case("JWT") => {}
-        Some(_) => return Err(JwtError::TypNotJwt),
+    match &header.typ {
+        Slot::Absent => {}
+        Slot::Is(typ) if typ.eq_ignore_ascii_case("JWT") => {}
+        _ => return Err(JwtError::TypNotJwt),
     }
     if !signature.is_empty() {
         return Err(JwtError::SignatureNotEmpty);
     }
-    let payload = decode_object(payload, "payload")?;
-    let claims = extract_claims(&payload);
-    Ok(DecodedJwt { payload, claims })
+    json.clear();
+    BASE64URL
+        .decode_vec(payload, &mut json)
+        .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
+    let payload =
+        json_object::<Payload>(&json).ok_or(JwtError::Malformed("payload is not a JSON object"))?;
+    let rules = judge(&payload);
+    Ok(DecodedJwt {
+        claims: payload.claims(),
+        rules,
+    })
 }
 
 /// Decode the token and return its claims without judging them (policy `log`).
@@ -488,186 +510,598 @@ fn trim_ows(mut bytes: &[u8]) -> &[u8] {
     bytes
 }
 
-fn decode_object(part: &[u8], what: &'static str) -> Result<Map<String, Value>, JwtError> {
-    let malformed = |why: &'static str| JwtError::Malformed(why);
-    let json = BASE64URL.decode(part).map_err(|_| {
-        malformed(if what == "header" {
-            "header is not base64url"
+// Decoding. The header and payload are read straight into the typed views below, borrowing
+// strings from the decoded bytes (escaped strings are copied). Every member is read the way a
+// `serde_json::Value` would have been: a later duplicate member replaces an earlier one, and a
+// member the gateway does not use is still parsed in full (`Skip`), so malformed or too deeply
+// nested JSON anywhere in a part makes the part malformed. A member of the wrong JSON type is
+// recorded as such (`Slot::Wrong`), never a parse error, so `decode` stays lenient and `check`
+// can name the claim.
+
+/// Parse one decoded part, which must be a single JSON object.
+fn json_object<'a, T: Shape<'a>>(json: &'a [u8]) -> Option<T> {
+    match serde_json::from_slice::<Slot<T>>(json) {
+        Ok(Slot::Is(object)) => Some(object),
+        _ => None,
+    }
+}
+
+/// One JSON member as the rules see it.
+#[derive(Debug, Default)]
+enum Slot<T> {
+    /// Not present.
+    #[default]
+    Absent,
+    /// `null`.
+    Null,
+    /// Present with the expected shape.
+    Is(T),
+    /// Present with another JSON type.
+    Wrong,
+}
+
+impl<T> Slot<T> {
+    fn get(&self) -> Option<&T> {
+        match self {
+            Slot::Is(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    fn shaped(value: Option<T>) -> Self {
+        value.map_or(Slot::Wrong, Slot::Is)
+    }
+}
+
+type Text<'a> = Cow<'a, str>;
+
+impl Slot<Text<'_>> {
+    /// The string, if it is one (possibly empty).
+    fn str(&self) -> Option<&str> {
+        self.get().map(AsRef::as_ref)
+    }
+
+    fn string(&self) -> Option<String> {
+        self.str().map(str::to_owned)
+    }
+}
+
+/// A JSON shape a member can be read as. A JSON value of any other type is consumed and
+/// becomes `Slot::Wrong`.
+trait Shape<'de>: Sized {
+    /// Whether a JSON string can have this shape (spares copying escaped strings that cannot).
+    const FROM_STR: bool = false;
+
+    fn from_str(_text: Text<'de>) -> Option<Self> {
+        None
+    }
+
+    fn from_i64(_number: i64) -> Option<Self> {
+        None
+    }
+
+    fn from_seq<A: SeqAccess<'de>>(seq: A) -> Result<Option<Self>, A::Error> {
+        skip_seq(seq).map(|()| None)
+    }
+
+    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        skip_map(map).map(|()| None)
+    }
+}
+
+impl<'de, T: Shape<'de>> Deserialize<'de> for Slot<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SlotVisitor(PhantomData))
+    }
+}
+
+struct SlotVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Shape<'de>> Visitor<'de> for SlotVisitor<T> {
+    type Value = Slot<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Slot::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Slot::Null)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Slot::Wrong)
+    }
+
+    fn visit_i64<E: de::Error>(self, number: i64) -> Result<Self::Value, E> {
+        Ok(Slot::shaped(T::from_i64(number)))
+    }
+
+    fn visit_u64<E: de::Error>(self, number: u64) -> Result<Self::Value, E> {
+        Ok(Slot::shaped(
+            i64::try_from(number).ok().and_then(T::from_i64),
+        ))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Slot::Wrong)
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Slot::shaped(T::from_str(Cow::Borrowed(text))))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(if T::FROM_STR {
+            Slot::shaped(T::from_str(Cow::Owned(text.to_owned())))
         } else {
-            "payload is not base64url"
+            Slot::Wrong
         })
-    })?;
-    match serde_json::from_slice::<Value>(&json) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ if what == "header" => Err(malformed("header is not a JSON object")),
-        _ => Err(malformed("payload is not a JSON object")),
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        T::from_seq(seq).map(Slot::shaped)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::from_map(map).map(Slot::shaped)
     }
 }
 
-fn required(payload: &Map<String, Value>, claim: Claim) -> Result<&Value, JwtError> {
-    match payload.get(claim.name()) {
-        None | Some(Value::Null) => Err(JwtError::MissingClaim(claim)),
-        Some(value) => Ok(value),
+impl<'de> Shape<'de> for Text<'de> {
+    const FROM_STR: bool = true;
+
+    fn from_str(text: Text<'de>) -> Option<Self> {
+        Some(text)
     }
 }
 
-fn required_str(payload: &Map<String, Value>, claim: Claim) -> Result<&str, JwtError> {
-    match required(payload, claim)? {
-        Value::String(s) if s.is_empty() => Err(JwtError::MissingClaim(claim)),
-        Value::String(s) => Ok(s),
-        _ => Err(JwtError::ClaimType(claim)),
+impl Shape<'_> for i64 {
+    fn from_i64(number: i64) -> Option<Self> {
+        Some(number)
     }
 }
 
-fn required_int(payload: &Map<String, Value>, claim: Claim) -> Result<i64, JwtError> {
-    required(payload, claim)?
-        .as_i64()
-        .ok_or(JwtError::ClaimType(claim))
-}
+/// Any JSON value, parsed in full and dropped.
+struct Skip;
 
-fn required_object(
-    payload: &Map<String, Value>,
-    claim: Claim,
-) -> Result<&Map<String, Value>, JwtError> {
-    required(payload, claim)?
-        .as_object()
-        .ok_or(JwtError::ClaimType(claim))
-}
-
-fn resource_type_is(resource: &Map<String, Value>, expected: &str) -> bool {
-    resource.get("resourceType").and_then(Value::as_str) == Some(expected)
-}
-
-/// The `identifier` array of a resource, if it is one.
-fn identifiers(resource: &Map<String, Value>) -> Option<&Vec<Value>> {
-    resource.get("identifier").and_then(Value::as_array)
-}
-
-/// The non-empty string `value` of the first identifier with this `system`.
-fn identifier_value<'r>(resource: &'r Map<String, Value>, system: &str) -> Option<&'r str> {
-    identifiers(resource)?
-        .iter()
-        .find(|i| i.get("system").and_then(Value::as_str) == Some(system))?
-        .get("value")
-        .and_then(Value::as_str)
-        .filter(|v| !v.is_empty())
-}
-
-fn check_device(device: &Map<String, Value>) -> Result<(), JwtError> {
-    let invalid = |why| JwtError::InvalidResource {
-        claim: ResourceClaim::RequestingDevice,
-        why,
-    };
-    if !resource_type_is(device, "Device") {
-        return Err(invalid("resourceType is not Device"));
-    }
-    match identifiers(device) {
-        Some(ids) if !ids.is_empty() && ids.iter().all(Value::is_object) => Ok(()),
-        _ => Err(invalid(
-            "identifier is not a non-empty array of identifiers",
-        )),
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SkipVisitor)
     }
 }
 
-fn check_organization(organization: &Map<String, Value>) -> Result<(), JwtError> {
-    let invalid = |why| JwtError::InvalidResource {
-        claim: ResourceClaim::RequestingOrganization,
-        why,
-    };
-    if !resource_type_is(organization, "Organization") {
-        return Err(invalid("resourceType is not Organization"));
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
     }
-    identifier_value(organization, ODS_SYSTEM)
-        .map(|_| ())
-        .ok_or(invalid("no ODS organisation code identifier"))
+
+    fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
+        skip_seq(seq).map(|()| Skip)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
+        skip_map(map).map(|()| Skip)
+    }
 }
 
-fn check_practitioner(practitioner: &Map<String, Value>, sub: &str) -> Result<(), JwtError> {
-    let invalid = |why| JwtError::InvalidResource {
-        claim: ResourceClaim::RequestingPractitioner,
-        why,
-    };
-    if !resource_type_is(practitioner, "Practitioner") {
-        return Err(invalid("resourceType is not Practitioner"));
-    }
-    if identifier_value(practitioner, SDS_USER_ID_SYSTEM).is_none() {
-        return Err(invalid("no SDS user id identifier"));
-    }
-    if identifier_value(practitioner, SDS_ROLE_PROFILE_SYSTEM).is_none() {
-        return Err(invalid("no SDS role profile id identifier"));
-    }
-    let has_name = match practitioner.get("name") {
-        Some(Value::Array(names)) => !names.is_empty(),
-        Some(Value::Object(_)) => true,
-        _ => false,
-    };
-    if !has_name {
-        return Err(invalid("no name"));
-    }
-    if practitioner.get("id").and_then(Value::as_str) != Some(sub) {
-        return Err(JwtError::SubNotPractitionerId);
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<Skip>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_key::<Skip>()?.is_some() {
+        map.next_value::<Skip>()?;
     }
     Ok(())
 }
 
-/// Lenient extraction: take each claim of audit value when it has the expected shape.
-fn extract_claims(payload: &Map<String, Value>) -> JwtClaims {
-    let string = |map: &Map<String, Value>, key: &str| {
-        map.get(key).and_then(Value::as_str).map(str::to_owned)
-    };
-    let object = |key: &str| payload.get(key).and_then(Value::as_object);
-    let organization = object("requesting_organization");
-    let practitioner = object("requesting_practitioner");
-    let device = object("requesting_device");
-    JwtClaims {
-        iss: string(payload, "iss"),
-        sub: string(payload, "sub"),
-        aud: string(payload, "aud"),
-        iat: payload.get("iat").and_then(Value::as_i64),
-        exp: payload.get("exp").and_then(Value::as_i64),
-        reason_for_request: string(payload, "reason_for_request"),
-        requested_scope: string(payload, "requested_scope"),
-        organization_ods_code: organization
-            .and_then(|o| identifier_value(o, ODS_SYSTEM))
-            .map(str::to_owned),
-        organization_name: organization.and_then(|o| string(o, "name")),
-        practitioner_id: practitioner.and_then(|p| string(p, "id")),
-        sds_user_id: practitioner
-            .and_then(|p| identifier_value(p, SDS_USER_ID_SYSTEM))
-            .map(str::to_owned),
-        sds_role_profile_id: practitioner
-            .and_then(|p| identifier_value(p, SDS_ROLE_PROFILE_SYSTEM))
-            .map(str::to_owned),
-        practitioner_name: practitioner
-            .and_then(|p| p.get("name"))
-            .and_then(display_name),
-        device_identifier: device.and_then(device_identifier),
-        device_model: device.and_then(|d| string(d, "model")),
-        device_version: device.and_then(|d| string(d, "version")),
+/// Reads a member name as the one of `.0` it equals, if any, without copying it.
+struct MemberName(&'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for MemberName {
+    type Value = Option<&'static str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MemberName {
+    type Value = Option<&'static str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().copied().find(|known| *known == name))
+    }
+}
+
+/// The JOSE header members the gateway judges.
+#[derive(Default)]
+struct Header<'a> {
+    alg: Slot<Text<'a>>,
+    typ: Slot<Text<'a>>,
+}
+
+impl<'de> Shape<'de> for Header<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        let mut header = Header::default();
+        while let Some(name) = map.next_key_seed(MemberName(&["alg", "typ"]))? {
+            match name {
+                Some("alg") => header.alg = map.next_value()?,
+                Some("typ") => header.typ = map.next_value()?,
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Some(header))
+    }
+}
+
+/// The payload members the gateway judges or audits.
+#[derive(Default)]
+struct Payload<'a> {
+    iss: Slot<Text<'a>>,
+    sub: Slot<Text<'a>>,
+    aud: Slot<Text<'a>>,
+    iat: Slot<i64>,
+    exp: Slot<i64>,
+    reason_for_request: Slot<Text<'a>>,
+    requested_scope: Slot<Text<'a>>,
+    requesting_device: Slot<Resource<'a>>,
+    requesting_organization: Slot<Resource<'a>>,
+    requesting_practitioner: Slot<Resource<'a>>,
+}
+
+impl<'de> Shape<'de> for Payload<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        const NAMES: &[&str] = &[
+            "iss",
+            "sub",
+            "aud",
+            "iat",
+            "exp",
+            "reason_for_request",
+            "requested_scope",
+            "requesting_device",
+            "requesting_organization",
+            "requesting_practitioner",
+        ];
+        let mut p = Payload::default();
+        while let Some(name) = map.next_key_seed(MemberName(NAMES))? {
+            match name {
+                Some("iss") => p.iss = map.next_value()?,
+                Some("sub") => p.sub = map.next_value()?,
+                Some("aud") => p.aud = map.next_value()?,
+                Some("iat") => p.iat = map.next_value()?,
+                Some("exp") => p.exp = map.next_value()?,
+                Some("reason_for_request") => p.reason_for_request = map.next_value()?,
+                Some("requested_scope") => p.requested_scope = map.next_value()?,
+                Some("requesting_device") => p.requesting_device = map.next_value()?,
+                Some("requesting_organization") => p.requesting_organization = map.next_value()?,
+                Some("requesting_practitioner") => p.requesting_practitioner = map.next_value()?,
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Some(p))
+    }
+}
+
+impl Payload<'_> {
+    /// Lenient extraction: take each claim of audit value when it has the expected shape.
+    fn claims(&self) -> JwtClaims {
+        let organization = self.requesting_organization.get();
+        let practitioner = self.requesting_practitioner.get();
+        let device = self.requesting_device.get();
+        let owned = |value: &Option<Text>| value.as_deref().map(str::to_owned);
+        JwtClaims {
+            iss: self.iss.string(),
+            sub: self.sub.string(),
+            aud: self.aud.string(),
+            iat: self.iat.get().copied(),
+            exp: self.exp.get().copied(),
+            reason_for_request: self.reason_for_request.string(),
+            requested_scope: self.requested_scope.string(),
+            organization_ods_code: organization
+                .and_then(Resource::identifiers)
+                .and_then(|i| owned(&i.ods)),
+            organization_name: organization.and_then(|o| match o.name.get() {
+                Some(Name::Text(name)) => Some(name.as_ref().to_owned()),
+                _ => None,
+            }),
+            practitioner_id: practitioner.and_then(|p| p.id.string()),
+            sds_user_id: practitioner
+                .and_then(Resource::identifiers)
+                .and_then(|i| owned(&i.sds_user_id)),
+            sds_role_profile_id: practitioner
+                .and_then(Resource::identifiers)
+                .and_then(|i| owned(&i.sds_role_profile_id)),
+            practitioner_name: practitioner
+                .and_then(|p| p.name.get())
+                .and_then(display_name),
+            device_identifier: device
+                .and_then(Resource::identifiers)
+                .and_then(Identifiers::device_identifier),
+            device_model: device.and_then(|d| d.model.string()),
+            device_version: device.and_then(|d| d.version.string()),
+        }
+    }
+}
+
+/// A minimal FHIR resource claim: the members of Device, Organization and Practitioner the
+/// gateway reads.
+#[derive(Default)]
+struct Resource<'a> {
+    resource_type: Slot<Text<'a>>,
+    id: Slot<Text<'a>>,
+    identifier: Slot<Identifiers<'a>>,
+    name: Slot<Name<'a>>,
+    model: Slot<Text<'a>>,
+    version: Slot<Text<'a>>,
+}
+
+impl<'de> Shape<'de> for Resource<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        const NAMES: &[&str] = &[
+            "resourceType",
+            "id",
+            "identifier",
+            "name",
+            "model",
+            "version",
+        ];
+        let mut r = Resource::default();
+        while let Some(name) = map.next_key_seed(MemberName(NAMES))? {
+            match name {
+                Some("resourceType") => r.resource_type = map.next_value()?,
+                Some("id") => r.id = map.next_value()?,
+                Some("identifier") => r.identifier = map.next_value()?,
+                Some("name") => r.name = map.next_value()?,
+                Some("model") => r.model = map.next_value()?,
+                Some("version") => r.version = map.next_value()?,
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Some(r))
+    }
+}
+
+impl<'a> Resource<'a> {
+    fn identifiers(&self) -> Option<&Identifiers<'a>> {
+        self.identifier.get()
+    }
+
+    fn is_a(&self, resource_type: &str) -> bool {
+        self.resource_type.str() == Some(resource_type)
+    }
+}
+
+/// An `identifier` array, summarised as it is read.
+struct Identifiers<'a> {
+    len: usize,
+    all_objects: bool,
+    /// `system` and `value` of the first element, when it is an object.
+    first: Option<(Slot<Text<'a>>, Slot<Text<'a>>)>,
+    /// For each known system, the `value` of the first element with that `system`, when that
+    /// value is a non-empty string (a later element with the same system is not consulted).
+    ods: Option<Text<'a>>,
+    sds_user_id: Option<Text<'a>>,
+    sds_role_profile_id: Option<Text<'a>>,
+}
+
+/// The members of one identifier.
+#[derive(Default)]
+struct Identifier<'a> {
+    system: Slot<Text<'a>>,
+    value: Slot<Text<'a>>,
+}
+
+impl<'de> Shape<'de> for Identifier<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        let mut identifier = Identifier::default();
+        while let Some(name) = map.next_key_seed(MemberName(&["system", "value"]))? {
+            match name {
+                Some("system") => identifier.system = map.next_value()?,
+                Some("value") => identifier.value = map.next_value()?,
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Some(identifier))
+    }
+}
+
+impl<'de> Shape<'de> for Identifiers<'de> {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        let mut ids = Identifiers {
+            len: 0,
+            all_objects: true,
+            first: None,
+            ods: None,
+            sds_user_id: None,
+            sds_role_profile_id: None,
+        };
+        // Whether an element with each known system has been seen (the first one decides).
+        let (mut ods, mut user, mut role) = (false, false, false);
+        while let Some(element) = seq.next_element::<Slot<Identifier<'de>>>()? {
+            ids.len += 1;
+            let Slot::Is(identifier) = element else {
+                ids.all_objects = false;
+                continue;
+            };
+            let known = match identifier.system.str() {
+                Some(ODS_SYSTEM) => Some((&mut ods, &mut ids.ods)),
+                Some(SDS_USER_ID_SYSTEM) => Some((&mut user, &mut ids.sds_user_id)),
+                Some(SDS_ROLE_PROFILE_SYSTEM) => Some((&mut role, &mut ids.sds_role_profile_id)),
+                _ => None,
+            };
+            if let Some((seen, value)) = known {
+                if !*seen {
+                    *seen = true;
+                    *value = identifier.value.get().filter(|v| !v.is_empty()).cloned();
+                }
+            }
+            if ids.len == 1 {
+                ids.first = Some((identifier.system, identifier.value));
+            }
+        }
+        Ok(Some(ids))
+    }
+}
+
+impl Identifiers<'_> {
+    /// `system|value` of the first identifier.
+    fn device_identifier(&self) -> Option<String> {
+        let (system, value) = self.first.as_ref()?;
+        let system = system.str().unwrap_or("");
+        let value = value.str().unwrap_or("");
+        (!system.is_empty() || !value.is_empty()).then(|| format!("{system}|{value}"))
+    }
+}
+
+/// A resource's `name`: an organisation's string, or a practitioner's HumanName list or lone
+/// HumanName.
+enum Name<'a> {
+    Text(Text<'a>),
+    /// An empty array.
+    Empty,
+    /// A non-empty array: its first element.
+    List(Slot<HumanName<'a>>),
+    Human(HumanName<'a>),
+}
+
+impl<'de> Shape<'de> for Name<'de> {
+    const FROM_STR: bool = true;
+
+    fn from_str(text: Text<'de>) -> Option<Self> {
+        Some(Name::Text(text))
+    }
+
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        match seq.next_element::<Slot<HumanName<'de>>>()? {
+            None => Ok(Some(Name::Empty)),
+            Some(first) => skip_seq(seq).map(|()| Some(Name::List(first))),
+        }
+    }
+
+    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        HumanName::from_map(map).map(|human| human.map(Name::Human))
+    }
+}
+
+impl Name<'_> {
+    fn is_present(&self) -> bool {
+        matches!(self, Name::List(_) | Name::Human(_))
+    }
+}
+
+/// The members of a HumanName used for its display string.
+#[derive(Default)]
+struct HumanName<'a> {
+    /// The `given` words, already joined.
+    given: Slot<Words>,
+    family: Slot<Text<'a>>,
+    text: Slot<Text<'a>>,
+}
+
+impl<'de> Shape<'de> for HumanName<'de> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        let mut human = HumanName::default();
+        while let Some(name) = map.next_key_seed(MemberName(&["given", "family", "text"]))? {
+            match name {
+                Some("given") => human.given = map.next_value()?,
+                Some("family") => human.family = map.next_value()?,
+                Some("text") => human.text = map.next_value()?,
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Some(human))
+    }
+}
+
+/// `given` as display words: a string, or the strings of an array (other elements ignored).
+struct Words(String);
+
+impl<'de> Shape<'de> for Words {
+    const FROM_STR: bool = true;
+
+    fn from_str(text: Text<'de>) -> Option<Self> {
+        let mut words = String::new();
+        push_word(&mut words, &text);
+        Some(Words(words))
+    }
+
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        let mut words = String::new();
+        while let Some(element) = seq.next_element::<Slot<Text<'de>>>()? {
+            if let Some(word) = element.str() {
+                push_word(&mut words, word);
+            }
+        }
+        Ok(Some(Words(words)))
     }
 }
 
 /// `given… family` of the first HumanName (an array, or a lone object), else its `text`.
-fn display_name(name: &Value) -> Option<String> {
+fn display_name(name: &Name) -> Option<String> {
     let human = match name {
-        Value::Array(names) => names.first()?,
-        other => other,
-    }
-    .as_object()?;
-    let mut out = String::new();
-    match human.get("given") {
-        Some(Value::Array(given)) => given
-            .iter()
-            .filter_map(Value::as_str)
-            .for_each(|g| push_word(&mut out, g)),
-        Some(Value::String(given)) => push_word(&mut out, given),
-        _ => {}
-    }
-    if let Some(family) = human.get("family").and_then(Value::as_str) {
+        Name::List(first) => first.get()?,
+        Name::Human(human) => human,
+        Name::Text(_) | Name::Empty => return None,
+    };
+    let mut out = human.given.get().map(|w| w.0.clone()).unwrap_or_default();
+    if let Some(family) = human.family.str() {
         push_word(&mut out, family);
     }
     if out.is_empty() {
-        if let Some(text) = human.get("text").and_then(Value::as_str) {
+        if let Some(text) = human.text.str() {
             push_word(&mut out, text);
         }
     }
@@ -685,12 +1119,100 @@ fn push_word(out: &mut String, word: &str) {
     }
 }
 
-/// `system|value` of the first device identifier.
-fn device_identifier(device: &Map<String, Value>) -> Option<String> {
-    let first = identifiers(device)?.first()?.as_object()?;
-    let system = first.get("system").and_then(Value::as_str).unwrap_or("");
-    let value = first.get("value").and_then(Value::as_str).unwrap_or("");
-    (!system.is_empty() || !value.is_empty()).then(|| format!("{system}|{value}"))
+// Judging: the 1.2.7 rules that need neither the caller's scopes nor its clock.
+
+/// The required claims in order, then the resource rules.
+fn judge(p: &Payload) -> Result<Judged, JwtError> {
+    let _iss = required_str(&p.iss, Claim::Iss)?;
+    let sub = required_str(&p.sub, Claim::Sub)?;
+    let _aud = required_str(&p.aud, Claim::Aud)?;
+    let iat = *required(&p.iat, Claim::Iat)?;
+    let exp = *required(&p.exp, Claim::Exp)?;
+    let reason = required_str(&p.reason_for_request, Claim::ReasonForRequest)?;
+    let _scope = required_str(&p.requested_scope, Claim::RequestedScope)?;
+    let device = required(&p.requesting_device, Claim::RequestingDevice)?;
+    let organization = required(&p.requesting_organization, Claim::RequestingOrganization)?;
+    let practitioner = required(&p.requesting_practitioner, Claim::RequestingPractitioner)?;
+    let resources = check_device(device)
+        .and_then(|()| check_organization(organization))
+        .and_then(|()| check_practitioner(practitioner, sub));
+    Ok(Judged {
+        iat,
+        exp,
+        direct_care: reason == DIRECT_CARE,
+        resources,
+    })
+}
+
+/// Present and not `null`, of the expected type.
+fn required<T>(slot: &Slot<T>, claim: Claim) -> Result<&T, JwtError> {
+    match slot {
+        Slot::Absent | Slot::Null => Err(JwtError::MissingClaim(claim)),
+        Slot::Wrong => Err(JwtError::ClaimType(claim)),
+        Slot::Is(value) => Ok(value),
+    }
+}
+
+/// A required string; empty counts as missing.
+fn required_str<'s>(slot: &'s Slot<Text<'_>>, claim: Claim) -> Result<&'s str, JwtError> {
+    match required(slot, claim)?.as_ref() {
+        "" => Err(JwtError::MissingClaim(claim)),
+        text => Ok(text),
+    }
+}
+
+fn check_device(device: &Resource) -> Result<(), JwtError> {
+    let invalid = |why| JwtError::InvalidResource {
+        claim: ResourceClaim::RequestingDevice,
+        why,
+    };
+    if !device.is_a("Device") {
+        return Err(invalid("resourceType is not Device"));
+    }
+    match device.identifier.get() {
+        Some(ids) if ids.len > 0 && ids.all_objects => Ok(()),
+        _ => Err(invalid(
+            "identifier is not a non-empty array of identifiers",
+        )),
+    }
+}
+
+fn check_organization(organization: &Resource) -> Result<(), JwtError> {
+    let invalid = |why| JwtError::InvalidResource {
+        claim: ResourceClaim::RequestingOrganization,
+        why,
+    };
+    if !organization.is_a("Organization") {
+        return Err(invalid("resourceType is not Organization"));
+    }
+    match organization.identifier.get() {
+        Some(Identifiers { ods: Some(_), .. }) => Ok(()),
+        _ => Err(invalid("no ODS organisation code identifier")),
+    }
+}
+
+fn check_practitioner(practitioner: &Resource, sub: &str) -> Result<(), JwtError> {
+    let invalid = |why| JwtError::InvalidResource {
+        claim: ResourceClaim::RequestingPractitioner,
+        why,
+    };
+    if !practitioner.is_a("Practitioner") {
+        return Err(invalid("resourceType is not Practitioner"));
+    }
+    let ids = practitioner.identifier.get();
+    if ids.and_then(|i| i.sds_user_id.as_ref()).is_none() {
+        return Err(invalid("no SDS user id identifier"));
+    }
+    if ids.and_then(|i| i.sds_role_profile_id.as_ref()).is_none() {
+        return Err(invalid("no SDS role profile id identifier"));
+    }
+    if !practitioner.name.get().is_some_and(Name::is_present) {
+        return Err(invalid("no name"));
+    }
+    if practitioner.id.str() != Some(sub) {
+        return Err(JwtError::SubNotPractitionerId);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1210,6 +1732,261 @@ mod tests {
         assert_eq!(decoded.organization_name.as_deref(), Some("Org"));
         let audit = serde_json::to_value(&decoded).expect("serialise");
         assert!(audit.get("iss").is_none(), "absent claims are omitted");
+    }
+
+    /// A token whose payload is this exact JSON text (for shapes `json!` cannot build).
+    fn raw(payload: &str) -> HeaderValue {
+        bearer(&format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(HEADER_JSON),
+            URL_SAFE_NO_PAD.encode(payload)
+        ))
+    }
+
+    fn raw_reason(payload: &str) -> &'static str {
+        check(
+            Some(&raw(payload)),
+            &scopes(&["patient/*.write"]),
+            NOW + 10,
+            0,
+        )
+        .expect_err("rejected")
+        .reason()
+    }
+
+    #[test]
+    fn duplicate_members_last_one_wins() {
+        let body = &RECORDED[1..];
+        let allowed = scopes(&["patient/*.write"]);
+        let first_bad = format!(r#"{{"sub":7,"reason_for_request":"x",{body}"#);
+        assert!(check(Some(&raw(&first_bad)), &allowed, NOW + 10, 0).is_ok());
+        let last_bad = format!(r#"{}, "sub": 7}}"#, &RECORDED[..RECORDED.len() - 1]);
+        assert_eq!(raw_reason(&last_bad), "CLAIM_TYPE_SUB");
+        let last_null = format!(r#"{}, "iss": null}}"#, &RECORDED[..RECORDED.len() - 1]);
+        assert_eq!(raw_reason(&last_null), "MISSING_CLAIM_ISS");
+        let nested = RECORDED.replace(
+            r#""resourceType":"Device","#,
+            r#""resourceType":"Device","identifier":7,"#,
+        );
+        assert!(check(Some(&raw(&nested)), &allowed, NOW + 10, 0).is_ok());
+        let nested = RECORDED.replace(r#","model":"v1""#, r#","model":"v1","identifier":[]"#);
+        assert_eq!(raw_reason(&nested), "INVALID_RESOURCE_REQUESTING_DEVICE");
+    }
+
+    #[test]
+    fn escaped_strings_and_members_are_read_as_their_text() {
+        let escaped = RECORDED
+            .replace(r#""directcare""#, r#""direct\u0063are""#)
+            .replace(r#""iss":"#, r#""i\u0073s":"#)
+            .replace(
+                r#""family":"AssurancePractitioner""#,
+                r#""family":"Assurance\/Pr""#,
+            );
+        let claims = check(
+            Some(&raw(&escaped)),
+            &scopes(&["patient/*.write"]),
+            NOW + 10,
+            0,
+        )
+        .expect("valid");
+        assert_eq!(claims.reason_for_request.as_deref(), Some("directcare"));
+        assert_eq!(claims.iss.as_deref(), Some("https://ConsumerSystemURL"));
+        assert_eq!(
+            claims.practitioner_name.as_deref(),
+            Some("AssuranceTest Assurance/Pr")
+        );
+    }
+
+    #[test]
+    fn integers_must_fit_i64_and_not_be_floats() {
+        for iat in [
+            "9223372036854775808",
+            "1747730256.0",
+            "1.747730256e9",
+            "true",
+            "{}",
+        ] {
+            let claims = RECORDED.replace("\"iat\":1747730256", &format!("\"iat\":{iat}"));
+            assert_eq!(raw_reason(&claims), "CLAIM_TYPE_IAT", "{iat}");
+            let decoded = decode(Some(&raw(&claims))).expect("decodes");
+            assert_eq!(decoded.iat, None, "{iat}");
+        }
+        let negative = RECORDED
+            .replace("\"iat\":1747730256", "\"iat\":-300")
+            .replace("\"exp\":1747730556", "\"exp\":0");
+        assert_eq!(raw_reason(&negative), "EXPIRED");
+        assert_eq!(
+            decode(Some(&raw(&negative))).expect("decodes").iat,
+            Some(-300)
+        );
+    }
+
+    #[test]
+    fn invalid_json_anywhere_is_malformed() {
+        let body = &RECORDED[1..];
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for extra in [
+            deep.as_str(),
+            r#""\ud800""#,
+            "01",
+            "1e999",
+            r#"[1,]"#,
+            r#"{"a":1,}"#,
+            "nul",
+        ] {
+            let payload = format!(r#"{{"extra":{extra},{body}"#);
+            let err = decode(Some(&raw(&payload))).expect_err("malformed");
+            assert_eq!(err.reason(), "MALFORMED", "{extra}");
+        }
+        let trailing = format!("{RECORDED} x");
+        assert_eq!(
+            decode(Some(&raw(&trailing)))
+                .expect_err("trailing")
+                .reason(),
+            "MALFORMED"
+        );
+        // Deep but within serde_json's limit is fine.
+        let nested = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let payload = format!(r#"{{"extra":{nested},{body}"#);
+        assert!(decode(Some(&raw(&payload))).is_ok());
+    }
+
+    #[test]
+    fn header_member_types() {
+        let payload = URL_SAFE_NO_PAD.encode(RECORDED);
+        let reason = |header: &str| {
+            let token = bearer(&format!("{}.{payload}.", URL_SAFE_NO_PAD.encode(header)));
+            decode(Some(&token)).map(|_| ()).map_err(|e| e.reason())
+        };
+        assert_eq!(reason(r#"{"alg":"none","typ":null}"#), Err("TYP_NOT_JWT"));
+        assert_eq!(reason(r#"{"alg":null}"#), Err("ALG_NOT_NONE"));
+        assert_eq!(reason(r#"{"alg":["none"]}"#), Err("ALG_NOT_NONE"));
+        assert_eq!(reason(r#"{"alg":"HS256","alg":"none"}"#), Ok(()));
+        assert_eq!(reason(r#"{"alg":"n\u006fne","kid":{"x":[1]}}"#), Ok(()));
+        assert_eq!(reason(r#" {"alg":"none"} "#), Ok(()));
+        assert_eq!(reason(""), Err("MALFORMED"));
+        assert_eq!(reason("null"), Err("MALFORMED"));
+    }
+
+    #[test]
+    fn identifier_lookup_takes_the_first_identifier_with_the_system() {
+        let ods = r#"{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"GPCA0001"}"#;
+        let org = |identifiers: &str| RECORDED.replace(&format!("[{ods}]"), identifiers);
+        let allowed = scopes(&["patient/*.write"]);
+        // A non-object or other-system element before the ODS code is passed over.
+        let passed = org(&format!(
+            r#"["x", null, {{"system":"s","value":"v"}}, {ods}]"#
+        ));
+        let claims = check(Some(&raw(&passed)), &allowed, NOW + 10, 0).expect("valid");
+        assert_eq!(claims.organization_ods_code.as_deref(), Some("GPCA0001"));
+        // The first ODS identifier decides, even when a later one is good.
+        let empty_first = ods.replace("GPCA0001", "");
+        let first = org(&format!("[{empty_first}, {ods}]"));
+        assert_eq!(
+            raw_reason(&first),
+            "INVALID_RESOURCE_REQUESTING_ORGANIZATION"
+        );
+        assert_eq!(
+            decode(Some(&raw(&first)))
+                .expect("decodes")
+                .organization_ods_code,
+            None
+        );
+        let numeric_first = ods.replace("\"GPCA0001\"", "1");
+        let first = org(&format!("[{numeric_first}, {ods}]"));
+        assert_eq!(
+            raw_reason(&first),
+            "INVALID_RESOURCE_REQUESTING_ORGANIZATION"
+        );
+        // The device identifier is the first element, and only when it is an object.
+        let device = RECORDED.replace(
+            r#"[{"system":"GPConnectTestSystem","value":"Client"}]"#,
+            r#"[{"value":"Client","system":5}, 3]"#,
+        );
+        assert_eq!(raw_reason(&device), "INVALID_RESOURCE_REQUESTING_DEVICE");
+        let decoded = decode(Some(&raw(&device))).expect("decodes");
+        assert_eq!(decoded.device_identifier.as_deref(), Some("|Client"));
+        let device = RECORDED.replace(
+            r#"[{"system":"GPConnectTestSystem","value":"Client"}]"#,
+            r#"[[], {"system":"s","value":"v"}]"#,
+        );
+        assert_eq!(
+            decode(Some(&raw(&device)))
+                .expect("decodes")
+                .device_identifier,
+            None
+        );
+    }
+
+    #[test]
+    fn practitioner_name_shapes() {
+        let name = |value: &str| {
+            let claims = RECORDED.replace(
+                r#"[{"family":"AssurancePractitioner","given":["AssuranceTest"],"prefix":["Mr"]}]"#,
+                value,
+            );
+            let decoded = decode(Some(&raw(&claims))).expect("decodes");
+            let verdict = check(
+                Some(&raw(&claims)),
+                &scopes(&["patient/*.write"]),
+                NOW + 10,
+                0,
+            );
+            (
+                decoded.practitioner_name,
+                verdict.map(|_| ()).map_err(|e| e.reason()),
+            )
+        };
+        let prac = Err("INVALID_RESOURCE_REQUESTING_PRACTITIONER");
+        assert_eq!(name(r#"[null]"#), (None, Ok(())));
+        assert_eq!(
+            name(r#"[{"given":" A  ","family":" B "}, 1]"#),
+            (Some("A B".into()), Ok(()))
+        );
+        assert_eq!(
+            name(r#"[{"given":["A",1,"","C"],"text":"T","given":["D"]}]"#),
+            (Some("D".into()), Ok(()))
+        );
+        assert_eq!(
+            name(r#"[{"text":" Dr T ","family":""}]"#),
+            (Some("Dr T".into()), Ok(()))
+        );
+        assert_eq!(
+            name(r#"{"family":"F","given":null}"#),
+            (Some("F".into()), Ok(()))
+        );
+        assert_eq!(name(r#"{}"#), (None, Ok(())));
+        assert_eq!(name(r#"[]"#), (None, prac));
+        assert_eq!(name(r#""Dr Who""#), (None, prac));
+        assert_eq!(name("null"), (None, prac));
+    }
+
+    #[test]
+    fn wrong_types_inside_resources_are_lenient_in_decode() {
+        let claims = RECORDED
+            .replace(r#""model":"v1""#, r#""model":1"#)
+            .replace(r#""name":"GP Connect Assurance""#, r#""name":{"a":"b"}"#)
+            .replace(r#""id":"1""#, r#""id":1"#);
+        let decoded = decode(Some(&raw(&claims))).expect("decodes");
+        assert_eq!(decoded.device_model, None);
+        assert_eq!(decoded.device_version.as_deref(), Some("1.1"));
+        assert_eq!(decoded.organization_name, None);
+        assert_eq!(decoded.practitioner_id, None);
+        assert_eq!(raw_reason(&claims), "SUB_NOT_PRACTITIONER_ID");
+        let empty_strings = RECORDED.replace(r#""sub":"1""#, r#""sub":"""#);
+        assert_eq!(raw_reason(&empty_strings), "MISSING_CLAIM_SUB");
+        assert_eq!(
+            decode(Some(&raw(&empty_strings)))
+                .expect("decodes")
+                .sub
+                .as_deref(),
+            Some("")
+        );
+        let empty_reason = RECORDED.replace(r#""directcare""#, r#""""#);
+        assert_eq!(
+            raw_reason(&empty_reason),
+            "MISSING_CLAIM_REASON_FOR_REQUEST"
+        );
     }
 
     #[test]
