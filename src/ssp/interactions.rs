@@ -92,7 +92,7 @@ impl Interaction {
     }
 }
 
-/// A path template, compiled: literal segments and `{id}` placeholders.
+/// A path template, compiled: literal segments and `{id}` parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Template {
     segments: Box<[Segment]>,
