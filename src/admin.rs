@@ -36,15 +36,6 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn new() -> Arc<Readiness> {
-        Arc::new(Readiness {
-            loaded: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            directory: OnceLock::new(),
-            audit_writable: None,
-        })
-    }
-
     /// Readiness that also requires the audit trail to be writable.
     pub fn with_audit(audit_writable: Arc<AtomicBool>) -> Arc<Readiness> {
         Arc::new(Readiness {

@@ -42,12 +42,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, tls: Arc<Reloadable<rustls::ClientConfig>>) -> Upstream {
-        Upstream::with_metrics(config, tls, None)
-    }
-
-    /// As `new`, counting failed connections in `connect_errors` (label `reason`: `timeout`,
-    /// `tcp`, `tls`, `other`).
+    /// The pooled mTLS client, counting failed connections in `connect_errors` (label
+    /// `reason`: `timeout`, `tcp`, `tls`, `other`) when given.
     pub fn with_metrics(
         config: &UpstreamConfig,
         tls: Arc<Reloadable<rustls::ClientConfig>>,
@@ -116,19 +112,9 @@ impl Upstream {
     }
 
     /// Sends the consumer's request to `target` (already authorised) and returns the provider's
-    /// response head with its body still streaming. Connect, TLS or protocol failures are 502;
-    /// no response head within the response timeout is 504.
-    pub async fn forward(
-        &self,
-        req: Request<Incoming>,
-        target: &Target,
-        client_addr: SocketAddr,
-    ) -> Result<Response<Incoming>, Rejection> {
-        self.forward_counted(req, target, client_addr, Arc::default())
-            .await
-    }
-
-    /// As `forward`, adding the request body bytes sent to the provider to `request_bytes`.
+    /// response head with its body still streaming, counting request body bytes in
+    /// `request_bytes`. Connect, TLS or protocol failures are 502; no response head within the
+    /// response timeout is 504.
     pub async fn forward_counted(
         &self,
         req: Request<Incoming>,
