@@ -1,5 +1,5 @@
-//! The request path, top to bottom: envelope -> interaction -> directory -> authorise -> JWT ->
-//! audit (durable) -> forward -> record. Each step is a pure decision from `ssp`/`authorise` or
+//! The request path, top to bottom: load shedding -> envelope -> interaction -> directory ->
+//! authorise -> rate limit -> JWT -> audit (durable) -> forward -> record. Each step is a pure decision from `ssp`/`authorise` or
 //! one I/O call; a rejection at any step is answered here, in one place, as an OperationOutcome.
 //! Every request leaves an audit record, a metric sample, an access log line and (when export is
 //! on) a span; nothing is forwarded before its audit record is durable.
