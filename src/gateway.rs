@@ -95,7 +95,7 @@ impl Gateway {
     /// Answers one request. Never fails: every problem becomes an OperationOutcome.
     pub async fn handle(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
         let ctx = Ctx {
-            request_id: uuid::Uuid::new_v4(),
+            request_id: crate::telemetry::new_request_id(),
             started: Instant::now(),
             start_time: SystemTime::now(),
             method: req.method().clone(),
@@ -157,23 +157,9 @@ impl Gateway {
                 .with_label_values(&[interaction])
                 .observe(elapsed.saturating_sub(upstream).as_secs_f64());
         }
-        tracing::info!(
-            target: "ssp_gateway::access",
-            request_id = %ctx.request_id,
-            trace_id = record.trace_id.as_deref().unwrap_or("-"),
-            interaction = record.interaction.unwrap_or("-"),
-            from = record.from.as_deref().unwrap_or("-"),
-            to = record.to.as_deref().unwrap_or("-"),
-            client = %conn.remote,
-            peer = conn.peer.names.first().map(String::as_str).unwrap_or("-"),
-            method = %ctx.method,
-            status,
-            latency_us,
-            token = record.token.as_deref().unwrap_or("-"),
-            jwt_problem = record.jwt_problem.unwrap_or("-"),
-            otel_trace_id = %ctx.trace.trace_id_hex(),
-            "request"
-        );
+        if tracing::enabled!(target: "ssp_gateway::access", tracing::Level::INFO) {
+            self.access_log(&conn, &ctx, &record, status, latency_us);
+        }
         self.record_span(&ctx, &record, status);
         self.record_outcome(&conn, &ctx, record, response)
     }
@@ -219,6 +205,57 @@ impl Gateway {
                 }),
             )
         })
+    }
+
+    /// The request's access-log line. With a JSON log it is formatted here, with the fields of
+    /// `tracing`'s JSON formatter, and handed to the log writer: the generic formatter cost
+    /// about 5% of a request's CPU.
+    fn access_log(
+        &self,
+        conn: &ConnInfo,
+        ctx: &Ctx,
+        record: &Record<'_>,
+        status: u16,
+        latency_us: u64,
+    ) {
+        let peer = conn.peer.names.first().map(String::as_str).unwrap_or("-");
+        if !crate::logwriter::json() {
+            tracing::info!(
+                target: "ssp_gateway::access",
+                request_id = %ctx.request_id,
+                trace_id = record.trace_id.as_deref().unwrap_or("-"),
+                interaction = record.interaction.unwrap_or("-"),
+                from = record.from.as_deref().unwrap_or("-"),
+                to = record.to.as_deref().unwrap_or("-"),
+                client = %conn.remote,
+                peer,
+                method = %ctx.method,
+                status,
+                latency_us,
+                token = record.token.as_deref().unwrap_or("-"),
+                jwt_problem = record.jwt_problem.unwrap_or("-"),
+                otel_trace_id = %ctx.trace.trace_id_hex(),
+                "request"
+            );
+            return;
+        }
+        let line = access_json_line(&AccessLine {
+            timestamp: &now_rfc3339(),
+            request_id: &ctx.request_id,
+            trace_id: record.trace_id.as_deref().unwrap_or("-"),
+            interaction: record.interaction.unwrap_or("-"),
+            from: record.from.as_deref().unwrap_or("-"),
+            to: record.to.as_deref().unwrap_or("-"),
+            client: conn.remote,
+            peer,
+            method: ctx.method.as_str(),
+            status,
+            latency_us,
+            token: record.token.as_deref().unwrap_or("-"),
+            jwt_problem: record.jwt_problem.unwrap_or("-"),
+            otel_trace_id: &ctx.trace.trace_id_hex(),
+        });
+        crate::logwriter::write_line(line.as_bytes());
     }
 
     fn record_span(&self, ctx: &Ctx, record: &Record<'_>, status: u16) {
@@ -488,6 +525,87 @@ impl Gateway {
     }
 }
 
+/// The fields of one access-log line.
+struct AccessLine<'a> {
+    timestamp: &'a str,
+    request_id: &'a uuid::Uuid,
+    trace_id: &'a str,
+    interaction: &'a str,
+    from: &'a str,
+    to: &'a str,
+    client: std::net::SocketAddr,
+    peer: &'a str,
+    method: &'a str,
+    status: u16,
+    latency_us: u64,
+    token: &'a str,
+    jwt_problem: &'a str,
+    otel_trace_id: &'a str,
+}
+
+/// The access line with the members `tracing-subscriber`'s flattened JSON formatter gives it
+/// (timestamp, level, message, the fields, target); one line with its newline.
+fn access_json_line(a: &AccessLine<'_>) -> String {
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(512);
+    line.push('{');
+    let mut field = |key: &str, value: &str| {
+        if line.len() > 1 {
+            line.push(',');
+        }
+        line.push('"');
+        line.push_str(key);
+        line.push_str("\":");
+        json_string(&mut line, value);
+    };
+    field("timestamp", a.timestamp);
+    field("level", "INFO");
+    field("message", "request");
+    let mut id = uuid::Uuid::encode_buffer();
+    field(
+        "request_id",
+        a.request_id.hyphenated().encode_lower(&mut id),
+    );
+    field("trace_id", a.trace_id);
+    field("interaction", a.interaction);
+    field("from", a.from);
+    field("to", a.to);
+    let client = a.client.to_string();
+    field("client", &client);
+    field("peer", a.peer);
+    field("method", a.method);
+    field("token", a.token);
+    field("jwt_problem", a.jwt_problem);
+    field("otel_trace_id", a.otel_trace_id);
+    field("target", "ssp_gateway::access");
+    let _ = writeln!(
+        line,
+        ",\"status\":{},\"latency_us\":{}}}",
+        a.status, a.latency_us
+    );
+    line
+}
+
+/// Appends `value` as a JSON string (quoted, escaped).
+fn json_string(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 /// The audit record of `kind` for what is known about the request so far.
 fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_>) -> AuditRecord {
     AuditRecord {
@@ -565,4 +683,44 @@ pub fn reject(
         );
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_line_is_one_json_object_with_every_field_escaped() {
+        let id = crate::telemetry::new_request_id();
+        let line = access_json_line(&AccessLine {
+            timestamp: "2026-11-25T16:00:00.000001Z",
+            request_id: &id,
+            trace_id: "7c1f0e2a-0000-4000-8000-000000000001",
+            interaction: "search-slots",
+            from: "200000000359",
+            to: "918999198993",
+            client: "127.0.0.1:5000".parse().expect("addr"),
+            peer: "odd \"name\"\\\n\u{1}é",
+            method: "GET",
+            status: 200,
+            latency_us: 1234,
+            token: "-",
+            jwt_problem: "-",
+            otel_trace_id: "0af7651916cd43dd8448eb211c80319c",
+        });
+        assert!(
+            line.ends_with("}\n") && line.matches('\n').count() == 1,
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(v["peer"], "odd \"name\"\\\n\u{1}é");
+        assert_eq!(v["request_id"], id.to_string());
+        assert_eq!(v["target"], "ssp_gateway::access");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["latency_us"], 1234);
+        assert_eq!(v["client"], "127.0.0.1:5000");
+        assert_eq!(v.as_object().expect("object").len(), 17);
+    }
 }

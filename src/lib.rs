@@ -11,6 +11,7 @@ pub mod directory;
 pub mod forward;
 pub mod gateway;
 pub mod loadtest;
+pub mod logwriter;
 pub mod metrics;
 pub mod mock_provider;
 pub mod ratelimit;

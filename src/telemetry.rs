@@ -10,7 +10,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the process-wide subscriber. Call once, from `main`.
+/// Installs the process-wide subscriber, writing through `logwriter` (call `logwriter::flush`
+/// before exit). Call once, from `main`.
 pub fn init(config: &LogConfig) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::builder()
@@ -20,9 +21,13 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
             .parse(&config.level)
             .map_err(|e| format!("log.level: {e}"))?,
     };
+    let writer = crate::logwriter::BufferedStdout::start()
+        .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(writer)
         .with_ansi(std::io::stdout().is_terminal());
+    crate::logwriter::set_json(config.format == LogFormat::Json);
     let result = match config.format {
         LogFormat::Json => builder
             .json()
@@ -109,22 +114,53 @@ fn decode_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// Random bytes for ids (trace, span and request ids): unique and unpredictable enough for
+/// ids, not for keys. A per-thread xoshiro256++ generator seeded once from the operating
+/// system's random source, so an id costs no system call.
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        let r = uuid::Uuid::new_v4();
-        // The 6 version/variant bits of a v4 UUID are fixed; use the 120 random ones' bytes
-        // except byte 6 and 8, which carry them.
-        for (i, b) in r.as_bytes().iter().enumerate() {
-            if i == 6 || i == 8 || filled == N {
-                continue;
-            }
-            out[filled] = *b;
-            filled += 1;
-        }
+    for chunk in out.chunks_mut(8) {
+        let r = next_random().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
     }
     out
+}
+
+thread_local! {
+    static RNG: std::cell::Cell<[u64; 4]> = std::cell::Cell::new(seed());
+}
+
+fn seed() -> [u64; 4] {
+    let a = uuid::Uuid::new_v4().as_u128();
+    let b = uuid::Uuid::new_v4().as_u128();
+    let s = [a as u64, (a >> 64) as u64, b as u64, (b >> 64) as u64];
+    if s == [0; 4] {
+        // xoshiro's one bad state; the OS never gives it, but never loop on it either.
+        [1, 2, 3, 4]
+    } else {
+        s
+    }
+}
+
+fn next_random() -> u64 {
+    RNG.with(|cell| {
+        let mut s = cell.get();
+        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        cell.set(s);
+        result
+    })
+}
+
+/// A version 4 (random) UUID for a request id, without a system call.
+pub fn new_request_id() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(random_bytes::<16>()).into_uuid()
 }
 
 impl TraceContext {
@@ -397,6 +433,23 @@ pub fn otlp_json(service_name: &str, spans: &[SpanRecord]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_random_version_4_and_distinct() {
+        let ids: std::collections::HashSet<uuid::Uuid> =
+            (0..10_000).map(|_| new_request_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(10) {
+            assert_eq!(id.get_version_num(), 4);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        // Another thread starts from another seed.
+        let other = std::thread::spawn(new_request_id).join().expect("thread");
+        assert!(!ids.contains(&other));
+        let spans: std::collections::HashSet<[u8; 8]> =
+            (0..1000).map(|_| random_bytes::<8>()).collect();
+        assert_eq!(spans.len(), 1000);
+    }
 
     #[test]
     fn traceparent_parsing_follows_w3c() {

@@ -79,6 +79,22 @@ fn for_request<'a>(
         .collect()
 }
 
+/// The records of the request with this Ssp-TraceID.
+fn for_trace<'a>(records: &'a [serde_json::Value], trace: &str) -> Vec<&'a serde_json::Value> {
+    records
+        .iter()
+        .filter(|r| r["ssp_trace_id"] == trace)
+        .collect()
+}
+
+/// The Ssp-TraceID the echoing provider saw.
+fn echoed_trace(answer: &Answer) -> String {
+    answer.json()["headers"]["ssp-traceid"]
+        .as_str()
+        .expect("echoed trace id")
+        .to_owned()
+}
+
 /// Polls `f` until it returns `Some`, or panics at the deadline.
 async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -375,6 +391,87 @@ async fn an_unwritable_trail_refuses_traffic_with_503_and_recovers_by_itself() {
     assert_eq!(r[0]["kind"], "outcome");
     assert_eq!(r[0]["token"], "AUDIT_UNAVAILABLE");
     assert_eq!(all.len(), 5, "2 forwarded x 2 + the refusal: {all:#?}");
+    let (code, out) = verify(&audit_files(&dir));
+    assert_eq!(code, 0, "{out}");
+}
+
+/// `buffered`: requests are forwarded once their record is queued (no wait for the writer);
+/// every record still reaches the trail, and once the writer finds the trail unwritable,
+/// requests are refused and nothing is forwarded unaudited; the queued records are written on
+/// recovery.
+#[tokio::test]
+async fn buffered_forwards_without_waiting_but_never_loses_or_skips_a_record() {
+    let opts = GatewayOptions {
+        extra_sections: "[audit]\ndurability = \"buffered\"\nfsync_interval = \"50ms\"\nretry_interval = \"100ms\"\n".into(),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let ep = h.endpoint();
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    let mut forwarded = Vec::new();
+    for _ in 0..5 {
+        let a = h.consumer().gpc(metadata()).await;
+        assert_eq!(a.status, StatusCode::OK);
+        forwarded.push(echoed_trace(&a));
+    }
+    let dir = h.audit_dir.clone();
+    eventually("the five requests' records written", || {
+        let all = records(&dir);
+        forwarded
+            .iter()
+            .all(|t| for_trace(&all, t).len() == 2)
+            .then_some(())
+    })
+    .await;
+
+    // The trail is taken away: the writer notices on its next write, and from then on requests
+    // are refused without reaching the provider.
+    let moved = dir.with_extension("moved");
+    std::fs::rename(&dir, &moved).expect("move the audit dir away");
+    std::fs::write(&dir, b"not a directory").expect("file in its place");
+    let mut kept = Vec::new();
+    let start = Instant::now();
+    let refused = loop {
+        let a = h.consumer().gpc(metadata()).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            break a;
+        }
+        assert_eq!(a.status, StatusCode::OK);
+        kept.push(echoed_trace(&a));
+        assert!(start.elapsed() < DEADLINE, "the writer never noticed");
+    };
+    refused.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "AUDIT_UNAVAILABLE");
+    let seen = h.recorder.seen();
+    assert_eq!(
+        seen,
+        5 + kept.len(),
+        "the refused request was not forwarded"
+    );
+    assert_eq!(
+        h.consumer().gpc(metadata()).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(h.recorder.seen(), seen);
+
+    std::fs::remove_file(&dir).expect("remove the file");
+    std::fs::rename(&moved, &dir).expect("put the audit dir back");
+    let start = Instant::now();
+    while http_get(h.admin, "/readyz").await.0 != StatusCode::OK {
+        assert!(start.elapsed() < DEADLINE, "never became ready again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop().await;
+
+    // Everything forwarded has its request and outcome records, the refusals theirs; the
+    // chain is whole.
+    let all = records(&dir);
+    for trace in forwarded.iter().chain(&kept) {
+        let r = for_trace(&all, trace);
+        assert_eq!(r.len(), 2, "{trace}: {r:#?}");
+        assert_eq!(r[0]["kind"], "request");
+    }
+    let refused_id = refused.headers["x-request-id"].to_str().expect("id");
+    assert_eq!(for_request(&all, refused_id).len(), 1);
     let (code, out) = verify(&audit_files(&dir));
     assert_eq!(code, 0, "{out}");
 }

@@ -22,6 +22,10 @@ use tokio::sync::oneshot;
 use crate::metrics::AuditMetrics;
 pub use record::{AuditRecord, ClientInfo, RecordKind};
 
+/// Under `buffered`, how long the writer lets records queue up before writing them (one
+/// `write` per delay under load, instead of a thread wake per record).
+pub const BUFFERED_WRITE_DELAY: Duration = Duration::from_millis(1);
+
 /// Name of the file being written; rotated files are `audit-<UTC time>-<first seq>.jsonl`.
 pub const ACTIVE_FILE: &str = "audit.jsonl";
 
@@ -31,9 +35,11 @@ pub enum Durability {
     /// fsync before acknowledging: a record survives a power cut once acknowledged. The
     /// default; group commit amortises the fsync across concurrent requests.
     Fsync,
-    /// Acknowledge once the record is in the operating system's page cache and fsync on this
-    /// interval: survives a crash of the gateway process, but a power cut or kernel crash can
-    /// lose the records of the last interval. Lower latency on slow disks.
+    /// Forward once the record is queued for the writer, which writes what has queued up every
+    /// `BUFFERED_WRITE_DELAY` (one `write` for all of it) and fsyncs on this interval: a crash
+    /// of the gateway process can lose the records of the last write delay, a power cut or
+    /// kernel crash those of the last interval. No thread hand-off or wait per request. While
+    /// the trail is known to be unwritable, requests are still refused (503).
     Buffered { interval: Duration },
 }
 
@@ -115,6 +121,8 @@ pub struct Audit {
     shared: Arc<Shared>,
     capacity: usize,
     write_timeout: Duration,
+    /// `buffered`: commits do not wait for the writer.
+    buffered: bool,
 }
 
 /// The writer before its thread is started: `Audit::prepare` makes both halves without I/O
@@ -140,6 +148,7 @@ impl Audit {
                 shared: shared.clone(),
                 capacity: config.queue_capacity,
                 write_timeout: config.write_timeout,
+                buffered: matches!(config.durability, Durability::Buffered { .. }),
             },
             PendingWriter {
                 rx,
@@ -164,8 +173,12 @@ impl Audit {
         true
     }
 
-    /// Writes `record` and waits until it is durable (per the configured durability).
+    /// Writes `record` and waits until it is durable (`fsync`), or queues it for the writer
+    /// while the trail is writable (`buffered`).
     pub async fn commit(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        if self.buffered {
+            return self.commit_buffered(record);
+        }
         if !self.admit() {
             return Err(AuditError::Overloaded);
         }
@@ -183,6 +196,26 @@ impl Audit {
             Ok(Err(_)) => Err(AuditError::Stopped),
             Err(_) => Err(AuditError::Timeout),
         }
+    }
+
+    /// `buffered`: queued, kept until written (like `enqueue`), but refused while the trail is
+    /// known to be unwritable or the queue is full: nothing is forwarded unaudited.
+    fn commit_buffered(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        if !self.shared.writable.load(Ordering::Acquire) {
+            return Err(AuditError::Unavailable);
+        }
+        if !self.admit() {
+            return Err(AuditError::Overloaded);
+        }
+        let pending = Pending {
+            body: record.to_body(),
+            ack: None,
+        };
+        if self.tx.send(Msg::Record(pending)).is_err() {
+            self.shared.done(1);
+            return Err(AuditError::Stopped);
+        }
+        Ok(())
     }
 
     /// Hands `record` to the writer without waiting. It is kept (and retried while the trail

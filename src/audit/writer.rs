@@ -15,7 +15,9 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::record::{frame, hex, line_hash, GENESIS};
-use super::{AuditConfig, AuditError, Durability, Msg, Pending, Shared, ACTIVE_FILE};
+use super::{
+    AuditConfig, AuditError, Durability, Msg, Pending, Shared, ACTIVE_FILE, BUFFERED_WRITE_DELAY,
+};
 
 /// Most records taken into one group commit.
 const MAX_BATCH: usize = 4096;
@@ -325,8 +327,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let wrote = !batch.is_empty();
             self.process(batch);
             self.sync_if_due();
+            if wrote && stop.is_none() && !disconnected && self.durability != Durability::Fsync {
+                // Buffered: nobody waits on these records, so let the next ones queue up and
+                // write them together, rather than being woken by each one. (Idle, the writer
+                // blocks on the channel and the first record wakes it.)
+                std::thread::sleep(BUFFERED_WRITE_DELAY);
+            }
             if stop.is_some() || disconnected {
                 // Whatever is still queued behind the stop request, then a final sync.
                 let rest: Vec<Pending> = rx
