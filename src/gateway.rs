@@ -70,7 +70,7 @@ struct Record<'a> {
     target_url: Option<String>,
     token: Option<String>,
     reason: Option<&'static str>,
-    jwt: Option<JwtClaims>,
+    jwt: Option<Arc<JwtClaims>>,
     jwt_problem: Option<&'static str>,
     preflight: bool,
     /// A `request` record was submitted: the request's last record is an `outcome`.
@@ -327,7 +327,7 @@ impl Gateway {
         // The bearer token, decoded once: its claims are audited whatever happens next.
         let token = jwt::parse(req.headers().get(header::AUTHORIZATION));
         if let Ok(decoded) = &token {
-            record.jwt = Some(decoded.claims().clone());
+            record.jwt = Some(Arc::new(decoded.claims().clone()));
         }
 
         // 1. The SSP envelope: method, target URL, Ssp-* headers.
@@ -622,13 +622,18 @@ fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_
             .target_url
             .clone()
             .unwrap_or_else(|| ctx.raw_target.clone()),
-        client: ClientInfo {
-            address: conn.remote.to_string(),
-            names: conn.peer.names.clone(),
-            subject: conn.peer.subject.clone(),
-            serial: conn.peer.serial.clone(),
-            fingerprint_sha256: conn.peer.fingerprint_sha256.clone(),
-        },
+        client: conn
+            .audit_client
+            .get_or_init(|| {
+                Arc::new(ClientInfo {
+                    address: conn.remote.to_string(),
+                    names: conn.peer.names.clone(),
+                    subject: conn.peer.subject.clone(),
+                    serial: conn.peer.serial.clone(),
+                    fingerprint_sha256: conn.peer.fingerprint_sha256.clone(),
+                })
+            })
+            .clone(),
         jwt: record.jwt.clone(),
         jwt_problem: record.jwt_problem,
         status: None,

@@ -99,11 +99,6 @@ enum DirectoryCommand {
     },
 }
 
-/// mimalloc: the request path allocates and frees many small buffers per request; glibc's
-/// malloc spent about 9% of the gateway's CPU on them (README "Performance").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

@@ -25,6 +25,18 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The verified client certificate's identity.
     pub peer: PeerIdentity,
+    /// The connection's client as audit records carry it, built by the first record.
+    pub audit_client: std::sync::OnceLock<Arc<crate::audit::ClientInfo>>,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, peer: PeerIdentity) -> ConnInfo {
+        ConnInfo {
+            remote,
+            peer,
+            audit_client: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// How connections are served.
@@ -240,7 +252,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 }
             };
             let _active = ActiveGuard::new(metrics.active.clone());
-            let info = Arc::new(ConnInfo { remote, peer });
+            let info = Arc::new(ConnInfo::new(remote, peer));
             let service = hyper::service::service_fn(move |req| {
                 let fut = handler(info.clone(), req);
                 async move { Ok::<_, Infallible>(fut.await) }

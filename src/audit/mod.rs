@@ -325,7 +325,7 @@ mod tests {
             interaction: None,
             method: "GET".into(),
             target_url: "/".into(),
-            client: ClientInfo::default(),
+            client: Arc::default(),
             jwt: None,
             jwt_problem: None,
             status: Some(400),

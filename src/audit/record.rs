@@ -2,6 +2,8 @@
 //! (ARCHITECTURE.md "Audit trail"), how it is framed as one JSON line with its sequence number and
 //! the SHA-256 of the line before it, and how a line is hashed. Pure: no I/O here.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use crate::ssp::jwt::JwtClaims;
@@ -64,10 +66,12 @@ pub struct AuditRecord {
     pub method: String,
     /// The embedded target URL with its query, when it parsed; otherwise the raw request target.
     pub target_url: String,
-    pub client: ClientInfo,
-    /// The bearer token's claims of audit value, whenever it decoded (even if rejected).
+    /// Shared by every record of the connection.
+    pub client: Arc<ClientInfo>,
+    /// The bearer token's claims of audit value, whenever it decoded (even if rejected); shared
+    /// by the request's records.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub jwt: Option<JwtClaims>,
+    pub jwt: Option<Arc<JwtClaims>>,
     /// Why the JWT was not valid (policy `log`, or the rejection under `enforce`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_problem: Option<&'static str>,
