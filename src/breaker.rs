@@ -34,16 +34,18 @@
 //! GP Connect writes (book, amend, cancel, register) are not idempotent: a request that
 //! reached the provider must never be sent twice. So a retry is allowed only when
 //! [`is_retryable_connect_error`] says the client's connector failed — TCP connect refused or
-//! timed out, or the TLS handshake failed — because then no byte of the HTTP request was
-//! written. Never retry a response timeout, a connection reset or closed after the request was
-//! written (hyper's `IncompleteMessage`), a body error, or any HTTP response (a provider's 5xx
-//! is its answer, passed back unchanged). Each attempt takes its own ticket, and an open
-//! circuit ends the retries. Retry at most once, and to the same registered endpoint.
+//! timed out, or the TLS handshake failed — because then no connection existed to write the
+//! request to. Never retry a response timeout, a connection reset or closed after the request
+//! was written (hyper's `IncompleteMessage`), a body error, or any HTTP response (a provider's
+//! 5xx is its answer, passed back unchanged). Each attempt takes its own ticket and reports its
+//! own failure, and an open circuit ends the retries. Retries go to the same registered
+//! endpoint, at most `[upstream] connect_retries` of them, all within the response timeout.
 //!
-//! The request body is a stream (`hyper::body::Incoming`) that `Client::request` takes by value
-//! and drops on a connect failure, so it cannot be resent. Retry only requests without a body
-//! (GET: rebuild from the kept method, URI and headers); a POST/PUT body is never buffered to
-//! make a retry possible (the SSP streams payloads of any size).
+//! The request body is a stream that `Client::request` takes by value. The forwarder wraps it
+//! in `forward::Reclaimable`, which hands the stream back, unread, when the client drops the
+//! request without sending it; a body that was asked for even one frame is never handed back,
+//! and then the request is not retried. Nothing is buffered to make a retry possible (the SSP
+//! streams payloads of any size).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -30,6 +30,10 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const DEFAULT_POOL_MAX_IDLE_PER_HOST: u64 = 64;
+const DEFAULT_CONNECT_RETRIES: u64 = 1;
+const DEFAULT_CONNECT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest backoff before a connect retry (a retry is for a blip, not an outage).
+const MAX_CONNECT_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 const DEFAULT_JWT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -109,6 +113,11 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// How many times a request is sent again after its connection to the provider could not
+    /// be made (TCP or TLS connect failed or timed out: nothing was sent). 0: never.
+    pub connect_retries: u32,
+    /// The wait before the first connect retry; it doubles for each one after.
+    pub connect_retry_backoff: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -332,7 +341,19 @@ fn build(root: &mut Section<'_, '_>) -> Config {
             0,
             100_000,
         ) as usize,
+        connect_retries: s.uint("connect_retries", DEFAULT_CONNECT_RETRIES, 0, 5) as u32,
+        connect_retry_backoff: duration_or_zero(
+            &mut s,
+            "connect_retry_backoff",
+            DEFAULT_CONNECT_RETRY_BACKOFF,
+        ),
     };
+    if upstream.connect_retry_backoff > MAX_CONNECT_RETRY_BACKOFF {
+        s.problem(
+            "connect_retry_backoff",
+            format!("must be at most {MAX_CONNECT_RETRY_BACKOFF:?}"),
+        );
+    }
     s.finish();
 
     let mut s = root.section("policy");
@@ -1154,6 +1175,39 @@ ldif_file = "directory.ldif"
         }
         let shown = err.to_string();
         assert!(shown.contains("log.colour: unknown key"), "{shown}");
+    }
+
+    #[test]
+    fn connect_retries_have_defaults_and_bounds() {
+        let c = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.upstream.connect_retries, 1);
+        assert_eq!(
+            c.upstream.connect_retry_backoff,
+            DEFAULT_CONNECT_RETRY_BACKOFF
+        );
+        let c = parse(&MINIMAL.replace(
+            "[upstream]\n",
+            "[upstream]\nconnect_retries = 0\nconnect_retry_backoff = \"0s\"\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.upstream.connect_retries, 0);
+        assert_eq!(c.upstream.connect_retry_backoff, Duration::ZERO);
+        let err = parse(&MINIMAL.replace(
+            "[upstream]\n",
+            "[upstream]\nconnect_retries = 6\nconnect_retry_backoff = \"1m\"\n",
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["upstream.connect_retries", "upstream.connect_retry_backoff"]
+        );
+        let err = parse(&MINIMAL.replace(
+            "[upstream]\n",
+            "[upstream]\nconnect_retry_backoff = \"soon\"\n",
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "upstream.connect_retry_backoff");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! stream through untouched; hop-by-hop headers are dropped, `Host` becomes the provider's and
 //! the forwarding headers are the gateway's own. It only ever sends to a target URL that
 //! `authorise` has proven to be a registered endpoint; it never decides where to go itself.
+//!
+//! A request whose connection to the provider could not be made is sent again on a new one
+//! (`[upstream] connect_retries`); nothing else is ever retried, so a request that reached a
+//! provider is never sent twice (see [`Upstream::forward_counted`]).
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -22,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use crate::breaker::{endpoint_key, is_retryable_connect_error, Breakers, Ticket};
 use crate::config::UpstreamConfig;
@@ -33,8 +38,13 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The upstream side of the gateway: a pooled HTTP/1.1 client over mTLS.
 pub struct Upstream {
-    client: Client<TlsConnector, Counted<Incoming>>,
+    client: Client<TlsConnector, Reclaimable<Counted<Incoming>>>,
     response_timeout: Duration,
+    /// Connect retries per request, and the backoff before the first.
+    connect_retries: u32,
+    connect_retry_backoff: Duration,
+    /// `ssp_upstream_retries_total{outcome}`.
+    retries: Option<prometheus::IntCounterVec>,
     /// Per-host circuit breakers, and the gauge that shows their state.
     breakers: Option<(Breakers, Option<prometheus::IntGaugeVec>)>,
     /// The optional request-body cap, bytes.
@@ -63,6 +73,9 @@ impl Upstream {
         Upstream {
             client,
             response_timeout: config.response_timeout,
+            connect_retries: config.connect_retries,
+            connect_retry_backoff: config.connect_retry_backoff,
+            retries: None,
             breakers: None,
             max_request_body: config.max_request_body,
         }
@@ -82,6 +95,18 @@ impl Upstream {
     ) -> Upstream {
         self.breakers = Some((breakers, state));
         self
+    }
+
+    /// Counts connect retries in `retries` (label `outcome`, see [`RetryOutcome`]).
+    pub fn with_retry_metrics(mut self, retries: prometheus::IntCounterVec) -> Upstream {
+        self.retries = Some(retries);
+        self
+    }
+
+    fn count_retry(&self, outcome: RetryOutcome) {
+        if let Some(retries) = &self.retries {
+            retries.with_label_values(&[outcome.as_str()]).inc();
+        }
     }
 
     /// Asks the host's breaker for leave to send; `Err` when its circuit is open.
@@ -112,64 +137,248 @@ impl Upstream {
     }
 
     /// Sends the consumer's request to `target` (already authorised) and returns the provider's
-    /// response head with its body still streaming, counting request body bytes in
+    /// response head with its body still streaming, and how many connections were tried for it
+    /// (1 unless a connect failed and was retried); request body bytes are counted in
     /// `request_bytes`. Connect, TLS or protocol failures are 502; no response head within the
-    /// response timeout is 504.
+    /// response timeout (all attempts together) is 504.
+    ///
+    /// A failed attempt is retried (up to `connect_retries` times, after a backoff that doubles)
+    /// only when both hold:
+    /// - the client says its connector failed (`is_connect()`: TCP connect, TLS handshake or
+    ///   the connect timeout), so no connection existed to write the request to; and
+    /// - the request body came back unread ([`Reclaimable`]): no byte of it was taken.
+    ///
+    /// Anything else — a response timeout, a connection closed or reset after the request was
+    /// written, a broken answer, any HTTP response — is final. Every attempt asks the host's
+    /// circuit breaker first and reports its failure to it, so retries count towards opening
+    /// the circuit, and an open circuit ends them. No retry starts that could not finish its
+    /// backoff before the response timeout.
     pub async fn forward_counted(
         &self,
         req: Request<Incoming>,
         target: &Target,
         client_addr: SocketAddr,
         request_bytes: Arc<AtomicU64>,
-    ) -> Result<Response<Incoming>, Rejection> {
-        let limit = self.max_request_body;
-        let mut req = req.map(|body| Counted {
-            limit,
-            inner: body,
-            bytes: request_bytes,
-        });
+    ) -> (Result<Response<Incoming>, Rejection>, u32) {
         let url = target.without_query().to_string();
         let uri: Uri = match target.url().parse() {
             Ok(uri) => uri,
-            Err(_) => return Err(Rejection::UpstreamError { url }),
+            Err(_) => return (Err(Rejection::UpstreamError { url }), 0),
         };
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
-        prepare_request_headers(req.headers_mut(), client_addr);
+        let (mut head, body) = req.into_parts();
+        head.uri = uri;
+        head.version = Version::HTTP_11;
+        prepare_request_headers(&mut head.headers, client_addr);
+        let mut body = Some(Counted {
+            limit: self.max_request_body,
+            inner: body,
+            bytes: request_bytes,
+        });
+        let mut head = Some(head);
 
         let key = endpoint_key(target.authority());
-        let ticket = self.ticket(&key, &url)?;
-        // Connect failures are not retried here: the request body streams and cannot be
-        // replayed, and a request a provider may have processed is never sent twice. (hyper
-        // itself re-sends only a request that no byte of was written to a pooled connection
-        // that had closed.)
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
-        let answer = match result {
-            Err(_) => {
-                if let Some(t) = ticket {
-                    t.failure(Instant::now());
+        let deadline = tokio::time::Instant::now() + self.response_timeout;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let retry_left = attempt <= self.connect_retries;
+            let ticket = match self.ticket(&key, &url) {
+                Ok(ticket) => ticket,
+                Err(circuit_open) => {
+                    if attempt > 1 {
+                        self.count_retry(RetryOutcome::CircuitOpen);
+                    }
+                    return (Err(circuit_open), attempt - 1);
                 }
-                Err(Rejection::UpstreamTimeout { url })
-            }
-            Ok(Err(e)) => {
-                if let Some(t) = ticket {
-                    if is_retryable_connect_error(&e) {
+            };
+            // The head is kept for a retry while one may follow; the last attempt takes it.
+            let (Some(this_head), Some(this_body)) = (
+                if retry_left {
+                    head.clone()
+                } else {
+                    head.take()
+                },
+                body.take(),
+            ) else {
+                // Unreachable: a retry only starts once the body came back, and the head is
+                // only taken by the last attempt.
+                return (Err(Rejection::UpstreamError { url }), attempt - 1);
+            };
+            let (this_body, returned) = Reclaimable::new(this_body, retry_left);
+            let req = Request::from_parts(this_head, this_body);
+            let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+            let answer = match result {
+                Err(_) => {
+                    if let Some(t) = ticket {
                         t.failure(Instant::now());
                     }
+                    Err((
+                        RetryOutcome::Timeout,
+                        Rejection::UpstreamTimeout { url: url.clone() },
+                    ))
                 }
-                tracing::warn!(target_url = %url, error = %error_chain(&e), "upstream request failed");
-                Err(Rejection::UpstreamError { url })
-            }
-            Ok(Ok(mut resp)) => {
-                if let Some(t) = ticket {
-                    t.success();
+                Ok(Err(e)) => {
+                    let connect = is_retryable_connect_error(&e);
+                    if let Some(t) = ticket {
+                        if connect {
+                            t.failure(Instant::now());
+                        }
+                    }
+                    // The body is handed back only when the client dropped it unread.
+                    let unread = returned.and_then(|mut rx| rx.try_recv().ok());
+                    let backoff = self
+                        .connect_retry_backoff
+                        .saturating_mul(1 << (attempt - 1).min(16));
+                    let in_time = tokio::time::Instant::now() + backoff < deadline;
+                    match unread {
+                        Some(unread) if connect && retry_left && in_time => {
+                            self.show_state(&key);
+                            if attempt > 1 {
+                                self.count_retry(RetryOutcome::ConnectError);
+                            }
+                            tracing::warn!(
+                                target_url = %url,
+                                attempt,
+                                backoff_ms = backoff.as_millis() as u64,
+                                error = %error_chain(&e),
+                                "upstream connect failed; nothing was sent, retrying"
+                            );
+                            body = Some(unread);
+                            tokio::time::sleep(backoff).await;
+                            continue;
+                        }
+                        _ => {
+                            tracing::warn!(target_url = %url, attempt, error = %error_chain(&e), "upstream request failed");
+                            let outcome = if connect {
+                                RetryOutcome::ConnectError
+                            } else {
+                                RetryOutcome::Error
+                            };
+                            Err((outcome, Rejection::UpstreamError { url: url.clone() }))
+                        }
+                    }
                 }
-                strip_hop_by_hop(resp.headers_mut());
-                Ok(resp)
+                Ok(Ok(mut resp)) => {
+                    if let Some(t) = ticket {
+                        t.success();
+                    }
+                    strip_hop_by_hop(resp.headers_mut());
+                    Ok(resp)
+                }
+            };
+            self.show_state(&key);
+            if attempt > 1 {
+                self.count_retry(match &answer {
+                    Ok(_) => RetryOutcome::Answered,
+                    Err((outcome, _)) => *outcome,
+                });
             }
-        };
-        self.show_state(&key);
-        answer
+            return (answer.map_err(|(_, rejection)| rejection), attempt);
+        }
+    }
+}
+
+/// What became of a connect retry (the `outcome` label of `ssp_upstream_retries_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// The provider answered (any status).
+    Answered,
+    /// The connection could not be made this time either.
+    ConnectError,
+    /// The response timeout ran out during the retry.
+    Timeout,
+    /// The retry failed after its connection was made (it is not retried again).
+    Error,
+    /// The host's circuit opened (the failures so far reached the threshold): not sent.
+    CircuitOpen,
+}
+
+impl RetryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryOutcome::Answered => "answered",
+            RetryOutcome::ConnectError => "connect_error",
+            RetryOutcome::Timeout => "timeout",
+            RetryOutcome::Error => "error",
+            RetryOutcome::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
+/// A request body that hands itself back, through a oneshot channel, when it is dropped
+/// before anyone asked it for a frame: the upstream client dropped the request without
+/// sending it (its connection could not be made), so the body can go out again, whole, on
+/// another attempt. Once a frame has been asked for it is never handed back. Nothing is
+/// buffered: the consumer's stream is only read once a connection is up.
+///
+/// An unread body alone does not prove the request was not sent (a request without a body is
+/// written without its body ever being polled); [`Upstream::forward_counted`] also requires a
+/// connect error.
+pub struct Reclaimable<B> {
+    body: Option<B>,
+    back: Option<oneshot::Sender<B>>,
+}
+
+impl<B> Reclaimable<B> {
+    /// Wraps `body`; with `reclaim`, also the receiver that gets it back if it goes unread.
+    pub fn new(body: B, reclaim: bool) -> (Reclaimable<B>, Option<oneshot::Receiver<B>>) {
+        if !reclaim {
+            return (
+                Reclaimable {
+                    body: Some(body),
+                    back: None,
+                },
+                None,
+            );
+        }
+        let (tx, rx) = oneshot::channel();
+        (
+            Reclaimable {
+                body: Some(body),
+                back: Some(tx),
+            },
+            Some(rx),
+        )
+    }
+}
+
+impl<B> Drop for Reclaimable<B> {
+    fn drop(&mut self) {
+        if let (Some(back), Some(body)) = (self.back.take(), self.body.take()) {
+            // The receiver may be gone (the request was answered): then the body just drops.
+            let _ = back.send(body);
+        }
+    }
+}
+
+impl<B> http_body::Body for Reclaimable<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        // Asked for a frame: the body is being sent and is no longer the gateway's to resend.
+        this.back = None;
+        match this.body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().map_or(true, |b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -522,6 +731,88 @@ impl http_body::Body for ProxyBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn an_unread_body_comes_back_and_a_read_one_never_does() {
+        let (body, back) = Reclaimable::new(Full::new(Bytes::from_static(b"booking")), true);
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(7));
+        drop(body);
+        let mut back = back.expect("a receiver");
+        let whole = back.try_recv().expect("handed back unread");
+        assert_eq!(
+            whole.collect().await.expect("body").to_bytes(),
+            Bytes::from_static(b"booking")
+        );
+
+        let (mut body, back) = Reclaimable::new(Full::new(Bytes::from_static(b"booking")), true);
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"booking")));
+        drop(body);
+        assert!(
+            back.expect("a receiver").try_recv().is_err(),
+            "read bodies stay gone"
+        );
+
+        let (body, back) = Reclaimable::new(Full::new(Bytes::from_static(b"x")), false);
+        assert!(back.is_none());
+        drop(body);
+    }
+
+    /// Through a real hyper-util client: a refused connection is a connect error and the body
+    /// comes back unread; a peer that takes the request and hangs up is not a connect error and
+    /// the body (read and sent) does not come back.
+    #[tokio::test]
+    async fn the_client_drops_the_body_unread_only_when_it_could_not_connect() {
+        use hyper_util::client::legacy::connect::HttpConnector;
+        use tokio::io::AsyncReadExt;
+
+        type Body = Reclaimable<Full<Bytes>>;
+        let client: Client<HttpConnector, Body> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let post = |uri: String| {
+            let (body, back) = Reclaimable::new(Full::new(Bytes::from(vec![b'x'; 4096])), true);
+            let req = Request::post(uri).body(body).expect("request");
+            (req, back.expect("a receiver"))
+        };
+
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let (req, mut back) = post(format!("http://127.0.0.1:{port}/x"));
+        let err = client.request(req).await.expect_err("refused");
+        assert!(is_retryable_connect_error(&err), "{err:?}");
+        let body = back.try_recv().expect("the body came back unread");
+        assert_eq!(body.collect().await.expect("body").to_bytes().len(), 4096);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let mut got = Vec::new();
+            if let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 8192];
+                // The whole request: its head, then the 4096-byte body.
+                while !(got.len() > 4096 && got[got.len() - 4096..].iter().all(|b| *b == b'x')) {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
+            got.len()
+        });
+        let (req, mut back) = post(format!("http://{addr}/x"));
+        let err = client.request(req).await.expect_err("hung up");
+        assert!(!is_retryable_connect_error(&err), "{err:?}");
+        assert!(back.try_recv().is_err(), "a sent body never comes back");
+        assert!(server.await.expect("server") > 4096, "the request was sent");
+    }
 
     #[test]
     fn hop_by_hop_and_forwarding_headers_are_replaced() {

@@ -76,6 +76,8 @@ struct Record<'a> {
     /// A `request` record was submitted: the request's last record is an `outcome`.
     audited: bool,
     upstream_latency: Option<Duration>,
+    /// Connections tried for the forwarded request (more than 1 after connect retries).
+    upstream_attempts: Option<u32>,
     request_bytes: Option<Arc<AtomicU64>>,
     /// The rate limiter's refusal, for the 429's headers.
     rate_limit: Option<Decision>,
@@ -418,11 +420,12 @@ impl Gateway {
         let request_bytes = Arc::new(AtomicU64::new(0));
         record.request_bytes = Some(request_bytes.clone());
         let sent = Instant::now();
-        let forwarded = self
+        let (forwarded, attempts) = self
             .upstream
             .forward_counted(req, &target, conn.remote, request_bytes)
             .await;
         record.upstream_latency = Some(sent.elapsed());
+        record.upstream_attempts = Some(attempts);
         // A streamed body that went past the cap was cut off: say so, not "provider error".
         let over_cap =
             |bytes: &AtomicU64| cap.is_some_and(|cap| bytes.load(Ordering::Relaxed) > cap);
@@ -641,6 +644,7 @@ fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_
         request_bytes: None,
         response_bytes: None,
         upstream_latency_us: record.upstream_latency.map(|d| d.as_micros() as u64),
+        upstream_attempts: record.upstream_attempts.filter(|n| *n > 1),
         total_latency_us: None,
         completed: None,
     }

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub upstream_connect_errors: IntCounterVec,
     /// Circuit state per provider host: closed 0, open 1, half-open 2.
     pub upstream_circuit_state: IntGaugeVec,
+    /// Connect retries by outcome (`forward::RetryOutcome`).
+    pub upstream_retries: IntCounterVec,
     /// Hot reloads by component and result (`ok`, `refused`).
     pub reloads: IntCounterVec,
     pub audit: AuditMetrics,
@@ -152,6 +154,14 @@ impl Metrics {
                 "Circuit breaker state per provider host: 0 closed, 1 open, 2 half-open.",
             ),
             &["host"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                "ssp_upstream_retries_total",
+                "Requests sent again after a failed connect to the provider, by outcome of the retry.",
+            ),
+            &["outcome"],
         )
         .expect("static metric definition is valid");
         let reloads = IntCounterVec::new(
@@ -233,6 +243,7 @@ impl Metrics {
             Box::new(tls_handshake_failures.clone()),
             Box::new(upstream_connect_errors.clone()),
             Box::new(upstream_circuit_state.clone()),
+            Box::new(upstream_retries.clone()),
             Box::new(reloads.clone()),
             Box::new(audit.queue_depth.clone()),
             Box::new(audit.fsync_duration.clone()),
@@ -263,6 +274,7 @@ impl Metrics {
             tls_handshake_failures,
             upstream_connect_errors,
             upstream_circuit_state,
+            upstream_retries,
             reloads,
             audit,
             tracing,

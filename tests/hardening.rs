@@ -485,3 +485,245 @@ async fn an_http2_reset_flood_loses_its_connection_and_nobody_else_notices() {
     assert_eq!(a.status, StatusCode::OK);
     h.stop().await;
 }
+
+/// Raw HTTP/2 frames over the consumer's TLS connection: just enough of RFC 9113 to play a
+/// peer that opens more streams than the server allows (the `h2` client would queue them).
+mod raw_h2 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const ACK: u8 = 0x1;
+    pub const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    pub struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
+    }
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut out = len.to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend(payload);
+        out
+    }
+
+    /// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), first byte ORed with `mask`.
+    fn integer(out: &mut Vec<u8>, mask: u8, n: u32, mut value: usize) {
+        let max = (1usize << n) - 1;
+        if value < max {
+            out.push(mask | value as u8);
+            return;
+        }
+        out.push(mask | max as u8);
+        value -= max;
+        while value >= 128 {
+            out.push((value % 128) as u8 | 0x80);
+            value /= 128;
+        }
+        out.push(value as u8);
+    }
+
+    /// A header block of literal fields without indexing, no Huffman (RFC 7541 §6.2.2).
+    pub fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in fields {
+            out.push(0x00);
+            integer(&mut out, 0, 7, name.len());
+            out.extend(name.as_bytes());
+            integer(&mut out, 0, 7, value.len());
+            out.extend(value.as_bytes());
+        }
+        out
+    }
+
+    pub async fn read_frame<S: AsyncReadExt + Unpin>(s: &mut S) -> std::io::Result<Frame> {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await?;
+        Ok(Frame {
+            kind: head[3],
+            flags: head[4],
+            stream,
+            payload,
+        })
+    }
+
+    pub async fn write<S: AsyncWriteExt + Unpin>(s: &mut S, bytes: &[u8]) {
+        s.write_all(bytes).await.expect("write frames");
+        s.flush().await.expect("flush");
+    }
+}
+
+/// Plays an HTTP/2 peer against a gateway configured with `http2_max_concurrent_streams =
+/// limit`, its provider holding every request: the server advertises `limit`; `limit` streams
+/// reach the provider; two more are refused with REFUSED_STREAM and never reach it; once the
+/// provider answers, the `limit` streams complete with 200.
+async fn streams_are_limited_to(limit: usize) {
+    use raw_h2::*;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let listener = format!("http2_max_concurrent_streams = {limit}");
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Hold(gate.clone()),
+        GatewayOptions {
+            extra_listener: Box::leak(listener.into_boxed_str()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let tcp = tokio::net::TcpStream::connect(h.gateway)
+        .await
+        .expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(client.tls.clone())
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let deadline = Duration::from_secs(30);
+
+    // The connection prefaces; the server's SETTINGS name its stream limit.
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    write(&mut tls, &hello).await;
+    let advertised = tokio::time::timeout(deadline, async {
+        loop {
+            let f = read_frame(&mut tls).await.expect("a frame");
+            if f.kind == SETTINGS && f.flags & ACK == 0 {
+                return f.payload.chunks(6).find_map(|s| {
+                    (u16::from_be_bytes([s[0], s[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS)
+                        .then(|| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
+                });
+            }
+        }
+    })
+    .await
+    .expect("the server's SETTINGS");
+    assert_eq!(
+        advertised,
+        Some(limit as u32),
+        "SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
+    write(&mut tls, &frame(SETTINGS, ACK, 0, &[])).await;
+
+    let path = format!("/{}/metadata", h.endpoint());
+    let token = jwt(scope_for(IX_METADATA));
+    let bearer = format!("Bearer {token}");
+    let request = |stream: u32| {
+        let trace = uuid::Uuid::new_v4().to_string();
+        let block = header_block(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", &path),
+            ("ssp-traceid", &trace),
+            ("ssp-from", CONSUMER_ASID),
+            ("ssp-to", PROVIDER_ASID),
+            ("ssp-interactionid", IX_METADATA),
+            ("authorization", &bearer),
+            ("accept", "application/fhir+json"),
+        ]);
+        frame(HEADERS, END_HEADERS | END_STREAM, stream, &block)
+    };
+    let within: Vec<u32> = (0..limit as u32).map(|i| 2 * i + 1).collect();
+    let beyond = [2 * limit as u32 + 1, 2 * limit as u32 + 3];
+
+    // `limit` streams: all reach the provider, which holds them open.
+    let mut bytes = Vec::new();
+    for id in &within {
+        bytes.extend(request(*id));
+    }
+    write(&mut tls, &bytes).await;
+    let wait = tokio::time::Instant::now() + deadline;
+    while h.recorder.seen() < limit {
+        assert!(
+            tokio::time::Instant::now() < wait,
+            "{} of {limit} streams reached the provider",
+            h.recorder.seen()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Two more while those are open: each is refused, on its own, with REFUSED_STREAM.
+    let mut bytes = Vec::new();
+    for id in beyond {
+        bytes.extend(request(id));
+    }
+    write(&mut tls, &bytes).await;
+    let mut refused = Vec::new();
+    tokio::time::timeout(deadline, async {
+        while refused.len() < beyond.len() {
+            let f = read_frame(&mut tls).await.expect("a frame");
+            assert_ne!(
+                f.kind, GOAWAY,
+                "the connection was closed, not the streams refused"
+            );
+            if f.kind == RST_STREAM {
+                let code =
+                    u32::from_be_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]]);
+                assert_eq!(code, REFUSED_STREAM, "stream {}", f.stream);
+                refused.push(f.stream);
+            }
+        }
+    })
+    .await
+    .expect("RST_STREAM for the streams over the limit");
+    refused.sort_unstable();
+    assert_eq!(refused, beyond);
+
+    // The provider answers: the `limit` streams complete with 200 (`:status 200` is static
+    // table entry 8, indexed: 0x88), and nothing else ever reached it.
+    gate.add_permits(limit);
+    let mut ok = Vec::new();
+    let mut ended = Vec::new();
+    tokio::time::timeout(deadline, async {
+        while ended.len() < limit {
+            let f = read_frame(&mut tls).await.expect("a frame");
+            assert_ne!(f.kind, GOAWAY);
+            if f.kind == HEADERS && f.payload.first() == Some(&0x88) {
+                ok.push(f.stream);
+            }
+            if (f.kind == HEADERS || f.kind == DATA) && f.flags & END_STREAM != 0 {
+                ended.push(f.stream);
+            }
+        }
+    })
+    .await
+    .expect("the streams within the limit complete");
+    ok.sort_unstable();
+    ended.sort_unstable();
+    assert_eq!(ok, within, "200 on every stream within the limit");
+    assert_eq!(ended, within);
+    assert_eq!(
+        h.recorder.seen(),
+        limit,
+        "refused streams never reached the provider"
+    );
+    drop(tls);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_over_the_configured_limit_are_refused() {
+    // Two limits, so a setting that is not wired (hyper's default is 200) fails the test.
+    streams_are_limited_to(4).await;
+    streams_are_limited_to(6).await;
+}

@@ -165,3 +165,215 @@ async fn start_provider_on(world: &World, port: u16) -> tokio_util::sync::Cancel
     serve_recorder(world, listener, recorder, stop.clone());
     stop
 }
+
+/// A TCP front for the provider that counts the connections the gateway opens to it and pipes
+/// each to `upstream`. Returns its port and the count.
+async fn counting_front(
+    upstream: std::net::SocketAddr,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind front");
+    let port = listener.local_addr().expect("addr").port();
+    let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = opened.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut provider) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut provider).await;
+                }
+            });
+        }
+    });
+    (port, opened)
+}
+
+/// Every audit record in `dir` so far.
+fn audit_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .collect()
+}
+
+/// The noisy neighbour, structurally (latency is the e2e bench's `noisy-neighbour` workload):
+/// while one consumer floods far past its limit, every request the provider receives is held,
+/// so each one the gateway forwards occupies an upstream connection of its own. The quiet
+/// consumer's requests all succeed; the provider sees exactly the quiet requests and the noisy
+/// ones that were let through; the gateway opens exactly one upstream connection per request
+/// the provider saw (a 429 never opened or took one); and every 429 is in the audit trail as
+/// a rejection, with no `request` record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_consumer_s_429s_never_reach_the_provider_nor_take_an_upstream_connection() {
+    use std::sync::atomic::Ordering;
+    const FLOOD: usize = 40;
+    const QUIET: usize = 5;
+    let world = World::ecdsa();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let provider = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind provider");
+    let provider_addr = provider.local_addr().expect("addr");
+    let recorder = Recorder::new(Behaviour::Hold(gate.clone()));
+    serve_recorder(&world, provider, recorder.clone(), stop.clone());
+    let (port, upstream_connections) = counting_front(provider_addr).await;
+    let config = gateway_config(
+        &world,
+        port,
+        &GatewayOptions {
+            rate_limit: "requests_per_second = 1\nburst = 3\noverrides = [{ asid = \"200000000360\", requests_per_second = 1000, burst = 1000 }]",
+            ..Default::default()
+        },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(port));
+
+    // The flood and the quiet consumer's requests, all at once, each on its own connection.
+    let noisy = world.client(&world.consumer, running.gateway_addr);
+    let quiet = world.client(&world.readonly, running.gateway_addr);
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD {
+        let (noisy, target, refused) = (noisy.clone(), target.clone(), refused.clone());
+        flood.push(tokio::spawn(async move {
+            let a = noisy.gpc(Gpc::new(Method::GET, target, IX_METADATA)).await;
+            if a.status == StatusCode::TOO_MANY_REQUESTS {
+                a.assert_outcome(429, None, "RATE_LIMIT_EXCEEDED_MESSAGESENDER_200000000359");
+                refused.fetch_add(1, Ordering::SeqCst);
+            }
+            a.status
+        }));
+    }
+    let quiet_refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let quiet_requests: Vec<_> = (0..QUIET)
+        .map(|_| {
+            let (quiet, target, quiet_refused) =
+                (quiet.clone(), target.clone(), quiet_refused.clone());
+            tokio::spawn(async move {
+                let a = quiet
+                    .gpc(Gpc::new(Method::GET, target, IX_METADATA).from(READONLY_ASID))
+                    .await;
+                if a.status != StatusCode::OK {
+                    quiet_refused.fetch_add(1, Ordering::SeqCst);
+                }
+                a
+            })
+        })
+        .collect();
+
+    // Every request is either refused (429) or held at the provider.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let noisy_at_provider = || {
+        recorder
+            .heads
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, _, h)| h["ssp-from"] == CONSUMER_ASID)
+            .count()
+    };
+    while refused.load(Ordering::SeqCst) + recorder.seen() < FLOOD + QUIET {
+        assert_eq!(
+            quiet_refused.load(Ordering::SeqCst),
+            0,
+            "the quiet consumer was refused"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} refused, {} at the provider",
+            refused.load(Ordering::SeqCst),
+            recorder.seen()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = refused.load(Ordering::SeqCst);
+    let let_through = noisy_at_provider();
+    assert_eq!(refused + let_through, FLOOD);
+    assert!(let_through >= 3, "the burst is let through: {let_through}");
+    assert!(refused >= FLOOD / 2, "the flood is refused: {refused}");
+    // Everything held, nothing idle: one upstream connection per request the provider has.
+    assert_eq!(recorder.seen(), QUIET + let_through);
+    assert_eq!(
+        upstream_connections.load(Ordering::SeqCst),
+        recorder.seen(),
+        "upstream connections opened"
+    );
+
+    // The provider answers: the quiet consumer's requests all succeed, and so do the noisy
+    // requests that were let through.
+    gate.add_permits(FLOOD + QUIET);
+    for q in quiet_requests {
+        let a = q.await.expect("quiet task");
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    let mut ok = 0;
+    for f in flood {
+        match f.await.expect("noisy task") {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("noisy request answered {other}"),
+        }
+    }
+    assert_eq!(ok, let_through);
+    assert_eq!(
+        recorder.seen(),
+        QUIET + let_through,
+        "no 429 reached the provider"
+    );
+
+    // The audit trail: a rejection record for every 429, and a request record only for what
+    // was forwarded.
+    let dir = config.audit.dir.clone();
+    loop {
+        let records = audit_records(&dir);
+        let rejections: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| r["kind"] == "rejection" && r["status"] == 429)
+            .collect();
+        let forwarded_from = |asid: &str| {
+            records
+                .iter()
+                .filter(|r| r["kind"] == "request" && r["from"] == asid)
+                .count()
+        };
+        let outcomes = records.iter().filter(|r| r["kind"] == "outcome").count();
+        if rejections.len() == refused && outcomes == QUIET + let_through {
+            for r in &rejections {
+                assert_eq!(r["token"], "RATE_LIMIT_EXCEEDED_MESSAGESENDER_200000000359");
+                assert_eq!(r["from"], CONSUMER_ASID);
+            }
+            assert_eq!(forwarded_from(CONSUMER_ASID), let_through);
+            assert_eq!(forwarded_from(READONLY_ASID), QUIET);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} rejection records for {refused} 429s, {outcomes} outcomes",
+            rejections.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, metrics) = http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "ssp_rejections_total{reason=\"rate_limited\"}"),
+        Some(refused as f64)
+    );
+    stop.cancel();
+    shutdown.cancel();
+    running.wait().await;
+}

@@ -16,10 +16,11 @@
 //! `--idle 10000`, `--no-nginx`, `--key rsa|ecdsa`, `--gateway NAME=SNIPPET.toml` (repeatable:
 //! one gateway column per configuration, the TOML snippet merged over the bench's gateway
 //! config, e.g. `[audit]` settings), `--json-out FILE`, `--keep` (keep the scratch directory),
-//! and workload names (`get-4k`, `post-book`, `get-178k`, `new-conn`, `half-rate`, `idle`) to
-//! run only those. `SSP_BENCH_GATEWAY_EXTRA=FILE` merges a snippet into the default gateway.
+//! and workload names (`get-4k`, `post-book`, `get-178k`, `new-conn`, `half-rate`,
+//! `noisy-neighbour`, `idle`) to run only those. `SSP_BENCH_GATEWAY_EXTRA=FILE` merges a snippet into the default gateway.
 
 mod nginx;
+mod noisy;
 mod procs;
 mod provider;
 
@@ -95,15 +96,19 @@ enum Workload {
     Get178k,
     NewConn,
     HalfRate,
+    /// A quiet consumer's latency alone and beside a consumer flooding past its rate limit
+    /// (`noisy.rs`; gateways only).
+    NoisyNeighbour,
 }
 
 impl Workload {
-    const ALL: [Workload; 5] = [
+    const ALL: [Workload; 6] = [
         Workload::Get4k,
         Workload::PostBook,
         Workload::Get178k,
         Workload::NewConn,
         Workload::HalfRate,
+        Workload::NoisyNeighbour,
     ];
 
     fn name(self) -> &'static str {
@@ -113,6 +118,7 @@ impl Workload {
             Workload::Get178k => "get-178k",
             Workload::NewConn => "new-conn",
             Workload::HalfRate => "half-rate",
+            Workload::NoisyNeighbour => "noisy-neighbour",
         }
     }
 
@@ -132,6 +138,10 @@ impl Workload {
             ),
             Workload::HalfRate => format!(
                 "GET Slot search 4.9 KB at a fixed rate of half the gateway's keep-alive maximum, {connections} connections"
+            ),
+            Workload::NoisyNeighbour => format!(
+                "Noisy neighbour: a quiet consumer's GET Slot search at a fixed rate, alone and while another consumer floods past its limit of {}/s on {connections} connections",
+                noisy::NOISY_LIMIT
             ),
         }
     }
@@ -163,6 +173,8 @@ struct Row {
     proxy_rss_mb: Option<f64>,
     provider_cpu_us_per_req: Option<f64>,
     rate: Option<f64>,
+    /// Responses that were 429 (the noisy consumer's), when that is expected.
+    throttled: Option<u64>,
     failed: Option<String>,
 }
 
@@ -383,6 +395,15 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
     let mut rows: Vec<Row> = Vec::new();
     for w in &workloads {
         println!("\n{}", w.title(connections));
+        if *w == Workload::NoisyNeighbour {
+            for t in targets.iter().filter(|t| t.label.starts_with("gateway")) {
+                for row in noisy::measure(&bench, t, smoke) {
+                    println!("  {}", row_line(&row));
+                    rows.push(row);
+                }
+            }
+            continue;
+        }
         let rate = match w {
             Workload::HalfRate => {
                 let gw = rows
@@ -460,7 +481,7 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
     if smoke {
         let failed: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.failed.is_some() || r.ok == 0 || r.errors > 0)
+            .filter(|r| r.failed.is_some() || r.ok == 0 || r.errors > r.throttled.unwrap_or(0))
             .collect();
         let idle_failed = idle_rows.iter().filter(|r| r.open == 0).count();
         let passed = rows.len() - failed.len() + idle_rows.len() - idle_failed;
@@ -522,6 +543,8 @@ fn write_pki(dir: &Path, key: KeyKind) -> Result<(), String> {
         ("provider", LeafSpec::server(&["localhost", "127.0.0.1"])),
         ("gateway-client", LeafSpec::client(&["ssp.dev.local"])),
         ("consumer", LeafSpec::client(&["consumer.dev.local"])),
+        // The read-only consumer (ASID 200000000360): the noisy neighbour.
+        ("readonly", LeafSpec::client(&["readonly.dev.local"])),
     ];
     for (stem, spec) in leaves {
         let issued = ca.issue(&spec.with_key(key)).map_err(|x| e(stem, &x))?;
@@ -586,13 +609,16 @@ level = "info"
 grace_period = "1s"
 
 # The per-consumer check runs on every request; the limit is far above any load here, so
-# nothing is refused (one consumer certificate drives the whole benchmark).
+# nothing is refused (one consumer certificate drives the whole benchmark), except for the
+# noisy-neighbour workload's noisy consumer (the override).
 [rate_limit]
 requests_per_second = 10000000
 burst = 10000000
 max_in_flight = 100000
+{noisy_override}
 "#,
         interactions = repo.join("config/interactions.toml").display(),
+        noisy_override = noisy::rate_limit_override(),
     );
     let mut table: toml::Table = base.parse().map_err(|e| format!("bench config: {e}"))?;
     if let Some(path) = extra {
@@ -752,6 +778,9 @@ impl Bench {
                 "--rate".into(),
                 format!("{}", rate.unwrap_or(1.0)),
             ]),
+            Workload::NoisyNeighbour => {
+                return failed_row(w, t, "measured by noisy::measure".into());
+            }
         }
         let proxy_tree = || t.proxy.map(procs::tree).unwrap_or_default();
         let provider_tree = vec![self.provider_pid];
@@ -802,6 +831,7 @@ impl Bench {
             proxy_rss_mb: t.proxy.map(|_| rss as f64 / 1024.0),
             provider_cpu_us_per_req: per_req(end.1.saturating_sub(start.1)),
             rate,
+            throttled: None,
             failed: None,
         }
     }
@@ -962,8 +992,11 @@ fn row_line(r: &Row) -> String {
     if let Some(why) = &r.failed {
         return format!("{:<16} failed: {why}", r.target);
     }
+    let throttled = r
+        .throttled
+        .map_or(String::new(), |n| format!(" (429: {n})"));
     format!(
-        "{:<16} {:>9.0} req/s  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  errors {}  proxy {} µs/req  RSS {} MB  provider {} µs/req",
+        "{:<16} {:>9.0} req/s  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  errors {}{throttled}  proxy {} µs/req  RSS {} MB  provider {} µs/req",
         r.target,
         r.rps,
         r.p50_ms,

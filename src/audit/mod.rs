@@ -333,6 +333,7 @@ mod tests {
             request_bytes: None,
             response_bytes: None,
             upstream_latency_us: None,
+            upstream_attempts: None,
             total_latency_us: None,
             completed: None,
         }

@@ -90,6 +90,10 @@ pub struct AuditRecord {
     /// From sending the request to the provider until its response head arrived.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_latency_us: Option<u64>,
+    /// Connections tried for the forwarded request, when more than one (a connect failed and
+    /// was retried; nothing was sent on a failed one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_attempts: Option<u32>,
     /// From receiving the request until the response was complete (or abandoned).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub total_latency_us: Option<u64>,
@@ -196,6 +200,7 @@ mod tests {
             request_bytes: None,
             response_bytes: None,
             upstream_latency_us: None,
+            upstream_attempts: None,
             total_latency_us: Some(12),
             completed: None,
         };

@@ -551,6 +551,9 @@ pub enum Behaviour {
     Big(usize),
     /// Answers with this status and body, as a provider error would.
     Status(u16, &'static str),
+    /// Holds each request until the test adds a permit to this semaphore, then answers as
+    /// `Echo` (streams and upstream connections stay busy for as long as the test needs).
+    Hold(Arc<tokio::sync::Semaphore>),
 }
 
 /// A provider that records what reached it.
@@ -615,8 +618,13 @@ impl Recorder {
             }
         }
         self.body_bytes.fetch_add(len, Ordering::SeqCst);
+        if let Behaviour::Hold(gate) = &self.behaviour {
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+        }
         match &self.behaviour {
-            Behaviour::Echo => {
+            Behaviour::Echo | Behaviour::Hold(_) => {
                 let headers: serde_json::Map<String, serde_json::Value> = parts
                     .headers
                     .iter()
