@@ -192,7 +192,7 @@ mod tests {
             interaction: None,
             method: "GET".into(),
             target_url: "/x".into(),
-            client: ClientInfo::default(),
+            client: Arc::default(),
             jwt: None,
             jwt_problem: None,
             status: Some(400),
