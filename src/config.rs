@@ -572,6 +572,10 @@ fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
     ) as u32;
     let burst = s.uint("burst", u64::from(d.default.burst), 1, 10_000_000) as u32;
     let max_tracked = s.uint("max_tracked", d.max_tracked as u64, 1, 100_000_000) as usize;
+    let reject_delay = duration_or_zero(s, "reject_delay", d.reject_delay);
+    if reject_delay > Duration::from_secs(10) {
+        s.problem("reject_delay", "must be at most 10s".into());
+    }
     let max_in_flight = s.uint(
         "max_in_flight",
         crate::ratelimit::DEFAULT_MAX_IN_FLIGHT as u64,
@@ -609,6 +613,7 @@ fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
             default: Limit::per_second(requests, burst),
             overrides,
             max_tracked,
+            reject_delay,
         }),
         max_in_flight,
     }

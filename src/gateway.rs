@@ -163,7 +163,15 @@ impl Gateway {
             self.access_log(&conn, &ctx, &record, status, latency_us);
         }
         self.record_span(&ctx, &record, status);
-        self.record_outcome(&conn, &ctx, record, response)
+        let rate_limited = record.rate_limit.is_some();
+        let response = self.record_outcome(&conn, &ctx, record, response);
+        if let (true, Some(limiter)) = (rate_limited, &self.limiter) {
+            // A flood of refusals must not take the CPU from other consumers: the 429 waits
+            // (holding no in-flight permit), so a connection gets one per delay.
+            drop(permit);
+            tokio::time::sleep(limiter.reject_delay()).await;
+        }
+        response
     }
 
     /// The request's last audit record: a `rejection` or `preflight` now, or the `outcome` of a

@@ -57,6 +57,8 @@ pub const DEFAULT_PER: Duration = Duration::from_secs(1);
 pub const DEFAULT_BURST: u32 = 100;
 /// Default bound on the number of buckets held (one per recently active ASID, ~100 bytes each).
 pub const DEFAULT_MAX_TRACKED: usize = 65_536;
+/// How long a 429 is held before it is sent (see [`RateLimitPolicy::reject_delay`]).
+pub const DEFAULT_REJECT_DELAY: Duration = Duration::from_millis(250);
 /// Default bound on requests in flight across the whole gateway before load shedding.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4_096;
 /// A full shard drops its refilled buckets at most this often.
@@ -113,6 +115,11 @@ pub struct RateLimitPolicy {
     pub overrides: BTreeMap<String, Limit>,
     /// Most buckets held for ASIDs without an override (see the module doc).
     pub max_tracked: usize,
+    /// A 429 is held this long before it is sent (the request's in-flight permit released
+    /// first). A consumer flooding past its limit then gets at most one answer per connection
+    /// (or HTTP/2 stream) per delay, so its refusals cannot take the gateway's CPU from other
+    /// consumers; a well-behaved consumer waits for `Retry-After` anyway. Zero: at once.
+    pub reject_delay: Duration,
 }
 
 impl Default for RateLimitPolicy {
@@ -121,6 +128,7 @@ impl Default for RateLimitPolicy {
             default: Limit::default(),
             overrides: BTreeMap::new(),
             max_tracked: DEFAULT_MAX_TRACKED,
+            reject_delay: DEFAULT_REJECT_DELAY,
         }
     }
 }
@@ -349,9 +357,15 @@ pub struct RateLimiter {
     /// Shared by newcomers while their shard is full of drained buckets.
     overflow: Bucket,
     overflow_checks: AtomicU64,
+    reject_delay: Duration,
 }
 
 impl RateLimiter {
+    /// How long a 429 is held before it is sent.
+    pub fn reject_delay(&self) -> Duration {
+        self.reject_delay
+    }
+
     /// Validates `policy` (every problem reported at once) and builds the limiter.
     pub fn new(policy: RateLimitPolicy) -> Result<RateLimiter, PolicyError> {
         let mut problems = Vec::new();
@@ -378,6 +392,7 @@ impl RateLimiter {
                 per_shard: policy.max_tracked.div_ceil(SHARDS),
                 hasher: RandomState::new(),
                 overflow: Bucket::new(default),
+                reject_delay: policy.reject_delay,
                 overflow_checks: AtomicU64::new(0),
             }),
             _ => Err(PolicyError(problems)),
@@ -656,6 +671,7 @@ mod tests {
             default: Limit::per_second(1, 2),
             overrides,
             max_tracked: 16,
+            reject_delay: DEFAULT_REJECT_DELAY,
         })
         .expect("valid");
         assert_eq!(admitted(&rl, A, t0, 50), 2);
@@ -681,6 +697,7 @@ mod tests {
             },
             overrides,
             max_tracked: 0,
+            reject_delay: DEFAULT_REJECT_DELAY,
         })
         .expect_err("invalid");
         assert_eq!(
@@ -746,6 +763,7 @@ mod tests {
             default: Limit::per_second(1, 10),
             overrides: BTreeMap::new(),
             max_tracked: SHARDS * 4,
+            reject_delay: DEFAULT_REJECT_DELAY,
         })
         .expect("valid");
         // A real consumer drains its bucket first.

@@ -57,6 +57,54 @@ async fn a_consumer_over_its_limit_gets_429_and_others_carry_on() {
     h.stop().await;
 }
 
+/// A 429 is held for `reject_delay` (so a flood gets one answer per connection per delay) and
+/// holds no in-flight permit meanwhile: with room for one request in flight, another consumer
+/// is served while the refused one waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_held_for_the_reject_delay_without_taking_an_in_flight_slot() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            rate_limit: "requests_per_second = 1\nburst = 1\nmax_in_flight = 1\nreject_delay = \"3s\"\noverrides = [{ asid = \"200000000360\", requests_per_second = 1000, burst = 1000 }]",
+            ..Default::default()
+        },
+    )
+    .await;
+    let noisy = h.consumer();
+    let quiet = h.world.client(&h.world.readonly, h.gateway);
+    let ok = noisy
+        .gpc(Gpc::new(Method::GET, metadata(&h), IX_METADATA))
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let started = std::time::Instant::now();
+    let refused = tokio::spawn({
+        let (noisy, target) = (noisy.clone(), metadata(&h));
+        async move { noisy.gpc(Gpc::new(Method::GET, target, IX_METADATA)).await }
+    });
+    // While the 429 is held, the other consumer's requests are served (not shed with 503).
+    let mut served = 0;
+    while !refused.is_finished() && served < 5 {
+        let q = quiet
+            .gpc(Gpc::new(Method::GET, metadata(&h), IX_METADATA).from(READONLY_ASID))
+            .await;
+        assert_eq!(q.status, StatusCode::OK, "{}", q.text());
+        served += 1;
+    }
+    let refused = refused.await.expect("task");
+    refused.assert_outcome(429, None, "RATE_LIMIT_EXCEEDED_MESSAGESENDER_200000000359");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the 429 was sent before its delay"
+    );
+    assert_eq!(
+        served, 5,
+        "the quiet consumer was served while the 429 was held"
+    );
+    assert_eq!(h.recorder.seen(), 1 + 5);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_in_flight_requests_are_shed_with_503() {
     let h = start_with_recorder(
