@@ -316,7 +316,7 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
     }];
     for (i, (label, extra)) in variants.iter().enumerate() {
         let port = procs::free_port()?;
-        let config = gateway_config(&dir, &repo, port, extra.as_deref())?;
+        let config = gateway_config(&dir, &repo, port, i, extra.as_deref())?;
         let path = dir.join(format!("gateway-{i}.toml"));
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
         let log = dir.join(format!("gateway-{i}.log"));
@@ -564,6 +564,7 @@ fn gateway_config(
     dir: &Path,
     repo: &Path,
     port: u16,
+    index: usize,
     extra: Option<&Path>,
 ) -> Result<String, String> {
     let d = dir.display();
@@ -600,6 +601,10 @@ jwt_clock_skew = "60s"
 [directory]
 backend = "ldif"
 ldif_file = "{d}/directory.ldif"
+
+# One trail per gateway column (a trail belongs to one process).
+[audit]
+dir = "{d}/audit-{index}"
 
 [log]
 format = "json"
