@@ -182,8 +182,8 @@ fn benches(c: &mut Criterion) {
         b.iter(|| outcome::render(std::hint::black_box(&rejection), Format::Xml, &id))
     });
 
-    c.bench_function("request id (uuid v4 + to_string)", |b| {
-        b.iter(|| uuid::Uuid::new_v4().to_string())
+    c.bench_function("request id (telemetry::new_request_id + to_string)", |b| {
+        b.iter(|| ssp_gateway::telemetry::new_request_id().to_string())
     });
 }
 
