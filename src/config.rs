@@ -44,6 +44,7 @@ const DEFAULT_AUDIT_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 const DEFAULT_AUDIT_QUEUE_CAPACITY: u64 = 65_536;
 const DEFAULT_AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_AUDIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 const DEFAULT_TRACING_SERVICE_NAME: &str = "ssp-gateway";
 const DEFAULT_TRACING_QUEUE_CAPACITY: u64 = 4096;
 const DEFAULT_TRACING_MAX_BATCH: u64 = 512;
@@ -430,7 +431,11 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         ) as usize,
         write_timeout: s.duration("write_timeout", DEFAULT_AUDIT_WRITE_TIMEOUT),
         retry_interval: s.duration("retry_interval", DEFAULT_AUDIT_RETRY_INTERVAL),
+        group_commit_window: duration_or_zero(&mut s, "group_commit_window", Duration::ZERO),
     };
+    if audit.group_commit_window > MAX_GROUP_COMMIT_WINDOW {
+        s.problem("group_commit_window", "must be at most 10ms".into());
+    }
     s.finish();
 
     let mut s = root.section("tracing");
@@ -1270,12 +1275,24 @@ ldif_file = "directory.ldif"
             Some("http://127.0.0.1:4318")
         );
 
+        assert_eq!(
+            c.audit.group_commit_window,
+            Duration::ZERO,
+            "off by default"
+        );
+        let c = parse(&format!(
+            "{MINIMAL}\n[audit]\ngroup_commit_window = \"300us\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.audit.group_commit_window, Duration::from_micros(300));
+
         let err = parse(&format!(
-            "{MINIMAL}\n[audit]\ndurability = \"sometimes\"\nmax_file_bytes = 10\nrotate = 1\n[tracing]\notlp_endpoint = \"https://collector\"\n"
+            "{MINIMAL}\n[audit]\ndurability = \"sometimes\"\nmax_file_bytes = 10\nrotate = 1\ngroup_commit_window = \"1s\"\n[tracing]\notlp_endpoint = \"https://collector\"\n"
         ))
         .unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         for expected in [
+            "audit.group_commit_window",
             "audit.durability",
             "audit.max_file_bytes",
             "audit.rotate",

@@ -59,6 +59,10 @@ pub struct AuditConfig {
     pub write_timeout: Duration,
     /// While the trail cannot be written, how often the writer tries again by itself.
     pub retry_interval: Duration,
+    /// `fsync` under concurrent load (the last group commit had more than one waiting
+    /// request): how long the writer lets more records gather before the next write + fsync.
+    /// Fewer, larger fsyncs (less CPU per request) for up to this much more latency. Zero: off.
+    pub group_commit_window: Duration,
 }
 
 /// Why the trail could not be opened, or a record not written.
@@ -310,6 +314,7 @@ mod tests {
             queue_capacity: 1000,
             write_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(50),
+            group_commit_window: Duration::ZERO,
         }
     }
 

@@ -61,6 +61,10 @@ pub(super) struct Writer {
     /// Records waiting for the trail to work again (never commits: those are refused).
     backlog: VecDeque<Pending>,
     failed: bool,
+    /// Waiting requests (commits) in the last batch: more than one means concurrent load.
+    last_commits: usize,
+    /// `fsync` only (see `AuditConfig::group_commit_window`).
+    group_commit_window: Duration,
     last_attempt: Instant,
     last_sync: Instant,
     shared: Arc<Shared>,
@@ -296,6 +300,11 @@ impl Writer {
             needs_repair: false,
             backlog: VecDeque::new(),
             failed: false,
+            last_commits: 0,
+            group_commit_window: match config.durability {
+                Durability::Fsync => config.group_commit_window,
+                Durability::Buffered { .. } => Duration::ZERO,
+            },
             last_attempt: now,
             last_sync: now,
             shared,
@@ -320,13 +329,24 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
             }
             // Group commit: everything that queued up meanwhile goes in the same write + sync.
-            while stop.is_none() && !disconnected && batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Record(p)) => batch.push(p),
-                    Ok(Msg::Shutdown(done)) => stop = Some(done),
-                    Err(_) => break,
-                }
+            let drain =
+                |batch: &mut Vec<Pending>, stop: &mut Option<tokio::sync::oneshot::Sender<()>>| {
+                    while stop.is_none() && !disconnected && batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(Msg::Record(p)) => batch.push(p),
+                            Ok(Msg::Shutdown(done)) => *stop = Some(done),
+                            Err(_) => break,
+                        }
+                    }
+                };
+            drain(&mut batch, &mut stop);
+            let under_load = self.last_commits > 1;
+            if under_load && !self.group_commit_window.is_zero() && stop.is_none() {
+                // Several requests were waiting last time: let more join this fsync.
+                std::thread::sleep(self.group_commit_window);
+                drain(&mut batch, &mut stop);
             }
+            self.last_commits = batch.iter().filter(|p| p.ack.is_some()).count();
             let wrote = !batch.is_empty();
             self.process(batch);
             self.sync_if_due();
