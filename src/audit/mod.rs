@@ -409,6 +409,54 @@ mod tests {
         );
     }
 
+    /// After a group commit that served several waiting requests, the writer gathers for
+    /// `group_commit_window`: a commit sent while it waits shares the next fsync.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_load_the_group_commit_window_gathers_later_commits() {
+        async fn batches(window: Duration) -> u64 {
+            let dir = scratch();
+            let mut cfg = config(&dir, Durability::Fsync);
+            cfg.group_commit_window = window;
+            let metrics = Metrics::new().audit.clone();
+            let (audit, pending) = Audit::prepare(&cfg, metrics.clone());
+            // Two commits queued before the writer starts: its first batch serves both.
+            let first: Vec<_> = (0..2)
+                .map(|i| {
+                    let audit = audit.clone();
+                    tokio::spawn(async move { audit.commit(&record(i)).await })
+                })
+                .collect();
+            while audit.shared.depth.load(Ordering::Acquire) < 2 {
+                tokio::task::yield_now().await;
+            }
+            let thread = pending.start().expect("start");
+            for f in first {
+                f.await.expect("task").expect("commit");
+            }
+            // Then one commit, and another 50 ms later.
+            let a = tokio::spawn({
+                let audit = audit.clone();
+                async move { audit.commit(&record(10)).await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            audit.commit(&record(11)).await.expect("commit");
+            a.await.expect("task").expect("commit");
+            audit.shutdown().await;
+            thread.join().expect("writer thread");
+            metrics.batch_records.get_sample_count()
+        }
+        assert_eq!(
+            batches(Duration::ZERO).await,
+            3,
+            "without a window each later commit has its own fsync"
+        );
+        assert_eq!(
+            batches(Duration::from_millis(500)).await,
+            2,
+            "the second later commit joined the first's fsync"
+        );
+    }
+
     #[tokio::test]
     async fn one_directory_one_writer() {
         let dir = scratch();
