@@ -118,6 +118,10 @@ impl Gateway {
             Some(_) => self.process(&policy, &conn, req, &mut record, &ctx).await,
             None => Err(Rejection::Overloaded),
         };
+        if record.rate_limit.is_some() {
+            // A refused request gives its in-flight slot back at once: its 429 is held below.
+            drop(permit);
+        }
         let mut response = match result {
             Ok(resp) => resp,
             Err(rejection) => {
@@ -167,8 +171,7 @@ impl Gateway {
         let response = self.record_outcome(&conn, &ctx, record, response);
         if let (true, Some(limiter)) = (rate_limited, &self.limiter) {
             // A flood of refusals must not take the CPU from other consumers: the 429 waits
-            // (holding no in-flight permit), so a connection gets one per delay.
-            drop(permit);
+            // (its in-flight slot already given back), so a connection gets one per delay.
             tokio::time::sleep(limiter.reject_delay()).await;
         }
         response

@@ -82,7 +82,20 @@ async fn a_429_is_held_for_the_reject_delay_without_taking_an_in_flight_slot() {
         let (noisy, target) = (noisy.clone(), metadata(&h));
         async move { noisy.gpc(Gpc::new(Method::GET, target, IX_METADATA)).await }
     });
-    // While the 429 is held, the other consumer's requests are served (not shed with 503).
+    // Once the 429 is decided (and held), the other consumer's requests are served one at a
+    // time (not shed with 503: the held 429 has given its in-flight slot back).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = http_get(h.admin, "/metrics").await;
+        if sample(&metrics, "ssp_rejections_total{reason=\"rate_limited\"}") == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 429 was never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut served = 0;
     while !refused.is_finished() && served < 5 {
         let q = quiet
