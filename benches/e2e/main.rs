@@ -81,8 +81,9 @@ struct Opts {
     /// Keep the scratch directory (configs, logs, certificates).
     #[arg(long)]
     keep: bool,
-    /// Profile the first gateway during its get-4k run with `perf record` (cpu-clock, DWARF
-    /// call graphs) into this file; that run's figures then include perf's own overhead.
+    /// Profile the first gateway during the first workload's run (e.g. `get-4k`, `new-conn`)
+    /// with `perf record` (cpu-clock, DWARF call graphs) into this file; that run's figures
+    /// then include perf's own overhead.
     #[arg(long)]
     perf: Option<PathBuf>,
     /// Workloads to run (default: all).
@@ -423,7 +424,8 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
             _ => None,
         };
         for t in &targets {
-            let profile = *w == Workload::Get4k && t.label == targets_first_gateway(&targets);
+            let profile = Some(w) == workloads.iter().find(|w| **w != Workload::NoisyNeighbour)
+                && t.label == targets_first_gateway(&targets);
             let row = bench.measure(*w, t, rate, profile);
             println!("  {}", row_line(&row));
             rows.push(row);

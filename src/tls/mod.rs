@@ -177,10 +177,10 @@ fn provider() -> Arc<CryptoProvider> {
         .cipher_suites
         .sort_by_key(|suite| match suite.suite() {
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+            _ if suite.version() == &rustls::version::TLS13 => 1,
             rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-            | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 1,
-            _ if suite.version() == &rustls::version::TLS13 => 0,
-            _ => 2,
+            | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 2,
+            _ => 3,
         });
     Arc::new(provider)
 }
@@ -831,6 +831,7 @@ mod tests {
         version: Option<ProtocolVersion>,
         alpn: Option<Vec<u8>>,
         kind: Option<HandshakeKind>,
+        suite: Option<rustls::CipherSuite>,
     }
 
     /// Runs one handshake over an in-memory pipe; the server answers "ok" once it has accepted,
@@ -848,6 +849,7 @@ mod tests {
                 version: conn.protocol_version(),
                 alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
                 kind: conn.handshake_kind(),
+                suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
             };
             tls.write_all(b"ok").await?;
             tls.flush().await?;
@@ -1282,6 +1284,42 @@ mod tests {
         );
         assert_eq!(accepted.version, Some(ProtocolVersion::TLSv1_3));
         assert_eq!(accepted.alpn.as_deref(), Some(&b"h2"[..]));
+    }
+
+    /// The listener applies its own order: AES-128-GCM (SHA-256 handshake hash, on the CPU's
+    /// SHA extensions) even for a client that lists AES-256-GCM first.
+    #[tokio::test]
+    async fn the_listener_prefers_aes_128_gcm_whatever_the_client_order() {
+        let files = Files::new("hs-suite");
+        let ca = ecdsa_ca("Suite CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server config");
+        let c = files.client("consumer", &client_leaf(&ca, &["consumer.dev.local"]), &ca);
+        let default = rustls::crypto::aws_lc_rs::default_provider();
+        assert_eq!(
+            default.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "the client lists AES-256 first"
+        );
+        for versions in [VERSIONS, &[&rustls::version::TLS12][..]] {
+            let client = ClientConfig::builder_with_provider(Arc::new(default.clone()))
+                .with_protocol_versions(versions)
+                .expect("versions")
+                .with_root_certificates(load_ca_bundle(&c.ca).expect("ca"))
+                .with_client_auth_cert(
+                    load_certs(&c.cert).expect("cert"),
+                    load_private_key(&c.key).expect("key"),
+                )
+                .expect("client auth");
+            let (accepted, connected) = handshake(server.clone(), Arc::new(client)).await;
+            connected.expect("client side");
+            let expected = if versions.len() == 1 {
+                rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            } else {
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+            };
+            assert_eq!(accepted.expect("server side").suite, Some(expected));
+        }
     }
 
     #[tokio::test]
