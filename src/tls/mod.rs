@@ -19,6 +19,7 @@
 //! connection runs a full handshake and its client certificate is checked against the current
 //! CRLs.
 
+pub mod chaincache;
 pub mod pki;
 
 use std::fmt;
@@ -432,18 +433,21 @@ fn client_verifier(
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::Error> {
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    let cache_crls = crls.clone();
     if !crls.is_empty() {
         builder = builder
             .with_crls(crls)
             .allow_unknown_revocation_status()
             .enforce_revocation_expiration();
     }
-    builder.build().map_err(|e| match e {
+    let verifier = builder.build().map_err(|e| match e {
         rustls::server::VerifierBuilderError::InvalidCrl(crl) => {
             rustls::Error::InvalidCertRevocationList(crl)
         }
         other => rustls::Error::General(other.to_string()),
-    })
+    })?;
+    // Accepted chains are remembered by this verifier only (a reload builds a new one).
+    Ok(Arc::new(chaincache::ChainCache::new(verifier, &cache_crls)))
 }
 
 /// Pairs the chain with its signing key, refusing a key that is not the leaf's.
