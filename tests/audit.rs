@@ -36,17 +36,9 @@ fn audit_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Every whole record in the directory's files.
+/// Every whole record in the directory's files, in chain order.
 fn records(dir: &Path) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    for f in audit_files(dir) {
-        let text = std::fs::read(&f).expect("read audit file");
-        for line in text.split(|b| *b == b'\n') {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
-                out.push(v);
-            }
-        }
-    }
+    let mut out = audit_records(dir);
     out.sort_by_key(|v| v["seq"].as_u64());
     out
 }

@@ -125,38 +125,6 @@ async fn gateway_before(
     (world, running, shutdown, port, config.audit.dir.clone())
 }
 
-/// Waits until the audit trail holds the final record (`outcome` or `rejection`) of a request
-/// answered with `status`, and returns it.
-async fn audited(dir: &std::path::Path, status: u16) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let records: Vec<serde_json::Value> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .flat_map(|text| {
-                text.lines()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect::<Vec<serde_json::Value>>()
-            })
-            .collect();
-        if let Some(r) = records
-            .into_iter()
-            .find(|r| (r["kind"] == "outcome" || r["kind"] == "rejection") && r["status"] == status)
-        {
-            return r;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no audit record of the {status} in {}",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The gateway still answers its own checks after the fault.
 async fn still_healthy(world: &World, running: &ssp_gateway::Running) {
     let a = world

@@ -227,47 +227,6 @@ async fn start_provider_on(world: &World, port: u16) -> tokio_util::sync::Cancel
     stop
 }
 
-/// A TCP front for the provider that counts the connections the gateway opens to it and pipes
-/// each to `upstream`. Returns its port and the count.
-async fn counting_front(
-    upstream: std::net::SocketAddr,
-) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind front");
-    let port = listener.local_addr().expect("addr").port();
-    let opened = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = opened.clone();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut provider) = tokio::net::TcpStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut provider).await;
-                }
-            });
-        }
-    });
-    (port, opened)
-}
-
-/// Every audit record in `dir` so far.
-fn audit_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .flat_map(|text| {
-            text.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect::<Vec<serde_json::Value>>()
-        })
-        .collect()
-}
-
 /// The noisy neighbour, structurally (latency is the e2e bench's `noisy-neighbour` workload):
 /// while one consumer floods far past its limit, every request the provider receives is held,
 /// so each one the gateway forwards occupies an upstream connection of its own. The quiet
@@ -289,7 +248,7 @@ async fn a_noisy_consumer_s_429s_never_reach_the_provider_nor_take_an_upstream_c
     let provider_addr = provider.local_addr().expect("addr");
     let recorder = Recorder::new(Behaviour::Hold(gate.clone()));
     serve_recorder(&world, provider, recorder.clone(), stop.clone());
-    let (port, upstream_connections) = counting_front(provider_addr).await;
+    let (port, upstream_connections) = tcp_front(0, provider_addr).await;
     let config = gateway_config(
         &world,
         port,

@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,38 +13,8 @@ use std::time::Duration;
 use common::*;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// A TCP front for the provider: resets the first `resets` connections as soon as they are
-/// accepted, before a byte of TLS (as a provider restarting behind a load balancer does), and
-/// pipes every later one to `upstream`. Returns its port and how many connections it accepted.
-async fn flaky_front(resets: usize, upstream: SocketAddr) -> (u16, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
-    let port = listener.local_addr().expect("addr").port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let n = count.fetch_add(1, Ordering::SeqCst);
-            if n < resets {
-                // SO_LINGER 0: close with a TCP RST.
-                #[allow(deprecated)]
-                let _ = tcp.set_linger(Some(Duration::ZERO));
-                drop(tcp);
-                continue;
-            }
-            tokio::spawn(async move {
-                let Ok(mut provider) = TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let mut tcp = tcp;
-                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut provider).await;
-            });
-        }
-    });
-    (port, accepted)
-}
 
 /// A gateway whose directory names `provider_port`, with `opts`.
 async fn gateway(
@@ -74,47 +43,12 @@ async fn metrics(admin: SocketAddr) -> String {
     http_get(admin, "/metrics").await.1
 }
 
-/// Every audit record in `dir` so far.
-fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .flat_map(|text| {
-            text.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect::<Vec<serde_json::Value>>()
-        })
-        .collect()
-}
-
-/// Waits for the final audit record (`outcome`) answered with `status`.
-async fn audited_outcome(dir: &Path, status: u16) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(r) = audit_records(dir)
-            .into_iter()
-            .find(|r| r["kind"] == "outcome" && r["status"] == status)
-        {
-            return r;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no outcome record of the {status} in {}",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_reset_before_tls_is_retried_and_the_provider_sees_the_booking_once() {
     let world = World::ecdsa();
     let stop = CancellationToken::new();
     let (provider, recorded) = recorder(&world, &stop).await;
-    let (port, accepted) = flaky_front(1, provider).await;
+    let (port, accepted) = tcp_front(1, provider).await;
     let (running, shutdown, audit_dir) = gateway(
         &world,
         port,
@@ -171,7 +105,7 @@ async fn a_connection_reset_before_tls_is_retried_and_the_provider_sees_the_book
         .sum();
     assert_eq!(connect_errors, 1.0, "{text}");
     // The audit trail shows the two connections tried; a request without a retry shows none.
-    let record = audited_outcome(&audit_dir, 200).await;
+    let record = audited(&audit_dir, 200).await;
     assert_eq!(record["upstream_attempts"], 2, "{record}");
     let a = world
         .client(&world.consumer, running.gateway_addr)
@@ -209,7 +143,7 @@ async fn a_chunked_body_is_not_read_before_the_connection_is_up_so_it_is_resent_
     let world = World::ecdsa();
     let stop = CancellationToken::new();
     let (provider, recorded) = recorder(&world, &stop).await;
-    let (port, accepted) = flaky_front(2, provider).await;
+    let (port, accepted) = tcp_front(2, provider).await;
     let (running, shutdown, _) = gateway(
         &world,
         port,
@@ -265,7 +199,7 @@ async fn with_no_retries_configured_a_reset_connection_is_a_502() {
     let world = World::ecdsa();
     let stop = CancellationToken::new();
     let (provider, recorded) = recorder(&world, &stop).await;
-    let (port, accepted) = flaky_front(1, provider).await;
+    let (port, accepted) = tcp_front(1, provider).await;
     let (running, shutdown, _) = gateway(
         &world,
         port,

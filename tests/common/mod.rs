@@ -995,3 +995,70 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// Every audit record in the trail directory `dir` so far (all files, unsorted; a line that is
+/// not whole JSON, such as one being written, is skipped).
+pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .collect()
+}
+
+/// Waits until the audit trail in `dir` holds the final record (`outcome` or `rejection`) of a
+/// request answered with `status`, and returns it.
+pub async fn audited(dir: &Path, status: u16) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(r) = audit_records(dir)
+            .into_iter()
+            .find(|r| (r["kind"] == "outcome" || r["kind"] == "rejection") && r["status"] == status)
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no audit record of the {status} in {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP front for a provider: resets the first `resets` connections as soon as they are
+/// accepted, before a byte of TLS (as a provider restarting behind a load balancer does), and
+/// pipes every later one to `upstream`. Returns its port and how many connections it accepted.
+pub async fn tcp_front(resets: usize, upstream: SocketAddr) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            if n < resets {
+                // SO_LINGER 0: close with a TCP RST.
+                #[allow(deprecated)]
+                let _ = tcp.set_linger(Some(Duration::ZERO));
+                drop(tcp);
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut provider) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let mut tcp = tcp;
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut provider).await;
+            });
+        }
+    });
+    (port, accepted)
+}
