@@ -142,7 +142,8 @@ pub fn line_hash(line: &[u8]) -> [u8; 32] {
     sha256(line)
 }
 
-/// SHA-256, from the ring provider rustls is built with (no second crypto library).
+/// SHA-256 (audit chain, certificate fingerprints, the listener's chain cache), from the
+/// *ring* provider's TLS 1.3 suite hash.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     if let rustls::SupportedCipherSuite::Tls13(suite) =

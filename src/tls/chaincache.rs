@@ -19,6 +19,8 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::audit::record::sha256;
+
 /// How long an accepted chain is trusted without verifying it again (when nothing earlier
 /// bounds it).
 pub const TTL: Duration = Duration::from_secs(60);
@@ -95,7 +97,7 @@ fn chain_key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_
         data.extend_from_slice(&(cert.len() as u64).to_be_bytes());
         data.extend_from_slice(cert.as_ref());
     }
-    crate::audit::record::sha256(&data)
+    sha256(&data)
 }
 
 impl ClientCertVerifier for ChainCache {

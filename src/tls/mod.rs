@@ -38,6 +38,8 @@ use x509_parser::der_parser::asn1_rs::ToDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::x509::X509Name;
 
+use crate::audit::record::{hex, sha256};
+
 /// Who is on the other end of an mTLS connection, taken from its verified leaf certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PeerIdentity {
@@ -667,27 +669,6 @@ fn pem_reason(e: &pem::Error) -> String {
         pem::Error::SectionTooLarge => "a PEM section is too large".to_owned(),
         _ => "malformed PEM".to_owned(),
     }
-}
-
-/// SHA-256 through the *ring* provider's TLS 1.3 suite hash (ring is not a direct dependency).
-fn sha256(data: &[u8]) -> Vec<u8> {
-    match rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256 {
-        rustls::SupportedCipherSuite::Tls13(suite) => {
-            suite.common.hash_provider.hash(data).as_ref().to_vec()
-        }
-        // TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite by definition; this arm is never taken.
-        _ => unreachable!("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 cipher suite"),
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
 }
 
 /// A DER INTEGER's content bytes as lowercase hex, without the sign-padding zero bytes.
