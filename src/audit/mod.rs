@@ -177,43 +177,19 @@ impl Audit {
         true
     }
 
-    /// Writes `record` and waits until it is durable (`fsync`), or queues it for the writer
-    /// while the trail is writable (`buffered`).
-    pub async fn commit(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        if self.buffered {
-            return self.commit_buffered(record);
-        }
-        if !self.admit() {
-            return Err(AuditError::Overloaded);
-        }
-        let (ack, done) = oneshot::channel();
-        let pending = Pending {
-            body: record.to_body(),
-            ack: Some(ack),
-        };
-        if self.tx.send(Msg::Record(pending)).is_err() {
-            self.shared.done(1);
-            return Err(AuditError::Stopped);
-        }
-        match tokio::time::timeout(self.write_timeout, done).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(AuditError::Stopped),
-            Err(_) => Err(AuditError::Timeout),
-        }
-    }
-
-    /// `buffered`: queued, kept until written (like `enqueue`), but refused while the trail is
-    /// known to be unwritable or the queue is full: nothing is forwarded unaudited.
-    fn commit_buffered(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        if !self.shared.writable.load(Ordering::Acquire) {
-            return Err(AuditError::Unavailable);
-        }
+    /// Queues `record` for the writer (with `ack` when the caller waits for it): `Overloaded`
+    /// when the queue is full, `Stopped` when the writer is gone.
+    fn submit(
+        &self,
+        record: &AuditRecord,
+        ack: Option<oneshot::Sender<Result<(), AuditError>>>,
+    ) -> Result<(), AuditError> {
         if !self.admit() {
             return Err(AuditError::Overloaded);
         }
         let pending = Pending {
             body: record.to_body(),
-            ack: None,
+            ack,
         };
         if self.tx.send(Msg::Record(pending)).is_err() {
             self.shared.done(1);
@@ -222,28 +198,35 @@ impl Audit {
         Ok(())
     }
 
+    /// Writes `record` and waits until it is durable (`fsync`). Under `buffered`, queues it
+    /// without waiting — kept until written, like `enqueue` — but refuses while the trail is
+    /// known to be unwritable: nothing is forwarded unaudited.
+    pub async fn commit(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        if self.buffered {
+            if !self.shared.writable.load(Ordering::Acquire) {
+                return Err(AuditError::Unavailable);
+            }
+            return self.submit(record, None);
+        }
+        let (ack, done) = oneshot::channel();
+        self.submit(record, Some(ack))?;
+        match tokio::time::timeout(self.write_timeout, done).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AuditError::Stopped),
+            Err(_) => Err(AuditError::Timeout),
+        }
+    }
+
     /// Hands `record` to the writer without waiting. It is kept (and retried while the trail
     /// cannot be written) until it is written; only a full queue drops it, counted and logged.
     pub fn enqueue(&self, record: &AuditRecord) {
-        if !self.admit() {
+        if let Err(e) = self.submit(record, None) {
             self.shared.metrics.records_dropped.inc();
             tracing::error!(
                 request_id = %record.request_id,
                 kind = ?record.kind,
-                "audit queue full: record dropped"
-            );
-            return;
-        }
-        let pending = Pending {
-            body: record.to_body(),
-            ack: None,
-        };
-        if self.tx.send(Msg::Record(pending)).is_err() {
-            self.shared.done(1);
-            self.shared.metrics.records_dropped.inc();
-            tracing::error!(
-                request_id = %record.request_id,
-                "audit writer stopped: record dropped"
+                error = %e,
+                "audit record dropped"
             );
         }
     }
