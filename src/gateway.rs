@@ -118,7 +118,8 @@ impl Gateway {
             Some(_) => self.process(&policy, &conn, req, &mut record, &ctx).await,
             None => Err(Rejection::Overloaded),
         };
-        if record.rate_limit.is_some() {
+        let rate_limited = record.rate_limit.is_some();
+        if rate_limited {
             // A refused request gives its in-flight slot back at once: its 429 is held below.
             drop(permit);
         }
@@ -167,7 +168,6 @@ impl Gateway {
             self.access_log(&conn, &ctx, &record, status, latency_us);
         }
         self.record_span(&ctx, &record, status);
-        let rate_limited = record.rate_limit.is_some();
         let response = self.record_outcome(&conn, &ctx, record, response);
         if let (true, Some(limiter)) = (rate_limited, &self.limiter) {
             // A flood of refusals must not take the CPU from other consumers: the 429 waits
@@ -231,44 +231,44 @@ impl Gateway {
         status: u16,
         latency_us: u64,
     ) {
-        let peer = conn.peer.names.first().map(String::as_str).unwrap_or("-");
-        if !crate::logwriter::json() {
-            tracing::info!(
-                target: "ssp_gateway::access",
-                request_id = %ctx.request_id,
-                trace_id = record.trace_id.as_deref().unwrap_or("-"),
-                interaction = record.interaction.unwrap_or("-"),
-                from = record.from.as_deref().unwrap_or("-"),
-                to = record.to.as_deref().unwrap_or("-"),
-                client = %conn.remote,
-                peer,
-                method = %ctx.method,
-                status,
-                latency_us,
-                token = record.token.as_deref().unwrap_or("-"),
-                jwt_problem = record.jwt_problem.unwrap_or("-"),
-                otel_trace_id = %ctx.trace.trace_id_hex(),
-                "request"
-            );
-            return;
-        }
-        let line = access_json_line(&AccessLine {
-            timestamp: &now_rfc3339(),
-            request_id: &ctx.request_id,
+        let mut id = uuid::Uuid::encode_buffer();
+        let trace = ctx.trace.trace_id_hex();
+        let line = AccessLine {
+            request_id: ctx.request_id.hyphenated().encode_lower(&mut id),
             trace_id: record.trace_id.as_deref().unwrap_or("-"),
             interaction: record.interaction.unwrap_or("-"),
             from: record.from.as_deref().unwrap_or("-"),
             to: record.to.as_deref().unwrap_or("-"),
             client: conn.remote,
-            peer,
+            peer: conn.peer.names.first().map(String::as_str).unwrap_or("-"),
             method: ctx.method.as_str(),
             status,
             latency_us,
             token: record.token.as_deref().unwrap_or("-"),
             jwt_problem: record.jwt_problem.unwrap_or("-"),
-            otel_trace_id: &ctx.trace.trace_id_hex(),
-        });
-        crate::logwriter::write_line(line.as_bytes());
+            otel_trace_id: &trace,
+        };
+        if crate::logwriter::json() {
+            crate::logwriter::write_line(access_json_line(&now_rfc3339(), &line).as_bytes());
+        } else {
+            tracing::info!(
+                target: "ssp_gateway::access",
+                request_id = line.request_id,
+                trace_id = line.trace_id,
+                interaction = line.interaction,
+                from = line.from,
+                to = line.to,
+                client = %line.client,
+                peer = line.peer,
+                method = line.method,
+                status,
+                latency_us,
+                token = line.token,
+                jwt_problem = line.jwt_problem,
+                otel_trace_id = line.otel_trace_id,
+                "request"
+            );
+        }
     }
 
     fn record_span(&self, ctx: &Ctx, record: &Record<'_>, status: u16) {
@@ -340,7 +340,7 @@ impl Gateway {
         // The bearer token, decoded once: its claims are audited whatever happens next.
         let token = jwt::parse(req.headers().get(header::AUTHORIZATION));
         if let Ok(decoded) = &token {
-            record.jwt = Some(Arc::new(decoded.claims().clone()));
+            record.jwt = Some(decoded.shared_claims());
         }
 
         // 1. The SSP envelope: method, target URL, Ssp-* headers.
@@ -540,9 +540,9 @@ impl Gateway {
 }
 
 /// The fields of one access-log line.
+#[derive(serde::Serialize)]
 struct AccessLine<'a> {
-    timestamp: &'a str,
-    request_id: &'a uuid::Uuid,
+    request_id: &'a str,
     trace_id: &'a str,
     interaction: &'a str,
     from: &'a str,
@@ -559,65 +559,27 @@ struct AccessLine<'a> {
 
 /// The access line with the members `tracing-subscriber`'s flattened JSON formatter gives it
 /// (timestamp, level, message, the fields, target); one line with its newline.
-fn access_json_line(a: &AccessLine<'_>) -> String {
-    use std::fmt::Write as _;
-    let mut line = String::with_capacity(512);
-    line.push('{');
-    let mut field = |key: &str, value: &str| {
-        if line.len() > 1 {
-            line.push(',');
-        }
-        line.push('"');
-        line.push_str(key);
-        line.push_str("\":");
-        json_string(&mut line, value);
-    };
-    field("timestamp", a.timestamp);
-    field("level", "INFO");
-    field("message", "request");
-    let mut id = uuid::Uuid::encode_buffer();
-    field(
-        "request_id",
-        a.request_id.hyphenated().encode_lower(&mut id),
-    );
-    field("trace_id", a.trace_id);
-    field("interaction", a.interaction);
-    field("from", a.from);
-    field("to", a.to);
-    let client = a.client.to_string();
-    field("client", &client);
-    field("peer", a.peer);
-    field("method", a.method);
-    field("token", a.token);
-    field("jwt_problem", a.jwt_problem);
-    field("otel_trace_id", a.otel_trace_id);
-    field("target", "ssp_gateway::access");
-    let _ = writeln!(
-        line,
-        ",\"status\":{},\"latency_us\":{}}}",
-        a.status, a.latency_us
-    );
-    line
-}
-
-/// Appends `value` as a JSON string (quoted, escaped).
-fn json_string(out: &mut String, value: &str) {
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                use std::fmt::Write as _;
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
+fn access_json_line(timestamp: &str, fields: &AccessLine<'_>) -> String {
+    #[derive(serde::Serialize)]
+    struct Json<'a> {
+        timestamp: &'a str,
+        level: &'static str,
+        message: &'static str,
+        #[serde(flatten)]
+        fields: &'a AccessLine<'a>,
+        target: &'static str,
     }
-    out.push('"');
+    let mut line = serde_json::to_string(&Json {
+        timestamp,
+        level: "INFO",
+        message: "request",
+        fields,
+        target: "ssp_gateway::access",
+    })
+    // Serialising strings and numbers cannot fail.
+    .unwrap_or_default();
+    line.push('\n');
+    line
 }
 
 /// The audit record of `kind` for what is known about the request so far.
@@ -711,30 +673,32 @@ mod tests {
 
     #[test]
     fn the_access_line_is_one_json_object_with_every_field_escaped() {
-        let id = crate::telemetry::new_request_id();
-        let line = access_json_line(&AccessLine {
-            timestamp: "2026-11-25T16:00:00.000001Z",
-            request_id: &id,
-            trace_id: "7c1f0e2a-0000-4000-8000-000000000001",
-            interaction: "search-slots",
-            from: "200000000359",
-            to: "918999198993",
-            client: "127.0.0.1:5000".parse().expect("addr"),
-            peer: "odd \"name\"\\\n\u{1}é",
-            method: "GET",
-            status: 200,
-            latency_us: 1234,
-            token: "-",
-            jwt_problem: "-",
-            otel_trace_id: "0af7651916cd43dd8448eb211c80319c",
-        });
+        let id = crate::telemetry::new_request_id().to_string();
+        let line = access_json_line(
+            "2026-11-25T16:00:00.000001Z",
+            &AccessLine {
+                request_id: &id,
+                trace_id: "7c1f0e2a-0000-4000-8000-000000000001",
+                interaction: "search-slots",
+                from: "200000000359",
+                to: "918999198993",
+                client: "127.0.0.1:5000".parse().expect("addr"),
+                peer: "odd \"name\"\\\n\u{1}é",
+                method: "GET",
+                status: 200,
+                latency_us: 1234,
+                token: "-",
+                jwt_problem: "-",
+                otel_trace_id: "0af7651916cd43dd8448eb211c80319c",
+            },
+        );
         assert!(
             line.ends_with("}\n") && line.matches('\n').count() == 1,
             "{line}"
         );
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
         assert_eq!(v["peer"], "odd \"name\"\\\n\u{1}é");
-        assert_eq!(v["request_id"], id.to_string());
+        assert_eq!(v["request_id"], id);
         assert_eq!(v["target"], "ssp_gateway::access");
         assert_eq!(v["level"], "INFO");
         assert_eq!(v["message"], "request");

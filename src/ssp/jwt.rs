@@ -305,7 +305,8 @@ impl JwtError {
 /// the token without decoding twice.
 #[derive(Debug, Clone)]
 pub struct DecodedJwt {
-    claims: JwtClaims,
+    /// Shared with the request's audit records.
+    claims: std::sync::Arc<JwtClaims>,
     /// The first missing or mistyped required claim, else what the remaining rules need.
     rules: Result<Judged, JwtError>,
 }
@@ -326,9 +327,14 @@ impl DecodedJwt {
         &self.claims
     }
 
+    /// The claims, shared (no copy).
+    pub fn shared_claims(&self) -> std::sync::Arc<JwtClaims> {
+        std::sync::Arc::clone(&self.claims)
+    }
+
     /// Take the claims.
     pub fn into_claims(self) -> JwtClaims {
-        self.claims
+        std::sync::Arc::unwrap_or_clone(self.claims)
     }
 
     /// Judge the token against the GP Connect 1.2.7 rules (see [`check`]).
@@ -401,7 +407,7 @@ pub fn parse(authorization: Option<&HeaderValue>) -> Result<DecodedJwt, JwtError
         json_object::<Payload>(&json).ok_or(JwtError::Malformed("payload is not a JSON object"))?;
     let rules = judge(&payload);
     Ok(DecodedJwt {
-        claims: payload.claims(),
+        claims: std::sync::Arc::new(payload.claims()),
         rules,
     })
 }
