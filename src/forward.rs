@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::server::RequestBody;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
@@ -38,7 +39,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The upstream side of the gateway: a pooled HTTP/1.1 client over mTLS.
 pub struct Upstream {
-    client: Client<TlsConnector, Reclaimable<Counted<Incoming>>>,
+    client: Client<TlsConnector, Reclaimable<Counted<RequestBody>>>,
     response_timeout: Duration,
     /// Connect retries per request, and the backoff before the first.
     connect_retries: u32,
@@ -155,7 +156,7 @@ impl Upstream {
     /// backoff before the response timeout.
     pub async fn forward_counted(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         target: &Target,
         client_addr: SocketAddr,
         request_bytes: Arc<AtomicU64>,

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::server::RequestBody;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::audit::record::now_rfc3339;
 use crate::audit::{Audit, AuditRecord, ClientInfo, RecordKind};
@@ -95,7 +95,11 @@ struct Ctx {
 
 impl Gateway {
     /// Answers one request. Never fails: every problem becomes an OperationOutcome.
-    pub async fn handle(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        conn: Arc<ConnInfo>,
+        req: Request<RequestBody>,
+    ) -> Response<ProxyBody> {
         let ctx = Ctx {
             request_id: crate::telemetry::new_request_id(),
             started: Instant::now(),
@@ -325,7 +329,7 @@ impl Gateway {
         &'a self,
         policy: &'a Policy,
         conn: &ConnInfo,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         record: &mut Record<'a>,
         ctx: &Ctx,
     ) -> Result<Response<ProxyBody>, Rejection> {
@@ -485,7 +489,7 @@ impl Gateway {
     fn preflight(
         &self,
         policy: &Policy,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         path_and_query: &str,
     ) -> Result<Response<ProxyBody>, Rejection> {
         let target = envelope::parse_target(path_and_query)?;

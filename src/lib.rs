@@ -10,6 +10,7 @@ pub mod config;
 pub mod directory;
 pub mod forward;
 pub mod gateway;
+mod h1;
 pub mod loadtest;
 pub mod logwriter;
 pub mod metrics;

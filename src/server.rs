@@ -1,6 +1,7 @@
 //! Accepting connections: TCP, the TLS handshake under a timeout, the peer's identity, then
-//! HTTP/1.1 or HTTP/2 (by ALPN / preface) with graceful shutdown. Shared by the gateway listener
-//! and the mock provider; what a request means is the service's business, not this module's.
+//! HTTP/1.1 (`h1`, this crate's own) or HTTP/2 (hyper's; by ALPN) with graceful shutdown.
+//! Shared by the gateway listener and the mock provider; what a request means is the
+//! service's business, not this module's.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use crate::h1::{BodyError, RequestBody};
 
 use crate::reload::Reloadable;
 use crate::tls::{peer_identity, HandshakeFailure, PeerIdentity};
@@ -130,7 +131,7 @@ pub async fn serve_tls<H, Fut, B>(
     shutdown: CancellationToken,
     handler: H,
 ) where
-    H: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Arc<ConnInfo>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -155,36 +156,29 @@ pub async fn serve_tls_observed<H, Fut, B>(
     shutdown: CancellationToken,
     handler: H,
 ) where
-    H: Fn(Arc<ConnInfo>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Arc<ConnInfo>, Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
     let limits = &opts.limits;
-    // hyper needs room for at least 8 KiB in its read buffer.
-    let buf = limits.max_header_bytes.max(8192);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    let h1 = Arc::new(crate::h1::Options {
         // Also bounds how long an idle keep-alive connection waits for its next request.
-        .header_read_timeout(opts.header_read_timeout)
-        .max_buf_size(buf)
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+        header_read_timeout: opts.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+        max_headers: limits.max_headers,
+    });
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .keep_alive_interval(limits.h2_keep_alive_interval)
         .keep_alive_timeout(limits.h2_keep_alive_timeout);
+    let h2 = Arc::new(h2);
+    // Every connection's task, so shutdown can wait for them to finish their requests.
+    let tracker = TaskTracker::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    // The protocol is the one ALPN negotiated (h2 over TLS requires ALPN, RFC 9113 §3.2);
-    // no sniffing of the first bytes, so a silent client meets the header read timeout.
-    let h1 = Arc::new(builder.clone().http1_only());
-    let h2 = Arc::new(builder.http2_only());
 
     loop {
         let (tcp, remote) = tokio::select! {
@@ -214,10 +208,10 @@ pub async fn serve_tls_observed<H, Fut, B>(
         let (h1, h2) = (h1.clone(), h2.clone());
         let metrics = metrics.clone();
         let http2_allowed = opts.http2;
-        let watcher = graceful.watcher();
+        let draining = shutdown.clone();
         let handshake_timeout = opts.handshake_timeout;
         let name = opts.name;
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             let _permit = permit;
             let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
@@ -253,24 +247,36 @@ pub async fn serve_tls_observed<H, Fut, B>(
             };
             let _active = ActiveGuard::new(metrics.active.clone());
             let info = Arc::new(ConnInfo::new(remote, peer));
-            let service = hyper::service::service_fn(move |req| {
-                let fut = handler(info.clone(), req);
+            // The protocol is the one ALPN negotiated (h2 over TLS requires ALPN, RFC 9113
+            // §3.2); no sniffing of the first bytes, so a silent client meets the header read
+            // timeout.
+            let negotiated_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            if !(negotiated_h2 && http2_allowed) {
+                crate::h1::serve(stream, info, handler, h1, draining).await;
+                return;
+            }
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let fut = handler(info.clone(), req.map(RequestBody::http2));
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            let negotiated_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            let builder = if negotiated_h2 && http2_allowed {
-                h2
-            } else {
-                h1
+            let conn = h2.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = draining.cancelled() => {
+                    // GOAWAY: streams already open finish, no new ones start.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             };
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            if let Err(e) = ended {
                 tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(opts.grace_period, graceful.shutdown())
+    tracker.close();
+    if tokio::time::timeout(opts.grace_period, tracker.wait())
         .await
         .is_err()
     {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use ssp_gateway::server::RequestBody;
 use ssp_gateway::server::{ConnInfo, ServeOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -500,7 +500,7 @@ async fn recording_provider(world: &World) -> Provider {
         tls,
         opts,
         stop.clone(),
-        move |_conn: Arc<ConnInfo>, req: Request<Incoming>| {
+        move |_conn: Arc<ConnInfo>, req: Request<RequestBody>| {
             let log = log.clone();
             async move {
                 if let Some(t) = req

@@ -15,9 +15,9 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use ssp_gateway::loadtest::{self, Args, LoadtestError, Report, Settings};
 use ssp_gateway::server::ConnInfo;
+use ssp_gateway::server::RequestBody;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -151,7 +151,7 @@ async fn counting_server(world: &World) -> Counting {
             tls,
             opts,
             stop.clone(),
-            move |conn: Arc<ConnInfo>, _req: Request<Incoming>| {
+            move |conn: Arc<ConnInfo>, _req: Request<RequestBody>| {
                 let ports = ports.clone();
                 let requests = requests.clone();
                 async move {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use ssp_gateway::server::RequestBody;
 use ssp_gateway::server::{serve_tls, ServeOptions};
 use ssp_gateway::tls::ServerTls;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +67,7 @@ fn respond(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn answer(bodies: Bodies, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(bodies: Bodies, req: Request<RequestBody>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let large = req
         .uri()

@@ -11,10 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use ssp_gateway::config::Config;
+use ssp_gateway::server::RequestBody;
 use ssp_gateway::server::{ConnInfo, ServeOptions};
 use ssp_gateway::tls::pki::{Ca, Issued, KeyKind, LeafSpec, Usage, Validity};
 use ssp_gateway::tls::{ClientTls, ServerTls};
@@ -441,7 +441,7 @@ pub async fn start_with_mock(world: World, opts: GatewayOptions) -> Harness {
             tls,
             serve_options("mock-provider"),
             shutdown.clone(),
-            move |conn: Arc<ConnInfo>, req: Request<Incoming>| {
+            move |conn: Arc<ConnInfo>, req: Request<RequestBody>| {
                 let mock = mock.clone();
                 let recorder = recorder.clone();
                 async move {
@@ -492,7 +492,7 @@ pub fn serve_recorder(
         provider_tls(world),
         serve_options("recording-provider"),
         shutdown,
-        move |conn: Arc<ConnInfo>, req: Request<Incoming>| {
+        move |conn: Arc<ConnInfo>, req: Request<RequestBody>| {
             let recorder = recorder.clone();
             async move { recorder.answer(conn, req).await }
         },
@@ -592,7 +592,7 @@ impl Recorder {
             .expect("a request reached the provider")
     }
 
-    async fn answer(&self, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<StreamBody> {
+    async fn answer(&self, conn: Arc<ConnInfo>, req: Request<RequestBody>) -> Response<StreamBody> {
         self.count.fetch_add(1, Ordering::SeqCst);
         self.arrived.notify_one();
         self.peers

@@ -1,0 +1,1452 @@
+//! The HTTP/1.1 server side of a connection (RFC 9112), purpose-built for a proxy that keeps
+//! many connections open: the read buffer exists only while a request is being read (an idle
+//! keep-alive connection holds no buffer of its own, only the TLS state), request heads are
+//! parsed in place with `httparse` and their header values share that buffer rather than
+//! being copied, a body that arrived with its head is handed over whole, and a response's head
+//! and a short body go out in one write.
+//!
+//! It must never guess where a message ends: `Content-Length` with `Transfer-Encoding`,
+//! conflicting lengths and a final transfer coding other than `chunked` are refused with 400
+//! and the connection closed (request smuggling), and a connection whose request body was not
+//! read to its end is closed after the response rather than parsed from the middle of that
+//! body. It never reads a body the handler has not asked for, so `Expect: 100-continue` is
+//! honoured, and it never blocks: an idle connection waits for the socket, bounded by the
+//! header read timeout, and closes when shutdown starts.
+
+use std::future::{poll_fn, Future};
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::ConnInfo;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Headers parsed on the stack; a listener allowing more uses a heap array per head.
+const STACK_HEADERS: usize = 128;
+/// A chunk-size line (size and extensions) longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+/// How much the buffer grows by when a read needs room.
+const READ_RESERVE: usize = 8192;
+/// Data frames at least this long are written beside their framing rather than copied to it.
+const COPY_LIMIT: usize = 16 * 1024;
+/// After refusing a request the client may still be sending: read (and drop) for this long at
+/// most before closing, so the refusal is not lost to a TCP reset.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// The limits of one listener's HTTP/1.1 side.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// From the first byte of a head being awaited (including an idle keep-alive connection
+    /// waiting for its next request) to the head being complete.
+    pub header_read_timeout: Duration,
+    /// Largest request head, request line and fields, bytes.
+    pub max_header_bytes: usize,
+    /// Most header fields in one head.
+    pub max_headers: usize,
+}
+
+/// A request's body, as the handler reads it: over HTTP/1.1 whole (it came with the head),
+/// streamed from the connection as the handler asks for it, or an HTTP/2 stream's.
+pub struct RequestBody(Kind);
+
+enum Kind {
+    Empty,
+    Full(Bytes),
+    Streaming(Receiver),
+    Http2(hyper::body::Incoming),
+}
+
+impl RequestBody {
+    pub fn empty() -> RequestBody {
+        RequestBody(Kind::Empty)
+    }
+
+    /// A body already whole (tests, and bodies that arrived with their head).
+    pub fn full(bytes: impl Into<Bytes>) -> RequestBody {
+        let bytes = bytes.into();
+        if bytes.is_empty() {
+            RequestBody::empty()
+        } else {
+            RequestBody(Kind::Full(bytes))
+        }
+    }
+
+    pub(crate) fn http2(body: hyper::body::Incoming) -> RequestBody {
+        RequestBody(Kind::Http2(body))
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.0 {
+            Kind::Empty => "empty",
+            Kind::Full(_) => "full",
+            Kind::Streaming(_) => "streaming",
+            Kind::Http2(_) => "http2",
+        };
+        f.debug_tuple("RequestBody").field(&kind).finish()
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match &mut this.0 {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(_) => match std::mem::replace(&mut this.0, Kind::Empty) {
+                Kind::Full(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                _ => Poll::Ready(None),
+            },
+            Kind::Streaming(rx) => rx
+                .poll_chunk(cx)
+                .map(|chunk| chunk.map(|c| c.map(Frame::data).map_err(Into::into))),
+            Kind::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Empty => true,
+            Kind::Full(_) => false,
+            Kind::Streaming(rx) => rx.is_end(),
+            Kind::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.len() as u64),
+            Kind::Streaming(rx) => rx.size_hint(),
+            Kind::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Why a request body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the connection closed before the request body ended")]
+    Truncated,
+    #[error("malformed chunked request body: {0}")]
+    Chunked(&'static str),
+    #[error("reading the request body: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+// ---- the body's hand-over between the connection and the handler ----
+
+/// One chunk at a time from the connection to the body's reader; the connection reads the
+/// next one only once the reader asks (`want`), which is the back-pressure and what makes
+/// `100 Continue` wait for a handler that actually reads the body.
+#[derive(Default)]
+struct ChannelState {
+    chunk: Option<Result<Bytes, BodyError>>,
+    /// No chunk follows the one held (or none is held): the body is complete or failed.
+    finished: bool,
+    /// The reader is waiting for a chunk.
+    want: bool,
+    reader_gone: bool,
+    /// Bytes of a `Content-Length` body not yet handed over.
+    remaining: Option<u64>,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+struct Channel(Mutex<ChannelState>);
+
+impl Channel {
+    fn lock(&self) -> MutexGuard<'_, ChannelState> {
+        // A panic while holding this lock cannot leave the state half-written (each critical
+        // section only assigns fields), so a poisoned lock's state is still sound.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn wake(waker: &mut Option<Waker>) {
+    if let Some(w) = waker.take() {
+        w.wake();
+    }
+}
+
+fn store(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
+struct Receiver(Arc<Channel>);
+
+impl Receiver {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        let mut s = self.0.lock();
+        if let Some(chunk) = s.chunk.take() {
+            return Poll::Ready(Some(chunk));
+        }
+        if s.finished {
+            return Poll::Ready(None);
+        }
+        s.want = true;
+        store(&mut s.reader, cx);
+        wake(&mut s.writer);
+        Poll::Pending
+    }
+
+    fn is_end(&self) -> bool {
+        let s = self.0.lock();
+        s.finished && s.chunk.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let s = self.0.lock();
+        let held = match &s.chunk {
+            Some(Ok(b)) => b.len() as u64,
+            _ => 0,
+        };
+        match s.remaining {
+            Some(n) => SizeHint::with_exact(n + held),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(held);
+                hint
+            }
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.reader_gone = true;
+        wake(&mut s.writer);
+    }
+}
+
+/// How a request's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers { seen: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoding {
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// What one step of feeding the body did.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// A chunk was handed over; more follow.
+    More,
+    /// The reader asked for the body and the client waits for `100 Continue` first.
+    Continue,
+    /// The body was read to its end.
+    Done,
+    /// The body is broken (truncated, malformed, unreadable): the reader was told.
+    Failed,
+    /// The reader dropped the body before its end.
+    ReaderGone,
+}
+
+/// The connection's side of a streamed body: decodes it from the connection's buffer and
+/// socket, one chunk per request of the reader.
+struct Feeder {
+    chan: Arc<Channel>,
+    decoding: Decoding,
+    /// `Expect: 100-continue` and nothing of the body sent yet.
+    expect_continue: bool,
+    max_trailer_bytes: usize,
+}
+
+impl Feeder {
+    fn new(
+        framing: Framing,
+        expect_continue: bool,
+        max_trailer_bytes: usize,
+    ) -> (Feeder, Receiver) {
+        let (decoding, remaining) = match framing {
+            Framing::Length(n) => (Decoding::Length(n), Some(n)),
+            _ => (Decoding::Chunked(Chunked::Size), None),
+        };
+        let chan = Arc::new(Channel(Mutex::new(ChannelState {
+            remaining,
+            ..ChannelState::default()
+        })));
+        let feeder = Feeder {
+            chan: chan.clone(),
+            decoding,
+            expect_continue,
+            max_trailer_bytes,
+        };
+        (feeder, Receiver(chan))
+    }
+
+    /// Waits until the reader wants a chunk: true, or false when the reader is gone.
+    fn poll_want(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut s = self.chan.lock();
+        if s.reader_gone {
+            return Poll::Ready(false);
+        }
+        if s.want && s.chunk.is_none() {
+            return Poll::Ready(true);
+        }
+        store(&mut s.writer, cx);
+        Poll::Pending
+    }
+
+    fn hand_over(&self, chunk: Option<Result<Bytes, BodyError>>, last: bool) {
+        let mut s = self.chan.lock();
+        if let (Some(Ok(b)), Some(n)) = (&chunk, s.remaining.as_mut()) {
+            *n = n.saturating_sub(b.len() as u64);
+        }
+        s.chunk = chunk;
+        s.finished = last;
+        s.want = false;
+        wake(&mut s.reader);
+    }
+
+    /// Decodes what `buf` holds: a chunk to hand over (and whether it is the last), `None`
+    /// when more bytes are needed.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<(Bytes, bool)>, BodyError> {
+        match &mut self.decoding {
+            Decoding::Length(remaining) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = (*remaining).min(buf.len() as u64) as usize;
+                *remaining -= n as u64;
+                Ok(Some((buf.split_to(n).freeze(), *remaining == 0)))
+            }
+            Decoding::Chunked(state) => decode_chunked(state, buf, self.max_trailer_bytes),
+        }
+    }
+
+    /// Hands the reader its next chunk, reading from `io` as needed. Cancel-safe: whatever
+    /// was read stays in `buf` and the decoding state only moves with a chunk handed over.
+    async fn step<S>(&mut self, io: &mut S, buf: &mut BytesMut) -> Step
+    where
+        S: AsyncRead + Unpin,
+    {
+        if !poll_fn(|cx| self.poll_want(cx)).await {
+            return Step::ReaderGone;
+        }
+        if self.expect_continue {
+            self.expect_continue = false;
+            if buf.is_empty() {
+                return Step::Continue;
+            }
+        }
+        loop {
+            match self.decode(buf) {
+                Ok(Some((chunk, last))) => {
+                    // The end of a chunked body carries no data: just the end.
+                    let chunk = (!chunk.is_empty()).then_some(Ok(chunk));
+                    self.hand_over(chunk, last);
+                    return if last { Step::Done } else { Step::More };
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.hand_over(Some(Err(e)), true);
+                    return Step::Failed;
+                }
+            }
+            reserve(buf);
+            match io.read_buf(buf).await {
+                Ok(0) => {
+                    self.hand_over(Some(Err(BodyError::Truncated)), true);
+                    return Step::Failed;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.hand_over(Some(Err(BodyError::Io(e))), true);
+                    return Step::Failed;
+                }
+            }
+        }
+    }
+}
+
+/// One step of the chunked decoder (RFC 9112 §7.1). A chunk of data comes back as soon as
+/// any of it is buffered; the end (`0` chunk and trailer section, trailers dropped) comes
+/// back as an empty last chunk.
+fn decode_chunked(
+    state: &mut Chunked,
+    buf: &mut BytesMut,
+    max_trailer_bytes: usize,
+) -> Result<Option<(Bytes, bool)>, BodyError> {
+    loop {
+        match *state {
+            Chunked::Size => {
+                let Some(line_end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                    return Ok(None);
+                };
+                let size = chunk_size(&buf[..line_end])?;
+                let _ = buf.split_to(line_end + 2);
+                *state = if size == 0 {
+                    Chunked::Trailers { seen: 0 }
+                } else {
+                    Chunked::Data(size)
+                };
+            }
+            Chunked::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = left.min(buf.len() as u64) as usize;
+                let data = buf.split_to(n).freeze();
+                *state = if left == n as u64 {
+                    Chunked::DataEnd
+                } else {
+                    Chunked::Data(left - n as u64)
+                };
+                return Ok(Some((data, false)));
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(None);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(BodyError::Chunked("chunk data not followed by CRLF"));
+                }
+                let _ = buf.split_to(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers { seen } => {
+                let limit = max_trailer_bytes.saturating_sub(seen);
+                let Some(line_end) = find_crlf(buf, limit)? else {
+                    return Ok(None);
+                };
+                let _ = buf.split_to(line_end + 2);
+                if line_end == 0 {
+                    *state = Chunked::Trailers { seen: 0 };
+                    return Ok(Some((Bytes::new(), true)));
+                }
+                *state = Chunked::Trailers {
+                    seen: seen + line_end + 2,
+                };
+            }
+        }
+    }
+}
+
+/// The offset of the first CRLF in `buf`: `None` until it arrives, an error when the line
+/// is longer than `limit` or has a bare LF.
+fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, BodyError> {
+    let window = &buf[..buf.len().min(limit.saturating_add(2))];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(0) => Err(BodyError::Chunked("bare LF")),
+        Some(i) if window[i - 1] == b'\r' => Ok(Some(i - 1)),
+        Some(_) => Err(BodyError::Chunked("bare LF")),
+        None if buf.len() > limit => Err(BodyError::Chunked("line too long")),
+        None => Ok(None),
+    }
+}
+
+/// The size of a chunk-size line: hex digits, then optional extensions after `;`.
+fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let mut size: u64 = 0;
+    let mut digits = 0;
+    let mut rest = line;
+    while let Some((&b, tail)) = rest.split_first() {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => break,
+        };
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(d)))
+            .ok_or(BodyError::Chunked("chunk size too large"))?;
+        digits += 1;
+        rest = tail;
+    }
+    if digits == 0 {
+        return Err(BodyError::Chunked("no chunk size"));
+    }
+    // Optional whitespace, then extensions (ignored) or nothing.
+    let rest = trim_start(rest);
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(BodyError::Chunked("malformed chunk size"));
+    }
+    if rest.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        return Err(BodyError::Chunked("control character in chunk extension"));
+    }
+    Ok(size)
+}
+
+fn trim_start(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    b
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_RESERVE / 4 {
+        buf.reserve(READ_RESERVE);
+    }
+}
+
+// ---- request heads ----
+
+/// A request head refused before it reaches the handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadError {
+    /// 400: malformed, or framing that cannot be trusted.
+    Bad(&'static str),
+    /// 431: larger than `max_header_bytes` or more than `max_headers` fields.
+    TooLarge,
+    /// 501: a transfer coding other than `chunked`.
+    Unsupported,
+    /// 408: the head did not arrive within the header read timeout.
+    Timeout,
+}
+
+impl HeadError {
+    fn status(self) -> StatusCode {
+        match self {
+            HeadError::Bad(_) => StatusCode::BAD_REQUEST,
+            HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::Unsupported => StatusCode::NOT_IMPLEMENTED,
+            HeadError::Timeout => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            HeadError::Bad(why) => why,
+            HeadError::TooLarge => "request head too large",
+            HeadError::Unsupported => "unsupported transfer coding",
+            HeadError::Timeout => "request head not complete within the header read timeout",
+        }
+    }
+}
+
+/// A parsed request head: the request without its body, and how to read and answer it.
+#[derive(Debug)]
+struct Head {
+    request: Request<()>,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// Parses the head at the start of `buf`, removing it: `None` while it is incomplete.
+fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadError> {
+    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if opts.max_headers <= STACK_HEADERS {
+        &mut stack[..opts.max_headers]
+    } else {
+        heap.resize(opts.max_headers, MaybeUninit::uninit());
+        &mut heap[..]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let base = buf.as_ptr() as usize;
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        &buf[..],
+        slots,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > opts.max_header_bytes {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => return Err(HeadError::Bad("unsupported HTTP version")),
+        Err(_) => return Err(HeadError::Bad("malformed request head")),
+    };
+    if len > opts.max_header_bytes {
+        return Err(HeadError::TooLarge);
+    }
+    let method = req
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(HeadError::Bad("malformed method"))?;
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let path = req.path.unwrap_or_default();
+    let path_range = offset(base, path.as_bytes());
+    let mut fields = Vec::with_capacity(req.headers.len());
+    let mut framing = Framing::None;
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut codings = 0usize;
+    let mut close = false;
+    let mut keep_alive_token = false;
+    let mut expect_continue = false;
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| HeadError::Bad("malformed header name"))?;
+        if name == header::CONTENT_LENGTH {
+            for v in h.value.split(|&b| b == b',') {
+                let n = content_length_value(v)?;
+                if content_length.is_some_and(|c| c != n) {
+                    return Err(HeadError::Bad("conflicting Content-Length values"));
+                }
+                content_length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            for coding in tokens(h.value) {
+                if chunked {
+                    // Anything after `chunked` (or `chunked` twice): the length is unknowable.
+                    return Err(HeadError::Bad("chunked is not the final transfer coding"));
+                }
+                codings += 1;
+                chunked = coding.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name == header::CONNECTION {
+            for t in tokens(h.value) {
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
+        }
+        fields.push((name, offset(base, h.value)));
+    }
+    if codings > 0 {
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if content_length.is_some() {
+            return Err(HeadError::Bad("both Content-Length and Transfer-Encoding"));
+        }
+        if !chunked {
+            return Err(if codings == 1 {
+                HeadError::Unsupported
+            } else {
+                HeadError::Bad("chunked is not the final transfer coding")
+            });
+        }
+        if codings > 1 {
+            // e.g. `gzip, chunked`: the body would reach the provider still coded.
+            return Err(HeadError::Unsupported);
+        }
+        framing = Framing::Chunked;
+    } else if let Some(n) = content_length {
+        framing = Framing::Length(n);
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path_range.0..path_range.1))
+        .map_err(|_| HeadError::Bad("malformed request target"))?;
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, (start, end)) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| HeadError::Bad("malformed header value"))?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    let keep_alive = match version {
+        Version::HTTP_10 => keep_alive_token && !close,
+        _ => !close,
+    };
+    Ok(Some(Head {
+        request,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    }))
+}
+
+fn offset(base: usize, part: &[u8]) -> (usize, usize) {
+    let start = part.as_ptr() as usize - base;
+    (start, start + part.len())
+}
+
+fn content_length_value(v: &[u8]) -> Result<u64, HeadError> {
+    let v = trim(v);
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(HeadError::Bad("malformed Content-Length"));
+    }
+    Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let b = trim_start(b);
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(0, |i| i + 1);
+    &b[..end]
+}
+
+/// The comma-separated list elements of a field value, trimmed, empty ones skipped.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|t| !t.is_empty())
+}
+
+// ---- the connection ----
+
+/// Serves HTTP/1.1 requests on `io` until the client closes, a head times out, framing is
+/// lost, or `shutdown` starts (an idle connection closes at once; a busy one after its
+/// response, which says `Connection: close`).
+pub(crate) async fn serve<H, Fut, B>(
+    mut io: TlsStream<TcpStream>,
+    info: Arc<ConnInfo>,
+    handler: H,
+    opts: Arc<Options>,
+    shutdown: CancellationToken,
+) where
+    H: Fn(Arc<ConnInfo>, Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut buf = BytesMut::new();
+    loop {
+        let head = match read_head(&mut io, &mut buf, &opts, &shutdown).await {
+            Ok(Some(head)) => head,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!(remote = %info.remote, reason = e.reason(), "refused an HTTP/1.1 request head");
+                let mut out = Vec::with_capacity(160);
+                error_response(&mut out, e.status());
+                if io.write_all(&out).await.is_ok() {
+                    linger(&mut io).await;
+                }
+                return;
+            }
+        };
+        match exchange(&mut io, &mut buf, head, &info, &handler, &opts, &shutdown).await {
+            Ending::KeepAlive => {}
+            Ending::Close => break,
+            Ending::Linger => {
+                linger(&mut io).await;
+                return;
+            }
+            Ending::Abort => return,
+        }
+        if buf.is_empty() {
+            // Idle until the next request: hold no buffer.
+            buf = BytesMut::new();
+        }
+    }
+    let _ = io.shutdown().await;
+}
+
+/// Reads until a whole head is in `buf`: `None` when the connection ends quietly (closed, idle
+/// past the header read timeout, or shutdown while idle).
+async fn read_head(
+    io: &mut TlsStream<TcpStream>,
+    buf: &mut BytesMut,
+    opts: &Options,
+    shutdown: &CancellationToken,
+) -> Result<Option<Head>, HeadError> {
+    let deadline = tokio::time::sleep(opts.header_read_timeout);
+    tokio::pin!(deadline);
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf, opts)? {
+                return Ok(Some(head));
+            }
+        } else {
+            // Idle: wait for the socket without a buffer (unless TLS already holds plaintext).
+            let (tcp, tls) = io.get_ref();
+            if tls.wants_read() {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = &mut deadline => return Ok(None),
+                    ready = tcp.readable() => if ready.is_err() { return Ok(None) },
+                }
+            }
+        }
+        reserve(buf);
+        tokio::select! {
+            biased;
+            read = io.read_buf(buf) => match read {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            },
+            _ = &mut deadline => {
+                return if buf.is_empty() { Ok(None) } else { Err(HeadError::Timeout) };
+            }
+        }
+    }
+}
+
+/// How an exchange left the connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    KeepAlive,
+    /// Close after the response (the client's request, HTTP/1.0, shutdown).
+    Close,
+    /// Close, but the client may still be sending a body nobody read: drain it first.
+    Linger,
+    /// The connection failed: drop it.
+    Abort,
+}
+
+/// One request and its response.
+async fn exchange<H, Fut, B>(
+    io: &mut TlsStream<TcpStream>,
+    buf: &mut BytesMut,
+    head: Head,
+    info: &Arc<ConnInfo>,
+    handler: &H,
+    opts: &Options,
+    shutdown: &CancellationToken,
+) -> Ending
+where
+    H: Fn(Arc<ConnInfo>, Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Head {
+        request,
+        framing,
+        keep_alive,
+        expect_continue,
+    } = head;
+    let version = request.version();
+    let head_method = request.method() == Method::HEAD;
+    let (body, mut feeder) = match framing {
+        Framing::None | Framing::Length(0) => (RequestBody::empty(), None),
+        Framing::Length(n) if buf.len() as u64 >= n => {
+            (RequestBody::full(buf.split_to(n as usize).freeze()), None)
+        }
+        _ => {
+            let (feeder, rx) = Feeder::new(
+                framing,
+                expect_continue && buf.is_empty(),
+                opts.max_header_bytes,
+            );
+            (RequestBody(Kind::Streaming(rx)), Some(feeder))
+        }
+    };
+    let mut body_done = feeder.is_none();
+    // Boxed: a connection waiting idle should not carry the handler's future in its task.
+    let mut response = Box::pin(handler(info.clone(), request.map(|()| body)));
+    let response = loop {
+        let Some(f) = feeder.as_mut() else {
+            break response.await;
+        };
+        let step = tokio::select! {
+            biased;
+            r = &mut response => break r,
+            step = f.step(io, buf) => step,
+        };
+        match step {
+            Step::More => {}
+            Step::Continue => {
+                if io
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return Ending::Abort;
+                }
+            }
+            Step::Done => {
+                feeder = None;
+                body_done = true;
+            }
+            Step::Failed | Step::ReaderGone => feeder = None,
+        }
+    };
+
+    let (mut parts, body) = response.into_parts();
+    let mut body = std::pin::pin!(body);
+    let no_body = head_method
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    let mut close = !keep_alive
+        || shutdown.is_cancelled()
+        || feeder.is_some()
+        || !body_done
+        || connection_close(&parts.headers);
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| content_length_value(v.as_bytes()).ok());
+    let mut encoding = if no_body {
+        Encoding::None
+    } else if let Some(n) = declared {
+        Encoding::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        Encoding::Length(n)
+    } else if version == Version::HTTP_11 {
+        Encoding::Chunked
+    } else {
+        close = true;
+        Encoding::UntilClose
+    };
+    if head_method && declared.is_none() {
+        if let Some(n) = body.size_hint().exact() {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    let mut out = Vec::with_capacity(512);
+    write_head(&mut out, &parts, encoding, close, version);
+    if no_body {
+        return finish(io, &out, close, body_done).await;
+    }
+
+    // The body: frames as they come, the first (and a short one) in the head's write.
+    loop {
+        let frame = match feeder.as_mut() {
+            Some(f) => tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                step = f.step(io, buf) => {
+                    match step {
+                        Step::More => {}
+                        Step::Done => {
+                            feeder = None;
+                            body_done = true;
+                        }
+                        // Too late for 100 Continue: the client gets the answer and a close.
+                        Step::Continue | Step::Failed | Step::ReaderGone => feeder = None,
+                    }
+                    continue;
+                }
+            },
+            None => body.frame().await,
+        };
+        let frame = frame.map(|f| f.map_err(Into::<BoxError>::into));
+        match frame {
+            None => {
+                match encoding {
+                    Encoding::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+                    Encoding::Length(left) if left > 0 => {
+                        // Shorter than declared: the client can only learn it from a close.
+                        tracing::debug!(remote = %info.remote, missing = left, "response body ended early");
+                        close = true;
+                    }
+                    _ => {}
+                }
+                return finish(io, &out, close, body_done && feeder.is_none()).await;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(remote = %info.remote, error = %e, "response body failed; closing");
+                if !out.is_empty() {
+                    let _ = io.write_all(&out).await;
+                }
+                return Ending::Abort;
+            }
+            Some(Ok(frame)) => {
+                let Ok(mut data) = frame.into_data() else {
+                    continue; // trailers: not forwarded over HTTP/1.1
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                let suffix: &[u8] = match &mut encoding {
+                    Encoding::Length(left) => {
+                        if data.len() as u64 > *left {
+                            // Longer than declared: send what was declared, then close.
+                            data.truncate(*left as usize);
+                            close = true;
+                        }
+                        *left -= data.len() as u64;
+                        b""
+                    }
+                    Encoding::Chunked => {
+                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        b"\r\n"
+                    }
+                    Encoding::UntilClose | Encoding::None => b"",
+                };
+                let ended = body.is_end_stream();
+                if data.len() < COPY_LIMIT {
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(suffix);
+                    if ended {
+                        continue; // the end (and the chunked terminator) joins this write
+                    }
+                    if write_all_parts(io, &[&out]).await.is_err() {
+                        return Ending::Abort;
+                    }
+                } else if write_all_parts(io, &[&out, &data, suffix]).await.is_err() {
+                    return Ending::Abort;
+                }
+                out.clear();
+            }
+        }
+    }
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Writes what remains of the response and says how the connection goes on.
+async fn finish(io: &mut TlsStream<TcpStream>, out: &[u8], close: bool, body_read: bool) -> Ending {
+    if !out.is_empty() && write_all_parts(io, &[out]).await.is_err() {
+        return Ending::Abort;
+    }
+    if io.flush().await.is_err() {
+        return Ending::Abort;
+    }
+    match (close, body_read) {
+        (false, _) => Ending::KeepAlive,
+        (true, true) => Ending::Close,
+        (true, false) => Ending::Linger,
+    }
+}
+
+fn connection_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
+}
+
+/// The status line and fields; framing and `Connection` are this module's own, `Date` added
+/// when the handler gave none.
+fn write_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    encoding: Encoding,
+    close: bool,
+    version: Version,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in parts.headers.iter() {
+        if name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || name == "keep-alive"
+            || (name == header::CONTENT_LENGTH && encoding == Encoding::Chunked)
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date::append(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if encoding == Encoding::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A bodiless answer of this module's own (a refused head), closing the connection.
+fn error_response(out: &mut Vec<u8>, status: StatusCode) {
+    let parts = Response::builder()
+        .status(status)
+        .header(header::CONTENT_LENGTH, 0)
+        .body(())
+        .map(|r| r.into_parts().0);
+    if let Ok(parts) = parts {
+        write_head(out, &parts, Encoding::Length(0), true, Version::HTTP_11);
+    }
+}
+
+/// Writes all of `parts` in as few writes as the TLS layer allows.
+async fn write_all_parts<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let mut index = 0;
+    let mut within = 0;
+    while index < parts.len() {
+        if parts[index].len() == within {
+            index += 1;
+            within = 0;
+            continue;
+        }
+        let mut slices: [IoSlice<'_>; 3] =
+            [IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
+        let mut n = 0;
+        for (k, part) in parts[index..].iter().take(3).enumerate() {
+            slices[k] = IoSlice::new(if k == 0 { &part[within..] } else { part });
+            n += 1;
+        }
+        let mut written = io.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && index < parts.len() {
+            let left = parts[index].len() - within;
+            if written >= left {
+                written -= left;
+                index += 1;
+                within = 0;
+            } else {
+                within += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Closes our side, then reads and drops what the client still sends, for a moment, so the
+/// answer is not lost to a reset of a socket closed with unread data.
+async fn linger(io: &mut TlsStream<TcpStream>) {
+    let _ = io.flush().await;
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// The `Date` field value (RFC 9110 §5.6.7), formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+
+    pub(super) fn append(out: &mut Vec<u8>) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != now {
+                *c = (now, format(now));
+            }
+            out.extend_from_slice(&c.1);
+        });
+    }
+
+    /// IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+    pub(super) fn format(secs: u64) -> [u8; 29] {
+        const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+        const MONTHS: [&[u8; 3]; 12] = [
+            b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+            b"Dec",
+        ];
+        let days = secs / 86_400;
+        let rem = secs % 86_400;
+        let (year, month, day) = civil(days as i64);
+        let mut s = [0u8; 29];
+        s[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+        s[3..5].copy_from_slice(b", ");
+        two(&mut s[5..7], day);
+        s[7] = b' ';
+        s[8..11].copy_from_slice(MONTHS[(month - 1) as usize]);
+        s[11] = b' ';
+        let y = year.clamp(0, 9999) as u32;
+        two(&mut s[12..14], y / 100);
+        two(&mut s[14..16], y % 100);
+        s[16] = b' ';
+        two(&mut s[17..19], (rem / 3600) as u32);
+        s[19] = b':';
+        two(&mut s[20..22], (rem / 60 % 60) as u32);
+        s[22] = b':';
+        two(&mut s[23..25], (rem % 60) as u32);
+        s[25..29].copy_from_slice(b" GMT");
+        s
+    }
+
+    fn two(out: &mut [u8], n: u32) {
+        out[0] = b'0' + (n / 10 % 10) as u8;
+        out[1] = b'0' + (n % 10) as u8;
+    }
+
+    /// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's civil-from-days).
+    fn civil(z: i64) -> (i64, u32, u32) {
+        let z = z + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        (year, month, day)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> Options {
+        Options {
+            header_read_timeout: Duration::from_secs(5),
+            max_header_bytes: 1024,
+            max_headers: 8,
+        }
+    }
+
+    fn parse(raw: &str) -> Result<Option<Head>, HeadError> {
+        let mut buf = BytesMut::from(raw.as_bytes());
+        parse_head(&mut buf, &opts())
+    }
+
+    #[test]
+    fn a_head_is_parsed_in_place_and_its_body_left_behind() {
+        let mut buf = BytesMut::from(
+            &b"POST /https://p.example/x?a=b%20c HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\nSsp-From: 200000000359\r\n\r\nbody"[..],
+        );
+        let head = parse_head(&mut buf, &opts())
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.request.method(), Method::POST);
+        assert_eq!(head.request.uri().path(), "/https://p.example/x");
+        assert_eq!(head.request.uri().query(), Some("a=b%20c"));
+        assert_eq!(head.request.headers()["ssp-from"], "200000000359");
+        assert_eq!(head.framing, Framing::Length(4));
+        assert!(head.keep_alive);
+        assert_eq!(&buf[..], b"body");
+    }
+
+    #[test]
+    fn incomplete_heads_wait_and_oversized_ones_are_refused() {
+        assert!(parse("GET / HTTP/1.1\r\nHost: g\r\n")
+            .expect("partial")
+            .is_none());
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
+        assert_eq!(parse(&big).err(), Some(HeadError::TooLarge));
+        let many: String = (0..9).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(HeadError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn untrustworthy_framing_is_refused() {
+        for (raw, want) in [
+            ("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("HELLO\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("GET / HTTP/2.0\r\n\r\n", StatusCode::BAD_REQUEST),
+        ] {
+            assert_eq!(parse(raw).map(|_| ()).map_err(HeadError::status), Err(want), "{raw:?}");
+        }
+        // Repeated identical lengths are one length (RFC 9110 §8.6).
+        let head = parse("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(head.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_tokens() {
+        let ka = |raw: &str| parse(raw).expect("ok").expect("complete").keep_alive;
+        assert!(ka("GET / HTTP/1.1\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+        let head = parse("POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert!(head.expect_continue);
+        let head = parse("POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert!(
+            !head.expect_continue,
+            "HTTP/1.0 clients do not understand 100"
+        );
+    }
+
+    fn dechunk(input: &[&[u8]]) -> Result<(Vec<u8>, bool), BodyError> {
+        let mut state = Chunked::Size;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for part in input {
+            buf.extend_from_slice(part);
+            while let Some((data, last)) = decode_chunked(&mut state, &mut buf, 256)? {
+                out.extend_from_slice(&data);
+                if last {
+                    return Ok((out, true));
+                }
+            }
+        }
+        Ok((out, false))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire = b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nTrailer: x\r\n\r\n";
+        for split in 0..wire.len() {
+            let (a, b) = wire.split_at(split);
+            let (body, complete) = dechunk(&[a, b]).expect("valid");
+            assert_eq!(body, b"hello, world");
+            assert!(complete, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"fffffffffffffffff\r\n",
+            b"5 x\r\nhello\r\n",
+        ] {
+            assert!(
+                dechunk(&[bad]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // A size line or trailer section without end is refused once over its limit.
+        assert!(dechunk(&[&[b'1'; 5000]]).is_err());
+        let mut endless = b"0\r\n".to_vec();
+        endless.extend(std::iter::repeat(&b"X: y\r\n"[..]).take(100).flatten());
+        assert!(dechunk(&[&endless]).is_err());
+    }
+
+    #[test]
+    fn dates_are_imf_fixdate() {
+        assert_eq!(&date::format(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&date::format(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            &date::format(1_795_046_400),
+            b"Thu, 19 Nov 2026 00:00:00 GMT"
+        );
+        assert_eq!(&date::format(951_782_400), b"Tue, 29 Feb 2000 00:00:00 GMT");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_read_only_when_asked_and_in_order() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let (mut feeder, rx) = Feeder::new(Framing::Chunked, true, 256);
+        let body = RequestBody(Kind::Streaming(rx));
+        let mut buf = BytesMut::new();
+        // Nobody asked yet: the feeder waits.
+        let step = tokio::time::timeout(
+            Duration::from_millis(50),
+            feeder.step(&mut server, &mut buf),
+        )
+        .await;
+        assert!(step.is_err(), "fed a body nobody asked for");
+        let reader = tokio::spawn(async move { body.collect().await.map(|c| c.to_bytes()) });
+        assert_eq!(feeder.step(&mut server, &mut buf).await, Step::Continue);
+        client
+            .write_all(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut steps = Vec::new();
+        loop {
+            let s = feeder.step(&mut server, &mut buf).await;
+            let done = s == Step::Done;
+            steps.push(s);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(steps, [Step::More, Step::More, Step::Done]);
+        let body = reader.await.expect("task").expect("body");
+        assert_eq!(&body[..], b"abcde");
+    }
+
+    #[tokio::test]
+    async fn a_truncated_body_is_an_error_for_the_reader() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let (mut feeder, rx) = Feeder::new(Framing::Length(10), false, 256);
+        let body = RequestBody(Kind::Streaming(rx));
+        assert_eq!(body.size_hint().exact(), Some(10));
+        let reader = tokio::spawn(async move { body.collect().await.map(|c| c.to_bytes()) });
+        client.write_all(b"abc").await.expect("write");
+        drop(client);
+        let mut buf = BytesMut::new();
+        assert_eq!(feeder.step(&mut server, &mut buf).await, Step::More);
+        assert_eq!(feeder.step(&mut server, &mut buf).await, Step::Failed);
+        let err = reader.await.expect("task").expect_err("truncated");
+        assert!(err.to_string().contains("closed before"), "{err}");
+    }
+}
