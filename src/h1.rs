@@ -732,7 +732,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// lost, or `shutdown` starts (an idle connection closes at once; a busy one after its
 /// response, which says `Connection: close`).
 pub(crate) async fn serve<H, Fut, B>(
-    mut io: TlsStream<TcpStream>,
+    mut io: Box<TlsStream<TcpStream>>,
     info: Arc<ConnInfo>,
     handler: H,
     opts: Arc<Options>,
@@ -758,7 +758,12 @@ pub(crate) async fn serve<H, Fut, B>(
                 return;
             }
         };
-        match exchange(&mut io, &mut buf, head, &info, &handler, &opts, &shutdown).await {
+        // Boxed: the exchange's state (the handler's future, the response body) exists only
+        // while there is a request, not in every idle connection.
+        let exchange = Box::pin(exchange(
+            &mut io, &mut buf, head, &info, &handler, &opts, &shutdown,
+        ));
+        match exchange.await {
             Ending::KeepAlive => {}
             Ending::Close => break,
             Ending::Linger => {
@@ -867,8 +872,7 @@ where
         }
     };
     let mut body_done = feeder.is_none();
-    // Boxed: a connection waiting idle should not carry the handler's future in its task.
-    let mut response = Box::pin(handler(info.clone(), request.map(|()| body)));
+    let mut response = std::pin::pin!(handler(info.clone(), request.map(|()| body)));
     let response = loop {
         let Some(f) = feeder.as_mut() else {
             break response.await;
@@ -1161,7 +1165,8 @@ async fn linger(io: &mut TlsStream<TcpStream>) {
     let _ = io.flush().await;
     let _ = tokio::time::timeout(LINGER, async {
         let _ = io.shutdown().await;
-        let mut sink = [0u8; 4096];
+        // On the heap: a buffer in this future would be in every connection's.
+        let mut sink = vec![0u8; 4096];
         let mut total = 0;
         while total < LINGER_BYTES {
             match io.read(&mut sink).await {

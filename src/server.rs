@@ -213,8 +213,13 @@ pub async fn serve_tls_observed<H, Fut, B>(
         let name = opts.name;
         tracker.spawn(async move {
             let _permit = permit;
-            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
+            // Boxed, like each protocol's connection below, so that the task itself stays
+            // small: a task is as large as its largest state, and an idle connection should
+            // not carry the handshake's state or the other protocol's.
+            let handshake = Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)));
+            let stream = match handshake.await {
+                // Boxed too: a stream held inline would stay in the task's state.
+                Ok(Ok(stream)) => Box::new(stream),
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e).as_label();
                     metrics.handshake_failed(reason);
@@ -252,15 +257,14 @@ pub async fn serve_tls_observed<H, Fut, B>(
             // timeout.
             let negotiated_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             if !(negotiated_h2 && http2_allowed) {
-                crate::h1::serve(stream, info, handler, h1, draining).await;
+                Box::pin(crate::h1::serve(stream, info, handler, h1, draining)).await;
                 return;
             }
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let fut = handler(info.clone(), req.map(RequestBody::http2));
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            let conn = h2.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
+            let mut conn = Box::pin(h2.serve_connection(TokioIo::new(*stream), service));
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
                 _ = draining.cancelled() => {
