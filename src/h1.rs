@@ -49,7 +49,7 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
 /// The limits of one listener's HTTP/1.1 side.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Options {
     /// From the first byte of a head being awaited (including an idle keep-alive connection
     /// waiting for its next request) to the head being complete.
@@ -58,6 +58,8 @@ pub(crate) struct Options {
     pub max_header_bytes: usize,
     /// Most header fields in one head.
     pub max_headers: usize,
+    /// Heads refused, by `HeadError::label` (the gateway's metrics; none for others).
+    pub refused: Option<prometheus::IntCounterVec>,
 }
 
 /// A request's body, as the handler reads it: over HTTP/1.1 whole (it came with the head),
@@ -528,8 +530,10 @@ fn reserve(buf: &mut BytesMut) {
 /// A request head refused before it reaches the handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HeadError {
-    /// 400: malformed, or framing that cannot be trusted.
+    /// 400: malformed.
     Bad(&'static str),
+    /// 400: a body length that cannot be trusted (conflicting or smuggling-shaped framing).
+    Framing(&'static str),
     /// 431: larger than `max_header_bytes` or more than `max_headers` fields.
     TooLarge,
     /// 501: a transfer coding other than `chunked`.
@@ -541,16 +545,27 @@ enum HeadError {
 impl HeadError {
     fn status(self) -> StatusCode {
         match self {
-            HeadError::Bad(_) => StatusCode::BAD_REQUEST,
+            HeadError::Bad(_) | HeadError::Framing(_) => StatusCode::BAD_REQUEST,
             HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HeadError::Unsupported => StatusCode::NOT_IMPLEMENTED,
             HeadError::Timeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
+    /// The `reason` label of `ssp_http_refused_heads_total`.
+    fn label(self) -> &'static str {
+        match self {
+            HeadError::Bad(_) => "malformed",
+            HeadError::Framing(_) => "framing",
+            HeadError::TooLarge => "too_large",
+            HeadError::Unsupported => "unsupported_coding",
+            HeadError::Timeout => "timeout",
+        }
+    }
+
     fn reason(self) -> &'static str {
         match self {
-            HeadError::Bad(why) => why,
+            HeadError::Bad(why) | HeadError::Framing(why) => why,
             HeadError::TooLarge => "request head too large",
             HeadError::Unsupported => "unsupported transfer coding",
             HeadError::Timeout => "request head not complete within the header read timeout",
@@ -625,7 +640,7 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
             for v in h.value.split(|&b| b == b',') {
                 let n = content_length_value(v)?;
                 if content_length.is_some_and(|c| c != n) {
-                    return Err(HeadError::Bad("conflicting Content-Length values"));
+                    return Err(HeadError::Framing("conflicting Content-Length values"));
                 }
                 content_length = Some(n);
             }
@@ -633,7 +648,9 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
             for coding in tokens(h.value) {
                 if chunked {
                     // Anything after `chunked` (or `chunked` twice): the length is unknowable.
-                    return Err(HeadError::Bad("chunked is not the final transfer coding"));
+                    return Err(HeadError::Framing(
+                        "chunked is not the final transfer coding",
+                    ));
                 }
                 codings += 1;
                 chunked = coding.eq_ignore_ascii_case(b"chunked");
@@ -650,16 +667,20 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
     }
     if codings > 0 {
         if version == Version::HTTP_10 {
-            return Err(HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+            return Err(HeadError::Framing(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
         }
         if content_length.is_some() {
-            return Err(HeadError::Bad("both Content-Length and Transfer-Encoding"));
+            return Err(HeadError::Framing(
+                "both Content-Length and Transfer-Encoding",
+            ));
         }
         if !chunked {
             return Err(if codings == 1 {
                 HeadError::Unsupported
             } else {
-                HeadError::Bad("chunked is not the final transfer coding")
+                HeadError::Framing("chunked is not the final transfer coding")
             });
         }
         if codings > 1 {
@@ -704,7 +725,7 @@ fn offset(base: usize, part: &[u8]) -> (usize, usize) {
 fn content_length_value(v: &[u8]) -> Result<u64, HeadError> {
     let v = trim(v);
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return Err(HeadError::Bad("malformed Content-Length"));
+        return Err(HeadError::Framing("malformed Content-Length"));
     }
     Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
@@ -750,6 +771,9 @@ pub(crate) async fn serve<H, Fut, B>(
             Ok(None) => break,
             Err(e) => {
                 tracing::info!(remote = %info.remote, reason = e.reason(), "refused an HTTP/1.1 request head");
+                if let Some(c) = &opts.refused {
+                    c.with_label_values(&[e.label()]).inc();
+                }
                 let mut out = Vec::with_capacity(160);
                 error_response(&mut out, e.status());
                 if io.write_all(&out).await.is_ok() {
@@ -1259,6 +1283,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 1024,
             max_headers: 8,
+            refused: None,
         }
     }
 

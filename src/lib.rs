@@ -450,6 +450,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let conn_metrics = server::ConnMetrics {
         active: Some(metrics.active_connections.clone()),
         handshake_failures: Some(metrics.tls_handshake_failures.clone()),
+        refused_heads: Some(metrics.http_refused_heads.clone()),
     };
     let serve = server::serve_tls_observed(
         listener,

@@ -71,6 +71,7 @@ pub struct Metrics {
     pub active_connections: IntGauge,
     /// Consumer TLS handshakes that failed, by `HandshakeFailure` label (or `timeout`).
     pub tls_handshake_failures: IntCounterVec,
+    pub http_refused_heads: IntCounterVec,
     /// Connections to providers that could not be made, by reason (`timeout`, `tcp`, `tls`).
     pub upstream_connect_errors: IntCounterVec,
     /// Circuit state per provider host: closed 0, open 1, half-open 2.
@@ -136,6 +137,14 @@ impl Metrics {
             Opts::new(
                 "ssp_tls_handshake_failures_total",
                 "Consumer TLS handshakes that failed, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        let http_refused_heads = IntCounterVec::new(
+            Opts::new(
+                "ssp_http_refused_heads_total",
+                "HTTP/1.1 request heads refused before the request path saw them, by reason.",
             ),
             &["reason"],
         )
@@ -241,6 +250,7 @@ impl Metrics {
             Box::new(overhead_duration.clone()),
             Box::new(active_connections.clone()),
             Box::new(tls_handshake_failures.clone()),
+            Box::new(http_refused_heads.clone()),
             Box::new(upstream_connect_errors.clone()),
             Box::new(upstream_circuit_state.clone()),
             Box::new(upstream_retries.clone()),
@@ -272,6 +282,7 @@ impl Metrics {
             overhead_duration,
             active_connections,
             tls_handshake_failures,
+            http_refused_heads,
             upstream_connect_errors,
             upstream_circuit_state,
             upstream_retries,

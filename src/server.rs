@@ -92,6 +92,8 @@ pub struct ConnMetrics {
     pub active: Option<prometheus::IntGauge>,
     /// Failed handshakes by `HandshakeFailure` label, or `timeout`, `unreadable_certificate`.
     pub handshake_failures: Option<prometheus::IntCounterVec>,
+    /// HTTP/1.1 request heads refused before any handler saw them, by reason.
+    pub refused_heads: Option<prometheus::IntCounterVec>,
 }
 
 impl ConnMetrics {
@@ -167,6 +169,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         header_read_timeout: opts.header_read_timeout,
         max_header_bytes: limits.max_header_bytes,
         max_headers: limits.max_headers,
+        refused: metrics.refused_heads.clone(),
     });
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())

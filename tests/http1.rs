@@ -848,3 +848,44 @@ async fn a_head_response_has_no_body_and_the_connection_goes_on() {
     assert_eq!(r.echoed_uri(), format!("{BASE_PATH}/metadata"));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_heads_are_counted_by_reason() {
+    let h = echo_gateway().await;
+    let mut smuggling = Req::register(&h)
+        .header("Content-Length: 5")
+        .header("Transfer-Encoding: chunked")
+        .raw_body(b"0\r\n\r\n".to_vec())
+        .bytes();
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("garbage", b"HELLO\r\n\r\n".to_vec()),
+        (
+            "Content-Length with chunked",
+            std::mem::take(&mut smuggling),
+        ),
+        (
+            "conflicting lengths",
+            Req::register(&h)
+                .header("Content-Length: 5")
+                .header("Content-Length: 6")
+                .raw_body(b"hello".to_vec())
+                .bytes(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let mut w = Wire::open(&h).await;
+        assert!(w.send(&bytes).await, "{what}: write");
+        w.expect_refused(&[400], false, what).await;
+    }
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    let count = |reason: &str| {
+        sample(
+            &text,
+            &format!("ssp_http_refused_heads_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(count("malformed"), Some(1.0), "{text}");
+    assert_eq!(count("framing"), Some(2.0), "{text}");
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+}
