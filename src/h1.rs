@@ -594,6 +594,7 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
     };
     let mut req = httparse::Request::new(&mut []);
     let base = buf.as_ptr() as usize;
+    let buf_len = buf.len();
     let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
         &mut req,
         &buf[..],
@@ -623,8 +624,8 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let path = req.path.unwrap_or_default();
-    let path_range = offset(base, path.as_bytes());
+    let path = req.path.ok_or(HeadError::Bad("no request target"))?;
+    let path_range = offset(base, buf_len, path.as_bytes())?;
     let mut fields = Vec::with_capacity(req.headers.len());
     let mut framing = Framing::None;
     let mut content_length: Option<u64> = None;
@@ -663,7 +664,7 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
         } else if name == header::EXPECT {
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
         }
-        fields.push((name, offset(base, h.value)));
+        fields.push((name, offset(base, buf_len, h.value)?));
     }
     if codings > 0 {
         if version == Version::HTTP_10 {
@@ -717,9 +718,17 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
     }))
 }
 
-fn offset(base: usize, part: &[u8]) -> (usize, usize) {
-    let start = part.as_ptr() as usize - base;
-    (start, start + part.len())
+/// Where `part` (a slice `httparse` returned) lies in the buffer at `base` of `len` bytes; an
+/// empty part may point anywhere, so it is the empty range.
+fn offset(base: usize, len: usize, part: &[u8]) -> Result<(usize, usize), HeadError> {
+    if part.is_empty() {
+        return Ok((0, 0));
+    }
+    (part.as_ptr() as usize)
+        .checked_sub(base)
+        .and_then(|start| Some((start, start.checked_add(part.len())?)))
+        .filter(|&(_, end)| end <= len)
+        .ok_or(HeadError::Bad("malformed request head"))
 }
 
 fn content_length_value(v: &[u8]) -> Result<u64, HeadError> {
@@ -1295,7 +1304,7 @@ mod tests {
     #[test]
     fn a_head_is_parsed_in_place_and_its_body_left_behind() {
         let mut buf = BytesMut::from(
-            &b"POST /https://p.example/x?a=b%20c HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\nSsp-From: 200000000359\r\n\r\nbody"[..],
+            &b"POST /https://p.example/x?a=b%20c HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\nX-Empty:\r\nSsp-From: 200000000359\r\n\r\nbody"[..],
         );
         let head = parse_head(&mut buf, &opts())
             .expect("valid")
@@ -1304,6 +1313,7 @@ mod tests {
         assert_eq!(head.request.uri().path(), "/https://p.example/x");
         assert_eq!(head.request.uri().query(), Some("a=b%20c"));
         assert_eq!(head.request.headers()["ssp-from"], "200000000359");
+        assert_eq!(head.request.headers()["x-empty"], "");
         assert_eq!(head.framing, Framing::Length(4));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"body");
@@ -1418,6 +1428,48 @@ mod tests {
         let mut endless = b"0\r\n".to_vec();
         endless.extend(std::iter::repeat(&b"X: y\r\n"[..]).take(100).flatten());
         assert!(dechunk(&[&endless]).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any bytes at all: a head, an error or "more please", never a panic, and a head
+        /// only ever consumes what it parsed.
+        #[test]
+        fn any_bytes_parse_or_refuse_without_panicking(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            prefix in proptest::sample::select(vec![&b""[..], b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n"]),
+        ) {
+            let mut buf = BytesMut::from(prefix);
+            buf.extend_from_slice(&bytes);
+            let before = buf.len();
+            match parse_head(&mut buf, &opts()) {
+                Ok(Some(_)) => proptest::prop_assert!(buf.len() < before),
+                Ok(None) | Err(_) => proptest::prop_assert_eq!(buf.len(), before),
+            }
+        }
+
+        /// The chunked decoder on any bytes: data, an error or "more please", never a panic;
+        /// and on a valid body cut anywhere, exactly the data.
+        #[test]
+        fn the_chunked_decoder_never_panics_and_any_cut_of_a_valid_body_decodes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..40), 0..6),
+            cut in 0usize..400,
+        ) {
+            let _ = dechunk(&[&bytes]);
+            let mut wire = Vec::new();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:X};x=y\r\n", c.len()).as_bytes());
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\nT: v\r\n\r\n");
+            let (a, b) = wire.split_at(cut.min(wire.len()));
+            let (body, complete) = dechunk(&[a, b]).expect("a valid body");
+            proptest::prop_assert!(complete);
+            proptest::prop_assert_eq!(body, chunks.concat());
+        }
     }
 
     #[test]
