@@ -971,7 +971,12 @@ where
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
-    let mut out = Vec::with_capacity(512);
+    // Room for the head and, when it is short and its size known, the body: one allocation.
+    let short_body = match encoding {
+        Encoding::Length(n) if n < COPY_LIMIT as u64 => n as usize,
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(512 + 32 * parts.headers.len() + short_body);
     write_head(&mut out, &parts, encoding, close, version);
     if no_body {
         return finish(io, &out, close, body_done).await;
