@@ -653,6 +653,7 @@ fn listener_limits(s: &mut Section<'_, '_>) -> Limits {
         max_connections,
         max_header_bytes,
         max_headers,
+        send_timeout: s.duration("send_timeout", d.send_timeout),
         h2_max_concurrent_streams,
         h2_max_pending_reset_streams,
         h2_keep_alive_interval: s.duration("http2_keep_alive_interval", d.h2_keep_alive_interval),

@@ -58,6 +58,8 @@ pub(crate) struct Options {
     pub max_header_bytes: usize,
     /// Most header fields in one head.
     pub max_headers: usize,
+    /// How long one write may wait for the client to take the bytes.
+    pub send_timeout: Duration,
     /// Heads refused, by `HeadError::label` (the gateway's metrics; none for others).
     pub refused: Option<prometheus::IntCounterVec>,
 }
@@ -785,7 +787,10 @@ pub(crate) async fn serve<H, Fut, B>(
                 }
                 let mut out = Vec::with_capacity(160);
                 error_response(&mut out, e.status());
-                if io.write_all(&out).await.is_ok() {
+                if write_all_parts(&mut *io, &[&out], opts.send_timeout)
+                    .await
+                    .is_ok()
+                {
                     linger(&mut io).await;
                 }
                 return;
@@ -810,7 +815,8 @@ pub(crate) async fn serve<H, Fut, B>(
             buf = BytesMut::new();
         }
     }
-    let _ = io.shutdown().await;
+    // close_notify: bounded too, the client may have stopped reading.
+    let _ = tokio::time::timeout(opts.send_timeout, io.shutdown()).await;
 }
 
 /// Reads until a whole head is in `buf`: `None` when the connection ends quietly (closed, idle
@@ -918,8 +924,8 @@ where
         match step {
             Step::More => {}
             Step::Continue => {
-                if io
-                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                let interim: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+                if write_all_parts(io, &[interim], opts.send_timeout)
                     .await
                     .is_err()
                 {
@@ -979,7 +985,7 @@ where
     let mut out = Vec::with_capacity(512 + 32 * parts.headers.len() + short_body);
     write_head(&mut out, &parts, encoding, close, version);
     if no_body {
-        return finish(io, &out, close, body_done).await;
+        return finish(io, &out, close, body_done, opts.send_timeout).await;
     }
 
     // The body: frames as they come, the first (and a short one) in the head's write.
@@ -1015,12 +1021,19 @@ where
                     }
                     _ => {}
                 }
-                return finish(io, &out, close, body_done && feeder.is_none()).await;
+                return finish(
+                    io,
+                    &out,
+                    close,
+                    body_done && feeder.is_none(),
+                    opts.send_timeout,
+                )
+                .await;
             }
             Some(Err(e)) => {
                 tracing::debug!(remote = %info.remote, error = %e, "response body failed; closing");
                 if !out.is_empty() {
-                    let _ = io.write_all(&out).await;
+                    let _ = write_all_parts(io, &[&out], opts.send_timeout).await;
                 }
                 return Ending::Abort;
             }
@@ -1054,10 +1067,16 @@ where
                     if ended {
                         continue; // the end (and the chunked terminator) joins this write
                     }
-                    if write_all_parts(io, &[&out]).await.is_err() {
+                    if write_all_parts(io, &[&out], opts.send_timeout)
+                        .await
+                        .is_err()
+                    {
                         return Ending::Abort;
                     }
-                } else if write_all_parts(io, &[&out, &data, suffix]).await.is_err() {
+                } else if write_all_parts(io, &[&out, &data, suffix], opts.send_timeout)
+                    .await
+                    .is_err()
+                {
                     return Ending::Abort;
                 }
                 out.clear();
@@ -1076,11 +1095,20 @@ enum Encoding {
 }
 
 /// Writes what remains of the response and says how the connection goes on.
-async fn finish(io: &mut TlsStream<TcpStream>, out: &[u8], close: bool, body_read: bool) -> Ending {
-    if !out.is_empty() && write_all_parts(io, &[out]).await.is_err() {
+async fn finish(
+    io: &mut TlsStream<TcpStream>,
+    out: &[u8],
+    close: bool,
+    body_read: bool,
+    send_timeout: Duration,
+) -> Ending {
+    if !out.is_empty() && write_all_parts(io, &[out], send_timeout).await.is_err() {
         return Ending::Abort;
     }
-    if io.flush().await.is_err() {
+    if !matches!(
+        tokio::time::timeout(send_timeout, io.flush()).await,
+        Ok(Ok(()))
+    ) {
         return Ending::Abort;
     }
     match (close, body_read) {
@@ -1158,10 +1186,12 @@ fn error_response(out: &mut Vec<u8>, status: StatusCode) {
     }
 }
 
-/// Writes all of `parts` in as few writes as the TLS layer allows.
+/// Writes all of `parts` in as few writes as the TLS layer allows; a write that makes no
+/// progress for `timeout` (a client that stopped reading) is an error.
 async fn write_all_parts<S: AsyncWrite + Unpin>(
     io: &mut S,
     parts: &[&[u8]],
+    timeout: Duration,
 ) -> std::io::Result<()> {
     let mut index = 0;
     let mut within = 0;
@@ -1178,7 +1208,9 @@ async fn write_all_parts<S: AsyncWrite + Unpin>(
             slices[k] = IoSlice::new(if k == 0 { &part[within..] } else { part });
             n += 1;
         }
-        let mut written = io.write_vectored(&slices[..n]).await?;
+        let mut written = tokio::time::timeout(timeout, io.write_vectored(&slices[..n]))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -1200,8 +1232,8 @@ async fn write_all_parts<S: AsyncWrite + Unpin>(
 /// Closes our side, then reads and drops what the client still sends, for a moment, so the
 /// answer is not lost to a reset of a socket closed with unread data.
 async fn linger(io: &mut TlsStream<TcpStream>) {
-    let _ = io.flush().await;
     let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.flush().await;
         let _ = io.shutdown().await;
         // On the heap: a buffer in this future would be in every connection's.
         let mut sink = vec![0u8; 4096];
@@ -1297,6 +1329,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 1024,
             max_headers: 8,
+            send_timeout: Duration::from_secs(5),
             refused: None,
         }
     }

@@ -62,6 +62,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most header fields in one request.
     pub max_headers: usize,
+    /// HTTP/1.1: how long a write of a response may wait for the client to read before the
+    /// connection is closed (a client that stops reading does not hold it, and the provider
+    /// connection behind it, for ever).
+    pub send_timeout: Duration,
     /// HTTP/2: concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
     /// HTTP/2: reset streams a client may leave pending (reset-flood protection).
@@ -77,6 +81,7 @@ impl Default for Limits {
             max_connections: 20_000,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            send_timeout: Duration::from_secs(60),
             h2_max_concurrent_streams: 100,
             h2_max_pending_reset_streams: 20,
             h2_keep_alive_interval: Duration::from_secs(30),
@@ -169,6 +174,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         header_read_timeout: opts.header_read_timeout,
         max_header_bytes: limits.max_header_bytes,
         max_headers: limits.max_headers,
+        send_timeout: limits.send_timeout,
         refused: metrics.refused_heads.clone(),
     });
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

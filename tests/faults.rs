@@ -265,3 +265,43 @@ async fn a_hundred_megabyte_chunked_body_streams_through() {
     shutdown.cancel();
     running.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_is_cut_off_at_the_send_timeout() {
+    let (world, running, shutdown, port, audit_dir) = gateway_before(
+        Fault::Trickle100Mb,
+        GatewayOptions {
+            extra_listener: "send_timeout = \"1s\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut s = world
+        .client(&world.consumer, running.gateway_addr)
+        .handshake()
+        .await
+        .expect("handshake");
+    let head = format!(
+        "GET /{}/metadata HTTP/1.1\r\nHost: localhost\r\nSsp-TraceID: {}\r\n\
+         Ssp-From: {CONSUMER_ASID}\r\nSsp-To: {PROVIDER_ASID}\r\nSsp-InteractionID: {IX_METADATA}\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        endpoint(port),
+        uuid::Uuid::new_v4(),
+        jwt(scope_for(IX_METADATA))
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    // Never read: the socket buffers fill, the gateway's writes stop making progress, and
+    // after the send timeout it lets go of the consumer and of the provider behind it. The
+    // outcome record says the body broke off.
+    let record = audited(&audit_dir, 200).await;
+    assert_eq!(record["completed"], false, "{record}");
+    let sent = record["response_bytes"].as_u64().expect("response_bytes");
+    assert!(sent < HUNDRED_MB as u64, "{record}");
+    // The connection is gone: what was buffered drains, then it ends.
+    let mut sink = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut sink)).await;
+    assert!(drained.is_ok(), "the connection was kept open");
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
