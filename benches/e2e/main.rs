@@ -138,7 +138,7 @@ impl Workload {
                 "GET Slot search 4.9 KB, new TLS connection per request (full mTLS handshake), {connections} concurrent"
             ),
             Workload::HalfRate => format!(
-                "GET Slot search 4.9 KB at a fixed rate of half the gateway's keep-alive maximum, {connections} connections"
+                "GET Slot search 4.9 KB at a fixed rate of half each gateway column's keep-alive maximum (direct and nginx at the same rate), {connections} connections"
             ),
             Workload::NoisyNeighbour => format!(
                 "Noisy neighbour: a quiet consumer's GET Slot search at a fixed rate, alone and while another consumer floods past its limit of {}/s on {connections} connections",
@@ -405,24 +405,44 @@ fn run(opts: Opts) -> Result<ExitCode, String> {
             }
             continue;
         }
-        let rate = match w {
-            Workload::HalfRate => {
-                let gw = rows
+        if *w == Workload::HalfRate {
+            // Each gateway column at half of its own keep-alive maximum, with the direct run
+            // and nginx at that same rate beside it.
+            let groups: Vec<(String, f64)> = targets
+                .iter()
+                .filter(|t| t.label.starts_with("gateway"))
+                .filter_map(|t| {
+                    rows.iter()
+                        .find(|r| {
+                            r.workload == Workload::Get4k.name()
+                                && r.target == t.label
+                                && r.failed.is_none()
+                                && r.rps > 0.0
+                        })
+                        .map(|r| (t.label.clone(), (r.rps / 2.0).round()))
+                })
+                .collect();
+            if groups.is_empty() {
+                println!("  skipped: needs the get-4k gateway run first");
+                continue;
+            }
+            for (gateway, rate) in groups {
+                let start = rows.len();
+                for t in targets
                     .iter()
-                    .find(|r| {
-                        r.workload == Workload::Get4k.name() && r.target.starts_with("gateway")
-                    })
-                    .map(|r| r.rps);
-                match gw {
-                    Some(rps) if rps > 0.0 => Some((rps / 2.0).round()),
-                    _ => {
-                        println!("  skipped: needs the get-4k gateway run first");
-                        continue;
-                    }
+                    .filter(|t| t.label == "direct" || t.label == gateway || t.label == "nginx")
+                {
+                    let row = bench.measure(*w, t, Some(rate), false);
+                    println!("  {}", row_line(&row));
+                    rows.push(row);
+                }
+                if let Some(line) = added_latency_line(&rows[start..]) {
+                    println!("  {line}");
                 }
             }
-            _ => None,
-        };
+            continue;
+        }
+        let rate = None;
         for t in &targets {
             let profile = Some(w) == workloads.iter().find(|w| **w != Workload::NoisyNeighbour)
                 && t.label == targets_first_gateway(&targets);
@@ -1045,6 +1065,27 @@ fn ratio_line(rows: &[Row], workload: &str) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
+/// What each proxy adds over the direct run at the same fixed rate, p50 and p99.
+fn added_latency_line(group: &[Row]) -> Option<String> {
+    let direct = group
+        .iter()
+        .find(|r| r.target == "direct" && r.failed.is_none())?;
+    let parts: Vec<String> = group
+        .iter()
+        .filter(|r| r.target != "direct" && r.failed.is_none())
+        .map(|r| {
+            format!(
+                "{} adds p50 {:.3} ms, p99 {:.3} ms",
+                r.target,
+                r.p50_ms - direct.p50_ms,
+                r.p99_ms - direct.p99_ms
+            )
+        })
+        .collect();
+    let rate = direct.rate.unwrap_or_default();
+    (!parts.is_empty()).then(|| format!("at {rate:.0}/s: {}", parts.join("; ")))
+}
+
 /// The one table of the run.
 fn table(rows: &[Row], workloads: &[Workload], connections: usize) -> String {
     let mut out = String::new();
@@ -1057,13 +1098,16 @@ fn table(rows: &[Row], workloads: &[Workload], connections: usize) -> String {
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for w in workloads {
-        let direct = rows
-            .iter()
-            .find(|r| r.workload == w.name() && r.target == "direct" && r.failed.is_none());
-        let nginx = rows
-            .iter()
-            .find(|r| r.workload == w.name() && r.target == "nginx" && r.failed.is_none());
+        // The rows to compare with: the same workload at the same rate (half-rate runs each
+        // gateway column at its own rate, with direct and nginx beside it).
+        let beside = |target: &str, rate: Option<f64>| {
+            rows.iter().find(|r| {
+                r.workload == w.name() && r.target == target && r.rate == rate && r.failed.is_none()
+            })
+        };
         for r in rows.iter().filter(|r| r.workload == w.name()) {
+            let direct = beside("direct", r.rate);
+            let nginx = beside("nginx", r.rate);
             let name = match (w, r.rate) {
                 (Workload::HalfRate, Some(rate)) => format!("{} ({rate:.0}/s)", w.name()),
                 _ => w.name().to_owned(),
