@@ -299,13 +299,13 @@ struct Feeder {
 
 impl Feeder {
     fn new(
-        framing: Framing,
+        decoding: Decoding,
         expect_continue: bool,
         max_trailer_bytes: usize,
     ) -> (Feeder, Receiver) {
-        let (decoding, remaining) = match framing {
-            Framing::Length(n) => (Decoding::Length(n), Some(n)),
-            _ => (Decoding::Chunked(Chunked::Size), None),
+        let remaining = match decoding {
+            Decoding::Length(n) => Some(n),
+            Decoding::Chunked(_) => None,
         };
         let chan = Arc::new(Channel(Mutex::new(ChannelState {
             remaining,
@@ -504,7 +504,7 @@ fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
         return Err(BodyError::Chunked("no chunk size"));
     }
     // Optional whitespace, then extensions (ignored) or nothing.
-    let rest = trim_start(rest);
+    let rest = trim_ows(rest);
     if !rest.is_empty() && rest[0] != b';' {
         return Err(BodyError::Chunked("malformed chunk size"));
     }
@@ -514,11 +514,15 @@ fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
     Ok(size)
 }
 
-fn trim_start(mut b: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = b {
-        b = rest;
+/// `bytes` without optional whitespace (RFC 9110 §5.6.3) at either end.
+pub(crate) fn trim_ows(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
     }
-    b
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
 }
 
 fn reserve(buf: &mut BytesMut) {
@@ -734,27 +738,18 @@ fn offset(base: usize, len: usize, part: &[u8]) -> Result<(usize, usize), HeadEr
 }
 
 fn content_length_value(v: &[u8]) -> Result<u64, HeadError> {
-    let v = trim(v);
+    let v = trim_ows(v);
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return Err(HeadError::Framing("malformed Content-Length"));
     }
     Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-fn trim(b: &[u8]) -> &[u8] {
-    let b = trim_start(b);
-    let end = b
-        .iter()
-        .rposition(|&c| c != b' ' && c != b'\t')
-        .map_or(0, |i| i + 1);
-    &b[..end]
-}
-
 /// The comma-separated list elements of a field value, trimmed, empty ones skipped.
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
-        .map(trim)
+        .map(trim_ows)
         .filter(|t| !t.is_empty())
 }
 
@@ -896,19 +891,18 @@ where
     } = head;
     let version = request.version();
     let head_method = request.method() == Method::HEAD;
+    let streamed = |decoding| {
+        let continue_first = expect_continue && buf.is_empty();
+        let (feeder, rx) = Feeder::new(decoding, continue_first, opts.max_header_bytes);
+        (RequestBody(Kind::Streaming(rx)), Some(feeder))
+    };
     let (body, mut feeder) = match framing {
         Framing::None | Framing::Length(0) => (RequestBody::empty(), None),
         Framing::Length(n) if buf.len() as u64 >= n => {
             (RequestBody::full(buf.split_to(n as usize).freeze()), None)
         }
-        _ => {
-            let (feeder, rx) = Feeder::new(
-                framing,
-                expect_continue && buf.is_empty(),
-                opts.max_header_bytes,
-            );
-            (RequestBody(Kind::Streaming(rx)), Some(feeder))
-        }
+        Framing::Length(n) => streamed(Decoding::Length(n)),
+        Framing::Chunked => streamed(Decoding::Chunked(Chunked::Size)),
     };
     let mut body_done = feeder.is_none();
     let mut response = std::pin::pin!(handler(info.clone(), request.map(|()| body)));
@@ -921,22 +915,14 @@ where
             r = &mut response => break r,
             step = f.step(io, buf) => step,
         };
-        match step {
-            Step::More => {}
-            Step::Continue => {
-                let interim: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-                if write_all_parts(io, &[interim], opts.send_timeout)
-                    .await
-                    .is_err()
-                {
-                    return Ending::Abort;
-                }
+        if settle(step, &mut feeder, &mut body_done) {
+            let interim: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+            if write_all_parts(io, &[interim], opts.send_timeout)
+                .await
+                .is_err()
+            {
+                return Ending::Abort;
             }
-            Step::Done => {
-                feeder = None;
-                body_done = true;
-            }
-            Step::Failed | Step::ReaderGone => feeder = None,
         }
     };
 
@@ -946,11 +932,8 @@ where
         || parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
-    let mut close = !keep_alive
-        || shutdown.is_cancelled()
-        || feeder.is_some()
-        || !body_done
-        || connection_close(&parts.headers);
+    let mut close =
+        !keep_alive || shutdown.is_cancelled() || !body_done || connection_close(&parts.headers);
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -995,14 +978,9 @@ where
                 biased;
                 frame = body.frame() => frame,
                 step = f.step(io, buf) => {
-                    match step {
-                        Step::More => {}
-                        Step::Done => {
-                            feeder = None;
-                            body_done = true;
-                        }
+                    if settle(step, &mut feeder, &mut body_done) {
                         // Too late for 100 Continue: the client gets the answer and a close.
-                        Step::Continue | Step::Failed | Step::ReaderGone => feeder = None,
+                        feeder = None;
                     }
                     continue;
                 }
@@ -1021,14 +999,7 @@ where
                     }
                     _ => {}
                 }
-                return finish(
-                    io,
-                    &out,
-                    close,
-                    body_done && feeder.is_none(),
-                    opts.send_timeout,
-                )
-                .await;
+                return finish(io, &out, close, body_done, opts.send_timeout).await;
             }
             Some(Err(e)) => {
                 tracing::debug!(remote = %info.remote, error = %e, "response body failed; closing");
@@ -1083,6 +1054,21 @@ where
             }
         }
     }
+}
+
+/// Applies a feeding step: the feeder goes once the body is over (`body_done` says whether
+/// it was read to its end). True when the client waits for `100 Continue` first.
+fn settle(step: Step, feeder: &mut Option<Feeder>, body_done: &mut bool) -> bool {
+    match step {
+        Step::More => {}
+        Step::Continue => return true,
+        Step::Done => {
+            *feeder = None;
+            *body_done = true;
+        }
+        Step::Failed | Step::ReaderGone => *feeder = None,
+    }
+    false
 }
 
 /// How a response body is delimited on the wire.
@@ -1251,10 +1237,10 @@ async fn linger(io: &mut TlsStream<TcpStream>) {
 /// The `Date` field value (RFC 9110 §5.6.7), formatted once a second per thread.
 mod date {
     use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     thread_local! {
-        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
 
     pub(super) fn append(out: &mut Vec<u8>) {
@@ -1266,57 +1252,13 @@ mod date {
             if c.0 != now {
                 *c = (now, format(now));
             }
-            out.extend_from_slice(&c.1);
+            out.extend_from_slice(c.1.as_bytes());
         });
     }
 
     /// IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
-    pub(super) fn format(secs: u64) -> [u8; 29] {
-        const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
-        const MONTHS: [&[u8; 3]; 12] = [
-            b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
-            b"Dec",
-        ];
-        let days = secs / 86_400;
-        let rem = secs % 86_400;
-        let (year, month, day) = civil(days as i64);
-        let mut s = [0u8; 29];
-        s[..3].copy_from_slice(DAYS[(days % 7) as usize]);
-        s[3..5].copy_from_slice(b", ");
-        two(&mut s[5..7], day);
-        s[7] = b' ';
-        s[8..11].copy_from_slice(MONTHS[(month - 1) as usize]);
-        s[11] = b' ';
-        let y = year.clamp(0, 9999) as u32;
-        two(&mut s[12..14], y / 100);
-        two(&mut s[14..16], y % 100);
-        s[16] = b' ';
-        two(&mut s[17..19], (rem / 3600) as u32);
-        s[19] = b':';
-        two(&mut s[20..22], (rem / 60 % 60) as u32);
-        s[22] = b':';
-        two(&mut s[23..25], (rem % 60) as u32);
-        s[25..29].copy_from_slice(b" GMT");
-        s
-    }
-
-    fn two(out: &mut [u8], n: u32) {
-        out[0] = b'0' + (n / 10 % 10) as u8;
-        out[1] = b'0' + (n % 10) as u8;
-    }
-
-    /// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's civil-from-days).
-    fn civil(z: i64) -> (i64, u32, u32) {
-        let z = z + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        (year, month, day)
+    pub(super) fn format(secs: u64) -> String {
+        httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs))
     }
 }
 
@@ -1512,19 +1454,16 @@ mod tests {
 
     #[test]
     fn dates_are_imf_fixdate() {
-        assert_eq!(&date::format(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(&date::format(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(
-            &date::format(1_795_046_400),
-            b"Thu, 19 Nov 2026 00:00:00 GMT"
-        );
-        assert_eq!(&date::format(951_782_400), b"Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(date::format(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(date::format(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(date::format(1_795_046_400), "Thu, 19 Nov 2026 00:00:00 GMT");
+        assert_eq!(date::format(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
     }
 
     #[tokio::test]
     async fn a_streamed_body_is_read_only_when_asked_and_in_order() {
         let (mut client, mut server) = tokio::io::duplex(64);
-        let (mut feeder, rx) = Feeder::new(Framing::Chunked, true, 256);
+        let (mut feeder, rx) = Feeder::new(Decoding::Chunked(Chunked::Size), true, 256);
         let body = RequestBody(Kind::Streaming(rx));
         let mut buf = BytesMut::new();
         // Nobody asked yet: the feeder waits.
@@ -1557,7 +1496,7 @@ mod tests {
     #[tokio::test]
     async fn a_truncated_body_is_an_error_for_the_reader() {
         let (mut client, mut server) = tokio::io::duplex(64);
-        let (mut feeder, rx) = Feeder::new(Framing::Length(10), false, 256);
+        let (mut feeder, rx) = Feeder::new(Decoding::Length(10), false, 256);
         let body = RequestBody(Kind::Streaming(rx));
         assert_eq!(body.size_hint().exact(), Some(10));
         let reader = tokio::spawn(async move { body.collect().await.map(|c| c.to_bytes()) });

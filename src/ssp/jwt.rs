@@ -36,6 +36,8 @@ use base64::Engine;
 use http::HeaderValue;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+
+use crate::h1::trim_ows;
 #[cfg(test)]
 use serde_json::Map;
 use serde_json::{json, Value};
@@ -504,16 +506,6 @@ fn bearer_token(value: &[u8]) -> Result<&[u8], JwtError> {
         return Err(JwtError::TooLarge);
     }
     Ok(token)
-}
-
-fn trim_ows(mut bytes: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = bytes {
-        bytes = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = bytes {
-        bytes = rest;
-    }
-    bytes
 }
 
 // Decoding. The header and payload are read straight into the typed views below, borrowing
