@@ -852,16 +852,15 @@ async fn a_head_response_has_no_body_and_the_connection_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_heads_are_counted_by_reason() {
     let h = echo_gateway().await;
-    let mut smuggling = Req::register(&h)
-        .header("Content-Length: 5")
-        .header("Transfer-Encoding: chunked")
-        .raw_body(b"0\r\n\r\n".to_vec())
-        .bytes();
     let cases: [(&str, Vec<u8>); 3] = [
         ("garbage", b"HELLO\r\n\r\n".to_vec()),
         (
             "Content-Length with chunked",
-            std::mem::take(&mut smuggling),
+            Req::register(&h)
+                .header("Content-Length: 5")
+                .header("Transfer-Encoding: chunked")
+                .raw_body(b"0\r\n\r\n".to_vec())
+                .bytes(),
         ),
         (
             "conflicting lengths",
