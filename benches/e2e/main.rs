@@ -179,6 +179,25 @@ struct Row {
     failed: Option<String>,
 }
 
+impl Row {
+    /// The load generator's figures from its JSON report; CPU and memory are the caller's.
+    fn from_report(workload: &'static str, target: String, report: &Value) -> Row {
+        let num = |v: &Value| v.as_f64().unwrap_or(0.0);
+        Row {
+            workload,
+            target,
+            rps: num(&report["rps"]),
+            p50_ms: num(&report["latency_ms"]["p50"]),
+            p99_ms: num(&report["latency_ms"]["p99"]),
+            p999_ms: num(&report["latency_ms"]["p999"]),
+            responses: report["responses"].as_u64().unwrap_or(0),
+            ok: report["ok"].as_u64().unwrap_or(0),
+            errors: report["errors"].as_u64().unwrap_or(0),
+            ..Row::default()
+        }
+    }
+}
+
 /// What the idle-connection measurement found for one proxy.
 #[derive(Debug, Clone, serde::Serialize)]
 struct IdleRow {
@@ -839,27 +858,17 @@ impl Bench {
             Ok(r) => r,
             Err(e) => return failed_row(w, t, e),
         };
-        let num = |v: &Value| v.as_f64().unwrap_or(0.0);
-        let responses = report["responses"].as_u64().unwrap_or(0);
+        let row = Row::from_report(w.name(), t.label.clone(), &report);
+        let responses = row.responses;
         let per_req = |ticks: u64| {
             (responses > 0).then(|| ticks as f64 / self.ticks * 1e6 / responses as f64)
         };
         Row {
-            workload: w.name(),
-            target: t.label.clone(),
-            rps: num(&report["rps"]),
-            p50_ms: num(&report["latency_ms"]["p50"]),
-            p99_ms: num(&report["latency_ms"]["p99"]),
-            p999_ms: num(&report["latency_ms"]["p999"]),
-            responses,
-            ok: report["ok"].as_u64().unwrap_or(0),
-            errors: report["errors"].as_u64().unwrap_or(0),
             proxy_cpu_us_per_req: t.proxy.and_then(|_| per_req(end.0.saturating_sub(start.0))),
             proxy_rss_mb: t.proxy.map(|_| rss as f64 / 1024.0),
             provider_cpu_us_per_req: per_req(end.1.saturating_sub(start.1)),
             rate,
-            throttled: None,
-            failed: None,
+            ..row
         }
     }
 

@@ -175,23 +175,12 @@ fn row(
             }
         }
     };
-    let num = |v: &Value| v.as_f64().unwrap_or(0.0);
-    let responses = report["responses"].as_u64().unwrap_or(0);
+    let row = Row::from_report(Workload::NoisyNeighbour.name(), target, report);
     Row {
-        workload: Workload::NoisyNeighbour.name(),
-        target,
-        rps: num(&report["rps"]),
-        p50_ms: num(&report["latency_ms"]["p50"]),
-        p99_ms: num(&report["latency_ms"]["p99"]),
-        p999_ms: num(&report["latency_ms"]["p999"]),
-        responses,
-        ok: report["ok"].as_u64().unwrap_or(0),
-        errors: report["errors"].as_u64().unwrap_or(0),
-        proxy_cpu_us_per_req: cpu.map(|(us, _)| us / responses.max(1) as f64),
+        proxy_cpu_us_per_req: cpu.map(|(us, _)| us / row.responses.max(1) as f64),
         proxy_rss_mb: cpu.map(|(_, mb)| mb),
-        provider_cpu_us_per_req: None,
         rate,
         throttled,
-        failed: None,
+        ..row
     }
 }
