@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::tls::stream::ServerStream;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -28,7 +29,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::ConnInfo;
@@ -759,7 +759,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// lost, or `shutdown` starts (an idle connection closes at once; a busy one after its
 /// response, which says `Connection: close`).
 pub(crate) async fn serve<H, Fut, B>(
-    mut io: Box<TlsStream<TcpStream>>,
+    mut io: Box<ServerStream<TcpStream>>,
     info: Arc<ConnInfo>,
     handler: H,
     opts: Arc<Options>,
@@ -806,8 +806,9 @@ pub(crate) async fn serve<H, Fut, B>(
             Ending::Abort => return,
         }
         if buf.is_empty() {
-            // Idle until the next request: hold no buffer.
+            // Idle until the next request: hold no buffer, here or in the TLS layer.
             buf = BytesMut::new();
+            io.release();
         }
     }
     // close_notify: bounded too, the client may have stopped reading.
@@ -817,7 +818,7 @@ pub(crate) async fn serve<H, Fut, B>(
 /// Reads until a whole head is in `buf`: `None` when the connection ends quietly (closed, idle
 /// past the header read timeout, or shutdown while idle).
 async fn read_head(
-    io: &mut TlsStream<TcpStream>,
+    io: &mut ServerStream<TcpStream>,
     buf: &mut BytesMut,
     opts: &Options,
     shutdown: &CancellationToken,
@@ -831,13 +832,12 @@ async fn read_head(
             }
         } else {
             // Idle: wait for the socket without a buffer (unless TLS already holds plaintext).
-            let (tcp, tls) = io.get_ref();
-            if tls.wants_read() {
+            if !io.buffered() {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = &mut deadline => return Ok(None),
-                    ready = tcp.readable() => if ready.is_err() { return Ok(None) },
+                    ready = io.get_ref().0.readable() => if ready.is_err() { return Ok(None) },
                 }
             }
         }
@@ -869,7 +869,7 @@ enum Ending {
 
 /// One request and its response.
 async fn exchange<H, Fut, B>(
-    io: &mut TlsStream<TcpStream>,
+    io: &mut ServerStream<TcpStream>,
     buf: &mut BytesMut,
     head: Head,
     info: &Arc<ConnInfo>,
@@ -1082,7 +1082,7 @@ enum Encoding {
 
 /// Writes what remains of the response and says how the connection goes on.
 async fn finish(
-    io: &mut TlsStream<TcpStream>,
+    io: &mut ServerStream<TcpStream>,
     out: &[u8],
     close: bool,
     body_read: bool,
@@ -1217,7 +1217,7 @@ async fn write_all_parts<S: AsyncWrite + Unpin>(
 
 /// Closes our side, then reads and drops what the client still sends, for a moment, so the
 /// answer is not lost to a reset of a socket closed with unread data.
-async fn linger(io: &mut TlsStream<TcpStream>) {
+async fn linger(io: &mut ServerStream<TcpStream>) {
     let _ = tokio::time::timeout(LINGER, async {
         let _ = io.flush().await;
         let _ = io.shutdown().await;

@@ -212,7 +212,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(listener = opts.name, %remote, error = %e, "set_nodelay failed");
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let config = tls.current();
         let handler = handler.clone();
         let (h1, h2) = (h1.clone(), h2.clone());
         let metrics = metrics.clone();
@@ -225,7 +225,10 @@ pub async fn serve_tls_observed<H, Fut, B>(
             // Boxed, like each protocol's connection below, so that the task itself stays
             // small: a task is as large as its largest state, and an idle connection should
             // not carry the handshake's state or the other protocol's.
-            let handshake = Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)));
+            let handshake = Box::pin(tokio::time::timeout(
+                handshake_timeout,
+                crate::tls::stream::accept(config, tcp),
+            ));
             let stream = match handshake.await {
                 // Boxed too: a stream held inline would stay in the task's state.
                 Ok(Ok(stream)) => Box::new(stream),

@@ -21,6 +21,7 @@
 
 pub mod chaincache;
 pub mod pki;
+pub mod stream;
 
 use std::fmt;
 use std::io;
@@ -742,8 +743,9 @@ mod tests {
     use super::*;
     use rustls::pki_types::ServerName;
     use rustls::{HandshakeKind, ProtocolVersion};
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::{TlsAcceptor, TlsConnector};
+    use tokio_rustls::TlsConnector;
 
     const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
@@ -827,7 +829,7 @@ mod tests {
     ) -> (io::Result<Accepted>, io::Result<()>) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server_side = async move {
-            let mut tls = TlsAcceptor::from(server).accept(server_io).await?;
+            let mut tls = stream::accept(server, server_io).await?;
             let (_, conn) = tls.get_ref();
             let accepted = Accepted {
                 identity: peer_identity_of(conn).map_err(io::Error::other)?,
@@ -1678,5 +1680,278 @@ mod tests {
             .0
             .expect("gateway to provider");
         assert_eq!(accepted.identity.names, ["ssp.dev.local"]);
+    }
+
+    // ---- the server stream (rustls' unbuffered API) ----
+
+    type ClientStream = tokio_rustls::client::TlsStream<tokio::io::DuplexStream>;
+
+    /// Our server stream and a tokio-rustls client over an in-memory pipe of `pipe` bytes.
+    async fn stream_pair(
+        tag: &str,
+        pipe: usize,
+        tls12: bool,
+    ) -> (stream::ServerStream<tokio::io::DuplexStream>, ClientStream) {
+        let files = Files::new(tag);
+        let ca = ecdsa_ca("Stream CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server config");
+        let leaf = client_leaf(&ca, &["consumer.dev.local"]);
+        let c = files.client("consumer", &leaf, &ca);
+        let client = if tls12 {
+            tls12_client(&c)
+        } else {
+            client_config(&c, &[]).expect("client config")
+        };
+        let (client_io, server_io) = tokio::io::duplex(pipe);
+        let name = ServerName::try_from("localhost").expect("name");
+        let (server, client) = tokio::join!(
+            stream::accept(server, server_io),
+            TlsConnector::from(client).connect(name, client_io)
+        );
+        (
+            server.expect("server handshake"),
+            client.expect("client handshake"),
+        )
+    }
+
+    /// 300 KB each way through a 1 KiB pipe (partial writes, back-pressure, records split
+    /// across reads), echoed in odd-sized reads, then closed with close_notify both ways.
+    #[tokio::test]
+    async fn the_stream_carries_large_bodies_both_ways_and_closes_cleanly() {
+        for tls12 in [false, true] {
+            let (mut server, client) = stream_pair("st-big", 1024, tls12).await;
+            let sent: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let echo = async {
+                let mut buf = vec![0u8; 3001];
+                let mut total = 0;
+                loop {
+                    let n = server.read(&mut buf).await.expect("server read");
+                    if n == 0 {
+                        break;
+                    }
+                    server.write_all(&buf[..n]).await.expect("server write");
+                    total += n;
+                }
+                server.shutdown().await.expect("server close_notify");
+                total
+            };
+            let (mut rx, mut tx) = tokio::io::split(client);
+            let send = async {
+                for chunk in sent.chunks(40_000) {
+                    tx.write_all(chunk).await.expect("client write");
+                }
+                tx.shutdown().await.expect("client close_notify");
+            };
+            let receive = async {
+                let mut got = Vec::new();
+                rx.read_to_end(&mut got)
+                    .await
+                    .expect("a clean end: the server's close_notify");
+                got
+            };
+            let (echoed, (), got) = tokio::join!(echo, send, receive);
+            assert_eq!(echoed, sent.len(), "TLS 1.2: {tls12}");
+            assert!(got == sent, "the echo differs (TLS 1.2: {tls12})");
+            assert_eq!(server.allocated(), 0, "a closed stream holds no buffer");
+        }
+    }
+
+    /// The point of the stream: no buffer after the handshake, nor once released after an
+    /// exchange.
+    #[tokio::test]
+    async fn an_idle_stream_holds_no_buffer() {
+        let (mut server, mut client) = stream_pair("st-idle", 64 * 1024, false).await;
+        assert_eq!(server.allocated(), 0, "after the handshake");
+        assert!(!server.buffered());
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("w");
+        client.flush().await.expect("flush");
+        let mut buf = [0u8; 64];
+        let n = server.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        server
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .expect("w");
+        server.flush().await.expect("flush");
+        let n = client.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"HTTP/1.1 204 No Content\r\n\r\n");
+        server.release();
+        assert_eq!(server.allocated(), 0, "after an exchange, released");
+    }
+
+    /// Pipelined records: what arrived with the first read is reported as buffered, so the
+    /// caller does not wait on the socket for bytes it already has.
+    #[tokio::test]
+    async fn records_already_received_are_buffered_not_waited_for() {
+        let (mut server, mut client) = stream_pair("st-pipe", 64 * 1024, false).await;
+        client.write_all(b"first").await.expect("w");
+        client.flush().await.expect("flush");
+        client.write_all(b"second").await.expect("w");
+        client.flush().await.expect("flush");
+        // Both records are in the pipe; read them as one small read at a time.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).await.expect("first");
+        assert_eq!(&buf, b"first");
+        assert!(server.buffered(), "the second record is already here");
+        let mut buf = [0u8; 6];
+        server.read_exact(&mut buf).await.expect("second");
+        assert_eq!(&buf, b"second");
+    }
+
+    #[tokio::test]
+    async fn a_transport_end_without_close_notify_is_an_unexpected_eof() {
+        let (mut server, client) = stream_pair("st-eof", 64 * 1024, false).await;
+        drop(client.into_inner());
+        let err = server
+            .read(&mut [0u8; 16])
+            .await
+            .expect_err("no close_notify");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A client's TLS 1.3 KeyUpdate asks for ours; the answer must precede our next record.
+    #[tokio::test]
+    async fn a_key_update_from_the_client_is_answered_and_traffic_goes_on() {
+        let (mut server, mut client) = stream_pair("st-ku", 64 * 1024, false).await;
+        client
+            .get_mut()
+            .1
+            .refresh_traffic_keys()
+            .expect("key update");
+        client.write_all(b"after").await.expect("w");
+        client.flush().await.expect("flush");
+        let mut buf = [0u8; 5];
+        server
+            .read_exact(&mut buf)
+            .await
+            .expect("read under the new keys");
+        assert_eq!(&buf, b"after");
+        server.write_all(b"reply").await.expect("w");
+        server.flush().await.expect("flush");
+        client
+            .read_exact(&mut buf)
+            .await
+            .expect("the client follows our key update");
+        assert_eq!(&buf, b"reply");
+    }
+
+    /// A forged record after the handshake: a decrypt error for the reader, and the alert
+    /// that says so for the peer.
+    #[tokio::test]
+    async fn a_record_that_does_not_decrypt_is_an_error_and_an_alert() {
+        let (mut server, mut client) = stream_pair("st-forged", 64 * 1024, false).await;
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend((0..40u8).map(|i| i.wrapping_mul(37)));
+        client
+            .get_mut()
+            .0
+            .write_all(&forged)
+            .await
+            .expect("raw write");
+        let err = server.read(&mut [0u8; 16]).await.expect_err("forged");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(matches!(
+            err.get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>()),
+            Some(rustls::Error::DecryptError)
+        ));
+        let seen = client.read(&mut [0u8; 16]).await;
+        assert!(seen.is_err(), "the client hears the alert: {seen:?}");
+    }
+
+    /// A handshake message that claims more than 64 KiB is refused, not buffered without end.
+    #[tokio::test]
+    async fn an_oversized_handshake_message_is_refused() {
+        let files = Files::new("st-big-hello");
+        let ca = ecdsa_ca("Stream CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server config");
+        let (mut client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let feed = tokio::spawn(async move {
+            // A ClientHello of 16 MiB, as records of 16 KiB, the first starting the message.
+            let mut first = vec![22, 3, 1, 0x40, 0x00, 1, 0xff, 0xff, 0xff];
+            first.resize(5 + 0x4000, 0);
+            if client_io.write_all(&first).await.is_err() {
+                return;
+            }
+            let mut more = vec![22, 3, 3, 0x40, 0x00];
+            more.resize(5 + 0x4000, 0);
+            for _ in 0..64 {
+                if client_io.write_all(&more).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let accepted =
+            tokio::time::timeout(Duration::from_secs(10), stream::accept(server, server_io))
+                .await
+                .expect("refused in time, not waited on");
+        assert!(accepted.is_err(), "an oversized hello must fail");
+        feed.abort();
+    }
+
+    /// Any bytes from a client, in place of a handshake or after one: an error or data, never
+    /// a panic or a hang.
+    #[test]
+    fn any_bytes_from_a_client_end_in_an_error_not_a_panic() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let files = Files::new("st-fuzz");
+        let ca = ecdsa_ca("Stream CA");
+        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
+            .expect("server config");
+        let prefixes: &[&[u8]] = &[
+            b"",
+            &[22, 3, 1],
+            &[22, 3, 3, 0],
+            &[23, 3, 3],
+            &[21, 3, 3, 0, 2],
+        ];
+        let mut runner = TestRunner::new(Config {
+            cases: 300,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let bytes = (
+            0..prefixes.len(),
+            proptest::collection::vec(any::<u8>(), 0..600),
+        );
+        runner
+            .run(&bytes, |(prefix, tail)| {
+                let mut input = prefixes[prefix].to_vec();
+                input.extend(&tail);
+                let server = server.clone();
+                let outcome = rt.block_on(async move {
+                    let (mut client_io, server_io) = tokio::io::duplex(4096);
+                    let write = async move {
+                        let _ = client_io.write_all(&input).await;
+                        let _ = client_io.shutdown().await;
+                        // Drain what the server answers, so it never blocks on a full pipe.
+                        let mut sink = Vec::new();
+                        let _ = client_io.read_to_end(&mut sink).await;
+                    };
+                    let accept = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        stream::accept(server, server_io),
+                    );
+                    tokio::join!(accept, write).0
+                });
+                let accepted = outcome.expect("the handshake ends, not hangs");
+                prop_assert!(
+                    accepted.is_err(),
+                    "no handshake can succeed from these bytes"
+                );
+                Ok(())
+            })
+            .expect("no bytes break the handshake");
     }
 }

@@ -1,0 +1,664 @@
+//! The server side of TLS on rustls' unbuffered API, so that an idle connection holds no buffer.
+//!
+//! rustls' buffered `ServerConnection` (what tokio-rustls drives) keeps a 4 KiB receive buffer
+//! for the whole life of a connection: 40 MB for 10,000 idle connections, before anything else.
+//! Here the three buffers are ours: the TLS bytes received and not yet processed, the decrypted
+//! bytes not yet read, and the TLS bytes not yet sent. Each is allocated when there is something
+//! to hold and given back when it is empty and the connection waits: when the socket has nothing
+//! more to read, when the caller flushes, or when the caller says it is going idle
+//! ([`ServerStream::release`]).
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic,
+};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The receive buffer's first size: a request head and its record fit in one read.
+const FIRST_READ: usize = 4 * 1024;
+/// Received bytes held at most. A handshake message may span records up to 64 KiB (rustls'
+/// limit), and the record that completes it may be a whole one (16 KiB plus expansion).
+const MAX_INCOMING: usize = 0x1_0000 + 5 + 16 * 1024 + 2048;
+/// Plaintext taken by one write: a large body is encrypted and sent a piece at a time.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Encrypted bytes queued before a write waits for the socket to take them.
+const WRITE_QUEUE: usize = 64 * 1024;
+/// The largest plaintext fragment of a record.
+const FRAGMENT: usize = 16 * 1024;
+/// A record's overhead (header, explicit nonce, content type, tag), bounded above for every
+/// suite rustls offers; only a first guess at the room encryption needs.
+const RECORD_OVERHEAD: usize = 64;
+
+/// Completes a TLS handshake as the server on `io` and returns the stream.
+///
+/// Errors are `io::Error`s carrying the `rustls::Error` (as tokio-rustls' are), so
+/// [`super::HandshakeFailure::classify`] reads them; the alert that explains a refusal is sent
+/// before the error is returned.
+pub async fn accept<IO>(config: Arc<ServerConfig>, io: IO) -> io::Result<ServerStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = UnbufferedServerConnection::new(config).map_err(invalid_data)?;
+    let mut stream = ServerStream {
+        io,
+        conn,
+        incoming: Incoming::default(),
+        plain: Plain::default(),
+        outgoing: Outgoing::default(),
+        peer_closed: false,
+        eof: false,
+        close_queued: false,
+        failed: false,
+    };
+    poll_fn(|cx| stream.poll_handshake(cx)).await?;
+    stream.release();
+    Ok(stream)
+}
+
+/// A server-side TLS stream (see the module documentation).
+pub struct ServerStream<IO> {
+    io: IO,
+    conn: UnbufferedServerConnection,
+    incoming: Incoming,
+    plain: Plain,
+    outgoing: Outgoing,
+    /// The peer's close_notify arrived: reads end once `plain` is drained.
+    peer_closed: bool,
+    /// The transport's read side ended.
+    eof: bool,
+    /// Our close_notify is queued; nothing more may be written.
+    close_queued: bool,
+    /// The connection failed (its alert is queued): rustls is never asked to process again,
+    /// as it would meet the same bad bytes and alert twice.
+    failed: bool,
+}
+
+/// Where the connection stands once the work it can do without more input is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stand {
+    /// Application data may flow.
+    Open,
+    /// The handshake needs more bytes from the peer.
+    Handshaking,
+    /// Both close_notify alerts have been exchanged.
+    Closed,
+}
+
+/// What to encrypt once application data may be sent.
+enum Outbound<'a> {
+    Nothing,
+    Data(&'a [IoSlice<'a>]),
+    CloseNotify,
+}
+
+impl<IO> ServerStream<IO> {
+    /// The transport and the TLS connection (for the peer's certificates, the ALPN protocol,
+    /// the version and suite negotiated).
+    pub fn get_ref(&self) -> (&IO, &UnbufferedServerConnection) {
+        (&self.io, &self.conn)
+    }
+
+    /// Whether a read can make progress without the transport: decrypted bytes not yet read, or
+    /// received bytes not yet processed. When this is false, waiting for the socket to become
+    /// readable is the way to wait for the next read.
+    pub fn buffered(&self) -> bool {
+        !self.plain.is_empty() || !self.incoming.is_empty()
+    }
+
+    /// The bytes this stream's own buffers hold allocated (what an idle connection should not).
+    #[cfg(test)]
+    pub(crate) fn allocated(&self) -> usize {
+        self.incoming.buf.capacity() + self.plain.buf.capacity() + self.outgoing.buf.capacity()
+    }
+
+    /// Gives back every buffer that holds nothing: call it when the connection goes idle.
+    pub fn release(&mut self) {
+        self.plain.release();
+        self.incoming.release();
+        self.outgoing.release();
+    }
+
+    /// Runs the TLS state machine over what has been received until it needs more input, has
+    /// sent (queued) what `send` asked for, or has reached the end. Returns where it stands and
+    /// how many bytes of `send`'s data were taken.
+    fn process(&mut self, mut send: Outbound<'_>) -> io::Result<(Stand, usize)> {
+        if self.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the TLS connection failed earlier",
+            ));
+        }
+        let mut taken = 0;
+        loop {
+            let (window, start) = self.incoming.window();
+            let status = self.conn.process_tls_records(window);
+            let mut discard = status.discard;
+            let outcome: io::Result<Option<Stand>> = match status.state {
+                Err(e) => Err(invalid_data(e)),
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                    let mut outcome = Ok(None);
+                    while let Some(record) = traffic.next_record() {
+                        match record {
+                            Ok(record) => {
+                                discard += record.discard;
+                                self.plain.push(record.payload);
+                            }
+                            Err(e) => {
+                                outcome = Err(invalid_data(e));
+                                break;
+                            }
+                        }
+                    }
+                    outcome
+                }
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    encode_into(&mut encode, &mut self.outgoing).map(|()| None)
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    // What was encoded is queued in `outgoing`, ahead of anything encoded later,
+                    // and goes out with the next send: the order on the wire is kept.
+                    transmit.done();
+                    Ok(None)
+                }
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    match std::mem::replace(&mut send, Outbound::Nothing) {
+                        Outbound::Nothing => Ok(Some(Stand::Open)),
+                        Outbound::Data(bufs) => {
+                            let mut outcome = Ok(Some(Stand::Open));
+                            for buf in bufs {
+                                let n = buf.len().min(WRITE_CHUNK - taken);
+                                if n == 0 {
+                                    continue;
+                                }
+                                if let Err(e) =
+                                    encrypt_into(&mut traffic, &buf[..n], &mut self.outgoing)
+                                {
+                                    outcome = Err(e);
+                                    break;
+                                }
+                                taken += n;
+                            }
+                            outcome
+                        }
+                        Outbound::CloseNotify => {
+                            close_notify_into(&mut traffic, &mut self.outgoing)
+                                .map(|()| Some(Stand::Open))
+                        }
+                    }
+                }
+                Ok(ConnectionState::BlockedHandshake) => Ok(Some(Stand::Handshaking)),
+                Ok(ConnectionState::PeerClosed) => {
+                    self.peer_closed = true;
+                    Ok(None)
+                }
+                Ok(ConnectionState::Closed) => {
+                    self.peer_closed = true;
+                    Ok(Some(Stand::Closed))
+                }
+                Ok(ConnectionState::ReadEarlyData(_)) => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS early data, which this server never accepts",
+                )),
+                Ok(other) => Err(io::Error::other(format!(
+                    "TLS connection state {other:?} is not handled"
+                ))),
+            };
+            self.incoming.discard(start, discard);
+            match outcome {
+                Ok(Some(stand)) => return Ok((stand, taken)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.failed = true;
+                    self.queue_alert();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// After an error: queues the alert rustls prepared, so the peer learns why.
+    ///
+    /// rustls hands out what it has queued before it looks at the received bytes again, so
+    /// asking only while it has something queued never makes it process the bad bytes twice.
+    fn queue_alert(&mut self) {
+        // The bound only guards against a state machine that keeps asking.
+        for _ in 0..8 {
+            if !self.conn.wants_write() {
+                break;
+            }
+            let (window, start) = self.incoming.window();
+            let status = self.conn.process_tls_records(window);
+            let mut discard = status.discard;
+            let go_on = match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    encode_into(&mut encode, &mut self.outgoing).is_ok()
+                }
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                    // Data that arrived before the failure stays readable.
+                    while let Some(Ok(record)) = traffic.next_record() {
+                        discard += record.discard;
+                        self.plain.push(record.payload);
+                    }
+                    true
+                }
+                _ => false,
+            };
+            self.incoming.discard(start, discard);
+            if !go_on {
+                break;
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let stand = match self.process(Outbound::Nothing) {
+                Ok((stand, _)) => stand,
+                Err(e) => {
+                    // Best effort: the alert goes if the socket takes it now.
+                    let _ = self.poll_send(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            ready!(self.poll_send(cx))?;
+            // In TLS 1.3 the server may send before the client's certificate has arrived; the
+            // handshake is done only when both directions are open.
+            if !self.conn.is_handshaking() {
+                return Poll::Ready(Ok(()));
+            }
+            if stand == Stand::Closed || self.peer_closed {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                )));
+            }
+            if self.eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the connection ended during the TLS handshake",
+                )));
+            }
+            ready!(self.poll_fill(cx))?;
+        }
+    }
+
+    /// Reads from the transport into the receive buffer (setting `eof` at its end).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let room = self.incoming.room()?;
+        let mut read = ReadBuf::new(room);
+        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+            Poll::Pending => {
+                // Waiting on the peer: hold no empty buffer meanwhile.
+                self.incoming.release();
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if n == 0 {
+                    self.eof = true;
+                } else {
+                    self.incoming.filled(n);
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    /// Writes the queued TLS bytes until none are left (ready) or the transport is full.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.outgoing.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.outgoing.queued()))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.outgoing.sent(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.plain.read_into(buf) {
+                return Poll::Ready(Ok(()));
+            }
+            match this.process(Outbound::Nothing) {
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = this.poll_send(cx);
+                    return Poll::Ready(Err(e));
+                }
+            }
+            // Anything processing produced (a key update's answer) goes now if it can; a full
+            // socket does not hold up the read.
+            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if !this.plain.is_empty() {
+                continue;
+            }
+            if this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without sending a TLS close_notify",
+                )));
+            }
+            ready!(this.poll_fill(cx))?;
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.close_queued {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after the TLS close_notify",
+            )));
+        }
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        // Back-pressure: past the queue's limit, the socket must take some first.
+        if this.outgoing.len() >= WRITE_QUEUE {
+            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if this.outgoing.len() >= WRITE_QUEUE {
+                return Poll::Pending;
+            }
+        }
+        let (stand, taken) = this.process(Outbound::Data(bufs))?;
+        if stand != Stand::Open || taken == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the TLS connection is closed",
+            )));
+        }
+        // Send now if the socket takes it; what it does not take goes with the next write or
+        // the flush.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        this.outgoing.release();
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_queued {
+            this.close_queued = true;
+            // A connection already broken has no close_notify to send; the transport still
+            // closes.
+            if let Err(e) = this.process(Outbound::CloseNotify) {
+                tracing::debug!(error = %e, "no TLS close_notify sent");
+            }
+        }
+        ready!(this.poll_send(cx))?;
+        this.release();
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+fn invalid_data<E>(e: E) -> io::Error
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn encode_into<Data>(
+    encode: &mut rustls::unbuffered::EncodeTlsData<'_, Data>,
+    out: &mut Outgoing,
+) -> io::Result<()> {
+    let mut need = 1024;
+    loop {
+        match encode.encode(out.room(need)) {
+            Ok(n) => {
+                out.commit(n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                need = required_size;
+            }
+            // Encoded by an earlier call: nothing left to do.
+            Err(EncodeError::AlreadyEncoded) => return Ok(()),
+        }
+    }
+}
+
+fn encrypt_into<Data>(
+    traffic: &mut WriteTraffic<'_, Data>,
+    data: &[u8],
+    out: &mut Outgoing,
+) -> io::Result<()> {
+    let mut need = data.len() + (data.len() / FRAGMENT + 1) * RECORD_OVERHEAD;
+    loop {
+        match traffic.encrypt(data, out.room(need)) {
+            Ok(n) => {
+                out.commit(n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                need = required_size;
+            }
+            Err(e @ EncryptError::EncryptExhausted) => return Err(io::Error::other(e)),
+        }
+    }
+}
+
+fn close_notify_into<Data>(
+    traffic: &mut WriteTraffic<'_, Data>,
+    out: &mut Outgoing,
+) -> io::Result<()> {
+    let mut need = RECORD_OVERHEAD;
+    loop {
+        match traffic.queue_close_notify(out.room(need)) {
+            Ok(n) => {
+                out.commit(n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                need = required_size;
+            }
+            Err(e @ EncryptError::EncryptExhausted) => return Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// TLS bytes received and not yet processed: `buf[start..end]`. `buf` is all initialised, so
+/// reads go straight into it; it is zeroed once per allocation, not per read.
+#[derive(Default)]
+struct Incoming {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Incoming {
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// The bytes to process, and where they start (for [`Incoming::discard`]).
+    fn window(&mut self) -> (&mut [u8], usize) {
+        (&mut self.buf[self.start..self.end], self.start)
+    }
+
+    /// Drops `n` processed bytes from the front of the window that began at `start`.
+    fn discard(&mut self, start: usize, n: usize) {
+        debug_assert_eq!(start, self.start);
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Room for the next read: after the held bytes, moving them to the front or growing the
+    /// buffer (doubling, up to [`MAX_INCOMING`]) when there is none.
+    fn room(&mut self) -> io::Result<&mut [u8]> {
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if self.buf.len() >= MAX_INCOMING {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a TLS message larger than the gateway accepts (64 KiB)",
+                ));
+            } else {
+                let len = (self.buf.len() * 2).clamp(FIRST_READ, MAX_INCOMING);
+                self.buf.resize(len, 0);
+            }
+        }
+        Ok(&mut self.buf[self.end..])
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    fn release(&mut self) {
+        if self.is_empty() {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
+/// Decrypted application data not yet read: `buf[at..]`.
+#[derive(Default)]
+struct Plain {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Plain {
+    fn is_empty(&self) -> bool {
+        self.at == self.buf.len()
+    }
+
+    fn push(&mut self, payload: &[u8]) {
+        self.buf.extend_from_slice(payload);
+    }
+
+    /// Copies what fits into `out`; false if there was nothing to copy.
+    fn read_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let n = out.remaining().min(self.buf.len() - self.at);
+        out.put_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        if self.is_empty() {
+            self.buf = Vec::new();
+            self.at = 0;
+        }
+        true
+    }
+
+    fn release(&mut self) {
+        if self.is_empty() {
+            self.buf = Vec::new();
+            self.at = 0;
+        }
+    }
+}
+
+/// TLS bytes to send: `buf[start..end]`, all of `buf` initialised (zeroed once per allocation).
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Outgoing {
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn queued(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn sent(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// At least `need` bytes of room after what is queued.
+    fn room(&mut self, need: usize) -> &mut [u8] {
+        if self.buf.len() < self.end + need {
+            self.buf.resize(self.end + need, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn commit(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    fn release(&mut self) {
+        if self.is_empty() {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
