@@ -72,6 +72,22 @@ pub(super) struct Writer {
     _lock: File,
 }
 
+/// Below this, the buffer of unsynced bytes keeps its room whatever the load.
+const UNSYNCED_KEEP: usize = 64 * 1024;
+
+/// Empties the buffer of unsynced bytes after a sync. It keeps its room while the load that
+/// filled it lasts; once an interval holds less than half of it, it shrinks to that interval's
+/// size, so a burst under `buffered` (a second of records at full rate, tens of MB) is not held
+/// for the life of the process.
+fn empty_after_sync(buf: &mut Vec<u8>) {
+    let held = buf.len();
+    if buf.capacity() > 2 * held.max(UNSYNCED_KEEP) {
+        *buf = Vec::with_capacity(held);
+    } else {
+        buf.clear();
+    }
+}
+
 fn rotated_name(first_seq: u64) -> String {
     let time = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
     format!("audit-{time}-{first_seq:012}.jsonl")
@@ -546,7 +562,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.synced_len = self.written_len;
-                self.unsynced.clear();
+                empty_after_sync(&mut self.unsynced);
                 Ok(())
             }
             Err(e) => {
@@ -698,6 +714,24 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unsynced_buffer_keeps_its_room_under_load_and_gives_it_back_after() {
+        let mut buf = vec![7u8; 8 << 20];
+        empty_after_sync(&mut buf);
+        assert!(buf.is_empty());
+        assert!(buf.capacity() >= 8 << 20, "steady load: room kept");
+        buf.extend_from_slice(&[1u8; 3 << 20]);
+        empty_after_sync(&mut buf);
+        assert!(buf.capacity() < 4 << 20, "load fell: shrunk to the last interval's size");
+        buf.extend_from_slice(&[1u8; 100]);
+        empty_after_sync(&mut buf);
+        assert!(buf.capacity() <= 100, "idle: {} bytes held", buf.capacity());
+        buf.extend_from_slice(&[1u8; 100]);
+        let cap = buf.capacity();
+        empty_after_sync(&mut buf);
+        assert_eq!(buf.capacity(), cap, "small buffers are not churned");
+    }
 
     #[test]
     fn rotated_names_carry_their_first_seq() {
