@@ -82,9 +82,26 @@ const UNSYNCED_KEEP: usize = 64 * 1024;
 fn empty_after_sync(buf: &mut Vec<u8>) {
     let held = buf.len();
     if buf.capacity() > 2 * held.max(UNSYNCED_KEEP) {
+        let freed = buf.capacity();
         *buf = Vec::with_capacity(held);
+        if freed >= UNSYNCED_TRIM {
+            return_free_memory();
+        }
     } else {
         buf.clear();
+    }
+}
+
+/// Freeing this much asks the allocator to give free memory back to the system.
+const UNSYNCED_TRIM: usize = 4 << 20;
+
+/// glibc keeps freed memory in its arenas unless asked; a burst's buffer, once freed, would
+/// still count in the process's RSS. Rare (after a burst) and cheap next to a sync.
+fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -543,7 +543,12 @@ impl Incoming {
     /// Room for the next read: after the held bytes, moving them to the front or growing the
     /// buffer (doubling, up to [`MAX_INCOMING`]) when there is none.
     fn room(&mut self) -> io::Result<&mut [u8]> {
-        if self.end == self.buf.len() {
+        if self.buf.is_empty() {
+            self.buf = spare::take();
+            if self.buf.len() < FIRST_READ {
+                self.buf.resize(FIRST_READ, 0);
+            }
+        } else if self.end == self.buf.len() {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
@@ -567,7 +572,7 @@ impl Incoming {
 
     fn release(&mut self) {
         if self.is_empty() {
-            self.buf = Vec::new();
+            spare::give(std::mem::take(&mut self.buf));
             self.start = 0;
             self.end = 0;
         }
@@ -587,6 +592,10 @@ impl Plain {
     }
 
     fn push(&mut self, payload: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf = spare::take();
+            self.buf.clear();
+        }
         self.buf.extend_from_slice(payload);
     }
 
@@ -599,7 +608,7 @@ impl Plain {
         out.put_slice(&self.buf[self.at..self.at + n]);
         self.at += n;
         if self.is_empty() {
-            self.buf = Vec::new();
+            spare::give(std::mem::take(&mut self.buf));
             self.at = 0;
         }
         true
@@ -607,7 +616,7 @@ impl Plain {
 
     fn release(&mut self) {
         if self.is_empty() {
-            self.buf = Vec::new();
+            spare::give(std::mem::take(&mut self.buf));
             self.at = 0;
         }
     }
@@ -644,6 +653,9 @@ impl Outgoing {
 
     /// At least `need` bytes of room after what is queued.
     fn room(&mut self, need: usize) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = spare::take();
+        }
         if self.buf.len() < self.end + need {
             self.buf.resize(self.end + need, 0);
         }
@@ -656,9 +668,78 @@ impl Outgoing {
 
     fn release(&mut self) {
         if self.is_empty() {
-            self.buf = Vec::new();
+            spare::give(std::mem::take(&mut self.buf));
             self.start = 0;
             self.end = 0;
         }
+    }
+}
+
+/// Buffers between connections. An idle connection holds none of its own; a busy one takes one
+/// from its thread's few spares and gives it back when it is empty, so the busy path neither
+/// allocates nor zeroes. A spare's length is how much of it is initialised.
+mod spare {
+    use std::cell::RefCell;
+
+    /// Spares kept per thread.
+    const KEEP: usize = 32;
+    /// Larger buffers (a big handshake message, a large write) are freed, not kept.
+    const KEEP_MAX: usize = 20 * 1024;
+
+    thread_local! {
+        static SPARES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A spare buffer, or a new empty one.
+    pub(super) fn take() -> Vec<u8> {
+        SPARES
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Keeps `buf` as a spare if there is room for it, otherwise frees it.
+    pub(super) fn give(buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > KEEP_MAX {
+            return;
+        }
+        let _ = SPARES.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+
+    #[cfg(test)]
+    pub(super) fn count() -> usize {
+        SPARES.with(|s| s.borrow().len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spare;
+
+    #[test]
+    fn spares_are_kept_up_to_a_count_and_a_size_and_come_back_initialised() {
+        while spare::count() > 0 {
+            spare::take();
+        }
+        for _ in 0..40 {
+            spare::give(vec![1u8; 4096]);
+        }
+        assert_eq!(spare::count(), 32, "at most 32 spares per thread");
+        let buf = spare::take();
+        assert_eq!(buf.len(), 4096, "a spare's length is what is initialised");
+        assert_eq!(spare::count(), 31);
+        spare::give(vec![0u8; 1 << 20]);
+        spare::give(Vec::new());
+        assert_eq!(spare::count(), 31, "large and empty buffers are not kept");
+        while spare::count() > 0 {
+            spare::take();
+        }
+        assert_eq!(spare::take().capacity(), 0, "none left: a new empty buffer");
     }
 }
