@@ -740,7 +740,10 @@ mod tests {
         assert!(buf.capacity() >= 8 << 20, "steady load: room kept");
         buf.extend_from_slice(&[1u8; 3 << 20]);
         empty_after_sync(&mut buf);
-        assert!(buf.capacity() < 4 << 20, "load fell: shrunk to the last interval's size");
+        assert!(
+            buf.capacity() < 4 << 20,
+            "load fell: shrunk to the last interval's size"
+        );
         buf.extend_from_slice(&[1u8; 100]);
         empty_after_sync(&mut buf);
         assert!(buf.capacity() <= 100, "idle: {} bytes held", buf.capacity());
