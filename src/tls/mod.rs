@@ -793,6 +793,12 @@ mod tests {
             }
         }
 
+        /// The listener's config: an ECDSA certificate from `ca`, clients of `ca` accepted.
+        fn ecdsa_listener(&self, ca: &Ca) -> Arc<ServerConfig> {
+            server_config(&self.server(ca, KeyKind::EcdsaP256, &[ca], &[]), ALPN)
+                .expect("server config")
+        }
+
         fn client(&self, stem: &str, issued: &Issued, server_ca: &Ca) -> ClientTls {
             let (cert, key) = self.leaf(stem, issued);
             ClientTls {
@@ -1252,8 +1258,7 @@ mod tests {
     async fn a_client_of_the_ca_is_accepted_and_identified() {
         let files = Files::new("hs-ok");
         let ca = ecdsa_ca("Handshake CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server config");
+        let server = files.ecdsa_listener(&ca);
         let leaf = client_leaf(&ca, &["consumer.dev.local", "alt.dev.local"]);
         let client =
             client_config(&files.client("consumer", &leaf, &ca), &[b"h2"]).expect("client");
@@ -1279,8 +1284,7 @@ mod tests {
     async fn the_listener_prefers_aes_128_gcm_whatever_the_client_order() {
         let files = Files::new("hs-suite");
         let ca = ecdsa_ca("Suite CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server config");
+        let server = files.ecdsa_listener(&ca);
         let c = files.client("consumer", &client_leaf(&ca, &["consumer.dev.local"]), &ca);
         let default = rustls::crypto::aws_lc_rs::default_provider();
         assert_eq!(
@@ -1362,8 +1366,7 @@ mod tests {
         let files = Files::new("hs-bad");
         let ca = ecdsa_ca("Good CA");
         let other = ecdsa_ca("Other CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server");
+        let server = files.ecdsa_listener(&ca);
         let cases = [
             (
                 client_leaf(&other, &["x.example"]),
@@ -1471,8 +1474,7 @@ mod tests {
     async fn sessions_are_never_resumed() {
         let files = Files::new("hs-resume");
         let ca = ecdsa_ca("Resume CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server");
+        let server = files.ecdsa_listener(&ca);
         assert!(!server.ticketer.enabled());
         assert_eq!(server.send_tls13_tickets, 0);
         // The control: the same config with a session cache and tickets does resume, so the
@@ -1501,8 +1503,7 @@ mod tests {
     async fn alpn_picks_the_clients_protocol_from_the_servers_list() {
         let files = Files::new("hs-alpn");
         let ca = ecdsa_ca("ALPN CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server");
+        let server = files.ecdsa_listener(&ca);
         let c = files.client("c", &client_leaf(&ca, &["c.example"]), &ca);
         for (offer, expected) in [
             (&b"http/1.1"[..], b"http/1.1".to_vec()),
@@ -1527,8 +1528,7 @@ mod tests {
 
         let files = Files::new("tls11");
         let ca = ecdsa_ca("TLS 1.1 CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server");
+        let server = files.ecdsa_listener(&ca);
         // A minimal ClientHello; with version 3.3 (TLS 1.2) and a GCM suite the server goes on to
         // answer it, which shows that only the version makes the TLS 1.1 one fail.
         fn client_hello(version: u8, suite: [u8; 2]) -> Vec<u8> {
@@ -1694,8 +1694,7 @@ mod tests {
     ) -> (stream::ServerStream<tokio::io::DuplexStream>, ClientStream) {
         let files = Files::new(tag);
         let ca = ecdsa_ca("Stream CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server config");
+        let server = files.ecdsa_listener(&ca);
         let leaf = client_leaf(&ca, &["consumer.dev.local"]);
         let c = files.client("consumer", &leaf, &ca);
         let client = if tls12 {
@@ -1869,8 +1868,7 @@ mod tests {
     async fn an_oversized_handshake_message_is_refused() {
         let files = Files::new("st-big-hello");
         let ca = ecdsa_ca("Stream CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server config");
+        let server = files.ecdsa_listener(&ca);
         let (mut client_io, server_io) = tokio::io::duplex(64 * 1024);
         let feed = tokio::spawn(async move {
             // A ClientHello of 16 MiB, as records of 16 KiB, the first starting the message.
@@ -1907,8 +1905,7 @@ mod tests {
             .expect("runtime");
         let files = Files::new("st-fuzz");
         let ca = ecdsa_ca("Stream CA");
-        let server = server_config(&files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]), ALPN)
-            .expect("server config");
+        let server = files.ecdsa_listener(&ca);
         let prefixes: &[&[u8]] = &[
             b"",
             &[22, 3, 1],

@@ -16,7 +16,7 @@ use std::task::{ready, Context, Poll};
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic,
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, ReadTraffic, WriteTraffic,
 };
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -49,9 +49,9 @@ where
     let mut stream = ServerStream {
         io,
         conn,
-        incoming: Incoming::default(),
+        incoming: Window::default(),
         plain: Plain::default(),
-        outgoing: Outgoing::default(),
+        outgoing: Window::default(),
         peer_closed: false,
         eof: false,
         close_queued: false,
@@ -66,9 +66,11 @@ where
 pub struct ServerStream<IO> {
     io: IO,
     conn: UnbufferedServerConnection,
-    incoming: Incoming,
+    /// TLS bytes received and not yet processed.
+    incoming: Window,
     plain: Plain,
-    outgoing: Outgoing,
+    /// TLS bytes not yet sent.
+    outgoing: Window,
     /// The peer's close_notify arrived: reads end once `plain` is drained.
     peer_closed: bool,
     /// The transport's read side ended.
@@ -137,26 +139,12 @@ impl<IO> ServerStream<IO> {
         }
         let mut taken = 0;
         loop {
-            let (window, start) = self.incoming.window();
-            let status = self.conn.process_tls_records(window);
+            let status = self.conn.process_tls_records(self.incoming.window());
             let mut discard = status.discard;
             let outcome: io::Result<Option<Stand>> = match status.state {
                 Err(e) => Err(invalid_data(e)),
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
-                    let mut outcome = Ok(None);
-                    while let Some(record) = traffic.next_record() {
-                        match record {
-                            Ok(record) => {
-                                discard += record.discard;
-                                self.plain.push(record.payload);
-                            }
-                            Err(e) => {
-                                outcome = Err(invalid_data(e));
-                                break;
-                            }
-                        }
-                    }
-                    outcome
+                    take_records(&mut traffic, &mut self.plain, &mut discard).map(|()| None)
                 }
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                     encode_into(&mut encode, &mut self.outgoing).map(|()| None)
@@ -210,7 +198,7 @@ impl<IO> ServerStream<IO> {
                     "TLS connection state {other:?} is not handled"
                 ))),
             };
-            self.incoming.discard(start, discard);
+            self.incoming.consume(discard);
             match outcome {
                 Ok(Some(stand)) => return Ok((stand, taken)),
                 Ok(None) => {}
@@ -233,24 +221,19 @@ impl<IO> ServerStream<IO> {
             if !self.conn.wants_write() {
                 break;
             }
-            let (window, start) = self.incoming.window();
-            let status = self.conn.process_tls_records(window);
+            let status = self.conn.process_tls_records(self.incoming.window());
             let mut discard = status.discard;
             let go_on = match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                     encode_into(&mut encode, &mut self.outgoing).is_ok()
                 }
+                // Data that arrived before the failure stays readable.
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
-                    // Data that arrived before the failure stays readable.
-                    while let Some(Ok(record)) = traffic.next_record() {
-                        discard += record.discard;
-                        self.plain.push(record.payload);
-                    }
-                    true
+                    take_records(&mut traffic, &mut self.plain, &mut discard).is_ok()
                 }
                 _ => false,
             };
-            self.incoming.discard(start, discard);
+            self.incoming.consume(discard);
             if !go_on {
                 break;
             }
@@ -293,7 +276,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
 
     /// Reads from the transport into the receive buffer (setting `eof` at its end).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let room = self.incoming.room()?;
+        let room = self.incoming.room_to_read()?;
         let mut read = ReadBuf::new(room);
         match Pin::new(&mut self.io).poll_read(cx, &mut read) {
             Poll::Pending => {
@@ -307,7 +290,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
                 if n == 0 {
                     self.eof = true;
                 } else {
-                    self.incoming.filled(n);
+                    self.incoming.commit(n);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -317,11 +300,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
     /// Writes the queued TLS bytes until none are left (ready) or the transport is full.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.outgoing.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.outgoing.queued()))?;
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.outgoing.window()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.outgoing.sent(n);
+            self.outgoing.consume(n);
         }
         Poll::Ready(Ok(()))
     }
@@ -452,87 +435,124 @@ where
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-fn encode_into<Data>(
-    encode: &mut rustls::unbuffered::EncodeTlsData<'_, Data>,
-    out: &mut Outgoing,
+/// Why a write into a [`Window`] did not happen.
+enum Unwritten {
+    /// It needs this much room.
+    Room(usize),
+    /// There was nothing (left) to write.
+    Nothing,
+    Failed(io::Error),
+}
+
+impl From<EncodeError> for Unwritten {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Unwritten::Room(required_size)
+            }
+            // Encoded by an earlier call.
+            EncodeError::AlreadyEncoded => Unwritten::Nothing,
+        }
+    }
+}
+
+impl From<EncryptError> for Unwritten {
+    fn from(e: EncryptError) -> Self {
+        match e {
+            EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Unwritten::Room(required_size)
+            }
+            e @ EncryptError::EncryptExhausted => Unwritten::Failed(io::Error::other(e)),
+        }
+    }
+}
+
+/// Lets `write` put bytes after what `out` holds, offering `need` bytes of room first and then
+/// as much as it says it needs.
+fn write_into(
+    out: &mut Window,
+    mut need: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Unwritten>,
 ) -> io::Result<()> {
-    let mut need = 1024;
     loop {
-        match encode.encode(out.room(need)) {
+        match write(out.room_for(need)) {
             Ok(n) => {
                 out.commit(n);
                 return Ok(());
             }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                need = required_size;
-            }
-            // Encoded by an earlier call: nothing left to do.
-            Err(EncodeError::AlreadyEncoded) => return Ok(()),
+            Err(Unwritten::Room(required)) => need = required,
+            Err(Unwritten::Nothing) => return Ok(()),
+            Err(Unwritten::Failed(e)) => return Err(e),
         }
     }
+}
+
+fn encode_into<Data>(
+    encode: &mut rustls::unbuffered::EncodeTlsData<'_, Data>,
+    out: &mut Window,
+) -> io::Result<()> {
+    write_into(out, 1024, |room| Ok(encode.encode(room)?))
 }
 
 fn encrypt_into<Data>(
     traffic: &mut WriteTraffic<'_, Data>,
     data: &[u8],
-    out: &mut Outgoing,
+    out: &mut Window,
 ) -> io::Result<()> {
-    let mut need = data.len() + (data.len() / FRAGMENT + 1) * RECORD_OVERHEAD;
-    loop {
-        match traffic.encrypt(data, out.room(need)) {
-            Ok(n) => {
-                out.commit(n);
-                return Ok(());
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                need = required_size;
-            }
-            Err(e @ EncryptError::EncryptExhausted) => return Err(io::Error::other(e)),
-        }
-    }
+    let need = data.len() + (data.len() / FRAGMENT + 1) * RECORD_OVERHEAD;
+    write_into(out, need, |room| Ok(traffic.encrypt(data, room)?))
 }
 
 fn close_notify_into<Data>(
     traffic: &mut WriteTraffic<'_, Data>,
-    out: &mut Outgoing,
+    out: &mut Window,
 ) -> io::Result<()> {
-    let mut need = RECORD_OVERHEAD;
-    loop {
-        match traffic.queue_close_notify(out.room(need)) {
-            Ok(n) => {
-                out.commit(n);
-                return Ok(());
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                need = required_size;
-            }
-            Err(e @ EncryptError::EncryptExhausted) => return Err(io::Error::other(e)),
-        }
-    }
+    write_into(out, RECORD_OVERHEAD, |room| {
+        Ok(traffic.queue_close_notify(room)?)
+    })
 }
 
-/// TLS bytes received and not yet processed: `buf[start..end]`. `buf` is all initialised, so
-/// reads go straight into it; it is zeroed once per allocation, not per read.
+/// Moves the decrypted records into `plain`, adding what they free of the received bytes to
+/// `discard`.
+fn take_records<Data>(
+    traffic: &mut ReadTraffic<'_, '_, Data>,
+    plain: &mut Plain,
+    discard: &mut usize,
+) -> io::Result<()> {
+    while let Some(record) = traffic.next_record() {
+        let record = record.map_err(invalid_data)?;
+        *discard += record.discard;
+        plain.push(record.payload);
+    }
+    Ok(())
+}
+
+/// TLS bytes held in `buf[start..end]`: received and not yet processed, or encoded and not yet
+/// sent. All of `buf` is initialised, so reads and encryption go straight into it; it is zeroed
+/// only where it grows.
 #[derive(Default)]
-struct Incoming {
+struct Window {
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
-impl Incoming {
+impl Window {
     fn is_empty(&self) -> bool {
         self.start == self.end
     }
 
-    /// The bytes to process, and where they start (for [`Incoming::discard`]).
-    fn window(&mut self) -> (&mut [u8], usize) {
-        (&mut self.buf[self.start..self.end], self.start)
+    fn len(&self) -> usize {
+        self.end - self.start
     }
 
-    /// Drops `n` processed bytes from the front of the window that began at `start`.
-    fn discard(&mut self, start: usize, n: usize) {
-        debug_assert_eq!(start, self.start);
+    /// The bytes held.
+    fn window(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+
+    /// Drops `n` bytes (processed or sent) from the front.
+    fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
         if self.start == self.end {
             self.start = 0;
@@ -540,9 +560,14 @@ impl Incoming {
         }
     }
 
-    /// Room for the next read: after the held bytes, moving them to the front or growing the
-    /// buffer (doubling, up to [`MAX_INCOMING`]) when there is none.
-    fn room(&mut self) -> io::Result<&mut [u8]> {
+    /// Keeps the `n` bytes just written into the room after what is held.
+    fn commit(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Room for the next read from the transport: after the held bytes, moving them to the
+    /// front or growing the buffer (doubling, up to [`MAX_INCOMING`]) when there is none.
+    fn room_to_read(&mut self) -> io::Result<&mut [u8]> {
         if self.buf.is_empty() {
             self.buf = spare::take();
             if self.buf.len() < FIRST_READ {
@@ -566,10 +591,18 @@ impl Incoming {
         Ok(&mut self.buf[self.end..])
     }
 
-    fn filled(&mut self, n: usize) {
-        self.end += n;
+    /// At least `need` bytes of room after what is held.
+    fn room_for(&mut self, need: usize) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = spare::take();
+        }
+        if self.buf.len() < self.end + need {
+            self.buf.resize(self.end + need, 0);
+        }
+        &mut self.buf[self.end..]
     }
 
+    /// Gives the buffer back to the spares if it holds nothing.
     fn release(&mut self) {
         if self.is_empty() {
             spare::give(std::mem::take(&mut self.buf));
@@ -607,10 +640,7 @@ impl Plain {
         let n = out.remaining().min(self.buf.len() - self.at);
         out.put_slice(&self.buf[self.at..self.at + n]);
         self.at += n;
-        if self.is_empty() {
-            spare::give(std::mem::take(&mut self.buf));
-            self.at = 0;
-        }
+        self.release();
         true
     }
 
@@ -622,62 +652,10 @@ impl Plain {
     }
 }
 
-/// TLS bytes to send: `buf[start..end]`, all of `buf` initialised (zeroed once per allocation).
-#[derive(Default)]
-struct Outgoing {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl Outgoing {
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn queued(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn sent(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// At least `need` bytes of room after what is queued.
-    fn room(&mut self, need: usize) -> &mut [u8] {
-        if self.buf.is_empty() {
-            self.buf = spare::take();
-        }
-        if self.buf.len() < self.end + need {
-            self.buf.resize(self.end + need, 0);
-        }
-        &mut self.buf[self.end..]
-    }
-
-    fn commit(&mut self, n: usize) {
-        self.end += n;
-    }
-
-    fn release(&mut self) {
-        if self.is_empty() {
-            spare::give(std::mem::take(&mut self.buf));
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-}
-
 /// Buffers between connections. An idle connection holds none of its own; a busy one takes one
-/// from its thread's few spares and gives it back when it is empty, so the busy path neither
-/// allocates nor zeroes. A spare's length is how much of it is initialised.
+/// from its thread's few spares and gives it back when it is empty, so the busy path allocates
+/// and zeroes only when a spare is missing or too short. A spare's length is how much of it is
+/// initialised.
 mod spare {
     use std::cell::RefCell;
 
