@@ -71,6 +71,7 @@ pub struct Metrics {
     pub active_connections: IntGauge,
     /// Consumer TLS handshakes that failed, by `HandshakeFailure` label (or `timeout`).
     pub tls_handshake_failures: IntCounterVec,
+    /// HTTP/1.1 request heads refused before the request path saw them, by reason.
     pub http_refused_heads: IntCounterVec,
     /// Connections to providers that could not be made, by reason (`timeout`, `tcp`, `tls`).
     pub upstream_connect_errors: IntCounterVec,

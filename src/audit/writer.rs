@@ -96,7 +96,7 @@ fn empty_after_sync(buf: &mut Vec<u8>) {
 const UNSYNCED_TRIM: usize = 4 << 20;
 
 /// glibc keeps freed memory in its arenas unless asked; a burst's buffer, once freed, would
-/// still count in the process's RSS. Rare (after a burst) and cheap next to a sync.
+/// still count in the process's RSS. Called only when such a buffer (4 MB or more) is freed.
 fn return_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
