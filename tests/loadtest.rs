@@ -115,9 +115,19 @@ async fn http2_streams_share_connections_through_the_gateway() {
 /// connection a request came on, and how many requests it answered.
 struct Counting {
     addr: SocketAddr,
-    ports: Arc<Mutex<HashSet<u16>>>,
+    /// Each request's connection, kept alive so that no two connections share an address.
+    /// (Client ports are no identity: on loopback Linux reuses a port still in TIME_WAIT.)
+    conns: Arc<Mutex<Vec<Arc<ConnInfo>>>>,
     requests: Arc<AtomicUsize>,
     stop: CancellationToken,
+}
+
+impl Counting {
+    /// The connections that carried requests.
+    fn connections(&self) -> usize {
+        let conns = self.conns.lock().expect("lock");
+        conns.iter().map(Arc::as_ptr).collect::<HashSet<_>>().len()
+    }
 }
 
 impl Drop for Counting {
@@ -131,7 +141,7 @@ async fn counting_server(world: &World) -> Counting {
     let addr = listener.local_addr().expect("addr");
     let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
         .expect("server TLS");
-    let ports = Arc::new(Mutex::new(HashSet::new()));
+    let conns = Arc::new(Mutex::new(Vec::new()));
     let requests = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
     let opts = ssp_gateway::server::ServeOptions {
@@ -144,7 +154,7 @@ async fn counting_server(world: &World) -> Counting {
     };
     let tls = ssp_gateway::reload::Reloadable::new("counting provider TLS", tls, vec![]);
     {
-        let ports = ports.clone();
+        let conns = conns.clone();
         let requests = requests.clone();
         tokio::spawn(ssp_gateway::server::serve_tls(
             listener,
@@ -152,10 +162,10 @@ async fn counting_server(world: &World) -> Counting {
             opts,
             stop.clone(),
             move |conn: Arc<ConnInfo>, _req: Request<RequestBody>| {
-                let ports = ports.clone();
+                let conns = conns.clone();
                 let requests = requests.clone();
                 async move {
-                    ports.lock().expect("lock").insert(conn.remote.port());
+                    conns.lock().expect("lock").push(conn);
                     requests.fetch_add(1, Ordering::SeqCst);
                     Response::new(Full::new(Bytes::from_static(b"{}")))
                 }
@@ -164,7 +174,7 @@ async fn counting_server(world: &World) -> Counting {
     }
     Counting {
         addr,
-        ports,
+        conns,
         requests,
         stop,
     }
@@ -182,7 +192,7 @@ async fn keep_alive_reuses_its_connections_and_new_connection_mode_never_does() 
     let r = run(&a).await;
     assert!(r.ok > 2, "{r:?}");
     assert_eq!(
-        server.ports.lock().expect("lock").len(),
+        server.connections(),
         2,
         "two keep-alive connections carried every request"
     );
@@ -194,11 +204,7 @@ async fn keep_alive_reuses_its_connections_and_new_connection_mode_never_does() 
     assert_eq!(r.shape.mode, "new-connection");
     assert!(r.ok > 2, "{r:?}");
     let served = server.requests.load(Ordering::SeqCst);
-    assert_eq!(
-        server.ports.lock().expect("lock").len(),
-        served,
-        "one connection per request"
-    );
+    assert_eq!(server.connections(), served, "one connection per request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +223,7 @@ async fn idle_mode_opens_and_holds_connections() {
         "{r:?}"
     );
     assert_eq!(r.responses, 25);
-    assert_eq!(server.ports.lock().expect("lock").len(), 25);
+    assert_eq!(server.connections(), 25);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
