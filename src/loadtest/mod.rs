@@ -12,13 +12,14 @@
 //! and sends only to the address the URL (or `--connect-to`) names.
 
 mod conn;
+mod pace;
 mod report;
 mod request;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ pub use report::{IdleReport, InteractionReport, Latency, Report, RunShape, Stats
 pub use request::{booking_bodies, default_search_query, Bookings, Kind, Mix, ServiceRoot};
 
 use conn::{exchange, Dialer, Sender};
+use pace::Pacer;
 use request::Factory;
 
 /// The development world's full-access consumer ASID (`Ssp-From`).
@@ -70,6 +72,8 @@ pub enum LoadtestError {
     Setup(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot start the fixed-rate pacer thread: {0}")]
+    Pacer(std::io::Error),
 }
 
 /// The command line of `ssp-gateway loadtest`.
@@ -396,9 +400,8 @@ struct Run {
     measure_from: Instant,
     end: Instant,
     timeout: Duration,
-    /// Fixed-rate schedule: request `n` is due at `start + n × interval`.
-    schedule: Option<(Instant, Duration)>,
-    next: AtomicU64,
+    /// At a fixed rate, the slots and their due times.
+    pacer: Option<Pacer>,
 }
 
 impl Run {
@@ -406,15 +409,12 @@ impl Run {
         t >= self.measure_from && t < self.end
     }
 
-    /// When the next request is due: its slot in the fixed-rate schedule, or now.
-    fn due(&self) -> Instant {
-        match self.schedule {
-            Some((start, interval)) => {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let offset = interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
-                start + offset
-            }
-            None => Instant::now(),
+    /// When the next request starts: at a fixed rate, the next released slot's due time (None
+    /// once no slot is left); closed loop, now (None once the run is over).
+    async fn next_start(&self) -> Option<Instant> {
+        match &self.pacer {
+            Some(pacer) => pacer.next().await,
+            None => Some(Instant::now()).filter(|&now| now < self.end),
         }
     }
 }
@@ -461,9 +461,14 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
             start + settings.warmup + settings.duration,
         ),
     };
-    let schedule = settings
-        .rate
-        .map(|rate| (start, Duration::from_secs_f64(1.0 / rate)));
+    let workers = settings.connections * workers_per_connection(&settings);
+    let pacer = match settings.rate {
+        Some(rate) if !matches!(settings.mode, Mode::Idle(_)) => Some(
+            Pacer::start(start, Duration::from_secs_f64(1.0 / rate), end, workers)
+                .map_err(LoadtestError::Pacer)?,
+        ),
+        _ => None,
+    };
     let run = Arc::new(Run {
         dialer,
         factory,
@@ -473,8 +478,7 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
         measure_from,
         end,
         timeout: settings.timeout,
-        schedule,
-        next: AtomicU64::new(0),
+        pacer,
     });
 
     let refresher = {
@@ -505,7 +509,12 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
             (stats, Some(idle))
         }
         _ => (
-            drive(&run, settings.connections, settings.streams).await,
+            drive(
+                &run,
+                settings.connections,
+                workers_per_connection(&settings),
+            )
+            .await,
             None,
         ),
     };
@@ -605,6 +614,15 @@ async fn free_slot_bookings(
     })
 }
 
+/// Workers sharing one connection: `--streams` on a keep-alive HTTP/2 connection, else one.
+fn workers_per_connection(settings: &Settings) -> usize {
+    if settings.mode == Mode::KeepAlive && settings.http2 {
+        settings.streams
+    } else {
+        1
+    }
+}
+
 /// Keep-alive or new-connection load: `connections` connections (× `streams` for HTTP/2),
 /// each worker sending until the end.
 async fn drive(run: &Arc<Run>, connections: usize, streams: usize) -> Stats {
@@ -612,7 +630,7 @@ async fn drive(run: &Arc<Run>, connections: usize, streams: usize) -> Stats {
     for c in 0..connections {
         let run = run.clone();
         tasks.push(tokio::spawn(async move {
-            if run.mode == Mode::KeepAlive && run.http2 && streams > 1 {
+            if streams > 1 {
                 // One shared HTTP/2 connection, `streams` workers on it.
                 let mut stats = Stats::default();
                 let shared = open_until_end(&run, &mut stats).await;
@@ -665,20 +683,8 @@ async fn open_until_end(run: &Run, stats: &mut Stats) -> Option<Sender> {
 async fn worker(run: &Run, id: usize, mut sender: Option<Sender>) -> Stats {
     let mut stats = Stats::default();
     let mut n = id;
-    loop {
-        let due = run.due();
-        if due >= run.end {
-            break;
-        }
-        if run.schedule.is_some() {
-            sleep_until(due).await;
-        }
-        // Closed loop: the clock starts now. Fixed rate: it started at the due time.
-        let started = if run.schedule.is_some() {
-            due
-        } else {
-            Instant::now()
-        };
+    // Closed loop: each request's clock starts as it is sent. Fixed rate: at its due time.
+    while let Some(started) = run.next_start().await {
         let counted = run.in_window(started);
         let kind = run.mix.kind(n);
         n += 1;
