@@ -45,6 +45,8 @@ const DEFAULT_AUDIT_QUEUE_CAPACITY: u64 = 65_536;
 const DEFAULT_AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_AUDIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
+const DEFAULT_AUDIT_FSYNC_FOLLOW_UP: Duration = Duration::from_millis(10);
+const MAX_AUDIT_FSYNC_FOLLOW_UP: Duration = Duration::from_secs(1);
 const DEFAULT_TRACING_SERVICE_NAME: &str = "ssp-gateway";
 const DEFAULT_TRACING_QUEUE_CAPACITY: u64 = 4096;
 const DEFAULT_TRACING_MAX_BATCH: u64 = 512;
@@ -432,9 +434,13 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         write_timeout: s.duration("write_timeout", DEFAULT_AUDIT_WRITE_TIMEOUT),
         retry_interval: s.duration("retry_interval", DEFAULT_AUDIT_RETRY_INTERVAL),
         group_commit_window: duration_or_zero(&mut s, "group_commit_window", Duration::ZERO),
+        fsync_follow_up: duration_or_zero(&mut s, "fsync_follow_up", DEFAULT_AUDIT_FSYNC_FOLLOW_UP),
     };
     if audit.group_commit_window > MAX_GROUP_COMMIT_WINDOW {
         s.problem("group_commit_window", "must be at most 10ms".into());
+    }
+    if audit.fsync_follow_up > MAX_AUDIT_FSYNC_FOLLOW_UP {
+        s.problem("fsync_follow_up", "must be at most 1s".into());
     }
     s.finish();
 
@@ -1286,14 +1292,27 @@ ldif_file = "directory.ldif"
         ))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.audit.group_commit_window, Duration::from_micros(300));
+        assert_eq!(
+            c.audit.fsync_follow_up,
+            Duration::from_millis(10),
+            "default"
+        );
+        let c = parse(&format!("{MINIMAL}\n[audit]\nfsync_follow_up = \"0s\"\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.audit.fsync_follow_up,
+            Duration::ZERO,
+            "0s: every record synced at once"
+        );
 
         let err = parse(&format!(
-            "{MINIMAL}\n[audit]\ndurability = \"sometimes\"\nmax_file_bytes = 10\nrotate = 1\ngroup_commit_window = \"1s\"\n[tracing]\notlp_endpoint = \"https://collector\"\n"
+            "{MINIMAL}\n[audit]\ndurability = \"sometimes\"\nmax_file_bytes = 10\nrotate = 1\ngroup_commit_window = \"1s\"\nfsync_follow_up = \"2s\"\n[tracing]\notlp_endpoint = \"https://collector\"\n"
         ))
         .unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         for expected in [
             "audit.group_commit_window",
+            "audit.fsync_follow_up",
             "audit.durability",
             "audit.max_file_bytes",
             "audit.rotate",

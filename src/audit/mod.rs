@@ -33,7 +33,8 @@ pub const ACTIVE_FILE: &str = "audit.jsonl";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// fsync before acknowledging: a record survives a power cut once acknowledged. The
-    /// default; group commit amortises the fsync across concurrent requests.
+    /// default; group commit amortises the fsync across concurrent requests. Records nobody
+    /// waits on are written at once and synced within `AuditConfig::fsync_follow_up`.
     Fsync,
     /// Forward once the record is queued for the writer, which writes what has queued up every
     /// `BUFFERED_WRITE_DELAY` (one `write` for all of it) and fsyncs on this interval: a crash
@@ -63,6 +64,11 @@ pub struct AuditConfig {
     /// request): how long the writer lets more records gather before the next write + fsync.
     /// Fewer, larger fsyncs (less CPU per request) for up to this much more latency. Zero: off.
     pub group_commit_window: Duration,
+    /// `fsync`: the longest a record nobody waits on (a response's, a refusal's) stays
+    /// written but unsynced. It is made durable by the next waiting record's fsync, or by one
+    /// of its own this long after the last. Zero: each is synced at once (which, when requests
+    /// do not overlap, means two fsyncs per forwarded request).
+    pub fsync_follow_up: Duration,
 }
 
 /// Why the trail could not be opened, or a record not written.
@@ -298,6 +304,7 @@ mod tests {
             write_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(50),
             group_commit_window: Duration::ZERO,
+            fsync_follow_up: Duration::from_millis(10),
         }
     }
 
@@ -437,6 +444,58 @@ mod tests {
             batches(Duration::from_millis(500)).await,
             2,
             "the second later commit joined the first's fsync"
+        );
+    }
+
+    /// Under `fsync`, a record nobody waits on is in the file at once, and is made durable by
+    /// the next waiting record's fsync or, with none, by its own after the follow-up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_fsync_a_record_nobody_waits_on_shares_the_next_sync() {
+        async fn syncs(follow_up: Duration) -> (u64, u64) {
+            let dir = scratch();
+            let mut cfg = config(&dir, Durability::Fsync);
+            cfg.fsync_follow_up = follow_up;
+            let metrics = Metrics::new().audit.clone();
+            let (audit, pending) = Audit::prepare(&cfg, metrics.clone());
+            let thread = pending.start().expect("start");
+            let written = |n: u64| {
+                let metrics = metrics.clone();
+                async move {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while metrics.records_written.get() < n {
+                        assert!(std::time::Instant::now() < deadline, "never written");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            };
+            audit.enqueue(&record(0));
+            written(1).await;
+            let text = std::fs::read_to_string(dir.join(ACTIVE_FILE)).expect("trail");
+            assert!(text.contains("\"r0\""), "written at once: {text}");
+            audit.commit(&record(1)).await.expect("commit");
+            let with_commit = metrics.fsync_duration.get_sample_count();
+            // Alone: its own sync, after the follow-up.
+            audit.enqueue(&record(2));
+            written(3).await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while metrics.fsync_duration.get_sample_count() == with_commit {
+                assert!(std::time::Instant::now() < deadline, "never synced");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let alone = metrics.fsync_duration.get_sample_count() - with_commit;
+            audit.shutdown().await;
+            thread.join().expect("writer thread");
+            (with_commit, alone)
+        }
+        assert_eq!(
+            syncs(Duration::from_secs(1)).await,
+            (1, 1),
+            "one fsync for the record and the commit after it, then one for a record alone"
+        );
+        assert_eq!(
+            syncs(Duration::ZERO).await,
+            (2, 1),
+            "follow-up 0s: every record synced at once"
         );
     }
 

@@ -65,6 +65,8 @@ pub(super) struct Writer {
     last_commits: usize,
     /// `fsync` only (see `AuditConfig::group_commit_window`).
     group_commit_window: Duration,
+    /// `fsync` only (see `AuditConfig::fsync_follow_up`).
+    fsync_follow_up: Duration,
     last_attempt: Instant,
     last_sync: Instant,
     shared: Arc<Shared>,
@@ -338,6 +340,7 @@ impl Writer {
                 Durability::Fsync => config.group_commit_window,
                 Durability::Buffered { .. } => Duration::ZERO,
             },
+            fsync_follow_up: config.fsync_follow_up,
             last_attempt: now,
             last_sync: now,
             shared,
@@ -420,13 +423,22 @@ impl Writer {
                     .saturating_sub(self.last_attempt.elapsed()),
             );
         }
-        if let Durability::Buffered { interval } = self.durability {
-            if !self.unsynced.is_empty() {
-                let due = interval.saturating_sub(self.last_sync.elapsed());
-                wake = Some(wake.map_or(due, |w| w.min(due)));
-            }
+        if !self.unsynced.is_empty() {
+            let due = self
+                .sync_interval()
+                .saturating_sub(self.last_sync.elapsed());
+            wake = Some(wake.map_or(due, |w| w.min(due)));
         }
         wake
+    }
+
+    /// The longest written records stay unsynced: the `buffered` interval, or under `fsync`
+    /// (for records nobody waits on) the follow-up.
+    fn sync_interval(&self) -> Duration {
+        match self.durability {
+            Durability::Buffered { interval } => interval,
+            Durability::Fsync => self.fsync_follow_up,
+        }
     }
 
     fn process(&mut self, batch: Vec<Pending>) {
@@ -499,7 +511,8 @@ impl Writer {
                 continue;
             }
             let first_seq = self.head.seq + 1;
-            match self.write_unit(&bytes) {
+            let waited_on = unit.iter().any(|p| p.ack.is_some());
+            match self.write_unit(&bytes, waited_on) {
                 Ok(()) => {
                     self.head = head;
                     if let Some(a) = self.active.as_mut() {
@@ -527,9 +540,10 @@ impl Writer {
         }
     }
 
-    /// Appends `bytes` (whole lines) and, under `fsync`, syncs. On failure the file is rolled
-    /// back to where it was.
-    fn write_unit(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Appends `bytes` (whole lines) and, under `fsync` when someone waits on them, syncs
+    /// (with them everything written before). On failure the file is rolled back to where it
+    /// was.
+    fn write_unit(&mut self, bytes: &[u8], waited_on: bool) -> io::Result<()> {
         let before = self.written_len;
         let Some(active) = self.active.as_mut() else {
             return Err(io::Error::other("no active audit file"));
@@ -540,7 +554,7 @@ impl Writer {
         }
         self.written_len += bytes.len() as u64;
         self.unsynced.extend_from_slice(bytes);
-        if self.durability == Durability::Fsync {
+        if self.durability == Durability::Fsync && (waited_on || self.fsync_follow_up.is_zero()) {
             if let Err(e) = self.sync() {
                 // Not durable: take the unit back out (sync failed, so nothing after
                 // `synced_len` can be trusted).
@@ -591,11 +605,9 @@ impl Writer {
     }
 
     fn sync_if_due(&mut self) {
-        if let Durability::Buffered { interval } = self.durability {
-            if !self.unsynced.is_empty() && self.last_sync.elapsed() >= interval {
-                if let Err(e) = self.sync() {
-                    self.fail(e, Vec::new());
-                }
+        if !self.unsynced.is_empty() && self.last_sync.elapsed() >= self.sync_interval() {
+            if let Err(e) = self.sync() {
+                self.fail(e, Vec::new());
             }
         }
     }
