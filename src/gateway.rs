@@ -606,11 +606,8 @@ fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_
             .audit_client
             .get_or_init(|| {
                 Arc::new(ClientInfo {
-                    address: conn.remote.to_string(),
-                    names: conn.peer.names.clone(),
-                    subject: conn.peer.subject.clone(),
-                    serial: conn.peer.serial.clone(),
-                    fingerprint_sha256: conn.peer.fingerprint_sha256.clone(),
+                    address: conn.remote,
+                    certificate: conn.peer.clone(),
                 })
             })
             .clone(),

@@ -18,20 +18,21 @@ use tokio_util::task::TaskTracker;
 pub use crate::h1::{BodyError, RequestBody};
 
 use crate::reload::Reloadable;
-use crate::tls::{peer_identity, HandshakeFailure, PeerIdentity};
+use crate::tls::identities::Identities;
+use crate::tls::{HandshakeFailure, PeerIdentity};
 
 /// What the request path knows about the connection a request came on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
-    /// The verified client certificate's identity.
-    pub peer: PeerIdentity,
+    /// The verified client certificate's identity (shared by the connections presenting it).
+    pub peer: Arc<PeerIdentity>,
     /// The connection's client as audit records carry it, built by the first record.
     pub audit_client: std::sync::OnceLock<Arc<crate::audit::ClientInfo>>,
 }
 
 impl ConnInfo {
-    pub fn new(remote: SocketAddr, peer: PeerIdentity) -> ConnInfo {
+    pub fn new(remote: SocketAddr, peer: Arc<PeerIdentity>) -> ConnInfo {
         ConnInfo {
             remote,
             peer,
@@ -188,6 +189,8 @@ pub async fn serve_tls_observed<H, Fut, B>(
     // Every connection's task, so shutdown can wait for them to finish their requests.
     let tracker = TaskTracker::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // One identity per client certificate, shared by its connections.
+    let identities = Arc::new(Identities::new());
 
     loop {
         let (tcp, remote) = tokio::select! {
@@ -220,6 +223,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         let draining = shutdown.clone();
         let handshake_timeout = opts.handshake_timeout;
         let name = opts.name;
+        let identities = identities.clone();
         tracker.spawn(async move {
             let _permit = permit;
             // Boxed, like each protocol's connection below, so that the task itself stays
@@ -249,7 +253,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first());
-            let peer = match leaf.map(peer_identity) {
+            let peer = match leaf.map(|leaf| identities.get(leaf)) {
                 Some(Ok(peer)) => peer,
                 Some(Err(e)) => {
                     metrics.handshake_failed("unreadable_certificate");

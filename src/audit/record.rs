@@ -2,11 +2,13 @@
 //! (ARCHITECTURE.md "Audit trail"), how it is framed as one JSON line with its sequence number and
 //! the SHA-256 of the line before it, and how a line is hashed. Pure: no I/O here.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::ssp::jwt::JwtClaims;
+use crate::tls::PeerIdentity;
 
 /// The `prev` of the very first record of a trail: 64 zeros.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -25,19 +27,39 @@ pub enum RecordKind {
     Preflight,
 }
 
-/// The client side of the connection a request came on.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// The client side of the connection a request came on: its address, and its certificate's
+/// identity (shared by the connections that present that certificate). Written as one object:
+/// `address`, then the certificate's `names`, `subject`, `serial` and `fingerprint_sha256`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientInfo {
     /// IP:port of the TCP peer.
-    pub address: String,
-    /// The certificate's DNS names (or CN), as used for the FQDN check.
-    pub names: Vec<String>,
-    /// Subject DN (RFC 4514).
-    pub subject: String,
-    /// Serial number, lowercase hex.
-    pub serial: String,
-    /// SHA-256 of the DER certificate, lowercase hex.
-    pub fingerprint_sha256: String,
+    pub address: SocketAddr,
+    /// The certificate's DNS names (or CN, as used for the FQDN check), subject DN (RFC 4514),
+    /// serial and SHA-256 fingerprint.
+    pub certificate: Arc<PeerIdentity>,
+}
+
+impl Default for ClientInfo {
+    fn default() -> ClientInfo {
+        ClientInfo {
+            address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            certificate: Arc::default(),
+        }
+    }
+}
+
+impl Serialize for ClientInfo {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let id = &*self.certificate;
+        let mut map = serializer.serialize_map(Some(5))?;
+        map.serialize_entry("address", &self.address)?;
+        map.serialize_entry("names", &id.names)?;
+        map.serialize_entry("subject", &id.subject)?;
+        map.serialize_entry("serial", &id.serial)?;
+        map.serialize_entry("fingerprint_sha256", &id.fingerprint_sha256)?;
+        map.end()
+    }
 }
 
 /// One audit event. Fields the gateway did not get as far as knowing are omitted.

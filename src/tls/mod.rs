@@ -20,6 +20,7 @@
 //! CRLs.
 
 pub mod chaincache;
+pub mod identities;
 pub mod pki;
 pub mod stream;
 
@@ -488,6 +489,14 @@ fn certified_key(
 
 /// The identity of a verified peer, from its leaf certificate.
 pub fn peer_identity(leaf: &CertificateDer<'_>) -> Result<PeerIdentity, TlsError> {
+    identity_with_digest(leaf, &sha256(leaf))
+}
+
+/// `peer_identity`, with the SHA-256 of `leaf` already computed.
+fn identity_with_digest(
+    leaf: &CertificateDer<'_>,
+    digest: &[u8; 32],
+) -> Result<PeerIdentity, TlsError> {
     let cert = parse_peer(leaf)?;
     let mut names = Vec::new();
     let san = cert
@@ -514,7 +523,7 @@ pub fn peer_identity(leaf: &CertificateDer<'_>) -> Result<PeerIdentity, TlsError
         names,
         subject: rfc4514(cert.subject()),
         serial: serial_hex(cert.raw_serial()),
-        fingerprint_sha256: hex(&sha256(leaf)),
+        fingerprint_sha256: hex(digest),
     })
 }
 
