@@ -44,8 +44,10 @@ struct Schedule {
 impl Schedule {
     /// Slot `n`'s due time, or None when it is not before the end.
     fn due(&self, n: u64) -> Option<std::time::Instant> {
-        let offset = self.interval.checked_mul(u32::try_from(n).ok()?)?;
-        let due = self.start.checked_add(offset)?;
+        let nanos = self.interval.as_nanos().checked_mul(u128::from(n))?;
+        let due = self
+            .start
+            .checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?))?;
         (due < self.end).then_some(due)
     }
 }
@@ -194,6 +196,16 @@ mod tests {
         assert_eq!(s.due(2), Some(start + Duration::from_millis(20)));
         assert_eq!(s.due(3), None, "due exactly at the end: not sent");
         assert_eq!(s.due(u64::MAX), None);
+        let fast = Schedule {
+            interval: Duration::from_nanos(1),
+            end: start + Duration::from_secs(10),
+            ..s
+        };
+        assert_eq!(
+            fast.due(5_000_000_000),
+            Some(start + Duration::from_secs(5)),
+            "slots past 2^32 (a billion a second for 10 s)"
+        );
         let huge = Schedule {
             interval: Duration::MAX,
             end: start + Duration::from_secs(1),
