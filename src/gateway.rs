@@ -602,15 +602,10 @@ fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_
             .target_url
             .clone()
             .unwrap_or_else(|| ctx.raw_target.clone()),
-        client: conn
-            .audit_client
-            .get_or_init(|| {
-                Arc::new(ClientInfo {
-                    address: conn.remote,
-                    certificate: conn.peer.clone(),
-                })
-            })
-            .clone(),
+        client: ClientInfo {
+            address: conn.remote,
+            certificate: conn.peer.clone(),
+        },
         jwt: record.jwt.clone(),
         jwt_problem: record.jwt_problem,
         status: None,

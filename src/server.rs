@@ -27,17 +27,11 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The verified client certificate's identity (shared by the connections presenting it).
     pub peer: Arc<PeerIdentity>,
-    /// The connection's client as audit records carry it, built by the first record.
-    pub audit_client: std::sync::OnceLock<Arc<crate::audit::ClientInfo>>,
 }
 
 impl ConnInfo {
     pub fn new(remote: SocketAddr, peer: Arc<PeerIdentity>) -> ConnInfo {
-        ConnInfo {
-            remote,
-            peer,
-            audit_client: std::sync::OnceLock::new(),
-        }
+        ConnInfo { remote, peer }
     }
 }
 

@@ -320,7 +320,7 @@ mod tests {
             interaction: None,
             method: "GET".into(),
             target_url: "/".into(),
-            client: Arc::default(),
+            client: ClientInfo::default(),
             jwt: None,
             jwt_problem: None,
             status: Some(400),

@@ -88,8 +88,8 @@ pub struct AuditRecord {
     pub method: String,
     /// The embedded target URL with its query, when it parsed; otherwise the raw request target.
     pub target_url: String,
-    /// Shared by every record of the connection.
-    pub client: Arc<ClientInfo>,
+    /// The connection's address and its certificate's identity (shared, not copied).
+    pub client: ClientInfo,
     /// The bearer token's claims of audit value, whenever it decoded (even if rejected); shared
     /// by the request's records.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -215,7 +215,7 @@ mod tests {
             interaction: None,
             method: "GET".into(),
             target_url: "/x".into(),
-            client: Arc::default(),
+            client: ClientInfo::default(),
             jwt: None,
             jwt_problem: None,
             status: Some(400),
