@@ -541,8 +541,9 @@ impl Writer {
     }
 
     /// Appends `bytes` (whole lines) and, under `fsync` when someone waits on them, syncs
-    /// (with them everything written before). On failure the file is rolled back to where it
-    /// was.
+    /// (with them everything written before). Bytes nobody waits on are synced when due
+    /// (`sync_if_due`, at once with a zero follow-up). On failure the file is rolled back to
+    /// where it was.
     fn write_unit(&mut self, bytes: &[u8], waited_on: bool) -> io::Result<()> {
         let before = self.written_len;
         let Some(active) = self.active.as_mut() else {
@@ -554,7 +555,7 @@ impl Writer {
         }
         self.written_len += bytes.len() as u64;
         self.unsynced.extend_from_slice(bytes);
-        if self.durability == Durability::Fsync && (waited_on || self.fsync_follow_up.is_zero()) {
+        if self.durability == Durability::Fsync && waited_on {
             if let Err(e) = self.sync() {
                 // Not durable: take the unit back out (sync failed, so nothing after
                 // `synced_len` can be trusted).
