@@ -184,7 +184,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
     let tracker = TaskTracker::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     // One identity per client certificate, shared by its connections.
-    let identities = Arc::new(Identities::new());
+    let identities = Arc::new(Identities::default());
 
     loop {
         let (tcp, remote) = tokio::select! {

@@ -34,10 +34,6 @@ struct Inner {
 }
 
 impl Identities {
-    pub fn new() -> Identities {
-        Identities::default()
-    }
-
     /// The identity of the verified certificate `leaf`: the one already shared, or a new one.
     pub fn get(&self, leaf: &CertificateDer<'_>) -> Result<Arc<PeerIdentity>, TlsError> {
         let digest = sha256(leaf);
@@ -57,12 +53,9 @@ impl Identities {
     }
 
     /// Certificates in the map, live or not yet swept.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().by_digest.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -89,7 +82,7 @@ mod tests {
         let ca = ca();
         let a = ca.issue(&LeafSpec::client(&["a.example"])).expect("leaf");
         let b = ca.issue(&LeafSpec::client(&["b.example"])).expect("leaf");
-        let ids = Identities::new();
+        let ids = Identities::default();
         let first = ids.get(&a.cert_der).expect("identity");
         let again = ids.get(&a.cert_der).expect("identity");
         let other = ids.get(&b.cert_der).expect("identity");
@@ -103,7 +96,7 @@ mod tests {
     #[test]
     fn an_identity_no_connection_holds_is_parsed_again_and_the_map_stays_bounded() {
         let ca = ca();
-        let ids = Identities::new();
+        let ids = Identities::default();
         let leaves: Vec<_> = (0..200)
             .map(|i| {
                 ca.issue(&LeafSpec::client(&[&format!("c{i}.example")]))
@@ -129,12 +122,12 @@ mod tests {
 
     #[test]
     fn a_certificate_that_does_not_parse_is_an_error_and_is_not_remembered() {
-        let ids = Identities::new();
+        let ids = Identities::default();
         let junk = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
         assert!(matches!(
             ids.get(&junk),
             Err(TlsError::PeerCertificate { .. })
         ));
-        assert!(ids.is_empty());
+        assert_eq!(ids.len(), 0);
     }
 }
