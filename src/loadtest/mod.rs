@@ -461,11 +461,16 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
             start + settings.warmup + settings.duration,
         ),
     };
-    let workers = settings.connections * workers_per_connection(&settings);
+    let per_connection = workers_per_connection(&settings);
     let pacer = match settings.rate {
         Some(rate) if !matches!(settings.mode, Mode::Idle(_)) => Some(
-            Pacer::start(start, Duration::from_secs_f64(1.0 / rate), end, workers)
-                .map_err(LoadtestError::Pacer)?,
+            Pacer::start(
+                start,
+                Duration::from_secs_f64(1.0 / rate),
+                end,
+                settings.connections * per_connection,
+            )
+            .map_err(LoadtestError::Pacer)?,
         ),
         _ => None,
     };
@@ -509,12 +514,7 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
             (stats, Some(idle))
         }
         _ => (
-            drive(
-                &run,
-                settings.connections,
-                workers_per_connection(&settings),
-            )
-            .await,
+            drive(&run, settings.connections, per_connection).await,
             None,
         ),
     };
@@ -623,20 +623,20 @@ fn workers_per_connection(settings: &Settings) -> usize {
     }
 }
 
-/// Keep-alive or new-connection load: `connections` connections (× `streams` for HTTP/2),
-/// each worker sending until the end.
-async fn drive(run: &Arc<Run>, connections: usize, streams: usize) -> Stats {
+/// Keep-alive or new-connection load: `connections` connections, each with `per_connection`
+/// workers (HTTP/2 streams) sending until the end.
+async fn drive(run: &Arc<Run>, connections: usize, per_connection: usize) -> Stats {
     let mut tasks = Vec::with_capacity(connections);
     for c in 0..connections {
         let run = run.clone();
         tasks.push(tokio::spawn(async move {
-            if streams > 1 {
-                // One shared HTTP/2 connection, `streams` workers on it.
+            if per_connection > 1 {
+                // One shared HTTP/2 connection, `per_connection` workers on it.
                 let mut stats = Stats::default();
                 let shared = open_until_end(&run, &mut stats).await;
-                let workers = (0..streams).map(|s| {
+                let workers = (0..per_connection).map(|s| {
                     let sender = shared.as_ref().and_then(Sender::share);
-                    worker(&run, c * streams + s, sender)
+                    worker(&run, c * per_connection + s, sender)
                 });
                 for w in futures_util::future::join_all(workers).await {
                     stats.merge(&w);

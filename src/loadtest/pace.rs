@@ -6,7 +6,7 @@
 //! 1 ms late, and all the requests due within one millisecond went out together. The server saw
 //! bursts instead of an even rate, and the latency (counted from the due time) included the
 //! generator's own lateness: about 1 ms at the median for a loopback provider that answers in
-//! 0.1 ms. The pacer is one OS thread that sleeps to each due time on the high-resolution timer
+//! 0.2 ms. The pacer is one OS thread that sleeps to each due time on the high-resolution timer
 //! (its timer slack set to 1 µs) and hands the slot over through a semaphore.
 //!
 //! Coordinated omission is still accounted for: when every worker is busy, released slots wait
