@@ -573,17 +573,23 @@ fn access_json_line(timestamp: &str, fields: &AccessLine<'_>) -> String {
         fields: &'a AccessLine<'a>,
         target: &'static str,
     }
-    let mut line = serde_json::to_string(&Json {
+    // Room for the whole line (about 600 bytes), so the serialiser does not grow its buffer.
+    let mut line = Vec::with_capacity(1024);
+    let json = Json {
         timestamp,
         level: "INFO",
         message: "request",
         fields,
         target: "ssp_gateway::access",
-    })
-    // Serialising strings and numbers cannot fail.
-    .unwrap_or_default();
-    line.push('\n');
-    line
+    };
+    // Serialising strings and numbers cannot fail, and serde_json writes UTF-8.
+    match serde_json::to_writer(&mut line, &json).map(|()| String::from_utf8(line)) {
+        Ok(Ok(mut line)) => {
+            line.push('\n');
+            line
+        }
+        _ => String::from("\n"),
+    }
 }
 
 /// The audit record of `kind` for what is known about the request so far.

@@ -2,6 +2,7 @@
 //! (ARCHITECTURE.md "Audit trail"), how it is framed as one JSON line with its sequence number and
 //! the SHA-256 of the line before it, and how a line is hashed. Pure: no I/O here.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -92,7 +93,10 @@ pub struct AuditRecord {
     pub client: ClientInfo,
     /// The bearer token's claims of audit value, whenever it decoded (even if rejected); shared
     /// by the request's records.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "claims_rendered_once"
+    )]
     pub jwt: Option<Arc<JwtClaims>>,
     /// Why the JWT was not valid (policy `log`, or the rejection under `enforce`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,10 +132,34 @@ impl AuditRecord {
     /// The record's fields as a JSON object (`{...}`), without `seq` and `prev`, which the
     /// writer adds when it places the record in the chain.
     pub fn to_body(&self) -> String {
-        // Serialising a struct of strings, numbers and options cannot fail.
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+        // Room for a whole record, so the serialiser does not grow (reallocate and copy) its
+        // buffer four or five times on the way; a larger record grows it once.
+        let mut out = Vec::with_capacity(BODY_ROOM);
+        // Serialising a struct of strings, numbers and options cannot fail, and serde_json
+        // writes UTF-8.
+        match serde_json::to_writer(&mut out, self).map(|()| String::from_utf8(out)) {
+            Ok(Ok(body)) => body,
+            _ => String::from("{}"),
+        }
     }
 }
+
+/// The claims as [`JwtClaims::json`] rendered them for the request's first record.
+fn claims_rendered_once<S: serde::Serializer>(
+    jwt: &Option<Arc<JwtClaims>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match jwt.as_deref() {
+        Some(claims) => match claims.json() {
+            Some(json) => json.serialize(serializer),
+            None => claims.serialize(serializer),
+        },
+        None => serializer.serialize_none(),
+    }
+}
+
+/// A record's body is about 1.4 KB with a JWT and a client certificate.
+const BODY_ROOM: usize = 2048;
 
 /// The current time as the audit trail writes it.
 pub fn now_rfc3339() -> String {
@@ -141,22 +169,32 @@ pub fn now_rfc3339() -> String {
 /// Frames a record body (a JSON object) as the line the trail stores, without the newline:
 /// `{"seq":N,"prev":"<hex>",<body fields>}`.
 pub fn frame(seq: u64, prev: &[u8; 32], body: &str) -> String {
+    let mut line = Vec::with_capacity(body.len() + 100);
+    frame_into(&mut line, seq, prev, body);
+    // Only ASCII and `body`'s own (UTF-8) fields were written.
+    String::from_utf8(line).unwrap_or_default()
+}
+
+/// Appends `frame(seq, prev, body)` to `out` (no newline) and returns where it starts: the
+/// writer frames each record straight into the bytes it writes.
+pub fn frame_into(out: &mut Vec<u8>, seq: u64, prev: &[u8; 32], body: &str) -> usize {
+    let start = out.len();
     let fields = body
         .strip_prefix('{')
         .and_then(|b| b.strip_suffix('}'))
         .unwrap_or("");
-    let mut line = String::with_capacity(body.len() + 100);
-    line.push_str("{\"seq\":");
-    line.push_str(&seq.to_string());
-    line.push_str(",\"prev\":\"");
-    line.push_str(&hex(prev));
-    line.push('"');
+    out.extend_from_slice(b"{\"seq\":");
+    // Infallible: writing to a Vec.
+    let _ = write!(out, "{seq}");
+    out.extend_from_slice(b",\"prev\":\"");
+    hex_into(out, prev);
+    out.push(b'"');
     if !fields.trim().is_empty() {
-        line.push(',');
-        line.push_str(fields);
+        out.push(b',');
+        out.extend_from_slice(fields.as_bytes());
     }
-    line.push('}');
-    line
+    out.push(b'}');
+    start
 }
 
 /// SHA-256 of one stored line (without its newline): the next record's `prev`.
@@ -181,13 +219,19 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    hex_into(&mut out, bytes);
+    // Only ASCII hex digits were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends `bytes` in lowercase hex to `out`.
+fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0x0f)]);
     }
-    out
 }
 
 #[cfg(test)]
@@ -238,5 +282,76 @@ mod tests {
             frame(1, &GENESIS, "{}"),
             format!("{{\"seq\":1,\"prev\":\"{}\"}}", "0".repeat(64))
         );
+    }
+
+    /// The writer frames straight into its write buffer: the same bytes as `frame`, appended
+    /// after what the buffer holds, at the offset returned.
+    #[test]
+    fn frame_into_appends_exactly_what_frame_returns() {
+        let prev = sha256(b"previous line");
+        let body = r#"{"kind":"request","target_url":"https://x/\u00e9?a=1"}"#;
+        let mut out = b"earlier line\n".to_vec();
+        let start = frame_into(&mut out, 123_456_789, &prev, body);
+        assert_eq!(start, 13);
+        assert_eq!(&out[..start], b"earlier line\n");
+        assert_eq!(&out[start..], frame(123_456_789, &prev, body).as_bytes());
+        assert!(std::str::from_utf8(&out[start..])
+            .expect("UTF-8")
+            .contains(&format!("\"prev\":\"{}\"", hex(&prev))));
+    }
+
+    /// A request's records share its claims: they are rendered once, and each record writes
+    /// exactly what serialising the claims inline would.
+    #[test]
+    fn shared_claims_are_rendered_once_and_written_as_serialised() {
+        let mut claims = JwtClaims::default();
+        claims.iss = Some("https://consumer.example/\"quoted\"".into());
+        claims.iat = Some(1_700_000_000);
+        claims.practitioner_name = Some("Zoë O'Brien".into());
+        let inline = serde_json::to_value(&claims).expect("serialise");
+        let shared = Arc::new(claims);
+        assert_eq!(format!("{shared:?}").matches("not rendered").count(), 1);
+        let record = |kind| AuditRecord {
+            kind,
+            time: "2025-01-01T00:00:00.000000Z".into(),
+            request_id: "r1".into(),
+            ssp_trace_id: None,
+            trace_id: None,
+            from: None,
+            to: None,
+            interaction: None,
+            method: "GET".into(),
+            target_url: "/x".into(),
+            client: ClientInfo::default(),
+            jwt: Some(shared.clone()),
+            jwt_problem: None,
+            status: None,
+            token: None,
+            request_bytes: None,
+            response_bytes: None,
+            upstream_latency_us: None,
+            upstream_attempts: None,
+            total_latency_us: None,
+            completed: None,
+        };
+        for kind in [RecordKind::Request, RecordKind::Outcome] {
+            let body: serde_json::Value =
+                serde_json::from_str(&record(kind).to_body()).expect("valid JSON");
+            assert_eq!(body["jwt"], inline);
+        }
+        assert!(!format!("{shared:?}").contains("not rendered"));
+        assert_eq!(
+            shared.json().map(|raw| raw.get().to_owned()),
+            serde_json::to_string(&*shared).ok()
+        );
+        // A copy may be changed, so it renders afresh.
+        let mut copy = (*shared).clone();
+        assert!(format!("{copy:?}").contains("not rendered"));
+        copy.iat = Some(1);
+        assert_eq!(
+            copy.json().map(|raw| raw.get().contains("\"iat\":1,")),
+            Some(true)
+        );
+        assert_eq!(copy, copy.clone(), "the store is not part of the value");
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::record::{frame, hex, line_hash, GENESIS};
+use super::record::{frame_into, hex, line_hash, GENESIS};
 use super::{
     AuditConfig, AuditError, Durability, Msg, Pending, Shared, ACTIVE_FILE, BUFFERED_WRITE_DELAY,
 };
@@ -488,16 +488,16 @@ impl Writer {
             let mut bytes = Vec::new();
             let mut unit = Vec::new();
             while let Some(p) = pending.peek() {
-                let line = frame(head.seq + 1, &head.hash, &p.body);
-                let need = (bytes.len() + line.len() + 1) as u64;
-                if need > room && (self.written_len > 0 || !bytes.is_empty()) {
+                let start = frame_into(&mut bytes, head.seq + 1, &head.hash, &p.body);
+                let need = (bytes.len() + 1) as u64;
+                if need > room && (self.written_len > 0 || start > 0) {
+                    bytes.truncate(start);
                     break;
                 }
                 head = Head {
                     seq: head.seq + 1,
-                    hash: line_hash(line.as_bytes()),
+                    hash: line_hash(&bytes[start..]),
                 };
-                bytes.extend_from_slice(line.as_bytes());
                 bytes.push(b'\n');
                 if let Some(p) = pending.next() {
                     unit.push(p);

@@ -38,12 +38,14 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde::Deserialize;
 
 use crate::h1::trim_ows;
+use serde_json::value::RawValue;
 #[cfg(test)]
 use serde_json::Map;
 use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 /// The longest bearer token accepted, in bytes.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -133,6 +135,52 @@ pub struct JwtClaims {
     /// `requesting_device.version`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_version: Option<String>,
+    /// The claims' JSON once rendered (see [`JwtClaims::json`]).
+    #[serde(skip)]
+    json: RenderedJson,
+}
+
+impl JwtClaims {
+    /// The claims as compact JSON, exactly as serialising them writes it, rendered on the
+    /// first call and kept. A request's audit records share one `Arc<JwtClaims>` and write
+    /// this, so the claims are serialised once per request rather than once per record. Claims
+    /// are not changed once rendered (a clone renders afresh). `None` only if serialising
+    /// failed, which strings and numbers cannot.
+    pub fn json(&self) -> Option<&RawValue> {
+        self.json
+            .0
+            .get_or_init(|| serde_json::value::to_raw_value(self).ok())
+            .as_deref()
+    }
+}
+
+/// [`JwtClaims::json`]'s store. Not part of the claims' value: equal whatever it holds, and a
+/// clone starts empty.
+#[derive(Default)]
+struct RenderedJson(OnceLock<Option<Box<RawValue>>>);
+
+impl Clone for RenderedJson {
+    fn clone(&self) -> Self {
+        RenderedJson::default()
+    }
+}
+
+impl PartialEq for RenderedJson {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for RenderedJson {}
+
+impl fmt::Debug for RenderedJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "rendered"
+        } else {
+            "not rendered"
+        })
+    }
 }
 
 /// A required claim.
@@ -864,6 +912,7 @@ impl Payload<'_> {
                 .and_then(Identifiers::device_identifier),
             device_model: device.and_then(|d| d.model.string()),
             device_version: device.and_then(|d| d.version.string()),
+            json: RenderedJson::default(),
         }
     }
 }
@@ -1288,6 +1337,7 @@ mod tests {
                 device_identifier: Some("GPConnectTestSystem|Client".into()),
                 device_model: Some("v1".into()),
                 device_version: Some("1.1".into()),
+                ..JwtClaims::default()
             }
         );
         let audit = serde_json::to_value(&claims).expect("serialise");
