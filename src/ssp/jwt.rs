@@ -424,12 +424,16 @@ pub fn parse(authorization: Option<&HeaderValue>) -> Result<DecodedJwt, JwtError
     let value = authorization.ok_or(JwtError::Missing)?;
     let token = bearer_token(value.as_bytes())?;
 
-    let mut parts = token.split(|&b| b == b'.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // Exactly two dots (memchr: a vectorised scan, not a closure per byte of a 1.8 KB token).
+    let mut dots = memchr::memchr_iter(b'.', token);
+    let (Some(first), Some(second), None) = (dots.next(), dots.next(), dots.next()) else {
         return Err(JwtError::Malformed("not three dot-separated parts"));
     };
+    let (header, payload, signature) = (
+        &token[..first],
+        &token[first + 1..second],
+        &token[second + 1..],
+    );
 
     // One buffer for both decoded parts, sized so that neither decode reallocates.
     let mut json = Vec::with_capacity(header.len().max(payload.len()).div_ceil(4) * 3);
