@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::ConnInfo;
+use crate::ssp::envelope::SSP_HEADER_NAMES;
 use crate::tls::stream::ServerStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -588,6 +589,22 @@ struct Head {
     expect_continue: bool,
 }
 
+/// A header name as `HeaderName::from_bytes` reads it, except that the four Spine headers every
+/// gateway request carries are their static names: a custom name read from bytes is a new
+/// allocation, and another one each time a copy of the head (the forwarding path keeps one for
+/// a connect retry) clones it; a static one is neither.
+fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    if raw.len() > 4 && raw[..4].eq_ignore_ascii_case(b"ssp-") {
+        if let Some(known) = SSP_HEADER_NAMES
+            .iter()
+            .find(|known| raw.eq_ignore_ascii_case(known.as_str().as_bytes()))
+        {
+            return Ok(known.clone());
+        }
+    }
+    HeaderName::from_bytes(raw)
+}
+
 /// Parses the head at the start of `buf`, removing it: `None` while it is incomplete.
 fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadError> {
     let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
@@ -641,8 +658,8 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
     let mut keep_alive_token = false;
     let mut expect_continue = false;
     for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| HeadError::Bad("malformed header name"))?;
+        let name =
+            header_name(h.name.as_bytes()).map_err(|_| HeadError::Bad("malformed header name"))?;
         if name == header::CONTENT_LENGTH {
             for v in h.value.split(|&b| b == b',') {
                 let n = content_length_value(v)?;
@@ -1297,6 +1314,34 @@ mod tests {
         assert_eq!(head.framing, Framing::Length(4));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"body");
+    }
+
+    /// The Spine headers, in any case, are the static names (no allocation); other names,
+    /// near misses included, are read as `from_bytes` reads them, and bad ones still refused.
+    #[test]
+    fn spine_header_names_are_the_static_ones_whatever_their_case() {
+        for raw in ["Ssp-TraceID", "SSP-FROM", "ssp-to", "sSp-InteractionId"] {
+            let name = header_name(raw.as_bytes()).expect("valid");
+            assert_eq!(name, HeaderName::from_bytes(raw.as_bytes()).expect("valid"));
+            assert!(
+                SSP_HEADER_NAMES.iter().any(|k| k.as_str() == name.as_str()),
+                "{raw}"
+            );
+        }
+        for raw in ["Ssp-Fromx", "Ssp-", "Ssp-T", "X-Ssp-To", "Content-Type"] {
+            assert_eq!(
+                header_name(raw.as_bytes()).expect("valid"),
+                HeaderName::from_bytes(raw.as_bytes()).expect("valid"),
+                "{raw}"
+            );
+        }
+        assert!(header_name(b"Ssp-To ").is_err());
+        assert!(header_name(b"Ssp-\xff").is_err());
+        let head = parse("GET / HTTP/1.1\r\nSSP-TRACEID: abc\r\nSsp-To: 1\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.request.headers()["ssp-traceid"], "abc");
+        assert_eq!(head.request.headers()["ssp-to"], "1");
     }
 
     #[test]

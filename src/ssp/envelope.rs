@@ -201,6 +201,12 @@ const FROM_NAME: HeaderName = HeaderName::from_static("ssp-from");
 const TO_NAME: HeaderName = HeaderName::from_static("ssp-to");
 const INTERACTION_ID_NAME: HeaderName = HeaderName::from_static("ssp-interactionid");
 
+/// The four Spine header names as static `HeaderName`s: the HTTP/1.1 parser uses them for the
+/// headers every gateway request carries, so reading one allocates nothing and every copy of
+/// the head shares it.
+pub static SSP_HEADER_NAMES: [HeaderName; 4] =
+    [TRACE_ID_NAME, FROM_NAME, TO_NAME, INTERACTION_ID_NAME];
+
 /// The four Spine headers, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SspHeaders {
