@@ -26,6 +26,7 @@ async fn a_consumer_over_its_limit_gets_429_and_others_carry_on() {
     let noisy = h.consumer();
     let quiet = h.world.client(&h.world.readonly, h.gateway);
     let mut statuses = Vec::new();
+    let started = std::time::Instant::now();
     for _ in 0..8 {
         let a = noisy
             .gpc(Gpc::new(Method::GET, metadata(&h), IX_METADATA))
@@ -49,9 +50,18 @@ async fn a_consumer_over_its_limit_gets_429_and_others_carry_on() {
             .await;
         assert_eq!(q.status, StatusCode::OK, "{}", q.text());
     }
+    // The burst, and what the bucket earned back (one a second) while the loop ran: a loaded
+    // machine may take more than the usual second or two, and is not a failure of the limit.
+    let elapsed = started.elapsed().as_secs_f64();
     let allowed = statuses.iter().filter(|s| **s == 200).count();
-    assert!((3..=4).contains(&allowed), "{statuses:?}");
-    assert!(statuses.contains(&429), "{statuses:?}");
+    let most = 3 + elapsed.ceil() as usize;
+    assert!(
+        (3..=most).contains(&allowed),
+        "{statuses:?} in {elapsed:.2}s"
+    );
+    if elapsed < 4.0 {
+        assert!(statuses.contains(&429), "{statuses:?} in {elapsed:.2}s");
+    }
     // Only allowed requests reached the provider.
     assert_eq!(h.recorder.seen(), allowed + 8);
     h.stop().await;
