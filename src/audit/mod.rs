@@ -310,27 +310,10 @@ mod tests {
 
     fn record(n: u32) -> AuditRecord {
         AuditRecord {
-            kind: RecordKind::Rejection,
             time: record::now_rfc3339(),
             request_id: format!("r{n}"),
-            ssp_trace_id: None,
-            trace_id: None,
-            from: None,
-            to: None,
-            interaction: None,
-            method: "GET".into(),
-            target_url: "/".into(),
-            client: ClientInfo::default(),
-            jwt: None,
-            jwt_problem: None,
             status: Some(400),
-            token: None,
-            request_bytes: None,
-            response_bytes: None,
-            upstream_latency_us: None,
-            upstream_attempts: None,
-            total_latency_us: None,
-            completed: None,
+            ..AuditRecord::bare(RecordKind::Rejection)
         }
     }
 
@@ -447,6 +430,15 @@ mod tests {
         );
     }
 
+    /// Polls `done` every millisecond; fails the test naming `what` after 10 s.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Under `fsync`, a record nobody waits on is in the file at once, and is made durable by
     /// the next waiting record's fsync or, with none, by its own after the follow-up.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,30 +450,19 @@ mod tests {
             let metrics = Metrics::new().audit.clone();
             let (audit, pending) = Audit::prepare(&cfg, metrics.clone());
             let thread = pending.start().expect("start");
-            let written = |n: u64| {
-                let metrics = metrics.clone();
-                async move {
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    while metrics.records_written.get() < n {
-                        assert!(std::time::Instant::now() < deadline, "never written");
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            };
             audit.enqueue(&record(0));
-            written(1).await;
+            until("written", || metrics.records_written.get() >= 1).await;
             let text = std::fs::read_to_string(dir.join(ACTIVE_FILE)).expect("trail");
             assert!(text.contains("\"r0\""), "written at once: {text}");
             audit.commit(&record(1)).await.expect("commit");
             let with_commit = metrics.fsync_duration.get_sample_count();
             // Alone: its own sync, after the follow-up.
             audit.enqueue(&record(2));
-            written(3).await;
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while metrics.fsync_duration.get_sample_count() == with_commit {
-                assert!(std::time::Instant::now() < deadline, "never synced");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            until("written", || metrics.records_written.get() >= 3).await;
+            until("synced", || {
+                metrics.fsync_duration.get_sample_count() > with_commit
+            })
+            .await;
             let alone = metrics.fsync_duration.get_sample_count() - with_commit;
             audit.shutdown().await;
             thread.join().expect("writer thread");

@@ -144,6 +144,37 @@ impl AuditRecord {
     }
 }
 
+#[cfg(test)]
+impl AuditRecord {
+    /// A record of `kind` with only what every record has (fixed time, id `r1`, `GET /`), for
+    /// tests to fill in what they are about.
+    pub(crate) fn bare(kind: RecordKind) -> AuditRecord {
+        AuditRecord {
+            kind,
+            time: "2025-01-01T00:00:00.000000Z".into(),
+            request_id: "r1".into(),
+            ssp_trace_id: None,
+            trace_id: None,
+            from: None,
+            to: None,
+            interaction: None,
+            method: "GET".into(),
+            target_url: "/".into(),
+            client: ClientInfo::default(),
+            jwt: None,
+            jwt_problem: None,
+            status: None,
+            token: None,
+            request_bytes: None,
+            response_bytes: None,
+            upstream_latency_us: None,
+            upstream_attempts: None,
+            total_latency_us: None,
+            completed: None,
+        }
+    }
+}
+
 /// The claims as [`JwtClaims::json`] rendered them for the request's first record.
 fn claims_rendered_once<S: serde::Serializer>(
     jwt: &Option<Arc<JwtClaims>>,
@@ -249,27 +280,12 @@ mod tests {
     #[test]
     fn frame_puts_seq_and_prev_first_and_stays_json() {
         let record = AuditRecord {
-            kind: RecordKind::Rejection,
-            time: "2025-01-01T00:00:00.000000Z".into(),
-            request_id: "r1".into(),
-            ssp_trace_id: None,
-            trace_id: None,
             from: Some("200000000359".into()),
-            to: None,
-            interaction: None,
-            method: "GET".into(),
             target_url: "/x".into(),
-            client: ClientInfo::default(),
-            jwt: None,
-            jwt_problem: None,
             status: Some(400),
             token: Some("INVALID_TARGET_URL".into()),
-            request_bytes: None,
-            response_bytes: None,
-            upstream_latency_us: None,
-            upstream_attempts: None,
             total_latency_us: Some(12),
-            completed: None,
+            ..AuditRecord::bare(RecordKind::Rejection)
         };
         let line = frame(7, &GENESIS, &record.to_body());
         assert!(line.starts_with(&format!("{{\"seq\":7,\"prev\":\"{}\",", "0".repeat(64))));
@@ -312,27 +328,8 @@ mod tests {
         let shared = Arc::new(claims);
         assert_eq!(format!("{shared:?}").matches("not rendered").count(), 1);
         let record = |kind| AuditRecord {
-            kind,
-            time: "2025-01-01T00:00:00.000000Z".into(),
-            request_id: "r1".into(),
-            ssp_trace_id: None,
-            trace_id: None,
-            from: None,
-            to: None,
-            interaction: None,
-            method: "GET".into(),
-            target_url: "/x".into(),
-            client: ClientInfo::default(),
             jwt: Some(shared.clone()),
-            jwt_problem: None,
-            status: None,
-            token: None,
-            request_bytes: None,
-            response_bytes: None,
-            upstream_latency_us: None,
-            upstream_attempts: None,
-            total_latency_us: None,
-            completed: None,
+            ..AuditRecord::bare(kind)
         };
         for kind in [RecordKind::Request, RecordKind::Outcome] {
             let body: serde_json::Value =
