@@ -50,16 +50,17 @@ async fn a_consumer_over_its_limit_gets_429_and_others_carry_on() {
             .await;
         assert_eq!(q.status, StatusCode::OK, "{}", q.text());
     }
-    // The burst, and what the bucket earned back (one a second) while the loop ran: a loaded
-    // machine may take more than the usual second or two, and is not a failure of the limit.
+    // The burst, and the whole tokens the bucket earned back (one a second) while the loop ran:
+    // four in the usual second or so; a loaded machine that took longer earned more, which is
+    // not a failure of the limit.
     let elapsed = started.elapsed().as_secs_f64();
     let allowed = statuses.iter().filter(|s| **s == 200).count();
-    let most = 3 + elapsed.ceil() as usize;
+    let most = 3 + elapsed.floor() as usize;
     assert!(
         (3..=most).contains(&allowed),
         "{statuses:?} in {elapsed:.2}s"
     );
-    if elapsed < 4.0 {
+    if most < statuses.len() {
         assert!(statuses.contains(&429), "{statuses:?} in {elapsed:.2}s");
     }
     // Only allowed requests reached the provider.
