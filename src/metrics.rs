@@ -38,6 +38,10 @@ pub struct AuditMetrics {
     /// Records accepted but not yet written (queue plus retry backlog).
     pub queue_depth: IntGauge,
     pub fsync_duration: Histogram,
+    /// `fsync`: from a forwarded request's record handed to the writer until it is durable
+    /// (queue, write, fsync, and waiting for an fsync already running): the audit trail's
+    /// share of the request's latency.
+    pub commit_wait: Histogram,
     pub write_errors: IntCounter,
     pub records_written: IntCounter,
     pub records_dropped: IntCounter,
@@ -196,6 +200,14 @@ impl Metrics {
                 .buckets(FSYNC_BUCKETS.to_vec()),
             )
             .expect("static metric definition is valid"),
+            commit_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "ssp_audit_commit_wait_seconds",
+                    "Time a forwarded request waited for its audit record to be durable (fsync).",
+                )
+                .buckets(FSYNC_BUCKETS.to_vec()),
+            )
+            .expect("static metric definition is valid"),
             write_errors: IntCounter::new(
                 "ssp_audit_write_errors_total",
                 "Failed attempts to write or sync the audit trail.",
@@ -258,6 +270,7 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(audit.queue_depth.clone()),
             Box::new(audit.fsync_duration.clone()),
+            Box::new(audit.commit_wait.clone()),
             Box::new(audit.write_errors.clone()),
             Box::new(audit.records_written.clone()),
             Box::new(audit.records_dropped.clone()),

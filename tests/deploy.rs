@@ -156,6 +156,7 @@ fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
         "ssp_request_duration_seconds_bucket",
         "ssp_directory_stale_served_total",
         "ssp_audit_fsync_duration_seconds_bucket",
+        "ssp_audit_commit_wait_seconds_bucket",
         "ssp_certificate_expiry_seconds",
     ] {
         assert!(

@@ -155,6 +155,8 @@ async fn metrics_count_known_traffic_and_pass_promtool() {
     expect("ssp_audit_writable", 1.0);
     expect("ssp_audit_records_dropped_total", 0.0);
     assert!(sample(&text, "ssp_audit_fsync_duration_seconds_count").unwrap_or(0.0) >= 1.0);
+    // One wait for durability per forwarded request, none for the refused one.
+    expect("ssp_audit_commit_wait_seconds_count", 3.0);
     assert!(sample(&text, "ssp_audit_batch_records_count").unwrap_or(0.0) >= 1.0);
     expect(
         &format!(

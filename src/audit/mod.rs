@@ -215,12 +215,18 @@ impl Audit {
             return self.submit(record, None);
         }
         let (ack, done) = oneshot::channel();
+        let handed = std::time::Instant::now();
         self.submit(record, Some(ack))?;
-        match tokio::time::timeout(self.write_timeout, done).await {
+        let result = match tokio::time::timeout(self.write_timeout, done).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(AuditError::Stopped),
             Err(_) => Err(AuditError::Timeout),
-        }
+        };
+        self.shared
+            .metrics
+            .commit_wait
+            .observe(handed.elapsed().as_secs_f64());
+        result
     }
 
     /// Hands `record` to the writer without waiting. It is kept (and retried while the trail
