@@ -49,8 +49,13 @@ pub const IX_CANCEL: &str = "urn:nhs:names:services:gpconnect:fhir:rest:cancel:a
 pub const IX_PATIENT_APPOINTMENTS: &str =
     "urn:nhs:names:services:gpconnect:fhir:rest:search:patient_appointments-1";
 
-/// A unique, empty scratch directory.
+/// A unique, empty scratch directory (`ssp-gateway-test-{name}-{pid}-{nanos}-{n}`). The first
+/// call in a test process removes those of earlier test processes that have ended, so a
+/// machine keeps at most the last run's (a run's own stay while it runs: its gateways write
+/// there).
 pub fn scratch_dir(name: &str) -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(remove_ended_runs_scratch_dirs);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -62,6 +67,33 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
+}
+
+/// Removes the scratch directories of test processes that are no longer running.
+fn remove_ended_runs_scratch_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ssp-gateway-test-"))
+        else {
+            continue;
+        };
+        // {name}-{pid}-{nanos}-{n}, where the name may itself hold dashes.
+        let Some(pid) = rest
+            .rsplitn(4, '-')
+            .nth(2)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 pub fn repo_path(rel: &str) -> PathBuf {
