@@ -83,11 +83,7 @@ fn remove_ended_runs_scratch_dirs() {
             continue;
         };
         // {name}-{pid}-{nanos}-{n}, where the name may itself hold dashes.
-        let Some(pid) = rest
-            .rsplitn(4, '-')
-            .nth(2)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = rest.rsplit('-').nth(2).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
