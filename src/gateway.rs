@@ -562,34 +562,33 @@ struct AccessLine<'a> {
 }
 
 /// The access line with the members `tracing-subscriber`'s flattened JSON formatter gives it
-/// (timestamp, level, message, the fields, target); one line with its newline.
+/// (timestamp, level, message, the fields, target); one line with its newline. Written by the
+/// [`crate::jsonw`] writer: the same bytes serde_json writes for it (a test compares them).
 fn access_json_line(timestamp: &str, fields: &AccessLine<'_>) -> String {
-    #[derive(serde::Serialize)]
-    struct Json<'a> {
-        timestamp: &'a str,
-        level: &'static str,
-        message: &'static str,
-        #[serde(flatten)]
-        fields: &'a AccessLine<'a>,
-        target: &'static str,
-    }
-    // Room for the whole line (about 600 bytes), so the serialiser does not grow its buffer.
+    // Room for the whole line (about 600 bytes), so the buffer is not grown.
     let mut line = Vec::with_capacity(1024);
-    let json = Json {
-        timestamp,
-        level: "INFO",
-        message: "request",
-        fields,
-        target: "ssp_gateway::access",
-    };
-    // Serialising strings and numbers cannot fail, and serde_json writes UTF-8.
-    match serde_json::to_writer(&mut line, &json).map(|()| String::from_utf8(line)) {
-        Ok(Ok(mut line)) => {
-            line.push('\n');
-            line
-        }
-        _ => String::from("\n"),
-    }
+    let mut o = crate::jsonw::Object::new(&mut line);
+    o.str("timestamp", timestamp);
+    o.str("level", "INFO");
+    o.str("message", "request");
+    o.str("request_id", fields.request_id);
+    o.str("trace_id", fields.trace_id);
+    o.str("interaction", fields.interaction);
+    o.str("from", fields.from);
+    o.str("to", fields.to);
+    o.socket_addr("client", fields.client);
+    o.str("peer", fields.peer);
+    o.str("method", fields.method);
+    o.uint("status", u64::from(fields.status));
+    o.uint("latency_us", fields.latency_us);
+    o.str("token", fields.token);
+    o.str("jwt_problem", fields.jwt_problem);
+    o.str("otel_trace_id", fields.otel_trace_id);
+    o.str("target", "ssp_gateway::access");
+    o.end();
+    line.push(b'\n');
+    // Only `&str`s and ASCII were written.
+    String::from_utf8(line).unwrap_or_else(|_| String::from("\n"))
 }
 
 /// The audit record of `kind` for what is known about the request so far.
@@ -708,5 +707,53 @@ mod tests {
         assert_eq!(v["latency_us"], 1234);
         assert_eq!(v["client"], "127.0.0.1:5000");
         assert_eq!(v.as_object().expect("object").len(), 17);
+    }
+
+    /// The hand-written line is byte for byte what serde_json wrote for it before (the
+    /// fields of `tracing`'s flattened JSON formatter, in its order).
+    #[test]
+    fn the_access_line_is_what_serde_json_writes_for_it() {
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            timestamp: &'a str,
+            level: &'static str,
+            message: &'static str,
+            #[serde(flatten)]
+            fields: &'a AccessLine<'a>,
+            target: &'static str,
+        }
+        let odd = ["plain", "odd \"name\"\\\n\u{1}é", "", "\u{7f}\u{2028}\t/"];
+        for (i, text) in odd.iter().enumerate() {
+            let client: std::net::SocketAddr = if i % 2 == 0 {
+                "127.0.0.1:5000".parse().expect("addr")
+            } else {
+                "[2001:db8::1]:443".parse().expect("addr")
+            };
+            let fields = AccessLine {
+                request_id: text,
+                trace_id: text,
+                interaction: text,
+                from: text,
+                to: text,
+                client,
+                peer: text,
+                method: text,
+                status: 100 + i as u16,
+                latency_us: u64::MAX - i as u64,
+                token: text,
+                jwt_problem: text,
+                otel_trace_id: text,
+            };
+            let mut expected = serde_json::to_string(&Json {
+                timestamp: text,
+                level: "INFO",
+                message: "request",
+                fields: &fields,
+                target: "ssp_gateway::access",
+            })
+            .expect("json");
+            expected.push('\n');
+            assert_eq!(access_json_line(text, &fields), expected);
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod directory;
 pub mod forward;
 pub mod gateway;
 mod h1;
+mod jsonw;
 pub mod loadtest;
 pub mod logwriter;
 pub mod metrics;

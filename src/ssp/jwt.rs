@@ -38,7 +38,6 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde::Deserialize;
 
 use crate::h1::trim_ows;
-use serde_json::value::RawValue;
 #[cfg(test)]
 use serde_json::Map;
 use serde_json::{json, Value};
@@ -144,20 +143,48 @@ impl JwtClaims {
     /// The claims as compact JSON, exactly as serialising them writes it, rendered on the
     /// first call and kept. A request's audit records share one `Arc<JwtClaims>` and write
     /// this, so the claims are serialised once per request rather than once per record. Claims
-    /// are not changed once rendered (a clone renders afresh). `None` only if serialising
-    /// failed, which strings and numbers cannot.
-    pub fn json(&self) -> Option<&RawValue> {
-        self.json
-            .0
-            .get_or_init(|| serde_json::value::to_raw_value(self).ok())
-            .as_deref()
+    /// are not changed once rendered (a clone renders afresh). Written by the
+    /// [`crate::jsonw`] writer: the same bytes as serde_json (a test compares them).
+    pub fn json(&self) -> &str {
+        self.json.0.get_or_init(|| {
+            let mut out = Vec::with_capacity(768);
+            self.write_json(&mut out);
+            // Only `&str`s and ASCII were written.
+            String::from_utf8(out)
+                .unwrap_or_else(|_| String::from("{}"))
+                .into_boxed_str()
+        })
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let mut o = crate::jsonw::Object::new(out);
+        o.opt_str("iss", self.iss.as_deref());
+        o.opt_str("sub", self.sub.as_deref());
+        o.opt_str("aud", self.aud.as_deref());
+        o.opt_int("iat", self.iat);
+        o.opt_int("exp", self.exp);
+        o.opt_str("reason_for_request", self.reason_for_request.as_deref());
+        o.opt_str("requested_scope", self.requested_scope.as_deref());
+        o.opt_str(
+            "organization_ods_code",
+            self.organization_ods_code.as_deref(),
+        );
+        o.opt_str("organization_name", self.organization_name.as_deref());
+        o.opt_str("practitioner_id", self.practitioner_id.as_deref());
+        o.opt_str("sds_user_id", self.sds_user_id.as_deref());
+        o.opt_str("sds_role_profile_id", self.sds_role_profile_id.as_deref());
+        o.opt_str("practitioner_name", self.practitioner_name.as_deref());
+        o.opt_str("device_identifier", self.device_identifier.as_deref());
+        o.opt_str("device_model", self.device_model.as_deref());
+        o.opt_str("device_version", self.device_version.as_deref());
+        o.end();
     }
 }
 
 /// [`JwtClaims::json`]'s store. Not part of the claims' value: equal whatever it holds, and a
 /// clone starts empty.
 #[derive(Default)]
-struct RenderedJson(OnceLock<Option<Box<RawValue>>>);
+struct RenderedJson(OnceLock<Box<str>>);
 
 impl Clone for RenderedJson {
     fn clone(&self) -> Self {
@@ -2057,6 +2084,47 @@ mod tests {
         assert_eq!(parse("jwt = \"log\"").expect("log"), JwtPolicy::Log);
         assert_eq!(parse("jwt = \"off\"").expect("off"), JwtPolicy::Off);
         assert!(parse("jwt = \"Log\"").is_err());
+    }
+
+    fn arb_claims() -> impl Strategy<Value = JwtClaims> {
+        (
+            proptest::collection::vec(proptest::option::of(any::<String>()), 14),
+            proptest::option::of(any::<i64>()),
+            proptest::option::of(any::<i64>()),
+        )
+            .prop_map(|(t, iat, exp)| {
+                let mut c = JwtClaims::default();
+                [
+                    &mut c.iss,
+                    &mut c.sub,
+                    &mut c.aud,
+                    &mut c.reason_for_request,
+                    &mut c.requested_scope,
+                    &mut c.organization_ods_code,
+                    &mut c.organization_name,
+                    &mut c.practitioner_id,
+                    &mut c.sds_user_id,
+                    &mut c.sds_role_profile_id,
+                    &mut c.practitioner_name,
+                    &mut c.device_identifier,
+                    &mut c.device_model,
+                    &mut c.device_version,
+                ]
+                .into_iter()
+                .zip(t)
+                .for_each(|(field, value)| *field = value);
+                c.iat = iat;
+                c.exp = exp;
+                c
+            })
+    }
+
+    proptest! {
+        /// The claims' JSON, written once per request, is what serde_json writes for them.
+        #[test]
+        fn the_claims_json_is_what_serde_json_writes(claims in arb_claims()) {
+            prop_assert_eq!(claims.json(), serde_json::to_string(&claims).expect("json"));
+        }
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {
