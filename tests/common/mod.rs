@@ -50,9 +50,9 @@ pub const IX_PATIENT_APPOINTMENTS: &str =
     "urn:nhs:names:services:gpconnect:fhir:rest:search:patient_appointments-1";
 
 /// A unique, empty scratch directory (`ssp-gateway-test-{name}-{pid}-{nanos}-{n}`). The first
-/// call in a test process removes those of earlier test processes that have ended, so a
-/// machine keeps at most the last run's (a run's own stay while it runs: its gateways write
-/// there).
+/// call in a test process removes those of earlier test processes that have ended, once they
+/// are an hour old, so a machine keeps about an hour's runs (a run's own stay while it runs:
+/// its gateways write there).
 pub fn scratch_dir(name: &str) -> PathBuf {
     static SWEPT: std::sync::Once = std::sync::Once::new();
     SWEPT.call_once(remove_ended_runs_scratch_dirs);
@@ -69,7 +69,8 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Removes the scratch directories of test processes that are no longer running.
+/// Removes the scratch directories, an hour old or more, of test processes that are no longer
+/// running.
 fn remove_ended_runs_scratch_dirs() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -86,7 +87,14 @@ fn remove_ended_runs_scratch_dirs() {
         let Some(pid) = rest.rsplit('-').nth(2).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+        // An hour old as well: a run in another PID namespace sharing /tmp is not in /proc.
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(3600));
+        if old && pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
