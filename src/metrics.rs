@@ -38,9 +38,9 @@ pub struct AuditMetrics {
     /// Records accepted but not yet written (queue plus retry backlog).
     pub queue_depth: IntGauge,
     pub fsync_duration: Histogram,
-    /// `fsync`: from a forwarded request's record handed to the writer until it is durable
-    /// (queue, write, fsync, and waiting for an fsync already running): the audit trail's
-    /// share of the request's latency.
+    /// `fsync`: from a forwarded request's record being serialised and handed to the writer
+    /// until it is durable (queue, write, fsync, and waiting for an fsync already running), or
+    /// refused: the audit trail's share of the request's latency.
     pub commit_wait: Histogram,
     pub write_errors: IntCounter,
     pub records_written: IntCounter,

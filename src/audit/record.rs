@@ -2,7 +2,6 @@
 //! (ARCHITECTURE.md "Audit trail"), how it is framed as one JSON line with its sequence number and
 //! the SHA-256 of the line before it, and how a line is hashed. Pure: no I/O here.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -64,7 +63,9 @@ impl Serialize for ClientInfo {
     }
 }
 
-/// One audit event. Fields the gateway did not get as far as knowing are omitted.
+/// One audit event. Fields the gateway did not get as far as knowing are omitted. The trail is
+/// written by [`AuditRecord::write_json`]; `Serialize` (here and on [`ClientInfo`] and
+/// [`JwtClaims`]) is the reference it is tested against, byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
     pub kind: RecordKind,
@@ -134,7 +135,7 @@ impl AuditRecord {
         // five times on the way; a larger record grows it once.
         let mut out = Vec::with_capacity(BODY_ROOM);
         self.write_json(&mut out);
-        // Only `&str`s, ASCII and serde_json's UTF-8 were written.
+        // Only `&str`s and ASCII were written.
         String::from_utf8(out).unwrap_or_else(|_| String::from("{}"))
     }
 
@@ -245,8 +246,7 @@ pub fn frame_into(out: &mut Vec<u8>, seq: u64, prev: &[u8; 32], body: &str) -> u
         .and_then(|b| b.strip_suffix('}'))
         .unwrap_or("");
     out.extend_from_slice(b"{\"seq\":");
-    // Infallible: writing to a Vec.
-    let _ = write!(out, "{seq}");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     out.extend_from_slice(b",\"prev\":\"");
     hex_into(out, prev);
     out.push(b'"');
