@@ -12,6 +12,7 @@ NEEDED=(
   "promtool:prometheus"
   "prometheus:prometheus"
   "sslscan:sslscan"
+  "openssl:openssl"
 )
 # slapd's tools live in /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin:/sbin"

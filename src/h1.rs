@@ -854,7 +854,7 @@ async fn read_head(
                     biased;
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = &mut deadline => return Ok(None),
-                    ready = io.get_ref().0.readable() => if ready.is_err() { return Ok(None) },
+                    ready = io.get_ref().readable() => if ready.is_err() { return Ok(None) },
                 }
             }
         }

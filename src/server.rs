@@ -227,9 +227,9 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 handshake_timeout,
                 crate::tls::stream::accept(config, tcp),
             ));
-            let stream = match handshake.await {
+            let (stream, handshaken) = match handshake.await {
                 // Boxed too: a stream held inline would stay in the task's state.
-                Ok(Ok(stream)) => Box::new(stream),
+                Ok(Ok((stream, handshaken))) => (Box::new(stream), handshaken),
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e).as_label();
                     metrics.handshake_failed(reason);
@@ -242,11 +242,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
                     return;
                 }
             };
-            let leaf = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first());
+            let leaf = handshaken.peer_certificates.first();
             let peer = match leaf.map(|leaf| identities.get(leaf)) {
                 Some(Ok(peer)) => peer,
                 Some(Err(e)) => {
@@ -265,7 +261,9 @@ pub async fn serve_tls_observed<H, Fut, B>(
             // The protocol is the one ALPN negotiated (h2 over TLS requires ALPN, RFC 9113
             // §3.2); no sniffing of the first bytes, so a silent client meets the header read
             // timeout.
-            let negotiated_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let negotiated_h2 = handshaken.alpn.as_deref() == Some(b"h2".as_slice());
+            // The certificate chain is not kept for the life of the connection.
+            drop(handshaken);
             if !(negotiated_h2 && http2_allowed) {
                 Box::pin(crate::h1::serve(stream, info, handler, h1, draining)).await;
                 return;

@@ -2,7 +2,8 @@
 //! OpenSSL, its own hand-made ClientHellos) scans the real gateway on loopback, and a real
 //! resumption-capable rustls client tries to resume. Policy: TLS 1.2 and 1.3 only; ECDHE key
 //! exchange with AEAD suites only; no renegotiation; no session resumption (so every connection
-//! is a full handshake whose client certificate is checked against the current CRLs).
+//! is a full handshake whose client certificate is checked against the current CRLs). And
+//! Debian's `openssl s_client` talks to the listener's own record layer in every suite.
 
 mod common;
 
@@ -219,6 +220,126 @@ async fn sslscan_sees_tls12_and_13_with_ecdhe_aead_only_rsa_certificate() {
         .await
         .expect("sslscan task");
     assert_policy(&scan, "RSA");
+    h.stop().await;
+}
+
+/// OpenSSL's `s_client` through one handshake and one HTTP/1.1 request; in TLS 1.3 it sends a
+/// KeyUpdate asking for ours first (its `K` command). Returns stdout and stderr.
+fn s_client(
+    addr: SocketAddr,
+    files: &[std::path::PathBuf; 3],
+    version: &str,
+    suite: &str,
+) -> String {
+    let [cert, key, ca] = files;
+    use std::io::Write as _;
+    let (flag, key_update) = if version == "-tls1_3" {
+        ("-ciphersuites", true)
+    } else {
+        ("-cipher", false)
+    };
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-crlf",
+            version,
+            flag,
+            suite,
+        ])
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start openssl ({e}): this test needs the Debian package openssl")
+        });
+    let mut stdin = child.stdin.take().expect("stdin");
+    // s_client reads commands (K) and request lines from standard input; it is given time to
+    // finish the handshake and the key update before the request.
+    std::thread::sleep(Duration::from_millis(500));
+    if key_update {
+        stdin.write_all(b"K\n").expect("K");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stdin
+        .write_all(b"GET /metadata HTTP/1.1\nHost: gateway\nConnection: close\n\n")
+        .expect("request");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                panic!("openssl s_client {version} {suite} did not finish");
+            }
+            Err(e) => panic!("waiting for openssl: {e}"),
+        }
+    }
+    drop(stdin);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut out)
+        .expect("stderr");
+    out
+}
+
+/// After the handshake the listener seals and opens records itself (`src/tls/records.rs`):
+/// Debian's OpenSSL, a TLS stack that shares no code with it or rustls, talks to it in every
+/// suite it offers, through a key update in TLS 1.3, and gets the gateway's HTTP answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_talks_to_the_listener_in_every_suite_and_through_a_key_update() {
+    let h = start_with_mock(World::ecdsa(), GatewayOptions::default()).await;
+    let cases = [
+        ("-tls1_3", "TLS_AES_128_GCM_SHA256"),
+        ("-tls1_3", "TLS_AES_256_GCM_SHA384"),
+        ("-tls1_3", "TLS_CHACHA20_POLY1305_SHA256"),
+        ("-tls1_2", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        ("-tls1_2", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+        ("-tls1_2", "ECDHE-ECDSA-CHACHA20-POLY1305"),
+    ];
+    for (version, suite) in cases {
+        let addr = h.gateway;
+        let files = [
+            h.world.consumer.cert.clone(),
+            h.world.consumer.key.clone(),
+            h.world.ca.clone(),
+        ];
+        let out = tokio::task::spawn_blocking(move || s_client(addr, &files, version, suite))
+            .await
+            .expect("openssl task");
+        assert!(
+            out.contains(&format!("Cipher is {suite}")),
+            "{version} {suite}: not negotiated:\n{out}"
+        );
+        assert!(
+            out.contains("HTTP/1.1 4") && out.contains("strict-transport-security"),
+            "{version} {suite}: no HTTP answer came back through the records:\n{out}"
+        );
+        if version == "-tls1_3" {
+            assert!(
+                out.contains("KEYUPDATE"),
+                "{suite}: no key update sent:\n{out}"
+            );
+        }
+    }
     h.stop().await;
 }
 

@@ -22,6 +22,7 @@
 pub mod chaincache;
 pub mod identities;
 pub mod pki;
+pub mod records;
 pub mod stream;
 
 use std::fmt;
@@ -396,6 +397,11 @@ fn assemble_server_config(
     config.send_tls13_tickets = 0;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.ignore_client_order = true;
+    // After the handshake the listener's stream seals and opens records itself
+    // (`records`): rustls hands over the keys, and reports the TLS 1.3 traffic secrets (for key
+    // updates) to a hook that keeps them only for the stream's own handshake.
+    config.enable_secret_extraction = true;
+    config.key_log = Arc::new(records::capture::TrafficSecrets);
     Ok(Arc::new(config))
 }
 
@@ -525,17 +531,6 @@ fn identity_with_digest(
         serial: serial_hex(cert.raw_serial()),
         fingerprint_sha256: hex(digest),
     })
-}
-
-/// The identity of the peer of a completed handshake (its first presented certificate).
-pub fn peer_identity_of(connection: &rustls::CommonState) -> Result<PeerIdentity, TlsError> {
-    let leaf = connection
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .ok_or_else(|| TlsError::PeerCertificate {
-            reason: "the peer presented no certificate".to_owned(),
-        })?;
-    peer_identity(leaf)
 }
 
 /// The certificate's `notAfter`, in Unix seconds (for expiry metrics).
@@ -844,14 +839,17 @@ mod tests {
     ) -> (io::Result<Accepted>, io::Result<()>) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server_side = async move {
-            let mut tls = stream::accept(server, server_io).await?;
-            let (_, conn) = tls.get_ref();
+            let (mut tls, hs) = stream::accept(server, server_io).await?;
+            let leaf = hs
+                .peer_certificates
+                .first()
+                .ok_or_else(|| io::Error::other("no client certificate"))?;
             let accepted = Accepted {
-                identity: peer_identity_of(conn).map_err(io::Error::other)?,
-                version: conn.protocol_version(),
-                alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
-                kind: conn.handshake_kind(),
-                suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
+                identity: peer_identity(leaf).map_err(io::Error::other)?,
+                version: hs.version,
+                alpn: hs.alpn,
+                kind: hs.kind,
+                suite: hs.suite,
             };
             tls.write_all(b"ok").await?;
             tls.flush().await?;
@@ -1718,7 +1716,7 @@ mod tests {
             TlsConnector::from(client).connect(name, client_io)
         );
         (
-            server.expect("server handshake"),
+            server.expect("server handshake").0,
             client.expect("client handshake"),
         )
     }
@@ -1765,6 +1763,127 @@ mod tests {
         }
     }
 
+    /// Every suite the listener offers, in both versions, through our record layer: 100 KB
+    /// each way (records of 16 KiB and partial ones), two key updates asked by the client in
+    /// TLS 1.3 (SHA-384's derivation for AES-256-GCM), and close_notify both ways.
+    #[tokio::test]
+    async fn every_suite_carries_data_both_ways_through_our_record_layer() {
+        use rustls::CipherSuite as S;
+        let files = Files::new("st-suites");
+        let ca = ecdsa_ca("Suites CA");
+        let server = files.ecdsa_listener(&ca);
+        let c = files.client("consumer", &client_leaf(&ca, &["consumer.dev.local"]), &ca);
+        let suites = [
+            (S::TLS13_AES_128_GCM_SHA256, &rustls::version::TLS13),
+            (S::TLS13_AES_256_GCM_SHA384, &rustls::version::TLS13),
+            (S::TLS13_CHACHA20_POLY1305_SHA256, &rustls::version::TLS13),
+            (
+                S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                &rustls::version::TLS12,
+            ),
+            (
+                S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                &rustls::version::TLS12,
+            ),
+            (
+                S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                &rustls::version::TLS12,
+            ),
+        ];
+        for (suite, version) in suites {
+            let mut only = rustls::crypto::aws_lc_rs::default_provider();
+            only.cipher_suites.retain(|s| s.suite() == suite);
+            let client = ClientConfig::builder_with_provider(Arc::new(only))
+                .with_protocol_versions(&[version])
+                .expect("versions")
+                .with_root_certificates(load_ca_bundle(&c.ca).expect("ca"))
+                .with_client_auth_cert(
+                    load_certs(&c.cert).expect("cert"),
+                    load_private_key(&c.key).expect("key"),
+                )
+                .expect("client auth");
+            let (client_io, server_io) = tokio::io::duplex(4096);
+            let name = ServerName::try_from("localhost").expect("name");
+            let (server_side, client_side) = tokio::join!(
+                stream::accept(server.clone(), server_io),
+                TlsConnector::from(Arc::new(client)).connect(name, client_io)
+            );
+            let (mut server_tls, hs) = server_side.expect("server handshake");
+            let mut client_tls = client_side.expect("client handshake");
+            assert_eq!(hs.suite, Some(suite));
+            let sent: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 255) as u8).collect();
+            for round in 0..3 {
+                if round > 0 && version == &rustls::version::TLS13 {
+                    client_tls
+                        .get_mut()
+                        .1
+                        .refresh_traffic_keys()
+                        .expect("key update");
+                }
+                let echo = async {
+                    let mut got = vec![0u8; sent.len()];
+                    server_tls.read_exact(&mut got).await.expect("server read");
+                    server_tls.write_all(&got).await.expect("server write");
+                    server_tls.flush().await.expect("server flush");
+                    got
+                };
+                let exchange = async {
+                    client_tls.write_all(&sent).await.expect("client write");
+                    client_tls.flush().await.expect("client flush");
+                    let mut back = vec![0u8; sent.len()];
+                    client_tls.read_exact(&mut back).await.expect("client read");
+                    back
+                };
+                let (got, back) = tokio::join!(echo, exchange);
+                assert!(
+                    got == sent,
+                    "{suite:?} round {round}: the server read other bytes"
+                );
+                assert!(
+                    back == sent,
+                    "{suite:?} round {round}: the client read other bytes"
+                );
+                server_tls.release();
+                assert!(server_tls.keys_released(), "{suite:?}: released when idle");
+            }
+            client_tls.shutdown().await.expect("client close_notify");
+            let n = server_tls.read(&mut [0u8; 8]).await.expect("a clean end");
+            assert_eq!(n, 0, "{suite:?}: close_notify ends the server's reads");
+            server_tls.shutdown().await.expect("server close_notify");
+            let mut rest = Vec::new();
+            client_tls
+                .read_to_end(&mut rest)
+                .await
+                .expect("the client reads our close_notify");
+            assert!(rest.is_empty());
+        }
+    }
+
+    /// After the handshake rustls keeps nothing: a record the client sends unprotected is
+    /// refused by our layer with unexpected_message, which the client hears.
+    #[tokio::test]
+    async fn an_unprotected_record_after_the_handshake_is_refused() {
+        for record in [vec![21u8, 3, 3, 0, 2, 1, 0], vec![20u8, 3, 3, 0, 1, 1]] {
+            let (mut server, mut client) = stream_pair("st-plain", 64 * 1024, false).await;
+            client
+                .get_mut()
+                .0
+                .write_all(&record)
+                .await
+                .expect("raw write");
+            let err = server.read(&mut [0u8; 16]).await.expect_err("refused");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert!(err.to_string().contains("unprotected"), "{err}");
+            let _ = server.flush().await;
+            let seen = client.read(&mut [0u8; 16]).await;
+            assert!(
+                seen.as_ref()
+                    .is_err_and(|e| e.to_string().contains("UnexpectedMessage")),
+                "the client hears unexpected_message: {seen:?}"
+            );
+        }
+    }
+
     /// The point of the stream: no buffer after the handshake, nor once released after an
     /// exchange.
     #[tokio::test]
@@ -1789,6 +1908,10 @@ mod tests {
         assert_eq!(&buf[..n], b"HTTP/1.1 204 No Content\r\n\r\n");
         server.release();
         assert_eq!(server.allocated(), 0, "after an exchange, released");
+        assert!(
+            server.keys_released(),
+            "and the record layer's AEAD contexts dropped"
+        );
     }
 
     /// Pipelined records: what arrived with the first read is reported as buffered, so the

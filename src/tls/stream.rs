@@ -7,6 +7,10 @@
 //! to hold and given back when it is empty and the connection waits: when the socket has nothing
 //! more to read, when the caller flushes, or when the caller says it is going idle
 //! ([`ServerStream::release`]).
+//!
+//! rustls runs the handshake; after it the records are sealed and opened by our own record
+//! layer ([`super::records`]), which lets an idle connection drop its expanded keys too, and
+//! the client's certificate chain is handed to the caller ([`Handshaken`]) instead of being kept.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -14,12 +18,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use rustls::pki_types::CertificateDer;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, ReadTraffic, WriteTraffic,
 };
-use rustls::ServerConfig;
+use rustls::{CipherSuite, HandshakeKind, ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::records::{self, capture, Records, Version};
 
 /// The receive buffer's first size: a request head and its record fit in one read.
 const FIRST_READ: usize = 4 * 1024;
@@ -30,25 +37,40 @@ const MAX_INCOMING: usize = 0x1_0000 + 5 + 16 * 1024 + 2048;
 const WRITE_CHUNK: usize = 64 * 1024;
 /// Encrypted bytes queued before a write waits for the socket to take them.
 const WRITE_QUEUE: usize = 64 * 1024;
-/// The largest plaintext fragment of a record.
-const FRAGMENT: usize = 16 * 1024;
-/// A record's overhead (header, explicit nonce, content type, tag), bounded above for every
-/// suite rustls offers; only a first guess at the room encryption needs.
-const RECORD_OVERHEAD: usize = 64;
 
-/// Completes a TLS handshake as the server on `io` and returns the stream.
+/// What the handshake settled, for the caller to read once: the client's certificate chain is
+/// handed over here rather than kept for the life of the connection.
+#[derive(Debug)]
+pub struct Handshaken {
+    /// The client's certificates, leaf first (empty if it sent none).
+    pub peer_certificates: Vec<CertificateDer<'static>>,
+    /// The protocol ALPN chose.
+    pub alpn: Option<Vec<u8>>,
+    pub version: Option<ProtocolVersion>,
+    pub suite: Option<CipherSuite>,
+    pub kind: Option<HandshakeKind>,
+}
+
+/// Completes a TLS handshake as the server on `io` and returns the stream, its record layer
+/// taken over from rustls ([`records`]), and what the handshake settled.
 ///
 /// Errors are `io::Error`s carrying the `rustls::Error` (as tokio-rustls' are), so
 /// [`super::HandshakeFailure::classify`] reads them; the alert that explains a refusal is sent
 /// before the error is returned.
-pub async fn accept<IO>(config: Arc<ServerConfig>, io: IO) -> io::Result<ServerStream<IO>>
+pub async fn accept<IO>(
+    config: Arc<ServerConfig>,
+    io: IO,
+) -> io::Result<(ServerStream<IO>, Handshaken)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let conn = UnbufferedServerConnection::new(config).map_err(invalid_data)?;
     let mut stream = ServerStream {
         io,
-        conn,
+        tls: Tls::Handshake(Box::new(Handshaking {
+            conn,
+            caught: capture::Caught::default(),
+        })),
         incoming: Window::default(),
         plain: Plain::default(),
         outgoing: Window::default(),
@@ -58,14 +80,15 @@ where
         failed: false,
     };
     poll_fn(|cx| stream.poll_handshake(cx)).await?;
+    let handshaken = stream.take_over()?;
     stream.release();
-    Ok(stream)
+    Ok((stream, handshaken))
 }
 
 /// A server-side TLS stream (see the module documentation).
 pub struct ServerStream<IO> {
     io: IO,
-    conn: UnbufferedServerConnection,
+    tls: Tls,
     /// TLS bytes received and not yet processed.
     incoming: Window,
     plain: Plain,
@@ -77,9 +100,28 @@ pub struct ServerStream<IO> {
     eof: bool,
     /// Our close_notify is queued; nothing more may be written.
     close_queued: bool,
-    /// The connection failed (its alert is queued): rustls is never asked to process again,
-    /// as it would meet the same bad bytes and alert twice.
+    /// The connection failed (its alert is queued): records are never processed again, as the
+    /// same bad bytes would meet the same failure and alert twice.
     failed: bool,
+}
+
+/// Who keeps the connection's TLS state. (The record layer is held inline: it is the state for
+/// the connection's life, and the stream is boxed as a whole; the handshake is boxed because
+/// it is dropped at its end.)
+#[allow(clippy::large_enum_variant)]
+enum Tls {
+    /// rustls, until the handshake completes.
+    Handshake(Box<Handshaking>),
+    /// Our record layer, after.
+    Records(Records),
+    /// Nobody: taking over from rustls failed.
+    Gone,
+}
+
+struct Handshaking {
+    conn: UnbufferedServerConnection,
+    /// The TLS 1.3 traffic secrets, once rustls has reported them.
+    caught: capture::Caught,
 }
 
 /// Where the connection stands once the work it can do without more input is done.
@@ -101,10 +143,9 @@ enum Outbound<'a> {
 }
 
 impl<IO> ServerStream<IO> {
-    /// The transport and the TLS connection (for the peer's certificates, the ALPN protocol,
-    /// the version and suite negotiated).
-    pub fn get_ref(&self) -> (&IO, &UnbufferedServerConnection) {
-        (&self.io, &self.conn)
+    /// The transport.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
     }
 
     /// Whether a read can make progress without the transport: decrypted bytes not yet read, or
@@ -120,26 +161,161 @@ impl<IO> ServerStream<IO> {
         self.incoming.buf.capacity() + self.plain.buf.capacity() + self.outgoing.buf.capacity()
     }
 
-    /// Gives back every buffer that holds nothing: call it when the connection goes idle.
+    /// Whether the record layer holds no expanded AEAD context (what an idle connection
+    /// should not hold either).
+    #[cfg(test)]
+    pub(crate) fn keys_released(&self) -> bool {
+        matches!(&self.tls, Tls::Records(r) if r.released())
+    }
+
+    /// Gives back every buffer that holds nothing, and the record layer's expanded AEAD
+    /// contexts: call it when the connection goes idle.
     pub fn release(&mut self) {
         self.plain.release();
         self.incoming.release();
         self.outgoing.release();
+        if let Tls::Records(records) = &mut self.tls {
+            records.release();
+        }
+    }
+
+    /// The handshake is complete: what it settled, and rustls' connection replaced by our
+    /// record layer with its keys.
+    fn take_over(&mut self) -> io::Result<Handshaken> {
+        let Tls::Handshake(hs) = std::mem::replace(&mut self.tls, Tls::Gone) else {
+            return Err(io::Error::other("the TLS handshake was already taken over"));
+        };
+        let Handshaking { conn, caught } = *hs;
+        let handshaken = Handshaken {
+            peer_certificates: conn
+                .peer_certificates()
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+            version: conn.protocol_version(),
+            suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
+            kind: conn.handshake_kind(),
+        };
+        let version = match handshaken.version {
+            Some(ProtocolVersion::TLSv1_3) => Version::Tls13,
+            Some(ProtocolVersion::TLSv1_2) => Version::Tls12,
+            other => {
+                self.failed = true;
+                return Err(io::Error::other(format!(
+                    "TLS version {other:?} is not one this gateway offers"
+                )));
+            }
+        };
+        let suite = handshaken.suite.unwrap_or(CipherSuite::Unknown(0));
+        let records = conn
+            .dangerous_into_kernel_connection()
+            .and_then(|(secrets, _kernel)| {
+                Records::new(
+                    version,
+                    suite,
+                    secrets,
+                    caught.client.as_deref(),
+                    caught.server.as_deref(),
+                )
+            });
+        match records {
+            Ok(records) => {
+                self.tls = Tls::Records(records);
+                Ok(handshaken)
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(io::Error::other(e))
+            }
+        }
     }
 
     /// Runs the TLS state machine over what has been received until it needs more input, has
     /// sent (queued) what `send` asked for, or has reached the end. Returns where it stands and
     /// how many bytes of `send`'s data were taken.
-    fn process(&mut self, mut send: Outbound<'_>) -> io::Result<(Stand, usize)> {
+    fn process(&mut self, send: Outbound<'_>) -> io::Result<(Stand, usize)> {
         if self.failed {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the TLS connection failed earlier",
             ));
         }
+        match self.tls {
+            Tls::Handshake(_) => {
+                capture::arm();
+                let result = self.process_handshake(send);
+                if let (Some(caught), Tls::Handshake(hs)) = (capture::disarm(), &mut self.tls) {
+                    hs.caught.merge(caught);
+                }
+                result
+            }
+            Tls::Records(_) => self.process_records(send),
+            Tls::Gone => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the TLS connection failed earlier",
+            )),
+        }
+    }
+
+    /// [`Self::process`] after the handshake: opens the whole records received, seals what
+    /// must precede our data (a key update's answer), then what `send` asks for.
+    fn process_records(&mut self, send: Outbound<'_>) -> io::Result<(Stand, usize)> {
+        let Tls::Records(rec) = &mut self.tls else {
+            return Err(io::Error::other("no TLS record layer"));
+        };
+        if !self.peer_closed && !self.incoming.is_empty() {
+            let plain = &mut self.plain;
+            match rec.open(self.incoming.window(), |data| plain.push(data)) {
+                Ok(opened) => {
+                    self.incoming.consume(opened.consumed);
+                    self.peer_closed |= opened.closed;
+                }
+                Err(records::Fatal { error, alert }) => {
+                    self.failed = true;
+                    if let Some(alert) = alert {
+                        let _ = self.outgoing.append(|out| rec.seal_fatal(alert, out));
+                    }
+                    return Err(invalid_data(error));
+                }
+            }
+        }
+        let mut sealed = Ok(0);
+        if !self.close_queued || matches!(send, Outbound::CloseNotify) {
+            sealed = self.outgoing.append(|out| {
+                if !self.close_queued {
+                    rec.seal_pending(out)?;
+                }
+                match send {
+                    Outbound::Nothing => Ok(0),
+                    Outbound::Data(bufs) => rec.seal_gathered(bufs, WRITE_CHUNK, out),
+                    Outbound::CloseNotify => rec.seal_close_notify(out).map(|()| 0),
+                }
+            });
+        }
+        match sealed {
+            Ok(taken) => {
+                let stand = if self.peer_closed && self.close_queued {
+                    Stand::Closed
+                } else {
+                    Stand::Open
+                };
+                Ok((stand, taken))
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(invalid_data(e))
+            }
+        }
+    }
+
+    /// [`Self::process`] during the handshake, by rustls.
+    fn process_handshake(&mut self, mut send: Outbound<'_>) -> io::Result<(Stand, usize)> {
         let mut taken = 0;
         loop {
-            let status = self.conn.process_tls_records(self.incoming.window());
+            let Tls::Handshake(hs) = &mut self.tls else {
+                return Err(io::Error::other("the TLS handshake is over"));
+            };
+            let status = hs.conn.process_tls_records(self.incoming.window());
             let mut discard = status.discard;
             let outcome: io::Result<Option<Stand>> = match status.state {
                 Err(e) => Err(invalid_data(e)),
@@ -211,17 +387,21 @@ impl<IO> ServerStream<IO> {
         }
     }
 
-    /// After an error: queues the alert rustls prepared, so the peer learns why.
+    /// After an error in the handshake: queues the alert rustls prepared, so the peer learns
+    /// why.
     ///
     /// rustls hands out what it has queued before it looks at the received bytes again, so
     /// asking only while it has something queued never makes it process the bad bytes twice.
     fn queue_alert(&mut self) {
         // The bound only guards against a state machine that keeps asking.
         for _ in 0..8 {
-            if !self.conn.wants_write() {
+            let Tls::Handshake(hs) = &mut self.tls else {
+                return;
+            };
+            if !hs.conn.wants_write() {
                 break;
             }
-            let status = self.conn.process_tls_records(self.incoming.window());
+            let status = hs.conn.process_tls_records(self.incoming.window());
             let mut discard = status.discard;
             let go_on = match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
@@ -239,6 +419,11 @@ impl<IO> ServerStream<IO> {
             }
         }
     }
+
+    /// Whether rustls still runs the handshake.
+    fn is_handshaking(&self) -> bool {
+        matches!(&self.tls, Tls::Handshake(hs) if hs.conn.is_handshaking())
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
@@ -255,7 +440,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
             ready!(self.poll_send(cx))?;
             // In TLS 1.3 the server may send before the client's certificate has arrived; the
             // handshake is done only when both directions are open.
-            if !self.conn.is_handshaking() {
+            if !self.is_handshaking() {
                 return Poll::Ready(Ok(()));
             }
             if stand == Stand::Closed || self.peer_closed {
@@ -499,7 +684,7 @@ fn encrypt_into<Data>(
     data: &[u8],
     out: &mut Window,
 ) -> io::Result<()> {
-    let need = data.len() + (data.len() / FRAGMENT + 1) * RECORD_OVERHEAD;
+    let need = data.len() + (data.len() / records::MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
     write_into(out, need, |room| Ok(traffic.encrypt(data, room)?))
 }
 
@@ -526,6 +711,10 @@ fn take_records<Data>(
     }
     Ok(())
 }
+
+/// A record's overhead (header, explicit nonce, content type, tag), bounded above for every
+/// suite rustls offers; only a first guess at the room rustls' encryption needs.
+const RECORD_OVERHEAD: usize = 64;
 
 /// TLS bytes held in `buf[start..end]`: received and not yet processed, or encoded and not yet
 /// sent. All of `buf` is initialised, so reads and encryption go straight into it; it is zeroed
@@ -600,6 +789,18 @@ impl Window {
             self.buf.resize(self.end + need, 0);
         }
         &mut self.buf[self.end..]
+    }
+
+    /// Lets `write` append to what is held (the buffer's length is where the held bytes end
+    /// while it runs).
+    fn append<R>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        if self.buf.capacity() == 0 {
+            self.buf = spare::take();
+        }
+        self.buf.truncate(self.end);
+        let result = write(&mut self.buf);
+        self.end = self.buf.len();
+        result
     }
 
     /// Gives the buffer back to the spares if it holds nothing.
