@@ -1080,6 +1080,45 @@ mod tests {
         assert_eq!(opened, Opened::default());
     }
 
+    /// Any bytes a client sends after the handshake: opened, refused or waited for, never a
+    /// panic; and never more consumed than was there.
+    #[test]
+    fn any_bytes_after_the_handshake_end_in_data_an_error_or_a_wait() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config::with_cases(2000));
+        let bytes = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            // Record-shaped: a plausible header, then anything.
+            (
+                0u8..3,
+                0usize..3,
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(kind, v, body)| {
+                    let mut wire = vec![[21, 22, 23][usize::from(kind)], 3, [1, 3, 4][v]];
+                    wire.extend_from_slice(&u16::try_from(body.len()).unwrap_or(0).to_be_bytes());
+                    wire.extend_from_slice(&body);
+                    wire
+                }),
+        ];
+        runner
+            .run(&(bytes, 0usize..6), |(mut wire, which)| {
+                let version = if which < 3 {
+                    Version::Tls12
+                } else {
+                    Version::Tls13
+                };
+                let (mut server, _) = pair(version, AEADS[which % 3]);
+                let len = wire.len();
+                if let Ok(opened) = server.open(&mut wire, |_| {}) {
+                    prop_assert!(opened.consumed <= len);
+                }
+                Ok(())
+            })
+            .expect("no bytes break the record layer");
+    }
+
     /// RFC 8448 §3 (a simple 1-RTT handshake): the server's application traffic secret and the
     /// key and IV derived from it (TLS_AES_128_GCM_SHA256).
     #[test]
