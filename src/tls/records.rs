@@ -576,18 +576,19 @@ impl Records {
         let mut left = total;
         while left > 0 {
             let n = left.min(MAX_FRAGMENT);
-            self.seal_with(APPLICATION_DATA, n, out, |mut room| {
-                while !room.is_empty() {
+            self.seal_with(APPLICATION_DATA, n, out, |out| {
+                let mut room = n;
+                while room > 0 {
                     if current.is_empty() {
                         match parts.next() {
                             Some(part) => current = part,
                             None => break,
                         }
                     }
-                    let k = room.len().min(current.len());
-                    room[..k].copy_from_slice(&current[..k]);
-                    room = &mut room[k..];
+                    let k = room.min(current.len());
+                    out.extend_from_slice(&current[..k]);
                     current = &current[k..];
+                    room -= k;
                 }
             })?;
             left -= n;
@@ -612,81 +613,88 @@ impl Records {
     }
 
     fn seal(&mut self, kind: u8, content: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        self.seal_with(kind, content.len(), out, |room| {
-            room.copy_from_slice(content)
+        self.seal_with(kind, content.len(), out, |out| {
+            out.extend_from_slice(content)
         })
     }
 
-    /// Appends one record of content type `kind` whose `len` plaintext bytes `fill` writes.
+    /// Appends one record of content type `kind` whose `len` plaintext bytes `fill` appends
+    /// (the plaintext is written once, straight into place, and sealed there).
     fn seal_with(
         &mut self,
         kind: u8,
         len: usize,
         out: &mut Vec<u8>,
-        fill: impl FnOnce(&mut [u8]),
+        fill: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), Error> {
         debug_assert!(len <= MAX_FRAGMENT);
         if self.version == Version::Tls12 && self.gcm && self.tx.seq >= AES_GCM_RECORDS {
             // TLS 1.2 has no key update: the connection ends here.
             return Err(Error::EncryptError);
         }
-        let aead = self.aead;
+        let (version, gcm, aead) = (self.version, self.gcm, self.aead);
+        let seq = self.tx.seq;
+        let nonce = self.tx.nonce();
+        let ctx = self.tx.ctx(aead)?;
         let start = out.len();
-        match self.version {
+        out.reserve(HEADER + EXPLICIT_NONCE + len + 1 + TAG);
+        let (at, aad) = match version {
             Version::Tls13 => {
-                let sealed = len + 1 + TAG;
-                let header = record_header(APPLICATION_DATA, sealed);
+                let header = record_header(APPLICATION_DATA, len + 1 + TAG);
                 out.extend_from_slice(&header);
                 let at = out.len();
-                out.resize(at + len + 1, 0);
-                fill(&mut out[at..at + len]);
-                out[at + len] = kind;
-                let nonce = Nonce::assume_unique_for_key(self.tx.nonce());
-                let tag = self
-                    .tx
-                    .ctx(aead)?
-                    .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[at..])
-                    .map_err(|_| Error::EncryptError);
-                match tag {
-                    Ok(tag) => out.extend_from_slice(tag.as_ref()),
-                    Err(e) => {
-                        out.truncate(start);
-                        return Err(e);
-                    }
-                }
+                fill(out);
+                out.push(kind);
+                (at, Aad::from(AdditionalData::Header(header)))
             }
             Version::Tls12 => {
-                let gcm = self.gcm;
                 let explicit = if gcm { EXPLICIT_NONCE } else { 0 };
-                let header = record_header(kind, explicit + len + TAG);
-                out.extend_from_slice(&header);
-                let nonce = self.tx.nonce();
+                out.extend_from_slice(&record_header(kind, explicit + len + TAG));
                 if gcm {
                     out.extend_from_slice(&nonce[4..]);
                 }
                 let at = out.len();
-                out.resize(at + len, 0);
-                fill(&mut out[at..]);
-                let aad = tls12_aad(self.tx.seq, kind, [3, 3], len);
-                let tag = self
-                    .tx
-                    .ctx(aead)?
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(aad),
-                        &mut out[at..],
-                    )
-                    .map_err(|_| Error::EncryptError);
-                match tag {
-                    Ok(tag) => out.extend_from_slice(tag.as_ref()),
-                    Err(e) => {
-                        out.truncate(start);
-                        return Err(e);
-                    }
-                }
+                fill(out);
+                let aad = tls12_aad(seq, kind, [3, 3], len);
+                (at, Aad::from(AdditionalData::Tls12(aad)))
+            }
+        };
+        let content = if version == Version::Tls13 {
+            len + 1
+        } else {
+            len
+        };
+        if out.len() != at + content {
+            out.truncate(start);
+            return Err(Error::General("a record's plaintext was short".into()));
+        }
+        let tag = ctx
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, &mut out[at..])
+            .map_err(|_| Error::EncryptError);
+        match tag {
+            Ok(tag) => out.extend_from_slice(tag.as_ref()),
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
             }
         }
         self.tx.next_seq()
+    }
+}
+
+/// The additional data of a record: TLS 1.3's record header, or TLS 1.2's sequence number,
+/// type, version and length.
+enum AdditionalData {
+    Header([u8; HEADER]),
+    Tls12([u8; 13]),
+}
+
+impl AsRef<[u8]> for AdditionalData {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            AdditionalData::Header(h) => h,
+            AdditionalData::Tls12(a) => a,
+        }
     }
 }
 
