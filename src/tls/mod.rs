@@ -1971,6 +1971,84 @@ mod tests {
         assert_eq!(&buf, b"reply");
     }
 
+    /// A client that asks for key update after key update, with no data between them, is cut
+    /// off at rustls' limit (32) instead of making the server queue an answer for each.
+    #[tokio::test]
+    async fn key_updates_without_data_between_them_are_bounded() {
+        let (mut server, mut client) = stream_pair("st-ku-flood", 64 * 1024, false).await;
+        for _ in 0..40 {
+            client
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("key update");
+            client.flush().await.expect("flush");
+        }
+        let err = server.read(&mut [0u8; 16]).await.expect_err("cut off");
+        assert!(err.to_string().contains("too many KeyUpdates"), "{err}");
+        assert!(server.allocated() < 64 * 1024);
+    }
+
+    /// A client that reads slowly does not make the send buffer grow with all that was written
+    /// to it: what was sent ahead of the held bytes is reclaimed.
+    #[tokio::test]
+    async fn a_slow_reader_does_not_grow_the_send_buffer() {
+        let (mut server, mut client) = stream_pair("st-slow", 1024, false).await;
+        let body = vec![7u8; 4 << 20];
+        let write = async {
+            let mut max = 0;
+            for chunk in body.chunks(64 * 1024) {
+                server.write_all(chunk).await.expect("write");
+                max = max.max(server.allocated());
+            }
+            server.flush().await.expect("flush");
+            max
+        };
+        let read = async {
+            let (mut got, mut buf) = (0, vec![0u8; 1000]);
+            while got < body.len() {
+                got += client.read(&mut buf).await.expect("read");
+            }
+        };
+        let (max, ()) = tokio::join!(write, read);
+        assert!(max < 512 * 1024, "the send buffer grew to {max} bytes");
+    }
+
+    /// KeyUpdates sent with the client's Finished are followed by rustls before the takeover:
+    /// the caught secrets are stepped to the generation rustls reached, and the answer rustls
+    /// had queued is sent by our layer.
+    #[tokio::test]
+    async fn key_updates_in_the_finished_flight_survive_the_takeover() {
+        let files = Files::new("st-ku-early");
+        let ca = ecdsa_ca("Stream CA");
+        let server = files.ecdsa_listener(&ca);
+        let c = files.client("consumer", &client_leaf(&ca, &["consumer.dev.local"]), &ca);
+        let client = client_config(&c, &[]).expect("client config");
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let name = ServerName::try_from("localhost").expect("name");
+        let (server, client) = tokio::join!(stream::accept(server, server_io), async {
+            let mut tls = TlsConnector::from(client).connect(name, client_io).await?;
+            for _ in 0..2 {
+                tls.get_mut().1.refresh_traffic_keys().expect("key update");
+            }
+            tls.write_all(b"hello").await?;
+            tls.flush().await?;
+            Ok::<_, io::Error>(tls)
+        });
+        let mut client = client.expect("client");
+        let (mut server, _) = server.expect("takeover");
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"hello");
+        server.write_all(b"world").await.expect("write");
+        server.flush().await.expect("flush");
+        client
+            .read_exact(&mut buf)
+            .await
+            .expect("the client follows our answer");
+        assert_eq!(&buf, b"world");
+    }
+
     /// A forged record after the handshake: a decrypt error for the reader, and the alert
     /// that says so for the peer.
     #[tokio::test]

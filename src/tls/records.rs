@@ -20,9 +20,14 @@
 //! rustls' would refuse the connection, never encrypt with a wrong key.
 //!
 //! TLS 1.2 (RFC 5246 §6.2.3.3, RFC 5288, RFC 7905): AES-GCM with the salt from the key block
-//! and an explicit 8-byte nonce (the sequence number, as rustls sends), ChaCha20-Poly1305 with
-//! IV XOR sequence number; sequence number, type, version and length as additional data.
-//! Renegotiation is refused with a `no_renegotiation` warning, as rustls does.
+//! and an explicit 8-byte nonce (the key block's nonce bytes XOR the sequence number, as rustls
+//! sends), ChaCha20-Poly1305 with IV XOR sequence number; sequence number, type, version and
+//! length as additional data. Renegotiation is refused with a `no_renegotiation` warning, as
+//! rustls does, once; a second attempt ends the connection.
+//!
+//! Records that carry no data are bounded as rustls bounds them, so a client cannot make the
+//! gateway queue answers or spin without end: at most 32 KeyUpdates, 4 warning alerts and 32
+//! empty records between two records of data, and one renegotiation attempt.
 //!
 //! Alerts: close_notify ends the peer's data; a fatal alert (and, in TLS 1.3, any alert but
 //! close_notify and user_canceled) is an error carrying `rustls::Error::AlertReceived`. A record
@@ -58,6 +63,13 @@ const HANDSHAKE: u8 = 22;
 const ALERT: u8 = 21;
 const KEY_UPDATE: u8 = 24;
 
+/// KeyUpdates accepted between two records of data (rustls' limit).
+const MAX_KEY_UPDATES: u8 = 32;
+/// Warning alerts accepted between two records of data (rustls' limit).
+const MAX_WARNINGS: u8 = 4;
+/// Empty application-data records accepted in a row.
+const MAX_EMPTY: u8 = 32;
+
 /// The protocol version the handshake settled on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -88,6 +100,12 @@ pub struct Records {
     answer_key_update: bool,
     /// TLS 1.2: a renegotiation attempt to refuse with a warning.
     refuse_renegotiation: bool,
+    /// TLS 1.2: renegotiation was refused once already.
+    renegotiation_refused: bool,
+    /// Records without data since the last record of data: key updates, warnings, empty ones.
+    key_updates: u8,
+    warnings: u8,
+    empty: u8,
 }
 
 /// One direction's keys and sequence number.
@@ -149,6 +167,48 @@ impl Direction {
             d.secret_len = secret.len();
         }
         Ok(d)
+    }
+
+    /// A copy of the keys and secret at sequence number `seq`, without the AEAD context.
+    /// (Before [`Direction::catch_up`], the secret may be older than the keys.)
+    fn copy_at(&self, seq: u64) -> Direction {
+        Direction {
+            key: self.key,
+            key_len: self.key_len,
+            iv: self.iv,
+            secret: self.secret,
+            secret_len: self.secret_len,
+            seq,
+            ctx: None,
+        }
+    }
+
+    /// Steps the traffic secret forward (at most `max` times) until the key and IV derived
+    /// from it are the ones held; returns how many steps that took. An error if none matches.
+    fn catch_up(&mut self, hash: hkdf::Algorithm, max: u8) -> Result<u8, Error> {
+        let len = self.secret_len;
+        let mut steps = 0;
+        loop {
+            let mut key = [0u8; 32];
+            let mut iv = [0u8; 12];
+            derive_key_iv(hash, &self.secret[..len], &mut key[..self.key_len], &mut iv)?;
+            let same = key[..self.key_len] == self.key[..self.key_len] && iv == self.iv;
+            key.zeroize();
+            iv.zeroize();
+            if same {
+                return Ok(steps);
+            }
+            if steps == max {
+                return Err(Error::General(
+                    "the caught traffic secret does not give rustls' keys".into(),
+                ));
+            }
+            let mut next = [0u8; 48];
+            expand_label(hash, &self.secret[..len], b"traffic upd", &mut next[..len])?;
+            self.secret[..len].copy_from_slice(&next[..len]);
+            next.zeroize();
+            steps += 1;
+        }
     }
 
     fn ctx(&mut self, aead: &'static aead::Algorithm) -> Result<&LessSafeKey, Error> {
@@ -270,14 +330,15 @@ impl From<Error> for Fatal {
 impl Records {
     /// The record layer for a connection rustls has finished the handshake of. `client` and
     /// `server` are the TLS 1.3 application traffic secrets caught from rustls (unused in
-    /// TLS 1.2).
+    /// TLS 1.2). Also returns the records to send before any other (a KeyUpdate answer rustls
+    /// had queued), usually none.
     pub fn new(
         version: Version,
         suite: CipherSuite,
         secrets: ExtractedSecrets,
         client: Option<&[u8]>,
         server: Option<&[u8]>,
-    ) -> Result<Records, Error> {
+    ) -> Result<(Records, Vec<u8>), Error> {
         let (aead, gcm) = match &secrets.tx.1 {
             ConnectionTrafficSecrets::Aes128Gcm { .. } => (&aead::AES_128_GCM, true),
             ConnectionTrafficSecrets::Aes256Gcm { .. } => (&aead::AES_256_GCM, true),
@@ -314,28 +375,7 @@ impl Records {
         };
         let rx = Direction::new(secrets.rx.0, &secrets.rx.1, rx_secret)?;
         let tx = Direction::new(secrets.tx.0, &secrets.tx.1, tx_secret)?;
-        if let Some(hash) = hkdf {
-            // The keys our derivation gives must be the keys rustls gave.
-            for d in [&rx, &tx] {
-                let mut key = [0u8; 32];
-                let mut iv = [0u8; 12];
-                derive_key_iv(
-                    hash,
-                    &d.secret[..d.secret_len],
-                    &mut key[..d.key_len],
-                    &mut iv,
-                )?;
-                let same = key[..d.key_len] == d.key[..d.key_len] && iv == d.iv;
-                key.zeroize();
-                iv.zeroize();
-                if !same {
-                    return Err(Error::General(
-                        "the caught traffic secret does not give rustls' keys".into(),
-                    ));
-                }
-            }
-        }
-        Ok(Records {
+        let mut records = Records {
             version,
             aead,
             gcm,
@@ -344,7 +384,37 @@ impl Records {
             tx,
             answer_key_update: false,
             refuse_renegotiation: false,
-        })
+            renegotiation_refused: false,
+            key_updates: 0,
+            warnings: 0,
+            empty: 0,
+        };
+        let mut lost = Vec::new();
+        if let Some(hash) = hkdf {
+            // The keys our derivation gives must be the keys rustls gave. A client's KeyUpdates
+            // in the flight of its Finished were followed by rustls already: the caught
+            // secret is stepped forward to the generation rustls reached.
+            records.rx.catch_up(hash, MAX_KEY_UPDATES)?;
+            let first = records.tx.copy_at(0);
+            if records.tx.catch_up(hash, 1)? == 1 {
+                // rustls answered one of them: it sealed its KeyUpdate under our first
+                // generation (at sequence 0, as nothing else went out under it) and queued it
+                // for its next write, which will never come. It is sealed again here.
+                let mut first = first;
+                let (len, key_len) = (first.secret_len, first.key_len);
+                derive_key_iv(
+                    hash,
+                    &first.secret[..len],
+                    &mut first.key[..key_len],
+                    &mut first.iv,
+                )?;
+                let current = std::mem::replace(&mut records.tx, first);
+                let sealed = records.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], &mut lost);
+                records.tx = current;
+                sealed?;
+            }
+        }
+        Ok((records, lost))
     }
 
     /// Drops the expanded AEAD contexts (the connection is going idle); the keys stay.
@@ -394,7 +464,16 @@ impl Records {
             let (kind, content) = self.open_record(header, body)?;
             opened.consumed += HEADER + len;
             match kind {
-                APPLICATION_DATA => deliver(content),
+                APPLICATION_DATA if content.is_empty() => {
+                    self.empty += 1;
+                    if self.empty > MAX_EMPTY {
+                        return Err(unexpected("too many empty records"));
+                    }
+                }
+                APPLICATION_DATA => {
+                    (self.key_updates, self.warnings, self.empty) = (0, 0, 0);
+                    deliver(content);
+                }
                 ALERT => {
                     if self.alert(content)? {
                         opened.closed = true;
@@ -427,6 +506,13 @@ impl Records {
                     .open_in_place(nonce, Aad::from(header), body)
                     .map_err(|_| bad_mac())?;
                 self.rx.next_seq()?;
+                // RFC 8446 §5.4: the inner plaintext, padding included, is at most 2^14 + 1.
+                if plain.len() > MAX_FRAGMENT + 1 {
+                    return Err(fatal(
+                        AlertDescription::RecordOverflow,
+                        Error::General("a TLS record's plaintext over 16 KiB".into()),
+                    ));
+                }
                 // The content type is the last non-zero byte; zeros after it are padding.
                 let Some(at) = plain.iter().rposition(|&b| b != 0) else {
                     return Err(unexpected("a record with no content type"));
@@ -483,12 +569,22 @@ impl Records {
             return Err(decode_error("an alert that is not two bytes"));
         };
         let description = AlertDescription::from(*description);
+        if !matches!(level, 1 | 2) {
+            return Err(fatal(
+                AlertDescription::IllegalParameter,
+                Error::General(format!("an alert of unknown level {level}")),
+            ));
+        }
+        let warning = *level == 1;
         match description {
             AlertDescription::CloseNotify => Ok(true),
-            AlertDescription::UserCanceled => Ok(false),
-            _ if *level == 1 && self.version == Version::Tls12 => {
+            // TLS 1.3 treats every alert but these two as fatal, whatever its level (§6).
+            AlertDescription::UserCanceled if warning || self.version == Version::Tls13 => {
+                self.warning()
+            }
+            _ if warning && self.version == Version::Tls12 => {
                 tracing::debug!(alert = ?description, "TLS warning alert ignored");
-                Ok(false)
+                self.warning()
             }
             _ => Err(Fatal {
                 error: Error::AlertReceived(description),
@@ -497,13 +593,28 @@ impl Records {
         }
     }
 
+    fn warning(&mut self) -> Result<bool, Fatal> {
+        self.warnings += 1;
+        if self.warnings > MAX_WARNINGS {
+            return Err(unexpected("too many warning alerts"));
+        }
+        Ok(false)
+    }
+
     /// Handshake messages after the handshake.
     fn handshake(&mut self, mut content: &[u8]) -> Result<(), Fatal> {
         if content.is_empty() {
             return Err(unexpected("an empty handshake record"));
         }
         let Some(hash) = self.hkdf else {
-            // TLS 1.2: a client asking to renegotiate.
+            // TLS 1.2: a client asking to renegotiate, refused with a warning once.
+            if self.renegotiation_refused {
+                return Err(fatal(
+                    AlertDescription::HandshakeFailure,
+                    Error::General("a second TLS 1.2 renegotiation attempt".into()),
+                ));
+            }
+            self.renegotiation_refused = true;
             self.refuse_renegotiation = true;
             return Ok(());
         };
@@ -520,6 +631,10 @@ impl Records {
             let (message, rest) = content.split_at(4 + len);
             if message[0] != KEY_UPDATE {
                 return Err(unexpected("a handshake message other than KeyUpdate"));
+            }
+            self.key_updates += 1;
+            if self.key_updates > MAX_KEY_UPDATES {
+                return Err(unexpected("too many KeyUpdates between records of data"));
             }
             // RFC 8446 §5.1: a key change ends its record.
             if !rest.is_empty() {
@@ -748,26 +863,47 @@ pub mod capture {
         /// Takes what `other` caught.
         pub fn merge(&mut self, mut other: Caught) {
             if other.client.is_some() {
-                self.client = other.client.take();
+                replace(&mut self.client, other.client.take());
             }
             if other.server.is_some() {
-                self.server = other.server.take();
+                replace(&mut self.server, other.server.take());
             }
         }
+    }
+
+    /// Puts `new` in `slot`, zeroing what it held.
+    fn replace(slot: &mut Option<Vec<u8>>, new: Option<Vec<u8>>) {
+        if let Some(old) = slot.as_mut() {
+            old.zeroize();
+        }
+        *slot = new;
     }
 
     thread_local! {
         static SLOT: RefCell<Option<Caught>> = const { RefCell::new(None) };
     }
 
-    /// Arms this thread's slot (empty).
-    pub fn arm() {
+    /// This thread's slot, armed (empty) until the guard is dropped or [`Armed::disarm`]ed:
+    /// a panic in between cannot leave it armed.
+    pub struct Armed(());
+
+    /// Arms this thread's slot.
+    pub fn arm() -> Armed {
         SLOT.with(|s| *s.borrow_mut() = Some(Caught::default()));
+        Armed(())
     }
 
-    /// Disarms this thread's slot and returns what it caught.
-    pub fn disarm() -> Option<Caught> {
-        SLOT.with(|s| s.borrow_mut().take())
+    impl Armed {
+        /// Disarms the slot and returns what it caught.
+        pub fn disarm(self) -> Option<Caught> {
+            SLOT.with(|s| s.borrow_mut().take())
+        }
+    }
+
+    impl Drop for Armed {
+        fn drop(&mut self) {
+            let _ = SLOT.try_with(|s| s.borrow_mut().take());
+        }
     }
 
     /// The key-log hook to set on the listener's config.
@@ -779,8 +915,8 @@ pub mod capture {
             SLOT.with(|s| {
                 if let Some(caught) = s.borrow_mut().as_mut() {
                     match label {
-                        CLIENT => caught.client = Some(secret.to_vec()),
-                        SERVER => caught.server = Some(secret.to_vec()),
+                        CLIENT => replace(&mut caught.client, Some(secret.to_vec())),
+                        SERVER => replace(&mut caught.server, Some(secret.to_vec())),
                         _ => {}
                     }
                 }
@@ -819,6 +955,10 @@ mod tests {
             tx: dir(tx, tls13),
             answer_key_update: false,
             refuse_renegotiation: false,
+            renegotiation_refused: false,
+            key_updates: 0,
+            warnings: 0,
+            empty: 0,
         };
         (make(10, 20), make(20, 10))
     }
@@ -999,6 +1139,108 @@ mod tests {
             .open(&mut wire, |d| data.extend_from_slice(d))
             .expect("open");
         assert!(opened.closed && data.is_empty());
+    }
+
+    /// Records without data are bounded: warnings, empty records, renegotiations; and an
+    /// alert of no known level or a record padded past 2^14 + 1 is refused.
+    #[test]
+    fn records_without_data_are_bounded_and_odd_ones_refused() {
+        type Case = (
+            Version,
+            &'static [(u8, &'static [u8])],
+            usize,
+            AlertDescription,
+        );
+        let cases: [Case; 6] = [
+            (
+                Version::Tls12,
+                &[(ALERT, &[1, 100])],
+                5,
+                AlertDescription::UnexpectedMessage,
+            ),
+            (
+                Version::Tls13,
+                &[(ALERT, &[1, 90])],
+                5,
+                AlertDescription::UnexpectedMessage,
+            ),
+            (
+                Version::Tls13,
+                &[(APPLICATION_DATA, &[])],
+                33,
+                AlertDescription::UnexpectedMessage,
+            ),
+            (
+                Version::Tls12,
+                &[(APPLICATION_DATA, &[])],
+                33,
+                AlertDescription::UnexpectedMessage,
+            ),
+            (
+                Version::Tls12,
+                &[(HANDSHAKE, &[1, 0, 0, 0])],
+                2,
+                AlertDescription::HandshakeFailure,
+            ),
+            (
+                Version::Tls13,
+                &[(ALERT, &[3, 0])],
+                1,
+                AlertDescription::IllegalParameter,
+            ),
+        ];
+        for (version, records, times, expected) in cases {
+            let (mut server, mut client) = pair(version, AEADS[0]);
+            let mut wire = Vec::new();
+            for _ in 0..times - 1 {
+                for (kind, content) in records {
+                    client.seal(*kind, content, &mut wire).expect("seal");
+                }
+            }
+            if times > 1 {
+                // Up to the limit: accepted.
+                open_all(&mut server, &mut wire).expect("within the limit");
+                // Data resets the count: as many again are accepted.
+                client.seal_data(b"x", &mut wire).expect("seal");
+                for _ in 0..times - 1 {
+                    for (kind, content) in records {
+                        client.seal(*kind, content, &mut wire).expect("seal");
+                    }
+                }
+                let again = open_all(&mut server, &mut wire);
+                if expected == AlertDescription::HandshakeFailure {
+                    // Renegotiation is refused once per connection, not once per data.
+                    let (_, alert) = refusal(again);
+                    assert_eq!(alert, Some(expected));
+                    continue;
+                }
+                assert_eq!(again.expect("after data").0, b"x");
+            }
+            for (kind, content) in records {
+                client.seal(*kind, content, &mut wire).expect("seal");
+            }
+            let (_, alert) = refusal(open_all(&mut server, &mut wire));
+            assert_eq!(alert, Some(expected), "{version:?} {records:?}");
+        }
+        // TLS 1.3: one byte of data, its content type, and padding past 2^14 + 1 bytes of
+        // inner plaintext (the data itself is small: only the padding is over).
+        let (mut server, mut client) = pair(Version::Tls13, AEADS[0]);
+        let mut body = vec![0u8; MAX_FRAGMENT + 2];
+        body[0] = b'x';
+        body[1] = APPLICATION_DATA;
+        let header = record_header(APPLICATION_DATA, body.len() + TAG);
+        let nonce = Nonce::assume_unique_for_key(client.tx.nonce());
+        let tag = client
+            .tx
+            .ctx(client.aead)
+            .expect("ctx")
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut body)
+            .expect("seal");
+        let mut wire = header.to_vec();
+        wire.extend_from_slice(&body);
+        wire.extend_from_slice(tag.as_ref());
+        let (_, alert) = refusal(open_all(&mut server, &mut wire));
+        assert_eq!(alert, Some(AlertDescription::RecordOverflow));
     }
 
     #[test]

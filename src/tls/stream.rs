@@ -219,8 +219,11 @@ impl<IO> ServerStream<IO> {
                 )
             });
         match records {
-            Ok(records) => {
+            Ok((records, first)) => {
                 self.tls = Tls::Records(records);
+                if !first.is_empty() {
+                    self.outgoing.append(|out| out.extend_from_slice(&first));
+                }
                 Ok(handshaken)
             }
             Err(e) => {
@@ -242,9 +245,9 @@ impl<IO> ServerStream<IO> {
         }
         match self.tls {
             Tls::Handshake(_) => {
-                capture::arm();
+                let armed = capture::arm();
                 let result = self.process_handshake(send);
-                if let (Some(caught), Tls::Handshake(hs)) = (capture::disarm(), &mut self.tls) {
+                if let (Some(caught), Tls::Handshake(hs)) = (armed.disarm(), &mut self.tls) {
                     hs.caught.merge(caught);
                 }
                 result
@@ -272,7 +275,8 @@ impl<IO> ServerStream<IO> {
                 }
                 Err(records::Fatal { error, alert }) => {
                     self.failed = true;
-                    if let Some(alert) = alert {
+                    // Nothing follows our close_notify, not even an alert.
+                    if let (Some(alert), false) = (alert, self.close_queued) {
                         let _ = self.outgoing.append(|out| rec.seal_fatal(alert, out));
                     }
                     return Err(invalid_data(error));
@@ -509,6 +513,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<IO> {
             if this.plain.read_into(buf) {
                 return Poll::Ready(Ok(()));
             }
+            // Back-pressure on the read side too: a peer that sends what must be answered (key
+            // updates) and never reads our answers is not read from until it does.
+            if this.outgoing.len() >= WRITE_QUEUE {
+                match this.poll_send(cx) {
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending if this.outgoing.len() >= WRITE_QUEUE => return Poll::Pending,
+                    _ => {}
+                }
+            }
             match this.process(Outbound::Nothing) {
                 Ok(_) => {}
                 Err(e) => {
@@ -571,7 +584,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerStream<IO> {
                 return Poll::Pending;
             }
         }
-        let (stand, taken) = this.process(Outbound::Data(bufs))?;
+        let (stand, taken) = match this.process(Outbound::Data(bufs)) {
+            Ok(done) => done,
+            Err(e) => {
+                // Best effort: the alert that explains it goes if the socket takes it now.
+                let _ = this.poll_send(cx);
+                return Poll::Ready(Err(e));
+            }
+        };
         if stand != Stand::Open || taken == 0 {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -785,10 +805,22 @@ impl Window {
         if self.buf.is_empty() {
             self.buf = spare::take();
         }
+        self.compact();
         if self.buf.len() < self.end + need {
             self.buf.resize(self.end + need, 0);
         }
         &mut self.buf[self.end..]
+    }
+
+    /// Moves the held bytes to the front of the buffer, so that what was sent or processed
+    /// ahead of them does not make the buffer grow (a peer that reads slowly would otherwise
+    /// make it as large as all that was ever written to it).
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
     }
 
     /// Lets `write` append to what is held (the buffer's length is where the held bytes end
@@ -797,6 +829,7 @@ impl Window {
         if self.buf.capacity() == 0 {
             self.buf = spare::take();
         }
+        self.compact();
         self.buf.truncate(self.end);
         let result = write(&mut self.buf);
         self.end = self.buf.len();
