@@ -2049,6 +2049,67 @@ mod tests {
         assert_eq!(&buf, b"world");
     }
 
+    /// Data that arrived ahead of a record that fails is read before the failure is reported.
+    #[tokio::test]
+    async fn data_before_a_forged_record_is_read_first() {
+        let (mut server, mut client) = stream_pair("st-data-forged", 64 * 1024, false).await;
+        client.write_all(b"hello").await.expect("w");
+        client.flush().await.expect("flush");
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend((0..40u8).map(|i| i.wrapping_mul(37)));
+        client
+            .get_mut()
+            .0
+            .write_all(&forged)
+            .await
+            .expect("raw write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut buf = [0u8; 16];
+        let n = server.read(&mut buf).await.expect("the data first");
+        assert_eq!(&buf[..n], b"hello");
+        let err = server.read(&mut buf).await.expect_err("then the failure");
+        assert!(matches!(
+            err.get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>()),
+            Some(rustls::Error::DecryptError)
+        ));
+    }
+
+    /// More KeyUpdates in the Finished flight than rustls' limit of 32, with data between
+    /// them: rustls follows only those before the handshake is over, our layer the rest.
+    #[tokio::test]
+    async fn many_key_updates_with_data_right_after_the_handshake_are_followed() {
+        let files = Files::new("st-ku-many");
+        let ca = ecdsa_ca("Stream CA");
+        let server = files.ecdsa_listener(&ca);
+        let c = files.client("consumer", &client_leaf(&ca, &["consumer.dev.local"]), &ca);
+        let client = client_config(&c, &[]).expect("client config");
+        let (client_io, server_io) = tokio::io::duplex(256 * 1024);
+        let name = ServerName::try_from("localhost").expect("name");
+        let (server, client) = tokio::join!(stream::accept(server, server_io), async {
+            let mut tls = TlsConnector::from(client).connect(name, client_io).await?;
+            for _ in 0..40 {
+                tls.get_mut().1.refresh_traffic_keys().expect("key update");
+                tls.write_all(b"x").await?;
+            }
+            tls.flush().await?;
+            Ok::<_, io::Error>(tls)
+        });
+        let mut client = client.expect("client");
+        let (mut server, _) = server.expect("takeover");
+        let mut buf = [0u8; 40];
+        server.read_exact(&mut buf).await.expect("read");
+        assert_eq!(buf, [b'x'; 40]);
+        server.write_all(b"ok").await.expect("write");
+        server.flush().await.expect("flush");
+        let mut two = [0u8; 2];
+        client
+            .read_exact(&mut two)
+            .await
+            .expect("the client follows");
+        assert_eq!(&two, b"ok");
+    }
+
     /// A forged record after the handshake: a decrypt error for the reader, and the alert
     /// that says so for the peer.
     #[tokio::test]

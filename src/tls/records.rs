@@ -331,13 +331,15 @@ impl Records {
     /// The record layer for a connection rustls has finished the handshake of. `client` and
     /// `server` are the TLS 1.3 application traffic secrets caught from rustls (unused in
     /// TLS 1.2). Also returns the records to send before any other (a KeyUpdate answer rustls
-    /// had queued), usually none.
+    /// had queued), usually none; `tickets` says whether the config sends TLS 1.3 session
+    /// tickets (the listener's does not).
     pub fn new(
         version: Version,
         suite: CipherSuite,
         secrets: ExtractedSecrets,
         client: Option<&[u8]>,
         server: Option<&[u8]>,
+        tickets: bool,
     ) -> Result<(Records, Vec<u8>), Error> {
         let (aead, gcm) = match &secrets.tx.1 {
             ConnectionTrafficSecrets::Aes128Gcm { .. } => (&aead::AES_128_GCM, true),
@@ -397,6 +399,13 @@ impl Records {
             records.rx.catch_up(hash, MAX_KEY_UPDATES)?;
             let first = records.tx.copy_at(0);
             if records.tx.catch_up(hash, 1)? == 1 {
+                if tickets {
+                    // Tickets went out under the first generation too: where rustls' answer
+                    // stood among them is not known.
+                    return Err(Error::General(
+                        "a KeyUpdate answer queued by rustls after session tickets".into(),
+                    ));
+                }
                 // rustls answered one of them: it sealed its KeyUpdate under our first
                 // generation (at sequence 0, as nothing else went out under it) and queued it
                 // for its next write, which will never come. It is sealed again here.

@@ -64,6 +64,7 @@ pub async fn accept<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    let tickets = config.send_tls13_tickets > 0;
     let conn = UnbufferedServerConnection::new(config).map_err(invalid_data)?;
     let mut stream = ServerStream {
         io,
@@ -78,14 +79,19 @@ where
         eof: false,
         close_queued: false,
         failed: false,
+        deferred: None,
     };
     poll_fn(|cx| stream.poll_handshake(cx)).await?;
-    let handshaken = stream.take_over()?;
+    let handshaken = stream.take_over(tickets)?;
+    // What the takeover queued (rarely anything) goes now, so the buffer can be released.
+    poll_fn(|cx| stream.poll_send(cx)).await?;
     stream.release();
     Ok((stream, handshaken))
 }
 
-/// A server-side TLS stream (see the module documentation).
+/// A server-side TLS stream (see the module documentation). It is driven from one task (a read
+/// may wait for the socket to take our queued answers, on the same task's write waker); it is
+/// never split across tasks.
 pub struct ServerStream<IO> {
     io: IO,
     tls: Tls,
@@ -103,6 +109,8 @@ pub struct ServerStream<IO> {
     /// The connection failed (its alert is queued): records are never processed again, as the
     /// same bad bytes would meet the same failure and alert twice.
     failed: bool,
+    /// The failure, held back until the data that arrived before it has been read.
+    deferred: Option<io::Error>,
 }
 
 /// Who keeps the connection's TLS state. (The record layer is held inline: it is the state for
@@ -181,7 +189,7 @@ impl<IO> ServerStream<IO> {
 
     /// The handshake is complete: what it settled, and rustls' connection replaced by our
     /// record layer with its keys.
-    fn take_over(&mut self) -> io::Result<Handshaken> {
+    fn take_over(&mut self, tickets: bool) -> io::Result<Handshaken> {
         let Tls::Handshake(hs) = std::mem::replace(&mut self.tls, Tls::Gone) else {
             return Err(io::Error::other("the TLS handshake was already taken over"));
         };
@@ -216,6 +224,7 @@ impl<IO> ServerStream<IO> {
                     secrets,
                     caught.client.as_deref(),
                     caught.server.as_deref(),
+                    tickets,
                 )
             });
         match records {
@@ -266,7 +275,9 @@ impl<IO> ServerStream<IO> {
         let Tls::Records(rec) = &mut self.tls else {
             return Err(io::Error::other("no TLS record layer"));
         };
-        if !self.peer_closed && !self.incoming.is_empty() {
+        // Shutting down opens nothing more: our close_notify is what remains to send.
+        let closing = matches!(send, Outbound::CloseNotify);
+        if !self.peer_closed && !closing && !self.incoming.is_empty() {
             let plain = &mut self.plain;
             match rec.open(self.incoming.window(), |data| plain.push(data)) {
                 Ok(opened) => {
@@ -381,6 +392,15 @@ impl<IO> ServerStream<IO> {
             self.incoming.consume(discard);
             match outcome {
                 Ok(Some(stand)) => return Ok((stand, taken)),
+                // Once the handshake is over and rustls has nothing to send, the records still
+                // to come are our layer's: rustls is not asked to follow more of them (it would
+                // follow KeyUpdates past what the takeover can catch up with).
+                Ok(None)
+                    if matches!(&self.tls, Tls::Handshake(hs)
+                    if !hs.conn.is_handshaking() && !hs.conn.wants_write()) =>
+                {
+                    return Ok((Stand::Open, taken));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.failed = true;
@@ -513,6 +533,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<IO> {
             if this.plain.read_into(buf) {
                 return Poll::Ready(Ok(()));
             }
+            // An error met after data that arrived ahead of it: the data has been read.
+            if let Some(e) = this.deferred.take() {
+                return Poll::Ready(Err(e));
+            }
             // Back-pressure on the read side too: a peer that sends what must be answered (key
             // updates) and never reads our answers is not read from until it does.
             if this.outgoing.len() >= WRITE_QUEUE {
@@ -526,7 +550,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<IO> {
                 Ok(_) => {}
                 Err(e) => {
                     let _ = this.poll_send(cx);
-                    return Poll::Ready(Err(e));
+                    if this.plain.is_empty() {
+                        return Poll::Ready(Err(e));
+                    }
+                    // Data that arrived before the failure is read first.
+                    this.deferred = Some(e);
+                    continue;
                 }
             }
             // Anything processing produced (a key update's answer) goes now if it can; a full
