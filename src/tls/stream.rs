@@ -907,8 +907,12 @@ impl Plain {
         true
     }
 
+    /// Gives the buffer back to the spares if everything in it has been read. What it held
+    /// was one client's decrypted requests (tokens, patient identifiers): it is zeroed first,
+    /// as the next connection to take it may be another client's.
     fn release(&mut self) {
         if self.is_empty() {
+            self.buf.fill(0);
             spare::give(std::mem::take(&mut self.buf));
             self.at = 0;
         }
@@ -961,7 +965,24 @@ mod spare {
 
 #[cfg(test)]
 mod tests {
-    use super::spare;
+    use super::{spare, Plain};
+
+    #[test]
+    fn decrypted_bytes_are_zeroed_before_their_buffer_goes_back_to_the_spares() {
+        while spare::count() > 0 {
+            spare::take();
+        }
+        let mut plain = Plain::default();
+        plain.push(b"Bearer secret-token");
+        let mut out = [0u8; 64];
+        let mut read = tokio::io::ReadBuf::new(&mut out);
+        assert!(plain.read_into(&mut read));
+        assert_eq!(read.filled(), b"Bearer secret-token");
+        assert_eq!(spare::count(), 1, "read in full: the buffer went back");
+        let spare = spare::take();
+        assert_eq!(spare.len(), 19);
+        assert!(spare.iter().all(|&b| b == 0), "{spare:?}");
+    }
 
     #[test]
     fn spares_are_kept_up_to_a_count_and_a_size_and_come_back_initialised() {
