@@ -7,8 +7,9 @@
 //! holds about 3.5 KB for as long as the connection is open (its own state, two expanded AEAD
 //! contexts, its handshake deframer's spans, the client's certificate chain) and offers no way
 //! to release any of it. Here a connection holds its keys, IVs, sequence numbers and (TLS 1.3)
-//! its two traffic secrets (the whole layer is 312 bytes); the AEAD contexts are expanded when a record is
-//! sealed or opened and dropped when the connection goes idle ([`Records::release`]).
+//! its two traffic secrets (the whole layer is 312 bytes); the AEAD contexts are expanded when
+//! a record is sealed or opened and dropped when the connection goes idle
+//! ([`Records::release`]).
 //!
 //! TLS 1.3 (RFC 8446 §5): records of type application_data only, the inner content type after
 //! the plaintext and any zero padding, nonce = IV XOR sequence number, the record header as
