@@ -170,16 +170,16 @@ impl Direction {
         Ok(d)
     }
 
-    /// A copy of the keys and secret at sequence number `seq`, without the AEAD context.
-    /// (Before [`Direction::catch_up`], the secret may be older than the keys.)
-    fn copy_at(&self, seq: u64) -> Direction {
+    /// A copy of the keys, secret and sequence number, without the AEAD context. (Before
+    /// [`Direction::catch_up`], the secret may be older than the keys.)
+    fn copy(&self) -> Direction {
         Direction {
             key: self.key,
             key_len: self.key_len,
             iv: self.iv,
             secret: self.secret,
             secret_len: self.secret_len,
-            seq,
+            seq: self.seq,
             ctx: None,
         }
     }
@@ -187,12 +187,9 @@ impl Direction {
     /// Steps the traffic secret forward (at most `max` times) until the key and IV derived
     /// from it are the ones held; returns how many steps that took. An error if none matches.
     fn catch_up(&mut self, hash: hkdf::Algorithm, max: u8) -> Result<u8, Error> {
-        let len = self.secret_len;
         let mut steps = 0;
         loop {
-            let mut key = [0u8; 32];
-            let mut iv = [0u8; 12];
-            derive_key_iv(hash, &self.secret[..len], &mut key[..self.key_len], &mut iv)?;
+            let (mut key, mut iv) = self.derived(hash)?;
             let same = key[..self.key_len] == self.key[..self.key_len] && iv == self.iv;
             key.zeroize();
             iv.zeroize();
@@ -204,12 +201,41 @@ impl Direction {
                     "the caught traffic secret does not give rustls' keys".into(),
                 ));
             }
-            let mut next = [0u8; 48];
-            expand_label(hash, &self.secret[..len], b"traffic upd", &mut next[..len])?;
-            self.secret[..len].copy_from_slice(&next[..len]);
-            next.zeroize();
+            self.step_secret(hash)?;
             steps += 1;
         }
+    }
+
+    /// The key (its first `key_len` bytes) and IV the traffic secret gives (RFC 8446 §7.3).
+    fn derived(&self, hash: hkdf::Algorithm) -> Result<([u8; 32], [u8; 12]), Error> {
+        let mut key = [0u8; 32];
+        let mut iv = [0u8; 12];
+        let secret = &self.secret[..self.secret_len];
+        expand_label(hash, secret, b"key", &mut key[..self.key_len])?;
+        expand_label(hash, secret, b"iv", &mut iv)?;
+        Ok((key, iv))
+    }
+
+    /// Sets the key and IV to those the traffic secret gives, at sequence number 0.
+    fn rederive(&mut self, hash: hkdf::Algorithm) -> Result<(), Error> {
+        let (mut key, mut iv) = self.derived(hash)?;
+        self.key = key;
+        self.iv = iv;
+        key.zeroize();
+        iv.zeroize();
+        self.seq = 0;
+        self.ctx = None;
+        Ok(())
+    }
+
+    /// The next generation's traffic secret (RFC 8446 §7.2), in place of this one.
+    fn step_secret(&mut self, hash: hkdf::Algorithm) -> Result<(), Error> {
+        let len = self.secret_len;
+        let mut next = [0u8; 48];
+        expand_label(hash, &self.secret[..len], b"traffic upd", &mut next[..len])?;
+        self.secret[..len].copy_from_slice(&next[..len]);
+        next.zeroize();
+        Ok(())
     }
 
     fn ctx(&mut self, aead: &'static aead::Algorithm) -> Result<&LessSafeKey, Error> {
@@ -237,21 +263,8 @@ impl Direction {
 
     /// TLS 1.3 key update (RFC 8446 §7.2): the next traffic secret, and its key and IV.
     fn update(&mut self, hash: hkdf::Algorithm) -> Result<(), Error> {
-        let len = self.secret_len;
-        let mut next = [0u8; 48];
-        expand_label(hash, &self.secret[..len], b"traffic upd", &mut next[..len])?;
-        self.secret[..len].copy_from_slice(&next[..len]);
-        next.zeroize();
-        let mut key = [0u8; 32];
-        let mut iv = [0u8; 12];
-        derive_key_iv(hash, &self.secret[..len], &mut key[..self.key_len], &mut iv)?;
-        self.key = key;
-        self.iv = iv;
-        key.zeroize();
-        iv.zeroize();
-        self.seq = 0;
-        self.ctx = None;
-        Ok(())
+        self.step_secret(hash)?;
+        self.rederive(hash)
     }
 }
 
@@ -280,17 +293,6 @@ fn expand_label(
         .map_err(|_| failed())
 }
 
-/// A traffic secret's record key and IV (RFC 8446 §7.3).
-fn derive_key_iv(
-    hash: hkdf::Algorithm,
-    secret: &[u8],
-    key: &mut [u8],
-    iv: &mut [u8; 12],
-) -> Result<(), Error> {
-    expand_label(hash, secret, b"key", key)?;
-    expand_label(hash, secret, b"iv", iv)
-}
-
 /// A fatal condition: the error to return and the alert that tells the peer.
 #[derive(Debug)]
 pub struct Fatal {
@@ -312,6 +314,13 @@ fn unexpected(what: &str) -> Fatal {
         Error::General(format!(
             "unexpected TLS message after the handshake: {what}"
         )),
+    )
+}
+
+fn overflow() -> Fatal {
+    fatal(
+        AlertDescription::RecordOverflow,
+        Error::General("a TLS record's plaintext over 16 KiB".into()),
     )
 }
 
@@ -398,7 +407,7 @@ impl Records {
             // in the flight of its Finished were followed by rustls already: the caught
             // secret is stepped forward to the generation rustls reached.
             records.rx.catch_up(hash, MAX_KEY_UPDATES)?;
-            let first = records.tx.copy_at(0);
+            let mut first = records.tx.copy();
             if records.tx.catch_up(hash, 1)? == 1 {
                 if tickets {
                     // Tickets went out under the first generation too: where rustls' answer
@@ -410,14 +419,7 @@ impl Records {
                 // rustls answered one of them: it sealed its KeyUpdate under our first
                 // generation (at sequence 0, as nothing else went out under it) and queued it
                 // for its next write, which will never come. It is sealed again here.
-                let mut first = first;
-                let (len, key_len) = (first.secret_len, first.key_len);
-                derive_key_iv(
-                    hash,
-                    &first.secret[..len],
-                    &mut first.key[..key_len],
-                    &mut first.iv,
-                )?;
+                first.rederive(hash)?;
                 let current = std::mem::replace(&mut records.tx, first);
                 let sealed = records.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], &mut lost);
                 records.tx = current;
@@ -516,23 +518,15 @@ impl Records {
                     .open_in_place(nonce, Aad::from(header), body)
                     .map_err(|_| bad_mac())?;
                 self.rx.next_seq()?;
-                // RFC 8446 §5.4: the inner plaintext, padding included, is at most 2^14 + 1.
+                // RFC 8446 §5.4: the inner plaintext, padding included, is at most 2^14 + 1
+                // (so the content before its type is at most 2^14).
                 if plain.len() > MAX_FRAGMENT + 1 {
-                    return Err(fatal(
-                        AlertDescription::RecordOverflow,
-                        Error::General("a TLS record's plaintext over 16 KiB".into()),
-                    ));
+                    return Err(overflow());
                 }
                 // The content type is the last non-zero byte; zeros after it are padding.
                 let Some(at) = plain.iter().rposition(|&b| b != 0) else {
                     return Err(unexpected("a record with no content type"));
                 };
-                if at > MAX_FRAGMENT {
-                    return Err(fatal(
-                        AlertDescription::RecordOverflow,
-                        Error::General("a TLS record's plaintext over 16 KiB".into()),
-                    ));
-                }
                 Ok((plain[at], &plain[..at]))
             }
             Version::Tls12 => {
@@ -547,10 +541,7 @@ impl Records {
                 }
                 let plain_len = body.len() - overhead;
                 if plain_len > MAX_FRAGMENT {
-                    return Err(fatal(
-                        AlertDescription::RecordOverflow,
-                        Error::General("a TLS record's plaintext over 16 KiB".into()),
-                    ));
+                    return Err(overflow());
                 }
                 let (nonce, sealed) = if gcm {
                     let (explicit, sealed) = body.split_at_mut(EXPLICIT_NONCE);
@@ -980,6 +971,25 @@ mod tests {
         (&aead::CHACHA20_POLY1305, false),
     ];
 
+    /// One TLS 1.3 record sealed by `rec` around an inner plaintext given whole (content,
+    /// type and padding as the test wants them, which `seal` would not write).
+    fn raw_tls13_record(rec: &mut Records, mut inner: Vec<u8>) -> Vec<u8> {
+        let header = record_header(APPLICATION_DATA, inner.len() + TAG);
+        let nonce = Nonce::assume_unique_for_key(rec.tx.nonce());
+        let aead = rec.aead;
+        let tag = rec
+            .tx
+            .ctx(aead)
+            .expect("ctx")
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut inner)
+            .expect("seal");
+        rec.tx.next_seq().expect("seq");
+        let mut wire = header.to_vec();
+        wire.extend_from_slice(&inner);
+        wire.extend_from_slice(tag.as_ref());
+        wire
+    }
+
     /// Opens everything in `wire` with `rec`: the data, and whether close_notify came.
     fn open_all(rec: &mut Records, wire: &mut Vec<u8>) -> Result<(Vec<u8>, bool), Fatal> {
         let mut data = Vec::new();
@@ -1235,20 +1245,10 @@ mod tests {
         // TLS 1.3: one byte of data, its content type, and padding past 2^14 + 1 bytes of
         // inner plaintext (the data itself is small: only the padding is over).
         let (mut server, mut client) = pair(Version::Tls13, AEADS[0]);
-        let mut body = vec![0u8; MAX_FRAGMENT + 2];
-        body[0] = b'x';
-        body[1] = APPLICATION_DATA;
-        let header = record_header(APPLICATION_DATA, body.len() + TAG);
-        let nonce = Nonce::assume_unique_for_key(client.tx.nonce());
-        let tag = client
-            .tx
-            .ctx(client.aead)
-            .expect("ctx")
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut body)
-            .expect("seal");
-        let mut wire = header.to_vec();
-        wire.extend_from_slice(&body);
-        wire.extend_from_slice(tag.as_ref());
+        let mut inner = vec![0u8; MAX_FRAGMENT + 2];
+        inner[0] = b'x';
+        inner[1] = APPLICATION_DATA;
+        let mut wire = raw_tls13_record(&mut client, inner);
         let (_, alert) = refusal(open_all(&mut server, &mut wire));
         assert_eq!(alert, Some(AlertDescription::RecordOverflow));
     }
@@ -1303,33 +1303,21 @@ mod tests {
                 assert_eq!(alert, Some(AlertDescription::DecodeError));
             }
         }
-        // TLS 1.3: a record with no content type (all padding).
+        // TLS 1.3: an empty record of data is fine; one with no content type (all padding) is
+        // not.
         let (mut server, mut client) = pair(Version::Tls13, AEADS[0]);
         let mut wire = Vec::new();
         client
             .seal_with(APPLICATION_DATA, 0, &mut wire, |_| {})
             .expect("seal");
-        // The content type byte sealed was 23; rebuild it as all zeros.
-        let mut wire2 = Vec::new();
-        let header = record_header(APPLICATION_DATA, 4 + 1 + TAG);
-        wire2.extend_from_slice(&header);
-        let mut body = vec![0u8; 5];
-        let nonce = Nonce::assume_unique_for_key(client.tx.nonce());
-        let tag = client
-            .tx
-            .ctx(client.aead)
-            .expect("ctx")
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut body)
-            .expect("seal");
-        wire2.extend_from_slice(&body);
-        wire2.extend_from_slice(tag.as_ref());
         assert_eq!(
             open_all(&mut server, &mut wire)
                 .expect("empty data is fine")
                 .0,
             b""
         );
-        let (_, alert) = refusal(open_all(&mut server, &mut wire2));
+        let mut wire = raw_tls13_record(&mut client, vec![0u8; 5]);
+        let (_, alert) = refusal(open_all(&mut server, &mut wire));
         assert_eq!(alert, Some(AlertDescription::UnexpectedMessage));
         // A partial record is left for more bytes, not refused.
         let (mut server, mut client) = pair(Version::Tls13, AEADS[0]);
@@ -1384,10 +1372,18 @@ mod tests {
     #[test]
     fn key_and_iv_derive_as_in_rfc_8448() {
         let secret = hex("a11af9f05531f856ad47116b45a950328204b4f44bfb6b3a4b4f1f3fcb631643");
-        let mut key = [0u8; 16];
-        let mut iv = [0u8; 12];
-        derive_key_iv(hkdf::HKDF_SHA256, &secret, &mut key, &mut iv).expect("derive");
-        assert_eq!(key.to_vec(), hex("9f02283b6c9c07efc26bb9f2ac92e356"));
+        let mut d = Direction {
+            key: [0; 32],
+            key_len: 16,
+            iv: [0; 12],
+            secret: [0; 48],
+            secret_len: secret.len(),
+            seq: 0,
+            ctx: None,
+        };
+        d.secret[..secret.len()].copy_from_slice(&secret);
+        let (key, iv) = d.derived(hkdf::HKDF_SHA256).expect("derive");
+        assert_eq!(key[..16].to_vec(), hex("9f02283b6c9c07efc26bb9f2ac92e356"));
         assert_eq!(iv.to_vec(), hex("cf782b88dd83549aadf1e984"));
     }
 
