@@ -658,6 +658,15 @@ impl Records {
         Ok(())
     }
 
+    /// Whether [`Records::seal_pending`] has anything to seal.
+    pub fn pending(&self) -> bool {
+        self.refuse_renegotiation || self.answer_key_update || self.at_record_limit()
+    }
+
+    fn at_record_limit(&self) -> bool {
+        self.gcm && self.tx.seq >= AES_GCM_RECORDS
+    }
+
     /// Seals what the peer must hear before our next record: the answer to a KeyUpdate that
     /// asked for one (then our keys change), the refusal of a renegotiation, or our own key
     /// update before the AES-GCM record limit.
@@ -666,8 +675,7 @@ impl Records {
             self.refuse_renegotiation = false;
             self.seal(ALERT, &[1, AlertDescription::NoRenegotiation.into()], out)?;
         }
-        let limit = self.gcm && self.tx.seq >= AES_GCM_RECORDS;
-        if self.answer_key_update || limit {
+        if self.answer_key_update || self.at_record_limit() {
             let Some(hash) = self.hkdf else {
                 return Err(Error::EncryptError);
             };
@@ -744,7 +752,7 @@ impl Records {
         fill: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), Error> {
         debug_assert!(len <= MAX_FRAGMENT);
-        if self.version == Version::Tls12 && self.gcm && self.tx.seq >= AES_GCM_RECORDS {
+        if self.version == Version::Tls12 && self.at_record_limit() {
             // TLS 1.2 has no key update: the connection ends here.
             return Err(Error::EncryptError);
         }

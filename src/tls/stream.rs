@@ -294,19 +294,22 @@ impl<IO> ServerStream<IO> {
                 }
             }
         }
-        let mut sealed = Ok(0);
-        if !self.close_queued || matches!(send, Outbound::CloseNotify) {
-            sealed = self.outgoing.append(|out| {
-                if !self.close_queued {
-                    rec.seal_pending(out)?;
-                }
-                match send {
-                    Outbound::Nothing => Ok(0),
-                    Outbound::Data(bufs) => rec.seal_gathered(bufs, WRITE_CHUNK, out),
-                    Outbound::CloseNotify => rec.seal_close_notify(out).map(|()| 0),
-                }
-            });
-        }
+        // After our close_notify (queued before `process(CloseNotify)` runs) only it is sealed;
+        // a read with nothing pending to answer seals nothing, and takes no send buffer.
+        let sealed = match send {
+            Outbound::CloseNotify => self
+                .outgoing
+                .append(|out| rec.seal_close_notify(out).map(|()| 0)),
+            _ if self.close_queued => Ok(0),
+            Outbound::Nothing if !rec.pending() => Ok(0),
+            Outbound::Nothing => self
+                .outgoing
+                .append(|out| rec.seal_pending(out).map(|()| 0)),
+            Outbound::Data(bufs) => self.outgoing.append(|out| {
+                rec.seal_pending(out)?;
+                rec.seal_gathered(bufs, WRITE_CHUNK, out)
+            }),
+        };
         match sealed {
             Ok(taken) => {
                 let stand = if self.peer_closed && self.close_queued {
@@ -506,6 +509,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
         }
     }
 
+    /// Ready once the send queue is under its limit ([`WRITE_QUEUE`]): past it, the socket
+    /// must take some of it first.
+    fn poll_queue_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.outgoing.len() >= WRITE_QUEUE {
+            if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if self.outgoing.len() >= WRITE_QUEUE {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Writes the queued TLS bytes until none are left (ready) or the transport is full.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.outgoing.is_empty() {
@@ -539,13 +556,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<IO> {
             }
             // Back-pressure on the read side too: a peer that sends what must be answered (key
             // updates) and never reads our answers is not read from until it does.
-            if this.outgoing.len() >= WRITE_QUEUE {
-                match this.poll_send(cx) {
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending if this.outgoing.len() >= WRITE_QUEUE => return Poll::Pending,
-                    _ => {}
-                }
-            }
+            ready!(this.poll_queue_room(cx))?;
             match this.process(Outbound::Nothing) {
                 Ok(_) => {}
                 Err(e) => {
@@ -604,15 +615,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerStream<IO> {
         if bufs.iter().all(|b| b.is_empty()) {
             return Poll::Ready(Ok(0));
         }
-        // Back-pressure: past the queue's limit, the socket must take some first.
-        if this.outgoing.len() >= WRITE_QUEUE {
-            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                return Poll::Ready(Err(e));
-            }
-            if this.outgoing.len() >= WRITE_QUEUE {
-                return Poll::Pending;
-            }
-        }
+        ready!(this.poll_queue_room(cx))?;
         let (stand, taken) = match this.process(Outbound::Data(bufs)) {
             Ok(done) => done,
             Err(e) => {
@@ -813,9 +816,7 @@ impl Window {
             }
         } else if self.end == self.buf.len() {
             if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
+                self.compact();
             } else if self.buf.len() >= MAX_INCOMING {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
