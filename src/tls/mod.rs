@@ -873,19 +873,26 @@ mod tests {
         }
     }
 
-    fn tls12_client(c: &ClientTls) -> Arc<ClientConfig> {
-        let config = client_config(c, &[]).expect("client config");
-        let mut tls12 = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .expect("TLS 1.2")
+    /// A client presenting `c`'s certificate, with `provider`'s suites and only `versions`.
+    fn client_with(
+        c: &ClientTls,
+        provider: Arc<CryptoProvider>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<ClientConfig> {
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .expect("versions")
             .with_root_certificates(load_ca_bundle(&c.ca).expect("ca"))
             .with_client_auth_cert(
                 load_certs(&c.cert).expect("cert"),
                 load_private_key(&c.key).expect("key"),
             )
             .expect("client auth");
-        tls12.alpn_protocols = config.alpn_protocols.clone();
-        Arc::new(tls12)
+        Arc::new(config)
+    }
+
+    fn tls12_client(c: &ClientTls) -> Arc<ClientConfig> {
+        client_with(c, provider(), &[&rustls::version::TLS12])
     }
 
     fn anonymous_client(ca: &Path) -> Arc<ClientConfig> {
@@ -1300,16 +1307,8 @@ mod tests {
             "the client lists AES-256 first"
         );
         for versions in [VERSIONS, &[&rustls::version::TLS12][..]] {
-            let client = ClientConfig::builder_with_provider(Arc::new(default.clone()))
-                .with_protocol_versions(versions)
-                .expect("versions")
-                .with_root_certificates(load_ca_bundle(&c.ca).expect("ca"))
-                .with_client_auth_cert(
-                    load_certs(&c.cert).expect("cert"),
-                    load_private_key(&c.key).expect("key"),
-                )
-                .expect("client auth");
-            let (accepted, connected) = handshake(server.clone(), Arc::new(client)).await;
+            let client = client_with(&c, Arc::new(default.clone()), versions);
+            let (accepted, connected) = handshake(server.clone(), client).await;
             connected.expect("client side");
             let expected = if versions.len() == 1 {
                 rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
@@ -1793,20 +1792,12 @@ mod tests {
         for (suite, version) in suites {
             let mut only = rustls::crypto::aws_lc_rs::default_provider();
             only.cipher_suites.retain(|s| s.suite() == suite);
-            let client = ClientConfig::builder_with_provider(Arc::new(only))
-                .with_protocol_versions(&[version])
-                .expect("versions")
-                .with_root_certificates(load_ca_bundle(&c.ca).expect("ca"))
-                .with_client_auth_cert(
-                    load_certs(&c.cert).expect("cert"),
-                    load_private_key(&c.key).expect("key"),
-                )
-                .expect("client auth");
+            let client = client_with(&c, Arc::new(only), &[version]);
             let (client_io, server_io) = tokio::io::duplex(4096);
             let name = ServerName::try_from("localhost").expect("name");
             let (server_side, client_side) = tokio::join!(
                 stream::accept(server.clone(), server_io),
-                TlsConnector::from(Arc::new(client)).connect(name, client_io)
+                TlsConnector::from(client).connect(name, client_io)
             );
             let (mut server_tls, hs) = server_side.expect("server handshake");
             let mut client_tls = client_side.expect("client handshake");
@@ -2014,39 +2005,50 @@ mod tests {
         assert!(max < 512 * 1024, "the send buffer grew to {max} bytes");
     }
 
-    /// KeyUpdates sent with the client's Finished are followed by rustls before the takeover:
-    /// the caught secrets are stepped to the generation rustls reached, and the answer rustls
-    /// had queued is sent by our layer.
-    #[tokio::test]
-    async fn key_updates_in_the_finished_flight_survive_the_takeover() {
-        let files = Files::new("st-ku-early");
+    /// A handshake whose client, as soon as it is connected (its Finished just sent), asks
+    /// for `updates` key updates, writing `each` after every one: what reaches the server comes
+    /// in the flight of the client's Finished. The server must read it all, and the client must
+    /// follow the server's answers and read its reply.
+    async fn key_updates_right_after_the_handshake(tag: &str, updates: usize, each: &[u8]) {
+        let files = Files::new(tag);
         let ca = ecdsa_ca("Stream CA");
         let server = files.ecdsa_listener(&ca);
         let c = files.client("consumer", &client_leaf(&ca, &["consumer.dev.local"]), &ca);
         let client = client_config(&c, &[]).expect("client config");
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (client_io, server_io) = tokio::io::duplex(256 * 1024);
         let name = ServerName::try_from("localhost").expect("name");
         let (server, client) = tokio::join!(stream::accept(server, server_io), async {
             let mut tls = TlsConnector::from(client).connect(name, client_io).await?;
-            for _ in 0..2 {
+            for _ in 0..updates {
                 tls.get_mut().1.refresh_traffic_keys().expect("key update");
+                tls.write_all(each).await?;
             }
-            tls.write_all(b"hello").await?;
+            tls.write_all(b"end").await?;
             tls.flush().await?;
             Ok::<_, io::Error>(tls)
         });
         let mut client = client.expect("client");
         let (mut server, _) = server.expect("takeover");
-        let mut buf = [0u8; 5];
-        server.read_exact(&mut buf).await.expect("read");
-        assert_eq!(&buf, b"hello");
-        server.write_all(b"world").await.expect("write");
+        let expected = [each.repeat(updates), b"end".to_vec()].concat();
+        let mut got = vec![0u8; expected.len()];
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, expected);
+        server.write_all(b"reply").await.expect("write");
         server.flush().await.expect("flush");
+        let mut reply = [0u8; 5];
         client
-            .read_exact(&mut buf)
+            .read_exact(&mut reply)
             .await
             .expect("the client follows our answer");
-        assert_eq!(&buf, b"world");
+        assert_eq!(&reply, b"reply");
+    }
+
+    /// KeyUpdates sent with the client's Finished are followed by rustls before the takeover:
+    /// the caught secrets are stepped to the generation rustls reached, and the answer rustls
+    /// had queued is sent by our layer.
+    #[tokio::test]
+    async fn key_updates_in_the_finished_flight_survive_the_takeover() {
+        key_updates_right_after_the_handshake("st-ku-early", 2, b"").await;
     }
 
     /// Data that arrived ahead of a record that fails is read before the failure is reported.
@@ -2079,35 +2081,7 @@ mod tests {
     /// them: rustls follows only those before the handshake is over, our layer the rest.
     #[tokio::test]
     async fn many_key_updates_with_data_right_after_the_handshake_are_followed() {
-        let files = Files::new("st-ku-many");
-        let ca = ecdsa_ca("Stream CA");
-        let server = files.ecdsa_listener(&ca);
-        let c = files.client("consumer", &client_leaf(&ca, &["consumer.dev.local"]), &ca);
-        let client = client_config(&c, &[]).expect("client config");
-        let (client_io, server_io) = tokio::io::duplex(256 * 1024);
-        let name = ServerName::try_from("localhost").expect("name");
-        let (server, client) = tokio::join!(stream::accept(server, server_io), async {
-            let mut tls = TlsConnector::from(client).connect(name, client_io).await?;
-            for _ in 0..40 {
-                tls.get_mut().1.refresh_traffic_keys().expect("key update");
-                tls.write_all(b"x").await?;
-            }
-            tls.flush().await?;
-            Ok::<_, io::Error>(tls)
-        });
-        let mut client = client.expect("client");
-        let (mut server, _) = server.expect("takeover");
-        let mut buf = [0u8; 40];
-        server.read_exact(&mut buf).await.expect("read");
-        assert_eq!(buf, [b'x'; 40]);
-        server.write_all(b"ok").await.expect("write");
-        server.flush().await.expect("flush");
-        let mut two = [0u8; 2];
-        client
-            .read_exact(&mut two)
-            .await
-            .expect("the client follows");
-        assert_eq!(&two, b"ok");
+        key_updates_right_after_the_handshake("st-ku-many", 40, b"x").await;
     }
 
     /// A forged record after the handshake: a decrypt error for the reader, and the alert
