@@ -81,6 +81,38 @@ fn parse_scan(xml: &str) -> Scan {
     scan
 }
 
+/// Waits for `child` to exit, failing the test (and killing it) if it has not within `within`;
+/// returns its exit status, standard output and standard error. (Its output is read once it
+/// has exited: the tools run here write a few KB.)
+fn finish(
+    mut child: std::process::Child,
+    within: Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String, String) {
+    let deadline = Instant::now() + within;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {within:?}");
+            }
+            Err(e) => panic!("waiting for {what}: {e}"),
+        }
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut stdout);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    (status, stdout, stderr)
+}
+
 /// Runs sslscan against `addr`, presenting the consumer's certificate (without one the
 /// listener ends every TLS 1.2 handshake before sslscan can see the suites), and parses the
 /// XML report. Fails loudly when sslscan is missing, fails or hangs.
@@ -94,7 +126,7 @@ fn sslscan(addr: SocketAddr, cert: &Path, key: &Path) -> Scan {
         ),
     }
     let xml_path = scratch_dir("sslscan").join("scan.xml");
-    let mut child = Command::new("sslscan")
+    let child = Command::new("sslscan")
         .arg("--no-colour")
         .arg(format!("--xml={}", xml_path.display()))
         .arg(format!("--certs={}", cert.display()))
@@ -105,27 +137,7 @@ fn sslscan(addr: SocketAddr, cert: &Path, key: &Path) -> Scan {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start sslscan: {e}"));
-    let deadline = Instant::now() + SSLSCAN_DEADLINE;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("sslscan did not finish within {SSLSCAN_DEADLINE:?}");
-            }
-            Err(e) => panic!("waiting for sslscan: {e}"),
-        }
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_string(&mut stdout);
-    }
-    if let Some(mut err) = child.stderr.take() {
-        let _ = err.read_to_string(&mut stderr);
-    }
+    let (status, stdout, stderr) = finish(child, SSLSCAN_DEADLINE, "sslscan");
     assert!(
         status.success(),
         "sslscan failed ({status}):\n{stdout}\n{stderr}"
@@ -272,33 +284,11 @@ fn s_client(
     stdin
         .write_all(b"GET /metadata HTTP/1.1\nHost: gateway\nConnection: close\n\n")
         .expect("request");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Ok(None) => {
-                let _ = child.kill();
-                panic!("openssl s_client {version} {suite} did not finish");
-            }
-            Err(e) => panic!("waiting for openssl: {e}"),
-        }
-    }
+    // Standard input stays open until s_client has exited (its end would end the session).
+    let what = format!("openssl s_client {version} {suite}");
+    let (_, stdout, stderr) = finish(child, Duration::from_secs(20), &what);
     drop(stdin);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("stdout");
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut out)
-        .expect("stderr");
-    out
+    stdout + &stderr
 }
 
 /// After the handshake the listener seals and opens records itself (`src/tls/records.rs`):
