@@ -133,17 +133,18 @@ impl<'a> Object<'a> {
         self.str(name, &text);
     }
 
-    pub fn uint(&mut self, name: &str, value: u64) {
+    fn int(&mut self, name: &str, value: impl itoa::Integer) {
         let out = self.key(name);
-        let mut digits = itoa::Buffer::new();
-        out.extend_from_slice(digits.format(value).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    pub fn uint(&mut self, name: &str, value: u64) {
+        self.int(name, value);
     }
 
     pub fn opt_int(&mut self, name: &str, value: Option<i64>) {
         if let Some(v) = value {
-            let out = self.key(name);
-            let mut digits = itoa::Buffer::new();
-            out.extend_from_slice(digits.format(v).as_bytes());
+            self.int(name, v);
         }
     }
 
