@@ -91,8 +91,6 @@ pub struct Opened {
 pub struct Records {
     version: Version,
     aead: &'static aead::Algorithm,
-    /// AES-GCM (rather than ChaCha20-Poly1305): TLS 1.2's explicit nonce, the record limit.
-    gcm: bool,
     /// TLS 1.3: the hash of the suite's key schedule, for key updates.
     hkdf: Option<hkdf::Algorithm>,
     rx: Direction,
@@ -351,10 +349,10 @@ impl Records {
         server: Option<&[u8]>,
         tickets: bool,
     ) -> Result<(Records, Vec<u8>), Error> {
-        let (aead, gcm) = match &secrets.tx.1 {
-            ConnectionTrafficSecrets::Aes128Gcm { .. } => (&aead::AES_128_GCM, true),
-            ConnectionTrafficSecrets::Aes256Gcm { .. } => (&aead::AES_256_GCM, true),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => (&aead::CHACHA20_POLY1305, false),
+        let aead = match &secrets.tx.1 {
+            ConnectionTrafficSecrets::Aes128Gcm { .. } => &aead::AES_128_GCM,
+            ConnectionTrafficSecrets::Aes256Gcm { .. } => &aead::AES_256_GCM,
+            ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => &aead::CHACHA20_POLY1305,
             _ => {
                 return Err(Error::General(
                     "a cipher suite this gateway does not offer".into(),
@@ -390,7 +388,6 @@ impl Records {
         let mut records = Records {
             version,
             aead,
-            gcm,
             hkdf,
             rx,
             tx,
@@ -534,7 +531,7 @@ impl Records {
                 if !matches!(kind, APPLICATION_DATA | ALERT | HANDSHAKE) {
                     return Err(unexpected("a record of an unexpected content type"));
                 }
-                let gcm = self.gcm;
+                let gcm = self.gcm();
                 let overhead = if gcm { EXPLICIT_NONCE + TAG } else { TAG };
                 if body.len() < overhead {
                     return Err(bad_mac());
@@ -664,7 +661,13 @@ impl Records {
     }
 
     fn at_record_limit(&self) -> bool {
-        self.gcm && self.tx.seq >= AES_GCM_RECORDS
+        self.gcm() && self.tx.seq >= AES_GCM_RECORDS
+    }
+
+    /// AES-GCM rather than ChaCha20-Poly1305: TLS 1.2's explicit nonce, the record limit.
+    /// (By value: aws-lc-rs declares its algorithms as constants, so their addresses differ.)
+    fn gcm(&self) -> bool {
+        *self.aead != aead::CHACHA20_POLY1305
     }
 
     /// Seals what the peer must hear before our next record: the answer to a KeyUpdate that
@@ -756,7 +759,7 @@ impl Records {
             // TLS 1.2 has no key update: the connection ends here.
             return Err(Error::EncryptError);
         }
-        let (version, gcm, aead) = (self.version, self.gcm, self.aead);
+        let (version, gcm, aead) = (self.version, self.gcm(), self.aead);
         let seq = self.tx.seq;
         let nonce = self.tx.nonce();
         let ctx = self.tx.ctx(aead)?;
@@ -943,6 +946,7 @@ mod tests {
     use super::*;
 
     /// A record layer and its mirror (the client's view: directions swapped), with fixed keys.
+    /// (`gcm` is what the layer must make of `aead`, checked here.)
     fn pair(version: Version, (aead, gcm): Aead) -> (Records, Records) {
         let key_len = aead.key_len();
         let dir = |fill: u8, secret: bool| Direction {
@@ -958,7 +962,6 @@ mod tests {
         let make = |rx: u8, tx: u8| Records {
             version,
             aead,
-            gcm,
             hkdf: tls13.then_some(hkdf::HKDF_SHA256),
             rx: dir(rx, tls13),
             tx: dir(tx, tls13),
@@ -969,7 +972,9 @@ mod tests {
             warnings: 0,
             empty: 0,
         };
-        (make(10, 20), make(20, 10))
+        let (server, client) = (make(10, 20), make(20, 10));
+        assert_eq!(server.gcm(), gcm, "{aead:?}");
+        (server, client)
     }
 
     type Aead = (&'static aead::Algorithm, bool);
