@@ -23,8 +23,9 @@ fn escape_byte(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'
 }
 
-/// The index of the first byte of `bytes` that JSON must escape, if any.
-fn first_escape(bytes: &[u8]) -> Option<usize> {
+/// The index of the first byte of `bytes` that JSON must escape, if any (the JSON reader,
+/// `ssp::json`, uses it to find where a string's plain run ends).
+pub(crate) fn first_escape(bytes: &[u8]) -> Option<usize> {
     let mut i = 0;
     let mut chunks = bytes.chunks_exact(8);
     for chunk in &mut chunks {

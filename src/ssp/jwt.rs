@@ -34,16 +34,14 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use http::HeaderValue;
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
 
+use super::json::{Invalid, Reader, Token};
 use crate::h1::trim_ows;
 #[cfg(test)]
 use serde_json::Map;
 use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::fmt;
-use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 /// The longest bearer token accepted, in bytes.
@@ -587,19 +585,20 @@ fn bearer_token(value: &[u8]) -> Result<&[u8], JwtError> {
     Ok(token)
 }
 
-// Decoding. The header and payload are read straight into the typed views below, borrowing
-// strings from the decoded bytes (escaped strings are copied). Every member is read the way a
-// `serde_json::Value` would have been: a later duplicate member replaces an earlier one, and a
-// member the gateway does not use is still parsed in full (`Skip`), so malformed or too deeply
-// nested JSON anywhere in a part makes the part malformed. A member of the wrong JSON type is
-// recorded as such (`Slot::Wrong`), never a parse error, so `decode` stays lenient and `check`
-// can name the claim.
+// Decoding. The header and payload are read straight into the typed views below by a strict
+// JSON reader (`ssp::json`), borrowing strings from the decoded bytes (escaped strings are
+// copied). Every member is read the way a `serde_json::Value` would have been: a later
+// duplicate member replaces an earlier one, and a member the gateway does not use is still
+// read in full (`skip_value`), so malformed or too deeply nested JSON anywhere in a part makes
+// the part malformed. A member of the wrong JSON type is recorded as such (`Slot::Wrong`),
+// never a parse error, so `decode` stays lenient and `check` can name the claim.
 
 /// Parse one decoded part, which must be a single JSON object.
 fn json_object<'a, T: Shape<'a>>(json: &'a [u8]) -> Option<T> {
-    match serde_json::from_slice::<Slot<T>>(json) {
-        Ok(Slot::Is(object)) => Some(object),
-        _ => None,
+    let mut slot = Slot::Absent;
+    match Reader::whole(json, |reader| read_into(reader, &mut slot)) {
+        Ok(()) => slot.into_is(),
+        Err(_) => None,
     }
 }
 
@@ -628,6 +627,23 @@ impl<T> Slot<T> {
     fn shaped(value: Option<T>) -> Self {
         value.map_or(Slot::Wrong, Slot::Is)
     }
+
+    fn into_is(self) -> Option<T> {
+        match self {
+            Slot::Is(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Makes the slot hold `value` and returns it to be filled in place (the views are large:
+    /// moving a `Payload` is 1.5 KB).
+    fn set(&mut self, value: T) -> &mut T {
+        *self = Slot::Is(value);
+        match self {
+            Slot::Is(value) => value,
+            _ => unreachable!("just set"),
+        }
+    }
 }
 
 type Text<'a> = Cow<'a, str>;
@@ -643,13 +659,10 @@ impl Slot<Text<'_>> {
     }
 }
 
-/// A JSON shape a member can be read as. A JSON value of any other type is consumed and
+/// A JSON shape a member can be read as. A JSON value of any other type is read in full and
 /// becomes `Slot::Wrong`.
-trait Shape<'de>: Sized {
-    /// Whether a JSON string can have this shape (spares copying escaped strings that cannot).
-    const FROM_STR: bool = false;
-
-    fn from_str(_text: Text<'de>) -> Option<Self> {
+trait Shape<'a>: Sized {
+    fn from_str(_text: Text<'a>) -> Option<Self> {
         None
     }
 
@@ -657,81 +670,53 @@ trait Shape<'de>: Sized {
         None
     }
 
-    fn from_seq<A: SeqAccess<'de>>(seq: A) -> Result<Option<Self>, A::Error> {
-        skip_seq(seq).map(|()| None)
+    /// An array, from just after its `[`, read to its end into `slot`.
+    fn read_array(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        *slot = Slot::Wrong;
+        reader.skip_rest(&Token::Array)
     }
 
-    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
-        skip_map(map).map(|()| None)
-    }
-}
-
-impl<'de, T: Shape<'de>> Deserialize<'de> for Slot<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(SlotVisitor(PhantomData))
+    /// An object, from just after its `{`, read to its end into `slot`.
+    fn read_object(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        *slot = Slot::Wrong;
+        reader.skip_rest(&Token::Object)
     }
 }
 
-struct SlotVisitor<T>(PhantomData<T>);
-
-impl<'de, T: Shape<'de>> Visitor<'de> for SlotVisitor<T> {
-    type Value = Slot<T>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
+/// Reads the next value into `slot`: the value if it has `T`'s shape, else what it is.
+fn read_into<'a, T: Shape<'a>>(reader: &mut Reader<'a>, slot: &mut Slot<T>) -> Result<(), Invalid> {
+    match reader.value()? {
+        Token::Null => *slot = Slot::Null,
+        Token::Bool(_) | Token::Number(_) => *slot = Slot::Wrong,
+        Token::Int(number) => *slot = Slot::shaped(T::from_i64(number)),
+        Token::Str(text) => *slot = Slot::shaped(T::from_str(text)),
+        Token::Array => T::read_array(reader, slot)?,
+        Token::Object => T::read_object(reader, slot)?,
     }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Slot::Null)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Slot::Null)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Slot::Wrong)
-    }
-
-    fn visit_i64<E: de::Error>(self, number: i64) -> Result<Self::Value, E> {
-        Ok(Slot::shaped(T::from_i64(number)))
-    }
-
-    fn visit_u64<E: de::Error>(self, number: u64) -> Result<Self::Value, E> {
-        Ok(Slot::shaped(
-            i64::try_from(number).ok().and_then(T::from_i64),
-        ))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Slot::Wrong)
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
-        Ok(Slot::shaped(T::from_str(Cow::Borrowed(text))))
-    }
-
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(if T::FROM_STR {
-            Slot::shaped(T::from_str(Cow::Owned(text.to_owned())))
-        } else {
-            Slot::Wrong
-        })
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        T::from_seq(seq).map(Slot::shaped)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        T::from_map(map).map(Slot::shaped)
-    }
+    Ok(())
 }
 
-impl<'de> Shape<'de> for Text<'de> {
-    const FROM_STR: bool = true;
+/// Reads the next value as a `T` if it has that shape.
+fn read<'a, T: Shape<'a>>(reader: &mut Reader<'a>) -> Result<Slot<T>, Invalid> {
+    let mut slot = Slot::Absent;
+    read_into(reader, &mut slot)?;
+    Ok(slot)
+}
 
-    fn from_str(text: Text<'de>) -> Option<Self> {
+/// Calls `member` with each member name of the object the reader is in, to read its value.
+fn members<'a>(
+    reader: &mut Reader<'a>,
+    mut member: impl FnMut(&mut Reader<'a>, &str) -> Result<(), Invalid>,
+) -> Result<(), Invalid> {
+    let mut first = true;
+    while let Some(name) = reader.next_member(&mut first)? {
+        member(reader, &name)?;
+    }
+    Ok(())
+}
+
+impl<'a> Shape<'a> for Text<'a> {
+    fn from_str(text: Text<'a>) -> Option<Self> {
         Some(text)
     }
 }
@@ -742,96 +727,6 @@ impl Shape<'_> for i64 {
     }
 }
 
-/// Any JSON value, parsed in full and dropped.
-struct Skip;
-
-impl<'de> Deserialize<'de> for Skip {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(SkipVisitor)
-    }
-}
-
-struct SkipVisitor;
-
-impl<'de> Visitor<'de> for SkipVisitor {
-    type Value = Skip;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
-        Ok(Skip)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
-        skip_seq(seq).map(|()| Skip)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
-        skip_map(map).map(|()| Skip)
-    }
-}
-
-fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
-    while seq.next_element::<Skip>()?.is_some() {}
-    Ok(())
-}
-
-fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
-    while map.next_key::<Skip>()?.is_some() {
-        map.next_value::<Skip>()?;
-    }
-    Ok(())
-}
-
-/// Reads a member name as the one of `.0` it equals, if any, without copying it.
-struct MemberName(&'static [&'static str]);
-
-impl<'de> DeserializeSeed<'de> for MemberName {
-    type Value = Option<&'static str>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for MemberName {
-    type Value = Option<&'static str>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a member name")
-    }
-
-    fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
-        Ok(self.0.iter().copied().find(|known| *known == name))
-    }
-}
-
 /// The JOSE header members the gateway judges.
 #[derive(Default)]
 struct Header<'a> {
@@ -839,19 +734,17 @@ struct Header<'a> {
     typ: Slot<Text<'a>>,
 }
 
-impl<'de> Shape<'de> for Header<'de> {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
-        let mut header = Header::default();
-        while let Some(name) = map.next_key_seed(MemberName(&["alg", "typ"]))? {
+impl<'a> Shape<'a> for Header<'a> {
+    fn read_object(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        let header = slot.set(Header::default());
+        members(reader, |reader, name| {
             match name {
-                Some("alg") => header.alg = map.next_value()?,
-                Some("typ") => header.typ = map.next_value()?,
-                _ => {
-                    map.next_value::<Skip>()?;
-                }
+                "alg" => read_into(reader, &mut header.alg)?,
+                "typ" => read_into(reader, &mut header.typ)?,
+                _ => reader.skip_value()?,
             }
-        }
-        Ok(Some(header))
+            Ok(())
+        })
     }
 }
 
@@ -870,39 +763,25 @@ struct Payload<'a> {
     requesting_practitioner: Slot<Resource<'a>>,
 }
 
-impl<'de> Shape<'de> for Payload<'de> {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
-        const NAMES: &[&str] = &[
-            "iss",
-            "sub",
-            "aud",
-            "iat",
-            "exp",
-            "reason_for_request",
-            "requested_scope",
-            "requesting_device",
-            "requesting_organization",
-            "requesting_practitioner",
-        ];
-        let mut p = Payload::default();
-        while let Some(name) = map.next_key_seed(MemberName(NAMES))? {
+impl<'a> Shape<'a> for Payload<'a> {
+    fn read_object(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        let p = slot.set(Payload::default());
+        members(reader, |reader, name| {
             match name {
-                Some("iss") => p.iss = map.next_value()?,
-                Some("sub") => p.sub = map.next_value()?,
-                Some("aud") => p.aud = map.next_value()?,
-                Some("iat") => p.iat = map.next_value()?,
-                Some("exp") => p.exp = map.next_value()?,
-                Some("reason_for_request") => p.reason_for_request = map.next_value()?,
-                Some("requested_scope") => p.requested_scope = map.next_value()?,
-                Some("requesting_device") => p.requesting_device = map.next_value()?,
-                Some("requesting_organization") => p.requesting_organization = map.next_value()?,
-                Some("requesting_practitioner") => p.requesting_practitioner = map.next_value()?,
-                _ => {
-                    map.next_value::<Skip>()?;
-                }
+                "iss" => read_into(reader, &mut p.iss)?,
+                "sub" => read_into(reader, &mut p.sub)?,
+                "aud" => read_into(reader, &mut p.aud)?,
+                "iat" => read_into(reader, &mut p.iat)?,
+                "exp" => read_into(reader, &mut p.exp)?,
+                "reason_for_request" => read_into(reader, &mut p.reason_for_request)?,
+                "requested_scope" => read_into(reader, &mut p.requested_scope)?,
+                "requesting_device" => read_into(reader, &mut p.requesting_device)?,
+                "requesting_organization" => read_into(reader, &mut p.requesting_organization)?,
+                "requesting_practitioner" => read_into(reader, &mut p.requesting_practitioner)?,
+                _ => reader.skip_value()?,
             }
-        }
-        Ok(Some(p))
+            Ok(())
+        })
     }
 }
 
@@ -960,31 +839,21 @@ struct Resource<'a> {
     version: Slot<Text<'a>>,
 }
 
-impl<'de> Shape<'de> for Resource<'de> {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
-        const NAMES: &[&str] = &[
-            "resourceType",
-            "id",
-            "identifier",
-            "name",
-            "model",
-            "version",
-        ];
-        let mut r = Resource::default();
-        while let Some(name) = map.next_key_seed(MemberName(NAMES))? {
+impl<'a> Shape<'a> for Resource<'a> {
+    fn read_object(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        let r = slot.set(Resource::default());
+        members(reader, |reader, name| {
             match name {
-                Some("resourceType") => r.resource_type = map.next_value()?,
-                Some("id") => r.id = map.next_value()?,
-                Some("identifier") => r.identifier = map.next_value()?,
-                Some("name") => r.name = map.next_value()?,
-                Some("model") => r.model = map.next_value()?,
-                Some("version") => r.version = map.next_value()?,
-                _ => {
-                    map.next_value::<Skip>()?;
-                }
+                "resourceType" => read_into(reader, &mut r.resource_type)?,
+                "id" => read_into(reader, &mut r.id)?,
+                "identifier" => read_into(reader, &mut r.identifier)?,
+                "name" => read_into(reader, &mut r.name)?,
+                "model" => read_into(reader, &mut r.model)?,
+                "version" => read_into(reader, &mut r.version)?,
+                _ => reader.skip_value()?,
             }
-        }
-        Ok(Some(r))
+            Ok(())
+        })
     }
 }
 
@@ -1018,24 +887,22 @@ struct Identifier<'a> {
     value: Slot<Text<'a>>,
 }
 
-impl<'de> Shape<'de> for Identifier<'de> {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
-        let mut identifier = Identifier::default();
-        while let Some(name) = map.next_key_seed(MemberName(&["system", "value"]))? {
+impl<'a> Shape<'a> for Identifier<'a> {
+    fn read_object(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        let identifier = slot.set(Identifier::default());
+        members(reader, |reader, name| {
             match name {
-                Some("system") => identifier.system = map.next_value()?,
-                Some("value") => identifier.value = map.next_value()?,
-                _ => {
-                    map.next_value::<Skip>()?;
-                }
+                "system" => read_into(reader, &mut identifier.system)?,
+                "value" => read_into(reader, &mut identifier.value)?,
+                _ => reader.skip_value()?,
             }
-        }
-        Ok(Some(identifier))
+            Ok(())
+        })
     }
 }
 
-impl<'de> Shape<'de> for Identifiers<'de> {
-    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+impl<'a> Shape<'a> for Identifiers<'a> {
+    fn read_array(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
         let mut ids = Identifiers {
             len: 0,
             all_objects: true,
@@ -1046,7 +913,9 @@ impl<'de> Shape<'de> for Identifiers<'de> {
         };
         // Whether an element with each known system has been seen (the first one decides).
         let (mut ods, mut user, mut role) = (false, false, false);
-        while let Some(element) = seq.next_element::<Slot<Identifier<'de>>>()? {
+        let mut first = true;
+        while reader.next_element(&mut first)? {
+            let element: Slot<Identifier<'a>> = read(reader)?;
             ids.len += 1;
             let Slot::Is(identifier) = element else {
                 ids.all_objects = false;
@@ -1068,7 +937,8 @@ impl<'de> Shape<'de> for Identifiers<'de> {
                 ids.first = Some((identifier.system, identifier.value));
             }
         }
-        Ok(Some(ids))
+        *slot = Slot::Is(ids);
+        Ok(())
     }
 }
 
@@ -1093,22 +963,32 @@ enum Name<'a> {
     Human(HumanName<'a>),
 }
 
-impl<'de> Shape<'de> for Name<'de> {
-    const FROM_STR: bool = true;
-
-    fn from_str(text: Text<'de>) -> Option<Self> {
+impl<'a> Shape<'a> for Name<'a> {
+    fn from_str(text: Text<'a>) -> Option<Self> {
         Some(Name::Text(text))
     }
 
-    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
-        match seq.next_element::<Slot<HumanName<'de>>>()? {
-            None => Ok(Some(Name::Empty)),
-            Some(first) => skip_seq(seq).map(|()| Some(Name::List(first))),
+    fn read_array(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        let mut first = true;
+        if !reader.next_element(&mut first)? {
+            *slot = Slot::Is(Name::Empty);
+            return Ok(());
         }
+        let Name::List(human) = slot.set(Name::List(Slot::Absent)) else {
+            unreachable!("just set");
+        };
+        read_into(reader, human)?;
+        while reader.next_element(&mut first)? {
+            reader.skip_value()?;
+        }
+        Ok(())
     }
 
-    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
-        HumanName::from_map(map).map(|human| human.map(Name::Human))
+    fn read_object(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        let Name::Human(human) = slot.set(Name::Human(HumanName::default())) else {
+            unreachable!("just set");
+        };
+        members(reader, |reader, name| human.member(reader, name))
     }
 }
 
@@ -1127,43 +1007,45 @@ struct HumanName<'a> {
     text: Slot<Text<'a>>,
 }
 
-impl<'de> Shape<'de> for HumanName<'de> {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
-        let mut human = HumanName::default();
-        while let Some(name) = map.next_key_seed(MemberName(&["given", "family", "text"]))? {
-            match name {
-                Some("given") => human.given = map.next_value()?,
-                Some("family") => human.family = map.next_value()?,
-                Some("text") => human.text = map.next_value()?,
-                _ => {
-                    map.next_value::<Skip>()?;
-                }
-            }
+impl<'a> HumanName<'a> {
+    fn member(&mut self, reader: &mut Reader<'a>, name: &str) -> Result<(), Invalid> {
+        match name {
+            "given" => read_into(reader, &mut self.given),
+            "family" => read_into(reader, &mut self.family),
+            "text" => read_into(reader, &mut self.text),
+            _ => reader.skip_value(),
         }
-        Ok(Some(human))
+    }
+}
+
+impl<'a> Shape<'a> for HumanName<'a> {
+    fn read_object(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
+        let human = slot.set(HumanName::default());
+        members(reader, |reader, name| human.member(reader, name))
     }
 }
 
 /// `given` as display words: a string, or the strings of an array (other elements ignored).
 struct Words(String);
 
-impl<'de> Shape<'de> for Words {
-    const FROM_STR: bool = true;
-
-    fn from_str(text: Text<'de>) -> Option<Self> {
+impl<'a> Shape<'a> for Words {
+    fn from_str(text: Text<'a>) -> Option<Self> {
         let mut words = String::new();
         push_word(&mut words, &text);
         Some(Words(words))
     }
 
-    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+    fn read_array(reader: &mut Reader<'a>, slot: &mut Slot<Self>) -> Result<(), Invalid> {
         let mut words = String::new();
-        while let Some(element) = seq.next_element::<Slot<Text<'de>>>()? {
+        let mut first = true;
+        while reader.next_element(&mut first)? {
+            let element: Slot<Text<'a>> = read(reader)?;
             if let Some(word) = element.str() {
                 push_word(&mut words, word);
             }
         }
-        Ok(Some(Words(words)))
+        *slot = Slot::Is(Words(words));
+        Ok(())
     }
 }
 

@@ -3,5 +3,6 @@
 
 pub mod envelope;
 pub mod interactions;
+pub(crate) mod json;
 pub mod jwt;
 pub mod outcome;
