@@ -228,10 +228,14 @@ pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// What framing adds to a body, newline included: `{"seq":`, 20 digits, `,"prev":"`, 64 hex
+/// digits, `",`, `}` and `\n` (the body's own braces are dropped).
+const FRAME_OVERHEAD: usize = 7 + 20 + 9 + 64 + 2 + 1 + 1;
+
 /// Frames a record body (a JSON object) as the line the trail stores, without the newline:
 /// `{"seq":N,"prev":"<hex>",<body fields>}`.
 pub fn frame(seq: u64, prev: &[u8; 32], body: &str) -> String {
-    let mut line = Vec::with_capacity(body.len() + 100);
+    let mut line = Vec::new();
     frame_into(&mut line, seq, prev, body);
     // Only ASCII and `body`'s own (UTF-8) fields were written.
     String::from_utf8(line).unwrap_or_default()
@@ -241,6 +245,9 @@ pub fn frame(seq: u64, prev: &[u8; 32], body: &str) -> String {
 /// writer frames each record straight into the bytes it writes.
 pub fn frame_into(out: &mut Vec<u8>, seq: u64, prev: &[u8; 32], body: &str) -> usize {
     let start = out.len();
+    // One growth per record at most (the writer frames a batch into one buffer), rather than
+    // one per field.
+    out.reserve(body.len() + FRAME_OVERHEAD);
     let fields = body
         .strip_prefix('{')
         .and_then(|b| b.strip_suffix('}'))
