@@ -10,37 +10,43 @@ use std::fmt::Display;
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
 
-/// Whether any byte of `w` is a control (below 0x20), `"` or `\`.
-fn needs_escape(w: u64) -> bool {
+/// A mark in the high bit of each byte of `w` that is a control (below 0x20), `"` or `\`.
+/// The lowest mark is always one of those bytes: the subtractions' borrows only run upwards,
+/// from such a byte into the ones above it, so any false mark lies above a true one.
+fn escape_marks(w: u64) -> u64 {
     let below_space = w.wrapping_sub(LO * 0x20) & !w;
     let quote = w ^ (LO * u64::from(b'"'));
     let backslash = w ^ (LO * u64::from(b'\\'));
     let zero = |x: u64| x.wrapping_sub(LO) & !x;
-    (below_space | zero(quote) | zero(backslash)) & HI != 0
+    (below_space | zero(quote) | zero(backslash)) & HI
 }
 
-fn escape_byte(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
+/// The index of the first byte of the 8 little-endian bytes of `w` that JSON must escape.
+fn first_in_word(w: u64) -> Option<usize> {
+    match escape_marks(w) {
+        0 => None,
+        marks => Some(marks.trailing_zeros() as usize / 8),
+    }
 }
 
 /// The index of the first byte of `bytes` that JSON must escape, if any (the JSON reader,
-/// `ssp::json`, uses it to find where a string's plain run ends).
+/// `ssp::json`, uses it to find where a string's plain run ends). Eight bytes at a time; the
+/// last few are padded with spaces, which need no escape.
 pub(crate) fn first_escape(bytes: &[u8]) -> Option<usize> {
-    let mut i = 0;
     let mut chunks = bytes.chunks_exact(8);
+    let mut at = 0;
     for chunk in &mut chunks {
         let mut w = [0u8; 8];
         w.copy_from_slice(chunk);
-        if needs_escape(u64::from_le_bytes(w)) {
-            return chunk.iter().position(|b| escape_byte(*b)).map(|p| i + p);
+        if let Some(i) = first_in_word(u64::from_le_bytes(w)) {
+            return Some(at + i);
         }
-        i += 8;
+        at += 8;
     }
-    chunks
-        .remainder()
-        .iter()
-        .position(|b| escape_byte(*b))
-        .map(|p| i + p)
+    let rest = chunks.remainder();
+    let mut w = [b' '; 8];
+    w[..rest.len()].copy_from_slice(rest);
+    first_in_word(u64::from_le_bytes(w)).map(|i| at + i)
 }
 
 /// Appends `s` as a JSON string, escaped as serde_json escapes it: `\"`, `\\`, `\b`, `\f`,
@@ -219,7 +225,43 @@ mod tests {
         }
     }
 
+    /// The first byte JSON must escape, found one byte at a time.
+    fn first_escape_slowly(bytes: &[u8]) -> Option<usize> {
+        bytes
+            .iter()
+            .position(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    }
+
+    #[test]
+    fn the_first_escape_is_exact_whatever_follows_it() {
+        // Borrows in the word arithmetic mark bytes above a true mark: 0x01 above a quote
+        // (0x22 ^ 0x22 - 1 borrows), 0x21 above a control, and so on.
+        for special in [0u8, 0x01, 0x1f, b'"', b'\\'] {
+            for follower in [0u8, 0x01, 0x20, 0x21, 0x23, 0x5d, 0x5c, b'"', 0x80, 0xff] {
+                for at in 0..17 {
+                    let mut bytes = vec![b'a'; 17];
+                    bytes[at] = special;
+                    for b in bytes.iter_mut().skip(at + 1) {
+                        *b = follower;
+                    }
+                    assert_eq!(first_escape(&bytes), Some(at), "{bytes:?}");
+                }
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn first_escape_is_the_first_byte_to_escape(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(0u8), Just(1u8), Just(0x1f), Just(0x20), Just(0x21), Just(b'"'),
+                    Just(0x23), Just(b'\\'), Just(0x5d), Just(b'a'), Just(0x80), Just(0xff)],
+                0..40,
+            )
+        ) {
+            prop_assert_eq!(first_escape(&bytes), first_escape_slowly(&bytes));
+        }
+
         #[test]
         fn any_string_is_written_as_serde_json_writes_it(s in any::<String>()) {
             prop_assert_eq!(ours(&s), serde_json::to_string(&s).expect("json"));
