@@ -236,7 +236,7 @@ impl Gateway {
         latency_us: u64,
     ) {
         let mut id = uuid::Uuid::encode_buffer();
-        let trace = ctx.trace.trace_id_hex();
+        let trace = ctx.trace.trace_id_hex_bytes();
         let line = AccessLine {
             request_id: ctx.request_id.hyphenated().encode_lower(&mut id),
             trace_id: record.trace_id.as_deref().unwrap_or("-"),
@@ -250,7 +250,8 @@ impl Gateway {
             latency_us,
             token: record.token.as_deref().unwrap_or("-"),
             jwt_problem: record.jwt_problem.unwrap_or("-"),
-            otel_trace_id: &trace,
+            // Lowercase hex digits only.
+            otel_trace_id: std::str::from_utf8(&trace).unwrap_or("-"),
         };
         if crate::logwriter::json() {
             crate::logwriter::write_line(access_json_line(&now_rfc3339(), &line).as_bytes());
@@ -417,7 +418,7 @@ impl Gateway {
 
         // 8. Forward to the registered endpoint, with this span as the provider's parent; the
         //    provider's answer passes back unchanged.
-        if let Ok(v) = HeaderValue::from_str(&ctx.trace.traceparent()) {
+        if let Ok(v) = HeaderValue::from_bytes(&ctx.trace.traceparent_bytes()) {
             req.headers_mut().insert("traceparent", v);
         }
         // The optional body cap: a declared length over it is refused before anything is sent.

@@ -8,6 +8,7 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+use crate::audit::record::hex_to;
 use crate::config::{LogConfig, LogFormat};
 
 /// Installs the process-wide subscriber, writing through `logwriter` (call `logwriter::flush`
@@ -199,16 +200,27 @@ impl TraceContext {
 
     /// The `traceparent` to send downstream: this span as the parent.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            crate::audit::record::hex(&self.trace_id),
-            crate::audit::record::hex(&self.span_id),
-            u8::from(self.sampled)
-        )
+        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
+    }
+
+    /// [`TraceContext::traceparent`] as bytes, without allocating (one per forwarded request).
+    pub fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut out = *b"00-################################-################-0#";
+        hex_to(&mut out[3..35], &self.trace_id);
+        hex_to(&mut out[36..52], &self.span_id);
+        out[54] = if self.sampled { b'1' } else { b'0' };
+        out
     }
 
     pub fn trace_id_hex(&self) -> String {
         crate::audit::record::hex(&self.trace_id)
+    }
+
+    /// The trace id in lowercase hex, without allocating.
+    pub fn trace_id_hex_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hex_to(&mut out, &self.trace_id);
+        out
     }
 }
 
@@ -433,6 +445,7 @@ pub fn otlp_json(service_name: &str, spans: &[SpanRecord]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::record::hex;
 
     #[test]
     fn ids_are_random_version_4_and_distinct() {
@@ -504,9 +517,22 @@ mod tests {
             "our own span id goes downstream"
         );
 
+        assert_eq!(
+            sent,
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-00", hex(&c.span_id))
+        );
+        assert_eq!(
+            std::str::from_utf8(&c.trace_id_hex_bytes()),
+            Ok("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+
         let started = TraceContext::continue_or_start(&HeaderMap::new());
         assert!(started.parent_span_id.is_none() && started.sampled);
         assert!(parse_traceparent(&started.traceparent()).is_some());
+        assert_eq!(
+            started.traceparent(),
+            format!("00-{}-{}-01", hex(&started.trace_id), hex(&started.span_id))
+        );
         assert_ne!(
             started.trace_id,
             TraceContext::continue_or_start(&HeaderMap::new()).trace_id

@@ -295,11 +295,22 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Appends `bytes` in lowercase hex to `out`.
 fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0x0f)]);
+        out.extend_from_slice(&hex_pair(*b));
     }
+}
+
+/// Writes `bytes` in lowercase hex over the start of `out` (twice as long), without allocating.
+pub fn hex_to(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&hex_pair(*b));
+    }
+}
+
+/// One byte's two lowercase hex digits.
+fn hex_pair(b: u8) -> [u8; 2] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0x0f)]]
 }
 
 #[cfg(test)]
