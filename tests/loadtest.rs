@@ -292,6 +292,24 @@ async fn bad_arguments_are_refused_before_any_load() {
     let e = Settings::from_args(&a).err().expect("streams without h2");
     assert!(e.to_string().contains("--streams"), "{e}");
 
+    // A rate the pacer cannot step (its slot interval would be zero), and the highest it can.
+    for (rate, ok) in [
+        (1e99, false),
+        (1_000_001.0, false),
+        (1e6, true),
+        (0.0, false),
+    ] {
+        let mut a = base.clone();
+        a.rate = Some(rate);
+        match Settings::from_args(&a) {
+            Ok(_) => assert!(ok, "rate {rate} accepted"),
+            Err(e) => {
+                assert!(!ok, "rate {rate} refused: {e}");
+                assert!(e.to_string().contains("--rate"), "{e}");
+            }
+        }
+    }
+
     let mut a = base.clone();
     a.book_body = Some("/nonexistent/booking.json".into());
     let e = Settings::from_args(&a).err().expect("missing body file");

@@ -36,6 +36,11 @@ use conn::{exchange, Dialer, Sender};
 use pace::Pacer;
 use request::Factory;
 
+/// The highest `--rate`: one request slot per microsecond. Far beyond what one generator can
+/// send, and the pacer's clock needs a slot interval it can step (at 1e99/s the interval is
+/// zero and every slot of the run is due at once).
+const MAX_RATE: f64 = 1_000_000.0;
+
 /// The development world's full-access consumer ASID (`Ssp-From`).
 pub const DEV_FROM: &str = "200000000359";
 /// The development world's provider ASID (`Ssp-To`).
@@ -134,7 +139,7 @@ pub struct Args {
     pub new_connection: bool,
     /// Send at this fixed rate (requests per second, all connections together) and measure
     /// latency from each request's intended send time; without it, each connection sends its
-    /// next request as soon as the last is answered.
+    /// next request as soon as the last is answered. At most 1,000,000.
     #[arg(long)]
     pub rate: Option<f64>,
     /// How long to measure, after the warm-up.
@@ -264,6 +269,9 @@ impl Settings {
         if let Some(rate) = args.rate {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(bad("--rate", "must be a positive number of requests/s"));
+            }
+            if rate > MAX_RATE {
+                return Err(bad("--rate", "must be at most 1000000 requests/s"));
             }
         }
         if args.duration.is_zero() {
