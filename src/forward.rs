@@ -406,45 +406,71 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Hop-by-hop (RFC 9110 §7.6.1), or `Transfer-Encoding`, which is hyper's to set per hop.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::TRANSFER_ENCODING
+}
+
+/// Removes the headers `doomed` names, and those named in `Connection`, in one pass over the
+/// headers: most messages carry none of them, and then nothing is looked up or removed.
+fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let mut gone: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        if name == header::CONNECTION {
+            let listed = value.to_str().ok().into_iter().flat_map(|v| v.split(','));
+            gone.extend(listed.filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()));
+        }
+        if doomed(name) {
+            gone.push(name.clone());
+        }
+    }
+    for name in gone {
+        headers.remove(name);
+    }
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any named in `Connection`.
 /// `Transfer-Encoding` is hyper's to set per hop and is removed too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
+    strip(headers, is_hop_by_hop);
 }
+
+/// The consumer's headers the gateway sets itself or does not pass on (beside hop-by-hop
+/// ones): `Forwarded` and `X-Forwarded-For` are replaced below.
+const FROM_CONSUMER: [HeaderName; 6] = [
+    header::HOST,
+    header::EXPECT,
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+];
 
 /// Makes the consumer's headers fit for the provider: hop-by-hop ones removed, `Host` left for
 /// the client to set from the target, `Expect` answered here rather than passed on, and the
 /// forwarding headers replaced with the gateway's own view of the client.
 pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::EXPECT);
-    headers.remove(header::FORWARDED);
-    headers.remove(HeaderName::from_static("x-forwarded-for"));
-    headers.remove(HeaderName::from_static("x-forwarded-proto"));
-    headers.remove(HeaderName::from_static("x-forwarded-host"));
-    let ip = client.ip();
-    let forwarded = match ip {
-        IpAddr::V4(v4) => format!("for={v4};proto=https"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+    strip(headers, |name| {
+        is_hop_by_hop(name) || FROM_CONSUMER.contains(name)
+    });
+    let (forwarded, address) = match client.ip() {
+        IpAddr::V4(v4) => {
+            let mut value = Vec::with_capacity(32);
+            value.extend_from_slice(b"for=");
+            crate::jsonw::ipv4_into(&mut value, v4);
+            let address = HeaderValue::from_bytes(&value[4..]);
+            value.extend_from_slice(b";proto=https");
+            (HeaderValue::from_maybe_shared(Bytes::from(value)), address)
+        }
+        IpAddr::V6(v6) => (
+            HeaderValue::from_str(&format!("for=\"[{v6}]\";proto=https")),
+            HeaderValue::from_str(&v6.to_string()),
+        ),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(v) = forwarded {
         headers.insert(header::FORWARDED, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+    if let Ok(v) = address {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
 }
@@ -822,8 +848,16 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, X-Secret"),
         );
+        h.append(header::CONNECTION, HeaderValue::from_static(" x-other ,,"));
         h.insert("x-secret", HeaderValue::from_static("1"));
+        h.append("x-secret", HeaderValue::from_static("2"));
+        h.insert("x-other", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-t"));
         h.insert(header::HOST, HeaderValue::from_static("gateway.example"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
@@ -846,6 +880,12 @@ mod tests {
         for gone in [
             "connection",
             "x-secret",
+            "x-other",
+            "expect",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "proxy-connection",
+            "trailer",
             "keep-alive",
             "host",
             "te",
@@ -860,6 +900,7 @@ mod tests {
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["ssp-traceid"], "kept");
         assert_eq!(h[header::AUTHORIZATION], "Bearer kept");
+        assert_eq!(h.len(), 4, "only the kept and the gateway's own: {h:?}");
 
         let mut h = HeaderMap::new();
         prepare_request_headers(&mut h, "[::1]:5555".parse().expect("addr"));

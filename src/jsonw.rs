@@ -78,6 +78,17 @@ pub fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends `ip` in dotted decimal, as `Display` writes it, without `fmt`.
+pub(crate) fn ipv4_into(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in ip.octets().iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        out.extend_from_slice(digits.format(*octet).as_bytes());
+    }
+}
+
 /// Writes one JSON object's members in order: `{` on creation, `,` between members, `}` at
 /// [`Object::end`]. Member names are the caller's constants and are written as given.
 pub struct Object<'a> {
@@ -120,16 +131,10 @@ impl<'a> Object<'a> {
             return self.display(name, addr);
         };
         let out = self.key(name);
-        let mut digits = itoa::Buffer::new();
         out.push(b'"');
-        for (i, octet) in v4.ip().octets().iter().enumerate() {
-            if i > 0 {
-                out.push(b'.');
-            }
-            out.extend_from_slice(digits.format(*octet).as_bytes());
-        }
+        ipv4_into(out, *v4.ip());
         out.push(b':');
-        out.extend_from_slice(digits.format(v4.port()).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
         out.push(b'"');
     }
 
