@@ -1758,6 +1758,24 @@ mod tests {
         );
     }
 
+    /// A number serde_json refuses (its f64 arithmetic overflows) makes the payload malformed,
+    /// as it did when serde_json read the payload: found by review, near f64::MAX.
+    #[test]
+    fn a_number_serde_json_refuses_makes_the_payload_malformed() {
+        let payload = RECORDED.replacen('{', r#"{"x":1.7976931348623158e308,"#, 1);
+        assert_eq!(raw_reason(&payload), "MALFORMED");
+        let in_iat = RECORDED.replace("\"iat\":1747730256", "\"iat\":17976931348623158e292");
+        assert_eq!(raw_reason(&in_iat), "MALFORMED");
+        let accepted = RECORDED.replacen('{', r#"{"x":1.79769313486231590e308,"#, 1);
+        assert!(check(
+            Some(&raw(&accepted)),
+            &scopes(&["patient/*.write"]),
+            NOW + 10,
+            0
+        )
+        .is_ok());
+    }
+
     #[test]
     fn integers_must_fit_i64_and_not_be_floats() {
         for iat in [
