@@ -135,40 +135,16 @@ impl<'a> Reader<'a> {
     /// Inside an array (`first` true until the first element): whether another element
     /// follows, to be read with [`Reader::value`]. `false` once the array has closed.
     pub fn next_element(&mut self, first: &mut bool) -> Result<bool, Invalid> {
-        self.skip_whitespace();
-        match self.peek() {
-            Some(b']') => {
-                self.pos += 1;
-                self.remaining_depth += 1;
-                return Ok(false);
-            }
-            Some(b',') if !*first => {
-                self.pos += 1;
-            }
-            _ if *first => {}
-            _ => return Err(self.invalid("expected `,` or `]`")),
-        }
-        *first = false;
-        Ok(true)
+        self.another(first, b']', "expected `,` or `]`")
     }
 
     /// Inside an object (`first` true until the first member): the next member's name, its
     /// value to be read with [`Reader::value`]. `None` once the object has closed.
     pub fn next_member(&mut self, first: &mut bool) -> Result<Option<Cow<'a, str>>, Invalid> {
-        self.skip_whitespace();
-        match self.peek() {
-            Some(b'}') => {
-                self.pos += 1;
-                self.remaining_depth += 1;
-                return Ok(None);
-            }
-            Some(b',') if !*first => {
-                self.pos += 1;
-                self.skip_whitespace();
-            }
-            _ if *first => {}
-            _ => return Err(self.invalid("expected `,` or `}`")),
+        if !self.another(first, b'}', "expected `,` or `}`")? {
+            return Ok(None);
         }
+        self.skip_whitespace();
         if self.peek() != Some(b'"') {
             return Err(self.invalid("expected a member name"));
         }
@@ -179,8 +155,30 @@ impl<'a> Reader<'a> {
             return Err(self.invalid("expected `:`"));
         }
         self.pos += 1;
-        *first = false;
         Ok(Some(name))
+    }
+
+    /// Inside an array or object closed by `close`: `false` (and closed) at `close`, else
+    /// `true` past the `,` that must separate an item from the one before it.
+    fn another(
+        &mut self,
+        first: &mut bool,
+        close: u8,
+        expected: &'static str,
+    ) -> Result<bool, Invalid> {
+        self.skip_whitespace();
+        match self.peek() {
+            Some(b) if b == close => {
+                self.pos += 1;
+                self.remaining_depth += 1;
+                return Ok(false);
+            }
+            Some(b',') if !*first => self.pos += 1,
+            _ if *first => {}
+            _ => return Err(self.invalid(expected)),
+        }
+        *first = false;
+        Ok(true)
     }
 
     fn enter(&mut self, token: Token<'a>) -> Result<Token<'a>, Invalid> {
