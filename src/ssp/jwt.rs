@@ -2063,8 +2063,171 @@ mod tests {
         "/requesting_organization",
     ];
 
+    /// The claims of a payload read the plain way, through a `serde_json::Value`: the rules
+    /// of `Payload::claims` restated independently of the typed views and the JSON reader.
+    fn claims_through_value(payload: &Value) -> JwtClaims {
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+        let int = |v: Option<&Value>| v.and_then(Value::as_i64);
+        let resource = |name: &str| payload.get(name).filter(|r| r.is_object());
+        // The first object identifier with `system` decides; a non-empty string value counts.
+        let identified = |r: Option<&Value>, system: &str| {
+            let ids = r?.get("identifier")?.as_array()?;
+            let first = ids
+                .iter()
+                .filter(|id| id.is_object())
+                .find(|id| id.get("system").and_then(Value::as_str) == Some(system))?;
+            text(first.get("value")).filter(|v| !v.is_empty())
+        };
+        let (device, organization, practitioner) = (
+            resource("requesting_device"),
+            resource("requesting_organization"),
+            resource("requesting_practitioner"),
+        );
+        let human = practitioner.and_then(|p| match p.get("name")? {
+            Value::Array(names) => names.first().filter(|n| n.is_object()),
+            name @ Value::Object(_) => Some(name),
+            _ => None,
+        });
+        let practitioner_name = human.and_then(|h| {
+            let mut out = String::new();
+            match h.get("given") {
+                Some(Value::String(word)) => push_word(&mut out, word),
+                Some(Value::Array(words)) => words
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .for_each(|w| push_word(&mut out, w)),
+                _ => {}
+            }
+            if let Some(family) = h.get("family").and_then(Value::as_str) {
+                push_word(&mut out, family);
+            }
+            if out.is_empty() {
+                if let Some(t) = h.get("text").and_then(Value::as_str) {
+                    push_word(&mut out, t);
+                }
+            }
+            (!out.is_empty()).then_some(out)
+        });
+        let device_identifier = device
+            .and_then(|d| d.get("identifier")?.as_array()?.first())
+            .filter(|id| id.is_object())
+            .and_then(|id| {
+                let system = id.get("system").and_then(Value::as_str).unwrap_or("");
+                let value = id.get("value").and_then(Value::as_str).unwrap_or("");
+                (!system.is_empty() || !value.is_empty()).then(|| format!("{system}|{value}"))
+            });
+        JwtClaims {
+            iss: text(payload.get("iss")),
+            sub: text(payload.get("sub")),
+            aud: text(payload.get("aud")),
+            iat: int(payload.get("iat")),
+            exp: int(payload.get("exp")),
+            reason_for_request: text(payload.get("reason_for_request")),
+            requested_scope: text(payload.get("requested_scope")),
+            organization_ods_code: identified(organization, ODS_SYSTEM),
+            organization_name: text(organization.and_then(|o| o.get("name"))),
+            practitioner_id: text(practitioner.and_then(|p| p.get("id"))),
+            sds_user_id: identified(practitioner, SDS_USER_ID_SYSTEM),
+            sds_role_profile_id: identified(practitioner, SDS_ROLE_PROFILE_SYSTEM),
+            practitioner_name,
+            device_identifier,
+            device_model: text(device.and_then(|d| d.get("model"))),
+            device_version: text(device.and_then(|d| d.get("version"))),
+            json: RenderedJson::default(),
+        }
+    }
+
+    /// Values the extraction treats specially, beside arbitrary JSON: the known identifier
+    /// systems, identifiers and lists of them (a later one with the same system must not
+    /// count), and names in their shapes.
+    fn extraction_value() -> impl Strategy<Value = Value> {
+        let system = prop_oneof![
+            Just(json!(ODS_SYSTEM)),
+            Just(json!(SDS_USER_ID_SYSTEM)),
+            Just(json!(SDS_ROLE_PROFILE_SYSTEM)),
+            Just(json!("")),
+            Just(json!(7)),
+        ];
+        let value = prop_oneof![
+            Just(json!("")),
+            Just(json!(" v ")),
+            Just(json!(null)),
+            "[a-z]{1,3}".prop_map(Value::String)
+        ];
+        let identifier =
+            (system, value).prop_map(|(system, value)| json!({"system": system, "value": value}));
+        let word = prop_oneof![
+            Just(json!(" ")),
+            Just(json!(3)),
+            "[a-z ]{0,4}".prop_map(Value::String)
+        ];
+        let human = (
+            prop_oneof![
+                word.clone(),
+                proptest::collection::vec(word.clone(), 0..3).prop_map(Value::Array)
+            ],
+            word.clone(),
+            word,
+        )
+            .prop_map(
+                |(given, family, text)| json!({"given": given, "family": family, "text": text}),
+            );
+        prop_oneof![
+            arb_json(),
+            identifier.clone(),
+            proptest::collection::vec(identifier, 0..4).prop_map(Value::Array),
+            human.clone(),
+            proptest::collection::vec(human, 0..3).prop_map(Value::Array),
+        ]
+    }
+
+    /// Where the claims' extraction looks, for the property below to put other values.
+    const EXTRACTION_PATHS: [&str; 16] = [
+        "/iat",
+        "/sub",
+        "/requesting_device/identifier",
+        "/requesting_device/identifier/0",
+        "/requesting_device/identifier/0/system",
+        "/requesting_device/model",
+        "/requesting_organization/identifier/0",
+        "/requesting_organization/identifier/0/value",
+        "/requesting_organization/name",
+        "/requesting_practitioner/identifier/0",
+        "/requesting_practitioner/identifier/1/system",
+        "/requesting_practitioner/name",
+        "/requesting_practitioner/name/0",
+        "/requesting_practitioner/name/0/given",
+        "/requesting_practitioner/name/0/family",
+        "/requesting_practitioner",
+    ];
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// The claims `decode` extracts are those a plain reading of the payload through
+        /// serde_json gives, whatever is put where the extraction looks, and with a later
+        /// duplicate of a member (which replaces the first in both).
+        #[test]
+        fn decoded_claims_are_those_of_a_plain_reading(
+            edits in proptest::collection::vec((0..EXTRACTION_PATHS.len(), extraction_value()), 1..4),
+            duplicate in proptest::option::of((0..EXTRACTION_PATHS.len(), extraction_value())),
+        ) {
+            let mut claims = valid();
+            for (path, replacement) in edits {
+                if let Some(slot) = claims.pointer_mut(EXTRACTION_PATHS[path]) {
+                    *slot = replacement;
+                }
+            }
+            let mut payload = claims.to_string();
+            if let Some((path, value)) = duplicate {
+                let name = EXTRACTION_PATHS[path].trim_start_matches('/').split('/').next().unwrap_or("iat");
+                payload.pop();
+                payload.push_str(&format!(",{}:{value}}}", json!(name)));
+            }
+            let plain: Value = serde_json::from_str(&payload).expect("serde reads it");
+            let decoded = decode(Some(&raw(&payload))).expect("decodes");
+            prop_assert_eq!(decoded, claims_through_value(&plain), "{}", payload);
+        }
 
         #[test]
         fn decode_and_check_never_panic_on_arbitrary_headers(
