@@ -684,7 +684,10 @@ const FHIR_KEYS: [&str; 4] = [
 ];
 const REMOTE_KEYS: [&str; 2] = ["connect_timeout", "query_timeout"];
 /// The longest any cache duration may be (keeps instant arithmetic far from overflow).
-const MAX_CACHE_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The longest duration any setting takes. Far beyond every sensible value, and short enough
+/// that a deadline `now + it` cannot overflow the clock (a `response_timeout` of u64::MAX
+/// seconds passed the checks and then panicked every forwarded request).
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
     let kind = s.string("backend", Some("ldif"));
@@ -788,23 +791,13 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
         },
     };
     let defaults = CachePolicy::default();
-    let mut cache = CachePolicy {
+    let cache = CachePolicy {
         ttl: s.duration("cache_ttl", defaults.ttl),
         negative_ttl: s.duration("negative_cache_ttl", defaults.negative_ttl),
         capacity: s.uint("cache_capacity", defaults.capacity, 1, 100_000_000),
         max_stale: duration_or_zero(s, "max_stale", defaults.max_stale),
         stale_retry: defaults.stale_retry,
     };
-    for (key, value) in [
-        ("cache_ttl", &mut cache.ttl),
-        ("negative_cache_ttl", &mut cache.negative_ttl),
-        ("max_stale", &mut cache.max_stale),
-    ] {
-        if *value > MAX_CACHE_DURATION {
-            s.problem(key, "must be at most 30 days".into());
-            *value = MAX_CACHE_DURATION;
-        }
-    }
     DirectoryConfig { backend, cache }
 }
 
@@ -1055,6 +1048,10 @@ impl<'t, 'p> Section<'t, 'p> {
         match self.take(key) {
             None => default,
             Some(toml::Value::String(s)) => match humantime::parse_duration(s) {
+                Ok(d) if d > MAX_DURATION => {
+                    self.problem(key, format!("`{s}` is longer than 30 days"));
+                    default
+                }
                 Ok(d) if !d.is_zero() => d,
                 Ok(_) => {
                     self.problem(key, "must be longer than zero".into());
@@ -1192,6 +1189,45 @@ ldif_file = "directory.ldif"
         }
         let shown = err.to_string();
         assert!(shown.contains("log.colour: unknown key"), "{shown}");
+    }
+
+    /// `MINIMAL` with `setting` in `section` (added to it when it is there already).
+    fn with_setting(section: &str, setting: &str) -> String {
+        let header = format!("[{section}]\n");
+        match MINIMAL.contains(&header) {
+            true => MINIMAL.replacen(&header, &format!("{header}{setting}\n"), 1),
+            false => format!("{MINIMAL}\n{header}{setting}\n"),
+        }
+    }
+
+    /// No duration may be so long that a deadline `now + it` overflows the clock: a
+    /// `response_timeout` of u64::MAX seconds passed these checks and then panicked every
+    /// forwarded request.
+    #[test]
+    fn every_duration_is_at_most_30_days() {
+        for (section, key) in [
+            ("upstream", "response_timeout"),
+            ("upstream", "connect_timeout"),
+            ("listener", "handshake_timeout"),
+            ("audit", "write_timeout"),
+            ("audit", "fsync_follow_up"),
+            ("shutdown", "grace_period"),
+        ] {
+            let text = with_setting(section, &format!("{key} = \"18446744073709551615s\""));
+            let err = parse(&text).expect_err(key);
+            let problem = err
+                .problems
+                .iter()
+                .find(|p| p.key == format!("{section}.{key}"))
+                .unwrap_or_else(|| panic!("no problem for {section}.{key}: {err:?}"));
+            assert!(problem.reason.contains("30 days"), "{problem:?}");
+        }
+        let c = parse(&with_setting("upstream", "response_timeout = \"30days\""))
+            .expect("30 days is allowed");
+        assert_eq!(
+            c.upstream.response_timeout,
+            Duration::from_secs(30 * 24 * 3600)
+        );
     }
 
     #[test]
