@@ -292,12 +292,16 @@ async fn bad_arguments_are_refused_before_any_load() {
     let e = Settings::from_args(&a).err().expect("streams without h2");
     assert!(e.to_string().contains("--streams"), "{e}");
 
-    // A rate the pacer cannot step (its slot interval would be zero), and the highest it can.
+    // A rate the pacer cannot step (its slot interval would be zero), and the highest it can;
+    // one whose interval a Duration cannot hold (1e-300 panicked), and the lowest it can.
     for (rate, ok) in [
         (1e99, false),
         (1_000_001.0, false),
         (1e6, true),
         (0.0, false),
+        (1e-300, false),
+        (0.000_999, false),
+        (0.001, true),
     ] {
         let mut a = base.clone();
         a.rate = Some(rate);
@@ -306,6 +310,34 @@ async fn bad_arguments_are_refused_before_any_load() {
             Err(e) => {
                 assert!(!ok, "rate {rate} refused: {e}");
                 assert!(e.to_string().contains("--rate"), "{e}");
+            }
+        }
+    }
+
+    // Times whose deadlines would overflow the clock (they panicked), and the longest allowed.
+    let forever = Duration::from_secs(u64::MAX);
+    let month = Duration::from_secs(30 * 24 * 3600);
+    let hour = Duration::from_secs(3600);
+    type Field = fn(&mut Args) -> &mut Duration;
+    let fields: [(&str, Field, Duration); 3] = [
+        ("--duration", |a| &mut a.duration, month),
+        ("--warmup", |a| &mut a.warmup, month),
+        ("--timeout", |a| &mut a.timeout, hour),
+    ];
+    for (flag, field, most) in fields {
+        for (value, ok) in [
+            (forever, false),
+            (most + Duration::from_secs(1), false),
+            (most, true),
+        ] {
+            let mut a = base.clone();
+            *field(&mut a) = value;
+            match Settings::from_args(&a) {
+                Ok(_) => assert!(ok, "{flag} {value:?} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{flag} {value:?} refused: {e}");
+                    assert!(e.to_string().contains(flag), "{e}");
+                }
             }
         }
     }

@@ -41,6 +41,14 @@ use request::Factory;
 /// zero and every slot of the run is due at once).
 const MAX_RATE: f64 = 1_000_000.0;
 
+/// The lowest `--rate`: one request every 1,000 s. At 1e-300/s the slot interval is past what
+/// a `Duration` can hold (a panic).
+const MIN_RATE: f64 = 0.001;
+/// The longest `--duration` and `--warmup`: a month-long soak is the most anyone runs.
+const MAX_RUN: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The longest `--timeout` for one request.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The development world's full-access consumer ASID (`Ssp-From`).
 pub const DEV_FROM: &str = "200000000359";
 /// The development world's provider ASID (`Ssp-To`).
@@ -139,7 +147,7 @@ pub struct Args {
     pub new_connection: bool,
     /// Send at this fixed rate (requests per second, all connections together) and measure
     /// latency from each request's intended send time; without it, each connection sends its
-    /// next request as soon as the last is answered. At most 1,000,000.
+    /// next request as soon as the last is answered. From 0.001 to 1,000,000.
     #[arg(long)]
     pub rate: Option<f64>,
     /// How long to measure, after the warm-up.
@@ -273,12 +281,26 @@ impl Settings {
             if rate > MAX_RATE {
                 return Err(bad("--rate", "must be at most 1000000 requests/s"));
             }
+            if rate < MIN_RATE {
+                return Err(bad("--rate", "must be at least 0.001 requests/s"));
+            }
         }
         if args.duration.is_zero() {
             return Err(bad("--duration", "must be above 0"));
         }
         if args.timeout.is_zero() {
             return Err(bad("--timeout", "must be above 0"));
+        }
+        // Beyond these the run's deadlines overflow the clock (a panic, not a long run).
+        for (flag, value, most) in [
+            ("--duration", args.duration, MAX_RUN),
+            ("--warmup", args.warmup, MAX_RUN),
+            ("--timeout", args.timeout, MAX_TIMEOUT),
+        ] {
+            if value > most {
+                let most = humantime::format_duration(most);
+                return Err(bad(flag, &format!("must be at most {most}")));
+            }
         }
         let mode = match (args.new_connection, args.idle) {
             (true, Some(_)) => {
