@@ -1953,13 +1953,22 @@ mod tests {
             .await
             .expect("read under the new keys");
         assert_eq!(&buf, b"after");
-        server.write_all(b"reply").await.expect("w");
+        reply_reaches_the_client(&mut server, &mut client).await;
+    }
+
+    /// The server's reply reaches the client, which must have followed every key change.
+    async fn reply_reaches_the_client(
+        server: &mut stream::ServerStream<tokio::io::DuplexStream>,
+        client: &mut ClientStream,
+    ) {
+        server.write_all(b"reply").await.expect("write");
         server.flush().await.expect("flush");
+        let mut reply = [0u8; 5];
         client
-            .read_exact(&mut buf)
+            .read_exact(&mut reply)
             .await
-            .expect("the client follows our key update");
-        assert_eq!(&buf, b"reply");
+            .expect("the client follows our keys");
+        assert_eq!(&reply, b"reply");
     }
 
     /// A client that asks for key update after key update, with no data between them, is cut
@@ -2033,14 +2042,7 @@ mod tests {
         let mut got = vec![0u8; expected.len()];
         server.read_exact(&mut got).await.expect("read");
         assert_eq!(got, expected);
-        server.write_all(b"reply").await.expect("write");
-        server.flush().await.expect("flush");
-        let mut reply = [0u8; 5];
-        client
-            .read_exact(&mut reply)
-            .await
-            .expect("the client follows our answer");
-        assert_eq!(&reply, b"reply");
+        reply_reaches_the_client(&mut server, &mut client).await;
     }
 
     /// KeyUpdates sent with the client's Finished are followed by rustls before the takeover:
