@@ -418,7 +418,7 @@ impl Gateway {
 
         // 8. Forward to the registered endpoint, with this span as the provider's parent; the
         //    provider's answer passes back unchanged.
-        if let Ok(v) = HeaderValue::from_bytes(&ctx.trace.traceparent_bytes()) {
+        if let Ok(v) = HeaderValue::from_bytes(&ctx.trace.traceparent()) {
             req.headers_mut().insert("traceparent", v);
         }
         // The optional body cap: a declared length over it is refused before anything is sent.

@@ -198,13 +198,9 @@ impl TraceContext {
         }
     }
 
-    /// The `traceparent` to send downstream: this span as the parent.
-    pub fn traceparent(&self) -> String {
-        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
-    }
-
-    /// [`TraceContext::traceparent`] as bytes, without allocating (one per forwarded request).
-    pub fn traceparent_bytes(&self) -> [u8; 55] {
+    /// The `traceparent` to send downstream, this span as the parent: ASCII, written on the
+    /// stack (one per forwarded request).
+    pub fn traceparent(&self) -> [u8; 55] {
         let mut out = *b"00-################################-################-0#";
         hex_to(&mut out[3..35], &self.trace_id);
         hex_to(&mut out[36..52], &self.span_id);
@@ -505,7 +501,7 @@ mod tests {
             Some([0, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
         );
         assert!(!c.sampled);
-        let sent = c.traceparent();
+        let sent = String::from_utf8_lossy(&c.traceparent()).into_owned();
         assert!(
             sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
             "{sent}"
@@ -528,9 +524,10 @@ mod tests {
 
         let started = TraceContext::continue_or_start(&HeaderMap::new());
         assert!(started.parent_span_id.is_none() && started.sampled);
-        assert!(parse_traceparent(&started.traceparent()).is_some());
+        let sent = String::from_utf8_lossy(&started.traceparent()).into_owned();
+        assert!(parse_traceparent(&sent).is_some());
         assert_eq!(
-            started.traceparent(),
+            sent,
             format!("00-{}-{}-01", hex(&started.trace_id), hex(&started.span_id))
         );
         assert_ne!(
