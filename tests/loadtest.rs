@@ -302,6 +302,8 @@ async fn bad_arguments_are_refused_before_any_load() {
         (1e-300, false),
         (0.000_999, false),
         (0.001, true),
+        (f64::NAN, false),
+        (f64::INFINITY, false),
     ] {
         let mut a = base.clone();
         a.rate = Some(rate);
