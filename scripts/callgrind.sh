@@ -10,10 +10,12 @@
 # the release gateway under `valgrind --tool=callgrind --instr-atstart=no`, warms up with 10
 # requests on one connection (not counted), switches instrumentation on and sends 2,000 slot
 # searches at 100/s over 4 keep-alive connections (`ssp-gateway loadtest`, after its own 2 s
-# warm-up: 2,200 requests and 4 handshakes counted), and prints the total and the count per
-# request. Needs valgrind (`apt-get install valgrind`). Read the profile with
-# `callgrind_annotate --inclusive=yes OUT`. Handshakes are included (about 10M instructions
-# each, under 5% of the total); compare builds by their totals over the same run.
+# warm-up: 2,200 requests counted), and prints the total and the count per request. Needs
+# valgrind (`apt-get install valgrind`). Read the profile with
+# `callgrind_annotate --inclusive=yes OUT`. The handshakes inside the window are counted too:
+# the load generator's 4 and the provider-leg connections the gateway's pool opens, a number
+# that varies from run to run (one run had 10 RSA signatures, 8% of its total). Compare builds
+# over runs whose RSA totals (`aws_lc_*_RSA_sign_pss_mgf1`) are equal, or over several runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/ssp-callgrind.out}
