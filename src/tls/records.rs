@@ -765,14 +765,15 @@ impl Records {
         let ctx = self.tx.ctx(aead)?;
         let start = out.len();
         out.reserve(HEADER + EXPLICIT_NONCE + len + 1 + TAG);
-        let (at, aad) = match version {
+        // Where the plaintext starts, its length (TLS 1.3's with the inner type), and the AAD.
+        let (at, content, aad) = match version {
             Version::Tls13 => {
                 let header = record_header(APPLICATION_DATA, len + 1 + TAG);
                 out.extend_from_slice(&header);
                 let at = out.len();
                 fill(out);
                 out.push(kind);
-                (at, Aad::from(AdditionalData::Header(header)))
+                (at, len + 1, Aad::from(AdditionalData::Header(header)))
             }
             Version::Tls12 => {
                 let explicit = if gcm { EXPLICIT_NONCE } else { 0 };
@@ -783,13 +784,8 @@ impl Records {
                 let at = out.len();
                 fill(out);
                 let aad = tls12_aad(seq, kind, [3, 3], len);
-                (at, Aad::from(AdditionalData::Tls12(aad)))
+                (at, len, Aad::from(AdditionalData::Tls12(aad)))
             }
-        };
-        let content = if version == Version::Tls13 {
-            len + 1
-        } else {
-            len
         };
         if out.len() != at + content {
             out.truncate(start);
