@@ -2053,12 +2053,8 @@ mod tests {
         key_updates_right_after_the_handshake("st-ku-early", 2, b"").await;
     }
 
-    /// Data that arrived ahead of a record that fails is read before the failure is reported.
-    #[tokio::test]
-    async fn data_before_a_forged_record_is_read_first() {
-        let (mut server, mut client) = stream_pair("st-data-forged", 64 * 1024, false).await;
-        client.write_all(b"hello").await.expect("w");
-        client.flush().await.expect("flush");
+    /// Writes, under the client's TLS, an application-data record of 40 bytes that no key seals.
+    async fn send_forged_record(client: &mut ClientStream) {
         let mut forged = vec![23, 3, 3, 0, 40];
         forged.extend((0..40u8).map(|i| i.wrapping_mul(37)));
         client
@@ -2067,16 +2063,32 @@ mod tests {
             .write_all(&forged)
             .await
             .expect("raw write");
+    }
+
+    fn assert_decrypt_error(err: &io::Error) {
+        assert!(
+            matches!(
+                err.get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>()),
+                Some(rustls::Error::DecryptError)
+            ),
+            "{err}"
+        );
+    }
+
+    /// Data that arrived ahead of a record that fails is read before the failure is reported.
+    #[tokio::test]
+    async fn data_before_a_forged_record_is_read_first() {
+        let (mut server, mut client) = stream_pair("st-data-forged", 64 * 1024, false).await;
+        client.write_all(b"hello").await.expect("w");
+        client.flush().await.expect("flush");
+        send_forged_record(&mut client).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut buf = [0u8; 16];
         let n = server.read(&mut buf).await.expect("the data first");
         assert_eq!(&buf[..n], b"hello");
         let err = server.read(&mut buf).await.expect_err("then the failure");
-        assert!(matches!(
-            err.get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>()),
-            Some(rustls::Error::DecryptError)
-        ));
+        assert_decrypt_error(&err);
     }
 
     /// More KeyUpdates in the Finished flight than rustls' limit of 32, with data between
@@ -2091,21 +2103,10 @@ mod tests {
     #[tokio::test]
     async fn a_record_that_does_not_decrypt_is_an_error_and_an_alert() {
         let (mut server, mut client) = stream_pair("st-forged", 64 * 1024, false).await;
-        let mut forged = vec![23, 3, 3, 0, 40];
-        forged.extend((0..40u8).map(|i| i.wrapping_mul(37)));
-        client
-            .get_mut()
-            .0
-            .write_all(&forged)
-            .await
-            .expect("raw write");
+        send_forged_record(&mut client).await;
         let err = server.read(&mut [0u8; 16]).await.expect_err("forged");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(matches!(
-            err.get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>()),
-            Some(rustls::Error::DecryptError)
-        ));
+        assert_decrypt_error(&err);
         let seen = client.read(&mut [0u8; 16]).await;
         assert!(seen.is_err(), "the client hears the alert: {seen:?}");
     }
