@@ -449,11 +449,7 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     let otlp_endpoint = if endpoint.is_empty() {
         None
     } else {
-        let host_ok = endpoint
-            .strip_prefix("http://")
-            .and_then(|rest| rest.split('/').next())
-            .is_some_and(|authority| !authority.is_empty() && !authority.contains('@'));
-        if !host_ok || endpoint.parse::<http::Uri>().is_err() {
+        if !has_host(&endpoint, &["http://"]) || endpoint.parse::<http::Uri>().is_err() {
             s.problem(
                 "otlp_endpoint",
                 format!("`{endpoint}` is not an http://host:port URL of an OTLP/HTTP collector"),
@@ -719,10 +715,12 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
     let backend = match kind.as_str() {
         "ldap" => {
             let url = s.string("ldap_url", None);
-            if !url.is_empty() && !url.starts_with("ldap://") && !url.starts_with("ldaps://") {
+            if !url.is_empty() && !has_host(&url, &["ldap://", "ldaps://"]) {
                 s.problem(
                     "ldap_url",
-                    format!("`{url}` is not an ldap:// or ldaps:// URL"),
+                    format!(
+                        "`{url}` is not an ldap:// or ldaps:// URL with a host (and a port of 1-65535)"
+                    ),
                 );
             }
             let search_base = s.string(
@@ -755,10 +753,12 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
         "fhir" => {
             let base_url = s.string("fhir_base_url", None);
             let https = base_url.starts_with("https://");
-            if !base_url.is_empty() && !https && !base_url.starts_with("http://") {
+            if !base_url.is_empty() && !has_host(&base_url, &["https://", "http://"]) {
                 s.problem(
                     "fhir_base_url",
-                    format!("`{base_url}` is not an https:// URL"),
+                    format!(
+                        "`{base_url}` is not an https:// URL with a host (and a port of 1-65535)"
+                    ),
                 );
             }
             let api_key_file = s.path("fhir_api_key_file");
@@ -1121,6 +1121,19 @@ impl<'t, 'p> Section<'t, 'p> {
     }
 }
 
+/// `url` starts with one of `schemes` and names a host, with no userinfo and a port (if any) of
+/// 1 to 65535: ldap3 panics on a URL without a host, and a port that does not fit is otherwise
+/// read as none, which means the scheme's default port.
+fn has_host(url: &str, schemes: &[&str]) -> bool {
+    schemes
+        .iter()
+        .find_map(|scheme| url.strip_prefix(scheme))
+        .is_some_and(|rest| {
+            let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+            !authority.contains('@') && crate::ssp::envelope::split_authority(authority).is_some()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1406,6 +1419,54 @@ ldif_file = "directory.ldif"
             f.asid_ods.get("918999198993").map(String::as_str),
             Some("B82617")
         );
+
+        for bad in [
+            "ldap://",
+            "ldap:///o=nhs",
+            "ldap://?x",
+            "ldap://#f",
+            "ldap://@",
+            "ldaps://",
+            "ldap://:389",
+            "ldap://127.0.0.1:99999",
+            "ldap://u@sds.example",
+            "http://sds.example",
+        ] {
+            let err = parse(&MINIMAL.replace(
+                "ldif_file = \"directory.ldif\"",
+                &format!("backend = \"ldap\"\nldap_url = \"{bad}\""),
+            ))
+            .unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p.key == "directory.ldap_url"),
+                "{bad}: {err}"
+            );
+        }
+        for bad in ["http://127.0.0.1:99999/x", "https://", "https://:443/R4"] {
+            let err = parse(&MINIMAL.replace(
+                "ldif_file = \"directory.ldif\"",
+                &format!("backend = \"fhir\"\nfhir_base_url = \"{bad}\"\nfhir_api_key_file = \"key\"\nfhir_ca = \"ca.pem\""),
+            ))
+            .unwrap_err();
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.key == "directory.fhir_base_url"),
+                "{bad}: {err}"
+            );
+        }
+        for bad in ["http://127.0.0.1:99999", "http://:4318", "http://"] {
+            let err = parse(&format!(
+                "{MINIMAL}\n[tracing]\notlp_endpoint = \"{bad}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.key == "tracing.otlp_endpoint"),
+                "{bad}: {err}"
+            );
+        }
 
         let err = parse(&MINIMAL.replace(
             "ldif_file = \"directory.ldif\"",

@@ -525,11 +525,17 @@ async fn connect(
     if uri.scheme_str() != Some("https") {
         return Err(("other", "upstream scheme must be https".into()));
     }
-    let host = uri
-        .host()
-        .ok_or(("other", BoxError::from("upstream URL has no host")))?;
+    // The port as written: `http::Uri` reads a port that does not fit in 16 bits as none,
+    // which would be the default port, not the one registered.
+    let (host, port) = uri
+        .authority()
+        .and_then(|a| crate::ssp::envelope::split_authority(a.as_str()))
+        .ok_or((
+            "other",
+            BoxError::from("upstream URL has no host or a malformed port"),
+        ))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(443);
+    let port = port.unwrap_or(443);
     let server_name =
         ServerName::try_from(host.to_string()).map_err(|e| ("other", BoxError::from(e)))?;
     let tcp = TcpStream::connect((host, port))
@@ -839,6 +845,34 @@ mod tests {
         assert!(!is_retryable_connect_error(&err), "{err:?}");
         assert!(back.try_recv().is_err(), "a sent body never comes back");
         assert!(server.await.expect("server") > 4096, "the request was sent");
+    }
+
+    /// A port that does not fit in 16 bits is refused before any connection is made; read as
+    /// "no port", it would have sent the request to port 443.
+    #[tokio::test]
+    async fn a_port_out_of_range_is_refused_not_defaulted() {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+        for url in [
+            "https://127.0.0.1:99999/x",
+            "https://127.0.0.1:65536/x",
+            "https://127.0.0.1:0/x",
+        ] {
+            let uri: Uri = url.parse().expect("http::Uri takes it");
+            match connect(tls.clone(), uri).await {
+                Err((reason, e)) => {
+                    assert_eq!(reason, "other", "{url}: {e}");
+                    assert!(e.to_string().contains("malformed port"), "{url}: {e}");
+                }
+                Ok(_) => panic!("{url} connected"),
+            }
+        }
     }
 
     #[test]

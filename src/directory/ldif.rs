@@ -517,12 +517,30 @@ fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
 }
 
 fn message_handler(record: &Record) -> Result<MessageHandler, ModelError> {
+    let endpoint = required(record, MHS_END_POINT)?;
+    // An endpoint no request could be forwarded to (not https, a port that does not fit, a
+    // trailing `/`, a query, `..`) is a mistake in the file, not a provider to list.
+    let forwardable = crate::ssp::envelope::parse_target(&format!("/{endpoint}"))
+        .is_ok_and(|target| target.query().is_none());
+    if !forwardable {
+        let line = record
+            .values(MHS_END_POINT.lower)
+            .next()
+            .map_or(record.line, |v| v.line);
+        return Err(invalid(
+            record,
+            MHS_END_POINT,
+            line,
+            "not an https:// endpoint the gateway can forward to (host, port 1-65535, \
+             a path of non-empty segments, no query)",
+        ));
+    }
     Ok(MessageHandler {
         id: required(record, UNIQUE_IDENTIFIER)?.to_owned(),
         ods_code: required(record, ID_CODE)?.to_owned(),
         party_key: required(record, PARTY_KEY)?.to_owned(),
         interaction: required(record, MHS_SVC_IA)?.to_owned(),
-        endpoint: required(record, MHS_END_POINT)?.to_owned(),
+        endpoint: endpoint.to_owned(),
         fqdn: required(record, MHS_FQDN)?.to_owned(),
         cpa_id: required(record, MHS_CPA_ID)?.to_owned(),
     })
@@ -1140,6 +1158,29 @@ mod tests {
                 ..
             }
         ));
+
+        let interaction = format!("{GPC}fhir:rest:search:slot-1");
+        for bad in [
+            "https://localhost:99999/B82617/STU3/1/gpconnect",
+            "https://localhost:9443/B82617/STU3/1/gpconnect/",
+            "http://localhost:9443/B82617/STU3/1/gpconnect",
+            "not a url",
+            "https://u@localhost/gpconnect",
+            "https://localhost/gpconnect?x=1",
+            "https://localhost/a/../gpconnect",
+        ] {
+            let text = mhs_entry("ab", "P-1", &interaction, "").replace(ENDPOINT, bad);
+            assert!(
+                matches!(
+                    model_err(&text),
+                    ModelError::Invalid {
+                        attribute: "nhsMHSEndPoint",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
 
         let not_digits = as_entry("12a", "P-1", "");
         assert!(matches!(

@@ -81,7 +81,9 @@ pub fn parse_target(path_and_query: &str) -> Result<Target, Rejection> {
         .find(['/', '?'])
         .ok_or(Rejection::InvalidTargetUrl)?;
     let authority = &after_scheme[..authority_len];
-    if authority.is_empty() || authority.contains("..") || !authority.bytes().all(is_authority_byte)
+    if authority.contains("..")
+        || !authority.bytes().all(is_authority_byte)
+        || split_authority(authority).is_none()
     {
         return Err(Rejection::InvalidTargetUrl);
     }
@@ -107,6 +109,38 @@ pub fn parse_target(path_and_query: &str) -> Result<Target, Rejection> {
         path_start,
         query_start,
     })
+}
+
+/// Splits an authority into its host and port: `host`, `host:port`, `[v6]` or `[v6]:port`,
+/// with a non-empty host and a port of 1 to 65535 in decimal digits. `None` for anything else
+/// (an empty host, an empty port, `:99999`, two colons outside brackets): a port that does not
+/// fit is not quietly dropped, which would send the request to the scheme's default port.
+pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let end = rest.find(']')? + 2;
+            let port = match &authority[end..] {
+                "" => None,
+                after => Some(after.strip_prefix(':')?),
+            };
+            (&authority[..end], port)
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() || host == "[]" {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().ok().filter(|n| *n != 0)?)
+        }
+        Some(_) => return None,
+    };
+    Some((host, port))
 }
 
 fn is_authority_byte(b: u8) -> bool {
@@ -341,12 +375,19 @@ mod tests {
             "/https://h/x/Patient/9000000009/Appointment?start=ge2025-06-01&start=le2025-06-14",
             "/https://h/x/Slot?",
             "/https://[::1]:9443/x/Slot",
+            "/https://[::1]/x/Slot",
+            "/https://h:1/x",
+            "/https://h:65535/x",
             "/https://h/a%20b",
             "/https://h/x/a.b/_c~d",
             "/https://h/x?a=b\\c",
         ] {
             assert!(parse_target(ok).is_ok(), "{ok}");
         }
+        assert_eq!(split_authority("h:65535"), Some(("h", Some(65535))));
+        assert_eq!(split_authority("[::1]:9443"), Some(("[::1]", Some(9443))));
+        assert_eq!(split_authority("[::1]"), Some(("[::1]", None)));
+        assert_eq!(split_authority("localhost"), Some(("localhost", None)));
         let t = parse_target("/https://h/x/Slot?").expect("valid");
         assert_eq!(t.query(), Some(""));
         assert_eq!(t.path(), "/x/Slot");
@@ -371,6 +412,17 @@ mod tests {
             "/https:///x",
             "/https://h",
             "/https://h?x=1",
+            "/https://h:99999/x",
+            "/https://h:65536/x",
+            "/https://h:0/x",
+            "/https://h:/x",
+            "/https://:443/x",
+            "/https://h:44x/x",
+            "/https://h:443:443/x",
+            "/https://[::1]x/y",
+            "/https://[/y",
+            "/https://[]/y",
+            "/https://[::1]:/y",
             "/https://h/",
             "/https://h/x/",
             "/https://h//x",
