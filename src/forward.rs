@@ -170,10 +170,12 @@ impl Upstream {
         head.uri = uri;
         head.version = Version::HTTP_11;
         prepare_request_headers(&mut head.headers, client_addr);
+        let progress = Arc::new(BodyProgress::default());
         let mut body = Some(Counted {
             limit: self.max_request_body,
             inner: body,
             bytes: request_bytes,
+            progress: progress.clone(),
         });
         let mut head = Some(head);
 
@@ -209,6 +211,13 @@ impl Upstream {
             let req = Request::from_parts(this_head, this_body);
             let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
             let answer = match result {
+                Err(_) if progress.awaiting_consumer() => {
+                    // The time ran out waiting for the consumer's body, not for the provider:
+                    // nothing is held against the provider's circuit. (The ticket, dropped
+                    // unused, counts as neither.)
+                    tracing::warn!(target_url = %url, "the consumer stopped sending its request body; the response timeout ran out");
+                    Err((RetryOutcome::Timeout, Rejection::RequestBodyTimeout))
+                }
                 Err(_) => {
                     if let Some(t) = ticket {
                         t.failure(Instant::now());
@@ -217,6 +226,10 @@ impl Upstream {
                         RetryOutcome::Timeout,
                         Rejection::UpstreamTimeout { url: url.clone() },
                     ))
+                }
+                Ok(Err(e)) if progress.consumer_failed() => {
+                    tracing::warn!(target_url = %url, error = %error_chain(&e), "the consumer's request body broke off or was malformed");
+                    Err((RetryOutcome::Error, Rejection::InvalidRequestBody))
                 }
                 Ok(Err(e)) => {
                     let connect = is_retryable_connect_error(&e);
@@ -605,6 +618,36 @@ pub struct Counted<B> {
     bytes: Arc<AtomicU64>,
     /// Past this many bytes the body fails (the optional request-body cap).
     limit: Option<u64>,
+    progress: Arc<BodyProgress>,
+}
+
+/// What the consumer's request body was doing when the exchange ended, so that a consumer
+/// that stopped sending its body, or sent a broken one, is not taken for a failing provider
+/// (a 504 or 502, and a failure counted against the provider's circuit).
+#[derive(Debug, Default)]
+pub struct BodyProgress(std::sync::atomic::AtomicU8);
+
+impl BodyProgress {
+    /// Not asked for a frame yet, or the last frame asked for was delivered.
+    const FLOWING: u8 = 0;
+    /// The last frame asked for was not there yet: the client waits for the consumer.
+    const AWAITING_CONSUMER: u8 = 1;
+    /// The consumer's body failed (malformed framing, connection closed mid-body).
+    const CONSUMER_FAILED: u8 = 2;
+    /// The whole body was read.
+    const ENDED: u8 = 3;
+
+    fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Relaxed);
+    }
+
+    fn awaiting_consumer(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::AWAITING_CONSUMER
+    }
+
+    fn consumer_failed(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::CONSUMER_FAILED
+    }
 }
 
 /// The request body went past the configured cap.
@@ -626,6 +669,13 @@ where
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.progress.set(match &polled {
+            Poll::Pending => BodyProgress::AWAITING_CONSUMER,
+            Poll::Ready(Some(Err(_))) => BodyProgress::CONSUMER_FAILED,
+            Poll::Ready(None) => BodyProgress::ENDED,
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => BodyProgress::ENDED,
+            Poll::Ready(Some(Ok(_))) => BodyProgress::FLOWING,
+        });
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 let total =

@@ -727,3 +727,105 @@ async fn http2_streams_over_the_configured_limit_are_refused() {
     streams_are_limited_to(4).await;
     streams_are_limited_to(6).await;
 }
+
+/// A request body that sends its first bytes, then nothing, for ever (the consumer went quiet).
+struct Stalled(Option<bytes::Bytes>);
+
+impl http_body::Body for Stalled {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match self.get_mut().0.take() {
+            Some(first) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// A consumer that stops sending its request body is the consumer's fault: 408, and nothing
+/// counted against the provider's circuit (before, each was a 504 counted as the provider's
+/// failure, so one consumer could open the circuit for everyone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_the_consumers_fault_not_the_providers() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            response_timeout: "1s",
+            circuit_breaker: "failure_threshold = 2\ncool_down = \"300s\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let book = format!("{}/Appointment", h.endpoint());
+    for http2 in [false, true] {
+        let c = h.world.client_with(&h.world.consumer, h.gateway, http2);
+        for _ in 0..3 {
+            let (parts, _) = Gpc::new(Method::POST, book.clone(), IX_BOOK)
+                .header("Content-Length", "100".to_owned())
+                .build()
+                .into_parts();
+            let stalled = http::Request::from_parts(
+                parts,
+                Stalled(Some(bytes::Bytes::from_static(b"{\"re"))),
+            );
+            let a = c.send(stalled).await.expect("an answer");
+            a.assert_outcome(408, Some("BAD_REQUEST"), "REQUEST_BODY_TIMEOUT");
+        }
+    }
+    let (_, metrics) = http_get(h.admin, "/metrics").await;
+    let host = h.endpoint();
+    let host = host
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .expect("authority");
+    assert_ne!(
+        sample(
+            &metrics,
+            &format!("ssp_upstream_circuit_state{{host=\"{host}\"}}")
+        ),
+        Some(1.0),
+        "the circuit opened"
+    );
+    // Everyone else is still served.
+    let a = h
+        .consumer()
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    h.stop().await;
+}
+
+/// A chunked body that turns malformed after the request went out is the consumer's error
+/// (400 `INVALID_REQUEST_BODY`), not the provider's (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_is_a_400_not_a_provider_error() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let book = format!("{}/Appointment", h.endpoint());
+    let req = Gpc::new(Method::POST, book, IX_BOOK).build();
+    let mut head = format!("POST {} HTTP/1.1\r\nHost: localhost\r\n", req.uri());
+    for (name, value) in req.headers() {
+        head.push_str(&format!("{}: {}\r\n", name, value.to_str().expect("ascii")));
+    }
+    head.push_str("Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nZZ\r\n");
+    let mut stream = h.consumer().handshake().await.expect("handshake");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("answered and closed")
+        .ok();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("INVALID_REQUEST_BODY"), "{text}");
+    h.stop().await;
+}

@@ -54,6 +54,12 @@ pub enum Rejection {
     Overloaded,
     /// 413 `REQUEST_BODY_TOO_LARGE`: the body is over the optional configured cap.
     BodyTooLarge,
+    /// 408 `REQUEST_BODY_TIMEOUT`: the consumer stopped sending its request body, and the
+    /// response timeout ran out while the gateway waited for the rest (not the provider's fault).
+    RequestBodyTimeout,
+    /// 400 `INVALID_REQUEST_BODY`: the consumer's request body broke off or was malformed
+    /// (bad chunked framing, the connection closed mid-body) while it was being forwarded.
+    InvalidRequestBody,
     /// 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`
     UpstreamError { url: String },
     /// 504 `TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_<url>`
@@ -81,7 +87,9 @@ impl Rejection {
             | Rejection::UnsupportedInteraction { .. }
             | Rejection::InteractionMismatch { .. }
             | Rejection::EndpointMismatch { .. }
-            | Rejection::InvalidJwt { .. } => StatusCode::BAD_REQUEST,
+            | Rejection::InvalidJwt { .. }
+            | Rejection::InvalidRequestBody => StatusCode::BAD_REQUEST,
+            Rejection::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::AsidCheckFailed { .. }
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
@@ -106,7 +114,9 @@ impl Rejection {
             | Rejection::InteractionMismatch { .. }
             | Rejection::EndpointMismatch { .. }
             | Rejection::InvalidJwt { .. }
-            | Rejection::BodyTooLarge => Some("BAD_REQUEST"),
+            | Rejection::BodyTooLarge
+            | Rejection::RequestBodyTimeout
+            | Rejection::InvalidRequestBody => Some("BAD_REQUEST"),
             Rejection::AsidCheckFailed { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => Some("ACCESS_DENIED"),
@@ -130,7 +140,8 @@ impl Rejection {
             | Rejection::UnsupportedInteraction { .. }
             | Rejection::InteractionMismatch { .. }
             | Rejection::EndpointMismatch { .. }
-            | Rejection::InvalidJwt { .. } => "invalid",
+            | Rejection::InvalidJwt { .. }
+            | Rejection::InvalidRequestBody => "invalid",
             Rejection::AsidCheckFailed { .. }
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
@@ -138,7 +149,7 @@ impl Rejection {
             Rejection::DirectoryUnavailable
             | Rejection::AuditUnavailable
             | Rejection::UpstreamError { .. } => "transient",
-            Rejection::UpstreamTimeout { .. } => "timeout",
+            Rejection::UpstreamTimeout { .. } | Rejection::RequestBodyTimeout => "timeout",
             Rejection::RateLimited { .. } | Rejection::Overloaded => "throttled",
             Rejection::BodyTooLarge => "too-long",
         }
@@ -184,6 +195,8 @@ impl Rejection {
             }
             Rejection::Overloaded => "GATEWAY_OVERLOADED".to_owned(),
             Rejection::BodyTooLarge => "REQUEST_BODY_TOO_LARGE".to_owned(),
+            Rejection::RequestBodyTimeout => "REQUEST_BODY_TIMEOUT".to_owned(),
+            Rejection::InvalidRequestBody => "INVALID_REQUEST_BODY".to_owned(),
             Rejection::UpstreamError { url } => {
                 format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{url}")
             }
@@ -212,6 +225,8 @@ impl Rejection {
             Rejection::RateLimited { .. } => "rate_limited",
             Rejection::Overloaded => "overloaded",
             Rejection::BodyTooLarge => "body_too_large",
+            Rejection::RequestBodyTimeout => "request_body_timeout",
+            Rejection::InvalidRequestBody => "invalid_request_body",
             Rejection::UpstreamError { .. } => "upstream_error",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
         }
@@ -629,6 +644,20 @@ mod tests {
                 Some("BAD_REQUEST"),
                 "too-long",
                 "REQUEST_BODY_TOO_LARGE",
+            ),
+            (
+                Rejection::RequestBodyTimeout,
+                408,
+                Some("BAD_REQUEST"),
+                "timeout",
+                "REQUEST_BODY_TIMEOUT",
+            ),
+            (
+                Rejection::InvalidRequestBody,
+                400,
+                Some("BAD_REQUEST"),
+                "invalid",
+                "INVALID_REQUEST_BODY",
             ),
             (
                 Rejection::UpstreamError {
