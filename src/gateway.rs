@@ -343,7 +343,18 @@ impl Gateway {
         }
 
         // The bearer token, decoded once: its claims are audited whatever happens next.
-        let token = jwt::parse(req.headers().get(header::AUTHORIZATION));
+        // Two tokens: the one checked here need not be the one the provider reads.
+        let token = if req
+            .headers()
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            Err(jwt::JwtError::MultipleAuthorization)
+        } else {
+            jwt::parse(req.headers().get(header::AUTHORIZATION))
+        };
         if let Ok(decoded) = &token {
             record.jwt = Some(decoded.shared_claims());
         }

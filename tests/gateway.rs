@@ -540,6 +540,19 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
         .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).jwt(None))
         .await;
     a.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_MISSING");
+    // A second token beside a valid one: the provider might read either.
+    let second = format!(
+        "Bearer {}",
+        jwt(scope_for(IX_SEARCH_SLOT)).replace("eyJ", "eyK")
+    );
+    let a = c
+        .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).header("Authorization", second))
+        .await;
+    a.assert_outcome(
+        400,
+        Some("BAD_REQUEST"),
+        "INVALID_JWT_MULTIPLE_AUTHORIZATION_HEADERS",
+    );
     let a = c
         .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).jwt(Some("abc.def.ghi".into())))
         .await;

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `MISSING` | no `Authorization` header |
 //! | `NOT_BEARER` | the scheme is not `Bearer` (case-insensitive) |
+//! | `MULTIPLE_AUTHORIZATION_HEADERS` | more than one `Authorization` header: which token the provider reads is anyone's guess |
 //! | `TOO_LARGE` | the token is longer than 16 KiB |
 //! | `MALFORMED` | not three dot-separated base64url parts, or header/payload not a JSON object |
 //! | `ALG_NOT_NONE` | header `alg` missing or not `none` |
@@ -300,6 +301,9 @@ pub enum JwtError {
     /// `NOT_BEARER`
     #[error("Authorization scheme is not Bearer")]
     NotBearer,
+    /// `MULTIPLE_AUTHORIZATION_HEADERS`
+    #[error("more than one Authorization header")]
+    MultipleAuthorization,
     /// `TOO_LARGE`
     #[error("bearer token longer than {MAX_TOKEN_LEN} bytes")]
     TooLarge,
@@ -353,6 +357,7 @@ impl JwtError {
         match self {
             JwtError::Missing => "MISSING",
             JwtError::NotBearer => "NOT_BEARER",
+            JwtError::MultipleAuthorization => "MULTIPLE_AUTHORIZATION_HEADERS",
             JwtError::TooLarge => "TOO_LARGE",
             JwtError::Malformed(_) => "MALFORMED",
             JwtError::AlgNotNone => "ALG_NOT_NONE",
