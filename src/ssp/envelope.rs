@@ -257,6 +257,13 @@ pub struct SspHeaders {
 /// Read and validate the Ssp headers, in the order TraceID, From, To, InteractionID; the first
 /// that is missing, repeated, not visible ASCII or malformed is named in the rejection.
 /// Surrounding spaces and tabs (HTTP OWS) are ignored; nothing else is trimmed.
+///
+/// Then two ways of making the provider see other headers than those checked are refused:
+/// - a `Connection` header naming an Ssp header or `Authorization` (`MISSING_OR_INVALID_HEADER_
+///   Connection`): hop-by-hop, the named header would be removed after it was checked;
+/// - a header whose name is an Ssp header's with `_` for `-` (`Ssp_InteractionID`), named as the
+///   header it imitates: servers that read headers through CGI-style names (where `-` becomes
+///   `_`) would take it for the checked one.
 pub fn parse_headers(headers: &HeaderMap) -> Result<SspHeaders, Rejection> {
     let trace_id = header(headers, &TRACE_ID_NAME, TRACE_ID, is_uuid)?;
     let from = header(headers, &FROM_NAME, FROM, is_asid)?;
@@ -267,6 +274,39 @@ pub fn parse_headers(headers: &HeaderMap) -> Result<SspHeaders, Rejection> {
         INTERACTION_ID,
         is_interaction_id,
     )?;
+    for (name, value) in headers {
+        if name == http::header::CONNECTION {
+            let names_checked = value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(|t| t.trim_ascii())
+                .any(|t| {
+                    t.eq_ignore_ascii_case(b"authorization")
+                        || SSP_HEADER_NAMES
+                            .iter()
+                            .any(|n| t.eq_ignore_ascii_case(n.as_str().as_bytes()))
+                });
+            if names_checked {
+                return Err(Rejection::MissingOrInvalidHeader {
+                    header: "Connection",
+                });
+            }
+        } else if name.as_str().contains('_') {
+            let imitated = SSP_HEADER_NAMES
+                .iter()
+                .zip([TRACE_ID, FROM, TO, INTERACTION_ID])
+                .find(|(n, _)| {
+                    n.as_str().len() == name.as_str().len()
+                        && n.as_str()
+                            .bytes()
+                            .zip(name.as_str().bytes())
+                            .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+                });
+            if let Some((_, canonical)) = imitated {
+                return Err(Rejection::MissingOrInvalidHeader { header: canonical });
+            }
+        }
+    }
     Ok(SspHeaders {
         trace_id: trace_id.to_owned(),
         from: from.to_owned(),
@@ -605,6 +645,42 @@ mod tests {
             HeaderValue::from_static("12345678901234567890123456789012"),
         );
         assert!(parse_headers(&map).is_ok());
+    }
+
+    /// A `Connection` header naming a checked header, or an `_` look-alike of an Ssp header,
+    /// would let the provider see other headers than those checked.
+    #[test]
+    fn checked_headers_cannot_be_dropped_or_imitated() {
+        let good = |extra: &[(&'static str, &'static [u8])]| {
+            let mut pairs = GOOD.to_vec();
+            pairs.extend_from_slice(extra);
+            parse_headers(&headers(&pairs))
+        };
+        for named in [
+            &b"ssp-interactionid"[..],
+            b"keep-alive, Ssp-TraceID",
+            b"SSP-FROM",
+            b" ssp-to ,close",
+            b"Authorization",
+        ] {
+            assert_eq!(
+                good(&[("Connection", named)]),
+                rejected("Connection"),
+                "{}",
+                String::from_utf8_lossy(named)
+            );
+        }
+        assert!(good(&[("Connection", b"keep-alive, close, x-other")]).is_ok());
+        assert!(good(&[("Connection", b"ssp-interactionid-x")]).is_ok());
+        for (alias, imitated) in [
+            ("Ssp_InteractionID", INTERACTION_ID),
+            ("ssp_traceid", TRACE_ID),
+            ("SSP_FROM", FROM),
+            ("Ssp_To", TO),
+        ] {
+            assert_eq!(good(&[(alias, b"urn:x")]), rejected(imitated), "{alias}");
+        }
+        assert!(good(&[("x_custom", b"1"), ("ssp_tox", b"1")]).is_ok());
     }
 
     #[test]
