@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -149,6 +151,13 @@ pub async fn serve_tls<H, Fut, B>(
     .await;
 }
 
+/// A response with no body, for the HTTP/2 streams refused before the handler.
+fn bare<B>(status: StatusCode) -> Response<Either<B, Empty<Bytes>>> {
+    let mut resp = Response::new(Either::Right(Empty::new()));
+    *resp.status_mut() = status;
+    resp
+}
+
 /// `serve_tls`, counting connections and handshake failures in `metrics`.
 pub async fn serve_tls_observed<H, Fut, B>(
     listener: TcpListener,
@@ -218,6 +227,8 @@ pub async fn serve_tls_observed<H, Fut, B>(
         let handshake_timeout = opts.handshake_timeout;
         let name = opts.name;
         let identities = identities.clone();
+        let requests = tracker.clone();
+        let max_headers = limits.max_headers;
         tracker.spawn(async move {
             let _permit = permit;
             // Boxed, like each protocol's connection below, so that the task itself stays
@@ -268,9 +279,32 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 Box::pin(crate::h1::serve(stream, info, handler, h1, draining)).await;
                 return;
             }
+            let requests = requests.clone();
+            let refused_heads = metrics.refused_heads.clone();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let fut = handler(info.clone(), req.map(RequestBody::http2));
-                async move { Ok::<_, Infallible>(fut.await) }
+                // The field-count limit HTTP/1.1's parser applies (hyper's HTTP/2 bounds only
+                // the header list's size).
+                let task = if req.headers().len() > max_headers {
+                    if let Some(refused) = &refused_heads {
+                        refused.with_label_values(&["too_large"]).inc();
+                    }
+                    None
+                } else {
+                    // Its own task: hyper drops a stream's future when the client resets the
+                    // stream, and a request already forwarded must still get its outcome
+                    // record (as over HTTP/1.1, where a closed connection does not stop it).
+                    Some(requests.spawn(handler(info.clone(), req.map(RequestBody::http2))))
+                };
+                async move {
+                    let answer = match task {
+                        Some(task) => task.await.map(|resp| resp.map(Either::Left)),
+                        None => Ok(bare(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
+                    };
+                    // A handler never panics; if one did, its stream gets a 500.
+                    Ok::<_, Infallible>(
+                        answer.unwrap_or_else(|_| bare(StatusCode::INTERNAL_SERVER_ERROR)),
+                    )
+                }
             });
             let mut conn = Box::pin(h2.serve_connection(TokioIo::new(*stream), service));
             let ended = tokio::select! {

@@ -231,11 +231,14 @@ async fn oversized_heads_are_refused() {
         for n in &names {
             many = many.header(n.as_str(), "1");
         }
-        if !http2 {
-            match c.send(many.build()).await {
-                Ok(a) => assert_eq!(a.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-                Err(e) => assert!(!e.is_empty()),
-            }
+        // HTTP/2 too: hyper's HTTP/2 server bounds only the header list's size.
+        match c.send(many.build()).await {
+            Ok(a) => assert_eq!(
+                a.status,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "h2={http2}"
+            ),
+            Err(e) => assert!(!e.is_empty()),
         }
     }
     assert_eq!(h.recorder.seen(), 0);
@@ -827,5 +830,60 @@ async fn a_malformed_chunked_body_is_a_400_not_a_provider_error() {
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
     assert!(text.contains("INVALID_REQUEST_BODY"), "{text}");
+    h.stop().await;
+}
+
+/// An HTTP/2 stream reset after the request was forwarded still leaves the request's outcome
+/// record (hyper drops the stream's future; the request runs in a task of its own, as an
+/// HTTP/1.1 request carries on when its connection closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_http2_stream_still_gets_its_outcome_record() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Hold(gate.clone()),
+        GatewayOptions::default(),
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let tls = client.handshake().await.expect("handshake");
+    let (sender, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let built = Gpc::new(
+        Method::GET,
+        format!("{}/metadata", h.endpoint()),
+        IX_METADATA,
+    )
+    .build();
+    let trace = built.headers()["ssp-traceid"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let mut req = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost{}", built.uri()));
+    for (name, value) in built.headers() {
+        req = req.header(name, value);
+    }
+    let mut sender = sender.ready().await.expect("ready");
+    let (_resp, mut stream) = sender
+        .send_request(req.body(()).expect("request"), true)
+        .expect("sent");
+    wait_until("the request reached the provider", || {
+        h.recorder.seen() == 1
+    })
+    .await;
+    stream.send_reset(h2::Reason::CANCEL);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.add_permits(1);
+    let outcome = || {
+        audit_records(&h.audit_dir)
+            .into_iter()
+            .find(|r| r["kind"] == "outcome" && r["ssp_trace_id"].as_str() == Some(trace.as_str()))
+    };
+    wait_until("the outcome record", || outcome().is_some()).await;
+    let record = outcome().expect("outcome");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["completed"], false, "{record}");
     h.stop().await;
 }
