@@ -170,6 +170,19 @@ impl Upstream {
         head.uri = uri;
         head.version = Version::HTTP_11;
         prepare_request_headers(&mut head.headers, client_addr);
+        // One Content-Length, the body's own, for the `5, 5` or repeated field the consumer
+        // may send (RFC 9110 §8.6: a proxy must not forward it as it came).
+        if head.headers.contains_key(header::CONTENT_LENGTH) {
+            match http_body::Body::size_hint(&body).exact() {
+                Some(len) => {
+                    head.headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                }
+                None => {
+                    head.headers.remove(header::CONTENT_LENGTH);
+                }
+            }
+        }
         let progress = Arc::new(BodyProgress::default());
         let mut body = Some(Counted {
             limit: self.max_request_body,

@@ -654,6 +654,7 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut codings = 0usize;
+    let mut transfer_encoding = false;
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
@@ -669,6 +670,7 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
                 content_length = Some(n);
             }
         } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
             for coding in tokens(h.value) {
                 if chunked {
                     // Anything after `chunked` (or `chunked` twice): the length is unknowable.
@@ -688,6 +690,11 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
         }
         fields.push((name, offset(base, buf_len, h.value)?));
+    }
+    if transfer_encoding && codings == 0 {
+        // An empty `Transfer-Encoding` names no final `chunked`: the body's length cannot be
+        // known (RFC 9112 §6.3), and read as none, its bytes would be the next request.
+        return Err(HeadError::Framing("Transfer-Encoding without a coding"));
     }
     if codings > 0 {
         if version == Version::HTTP_10 {
@@ -1369,6 +1376,9 @@ mod tests {
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: \r\nContent-Length: 3\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
             ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::BAD_REQUEST),
             ("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n", StatusCode::BAD_REQUEST),

@@ -808,17 +808,57 @@ async fn a_stalled_request_body_is_the_consumers_fault_not_the_providers() {
     h.stop().await;
 }
 
+/// The request line and header fields of `gpc` as HTTP/1.1 text, without the blank line.
+fn raw_head(gpc: Gpc<'_>) -> String {
+    let req = gpc.build();
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nHost: localhost\r\n",
+        req.method(),
+        req.uri()
+    );
+    for (name, value) in req.headers() {
+        head.push_str(&format!("{}: {}\r\n", name, value.to_str().expect("ascii")));
+    }
+    head
+}
+
+/// `Content-Length: 5, 5` and a repeated `Content-Length` (one length, so accepted) reach the
+/// provider as the single field `Content-Length: 5`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_content_length_is_forwarded_as_one() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let book = format!("{}/Appointment", h.endpoint());
+    for (fields, seen) in [
+        ("Content-Length: 5, 5\r\n", 1),
+        ("Content-Length: 5\r\nContent-Length: 5\r\n", 2),
+    ] {
+        let mut head = raw_head(Gpc::new(Method::POST, book.clone(), IX_BOOK));
+        head.push_str(fields);
+        head.push_str("Connection: close\r\n\r\n{\"a\":");
+        let mut stream = h.consumer().handshake().await.expect("handshake");
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+            .await
+            .expect("answered and closed")
+            .ok();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 200 "), "{fields}: {text}");
+        assert_eq!(h.recorder.seen(), seen);
+        let (_, _, headers) = h.recorder.last_head();
+        let lengths: Vec<_> = headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"], "{fields}");
+    }
+    h.stop().await;
+}
+
 /// A chunked body that turns malformed after the request went out is the consumer's error
 /// (400 `INVALID_REQUEST_BODY`), not the provider's (502).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_chunked_body_is_a_400_not_a_provider_error() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
     let book = format!("{}/Appointment", h.endpoint());
-    let req = Gpc::new(Method::POST, book, IX_BOOK).build();
-    let mut head = format!("POST {} HTTP/1.1\r\nHost: localhost\r\n", req.uri());
-    for (name, value) in req.headers() {
-        head.push_str(&format!("{}: {}\r\n", name, value.to_str().expect("ascii")));
-    }
+    let mut head = raw_head(Gpc::new(Method::POST, book, IX_BOOK));
     head.push_str("Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nZZ\r\n");
     let mut stream = h.consumer().handshake().await.expect("handshake");
     stream.write_all(head.as_bytes()).await.expect("write");
