@@ -648,6 +648,10 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
         _ => Version::HTTP_11,
     };
     let path = req.path.ok_or(HeadError::Bad("no request target"))?;
+    if path.contains('#') {
+        // Not part of a request target (RFC 9112 §3.2); `http::Uri` would drop it unseen.
+        return Err(HeadError::Bad("a fragment in the request target"));
+    }
     let path_range = offset(base, buf_len, path.as_bytes())?;
     let mut fields = Vec::with_capacity(req.headers.len());
     let mut framing = Framing::None;
@@ -1382,6 +1386,8 @@ mod tests {
             ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
             ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::BAD_REQUEST),
             ("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("GET /https://h/x#frag HTTP/1.1\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("GET /https://h/x?a=1# HTTP/1.1\r\n\r\n", StatusCode::BAD_REQUEST),
             ("GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", StatusCode::BAD_REQUEST),
             ("HELLO\r\n\r\n", StatusCode::BAD_REQUEST),
             ("GET / HTTP/2.0\r\n\r\n", StatusCode::BAD_REQUEST),
