@@ -393,6 +393,20 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     let level = s.string("level", Some("info"));
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
         s.problem("level", format!("not a valid log filter: {e}"));
+    } else if let Some(word) = level
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.contains(['=', '[']) && !LOG_LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+    {
+        // The filter would read a bare word as a target at TRACE: `warning` or a blank would
+        // silently turn every other log line, errors included, off.
+        s.problem(
+            "level",
+            format!(
+                "`{word}` is neither a level ({}) nor target=level",
+                LOG_LEVELS.join(", ")
+            ),
+        );
     }
     let log = LogConfig { format, level };
     s.finish();
@@ -497,6 +511,9 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         watch_files: s.bool("watch_files", true),
         poll_interval: s.duration("poll_interval", DEFAULT_RELOAD_POLL),
     };
+    if reload.poll_interval < MIN_POLL_INTERVAL {
+        s.problem("poll_interval", too_often());
+    }
     s.finish();
 
     let mut s = root.section("dev");
@@ -801,6 +818,20 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
     DirectoryConfig { backend, cache }
 }
 
+/// What `level` may say without `=`.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The shortest file-polling interval: checking more often keeps an idle gateway busy (a
+/// nanosecond interval took 88% of a core).
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+fn too_often() -> String {
+    format!(
+        "must be at least {}",
+        humantime::format_duration(MIN_POLL_INTERVAL)
+    )
+}
+
 /// `ldif_poll_interval`: a duration, or "off" for SIGHUP only.
 fn ldif_poll_interval(s: &mut Section<'_, '_>) -> Option<Duration> {
     match s.take("ldif_poll_interval") {
@@ -808,10 +839,14 @@ fn ldif_poll_interval(s: &mut Section<'_, '_>) -> Option<Duration> {
         Some(_) => {
             // Let the shared parser report a bad value; it reads the key again.
             s.used.remove("ldif_poll_interval");
-            Some(s.duration(
+            let every = s.duration(
                 "ldif_poll_interval",
                 directory::reload::DEFAULT_POLL_INTERVAL,
-            ))
+            );
+            if every < MIN_POLL_INTERVAL {
+                s.problem("ldif_poll_interval", too_often());
+            }
+            Some(every)
         }
         None => Some(directory::reload::DEFAULT_POLL_INTERVAL),
     }
@@ -1369,6 +1404,47 @@ ldif_file = "directory.ldif"
         ] {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
+    }
+
+    /// A bare word that is not a level would be read as a target at TRACE, turning every
+    /// other log line off; a poll interval under 100ms keeps an idle gateway busy.
+    #[test]
+    fn log_levels_and_poll_intervals_are_checked() {
+        for ok in [
+            "info",
+            "WARN",
+            "ssp_gateway=debug,info",
+            "off",
+            "hyper=warn, error",
+        ] {
+            let c = parse(&format!("{MINIMAL}\n[log]\nlevel = \"{ok}\"\n"));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
+        }
+        for bad in ["warning", "", "nan", "inf", "info,verbose"] {
+            let err = parse(&format!("{MINIMAL}\n[log]\nlevel = \"{bad}\"\n")).unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p.key == "log.level"),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse(&format!("{MINIMAL}\n[reload]\npoll_interval = \"1ns\"\n")).unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.key == "reload.poll_interval"),
+            "{err}"
+        );
+        let err = parse(&MINIMAL.replace(
+            "ldif_file = \"directory.ldif\"",
+            "ldif_file = \"d.ldif\"\nldif_poll_interval = \"99ms\"",
+        ))
+        .unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == "directory.ldif_poll_interval"),
+            "{err}"
+        );
+        let c = parse(&format!("{MINIMAL}\n[reload]\npoll_interval = \"100ms\"\n")).expect("100ms");
+        assert_eq!(c.reload.poll_interval, Duration::from_millis(100));
     }
 
     #[test]

@@ -155,7 +155,7 @@ async fn the_ldif_file_reloads_on_change_and_a_broken_file_is_refused() {
         directory: Some(Box::new(move |ldif: &str| {
             std::fs::write(&written, ldif).expect("write LDIF");
             format!(
-                "ldif_file = \"{}\"\nldif_poll_interval = \"20ms\"\n",
+                "ldif_file = \"{}\"\nldif_poll_interval = \"100ms\"\n",
                 written.display()
             )
         })),

@@ -389,7 +389,7 @@ grace_period = "5s"
 [log]
 level = "warn"
 [reload]
-poll_interval = "50ms"
+poll_interval = "100ms"
 [rate_limit]
 {rate_limit}
 [circuit_breaker]
