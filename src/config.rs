@@ -263,7 +263,8 @@ impl Config {
                 meta.len()
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let text =
+            crate::files::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
         let base = path
             .parent()
             .map(Path::to_path_buf)

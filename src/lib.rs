@@ -8,6 +8,7 @@ pub mod authorise;
 pub mod breaker;
 pub mod config;
 pub mod directory;
+pub mod files;
 pub mod forward;
 pub mod gateway;
 mod h1;

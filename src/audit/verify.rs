@@ -6,7 +6,6 @@
 //! Read-only: it never changes a file.
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
@@ -137,7 +136,7 @@ fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut reader = BufReader::new(File::open(path).map_err(err)?);
+    let mut reader = BufReader::new(crate::files::open_regular(path).map_err(err)?);
     let mut line = Vec::new();
     reader.read_until(b'\n', &mut line).map_err(err)?;
     if line.pop() != Some(b'\n') {
@@ -162,7 +161,7 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
             path: path.clone(),
             source,
         };
-        let mut reader = BufReader::new(File::open(&path).map_err(err)?);
+        let mut reader = BufReader::new(crate::files::open_regular(&path).map_err(err)?);
         let mut file = FileReport {
             path: path.clone(),
             records: 0,

@@ -341,7 +341,7 @@ fn read_api_key(path: &Path) -> Result<HeaderValue, FhirSetupError> {
     if len > MAX_API_KEY_BYTES {
         return Err(fail(format!("larger than {MAX_API_KEY_BYTES} bytes")));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let text = crate::files::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     let key = text.trim();
     if key.is_empty() {
         return Err(fail("empty".into()));

@@ -6,7 +6,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -728,7 +727,7 @@ fn load_file(path: &Path) -> Result<Index, LdifLoadError> {
         origin: path.display().to_string(),
         limit: MAX_LDIF_BYTES,
     };
-    let file = File::open(path).map_err(io)?;
+    let file = crate::files::open_regular(path).map_err(io)?;
     if file.metadata().map_err(io)?.len() > MAX_LDIF_BYTES {
         return Err(too_large());
     }
@@ -1494,7 +1493,7 @@ mod tests {
     fn oversized_files_are_refused_before_reading() {
         let file = TempFile::new("");
         // A sparse file: no disk space used, but its length is over the limit.
-        File::options()
+        std::fs::File::options()
             .write(true)
             .open(&file.0)
             .unwrap()

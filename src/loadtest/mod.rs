@@ -314,7 +314,7 @@ impl Settings {
             return Err(bad("--rate", "has no meaning with --idle"));
         }
         let book_body = match &args.book_body {
-            Some(path) => Some(Bytes::from(std::fs::read(path).map_err(|source| {
+            Some(path) => Some(Bytes::from(crate::files::read(path).map_err(|source| {
                 LoadtestError::BookBody {
                     path: path.clone(),
                     source,

@@ -209,7 +209,7 @@ impl Catalogue {
 
     /// Read and validate a catalogue file.
     pub fn load(path: &Path) -> Result<Catalogue, CatalogueError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CatalogueError::Read {
+        let text = crate::files::read_to_string(path).map_err(|source| CatalogueError::Read {
             path: path.display().to_string(),
             source,
         })?;

@@ -634,7 +634,7 @@ impl fmt::Display for HandshakeFailure {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Unreadable {
+    crate::files::read(path).map_err(|source| TlsError::Unreadable {
         path: path.to_owned(),
         source,
     })
