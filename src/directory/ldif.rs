@@ -631,6 +631,13 @@ pub enum LdifLoadError {
     /// `reload` on a backend built from text.
     #[error("{origin}: cannot reload: the directory was built from text, not a file")]
     NotReloadable { origin: String },
+    /// A reload that would leave no accredited system where there were some.
+    #[error(
+        "{origin}: holds no accredited systems (nhsAs), where the directory in service has \
+         {in_service}: refused, as a file emptied or caught while being rewritten would be \
+         (replace the file by renaming a complete one into place)"
+    )]
+    Emptied { origin: String, in_service: usize },
 }
 
 /// A [`DirectoryBackend`] answering from an in-memory index of an LDIF file in the SDS schema.
@@ -683,6 +690,13 @@ impl LdifBackend {
         };
         let index = load_file(path)?;
         let stats = index.stats;
+        let in_service = self.index.load().stats.systems;
+        if stats.systems == 0 && in_service > 0 {
+            return Err(LdifLoadError::Emptied {
+                origin: self.origin.clone(),
+                in_service,
+            });
+        }
         self.index.store(Arc::new(index));
         Ok(stats)
     }
@@ -1442,6 +1456,22 @@ mod tests {
             backend.lookup("1").is_some(),
             "old data must stay after a model error"
         );
+
+        // Emptied (truncated, or caught between cp's truncate and its write): refused.
+        // (A file with CR-only line ends after a `#` is one long comment.)
+        let cr_only = format!(
+            "# SDS export\r{}",
+            as_entry("1", "P-1", "").replace('\n', "\r")
+        );
+        for emptied in ["", "dn: o=nhs\nobjectClass: top\n", cr_only.as_str()] {
+            file.write(emptied);
+            let err = backend.reload().unwrap_err();
+            assert!(
+                matches!(err, LdifLoadError::Emptied { in_service: 1, .. }),
+                "{emptied:?}: {err}"
+            );
+            assert!(backend.lookup("1").is_some(), "{emptied:?}");
+        }
 
         file.write(&as_entry("2", "P-2", ""));
         assert_eq!(
