@@ -751,7 +751,8 @@ async fn a_request_refused_before_its_body_is_read_leaves_no_leftover_request() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_short_is_bounded_by_the_response_timeout() {
     // Nothing bounds a body read on the listener; the upstream response timeout does: the
-    // provider waits for the rest of the body, no answer comes, the gateway gives up (504).
+    // provider waits for the rest of the body, no answer comes, the gateway gives up. The
+    // consumer's body was being waited for, so it is the consumer's 408, not the provider's 504.
     let h = start_with_recorder(
         World::ecdsa(),
         Behaviour::Echo,
@@ -767,7 +768,8 @@ async fn a_body_that_stops_short_is_bounded_by_the_response_timeout() {
         .raw_body(b"0123456789".to_vec());
     assert!(w.send(&req.bytes()).await, "write");
     let r = w.answer(false, "a body 990 bytes short").await;
-    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert!(r.text().contains("REQUEST_BODY_TIMEOUT"), "{}", r.text());
     assert!(h.recorder.seen() <= 1);
     assert_still_serves(&h, "a body that stopped short").await;
     h.stop().await;
