@@ -323,6 +323,9 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     let admin = AdminConfig {
         address: s.addr("address", DEFAULT_ADMIN_LISTEN),
     };
+    if same_socket(admin.address, listener.address) {
+        s.problem("address", "is the listener's address too".into());
+    }
     s.finish();
 
     let mut s = root.section("upstream");
@@ -548,12 +551,19 @@ fn build(root: &mut Section<'_, '_>) -> Config {
                 "must name at least one client certificate name".into(),
             );
         }
-        if !m.asid.is_empty() && !m.asid.bytes().all(|b| b.is_ascii_digit()) {
-            s.problem("asid", "an ASID is digits only".into());
+        if m.asid.is_empty() || !m.asid.bytes().all(|b| b.is_ascii_digit()) {
+            s.problem("asid", "an ASID is one or more digits".into());
+        }
+        if m.ods_code.is_empty() {
+            s.problem("ods_code", "must not be empty".into());
+        }
+        for (other, name) in [(listener.address, "listener"), (admin.address, "admin")] {
+            if same_socket(m.address, other) {
+                s.problem("address", format!("is the {name}'s address too"));
+            }
         }
         match m.base_url.strip_prefix("https://") {
             Some(rest) if rest.contains('/') && !m.base_url.ends_with('/') => {}
-            _ if m.base_url.is_empty() => {}
             _ => s.problem(
                 "base_url",
                 "must be an https:// URL with a path and no trailing `/`".into(),
@@ -817,6 +827,14 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
         stale_retry: defaults.stale_retry,
     };
     DirectoryConfig { backend, cache }
+}
+
+/// Two listening addresses that cannot both be bound: the same port (not 0, which picks a free
+/// one) on the same address, or on any address where one of them is the wildcard.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// What `level` may say without `=`.
@@ -1446,6 +1464,57 @@ ldif_file = "directory.ldif"
         );
         let c = parse(&format!("{MINIMAL}\n[reload]\npoll_interval = \"100ms\"\n")).expect("100ms");
         assert_eq!(c.reload.poll_interval, Duration::from_millis(100));
+    }
+
+    /// Addresses that cannot all be bound, and a mock provider with nothing to answer as, are
+    /// refused by the configuration rather than by `run`.
+    #[test]
+    fn clashing_addresses_and_an_empty_mock_identity_are_refused() {
+        let listener = MINIMAL.replace("[listener]\n", "[listener]\naddress = \"0.0.0.0:8443\"\n");
+        let err = parse(&format!(
+            "{listener}\n[admin]\naddress = \"127.0.0.1:8443\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.key == "admin.address"),
+            "{err}"
+        );
+        assert!(parse(&format!(
+            "{listener}\n[admin]\naddress = \"127.0.0.1:8444\"\n"
+        ))
+        .is_ok());
+        let mock = |address: &str, asid: &str, ods: &str, base: &str| {
+            format!(
+                "{listener}\n[mock_provider]\nenabled = true\naddress = \"{address}\"\ncert = \"m.pem\"\nkey = \"m-key.pem\"\nclient_ca = \"ca.pem\"\nallowed_clients = [\"gw\"]\nasid = \"{asid}\"\nods_code = \"{ods}\"\nbase_url = \"{base}\"\n"
+            )
+        };
+        let good = "https://localhost:9443/B82617/STU3/1/gpconnect";
+        assert!(parse(&mock("127.0.0.1:9443", "918999198993", "B82617", good)).is_ok());
+        for (text, key) in [
+            (
+                mock("[::1]:8443", "918999198993", "B82617", good),
+                "mock_provider.address",
+            ),
+            (
+                mock("127.0.0.1:9100", "918999198993", "B82617", good),
+                "mock_provider.address",
+            ),
+            (
+                mock("127.0.0.1:9443", "", "B82617", good),
+                "mock_provider.asid",
+            ),
+            (
+                mock("127.0.0.1:9443", "918999198993", "", good),
+                "mock_provider.ods_code",
+            ),
+            (
+                mock("127.0.0.1:9443", "918999198993", "B82617", ""),
+                "mock_provider.base_url",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err();
+            assert!(err.problems.iter().any(|p| p.key == key), "{key}: {err}");
+        }
     }
 
     #[test]

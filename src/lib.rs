@@ -124,15 +124,12 @@ fn certificate_expiries(config: &Config) -> Vec<(&'static str, i64)> {
         .collect()
 }
 
-/// Loads certificates, the interaction catalogue and the directory, reporting every problem.
-pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
-    let mut problems = Vec::new();
-    let server_tls = tls::server_config(&config.listener.tls, listener_alpn(config))
-        .map_err(|e| problems.push(format!("listener: {e}")))
-        .ok();
-    let client_tls = tls::client_config(&config.upstream.tls, &ALPN_H1)
-        .map_err(|e| problems.push(format!("upstream: {e}")))
-        .ok();
+/// The interaction catalogue and the directory, each problem added to `problems`; and the
+/// audit directory, which must be a directory if it exists.
+fn load_catalogue_and_directory(
+    config: &Config,
+    problems: &mut Vec<String>,
+) -> (Option<Catalogue>, Option<directory::OpenedBackend>) {
     let catalogue = Catalogue::load(&config.policy.interactions_file)
         .map_err(|e| problems.push(format!("policy.interactions: {e}")))
         .ok();
@@ -149,6 +146,47 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let backend = directory::open_backend(&config.directory.backend, interactions)
         .map_err(|e| problems.push(format!("directory: {e}")))
         .ok();
+    let audit_dir = &config.audit.dir;
+    if audit_dir.exists() && !audit_dir.is_dir() {
+        problems.push(format!(
+            "audit.dir: {} exists and is not a directory",
+            audit_dir.display()
+        ));
+    }
+    (catalogue, backend)
+}
+
+/// What `check-config` can check while the development certificates are still to be made
+/// (`[dev] generate_certs`): everything but the TLS material.
+pub fn check_without_certificates(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let needs_certificates = matches!(
+        &config.directory.backend,
+        config::DirectoryBackendConfig::Ldap(l) if l.tls.is_some()
+    ) || matches!(
+        &config.directory.backend,
+        config::DirectoryBackendConfig::Fhir(_)
+    );
+    if needs_certificates {
+        if let Err(e) = Catalogue::load(&config.policy.interactions_file) {
+            problems.push(format!("policy.interactions: {e}"));
+        }
+    } else {
+        load_catalogue_and_directory(config, &mut problems);
+    }
+    problems
+}
+
+/// Loads certificates, the interaction catalogue and the directory, reporting every problem.
+pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
+    let mut problems = Vec::new();
+    let server_tls = tls::own_server_config(&config.listener.tls, listener_alpn(config))
+        .map_err(|e| problems.push(format!("listener: {e}")))
+        .ok();
+    let client_tls = tls::own_client_config(&config.upstream.tls, &ALPN_H1)
+        .map_err(|e| problems.push(format!("upstream: {e}")))
+        .ok();
+    let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
         tls::server_config(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))
@@ -281,14 +319,14 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
     let poll = reload_poll(config);
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
     c.server_tls.watch(
-        move || tls::server_config(&listener, alpn).map(Arc::unwrap_or_clone),
+        move || tls::own_server_config(&listener, alpn).map(Arc::unwrap_or_clone),
         poll,
         shutdown.clone(),
         tasks,
     );
     let upstream = config.upstream.tls.clone();
     c.client_tls.watch(
-        move || tls::client_config(&upstream, &ALPN_H1).map(Arc::unwrap_or_clone),
+        move || tls::own_client_config(&upstream, &ALPN_H1).map(Arc::unwrap_or_clone),
         poll,
         shutdown.clone(),
         tasks,

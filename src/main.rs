@@ -181,9 +181,11 @@ fn check_config(path: &Path) -> ExitCode {
     if config.dev.generate_certs && !ssp_gateway::tls::pki::dev_certs_present(&config.dev.certs_dir)
     {
         println!(
-            "note: {} is missing; `ssp-gateway run` will create it (or run `ssp-gateway dev-certs`)",
+            "note: {} is missing; `ssp-gateway run` will create it (or run `ssp-gateway dev-certs`); \
+             the certificates are not checked",
             config.dev.certs_dir.display()
         );
+        problems = ssp_gateway::check_without_certificates(&config);
     } else if let Err(p) = ssp_gateway::load_components(&config) {
         problems = p;
     }

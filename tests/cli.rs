@@ -112,6 +112,36 @@ fn dev_certs_writes_the_development_pki_once() {
 fn check_config_passes_the_shipped_config_and_lists_every_problem() {
     let (root, config) = copy_config(None);
     let certs = root.join("certs-dev");
+
+    // Before the development certificates exist (`run` makes them), everything else is still
+    // checked: a missing LDIF and an audit "directory" that is a file.
+    let early = root.join("config/early.toml");
+    let text = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace(
+            "ldif_file = \"directory.ldif\"",
+            "ldif_file = \"missing.ldif\"",
+        )
+        .replace("dir = \"../audit-dev\"", "dir = \"../audit-file\"");
+    std::fs::write(&early, text).expect("write");
+    std::fs::write(root.join("audit-file"), "not a directory").expect("write");
+    let bad = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&early)
+        .output()
+        .expect("run");
+    let report = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{report}");
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("certificates are not checked"),
+        "{}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+    for expected in ["missing.ldif", "audit.dir"] {
+        assert!(report.contains(expected), "{expected} not in:\n{report}");
+    }
+
     let made = Command::new(BIN)
         .args(["dev-certs", "--out"])
         .arg(&certs)

@@ -174,7 +174,7 @@ impl LdapBackend {
         let mut conn_settings = LdapConnSettings::new().set_conn_timeout(settings.connect_timeout);
         match (&settings.tls, secure) {
             (Some(client), true) => {
-                let config = tls::client_config(client, &[])?;
+                let config = tls::own_client_config(client, &[])?;
                 conn_settings = conn_settings.set_config(config);
             }
             (None, true) => {

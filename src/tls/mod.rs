@@ -106,6 +106,14 @@ pub enum TlsError {
         /// The key file.
         key: PathBuf,
     },
+    /// The gateway's own certificate is one no peer would accept.
+    #[error("{path}: {reason}")]
+    OwnCertificate {
+        /// The certificate file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A CRL file is malformed or stale.
     #[error("{path}: bad CRL: {reason}")]
     BadCrl {
@@ -460,6 +468,80 @@ fn client_verifier(
     Ok(Arc::new(chaincache::ChainCache::new(verifier, &cache_crls)))
 }
 
+/// What the gateway presents its own certificate for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The listener's certificate, to consumers.
+    Server,
+    /// The client certificate, to providers.
+    Client,
+}
+
+/// Refuses an own leaf certificate every peer would refuse: outside its validity period now,
+/// or with an extended key usage that does not allow `purpose`. Loaded at start or on a
+/// reload, such a certificate would fail every handshake while the gateway said it was ready.
+fn check_own_leaf(
+    path: &Path,
+    leaf: &CertificateDer<'_>,
+    purpose: Purpose,
+) -> Result<(), TlsError> {
+    let refuse = |reason: String| TlsError::OwnCertificate {
+        path: path.to_owned(),
+        reason,
+    };
+    let cert = parse_peer(leaf).map_err(|e| refuse(e.to_string()))?;
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if validity.not_after < now {
+        return Err(refuse(format!("expired at {}", validity.not_after)));
+    }
+    if validity.not_before > now {
+        return Err(refuse(format!("not valid until {}", validity.not_before)));
+    }
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        let eku = eku.value;
+        let allowed = eku.any
+            || match purpose {
+                Purpose::Server => eku.server_auth,
+                Purpose::Client => eku.client_auth,
+            };
+        if !allowed {
+            return Err(refuse(format!(
+                "its extended key usage does not allow TLS {} authentication",
+                match purpose {
+                    Purpose::Server => "server",
+                    Purpose::Client => "client",
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`server_config`] for the gateway's own listener: its certificate must also be one clients
+/// can accept ([`check_own_leaf`]).
+pub fn own_server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    check_own_leaf(&s.cert, &leaf_of(&s.cert)?, Purpose::Server)?;
+    server_config(s, alpn)
+}
+
+/// [`client_config`] for the gateway's own client side (providers, an LDAPS directory): its
+/// certificate must also be one servers can accept. (Test and load-test clients use
+/// `client_config`, which takes any certificate, to see the gateway refuse bad ones.)
+pub fn own_client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+    check_own_leaf(&c.cert, &leaf_of(&c.cert)?, Purpose::Client)?;
+    client_config(c, alpn)
+}
+
+fn leaf_of(path: &Path) -> Result<CertificateDer<'static>, TlsError> {
+    load_certs(path)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| TlsError::NoCertificate {
+            path: path.to_owned(),
+        })
+}
+
 /// Pairs the chain with its signing key, refusing a key that is not the leaf's.
 fn certified_key(
     provider: &CryptoProvider,
@@ -809,6 +891,68 @@ mod tests {
                 cert,
                 key,
                 ca: self.ca(&format!("{stem}-trust.pem"), &[server_ca]),
+            }
+        }
+    }
+
+    /// The gateway's own certificates must be usable: in their validity period and with an
+    /// extended key usage for their role. An expired listener certificate had loaded (at start
+    /// and on reload) and then failed every handshake while `/readyz` said ready.
+    #[test]
+    fn own_certificates_out_of_date_or_for_the_wrong_purpose_are_refused() {
+        let files = Files::new("own-leaf");
+        let ca = ecdsa_ca("Own CA");
+        let server_with = |spec: LeafSpec| {
+            let issued = ca.issue(&spec).expect("issue");
+            let (cert, key) = files.leaf("own-server", &issued);
+            let tls = ServerTls {
+                cert,
+                key,
+                client_ca: files.ca("own-client-ca.pem", &[&ca]),
+                crls: vec![],
+            };
+            own_server_config(&tls, ALPN).map(|_| ())
+        };
+        let names = ["localhost"];
+        assert!(server_with(LeafSpec::server(&names)).is_ok());
+        for (spec, says) in [
+            (
+                LeafSpec::server(&names).with_validity(Validity::Expired),
+                "expired at",
+            ),
+            (
+                LeafSpec::server(&names).with_validity(Validity::NotYetValid),
+                "not valid until",
+            ),
+            (LeafSpec::client(&names), "TLS server authentication"),
+        ] {
+            match server_with(spec) {
+                Err(e @ TlsError::OwnCertificate { .. }) => {
+                    assert!(e.to_string().contains(says), "{e}")
+                }
+                other => panic!("{says}: {other:?}"),
+            }
+        }
+        let client_with = |spec: LeafSpec| {
+            let issued = ca.issue(&spec).expect("issue");
+            own_client_config(&files.client("own-client", &issued, &ca), &[]).map(|_| ())
+        };
+        assert!(client_with(LeafSpec::client(&["gw.example"])).is_ok());
+        for (spec, says) in [
+            (
+                LeafSpec::client(&["gw.example"]).with_validity(Validity::Expired),
+                "expired at",
+            ),
+            (
+                LeafSpec::server(&["gw.example"]),
+                "TLS client authentication",
+            ),
+        ] {
+            match client_with(spec) {
+                Err(e @ TlsError::OwnCertificate { .. }) => {
+                    assert!(e.to_string().contains(says), "{e}")
+                }
+                other => panic!("{says}: {other:?}"),
             }
         }
     }
