@@ -446,3 +446,51 @@ async fn the_listener_never_resumes_a_session() {
     control_stop.cancel();
     h.stop().await;
 }
+
+/// What `openssl ca -gencrl` makes without a `crlnumber` file: a CRL with no CRL Number, which
+/// webpki refuses with only "ParseError". It is refused when loaded, saying what is missing.
+#[test]
+fn a_crl_without_a_crl_number_is_refused_saying_so() {
+    let dir = std::env::temp_dir().join(format!("ssp-crlnumber-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl (installed by scripts/test.sh)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=CRL Number CA",
+    ]);
+    std::fs::write(dir.join("index.txt"), "").expect("index");
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncertificate = ca.pem\n\
+         private_key = ca-key.pem\ndefault_md = sha256\ndefault_crl_days = 30\n",
+    )
+    .expect("cnf");
+    run(&["ca", "-gencrl", "-config", "ca.cnf", "-out", "crl.pem"]);
+    let err = ssp_gateway::tls::load_crls(&[dir.join("crl.pem")]).expect_err("no CRL number");
+    assert!(err.to_string().contains("no CRL Number"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -310,6 +310,14 @@ pub fn load_crls(
                 Ok(_) => return Err(bad("trailing data after the CRL".to_owned())),
                 Err(e) => return Err(bad(format!("not a valid X.509 CRL: {e}"))),
             };
+            if parsed.crl_number().is_none() {
+                // webpki requires it and would say only "ParseError".
+                return Err(bad(format!(
+                    "no CRL Number extension (RFC 5280 §5.2.3), which is required; `openssl ca \
+                     -gencrl` adds one when a crlnumber file is configured (issuer {})",
+                    rfc4514(parsed.issuer())
+                )));
+            }
             if let Some(next) = parsed.next_update() {
                 if next < now {
                     return Err(bad(format!(
@@ -354,6 +362,51 @@ pub fn load_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Refuses a CRL that no CA of `client_ca` issued (it would check nothing: webpki applies a
+/// CRL only to certificates of its issuer) or whose signature does not verify with its
+/// issuer's key. webpki checks the signature only when a client of that CA connects, so a
+/// forged or mis-signed CRL had loaded (at start and on reload) and then failed every handshake.
+fn check_crl_issuer(
+    path: &Path,
+    crl: &CertificateRevocationListDer<'_>,
+    cas: &[CertificateDer<'_>],
+    client_ca: &Path,
+) -> Result<(), TlsError> {
+    let bad = |reason: String| TlsError::BadCrl {
+        path: path.to_owned(),
+        reason,
+    };
+    let (_, parsed) =
+        x509_parser::parse_x509_crl(crl).map_err(|e| bad(format!("not a valid X.509 CRL: {e}")))?;
+    let issuer = parsed.issuer();
+    let mut named = false;
+    for ca in cas {
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca) else {
+            continue;
+        };
+        if ca.subject().as_raw() != issuer.as_raw() {
+            continue;
+        }
+        named = true;
+        if parsed.verify_signature(ca.public_key()).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(bad(if named {
+        format!(
+            "its signature does not verify with the key of {}, its issuer in {}",
+            rfc4514(issuer),
+            client_ca.display()
+        )
+    } else {
+        format!(
+            "issued by {}, which is not a CA in {}: it would check nothing",
+            rfc4514(issuer),
+            client_ca.display()
+        )
+    }))
+}
+
 /// Builds the listener's config: TLS 1.2/1.3, client certificate required and verified against
 /// `client_ca` (and the CRLs, see the module doc), no session resumption, `alpn` offered in the
 /// given order. The key is checked against the certificate here.
@@ -363,9 +416,17 @@ pub fn server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>,
     let roots = load_ca_bundle(&s.client_ca)?;
     let provider = provider();
     // Each CRL file on its own through webpki first, so a CRL webpki refuses names its file.
+    let cas = if s.crls.is_empty() {
+        Vec::new()
+    } else {
+        load_certs(&s.client_ca)?
+    };
     let mut crls = Vec::new();
     for path in &s.crls {
         let in_file = load_crls(std::slice::from_ref(path))?;
+        for crl in &in_file {
+            check_crl_issuer(path, crl, &cas, &s.client_ca)?;
+        }
         client_verifier(&provider, roots.clone(), in_file.clone()).map_err(|e| {
             TlsError::BadCrl {
                 path: path.clone(),
@@ -955,6 +1016,44 @@ mod tests {
                 other => panic!("{says}: {other:?}"),
             }
         }
+    }
+
+    /// A CRL is checked against the client CAs when it is loaded: one signed by another key
+    /// under the CA's name, or from a CA that is not trusted, is refused naming its file (the
+    /// first had loaded and then failed every handshake; the second checked nothing).
+    #[test]
+    fn crls_must_be_signed_by_a_trusted_ca() {
+        let files = Files::new("crl-issuer");
+        let ca = ecdsa_ca("Listener CA");
+        let impostor = ecdsa_ca("Listener CA");
+        let stranger = ecdsa_ca("Stranger CA");
+        let own = ca.crl(&[]).expect("crl");
+        assert!(server_config(
+            &files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&own]),
+            ALPN
+        )
+        .is_ok());
+        for (crl, says) in [
+            (impostor.crl(&[]).expect("crl"), "signature does not verify"),
+            (stranger.crl(&[]).expect("crl"), "not a CA in"),
+        ] {
+            let tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&own, &crl]);
+            match server_config(&tls, ALPN) {
+                Err(e @ TlsError::BadCrl { .. }) => {
+                    assert!(e.to_string().contains(says), "{e}");
+                    assert!(e.to_string().contains("crl1.pem"), "{e}");
+                }
+                other => panic!("{says}: {other:?}"),
+            }
+        }
+        // Both CAs trusted: each CRL is checked against its own issuer.
+        let both = files.server(
+            &ca,
+            KeyKind::EcdsaP256,
+            &[&ca, &stranger],
+            &[&own, &stranger.crl(&[]).expect("crl")],
+        );
+        assert!(server_config(&both, ALPN).is_ok());
     }
 
     fn ecdsa_ca(name: &str) -> Ca {
