@@ -284,12 +284,52 @@ fn policy_files(config: &Config) -> Vec<std::path::PathBuf> {
 }
 
 /// Reloads `[policy]` and the interaction catalogue from the configuration file (other
-/// sections need a restart and are not applied; a file that no longer validates is refused).
-fn reload_policy(source: &std::path::Path) -> Result<Policy, String> {
-    let config = Config::load(source).map_err(|e| e.to_string())?;
+/// sections need a restart and are not applied; a file that no longer validates is refused),
+/// and the files to watch from then on (the catalogue may have moved).
+fn reload_policy(running: &Config) -> Result<(Policy, Vec<std::path::PathBuf>), String> {
+    let config = Config::load(&running.source).map_err(|e| e.to_string())?;
     let catalogue = Catalogue::load(&config.policy.interactions_file)
         .map_err(|e| format!("policy.interactions: {e}"))?;
-    Ok(policy_from(&config, catalogue))
+    let unapplied = sections_changed(running, &config);
+    if !unapplied.is_empty() {
+        tracing::warn!(
+            sections = %unapplied.join(", "),
+            "configuration changed outside [policy]: not applied until a restart"
+        );
+    }
+    Ok((policy_from(&config, catalogue), policy_files(&config)))
+}
+
+/// The sections other than `[policy]` that differ between `running` and `new`: a reload
+/// applies only `[policy]`, and an operator who changed more must hear that it waits for a
+/// restart.
+fn sections_changed(running: &Config, new: &Config) -> Vec<&'static str> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 13] = [
+        ("listener", &running.listener, &new.listener),
+        ("admin", &running.admin, &new.admin),
+        ("upstream", &running.upstream, &new.upstream),
+        ("directory", &running.directory, &new.directory),
+        ("log", &running.log, &new.log),
+        ("audit", &running.audit, &new.audit),
+        ("tracing", &running.tracing, &new.tracing),
+        ("shutdown", &running.shutdown, &new.shutdown),
+        ("reload", &running.reload, &new.reload),
+        ("rate_limit", &running.rate_limit, &new.rate_limit),
+        (
+            "circuit_breaker",
+            &running.circuit_breaker,
+            &new.circuit_breaker,
+        ),
+        ("dev", &running.dev, &new.dev),
+        ("mock_provider", &running.mock_provider, &new.mock_provider),
+    ];
+    sections
+        .into_iter()
+        .filter(|(_, a, b)| differs(*a, *b))
+        .map(|(name, _, _)| name)
+        .collect()
 }
 
 fn server_tls_files(config: &Config) -> Vec<std::path::PathBuf> {
@@ -377,9 +417,16 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let tasks = TaskTracker::new();
     watch_tls(config, &components, &shutdown, &tasks);
     {
-        let source = config.source.clone();
+        let running = config.clone();
+        let policy = Arc::downgrade(&components.gateway.policy);
         components.gateway.policy.watch(
-            move || reload_policy(&source),
+            move || {
+                let (new, files) = reload_policy(&running)?;
+                if let Some(policy) = policy.upgrade() {
+                    policy.watch_files(files);
+                }
+                Ok::<_, String>(new)
+            },
             reload_poll(config),
             shutdown.clone(),
             &tasks,
@@ -645,4 +692,27 @@ fn local_addr(what: &'static str, listener: &TcpListener) -> Result<SocketAddr, 
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload applies `[policy]` only; other sections that changed are named for a restart.
+    #[test]
+    fn sections_changed_outside_policy_are_named() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(config::DEFAULT_CONFIG_PATH);
+        let running = Config::load(&path).expect("shipped config");
+        let mut new = running.clone();
+        assert!(sections_changed(&running, &new).is_empty());
+        new.policy.jwt_clock_skew += std::time::Duration::from_secs(1);
+        assert!(
+            sections_changed(&running, &new).is_empty(),
+            "policy is applied"
+        );
+        new.listener.address.set_port(8444);
+        new.audit.max_file_bytes += 1;
+        assert_eq!(sections_changed(&running, &new), ["listener", "audit"]);
+    }
 }

@@ -34,7 +34,8 @@ impl ReloadStats {
 pub struct Reloadable<T> {
     name: &'static str,
     value: ArcSwap<T>,
-    files: Vec<PathBuf>,
+    /// The files watched; a reload may name others ([`Reloadable::watch_files`]).
+    files: ArcSwap<Vec<PathBuf>>,
     stats: ReloadStats,
     /// `ssp_reloads_total{component, result}`, when metrics are on.
     counter: std::sync::OnceLock<prometheus::IntCounterVec>,
@@ -55,7 +56,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         Arc::new(Reloadable {
             name,
             value: ArcSwap::new(initial),
-            files,
+            files: ArcSwap::from_pointee(files),
             stats: ReloadStats::default(),
             counter: std::sync::OnceLock::new(),
         })
@@ -67,6 +68,12 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
 
     pub fn stats(&self) -> &ReloadStats {
         &self.stats
+    }
+
+    /// Watches `files` from the next check on: a reload that moved a file (the policy's
+    /// interaction catalogue to a new path) has the new one watched, not the old.
+    pub fn watch_files(&self, files: Vec<PathBuf>) {
+        self.files.store(Arc::new(files));
     }
 
     /// Counts this component's reloads in `counter` (labels: component, result).
@@ -118,7 +125,8 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         let this = self.clone();
         let build = Arc::new(build);
         // Taken now, not when the task first runs, so a change made meanwhile is not missed.
-        let mut seen: Vec<Fingerprint> = this.files.iter().map(fingerprint).collect();
+        let mut watched = this.files.load_full();
+        let mut seen: Vec<Fingerprint> = watched.iter().map(fingerprint).collect();
         tasks.spawn(async move {
             let mut hangup = hangup_signal();
             let mut tick = tokio::time::interval(poll);
@@ -129,7 +137,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     _ = tick.tick() => false,
                     _ = next_hangup(&mut hangup) => true,
                 };
-                let now: Vec<Fingerprint> = this.files.iter().map(fingerprint).collect();
+                let now: Vec<Fingerprint> = watched.iter().map(fingerprint).collect();
                 if !forced && now == seen {
                     continue;
                 }
@@ -139,6 +147,12 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     tokio::task::spawn_blocking(move || this2.reload_with(|| build())).await;
                 if let Err(e) = joined {
                     tracing::error!(component = this.name, error = %e, "reload task failed");
+                }
+                let files = this.files.load_full();
+                if files != watched {
+                    // The reload named other files: they are as it read them.
+                    seen = files.iter().map(fingerprint).collect();
+                    watched = files;
                 }
             }
         });
@@ -189,6 +203,63 @@ mod tests {
         assert!(!r.reload_with(|| Err::<u32, _>("broken file".to_string())));
         assert_eq!(*r.current(), 2);
         assert_eq!((r.stats().succeeded(), r.stats().failed()), (1, 1));
+    }
+
+    /// A reload that names another file (the policy's catalogue moved) has that file watched:
+    /// before, the old path stayed watched and edits to the new one were never picked up.
+    #[tokio::test]
+    async fn a_file_named_by_a_reload_is_watched_from_then_on() {
+        let dir = std::env::temp_dir().join(format!(
+            "ssp-reload-moved-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (pointer, a, b) = (dir.join("pointer"), dir.join("a"), dir.join("b"));
+        std::fs::write(&a, "1").expect("write");
+        std::fs::write(&b, "2").expect("write");
+        std::fs::write(&pointer, a.to_str().expect("utf-8")).expect("write");
+        let r = Reloadable::new("test", Arc::new(1u32), vec![pointer.clone(), a.clone()]);
+        let weak = Arc::downgrade(&r);
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let named = pointer.clone();
+        r.watch(
+            move || {
+                let target =
+                    PathBuf::from(std::fs::read_to_string(&named).map_err(|e| e.to_string())?);
+                let value = std::fs::read_to_string(&target)
+                    .map_err(|e| e.to_string())?
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|e| e.to_string())?;
+                if let Some(r) = weak.upgrade() {
+                    r.watch_files(vec![named.clone(), target]);
+                }
+                Ok::<_, String>(value)
+            },
+            Duration::from_millis(10),
+            shutdown.clone(),
+            &tasks,
+        );
+        let until = |want: u32, what: &'static str| {
+            let r = r.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while *r.current() != want {
+                    assert!(tokio::time::Instant::now() < deadline, "{what}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        std::fs::write(&pointer, b.to_str().expect("utf-8")).expect("write");
+        until(2, "the move to b was not picked up").await;
+        std::fs::write(&b, "33").expect("write");
+        until(33, "an edit of the new file was not picked up").await;
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[tokio::test]
