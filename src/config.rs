@@ -418,7 +418,9 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     let mut s = root.section("audit");
     let durability = match s.string("durability", Some("fsync")).as_str() {
         "fsync" => {
-            s.take("fsync_interval");
+            // Unused under fsync, but still a duration: the setting a switch to `buffered`
+            // would use must not hide a mistake until then.
+            s.duration("fsync_interval", DEFAULT_AUDIT_FSYNC_INTERVAL);
             Durability::Fsync
         }
         "buffered" => Durability::Buffered {
@@ -467,7 +469,10 @@ fn build(root: &mut Section<'_, '_>) -> Config {
     let otlp_endpoint = if endpoint.is_empty() {
         None
     } else {
-        if !has_host(&endpoint, &["http://"]) || endpoint.parse::<http::Uri>().is_err() {
+        if !has_host(&endpoint, &["http://"])
+            || endpoint.contains(['?', '#'])
+            || endpoint.parse::<http::Uri>().is_err()
+        {
             s.problem(
                 "otlp_endpoint",
                 format!("`{endpoint}` is not an http://host:port URL of an OTLP/HTTP collector"),
@@ -631,7 +636,13 @@ fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
                 });
                 match parsed {
                     Some((asid, limit)) => {
-                        overrides.insert(asid, limit);
+                        if overrides.insert(asid.clone(), limit).is_some() {
+                            // Which of two limits was meant cannot be guessed.
+                            s.problem(
+                                &format!("overrides[{i}]"),
+                                format!("a second override for ASID {asid}"),
+                            );
+                        }
                     }
                     None => s.problem(
                         &format!("overrides[{i}]"),
@@ -1466,6 +1477,44 @@ ldif_file = "directory.ldif"
         assert_eq!(c.reload.poll_interval, Duration::from_millis(100));
     }
 
+    /// Two rate-limit overrides for one ASID: which was meant cannot be guessed (the last had
+    /// silently won).
+    #[test]
+    fn a_repeated_rate_limit_override_is_refused() {
+        let one = "{ asid = \"1\", requests_per_second = 5, burst = 5 }";
+        let other = "{ asid = \"1\", requests_per_second = 50, burst = 50 }";
+        let err = parse(&format!(
+            "{MINIMAL}\n[rate_limit]\noverrides = [{one}, {other}]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == "rate_limit.overrides[1]"),
+            "{err}"
+        );
+        assert!(parse(&format!("{MINIMAL}\n[rate_limit]\noverrides = [{one}]\n")).is_ok());
+    }
+
+    /// `fsync_interval` is checked under `fsync` too, where it is kept for a switch to buffered.
+    #[test]
+    fn fsync_interval_is_a_duration_whatever_the_durability() {
+        for bad in ["true", "[]", "-1", "\"nan\""] {
+            let err = parse(&format!(
+                "{MINIMAL}\n[audit]\ndurability = \"fsync\"\nfsync_interval = {bad}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.problems.iter().any(|p| p.key == "audit.fsync_interval"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(parse(&format!(
+            "{MINIMAL}\n[audit]\ndurability = \"fsync\"\nfsync_interval = \"100ms\"\n"
+        ))
+        .is_ok());
+    }
+
     /// Addresses that cannot all be bound, and a mock provider with nothing to answer as, are
     /// refused by the configuration rather than by `run`.
     #[test]
@@ -1601,7 +1650,13 @@ ldif_file = "directory.ldif"
                 "{bad}: {err}"
             );
         }
-        for bad in ["http://127.0.0.1:99999", "http://:4318", "http://"] {
+        for bad in [
+            "http://127.0.0.1:99999",
+            "http://:4318",
+            "http://",
+            "http://collector:4318/?x=1",
+            "http://collector:4318/#f",
+        ] {
             let err = parse(&format!(
                 "{MINIMAL}\n[tracing]\notlp_endpoint = \"{bad}\"\n"
             ))
