@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use super::record::{hex, line_hash, GENESIS};
 
+/// How every record line starts (`seq` is written first): a torn line is a prefix of a record.
+const RECORD_START: &[u8] = b"{\"seq\":";
+
 /// A file could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {source}")]
@@ -178,6 +181,21 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
             }
             line_no += 1;
             if buf.last() != Some(&b'\n') {
+                // A write cut short leaves the start of a record; anything else (NULs, text)
+                // is not a torn record but something that is not the trail.
+                let start = RECORD_START.len().min(buf.len());
+                if buf[..start] != RECORD_START[..start] {
+                    report.broken = Some(Broken {
+                        path: path.clone(),
+                        line: line_no,
+                        seq: None,
+                        reason: format!(
+                            "not an audit record: {} bytes without a newline that are not the start of one",
+                            buf.len()
+                        ),
+                    });
+                    break;
+                }
                 report.torn.push(Torn {
                     path: path.clone(),
                     line: line_no,
@@ -327,6 +345,40 @@ mod tests {
         assert_eq!(r.torn.len(), 1);
         assert_eq!((r.torn[0].path.clone(), r.torn[0].line), (fa, 3));
         assert!(r.to_string().starts_with("torn: "), "{r}");
+    }
+
+    /// A line cut short is the start of a record; bytes without a newline that are not (a file
+    /// of NULs, text) are broken, not "torn and tolerated", even between two rotated files.
+    #[test]
+    fn an_unterminated_line_that_is_no_record_start_is_broken() {
+        let d = scratch();
+        let (a, h) = chain(1, GENESIS, 2);
+        let (c, _) = chain(3, h, 1);
+        let fa = write(&d, "audit-1.jsonl", &a, "");
+        let fc = write(&d, "audit.jsonl", &c, "");
+        for (name, junk) in [
+            ("nul.jsonl", vec![0u8; 100]),
+            ("text.jsonl", b"aaaaaaaa".to_vec()),
+            ("late.jsonl", b"{\"seq\"x".to_vec()),
+        ] {
+            let f = d.join(name);
+            std::fs::write(&f, &junk).expect("write");
+            let r = verify_files(&[fa.clone(), f, fc.clone()]).expect("read");
+            let b = r.broken.expect(name);
+            assert!(
+                b.reason.contains("not the start of one"),
+                "{name}: {}",
+                b.reason
+            );
+        }
+        // A prefix of a record, however short, is torn.
+        for torn in ["{", "{\"se", "{\"seq\":3,\"pr"] {
+            let f = d.join("short.jsonl");
+            std::fs::write(&f, torn).expect("write");
+            let r = verify_files(&[fa.clone(), f]).expect("read");
+            assert!(r.intact(), "{torn}: {r}");
+            assert_eq!(r.torn.len(), 1, "{torn}");
+        }
     }
 
     #[test]
