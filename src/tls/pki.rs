@@ -464,6 +464,16 @@ pub fn dev_certs_present(dir: &Path) -> bool {
 /// missing files; with `force` everything is regenerated. Each file is written atomically,
 /// keys with mode 0600 and certificates with mode 0644.
 pub fn write_dev_certs(dir: &Path, force: bool) -> Result<DevCertsReport, PkiError> {
+    // A file or a dangling link where the directory should be: say so, not "File exists".
+    if dir.symlink_metadata().is_ok() && !dir.is_dir() {
+        return Err(PkiError::Io {
+            path: dir.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory (or is a link to nothing)",
+            ),
+        });
+    }
     let names = dev_cert_files();
     let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     let missing: Vec<String> = names
@@ -893,6 +903,16 @@ pub(crate) mod tests {
         assert_eq!(again.action, DevCertsAction::Kept);
         assert_eq!(fs::read(dir.join("consumer.pem")).expect("read"), before);
         assert!(again.to_string().contains("kept"));
+
+        // A file, or a dangling link, where the directory should be is named as such.
+        let file = dir.join("consumer.pem");
+        let dangling = dir.join("nowhere-link");
+        std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).expect("symlink");
+        for not_dir in [&file, &dangling] {
+            let err = write_dev_certs(not_dir, true).expect_err("not a directory");
+            assert!(err.to_string().contains("is not a directory"), "{err}");
+        }
+        fs::remove_file(&dangling).expect("remove");
 
         // A partial set is an error naming what is missing, and nothing is rewritten.
         fs::remove_file(dir.join("rogue-key.pem")).expect("remove");
