@@ -822,6 +822,18 @@ fn raw_head(gpc: Gpc<'_>) -> String {
     head
 }
 
+/// Sends `raw` on a new connection and reads until the gateway closes it (10 s at most).
+async fn exchange(client: &Client, raw: &str) -> String {
+    let mut stream = client.handshake().await.expect("handshake");
+    stream.write_all(raw.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("answered and closed")
+        .ok();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// `Content-Length: 5, 5` and a repeated `Content-Length` (one length, so accepted) reach the
 /// provider as the single field `Content-Length: 5`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -835,14 +847,7 @@ async fn a_repeated_content_length_is_forwarded_as_one() {
         let mut head = raw_head(Gpc::new(Method::POST, book.clone(), IX_BOOK));
         head.push_str(fields);
         head.push_str("Connection: close\r\n\r\n{\"a\":");
-        let mut stream = h.consumer().handshake().await.expect("handshake");
-        stream.write_all(head.as_bytes()).await.expect("write");
-        let mut buf = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-            .await
-            .expect("answered and closed")
-            .ok();
-        let text = String::from_utf8_lossy(&buf);
+        let text = exchange(&h.consumer(), &head).await;
         assert!(text.starts_with("HTTP/1.1 200 "), "{fields}: {text}");
         assert_eq!(h.recorder.seen(), seen);
         let (_, _, headers) = h.recorder.last_head();
@@ -860,14 +865,7 @@ async fn a_malformed_chunked_body_is_a_400_not_a_provider_error() {
     let book = format!("{}/Appointment", h.endpoint());
     let mut head = raw_head(Gpc::new(Method::POST, book, IX_BOOK));
     head.push_str("Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nZZ\r\n");
-    let mut stream = h.consumer().handshake().await.expect("handshake");
-    stream.write_all(head.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-        .await
-        .expect("answered and closed")
-        .ok();
-    let text = String::from_utf8_lossy(&buf);
+    let text = exchange(&h.consumer(), &head).await;
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
     assert!(text.contains("INVALID_REQUEST_BODY"), "{text}");
     h.stop().await;
