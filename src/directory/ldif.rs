@@ -492,6 +492,9 @@ fn build_index(records: &[Record]) -> Result<Index, ModelError> {
     Ok(index)
 }
 
+/// The longest ASID a request can name (`Ssp-From`, `Ssp-To`).
+const MAX_ASID_DIGITS: usize = 32;
+
 fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
     let asid = required(record, UNIQUE_IDENTIFIER)?;
     if !asid.bytes().all(|b| b.is_ascii_digit()) {
@@ -500,6 +503,15 @@ fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
             UNIQUE_IDENTIFIER,
             asid_line(record),
             "an ASID must be ASCII digits",
+        ));
+    }
+    if asid.len() > MAX_ASID_DIGITS {
+        // `Ssp-From` and `Ssp-To` take at most 32 digits: no request could name it.
+        return Err(invalid(
+            record,
+            UNIQUE_IDENTIFIER,
+            asid_line(record),
+            "an ASID has at most 32 digits",
         ));
     }
     Ok(AccreditedSystem {
@@ -1194,6 +1206,17 @@ mod tests {
                 "{bad}"
             );
         }
+
+        let long = as_entry(&"9".repeat(33), "P-1", "");
+        assert!(matches!(
+            model_err(&long),
+            ModelError::Invalid {
+                attribute: "uniqueIdentifier",
+                reason: "an ASID has at most 32 digits",
+                ..
+            }
+        ));
+        assert!(model(&as_entry(&"9".repeat(32), "P-1", "")).is_ok());
 
         let not_digits = as_entry("12a", "P-1", "");
         assert!(matches!(
