@@ -643,13 +643,18 @@ pub enum LdifLoadError {
     /// `reload` on a backend built from text.
     #[error("{origin}: cannot reload: the directory was built from text, not a file")]
     NotReloadable { origin: String },
-    /// A reload that would leave no accredited system where there were some.
+    /// A reload that would leave no accredited system, or no message handler, where there
+    /// were some.
     #[error(
-        "{origin}: holds no accredited systems (nhsAs), where the directory in service has \
-         {in_service}: refused, as a file emptied or caught while being rewritten would be \
-         (replace the file by renaming a complete one into place)"
+        "{origin}: holds no {what}, where the directory in service has {in_service}: refused, \
+         as a file emptied or caught while being rewritten would be (replace the file by \
+         renaming a complete one into place)"
     )]
-    Emptied { origin: String, in_service: usize },
+    Emptied {
+        origin: String,
+        what: &'static str,
+        in_service: usize,
+    },
 }
 
 /// A [`DirectoryBackend`] answering from an in-memory index of an LDIF file in the SDS schema.
@@ -702,12 +707,18 @@ impl LdifBackend {
         };
         let index = load_file(path)?;
         let stats = index.stats;
-        let in_service = self.index.load().stats.systems;
-        if stats.systems == 0 && in_service > 0 {
-            return Err(LdifLoadError::Emptied {
-                origin: self.origin.clone(),
-                in_service,
-            });
+        let before = self.index.load().stats;
+        for (now, in_service, what) in [
+            (stats.systems, before.systems, "accredited systems (nhsAs)"),
+            (stats.handlers, before.handlers, "message handlers (nhsMhs)"),
+        ] {
+            if now == 0 && in_service > 0 {
+                return Err(LdifLoadError::Emptied {
+                    origin: self.origin.clone(),
+                    what,
+                    in_service,
+                });
+            }
         }
         self.index.store(Arc::new(index));
         Ok(stats)
@@ -1496,13 +1507,34 @@ mod tests {
             assert!(backend.lookup("1").is_some(), "{emptied:?}");
         }
 
-        file.write(&as_entry("2", "P-2", ""));
+        // Every message handler gone while the systems stay (a file ordered handlers first,
+        // caught mid-write): refused too, not a directory where no request can go anywhere.
+        let interaction = format!("{GPC}fhir:rest:search:slot-1");
+        file.write(&format!(
+            "{}\n{}",
+            as_entry("1", "P-1", ""),
+            mhs_entry("ab", "P-1", &interaction, "")
+        ));
+        assert_eq!(backend.reload().unwrap().handlers, 1);
+        file.write(&as_entry("1", "P-1", ""));
+        let err = backend.reload().unwrap_err();
+        assert!(
+            matches!(err, LdifLoadError::Emptied { what, in_service: 1, .. } if what.contains("nhsMhs")),
+            "{err}"
+        );
+        assert_eq!(backend.stats().handlers, 1);
+
+        file.write(&format!(
+            "{}\n{}",
+            as_entry("2", "P-2", ""),
+            mhs_entry("cd", "P-2", &interaction, "")
+        ));
         assert_eq!(
             backend.reload().unwrap(),
             Stats {
-                entries: 1,
+                entries: 2,
                 systems: 1,
-                handlers: 0
+                handlers: 1
             }
         );
         assert!(backend.lookup("1").is_none());
