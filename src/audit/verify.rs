@@ -14,6 +14,30 @@ use super::record::{hex, line_hash, GENESIS};
 /// How every record line starts (`seq` is written first): a torn line is a prefix of a record.
 const RECORD_START: &[u8] = b"{\"seq\":";
 
+/// Whether the `seq` of a line cut short (which starts with [`RECORD_START`]) can be the next
+/// record's: digits, and once they are complete (a `,` follows), `expected` when known.
+fn torn_seq_fits(line: &[u8], expected: Option<u64>) -> bool {
+    let Some(rest) = line.get(RECORD_START.len()..) else {
+        return true;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    match rest.get(digits) {
+        // Cut inside the number (or right after the key): nothing to compare yet.
+        None => true,
+        Some(b',') if digits > 0 => {
+            let seq = std::str::from_utf8(&rest[..digits])
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok());
+            match (seq, expected) {
+                (Some(seq), Some(expected)) => seq == expected,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+        }
+        Some(_) => false,
+    }
+}
+
 /// A file could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {source}")]
@@ -184,13 +208,14 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
                 // A write cut short leaves the start of a record; anything else (NULs, text)
                 // is not a torn record but something that is not the trail.
                 let start = RECORD_START.len().min(buf.len());
-                if buf[..start] != RECORD_START[..start] {
+                let expected = prev.map(|(seq, _)| seq + 1);
+                if buf[..start] != RECORD_START[..start] || !torn_seq_fits(&buf, expected) {
                     report.broken = Some(Broken {
                         path: path.clone(),
                         line: line_no,
                         seq: None,
                         reason: format!(
-                            "not an audit record: {} bytes without a newline that are not the start of one",
+                            "not an audit record: {} bytes without a newline that are not the start of the next one",
                             buf.len()
                         ),
                     });
@@ -360,19 +385,21 @@ mod tests {
             ("nul.jsonl", vec![0u8; 100]),
             ("text.jsonl", b"aaaaaaaa".to_vec()),
             ("late.jsonl", b"{\"seq\"x".to_vec()),
+            ("string.jsonl", b"{\"seq\":\"x".to_vec()),
+            ("wrong.jsonl", b"{\"seq\":51,\"prev\":\"ab".to_vec()),
         ] {
             let f = d.join(name);
             std::fs::write(&f, &junk).expect("write");
             let r = verify_files(&[fa.clone(), f, fc.clone()]).expect("read");
             let b = r.broken.expect(name);
             assert!(
-                b.reason.contains("not the start of one"),
+                b.reason.contains("not the start of the next one"),
                 "{name}: {}",
                 b.reason
             );
         }
         // A prefix of a record, however short, is torn.
-        for torn in ["{", "{\"se", "{\"seq\":3,\"pr"] {
+        for torn in ["{", "{\"se", "{\"seq\":", "{\"seq\":3", "{\"seq\":3,\"pr"] {
             let f = d.join("short.jsonl");
             std::fs::write(&f, torn).expect("write");
             let r = verify_files(&[fa.clone(), f]).expect("read");
