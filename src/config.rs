@@ -568,7 +568,10 @@ fn build(root: &mut Section<'_, '_>) -> Config {
             }
         }
         match m.base_url.strip_prefix("https://") {
-            Some(rest) if rest.contains('/') && !m.base_url.ends_with('/') => {}
+            Some(rest)
+                if rest.contains('/')
+                    && !m.base_url.ends_with('/')
+                    && has_host(&m.base_url, &["https://"]) => {}
             _ => s.problem(
                 "base_url",
                 "must be an https:// URL with a path and no trailing `/`".into(),
@@ -1558,6 +1561,15 @@ ldif_file = "directory.ldif"
             ),
             (
                 mock("127.0.0.1:9443", "918999198993", "B82617", ""),
+                "mock_provider.base_url",
+            ),
+            (
+                mock(
+                    "127.0.0.1:9443",
+                    "918999198993",
+                    "B82617",
+                    "https://localhost:65536/B82617/gpconnect",
+                ),
                 "mock_provider.base_url",
             ),
         ] {

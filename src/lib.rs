@@ -146,12 +146,16 @@ fn load_catalogue_and_directory(
     let backend = directory::open_backend(&config.directory.backend, interactions)
         .map_err(|e| problems.push(format!("directory: {e}")))
         .ok();
+    // The directory, or the nearest part of its path that exists (it is created when
+    // missing), must be a directory.
     let audit_dir = &config.audit.dir;
-    if audit_dir.exists() && !audit_dir.is_dir() {
-        problems.push(format!(
-            "audit.dir: {} exists and is not a directory",
-            audit_dir.display()
-        ));
+    if let Some(existing) = audit_dir.ancestors().find(|p| p.symlink_metadata().is_ok()) {
+        if !existing.is_dir() {
+            problems.push(format!(
+                "audit.dir: {} is not a directory",
+                existing.display()
+            ));
+        }
     }
     (catalogue, backend)
 }
@@ -188,7 +192,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         .ok();
     let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
-        tls::server_config(&m.tls, &ALPN_H1)
+        tls::own_server_config(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))
             .ok()
             .map(|tls| {
@@ -586,7 +590,7 @@ pub async fn start_mock_provider(
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     ensure_dev_certs(config)?;
-    let tls = tls::server_config(&mock.tls, &ALPN_H1)
+    let tls = tls::own_server_config(&mock.tls, &ALPN_H1)
         .map_err(|e| StartError::Load(vec![format!("mock_provider: {e}")]))?;
     let tls = Reloadable::new("mock provider TLS", tls, vec![]);
     let provider = Arc::new(MockProvider::new(mock_settings(mock)));

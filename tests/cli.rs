@@ -122,7 +122,7 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
             "ldif_file = \"directory.ldif\"",
             "ldif_file = \"missing.ldif\"",
         )
-        .replace("dir = \"../audit-dev\"", "dir = \"../audit-file\"");
+        .replace("dir = \"../audit-dev\"", "dir = \"../audit-file/sub\"");
     std::fs::write(&early, text).expect("write");
     std::fs::write(root.join("audit-file"), "not a directory").expect("write");
     let bad = Command::new(BIN)
