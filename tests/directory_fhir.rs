@@ -186,14 +186,7 @@ async fn the_gateway_runs_on_the_fhir_backend() {
         ..Default::default()
     };
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
-    let answer = h
-        .consumer()
-        .gpc(Gpc::new(
-            Method::GET,
-            format!("{}/metadata", h.endpoint()),
-            IX_METADATA,
-        ))
-        .await;
+    let answer = h.consumer_metadata().await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(h.recorder.seen(), 1);
     // Not in fhir_asid_ods: the API cannot resolve it, so it is not registered.

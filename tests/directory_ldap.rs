@@ -144,14 +144,7 @@ async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
     };
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
     slapd.lock().expect("lock").as_mut().expect("slapd").stop();
-    let answer = h
-        .consumer()
-        .gpc(Gpc::new(
-            Method::GET,
-            format!("{}/metadata", h.endpoint()),
-            IX_METADATA,
-        ))
-        .await;
+    let answer = h.consumer_metadata().await;
     answer.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "DIRECTORY_UNAVAILABLE");
     assert_eq!(h.recorder.seen(), 0);
     h.stop().await;

@@ -796,14 +796,7 @@ async fn a_stalled_request_body_is_the_consumers_fault_not_the_providers() {
         "the circuit opened"
     );
     // Everyone else is still served.
-    let a = h
-        .consumer()
-        .gpc(Gpc::new(
-            Method::GET,
-            format!("{}/metadata", h.endpoint()),
-            IX_METADATA,
-        ))
-        .await;
+    let a = h.consumer_metadata().await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     h.stop().await;
 }

@@ -210,14 +210,7 @@ async fn provider_errors_pass_back_unchanged() {
         GatewayOptions::default(),
     )
     .await;
-    let a = h
-        .consumer()
-        .gpc(Gpc::new(
-            Method::GET,
-            format!("{}/metadata", h.endpoint()),
-            IX_METADATA,
-        ))
-        .await;
+    let a = h.consumer_metadata().await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert_eq!(a.text(), BODY);
     h.stop().await;

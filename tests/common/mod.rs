@@ -442,6 +442,17 @@ impl Harness {
         self.world.client(&self.world.consumer, self.gateway)
     }
 
+    /// The consumer's GET metadata (capability statement) through the gateway.
+    pub async fn consumer_metadata(&self) -> Answer {
+        self.consumer()
+            .gpc(Gpc::new(
+                Method::GET,
+                format!("{}/metadata", self.endpoint()),
+                IX_METADATA,
+            ))
+            .await
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(r) = self.running.take() {
