@@ -641,14 +641,12 @@ pub struct Counted<B> {
 pub struct BodyProgress(std::sync::atomic::AtomicU8);
 
 impl BodyProgress {
-    /// Not asked for a frame yet, or the last frame asked for was delivered.
+    /// Not asked for a frame yet, or the last frame asked for was delivered (or the end).
     const FLOWING: u8 = 0;
     /// The last frame asked for was not there yet: the client waits for the consumer.
     const AWAITING_CONSUMER: u8 = 1;
     /// The consumer's body failed (malformed framing, connection closed mid-body).
     const CONSUMER_FAILED: u8 = 2;
-    /// The whole body was read.
-    const ENDED: u8 = 3;
 
     fn set(&self, state: u8) {
         self.0.store(state, Ordering::Relaxed);
@@ -685,9 +683,7 @@ where
         this.progress.set(match &polled {
             Poll::Pending => BodyProgress::AWAITING_CONSUMER,
             Poll::Ready(Some(Err(_))) => BodyProgress::CONSUMER_FAILED,
-            Poll::Ready(None) => BodyProgress::ENDED,
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => BodyProgress::ENDED,
-            Poll::Ready(Some(Ok(_))) => BodyProgress::FLOWING,
+            Poll::Ready(_) => BodyProgress::FLOWING,
         });
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {

@@ -344,16 +344,10 @@ impl Gateway {
 
         // The bearer token, decoded once: its claims are audited whatever happens next.
         // Two tokens: the one checked here need not be the one the provider reads.
-        let token = if req
-            .headers()
-            .get_all(header::AUTHORIZATION)
-            .iter()
-            .nth(1)
-            .is_some()
-        {
-            Err(jwt::JwtError::MultipleAuthorization)
-        } else {
-            jwt::parse(req.headers().get(header::AUTHORIZATION))
+        let mut authorizations = req.headers().get_all(header::AUTHORIZATION).iter();
+        let token = match (authorizations.next(), authorizations.next()) {
+            (first, None) => jwt::parse(first),
+            (_, Some(_)) => Err(jwt::JwtError::MultipleAuthorization),
         };
         if let Ok(decoded) = &token {
             record.jwt = Some(decoded.shared_claims());
