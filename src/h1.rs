@@ -536,7 +536,7 @@ fn reserve(buf: &mut BytesMut) {
 
 /// A request head refused before it reaches the handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeadError {
+pub(crate) enum HeadError {
     /// 400: malformed.
     Bad(&'static str),
     /// 400: a body length that cannot be trusted (conflicting or smuggling-shaped framing).
@@ -560,7 +560,7 @@ impl HeadError {
     }
 
     /// The `reason` label of `ssp_http_refused_heads_total`.
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             HeadError::Bad(_) => "malformed",
             HeadError::Framing(_) => "framing",

@@ -279,14 +279,15 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 Box::pin(crate::h1::serve(stream, info, handler, h1, draining)).await;
                 return;
             }
-            let requests = requests.clone();
             let refused_heads = metrics.refused_heads.clone();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 // The field-count limit HTTP/1.1's parser applies (hyper's HTTP/2 bounds only
                 // the header list's size).
                 let task = if req.headers().len() > max_headers {
                     if let Some(refused) = &refused_heads {
-                        refused.with_label_values(&["too_large"]).inc();
+                        refused
+                            .with_label_values(&[crate::h1::HeadError::TooLarge.label()])
+                            .inc();
                     }
                     None
                 } else {
