@@ -14,11 +14,11 @@ use super::record::{hex, line_hash, GENESIS};
 /// How every record line starts (`seq` is written first): a torn line is a prefix of a record.
 const RECORD_START: &[u8] = b"{\"seq\":";
 
-/// Whether the `seq` of a line cut short (which starts with [`RECORD_START`]) can be the next
-/// record's: digits, and once they are complete (a `,` follows), `expected` when known.
-fn torn_seq_fits(line: &[u8], expected: Option<u64>) -> bool {
-    let Some(rest) = line.get(RECORD_START.len()..) else {
-        return true;
+/// Whether a line cut short can be the start of the next record: a prefix of [`RECORD_START`],
+/// then digits, and once they are complete (a `,` follows), `expected` when known.
+fn could_start_next_record(line: &[u8], expected: Option<u64>) -> bool {
+    let Some(rest) = line.strip_prefix(RECORD_START) else {
+        return RECORD_START.starts_with(line);
     };
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     match rest.get(digits) {
@@ -207,9 +207,7 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
             if buf.last() != Some(&b'\n') {
                 // A write cut short leaves the start of a record; anything else (NULs, text)
                 // is not a torn record but something that is not the trail.
-                let start = RECORD_START.len().min(buf.len());
-                let expected = prev.map(|(seq, _)| seq + 1);
-                if buf[..start] != RECORD_START[..start] || !torn_seq_fits(&buf, expected) {
+                if !could_start_next_record(&buf, prev.map(|(seq, _)| seq + 1)) {
                     report.broken = Some(Broken {
                         path: path.clone(),
                         line: line_no,

@@ -501,7 +501,7 @@ fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
         return Err(invalid(
             record,
             UNIQUE_IDENTIFIER,
-            asid_line(record),
+            value_line(record, UNIQUE_IDENTIFIER),
             "an ASID must be ASCII digits",
         ));
     }
@@ -510,7 +510,7 @@ fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
         return Err(invalid(
             record,
             UNIQUE_IDENTIFIER,
-            asid_line(record),
+            value_line(record, UNIQUE_IDENTIFIER),
             "an ASID has at most 32 digits",
         ));
     }
@@ -534,14 +534,10 @@ fn message_handler(record: &Record) -> Result<MessageHandler, ModelError> {
     let forwardable = crate::ssp::envelope::parse_target(&format!("/{endpoint}"))
         .is_ok_and(|target| target.query().is_none());
     if !forwardable {
-        let line = record
-            .values(MHS_END_POINT.lower)
-            .next()
-            .map_or(record.line, |v| v.line);
         return Err(invalid(
             record,
             MHS_END_POINT,
-            line,
+            value_line(record, MHS_END_POINT),
             "not an https:// endpoint the gateway can forward to (host, port 1-65535, \
              a path of non-empty segments, no query)",
         ));
@@ -557,9 +553,10 @@ fn message_handler(record: &Record) -> Result<MessageHandler, ModelError> {
     })
 }
 
-fn asid_line(record: &Record) -> usize {
+/// The line of `attr`'s first value (the entry's `dn:` line if it has none).
+fn value_line(record: &Record, attr: Attr) -> usize {
     record
-        .values(UNIQUE_IDENTIFIER.lower)
+        .values(attr.lower)
         .next()
         .map_or(record.line, |v| v.line)
 }
