@@ -124,8 +124,7 @@ fn certificate_expiries(config: &Config) -> Vec<(&'static str, i64)> {
         .collect()
 }
 
-/// The interaction catalogue and the directory, each problem added to `problems`; and the
-/// audit directory, which must be a directory if it exists.
+/// The interaction catalogue and the directory, each problem added to `problems`.
 fn load_catalogue_and_directory(
     config: &Config,
     problems: &mut Vec<String>,
@@ -146,8 +145,12 @@ fn load_catalogue_and_directory(
     let backend = directory::open_backend(&config.directory.backend, interactions)
         .map_err(|e| problems.push(format!("directory: {e}")))
         .ok();
-    // The directory, or the nearest part of its path that exists (it is created when
-    // missing), must be a directory.
+    (catalogue, backend)
+}
+
+/// The audit directory, or the nearest part of its path that exists (it is created when
+/// missing), must be a directory.
+fn check_audit_dir(config: &Config, problems: &mut Vec<String>) {
     let audit_dir = &config.audit.dir;
     if let Some(existing) = audit_dir.ancestors().find(|p| p.symlink_metadata().is_ok()) {
         if !existing.is_dir() {
@@ -157,11 +160,11 @@ fn load_catalogue_and_directory(
             ));
         }
     }
-    (catalogue, backend)
 }
 
 /// What `check-config` can check while the development certificates are still to be made
-/// (`[dev] generate_certs`): everything but the TLS material.
+/// (`[dev] generate_certs`): everything but the TLS material and a directory backend that needs
+/// it (LDAPS, FHIR).
 pub fn check_without_certificates(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     let needs_certificates = matches!(
@@ -178,21 +181,23 @@ pub fn check_without_certificates(config: &Config) -> Vec<String> {
     } else {
         load_catalogue_and_directory(config, &mut problems);
     }
+    check_audit_dir(config, &mut problems);
     problems
 }
 
 /// Loads certificates, the interaction catalogue and the directory, reporting every problem.
 pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let mut problems = Vec::new();
-    let server_tls = tls::own_server_config(&config.listener.tls, listener_alpn(config))
+    let server_tls = tls::server_config(&config.listener.tls, listener_alpn(config))
         .map_err(|e| problems.push(format!("listener: {e}")))
         .ok();
     let client_tls = tls::own_client_config(&config.upstream.tls, &ALPN_H1)
         .map_err(|e| problems.push(format!("upstream: {e}")))
         .ok();
     let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
+    check_audit_dir(config, &mut problems);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
-        tls::own_server_config(&m.tls, &ALPN_H1)
+        tls::server_config(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))
             .ok()
             .map(|tls| {
@@ -363,7 +368,7 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
     let poll = reload_poll(config);
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
     c.server_tls.watch(
-        move || tls::own_server_config(&listener, alpn).map(Arc::unwrap_or_clone),
+        move || tls::server_config(&listener, alpn).map(Arc::unwrap_or_clone),
         poll,
         shutdown.clone(),
         tasks,
@@ -590,7 +595,7 @@ pub async fn start_mock_provider(
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     ensure_dev_certs(config)?;
-    let tls = tls::own_server_config(&mock.tls, &ALPN_H1)
+    let tls = tls::server_config(&mock.tls, &ALPN_H1)
         .map_err(|e| StartError::Load(vec![format!("mock_provider: {e}")]))?;
     let tls = Reloadable::new("mock provider TLS", tls, vec![]);
     let provider = Arc::new(MockProvider::new(mock_settings(mock)));
