@@ -335,6 +335,11 @@ pub fn load_crls(
 
 /// Reads a CA bundle: one or more PEM CA certificates, each usable as a trust anchor.
 pub fn load_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
+    Ok(ca_bundle(path)?.1)
+}
+
+/// The CA bundle's certificates, each checked to be a CA, and the trust anchors made of them.
+fn ca_bundle(path: &Path) -> Result<(Vec<CertificateDer<'static>>, RootCertStore), TlsError> {
     let bad = |reason: String| TlsError::BadCaBundle {
         path: path.to_owned(),
         reason,
@@ -345,8 +350,8 @@ pub fn load_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
         other => other,
     })?;
     let mut roots = RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+    for (i, cert) in certs.iter().enumerate() {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
             .map_err(|e| bad(format!("certificate #{}: {e}", i + 1)))?;
         if !parsed.is_ca() {
             return Err(bad(format!(
@@ -356,10 +361,10 @@ pub fn load_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
             )));
         }
         roots
-            .add(cert)
+            .add(cert.clone())
             .map_err(|e| bad(format!("certificate #{}: {e}", i + 1)))?;
     }
-    Ok(roots)
+    Ok((certs, roots))
 }
 
 /// Refuses a CRL that no CA of `client_ca` issued (it would check nothing: webpki applies a
@@ -409,18 +414,17 @@ fn check_crl_issuer(
 
 /// Builds the listener's config: TLS 1.2/1.3, client certificate required and verified against
 /// `client_ca` (and the CRLs, see the module doc), no session resumption, `alpn` offered in the
-/// given order. The key is checked against the certificate here.
+/// given order. The key is checked against the certificate here, and the certificate must be
+/// one clients can accept ([`check_own_leaf`]): every caller serves the gateway's own (the
+/// listener, the mock provider).
 pub fn server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(&s.cert)?;
+    // `load_certs` returns at least one certificate, the leaf first.
+    check_own_leaf(&s.cert, &certs[0], Purpose::Server)?;
     let key = load_private_key(&s.key)?;
-    let roots = load_ca_bundle(&s.client_ca)?;
+    let (cas, roots) = ca_bundle(&s.client_ca)?;
     let provider = provider();
     // Each CRL file on its own through webpki first, so a CRL webpki refuses names its file.
-    let cas = if s.crls.is_empty() {
-        Vec::new()
-    } else {
-        load_certs(&s.client_ca)?
-    };
     let mut crls = Vec::new();
     for path in &s.crls {
         let in_file = load_crls(std::slice::from_ref(path))?;
@@ -479,7 +483,25 @@ fn assemble_server_config(
 /// Session resumption stays on for this leg (rustls's default in-memory client cache): the
 /// provider decides whether to resume, and resuming saves a full handshake per new connection.
 pub fn client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(c, alpn, None)
+}
+
+/// [`client_config`] for the gateway's own client side (providers, an LDAPS directory): its
+/// certificate must also be one servers can accept ([`check_own_leaf`]). (Test and load-test
+/// clients use `client_config`, which takes any certificate, to see the gateway refuse bad ones.)
+pub fn own_client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(c, alpn, Some(Purpose::Client))
+}
+
+fn build_client_config(
+    c: &ClientTls,
+    alpn: &[&[u8]],
+    own: Option<Purpose>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let certs = load_certs(&c.cert)?;
+    if let Some(purpose) = own {
+        check_own_leaf(&c.cert, &certs[0], purpose)?;
+    }
     let key = load_private_key(&c.key)?;
     let roots = load_ca_bundle(&c.ca)?;
     let provider = provider();
@@ -577,30 +599,6 @@ fn check_own_leaf(
         }
     }
     Ok(())
-}
-
-/// [`server_config`] for the gateway's own listener: its certificate must also be one clients
-/// can accept ([`check_own_leaf`]).
-pub fn own_server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
-    check_own_leaf(&s.cert, &leaf_of(&s.cert)?, Purpose::Server)?;
-    server_config(s, alpn)
-}
-
-/// [`client_config`] for the gateway's own client side (providers, an LDAPS directory): its
-/// certificate must also be one servers can accept. (Test and load-test clients use
-/// `client_config`, which takes any certificate, to see the gateway refuse bad ones.)
-pub fn own_client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
-    check_own_leaf(&c.cert, &leaf_of(&c.cert)?, Purpose::Client)?;
-    client_config(c, alpn)
-}
-
-fn leaf_of(path: &Path) -> Result<CertificateDer<'static>, TlsError> {
-    load_certs(path)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| TlsError::NoCertificate {
-            path: path.to_owned(),
-        })
 }
 
 /// Pairs the chain with its signing key, refusing a key that is not the leaf's.
@@ -972,7 +970,7 @@ mod tests {
                 client_ca: files.ca("own-client-ca.pem", &[&ca]),
                 crls: vec![],
             };
-            own_server_config(&tls, ALPN).map(|_| ())
+            server_config(&tls, ALPN).map(|_| ())
         };
         let names = ["localhost"];
         assert!(server_with(LeafSpec::server(&names)).is_ok());
