@@ -158,6 +158,47 @@ async fn ldif_ldap_and_fhir_give_the_same_answers_on_the_development_world() {
     assert_eq!(ids.len(), seen.len(), "a fresh correlation id per request");
 }
 
+/// Directory data the LDIF backend refuses at load (an endpoint no request can be forwarded to)
+/// is a backend error from LDAP and FHIR too, naming the handler: never a party that lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_no_request_can_reach_is_an_error_from_every_backend() {
+    const GOOD: &str = "nhsMHSEndPoint: https://localhost:9443/B82617/STU3/1/gpconnect\n";
+    let world = world_ldif();
+    assert!(world.contains(GOOD));
+    for bad in [
+        "https://localhost:9443/B82617/STU3/1/gpconnect/",
+        "http://localhost:9443/B82617/STU3/1/gpconnect",
+        "https://localhost:99999/B82617/STU3/1/gpconnect",
+        "https://localhost:9443/B82617/STU3/1/gpconnect?x=1",
+        "https://user@localhost:9443/B82617/STU3/1/gpconnect",
+    ] {
+        // Only the first handler's endpoint goes bad.
+        let ldif_text = world.replacen(GOOD, &format!("nhsMHSEndPoint: {bad}\n"), 1);
+        assert!(
+            LdifBackend::parse(&ldif_text, "test").is_err(),
+            "the LDIF backend refuses {bad}"
+        );
+        let slapd = Slapd::start(&ldif_text, None);
+        let api = FhirApi::start(&ldif_text, None).await;
+        let from_ldap = DirectoryBackend::party(&ldap(slapd.url(), None), PROVIDER_ASID).await;
+        let from_fhir = DirectoryBackend::party(&fhir(&api), PROVIDER_ASID).await;
+        for (backend, answer) in [("ldap", from_ldap), ("fhir", from_fhir)] {
+            let err = answer.expect_err(backend).to_string();
+            assert!(
+                err.contains(&format!("nhsMhsEndPoint {bad:?}")) && err.contains("forward"),
+                "{backend} {bad}: {err}"
+            );
+        }
+        // The consumer's own entries are sound, so it is still answered.
+        assert!(
+            DirectoryBackend::party(&ldap(slapd.url(), None), CONSUMER_ASID)
+                .await
+                .expect("consumer")
+                .is_some()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ldap_backend_asks_the_sds_questions_exactly() {
     let slapd = Slapd::start(&world_ldif(), None);

@@ -529,17 +529,12 @@ fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
 
 fn message_handler(record: &Record) -> Result<MessageHandler, ModelError> {
     let endpoint = required(record, MHS_END_POINT)?;
-    // An endpoint no request could be forwarded to (not https, a port that does not fit, a
-    // trailing `/`, a query, `..`) is a mistake in the file, not a provider to list.
-    let forwardable = crate::ssp::envelope::parse_target(&format!("/{endpoint}"))
-        .is_ok_and(|target| target.query().is_none());
-    if !forwardable {
+    if !super::is_forwardable_endpoint(endpoint) {
         return Err(invalid(
             record,
             MHS_END_POINT,
             value_line(record, MHS_END_POINT),
-            "not an https:// endpoint the gateway can forward to (host, port 1-65535, \
-             a path of non-empty segments, no query)",
+            super::UNFORWARDABLE_ENDPOINT,
         ));
     }
     Ok(MessageHandler {

@@ -130,11 +130,31 @@ pub fn is_asid(asid: &str) -> bool {
     !asid.is_empty() && asid.len() <= MAX_ASID_LEN && asid.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// Whether a registered `nhsMhsEndPoint` is one a request can be forwarded to: `https://`, a
+/// host and a port of 1-65535, a path of non-empty segments (so no trailing `/`), no query, no
+/// `..` or userinfo: exactly the endpoints a request's target URL can name (`parse_target`).
+/// Anything else is a mistake in the directory data, not a provider to list.
+pub fn is_forwardable_endpoint(endpoint: &str) -> bool {
+    crate::ssp::envelope::parse_target(&format!("/{endpoint}"))
+        .is_ok_and(|target| target.query().is_none())
+}
+
+/// Why an endpoint [`is_forwardable_endpoint`] refuses is refused, for operators.
+pub const UNFORWARDABLE_ENDPOINT: &str = "not an https:// endpoint the gateway can forward to \
+     (host, port 1-65535, a path of non-empty segments, no query)";
+
 /// Checks what SDS promises of one party's message handlers and the LDIF backend enforces at
 /// load time: one handler per interaction (party keys compare ignoring case, as
-/// `caseIgnoreMatch` does). Remote backends call it on every answer.
+/// `caseIgnoreMatch` does), each at an endpoint a request can be forwarded to. Remote backends
+/// call it on every answer.
 pub fn check_handlers(handlers: &[MessageHandler]) -> Result<(), String> {
     for (i, h) in handlers.iter().enumerate() {
+        if !is_forwardable_endpoint(&h.endpoint) {
+            return Err(format!(
+                "message handler {}: nhsMhsEndPoint {:?}: {UNFORWARDABLE_ENDPOINT}",
+                h.id, h.endpoint
+            ));
+        }
         if let Some(first) = handlers[..i].iter().find(|earlier| {
             earlier.interaction == h.interaction
                 && earlier.party_key.eq_ignore_ascii_case(&h.party_key)
