@@ -42,6 +42,7 @@ const DEFAULT_AUDIT_DIR: &str = "audit";
 const DEFAULT_AUDIT_FSYNC_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_AUDIT_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 const DEFAULT_AUDIT_QUEUE_CAPACITY: u64 = 65_536;
+const DEFAULT_AUDIT_QUEUE_MAX_BYTES: u64 = 128 << 20;
 const DEFAULT_AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_AUDIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
@@ -450,6 +451,12 @@ fn build(root: &mut Section<'_, '_>) -> Config {
             DEFAULT_AUDIT_QUEUE_CAPACITY,
             1,
             10_000_000,
+        ) as usize,
+        queue_max_bytes: s.uint(
+            "queue_max_bytes",
+            DEFAULT_AUDIT_QUEUE_MAX_BYTES,
+            1 << 20,
+            1 << 36,
         ) as usize,
         write_timeout: s.duration("write_timeout", DEFAULT_AUDIT_WRITE_TIMEOUT),
         retry_interval: s.duration("retry_interval", DEFAULT_AUDIT_RETRY_INTERVAL),

@@ -83,6 +83,35 @@ struct Record<'a> {
     rate_limit: Option<Decision>,
 }
 
+/// Guards a request while it is processed: if its future is dropped after the request record
+/// was submitted and before the response took the outcome over (the grace period ran out at
+/// shutdown while the provider had not answered), the outcome record is written here, with
+/// `completed: false` and no status, so no forwarded request is left without one.
+struct Unfinished<'g, 'r, 'a> {
+    gateway: &'g Gateway,
+    conn: &'g ConnInfo,
+    ctx: &'g Ctx,
+    record: &'r mut Record<'a>,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_, '_, '_> {
+    fn drop(&mut self) {
+        if !(self.armed && self.record.audited) {
+            return;
+        }
+        let mut outcome = audit_record(RecordKind::Outcome, self.conn, self.ctx, self.record);
+        outcome.completed = Some(false);
+        outcome.request_bytes = request_bytes(self.record);
+        outcome.total_latency_us = Some(self.ctx.started.elapsed().as_micros() as u64);
+        self.gateway.audit.enqueue(&outcome);
+        tracing::warn!(
+            request_id = %self.ctx.request_id,
+            "request stopped before the provider answered; outcome recorded as not completed"
+        );
+    }
+}
+
 /// The fixed facts of one request.
 struct Ctx {
     request_id: uuid::Uuid,
@@ -119,7 +148,20 @@ impl Gateway {
         // Load shedding first: past the bound, answer at once rather than queue.
         let permit = self.overload.try_acquire();
         let result = match permit {
-            Some(_) => self.process(&policy, &conn, req, &mut record, &ctx).await,
+            Some(_) => {
+                let mut unfinished = Unfinished {
+                    gateway: self,
+                    conn: &conn,
+                    ctx: &ctx,
+                    record: &mut record,
+                    armed: true,
+                };
+                let result = self
+                    .process(&policy, &conn, req, unfinished.record, &ctx)
+                    .await;
+                unfinished.armed = false;
+                result
+            }
             None => Err(Rejection::Overloaded),
         };
         let rate_limited = record.rate_limit.is_some();
@@ -418,6 +460,10 @@ impl Gateway {
         let request_record = audit_record(RecordKind::Request, conn, ctx, record);
         if let Err(e) = self.audit.commit(&request_record).await {
             tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; request refused");
+            // Refused by the trail, the request record will never be written: the refusal is
+            // the request's one record. Only one that timed out may still land, and is then
+            // followed by its outcome.
+            record.audited = matches!(e, crate::audit::AuditError::Timeout);
             return Err(Rejection::AuditUnavailable);
         }
 

@@ -37,6 +37,8 @@ pub const UNKNOWN_INTERACTION: &str = "unknown";
 pub struct AuditMetrics {
     /// Records accepted but not yet written (queue plus retry backlog).
     pub queue_depth: IntGauge,
+    /// Their serialised bytes (bounded by `queue_max_bytes`).
+    pub queue_bytes: IntGauge,
     pub fsync_duration: Histogram,
     /// `fsync`: from a forwarded request's record being serialised and handed to the writer
     /// until it is durable (queue, write, fsync, and waiting for an fsync already running), or
@@ -192,6 +194,11 @@ impl Metrics {
                 "Audit records accepted but not yet written.",
             )
             .expect("static metric definition is valid"),
+            queue_bytes: IntGauge::new(
+                "ssp_audit_queue_bytes",
+                "Serialised bytes of the audit records accepted but not yet written.",
+            )
+            .expect("static metric definition is valid"),
             fsync_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "ssp_audit_fsync_duration_seconds",
@@ -269,6 +276,7 @@ impl Metrics {
             Box::new(upstream_retries.clone()),
             Box::new(reloads.clone()),
             Box::new(audit.queue_depth.clone()),
+            Box::new(audit.queue_bytes.clone()),
             Box::new(audit.fsync_duration.clone()),
             Box::new(audit.commit_wait.clone()),
             Box::new(audit.write_errors.clone()),

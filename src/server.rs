@@ -189,8 +189,11 @@ pub async fn serve_tls_observed<H, Fut, B>(
         .keep_alive_interval(limits.h2_keep_alive_interval)
         .keep_alive_timeout(limits.h2_keep_alive_timeout);
     let h2 = Arc::new(h2);
-    // Every connection's task, so shutdown can wait for them to finish their requests.
+    // Every connection's task, so shutdown can wait for them to finish their requests; and,
+    // once the grace period is over, what stops those still running (dropping a request's
+    // future writes its outcome record as not completed, before the audit trail closes).
     let tracker = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     // One identity per client certificate, shared by its connections.
     let identities = Arc::new(Identities::default());
@@ -228,8 +231,9 @@ pub async fn serve_tls_observed<H, Fut, B>(
         let name = opts.name;
         let identities = identities.clone();
         let requests = tracker.clone();
+        let request_stop = hard_stop.clone();
         let max_headers = limits.max_headers;
-        tracker.spawn(async move {
+        tracker.spawn(hard_stop.clone().run_until_cancelled_owned(async move {
             let _permit = permit;
             // Boxed, like each protocol's connection below, so that the task itself stays
             // small: a task is as large as its largest state, and an idle connection should
@@ -294,11 +298,19 @@ pub async fn serve_tls_observed<H, Fut, B>(
                     // Its own task: hyper drops a stream's future when the client resets the
                     // stream, and a request already forwarded must still get its outcome
                     // record (as over HTTP/1.1, where a closed connection does not stop it).
-                    Some(requests.spawn(handler(info.clone(), req.map(RequestBody::http2))))
+                    Some(requests.spawn(
+                        request_stop
+                            .clone()
+                            .run_until_cancelled_owned(handler(info.clone(), req.map(RequestBody::http2))),
+                    ))
                 };
                 async move {
                     let answer = match task {
-                        Some(task) => task.await.map(|resp| resp.map(Either::Left)),
+                        Some(task) => task.await.map(|resp| match resp {
+                            Some(resp) => resp.map(Either::Left),
+                            // Stopped at the end of the grace period.
+                            None => bare(StatusCode::SERVICE_UNAVAILABLE),
+                        }),
                         None => Ok(bare(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
                     };
                     // A handler never panics; if one did, its stream gets a 500.
@@ -319,7 +331,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
             if let Err(e) = ended {
                 tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error");
             }
-        });
+        }));
     }
     drop(listener);
     tracker.close();
@@ -332,5 +344,16 @@ pub async fn serve_tls_observed<H, Fut, B>(
             grace_period = ?opts.grace_period,
             "grace period over; closing connections with requests still in flight"
         );
+        hard_stop.cancel();
+        // Each task ends at its next poll; bounded all the same.
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                listener = opts.name,
+                "connections still open after being stopped"
+            );
+        }
     }
 }

@@ -380,7 +380,10 @@ async fn an_unwritable_trail_refuses_traffic_with_503_and_recovers_by_itself() {
     let refused_id = refused.headers["x-request-id"].to_str().expect("id");
     let r = for_request(&all, refused_id);
     assert_eq!(r.len(), 1, "{all:#?}");
-    assert_eq!(r[0]["kind"], "outcome");
+    assert_eq!(
+        r[0]["kind"], "rejection",
+        "never written, the request record cannot be followed by an outcome"
+    );
     assert_eq!(r[0]["token"], "AUDIT_UNAVAILABLE");
     assert_eq!(all.len(), 5, "2 forwarded x 2 + the refusal: {all:#?}");
     let (code, out) = verify(&audit_files(&dir));

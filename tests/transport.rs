@@ -349,6 +349,59 @@ async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
     );
 }
 
+/// A request the provider has not answered when the grace period runs out is stopped, and its
+/// outcome record (not completed, no status) is in the trail before it closes: every forwarded
+/// request has one, over either protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_stopped_at_the_end_of_the_grace_period_leave_an_outcome_record() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Hold(gate.clone()),
+        GatewayOptions {
+            grace_period: "300ms",
+            ..Default::default()
+        },
+    )
+    .await;
+    let target = format!("{}/metadata", h.endpoint());
+    let mut held = Vec::new();
+    for http2 in [false, true] {
+        let c = h.world.client_with(&h.world.consumer, h.gateway, http2);
+        let target = target.clone();
+        held.push(tokio::spawn(async move {
+            c.send(Gpc::new(Method::GET, target, IX_METADATA).build())
+                .await
+        }));
+        h.recorder.arrived.notified().await;
+    }
+    let audit_dir = h.audit_dir.clone();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), h.stop()).await;
+    assert!(
+        stopped.is_ok(),
+        "the gateway did not stop after its grace period"
+    );
+    for answer in held {
+        // The connection is closed under it (HTTP/1.1), or the stream answered 503 (HTTP/2).
+        if let Ok(answer) = answer.await.expect("task") {
+            assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+    let records = audit_records(&audit_dir);
+    let requests: Vec<_> = records.iter().filter(|r| r["kind"] == "request").collect();
+    assert_eq!(requests.len(), 2, "{records:#?}");
+    for request in requests {
+        let id = &request["request_id"];
+        let outcomes: Vec<_> = records
+            .iter()
+            .filter(|r| r["kind"] == "outcome" && &r["request_id"] == id)
+            .collect();
+        assert_eq!(outcomes.len(), 1, "one outcome for {id}: {records:#?}");
+        assert_eq!(outcomes[0]["completed"], false, "{:#}", outcomes[0]);
+        assert!(outcomes[0].get("status").is_none(), "{:#}", outcomes[0]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_is_honoured() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -56,6 +56,10 @@ pub struct AuditConfig {
     /// Records accepted but not yet written, at most. Past it, forwarded requests get 503
     /// and records of refused requests are dropped (and counted).
     pub queue_capacity: usize,
+    /// The same bound in bytes of serialised records: a record carries the request's target
+    /// URL, so while the trail cannot be written, a flood of refused requests with long URLs
+    /// would otherwise hold `queue_capacity` times the largest head in memory.
+    pub queue_max_bytes: usize,
     /// How long a request waits for its record to be durable before it is refused with 503.
     pub write_timeout: Duration,
     /// While the trail cannot be written, how often the writer tries again by itself.
@@ -113,15 +117,28 @@ enum Msg {
 struct Shared {
     /// Records accepted and not yet written or refused (queue plus backlog).
     depth: AtomicUsize,
+    /// Their serialised bytes.
+    bytes: AtomicUsize,
     writable: Arc<AtomicBool>,
     metrics: AuditMetrics,
 }
 
 impl Shared {
-    fn done(&self, n: usize) {
+    /// `n` records of `bytes` in all have left the queue (written, refused or lost).
+    fn done(&self, n: usize, bytes: usize) {
         let left = self.depth.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
         self.metrics.queue_depth.set(left as i64);
+        let left = self
+            .bytes
+            .fetch_sub(bytes, Ordering::AcqRel)
+            .saturating_sub(bytes);
+        self.metrics.queue_bytes.set(left as i64);
     }
+}
+
+/// The serialised bytes of `records`, for [`Shared::done`].
+fn bytes_of<'a>(records: impl IntoIterator<Item = &'a Pending>) -> usize {
+    records.into_iter().map(|p| p.body.len()).sum()
 }
 
 /// The request path's handle on the trail. Cheap to clone.
@@ -130,6 +147,7 @@ pub struct Audit {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
     capacity: usize,
+    max_bytes: usize,
     write_timeout: Duration,
     /// `buffered`: commits do not wait for the writer.
     buffered: bool,
@@ -149,6 +167,7 @@ impl Audit {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             depth: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
             writable: Arc::new(AtomicBool::new(false)),
             metrics,
         });
@@ -157,6 +176,7 @@ impl Audit {
                 tx,
                 shared: shared.clone(),
                 capacity: config.queue_capacity,
+                max_bytes: config.queue_max_bytes,
                 write_timeout: config.write_timeout,
                 buffered: matches!(config.durability, Durability::Buffered { .. }),
             },
@@ -173,13 +193,17 @@ impl Audit {
         self.shared.writable.clone()
     }
 
-    fn admit(&self) -> bool {
+    /// Counts a record of `len` bytes into the queue, or refuses it when either bound would
+    /// be passed.
+    fn admit(&self, len: usize) -> bool {
         let depth = self.shared.depth.fetch_add(1, Ordering::AcqRel) + 1;
-        if depth > self.capacity {
-            self.shared.done(1);
+        let bytes = self.shared.bytes.fetch_add(len, Ordering::AcqRel) + len;
+        if depth > self.capacity || bytes > self.max_bytes {
+            self.shared.done(1, len);
             return false;
         }
         self.shared.metrics.queue_depth.set(depth as i64);
+        self.shared.metrics.queue_bytes.set(bytes as i64);
         true
     }
 
@@ -190,15 +214,14 @@ impl Audit {
         record: &AuditRecord,
         ack: Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
-        if !self.admit() {
+        let body = record.to_body();
+        let len = body.len();
+        if !self.admit(len) {
             return Err(AuditError::Overloaded);
         }
-        let pending = Pending {
-            body: record.to_body(),
-            ack,
-        };
+        let pending = Pending { body, ack };
         if self.tx.send(Msg::Record(pending)).is_err() {
-            self.shared.done(1);
+            self.shared.done(1, len);
             return Err(AuditError::Stopped);
         }
         Ok(())
@@ -307,6 +330,7 @@ mod tests {
             durability,
             max_file_bytes: 1 << 20,
             queue_capacity: 1000,
+            queue_max_bytes: 1 << 20,
             write_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(50),
             group_commit_window: Duration::ZERO,
@@ -484,6 +508,75 @@ mod tests {
             (2, 1),
             "follow-up 0s: every record synced at once"
         );
+    }
+
+    /// A record carries the request's target URL: while nothing is written, records of long
+    /// URLs are bounded by their bytes (`queue_max_bytes`), not only by their number.
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_as_well_as_records() {
+        let dir = scratch();
+        let mut cfg = config(&dir, Durability::Fsync);
+        cfg.queue_capacity = 1000;
+        cfg.queue_max_bytes = 1 << 20;
+        let metrics = Metrics::new().audit.clone();
+        let (audit, pending) = Audit::prepare(&cfg, metrics.clone());
+        let long = AuditRecord {
+            target_url: format!("https://provider.example/{}", "a".repeat(60_000)),
+            ..record(0)
+        };
+        // The writer is not started yet: everything waits in the queue.
+        for _ in 0..100 {
+            audit.enqueue(&long);
+        }
+        let queued = metrics.queue_depth.get();
+        assert_eq!(
+            (queued, metrics.records_dropped.get()),
+            (17, 83),
+            "1 MiB holds 17 records of 60 KB; the rest are dropped and counted"
+        );
+        assert!(metrics.queue_bytes.get() <= 1 << 20);
+        assert!(metrics.queue_bytes.get() > 17 * 60_000);
+        // Small records still fit under the count bound once the long ones are written.
+        let thread = pending.start().expect("start");
+        audit.commit(&record(1)).await.expect("commit");
+        audit.shutdown().await;
+        thread.join().expect("writer thread");
+        assert_eq!(metrics.records_written.get(), 18);
+        assert_eq!(
+            (metrics.queue_depth.get(), metrics.queue_bytes.get()),
+            (0, 0)
+        );
+    }
+
+    /// Records the trail still cannot take when the gateway stops are lost with the process:
+    /// counted as dropped (and logged), not gone in silence.
+    #[tokio::test]
+    async fn records_still_unwritable_at_shutdown_are_counted_as_lost() {
+        let dir = scratch();
+        let metrics = Metrics::new().audit.clone();
+        let (audit, pending) = Audit::prepare(&config(&dir, Durability::Fsync), metrics.clone());
+        let thread = pending.start().expect("start");
+        audit.commit(&record(0)).await.expect("commit");
+        // The trail's directory becomes a file: nothing can be written from now on.
+        std::fs::remove_dir_all(&dir).expect("rm");
+        std::fs::write(&dir, b"not a directory").expect("file");
+        for i in 1..=3 {
+            audit.enqueue(&record(i));
+        }
+        until("failed", || metrics.writable.get() == 0).await;
+        audit.shutdown().await;
+        thread.join().expect("writer thread");
+        assert_eq!(metrics.records_written.get(), 1);
+        assert_eq!(
+            metrics.records_dropped.get(),
+            3,
+            "the three are counted as lost"
+        );
+        assert_eq!(
+            (metrics.queue_depth.get(), metrics.queue_bytes.get()),
+            (0, 0)
+        );
+        std::fs::remove_file(&dir).expect("rm");
     }
 
     #[tokio::test]

@@ -406,12 +406,31 @@ impl Writer {
                     self.retry_now();
                 }
                 self.final_sync();
+                self.report_lost();
                 if let Some(done) = stop {
                     let _ = done.send(());
                 }
                 return;
             }
         }
+    }
+
+    /// At shutdown, records the trail could not take (it was still failing) are lost with the
+    /// process: said loudly and counted, never dropped in silence.
+    fn report_lost(&mut self) {
+        if self.backlog.is_empty() {
+            return;
+        }
+        let lost = self.backlog.len();
+        let lost_bytes = super::bytes_of(&self.backlog);
+        self.backlog.clear();
+        self.shared.done(lost, lost_bytes);
+        self.shared.metrics.records_dropped.inc_by(lost as u64);
+        tracing::error!(
+            dir = %self.dir.display(),
+            lost,
+            "the audit trail could not be written before shutdown: records lost"
+        );
     }
 
     /// When the loop must wake without a message: to retry, or for a buffered sync.
@@ -523,13 +542,13 @@ impl Writer {
                         .records_written
                         .inc_by(unit.len() as u64);
                     self.shared.metrics.batch_records.observe(unit.len() as f64);
-                    let n = unit.len();
+                    let (n, unit_bytes) = (unit.len(), super::bytes_of(&unit));
                     for p in unit {
                         if let Some(ack) = p.ack {
                             let _ = ack.send(Ok(()));
                         }
                     }
-                    self.shared.done(n);
+                    self.shared.done(n, unit_bytes);
                     self.recovered();
                 }
                 Err(e) => {
@@ -716,18 +735,19 @@ impl Writer {
     /// A write failed: waiting commits are refused, everything else waits for the retry.
     fn fail(&mut self, e: io::Error, records: Vec<Pending>) {
         self.note_failure(&e);
-        let mut refused = 0;
+        let (mut refused, mut refused_bytes) = (0, 0);
         for p in records {
             match p.ack {
                 Some(ack) => {
                     let _ = ack.send(Err(AuditError::Unavailable));
                     refused += 1;
+                    refused_bytes += p.body.len();
                 }
                 None => self.backlog.push_back(p),
             }
         }
         if refused > 0 {
-            self.shared.done(refused);
+            self.shared.done(refused, refused_bytes);
         }
     }
 

@@ -317,6 +317,8 @@ pub struct GatewayOptions {
     pub rate_limit: &'static str,
     /// The keys of the `[circuit_breaker]` section.
     pub circuit_breaker: &'static str,
+    /// `[shutdown] grace_period`.
+    pub grace_period: &'static str,
 }
 
 /// Builds the `[directory]` keys from the development LDIF (see `GatewayOptions::directory`).
@@ -337,6 +339,7 @@ impl Default for GatewayOptions {
             extra_sections: String::new(),
             rate_limit: "enabled = false",
             circuit_breaker: "",
+            grace_period: "5s",
         }
     }
 }
@@ -385,7 +388,7 @@ jwt = "{jwt}"
 [directory]
 {directory}
 [shutdown]
-grace_period = "5s"
+grace_period = "{grace_period}"
 [log]
 level = "warn"
 [reload]
@@ -412,6 +415,7 @@ poll_interval = "100ms"
         extra_sections = opts.extra_sections,
         rate_limit = opts.rate_limit,
         circuit_breaker = opts.circuit_breaker,
+        grace_period = opts.grace_period,
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("write config");
