@@ -287,6 +287,13 @@ async fn bad_arguments_are_refused_before_any_load() {
         "127.0.0.1:1".parse().expect("addr"),
     );
 
+    for threads in [0, loadtest::MAX_THREADS + 1, 100_000] {
+        let mut a = base.clone();
+        a.threads = Some(threads);
+        let e = Settings::from_args(&a).err().expect("threads out of range");
+        assert!(e.to_string().contains("--threads: must be 1 to 256"), "{e}");
+    }
+
     let mut a = base.clone();
     a.streams = 4;
     let e = Settings::from_args(&a).err().expect("streams without h2");
