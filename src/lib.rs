@@ -12,6 +12,7 @@ pub mod files;
 pub mod forward;
 pub mod gateway;
 mod h1;
+mod h2watch;
 mod jsonw;
 pub mod loadtest;
 pub mod logwriter;

@@ -126,6 +126,13 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// How often an HTTP/2 connection's streams are checked (see `h2watch`).
+const H2_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an idle HTTP/2 connection gets to close after its GOAWAY.
+const H2_CLOSE_LIMIT: Duration = Duration::from_secs(5);
+/// No bound of its own (shutdown's grace period ends the connection).
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Serves mTLS connections from `listener` until `shutdown` is cancelled, then stops accepting
 /// and waits up to the grace period for open connections to finish their requests.
 pub async fn serve_tls<H, Fut, B>(
@@ -233,6 +240,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         let requests = tracker.clone();
         let request_stop = hard_stop.clone();
         let max_headers = limits.max_headers;
+        let (idle_limit, send_limit) = (opts.header_read_timeout, limits.send_timeout);
         tracker.spawn(hard_stop.clone().run_until_cancelled_owned(async move {
             let _permit = permit;
             // Boxed, like each protocol's connection below, so that the task itself stays
@@ -284,7 +292,12 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 return;
             }
             let refused_heads = metrics.refused_heads.clone();
+            let activity = crate::h2watch::Activity::new();
+            let streams = activity.clone();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                // Open from now until its response body is done.
+                let stream = streams.opened();
+                let streams = streams.clone();
                 // The field-count limit HTTP/1.1's parser applies (hyper's HTTP/2 bounds only
                 // the header list's size).
                 let task = if req.headers().len() > max_headers {
@@ -307,7 +320,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 async move {
                     let answer = match task {
                         Some(task) => task.await.map(|resp| match resp {
-                            Some(resp) => resp.map(Either::Left),
+                            Some(resp) => resp.map(|body| Either::Left(streams.watch(body, stream))),
                             // Stopped at the end of the grace period.
                             None => bare(StatusCode::SERVICE_UNAVAILABLE),
                         }),
@@ -320,12 +333,37 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 }
             });
             let mut conn = Box::pin(h2.serve_connection(TokioIo::new(*stream), service));
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                _ = draining.cancelled() => {
-                    // GOAWAY: streams already open finish, no new ones start.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let mut check = tokio::time::interval(H2_CHECK_INTERVAL);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Once a GOAWAY is sent (shutdown or idle), when the connection is given up.
+            let mut closing: Option<tokio::time::Instant> = None;
+            let ended = loop {
+                tokio::select! {
+                    ended = conn.as_mut() => break ended,
+                    _ = draining.cancelled(), if closing.is_none() => {
+                        // GOAWAY: streams already open finish, no new ones start (the grace
+                        // period bounds them).
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now() + FOREVER);
+                    }
+                    _ = check.tick() => match activity.check(idle_limit, send_limit) {
+                        crate::h2watch::Verdict::Stalled => {
+                            // Like HTTP/1.1's send timeout: the connection goes, and with it
+                            // the provider's streams; the outcome records say not completed.
+                            tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading a response; closing");
+                            break Ok(());
+                        }
+                        crate::h2watch::Verdict::Idle if closing.is_none() => {
+                            tracing::debug!(listener = name, %remote, "HTTP/2 connection idle; closing");
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
+                        }
+                        _ if closing.is_some_and(|at| tokio::time::Instant::now() >= at) => {
+                            // A client that never sent its preface, or ignores the GOAWAY.
+                            break Ok(());
+                        }
+                        _ => {}
+                    },
                 }
             };
             if let Err(e) = ended {

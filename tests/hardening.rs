@@ -918,3 +918,135 @@ async fn a_reset_http2_stream_still_gets_its_outcome_record() {
     assert_eq!(record["completed"], false, "{record}");
     h.stop().await;
 }
+
+/// An mTLS connection for an HTTP/2 client (`Client::handshake` probes with a read, which would
+/// take the first byte of the server's SETTINGS).
+async fn h2_tls(client: &Client) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(client.addr)
+        .await
+        .expect("connect");
+    tokio_rustls::TlsConnector::from(client.tls.clone())
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS")
+}
+
+/// An HTTP/2 connection that never opens a stream (not even its preface) is closed at the
+/// header read timeout, as an idle HTTP/1.1 connection is: it cannot hold a connection slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_at_the_header_read_timeout() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_listener: "header_read_timeout = \"1s\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    // Silent after the TLS handshake: no preface.
+    let mut silent = client.handshake().await.expect("handshake");
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), silent.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a silent HTTP/2 connection was never closed");
+
+    // A connection that served a request, then idles (answering pings), is closed too.
+    let tls = h2_tls(&client).await;
+    let (sender, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let built = Gpc::new(
+        Method::GET,
+        format!("{}/metadata", h.endpoint()),
+        IX_METADATA,
+    )
+    .build();
+    let mut req = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost{}", built.uri()));
+    for (name, value) in built.headers() {
+        req = req.header(name, value);
+    }
+    let mut sender = sender.ready().await.expect("ready");
+    let (resp, _) = sender
+        .send_request(req.body(()).expect("request"), true)
+        .expect("sent");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    drop(sender);
+    let ended = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was never closed");
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}
+
+/// An HTTP/2 client that never opens its flow-control window holds no provider connection for
+/// ever: after the send timeout its connection is closed, as HTTP/1.1's is, and the forwarded
+/// request's outcome record says it did not complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Big(4 << 20),
+        GatewayOptions {
+            extra_listener: "send_timeout = \"1s\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let tls = h2_tls(&client).await;
+    let (sender, conn): (h2::client::SendRequest<bytes::Bytes>, _) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake(tls)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let built = Gpc::new(
+        Method::GET,
+        format!("{}/metadata", h.endpoint()),
+        IX_METADATA,
+    )
+    .build();
+    let trace = built.headers()["ssp-traceid"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let mut req = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost{}", built.uri()));
+    for (name, value) in built.headers() {
+        req = req.header(name, value);
+    }
+    let mut sender = sender.ready().await.expect("ready");
+    let (resp, _) = sender
+        .send_request(req.body(()).expect("request"), true)
+        .expect("sent");
+    // The head arrives; the body never can (the window stays shut).
+    let resp = resp.await.expect("response head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ended = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the stalled HTTP/2 connection was never closed"
+    );
+    let outcome = || {
+        audit_records(&h.audit_dir)
+            .into_iter()
+            .find(|r| r["kind"] == "outcome" && r["ssp_trace_id"].as_str() == Some(trace.as_str()))
+    };
+    wait_until("the outcome record", || outcome().is_some()).await;
+    let record = outcome().expect("outcome");
+    assert_eq!(record["completed"], false, "{record}");
+    assert_eq!(record["status"], 200, "{record}");
+    h.stop().await;
+}
