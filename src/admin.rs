@@ -1,6 +1,6 @@
 //! The admin listener: plain HTTP/1.1 on loopback for orchestrators and operators —
 //! `/healthz` (the process is alive), `/readyz` (it can serve traffic: loaded, not draining,
-//! audit trail writable), `/metrics` (Prometheus text format) and
+//! audit trail writable, directory backend answering or a cached party servable), `/metrics` (Prometheus text format) and
 //! `POST /directory/invalidate[?asid=A]` (forget cached directory answers). It never carries
 //! consumer traffic and never exposes request data.
 
@@ -46,18 +46,20 @@ impl Readiness {
         })
     }
 
-    fn check(&self) -> (bool, String) {
+    async fn check(&self) -> (bool, String) {
         let loaded = self.loaded.load(Ordering::Acquire);
         let draining = self.draining.load(Ordering::Acquire);
         let audit = self
             .audit_writable
             .as_ref()
             .map_or(true, |w| w.load(Ordering::Acquire));
-        // The directory is usable when its backend answers or it has answers cached.
-        let directory = self
-            .directory
-            .get()
-            .map_or(true, |d| d.healthy() || d.stats().entries > 0);
+        // The directory is usable when its backend answers now (after a failure, the backend is
+        // probed, at most once a second), or else while a cached party can still be served;
+        // cached "not found" answers are never served during an outage, so they do not count.
+        let directory = match self.directory.get() {
+            None => true,
+            Some(d) => d.backend_answers().await || d.holds_servable_party(),
+        };
         let ready = loaded && !draining && audit && directory;
         let body = serde_json::json!({
             "status": if ready { "ready" } else { "not ready" },
@@ -109,7 +111,7 @@ pub async fn serve(
                 async move {
                     let resp = match directory_route(&req, &readiness).await {
                         Some(resp) => resp,
-                        None => answer(&req, &readiness, &metrics),
+                        None => answer(&req, &readiness, &metrics).await,
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -124,7 +126,7 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
-fn answer(
+async fn answer(
     req: &Request<Incoming>,
     readiness: &Readiness,
     metrics: &Metrics,
@@ -144,7 +146,7 @@ fn answer(
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, r#"{"status":"ok"}"#.to_string()),
         (&Method::GET, "/readyz") => {
-            let (ready, body) = readiness.check();
+            let (ready, body) = readiness.check().await;
             let status = if ready {
                 StatusCode::OK
             } else {

@@ -8,11 +8,11 @@ mod directory_support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use directory_support::{FhirApi, API_KEY};
+use directory_support::{admin, directory_readiness, until_readiness, FhirApi, API_KEY};
 use http::Method;
 use ssp_gateway::directory::fhir::{FhirBackend, FhirSettings};
 use ssp_gateway::directory::DirectoryBackend;
@@ -206,6 +206,109 @@ async fn the_gateway_runs_on_the_fhir_backend() {
         403,
         Some("ACCESS_DENIED"),
         &format!("ASID_CHECK_FAILED_MESSAGESENDER_{READONLY_ASID}"),
+    );
+    h.stop().await;
+}
+
+/// The consumer's own MHS endpoint in the development LDIF.
+const CONSUMER_ENDPOINT: &str = "https://consumer.dev.local/reliablemessaging/reliablerequest";
+
+/// `/readyz` follows whether the API answers now, not what the last lookup did: cached "not
+/// found" answers are no fallback during an outage; after the API recovers, `/readyz` probes it
+/// and is ready again with no request through the gateway (an unready pod gets none); and a
+/// lookup that fails on one party's bad data, with nothing cached, is not taken for an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_api_not_the_last_lookup() {
+    let api = Arc::new(FhirApi::start("", None).await);
+    let key = key_file(API_KEY);
+    let serving = api.clone();
+    let base = api.base_url();
+    let served = Arc::new(Mutex::new(String::new()));
+    let kept = served.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            serving.serve(ldif);
+            *kept.lock().expect("lock") = ldif.to_string();
+            format!(
+                "backend = \"fhir\"\nfhir_base_url = \"{base}\"\nfhir_api_key_file = \"{}\"\n\
+                 fhir_asid_ods = {{ \"{PROVIDER_ASID}\" = \"B82617\", \"{CONSUMER_ASID}\" = \"A20047\" }}\n",
+                key.display()
+            )
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let directory = h
+        .running
+        .as_ref()
+        .and_then(|r| r.directory.clone())
+        .expect("the gateway's directory");
+    assert_eq!(directory_readiness(h.admin).await, (200, Some(true)));
+
+    // The read-only consumer is not in fhir_asid_ods: "not registered", cached (the only entry:
+    // asked of the directory directly, so the provider is not looked up beside it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert_eq!(directory.party(READONLY_ASID).await.expect("lookup"), None);
+        // moka settles its count after pending maintenance, which lookups drive.
+        if directory.stats().entries > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(directory.stats().entries, 1);
+
+    // The API fails: the consumer gets a 503, and the only cached answer is that "not found",
+    // which serves nobody.
+    api.failing.store(true, Ordering::SeqCst);
+    let answer = h.consumer_metadata().await;
+    answer.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "DIRECTORY_UNAVAILABLE");
+    assert_eq!(
+        directory_readiness(h.admin).await,
+        (503, Some(false)),
+        "a cached 'not found' is no fallback"
+    );
+
+    // The API recovers: /readyz asks it (a /Device search) and turns ready, with no request
+    // through the gateway.
+    api.failing.store(false, Ordering::SeqCst);
+    let (misses, asked) = (directory.stats().misses, api.seen().len());
+    until_readiness(h.admin, (200, Some(true)), "ready after the API recovers").await;
+    assert_eq!(directory.stats().misses, misses, "no lookup made it ready");
+    let probes = api.seen()[asked..].to_vec();
+    assert!(!probes.is_empty(), "readiness asked the API");
+    assert!(
+        probes.iter().all(|s| s
+            .path_and_query
+            .starts_with("/spine-directory/FHIR/R4/Device?")
+            && s.apikey.as_deref() == Some(API_KEY)),
+        "{probes:?}"
+    );
+    assert_eq!(h.recorder.seen(), 0);
+
+    // One party's bad data (an endpoint no request could be forwarded to): with nothing cached
+    // its lookup fails, but the API answers, so the gateway stays ready.
+    let broken = served
+        .lock()
+        .expect("lock")
+        .replace(CONSUMER_ENDPOINT, &format!("{CONSUMER_ENDPOINT}/"));
+    api.serve(&broken);
+    let (status, _) = admin(h.admin, Method::POST, "/directory/invalidate").await;
+    assert_eq!(status, 200);
+    let answer = h.consumer_metadata().await;
+    answer.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "DIRECTORY_UNAVAILABLE");
+    // The provider's lookup ran beside it and succeeded; the consumer's, last, fails.
+    let err = directory
+        .party(CONSUMER_ASID)
+        .await
+        .expect_err("the consumer's data is bad");
+    assert!(err.to_string().contains("nhsMhsEndPoint"), "{err}");
+    assert!(!directory.healthy(), "the last lookup failed");
+    assert_eq!(
+        directory_readiness(h.admin).await,
+        (200, Some(true)),
+        "one party's bad data is not an outage of the API"
     );
     h.stop().await;
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use directory_support::Slapd;
+use directory_support::{directory_readiness, until_readiness, Slapd};
 use http::Method;
 
 /// Polls `f` until it returns `Some`, failing the test after `limit`.
@@ -129,6 +129,8 @@ async fn cached_answers_outlive_slapd_until_max_stale_then_503_then_recovery() {
     h.stop().await;
 }
 
+/// With nothing cached, an outage is a 503 (never a 403) and makes the gateway unready; when
+/// slapd returns, readiness sees it without any request (the LDAP probe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
@@ -147,5 +149,25 @@ async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
     let answer = h.consumer_metadata().await;
     answer.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "DIRECTORY_UNAVAILABLE");
     assert_eq!(h.recorder.seen(), 0);
+    assert_eq!(directory_readiness(h.admin).await, (503, Some(false)));
+
+    // slapd comes back: /readyz probes it and turns ready by itself. No request reaches the
+    // gateway meanwhile, as none would reach an unready pod.
+    let directory = h
+        .running
+        .as_ref()
+        .and_then(|r| r.directory.clone())
+        .expect("the gateway's directory");
+    let misses = directory.stats().misses;
+    slapd
+        .lock()
+        .expect("lock")
+        .as_mut()
+        .expect("slapd")
+        .start_again();
+    until_readiness(h.admin, (200, Some(true)), "ready after slapd restarts").await;
+    assert_eq!(directory.stats().misses, misses, "no lookup made it ready");
+    assert!(directory.healthy(), "the probe cleared the failure");
+    assert_eq!(h.consumer_metadata().await.status, 200);
     h.stop().await;
 }

@@ -44,6 +44,9 @@ pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(3600);
 /// Default pause, after a failed refresh, before the backend is asked again for a key whose
 /// stale party is being served.
 pub const DEFAULT_STALE_RETRY: Duration = Duration::from_secs(1);
+/// How long the result of a readiness probe of a failed backend stands before the next
+/// readiness check probes again (so at most one probe per interval, however often it is asked).
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long the [`Directory`] cache keeps answers, and how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,8 +191,11 @@ struct Inner {
     cache: Cache<String, Arc<Slot>>,
     policy: CachePolicy,
     counters: Counters,
-    /// False after a failed backend query, true again after a successful one.
-    last_query_ok: AtomicBool,
+    /// True after a failed backend query, false again after a successful query or probe.
+    failing: AtomicBool,
+    /// The last readiness probe: when it ended and whether the backend answered. Locked while a
+    /// probe runs, so concurrent readiness checks wait for that one instead of starting more.
+    probe: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
     /// The refresh running for each ASID, shared by every caller that misses meanwhile. The lock
     /// is held only to look up or insert, never across an await.
     inflight: Mutex<HashMap<String, Flight>>,
@@ -236,7 +242,8 @@ impl Directory {
                 cache,
                 policy,
                 counters: Counters::default(),
-                last_query_ok: AtomicBool::new(true),
+                failing: AtomicBool::new(false),
+                probe: Arc::new(tokio::sync::Mutex::new(None)),
                 inflight: Mutex::new(HashMap::new()),
             }),
         }
@@ -362,10 +369,66 @@ impl Directory {
         }
     }
 
-    /// Whether the backend is answering: its last query succeeded (true before the first), or
-    /// it is a local file that cannot fail a lookup (LDIF).
+    /// Whether no backend query has failed since the last one that succeeded (or probe that
+    /// did); true before the first. A failed lookup may be one party's bad data rather than an
+    /// outage: [`backend_answers`](Self::backend_answers) tells them apart.
     pub fn healthy(&self) -> bool {
-        self.inner.backend.is_local() || self.inner.last_query_ok.load(Ordering::Relaxed)
+        !self.inner.failing.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend answers now, for readiness. While no query has failed since the last
+    /// success, yes without asking. After a failure the backend is probed
+    /// ([`DirectoryBackend::probe`]): at most once per [`PROBE_INTERVAL`] (a check within it
+    /// gets the last probe's result), concurrent checks sharing one probe; a probe that succeeds
+    /// clears the failure. So a backend that recovers is seen to without any lookup, and a lookup
+    /// that failed on one party's data does not make a live backend look down.
+    pub async fn backend_answers(&self) -> bool {
+        if self.healthy() {
+            return true;
+        }
+        let last = self.inner.probe.clone().lock_owned().await;
+        if self.healthy() {
+            return true;
+        }
+        if let Some((at, answered)) = *last {
+            if at.elapsed() < PROBE_INTERVAL {
+                return answered;
+            }
+        }
+        let inner = self.inner.clone();
+        // Spawned with the lock: a check that goes away does not cancel the probe others await.
+        let probe = tokio::spawn(async move {
+            let mut last = last;
+            let answered = match inner.backend.probe().await {
+                Ok(()) => {
+                    inner.failing.store(false, Ordering::Relaxed);
+                    tracing::info!(
+                        backend = inner.backend.name(),
+                        "directory backend answers the readiness probe"
+                    );
+                    true
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "directory backend fails the readiness probe");
+                    false
+                }
+            };
+            *last = Some((Instant::now(), answered));
+            answered
+        });
+        probe.await.unwrap_or(false)
+    }
+
+    /// Whether the cache holds a found party that can still be served (fresh, or within
+    /// `max_stale` of its TTL): what keeps the gateway useful while the backend is down. "Not
+    /// found" answers do not count: they are never served during an outage. Walks the cache
+    /// until the first such party, so call it only when the backend does not answer.
+    pub fn holds_servable_party(&self) -> bool {
+        let now = Instant::now();
+        self.inner
+            .cache
+            .iter()
+            .any(|(_, slot)| slot.stale(now).is_some())
     }
 }
 
@@ -403,14 +466,14 @@ async fn refresh_now(inner: &Inner, asid: &str) -> Outcome {
     let now = Instant::now();
     match result {
         Ok(found) => {
-            inner.last_query_ok.store(true, Ordering::Relaxed);
+            inner.failing.store(false, Ordering::Relaxed);
             let found = found.map(Arc::new);
             let slot = Slot::answered(found.clone(), now, policy);
             inner.cache.insert(asid.to_string(), Arc::new(slot)).await;
             Outcome::Answer(found)
         }
         Err(error) => {
-            inner.last_query_ok.store(false, Ordering::Relaxed);
+            inner.failing.store(true, Ordering::Relaxed);
             inner
                 .counters
                 .backend_errors
@@ -474,6 +537,7 @@ mod tests {
     struct CountingBackend {
         parties: HashMap<String, Party>,
         calls: AtomicUsize,
+        probes: AtomicUsize,
         fail: AtomicBool,
         /// When set, each query waits for a permit before answering.
         gate: Option<Arc<Semaphore>>,
@@ -488,6 +552,7 @@ mod tests {
             Self {
                 parties: asids.iter().map(|a| (a.to_string(), party(a))).collect(),
                 calls: AtomicUsize::new(0),
+                probes: AtomicUsize::new(0),
                 fail: AtomicBool::new(false),
                 gate,
             }
@@ -495,6 +560,10 @@ mod tests {
 
         fn calls(&self) -> usize {
             self.calls.load(Ordering::SeqCst)
+        }
+
+        fn probes(&self) -> usize {
+            self.probes.load(Ordering::SeqCst)
         }
 
         fn fail(&self, fail: bool) {
@@ -526,6 +595,20 @@ mod tests {
                     });
                 }
                 Ok(self.parties.get(asid).cloned())
+            })
+        }
+
+        /// Fails while lookups fail.
+        fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>> {
+            Box::pin(async move {
+                self.probes.fetch_add(1, Ordering::SeqCst);
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(DirectoryError::Backend {
+                        backend: "counting",
+                        reason: "down".into(),
+                    });
+                }
+                Ok(())
             })
         }
     }
@@ -643,6 +726,78 @@ mod tests {
         assert!(dir.healthy(), "a successful query makes it healthy again");
         assert_eq!(backend.calls(), 2);
         assert_eq!(dir.stats().backend_errors, 1);
+    }
+
+    /// Readiness after a failed lookup: the backend is probed (not the failed party asked
+    /// again), at most once per interval however often readiness is checked, and a backend that
+    /// answers the probe is ready again without any lookup.
+    #[tokio::test]
+    async fn after_a_failure_readiness_probes_the_backend_at_most_once_per_interval() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(LONG, LONG));
+        assert!(dir.backend_answers().await);
+        assert_eq!(backend.probes(), 0, "nothing failed: nothing to probe");
+
+        backend.fail(true);
+        assert!(dir.party("1").await.is_err());
+        for _ in 0..5 {
+            assert!(!dir.backend_answers().await);
+        }
+        assert_eq!(backend.probes(), 1, "one probe per interval");
+
+        // Concurrent checks after the interval share one probe.
+        backend.fail(false);
+        tokio::time::sleep(PROBE_INTERVAL + Duration::from_millis(100)).await;
+        let checks: Vec<_> = (0..10)
+            .map(|_| {
+                let dir = dir.clone();
+                tokio::spawn(async move { dir.backend_answers().await })
+            })
+            .collect();
+        for check in checks {
+            assert!(check.await.unwrap(), "the recovered backend answers");
+        }
+        assert_eq!(backend.probes(), 2);
+        assert_eq!(backend.calls(), 1, "readiness never asked for a party");
+        assert!(dir.healthy(), "the probe cleared the failure");
+        assert!(dir.backend_answers().await);
+        assert_eq!(backend.probes(), 2, "healthy again: no more probes");
+    }
+
+    /// A lookup that fails while the backend answers (one party's bad data) is not an outage.
+    #[tokio::test]
+    async fn a_failed_lookup_on_a_live_backend_leaves_it_answering() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(LONG, LONG));
+        backend.fail(true);
+        assert!(dir.party("1").await.is_err());
+        backend.fail(false);
+        assert!(!dir.healthy());
+        assert!(dir.backend_answers().await);
+        assert_eq!(backend.probes(), 1);
+    }
+
+    /// Only found parties that may still be served keep the directory usable during an
+    /// outage; "not found" answers (never served stale) do not.
+    #[tokio::test]
+    async fn only_servable_parties_count_as_a_fallback() {
+        let backend = CountingBackend::new(&["1"]);
+        let dir = directory(&backend, policy(LONG, LONG));
+        assert!(!dir.holds_servable_party());
+        assert_eq!(dir.party("2").await.unwrap(), None);
+        dir.inner.cache.run_pending_tasks().await;
+        assert_eq!(dir.stats().entries, 1);
+        assert!(
+            !dir.holds_servable_party(),
+            "a cached 'not found' is no fallback"
+        );
+        assert!(dir.party("1").await.unwrap().is_some());
+        assert!(dir.holds_servable_party());
+
+        // Past its TTL with no max_stale, a party cannot be served any more.
+        let dir = directory(&backend, policy(Duration::ZERO, LONG));
+        assert!(dir.party("1").await.unwrap().is_some());
+        assert!(!dir.holds_servable_party());
     }
 
     #[tokio::test]
@@ -840,6 +995,9 @@ mod tests {
                     }
                     Ok(None)
                 })
+            }
+            fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>> {
+                Box::pin(async { Ok(()) })
             }
         }
         let dir = Directory::new(Arc::new(Panics(AtomicUsize::new(0))), policy(LONG, LONG));

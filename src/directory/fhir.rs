@@ -249,6 +249,30 @@ impl FhirBackend {
         Ok(Some(Party { system, handlers }))
     }
 
+    /// Whether the API answers now: one `/Device` search (the first mapped ODS code and the
+    /// first catalogue interaction) that must come back as a Bundle of Devices, whatever it
+    /// holds. With no ASID mapped or no interaction, no lookup ever reaches the API, so there
+    /// is nothing to ask and the backend answers.
+    pub async fn probe(&self) -> Result<(), DirectoryError> {
+        let (Some(ods), Some(interaction)) =
+            (self.asid_ods.values().next(), self.interactions.first())
+        else {
+            return Ok(());
+        };
+        let bundle = self
+            .get(
+                "Device",
+                &[
+                    ("organization", &format!("{ODS_SYSTEM}|{ods}")),
+                    ("identifier", &format!("{INTERACTION_SYSTEM}|{interaction}")),
+                ],
+            )
+            .await?;
+        resources(&bundle, "Device")
+            .map(|_| ())
+            .map_err(|e| backend_error(format!("GET /Device (readiness probe): {e}")))
+    }
+
     /// `GET {base}/{resource}?{params}` → the Bundle, or an error naming the correlation id.
     async fn get(
         &self,
@@ -312,6 +336,10 @@ impl DirectoryBackend for FhirBackend {
 
     fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
         Box::pin(self.lookup(asid))
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>> {
+        Box::pin(FhirBackend::probe(self))
     }
 }
 

@@ -13,6 +13,7 @@
 //! | the accredited system with this ASID | `(&(objectClass=nhsAs)(uniqueIdentifier=<asid>))` |
 //! | the message handler of a party key for an interaction (SDS route lookup) | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>)(nhsMhsSvcIA=<interaction>))` |
 //! | every message handler (and so every FQDN) of a party key | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>))` |
+//! | readiness probe: does the server answer (scope base, on the search base, no attributes) | `(objectClass=*)` |
 //!
 //! [`DirectoryBackend::party`] is the first search then the third: the same [`Party`] the LDIF
 //! backend answers for the same data.
@@ -39,6 +40,8 @@ pub const DEFAULT_SEARCH_BASE: &str = "ou=services,o=nhs";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time one search may take (the SDS FHIR API's own LDAP client uses 3 s).
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// The readiness probe's filter (on the search base itself, scope base): any entry matches.
+const PROBE_FILTER: &str = "(objectClass=*)";
 /// Most entries one search may return; SDS answers a handful per party key.
 const SIZE_LIMIT: i32 = 1000;
 
@@ -208,7 +211,9 @@ impl LdapBackend {
         if !is_asid(asid) {
             return Ok(None);
         }
-        let entries = self.search(&system_filter(asid), &AS_ATTRS).await?;
+        let entries = self
+            .search(Scope::Subtree, &system_filter(asid), &AS_ATTRS)
+            .await?;
         let mut systems = entries
             .iter()
             .map(accredited_system)
@@ -233,7 +238,11 @@ impl LdapBackend {
         interaction: &str,
     ) -> Result<Option<MessageHandler>, DirectoryError> {
         let entries = self
-            .search(&handler_filter(party_key, interaction), &MHS_ATTRS)
+            .search(
+                Scope::Subtree,
+                &handler_filter(party_key, interaction),
+                &MHS_ATTRS,
+            )
             .await?;
         let mut handlers = entries
             .iter()
@@ -246,7 +255,9 @@ impl LdapBackend {
 
     /// Every message handler of `party_key`.
     pub async fn handlers(&self, party_key: &str) -> Result<Vec<MessageHandler>, DirectoryError> {
-        let entries = self.search(&handlers_filter(party_key), &MHS_ATTRS).await?;
+        let entries = self
+            .search(Scope::Subtree, &handlers_filter(party_key), &MHS_ATTRS)
+            .await?;
         let handlers = entries
             .iter()
             .map(message_handler)
@@ -264,21 +275,32 @@ impl LdapBackend {
         Ok(Some(Party { system, handlers }))
     }
 
-    /// One search, on the shared connection; a broken reused connection is replaced and the
-    /// search retried once (the first search after a server restart succeeds).
+    /// Whether the server answers now: a base-scope search of the search base for its entry
+    /// (no attributes), the cheapest search that also proves the base the lookups search under
+    /// exists. Any error (no connection, no answer in time, a result code) is a failure.
+    pub async fn probe(&self) -> Result<(), DirectoryError> {
+        self.search(Scope::Base, PROBE_FILTER, &["1.1"])
+            .await
+            .map(|_| ())
+    }
+
+    /// One search under the search base, on the shared connection; a broken reused connection
+    /// is replaced and the search retried once (the first search after a server restart
+    /// succeeds).
     async fn search(
         &self,
+        scope: Scope,
         filter: &str,
         attrs: &[&str],
     ) -> Result<Vec<SearchEntry>, DirectoryError> {
         let (id, ldap, reused) = self.connection().await?;
-        match self.search_on(ldap, filter, attrs).await {
+        match self.search_on(ldap, scope, filter, attrs).await {
             Ok(entries) => Ok(entries),
             Err(SearchFailure::Connection(reason)) if reused => {
                 tracing::info!(url = %self.settings.url, %reason, "LDAP connection lost; reconnecting");
                 self.forget(id);
                 let (id, ldap, _) = self.connection().await?;
-                self.search_on(ldap, filter, attrs)
+                self.search_on(ldap, scope, filter, attrs)
                     .await
                     .map_err(|failure| self.failed(id, failure))
             }
@@ -306,6 +328,7 @@ impl LdapBackend {
     async fn search_on(
         &self,
         mut ldap: Ldap,
+        scope: Scope,
         filter: &str,
         attrs: &[&str],
     ) -> Result<Vec<SearchEntry>, SearchFailure> {
@@ -313,7 +336,7 @@ impl LdapBackend {
         let search = ldap
             .with_search_options(SearchOptions::new().sizelimit(SIZE_LIMIT))
             .with_timeout(timeout)
-            .search(&self.settings.search_base, Scope::Subtree, filter, attrs);
+            .search(&self.settings.search_base, scope, filter, attrs);
         let result = match tokio::time::timeout(timeout, search).await {
             Err(_) => return Err(SearchFailure::Timeout),
             Ok(Err(e)) => return Err(classify(e)),
@@ -420,6 +443,10 @@ impl DirectoryBackend for LdapBackend {
 
     fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
         Box::pin(self.lookup(asid))
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>> {
+        Box::pin(LdapBackend::probe(self))
     }
 }
 

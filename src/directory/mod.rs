@@ -23,7 +23,7 @@ use crate::ssp::interactions::Catalogue;
 
 pub use cache::{
     CachePolicy, Directory, DirectoryStats, DEFAULT_CAPACITY, DEFAULT_MAX_STALE,
-    DEFAULT_NEGATIVE_TTL, DEFAULT_STALE_RETRY, DEFAULT_TTL,
+    DEFAULT_NEGATIVE_TTL, DEFAULT_STALE_RETRY, DEFAULT_TTL, PROBE_INTERVAL,
 };
 
 /// An accredited system (`nhsAs`): one ASID.
@@ -80,11 +80,11 @@ pub trait DirectoryBackend: Send + Sync + 'static {
     /// The AS record with this ASID and every MHS record with its party key; `Ok(None)` when
     /// no such ASID is registered.
     fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>>;
-    /// True for a backend that answers from memory and cannot fail a lookup (the LDIF file):
-    /// the directory reports it healthy whatever happened last.
-    fn is_local(&self) -> bool {
-        false
-    }
+    /// Whether the backend answers now, asked with the cheapest query that reaches it (LDAP: a
+    /// base-scope search of the search base; FHIR: one `/Device` search; LDIF: always, it answers
+    /// from memory). Readiness asks this after a lookup failed: one party's bad data fails its
+    /// lookup but not the probe, so it is not taken for an outage.
+    fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>>;
 }
 
 impl Party {

@@ -607,3 +607,55 @@ fn endpoints(r: &Record) -> Vec<Value> {
         })
         .collect()
 }
+
+// ------------------------------------------------------------------------------------------------
+// The admin listener
+// ------------------------------------------------------------------------------------------------
+
+/// A plain HTTP/1.1 request to the admin listener: status and JSON body.
+pub async fn admin(addr: SocketAddr, method: http::Method, path: &str) -> (u16, Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&body).expect("admin answers JSON"),
+    )
+}
+
+/// `/readyz`: its status and `checks.directory_usable`.
+pub async fn directory_readiness(addr: SocketAddr) -> (u16, Option<bool>) {
+    let (status, body) = admin(addr, http::Method::GET, "/readyz").await;
+    (status, body["checks"]["directory_usable"].as_bool())
+}
+
+/// Polls `/readyz` until it reports `expected` (status and `directory_usable`), failing the
+/// test after 20 s with the last answer.
+pub async fn until_readiness(addr: SocketAddr, expected: (u16, Option<bool>), what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = directory_readiness(addr).await;
+        if now == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: /readyz still says {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
