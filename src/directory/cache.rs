@@ -196,9 +196,13 @@ struct Inner {
     /// The last readiness probe: when it ended and whether the backend answered. Locked while a
     /// probe runs, so concurrent readiness checks wait for that one instead of starting more.
     probe: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
-    /// The refresh running for each ASID, shared by every caller that misses meanwhile. The lock
-    /// is held only to look up or insert, never across an await.
-    inflight: Mutex<HashMap<String, Flight>>,
+    /// Bumped by every invalidation. A refresh caches its answer only if no invalidation came
+    /// after it started, so an answer fetched before an invalidation is not kept after it.
+    generation: AtomicU64,
+    /// The refresh running for each ASID, with the generation it started in, shared by every
+    /// caller that misses meanwhile (in the same generation). The lock is held only to look up
+    /// or insert, never across an await.
+    inflight: Mutex<HashMap<String, (u64, Flight)>>,
 }
 
 /// One refresh, awaited by every caller that missed while it runs.
@@ -244,6 +248,7 @@ impl Directory {
                 counters: Counters::default(),
                 failing: AtomicBool::new(false),
                 probe: Arc::new(tokio::sync::Mutex::new(None)),
+                generation: AtomicU64::new(0),
                 inflight: Mutex::new(HashMap::new()),
             }),
         }
@@ -288,19 +293,25 @@ impl Directory {
             let Ok(mut inflight) = self.inner.inflight.lock() else {
                 // Poisoned only if a panic happened while the map was locked (a bug): query
                 // directly rather than fail every lookup from now on.
-                return refresh_now(&self.inner, asid).await;
+                let generation = self.inner.generation.load(Ordering::SeqCst);
+                return refresh_now(&self.inner, asid, generation).await;
             };
+            // Read under the map's lock, which an invalidation holds while it bumps it.
+            let generation = self.inner.generation.load(Ordering::SeqCst);
             match inflight.get(asid) {
-                Some(flight) => flight.clone(),
-                None => {
+                // A refresh started before the latest invalidation is not joined: its answer
+                // may be what the invalidation was meant to forget.
+                Some((started, flight)) if *started == generation => flight.clone(),
+                _ => {
                     let inner = self.inner.clone();
                     let key = asid.to_string();
                     let task = tokio::spawn(async move {
                         let _landing = Landing {
                             inner: inner.clone(),
                             key: key.clone(),
+                            generation,
                         };
-                        refresh_now(&inner, &key).await
+                        refresh_now(&inner, &key, generation).await
                     });
                     let backend = self.inner.backend.name();
                     // Weak: the map holds this future, so a strong reference would be a cycle.
@@ -311,9 +322,7 @@ impl Directory {
                             // The task panicked or was cancelled before its `Landing` could
                             // clear the map: clear it here so the next miss starts afresh.
                             if let Some(inner) = weak.upgrade() {
-                                if let Ok(mut inflight) = inner.inflight.lock() {
-                                    inflight.remove(&key);
-                                }
+                                land(&inner, &key, generation);
                             }
                             Outcome::Failed(DirectoryError::Backend {
                                 backend,
@@ -323,7 +332,7 @@ impl Directory {
                     }
                     .boxed()
                     .shared();
-                    inflight.insert(asid.to_string(), flight.clone());
+                    inflight.insert(asid.to_string(), (generation, flight.clone()));
                     flight
                 }
             }
@@ -347,14 +356,27 @@ impl Directory {
     }
 
     /// Forget the cached answer for `asid` (a stale copy too); the next
-    /// [`party`](Self::party) asks the backend.
+    /// [`party`](Self::party) asks the backend. Refreshes already running are voided: callers
+    /// already waiting get their answer, but it is not cached, and later callers ask anew.
+    /// (Every running refresh is voided, not only this ASID's: the cost is a few extra queries.)
     pub async fn invalidate(&self, asid: &str) {
+        self.void_running_refreshes();
         self.inner.cache.invalidate(asid).await;
     }
 
-    /// Forget every cached answer (e.g. after the backend's data was reloaded).
+    /// Forget every cached answer (e.g. after the backend's data was reloaded), voiding the
+    /// refreshes already running as [`invalidate`](Self::invalidate) does.
     pub fn invalidate_all(&self) {
+        self.void_running_refreshes();
         self.inner.cache.invalidate_all();
+    }
+
+    /// Starts a new generation: refreshes started before it neither cache their answers nor
+    /// are joined by later callers.
+    fn void_running_refreshes(&self) {
+        // Bumped under the map's lock, so no caller joins an old refresh after this returns.
+        let _inflight = self.inner.inflight.lock();
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The cache counters (a few relaxed atomic loads).
@@ -436,19 +458,49 @@ impl Directory {
 struct Landing {
     inner: Arc<Inner>,
     key: String,
+    generation: u64,
 }
 
 impl Drop for Landing {
     fn drop(&mut self) {
-        if let Ok(mut inflight) = self.inner.inflight.lock() {
-            inflight.remove(&self.key);
+        land(&self.inner, &self.key, self.generation);
+    }
+}
+
+/// Removes the refresh of `key` started in `generation` from the in-flight map, leaving a newer
+/// one (started after an invalidation) in place.
+fn land(inner: &Inner, key: &str, generation: u64) {
+    if let Ok(mut inflight) = inner.inflight.lock() {
+        if inflight
+            .get(key)
+            .is_some_and(|(started, _)| *started == generation)
+        {
+            inflight.remove(key);
         }
+    }
+}
+
+/// Caches `slot` for `asid` unless an invalidation came after the refresh started in
+/// `generation`. Checked before and after the insert: an invalidation between the check and the
+/// insert is caught by the second check (and one after it empties the cache itself).
+async fn keep(inner: &Inner, asid: &str, generation: u64, slot: Slot) {
+    let current = || inner.generation.load(Ordering::SeqCst) == generation;
+    if !current() {
+        tracing::debug!(
+            asid,
+            "directory answer not cached: invalidated while it was fetched"
+        );
+        return;
+    }
+    inner.cache.insert(asid.to_string(), Arc::new(slot)).await;
+    if !current() {
+        inner.cache.invalidate(asid).await;
     }
 }
 
 /// One refresh of `asid`: what a refresh that finished just before left behind, the stale party
 /// within `stale_retry` of a failure, or else the backend's answer (stale party on failure).
-async fn refresh_now(inner: &Inner, asid: &str) -> Outcome {
+async fn refresh_now(inner: &Inner, asid: &str, generation: u64) -> Outcome {
     let policy = &inner.policy;
     let now = Instant::now();
     let current = inner.cache.get(asid).await;
@@ -468,8 +520,13 @@ async fn refresh_now(inner: &Inner, asid: &str) -> Outcome {
         Ok(found) => {
             inner.failing.store(false, Ordering::Relaxed);
             let found = found.map(Arc::new);
-            let slot = Slot::answered(found.clone(), now, policy);
-            inner.cache.insert(asid.to_string(), Arc::new(slot)).await;
+            keep(
+                inner,
+                asid,
+                generation,
+                Slot::answered(found.clone(), now, policy),
+            )
+            .await;
             Outcome::Answer(found)
         }
         Err(error) => {
@@ -489,7 +546,7 @@ async fn refresh_now(inner: &Inner, asid: &str) -> Outcome {
                         failed_at: Some(now),
                         evict_at: slot.evict_at,
                     };
-                    inner.cache.insert(asid.to_string(), Arc::new(marked)).await;
+                    keep(inner, asid, generation, marked).await;
                     Outcome::Stale(party)
                 }
                 None => Outcome::Failed(error),
@@ -708,6 +765,74 @@ mod tests {
         dir.party("1").await.unwrap();
         dir.party("2").await.unwrap();
         assert_eq!(backend.calls(), 5);
+    }
+
+    /// An invalidation voids a refresh already running: the answer it fetched reaches the
+    /// callers already waiting but is not cached, and a caller arriving after the invalidation
+    /// does not join it but asks the backend anew.
+    #[tokio::test]
+    async fn an_invalidation_voids_the_refreshes_already_running() {
+        for all in [false, true] {
+            let gate = Arc::new(Semaphore::new(0));
+            let backend = Arc::new(CountingBackend::with_gate(&["42"], Some(gate.clone())));
+            let dir = directory(&backend, policy(LONG, LONG));
+            let before = {
+                let dir = dir.clone();
+                tokio::spawn(async move { dir.party("42").await })
+            };
+            let mut spins = 0;
+            while backend.calls() == 0 {
+                tokio::task::yield_now().await;
+                spins += 1;
+                assert!(spins < 100_000, "the refresh never started");
+            }
+            if all {
+                dir.invalidate_all();
+            } else {
+                dir.invalidate("42").await;
+            }
+            let after = {
+                let dir = dir.clone();
+                tokio::spawn(async move { dir.party("42").await })
+            };
+            let mut spins = 0;
+            while backend.calls() < 2 {
+                tokio::task::yield_now().await;
+                spins += 1;
+                assert!(
+                    spins < 100_000,
+                    "the caller after the invalidation joined the old refresh"
+                );
+            }
+            // The old refresh ends first: its answer is not kept.
+            gate.add_permits(1);
+            assert!(before.await.unwrap().unwrap().is_some());
+            gate.add_permits(1);
+            assert!(after.await.unwrap().unwrap().is_some());
+            assert!(dir.party("42").await.unwrap().is_some());
+            assert_eq!(
+                backend.calls(),
+                2,
+                "the new refresh's answer is cached (all: {all})"
+            );
+        }
+
+        // Without a newer refresh, the voided answer leaves nothing cached.
+        let gate = Arc::new(Semaphore::new(0));
+        let backend = Arc::new(CountingBackend::with_gate(&["42"], Some(gate.clone())));
+        let dir = directory(&backend, policy(LONG, LONG));
+        let before = {
+            let dir = dir.clone();
+            tokio::spawn(async move { dir.party("42").await })
+        };
+        while backend.calls() == 0 {
+            tokio::task::yield_now().await;
+        }
+        dir.invalidate("42").await;
+        gate.add_permits(2);
+        assert!(before.await.unwrap().unwrap().is_some());
+        assert!(dir.party("42").await.unwrap().is_some());
+        assert_eq!(backend.calls(), 2, "the voided answer was not cached");
     }
 
     #[tokio::test]
