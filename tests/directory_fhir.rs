@@ -312,3 +312,53 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
     );
     h.stop().await;
 }
+
+/// A lookup has one time budget for all its requests (twice query_timeout), not one per
+/// request: on a slow API, an ASID that no catalogue interaction's `/Device` search finds is a
+/// backend error once the budget is spent, not one slow request per catalogue interaction later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_ends_when_its_time_budget_is_spent() {
+    let api = FhirApi::start(&world_ldif(), None).await;
+    let catalogue = Catalogue::load(&repo_path("config/interactions.toml")).expect("catalogue");
+    let interactions: Vec<String> = catalogue.iter().map(|i| i.id.clone()).collect();
+    assert!(
+        interactions.len() >= 10,
+        "the catalogue has many interactions"
+    );
+    let unknown = "123456789012";
+    let settings = FhirSettings {
+        base_url: api.base_url(),
+        api_key_file: key_file(API_KEY),
+        ca: None,
+        // Practice B82617 has Devices, none with this ASID: every interaction is searched.
+        asid_ods: [(unknown.to_string(), "B82617".to_string())].into(),
+        connect_timeout: Duration::from_secs(5),
+        query_timeout: Duration::from_millis(600),
+    };
+    let fhir = FhirBackend::new(&settings, interactions.clone()).expect("FHIR backend");
+
+    // Fast: every interaction is searched and the ASID is not registered.
+    assert_eq!(fhir.party(unknown).await.expect("lookup"), None);
+    assert_eq!(api.seen().len(), interactions.len());
+
+    // Slow (each answer well within query_timeout, all of them far past the budget of 1.2 s).
+    api.delay_ms.store(300, Ordering::SeqCst);
+    let asked = api.seen().len();
+    let err = fhir
+        .party(unknown)
+        .await
+        .expect_err("the budget is spent")
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "the lookup of ASID {unknown} did not finish within 1.2s"
+        )),
+        "{err}"
+    );
+    let searched = api.seen().len() - asked;
+    assert!(
+        searched < interactions.len() / 2,
+        "{searched} of {} searches made",
+        interactions.len()
+    );
+}

@@ -30,6 +30,12 @@
 //! - Follow paged results: a Bundle with a `next` link is refused (the API returns all matches
 //!   in one Bundle).
 //! - Be fresher than the API's own response cache (30 minutes at the NHS API gateway).
+//!
+//! ## Time
+//!
+//! Each request gets `query_timeout`; the whole lookup gets [`LOOKUP_BUDGET_QUERIES`] times
+//! that (10 s by default), however many `/Device` searches it needs. A lookup that runs out is
+//! a backend error, like a request that does.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -83,6 +89,10 @@ pub const INTERACTION_EXTENSION: &str =
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time one request may take, body included.
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole lookup (all its requests: up to one `/Device` search per catalogue interaction, then
+/// one `/Endpoint` search) may take this many times `query_timeout`: time for the usual two
+/// requests at their limit, however many `/Device` searches a slow API would otherwise take.
+pub const LOOKUP_BUDGET_QUERIES: u32 = 2;
 /// The largest response body accepted (an SDS Bundle is a few kilobytes).
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// The largest API key file read.
@@ -132,6 +142,8 @@ pub struct FhirBackend {
     interactions: Vec<String>,
     client: Client<Connector, Empty<Bytes>>,
     query_timeout: Duration,
+    /// The time a whole lookup may take ([`LOOKUP_BUDGET_QUERIES`] × `query_timeout`).
+    lookup_budget: Duration,
 }
 
 impl std::fmt::Debug for FhirBackend {
@@ -193,6 +205,7 @@ impl FhirBackend {
             interactions,
             client,
             query_timeout: settings.query_timeout,
+            lookup_budget: settings.query_timeout.saturating_mul(LOOKUP_BUDGET_QUERIES),
         })
     }
 
@@ -334,8 +347,20 @@ impl DirectoryBackend for FhirBackend {
         BACKEND
     }
 
+    /// [`lookup`](FhirBackend::lookup) within the lookup budget: a lookup still running when
+    /// it is spent is a backend error (the gateway serves a stale party or answers 503).
     fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>> {
-        Box::pin(self.lookup(asid))
+        Box::pin(async move {
+            tokio::time::timeout(self.lookup_budget, self.lookup(asid))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(backend_error(format!(
+                        "the lookup of ASID {asid} did not finish within {:?} \
+                         ({LOOKUP_BUDGET_QUERIES} x query_timeout)",
+                        self.lookup_budget
+                    )))
+                })
+        })
     }
 
     fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>> {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -244,6 +244,8 @@ pub struct FhirApi {
     /// When set, every request is answered 502 (as the API does when LDAP fails).
     pub failing: Arc<AtomicBool>,
     pub requests: Arc<AtomicUsize>,
+    /// How long each answer is held back, in milliseconds (a slow API).
+    pub delay_ms: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -260,12 +262,14 @@ impl FhirApi {
             seen: Arc::new(Mutex::new(Vec::new())),
             failing: Arc::new(AtomicBool::new(false)),
             requests: Arc::new(AtomicUsize::new(0)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
             stop: CancellationToken::new(),
         };
-        let (seen, failing, requests, stop) = (
+        let (seen, failing, requests, delay_ms, stop) = (
             api.seen.clone(),
             api.failing.clone(),
             api.requests.clone(),
+            api.delay_ms.clone(),
             api.stop.clone(),
         );
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -280,11 +284,12 @@ impl FhirApi {
                         Err(_) => continue,
                     },
                 };
-                let (world, seen, failing, requests, base, acceptor) = (
+                let (world, seen, failing, requests, delay_ms, base, acceptor) = (
                     world.clone(),
                     seen.clone(),
                     failing.clone(),
                     requests.clone(),
+                    delay_ms.clone(),
                     base.clone(),
                     acceptor.clone(),
                 );
@@ -313,7 +318,11 @@ impl FhirApi {
                         } else {
                             answer(&req, &records, &base)
                         };
-                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                        let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
                     });
                     let builder = hyper::server::conn::http1::Builder::new();
                     match acceptor {
