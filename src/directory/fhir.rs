@@ -17,6 +17,8 @@
 //!    gives the whole accreditation; no match for any catalogue interaction is "not registered";
 //! 3. `GET /Endpoint?organization=<ods>&identifier=<nhsMhsPartyKey>|<party key>`: every message
 //!    handler (`address`, `nhsMhsFQDN`, `nhsMhsCPAId`, `nhsMHSId`, interaction) of the party key.
+//!    An Endpoint whose party key is another (ignoring case, as LDAP's `caseIgnoreMatch`) is
+//!    dropped with a debug log: its FQDN must not become one the ASID's certificate may present.
 //!
 //! ## What it cannot do
 //!
@@ -257,7 +259,7 @@ impl FhirBackend {
                 ],
             )
             .await?;
-        let handlers = endpoints(&bundle).map_err(backend_error)?;
+        let handlers = endpoints(&bundle, &system.party_key).map_err(backend_error)?;
         check_handlers(&handlers).map_err(backend_error)?;
         Ok(Some(Party { system, handlers }))
     }
@@ -581,10 +583,23 @@ pub fn device_with_asid(
     }
 }
 
-/// The message handlers in an `/Endpoint` Bundle.
-pub fn endpoints(bundle: &Value) -> Result<Vec<MessageHandler>, String> {
+/// The message handlers of `party_key` in an `/Endpoint` Bundle. An Endpoint with another party
+/// key (compared ignoring case, as SDS's `caseIgnoreMatch` and the LDIF backend's grouping do)
+/// is not this party's, whatever the API returned: it is dropped, so its FQDN never becomes one
+/// a certificate may present for this ASID.
+pub fn endpoints(bundle: &Value, party_key: &str) -> Result<Vec<MessageHandler>, String> {
     let mut handlers: Vec<MessageHandler> = Vec::new();
     for endpoint in resources(bundle, "Endpoint")? {
+        let key = one_identifier(endpoint, PARTY_KEY_SYSTEM)?;
+        if !key.eq_ignore_ascii_case(party_key) {
+            tracing::debug!(
+                endpoint = %label(endpoint),
+                endpoint_party_key = %key,
+                party_key,
+                "the API returned an Endpoint of another party key; dropped"
+            );
+            continue;
+        }
         let interaction = match interaction_ids(endpoint)?.as_slice() {
             [one] => one.clone(),
             other => {
@@ -609,7 +624,7 @@ pub fn endpoints(bundle: &Value) -> Result<Vec<MessageHandler>, String> {
         let handler = MessageHandler {
             id: one_identifier(endpoint, MHS_ID_SYSTEM)?,
             ods_code: clean(endpoint, "managingOrganization", ods)?,
-            party_key: one_identifier(endpoint, PARTY_KEY_SYSTEM)?,
+            party_key: key,
             interaction,
             endpoint: clean(endpoint, "address", address)?,
             fqdn: one_identifier(endpoint, FQDN_SYSTEM)?,
@@ -827,7 +842,7 @@ mod tests {
                 "https://localhost:9443/B82617/STU3/1/gpconnect",
             ),
         ]);
-        let handlers = endpoints(&b).unwrap();
+        let handlers = endpoints(&b, "B82617-0000806").unwrap();
         assert_eq!(handlers.len(), 2);
         assert_eq!(
             handlers[0],
@@ -841,6 +856,33 @@ mod tests {
                 cpa_id: "aaa".into(),
             }
         );
+    }
+
+    /// An Endpoint of another party key is not the party's: dropped, so its FQDN is never one
+    /// the ASID's certificate may present. Party keys compare ignoring case.
+    #[test]
+    fn endpoints_of_another_party_key_are_dropped() {
+        let mut foreign = endpoint("ccc", "urn:c", "https://rogue.example/x");
+        foreign["identifier"] = json!([
+            { "system": FQDN_SYSTEM, "value": "rogue.example" },
+            { "system": PARTY_KEY_SYSTEM, "value": "X99999-0000001" },
+            { "system": CPA_ID_SYSTEM, "value": "ccc" },
+            { "system": MHS_ID_SYSTEM, "value": "ccc" } ]);
+        let b = bundle(vec![
+            endpoint(
+                "aaa",
+                SLOT,
+                "https://localhost:9443/B82617/STU3/1/gpconnect",
+            ),
+            foreign,
+        ]);
+        let handlers = endpoints(&b, "b82617-0000806").unwrap();
+        assert_eq!(
+            handlers.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+            ["aaa"]
+        );
+        assert!(handlers.iter().all(|h| h.fqdn != "rogue.example"));
+        assert!(endpoints(&b, "X99999-0000001").unwrap()[0].fqdn == "rogue.example");
     }
 
     #[test]
@@ -884,7 +926,7 @@ mod tests {
             ),
         ];
         for (b, expected) in cases {
-            let err = endpoints(&b).unwrap_err();
+            let err = endpoints(&b, "B82617-0000806").unwrap_err();
             assert!(err.contains(expected), "{expected}: {err}");
         }
     }
