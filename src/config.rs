@@ -809,6 +809,14 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
                         "`{base_url}` is not an https:// URL with a host (and a port of 1-65535)"
                     ),
                 );
+            } else if base_url.contains(['?', '#']) {
+                s.problem(
+                    "fhir_base_url",
+                    format!(
+                        "`{base_url}` has a query or a fragment: the base URL is the API's path \
+                         only (`/Device?…` is appended to it)"
+                    ),
+                );
             }
             let api_key_file = s.path("fhir_api_key_file");
             let ca = if https {

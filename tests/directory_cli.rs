@@ -67,12 +67,17 @@ fn lookup_on_the_shipped_configuration() {
 
 /// The shipped configuration with its `[directory]` pointed at `url` (LDAP).
 fn ldap_config(url: &str) -> std::path::PathBuf {
+    directory_config(&format!("backend = \"ldap\"\nldap_url = \"{url}\""))
+}
+
+/// The shipped configuration with `backend = "ldif"` and its LDIF keys replaced by `keys`.
+fn directory_config(keys: &str) -> std::path::PathBuf {
     let shipped = std::fs::read_to_string(repo_path("config/gateway.toml")).expect("read config");
     let text: String = shipped
         .lines()
         .filter(|l| !l.starts_with("ldif_file") && !l.starts_with("ldif_poll_interval"))
         .map(|l| match l {
-            "backend = \"ldif\"" => format!("backend = \"ldap\"\nldap_url = \"{url}\""),
+            "backend = \"ldif\"" => keys.to_string(),
             l if l.starts_with("interactions = ") => format!(
                 "interactions = \"{}\"",
                 repo_path("config/interactions.toml").display()
@@ -113,4 +118,35 @@ fn lookup_against_slapd_matches_the_ldif_answer() {
     assert!(!ok);
     assert!(err.contains("error: directory backend ldap: "), "{err}");
     assert!(err.contains("DIRECTORY_UNAVAILABLE"), "{err}");
+}
+
+/// A `fhir_base_url` with a fragment (or a query) would silently break every lookup (the request
+/// URL is built by appending `/Device?…`): check-config refuses it, naming the key.
+#[test]
+fn check_config_refuses_a_fhir_base_url_with_a_fragment_or_query() {
+    for url in [
+        "https://api.example/spine-directory/FHIR/R4#frag",
+        "https://api.example/spine-directory/FHIR/R4?x=1",
+    ] {
+        let config = directory_config(&format!(
+            "backend = \"fhir\"\nfhir_base_url = \"{url}\"\nfhir_api_key_file = \"apikey\"\n\
+             fhir_ca = \"ca.pem\"\nfhir_asid_ods = {{ \"{CONSUMER_ASID}\" = \"A20047\" }}"
+        ));
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run ssp-gateway");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{url}: {report}");
+        assert!(
+            report.contains("fhir_base_url") && report.contains("has a query or a fragment"),
+            "{url}: {report}"
+        );
+    }
 }

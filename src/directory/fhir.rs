@@ -170,8 +170,11 @@ impl FhirBackend {
             .parse()
             .map_err(|_| url_error("not a URL"))?;
         let host = uri.host().ok_or_else(|| url_error("no host"))?;
-        if uri.query().is_some() || settings.base_url.ends_with('/') {
-            return Err(url_error("must have no query and no trailing `/`"));
+        // `Uri` drops a fragment silently; `/Device?…` appended after one would never be sent.
+        if settings.base_url.contains(['?', '#']) || settings.base_url.ends_with('/') {
+            return Err(url_error(
+                "must have no query, no fragment and no trailing `/`",
+            ));
         }
         let tls = match uri.scheme_str() {
             Some("https") => {
@@ -964,6 +967,8 @@ mod tests {
             ("http://api.example/FHIR/R4", "loopback host only"),
             ("https://api.example/FHIR/R4", "needs fhir_ca"),
             ("https://api.example/FHIR/R4/", "trailing"),
+            ("http://127.0.0.1:1/FHIR/R4#top", "no fragment"),
+            ("http://127.0.0.1:1/FHIR/R4?x=1", "no query"),
             ("ftp://api.example/x", "https://"),
             ("not a url", "not a URL"),
         ] {
