@@ -647,6 +647,12 @@ pub enum LdifLoadError {
         what: &'static str,
         in_service: usize,
     },
+    /// A reload of a file whose last byte is not a newline: possibly still being written.
+    #[error(
+        "{origin}: does not end with a newline: refused as possibly still being written \
+         (replace the file by renaming a complete one into place)"
+    )]
+    Unfinished { origin: String },
 }
 
 /// A [`DirectoryBackend`] answering from an in-memory index of an LDIF file in the SDS schema.
@@ -665,7 +671,7 @@ impl LdifBackend {
     /// call it at start-up or from `spawn_blocking`.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self, LdifLoadError> {
         let path = path.as_ref().to_path_buf();
-        let index = load_file(&path)?;
+        let (index, _) = load_file(&path)?;
         Ok(Self {
             origin: path.display().to_string(),
             path: Some(path),
@@ -697,7 +703,7 @@ impl LdifBackend {
                 origin: self.origin.clone(),
             });
         };
-        let index = load_file(path)?;
+        let (index, finished) = load_file(path)?;
         let stats = index.stats;
         let before = self.index.load().stats;
         for (now, in_service, what) in [
@@ -711,6 +717,11 @@ impl LdifBackend {
                     in_service,
                 });
             }
+        }
+        if !finished {
+            return Err(LdifLoadError::Unfinished {
+                origin: self.origin.clone(),
+            });
         }
         self.index.store(Arc::new(index));
         Ok(stats)
@@ -748,7 +759,8 @@ impl DirectoryBackend for LdifBackend {
     }
 }
 
-fn load_file(path: &Path) -> Result<Index, LdifLoadError> {
+/// The file's index, and whether the file ends with a newline (as a finished LDIF file does).
+fn load_file(path: &Path) -> Result<(Index, bool), LdifLoadError> {
     let io = |source| LdifLoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -774,7 +786,9 @@ fn load_file(path: &Path) -> Result<Index, LdifLoadError> {
         origin: origin.clone(),
         error,
     })?;
-    build_index(&records).map_err(|error| LdifLoadError::Model { origin, error })
+    let finished = bytes.is_empty() || bytes.ends_with(b"\n");
+    let index = build_index(&records).map_err(|error| LdifLoadError::Model { origin, error })?;
+    Ok((index, finished))
 }
 
 fn index_text(text: &str, origin: &str) -> Result<Index, LdifLoadError> {
@@ -1499,6 +1513,21 @@ mod tests {
             );
             assert!(backend.lookup("1").is_some(), "{emptied:?}");
         }
+
+        // A file cut short mid-line (a copy or a write still running) is refused, even when the
+        // entries before the cut make a valid directory; the same file finished is loaded.
+        let two = format!("{}\n{}", as_entry("1", "P-1", ""), as_entry("3", "P-3", ""));
+        file.write(two.trim_end_matches('\n'));
+        let err = backend.reload().unwrap_err();
+        assert!(matches!(err, LdifLoadError::Unfinished { .. }), "{err}");
+        assert!(
+            err.to_string().contains("does not end with a newline"),
+            "{err}"
+        );
+        assert!(backend.lookup("3").is_none(), "the old data stays");
+        file.write(&two);
+        assert_eq!(backend.reload().unwrap().systems, 2);
+        assert!(backend.lookup("3").is_some());
 
         // Every message handler gone while the systems stay (a file ordered handlers first,
         // caught mid-write): refused too, not a directory where no request can go anywhere.

@@ -1,5 +1,6 @@
 //! Reloading the LDIF directory while the gateway runs: when the file changes (polled by
-//! modification time and size) and on SIGHUP. Owns the watcher task only: the parsing and the
+//! modification time and size, and loaded once it has stayed unchanged for one poll interval, so
+//! a file still being written is not loaded half-way) and on SIGHUP (at once). Owns the watcher task only: the parsing and the
 //! atomic swap are `LdifBackend::reload`'s. A file that does not load is refused with a log line
 //! naming the file, the line and the reason, and the previous data stays in service; a
 //! successful reload empties the directory cache so the next lookups see the new data. It never
@@ -23,6 +24,47 @@ type Signature = Option<(SystemTime, u64)>;
 async fn signature(path: &Path) -> Signature {
     let meta = tokio::fs::metadata(path).await.ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Decides, poll by poll, when a changed file is loaded: once two polls in a row see the same
+/// new (modification time, size), i.e. it has stayed unchanged for one poll interval. A file
+/// being copied or written in place changes between polls and waits; one cut short for good is
+/// left to the load's own guards (a last line without its newline, no systems or handlers).
+#[derive(Debug)]
+struct Settle {
+    /// The version last loaded (or refused).
+    loaded: Signature,
+    /// A changed version seen on the last poll, waiting to be seen unchanged once more.
+    pending: Option<Signature>,
+}
+
+impl Settle {
+    fn new(loaded: Signature) -> Self {
+        Self {
+            loaded,
+            pending: None,
+        }
+    }
+
+    /// A poll saw `now`: whether to load it.
+    fn poll(&mut self, now: Signature) -> bool {
+        if now == self.loaded {
+            self.pending = None;
+            return false;
+        }
+        if self.pending == Some(now) {
+            self.loaded(now);
+            return true;
+        }
+        self.pending = Some(now);
+        false
+    }
+
+    /// `now` is being loaded (SIGHUP loads at once, whatever the polls saw).
+    fn loaded(&mut self, now: Signature) {
+        self.loaded = now;
+        self.pending = None;
+    }
 }
 
 /// Why a reload happened (for the log line).
@@ -67,8 +109,9 @@ pub async fn reload_now(
 }
 
 /// Watches the LDIF file of `backend` until `shutdown`: reloads when its modification time or
-/// size changes (checked every `poll_interval`; `None` turns polling off) and on SIGHUP. A file
-/// that failed to load is not retried until it changes again.
+/// size changed and then stayed so for one poll (checked every `poll_interval`; `None` turns
+/// polling off), and on SIGHUP at once. A file that failed to load is not retried until it
+/// changes again.
 pub async fn watch(
     backend: Arc<LdifBackend>,
     path: PathBuf,
@@ -77,7 +120,7 @@ pub async fn watch(
     shutdown: CancellationToken,
 ) {
     let mut hangup = sighup();
-    let mut seen = signature(&path).await;
+    let mut settle = Settle::new(signature(&path).await);
     let mut ticker = poll_interval.map(|every| {
         let mut t = tokio::time::interval(every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -98,10 +141,14 @@ pub async fn watch(
             }
         };
         let now = signature(&path).await;
-        if matches!(trigger, Trigger::FileChanged) && now == seen {
-            continue;
+        match trigger {
+            Trigger::FileChanged => {
+                if !settle.poll(now) {
+                    continue;
+                }
+            }
+            Trigger::Sighup => settle.loaded(now),
         }
-        seen = now;
         tracing::info!(file = %path.display(), trigger = ?trigger, "reloading the directory");
         let _ = reload_now(&backend, &directory).await;
     }
@@ -155,6 +202,30 @@ mod tests {
     use crate::directory::{CachePolicy, DirectoryBackend};
 
     const AS_ENTRY: &str = "dn: uniqueIdentifier=1,ou=services,o=nhs\nobjectClass: nhsAs\nuniqueIdentifier: 1\nnhsIDCode: X\nnhsMHSPartyKey: X-1\n";
+
+    /// A changed file is loaded only once a poll sees it as the last one did: a file growing
+    /// between polls (a copy in progress) waits until it stops.
+    #[test]
+    fn a_changed_file_is_loaded_once_it_stays_unchanged_for_a_poll() {
+        let at =
+            |secs: u64, len: u64| Some((SystemTime::UNIX_EPOCH + Duration::from_secs(secs), len));
+        let mut settle = Settle::new(at(1, 100));
+        assert!(!settle.poll(at(1, 100)), "unchanged");
+        // A copy in progress: a different size at every poll.
+        for len in [10, 40, 70] {
+            assert!(!settle.poll(at(2, len)), "still changing at {len}");
+        }
+        assert!(!settle.poll(at(2, 120)), "first seen finished");
+        assert!(settle.poll(at(2, 120)), "unchanged for one poll: loaded");
+        assert!(!settle.poll(at(2, 120)), "loaded once");
+        // A file removed (mid-rename) then back as it was is no change.
+        assert!(!settle.poll(None));
+        assert!(!settle.poll(at(2, 120)));
+        // SIGHUP loads at once; the polls after it see nothing new.
+        assert!(!settle.poll(at(3, 130)));
+        settle.loaded(at(3, 130));
+        assert!(!settle.poll(at(3, 130)));
+    }
 
     #[tokio::test]
     async fn reload_now_swaps_data_empties_the_cache_and_keeps_old_data_on_error() {
