@@ -513,6 +513,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             file.clone(),
             components.gateway.directory.clone(),
             *poll_interval,
+            Some(components.gateway.metrics.reloads.clone()),
             shutdown.clone(),
         ));
     }

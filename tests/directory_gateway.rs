@@ -227,5 +227,17 @@ async fn the_ldif_file_reloads_on_change_and_a_broken_file_is_refused() {
         || async { readonly.gpc(metadata()).await.status == 200 },
     )
     .await;
+
+    // Both reloads and the refusal are counted, as other components' reloads are.
+    let (status, metrics) = http_get(h.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let count = |result: &str| {
+        sample(
+            &metrics,
+            &format!("ssp_reloads_total{{component=\"directory\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(count("ok"), Some(2.0), "{metrics}");
+    assert_eq!(count("refused"), Some(1.0), "{metrics}");
     h.stop().await;
 }

@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::ldif::{LdifBackend, LdifLoadError, Stats};
 use super::Directory;
 
+/// The `component` label of the directory's reloads in `ssp_reloads_total`.
+pub const COMPONENT: &str = "directory";
+
 /// Default interval between checks of the LDIF file for changes.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -75,10 +78,13 @@ enum Trigger {
 }
 
 /// Reloads `backend` from its file (on the blocking pool); on success empties the cache of
-/// `directory`. Returns what the new data holds, or why it was refused (already logged).
+/// `directory`. Counts the outcome in `reloads` (`ssp_reloads_total{component="directory",
+/// result="ok"|"refused"}`) when given. Returns what the new data holds, or why it was refused
+/// (already logged).
 pub async fn reload_now(
     backend: &Arc<LdifBackend>,
     directory: &Directory,
+    reloads: Option<&prometheus::IntCounterVec>,
 ) -> Result<Stats, Arc<LdifLoadError>> {
     let worker = backend.clone();
     let result = match tokio::task::spawn_blocking(move || worker.reload()).await {
@@ -88,6 +94,10 @@ pub async fn reload_now(
             source: std::io::Error::other(format!("reload task failed: {e}")),
         })),
     };
+    if let Some(reloads) = reloads {
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        reloads.with_label_values(&[COMPONENT, outcome]).inc();
+    }
     match &result {
         Ok(stats) => {
             directory.invalidate_all();
@@ -111,12 +121,13 @@ pub async fn reload_now(
 /// Watches the LDIF file of `backend` until `shutdown`: reloads when its modification time or
 /// size changed and then stayed so for one poll (checked every `poll_interval`; `None` turns
 /// polling off), and on SIGHUP at once. A file that failed to load is not retried until it
-/// changes again.
+/// changes again. Reloads are counted in `reloads` when given (see [`reload_now`]).
 pub async fn watch(
     backend: Arc<LdifBackend>,
     path: PathBuf,
     directory: Directory,
     poll_interval: Option<Duration>,
+    reloads: Option<prometheus::IntCounterVec>,
     shutdown: CancellationToken,
 ) {
     let mut hangup = sighup();
@@ -150,7 +161,7 @@ pub async fn watch(
             Trigger::Sighup => settle.loaded(now),
         }
         tracing::info!(file = %path.display(), trigger = ?trigger, "reloading the directory");
-        let _ = reload_now(&backend, &directory).await;
+        let _ = reload_now(&backend, &directory, reloads.as_ref()).await;
     }
 }
 
@@ -245,7 +256,16 @@ mod tests {
                 .replace("=1,", "=2,"),
         )
         .unwrap();
-        let stats = reload_now(&backend, &directory).await.unwrap();
+        let reloads = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("reloads", "test"),
+            &["component", "result"],
+        )
+        .unwrap();
+        let count = |result: &str| reloads.with_label_values(&[COMPONENT, result]).get();
+        let stats = reload_now(&backend, &directory, Some(&reloads))
+            .await
+            .unwrap();
+        assert_eq!((count("ok"), count("refused")), (1, 0));
         assert_eq!(stats.systems, 1);
         assert!(
             directory.party("1").await.unwrap().is_none(),
@@ -254,7 +274,10 @@ mod tests {
         assert!(directory.party("2").await.unwrap().is_some());
 
         std::fs::write(&path, "dn: o=nhs\nnot ldif\n").unwrap();
-        let err = reload_now(&backend, &directory).await.unwrap_err();
+        let err = reload_now(&backend, &directory, Some(&reloads))
+            .await
+            .unwrap_err();
+        assert_eq!((count("ok"), count("refused")), (1, 1));
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(
             directory.party("2").await.unwrap().is_some(),
