@@ -111,6 +111,9 @@ pub async fn serve(
                 async move {
                     let resp = match directory_route(&req, &readiness).await {
                         Some(resp) => resp,
+                        None if req.method() == Method::HEAD => {
+                            without_body(answer(&req, &readiness, &metrics).await)
+                        }
                         None => answer(&req, &readiness, &metrics).await,
                     };
                     Ok::<_, Infallible>(resp)
@@ -131,7 +134,12 @@ async fn answer(
     readiness: &Readiness,
     metrics: &Metrics,
 ) -> Response<Full<Bytes>> {
-    if (req.method(), req.uri().path()) == (&Method::GET, "/metrics") {
+    // HEAD is answered as GET is (the caller drops the body).
+    let method = match req.method() {
+        &Method::HEAD => &Method::GET,
+        other => other,
+    };
+    if (method, req.uri().path()) == (&Method::GET, "/metrics") {
         let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -143,7 +151,7 @@ async fn answer(
         );
         return resp;
     }
-    let (status, body) = match (req.method(), req.uri().path()) {
+    let (status, body) = match (method, req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, r#"{"status":"ok"}"#.to_string()),
         (&Method::GET, "/readyz") => {
             let (ready, body) = readiness.check().await;
@@ -174,6 +182,17 @@ async fn answer(
         header::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+/// The answer to a HEAD request: the GET answer's status and headers (its `Content-Length`
+/// too), no body.
+fn without_body(resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = resp.into_parts();
+    let len = http_body::Body::size_hint(&body).exact().unwrap_or(0);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 /// `POST /directory/invalidate?asid=A` forgets the cached answer for one ASID (a stale copy

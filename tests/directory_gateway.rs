@@ -99,6 +99,50 @@ async fn the_admin_listener_invalidates_one_asid_or_all() {
     h.stop().await;
 }
 
+/// HEAD on `/healthz`, `/readyz` and `/metrics` is answered as GET is, without the body: the
+/// status, the headers and the GET body's length, and nothing after the head (checked on the
+/// wire, with a GET after it on the same connection to show the framing holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_answers_head_as_get_without_a_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    for (path, content_type) in [
+        ("/healthz", "application/json"),
+        ("/readyz", "application/json"),
+        ("/metrics", "text/plain; version=0.0.4; charset=utf-8"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(h.admin)
+            .await
+            .expect("connect");
+        let request = format!(
+            "HEAD {path} HTTP/1.1\r\nHost: localhost\r\n\r\n\
+             GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.expect("write");
+        let mut wire = Vec::new();
+        tcp.read_to_end(&mut wire).await.expect("read");
+        let wire = String::from_utf8_lossy(&wire).to_lowercase();
+        let (head, rest) = wire.split_once("\r\n\r\n").expect("a response head");
+        assert!(head.starts_with("http/1.1 200 ok"), "HEAD {path}: {head}");
+        assert!(
+            head.contains(&format!("content-type: {content_type}")),
+            "HEAD {path}: {head}"
+        );
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("content-length");
+        assert!(length > 0, "HEAD {path}: the GET body's length");
+        assert!(
+            rest.starts_with("http/1.1 200 ok"),
+            "HEAD {path}: no body, the next response follows: {rest:?}"
+        );
+        assert!(rest.ends_with(r#"{"status":"ok"}"#), "{rest:?}");
+    }
+    h.stop().await;
+}
+
 /// Polls until `f` holds, failing after 20 s.
 async fn until<F, Fut>(what: &str, mut f: F)
 where
