@@ -371,38 +371,62 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_restart_continues_the_chain_and_a_torn_file_is_set_aside() {
-        let dir = scratch();
-        run_once(&dir, Durability::Fsync, 3).await;
-        // A crash mid-write leaves half a record at the end of the active file.
-        let active = dir.join(ACTIVE_FILE);
-        let mut text = std::fs::read(&active).expect("read");
-        text.extend_from_slice(b"{\"seq\":5,\"prev\":\"00");
-        std::fs::write(&active, text).expect("write");
+    fn partials(dir: &std::path::Path) -> Vec<Vec<u8>> {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "partial"))
+            .map(|p| std::fs::read(p).expect("read"))
+            .collect()
+    }
 
-        run_once(
-            &dir,
-            Durability::Buffered {
-                interval: Duration::from_millis(10),
-            },
-            2,
-        )
-        .await;
-        let all = files(&dir);
-        assert_eq!(
-            all.len(),
-            2,
-            "the torn file set aside, a new one started: {all:?}"
-        );
-        let report = verify::verify_files(&all).expect("verify");
-        assert!(report.intact(), "{report}");
-        assert_eq!(report.torn.len(), 1, "{report}");
-        assert_eq!(
-            (report.first_seq, report.last_seq),
-            (Some(1), Some(7)),
-            "{report}"
-        );
+    /// What a crash or a power cut leaves after the last whole record (a record cut short, or
+    /// NULs) is moved out of the trail, kept in a file of its own, and the chain carries on
+    /// from the last whole record: `audit verify` then finds the trail intact, whatever the
+    /// tail was, and also when the active file held nothing else (a crash just after a
+    /// rotation).
+    #[tokio::test]
+    async fn a_restart_moves_what_follows_the_last_whole_record_out_of_the_trail() {
+        let buffered = Durability::Buffered {
+            interval: Duration::from_millis(10),
+        };
+        for (tail, only_the_tail) in [
+            (b"{\"seq\":5,\"prev\":\"00".to_vec(), false),
+            (vec![0u8; 600], false),
+            (b"{\"seq\":5,\"prev\":\"3a23".to_vec(), true),
+            (vec![0u8; 600], true),
+        ] {
+            let dir = scratch();
+            run_once(&dir, Durability::Fsync, 3).await;
+            let active = dir.join(ACTIVE_FILE);
+            if only_the_tail {
+                // A rotation, then the crash: the new active file holds only the tail.
+                std::fs::rename(
+                    &active,
+                    dir.join("audit-20261126T131900.000000Z-000000000001.jsonl"),
+                )
+                .expect("rotate");
+                std::fs::write(&active, &tail).expect("write");
+            } else {
+                let mut text = std::fs::read(&active).expect("read");
+                text.extend_from_slice(&tail);
+                std::fs::write(&active, text).expect("write");
+            }
+
+            run_once(&dir, buffered, 2).await;
+            let all = files(&dir);
+            let report = verify::verify_files(&all).expect("verify");
+            assert!(report.intact(), "{report}");
+            assert!(report.torn.is_empty(), "{report}");
+            assert_eq!(
+                (report.first_seq, report.last_seq),
+                (Some(1), Some(7)),
+                "{report}"
+            );
+            assert_eq!(partials(&dir), [tail], "the tail is kept, byte for byte");
+        }
+        let dir = scratch();
+        run_once(&dir, Durability::Fsync, 1).await;
         let mode = std::fs::metadata(dir.join(ACTIVE_FILE))
             .expect("meta")
             .permissions();

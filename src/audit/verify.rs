@@ -16,7 +16,7 @@ const RECORD_START: &[u8] = b"{\"seq\":";
 
 /// Whether a line cut short can be the start of the next record: a prefix of [`RECORD_START`],
 /// then digits, and once they are complete (a `,` follows), `expected` when known.
-fn could_start_next_record(line: &[u8], expected: Option<u64>) -> bool {
+pub(super) fn could_start_next_record(line: &[u8], expected: Option<u64>) -> bool {
     let Some(rest) = line.strip_prefix(RECORD_START) else {
         return RECORD_START.starts_with(line);
     };

@@ -232,6 +232,60 @@ fn newest_rotated(dir: &Path) -> io::Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
+/// The last record of the newest rotated file, if there is one.
+fn newest_head(dir: &Path) -> Result<Option<Head>, AuditError> {
+    let io_err = |source: io::Error| AuditError::Open {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let Some(rotated) = newest_rotated(dir).map_err(io_err)? else {
+        return Ok(None);
+    };
+    match read_tail(&rotated).map_err(io_err)?.last {
+        Some(line) => Ok(Some(head_of(&rotated, &line)?)),
+        None => Ok(None),
+    }
+}
+
+/// Moves the bytes after the active file's last newline into a file of their own beside it
+/// (`audit-tail-<time>.partial`, 0600, synced), then cuts the active file back to its last whole
+/// line. Returns that file and the bytes.
+fn move_out_tail(dir: &Path, active: &Path) -> io::Result<(PathBuf, Vec<u8>)> {
+    let mut file = OpenOptions::new().read(true).write(true).open(active)?;
+    let len = file.metadata()?.len();
+    // Where the tail starts: just after the last newline, found backwards chunk by chunk.
+    let mut end = len;
+    let mut start = 0;
+    while end > 0 {
+        let from = end.saturating_sub(TAIL_CHUNK);
+        let mut buf = vec![0u8; (end - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut buf)?;
+        if let Some(i) = buf.iter().rposition(|b| *b == b'\n') {
+            start = from + i as u64 + 1;
+            break;
+        }
+        end = from;
+    }
+    let mut bytes = vec![0u8; (len - start) as usize];
+    file.seek(SeekFrom::Start(start))?;
+    file.read_exact(&mut bytes)?;
+    let time = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
+    let kept = dir.join(format!("audit-tail-{time}.partial"));
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&kept)?;
+    out.write_all(&bytes)?;
+    out.sync_all()?;
+    sync_dir(dir)?;
+    // Only once the bytes are safe elsewhere.
+    file.set_len(start)?;
+    file.sync_all()?;
+    Ok((kept, bytes))
+}
+
 impl Writer {
     pub(super) fn open(config: &AuditConfig, shared: Arc<Shared>) -> Result<Writer, AuditError> {
         let dir = config.dir.clone();
@@ -266,17 +320,32 @@ impl Writer {
             }
             let first_seq = tail.first.as_deref().and_then(line_seq);
             if tail.torn {
-                // A record cut short by a crash: set the file aside as it is (verify reports
-                // and tolerates its torn end) and carry on in a new file.
-                let seq = first_seq.unwrap_or_else(|| head.map_or(1, |h| h.seq + 1));
-                let aside = dir.join(rotated_name(seq));
-                fs::rename(&active_path, &aside).map_err(io_err)?;
-                sync_dir(&dir).map_err(io_err)?;
-                tracing::warn!(
-                    file = %aside.display(),
-                    "audit file ended in a torn record (the process stopped mid-write); set aside"
-                );
-            } else {
+                // Bytes after the last whole record: a record cut short by a crash, or what a
+                // power cut left (NULs). They are moved out of the trail into a file of their
+                // own, kept for inspection, and the chain carries on from the last whole record,
+                // so `audit verify` finds the trail intact.
+                if head.is_none() {
+                    head = newest_head(&dir)?;
+                }
+                let next = head.map_or(1, |h| h.seq + 1);
+                let (kept, bytes) = move_out_tail(&dir, &active_path).map_err(io_err)?;
+                if super::verify::could_start_next_record(&bytes, Some(next)) {
+                    tracing::warn!(
+                        file = %kept.display(),
+                        bytes = bytes.len(),
+                        "audit file ended in a record cut short (the process stopped mid-write); \
+                         moved out of the trail"
+                    );
+                } else {
+                    tracing::error!(
+                        file = %kept.display(),
+                        bytes = bytes.len(),
+                        "audit file ended in bytes that are not a record (a power cut, or written \
+                         by something else); moved out of the trail for inspection"
+                    );
+                }
+            }
+            {
                 let file = OpenOptions::new()
                     .append(true)
                     .open(&active_path)
@@ -295,12 +364,7 @@ impl Writer {
             }
         }
         if head.is_none() {
-            if let Some(rotated) = newest_rotated(&dir).map_err(io_err)? {
-                let tail = read_tail(&rotated).map_err(io_err)?;
-                if let Some(line) = &tail.last {
-                    head = Some(head_of(&rotated, line)?);
-                }
-            }
+            head = newest_head(&dir)?;
         }
         let head = head.unwrap_or(Head {
             seq: 0,
