@@ -43,6 +43,8 @@ const DEFAULT_AUDIT_FSYNC_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_AUDIT_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 const DEFAULT_AUDIT_QUEUE_CAPACITY: u64 = 65_536;
 const DEFAULT_AUDIT_QUEUE_MAX_BYTES: u64 = 128 << 20;
+const DEFAULT_DIRECTORY_QUERIES_PER_SECOND: u64 = 20;
+const DEFAULT_DIRECTORY_QUERY_BURST: u64 = 200;
 const DEFAULT_AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_AUDIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
@@ -93,6 +95,9 @@ pub struct RateLimitConfig {
     pub per_consumer: Option<crate::ratelimit::RateLimitPolicy>,
     /// Requests being processed at once across the gateway before new ones get 503.
     pub max_in_flight: usize,
+    /// Requests per client certificate that need a directory query (an ASID they name is not
+    /// cached), before anything shows the certificate is registered; `None`: unbounded.
+    pub directory_queries: Option<crate::ratelimit::Limit>,
 }
 
 /// How often watched files are checked for changes (TLS material; SIGHUP reloads at once).
@@ -664,6 +669,18 @@ fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
         }
         Some(_) => s.problem("overrides", "must be an array of tables".into()),
     }
+    let directory_rate = s.uint(
+        "directory_queries_per_second",
+        DEFAULT_DIRECTORY_QUERIES_PER_SECOND,
+        0,
+        10_000_000,
+    ) as u32;
+    let directory_burst = s.uint(
+        "directory_query_burst",
+        DEFAULT_DIRECTORY_QUERY_BURST,
+        1,
+        10_000_000,
+    ) as u32;
     RateLimitConfig {
         per_consumer: enabled.then(|| RateLimitPolicy {
             default: Limit::per_second(requests, burst),
@@ -672,6 +689,8 @@ fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
             reject_delay,
         }),
         max_in_flight,
+        directory_queries: (directory_rate > 0)
+            .then(|| Limit::per_second(directory_rate, directory_burst)),
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Gateway {
     pub tracer: Tracer,
     /// Per-consumer rate limits (`None`: off).
     pub limiter: Option<RateLimiter>,
+    /// Requests needing a directory query, per client certificate (keyed by its SHA-256;
+    /// `None`: unbounded).
+    pub directory_budget: Option<RateLimiter>,
     /// The bound on requests in flight (load shedding).
     pub overload: Overload,
 }
@@ -215,7 +218,10 @@ impl Gateway {
         }
         self.record_span(&ctx, &record, status);
         let response = self.record_outcome(&conn, &ctx, record, response);
-        if let (true, Some(limiter)) = (rate_limited, &self.limiter) {
+        if let (true, Some(limiter)) = (
+            rate_limited,
+            self.limiter.as_ref().or(self.directory_budget.as_ref()),
+        ) {
             // A flood of refusals must not take the CPU from other consumers: the 429 waits
             // (its in-flight slot already given back), so a connection gets one per delay.
             tokio::time::sleep(limiter.reject_delay()).await;
@@ -415,7 +421,18 @@ impl Gateway {
         record.interaction = Some(interaction.name.as_str());
         let matched = interaction.match_request(req.method(), &target)?;
 
-        // 3. The directory: both parties, looked up together (cached).
+        // 3. The directory: both parties, looked up together (cached). A certificate that names
+        //    ASIDs not cached makes the gateway query the directory before anything shows it is
+        //    registered: such requests are bounded per certificate.
+        if let Some(budget) = &self.directory_budget {
+            if !(self.directory.is_cached(&headers.from) && self.directory.is_cached(&headers.to)) {
+                let decision = budget.check(&conn.peer.fingerprint_sha256, Instant::now());
+                if !decision.allowed {
+                    record.rate_limit = Some(decision);
+                    return Err(Rejection::DirectoryQueriesExceeded);
+                }
+            }
+        }
         let (sender, receiver) = tokio::join!(
             self.directory.party(&headers.from),
             self.directory.party(&headers.to)

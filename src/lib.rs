@@ -213,6 +213,16 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             .map_err(|e| problems.push(format!("rate_limit: {e}")))
             .ok(),
     };
+    let directory_budget = match config.rate_limit.directory_queries {
+        None => Some(None),
+        Some(limit) => ratelimit::RateLimiter::new(ratelimit::RateLimitPolicy {
+            default: limit,
+            ..Default::default()
+        })
+        .map(Some)
+        .map_err(|e| problems.push(format!("rate_limit.directory_queries_per_second: {e}")))
+        .ok(),
+    };
     let overload = ratelimit::Overload::new(config.rate_limit.max_in_flight)
         .map_err(|e| problems.push(format!("rate_limit.max_in_flight: {e}")))
         .ok();
@@ -220,7 +230,14 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         .map_err(|e| problems.push(format!("circuit_breaker: {e}")))
         .ok();
     match (
-        server_tls, client_tls, catalogue, backend, limiter, overload, breakers,
+        server_tls,
+        client_tls,
+        catalogue,
+        backend,
+        limiter,
+        directory_budget,
+        overload,
+        breakers,
     ) {
         (
             Some(server_tls),
@@ -228,6 +245,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             Some(catalogue),
             Some(backend),
             Some(limiter),
+            Some(directory_budget),
             Some(overload),
             Some(breakers),
         ) if problems.is_empty() => {
@@ -261,6 +279,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 metrics,
                 tracer,
                 limiter,
+                directory_budget,
                 overload,
             };
             Ok(Components {

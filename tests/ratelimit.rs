@@ -408,3 +408,69 @@ async fn a_noisy_consumer_s_429s_never_reach_the_provider_nor_take_an_upstream_c
     shutdown.cancel();
     running.wait().await;
 }
+
+/// A certificate that names ASIDs nobody has asked about makes the gateway query the directory
+/// before anything shows the certificate is registered: such requests are bounded per
+/// certificate (here a burst of 5), so a certificate from the CA cannot make it hammer SDS. Cache
+/// hits are free, and other certificates are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncached_directory_lookups_are_bounded_per_certificate() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            rate_limit:
+                "enabled = false\ndirectory_queries_per_second = 1\ndirectory_query_burst = 5",
+            ..Default::default()
+        },
+    )
+    .await;
+    let rogue = h.world.client(&h.world.rogue, h.gateway);
+    let mut tokens = Vec::new();
+    for n in 0..12u32 {
+        let from = format!("7000000{n:05}");
+        let a = rogue
+            .gpc(Gpc::new(Method::GET, metadata(&h), IX_METADATA).from(&from))
+            .await;
+        tokens.push(
+            a.json()["issue"][0]["diagnostics"]
+                .as_str()
+                .expect("token")
+                .to_owned(),
+        );
+    }
+    let refused_by_directory = tokens
+        .iter()
+        .filter(|t| t.starts_with("ASID_CHECK_FAILED"))
+        .count();
+    let throttled = tokens
+        .iter()
+        .filter(|t| *t == "DIRECTORY_QUERY_RATE_EXCEEDED")
+        .count();
+    // The burst, and a token or two more if the loop took a second or two.
+    assert!((5..=8).contains(&refused_by_directory), "{tokens:?}");
+    assert_eq!(refused_by_directory + throttled, 12, "{tokens:?}");
+    let (_, metrics) = http_get(h.admin, "/metrics").await;
+    let misses = sample(&metrics, "ssp_directory_cache_misses_total").expect("misses");
+    assert!(
+        misses <= 2.0 * refused_by_directory as f64 + 2.0,
+        "{misses} directory misses for {refused_by_directory} admitted requests"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "ssp_rejections_total{reason=\"directory_queries_exceeded\"}"
+        ),
+        Some(throttled as f64)
+    );
+
+    // The registered consumer has a budget of its own, and its parties, once cached, cost none.
+    for _ in 0..10 {
+        let a = h
+            .consumer()
+            .gpc(Gpc::new(Method::GET, metadata(&h), IX_METADATA))
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    h.stop().await;
+}

@@ -391,6 +391,12 @@ impl Directory {
         }
     }
 
+    /// Whether an answer for `asid` is cached (found or not, fresh or stale): a lookup of it
+    /// needs no backend query unless it has gone past its TTL.
+    pub fn is_cached(&self, asid: &str) -> bool {
+        self.inner.cache.contains_key(asid)
+    }
+
     /// Whether no backend query has failed since the last one that succeeded (or probe that
     /// did); true before the first. A failed lookup may be one party's bad data rather than an
     /// outage: [`backend_answers`](Self::backend_answers) tells them apart.

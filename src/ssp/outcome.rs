@@ -50,6 +50,10 @@ pub enum Rejection {
     AuditUnavailable,
     /// 429 `RATE_LIMIT_EXCEEDED_MESSAGESENDER_<asid>`: the consumer is over its rate limit.
     RateLimited { sender: String },
+    /// 429 `DIRECTORY_QUERY_RATE_EXCEEDED`: the client certificate has made its directory
+    /// queries' worth of uncached lookups (ASIDs it names that are not cached), before anything
+    /// shows it is registered.
+    DirectoryQueriesExceeded,
     /// 503 `GATEWAY_OVERLOADED`: too many requests in flight across the gateway (load shedding).
     Overloaded,
     /// 413 `REQUEST_BODY_TOO_LARGE`: the body is over the optional configured cap.
@@ -97,7 +101,9 @@ impl Rejection {
             Rejection::DirectoryUnavailable
             | Rejection::AuditUnavailable
             | Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::RateLimited { .. } | Rejection::DirectoryQueriesExceeded => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -127,6 +133,7 @@ impl Rejection {
             Rejection::UpstreamError { .. }
             | Rejection::UpstreamTimeout { .. }
             | Rejection::RateLimited { .. }
+            | Rejection::DirectoryQueriesExceeded
             | Rejection::Overloaded => None,
         }
     }
@@ -150,7 +157,9 @@ impl Rejection {
             | Rejection::AuditUnavailable
             | Rejection::UpstreamError { .. } => "transient",
             Rejection::UpstreamTimeout { .. } | Rejection::RequestBodyTimeout => "timeout",
-            Rejection::RateLimited { .. } | Rejection::Overloaded => "throttled",
+            Rejection::RateLimited { .. }
+            | Rejection::DirectoryQueriesExceeded
+            | Rejection::Overloaded => "throttled",
             Rejection::BodyTooLarge => "too-long",
         }
     }
@@ -193,6 +202,7 @@ impl Rejection {
             Rejection::RateLimited { sender } => {
                 format!("RATE_LIMIT_EXCEEDED_MESSAGESENDER_{sender}")
             }
+            Rejection::DirectoryQueriesExceeded => "DIRECTORY_QUERY_RATE_EXCEEDED".to_owned(),
             Rejection::Overloaded => "GATEWAY_OVERLOADED".to_owned(),
             Rejection::BodyTooLarge => "REQUEST_BODY_TOO_LARGE".to_owned(),
             Rejection::RequestBodyTimeout => "REQUEST_BODY_TIMEOUT".to_owned(),
@@ -223,6 +233,7 @@ impl Rejection {
             Rejection::DirectoryUnavailable => "directory_unavailable",
             Rejection::AuditUnavailable => "audit_unavailable",
             Rejection::RateLimited { .. } => "rate_limited",
+            Rejection::DirectoryQueriesExceeded => "directory_queries_exceeded",
             Rejection::Overloaded => "overloaded",
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::RequestBodyTimeout => "request_body_timeout",
