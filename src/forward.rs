@@ -473,12 +473,20 @@ const FROM_CONSUMER: [HeaderName; 6] = [
 ];
 
 /// Makes the consumer's headers fit for the provider: hop-by-hop ones removed, `Host` left for
-/// the client to set from the target, `Expect` answered here rather than passed on, and the
-/// forwarding headers replaced with the gateway's own view of the client.
+/// the client to set from the target, `Expect` answered here rather than passed on, several
+/// `Cookie` fields (as HTTP/2 splits them) joined into one for the HTTP/1.1 provider (RFC 9113
+/// §8.2.3), and the forwarding headers replaced with the gateway's own view of the client.
 pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
+    let cookies = std::cell::Cell::new(0usize);
     strip(headers, |name| {
+        if name == header::COOKIE {
+            cookies.set(cookies.get() + 1);
+        }
         is_hop_by_hop(name) || FROM_CONSUMER.contains(name)
     });
+    if cookies.get() > 1 {
+        join_cookies(headers);
+    }
     let (forwarded, address) = match client.ip() {
         IpAddr::V4(v4) => {
             let mut value = Vec::with_capacity(32);
@@ -498,6 +506,24 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
     }
     if let Ok(v) = address {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+}
+
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if joined.is_empty() {
+        // Named in Connection, and so removed.
+        return;
+    }
+    // Each part was a valid field value, and so is their join.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -932,6 +958,30 @@ mod tests {
                 Ok(_) => panic!("{url} connected"),
             }
         }
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let client = "10.1.2.3:5555".parse().expect("addr");
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        prepare_request_headers(&mut h, client);
+        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
+        prepare_request_headers(&mut one, client);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
+
+        let mut dropped = HeaderMap::new();
+        dropped.insert(header::CONNECTION, HeaderValue::from_static("cookie"));
+        dropped.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        dropped.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        prepare_request_headers(&mut dropped, client);
+        assert!(!dropped.contains_key(header::COOKIE));
     }
 
     #[test]
