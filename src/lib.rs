@@ -387,8 +387,16 @@ fn reload_poll(config: &Config) -> std::time::Duration {
 fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let poll = reload_poll(config);
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
+    // The CRLs loaded at start set the floor no reload may go below.
+    let floor = tls::CrlFloor::default();
+    if let Err(e) = floor.admit(&listener.crls) {
+        tracing::warn!(error = %e, "CRLs changed since start; the next reload checks them");
+    }
     c.server_tls.watch(
-        move || tls::server_config(&listener, alpn).map(Arc::unwrap_or_clone),
+        move || {
+            floor.admit(&listener.crls)?;
+            tls::server_config(&listener, alpn).map(Arc::unwrap_or_clone)
+        },
         poll,
         shutdown.clone(),
         tasks,

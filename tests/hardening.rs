@@ -170,6 +170,33 @@ async fn publishing_a_crl_refuses_the_revoked_consumer_next_time() {
         .handshake()
         .await
         .is_ok());
+
+    // An older CRL (a lower CRL Number), which does not list the consumer, is refused: a CRL
+    // is never replaced by an older one, so the revoked consumer stays out.
+    let now = now();
+    let older = h
+        .world
+        .authority
+        .crl_numbered(&[], now - 3600, now + 86_400, 1)
+        .expect("older CRL");
+    std::fs::write(&h.world.crl, older).expect("publish the older CRL");
+    let refused = "ssp_reloads_total{component=\"listener TLS\",result=\"refused\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http_get(h.admin, "/metrics").await;
+        if sample(&text, refused).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the older CRL was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        client.handshake().await.is_err(),
+        "the older CRL let the revoked consumer back in"
+    );
     h.stop().await;
 }
 

@@ -25,6 +25,7 @@ pub mod pki;
 pub mod records;
 pub mod stream;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -279,13 +280,61 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError>
     Ok(key)
 }
 
+/// The highest CRL Number loaded so far for each issuer, so that a reload never goes back to
+/// an older CRL (one that may not list a certificate revoked since): a CRL published by
+/// mistake from an old copy, or put back by someone who wants a revoked certificate to work
+/// again. Shared by the clones of one listener's reloader.
+#[derive(Debug, Default, Clone)]
+pub struct CrlFloor(Arc<std::sync::Mutex<HashMap<String, x509_parser::num_bigint::BigUint>>>);
+
+impl CrlFloor {
+    /// Reads the CRLs in `paths` (as `load_crls` does) and refuses them if any is older than
+    /// one of its issuer's already loaded; otherwise raises the floor to them.
+    pub fn admit(&self, paths: &[PathBuf]) -> Result<(), TlsError> {
+        let (_, numbered) = load_crls_numbered(paths)?;
+        let mut floor = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (path, issuer, number) in &numbered {
+            if let Some(loaded) = floor.get(issuer).filter(|loaded| number < *loaded) {
+                return Err(TlsError::BadCrl {
+                    path: path.clone(),
+                    reason: format!(
+                        "CRL Number {number} is older than {loaded}, already loaded for issuer \
+                         {issuer}: a CRL is never replaced by an older one"
+                    ),
+                });
+            }
+        }
+        for (_, issuer, number) in numbered {
+            let entry = floor.entry(issuer).or_default();
+            if number > *entry {
+                *entry = number;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reads CRLs from `paths`: each file holds PEM `X509 CRL` sections or one DER CRL. A CRL that
 /// does not parse, or whose `nextUpdate` has already passed, is refused with its file named.
 pub fn load_crls(
     paths: &[PathBuf],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    Ok(load_crls_numbered(paths)?.0)
+}
+
+/// A CRL's file, issuer (RFC 4514) and CRL Number.
+type CrlNumber = (PathBuf, String, x509_parser::num_bigint::BigUint);
+
+/// [`load_crls`], with each CRL's number.
+fn load_crls_numbered(
+    paths: &[PathBuf],
+) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>), TlsError> {
     let now = x509_parser::time::ASN1Time::now();
     let mut crls = Vec::new();
+    let mut numbers = Vec::new();
     for path in paths {
         let bytes = read(path)?;
         let bad = |reason: String| TlsError::BadCrl {
@@ -310,14 +359,15 @@ pub fn load_crls(
                 Ok(_) => return Err(bad("trailing data after the CRL".to_owned())),
                 Err(e) => return Err(bad(format!("not a valid X.509 CRL: {e}"))),
             };
-            if parsed.crl_number().is_none() {
+            let Some(number) = parsed.crl_number() else {
                 // webpki requires it and would say only "ParseError".
                 return Err(bad(format!(
                     "no CRL Number extension (RFC 5280 §5.2.3), which is required; `openssl ca \
                      -gencrl` adds one when a crlnumber file is configured (issuer {})",
                     rfc4514(parsed.issuer())
                 )));
-            }
+            };
+            numbers.push((path.clone(), rfc4514(parsed.issuer()), number.clone()));
             if let Some(next) = parsed.next_update() {
                 if next < now {
                     return Err(bad(format!(
@@ -330,7 +380,7 @@ pub fn load_crls(
         }
         crls.extend(in_file);
     }
-    Ok(crls)
+    Ok((crls, numbers))
 }
 
 /// Reads a CA bundle: one or more PEM CA certificates, each usable as a trust anchor.

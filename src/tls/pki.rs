@@ -309,12 +309,24 @@ impl Ca {
         this_update: i64,
         next_update: i64,
     ) -> Result<String, PkiError> {
+        // The generation time makes CRL numbers increase across regenerations.
+        let number = u64::try_from(now_unix()?).unwrap_or(0);
+        self.crl_numbered(revoked, this_update, next_update, number)
+    }
+
+    /// [`crl_between`](Self::crl_between) with the given CRL Number.
+    pub fn crl_numbered(
+        &self,
+        revoked: &[&Issued],
+        this_update: i64,
+        next_update: i64,
+        number: u64,
+    ) -> Result<String, PkiError> {
         let revocation_time = time_at(this_update)?.to_datetime();
         let params = CertificateRevocationListParams {
             this_update: revocation_time,
             next_update: time_at(next_update)?.to_datetime(),
-            // The generation time makes CRL numbers increase across regenerations.
-            crl_number: SerialNumber::from(u64::try_from(now_unix()?).unwrap_or(0)),
+            crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs: revoked
                 .iter()
