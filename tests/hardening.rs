@@ -907,6 +907,24 @@ async fn a_reset_http2_stream_still_gets_its_outcome_record() {
     let tls = client.handshake().await.expect("handshake");
     let (sender, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
     tokio::spawn(conn);
+    let (req, trace) = h2_metadata(&h);
+    let mut sender = sender.ready().await.expect("ready");
+    let (_resp, mut stream) = sender.send_request(req, true).expect("sent");
+    wait_until("the request reached the provider", || {
+        h.recorder.seen() == 1
+    })
+    .await;
+    stream.send_reset(h2::Reason::CANCEL);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.add_permits(1);
+    let record = outcome_of(&h, &trace).await;
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["completed"], false, "{record}");
+    h.stop().await;
+}
+
+/// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
+fn h2_metadata(h: &Harness) -> (http::Request<()>, String) {
     let built = Gpc::new(
         Method::GET,
         format!("{}/metadata", h.endpoint()),
@@ -923,27 +941,18 @@ async fn a_reset_http2_stream_still_gets_its_outcome_record() {
     for (name, value) in built.headers() {
         req = req.header(name, value);
     }
-    let mut sender = sender.ready().await.expect("ready");
-    let (_resp, mut stream) = sender
-        .send_request(req.body(()).expect("request"), true)
-        .expect("sent");
-    wait_until("the request reached the provider", || {
-        h.recorder.seen() == 1
-    })
-    .await;
-    stream.send_reset(h2::Reason::CANCEL);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    gate.add_permits(1);
+    (req.body(()).expect("request"), trace)
+}
+
+/// The outcome record of the request with this Ssp-TraceID, once it is in the trail.
+async fn outcome_of(h: &Harness, trace: &str) -> serde_json::Value {
     let outcome = || {
         audit_records(&h.audit_dir)
             .into_iter()
-            .find(|r| r["kind"] == "outcome" && r["ssp_trace_id"].as_str() == Some(trace.as_str()))
+            .find(|r| r["kind"] == "outcome" && r["ssp_trace_id"].as_str() == Some(trace))
     };
     wait_until("the outcome record", || outcome().is_some()).await;
-    let record = outcome().expect("outcome");
-    assert_eq!(record["status"], 200, "{record}");
-    assert_eq!(record["completed"], false, "{record}");
-    h.stop().await;
+    outcome().expect("outcome")
 }
 
 /// An mTLS connection for an HTTP/2 client (`Client::handshake` probes with a read, which would
@@ -986,22 +995,9 @@ async fn an_idle_http2_connection_is_closed_at_the_header_read_timeout() {
     let tls = h2_tls(&client).await;
     let (sender, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
     let conn = tokio::spawn(conn);
-    let built = Gpc::new(
-        Method::GET,
-        format!("{}/metadata", h.endpoint()),
-        IX_METADATA,
-    )
-    .build();
-    let mut req = http::Request::builder()
-        .method("GET")
-        .uri(format!("https://localhost{}", built.uri()));
-    for (name, value) in built.headers() {
-        req = req.header(name, value);
-    }
+    let (req, _) = h2_metadata(&h);
     let mut sender = sender.ready().await.expect("ready");
-    let (resp, _) = sender
-        .send_request(req.body(()).expect("request"), true)
-        .expect("sent");
+    let (resp, _) = sender.send_request(req, true).expect("sent");
     let resp = resp.await.expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
@@ -1038,26 +1034,9 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
         .await
         .expect("h2 handshake");
     let conn = tokio::spawn(conn);
-    let built = Gpc::new(
-        Method::GET,
-        format!("{}/metadata", h.endpoint()),
-        IX_METADATA,
-    )
-    .build();
-    let trace = built.headers()["ssp-traceid"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
-    let mut req = http::Request::builder()
-        .method("GET")
-        .uri(format!("https://localhost{}", built.uri()));
-    for (name, value) in built.headers() {
-        req = req.header(name, value);
-    }
+    let (req, trace) = h2_metadata(&h);
     let mut sender = sender.ready().await.expect("ready");
-    let (resp, _) = sender
-        .send_request(req.body(()).expect("request"), true)
-        .expect("sent");
+    let (resp, _) = sender.send_request(req, true).expect("sent");
     // The head arrives; the body never can (the window stays shut).
     let resp = resp.await.expect("response head");
     assert_eq!(resp.status(), StatusCode::OK);
@@ -1066,13 +1045,7 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
         ended.is_ok(),
         "the stalled HTTP/2 connection was never closed"
     );
-    let outcome = || {
-        audit_records(&h.audit_dir)
-            .into_iter()
-            .find(|r| r["kind"] == "outcome" && r["ssp_trace_id"].as_str() == Some(trace.as_str()))
-    };
-    wait_until("the outcome record", || outcome().is_some()).await;
-    let record = outcome().expect("outcome");
+    let record = outcome_of(&h, &trace).await;
     assert_eq!(record["completed"], false, "{record}");
     assert_eq!(record["status"], 200, "{record}");
     h.stop().await;

@@ -776,6 +776,16 @@ mod tests {
     /// An invalidation voids a refresh already running: the answer it fetched reaches the
     /// callers already waiting but is not cached, and a caller arriving after the invalidation
     /// does not join it but asks the backend anew.
+    /// Yields while `waiting`, failing with `what` after 100,000 turns.
+    async fn spin_while(what: &str, waiting: impl Fn() -> bool) {
+        let mut spins = 0;
+        while waiting() {
+            tokio::task::yield_now().await;
+            spins += 1;
+            assert!(spins < 100_000, "{what}");
+        }
+    }
+
     #[tokio::test]
     async fn an_invalidation_voids_the_refreshes_already_running() {
         for all in [false, true] {
@@ -786,12 +796,7 @@ mod tests {
                 let dir = dir.clone();
                 tokio::spawn(async move { dir.party("42").await })
             };
-            let mut spins = 0;
-            while backend.calls() == 0 {
-                tokio::task::yield_now().await;
-                spins += 1;
-                assert!(spins < 100_000, "the refresh never started");
-            }
+            spin_while("the refresh never started", || backend.calls() == 0).await;
             if all {
                 dir.invalidate_all();
             } else {
@@ -801,15 +806,11 @@ mod tests {
                 let dir = dir.clone();
                 tokio::spawn(async move { dir.party("42").await })
             };
-            let mut spins = 0;
-            while backend.calls() < 2 {
-                tokio::task::yield_now().await;
-                spins += 1;
-                assert!(
-                    spins < 100_000,
-                    "the caller after the invalidation joined the old refresh"
-                );
-            }
+            spin_while(
+                "the caller after the invalidation joined the old refresh",
+                || backend.calls() < 2,
+            )
+            .await;
             // The old refresh ends first: its answer is not kept.
             gate.add_permits(1);
             assert!(before.await.unwrap().unwrap().is_some());
@@ -1048,12 +1049,10 @@ mod tests {
 
         // Single-threaded runtime: a task that has counted itself has run on to its first
         // await inside `party` (the shared refresh); the refresh task is at the gate.
-        let mut spins = 0;
-        while started.load(Ordering::SeqCst) < CALLERS || backend.calls() == 0 {
-            tokio::task::yield_now().await;
-            spins += 1;
-            assert!(spins < 100_000, "callers never started");
-        }
+        spin_while("callers never started", || {
+            started.load(Ordering::SeqCst) < CALLERS || backend.calls() == 0
+        })
+        .await;
         assert_eq!(backend.calls(), 1, "only one caller may reach the backend");
         gate.add_permits(CALLERS);
 
@@ -1088,12 +1087,10 @@ mod tests {
                 })
             })
             .collect();
-        let mut spins = 0;
-        while started.load(Ordering::SeqCst) < CALLERS || backend.calls() == 0 {
-            tokio::task::yield_now().await;
-            spins += 1;
-            assert!(spins < 100_000, "callers never started");
-        }
+        spin_while("callers never started", || {
+            started.load(Ordering::SeqCst) < CALLERS || backend.calls() == 0
+        })
+        .await;
         gate.add_permits(CALLERS);
         for task in tasks {
             assert!(task.await.unwrap().is_err());
@@ -1155,12 +1152,7 @@ mod tests {
             let dir = dir.clone();
             tokio::spawn(async move { dir.party("42").await })
         };
-        let mut spins = 0;
-        while backend.calls() == 0 {
-            tokio::task::yield_now().await;
-            spins += 1;
-            assert!(spins < 100_000, "the refresh never started");
-        }
+        spin_while("the refresh never started", || backend.calls() == 0).await;
         first.abort();
         gate.add_permits(1);
         assert!(second.await.unwrap().unwrap().is_some());
