@@ -108,6 +108,21 @@ async fn server_certificate_renewal_under_load_drops_nothing() {
     h.stop().await;
 }
 
+/// Waits until the metrics count a refused reload of the listener's TLS material; fails with
+/// `what` after 20 s.
+async fn listener_tls_reload_refused(h: &Harness, what: &str) {
+    let refused = "ssp_reloads_total{component=\"listener TLS\",result=\"refused\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http_get(h.admin, "/metrics").await;
+        if sample(&text, refused).unwrap_or(0.0) >= 1.0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_new_certificate_keeps_the_old_one() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
@@ -119,19 +134,7 @@ async fn a_bad_new_certificate_keeps_the_old_one() {
     )
     .expect("write");
     // The watcher notices the change and refuses it (counted in the metrics).
-    let refused = "ssp_reloads_total{component=\"listener TLS\",result=\"refused\"}";
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, text) = http_get(h.admin, "/metrics").await;
-        if sample(&text, refused).unwrap_or(0.0) >= 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the bad file was never noticed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listener_tls_reload_refused(&h, "the bad file was never noticed").await;
     assert_eq!(served_serial(&client).await, before);
     let a = client
         .gpc(Gpc::new(
@@ -180,19 +183,7 @@ async fn publishing_a_crl_refuses_the_revoked_consumer_next_time() {
         .crl_numbered(&[], now - 3600, now + 86_400, 1)
         .expect("older CRL");
     std::fs::write(&h.world.crl, older).expect("publish the older CRL");
-    let refused = "ssp_reloads_total{component=\"listener TLS\",result=\"refused\"}";
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, text) = http_get(h.admin, "/metrics").await;
-        if sample(&text, refused).unwrap_or(0.0) >= 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the older CRL was never refused"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listener_tls_reload_refused(&h, "the older CRL was never refused").await;
     assert!(
         client.handshake().await.is_err(),
         "the older CRL let the revoked consumer back in"
