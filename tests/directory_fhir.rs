@@ -238,11 +238,7 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
         ..Default::default()
     };
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
-    let directory = h
-        .running
-        .as_ref()
-        .and_then(|r| r.directory.clone())
-        .expect("the gateway's directory");
+    let directory = h.directory();
     assert_eq!(directory_readiness(h.admin).await, (200, Some(true)));
 
     // The read-only consumer is not in fhir_asid_ods: "not registered", cached (the only entry:

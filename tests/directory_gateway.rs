@@ -11,7 +11,6 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
-use ssp_gateway::directory::Directory;
 
 /// A plain HTTP/1.1 request to the admin listener.
 async fn admin(addr: std::net::SocketAddr, method: Method, path: &str) -> (u16, serde_json::Value) {
@@ -36,17 +35,10 @@ async fn admin(addr: std::net::SocketAddr, method: Method, path: &str) -> (u16, 
     )
 }
 
-fn directory_of(h: &Harness) -> Directory {
-    h.running
-        .as_ref()
-        .and_then(|r| r.directory.clone())
-        .expect("the gateway's directory")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_invalidates_one_asid_or_all() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
-    let directory = directory_of(&h);
+    let directory = h.directory();
     let metadata = || {
         Gpc::new(
             Method::GET,
@@ -206,7 +198,7 @@ async fn the_ldif_file_reloads_on_change_and_a_broken_file_is_refused() {
         ..Default::default()
     };
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
-    let directory = directory_of(&h);
+    let directory = h.directory();
     let original = std::fs::read_to_string(&ldif_path).expect("read LDIF");
     let readonly = h.world.client(&h.world.readonly, h.gateway);
     let metadata = || {

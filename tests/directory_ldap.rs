@@ -46,11 +46,7 @@ async fn cached_answers_outlive_slapd_until_max_stale_then_503_then_recovery() {
         ..Default::default()
     };
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
-    let directory = h
-        .running
-        .as_ref()
-        .and_then(|r| r.directory.clone())
-        .expect("the gateway's directory");
+    let directory = h.directory();
     assert_eq!(directory.backend_name(), "ldap");
     let client = h.consumer();
     let metadata = || {
@@ -153,11 +149,7 @@ async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
 
     // slapd comes back: /readyz probes it and turns ready by itself. No request reaches the
     // gateway meanwhile, as none would reach an unready pod.
-    let directory = h
-        .running
-        .as_ref()
-        .and_then(|r| r.directory.clone())
-        .expect("the gateway's directory");
+    let directory = h.directory();
     let misses = directory.stats().misses;
     slapd
         .lock()

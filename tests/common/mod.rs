@@ -446,6 +446,14 @@ impl Harness {
         self.world.client(&self.world.consumer, self.gateway)
     }
 
+    /// The running gateway's directory (its cache and backend).
+    pub fn directory(&self) -> ssp_gateway::directory::cache::Directory {
+        self.running
+            .as_ref()
+            .and_then(|r| r.directory.clone())
+            .expect("the gateway's directory")
+    }
+
     /// The consumer's GET metadata (capability statement) through the gateway.
     pub async fn consumer_metadata(&self) -> Answer {
         self.consumer()
