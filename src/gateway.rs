@@ -440,7 +440,10 @@ impl Gateway {
         let (sender, receiver) = match (sender, receiver) {
             (Ok(s), Ok(r)) => (s, r),
             (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(error = %e, "directory lookup failed");
+                static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+                if let Some(held_back) = LOG.allow() {
+                    tracing::error!(error = %e, held_back, "directory lookup failed");
+                }
                 return Err(Rejection::DirectoryUnavailable);
             }
         };
@@ -476,7 +479,10 @@ impl Gateway {
         record.audited = true;
         let request_record = audit_record(RecordKind::Request, conn, ctx, record);
         if let Err(e) = self.audit.commit(&request_record).await {
-            tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; request refused");
+            static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+            if let Some(held_back) = LOG.allow() {
+                tracing::error!(request_id = %ctx.request_id, error = %e, held_back, "audit record not written; request refused");
+            }
             // Refused by the trail, the request record will never be written: the refusal is
             // the request's one record. Only one that timed out may still land, and is then
             // followed by its outcome.

@@ -15,6 +15,7 @@ mod h1;
 mod h2watch;
 mod jsonw;
 pub mod loadtest;
+pub mod loglimit;
 pub mod logwriter;
 pub mod metrics;
 pub mod mock_provider;

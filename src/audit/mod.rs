@@ -257,12 +257,16 @@ impl Audit {
     pub fn enqueue(&self, record: &AuditRecord) {
         if let Err(e) = self.submit(record, None) {
             self.shared.metrics.records_dropped.inc();
-            tracing::error!(
-                request_id = %record.request_id,
-                kind = ?record.kind,
-                error = %e,
-                "audit record dropped"
-            );
+            static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+            if let Some(held_back) = LOG.allow() {
+                tracing::error!(
+                    request_id = %record.request_id,
+                    kind = ?record.kind,
+                    error = %e,
+                    held_back,
+                    "audit record dropped"
+                );
+            }
         }
     }
 
