@@ -3,7 +3,6 @@
 //! Shared by the gateway listener and the mock provider; what a request means is the
 //! service's business, not this module's.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -125,6 +124,11 @@ impl Drop for ActiveGuard {
         }
     }
 }
+
+/// An HTTP/2 request stopped when the grace period ran out (hyper resets its stream).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped at the end of the shutdown grace period")]
+struct StoppedAtShutdown;
 
 /// How often an HTTP/2 connection's streams are checked (see `h2watch`).
 const H2_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -318,18 +322,20 @@ pub async fn serve_tls_observed<H, Fut, B>(
                     ))
                 };
                 async move {
-                    let answer = match task {
-                        Some(task) => task.await.map(|resp| match resp {
-                            Some(resp) => resp.map(|body| Either::Left(streams.watch(body, stream))),
-                            // Stopped at the end of the grace period.
-                            None => bare(StatusCode::SERVICE_UNAVAILABLE),
-                        }),
+                    match task {
+                        Some(task) => match task.await {
+                            Ok(Some(resp)) => {
+                                Ok(resp.map(|body| Either::Left(streams.watch(body, stream))))
+                            }
+                            // Stopped at the end of the grace period: the stream is reset, as
+                            // an HTTP/1.1 request's connection is closed; its outcome record
+                            // says it did not complete, with no status.
+                            Ok(None) => Err(StoppedAtShutdown),
+                            // A handler never panics; if one did, its stream gets a 500.
+                            Err(_) => Ok(bare(StatusCode::INTERNAL_SERVER_ERROR)),
+                        },
                         None => Ok(bare(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
-                    };
-                    // A handler never panics; if one did, its stream gets a 500.
-                    Ok::<_, Infallible>(
-                        answer.unwrap_or_else(|_| bare(StatusCode::INTERNAL_SERVER_ERROR)),
-                    )
+                    }
                 }
             });
             let mut conn = Box::pin(h2.serve_connection(TokioIo::new(*stream), service));

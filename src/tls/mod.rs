@@ -334,7 +334,8 @@ fn load_crls_numbered(
 ) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>), TlsError> {
     let now = x509_parser::time::ASN1Time::now();
     let mut crls = Vec::new();
-    let mut numbers = Vec::new();
+    let mut numbers: Vec<CrlNumber> = Vec::new();
+    let mut digests = Vec::new();
     for path in paths {
         let bytes = read(path)?;
         let bad = |reason: String| TlsError::BadCrl {
@@ -367,7 +368,35 @@ fn load_crls_numbered(
                     rfc4514(parsed.issuer())
                 )));
             };
-            numbers.push((path.clone(), rfc4514(parsed.issuer()), number.clone()));
+            // What a CRL covers: its issuer, and its issuing distribution point when the issuer
+            // partitions its revocations over several CRLs.
+            let mut scope = rfc4514(parsed.issuer());
+            if let Some(idp) = parsed.extensions().iter().find(|e| {
+                e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT
+            }) {
+                scope.push_str(" (issuing distribution point ");
+                scope.push_str(&hex(idp.value));
+                scope.push(')');
+            }
+            // webpki checks a certificate against the first CRL of its issuer only: a second
+            // one, older say, would be the one consulted, or never. (The same CRL twice, as
+            // PEM and DER say, is harmless.)
+            let digest = sha256(crl.as_ref());
+            if let Some((first, _, first_number)) = numbers
+                .iter()
+                .zip(&digests)
+                .find(|((_, s, _), d)| *s == scope && **d != digest)
+                .map(|(n, _)| n)
+            {
+                return Err(bad(format!(
+                    "a second CRL for {scope} (CRL Number {number}; the first, {}, has \
+                     {first_number}): only the first would be checked, so list one CRL per \
+                     issuer, the newest",
+                    first.display()
+                )));
+            }
+            numbers.push((path.clone(), scope, number.clone()));
+            digests.push(digest);
             if let Some(next) = parsed.next_update() {
                 if next < now {
                     return Err(bad(format!(
@@ -1431,9 +1460,31 @@ mod tests {
         let pem_path = files.text("crl.pem", &pem);
         let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).expect("der");
         let der_path = files.text("crl.der", der.as_ref());
-        let loaded = load_crls(&[pem_path, der_path]).expect("load");
+        let loaded = load_crls(&[pem_path.clone(), der_path]).expect("load");
         assert_eq!(loaded.len(), 2);
         assert_eq!(loaded[0], loaded[1]);
+
+        // Two different CRLs of one issuer: webpki would check the first only, so the load is
+        // refused, whichever file or PEM section the second is in; another issuer's is fine.
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let older = ca
+            .crl_numbered(&[], now - 60, now + 3600, 1)
+            .expect("older crl");
+        let older_path = files.text("older.pem", &older);
+        for paths in [
+            vec![older_path.clone(), pem_path.clone()],
+            vec![files.text("both.pem", format!("{pem}{older}"))],
+        ] {
+            match load_crls(&paths) {
+                Err(TlsError::BadCrl { reason, .. }) => {
+                    assert!(reason.contains("a second CRL for"), "{reason}")
+                }
+                other => panic!("expected BadCrl, got {other:?}"),
+            }
+        }
+        let other_ca = ecdsa_ca("Other CRL CA");
+        let other = files.text("other.pem", other_ca.crl(&[]).expect("crl"));
+        assert_eq!(load_crls(&[pem_path, other]).expect("two issuers").len(), 2);
 
         let now = x509_parser::time::ASN1Time::now().timestamp();
         let stale = ca
