@@ -285,32 +285,45 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError>
 /// mistake from an old copy, or put back by someone who wants a revoked certificate to work
 /// again. Shared by the clones of one listener's reloader.
 #[derive(Debug, Default, Clone)]
-pub struct CrlFloor(Arc<std::sync::Mutex<HashMap<String, x509_parser::num_bigint::BigUint>>>);
+pub struct CrlFloor(Arc<std::sync::Mutex<HashMap<String, CrlNumber>>>);
 
 impl CrlFloor {
     /// Reads the CRLs in `paths` (as `load_crls` does) and refuses them if any is older than
-    /// one of its issuer's already loaded; otherwise raises the floor to them.
+    /// the one of its issuer already loaded, or has its CRL Number with other contents (RFC 5280
+    /// §5.2.3: each new CRL of an issuer has a greater number); otherwise raises the floor.
     pub fn admit(&self, paths: &[PathBuf]) -> Result<(), TlsError> {
         let (_, numbered) = load_crls_numbered(paths)?;
         let mut floor = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (path, issuer, number) in &numbered {
-            if let Some(loaded) = floor.get(issuer).filter(|loaded| number < *loaded) {
-                return Err(TlsError::BadCrl {
-                    path: path.clone(),
-                    reason: format!(
-                        "CRL Number {number} is older than {loaded}, already loaded for issuer \
-                         {issuer}: a CRL is never replaced by an older one"
-                    ),
-                });
-            }
+        for new in &numbered {
+            let Some(loaded) = floor.get(&new.scope) else {
+                continue;
+            };
+            let reason = if new.number < loaded.number {
+                "is older than the one loaded: a CRL is never replaced by an older one"
+            } else if new.number == loaded.number && new.digest != loaded.digest {
+                "is the loaded one's, with other contents: a new CRL has a greater number"
+            } else {
+                continue;
+            };
+            return Err(TlsError::BadCrl {
+                path: new.path.clone(),
+                reason: format!(
+                    "CRL Number {} for {} {reason} ({})",
+                    new.number,
+                    new.scope,
+                    loaded.path.display()
+                ),
+            });
         }
-        for (_, issuer, number) in numbered {
-            let entry = floor.entry(issuer).or_default();
-            if number > *entry {
-                *entry = number;
+        for new in numbered {
+            match floor.get(&new.scope) {
+                Some(loaded) if loaded.number >= new.number => {}
+                _ => {
+                    floor.insert(new.scope.clone(), new);
+                }
             }
         }
         Ok(())
@@ -325,8 +338,15 @@ pub fn load_crls(
     Ok(load_crls_numbered(paths)?.0)
 }
 
-/// A CRL's file, issuer (RFC 4514) and CRL Number.
-type CrlNumber = (PathBuf, String, x509_parser::num_bigint::BigUint);
+/// What identifies a loaded CRL: its file, what it covers (issuer, and distribution point),
+/// its CRL Number and the SHA-256 of its bytes.
+#[derive(Debug)]
+struct CrlNumber {
+    path: PathBuf,
+    scope: String,
+    number: x509_parser::num_bigint::BigUint,
+    digest: [u8; 32],
+}
 
 /// [`load_crls`], with each CRL's number.
 fn load_crls_numbered(
@@ -335,7 +355,6 @@ fn load_crls_numbered(
     let now = x509_parser::time::ASN1Time::now();
     let mut crls = Vec::new();
     let mut numbers: Vec<CrlNumber> = Vec::new();
-    let mut digests = Vec::new();
     for path in paths {
         let bytes = read(path)?;
         let bad = |reason: String| TlsError::BadCrl {
@@ -382,21 +401,23 @@ fn load_crls_numbered(
             // one, older say, would be the one consulted, or never. (The same CRL twice, as
             // PEM and DER say, is harmless.)
             let digest = sha256(crl.as_ref());
-            if let Some((first, _, first_number)) = numbers
+            if let Some(first) = numbers
                 .iter()
-                .zip(&digests)
-                .find(|((_, s, _), d)| *s == scope && **d != digest)
-                .map(|(n, _)| n)
+                .find(|n| n.scope == scope && n.digest != digest)
             {
                 return Err(bad(format!(
-                    "a second CRL for {scope} (CRL Number {number}; the first, {}, has \
-                     {first_number}): only the first would be checked, so list one CRL per \
-                     issuer, the newest",
-                    first.display()
+                    "a second CRL for {scope} (CRL Number {number}; the first, {}, has {}): \
+                     only the first would be checked, so list one CRL per issuer, the newest",
+                    first.path.display(),
+                    first.number
                 )));
             }
-            numbers.push((path.clone(), scope, number.clone()));
-            digests.push(digest);
+            numbers.push(CrlNumber {
+                path: path.clone(),
+                scope,
+                number: number.clone(),
+                digest,
+            });
             if let Some(next) = parsed.next_update() {
                 if next < now {
                     return Err(bad(format!(
@@ -1449,6 +1470,40 @@ mod tests {
         );
         let two = files.ca("two.pem", &[&ca, &ecdsa_ca("Second CA")]);
         assert_eq!(load_ca_bundle(&two).expect("bundle").len(), 2);
+    }
+
+    #[test]
+    fn a_crl_is_never_replaced_by_an_older_one_or_another_of_its_number() {
+        let files = Files::new("crl-floor");
+        let ca = ecdsa_ca("Floor CA");
+        let leaf = client_leaf(&ca, &["r.example"]);
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let crl = |revoked: &[&pki::Issued], number| {
+            ca.crl_numbered(revoked, now - 60, now + 3600, number)
+                .expect("crl")
+        };
+        let path = files.text("crl.pem", crl(&[&leaf], 10));
+        let floor = CrlFloor::default();
+        floor.admit(std::slice::from_ref(&path)).expect("first");
+        floor
+            .admit(std::slice::from_ref(&path))
+            .expect("the same again");
+        for (number, what) in [(9, "is older"), (10, "with other contents")] {
+            std::fs::write(&path, crl(&[], number)).expect("write");
+            match floor.admit(std::slice::from_ref(&path)) {
+                Err(TlsError::BadCrl { reason, .. }) => {
+                    assert!(reason.contains(what), "{number}: {reason}")
+                }
+                other => panic!("{number}: expected BadCrl, got {other:?}"),
+            }
+        }
+        std::fs::write(&path, crl(&[], 11)).expect("write");
+        floor.admit(std::slice::from_ref(&path)).expect("newer");
+        std::fs::write(&path, crl(&[&leaf], 10)).expect("write");
+        assert!(
+            floor.admit(std::slice::from_ref(&path)).is_err(),
+            "the floor rose to 11"
+        );
     }
 
     #[test]

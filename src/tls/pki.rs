@@ -309,12 +309,12 @@ impl Ca {
         this_update: i64,
         next_update: i64,
     ) -> Result<String, PkiError> {
-        // The generation time makes CRL numbers increase across regenerations.
-        let number = u64::try_from(now_unix()?).unwrap_or(0);
-        self.crl_numbered(revoked, this_update, next_update, number)
+        self.crl_numbered(revoked, this_update, next_update, next_crl_number())
     }
 
-    /// [`crl_between`](Self::crl_between) with the given CRL Number.
+    /// [`crl_between`](Self::crl_between) with the given CRL Number (each new CRL of an issuer
+    /// must have a greater one: the gateway refuses an older or a different CRL of a number it
+    /// has loaded).
     pub fn crl_numbered(
         &self,
         revoked: &[&Issued],
@@ -655,6 +655,24 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
         .map_err(|e| PkiError::Random(e.to_string()))?;
     bytes[0] = (bytes[0] & 0x3f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// A CRL Number greater than any this process made before and, by the clock's milliseconds,
+/// than those of CRLs made earlier by other runs.
+fn next_crl_number() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
 }
 
 fn now_unix() -> Result<i64, PkiError> {
