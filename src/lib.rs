@@ -92,6 +92,8 @@ impl Running {
 pub struct Components {
     pub gateway: Gateway,
     pub server_tls: Arc<Reloadable<rustls::ServerConfig>>,
+    /// The listener's CRL Numbers so far, so its reloads never go back to an older CRL.
+    pub crl_floor: tls::CrlFloor,
     pub client_tls: Arc<Reloadable<rustls::ClientConfig>>,
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<rustls::ServerConfig>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
@@ -190,9 +192,12 @@ pub fn check_without_certificates(config: &Config) -> Vec<String> {
 /// Loads certificates, the interaction catalogue and the directory, reporting every problem.
 pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let mut problems = Vec::new();
-    let server_tls = tls::server_config(&config.listener.tls, listener_alpn(config))
-        .map_err(|e| problems.push(format!("listener: {e}")))
-        .ok();
+    // The CRLs loaded now set the floor no reload may go below.
+    let crl_floor = tls::CrlFloor::default();
+    let server_tls =
+        tls::server_config_above(&config.listener.tls, listener_alpn(config), &crl_floor)
+            .map_err(|e| problems.push(format!("listener: {e}")))
+            .ok();
     let client_tls = tls::own_client_config(&config.upstream.tls, &ALPN_H1)
         .map_err(|e| problems.push(format!("upstream: {e}")))
         .ok();
@@ -286,6 +291,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             Ok(Components {
                 gateway,
                 server_tls,
+                crl_floor,
                 client_tls,
                 mock_provider,
                 ldif: backend.ldif,
@@ -388,16 +394,9 @@ fn reload_poll(config: &Config) -> std::time::Duration {
 fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let poll = reload_poll(config);
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
-    // The CRLs loaded at start set the floor no reload may go below.
-    let floor = tls::CrlFloor::default();
-    if let Err(e) = floor.admit(&listener.crls) {
-        tracing::warn!(error = %e, "CRLs changed since start; the next reload checks them");
-    }
+    let floor = c.crl_floor.clone();
     c.server_tls.watch(
-        move || {
-            floor.admit(&listener.crls)?;
-            tls::server_config(&listener, alpn).map(Arc::unwrap_or_clone)
-        },
+        move || tls::server_config_above(&listener, alpn, &floor).map(Arc::unwrap_or_clone),
         poll,
         shutdown.clone(),
         tasks,

@@ -288,16 +288,15 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError>
 pub struct CrlFloor(Arc<std::sync::Mutex<HashMap<String, CrlNumber>>>);
 
 impl CrlFloor {
-    /// Reads the CRLs in `paths` (as `load_crls` does) and refuses them if any is older than
-    /// the one of its issuer already loaded, or has its CRL Number with other contents (RFC 5280
-    /// §5.2.3: each new CRL of an issuer has a greater number); otherwise raises the floor.
-    pub fn admit(&self, paths: &[PathBuf]) -> Result<(), TlsError> {
-        let (_, numbered) = load_crls_numbered(paths)?;
-        let mut floor = self
+    /// Refuses `numbered` if any CRL is older than the one of its issuer already loaded, or has
+    /// its CRL Number with other contents (RFC 5280 §5.2.3: each new CRL of an issuer has a
+    /// greater number).
+    fn check(&self, numbered: &[CrlNumber]) -> Result<(), TlsError> {
+        let floor = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for new in &numbered {
+        for new in numbered {
             let Some(loaded) = floor.get(&new.scope) else {
                 continue;
             };
@@ -318,6 +317,15 @@ impl CrlFloor {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// `numbered` is in force: no later load may go below it.
+    fn raise(&self, numbered: Vec<CrlNumber>) {
+        let mut floor = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for new in numbered {
             match floor.get(&new.scope) {
                 Some(loaded) if loaded.number >= new.number => {}
@@ -326,7 +334,6 @@ impl CrlFloor {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -335,7 +342,35 @@ impl CrlFloor {
 pub fn load_crls(
     paths: &[PathBuf],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    Ok(load_crls_numbered(paths)?.0)
+    let (crls, numbered) = load_crls_numbered(paths)?;
+    refuse_second_crls(&numbered)?;
+    Ok(crls)
+}
+
+/// Refuses a second, different CRL for what an earlier one covers: webpki checks a certificate
+/// against the first CRL of its issuer only, so a second one, older say, would be the one
+/// consulted, or never. (The same CRL twice, as PEM and DER say, is harmless.)
+fn refuse_second_crls(numbered: &[CrlNumber]) -> Result<(), TlsError> {
+    for (i, crl) in numbered.iter().enumerate() {
+        let earlier = &numbered[..i];
+        if let Some(first) = earlier
+            .iter()
+            .find(|f| f.scope == crl.scope && f.digest != crl.digest)
+        {
+            return Err(TlsError::BadCrl {
+                path: crl.path.clone(),
+                reason: format!(
+                    "a second CRL for {} (CRL Number {}; the first, {}, has {}): only the first \
+                     would be checked, so list one CRL per issuer, the newest",
+                    crl.scope,
+                    crl.number,
+                    first.path.display(),
+                    first.number
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What identifies a loaded CRL: its file, what it covers (issuer, and distribution point),
@@ -348,7 +383,8 @@ struct CrlNumber {
     digest: [u8; 32],
 }
 
-/// [`load_crls`], with each CRL's number.
+/// [`load_crls`] without the check for a second CRL of one issuer, with each CRL's number (one
+/// for each CRL returned, in the same order).
 fn load_crls_numbered(
     paths: &[PathBuf],
 ) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>), TlsError> {
@@ -397,26 +433,11 @@ fn load_crls_numbered(
                 scope.push_str(&hex(idp.value));
                 scope.push(')');
             }
-            // webpki checks a certificate against the first CRL of its issuer only: a second
-            // one, older say, would be the one consulted, or never. (The same CRL twice, as
-            // PEM and DER say, is harmless.)
-            let digest = sha256(crl.as_ref());
-            if let Some(first) = numbers
-                .iter()
-                .find(|n| n.scope == scope && n.digest != digest)
-            {
-                return Err(bad(format!(
-                    "a second CRL for {scope} (CRL Number {number}; the first, {}, has {}): \
-                     only the first would be checked, so list one CRL per issuer, the newest",
-                    first.path.display(),
-                    first.number
-                )));
-            }
             numbers.push(CrlNumber {
                 path: path.clone(),
                 scope,
                 number: number.clone(),
-                digest,
+                digest: sha256(crl.as_ref()),
             });
             if let Some(next) = parsed.next_update() {
                 if next < now {
@@ -518,38 +539,51 @@ fn check_crl_issuer(
 /// one clients can accept ([`check_own_leaf`]): every caller serves the gateway's own (the
 /// listener, the mock provider).
 pub fn server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_above(s, alpn, &CrlFloor::default())
+}
+
+/// [`server_config`], refusing CRLs older than those `floor` has seen, and raising it to these
+/// once the config is built: the listener's reloads, so a CRL is never replaced by an older one.
+pub fn server_config_above(
+    s: &ServerTls,
+    alpn: &[&[u8]],
+    floor: &CrlFloor,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(&s.cert)?;
     // `load_certs` returns at least one certificate, the leaf first.
     check_own_leaf(&s.cert, &certs[0], Purpose::Server)?;
     let key = load_private_key(&s.key)?;
     let (cas, roots) = ca_bundle(&s.client_ca)?;
     let provider = provider();
-    // Each CRL file on its own through webpki first, so a CRL webpki refuses names its file.
-    let mut crls = Vec::new();
-    for path in &s.crls {
-        let in_file = load_crls(std::slice::from_ref(path))?;
-        for crl in &in_file {
-            check_crl_issuer(path, crl, &cas, &s.client_ca)?;
-        }
-        client_verifier(&provider, roots.clone(), in_file.clone()).map_err(|e| {
+    // All the files read once; each CRL through webpki on its own first, so a CRL webpki
+    // refuses names its file.
+    let (crls, numbered) = load_crls_numbered(&s.crls)?;
+    for (crl, n) in crls.iter().zip(&numbered) {
+        check_crl_issuer(&n.path, crl, &cas, &s.client_ca)?;
+        client_verifier(&provider, roots.clone(), vec![crl.clone()]).map_err(|e| {
             TlsError::BadCrl {
-                path: path.clone(),
+                path: n.path.clone(),
                 reason: e.to_string(),
             }
         })?;
-        crls.extend(in_file);
     }
+    refuse_second_crls(&numbered)?;
+    floor.check(&numbered)?;
     let verifier = client_verifier(&provider, roots, crls).map_err(|e| TlsError::Rustls {
         path: s.client_ca.clone(),
         context: "client certificate verifier",
         source: e,
     })?;
     let certified = certified_key(&provider, &s.cert, certs, &s.key, key)?;
-    assemble_server_config(provider, verifier, certified, alpn).map_err(|e| TlsError::Rustls {
-        path: s.cert.clone(),
-        context: "server config",
-        source: e,
-    })
+    let config = assemble_server_config(provider, verifier, certified, alpn).map_err(|e| {
+        TlsError::Rustls {
+            path: s.cert.clone(),
+            context: "server config",
+            source: e,
+        }
+    })?;
+    floor.raise(numbered);
+    Ok(config)
 }
 
 /// The listener config from loaded parts: versions, verifier, certificate, no resumption, ALPN.
@@ -1482,15 +1516,16 @@ mod tests {
             ca.crl_numbered(revoked, now - 60, now + 3600, number)
                 .expect("crl")
         };
-        let path = files.text("crl.pem", crl(&[&leaf], 10));
+        let first = crl(&[&leaf], 10);
+        let tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&first]);
+        let path = tls.crls[0].clone();
         let floor = CrlFloor::default();
-        floor.admit(std::slice::from_ref(&path)).expect("first");
-        floor
-            .admit(std::slice::from_ref(&path))
-            .expect("the same again");
+        let build = || server_config_above(&tls, ALPN, &floor);
+        build().expect("first");
+        build().expect("the same again");
         for (number, what) in [(9, "is older"), (10, "with other contents")] {
             std::fs::write(&path, crl(&[], number)).expect("write");
-            match floor.admit(std::slice::from_ref(&path)) {
+            match build() {
                 Err(TlsError::BadCrl { reason, .. }) => {
                     assert!(reason.contains(what), "{number}: {reason}")
                 }
@@ -1498,12 +1533,19 @@ mod tests {
             }
         }
         std::fs::write(&path, crl(&[], 11)).expect("write");
-        floor.admit(std::slice::from_ref(&path)).expect("newer");
-        std::fs::write(&path, crl(&[&leaf], 10)).expect("write");
-        assert!(
-            floor.admit(std::slice::from_ref(&path)).is_err(),
-            "the floor rose to 11"
-        );
+        build().expect("newer");
+        std::fs::write(&path, &first).expect("write");
+        assert!(build().is_err(), "the floor rose to 11");
+
+        // Two different CRLs of the issuer in two files: refused by the listener's first build
+        // too (start-up and check-config), not only by a reload.
+        let two = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&crl(&[], 5), &first]);
+        match server_config(&two, ALPN) {
+            Err(TlsError::BadCrl { reason, .. }) => {
+                assert!(reason.contains("a second CRL for"), "{reason}")
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
     }
 
     #[test]
