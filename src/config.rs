@@ -96,8 +96,9 @@ pub struct RateLimitConfig {
     /// Requests being processed at once across the gateway before new ones get 503.
     pub max_in_flight: usize,
     /// Requests per client certificate that need a directory query (an ASID they name is not
-    /// cached), before anything shows the certificate is registered; `None`: unbounded.
-    pub directory_queries: Option<crate::ratelimit::Limit>,
+    /// cached), before anything shows the certificate is registered, with the same
+    /// `reject_delay` and `max_tracked` as the per-consumer limits; `None`: unbounded.
+    pub directory_queries: Option<crate::ratelimit::RateLimitPolicy>,
 }
 
 /// How often watched files are checked for changes (TLS material; SIGHUP reloads at once).
@@ -689,8 +690,12 @@ fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
             reject_delay,
         }),
         max_in_flight,
-        directory_queries: (directory_rate > 0)
-            .then(|| Limit::per_second(directory_rate, directory_burst)),
+        directory_queries: (directory_rate > 0).then(|| RateLimitPolicy {
+            default: Limit::per_second(directory_rate, directory_burst),
+            overrides: Default::default(),
+            max_tracked,
+            reject_delay,
+        }),
     }
 }
 
@@ -1516,6 +1521,27 @@ ldif_file = "directory.ldif"
 
     /// Two rate-limit overrides for one ASID: which was meant cannot be guessed (the last had
     /// silently won).
+    #[test]
+    fn the_directory_query_budget_takes_the_configured_reject_delay_and_max_tracked() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[rate_limit]\nenabled = false\nreject_delay = \"0s\"\nmax_tracked = 7\n\
+             directory_queries_per_second = 3\ndirectory_query_burst = 4\n"
+        ))
+        .expect("parse");
+        assert!(c.rate_limit.per_consumer.is_none());
+        let budget = c.rate_limit.directory_queries.expect("budget");
+        assert_eq!(budget.default, crate::ratelimit::Limit::per_second(3, 4));
+        assert_eq!(
+            (budget.reject_delay, budget.max_tracked),
+            (Duration::ZERO, 7)
+        );
+        let off = parse(&format!(
+            "{MINIMAL}\n[rate_limit]\ndirectory_queries_per_second = 0\n"
+        ))
+        .expect("parse");
+        assert!(off.rate_limit.directory_queries.is_none());
+    }
+
     #[test]
     fn a_repeated_rate_limit_override_is_refused() {
         let one = "{ asid = \"1\", requests_per_second = 5, burst = 5 }";

@@ -218,6 +218,7 @@ impl Gateway {
         }
         self.record_span(&ctx, &record, status);
         let response = self.record_outcome(&conn, &ctx, record, response);
+        // Both limiters hold the configured `reject_delay`.
         if let (true, Some(limiter)) = (
             rate_limited,
             self.limiter.as_ref().or(self.directory_budget.as_ref()),

@@ -212,23 +212,19 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 (Arc::new(MockProvider::new(mock_settings(m))), tls)
             })
     });
-    let limiter = match &config.rate_limit.per_consumer {
+    // `Some(None)`: no limiter configured; `None`: a problem was reported.
+    let mut limiter = |policy: &Option<ratelimit::RateLimitPolicy>, key: &str| match policy {
         None => Some(None),
         Some(policy) => ratelimit::RateLimiter::new(policy.clone())
             .map(Some)
-            .map_err(|e| problems.push(format!("rate_limit: {e}")))
+            .map_err(|e| problems.push(format!("{key}: {e}")))
             .ok(),
     };
-    let directory_budget = match config.rate_limit.directory_queries {
-        None => Some(None),
-        Some(limit) => ratelimit::RateLimiter::new(ratelimit::RateLimitPolicy {
-            default: limit,
-            ..Default::default()
-        })
-        .map(Some)
-        .map_err(|e| problems.push(format!("rate_limit.directory_queries_per_second: {e}")))
-        .ok(),
-    };
+    let directory_budget = limiter(
+        &config.rate_limit.directory_queries,
+        "rate_limit.directory_queries_per_second",
+    );
+    let limiter = limiter(&config.rate_limit.per_consumer, "rate_limit");
     let overload = ratelimit::Overload::new(config.rate_limit.max_in_flight)
         .map_err(|e| problems.push(format!("rate_limit.max_in_flight: {e}")))
         .ok();
