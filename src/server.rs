@@ -134,8 +134,6 @@ struct StoppedAtShutdown;
 const H2_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle HTTP/2 connection gets to close after its GOAWAY.
 const H2_CLOSE_LIMIT: Duration = Duration::from_secs(5);
-/// No bound of its own (shutdown's grace period ends the connection).
-const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Serves mTLS connections from `listener` until `shutdown` is cancelled, then stops accepting
 /// and waits up to the grace period for open connections to finish their requests.
@@ -341,16 +339,17 @@ pub async fn serve_tls_observed<H, Fut, B>(
             let mut conn = Box::pin(h2.serve_connection(TokioIo::new(*stream), service));
             let mut check = tokio::time::interval(H2_CHECK_INTERVAL);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Once a GOAWAY is sent (shutdown or idle), when the connection is given up.
-            let mut closing: Option<tokio::time::Instant> = None;
+            // A GOAWAY was sent (shutdown or idle); after an idle one, when the connection is
+            // given up (at shutdown the grace period bounds it).
+            let mut goaway_sent = false;
+            let mut give_up: Option<tokio::time::Instant> = None;
             let ended = loop {
                 tokio::select! {
                     ended = conn.as_mut() => break ended,
-                    _ = draining.cancelled(), if closing.is_none() => {
-                        // GOAWAY: streams already open finish, no new ones start (the grace
-                        // period bounds them).
+                    _ = draining.cancelled(), if !goaway_sent => {
+                        // GOAWAY: streams already open finish, no new ones start.
                         conn.as_mut().graceful_shutdown();
-                        closing = Some(tokio::time::Instant::now() + FOREVER);
+                        goaway_sent = true;
                     }
                     _ = check.tick() => match activity.check(idle_limit, send_limit) {
                         crate::h2watch::Verdict::Stalled => {
@@ -359,12 +358,13 @@ pub async fn serve_tls_observed<H, Fut, B>(
                             tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading a response; closing");
                             break Ok(());
                         }
-                        crate::h2watch::Verdict::Idle if closing.is_none() => {
+                        crate::h2watch::Verdict::Idle if !goaway_sent => {
                             tracing::debug!(listener = name, %remote, "HTTP/2 connection idle; closing");
                             conn.as_mut().graceful_shutdown();
-                            closing = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
+                            goaway_sent = true;
+                            give_up = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
                         }
-                        _ if closing.is_some_and(|at| tokio::time::Instant::now() >= at) => {
+                        _ if give_up.is_some_and(|at| tokio::time::Instant::now() >= at) => {
                             // A client that never sent its preface, or ignores the GOAWAY.
                             break Ok(());
                         }
