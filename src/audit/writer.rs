@@ -141,8 +141,9 @@ fn open_new(path: &Path) -> io::Result<Active> {
 struct Tail {
     /// The last complete line (without its newline), if any.
     last: Option<Vec<u8>>,
-    /// Bytes after the last newline: a record cut short by a crash.
-    torn: bool,
+    /// Where the bytes after the last newline start, when there are any (a record cut short by
+    /// a crash, or what a power cut left).
+    torn_from: Option<u64>,
     /// The first complete line, if any.
     first: Option<Vec<u8>>,
 }
@@ -153,29 +154,32 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
     if len == 0 {
         return Ok(Tail {
             last: None,
-            torn: false,
+            torn_from: None,
             first: None,
         });
     }
     // The last complete line: grow the window backwards until it holds one whole line.
     let mut window = TAIL_CHUNK.min(len);
-    let (last, torn) = loop {
+    let (last, torn_from) = loop {
         let start = len - window;
         file.seek(SeekFrom::Start(start))?;
         let mut buf = vec![0u8; window as usize];
         file.read_exact(&mut buf)?;
-        let torn = buf.last() != Some(&b'\n');
-        let complete = match buf.iter().rposition(|b| *b == b'\n') {
+        let last_newline = buf.iter().rposition(|b| *b == b'\n');
+        // Read only once the window holds the last newline, or the whole file.
+        let torn_from = (buf.last() != Some(&b'\n'))
+            .then(|| last_newline.map_or(start, |i| start + i as u64 + 1));
+        let complete = match last_newline {
             Some(i) => &buf[..i],
-            None if start == 0 => break (None, torn),
+            None if start == 0 => break (None, torn_from),
             None => {
                 window = (window * 2).min(len);
                 continue;
             }
         };
         match complete.iter().rposition(|b| *b == b'\n') {
-            Some(i) => break (Some(complete[i + 1..].to_vec()), torn),
-            None if start == 0 => break (Some(complete.to_vec()), torn),
+            Some(i) => break (Some(complete[i + 1..].to_vec()), torn_from),
+            None if start == 0 => break (Some(complete.to_vec()), torn_from),
             None => window = (window * 2).min(len),
         }
     };
@@ -190,7 +194,11 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
         }
         _ => None,
     };
-    Ok(Tail { last, torn, first })
+    Ok(Tail {
+        last,
+        torn_from,
+        first,
+    })
 }
 
 /// `seq` of a stored line.
@@ -247,27 +255,13 @@ fn newest_head(dir: &Path) -> Result<Option<Head>, AuditError> {
     }
 }
 
-/// Moves the bytes after the active file's last newline into a file of their own beside it
-/// (`audit-tail-<time>.partial`, 0600, synced), then cuts the active file back to its last whole
-/// line. Returns that file and the bytes.
-fn move_out_tail(dir: &Path, active: &Path) -> io::Result<(PathBuf, Vec<u8>)> {
+/// Moves the active file's bytes from `start` (just after its last newline, as [`read_tail`]
+/// found it) into a file of their own beside it (`audit-tail-<time>.partial`, 0600, synced),
+/// then cuts the active file back to its last whole line. Returns that file and the bytes.
+fn move_out_tail(dir: &Path, active: &Path, start: u64) -> io::Result<(PathBuf, Vec<u8>)> {
     let mut file = OpenOptions::new().read(true).write(true).open(active)?;
     let len = file.metadata()?.len();
-    // Where the tail starts: just after the last newline, found backwards chunk by chunk.
-    let mut end = len;
-    let mut start = 0;
-    while end > 0 {
-        let from = end.saturating_sub(TAIL_CHUNK);
-        let mut buf = vec![0u8; (end - from) as usize];
-        file.seek(SeekFrom::Start(from))?;
-        file.read_exact(&mut buf)?;
-        if let Some(i) = buf.iter().rposition(|b| *b == b'\n') {
-            start = from + i as u64 + 1;
-            break;
-        }
-        end = from;
-    }
-    let mut bytes = vec![0u8; (len - start) as usize];
+    let mut bytes = vec![0u8; len.saturating_sub(start) as usize];
     file.seek(SeekFrom::Start(start))?;
     file.read_exact(&mut bytes)?;
     let time = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
@@ -319,7 +313,7 @@ impl Writer {
                 head = Some(head_of(&active_path, line)?);
             }
             let first_seq = tail.first.as_deref().and_then(line_seq);
-            if tail.torn {
+            if let Some(from) = tail.torn_from {
                 // Bytes after the last whole record: a record cut short by a crash, or what a
                 // power cut left (NULs). They are moved out of the trail into a file of their
                 // own, kept for inspection, and the chain carries on from the last whole record,
@@ -328,7 +322,7 @@ impl Writer {
                     head = newest_head(&dir)?;
                 }
                 let next = head.map_or(1, |h| h.seq + 1);
-                let (kept, bytes) = move_out_tail(&dir, &active_path).map_err(io_err)?;
+                let (kept, bytes) = move_out_tail(&dir, &active_path, from).map_err(io_err)?;
                 if super::verify::could_start_next_record(&bytes, Some(next)) {
                     tracing::warn!(
                         file = %kept.display(),
