@@ -147,6 +147,7 @@ impl Gateway {
         let policy = self.policy.current();
         let mut record = Record::default();
         let format = response_format(&req);
+        let version = req.version();
 
         // Load shedding first: past the bound, answer at once rather than queue.
         let permit = self.overload.try_acquire();
@@ -183,6 +184,13 @@ impl Gateway {
                 } else if rejection == Rejection::Overloaded {
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                } else if matches!(rejection, Rejection::CertificateNoLongerAccepted { .. })
+                    && version < http::Version::HTTP_2
+                {
+                    // The connection ends with this answer; a new one meets the handshake's
+                    // refusal. (HTTP/2 has no such field: each later stream is refused alike.)
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 resp
             }
@@ -384,6 +392,21 @@ impl Gateway {
         ctx: &Ctx,
     ) -> Result<Response<ProxyBody>, Rejection> {
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+
+        // 0. The connection's client certificate, judged again when a reload of the CA bundle
+        //    or the CRLs, or its expiry, may have changed the handshake's verdict.
+        if let Err(failure) = conn.certificate_standing() {
+            // Who the refused request said it was from, for the audit record, where it says.
+            if let Ok(headers) = envelope::parse_headers(req.headers()) {
+                record.trace_id = Some(headers.trace_id);
+                record.from = Some(headers.from);
+                record.to = Some(headers.to);
+                record.interaction_id = Some(headers.interaction_id);
+            }
+            return Err(Rejection::CertificateNoLongerAccepted {
+                reason: failure.as_label(),
+            });
+        }
 
         // CORS preflight for a known interaction.
         if req.method() == Method::OPTIONS {

@@ -91,11 +91,11 @@ impl Running {
 /// Everything loaded from the files a configuration points at, before any socket is bound.
 pub struct Components {
     pub gateway: Gateway,
-    pub server_tls: Arc<Reloadable<rustls::ServerConfig>>,
+    pub server_tls: Arc<Reloadable<tls::ListenerTls>>,
     /// The listener's CRL Numbers so far, so its reloads never go back to an older CRL.
     pub crl_floor: tls::CrlFloor,
     pub client_tls: Arc<Reloadable<rustls::ClientConfig>>,
-    pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<rustls::ServerConfig>>)>,
+    pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<tls::ListenerTls>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
     pub ldif: Option<Arc<LdifBackend>>,
     /// The audit writer, started by `start` (it opens the trail).
@@ -195,7 +195,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     // The CRLs loaded now set the floor no reload may go below.
     let crl_floor = tls::CrlFloor::default();
     let server_tls =
-        tls::server_config_above(&config.listener.tls, listener_alpn(config), &crl_floor)
+        tls::listener_tls_above(&config.listener.tls, listener_alpn(config), &crl_floor)
             .map_err(|e| problems.push(format!("listener: {e}")))
             .ok();
     let client_tls = tls::own_client_config(&config.upstream.tls, &ALPN_H1)
@@ -204,11 +204,11 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
     check_audit_dir(config, &mut problems);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
-        tls::server_config(&m.tls, &ALPN_H1)
+        tls::listener_tls(&m.tls, &ALPN_H1)
             .map_err(|e| problems.push(format!("mock_provider: {e}")))
             .ok()
             .map(|tls| {
-                let tls = Reloadable::new("mock provider TLS", tls, vec![]);
+                let tls = Reloadable::new("mock provider TLS", Arc::new(tls), vec![]);
                 (Arc::new(MockProvider::new(mock_settings(m))), tls)
             })
     });
@@ -252,7 +252,11 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             Some(breakers),
         ) if problems.is_empty() => {
             let directory = Directory::new(backend.backend, config.directory.cache);
-            let server_tls = Reloadable::new("listener TLS", server_tls, server_tls_files(config));
+            let server_tls = Reloadable::new(
+                "listener TLS",
+                Arc::new(server_tls),
+                server_tls_files(config),
+            );
             let client_tls = Reloadable::new("upstream TLS", client_tls, client_tls_files(config));
             let metrics = metrics::Metrics::new();
             let (audit, audit_writer) = audit::Audit::prepare(&config.audit, metrics.audit.clone());
@@ -392,7 +396,7 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
     let floor = c.crl_floor.clone();
     c.server_tls.watch(
-        move || tls::server_config_above(&listener, alpn, &floor).map(Arc::unwrap_or_clone),
+        move || tls::listener_tls_above(&listener, alpn, &floor),
         poll,
         shutdown.clone(),
         tasks,
@@ -620,9 +624,9 @@ pub async fn start_mock_provider(
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     ensure_dev_certs(config)?;
-    let tls = tls::server_config(&mock.tls, &ALPN_H1)
+    let tls = tls::listener_tls(&mock.tls, &ALPN_H1)
         .map_err(|e| StartError::Load(vec![format!("mock_provider: {e}")]))?;
-    let tls = Reloadable::new("mock provider TLS", tls, vec![]);
+    let tls = Reloadable::new("mock provider TLS", Arc::new(tls), vec![]);
     let provider = Arc::new(MockProvider::new(mock_settings(mock)));
     let listener = bind("mock provider", mock.address).await?;
     let addr = local_addr("mock provider", &listener)?;
@@ -659,7 +663,7 @@ fn mock_serve_options(config: &Config) -> ServeOptions {
 async fn serve_mock(
     listener: TcpListener,
     provider: Arc<MockProvider>,
-    tls: Arc<Reloadable<rustls::ServerConfig>>,
+    tls: Arc<Reloadable<tls::ListenerTls>>,
     allowed_clients: Vec<String>,
     opts: ServeOptions,
     shutdown: CancellationToken,

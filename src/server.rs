@@ -19,20 +19,45 @@ use tokio_util::task::TaskTracker;
 pub use crate::h1::{BodyError, RequestBody};
 
 use crate::reload::Reloadable;
-use crate::tls::identities::Identities;
-use crate::tls::{HandshakeFailure, PeerIdentity};
+use crate::tls::identities::{ClientCert, Identities};
+use crate::tls::{HandshakeFailure, ListenerTls, PeerIdentity};
 
 /// What the request path knows about the connection a request came on.
-#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The verified client certificate's identity (shared by the connections presenting it).
     pub peer: Arc<PeerIdentity>,
+    /// The certificate itself, and the listener's TLS, to judge it again.
+    client: Arc<ClientCert>,
+    tls: Arc<Reloadable<ListenerTls>>,
 }
 
 impl ConnInfo {
-    pub fn new(remote: SocketAddr, peer: Arc<PeerIdentity>) -> ConnInfo {
-        ConnInfo { remote, peer }
+    fn new(remote: SocketAddr, client: Arc<ClientCert>, tls: Arc<Reloadable<ListenerTls>>) -> Self {
+        ConnInfo {
+            remote,
+            peer: client.identity.clone(),
+            client,
+            tls,
+        }
+    }
+
+    /// Whether the listener would still accept the client certificate this connection was
+    /// opened with: a CA bundle or CRL reloaded since, or the certificate's expiry, can end
+    /// that while the connection stays open. Judged again only when one of those may have
+    /// changed the answer (see [`ClientCert::standing`]).
+    pub fn certificate_standing(&self) -> Result<(), HandshakeFailure> {
+        self.client
+            .standing(&self.tls.current(), rustls::pki_types::UnixTime::now())
+    }
+}
+
+impl std::fmt::Debug for ConnInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnInfo")
+            .field("remote", &self.remote)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,7 +164,7 @@ const H2_CLOSE_LIMIT: Duration = Duration::from_secs(5);
 /// and waits up to the grace period for open connections to finish their requests.
 pub async fn serve_tls<H, Fut, B>(
     listener: TcpListener,
-    tls: Arc<Reloadable<rustls::ServerConfig>>,
+    tls: Arc<Reloadable<ListenerTls>>,
     opts: ServeOptions,
     shutdown: CancellationToken,
     handler: H,
@@ -170,7 +195,7 @@ fn bare<B>(status: StatusCode) -> Response<Either<B, Empty<Bytes>>> {
 /// `serve_tls`, counting connections and handshake failures in `metrics`.
 pub async fn serve_tls_observed<H, Fut, B>(
     listener: TcpListener,
-    tls: Arc<Reloadable<rustls::ServerConfig>>,
+    tls: Arc<Reloadable<ListenerTls>>,
     opts: ServeOptions,
     metrics: ConnMetrics,
     shutdown: CancellationToken,
@@ -230,7 +255,8 @@ pub async fn serve_tls_observed<H, Fut, B>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(listener = opts.name, %remote, error = %e, "set_nodelay failed");
         }
-        let config = tls.current();
+        let listener_tls = tls.current();
+        let tls = tls.clone();
         let handler = handler.clone();
         let (h1, h2) = (h1.clone(), h2.clone());
         let metrics = metrics.clone();
@@ -250,7 +276,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
             // not carry the handshake's state or the other protocol's.
             let handshake = Box::pin(tokio::time::timeout(
                 handshake_timeout,
-                crate::tls::stream::accept(config, tcp),
+                crate::tls::stream::accept(listener_tls.config.clone(), tcp),
             ));
             let (stream, handshaken) = match handshake.await {
                 // Boxed too: a stream held inline would stay in the task's state.
@@ -267,27 +293,29 @@ pub async fn serve_tls_observed<H, Fut, B>(
                     return;
                 }
             };
-            let leaf = handshaken.peer_certificates.first();
-            let peer = match leaf.map(|leaf| identities.get(leaf)) {
-                Some(Ok(peer)) => peer,
-                Some(Err(e)) => {
+            if handshaken.peer_certificates.is_empty() {
+                metrics.handshake_failed(HandshakeFailure::NoClientCertificate.as_label());
+                tracing::info!(listener = name, %remote, "no client certificate");
+                return;
+            }
+            let client = match identities.get(&handshaken.peer_certificates) {
+                Ok(client) => client,
+                Err(e) => {
                     metrics.handshake_failed("unreadable_certificate");
                     tracing::info!(listener = name, %remote, error = %e, "unreadable client certificate");
                     return;
                 }
-                None => {
-                    metrics.handshake_failed(HandshakeFailure::NoClientCertificate.as_label());
-                    tracing::info!(listener = name, %remote, "no client certificate");
-                    return;
-                }
             };
+            client.accepted(&listener_tls, rustls::pki_types::UnixTime::now());
+            drop(listener_tls);
             let _active = ActiveGuard::new(metrics.active.clone());
-            let info = Arc::new(ConnInfo::new(remote, peer));
+            let info = Arc::new(ConnInfo::new(remote, client, tls));
             // The protocol is the one ALPN negotiated (h2 over TLS requires ALPN, RFC 9113
             // §3.2); no sniffing of the first bytes, so a silent client meets the header read
             // timeout.
             let negotiated_h2 = handshaken.alpn.as_deref() == Some(b"h2".as_slice());
-            // The certificate chain is not kept for the life of the connection.
+            // The chain is not kept for the life of the connection (one copy per certificate is,
+            // with its identity).
             drop(handshaken);
             if !(negotiated_h2 && http2_allowed) {
                 Box::pin(crate::h1::serve(stream, info, handler, h1, draining)).await;

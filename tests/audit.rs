@@ -484,9 +484,9 @@ struct Provider {
 async fn recording_provider(world: &World) -> Provider {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+    let tls = ssp_gateway::tls::listener_tls(&world.server_tls(&world.provider), &[b"http/1.1"])
         .expect("provider TLS");
-    let tls = ssp_gateway::reload::Reloadable::new("test provider TLS", tls, vec![]);
+    let tls = ssp_gateway::reload::Reloadable::new("test provider TLS", Arc::new(tls), vec![]);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
     let opts = ServeOptions {

@@ -191,6 +191,110 @@ async fn publishing_a_crl_refuses_the_revoked_consumer_next_time() {
     h.stop().await;
 }
 
+/// The answer to `req` on an HTTP/1.1 connection already open, body collected.
+async fn on_open_connection(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Answer {
+    use http_body_util::BodyExt;
+    let resp = sender.send_request(req).await.expect("response");
+    let (parts, body) = resp.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+        version: parts.version,
+    }
+}
+
+/// A connection opened before a CRL revoking its certificate was published does not live on
+/// by its old handshake: its next request is refused with 403 (over HTTP/1.1 the connection is
+/// closed with the answer; over HTTP/2 each later stream is refused alike), audited with the
+/// request's Ssp headers, and never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_open_when_its_certificate_is_revoked_is_refused_at_its_next_request() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.consumer();
+    let metadata = || {
+        Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        )
+        .build()
+    };
+    let tls = h2_tls(&client).await;
+    assert_ne!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let (mut h1, h1_conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("HTTP/1.1 handshake");
+    let h1_conn = tokio::spawn(h1_conn);
+    assert_eq!(
+        on_open_connection(&mut h1, metadata()).await.status,
+        StatusCode::OK
+    );
+    let h2_client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (h2, h2_conn) = h2::client::handshake(h2_tls(&h2_client).await)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(h2_conn);
+    let h2_status = |h2: h2::client::SendRequest<bytes::Bytes>| async {
+        let (req, trace) = h2_metadata(&h);
+        let mut h2 = h2.ready().await.expect("ready");
+        let (resp, _) = h2.send_request(req, true).expect("sent");
+        let mut resp = resp.await.expect("response");
+        while let Some(chunk) = resp.body_mut().data().await {
+            let chunk = chunk.expect("data");
+            let _ = resp.body_mut().flow_control().release_capacity(chunk.len());
+        }
+        (resp.status(), trace, h2)
+    };
+    let (status, _, h2) = h2_status(h2).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 2);
+
+    let crl = h
+        .world
+        .authority
+        .crl(&[&h.world.consumer_issued])
+        .expect("CRL");
+    std::fs::write(&h.world.crl, crl).expect("publish CRL");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while client.handshake().await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CRL was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let token = "CLIENT_CERTIFICATE_NO_LONGER_ACCEPTED_CERTIFICATE_REVOKED";
+    let refused = on_open_connection(&mut h1, metadata()).await;
+    refused.assert_outcome(403, Some("ACCESS_DENIED_SSL"), token);
+    assert_eq!(refused.headers[http::header::CONNECTION], "close");
+    let ended = tokio::time::timeout(Duration::from_secs(5), h1_conn).await;
+    assert!(ended.is_ok(), "the HTTP/1.1 connection was left open");
+    for _ in 0..2 {
+        let (status, trace, _) = h2_status(h2.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let record = outcome_or_rejection_of(&h, &trace).await;
+        assert_eq!(record["kind"], "rejection");
+        assert_eq!(record["token"], token);
+        assert_eq!(record["from"], CONSUMER_ASID);
+        assert_eq!(
+            record["client"]["serial"],
+            h.world.consumer_issued.serial.as_str()
+        );
+    }
+    assert_eq!(
+        h.recorder.seen(),
+        2,
+        "a refused request reached the provider"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     let h = start_with_recorder(
@@ -933,6 +1037,19 @@ fn h2_metadata(h: &Harness) -> (http::Request<()>, String) {
         req = req.header(name, value);
     }
     (req.body(()).expect("request"), trace)
+}
+
+/// The last record (outcome or rejection) of the request with this Ssp-TraceID, once it is in
+/// the trail.
+async fn outcome_or_rejection_of(h: &Harness, trace: &str) -> serde_json::Value {
+    let last = || {
+        audit_records(&h.audit_dir).into_iter().find(|r| {
+            (r["kind"] == "outcome" || r["kind"] == "rejection")
+                && r["ssp_trace_id"].as_str() == Some(trace)
+        })
+    };
+    wait_until("the request's last record", || last().is_some()).await;
+    last().expect("record")
 }
 
 /// The outcome record of the request with this Ssp-TraceID, once it is in the trail.

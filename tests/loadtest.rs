@@ -139,7 +139,7 @@ impl Drop for Counting {
 async fn counting_server(world: &World) -> Counting {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+    let tls = ssp_gateway::tls::listener_tls(&world.server_tls(&world.provider), &[b"http/1.1"])
         .expect("server TLS");
     let conns = Arc::new(Mutex::new(Vec::new()));
     let requests = Arc::new(AtomicUsize::new(0));
@@ -152,7 +152,7 @@ async fn counting_server(world: &World) -> Counting {
         grace_period: Duration::from_millis(100),
         limits: Default::default(),
     };
-    let tls = ssp_gateway::reload::Reloadable::new("counting provider TLS", tls, vec![]);
+    let tls = ssp_gateway::reload::Reloadable::new("counting provider TLS", Arc::new(tls), vec![]);
     {
         let conns = conns.clone();
         let requests = requests.clone();

@@ -390,11 +390,13 @@ async fn one_connection(client: &Arc<ClientConfig>, addr: SocketAddr) -> (Handsh
 /// A plain rustls server with the gateway's certificate, the listener's config except that
 /// session resumption is switched on: the control that shows the client does resume.
 async fn resumable_control(world: &World, shutdown: CancellationToken) -> SocketAddr {
-    let strict = ssp_gateway::tls::server_config(&world.server_tls(&world.gateway), &[b"http/1.1"])
-        .expect("server TLS");
-    let mut resumable = (*strict).clone();
+    let mut listener_tls =
+        ssp_gateway::tls::listener_tls(&world.server_tls(&world.gateway), &[b"http/1.1"])
+            .expect("server TLS");
+    let mut resumable = (*listener_tls.config).clone();
     resumable.session_storage = rustls::server::ServerSessionMemoryCache::new(64);
     resumable.send_tls13_tickets = 2;
+    listener_tls.config = Arc::new(resumable);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let opts = ssp_gateway::server::ServeOptions {
@@ -407,7 +409,7 @@ async fn resumable_control(world: &World, shutdown: CancellationToken) -> Socket
     };
     tokio::spawn(ssp_gateway::server::serve_tls(
         listener,
-        ssp_gateway::reload::Reloadable::new("resumable control", Arc::new(resumable), vec![]),
+        ssp_gateway::reload::Reloadable::new("resumable control", Arc::new(listener_tls), vec![]),
         opts,
         shutdown,
         |_conn, _req| async {

@@ -104,7 +104,7 @@ pub fn main() -> ExitCode {
         eprintln!("provider: SSP_E2E_ADDR `{addr}` is not an address");
         return ExitCode::FAILURE;
     };
-    let tls = ssp_gateway::tls::server_config(
+    let tls = ssp_gateway::tls::listener_tls(
         &ServerTls {
             cert: dir.join("provider.pem"),
             key: dir.join("provider-key.pem"),
@@ -159,7 +159,11 @@ pub fn main() -> ExitCode {
             limits: Default::default(),
         };
         let bodies = bodies();
-        let tls = ssp_gateway::reload::Reloadable::new("bench provider TLS", tls, vec![]);
+        let tls = ssp_gateway::reload::Reloadable::new(
+            "bench provider TLS",
+            std::sync::Arc::new(tls),
+            vec![],
+        );
         serve_tls(listener, tls, opts, stop, move |_conn, req| {
             answer(bodies.clone(), req)
         })

@@ -28,6 +28,11 @@ pub enum Rejection {
         method: String,
         path: String,
     },
+    /// 403 `CLIENT_CERTIFICATE_NO_LONGER_ACCEPTED_<REASON>`: the connection's client
+    /// certificate passed its handshake, but the listener would refuse it now (revoked by a CRL
+    /// loaded since, expired, its CA no longer trusted); `reason` is the handshake failure
+    /// label a new connection would be counted under (`certificate_revoked`, ...).
+    CertificateNoLongerAccepted { reason: &'static str },
     /// 403 `ASID_CHECK_FAILED_MESSAGESENDER_<asid>`
     AsidCheckFailed { sender: String },
     /// 403 `CLIENT_CERTIFICATE_FQDN_<fqdn>_NOT_REGISTERED_FOR_ASID_<asid>`
@@ -94,7 +99,8 @@ impl Rejection {
             | Rejection::InvalidJwt { .. }
             | Rejection::InvalidRequestBody => StatusCode::BAD_REQUEST,
             Rejection::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Rejection::AsidCheckFailed { .. }
+            Rejection::CertificateNoLongerAccepted { .. }
+            | Rejection::AsidCheckFailed { .. }
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => StatusCode::FORBIDDEN,
@@ -126,7 +132,9 @@ impl Rejection {
             Rejection::AsidCheckFailed { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => Some("ACCESS_DENIED"),
-            Rejection::FqdnNotRegistered { .. } => Some("ACCESS_DENIED_SSL"),
+            Rejection::FqdnNotRegistered { .. } | Rejection::CertificateNoLongerAccepted { .. } => {
+                Some("ACCESS_DENIED_SSL")
+            }
             Rejection::DirectoryUnavailable | Rejection::AuditUnavailable => {
                 Some("INTERNAL_SERVER_ERROR")
             }
@@ -149,7 +157,8 @@ impl Rejection {
             | Rejection::EndpointMismatch { .. }
             | Rejection::InvalidJwt { .. }
             | Rejection::InvalidRequestBody => "invalid",
-            Rejection::AsidCheckFailed { .. }
+            Rejection::CertificateNoLongerAccepted { .. }
+            | Rejection::AsidCheckFailed { .. }
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => "forbidden",
@@ -178,6 +187,10 @@ impl Rejection {
             Rejection::InteractionMismatch { id, method, path } => format!(
                 "INTERACTION_{id}_DOES_NOT_MATCH_REQUEST_{}_{path}",
                 method.to_ascii_uppercase()
+            ),
+            Rejection::CertificateNoLongerAccepted { reason } => format!(
+                "CLIENT_CERTIFICATE_NO_LONGER_ACCEPTED_{}",
+                reason.to_ascii_uppercase()
             ),
             Rejection::AsidCheckFailed { sender } => {
                 format!("ASID_CHECK_FAILED_MESSAGESENDER_{sender}")
@@ -224,6 +237,7 @@ impl Rejection {
             Rejection::MissingOrInvalidHeader { .. } => "missing_or_invalid_header",
             Rejection::UnsupportedInteraction { .. } => "unsupported_interaction",
             Rejection::InteractionMismatch { .. } => "interaction_mismatch",
+            Rejection::CertificateNoLongerAccepted { .. } => "certificate_no_longer_accepted",
             Rejection::AsidCheckFailed { .. } => "asid_check_failed",
             Rejection::FqdnNotRegistered { .. } => "fqdn_not_registered",
             Rejection::ReceiverCheckFailed { .. } => "receiver_check_failed",

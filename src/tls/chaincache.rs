@@ -70,6 +70,12 @@ impl ChainCache {
         }
     }
 
+    /// The earliest nextUpdate of the CRLs this verifier checks against (unix seconds), if any:
+    /// after it the verifier refuses what they would decide.
+    pub fn crl_horizon(&self) -> Option<u64> {
+        self.crl_horizon
+    }
+
     fn lookup(&self, key: &[u8; 32], now: u64) -> bool {
         // A poisoned lock only means a panic mid-insert elsewhere; the map is still a map.
         let map = self.accepted.read().unwrap_or_else(|p| p.into_inner());

@@ -8,14 +8,93 @@
 //! holds it. Only certificates that passed the handshake's verification reach it, and the
 //! identity is a pure function of the certificate's bytes, so sharing changes nothing a check
 //! sees. Entries of certificates no connection holds any more are swept as the map grows.
+//!
+//! Beside the identity, each entry keeps the chain its first connection presented and the
+//! listener's latest verdict on it ([`ClientCert::standing`]): after a reload of the CA bundle
+//! or the CRLs, or once the certificate has expired, a connection opened before is judged again
+//! before its next request, once per certificate rather than once per connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, UnixTime};
 
-use super::{identity_with_digest, PeerIdentity, TlsError};
+use super::chaincache::TTL;
+use super::{identity_with_digest, HandshakeFailure, ListenerTls, PeerIdentity, TlsError};
 use crate::audit::record::sha256;
+
+/// A verified client certificate, shared by the connections that presented it.
+#[derive(Debug)]
+pub struct ClientCert {
+    pub identity: Arc<PeerIdentity>,
+    /// The chain the first connection presented, leaf first: what is judged again.
+    chain: Box<[CertificateDer<'static>]>,
+    /// The leaf's notAfter, unix seconds.
+    not_after: u64,
+    verdict: Mutex<Verdict>,
+}
+
+/// The listener's latest verdict on a certificate.
+#[derive(Debug, Clone, Copy)]
+struct Verdict {
+    /// The listener TLS snapshot that reached it ([`ListenerTls::generation`]).
+    generation: u64,
+    /// Unix seconds (exclusive) until which it stands without being reached again.
+    until: u64,
+    refused: Option<HandshakeFailure>,
+}
+
+impl ClientCert {
+    /// Whether the listener's TLS `tls` still accepts this certificate at `now`. The verdict
+    /// is reached again when `tls` is a snapshot other than the one that reached the last (a
+    /// reload of the CA bundle or a CRL), and at the earliest of: a minute after it was
+    /// reached ([`TTL`], as for the chain cache), the certificate's notAfter and the CRLs'
+    /// earliest nextUpdate. Otherwise the request pays one uncontended lock.
+    pub fn standing(&self, tls: &ListenerTls, now: UnixTime) -> Result<(), HandshakeFailure> {
+        let secs = now.as_secs();
+        let mut verdict = self.lock();
+        if verdict.generation == tls.generation() && secs < verdict.until {
+            return verdict.refused.map_or(Ok(()), Err);
+        }
+        let refused = tls
+            .verify_client_chain(&self.chain, now)
+            .err()
+            .map(|e| HandshakeFailure::from_rustls(&e));
+        *verdict = self.verdict(tls, secs, refused);
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// A handshake under `tls` accepted this certificate at `now`: the verdict for that
+    /// snapshot (no older snapshot's verdict replaces a newer one's).
+    pub fn accepted(&self, tls: &ListenerTls, now: UnixTime) {
+        let mut verdict = self.lock();
+        if tls.generation() >= verdict.generation {
+            *verdict = self.verdict(tls, now.as_secs(), None);
+        }
+    }
+
+    fn verdict(&self, tls: &ListenerTls, now: u64, refused: Option<HandshakeFailure>) -> Verdict {
+        let mut until = now.saturating_add(TTL.as_secs());
+        if refused.is_none() {
+            until = until.min(self.not_after);
+            if let Some(horizon) = tls.crl_horizon() {
+                until = until.min(horizon);
+            }
+        }
+        Verdict {
+            generation: tls.generation(),
+            until,
+            refused,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Verdict> {
+        // A verdict is written whole; a panic elsewhere while it was locked leaves it usable.
+        self.verdict
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// The map is swept of dead entries when it reaches this many, or twice what was live at the
 /// last sweep, whichever is more.
@@ -29,20 +108,36 @@ pub struct Identities {
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_digest: HashMap<[u8; 32], Weak<PeerIdentity>>,
+    by_digest: HashMap<[u8; 32], Weak<ClientCert>>,
     sweep_at: usize,
 }
 
 impl Identities {
-    /// The identity of the verified certificate `leaf`: the one already shared, or a new one.
-    pub fn get(&self, leaf: &CertificateDer<'_>) -> Result<Arc<PeerIdentity>, TlsError> {
+    /// The certificate of a verified `chain` (leaf first, not empty): the one already shared,
+    /// or a new one.
+    pub fn get(&self, chain: &[CertificateDer<'static>]) -> Result<Arc<ClientCert>, TlsError> {
+        let leaf = chain.first().ok_or_else(|| TlsError::PeerCertificate {
+            reason: "no certificate".to_owned(),
+        })?;
         let digest = sha256(leaf);
         if let Some(id) = self.lock().by_digest.get(&digest).and_then(Weak::upgrade) {
             return Ok(id);
         }
         // Parsed outside the lock; two handshakes racing on a new certificate both parse it,
         // and the map keeps the later one (both are equal).
-        let id = Arc::new(identity_with_digest(leaf, &digest)?);
+        let identity = Arc::new(identity_with_digest(leaf, &digest)?);
+        let not_after = u64::try_from(super::not_after(leaf)?).unwrap_or(0);
+        let id = Arc::new(ClientCert {
+            identity,
+            chain: chain.into(),
+            not_after,
+            // Until the handshake's acceptance is recorded: judged at the first request.
+            verdict: Mutex::new(Verdict {
+                generation: 0,
+                until: 0,
+                refused: None,
+            }),
+        });
         let mut inner = self.lock();
         if inner.by_digest.len() >= inner.sweep_at.max(MIN_SWEEP) {
             inner.by_digest.retain(|_, id| id.strong_count() > 0);
@@ -83,14 +178,20 @@ mod tests {
         let a = ca.issue(&LeafSpec::client(&["a.example"])).expect("leaf");
         let b = ca.issue(&LeafSpec::client(&["b.example"])).expect("leaf");
         let ids = Identities::default();
-        let first = ids.get(&a.cert_der).expect("identity");
-        let again = ids.get(&a.cert_der).expect("identity");
-        let other = ids.get(&b.cert_der).expect("identity");
+        let first = ids
+            .get(std::slice::from_ref(&a.cert_der))
+            .expect("identity");
+        let again = ids
+            .get(std::slice::from_ref(&a.cert_der))
+            .expect("identity");
+        let other = ids
+            .get(std::slice::from_ref(&b.cert_der))
+            .expect("identity");
         assert!(Arc::ptr_eq(&first, &again), "one identity per certificate");
         assert!(!Arc::ptr_eq(&first, &other));
-        assert_eq!(*first, peer_identity(&a.cert_der).expect("parse"));
-        assert_eq!(*other, peer_identity(&b.cert_der).expect("parse"));
-        assert_eq!(other.names, ["b.example"]);
+        assert_eq!(*first.identity, peer_identity(&a.cert_der).expect("parse"));
+        assert_eq!(*other.identity, peer_identity(&b.cert_der).expect("parse"));
+        assert_eq!(other.identity.names, ["b.example"]);
     }
 
     #[test]
@@ -103,21 +204,28 @@ mod tests {
                     .expect("leaf")
             })
             .collect();
-        let held = ids.get(&leaves[0].cert_der).expect("identity");
+        let held = ids
+            .get(std::slice::from_ref(&leaves[0].cert_der))
+            .expect("identity");
         for leaf in &leaves {
-            drop(ids.get(&leaf.cert_der).expect("identity"));
+            drop(
+                ids.get(std::slice::from_ref(&leaf.cert_der))
+                    .expect("identity"),
+            );
         }
         assert!(
             ids.len() <= MIN_SWEEP + 1,
             "dead entries swept: {} left",
             ids.len()
         );
-        let again = ids.get(&leaves[0].cert_der).expect("identity");
+        let again = ids
+            .get(std::slice::from_ref(&leaves[0].cert_der))
+            .expect("identity");
         assert!(
             Arc::ptr_eq(&held, &again),
             "a held identity survives sweeps"
         );
-        assert_eq!(again.names, ["c0.example"]);
+        assert_eq!(again.identity.names, ["c0.example"]);
     }
 
     #[test]
@@ -125,7 +233,11 @@ mod tests {
         let ids = Identities::default();
         let junk = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
         assert!(matches!(
-            ids.get(&junk),
+            ids.get(&[junk]),
+            Err(TlsError::PeerCertificate { .. })
+        ));
+        assert!(matches!(
+            ids.get(&[]),
             Err(TlsError::PeerCertificate { .. })
         ));
         assert_eq!(ids.len(), 0);

@@ -1,8 +1,8 @@
 //! TLS for both legs: the mTLS listener's server config (client certificate required, CRLs),
 //! the upstream client config, and who the peer is. Never logs key material.
 //!
-//! Everything here uses the *ring* provider explicitly (never a process-wide default), TLS 1.2
-//! and 1.3 only, and loads certificates and keys from PEM files (CRLs: PEM or DER). Every error
+//! Everything here uses the aws-lc-rs provider explicitly (never a process-wide default), TLS
+//! 1.2 and 1.3 only, and loads certificates and keys from PEM files (CRLs: PEM or DER). Every error
 //! names the file it is about; none carries key bytes. The development and test PKI lives in
 //! [`pki`].
 //!
@@ -17,7 +17,9 @@
 //!
 //! There is no session resumption on the listener: no tickets and no session cache, so every
 //! connection runs a full handshake and its client certificate is checked against the current
-//! CRLs.
+//! CRLs. A connection already open when the CA bundle or a CRL is reloaded, or whose
+//! certificate expires while it is open, has its certificate judged again by the verifier in
+//! force before its next request ([`identities::ClientCert::standing`]).
 
 pub mod chaincache;
 pub mod identities;
@@ -29,6 +31,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
@@ -533,22 +536,68 @@ fn check_crl_issuer(
     }))
 }
 
+/// The listener's TLS as one reloadable snapshot: the rustls config, and the client certificate
+/// verifier inside it (which rustls keeps private), so that the certificate of a connection
+/// accepted under an earlier snapshot can be judged again under this one.
+#[derive(Debug)]
+pub struct ListenerTls {
+    pub config: Arc<ServerConfig>,
+    verifier: Arc<chaincache::ChainCache>,
+    /// Unique to this snapshot in this process, and larger than every one built before it.
+    generation: u64,
+}
+
+/// The next snapshot's generation.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+impl ListenerTls {
+    /// The snapshot's generation: a verdict reached under another one does not hold here.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The earliest nextUpdate of the snapshot's CRLs (unix seconds), if it has any.
+    pub fn crl_horizon(&self) -> Option<u64> {
+        self.verifier.crl_horizon()
+    }
+
+    /// Judges a client chain (leaf first) as a new handshake would at `now`.
+    pub fn verify_client_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<(), rustls::Error> {
+        use rustls::server::danger::ClientCertVerifier;
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verifier
+            .verify_client_cert(leaf, intermediates, now)
+            .map(|_| ())
+    }
+}
+
 /// Builds the listener's config: TLS 1.2/1.3, client certificate required and verified against
 /// `client_ca` (and the CRLs, see the module doc), no session resumption, `alpn` offered in the
 /// given order. The key is checked against the certificate here, and the certificate must be
 /// one clients can accept ([`check_own_leaf`]): every caller serves the gateway's own (the
 /// listener, the mock provider).
 pub fn server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_above(s, alpn, &CrlFloor::default())
+    listener_tls(s, alpn).map(|l| l.config)
 }
 
-/// [`server_config`], refusing CRLs older than those `floor` has seen, and raising it to these
+/// [`server_config`] with its verifier: what a listener serves from ([`crate::server`]).
+pub fn listener_tls(s: &ServerTls, alpn: &[&[u8]]) -> Result<ListenerTls, TlsError> {
+    listener_tls_above(s, alpn, &CrlFloor::default())
+}
+
+/// [`listener_tls`], refusing CRLs older than those `floor` has seen, and raising it to these
 /// once the config is built: the listener's reloads, so a CRL is never replaced by an older one.
-pub fn server_config_above(
+pub fn listener_tls_above(
     s: &ServerTls,
     alpn: &[&[u8]],
     floor: &CrlFloor,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<ListenerTls, TlsError> {
     let certs = load_certs(&s.cert)?;
     // `load_certs` returns at least one certificate, the leaf first.
     check_own_leaf(&s.cert, &certs[0], Purpose::Server)?;
@@ -575,15 +624,20 @@ pub fn server_config_above(
         source: e,
     })?;
     let certified = certified_key(&provider, &s.cert, certs, &s.key, key)?;
-    let config = assemble_server_config(provider, verifier, certified, alpn).map_err(|e| {
-        TlsError::Rustls {
-            path: s.cert.clone(),
-            context: "server config",
-            source: e,
-        }
-    })?;
+    let config =
+        assemble_server_config(provider, verifier.clone(), certified, alpn).map_err(|e| {
+            TlsError::Rustls {
+                path: s.cert.clone(),
+                context: "server config",
+                source: e,
+            }
+        })?;
     floor.raise(numbered);
-    Ok(config)
+    Ok(ListenerTls {
+        config,
+        verifier,
+        generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+    })
 }
 
 /// The listener config from loaded parts: versions, verifier, certificate, no resumption, ALPN.
@@ -665,7 +719,7 @@ fn client_verifier(
     provider: &Arc<CryptoProvider>,
     roots: RootCertStore,
     crls: Vec<CertificateRevocationListDer<'static>>,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::Error> {
+) -> Result<Arc<chaincache::ChainCache>, rustls::Error> {
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
     let cache_crls = crls.clone();
@@ -1520,7 +1574,7 @@ mod tests {
         let tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&first]);
         let path = tls.crls[0].clone();
         let floor = CrlFloor::default();
-        let build = || server_config_above(&tls, ALPN, &floor);
+        let build = || listener_tls_above(&tls, ALPN, &floor);
         build().expect("first");
         build().expect("the same again");
         for (number, what) in [(9, "is older"), (10, "with other contents")] {
@@ -2637,5 +2691,69 @@ mod tests {
                 Ok(())
             })
             .expect("no bytes break the handshake");
+    }
+
+    /// A connection's certificate is judged again when the listener's TLS is another snapshot
+    /// (a CRL or the CA bundle reloaded), once it has expired, and a minute after the verdict
+    /// it stands on; otherwise the verdict stands.
+    #[test]
+    fn a_connections_certificate_is_judged_again_after_a_reload_or_its_expiry() {
+        let files = Files::new("standing");
+        let ca = ecdsa_ca("Standing CA");
+        let other = ecdsa_ca("Other CA");
+        let leaf = client_leaf(&ca, &["c.example"]);
+        let build = |client_cas: &[&Ca], crls: &[&str]| {
+            listener_tls(
+                &files.server(&ca, KeyKind::EcdsaP256, client_cas, crls),
+                ALPN,
+            )
+            .expect("listener TLS")
+        };
+        let plain = build(&[&ca], &[]);
+        let revoking = build(&[&ca], &[&ca.crl(&[&leaf]).expect("crl")]);
+        let foreign = build(&[&other], &[]);
+        assert!(plain.generation() < revoking.generation());
+        assert!(revoking.generation() < foreign.generation());
+
+        let ids = identities::Identities::default();
+        let cert = ids
+            .get(std::slice::from_ref(&leaf.cert_der))
+            .expect("certificate");
+        let now = rustls::pki_types::UnixTime::now();
+        let at =
+            |secs: u64| rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        cert.accepted(&plain, now);
+        assert_eq!(cert.standing(&plain, now), Ok(()));
+        assert_eq!(
+            cert.standing(&revoking, now),
+            Err(HandshakeFailure::CertificateRevoked)
+        );
+        assert_eq!(
+            cert.standing(&foreign, now),
+            Err(HandshakeFailure::UnknownIssuer)
+        );
+        assert_eq!(cert.standing(&plain, now), Ok(()), "accepted again");
+        let expiry =
+            u64::try_from(not_after(&leaf.cert_der).expect("notAfter")).expect("after 1970");
+        assert_eq!(
+            cert.standing(&plain, at(expiry + 10)),
+            Err(HandshakeFailure::CertificateExpired),
+            "expired while its connection was open"
+        );
+
+        // A handshake's verdict stands for its snapshot (here one that would refuse the
+        // certificate now) until the minute is up.
+        cert.accepted(&revoking, now);
+        assert_eq!(cert.standing(&revoking, now), Ok(()), "the verdict stands");
+        assert_eq!(
+            cert.standing(&revoking, at(now.as_secs() + chaincache::TTL.as_secs())),
+            Err(HandshakeFailure::CertificateRevoked)
+        );
+        // A handshake under an older snapshot does not replace a newer snapshot's verdict.
+        cert.accepted(&plain, now);
+        assert_eq!(
+            cert.standing(&revoking, at(now.as_secs() + chaincache::TTL.as_secs())),
+            Err(HandshakeFailure::CertificateRevoked)
+        );
     }
 }

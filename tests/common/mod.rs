@@ -17,7 +17,7 @@ use ssp_gateway::config::Config;
 use ssp_gateway::server::RequestBody;
 use ssp_gateway::server::{ConnInfo, ServeOptions};
 use ssp_gateway::tls::pki::{Ca, Issued, KeyKind, LeafSpec, Usage, Validity};
-use ssp_gateway::tls::{ClientTls, ServerTls};
+use ssp_gateway::tls::{ClientTls, ListenerTls, ServerTls};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -558,10 +558,10 @@ pub fn serve_recorder(
     ));
 }
 
-fn provider_tls(world: &World) -> Arc<ssp_gateway::reload::Reloadable<rustls::ServerConfig>> {
-    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+fn provider_tls(world: &World) -> Arc<ssp_gateway::reload::Reloadable<ListenerTls>> {
+    let tls = ssp_gateway::tls::listener_tls(&world.server_tls(&world.provider), &[b"http/1.1"])
         .expect("provider TLS");
-    ssp_gateway::reload::Reloadable::new("test provider TLS", tls, vec![])
+    ssp_gateway::reload::Reloadable::new("test provider TLS", Arc::new(tls), vec![])
 }
 
 fn serve_options(name: &'static str) -> ServeOptions {
