@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The gateway's user-space instructions per keep-alive request, counted by valgrind's callgrind:
-# the figure README "The same request counted in instructions" cites, which this shared
+# the figure docs/performance.md "The same request counted in instructions" cites, which this shared
 # machine's noise does not move the way it moves CPU time.
 #
 #   scripts/callgrind.sh [OUT]        (OUT: the callgrind profile, default /tmp/ssp-callgrind.out)

@@ -175,7 +175,7 @@ worker() {
 end=$((SECONDS + duration))
 loadgen="curl workers x $concurrency"
 if "$bin" loadtest --help 2>/dev/null | grep -q -- '--json'; then
-  # The gateway's own load generator (documented in README "Load test").
+  # The gateway's own load generator (documented in README "Performance").
   loadgen="ssp-gateway loadtest x $concurrency"
   "$bin" loadtest --json \
     --url "https://localhost:$gw_port/https://localhost:$mock_port/B82617/STU3/1/gpconnect" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (README "Test"): installs the system packages the tests start for real,
+# The test command (README "Set up: two commands"): installs the system packages the tests start for real,
 # when they are missing, then runs every test. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -184,7 +184,7 @@ static VERSIONS: &[&rustls::SupportedProtocolVersion] =
 /// only, ECDHE key exchange only) and key exchange groups (X25519, P-256, P-384, then the
 /// X25519+ML-KEM-768 hybrid). aws-lc-rs rather than *ring*: an RSA 2048 signature — the
 /// server's share of every full handshake with NHS (RSA) certificates — takes it well under
-/// half of *ring*'s time on CPUs with AVX-512 IFMA (README "Performance").
+/// half of *ring*'s time on CPUs with AVX-512 IFMA (README "Performance", docs/performance.md).
 ///
 /// AES-128-GCM is preferred (the listener applies its own order): its SHA-256 handshake hash
 /// runs on the CPU's SHA extensions, where AES-256-GCM's SHA-384 has no hardware path — about
