@@ -147,17 +147,16 @@ async fn a_bad_new_certificate_keeps_the_old_one() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publishing_a_crl_refuses_the_revoked_consumer_next_time() {
-    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
-    let client = h.consumer();
-    assert!(client.handshake().await.is_ok());
+/// Publishes a CRL revoking the consumer's certificate and waits until the listener refuses the
+/// consumer a new connection.
+async fn revoke_consumer(h: &Harness) {
     let crl = h
         .world
         .authority
         .crl(&[&h.world.consumer_issued])
         .expect("CRL");
     std::fs::write(&h.world.crl, crl).expect("publish CRL");
+    let client = h.consumer();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while client.handshake().await.is_ok() {
         assert!(
@@ -166,6 +165,14 @@ async fn publishing_a_crl_refuses_the_revoked_consumer_next_time() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_a_crl_refuses_the_revoked_consumer_next_time() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.consumer();
+    assert!(client.handshake().await.is_ok());
+    revoke_consumer(&h).await;
     // Others still get in.
     assert!(h
         .world
@@ -254,20 +261,7 @@ async fn a_connection_open_when_its_certificate_is_revoked_is_refused_at_its_nex
     assert_eq!(status, StatusCode::OK);
     assert_eq!(h.recorder.seen(), 2);
 
-    let crl = h
-        .world
-        .authority
-        .crl(&[&h.world.consumer_issued])
-        .expect("CRL");
-    std::fs::write(&h.world.crl, crl).expect("publish CRL");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while client.handshake().await.is_ok() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the CRL was never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    revoke_consumer(&h).await;
 
     let token = "CLIENT_CERTIFICATE_NO_LONGER_ACCEPTED_CERTIFICATE_REVOKED";
     let refused = on_open_connection(&mut h1, metadata()).await;
