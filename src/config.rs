@@ -341,6 +341,7 @@ fn build(root: &mut Section<'_, '_>) -> Config {
             cert: s.path("cert"),
             key: s.path("key"),
             ca: s.path("ca"),
+            crls: s.paths("crls"),
         },
         connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         response_timeout: s.duration("response_timeout", DEFAULT_RESPONSE_TIMEOUT),
@@ -738,12 +739,13 @@ fn listener_limits(s: &mut Section<'_, '_>) -> Limits {
 
 /// The keys each directory backend reads; any of them under another backend is a mistake.
 const LDIF_KEYS: [&str; 2] = ["ldif_file", "ldif_poll_interval"];
-const LDAP_KEYS: [&str; 5] = [
+const LDAP_KEYS: [&str; 6] = [
     "ldap_url",
     "ldap_search_base",
     "ldap_cert",
     "ldap_key",
     "ldap_ca",
+    "ldap_crls",
 ];
 const FHIR_KEYS: [&str; 4] = [
     "fhir_base_url",
@@ -805,9 +807,10 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
                     cert: s.path("ldap_cert"),
                     key: s.path("ldap_key"),
                     ca: s.path("ldap_ca"),
+                    crls: s.paths("ldap_crls"),
                 })
             } else {
-                for key in ["ldap_cert", "ldap_key", "ldap_ca"] {
+                for key in ["ldap_cert", "ldap_key", "ldap_ca", "ldap_crls"] {
                     if s.take(key).is_some() {
                         s.problem(key, "applies to an ldaps:// ldap_url only".into());
                     }
@@ -1279,6 +1282,13 @@ ldif_file = "directory.ldif"
         assert_eq!(c.listener.address, "127.0.0.1:8443".parse().unwrap());
         assert_eq!(c.listener.tls.cert, PathBuf::from("/etc/ssp/gw.pem"));
         assert_eq!(c.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert!(c.upstream.tls.crls.is_empty());
+        let with_crls = MINIMAL.replace(
+            "ca = \"ca.pem\"\n[policy]",
+            "ca = \"ca.pem\"\ncrls = [\"p.crl\"]\n[policy]",
+        );
+        let upstream = parse(&with_crls).unwrap_or_else(|e| panic!("{e}")).upstream;
+        assert_eq!(upstream.tls.crls, [PathBuf::from("/etc/ssp/p.crl")]);
         assert_eq!(c.policy.jwt, JwtPolicy::Enforce);
         assert!(c.policy.sharing_agreements.is_none());
         assert!(c.mock_provider.is_none());
@@ -1660,7 +1670,7 @@ ldif_file = "directory.ldif"
 
         let ldap = MINIMAL.replace(
             "ldif_file = \"directory.ldif\"",
-            "backend = \"ldap\"\nldap_url = \"ldaps://sds.example:636\"\nldap_cert = \"c.pem\"\nldap_key = \"k.pem\"\nldap_ca = \"ca.pem\"\nquery_timeout = \"2s\"\nmax_stale = \"0s\"",
+            "backend = \"ldap\"\nldap_url = \"ldaps://sds.example:636\"\nldap_cert = \"c.pem\"\nldap_key = \"k.pem\"\nldap_ca = \"ca.pem\"\nldap_crls = [\"sds.crl\"]\nquery_timeout = \"2s\"\nmax_stale = \"0s\"",
         );
         let c = parse(&ldap).unwrap_or_else(|e| panic!("{e}"));
         let DirectoryBackendConfig::Ldap(l) = &c.directory.backend else {
@@ -1671,6 +1681,10 @@ ldif_file = "directory.ldif"
         assert_eq!(
             l.tls.as_ref().map(|t| t.ca.clone()),
             Some(PathBuf::from("/etc/ssp/ca.pem"))
+        );
+        assert_eq!(
+            l.tls.as_ref().map(|t| t.crls.clone()),
+            Some(vec![PathBuf::from("/etc/ssp/sds.crl")])
         );
         assert_eq!(c.directory.cache.max_stale, Duration::ZERO);
 

@@ -34,12 +34,17 @@ use crate::config::UpstreamConfig;
 use crate::reload::Reloadable;
 use crate::ssp::envelope::Target;
 use crate::ssp::outcome::Rejection;
+use arc_swap::ArcSwap;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The upstream side of the gateway: a pooled HTTP/1.1 client over mTLS.
 pub struct Upstream {
-    client: Client<TlsConnector, Reclaimable<Counted<RequestBody>>>,
+    /// The upstream TLS in force (reloaded on SIGHUP and file change).
+    tls: Arc<Reloadable<rustls::ClientConfig>>,
+    /// The connection pool of the TLS configuration in force.
+    pool: ArcSwap<Pool>,
+    settings: PoolSettings,
     response_timeout: Duration,
     /// Connect retries per request, and the backoff before the first.
     connect_retries: u32,
@@ -52,6 +57,37 @@ pub struct Upstream {
     max_request_body: Option<u64>,
 }
 
+/// Connections to providers, all made with one TLS configuration.
+struct Pool {
+    tls: Arc<rustls::ClientConfig>,
+    client: Client<TlsConnector, Reclaimable<Counted<RequestBody>>>,
+}
+
+/// What every pool is built with.
+struct PoolSettings {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+    connect_errors: Option<prometheus::IntCounterVec>,
+}
+
+impl PoolSettings {
+    fn pool(&self, tls: Arc<rustls::ClientConfig>) -> Pool {
+        let connector = TlsConnector {
+            tls: tls.clone(),
+            connect_timeout: self.connect_timeout,
+            connect_errors: self.connect_errors.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(self.idle_timeout)
+            .pool_max_idle_per_host(self.max_idle_per_host)
+            .build(connector);
+        Pool { tls, client }
+    }
+}
+
 impl Upstream {
     /// The pooled mTLS client, counting failed connections in `connect_errors` (label
     /// `reason`: `timeout`, `tcp`, `tls`, `other`) when given.
@@ -60,19 +96,17 @@ impl Upstream {
         tls: Arc<Reloadable<rustls::ClientConfig>>,
         connect_errors: Option<prometheus::IntCounterVec>,
     ) -> Upstream {
-        let connector = TlsConnector {
-            tls,
+        let settings = PoolSettings {
             connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
+            max_idle_per_host: config.pool_max_idle_per_host,
             connect_errors,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(connector);
+        let pool = ArcSwap::from_pointee(settings.pool(tls.current()));
         Upstream {
-            client,
+            tls,
+            pool,
+            settings,
             response_timeout: config.response_timeout,
             connect_retries: config.connect_retries,
             connect_retry_backoff: config.connect_retry_backoff,
@@ -85,6 +119,25 @@ impl Upstream {
     /// The optional request-body cap, bytes.
     pub fn max_request_body(&self) -> Option<u64> {
         self.max_request_body
+    }
+
+    /// The pool of the upstream TLS configuration in force. After a reload (the client
+    /// certificate, the CA bundle, a provider CRL) a new pool is started, so that no connection
+    /// made under the old configuration — to a provider whose certificate is now revoked, say
+    /// — is used again: the old pool's idle connections close with it, busy ones once their
+    /// exchange is done.
+    fn pool(&self) -> Arc<Pool> {
+        let tls = self.tls.current();
+        let pool = self.pool.load_full();
+        if Arc::ptr_eq(&pool.tls, &tls) {
+            return pool;
+        }
+        // Requests racing here may each start one; the last stored stays, the others serve
+        // their one request and go.
+        let fresh = Arc::new(self.settings.pool(tls));
+        self.pool.store(fresh.clone());
+        tracing::info!("upstream TLS reloaded: new provider connections from now on");
+        fresh
     }
 
     /// Fails fast (502) to a provider host whose circuit is open; `state` shows each host's
@@ -222,7 +275,7 @@ impl Upstream {
             };
             let (this_body, returned) = Reclaimable::new(this_body, retry_left);
             let req = Request::from_parts(this_head, this_body);
-            let result = tokio::time::timeout_at(deadline, self.client.request(req)).await;
+            let result = tokio::time::timeout_at(deadline, self.pool().client.request(req)).await;
             let answer = match result {
                 Err(_) if progress.awaiting_consumer() => {
                     // The time ran out waiting for the consumer's body, not for the provider:
@@ -528,12 +581,10 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Connects to a provider: TCP (no Nagle) then TLS with the gateway's client certificate, all
-/// within the connect timeout.
-/// The client configuration is read per connection, so a reloaded client certificate is used
-/// by new connections while pooled ones finish with the old one.
+/// within the connect timeout, with its pool's TLS configuration (see [`Upstream::pool`]).
 #[derive(Clone)]
 pub struct TlsConnector {
-    tls: Arc<Reloadable<rustls::ClientConfig>>,
+    tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     connect_errors: Option<prometheus::IntCounterVec>,
 }
@@ -548,7 +599,7 @@ impl tower_service::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = tokio_rustls::TlsConnector::from(self.tls.current());
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
         let limit = self.connect_timeout;
         let errors = self.connect_errors.clone();
         Box::pin(async move {

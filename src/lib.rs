@@ -94,6 +94,8 @@ pub struct Components {
     pub server_tls: Arc<Reloadable<tls::ListenerTls>>,
     /// The listener's CRL Numbers so far, so its reloads never go back to an older CRL.
     pub crl_floor: tls::CrlFloor,
+    /// The upstream client's (providers' CRLs), likewise.
+    pub upstream_crl_floor: tls::CrlFloor,
     pub client_tls: Arc<Reloadable<rustls::ClientConfig>>,
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<tls::ListenerTls>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
@@ -198,9 +200,11 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         tls::listener_tls_above(&config.listener.tls, listener_alpn(config), &crl_floor)
             .map_err(|e| problems.push(format!("listener: {e}")))
             .ok();
-    let client_tls = tls::own_client_config(&config.upstream.tls, &ALPN_H1)
-        .map_err(|e| problems.push(format!("upstream: {e}")))
-        .ok();
+    let upstream_crl_floor = tls::CrlFloor::default();
+    let client_tls =
+        tls::own_client_config_above(&config.upstream.tls, &ALPN_H1, &upstream_crl_floor)
+            .map_err(|e| problems.push(format!("upstream: {e}")))
+            .ok();
     let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
     check_audit_dir(config, &mut problems);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
@@ -292,6 +296,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 gateway,
                 server_tls,
                 crl_floor,
+                upstream_crl_floor,
                 client_tls,
                 mock_provider,
                 ldif: backend.ldif,
@@ -377,7 +382,9 @@ fn server_tls_files(config: &Config) -> Vec<std::path::PathBuf> {
 
 fn client_tls_files(config: &Config) -> Vec<std::path::PathBuf> {
     let t = &config.upstream.tls;
-    vec![t.cert.clone(), t.key.clone(), t.ca.clone()]
+    let mut files = vec![t.cert.clone(), t.key.clone(), t.ca.clone()];
+    files.extend(t.crls.iter().cloned());
+    files
 }
 
 /// How often watched files are polled (SIGHUP always reloads at once).
@@ -402,8 +409,9 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
         tasks,
     );
     let upstream = config.upstream.tls.clone();
+    let floor = c.upstream_crl_floor.clone();
     c.client_tls.watch(
-        move || tls::own_client_config(&upstream, &ALPN_H1).map(Arc::unwrap_or_clone),
+        move || tls::own_client_config_above(&upstream, &ALPN_H1, &floor).map(Arc::unwrap_or_clone),
         poll,
         shutdown.clone(),
         tasks,

@@ -244,6 +244,7 @@ fn client_for(certs: &Path, name: &str, port: u16, alpn: &[&[u8]]) -> Client {
             cert: certs.join(format!("{name}.pem")),
             key: certs.join(format!("{name}-key.pem")),
             ca: certs.join("ca.pem"),
+            crls: Vec::new(),
         },
         alpn,
     )

@@ -289,6 +289,7 @@ async fn the_ldap_backend_speaks_ldaps_with_a_client_certificate() {
         cert: pair.cert.clone(),
         key: pair.key.clone(),
         ca: world.ca.clone(),
+        crls: Vec::new(),
     };
 
     let ldaps = ldap(slapd.ldaps_url(), Some(client(&world.gateway_client)));
@@ -311,6 +312,7 @@ async fn the_ldap_backend_speaks_ldaps_with_a_client_certificate() {
         slapd.ldaps_url(),
         Some(ClientTls {
             ca: other.ca.clone(),
+            crls: Vec::new(),
             ..client(&world.gateway_client)
         }),
     );

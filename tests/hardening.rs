@@ -289,6 +289,62 @@ async fn a_connection_open_when_its_certificate_is_revoked_is_refused_at_its_nex
     h.stop().await;
 }
 
+/// The gateway checks provider certificates against `[upstream] crls`: once a CRL revoking the
+/// provider's certificate is published, no request reaches that provider, not even over a
+/// pooled connection made before it (a reload of the upstream TLS starts a new pool). The
+/// consumer gets 502, and the failed connection is counted as a TLS failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_a_crl_that_revokes_the_provider_stops_forwarding_to_it() {
+    let world = World::ecdsa();
+    let providers_crl = scratch_dir("upstream-crl").join("providers.crl.pem");
+    std::fs::write(&providers_crl, world.authority.crl(&[]).expect("CRL")).expect("write CRL");
+    let crls = format!("crls = [\"{}\"]", providers_crl.display());
+    let opts = GatewayOptions {
+        extra_upstream: Box::leak(crls.into_boxed_str()),
+        ..Default::default()
+    };
+    let h = start_with_recorder(world, Behaviour::Echo, opts).await;
+    assert_eq!(h.consumer_metadata().await.status, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 1);
+
+    let revoking = h
+        .world
+        .authority
+        .crl(&[&h.world.provider_issued])
+        .expect("CRL");
+    std::fs::write(&providers_crl, revoking).expect("publish CRL");
+    let reloaded = "ssp_reloads_total{component=\"upstream TLS\",result=\"ok\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http_get(h.admin, "/metrics").await;
+        if sample(&text, reloaded).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the provider CRL was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let target = format!("{}/metadata", h.endpoint());
+    h.consumer_metadata().await.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    assert_eq!(
+        h.recorder.seen(),
+        1,
+        "a request reached the revoked provider"
+    );
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    assert!(
+        sample(&text, "ssp_upstream_connect_errors_total{reason=\"tls\"}").unwrap_or(0.0) >= 1.0,
+        "the refused provider handshake was not counted"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     let h = start_with_recorder(

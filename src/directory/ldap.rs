@@ -724,6 +724,7 @@ mod tests {
             cert: "c.pem".into(),
             key: "k.pem".into(),
             ca: "ca.pem".into(),
+            crls: Vec::new(),
         };
         assert!(LdapBackend::new(settings("ldap://127.0.0.1:1", None)).is_ok());
         for (url, tls, expected) in [

@@ -332,6 +332,7 @@ impl Settings {
                 cert: args.cert.clone(),
                 key: args.key.clone(),
                 ca: args.cacert.clone(),
+                crls: Vec::new(),
             },
             args.http2,
         )?;

@@ -174,6 +174,9 @@ pub struct ClientTls {
     pub key: PathBuf,
     /// The CA bundle provider certificates must chain to (the system roots are not used).
     pub ca: PathBuf,
+    /// CRLs of CAs in `ca`, checked for the server certificates (as the listener checks
+    /// client certificates); empty for no revocation checking.
+    pub crls: Vec<PathBuf>,
 }
 
 /// The protocol versions both legs allow.
@@ -348,6 +351,30 @@ pub fn load_crls(
     let (crls, numbered) = load_crls_numbered(paths)?;
     refuse_second_crls(&numbered)?;
     Ok(crls)
+}
+
+/// The CRLs in `paths`, for the CA bundle `ca_path` holding `cas`: each read (numbered, not
+/// stale), signed by a CA of the bundle, accepted by webpki on its own (`webpki_accepts`, so a
+/// CRL webpki refuses names its file), no second CRL for what another covers, and none older
+/// than `floor` has seen. The floor is raised by the caller once its config is built.
+fn checked_crls(
+    paths: &[PathBuf],
+    cas: &[CertificateDer<'_>],
+    ca_path: &Path,
+    floor: &CrlFloor,
+    webpki_accepts: impl Fn(&CertificateRevocationListDer<'static>) -> Result<(), rustls::Error>,
+) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>), TlsError> {
+    let (crls, numbered) = load_crls_numbered(paths)?;
+    for (crl, n) in crls.iter().zip(&numbered) {
+        check_crl_issuer(&n.path, crl, cas, ca_path)?;
+        webpki_accepts(crl).map_err(|e| TlsError::BadCrl {
+            path: n.path.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    refuse_second_crls(&numbered)?;
+    floor.check(&numbered)?;
+    Ok((crls, numbered))
 }
 
 /// Refuses a second, different CRL for what an earlier one covers: webpki checks a certificate
@@ -604,20 +631,9 @@ pub fn listener_tls_above(
     let key = load_private_key(&s.key)?;
     let (cas, roots) = ca_bundle(&s.client_ca)?;
     let provider = provider();
-    // All the files read once; each CRL through webpki on its own first, so a CRL webpki
-    // refuses names its file.
-    let (crls, numbered) = load_crls_numbered(&s.crls)?;
-    for (crl, n) in crls.iter().zip(&numbered) {
-        check_crl_issuer(&n.path, crl, &cas, &s.client_ca)?;
-        client_verifier(&provider, roots.clone(), vec![crl.clone()]).map_err(|e| {
-            TlsError::BadCrl {
-                path: n.path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-    }
-    refuse_second_crls(&numbered)?;
-    floor.check(&numbered)?;
+    let (crls, numbered) = checked_crls(&s.crls, &cas, &s.client_ca, floor, |crl| {
+        client_verifier(&provider, roots.clone(), vec![crl.clone()]).map(|_| ())
+    })?;
     let verifier = client_verifier(&provider, roots, crls).map_err(|e| TlsError::Rustls {
         path: s.client_ca.clone(),
         context: "client certificate verifier",
@@ -671,35 +687,47 @@ fn assemble_server_config(
 /// Session resumption stays on for this leg (rustls's default in-memory client cache): the
 /// provider decides whether to resume, and resuming saves a full handshake per new connection.
 pub fn client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
-    build_client_config(c, alpn, None)
+    build_client_config(c, alpn, None, &CrlFloor::default())
 }
 
 /// [`client_config`] for the gateway's own client side (providers, an LDAPS directory): its
 /// certificate must also be one servers can accept ([`check_own_leaf`]). (Test and load-test
 /// clients use `client_config`, which takes any certificate, to see the gateway refuse bad ones.)
 pub fn own_client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
-    build_client_config(c, alpn, Some(Purpose::Client))
+    own_client_config_above(c, alpn, &CrlFloor::default())
+}
+
+/// [`own_client_config`], refusing CRLs older than those `floor` has seen and raising it to
+/// these: the upstream client's reloads, so a provider's CRL is never replaced by an older one.
+pub fn own_client_config_above(
+    c: &ClientTls,
+    alpn: &[&[u8]],
+    floor: &CrlFloor,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(c, alpn, Some(Purpose::Client), floor)
 }
 
 fn build_client_config(
     c: &ClientTls,
     alpn: &[&[u8]],
     own: Option<Purpose>,
+    floor: &CrlFloor,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let certs = load_certs(&c.cert)?;
     if let Some(purpose) = own {
         check_own_leaf(&c.cert, &certs[0], purpose)?;
     }
     let key = load_private_key(&c.key)?;
-    let roots = load_ca_bundle(&c.ca)?;
+    let (cas, roots) = ca_bundle(&c.ca)?;
     let provider = provider();
+    let (crls, numbered) = checked_crls(&c.crls, &cas, &c.ca, floor, |crl| {
+        server_verifier(&provider, roots.clone(), vec![crl.clone()]).map(|_| ())
+    })?;
     let server_verifier =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|e| TlsError::BadCaBundle {
-                path: c.ca.clone(),
-                reason: e.to_string(),
-            })?;
+        server_verifier(&provider, roots, crls).map_err(|e| TlsError::BadCaBundle {
+            path: c.ca.clone(),
+            reason: e.to_string(),
+        })?;
     let certified = certified_key(&provider, &c.cert, certs, &c.key, key)?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
@@ -711,7 +739,31 @@ fn build_client_config(
         .with_webpki_verifier(server_verifier)
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    floor.raise(numbered);
     Ok(Arc::new(config))
+}
+
+/// The provider certificate verifier of the upstream client: chains to the CA bundle, and,
+/// with CRLs, the listener's revocation policy (see the module doc) for provider certificates.
+fn server_verifier(
+    provider: &Arc<CryptoProvider>,
+    roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+    let mut builder =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    if !crls.is_empty() {
+        builder = builder
+            .with_crls(crls)
+            .allow_unknown_revocation_status()
+            .enforce_revocation_expiration();
+    }
+    builder.build().map_err(|e| match e {
+        rustls::client::VerifierBuilderError::InvalidCrl(crl) => {
+            rustls::Error::InvalidCertRevocationList(crl)
+        }
+        other => rustls::Error::General(other.to_string()),
+    })
 }
 
 /// The client certificate verifier of the listener (see the module doc for the CRL policy).
@@ -1138,6 +1190,7 @@ mod tests {
                 cert,
                 key,
                 ca: self.ca(&format!("{stem}-trust.pem"), &[server_ca]),
+                crls: Vec::new(),
             }
         }
     }
@@ -1532,6 +1585,7 @@ mod tests {
             cert: a_cert,
             key: b_key,
             ca: s.client_ca.clone(),
+            crls: Vec::new(),
         };
         assert!(matches!(
             client_config(&c, &[]),
@@ -2122,6 +2176,60 @@ mod tests {
         assert_eq!(failure(&connected), HandshakeFailure::BadCertificate);
     }
 
+    /// The upstream client checks provider certificates against its CRLs, as the listener
+    /// checks client certificates: a revoked provider is refused at the handshake, and a CRL of
+    /// a CA outside the upstream bundle, or older than one already loaded, is refused at load.
+    #[tokio::test]
+    async fn the_upstream_client_refuses_a_revoked_provider() {
+        let files = Files::new("hs-upstream-crl");
+        let ca = ecdsa_ca("Provider CA");
+        let other = ecdsa_ca("Unrelated CA");
+        let leaf = ca
+            .issue(&LeafSpec::server(&["localhost", "127.0.0.1"]))
+            .expect("provider leaf");
+        let (cert, key) = files.leaf("provider", &leaf);
+        let provider = ServerTls {
+            cert,
+            key,
+            client_ca: files.ca("provider-clients.pem", &[&ca]),
+            crls: vec![],
+        };
+        let gateway = files.client("gw", &client_leaf(&ca, &["ssp.dev.local"]), &ca);
+        let with_crls = |crls: &[&PathBuf]| ClientTls {
+            crls: crls.iter().map(|p| (*p).clone()).collect(),
+            ..gateway.clone()
+        };
+        let revoking = files.text("revoking.pem", ca.crl(&[&leaf]).expect("crl"));
+        let clean = files.text("clean.pem", ca.crl(&[]).expect("crl"));
+        let connect = |crls: &[&PathBuf]| {
+            let client = client_config(&with_crls(crls), &[]).expect("client");
+            handshake(server_config(&provider, ALPN).expect("server"), client)
+        };
+        let (_, connected) = connect(&[&revoking]).await;
+        assert_eq!(failure(&connected), HandshakeFailure::CertificateRevoked);
+        let (_, connected) = connect(&[&clean]).await;
+        assert!(connected.is_ok(), "{connected:?}");
+        let (_, connected) = connect(&[]).await;
+        assert!(connected.is_ok(), "{connected:?}");
+
+        let foreign = files.text("foreign.pem", other.crl(&[]).expect("crl"));
+        match client_config(&with_crls(&[&foreign]), &[]) {
+            Err(TlsError::BadCrl { path, reason }) => {
+                assert_eq!(path, foreign);
+                assert!(reason.contains("not a CA in"), "{reason}");
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
+        let floor = CrlFloor::default();
+        own_client_config_above(&with_crls(&[&clean]), &[], &floor).expect("the newer CRL");
+        match own_client_config_above(&with_crls(&[&revoking]), &[], &floor) {
+            Err(TlsError::BadCrl { reason, .. }) => {
+                assert!(reason.contains("is older"), "{reason}")
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn the_development_world_works_end_to_end() {
         let files = Files::new("devworld");
@@ -2144,6 +2252,7 @@ mod tests {
                     cert: p(&format!("{stem}.pem")),
                     key: p(&format!("{stem}-key.pem")),
                     ca: p("ca.pem"),
+                    crls: Vec::new(),
                 },
                 &[b"h2"],
             )

@@ -128,6 +128,8 @@ pub struct World {
     pub revoked: Pair,
     /// The consumer certificate as issued (to revoke it in a test).
     pub consumer_issued: Issued,
+    /// The provider's server certificate as issued (likewise).
+    pub provider_issued: Issued,
     pub untrusted: Pair,
 }
 
@@ -238,6 +240,7 @@ impl World {
             expired: write_pair(&dir, "expired", &expired),
             revoked: write_pair(&dir, "revoked", &revoked),
             consumer_issued: consumer,
+            provider_issued: provider,
             untrusted: write_pair(&dir, "untrusted", &untrusted),
             dir,
         }
@@ -267,6 +270,7 @@ impl World {
                 cert: pair.cert.clone(),
                 key: pair.key.clone(),
                 ca: self.ca.clone(),
+                crls: Vec::new(),
             },
             alpn,
         )
