@@ -540,6 +540,7 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
         .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).jwt(None))
         .await;
     a.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_MISSING");
+    assert_eq!(a.headers[http::header::WWW_AUTHENTICATE], "Bearer");
     // A second token beside a valid one: the provider might read either.
     let second = format!(
         "Bearer {}",
@@ -565,6 +566,10 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
         .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).jwt(Some(jwt("patient/*.write"))))
         .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        a.headers[http::header::WWW_AUTHENTICATE],
+        "Bearer error=\"invalid_request\""
+    );
     assert!(a.json()["issue"][0]["diagnostics"]
         .as_str()
         .unwrap_or_default()

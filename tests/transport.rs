@@ -296,10 +296,154 @@ async fn cors_preflight_lists_the_allowed_methods() {
         a.headers[http::header::ACCESS_CONTROL_ALLOW_METHODS],
         "POST"
     );
+    // A declared interaction is checked against the path, and the answer lists every method
+    // of the path, as the SSP test pack expects for read, amend and cancel alike.
+    for ix in [IX_READ_APPOINTMENT, IX_AMEND, IX_CANCEL] {
+        let a = c
+            .send(preflight(
+                format!("{}/Appointment/7", h.endpoint()),
+                Some(ix),
+            ))
+            .await
+            .expect("answer");
+        assert_eq!(a.status, StatusCode::OK, "{ix}");
+        let methods = a.headers[http::header::ACCESS_CONTROL_REQUEST_METHOD]
+            .to_str()
+            .expect("ascii");
+        assert!(
+            methods.contains("GET") && methods.contains("PUT"),
+            "{ix}: {methods}"
+        );
+    }
+    let a = c
+        .send(preflight(
+            format!("{}/Appointment/7", h.endpoint()),
+            Some(IX_BOOK),
+        ))
+        .await
+        .expect("answer");
+    assert_eq!(
+        a.status,
+        StatusCode::BAD_REQUEST,
+        "book does not fit the path"
+    );
     assert_eq!(
         h.recorder.seen(),
         0,
         "a preflight is answered by the gateway"
+    );
+    h.stop().await;
+}
+
+/// A browser consumer's requests (with `Origin`) get CORS headers on the answer, the
+/// provider's or the gateway's own refusal, so the page may read it (ETag and Location
+/// included); requests without `Origin` get none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_a_browser_consumer_carry_cors_headers() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let c = h.consumer();
+    let with_origin = |gpc: Gpc<'_>| {
+        let (mut parts, body) = gpc.build().into_parts();
+        parts.headers.insert(
+            http::header::ORIGIN,
+            "https://consumer.example".parse().expect("value"),
+        );
+        Request::from_parts(parts, body)
+    };
+    let search = || Gpc::new(Method::GET, slot_target(&h), IX_SEARCH_SLOT);
+    let forwarded = c.send(with_origin(search())).await.expect("answer");
+    let refused = c
+        .send(with_origin(search().from("100000000001")))
+        .await
+        .expect("answer");
+    assert_eq!(forwarded.status, StatusCode::OK);
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    for a in [&forwarded, &refused] {
+        assert_eq!(
+            a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://consumer.example"
+        );
+        let exposed = a.headers[http::header::ACCESS_CONTROL_EXPOSE_HEADERS]
+            .to_str()
+            .expect("ascii");
+        assert!(
+            exposed.contains("ETag") && exposed.contains("Location"),
+            "{exposed}"
+        );
+        assert!(a
+            .headers
+            .get_all(http::header::VARY)
+            .iter()
+            .any(|v| v == "Origin"));
+    }
+    let plain = c.gpc(search()).await;
+    assert_eq!(plain.status, StatusCode::OK);
+    assert!(plain
+        .headers
+        .get(http::header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+    assert!(plain.headers.get(http::header::VARY).is_none());
+    h.stop().await;
+}
+
+/// HEAD is not a GP Connect method: 405 with `Allow`, over HTTP/2 as over HTTP/1.1 (an
+/// HTTP/2 HEAD answer with a body used to have its stream reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_is_refused_with_405_over_both_protocols() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    for http2 in [false, true] {
+        let c = h.world.client_with(&h.world.consumer, h.gateway, http2);
+        let (mut parts, body) = Gpc::new(Method::GET, slot_target(&h), IX_SEARCH_SLOT)
+            .build()
+            .into_parts();
+        parts.method = Method::HEAD;
+        let a = c
+            .send(Request::from_parts(parts, body))
+            .await
+            .unwrap_or_else(|e| panic!("HTTP/2 {http2}: {e}"));
+        assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED, "HTTP/2 {http2}");
+        assert_eq!(
+            a.version,
+            if http2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            }
+        );
+        assert!(a.headers.contains_key(http::header::ALLOW));
+        assert!(a.body.is_empty());
+    }
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+}
+
+/// With neither `_format` nor `Accept`, the gateway's error is in the request body's format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_follow_the_request_content_type_without_accept() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let req = Gpc::new(
+        Method::POST,
+        format!("{}/Appointment", h.endpoint()),
+        IX_BOOK,
+    )
+    .from("100000000001")
+    .body("<Appointment xmlns=\"http://hl7.org/fhir\"/>")
+    .build();
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(http::header::ACCEPT);
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        "application/fhir+xml;charset=utf-8".parse().expect("value"),
+    );
+    let a = h
+        .consumer()
+        .send(Request::from_parts(parts, body))
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        a.headers[http::header::CONTENT_TYPE],
+        "application/fhir+xml;charset=utf-8"
     );
     h.stop().await;
 }

@@ -282,10 +282,22 @@ pub enum Format {
 /// only when it asks for an XML type with a higher preference than any JSON type (wildcards
 /// count as JSON, the default); anything else is JSON.
 pub fn negotiate(accept: Option<&str>, query: Option<&str>) -> Format {
-    if let Some(format) = query.and_then(format_from_query) {
-        return format;
-    }
-    accept.and_then(format_from_accept).unwrap_or(Format::Json)
+    negotiate_request(accept, None, query)
+}
+
+/// [`negotiate`] for a request with a body of `content_type`: when neither `_format` nor
+/// `Accept` names a FHIR format, the answer is in the request's own (GP Connect general API
+/// guidance: the server answers in the `Content-Type` format then).
+pub fn negotiate_request(
+    accept: Option<&str>,
+    content_type: Option<&str>,
+    query: Option<&str>,
+) -> Format {
+    query
+        .and_then(format_from_query)
+        .or_else(|| accept.and_then(format_from_accept))
+        .or_else(|| content_type.and_then(classify_media_type))
+        .unwrap_or(Format::Json)
 }
 
 /// The first recognised `_format` value in a query string (percent-encoding allowed).
@@ -302,7 +314,8 @@ fn format_from_query(query: &str) -> Option<Format> {
     })
 }
 
-/// XML when an XML media range beats every JSON one (q-value, ties go to JSON), else `None`.
+/// XML when an XML media range beats every JSON one (q-value, ties go to JSON), JSON when a
+/// JSON (or wildcard) range is acceptable, `None` when `Accept` names neither.
 fn format_from_accept(accept: &str) -> Option<Format> {
     let mut best_xml = 0u16;
     let mut best_json = 0u16;
@@ -328,7 +341,11 @@ fn format_from_accept(accept: &str) -> Option<Format> {
             None => {}
         }
     }
-    (best_xml > 0 && best_xml > best_json).then_some(Format::Xml)
+    if best_xml > 0 && best_xml > best_json {
+        Some(Format::Xml)
+    } else {
+        (best_json > 0).then_some(Format::Json)
+    }
 }
 
 /// An RFC 9110 qvalue as thousandths (`1`, `0.8`, `0.125`); `None` when malformed.
@@ -388,25 +405,27 @@ pub fn render(rejection: &Rejection, format: Format, id: &str) -> Rendered {
     let token = rejection.token();
     let status = rejection.status();
     let status_code = status.as_str();
+    // The SSP coding first: the real SSP sends it alone, so a consumer reading the first
+    // coding finds what it expects; the Spine code follows where there is one.
     let mut codings: [Coding<'_>; 2] = [
-        Coding {
-            system: SPINE_CODE_SYSTEM,
-            code: "",
-            display: "",
-        },
         Coding {
             system: SSP_CODE_SYSTEM,
             code: status_code,
             display: &token,
         },
+        Coding {
+            system: SPINE_CODE_SYSTEM,
+            code: "",
+            display: "",
+        },
     ];
     let codings: &[Coding<'_>] = match rejection.spine_code() {
         Some(code) => {
-            codings[0].code = code;
-            codings[0].display = spine_display(code);
+            codings[1].code = code;
+            codings[1].display = spine_display(code);
             &codings
         }
-        None => &codings[1..],
+        None => &codings[..1],
     };
     let outcome = Outcome {
         resource_type: "OperationOutcome",
@@ -745,6 +764,30 @@ mod tests {
         assert_eq!(negotiate(Some(""), Some("")), Format::Json);
         assert_eq!(negotiate(Some("*/*"), None), Format::Json);
         assert_eq!(negotiate(Some("text/html"), None), Format::Json);
+        // The request's own Content-Type when neither _format nor Accept names a format.
+        let xml_body = Some("application/fhir+xml;charset=utf-8");
+        assert_eq!(negotiate_request(None, xml_body, None), Format::Xml);
+        assert_eq!(
+            negotiate_request(Some("text/html"), xml_body, None),
+            Format::Xml
+        );
+        assert_eq!(negotiate_request(Some("*/*"), xml_body, None), Format::Json);
+        assert_eq!(
+            negotiate_request(Some("application/fhir+json"), xml_body, None),
+            Format::Json
+        );
+        assert_eq!(
+            negotiate_request(None, xml_body, Some("_format=json")),
+            Format::Json
+        );
+        assert_eq!(
+            negotiate_request(None, Some("application/fhir+json"), None),
+            Format::Json
+        );
+        assert_eq!(
+            negotiate_request(None, Some("text/plain"), None),
+            Format::Json
+        );
     }
 
     #[test]
@@ -844,12 +887,12 @@ mod tests {
                 "severity": "error",
                 "code": "forbidden",
                 "details": {"coding": [
-                    {"system": "https://fhir.nhs.uk/STU3/CodeSystem/Spine-ErrorOrWarningCode-1",
-                     "code": "ACCESS_DENIED",
-                     "display": "Access has been denied to process this request"},
                     {"system": "http://fhir.nhs.net/ValueSet/gpconnect-schedule-response-code-1-0",
                      "code": "403",
-                     "display": "ASID_CHECK_FAILED_MESSAGESENDER_100000000001"}
+                     "display": "ASID_CHECK_FAILED_MESSAGESENDER_100000000001"},
+                    {"system": "https://fhir.nhs.uk/STU3/CodeSystem/Spine-ErrorOrWarningCode-1",
+                     "code": "ACCESS_DENIED",
+                     "display": "Access has been denied to process this request"}
                 ]},
                 "diagnostics": "ASID_CHECK_FAILED_MESSAGESENDER_100000000001"
             }]
@@ -891,10 +934,8 @@ mod tests {
             let coding = got["issue"][0]["details"]["coding"]
                 .as_array()
                 .expect("coding");
-            assert_eq!(
-                coding.last().expect("ssp coding")["display"],
-                hostile.token()
-            );
+            assert_eq!(coding[0]["system"], SSP_CODE_SYSTEM);
+            assert_eq!(coding[0]["display"], hostile.token());
         }
     }
 
@@ -911,10 +952,10 @@ mod tests {
             r#"<id value="abc"/>"#,
             r#"<issue><severity value="error"/><code value="forbidden"/>"#,
             r#"<details>"#,
-            r#"<coding><system value="https://fhir.nhs.uk/STU3/CodeSystem/Spine-ErrorOrWarningCode-1"/>"#,
-            r#"<code value="ACCESS_DENIED"/><display value="Access has been denied to process this request"/></coding>"#,
             r#"<coding><system value="http://fhir.nhs.net/ValueSet/gpconnect-schedule-response-code-1-0"/>"#,
             r#"<code value="403"/><display value="ASID_CHECK_FAILED_MESSAGESENDER_100000000001"/></coding>"#,
+            r#"<coding><system value="https://fhir.nhs.uk/STU3/CodeSystem/Spine-ErrorOrWarningCode-1"/>"#,
+            r#"<code value="ACCESS_DENIED"/><display value="Access has been denied to process this request"/></coding>"#,
             r#"</details>"#,
             r#"<diagnostics value="ASID_CHECK_FAILED_MESSAGESENDER_100000000001"/>"#,
             r#"</issue></OperationOutcome>"#
