@@ -4,6 +4,7 @@
 //! Every request leaves an audit record, a metric sample, an access log line and (when export is
 //! on) a span; nothing is forwarded before its audit record is durable.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::server::RequestBody;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
-use crate::audit::record::now_rfc3339;
+use crate::audit::record::Timestamp;
 use crate::audit::{Audit, AuditRecord, ClientInfo, RecordKind};
 use crate::authorise::{authorise, Facts};
 use crate::directory::Directory;
@@ -103,7 +104,9 @@ impl Drop for Unfinished<'_, '_, '_> {
         if !(self.armed && self.record.audited) {
             return;
         }
-        let mut outcome = audit_record(RecordKind::Outcome, self.conn, self.ctx, self.record);
+        let text = RecordText::new(self.ctx);
+        let mut outcome =
+            audit_record(RecordKind::Outcome, self.conn, self.ctx, self.record, &text);
         outcome.completed = Some(false);
         outcome.request_bytes = request_bytes(self.record);
         outcome.total_latency_us = Some(self.ctx.started.elapsed().as_micros() as u64);
@@ -263,27 +266,45 @@ impl Gateway {
         } else {
             RecordKind::Rejection
         };
-        let mut audit_record = audit_record(kind, conn, ctx, &record);
-        audit_record.status = Some(response.status().as_u16());
+        let status = response.status().as_u16();
         let forwarded = record.audited && record.token.is_none();
         if !forwarded {
+            let text = RecordText::new(ctx);
+            let mut audit_record = audit_record(kind, conn, ctx, &record, &text);
+            audit_record.status = Some(status);
             audit_record.total_latency_us = Some(ctx.started.elapsed().as_micros() as u64);
             audit_record.request_bytes = request_bytes(&record);
             self.audit.enqueue(&audit_record);
             return response;
         }
+        // The outcome is written when the response body ends: what it says is moved (not
+        // copied) out of the request path's record, and written from there then.
         let audit = self.audit.clone();
-        let started = ctx.started;
-        let request_bytes = record.request_bytes.clone();
+        let conn = ConnInfo::new(conn.remote, conn.peer.clone());
+        let ctx = Ctx {
+            request_id: ctx.request_id,
+            started: ctx.started,
+            start_time: ctx.start_time,
+            method: ctx.method.clone(),
+            // Only written when the target URL did not parse.
+            raw_target: match record.target_url {
+                Some(_) => String::new(),
+                None => ctx.raw_target.clone(),
+            },
+            trace: ctx.trace,
+        };
+        let record = record.into_outcome();
         response.map(move |body| {
             ProxyBody::observed(
                 body,
                 Box::new(move |end: BodyEnd| {
-                    audit_record.time = now_rfc3339();
+                    let text = RecordText::new(&ctx);
+                    let mut audit_record = audit_record(kind, &conn, &ctx, &record, &text);
+                    audit_record.status = Some(status);
                     audit_record.response_bytes = Some(end.bytes);
                     audit_record.completed = Some(end.completed);
-                    audit_record.request_bytes = request_bytes.map(|b| b.load(Ordering::Relaxed));
-                    audit_record.total_latency_us = Some(started.elapsed().as_micros() as u64);
+                    audit_record.request_bytes = request_bytes(&record);
+                    audit_record.total_latency_us = Some(ctx.started.elapsed().as_micros() as u64);
                     audit.enqueue(&audit_record);
                 }),
             )
@@ -320,7 +341,8 @@ impl Gateway {
             otel_trace_id: std::str::from_utf8(&trace).unwrap_or("-"),
         };
         if crate::logwriter::json() {
-            crate::logwriter::write_line(access_json_line(&now_rfc3339(), &line).as_bytes());
+            let now = Timestamp::now();
+            crate::logwriter::write_line(access_json_line(now.as_str(), &line).as_bytes());
         } else {
             tracing::info!(
                 target: "ssp_gateway::access",
@@ -510,7 +532,8 @@ impl Gateway {
 
         // 7. The audit record, durable before the provider sees anything.
         record.audited = true;
-        let request_record = audit_record(RecordKind::Request, conn, ctx, record);
+        let text = RecordText::new(ctx);
+        let request_record = audit_record(RecordKind::Request, conn, ctx, record, &text);
         if let Err(e) = self.audit.commit(&request_record).await {
             static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
             if let Some(held_back) = LOG.allow() {
@@ -718,22 +741,72 @@ fn access_json_line(timestamp: &str, fields: &AccessLine<'_>) -> String {
     String::from_utf8(line).unwrap_or_else(|_| String::from("\n"))
 }
 
-/// The audit record of `kind` for what is known about the request so far.
-fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_>) -> AuditRecord {
+impl Record<'_> {
+    /// What the outcome record of a forwarded request writes, moved out of the request path's
+    /// record (no copies) so that it can be written once the response body has ended.
+    fn into_outcome(self) -> Record<'static> {
+        Record {
+            trace_id: self.trace_id,
+            interaction_id: self.interaction_id,
+            from: self.from,
+            to: self.to,
+            target_url: self.target_url,
+            token: self.token,
+            jwt: self.jwt,
+            jwt_problem: self.jwt_problem,
+            audited: self.audited,
+            upstream_latency: self.upstream_latency,
+            upstream_attempts: self.upstream_attempts,
+            request_bytes: self.request_bytes,
+            ..Record::default()
+        }
+    }
+}
+
+/// The text a record writes of its time and its request's ids, on the stack.
+struct RecordText {
+    time: Timestamp,
+    request_id: [u8; uuid::fmt::Hyphenated::LENGTH],
+    trace_id: [u8; 32],
+}
+
+impl RecordText {
+    /// Now, for the request of `ctx`.
+    fn new(ctx: &Ctx) -> RecordText {
+        let mut request_id = [0; uuid::fmt::Hyphenated::LENGTH];
+        ctx.request_id.hyphenated().encode_lower(&mut request_id);
+        RecordText {
+            time: Timestamp::now(),
+            request_id,
+            trace_id: ctx.trace.trace_id_hex_bytes(),
+        }
+    }
+}
+
+/// The audit record of `kind` for what is known about the request so far, borrowing its text
+/// from the request (written into the trail's line by `Audit::commit` or `enqueue`).
+fn audit_record<'a>(
+    kind: RecordKind,
+    conn: &ConnInfo,
+    ctx: &'a Ctx,
+    record: &'a Record<'_>,
+    text: &'a RecordText,
+) -> AuditRecord<'a> {
+    let borrowed = |s: &'a Option<String>| s.as_deref().map(Cow::Borrowed);
     AuditRecord {
         kind,
-        time: now_rfc3339(),
-        request_id: ctx.request_id.to_string(),
-        ssp_trace_id: record.trace_id.clone(),
-        trace_id: Some(ctx.trace.trace_id_hex()),
-        from: record.from.clone(),
-        to: record.to.clone(),
-        interaction: record.interaction_id.clone(),
-        method: ctx.method.to_string(),
-        target_url: record
-            .target_url
-            .clone()
-            .unwrap_or_else(|| ctx.raw_target.clone()),
+        time: Cow::Borrowed(text.time.as_str()),
+        // Only ASCII (hex digits and hyphens) was written.
+        request_id: Cow::Borrowed(std::str::from_utf8(&text.request_id).unwrap_or_default()),
+        ssp_trace_id: borrowed(&record.trace_id),
+        trace_id: Some(Cow::Borrowed(
+            std::str::from_utf8(&text.trace_id).unwrap_or_default(),
+        )),
+        from: borrowed(&record.from),
+        to: borrowed(&record.to),
+        interaction: borrowed(&record.interaction_id),
+        method: Cow::Borrowed(ctx.method.as_str()),
+        target_url: Cow::Borrowed(record.target_url.as_deref().unwrap_or(&ctx.raw_target)),
         client: ClientInfo {
             address: conn.remote,
             certificate: conn.peer.clone(),
@@ -741,7 +814,7 @@ fn audit_record(kind: RecordKind, conn: &ConnInfo, ctx: &Ctx, record: &Record<'_
         jwt: record.jwt.clone(),
         jwt_problem: record.jwt_problem,
         status: None,
-        token: record.token.clone(),
+        token: borrowed(&record.token),
         request_bytes: None,
         response_bytes: None,
         upstream_latency_us: record.upstream_latency.map(|d| d.as_micros() as u64),

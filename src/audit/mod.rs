@@ -211,7 +211,7 @@ impl Audit {
     /// when the queue is full, `Stopped` when the writer is gone.
     fn submit(
         &self,
-        record: &AuditRecord,
+        record: &AuditRecord<'_>,
         ack: Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
         let body = record.to_body();
@@ -230,7 +230,7 @@ impl Audit {
     /// Writes `record` and waits until it is durable (`fsync`). Under `buffered`, queues it
     /// without waiting — kept until written, like `enqueue` — but refuses while the trail is
     /// known to be unwritable: nothing is forwarded unaudited.
-    pub async fn commit(&self, record: &AuditRecord) -> Result<(), AuditError> {
+    pub async fn commit(&self, record: &AuditRecord<'_>) -> Result<(), AuditError> {
         if self.buffered {
             if !self.shared.writable.load(Ordering::Acquire) {
                 return Err(AuditError::Unavailable);
@@ -254,7 +254,7 @@ impl Audit {
 
     /// Hands `record` to the writer without waiting. It is kept (and retried while the trail
     /// cannot be written) until it is written; only a full queue drops it, counted and logged.
-    pub fn enqueue(&self, record: &AuditRecord) {
+    pub fn enqueue(&self, record: &AuditRecord<'_>) {
         if let Err(e) = self.submit(record, None) {
             self.shared.metrics.records_dropped.inc();
             static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
@@ -342,10 +342,10 @@ mod tests {
         }
     }
 
-    fn record(n: u32) -> AuditRecord {
+    fn record(n: u32) -> AuditRecord<'static> {
         AuditRecord {
-            time: record::now_rfc3339(),
-            request_id: format!("r{n}"),
+            time: record::now_rfc3339().into(),
+            request_id: format!("r{n}").into(),
             status: Some(400),
             ..AuditRecord::bare(RecordKind::Rejection)
         }
@@ -549,7 +549,7 @@ mod tests {
         let metrics = Metrics::new().audit.clone();
         let (audit, pending) = Audit::prepare(&cfg, metrics.clone());
         let long = AuditRecord {
-            target_url: format!("https://provider.example/{}", "a".repeat(60_000)),
+            target_url: format!("https://provider.example/{}", "a".repeat(60_000)).into(),
             ..record(0)
         };
         // The writer is not started yet: everything waits in the queue.

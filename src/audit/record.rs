@@ -2,8 +2,11 @@
 //! (ARCHITECTURE.md "Audit trail"), how it is framed as one JSON line with its sequence number and
 //! the SHA-256 of the line before it, and how a line is hashed. Pure: no I/O here.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use chrono::{Datelike, Timelike};
 
 use serde::Serialize;
 
@@ -65,32 +68,34 @@ impl Serialize for ClientInfo {
 
 /// One audit event. Fields the gateway did not get as far as knowing are omitted. The trail is
 /// written by [`AuditRecord::write_json`]; `Serialize` (here and on [`ClientInfo`] and
-/// [`JwtClaims`]) is the reference it is tested against, byte for byte.
+/// [`JwtClaims`]) is the reference it is tested against, byte for byte. Its text is borrowed
+/// where it can be: the gateway builds a record from its request's own strings when it submits
+/// it, rather than copying each of them into the record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditRecord {
+pub struct AuditRecord<'a> {
     pub kind: RecordKind,
     /// When the event happened, RFC 3339 UTC with microseconds.
-    pub time: String,
+    pub time: Cow<'a, str>,
     /// The gateway's id for the request (also `x-request-id` on its own answers).
-    pub request_id: String,
+    pub request_id: Cow<'a, str>,
     /// `Ssp-TraceID`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ssp_trace_id: Option<String>,
+    pub ssp_trace_id: Option<Cow<'a, str>>,
     /// The W3C trace id of the request's span (for joining with traces).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
+    pub trace_id: Option<Cow<'a, str>>,
     /// `Ssp-From` ASID.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
+    pub from: Option<Cow<'a, str>>,
     /// `Ssp-To` ASID.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub to: Option<String>,
+    pub to: Option<Cow<'a, str>>,
     /// `Ssp-InteractionID` as sent.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub interaction: Option<String>,
-    pub method: String,
+    pub interaction: Option<Cow<'a, str>>,
+    pub method: Cow<'a, str>,
     /// The embedded target URL with its query, when it parsed; otherwise the raw request target.
-    pub target_url: String,
+    pub target_url: Cow<'a, str>,
     /// The connection's address and its certificate's identity (shared, not copied).
     pub client: ClientInfo,
     /// The bearer token's claims of audit value, whenever it decoded (even if rejected); shared
@@ -105,7 +110,7 @@ pub struct AuditRecord {
     pub status: Option<u16>,
     /// The gateway's own error token, when it answered with one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<Cow<'a, str>>,
     /// Request body bytes received from the consumer (forwarded requests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_bytes: Option<u64>,
@@ -127,7 +132,7 @@ pub struct AuditRecord {
     pub completed: Option<bool>,
 }
 
-impl AuditRecord {
+impl AuditRecord<'_> {
     /// The record's fields as a JSON object (`{...}`), without `seq` and `prev`, which the
     /// writer adds when it places the record in the chain.
     pub fn to_body(&self) -> String {
@@ -190,10 +195,10 @@ impl RecordKind {
 }
 
 #[cfg(test)]
-impl AuditRecord {
+impl AuditRecord<'static> {
     /// A record of `kind` with only what every record has (fixed time, id `r1`, `GET /`), for
     /// tests to fill in what they are about.
-    pub(crate) fn bare(kind: RecordKind) -> AuditRecord {
+    pub(crate) fn bare(kind: RecordKind) -> AuditRecord<'static> {
         AuditRecord {
             kind,
             time: "2025-01-01T00:00:00.000000Z".into(),
@@ -225,7 +230,69 @@ const BODY_ROOM: usize = 2048;
 
 /// The current time as the audit trail writes it.
 pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    Timestamp::now().as_str().to_owned()
+}
+
+/// A time as the audit trail and the access log write it: RFC 3339, UTC with microseconds and
+/// `Z` (`2026-11-26T15:43:18.123456Z`), exactly what chrono's `to_rfc3339_opts(Micros, true)`
+/// writes, on the stack rather than in a `String` grown by `fmt` (three or four allocations).
+pub struct Timestamp(Written);
+
+enum Written {
+    /// Years 0 to 9999: 27 ASCII bytes.
+    Stack([u8; 27]),
+    /// Any other year, as chrono writes it (a sign and five or more digits).
+    Chrono(String),
+}
+
+impl Timestamp {
+    /// Now.
+    pub fn now() -> Timestamp {
+        Timestamp::of(chrono::Utc::now())
+    }
+
+    /// `time`, as chrono's `to_rfc3339_opts(SecondsFormat::Micros, true)` writes it.
+    pub fn of(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
+        let t = time.naive_utc();
+        let year = t.year();
+        if !(0..=9999).contains(&year) {
+            return Timestamp(Written::Chrono(
+                time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ));
+        }
+        // A leap second's nanoseconds run past 10^9; chrono writes it as second 60.
+        let (mut second, mut nano) = (t.second(), t.nanosecond());
+        if nano >= 1_000_000_000 {
+            second += 1;
+            nano -= 1_000_000_000;
+        }
+        let mut out = *b"0000-00-00T00:00:00.000000Z";
+        let two = |out: &mut [u8; 27], at: usize, n: u32| {
+            out[at] = b'0' + (n / 10 % 10) as u8;
+            out[at + 1] = b'0' + (n % 10) as u8;
+        };
+        let year = year as u32;
+        two(&mut out, 0, year / 100);
+        two(&mut out, 2, year % 100);
+        two(&mut out, 5, t.month());
+        two(&mut out, 8, t.day());
+        two(&mut out, 11, t.hour());
+        two(&mut out, 14, t.minute());
+        two(&mut out, 17, second);
+        let micros = nano / 1000;
+        two(&mut out, 20, micros / 10_000);
+        two(&mut out, 22, micros / 100 % 100);
+        two(&mut out, 24, micros % 100);
+        Timestamp(Written::Stack(out))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Only ASCII digits and punctuation were written.
+            Written::Stack(bytes) => std::str::from_utf8(bytes).unwrap_or_default(),
+            Written::Chrono(text) => text,
+        }
+    }
 }
 
 /// What framing adds to a body, newline included: `{"seq":`, 20 digits, `,"prev":"`, 64 hex
@@ -344,7 +411,7 @@ mod tests {
             completed in proptest::option::of(any::<bool>()),
             problem in proptest::option::of(Just("JWT_EXPIRED")),
             jwt in proptest::option::of((opt_text(), opt_text(), proptest::option::of(any::<i64>()))),
-        ) -> AuditRecord {
+        ) -> AuditRecord<'static> {
             let address = if v6 {
                 SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], port))
             } else {
@@ -352,15 +419,15 @@ mod tests {
             };
             AuditRecord {
                 kind,
-                time: texts[0].clone(),
-                request_id: texts[1].clone(),
-                ssp_trace_id: opts[0].clone(),
-                trace_id: opts[1].clone(),
-                from: opts[2].clone(),
-                to: opts[3].clone(),
-                interaction: opts[4].clone(),
-                method: texts[2].clone(),
-                target_url: texts[3].clone(),
+                time: texts[0].clone().into(),
+                request_id: texts[1].clone().into(),
+                ssp_trace_id: opts[0].clone().map(Cow::from),
+                trace_id: opts[1].clone().map(Cow::from),
+                from: opts[2].clone().map(Cow::from),
+                to: opts[3].clone().map(Cow::from),
+                interaction: opts[4].clone().map(Cow::from),
+                method: texts[2].clone().into(),
+                target_url: texts[3].clone().into(),
                 client: ClientInfo {
                     address,
                     certificate: Arc::new(PeerIdentity {
@@ -379,7 +446,7 @@ mod tests {
                 }),
                 jwt_problem: problem,
                 status: small,
-                token: opts[5].clone(),
+                token: opts[5].clone().map(Cow::from),
                 request_bytes: nums[0],
                 response_bytes: nums[1],
                 upstream_latency_us: nums[2],
@@ -397,6 +464,49 @@ mod tests {
             let serde = serde_json::to_string(&record).expect("json");
             prop_assert_eq!(record.to_body(), serde);
         }
+
+        /// The stack timestamp is what chrono writes, over any year chrono can hold (four
+        /// digits or not), any microsecond, and leap seconds.
+        #[test]
+        fn the_timestamp_is_what_chrono_writes(
+            secs in prop_oneof![
+                0i64..253_402_300_800,
+                chrono::DateTime::<chrono::Utc>::MIN_UTC.timestamp()
+                    ..=chrono::DateTime::<chrono::Utc>::MAX_UTC.timestamp(),
+            ],
+            nanos in prop_oneof![0u32..1_000_000_000, 1_000_000_000u32..2_000_000_000],
+        ) {
+            // Nanoseconds past 10^9 are a leap second, allowed only at a minute's last second.
+            let secs = if nanos >= 1_000_000_000 { secs - secs.rem_euclid(60) + 59 } else { secs };
+            if let Some(time) = chrono::DateTime::from_timestamp(secs, nanos) {
+                let ours = Timestamp::of(time);
+                prop_assert_eq!(
+                    ours.as_str(),
+                    time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_timestamp_of_known_times() {
+        let at = |secs, nanos| {
+            Timestamp::of(chrono::DateTime::from_timestamp(secs, nanos).expect("time"))
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            at(1_795_707_798, 123_456_789),
+            "2026-11-26T15:43:18.123456Z"
+        );
+        assert_eq!(at(-62_167_219_200, 999), "0000-01-01T00:00:00.000000Z");
+        assert_eq!(at(253_402_300_800, 0), "+10000-01-01T00:00:00.000000Z");
+        assert_eq!(
+            at(1_483_228_799, 1_500_000_000),
+            "2016-12-31T23:59:60.500000Z"
+        );
+        assert_eq!(now_rfc3339().len(), 27);
     }
 
     use super::*;
