@@ -434,15 +434,16 @@ impl Breakers {
 
 /// The breaker key of a target's authority: `host:port`, with the default port 443 added when
 /// the URL has none (`localhost` and `localhost:443` are one host).
-pub fn endpoint_key(authority: &str) -> String {
+pub fn endpoint_key(authority: &str) -> std::borrow::Cow<'_, str> {
     let has_port = match authority.rfind(']') {
         Some(close) => authority[close..].contains(':'),
         None => authority.contains(':'),
     };
     if has_port {
-        authority.to_string()
+        // The common case (registered endpoints carry their port): no copy per request.
+        std::borrow::Cow::Borrowed(authority)
     } else {
-        format!("{authority}:443")
+        std::borrow::Cow::Owned(format!("{authority}:443"))
     }
 }
 

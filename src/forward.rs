@@ -212,17 +212,27 @@ impl Upstream {
         req: Request<RequestBody>,
         target: &Target,
         client_addr: SocketAddr,
+        traceparent: &[u8; 55],
         request_bytes: Arc<AtomicU64>,
     ) -> (Result<Response<Incoming>, Rejection>, u32) {
-        let url = target.without_query().to_string();
-        let uri: Uri = match target.url().parse() {
-            Ok(uri) => uri,
-            Err(_) => return (Err(Rejection::UpstreamError { url }), 0),
+        // Only a rejection or a log line needs it as a `String`.
+        let url = target.without_query();
+        let Some(out) = Outgoing::new(target, traceparent, client_addr) else {
+            return (
+                Err(Rejection::UpstreamError {
+                    url: url.to_owned(),
+                }),
+                0,
+            );
         };
         let (mut head, body) = req.into_parts();
-        head.uri = uri;
+        // The request's span is the provider's parent.
+        if let Some(traceparent) = out.traceparent {
+            head.headers.insert(TRACEPARENT, traceparent);
+        }
+        head.uri = out.uri;
         head.version = Version::HTTP_11;
-        prepare_request_headers(&mut head.headers, client_addr);
+        replace_consumer_headers(&mut head.headers, out.forwarded, out.forwarded_for);
         // One Content-Length, the body's own, for the `5, 5` or repeated field the consumer
         // may send (RFC 9110 §8.6: a proxy must not forward it as it came).
         if head.headers.contains_key(header::CONTENT_LENGTH) {
@@ -235,6 +245,11 @@ impl Upstream {
                     head.headers.remove(header::CONTENT_LENGTH);
                 }
             }
+        }
+        // The `Host` hyper-util's client would add (last, from the URI), added here from the
+        // same bytes so that it is not formatted and copied per request.
+        if let Some(host) = out.host {
+            head.headers.insert(header::HOST, host);
         }
         let progress = Arc::new(BodyProgress::default());
         let mut body = Some(Counted {
@@ -251,7 +266,7 @@ impl Upstream {
         loop {
             attempt += 1;
             let retry_left = attempt <= self.connect_retries;
-            let ticket = match self.ticket(&key, &url) {
+            let ticket = match self.ticket(&key, url) {
                 Ok(ticket) => ticket,
                 Err(circuit_open) => {
                     if attempt > 1 {
@@ -271,7 +286,12 @@ impl Upstream {
             ) else {
                 // Unreachable: a retry only starts once the body came back, and the head is
                 // only taken by the last attempt.
-                return (Err(Rejection::UpstreamError { url }), attempt - 1);
+                return (
+                    Err(Rejection::UpstreamError {
+                        url: url.to_owned(),
+                    }),
+                    attempt - 1,
+                );
             };
             let (this_body, returned) = Reclaimable::new(this_body, retry_left);
             let req = Request::from_parts(this_head, this_body);
@@ -290,7 +310,9 @@ impl Upstream {
                     }
                     Err((
                         RetryOutcome::Timeout,
-                        Rejection::UpstreamTimeout { url: url.clone() },
+                        Rejection::UpstreamTimeout {
+                            url: url.to_owned(),
+                        },
                     ))
                 }
                 Ok(Err(e)) if progress.consumer_failed() => {
@@ -334,7 +356,12 @@ impl Upstream {
                             } else {
                                 RetryOutcome::Error
                             };
-                            Err((outcome, Rejection::UpstreamError { url: url.clone() }))
+                            Err((
+                                outcome,
+                                Rejection::UpstreamError {
+                                    url: url.to_owned(),
+                                },
+                            ))
                         }
                     }
                 }
@@ -462,6 +489,97 @@ where
     }
 }
 
+/// The W3C trace context header the gateway sends the provider.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// What the gateway writes of its own into a forwarded request, all slices of one buffer: the
+/// target URI, `traceparent`, `Forwarded`, `X-Forwarded-For` and `Host`. Two allocations
+/// (the buffer and, once it is sliced, its shared count) where a parsed URI and a copy of each
+/// value took two each, and the values' copy for a connect retry another each.
+struct Outgoing {
+    uri: Uri,
+    traceparent: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+}
+
+impl Outgoing {
+    /// `None` when the target is not a URI hyper can send to.
+    fn new(target: &Target, traceparent: &[u8; 55], client: SocketAddr) -> Option<Outgoing> {
+        let url = target.url().as_bytes();
+        // `for="[` + the longest IPv6 text (45) + `]";proto=https`.
+        let mut buf = Vec::with_capacity(url.len() + traceparent.len() + 72);
+        buf.extend_from_slice(url);
+        buf.extend_from_slice(traceparent);
+        let forwarded_start = buf.len();
+        let address = match client.ip() {
+            IpAddr::V4(v4) => {
+                buf.extend_from_slice(b"for=");
+                let start = buf.len();
+                crate::jsonw::ipv4_into(&mut buf, v4);
+                let address = start..buf.len();
+                buf.extend_from_slice(b";proto=https");
+                address
+            }
+            IpAddr::V6(v6) => {
+                use std::io::Write as _;
+                buf.extend_from_slice(b"for=\"[");
+                let start = buf.len();
+                // Writing to a `Vec` cannot fail.
+                let _ = write!(buf, "{v6}");
+                let address = start..buf.len();
+                buf.extend_from_slice(b"]\";proto=https");
+                address
+            }
+        };
+        let forwarded = forwarded_start..buf.len();
+        let shared = Bytes::from(buf);
+        let value = |range: std::ops::Range<usize>| {
+            HeaderValue::from_maybe_shared(shared.slice(range)).ok()
+        };
+        let uri = Uri::from_maybe_shared(shared.slice(..url.len())).ok()?;
+        let host = host_value(&uri, &shared);
+        Some(Outgoing {
+            traceparent: value(url.len()..forwarded_start),
+            forwarded: value(forwarded),
+            forwarded_for: value(address),
+            host,
+            uri,
+        })
+    }
+}
+
+/// The `Host` hyper-util's client sets on an HTTP/1 request without one: the URI's host, with
+/// `:port` unless it is the scheme's default. A slice of `shared` (which `uri` was parsed
+/// from) where the text stands there as is; otherwise formatted as hyper-util formats it.
+fn host_value(uri: &Uri, shared: &Bytes) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let secure = matches!(uri.scheme_str(), Some("https" | "wss"));
+    let port = match (uri.port_u16(), secure) {
+        (Some(443), true) | (Some(80), false) => None,
+        _ => uri.port(),
+    };
+    // Where `text` (a part of `uri`) lies in `shared`.
+    let base = shared.as_ptr() as usize;
+    let offset = |text: &str| {
+        let start = (text.as_ptr() as usize).checked_sub(base)?;
+        (start + text.len() <= shared.len()).then_some(start)
+    };
+    let start = offset(host)?;
+    let end = match &port {
+        None => start + host.len(),
+        Some(port) => {
+            let port_start = offset(port.as_str())?;
+            if port_start != start + host.len() + 1 || shared[start + host.len()] != b':' {
+                return HeaderValue::from_maybe_shared(Bytes::from(format!("{host}:{port}"))).ok();
+            }
+            port_start + port.as_str().len()
+        }
+    };
+    HeaderValue::from_maybe_shared(shared.slice(start..end)).ok()
+}
+
 /// Formats an error with its sources, for logs (never for consumers).
 pub fn error_chain(e: &dyn StdError) -> String {
     let mut s = e.to_string();
@@ -530,16 +648,6 @@ const FROM_CONSUMER: [HeaderName; 6] = [
 /// `Cookie` fields (as HTTP/2 splits them) joined into one for the HTTP/1.1 provider (RFC 9113
 /// §8.2.3), and the forwarding headers replaced with the gateway's own view of the client.
 pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
-    let cookies = std::cell::Cell::new(0usize);
-    strip(headers, |name| {
-        if name == header::COOKIE {
-            cookies.set(cookies.get() + 1);
-        }
-        is_hop_by_hop(name) || FROM_CONSUMER.contains(name)
-    });
-    if cookies.get() > 1 {
-        join_cookies(headers);
-    }
     let (forwarded, address) = match client.ip() {
         IpAddr::V4(v4) => {
             let mut value = Vec::with_capacity(32);
@@ -554,10 +662,29 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
             HeaderValue::from_str(&v6.to_string()),
         ),
     };
-    if let Ok(v) = forwarded {
+    replace_consumer_headers(headers, forwarded.ok(), address.ok());
+}
+
+/// [`prepare_request_headers`] with the `Forwarded` and `X-Forwarded-For` values made.
+fn replace_consumer_headers(
+    headers: &mut HeaderMap,
+    forwarded: Option<HeaderValue>,
+    address: Option<HeaderValue>,
+) {
+    let cookies = std::cell::Cell::new(0usize);
+    strip(headers, |name| {
+        if name == header::COOKIE {
+            cookies.set(cookies.get() + 1);
+        }
+        is_hop_by_hop(name) || FROM_CONSUMER.contains(name)
+    });
+    if cookies.get() > 1 {
+        join_cookies(headers);
+    }
+    if let Some(v) = forwarded {
         headers.insert(header::FORWARDED, v);
     }
-    if let Ok(v) = address {
+    if let Some(v) = address {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
 }
@@ -1033,6 +1160,36 @@ mod tests {
         dropped.append(header::COOKIE, HeaderValue::from_static("b=2"));
         prepare_request_headers(&mut dropped, client);
         assert!(!dropped.contains_key(header::COOKIE));
+    }
+
+    /// The values made in one buffer are those made one by one, and the `Host` is the one
+    /// hyper-util's client sets: the host, with the port unless it is the scheme's default.
+    #[test]
+    fn the_outgoing_values_are_those_made_one_by_one() {
+        let tp = *b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let cases = [
+            ("provider.example:9443", "provider.example:9443"),
+            ("provider.example", "provider.example"),
+            ("provider.example:443", "provider.example"),
+            ("127.0.0.1:08443", "127.0.0.1:08443"),
+            ("[::1]:8443", "[::1]:8443"),
+            ("[::1]", "[::1]"),
+        ];
+        for client in ["10.1.2.3:5000", "[2001:db8::1]:443"] {
+            let client: SocketAddr = client.parse().expect("addr");
+            for (authority, host) in cases {
+                let path = format!("/https://{authority}/B82617/STU3/1/gpconnect/Slot?x=1");
+                let target = crate::ssp::envelope::parse_target(&path).expect("target");
+                let out = Outgoing::new(&target, &tp, client).expect("outgoing");
+                assert_eq!(out.uri, target.url().parse::<Uri>().expect("uri"));
+                assert_eq!(out.traceparent.expect("traceparent").as_bytes(), &tp);
+                let mut h = HeaderMap::new();
+                prepare_request_headers(&mut h, client);
+                assert_eq!(out.forwarded.as_ref(), h.get(header::FORWARDED));
+                assert_eq!(out.forwarded_for.as_ref(), h.get("x-forwarded-for"));
+                assert_eq!(out.host.expect("host"), host, "{authority}");
+            }
+        }
     }
 
     #[test]

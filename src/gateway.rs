@@ -418,7 +418,7 @@ impl Gateway {
         &'a self,
         policy: &'a Policy,
         conn: &ConnInfo,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
         record: &mut Record<'a>,
         ctx: &Ctx,
     ) -> Result<Response<ProxyBody>, Rejection> {
@@ -548,9 +548,6 @@ impl Gateway {
 
         // 8. Forward to the registered endpoint, with this span as the provider's parent; the
         //    provider's answer passes back unchanged.
-        if let Ok(v) = HeaderValue::from_bytes(&ctx.trace.traceparent()) {
-            req.headers_mut().insert("traceparent", v);
-        }
         // The optional body cap: a declared length over it is refused before anything is sent.
         let cap = self.upstream.max_request_body();
         let declared = req
@@ -568,7 +565,13 @@ impl Gateway {
         let sent = Instant::now();
         let (forwarded, attempts) = self
             .upstream
-            .forward_counted(req, &target, conn.remote, request_bytes)
+            .forward_counted(
+                req,
+                &target,
+                conn.remote,
+                &ctx.trace.traceparent(),
+                request_bytes,
+            )
             .await;
         record.upstream_latency = Some(sent.elapsed());
         record.upstream_attempts = Some(attempts);
