@@ -254,7 +254,7 @@ impl Gateway {
     /// forwarded request when its response body has ended.
     fn record_outcome(
         &self,
-        conn: &ConnInfo,
+        conn: &Arc<ConnInfo>,
         ctx: &Ctx,
         record: Record<'_>,
         response: Response<ProxyBody>,
@@ -280,7 +280,7 @@ impl Gateway {
         // The outcome is written when the response body ends: what it says is moved (not
         // copied) out of the request path's record, and written from there then.
         let audit = self.audit.clone();
-        let conn = ConnInfo::new(conn.remote, conn.peer.clone());
+        let conn = Arc::clone(conn);
         let ctx = Ctx {
             request_id: ctx.request_id,
             started: ctx.started,
