@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 use super::calendar::fhir_date_time;
 use super::outcome::ProviderError;
 use super::practice::DeliveryChannel;
+use super::prune::prune_empty;
 
 pub const APPOINTMENT_PROFILE: &str =
     "https://fhir.nhs.uk/STU3/StructureDefinition/GPConnect-Appointment-1";
@@ -159,6 +160,8 @@ pub fn appointment_object(body: &[u8]) -> Result<Map<String, Value>, ProviderErr
     }
 }
 
+/// An optional string element; an empty one counts as absent (FHIR JSON has no empty strings,
+/// and the appointment is rendered without it).
 fn optional_text(
     object: &Map<String, Value>,
     field: &str,
@@ -166,6 +169,7 @@ fn optional_text(
 ) -> Result<Option<String>, ProviderError> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) if text.is_empty() => Ok(None),
         Some(Value::String(text)) if text.chars().count() <= max => Ok(Some(text.clone())),
         Some(Value::String(_)) => Err(invalid(format!(
             "Appointment.{field} is longer than {max} characters"
@@ -263,8 +267,8 @@ fn extension<'a>(object: &'a Map<String, Value>, url: &str) -> Option<&'a Value>
         .find(|e| e.get("url").and_then(Value::as_str) == Some(url))
 }
 
-/// The contained `Organization` the booking-organisation extension points at, re-identified as
-/// `#1` for storage.
+/// The contained `Organization` the booking-organisation extension points at, without empty
+/// elements and re-identified as `#1` for storage.
 fn booking_organization(object: &Map<String, Value>) -> Result<Value, ProviderError> {
     let reference = extension(object, BOOKING_ORGANISATION_URL)
         .and_then(|e| e.pointer("/valueReference/reference"))
@@ -284,6 +288,8 @@ fn booking_organization(object: &Map<String, Value>) -> Result<Value, ProviderEr
                     && r.get("id").and_then(Value::as_str) == Some(local_id)
             })
         })
+        .cloned()
+        .and_then(prune_empty)
         .ok_or_else(|| {
             invalid(format!(
                 "the booking organisation #{local_id} is not a contained Organization"
@@ -306,7 +312,7 @@ fn booking_organization(object: &Map<String, Value>) -> Result<Value, ProviderEr
             "the booking organisation needs an ODS code identifier and a name",
         ));
     }
-    let mut organization = organization.clone();
+    let mut organization = organization;
     if let Some(object) = organization.as_object_mut() {
         object.insert("id".into(), json!("1"));
     }

@@ -38,6 +38,7 @@ mod calendar;
 mod capability;
 pub mod outcome;
 mod practice;
+mod prune;
 mod registration;
 mod request;
 mod search;
@@ -884,6 +885,12 @@ mod tests {
         };
         assert_eq!(headers[CONTENT_TYPE], FHIR_JSON);
         assert_eq!(headers[CACHE_CONTROL], "no-store");
+        // Every body any test receives is checked: FHIR JSON has no empty elements.
+        let empty = prune::empty_elements(&body);
+        assert!(
+            raw.is_empty() || empty.is_empty(),
+            "empty elements at {empty:?} in {body}"
+        );
         Answer {
             status,
             headers,
@@ -1265,6 +1272,113 @@ mod tests {
         )
         .await;
         assert_outcome(&invalid, 400, "INVALID_NHS_NUMBER");
+    }
+
+    #[tokio::test]
+    async fn registered_and_booked_resources_leave_out_empty_elements() {
+        let p = provider();
+        // Only the required demographics: no telecom, no address.
+        let answer = send(
+            &p,
+            Method::POST,
+            "/Patient/$gpc.registerpatient",
+            Interaction::RegisterPatient,
+            Some(&register_body("9000000033")),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let patient = entries(&answer.body, "Patient")[0];
+        assert!(patient.get("telecom").is_none() && patient.get("address").is_none());
+        let read = send(
+            &p,
+            Method::GET,
+            "/Patient/4",
+            Interaction::ReadPatient,
+            None,
+        )
+        .await;
+        assert_eq!(read.status, StatusCode::OK);
+        assert!(read.body.get("telecom").is_none() && read.body.get("address").is_none());
+        // Empty elements the consumer sent are not kept.
+        let mut body = register_body("9000000041");
+        let sent = &mut body["parameter"][0]["resource"];
+        sent["telecom"] = json!([]);
+        sent["address"] = json!([{ "line": [""], "city": "" }]);
+        sent["name"][0]["given"] = json!(["", "Minnie"]);
+        sent["name"][0]["prefix"] = json!([]);
+        let answer = send(
+            &p,
+            Method::POST,
+            "/Patient/$gpc.registerpatient",
+            Interaction::RegisterPatient,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let patient = entries(&answer.body, "Patient")[0];
+        assert!(patient.get("telecom").is_none() && patient.get("address").is_none());
+        assert_eq!(patient["name"][0]["given"], json!(["Minnie"]));
+        assert!(patient["name"][0].get("prefix").is_none());
+        // A booking with an empty description and a booking organisation with empty elements.
+        let slots = free_slots(&p, "1").await;
+        let mut booking = booking_body(&[&slots[0]], "4");
+        booking["description"] = json!("");
+        booking["comment"] = json!("");
+        booking["contained"][0]["telecom"] = json!([]);
+        booking["contained"][0]["address"] = json!({});
+        let booked = send(
+            &p,
+            Method::POST,
+            "/Appointment",
+            Interaction::CreateAppointment,
+            Some(&booking),
+        )
+        .await;
+        assert_eq!(booked.status, StatusCode::CREATED, "{}", booked.body);
+        assert!(booked.body.get("description").is_none());
+        assert!(booked.body.get("comment").is_none());
+        let contained = &booked.body["contained"][0];
+        assert!(contained.get("telecom").is_none() && contained.get("address").is_none());
+        assert_eq!(contained["identifier"][0]["value"], "A20047");
+    }
+
+    /// Every resource the provider can render, straight from the model: no empty elements.
+    #[test]
+    fn every_rendering_leaves_out_empty_elements() {
+        let p = provider();
+        let practice = &p.practice;
+        let state = p.read();
+        let mut rendered = vec![
+            capability::capability_statement(),
+            practice.organization.to_fhir(practice),
+            p.searchset(Vec::new()),
+        ];
+        rendered.extend(
+            practice
+                .locations
+                .iter()
+                .map(|l| l.to_fhir(&practice.organization)),
+        );
+        rendered.extend(practice.practitioners.iter().map(|x| x.to_fhir()));
+        rendered.extend(practice.schedules.iter().map(|s| s.to_fhir(state.horizon)));
+        rendered.extend(
+            Practice::seed_patients()
+                .iter()
+                .map(|x| x.to_fhir(&practice.organization)),
+        );
+        let until = now() + chrono::Duration::days(store::DIARY_DAYS);
+        let slots = state.free_slots(to_london(now()), to_london(until), now());
+        assert!(!slots.is_empty());
+        rendered.extend(slots.iter().map(|s| s.to_fhir()));
+        let seeded = state.appointment("1").expect("the practice's own booking");
+        rendered.push(seeded.to_fhir());
+        for resource in &rendered {
+            let empty = prune::empty_elements(resource);
+            assert!(
+                empty.is_empty(),
+                "empty elements at {empty:?} in {resource}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -278,6 +278,7 @@ mod tests {
                 "{error:?}"
             );
             assert_eq!(issue["diagnostics"], "why");
+            assert!(super::super::prune::empty_elements(&outcome).is_empty());
         }
     }
 }

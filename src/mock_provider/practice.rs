@@ -130,8 +130,9 @@ pub struct Patient {
     pub name: Value,
     pub gender: String,
     pub birth_date: String,
-    pub telecom: Value,
-    pub address: Value,
+    /// Absent rather than empty: FHIR JSON has no empty arrays.
+    pub telecom: Option<Value>,
+    pub address: Option<Value>,
     pub registration: Registration,
     pub usual_gp: Option<&'static str>,
 }
@@ -373,15 +374,15 @@ impl SeedPatient {
             }]),
             gender: self.gender.to_string(),
             birth_date: self.birth_date.to_string(),
-            telecom: json!([{ "system": "phone", "value": self.phone, "use": "home" }]),
-            address: json!([{
+            telecom: Some(json!([{ "system": "phone", "value": self.phone, "use": "home" }])),
+            address: Some(json!([{
                 "use": "home",
                 "type": "physical",
                 "line": [self.street, "Kirkstall"],
                 "city": "Leeds",
                 "district": "West Yorkshire",
                 "postalCode": self.postcode,
-            }]),
+            }])),
             registration: Registration::Regular {
                 since: NaiveDate::from_ymd_opt(year, month, day).unwrap_or_default(),
             },
@@ -599,13 +600,20 @@ impl Patient {
             "identifier": [self.nhs_number_identifier()],
             "active": true,
             "name": self.name,
-            "telecom": self.telecom,
             "gender": self.gender,
             "birthDate": self.birth_date,
-            "address": self.address,
             "managingOrganization": { "reference": format!("Organization/{}", organization.id) },
         });
-        if let (Some(gp), Some(object)) = (self.usual_gp, patient.as_object_mut()) {
+        let Some(object) = patient.as_object_mut() else {
+            return patient;
+        };
+        // Optional elements are left out when there is nothing to say (FHIR JSON forbids `[]`).
+        for (field, value) in [("telecom", &self.telecom), ("address", &self.address)] {
+            if let Some(value) = value {
+                object.insert(field.into(), value.clone());
+            }
+        }
+        if let Some(gp) = self.usual_gp {
             object.insert(
                 "generalPractitioner".into(),
                 json!([{ "reference": format!("Practitioner/{gp}") }]),

@@ -8,13 +8,15 @@ use serde_json::{json, Map, Value};
 
 use super::outcome::ProviderError;
 use super::practice::{is_valid_nhs_number, NHS_NUMBER_SYSTEM};
+use super::prune::prune_empty;
 use super::store::NewPatient;
 
 fn invalid(text: impl Into<String>) -> ProviderError {
     ProviderError::InvalidResource(text.into())
 }
 
-/// The `Patient` inside the `registerPatient` parameter.
+/// The `Patient` inside the `registerPatient` parameter, without the empty elements FHIR JSON
+/// forbids (a consumer's `"telecom": []` is not kept, so it is never sent back).
 fn register_patient_parameter(body: &[u8]) -> Result<Map<String, Value>, ProviderError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ProviderError::BadRequest(format!("request body is not valid JSON: {e}")))?;
@@ -33,7 +35,13 @@ fn register_patient_parameter(body: &[u8]) -> Result<Map<String, Value>, Provide
     for parameter in parameters {
         match parameter.get("name").and_then(Value::as_str) {
             Some("registerPatient") if patient.is_none() => {
-                patient = Some(parameter.get("resource").cloned().unwrap_or(Value::Null));
+                patient = Some(
+                    parameter
+                        .get("resource")
+                        .cloned()
+                        .and_then(prune_empty)
+                        .unwrap_or(Value::Null),
+                );
             }
             Some("registerPatient") => {
                 return Err(ProviderError::InvalidParameter(
@@ -103,10 +111,8 @@ pub fn new_patient(body: &[u8]) -> Result<NewPatient, ProviderError> {
         .and_then(Value::as_str)
         .filter(|d| d.len() == 10 && NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok())
         .ok_or_else(|| invalid("the Patient needs a birthDate (yyyy-mm-dd)"))?;
-    let array = |field: &str| match patient.get(field) {
-        Some(Value::Array(items)) => json!(items),
-        _ => json!([]),
-    };
+    // Pruned above: an array here has at least one element.
+    let array = |field: &str| patient.get(field).filter(|v| v.is_array()).cloned();
     Ok(NewPatient {
         nhs_number: nhs_number.to_string(),
         name: json!(names),
@@ -150,7 +156,10 @@ mod tests {
         let patient = parse(&register_body("9000000033")).expect("valid");
         assert_eq!(patient.nhs_number, "9000000033");
         assert_eq!(patient.gender, "female");
-        assert_eq!(patient.address[0]["postalCode"], "LS18 1AE");
+        assert_eq!(
+            patient.address.expect("address kept")[0]["postalCode"],
+            "LS18 1AE"
+        );
     }
 
     #[test]

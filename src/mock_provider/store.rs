@@ -58,8 +58,9 @@ pub struct NewPatient {
     pub name: Value,
     pub gender: String,
     pub birth_date: String,
-    pub telecom: Value,
-    pub address: Value,
+    /// Absent rather than empty: FHIR JSON has no empty arrays.
+    pub telecom: Option<Value>,
+    pub address: Option<Value>,
 }
 
 /// The practice's mutable records.
@@ -762,8 +763,8 @@ mod tests {
             name: json!([{ "use": "official", "family": "Dawes", "given": ["Minnie"] }]),
             gender: "female".into(),
             birth_date: "1952-05-31".into(),
-            telecom: json!([]),
-            address: json!([]),
+            telecom: None,
+            address: None,
         };
         let patient = state.register(new.clone(), now()).expect("registers");
         assert_eq!(patient.id, "4");
@@ -780,8 +781,8 @@ mod tests {
             name: json!([]),
             gender: "male".into(),
             birth_date: "1990-01-01".into(),
-            telecom: json!([]),
-            address: json!([]),
+            telecom: None,
+            address: None,
         };
         assert!(state.register(seeded.clone(), now()).is_err());
         seeded.nhs_number = "9000000041".into();
