@@ -27,9 +27,10 @@
 //!   cancelled or past appointment, is 422 INVALID_RESOURCE.
 //! - A body that is not JSON is 400 BAD_REQUEST; valid JSON that is the wrong resource or
 //!   breaks a rule is 422.
-//! - Slot search: `searchFilter` must be well formed but does not restrict the result (every
-//!   slot is open to every organisation); a date-only `end` covers that whole day; the 14-day
-//!   limit is measured between the two given values. The consumer's `serviceType` and
+//! - Slot search: unrecognised criteria are ignored, never an error (other `_include` and
+//!   `_include:recurse` values, malformed `searchFilter`s); `searchFilter` does not restrict
+//!   the result (every slot is open to every organisation); a date-only `end` covers that
+//!   whole day; the 14-day limit is measured between the two given values. The consumer's `serviceType` and
 //!   `serviceCategory` in a booking are ignored: the appointment takes the slot's.
 //! - `Prefer: return=minimal` empties the body of create and update answers (headers stay).
 
@@ -1460,6 +1461,40 @@ mod tests {
         )
         .await;
         assert!(weekend.body.get("entry").is_none());
+    }
+
+    #[tokio::test]
+    async fn slot_search_ignores_unrecognised_includes_and_malformed_filters() {
+        let p = provider();
+        let plain = "/Slot?start=ge2025-05-22&end=le2025-05-23&status=free&_include=Slot:schedule";
+        let expected = send(&p, Method::GET, plain, Interaction::SearchSlot, None).await;
+        assert_eq!(expected.status, StatusCode::OK);
+        let ids = |bundle: &Value| -> Vec<Value> {
+            entries(bundle, "Slot")
+                .iter()
+                .map(|s| s["id"].clone())
+                .collect()
+        };
+        assert!(!ids(&expected.body).is_empty());
+        for extra in [
+            "searchFilter=abc",
+            "searchFilter=https%3A%2F%2Ffhir.nhs.uk%2FSTU3%2FCodeSystem%2FGPConnect-OrganisationType-1%7C",
+            "searchFilter=%7Curgent-care",
+            "_include=Schedule:actor:Practitioner",
+            "_include:recurse=Slot:patient",
+        ] {
+            let answer = send(
+                &p,
+                Method::GET,
+                &format!("{plain}&{extra}"),
+                Interaction::SearchSlot,
+                None,
+            )
+            .await;
+            assert_eq!(answer.status, StatusCode::OK, "{extra}: {}", answer.body);
+            assert_eq!(ids(&answer.body), ids(&expected.body), "{extra}");
+            assert!(entries(&answer.body, "Practitioner").is_empty(), "{extra}");
+        }
     }
 
     #[tokio::test]

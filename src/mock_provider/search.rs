@@ -85,10 +85,12 @@ pub struct SlotQuery {
 }
 
 impl SlotQuery {
-    /// Checks the SHALL parameters (`start=ge`, `end=le`, `status=free`, `_include=Slot:schedule`),
-    /// the window (end not before start, at most 14 days), the optional includes and the form of
-    /// each `searchFilter` (whose values this provider accepts but does not filter on: every
-    /// slot is open to every booking organisation). Anything wrong is 422 INVALID_PARAMETER.
+    /// Checks the SHALL parameters (`start=ge`, `end=le`, `status=free`, `_include=Slot:schedule`)
+    /// and the window (end not before start, at most 14 days). Anything wrong is 422
+    /// INVALID_PARAMETER. Criteria it does not recognise are ignored, never an error ("SHALL
+    /// always be ignored"): other `_include` and `_include:recurse` values, and every
+    /// `searchFilter` (this provider does not filter on them: every slot is open to every
+    /// booking organisation), well formed or not.
     pub fn parse(params: &[(String, String)]) -> Result<Self, ProviderError> {
         let start = prefixed_date("start", exactly_one(params, "start")?, "ge")?;
         let end = prefixed_date("end", exactly_one(params, "end")?, "le")?;
@@ -102,9 +104,6 @@ impl SlotQuery {
         if !includes.contains(&"Slot:schedule") {
             return Err(invalid("_include=Slot:schedule is required"));
         }
-        if let Some(other) = includes.iter().find(|i| **i != "Slot:schedule") {
-            return Err(invalid(format!("_include={other} is not supported")));
-        }
         let mut query = Self {
             from: start.first_instant(),
             to: end.end_instant(),
@@ -117,21 +116,7 @@ impl SlotQuery {
                 "Schedule:actor:Practitioner" => query.include_practitioners = true,
                 "Schedule:actor:Location" => query.include_locations = true,
                 "Location:managingOrganization" => query.include_organization = true,
-                other => {
-                    return Err(invalid(format!(
-                        "_include:recurse={other} is not supported"
-                    )))
-                }
-            }
-        }
-        for filter in param_values(params, "searchFilter") {
-            match filter.split_once('|') {
-                Some((system, value)) if !system.is_empty() && !value.is_empty() => {}
-                _ => {
-                    return Err(invalid(format!(
-                        "searchFilter={filter} must be <system>|<value>"
-                    )))
-                }
+                _ => {}
             }
         }
         if query.to < query.from {
@@ -258,9 +243,6 @@ mod tests {
             "start=ge2025-05-21&start=ge2025-05-22&end=le2025-05-23&status=free&_include=Slot:schedule",
             "start=ge21-05-2025&end=le2025-05-23&status=free&_include=Slot:schedule",
             "start=ge2025-05-21&end=le2025-05-23&status=busy&_include=Slot:schedule",
-            "start=ge2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule&_include=Schedule:actor",
-            "start=ge2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule&_include:recurse=Patient:x",
-            "start=ge2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule&searchFilter=A20047",
             "start=ge2025-05-23&end=le2025-05-21&status=free&_include=Slot:schedule",
             // An unencoded '+' survives; an encoded space does not parse.
             "start=ge2025-05-21T01:00:00%2001:00&end=le2025-05-23&status=free&_include=Slot:schedule",
@@ -273,6 +255,33 @@ mod tests {
         let plus =
             "start=ge2025-05-21T01:00:00+01:00&end=le2025-05-23&status=free&_include=Slot:schedule";
         assert!(SlotQuery::parse(&params(plus)).is_ok());
+    }
+
+    #[test]
+    fn unrecognised_includes_and_malformed_search_filters_are_ignored() {
+        let expected = SlotQuery::parse(&params(&format!(
+            "{GOOD}&_include%3Arecurse=Schedule%3Aactor%3ALocation"
+        )))
+        .expect("valid search");
+        for extra in [
+            "_include=Schedule:actor",
+            "_include=Slot:schedule&_include=Slot:schedule",
+            "_include:recurse=Patient:x",
+            "_include:recurse=",
+            "searchFilter=A20047",
+            "searchFilter=abc",
+            "searchFilter=",
+            "searchFilter=%7C",
+            "searchFilter=%7CA20047",
+            "searchFilter=https%3A%2F%2Ffhir.nhs.uk%2FSTU3%2FCodeSystem%2FGPConnect-OrganisationType-1%7C",
+            "searchFilter=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fods-organization-code%7C",
+            "searchFilter=https%3A%2F%2Fexample.org%2Fuc-disposition%7CDx06",
+        ] {
+            let query = SlotQuery::parse(&params(&format!(
+                "{GOOD}&_include%3Arecurse=Schedule%3Aactor%3ALocation&{extra}"
+            )));
+            assert_eq!(query.as_ref(), Ok(&expected), "{extra}");
+        }
     }
 
     #[test]
