@@ -1501,13 +1501,28 @@ mod tests {
     async fn slot_search_parameter_errors_are_422_invalid_parameter() {
         let p = provider();
         for target in [
-            "/Slot?start=ge2025-05-21&end=le2025-05-23&_include=Slot:schedule",
+            "/Slot?start=ge2025-05-21&end=le2025-05-23&status=busy&_include=Slot:schedule",
             "/Slot?start=ge2025-05-21&end=le2025-06-23&status=free&_include=Slot:schedule",
             "/Slot?start=ge2025-05-21T09:00:00%2001:00&end=le2025-05-23&status=free&_include=Slot:schedule",
-            "/Slot?end=le2025-05-23&status=free&_include=Slot:schedule",
+            "/Slot?start=ge2025-05-23&end=le2025-05-22&status=free&_include=Slot:schedule",
         ] {
             let answer = send(&p, Method::GET, target, Interaction::SearchSlot, None).await;
             assert_outcome(&answer, 422, "INVALID_PARAMETER");
+        }
+    }
+
+    /// As the provider test pack (SearchForFreeSlots.feature) expects.
+    #[tokio::test]
+    async fn slot_search_without_start_end_or_status_is_400_bad_request() {
+        let p = provider();
+        for target in [
+            "/Slot?end=le2025-05-23&status=free&_include=Slot:schedule",
+            "/Slot?status=free&_include=Slot:schedule",
+            "/Slot?start=ge2025-05-21&status=free&_include=Slot:schedule",
+            "/Slot?start=ge2025-05-21&end=le2025-05-23&_include=Slot:schedule",
+        ] {
+            let answer = send(&p, Method::GET, target, Interaction::SearchSlot, None).await;
+            assert_outcome(&answer, 400, "BAD_REQUEST");
         }
     }
 

@@ -51,11 +51,14 @@ fn invalid(text: impl Into<String>) -> ProviderError {
     ProviderError::InvalidParameter(text.into())
 }
 
-/// The single value of a required parameter.
+/// The single value of a required parameter: missing is 400 BAD_REQUEST (as the provider test
+/// pack expects), given twice 422 INVALID_PARAMETER.
 fn exactly_one<'a>(params: &'a [(String, String)], name: &str) -> Result<&'a str, ProviderError> {
     match param_values(params, name).as_slice() {
         [one] => Ok(one),
-        [] => Err(invalid(format!("the {name} parameter is required"))),
+        [] => Err(ProviderError::BadRequest(format!(
+            "the {name} parameter is required"
+        ))),
         _ => Err(invalid(format!("the {name} parameter must be given once"))),
     }
 }
@@ -86,15 +89,20 @@ pub struct SlotQuery {
 
 impl SlotQuery {
     /// Checks the SHALL parameters (`start=ge`, `end=le`, `status=free`, `_include=Slot:schedule`)
-    /// and the window (end not before start, at most 14 days). Anything wrong is 422
-    /// INVALID_PARAMETER. Criteria it does not recognise are ignored, never an error ("SHALL
+    /// and the window (end not before start, at most 14 days). A missing `start`, `end` or
+    /// `status` is 400 BAD_REQUEST; anything else wrong is 422 INVALID_PARAMETER. Criteria it does not recognise are ignored, never an error ("SHALL
     /// always be ignored"): other `_include` and `_include:recurse` values, and every
     /// `searchFilter` (this provider does not filter on them: every slot is open to every
     /// booking organisation), well formed or not.
     pub fn parse(params: &[(String, String)]) -> Result<Self, ProviderError> {
-        let start = prefixed_date("start", exactly_one(params, "start")?, "ge")?;
-        let end = prefixed_date("end", exactly_one(params, "end")?, "le")?;
-        let status = exactly_one(params, "status")?;
+        // Presence first: a missing parameter is reported before a malformed one.
+        let (start, end, status) = (
+            exactly_one(params, "start")?,
+            exactly_one(params, "end")?,
+            exactly_one(params, "status")?,
+        );
+        let start = prefixed_date("start", start, "ge")?;
+        let end = prefixed_date("end", end, "le")?;
         if status != "free" {
             return Err(invalid(format!(
                 "status={status} is not supported: use free"
@@ -119,7 +127,13 @@ impl SlotQuery {
                 _ => {}
             }
         }
-        if query.to < query.from {
+        // The last instant `end` covers (all of its day, for a date) is before the first one
+        // `start` covers: `end=le<d-1>` with `start=ge<d>` is refused, `end=le<d>` is not.
+        let end_before_start = match end {
+            SearchDate::Date(_) => end.end_instant() <= start.first_instant(),
+            SearchDate::DateTime(instant) => instant < start.first_instant(),
+        };
+        if end_before_start {
             return Err(invalid("the end of the search window is before its start"));
         }
         if end.first_instant() - start.first_instant() > Duration::days(MAX_SLOT_SEARCH_DAYS) {
@@ -232,12 +246,62 @@ mod tests {
     }
 
     #[test]
-    fn every_broken_slot_search_is_an_invalid_parameter() {
-        let cases = [
+    fn a_missing_start_end_or_status_is_a_bad_request() {
+        // SearchForFreeSlots.feature: "should fail due to missing parameters" (400 BAD_REQUEST).
+        for query in [
             "end=le2025-05-23&status=free&_include=Slot:schedule",
+            "status=free&_include=Slot:schedule",
             "start=ge2025-05-21&status=free&_include=Slot:schedule",
             "start=ge2025-05-21&end=le2025-05-23&_include=Slot:schedule",
+            // Missing wins over malformed.
+            "start=2025-05-21&status=free&_include=Slot:schedule",
+        ] {
+            let err = SlotQuery::parse(&params(query)).unwrap_err();
+            assert_eq!(err.spine_code(), "BAD_REQUEST", "{query}");
+            assert_eq!(err.status().as_u16(), 400, "{query}");
+        }
+    }
+
+    #[test]
+    fn an_end_before_the_start_is_an_invalid_parameter_and_the_same_day_is_not() {
+        let refused = [
+            // SearchForFreeSlots.feature: a time period of -1 days.
+            ("ge2025-05-21", "le2025-05-20"),
+            ("ge2025-05-21", "le2025-05-01"),
+            (
+                "ge2025-05-21T10:00:00%2B01:00",
+                "le2025-05-21T09:59:59%2B01:00",
+            ),
+            ("ge2025-05-21", "le2025-05-20T23:59:59%2B01:00"),
+            ("ge2025-05-21T00:00:00%2B01:00", "le2025-05-20"),
+        ];
+        for (start, end) in refused {
+            let query = format!("start={start}&end={end}&status=free&_include=Slot:schedule");
+            let err = SlotQuery::parse(&params(&query)).unwrap_err();
+            assert_eq!(err.spine_code(), "INVALID_PARAMETER", "{query}");
+            assert_eq!(err.status().as_u16(), 422, "{query}");
+        }
+        let allowed = [
+            ("ge2025-05-21", "le2025-05-21"),
+            (
+                "ge2025-05-21T10:00:00%2B01:00",
+                "le2025-05-21T10:00:00%2B01:00",
+            ),
+            ("ge2025-05-21T10:00:00%2B01:00", "le2025-05-21"),
+            ("ge2025-05-21", "le2025-05-21T00:00:00%2B01:00"),
+        ];
+        for (start, end) in allowed {
+            let query = format!("start={start}&end={end}&status=free&_include=Slot:schedule");
+            assert!(SlotQuery::parse(&params(&query)).is_ok(), "{query}");
+        }
+    }
+
+    #[test]
+    fn every_broken_slot_search_is_an_invalid_parameter() {
+        let cases = [
             "start=ge2025-05-21&end=le2025-05-23&status=free",
+            "start=&end=le2025-05-23&status=free&_include=Slot:schedule",
+            "start=ge2025-05-21&end=&status=free&_include=Slot:schedule",
             "start=2025-05-21&end=le2025-05-23&status=free&_include=Slot:schedule",
             "start=ge2025-05-21&end=ge2025-05-23&status=free&_include=Slot:schedule",
             "start=ge2025-05-21&start=ge2025-05-22&end=le2025-05-23&status=free&_include=Slot:schedule",
