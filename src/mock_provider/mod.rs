@@ -28,9 +28,12 @@
 //! - A body that is not JSON is 400 BAD_REQUEST; valid JSON that is the wrong resource or
 //!   breaks a rule is 422.
 //! - Slot search: unrecognised criteria are ignored, never an error (other `_include` and
-//!   `_include:recurse` values, malformed `searchFilter`s); `searchFilter` does not restrict
-//!   the result (every slot is open to every organisation); a date-only `end` covers that
-//!   whole day; the 14-day limit is measured between the two given values. The consumer's `serviceType` and
+//!   `_include:recurse` values, malformed `searchFilter`s); a date-only `end` covers that
+//!   whole day; the 14-day limit is measured between the two given values.
+//! - Booking embargo: Schedule/3 (the nurse clinic) is open only to booking organisations of
+//!   type `gp-practice` or with ODS code A20047; Schedules 1 and 2 are open to all. A slot
+//!   search whose `searchFilter`s (ODS code, organisation type) name neither leaves its slots
+//!   out; a search with no such filter is not restricted. Booking does not re-check the embargo. The consumer's `serviceType` and
 //!   `serviceCategory` in a booking are ignored: the appointment takes the slot's.
 //! - `Prefer: return=minimal` empties the body of create and update answers (headers stay).
 
@@ -662,13 +665,19 @@ impl MockProvider {
 
     fn search_slots(&self, params: &[(String, String)]) -> Result<Reply, ProviderError> {
         let query = SlotQuery::parse(params)?;
-        let (slots, horizon) = {
+        let (mut slots, horizon) = {
             let state = self.read();
             (
                 state.free_slots(query.from, query.to, self.now()),
                 state.horizon,
             )
         };
+        // Only the slots open to the booking organisation the search filters name.
+        slots.retain(|slot| {
+            self.practice
+                .schedule(slot.schedule_id)
+                .is_some_and(|s| query.booking.admits(s.bookable_by.as_ref()))
+        });
         // A search with no free slots is an empty Bundle, includes and all.
         let schedules: BTreeSet<&str> = slots.iter().map(|s| s.schedule_id).collect();
         let schedules: Vec<_> = self
@@ -1494,6 +1503,63 @@ mod tests {
             assert_eq!(answer.status, StatusCode::OK, "{extra}: {}", answer.body);
             assert_eq!(ids(&answer.body), ids(&expected.body), "{extra}");
             assert!(entries(&answer.body, "Practitioner").is_empty(), "{extra}");
+        }
+    }
+
+    #[tokio::test]
+    async fn slot_search_filters_leave_out_schedules_embargoed_from_the_booking_organisation() {
+        let p = provider();
+        let search = |filters: &str| {
+            format!(
+                "/Slot?start=ge2025-05-22&end=le2025-05-23&status=free&_include=Slot:schedule{filters}"
+            )
+        };
+        let ods = |code: &str| {
+            format!("&searchFilter=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fods-organization-code%7C{code}")
+        };
+        let kind = |code: &str| {
+            format!("&searchFilter=https%3A%2F%2Ffhir.nhs.uk%2FSTU3%2FCodeSystem%2FGPConnect-OrganisationType-1%7C{code}")
+        };
+        let schedules_of = |body: &Value| -> BTreeSet<String> {
+            entries(body, "Slot")
+                .iter()
+                .filter_map(|s| s["schedule"]["reference"].as_str())
+                .map(str::to_string)
+                .collect()
+        };
+        let all: BTreeSet<String> = ["Schedule/1", "Schedule/2", "Schedule/3"]
+            .map(String::from)
+            .into();
+        let open: BTreeSet<String> = ["Schedule/1", "Schedule/2"].map(String::from).into();
+        let cases = [
+            (String::new(), &all),
+            (format!("{}{}", ods("A20047"), kind("urgent-care")), &all),
+            (format!("{}{}", ods("Y12345"), kind("gp-practice")), &all),
+            (format!("{}{}", ods("Y12345"), kind("urgent-care")), &open),
+            (ods("Y12345"), &open),
+            (kind("urgent-care"), &open),
+        ];
+        let unfiltered = send(&p, Method::GET, &search(""), Interaction::SearchSlot, None).await;
+        for (filters, expected) in cases {
+            let answer = send(
+                &p,
+                Method::GET,
+                &search(&filters),
+                Interaction::SearchSlot,
+                None,
+            )
+            .await;
+            assert_eq!(answer.status, StatusCode::OK, "{filters}");
+            assert_eq!(&schedules_of(&answer.body), expected, "{filters}");
+            let included: BTreeSet<String> = entries(&answer.body, "Schedule")
+                .iter()
+                .filter_map(|s| s["id"].as_str())
+                .map(|id| format!("Schedule/{id}"))
+                .collect();
+            assert_eq!(&included, expected, "{filters}");
+            let fewer =
+                entries(&answer.body, "Slot").len() < entries(&unfiltered.body, "Slot").len();
+            assert_eq!(fewer, expected.len() < all.len(), "{filters}");
         }
     }
 

@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 use super::calendar::{fhir_date, fhir_date_time, london_local};
 
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+/// The booking organisation type CodeSystem of the free-slot search's `searchFilter`.
+pub const ORGANISATION_TYPE_SYSTEM: &str =
+    "https://fhir.nhs.uk/STU3/CodeSystem/GPConnect-OrganisationType-1";
 pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 pub const SDS_USER_SYSTEM: &str = "https://fhir.nhs.uk/Id/sds-user-id";
 pub const SDS_ROLE_PROFILE_SYSTEM: &str = "https://fhir.nhs.uk/Id/sds-role-profile-id";
@@ -95,10 +98,21 @@ pub struct Session {
     pub channel: DeliveryChannel,
 }
 
+/// A schedule's booking embargo (GP Connect slot availability management): its slots are
+/// offered only to booking organisations of one of these types (GPConnect-OrganisationType-1
+/// codes) or with one of these ODS codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BookableBy {
+    pub organisation_types: &'static [&'static str],
+    pub ods_codes: &'static [&'static str],
+}
+
 /// A clinician's diary at a site (`Schedule`), Monday to Friday.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     pub id: &'static str,
+    /// `None`: open to every booking organisation.
+    pub bookable_by: Option<BookableBy>,
     pub practitioner: &'static str,
     pub location: &'static str,
     pub service_category: &'static str,
@@ -211,6 +225,7 @@ impl Practice {
             schedules: vec![
                 Schedule {
                     id: "1",
+                    bookable_by: None,
                     practitioner: "1",
                     location: "1",
                     service_category: "General practice",
@@ -233,6 +248,7 @@ impl Practice {
                 },
                 Schedule {
                     id: "2",
+                    bookable_by: None,
                     practitioner: "2",
                     location: "1",
                     service_category: "Remote consultations",
@@ -253,8 +269,13 @@ impl Practice {
                         ),
                     ],
                 },
+                // The nurse clinic is kept for GP practices and one named partner.
                 Schedule {
                     id: "3",
+                    bookable_by: Some(BookableBy {
+                        organisation_types: &["gp-practice"],
+                        ods_codes: &["A20047"],
+                    }),
                     practitioner: "3",
                     location: "2",
                     service_category: "Nurse clinic",

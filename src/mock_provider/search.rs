@@ -7,6 +7,7 @@ use chrono::{DateTime, Duration, FixedOffset, NaiveDate};
 
 use super::calendar::SearchDate;
 use super::outcome::ProviderError;
+use super::practice::{BookableBy, ODS_SYSTEM, ORGANISATION_TYPE_SYSTEM};
 use super::request::param_values;
 
 /// The longest free-slot search window GP Connect allows.
@@ -75,6 +76,54 @@ fn prefixed_date(name: &str, value: &str, prefix: &str) -> Result<SearchDate, Pr
     })
 }
 
+/// The booking organisation a free-slot search names through `searchFilter`: its ODS codes and
+/// organisation types. Empty when the consumer sent none (or none this provider recognises).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BookingFilter {
+    pub ods_codes: Vec<String>,
+    pub organisation_types: Vec<String>,
+}
+
+impl BookingFilter {
+    /// The recognised `searchFilter`s (`<ODS system>|<code>`, `<organisation type system>|<code>`);
+    /// any other system, and a malformed or empty value, is ignored.
+    fn parse(params: &[(String, String)]) -> Self {
+        let mut filter = Self::default();
+        for value in param_values(params, "searchFilter") {
+            match value.split_once('|') {
+                Some((ODS_SYSTEM, code)) if !code.is_empty() => {
+                    filter.ods_codes.push(code.to_string());
+                }
+                Some((ORGANISATION_TYPE_SYSTEM, code)) if !code.is_empty() => {
+                    filter.organisation_types.push(code.to_string());
+                }
+                _ => {}
+            }
+        }
+        filter
+    }
+
+    /// Whether a schedule with this embargo matches the search: an open schedule always does;
+    /// an embargoed one when the named booking organisation has one of its types or ODS codes.
+    /// A search that names no booking organisation is not filtered (the filters are a SHOULD
+    /// for consumers).
+    pub fn admits(&self, bookable_by: Option<&BookableBy>) -> bool {
+        let Some(embargo) = bookable_by else {
+            return true;
+        };
+        if self.ods_codes.is_empty() && self.organisation_types.is_empty() {
+            return true;
+        }
+        self.organisation_types
+            .iter()
+            .any(|t| embargo.organisation_types.contains(&t.as_str()))
+            || self
+                .ods_codes
+                .iter()
+                .any(|c| embargo.ods_codes.contains(&c.as_str()))
+    }
+}
+
 /// A checked free-slot search.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotQuery {
@@ -85,15 +134,16 @@ pub struct SlotQuery {
     pub include_practitioners: bool,
     pub include_locations: bool,
     pub include_organization: bool,
+    /// Who is booking, from `searchFilter`: only the slots open to them are returned.
+    pub booking: BookingFilter,
 }
 
 impl SlotQuery {
     /// Checks the SHALL parameters (`start=ge`, `end=le`, `status=free`, `_include=Slot:schedule`)
     /// and the window (end not before start, at most 14 days). A missing `start`, `end` or
     /// `status` is 400 BAD_REQUEST; anything else wrong is 422 INVALID_PARAMETER. Criteria it does not recognise are ignored, never an error ("SHALL
-    /// always be ignored"): other `_include` and `_include:recurse` values, and every
-    /// `searchFilter` (this provider does not filter on them: every slot is open to every
-    /// booking organisation), well formed or not.
+    /// always be ignored"): other `_include` and `_include:recurse` values, and a `searchFilter`
+    /// that is malformed or not an ODS code or organisation type (see [`BookingFilter`]).
     pub fn parse(params: &[(String, String)]) -> Result<Self, ProviderError> {
         // Presence first: a missing parameter is reported before a malformed one.
         let (start, end, status) = (
@@ -118,6 +168,7 @@ impl SlotQuery {
             include_practitioners: false,
             include_locations: false,
             include_organization: false,
+            booking: BookingFilter::parse(params),
         };
         for recurse in param_values(params, "_include:recurse") {
             match recurse {
@@ -229,6 +280,29 @@ mod tests {
         assert_eq!(fhir_date_time(&query.from), "2025-05-21T01:00:00+01:00");
         assert_eq!(fhir_date_time(&query.to), "2025-05-23T01:00:00+01:00");
         assert!(query.include_locations && !query.include_practitioners);
+        assert_eq!(query.booking.ods_codes, ["A20047"]);
+        assert_eq!(query.booking.organisation_types, ["urgent-care"]);
+    }
+
+    #[test]
+    fn an_embargoed_schedule_admits_only_the_booking_organisations_it_names() {
+        let embargo = BookableBy {
+            organisation_types: &["gp-practice"],
+            ods_codes: &["A20047"],
+        };
+        let filter = |ods: &[&str], types: &[&str]| BookingFilter {
+            ods_codes: ods.iter().map(|s| s.to_string()).collect(),
+            organisation_types: types.iter().map(|s| s.to_string()).collect(),
+        };
+        let nobody = filter(&[], &[]);
+        assert!(nobody.admits(None) && nobody.admits(Some(&embargo)));
+        assert!(filter(&["B1"], &["urgent-care"]).admits(None));
+        assert!(filter(&["B1"], &["gp-practice"]).admits(Some(&embargo)));
+        assert!(filter(&["A20047"], &["urgent-care"]).admits(Some(&embargo)));
+        assert!(filter(&[], &["gp-practice"]).admits(Some(&embargo)));
+        assert!(!filter(&["B1"], &["urgent-care"]).admits(Some(&embargo)));
+        assert!(!filter(&["B1"], &[]).admits(Some(&embargo)));
+        assert!(!filter(&[], &["urgent-care"]).admits(Some(&embargo)));
     }
 
     #[test]
