@@ -50,6 +50,7 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         "SspGatewayAuditWriteErrors",
         "SspGatewayCertificateExpiresSoon",
         "SspGatewayDirectoryServingStale",
+        "SspGatewayRevokedCertificateStillInUse",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
