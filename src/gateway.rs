@@ -871,10 +871,11 @@ pub fn reject(
     }
     if let Rejection::InvalidJwt { reason } = rejection {
         // RFC 6750 §3.1, which GP Connect's JWT guidance follows: no error code when there was
-        // no token; a token that is not acceptable is an `invalid_request` (400).
+        // no bearer token (none, or another scheme); a token that is not acceptable is an
+        // `invalid_request` (400).
         h.insert(
             header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(if *reason == "MISSING" {
+            HeaderValue::from_static(if matches!(*reason, "MISSING" | "NOT_BEARER") {
                 "Bearer"
             } else {
                 "Bearer error=\"invalid_request\""

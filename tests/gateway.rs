@@ -541,6 +541,15 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
         .await;
     a.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_MISSING");
     assert_eq!(a.headers[http::header::WWW_AUTHENTICATE], "Bearer");
+    let a = c
+        .gpc(
+            Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT)
+                .jwt(None)
+                .header("Authorization", "Basic Zm9v"),
+        )
+        .await;
+    a.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_NOT_BEARER");
+    assert_eq!(a.headers[http::header::WWW_AUTHENTICATE], "Bearer");
     // A second token beside a valid one: the provider might read either.
     let second = format!(
         "Bearer {}",

@@ -297,11 +297,42 @@ impl CrlFloor {
     /// Refuses `numbered` if any CRL is older than the one of its issuer already loaded, or has
     /// its CRL Number with other contents (RFC 5280 §5.2.3: each new CRL of an issuer has a
     /// greater number).
-    fn check(&self, numbered: &[CrlNumber]) -> Result<(), TlsError> {
+    /// Refuses too a set that has no CRL for what a loaded one covered while its issuer is
+    /// still one of `cas`: with revocation status unknown allowed (CRLs are per issuing CA),
+    /// dropping a CA's CRL, or putting another CA's in its file, would let every certificate
+    /// it revoked in again.
+    fn check(
+        &self,
+        numbered: &[CrlNumber],
+        cas: &[CertificateDer<'_>],
+        ca_path: &Path,
+    ) -> Result<(), TlsError> {
         let floor = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for loaded in floor.values() {
+            if numbered.iter().any(|n| n.scope == loaded.scope) {
+                continue;
+            }
+            let still_a_ca = cas.iter().any(|ca| {
+                x509_parser::parse_x509_certificate(ca.as_ref())
+                    .is_ok_and(|(_, ca)| ca.subject().as_raw() == loaded.issuer.as_slice())
+            });
+            if still_a_ca {
+                return Err(TlsError::BadCrl {
+                    path: loaded.path.clone(),
+                    reason: format!(
+                        "the new CRLs have none for {}, whose CRL Number {} is loaded, while it \
+                         is still a CA in {}: its revoked certificates would be let in again \
+                         (remove the CA from the bundle as well, or restart the gateway)",
+                        loaded.scope,
+                        loaded.number,
+                        ca_path.display()
+                    ),
+                });
+            }
+        }
         for new in numbered {
             let Some(loaded) = floor.get(&new.scope) else {
                 continue;
@@ -373,7 +404,7 @@ fn checked_crls(
         })?;
     }
     refuse_second_crls(&numbered)?;
-    floor.check(&numbered)?;
+    floor.check(&numbered, cas, ca_path)?;
     Ok((crls, numbered))
 }
 
@@ -409,6 +440,8 @@ fn refuse_second_crls(numbered: &[CrlNumber]) -> Result<(), TlsError> {
 struct CrlNumber {
     path: PathBuf,
     scope: String,
+    /// The issuer's name, DER (to find it among the CAs of a bundle).
+    issuer: Vec<u8>,
     number: x509_parser::num_bigint::BigUint,
     digest: [u8; 32],
 }
@@ -466,6 +499,7 @@ fn load_crls_numbered(
             numbers.push(CrlNumber {
                 path: path.clone(),
                 scope,
+                issuer: parsed.issuer().as_raw().to_vec(),
                 number: number.clone(),
                 digest: sha256(crl.as_ref()),
             });
@@ -2864,5 +2898,39 @@ mod tests {
             cert.standing(&revoking, at(now.as_secs() + chaincache::TTL.as_secs())),
             Err(HandshakeFailure::CertificateRevoked)
         );
+    }
+
+    /// A reload may not drop the CRL of a CA that is still in the bundle, nor put another
+    /// CA's CRL in its place: the first CA's revoked certificates would be accepted again.
+    /// Dropping the CA from the bundle with its CRL is a reload like any other.
+    #[test]
+    fn a_reload_keeps_a_crl_for_every_ca_that_had_one() {
+        let files = Files::new("crl-dropped");
+        let (one, two) = (ecdsa_ca("CRL CA one"), ecdsa_ca("CRL CA two"));
+        let revoked = client_leaf(&one, &["revoked.example"]);
+        let crl_one = one.crl(&[&revoked]).expect("crl");
+        let crl_two = two.crl(&[]).expect("crl");
+        let floor = CrlFloor::default();
+        let build = |cas: &[&Ca], crls: &[&str]| {
+            listener_tls_above(
+                &files.server(&one, KeyKind::EcdsaP256, cas, crls),
+                ALPN,
+                &floor,
+            )
+        };
+        build(&[&one, &two], &[&crl_one]).expect("first");
+        for (crls, what) in [
+            (vec![crl_two.as_str()], "another CA's CRL in its place"),
+            (vec![], "no CRL at all"),
+        ] {
+            match build(&[&one, &two], &crls) {
+                Err(TlsError::BadCrl { reason, .. }) => {
+                    assert!(reason.contains("is still a CA in"), "{what}: {reason}")
+                }
+                other => panic!("{what}: expected BadCrl, got {other:?}"),
+            }
+        }
+        build(&[&one, &two], &[&crl_one, &crl_two]).expect("both");
+        build(&[&two], &[&crl_two]).expect("the first CA gone from the bundle with its CRL");
     }
 }
