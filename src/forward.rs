@@ -41,7 +41,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// The upstream side of the gateway: a pooled HTTP/1.1 client over mTLS.
 pub struct Upstream {
     /// The upstream TLS in force (reloaded on SIGHUP and file change).
-    tls: Arc<Reloadable<rustls::ClientConfig>>,
+    tls: Arc<Reloadable<crate::tls::UpstreamTls>>,
     /// The connection pool of the TLS configuration in force.
     pool: ArcSwap<Pool>,
     settings: PoolSettings,
@@ -59,7 +59,10 @@ pub struct Upstream {
 
 /// Connections to providers, all made with one TLS configuration.
 struct Pool {
-    tls: Arc<rustls::ClientConfig>,
+    tls: Arc<crate::tls::UpstreamTls>,
+    /// Unix seconds: the CRLs' nextUpdate, when the pool was made before it. From then on no
+    /// connection of this pool is used again (see [`Upstream::pool`]).
+    until: Option<u64>,
     client: Client<TlsConnector, Reclaimable<Counted<RequestBody>>>,
 }
 
@@ -72,9 +75,9 @@ struct PoolSettings {
 }
 
 impl PoolSettings {
-    fn pool(&self, tls: Arc<rustls::ClientConfig>) -> Pool {
+    fn pool(&self, tls: Arc<crate::tls::UpstreamTls>, now: u64) -> Pool {
         let connector = TlsConnector {
-            tls: tls.clone(),
+            tls: tls.config.clone(),
             connect_timeout: self.connect_timeout,
             connect_errors: self.connect_errors.clone(),
         };
@@ -84,7 +87,8 @@ impl PoolSettings {
             .pool_idle_timeout(self.idle_timeout)
             .pool_max_idle_per_host(self.max_idle_per_host)
             .build(connector);
-        Pool { tls, client }
+        let until = tls.crl_horizon.filter(|h| now < *h);
+        Pool { tls, until, client }
     }
 }
 
@@ -93,7 +97,7 @@ impl Upstream {
     /// `reason`: `timeout`, `tcp`, `tls`, `other`) when given.
     pub fn with_metrics(
         config: &UpstreamConfig,
-        tls: Arc<Reloadable<rustls::ClientConfig>>,
+        tls: Arc<Reloadable<crate::tls::UpstreamTls>>,
         connect_errors: Option<prometheus::IntCounterVec>,
     ) -> Upstream {
         let settings = PoolSettings {
@@ -102,7 +106,7 @@ impl Upstream {
             max_idle_per_host: config.pool_max_idle_per_host,
             connect_errors,
         };
-        let pool = ArcSwap::from_pointee(settings.pool(tls.current()));
+        let pool = ArcSwap::from_pointee(settings.pool(tls.current(), unix_now()));
         Upstream {
             tls,
             pool,
@@ -125,18 +129,21 @@ impl Upstream {
     /// certificate, the CA bundle, a provider CRL) a new pool is started, so that no connection
     /// made under the old configuration — to a provider whose certificate is now revoked, say
     /// — is used again: the old pool's idle connections close with it, busy ones once their
-    /// exchange is done.
+    /// exchange is done. So too once the provider CRLs' nextUpdate has passed: the new pool's
+    /// connections meet the verifier's refusal of a stale CRL (no session is resumed with
+    /// CRLs configured), where a connection kept busy would have gone on being used.
     fn pool(&self) -> Arc<Pool> {
         let tls = self.tls.current();
         let pool = self.pool.load_full();
-        if Arc::ptr_eq(&pool.tls, &tls) {
+        let now = unix_now();
+        if Arc::ptr_eq(&pool.tls, &tls) && pool.until.map_or(true, |until| now < until) {
             return pool;
         }
         // Requests racing here may each start one; the last stored stays, the others serve
         // their one request and go.
-        let fresh = Arc::new(self.settings.pool(tls));
+        let fresh = Arc::new(self.settings.pool(tls, now));
         self.pool.store(fresh.clone());
-        tracing::info!("upstream TLS reloaded: new provider connections from now on");
+        tracing::info!("new provider connection pool: the upstream TLS was reloaded, or its CRLs' nextUpdate passed");
         fresh
     }
 
@@ -705,6 +712,13 @@ fn join_cookies(headers: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::from_bytes(&joined) {
         headers.insert(header::COOKIE, value);
     }
+}
+
+/// Seconds since the Unix epoch (0 for a clock before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Connects to a provider: TCP (no Nagle) then TLS with the gateway's client certificate, all

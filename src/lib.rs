@@ -96,7 +96,7 @@ pub struct Components {
     pub crl_floor: tls::CrlFloor,
     /// The upstream client's (providers' CRLs), likewise.
     pub upstream_crl_floor: tls::CrlFloor,
-    pub client_tls: Arc<Reloadable<rustls::ClientConfig>>,
+    pub client_tls: Arc<Reloadable<tls::UpstreamTls>>,
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<tls::ListenerTls>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
     pub ldif: Option<Arc<LdifBackend>>,
@@ -201,10 +201,9 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             .map_err(|e| problems.push(format!("listener: {e}")))
             .ok();
     let upstream_crl_floor = tls::CrlFloor::default();
-    let client_tls =
-        tls::own_client_config_above(&config.upstream.tls, &ALPN_H1, &upstream_crl_floor)
-            .map_err(|e| problems.push(format!("upstream: {e}")))
-            .ok();
+    let client_tls = tls::upstream_tls_above(&config.upstream.tls, &ALPN_H1, &upstream_crl_floor)
+        .map_err(|e| problems.push(format!("upstream: {e}")))
+        .ok();
     let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
     check_audit_dir(config, &mut problems);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
@@ -261,7 +260,11 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 Arc::new(server_tls),
                 server_tls_files(config),
             );
-            let client_tls = Reloadable::new("upstream TLS", client_tls, client_tls_files(config));
+            let client_tls = Reloadable::new(
+                "upstream TLS",
+                Arc::new(client_tls),
+                client_tls_files(config),
+            );
             let metrics = metrics::Metrics::new();
             let (audit, audit_writer) = audit::Audit::prepare(&config.audit, metrics.audit.clone());
             let (tracer, span_exporter) =
@@ -411,7 +414,7 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
     let upstream = config.upstream.tls.clone();
     let floor = c.upstream_crl_floor.clone();
     c.client_tls.watch(
-        move || tls::own_client_config_above(&upstream, &ALPN_H1, &floor).map(Arc::unwrap_or_clone),
+        move || tls::upstream_tls_above(&upstream, &ALPN_H1, &floor),
         poll,
         shutdown.clone(),
         tasks,

@@ -345,6 +345,54 @@ async fn publishing_a_crl_that_revokes_the_provider_stops_forwarding_to_it() {
     h.stop().await;
 }
 
+/// A pooled provider connection is not used past the provider CRLs' nextUpdate: the pool is
+/// started anew then, and its connections meet the verifier's refusal of a stale CRL (no
+/// session is resumed with CRLs configured). Before, a connection kept in use went on being
+/// used however stale the CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_provider_connection_is_not_used_past_the_provider_crl_next_update() {
+    let world = World::ecdsa();
+    let providers_crl = scratch_dir("upstream-stale-crl").join("providers.crl.pem");
+    let stale_at = now() + 8;
+    let crl = world
+        .authority
+        .crl_between(&[], now() - 60, stale_at)
+        .expect("CRL");
+    std::fs::write(&providers_crl, crl).expect("write CRL");
+    let crls = format!("crls = [\"{}\"]", providers_crl.display());
+    let opts = GatewayOptions {
+        extra_upstream: Box::leak(crls.into_boxed_str()),
+        ..Default::default()
+    };
+    let h = start_with_recorder(world, Behaviour::Echo, opts).await;
+    // Requests every 700 ms keep the pooled connection in use (the test provider closes one
+    // idle for 5 s) until the CRL is stale.
+    let mut forwarded = 0;
+    while now() <= stale_at {
+        if h.consumer_metadata().await.status == StatusCode::OK {
+            forwarded += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(
+        forwarded >= 2,
+        "the CRL went stale before the test could use it"
+    );
+    assert_eq!(h.recorder.seen(), forwarded);
+    let target = format!("{}/metadata", h.endpoint());
+    h.consumer_metadata().await.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    assert_eq!(
+        h.recorder.seen(),
+        forwarded,
+        "a request went over a stale CRL's connection"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     let h = start_with_recorder(

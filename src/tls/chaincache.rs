@@ -55,17 +55,9 @@ impl ChainCache {
         inner: Arc<dyn ClientCertVerifier>,
         crls: &[CertificateRevocationListDer<'_>],
     ) -> ChainCache {
-        let crl_horizon = crls
-            .iter()
-            .filter_map(|crl| {
-                let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref()).ok()?;
-                let next = parsed.next_update()?.timestamp();
-                Some(u64::try_from(next).unwrap_or(0))
-            })
-            .min();
         ChainCache {
             inner,
-            crl_horizon,
+            crl_horizon: crl_horizon(crls),
             accepted: RwLock::new(HashMap::new()),
         }
     }
@@ -103,6 +95,19 @@ impl ChainCache {
         }
         map.insert(key, until);
     }
+}
+
+/// The earliest nextUpdate of `crls` (unix seconds): after it a verifier checking against them
+/// refuses what they would decide. A CRL without nextUpdate, or one that does not parse here,
+/// sets no bound of its own.
+pub fn crl_horizon(crls: &[CertificateRevocationListDer<'_>]) -> Option<u64> {
+    crls.iter()
+        .filter_map(|crl| {
+            let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref()).ok()?;
+            let next = parsed.next_update()?.timestamp();
+            Some(u64::try_from(next).unwrap_or(0))
+        })
+        .min()
 }
 
 /// SHA-256 over the chain, each certificate length-prefixed (so no two chains share a key).

@@ -721,7 +721,7 @@ fn assemble_server_config(
 /// Session resumption stays on for this leg (rustls's default in-memory client cache): the
 /// provider decides whether to resume, and resuming saves a full handshake per new connection.
 pub fn client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
-    build_client_config(c, alpn, None, &CrlFloor::default())
+    build_client_config(c, alpn, None, &CrlFloor::default()).map(|u| u.config)
 }
 
 /// [`client_config`] for the gateway's own client side (providers, an LDAPS directory): its
@@ -738,6 +738,27 @@ pub fn own_client_config_above(
     alpn: &[&[u8]],
     floor: &CrlFloor,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    upstream_tls_above(c, alpn, floor).map(|u| u.config)
+}
+
+/// The upstream client's TLS as one reloadable snapshot: the config, and the earliest
+/// nextUpdate of its CRLs, after which no connection made under it may be used again (new
+/// ones are refused by the verifier then; see `forward::Upstream`).
+#[derive(Debug)]
+pub struct UpstreamTls {
+    pub config: Arc<ClientConfig>,
+    /// Unix seconds; `None` without CRLs (or with none that has a nextUpdate).
+    pub crl_horizon: Option<u64>,
+}
+
+/// [`own_client_config_above`] with the CRLs' horizon: what the gateway forwards with. With
+/// CRLs, session resumption is off, so that every new connection to a provider has its
+/// certificate checked against the CRLs in force (a resumed session skips that check).
+pub fn upstream_tls_above(
+    c: &ClientTls,
+    alpn: &[&[u8]],
+    floor: &CrlFloor,
+) -> Result<UpstreamTls, TlsError> {
     build_client_config(c, alpn, Some(Purpose::Client), floor)
 }
 
@@ -746,7 +767,7 @@ fn build_client_config(
     alpn: &[&[u8]],
     own: Option<Purpose>,
     floor: &CrlFloor,
-) -> Result<Arc<ClientConfig>, TlsError> {
+) -> Result<UpstreamTls, TlsError> {
     let certs = load_certs(&c.cert)?;
     if let Some(purpose) = own {
         check_own_leaf(&c.cert, &certs[0], purpose)?;
@@ -757,6 +778,8 @@ fn build_client_config(
     let (crls, numbered) = checked_crls(&c.crls, &cas, &c.ca, floor, |crl| {
         server_verifier(&provider, roots.clone(), vec![crl.clone()]).map(|_| ())
     })?;
+    let crl_horizon = chaincache::crl_horizon(&crls);
+    let with_crls = !crls.is_empty();
     let server_verifier =
         server_verifier(&provider, roots, crls).map_err(|e| TlsError::BadCaBundle {
             path: c.ca.clone(),
@@ -773,8 +796,14 @@ fn build_client_config(
         .with_webpki_verifier(server_verifier)
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    if with_crls {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     floor.raise(numbered);
-    Ok(Arc::new(config))
+    Ok(UpstreamTls {
+        config: Arc::new(config),
+        crl_horizon,
+    })
 }
 
 /// The provider certificate verifier of the upstream client: chains to the CA bundle, and,
