@@ -289,6 +289,21 @@ async fn a_connection_open_when_its_certificate_is_revoked_is_refused_at_its_nex
     h.stop().await;
 }
 
+/// A gateway whose `[upstream] crls` is one file holding `crl`, and that file.
+async fn with_provider_crl(world: World, crl: &str) -> (Harness, std::path::PathBuf) {
+    let providers_crl = scratch_dir("upstream-crl").join("providers.crl.pem");
+    std::fs::write(&providers_crl, crl).expect("write CRL");
+    let crls = format!("crls = [\"{}\"]", providers_crl.display());
+    let opts = GatewayOptions {
+        extra_upstream: Box::leak(crls.into_boxed_str()),
+        ..Default::default()
+    };
+    (
+        start_with_recorder(world, Behaviour::Echo, opts).await,
+        providers_crl,
+    )
+}
+
 /// The gateway checks provider certificates against `[upstream] crls`: once a CRL revoking the
 /// provider's certificate is published, no request reaches that provider, not even over a
 /// pooled connection made before it (a reload of the upstream TLS starts a new pool). The
@@ -296,14 +311,8 @@ async fn a_connection_open_when_its_certificate_is_revoked_is_refused_at_its_nex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_a_crl_that_revokes_the_provider_stops_forwarding_to_it() {
     let world = World::ecdsa();
-    let providers_crl = scratch_dir("upstream-crl").join("providers.crl.pem");
-    std::fs::write(&providers_crl, world.authority.crl(&[]).expect("CRL")).expect("write CRL");
-    let crls = format!("crls = [\"{}\"]", providers_crl.display());
-    let opts = GatewayOptions {
-        extra_upstream: Box::leak(crls.into_boxed_str()),
-        ..Default::default()
-    };
-    let h = start_with_recorder(world, Behaviour::Echo, opts).await;
+    let crl = world.authority.crl(&[]).expect("CRL");
+    let (h, providers_crl) = with_provider_crl(world, &crl).await;
     assert_eq!(h.consumer_metadata().await.status, StatusCode::OK);
     assert_eq!(h.recorder.seen(), 1);
 
@@ -352,19 +361,12 @@ async fn publishing_a_crl_that_revokes_the_provider_stops_forwarding_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_provider_connection_is_not_used_past_the_provider_crl_next_update() {
     let world = World::ecdsa();
-    let providers_crl = scratch_dir("upstream-stale-crl").join("providers.crl.pem");
     let stale_at = now() + 8;
     let crl = world
         .authority
         .crl_between(&[], now() - 60, stale_at)
         .expect("CRL");
-    std::fs::write(&providers_crl, crl).expect("write CRL");
-    let crls = format!("crls = [\"{}\"]", providers_crl.display());
-    let opts = GatewayOptions {
-        extra_upstream: Box::leak(crls.into_boxed_str()),
-        ..Default::default()
-    };
-    let h = start_with_recorder(world, Behaviour::Echo, opts).await;
+    let (h, _) = with_provider_crl(world, &crl).await;
     // Requests every 700 ms keep the pooled connection in use (the test provider closes one
     // idle for 5 s) until the CRL is stale.
     let mut forwarded = 0;
