@@ -63,7 +63,19 @@ struct Pool {
     /// Unix seconds: the CRLs' nextUpdate, when the pool was made before it. From then on no
     /// connection of this pool is used again (see [`Upstream::pool`]).
     until: Option<u64>,
+    /// Unix seconds: the earliest notAfter of the certificates the pool's providers presented
+    /// (`u64::MAX` before the first connection). From then on no connection of this pool is
+    /// used again either: one of them is talking to a certificate that has run out.
+    certs_until: Arc<AtomicU64>,
     client: Client<TlsConnector, Reclaimable<Counted<RequestBody>>>,
+}
+
+impl Pool {
+    /// Whether the pool's connections may still be used at `now` (Unix seconds).
+    fn usable_at(&self, now: u64) -> bool {
+        self.until.map_or(true, |until| now < until)
+            && now < self.certs_until.load(Ordering::Relaxed)
+    }
 }
 
 /// What every pool is built with.
@@ -76,10 +88,12 @@ struct PoolSettings {
 
 impl PoolSettings {
     fn pool(&self, tls: Arc<crate::tls::UpstreamTls>, now: u64) -> Pool {
+        let certs_until = Arc::new(AtomicU64::new(u64::MAX));
         let connector = TlsConnector {
             tls: tls.config.clone(),
             connect_timeout: self.connect_timeout,
             connect_errors: self.connect_errors.clone(),
+            certs_until: certs_until.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -88,7 +102,12 @@ impl PoolSettings {
             .pool_max_idle_per_host(self.max_idle_per_host)
             .build(connector);
         let until = tls.crl_horizon.filter(|h| now < *h);
-        Pool { tls, until, client }
+        Pool {
+            tls,
+            until,
+            certs_until,
+            client,
+        }
     }
 }
 
@@ -131,19 +150,21 @@ impl Upstream {
     /// — is used again: the old pool's idle connections close with it, busy ones once their
     /// exchange is done. So too once the provider CRLs' nextUpdate has passed: the new pool's
     /// connections meet the verifier's refusal of a stale CRL (no session is resumed with
-    /// CRLs configured), where a connection kept busy would have gone on being used.
+    /// CRLs configured), where a connection kept busy would have gone on being used. And so
+    /// once a certificate a pooled connection's provider presented has run out: the handshake
+    /// checked it was current then, and a connection kept busy would outlive it.
     fn pool(&self) -> Arc<Pool> {
         let tls = self.tls.current();
         let pool = self.pool.load_full();
         let now = unix_now();
-        if Arc::ptr_eq(&pool.tls, &tls) && pool.until.map_or(true, |until| now < until) {
+        if Arc::ptr_eq(&pool.tls, &tls) && pool.usable_at(now) {
             return pool;
         }
         // Requests racing here may each start one; the last stored stays, the others serve
         // their one request and go.
         let fresh = Arc::new(self.settings.pool(tls, now));
         self.pool.store(fresh.clone());
-        tracing::info!("new provider connection pool: the upstream TLS was reloaded, or its CRLs' nextUpdate passed");
+        tracing::info!("new provider connection pool: the upstream TLS was reloaded, its CRLs' nextUpdate passed, or a provider's certificate ran out");
         fresh
     }
 
@@ -728,6 +749,9 @@ pub struct TlsConnector {
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     connect_errors: Option<prometheus::IntCounterVec>,
+    /// Lowered to the earliest notAfter of each provider's certificates (its pool's
+    /// `certs_until`).
+    certs_until: Arc<AtomicU64>,
 }
 
 impl tower_service::Service<Uri> for TlsConnector {
@@ -743,9 +767,14 @@ impl tower_service::Service<Uri> for TlsConnector {
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
         let limit = self.connect_timeout;
         let errors = self.connect_errors.clone();
+        let certs_until = self.certs_until.clone();
         Box::pin(async move {
             let result = match tokio::time::timeout(limit, connect(tls, uri)).await {
-                Ok(result) => result,
+                Ok(Ok(conn)) => {
+                    certs_until.fetch_min(conn.inner().certs_until(), Ordering::Relaxed);
+                    Ok(conn)
+                }
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err((
                     "timeout",
                     format!("connect timed out after {limit:?}").into(),
@@ -796,6 +825,23 @@ async fn connect(
 
 /// An established mTLS connection to a provider.
 pub struct TlsConn(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl TlsConn {
+    /// Unix seconds: the earliest notAfter of the certificates the provider presented, leaf
+    /// and intermediates (`u64::MAX` if there were none; the verifier has parsed every one).
+    fn certs_until(&self) -> u64 {
+        self.0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|cert| crate::tls::not_after(cert).ok())
+            .map(|t| u64::try_from(t).unwrap_or(0))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+}
 
 impl Connection for TlsConn {
     fn connected(&self) -> Connected {

@@ -395,6 +395,55 @@ async fn a_pooled_provider_connection_is_not_used_past_the_provider_crl_next_upd
     h.stop().await;
 }
 
+/// A pooled provider connection is not used once the certificate its provider presented has
+/// run out: the handshake found it current, but a connection kept busy would outlive it. The
+/// pool is started anew then, and the new connection's handshake refuses the expired
+/// certificate (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_provider_connection_is_not_used_past_the_provider_certificate_expiry() {
+    let world = World::ecdsa();
+    let expires_at = now() + 8;
+    world
+        .authority
+        .issue(&LeafSpec {
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+            common_name: "localhost".into(),
+            key: KeyKind::EcdsaP256,
+            usage: Usage::Server,
+            validity: Validity::Until(expires_at),
+        })
+        .expect("issue")
+        .write(&world.provider.cert, &world.provider.key)
+        .expect("write the provider certificate");
+    let h = start_with_recorder(world, Behaviour::Echo, GatewayOptions::default()).await;
+    // Requests every 700 ms keep the pooled connection in use (the test provider closes one
+    // idle for 5 s) until the certificate has run out.
+    let mut forwarded = 0;
+    while now() <= expires_at {
+        if h.consumer_metadata().await.status == StatusCode::OK {
+            forwarded += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(
+        forwarded >= 2,
+        "the certificate ran out before the test could use it"
+    );
+    assert_eq!(h.recorder.seen(), forwarded);
+    let target = format!("{}/metadata", h.endpoint());
+    h.consumer_metadata().await.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    assert_eq!(
+        h.recorder.seen(),
+        forwarded,
+        "a request went to a provider whose certificate had run out"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     let h = start_with_recorder(

@@ -106,6 +106,9 @@ pub enum Validity {
     Expired,
     /// From tomorrow for 30 days.
     NotYetValid,
+    /// From an hour ago until this Unix time (seconds): a certificate that runs out while in
+    /// use.
+    Until(i64),
 }
 
 /// What to put in a leaf certificate.
@@ -256,6 +259,7 @@ impl Ca {
             Validity::Current => (now - BACKDATE_SECS, now + LEAF_DAYS * DAY_SECS),
             Validity::Expired => (now - 30 * DAY_SECS, now - DAY_SECS),
             Validity::NotYetValid => (now + DAY_SECS, now + 30 * DAY_SECS),
+            Validity::Until(until) => (now - BACKDATE_SECS, until),
         };
         params.not_before = time_at(from)?.to_datetime();
         params.not_after = time_at(until)?.to_datetime();
