@@ -834,7 +834,9 @@ fn request_bytes(record: &Record<'_>) -> Option<u64> {
         .map(|b| b.load(Ordering::Relaxed))
 }
 
-/// The format the consumer wants errors in: `_format` in the target's query, then `Accept`.
+/// The format the consumer wants errors in: `_format` in the target's query, then `Accept`,
+/// then the request's own `Content-Type` (see [`outcome::negotiate_request`]). Worked out before
+/// the request is handed on, since only then are its headers still to hand.
 fn response_format<B>(req: &Request<B>) -> Format {
     let text = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     outcome::negotiate_request(

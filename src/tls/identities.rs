@@ -125,10 +125,10 @@ impl Identities {
         }
         // Parsed outside the lock; two handshakes racing on a new certificate both parse it,
         // and the map keeps the later one (both are equal).
-        let identity = Arc::new(identity_with_digest(leaf, &digest)?);
-        let not_after = u64::try_from(super::not_after(leaf)?).unwrap_or(0);
+        let (identity, not_after) = identity_with_digest(leaf, &digest)?;
+        let not_after = u64::try_from(not_after).unwrap_or(0);
         let id = Arc::new(ClientCert {
-            identity,
+            identity: Arc::new(identity),
             chain: chain.into(),
             not_after,
             // Until the handshake's acceptance is recorded: judged at the first request.

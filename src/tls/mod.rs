@@ -939,15 +939,17 @@ fn certified_key(
 
 /// The identity of a verified peer, from its leaf certificate.
 pub fn peer_identity(leaf: &CertificateDer<'_>) -> Result<PeerIdentity, TlsError> {
-    identity_with_digest(leaf, &sha256(leaf))
+    identity_with_digest(leaf, &sha256(leaf)).map(|(identity, _)| identity)
 }
 
-/// `peer_identity`, with the SHA-256 of `leaf` already computed.
+/// `peer_identity`, with the SHA-256 of `leaf` already computed, and the certificate's
+/// `notAfter` (Unix seconds) from the same parse.
 fn identity_with_digest(
     leaf: &CertificateDer<'_>,
     digest: &[u8; 32],
-) -> Result<PeerIdentity, TlsError> {
+) -> Result<(PeerIdentity, i64), TlsError> {
     let cert = parse_peer(leaf)?;
+    let not_after = cert.validity().not_after.timestamp();
     let mut names = Vec::new();
     let san = cert
         .subject_alternative_name()
@@ -969,12 +971,13 @@ fn identity_with_digest(
             names.push(cn.to_owned());
         }
     }
-    Ok(PeerIdentity {
+    let identity = PeerIdentity {
         names,
         subject: rfc4514(cert.subject()),
         serial: serial_hex(cert.raw_serial()),
         fingerprint_sha256: hex(digest),
-    })
+    };
+    Ok((identity, not_after))
 }
 
 /// The certificate's `notAfter`, in Unix seconds (for expiry metrics).
