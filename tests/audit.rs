@@ -739,6 +739,103 @@ async fn sigkill_under_load_loses_no_record_of_a_forwarded_request() {
     provider.stop.cancel();
 }
 
+/// A nearly full disk takes what fits: once some room is freed, the records owed since the
+/// disk filled (the refusals audited meanwhile, held in memory) go in as far as the room
+/// allows, in units small enough to fit. Before, the whole backlog was one unit, refused whole
+/// and rolled back at every retry however much room there was. Records stay whole, the chain
+/// verifies, and once there is room for everything every refusal is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_full_disk_some_room_takes_what_fits_of_the_backlog() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let (config, gw, admin, audit_dir) = spawned_config(
+        &world,
+        provider.port,
+        "[audit]\nretry_interval = \"100ms\"\nmax_file_bytes = 1048576\n",
+    );
+    let limit = 24 * 1024;
+    let g = spawn_gateway(
+        &config,
+        gw,
+        admin,
+        &audit_dir,
+        &[
+            "sh",
+            "-c",
+            &format!("trap '' XFSZ; exec prlimit --fsize={limit}:unlimited \"$0\" \"$@\""),
+        ],
+    )
+    .await;
+    let ep = endpoint(provider.port);
+    let client = world.client(&world.consumer, g.gateway);
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    let mut full = false;
+    for _ in 0..200 {
+        if client.gpc(metadata()).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the trail never filled up");
+    // A backlog larger than the room about to be freed: each refusal is a record owed.
+    let room: u64 = 160 * 1024;
+    let mut refusals = Vec::new();
+    loop {
+        let a = client.gpc(metadata()).await;
+        a.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "AUDIT_UNAVAILABLE");
+        refusals.push(a.headers["x-request-id"].to_str().expect("id").to_owned());
+        let (_, text) = http_get(g.admin, "/metrics").await;
+        if sample(&text, "ssp_audit_queue_bytes").unwrap_or(0.0) > 1.5 * room as f64 {
+            break;
+        }
+        assert!(refusals.len() < 2000, "the backlog never grew");
+    }
+    let active = audit_dir.join("audit.jsonl");
+    let when_full = std::fs::metadata(&active).expect("stat").len();
+
+    // Some room, less than the backlog.
+    let pid = g.child.id().to_string();
+    let some_room = format!("--fsize={}:unlimited", when_full + room);
+    let raised = Command::new("prlimit")
+        .args(["--pid", &pid, &some_room])
+        .status()
+        .expect("run prlimit");
+    assert!(raised.success());
+    let taken = eventually("the backlog written as far as the room goes", || {
+        let len = std::fs::metadata(&active).expect("stat").len();
+        (len >= when_full + room / 2).then_some(len)
+    })
+    .await;
+    assert!(taken <= when_full + room);
+    let text = std::fs::read(&active).expect("read");
+    assert!(text.ends_with(b"\n"), "a torn record was left behind");
+
+    // Room for everything: every refusal is on record, and the chain verifies.
+    let lifted = Command::new("prlimit")
+        .args(["--pid", &pid, "--fsize=unlimited:unlimited"])
+        .status()
+        .expect("run prlimit");
+    assert!(lifted.success());
+    let start = Instant::now();
+    while http_get(g.admin, "/readyz").await.0 != StatusCode::OK {
+        assert!(start.elapsed() < DEADLINE, "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
+    drop(g);
+    let all = records(&audit_dir);
+    for id in &refusals {
+        assert_eq!(
+            for_request(&all, id).len(),
+            1,
+            "refusal {id} is not on record"
+        );
+    }
+    let (code, out) = verify(&audit_files(&audit_dir));
+    assert_eq!(code, 0, "{out}");
+    provider.stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_traffic_and_recovers_without_a_torn_record() {
     // The file size limit (RLIMIT_FSIZE) makes writes past it fail with EFBIG after a short

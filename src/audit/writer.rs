@@ -23,6 +23,10 @@ use super::{
 const MAX_BATCH: usize = 4096;
 /// How far back from the end of a file to look for its last line, per step.
 const TAIL_CHUNK: u64 = 64 * 1024;
+/// While the trail is failing or owes a backlog, the most bytes written (and rolled back on
+/// failure) as one unit, so that a nearly full disk takes what fits instead of refusing the
+/// whole backlog again and again.
+const RECOVERY_UNIT_BYTES: usize = 64 * 1024;
 
 /// The last record written: the next one's `seq - 1` and `prev`.
 #[derive(Debug, Clone, Copy)]
@@ -526,20 +530,26 @@ impl Writer {
             self.backlog.extend(batch);
             return;
         }
-        let mut work: Vec<Pending> = self.backlog.drain(..).collect();
-        work.extend(batch);
-        if work.is_empty() {
-            if self.failed && retry_due {
-                self.probe();
+        if self.failed || !self.backlog.is_empty() {
+            // Recovering: what is owed, oldest first, in units small enough for a nearly full
+            // disk to take some of it.
+            let mut work: Vec<Pending> = self.backlog.drain(..).collect();
+            work.extend(batch);
+            if work.is_empty() {
+                if self.failed && retry_due {
+                    self.probe();
+                }
+                return;
             }
-            return;
+            self.write_records(work, RECOVERY_UNIT_BYTES);
+        } else if !batch.is_empty() {
+            self.write_records(batch, usize::MAX);
         }
-        self.write_records(work);
     }
 
     fn retry_now(&mut self) {
         let work: Vec<Pending> = self.backlog.drain(..).collect();
-        self.write_records(work);
+        self.write_records(work, RECOVERY_UNIT_BYTES);
     }
 
     /// With nothing to write while failed: is the trail usable again?
@@ -552,8 +562,9 @@ impl Writer {
     }
 
     /// Writes `work` in order, rotating between records as needed, acknowledging each unit
-    /// once it is durable.
-    fn write_records(&mut self, work: Vec<Pending>) {
+    /// once it is durable. A unit holds at most `unit_bytes` (and always one record): on a
+    /// failure the unit is rolled back, the units before it stay written.
+    fn write_records(&mut self, work: Vec<Pending>, unit_bytes: usize) {
         self.last_attempt = Instant::now();
         let mut pending = work.into_iter().peekable();
         while pending.peek().is_some() {
@@ -568,6 +579,10 @@ impl Writer {
                 let start = frame_into(&mut bytes, head.seq + 1, &head.hash, &p.body);
                 let need = (bytes.len() + 1) as u64;
                 if need > room && (self.written_len > 0 || start > 0) {
+                    bytes.truncate(start);
+                    break;
+                }
+                if start > 0 && bytes.len() + 1 > unit_bytes {
                     bytes.truncate(start);
                     break;
                 }
