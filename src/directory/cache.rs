@@ -8,9 +8,10 @@
 //! - **fresh** (younger than `ttl`, or `negative_ttl` for "not registered"): served from memory;
 //!   this is the hot path — a `&str` map lookup, one clock read and one `Arc` clone.
 //! - **stale** (a party older than `ttl` but within `ttl + max_stale`): the backend is asked
-//!   again; if it fails, the stale party is served and counted (stale-if-error). After a failure
-//!   the stale party is served without asking again for `stale_retry`, so an outage does not put
-//!   a backend timeout on every request.
+//!   again; if it fails, the stale party is served and counted (stale-if-error). Once a refresh
+//!   of it has failed, the stale party is served at once, and the backend is asked again in the
+//!   background, at most once per `stale_retry`: a backend that hangs puts its query timeout
+//!   on the first request that found the party stale, not on one request per `stale_retry`.
 //! - **gone** (older than `ttl + max_stale`; "not registered" past `negative_ttl`): the backend
 //!   must answer; if it fails, the caller gets [`DirectoryError`] (the gateway answers 503
 //!   `DIRECTORY_UNAVAILABLE`). "Not registered" is never served stale: during an outage an
@@ -272,6 +273,19 @@ impl Directory {
                 self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(answer.clone());
             }
+            if let (Some(party), Some(failed_at)) = (slot.stale(now), slot.failed_at) {
+                // The backend failed the last time this party was refreshed: serve it stale
+                // without waiting, and ask the backend again behind the request (joining a
+                // refresh already running) once `stale_retry` has passed.
+                let counters = &self.inner.counters;
+                counters.misses.fetch_add(1, Ordering::Relaxed);
+                counters.stale_served.fetch_add(1, Ordering::Relaxed);
+                let party = party.clone();
+                if now >= later(failed_at, self.inner.policy.stale_retry) {
+                    drop(self.flight(asid));
+                }
+                return Ok(Some(party));
+            }
         }
         self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
         match self.refresh(asid).await {
@@ -289,12 +303,24 @@ impl Directory {
 
     /// The slow path: join the refresh running for `asid`, or start one.
     async fn refresh(&self, asid: &str) -> Outcome {
+        match self.flight(asid) {
+            Some(flight) => flight.await,
+            None => {
+                // The map is poisoned only if a panic happened while it was locked (a bug):
+                // query directly rather than fail every lookup from now on.
+                let generation = self.inner.generation.load(Ordering::SeqCst);
+                refresh_now(&self.inner, asid, generation).await
+            }
+        }
+    }
+
+    /// The refresh of `asid` running, or a new one: a spawned task, so it runs to its end
+    /// whether or not the future returned is awaited. `None` if the map of refreshes is
+    /// poisoned.
+    fn flight(&self, asid: &str) -> Option<Flight> {
         let flight = {
             let Ok(mut inflight) = self.inner.inflight.lock() else {
-                // Poisoned only if a panic happened while the map was locked (a bug): query
-                // directly rather than fail every lookup from now on.
-                let generation = self.inner.generation.load(Ordering::SeqCst);
-                return refresh_now(&self.inner, asid, generation).await;
+                return None;
             };
             // Read under the map's lock, which an invalidation holds while it bumps it.
             let generation = self.inner.generation.load(Ordering::SeqCst);
@@ -337,7 +363,7 @@ impl Directory {
                 }
             }
         };
-        flight.await
+        Some(flight)
     }
 
     /// The backend's short name ("ldif", "ldap", "fhir").
@@ -964,17 +990,22 @@ mod tests {
         );
         assert!(!dir.healthy());
 
-        // stale_retry is zero: each stale request asks again, and is served stale again.
+        // stale_retry is zero: each stale request is served stale at once, and asks again
+        // behind it.
         dir.party("1").await.unwrap().unwrap();
-        assert_eq!(backend.calls(), 3);
         assert_eq!(dir.stats().stale_served, 2);
+        until("the third query", || backend.calls() == 3).await;
 
-        // The backend recovers: the fresh answer replaces the stale one.
+        // The backend recovers: the request that finds it so is still served stale, and the
+        // fresh answer fetched behind it replaces the stale one for the next.
         backend.fail(false);
         dir.party("1").await.unwrap().unwrap();
+        assert_eq!(dir.stats().stale_served, 3);
+        until("healthy again", || dir.healthy()).await;
         assert_eq!(backend.calls(), 4);
-        assert_eq!(dir.stats().stale_served, 2);
-        assert!(dir.healthy());
+        dir.party("1").await.unwrap().unwrap();
+        assert_eq!(dir.stats().stale_served, 3);
+        assert_eq!(dir.stats().hits, 0, "ttl is zero: never fresh");
 
         // "Not found" is never served stale: an unknown ASID during an outage is an error.
         let dir = directory(
@@ -987,6 +1018,65 @@ mod tests {
         assert_eq!(dir.party("2").await.unwrap(), None);
         backend.fail(true);
         assert!(dir.party("2").await.is_err());
+    }
+
+    /// Waits (yielding to the refreshes spawned behind requests) until `done`.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..5000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    /// A backend that hangs costs one request its wait, not one per `stale_retry`: once a
+    /// refresh of a stale party has failed, the party is served at once and the backend is
+    /// asked again behind the request, one query at a time, however many requests come.
+    #[tokio::test]
+    async fn a_hung_backend_delays_no_request_once_a_refresh_has_failed() {
+        let gate = Arc::new(Semaphore::new(0));
+        let backend = Arc::new(CountingBackend::with_gate(&["1"], Some(gate.clone())));
+        let dir = directory(
+            &backend,
+            CachePolicy {
+                max_stale: LONG,
+                ..policy(Duration::ZERO, LONG)
+            },
+        );
+        gate.add_permits(1);
+        dir.party("1").await.unwrap().unwrap();
+        backend.fail(true);
+        dir.party("1").await.unwrap().unwrap();
+        assert_eq!((backend.calls(), dir.stats().stale_served), (2, 1));
+        // Now it hangs (its one permit held here): requests are served stale without waiting
+        // for it.
+        let hung = gate.acquire().await.expect("permit");
+        for _ in 0..20 {
+            let served = tokio::time::timeout(Duration::from_secs(10), dir.party("1")).await;
+            assert!(
+                served
+                    .expect("a request waited on the hung backend")
+                    .is_ok(),
+                "served stale"
+            );
+        }
+        assert_eq!(dir.stats().stale_served, 21);
+        until("the third query", || backend.calls() == 3).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            backend.calls(),
+            3,
+            "one query at a time to the hung backend"
+        );
+        // It answers again: the refresh behind the requests lands, and the next request is
+        // answered by the backend, not served stale.
+        backend.fail(false);
+        drop(hung);
+        until("healthy again", || dir.healthy()).await;
+        dir.party("1").await.unwrap().unwrap();
+        assert_eq!(dir.stats().stale_served, 21);
     }
 
     #[tokio::test]
