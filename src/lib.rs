@@ -610,7 +610,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     tracing::info!(
         %gateway_addr,
         %admin_addr,
-        mock_provider = ?mock_provider_addr,
+        mock_provider = mock_provider_addr.map(tracing::field::display),
         "ssp-gateway started"
     );
     Ok(Running {

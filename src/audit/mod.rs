@@ -261,7 +261,7 @@ impl Audit {
             if let Some(held_back) = LOG.allow() {
                 tracing::error!(
                     request_id = %record.request_id,
-                    kind = ?record.kind,
+                    kind = record.kind.as_str(),
                     error = %e,
                     held_back,
                     "audit record dropped"

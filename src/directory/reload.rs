@@ -77,6 +77,16 @@ enum Trigger {
     Sighup,
 }
 
+impl Trigger {
+    /// As logged.
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::FileChanged => "file changed",
+            Trigger::Sighup => "SIGHUP",
+        }
+    }
+}
+
 /// Reloads `backend` from its file (on the blocking pool); on success empties the cache of
 /// `directory`. Counts the outcome in `reloads` (`ssp_reloads_total{component="directory",
 /// result="ok"|"refused"}`) when given. Returns what the new data holds, or why it was refused
@@ -160,7 +170,7 @@ pub async fn watch(
             }
             Trigger::Sighup => settle.loaded(now),
         }
-        tracing::info!(file = %path.display(), trigger = ?trigger, "reloading the directory");
+        tracing::info!(file = %path.display(), trigger = trigger.as_str(), "reloading the directory");
         let _ = reload_now(&backend, &directory, reloads.as_ref()).await;
     }
 }
