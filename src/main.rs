@@ -186,19 +186,117 @@ fn check_config(path: &Path) -> ExitCode {
             config.dev.certs_dir.display()
         );
         problems = ssp_gateway::check_without_certificates(&config);
-    } else if let Err(p) = ssp_gateway::load_components(&config) {
-        problems = p;
+    } else {
+        match ssp_gateway::load_components(&config) {
+            Ok(components) => {
+                for warning in check_warnings(&config, &components) {
+                    println!("warning: {warning}");
+                }
+            }
+            Err(p) => problems = p,
+        }
     }
     if problems.is_empty() {
         println!("{}: ok", path.display());
         ExitCode::SUCCESS
     } else {
-        eprintln!("{}: {} problem(s)", path.display(), problems.len());
+        let n = problems.len();
+        eprintln!("{}: {n} {}", path.display(), plural(n, "problem"));
         for p in problems {
             eprintln!("  - {p}");
         }
         ExitCode::FAILURE
     }
+}
+
+/// `word`, or `word`s unless `n` is 1.
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        word.to_owned()
+    } else {
+        format!("{word}s")
+    }
+}
+
+/// Own certificates due to run out within this many days are named by `check-config`.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// What `check-config` says about a configuration that loads but would not serve well: an own
+/// certificate (any in its file's chain) running out within [`EXPIRY_WARNING_DAYS`], an LDIF
+/// directory with no accredited system or no message handler (every request would be refused),
+/// a remote directory backend that does not answer now (the gateway would start unready).
+/// Warnings, not problems: the gateway runs with each of them.
+fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut own = vec![
+        ("listener.cert", &config.listener.tls.cert),
+        ("upstream.cert", &config.upstream.tls.cert),
+    ];
+    if let Some(m) = &config.mock_provider {
+        own.push(("mock_provider.cert", &m.tls.cert));
+    }
+    for (key, file) in own {
+        use rustls_pki_types::pem::PemObject;
+        let Ok(bytes) = std::fs::read(file) else {
+            continue;
+        };
+        let earliest = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+            .filter_map(Result::ok)
+            .filter_map(|c| ssp_gateway::tls::not_after(&c).ok())
+            .min();
+        if let Some(not_after) = earliest {
+            let days = (not_after - now) / 86_400;
+            if days < EXPIRY_WARNING_DAYS {
+                warnings.push(format!(
+                    "{key}: {} runs out in {days} {} (a certificate of its chain); renew it \
+                     (a renewed file is taken up without a restart)",
+                    file.display(),
+                    plural(usize::try_from(days).unwrap_or(0), "day")
+                ));
+            }
+        }
+    }
+    if let Some(ldif) = &components.ldif {
+        let stats = ldif.stats();
+        for (count, what) in [
+            (stats.systems, "accredited system (nhsAs)"),
+            (stats.handlers, "message handler (nhsMhs)"),
+        ] {
+            if count == 0 {
+                warnings.push(format!(
+                    "directory: {} holds no {what}: every request would be refused",
+                    ldif.origin()
+                ));
+            }
+        }
+    } else {
+        let backend = components.gateway.directory.backend().clone();
+        let answered = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    match tokio::time::timeout(std::time::Duration::from_secs(30), backend.probe())
+                        .await
+                    {
+                        Ok(answer) => answer.map_err(|e| e.to_string()),
+                        Err(_) => Err("no answer within 30 s".to_owned()),
+                    }
+                })
+            });
+        if let Err(e) = answered {
+            warnings.push(format!(
+                "directory: the {} backend does not answer now ({e}); the gateway would start \
+                 unready and serve nothing until it does",
+                backend.name()
+            ));
+        }
+    }
+    warnings
 }
 
 /// `directory lookup`: one uncached backend query, described for an operator. Exit 0 when the

@@ -207,6 +207,160 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("missing.ldif"));
 }
 
+/// A configuration that loads but would not serve well passes `check-config` with a warning
+/// for each thing: an own certificate running out within 30 days, an LDIF with no accredited
+/// system or no message handler, a remote directory that does not answer.
+#[test]
+fn check_config_warns_of_what_would_not_serve_well() {
+    let (root, config) = copy_config(None);
+    let certs = root.join("certs-dev");
+    let made = Command::new(BIN)
+        .args(["dev-certs", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("dev-certs");
+    assert!(made.status.success());
+    let check = |config: &std::path::Path| {
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stdout}{stderr}");
+        stdout
+    };
+    let clean = check(&config);
+    assert!(!clean.contains("warning"), "{clean}");
+
+    // The gateway's server certificate, renewed for ten days only.
+    let ca_key = std::fs::read_to_string(certs.join("ca-key.pem")).expect("CA key");
+    let ca_cert = std::fs::read_to_string(certs.join("ca.pem")).expect("CA cert");
+    let short = root.join("short");
+    std::fs::create_dir_all(&short).expect("mkdir");
+    std::fs::write(short.join("ca.pem"), &ca_cert).expect("write");
+    std::fs::write(short.join("ca-key.pem"), &ca_key).expect("write");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&short)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "gateway-key.pem",
+        "-out",
+        "gateway.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        short.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n\
+         keyUsage=critical,digitalSignature\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .expect("write");
+    // Ten days from now.
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "gateway.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-out",
+        "gateway.pem",
+        "-extfile",
+        "ext.cnf",
+        "-days",
+        "11",
+    ]);
+    let text = std::fs::read_to_string(&config).expect("read");
+    let soon = root.join("config/soon.toml");
+    std::fs::write(
+        &soon,
+        text.replace(
+            "cert = \"../certs-dev/gateway.pem\"\nkey = \"../certs-dev/gateway-key.pem\"",
+            "cert = \"../short/gateway.pem\"\nkey = \"../short/gateway-key.pem\"",
+        ),
+    )
+    .expect("write");
+    let said = check(&soon);
+    assert!(said.contains("warning: listener.cert: "), "{said}");
+    let days: u32 = said
+        .split("runs out in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the days left");
+    // `openssl x509 -days 10` has made it run out after 10 or 11 days.
+    assert!((9..=11).contains(&days), "{said}");
+
+    // An LDIF with no accredited system.
+    let ldif = std::fs::read_to_string(root.join("config/directory.ldif")).expect("LDIF");
+    let without: Vec<&str> = ldif
+        .split("\n\n")
+        .filter(|entry| !entry.contains("objectClass: nhsAs\n"))
+        .collect();
+    std::fs::write(root.join("config/empty.ldif"), without.join("\n\n")).expect("write");
+    let empty = root.join("config/empty.toml");
+    std::fs::write(
+        &empty,
+        text.replace(
+            "ldif_file = \"directory.ldif\"",
+            "ldif_file = \"empty.ldif\"",
+        ),
+    )
+    .expect("write");
+    let said = check(&empty);
+    assert!(
+        said.contains("holds no accredited system (nhsAs): every request would be refused"),
+        "{said}"
+    );
+    assert!(!said.contains("message handler"), "{said}");
+
+    // A remote directory that does not answer (nothing listens on the port).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let down = root.join("config/down.toml");
+    let remote: String = text
+        .lines()
+        .filter(|l| !l.starts_with("ldif_file") && !l.starts_with("ldif_poll_interval"))
+        .map(|l| match l {
+            "backend = \"ldif\"" => {
+                format!("backend = \"ldap\"\nldap_url = \"ldap://127.0.0.1:{port}\"")
+            }
+            l => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&down, remote).expect("write");
+    let said = check(&down);
+    assert!(
+        said.contains("warning: directory: the ldap backend does not answer now"),
+        "{said}"
+    );
+}
+
 struct Child(std::process::Child);
 
 impl Drop for Child {
