@@ -63,6 +63,8 @@ pub(crate) struct Options {
     pub send_timeout: Duration,
     /// Heads refused, by `HeadError::label` (the gateway's metrics; none for others).
     pub refused: Option<prometheus::IntCounterVec>,
+    /// Told of each refused head (the gateway's audit; none for others).
+    pub on_refused: Option<crate::server::OnRefusedHead>,
 }
 
 /// A request's body, as the handler reads it: over HTTP/1.1 whole (it came with the head),
@@ -808,6 +810,15 @@ pub(crate) async fn serve<H, Fut, B>(
                 if let Some(c) = &opts.refused {
                     c.with_label_values(&[e.label()]).inc();
                 }
+                if let Some(tell) = &opts.on_refused {
+                    tell(
+                        &info,
+                        crate::server::RefusedHead {
+                            status: e.status(),
+                            reason: e.label(),
+                        },
+                    );
+                }
                 let mut out = Vec::with_capacity(160);
                 error_response(&mut out, e.status());
                 if write_all_parts(&mut *io, &[&out], opts.send_timeout)
@@ -1301,6 +1312,7 @@ mod tests {
             max_headers: 8,
             send_timeout: Duration::from_secs(5),
             refused: None,
+            on_refused: None,
         }
     }
 

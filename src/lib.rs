@@ -574,6 +574,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     ));
 
     let directory = components.gateway.directory.clone();
+    let refusals = components.gateway.audit.clone();
     let gateway = Arc::new(components.gateway);
     let opts = ServeOptions {
         name: "gateway",
@@ -587,6 +588,15 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         active: Some(metrics.active_connections.clone()),
         handshake_failures: Some(metrics.tls_handshake_failures.clone()),
         refused_heads: Some(metrics.http_refused_heads.clone()),
+        on_refused: Some(Arc::new(
+            move |conn: &server::ConnInfo, head: server::RefusedHead| {
+                let client = audit::ClientInfo {
+                    address: conn.remote,
+                    certificate: conn.peer.clone(),
+                };
+                refusals.refused_head(client, head.status.as_u16(), head.reason);
+            },
+        )),
     };
     let serve = server::serve_tls_observed(
         listener,

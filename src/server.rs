@@ -111,6 +111,19 @@ impl Default for Limits {
     }
 }
 
+/// A request head refused before any handler saw it: malformed, with framing that cannot be
+/// trusted, too large, an unsupported transfer coding, or not complete in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusedHead {
+    /// What the client was answered (the connection closes with it over HTTP/1.1).
+    pub status: StatusCode,
+    /// The `reason` label of `ssp_http_refused_heads_total`.
+    pub reason: &'static str,
+}
+
+/// Told of each refused head with the connection it came on (the gateway audits them).
+pub type OnRefusedHead = Arc<dyn Fn(&ConnInfo, RefusedHead) + Send + Sync>;
+
 /// What a listener counts about its connections (the gateway's metrics; empty for others).
 #[derive(Clone, Default)]
 pub struct ConnMetrics {
@@ -120,6 +133,8 @@ pub struct ConnMetrics {
     pub handshake_failures: Option<prometheus::IntCounterVec>,
     /// HTTP/1.1 request heads refused before any handler saw them, by reason.
     pub refused_heads: Option<prometheus::IntCounterVec>,
+    /// Told of every refused head, over HTTP/1.1 and HTTP/2 (the gateway's audit).
+    pub on_refused: Option<OnRefusedHead>,
 }
 
 impl ConnMetrics {
@@ -214,6 +229,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         max_headers: limits.max_headers,
         send_timeout: limits.send_timeout,
         refused: metrics.refused_heads.clone(),
+        on_refused: metrics.on_refused.clone(),
     });
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
@@ -322,6 +338,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 return;
             }
             let refused_heads = metrics.refused_heads.clone();
+            let on_refused = metrics.on_refused.clone();
             let activity = crate::h2watch::Activity::new();
             let streams = activity.clone();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -331,10 +348,18 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 // The field-count limit HTTP/1.1's parser applies (hyper's HTTP/2 bounds only
                 // the header list's size).
                 let task = if req.headers().len() > max_headers {
+                    let too_large = crate::h1::HeadError::TooLarge.label();
                     if let Some(refused) = &refused_heads {
-                        refused
-                            .with_label_values(&[crate::h1::HeadError::TooLarge.label()])
-                            .inc();
+                        refused.with_label_values(&[too_large]).inc();
+                    }
+                    if let Some(tell) = &on_refused {
+                        tell(
+                            &info,
+                            RefusedHead {
+                                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                reason: too_large,
+                            },
+                        );
                     }
                     None
                 } else {

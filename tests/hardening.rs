@@ -513,6 +513,31 @@ async fn oversized_heads_are_refused() {
         }
     }
     assert_eq!(h.recorder.seen(), 0);
+    // Each refusal the gateway made itself is audited: the two HTTP/1.1 heads, and the HTTP/2
+    // stream with too many fields (hyper's h2 refuses the oversized header list itself).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let refused: Vec<serde_json::Value> = audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| r["token"] == "REQUEST_HEAD_REFUSED_TOO_LARGE")
+            .collect();
+        if refused.len() >= 3 {
+            for r in &refused {
+                assert_eq!(r["kind"], "rejection", "{r}");
+                assert_eq!(r["status"], 431, "{r}");
+                assert_eq!(
+                    r["client"]["serial"],
+                    h.world.consumer_issued.serial.as_str()
+                );
+            }
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refused heads not audited: {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A normal request still works.
     let a = h
         .consumer()

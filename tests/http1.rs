@@ -888,5 +888,40 @@ async fn refused_heads_are_counted_by_reason() {
     assert_eq!(count("malformed"), Some(1.0), "{text}");
     assert_eq!(count("framing"), Some(2.0), "{text}");
     assert_eq!(h.recorder.seen(), 0);
+    // Each is audited: a rejection with the connection's certificate, its status and reason.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let refused: Vec<serde_json::Value> = audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| {
+                r["token"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("REQUEST_HEAD_REFUSED_"))
+            })
+            .collect();
+        if refused.len() >= 3 || std::time::Instant::now() > deadline {
+            break refused;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut tokens: Vec<&str> = refused.iter().filter_map(|r| r["token"].as_str()).collect();
+    tokens.sort_unstable();
+    assert_eq!(
+        tokens,
+        [
+            "REQUEST_HEAD_REFUSED_FRAMING",
+            "REQUEST_HEAD_REFUSED_FRAMING",
+            "REQUEST_HEAD_REFUSED_MALFORMED"
+        ]
+    );
+    for r in &refused {
+        assert_eq!(r["kind"], "rejection", "{r}");
+        assert_eq!(r["status"], 400, "{r}");
+        assert_eq!(
+            r["client"]["serial"],
+            h.world.consumer_issued.serial.as_str(),
+            "{r}"
+        );
+    }
     h.stop().await;
 }

@@ -270,6 +270,39 @@ impl Audit {
         }
     }
 
+    /// Records a request head refused before the gateway's checks could read it (malformed,
+    /// framing that cannot be trusted, too large, not complete in time): a `rejection` with a
+    /// new request id, the connection's address and certificate, `status` and the token
+    /// `REQUEST_HEAD_REFUSED_<REASON>`. No method or target is known: both are empty.
+    pub fn refused_head(&self, client: ClientInfo, status: u16, reason: &str) {
+        let time = record::Timestamp::now();
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let token = format!("REQUEST_HEAD_REFUSED_{}", reason.to_ascii_uppercase());
+        self.enqueue(&AuditRecord {
+            kind: RecordKind::Rejection,
+            time: std::borrow::Cow::Borrowed(time.as_str()),
+            request_id: request_id.into(),
+            ssp_trace_id: None,
+            trace_id: None,
+            from: None,
+            to: None,
+            interaction: None,
+            method: "".into(),
+            target_url: "".into(),
+            client,
+            jwt: None,
+            jwt_problem: None,
+            status: Some(status),
+            token: Some(token.into()),
+            request_bytes: None,
+            response_bytes: None,
+            upstream_latency_us: None,
+            upstream_attempts: None,
+            total_latency_us: None,
+            completed: None,
+        });
+    }
+
     /// Asks the writer to write everything queued so far, sync, and stop; waits for it.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
