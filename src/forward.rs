@@ -254,13 +254,14 @@ impl Upstream {
             );
         };
         let (mut head, body) = req.into_parts();
-        // The request's span is the provider's parent.
-        if let Some(traceparent) = out.traceparent {
-            head.headers.insert(TRACEPARENT, traceparent);
-        }
         head.uri = out.uri;
         head.version = Version::HTTP_11;
         replace_consumer_headers(&mut head.headers, out.forwarded, out.forwarded_for);
+        // The request's span is the provider's parent. Set after the consumer's headers are
+        // stripped, so that a `Connection: traceparent` cannot remove it.
+        if let Some(traceparent) = out.traceparent {
+            head.headers.insert(TRACEPARENT, traceparent);
+        }
         // One Content-Length, the body's own, for the `5, 5` or repeated field the consumer
         // may send (RFC 9110 §8.6: a proxy must not forward it as it came).
         if head.headers.contains_key(header::CONTENT_LENGTH) {

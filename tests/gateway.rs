@@ -729,6 +729,37 @@ async fn forwarded_request_is_the_consumers_with_the_gateways_hop_headers() {
     h.stop().await;
 }
 
+/// `Connection` may name any header to be dropped at this hop; the gateway's own `traceparent`
+/// is set after the consumer's listed ones are removed, so it still reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_remove_the_gateways_traceparent() {
+    let h = via_recorder(GatewayOptions::default()).await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let theirs = format!("00-{trace}-b7ad6b7169203331-01");
+    let a = h
+        .consumer()
+        .gpc(
+            Gpc::new(
+                Method::GET,
+                format!("{}/Slot?{}", h.endpoint(), slot_query()),
+                IX_SEARCH_SLOT,
+            )
+            .header("traceparent", theirs.clone())
+            .header("Connection", "traceparent"),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let (_, _, headers) = h.recorder.last_head();
+    let sent: Vec<_> = headers.get_all("traceparent").iter().collect();
+    assert_eq!(sent.len(), 1, "{headers:?}");
+    let sent = sent[0].to_str().expect("ASCII");
+    // The consumer's trace, continued with the gateway's span as the provider's parent.
+    assert_eq!(sent.len(), 55, "{sent}");
+    assert!(sent.starts_with(&format!("00-{trace}-")), "{sent}");
+    assert_ne!(sent, theirs);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_names_in_any_case() {
     let h = via_recorder(GatewayOptions::default()).await;
