@@ -1,7 +1,9 @@
 //! Forwarding to the provider: one shared, pooled mTLS client; the request and response bodies
-//! stream through untouched; hop-by-hop headers are dropped, `Host` becomes the provider's and
-//! the forwarding headers are the gateway's own. It only ever sends to a target URL that
-//! `authorise` has proven to be a registered endpoint; it never decides where to go itself.
+//! stream through untouched; hop-by-hop headers are dropped, `Host` becomes the provider's, the
+//! forwarding headers are the gateway's own, and the consumer's method and URL overrides and
+//! client-identity headers are dropped (see `is_from_consumer`). It only ever sends to a target
+//! URL that `authorise` has proven to be a registered endpoint; it never decides where to go
+//! itself.
 //!
 //! A request whose connection to the provider could not be made is sent again on a new one
 //! (`[upstream] connect_retries`); nothing else is ever retried, so a request that reached a
@@ -661,21 +663,87 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, is_hop_by_hop);
 }
 
-/// The consumer's headers the gateway sets itself or does not pass on (beside hop-by-hop
-/// ones): `Forwarded` and `X-Forwarded-For` are replaced below.
-const FROM_CONSUMER: [HeaderName; 6] = [
-    header::HOST,
-    header::EXPECT,
-    header::FORWARDED,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-host"),
-];
+/// The consumer's headers the gateway sets itself or does not pass on, beside hop-by-hop ones.
+/// `Forwarded` and `X-Forwarded-For` are replaced below; the others go:
+/// - `Host` (the client sets the provider's) and `Expect` (answered here);
+/// - what a provider's stack may believe about the client, the URL it was called by or the
+///   client certificate (its own reverse proxy or framework sets them, and would take the
+///   consumer's for its own): the other forwarding headers, the client-IP ones CDNs and load
+///   balancers set, and the client-certificate ones of TLS-terminating proxies (RFC 9440
+///   `Client-Cert`, Envoy's `X-Forwarded-Client-Cert`, …);
+/// - method and URL overrides, which stacks that honour them (method-override middleware,
+///   IIS URL Rewrite, old Symfony) would run instead of the interaction the gateway checked.
+///
+/// One comparison of the first byte for most names; header names are lower case.
+fn is_from_consumer(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    match name.as_bytes().first() {
+        Some(b'x') => matches!(
+            name,
+            // Forwarding and client identity.
+            "x-forwarded-for"
+                | "x-forwarded"
+                | "x-forwarded-host"
+                | "x-forwarded-proto"
+                | "x-forwarded-protocol"
+                | "x-forwarded-scheme"
+                | "x-forwarded-ssl"
+                | "x-forwarded-port"
+                | "x-forwarded-prefix"
+                | "x-forwarded-server"
+                | "x-forwarded-client-cert"
+                | "x-url-scheme"
+                | "x-host"
+                | "x-original-host"
+                | "x-real-ip"
+                | "x-client-ip"
+                | "x-cluster-client-ip"
+                | "x-proxyuser-ip"
+                | "x-originating-ip"
+                | "x-remote-ip"
+                | "x-remote-addr"
+                | "x-envoy-external-address"
+                | "x-client-cert"
+                | "x-ssl-client-cert"
+                | "x-ssl-client-verify"
+                | "x-ssl-client-dn"
+                | "x-ssl-client-s-dn"
+                // Method and URL overrides.
+                | "x-http-method-override"
+                | "x-http-method"
+                | "x-method-override"
+                | "x-original-method"
+                | "x-forwarded-method"
+                | "x-original-url"
+                | "x-original-uri"
+                | "x-rewrite-url"
+                | "x-forwarded-uri"
+                | "x-forwarded-path"
+                | "x-envoy-original-path"
+        ),
+        _ => matches!(
+            name,
+            "host"
+                | "expect"
+                | "forwarded"
+                | "forwarded-for"
+                | "client-ip"
+                | "true-client-ip"
+                | "cf-connecting-ip"
+                | "fastly-client-ip"
+                | "front-end-https"
+                | "client-cert"
+                | "client-cert-chain"
+                | "ssl-client-cert"
+        ),
+    }
+}
 
 /// Makes the consumer's headers fit for the provider: hop-by-hop ones removed, `Host` left for
 /// the client to set from the target, `Expect` answered here rather than passed on, several
 /// `Cookie` fields (as HTTP/2 splits them) joined into one for the HTTP/1.1 provider (RFC 9113
-/// §8.2.3), and the forwarding headers replaced with the gateway's own view of the client.
+/// §8.2.3), the forwarding headers replaced with the gateway's own view of the client, and
+/// method and URL overrides and other client-identity headers removed (`is_from_consumer`).
 pub fn prepare_request_headers(headers: &mut HeaderMap, client: SocketAddr) {
     let (forwarded, address) = match client.ip() {
         IpAddr::V4(v4) => {
@@ -705,7 +773,7 @@ fn replace_consumer_headers(
         if name == header::COOKIE {
             cookies.set(cookies.get() + 1);
         }
-        is_hop_by_hop(name) || FROM_CONSUMER.contains(name)
+        is_hop_by_hop(name) || is_from_consumer(name)
     });
     if cookies.get() > 1 {
         join_cookies(headers);
@@ -1283,6 +1351,11 @@ mod tests {
         );
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
+        h.insert("x-original-url", HeaderValue::from_static("/Patient/1"));
+        h.insert("true-client-ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("client-cert", HeaderValue::from_static(":AA==:"));
+        h.insert("x-request-id", HeaderValue::from_static("kept"));
         h.insert("ssp-traceid", HeaderValue::from_static("kept"));
         h.insert(
             header::AUTHORIZATION,
@@ -1304,6 +1377,10 @@ mod tests {
             "upgrade",
             "proxy-authorization",
             "transfer-encoding",
+            "x-http-method-override",
+            "x-original-url",
+            "true-client-ip",
+            "client-cert",
         ] {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
@@ -1312,7 +1389,8 @@ mod tests {
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["ssp-traceid"], "kept");
         assert_eq!(h[header::AUTHORIZATION], "Bearer kept");
-        assert_eq!(h.len(), 4, "only the kept and the gateway's own: {h:?}");
+        assert_eq!(h["x-request-id"], "kept");
+        assert_eq!(h.len(), 5, "only the kept and the gateway's own: {h:?}");
 
         let mut h = HeaderMap::new();
         prepare_request_headers(&mut h, "[::1]:5555".parse().expect("addr"));

@@ -729,6 +729,92 @@ async fn forwarded_request_is_the_consumers_with_the_gateways_hop_headers() {
     h.stop().await;
 }
 
+/// Headers a provider's stack may act on — a method or URL override, or what it believes about
+/// the client, the URL it was called by, or the client certificate — are the consumer's to
+/// forge, so none reaches the provider; the request itself still does, as checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn override_and_client_identity_headers_never_reach_the_provider() {
+    let h = via_recorder(GatewayOptions::default()).await;
+    let ep = h.endpoint();
+    let patient = format!("{BASE_PATH}/Patient/9000000009");
+    let forged: Vec<(&str, String)> = vec![
+        ("X-HTTP-Method-Override", "DELETE".into()),
+        ("X-HTTP-Method", "DELETE".into()),
+        ("X-Method-Override", "DELETE".into()),
+        ("X-Original-Method", "DELETE".into()),
+        ("X-Original-URL", patient.clone()),
+        ("X-Rewrite-URL", patient.clone()),
+        ("X-Original-URI", patient.clone()),
+        ("X-Forwarded-Uri", patient.clone()),
+        ("X-Envoy-Original-Path", patient.clone()),
+        ("X-Real-IP", "10.6.6.6".into()),
+        ("True-Client-IP", "10.6.6.6".into()),
+        ("X-Client-IP", "10.6.6.6".into()),
+        ("X-Cluster-Client-IP", "10.6.6.6".into()),
+        ("Client-IP", "10.6.6.6".into()),
+        ("X-ProxyUser-Ip", "10.6.6.6".into()),
+        ("Forwarded-For", "10.6.6.6".into()),
+        ("X-Forwarded", "for=10.6.6.6".into()),
+        ("X-Originating-IP", "10.6.6.6".into()),
+        ("CF-Connecting-IP", "10.6.6.6".into()),
+        ("X-Forwarded-Host", "evil.example".into()),
+        ("X-Forwarded-Proto", "http".into()),
+        ("X-Forwarded-Prefix", "/admin".into()),
+        ("X-Forwarded-Port", "80".into()),
+        ("X-Forwarded-Server", "evil.example".into()),
+        ("X-Host", "evil.example".into()),
+        ("Client-Cert", ":MIIB:".into()),
+        (
+            "X-Forwarded-Client-Cert",
+            "Hash=00;Subject=\"CN=provider\"".into(),
+        ),
+        ("X-SSL-Client-Cert", "-----BEGIN CERTIFICATE-----".into()),
+    ];
+    let cases = [
+        (
+            Method::POST,
+            format!("{ep}/Appointment"),
+            IX_BOOK,
+            Some("{\"resourceType\":\"Appointment\"}"),
+            format!("{BASE_PATH}/Appointment"),
+        ),
+        (
+            Method::GET,
+            format!("{ep}/Slot?{}", slot_query()),
+            IX_SEARCH_SLOT,
+            None,
+            format!("{BASE_PATH}/Slot?{}", slot_query()),
+        ),
+    ];
+    for (method, target, interaction, body, uri) in cases {
+        let mut req = Gpc::new(method.clone(), target, interaction).header("X-Custom", "kept");
+        if let Some(body) = body {
+            req = req.body(body);
+        }
+        for (name, value) in &forged {
+            req = req.header(name, value.clone());
+        }
+        let before = h.recorder.seen();
+        let a = h.consumer().gpc(req).await;
+        assert_eq!(a.status, StatusCode::OK, "{method}: {}", a.text());
+        assert_eq!(h.recorder.seen(), before + 1, "{method}: forwarded once");
+        let (seen_method, seen_uri, headers) = h.recorder.last_head();
+        assert_eq!(seen_method, method);
+        assert_eq!(seen_uri, uri);
+        for (name, _) in &forged {
+            assert!(
+                !headers.contains_key(*name),
+                "{method}: {name} reached the provider: {headers:?}"
+            );
+        }
+        assert_eq!(headers["x-custom"], "kept");
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(headers["forwarded"], "for=127.0.0.1;proto=https");
+        assert_eq!(headers["host"], format!("localhost:{}", h.provider_port));
+    }
+    h.stop().await;
+}
+
 /// `Connection` may name any header to be dropped at this hop; the gateway's own `traceparent`
 /// is set after the consumer's listed ones are removed, so it still reaches the provider.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
