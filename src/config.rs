@@ -28,6 +28,7 @@ const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const DEFAULT_POOL_MAX_IDLE_PER_HOST: u64 = 64;
 const DEFAULT_CONNECT_RETRIES: u64 = 1;
@@ -121,6 +122,9 @@ pub struct UpstreamConfig {
     pub max_request_body: Option<u64>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// The longest wait for the next bytes of a provider's response body; past it the response
+    /// is cut off (the consumer sees it broken off) and the provider's connection closed.
+    pub body_idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     /// How many times a request is sent again after its connection to the provider could not
@@ -345,6 +349,7 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         },
         connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         response_timeout: s.duration("response_timeout", DEFAULT_RESPONSE_TIMEOUT),
+        body_idle_timeout: s.duration("body_idle_timeout", DEFAULT_BODY_IDLE_TIMEOUT),
         pool_idle_timeout: s.duration("pool_idle_timeout", DEFAULT_POOL_IDLE_TIMEOUT),
         max_request_body: match s.uint("max_request_body_bytes", 0, 0, u64::MAX / 2) {
             0 => None,
@@ -1337,6 +1342,7 @@ ldif_file = "directory.ldif"
     fn every_duration_is_at_most_30_days() {
         for (section, key) in [
             ("upstream", "response_timeout"),
+            ("upstream", "body_idle_timeout"),
             ("upstream", "connect_timeout"),
             ("listener", "handshake_timeout"),
             ("audit", "write_timeout"),
@@ -1358,6 +1364,24 @@ ldif_file = "directory.ldif"
             c.upstream.response_timeout,
             Duration::from_secs(30 * 24 * 3600)
         );
+    }
+
+    #[test]
+    fn body_idle_timeout_has_a_default_and_is_never_zero() {
+        let c = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.upstream.body_idle_timeout, DEFAULT_BODY_IDLE_TIMEOUT);
+        let c = parse(&with_setting("upstream", "body_idle_timeout = \"2s\""))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.upstream.body_idle_timeout, Duration::from_secs(2));
+        for bad in ["\"0s\"", "\"soon\"", "30"] {
+            let err = parse(&with_setting(
+                "upstream",
+                &format!("body_idle_timeout = {bad}"),
+            ))
+            .expect_err(bad);
+            let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, ["upstream.body_idle_timeout"], "{bad}");
+        }
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Upstream {
     pool: ArcSwap<Pool>,
     settings: PoolSettings,
     response_timeout: Duration,
+    /// The longest wait for the next bytes of a response body ([`UpstreamBody`]).
+    body_idle_timeout: Duration,
     /// Connect retries per request, and the backoff before the first.
     connect_retries: u32,
     connect_retry_backoff: Duration,
@@ -133,6 +135,7 @@ impl Upstream {
             pool,
             settings,
             response_timeout: config.response_timeout,
+            body_idle_timeout: config.body_idle_timeout,
             connect_retries: config.connect_retries,
             connect_retry_backoff: config.connect_retry_backoff,
             retries: None,
@@ -224,7 +227,8 @@ impl Upstream {
     /// response head with its body still streaming, and how many connections were tried for it
     /// (1 unless a connect failed and was retried); request body bytes are counted in
     /// `request_bytes`. Connect, TLS or protocol failures are 502; no response head within the
-    /// response timeout (all attempts together) is 504.
+    /// response timeout (all attempts together) is 504. The body then fails when none of it
+    /// arrives for the body idle timeout ([`UpstreamBody`]).
     ///
     /// A failed attempt is retried (up to `connect_retries` times, after a backoff that doubles)
     /// only when both hold:
@@ -244,7 +248,7 @@ impl Upstream {
         client_addr: SocketAddr,
         traceparent: &[u8; 55],
         request_bytes: Arc<AtomicU64>,
-    ) -> (Result<Response<Incoming>, Rejection>, u32) {
+    ) -> (Result<Response<UpstreamBody>, Rejection>, u32) {
         // Only a rejection or a log line needs it as a `String`.
         let url = target.without_query();
         let Some(out) = Outgoing::new(target, traceparent, client_addr) else {
@@ -401,7 +405,8 @@ impl Upstream {
                         t.success();
                     }
                     strip_hop_by_hop(resp.headers_mut());
-                    Ok(resp)
+                    let idle = self.body_idle_timeout;
+                    Ok(resp.map(|body| UpstreamBody::new(body, idle)))
                 }
             };
             self.show_state(&key);
@@ -1039,6 +1044,100 @@ where
     }
 }
 
+/// A provider's response body, failed when none of it arrives for the body idle timeout
+/// (`[upstream] body_idle_timeout`): a provider that sends a head and part of its body, then
+/// stalls, would otherwise hold the consumer's request and both connections until the consumer
+/// gave up. The failure reaches the consumer as a body broken off (HTTP/1.1: the connection
+/// closes; HTTP/2: the stream is reset), never as a complete-looking one, and the provider's
+/// connection is dropped with the body, unread to its end, so it is never used again.
+///
+/// The timer costs nothing while the body flows: it is made the first time the provider has
+/// nothing to give, and moved on only when it has nothing to give again after a frame came
+/// (a body that arrives whole, as most do, never makes one). Time the consumer takes to read
+/// what was sent is not counted: the body is not asked for its next frame meanwhile.
+pub struct UpstreamBody {
+    /// `None` once the body timed out (and the provider's connection was let go).
+    inner: Option<Incoming>,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    moved: bool,
+}
+
+/// The provider sent no response body bytes for the body idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the provider sent nothing more of its response body for {0:?}")]
+pub struct BodyIdleTimeout(pub Duration);
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, idle: Duration) -> UpstreamBody {
+        UpstreamBody {
+            inner: Some(inner),
+            idle,
+            timer: None,
+            moved: false,
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                this.moved = true;
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            other => return other.map_err(Into::into),
+        }
+        let idle = this.idle;
+        let deadline = || tokio::time::Instant::now() + idle;
+        let timer = match this.timer.as_mut() {
+            None => this
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline()))),
+            Some(timer) => {
+                if this.moved {
+                    timer.as_mut().reset(deadline());
+                }
+                timer
+            }
+        };
+        this.moved = false;
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Dropped unread to its end, the connection is closed rather than put back in the pool.
+        this.inner = None;
+        tracing::warn!(
+            idle_ms = this.idle.as_millis() as u64,
+            "the provider's response body stalled; the response is cut off"
+        );
+        Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(this.idle)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A body cut off is not at its end.
+        self.inner.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(http_body::SizeHint::default, |b| b.size_hint())
+    }
+}
+
 /// How a response body ended, for the audit outcome record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyEnd {
@@ -1082,7 +1181,7 @@ impl Drop for Observed {
 /// body streaming through (observed, when its end is to be reported).
 pub enum ProxyBody {
     Full(http_body_util::Full<Bytes>),
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Observed(Box<Observed>),
 }
 
@@ -1107,12 +1206,12 @@ impl ProxyBody {
 
 impl http_body::Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -22,12 +24,23 @@ enum Fault {
     Trickle100Mb,
     /// Reads the request and never answers.
     NeverAnswers,
+    /// Sends a 200 head promising 100 bytes, 11 of them, then stalls until the gateway hangs up.
+    StallMidBody,
+    /// Sends a 200 head promising 8 bytes, then one byte every 300 ms, then closes.
+    Drip,
 }
 
 const HUNDRED_MB: usize = 100 * 1024 * 1024;
 
 /// A provider speaking raw bytes over mTLS, so it can break HTTP in ways hyper would not.
 async fn raw_provider(world: &World, fault: Fault) -> u16 {
+    raw_provider_watched(world, fault).await.0
+}
+
+/// [`raw_provider`], with the number of connections the gateway closed on a stalled body.
+async fn raw_provider_watched(world: &World, fault: Fault) -> (u16, Arc<AtomicUsize>) {
+    let hung_up = Arc::new(AtomicUsize::new(0));
+    let count = hung_up.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
@@ -39,6 +52,7 @@ async fn raw_provider(world: &World, fault: Fault) -> u16 {
                 return;
             };
             let acceptor = acceptor.clone();
+            let hung_up = count.clone();
             tokio::spawn(async move {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
@@ -89,6 +103,33 @@ async fn raw_provider(world: &World, fault: Fault) -> u16 {
                         let _ = s.write_all(b"0\r\n\r\n").await;
                         let _ = s.flush().await;
                     }
+                    Fault::StallMidBody => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n{\"resource\"")
+                            .await;
+                        let _ = s.flush().await;
+                        // Stalled: the rest never comes. Waits for the gateway to let go.
+                        let mut sink = [0u8; 1024];
+                        while let Ok(n) = s.read(&mut sink).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        hung_up.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Fault::Drip => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+                            .await;
+                        for byte in b"{\"x\":12}" {
+                            let _ = s.flush().await;
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            if s.write_all(&[*byte]).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = s.shutdown().await;
+                    }
                     Fault::NeverAnswers => {
                         // Hold the connection open, silent, until the gateway gives up.
                         let mut sink = [0u8; 1024];
@@ -102,7 +143,7 @@ async fn raw_provider(world: &World, fault: Fault) -> u16 {
             });
         }
     });
-    port
+    (port, hung_up)
 }
 
 async fn gateway_before(
@@ -216,6 +257,111 @@ async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
     // The audit trail says the response broke off.
     let record = audited(&audit_dir, 200).await;
     assert_eq!(record["completed"], false, "{record}");
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider that sends its head and part of its body, then stalls: past the body idle
+/// timeout the consumer's response ends broken off (over both protocols), the provider's
+/// connection is closed rather than kept, and the outcome record says `completed: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_stalls_mid_body_is_cut_off_at_the_body_idle_timeout() {
+    let world = World::ecdsa();
+    let (port, hung_up) = raw_provider_watched(&world, Fault::StallMidBody).await;
+    let config = gateway_config(
+        &world,
+        port,
+        &GatewayOptions {
+            extra_upstream: "body_idle_timeout = \"1s\"",
+            ..Default::default()
+        },
+    );
+    assert_eq!(config.upstream.body_idle_timeout, Duration::from_secs(1));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(port));
+    for (i, http2) in [false, true].into_iter().enumerate() {
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        // Bounded far above the 1 s idle timeout: without it the request waits for the
+        // provider (here: for ever).
+        let result = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.send(Gpc::new(Method::GET, target.clone(), IX_METADATA).build()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("http2 {http2}: the request was still held after 20 s"));
+        match result {
+            Ok(a) => panic!(
+                "http2 {http2}: a truncated body looked complete: {} bytes, status {}",
+                a.body.len(),
+                a.status
+            ),
+            Err(e) => assert!(!e.is_empty()),
+        }
+        // The provider's connection was closed, not kept for another request.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while hung_up.load(Ordering::SeqCst) < i + 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "http2 {http2}: the gateway kept the stalled provider connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Both outcome records say the response broke off, after the 11 bytes that came.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let outcomes = loop {
+        let outcomes: Vec<_> = audit_records(&config.audit.dir)
+            .into_iter()
+            .filter(|r| r["kind"] == "outcome")
+            .collect();
+        if outcomes.len() >= 2 {
+            break outcomes;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no outcome records: {outcomes:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(outcomes.len(), 2, "{outcomes:#?}");
+    for record in &outcomes {
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(record["completed"], false, "{record}");
+        assert_eq!(record["response_bytes"], 11, "{record}");
+    }
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// The body idle timeout is the longest gap between bytes, not the time for the whole body:
+/// a body that keeps coming (a byte every 300 ms for 2.4 s) passes whole with 1.5 s allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_that_keeps_coming_is_not_cut_off() {
+    let (world, running, shutdown, port, audit_dir) = gateway_before(
+        Fault::Drip,
+        GatewayOptions {
+            extra_upstream: "body_idle_timeout = \"1500ms\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let target = format!("{}/metadata", endpoint(port));
+    for http2 in [false, true] {
+        let a = world
+            .client_with(&world.consumer, running.gateway_addr, http2)
+            .gpc(Gpc::new(Method::GET, target.clone(), IX_METADATA))
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.text(), "{\"x\":12}", "http2 {http2}");
+    }
+    let record = audited(&audit_dir, 200).await;
+    assert_eq!(record["completed"], true, "{record}");
+    assert_eq!(record["response_bytes"], 8, "{record}");
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
