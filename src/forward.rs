@@ -679,7 +679,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// - method and URL overrides, which stacks that honour them (method-override middleware,
 ///   IIS URL Rewrite, old Symfony) would run instead of the interaction the gateway checked.
 ///
-/// One comparison of the first byte for most names; header names are lower case.
+/// Split on the first byte, so a name is compared only with the list of its kind (`x-` or not);
+/// header names are lower case.
 fn is_from_consumer(name: &HeaderName) -> bool {
     let name = name.as_str();
     match name.as_bytes().first() {
