@@ -68,7 +68,9 @@ impl Target {
 ///   segment and no `..` anywhere; percent-escapes well formed and never an encoded `.`, `/`,
 ///   `\`, `%` or control character (so `%2e%2e`, `.%2E`, `%2f`, `%5C` in any case are refused);
 /// - query (after the first `?`): passed through unchanged, but no `#`, controls, spaces or
-///   non-ASCII.
+///   non-ASCII, and no `_method` parameter (in any case or percent-encoding): the method
+///   override that frameworks' method-override middleware honour, which would run another
+///   method than the interaction checked (FHIR has no such parameter).
 pub fn parse_target(path_and_query: &str) -> Result<Target, Rejection> {
     let url = path_and_query
         .strip_prefix('/')
@@ -99,7 +101,8 @@ pub fn parse_target(path_and_query: &str) -> Result<Target, Rejection> {
         return Err(Rejection::InvalidTargetUrl);
     }
     if let Some(q) = query_start {
-        if !url[q + 1..].bytes().all(is_query_byte) {
+        let query = &url[q + 1..];
+        if !query.bytes().all(is_query_byte) || overrides_method(query) {
             return Err(Rejection::InvalidTargetUrl);
         }
     }
@@ -173,6 +176,41 @@ pub(crate) fn is_pchar_byte(b: u8) -> bool {
 
 fn is_query_byte(b: u8) -> bool {
     b.is_ascii_graphic() && b != b'#'
+}
+
+/// Whether `query` has a parameter named `_method` (separated by `&` or `;`, any case, letters
+/// percent-encoded or not). Cheap for the usual query: only a name with a `_` or `%` in its
+/// first position is decoded.
+fn overrides_method(query: &str) -> bool {
+    const NAME: &[u8] = b"_method";
+    query.split(['&', ';']).any(|param| {
+        let name = param.split('=').next().unwrap_or_default().as_bytes();
+        if !matches!(name.first(), Some(b'_' | b'%')) || name.len() > 3 * NAME.len() {
+            return false;
+        }
+        let mut decoded = Vec::with_capacity(NAME.len());
+        let mut i = 0;
+        while i < name.len() {
+            let b = match name[i] {
+                b'%' => {
+                    let hex = name
+                        .get(i + 1..i + 3)
+                        .and_then(|h| std::str::from_utf8(h).ok());
+                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        Some(b) => {
+                            i += 2;
+                            b
+                        }
+                        None => return false,
+                    }
+                }
+                b => b,
+            };
+            decoded.push(b);
+            i += 1;
+        }
+        decoded.eq_ignore_ascii_case(NAME)
+    })
 }
 
 /// `path` starts with `/` (guaranteed by the caller).
@@ -434,6 +472,32 @@ mod tests {
         let t = parse_target("/https://h/x/Slot").expect("valid");
         assert_eq!(t.query(), None);
         assert_eq!(t.without_query(), t.url());
+    }
+
+    #[test]
+    fn a_method_override_in_the_query_is_refused() {
+        for bad in [
+            "/https://h/x/Appointment?_method=DELETE",
+            "/https://h/x/Slot?status=free&_method=DELETE",
+            "/https://h/x/Slot?status=free;_METHOD=put",
+            "/https://h/x/Slot?%5Fmethod=DELETE",
+            "/https://h/x/Slot?_%6d%65thod=DELETE",
+            "/https://h/x/Slot?_method",
+        ] {
+            assert_eq!(
+                parse_target(bad).err(),
+                Some(Rejection::InvalidTargetUrl),
+                "{bad}"
+            );
+        }
+        for ok in [
+            "/https://h/x/Slot?_format=json&_include=Slot:schedule",
+            "/https://h/x/Slot?method=x&x_method=y&_methods=z",
+            "/https://h/x/Slot?%5=1&_%zz=2",
+            "/https://h/x/Slot?a=_method",
+        ] {
+            assert!(parse_target(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]
