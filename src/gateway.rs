@@ -475,6 +475,14 @@ impl Gateway {
             })?;
         record.interaction = Some(interaction.name.as_str());
         let matched = interaction.match_request(req.method(), &target)?;
+        // No GP Connect GET has a body. One sent anyway is refused, never forwarded: a provider
+        // that ignores Content-Length on a GET would read the body as the next request on a
+        // pooled connection other consumers share (and HTTP/2 to the provider would drop it).
+        if bodiless(&interaction.method) && carries_body(&req) {
+            return Err(Rejection::BodyNotAllowed {
+                method: interaction.method.as_str().to_owned(),
+            });
+        }
 
         // 3. The directory: both parties, looked up together (cached). A certificate that names
         //    ASIDs not cached makes the gateway query the directory before anything shows it is
@@ -832,6 +840,28 @@ fn request_bytes(record: &Record<'_>) -> Option<u64> {
         .request_bytes
         .as_ref()
         .map(|b| b.load(Ordering::Relaxed))
+}
+
+/// Methods whose requests have no body (of those the catalogue may use: GET, POST, PUT).
+fn bodiless(method: &Method) -> bool {
+    *method == Method::GET
+}
+
+/// Whether the request comes with a body, from its framing alone (nothing is read): a
+/// `Content-Length` other than 0, or a body that does not end with its head (HTTP/1.1 chunked
+/// or a length over 0; an HTTP/2 stream that its HEADERS frame did not end).
+fn carries_body(req: &Request<RequestBody>) -> bool {
+    use http_body::Body as _;
+    !req.body().is_end_stream()
+        || req
+            .headers()
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| {
+                !v.as_bytes()
+                    .iter()
+                    .all(|b| matches!(b, b'0' | b',' | b' ' | b'\t'))
+            })
 }
 
 /// The format the consumer wants errors in: `_format` in the target's query, then `Accept`,

@@ -1332,3 +1332,90 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
     assert_eq!(record["status"], 200, "{record}");
     h.stop().await;
 }
+
+/// Over HTTP/2 a GET Slot search with a body (DATA with a `content-length`, or DATA without
+/// one after a HEADERS frame that did not end the stream) is the gateway's own 400, audited,
+/// and never forwarded (hyper's HTTP/2 client would otherwise drop the body unseen);
+/// `content-length: 0` with the stream ended at its HEADERS is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_body_over_http2_is_refused_and_never_forwarded() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let token = "REQUEST_BODY_NOT_ALLOWED_GET";
+    let slot = || {
+        Gpc::new(
+            Method::GET,
+            format!(
+                "{}/Slot?status=free&start=ge2030-01-07&end=le2030-01-10",
+                h.endpoint()
+            ),
+            IX_SEARCH_SLOT,
+        )
+    };
+    let h2_client = h.world.client_with(&h.world.consumer, h.gateway, true);
+
+    // With a content-length, through hyper's client.
+    let a = h2_client.gpc(slot().body("x".repeat(1600))).await;
+    assert_eq!(a.version, http::Version::HTTP_2);
+    a.assert_outcome(400, Some("BAD_REQUEST"), token);
+
+    // Without one: HEADERS, then DATA.
+    let (h2, h2_conn) = h2::client::handshake(h2_tls(&h2_client).await)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(h2_conn);
+    let send = |h2: h2::client::SendRequest<bytes::Bytes>, content_length: Option<&'static str>| {
+        let built = slot().build();
+        let mut req = http::Request::builder()
+            .method("GET")
+            .uri(format!("https://localhost{}", built.uri()));
+        for (name, value) in built.headers() {
+            req = req.header(name, value);
+        }
+        if let Some(n) = content_length {
+            req = req.header("content-length", n);
+        }
+        let req = req.body(()).expect("request");
+        async move {
+            let mut h2 = h2.ready().await.expect("ready");
+            let with_body = content_length.is_none();
+            let (resp, mut stream) = h2.send_request(req, !with_body).expect("sent");
+            if with_body {
+                stream
+                    .send_data(bytes::Bytes::from(vec![b'x'; 1600]), true)
+                    .expect("data");
+            }
+            let mut resp = resp.await.expect("response");
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.body_mut().data().await {
+                let chunk = chunk.expect("data");
+                let _ = resp.body_mut().flow_control().release_capacity(chunk.len());
+                body.extend_from_slice(&chunk);
+            }
+            (resp.status(), body, h2)
+        }
+    };
+    let (status, body, h2) = send(h2, None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(v["issue"][0]["diagnostics"], token);
+    assert_eq!(h.recorder.seen(), 0, "a GET with a body was forwarded");
+    wait_until("both refusals audited", || {
+        audit_records(&h.audit_dir)
+            .iter()
+            .filter(|r| {
+                r["kind"] == "rejection"
+                    && r["token"] == token
+                    && r["status"] == 400
+                    && r["interaction"] == IX_SEARCH_SLOT
+            })
+            .count()
+            == 2
+    })
+    .await;
+
+    // `content-length: 0`, the stream ended with its HEADERS: no body, forwarded.
+    let (status, _, _) = send(h2, Some("0")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}

@@ -925,3 +925,91 @@ async fn refused_heads_are_counted_by_reason() {
     }
     h.stop().await;
 }
+
+/// The audit records of refused requests with `token`, once there are `n` of them.
+async fn rejections_with(h: &Harness, token: &str, n: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found: Vec<_> = audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| r["kind"] == "rejection" && r["token"] == token)
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} rejection records with {token}",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// No GP Connect GET has a body. A GET Slot search with one (a Content-Length or chunked) is
+/// the gateway's own 400, audited, and never forwarded: on a pooled provider connection a
+/// provider that ignores Content-Length on a GET would run the body as the next request.
+/// `Content-Length: 0` is no body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_body_is_refused_and_never_forwarded() {
+    let h = echo_gateway().await;
+    let slot = "Slot?status=free&start=ge2030-01-07&end=le2030-01-10";
+    let token = "REQUEST_BODY_NOT_ALLOWED_GET";
+    // A body that is itself a request, padded to 1600 bytes.
+    let mut smuggled = Req::read_patient(&h, "smuggled").bytes();
+    smuggled.resize(1600, b' ');
+    let chunked = {
+        let mut b = format!("{:x}\r\n", smuggled.len()).into_bytes();
+        b.extend_from_slice(&smuggled);
+        b.extend_from_slice(b"\r\n0\r\n\r\n");
+        b
+    };
+    let cases = [
+        (
+            "Content-Length: 1600",
+            Req::gpc(&h, "GET", slot, IX_SEARCH_SLOT).sized_body(&smuggled),
+        ),
+        (
+            "chunked",
+            Req::gpc(&h, "GET", slot, IX_SEARCH_SLOT)
+                .header("Transfer-Encoding: chunked")
+                .raw_body(chunked),
+        ),
+    ];
+    for (what, req) in cases {
+        let mut w = Wire::open(&h).await;
+        assert!(w.send(&req.bytes()).await, "{what}: write");
+        let r = w.answer(false, what).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert_eq!(r.json()["issue"][0]["diagnostics"], token, "{what}");
+        assert_eq!(
+            r.json()["issue"][0]["details"]["coding"][1]["code"],
+            "BAD_REQUEST"
+        );
+    }
+    assert_eq!(h.recorder.seen(), 0, "a GET with a body was forwarded");
+    assert_eq!(seen_with(&h, "smuggled"), 0, "the body ran as a request");
+    for record in rejections_with(&h, token, 2).await {
+        assert_eq!(record["status"], 400);
+        assert_eq!(record["method"], "GET");
+        assert_eq!(record["interaction"], IX_SEARCH_SLOT, "{record}");
+    }
+    let (_, metrics) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "ssp_rejections_total{reason=\"request_body_not_allowed\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+
+    // `Content-Length: 0` is no body: forwarded.
+    let mut w = Wire::open(&h).await;
+    let req = Req::gpc(&h, "GET", slot, IX_SEARCH_SLOT).header("Content-Length: 0");
+    assert!(w.send(&req.bytes()).await, "write");
+    let r = w.answer(false, "Content-Length: 0").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}

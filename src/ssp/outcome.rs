@@ -69,6 +69,11 @@ pub enum Rejection {
     /// 400 `INVALID_REQUEST_BODY`: the consumer's request body broke off or was malformed
     /// (bad chunked framing, the connection closed mid-body) while it was being forwarded.
     InvalidRequestBody,
+    /// 400 `REQUEST_BODY_NOT_ALLOWED_<METHOD>`: a request for an interaction whose method has
+    /// no body (GET) came with one (a non-zero `Content-Length`, chunked, or HTTP/2 DATA); it is
+    /// not forwarded, since a provider that ignores the length on a GET would read the body as
+    /// the next request on a shared upstream connection.
+    BodyNotAllowed { method: String },
     /// 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`
     UpstreamError { url: String },
     /// 504 `TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_<url>`
@@ -97,7 +102,8 @@ impl Rejection {
             | Rejection::InteractionMismatch { .. }
             | Rejection::EndpointMismatch { .. }
             | Rejection::InvalidJwt { .. }
-            | Rejection::InvalidRequestBody => StatusCode::BAD_REQUEST,
+            | Rejection::InvalidRequestBody
+            | Rejection::BodyNotAllowed { .. } => StatusCode::BAD_REQUEST,
             Rejection::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::CertificateNoLongerAccepted { .. }
             | Rejection::AsidCheckFailed { .. }
@@ -128,7 +134,8 @@ impl Rejection {
             | Rejection::InvalidJwt { .. }
             | Rejection::BodyTooLarge
             | Rejection::RequestBodyTimeout
-            | Rejection::InvalidRequestBody => Some("BAD_REQUEST"),
+            | Rejection::InvalidRequestBody
+            | Rejection::BodyNotAllowed { .. } => Some("BAD_REQUEST"),
             Rejection::AsidCheckFailed { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => Some("ACCESS_DENIED"),
@@ -156,7 +163,8 @@ impl Rejection {
             | Rejection::InteractionMismatch { .. }
             | Rejection::EndpointMismatch { .. }
             | Rejection::InvalidJwt { .. }
-            | Rejection::InvalidRequestBody => "invalid",
+            | Rejection::InvalidRequestBody
+            | Rejection::BodyNotAllowed { .. } => "invalid",
             Rejection::CertificateNoLongerAccepted { .. }
             | Rejection::AsidCheckFailed { .. }
             | Rejection::FqdnNotRegistered { .. }
@@ -220,6 +228,9 @@ impl Rejection {
             Rejection::BodyTooLarge => "REQUEST_BODY_TOO_LARGE".to_owned(),
             Rejection::RequestBodyTimeout => "REQUEST_BODY_TIMEOUT".to_owned(),
             Rejection::InvalidRequestBody => "INVALID_REQUEST_BODY".to_owned(),
+            Rejection::BodyNotAllowed { method } => {
+                format!("REQUEST_BODY_NOT_ALLOWED_{}", method.to_ascii_uppercase())
+            }
             Rejection::UpstreamError { url } => {
                 format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{url}")
             }
@@ -252,6 +263,7 @@ impl Rejection {
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::RequestBodyTimeout => "request_body_timeout",
             Rejection::InvalidRequestBody => "invalid_request_body",
+            Rejection::BodyNotAllowed { .. } => "request_body_not_allowed",
             Rejection::UpstreamError { .. } => "upstream_error",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
         }
@@ -702,6 +714,15 @@ mod tests {
                 Some("BAD_REQUEST"),
                 "invalid",
                 "INVALID_REQUEST_BODY",
+            ),
+            (
+                Rejection::BodyNotAllowed {
+                    method: "GET".into(),
+                },
+                400,
+                Some("BAD_REQUEST"),
+                "invalid",
+                "REQUEST_BODY_NOT_ALLOWED_GET",
             ),
             (
                 Rejection::UpstreamError {
