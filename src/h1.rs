@@ -7,7 +7,8 @@
 //!
 //! It must never guess where a message ends: `Content-Length` with `Transfer-Encoding`,
 //! conflicting lengths and a final transfer coding other than `chunked` are refused with 400
-//! and the connection closed (request smuggling), and a connection whose request body was not
+//! and the connection closed (request smuggling), as is an HTTP/1.1 head without exactly one
+//! valid `Host` (RFC 9112 §3.2), and a connection whose request body was not
 //! read to its end is closed after the response rather than parsed from the middle of that
 //! body. It never reads a body the handler has not asked for, so `Expect: 100-continue` is
 //! honoured, and it never blocks: an idle connection waits for the socket, bounded by the
@@ -543,6 +544,9 @@ pub(crate) enum HeadError {
     Bad(&'static str),
     /// 400: a body length that cannot be trusted (conflicting or smuggling-shaped framing).
     Framing(&'static str),
+    /// 400: no `Host` in an HTTP/1.1 request, more than one, or an invalid value (RFC 9112
+    /// §3.2).
+    Host(&'static str),
     /// 431: larger than `max_header_bytes` or more than `max_headers` fields.
     TooLarge,
     /// 501: a transfer coding other than `chunked`.
@@ -554,7 +558,9 @@ pub(crate) enum HeadError {
 impl HeadError {
     fn status(self) -> StatusCode {
         match self {
-            HeadError::Bad(_) | HeadError::Framing(_) => StatusCode::BAD_REQUEST,
+            HeadError::Bad(_) | HeadError::Framing(_) | HeadError::Host(_) => {
+                StatusCode::BAD_REQUEST
+            }
             HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             HeadError::Unsupported => StatusCode::NOT_IMPLEMENTED,
             HeadError::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -566,6 +572,7 @@ impl HeadError {
         match self {
             HeadError::Bad(_) => "malformed",
             HeadError::Framing(_) => "framing",
+            HeadError::Host(_) => "host",
             HeadError::TooLarge => "too_large",
             HeadError::Unsupported => "unsupported_coding",
             HeadError::Timeout => "timeout",
@@ -574,7 +581,7 @@ impl HeadError {
 
     fn reason(self) -> &'static str {
         match self {
-            HeadError::Bad(why) | HeadError::Framing(why) => why,
+            HeadError::Bad(why) | HeadError::Framing(why) | HeadError::Host(why) => why,
             HeadError::TooLarge => "request head too large",
             HeadError::Unsupported => "unsupported transfer coding",
             HeadError::Timeout => "request head not complete within the header read timeout",
@@ -664,6 +671,7 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
+    let mut hosts = 0usize;
     for h in req.headers.iter() {
         let name =
             header_name(h.name.as_bytes()).map_err(|_| HeadError::Bad("malformed header name"))?;
@@ -694,6 +702,14 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
             }
         } else if name == header::EXPECT {
             expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::HOST {
+            hosts += 1;
+            if hosts > 1 {
+                return Err(HeadError::Host("more than one Host"));
+            }
+            if !valid_host(h.value) {
+                return Err(HeadError::Host("an invalid Host"));
+            }
         }
         fields.push((name, offset(base, buf_len, h.value)?));
     }
@@ -727,6 +743,10 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
         framing = Framing::Chunked;
     } else if let Some(n) = content_length {
         framing = Framing::Length(n);
+    }
+    if hosts == 0 && version == Version::HTTP_11 {
+        // RFC 9112 §3.2: a server MUST answer 400 (an HTTP/1.0 client need not send one).
+        return Err(HeadError::Host("no Host"));
     }
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path_range.0..path_range.1))
@@ -765,6 +785,59 @@ fn offset(base: usize, len: usize, part: &[u8]) -> Result<(usize, usize), HeadEr
         .and_then(|start| Some((start, start.checked_add(part.len())?)))
         .filter(|&(_, end)| end <= len)
         .ok_or(HeadError::Bad("malformed request head"))
+}
+
+/// A `Host` field value: `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2), where
+/// `uri-host` is a reg-name (unreserved, sub-delims, `%HH`) or an IP literal in brackets, and
+/// the port digits. Empty is refused too: the gateway's scheme, https, requires an authority
+/// (RFC 9112 §3.3). Spaces, a second `:`, `@` (userinfo) and `/` are never part of one.
+fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(end) = v.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &v[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b":.-_~!$&'()*+,;=".contains(&b))
+        {
+            return false;
+        }
+        match &v[end + 1..] {
+            [] => (&v[..=end], None),
+            [b':', port @ ..] => (&v[..=end], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match v.iter().position(|&b| b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        }
+    };
+    if host.is_empty() || port.is_some_and(|p| !p.iter().all(u8::is_ascii_digit)) {
+        return false;
+    }
+    if host[0] == b'[' {
+        return true;
+    }
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' => {
+                if !(i + 2 < host.len()
+                    && host[i + 1].is_ascii_hexdigit()
+                    && host[i + 2].is_ascii_hexdigit())
+                {
+                    return false;
+                }
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
 }
 
 fn content_length_value(v: &[u8]) -> Result<u64, HeadError> {
@@ -1360,7 +1433,7 @@ mod tests {
         }
         assert!(header_name(b"Ssp-To ").is_err());
         assert!(header_name(b"Ssp-\xff").is_err());
-        let head = parse("GET / HTTP/1.1\r\nSSP-TRACEID: abc\r\nSsp-To: 1\r\n\r\n")
+        let head = parse("GET / HTTP/1.1\r\nHost: g\r\nSSP-TRACEID: abc\r\nSsp-To: 1\r\n\r\n")
             .expect("valid")
             .expect("complete");
         assert_eq!(head.request.headers()["ssp-traceid"], "abc");
@@ -1407,22 +1480,76 @@ mod tests {
             assert_eq!(parse(raw).map(|_| ()).map_err(HeadError::status), Err(want), "{raw:?}");
         }
         // Repeated identical lengths are one length (RFC 9110 §8.6).
-        let head = parse("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+        let head = parse("POST / HTTP/1.1\r\nHost: g\r\nContent-Length: 3, 3\r\n\r\n")
             .expect("ok")
             .expect("complete");
         assert_eq!(head.framing, Framing::Length(3));
     }
 
+    /// RFC 9112 §3.2: an HTTP/1.1 request with no Host, more than one, or an invalid value
+    /// is 400 (counted as `host`).
+    #[test]
+    fn host_is_required_once_and_valid() {
+        let host = |value: &str| parse(&format!("GET / HTTP/1.1\r\nHost: {value}\r\n\r\n"));
+        for good in [
+            "localhost",
+            "localhost:8443",
+            "gw.example",
+            "127.0.0.1:443",
+            "[::1]:8443",
+            "[2001:db8::1]",
+            "xn--bcher-kva.example",
+            "a%2Db",
+            "localhost:",
+        ] {
+            assert!(host(good).is_ok_and(|h| h.is_some()), "{good:?}");
+        }
+        for bad in [
+            "a b c",
+            "",
+            "a:b:c",
+            "user@host",
+            "host/path",
+            "host:8x",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "a%2",
+            "a%zz",
+            ":443",
+        ] {
+            assert_eq!(
+                host(bad).err(),
+                Some(HeadError::Host("an invalid Host")),
+                "{bad:?}"
+            );
+        }
+        let two = parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").err();
+        assert_eq!(two, Some(HeadError::Host("more than one Host")));
+        let same = parse("GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n").err();
+        assert_eq!(same, Some(HeadError::Host("more than one Host")));
+        let none = parse("GET / HTTP/1.1\r\nX: 1\r\n\r\n").err();
+        assert_eq!(none, Some(HeadError::Host("no Host")));
+        assert_eq!(none.map(HeadError::status), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(none.map(HeadError::label), Some("host"));
+        // An HTTP/1.0 client need not send one.
+        assert!(parse("GET / HTTP/1.0\r\n\r\n").is_ok_and(|h| h.is_some()));
+    }
+
     #[test]
     fn keep_alive_follows_the_version_and_connection_tokens() {
         let ka = |raw: &str| parse(raw).expect("ok").expect("complete").keep_alive;
-        assert!(ka("GET / HTTP/1.1\r\n\r\n"));
-        assert!(!ka("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
+        assert!(ka("GET / HTTP/1.1\r\nHost: g\r\n\r\n"));
+        assert!(!ka(
+            "GET / HTTP/1.1\r\nHost: g\r\nConnection: Close\r\n\r\n"
+        ));
         assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
         assert!(ka("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
-        let head = parse("POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
-            .expect("ok")
-            .expect("complete");
+        let head = parse(
+            "POST / HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+        )
+        .expect("ok")
+        .expect("complete");
         assert!(head.expect_continue);
         let head = parse("POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
             .expect("ok")

@@ -1013,3 +1013,38 @@ async fn a_get_with_a_body_is_refused_and_never_forwarded() {
     assert_eq!(h.recorder.seen(), 1);
     h.stop().await;
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request with no Host, two, or an invalid one is 400 and never
+/// reaches the provider; each is counted under `ssp_http_refused_heads_total{reason="host"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_repeated_or_invalid_host_is_refused() {
+    let h = echo_gateway().await;
+    let cases = [
+        ("two Hosts", Req::metadata(&h).header("Host: b")),
+        (
+            "an invalid Host",
+            Req::metadata(&h).without("Host").header("Host: a b c"),
+        ),
+        ("no Host", Req::metadata(&h).without("Host")),
+    ];
+    for (what, req) in cases {
+        let mut w = Wire::open(&h).await;
+        assert!(w.send(&req.bytes()).await, "{what}: write");
+        w.expect_refused(&[400], false, what).await;
+    }
+    assert_eq!(h.recorder.seen(), 0, "a refused head reached the provider");
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(&text, "ssp_http_refused_heads_total{reason=\"host\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    // HTTP/1.0 needs none.
+    let mut w = Wire::open(&h).await;
+    let req = Req::metadata(&h).without("Host").version("HTTP/1.0");
+    assert!(w.send(&req.bytes()).await, "write");
+    let r = w.answer(false, "HTTP/1.0 without Host").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}

@@ -855,7 +855,7 @@ impl Client {
         Ok(stream)
     }
 
-    pub async fn send<B>(&self, req: Request<B>) -> Result<Answer, String>
+    pub async fn send<B>(&self, mut req: Request<B>) -> Result<Answer, String>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -872,6 +872,16 @@ impl Client {
         // Speak what ALPN settled on, as a real client does.
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
         let io = TokioIo::new(tls);
+        // An HTTP/1.1 request names the host (hyper adds none for an origin-form target); an
+        // HTTP/2 one has `:authority` instead.
+        if h2 {
+            req.headers_mut().remove(http::header::HOST);
+        } else if !req.headers().contains_key(http::header::HOST) {
+            req.headers_mut().insert(
+                http::header::HOST,
+                http::HeaderValue::from_static("localhost"),
+            );
+        }
         let resp = if h2 {
             let (mut sender, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
@@ -1000,6 +1010,14 @@ impl<'a> Gpc<'a> {
         }
         if self.body.is_some() {
             b = b.header("Content-Type", "application/fhir+json;charset=utf-8");
+        }
+        if !self
+            .extra
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+        {
+            // What any HTTP/1.1 client sends (RFC 9112 §3.2); `Client::send` drops it on HTTP/2.
+            b = b.header("Host", "localhost");
         }
         for (k, v) in self.extra {
             b = b.header(k, v);
