@@ -648,7 +648,9 @@ impl Gateway {
                 .catalogue
                 .get(id)
                 .ok_or_else(|| Rejection::UnsupportedInteraction { id: id.to_string() })?;
-            ix.match_request(&ix.method, &target)?;
+            // Only the path is the interaction's to check: the request is OPTIONS, and a
+            // mismatch says so.
+            ix.match_preflight(&target)?;
         }
         let methods = policy.catalogue.methods_for_target(&target);
         if methods.is_empty() {

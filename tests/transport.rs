@@ -306,6 +306,23 @@ async fn cors_preflight_lists_the_allowed_methods() {
         StatusCode::BAD_REQUEST,
         "book does not fit the path"
     );
+    // A mismatch names the request as it was: OPTIONS on the path (only the path is checked).
+    let a = preflight("Appointment/1", Some(IX_SEARCH_SLOT)).await;
+    let token = format!(
+        "INTERACTION_{IX_SEARCH_SLOT}_DOES_NOT_MATCH_REQUEST_OPTIONS_{BASE_PATH}/Appointment/1"
+    );
+    a.assert_outcome(400, Some("BAD_REQUEST"), &token);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !audit_records(&h.audit_dir)
+        .iter()
+        .any(|r| r["token"] == token.as_str() && r["method"] == "OPTIONS")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no audit record with {token}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         h.recorder.seen(),
         0,

@@ -72,16 +72,38 @@ impl Interaction {
         method: &Method,
         target: &'t Target,
     ) -> Result<Matched<'t>, Rejection> {
-        let mismatch = || Rejection::InteractionMismatch {
+        if *method != self.method {
+            return Err(self.mismatch(method, target));
+        }
+        self.match_path(method, target)
+    }
+
+    /// For a CORS preflight: the target path alone against the template (the request is
+    /// `OPTIONS`, whatever method the interaction uses); a mismatch names the request as it
+    /// was, `INTERACTION_<id>_DOES_NOT_MATCH_REQUEST_OPTIONS_<path>`.
+    pub fn match_preflight<'t>(&self, target: &'t Target) -> Result<Matched<'t>, Rejection> {
+        self.match_path(&Method::OPTIONS, target)
+    }
+
+    fn mismatch(&self, method: &Method, target: &Target) -> Rejection {
+        Rejection::InteractionMismatch {
             id: self.id.clone(),
             method: method.as_str().to_owned(),
             path: target.path().to_owned(),
-        };
-        if *method != self.method {
-            return Err(mismatch());
         }
+    }
+
+    /// The template against the target path; `method` is the request's, for the token.
+    fn match_path<'t>(
+        &self,
+        method: &Method,
+        target: &'t Target,
+    ) -> Result<Matched<'t>, Rejection> {
         let path = target.path();
-        let slash = self.template.match_suffix(path).ok_or_else(mismatch)?;
+        let slash = self
+            .template
+            .match_suffix(path)
+            .ok_or_else(|| self.mismatch(method, target))?;
         let url = target.without_query();
         // `path` is a suffix of `url`; `slash` indexes the `/` before the match within `path`.
         let split = url.len() - path.len() + slash;
