@@ -579,6 +579,21 @@ impl HeadError {
         }
     }
 
+    /// The refusal's log line, one a second per label (with the number held back): a client
+    /// looping on bad heads must not flood the log; the metric counts every one.
+    fn log_limit(self) -> &'static crate::loglimit::Every {
+        use crate::loglimit::Every;
+        static LINES: [Every; 6] = [const { Every::second() }; 6];
+        &LINES[match self {
+            HeadError::Bad(_) => 0,
+            HeadError::Framing(_) => 1,
+            HeadError::Host(_) => 2,
+            HeadError::TooLarge => 3,
+            HeadError::Unsupported => 4,
+            HeadError::Timeout => 5,
+        }]
+    }
+
     fn reason(self) -> &'static str {
         match self {
             HeadError::Bad(why) | HeadError::Framing(why) | HeadError::Host(why) => why,
@@ -879,7 +894,9 @@ pub(crate) async fn serve<H, Fut, B>(
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(e) => {
-                tracing::info!(remote = %info.remote, reason = e.reason(), "refused an HTTP/1.1 request head");
+                if let Some(held_back) = e.log_limit().allow() {
+                    tracing::info!(remote = %info.remote, reason = e.reason(), held_back, "refused an HTTP/1.1 request head");
+                }
                 if let Some(c) = &opts.refused {
                     c.with_label_values(&[e.label()]).inc();
                 }

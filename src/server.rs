@@ -145,6 +145,32 @@ impl ConnMetrics {
     }
 }
 
+/// The lines a connection can cause before its request is read: anyone who can reach the port
+/// can fail handshakes as fast as it can connect (26,211 "TLS handshake failed" lines in 3 s in
+/// a review, past the log writer's buffer, so access lines were dropped with them). Each kind
+/// (a handshake failure by its reason, a timeout, no or an unreadable certificate, the
+/// connection limit) is held to one line a second with `held_back`, the number left out since
+/// its last line; `ssp_tls_handshake_failures_total` still counts every one.
+mod conn_log {
+    use crate::loglimit::Every;
+    use crate::tls::HandshakeFailure;
+
+    /// More than `HandshakeFailure` has variants; any beyond share the last.
+    const FAILURE_KINDS: usize = 16;
+    static FAILED: [Every; FAILURE_KINDS] = [const { Every::second() }; FAILURE_KINDS];
+    pub static TIMED_OUT: Every = Every::second();
+    pub static NO_CERTIFICATE: Every = Every::second();
+    pub static UNREADABLE: Every = Every::second();
+    pub static CONNECTION_LIMIT: Every = Every::second();
+
+    /// The limit of "TLS handshake failed" lines for `reason`.
+    pub fn failed(reason: HandshakeFailure) -> &'static Every {
+        FAILED
+            .get(reason as usize)
+            .unwrap_or(&FAILED[FAILURE_KINDS - 1])
+    }
+}
+
 /// Decrements the active-connection gauge when the connection ends, however it ends.
 struct ActiveGuard(Option<prometheus::IntGauge>);
 
@@ -263,7 +289,9 @@ pub async fn serve_tls_observed<H, Fut, B>(
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             // Over the connection limit: refuse at once rather than queue without bound.
-            tracing::warn!(listener = opts.name, %remote, "connection limit reached; refusing");
+            if let Some(held_back) = conn_log::CONNECTION_LIMIT.allow() {
+                tracing::warn!(listener = opts.name, %remote, held_back, "connection limit reached; refusing");
+            }
             metrics.handshake_failed("connection_limit");
             drop(tcp);
             continue;
@@ -298,27 +326,36 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 // Boxed too: a stream held inline would stay in the task's state.
                 Ok(Ok((stream, handshaken))) => (Box::new(stream), handshaken),
                 Ok(Err(e)) => {
-                    let reason = HandshakeFailure::classify(&e).as_label();
+                    let failure = HandshakeFailure::classify(&e);
+                    let reason = failure.as_label();
                     metrics.handshake_failed(reason);
-                    tracing::info!(listener = name, %remote, reason, error = %e, "TLS handshake failed");
+                    if let Some(held_back) = conn_log::failed(failure).allow() {
+                        tracing::info!(listener = name, %remote, reason, error = %e, held_back, "TLS handshake failed");
+                    }
                     return;
                 }
                 Err(_) => {
                     metrics.handshake_failed("timeout");
-                    tracing::info!(listener = name, %remote, "TLS handshake timed out");
+                    if let Some(held_back) = conn_log::TIMED_OUT.allow() {
+                        tracing::info!(listener = name, %remote, held_back, "TLS handshake timed out");
+                    }
                     return;
                 }
             };
             if handshaken.peer_certificates.is_empty() {
                 metrics.handshake_failed(HandshakeFailure::NoClientCertificate.as_label());
-                tracing::info!(listener = name, %remote, "no client certificate");
+                if let Some(held_back) = conn_log::NO_CERTIFICATE.allow() {
+                    tracing::info!(listener = name, %remote, held_back, "no client certificate");
+                }
                 return;
             }
             let client = match identities.get(&handshaken.peer_certificates) {
                 Ok(client) => client,
                 Err(e) => {
                     metrics.handshake_failed("unreadable_certificate");
-                    tracing::info!(listener = name, %remote, error = %e, "unreadable client certificate");
+                    if let Some(held_back) = conn_log::UNREADABLE.allow() {
+                        tracing::info!(listener = name, %remote, error = %e, held_back, "unreadable client certificate");
+                    }
                     return;
                 }
             };

@@ -1419,3 +1419,195 @@ async fn a_get_with_a_body_over_http2_is_refused_and_never_forwarded() {
     assert_eq!(h.recorder.seen(), 1);
     h.stop().await;
 }
+
+/// The binary, run on a copy of the shipped configuration with its ports moved to free ones;
+/// killed when dropped. Its standard output (the log) is collected line by line.
+struct Spawned {
+    child: std::process::Child,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+    gateway: u16,
+    admin: u16,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn spawn_gateway(name: &str) -> Spawned {
+    let (gw, admin, mock) = (free_port(), free_port(), free_port());
+    let root = scratch_dir(name);
+    let config_dir = root.join("config");
+    std::fs::create_dir_all(&config_dir).expect("mkdir");
+    for file in [
+        "gateway.toml",
+        "interactions.toml",
+        "directory.ldif",
+        "sds.schema",
+    ] {
+        let text = std::fs::read_to_string(repo_path(&format!("config/{file}")))
+            .expect("read")
+            .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+            .replace("127.0.0.1:9100", &format!("127.0.0.1:{admin}"))
+            .replace("127.0.0.1:9443", &format!("127.0.0.1:{mock}"))
+            .replace(
+                "https://localhost:9443/",
+                &format!("https://localhost:{mock}/"),
+            );
+        std::fs::write(config_dir.join(file), text).expect("write");
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+        .arg("run")
+        .arg("--config")
+        .arg(config_dir.join("gateway.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ssp-gateway run");
+    let stdout = child.stdout.take().expect("stdout");
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            lines.lock().expect("log").push(line);
+        }
+    });
+    let spawned = Spawned {
+        child,
+        log,
+        gateway: gw,
+        admin,
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok()
+            && http_get(addr, "/readyz").await.0 == 200
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    spawned
+}
+
+/// Failed handshakes of every reason, from the gateway's metrics.
+async fn handshake_failures(admin: u16) -> u64 {
+    let (_, text) = http_get(([127, 0, 0, 1], admin).into(), "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with("ssp_tls_handshake_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// One connection that sends plain HTTP where a TLS ClientHello belongs, read to its close.
+async fn not_tls(port: u16) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return;
+    };
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+}
+
+/// `held_back=N` (text) or `"held_back":N` (JSON) in a log line.
+fn held_back(line: &str) -> u64 {
+    line.split_once("held_back")
+        .map(|(_, rest)| {
+            rest.trim_start_matches(['"', ':', '='])
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A loop of non-TLS bytes at the listener, before any authentication, leaves a bounded number
+/// of "TLS handshake failed" lines (one a second per reason, each with the number held back),
+/// while `ssp_tls_handshake_failures_total` counts every failure. Unbounded, such a loop wrote
+/// 26,211 lines in 3 s and the log writer dropped access lines with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_failed_handshakes_logs_a_bounded_number_of_lines() {
+    let gw = spawn_gateway("handshake-flood").await;
+    let before = handshake_failures(gw.admin).await;
+    let failed_lines = |log: &[String]| {
+        log.iter()
+            .filter(|l| l.contains("TLS handshake failed"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    const BURST: u64 = 600;
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let port = gw.gateway;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..BURST / 8 {
+                not_tls(port).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("burst");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while handshake_failures(gw.admin).await < before + BURST {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the metric did not count every failed handshake"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(handshake_failures(gw.admin).await, before + BURST);
+    let seconds = started.elapsed().as_secs();
+    let burst_lines = failed_lines(&gw.log.lock().expect("log")).len() as u64;
+    // One reason (the bytes are the same each time): one line a second at most, and the first.
+    assert!(
+        burst_lines <= seconds + 2,
+        "{burst_lines} lines for {BURST} failed handshakes in {seconds} s"
+    );
+
+    // The next line that goes out (a second on) says how many were held back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let reported = loop {
+        not_tls(gw.gateway).await;
+        let lines = failed_lines(&gw.log.lock().expect("log"));
+        if lines.len() as u64 > burst_lines {
+            break lines;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no line after the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let total = handshake_failures(gw.admin).await - before;
+    let held: u64 = reported.iter().map(|l| held_back(l)).sum();
+    assert!(
+        held >= BURST - burst_lines,
+        "held back {held}, but {} of the burst were not logged: {reported:#?}",
+        BURST - burst_lines
+    );
+    assert!(
+        reported.len() as u64 + held <= total,
+        "{} lines and {held} held back for {total} failures",
+        reported.len()
+    );
+}
