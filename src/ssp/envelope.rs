@@ -179,38 +179,55 @@ fn is_query_byte(b: u8) -> bool {
 }
 
 /// Whether `query` has a parameter named `_method` (separated by `&` or `;`, any case, letters
-/// percent-encoded or not). Cheap for the usual query: only a name with a `_` or `%` in its
-/// first position is decoded.
+/// percent-encoded or not). Cheap for the usual query: the separators are found with `memchr`,
+/// and only a name starting with `_` or `%` is looked at further.
 fn overrides_method(query: &str) -> bool {
-    const NAME: &[u8] = b"_method";
-    query.split(['&', ';']).any(|param| {
-        let name = param.split('=').next().unwrap_or_default().as_bytes();
-        if !matches!(name.first(), Some(b'_' | b'%')) || name.len() > 3 * NAME.len() {
+    let q = query.as_bytes();
+    let mut start = 0;
+    loop {
+        let end = memchr::memchr2(b'&', b';', &q[start..]).map_or(q.len(), |i| start + i);
+        let param = &q[start..end];
+        if matches!(param.first(), Some(b'_' | b'%')) {
+            let name = memchr::memchr(b'=', param).map_or(param, |i| &param[..i]);
+            if is_method_name(name) {
+                return true;
+            }
+        }
+        if end == q.len() {
             return false;
         }
-        let mut decoded = Vec::with_capacity(NAME.len());
-        let mut i = 0;
-        while i < name.len() {
-            let b = match name[i] {
-                b'%' => {
-                    let hex = name
-                        .get(i + 1..i + 3)
-                        .and_then(|h| std::str::from_utf8(h).ok());
-                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        Some(b) => {
-                            i += 2;
-                            b
-                        }
-                        None => return false,
-                    }
+        start = end + 1;
+    }
+}
+
+/// Whether `name`, percent-decoded, is `_method` in any case.
+fn is_method_name(name: &[u8]) -> bool {
+    const NAME: &[u8] = b"_method";
+    if name.len() > 3 * NAME.len() {
+        return false;
+    }
+    let mut decoded = [0u8; 3 * NAME.len()];
+    let (mut i, mut n) = (0, 0);
+    while i < name.len() {
+        let b = if name[i] == b'%' {
+            let hex = name
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(b) => {
+                    i += 2;
+                    b
                 }
-                b => b,
-            };
-            decoded.push(b);
-            i += 1;
-        }
-        decoded.eq_ignore_ascii_case(NAME)
-    })
+                None => return false,
+            }
+        } else {
+            name[i]
+        };
+        decoded[n] = b;
+        n += 1;
+        i += 1;
+    }
+    decoded[..n].eq_ignore_ascii_case(NAME)
 }
 
 /// `path` starts with `/` (guaranteed by the caller).
