@@ -444,6 +444,9 @@ fn build(root: &mut Section<'_, '_>) -> Config {
                 "durability",
                 format!("`{other}` is not one of fsync, buffered"),
             );
+            // Still checked, and not reported as an unknown key besides: one mistake, one
+            // problem.
+            s.duration("fsync_interval", DEFAULT_AUDIT_FSYNC_INTERVAL);
             Durability::Fsync
         }
     };
@@ -780,12 +783,14 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
             (&[], false)
         }
     };
+    // With no valid backend named, no key can be said not to apply to it.
+    let known = !own.is_empty();
     for key in LDIF_KEYS.iter().chain(&LDAP_KEYS).chain(&FHIR_KEYS) {
-        if !own.contains(key) && s.take(key).is_some() {
+        if known && !own.contains(key) && s.take(key).is_some() {
             s.problem(key, format!("does not apply to backend = \"{kind}\""));
         }
     }
-    if !remote {
+    if known && !remote {
         for key in REMOTE_KEYS {
             if s.take(key).is_some() {
                 s.problem(key, "applies to backend = \"ldap\" or \"fhir\" only".into());
@@ -1591,6 +1596,31 @@ ldif_file = "directory.ldif"
             "{err}"
         );
         assert!(parse(&format!("{MINIMAL}\n[rate_limit]\noverrides = [{one}]\n")).is_ok());
+    }
+
+    /// A mistyped value is one problem: not also its section's other keys called unknown or out
+    /// of place.
+    #[test]
+    fn a_mistyped_choice_is_one_problem() {
+        for (snippet, key) in [
+            (
+                "[audit]\ndurability = \"fsnyc\"\nfsync_interval = \"100ms\"\n",
+                "audit.durability",
+            ),
+            (
+                "[directory]\nbackend = \"ldiff\"\nldif_file = \"d.ldif\"\nquery_timeout = \"2s\"\n",
+                "directory.backend",
+            ),
+        ] {
+            let base = if snippet.starts_with("[directory]") {
+                MINIMAL.replace("[directory]\nldif_file = \"directory.ldif\"\n", "")
+            } else {
+                MINIMAL.to_owned()
+            };
+            let err = parse(&format!("{base}\n{snippet}")).unwrap_err();
+            let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+            assert_eq!(keys, [key], "{err}");
+        }
     }
 
     /// `fsync_interval` is checked under `fsync` too, where it is kept for a switch to buffered.
