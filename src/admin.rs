@@ -1,6 +1,7 @@
 //! The admin listener: plain HTTP/1.1 on loopback for orchestrators and operators —
 //! `/healthz` (the process is alive), `/readyz` (it can serve traffic: loaded, not draining,
-//! audit trail writable, directory backend answering or a cached party servable), `/metrics` (Prometheus text format) and
+//! audit trail writable, directory backend answering or a cached party servable, the listener's
+//! CRLs not past their nextUpdate), `/metrics` (Prometheus text format) and
 //! `POST /directory/invalidate[?asid=A]` (forget cached directory answers). It never carries
 //! consumer traffic and never exposes request data.
 
@@ -33,6 +34,30 @@ pub struct Readiness {
     pub directory: OnceLock<Directory>,
     /// The audit writer's view of the trail (`None`: not reported).
     pub audit_writable: Option<Arc<AtomicBool>>,
+    /// The earliest nextUpdate of the listener's CRLs in force (set once at start).
+    pub listener_crl_horizon: OnceLock<CrlHorizon>,
+}
+
+/// Reads the earliest nextUpdate (unix seconds) of the CRLs in force now; `None` without CRLs.
+#[derive(Clone)]
+pub struct CrlHorizon(pub Arc<dyn Fn() -> Option<u64> + Send + Sync>);
+
+impl std::fmt::Debug for CrlHorizon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CrlHorizon").field(&(self.0)()).finish()
+    }
+}
+
+/// Whether CRLs whose earliest nextUpdate is `horizon` can still be checked against at `now`
+/// (unix seconds): a verifier refuses every certificate from the second of nextUpdate on.
+fn crls_current(horizon: Option<u64>, now: u64) -> bool {
+    horizon.map_or(true, |h| now < h)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Readiness {
@@ -43,6 +68,7 @@ impl Readiness {
             draining: AtomicBool::new(false),
             directory: OnceLock::new(),
             audit_writable: Some(audit_writable),
+            listener_crl_horizon: OnceLock::new(),
         })
     }
 
@@ -60,7 +86,12 @@ impl Readiness {
             None => true,
             Some(d) => d.backend_answers().await || d.holds_servable_party(),
         };
-        let ready = loaded && !draining && audit && directory;
+        // A stale listener CRL fails every handshake (fail closed): the instance serves nobody.
+        let crls_current = self
+            .listener_crl_horizon
+            .get()
+            .map_or(true, |h| crls_current((h.0)(), unix_now()));
+        let ready = loaded && !draining && audit && directory && crls_current;
         let body = serde_json::json!({
             "status": if ready { "ready" } else { "not ready" },
             "checks": {
@@ -68,6 +99,7 @@ impl Readiness {
                 "draining": draining,
                 "audit_writable": audit,
                 "directory_usable": directory,
+                "listener_crls_current": crls_current,
             }
         });
         (ready, body.to_string())
@@ -264,4 +296,17 @@ async fn directory_route(
         }
     };
     Some(json(StatusCode::OK, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crls_are_stale_from_their_next_update_on() {
+        assert!(crls_current(None, 1_000));
+        assert!(crls_current(Some(1_001), 1_000));
+        assert!(!crls_current(Some(1_000), 1_000));
+        assert!(!crls_current(Some(999), 1_000));
+    }
 }

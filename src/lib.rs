@@ -489,6 +489,15 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let audit = components.gateway.audit.clone();
     let metrics = components.gateway.metrics.clone();
     metrics.register_certificates(certificate_expiries(config));
+    {
+        let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
+        metrics.register_crl_next_update(Arc::new(move || {
+            vec![
+                ("listener", listener.current().crl_horizon()),
+                ("upstream", upstream.current().crl_horizon),
+            ]
+        }));
+    }
     let exporter_stop = CancellationToken::new();
     if let Some(exporter) = components.span_exporter {
         tasks.spawn(exporter.run(exporter_stop.clone()));
@@ -519,6 +528,14 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
 
     let readiness = admin::Readiness::with_audit(audit.writable());
     readiness.loaded.store(true, Ordering::Release);
+    {
+        let listener = components.server_tls.clone();
+        let _ = readiness
+            .listener_crl_horizon
+            .set(admin::CrlHorizon(Arc::new(move || {
+                listener.current().crl_horizon()
+            })));
+    }
     let _ = readiness
         .directory
         .set(components.gateway.directory.clone());

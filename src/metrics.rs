@@ -320,6 +320,15 @@ impl Metrics {
         self.register(Box::new(CertificateExpiry::new(certificates)));
     }
 
+    /// Registers `ssp_crl_next_update_seconds{component}`: seconds until the earliest nextUpdate
+    /// of each component's CRLs (negative once passed: every check against them fails), read at
+    /// scrape time from `horizons`, which returns the CRLs in force now (after hot reloads) as
+    /// `(component, earliest nextUpdate in unix seconds)`; a component without CRLs (or none
+    /// with a nextUpdate) has no series.
+    pub fn register_crl_next_update(&self, horizons: CrlHorizonsFn) {
+        self.register(Box::new(CrlNextUpdate::new(horizons)));
+    }
+
     /// Registers the directory cache metrics (`ssp_directory_*`), read at scrape time from
     /// `stats`, which returns `[hits, misses, stale_served, backend_errors, entries]` (the
     /// fields of `DirectoryStats`, in that order).
@@ -357,6 +366,9 @@ impl Metrics {
 
 /// Reads the directory's counters: `[hits, misses, stale_served, backend_errors, entries]`.
 pub type DirectoryStatsFn = Arc<dyn Fn() -> [u64; 5] + Send + Sync>;
+
+/// Reads the CRLs in force: `(component, earliest nextUpdate)` for each component.
+pub type CrlHorizonsFn = Arc<dyn Fn() -> Vec<(&'static str, Option<u64>)> + Send + Sync>;
 
 /// The status code as a label: bounded to 100..=599, anything else is `other`.
 fn status_label(status: u16) -> String {
@@ -407,6 +419,53 @@ impl Collector for CertificateExpiry {
             self.gauge
                 .with_label_values(&[role])
                 .set((not_after - now) as f64);
+        }
+        self.gauge.collect()
+    }
+}
+
+/// `ssp_crl_next_update_seconds{component}`, computed at scrape time.
+struct CrlNextUpdate {
+    gauge: GaugeVec,
+    horizons: CrlHorizonsFn,
+    scrape: Mutex<()>,
+}
+
+impl CrlNextUpdate {
+    fn new(horizons: CrlHorizonsFn) -> CrlNextUpdate {
+        let gauge = GaugeVec::new(
+            Opts::new(
+                "ssp_crl_next_update_seconds",
+                "Seconds until the earliest nextUpdate of the component's CRLs in force (negative once passed: handshakes checked against them fail).",
+            ),
+            &["component"],
+        )
+        .expect("static metric definition is valid");
+        CrlNextUpdate {
+            gauge,
+            horizons,
+            scrape: Mutex::new(()),
+        }
+    }
+}
+
+impl Collector for CrlNextUpdate {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        // One scrape at a time: the gauge is set by reset + set.
+        let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let now = unix_now();
+        self.gauge.reset();
+        for (component, horizon) in (self.horizons)() {
+            if let Some(horizon) = horizon {
+                let horizon = i64::try_from(horizon).unwrap_or(i64::MAX);
+                self.gauge
+                    .with_label_values(&[component])
+                    .set(horizon.saturating_sub(now) as f64);
+            }
         }
         self.gauge.collect()
     }
@@ -682,6 +741,10 @@ mod tests {
         m.observe_request(Some("search_slot"), 200, 0.0004);
         m.register_certificates(vec![("server", unix_now() + 86_400)]);
         m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
+        let listener_crl = (unix_now() + 3_600) as u64;
+        m.register_crl_next_update(Arc::new(move || {
+            vec![("listener", Some(listener_crl)), ("upstream", None)]
+        }));
         let text = String::from_utf8(m.render()).expect("utf-8");
         for needle in [
             "ssp_requests_total{interaction=\"search_slot\",status=\"200\"} 1",
@@ -705,5 +768,15 @@ mod tests {
             .and_then(|v| v.parse().ok())
             .expect("value");
         assert!((86_000.0..=86_400.0).contains(&secs), "{secs}");
+        let crl = text
+            .lines()
+            .find(|l| l.starts_with("ssp_crl_next_update_seconds{component=\"listener\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("listener CRL line");
+        assert!((3_500.0..=3_600.0).contains(&crl), "{crl}");
+        assert!(
+            !text.contains("ssp_crl_next_update_seconds{component=\"upstream\"}"),
+            "a component without CRLs has no series"
+        );
     }
 }

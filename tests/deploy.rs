@@ -51,6 +51,8 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         "SspGatewayCertificateExpiresSoon",
         "SspGatewayDirectoryServingStale",
         "SspGatewayRevokedCertificateStillInUse",
+        "SspGatewayCrlNextUpdateSoon",
+        "SspGatewayCrlStale",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
@@ -78,6 +80,7 @@ fn exposed_names() -> BTreeSet<String> {
     m.http_refused_heads.with_label_values(&["framing"]).inc();
     m.register_certificates(vec![("server", 0)]);
     m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
+    m.register_crl_next_update(Arc::new(|| vec![("listener", Some(0))]));
     let text = String::from_utf8(m.render()).expect("utf-8");
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -480,3 +480,84 @@ async fn a_dead_collector_drops_spans_without_touching_requests() {
     assert_eq!(sample(&text, "ssp_tracing_spans_exported_total"), Some(0.0));
     h.stop().await;
 }
+
+/// `/readyz` until its status is `want`; returns the body.
+async fn readyz_until(admin: SocketAddr, want: StatusCode) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (status, body) = http_get(admin, "/readyz").await;
+        if status == want {
+            return serde_json::from_str(&body).expect("readyz JSON");
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "/readyz never answered {want}; last: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A listener CRL past its nextUpdate refuses every handshake (fail closed). Before, nothing
+/// said so: `/readyz` stayed ready and no metric showed the CRL's age. Now
+/// `ssp_crl_next_update_seconds{component="listener"}` counts down to it (from the CRLs in
+/// force: it follows a reload), `/readyz` is not ready while the CRL is stale, and the refused
+/// handshakes are counted as `crl_expired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_listener_crl_is_measured_and_makes_the_gateway_not_ready() {
+    let world = World::ecdsa();
+    let stale_at = now() + 8;
+    let crl = world
+        .authority
+        .crl_between(&[], now() - 60, stale_at)
+        .expect("CRL");
+    std::fs::write(&world.crl, crl).expect("write CRL");
+    let h = start_with_recorder(world, Behaviour::Echo, GatewayOptions::default()).await;
+    let series = "ssp_crl_next_update_seconds{component=\"listener\"}";
+
+    let body = readyz_until(h.admin, StatusCode::OK).await;
+    assert_eq!(body["checks"]["listener_crls_current"], true, "{body}");
+    let text = scrape(h.admin).await;
+    let left = sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert!(left > 0.0 && left <= 8.0, "{series} = {left}");
+    assert!(
+        !text.contains("ssp_crl_next_update_seconds{component=\"upstream\""),
+        "no upstream CRLs are configured"
+    );
+
+    // The CRL goes stale.
+    while now() < stale_at {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let body = readyz_until(h.admin, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(body["status"], "not ready", "{body}");
+    assert_eq!(body["checks"]["listener_crls_current"], false, "{body}");
+    assert!(
+        h.consumer().handshake().await.is_err(),
+        "a stale CRL let a consumer in"
+    );
+    let text = scrape_until(
+        h.admin,
+        "ssp_tls_handshake_failures_total{reason=\"crl_expired\"}",
+        1.0,
+    )
+    .await;
+    let left = sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert!(left <= 0.0, "{series} = {left} after nextUpdate");
+
+    // A fresh CRL is published and reloaded: ready again, and the gauge follows it.
+    let fresh = h
+        .world
+        .authority
+        .crl_between(&[], now() - 60, now() + 86_400)
+        .expect("CRL");
+    std::fs::write(&h.world.crl, fresh).expect("publish CRL");
+    let body = readyz_until(h.admin, StatusCode::OK).await;
+    assert_eq!(body["checks"]["listener_crls_current"], true, "{body}");
+    let left = sample(&scrape(h.admin).await, series).expect("gauge after the reload");
+    assert!(left > 86_000.0, "{series} = {left} after the reload");
+    h.consumer()
+        .handshake()
+        .await
+        .expect("handshake under the fresh CRL");
+    h.stop().await;
+}
