@@ -106,30 +106,6 @@ pub struct Components {
     pub span_exporter: Option<telemetry::PendingExporter>,
 }
 
-/// `notAfter` (Unix seconds) of the certificates the gateway depends on, by role: the first
-/// certificate of each file (the leaf), the earliest of each CA bundle.
-fn certificate_expiries(config: &Config) -> Vec<(&'static str, i64)> {
-    let files: [(&'static str, &std::path::Path, bool); 4] = [
-        ("server", &config.listener.tls.cert, false),
-        ("client_ca", &config.listener.tls.client_ca, true),
-        ("upstream_client", &config.upstream.tls.cert, false),
-        ("upstream_ca", &config.upstream.tls.ca, true),
-    ];
-    files
-        .into_iter()
-        .filter_map(|(role, path, bundle)| {
-            let certs = tls::load_certs(path).ok()?;
-            let take = if bundle { certs.len() } else { 1 };
-            certs
-                .iter()
-                .take(take)
-                .filter_map(|c| tls::not_after(c).ok())
-                .min()
-                .map(|t| (role, t))
-        })
-        .collect()
-}
-
 /// The interaction catalogue and the directory, each problem added to `problems`.
 fn load_catalogue_and_directory(
     config: &Config,
@@ -488,7 +464,19 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         .map_err(|e| StartError::Load(vec![format!("audit: writer start panicked: {e}")]))??;
     let audit = components.gateway.audit.clone();
     let metrics = components.gateway.metrics.clone();
-    metrics.register_certificates(certificate_expiries(config));
+    {
+        // Read at scrape time from the snapshots in force, so a renewal by hot reload shows.
+        let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
+        metrics.register_certificates(Arc::new(move || {
+            let (listener, upstream) = (listener.current().expiry, upstream.current().expiry);
+            vec![
+                ("server", listener.chain),
+                ("client_ca", listener.ca_bundle),
+                ("upstream_client", upstream.chain),
+                ("upstream_ca", upstream.ca_bundle),
+            ]
+        }));
+    }
     {
         let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
         metrics.register_crl_next_update(Arc::new(move || {

@@ -315,9 +315,11 @@ impl Metrics {
     }
 
     /// Registers `ssp_certificate_expiry_seconds{certificate}`: seconds until each
-    /// certificate's `notAfter` (negative once expired), computed at scrape time.
-    pub fn register_certificates(&self, certificates: Vec<(&'static str, i64)>) {
-        self.register(Box::new(CertificateExpiry::new(certificates)));
+    /// certificate's `notAfter` (negative once expired), computed at scrape time from
+    /// `not_after`, which returns `(role, notAfter in unix seconds)` for the certificates in
+    /// force now (after hot reloads).
+    pub fn register_certificates(&self, not_after: CertificateExpiriesFn) {
+        self.register(Box::new(CertificateExpiry::new(not_after)));
     }
 
     /// Registers `ssp_crl_next_update_seconds{component}`: seconds until the earliest nextUpdate
@@ -367,6 +369,9 @@ impl Metrics {
 /// Reads the directory's counters: `[hits, misses, stale_served, backend_errors, entries]`.
 pub type DirectoryStatsFn = Arc<dyn Fn() -> [u64; 5] + Send + Sync>;
 
+/// Reads the certificates in force: `(role, earliest notAfter)` for each role.
+pub type CertificateExpiriesFn = Arc<dyn Fn() -> Vec<(&'static str, i64)> + Send + Sync>;
+
 /// Reads the CRLs in force: `(component, earliest nextUpdate)` for each component.
 pub type CrlHorizonsFn = Arc<dyn Fn() -> Vec<(&'static str, Option<u64>)> + Send + Sync>;
 
@@ -391,15 +396,15 @@ fn build_info() -> IntGaugeVec {
 /// `ssp_certificate_expiry_seconds{certificate}`, computed at scrape time.
 struct CertificateExpiry {
     gauge: GaugeVec,
-    not_after: Vec<(&'static str, i64)>,
+    not_after: CertificateExpiriesFn,
 }
 
 impl CertificateExpiry {
-    fn new(not_after: Vec<(&'static str, i64)>) -> CertificateExpiry {
+    fn new(not_after: CertificateExpiriesFn) -> CertificateExpiry {
         let gauge = GaugeVec::new(
             Opts::new(
                 "ssp_certificate_expiry_seconds",
-                "Seconds until the certificate expires (negative once expired); for a CA bundle, its earliest.",
+                "Seconds until the certificate in force expires (negative once expired); for a chain or a CA bundle, its earliest.",
             ),
             &["certificate"],
         )
@@ -415,10 +420,10 @@ impl Collector for CertificateExpiry {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let now = unix_now();
-        for (role, not_after) in &self.not_after {
+        for (role, not_after) in (self.not_after)() {
             self.gauge
                 .with_label_values(&[role])
-                .set((not_after - now) as f64);
+                .set(not_after.saturating_sub(now) as f64);
         }
         self.gauge.collect()
     }
@@ -739,7 +744,8 @@ mod tests {
     fn render_has_the_gateway_and_process_metrics() {
         let m = Metrics::new();
         m.observe_request(Some("search_slot"), 200, 0.0004);
-        m.register_certificates(vec![("server", unix_now() + 86_400)]);
+        let server = unix_now() + 86_400;
+        m.register_certificates(Arc::new(move || vec![("server", server)]));
         m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
         let listener_crl = (unix_now() + 3_600) as u64;
         m.register_crl_next_update(Arc::new(move || {

@@ -561,3 +561,52 @@ async fn a_stale_listener_crl_is_measured_and_makes_the_gateway_not_ready() {
         .expect("handshake under the fresh CRL");
     h.stop().await;
 }
+
+/// `ssp_certificate_expiry_seconds` shows the certificates in force: after a renewal by hot
+/// reload, the renewed one. Before, it kept the notAfter read at start however often the
+/// certificate was renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiry_follows_a_renewal_by_hot_reload() {
+    use ssp_gateway::tls::pki::{KeyKind, LeafSpec, Usage, Validity};
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let series = |role: &str| format!("ssp_certificate_expiry_seconds{{certificate=\"{role}\"}}");
+    let text = scrape(h.admin).await;
+    for role in ["server", "upstream_client"] {
+        let left = sample(&text, &series(role)).unwrap_or_else(|| panic!("{role} in\n{text}"));
+        assert!(left > 20.0 * 86_400.0, "{role}: {left}");
+    }
+    // Both renewed with certificates that run out in 10 days.
+    let until = now() + 10 * 86_400;
+    let renew = |names: &[&str], usage, pair: &Pair| {
+        h.world
+            .authority
+            .issue(&LeafSpec {
+                names: names.iter().map(|n| n.to_string()).collect(),
+                common_name: names[0].to_string(),
+                key: KeyKind::EcdsaP256,
+                usage,
+                validity: Validity::Until(until),
+            })
+            .expect("issue")
+            .write(&pair.cert, &pair.key)
+            .expect("write the renewed certificate");
+    };
+    renew(&["localhost", "127.0.0.1"], Usage::Server, &h.world.gateway);
+    renew(&["ssp.dev.local"], Usage::Client, &h.world.gateway_client);
+    let start = Instant::now();
+    loop {
+        let text = scrape(h.admin).await;
+        let renewed = ["server", "upstream_client"]
+            .iter()
+            .all(|role| sample(&text, &series(role)).is_some_and(|left| left <= 10.0 * 86_400.0));
+        if renewed {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the expiry gauge never showed the renewed certificates:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+}

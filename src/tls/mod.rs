@@ -606,6 +606,35 @@ pub struct ListenerTls {
     verifier: Arc<chaincache::ChainCache>,
     /// Unique to this snapshot in this process, and larger than every one built before it.
     generation: u64,
+    /// When this snapshot's certificates run out (for expiry metrics).
+    pub expiry: Expiry,
+}
+
+/// The earliest notAfter (unix seconds) of a snapshot's own certificate chain (leaf and every
+/// certificate after it in the file) and of its CA bundle: what the expiry metrics report for
+/// the material in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub chain: i64,
+    pub ca_bundle: i64,
+}
+
+impl Expiry {
+    /// From the loaded chain and bundle (each at least one certificate, each parsed already).
+    fn of(chain: &[CertificateDer<'_>], ca_bundle: &[CertificateDer<'_>]) -> Expiry {
+        let earliest = |certs: &[CertificateDer<'_>]| {
+            certs
+                .iter()
+                .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+                .map(|(_, c)| c.validity().not_after.timestamp())
+                .min()
+                .unwrap_or(i64::MIN)
+        };
+        Expiry {
+            chain: earliest(chain),
+            ca_bundle: earliest(ca_bundle),
+        }
+    }
 }
 
 /// The next snapshot's generation.
@@ -673,6 +702,7 @@ pub fn listener_tls_above(
         context: "client certificate verifier",
         source: e,
     })?;
+    let expiry = Expiry::of(&certs, &cas);
     let certified = certified_key(&provider, &s.cert, certs, &s.key, key)?;
     let config =
         assemble_server_config(provider, verifier.clone(), certified, alpn).map_err(|e| {
@@ -687,6 +717,7 @@ pub fn listener_tls_above(
         config,
         verifier,
         generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+        expiry,
     })
 }
 
@@ -749,6 +780,8 @@ pub struct UpstreamTls {
     pub config: Arc<ClientConfig>,
     /// Unix seconds; `None` without CRLs (or with none that has a nextUpdate).
     pub crl_horizon: Option<u64>,
+    /// When this snapshot's client certificate chain and CA bundle run out.
+    pub expiry: Expiry,
 }
 
 /// [`own_client_config_above`] with the CRLs' horizon: what the gateway forwards with. With
@@ -785,6 +818,7 @@ fn build_client_config(
             path: c.ca.clone(),
             reason: e.to_string(),
         })?;
+    let expiry = Expiry::of(&certs, &cas);
     let certified = certified_key(&provider, &c.cert, certs, &c.key, key)?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
@@ -803,6 +837,7 @@ fn build_client_config(
     Ok(UpstreamTls {
         config: Arc::new(config),
         crl_horizon,
+        expiry,
     })
 }
 
@@ -1359,6 +1394,34 @@ mod tests {
             &[&own, &stranger.crl(&[]).expect("crl")],
         );
         assert!(server_config(&both, ALPN).is_ok());
+    }
+
+    /// A snapshot's expiry is the earliest notAfter of its whole chain (not just the leaf's)
+    /// and of its CA bundle.
+    #[test]
+    fn a_snapshot_expires_with_the_earliest_certificate_of_its_chain_and_bundle() {
+        let files = Files::new("expiry");
+        let ca = ecdsa_ca("Expiry CA");
+        let other = ecdsa_ca("Second CA");
+        let mut s = files.server(&ca, KeyKind::EcdsaP256, &[&ca, &other], &[]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs() as i64;
+        let chain_end = now + 5 * 86_400;
+        let short = ca
+            .issue(
+                &LeafSpec::server(&["intermediate.example"])
+                    .with_validity(Validity::Until(chain_end)),
+            )
+            .expect("short-lived cert");
+        let leaf = std::fs::read_to_string(&s.cert).expect("leaf");
+        s.cert = files.text("chain.pem", format!("{leaf}{}", short.cert_pem));
+        let listener = listener_tls(&s, ALPN).expect("listener");
+        assert_eq!(listener.expiry.chain, chain_end);
+        let bundle = load_certs(&s.client_ca).expect("bundle");
+        let earliest = bundle.iter().map(|c| not_after(c).expect("notAfter")).min();
+        assert_eq!(Some(listener.expiry.ca_bundle), earliest);
     }
 
     fn ecdsa_ca(name: &str) -> Ca {
