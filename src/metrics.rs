@@ -32,6 +32,14 @@ pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0,
 /// The `interaction` label of a request rejected before its interaction was known.
 pub const UNKNOWN_INTERACTION: &str = "unknown";
 
+/// The `reason`s of `ssp_tls_handshake_failures_total` the listener adds to
+/// `HandshakeFailure`'s (`server::serve_tls_observed`).
+pub const LISTENER_FAILURE_REASONS: [&str; 3] =
+    ["timeout", "connection_limit", "unreadable_certificate"];
+
+/// The `reason`s of `ssp_upstream_connect_errors_total` (`forward::TlsConnector`).
+pub const UPSTREAM_CONNECT_ERROR_REASONS: [&str; 4] = ["tcp", "tls", "timeout", "other"];
+
 /// The audit writer's metrics.
 #[derive(Clone)]
 pub struct AuditMetrics {
@@ -262,6 +270,13 @@ impl Metrics {
             .expect("static metric definition is valid"),
         };
         audit.writable.set(1);
+        zero_known_labels(
+            &rejections,
+            &tls_handshake_failures,
+            &http_refused_heads,
+            &upstream_connect_errors,
+            &upstream_retries,
+        );
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
             Box::new(rejections.clone()),
@@ -363,6 +378,54 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// Creates every series of the labelled counters whose labels are a known, bounded set, at 0:
+/// a series that appears only with its first event has no earlier sample, so `increase()` and
+/// `rate()` miss that first incident. (`ssp_reloads_total` is set up by each component as it
+/// registers: `Reloadable::count_in`.)
+fn zero_known_labels(
+    rejections: &IntCounterVec,
+    handshake_failures: &IntCounterVec,
+    refused_heads: &IntCounterVec,
+    connect_errors: &IntCounterVec,
+    retries: &IntCounterVec,
+) {
+    use crate::forward::RetryOutcome;
+    use crate::h1::HeadError;
+    let touch = |counter: &IntCounterVec, label: &str| {
+        counter.with_label_values(&[label]);
+    };
+    for reason in crate::ssp::outcome::Rejection::REASONS {
+        touch(rejections, reason);
+    }
+    for failure in crate::tls::HandshakeFailure::ALL {
+        touch(handshake_failures, failure.as_label());
+    }
+    for reason in LISTENER_FAILURE_REASONS {
+        touch(handshake_failures, reason);
+    }
+    for head in [
+        HeadError::Bad(""),
+        HeadError::Framing(""),
+        HeadError::TooLarge,
+        HeadError::Unsupported,
+        HeadError::Timeout,
+    ] {
+        touch(refused_heads, head.label());
+    }
+    for reason in UPSTREAM_CONNECT_ERROR_REASONS {
+        touch(connect_errors, reason);
+    }
+    for outcome in [
+        RetryOutcome::Answered,
+        RetryOutcome::ConnectError,
+        RetryOutcome::Timeout,
+        RetryOutcome::Error,
+        RetryOutcome::CircuitOpen,
+    ] {
+        touch(retries, outcome.as_str());
     }
 }
 
@@ -729,6 +792,31 @@ mod tests {
         assert_eq!(s.vsize, 1_000_000);
         assert_eq!(s.rss_pages, 300);
         assert_eq!(parse_proc_stat("garbage"), None);
+    }
+
+    /// The labelled counters with a known label set expose every series from 0 before any
+    /// event, so that `increase()` sees the first one.
+    #[test]
+    fn known_label_sets_are_exposed_at_zero() {
+        let text = String::from_utf8(Metrics::new().render()).expect("utf-8");
+        for series in [
+            "ssp_rejections_total{reason=\"certificate_no_longer_accepted\"} 0",
+            "ssp_rejections_total{reason=\"upstream_timeout\"} 0",
+            "ssp_tls_handshake_failures_total{reason=\"crl_expired\"} 0",
+            "ssp_tls_handshake_failures_total{reason=\"timeout\"} 0",
+            "ssp_http_refused_heads_total{reason=\"framing\"} 0",
+            "ssp_http_refused_heads_total{reason=\"unsupported_coding\"} 0",
+            "ssp_upstream_connect_errors_total{reason=\"tls\"} 0",
+            "ssp_upstream_retries_total{outcome=\"circuit_open\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        let count = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(count("ssp_rejections_total{"), 22);
+        assert_eq!(count("ssp_tls_handshake_failures_total{"), 15);
+        assert_eq!(count("ssp_http_refused_heads_total{"), 5);
+        assert_eq!(count("ssp_upstream_connect_errors_total{"), 4);
+        assert_eq!(count("ssp_upstream_retries_total{"), 5);
     }
 
     #[test]

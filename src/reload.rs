@@ -13,6 +13,9 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// The `result` label of `ssp_reloads_total`.
+pub const RESULTS: [&str; 2] = ["ok", "refused"];
+
 /// Counts of reload outcomes for one component (for logs, tests and metrics).
 #[derive(Debug, Default)]
 pub struct ReloadStats {
@@ -76,8 +79,12 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         self.files.store(Arc::new(files));
     }
 
-    /// Counts this component's reloads in `counter` (labels: component, result).
+    /// Counts this component's reloads in `counter` (labels: component, result), whose series
+    /// for this component start at 0 now.
     pub fn count_in(&self, counter: prometheus::IntCounterVec) {
+        for result in RESULTS {
+            counter.with_label_values(&[self.name, result]);
+        }
         let _ = self.counter.set(counter);
     }
 

@@ -610,3 +610,32 @@ async fn certificate_expiry_follows_a_renewal_by_hot_reload() {
     }
     h.stop().await;
 }
+
+/// Before any traffic, the labelled counters with known label sets are exposed at 0 (so the
+/// alerts' `increase()` sees the first incident): before, each series appeared only with its
+/// first event, and an alert on it could not fire for that event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_counters_are_exposed_at_zero_from_the_start() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let text = scrape(h.admin).await;
+    let mut series = vec![
+        "ssp_http_refused_heads_total{reason=\"framing\"}".to_owned(),
+        "ssp_tls_handshake_failures_total{reason=\"crl_expired\"}".to_owned(),
+        "ssp_tls_handshake_failures_total{reason=\"certificate_revoked\"}".to_owned(),
+        "ssp_upstream_connect_errors_total{reason=\"tcp\"}".to_owned(),
+        "ssp_rejections_total{reason=\"certificate_no_longer_accepted\"}".to_owned(),
+        "ssp_upstream_retries_total{outcome=\"answered\"}".to_owned(),
+    ];
+    for component in ["listener TLS", "upstream TLS", "policy", "directory"] {
+        for result in ["ok", "refused"] {
+            series.push(format!(
+                "ssp_reloads_total{{component=\"{component}\",result=\"{result}\"}}"
+            ));
+        }
+    }
+    for s in &series {
+        assert_eq!(sample(&text, s), Some(0.0), "{s} in\n{text}");
+    }
+    promtool_check_metrics(&text);
+    h.stop().await;
+}

@@ -240,6 +240,33 @@ impl Rejection {
         }
     }
 
+    /// Every [`Rejection::reason`], so that each `ssp_rejections_total` series can be exposed
+    /// from 0 at start.
+    pub const REASONS: [&'static str; 22] = [
+        "method_not_allowed",
+        "invalid_target_url",
+        "missing_or_invalid_header",
+        "unsupported_interaction",
+        "interaction_mismatch",
+        "certificate_no_longer_accepted",
+        "asid_check_failed",
+        "fqdn_not_registered",
+        "receiver_check_failed",
+        "no_sharing_agreement",
+        "endpoint_mismatch",
+        "invalid_jwt",
+        "directory_unavailable",
+        "audit_unavailable",
+        "rate_limited",
+        "directory_queries_exceeded",
+        "overloaded",
+        "body_too_large",
+        "request_body_timeout",
+        "invalid_request_body",
+        "upstream_error",
+        "upstream_timeout",
+    ];
+
     /// A bounded snake_case label for metrics and logs. Never contains request data.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -766,6 +793,17 @@ mod tests {
             );
             assert!(seen.insert(reason), "duplicate reason {reason}");
         }
+        // The two rejections the table above does not hold.
+        for rejection in [
+            Rejection::CertificateNoLongerAccepted {
+                reason: "CERTIFICATE_REVOKED",
+            },
+            Rejection::DirectoryQueriesExceeded,
+        ] {
+            assert!(seen.insert(rejection.reason()), "{rejection:?}");
+        }
+        let listed: std::collections::HashSet<_> = Rejection::REASONS.into_iter().collect();
+        assert_eq!(seen, listed, "Rejection::REASONS is every reason, once");
         assert_eq!(
             Rejection::AsidCheckFailed {
                 sender: "123".into()

@@ -1050,6 +1050,22 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
+    /// Every failure, so that each `reason` series can be exposed from 0 at start.
+    pub const ALL: [HandshakeFailure; 12] = [
+        Self::NoClientCertificate,
+        Self::CertificateExpired,
+        Self::CertificateNotYetValid,
+        Self::CertificateRevoked,
+        Self::CrlExpired,
+        Self::UnknownIssuer,
+        Self::BadCertificate,
+        Self::Incompatible,
+        Self::AlertReceived,
+        Self::Malformed,
+        Self::Io,
+        Self::Other,
+    ];
+
     /// Classifies the error returned by a tokio-rustls accept or connect.
     pub fn classify(err: &io::Error) -> Self {
         match err
@@ -1422,6 +1438,29 @@ mod tests {
         let bundle = load_certs(&s.client_ca).expect("bundle");
         let earliest = bundle.iter().map(|c| not_after(c).expect("notAfter")).min();
         assert_eq!(Some(listener.expiry.ca_bundle), earliest);
+    }
+
+    /// `ALL` holds every variant once (a new variant must be added to it: this match fails to
+    /// compile until its arm is written, and the count below until `ALL` has it).
+    #[test]
+    fn all_handshake_failures_are_listed_once() {
+        let arms = |f: HandshakeFailure| match f {
+            HandshakeFailure::NoClientCertificate
+            | HandshakeFailure::CertificateExpired
+            | HandshakeFailure::CertificateNotYetValid
+            | HandshakeFailure::CertificateRevoked
+            | HandshakeFailure::CrlExpired
+            | HandshakeFailure::UnknownIssuer
+            | HandshakeFailure::BadCertificate
+            | HandshakeFailure::Incompatible
+            | HandshakeFailure::AlertReceived
+            | HandshakeFailure::Malformed
+            | HandshakeFailure::Io
+            | HandshakeFailure::Other => f.as_label(),
+        };
+        let labels: std::collections::HashSet<_> =
+            HandshakeFailure::ALL.iter().map(|f| arms(*f)).collect();
+        assert_eq!(labels.len(), 12);
     }
 
     fn ecdsa_ca(name: &str) -> Ca {
