@@ -551,10 +551,11 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         },
     ) = (&components.ldif, &config.directory.backend)
     {
-        let reloads = &components.gateway.metrics.reloads;
-        for result in reload::RESULTS {
-            reloads.with_label_values(&[directory::reload::COMPONENT, result]);
-        }
+        components
+            .gateway
+            .metrics
+            .reloads
+            .register_component(directory::reload::COMPONENT);
         tasks.spawn(directory::reload::watch(
             ldif.clone(),
             file.clone(),

@@ -40,6 +40,64 @@ pub const LISTENER_FAILURE_REASONS: [&str; 3] =
 /// The `reason`s of `ssp_upstream_connect_errors_total` (`forward::TlsConnector`).
 pub const UPSTREAM_CONNECT_ERROR_REASONS: [&str; 4] = ["tcp", "tls", "timeout", "other"];
 
+/// Hot reload outcomes: `ssp_reloads_total{component,result}` counts them and
+/// `ssp_reload_last_ok{component}` says how the last one went (1: loaded, or nothing reloaded
+/// since start; 0: refused, the previous version is still in force), so a refusal stays visible
+/// until a good file is loaded.
+#[derive(Clone)]
+pub struct ReloadMetrics {
+    pub total: IntCounterVec,
+    pub last_ok: IntGaugeVec,
+}
+
+impl ReloadMetrics {
+    /// Both metrics, not registered anywhere (`Metrics::new` registers its own).
+    pub fn new() -> ReloadMetrics {
+        ReloadMetrics {
+            total: IntCounterVec::new(
+                Opts::new(
+                    "ssp_reloads_total",
+                    "Hot reloads of files, by component and result (ok, refused).",
+                ),
+                &["component", "result"],
+            )
+            .expect("static metric definition is valid"),
+            last_ok: IntGaugeVec::new(
+                Opts::new(
+                    "ssp_reload_last_ok",
+                    "1 if the component's last hot reload loaded (or none has run since start), 0 if it was refused and the previous version is still in force.",
+                ),
+                &["component"],
+            )
+            .expect("static metric definition is valid"),
+        }
+    }
+
+    /// Exposes `component`'s series from now: its counts at 0, its last outcome ok (what it
+    /// loaded at start).
+    pub fn register_component(&self, component: &str) {
+        for result in ["ok", "refused"] {
+            self.total.with_label_values(&[component, result]);
+        }
+        self.last_ok.with_label_values(&[component]).set(1);
+    }
+
+    /// Records one reload of `component`.
+    pub fn record(&self, component: &str, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.total.with_label_values(&[component, result]).inc();
+        self.last_ok
+            .with_label_values(&[component])
+            .set(i64::from(ok));
+    }
+}
+
+impl Default for ReloadMetrics {
+    fn default() -> Self {
+        ReloadMetrics::new()
+    }
+}
+
 /// The audit writer's metrics.
 #[derive(Clone)]
 pub struct AuditMetrics {
@@ -93,8 +151,8 @@ pub struct Metrics {
     pub upstream_circuit_state: IntGaugeVec,
     /// Connect retries by outcome (`forward::RetryOutcome`).
     pub upstream_retries: IntCounterVec,
-    /// Hot reloads by component and result (`ok`, `refused`).
-    pub reloads: IntCounterVec,
+    /// Hot reloads by component and result (`ok`, `refused`), and the last one's outcome.
+    pub reloads: ReloadMetrics,
     pub audit: AuditMetrics,
     pub tracing: TracingMetrics,
 }
@@ -188,14 +246,7 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric definition is valid");
-        let reloads = IntCounterVec::new(
-            Opts::new(
-                "ssp_reloads_total",
-                "Hot reloads of files, by component and result (ok, refused).",
-            ),
-            &["component", "result"],
-        )
-        .expect("static metric definition is valid");
+        let reloads = ReloadMetrics::new();
         let audit = AuditMetrics {
             queue_depth: IntGauge::new(
                 "ssp_audit_queue_depth",
@@ -289,7 +340,8 @@ impl Metrics {
             Box::new(upstream_connect_errors.clone()),
             Box::new(upstream_circuit_state.clone()),
             Box::new(upstream_retries.clone()),
-            Box::new(reloads.clone()),
+            Box::new(reloads.total.clone()),
+            Box::new(reloads.last_ok.clone()),
             Box::new(audit.queue_depth.clone()),
             Box::new(audit.queue_bytes.clone()),
             Box::new(audit.fsync_duration.clone()),
@@ -384,7 +436,7 @@ impl Metrics {
 /// Creates every series of the labelled counters whose labels are a known, bounded set, at 0:
 /// a series that appears only with its first event has no earlier sample, so `increase()` and
 /// `rate()` miss that first incident. (`ssp_reloads_total` is set up by each component as it
-/// registers: `Reloadable::count_in`.)
+/// registers: `ReloadMetrics::register_component`.)
 fn zero_known_labels(
     rejections: &IntCounterVec,
     handshake_failures: &IntCounterVec,

@@ -13,9 +13,6 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The `result` label of `ssp_reloads_total`.
-pub const RESULTS: [&str; 2] = ["ok", "refused"];
-
 /// Counts of reload outcomes for one component (for logs, tests and metrics).
 #[derive(Debug, Default)]
 pub struct ReloadStats {
@@ -40,8 +37,8 @@ pub struct Reloadable<T> {
     /// The files watched; a reload may name others ([`Reloadable::watch_files`]).
     files: ArcSwap<Vec<PathBuf>>,
     stats: ReloadStats,
-    /// `ssp_reloads_total{component, result}`, when metrics are on.
-    counter: std::sync::OnceLock<prometheus::IntCounterVec>,
+    /// `ssp_reloads_total{component, result}` and `ssp_reload_last_ok`, when metrics are on.
+    counter: std::sync::OnceLock<crate::metrics::ReloadMetrics>,
 }
 
 /// What a watched file looked like at the last check: (modified, length), or absent.
@@ -79,18 +76,16 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         self.files.store(Arc::new(files));
     }
 
-    /// Counts this component's reloads in `counter` (labels: component, result), whose series
-    /// for this component start at 0 now.
-    pub fn count_in(&self, counter: prometheus::IntCounterVec) {
-        for result in RESULTS {
-            counter.with_label_values(&[self.name, result]);
-        }
-        let _ = self.counter.set(counter);
+    /// Counts this component's reloads in `metrics` (`ssp_reloads_total`,
+    /// `ssp_reload_last_ok`), whose series for this component are exposed from now.
+    pub fn count_in(&self, metrics: crate::metrics::ReloadMetrics) {
+        metrics.register_component(self.name);
+        let _ = self.counter.set(metrics);
     }
 
-    fn count(&self, result: &str) {
-        if let Some(c) = self.counter.get() {
-            c.with_label_values(&[self.name, result]).inc();
+    fn count(&self, ok: bool) {
+        if let Some(m) = self.counter.get() {
+            m.record(self.name, ok);
         }
     }
 
@@ -100,13 +95,13 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             Ok(value) => {
                 self.value.store(Arc::new(value));
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-                self.count("ok");
+                self.count(true);
                 tracing::info!(component = self.name, "reloaded");
                 true
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                self.count("refused");
+                self.count(false);
                 tracing::error!(
                     component = self.name,
                     error = %e,
@@ -210,6 +205,22 @@ mod tests {
         assert!(!r.reload_with(|| Err::<u32, _>("broken file".to_string())));
         assert_eq!(*r.current(), 2);
         assert_eq!((r.stats().succeeded(), r.stats().failed()), (1, 1));
+    }
+
+    /// `ssp_reload_last_ok` says how the last reload went until the next one: a refusal stays
+    /// visible after `increase(ssp_reloads_total[...])` has forgotten it.
+    #[test]
+    fn the_last_outcome_is_exposed_until_the_next_reload() {
+        let r = Reloadable::new("test", Arc::new(1u32), vec![]);
+        let m = crate::metrics::ReloadMetrics::new();
+        r.count_in(m.clone());
+        let last = || m.last_ok.with_label_values(&["test"]).get();
+        let refused = || m.total.with_label_values(&["test", "refused"]).get();
+        assert_eq!((last(), refused()), (1, 0));
+        assert!(!r.reload_with(|| Err::<u32, _>("broken file".to_string())));
+        assert_eq!((last(), refused()), (0, 1));
+        assert!(r.reload_with(|| Ok::<_, String>(2)));
+        assert_eq!((last(), refused()), (1, 1));
     }
 
     /// A reload that names another file (the policy's catalogue moved) has that file watched:

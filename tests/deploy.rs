@@ -53,6 +53,8 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         "SspGatewayRevokedCertificateStillInUse",
         "SspGatewayCrlNextUpdateSoon",
         "SspGatewayCrlStale",
+        "SspGatewayReloadRefused",
+        "SspGatewayNotScraped",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
@@ -60,6 +62,32 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         );
     }
     assert!(rules.contains("ssp_certificate_expiry_seconds < 14 * 86400"));
+    // Every `job=` matcher names the job both scrape setups give the gateway: the static
+    // config's job_name, and the PodMonitor's jobLabel pod label's value.
+    let prometheus = read("deploy/prometheus/prometheus.yml");
+    assert!(prometheus.contains("  - job_name: ssp-gateway\n"));
+    let podmonitor = read("deploy/kubernetes/podmonitor.yaml");
+    assert!(
+        podmonitor.contains("\n  jobLabel: app.kubernetes.io/name\n"),
+        "without jobLabel the Prometheus Operator sets job=\"<namespace>/<name>\""
+    );
+    let deployment = read("deploy/kubernetes/deployment.yaml");
+    assert!(
+        deployment.contains("  template:\n    metadata:\n      labels:\n        app.kubernetes.io/name: ssp-gateway\n"),
+        "the pod template carries the jobLabel label"
+    );
+    let jobs: Vec<&str> = rules
+        .match_indices("job=")
+        .map(|(i, _)| &rules[i..])
+        .collect();
+    assert!(!jobs.is_empty());
+    for job in jobs {
+        assert!(
+            job.starts_with("job=\"ssp-gateway\"") || job.starts_with("job=\\\"ssp-gateway\\\""),
+            "{}",
+            &job[..job.len().min(40)]
+        );
+    }
 }
 
 /// Every metric family name the gateway can expose.
@@ -81,6 +109,7 @@ fn exposed_names() -> BTreeSet<String> {
     m.register_certificates(Arc::new(|| vec![("server", 0)]));
     m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
     m.register_crl_next_update(Arc::new(|| vec![("listener", Some(0))]));
+    m.reloads.register_component("policy");
     let text = String::from_utf8(m.render()).expect("utf-8");
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -257,6 +286,7 @@ fn the_container_build_is_multi_stage_and_non_root_and_the_unit_is_hardened() {
         "MemoryDenyWriteExecute=yes",
         "UMask=0077",
         "ExecStartPre=/usr/local/bin/ssp-gateway check-config",
+        "ExecReload=/bin/kill -HUP $MAINPID",
     ] {
         assert!(u.contains(needle), "the unit lacks {needle:?}");
     }

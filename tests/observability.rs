@@ -639,3 +639,30 @@ async fn labelled_counters_are_exposed_at_zero_from_the_start() {
     promtool_check_metrics(&text);
     h.stop().await;
 }
+
+/// A refused reload is visible: counted, and `ssp_reload_last_ok{component}` is 0 until a
+/// good file is loaded (before, only the counter moved, and only from its first refusal on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_shows_until_a_good_file_is_loaded() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let last_ok = "ssp_reload_last_ok{component=\"listener TLS\"}";
+    assert_eq!(sample(&scrape(h.admin).await, last_ok), Some(1.0));
+    let good = std::fs::read(&h.world.gateway.cert).expect("read the certificate");
+    std::fs::write(
+        &h.world.gateway.cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .expect("write");
+    let text = scrape_until(h.admin, last_ok, 0.0).await;
+    assert_eq!(
+        sample(
+            &text,
+            "ssp_reloads_total{component=\"listener TLS\",result=\"refused\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    std::fs::write(&h.world.gateway.cert, good).expect("restore the certificate");
+    scrape_until(h.admin, last_ok, 1.0).await;
+    h.stop().await;
+}

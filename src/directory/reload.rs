@@ -94,7 +94,7 @@ impl Trigger {
 pub async fn reload_now(
     backend: &Arc<LdifBackend>,
     directory: &Directory,
-    reloads: Option<&prometheus::IntCounterVec>,
+    reloads: Option<&crate::metrics::ReloadMetrics>,
 ) -> Result<Stats, Arc<LdifLoadError>> {
     let worker = backend.clone();
     let result = match tokio::task::spawn_blocking(move || worker.reload()).await {
@@ -105,8 +105,7 @@ pub async fn reload_now(
         })),
     };
     if let Some(reloads) = reloads {
-        let outcome = if result.is_ok() { "ok" } else { "refused" };
-        reloads.with_label_values(&[COMPONENT, outcome]).inc();
+        reloads.record(COMPONENT, result.is_ok());
     }
     match &result {
         Ok(stats) => {
@@ -137,7 +136,7 @@ pub async fn watch(
     path: PathBuf,
     directory: Directory,
     poll_interval: Option<Duration>,
-    reloads: Option<prometheus::IntCounterVec>,
+    reloads: Option<crate::metrics::ReloadMetrics>,
     shutdown: CancellationToken,
 ) {
     let mut hangup = sighup();
@@ -266,16 +265,13 @@ mod tests {
                 .replace("=1,", "=2,"),
         )
         .unwrap();
-        let reloads = prometheus::IntCounterVec::new(
-            prometheus::Opts::new("reloads", "test"),
-            &["component", "result"],
-        )
-        .unwrap();
-        let count = |result: &str| reloads.with_label_values(&[COMPONENT, result]).get();
+        let reloads = crate::metrics::ReloadMetrics::new();
+        let count = |result: &str| reloads.total.with_label_values(&[COMPONENT, result]).get();
+        let last_ok = || reloads.last_ok.with_label_values(&[COMPONENT]).get();
         let stats = reload_now(&backend, &directory, Some(&reloads))
             .await
             .unwrap();
-        assert_eq!((count("ok"), count("refused")), (1, 0));
+        assert_eq!((count("ok"), count("refused"), last_ok()), (1, 0, 1));
         assert_eq!(stats.systems, 1);
         assert!(
             directory.party("1").await.unwrap().is_none(),
@@ -287,7 +283,7 @@ mod tests {
         let err = reload_now(&backend, &directory, Some(&reloads))
             .await
             .unwrap_err();
-        assert_eq!((count("ok"), count("refused")), (1, 1));
+        assert_eq!((count("ok"), count("refused"), last_ok()), (1, 1, 0));
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(
             directory.party("2").await.unwrap().is_some(),
