@@ -26,8 +26,9 @@
 //! so a lost probe can never wedge a host open. Hosts come from the directory's registered
 //! endpoints, so the set is small; it is bounded by `max_hosts` all the same (a host that is
 //! closed with no failures is forgotten to make room; past that, new hosts go untracked).
-//! `snapshot()` gives each host's [`State`] for the `ssp_upstream_circuit_state{host}` gauge
-//! (`closed=0`, `open=1`, `half_open=2`).
+//! Each change of a host's state is reported once, as it happens, to the [`Observer`] given to
+//! [`Breakers::with_observer`] (the forwarder counts it in the metrics, by state only, and logs
+//! it naming the host); `snapshot()` gives each host's [`State`].
 //!
 //! # Retries: only connect failures, never a request a provider may have processed
 //!
@@ -97,7 +98,7 @@ pub enum PolicyProblem {
 #[error("invalid circuit breaker policy:{}", .0.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
 pub struct PolicyError(pub Vec<PolicyProblem>);
 
-/// A host's circuit state; the discriminant is the metric's value.
+/// A host's circuit state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum State {
@@ -107,7 +108,7 @@ pub enum State {
 }
 
 impl State {
-    /// The gauge value: closed 0, open 1, half-open 2.
+    /// The discriminant: closed 0, open 1, half-open 2.
     pub fn metric_value(self) -> u8 {
         self as u8
     }
@@ -120,6 +121,10 @@ impl State {
         }
     }
 }
+
+/// Told of every change of a host's circuit state, once, by the call that made it:
+/// `(host, from, to)`. It runs on the request path: it must be quick and never block.
+pub type Observer = Arc<dyn Fn(&str, State, State) + Send + Sync>;
 
 /// The circuit to `host` is open: fail fast (502) without calling the provider.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -157,12 +162,18 @@ impl Ticket {
         host.failures.store(0, Ordering::Release);
         if let Some(word) = self.probe {
             // Only this probe's own half-open state is closed (never a newer one).
-            let _ = host.word.compare_exchange(
-                word,
-                pack(State::Closed, 0),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            if host
+                .word
+                .compare_exchange(
+                    word,
+                    pack(State::Closed, 0),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                host.changed(State::HalfOpen, State::Closed);
+            }
         }
     }
 
@@ -174,12 +185,18 @@ impl Ticket {
         let t = self.clock.nanos(now);
         match self.probe {
             Some(word) => {
-                let _ = host.word.compare_exchange(
-                    word,
-                    pack(State::Open, t),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                if host
+                    .word
+                    .compare_exchange(
+                        word,
+                        pack(State::Open, t),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok()
+                {
+                    host.changed(State::HalfOpen, State::Open);
+                }
             }
             None => {
                 let failures = host
@@ -196,7 +213,10 @@ impl Ticket {
                             Ordering::AcqRel,
                             Ordering::Acquire,
                         ) {
-                            Ok(_) => break,
+                            Ok(_) => {
+                                host.changed(State::Closed, State::Open);
+                                break;
+                            }
                             Err(w) => current = w,
                         }
                     }
@@ -216,9 +236,13 @@ impl Drop for Ticket {
             // next call probes again.
             let (_, since) = unpack(word);
             let reopened = pack(State::Open, since.saturating_sub(self.clock.cool_down));
-            let _ = host
+            if host
                 .word
-                .compare_exchange(word, reopened, Ordering::AcqRel, Ordering::Acquire);
+                .compare_exchange(word, reopened, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                host.changed(State::HalfOpen, State::Open);
+            }
         }
     }
 }
@@ -264,17 +288,38 @@ fn unpack(word: u64) -> (State, i64) {
     (state, (word >> 2) as i64 - TIME_LIMIT)
 }
 
-#[derive(Debug)]
 struct Host {
     word: AtomicU64,
     failures: AtomicU32,
+    /// The key (`host:port`), for the observer.
+    name: Box<str>,
+    observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("name", &self.name)
+            .field("state", &unpack(self.word.load(Ordering::Acquire)).0)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Host {
-    fn new() -> Host {
+    fn new(name: &str, observer: Option<Observer>) -> Host {
         Host {
             word: AtomicU64::new(pack(State::Closed, 0)),
             failures: AtomicU32::new(0),
+            name: name.into(),
+            observer,
+        }
+    }
+
+    /// Reports a state change this call made (its compare-exchange succeeded).
+    fn changed(&self, from: State, to: State) {
+        if let Some(observer) = &self.observer {
+            observer(&self.name, from, to);
         }
     }
 
@@ -285,13 +330,25 @@ impl Host {
 }
 
 /// The circuit breakers of every upstream host. See the module doc.
-#[derive(Debug)]
 pub struct Breakers {
     clock: Clock,
     max_hosts: usize,
     /// Read lock-free on every call; replaced whole (copy on write) when a new host appears.
     hosts: ArcSwap<HashMap<Box<str>, Arc<Host>>>,
     untracked: AtomicU64,
+    observer: Option<Observer>,
+}
+
+impl std::fmt::Debug for Breakers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breakers")
+            .field("clock", &self.clock)
+            .field("max_hosts", &self.max_hosts)
+            .field("hosts", &self.hosts)
+            .field("untracked", &self.untracked)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl Breakers {
@@ -323,7 +380,15 @@ impl Breakers {
             max_hosts: policy.max_hosts,
             hosts: ArcSwap::from_pointee(HashMap::new()),
             untracked: AtomicU64::new(0),
+            observer: None,
         })
+    }
+
+    /// Reports every state change of every host's circuit to `observer` (set before the first
+    /// call: hosts already tracked keep reporting to the observer they were created with).
+    pub fn with_observer(mut self, observer: Observer) -> Breakers {
+        self.observer = Some(observer);
+        self
     }
 
     /// May a call go to `host` (`host:port`, see [`endpoint_key`]) at `now`? A closed circuit
@@ -363,7 +428,10 @@ impl Breakers {
                         Ordering::AcqRel,
                         Ordering::Acquire,
                     ) {
-                        Ok(_) => return Ok(self.ticket(Some(entry), Some(probing))),
+                        Ok(_) => {
+                            entry.changed(State::Open, State::HalfOpen);
+                            return Ok(self.ticket(Some(entry), Some(probing)));
+                        }
                         Err(current) => word = current,
                     }
                 }
@@ -423,7 +491,7 @@ impl Breakers {
             if next.len() >= self.max_hosts {
                 return Arc::clone(hosts);
             }
-            let entry = Arc::new(Host::new());
+            let entry = Arc::new(Host::new(host, self.observer.clone()));
             found = Some(entry.clone());
             next.insert(host.into(), entry);
             Arc::new(next)
@@ -470,6 +538,76 @@ mod tests {
             max_hosts,
         })
         .expect("valid policy")
+    }
+
+    /// Every state change is reported once, by the call that made it, with the host: the
+    /// forwarder counts and logs them (before, a gauge per host was set after each verdict, and
+    /// every refused call logged a warning).
+    #[test]
+    fn each_state_change_is_reported_once() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let b = breakers(3, 8).with_observer(Arc::new(move |host, from, to| {
+            log.lock().expect("lock").push((host.to_owned(), from, to));
+        }));
+        let t0 = Instant::now();
+        fail(&b, H, t0, 3);
+        // Refused calls and late failures while open change nothing.
+        for _ in 0..5 {
+            assert!(b.before(H, t0).is_err());
+        }
+        let late = COOL + Duration::from_secs(1);
+        let probe = b.before(H, t0 + late).expect("probe");
+        probe.failure(t0 + late);
+        let probe = b.before(H, t0 + late * 2).expect("probe");
+        drop(probe);
+        let probe = b.before(H, t0 + late * 2).expect("probe again");
+        probe.success();
+        b.before(H, t0 + late * 2).expect("closed").success();
+        use State::*;
+        let host = |from, to| (H.to_owned(), from, to);
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            [
+                host(Closed, Open),
+                host(Open, HalfOpen),
+                host(HalfOpen, Open),
+                host(Open, HalfOpen),
+                host(HalfOpen, Open),
+                host(Open, HalfOpen),
+                host(HalfOpen, Closed),
+            ]
+        );
+    }
+
+    /// Many threads failing at once open the circuit once, and it is reported once.
+    #[test]
+    fn concurrent_failures_report_one_opening() {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let count = opened.clone();
+        let b = Arc::new(breakers(2, 8).with_observer(Arc::new(move |_, _, to| {
+            if to == State::Open {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        })));
+        let now = Instant::now();
+        let barrier = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (b, barrier) = (b.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let ticket = b.before(H, now);
+                    barrier.wait();
+                    if let Ok(ticket) = ticket {
+                        ticket.failure(now);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
     }
 
     fn fail(b: &Breakers, host: &str, now: Instant, n: usize) {

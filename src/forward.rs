@@ -55,8 +55,8 @@ pub struct Upstream {
     connect_retry_backoff: Duration,
     /// `ssp_upstream_retries_total{outcome}`.
     retries: Option<prometheus::IntCounterVec>,
-    /// Per-host circuit breakers, and the gauge that shows their state.
-    breakers: Option<(Breakers, Option<prometheus::IntGaugeVec>)>,
+    /// Per-host circuit breakers (their state changes are counted and logged as they happen).
+    breakers: Option<Breakers>,
     /// The optional request-body cap, bytes.
     max_request_body: Option<u64>,
 }
@@ -173,14 +173,37 @@ impl Upstream {
         fresh
     }
 
-    /// Fails fast (502) to a provider host whose circuit is open; `state` shows each host's
-    /// circuit (closed 0, open 1, half-open 2).
+    /// Fails fast (502) to a provider host whose circuit is open. Each change of a circuit's
+    /// state is counted in `metrics` (by state, never by host) and logged once, naming the
+    /// host: WARN when it opens, INFO when it closes (a failed probe's re-opening, and the
+    /// half-open probe, at DEBUG).
     pub fn with_breakers(
         mut self,
         breakers: Breakers,
-        state: Option<prometheus::IntGaugeVec>,
+        metrics: Option<crate::metrics::CircuitMetrics>,
     ) -> Upstream {
-        self.breakers = Some((breakers, state));
+        let observer: crate::breaker::Observer = Arc::new(move |host: &str, from, to| {
+            use crate::breaker::State;
+            if let Some(m) = &metrics {
+                m.changed(from, to);
+            }
+            match (from, to) {
+                (State::Closed, State::Open) => tracing::warn!(
+                    host,
+                    "circuit opened: requests to this provider host fail fast (502) until a probe after the cool-down succeeds"
+                ),
+                (_, State::Closed) => {
+                    tracing::info!(host, "circuit closed: the probe succeeded")
+                }
+                _ => tracing::debug!(
+                    host,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    "circuit state changed"
+                ),
+            }
+        });
+        self.breakers = Some(breakers.with_observer(observer));
         self
     }
 
@@ -198,27 +221,18 @@ impl Upstream {
 
     /// Asks the host's breaker for leave to send; `Err` when its circuit is open.
     fn ticket(&self, key: &str, url: &str) -> Result<Option<Ticket>, Rejection> {
-        let Some((breakers, _)) = &self.breakers else {
+        let Some(breakers) = &self.breakers else {
             return Ok(None);
         };
         match breakers.before(key, Instant::now()) {
             Ok(ticket) => Ok(Some(ticket)),
             Err(open) => {
-                tracing::warn!(host = key, %open, "circuit open: failing fast");
+                // Once per request: DEBUG. The circuit's opening was logged once at WARN, and
+                // each refused request has its access line, audit record and count.
+                tracing::debug!(host = key, %open, "circuit open: failing fast");
                 Err(Rejection::UpstreamError {
                     url: url.to_owned(),
                 })
-            }
-        }
-    }
-
-    /// Publishes the host's circuit state after a verdict.
-    fn show_state(&self, key: &str) {
-        if let Some((breakers, Some(gauge))) = &self.breakers {
-            if let Some(state) = breakers.state(key) {
-                gauge
-                    .with_label_values(&[key])
-                    .set(i64::from(state.metric_value()));
             }
         }
     }
@@ -369,7 +383,6 @@ impl Upstream {
                     let in_time = tokio::time::Instant::now() + backoff < deadline;
                     match unread {
                         Some(unread) if connect && retry_left && in_time => {
-                            self.show_state(&key);
                             if attempt > 1 {
                                 self.count_retry(RetryOutcome::ConnectError);
                             }
@@ -409,7 +422,6 @@ impl Upstream {
                     Ok(resp.map(|body| UpstreamBody::new(body, idle)))
                 }
             };
-            self.show_state(&key);
             if attempt > 1 {
                 self.count_retry(match &answer {
                     Ok(_) => RetryOutcome::Answered,

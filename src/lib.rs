@@ -252,7 +252,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 client_tls.clone(),
                 Some(metrics.upstream_connect_errors.clone()),
             )
-            .with_breakers(breakers, Some(metrics.upstream_circuit_state.clone()))
+            .with_breakers(breakers, Some(metrics.circuits.clone()))
             .with_retry_metrics(metrics.upstream_retries.clone());
             let policy = Reloadable::new(
                 "policy",

@@ -40,6 +40,66 @@ pub const LISTENER_FAILURE_REASONS: [&str; 3] =
 /// The `reason`s of `ssp_upstream_connect_errors_total` (`forward::TlsConnector`).
 pub const UPSTREAM_CONNECT_ERROR_REASONS: [&str; 4] = ["tcp", "tls", "timeout", "other"];
 
+/// The provider circuit breakers, by state only (a host is a URL-like, unbounded label: the
+/// log names it): `ssp_upstream_circuits{state}` counts the hosts whose circuit is `open` or
+/// `half_open` now, `ssp_upstream_circuit_transitions_total{to}` their state changes.
+#[derive(Clone)]
+pub struct CircuitMetrics {
+    pub circuits: IntGaugeVec,
+    pub transitions: IntCounterVec,
+}
+
+impl CircuitMetrics {
+    /// Both metrics, every series at 0, not registered anywhere.
+    pub fn new() -> CircuitMetrics {
+        use crate::breaker::State;
+        let circuits = IntGaugeVec::new(
+            Opts::new(
+                "ssp_upstream_circuits",
+                "Provider hosts whose circuit breaker is open or half-open now, by state.",
+            ),
+            &["state"],
+        )
+        .expect("static metric definition is valid");
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "ssp_upstream_circuit_transitions_total",
+                "State changes of provider hosts' circuit breakers, by the state entered.",
+            ),
+            &["to"],
+        )
+        .expect("static metric definition is valid");
+        for state in [State::Open, State::HalfOpen] {
+            circuits.with_label_values(&[state.as_str()]).set(0);
+        }
+        for state in [State::Open, State::HalfOpen, State::Closed] {
+            transitions.with_label_values(&[state.as_str()]);
+        }
+        CircuitMetrics {
+            circuits,
+            transitions,
+        }
+    }
+
+    /// Counts one host's change from `from` to `to`.
+    pub fn changed(&self, from: crate::breaker::State, to: crate::breaker::State) {
+        use crate::breaker::State;
+        self.transitions.with_label_values(&[to.as_str()]).inc();
+        if from != State::Closed {
+            self.circuits.with_label_values(&[from.as_str()]).dec();
+        }
+        if to != State::Closed {
+            self.circuits.with_label_values(&[to.as_str()]).inc();
+        }
+    }
+}
+
+impl Default for CircuitMetrics {
+    fn default() -> Self {
+        CircuitMetrics::new()
+    }
+}
+
 /// Hot reload outcomes: `ssp_reloads_total{component,result}` counts them and
 /// `ssp_reload_last_ok{component}` says how the last one went (1: loaded, or nothing reloaded
 /// since start; 0: refused, the previous version is still in force), so a refusal stays visible
@@ -147,8 +207,8 @@ pub struct Metrics {
     pub http_refused_heads: IntCounterVec,
     /// Connections to providers that could not be made, by reason (`timeout`, `tcp`, `tls`).
     pub upstream_connect_errors: IntCounterVec,
-    /// Circuit state per provider host: closed 0, open 1, half-open 2.
-    pub upstream_circuit_state: IntGaugeVec,
+    /// Provider host circuits open and half-open now, and their state changes.
+    pub circuits: CircuitMetrics,
     /// Connect retries by outcome (`forward::RetryOutcome`).
     pub upstream_retries: IntCounterVec,
     /// Hot reloads by component and result (`ok`, `refused`), and the last one's outcome.
@@ -230,14 +290,7 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric definition is valid");
-        let upstream_circuit_state = IntGaugeVec::new(
-            Opts::new(
-                "ssp_upstream_circuit_state",
-                "Circuit breaker state per provider host: 0 closed, 1 open, 2 half-open.",
-            ),
-            &["host"],
-        )
-        .expect("static metric definition is valid");
+        let circuits = CircuitMetrics::new();
         let upstream_retries = IntCounterVec::new(
             Opts::new(
                 "ssp_upstream_retries_total",
@@ -338,7 +391,8 @@ impl Metrics {
             Box::new(tls_handshake_failures.clone()),
             Box::new(http_refused_heads.clone()),
             Box::new(upstream_connect_errors.clone()),
-            Box::new(upstream_circuit_state.clone()),
+            Box::new(circuits.circuits.clone()),
+            Box::new(circuits.transitions.clone()),
             Box::new(upstream_retries.clone()),
             Box::new(reloads.total.clone()),
             Box::new(reloads.last_ok.clone()),
@@ -373,7 +427,7 @@ impl Metrics {
             tls_handshake_failures,
             http_refused_heads,
             upstream_connect_errors,
-            upstream_circuit_state,
+            circuits,
             upstream_retries,
             reloads,
             audit,
@@ -860,6 +914,9 @@ mod tests {
             "ssp_http_refused_heads_total{reason=\"unsupported_coding\"} 0",
             "ssp_upstream_connect_errors_total{reason=\"tls\"} 0",
             "ssp_upstream_retries_total{outcome=\"circuit_open\"} 0",
+            "ssp_upstream_circuits{state=\"open\"} 0",
+            "ssp_upstream_circuits{state=\"half_open\"} 0",
+            "ssp_upstream_circuit_transitions_total{to=\"closed\"} 0",
         ] {
             assert!(text.contains(series), "{series} missing from\n{text}");
         }

@@ -176,13 +176,17 @@ async fn a_dead_provider_trips_its_circuit_and_a_probe_closes_it() {
         .expect("start");
     let c = world.client(&world.consumer, running.gateway_addr);
     let target = format!("{}/metadata", endpoint(port));
-    let host = format!("localhost:{port}");
-    let state = || async {
+    // By state only: the host is named in the log, never in a label.
+    let circuits = || async {
         let (_, text) = http_get(running.admin_addr, "/metrics").await;
-        sample(
+        assert!(!text.contains(&format!("localhost:{port}")), "{text}");
+        let open = sample(&text, "ssp_upstream_circuits{state=\"open\"}");
+        let opened = sample(&text, "ssp_upstream_circuit_transitions_total{to=\"open\"}");
+        let closed = sample(
             &text,
-            &format!("ssp_upstream_circuit_state{{host=\"{host}\"}}"),
-        )
+            "ssp_upstream_circuit_transitions_total{to=\"closed\"}",
+        );
+        (open, opened, closed)
     };
     for _ in 0..2 {
         let a = c
@@ -191,8 +195,8 @@ async fn a_dead_provider_trips_its_circuit_and_a_probe_closes_it() {
         assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     }
     assert_eq!(
-        state().await,
-        Some(1.0),
+        circuits().await,
+        (Some(1.0), Some(1.0), Some(0.0)),
         "two connect failures open the circuit"
     );
     // Open: fails fast, still a 502 with the table's token.
@@ -221,7 +225,7 @@ async fn a_dead_provider_trips_its_circuit_and_a_probe_closes_it() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(state().await, Some(0.0));
+    assert_eq!(circuits().await, (Some(0.0), Some(1.0), Some(1.0)));
     h2.cancel();
     shutdown.cancel();
     running.wait().await;

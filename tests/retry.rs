@@ -370,10 +370,7 @@ async fn retries_count_in_the_breaker_and_end_when_it_opens() {
         Some(1.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            &format!("ssp_upstream_circuit_state{{host=\"localhost:{port}\"}}")
-        ),
+        sample(&text, "ssp_upstream_circuits{state=\"open\"}"),
         Some(1.0)
     );
     shutdown.cancel();
