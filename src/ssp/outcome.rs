@@ -242,7 +242,7 @@ impl Rejection {
 
     /// Every [`Rejection::reason`], so that each `ssp_rejections_total` series can be exposed
     /// from 0 at start.
-    pub const REASONS: [&'static str; 22] = [
+    pub const REASONS: [&'static str; 23] = [
         "method_not_allowed",
         "invalid_target_url",
         "missing_or_invalid_header",
@@ -263,6 +263,7 @@ impl Rejection {
         "body_too_large",
         "request_body_timeout",
         "invalid_request_body",
+        "request_body_not_allowed",
         "upstream_error",
         "upstream_timeout",
     ];
