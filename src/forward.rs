@@ -275,8 +275,16 @@ impl Upstream {
         };
         let (mut head, body) = req.into_parts();
         head.uri = out.uri;
+        // RFC 9110 §7.6.3: a gateway adds itself to `Via` on each request it forwards, with the
+        // protocol it was received in, after any the consumer's side added.
+        let via = match head.version {
+            Version::HTTP_2 => VIA_HTTP2,
+            Version::HTTP_10 => VIA_HTTP10,
+            _ => VIA_HTTP11,
+        };
         head.version = Version::HTTP_11;
         replace_consumer_headers(&mut head.headers, out.forwarded, out.forwarded_for);
+        head.headers.append(header::VIA, via);
         // The request's span is the provider's parent. Set after the consumer's headers are
         // stripped, so that a `Connection: traceparent` cannot remove it.
         if let Some(traceparent) = out.traceparent {
@@ -1056,6 +1064,11 @@ where
         self.inner.size_hint()
     }
 }
+
+/// The gateway's `Via` entry, by the protocol the request came in: a pseudonym, not its host.
+const VIA_HTTP11: HeaderValue = HeaderValue::from_static("1.1 ssp-gateway");
+const VIA_HTTP2: HeaderValue = HeaderValue::from_static("2 ssp-gateway");
+const VIA_HTTP10: HeaderValue = HeaderValue::from_static("1.0 ssp-gateway");
 
 /// A provider's response body, failed when none of it arrives for the body idle timeout
 /// (`[upstream] body_idle_timeout`): a provider that sends a head and part of its body, then

@@ -811,6 +811,8 @@ async fn override_and_client_identity_headers_never_reach_the_provider() {
         assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
         assert_eq!(headers["forwarded"], "for=127.0.0.1;proto=https");
         assert_eq!(headers["host"], format!("localhost:{}", h.provider_port));
+        // The gateway names itself in Via (RFC 9110 §7.6.3).
+        assert_eq!(headers["via"], "1.1 ssp-gateway");
     }
     h.stop().await;
 }
