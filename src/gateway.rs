@@ -109,12 +109,16 @@ impl Drop for Unfinished<'_, '_, '_> {
             audit_record(RecordKind::Outcome, self.conn, self.ctx, self.record, &text);
         outcome.completed = Some(false);
         outcome.request_bytes = request_bytes(self.record);
-        outcome.total_latency_us = Some(self.ctx.started.elapsed().as_micros() as u64);
+        let latency_us = self.ctx.started.elapsed().as_micros() as u64;
+        outcome.total_latency_us = Some(latency_us);
         self.gateway.audit.enqueue(&outcome);
         tracing::warn!(
             request_id = %self.ctx.request_id,
             "request stopped before the provider answered; outcome recorded as not completed"
         );
+        // Its access line too, like every request's: status 0, as nothing was answered.
+        self.gateway
+            .access_log(self.conn, self.ctx, self.record, 0, latency_us);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The circuit breaker's log: a provider host's circuit opening is one WARN line naming the
 //! host, its closing one INFO line; the requests refused while it is open are not logged one
 //! by one above DEBUG (a review counted 12,638 "circuit open: failing fast" warnings in 3 s).
+//! And a request stopped at the end of the shutdown grace period still has its access line.
 //! In its own test binary: it installs the process's log subscriber.
 
 mod common;
@@ -33,14 +34,63 @@ fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().expect("logs")).into_owned()
 }
 
+/// Installs the subscriber writing to `LOGS`, once for the tests of this binary.
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("ssp_gateway=info")
+            .with_ansi(false)
+            .with_writer(|| LogWriter)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    });
+}
+
+/// A request the provider has not answered by the end of the grace period is stopped: its
+/// outcome record says so, and it has its access line like every request (status 0: nothing
+/// was answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stopped_at_shutdown_has_its_access_line() {
+    capture_logs();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Hold(gate.clone()),
+        GatewayOptions {
+            grace_period: "300ms",
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = h.consumer();
+    let target = format!("{}/metadata", h.endpoint());
+    let held = tokio::spawn(async move {
+        c.send(Gpc::new(Method::GET, target, IX_METADATA).build())
+            .await
+    });
+    h.recorder.arrived.notified().await;
+    let audit_dir = h.audit_dir.clone();
+    h.stop().await;
+    assert!(held.await.expect("task").is_err(), "it was answered");
+    let records = audit_records(&audit_dir);
+    let request = records
+        .iter()
+        .find(|r| r["kind"] == "request")
+        .expect("the request record");
+    let id = request["request_id"].as_str().expect("id");
+    let access: Vec<String> = logs()
+        .lines()
+        .filter(|l| l.contains("ssp_gateway::access") && l.contains(id))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(access.len(), 1, "{access:?}\n{}", logs());
+    assert!(access[0].contains("status=0"), "{access:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_circuit_logs_its_opening_and_closing_once_not_each_refused_request() {
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("ssp_gateway=info")
-        .with_ansi(false)
-        .with_writer(|| LogWriter)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    capture_logs();
 
     // The provider's port is reserved but nobody listens yet.
     let world = World::ecdsa();
