@@ -739,22 +739,17 @@ async fn sigkill_under_load_loses_no_record_of_a_forwarded_request() {
     provider.stop.cancel();
 }
 
-/// A nearly full disk takes what fits: once some room is freed, the records owed since the
-/// disk filled (the refusals audited meanwhile, held in memory) go in as far as the room
-/// allows, in units small enough to fit. Before, the whole backlog was one unit, refused whole
-/// and rolled back at every retry however much room there was. Records stay whole, the chain
-/// verifies, and once there is room for everything every refusal is on record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_full_disk_some_room_takes_what_fits_of_the_backlog() {
-    let world = World::ecdsa();
-    let provider = recording_provider(&world).await;
+/// The gateway binary on a disk that is full at `limit` bytes: the file size limit
+/// (RLIMIT_FSIZE) makes writes past it fail with EFBIG after a short write, what a full disk does
+/// with ENOSPC. SIGXFSZ is ignored so the write fails instead of killing the process; `prlimit
+/// --pid` moves the limit while it runs. The audit trail retries every 100 ms.
+async fn spawn_with_file_limit(world: &World, provider_port: u16, limit: u64) -> Spawned {
     let (config, gw, admin, audit_dir) = spawned_config(
-        &world,
-        provider.port,
+        world,
+        provider_port,
         "[audit]\nretry_interval = \"100ms\"\nmax_file_bytes = 1048576\n",
     );
-    let limit = 24 * 1024;
-    let g = spawn_gateway(
+    spawn_gateway(
         &config,
         gw,
         admin,
@@ -765,7 +760,20 @@ async fn after_a_full_disk_some_room_takes_what_fits_of_the_backlog() {
             &format!("trap '' XFSZ; exec prlimit --fsize={limit}:unlimited \"$0\" \"$@\""),
         ],
     )
-    .await;
+    .await
+}
+
+/// A nearly full disk takes what fits: once some room is freed, the records owed since the
+/// disk filled (the refusals audited meanwhile, held in memory) go in as far as the room
+/// allows, in units small enough to fit. Before, the whole backlog was one unit, refused whole
+/// and rolled back at every retry however much room there was. Records stay whole, the chain
+/// verifies, and once there is room for everything every refusal is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_full_disk_some_room_takes_what_fits_of_the_backlog() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let g = spawn_with_file_limit(&world, provider.port, 24 * 1024).await;
+    let audit_dir = g.audit_dir.clone();
     let ep = endpoint(provider.port);
     let client = world.client(&world.consumer, g.gateway);
     let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
@@ -838,29 +846,10 @@ async fn after_a_full_disk_some_room_takes_what_fits_of_the_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_traffic_and_recovers_without_a_torn_record() {
-    // The file size limit (RLIMIT_FSIZE) makes writes past it fail with EFBIG after a short
-    // write — what a full disk does with ENOSPC. SIGXFSZ is ignored so the write fails instead
-    // of killing the process; `prlimit --pid` lifts the limit while it runs.
     let world = World::ecdsa();
     let provider = recording_provider(&world).await;
-    let (config, gw, admin, audit_dir) = spawned_config(
-        &world,
-        provider.port,
-        "[audit]\nretry_interval = \"100ms\"\nmax_file_bytes = 1048576\n",
-    );
-    let limit = 24 * 1024;
-    let g = spawn_gateway(
-        &config,
-        gw,
-        admin,
-        &audit_dir,
-        &[
-            "sh",
-            "-c",
-            &format!("trap '' XFSZ; exec prlimit --fsize={limit}:unlimited \"$0\" \"$@\""),
-        ],
-    )
-    .await;
+    let g = spawn_with_file_limit(&world, provider.port, 24 * 1024).await;
+    let audit_dir = g.audit_dir.clone();
     let ep = endpoint(provider.port);
     let client = world.client(&world.consumer, g.gateway);
     let mut refused = None;

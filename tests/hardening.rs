@@ -354,6 +354,31 @@ async fn publishing_a_crl_that_revokes_the_provider_stops_forwarding_to_it() {
     h.stop().await;
 }
 
+/// Keeps the gateway's pooled provider connection in use, with a request every 700 ms (the
+/// test provider closes one idle for 5 s), until Unix time `until` has passed; then the next
+/// request must get 502 without reaching the provider (`why` if it does).
+async fn busy_until_then_refused(h: &Harness, until: i64, why: &str) {
+    let mut forwarded = 0;
+    while now() <= until {
+        if h.consumer_metadata().await.status == StatusCode::OK {
+            forwarded += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(
+        forwarded >= 2,
+        "{until} came before the test could use the connection"
+    );
+    assert_eq!(h.recorder.seen(), forwarded);
+    let target = format!("{}/metadata", h.endpoint());
+    h.consumer_metadata().await.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    assert_eq!(h.recorder.seen(), forwarded, "{why}");
+}
+
 /// A pooled provider connection is not used past the provider CRLs' nextUpdate: the pool is
 /// started anew then, and its connections meet the verifier's refusal of a stale CRL (no
 /// session is resumed with CRLs configured). Before, a connection kept in use went on being
@@ -367,31 +392,7 @@ async fn a_pooled_provider_connection_is_not_used_past_the_provider_crl_next_upd
         .crl_between(&[], now() - 60, stale_at)
         .expect("CRL");
     let (h, _) = with_provider_crl(world, &crl).await;
-    // Requests every 700 ms keep the pooled connection in use (the test provider closes one
-    // idle for 5 s) until the CRL is stale.
-    let mut forwarded = 0;
-    while now() <= stale_at {
-        if h.consumer_metadata().await.status == StatusCode::OK {
-            forwarded += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(700)).await;
-    }
-    assert!(
-        forwarded >= 2,
-        "the CRL went stale before the test could use it"
-    );
-    assert_eq!(h.recorder.seen(), forwarded);
-    let target = format!("{}/metadata", h.endpoint());
-    h.consumer_metadata().await.assert_outcome(
-        502,
-        None,
-        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
-    );
-    assert_eq!(
-        h.recorder.seen(),
-        forwarded,
-        "a request went over a stale CRL's connection"
-    );
+    busy_until_then_refused(&h, stale_at, "a request went over a stale CRL's connection").await;
     h.stop().await;
 }
 
@@ -416,31 +417,12 @@ async fn a_pooled_provider_connection_is_not_used_past_the_provider_certificate_
         .write(&world.provider.cert, &world.provider.key)
         .expect("write the provider certificate");
     let h = start_with_recorder(world, Behaviour::Echo, GatewayOptions::default()).await;
-    // Requests every 700 ms keep the pooled connection in use (the test provider closes one
-    // idle for 5 s) until the certificate has run out.
-    let mut forwarded = 0;
-    while now() <= expires_at {
-        if h.consumer_metadata().await.status == StatusCode::OK {
-            forwarded += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(700)).await;
-    }
-    assert!(
-        forwarded >= 2,
-        "the certificate ran out before the test could use it"
-    );
-    assert_eq!(h.recorder.seen(), forwarded);
-    let target = format!("{}/metadata", h.endpoint());
-    h.consumer_metadata().await.assert_outcome(
-        502,
-        None,
-        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
-    );
-    assert_eq!(
-        h.recorder.seen(),
-        forwarded,
-        "a request went to a provider whose certificate had run out"
-    );
+    busy_until_then_refused(
+        &h,
+        expires_at,
+        "a request went to a provider whose certificate had run out",
+    )
+    .await;
     h.stop().await;
 }
 
