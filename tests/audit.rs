@@ -763,6 +763,54 @@ async fn spawn_with_file_limit(world: &World, provider_port: u16, limit: u64) ->
     .await
 }
 
+/// Stopped while its trail cannot be written, the gateway does not give up the records it
+/// owes at once: the trail gets a few seconds to come back (here, room is made a second after
+/// SIGTERM), and then every refusal made while the disk was full is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_while_the_disk_is_full_it_waits_for_room_before_giving_up_records() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let mut g = spawn_with_file_limit(&world, provider.port, 24 * 1024).await;
+    let ep = endpoint(provider.port);
+    let client = world.client(&world.consumer, g.gateway);
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    let mut refusals = Vec::new();
+    for _ in 0..300 {
+        let a = client.gpc(metadata()).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            refusals.push(a.headers["x-request-id"].to_str().expect("id").to_owned());
+            if refusals.len() == 5 {
+                break;
+            }
+        }
+    }
+    assert_eq!(refusals.len(), 5, "the trail never filled up");
+    let pid = g.child.id().to_string();
+    let term = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lifted = Command::new("prlimit")
+        .args(["--pid", &pid, "--fsize=unlimited:unlimited"])
+        .status()
+        .expect("run prlimit");
+    assert!(lifted.success(), "the gateway had already exited");
+    let start = Instant::now();
+    while g.child.try_wait().expect("wait").is_none() {
+        assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all = records(&g.audit_dir);
+    for id in &refusals {
+        assert_eq!(for_request(&all, id).len(), 1, "refusal {id} was lost");
+    }
+    let (code, out) = verify(&audit_files(&g.audit_dir));
+    assert_eq!(code, 0, "{out}");
+    provider.stop.cancel();
+}
+
 /// A nearly full disk takes what fits: once some room is freed, the records owed since the
 /// disk filled (the refusals audited meanwhile, held in memory) go in as far as the room
 /// allows, in units small enough to fit. Before, the whole backlog was one unit, refused whole

@@ -23,6 +23,9 @@ use super::{
 const MAX_BATCH: usize = 4096;
 /// How far back from the end of a file to look for its last line, per step.
 const TAIL_CHUNK: u64 = 64 * 1024;
+/// At shutdown, how long a failing trail is retried for the records it still owes before they
+/// are reported lost.
+const SHUTDOWN_RETRY_FOR: Duration = Duration::from_secs(5);
 /// While the trail is failing or owes a backlog, the most bytes written (and rolled back on
 /// failure) as one unit, so that a nearly full disk takes what fits instead of refusing the
 /// whole backlog again and again.
@@ -466,6 +469,7 @@ impl Writer {
                 self.process(rest);
                 if self.failed && !self.backlog.is_empty() {
                     self.retry_now();
+                    self.retry_before_shutdown();
                 }
                 self.final_sync();
                 self.report_lost();
@@ -544,6 +548,30 @@ impl Writer {
             self.write_records(work, RECOVERY_UNIT_BYTES);
         } else if !batch.is_empty() {
             self.write_records(batch, usize::MAX);
+        }
+    }
+
+    /// At shutdown, with records still unwritten because the trail is failing: the trail gets
+    /// [`SHUTDOWN_RETRY_FOR`] to come back (space freed, a disk remounted), tried every
+    /// `retry_interval`, before they are given up as lost.
+    fn retry_before_shutdown(&mut self) {
+        if !self.failed || self.backlog.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            dir = %self.dir.display(),
+            records = self.backlog.len(),
+            retry_for = ?SHUTDOWN_RETRY_FOR,
+            "stopping with audit records the trail cannot take yet: retrying before giving them up"
+        );
+        let until = Instant::now() + SHUTDOWN_RETRY_FOR;
+        while self.failed && !self.backlog.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(self.retry_interval.min(left));
+            self.retry_now();
         }
     }
 
