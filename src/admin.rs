@@ -36,6 +36,8 @@ pub struct Readiness {
     pub audit_writable: Option<Arc<AtomicBool>>,
     /// The earliest nextUpdate of the listener's CRLs in force (set once at start).
     pub listener_crl_horizon: OnceLock<CrlHorizon>,
+    /// The same of the provider CRLs (`[upstream] crls`; set once at start).
+    pub upstream_crl_horizon: OnceLock<CrlHorizon>,
 }
 
 /// Reads the earliest nextUpdate (unix seconds) of the CRLs in force now; `None` without CRLs.
@@ -69,6 +71,7 @@ impl Readiness {
             directory: OnceLock::new(),
             audit_writable: Some(audit_writable),
             listener_crl_horizon: OnceLock::new(),
+            upstream_crl_horizon: OnceLock::new(),
         })
     }
 
@@ -87,11 +90,22 @@ impl Readiness {
             Some(d) => d.backend_answers().await || d.holds_servable_party(),
         };
         // A stale listener CRL fails every handshake (fail closed): the instance serves nobody.
-        let crls_current = self
+        let listener_crls_current = self
             .listener_crl_horizon
             .get()
             .map_or(true, |h| crls_current((h.0)(), unix_now()));
-        let ready = loaded && !draining && audit && directory && crls_current;
+        // A stale provider CRL fails every new provider connection, and the pool is started
+        // anew at its nextUpdate: the instance forwards nothing.
+        let upstream_crls_current = self
+            .upstream_crl_horizon
+            .get()
+            .map_or(true, |h| crls_current((h.0)(), unix_now()));
+        let ready = loaded
+            && !draining
+            && audit
+            && directory
+            && listener_crls_current
+            && upstream_crls_current;
         let body = serde_json::json!({
             "status": if ready { "ready" } else { "not ready" },
             "checks": {
@@ -99,7 +113,8 @@ impl Readiness {
                 "draining": draining,
                 "audit_writable": audit,
                 "directory_usable": directory,
-                "listener_crls_current": crls_current,
+                "listener_crls_current": listener_crls_current,
+                "upstream_crls_current": upstream_crls_current,
             }
         });
         (ready, body.to_string())

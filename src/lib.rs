@@ -524,6 +524,14 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
                 listener.current().crl_horizon()
             })));
     }
+    {
+        let upstream = components.client_tls.clone();
+        let _ = readiness
+            .upstream_crl_horizon
+            .set(admin::CrlHorizon(Arc::new(move || {
+                upstream.current().crl_horizon
+            })));
+    }
     let _ = readiness
         .directory
         .set(components.gateway.directory.clone());

@@ -392,7 +392,21 @@ async fn a_pooled_provider_connection_is_not_used_past_the_provider_crl_next_upd
         .crl_between(&[], now() - 60, stale_at)
         .expect("CRL");
     let (h, _) = with_provider_crl(world, &crl).await;
+    let ready = |h: &Harness| {
+        let admin = h.admin;
+        async move {
+            let (code, body) = http_get(admin, "/readyz").await;
+            let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            (code, body["checks"]["upstream_crls_current"].clone())
+        }
+    };
+    assert_eq!(ready(&h).await, (StatusCode::OK, serde_json::json!(true)));
     busy_until_then_refused(&h, stale_at, "a request went over a stale CRL's connection").await;
+    // Nothing can be forwarded until a fresh provider CRL is loaded: not ready.
+    assert_eq!(
+        ready(&h).await,
+        (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!(false))
+    );
     h.stop().await;
 }
 
