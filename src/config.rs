@@ -890,7 +890,7 @@ fn directory_config(s: &mut Section<'_, '_>) -> DirectoryConfig {
         negative_ttl: s.duration("negative_cache_ttl", defaults.negative_ttl),
         capacity: s.uint("cache_capacity", defaults.capacity, 1, 100_000_000),
         max_stale: duration_or_zero(s, "max_stale", defaults.max_stale),
-        stale_retry: defaults.stale_retry,
+        stale_retry: duration_or_zero(s, "stale_retry", defaults.stale_retry),
     };
     DirectoryConfig { backend, cache }
 }
@@ -1598,6 +1598,23 @@ ldif_file = "directory.ldif"
         assert!(parse(&format!("{MINIMAL}\n[rate_limit]\noverrides = [{one}]\n")).is_ok());
     }
 
+    /// `stale_retry` is the operator's: how long a failed refresh stands before the backend is
+    /// asked again behind the requests served stale ("0s": every stale request asks).
+    #[test]
+    fn stale_retry_is_read_and_may_be_zero() {
+        for (text, expected) in [
+            ("250ms", Duration::from_millis(250)),
+            ("0s", Duration::ZERO),
+        ] {
+            let c = parse(&MINIMAL.replace(
+                "ldif_file = \"directory.ldif\"",
+                &format!("ldif_file = \"directory.ldif\"\nstale_retry = \"{text}\""),
+            ))
+            .expect("valid");
+            assert_eq!(c.directory.cache.stale_retry, expected, "{text}");
+        }
+    }
+
     /// A mistyped value is one problem: not also its section's other keys called unknown or out
     /// of place.
     #[test]
@@ -1741,6 +1758,11 @@ ldif_file = "directory.ldif"
             Some(vec![PathBuf::from("/etc/ssp/sds.crl")])
         );
         assert_eq!(c.directory.cache.max_stale, Duration::ZERO);
+        assert_eq!(
+            c.directory.cache.stale_retry,
+            Duration::from_secs(1),
+            "the default"
+        );
 
         let fhir = MINIMAL.replace(
             "ldif_file = \"directory.ldif\"",
@@ -1811,7 +1833,7 @@ ldif_file = "directory.ldif"
 
         let err = parse(&MINIMAL.replace(
             "ldif_file = \"directory.ldif\"",
-            "ldif_file = \"d.ldif\"\nldap_url = \"ldap://x\"\nquery_timeout = \"1s\"\nmax_stale = \"forever\"\ncache_ttl = \"400days\"\nldif_poll_interval = \"sometimes\"",
+            "ldif_file = \"d.ldif\"\nldap_url = \"ldap://x\"\nquery_timeout = \"1s\"\nmax_stale = \"forever\"\ncache_ttl = \"400days\"\nldif_poll_interval = \"sometimes\"\nstale_retry = \"often\"",
         ))
         .unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
@@ -1819,6 +1841,7 @@ ldif_file = "directory.ldif"
             "directory.ldap_url",
             "directory.query_timeout",
             "directory.max_stale",
+            "directory.stale_retry",
             "directory.cache_ttl",
             "directory.ldif_poll_interval",
         ] {
