@@ -802,13 +802,23 @@ async fn stopped_while_the_disk_is_full_it_waits_for_room_before_giving_up_recor
         assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let all = records(&g.audit_dir);
-    for id in &refusals {
-        assert_eq!(for_request(&all, id).len(), 1, "refusal {id} was lost");
-    }
-    let (code, out) = verify(&audit_files(&g.audit_dir));
-    assert_eq!(code, 0, "{out}");
+    each_on_record_and_the_chain_intact(&g.audit_dir, &refusals);
     provider.stop.cancel();
+}
+
+/// Each of the requests `ids` has exactly one record in the trail in `dir`, and the chain
+/// verifies.
+fn each_on_record_and_the_chain_intact(dir: &Path, ids: &[String]) {
+    let all = records(dir);
+    for id in ids {
+        assert_eq!(
+            for_request(&all, id).len(),
+            1,
+            "request {id} is not on record"
+        );
+    }
+    let (code, out) = verify(&audit_files(dir));
+    assert_eq!(code, 0, "{out}");
 }
 
 /// A nearly full disk takes what fits: once some room is freed, the records owed since the
@@ -879,16 +889,7 @@ async fn after_a_full_disk_some_room_takes_what_fits_of_the_backlog() {
     }
     assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
     drop(g);
-    let all = records(&audit_dir);
-    for id in &refusals {
-        assert_eq!(
-            for_request(&all, id).len(),
-            1,
-            "refusal {id} is not on record"
-        );
-    }
-    let (code, out) = verify(&audit_files(&audit_dir));
-    assert_eq!(code, 0, "{out}");
+    each_on_record_and_the_chain_intact(&audit_dir, &refusals);
     provider.stop.cancel();
 }
 
