@@ -231,32 +231,35 @@ fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    // The loaded snapshots already hold each chain's earliest notAfter.
     let mut own = vec![
-        ("listener.cert", &config.listener.tls.cert),
-        ("upstream.cert", &config.upstream.tls.cert),
+        (
+            "listener.cert",
+            &config.listener.tls.cert,
+            components.server_tls.current().expiry.chain,
+        ),
+        (
+            "upstream.cert",
+            &config.upstream.tls.cert,
+            components.client_tls.current().expiry.chain,
+        ),
     ];
-    if let Some(m) = &config.mock_provider {
-        own.push(("mock_provider.cert", &m.tls.cert));
+    if let (Some(m), Some((_, tls))) = (&config.mock_provider, &components.mock_provider) {
+        own.push((
+            "mock_provider.cert",
+            &m.tls.cert,
+            tls.current().expiry.chain,
+        ));
     }
-    for (key, file) in own {
-        use rustls_pki_types::pem::PemObject;
-        let Ok(bytes) = std::fs::read(file) else {
-            continue;
-        };
-        let earliest = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
-            .filter_map(Result::ok)
-            .filter_map(|c| ssp_gateway::tls::not_after(&c).ok())
-            .min();
-        if let Some(not_after) = earliest {
-            let days = (not_after - now) / 86_400;
-            if days < EXPIRY_WARNING_DAYS {
-                warnings.push(format!(
-                    "{key}: {} runs out in {days} {} (a certificate of its chain); renew it \
-                     (a renewed file is taken up without a restart)",
-                    file.display(),
-                    plural(usize::try_from(days).unwrap_or(0), "day")
-                ));
-            }
+    for (key, file, not_after) in own {
+        let days = not_after.saturating_sub(now) / 86_400;
+        if days < EXPIRY_WARNING_DAYS {
+            warnings.push(format!(
+                "{key}: {} runs out in {days} {} (a certificate of its chain); renew it \
+                 (a renewed file is taken up without a restart)",
+                file.display(),
+                plural(usize::try_from(days).unwrap_or(0), "day")
+            ));
         }
     }
     if let Some(ldif) = &components.ldif {
