@@ -24,7 +24,6 @@ use crate::directory::{is_asid, Directory};
 use crate::metrics::Metrics;
 
 /// What `/readyz` reports on. Components flip these; the admin listener only reads them.
-#[derive(Debug)]
 pub struct Readiness {
     /// Certificates, catalogue and directory loaded (set once at start).
     pub loaded: AtomicBool,
@@ -34,20 +33,9 @@ pub struct Readiness {
     pub directory: OnceLock<Directory>,
     /// The audit writer's view of the trail (`None`: not reported).
     pub audit_writable: Option<Arc<AtomicBool>>,
-    /// The earliest nextUpdate of the listener's CRLs in force (set once at start).
-    pub listener_crl_horizon: OnceLock<CrlHorizon>,
-    /// The same of the provider CRLs (`[upstream] crls`; set once at start).
-    pub upstream_crl_horizon: OnceLock<CrlHorizon>,
-}
-
-/// Reads the earliest nextUpdate (unix seconds) of the CRLs in force now; `None` without CRLs.
-#[derive(Clone)]
-pub struct CrlHorizon(pub Arc<dyn Fn() -> Option<u64> + Send + Sync>);
-
-impl std::fmt::Debug for CrlHorizon {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("CrlHorizon").field(&(self.0)()).finish()
-    }
+    /// The earliest nextUpdate of each component's CRLs in force, `listener` and `upstream`
+    /// (the reader `ssp_crl_next_update_seconds` uses; set once at start).
+    pub crl_horizons: OnceLock<crate::metrics::CrlHorizonsFn>,
 }
 
 /// Whether CRLs whose earliest nextUpdate is `horizon` can still be checked against at `now`
@@ -70,8 +58,7 @@ impl Readiness {
             draining: AtomicBool::new(false),
             directory: OnceLock::new(),
             audit_writable: Some(audit_writable),
-            listener_crl_horizon: OnceLock::new(),
-            upstream_crl_horizon: OnceLock::new(),
+            crl_horizons: OnceLock::new(),
         })
     }
 
@@ -90,16 +77,20 @@ impl Readiness {
             Some(d) => d.backend_answers().await || d.holds_servable_party(),
         };
         // A stale listener CRL fails every handshake (fail closed): the instance serves nobody.
-        let listener_crls_current = self
-            .listener_crl_horizon
-            .get()
-            .map_or(true, |h| crls_current((h.0)(), unix_now()));
         // A stale provider CRL fails every new provider connection, and the pool is started
         // anew at its nextUpdate: the instance forwards nothing.
-        let upstream_crls_current = self
-            .upstream_crl_horizon
-            .get()
-            .map_or(true, |h| crls_current((h.0)(), unix_now()));
+        let (mut listener_crls_current, mut upstream_crls_current) = (true, true);
+        if let Some(horizons) = self.crl_horizons.get() {
+            let now = unix_now();
+            for (component, horizon) in horizons() {
+                let current = crls_current(horizon, now);
+                match component {
+                    "listener" => listener_crls_current = current,
+                    "upstream" => upstream_crls_current = current,
+                    _ => {}
+                }
+            }
+        }
         let ready = loaded
             && !draining
             && audit

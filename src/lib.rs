@@ -477,15 +477,17 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
             ]
         }));
     }
-    {
+    // The CRLs in force (after hot reloads): the metric and `/readyz` read them alike.
+    let crl_horizons: metrics::CrlHorizonsFn = {
         let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
-        metrics.register_crl_next_update(Arc::new(move || {
+        Arc::new(move || {
             vec![
                 ("listener", listener.current().crl_horizon()),
                 ("upstream", upstream.current().crl_horizon),
             ]
-        }));
-    }
+        })
+    };
+    metrics.register_crl_next_update(crl_horizons.clone());
     let exporter_stop = CancellationToken::new();
     if let Some(exporter) = components.span_exporter {
         tasks.spawn(exporter.run(exporter_stop.clone()));
@@ -516,22 +518,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
 
     let readiness = admin::Readiness::with_audit(audit.writable());
     readiness.loaded.store(true, Ordering::Release);
-    {
-        let listener = components.server_tls.clone();
-        let _ = readiness
-            .listener_crl_horizon
-            .set(admin::CrlHorizon(Arc::new(move || {
-                listener.current().crl_horizon()
-            })));
-    }
-    {
-        let upstream = components.client_tls.clone();
-        let _ = readiness
-            .upstream_crl_horizon
-            .set(admin::CrlHorizon(Arc::new(move || {
-                upstream.current().crl_horizon
-            })));
-    }
+    let _ = readiness.crl_horizons.set(crl_horizons);
     let _ = readiness
         .directory
         .set(components.gateway.directory.clone());
