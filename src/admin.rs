@@ -44,12 +44,6 @@ fn crls_current(horizon: Option<u64>, now: u64) -> bool {
     horizon.map_or(true, |h| now < h)
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Readiness {
     /// Readiness that also requires the audit trail to be writable.
     pub fn with_audit(audit_writable: Arc<AtomicBool>) -> Arc<Readiness> {
@@ -81,7 +75,7 @@ impl Readiness {
         // anew at its nextUpdate: the instance forwards nothing.
         let (mut listener_crls_current, mut upstream_crls_current) = (true, true);
         if let Some(horizons) = self.crl_horizons.get() {
-            let now = unix_now();
+            let now = crate::unix_now();
             for (component, horizon) in horizons() {
                 let current = crls_current(horizon, now);
                 match component {

@@ -64,22 +64,12 @@ pub struct Upstream {
 /// Connections to providers, all made with one TLS configuration.
 struct Pool {
     tls: Arc<crate::tls::UpstreamTls>,
-    /// Unix seconds: the CRLs' nextUpdate, when the pool was made before it. From then on no
-    /// connection of this pool is used again (see [`Upstream::pool`]).
-    until: Option<u64>,
-    /// Unix seconds: the earliest notAfter of the certificates the pool's providers presented
-    /// (`u64::MAX` before the first connection). From then on no connection of this pool is
-    /// used again either: one of them is talking to a certificate that has run out.
-    certs_until: Arc<AtomicU64>,
+    /// Unix seconds from which no connection of this pool is used again (see
+    /// [`Upstream::pool`]): the CRLs' nextUpdate, when the pool was made before it, lowered by
+    /// each new connection to the earliest notAfter of the certificates its provider presented
+    /// (`u64::MAX` when neither applies).
+    until: Arc<AtomicU64>,
     client: Client<TlsConnector, Reclaimable<Counted<RequestBody>>>,
-}
-
-impl Pool {
-    /// Whether the pool's connections may still be used at `now` (Unix seconds).
-    fn usable_at(&self, now: u64) -> bool {
-        self.until.map_or(true, |until| now < until)
-            && now < self.certs_until.load(Ordering::Relaxed)
-    }
 }
 
 /// What every pool is built with.
@@ -92,12 +82,13 @@ struct PoolSettings {
 
 impl PoolSettings {
     fn pool(&self, tls: Arc<crate::tls::UpstreamTls>, now: u64) -> Pool {
-        let certs_until = Arc::new(AtomicU64::new(u64::MAX));
+        let crls_until = tls.crl_horizon.filter(|h| now < *h);
+        let until = Arc::new(AtomicU64::new(crls_until.unwrap_or(u64::MAX)));
         let connector = TlsConnector {
             tls: tls.config.clone(),
             connect_timeout: self.connect_timeout,
             connect_errors: self.connect_errors.clone(),
-            certs_until: certs_until.clone(),
+            until: until.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -105,13 +96,7 @@ impl PoolSettings {
             .pool_idle_timeout(self.idle_timeout)
             .pool_max_idle_per_host(self.max_idle_per_host)
             .build(connector);
-        let until = tls.crl_horizon.filter(|h| now < *h);
-        Pool {
-            tls,
-            until,
-            certs_until,
-            client,
-        }
+        Pool { tls, until, client }
     }
 }
 
@@ -129,7 +114,7 @@ impl Upstream {
             max_idle_per_host: config.pool_max_idle_per_host,
             connect_errors,
         };
-        let pool = ArcSwap::from_pointee(settings.pool(tls.current(), unix_now()));
+        let pool = ArcSwap::from_pointee(settings.pool(tls.current(), crate::unix_now()));
         Upstream {
             tls,
             pool,
@@ -161,8 +146,8 @@ impl Upstream {
     fn pool(&self) -> Arc<Pool> {
         let tls = self.tls.current();
         let pool = self.pool.load_full();
-        let now = unix_now();
-        if Arc::ptr_eq(&pool.tls, &tls) && pool.usable_at(now) {
+        let now = crate::unix_now();
+        if Arc::ptr_eq(&pool.tls, &tls) && now < pool.until.load(Ordering::Relaxed) {
             return pool;
         }
         // Requests racing here may each start one; the last stored stays, the others serve
@@ -830,13 +815,6 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Seconds since the Unix epoch (0 for a clock before it).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Connects to a provider: TCP (no Nagle) then TLS with the gateway's client certificate, all
 /// within the connect timeout, with its pool's TLS configuration (see [`Upstream::pool`]).
 #[derive(Clone)]
@@ -844,9 +822,8 @@ pub struct TlsConnector {
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     connect_errors: Option<prometheus::IntCounterVec>,
-    /// Lowered to the earliest notAfter of each provider's certificates (its pool's
-    /// `certs_until`).
-    certs_until: Arc<AtomicU64>,
+    /// Its pool's `until`, lowered to the earliest notAfter of each provider's certificates.
+    until: Arc<AtomicU64>,
 }
 
 impl tower_service::Service<Uri> for TlsConnector {
@@ -862,11 +839,11 @@ impl tower_service::Service<Uri> for TlsConnector {
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
         let limit = self.connect_timeout;
         let errors = self.connect_errors.clone();
-        let certs_until = self.certs_until.clone();
+        let until = self.until.clone();
         Box::pin(async move {
             let result = match tokio::time::timeout(limit, connect(tls, uri)).await {
                 Ok(Ok(conn)) => {
-                    certs_until.fetch_min(conn.inner().certs_until(), Ordering::Relaxed);
+                    until.fetch_min(conn.inner().certs_until(), Ordering::Relaxed);
                     Ok(conn)
                 }
                 Ok(Err(e)) => Err(e),

@@ -106,6 +106,14 @@ pub struct Components {
     pub span_exporter: Option<telemetry::PendingExporter>,
 }
 
+/// Seconds since the Unix epoch (0 for a clock before it): for comparing with certificates'
+/// notAfter and CRLs' nextUpdate.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The interaction catalogue and the directory, each problem added to `problems`.
 fn load_catalogue_and_directory(
     config: &Config,

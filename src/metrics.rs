@@ -5,7 +5,6 @@
 //! name: those belong in the audit trail and traces, not in time series.
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -880,9 +879,7 @@ impl Collector for ProcessCollector {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    i64::try_from(crate::unix_now()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
