@@ -625,8 +625,7 @@ impl Expiry {
         let earliest = |certs: &[CertificateDer<'_>]| {
             certs
                 .iter()
-                .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
-                .map(|(_, c)| c.validity().not_after.timestamp())
+                .filter_map(|c| not_after(c).ok())
                 .min()
                 .unwrap_or(i64::MIN)
         };
