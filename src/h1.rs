@@ -62,9 +62,7 @@ pub(crate) struct Options {
     pub max_headers: usize,
     /// How long one write may wait for the client to take the bytes.
     pub send_timeout: Duration,
-    /// Heads refused, by `HeadError::label` (the gateway's metrics; none for others).
-    pub refused: Option<prometheus::IntCounterVec>,
-    /// Told of each refused head (the gateway's audit; none for others).
+    /// Told of each refused head (the gateway's metrics and audit; none for others).
     pub on_refused: Option<crate::server::OnRefusedHead>,
 }
 
@@ -897,9 +895,6 @@ pub(crate) async fn serve<H, Fut, B>(
                 if let Some(held_back) = e.log_limit().allow() {
                     tracing::info!(remote = %info.remote, reason = e.reason(), held_back, "refused an HTTP/1.1 request head");
                 }
-                if let Some(c) = &opts.refused {
-                    c.with_label_values(&[e.label()]).inc();
-                }
                 if let Some(tell) = &opts.on_refused {
                     tell(
                         &info,
@@ -1401,7 +1396,6 @@ mod tests {
             max_header_bytes: 1024,
             max_headers: 8,
             send_timeout: Duration::from_secs(5),
-            refused: None,
             on_refused: None,
         }
     }

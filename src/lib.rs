@@ -588,6 +588,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
 
     let directory = components.gateway.directory.clone();
     let refusals = components.gateway.audit.clone();
+    let refused_heads = metrics.http_refused_heads.clone();
     let gateway = Arc::new(components.gateway);
     let opts = ServeOptions {
         name: "gateway",
@@ -600,9 +601,9 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let conn_metrics = server::ConnMetrics {
         active: Some(metrics.active_connections.clone()),
         handshake_failures: Some(metrics.tls_handshake_failures.clone()),
-        refused_heads: Some(metrics.http_refused_heads.clone()),
         on_refused: Some(Arc::new(
             move |conn: &server::ConnInfo, head: server::RefusedHead| {
+                refused_heads.with_label_values(&[head.reason]).inc();
                 let client = audit::ClientInfo {
                     address: conn.remote,
                     certificate: conn.peer.clone(),

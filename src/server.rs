@@ -121,7 +121,8 @@ pub struct RefusedHead {
     pub reason: &'static str,
 }
 
-/// Told of each refused head with the connection it came on (the gateway audits them).
+/// Told of each refused head with the connection it came on (the gateway counts them in
+/// `ssp_http_refused_heads_total` and audits them).
 pub type OnRefusedHead = Arc<dyn Fn(&ConnInfo, RefusedHead) + Send + Sync>;
 
 /// What a listener counts about its connections (the gateway's metrics; empty for others).
@@ -131,9 +132,8 @@ pub struct ConnMetrics {
     pub active: Option<prometheus::IntGauge>,
     /// Failed handshakes by `HandshakeFailure` label, or `timeout`, `unreadable_certificate`.
     pub handshake_failures: Option<prometheus::IntCounterVec>,
-    /// HTTP/1.1 request heads refused before any handler saw them, by reason.
-    pub refused_heads: Option<prometheus::IntCounterVec>,
-    /// Told of every refused head, over HTTP/1.1 and HTTP/2 (the gateway's audit).
+    /// Told of every request head refused before any handler saw it, over HTTP/1.1 and
+    /// HTTP/2.
     pub on_refused: Option<OnRefusedHead>,
 }
 
@@ -254,7 +254,6 @@ pub async fn serve_tls_observed<H, Fut, B>(
         max_header_bytes: limits.max_header_bytes,
         max_headers: limits.max_headers,
         send_timeout: limits.send_timeout,
-        refused: metrics.refused_heads.clone(),
         on_refused: metrics.on_refused.clone(),
     });
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -374,7 +373,6 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 Box::pin(crate::h1::serve(stream, info, handler, h1, draining)).await;
                 return;
             }
-            let refused_heads = metrics.refused_heads.clone();
             let on_refused = metrics.on_refused.clone();
             let activity = crate::h2watch::Activity::new();
             let streams = activity.clone();
@@ -385,16 +383,12 @@ pub async fn serve_tls_observed<H, Fut, B>(
                 // The field-count limit HTTP/1.1's parser applies (hyper's HTTP/2 bounds only
                 // the header list's size).
                 let task = if req.headers().len() > max_headers {
-                    let too_large = crate::h1::HeadError::TooLarge.label();
-                    if let Some(refused) = &refused_heads {
-                        refused.with_label_values(&[too_large]).inc();
-                    }
                     if let Some(tell) = &on_refused {
                         tell(
                             &info,
                             RefusedHead {
                                 status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                reason: too_large,
+                                reason: crate::h1::HeadError::TooLarge.label(),
                             },
                         );
                     }
