@@ -28,7 +28,7 @@
 //! closed with no failures is forgotten to make room; past that, new hosts go untracked).
 //! Each change of a host's state is reported once, as it happens, to the [`Observer`] given to
 //! [`Breakers::with_observer`] (the forwarder counts it in the metrics, by state only, and logs
-//! it naming the host); `snapshot()` gives each host's [`State`].
+//! it naming the host).
 //!
 //! # Retries: only connect failures, never a request a provider may have processed
 //!
@@ -108,11 +108,6 @@ pub enum State {
 }
 
 impl State {
-    /// The discriminant: closed 0, open 1, half-open 2.
-    pub fn metric_value(self) -> u8 {
-        self as u8
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             State::Closed => "closed",
@@ -439,8 +434,9 @@ impl Breakers {
         }
     }
 
-    /// Each tracked host's state, sorted by host (for the gauge; at most `max_hosts` rows).
-    pub fn snapshot(&self) -> Vec<(String, State)> {
+    /// Each tracked host's state, sorted by host (at most `max_hosts` rows).
+    #[cfg(test)]
+    fn snapshot(&self) -> Vec<(String, State)> {
         let hosts = self.hosts.load();
         let mut rows: Vec<(String, State)> = hosts
             .iter()
@@ -451,7 +447,8 @@ impl Breakers {
     }
 
     /// One host's state, if tracked.
-    pub fn state(&self, host: &str) -> Option<State> {
+    #[cfg(test)]
+    fn state(&self, host: &str) -> Option<State> {
         self.hosts
             .load()
             .get(host)
@@ -796,11 +793,8 @@ mod tests {
         assert_eq!(b.untracked_total(), 2);
         assert_eq!(b.snapshot().len(), 3);
         assert_eq!(
-            b.snapshot()
-                .iter()
-                .map(|(_, s)| s.metric_value())
-                .collect::<Vec<_>>(),
-            vec![1, 1, 1]
+            b.snapshot().iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+            vec![State::Open; 3]
         );
     }
 
@@ -829,14 +823,6 @@ mod tests {
             [PolicyProblem::CoolDownTooLong(_)]
         ));
         assert!(Breakers::new(BreakerPolicy::default()).is_ok());
-        assert_eq!(
-            (
-                State::Closed.metric_value(),
-                State::Open.metric_value(),
-                State::HalfOpen.metric_value()
-            ),
-            (0, 1, 2)
-        );
     }
 
     #[test]
