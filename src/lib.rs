@@ -17,6 +17,7 @@ mod jsonw;
 pub mod loadtest;
 pub mod loglimit;
 pub mod logwriter;
+pub mod memory;
 pub mod metrics;
 pub mod mock_provider;
 pub mod ratelimit;

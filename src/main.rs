@@ -376,6 +376,7 @@ fn serve(config: Config, mock_only: bool) -> ExitCode {
 }
 
 fn serve_logged(config: Config, mock_only: bool) -> ExitCode {
+    ssp_gateway::memory::start_trimmer();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -87,30 +87,13 @@ const UNSYNCED_KEEP: usize = 64 * 1024;
 /// Empties the buffer of unsynced bytes after a sync. It keeps its room while the load that
 /// filled it lasts; once an interval holds less than half of it, it shrinks to that interval's
 /// size, so a burst under `buffered` (a second of records at full rate, tens of MB) is not held
-/// for the life of the process.
+/// for the life of the process (and `crate::memory`'s trimmer gives the freed pages back).
 fn empty_after_sync(buf: &mut Vec<u8>) {
     let held = buf.len();
     if buf.capacity() > 2 * held.max(UNSYNCED_KEEP) {
-        let freed = buf.capacity();
         *buf = Vec::with_capacity(held);
-        if freed >= UNSYNCED_TRIM {
-            return_free_memory();
-        }
     } else {
         buf.clear();
-    }
-}
-
-/// Freeing this much asks the allocator to give free memory back to the system.
-const UNSYNCED_TRIM: usize = 4 << 20;
-
-/// glibc keeps freed memory in its arenas unless asked; a burst's buffer, once freed, would
-/// still count in the process's RSS. Called only when such a buffer (4 MB or more) is freed.
-fn return_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
