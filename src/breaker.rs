@@ -1,7 +1,8 @@
-//! Per-provider circuit breaking: after `failure_threshold` consecutive connect failures or
-//! timeouts to one endpoint host (`host:port`), calls to that host fail fast for `cool_down`;
-//! then exactly one probe goes through (half-open): its success closes the circuit, its failure
-//! opens it for another cool-down. Pure state over atomics with the clock passed in: this module
+//! Per-provider circuit breaking: after `failure_threshold` consecutive failed calls (connect
+//! failures, response timeouts, response bodies that stalled or broke off) to one endpoint host
+//! (`host:port`), calls to that host fail fast for `cool_down`; then exactly one probe goes
+//! through (half-open): its success closes the circuit, its failure opens it for another
+//! cool-down. Pure state over atomics with the clock passed in: this module
 //! never does I/O, never sleeps, and never decides where a request goes (the target is
 //! `authorise`'s answer; this only says "not now").
 //!
@@ -14,19 +15,34 @@
 //!     Err(open) => return Err(502 ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>),  // log `open`
 //! };
 //! match send(request).await {
-//!     Ok(response_head)               => ticket.success(),   // any status, 5xx included
+//!     Ok(response_head)               => response_body.carries(ticket),  // verdict below
 //!     Err(connect error or TLS error) => ticket.failure(Instant::now()),
 //!     Err(response timeout)           => ticket.failure(Instant::now()),
 //!     Err(anything else)              => drop(ticket),       // no verdict
 //! }
+//! // When the response body ends (`forward::UpstreamBody`):
+//! match body_end {
+//!     reached its end (or was empty)  => ticket.success(),   // any status, 5xx included
+//!     idle timeout, or hyper's body error (reset, closed early, bad chunks)
+//!                                     => ticket.failure(Instant::now()),
+//!     dropped before its end          => drop(ticket),       // no verdict
+//! }
 //! ```
 //!
+//! So a call that got a response is judged by its whole answer: a provider that sends a head
+//! and then stalls or breaks off counts against its circuit as one that never answered does,
+//! while a 5xx with a complete body is an answer. A body that breaks off or stalls while the
+//! consumer's request body was what failed (stalled, broken, over the cap: the provider's
+//! connection goes with it) is not held against the provider: no verdict, as before the head.
+//!
 //! A ticket dropped without a verdict (the consumer went away, a protocol error after the
-//! request was sent) changes nothing; a dropped half-open probe lets the next call probe again,
-//! so a lost probe can never wedge a host open. Hosts come from the directory's registered
-//! endpoints, so the set is small; it is bounded by `max_hosts` all the same (a host that is
-//! closed with no failures is forgotten to make room; past that, new hosts go untracked).
-//! Each change of a host's state is reported once, as it happens, to the [`Observer`] given to
+//! request was sent and before the response head) changes nothing; a dropped half-open probe
+//! lets the next call probe again, so a lost probe can never wedge a host open. A probe's
+//! verdict comes at its body's end, so the host stays half-open (refusing other calls) while
+//! the probe's body streams. Hosts come from the directory's registered endpoints, so the set
+//! is small; it is bounded by `max_hosts` all the same (a host that is closed with no failures
+//! is forgotten to make room; past that, new hosts go untracked). Each change of a host's
+//! state is reported once, as it happens, to the [`Observer`] given to
 //! [`Breakers::with_observer`] (the forwarder counts it in the metrics, by state only, and logs
 //! it naming the host).
 //!
@@ -149,8 +165,8 @@ impl Ticket {
         self.probe.is_some()
     }
 
-    /// The provider answered (any HTTP status): resets the failure count; a probe closes the
-    /// circuit.
+    /// The provider answered, its response body whole (any HTTP status): resets the failure
+    /// count; a probe closes the circuit.
     pub fn success(mut self) {
         self.settled = true;
         let Some(host) = &self.host else { return };
@@ -172,8 +188,9 @@ impl Ticket {
         }
     }
 
-    /// The call failed to connect, failed the TLS handshake or timed out, at `now`: counts
-    /// towards opening; a probe's failure opens the circuit for another cool-down.
+    /// The call failed to connect, failed the TLS handshake, timed out, or its response body
+    /// stalled or broke off, at `now`: counts towards opening; a probe's failure opens the
+    /// circuit for another cool-down.
     pub fn failure(mut self, now: Instant) {
         self.settled = true;
         let Some(host) = &self.host else { return };

@@ -407,12 +407,14 @@ impl Upstream {
                     }
                 }
                 Ok(Ok(mut resp)) => {
-                    if let Some(t) = ticket {
-                        t.success();
-                    }
                     strip_hop_by_hop(resp.headers_mut());
+                    // The breaker's verdict waits for the body's end (see `UpstreamBody`).
                     let idle = self.body_idle_timeout;
-                    Ok(resp.map(|body| UpstreamBody::new(body, idle)))
+                    let verdict = ticket.map(|ticket| Verdict {
+                        ticket,
+                        progress: progress.clone(),
+                    });
+                    Ok(resp.map(|body| UpstreamBody::new(body, idle, verdict)))
                 }
             };
             if attempt > 1 {
@@ -983,6 +985,8 @@ impl BodyProgress {
     const AWAITING_CONSUMER: u8 = 1;
     /// The consumer's body failed (malformed framing, connection closed mid-body).
     const CONSUMER_FAILED: u8 = 2;
+    /// The consumer's body went past the request-body cap, and was cut off.
+    const CONSUMER_OVER_CAP: u8 = 3;
 
     fn set(&self, state: u8) {
         self.0.store(state, Ordering::Relaxed);
@@ -994,6 +998,13 @@ impl BodyProgress {
 
     fn consumer_failed(&self) -> bool {
         self.0.load(Ordering::Relaxed) == Self::CONSUMER_FAILED
+    }
+
+    /// Whether the exchange may have ended for the consumer's sake: the client was waiting
+    /// for its body, or its body failed or went past the cap (which breaks the provider's
+    /// connection, and so a response body still coming on it).
+    fn consumer_at_fault(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != Self::FLOWING
     }
 }
 
@@ -1026,6 +1037,7 @@ where
                 let total =
                     this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
                 if let Some(limit) = this.limit.filter(|limit| total > *limit) {
+                    this.progress.set(BodyProgress::CONSUMER_OVER_CAP);
                     return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
                 }
             }
@@ -1058,6 +1070,13 @@ const VIA_HTTP10: HeaderValue = HeaderValue::from_static("1.0 ssp-gateway");
 /// nothing to give, and moved on only when it has nothing to give again after a frame came
 /// (a body that arrives whole, as most do, never makes one). Time the consumer takes to read
 /// what was sent is not counted: the body is not asked for its next frame meanwhile.
+///
+/// The attempt's circuit-breaker ticket travels with the body, and the body's end is the
+/// breaker's verdict (see [`crate::breaker`]): success when the body reaches its end (a body
+/// empty from the start — HEAD, 204, 304, `Content-Length: 0` — when it is made); failure when
+/// it stalls past the idle timeout or the provider's connection breaks mid-body (hyper's body
+/// error: reset, closed early, malformed chunks), unless the consumer's request body may be the
+/// cause ([`BodyProgress`]); none when it is dropped before its end (the consumer went away).
 pub struct UpstreamBody {
     /// `None` once the body timed out (and the provider's connection was let go).
     inner: Option<Incoming>,
@@ -1065,6 +1084,28 @@ pub struct UpstreamBody {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame came since the timer was last set.
     moved: bool,
+    /// Until the body ends: what its end reports to (`None` without circuit breakers).
+    verdict: Option<Verdict>,
+}
+
+/// What a response body's end reports to: the attempt's circuit-breaker ticket, and what the
+/// consumer's request body was doing (the provider is not blamed for the consumer's doing).
+struct Verdict {
+    ticket: Ticket,
+    progress: Arc<BodyProgress>,
+}
+
+/// Gives the breaker its verdict on a body that ended, `completed` or broken, once.
+fn settle(verdict: &mut Option<Verdict>, completed: bool) {
+    let Some(Verdict { ticket, progress }) = verdict.take() else {
+        return;
+    };
+    if completed {
+        ticket.success();
+    } else if !progress.consumer_at_fault() {
+        ticket.failure(Instant::now());
+    }
+    // Otherwise the ticket drops without a verdict.
 }
 
 /// The provider sent no response body bytes for the body idle timeout.
@@ -1073,12 +1114,17 @@ pub struct UpstreamBody {
 pub struct BodyIdleTimeout(pub Duration);
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, idle: Duration) -> UpstreamBody {
+    fn new(inner: Incoming, idle: Duration, mut verdict: Option<Verdict>) -> UpstreamBody {
+        // hyper need never poll a body that is at its end from the start.
+        if http_body::Body::is_end_stream(&inner) {
+            settle(&mut verdict, true);
+        }
         UpstreamBody {
             inner: Some(inner),
             idle,
             timer: None,
             moved: false,
+            verdict,
         }
     }
 }
@@ -1095,13 +1141,24 @@ impl http_body::Body for UpstreamBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Pending => {}
             Poll::Ready(Some(Ok(frame))) => {
                 this.moved = true;
+                // hyper may stop polling once the body says it is at its end.
+                if this.verdict.is_some() && inner.is_end_stream() {
+                    settle(&mut this.verdict, true);
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
-            other => return other.map_err(Into::into),
+            Poll::Ready(None) => {
+                settle(&mut this.verdict, true);
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => {
+                settle(&mut this.verdict, false);
+                return Poll::Ready(Some(Err(e.into())));
+            }
         }
         let idle = this.idle;
         let deadline = || tokio::time::Instant::now() + idle;
@@ -1122,6 +1179,7 @@ impl http_body::Body for UpstreamBody {
         }
         // Dropped unread to its end, the connection is closed rather than put back in the pool.
         this.inner = None;
+        settle(&mut this.verdict, false);
         tracing::warn!(
             idle_ms = this.idle.as_millis() as u64,
             "the provider's response body stalled; the response is cut off"
@@ -1497,5 +1555,197 @@ mod tests {
         let mut h = HeaderMap::new();
         prepare_request_headers(&mut h, "[::1]:5555".parse().expect("addr"));
         assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=https");
+    }
+
+    mod breaker_verdict {
+        //! The circuit breaker's verdict on a call that got a response is its body's end.
+
+        use super::*;
+        use crate::breaker::BreakerPolicy;
+        use http::Method;
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        const HOST: &str = "provider.example:443";
+        const COOL: Duration = Duration::from_secs(60);
+
+        /// Breakers whose circuit to `HOST` opened at `t0`, and the half-open probe taken at
+        /// `t0 + COOL`: each verdict on the probe leaves a different mark (see [`verdict`]).
+        fn probing() -> (Breakers, Instant, Verdict) {
+            let b = Breakers::new(BreakerPolicy {
+                failure_threshold: 1,
+                cool_down: COOL,
+                max_hosts: 4,
+            })
+            .expect("valid policy");
+            let t0 = Instant::now();
+            b.before(HOST, t0).expect("closed").failure(t0);
+            let ticket = b.before(HOST, t0 + COOL).expect("the probe");
+            assert!(ticket.is_probe());
+            let verdict = Verdict {
+                ticket,
+                progress: Arc::default(),
+            };
+            (b, t0, verdict)
+        }
+
+        /// The probe's verdict so far, as the next call at `t0 + COOL` finds the circuit.
+        fn verdict(b: &Breakers, t0: Instant) -> &'static str {
+            match b.before(HOST, t0 + COOL) {
+                Ok(t) if !t.is_probe() => "success",
+                // A dropped probe reopens the circuit with its cool-down over.
+                Ok(_) => "none",
+                // A failed probe reopens it for a fresh cool-down.
+                Err(open) if open.retry_after.is_some() => "failure",
+                Err(_) => "pending",
+            }
+        }
+
+        /// A response from a provider the test plays by hand over an in-memory connection:
+        /// hyper's client reads `answer`, and whatever the test writes to the returned stream
+        /// after it, as the provider's.
+        async fn answer(method: Method, answer: &[u8]) -> (Incoming, tokio::io::DuplexStream) {
+            let (client, mut provider) = tokio::io::duplex(64 * 1024);
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let req = Request::builder()
+                .method(method)
+                .uri("/x")
+                .header(header::HOST, "provider.example")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .expect("request");
+            let play = async {
+                // The request's head, then the answer.
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    provider.read_exact(&mut byte).await.expect("the request");
+                    head.push(byte[0]);
+                }
+                provider.write_all(answer).await.expect("write");
+            };
+            let (resp, ()) = tokio::join!(send.send_request(req), play);
+            (resp.expect("a response").into_body(), provider)
+        }
+
+        const HALF: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello";
+
+        #[tokio::test]
+        async fn a_body_read_to_its_end_is_a_success_and_not_before() {
+            let (b, t0, probe) = probing();
+            let (incoming, mut provider) = answer(Method::GET, HALF).await;
+            let mut body = UpstreamBody::new(incoming, Duration::from_secs(30), Some(probe));
+            let first = body.frame().await.expect("a frame").expect("data");
+            assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"hello")));
+            assert_eq!(verdict(&b, t0), "pending", "the head alone is no verdict");
+            provider.write_all(b"world").await.expect("write");
+            let last = body.frame().await.expect("a frame").expect("data");
+            assert_eq!(last.into_data().ok(), Some(Bytes::from_static(b"world")));
+            // Not polled again: hyper stops at a frame that ends the body.
+            assert_eq!(verdict(&b, t0), "success");
+
+            // A 5xx is the provider's answer; a chunked body ends with its last chunk.
+            let (b, t0, probe) = probing();
+            let (incoming, _provider) = answer(
+                Method::GET,
+                b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbusy\r\n0\r\n\r\n",
+            )
+            .await;
+            let body = UpstreamBody::new(incoming, Duration::from_secs(30), Some(probe));
+            let whole = body.collect().await.expect("the whole body").to_bytes();
+            assert_eq!(whole, Bytes::from_static(b"busy"));
+            assert_eq!(verdict(&b, t0), "success");
+        }
+
+        #[tokio::test]
+        async fn a_body_empty_from_the_start_is_a_success_unpolled() {
+            for (method, head) in [
+                (
+                    Method::HEAD,
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..],
+                ),
+                (Method::GET, b"HTTP/1.1 204 No Content\r\n\r\n"),
+                (Method::GET, b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+                (Method::GET, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            ] {
+                let (b, t0, probe) = probing();
+                let (incoming, _provider) = answer(method, head).await;
+                let body = UpstreamBody::new(incoming, Duration::from_secs(30), Some(probe));
+                assert!(body.is_end_stream());
+                assert_eq!(verdict(&b, t0), "success", "{head:?}");
+                drop(body);
+            }
+        }
+
+        #[tokio::test]
+        async fn a_body_dropped_before_its_end_gives_no_verdict() {
+            let (b, t0, probe) = probing();
+            let (incoming, _provider) = answer(Method::GET, HALF).await;
+            let mut body = UpstreamBody::new(incoming, Duration::from_secs(30), Some(probe));
+            body.frame().await.expect("a frame").expect("data");
+            // The consumer went away.
+            drop(body);
+            assert_eq!(verdict(&b, t0), "none");
+        }
+
+        #[tokio::test]
+        async fn a_stalled_or_broken_body_is_the_providers_failure() {
+            let (b, t0, probe) = probing();
+            let (incoming, _provider) = answer(Method::GET, HALF).await;
+            let mut body = UpstreamBody::new(incoming, Duration::from_millis(50), Some(probe));
+            body.frame().await.expect("a frame").expect("data");
+            let err = body.frame().await.expect("an end").expect_err("stalled");
+            assert!(err.is::<BodyIdleTimeout>(), "{err}");
+            assert_eq!(verdict(&b, t0), "failure");
+
+            // The provider's connection closes mid-body.
+            let (b, t0, probe) = probing();
+            let (incoming, provider) = answer(Method::GET, HALF).await;
+            let mut body = UpstreamBody::new(incoming, Duration::from_secs(30), Some(probe));
+            body.frame().await.expect("a frame").expect("data");
+            drop(provider);
+            let err = body.frame().await.expect("an end").expect_err("broken");
+            assert!(err.is::<hyper::Error>(), "{err}");
+            assert_eq!(verdict(&b, t0), "failure");
+        }
+
+        /// A request body cut off at the cap marks the exchange as the consumer's doing; one
+        /// read whole does not.
+        #[tokio::test]
+        async fn a_request_body_over_the_cap_is_the_consumers_doing() {
+            for (limit, at_fault) in [(Some(3), true), (Some(7), false), (None, false)] {
+                let progress = Arc::new(BodyProgress::default());
+                let mut body = Counted {
+                    inner: http_body_util::Full::new(Bytes::from_static(b"booking")),
+                    bytes: Arc::default(),
+                    limit,
+                    progress: progress.clone(),
+                };
+                let frame = body.frame().await.expect("a frame");
+                assert_eq!(frame.is_err(), at_fault, "{limit:?}");
+                assert_eq!(progress.consumer_at_fault(), at_fault, "{limit:?}");
+            }
+        }
+
+        /// A body that breaks or stalls while the consumer's request body was what failed is
+        /// not held against the provider.
+        #[tokio::test]
+        async fn a_body_ended_for_the_consumers_sake_gives_no_verdict() {
+            for state in [
+                BodyProgress::AWAITING_CONSUMER,
+                BodyProgress::CONSUMER_FAILED,
+                BodyProgress::CONSUMER_OVER_CAP,
+            ] {
+                let (b, t0, probe) = probing();
+                probe.progress.set(state);
+                let (incoming, _provider) = answer(Method::GET, HALF).await;
+                let mut body = UpstreamBody::new(incoming, Duration::from_millis(50), Some(probe));
+                body.frame().await.expect("a frame").expect("data");
+                body.frame().await.expect("an end").expect_err("stalled");
+                assert_eq!(verdict(&b, t0), "none", "state {state}");
+            }
+        }
     }
 }

@@ -34,13 +34,25 @@ const HUNDRED_MB: usize = 100 * 1024 * 1024;
 
 /// A provider speaking raw bytes over mTLS, so it can break HTTP in ways hyper would not.
 async fn raw_provider(world: &World, fault: Fault) -> u16 {
-    raw_provider_watched(world, fault).await.0
+    raw_provider_watched(world, fault).await.port
 }
 
-/// [`raw_provider`], with the number of connections the gateway closed on a stalled body.
-async fn raw_provider_watched(world: &World, fault: Fault) -> (u16, Arc<AtomicUsize>) {
+/// A [`raw_provider`] and what reached it.
+struct Watched {
+    port: u16,
+    /// Connections the gateway closed on a stalled body.
+    hung_up: Arc<AtomicUsize>,
+    /// Request heads read.
+    requests: Arc<AtomicUsize>,
+}
+
+/// [`raw_provider`], counting the requests it read and the connections the gateway closed on
+/// a stalled body.
+async fn raw_provider_watched(world: &World, fault: Fault) -> Watched {
     let hung_up = Arc::new(AtomicUsize::new(0));
     let count = hung_up.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let requests_read = requests.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
@@ -53,6 +65,7 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> (u16, Arc<AtomicUs
             };
             let acceptor = acceptor.clone();
             let hung_up = count.clone();
+            let requests = requests_read.clone();
             tokio::spawn(async move {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
@@ -65,6 +78,7 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> (u16, Arc<AtomicUs
                         _ => return,
                     }
                 }
+                requests.fetch_add(1, Ordering::SeqCst);
                 match fault {
                     Fault::Garbage => {
                         let _ = s
@@ -143,7 +157,11 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> (u16, Arc<AtomicUs
             });
         }
     });
-    (port, hung_up)
+    Watched {
+        port,
+        hung_up,
+        requests,
+    }
 }
 
 async fn gateway_before(
@@ -268,7 +286,7 @@ async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_stalls_mid_body_is_cut_off_at_the_body_idle_timeout() {
     let world = World::ecdsa();
-    let (port, hung_up) = raw_provider_watched(&world, Fault::StallMidBody).await;
+    let Watched { port, hung_up, .. } = raw_provider_watched(&world, Fault::StallMidBody).await;
     let config = gateway_config(
         &world,
         port,
@@ -333,6 +351,95 @@ async fn a_provider_that_stalls_mid_body_is_cut_off_at_the_body_idle_timeout() {
         assert_eq!(record["completed"], false, "{record}");
         assert_eq!(record["response_bytes"], 11, "{record}");
     }
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider that always sends a head and then stalls trips its circuit breaker: each body
+/// cut off at the body idle timeout is a failure (over both protocols), and once
+/// `failure_threshold` of them have come, the next request is refused at once with the
+/// circuit-open 502, without reaching the provider, rather than waiting out the timeout again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_stalls_its_bodies_trips_its_circuit() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::StallMidBody).await;
+    let idle = Duration::from_secs(1);
+    let config = gateway_config(
+        &world,
+        provider.port,
+        &GatewayOptions {
+            extra_upstream: "body_idle_timeout = \"1s\"",
+            circuit_breaker: "failure_threshold = 2\ncool_down = \"300s\"",
+            ..Default::default()
+        },
+    );
+    assert_eq!(config.upstream.body_idle_timeout, idle);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(provider.port));
+    let circuits = || async {
+        let (_, text) = http_get(running.admin_addr, "/metrics").await;
+        (
+            sample(&text, "ssp_upstream_circuits{state=\"open\"}"),
+            sample(&text, "ssp_upstream_circuit_transitions_total{to=\"open\"}"),
+        )
+    };
+    for http2 in [false, true] {
+        assert_eq!(
+            circuits().await,
+            (Some(0.0), Some(0.0)),
+            "http2 {http2}: closed before this stall"
+        );
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        let result = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.send(Gpc::new(Method::GET, target.clone(), IX_METADATA).build()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("http2 {http2}: the request was still held after 20 s"));
+        if let Ok(a) = result {
+            panic!(
+                "http2 {http2}: a truncated body looked complete: {} bytes, status {}",
+                a.body.len(),
+                a.status
+            );
+        }
+    }
+    assert_eq!(provider.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        circuits().await,
+        (Some(1.0), Some(1.0)),
+        "two stalled bodies open the circuit"
+    );
+
+    let started = std::time::Instant::now();
+    let a = world
+        .client(&world.consumer, running.gateway_addr)
+        .gpc(Gpc::new(Method::GET, target.clone(), IX_METADATA))
+        .await;
+    let took = started.elapsed();
+    a.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    assert!(
+        took < idle,
+        "refused at once, not after the body idle timeout: {took:?}"
+    );
+    assert_eq!(
+        provider.requests.load(Ordering::SeqCst),
+        2,
+        "the refused request never reached the provider"
+    );
+    let record = audited(&config.audit.dir, 502).await;
+    assert_eq!(
+        record["token"],
+        format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}")
+    );
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
