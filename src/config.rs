@@ -142,6 +142,8 @@ pub struct PolicyConfig {
     /// `None`: sharing agreements are not checked. `Some(pairs)`: only these sender/receiver
     /// ASID pairs may talk.
     pub sharing_agreements: Option<BTreeSet<(String, String)>>,
+    /// The web origins whose pages may call the gateway through a browser (CORS).
+    pub cors_allowed_origins: crate::cors::AllowedOrigins,
 }
 
 #[derive(Debug, Clone)]
@@ -391,6 +393,7 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         jwt,
         jwt_clock_skew: s.duration("jwt_clock_skew", DEFAULT_JWT_CLOCK_SKEW),
         sharing_agreements: sharing_agreements(&mut s),
+        cors_allowed_origins: cors_allowed_origins(&mut s),
     };
     s.finish();
 
@@ -1011,6 +1014,36 @@ fn sharing_agreements(s: &mut Section<'_, '_>) -> Option<BTreeSet<(String, Strin
         Some(_) => s.problem(key, "must be an array of { from, to } tables".into()),
     }
     enabled.then_some(pairs)
+}
+
+/// `cors_allowed_origins`: origins as browsers send them, or `["*"]`; none when absent.
+fn cors_allowed_origins(s: &mut Section<'_, '_>) -> crate::cors::AllowedOrigins {
+    let key = "cors_allowed_origins";
+    let Some(value) = s.take(key) else {
+        return crate::cors::AllowedOrigins::None;
+    };
+    let entries: Option<Vec<&str>> = value
+        .as_array()
+        .and_then(|items| items.iter().map(toml::Value::as_str).collect());
+    let Some(entries) = entries else {
+        s.problem(
+            key,
+            "must be an array of origins, e.g. [\"https://consumer.example\"], or [\"*\"]".into(),
+        );
+        return crate::cors::AllowedOrigins::None;
+    };
+    match crate::cors::AllowedOrigins::parse(&entries) {
+        Ok(origins) => origins,
+        Err(problems) => {
+            for (at, reason) in problems {
+                match at {
+                    Some(i) => s.problem(&format!("{key}[{i}]"), reason),
+                    None => s.problem(key, reason),
+                }
+            }
+            crate::cors::AllowedOrigins::None
+        }
+    }
 }
 
 fn is_asid(s: &str) -> bool {
@@ -1728,6 +1761,50 @@ ldif_file = "directory.ldif"
         .unwrap_or_else(|e| panic!("{e}"));
         let pairs = c.policy.sharing_agreements.expect("enforced");
         assert!(pairs.contains(&("1".to_string(), "2".to_string())));
+    }
+
+    #[test]
+    fn cors_allowed_origins_default_to_none_and_bad_entries_are_named() {
+        use crate::cors::AllowedOrigins;
+        let with = |list: &str| {
+            parse(&MINIMAL.replace(
+                "[policy]\n",
+                &format!("[policy]\ncors_allowed_origins = {list}\n"),
+            ))
+        };
+        let c = parse(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.policy.cors_allowed_origins, AllowedOrigins::None);
+        let c = with("[\"*\"]").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.policy.cors_allowed_origins.is_any());
+        let c = with("[\"https://Consumer.example\", \"http://localhost:3000\"]")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c
+            .policy
+            .cors_allowed_origins
+            .allows(b"https://consumer.example"));
+
+        let err = with("[\"https://ok.example\", \"https://slash.example/\", \"https://a.example/app\", \"null\", 3]")
+            .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["policy.cors_allowed_origins"], "{err}");
+        let err = with("[\"https://ok.example\", \"https://slash.example/\", \"https://a.example/app\", \"null\"]")
+            .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "policy.cors_allowed_origins[1]",
+                "policy.cors_allowed_origins[2]",
+                "policy.cors_allowed_origins[3]"
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("ends with `/`"), "{err}");
+        for bad in ["\"https://a.example\"", "[\"*\", \"https://a.example\"]"] {
+            let err = with(bad).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{err}");
+            assert_eq!(err.problems[0].key, "policy.cors_allowed_origins", "{err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::audit::record::Timestamp;
 use crate::audit::{Audit, AuditRecord, ClientInfo, RecordKind};
 use crate::authorise::{authorise, Facts};
+use crate::cors::{self, AllowedOrigins, Grant};
 use crate::directory::Directory;
 use crate::forward::{BodyEnd, ProxyBody, Upstream};
 use crate::metrics::Metrics;
@@ -29,10 +30,6 @@ use crate::ssp::jwt::{self, DecodedJwt, JwtClaims, JwtError, JwtPolicy};
 use crate::ssp::outcome::{self, Format, Rejection};
 use crate::telemetry::{AttrValue, SpanRecord, TraceContext, Tracer};
 
-/// The headers a consumer may send, listed in CORS preflight answers.
-const CORS_ALLOW_HEADERS: &str = "Accept, Authorization, Content-Type, If-Match, Prefer, \
-     Ssp-TraceID, Ssp-From, Ssp-To, Ssp-InteractionID";
-
 /// Policy the request path applies, from `[policy]` and the interaction catalogue. Reloaded
 /// as one snapshot (SIGHUP, or the config or catalogue file changing); a request keeps the
 /// snapshot it started with.
@@ -41,6 +38,8 @@ pub struct Policy {
     pub jwt: JwtPolicy,
     pub jwt_clock_skew: Duration,
     pub sharing_agreements: Option<BTreeSet<(String, String)>>,
+    /// The web origins whose pages may call through a browser (CORS).
+    pub cors_allowed_origins: AllowedOrigins,
 }
 
 /// Everything one request needs, shared by all connections.
@@ -155,7 +154,8 @@ impl Gateway {
         let mut record = Record::default();
         let format = response_format(&req);
         let version = req.version();
-        let origin = req.headers().get(header::ORIGIN).cloned();
+        // What a browser consumer's `Origin` is granted (no `Origin`: one header lookup).
+        let cors = policy.cors_allowed_origins.judge(req.headers());
 
         // Load shedding first: past the bound, answer at once rather than queue.
         let permit = self.overload.try_acquire();
@@ -169,7 +169,7 @@ impl Gateway {
                     armed: true,
                 };
                 let result = self
-                    .process(&policy, &conn, req, unfinished.record, &ctx)
+                    .process(&policy, &conn, req, unfinished.record, &ctx, &cors)
                     .await;
                 unfinished.armed = false;
                 result
@@ -207,9 +207,7 @@ impl Gateway {
             .headers_mut()
             .entry(header::STRICT_TRANSPORT_SECURITY)
             .or_insert(HSTS);
-        if let Some(origin) = origin {
-            allow_origin(response.headers_mut(), origin);
-        }
+        cors.apply(response.headers_mut());
         if ctx.method == Method::HEAD {
             // Only ever refused (405), and a HEAD answer has no body: hyper resets an HTTP/2
             // stream whose HEAD answer sends one.
@@ -425,6 +423,7 @@ impl Gateway {
         req: Request<RequestBody>,
         record: &mut Record<'a>,
         ctx: &Ctx,
+        cors: &Grant,
     ) -> Result<Response<ProxyBody>, Rejection> {
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
 
@@ -446,7 +445,7 @@ impl Gateway {
         // CORS preflight for a known interaction.
         if req.method() == Method::OPTIONS {
             record.preflight = true;
-            return self.preflight(policy, &req, path_and_query);
+            return self.preflight(policy, &req, path_and_query, cors);
         }
 
         // The bearer token, decoded once: its claims are audited whatever happens next.
@@ -631,13 +630,25 @@ impl Gateway {
     }
 
     /// Answers a CORS preflight: the methods the catalogue allows on this target (for the
-    /// declared interaction when the header is sent).
+    /// declared interaction when the header is sent), granted to an allowed origin. One from an
+    /// origin not allowed is refused (403): the browser then sends nothing more. One without
+    /// `Origin` (not a browser: the SSP test pack) still gets the methods, and no grant unless
+    /// any origin is allowed.
     fn preflight(
         &self,
         policy: &Policy,
         req: &Request<RequestBody>,
         path_and_query: &str,
+        cors: &Grant,
     ) -> Result<Response<ProxyBody>, Rejection> {
+        if *cors == Grant::NotAllowed {
+            let origin = req
+                .headers()
+                .get(header::ORIGIN)
+                .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(Rejection::CorsOriginNotAllowed { origin });
+        }
         let target = envelope::parse_target(path_and_query)?;
         let declared = req
             .headers()
@@ -667,15 +678,18 @@ impl Gateway {
             .map(Method::as_str)
             .collect::<Vec<_>>()
             .join(", ");
-        let origin = req
-            .headers()
-            .get(header::ORIGIN)
-            .cloned()
-            .unwrap_or(HeaderValue::from_static("*"));
-        let mut builder = Response::builder()
-            .status(StatusCode::OK)
-            .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)
-            .header(header::ACCESS_CONTROL_ALLOW_HEADERS, CORS_ALLOW_HEADERS)
+        let mut builder = Response::builder().status(StatusCode::OK);
+        match cors {
+            Grant::Allowed(origin) => {
+                builder = builder.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            }
+            Grant::NoOrigin if policy.cors_allowed_origins.is_any() => {
+                builder = builder.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
+            }
+            Grant::NoOrigin | Grant::NotAllowed => {}
+        }
+        builder = builder
+            .header(header::ACCESS_CONTROL_ALLOW_HEADERS, cors::ALLOW_HEADERS)
             .header(header::ACCESS_CONTROL_MAX_AGE, "600")
             .header(header::VARY, "Origin")
             .header(header::CACHE_CONTROL, "no-store");
@@ -689,24 +703,6 @@ impl Gateway {
             .body(ProxyBody::empty())
             .map_err(|_| Rejection::InvalidTargetUrl)
     }
-}
-
-/// The headers a browser consumer's script may read from an answer (CORS): the version for
-/// `If-Match`, where a booking was created, and the gateway's request id.
-const CORS_EXPOSE_HEADERS: HeaderValue =
-    HeaderValue::from_static("ETag, Location, Content-Location, X-Request-Id");
-
-/// CORS on the answer to a request that came with `origin` (a browser consumer): the provider's
-/// answer or the gateway's own, so the page may read it. A provider that set its own CORS
-/// headers keeps them; nothing is added to requests without `Origin`.
-fn allow_origin(headers: &mut http::HeaderMap, origin: HeaderValue) {
-    if let http::header::Entry::Vacant(slot) = headers.entry(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
-        slot.insert(origin);
-        headers.append(header::VARY, HeaderValue::from_static("Origin"));
-    }
-    headers
-        .entry(header::ACCESS_CONTROL_EXPOSE_HEADERS)
-        .or_insert(CORS_EXPOSE_HEADERS);
 }
 
 /// The fields of one access-log line. (`Serialize` only for the test that holds

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod authorise;
 pub mod breaker;
 pub mod config;
+pub mod cors;
 pub mod directory;
 pub mod files;
 pub mod forward;
@@ -302,6 +303,7 @@ fn policy_from(config: &Config, catalogue: Catalogue) -> Policy {
         jwt: config.policy.jwt,
         jwt_clock_skew: config.policy.jwt_clock_skew,
         sharing_agreements: config.policy.sharing_agreements.clone(),
+        cors_allowed_origins: config.policy.cors_allowed_origins.clone(),
     }
 }
 

@@ -224,10 +224,19 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// What `check-config` says about a configuration that loads but would not serve well: an own
 /// certificate (any in its file's chain) running out within [`EXPIRY_WARNING_DAYS`], an LDIF
 /// directory with no accredited system or no message handler (every request would be refused),
-/// a remote directory backend that does not answer now (the gateway would start unready).
+/// a remote directory backend that does not answer now (the gateway would start unready), a
+/// CORS allowlist of `"*"` (any web page could call through a clinician's browser).
 /// Warnings, not problems: the gateway runs with each of them.
 fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<String> {
     let mut warnings = Vec::new();
+    if config.policy.cors_allowed_origins.is_any() {
+        warnings.push(
+            "policy.cors_allowed_origins: \"*\" lets any web page a clinician opens make their \
+             browser send requests through the gateway with the client certificate held there; \
+             list the consumers' web origins instead"
+                .to_owned(),
+        );
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));

@@ -912,6 +912,7 @@ mod tests {
             "ssp_http_refused_heads_total{reason=\"unsupported_coding\"} 0",
             "ssp_http_refused_heads_total{reason=\"host\"} 0",
             "ssp_rejections_total{reason=\"request_body_not_allowed\"} 0",
+            "ssp_rejections_total{reason=\"cors_origin_not_allowed\"} 0",
             "ssp_upstream_connect_errors_total{reason=\"tls\"} 0",
             "ssp_upstream_retries_total{outcome=\"circuit_open\"} 0",
             "ssp_upstream_circuits{state=\"open\"} 0",
@@ -921,7 +922,7 @@ mod tests {
             assert!(text.contains(series), "{series} missing from\n{text}");
         }
         let count = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
-        assert_eq!(count("ssp_rejections_total{"), 23);
+        assert_eq!(count("ssp_rejections_total{"), 24);
         assert_eq!(count("ssp_tls_handshake_failures_total{"), 15);
         assert_eq!(count("ssp_http_refused_heads_total{"), 6);
         assert_eq!(count("ssp_upstream_connect_errors_total{"), 4);

@@ -170,6 +170,11 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
         )
         .replace("jwt = \"enforce\"", "jwt = \"sometimes\"")
         .replace(
+            "cors_allowed_origins = []\n",
+            "cors_allowed_origins = [\"https://consumer.example\", \"https://app.example/\", \
+             \"https://app.example/path\", \"null\"]\n",
+        )
+        .replace(
             "ldif_file = \"directory.ldif\"",
             "ldif_file = \"missing.ldif\"",
         );
@@ -186,6 +191,9 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
         "upstream.connect_timeout",
         "upstream.retries: unknown key",
         "policy.jwt",
+        "policy.cors_allowed_origins[1]: `https://app.example/` ends with `/`",
+        "policy.cors_allowed_origins[2]: `https://app.example/path` has a path",
+        "policy.cors_allowed_origins[3]: `null`",
     ] {
         assert!(report.contains(expected), "{expected} not in:\n{report}");
     }
@@ -359,6 +367,24 @@ fn check_config_warns_of_what_would_not_serve_well() {
         said.contains("warning: directory: the ldap backend does not answer now"),
         "{said}"
     );
+
+    // Any web origin allowed (CORS).
+    let any = root.join("config/any.toml");
+    assert!(text.contains("cors_allowed_origins = []\n"));
+    std::fs::write(
+        &any,
+        text.replace(
+            "cors_allowed_origins = []\n",
+            "cors_allowed_origins = [\"*\"]\n",
+        ),
+    )
+    .expect("write");
+    let said = check(&any);
+    assert!(
+        said.contains("warning: policy.cors_allowed_origins: \"*\" lets any web page"),
+        "{said}"
+    );
+    assert_eq!(said.matches("warning").count(), 1, "{said}");
 }
 
 struct Child(std::process::Child);

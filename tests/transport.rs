@@ -250,9 +250,19 @@ async fn errors_in_xml_when_asked_for() {
     h.stop().await;
 }
 
+/// `[policy]` allowing the one web origin the CORS tests' browser pages come from.
+const CORS_CONSUMER: &str = "cors_allowed_origins = [\"https://consumer.example\"]";
+
+fn cors_options() -> GatewayOptions {
+    GatewayOptions {
+        extra_policy: CORS_CONSUMER,
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_lists_the_allowed_methods() {
-    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, cors_options()).await;
     let c = h.consumer();
     let preflight = |path: &str, interaction: Option<&str>| {
         let mut b = Request::builder()
@@ -336,7 +346,7 @@ async fn cors_preflight_lists_the_allowed_methods() {
 /// included); requests without `Origin` get none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_to_a_browser_consumer_carry_cors_headers() {
-    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, cors_options()).await;
     let c = h.consumer();
     let with_origin = |gpc: Gpc<'_>| {
         let (mut parts, body) = gpc.build().into_parts();
@@ -379,6 +389,239 @@ async fn answers_to_a_browser_consumer_carry_cors_headers() {
         .get(http::header::ACCESS_CONTROL_ALLOW_ORIGIN)
         .is_none());
     assert!(plain.headers.get(http::header::VARY).is_none());
+    h.stop().await;
+}
+
+/// Only the configured web origins are granted: a preflight from another is refused (403,
+/// audited and counted, no `Access-Control-Allow-*`), and answers to its requests carry no
+/// grant; a preflight without `Origin` (the SSP test pack's) still gets 200 and the methods.
+/// `["*"]`, applied by a reload of `[policy]`, grants any origin (its own echoed back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_grants_only_the_allowed_origins() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, cors_options()).await;
+    let c = h.consumer();
+    let preflight = |origin: Option<&str>| {
+        let mut b = Request::builder()
+            .method(Method::OPTIONS)
+            .uri(format!("/{}/Appointment/7", h.endpoint()))
+            .header("Access-Control-Request-Method", "PUT")
+            .header(
+                "Access-Control-Request-Headers",
+                "ssp-traceid,ssp-from,ssp-to,ssp-interactionid",
+            );
+        if let Some(origin) = origin {
+            b = b.header("Origin", origin);
+        }
+        let req = b.body(Full::new(Bytes::new())).expect("request");
+        let c = c.clone();
+        async move { c.send(req).await.expect("answer") }
+    };
+    let search = |origin: &str| {
+        let (mut parts, body) = Gpc::new(Method::GET, slot_target(&h), IX_SEARCH_SLOT)
+            .build()
+            .into_parts();
+        parts
+            .headers
+            .insert(http::header::ORIGIN, origin.parse().expect("value"));
+        let req = Request::from_parts(parts, body);
+        let c = c.clone();
+        async move { c.send(req).await.expect("answer") }
+    };
+    let grants = |a: &Answer| -> Vec<String> {
+        a.headers
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .filter(|k| {
+                k.starts_with("access-control-allow") || k.starts_with("access-control-expose")
+            })
+            .collect()
+    };
+    let varies_on_origin = |a: &Answer| {
+        a.headers
+            .get_all(http::header::VARY)
+            .iter()
+            .any(|v| v == "Origin")
+    };
+
+    // The allowed origin (in any case: scheme and host are compared ignoring it).
+    for origin in ["https://consumer.example", "HTTPS://Consumer.Example"] {
+        let a = preflight(Some(origin)).await;
+        assert_eq!(a.status, StatusCode::OK, "{origin}");
+        assert_eq!(a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN], origin);
+        assert_eq!(
+            a.headers[http::header::ACCESS_CONTROL_REQUEST_METHOD],
+            "GET, PUT"
+        );
+        let a = search(origin).await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN], origin);
+        assert!(a
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_EXPOSE_HEADERS));
+    }
+    assert_eq!(
+        h.recorder.seen(),
+        2,
+        "the allowed origin's searches were forwarded"
+    );
+
+    // Another origin: its preflight is refused and grants nothing.
+    let elsewhere = "https://elsewhere.example";
+    let token = format!("CORS_ORIGIN_NOT_ALLOWED_{elsewhere}");
+    for origin in [
+        elsewhere,
+        "https://consumer.example.elsewhere.example",
+        "http://consumer.example",
+        "https://consumer.example:8443",
+        "null",
+    ] {
+        let a = preflight(Some(origin)).await;
+        a.assert_outcome(
+            403,
+            Some("ACCESS_DENIED"),
+            &format!("CORS_ORIGIN_NOT_ALLOWED_{origin}"),
+        );
+        assert_eq!(grants(&a), Vec::<String>::new(), "{origin}");
+        assert!(a
+            .headers
+            .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+            .is_none());
+        assert!(varies_on_origin(&a), "{origin}");
+    }
+    // Its requests (which a browser would not send after the refused preflight) are still
+    // checked and answered as any other, with no grant.
+    let a = search(elsewhere).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(grants(&a), Vec::<String>::new());
+    assert!(varies_on_origin(&a));
+    assert_eq!(
+        h.recorder.seen(),
+        3,
+        "a refused preflight reaches no provider"
+    );
+
+    // No Origin (the SSP test pack): 200 with the methods, and no grant.
+    let a = preflight(None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.headers[http::header::ACCESS_CONTROL_REQUEST_METHOD],
+        "GET, PUT"
+    );
+    assert!(a
+        .headers
+        .get(http::header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+
+    // Each refusal is audited and counted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let refused = audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| r["token"] == token.as_str())
+            .collect::<Vec<_>>();
+        if let Some(r) = refused.first() {
+            assert_eq!(r["method"], "OPTIONS");
+            assert_eq!(r["status"], 403);
+            assert_eq!(r["kind"], "preflight");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no audit record with {token}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, metrics) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "ssp_rejections_total{reason=\"cors_origin_not_allowed\"}"
+        ),
+        Some(5.0),
+        "{metrics}"
+    );
+
+    // `["*"]`, applied without a restart: any origin is echoed, and a preflight without one
+    // gets `*` (the behaviour before the allowlist).
+    let text = std::fs::read_to_string(&h.config_path).expect("read config");
+    std::fs::write(
+        &h.config_path,
+        text.replace(CORS_CONSUMER, "cors_allowed_origins = [\"*\"]"),
+    )
+    .expect("write config");
+    loop {
+        let a = preflight(Some(elsewhere)).await;
+        if a.status == StatusCode::OK {
+            assert_eq!(
+                a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN],
+                elsewhere
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new allowlist never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = search(elsewhere).await;
+    assert_eq!(
+        a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        elsewhere
+    );
+    assert!(a
+        .headers
+        .contains_key(http::header::ACCESS_CONTROL_EXPOSE_HEADERS));
+    let a = preflight(None).await;
+    assert_eq!(a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    h.stop().await;
+}
+
+/// By default no web origin is granted; the SSP test pack's preflight (no `Origin`) still
+/// succeeds and lists the interaction's methods in `Access-Control-Request-Method`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_no_origin_is_granted_and_the_test_pack_preflight_succeeds() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let c = h.consumer();
+    for (path, ix, methods) in [
+        ("Slot", IX_SEARCH_SLOT, "GET"),
+        ("Appointment", IX_BOOK, "POST"),
+        ("Appointment/7", IX_CANCEL, "GET, PUT"),
+    ] {
+        let req = Request::builder()
+            .method(Method::OPTIONS)
+            .uri(format!("/{}/{path}", h.endpoint()))
+            .header("Ssp-InteractionID", ix)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let a = c.send(req).await.expect("answer");
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert_eq!(
+            a.headers[http::header::ACCESS_CONTROL_REQUEST_METHOD],
+            methods
+        );
+        assert!(a
+            .headers
+            .get(http::header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .is_none());
+    }
+    let req = Request::builder()
+        .method(Method::OPTIONS)
+        .uri(format!("/{}/Slot", h.endpoint()))
+        .header("Origin", "https://consumer.example")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let a = c.send(req).await.expect("answer");
+    a.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        "CORS_ORIGIN_NOT_ALLOWED_https://consumer.example",
+    );
+    assert!(a
+        .headers
+        .get(http::header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+    assert_eq!(h.recorder.seen(), 0);
     h.stop().await;
 }
 

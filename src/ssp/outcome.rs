@@ -33,6 +33,9 @@ pub enum Rejection {
     /// loaded since, expired, its CA no longer trusted); `reason` is the handshake failure
     /// label a new connection would be counted under (`certificate_revoked`, ...).
     CertificateNoLongerAccepted { reason: &'static str },
+    /// 403 `CORS_ORIGIN_NOT_ALLOWED_<origin>`: a CORS preflight from a web origin not in
+    /// `[policy] cors_allowed_origins` (the browser then sends nothing more).
+    CorsOriginNotAllowed { origin: String },
     /// 403 `ASID_CHECK_FAILED_MESSAGESENDER_<asid>`
     AsidCheckFailed { sender: String },
     /// 403 `CLIENT_CERTIFICATE_FQDN_<fqdn>_NOT_REGISTERED_FOR_ASID_<asid>`
@@ -106,6 +109,7 @@ impl Rejection {
             | Rejection::BodyNotAllowed { .. } => StatusCode::BAD_REQUEST,
             Rejection::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::CertificateNoLongerAccepted { .. }
+            | Rejection::CorsOriginNotAllowed { .. }
             | Rejection::AsidCheckFailed { .. }
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
@@ -136,7 +140,8 @@ impl Rejection {
             | Rejection::RequestBodyTimeout
             | Rejection::InvalidRequestBody
             | Rejection::BodyNotAllowed { .. } => Some("BAD_REQUEST"),
-            Rejection::AsidCheckFailed { .. }
+            Rejection::CorsOriginNotAllowed { .. }
+            | Rejection::AsidCheckFailed { .. }
             | Rejection::ReceiverCheckFailed { .. }
             | Rejection::NoSharingAgreement { .. } => Some("ACCESS_DENIED"),
             Rejection::FqdnNotRegistered { .. } | Rejection::CertificateNoLongerAccepted { .. } => {
@@ -166,6 +171,7 @@ impl Rejection {
             | Rejection::InvalidRequestBody
             | Rejection::BodyNotAllowed { .. } => "invalid",
             Rejection::CertificateNoLongerAccepted { .. }
+            | Rejection::CorsOriginNotAllowed { .. }
             | Rejection::AsidCheckFailed { .. }
             | Rejection::FqdnNotRegistered { .. }
             | Rejection::ReceiverCheckFailed { .. }
@@ -200,6 +206,9 @@ impl Rejection {
                 "CLIENT_CERTIFICATE_NO_LONGER_ACCEPTED_{}",
                 reason.to_ascii_uppercase()
             ),
+            Rejection::CorsOriginNotAllowed { origin } => {
+                format!("CORS_ORIGIN_NOT_ALLOWED_{origin}")
+            }
             Rejection::AsidCheckFailed { sender } => {
                 format!("ASID_CHECK_FAILED_MESSAGESENDER_{sender}")
             }
@@ -242,13 +251,14 @@ impl Rejection {
 
     /// Every [`Rejection::reason`], so that each `ssp_rejections_total` series can be exposed
     /// from 0 at start.
-    pub const REASONS: [&'static str; 23] = [
+    pub const REASONS: [&'static str; 24] = [
         "method_not_allowed",
         "invalid_target_url",
         "missing_or_invalid_header",
         "unsupported_interaction",
         "interaction_mismatch",
         "certificate_no_longer_accepted",
+        "cors_origin_not_allowed",
         "asid_check_failed",
         "fqdn_not_registered",
         "receiver_check_failed",
@@ -277,6 +287,7 @@ impl Rejection {
             Rejection::UnsupportedInteraction { .. } => "unsupported_interaction",
             Rejection::InteractionMismatch { .. } => "interaction_mismatch",
             Rejection::CertificateNoLongerAccepted { .. } => "certificate_no_longer_accepted",
+            Rejection::CorsOriginNotAllowed { .. } => "cors_origin_not_allowed",
             Rejection::AsidCheckFailed { .. } => "asid_check_failed",
             Rejection::FqdnNotRegistered { .. } => "fqdn_not_registered",
             Rejection::ReceiverCheckFailed { .. } => "receiver_check_failed",
@@ -641,6 +652,15 @@ mod tests {
                 Some("BAD_REQUEST"),
                 "invalid",
                 "INTERACTION_urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1_DOES_NOT_MATCH_REQUEST_POST_/B82617/STU3/1/gpconnect/Slot",
+            ),
+            (
+                Rejection::CorsOriginNotAllowed {
+                    origin: "https://elsewhere.example".into(),
+                },
+                403,
+                Some("ACCESS_DENIED"),
+                "forbidden",
+                "CORS_ORIGIN_NOT_ALLOWED_https://elsewhere.example",
             ),
             (
                 Rejection::AsidCheckFailed {
