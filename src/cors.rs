@@ -16,6 +16,10 @@ const EXPOSE_HEADERS: HeaderValue =
 
 const VARY_ORIGIN: HeaderValue = HeaderValue::from_static("Origin");
 
+/// `Access-Control-Allow-Credentials`: a browser sends its client certificate on a cross-origin
+/// call, and lets the page read the answer, only with this (and never with a wildcard grant).
+pub const CREDENTIALS: HeaderValue = HeaderValue::from_static("true");
+
 /// The most origins a list may hold: each request with `Origin` scans it.
 pub const MAX_ORIGINS: usize = 256;
 
@@ -36,8 +40,13 @@ pub enum AllowedOrigins {
 pub enum Grant {
     /// No `Origin`: not a browser's cross-origin request; nothing is added to its answer.
     NoOrigin,
-    /// An allowed origin, granted on the answer.
-    Allowed(HeaderValue),
+    /// An allowed origin, granted on the answer; `credentials` when it was listed by name
+    /// (never for `["*"]`): the browser may then send the clinician's client certificate and
+    /// let the page read the answer.
+    Allowed {
+        origin: HeaderValue,
+        credentials: bool,
+    },
     /// An origin not allowed: its answer grants nothing (a preflight is refused).
     NotAllowed,
 }
@@ -103,7 +112,10 @@ impl AllowedOrigins {
     pub fn judge(&self, headers: &HeaderMap) -> Grant {
         match headers.get(header::ORIGIN) {
             None => Grant::NoOrigin,
-            Some(origin) if self.allows(origin.as_bytes()) => Grant::Allowed(origin.clone()),
+            Some(origin) if self.allows(origin.as_bytes()) => Grant::Allowed {
+                origin: origin.clone(),
+                credentials: !self.is_any(),
+            },
             Some(_) => Grant::NotAllowed,
         }
     }
@@ -111,17 +123,24 @@ impl AllowedOrigins {
 
 impl Grant {
     /// The CORS headers on the answer to a request (the provider's answer or the gateway's own):
-    /// an allowed origin gets `Access-Control-Allow-Origin` (its origin), the exposed headers
-    /// and `Vary: Origin`, unless the provider set its own; one not allowed gets only
+    /// an allowed origin gets `Access-Control-Allow-Origin` (its origin), with
+    /// `Access-Control-Allow-Credentials: true` when listed by name, and `Vary: Origin`, unless
+    /// the provider set its own, and the exposed headers; one not allowed gets only
     /// `Vary: Origin` (the answer depends on it); no `Origin`, nothing.
     pub fn apply(self, headers: &mut HeaderMap) {
         match self {
             Grant::NoOrigin => {}
-            Grant::Allowed(origin) => {
+            Grant::Allowed {
+                origin,
+                credentials,
+            } => {
                 if let header::Entry::Vacant(slot) =
                     headers.entry(header::ACCESS_CONTROL_ALLOW_ORIGIN)
                 {
                     slot.insert(origin);
+                    if credentials {
+                        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, CREDENTIALS);
+                    }
                     headers.append(header::VARY, VARY_ORIGIN);
                 }
                 headers
@@ -343,7 +362,17 @@ mod tests {
             "https://consumer.example"
         );
         assert_eq!(answer[header::VARY], "Origin");
+        assert_eq!(answer[header::ACCESS_CONTROL_ALLOW_CREDENTIALS], "true");
         assert!(answer.contains_key(header::ACCESS_CONTROL_EXPOSE_HEADERS));
+
+        // Any origin: echoed, never with credentials.
+        let mut answer = HeaderMap::new();
+        list(&["*"]).judge(&req).apply(&mut answer);
+        assert_eq!(
+            answer[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://consumer.example"
+        );
+        assert!(!answer.contains_key(header::ACCESS_CONTROL_ALLOW_CREDENTIALS));
 
         req.insert(
             header::ORIGIN,

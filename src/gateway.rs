@@ -680,8 +680,15 @@ impl Gateway {
             .join(", ");
         let mut builder = Response::builder().status(StatusCode::OK);
         match cors {
-            Grant::Allowed(origin) => {
+            Grant::Allowed {
+                origin,
+                credentials,
+            } => {
                 builder = builder.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+                if *credentials {
+                    builder =
+                        builder.header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, cors::CREDENTIALS);
+                }
             }
             Grant::NoOrigin if policy.cors_allowed_origins.is_any() => {
                 builder = builder.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");

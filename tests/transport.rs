@@ -448,6 +448,11 @@ async fn cors_grants_only_the_allowed_origins() {
         let a = preflight(Some(origin)).await;
         assert_eq!(a.status, StatusCode::OK, "{origin}");
         assert_eq!(a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN], origin);
+        // Listed by name: the browser may send the client certificate and read the answer.
+        assert_eq!(
+            a.headers[http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS],
+            "true"
+        );
         assert_eq!(
             a.headers[http::header::ACCESS_CONTROL_REQUEST_METHOD],
             "GET, PUT"
@@ -455,6 +460,10 @@ async fn cors_grants_only_the_allowed_origins() {
         let a = search(origin).await;
         assert_eq!(a.status, StatusCode::OK);
         assert_eq!(a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN], origin);
+        assert_eq!(
+            a.headers[http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS],
+            "true"
+        );
         assert!(a
             .headers
             .contains_key(http::header::ACCESS_CONTROL_EXPOSE_HEADERS));
@@ -556,6 +565,11 @@ async fn cors_grants_only_the_allowed_origins() {
                 a.headers[http::header::ACCESS_CONTROL_ALLOW_ORIGIN],
                 elsewhere
             );
+            // Never credentials for any origin.
+            assert!(a
+                .headers
+                .get(http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS)
+                .is_none());
             break;
         }
         assert!(
