@@ -565,9 +565,12 @@ impl HeadError {
         }
     }
 
-    /// The `reason` label of `ssp_http_refused_heads_total`.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
+    labels! {
+        /// The `reason` label of `ssp_http_refused_heads_total`.
+        pub(crate) fn label;
+        /// Every [`HeadError::label`], so that each series can be exposed from 0 at start.
+        const LABELS;
+        {
             HeadError::Bad(_) => "malformed",
             HeadError::Framing(_) => "framing",
             HeadError::Host(_) => "host",
@@ -1542,7 +1545,7 @@ mod tests {
         let none = parse("GET / HTTP/1.1\r\nX: 1\r\n\r\n").err();
         assert_eq!(none, Some(HeadError::Host("no Host")));
         assert_eq!(none.map(HeadError::status), Some(StatusCode::BAD_REQUEST));
-        assert_eq!(none.map(HeadError::label), Some("host"));
+        assert_eq!(none.as_ref().map(HeadError::label), Some("host"));
         // An HTTP/1.0 client need not send one.
         assert!(parse("GET / HTTP/1.0\r\n\r\n").is_ok_and(|h| h.is_some()));
     }

@@ -2,6 +2,28 @@
 //! for GP Connect 1.2.7. `start` loads a validated `Config`, binds the listeners and returns
 //! their addresses (so tests can use port 0); `run` does the same and waits for shutdown.
 
+/// A `&'static str` label for each variant of an enum, from one list of arms: the label
+/// method's exhaustive `match` and the constant listing every label (for metrics exposed
+/// from 0 at start) are made from the same arms, so no variant is added without its label
+/// and no label is left out of the list.
+macro_rules! labels {
+    (
+        $(#[$fn_doc:meta])* $vis:vis fn $method:ident;
+        $(#[$all_doc:meta])* const $all:ident;
+        { $($pat:pat => $label:literal,)+ }
+    ) => {
+        $(#[$all_doc])*
+        $vis const $all: &'static [&'static str] = &[$($label),+];
+
+        $(#[$fn_doc])*
+        $vis fn $method(&self) -> &'static str {
+            match self {
+                $($pat => $label,)+
+            }
+        }
+    };
+}
+
 pub mod admin;
 pub mod audit;
 pub mod authorise;

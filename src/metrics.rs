@@ -511,15 +511,8 @@ fn zero_known_labels(
     for reason in LISTENER_FAILURE_REASONS {
         touch(handshake_failures, reason);
     }
-    for head in [
-        HeadError::Bad(""),
-        HeadError::Framing(""),
-        HeadError::Host(""),
-        HeadError::TooLarge,
-        HeadError::Unsupported,
-        HeadError::Timeout,
-    ] {
-        touch(refused_heads, head.label());
+    for label in HeadError::LABELS {
+        touch(refused_heads, label);
     }
     for reason in UPSTREAM_CONNECT_ERROR_REASONS {
         touch(connect_errors, reason);

@@ -249,38 +249,13 @@ impl Rejection {
         }
     }
 
-    /// Every [`Rejection::reason`], so that each `ssp_rejections_total` series can be exposed
-    /// from 0 at start.
-    pub const REASONS: [&'static str; 24] = [
-        "method_not_allowed",
-        "invalid_target_url",
-        "missing_or_invalid_header",
-        "unsupported_interaction",
-        "interaction_mismatch",
-        "certificate_no_longer_accepted",
-        "cors_origin_not_allowed",
-        "asid_check_failed",
-        "fqdn_not_registered",
-        "receiver_check_failed",
-        "no_sharing_agreement",
-        "endpoint_mismatch",
-        "invalid_jwt",
-        "directory_unavailable",
-        "audit_unavailable",
-        "rate_limited",
-        "directory_queries_exceeded",
-        "overloaded",
-        "body_too_large",
-        "request_body_timeout",
-        "invalid_request_body",
-        "request_body_not_allowed",
-        "upstream_error",
-        "upstream_timeout",
-    ];
-
-    /// A bounded snake_case label for metrics and logs. Never contains request data.
-    pub fn reason(&self) -> &'static str {
-        match self {
+    labels! {
+        /// A bounded snake_case label for metrics and logs. Never contains request data.
+        pub fn reason;
+        /// Every [`Rejection::reason`], so that each `ssp_rejections_total` series can be
+        /// exposed from 0 at start.
+        const REASONS;
+        {
             Rejection::MethodNotAllowed { .. } => "method_not_allowed",
             Rejection::InvalidTargetUrl => "invalid_target_url",
             Rejection::MissingOrInvalidHeader { .. } => "missing_or_invalid_header",
@@ -823,7 +798,7 @@ mod tests {
         ] {
             assert!(seen.insert(rejection.reason()), "{rejection:?}");
         }
-        let listed: std::collections::HashSet<_> = Rejection::REASONS.into_iter().collect();
+        let listed: std::collections::HashSet<_> = Rejection::REASONS.iter().copied().collect();
         assert_eq!(seen, listed, "Rejection::REASONS is every reason, once");
         assert_eq!(
             Rejection::AsidCheckFailed {
