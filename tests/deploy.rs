@@ -62,6 +62,19 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         );
     }
     assert!(rules.contains("ssp_certificate_expiry_seconds < 14 * 86400"));
+    // Every rule has a unit test case in alerts.test.yml.
+    let cases = read("deploy/prometheus/alerts.test.yml");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 19, "{alerts:?}");
+    for alert in alerts {
+        assert!(
+            cases.contains(&format!("alertname: {alert}\n")),
+            "{alert} has no case in alerts.test.yml"
+        );
+    }
     // Every `job=` matcher names the job both scrape setups give the gateway: the static
     // config's job_name, and the PodMonitor's jobLabel pod label's value.
     let prometheus = read("deploy/prometheus/prometheus.yml");
