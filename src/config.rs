@@ -16,7 +16,7 @@ use crate::directory::ldap::LdapSettings;
 use crate::directory::{self, CachePolicy};
 use crate::server::Limits;
 use crate::ssp::jwt::JwtPolicy;
-use crate::tls::{ClientTls, ServerTls};
+use crate::tls::{ClientTls, ServerTls, TlsKeys};
 
 /// Default path of the configuration file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
@@ -56,6 +56,35 @@ const DEFAULT_TRACING_QUEUE_CAPACITY: u64 = 4096;
 const DEFAULT_TRACING_MAX_BATCH: u64 = 512;
 const DEFAULT_TRACING_BATCH_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_TRACING_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The keys naming the files of `[listener]`'s TLS, for the problems found with them.
+pub const LISTENER_TLS_KEYS: TlsKeys = TlsKeys {
+    cert: "listener.cert",
+    key: "listener.key",
+    ca: "listener.client_ca",
+    crls: "listener.crls",
+};
+/// Likewise `[upstream]`'s.
+pub const UPSTREAM_TLS_KEYS: TlsKeys = TlsKeys {
+    cert: "upstream.cert",
+    key: "upstream.key",
+    ca: "upstream.ca",
+    crls: "upstream.crls",
+};
+/// Likewise `[mock_provider]`'s.
+pub const MOCK_PROVIDER_TLS_KEYS: TlsKeys = TlsKeys {
+    cert: "mock_provider.cert",
+    key: "mock_provider.key",
+    ca: "mock_provider.client_ca",
+    crls: "mock_provider.crls",
+};
+/// Likewise those of an `ldaps://` directory backend.
+pub const LDAP_TLS_KEYS: TlsKeys = TlsKeys {
+    cert: "directory.ldap_cert",
+    key: "directory.ldap_key",
+    ca: "directory.ldap_ca",
+    crls: "directory.ldap_crls",
+};
 
 /// The validated configuration of one gateway process.
 #[derive(Debug, Clone)]
@@ -1309,6 +1338,55 @@ interactions = "interactions.toml"
 [directory]
 ldif_file = "directory.ldif"
 "#;
+
+    /// Each TLS key constant names a key the configuration reads where it says: a value of the
+    /// wrong type there is reported under exactly that key (not as an unknown key).
+    #[test]
+    fn tls_keys_name_the_keys_the_configuration_reads() {
+        let base = MINIMAL.replace("[directory]\nldif_file = \"directory.ldif\"\n", "");
+        let mock = "[mock_provider]\nenabled = true\ncert = \"m.pem\"\nkey = \"m-key.pem\"\n\
+                    client_ca = \"ca.pem\"\nallowed_clients = [\"gw\"]\n";
+        let ldap = "[directory]\nbackend = \"ldap\"\nldap_url = \"ldaps://sds.example\"\n\
+                    ldap_cert = \"l.pem\"\nldap_key = \"l-key.pem\"\nldap_ca = \"ca.pem\"\n";
+        let ldif = "[directory]\nldif_file = \"directory.ldif\"\n";
+        for (keys, extra) in [
+            (LISTENER_TLS_KEYS, ldif),
+            (UPSTREAM_TLS_KEYS, ldif),
+            (MOCK_PROVIDER_TLS_KEYS, &format!("{ldif}{mock}")),
+            (LDAP_TLS_KEYS, ldap),
+        ] {
+            let text = format!("{base}{extra}");
+            for key in [keys.cert, keys.key, keys.ca, keys.crls] {
+                let (section, name) = key.split_once('.').expect("section.key");
+                // `name = 5` in `section`, in place of its value there if it has one.
+                let mut edited = String::new();
+                let mut current = "";
+                for line in text.lines() {
+                    if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                        current = header;
+                        edited.push_str(line);
+                        edited.push('\n');
+                        if current == section {
+                            edited.push_str(&format!("{name} = 5\n"));
+                        }
+                        continue;
+                    }
+                    if current == section && line.starts_with(&format!("{name} =")) {
+                        continue;
+                    }
+                    edited.push_str(line);
+                    edited.push('\n');
+                }
+                let err = parse(&edited).expect_err(key);
+                assert!(
+                    err.problems
+                        .iter()
+                        .any(|p| p.key == key && p.reason != "unknown key"),
+                    "{key}: {err}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn shipped_config_is_valid() {

@@ -157,7 +157,7 @@ fn load_catalogue_and_directory(
         }
     };
     let backend = directory::open_backend(&config.directory.backend, interactions)
-        .map_err(|e| problems.push(format!("directory: {e}")))
+        .map_err(|e| problems.extend(e))
         .ok();
     (catalogue, backend)
 }
@@ -204,19 +204,28 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     let mut problems = Vec::new();
     // The CRLs loaded now set the floor no reload may go below.
     let crl_floor = tls::CrlFloor::default();
-    let server_tls =
-        tls::listener_tls_above(&config.listener.tls, listener_alpn(config), &crl_floor)
-            .map_err(|e| problems.push(format!("listener: {e}")))
-            .ok();
+    let server_tls = tls::listener_tls_above(
+        &config.listener.tls,
+        &config::LISTENER_TLS_KEYS,
+        listener_alpn(config),
+        &crl_floor,
+    )
+    .map_err(|e| problems.extend(lines(e)))
+    .ok();
     let upstream_crl_floor = tls::CrlFloor::default();
-    let client_tls = tls::upstream_tls_above(&config.upstream.tls, &ALPN_H1, &upstream_crl_floor)
-        .map_err(|e| problems.push(format!("upstream: {e}")))
-        .ok();
+    let client_tls = tls::upstream_tls_above(
+        &config.upstream.tls,
+        &config::UPSTREAM_TLS_KEYS,
+        &ALPN_H1,
+        &upstream_crl_floor,
+    )
+    .map_err(|e| problems.extend(lines(e)))
+    .ok();
     let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
     check_audit_dir(config, &mut problems);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
-        tls::listener_tls(&m.tls, &ALPN_H1)
-            .map_err(|e| problems.push(format!("mock_provider: {e}")))
+        mock_provider_tls(m)
+            .map_err(|e| problems.extend(lines(e)))
             .ok()
             .map(|tls| {
                 let tls = Reloadable::new("mock provider TLS", Arc::new(tls), vec![]);
@@ -415,7 +424,7 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
     let floor = c.crl_floor.clone();
     c.server_tls.watch(
-        move || tls::listener_tls_above(&listener, alpn, &floor),
+        move || tls::listener_tls_above(&listener, &config::LISTENER_TLS_KEYS, alpn, &floor),
         poll,
         shutdown.clone(),
         tasks,
@@ -423,11 +432,26 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
     let upstream = config.upstream.tls.clone();
     let floor = c.upstream_crl_floor.clone();
     c.client_tls.watch(
-        move || tls::upstream_tls_above(&upstream, &ALPN_H1, &floor),
+        move || tls::upstream_tls_above(&upstream, &config::UPSTREAM_TLS_KEYS, &ALPN_H1, &floor),
         poll,
         shutdown.clone(),
         tasks,
     );
+}
+
+/// The mock provider's listener TLS (not reloaded).
+fn mock_provider_tls(m: &MockProviderConfig) -> Result<tls::ListenerTls, tls::TlsProblems> {
+    tls::listener_tls_above(
+        &m.tls,
+        &config::MOCK_PROVIDER_TLS_KEYS,
+        &ALPN_H1,
+        &tls::CrlFloor::default(),
+    )
+}
+
+/// Each problem of a TLS configuration, as a line naming its key and file.
+fn lines(problems: tls::TlsProblems) -> Vec<String> {
+    problems.into_iter().map(|p| p.to_string()).collect()
 }
 
 fn listener_alpn(config: &Config) -> &'static [&'static [u8]] {
@@ -684,8 +708,7 @@ pub async fn start_mock_provider(
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     ensure_dev_certs(config)?;
-    let tls = tls::listener_tls(&mock.tls, &ALPN_H1)
-        .map_err(|e| StartError::Load(vec![format!("mock_provider: {e}")]))?;
+    let tls = mock_provider_tls(mock).map_err(|e| StartError::Load(lines(e)))?;
     let tls = Reloadable::new("mock provider TLS", Arc::new(tls), vec![]);
     let provider = Arc::new(MockProvider::new(mock_settings(mock)));
     let listener = bind("mock provider", mock.address).await?;

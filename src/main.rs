@@ -325,8 +325,10 @@ fn directory_lookup(config: &Config, asid: &str, interaction: Option<&str>) -> E
         };
     let opened = match directory::open_backend(&config.directory.backend, &catalogue) {
         Ok(o) => o,
-        Err(e) => {
-            eprintln!("error: directory: {e}");
+        Err(problems) => {
+            for p in problems {
+                eprintln!("error: {p}");
+            }
             return ExitCode::FAILURE;
         }
     };

@@ -138,7 +138,11 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
         "{}",
         String::from_utf8_lossy(&bad.stdout)
     );
-    for expected in ["missing.ldif", "audit.dir"] {
+    let missing_ldif = format!(
+        "directory.ldif_file: {}: ",
+        root.join("config/missing.ldif").display()
+    );
+    for expected in [missing_ldif.as_str(), "audit.dir"] {
         assert!(report.contains(expected), "{expected} not in:\n{report}");
     }
 
@@ -212,7 +216,191 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
         .output()
         .expect("run");
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("missing.ldif"));
+    let report = String::from_utf8_lossy(&bad.stderr);
+    assert!(report.contains(&missing_ldif), "{report}");
+}
+
+/// Every bad file a configuration points at is reported at once, each problem naming its
+/// exact key and its file: two bad CRLs in one list and a bad key file. `check-config` lists
+/// them all and fails; `run` refuses to start with the same lines.
+#[test]
+fn check_config_and_run_name_the_key_and_file_of_every_bad_file() {
+    let (gw, admin, mock) = (free_port(), free_port(), free_port());
+    let (root, config) = copy_config(Some((gw, admin, mock)));
+    let made = Command::new(BIN)
+        .args(["dev-certs", "--out"])
+        .arg(root.join("certs-dev"))
+        .output()
+        .expect("dev-certs");
+    assert!(made.status.success());
+    let bad = root.join("bad");
+    std::fs::create_dir_all(&bad).expect("mkdir");
+    let not_a_crl = bad.join("not-a-crl.pem");
+    std::fs::write(&not_a_crl, "this is not a CRL\n").expect("write");
+    // A certificate where a CRL belongs.
+    let a_certificate = bad.join("certificate.pem");
+    std::fs::copy(root.join("certs-dev/ca.pem"), &a_certificate).expect("copy");
+    let not_a_key = bad.join("not-a-key.pem");
+    std::fs::write(&not_a_key, "this is not a key\n").expect("write");
+    let text = std::fs::read_to_string(&config).expect("read");
+    // The listener's `crls` is the first in the file.
+    let text = text
+        .replacen(
+            "crls = []",
+            &format!(
+                "crls = [\"{}\", \"{}\"]",
+                not_a_crl.display(),
+                a_certificate.display()
+            ),
+            1,
+        )
+        .replace(
+            "key = \"../certs-dev/gateway-key.pem\"",
+            &format!("key = \"{}\"", not_a_key.display()),
+        );
+    let broken = root.join("config/bad-files.toml");
+    std::fs::write(&broken, text).expect("write");
+    let expected = [
+        format!(
+            "listener.key: {}: no private key found",
+            not_a_key.display()
+        ),
+        format!(
+            "listener.crls[0]: {}: bad CRL: not a valid X.509 CRL",
+            not_a_crl.display()
+        ),
+        format!(
+            "listener.crls[1]: {}: bad CRL: no PEM CRL found",
+            a_certificate.display()
+        ),
+    ];
+
+    let checked = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&broken)
+        .output()
+        .expect("run check-config");
+    let report = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(1), "{report}");
+    assert!(
+        report.starts_with(&format!("{}: 3 problems\n", broken.display())),
+        "{report}"
+    );
+    let lines: Vec<&str> = report.lines().skip(1).collect();
+    assert_eq!(lines.len(), 3, "{report}");
+    for (line, expected) in lines.iter().zip(&expected) {
+        assert!(
+            line.starts_with(&format!("  - {expected}")),
+            "{expected:?} not in:\n{report}"
+        );
+    }
+
+    let ran = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&broken)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .output()
+        .expect("run");
+    let said = String::from_utf8_lossy(&ran.stderr);
+    assert_eq!(ran.status.code(), Some(1), "{said}");
+    assert!(
+        said.starts_with("error: cannot load what the configuration points at:\n"),
+        "{said}"
+    );
+    for expected in &expected {
+        assert!(
+            said.contains(&format!("\n  - {expected}")),
+            "{expected:?} not in:\n{said}"
+        );
+    }
+}
+
+/// A hot reload (SIGHUP) of the listener's files refuses bad ones as start-up does, and its
+/// log line names every bad file with its key; the previous certificate stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_names_the_key_and_file_of_every_bad_file() {
+    let (gw, admin, mock) = (free_port(), free_port(), free_port());
+    let (root, config) = copy_config(Some((gw, admin, mock)));
+    let text = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace("format = \"pretty\"", "format = \"json\"")
+        // SIGHUP only: no poll may catch the files half written.
+        .replace("watch_files = true", "watch_files = false");
+    std::fs::write(&config, text).expect("write");
+    let log_path = root.join("gateway.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ssp-gateway run");
+    let child = Child(child);
+    wait_ready(admin).await;
+
+    let certs = root.join("certs-dev");
+    // As the configuration names them (relative to its directory).
+    let (cert, key) = (
+        root.join("config/../certs-dev/gateway.pem"),
+        root.join("config/../certs-dev/gateway-key.pem"),
+    );
+    std::fs::write(&cert, "not a certificate\n").expect("write");
+    std::fs::write(&key, "not a key\n").expect("write");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let error = loop {
+        let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let refused = logged
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| {
+                l["message"] == "reload refused; the previous version stays in force"
+                    && l["component"] == "listener TLS"
+            });
+        if let Some(line) = refused {
+            break line["error"].as_str().expect("error field").to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refused reload logged:\n{logged}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        error.starts_with(&format!(
+            "listener.cert: {}: no PEM certificate found",
+            cert.display()
+        )),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!(
+            "; listener.key: {}: no private key found",
+            key.display()
+        )),
+        "{error}"
+    );
+    // Still ready, serving the certificate loaded at start.
+    wait_ready(admin).await;
+    let consumer = client_for(&certs, "consumer", gw, &[b"http/1.1"]);
+    let endpoint = format!("https://localhost:{mock}/B82617/STU3/1/gpconnect");
+    let a = consumer
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("{endpoint}/metadata"),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
 }
 
 /// A configuration that loads but would not serve well passes `check-config` with a warning

@@ -123,14 +123,15 @@ pub struct FhirSettings {
     pub query_timeout: Duration,
 }
 
-/// Why the FHIR backend could not be built.
+/// Why the FHIR backend could not be built, naming the `[directory]` key to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum FhirSetupError {
-    #[error("fhir_base_url {url}: {reason}")]
+    #[error("directory.fhir_base_url: {url}: {reason}")]
     Url { url: String, reason: String },
-    #[error("fhir_api_key_file {}: {reason}", path.display())]
+    #[error("directory.fhir_api_key_file: {}: {reason}", path.display())]
     ApiKey { path: PathBuf, reason: String },
-    #[error(transparent)]
+    /// The CA bundle (the error names the file).
+    #[error("directory.fhir_ca: {0}")]
     Tls(#[from] tls::TlsError),
 }
 
@@ -159,11 +160,18 @@ impl std::fmt::Debug for FhirBackend {
 
 impl FhirBackend {
     /// Reads the API key and TLS material; `interactions` are the catalogue's ids (step 2 of
-    /// the resolution in the module doc). Blocking file I/O: call at start-up.
-    pub fn new(settings: &FhirSettings, interactions: Vec<String>) -> Result<Self, FhirSetupError> {
-        let url_error = |reason: &str| FhirSetupError::Url {
-            url: settings.base_url.clone(),
-            reason: reason.to_string(),
+    /// the resolution in the module doc). A bad URL is the only problem reported; otherwise
+    /// both files are read and every problem with them reported. Blocking file I/O: call at
+    /// start-up.
+    pub fn new(
+        settings: &FhirSettings,
+        interactions: Vec<String>,
+    ) -> Result<Self, Vec<FhirSetupError>> {
+        let url_error = |reason: &str| {
+            vec![FhirSetupError::Url {
+                url: settings.base_url.clone(),
+                reason: reason.to_string(),
+            }]
         };
         let uri: Uri = settings
             .base_url
@@ -176,15 +184,10 @@ impl FhirBackend {
                 "must have no query, no fragment and no trailing `/`",
             ));
         }
-        let tls = match uri.scheme_str() {
-            Some("https") => {
-                let ca = settings.ca.as_ref().ok_or_else(|| {
-                    url_error(
-                        "https:// needs fhir_ca (the CA bundle the API's certificate chains to)",
-                    )
-                })?;
-                Some(client_tls(ca)?)
-            }
+        let ca = match uri.scheme_str() {
+            Some("https") => Some(settings.ca.as_ref().ok_or_else(|| {
+                url_error("https:// needs fhir_ca (the CA bundle the API's certificate chains to)")
+            })?),
             Some("http") if is_loopback(host) => None,
             Some("http") => {
                 return Err(url_error(
@@ -193,7 +196,13 @@ impl FhirBackend {
             }
             _ => return Err(url_error("must be an https:// URL")),
         };
-        let api_key = read_api_key(&settings.api_key_file)?;
+        let (api_key, tls) = match (
+            read_api_key(&settings.api_key_file),
+            ca.map(|ca| client_tls(ca)).transpose(),
+        ) {
+            (Ok(api_key), Ok(tls)) => (api_key, tls),
+            (api_key, tls) => return Err(api_key.err().into_iter().chain(tls.err()).collect()),
+        };
         let connector = Connector {
             tls: tls.map(tokio_rustls::TlsConnector::from),
             connect_timeout: settings.connect_timeout,
@@ -416,9 +425,10 @@ fn client_tls(ca: &Path) -> Result<Arc<rustls::ClientConfig>, FhirSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| FhirSetupError::Url {
-            url: ca.display().to_string(),
-            reason: e.to_string(),
+        .map_err(|e| tls::TlsError::Rustls {
+            path: ca.to_owned(),
+            context: "protocol versions",
+            source: e,
         })?
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -974,19 +984,48 @@ mod tests {
         ] {
             let err = FhirBackend::new(&settings(url, key.clone()), vec![])
                 .unwrap_err()
-                .to_string();
+                .iter()
+                .map(ToString::to_string)
+                .collect::<String>();
             assert!(err.contains(expected), "{url}: {err}");
         }
         std::fs::write(&key, "  \n").unwrap();
         let err = FhirBackend::new(&settings("http://[::1]:1/R4", key.clone()), vec![])
             .unwrap_err()
-            .to_string();
+            .iter()
+            .map(ToString::to_string)
+            .collect::<String>();
         assert!(err.contains("empty"), "{err}");
         std::fs::write(&key, "two\nlines").unwrap();
         let err = FhirBackend::new(&settings("http://localhost:1/R4", key.clone()), vec![])
             .unwrap_err()
-            .to_string();
+            .iter()
+            .map(ToString::to_string)
+            .collect::<String>();
         assert!(err.contains("header value"), "{err}");
+        // Both files bad: both named, each with its key.
+        let mut https = settings("https://api.example/FHIR/R4", key.clone());
+        https.ca = Some(dir.join("missing-ca.pem"));
+        let problems: Vec<String> = FhirBackend::new(&https, vec![])
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!(
+                "directory.fhir_api_key_file: {}: not a valid header value",
+                key.display()
+            )),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with(&format!(
+                "directory.fhir_ca: {}: cannot read",
+                dir.join("missing-ca.pem").display()
+            )),
+            "{problems:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

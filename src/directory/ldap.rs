@@ -79,13 +79,14 @@ pub struct LdapSettings {
     pub query_timeout: Duration,
 }
 
-/// Why the LDAP backend could not be built.
+/// Why the LDAP backend could not be built, naming the `[directory]` key to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum LdapSetupError {
-    #[error("ldap_url {url}: {reason}")]
+    #[error("directory.ldap_url: {url}: {reason}")]
     Url { url: String, reason: &'static str },
+    /// Every problem with the `ldaps://` TLS files, each naming its key.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] tls::TlsProblems),
 }
 
 /// RFC 4515 escaping of an assertion value: `*`, `(`, `)`, `\`, NUL and other control
@@ -177,7 +178,7 @@ impl LdapBackend {
         let mut conn_settings = LdapConnSettings::new().set_conn_timeout(settings.connect_timeout);
         match (&settings.tls, secure) {
             (Some(client), true) => {
-                let config = tls::own_client_config(client, &[])?;
+                let config = tls::own_client_config(client, &crate::config::LDAP_TLS_KEYS, &[])?;
                 conn_settings = conn_settings.set_config(config);
             }
             (None, true) => {
@@ -737,10 +738,17 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{url}: {err}");
         }
+        // Every file that does not load is named, with its key.
         let err = LdapBackend::new(settings("ldaps://127.0.0.1", Some(tls)))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("c.pem"), "{err}");
+        for expected in [
+            "directory.ldap_cert: c.pem: cannot read",
+            "directory.ldap_key: k.pem: cannot read",
+            "directory.ldap_ca: ca.pem: cannot read",
+        ] {
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
     }
 
     #[tokio::test]

@@ -180,13 +180,18 @@ pub struct OpenedBackend {
 /// Builds the configured backend: loads the LDIF file, or prepares the LDAP or FHIR client
 /// (TLS material, API key). Remote backends connect on first use. `catalogue` gives the FHIR
 /// backend the interactions it resolves ASIDs with. Blocking file I/O: call at start-up.
+/// Fails with every problem found, each naming its `[directory]` key (`directory.ldif_file: …`,
+/// `directory.ldap_crls[0]: …`) and the file.
 pub fn open_backend(
     config: &DirectoryBackendConfig,
     catalogue: &Catalogue,
-) -> Result<OpenedBackend, String> {
+) -> Result<OpenedBackend, Vec<String>> {
     match config {
         DirectoryBackendConfig::Ldif { file, .. } => {
-            let backend = Arc::new(ldif::LdifBackend::from_path(file).map_err(|e| e.to_string())?);
+            let backend = Arc::new(
+                ldif::LdifBackend::from_path(file)
+                    .map_err(|e| vec![format!("directory.ldif_file: {e}")])?,
+            );
             Ok(OpenedBackend {
                 backend: backend.clone(),
                 description: format!("ldif {}", file.display()),
@@ -194,7 +199,12 @@ pub fn open_backend(
             })
         }
         DirectoryBackendConfig::Ldap(settings) => {
-            let backend = ldap::LdapBackend::new(settings.clone()).map_err(|e| e.to_string())?;
+            let backend = ldap::LdapBackend::new(settings.clone()).map_err(|e| match e {
+                ldap::LdapSetupError::Tls(problems) => {
+                    problems.into_iter().map(|p| p.to_string()).collect()
+                }
+                other => vec![other.to_string()],
+            })?;
             Ok(OpenedBackend {
                 description: format!("ldap {} (base {})", settings.url, settings.search_base),
                 backend: Arc::new(backend),
@@ -203,8 +213,8 @@ pub fn open_backend(
         }
         DirectoryBackendConfig::Fhir(settings) => {
             let interactions = catalogue.iter().map(|i| i.id.clone()).collect();
-            let backend =
-                fhir::FhirBackend::new(settings, interactions).map_err(|e| e.to_string())?;
+            let backend = fhir::FhirBackend::new(settings, interactions)
+                .map_err(|problems| problems.iter().map(ToString::to_string).collect::<Vec<_>>())?;
             Ok(OpenedBackend {
                 description: format!(
                     "fhir {} ({} ASIDs mapped to ODS codes)",

@@ -146,7 +146,7 @@ pub async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> Result<
 pub fn client_tls(
     tls: &crate::tls::ClientTls,
     http2: bool,
-) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsProblems> {
     let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
     let config = crate::tls::client_config(tls, alpn)?;
     let mut config = Arc::unwrap_or_clone(config);

@@ -75,7 +75,7 @@ pub enum LoadtestError {
     #[error("{what}: {reason}")]
     BadArg { what: &'static str, reason: String },
     #[error("client TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::tls::TlsProblems),
     #[error("--book-body {path}: {source}")]
     BookBody {
         path: PathBuf,

@@ -3,8 +3,10 @@
 //!
 //! Everything here uses the aws-lc-rs provider explicitly (never a process-wide default), TLS
 //! 1.2 and 1.3 only, and loads certificates and keys from PEM files (CRLs: PEM or DER). Every error
-//! names the file it is about; none carries key bytes. The development and test PKI lives in
-//! [`pki`].
+//! names the file it is about; none carries key bytes. Building a whole configuration checks
+//! every one of its files and fails with every problem found ([`TlsProblems`]), each under the
+//! configuration key that names its file ([`TlsKeys`]: `listener.crls[1]`), so one bad file does
+//! not hide another. The development and test PKI lives in [`pki`].
 //!
 //! Revocation policy of the listener, when CRLs are configured:
 //! - every certificate of the client's chain (except the trust anchor) is checked against the
@@ -152,6 +154,123 @@ pub enum TlsError {
     },
 }
 
+/// The configuration keys that name the files of one TLS configuration, so that each problem
+/// found names the key to fix as well as the file:
+/// `listener.crls[1]: /etc/ssp/crl2.pem: bad CRL: not a valid X.509 CRL: …`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsKeys {
+    /// The own certificate chain.
+    pub cert: &'static str,
+    /// Its private key.
+    pub key: &'static str,
+    /// The CA bundle the peer's certificate must chain to.
+    pub ca: &'static str,
+    /// The CRL list; the problem with its `i`th file is keyed `crls[i]`.
+    pub crls: &'static str,
+}
+
+impl TlsKeys {
+    /// A [`ServerTls`]'s field names, for one not read from a configuration file.
+    pub const SERVER_TLS: TlsKeys = TlsKeys {
+        cert: "cert",
+        key: "key",
+        ca: "client_ca",
+        crls: "crls",
+    };
+    /// A [`ClientTls`]'s field names, likewise.
+    pub const CLIENT_TLS: TlsKeys = TlsKeys {
+        cert: "cert",
+        key: "key",
+        ca: "ca",
+        crls: "crls",
+    };
+
+    /// The key of the `i`th file of the CRL list.
+    fn crl(&self, i: usize) -> String {
+        format!("{}[{i}]", self.crls)
+    }
+}
+
+/// One problem with a file of a TLS configuration: the key that names the file, and what is
+/// wrong with it (the error names the file).
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {error}")]
+pub struct FileProblem {
+    pub key: String,
+    pub error: TlsError,
+}
+
+/// Every problem found with the files of one TLS configuration (at least one), in the order of
+/// its keys: the certificate, the key, the CA bundle, then each CRL in list order. Displayed
+/// on one line, `; ` between problems (as a refused reload logs it).
+#[derive(Debug)]
+pub struct TlsProblems(Vec<FileProblem>);
+
+impl TlsProblems {
+    fn one(key: &str, error: TlsError) -> TlsProblems {
+        TlsProblems(vec![FileProblem {
+            key: key.to_owned(),
+            error,
+        }])
+    }
+
+    /// The problems, in key order.
+    pub fn problems(&self) -> &[FileProblem] {
+        &self.0
+    }
+}
+
+impl IntoIterator for TlsProblems {
+    type Item = FileProblem;
+    type IntoIter = std::vec::IntoIter<FileProblem>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl fmt::Display for TlsProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TlsProblems {}
+
+/// The problems of one TLS configuration, noted as each of its files is checked.
+#[derive(Default)]
+struct Found(Vec<FileProblem>);
+
+impl Found {
+    /// `result`'s value, or `None` with its error noted against `key`.
+    fn take<T>(&mut self, key: impl Into<String>, result: Result<T, TlsError>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.note(key, error);
+                None
+            }
+        }
+    }
+
+    fn note(&mut self, key: impl Into<String>, error: TlsError) {
+        self.0.push(FileProblem {
+            key: key.into(),
+            error,
+        });
+    }
+
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// The listener's TLS material (all PEM files; CRLs PEM or DER).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTls {
@@ -294,43 +413,50 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError>
 pub struct CrlFloor(Arc<std::sync::Mutex<HashMap<String, CrlNumber>>>);
 
 impl CrlFloor {
-    /// Refuses `numbered` if any CRL is older than the one of its issuer already loaded, or has
-    /// its CRL Number with other contents (RFC 5280 §5.2.3: each new CRL of an issuer has a
-    /// greater number).
-    /// Refuses too a set that has no CRL for what a loaded one covered while its issuer is
-    /// still one of `cas`: with revocation status unknown allowed (CRLs are per issuing CA),
-    /// dropping a CA's CRL, or putting another CA's in its file, would let every certificate
-    /// it revoked in again.
+    /// What refuses `numbered`: each CRL older than the one of its issuer already loaded, or
+    /// with its CRL Number and other contents (RFC 5280 §5.2.3: each new CRL of an issuer has a
+    /// greater number), with its index in the CRL list.
+    /// And each CRL loaded whose scope the new set has none for, while its issuer is still one
+    /// of `cas` (no index: it is a CRL missing from the list): with revocation status unknown
+    /// allowed (CRLs are per issuing CA), dropping a CA's CRL, or putting another CA's in its
+    /// file, would let every certificate it revoked in again.
     fn check(
         &self,
         numbered: &[CrlNumber],
         cas: &[CertificateDer<'_>],
         ca_path: &Path,
-    ) -> Result<(), TlsError> {
+    ) -> Vec<(Option<usize>, TlsError)> {
         let floor = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for loaded in floor.values() {
-            if numbered.iter().any(|n| n.scope == loaded.scope) {
-                continue;
-            }
+        let mut refused = Vec::new();
+        let mut missing: Vec<&CrlNumber> = floor
+            .values()
+            .filter(|loaded| !numbered.iter().any(|n| n.scope == loaded.scope))
+            .collect();
+        // In a stable order (the floor is a map).
+        missing.sort_by(|a, b| a.scope.cmp(&b.scope));
+        for loaded in missing {
             let still_a_ca = cas.iter().any(|ca| {
                 x509_parser::parse_x509_certificate(ca.as_ref())
                     .is_ok_and(|(_, ca)| ca.subject().as_raw() == loaded.issuer.as_slice())
             });
             if still_a_ca {
-                return Err(TlsError::BadCrl {
-                    path: loaded.path.clone(),
-                    reason: format!(
-                        "the new CRLs have none for {}, whose CRL Number {} is loaded, while it \
-                         is still a CA in {}: its revoked certificates would be let in again \
-                         (remove the CA from the bundle as well, or restart the gateway)",
-                        loaded.scope,
-                        loaded.number,
-                        ca_path.display()
-                    ),
-                });
+                refused.push((
+                    None,
+                    TlsError::BadCrl {
+                        path: loaded.path.clone(),
+                        reason: format!(
+                            "the new CRLs have none for {}, whose CRL Number {} is loaded, while \
+                             it is still a CA in {}: its revoked certificates would be let in \
+                             again (remove the CA from the bundle as well, or restart the gateway)",
+                            loaded.scope,
+                            loaded.number,
+                            ca_path.display()
+                        ),
+                    },
+                ));
             }
         }
         for new in numbered {
@@ -344,17 +470,20 @@ impl CrlFloor {
             } else {
                 continue;
             };
-            return Err(TlsError::BadCrl {
-                path: new.path.clone(),
-                reason: format!(
-                    "CRL Number {} for {} {reason} ({})",
-                    new.number,
-                    new.scope,
-                    loaded.path.display()
-                ),
-            });
+            refused.push((
+                Some(new.index),
+                TlsError::BadCrl {
+                    path: new.path.clone(),
+                    reason: format!(
+                        "CRL Number {} for {} {reason} ({})",
+                        new.number,
+                        new.scope,
+                        loaded.path.display()
+                    ),
+                },
+            ));
         }
-        Ok(())
+        refused
     }
 
     /// `numbered` is in force: no later load may go below it.
@@ -375,70 +504,122 @@ impl CrlFloor {
 }
 
 /// Reads CRLs from `paths`: each file holds PEM `X509 CRL` sections or one DER CRL. A CRL that
-/// does not parse, or whose `nextUpdate` has already passed, is refused with its file named.
+/// does not parse, or whose `nextUpdate` has already passed, is refused with its file named
+/// (the first such file).
 pub fn load_crls(
     paths: &[PathBuf],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let (crls, numbered) = load_crls_numbered(paths)?;
-    refuse_second_crls(&numbered)?;
-    Ok(crls)
+    let mut crls = Vec::new();
+    let mut numbered = Vec::new();
+    for (index, path) in paths.iter().enumerate() {
+        let (in_file, numbers) = load_crl_file(path, index)?;
+        crls.extend(in_file);
+        numbered.extend(numbers);
+    }
+    match second_crls(&numbered).into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(crls),
+    }
 }
 
-/// The CRLs in `paths`, for the CA bundle `ca_path` holding `cas`: each read (numbered, not
-/// stale), signed by a CA of the bundle, accepted by webpki on its own (`webpki_accepts`, so a
-/// CRL webpki refuses names its file), no second CRL for what another covers, and none older
-/// than `floor` has seen. The floor is raised by the caller once its config is built.
+/// A loaded CA bundle, for checking CRLs against: its file, its certificates, its trust anchors.
+struct Bundle<'a> {
+    path: &'a Path,
+    cas: &'a [CertificateDer<'static>],
+    roots: &'a RootCertStore,
+}
+
+/// The CRLs of `paths` (the list `keys.crls`), each problem noted in `found` against the file's
+/// key (`crls[i]`): each file read (numbered, not stale) and, when the CA bundle loaded, each
+/// CRL signed by a CA of it and accepted by webpki on its own (`webpki_accepts`, so a CRL
+/// webpki refuses names its file); no second CRL for what another covers; and, when every file
+/// is good, none older than `floor` has seen and none missing that it has. The CRLs returned
+/// are those of the good files. The floor is raised by the caller once its config is built.
 fn checked_crls(
     paths: &[PathBuf],
-    cas: &[CertificateDer<'_>],
-    ca_path: &Path,
+    keys: &TlsKeys,
+    bundle: Option<Bundle<'_>>,
     floor: &CrlFloor,
-    webpki_accepts: impl Fn(&CertificateRevocationListDer<'static>) -> Result<(), rustls::Error>,
-) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>), TlsError> {
-    let (crls, numbered) = load_crls_numbered(paths)?;
-    for (crl, n) in crls.iter().zip(&numbered) {
-        check_crl_issuer(&n.path, crl, cas, ca_path)?;
-        webpki_accepts(crl).map_err(|e| TlsError::BadCrl {
-            path: n.path.clone(),
-            reason: e.to_string(),
-        })?;
+    webpki_accepts: impl Fn(
+        &RootCertStore,
+        &CertificateRevocationListDer<'static>,
+    ) -> Result<(), rustls::Error>,
+    found: &mut Found,
+) -> (Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>) {
+    let before = found.count();
+    let mut crls = Vec::new();
+    let mut numbered = Vec::new();
+    for (index, path) in paths.iter().enumerate() {
+        let checked = load_crl_file(path, index).and_then(|(in_file, numbers)| {
+            if let Some(bundle) = &bundle {
+                for crl in &in_file {
+                    check_crl_issuer(path, crl, bundle.cas, bundle.path)?;
+                    webpki_accepts(bundle.roots, crl).map_err(|e| TlsError::BadCrl {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                }
+            }
+            Ok((in_file, numbers))
+        });
+        if let Some((in_file, numbers)) = found.take(keys.crl(index), checked) {
+            crls.extend(in_file);
+            numbered.extend(numbers);
+        }
     }
-    refuse_second_crls(&numbered)?;
-    floor.check(&numbered, cas, ca_path)?;
-    Ok((crls, numbered))
+    for (index, e) in second_crls(&numbered) {
+        found.note(keys.crl(index), e);
+    }
+    if let Some(bundle) = &bundle {
+        if found.count() == before {
+            for (index, e) in floor.check(&numbered, bundle.cas, bundle.path) {
+                match index {
+                    Some(index) => found.note(keys.crl(index), e),
+                    None => found.note(keys.crls, e),
+                }
+            }
+        }
+    }
+    (crls, numbered)
 }
 
-/// Refuses a second, different CRL for what an earlier one covers: webpki checks a certificate
-/// against the first CRL of its issuer only, so a second one, older say, would be the one
-/// consulted, or never. (The same CRL twice, as PEM and DER say, is harmless.)
-fn refuse_second_crls(numbered: &[CrlNumber]) -> Result<(), TlsError> {
+/// Each second, different CRL for what an earlier one covers, with its index in the list:
+/// webpki checks a certificate against the first CRL of its issuer only, so a second one, older
+/// say, would be the one consulted, or never. (The same CRL twice, as PEM and DER say, is
+/// harmless.)
+fn second_crls(numbered: &[CrlNumber]) -> Vec<(usize, TlsError)> {
+    let mut seconds = Vec::new();
     for (i, crl) in numbered.iter().enumerate() {
         let earlier = &numbered[..i];
         if let Some(first) = earlier
             .iter()
             .find(|f| f.scope == crl.scope && f.digest != crl.digest)
         {
-            return Err(TlsError::BadCrl {
-                path: crl.path.clone(),
-                reason: format!(
-                    "a second CRL for {} (CRL Number {}; the first, {}, has {}): only the first \
-                     would be checked, so list one CRL per issuer, the newest",
-                    crl.scope,
-                    crl.number,
-                    first.path.display(),
-                    first.number
-                ),
-            });
+            seconds.push((
+                crl.index,
+                TlsError::BadCrl {
+                    path: crl.path.clone(),
+                    reason: format!(
+                        "a second CRL for {} (CRL Number {}; the first, {}, has {}): only the \
+                         first would be checked, so list one CRL per issuer, the newest",
+                        crl.scope,
+                        crl.number,
+                        first.path.display(),
+                        first.number
+                    ),
+                },
+            ));
         }
     }
-    Ok(())
+    seconds
 }
 
-/// What identifies a loaded CRL: its file, what it covers (issuer, and distribution point),
-/// its CRL Number and the SHA-256 of its bytes.
+/// What identifies a loaded CRL: its file (and the file's index in its CRL list), what it
+/// covers (issuer, and distribution point), its CRL Number and the SHA-256 of its bytes.
 #[derive(Debug)]
 struct CrlNumber {
     path: PathBuf,
+    index: usize,
     scope: String,
     /// The issuer's name, DER (to find it among the CAs of a bundle).
     issuer: Vec<u8>,
@@ -446,76 +627,76 @@ struct CrlNumber {
     digest: [u8; 32],
 }
 
-/// [`load_crls`] without the check for a second CRL of one issuer, with each CRL's number (one
-/// for each CRL returned, in the same order).
-fn load_crls_numbered(
-    paths: &[PathBuf],
+/// The CRLs of one file, `index` in its CRL list, with each CRL's number (one for each CRL
+/// returned, in the same order): each must parse, have a CRL Number and not be stale.
+fn load_crl_file(
+    path: &Path,
+    index: usize,
 ) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>), TlsError> {
     let now = x509_parser::time::ASN1Time::now();
-    let mut crls = Vec::new();
-    let mut numbers: Vec<CrlNumber> = Vec::new();
-    for path in paths {
-        let bytes = read(path)?;
-        let bad = |reason: String| TlsError::BadCrl {
-            path: path.clone(),
-            reason,
-        };
-        let in_file: Vec<CertificateRevocationListDer<'static>> = if looks_like_pem(&bytes) {
-            CertificateRevocationListDer::pem_slice_iter(&bytes)
-                .collect::<Result<_, _>>()
-                .map_err(|e| bad(pem_reason(&e)))?
-        } else {
-            vec![CertificateRevocationListDer::from(bytes)]
-        };
-        if in_file.is_empty() {
-            return Err(bad(
-                "no PEM CRL found (expected a -----BEGIN X509 CRL----- section)".to_owned(),
-            ));
-        }
-        for crl in &in_file {
-            let parsed = match x509_parser::parse_x509_crl(crl) {
-                Ok(([], parsed)) => parsed,
-                Ok(_) => return Err(bad("trailing data after the CRL".to_owned())),
-                Err(e) => return Err(bad(format!("not a valid X.509 CRL: {e}"))),
-            };
-            let Some(number) = parsed.crl_number() else {
-                // webpki requires it and would say only "ParseError".
-                return Err(bad(format!(
-                    "no CRL Number extension (RFC 5280 §5.2.3), which is required; `openssl ca \
-                     -gencrl` adds one when a crlnumber file is configured (issuer {})",
-                    rfc4514(parsed.issuer())
-                )));
-            };
-            // What a CRL covers: its issuer, and its issuing distribution point when the issuer
-            // partitions its revocations over several CRLs.
-            let mut scope = rfc4514(parsed.issuer());
-            if let Some(idp) = parsed.extensions().iter().find(|e| {
-                e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT
-            }) {
-                scope.push_str(" (issuing distribution point ");
-                scope.push_str(&hex(idp.value));
-                scope.push(')');
-            }
-            numbers.push(CrlNumber {
-                path: path.clone(),
-                scope,
-                issuer: parsed.issuer().as_raw().to_vec(),
-                number: number.clone(),
-                digest: sha256(crl.as_ref()),
-            });
-            if let Some(next) = parsed.next_update() {
-                if next < now {
-                    return Err(bad(format!(
-                        "stale: nextUpdate {} has passed; fetch a current CRL from {}",
-                        next,
-                        rfc4514(parsed.issuer()),
-                    )));
-                }
-            }
-        }
-        crls.extend(in_file);
+    let bytes = read(path)?;
+    let bad = |reason: String| TlsError::BadCrl {
+        path: path.to_owned(),
+        reason,
+    };
+    let in_file: Vec<CertificateRevocationListDer<'static>> = if looks_like_pem(&bytes) {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(pem_reason(&e)))?
+    } else {
+        vec![CertificateRevocationListDer::from(bytes)]
+    };
+    if in_file.is_empty() {
+        return Err(bad(
+            "no PEM CRL found (expected a -----BEGIN X509 CRL----- section)".to_owned(),
+        ));
     }
-    Ok((crls, numbers))
+    let mut numbers = Vec::with_capacity(in_file.len());
+    for crl in &in_file {
+        let parsed = match x509_parser::parse_x509_crl(crl) {
+            Ok(([], parsed)) => parsed,
+            Ok(_) => return Err(bad("trailing data after the CRL".to_owned())),
+            Err(e) => return Err(bad(format!("not a valid X.509 CRL: {e}"))),
+        };
+        let Some(number) = parsed.crl_number() else {
+            // webpki requires it and would say only "ParseError".
+            return Err(bad(format!(
+                "no CRL Number extension (RFC 5280 §5.2.3), which is required; `openssl ca \
+                 -gencrl` adds one when a crlnumber file is configured (issuer {})",
+                rfc4514(parsed.issuer())
+            )));
+        };
+        if let Some(next) = parsed.next_update() {
+            if next < now {
+                return Err(bad(format!(
+                    "stale: nextUpdate {} has passed; fetch a current CRL from {}",
+                    next,
+                    rfc4514(parsed.issuer()),
+                )));
+            }
+        }
+        // What a CRL covers: its issuer, and its issuing distribution point when the issuer
+        // partitions its revocations over several CRLs.
+        let mut scope = rfc4514(parsed.issuer());
+        if let Some(idp) = parsed
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT)
+        {
+            scope.push_str(" (issuing distribution point ");
+            scope.push_str(&hex(idp.value));
+            scope.push(')');
+        }
+        numbers.push(CrlNumber {
+            path: path.to_owned(),
+            index,
+            scope,
+            issuer: parsed.issuer().as_raw().to_vec(),
+            number: number.clone(),
+            digest: sha256(crl.as_ref()),
+        });
+    }
+    Ok((in_file, numbers))
 }
 
 /// Reads a CA bundle: one or more PEM CA certificates, each usable as a trust anchor.
@@ -670,54 +851,158 @@ impl ListenerTls {
 /// `client_ca` (and the CRLs, see the module doc), no session resumption, `alpn` offered in the
 /// given order. The key is checked against the certificate here, and the certificate must be
 /// one clients can accept ([`check_own_leaf`]): every caller serves the gateway's own (the
-/// listener, the mock provider).
-pub fn server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+/// listener, the mock provider). Problems are keyed by `ServerTls`'s field names.
+pub fn server_config(s: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsProblems> {
     listener_tls(s, alpn).map(|l| l.config)
 }
 
 /// [`server_config`] with its verifier: what a listener serves from ([`crate::server`]).
-pub fn listener_tls(s: &ServerTls, alpn: &[&[u8]]) -> Result<ListenerTls, TlsError> {
-    listener_tls_above(s, alpn, &CrlFloor::default())
+pub fn listener_tls(s: &ServerTls, alpn: &[&[u8]]) -> Result<ListenerTls, TlsProblems> {
+    listener_tls_above(s, &TlsKeys::SERVER_TLS, alpn, &CrlFloor::default())
 }
 
-/// [`listener_tls`], refusing CRLs older than those `floor` has seen, and raising it to these
-/// once the config is built: the listener's reloads, so a CRL is never replaced by an older one.
+/// [`listener_tls`] for a configuration whose files `keys` name, refusing CRLs older than
+/// those `floor` has seen, and raising it to these once the config is built: the listener's
+/// start and reloads, so a CRL is never replaced by an older one. Every file is checked and
+/// every problem reported.
 pub fn listener_tls_above(
     s: &ServerTls,
+    keys: &TlsKeys,
     alpn: &[&[u8]],
     floor: &CrlFloor,
-) -> Result<ListenerTls, TlsError> {
-    let certs = load_certs(&s.cert)?;
-    // `load_certs` returns at least one certificate, the leaf first.
-    check_own_leaf(&s.cert, &certs[0], Purpose::Server)?;
-    let key = load_private_key(&s.key)?;
-    let (cas, roots) = ca_bundle(&s.client_ca)?;
+) -> Result<ListenerTls, TlsProblems> {
     let provider = provider();
-    let (crls, numbered) = checked_crls(&s.crls, &cas, &s.client_ca, floor, |crl| {
-        client_verifier(&provider, roots.clone(), vec![crl.clone()]).map(|_| ())
-    })?;
-    let verifier = client_verifier(&provider, roots, crls).map_err(|e| TlsError::Rustls {
-        path: s.client_ca.clone(),
-        context: "client certificate verifier",
-        source: e,
-    })?;
-    let expiry = Expiry::of(&certs, &cas);
-    let certified = certified_key(&provider, &s.cert, certs, &s.key, key)?;
-    let config =
-        assemble_server_config(provider, verifier.clone(), certified, alpn).map_err(|e| {
+    let files = Files {
+        cert: &s.cert,
+        key: &s.key,
+        ca: &s.client_ca,
+        crls: &s.crls,
+    };
+    let m = load_material(
+        &files,
+        keys,
+        Some(Purpose::Server),
+        floor,
+        &provider,
+        |roots, crl| client_verifier(&provider, roots.clone(), vec![crl.clone()]).map(|_| ()),
+    )?;
+    let verifier = client_verifier(&provider, m.roots, m.crls).map_err(|e| {
+        TlsProblems::one(
+            keys.ca,
             TlsError::Rustls {
-                path: s.cert.clone(),
-                context: "server config",
+                path: s.client_ca.clone(),
+                context: "client certificate verifier",
                 source: e,
-            }
+            },
+        )
+    })?;
+    let config =
+        assemble_server_config(provider, verifier.clone(), m.certified, alpn).map_err(|e| {
+            TlsProblems::one(
+                keys.cert,
+                TlsError::Rustls {
+                    path: s.cert.clone(),
+                    context: "server config",
+                    source: e,
+                },
+            )
         })?;
-    floor.raise(numbered);
+    floor.raise(m.numbered);
     Ok(ListenerTls {
         config,
         verifier,
         generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
-        expiry,
+        expiry: m.expiry,
     })
+}
+
+/// The files of one TLS configuration.
+struct Files<'a> {
+    cert: &'a Path,
+    key: &'a Path,
+    ca: &'a Path,
+    crls: &'a [PathBuf],
+}
+
+/// The files of one TLS configuration, loaded and checked together.
+struct Material {
+    /// The own chain paired with its key.
+    certified: CertifiedKey,
+    /// The CA bundle's trust anchors.
+    roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    numbered: Vec<CrlNumber>,
+    expiry: Expiry,
+}
+
+/// Loads every file of `files` — the own chain (its leaf checked for `own` when given), its
+/// key, the CA bundle, each CRL ([`checked_crls`]) — and pairs the chain with the key. Each
+/// problem is noted against its key in `keys`, and all of them are returned: one bad file does
+/// not hide another. `webpki_accepts` is the verifier's judgement of one CRL under the bundle's
+/// trust anchors.
+fn load_material(
+    files: &Files<'_>,
+    keys: &TlsKeys,
+    own: Option<Purpose>,
+    floor: &CrlFloor,
+    provider: &CryptoProvider,
+    webpki_accepts: impl Fn(
+        &RootCertStore,
+        &CertificateRevocationListDer<'static>,
+    ) -> Result<(), rustls::Error>,
+) -> Result<Material, TlsProblems> {
+    let mut found = Found::default();
+    let certs = found.take(
+        keys.cert,
+        load_certs(files.cert).and_then(|certs| {
+            if let Some(purpose) = own {
+                // `load_certs` returns at least one certificate, the leaf first.
+                check_own_leaf(files.cert, &certs[0], purpose)?;
+            }
+            Ok(certs)
+        }),
+    );
+    let private = found.take(keys.key, load_private_key(files.key));
+    let certified = match (certs, private) {
+        (Some(certs), Some(private)) => {
+            match certified_key(provider, files.cert, certs, files.key, private) {
+                Ok(certified) => Some(certified),
+                Err(e @ TlsError::Rustls { .. }) => {
+                    found.note(keys.cert, e);
+                    None
+                }
+                Err(e) => {
+                    found.note(keys.key, e);
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let bundle = found.take(keys.ca, ca_bundle(files.ca));
+    let (crls, numbered) = checked_crls(
+        files.crls,
+        keys,
+        bundle.as_ref().map(|(cas, roots)| Bundle {
+            path: files.ca,
+            cas,
+            roots,
+        }),
+        floor,
+        webpki_accepts,
+        &mut found,
+    );
+    // Every `None` above has its problem noted.
+    match (certified, bundle) {
+        (Some(certified), Some((cas, roots))) if found.count() == 0 => Ok(Material {
+            expiry: Expiry::of(&certified.cert, &cas),
+            certified,
+            roots,
+            crls,
+            numbered,
+        }),
+        _ => Err(TlsProblems(found.0)),
+    }
 }
 
 /// The listener config from loaded parts: versions, verifier, certificate, no resumption, ALPN.
@@ -750,25 +1035,32 @@ fn assemble_server_config(
 /// system roots), presenting the client certificate, `alpn` offered in the given order.
 /// Session resumption stays on for this leg (rustls's default in-memory client cache): the
 /// provider decides whether to resume, and resuming saves a full handshake per new connection.
-pub fn client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
-    build_client_config(c, alpn, None, &CrlFloor::default()).map(|u| u.config)
+/// Problems are keyed by `ClientTls`'s field names.
+pub fn client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsProblems> {
+    build_client_config(c, &TlsKeys::CLIENT_TLS, alpn, None, &CrlFloor::default()).map(|u| u.config)
 }
 
-/// [`client_config`] for the gateway's own client side (providers, an LDAPS directory): its
-/// certificate must also be one servers can accept ([`check_own_leaf`]). (Test and load-test
-/// clients use `client_config`, which takes any certificate, to see the gateway refuse bad ones.)
-pub fn own_client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
-    own_client_config_above(c, alpn, &CrlFloor::default())
+/// [`client_config`] for the gateway's own client side (providers, an LDAPS directory), whose
+/// files `keys` name: its certificate must also be one servers can accept ([`check_own_leaf`]).
+/// (Test and load-test clients use `client_config`, which takes any certificate, to see the
+/// gateway refuse bad ones.)
+pub fn own_client_config(
+    c: &ClientTls,
+    keys: &TlsKeys,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsProblems> {
+    own_client_config_above(c, keys, alpn, &CrlFloor::default())
 }
 
 /// [`own_client_config`], refusing CRLs older than those `floor` has seen and raising it to
 /// these: the upstream client's reloads, so a provider's CRL is never replaced by an older one.
 pub fn own_client_config_above(
     c: &ClientTls,
+    keys: &TlsKeys,
     alpn: &[&[u8]],
     floor: &CrlFloor,
-) -> Result<Arc<ClientConfig>, TlsError> {
-    upstream_tls_above(c, alpn, floor).map(|u| u.config)
+) -> Result<Arc<ClientConfig>, TlsProblems> {
+    upstream_tls_above(c, keys, alpn, floor).map(|u| u.config)
 }
 
 /// The upstream client's TLS as one reloadable snapshot: the config, and the earliest
@@ -788,55 +1080,64 @@ pub struct UpstreamTls {
 /// certificate checked against the CRLs in force (a resumed session skips that check).
 pub fn upstream_tls_above(
     c: &ClientTls,
+    keys: &TlsKeys,
     alpn: &[&[u8]],
     floor: &CrlFloor,
-) -> Result<UpstreamTls, TlsError> {
-    build_client_config(c, alpn, Some(Purpose::Client), floor)
+) -> Result<UpstreamTls, TlsProblems> {
+    build_client_config(c, keys, alpn, Some(Purpose::Client), floor)
 }
 
 fn build_client_config(
     c: &ClientTls,
+    keys: &TlsKeys,
     alpn: &[&[u8]],
     own: Option<Purpose>,
     floor: &CrlFloor,
-) -> Result<UpstreamTls, TlsError> {
-    let certs = load_certs(&c.cert)?;
-    if let Some(purpose) = own {
-        check_own_leaf(&c.cert, &certs[0], purpose)?;
-    }
-    let key = load_private_key(&c.key)?;
-    let (cas, roots) = ca_bundle(&c.ca)?;
+) -> Result<UpstreamTls, TlsProblems> {
     let provider = provider();
-    let (crls, numbered) = checked_crls(&c.crls, &cas, &c.ca, floor, |crl| {
+    let files = Files {
+        cert: &c.cert,
+        key: &c.key,
+        ca: &c.ca,
+        crls: &c.crls,
+    };
+    let m = load_material(&files, keys, own, floor, &provider, |roots, crl| {
         server_verifier(&provider, roots.clone(), vec![crl.clone()]).map(|_| ())
     })?;
-    let crl_horizon = chaincache::crl_horizon(&crls);
-    let with_crls = !crls.is_empty();
-    let server_verifier =
-        server_verifier(&provider, roots, crls).map_err(|e| TlsError::BadCaBundle {
-            path: c.ca.clone(),
-            reason: e.to_string(),
-        })?;
-    let expiry = Expiry::of(&certs, &cas);
-    let certified = certified_key(&provider, &c.cert, certs, &c.key, key)?;
+    let crl_horizon = chaincache::crl_horizon(&m.crls);
+    let with_crls = !m.crls.is_empty();
+    let server_verifier = server_verifier(&provider, m.roots, m.crls).map_err(|e| {
+        TlsProblems::one(
+            keys.ca,
+            TlsError::BadCaBundle {
+                path: c.ca.clone(),
+                reason: e.to_string(),
+            },
+        )
+    })?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
-        .map_err(|e| TlsError::Rustls {
-            path: c.cert.clone(),
-            context: "protocol versions",
-            source: e,
+        .map_err(|e| {
+            TlsProblems::one(
+                keys.cert,
+                TlsError::Rustls {
+                    path: c.cert.clone(),
+                    context: "protocol versions",
+                    source: e,
+                },
+            )
         })?
         .with_webpki_verifier(server_verifier)
-        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(m.certified)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     if with_crls {
         config.resumption = rustls::client::Resumption::disabled();
     }
-    floor.raise(numbered);
+    floor.raise(m.numbered);
     Ok(UpstreamTls {
         config: Arc::new(config),
         crl_horizon,
-        expiry,
+        expiry: m.expiry,
     })
 }
 
@@ -1242,6 +1543,16 @@ mod tests {
     use super::pki::tests::TempDir;
     use super::pki::{Ca, Issued, KeyKind, LeafSpec, Validity};
     use super::*;
+
+    /// The one problem of a failed load (a test of one bad file expects no other), or the
+    /// value.
+    fn only<T>(loaded: Result<T, TlsProblems>) -> Result<T, TlsError> {
+        loaded.map_err(|problems| {
+            let mut all: Vec<FileProblem> = problems.into_iter().collect();
+            assert_eq!(all.len(), 1, "one problem expected: {all:?}");
+            all.remove(0).error
+        })
+    }
     use rustls::pki_types::ServerName;
     use rustls::{HandshakeKind, ProtocolVersion};
     use std::time::Duration;
@@ -1342,7 +1653,7 @@ mod tests {
             ),
             (LeafSpec::client(&names), "TLS server authentication"),
         ] {
-            match server_with(spec) {
+            match only(server_with(spec)) {
                 Err(e @ TlsError::OwnCertificate { .. }) => {
                     assert!(e.to_string().contains(says), "{e}")
                 }
@@ -1351,7 +1662,12 @@ mod tests {
         }
         let client_with = |spec: LeafSpec| {
             let issued = ca.issue(&spec).expect("issue");
-            own_client_config(&files.client("own-client", &issued, &ca), &[]).map(|_| ())
+            own_client_config(
+                &files.client("own-client", &issued, &ca),
+                &TlsKeys::CLIENT_TLS,
+                &[],
+            )
+            .map(|_| ())
         };
         assert!(client_with(LeafSpec::client(&["gw.example"])).is_ok());
         for (spec, says) in [
@@ -1364,13 +1680,111 @@ mod tests {
                 "TLS client authentication",
             ),
         ] {
-            match client_with(spec) {
+            match only(client_with(spec)) {
                 Err(e @ TlsError::OwnCertificate { .. }) => {
                     assert!(e.to_string().contains(says), "{e}")
                 }
                 other => panic!("{says}: {other:?}"),
             }
         }
+    }
+
+    /// Every bad file of a TLS configuration is reported, each with the key that names it and
+    /// its file, not only the first: what `check-config`, start-up and a refused reload say.
+    #[test]
+    fn every_bad_file_is_reported_with_its_key() {
+        let files = Files::new("every-problem");
+        let ca = ecdsa_ca("Every CA");
+        let keys = TlsKeys {
+            cert: "listener.cert",
+            key: "listener.key",
+            ca: "listener.client_ca",
+            crls: "listener.crls",
+        };
+        let keyed = |loaded: Result<ListenerTls, TlsProblems>| -> Vec<(String, PathBuf)> {
+            let problems = loaded.expect_err("refused");
+            let line = problems.to_string();
+            problems
+                .into_iter()
+                .map(|p| {
+                    assert!(line.contains(&p.to_string()), "{line}");
+                    let path = match p.error {
+                        TlsError::KeyMismatch { key, .. } => key,
+                        TlsError::NoCertificate { path }
+                        | TlsError::NoPrivateKey { path }
+                        | TlsError::BadCrl { path, .. }
+                        | TlsError::BadCaBundle { path, .. } => path,
+                        other => panic!("{}: {other}", p.key),
+                    };
+                    (p.key, path)
+                })
+                .collect()
+        };
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let good = ca.crl(&[]).expect("crl");
+        let stale = ca
+            .crl_between(&[], now - 7200, now - 3600)
+            .expect("stale crl");
+        let stranger = ecdsa_ca("Stranger CA").crl(&[]).expect("crl");
+
+        // A bad certificate, a CA "bundle" that is a leaf, and CRLs 0 and 2 of three bad: each
+        // is reported (the CRLs' issuers cannot be checked without the bundle).
+        let mut s = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
+        let not_a_cert = files.text("not-a-cert.pem", "no certificate here\n");
+        let garbage = files.text("garbage-crl.pem", "not a CRL\n");
+        let good_path = files.text("good-crl.pem", &good);
+        let stale_path = files.text("stale-crl.pem", &stale);
+        let (leaf_cert, _) = files.leaf("a-leaf", &client_leaf(&ca, &["leaf.example"]));
+        let good_cert = std::mem::replace(&mut s.cert, not_a_cert.clone());
+        let good_ca = std::mem::replace(&mut s.client_ca, leaf_cert.clone());
+        s.crls = vec![garbage.clone(), good_path.clone(), stale_path.clone()];
+        let floor = CrlFloor::default();
+        assert_eq!(
+            keyed(listener_tls_above(&s, &keys, ALPN, &floor)),
+            [
+                ("listener.cert".to_owned(), not_a_cert),
+                ("listener.client_ca".to_owned(), leaf_cert),
+                ("listener.crls[0]".to_owned(), garbage.clone()),
+                ("listener.crls[2]".to_owned(), stale_path.clone()),
+            ]
+        );
+
+        // With the bundle good: a key that is not the certificate's, a CRL of a CA not in the
+        // bundle, a stale one.
+        s.cert = good_cert;
+        s.client_ca = good_ca;
+        let (_, other_key) = files.leaf("other", &client_leaf(&ca, &["other.example"]));
+        let good_key = std::mem::replace(&mut s.key, other_key.clone());
+        let stranger_path = files.text("stranger-crl.pem", &stranger);
+        s.crls = vec![good_path.clone(), stranger_path.clone(), stale_path.clone()];
+        assert_eq!(
+            keyed(listener_tls_above(&s, &keys, ALPN, &floor)),
+            [
+                ("listener.key".to_owned(), other_key),
+                ("listener.crls[1]".to_owned(), stranger_path),
+                ("listener.crls[2]".to_owned(), stale_path.clone()),
+            ]
+        );
+
+        // Good files load, and raise the floor; a reload (the same loader) with two bad CRLs is
+        // refused naming both, and not the floor (the files are what is wrong).
+        s.key = good_key;
+        s.crls = vec![good_path.clone()];
+        listener_tls_above(&s, &keys, ALPN, &floor).expect("good files");
+        s.crls = vec![stale_path.clone(), garbage.clone()];
+        assert_eq!(
+            keyed(listener_tls_above(&s, &keys, ALPN, &floor)),
+            [
+                ("listener.crls[0]".to_owned(), stale_path),
+                ("listener.crls[1]".to_owned(), garbage),
+            ]
+        );
+        // Without them, the floor's refusal names the list and the CRL it misses.
+        s.crls = vec![];
+        assert_eq!(
+            keyed(listener_tls_above(&s, &keys, ALPN, &floor)),
+            [("listener.crls".to_owned(), good_path)]
+        );
     }
 
     /// A CRL is checked against the client CAs when it is loaded: one signed by another key
@@ -1393,7 +1807,7 @@ mod tests {
             (stranger.crl(&[]).expect("crl"), "not a CA in"),
         ] {
             let tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&own, &crl]);
-            match server_config(&tls, ALPN) {
+            match only(server_config(&tls, ALPN)) {
                 Err(e @ TlsError::BadCrl { .. }) => {
                     assert!(e.to_string().contains(says), "{e}");
                     assert!(e.to_string().contains("crl1.pem"), "{e}");
@@ -1742,7 +2156,7 @@ mod tests {
             client_ca: files.ca("ca.pem", &[&ca]),
             crls: vec![],
         };
-        match server_config(&s, ALPN) {
+        match only(server_config(&s, ALPN)) {
             Err(TlsError::KeyMismatch { cert, key }) => {
                 assert_eq!((cert, key), (a_cert.clone(), b_key.clone()));
             }
@@ -1755,7 +2169,7 @@ mod tests {
             crls: Vec::new(),
         };
         assert!(matches!(
-            client_config(&c, &[]),
+            only(client_config(&c, &[])),
             Err(TlsError::KeyMismatch { .. })
         ));
     }
@@ -1795,7 +2209,7 @@ mod tests {
         let tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&first]);
         let path = tls.crls[0].clone();
         let floor = CrlFloor::default();
-        let build = || listener_tls_above(&tls, ALPN, &floor);
+        let build = || only(listener_tls_above(&tls, &TlsKeys::SERVER_TLS, ALPN, &floor));
         build().expect("first");
         build().expect("the same again");
         for (number, what) in [(9, "is older"), (10, "with other contents")] {
@@ -1815,7 +2229,7 @@ mod tests {
         // Two different CRLs of the issuer in two files: refused by the listener's first build
         // too (start-up and check-config), not only by a reload.
         let two = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&crl(&[], 5), &first]);
-        match server_config(&two, ALPN) {
+        match only(server_config(&two, ALPN)) {
             Err(TlsError::BadCrl { reason, .. }) => {
                 assert!(reason.contains("a second CRL for"), "{reason}")
             }
@@ -1880,7 +2294,7 @@ mod tests {
         let mut s = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
         s.crls = vec![files.0.path("crl.pem"), stale_path.clone()];
         assert!(
-            matches!(server_config(&s, ALPN), Err(TlsError::BadCrl { path, .. }) if path == stale_path)
+            matches!(only(server_config(&s, ALPN)), Err(TlsError::BadCrl { path, .. }) if path == stale_path)
         );
     }
 
@@ -2380,7 +2794,7 @@ mod tests {
         assert!(connected.is_ok(), "{connected:?}");
 
         let foreign = files.text("foreign.pem", other.crl(&[]).expect("crl"));
-        match client_config(&with_crls(&[&foreign]), &[]) {
+        match only(client_config(&with_crls(&[&foreign]), &[])) {
             Err(TlsError::BadCrl { path, reason }) => {
                 assert_eq!(path, foreign);
                 assert!(reason.contains("not a CA in"), "{reason}");
@@ -2388,8 +2802,14 @@ mod tests {
             other => panic!("expected BadCrl, got {other:?}"),
         }
         let floor = CrlFloor::default();
-        own_client_config_above(&with_crls(&[&clean]), &[], &floor).expect("the newer CRL");
-        match own_client_config_above(&with_crls(&[&revoking]), &[], &floor) {
+        let keys = TlsKeys::CLIENT_TLS;
+        own_client_config_above(&with_crls(&[&clean]), &keys, &[], &floor).expect("the newer CRL");
+        match only(own_client_config_above(
+            &with_crls(&[&revoking]),
+            &keys,
+            &[],
+            &floor,
+        )) {
             Err(TlsError::BadCrl { reason, .. }) => {
                 assert!(reason.contains("is older"), "{reason}")
             }
@@ -3045,11 +3465,12 @@ mod tests {
         let crl_two = two.crl(&[]).expect("crl");
         let floor = CrlFloor::default();
         let build = |cas: &[&Ca], crls: &[&str]| {
-            listener_tls_above(
+            only(listener_tls_above(
                 &files.server(&one, KeyKind::EcdsaP256, cas, crls),
+                &TlsKeys::SERVER_TLS,
                 ALPN,
                 &floor,
-            )
+            ))
         };
         build(&[&one, &two], &[&crl_one]).expect("first");
         for (crls, what) in [
