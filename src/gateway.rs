@@ -420,11 +420,17 @@ impl Gateway {
         &'a self,
         policy: &'a Policy,
         conn: &ConnInfo,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
         record: &mut Record<'a>,
         ctx: &Ctx,
         cors: &Grant,
     ) -> Result<Response<ProxyBody>, Rejection> {
+        // An HTTP/2 GET whose HEADERS did not end its stream: is its body empty after all?
+        let h2_get_body = req.method() == Method::GET
+            && req.version() == http::Version::HTTP_2
+            && !http_body::Body::is_end_stream(req.body())
+            && !declares_content(&req)
+            && !settle_empty_body(req.body_mut()).await;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
 
         // 0. The connection's client certificate, judged again when a reload of the CA bundle
@@ -481,7 +487,7 @@ impl Gateway {
         // No GP Connect GET has a body. One sent anyway is refused, never forwarded: a provider
         // that ignores Content-Length on a GET would read the body as the next request on a
         // pooled connection other consumers share (and HTTP/2 to the provider would drop it).
-        if bodiless(&interaction.method) && carries_body(&req) {
+        if bodiless(&interaction.method) && (h2_get_body || carries_body(&req)) {
             return Err(Rejection::BodyNotAllowed {
                 method: interaction.method.as_str().to_owned(),
             });
@@ -858,19 +864,47 @@ fn bodiless(method: &Method) -> bool {
 
 /// Whether the request comes with a body, from its framing alone (nothing is read): a
 /// `Content-Length` other than 0, or a body that does not end with its head (HTTP/1.1 chunked
-/// or a length over 0; an HTTP/2 stream that its HEADERS frame did not end).
+/// or a length over 0; an HTTP/2 stream that its HEADERS frame did not end and that
+/// [`settle_empty_body`] did not find empty).
 fn carries_body(req: &Request<RequestBody>) -> bool {
     use http_body::Body as _;
-    !req.body().is_end_stream()
-        || req
-            .headers()
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| {
-                !v.as_bytes()
-                    .iter()
-                    .all(|b| matches!(b, b'0' | b',' | b' ' | b'\t'))
-            })
+    !req.body().is_end_stream() || declares_content(req)
+}
+
+/// A `Content-Length` other than 0.
+fn declares_content(req: &Request<RequestBody>) -> bool {
+    req.headers()
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| {
+            !v.as_bytes()
+                .iter()
+                .all(|b| matches!(b, b'0' | b',' | b' ' | b'\t'))
+        })
+}
+
+/// How long an HTTP/2 GET's stream may take to end after HEADERS that did not end it.
+const EMPTY_BODY_WAIT: Duration = Duration::from_secs(5);
+
+/// An HTTP/2 request whose HEADERS frame did not end its stream may still have no body: RFC
+/// 9113 lets a client end it with an empty DATA frame, and some clients send a GET so. Awaits
+/// the stream's end (empty DATA frames skipped, at most [`EMPTY_BODY_WAIT`]): `true`, and the
+/// body replaced by an empty one, when it ends without a byte; `false` when a byte or a
+/// trailer comes, the body fails, or it does not end in time (the request is then refused as
+/// a GET with a body; what was read of the body is not kept, since it is never forwarded).
+async fn settle_empty_body(body: &mut RequestBody) -> bool {
+    use http_body_util::BodyExt as _;
+    let deadline = tokio::time::Instant::now() + EMPTY_BODY_WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => {
+                *body = RequestBody::empty();
+                return true;
+            }
+            Ok(Some(Ok(frame))) if frame.data_ref().is_some_and(bytes::Bytes::is_empty) => {}
+            Ok(Some(_)) | Err(_) => return false,
+        }
+    }
 }
 
 /// The format the consumer wants errors in: `_format` in the target's query, then `Accept`,

@@ -1324,7 +1324,8 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
 /// Over HTTP/2 a GET Slot search with a body (DATA with a `content-length`, or DATA without
 /// one after a HEADERS frame that did not end the stream) is the gateway's own 400, audited,
 /// and never forwarded (hyper's HTTP/2 client would otherwise drop the body unseen);
-/// `content-length: 0` with the stream ended at its HEADERS is forwarded.
+/// `content-length: 0` with the stream ended at its HEADERS is forwarded, and so is a stream
+/// its HEADERS left open that an empty DATA frame ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_with_a_body_over_http2_is_refused_and_never_forwarded() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
@@ -1351,7 +1352,11 @@ async fn a_get_with_a_body_over_http2_is_refused_and_never_forwarded() {
         .await
         .expect("h2 handshake");
     tokio::spawn(h2_conn);
-    let send = |h2: h2::client::SendRequest<bytes::Bytes>, content_length: Option<&'static str>| {
+    // `data`: the DATA frame sent after HEADERS that did not end the stream (`None`: HEADERS
+    // end it).
+    let send = |h2: h2::client::SendRequest<bytes::Bytes>,
+                content_length: Option<&'static str>,
+                data: Option<Vec<u8>>| {
         let built = slot().build();
         let mut req = http::Request::builder()
             .method("GET")
@@ -1367,11 +1372,12 @@ async fn a_get_with_a_body_over_http2_is_refused_and_never_forwarded() {
         let req = req.body(()).expect("request");
         async move {
             let mut h2 = h2.ready().await.expect("ready");
-            let with_body = content_length.is_none();
-            let (resp, mut stream) = h2.send_request(req, !with_body).expect("sent");
-            if with_body {
+            let (resp, mut stream) = h2.send_request(req, data.is_none()).expect("sent");
+            if let Some(data) = data {
+                // The DATA comes a little after its HEADERS, as from a client streaming.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 stream
-                    .send_data(bytes::Bytes::from(vec![b'x'; 1600]), true)
+                    .send_data(bytes::Bytes::from(data), true)
                     .expect("data");
             }
             let mut resp = resp.await.expect("response");
@@ -1384,7 +1390,7 @@ async fn a_get_with_a_body_over_http2_is_refused_and_never_forwarded() {
             (resp.status(), body, h2)
         }
     };
-    let (status, body, h2) = send(h2, None).await;
+    let (status, body, h2) = send(h2, None, Some(vec![b'x'; 1600])).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(v["issue"][0]["diagnostics"], token);
@@ -1404,9 +1410,19 @@ async fn a_get_with_a_body_over_http2_is_refused_and_never_forwarded() {
     .await;
 
     // `content-length: 0`, the stream ended with its HEADERS: no body, forwarded.
-    let (status, _, _) = send(h2, Some("0")).await;
+    let (status, _, h2) = send(h2, Some("0"), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(h.recorder.seen(), 1);
+
+    // HEADERS that do not end the stream, then an empty DATA frame that does (RFC 9113 allows
+    // it): no body after all, forwarded as a GET without one.
+    let (status, _, h2) = send(h2, None, Some(Vec::new())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 2);
+    // The same with `content-length: 0`.
+    let (status, _, _) = send(h2, Some("0"), Some(Vec::new())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 3);
     h.stop().await;
 }
 
