@@ -246,7 +246,7 @@ fn check_config_and_run_name_the_key_and_file_of_every_bad_file() {
     // The listener's `crls` is the first in the file.
     let text = text
         .replacen(
-            "crls = []",
+            "crls = [\"../certs-dev/ca.crl.pem\"]",
             &format!(
                 "crls = [\"{}\", \"{}\"]",
                 not_a_crl.display(),
