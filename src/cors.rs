@@ -10,9 +10,12 @@ pub const ALLOW_HEADERS: &str = "Accept, Authorization, Content-Type, If-Match, 
      Ssp-TraceID, Ssp-From, Ssp-To, Ssp-InteractionID";
 
 /// The headers a browser consumer's script may read from an answer: the version for
-/// `If-Match`, where a booking was created, and the gateway's request id.
-const EXPOSE_HEADERS: HeaderValue =
-    HeaderValue::from_static("ETag, Location, Content-Location, X-Request-Id");
+/// `If-Match`, where a booking was created, the gateway's request id, when to try again after
+/// a 429 or 503 and the consumer's rate limit, and what was wrong with its token.
+const EXPOSE_HEADERS: HeaderValue = HeaderValue::from_static(
+    "ETag, Location, Content-Location, X-Request-Id, Retry-After, X-Rate-Limit-Limit, \
+     X-Rate-Limit-Remaining, X-Rate-Limit-Reset, WWW-Authenticate",
+);
 
 const VARY_ORIGIN: HeaderValue = HeaderValue::from_static("Origin");
 
@@ -363,7 +366,18 @@ mod tests {
         );
         assert_eq!(answer[header::VARY], "Origin");
         assert_eq!(answer[header::ACCESS_CONTROL_ALLOW_CREDENTIALS], "true");
-        assert!(answer.contains_key(header::ACCESS_CONTROL_EXPOSE_HEADERS));
+        let exposed = answer[header::ACCESS_CONTROL_EXPOSE_HEADERS]
+            .to_str()
+            .expect("text");
+        for name in [
+            "ETag",
+            "Location",
+            "Retry-After",
+            "X-Rate-Limit-Reset",
+            "WWW-Authenticate",
+        ] {
+            assert!(exposed.split(", ").any(|n| n == name), "{name}: {exposed}");
+        }
 
         // Any origin: echoed, never with credentials.
         let mut answer = HeaderMap::new();
