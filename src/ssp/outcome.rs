@@ -340,11 +340,14 @@ fn format_from_query(query: &str) -> Option<Format> {
     })
 }
 
-/// XML when an XML media range beats every JSON one (q-value, ties go to JSON), JSON when a
-/// JSON (or wildcard) range is acceptable, `None` when `Accept` names neither.
+/// XML when an XML media range beats every JSON one (q-value, ties go to JSON; a wildcard
+/// range counts as JSON), JSON when a JSON range is acceptable, `None` when `Accept` names
+/// neither: no header, or wildcards alone (`*/*`, which most HTTP clients send by default,
+/// says any format will do, so the request's own body decides).
 fn format_from_accept(accept: &str) -> Option<Format> {
     let mut best_xml = 0u16;
     let mut best_json = 0u16;
+    let mut named = false;
     for range in accept.split(',') {
         let mut parts = range.split(';');
         let media = parts.next().unwrap_or("").trim();
@@ -359,7 +362,9 @@ fn format_from_accept(accept: &str) -> Option<Format> {
         let kind = if media == "*/*" || media.eq_ignore_ascii_case("application/*") {
             Some(Format::Json)
         } else {
-            classify_media_type(media)
+            let kind = classify_media_type(media);
+            named |= kind.is_some();
+            kind
         };
         match kind {
             Some(Format::Xml) => best_xml = best_xml.max(q),
@@ -367,7 +372,9 @@ fn format_from_accept(accept: &str) -> Option<Format> {
             None => {}
         }
     }
-    if best_xml > 0 && best_xml > best_json {
+    if !named {
+        None
+    } else if best_xml > 0 && best_xml > best_json {
         Some(Format::Xml)
     } else {
         (best_json > 0).then_some(Format::Json)
@@ -826,7 +833,21 @@ mod tests {
             negotiate_request(Some("text/html"), xml_body, None),
             Format::Xml
         );
-        assert_eq!(negotiate_request(Some("*/*"), xml_body, None), Format::Json);
+        // Wildcards alone name no format: the XML body decides (curl sends `*/*`).
+        assert_eq!(negotiate_request(Some("*/*"), xml_body, None), Format::Xml);
+        assert_eq!(
+            negotiate_request(Some("application/*;q=0.9, */*;q=0.1"), xml_body, None),
+            Format::Xml
+        );
+        assert_eq!(
+            negotiate_request(Some("*/*"), Some("application/fhir+json"), None),
+            Format::Json
+        );
+        // A JSON range named beside the wildcard still wins over the XML body.
+        assert_eq!(
+            negotiate_request(Some("application/fhir+json, */*"), xml_body, None),
+            Format::Json
+        );
         assert_eq!(
             negotiate_request(Some("application/fhir+json"), xml_body, None),
             Format::Json
