@@ -680,6 +680,15 @@ async fn run_serves_the_development_world_and_stops_on_sigterm() {
         ))
         .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
+    // The revoked certificate fails the handshake: the shipped config checks the CA's CRL.
+    let revoked = client_for(&certs, "revoked", gw, &[b"http/1.1"])
+        .send(Gpc::new(Method::GET, format!("{endpoint}/metadata"), IX_METADATA).build())
+        .await;
+    assert!(
+        revoked.is_err(),
+        "the revoked certificate was answered: {:?}",
+        revoked.map(|a| a.status)
+    );
     let direct = client_for(&certs, "consumer", mock, &[b"http/1.1"]);
     let a = direct
         .send(Gpc::new(Method::GET, format!("{endpoint}/metadata"), IX_METADATA).build())
