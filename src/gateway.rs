@@ -938,10 +938,16 @@ pub fn reject(
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert("x-request-id", v);
     }
-    if rejection.status() == StatusCode::METHOD_NOT_ALLOWED {
+    if let Rejection::MethodNotAllowed { method } = rejection {
+        // OPTIONS is refused only on a path no interaction has: no method is allowed there
+        // (an empty `Allow`, RFC 9110 §10.2.1).
         h.insert(
             header::ALLOW,
-            HeaderValue::from_static("GET, POST, PUT, OPTIONS"),
+            HeaderValue::from_static(if method == "OPTIONS" {
+                ""
+            } else {
+                "GET, POST, PUT, OPTIONS"
+            }),
         );
     }
     if let Rejection::InvalidJwt { reason } = rejection {

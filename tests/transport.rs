@@ -635,6 +635,16 @@ async fn by_default_no_origin_is_granted_and_the_test_pack_preflight_succeeds() 
         .headers
         .get(http::header::ACCESS_CONTROL_ALLOW_ORIGIN)
         .is_none());
+    // A path no interaction has: no method is allowed there, and `Allow` says so (empty,
+    // RFC 9110 §10.2.1) rather than listing OPTIONS, which was just refused.
+    let req = Request::builder()
+        .method(Method::OPTIONS)
+        .uri(format!("/{}/Foo", h.endpoint()))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let a = c.send(req).await.expect("answer");
+    a.assert_outcome(405, Some("BAD_REQUEST"), "METHOD_NOT_ALLOWED_OPTIONS");
+    assert_eq!(a.headers[http::header::ALLOW], "");
     assert_eq!(h.recorder.seen(), 0);
     h.stop().await;
 }
