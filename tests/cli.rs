@@ -517,15 +517,18 @@ fn check_config_warns_of_what_would_not_serve_well() {
         .filter(|entry| !entry.contains("objectClass: nhsAs\n"))
         .collect();
     std::fs::write(root.join("config/empty.ldif"), without.join("\n\n")).expect("write");
-    let empty = root.join("config/empty.toml");
-    std::fs::write(
-        &empty,
-        text.replace(
-            "ldif_file = \"directory.ldif\"",
-            "ldif_file = \"empty.ldif\"",
-        ),
-    )
-    .expect("write");
+    // `text` with `from` replaced by `to`, written as config/NAME.toml.
+    let variant = |name: &str, from: &str, to: &str| {
+        assert!(text.contains(from), "{from}");
+        let path = root.join(format!("config/{name}.toml"));
+        std::fs::write(&path, text.replace(from, to)).expect("write");
+        path
+    };
+    let empty = variant(
+        "empty",
+        "ldif_file = \"directory.ldif\"",
+        "ldif_file = \"empty.ldif\"",
+    );
     let said = check(&empty);
     assert!(
         said.contains("holds no accredited system (nhsAs): every request would be refused"),
@@ -557,16 +560,11 @@ fn check_config_warns_of_what_would_not_serve_well() {
     );
 
     // Any web origin allowed (CORS).
-    let any = root.join("config/any.toml");
-    assert!(text.contains("cors_allowed_origins = []\n"));
-    std::fs::write(
-        &any,
-        text.replace(
-            "cors_allowed_origins = []\n",
-            "cors_allowed_origins = [\"*\"]\n",
-        ),
-    )
-    .expect("write");
+    let any = variant(
+        "any",
+        "cors_allowed_origins = []\n",
+        "cors_allowed_origins = [\"*\"]\n",
+    );
     let said = check(&any);
     assert!(
         said.contains("warning: policy.cors_allowed_origins: \"*\" lets any web page"),

@@ -280,6 +280,16 @@ async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
     running.wait().await;
 }
 
+/// A GET metadata through `client`, failing the test if no answer (or error) came within 20 s.
+async fn metadata_within_20s(client: &Client, target: &str, http2: bool) -> Result<Answer, String> {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        client.send(Gpc::new(Method::GET, target.to_owned(), IX_METADATA).build()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("http2 {http2}: the request was still held after 20 s"))
+}
+
 /// A provider that sends its head and part of its body, then stalls: past the body idle
 /// timeout the consumer's response ends broken off (over both protocols), the provider's
 /// connection is closed rather than kept, and the outcome record says `completed: false`.
@@ -305,12 +315,7 @@ async fn a_provider_that_stalls_mid_body_is_cut_off_at_the_body_idle_timeout() {
         let client = world.client_with(&world.consumer, running.gateway_addr, http2);
         // Bounded far above the 1 s idle timeout: without it the request waits for the
         // provider (here: for ever).
-        let result = tokio::time::timeout(
-            Duration::from_secs(20),
-            client.send(Gpc::new(Method::GET, target.clone(), IX_METADATA).build()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("http2 {http2}: the request was still held after 20 s"));
+        let result = metadata_within_20s(&client, &target, http2).await;
         match result {
             Ok(a) => panic!(
                 "http2 {http2}: a truncated body looked complete: {} bytes, status {}",
@@ -394,12 +399,7 @@ async fn a_provider_that_stalls_its_bodies_trips_its_circuit() {
             "http2 {http2}: closed before this stall"
         );
         let client = world.client_with(&world.consumer, running.gateway_addr, http2);
-        let result = tokio::time::timeout(
-            Duration::from_secs(20),
-            client.send(Gpc::new(Method::GET, target.clone(), IX_METADATA).build()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("http2 {http2}: the request was still held after 20 s"));
+        let result = metadata_within_20s(&client, &target, http2).await;
         if let Ok(a) = result {
             panic!(
                 "http2 {http2}: a truncated body looked complete: {} bytes, status {}",
