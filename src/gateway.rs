@@ -186,7 +186,12 @@ impl Gateway {
             Err(rejection) => {
                 record.token = Some(rejection.token());
                 record.reason = Some(rejection.reason());
-                let mut resp = reject(&rejection, format, &ctx.request_id);
+                let mut resp = if rejection == Rejection::InvalidTargetUrl {
+                    let text = envelope::target_problem(&ctx.raw_target);
+                    reject_with_text(&rejection, format, &ctx.request_id, text)
+                } else {
+                    reject(&rejection, format, &ctx.request_id)
+                };
                 if let Some(decision) = &record.rate_limit {
                     decision.apply_headers(resp.headers_mut());
                 } else if rejection == Rejection::Overloaded {
@@ -925,8 +930,18 @@ pub fn reject(
     format: Format,
     request_id: &uuid::Uuid,
 ) -> Response<ProxyBody> {
+    reject_with_text(rejection, format, request_id, rejection.hint())
+}
+
+/// [`reject`], with `text` (what to fix, in words) in the OperationOutcome's `details.text`.
+fn reject_with_text(
+    rejection: &Rejection,
+    format: Format,
+    request_id: &uuid::Uuid,
+    text: Option<&str>,
+) -> Response<ProxyBody> {
     let id = request_id.to_string();
-    let rendered = outcome::render(rejection, format, &id);
+    let rendered = outcome::render_with_text(rejection, format, &id, text);
     let mut resp = Response::new(ProxyBody::full(rendered.body));
     *resp.status_mut() = rejection.status();
     let h = resp.headers_mut();

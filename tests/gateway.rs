@@ -364,16 +364,29 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
         .await;
     a.assert_outcome(405, Some("BAD_REQUEST"), "METHOD_NOT_ALLOWED_PATCH");
 
-    // No embedded https:// target.
-    for bad in [
-        "B82617/STU3/1/gpconnect/Slot",
-        "http://localhost/B82617/Slot",
-        "",
+    // No embedded https:// target, or a target the gateway will not forward: the token is the
+    // SSP's, and `details.text` says what to fix.
+    for (bad, says) in [
+        (
+            "B82617/STU3/1/gpconnect/Slot".to_string(),
+            "start with https://",
+        ),
+        (
+            "http://localhost/B82617/Slot".to_string(),
+            "start with https://",
+        ),
+        (String::new(), "start with https://"),
+        (format!("{ep}/Slot/?{}", slot_query()), "trailing `/`"),
+        (format!("{ep}/Slot?_method=DELETE"), "`_method`"),
     ] {
         let a = c
-            .gpc(Gpc::new(Method::GET, bad.to_string(), IX_SEARCH_SLOT))
+            .gpc(Gpc::new(Method::GET, bad.clone(), IX_SEARCH_SLOT))
             .await;
-        a.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_TARGET_URL");
+        let v = a.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_TARGET_URL");
+        let text = v["issue"][0]["details"]["text"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.contains(says), "{bad}: {text}");
     }
 
     // Missing or malformed Ssp headers, each named.
@@ -405,11 +418,15 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
     let a = c
         .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).from("20000000035X"))
         .await;
-    a.assert_outcome(
+    let v = a.assert_outcome(
         400,
         Some("BAD_REQUEST"),
         "MISSING_OR_INVALID_HEADER_Ssp-From",
     );
+    let text = v["issue"][0]["details"]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("1 to 32 digits (not an ODS code)"), "{text}");
 
     // Unknown interaction.
     let a = c

@@ -72,38 +72,52 @@ impl Target {
 ///   override that frameworks' method-override middleware honour, which would run another
 ///   method than the interaction checked (FHIR has no such parameter).
 pub fn parse_target(path_and_query: &str) -> Result<Target, Rejection> {
-    let url = path_and_query
-        .strip_prefix('/')
-        .ok_or(Rejection::InvalidTargetUrl)?;
-    let after_scheme = url
-        .strip_prefix(SCHEME)
-        .ok_or(Rejection::InvalidTargetUrl)?;
+    check_target(path_and_query).map_err(|_| Rejection::InvalidTargetUrl)
+}
 
-    let authority_len = after_scheme
-        .find(['/', '?'])
-        .ok_or(Rejection::InvalidTargetUrl)?;
+/// What is wrong with a target [`parse_target`] refuses, in words for the consumer's developer
+/// (the answer's `details.text`; the token stays `INVALID_TARGET_URL`, as the SSP's). `None`
+/// for a valid target.
+pub fn target_problem(path_and_query: &str) -> Option<&'static str> {
+    check_target(path_and_query).err()
+}
+
+fn check_target(path_and_query: &str) -> Result<Target, &'static str> {
+    const NOT_HTTPS: &str = "the target URL must follow the gateway's `/` and start with https://";
+    const NO_PATH: &str = "the target URL has no path after its host";
+    let url = path_and_query.strip_prefix('/').ok_or(NOT_HTTPS)?;
+    let after_scheme = url.strip_prefix(SCHEME).ok_or(NOT_HTTPS)?;
+
+    let authority_len = after_scheme.find(['/', '?']).ok_or(NO_PATH)?;
     let authority = &after_scheme[..authority_len];
     if authority.contains("..")
         || !authority.bytes().all(is_authority_byte)
         || split_authority(authority).is_none()
     {
-        return Err(Rejection::InvalidTargetUrl);
+        return Err(
+            "the target URL's host and port are not valid: a host name or address, \
+                    no userinfo (`@`), at most one port of 1 to 65535",
+        );
     }
     let path_start = SCHEME.len() + authority_len;
     if url.as_bytes()[path_start] != b'/' {
         // A `?` straight after the authority: no path.
-        return Err(Rejection::InvalidTargetUrl);
+        return Err(NO_PATH);
     }
 
     let query_start = url[path_start..].find('?').map(|i| path_start + i);
     let path = &url[path_start..query_start.unwrap_or(url.len())];
-    if !is_valid_path(path) {
-        return Err(Rejection::InvalidTargetUrl);
-    }
+    check_path(path)?;
     if let Some(q) = query_start {
         let query = &url[q + 1..];
-        if !query.bytes().all(is_query_byte) || overrides_method(query) {
-            return Err(Rejection::InvalidTargetUrl);
+        if !query.bytes().all(is_query_byte) {
+            return Err(
+                "the target URL's query holds a character that must be percent-encoded \
+                        (a space, `#`, a control or non-ASCII character)",
+            );
+        }
+        if overrides_method(query) {
+            return Err("the target URL's query has a `_method` parameter (a method override)");
         }
     }
 
@@ -231,40 +245,54 @@ fn is_method_name(name: &[u8]) -> bool {
 }
 
 /// `path` starts with `/` (guaranteed by the caller).
-fn is_valid_path(path: &str) -> bool {
-    !path.contains("..") && path[1..].split('/').all(is_valid_segment)
+fn check_path(path: &str) -> Result<(), &'static str> {
+    if path.contains("..") {
+        return Err("the target URL's path holds `..`");
+    }
+    path[1..].split('/').try_for_each(check_segment)
 }
 
-fn is_valid_segment(segment: &str) -> bool {
-    if segment.is_empty() || segment == "." {
-        return false;
+fn check_segment(segment: &str) -> Result<(), &'static str> {
+    if segment.is_empty() {
+        return Err(
+            "the target URL's path has an empty segment: `//`, or a trailing `/` \
+                    (`Slot/` is not `Slot`)",
+        );
     }
+    if segment == "." {
+        return Err("the target URL's path has a `.` segment");
+    }
+    const ENCODED: &str = "the target URL's path has a malformed percent-escape, or an encoded \
+                           `/`, `\\`, `.`, `%` or control character";
     let bytes = segment.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
             let (Some(&hi), Some(&lo)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
-                return false;
+                return Err(ENCODED);
             };
             let (Some(hi), Some(lo)) = (hex_value(hi), hex_value(lo)) else {
-                return false;
+                return Err(ENCODED);
             };
             let decoded = hi << 4 | lo;
             // Encoded `/`, `\`, `.` and `%` (double encoding) could change the path's meaning at
             // a server that decodes (`%2e%2e` is `..`); encoded controls have no business in a
             // FHIR path. A dot never needs encoding (it is unreserved), so none is accepted.
             if matches!(decoded, b'/' | b'\\' | b'.' | b'%') || decoded < 0x20 || decoded == 0x7f {
-                return false;
+                return Err(ENCODED);
             }
             i += 3;
         } else if is_pchar_byte(b) {
             i += 1;
         } else {
-            return false;
+            return Err(
+                "the target URL's path holds a character a path cannot (a space, `\\`, \
+                        `#`, a control or non-ASCII character)",
+            );
         }
     }
-    true
+    Ok(())
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -419,6 +447,34 @@ mod tests {
     use proptest::prelude::*;
 
     const SLOT: &str = "/https://localhost:9443/B82617/STU3/1/gpconnect/Slot?status=free&start=ge2025-05-21T01:00:00%2B01:00&searchFilter=https://fhir.nhs.uk/Id/ods-organization-code|A20047";
+
+    #[test]
+    fn a_refused_target_says_what_is_wrong() {
+        let base = "/https://p.example:9443/B82617/STU3/1/gpconnect";
+        assert_eq!(target_problem(&format!("{base}/Slot?status=free")), None);
+        for (target, says) in [
+            ("/http://p.example/Slot".to_string(), "start with https://"),
+            ("/https://p.example".to_string(), "no path"),
+            ("/https://u@p.example/Slot".to_string(), "userinfo"),
+            ("/https://p.example:99999/Slot".to_string(), "port"),
+            (format!("{base}/Slot/?status=free"), "trailing `/`"),
+            (format!("{base}//Slot"), "empty segment"),
+            (format!("{base}/./Slot"), "`.` segment"),
+            (format!("{base}/%2e%2e/Slot"), "encoded"),
+            (format!("{base}/Sl%zzot"), "malformed percent-escape"),
+            (format!("{base}/Sl ot"), "a character a path cannot"),
+            (format!("{base}/Slot?a b"), "must be percent-encoded"),
+            (format!("{base}/Slot?_Method=PUT"), "`_method`"),
+        ] {
+            let problem = target_problem(&target).unwrap_or_else(|| panic!("{target}: accepted"));
+            assert!(problem.contains(says), "{target}: {problem}");
+            assert_eq!(
+                parse_target(&target),
+                Err(Rejection::InvalidTargetUrl),
+                "{target}"
+            );
+        }
+    }
 
     #[test]
     fn methods() {

@@ -126,6 +126,39 @@ impl Rejection {
         }
     }
 
+    /// Words for the consumer's developer on what to fix, where the token alone does not say
+    /// (the answer's `issue[0].details.text`; the token stays the SSP's). The target URL's
+    /// problem is the gateway's to find ([`crate::ssp::envelope::target_problem`]).
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Rejection::MissingOrInvalidHeader { header } => Some(match *header {
+                "Ssp-TraceID" => {
+                    "Ssp-TraceID must be sent once, a UUID (8-4-4-4-12 hexadecimal digits); a \
+                     header named with `_` for `-` is refused too"
+                }
+                "Ssp-From" | "Ssp-To" => {
+                    "Ssp-From and Ssp-To must each be sent once, an ASID: 1 to 32 digits (not \
+                     an ODS code); a header named with `_` for `-` is refused too"
+                }
+                "Ssp-InteractionID" => {
+                    "Ssp-InteractionID must be sent once, the interaction's URN; a header named \
+                     with `_` for `-` is refused too"
+                }
+                "Connection" => {
+                    "a Connection header must not name an Ssp header or Authorization (they \
+                     would be removed after they were checked)"
+                }
+                _ => return None,
+            }),
+            Rejection::UnsupportedInteraction { .. } => Some(
+                "not an interaction of the gateway's catalogue; interaction ids are URNs \
+                 compared exactly, case included \
+                 (urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1)",
+            ),
+            _ => None,
+        }
+    }
+
     /// The Spine ErrorOrWarningCode, or `None` where the table gives none (502, 504).
     pub fn spine_code(&self) -> Option<&'static str> {
         match self {
@@ -435,6 +468,16 @@ pub struct Rendered {
 
 /// Render a rejection as an OperationOutcome with resource id `id` (the gateway request id).
 pub fn render(rejection: &Rejection, format: Format, id: &str) -> Rendered {
+    render_with_text(rejection, format, id, rejection.hint())
+}
+
+/// [`render`], with `text` (what to fix, in words) as `issue[0].details.text` when given.
+pub fn render_with_text(
+    rejection: &Rejection,
+    format: Format,
+    id: &str,
+    text: Option<&str>,
+) -> Rendered {
     let token = rejection.token();
     let status = rejection.status();
     let status_code = status.as_str();
@@ -466,7 +509,10 @@ pub fn render(rejection: &Rejection, format: Format, id: &str) -> Rendered {
         issue: [Issue {
             severity: "error",
             code: rejection.issue_type(),
-            details: Details { coding: codings },
+            details: Details {
+                coding: codings,
+                text,
+            },
             diagnostics: &token,
         }],
     };
@@ -501,6 +547,8 @@ struct Issue<'a> {
 #[derive(Serialize)]
 struct Details<'a> {
     coding: &'a [Coding<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -533,6 +581,9 @@ impl Outcome<'_> {
             xml_value(&mut out, "code", coding.code);
             xml_value(&mut out, "display", coding.display);
             out.push_str("</coding>");
+        }
+        if let Some(text) = issue.details.text {
+            xml_value(&mut out, "text", text);
         }
         out.push_str("</details>");
         xml_value(&mut out, "diagnostics", issue.diagnostics);
@@ -1102,6 +1153,49 @@ mod tests {
         assert!(xml.ends_with("</issue></OperationOutcome>"));
         // The 502 has no Spine coding.
         assert_eq!(xml.matches("<coding>").count(), 1);
+    }
+
+    #[test]
+    fn a_hint_is_the_details_text_in_both_formats_and_absent_without_one() {
+        let header = Rejection::MissingOrInvalidHeader { header: "Ssp-To" };
+        let hint = header.hint().expect("a hint");
+        assert!(hint.contains("not an ODS code"), "{hint}");
+        let json: Value =
+            serde_json::from_slice(&render(&header, Format::Json, "id").body).expect("JSON");
+        assert_eq!(json["issue"][0]["details"]["text"], hint);
+        assert_eq!(
+            json["issue"][0]["diagnostics"],
+            "MISSING_OR_INVALID_HEADER_Ssp-To"
+        );
+        let xml =
+            String::from_utf8(render(&header, Format::Xml, "id").body.to_vec()).expect("utf-8");
+        assert!(
+            xml.contains("</coding><text value=\"Ssp-From and Ssp-To must each be sent once"),
+            "{xml}"
+        );
+        // Given by the caller (the target URL's problem).
+        let target = render_with_text(
+            &Rejection::InvalidTargetUrl,
+            Format::Json,
+            "id",
+            Some("the target URL's path holds `..`"),
+        );
+        let json: Value = serde_json::from_slice(&target.body).expect("JSON");
+        assert_eq!(
+            json["issue"][0]["details"]["text"],
+            "the target URL's path holds `..`"
+        );
+        // None: no `text` at all.
+        let upstream = Rejection::UpstreamError {
+            url: "https://p.example/x".into(),
+        };
+        assert_eq!(upstream.hint(), None);
+        let json: Value =
+            serde_json::from_slice(&render(&upstream, Format::Json, "id").body).expect("JSON");
+        assert!(json["issue"][0]["details"].get("text").is_none(), "{json}");
+        let xml =
+            String::from_utf8(render(&upstream, Format::Xml, "id").body.to_vec()).expect("utf-8");
+        assert!(!xml.contains("<text"), "{xml}");
     }
 
     #[test]
