@@ -186,12 +186,9 @@ impl Gateway {
             Err(rejection) => {
                 record.token = Some(rejection.token());
                 record.reason = Some(rejection.reason());
-                let mut resp = if rejection == Rejection::InvalidTargetUrl {
-                    let text = envelope::target_problem(&ctx.raw_target);
-                    reject_with_text(&rejection, format, &ctx.request_id, text)
-                } else {
-                    reject(&rejection, format, &ctx.request_id)
-                };
+                let text = self.hint(&rejection, &policy, &record, &ctx);
+                let mut resp =
+                    reject_with_text(&rejection, format, &ctx.request_id, text.as_deref());
                 if let Some(decision) = &record.rate_limit {
                     decision.apply_headers(resp.headers_mut());
                 } else if rejection == Rejection::Overloaded {
@@ -637,6 +634,35 @@ impl Gateway {
                     Err(Rejection::InvalidJwt { reason: e.reason() })
                 }
             }
+        }
+    }
+
+    /// What to fix, in words, for the answer's `details.text`: the rejection's own hint, or
+    /// what only the request shows (a refused target URL's problem; the scopes the declared
+    /// interaction allows when the JWT's is not one of them).
+    fn hint(
+        &self,
+        rejection: &Rejection,
+        policy: &Policy,
+        record: &Record<'_>,
+        ctx: &Ctx,
+    ) -> Option<Cow<'static, str>> {
+        match rejection {
+            Rejection::InvalidTargetUrl => {
+                envelope::target_problem(&ctx.raw_target).map(Cow::Borrowed)
+            }
+            Rejection::InvalidJwt {
+                reason: "SCOPE_NOT_ALLOWED",
+            } => {
+                let id = record.interaction_id.as_deref()?;
+                let ix = policy.catalogue.get(id)?;
+                Some(Cow::Owned(format!(
+                    "requested_scope must be {} for {}",
+                    ix.scopes.join(" or "),
+                    ix.id
+                )))
+            }
+            _ => rejection.hint().map(Cow::Borrowed),
         }
     }
 

@@ -142,7 +142,12 @@ async fn forwarded_requests_have_two_records_refused_ones_one_and_the_chain_veri
                 .jwt(Some(jwt("patient/*.read"))),
         )
         .await;
-    bad_jwt.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_SCOPE_NOT_ALLOWED");
+    let v = bad_jwt.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_SCOPE_NOT_ALLOWED");
+    // The scopes the interaction allows, named.
+    assert_eq!(
+        v["issue"][0]["details"]["text"],
+        format!("requested_scope must be organization/*.read for {IX_METADATA}")
+    );
     let refused_id = refused.headers["x-request-id"]
         .to_str()
         .expect("id")
