@@ -662,6 +662,19 @@ impl Gateway {
                     ix.id
                 )))
             }
+            Rejection::InteractionMismatch { id, .. } => {
+                let ix = policy.catalogue.get(id)?;
+                let mut text = format!(
+                    "{} is {} [endpoint]/{}",
+                    ix.id,
+                    ix.method.as_str(),
+                    ix.path()
+                );
+                if ctx.raw_target.contains("%24") {
+                    text.push_str("; an operation's `$` is sent as is, not as %24");
+                }
+                Some(Cow::Owned(text))
+            }
             _ => rejection.hint().map(Cow::Borrowed),
         }
     }

@@ -450,12 +450,36 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
             IX_SEARCH_SLOT,
         ))
         .await;
-    a.assert_outcome(
+    let v = a.assert_outcome(
         400,
         Some("BAD_REQUEST"),
         &format!(
             "INTERACTION_{IX_SEARCH_SLOT}_DOES_NOT_MATCH_REQUEST_GET_{BASE_PATH}/Appointment/1"
         ),
+    );
+    // The interaction's own method and path, named.
+    assert_eq!(
+        v["issue"][0]["details"]["text"],
+        format!("{IX_SEARCH_SLOT} is GET [endpoint]/Slot")
+    );
+    // An operation's `$` percent-encoded: said so.
+    let a = c
+        .gpc(
+            Gpc::new(
+                Method::POST,
+                format!("{ep}/Patient/%24gpc.registerpatient"),
+                IX_REGISTER_PATIENT,
+            )
+            .body("{}"),
+        )
+        .await;
+    let text = a.json()["issue"][0]["details"]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        text.ends_with("POST [endpoint]/Patient/$gpc.registerpatient; an operation's `$` is sent as is, not as %24"),
+        "{text}"
     );
     let a = c
         .gpc(Gpc::new(Method::POST, format!("{ep}/Slot"), IX_SEARCH_SLOT))

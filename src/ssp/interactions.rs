@@ -55,6 +55,11 @@ pub struct Matched<'t> {
 }
 
 impl Interaction {
+    /// The path template after the endpoint's base, as configured (`Appointment/{id}`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// The path template as written in the catalogue, e.g. `Patient/{id}/Appointment`.
     pub fn path_template(&self) -> &str {
         &self.path
