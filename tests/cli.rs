@@ -391,16 +391,21 @@ async fn a_refused_reload_names_the_key_and_file_of_every_bad_file() {
     );
     // Still ready, serving the certificate loaded at start.
     wait_ready(admin).await;
-    let consumer = client_for(&certs, "consumer", gw, &[b"http/1.1"]);
+    let a = metadata_via(&certs, gw, mock).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+}
+
+/// GET metadata from the embedded mock provider (port `mock`) through the gateway (`gw`), as
+/// the development consumer over HTTP/1.1.
+async fn metadata_via(certs: &Path, gw: u16, mock: u16) -> Answer {
     let endpoint = format!("https://localhost:{mock}/B82617/STU3/1/gpconnect");
-    let a = consumer
+    client_for(certs, "consumer", gw, &[b"http/1.1"])
         .gpc(Gpc::new(
             Method::GET,
             format!("{endpoint}/metadata"),
             IX_METADATA,
         ))
-        .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        .await
 }
 
 /// A configuration that loads but would not serve well passes `check-config` with a warning
@@ -643,14 +648,7 @@ async fn run_serves_the_development_world_and_stops_on_sigterm() {
 
     // A consumer reaches the embedded mock provider through the gateway.
     let endpoint = format!("https://localhost:{mock}/B82617/STU3/1/gpconnect");
-    let consumer = client_for(&certs, "consumer", gw, &[b"http/1.1"]);
-    let a = consumer
-        .gpc(Gpc::new(
-            Method::GET,
-            format!("{endpoint}/metadata"),
-            IX_METADATA,
-        ))
-        .await;
+    let a = metadata_via(&certs, gw, mock).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["version"], "1.2.7");
     let a = client_for(&certs, "consumer", gw, &[b"h2", b"http/1.1"])
