@@ -129,7 +129,8 @@ impl Grant {
     /// an allowed origin gets `Access-Control-Allow-Origin` (its origin), with
     /// `Access-Control-Allow-Credentials: true` when listed by name, and `Vary: Origin`, unless
     /// the provider set its own, and the exposed headers; one not allowed gets only
-    /// `Vary: Origin` (the answer depends on it); no `Origin`, nothing.
+    /// `Vary: Origin` (the answer depends on it), and any grant the provider made is removed;
+    /// no `Origin`, nothing.
     pub fn apply(self, headers: &mut HeaderMap) {
         match self {
             Grant::NoOrigin => {}
@@ -151,6 +152,11 @@ impl Grant {
                     .or_insert(EXPOSE_HEADERS);
             }
             Grant::NotAllowed => {
+                // Whoever would grant it: a provider's own grant does not reach an origin the
+                // gateway refuses.
+                headers.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+                headers.remove(header::ACCESS_CONTROL_ALLOW_CREDENTIALS);
+                headers.remove(header::ACCESS_CONTROL_EXPOSE_HEADERS);
                 headers.append(header::VARY, VARY_ORIGIN);
             }
         }
@@ -413,5 +419,27 @@ mod tests {
             answer[header::ACCESS_CONTROL_ALLOW_ORIGIN],
             "https://p.example"
         );
+
+        // ... but never reach an origin the gateway refuses.
+        req.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        let mut answer = HeaderMap::new();
+        answer.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        answer.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        answer.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("ETag"),
+        );
+        l.judge(&req).apply(&mut answer);
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        assert_eq!(answer[header::VARY], "Origin");
     }
 }
