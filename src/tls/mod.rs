@@ -213,11 +213,6 @@ impl TlsProblems {
             error,
         }])
     }
-
-    /// The problems, in key order.
-    pub fn problems(&self) -> &[FileProblem] {
-        &self.0
-    }
 }
 
 impl IntoIterator for TlsProblems {
