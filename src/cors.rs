@@ -21,7 +21,7 @@ const VARY_ORIGIN: HeaderValue = HeaderValue::from_static("Origin");
 
 /// `Access-Control-Allow-Credentials`: a browser sends its client certificate on a cross-origin
 /// call, and lets the page read the answer, only with this (and never with a wildcard grant).
-pub const CREDENTIALS: HeaderValue = HeaderValue::from_static("true");
+const CREDENTIALS: HeaderValue = HeaderValue::from_static("true");
 
 /// The most origins a list may hold: each request with `Origin` scans it.
 pub const MAX_ORIGINS: usize = 256;

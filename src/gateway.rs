@@ -186,9 +186,8 @@ impl Gateway {
             Err(rejection) => {
                 record.token = Some(rejection.token());
                 record.reason = Some(rejection.reason());
-                let text = self.hint(&rejection, &policy, &record, &ctx);
-                let mut resp =
-                    reject_with_text(&rejection, format, &ctx.request_id, text.as_deref());
+                let text = hint(&rejection, &policy, &record, &ctx);
+                let mut resp = reject(&rejection, format, &ctx.request_id, text.as_deref());
                 if let Some(decision) = &record.rate_limit {
                     decision.apply_headers(resp.headers_mut());
                 } else if rejection == Rejection::Overloaded {
@@ -637,48 +636,6 @@ impl Gateway {
         }
     }
 
-    /// What to fix, in words, for the answer's `details.text`: the rejection's own hint, or
-    /// what only the request shows (a refused target URL's problem; the scopes the declared
-    /// interaction allows when the JWT's is not one of them).
-    fn hint(
-        &self,
-        rejection: &Rejection,
-        policy: &Policy,
-        record: &Record<'_>,
-        ctx: &Ctx,
-    ) -> Option<Cow<'static, str>> {
-        match rejection {
-            Rejection::InvalidTargetUrl => {
-                envelope::target_problem(&ctx.raw_target).map(Cow::Borrowed)
-            }
-            Rejection::InvalidJwt {
-                reason: "SCOPE_NOT_ALLOWED",
-            } => {
-                let id = record.interaction_id.as_deref()?;
-                let ix = policy.catalogue.get(id)?;
-                Some(Cow::Owned(format!(
-                    "requested_scope must be {} for {}",
-                    ix.scopes.join(" or "),
-                    ix.id
-                )))
-            }
-            Rejection::InteractionMismatch { id, .. } => {
-                let ix = policy.catalogue.get(id)?;
-                let mut text = format!(
-                    "{} is {} [endpoint]/{}",
-                    ix.id,
-                    ix.method.as_str(),
-                    ix.path()
-                );
-                if ctx.raw_target.contains("%24") {
-                    text.push_str("; an operation's `$` is sent as is, not as %24");
-                }
-                Some(Cow::Owned(text))
-            }
-            _ => rejection.hint().map(Cow::Borrowed),
-        }
-    }
-
     /// Answers a CORS preflight: the methods the catalogue allows on this target (for the
     /// declared interaction when the header is sent), granted to an allowed origin. One from an
     /// origin not allowed is refused (403): the browser then sends nothing more. One without
@@ -729,26 +686,17 @@ impl Gateway {
             .collect::<Vec<_>>()
             .join(", ");
         let mut builder = Response::builder().status(StatusCode::OK);
-        match cors {
-            Grant::Allowed {
-                origin,
-                credentials,
-            } => {
-                builder = builder.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-                if *credentials {
-                    builder =
-                        builder.header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, cors::CREDENTIALS);
-                }
-            }
-            Grant::NoOrigin if policy.cors_allowed_origins.is_any() => {
+        // An allowed origin's grant (and its `Vary`) is added by `Grant::apply`, as on every
+        // answer; without `Origin`, the answer still depends on it, and `["*"]` grants `*`.
+        if *cors == Grant::NoOrigin {
+            builder = builder.header(header::VARY, "Origin");
+            if policy.cors_allowed_origins.is_any() {
                 builder = builder.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
             }
-            Grant::NoOrigin | Grant::NotAllowed => {}
         }
         builder = builder
             .header(header::ACCESS_CONTROL_ALLOW_HEADERS, cors::ALLOW_HEADERS)
             .header(header::ACCESS_CONTROL_MAX_AGE, "600")
-            .header(header::VARY, "Origin")
             .header(header::CACHE_CONTROL, "no-store");
         if let Ok(v) = HeaderValue::from_str(&allowed) {
             // The SSP test pack reads the allowed methods from Access-Control-Request-Method.
@@ -963,17 +911,48 @@ fn response_format<B>(req: &Request<B>) -> Format {
     )
 }
 
-/// Renders a rejection as the gateway's OperationOutcome response.
-pub fn reject(
+/// What to fix, in words, for the answer's `details.text`: the rejection's own hint, or
+/// what only the request shows (a refused target URL's problem; the declared interaction's
+/// method and path, or the scopes it allows when the JWT's is not one of them).
+fn hint(
     rejection: &Rejection,
-    format: Format,
-    request_id: &uuid::Uuid,
-) -> Response<ProxyBody> {
-    reject_with_text(rejection, format, request_id, rejection.hint())
+    policy: &Policy,
+    record: &Record<'_>,
+    ctx: &Ctx,
+) -> Option<Cow<'static, str>> {
+    match rejection {
+        Rejection::InvalidTargetUrl => envelope::target_problem(&ctx.raw_target).map(Cow::Borrowed),
+        Rejection::InvalidJwt {
+            reason: "SCOPE_NOT_ALLOWED",
+        } => {
+            let id = record.interaction_id.as_deref()?;
+            let ix = policy.catalogue.get(id)?;
+            Some(Cow::Owned(format!(
+                "requested_scope must be {} for {}",
+                ix.scopes.join(" or "),
+                ix.id
+            )))
+        }
+        Rejection::InteractionMismatch { id, .. } => {
+            let ix = policy.catalogue.get(id)?;
+            let mut text = format!(
+                "{} is {} [endpoint]/{}",
+                ix.id,
+                ix.method.as_str(),
+                ix.path()
+            );
+            if ctx.raw_target.contains("%24") {
+                text.push_str("; an operation's `$` is sent as is, not as %24");
+            }
+            Some(Cow::Owned(text))
+        }
+        _ => rejection.hint().map(Cow::Borrowed),
+    }
 }
 
-/// [`reject`], with `text` (what to fix, in words) in the OperationOutcome's `details.text`.
-fn reject_with_text(
+/// Renders a rejection as the gateway's OperationOutcome response, with `text` (what to fix,
+/// in words: [`hint`]) as its `details.text`.
+fn reject(
     rejection: &Rejection,
     format: Format,
     request_id: &uuid::Uuid,
