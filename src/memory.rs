@@ -12,8 +12,8 @@
 //! more than [`FREE_HELD_CHANGE`] since the last look ([`TrimPolicy`]), asks glibc to return
 //! the free pages (`malloc_trim`, which `madvise`s them away). A trim does not change what is
 //! counted free (the chunks stay free, their pages are gone), so an idle process is trimmed
-//! once, not at every look. Under steady load the free memory stays below the limit or still;
-//! a trim costs the page faults of memory touched again later, at most once per look. Other
+//! once, not at every look. Under load, a trim happens only at a look that finds more than
+//! the limit free and moved; it costs the page faults of memory touched again later. Other
 //! allocators (musl, a build for another target) manage their own memory: there, nothing is
 //! done.
 
