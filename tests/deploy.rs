@@ -1,9 +1,10 @@
 //! deploy/: the Prometheus configuration and alert rules pass `promtool check` and the rules'
 //! unit tests (`promtool test rules`); every metric the rules and the Grafana dashboard name is
-//! one the gateway exposes; the Kubernetes manifests, container build and systemd unit carry
-//! the properties the project promises (probes on the admin endpoints, non-root, read-only root
-//! filesystem, the audit volume, resources, spread, HPA, PDB). The container image is not built
-//! here (no container engine on the test machines).
+//! one the gateway exposes, and every dashboard query parses (`promtool check rules`); the
+//! Kubernetes manifests, container build and systemd unit carry the properties the project
+//! promises (probes on the admin endpoints, non-root, read-only root filesystem, the audit
+//! volume, resources, spread, HPA, PDB). The container image is not built here (no container
+//! engine on the test machines).
 
 mod common;
 
@@ -169,6 +170,7 @@ fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
     assert_eq!(dashboard["uid"], "ssp-gateway");
     let panels = dashboard["panels"].as_array().expect("panels");
     let mut exprs = String::new();
+    let mut queries = Vec::new();
     let mut rows = Vec::new();
     for p in panels {
         if p["type"] == "row" {
@@ -182,15 +184,18 @@ fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
             assert!(!e.trim().is_empty());
             exprs.push_str(e);
             exprs.push('\n');
+            queries.push(e);
         }
     }
     for row in [
         "Traffic",
         "Errors",
+        "Providers",
         "Latency",
         "Directory",
         "Audit trail",
         "Certificates and TLS",
+        "Hot reload",
     ] {
         assert!(rows.iter().any(|r| r == row), "row {row} missing: {rows:?}");
     }
@@ -204,6 +209,12 @@ fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
         "ssp_audit_fsync_duration_seconds_bucket",
         "ssp_audit_commit_wait_seconds_bucket",
         "ssp_certificate_expiry_seconds",
+        "ssp_upstream_circuits",
+        "ssp_upstream_circuit_transitions_total",
+        "ssp_upstream_retries_total",
+        "ssp_directory_backend_errors_total",
+        "ssp_reloads_total",
+        "ssp_reload_last_ok",
     ] {
         assert!(
             used.contains(needed),
@@ -211,6 +222,22 @@ fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
         );
     }
     assert!(exprs.contains("histogram_quantile(0.99"));
+
+    // Every query is PromQL that parses: promtool checks them as recording rules, with
+    // Grafana's variables given values.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (n, e) in queries.iter().enumerate() {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{n}\n        expr: {}\n",
+            serde_json::Value::String(e)
+        ));
+    }
+    let dir = common::scratch_dir("dashboard-queries");
+    std::fs::write(dir.join("dashboard.yml"), rules).expect("write the queries");
+    promtool(&["check", "rules", "dashboard.yml"], &dir);
 }
 
 #[test]
