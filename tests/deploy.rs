@@ -1,10 +1,11 @@
 //! deploy/: the Prometheus configuration and alert rules pass `promtool check` and the rules'
-//! unit tests (`promtool test rules`); every metric the rules and the Grafana dashboard name is
-//! one the gateway exposes, and every dashboard query parses (`promtool check rules`); the
-//! Kubernetes manifests, container build and systemd unit carry the properties the project
-//! promises (probes on the admin endpoints, non-root, read-only root filesystem, the audit
-//! volume, resources, spread, HPA, PDB). The container image is not built here (no container
-//! engine on the test machines).
+//! unit tests (`promtool test rules`), where every rule has a case that fires and one that does
+//! not; every rule has a description and a runbook_url to its section of the README's "Alerts";
+//! every metric the rules and the Grafana dashboard name is one the gateway exposes, and every
+//! dashboard query parses (`promtool check rules`); the Kubernetes manifests, container build
+//! and systemd unit carry the properties the project promises (probes on the admin endpoints,
+//! non-root, read-only root filesystem, the audit volume, resources, spread, HPA, PDB). The
+//! container image is not built here (no container engine on the test machines).
 
 mod common;
 
@@ -56,6 +57,11 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         "SspGatewayCrlStale",
         "SspGatewayReloadRefused",
         "SspGatewayNotScraped",
+        "SspGatewayUpstreamCircuitOpen",
+        "SspGatewayUpstreamCircuitFlapping",
+        "SspGatewayDirectoryBackendErrors",
+        "SspGatewayDirectoryUnavailable",
+        "SspGatewayNotReady",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
@@ -69,11 +75,55 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert!(alerts.len() >= 19, "{alerts:?}");
-    for alert in alerts {
+    assert!(alerts.len() >= 24, "{alerts:?}");
+    for alert in &alerts {
+        // Each rule has a case where it fires and one where it does not (`exp_alerts: []`).
+        let expected: Vec<&str> = cases
+            .split(&format!("alertname: {alert}\n"))
+            .skip(1)
+            .map(|rest| rest.lines().next().unwrap_or_default().trim())
+            .collect();
         assert!(
-            cases.contains(&format!("alertname: {alert}\n")),
-            "{alert} has no case in alerts.test.yml"
+            expected.contains(&"exp_alerts: []"),
+            "{alert} has no case in alerts.test.yml where it does not fire"
+        );
+        assert!(
+            expected
+                .iter()
+                .any(|e| e.starts_with("exp_alerts:") && *e != "exp_alerts: []"),
+            "{alert} has no case in alerts.test.yml where it fires"
+        );
+    }
+    // Every rule says what happened (description) and where the runbook is: its section of the
+    // README's "Alerts", which has one section per rule and no other.
+    let readme = read("README.md");
+    let runbook = readme
+        .split_once("\n## Alerts\n")
+        .and_then(|(_, rest)| rest.split("\n## ").next())
+        .expect("README has an \"Alerts\" section");
+    let sections: Vec<&str> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("### "))
+        .collect();
+    assert_eq!(
+        sections.iter().copied().collect::<BTreeSet<_>>(),
+        alerts.iter().copied().collect::<BTreeSet<_>>(),
+        "README \"Alerts\" has one section per rule"
+    );
+    for rule in rules.split("\n      - alert: ").skip(1) {
+        let alert = rule.lines().next().unwrap_or_default().trim();
+        assert!(
+            rule.contains("\n          description: \""),
+            "{alert} has no description"
+        );
+        // GitHub's anchor of the heading `### SspGatewayX`.
+        let anchor = format!(
+            "\n          runbook_url: \"README.md#{}\"\n",
+            alert.to_ascii_lowercase()
+        );
+        assert!(
+            rule.contains(&anchor),
+            "{alert} has no runbook_url to its README section"
         );
     }
     // Every `job=` matcher names the job both scrape setups give the gateway: the static
