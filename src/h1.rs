@@ -890,6 +890,9 @@ pub(crate) async fn serve<H, Fut, B>(
     B::Error: Into<BoxError>,
 {
     let mut buf = BytesMut::new();
+    // A refused head's status. The answer is written after the loop: written in the `match`
+    // below, it would keep the match's `Result` (and its `Head`) in every connection's future.
+    let mut refused = None;
     loop {
         let head = match read_head(&mut io, &mut buf, &opts, &shutdown).await {
             Ok(Some(head)) => head,
@@ -907,15 +910,8 @@ pub(crate) async fn serve<H, Fut, B>(
                         },
                     );
                 }
-                let mut out = Vec::with_capacity(160);
-                error_response(&mut out, e.status());
-                if write_all_parts(&mut *io, &[&out], opts.send_timeout)
-                    .await
-                    .is_ok()
-                {
-                    linger(&mut io).await;
-                }
-                return;
+                refused = Some(e.status());
+                break;
             }
         };
         // Boxed: the exchange's state (the handler's future, the response body) exists only
@@ -927,7 +923,7 @@ pub(crate) async fn serve<H, Fut, B>(
             Ending::KeepAlive => {}
             Ending::Close => break,
             Ending::Linger => {
-                linger(&mut io).await;
+                Box::pin(linger(&mut io)).await;
                 return;
             }
             Ending::Abort => return,
@@ -938,8 +934,23 @@ pub(crate) async fn serve<H, Fut, B>(
             io.release();
         }
     }
-    // close_notify: bounded too, the client may have stopped reading.
-    let _ = tokio::time::timeout(opts.send_timeout, io.shutdown()).await;
+    // Boxed too, for the same reason as the exchange.
+    match refused {
+        Some(status) => Box::pin(refuse(&mut io, status, opts.send_timeout)).await,
+        // close_notify: bounded too, the client may have stopped reading.
+        None => {
+            let _ = Box::pin(tokio::time::timeout(opts.send_timeout, io.shutdown())).await;
+        }
+    }
+}
+
+/// Answers a refused head with its status, then lingers so the answer is read.
+async fn refuse(io: &mut ServerStream<TcpStream>, status: StatusCode, send_timeout: Duration) {
+    let mut out = Vec::with_capacity(160);
+    error_response(&mut out, status);
+    if write_all_parts(io, &[&out], send_timeout).await.is_ok() {
+        linger(io).await;
+    }
 }
 
 /// Reads until a whole head is in `buf`: `None` when the connection ends quietly (closed, idle
@@ -960,11 +971,14 @@ async fn read_head(
         } else {
             // Idle: wait for the socket without a buffer (unless TLS already holds plaintext).
             if !io.buffered() {
+                // The socket's readiness is polled, not awaited as a future: this wait is the
+                // state of every idle connection, and the smaller the better.
+                let tcp = io.get_ref();
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = &mut deadline => return Ok(None),
-                    ready = io.get_ref().readable() => if ready.is_err() { return Ok(None) },
+                    ready = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)) => if ready.is_err() { return Ok(None) },
                 }
             }
         }
