@@ -139,10 +139,11 @@ impl Upstream {
     /// made under the old configuration — to a provider whose certificate is now revoked, say
     /// — is used again: the old pool's idle connections close with it, busy ones once their
     /// exchange is done. So too once the provider CRLs' nextUpdate has passed: the new pool's
-    /// connections meet the verifier's refusal of a stale CRL (no session is resumed with
-    /// CRLs configured), where a connection kept busy would have gone on being used. And so
-    /// once a certificate a pooled connection's provider presented has run out: the handshake
-    /// checked it was current then, and a connection kept busy would outlive it.
+    /// connections meet the verifier's refusal of a stale CRL, where a connection kept busy
+    /// would have gone on being used. And so once a certificate a pooled connection's provider
+    /// presented has run out: the handshake checked it was current then, and a connection kept
+    /// busy would outlive it. (No upstream session is ever resumed, so each new connection's
+    /// handshake checks the provider's certificate: see `tls::upstream_tls_above`.)
     fn pool(&self) -> Arc<Pool> {
         let tls = self.tls.current();
         let pool = self.pool.load_full();

@@ -381,7 +381,7 @@ async fn busy_until_then_refused(h: &Harness, until: i64, why: &str) {
 
 /// A pooled provider connection is not used past the provider CRLs' nextUpdate: the pool is
 /// started anew then, and its connections meet the verifier's refusal of a stale CRL (no
-/// session is resumed with CRLs configured). Before, a connection kept in use went on being
+/// upstream session is ever resumed). Before, a connection kept in use went on being
 /// used however stale the CRL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_provider_connection_is_not_used_past_the_provider_crl_next_update() {
@@ -437,6 +437,54 @@ async fn a_pooled_provider_connection_is_not_used_past_the_provider_certificate_
         "a request went to a provider whose certificate had run out",
     )
     .await;
+    h.stop().await;
+}
+
+/// A provider whose TLS offers session resumption, and whose certificate has run out since
+/// the gateway's last full handshake with it, is refused on the next new connection (default
+/// config: no `[upstream] crls`). Before, the new connection resumed the earlier session,
+/// which skips the certificate's verification, and the request was forwarded to a provider
+/// presenting an expired certificate for as long as its tickets lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_provider_certificate_is_refused_though_the_provider_offers_resumption() {
+    let world = World::ecdsa();
+    let expires_at = now() + 8;
+    world
+        .authority
+        .issue(&LeafSpec {
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+            common_name: "localhost".into(),
+            key: KeyKind::EcdsaP256,
+            usage: Usage::Server,
+            validity: Validity::Until(expires_at),
+        })
+        .expect("issue")
+        .write(&world.provider.cert, &world.provider.key)
+        .expect("write the provider certificate");
+    let h = start_with_resuming_recorder(world, Behaviour::Echo, GatewayOptions::default()).await;
+    // A full handshake while the certificate is current; the provider hands out tickets.
+    assert_eq!(h.consumer_metadata().await.status, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 1);
+    // Past its notAfter the pool starts anew, and its first connection is a new handshake.
+    while now() <= expires_at {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let target = format!("{}/metadata", h.endpoint());
+    h.consumer_metadata().await.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    assert_eq!(
+        h.recorder.seen(),
+        1,
+        "a request went to a provider whose certificate had run out"
+    );
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    assert!(
+        sample(&text, "ssp_upstream_connect_errors_total{reason=\"tls\"}").unwrap_or(0.0) >= 1.0,
+        "the refused provider handshake was not counted"
+    );
     h.stop().await;
 }
 

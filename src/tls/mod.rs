@@ -22,6 +22,11 @@
 //! CRLs. A connection already open when the CA bundle or a CRL is reloaded, or whose
 //! certificate expires while it is open, has its certificate judged again by the verifier in
 //! force before its next request ([`identities::ClientCert::standing`]).
+//!
+//! Nor on the gateway's own client side (providers, an LDAPS directory): a resumed session
+//! skips the check of the server's certificate, so every new connection runs a full handshake
+//! and the server's certificate is checked against the clock, the CA bundle and any CRLs
+//! ([`upstream_tls_above`]).
 
 pub mod chaincache;
 pub mod identities;
@@ -1026,11 +1031,11 @@ fn assemble_server_config(
     Ok(Arc::new(config))
 }
 
-/// Builds the upstream config: TLS 1.2/1.3, trusting only the CA bundle in `c.ca` (never the
-/// system roots), presenting the client certificate, `alpn` offered in the given order.
-/// Session resumption stays on for this leg (rustls's default in-memory client cache): the
-/// provider decides whether to resume, and resuming saves a full handshake per new connection.
-/// Problems are keyed by `ClientTls`'s field names.
+/// Builds a test or load-test client config: TLS 1.2/1.3, trusting only the CA bundle in
+/// `c.ca` (never the system roots), presenting the client certificate, `alpn` offered in the
+/// given order. Session resumption stays on here (rustls's default in-memory client cache)
+/// unless CRLs are given; the gateway's own client side never resumes (see
+/// [`upstream_tls_above`]). Problems are keyed by `ClientTls`'s field names.
 pub fn client_config(c: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsProblems> {
     build_client_config(c, &TlsKeys::CLIENT_TLS, alpn, None, &CrlFloor::default()).map(|u| u.config)
 }
@@ -1070,9 +1075,13 @@ pub struct UpstreamTls {
     pub expiry: Expiry,
 }
 
-/// [`own_client_config_above`] with the CRLs' horizon: what the gateway forwards with. With
-/// CRLs, session resumption is off, so that every new connection to a provider has its
-/// certificate checked against the CRLs in force (a resumed session skips that check).
+/// [`own_client_config_above`] with the CRLs' horizon: what the gateway forwards with.
+/// Session resumption is off (no session cache, no tickets, TLS 1.2 or 1.3), with CRLs or
+/// without: a resumed session skips the verification of the server's certificate, so an
+/// expired provider (or directory) certificate, or one revoked since, would be accepted on
+/// every new connection that resumed. Every new connection runs a full handshake and has the
+/// certificate checked against the clock, the CA bundle and the CRLs in force; provider
+/// connections are pooled, so full handshakes are rare.
 pub fn upstream_tls_above(
     c: &ClientTls,
     keys: &TlsKeys,
@@ -1125,7 +1134,8 @@ fn build_client_config(
         .with_webpki_verifier(server_verifier)
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(m.certified)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    if with_crls {
+    // The gateway's own client side (`own`) never resumes; a test client only without CRLs.
+    if own.is_some() || with_crls {
         config.resumption = rustls::client::Resumption::disabled();
     }
     floor.raise(m.numbered);
@@ -2624,6 +2634,53 @@ mod tests {
             for _ in 0..2 {
                 let (again, _) = handshake(Arc::clone(&server), Arc::clone(&client)).await;
                 assert_eq!(again.expect("accepted").kind, Some(HandshakeKind::Full));
+            }
+        }
+    }
+
+    /// The gateway's own client side (providers, an LDAPS directory) never resumes a session,
+    /// with CRLs or without, against a server that offers resumption: a resumed session skips
+    /// the server certificate's verification, so a provider certificate that had expired since
+    /// the first connection went on being accepted on every new one (before, resumption was
+    /// off only with `[upstream] crls`).
+    #[tokio::test]
+    async fn the_upstream_client_never_resumes_a_session() {
+        let files = Files::new("hs-upstream-resume");
+        let ca = ecdsa_ca("Upstream resume CA");
+        let mut resumable = (*files.ecdsa_listener(&ca)).clone();
+        resumable.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        resumable.send_tls13_tickets = 2;
+        let resumable = Arc::new(resumable);
+        let gateway = files.client("gw", &client_leaf(&ca, &["ssp.dev.local"]), &ca);
+        let clean = files.text("clean.pem", ca.crl(&[]).expect("crl"));
+
+        // The control: a test client without CRLs does resume against this server.
+        let control = client_config(&gateway, &[]).expect("client");
+        let (first, _) = handshake(Arc::clone(&resumable), Arc::clone(&control)).await;
+        assert_eq!(first.expect("first").kind, Some(HandshakeKind::Full));
+        let (second, _) = handshake(Arc::clone(&resumable), control).await;
+        assert_eq!(second.expect("control").kind, Some(HandshakeKind::Resumed));
+
+        for crls in [vec![], vec![clean]] {
+            let with = ClientTls {
+                crls: crls.clone(),
+                ..gateway.clone()
+            };
+            let floor = CrlFloor::default();
+            let upstream =
+                upstream_tls_above(&with, &TlsKeys::CLIENT_TLS, &[], &floor).expect("upstream TLS");
+            let ldaps = own_client_config(&with, &TlsKeys::CLIENT_TLS, &[]).expect("LDAPS");
+            for (leg, client) in [("upstream", upstream.config), ("ldaps", ldaps)] {
+                for attempt in 0..3 {
+                    let (accepted, connected) =
+                        handshake(Arc::clone(&resumable), Arc::clone(&client)).await;
+                    assert!(connected.is_ok(), "{leg} {crls:?} {attempt}: {connected:?}");
+                    assert_eq!(
+                        accepted.expect("accepted").kind,
+                        Some(HandshakeKind::Full),
+                        "{leg}, CRLs {crls:?}, connection {attempt}"
+                    );
+                }
             }
         }
     }

@@ -543,6 +543,32 @@ pub async fn start_with_recorder(
     start_gateway(world, provider_port, recorder, shutdown, opts).await
 }
 
+/// The gateway in front of a recording provider whose TLS offers session resumption (a
+/// session cache, and two TLS 1.3 tickets after each full handshake), as many providers' TLS
+/// stacks do by default.
+pub async fn start_with_resuming_recorder(
+    world: World,
+    behaviour: Behaviour,
+    opts: GatewayOptions,
+) -> Harness {
+    let shutdown = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind provider");
+    let provider_port = listener.local_addr().expect("addr").port();
+    let recorder = Recorder::new(behaviour);
+    let mut tls =
+        ssp_gateway::tls::listener_tls(&world.server_tls(&world.provider), &[b"http/1.1"])
+            .expect("provider TLS");
+    let mut resumable = (*tls.config).clone();
+    resumable.session_storage = rustls::server::ServerSessionMemoryCache::new(64);
+    resumable.send_tls13_tickets = 2;
+    tls.config = Arc::new(resumable);
+    let tls = ssp_gateway::reload::Reloadable::new("resuming provider TLS", Arc::new(tls), vec![]);
+    serve_recorder_with(listener, tls, recorder.clone(), shutdown.clone());
+    start_gateway(world, provider_port, recorder, shutdown, opts).await
+}
+
 /// Serves `recorder` as an mTLS provider on `listener` until `shutdown`.
 pub fn serve_recorder(
     world: &World,
@@ -550,9 +576,19 @@ pub fn serve_recorder(
     recorder: Arc<Recorder>,
     shutdown: CancellationToken,
 ) {
+    serve_recorder_with(listener, provider_tls(world), recorder, shutdown);
+}
+
+/// [`serve_recorder`] with the given provider TLS.
+fn serve_recorder_with(
+    listener: TcpListener,
+    tls: Arc<ssp_gateway::reload::Reloadable<ListenerTls>>,
+    recorder: Arc<Recorder>,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(ssp_gateway::server::serve_tls(
         listener,
-        provider_tls(world),
+        tls,
         serve_options("recording-provider"),
         shutdown,
         move |conn: Arc<ConnInfo>, req: Request<RequestBody>| {
