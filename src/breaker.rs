@@ -16,6 +16,8 @@
 //! };
 //! match send(request).await {
 //!     Ok(response_head)               => response_body.carries(ticket),  // verdict below
+//!     Ok(malformed head: 1xx, TE with CL, TE not chunked alone)
+//!                                     => drop(ticket),       // as an unparsable head
 //!     Err(connect error or TLS error) => ticket.failure(Instant::now()),
 //!     Err(response timeout)           => ticket.failure(Instant::now()),
 //!     Err(anything else)              => drop(ticket),       // no verdict

@@ -3,7 +3,9 @@
 //! forwarding headers are the gateway's own, and the consumer's method and URL overrides and
 //! client-identity headers are dropped (see `is_from_consumer`). It only ever sends to a target
 //! URL that `authorise` has proven to be a registered endpoint; it never decides where to go
-//! itself.
+//! itself. A provider's answer whose head hyper accepts but which cannot be passed on as it
+//! came (a 1xx final status, `Transfer-Encoding` with `Content-Length`, a transfer coding
+//! other than `chunked` alone) is a 502, as one hyper cannot parse is (`malformed_answer`).
 //!
 //! A request whose connection to the provider could not be made is sent again on a new one
 //! (`[upstream] connect_retries`); nothing else is ever retried, so a request that reached a
@@ -407,6 +409,23 @@ impl Upstream {
                         }
                     }
                 }
+                Ok(Ok(resp)) if malformed_answer(&resp).is_some() => {
+                    // As an answer hyper could not parse: 502, and no verdict for the breaker
+                    // (the ticket drops unused).
+                    tracing::warn!(
+                        target_url = %url,
+                        attempt,
+                        status = resp.status().as_u16(),
+                        problem = malformed_answer(&resp).unwrap_or_default(),
+                        "the provider's answer is malformed; it is not passed on"
+                    );
+                    Err((
+                        RetryOutcome::Error,
+                        Rejection::UpstreamError {
+                            url: url.to_owned(),
+                        },
+                    ))
+                }
                 Ok(Ok(mut resp)) => {
                     strip_hop_by_hop(resp.headers_mut());
                     // The breaker's verdict waits for the body's end (see `UpstreamBody`).
@@ -427,6 +446,45 @@ impl Upstream {
             return (answer.map_err(|(_, rejection)| rejection), attempt);
         }
     }
+}
+
+/// Why a provider's response head that hyper accepted is not an answer the gateway passes on,
+/// or `None` when it is one (the common case costs one header lookup):
+/// - a 1xx status as the final answer: the gateway never asks for an upgrade, and hyper hands
+///   on a `101 Switching Protocols` as the response (an HTTP/1.1 consumer given it would wait
+///   for the switched protocol, an HTTP/2 one cannot be given it at all);
+/// - `Transfer-Encoding` with `Content-Length`: RFC 9112 §6.3 says such a message "ought to be
+///   handled as an error" (response splitting); hyper decodes the chunked body, and the
+///   provider's `Content-Length` would go to the consumer with it;
+/// - a transfer coding other than `chunked` alone (`gzip, chunked`): hyper removes only the
+///   chunked framing, so the consumer would get the other coding's bytes with nothing saying so
+///   (`Transfer-Encoding` is hop-by-hop and removed).
+///
+/// The answer's body is dropped unread. A connection whose answer hyper had not read to its end
+/// closes with it (a 101, a body to the connection's close); one whose answer it had read
+/// whole, framed by its chunks (which RFC 9112 puts before `Content-Length`), goes back to the
+/// pool as after any answer: hyper closes an idle connection with bytes past an answer's end,
+/// so a second answer sent after the chunks is never taken for the next request's.
+/// (Poisoning that connection would need its handle on every response, an allocation per
+/// request.)
+fn malformed_answer<B>(resp: &Response<B>) -> Option<&'static str> {
+    if resp.status().is_informational() {
+        return Some("an interim (1xx) status as its final answer");
+    }
+    let mut codings = resp.headers().get_all(header::TRANSFER_ENCODING).iter();
+    let first = codings.next()?;
+    if resp.headers().contains_key(header::CONTENT_LENGTH) {
+        return Some("both Transfer-Encoding and Content-Length");
+    }
+    let chunked_alone = codings.next().is_none()
+        && first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+    if !chunked_alone {
+        return Some("a transfer coding other than chunked alone");
+    }
+    None
 }
 
 /// What became of a connect retry (the `outcome` label of `ssp_upstream_retries_total`).
@@ -1425,6 +1483,55 @@ mod tests {
                 }
                 Ok(_) => panic!("{url} connected"),
             }
+        }
+    }
+
+    /// Each head the gateway does not pass on, and heads it does.
+    #[test]
+    fn malformed_answers_are_told_from_well_formed_ones() {
+        let head = |status: u16, fields: &[(&str, &str)]| {
+            let mut resp = Response::new(());
+            *resp.status_mut() = http::StatusCode::from_u16(status).expect("status");
+            for (name, value) in fields {
+                resp.headers_mut().append(
+                    HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                    HeaderValue::from_str(value).expect("value"),
+                );
+            }
+            malformed_answer(&resp)
+        };
+        let te = "transfer-encoding";
+        let cl = "content-length";
+        for (status, fields, problem) in [
+            (101, &[][..], "interim"),
+            (103, &[], "interim"),
+            (200, &[(te, "chunked"), (cl, "1")], "Content-Length"),
+            (200, &[(cl, "1"), (te, "chunked")], "Content-Length"),
+            (204, &[(te, "chunked"), (cl, "0")], "Content-Length"),
+            (200, &[(te, "gzip, chunked")], "other than chunked"),
+            (200, &[(te, "gzip")], "other than chunked"),
+            (200, &[(te, "chunked, chunked")], "other than chunked"),
+            (
+                200,
+                &[(te, "chunked"), (te, "chunked")],
+                "other than chunked",
+            ),
+            (200, &[(te, "gzip"), (te, "chunked")], "other than chunked"),
+            (200, &[(te, "")], "other than chunked"),
+        ] {
+            let found = head(status, fields).unwrap_or_else(|| panic!("{status} {fields:?}"));
+            assert!(found.contains(problem), "{status} {fields:?}: {found}");
+        }
+        for (status, fields) in [
+            (200, &[][..]),
+            (200, &[(cl, "12")]),
+            (200, &[(te, "chunked")]),
+            (200, &[(te, " Chunked\t")]),
+            (503, &[(te, "CHUNKED")]),
+            (204, &[]),
+            (304, &[(cl, "12")]),
+        ] {
+            assert_eq!(head(status, fields), None, "{status} {fields:?}");
         }
     }
 

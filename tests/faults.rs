@@ -28,6 +28,63 @@ enum Fault {
     StallMidBody,
     /// Sends a 200 head promising 8 bytes, then one byte every 300 ms, then closes.
     Drip,
+    /// Answers each request on the connection with the entry of [`SCRIPTED`] its `x-answer`
+    /// header names, until the gateway closes the connection (counted in `hung_up`).
+    Scripted,
+}
+
+/// Answers a [`Fault::Scripted`] provider gives, by the name a request asks for.
+const SCRIPTED: &[(&str, &[u8])] = &[
+    // Both framings (RFC 9112 §6.3: "ought to be handled as an error"); hyper decodes the chunks.
+    (
+        "length-and-chunked",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ),
+    // The same, with a second answer after the chunked body's end (response splitting).
+    (
+        "length-and-chunked-split",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 9\r\n\r\n\"smuggle\"",
+    ),
+    // hyper removes only the chunked framing: the gzip bytes would pass as the body.
+    (
+        "gzip-chunked",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
+    ),
+    // Not chunked at all: a body to the connection's close, gzip-coded.
+    (
+        "gzip",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00",
+    ),
+    // Chunked twice over, in two fields.
+    (
+        "chunked-twice",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ),
+    // An upgrade the gateway never asked for, as the final answer.
+    (
+        "switching-protocols",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ),
+    // Well formed: `chunked` alone (in any case, with spaces around it).
+    (
+        "chunked",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding:  Chunked \r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ),
+];
+
+/// The [`SCRIPTED`] answer a request head asks for with `x-answer`.
+fn scripted(head: &[u8]) -> Option<&'static [u8]> {
+    let head = std::str::from_utf8(head).ok()?;
+    let name = head.split("\r\n").find_map(|line| {
+        let (field, value) = line.split_once(':')?;
+        field
+            .eq_ignore_ascii_case("x-answer")
+            .then_some(value.trim())
+    })?;
+    SCRIPTED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, answer)| *answer)
 }
 
 const HUNDRED_MB: usize = 100 * 1024 * 1024;
@@ -80,6 +137,26 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> Watched {
                 }
                 requests.fetch_add(1, Ordering::SeqCst);
                 match fault {
+                    Fault::Scripted => loop {
+                        let Some(answer) = scripted(&head) else {
+                            return;
+                        };
+                        if s.write_all(answer).await.is_err() || s.flush().await.is_err() {
+                            return;
+                        }
+                        // The next request on this connection, or its close.
+                        head.clear();
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match s.read(&mut byte).await {
+                                Ok(1) => head.push(byte[0]),
+                                _ => {
+                                    hung_up.fetch_add(1, Ordering::SeqCst);
+                                    return;
+                                }
+                            }
+                        }
+                        requests.fetch_add(1, Ordering::SeqCst);
+                    },
                     Fault::Garbage => {
                         let _ = s
                             .write_all(b"SSH-2.0-OpenSSH_9.2 this is not HTTP\r\n\r\n")
@@ -554,6 +631,116 @@ async fn a_consumer_that_stops_reading_is_cut_off_at_the_send_timeout() {
     let mut sink = Vec::new();
     let drained = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut sink)).await;
     assert!(drained.is_ok(), "the connection was kept open");
+    still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// The last record (outcome or rejection) of the request with this Ssp-TraceID, once it is in
+/// the trail in `dir`.
+async fn final_record_of(dir: &std::path::Path, trace: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(r) = audit_records(dir).into_iter().find(|r| {
+            (r["kind"] == "outcome" || r["kind"] == "rejection")
+                && r["ssp_trace_id"].as_str() == Some(trace)
+        }) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no final record of {trace}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A GET metadata through `client` asking the [`Fault::Scripted`] provider for `answer`: the
+/// consumer's answer (within 20 s) and the request's Ssp-TraceID.
+async fn scripted_metadata(
+    client: &Client,
+    target: &str,
+    answer: &str,
+) -> (Result<Answer, String>, String) {
+    let req = Gpc::new(Method::GET, target.to_owned(), IX_METADATA)
+        .header("x-answer", answer)
+        .build();
+    let trace = req.headers()["ssp-traceid"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let answer = tokio::time::timeout(Duration::from_secs(20), client.send(req))
+        .await
+        .unwrap_or_else(|_| panic!("{answer}: no answer within 20 s"));
+    (answer, trace)
+}
+
+/// A provider answer whose head hyper accepts but whose framing or status the gateway cannot
+/// pass on is a malformed answer, as one hyper cannot parse is: 502
+/// `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>` over both protocols, audited and counted, and
+/// no failure for the circuit breaker (as for an unparsable head). Before, `Content-Length: 1`
+/// with a chunked body reached the consumer as `content-length: 1` and `{` (audited
+/// complete), `gzip, chunked` as raw gzip bytes with nothing saying so, and a `101 Switching
+/// Protocols` as a 101 (an HTTP/1.1 consumer then hung; HTTP/2 got a PROTOCOL_ERROR reset).
+/// `chunked` alone, in any case, passes, and the next request after each malformed answer
+/// gets its own answer (a second answer sent after a chunked body's end is never taken for
+/// it: hyper closes a connection with bytes past the end of an answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_answer_with_bad_framing_or_a_1xx_status_is_a_502() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let config = gateway_config(
+        &world,
+        provider.port,
+        &GatewayOptions {
+            circuit_breaker: "failure_threshold = 1\ncool_down = \"300s\"",
+            ..Default::default()
+        },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(provider.port));
+    let token = format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}");
+    let bad = [
+        "length-and-chunked",
+        "length-and-chunked-split",
+        "gzip-chunked",
+        "gzip",
+        "chunked-twice",
+        "switching-protocols",
+    ];
+    for http2 in [false, true] {
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        for answer in bad {
+            let (a, trace) = scripted_metadata(&client, &target, answer).await;
+            let a = a.unwrap_or_else(|e| panic!("http2 {http2}, {answer}: {e}"));
+            assert_eq!(a.status, StatusCode::BAD_GATEWAY, "http2 {http2}, {answer}");
+            a.assert_outcome(502, None, &token);
+            let record = final_record_of(&config.audit.dir, &trace).await;
+            assert_eq!(record["kind"], "outcome", "{answer}: {record}");
+            assert_eq!(record["status"], 502, "{answer}: {record}");
+            assert_eq!(record["token"], token.as_str(), "{answer}: {record}");
+            // Well formed: passed on whole, and the circuit (one failure would open it) is
+            // closed.
+            let (a, trace) = scripted_metadata(&client, &target, "chunked").await;
+            let a = a.unwrap_or_else(|e| panic!("http2 {http2}, after {answer}: {e}"));
+            assert_eq!(a.status, StatusCode::OK, "after {answer}: {}", a.text());
+            assert_eq!(a.text(), "{}", "http2 {http2}, after {answer}");
+            let record = final_record_of(&config.audit.dir, &trace).await;
+            assert_eq!(record["completed"], true, "{record}");
+        }
+    }
+    let (_, text) = http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"upstream_error\"}"),
+        Some(2.0 * bad.len() as f64)
+    );
+    assert_eq!(
+        sample(&text, "ssp_upstream_circuit_transitions_total{to=\"open\"}"),
+        Some(0.0)
+    );
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
