@@ -1131,7 +1131,8 @@ const VIA_HTTP10: HeaderValue = HeaderValue::from_static("1.0 ssp-gateway");
 /// what was sent is not counted: the body is not asked for its next frame meanwhile.
 ///
 /// The attempt's circuit-breaker ticket travels with the body, and the body's end is the
-/// breaker's verdict (see [`crate::breaker`]): success when the body reaches its end (a body
+/// breaker's verdict (see [`crate::breaker`]): success when the body reaches its end (its
+/// trailers, when it has them; a body
 /// empty from the start — HEAD, 204, 304, `Content-Length: 0` — when it is made); failure when
 /// it stalls past the idle timeout or the provider's connection breaks mid-body (hyper's body
 /// error: reset, closed early, malformed chunks), unless the consumer's request body may be the
@@ -1204,8 +1205,10 @@ impl http_body::Body for UpstreamBody {
             Poll::Pending => {}
             Poll::Ready(Some(Ok(frame))) => {
                 this.moved = true;
-                // hyper may stop polling once the body says it is at its end.
-                if this.verdict.is_some() && inner.is_end_stream() {
+                // hyper may stop polling once the body says it is at its end, or once it has
+                // the trailers, which are always a body's last frame (its HTTP/2 server ends
+                // the stream with them).
+                if this.verdict.is_some() && (frame.is_trailers() || inner.is_end_stream()) {
                     settle(&mut this.verdict, true);
                 }
                 return Poll::Ready(Some(Ok(frame)));
@@ -1263,8 +1266,8 @@ impl http_body::Body for UpstreamBody {
 pub struct BodyEnd {
     /// Body bytes that passed to the consumer.
     pub bytes: u64,
-    /// `true` when the body reached its end; `false` when it was abandoned (consumer gone) or
-    /// failed (provider error mid-body).
+    /// `true` when the body reached its end (its trailers, when it has them); `false` when it
+    /// was abandoned (consumer gone) or failed (provider error mid-body).
     pub completed: bool,
 }
 
@@ -1342,7 +1345,9 @@ impl http_body::Body for ProxyBody {
                         if let Some(data) = frame.data_ref() {
                             o.bytes += data.len() as u64;
                         }
-                        if http_body::Body::is_end_stream(&o.inner) {
+                        // Trailers are the last frame: hyper's HTTP/2 server ends the stream
+                        // with them and polls no more.
+                        if frame.is_trailers() || http_body::Body::is_end_stream(&o.inner) {
                             o.finish(true);
                         }
                     }
@@ -1765,6 +1770,49 @@ mod tests {
             let whole = body.collect().await.expect("the whole body").to_bytes();
             assert_eq!(whole, Bytes::from_static(b"busy"));
             assert_eq!(verdict(&b, t0), "success");
+        }
+
+        /// A body that ends with trailers is whole once they come, for the breaker and for the
+        /// audit outcome: hyper's HTTP/2 server ends the stream with the trailers and polls no
+        /// more, so the body's end of data is never asked for. Before, the verdict was none
+        /// and the outcome `completed: false`.
+        #[tokio::test]
+        async fn a_body_ended_by_trailers_is_whole_when_they_come() {
+            const TRAILED: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Checksum: abc\r\n\r\n";
+            let (b, t0, probe) = probing();
+            let (incoming, _provider) = answer(Method::GET, TRAILED).await;
+            let ended = Arc::new(std::sync::Mutex::new(None));
+            let end = ended.clone();
+            let mut body = ProxyBody::observed(
+                ProxyBody::Upstream(UpstreamBody::new(
+                    incoming,
+                    Duration::from_secs(30),
+                    Some(probe),
+                )),
+                Box::new(move |e: BodyEnd| {
+                    *end.lock().expect("lock") = Some(e);
+                }),
+            );
+            let data = body.frame().await.expect("a frame").expect("data");
+            assert_eq!(data.into_data().ok(), Some(Bytes::from_static(b"{}")));
+            assert_eq!(verdict(&b, t0), "pending");
+            assert_eq!(*ended.lock().expect("lock"), None);
+            let trailers = body.frame().await.expect("a frame").expect("trailers");
+            assert_eq!(
+                trailers.into_trailers().expect("trailers")["x-checksum"],
+                "abc"
+            );
+            // Not polled again, as hyper's HTTP/2 server does not.
+            assert_eq!(verdict(&b, t0), "success");
+            assert_eq!(
+                *ended.lock().expect("lock"),
+                Some(BodyEnd {
+                    bytes: 2,
+                    completed: true
+                })
+            );
+            drop(body);
+            assert_eq!(ended.lock().expect("lock").map(|e| e.completed), Some(true));
         }
 
         #[tokio::test]

@@ -70,6 +70,11 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "chunked",
         b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding:  Chunked \r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     ),
+    // Well formed, with a trailer field after the last chunk.
+    (
+        "trailers",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n2\r\n{}\r\n0\r\nX-Checksum: abc\r\n\r\n",
+    ),
 ];
 
 /// The [`SCRIPTED`] answer a request head asks for with `x-answer`.
@@ -742,6 +747,35 @@ async fn a_provider_answer_with_bad_framing_or_a_1xx_status_is_a_502() {
         Some(0.0)
     );
     still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A chunked answer with trailers passes whole and its outcome record says `completed: true`,
+/// over HTTP/2 as over HTTP/1.1. Before, over HTTP/2 it said `false`: hyper's HTTP/2 server
+/// ends the stream with the trailers and asks the body for nothing more, and the body's end
+/// was only seen when it was asked for a frame after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_ended_by_trailers_is_audited_as_completed() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let config = gateway_config(&world, provider.port, &GatewayOptions::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(provider.port));
+    for http2 in [true, false] {
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        let (a, trace) = scripted_metadata(&client, &target, "trailers").await;
+        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
+        assert_eq!(a.status, StatusCode::OK, "http2 {http2}: {}", a.text());
+        assert_eq!(a.text(), "{}", "http2 {http2}");
+        let record = final_record_of(&config.audit.dir, &trace).await;
+        assert_eq!(record["kind"], "outcome", "http2 {http2}: {record}");
+        assert_eq!(record["completed"], true, "http2 {http2}: {record}");
+        assert_eq!(record["response_bytes"], 2, "http2 {http2}: {record}");
+    }
     shutdown.cancel();
     running.wait().await;
 }
