@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -541,6 +541,8 @@ struct Spawned {
     gateway: SocketAddr,
     admin: SocketAddr,
     audit_dir: PathBuf,
+    /// Its log (standard output and error), beside its config.
+    log: PathBuf,
 }
 
 impl Drop for Spawned {
@@ -598,12 +600,19 @@ async fn spawn_gateway(
         c.args(&wrap[1..]).arg(BIN);
         c
     };
+    let log = config.with_extension("log");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("open the gateway's log");
+    let err = out.try_clone().expect("log");
     let child = cmd
         .arg("run")
         .arg("--config")
         .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .expect("spawn the gateway");
     let spawned = Spawned {
@@ -611,6 +620,7 @@ async fn spawn_gateway(
         gateway,
         admin,
         audit_dir: audit_dir.to_path_buf(),
+        log,
     };
     let start = Instant::now();
     loop {
@@ -958,6 +968,284 @@ async fn a_full_disk_refuses_traffic_and_recovers_without_a_torn_record() {
     let id = refused.headers["x-request-id"].to_str().expect("id");
     assert_eq!(for_request(&all, id).len(), 1, "the refusal is on record");
     let (code, out) = verify(&audit_files(&audit_dir));
+    assert_eq!(code, 0, "{out}");
+    provider.stop.cancel();
+}
+
+// The audit directory taken away from a running gateway, and stops with records lost.
+
+/// `[audit]` for each durability, retrying every 100 ms.
+const FSYNC: &str = "[audit]\nretry_interval = \"100ms\"\n";
+const BUFFERED: &str =
+    "[audit]\ndurability = \"buffered\"\nfsync_interval = \"50ms\"\nretry_interval = \"100ms\"\n";
+
+/// The Ssp-TraceID of the last request the recording provider received.
+fn last_seen(provider: &Provider) -> String {
+    provider
+        .seen
+        .lock()
+        .expect("lock")
+        .last()
+        .expect("a request reached the provider")
+        .clone()
+}
+
+/// SIGTERM, then the exit status (within the deadline).
+async fn stop_gateway(g: &mut Spawned) -> std::process::ExitStatus {
+    let term = Command::new("kill")
+        .args(["-TERM", &g.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = g.child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn log_of(g: &Spawned) -> String {
+    std::fs::read_to_string(&g.log).expect("the gateway's log")
+}
+
+/// The config of a second gateway (ports of its own) on the audit directory `dir`.
+fn second_config(world: &World, provider_port: u16, audit: &str, dir: &Path) -> Spawned2 {
+    let audit = format!("{audit}dir = \"{}\"\n", dir.display());
+    let (config, gateway, admin, audit_dir) = spawned_config(world, provider_port, &audit);
+    assert_eq!(audit_dir, dir);
+    Spawned2 {
+        config,
+        gateway,
+        admin,
+    }
+}
+
+struct Spawned2 {
+    config: PathBuf,
+    gateway: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// `ssp-gateway run` of a second gateway on the audit directory `dir`, which another holds:
+/// it must refuse to start. Returns what it printed.
+async fn second_gateway_refused(
+    world: &World,
+    provider_port: u16,
+    audit: &str,
+    dir: &Path,
+) -> String {
+    let second = second_config(world, provider_port, audit, dir);
+    let out = second.config.with_extension("out");
+    let file = std::fs::File::create(&out).expect("output file");
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&second.config)
+        .stdout(file.try_clone().expect("file"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn the second gateway");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        // It binds its listeners only once the trail is open.
+        let listening = tokio::net::TcpStream::connect(second.admin).await.is_ok();
+        if start.elapsed() > DEADLINE || listening {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "a second gateway started on {} while the first one writes there: {}",
+                dir.display(),
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let text = std::fs::read_to_string(&out).expect("output");
+    assert_eq!(status.code(), Some(1), "{text}");
+    text
+}
+
+/// Whenever the writer opens a new active file in its directory — here after the directory
+/// was removed, and either recreated by someone else or not — it first takes the directory's
+/// lock again (and creates the directory again when it is missing, as at start): a second
+/// gateway on that directory then refuses to start, and the chain the first one carries on
+/// there verifies. Both durabilities. (Before, the lock was left on the removed directory's
+/// `.lock`: a second gateway started beside the first and the trail broke.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_audit_directory_is_written_again_only_under_its_lock() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let ep = endpoint(provider.port);
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    for (audit, recreated) in [
+        (FSYNC, true),
+        (BUFFERED, true),
+        (FSYNC, false),
+        (BUFFERED, false),
+    ] {
+        let case = format!("{audit:?}, recreated by someone else: {recreated}");
+        let (config, gw, admin, dir) = spawned_config(&world, provider.port, audit);
+        let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
+        let client = world.client(&world.consumer, g.gateway);
+        assert_eq!(
+            client.gpc(metadata()).await.status,
+            StatusCode::OK,
+            "{case}"
+        );
+
+        std::fs::remove_dir_all(&dir).expect("rm -rf the audit directory");
+        if recreated {
+            std::fs::create_dir(&dir).expect("mkdir");
+        }
+        let mut traces = Vec::new();
+        let a = client.gpc(metadata()).await;
+        assert_eq!(a.status, StatusCode::OK, "{case}: {}", a.text());
+        traces.push(last_seen(&provider));
+        eventually("the trail reopened in the directory", || {
+            dir.join("audit.jsonl").exists().then_some(())
+        })
+        .await;
+        let mode = std::fs::metadata(&dir)
+            .expect("the audit directory")
+            .permissions();
+        if !recreated {
+            assert_eq!(mode.mode() & 0o777, 0o700, "{case}: created as at start");
+        }
+        assert_eq!(
+            http_get(g.admin, "/readyz").await.0,
+            StatusCode::OK,
+            "{case}"
+        );
+
+        let refused = second_gateway_refused(&world, provider.port, audit, &dir).await;
+        assert!(
+            refused.contains(&format!(
+                "audit directory {} is in use by another gateway process",
+                dir.display()
+            )),
+            "{case}: {refused}"
+        );
+
+        let a = client.gpc(metadata()).await;
+        assert_eq!(a.status, StatusCode::OK, "{case}");
+        traces.push(last_seen(&provider));
+        let status = stop_gateway(&mut g).await;
+        assert!(status.success(), "{case}: {status}: {}", log_of(&g));
+
+        let all = records(&dir);
+        for t in &traces {
+            assert_eq!(for_trace(&all, t).len(), 2, "{case}: {t} in {all:#?}");
+        }
+        let (code, out) = verify(&audit_files(&dir));
+        assert_eq!(code, 0, "{case}: {out}");
+        let log = log_of(&g);
+        assert!(log.contains("took its lock again"), "{case}: {log}");
+        assert_eq!(
+            log.contains("the audit directory was removed; created it again"),
+            !recreated,
+            "{case}: {log}"
+        );
+    }
+    provider.stop.cancel();
+}
+
+/// The audit directory removed and recreated, and another gateway started there before the
+/// first wrote again (the drill's order, under `buffered`): the first does not write beside it.
+/// Its trail is unwritable (503 AUDIT_UNAVAILABLE, not ready, an error line naming the other
+/// process), and it retries: once the other has stopped and its file is moved out, the first
+/// takes the lock and carries on, every record it owes written and its chain intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_another_gateway_took_is_not_written_until_it_is_free() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let ep = endpoint(provider.port);
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    let (config, gw, admin, dir) = spawned_config(&world, provider.port, BUFFERED);
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
+    let client = world.client(&world.consumer, g.gateway);
+    assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
+    // Its outcome record too, before the directory goes.
+    eventually("both records written", || {
+        (records(&dir).len() == 2).then_some(())
+    })
+    .await;
+
+    std::fs::remove_dir_all(&dir).expect("rm -rf the audit directory");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let second = second_config(&world, provider.port, BUFFERED, &dir);
+    let mut h = spawn_gateway(&second.config, second.gateway, second.admin, &dir, &[]).await;
+
+    // `buffered` forwards while the trail is not yet known to be unwritable (those records
+    // are kept), then refuses.
+    let mut forwarded = Vec::new();
+    let refused = loop {
+        let a = client.gpc(metadata()).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            break a;
+        }
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        forwarded.push(last_seen(&provider));
+        assert!(forwarded.len() < 100, "never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    refused.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "AUDIT_UNAVAILABLE");
+    let (status, body) = http_get(g.admin, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("\"audit_writable\":false"), "{body}");
+    let log = log_of(&g);
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("the audit trail cannot be written")
+            && l.contains("is in use by another gateway process")),
+        "{log}"
+    );
+    let a = world
+        .client(&world.consumer, h.gateway)
+        .gpc(metadata())
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        client.gpc(metadata()).await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "still refused while the other holds the directory"
+    );
+
+    // The other stops; its trail is whole, and is moved out of the directory.
+    assert!(stop_gateway(&mut h).await.success());
+    let theirs = dir.with_extension("second");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::fs::rename(dir.join("audit.jsonl"), theirs.join("audit.jsonl")).expect("move");
+    let (code, out) = verify(&audit_files(&theirs));
+    assert_eq!(code, 0, "{out}");
+
+    eventually("ready again", || {
+        std::fs::read_to_string(&g.log)
+            .ok()
+            .filter(|l| l.contains("the audit trail can be written again"))
+    })
+    .await;
+    let start = Instant::now();
+    while http_get(g.admin, "/readyz").await.0 != StatusCode::OK {
+        assert!(start.elapsed() < DEADLINE, "never ready again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = client.gpc(metadata()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    forwarded.push(last_seen(&provider));
+    assert!(stop_gateway(&mut g).await.success());
+    let all = records(&dir);
+    for t in &forwarded {
+        assert_eq!(for_trace(&all, t).len(), 2, "{t} in {all:#?}");
+    }
+    let id = refused.headers["x-request-id"].to_str().expect("id");
+    assert_eq!(for_request(&all, id).len(), 1, "the refusal is on record");
+    let (code, out) = verify(&audit_files(&dir));
     assert_eq!(code, 0, "{out}");
     provider.stop.cancel();
 }

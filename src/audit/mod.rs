@@ -47,7 +47,8 @@ pub enum Durability {
 /// `[audit]`: where and how the trail is written.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
-    /// Directory of the trail (created 0700 when missing). One gateway process per directory.
+    /// Directory of the trail (created 0700 when missing, at start and whenever the writer
+    /// finds it gone). One gateway process per directory: the writer holds its lock.
     pub dir: PathBuf,
     pub durability: Durability,
     /// Rotate the active file before it would grow past this many bytes (a record is never

@@ -3,6 +3,10 @@
 //! acknowledges. It alone touches the files. On any failure it rolls the file back to the last
 //! whole line it knows is there, refuses waiting commits, keeps queued records, and retries.
 //! It never writes a partial line it would then build on, and never runs on the async runtime.
+//! It writes only while it holds the directory's lock: whenever it opens a new active file
+//! outside a rotation (the old one moved or deleted, the directory removed or recreated), it
+//! first makes sure the directory exists and that the lock it holds is that directory's, taking
+//! the lock again if not; while another process holds it, the trail stays unwritable.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -30,6 +34,8 @@ const SHUTDOWN_RETRY_FOR: Duration = Duration::from_secs(5);
 /// failure) as one unit, so that a nearly full disk takes what fits instead of refusing the
 /// whole backlog again and again.
 const RECOVERY_UNIT_BYTES: usize = 64 * 1024;
+/// The lock file in the audit directory: the process writing the trail holds it (`flock`).
+const LOCK_FILE: &str = ".lock";
 
 /// The last record written: the next one's `seq - 1` and `prev`.
 #[derive(Debug, Clone, Copy)]
@@ -77,8 +83,55 @@ pub(super) struct Writer {
     last_attempt: Instant,
     last_sync: Instant,
     shared: Arc<Shared>,
-    /// Held for the writer's lifetime: one process per audit directory.
-    _lock: File,
+    /// The directory's lock: one process per audit directory.
+    lock: DirLock,
+}
+
+/// A held lock on an audit directory, and which `.lock` file it is on.
+struct DirLock {
+    /// Closing it releases the lock.
+    _file: File,
+    dev: u64,
+    ino: u64,
+}
+
+/// Creates the audit directory (0700, and its parents) when it is missing.
+fn create_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Takes `dir`'s lock, without waiting: `Locked` while another process holds it.
+fn lock_dir(dir: &Path) -> Result<DirLock, AuditError> {
+    let io_err = |source: io::Error| AuditError::Open {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io_err)?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.kind() {
+            io::ErrorKind::WouldBlock => AuditError::Locked {
+                dir: dir.to_path_buf(),
+            },
+            _ => io_err(e),
+        });
+    }
+    let meta = file.metadata().map_err(io_err)?;
+    Ok(DirLock {
+        _file: file,
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
 }
 
 /// Below this, the buffer of unsynced bytes keeps its room whatever the load.
@@ -277,22 +330,8 @@ impl Writer {
             dir: dir.clone(),
             source,
         };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_err)?;
-        let lock = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(dir.join(".lock"))
-            .map_err(io_err)?;
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(AuditError::Locked { dir });
-        }
+        create_dir(&dir).map_err(io_err)?;
+        let lock = lock_dir(&dir)?;
 
         let active_path = dir.join(ACTIVE_FILE);
         let mut head = None;
@@ -392,7 +431,7 @@ impl Writer {
             last_attempt: now,
             last_sync: now,
             shared,
-            _lock: lock,
+            lock,
         })
     }
 
@@ -730,19 +769,24 @@ impl Writer {
     }
 
     /// Makes sure the active file is the one at the path, open, and holds exactly the lines
-    /// the writer believes it holds.
+    /// the writer believes it holds. A new active file is opened only in a directory that
+    /// exists and whose lock this process holds ([`Writer::claim_dir`]).
     fn ensure_ready(&mut self) -> io::Result<()> {
         if let Some(active) = &self.active {
             match fs::metadata(&self.active_path) {
                 Ok(m) if m.dev() == active.dev && m.ino() == active.ino => {}
                 Ok(_) => {
+                    // When the directory was recreated and another gateway took it, that is
+                    // the error to report.
+                    self.claim_dir()?;
                     return Err(io::Error::other(
                         "the active audit file was replaced by another file",
-                    ))
+                    ));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound && self.dir.is_dir() => {
-                    // Moved or deleted from under us: what was not yet synced goes into a new
-                    // file, and the chain carries on (the head is still ours).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // Moved or deleted from under us (or its directory with it): what was not
+                    // yet synced goes into a new file, and the chain carries on (the head is
+                    // still ours).
                     tracing::error!(
                         file = %self.active_path.display(),
                         "the active audit file was moved or deleted; starting a new one"
@@ -756,6 +800,7 @@ impl Writer {
             }
         }
         if self.active.is_none() {
+            self.claim_dir()?;
             self.active = Some(open_new(&self.active_path)?);
             sync_dir(&self.dir)?;
         }
@@ -770,6 +815,36 @@ impl Writer {
             self.written_len = self.synced_len;
             self.unsynced.clear();
             self.needs_repair = false;
+        }
+        Ok(())
+    }
+
+    /// Before a new active file is opened in the directory: the directory exists (created
+    /// again, as at start, when it was removed) and the lock held is on its `.lock` (taken
+    /// again, as at start, when the directory was recreated and the lock held is on a file no
+    /// longer there). `Locked` while another process holds the directory's lock: nothing is
+    /// written beside another writer. Not on the per-record path: only when the active file
+    /// is gone or replaced, or none is open.
+    fn claim_dir(&mut self) -> io::Result<()> {
+        match fs::metadata(&self.dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_dir(&self.dir)?;
+                tracing::error!(
+                    dir = %self.dir.display(),
+                    "the audit directory was removed; created it again"
+                );
+            }
+            _ => {}
+        }
+        let held = fs::metadata(self.dir.join(LOCK_FILE))
+            .is_ok_and(|m| m.dev() == self.lock.dev && m.ino() == self.lock.ino);
+        if !held {
+            self.lock = lock_dir(&self.dir).map_err(io::Error::other)?;
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "the audit directory's lock file was gone (the directory removed or recreated); \
+                 took its lock again"
+            );
         }
         Ok(())
     }
