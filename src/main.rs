@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway (and, in development, the embedded mock provider).
+    /// Run the gateway (and, in development, the embedded mock provider). Exit 0: stopped
+    /// cleanly; 1: could not start; 3: stopped, but audit records were lost at shutdown.
     Run {
         /// Configuration file.
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -424,10 +425,23 @@ fn serve_logged(config: Config, mock_only: bool) -> ExitCode {
         };
         tokio::spawn(signal_shutdown(shutdown));
         running.wait().await;
+        let lost = ssp_gateway::audit::lost_at_shutdown();
+        if lost > 0 {
+            tracing::error!(
+                lost,
+                exit_status = EXIT_AUDIT_RECORDS_LOST,
+                "stopped, with audit records lost"
+            );
+            return ExitCode::from(EXIT_AUDIT_RECORDS_LOST);
+        }
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
 }
+
+/// `run`'s exit status when it stopped but the audit trail could not take every record
+/// (1 is for a gateway that could not start): a supervisor must not see a clean stop.
+const EXIT_AUDIT_RECORDS_LOST: u8 = 3;
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C.
 async fn signal_shutdown(shutdown: CancellationToken) {

@@ -1249,3 +1249,76 @@ async fn a_directory_another_gateway_took_is_not_written_until_it_is_free() {
     assert_eq!(code, 0, "{out}");
     provider.stop.cancel();
 }
+
+/// Stopped while records cannot be written (the trail's path is taken away), the gateway
+/// exits 3, not 0, after its shutdown retries: a supervisor must not see a clean stop. The
+/// refusals owed are the records lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_loses_audit_records_exits_non_zero() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let ep = endpoint(provider.port);
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    let (config, gw, admin, dir) = spawned_config(&world, provider.port, FSYNC);
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
+    let client = world.client(&world.consumer, g.gateway);
+    assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
+    // Its outcome record too, before the directory goes.
+    eventually("both records written", || {
+        (records(&dir).len() == 2).then_some(())
+    })
+    .await;
+    let moved = dir.with_extension("moved");
+    std::fs::rename(&dir, &moved).expect("move the audit dir away");
+    std::fs::write(&dir, b"not a directory").expect("file in its place");
+    for _ in 0..5 {
+        client.gpc(metadata()).await.assert_outcome(
+            503,
+            Some("INTERNAL_SERVER_ERROR"),
+            "AUDIT_UNAVAILABLE",
+        );
+    }
+    let status = stop_gateway(&mut g).await;
+    let log = log_of(&g);
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("records lost") && log.contains("lost=5"),
+        "{log}"
+    );
+    std::fs::remove_file(&dir).expect("rm");
+    let (code, out) = verify(&audit_files(&moved));
+    assert_eq!(code, 0, "{out}");
+    provider.stop.cancel();
+}
+
+/// Under `buffered`, records written but not yet synced when the trail is taken away are lost
+/// if the final sync at shutdown cannot make them durable: said, and exit 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_final_sync_cannot_make_durable_are_lost_and_exit_non_zero() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let ep = endpoint(provider.port);
+    let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
+    let audit = "[audit]\ndurability = \"buffered\"\nfsync_interval = \"1h\"\n";
+    let (config, gw, admin, dir) = spawned_config(&world, provider.port, audit);
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
+    let client = world.client(&world.consumer, g.gateway);
+    for _ in 0..3 {
+        assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
+    }
+    eventually("the six records written", || {
+        (records(&dir).len() == 6).then_some(())
+    })
+    .await;
+    std::fs::remove_dir_all(&dir).expect("rm -rf the audit directory");
+    std::fs::write(&dir, b"not a directory").expect("file in its place");
+    let status = stop_gateway(&mut g).await;
+    let log = log_of(&g);
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("not made durable before shutdown") && log.contains("records=6"),
+        "{log}"
+    );
+    std::fs::remove_file(&dir).expect("rm");
+    provider.stop.cancel();
+}

@@ -13,7 +13,7 @@ pub mod verify;
 mod writer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -311,6 +311,23 @@ impl Audit {
             let _ = rx.await;
         }
     }
+}
+
+/// Records lost at shutdown in this process: still unwritable after the shutdown retries, or
+/// written but not made durable by the final sync.
+static LOST_AT_SHUTDOWN: AtomicU64 = AtomicU64::new(0);
+
+fn count_lost_at_shutdown(n: usize) {
+    if n > 0 {
+        LOST_AT_SHUTDOWN.fetch_add(n as u64, Ordering::AcqRel);
+    }
+}
+
+/// How many audit records the writers of this process lost when they stopped (the trail could
+/// not take them): `ssp-gateway run` exits non-zero when any were, so that a supervisor does
+/// not see a clean stop. Read it once the gateway has stopped (`Running::wait`).
+pub fn lost_at_shutdown() -> u64 {
+    LOST_AT_SHUTDOWN.load(Ordering::Acquire)
 }
 
 /// Marks the trail unwritable when the writer thread ends.

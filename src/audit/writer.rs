@@ -493,8 +493,8 @@ impl Writer {
                     self.retry_now();
                     self.retry_before_shutdown();
                 }
-                self.final_sync();
-                self.report_lost();
+                let not_durable = self.final_sync();
+                self.report_lost(not_durable);
                 if let Some(done) = stop {
                     let _ = done.send(());
                 }
@@ -504,8 +504,11 @@ impl Writer {
     }
 
     /// At shutdown, records the trail could not take (it was still failing) are lost with the
-    /// process: said loudly and counted, never dropped in silence.
-    fn report_lost(&mut self) {
+    /// process: said loudly and counted, never dropped in silence. With those written but not
+    /// made durable by the final sync (`not_durable`), they are added to
+    /// [`super::lost_at_shutdown`], so `ssp-gateway run` exits non-zero.
+    fn report_lost(&mut self, not_durable: usize) {
+        super::count_lost_at_shutdown(self.backlog.len() + not_durable);
         if self.backlog.is_empty() {
             return;
         }
@@ -755,10 +758,21 @@ impl Writer {
         }
     }
 
-    fn final_sync(&mut self) {
+    /// The last sync before the writer stops. Returns how many records it could not make
+    /// durable (written, under `buffered` or nobody waiting on them, but the trail failed
+    /// before they were synced: they may not be in the file).
+    fn final_sync(&mut self) -> usize {
+        let mut not_durable = 0;
         if !self.unsynced.is_empty() {
             if let Err(e) = self.ensure_ready().and_then(|()| self.sync()) {
                 self.note_failure(&e);
+                not_durable = self.unsynced.iter().filter(|b| **b == b'\n').count();
+                tracing::error!(
+                    dir = %self.dir.display(),
+                    records = not_durable,
+                    error = %e,
+                    "audit records written but not made durable before shutdown: they may be lost"
+                );
             }
         }
         tracing::info!(
@@ -766,6 +780,7 @@ impl Writer {
             head = %hex(&self.head.hash),
             "audit trail closed"
         );
+        not_durable
     }
 
     /// Makes sure the active file is the one at the path, open, and holds exactly the lines
