@@ -1,7 +1,8 @@
 //! The admin listener: plain HTTP/1.1 on loopback for orchestrators and operators —
 //! `/healthz` (the process is alive), `/readyz` (it can serve traffic: loaded, not draining,
 //! audit trail writable, directory backend answering or a cached party servable, the listener's
-//! CRLs not past their nextUpdate), `/metrics` (Prometheus text format) and
+//! and upstream CRLs not past their nextUpdate; read from state the components keep, never
+//! waiting on a backend), `/metrics` (Prometheus text format) and
 //! `POST /directory/invalidate[?asid=A]` (forget cached directory answers). It never carries
 //! consumer traffic and never exposes request data.
 
@@ -56,20 +57,20 @@ impl Readiness {
         })
     }
 
-    async fn check(&self) -> (bool, String) {
+    /// Reads what the components keep (atomics, the TLS snapshots in force); never waits on
+    /// the directory backend, so `/readyz` answers at once whatever the backend does.
+    fn check(&self) -> (bool, String) {
         let loaded = self.loaded.load(Ordering::Acquire);
         let draining = self.draining.load(Ordering::Acquire);
         let audit = self
             .audit_writable
             .as_ref()
             .map_or(true, |w| w.load(Ordering::Acquire));
-        // The directory is usable when its backend answers now (after a failure, the backend is
-        // probed, at most once a second), or else while a cached party can still be served;
-        // cached "not found" answers are never served during an outage, so they do not count.
-        let directory = match self.directory.get() {
-            None => true,
-            Some(d) => d.backend_answers().await || d.holds_servable_party(),
-        };
+        // The directory is usable when its backend has answered and no probe has failed since
+        // (the directory's background prober keeps that: a remote backend counts only once it
+        // has answered), or else while a cached party can still be served; cached "not found"
+        // answers are never served during an outage, so they do not count.
+        let directory = self.directory.get().map_or(true, |d| d.usable());
         // A stale listener CRL fails every handshake (fail closed): the instance serves nobody.
         // A stale provider CRL fails every new provider connection, and the pool is started
         // anew at its nextUpdate: the instance forwards nothing.
@@ -186,7 +187,7 @@ async fn answer(
     let (status, body) = match (method, req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, r#"{"status":"ok"}"#.to_string()),
         (&Method::GET, "/readyz") => {
-            let (ready, body) = readiness.check().await;
+            let (ready, body) = readiness.check();
             let status = if ready {
                 StatusCode::OK
             } else {

@@ -595,6 +595,13 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
                 ]
             }));
     }
+    if let Some(bound) = directory::probe_bound(&config.directory.backend) {
+        // A remote backend is probed now and whenever it stops answering, so readiness
+        // follows it without waiting on it and without consumer traffic.
+        let directory = components.gateway.directory.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { directory.run_prober(bound, shutdown).await });
+    }
     if let (
         Some(ldif),
         DirectoryBackendConfig::Ldif {

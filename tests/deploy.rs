@@ -322,8 +322,11 @@ fn kubernetes_manifests_have_probes_security_audit_volume_and_scaling() {
 
     let d = read(&format!("{k}/deployment.yaml"));
     for needle in [
-        "readinessProbe:\n            httpGet:\n              path: /readyz\n              port: admin",
-        "livenessProbe:\n            httpGet:\n              path: /healthz\n              port: admin",
+        // Explicit probe timeouts: /readyz never waits on the backend, and Kubernetes'
+        // default of 1 s would drop a CPU-throttled pod.
+        "readinessProbe:\n            httpGet:\n              path: /readyz\n              port: admin\n            timeoutSeconds: 2",
+        "livenessProbe:\n            httpGet:\n              path: /healthz\n              port: admin\n            timeoutSeconds: 2",
+        "startupProbe:\n            httpGet:\n              path: /healthz\n              port: admin\n            timeoutSeconds: 2",
         "runAsNonRoot: true",
         "readOnlyRootFilesystem: true",
         "allowPrivilegeEscalation: false",

@@ -213,9 +213,10 @@ async fn the_gateway_runs_on_the_fhir_backend() {
 /// The consumer's own MHS endpoint in the development LDIF.
 const CONSUMER_ENDPOINT: &str = "https://consumer.dev.local/reliablemessaging/reliablerequest";
 
-/// `/readyz` follows whether the API answers now, not what the last lookup did: cached "not
-/// found" answers are no fallback during an outage; after the API recovers, `/readyz` probes it
-/// and is ready again with no request through the gateway (an unready pod gets none); and a
+/// `/readyz` follows whether the API answers, not what the last lookup did: cached "not
+/// found" answers are no fallback during an outage; after the API recovers, the gateway's
+/// prober finds it and it is ready again with no request through the gateway (an unready pod
+/// gets none); and a
 /// lookup that fails on one party's bad data, with nothing cached, is not taken for an outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_api_not_the_last_lookup() {
@@ -239,7 +240,8 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
     };
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
     let directory = h.directory();
-    assert_eq!(directory_readiness(h.admin).await, (200, Some(true)));
+    // Ready once the gateway's own probe (a /Device search) has been answered.
+    until_readiness(h.admin, (200, Some(true)), "ready once the API answers").await;
 
     // The read-only consumer is not in fhir_asid_ods: "not registered", cached (the only entry:
     // asked of the directory directly, so the provider is not looked up beside it).
@@ -260,14 +262,16 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
     api.failing.store(true, Ordering::SeqCst);
     let answer = h.consumer_metadata().await;
     answer.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "DIRECTORY_UNAVAILABLE");
-    assert_eq!(
-        directory_readiness(h.admin).await,
+    // The failed lookup woke the prober, whose probe fails too.
+    until_readiness(
+        h.admin,
         (503, Some(false)),
-        "a cached 'not found' is no fallback"
-    );
+        "unready: a cached 'not found' is no fallback",
+    )
+    .await;
 
-    // The API recovers: /readyz asks it (a /Device search) and turns ready, with no request
-    // through the gateway.
+    // The API recovers: the prober asks it (a /Device search) and /readyz turns ready, with no
+    // request through the gateway.
     api.failing.store(false, Ordering::SeqCst);
     let (misses, asked) = (directory.stats().misses, api.seen().len());
     until_readiness(h.admin, (200, Some(true)), "ready after the API recovers").await;
@@ -300,7 +304,12 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
         .await
         .expect_err("the consumer's data is bad");
     assert!(err.to_string().contains("nhsMhsEndPoint"), "{err}");
-    assert!(!directory.healthy(), "the last lookup failed");
+    // The failed lookup woke the prober: its probe is answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !directory.healthy() {
+        assert!(std::time::Instant::now() < deadline, "never probed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         directory_readiness(h.admin).await,
         (200, Some(true)),

@@ -1,11 +1,14 @@
 //! The gateway with the LDAP backend against a real slapd, through a directory outage: cached
 //! answers keep flowing while slapd is down (served stale and counted), past the maximum
 //! staleness the gateway answers 503 DIRECTORY_UNAVAILABLE (never a 403), and when slapd comes
-//! back the gateway recovers by itself, without a restart.
+//! back the gateway recovers by itself, without a restart. A gateway started while LDAP is
+//! down is not ready until LDAP has answered (its own probe, no consumer traffic), and
+//! `/readyz` answers at once even while LDAP hangs.
 
 mod common;
 mod directory_support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,8 +128,9 @@ async fn cached_answers_outlive_slapd_until_max_stale_then_503_then_recovery() {
     h.stop().await;
 }
 
-/// With nothing cached, an outage is a 503 (never a 403) and makes the gateway unready; when
-/// slapd returns, readiness sees it without any request (the LDAP probe).
+/// With nothing cached, an outage is a 503 (never a 403) and makes the gateway unready (once the
+/// prober's probe, woken by the failed lookup, fails too); when slapd returns, readiness sees
+/// it without any request (the LDAP probe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
@@ -145,10 +149,10 @@ async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
     let answer = h.consumer_metadata().await;
     answer.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "DIRECTORY_UNAVAILABLE");
     assert_eq!(h.recorder.seen(), 0);
-    assert_eq!(directory_readiness(h.admin).await, (503, Some(false)));
+    until_readiness(h.admin, (503, Some(false)), "unready once the probe fails").await;
 
-    // slapd comes back: /readyz probes it and turns ready by itself. No request reaches the
-    // gateway meanwhile, as none would reach an unready pod.
+    // slapd comes back: the gateway's prober sees it and /readyz turns ready by itself. No
+    // request reaches the gateway meanwhile, as none would reach an unready pod.
     let directory = h.directory();
     let misses = directory.stats().misses;
     slapd
@@ -161,5 +165,157 @@ async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
     assert_eq!(directory.stats().misses, misses, "no lookup made it ready");
     assert!(directory.healthy(), "the probe cleared the failure");
     assert_eq!(h.consumer_metadata().await.status, 200);
+    h.stop().await;
+}
+
+/// `/readyz` checked every 100 ms for `during`: each answer must be `expected`.
+async fn readiness_stays(
+    admin: std::net::SocketAddr,
+    expected: (u16, Option<bool>),
+    during: Duration,
+) {
+    let until = Instant::now() + during;
+    while Instant::now() < until {
+        assert_eq!(directory_readiness(admin).await, expected);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A gateway started while LDAP is down is not ready: before, `/readyz` said 200 with
+/// `directory_usable: true` while every request got 503 DIRECTORY_UNAVAILABLE, until a first
+/// consumer request had failed. It probes LDAP itself, and turns ready once LDAP answers,
+/// with no consumer request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_ldap_is_down_is_unready_until_ldap_answers() {
+    let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
+    let started = slapd.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            let mut server = Slapd::start(ldif, None);
+            server.stop();
+            let url = server.url();
+            *started.lock().expect("lock") = Some(server);
+            format!("backend = \"ldap\"\nldap_url = \"{url}\"\n")
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let directory = h.directory();
+    readiness_stays(h.admin, (503, Some(false)), Duration::from_millis(1500)).await;
+    assert_eq!(directory.stats().misses, 0, "no lookup was made");
+    assert_eq!(directory.stats().backend_errors, 0);
+    assert!(!directory.healthy());
+    h.consumer_metadata().await.assert_outcome(
+        503,
+        Some("INTERNAL_SERVER_ERROR"),
+        "DIRECTORY_UNAVAILABLE",
+    );
+    assert_eq!(directory_readiness(h.admin).await, (503, Some(false)));
+
+    // slapd comes up: the gateway's own probe finds it, and it turns ready with no request.
+    let misses = directory.stats().misses;
+    slapd
+        .lock()
+        .expect("lock")
+        .as_mut()
+        .expect("slapd")
+        .start_again();
+    until_readiness(h.admin, (200, Some(true)), "ready once slapd answers").await;
+    assert_eq!(directory.stats().misses, misses, "no lookup made it ready");
+    assert!(directory.healthy());
+    assert_eq!(h.consumer_metadata().await.status, 200);
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}
+
+/// An LDAP server that accepts connections and never answers: holds every connection open and
+/// counts them. Stops accepting when dropped (the thread ends with the process).
+struct HungLdap {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl HungLdap {
+    fn start() -> HungLdap {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("ldap://{}", listener.local_addr().expect("addr"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        HungLdap { url, accepted }
+    }
+}
+
+/// `/readyz` never waits on the directory backend. Before, with LDAP hanging, about every other
+/// `/readyz` took the whole query timeout (3 s; a Kubernetes probe gives up after 1 s), since
+/// readiness probed LDAP itself after a failed lookup. Now it reports what the background probe
+/// and the lookups found: each answer comes at once (well under the 2 s query timeout here),
+/// and the probe, bounded by the query timeout, is retried with back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_at_once_while_ldap_hangs() {
+    let hung = HungLdap::start();
+    let url = hung.url.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |_: &str| {
+            format!("backend = \"ldap\"\nldap_url = \"{url}\"\nquery_timeout = \"2s\"\n")
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let timed = |what: &'static str| {
+        let admin = h.admin;
+        async move {
+            let started = Instant::now();
+            let readiness = directory_readiness(admin).await;
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_millis(500),
+                "{what}: /readyz took {took:?}: it waited on the backend"
+            );
+            assert_eq!(readiness, (503, Some(false)), "{what}");
+        }
+    };
+
+    // From the start: the gateway's own probe hangs, /readyz does not.
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        timed("before any request").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        hung.accepted.load(Ordering::SeqCst) >= 1,
+        "the gateway probed LDAP at start, without any request"
+    );
+
+    // A consumer request waits the query timeout and gets 503; /readyz still answers at once
+    // while it waits and after.
+    let consumer = {
+        let client = h.consumer();
+        let target = format!("{}/metadata", h.endpoint());
+        tokio::spawn(async move { client.gpc(Gpc::new(Method::GET, target, IX_METADATA)).await })
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        timed("during and after a request").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.await.expect("request task").assert_outcome(
+        503,
+        Some("INTERNAL_SERVER_ERROR"),
+        "DIRECTORY_UNAVAILABLE",
+    );
+    assert_eq!(h.recorder.seen(), 0);
+    // 7.5 s of a hung backend: the probe (given up after the 2 s query timeout, then 1 s, 2 s
+    // of back-off) and the request's searches opened a handful of connections, not one per
+    // /readyz.
+    let accepted = hung.accepted.load(Ordering::SeqCst);
+    assert!((2..=6).contains(&accepted), "{accepted} connections");
     h.stop().await;
 }

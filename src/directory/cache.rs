@@ -21,16 +21,25 @@
 //! ASID and every caller that misses while it runs awaits the same outcome (answer, stale party
 //! or error), so N concurrent misses make one backend query whatever the cache admits. The task
 //! is spawned, so a caller that goes away does not cancel the query the others wait for.
+//!
+//! Whether the backend answers is kept here too, for readiness, which only reads it and never
+//! waits on the backend. A remote backend (LDAP, FHIR) counts as not answering until it has
+//! answered once; the LDIF backend answers from memory from the start. A failed lookup does not
+//! by itself make the backend count as down (it may be one party's bad data): it wakes the
+//! background prober ([`Directory::run_prober`]), whose probe decides. While the backend does
+//! not answer, the prober asks it again with back-off, so readiness follows the backend without
+//! any consumer traffic.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use moka::future::Cache;
 use moka::Expiry;
+use tokio_util::sync::CancellationToken;
 
 use super::{is_asid, DirectoryBackend, DirectoryError, Party};
 
@@ -45,9 +54,19 @@ pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(3600);
 /// Default pause, after a failed refresh, before the backend is asked again for a key whose
 /// stale party is being served.
 pub const DEFAULT_STALE_RETRY: Duration = Duration::from_secs(1);
-/// How long the result of a readiness probe of a failed backend stands before the next
-/// readiness check probes again (so at most one probe per interval, however often it is asked).
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// After a failed probe, the prober waits this long before the next one, doubling the wait
+/// after each failure up to [`PROBE_BACKOFF_MAX`].
+pub const PROBE_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two probes of a backend that does not answer.
+pub const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(16);
+
+/// The backend answered the last query or probe.
+const ANSWERING: u8 = 0;
+/// A query failed since the backend last answered: it counts as answering until the prober's
+/// probe says otherwise (a failed lookup may be one party's bad data, not an outage).
+const SUSPECT: u8 = 1;
+/// The last probe failed, or the backend has not answered yet since start.
+const DOWN: u8 = 2;
 
 /// How long the [`Directory`] cache keeps answers, and how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,11 +211,11 @@ struct Inner {
     cache: Cache<String, Arc<Slot>>,
     policy: CachePolicy,
     counters: Counters,
-    /// True after a failed backend query, false again after a successful query or probe.
-    failing: AtomicBool,
-    /// The last readiness probe: when it ended and whether the backend answered. Locked while a
-    /// probe runs, so concurrent readiness checks wait for that one instead of starting more.
-    probe: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
+    /// [`ANSWERING`], [`SUSPECT`] or [`DOWN`]: one atomic, so no two writers can leave a
+    /// combination that says "down" without the prober seeing it.
+    state: AtomicU8,
+    /// Wakes the prober when a query fails while the backend was answering.
+    probe_wanted: tokio::sync::Notify,
     /// Bumped by every invalidation. A refresh caches its answer only if no invalidation came
     /// after it started, so an answer fetched before an invalidation is not kept after it.
     generation: AtomicU64,
@@ -241,14 +260,19 @@ impl Directory {
             .max_capacity(policy.capacity)
             .expire_after(SlotExpiry)
             .build();
+        let state = if backend.answers_from_memory() {
+            ANSWERING
+        } else {
+            DOWN
+        };
         Self {
             inner: Arc::new(Inner {
                 backend,
                 cache,
                 policy,
                 counters: Counters::default(),
-                failing: AtomicBool::new(false),
-                probe: Arc::new(tokio::sync::Mutex::new(None)),
+                state: AtomicU8::new(state),
+                probe_wanted: tokio::sync::Notify::new(),
                 generation: AtomicU64::new(0),
                 inflight: Mutex::new(HashMap::new()),
             }),
@@ -423,54 +447,71 @@ impl Directory {
         self.inner.cache.contains_key(asid)
     }
 
-    /// Whether no backend query has failed since the last one that succeeded (or probe that
-    /// did); true before the first. A failed lookup may be one party's bad data rather than an
-    /// outage: [`backend_answers`](Self::backend_answers) tells them apart.
+    /// Whether the backend answered the last query or probe (and nothing has failed since).
+    /// False before a remote backend's first answer; the LDIF backend answers from the start.
     pub fn healthy(&self) -> bool {
-        !self.inner.failing.load(Ordering::Relaxed)
+        self.inner.state.load(Ordering::Acquire) == ANSWERING
     }
 
-    /// Whether the backend answers now, for readiness. While no query has failed since the last
-    /// success, yes without asking. After a failure the backend is probed
-    /// ([`DirectoryBackend::probe`]): at most once per [`PROBE_INTERVAL`] (a check within it
-    /// gets the last probe's result), concurrent checks sharing one probe; a probe that succeeds
-    /// clears the failure. So a backend that recovers is seen to without any lookup, and a lookup
-    /// that failed on one party's data does not make a live backend look down.
-    pub async fn backend_answers(&self) -> bool {
-        if self.healthy() {
-            return true;
-        }
-        let last = self.inner.probe.clone().lock_owned().await;
-        if self.healthy() {
-            return true;
-        }
-        if let Some((at, answered)) = *last {
-            if at.elapsed() < PROBE_INTERVAL {
-                return answered;
+    /// Whether the backend counts as answering, for readiness: it has answered, and no probe
+    /// has failed since. A failed lookup alone does not change it: the prober's probe then
+    /// decides (one party's bad data fails its lookup but not the probe). Reads one atomic;
+    /// never waits on the backend.
+    pub fn backend_answers(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) != DOWN
+    }
+
+    /// Whether the directory can serve anything, for readiness: the backend answers, or else a
+    /// cached party can still be served. Never waits on the backend.
+    pub fn usable(&self) -> bool {
+        self.backend_answers() || self.holds_servable_party()
+    }
+
+    /// The background prober, until `shutdown`: while the backend is not known to answer (at
+    /// start for a remote backend, after a failed lookup, after a failed probe) it asks
+    /// [`DirectoryBackend::probe`], each probe given at most `bound`. A probe that fails is
+    /// followed by another after [`PROBE_BACKOFF_FIRST`], the wait doubling up to
+    /// [`PROBE_BACKOFF_MAX`]; one that succeeds makes the backend count as answering. While it
+    /// answers, the prober waits for a failed lookup and asks nothing.
+    pub async fn run_prober(&self, bound: Duration, shutdown: CancellationToken) {
+        let inner = &self.inner;
+        let backend = inner.backend.name();
+        let mut backoff = PROBE_BACKOFF_FIRST;
+        loop {
+            if inner.state.load(Ordering::Acquire) == ANSWERING {
+                backoff = PROBE_BACKOFF_FIRST;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = inner.probe_wanted.notified() => continue,
+                }
             }
-        }
-        let inner = self.inner.clone();
-        // Spawned with the lock: a check that goes away does not cancel the probe others await.
-        let probe = tokio::spawn(async move {
-            let mut last = last;
-            let answered = match inner.backend.probe().await {
-                Ok(()) => {
-                    inner.failing.store(false, Ordering::Relaxed);
-                    tracing::info!(
-                        backend = inner.backend.name(),
-                        "directory backend answers the readiness probe"
-                    );
-                    true
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, "directory backend fails the readiness probe");
-                    false
-                }
+            let probe = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                probe = tokio::time::timeout(bound, inner.backend.probe()) => probe,
             };
-            *last = Some((Instant::now(), answered));
-            answered
-        });
-        probe.await.unwrap_or(false)
+            let error = match probe {
+                Ok(Ok(())) => {
+                    if inner.state.swap(ANSWERING, Ordering::AcqRel) == DOWN {
+                        tracing::info!(backend, "directory backend answers");
+                    }
+                    continue;
+                }
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("directory backend {backend}: no answer within {bound:?}"),
+            };
+            inner.state.store(DOWN, Ordering::Release);
+            tracing::warn!(
+                %error,
+                retry_in = ?backoff,
+                "directory backend does not answer the probe; the gateway is not ready unless \
+                 it holds cached parties to serve"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = backoff.saturating_mul(2).min(PROBE_BACKOFF_MAX);
+        }
     }
 
     /// Whether the cache holds a found party that can still be served (fresh, or within
@@ -550,7 +591,7 @@ async fn refresh_now(inner: &Inner, asid: &str, generation: u64) -> Outcome {
     let now = Instant::now();
     match result {
         Ok(found) => {
-            inner.failing.store(false, Ordering::Relaxed);
+            inner.state.store(ANSWERING, Ordering::Release);
             let found = found.map(Arc::new);
             keep(
                 inner,
@@ -562,7 +603,14 @@ async fn refresh_now(inner: &Inner, asid: &str, generation: u64) -> Outcome {
             Outcome::Answer(found)
         }
         Err(error) => {
-            inner.failing.store(true, Ordering::Relaxed);
+            // Answering until a probe says otherwise: wake the prober to ask.
+            if inner
+                .state
+                .compare_exchange(ANSWERING, SUSPECT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                inner.probe_wanted.notify_one();
+            }
             inner
                 .counters
                 .backend_errors
@@ -593,7 +641,7 @@ mod tests {
     use super::*;
     use futures_util::future::BoxFuture;
     use std::collections::HashMap;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use tokio::sync::Semaphore;
 
     const METADATA: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
@@ -628,6 +676,10 @@ mod tests {
         calls: AtomicUsize,
         probes: AtomicUsize,
         fail: AtomicBool,
+        /// Lookups fail, probes do not (one party's bad data).
+        fail_lookups: AtomicBool,
+        /// Probes never answer.
+        hang_probes: AtomicBool,
         /// When set, each query waits for a permit before answering.
         gate: Option<Arc<Semaphore>>,
     }
@@ -643,6 +695,8 @@ mod tests {
                 calls: AtomicUsize::new(0),
                 probes: AtomicUsize::new(0),
                 fail: AtomicBool::new(false),
+                fail_lookups: AtomicBool::new(false),
+                hang_probes: AtomicBool::new(false),
                 gate,
             }
         }
@@ -657,6 +711,14 @@ mod tests {
 
         fn fail(&self, fail: bool) {
             self.fail.store(fail, Ordering::SeqCst);
+        }
+
+        fn fail_lookups(&self, fail: bool) {
+            self.fail_lookups.store(fail, Ordering::SeqCst);
+        }
+
+        fn hang_probes(&self, hang: bool) {
+            self.hang_probes.store(hang, Ordering::SeqCst);
         }
     }
 
@@ -677,7 +739,7 @@ mod tests {
                         reason: "gate closed".into(),
                     })?;
                 }
-                if self.fail.load(Ordering::SeqCst) {
+                if self.fail.load(Ordering::SeqCst) || self.fail_lookups.load(Ordering::SeqCst) {
                     return Err(DirectoryError::Backend {
                         backend: "counting",
                         reason: "down".into(),
@@ -687,10 +749,13 @@ mod tests {
             })
         }
 
-        /// Fails while lookups fail.
+        /// Fails while the backend is down; hangs while told to.
         fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>> {
             Box::pin(async move {
                 self.probes.fetch_add(1, Ordering::SeqCst);
+                if self.hang_probes.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(DirectoryError::Backend {
                         backend: "counting",
@@ -886,53 +951,89 @@ mod tests {
         assert_eq!(dir.stats().backend_errors, 1);
     }
 
-    /// Readiness after a failed lookup: the backend is probed (not the failed party asked
-    /// again), at most once per interval however often readiness is checked, and a backend that
-    /// answers the probe is ready again without any lookup.
-    #[tokio::test]
-    async fn after_a_failure_readiness_probes_the_backend_at_most_once_per_interval() {
-        let backend = CountingBackend::new(&["1"]);
-        let dir = directory(&backend, policy(LONG, LONG));
-        assert!(dir.backend_answers().await);
-        assert_eq!(backend.probes(), 0, "nothing failed: nothing to probe");
-
-        backend.fail(true);
-        assert!(dir.party("1").await.is_err());
-        for _ in 0..5 {
-            assert!(!dir.backend_answers().await);
-        }
-        assert_eq!(backend.probes(), 1, "one probe per interval");
-
-        // Concurrent checks after the interval share one probe.
-        backend.fail(false);
-        tokio::time::sleep(PROBE_INTERVAL + Duration::from_millis(100)).await;
-        let checks: Vec<_> = (0..10)
-            .map(|_| {
-                let dir = dir.clone();
-                tokio::spawn(async move { dir.backend_answers().await })
-            })
-            .collect();
-        for check in checks {
-            assert!(check.await.unwrap(), "the recovered backend answers");
-        }
-        assert_eq!(backend.probes(), 2);
-        assert_eq!(backend.calls(), 1, "readiness never asked for a party");
-        assert!(dir.healthy(), "the probe cleared the failure");
-        assert!(dir.backend_answers().await);
-        assert_eq!(backend.probes(), 2, "healthy again: no more probes");
+    /// A prober for `dir` until the returned token is cancelled (each probe bounded by `bound`).
+    fn prober(dir: &Directory, bound: Duration) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let (dir, token) = (dir.clone(), stop.clone());
+        tokio::spawn(async move { dir.run_prober(bound, token).await });
+        stop
     }
 
-    /// A lookup that fails while the backend answers (one party's bad data) is not an outage.
-    #[tokio::test]
-    async fn a_failed_lookup_on_a_live_backend_leaves_it_answering() {
+    /// A remote backend is not usable before it has answered. The prober asks it at start,
+    /// then with back-off (1 s, 2 s, 4 s, 8 s, 16 s, 16 s...) while it fails; once it answers it
+    /// is usable without any lookup, and the prober stops asking.
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_backend_is_usable_once_it_answers_and_probed_with_back_off_until_then() {
+        let backend = CountingBackend::new(&["1"]);
+        backend.fail(true);
+        let dir = directory(&backend, policy(LONG, LONG));
+        assert!(!dir.backend_answers() && !dir.usable() && !dir.healthy());
+        let start = tokio::time::Instant::now();
+        let stop = prober(&dir, Duration::from_secs(3));
+        // Probes at 0, 1, 3, 7, 15, 31, 47 s: each check is half a second after one.
+        for (at, probes) in [(0.5, 1), (1.5, 2), (3.5, 3), (7.5, 4), (15.5, 5), (31.5, 6)] {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
+            assert_eq!(backend.probes(), probes, "at {at} s");
+            assert!(!dir.usable(), "at {at} s");
+        }
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(backend.probes(), 6, "the back-off stops growing at 16 s");
+        backend.fail(false);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(backend.probes(), 7);
+        assert!(dir.backend_answers() && dir.usable() && dir.healthy());
+        assert_eq!(backend.calls(), 0, "no lookup made it usable");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(backend.probes(), 7, "an answering backend is not probed");
+        stop.cancel();
+    }
+
+    /// A probe that hangs is given up after its bound and counts as a failure; the next one
+    /// comes after the back-off.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_probe_is_a_failure_after_its_bound() {
+        let backend = CountingBackend::new(&["1"]);
+        backend.hang_probes(true);
+        let dir = directory(&backend, policy(LONG, LONG));
+        let stop = prober(&dir, Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert_eq!(backend.probes(), 1);
+        assert!(!dir.usable());
+        // Given up at 3 s, asked again at 4 s.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(backend.probes(), 2);
+        backend.hang_probes(false);
+        // That probe hangs to 7 s; the next, at 9 s, is answered.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(backend.probes(), 3);
+        assert!(dir.usable() && dir.healthy());
+        stop.cancel();
+    }
+
+    /// A lookup that fails while the backend answers (one party's bad data) is not an outage:
+    /// the backend keeps counting as answering, and the prober's one probe clears the failure.
+    /// A lookup that fails because the backend is down makes it unusable once the probe fails.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_lookup_wakes_the_prober_which_decides() {
         let backend = CountingBackend::new(&["1"]);
         let dir = directory(&backend, policy(LONG, LONG));
-        backend.fail(true);
-        assert!(dir.party("1").await.is_err());
-        backend.fail(false);
-        assert!(!dir.healthy());
-        assert!(dir.backend_answers().await);
+        let stop = prober(&dir, Duration::from_secs(3));
+        until("the first probe", || dir.healthy()).await;
         assert_eq!(backend.probes(), 1);
+
+        backend.fail_lookups(true);
+        assert!(dir.party("1").await.is_err());
+        assert!(dir.backend_answers(), "one failed lookup is not an outage");
+        until("the probe after the failure", || dir.healthy()).await;
+        assert_eq!(backend.probes(), 2);
+        assert!(dir.backend_answers());
+
+        backend.fail(true);
+        assert!(dir.party("2").await.is_err());
+        until("the failed probe", || !dir.backend_answers()).await;
+        assert_eq!(backend.probes(), 3);
+        assert!(!dir.usable(), "nothing cached to serve");
+        stop.cancel();
     }
 
     /// Only found parties that may still be served keep the directory usable during an
@@ -1259,7 +1360,11 @@ mod tests {
         let backend: Arc<dyn DirectoryBackend> =
             Arc::new(ldif::LdifBackend::development_world().unwrap());
         let dir = Directory::new(backend, CachePolicy::default());
-        assert!(dir.healthy());
+        assert!(
+            dir.healthy(),
+            "usable from the start, with no probe and no lookup"
+        );
+        assert!(dir.backend_answers() && dir.usable());
         assert_eq!(dir.backend_name(), "ldif");
         let consumer = dir.party("200000000359").await.unwrap().unwrap();
         assert!(consumer.has_fqdn("consumer.dev.local"));

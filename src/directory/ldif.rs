@@ -757,6 +757,11 @@ impl DirectoryBackend for LdifBackend {
     fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>> {
         Box::pin(future::ready(Ok(())))
     }
+
+    /// Loaded before the gateway starts: usable from the start.
+    fn answers_from_memory(&self) -> bool {
+        true
+    }
 }
 
 /// The file's index, and whether the file ends with a newline (as a finished LDIF file does).

@@ -23,7 +23,7 @@ use crate::ssp::interactions::Catalogue;
 
 pub use cache::{
     CachePolicy, Directory, DirectoryStats, DEFAULT_CAPACITY, DEFAULT_MAX_STALE,
-    DEFAULT_NEGATIVE_TTL, DEFAULT_STALE_RETRY, DEFAULT_TTL, PROBE_INTERVAL,
+    DEFAULT_NEGATIVE_TTL, DEFAULT_STALE_RETRY, DEFAULT_TTL, PROBE_BACKOFF_FIRST, PROBE_BACKOFF_MAX,
 };
 
 /// An accredited system (`nhsAs`): one ASID.
@@ -82,9 +82,27 @@ pub trait DirectoryBackend: Send + Sync + 'static {
     fn party<'a>(&'a self, asid: &'a str) -> BoxFuture<'a, Result<Option<Party>, DirectoryError>>;
     /// Whether the backend answers now, asked with the cheapest query that reaches it (LDAP: a
     /// base-scope search of the search base; FHIR: one `/Device` search; LDIF: always, it answers
-    /// from memory). Readiness asks this after a lookup failed: one party's bad data fails its
-    /// lookup but not the probe, so it is not taken for an outage.
+    /// from memory). The directory's background prober asks this at start and after a lookup
+    /// failed, until it answers: one party's bad data fails its lookup but not the probe, so it
+    /// is not taken for an outage.
     fn probe(&self) -> BoxFuture<'_, Result<(), DirectoryError>>;
+    /// Whether the backend answers from memory (the LDIF file, loaded before the gateway
+    /// starts): it counts as answering from the start, and is never probed. A remote backend
+    /// counts as answering only once it has answered.
+    fn answers_from_memory(&self) -> bool {
+        false
+    }
+}
+
+/// The longest one probe of the configured backend may take: LDAP, opening the connection and
+/// one search (`connect_timeout` + `query_timeout`); FHIR, one request (`query_timeout`, which
+/// bounds connecting too). `None` for the LDIF backend, which is never probed.
+pub fn probe_bound(config: &DirectoryBackendConfig) -> Option<std::time::Duration> {
+    match config {
+        DirectoryBackendConfig::Ldif { .. } => None,
+        DirectoryBackendConfig::Ldap(s) => Some(s.connect_timeout.saturating_add(s.query_timeout)),
+        DirectoryBackendConfig::Fhir(s) => Some(s.query_timeout),
+    }
 }
 
 impl Party {
