@@ -124,6 +124,9 @@ pub struct Components {
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<tls::ListenerTls>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
     pub ldif: Option<Arc<LdifBackend>>,
+    /// LDAPS: when the directory client certificate chain and CA bundle run out (read at
+    /// start; they are not reloaded); `None` for the other backends.
+    pub directory_certificates: Option<tls::Expiry>,
     /// The audit writer, started by `start` (it opens the trail).
     pub audit_writer: audit::PendingWriter,
     /// The span exporter, when `[tracing] otlp_endpoint` is set.
@@ -320,6 +323,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 client_tls,
                 mock_provider,
                 ldif: backend.ldif,
+                directory_certificates: backend.certificate_expiry,
                 audit_writer,
                 span_exporter,
             })
@@ -523,15 +527,22 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let metrics = components.gateway.metrics.clone();
     {
         // Read at scrape time from the snapshots in force, so a renewal by hot reload shows.
+        // The LDAPS directory's certificates are read at start (not reloaded).
         let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
+        let directory = components.directory_certificates;
         metrics.register_certificates(Arc::new(move || {
             let (listener, upstream) = (listener.current().expiry, upstream.current().expiry);
-            vec![
+            let mut expiries = vec![
                 ("server", listener.chain),
                 ("client_ca", listener.ca_bundle),
                 ("upstream_client", upstream.chain),
                 ("upstream_ca", upstream.ca_bundle),
-            ]
+            ];
+            if let Some(directory) = directory {
+                expiries.push(("directory_client", directory.chain));
+                expiries.push(("directory_ca", directory.ca_bundle));
+            }
+            expiries
         }));
     }
     // The CRLs in force (after hot reloads): the metric and `/readyz` read them alike.

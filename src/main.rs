@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use ssp_gateway::config::{Config, DEFAULT_CONFIG_PATH};
+use ssp_gateway::config::{Config, DirectoryBackendConfig, DEFAULT_CONFIG_PATH};
 
 #[derive(Parser)]
 #[command(
@@ -223,7 +223,8 @@ fn plural(n: usize, word: &str) -> String {
 const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// What `check-config` says about a configuration that loads but would not serve well: an own
-/// certificate (any in its file's chain) running out within [`EXPIRY_WARNING_DAYS`], an LDIF
+/// certificate (the listener's, the upstream client's, the LDAPS directory client's, the mock
+/// provider's; any in its file's chain) running out within [`EXPIRY_WARNING_DAYS`], an LDIF
 /// directory with no accredited system or no message handler (every request would be refused),
 /// a remote directory backend that does not answer now (the gateway would start unready), a
 /// CORS allowlist of `"*"` (any web page could call through a clinician's browser).
@@ -254,6 +255,13 @@ fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<
             components.client_tls.current().expiry.chain,
         ),
     ];
+    if let (DirectoryBackendConfig::Ldap(ldap), Some(expiry)) =
+        (&config.directory.backend, components.directory_certificates)
+    {
+        if let Some(tls) = &ldap.tls {
+            own.push(("directory.ldap_cert", &tls.cert, expiry.chain));
+        }
+    }
     if let (Some(m), Some((_, tls))) = (&config.mock_provider, &components.mock_provider) {
         own.push((
             "mock_provider.cert",

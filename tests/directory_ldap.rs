@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use directory_support::{directory_readiness, until_readiness, Slapd};
+use directory_support::{directory_readiness, until_readiness, Slapd, SlapdTls};
 use http::Method;
 
 /// Polls `f` until it returns `Some`, failing the test after `limit`.
@@ -317,5 +317,101 @@ async fn readyz_answers_at_once_while_ldap_hangs() {
     // /readyz.
     let accepted = hung.accepted.load(Ordering::SeqCst);
     assert!((2..=6).contains(&accepted), "{accepted} connections");
+    h.stop().await;
+}
+
+/// The LDAPS directory's client certificate (`ldap_cert`) is watched like the listener's and
+/// the upstream's: before, it had no `ssp_certificate_expiry_seconds` series and `check-config`
+/// did not say it ran out soon, so SDS would have refused the gateway without warning. Now
+/// it is `certificate="directory_client"` (and its CA bundle `directory_ca`), and
+/// `check-config` warns within 30 days, as for `listener.cert`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ldaps_client_certificate_expiry_is_measured_and_warned_of() {
+    use ssp_gateway::tls::pki::{KeyKind, LeafSpec, Usage, Validity};
+    let world = World::ecdsa();
+    let client = Pair {
+        cert: world.dir.join("ldap-client.pem"),
+        key: world.dir.join("ldap-client-key.pem"),
+    };
+    let runs_out = now() + 10 * 86_400;
+    world
+        .authority
+        .issue(&LeafSpec {
+            names: vec!["ssp.dev.local".into()],
+            common_name: "ssp.dev.local".into(),
+            key: KeyKind::EcdsaP256,
+            usage: Usage::Client,
+            validity: Validity::Until(runs_out),
+        })
+        .expect("issue")
+        .write(&client.cert, &client.key)
+        .expect("write the LDAPS client certificate");
+    let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
+    let started = slapd.clone();
+    let (server_cert, server_key) = (world.provider.cert.clone(), world.provider.key.clone());
+    let (cert, key, ca) = (client.cert.clone(), client.key.clone(), world.ca.clone());
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            let server = Slapd::start(
+                ldif,
+                Some(SlapdTls {
+                    cert: server_cert.clone(),
+                    key: server_key.clone(),
+                    ca: ca.clone(),
+                }),
+            );
+            let url = server.ldaps_url();
+            *started.lock().expect("lock") = Some(server);
+            format!(
+                "backend = \"ldap\"\nldap_url = \"{url}\"\nldap_cert = \"{}\"\n\
+                 ldap_key = \"{}\"\nldap_ca = \"{}\"\n",
+                cert.display(),
+                key.display(),
+                ca.display()
+            )
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(world, Behaviour::Echo, opts).await;
+    // The prober's LDAPS search is answered: slapd accepted the client certificate.
+    until_readiness(h.admin, (200, Some(true)), "ready over LDAPS").await;
+
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    let series = |role: &str| format!("ssp_certificate_expiry_seconds{{certificate=\"{role}\"}}");
+    let left = sample(&text, &series("directory_client"))
+        .unwrap_or_else(|| panic!("no directory_client series in\n{text}"));
+    let expected = (runs_out - now()) as f64;
+    assert!(
+        (left - expected).abs() <= 5.0,
+        "{left} s left, {expected} s expected"
+    );
+    let ca_left = sample(&text, &series("directory_ca"))
+        .unwrap_or_else(|| panic!("no directory_ca series in\n{text}"));
+    assert!(ca_left > 30.0 * 86_400.0, "the CA: {ca_left} s left");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&h.config_path)
+        .output()
+        .expect("run check-config");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let warning = format!(
+        "warning: directory.ldap_cert: {} runs out in ",
+        client.cert.display()
+    );
+    let days: u32 = said
+        .split(&warning)
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {warning:?} in:\n{said}"));
+    assert!((9..=10).contains(&days), "{said}");
+    assert_eq!(said.matches("warning").count(), 1, "{said}");
     h.stop().await;
 }

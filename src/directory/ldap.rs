@@ -150,6 +150,9 @@ pub struct LdapBackend {
     opened: AtomicU64,
     /// Held while connecting, so concurrent lookups open one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
+    /// For `ldaps://`: when the client certificate chain and the CA bundle run out (read at
+    /// start: the LDAP TLS files are not reloaded).
+    certificate_expiry: Option<tls::Expiry>,
 }
 
 impl std::fmt::Debug for LdapBackend {
@@ -176,10 +179,17 @@ impl LdapBackend {
             return Err(url_error("must start with ldap:// or ldaps://"));
         };
         let mut conn_settings = LdapConnSettings::new().set_conn_timeout(settings.connect_timeout);
+        let mut certificate_expiry = None;
         match (&settings.tls, secure) {
             (Some(client), true) => {
-                let config = tls::own_client_config(client, &crate::config::LDAP_TLS_KEYS, &[])?;
-                conn_settings = conn_settings.set_config(config);
+                let loaded = tls::upstream_tls_above(
+                    client,
+                    &crate::config::LDAP_TLS_KEYS,
+                    &[],
+                    &tls::CrlFloor::default(),
+                )?;
+                certificate_expiry = Some(loaded.expiry);
+                conn_settings = conn_settings.set_config(loaded.config);
             }
             (None, true) => {
                 return Err(url_error(
@@ -196,6 +206,7 @@ impl LdapBackend {
         Ok(Self {
             settings,
             conn_settings,
+            certificate_expiry,
             conn: Mutex::new(None),
             opened: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
@@ -205,6 +216,12 @@ impl LdapBackend {
     /// The configured server URL.
     pub fn url(&self) -> &str {
         &self.settings.url
+    }
+
+    /// For `ldaps://`: when the client certificate chain (`ldap_cert`) and the CA bundle
+    /// (`ldap_ca`) in use run out; `None` for `ldap://`.
+    pub fn certificate_expiry(&self) -> Option<tls::Expiry> {
+        self.certificate_expiry
     }
 
     /// The accredited system with this ASID, or `None`.

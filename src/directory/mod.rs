@@ -193,6 +193,9 @@ pub struct OpenedBackend {
     pub ldif: Option<Arc<ldif::LdifBackend>>,
     /// What it is, for operators: e.g. `ldap ldaps://sds.example:636`.
     pub description: String,
+    /// LDAPS: when its client certificate chain and CA bundle run out (for the expiry metric
+    /// and `check-config`); `None` for the other backends.
+    pub certificate_expiry: Option<crate::tls::Expiry>,
 }
 
 /// Builds the configured backend: loads the LDIF file, or prepares the LDAP or FHIR client
@@ -214,6 +217,7 @@ pub fn open_backend(
                 backend: backend.clone(),
                 description: format!("ldif {}", file.display()),
                 ldif: Some(backend),
+                certificate_expiry: None,
             })
         }
         DirectoryBackendConfig::Ldap(settings) => {
@@ -225,6 +229,7 @@ pub fn open_backend(
             })?;
             Ok(OpenedBackend {
                 description: format!("ldap {} (base {})", settings.url, settings.search_base),
+                certificate_expiry: backend.certificate_expiry(),
                 backend: Arc::new(backend),
                 ldif: None,
             })
@@ -241,6 +246,7 @@ pub fn open_backend(
                 ),
                 backend: Arc::new(backend),
                 ldif: None,
+                certificate_expiry: None,
             })
         }
     }
