@@ -30,6 +30,7 @@ pub mod authorise;
 pub mod breaker;
 pub mod config;
 pub mod cors;
+pub mod crlwatch;
 pub mod directory;
 pub mod files;
 pub mod forward;
@@ -556,6 +557,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         })
     };
     metrics.register_crl_next_update(crl_horizons.clone());
+    tasks.spawn(crlwatch::watch(crl_horizons.clone(), shutdown.clone()));
     let exporter_stop = CancellationToken::new();
     if let Some(exporter) = components.span_exporter {
         tasks.spawn(exporter.run(exporter_stop.clone()));

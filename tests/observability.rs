@@ -562,6 +562,185 @@ async fn a_stale_listener_crl_is_measured_and_makes_the_gateway_not_ready() {
     h.stop().await;
 }
 
+/// The real binary, run on a configuration written by `gateway_config` with its two listeners
+/// moved from port 0 to free ports and JSON logs; killed on drop. Its log lines (stdout) are
+/// collected as they come.
+struct RunningBinary {
+    child: std::process::Child,
+    admin: SocketAddr,
+    gateway: SocketAddr,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl RunningBinary {
+    async fn start(config: &std::path::Path) -> RunningBinary {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+        };
+        let (gateway, admin) = (free(), free());
+        let text = std::fs::read_to_string(config)
+            .expect("read config")
+            .replacen(
+                "address = \"127.0.0.1:0\"",
+                &format!("address = \"{gateway}\""),
+                1,
+            )
+            .replacen(
+                "address = \"127.0.0.1:0\"",
+                &format!("address = \"{admin}\""),
+                1,
+            )
+            .replace("[log]\n", "[log]\nformat = \"json\"\n");
+        std::fs::write(config, text).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ssp-gateway run");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let parsed = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "unparsed": line }));
+                collected.lock().expect("lines").push(parsed);
+            }
+        });
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(admin).await.is_err() {
+            assert!(started.elapsed() < DEADLINE, "the gateway never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        RunningBinary {
+            child,
+            admin,
+            gateway,
+            lines,
+        }
+    }
+
+    /// The log lines so far at `level` (`WARN`, `ERROR`) whose message starts with `message`.
+    fn logged(&self, level: &str, message: &str) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter(|l| {
+                l["level"] == level
+                    && l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with(message))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `logged(level, message)` has a line, and returns them.
+    async fn until_logged(&self, level: &str, message: &str) -> Vec<serde_json::Value> {
+        let started = Instant::now();
+        loop {
+            let found = self.logged(level, message);
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "no {level} {message:?} in:\n{:#?}",
+                self.lines.lock().expect("lines")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for RunningBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CRLS_STALE: &str = "CRLs in force have passed their nextUpdate";
+const CRLS_RUN_OUT_SOON: &str = "CRLs taken into force run out soon";
+
+/// A stale listener CRL (every handshake refused: a total outage) is one ERROR line, and a CRL
+/// taken into force with little time left (at start, or by a reload) a WARN saying how long
+/// it has. Before, only the rate-limited per-handshake INFO lines (`crl_expired`) said so.
+/// The real binary, its log read from its standard output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_listener_crl_is_one_error_line_and_a_short_lived_one_a_warning() {
+    let world = World::ecdsa();
+    let stale_at = now() + 6;
+    let crl = world
+        .authority
+        .crl_between(&[], now() - 60, stale_at)
+        .expect("CRL");
+    std::fs::write(&world.crl, crl).expect("write CRL");
+    let config = gateway_config(&world, 9, &GatewayOptions::default());
+    let gw = RunningBinary::start(&config.source).await;
+
+    // At start: a few seconds left.
+    let soon = gw.until_logged("WARN", CRLS_RUN_OUT_SOON).await;
+    assert_eq!(soon.len(), 1, "{soon:#?}");
+    assert_eq!(soon[0]["component"], "listener", "{soon:#?}");
+    let left = soon[0]["left"].as_str().expect("left");
+    assert!(left.ends_with('s') && !left.contains('m'), "{left}");
+    assert!(gw.logged("ERROR", CRLS_STALE).is_empty());
+
+    // It goes stale: one ERROR line, not one per handshake refused nor one per second.
+    let stale = gw.until_logged("ERROR", CRLS_STALE).await;
+    assert!(now() >= stale_at);
+    assert_eq!(stale[0]["component"], "listener", "{stale:#?}");
+    assert!(
+        stale[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("every consumer TLS handshake is refused")),
+        "{stale:#?}"
+    );
+    let consumer = world.client(&world.consumer, gw.gateway);
+    for _ in 0..3 {
+        assert!(
+            consumer.handshake().await.is_err(),
+            "a stale CRL let a consumer in"
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(gw.logged("ERROR", CRLS_STALE).len(), 1);
+
+    // A current CRL with two hours left is published and reloaded: a WARN with how long it has.
+    let fresh = world
+        .authority
+        .crl_between(&[], now() - 60, now() + 2 * 3600)
+        .expect("CRL");
+    std::fs::write(&world.crl, fresh).expect("publish CRL");
+    let started = Instant::now();
+    while gw.logged("WARN", CRLS_RUN_OUT_SOON).len() < 2 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the reloaded CRL was not warned of"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reloaded = &gw.logged("WARN", CRLS_RUN_OUT_SOON)[1];
+    let left = reloaded["left"].as_str().expect("left");
+    assert!(left.starts_with("1h 59m") || left == "2h", "{left}");
+    consumer
+        .handshake()
+        .await
+        .expect("handshake under the reloaded CRL");
+    assert_eq!(http_get(gw.admin, "/readyz").await.0, StatusCode::OK);
+    assert_eq!(gw.logged("ERROR", CRLS_STALE).len(), 1);
+}
+
 /// `ssp_certificate_expiry_seconds` shows the certificates in force: after a renewal by hot
 /// reload, the renewed one. Before, it kept the notAfter read at start however often the
 /// certificate was renewed.

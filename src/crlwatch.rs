@@ -1,0 +1,275 @@
+//! Watches the CRLs in force (the listener's and the upstream client's) and says, once, when
+//! they matter: a WARN line when CRLs with less than [`LITTLE_LEFT`] to their nextUpdate are
+//! taken into force (at start or by a reload), an ERROR line when the CRLs in force pass their
+//! nextUpdate (from then every check against them fails: for the listener, every consumer
+//! handshake, a total outage), and an INFO line when current CRLs replace stale ones. The
+//! per-handshake `TLS handshake failed … crl_expired` lines are the server's, unchanged. It only
+//! reads the TLS snapshots in force and logs; it never changes them.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::CrlHorizonsFn;
+
+/// CRLs taken into force with less than this left to their nextUpdate are warned of (the
+/// `SspGatewayCrlNextUpdateSoon` alert's threshold).
+pub const LITTLE_LEFT: Duration = Duration::from_secs(12 * 3600);
+
+/// How often the CRLs in force are looked at: a stale CRL is logged at most this late, and a
+/// reload's CRLs this long after it.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Something worth one log line about a component's CRLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrlEvent {
+    /// CRLs whose earliest nextUpdate is `next_update`, `left` seconds away (less than
+    /// [`LITTLE_LEFT`]), are now in force.
+    LittleLeft {
+        component: &'static str,
+        next_update: u64,
+        left: u64,
+    },
+    /// The CRLs in force passed their nextUpdate.
+    Stale {
+        component: &'static str,
+        next_update: u64,
+    },
+    /// Current CRLs replaced stale ones.
+    CurrentAgain { component: &'static str },
+}
+
+/// What was last seen of one component's CRLs.
+#[derive(Debug)]
+struct Seen {
+    component: &'static str,
+    horizon: Option<u64>,
+    stale: bool,
+}
+
+/// The decisions, apart from the clock and the log: fed what is in force at each look.
+#[derive(Debug, Default)]
+pub struct CrlWatch {
+    seen: Vec<Seen>,
+}
+
+impl CrlWatch {
+    /// The events since the last look, given the earliest nextUpdate (unix seconds) of each
+    /// component's CRLs in force at `now` (`None`: no CRLs, or none with a nextUpdate). New
+    /// CRLs are told apart by their earliest nextUpdate: a reload that leaves it unchanged
+    /// says nothing again.
+    pub fn observe(&mut self, now: u64, horizons: &[(&'static str, Option<u64>)]) -> Vec<CrlEvent> {
+        let mut events = Vec::new();
+        for &(component, horizon) in horizons {
+            let i = match self.seen.iter().position(|s| s.component == component) {
+                Some(i) => i,
+                None => {
+                    self.seen.push(Seen {
+                        component,
+                        horizon: None,
+                        stale: false,
+                    });
+                    self.seen.len() - 1
+                }
+            };
+            let seen = &mut self.seen[i];
+            if horizon != seen.horizon {
+                let was_stale = seen.stale;
+                seen.horizon = horizon;
+                seen.stale = false;
+                if let Some(h) = horizon.filter(|h| *h > now) {
+                    if was_stale {
+                        events.push(CrlEvent::CurrentAgain { component });
+                    }
+                    if h - now < LITTLE_LEFT.as_secs() {
+                        events.push(CrlEvent::LittleLeft {
+                            component,
+                            next_update: h,
+                            left: h - now,
+                        });
+                    }
+                } else if horizon.is_none() && was_stale {
+                    events.push(CrlEvent::CurrentAgain { component });
+                }
+            }
+            if let Some(h) = horizon {
+                if now >= h && !seen.stale {
+                    seen.stale = true;
+                    events.push(CrlEvent::Stale {
+                        component,
+                        next_update: h,
+                    });
+                }
+            }
+        }
+        events
+    }
+}
+
+/// `unix` seconds as RFC 3339 UTC, for log lines.
+fn time(unix: u64) -> String {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .map_or_else(
+            || unix.to_string(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+}
+
+/// What a stale CRL of `component` stops.
+fn consequence(component: &str) -> &'static str {
+    match component {
+        "listener" => "every consumer TLS handshake is refused (crl_expired) and /readyz is not ready until a current CRL is loaded",
+        "upstream" => "every new provider connection is refused and /readyz is not ready until a current CRL is loaded",
+        _ => "every certificate checked against them is refused until a current CRL is loaded",
+    }
+}
+
+/// Logs the [`CrlEvent`]s of the CRLs `horizons` reads, looking every second, until `shutdown`.
+pub async fn watch(horizons: CrlHorizonsFn, shutdown: CancellationToken) {
+    let mut watch = CrlWatch::default();
+    loop {
+        for event in watch.observe(crate::unix_now(), &horizons()) {
+            match event {
+                CrlEvent::LittleLeft {
+                    component,
+                    next_update,
+                    left,
+                } => tracing::warn!(
+                    component,
+                    next_update = %time(next_update),
+                    left = %humantime::format_duration(Duration::from_secs(left)),
+                    "CRLs taken into force run out soon: publish a newer CRL before their \
+                     nextUpdate, or {}",
+                    consequence(component)
+                ),
+                CrlEvent::Stale {
+                    component,
+                    next_update,
+                } => tracing::error!(
+                    component,
+                    next_update = %time(next_update),
+                    "CRLs in force have passed their nextUpdate: {}",
+                    consequence(component)
+                ),
+                CrlEvent::CurrentAgain { component } => {
+                    tracing::info!(component, "current CRLs are in force again")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: u64 = 3600;
+
+    #[test]
+    fn crls_with_plenty_left_say_nothing_until_they_go_stale_once() {
+        let mut w = CrlWatch::default();
+        let next = 1_000 + 48 * HOUR;
+        let horizons = [("listener", Some(next)), ("upstream", None)];
+        assert_eq!(w.observe(1_000, &horizons), []);
+        assert_eq!(w.observe(next - 1, &horizons), []);
+        assert_eq!(
+            w.observe(next, &horizons),
+            [CrlEvent::Stale {
+                component: "listener",
+                next_update: next
+            }]
+        );
+        for later in [next + 1, next + 60, next + 10 * HOUR] {
+            assert_eq!(w.observe(later, &horizons), [], "said once only");
+        }
+    }
+
+    #[test]
+    fn crls_taken_into_force_with_little_left_are_warned_of_once() {
+        let mut w = CrlWatch::default();
+        let now = 10 * HOUR;
+        let next = now + 2 * HOUR;
+        assert_eq!(
+            w.observe(now, &[("listener", Some(next))]),
+            [CrlEvent::LittleLeft {
+                component: "listener",
+                next_update: next,
+                left: 2 * HOUR
+            }],
+            "at start"
+        );
+        assert_eq!(w.observe(now + 5, &[("listener", Some(next))]), []);
+        // A reload with the same earliest nextUpdate says nothing again; one with a later
+        // nextUpdate that is still close does.
+        let reloaded = now + 11 * HOUR;
+        assert_eq!(
+            w.observe(now + 10, &[("listener", Some(reloaded))]),
+            [CrlEvent::LittleLeft {
+                component: "listener",
+                next_update: reloaded,
+                left: 11 * HOUR - 10
+            }]
+        );
+        assert_eq!(
+            w.observe(now + 20, &[("listener", Some(now + 12 * HOUR + 20))]),
+            [],
+            "exactly 12 hours left is not little"
+        );
+    }
+
+    #[test]
+    fn current_crls_after_stale_ones_are_said_and_stale_again_is_said_again() {
+        let mut w = CrlWatch::default();
+        assert_eq!(w.observe(100, &[("upstream", Some(100 + 24 * HOUR))]), []);
+        let stale_at = 100 + 24 * HOUR;
+        assert_eq!(
+            w.observe(stale_at + 3, &[("upstream", Some(stale_at))]),
+            [CrlEvent::Stale {
+                component: "upstream",
+                next_update: stale_at
+            }]
+        );
+        let fresh = stale_at + 3 + 6 * HOUR;
+        assert_eq!(
+            w.observe(stale_at + 3, &[("upstream", Some(fresh))]),
+            [
+                CrlEvent::CurrentAgain {
+                    component: "upstream"
+                },
+                CrlEvent::LittleLeft {
+                    component: "upstream",
+                    next_update: fresh,
+                    left: 6 * HOUR
+                }
+            ]
+        );
+        assert_eq!(
+            w.observe(fresh, &[("upstream", Some(fresh))]),
+            [CrlEvent::Stale {
+                component: "upstream",
+                next_update: fresh
+            }]
+        );
+        // The CRLs are removed from the configuration: nothing is checked against them now.
+        assert_eq!(
+            w.observe(fresh + 1, &[("upstream", None)]),
+            [CrlEvent::CurrentAgain {
+                component: "upstream"
+            }]
+        );
+        assert_eq!(w.observe(fresh + 2, &[("upstream", None)]), []);
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(time(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(time(u64::MAX), u64::MAX.to_string());
+    }
+}
