@@ -229,7 +229,7 @@ async fn a_gateway_started_while_ldap_is_down_is_unready_until_ldap_answers() {
 }
 
 /// An LDAP server that accepts connections and never answers: holds every connection open and
-/// counts them. Stops accepting when dropped (the thread ends with the process).
+/// counts them. Its thread (blocked in accept) lasts until the test process ends.
 struct HungLdap {
     url: String,
     accepted: Arc<AtomicUsize>,
