@@ -2,7 +2,8 @@
 //! `/healthz` (the process is alive), `/readyz` (it can serve traffic: loaded, not draining,
 //! audit trail writable, directory backend answering or a cached party servable, the listener's
 //! and upstream CRLs not past their nextUpdate; read from state the components keep, never
-//! waiting on a backend), `/metrics` (Prometheus text format) and
+//! waiting on a backend), `/metrics` (Prometheus text format; `ssp_ready{check}` is `/readyz`'s
+//! checks, read at scrape time from the same [`Readiness::checks`]) and
 //! `POST /directory/invalidate[?asid=A]` (forget cached directory answers). It never carries
 //! consumer traffic and never exposes request data.
 
@@ -58,11 +59,12 @@ impl Readiness {
     }
 
     /// Reads what the components keep (atomics, the TLS snapshots in force); never waits on
-    /// the directory backend, so `/readyz` answers at once whatever the backend does.
-    fn check(&self) -> (bool, String) {
-        let loaded = self.loaded.load(Ordering::Acquire);
+    /// the directory backend, so `/readyz` and `ssp_ready` answer at once whatever the backend
+    /// does. The one source of both.
+    pub fn checks(&self) -> Checks {
+        let configuration_loaded = self.loaded.load(Ordering::Acquire);
         let draining = self.draining.load(Ordering::Acquire);
-        let audit = self
+        let audit_writable = self
             .audit_writable
             .as_ref()
             .map_or(true, |w| w.load(Ordering::Acquire));
@@ -70,7 +72,7 @@ impl Readiness {
         // (the directory's background prober keeps that: a remote backend counts only once it
         // has answered), or else while a cached party can still be served; cached "not found"
         // answers are never served during an outage, so they do not count.
-        let directory = self.directory.get().map_or(true, |d| d.usable());
+        let directory_usable = self.directory.get().map_or(true, |d| d.usable());
         // A stale listener CRL fails every handshake (fail closed): the instance serves nobody.
         // A stale provider CRL fails every new provider connection, and the pool is started
         // anew at its nextUpdate: the instance forwards nothing.
@@ -86,24 +88,76 @@ impl Readiness {
                 }
             }
         }
-        let ready = loaded
-            && !draining
-            && audit
-            && directory
-            && listener_crls_current
-            && upstream_crls_current;
-        let body = serde_json::json!({
-            "status": if ready { "ready" } else { "not ready" },
+        Checks {
+            configuration_loaded,
+            draining,
+            audit_writable,
+            directory_usable,
+            listener_crls_current,
+            upstream_crls_current,
+        }
+    }
+
+    /// Registers `ssp_ready{check}` on `metrics`: [`Checks::series`] of [`Readiness::checks`],
+    /// read at scrape time, so the metric says what `/readyz` would say at that moment.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &Metrics) {
+        let readiness = self.clone();
+        metrics.register_readiness(Arc::new(move || readiness.checks().series().to_vec()));
+    }
+}
+
+/// What `/readyz` reports, read at one moment ([`Readiness::checks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checks {
+    pub configuration_loaded: bool,
+    /// True once shutdown has begun (the one check where true is bad).
+    pub draining: bool,
+    pub audit_writable: bool,
+    pub directory_usable: bool,
+    pub listener_crls_current: bool,
+    pub upstream_crls_current: bool,
+}
+
+impl Checks {
+    /// Whether `/readyz` answers 200: every check passes.
+    pub fn ready(&self) -> bool {
+        self.configuration_loaded
+            && !self.draining
+            && self.audit_writable
+            && self.directory_usable
+            && self.listener_crls_current
+            && self.upstream_crls_current
+    }
+
+    /// The `ssp_ready{check}` series, each true when it passes: `/readyz`'s checks by their
+    /// names, except `draining`, exposed as `not_draining` (true before shutdown begins), so
+    /// that 1 always means good; and `all`, true when `/readyz` answers 200.
+    pub fn series(&self) -> [(&'static str, bool); 7] {
+        [
+            ("audit_writable", self.audit_writable),
+            ("configuration_loaded", self.configuration_loaded),
+            ("directory_usable", self.directory_usable),
+            ("not_draining", !self.draining),
+            ("listener_crls_current", self.listener_crls_current),
+            ("upstream_crls_current", self.upstream_crls_current),
+            ("all", self.ready()),
+        ]
+    }
+
+    /// The `/readyz` body.
+    fn body(&self) -> String {
+        serde_json::json!({
+            "status": if self.ready() { "ready" } else { "not ready" },
             "checks": {
-                "configuration_loaded": loaded,
-                "draining": draining,
-                "audit_writable": audit,
-                "directory_usable": directory,
-                "listener_crls_current": listener_crls_current,
-                "upstream_crls_current": upstream_crls_current,
+                "configuration_loaded": self.configuration_loaded,
+                "draining": self.draining,
+                "audit_writable": self.audit_writable,
+                "directory_usable": self.directory_usable,
+                "listener_crls_current": self.listener_crls_current,
+                "upstream_crls_current": self.upstream_crls_current,
             }
-        });
-        (ready, body.to_string())
+        })
+        .to_string()
     }
 }
 
@@ -187,13 +241,13 @@ async fn answer(
     let (status, body) = match (method, req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, r#"{"status":"ok"}"#.to_string()),
         (&Method::GET, "/readyz") => {
-            let (ready, body) = readiness.check();
-            let status = if ready {
+            let checks = readiness.checks();
+            let status = if checks.ready() {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            (status, body)
+            (status, checks.body())
         }
         (_, "/healthz" | "/readyz" | "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -309,5 +363,86 @@ mod tests {
         assert!(crls_current(Some(1_001), 1_000));
         assert!(!crls_current(Some(1_000), 1_000));
         assert!(!crls_current(Some(999), 1_000));
+    }
+
+    fn scraped(metrics: &Metrics) -> Vec<String> {
+        String::from_utf8(metrics.render())
+            .expect("utf-8")
+            .lines()
+            .filter(|l| l.starts_with("ssp_ready{"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `ssp_ready` is read from the same checks as `/readyz`, at each scrape: 1 for a check
+    /// that passes, `not_draining` for `draining`, and `all` exactly when `/readyz` says 200.
+    #[test]
+    fn ssp_ready_follows_the_readyz_checks_at_each_scrape() {
+        let writable = Arc::new(AtomicBool::new(true));
+        let readiness = Readiness::with_audit(writable.clone());
+        let metrics = Metrics::new();
+        readiness.register_metrics(&metrics);
+        let series = |check: &str, value: u8| format!("ssp_ready{{check=\"{check}\"}} {value}");
+
+        // Not loaded yet.
+        let text = scraped(&metrics);
+        assert!(
+            text.contains(&series("configuration_loaded", 0)),
+            "{text:?}"
+        );
+        assert!(text.contains(&series("all", 0)), "{text:?}");
+        assert!(!readiness.checks().ready());
+
+        readiness.loaded.store(true, Ordering::Release);
+        let all_good = [
+            "audit_writable",
+            "configuration_loaded",
+            "directory_usable",
+            "not_draining",
+            "listener_crls_current",
+            "upstream_crls_current",
+            "all",
+        ];
+        let text = scraped(&metrics);
+        assert_eq!(text.len(), all_good.len(), "{text:?}");
+        for check in all_good {
+            assert!(text.contains(&series(check, 1)), "{check}: {text:?}");
+        }
+        assert!(readiness.checks().ready());
+
+        writable.store(false, Ordering::Release);
+        let text = scraped(&metrics);
+        assert!(text.contains(&series("audit_writable", 0)), "{text:?}");
+        assert!(text.contains(&series("all", 0)), "{text:?}");
+        assert!(readiness
+            .checks()
+            .body()
+            .contains("\"audit_writable\":false"));
+        writable.store(true, Ordering::Release);
+
+        readiness.draining.store(true, Ordering::Release);
+        let text = scraped(&metrics);
+        assert!(text.contains(&series("not_draining", 0)), "{text:?}");
+        assert!(text.contains(&series("audit_writable", 1)), "{text:?}");
+        assert!(text.contains(&series("all", 0)), "{text:?}");
+        let body = readiness.checks().body();
+        assert!(body.contains("\"draining\":true"), "{body}");
+        assert!(body.contains("\"status\":\"not ready\""), "{body}");
+
+        // A stale upstream CRL.
+        readiness.draining.store(false, Ordering::Release);
+        let horizons: crate::metrics::CrlHorizonsFn =
+            Arc::new(|| vec![("listener", None), ("upstream", Some(1))]);
+        let _ = readiness.crl_horizons.set(horizons);
+        let text = scraped(&metrics);
+        assert!(
+            text.contains(&series("upstream_crls_current", 0)),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&series("listener_crls_current", 1)),
+            "{text:?}"
+        );
+        assert!(text.contains(&series("all", 0)), "{text:?}");
     }
 }

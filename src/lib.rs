@@ -592,6 +592,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let _ = readiness
         .directory
         .set(components.gateway.directory.clone());
+    readiness.register_metrics(&metrics);
     {
         let directory = components.gateway.directory.clone();
         components

@@ -451,6 +451,13 @@ impl Metrics {
         self.register(Box::new(CrlNextUpdate::new(horizons)));
     }
 
+    /// Registers `ssp_ready{check}`: 1 while the check passes, 0 while it fails, read at scrape
+    /// time from `checks`, which returns `(check, passes)` for each readiness check and `all`
+    /// (`admin::Readiness::register_metrics` gives `/readyz`'s own).
+    pub fn register_readiness(&self, checks: ReadinessFn) {
+        self.register(Box::new(Ready::new(checks)));
+    }
+
     /// Registers the directory cache metrics (`ssp_directory_*`), read at scrape time from
     /// `stats`, which returns `[hits, misses, stale_served, backend_errors, entries]` (the
     /// fields of `DirectoryStats`, in that order).
@@ -536,6 +543,9 @@ pub type CertificateExpiriesFn = Arc<dyn Fn() -> Vec<(&'static str, i64)> + Send
 
 /// Reads the CRLs in force: `(component, earliest nextUpdate)` for each component.
 pub type CrlHorizonsFn = Arc<dyn Fn() -> Vec<(&'static str, Option<u64>)> + Send + Sync>;
+
+/// Reads the readiness checks now: `(check, passes)` for each.
+pub type ReadinessFn = Arc<dyn Fn() -> Vec<(&'static str, bool)> + Send + Sync>;
 
 /// The status code as a label: bounded to 100..=599, anything else is `other`.
 fn status_label(status: u16) -> String {
@@ -633,6 +643,49 @@ impl Collector for CrlNextUpdate {
                     .with_label_values(&[component])
                     .set(horizon.saturating_sub(now) as f64);
             }
+        }
+        self.gauge.collect()
+    }
+}
+
+/// `ssp_ready{check}`, read at scrape time.
+struct Ready {
+    gauge: IntGaugeVec,
+    checks: ReadinessFn,
+    scrape: Mutex<()>,
+}
+
+impl Ready {
+    fn new(checks: ReadinessFn) -> Ready {
+        let gauge = IntGaugeVec::new(
+            Opts::new(
+                "ssp_ready",
+                "1 while the readiness check passes, 0 while it fails (/readyz's checks; not_draining is /readyz's draining inverted; all: /readyz answers 200).",
+            ),
+            &["check"],
+        )
+        .expect("static metric definition is valid");
+        Ready {
+            gauge,
+            checks,
+            scrape: Mutex::new(()),
+        }
+    }
+}
+
+impl Collector for Ready {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        // One scrape at a time: the series of one scrape are one reading of the checks.
+        let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.gauge.reset();
+        for (check, passes) in (self.checks)() {
+            self.gauge
+                .with_label_values(&[check])
+                .set(i64::from(passes));
         }
         self.gauge.collect()
     }

@@ -845,3 +845,158 @@ async fn a_refused_reload_shows_until_a_good_file_is_loaded() {
     scrape_until(h.admin, last_ok, 1.0).await;
     h.stop().await;
 }
+
+/// `/readyz` and `/metrics` read back to back: `/readyz`'s status and checks, and the
+/// scrape's `ssp_ready` series, from a scrape between two `/readyz` answers that agree (the
+/// state may move between requests).
+async fn readyz_and_ssp_ready(admin: SocketAddr) -> (StatusCode, serde_json::Value, String) {
+    let start = Instant::now();
+    loop {
+        let before = http_get(admin, "/readyz").await;
+        let text = scrape(admin).await;
+        let after = http_get(admin, "/readyz").await;
+        if before == after {
+            let body = serde_json::from_str(&after.1).expect("readyz JSON");
+            return (after.0, body, text);
+        }
+        assert!(start.elapsed() < DEADLINE, "/readyz never held still");
+    }
+}
+
+/// Each `ssp_ready` series is what `/readyz` said: one per check (`draining` inverted as
+/// `not_draining`) and `all`, 1 when /readyz answered 200; no other.
+fn assert_ssp_ready_is_readyz(status: StatusCode, body: &serde_json::Value, text: &str) {
+    let checks = body["checks"].as_object().expect("checks");
+    assert_eq!(checks.len(), 6, "{body}");
+    let mut expected: Vec<(String, bool)> = checks
+        .iter()
+        .map(|(check, value)| {
+            let value = value.as_bool().expect("a check is true or false");
+            match check.as_str() {
+                "draining" => ("not_draining".to_owned(), !value),
+                _ => (check.clone(), value),
+            }
+        })
+        .collect();
+    expected.push(("all".to_owned(), status == StatusCode::OK));
+    for (check, passes) in &expected {
+        let series = format!("ssp_ready{{check=\"{check}\"}}");
+        assert_eq!(
+            sample(text, &series),
+            Some(if *passes { 1.0 } else { 0.0 }),
+            "{series} against /readyz {status} {body}; scrape:\n{text}"
+        );
+    }
+    let exposed = text.lines().filter(|l| l.starts_with("ssp_ready{")).count();
+    assert_eq!(exposed, expected.len(), "{text}");
+}
+
+/// The checks of `ssp_ready` that are 0 in `text` (in the exposition's order: by label value).
+fn failing_ssp_ready(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("ssp_ready{check=\"")?.strip_suffix("\"} 0"))
+        .collect()
+}
+
+/// `ssp_ready{check}` is `/readyz`'s checks, read at scrape time from the same function.
+/// Before, Prometheus could see only the checks another metric happened to measure
+/// (`ssp_audit_writable`, `ssp_crl_next_update_seconds`): not `directory_usable`, not
+/// `draining`. The real binary: every series 1 while healthy; `audit_writable` (and `all`) 0
+/// exactly while `/readyz` reports the trail unwritable; `not_draining` 0 while it drains
+/// after SIGTERM with a request in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssp_ready_is_what_readyz_says_check_by_check() {
+    let world = World::ecdsa();
+    let provider_stop = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind provider");
+    let provider_port = listener.local_addr().expect("addr").port();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let recorder = Recorder::new(Behaviour::Hold(release.clone()));
+    serve_recorder(&world, listener, recorder.clone(), provider_stop.clone());
+    let opts = GatewayOptions {
+        extra_sections: "[audit]\nretry_interval = \"100ms\"\n".into(),
+        grace_period: "20s",
+        ..Default::default()
+    };
+    let config = gateway_config(&world, provider_port, &opts);
+    let mut gw = RunningBinary::start(&config.source).await;
+    let metadata = move || {
+        Gpc::new(
+            Method::GET,
+            format!("{}/metadata", endpoint(provider_port)),
+            IX_METADATA,
+        )
+    };
+
+    // Healthy: every check passes, every series is 1.
+    readyz_until(gw.admin, StatusCode::OK).await;
+    let (status, body, text) = readyz_and_ssp_ready(gw.admin).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_ssp_ready_is_readyz(status, &body, &text);
+    assert!(failing_ssp_ready(&text).is_empty(), "{text}");
+    promtool_check_metrics(&text);
+
+    // The audit path stops being writable (a plain file in place of the directory: root
+    // ignores permission bits); the next request finds out.
+    let dir = config.audit.dir.clone();
+    let moved = dir.with_extension("moved");
+    std::fs::rename(&dir, &moved).expect("move the audit dir away");
+    std::fs::write(&dir, b"not a directory").expect("file in its place");
+    let consumer = world.client(&world.consumer, gw.gateway);
+    consumer.gpc(metadata()).await.assert_outcome(
+        503,
+        Some("INTERNAL_SERVER_ERROR"),
+        "AUDIT_UNAVAILABLE",
+    );
+    readyz_until(gw.admin, StatusCode::SERVICE_UNAVAILABLE).await;
+    let (status, body, text) = readyz_and_ssp_ready(gw.admin).await;
+    assert_eq!(body["checks"]["audit_writable"], false, "{body}");
+    assert_ssp_ready_is_readyz(status, &body, &text);
+    assert_eq!(
+        failing_ssp_ready(&text),
+        ["all", "audit_writable"],
+        "{text}"
+    );
+
+    // Writable again: ready again, every series back to 1.
+    std::fs::remove_file(&dir).expect("remove the file");
+    std::fs::rename(&moved, &dir).expect("put the audit dir back");
+    readyz_until(gw.admin, StatusCode::OK).await;
+    let (status, body, text) = readyz_and_ssp_ready(gw.admin).await;
+    assert_ssp_ready_is_readyz(status, &body, &text);
+    assert!(failing_ssp_ready(&text).is_empty(), "{text}");
+
+    // SIGTERM with a request held at the provider: the gateway drains, the admin listener
+    // still answers.
+    let in_flight = tokio::spawn(async move { consumer.gpc(metadata()).await });
+    let start = Instant::now();
+    while recorder.seen() == 0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the request never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    readyz_until(gw.admin, StatusCode::SERVICE_UNAVAILABLE).await;
+    let (status, body, text) = readyz_and_ssp_ready(gw.admin).await;
+    assert_eq!(body["checks"]["draining"], true, "{body}");
+    assert_ssp_ready_is_readyz(status, &body, &text);
+    assert_eq!(failing_ssp_ready(&text), ["all", "not_draining"], "{text}");
+
+    // The held request finishes and the gateway exits.
+    release.add_permits(1);
+    assert_eq!(in_flight.await.expect("request").status, StatusCode::OK);
+    let start = Instant::now();
+    while gw.child.try_wait().expect("wait").is_none() {
+        assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    provider_stop.cancel();
+}
