@@ -12,6 +12,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use common::repo_path;
@@ -69,6 +70,9 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         );
     }
     assert!(rules.contains("ssp_certificate_expiry_seconds < 14 * 86400"));
+    // Not ready on any of /readyz's checks, each alert naming its check; `all` would only
+    // repeat the failing one.
+    assert!(rules.contains("expr: ssp_ready{check!=\"all\"} == 0\n"));
     // Every rule has a unit test case in alerts.test.yml.
     let cases = read("deploy/prometheus/alerts.test.yml");
     let alerts: Vec<&str> = rules
@@ -174,6 +178,7 @@ fn exposed_names() -> BTreeSet<String> {
     m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
     m.register_crl_next_update(Arc::new(|| vec![("listener", Some(0))]));
     m.reloads.register_component("policy");
+    ssp_gateway::admin::Readiness::with_audit(Arc::new(AtomicBool::new(true))).register_metrics(&m);
     let text = String::from_utf8(m.render()).expect("utf-8");
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -265,6 +270,7 @@ fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
         "ssp_directory_backend_errors_total",
         "ssp_reloads_total",
         "ssp_reload_last_ok",
+        "ssp_ready",
     ] {
         assert!(
             used.contains(needed),
