@@ -1,10 +1,11 @@
-//! Per-provider circuit breaking: after `failure_threshold` consecutive failed calls (connect
-//! failures, response timeouts, response bodies that stalled or broke off) to one endpoint host
-//! (`host:port`), calls to that host fail fast for `cool_down`; then exactly one probe goes
-//! through (half-open): its success closes the circuit, its failure opens it for another
-//! cool-down. Pure state over atomics with the clock passed in: this module
-//! never does I/O, never sleeps, and never decides where a request goes (the target is
-//! `authorise`'s answer; this only says "not now").
+//! Per-provider circuit breaking: after `failure_threshold` consecutive failed calls to one
+//! endpoint host (`host:port`) — the connection could not be made, the request was sent and no
+//! usable answer came (no head in time, the connection closed or reset before the head, a head
+//! that does not parse or is malformed), or the response body stalled or broke off — calls to
+//! that host fail fast for `cool_down`; then exactly one probe goes through (half-open): its
+//! success closes the circuit, its failure opens it for another cool-down. Pure state over
+//! atomics with the clock passed in: this module never does I/O, never sleeps, and never decides
+//! where a request goes (the target is `authorise`'s answer; this only says "not now").
 //!
 //! # Wiring (for the forwarder)
 //!
@@ -12,15 +13,18 @@
 //! let key = breaker::endpoint_key(target.authority());   // "localhost:9443"
 //! let ticket = match breakers.before(&key, Instant::now()) {
 //!     Ok(ticket) => ticket,
-//!     Err(open) => return Err(502 ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>),  // log `open`
+//!     Err(open) => return Err(502 ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>),  // reason circuit_open
 //! };
 //! match send(request).await {
 //!     Ok(response_head)               => response_body.carries(ticket),  // verdict below
 //!     Ok(malformed head: 1xx, TE with CL, TE not chunked alone)
-//!                                     => drop(ticket),       // as an unparsable head
+//!                                     => ticket.failure(Instant::now()),
 //!     Err(connect error or TLS error) => ticket.failure(Instant::now()),
 //!     Err(response timeout)           => ticket.failure(Instant::now()),
-//!     Err(anything else)              => drop(ticket),       // no verdict
+//!     Err(closed, reset or unparsable before the head)
+//!                                     => ticket.failure(Instant::now()),
+//!     Err(the consumer's request body stalled, broke or went past the cap)
+//!                                     => drop(ticket),       // no verdict
 //! }
 //! // When the response body ends (`forward::UpstreamBody`):
 //! match body_end {
@@ -31,22 +35,25 @@
 //! }
 //! ```
 //!
-//! So a call that got a response is judged by its whole answer: a provider that sends a head
-//! and then stalls or breaks off counts against its circuit as one that never answered does,
-//! while a 5xx with a complete body is an answer. A body that breaks off or stalls while the
-//! consumer's request body was what failed (stalled, broken, over the cap: the provider's
-//! connection goes with it) is not held against the provider: no verdict, as before the head.
+//! So a call is judged by the provider's whole answer: one that takes a request and hangs up,
+//! answers garbage, or sends a head and then stalls or breaks off counts against its circuit as
+//! one that never answered does, while a 5xx with a complete body is an answer. Only what the
+//! consumer did gives no verdict: it went away before the answer's end, or its own request body
+//! stalled, broke or went past the cap (the provider's connection goes with it), before the
+//! head or during the body.
 //!
-//! A ticket dropped without a verdict (the consumer went away, a protocol error after the
-//! request was sent and before the response head) changes nothing; a dropped half-open probe
-//! lets the next call probe again, so a lost probe can never wedge a host open. A probe's
-//! verdict comes at its body's end, so the host stays half-open (refusing other calls) while
-//! the probe's body streams. Hosts come from the directory's registered endpoints, so the set
-//! is small; it is bounded by `max_hosts` all the same (a host that is closed with no failures
-//! is forgotten to make room; past that, new hosts go untracked). Each change of a host's
-//! state is reported once, as it happens, to the [`Observer`] given to
-//! [`Breakers::with_observer`] (the forwarder counts it in the metrics, by state only, and logs
-//! it naming the host).
+//! A ticket dropped without a verdict changes nothing, except a half-open probe's: the circuit
+//! stays half-open and its probe's place is free, so the next call becomes the probe (no state
+//! change is reported: `ssp_upstream_circuits{state="half_open"}` still counts the host). So
+//! a lost probe can never wedge a host open, nor let calls past an open circuit: while it is
+//! half-open at most one call at a time reaches the provider, and an open one lets none through
+//! before its cool-down is over. A probe's verdict comes at its body's end, so the host stays
+//! half-open (refusing other calls) while the probe's body streams. Hosts come from the
+//! directory's registered endpoints, so the set is small; it is bounded by `max_hosts` all the
+//! same (a host that is closed with no failures is forgotten to make room; past that, new hosts
+//! go untracked). Each change of a host's state is reported once, as it happens, to the
+//! [`Observer`] given to [`Breakers::with_observer`] (the forwarder counts it in the metrics, by
+//! state only, and logs it naming the host).
 //!
 //! # Retries: only connect failures, never a request a provider may have processed
 //!
@@ -190,9 +197,10 @@ impl Ticket {
         }
     }
 
-    /// The call failed to connect, failed the TLS handshake, timed out, or its response body
-    /// stalled or broke off, at `now`: counts towards opening; a probe's failure opens the
-    /// circuit for another cool-down.
+    /// The call failed to connect, failed the TLS handshake, got no usable response head (none
+    /// in time, the connection closed or reset before it, or one that does not parse or is
+    /// malformed), or its response body stalled or broke off, at `now`: counts towards opening;
+    /// a probe's failure opens the circuit for another cool-down.
     pub fn failure(mut self, now: Instant) {
         self.settled = true;
         let Some(host) = &self.host else { return };
@@ -246,17 +254,16 @@ impl Drop for Ticket {
             return;
         }
         if let (Some(host), Some(word)) = (&self.host, self.probe) {
-            // A probe with no verdict: back to open with the cool-down already over, so the
-            // next call probes again.
+            // A probe with no verdict (the consumer went away, or its own request body failed):
+            // still half-open, with the probe's place free for the next call. Not a change of
+            // state, so nothing is reported.
             let (_, since) = unpack(word);
-            let reopened = pack(State::Open, since.saturating_sub(self.clock.cool_down));
-            if host
-                .word
-                .compare_exchange(word, reopened, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                host.changed(State::HalfOpen, State::Open);
-            }
+            let _ = host.word.compare_exchange(
+                word,
+                pack_vacant(since),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
         }
     }
 }
@@ -287,16 +294,26 @@ impl Clock {
 /// Times in a state word are biased by this to be non-negative (about 36 years either way).
 const TIME_LIMIT: i64 = 1 << 60;
 
-/// A state and the time it was entered, in one word: `(time + TIME_LIMIT) << 2 | state`.
+/// A state and the time it was entered, in one word: `(time + TIME_LIMIT) << 2 | state`. A
+/// half-open word made here has its probe in flight; [`pack_vacant`] makes one whose probe's
+/// place is free.
 fn pack(state: State, t: i64) -> u64 {
     let biased = (t.clamp(-TIME_LIMIT, TIME_LIMIT) + TIME_LIMIT) as u64;
     (biased << 2) | u64::from(state as u8)
 }
 
+/// The low bits of a half-open word whose probe ended without a verdict: the next call probes.
+const VACANT: u64 = 3;
+
+/// Half-open since `t`, with no probe in flight.
+fn pack_vacant(t: i64) -> u64 {
+    (pack(State::HalfOpen, t) & !3) | VACANT
+}
+
 fn unpack(word: u64) -> (State, i64) {
     let state = match word & 3 {
         1 => State::Open,
-        2 => State::HalfOpen,
+        2 | VACANT => State::HalfOpen,
         _ => State::Closed,
     };
     (state, (word >> 2) as i64 - TIME_LIMIT)
@@ -407,7 +424,8 @@ impl Breakers {
 
     /// May a call go to `host` (`host:port`, see [`endpoint_key`]) at `now`? A closed circuit
     /// lets every call through; an open one refuses until its cool-down is over, then gives
-    /// exactly one caller the probe ticket and refuses the rest until the probe reports.
+    /// exactly one caller the probe ticket and refuses the rest until the probe reports (or,
+    /// dropped without a verdict, leaves its place to the next caller).
     pub fn before(&self, host: &str, now: Instant) -> Result<Ticket, Open> {
         let Some(entry) = self.host(host) else {
             self.untracked.fetch_add(1, Ordering::Relaxed);
@@ -419,6 +437,20 @@ impl Breakers {
             let (state, since) = unpack(word);
             match state {
                 State::Closed => return Ok(self.ticket(Some(entry), None)),
+                State::HalfOpen if word & 3 == VACANT => {
+                    // The last probe ended without a verdict: this call takes its place. Still
+                    // half-open: no change to report.
+                    let probing = pack(State::HalfOpen, t);
+                    match entry.word.compare_exchange(
+                        word,
+                        probing,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => return Ok(self.ticket(Some(entry), Some(probing))),
+                        Err(current) => word = current,
+                    }
+                }
                 State::HalfOpen => {
                     return Err(Open {
                         host: host.to_string(),
@@ -576,6 +608,7 @@ mod tests {
         let probe = b.before(H, t0 + late).expect("probe");
         probe.failure(t0 + late);
         let probe = b.before(H, t0 + late * 2).expect("probe");
+        // Dropped without a verdict: still half-open, the next call probes (no change).
         drop(probe);
         let probe = b.before(H, t0 + late * 2).expect("probe again");
         probe.success();
@@ -586,8 +619,6 @@ mod tests {
             *seen.lock().expect("lock"),
             [
                 host(Closed, Open),
-                host(Open, HalfOpen),
-                host(HalfOpen, Open),
                 host(Open, HalfOpen),
                 host(HalfOpen, Open),
                 host(Open, HalfOpen),
@@ -684,18 +715,45 @@ mod tests {
         normal.success();
     }
 
+    /// A probe dropped without a verdict (the consumer went away) leaves the circuit half-open
+    /// with its place free: the next call becomes the probe, and the one after it is refused
+    /// while it is in flight. Before, the circuit went back to open with its cool-down spent,
+    /// reported as a change each time, so with every probe lost every call reached the provider
+    /// while the metric said open.
     #[test]
-    fn a_dropped_probe_lets_the_next_call_probe() {
+    fn a_dropped_probe_lets_the_next_call_probe_and_no_more() {
+        let changes = Arc::new(AtomicUsize::new(0));
+        let count = changes.clone();
+        let b = breakers(1, 16).with_observer(Arc::new(move |_, _, _| {
+            count.fetch_add(1, Ordering::SeqCst);
+        }));
         let t0 = Instant::now();
-        let b = breakers(1, 16);
         fail(&b, H, t0, 1);
         let t1 = t0 + COOL;
-        drop(b.before(H, t1).expect("probe"));
+        for _ in 0..5 {
+            let probe = b.before(H, t1).expect("the probe");
+            assert!(probe.is_probe());
+            let refused = b.before(H, t1).expect_err("one probe at a time");
+            assert_eq!(refused.retry_after, None);
+            drop(probe);
+            assert_eq!(b.state(H), Some(State::HalfOpen));
+        }
+        // Opened, then half-open once: the lost probes changed nothing.
+        assert_eq!(changes.load(Ordering::SeqCst), 2);
+        // The probe that takes a free place gives its verdict as any probe: a failure opens
+        // the circuit for a fresh cool-down, a success closes it.
+        let probe = b.before(H, t1).expect("probe again");
+        probe.failure(t1);
         assert_eq!(b.state(H), Some(State::Open));
-        let probe = b.before(H, t1).expect("probe again at once");
+        let open = b.before(H, t1).expect_err("open");
+        assert_eq!(open.retry_after, Some(COOL));
+        let t2 = t1 + COOL;
+        drop(b.before(H, t2).expect("probe"));
+        let probe = b.before(H, t2).expect("probe again");
         assert!(probe.is_probe());
         probe.success();
         assert_eq!(b.state(H), Some(State::Closed));
+        assert!(!b.before(H, t2).expect("closed").is_probe());
     }
 
     #[test]
@@ -868,6 +926,8 @@ mod tests {
             for s in [State::Closed, State::Open, State::HalfOpen] {
                 assert_eq!(unpack(pack(s, t)), (s, t));
             }
+            assert_eq!(unpack(pack_vacant(t)), (State::HalfOpen, t));
+            assert_ne!(pack_vacant(t), pack(State::HalfOpen, t));
         }
     }
 

@@ -161,10 +161,10 @@ impl Upstream {
         fresh
     }
 
-    /// Fails fast (502) to a provider host whose circuit is open. Each change of a circuit's
-    /// state is counted in `metrics` (by state, never by host) and logged once, naming the
-    /// host: WARN when it opens, INFO when it closes (a failed probe's re-opening, and the
-    /// half-open probe, at DEBUG).
+    /// Fails fast (502, reason `circuit_open`) to a provider host whose circuit is open. Each
+    /// change of a circuit's state is counted in `metrics` (by state, never by host) and logged
+    /// once, naming the host: WARN when it opens and when a failed probe opens it again, INFO
+    /// when it closes (the half-open probe at DEBUG).
     pub fn with_breakers(
         mut self,
         breakers: Breakers,
@@ -179,6 +179,10 @@ impl Upstream {
                 (State::Closed, State::Open) => tracing::warn!(
                     host,
                     "circuit opened: requests to this provider host fail fast (502) until a probe after the cool-down succeeds"
+                ),
+                (State::HalfOpen, State::Open) => tracing::warn!(
+                    host,
+                    "circuit reopened: the probe failed; requests to this provider host fail fast (502) for another cool-down"
                 ),
                 (_, State::Closed) => {
                     tracing::info!(host, "circuit closed: the probe succeeded")
@@ -218,7 +222,7 @@ impl Upstream {
                 // Once per request: DEBUG. The circuit's opening was logged once at WARN, and
                 // each refused request has its access line, audit record and count.
                 tracing::debug!(host = key, %open, "circuit open: failing fast");
-                Err(Rejection::UpstreamError {
+                Err(Rejection::CircuitOpen {
                     url: url.to_owned(),
                 })
             }
@@ -241,8 +245,11 @@ impl Upstream {
     /// Anything else — a response timeout, a connection closed or reset after the request was
     /// written, a broken answer, any HTTP response — is final. Every attempt asks the host's
     /// circuit breaker first and reports its failure to it, so retries count towards opening
-    /// the circuit, and an open circuit ends them. No retry starts that could not finish its
-    /// backoff before the response timeout.
+    /// the circuit, and an open circuit ends them (502, reason `circuit_open`). An attempt with
+    /// no usable response head (none in time, the connection closed or reset before it, a head
+    /// that does not parse or is malformed) is the provider's failure, unless the consumer's
+    /// request body may be the cause ([`BodyProgress`]): then it has no verdict. No retry
+    /// starts that could not finish its backoff before the response timeout.
     pub async fn forward_counted(
         &self,
         req: Request<RequestBody>,
@@ -366,8 +373,13 @@ impl Upstream {
                 }
                 Ok(Err(e)) => {
                     let connect = is_retryable_connect_error(&e);
+                    // The connection could not be made, or the request went (or was going) out
+                    // and no usable head came back: closed or reset before it, or a head that
+                    // does not parse. The provider's failure, as much as a connect failure is,
+                    // unless the consumer's request body stalled or went past the cap (the
+                    // ticket then drops with no verdict).
                     if let Some(t) = ticket {
-                        if connect {
+                        if connect || !progress.consumer_at_fault() {
                             t.failure(Instant::now());
                         }
                     }
@@ -410,8 +422,10 @@ impl Upstream {
                     }
                 }
                 Ok(Ok(resp)) if malformed_answer(&resp).is_some() => {
-                    // As an answer hyper could not parse: 502, and no verdict for the breaker
-                    // (the ticket drops unused).
+                    // As an answer hyper could not parse: 502, and a failure for the breaker.
+                    if let Some(t) = ticket {
+                        t.failure(Instant::now());
+                    }
                     tracing::warn!(
                         target_url = %url,
                         attempt,
@@ -1706,7 +1720,7 @@ mod tests {
         fn verdict(b: &Breakers, t0: Instant) -> &'static str {
             match b.before(HOST, t0 + COOL) {
                 Ok(t) if !t.is_probe() => "success",
-                // A dropped probe reopens the circuit with its cool-down over.
+                // A probe dropped with no verdict leaves its place to the next call.
                 Ok(_) => "none",
                 // A failed probe reopens it for a fresh cool-down.
                 Err(open) if open.retry_after.is_some() => "failure",

@@ -339,6 +339,7 @@ impl Gateway {
             status,
             latency_us,
             token: record.token.as_deref().unwrap_or("-"),
+            reason: record.reason.unwrap_or("-"),
             jwt_problem: record.jwt_problem.unwrap_or("-"),
             // Lowercase hex digits only.
             otel_trace_id: std::str::from_utf8(&trace).unwrap_or("-"),
@@ -360,6 +361,7 @@ impl Gateway {
                 status,
                 latency_us,
                 token = line.token,
+                reason = line.reason,
                 jwt_problem = line.jwt_problem,
                 otel_trace_id = line.otel_trace_id,
                 "request"
@@ -725,6 +727,8 @@ struct AccessLine<'a> {
     status: u16,
     latency_us: u64,
     token: &'a str,
+    /// The rejection's bounded reason (`Rejection::reason`), as in `ssp_rejections_total`.
+    reason: &'a str,
     jwt_problem: &'a str,
     otel_trace_id: &'a str,
 }
@@ -750,6 +754,7 @@ fn access_json_line(timestamp: &str, fields: &AccessLine<'_>) -> String {
     o.uint("status", u64::from(fields.status));
     o.uint("latency_us", fields.latency_us);
     o.str("token", fields.token);
+    o.str("reason", fields.reason);
     o.str("jwt_problem", fields.jwt_problem);
     o.str("otel_trace_id", fields.otel_trace_id);
     o.str("target", "ssp_gateway::access");
@@ -1020,6 +1025,7 @@ mod tests {
                 status: 200,
                 latency_us: 1234,
                 token: "-",
+                reason: "-",
                 jwt_problem: "-",
                 otel_trace_id: "0af7651916cd43dd8448eb211c80319c",
             },
@@ -1037,7 +1043,8 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["latency_us"], 1234);
         assert_eq!(v["client"], "127.0.0.1:5000");
-        assert_eq!(v.as_object().expect("object").len(), 17);
+        assert_eq!(v["reason"], "-");
+        assert_eq!(v.as_object().expect("object").len(), 18);
     }
 
     /// The hand-written line is byte for byte what serde_json wrote for it before (the
@@ -1072,6 +1079,7 @@ mod tests {
                 status: 100 + i as u16,
                 latency_us: u64::MAX - i as u64,
                 token: text,
+                reason: text,
                 jwt_problem: text,
                 otel_trace_id: text,
             };

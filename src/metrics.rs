@@ -964,11 +964,12 @@ mod tests {
             "ssp_upstream_circuits{state=\"open\"} 0",
             "ssp_upstream_circuits{state=\"half_open\"} 0",
             "ssp_upstream_circuit_transitions_total{to=\"closed\"} 0",
+            "ssp_rejections_total{reason=\"circuit_open\"} 0",
         ] {
             assert!(text.contains(series), "{series} missing from\n{text}");
         }
         let count = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
-        assert_eq!(count("ssp_rejections_total{"), 24);
+        assert_eq!(count("ssp_rejections_total{"), 25);
         assert_eq!(count("ssp_tls_handshake_failures_total{"), 15);
         assert_eq!(count("ssp_http_refused_heads_total{"), 6);
         assert_eq!(count("ssp_upstream_connect_errors_total{"), 4);

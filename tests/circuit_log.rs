@@ -1,6 +1,7 @@
 //! The circuit breaker's log: a provider host's circuit opening is one WARN line naming the
-//! host, its closing one INFO line; the requests refused while it is open are not logged one
-//! by one above DEBUG (a review counted 12,638 "circuit open: failing fast" warnings in 3 s).
+//! host, as is its opening again after a failed probe, its closing one INFO line; the requests
+//! refused while it is open are not logged one by one above DEBUG (a review counted 12,638
+//! "circuit open: failing fast" warnings in 3 s), and their access lines say `circuit_open`.
 //! And a request stopped at the end of the shutdown grace period still has its access line.
 //! In its own test binary: it installs the process's log subscriber.
 
@@ -112,7 +113,7 @@ async fn a_circuit_logs_its_opening_and_closing_once_not_each_refused_request() 
     let c = world.client(&world.consumer, running.gateway_addr);
     let target = format!("{}/metadata", endpoint(port));
     // Two failures open the circuit; the next twenty fail fast (within the cool-down: the
-    // provider is down, so a probe after it reopens the circuit, at DEBUG).
+    // provider is down, so a probe after it opens the circuit again: "circuit reopened").
     for _ in 0..22 {
         let a = c
             .gpc(Gpc::new(Method::GET, target.clone(), IX_METADATA))
@@ -120,10 +121,11 @@ async fn a_circuit_logs_its_opening_and_closing_once_not_each_refused_request() 
         assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     }
     let host = format!("localhost:{port}");
+    // This test's lines (the binary's other tests log beside it).
     let lines = |what: &str| -> Vec<String> {
         logs()
             .lines()
-            .filter(|l| l.contains(what))
+            .filter(|l| l.contains(what) && l.contains(&host))
             .map(str::to_owned)
             .collect()
     };
@@ -173,6 +175,93 @@ async fn a_circuit_logs_its_opening_and_closing_once_not_each_refused_request() 
     );
     assert_eq!(lines("circuit opened").len(), 1, "{}", logs());
     stop.cancel();
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// The access line of the request with this Ssp-TraceID.
+fn access_line(trace: &str) -> String {
+    let access: Vec<String> = logs()
+        .lines()
+        .filter(|l| l.contains("ssp_gateway::access") && l.contains(trace))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(access.len(), 1, "{trace}: {access:?}");
+    access.into_iter().next().unwrap_or_default()
+}
+
+/// Sends a GET metadata to `target`; returns the status and the request's Ssp-TraceID.
+async fn metadata(c: &Client, target: &str) -> (StatusCode, String) {
+    let req = Gpc::new(Method::GET, target.to_owned(), IX_METADATA).build();
+    let trace = req.headers()["ssp-traceid"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let a = c.send(req).await.expect("an answer");
+    (a.status, trace)
+}
+
+/// A 502 failed fast while the circuit is open is told apart from a provider's failure: its
+/// access line (and `ssp_rejections_total`) says `circuit_open`, the failure's `upstream_error`
+/// (the consumer gets the SSP's token either way). And a probe that fails opens the circuit
+/// again with a WARN line naming the host, as the first opening has (before, only at DEBUG).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_is_logged_and_fast_failed_requests_say_circuit_open() {
+    capture_logs();
+    // Nobody listens on the provider's port.
+    let world = World::ecdsa();
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = reserved.local_addr().expect("addr").port();
+    drop(reserved);
+    let config = gateway_config(
+        &world,
+        port,
+        &GatewayOptions {
+            // Long beside a request (up to 0.35 s each on a loaded test machine).
+            circuit_breaker: "failure_threshold = 1\ncool_down = \"2s\"",
+            extra_upstream: "connect_retries = 0",
+            ..Default::default()
+        },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let c = world.client(&world.consumer, running.gateway_addr);
+    let target = format!("{}/metadata", endpoint(port));
+    let host = format!("localhost:{port}");
+
+    let (status, failed) = metadata(&c, &target).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (status, fast) = metadata(&c, &target).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let line = access_line(&failed);
+    assert!(line.contains("reason=\"upstream_error\""), "{line}");
+    let line = access_line(&fast);
+    assert!(line.contains("reason=\"circuit_open\""), "{line}");
+
+    // After the cool-down the probe fails: one WARN line names the host.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, probe) = metadata(&c, &target).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(access_line(&probe).contains("reason=\"upstream_error\""));
+    let reopened: Vec<String> = logs()
+        .lines()
+        .filter(|l| l.contains("circuit reopened") && l.contains(&host))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(reopened.len(), 1, "{}", logs());
+    assert!(reopened[0].contains("WARN"), "{reopened:?}");
+
+    let (_, text) = http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"upstream_error\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"circuit_open\"}"),
+        Some(1.0)
+    );
     shutdown.cancel();
     running.wait().await;
 }

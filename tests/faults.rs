@@ -29,7 +29,8 @@ enum Fault {
     /// Sends a 200 head promising 8 bytes, then one byte every 300 ms, then closes.
     Drip,
     /// Answers each request on the connection with the entry of [`SCRIPTED`] its `x-answer`
-    /// header names, until the gateway closes the connection (counted in `hung_up`).
+    /// header names, until the gateway closes the connection (counted in `hung_up`), or the
+    /// entry is one of [`HANGS_UP`] (`reset`: no answer, and a TCP RST).
     Scripted,
 }
 
@@ -75,10 +76,19 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "trailers",
         b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n2\r\n{}\r\n0\r\nX-Checksum: abc\r\n\r\n",
     ),
+    // No answer: the connection closed (TLS close_notify, then FIN) after the request.
+    ("hang-up", b""),
+    // No answer: the connection reset (TCP RST) after the request.
+    ("reset", b""),
+    // Not HTTP, then the connection closed.
+    ("garbage", b"SSH-2.0-OpenSSH_9.2 this is not HTTP\r\n\r\n"),
 ];
 
-/// The [`SCRIPTED`] answer a request head asks for with `x-answer`.
-fn scripted(head: &[u8]) -> Option<&'static [u8]> {
+/// The [`SCRIPTED`] answers after which the provider closes the connection.
+const HANGS_UP: &[&str] = &["hang-up", "reset", "garbage"];
+
+/// The [`SCRIPTED`] entry (name, answer) a request head asks for with `x-answer`.
+fn scripted(head: &[u8]) -> Option<(&'static str, &'static [u8])> {
     let head = std::str::from_utf8(head).ok()?;
     let name = head.split("\r\n").find_map(|line| {
         let (field, value) = line.split_once(':')?;
@@ -86,10 +96,7 @@ fn scripted(head: &[u8]) -> Option<&'static [u8]> {
             .eq_ignore_ascii_case("x-answer")
             .then_some(value.trim())
     })?;
-    SCRIPTED
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, answer)| *answer)
+    SCRIPTED.iter().find(|(n, _)| *n == name).copied()
 }
 
 const HUNDRED_MB: usize = 100 * 1024 * 1024;
@@ -143,10 +150,21 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> Watched {
                 requests.fetch_add(1, Ordering::SeqCst);
                 match fault {
                     Fault::Scripted => loop {
-                        let Some(answer) = scripted(&head) else {
+                        let Some((name, answer)) = scripted(&head) else {
                             return;
                         };
+                        if name == "reset" {
+                            let (tcp, _) = s.into_inner();
+                            // SO_LINGER 0: close with a TCP RST, as a crashed provider would.
+                            #[allow(deprecated)]
+                            let _ = tcp.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
                         if s.write_all(answer).await.is_err() || s.flush().await.is_err() {
+                            return;
+                        }
+                        if HANGS_UP.contains(&name) {
+                            let _ = s.shutdown().await;
                             return;
                         }
                         // The next request on this connection, or its close.
@@ -522,6 +540,16 @@ async fn a_provider_that_stalls_its_bodies_trips_its_circuit() {
         record["token"],
         format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}")
     );
+    // The fast-failed 502 keeps the SSP's token, and is counted under a reason of its own.
+    let (_, text) = http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"circuit_open\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"upstream_error\"}"),
+        Some(0.0)
+    );
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
@@ -682,8 +710,10 @@ async fn scripted_metadata(
 
 /// A provider answer whose head hyper accepts but whose framing or status the gateway cannot
 /// pass on is a malformed answer, as one hyper cannot parse is: 502
-/// `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>` over both protocols, audited and counted, and
-/// no failure for the circuit breaker (as for an unparsable head). Before, `Content-Length: 1`
+/// `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>` over both protocols, audited and counted, and a
+/// failure for the circuit breaker (two in a row would open it here; each is followed by a good
+/// answer, which starts the count again: see
+/// `a_provider_that_gives_no_usable_answer_trips_its_circuit`). Before, `Content-Length: 1`
 /// with a chunked body reached the consumer as `content-length: 1` and `{` (audited
 /// complete), `gzip, chunked` as raw gzip bytes with nothing saying so, and a `101 Switching
 /// Protocols` as a 101 (an HTTP/1.1 consumer then hung; HTTP/2 got a PROTOCOL_ERROR reset).
@@ -698,7 +728,7 @@ async fn a_provider_answer_with_bad_framing_or_a_1xx_status_is_a_502() {
         &world,
         provider.port,
         &GatewayOptions {
-            circuit_breaker: "failure_threshold = 1\ncool_down = \"300s\"",
+            circuit_breaker: "failure_threshold = 2\ncool_down = \"300s\"",
             ..Default::default()
         },
     );
@@ -727,8 +757,7 @@ async fn a_provider_answer_with_bad_framing_or_a_1xx_status_is_a_502() {
             assert_eq!(record["kind"], "outcome", "{answer}: {record}");
             assert_eq!(record["status"], 502, "{answer}: {record}");
             assert_eq!(record["token"], token.as_str(), "{answer}: {record}");
-            // Well formed: passed on whole, and the circuit (one failure would open it) is
-            // closed.
+            // Well formed: passed on whole, the circuit still closed (one failure so far).
             let (a, trace) = scripted_metadata(&client, &target, "chunked").await;
             let a = a.unwrap_or_else(|e| panic!("http2 {http2}, after {answer}: {e}"));
             assert_eq!(a.status, StatusCode::OK, "after {answer}: {}", a.text());
@@ -776,6 +805,172 @@ async fn an_answer_ended_by_trailers_is_audited_as_completed() {
         assert_eq!(record["completed"], true, "http2 {http2}: {record}");
         assert_eq!(record["response_bytes"], 2, "http2 {http2}: {record}");
     }
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A GET metadata asking the [`Fault::Scripted`] provider for `answer`: the status (a 502 must
+/// be the gateway's `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`) and the Ssp-TraceID.
+async fn scripted_status(client: &Client, target: &str, answer: &str) -> (StatusCode, String) {
+    let (a, trace) = scripted_metadata(client, target, answer).await;
+    let a = a.unwrap_or_else(|e| panic!("{answer}: {e}"));
+    if a.status != StatusCode::OK {
+        a.assert_outcome(
+            502,
+            None,
+            &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+        );
+    }
+    (a.status, trace)
+}
+
+/// The circuit series and the two 502 reasons, in the order the tests below compare them.
+async fn circuit_metrics(admin: std::net::SocketAddr) -> [f64; 7] {
+    let (_, text) = http_get(admin, "/metrics").await;
+    let value = |series: &str| sample(&text, series).unwrap_or(f64::NAN);
+    [
+        value("ssp_upstream_circuits{state=\"open\"}"),
+        value("ssp_upstream_circuits{state=\"half_open\"}"),
+        value("ssp_upstream_circuit_transitions_total{to=\"open\"}"),
+        value("ssp_upstream_circuit_transitions_total{to=\"half_open\"}"),
+        value("ssp_upstream_circuit_transitions_total{to=\"closed\"}"),
+        value("ssp_rejections_total{reason=\"upstream_error\"}"),
+        value("ssp_rejections_total{reason=\"circuit_open\"}"),
+    ]
+}
+
+/// A provider that takes each request and gives no usable answer — it hangs up or resets the
+/// connection before any response head, answers bytes that are not HTTP, or a head the gateway
+/// does not pass on — trips its circuit as one that cannot be reached does: each such attempt
+/// is a failure (sent once, never retried). Before, it gave the breaker no verdict: 20 requests
+/// in a row got 502 with the circuit closed. Once it is open, requests fail fast without
+/// reaching the provider, counted under `circuit_open` and audited with the SSP's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let reached = || provider.requests.load(Ordering::SeqCst);
+    let target = format!("{}/metadata", endpoint(provider.port));
+    for kind in ["hang-up", "reset", "garbage", "switching-protocols"] {
+        // A gateway of its own: a circuit of its own.
+        let config = gateway_config(
+            &world,
+            provider.port,
+            &GatewayOptions {
+                circuit_breaker: "failure_threshold = 2\ncool_down = \"300s\"",
+                ..Default::default()
+            },
+        );
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = ssp_gateway::start(&config, shutdown.clone())
+            .await
+            .expect("start");
+        let client = world.client(&world.consumer, running.gateway_addr);
+        for _ in 0..2 {
+            let before = reached();
+            let (status, _) = scripted_status(&client, &target, kind).await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{kind}");
+            assert_eq!(reached(), before + 1, "{kind}: sent once");
+        }
+        let before = reached();
+        let (status, trace) = scripted_status(&client, &target, "chunked").await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_GATEWAY,
+            "{kind}: the circuit is open"
+        );
+        assert_eq!(
+            reached(),
+            before,
+            "{kind}: the open circuit let a request through"
+        );
+        let record = final_record_of(&config.audit.dir, &trace).await;
+        assert_eq!(record["status"], 502, "{record}");
+        assert_eq!(
+            record["token"],
+            format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+            "{record}"
+        );
+        assert_eq!(
+            circuit_metrics(running.admin_addr).await,
+            [1.0, 0.0, 1.0, 0.0, 0.0, 2.0, 1.0],
+            "{kind}: open after two failures"
+        );
+        shutdown.cancel();
+        running.wait().await;
+    }
+}
+
+/// A probe that gets no usable answer fails: the circuit opens again for a fresh cool-down, so
+/// the requests after it fail fast without reaching the provider. Before, such a probe gave no
+/// verdict and reopened the circuit with its cool-down spent: every request reached the
+/// provider while `ssp_upstream_circuits{state="open"}` said 1, each counted as a half-open
+/// transition. A probe answered well closes the circuit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_gets_no_answer_opens_the_circuit_for_a_fresh_cool_down() {
+    // Long beside a request through the gateway (up to 0.35 s each on a loaded test machine).
+    const COOL: Duration = Duration::from_secs(3);
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let reached = || provider.requests.load(Ordering::SeqCst);
+    let config = gateway_config(
+        &world,
+        provider.port,
+        &GatewayOptions {
+            circuit_breaker: "failure_threshold = 1\ncool_down = \"3s\"",
+            ..Default::default()
+        },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(provider.port));
+    let client = world.client(&world.consumer, running.gateway_addr);
+    let (status, _) = scripted_status(&client, &target, "hang-up").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        circuit_metrics(running.admin_addr).await,
+        [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0],
+        "open after one failure"
+    );
+
+    // After the cool-down, the probe: the provider hangs up on it too.
+    tokio::time::sleep(COOL + Duration::from_millis(100)).await;
+    let before = reached();
+    let (status, _) = scripted_status(&client, &target, "hang-up").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reached(), before + 1, "the probe went out");
+    let reopened = std::time::Instant::now();
+    for _ in 0..3 {
+        let (status, _) = scripted_status(&client, &target, "chunked").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "open again");
+    }
+    assert!(
+        reopened.elapsed() < COOL,
+        "the test was too slow to see the circuit open"
+    );
+    assert_eq!(
+        reached(),
+        before + 1,
+        "requests after the failed probe reached the provider"
+    );
+    assert_eq!(
+        circuit_metrics(running.admin_addr).await,
+        [1.0, 0.0, 2.0, 1.0, 0.0, 2.0, 3.0],
+        "open again after the failed probe, for one half-open transition"
+    );
+
+    // A probe answered well closes it.
+    tokio::time::sleep(COOL + Duration::from_millis(100)).await;
+    let (status, _) = scripted_status(&client, &target, "chunked").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        circuit_metrics(running.admin_addr).await,
+        [0.0, 0.0, 2.0, 2.0, 1.0, 2.0, 3.0],
+        "closed by the probe"
+    );
+    still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
 }

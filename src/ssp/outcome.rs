@@ -79,6 +79,11 @@ pub enum Rejection {
     BodyNotAllowed { method: String },
     /// 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`
     UpstreamError { url: String },
+    /// 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`, failed fast without calling the
+    /// provider: its host's circuit breaker is open (or half-open with its probe in flight).
+    /// The consumer gets what [`Rejection::UpstreamError`] gives (the SSP's token); its own
+    /// reason, `circuit_open`, tells operators the two apart.
+    CircuitOpen { url: String },
     /// 504 `TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_<url>`
     UpstreamTimeout { url: String },
 }
@@ -121,7 +126,9 @@ impl Rejection {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamError { .. } | Rejection::CircuitOpen { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Rejection::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -184,6 +191,7 @@ impl Rejection {
                 Some("INTERNAL_SERVER_ERROR")
             }
             Rejection::UpstreamError { .. }
+            | Rejection::CircuitOpen { .. }
             | Rejection::UpstreamTimeout { .. }
             | Rejection::RateLimited { .. }
             | Rejection::DirectoryQueriesExceeded
@@ -211,7 +219,8 @@ impl Rejection {
             | Rejection::NoSharingAgreement { .. } => "forbidden",
             Rejection::DirectoryUnavailable
             | Rejection::AuditUnavailable
-            | Rejection::UpstreamError { .. } => "transient",
+            | Rejection::UpstreamError { .. }
+            | Rejection::CircuitOpen { .. } => "transient",
             Rejection::UpstreamTimeout { .. } | Rejection::RequestBodyTimeout => "timeout",
             Rejection::RateLimited { .. }
             | Rejection::DirectoryQueriesExceeded
@@ -273,7 +282,7 @@ impl Rejection {
             Rejection::BodyNotAllowed { method } => {
                 format!("REQUEST_BODY_NOT_ALLOWED_{}", method.to_ascii_uppercase())
             }
-            Rejection::UpstreamError { url } => {
+            Rejection::UpstreamError { url } | Rejection::CircuitOpen { url } => {
                 format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{url}")
             }
             Rejection::UpstreamTimeout { url } => {
@@ -312,6 +321,7 @@ impl Rejection {
             Rejection::InvalidRequestBody => "invalid_request_body",
             Rejection::BodyNotAllowed { .. } => "request_body_not_allowed",
             Rejection::UpstreamError { .. } => "upstream_error",
+            Rejection::CircuitOpen { .. } => "circuit_open",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
         }
     }
@@ -807,6 +817,15 @@ mod tests {
             ),
             (
                 Rejection::UpstreamError {
+                    url: "https://p.example/D11111/STU3/1/GPConnect/Patient".into(),
+                },
+                502,
+                None,
+                "transient",
+                "ERROR_COMMUNICATING_TO_ENDPOINT_URL_https://p.example/D11111/STU3/1/GPConnect/Patient",
+            ),
+            (
+                Rejection::CircuitOpen {
                     url: "https://p.example/D11111/STU3/1/GPConnect/Patient".into(),
                 },
                 502,
