@@ -212,7 +212,12 @@ impl Upstream {
     }
 
     /// Asks the host's breaker for leave to send; `Err` when its circuit is open.
-    fn ticket(&self, key: &str, url: &str) -> Result<Option<Ticket>, Rejection> {
+    fn ticket(
+        &self,
+        key: &str,
+        url: &str,
+        request_id: &uuid::Uuid,
+    ) -> Result<Option<Ticket>, Rejection> {
         let Some(breakers) = &self.breakers else {
             return Ok(None);
         };
@@ -221,7 +226,7 @@ impl Upstream {
             Err(open) => {
                 // Once per request: DEBUG. The circuit's opening was logged once at WARN, and
                 // each refused request has its access line, audit record and count.
-                tracing::debug!(host = key, %open, "circuit open: failing fast");
+                tracing::debug!(%request_id, host = key, %open, "circuit open: failing fast");
                 Err(Rejection::CircuitOpen {
                     url: url.to_owned(),
                 })
@@ -232,9 +237,9 @@ impl Upstream {
     /// Sends the consumer's request to `target` (already authorised) and returns the provider's
     /// response head with its body still streaming, and how many connections were tried for it
     /// (1 unless a connect failed and was retried); request body bytes are counted in
-    /// `request_bytes`. Connect, TLS or protocol failures are 502; no response head within the
-    /// response timeout (all attempts together) is 504. The body then fails when none of it
-    /// arrives for the body idle timeout ([`UpstreamBody`]).
+    /// `request_bytes`; its log lines carry `request_id`. Connect, TLS or protocol failures are
+    /// 502; no response head within the response timeout (all attempts together) is 504. The
+    /// body then fails when none of it arrives for the body idle timeout ([`UpstreamBody`]).
     ///
     /// A failed attempt is retried (up to `connect_retries` times, after a backoff that doubles)
     /// only when both hold:
@@ -257,6 +262,7 @@ impl Upstream {
         client_addr: SocketAddr,
         traceparent: &[u8; 55],
         request_bytes: Arc<AtomicU64>,
+        request_id: &uuid::Uuid,
     ) -> (Result<Response<UpstreamBody>, Rejection>, u32) {
         // Only a rejection or a log line needs it as a `String`.
         let url = target.without_query();
@@ -318,7 +324,7 @@ impl Upstream {
         loop {
             attempt += 1;
             let retry_left = attempt <= self.connect_retries;
-            let ticket = match self.ticket(&key, url) {
+            let ticket = match self.ticket(&key, url, request_id) {
                 Ok(ticket) => ticket,
                 Err(circuit_open) => {
                     if attempt > 1 {
@@ -353,7 +359,7 @@ impl Upstream {
                     // The time ran out waiting for the consumer's body, not for the provider:
                     // nothing is held against the provider's circuit. (The ticket, dropped
                     // unused, counts as neither.)
-                    tracing::warn!(target_url = %url, "the consumer stopped sending its request body; the response timeout ran out");
+                    tracing::warn!(%request_id, target_url = %url, "the consumer stopped sending its request body; the response timeout ran out");
                     Err((RetryOutcome::Timeout, Rejection::RequestBodyTimeout))
                 }
                 Err(_) => {
@@ -368,7 +374,7 @@ impl Upstream {
                     ))
                 }
                 Ok(Err(e)) if progress.consumer_failed() => {
-                    tracing::warn!(target_url = %url, error = %error_chain(&e), "the consumer's request body broke off or was malformed");
+                    tracing::warn!(%request_id, target_url = %url, error = %error_chain(&e), "the consumer's request body broke off or was malformed");
                     Err((RetryOutcome::Error, Rejection::InvalidRequestBody))
                 }
                 Ok(Err(e)) => {
@@ -395,6 +401,7 @@ impl Upstream {
                                 self.count_retry(RetryOutcome::ConnectError);
                             }
                             tracing::warn!(
+                                %request_id,
                                 target_url = %url,
                                 attempt,
                                 backoff_ms = backoff.as_millis() as u64,
@@ -406,7 +413,7 @@ impl Upstream {
                             continue;
                         }
                         _ => {
-                            tracing::warn!(target_url = %url, attempt, error = %error_chain(&e), "upstream request failed");
+                            tracing::warn!(%request_id, target_url = %url, attempt, error = %error_chain(&e), "upstream request failed");
                             let outcome = if connect {
                                 RetryOutcome::ConnectError
                             } else {
@@ -427,6 +434,7 @@ impl Upstream {
                         t.failure(Instant::now());
                     }
                     tracing::warn!(
+                        %request_id,
                         target_url = %url,
                         attempt,
                         status = resp.status().as_u16(),
@@ -1137,7 +1145,9 @@ const VIA_HTTP10: HeaderValue = HeaderValue::from_static("1.0 ssp-gateway");
 /// stalls, would otherwise hold the consumer's request and both connections until the consumer
 /// gave up. The failure reaches the consumer as a body broken off (HTTP/1.1: the connection
 /// closes; HTTP/2: the stream is reset), never as a complete-looking one, and the provider's
-/// connection is dropped with the body, unread to its end, so it is never used again.
+/// connection is dropped with the body, unread to its end, so it is never used again. A body
+/// cut off so, or broken off by the provider, is logged and counted where the request's ids
+/// are known, from its [`BodyEnd::cut`] (`ssp_upstream_bodies_cut_total{reason}`).
 ///
 /// The timer costs nothing while the body flows: it is made the first time the provider has
 /// nothing to give, and moved on only when it has nothing to give again after a frame came
@@ -1254,12 +1264,9 @@ impl http_body::Body for UpstreamBody {
             return Poll::Pending;
         }
         // Dropped unread to its end, the connection is closed rather than put back in the pool.
+        // (Logged with the request's ids by whoever observes the body's end: `BodyEnd::cut`.)
         this.inner = None;
         settle(&mut this.verdict, false);
-        tracing::warn!(
-            idle_ms = this.idle.as_millis() as u64,
-            "the provider's response body stalled; the response is cut off"
-        );
         Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(this.idle)))))
     }
 
@@ -1283,10 +1290,47 @@ pub struct BodyEnd {
     /// `true` when the body reached its end (its trailers, when it has them); `false` when it
     /// was abandoned (consumer gone) or failed (provider error mid-body).
     pub completed: bool,
+    /// Why the body failed mid-way, cutting the consumer's response off; `None` when it
+    /// reached its end or was dropped (the consumer went away).
+    pub cut: Option<BodyCut>,
 }
 
-/// Called once when an observed body ends or is dropped.
-pub type OnBodyEnd = Box<dyn FnOnce(BodyEnd) + Send + Sync>;
+/// Why a provider's response body was cut off before its end (the `reason` label of
+/// `ssp_upstream_bodies_cut_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyCut {
+    /// Nothing more of it came for the body idle timeout ([`BodyIdleTimeout`]).
+    Stalled,
+    /// It broke off: the provider's connection was reset or closed early, or its chunked
+    /// framing was malformed (hyper's body error).
+    Broken,
+}
+
+impl BodyCut {
+    labels! {
+        /// A bounded label for metrics and logs.
+        pub fn as_str;
+        /// Every [`BodyCut::as_str`], so that each series can be exposed from 0 at start.
+        const LABELS;
+        {
+            BodyCut::Stalled => "stalled",
+            BodyCut::Broken => "broken",
+        }
+    }
+
+    /// What cut a body off, from the error its stream ended with.
+    pub fn of(error: &(dyn StdError + 'static)) -> BodyCut {
+        if error.is::<BodyIdleTimeout>() {
+            BodyCut::Stalled
+        } else {
+            BodyCut::Broken
+        }
+    }
+}
+
+/// Called once when an observed body ends or is dropped: how it ended, and the error that cut
+/// it off, if one did (for the log; only then is it formatted).
+pub type OnBodyEnd = Box<dyn FnOnce(BodyEnd, Option<&(dyn StdError + 'static)>) + Send + Sync>;
 
 /// A response body whose end is reported.
 pub struct Observed {
@@ -1296,12 +1340,16 @@ pub struct Observed {
 }
 
 impl Observed {
-    fn finish(&mut self, completed: bool) {
+    fn finish(&mut self, completed: bool, error: Option<&(dyn StdError + 'static)>) {
         if let Some(on_end) = self.on_end.take() {
-            on_end(BodyEnd {
-                bytes: self.bytes,
-                completed,
-            });
+            on_end(
+                BodyEnd {
+                    bytes: self.bytes,
+                    completed,
+                    cut: error.map(BodyCut::of),
+                },
+                error,
+            );
         }
     }
 }
@@ -1310,7 +1358,7 @@ impl Drop for Observed {
     fn drop(&mut self) {
         // hyper may stop polling once the body says it is at its end.
         let completed = http_body::Body::is_end_stream(&self.inner);
-        self.finish(completed);
+        self.finish(completed, None);
     }
 }
 
@@ -1362,11 +1410,11 @@ impl http_body::Body for ProxyBody {
                         // Trailers are the last frame: hyper's HTTP/2 server ends the stream
                         // with them and polls no more.
                         if frame.is_trailers() || http_body::Body::is_end_stream(&o.inner) {
-                            o.finish(true);
+                            o.finish(true, None);
                         }
                     }
-                    Poll::Ready(Some(Err(_))) => o.finish(false),
-                    Poll::Ready(None) => o.finish(true),
+                    Poll::Ready(Some(Err(e))) => o.finish(false, Some(&**e)),
+                    Poll::Ready(None) => o.finish(true, None),
                     Poll::Pending => {}
                 }
                 polled
@@ -1803,7 +1851,7 @@ mod tests {
                     Duration::from_secs(30),
                     Some(probe),
                 )),
-                Box::new(move |e: BodyEnd| {
+                Box::new(move |e: BodyEnd, _| {
                     *end.lock().expect("lock") = Some(e);
                 }),
             );
@@ -1822,7 +1870,8 @@ mod tests {
                 *ended.lock().expect("lock"),
                 Some(BodyEnd {
                     bytes: 2,
-                    completed: true
+                    completed: true,
+                    cut: None,
                 })
             );
             drop(body);

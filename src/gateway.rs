@@ -19,7 +19,7 @@ use crate::audit::{Audit, AuditRecord, ClientInfo, RecordKind};
 use crate::authorise::{authorise, Facts};
 use crate::cors::{self, AllowedOrigins, Grant};
 use crate::directory::Directory;
-use crate::forward::{BodyEnd, ProxyBody, Upstream};
+use crate::forward::{BodyCut, BodyEnd, ProxyBody, Upstream};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, Overload, RateLimiter};
 use crate::reload::Reloadable;
@@ -281,8 +281,10 @@ impl Gateway {
             return response;
         }
         // The outcome is written when the response body ends: what it says is moved (not
-        // copied) out of the request path's record, and written from there then.
+        // copied) out of the request path's record, and written from there then. A body the
+        // provider stalled or broke off is logged with the request's ids and counted then too.
         let audit = self.audit.clone();
+        let metrics = Arc::clone(&self.metrics);
         let conn = Arc::clone(conn);
         let ctx = Ctx {
             request_id: ctx.request_id,
@@ -300,16 +302,22 @@ impl Gateway {
         response.map(move |body| {
             ProxyBody::observed(
                 body,
-                Box::new(move |end: BodyEnd| {
-                    let text = RecordText::new(&ctx);
-                    let mut audit_record = audit_record(kind, &conn, &ctx, &record, &text);
-                    audit_record.status = Some(status);
-                    audit_record.response_bytes = Some(end.bytes);
-                    audit_record.completed = Some(end.completed);
-                    audit_record.request_bytes = request_bytes(&record);
-                    audit_record.total_latency_us = Some(ctx.started.elapsed().as_micros() as u64);
-                    audit.enqueue(&audit_record);
-                }),
+                Box::new(
+                    move |end: BodyEnd, error: Option<&(dyn std::error::Error + 'static)>| {
+                        if let Some(cut) = end.cut {
+                            body_cut(&metrics, &ctx, &record, end, cut, error);
+                        }
+                        let text = RecordText::new(&ctx);
+                        let mut audit_record = audit_record(kind, &conn, &ctx, &record, &text);
+                        audit_record.status = Some(status);
+                        audit_record.response_bytes = Some(end.bytes);
+                        audit_record.completed = Some(end.completed);
+                        audit_record.request_bytes = request_bytes(&record);
+                        audit_record.total_latency_us =
+                            Some(ctx.started.elapsed().as_micros() as u64);
+                        audit.enqueue(&audit_record);
+                    },
+                ),
             )
         })
     }
@@ -591,6 +599,7 @@ impl Gateway {
                 conn.remote,
                 &ctx.trace.traceparent(),
                 request_bytes,
+                &ctx.request_id,
             )
             .await;
         record.upstream_latency = Some(sent.elapsed());
@@ -844,6 +853,46 @@ fn audit_record<'a>(
         upstream_attempts: record.upstream_attempts.filter(|n| *n > 1),
         total_latency_us: None,
         completed: None,
+    }
+}
+
+/// A forwarded response whose provider body stalled or broke off after its head was passed on
+/// (the consumer's status is the provider's; its body ends broken): counted in
+/// `ssp_upstream_bodies_cut_total{reason}` and logged with the request id and the target URL
+/// (without its query, as the forwarder's lines), so that it can be joined with the access line
+/// and the outcome record (`completed: false`). Only on that path is anything formatted.
+fn body_cut(
+    metrics: &Metrics,
+    ctx: &Ctx,
+    record: &Record<'_>,
+    end: BodyEnd,
+    cut: BodyCut,
+    error: Option<&(dyn std::error::Error + 'static)>,
+) {
+    metrics
+        .upstream_bodies_cut
+        .with_label_values(&[cut.as_str()])
+        .inc();
+    let url = record
+        .target_url
+        .as_deref()
+        .map_or("-", |u| u.split_once('?').map_or(u, |(path, _)| path));
+    let error = error.map(crate::forward::error_chain).unwrap_or_default();
+    match cut {
+        BodyCut::Stalled => tracing::warn!(
+            request_id = %ctx.request_id,
+            target_url = url,
+            response_bytes = end.bytes,
+            error,
+            "the provider's response body stalled; the response is cut off"
+        ),
+        BodyCut::Broken => tracing::warn!(
+            request_id = %ctx.request_id,
+            target_url = url,
+            response_bytes = end.bytes,
+            error,
+            "the provider's response body broke off; the response is cut off"
+        ),
     }
 }
 

@@ -210,6 +210,8 @@ pub struct Metrics {
     pub circuits: CircuitMetrics,
     /// Connect retries by outcome (`forward::RetryOutcome`).
     pub upstream_retries: IntCounterVec,
+    /// Provider response bodies cut off mid-way, by `forward::BodyCut` (`stalled`, `broken`).
+    pub upstream_bodies_cut: IntCounterVec,
     /// Hot reloads by component and result (`ok`, `refused`), and the last one's outcome.
     pub reloads: ReloadMetrics,
     pub audit: AuditMetrics,
@@ -298,6 +300,14 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric definition is valid");
+        let upstream_bodies_cut = IntCounterVec::new(
+            Opts::new(
+                "ssp_upstream_bodies_cut_total",
+                "Provider responses cut off mid-body after their head was passed on, by reason (stalled, broken).",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
         let reloads = ReloadMetrics::new();
         let audit = AuditMetrics {
             queue_depth: IntGauge::new(
@@ -379,6 +389,7 @@ impl Metrics {
             &http_refused_heads,
             &upstream_connect_errors,
             &upstream_retries,
+            &upstream_bodies_cut,
         );
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
@@ -393,6 +404,7 @@ impl Metrics {
             Box::new(circuits.circuits.clone()),
             Box::new(circuits.transitions.clone()),
             Box::new(upstream_retries.clone()),
+            Box::new(upstream_bodies_cut.clone()),
             Box::new(reloads.total.clone()),
             Box::new(reloads.last_ok.clone()),
             Box::new(audit.queue_depth.clone()),
@@ -428,6 +440,7 @@ impl Metrics {
             upstream_connect_errors,
             circuits,
             upstream_retries,
+            upstream_bodies_cut,
             reloads,
             audit,
             tracing,
@@ -503,6 +516,7 @@ fn zero_known_labels(
     refused_heads: &IntCounterVec,
     connect_errors: &IntCounterVec,
     retries: &IntCounterVec,
+    bodies_cut: &IntCounterVec,
 ) {
     use crate::forward::RetryOutcome;
     use crate::h1::HeadError;
@@ -532,6 +546,9 @@ fn zero_known_labels(
         RetryOutcome::CircuitOpen,
     ] {
         touch(retries, outcome.as_str());
+    }
+    for reason in crate::forward::BodyCut::LABELS {
+        touch(bodies_cut, reason);
     }
 }
 
@@ -965,6 +982,8 @@ mod tests {
             "ssp_upstream_circuits{state=\"half_open\"} 0",
             "ssp_upstream_circuit_transitions_total{to=\"closed\"} 0",
             "ssp_rejections_total{reason=\"circuit_open\"} 0",
+            "ssp_upstream_bodies_cut_total{reason=\"stalled\"} 0",
+            "ssp_upstream_bodies_cut_total{reason=\"broken\"} 0",
         ] {
             assert!(text.contains(series), "{series} missing from\n{text}");
         }
@@ -974,6 +993,7 @@ mod tests {
         assert_eq!(count("ssp_http_refused_heads_total{"), 6);
         assert_eq!(count("ssp_upstream_connect_errors_total{"), 4);
         assert_eq!(count("ssp_upstream_retries_total{"), 5);
+        assert_eq!(count("ssp_upstream_bodies_cut_total{"), 2);
     }
 
     #[test]

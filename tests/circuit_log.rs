@@ -2,7 +2,8 @@
 //! host, as is its opening again after a failed probe, its closing one INFO line; the requests
 //! refused while it is open are not logged one by one above DEBUG (a review counted 12,638
 //! "circuit open: failing fast" warnings in 3 s), and their access lines say `circuit_open`.
-//! And a request stopped at the end of the shutdown grace period still has its access line.
+//! A response body the provider stalled is logged with the request id and target URL. And a
+//! request stopped at the end of the shutdown grace period still has its access line.
 //! In its own test binary: it installs the process's log subscriber.
 
 mod common;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Everything the gateway logs in this test binary, as text.
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -262,6 +264,108 @@ async fn a_failed_probe_is_logged_and_fast_failed_requests_say_circuit_open() {
         sample(&text, "ssp_rejections_total{reason=\"circuit_open\"}"),
         Some(1.0)
     );
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider that sends a head and part of its body, then stalls until the gateway hangs up.
+async fn stalls_mid_body(world: &World) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"http/1.1"])
+        .expect("provider TLS");
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n{\"resource\"")
+                    .await;
+                let _ = s.flush().await;
+                let mut sink = [0u8; 1024];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A response cut off because the provider stalled mid-body is logged with what finds it: the
+/// request id (as in its access line and outcome record) and the target URL. Before, the line
+/// said only `idle_ms`, and the access line's status 200 hid it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_logged_with_the_request_id_and_target_url() {
+    capture_logs();
+    let world = World::ecdsa();
+    let port = stalls_mid_body(&world).await;
+    let config = gateway_config(
+        &world,
+        port,
+        &GatewayOptions {
+            extra_upstream: "body_idle_timeout = \"500ms\"",
+            ..Default::default()
+        },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(port));
+    let req = Gpc::new(Method::GET, target.clone(), IX_METADATA).build();
+    let trace = req.headers()["ssp-traceid"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(20),
+        world
+            .client(&world.consumer, running.gateway_addr)
+            .send(req),
+    )
+    .await
+    .expect("answered within 20 s");
+    assert!(sent.is_err(), "a truncated body looked complete: {sent:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let outcome = loop {
+        let found = audit_records(&config.audit.dir)
+            .into_iter()
+            .find(|r| r["kind"] == "outcome" && r["ssp_trace_id"].as_str() == Some(&trace));
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no outcome record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(outcome["completed"], false, "{outcome}");
+    let id = outcome["request_id"].as_str().expect("request id");
+    let stalled: Vec<String> = logs()
+        .lines()
+        .filter(|l| l.contains("response body stalled"))
+        .filter(|l| l.contains(id))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(stalled.len(), 1, "{}", logs());
+    assert!(stalled[0].contains("WARN"), "{stalled:?}");
+    assert!(stalled[0].contains(&target), "{stalled:?}");
+    assert!(access_line(&trace).contains(id));
     shutdown.cancel();
     running.wait().await;
 }

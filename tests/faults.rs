@@ -372,9 +372,18 @@ async fn a_reset_mid_body_reaches_the_consumer_as_a_broken_body() {
             Err(e) => assert!(!e.is_empty()),
         }
     }
-    // The audit trail says the response broke off.
+    // The audit trail says the response broke off, and both are counted as cut off.
     let record = audited(&audit_dir, 200).await;
     assert_eq!(record["completed"], false, "{record}");
+    let (_, text) = http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "ssp_upstream_bodies_cut_total{reason=\"broken\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "ssp_upstream_bodies_cut_total{reason=\"stalled\"}"),
+        Some(0.0)
+    );
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
@@ -456,6 +465,16 @@ async fn a_provider_that_stalls_mid_body_is_cut_off_at_the_body_idle_timeout() {
         assert_eq!(record["completed"], false, "{record}");
         assert_eq!(record["response_bytes"], 11, "{record}");
     }
+    // Counted as cut off (the consumer's status, 200, is the provider's; only this tells).
+    let (_, text) = http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "ssp_upstream_bodies_cut_total{reason=\"stalled\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "ssp_upstream_bodies_cut_total{reason=\"broken\"}"),
+        Some(0.0)
+    );
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
