@@ -6,6 +6,7 @@
 //! itself. A provider's answer whose head hyper accepts but which cannot be passed on as it
 //! came (a 1xx final status, `Transfer-Encoding` with `Content-Length`, a transfer coding
 //! other than `chunked` alone) is a 502, as one hyper cannot parse is (`malformed_answer`).
+//! Each provider answer passed on gets the gateway's `Via` entry, after the provider's.
 //!
 //! A request whose connection to the provider could not be made is sent again on a new one
 //! (`[upstream] connect_retries`); nothing else is ever retried, so a request that reached a
@@ -450,6 +451,14 @@ impl Upstream {
                 }
                 Ok(Ok(mut resp)) => {
                     strip_hop_by_hop(resp.headers_mut());
+                    // RFC 9110 §7.6.3: the gateway's entry on each answer it passes on, after
+                    // any the provider's side added, with the protocol it came in (HTTP/1.1 on
+                    // the provider leg; 1.0 when the provider answered so).
+                    let via = match resp.version() {
+                        Version::HTTP_10 => VIA_HTTP10,
+                        _ => VIA_HTTP11,
+                    };
+                    resp.headers_mut().append(header::VIA, via);
                     // The breaker's verdict waits for the body's end (see `UpstreamBody`).
                     let idle = self.body_idle_timeout;
                     let verdict = ticket.map(|ticket| Verdict {
@@ -1135,7 +1144,8 @@ where
     }
 }
 
-/// The gateway's `Via` entry, by the protocol the request came in: a pseudonym, not its host.
+/// The gateway's `Via` entry, by the protocol the message came in (a request from the consumer,
+/// an answer from the provider): a pseudonym, not its host.
 const VIA_HTTP11: HeaderValue = HeaderValue::from_static("1.1 ssp-gateway");
 const VIA_HTTP2: HeaderValue = HeaderValue::from_static("2 ssp-gateway");
 const VIA_HTTP10: HeaderValue = HeaderValue::from_static("1.0 ssp-gateway");

@@ -76,6 +76,11 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "trailers",
         b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n2\r\n{}\r\n0\r\nX-Checksum: abc\r\n\r\n",
     ),
+    // Well formed, having passed through the provider's own proxies.
+    (
+        "via",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nVia: 1.1 provider-edge\r\nVia: 1.0 provider-lb\r\nContent-Length: 2\r\n\r\n{}",
+    ),
     // No answer: the connection closed (TLS close_notify, then FIN) after the request.
     ("hang-up", b""),
     // No answer: the connection reset (TCP RST) after the request.
@@ -990,6 +995,54 @@ async fn a_probe_that_gets_no_answer_opens_the_circuit_for_a_fresh_cool_down() {
         "closed by the probe"
     );
     still_healthy(&world, &running).await;
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// RFC 9110 §7.6.3: a proxy sends `Via` in each message it forwards. Each provider answer passed
+/// on carries the gateway's entry, `1.1 ssp-gateway` (the provider leg is HTTP/1.1), after the
+/// entries the provider's side sent, in their order, over HTTP/1.1 and HTTP/2 alike; the
+/// gateway's own answers (a 502 for an answer it does not pass on) carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_answers_carry_the_gateways_via_after_the_providers() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let config = gateway_config(&world, provider.port, &GatewayOptions::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    let target = format!("{}/metadata", endpoint(provider.port));
+    let via = |a: &Answer| -> Vec<String> {
+        a.headers
+            .get_all(http::header::VIA)
+            .iter()
+            .map(|v| v.to_str().expect("ascii").to_owned())
+            .collect()
+    };
+    for http2 in [false, true] {
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        let (a, _) = scripted_metadata(&client, &target, "via").await;
+        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
+        assert_eq!(a.version == http::Version::HTTP_2, http2);
+        assert_eq!(a.status, StatusCode::OK, "http2 {http2}: {}", a.text());
+        assert_eq!(a.text(), "{}");
+        assert_eq!(
+            via(&a),
+            ["1.1 provider-edge", "1.0 provider-lb", "1.1 ssp-gateway"],
+            "http2 {http2}"
+        );
+        // Without a Via from the provider: the gateway's alone.
+        let (a, _) = scripted_metadata(&client, &target, "chunked").await;
+        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
+        assert_eq!(a.status, StatusCode::OK, "http2 {http2}");
+        assert_eq!(via(&a), ["1.1 ssp-gateway"], "http2 {http2}");
+        // The gateway's own answer is not a forwarded message.
+        let (a, _) = scripted_metadata(&client, &target, "gzip").await;
+        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
+        assert_eq!(a.status, StatusCode::BAD_GATEWAY, "http2 {http2}");
+        assert!(via(&a).is_empty(), "http2 {http2}: {:?}", via(&a));
+    }
     shutdown.cancel();
     running.wait().await;
 }
