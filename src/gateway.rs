@@ -847,6 +847,7 @@ fn audit_record<'a>(
         jwt_problem: record.jwt_problem,
         status: None,
         token: borrowed(&record.token),
+        reason: record.reason,
         request_bytes: None,
         response_bytes: None,
         upstream_latency_us: record.upstream_latency.map(|d| d.as_micros() as u64),

@@ -890,12 +890,17 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
             .await
             .expect("start");
         let client = world.client(&world.consumer, running.gateway_addr);
+        let mut failed = String::new();
         for _ in 0..2 {
             let before = reached();
-            let (status, _) = scripted_status(&client, &target, kind).await;
+            let (status, trace) = scripted_status(&client, &target, kind).await;
             assert_eq!(status, StatusCode::BAD_GATEWAY, "{kind}");
             assert_eq!(reached(), before + 1, "{kind}: sent once");
+            failed = trace;
         }
+        // The audit trail tells the two 502s apart, as the metrics do.
+        let record = final_record_of(&config.audit.dir, &failed).await;
+        assert_eq!(record["reason"], "upstream_error", "{kind}: {record}");
         let before = reached();
         let (status, trace) = scripted_status(&client, &target, "chunked").await;
         assert_eq!(
@@ -915,6 +920,7 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
             format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
             "{record}"
         );
+        assert_eq!(record["reason"], "circuit_open", "{kind}: {record}");
         assert_eq!(
             circuit_metrics(running.admin_addr).await,
             [1.0, 0.0, 1.0, 0.0, 0.0, 2.0, 1.0],

@@ -295,6 +295,7 @@ impl Audit {
             jwt_problem: None,
             status: Some(status),
             token: Some(token.into()),
+            reason: Some(reason),
             request_bytes: None,
             response_bytes: None,
             upstream_latency_us: None,

@@ -111,6 +111,11 @@ pub struct AuditRecord<'a> {
     /// The gateway's own error token, when it answered with one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<Cow<'a, str>>,
+    /// Why the gateway answered with its own error, as a bounded label: the `reason` of
+    /// `ssp_rejections_total` (`upstream_error` and `circuit_open` tell apart two 502s with
+    /// the same token), or of `ssp_http_refused_heads_total` for a refused head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
     /// Request body bytes received from the consumer (forwarded requests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_bytes: Option<u64>,
@@ -172,6 +177,7 @@ impl AuditRecord<'_> {
         o.opt_str("jwt_problem", self.jwt_problem);
         o.opt_uint("status", self.status.map(u64::from));
         o.opt_str("token", self.token.as_deref());
+        o.opt_str("reason", self.reason);
         o.opt_uint("request_bytes", self.request_bytes);
         o.opt_uint("response_bytes", self.response_bytes);
         o.opt_uint("upstream_latency_us", self.upstream_latency_us);
@@ -215,6 +221,7 @@ impl AuditRecord<'static> {
             jwt_problem: None,
             status: None,
             token: None,
+            reason: None,
             request_bytes: None,
             response_bytes: None,
             upstream_latency_us: None,
@@ -410,6 +417,7 @@ mod tests {
             attempts in proptest::option::of(any::<u32>()),
             completed in proptest::option::of(any::<bool>()),
             problem in proptest::option::of(Just("JWT_EXPIRED")),
+            reason in proptest::option::of(prop_oneof![Just("upstream_error"), Just("circuit_open")]),
             jwt in proptest::option::of((opt_text(), opt_text(), proptest::option::of(any::<i64>()))),
         ) -> AuditRecord<'static> {
             let address = if v6 {
@@ -447,6 +455,7 @@ mod tests {
                 jwt_problem: problem,
                 status: small,
                 token: opts[5].clone().map(Cow::from),
+                reason,
                 request_bytes: nums[0],
                 response_bytes: nums[1],
                 upstream_latency_us: nums[2],
