@@ -329,7 +329,15 @@ impl Upstream {
                 Ok(ticket) => ticket,
                 Err(circuit_open) => {
                     if attempt > 1 {
+                        // The request's own attempt failed (that failure may be what opened
+                        // the circuit): an upstream error, not a fast failure.
                         self.count_retry(RetryOutcome::CircuitOpen);
+                        return (
+                            Err(Rejection::UpstreamError {
+                                url: url.to_owned(),
+                            }),
+                            attempt - 1,
+                        );
                     }
                     return (Err(circuit_open), attempt - 1);
                 }

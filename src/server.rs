@@ -374,7 +374,7 @@ struct Listener<H> {
 /// Each stage whose state is large is boxed (the handshake, the TLS stream, each protocol's
 /// connection), so that the task itself stays small: a task is as large as its largest state,
 /// and the 10,000 idle HTTP/1.1 connections of the memory target should carry neither the
-/// handshake's state nor HTTP/2's. `connection_task_is_small` below holds it to that.
+/// handshake's state nor HTTP/2's. `an_idle_connection_state_is_small` below holds it to that.
 async fn connection<H, Fut, B>(
     shared: Arc<Listener<H>>,
     tcp: tokio::net::TcpStream,

@@ -373,6 +373,18 @@ async fn retries_count_in_the_breaker_and_end_when_it_opens() {
         sample(&text, "ssp_upstream_circuits{state=\"open\"}"),
         Some(1.0)
     );
+    // The 2nd request's retry met the circuit its own failure had opened: an upstream error,
+    // not a fast failure; only the 3rd failed fast.
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"upstream_error\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ssp_rejections_total{reason=\"circuit_open\"}"),
+        Some(1.0),
+        "{text}"
+    );
     shutdown.cancel();
     running.wait().await;
 }

@@ -485,13 +485,21 @@ impl Directory {
                     _ = inner.probe_wanted.notified() => continue,
                 }
             }
+            // What the probe's verdict replaces: a lookup that settles the question while the
+            // probe runs (an answer, or a failure that wants a probe of its own) wins over it.
+            let seen = inner.state.load(Ordering::Acquire);
             let probe = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 probe = tokio::time::timeout(bound, inner.backend.probe()) => probe,
             };
             let error = match probe {
                 Ok(Ok(())) => {
-                    if inner.state.swap(ANSWERING, Ordering::AcqRel) == DOWN {
+                    if inner
+                        .state
+                        .compare_exchange(seen, ANSWERING, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                        && seen == DOWN
+                    {
                         tracing::info!(backend, "directory backend answers");
                     }
                     continue;
@@ -499,7 +507,14 @@ impl Directory {
                 Ok(Err(error)) => error.to_string(),
                 Err(_) => format!("directory backend {backend}: no answer within {bound:?}"),
             };
-            inner.state.store(DOWN, Ordering::Release);
+            if inner
+                .state
+                .compare_exchange(seen, DOWN, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                // A lookup answered (or failed anew) while the probe ran: look again.
+                continue;
+            }
             tracing::warn!(
                 %error,
                 retry_in = ?backoff,
@@ -1007,6 +1022,34 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(backend.probes(), 3);
         assert!(dir.usable() && dir.healthy());
+        stop.cancel();
+    }
+
+    /// A lookup answered while a probe hangs settles the question: the probe's later failure
+    /// does not put the backend back down (before, it did, and readiness said not usable until
+    /// the next probe, up to 16 s later).
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_answered_while_a_probe_runs_wins_over_its_failure() {
+        let backend = CountingBackend::new(&["1"]);
+        backend.hang_probes(true);
+        let dir = directory(&backend, policy(LONG, LONG));
+        let stop = prober(&dir, Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(backend.probes(), 1, "a probe is running");
+        assert!(!dir.backend_answers());
+        assert!(dir.party("1").await.expect("lookup").is_some());
+        assert!(
+            dir.backend_answers() && dir.healthy(),
+            "the lookup answered"
+        );
+        // The probe is given up at 3 s: a failure, which must not undo the answer.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            dir.backend_answers() && dir.healthy(),
+            "the hung probe put it down"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(backend.probes(), 1, "an answering backend is not probed");
         stop.cancel();
     }
 

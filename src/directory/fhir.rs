@@ -432,6 +432,10 @@ fn client_tls(ca: &Path) -> Result<Arc<rustls::ClientConfig>, FhirSetupError> {
         })?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // No session is resumed: a resumed session skips the check of the API's certificate, so
+    // one that has run out would go on being accepted (as for providers and LDAPS).
+    let mut config = config;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -772,6 +776,25 @@ impl AsyncWrite for Stream {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The SDS API's client never resumes a TLS session: a resumed session skips the check of
+    /// the API's certificate, so one that had run out would go on being accepted.
+    #[test]
+    fn the_api_client_never_resumes_a_session() {
+        let dir = std::env::temp_dir().join(format!("fhir-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = crate::tls::pki::Ca::new("FHIR resume CA", crate::tls::pki::KeyKind::EcdsaP256)
+            .expect("ca");
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, ca.cert_pem()).expect("write");
+        let config = client_tls(&path).expect("client config");
+        std::fs::remove_dir_all(&dir).ok();
+        let seen = format!("{:?}", config.resumption);
+        let disabled = format!("{:?}", rustls::client::Resumption::disabled());
+        let default = format!("{:?}", rustls::client::Resumption::default());
+        assert_ne!(disabled, default, "the two can be told apart");
+        assert_eq!(seen, disabled);
+    }
 
     const SLOT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1";
 

@@ -94,13 +94,17 @@ pub trait DirectoryBackend: Send + Sync + 'static {
     }
 }
 
-/// The longest one probe of the configured backend may take: LDAP, opening the connection and
-/// one search (`connect_timeout` + `query_timeout`); FHIR, one request (`query_timeout`, which
-/// bounds connecting too). `None` for the LDIF backend, which is never probed.
+/// The longest one probe of the configured backend may take: LDAP, a search on the connection
+/// it holds and, when that connection turns out broken, a new connection and the search again
+/// (`connect_timeout` + 2 × `query_timeout`); FHIR, one request (`query_timeout`, which bounds
+/// connecting too). `None` for the LDIF backend, which is never probed.
 pub fn probe_bound(config: &DirectoryBackendConfig) -> Option<std::time::Duration> {
     match config {
         DirectoryBackendConfig::Ldif { .. } => None,
-        DirectoryBackendConfig::Ldap(s) => Some(s.connect_timeout.saturating_add(s.query_timeout)),
+        DirectoryBackendConfig::Ldap(s) => Some(
+            s.connect_timeout
+                .saturating_add(s.query_timeout.saturating_mul(2)),
+        ),
         DirectoryBackendConfig::Fhir(s) => Some(s.query_timeout),
     }
 }
