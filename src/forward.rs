@@ -469,7 +469,7 @@ impl Upstream {
                     resp.headers_mut().append(header::VIA, via);
                     // The breaker's verdict waits for the body's end (see `UpstreamBody`).
                     let idle = self.body_idle_timeout;
-                    let verdict = ticket.map(|ticket| Verdict {
+                    let verdict = Some(Verdict {
                         ticket,
                         progress: progress.clone(),
                     });
@@ -1193,13 +1193,18 @@ pub struct UpstreamBody {
 /// What a response body's end reports to: the attempt's circuit-breaker ticket, and what the
 /// consumer's request body was doing (the provider is not blamed for the consumer's doing).
 struct Verdict {
-    ticket: Ticket,
+    /// `None` when the gateway runs without circuit breakers.
+    ticket: Option<Ticket>,
     progress: Arc<BodyProgress>,
 }
 
 /// Gives the breaker its verdict on a body that ended, `completed` or broken, once.
 fn settle(verdict: &mut Option<Verdict>, completed: bool) {
-    let Some(Verdict { ticket, progress }) = verdict.take() else {
+    let Some(Verdict {
+        ticket: Some(ticket),
+        progress,
+    }) = verdict.take()
+    else {
         return;
     };
     if completed {
@@ -1209,6 +1214,13 @@ fn settle(verdict: &mut Option<Verdict>, completed: bool) {
     }
     // Otherwise the ticket drops without a verdict.
 }
+
+/// A response body that broke off because the consumer's own request body failed (stalled,
+/// broke, or went past the cap) and took the provider's connection with it: not a cut the
+/// provider made ([`BodyCut::of`] gives none).
+#[derive(Debug, thiserror::Error)]
+#[error("the consumer's request body failed or stalled, and the provider's answer with it: {0}")]
+pub struct ConsumerBodyFailed(#[source] BoxError);
 
 /// The provider sent no response body bytes for the body idle timeout.
 #[derive(Debug, thiserror::Error)]
@@ -1260,7 +1272,16 @@ impl http_body::Body for UpstreamBody {
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
+                let consumer = this
+                    .verdict
+                    .as_ref()
+                    .is_some_and(|v| v.progress.consumer_at_fault());
                 settle(&mut this.verdict, false);
+                if consumer {
+                    // Not the provider's doing: the consumer's own request body failed, and the
+                    // provider's connection went with it.
+                    return Poll::Ready(Some(Err(Box::new(ConsumerBodyFailed(e.into())))));
+                }
                 return Poll::Ready(Some(Err(e.into())));
             }
         }
@@ -1284,8 +1305,17 @@ impl http_body::Body for UpstreamBody {
         // Dropped unread to its end, the connection is closed rather than put back in the pool.
         // (Logged with the request's ids by whoever observes the body's end: `BodyEnd::cut`.)
         this.inner = None;
+        let consumer = this
+            .verdict
+            .as_ref()
+            .is_some_and(|v| v.progress.consumer_at_fault());
         settle(&mut this.verdict, false);
-        Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(this.idle)))))
+        let stalled = Box::new(BodyIdleTimeout(this.idle));
+        if consumer {
+            // The provider waited on the consumer's request body, which stalled or failed.
+            return Poll::Ready(Some(Err(Box::new(ConsumerBodyFailed(stalled)))));
+        }
+        Poll::Ready(Some(Err(stalled)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1308,8 +1338,9 @@ pub struct BodyEnd {
     /// `true` when the body reached its end (its trailers, when it has them); `false` when it
     /// was abandoned (consumer gone) or failed (provider error mid-body).
     pub completed: bool,
-    /// Why the body failed mid-way, cutting the consumer's response off; `None` when it
-    /// reached its end or was dropped (the consumer went away).
+    /// Why the provider's body failed mid-way, cutting the consumer's response off; `None` when
+    /// it reached its end, was dropped (the consumer went away), or broke off because the
+    /// consumer's own request body failed.
     pub cut: Option<BodyCut>,
 }
 
@@ -1336,12 +1367,15 @@ impl BodyCut {
         }
     }
 
-    /// What cut a body off, from the error its stream ended with.
-    pub fn of(error: &(dyn StdError + 'static)) -> BodyCut {
+    /// What cut a body off, from the error its stream ended with: `None` when the provider
+    /// did not ([`ConsumerBodyFailed`]).
+    pub fn of(error: &(dyn StdError + 'static)) -> Option<BodyCut> {
         if error.is::<BodyIdleTimeout>() {
-            BodyCut::Stalled
+            Some(BodyCut::Stalled)
+        } else if error.is::<ConsumerBodyFailed>() {
+            None
         } else {
-            BodyCut::Broken
+            Some(BodyCut::Broken)
         }
     }
 }
@@ -1364,7 +1398,7 @@ impl Observed {
                 BodyEnd {
                     bytes: self.bytes,
                     completed,
-                    cut: error.map(BodyCut::of),
+                    cut: error.and_then(BodyCut::of),
                 },
                 error,
             );
@@ -1776,7 +1810,7 @@ mod tests {
             let ticket = b.before(HOST, t0 + COOL).expect("the probe");
             assert!(ticket.is_probe());
             let verdict = Verdict {
-                ticket,
+                ticket: Some(ticket),
                 progress: Arc::default(),
             };
             (b, t0, verdict)
@@ -1935,6 +1969,7 @@ mod tests {
             body.frame().await.expect("a frame").expect("data");
             let err = body.frame().await.expect("an end").expect_err("stalled");
             assert!(err.is::<BodyIdleTimeout>(), "{err}");
+            assert_eq!(BodyCut::of(&*err), Some(BodyCut::Stalled));
             assert_eq!(verdict(&b, t0), "failure");
 
             // The provider's connection closes mid-body.
@@ -1945,6 +1980,7 @@ mod tests {
             drop(provider);
             let err = body.frame().await.expect("an end").expect_err("broken");
             assert!(err.is::<hyper::Error>(), "{err}");
+            assert_eq!(BodyCut::of(&*err), Some(BodyCut::Broken));
             assert_eq!(verdict(&b, t0), "failure");
         }
 
@@ -1980,8 +2016,21 @@ mod tests {
                 let (incoming, _provider) = answer(Method::GET, HALF).await;
                 let mut body = UpstreamBody::new(incoming, Duration::from_millis(50), Some(probe));
                 body.frame().await.expect("a frame").expect("data");
-                body.frame().await.expect("an end").expect_err("stalled");
+                let err = body.frame().await.expect("an end").expect_err("stalled");
                 assert_eq!(verdict(&b, t0), "none", "state {state}");
+                // Nor counted or logged as a cut the provider made.
+                assert_eq!(BodyCut::of(&*err), None, "state {state}: {err}");
+
+                // The provider's connection goes mid-body, with the consumer's request body.
+                let (b, t0, probe) = probing();
+                probe.progress.set(state);
+                let (incoming, provider) = answer(Method::GET, HALF).await;
+                let mut body = UpstreamBody::new(incoming, Duration::from_secs(30), Some(probe));
+                body.frame().await.expect("a frame").expect("data");
+                drop(provider);
+                let err = body.frame().await.expect("an end").expect_err("broken");
+                assert_eq!(verdict(&b, t0), "none", "state {state}");
+                assert_eq!(BodyCut::of(&*err), None, "state {state}: {err}");
             }
         }
     }
