@@ -748,19 +748,12 @@ async fn scripted_metadata(
 async fn a_provider_answer_with_bad_framing_or_a_1xx_status_is_a_502() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
-    let config = gateway_config(
+    let (config, shutdown, running, target) = gateway_in_front(
         &world,
         provider.port,
-        &GatewayOptions {
-            circuit_breaker: "failure_threshold = 2\ncool_down = \"300s\"",
-            ..Default::default()
-        },
-    );
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = ssp_gateway::start(&config, shutdown.clone())
-        .await
-        .expect("start");
-    let target = format!("{}/metadata", endpoint(provider.port));
+        "failure_threshold = 2\ncool_down = \"300s\"",
+    )
+    .await;
     let token = format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}");
     let bad = [
         "length-and-chunked",
@@ -812,12 +805,7 @@ async fn a_provider_answer_with_bad_framing_or_a_1xx_status_is_a_502() {
 async fn an_answer_ended_by_trailers_is_audited_as_completed() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
-    let config = gateway_config(&world, provider.port, &GatewayOptions::default());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = ssp_gateway::start(&config, shutdown.clone())
-        .await
-        .expect("start");
-    let target = format!("{}/metadata", endpoint(provider.port));
+    let (config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
     for http2 in [true, false] {
         let client = world.client_with(&world.consumer, running.gateway_addr, http2);
         let (a, trace) = scripted_metadata(&client, &target, "trailers").await;
@@ -831,6 +819,38 @@ async fn an_answer_ended_by_trailers_is_audited_as_completed() {
     }
     shutdown.cancel();
     running.wait().await;
+}
+
+/// A gateway started in-process in front of the provider on `port`, with `circuit_breaker`
+/// as its `[circuit_breaker]` keys (empty: the defaults); and the provider's metadata URL.
+async fn gateway_in_front(
+    world: &World,
+    port: u16,
+    circuit_breaker: &'static str,
+) -> (
+    ssp_gateway::config::Config,
+    tokio_util::sync::CancellationToken,
+    ssp_gateway::Running,
+    String,
+) {
+    let config = gateway_config(
+        world,
+        port,
+        &GatewayOptions {
+            circuit_breaker,
+            ..Default::default()
+        },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = ssp_gateway::start(&config, shutdown.clone())
+        .await
+        .expect("start");
+    (
+        config,
+        shutdown,
+        running,
+        format!("{}/metadata", endpoint(port)),
+    )
 }
 
 /// A GET metadata asking the [`Fault::Scripted`] provider for `answer`: the status (a 502 must
@@ -874,21 +894,14 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
     let reached = || provider.requests.load(Ordering::SeqCst);
-    let target = format!("{}/metadata", endpoint(provider.port));
     for kind in ["hang-up", "reset", "garbage", "switching-protocols"] {
         // A gateway of its own: a circuit of its own.
-        let config = gateway_config(
+        let (config, shutdown, running, target) = gateway_in_front(
             &world,
             provider.port,
-            &GatewayOptions {
-                circuit_breaker: "failure_threshold = 2\ncool_down = \"300s\"",
-                ..Default::default()
-            },
-        );
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let running = ssp_gateway::start(&config, shutdown.clone())
-            .await
-            .expect("start");
+            "failure_threshold = 2\ncool_down = \"300s\"",
+        )
+        .await;
         let client = world.client(&world.consumer, running.gateway_addr);
         let mut failed = String::new();
         for _ in 0..2 {
@@ -943,19 +956,12 @@ async fn a_probe_that_gets_no_answer_opens_the_circuit_for_a_fresh_cool_down() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
     let reached = || provider.requests.load(Ordering::SeqCst);
-    let config = gateway_config(
+    let (_config, shutdown, running, target) = gateway_in_front(
         &world,
         provider.port,
-        &GatewayOptions {
-            circuit_breaker: "failure_threshold = 1\ncool_down = \"3s\"",
-            ..Default::default()
-        },
-    );
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = ssp_gateway::start(&config, shutdown.clone())
-        .await
-        .expect("start");
-    let target = format!("{}/metadata", endpoint(provider.port));
+        "failure_threshold = 1\ncool_down = \"3s\"",
+    )
+    .await;
     let client = world.client(&world.consumer, running.gateway_addr);
     let (status, _) = scripted_status(&client, &target, "hang-up").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
@@ -1013,12 +1019,7 @@ async fn a_probe_that_gets_no_answer_opens_the_circuit_for_a_fresh_cool_down() {
 async fn provider_answers_carry_the_gateways_via_after_the_providers() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
-    let config = gateway_config(&world, provider.port, &GatewayOptions::default());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = ssp_gateway::start(&config, shutdown.clone())
-        .await
-        .expect("start");
-    let target = format!("{}/metadata", endpoint(provider.port));
+    let (_config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
     let via = |a: &Answer| -> Vec<String> {
         a.headers
             .get_all(http::header::VIA)
