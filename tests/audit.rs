@@ -980,6 +980,29 @@ const BUFFERED: &str =
     "[audit]\ndurability = \"buffered\"\nfsync_interval = \"50ms\"\nretry_interval = \"100ms\"\n";
 
 /// The Ssp-TraceID of the last request the recording provider received.
+/// A gateway binary with `audit` in front of `provider`, once one metadata request went
+/// through it and both its records (request, outcome) are written; and its audit directory.
+async fn spawned_after_one_request(
+    world: &World,
+    provider: &Provider,
+    audit: &str,
+) -> (Spawned, PathBuf) {
+    let (config, gw, admin, dir) = spawned_config(world, provider.port, audit);
+    let g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
+    let metadata = Gpc::new(
+        Method::GET,
+        format!("{}/metadata", endpoint(provider.port)),
+        IX_METADATA,
+    );
+    let a = world.client(&world.consumer, g.gateway).gpc(metadata).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    eventually("both records written", || {
+        (records(&dir).len() == 2).then_some(())
+    })
+    .await;
+    (g, dir)
+}
+
 fn last_seen(provider: &Provider) -> String {
     provider
         .seen
@@ -1166,15 +1189,8 @@ async fn a_directory_another_gateway_took_is_not_written_until_it_is_free() {
     let provider = recording_provider(&world).await;
     let ep = endpoint(provider.port);
     let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
-    let (config, gw, admin, dir) = spawned_config(&world, provider.port, BUFFERED);
-    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
+    let (mut g, dir) = spawned_after_one_request(&world, &provider, BUFFERED).await;
     let client = world.client(&world.consumer, g.gateway);
-    assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
-    // Its outcome record too, before the directory goes.
-    eventually("both records written", || {
-        (records(&dir).len() == 2).then_some(())
-    })
-    .await;
 
     std::fs::remove_dir_all(&dir).expect("rm -rf the audit directory");
     std::fs::create_dir(&dir).expect("mkdir");
@@ -1259,15 +1275,8 @@ async fn a_stop_that_loses_audit_records_exits_non_zero() {
     let provider = recording_provider(&world).await;
     let ep = endpoint(provider.port);
     let metadata = || Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA);
-    let (config, gw, admin, dir) = spawned_config(&world, provider.port, FSYNC);
-    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
+    let (mut g, dir) = spawned_after_one_request(&world, &provider, FSYNC).await;
     let client = world.client(&world.consumer, g.gateway);
-    assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
-    // Its outcome record too, before the directory goes.
-    eventually("both records written", || {
-        (records(&dir).len() == 2).then_some(())
-    })
-    .await;
     let moved = dir.with_extension("moved");
     std::fs::rename(&dir, &moved).expect("move the audit dir away");
     std::fs::write(&dir, b"not a directory").expect("file in its place");
