@@ -437,44 +437,46 @@ impl Upstream {
                         }
                     }
                 }
-                Ok(Ok(resp)) if malformed_answer(&resp).is_some() => {
-                    // As an answer hyper could not parse: 502, and a failure for the breaker.
-                    if let Some(t) = ticket {
-                        t.failure(Instant::now());
+                Ok(Ok(mut resp)) => match malformed_answer(&resp) {
+                    Some(problem) => {
+                        // As an answer hyper could not parse: 502, and a failure for the breaker.
+                        if let Some(t) = ticket {
+                            t.failure(Instant::now());
+                        }
+                        tracing::warn!(
+                            %request_id,
+                            target_url = %url,
+                            attempt,
+                            status = resp.status().as_u16(),
+                            problem,
+                            "the provider's answer is malformed; it is not passed on"
+                        );
+                        Err((
+                            RetryOutcome::Error,
+                            Rejection::UpstreamError {
+                                url: url.to_owned(),
+                            },
+                        ))
                     }
-                    tracing::warn!(
-                        %request_id,
-                        target_url = %url,
-                        attempt,
-                        status = resp.status().as_u16(),
-                        problem = malformed_answer(&resp).unwrap_or_default(),
-                        "the provider's answer is malformed; it is not passed on"
-                    );
-                    Err((
-                        RetryOutcome::Error,
-                        Rejection::UpstreamError {
-                            url: url.to_owned(),
-                        },
-                    ))
-                }
-                Ok(Ok(mut resp)) => {
-                    strip_hop_by_hop(resp.headers_mut());
-                    // RFC 9110 §7.6.3: the gateway's entry on each answer it passes on, after
-                    // any the provider's side added, with the protocol it came in (HTTP/1.1 on
-                    // the provider leg; 1.0 when the provider answered so).
-                    let via = match resp.version() {
-                        Version::HTTP_10 => VIA_HTTP10,
-                        _ => VIA_HTTP11,
-                    };
-                    resp.headers_mut().append(header::VIA, via);
-                    // The breaker's verdict waits for the body's end (see `UpstreamBody`).
-                    let idle = self.body_idle_timeout;
-                    let verdict = Some(Verdict {
-                        ticket,
-                        progress: progress.clone(),
-                    });
-                    Ok(resp.map(|body| UpstreamBody::new(body, idle, verdict)))
-                }
+                    None => {
+                        strip_hop_by_hop(resp.headers_mut());
+                        // RFC 9110 §7.6.3: the gateway's entry on each answer it passes on,
+                        // after any the provider's side added, with the protocol it came in
+                        // (HTTP/1.1 on the provider leg; 1.0 when the provider answered so).
+                        let via = match resp.version() {
+                            Version::HTTP_10 => VIA_HTTP10,
+                            _ => VIA_HTTP11,
+                        };
+                        resp.headers_mut().append(header::VIA, via);
+                        // The breaker's verdict waits for the body's end (see `UpstreamBody`).
+                        let idle = self.body_idle_timeout;
+                        let verdict = Some(Verdict {
+                            ticket,
+                            progress: progress.clone(),
+                        });
+                        Ok(resp.map(|body| UpstreamBody::new(body, idle, verdict)))
+                    }
+                },
             };
             if attempt > 1 {
                 self.count_retry(match &answer {

@@ -423,7 +423,7 @@ fn read_api_key(path: &Path) -> Result<HeaderValue, FhirSetupError> {
 fn client_tls(ca: &Path) -> Result<Arc<rustls::ClientConfig>, FhirSetupError> {
     let roots = tls::load_ca_bundle(ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls::TlsError::Rustls {
             path: ca.to_owned(),
@@ -434,7 +434,6 @@ fn client_tls(ca: &Path) -> Result<Arc<rustls::ClientConfig>, FhirSetupError> {
         .with_no_client_auth();
     // No session is resumed: a resumed session skips the check of the API's certificate, so
     // one that has run out would go on being accepted (as for providers and LDAPS).
-    let mut config = config;
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
