@@ -461,14 +461,38 @@ impl Metrics {
     /// `(component, earliest nextUpdate in unix seconds)`; a component without CRLs (or none
     /// with a nextUpdate) has no series.
     pub fn register_crl_next_update(&self, horizons: CrlHorizonsFn) {
-        self.register(Box::new(CrlNextUpdate::new(horizons)));
+        self.register(Box::new(ScrapedGauge::new(
+            "ssp_crl_next_update_seconds",
+            "Seconds until the earliest nextUpdate of the component's CRLs in force (negative once passed: handshakes checked against them fail).",
+            "component",
+            Box::new(move || {
+                let now = unix_now();
+                horizons()
+                    .into_iter()
+                    .filter_map(|(component, horizon)| {
+                        let horizon = i64::try_from(horizon?).unwrap_or(i64::MAX);
+                        Some((component, horizon.saturating_sub(now) as f64))
+                    })
+                    .collect()
+            }),
+        )));
     }
 
     /// Registers `ssp_ready{check}`: 1 while the check passes, 0 while it fails, read at scrape
     /// time from `checks`, which returns `(check, passes)` for each readiness check and `all`
     /// (`admin::Readiness::register_metrics` gives `/readyz`'s own).
     pub fn register_readiness(&self, checks: ReadinessFn) {
-        self.register(Box::new(Ready::new(checks)));
+        self.register(Box::new(ScrapedGauge::new(
+            "ssp_ready",
+            "1 while the readiness check passes, 0 while it fails (/readyz's checks; not_draining is /readyz's draining inverted; all: /readyz answers 200).",
+            "check",
+            Box::new(move || {
+                checks()
+                    .into_iter()
+                    .map(|(check, passes)| (check, f64::from(u8::from(passes))))
+                    .collect()
+            }),
+        )));
     }
 
     /// Registers the directory cache metrics (`ssp_directory_*`), read at scrape time from
@@ -618,91 +642,43 @@ impl Collector for CertificateExpiry {
     }
 }
 
-/// `ssp_crl_next_update_seconds{component}`, computed at scrape time.
-struct CrlNextUpdate {
+/// A gauge of one label whose series are read at scrape time (`ssp_crl_next_update_seconds`,
+/// `ssp_ready`): reset, then set from `read`, so that a series `read` no longer returns goes.
+struct ScrapedGauge {
     gauge: GaugeVec,
-    horizons: CrlHorizonsFn,
+    read: Box<dyn Fn() -> Vec<(&'static str, f64)> + Send + Sync>,
     scrape: Mutex<()>,
 }
 
-impl CrlNextUpdate {
-    fn new(horizons: CrlHorizonsFn) -> CrlNextUpdate {
-        let gauge = GaugeVec::new(
-            Opts::new(
-                "ssp_crl_next_update_seconds",
-                "Seconds until the earliest nextUpdate of the component's CRLs in force (negative once passed: handshakes checked against them fail).",
-            ),
-            &["component"],
-        )
-        .expect("static metric definition is valid");
-        CrlNextUpdate {
+impl ScrapedGauge {
+    fn new(
+        name: &str,
+        help: &str,
+        label: &str,
+        read: Box<dyn Fn() -> Vec<(&'static str, f64)> + Send + Sync>,
+    ) -> ScrapedGauge {
+        let gauge = GaugeVec::new(Opts::new(name, help), &[label])
+            .expect("static metric definition is valid");
+        ScrapedGauge {
             gauge,
-            horizons,
+            read,
             scrape: Mutex::new(()),
         }
     }
 }
 
-impl Collector for CrlNextUpdate {
+impl Collector for ScrapedGauge {
     fn desc(&self) -> Vec<&Desc> {
         self.gauge.desc()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        // One scrape at a time: the gauge is set by reset + set.
-        let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
-        let now = unix_now();
-        self.gauge.reset();
-        for (component, horizon) in (self.horizons)() {
-            if let Some(horizon) = horizon {
-                let horizon = i64::try_from(horizon).unwrap_or(i64::MAX);
-                self.gauge
-                    .with_label_values(&[component])
-                    .set(horizon.saturating_sub(now) as f64);
-            }
-        }
-        self.gauge.collect()
-    }
-}
-
-/// `ssp_ready{check}`, read at scrape time.
-struct Ready {
-    gauge: IntGaugeVec,
-    checks: ReadinessFn,
-    scrape: Mutex<()>,
-}
-
-impl Ready {
-    fn new(checks: ReadinessFn) -> Ready {
-        let gauge = IntGaugeVec::new(
-            Opts::new(
-                "ssp_ready",
-                "1 while the readiness check passes, 0 while it fails (/readyz's checks; not_draining is /readyz's draining inverted; all: /readyz answers 200).",
-            ),
-            &["check"],
-        )
-        .expect("static metric definition is valid");
-        Ready {
-            gauge,
-            checks,
-            scrape: Mutex::new(()),
-        }
-    }
-}
-
-impl Collector for Ready {
-    fn desc(&self) -> Vec<&Desc> {
-        self.gauge.desc()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        // One scrape at a time: the series of one scrape are one reading of the checks.
+        // One scrape at a time: the gauge is set by reset + set, and the series of one scrape
+        // are one reading.
         let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.gauge.reset();
-        for (check, passes) in (self.checks)() {
-            self.gauge
-                .with_label_values(&[check])
-                .set(i64::from(passes));
+        for (label, value) in (self.read)() {
+            self.gauge.with_label_values(&[label]).set(value);
         }
         self.gauge.collect()
     }
