@@ -255,7 +255,8 @@ impl Upstream {
     /// no usable response head (none in time, the connection closed or reset before it, a head
     /// that does not parse or is malformed) is the provider's failure, unless the consumer's
     /// request body may be the cause ([`BodyProgress`]): then it has no verdict. No retry
-    /// starts that could not finish its backoff before the response timeout.
+    /// starts that could not finish its backoff before the response timeout. A request that
+    /// ends with no usable answer says why in [`Forwarded::failure`] (the last attempt's).
     pub async fn forward_counted(
         &self,
         req: Request<RequestBody>,
@@ -264,16 +265,17 @@ impl Upstream {
         traceparent: &[u8; 55],
         request_bytes: Arc<AtomicU64>,
         request_id: &uuid::Uuid,
-    ) -> (Result<Response<UpstreamBody>, Rejection>, u32) {
+    ) -> Forwarded {
         // Only a rejection or a log line needs it as a `String`.
         let url = target.without_query();
         let Some(out) = Outgoing::new(target, traceparent, client_addr) else {
-            return (
-                Err(Rejection::UpstreamError {
+            return Forwarded {
+                answer: Err(Rejection::UpstreamError {
                     url: url.to_owned(),
                 }),
-                0,
-            );
+                attempts: 0,
+                failure: Some(UpstreamFailure::Other),
+            };
         };
         let (mut head, body) = req.into_parts();
         head.uri = out.uri;
@@ -322,6 +324,8 @@ impl Upstream {
         let key = endpoint_key(target.authority());
         let deadline = tokio::time::Instant::now() + self.response_timeout;
         let mut attempt: u32 = 0;
+        // Why the last failed attempt failed, for a retry that the circuit then refuses.
+        let mut failed: Option<UpstreamFailure> = None;
         loop {
             attempt += 1;
             let retry_left = attempt <= self.connect_retries;
@@ -332,14 +336,19 @@ impl Upstream {
                         // The request's own attempt failed (that failure may be what opened
                         // the circuit): an upstream error, not a fast failure.
                         self.count_retry(RetryOutcome::CircuitOpen);
-                        return (
-                            Err(Rejection::UpstreamError {
+                        return Forwarded {
+                            answer: Err(Rejection::UpstreamError {
                                 url: url.to_owned(),
                             }),
-                            attempt - 1,
-                        );
+                            attempts: attempt - 1,
+                            failure: failed,
+                        };
                     }
-                    return (Err(circuit_open), attempt - 1);
+                    return Forwarded {
+                        answer: Err(circuit_open),
+                        attempts: attempt - 1,
+                        failure: None,
+                    };
                 }
             };
             // The head is kept for a retry while one may follow; the last attempt takes it.
@@ -353,12 +362,13 @@ impl Upstream {
             ) else {
                 // Unreachable: a retry only starts once the body came back, and the head is
                 // only taken by the last attempt.
-                return (
-                    Err(Rejection::UpstreamError {
+                return Forwarded {
+                    answer: Err(Rejection::UpstreamError {
                         url: url.to_owned(),
                     }),
-                    attempt - 1,
-                );
+                    attempts: attempt - 1,
+                    failure: failed,
+                };
             };
             let (this_body, returned) = Reclaimable::new(this_body, retry_left);
             let req = Request::from_parts(this_head, this_body);
@@ -369,7 +379,7 @@ impl Upstream {
                     // nothing is held against the provider's circuit. (The ticket, dropped
                     // unused, counts as neither.)
                     tracing::warn!(%request_id, target_url = %url, "the consumer stopped sending its request body; the response timeout ran out");
-                    Err((RetryOutcome::Timeout, Rejection::RequestBodyTimeout))
+                    Err((RetryOutcome::Timeout, Rejection::RequestBodyTimeout, None))
                 }
                 Err(_) => {
                     if let Some(t) = ticket {
@@ -380,14 +390,16 @@ impl Upstream {
                         Rejection::UpstreamTimeout {
                             url: url.to_owned(),
                         },
+                        Some(UpstreamFailure::ResponseTimeout),
                     ))
                 }
                 Ok(Err(e)) if progress.consumer_failed() => {
                     tracing::warn!(%request_id, target_url = %url, error = %error_chain(&e), "the consumer's request body broke off or was malformed");
-                    Err((RetryOutcome::Error, Rejection::InvalidRequestBody))
+                    Err((RetryOutcome::Error, Rejection::InvalidRequestBody, None))
                 }
                 Ok(Err(e)) => {
                     let connect = is_retryable_connect_error(&e);
+                    let failure = UpstreamFailure::of(&e);
                     // The connection could not be made, or the request went (or was going) out
                     // and no usable head came back: closed or reset before it, or a head that
                     // does not parse. The provider's failure, as much as a connect failure is,
@@ -417,12 +429,13 @@ impl Upstream {
                                 error = %error_chain(&e),
                                 "upstream connect failed; nothing was sent, retrying"
                             );
+                            failed = Some(failure);
                             body = Some(unread);
                             tokio::time::sleep(backoff).await;
                             continue;
                         }
                         _ => {
-                            tracing::warn!(%request_id, target_url = %url, attempt, error = %error_chain(&e), "upstream request failed");
+                            tracing::warn!(%request_id, target_url = %url, attempt, cause = failure.as_label(), error = %error_chain(&e), "upstream request failed");
                             let outcome = if connect {
                                 RetryOutcome::ConnectError
                             } else {
@@ -433,6 +446,7 @@ impl Upstream {
                                 Rejection::UpstreamError {
                                     url: url.to_owned(),
                                 },
+                                Some(failure),
                             ))
                         }
                     }
@@ -456,6 +470,7 @@ impl Upstream {
                             Rejection::UpstreamError {
                                 url: url.to_owned(),
                             },
+                            Some(UpstreamFailure::MalformedAnswer),
                         ))
                     }
                     None => {
@@ -481,12 +496,34 @@ impl Upstream {
             if attempt > 1 {
                 self.count_retry(match &answer {
                     Ok(_) => RetryOutcome::Answered,
-                    Err((outcome, _)) => *outcome,
+                    Err((outcome, _, _)) => *outcome,
                 });
             }
-            return (answer.map_err(|(_, rejection)| rejection), attempt);
+            return match answer {
+                Ok(resp) => Forwarded {
+                    answer: Ok(resp),
+                    attempts: attempt,
+                    failure: None,
+                },
+                Err((_, rejection, failure)) => Forwarded {
+                    answer: Err(rejection),
+                    attempts: attempt,
+                    failure,
+                },
+            };
         }
     }
+}
+
+/// What [`Upstream::forward_counted`] made of a request.
+pub struct Forwarded {
+    /// The provider's response (head; its body streams), or the gateway's refusal.
+    pub answer: Result<Response<UpstreamBody>, Rejection>,
+    /// Connections tried (1 unless a connect failed and was retried; 0 when none could be).
+    pub attempts: u32,
+    /// Why no usable answer came, when that is the provider's side (not for a refusal of the
+    /// gateway's own, such as an open circuit, nor for the consumer's body failing).
+    pub failure: Option<UpstreamFailure>,
 }
 
 /// Why a provider's response head that hyper accepted is not an answer the gateway passes on,
@@ -552,6 +589,177 @@ impl RetryOutcome {
             RetryOutcome::Error => "error",
             RetryOutcome::CircuitOpen => "circuit_open",
         }
+    }
+}
+
+/// Why a forwarded request got no usable answer from its provider: a bounded label for the
+/// audit record (`upstream_failure`), the access line and `ssp_upstream_failures_total{cause}`,
+/// so that an engineer reading the trail sees what the WARN line says in words (an expired
+/// provider certificate, a refused connection, a provider that hung up) without the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The TCP connection was refused (nothing listens at the registered endpoint).
+    TcpRefused,
+    /// Any other TCP connect failure (unreachable, no route, name not resolved).
+    TcpError,
+    /// The connection (TCP and TLS) was not made within `connect_timeout`.
+    ConnectTimeout,
+    /// The provider's certificate has run out (or its CA's, or an intermediate's).
+    TlsCertificateExpired,
+    /// The provider's certificate is not valid yet.
+    TlsCertificateNotYetValid,
+    /// The provider's certificate is revoked by a CRL in force.
+    TlsCertificateRevoked,
+    /// The CRL the provider's certificate is checked against has passed its nextUpdate.
+    TlsCrlExpired,
+    /// The provider's certificate does not chain to `upstream.ca`.
+    TlsUnknownIssuer,
+    /// The provider's certificate is not for the registered endpoint's host.
+    TlsNameMismatch,
+    /// The provider's certificate is unusable otherwise (bad signature, wrong key usage, ...).
+    TlsBadCertificate,
+    /// The provider ended the handshake with an alert (it refused the gateway's certificate,
+    /// or shares no protocol version or cipher suite with it).
+    TlsAlertReceived,
+    /// Any other TLS failure (in the handshake, or a record that does not decrypt).
+    TlsError,
+    /// The connection closed before a whole response head arrived.
+    ClosedBeforeAnswer,
+    /// The connection was reset.
+    Reset,
+    /// The response head does not parse (or is too large).
+    MalformedHead,
+    /// The response head parsed but is not passed on (a 1xx final status, Transfer-Encoding
+    /// with Content-Length, a coding other than chunked alone).
+    MalformedAnswer,
+    /// No response head within the response timeout.
+    ResponseTimeout,
+    /// Anything else (the registered URL cannot be used, an I/O error of another kind).
+    Other,
+}
+
+impl UpstreamFailure {
+    /// Every label, for the metric's zeroed series and the README.
+    pub const LABELS: [&'static str; 18] = [
+        "tcp_refused",
+        "tcp_error",
+        "connect_timeout",
+        "tls_certificate_expired",
+        "tls_certificate_not_yet_valid",
+        "tls_certificate_revoked",
+        "tls_crl_expired",
+        "tls_unknown_issuer",
+        "tls_name_mismatch",
+        "tls_bad_certificate",
+        "tls_alert_received",
+        "tls_error",
+        "closed_before_answer",
+        "reset",
+        "malformed_head",
+        "malformed_answer",
+        "response_timeout",
+        "other",
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        Self::LABELS[self as usize]
+    }
+
+    /// The failure a client error reports: the connector's own classification when the
+    /// connection could not be made ([`ConnectFailure`]), otherwise what hyper or the
+    /// connection's TLS or socket said.
+    pub fn of(e: &hyper_util::client::legacy::Error) -> UpstreamFailure {
+        let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(connect) = err.downcast_ref::<ConnectFailure>() {
+                return connect.failure;
+            }
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                return UpstreamFailure::of_tls(tls);
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                return UpstreamFailure::of_io(io, UpstreamFailure::Other);
+            }
+            if let Some(h) = err.downcast_ref::<hyper::Error>() {
+                if h.is_parse() || h.is_parse_too_large() || h.is_parse_status() {
+                    return UpstreamFailure::MalformedHead;
+                }
+                if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                    // An I/O cause below (a reset, a TLS alert) says more.
+                    let below = h.source().map(|s| {
+                        s.downcast_ref::<std::io::Error>().map(|io| {
+                            UpstreamFailure::of_io(io, UpstreamFailure::ClosedBeforeAnswer)
+                        })
+                    });
+                    return below
+                        .flatten()
+                        .unwrap_or(UpstreamFailure::ClosedBeforeAnswer);
+                }
+            }
+            cur = err.source();
+        }
+        UpstreamFailure::Other
+    }
+
+    /// An I/O error: a TLS error inside it (tokio-rustls wraps rustls' errors so), a reset, or
+    /// `otherwise`. (`io::Error::source` skips the wrapped error itself, so it is read here.)
+    fn of_io(io: &std::io::Error, otherwise: UpstreamFailure) -> UpstreamFailure {
+        if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            return UpstreamFailure::of_tls(tls);
+        }
+        match io.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
+                UpstreamFailure::Reset
+            }
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::BrokenPipe => {
+                UpstreamFailure::ClosedBeforeAnswer
+            }
+            _ => otherwise,
+        }
+    }
+
+    fn of_tls(e: &rustls::Error) -> UpstreamFailure {
+        use rustls::CertificateError as C;
+        match e {
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::Expired | C::ExpiredContext { .. } => UpstreamFailure::TlsCertificateExpired,
+                C::NotValidYet | C::NotValidYetContext { .. } => {
+                    UpstreamFailure::TlsCertificateNotYetValid
+                }
+                C::Revoked => UpstreamFailure::TlsCertificateRevoked,
+                C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => {
+                    UpstreamFailure::TlsCrlExpired
+                }
+                C::UnknownIssuer => UpstreamFailure::TlsUnknownIssuer,
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    UpstreamFailure::TlsNameMismatch
+                }
+                _ => UpstreamFailure::TlsBadCertificate,
+            },
+            rustls::Error::AlertReceived(_) => UpstreamFailure::TlsAlertReceived,
+            _ => UpstreamFailure::TlsError,
+        }
+    }
+}
+
+/// A connection to a provider that could not be made, with its [`UpstreamFailure`] (what the
+/// connector knows best: which step failed and how). Displayed as the error it wraps, so the
+/// log lines read as before.
+#[derive(Debug)]
+pub struct ConnectFailure {
+    failure: UpstreamFailure,
+    inner: BoxError,
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl StdError for ConnectFailure {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.inner.source()
     }
 }
 
@@ -958,7 +1166,21 @@ impl tower_service::Service<Uri> for TlsConnector {
                 if let Some(errors) = &errors {
                     errors.with_label_values(&[reason]).inc();
                 }
-                e
+                let failure = match reason {
+                    "timeout" => UpstreamFailure::ConnectTimeout,
+                    "tcp" => match e.downcast_ref::<std::io::Error>().map(|io| io.kind()) {
+                        Some(std::io::ErrorKind::ConnectionRefused) => UpstreamFailure::TcpRefused,
+                        _ => UpstreamFailure::TcpError,
+                    },
+                    // A handshake cut short is a TLS failure, not a missing answer.
+                    "tls" => e
+                        .downcast_ref::<std::io::Error>()
+                        .and_then(|io| io.get_ref())
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                        .map_or(UpstreamFailure::TlsError, UpstreamFailure::of_tls),
+                    _ => UpstreamFailure::Other,
+                };
+                BoxError::from(ConnectFailure { failure, inner: e })
             })
         })
     }

@@ -19,7 +19,7 @@ use crate::audit::{Audit, AuditRecord, ClientInfo, RecordKind};
 use crate::authorise::{authorise, Facts};
 use crate::cors::{self, AllowedOrigins, Grant};
 use crate::directory::Directory;
-use crate::forward::{BodyCut, BodyEnd, ProxyBody, Upstream};
+use crate::forward::{BodyCut, BodyEnd, ProxyBody, Upstream, UpstreamFailure};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, Overload, RateLimiter};
 use crate::reload::Reloadable;
@@ -81,6 +81,8 @@ struct Record<'a> {
     upstream_latency: Option<Duration>,
     /// Connections tried for the forwarded request (more than 1 after connect retries).
     upstream_attempts: Option<u32>,
+    /// Why the provider gave no usable answer, when it did not.
+    upstream_failure: Option<UpstreamFailure>,
     request_bytes: Option<Arc<AtomicU64>>,
     /// The rate limiter's refusal, for the 429's headers.
     rate_limit: Option<Decision>,
@@ -223,6 +225,12 @@ impl Gateway {
         if let Some(reason) = record.reason {
             self.metrics.rejections.with_label_values(&[reason]).inc();
         }
+        if let Some(failure) = record.upstream_failure {
+            self.metrics
+                .upstream_failures
+                .with_label_values(&[failure.as_label()])
+                .inc();
+        }
         if let Some(upstream) = record.upstream_latency {
             let interaction = record
                 .interaction
@@ -348,6 +356,9 @@ impl Gateway {
             latency_us,
             token: record.token.as_deref().unwrap_or("-"),
             reason: record.reason.unwrap_or("-"),
+            upstream_failure: record
+                .upstream_failure
+                .map_or("-", UpstreamFailure::as_label),
             jwt_problem: record.jwt_problem.unwrap_or("-"),
             // Lowercase hex digits only.
             otel_trace_id: std::str::from_utf8(&trace).unwrap_or("-"),
@@ -370,6 +381,7 @@ impl Gateway {
                 latency_us,
                 token = line.token,
                 reason = line.reason,
+                upstream_failure = line.upstream_failure,
                 jwt_problem = line.jwt_problem,
                 otel_trace_id = line.otel_trace_id,
                 "request"
@@ -591,7 +603,7 @@ impl Gateway {
         let request_bytes = Arc::new(AtomicU64::new(0));
         record.request_bytes = Some(request_bytes.clone());
         let sent = Instant::now();
-        let (forwarded, attempts) = self
+        let forwarded = self
             .upstream
             .forward_counted(
                 req,
@@ -603,11 +615,12 @@ impl Gateway {
             )
             .await;
         record.upstream_latency = Some(sent.elapsed());
-        record.upstream_attempts = Some(attempts);
+        record.upstream_attempts = Some(forwarded.attempts);
+        record.upstream_failure = forwarded.failure;
         // A streamed body that went past the cap was cut off: say so, not "provider error".
         let over_cap =
             |bytes: &AtomicU64| cap.is_some_and(|cap| bytes.load(Ordering::Relaxed) > cap);
-        let resp = match forwarded {
+        let resp = match forwarded.answer {
             Err(_) if record.request_bytes.as_deref().is_some_and(over_cap) => {
                 return Err(Rejection::BodyTooLarge)
             }
@@ -738,6 +751,8 @@ struct AccessLine<'a> {
     token: &'a str,
     /// The rejection's bounded reason (`Rejection::reason`), as in `ssp_rejections_total`.
     reason: &'a str,
+    /// Why the provider gave no usable answer (`forward::UpstreamFailure`), or `-`.
+    upstream_failure: &'a str,
     jwt_problem: &'a str,
     otel_trace_id: &'a str,
 }
@@ -764,6 +779,7 @@ fn access_json_line(timestamp: &str, fields: &AccessLine<'_>) -> String {
     o.uint("latency_us", fields.latency_us);
     o.str("token", fields.token);
     o.str("reason", fields.reason);
+    o.str("upstream_failure", fields.upstream_failure);
     o.str("jwt_problem", fields.jwt_problem);
     o.str("otel_trace_id", fields.otel_trace_id);
     o.str("target", "ssp_gateway::access");
@@ -789,6 +805,7 @@ impl Record<'_> {
             audited: self.audited,
             upstream_latency: self.upstream_latency,
             upstream_attempts: self.upstream_attempts,
+            upstream_failure: self.upstream_failure,
             request_bytes: self.request_bytes,
             ..Record::default()
         }
@@ -852,6 +869,7 @@ fn audit_record<'a>(
         response_bytes: None,
         upstream_latency_us: record.upstream_latency.map(|d| d.as_micros() as u64),
         upstream_attempts: record.upstream_attempts.filter(|n| *n > 1),
+        upstream_failure: record.upstream_failure.map(UpstreamFailure::as_label),
         total_latency_us: None,
         completed: None,
     }
@@ -1076,6 +1094,7 @@ mod tests {
                 latency_us: 1234,
                 token: "-",
                 reason: "-",
+                upstream_failure: "tls_certificate_expired",
                 jwt_problem: "-",
                 otel_trace_id: "0af7651916cd43dd8448eb211c80319c",
             },
@@ -1094,7 +1113,8 @@ mod tests {
         assert_eq!(v["latency_us"], 1234);
         assert_eq!(v["client"], "127.0.0.1:5000");
         assert_eq!(v["reason"], "-");
-        assert_eq!(v.as_object().expect("object").len(), 18);
+        assert_eq!(v["upstream_failure"], "tls_certificate_expired");
+        assert_eq!(v.as_object().expect("object").len(), 19);
     }
 
     /// The hand-written line is byte for byte what serde_json wrote for it before (the
@@ -1130,6 +1150,7 @@ mod tests {
                 latency_us: u64::MAX - i as u64,
                 token: text,
                 reason: text,
+                upstream_failure: text,
                 jwt_problem: text,
                 otel_trace_id: text,
             };

@@ -212,6 +212,9 @@ pub struct Metrics {
     pub upstream_retries: IntCounterVec,
     /// Provider response bodies cut off mid-way, by `forward::BodyCut` (`stalled`, `broken`).
     pub upstream_bodies_cut: IntCounterVec,
+    /// Forwarded requests the provider gave no usable answer to, by
+    /// `forward::UpstreamFailure`.
+    pub upstream_failures: IntCounterVec,
     /// Hot reloads by component and result (`ok`, `refused`), and the last one's outcome.
     pub reloads: ReloadMetrics,
     pub audit: AuditMetrics,
@@ -308,6 +311,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric definition is valid");
+        let upstream_failures = IntCounterVec::new(
+            Opts::new(
+                "ssp_upstream_failures_total",
+                "Forwarded requests the provider gave no usable answer to (a connect, TLS or protocol failure, or no head in time), by cause.",
+            ),
+            &["cause"],
+        )
+        .expect("static metric definition is valid");
         let reloads = ReloadMetrics::new();
         let audit = AuditMetrics {
             queue_depth: IntGauge::new(
@@ -390,6 +401,7 @@ impl Metrics {
             &upstream_connect_errors,
             &upstream_retries,
             &upstream_bodies_cut,
+            &upstream_failures,
         );
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
@@ -405,6 +417,7 @@ impl Metrics {
             Box::new(circuits.transitions.clone()),
             Box::new(upstream_retries.clone()),
             Box::new(upstream_bodies_cut.clone()),
+            Box::new(upstream_failures.clone()),
             Box::new(reloads.total.clone()),
             Box::new(reloads.last_ok.clone()),
             Box::new(audit.queue_depth.clone()),
@@ -441,6 +454,7 @@ impl Metrics {
             circuits,
             upstream_retries,
             upstream_bodies_cut,
+            upstream_failures,
             reloads,
             audit,
             tracing,
@@ -541,6 +555,7 @@ fn zero_known_labels(
     connect_errors: &IntCounterVec,
     retries: &IntCounterVec,
     bodies_cut: &IntCounterVec,
+    upstream_failures: &IntCounterVec,
 ) {
     use crate::forward::RetryOutcome;
     use crate::h1::HeadError;
@@ -573,6 +588,9 @@ fn zero_known_labels(
     }
     for reason in crate::forward::BodyCut::LABELS {
         touch(bodies_cut, reason);
+    }
+    for cause in crate::forward::UpstreamFailure::LABELS {
+        touch(upstream_failures, cause);
     }
 }
 

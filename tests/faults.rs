@@ -351,6 +351,7 @@ async fn a_provider_that_never_answers_is_a_504() {
         record["token"],
         format!("TIMEOUT_COMMUNICATING_TO_ENDPOINT_URL_{target}")
     );
+    assert_eq!(record["upstream_failure"], "response_timeout", "{record}");
     still_healthy(&world, &running).await;
     shutdown.cancel();
     running.wait().await;
@@ -894,7 +895,12 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
     let reached = || provider.requests.load(Ordering::SeqCst);
-    for kind in ["hang-up", "reset", "garbage", "switching-protocols"] {
+    for (kind, cause) in [
+        ("hang-up", "closed_before_answer"),
+        ("reset", "reset"),
+        ("garbage", "malformed_head"),
+        ("switching-protocols", "malformed_answer"),
+    ] {
         // A gateway of its own: a circuit of its own.
         let (config, shutdown, running, target) = gateway_in_front(
             &world,
@@ -911,9 +917,20 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
             assert_eq!(reached(), before + 1, "{kind}: sent once");
             failed = trace;
         }
-        // The audit trail tells the two 502s apart, as the metrics do.
+        // The audit trail tells the two 502s apart, as the metrics do, and says what the
+        // provider did.
         let record = final_record_of(&config.audit.dir, &failed).await;
         assert_eq!(record["reason"], "upstream_error", "{kind}: {record}");
+        assert_eq!(record["upstream_failure"], cause, "{kind}: {record}");
+        let (_, text) = http_get(running.admin_addr, "/metrics").await;
+        assert_eq!(
+            sample(
+                &text,
+                &format!("ssp_upstream_failures_total{{cause=\"{cause}\"}}")
+            ),
+            Some(2.0),
+            "{kind}"
+        );
         let before = reached();
         let (status, trace) = scripted_status(&client, &target, "chunked").await;
         assert_eq!(
@@ -934,6 +951,7 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
             "{record}"
         );
         assert_eq!(record["reason"], "circuit_open", "{kind}: {record}");
+        assert!(record.get("upstream_failure").is_none(), "{kind}: {record}");
         assert_eq!(
             circuit_metrics(running.admin_addr).await,
             [1.0, 0.0, 1.0, 0.0, 0.0, 2.0, 1.0],

@@ -351,6 +351,14 @@ async fn publishing_a_crl_that_revokes_the_provider_stops_forwarding_to_it() {
         sample(&text, "ssp_upstream_connect_errors_total{reason=\"tls\"}").unwrap_or(0.0) >= 1.0,
         "the refused provider handshake was not counted"
     );
+    assert_eq!(
+        sample(
+            &text,
+            "ssp_upstream_failures_total{cause=\"tls_certificate_revoked\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     h.stop().await;
 }
 
@@ -484,6 +492,14 @@ async fn an_expired_provider_certificate_is_refused_though_the_provider_offers_r
     assert!(
         sample(&text, "ssp_upstream_connect_errors_total{reason=\"tls\"}").unwrap_or(0.0) >= 1.0,
         "the refused provider handshake was not counted"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "ssp_upstream_failures_total{cause=\"tls_certificate_expired\"}"
+        ),
+        Some(1.0),
+        "{text}"
     );
     h.stop().await;
 }

@@ -385,6 +385,13 @@ async fn retries_count_in_the_breaker_and_end_when_it_opens() {
         Some(1.0),
         "{text}"
     );
+    // Why: the two upstream errors' connects were refused (the 2nd's own retry never went
+    // out, so its cause is its first attempt's); the fast failure has none.
+    assert_eq!(
+        sample(&text, "ssp_upstream_failures_total{cause=\"tcp_refused\"}"),
+        Some(2.0),
+        "{text}"
+    );
     shutdown.cancel();
     running.wait().await;
 }

@@ -300,6 +300,7 @@ impl Audit {
             response_bytes: None,
             upstream_latency_us: None,
             upstream_attempts: None,
+            upstream_failure: None,
             total_latency_us: None,
             completed: None,
         });

@@ -129,6 +129,11 @@ pub struct AuditRecord<'a> {
     /// was retried; nothing was sent on a failed one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_attempts: Option<u32>,
+    /// Why the provider gave no usable answer (a connect, TLS or protocol failure, or no head
+    /// in time), as a bounded label (`forward::UpstreamFailure`): e.g.
+    /// `tls_certificate_expired`, `tcp_refused`, `closed_before_answer`, `response_timeout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_failure: Option<&'a str>,
     /// From receiving the request until the response was complete (or abandoned).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub total_latency_us: Option<u64>,
@@ -182,6 +187,7 @@ impl AuditRecord<'_> {
         o.opt_uint("response_bytes", self.response_bytes);
         o.opt_uint("upstream_latency_us", self.upstream_latency_us);
         o.opt_uint("upstream_attempts", self.upstream_attempts.map(u64::from));
+        o.opt_str("upstream_failure", self.upstream_failure);
         o.opt_uint("total_latency_us", self.total_latency_us);
         o.opt_bool("completed", self.completed);
         o.end();
@@ -226,6 +232,7 @@ impl AuditRecord<'static> {
             response_bytes: None,
             upstream_latency_us: None,
             upstream_attempts: None,
+            upstream_failure: None,
             total_latency_us: None,
             completed: None,
         }
@@ -418,6 +425,7 @@ mod tests {
             completed in proptest::option::of(any::<bool>()),
             problem in proptest::option::of(Just("JWT_EXPIRED")),
             reason in proptest::option::of(prop_oneof![Just("upstream_error"), Just("circuit_open")]),
+            failure in proptest::option::of(prop_oneof![Just("tls_certificate_expired"), Just("tcp_refused")]),
             jwt in proptest::option::of((opt_text(), opt_text(), proptest::option::of(any::<i64>()))),
         ) -> AuditRecord<'static> {
             let address = if v6 {
@@ -460,6 +468,7 @@ mod tests {
                 response_bytes: nums[1],
                 upstream_latency_us: nums[2],
                 upstream_attempts: attempts,
+                upstream_failure: failure,
                 total_latency_us: nums[3],
                 completed,
             }
