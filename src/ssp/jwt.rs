@@ -996,9 +996,22 @@ impl<'a> Shape<'a> for Name<'a> {
     }
 }
 
-impl Name<'_> {
-    fn is_present(&self) -> bool {
-        matches!(self, Name::List(_) | Name::Human(_))
+impl<'a> Name<'a> {
+    /// The first HumanName (of an array, or a lone object, as DSTU2-era tokens send it).
+    fn human(&self) -> Option<&HumanName<'a>> {
+        match self {
+            Name::List(first) => first.get(),
+            Name::Human(human) => Some(human),
+            Name::Text(_) | Name::Empty => None,
+        }
+    }
+
+    /// A string that is not empty once trimmed (an Organization's `name`).
+    fn text(&self) -> Option<&str> {
+        match self {
+            Name::Text(text) => Some(text.as_ref()).filter(|t| !t.trim().is_empty()),
+            _ => None,
+        }
     }
 }
 
@@ -1007,8 +1020,19 @@ impl Name<'_> {
 struct HumanName<'a> {
     /// The `given` words, already joined.
     given: Slot<Words>,
-    family: Slot<Text<'a>>,
+    /// The `family` name: a string (STU3), or the strings of an array (DSTU2), joined.
+    family: Slot<Words>,
     text: Slot<Text<'a>>,
+}
+
+impl HumanName<'_> {
+    /// Both a family and a given name, as GP Connect 1.2.7 requires of the requesting
+    /// practitioner ("`family` containing the user's family name, `given` containing the
+    /// user's given name").
+    fn has_family_and_given(&self) -> bool {
+        let words = |slot: &Slot<Words>| slot.get().is_some_and(|w| !w.0.is_empty());
+        words(&self.family) && words(&self.given)
+    }
 }
 
 impl<'a> HumanName<'a> {
@@ -1055,14 +1079,10 @@ impl<'a> Shape<'a> for Words {
 
 /// `given… family` of the first HumanName (an array, or a lone object), else its `text`.
 fn display_name(name: &Name) -> Option<String> {
-    let human = match name {
-        Name::List(first) => first.get()?,
-        Name::Human(human) => human,
-        Name::Text(_) | Name::Empty => return None,
-    };
+    let human = name.human()?;
     let mut out = human.given.get().map(|w| w.0.clone()).unwrap_or_default();
-    if let Some(family) = human.family.str() {
-        push_word(&mut out, family);
+    if let Some(family) = human.family.get() {
+        push_word(&mut out, &family.0);
     }
     if out.is_empty() {
         if let Some(text) = human.text.str() {
@@ -1134,11 +1154,22 @@ fn check_device(device: &Resource) -> Result<(), JwtError> {
         return Err(invalid("resourceType is not Device"));
     }
     match device.identifier.get() {
-        Some(ids) if ids.len > 0 && ids.all_objects => Ok(()),
-        _ => Err(invalid(
-            "identifier is not a non-empty array of identifiers",
-        )),
+        Some(ids) if ids.len > 0 && ids.all_objects => {}
+        _ => {
+            return Err(invalid(
+                "identifier is not a non-empty array of identifiers",
+            ))
+        }
     }
+    // 1.2.7: "The consumer SHALL populate ... `model` with the consumer product or system
+    // name, `version` with the version number of the consumer product or system".
+    if !device.model.str().is_some_and(|m| !m.trim().is_empty()) {
+        return Err(invalid("no model (the consumer product's name)"));
+    }
+    if !device.version.str().is_some_and(|v| !v.trim().is_empty()) {
+        return Err(invalid("no version (the consumer product's version)"));
+    }
+    Ok(())
 }
 
 fn check_organization(organization: &Resource) -> Result<(), JwtError> {
@@ -1150,9 +1181,14 @@ fn check_organization(organization: &Resource) -> Result<(), JwtError> {
         return Err(invalid("resourceType is not Organization"));
     }
     match organization.identifier.get() {
-        Some(Identifiers { ods: Some(_), .. }) => Ok(()),
-        _ => Err(invalid("no ODS organisation code identifier")),
+        Some(Identifiers { ods: Some(_), .. }) => {}
+        _ => return Err(invalid("no ODS organisation code identifier")),
     }
+    // 1.2.7: "The consumer SHALL populate ... `name` with the name of the organisation".
+    if organization.name.get().and_then(Name::text).is_none() {
+        return Err(invalid("no name"));
+    }
+    Ok(())
 }
 
 fn check_practitioner(practitioner: &Resource, sub: &str) -> Result<(), JwtError> {
@@ -1170,8 +1206,12 @@ fn check_practitioner(practitioner: &Resource, sub: &str) -> Result<(), JwtError
     if ids.and_then(|i| i.sds_role_profile_id.as_ref()).is_none() {
         return Err(invalid("no SDS role profile id identifier"));
     }
-    if !practitioner.name.get().is_some_and(Name::is_present) {
-        return Err(invalid("no name"));
+    match practitioner.name.get().and_then(Name::human) {
+        None => return Err(invalid("no name")),
+        Some(human) if !human.has_family_and_given() => {
+            return Err(invalid("name has no family or no given name"))
+        }
+        Some(_) => {}
     }
     if practitioner.id.str() != Some(sub) {
         return Err(JwtError::SubNotPractitionerId);
@@ -1534,6 +1574,11 @@ mod tests {
             ),
             (set("/requesting_device/identifier", json!(["x"])), device),
             (remove("/requesting_device", "identifier"), device),
+            // 1.2.7: model and version are required (the consumer product and its version).
+            (remove("/requesting_device", "model"), device),
+            (remove("/requesting_device", "version"), device),
+            (set("/requesting_device/model", json!(" ")), device),
+            (set("/requesting_device/version", json!(1.1)), device),
             (
                 set("/requesting_organization/resourceType", json!("Device")),
                 org,
@@ -1554,6 +1599,10 @@ mod tests {
                 org,
             ),
             (remove("/requesting_organization", "identifier"), org),
+            // 1.2.7: the organisation's name is required.
+            (remove("/requesting_organization", "name"), org),
+            (set("/requesting_organization/name", json!("")), org),
+            (set("/requesting_organization/name", json!(["Org"])), org),
             (
                 set("/requesting_practitioner/resourceType", json!("Patient")),
                 prac,
@@ -1576,6 +1625,23 @@ mod tests {
             (remove("/requesting_practitioner", "name"), prac),
             (set("/requesting_practitioner/name", json!([])), prac),
             (set("/requesting_practitioner/name", json!("Dr Who")), prac),
+            // 1.2.7: a family and a given name.
+            (set("/requesting_practitioner/name", json!([{}])), prac),
+            (
+                set("/requesting_practitioner/name", json!([{"prefix": ["Dr"]}])),
+                prac,
+            ),
+            (
+                set("/requesting_practitioner/name", json!([{"family": "Who"}])),
+                prac,
+            ),
+            (
+                set(
+                    "/requesting_practitioner/name",
+                    json!([{"given": ["A"], "family": " "}]),
+                ),
+                prac,
+            ),
             (
                 set("/requesting_practitioner/id", json!("2")),
                 "SUB_NOT_PRACTITIONER_ID",
@@ -1600,14 +1666,26 @@ mod tests {
         assert!(check_claims(&unk).is_ok());
         let object_name = set(
             "/requesting_practitioner/name",
-            json!({"family": "Who", "prefix": ["Dr"]}),
+            json!({"family": "Who", "given": "John", "prefix": ["Dr"]}),
         );
         assert_eq!(
             check_claims(&object_name)
                 .expect("valid")
                 .practitioner_name
                 .as_deref(),
-            Some("Who")
+            Some("John Who")
+        );
+        // DSTU2-era tokens give `family` as an array of strings.
+        let dstu2_family = set(
+            "/requesting_practitioner/name",
+            json!([{"family": ["Who"], "given": ["John", "H"]}]),
+        );
+        assert_eq!(
+            check_claims(&dstu2_family)
+                .expect("valid")
+                .practitioner_name
+                .as_deref(),
+            Some("John H Who")
         );
     }
 
@@ -1921,24 +1999,37 @@ mod tests {
             )
         };
         let prac = Err("INVALID_RESOURCE_REQUESTING_PRACTITIONER");
-        assert_eq!(name(r#"[null]"#), (None, Ok(())));
+        assert_eq!(name(r#"[null]"#), (None, prac));
         assert_eq!(
             name(r#"[{"given":" A  ","family":" B "}, 1]"#),
             (Some("A B".into()), Ok(()))
         );
         assert_eq!(
+            name(r#"[{"given":["A",1,"","C"],"family":"F","given":["D"]}]"#),
+            (Some("D F".into()), Ok(()))
+        );
+        assert_eq!(
+            name(r#"[{"family":["F",2,"G"],"given":["A"]}]"#),
+            (Some("A F G".into()), Ok(()))
+        );
+        // Decoded for the audit record whatever the verdict; refused without both names.
+        assert_eq!(
             name(r#"[{"given":["A",1,"","C"],"text":"T","given":["D"]}]"#),
-            (Some("D".into()), Ok(()))
+            (Some("D".into()), prac)
         );
         assert_eq!(
             name(r#"[{"text":" Dr T ","family":""}]"#),
-            (Some("Dr T".into()), Ok(()))
+            (Some("Dr T".into()), prac)
         );
         assert_eq!(
             name(r#"{"family":"F","given":null}"#),
-            (Some("F".into()), Ok(()))
+            (Some("F".into()), prac)
         );
-        assert_eq!(name(r#"{}"#), (None, Ok(())));
+        assert_eq!(
+            name(r#"{"family":"F","given":[""]}"#),
+            (Some("F".into()), prac)
+        );
+        assert_eq!(name(r#"{}"#), (None, prac));
         assert_eq!(name(r#"[]"#), (None, prac));
         assert_eq!(name(r#""Dr Who""#), (None, prac));
         assert_eq!(name("null"), (None, prac));
@@ -1955,7 +2046,8 @@ mod tests {
         assert_eq!(decoded.device_version.as_deref(), Some("1.1"));
         assert_eq!(decoded.organization_name, None);
         assert_eq!(decoded.practitioner_id, None);
-        assert_eq!(raw_reason(&claims), "SUB_NOT_PRACTITIONER_ID");
+        // A model that is not a string is no model.
+        assert_eq!(raw_reason(&claims), "INVALID_RESOURCE_REQUESTING_DEVICE");
         let empty_strings = RECORDED.replace(r#""sub":"1""#, r#""sub":"""#);
         assert_eq!(raw_reason(&empty_strings), "MISSING_CLAIM_SUB");
         assert_eq!(
@@ -2094,16 +2186,16 @@ mod tests {
         });
         let practitioner_name = human.and_then(|h| {
             let mut out = String::new();
-            match h.get("given") {
-                Some(Value::String(word)) => push_word(&mut out, word),
-                Some(Value::Array(words)) => words
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .for_each(|w| push_word(&mut out, w)),
-                _ => {}
-            }
-            if let Some(family) = h.get("family").and_then(Value::as_str) {
-                push_word(&mut out, family);
+            // `given`, then `family`: each a string or the strings of an array.
+            for member in ["given", "family"] {
+                match h.get(member) {
+                    Some(Value::String(word)) => push_word(&mut out, word),
+                    Some(Value::Array(words)) => words
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .for_each(|w| push_word(&mut out, w)),
+                    _ => {}
+                }
             }
             if out.is_empty() {
                 if let Some(t) = h.get("text").and_then(Value::as_str) {
