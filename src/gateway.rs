@@ -448,12 +448,15 @@ impl Gateway {
         ctx: &Ctx,
         cors: &Grant,
     ) -> Result<Response<ProxyBody>, Rejection> {
-        // An HTTP/2 GET whose HEADERS did not end its stream: is its body empty after all?
-        let h2_get_body = req.method() == Method::GET
+        // An HTTP/2 GET whose HEADERS did not end its stream: whether its body is empty after
+        // all is waited for (up to EMPTY_BODY_WAIT) only once the consumer is proven, within
+        // its rate, and about to be forwarded (step 5): streams held open by anyone else, such
+        // as a certificate registered nowhere, are refused at once instead of holding the
+        // gateway's in-flight slots while they wait.
+        let h2_get_open = req.method() == Method::GET
             && req.version() == http::Version::HTTP_2
             && !http_body::Body::is_end_stream(req.body())
-            && !declares_content(&req)
-            && !settle_empty_body(req.body_mut()).await;
+            && !declares_content(&req);
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
 
         // 0. The connection's client certificate, judged again when a reload of the CA bundle
@@ -510,7 +513,7 @@ impl Gateway {
         // No GP Connect GET has a body. One sent anyway is refused, never forwarded: a provider
         // that ignores Content-Length on a GET would read the body as the next request on a
         // pooled connection other consumers share (and HTTP/2 to the provider would drop it).
-        if bodiless(&interaction.method) && (h2_get_body || carries_body(&req)) {
+        if bodiless(&interaction.method) && !h2_get_open && carries_body(&req) {
             return Err(Rejection::BodyNotAllowed {
                 method: interaction.method.as_str().to_owned(),
             });
@@ -565,6 +568,12 @@ impl Gateway {
                     sender: headers.from.clone(),
                 });
             }
+        }
+        // The HTTP/2 GET left open at its HEADERS (see above): no body after all, or refused.
+        if h2_get_open && !settle_empty_body(req.body_mut()).await {
+            return Err(Rejection::BodyNotAllowed {
+                method: interaction.method.as_str().to_owned(),
+            });
         }
 
         // 6. The JWT, per policy.
