@@ -68,7 +68,7 @@ impl Target {
 ///   segment and no `..` anywhere; percent-escapes well formed and never an encoded `.`, `/`,
 ///   `\`, `%` or control character (so `%2e%2e`, `.%2E`, `%2f`, `%5C` in any case are refused);
 /// - query (after the first `?`): passed through unchanged, but no `#`, controls, spaces or
-///   non-ASCII, and no `_method` parameter (in any case or percent-encoding): the method
+///   non-ASCII, and no `_method` parameter (in any case or encoding, as PHP names it too): the method
 ///   override that frameworks' method-override middleware honour, which would run another
 ///   method than the interaction checked (FHIR has no such parameter).
 pub fn parse_target(path_and_query: &str) -> Result<Target, Rejection> {
@@ -192,16 +192,16 @@ fn is_query_byte(b: u8) -> bool {
     b.is_ascii_graphic() && b != b'#'
 }
 
-/// Whether `query` has a parameter named `_method` (separated by `&` or `;`, any case, letters
-/// percent-encoded or not). Cheap for the usual query: the separators are found with `memchr`,
-/// and only a name starting with `_` or `%` is looked at further.
+/// Whether `query` has a parameter that a framework reads as `_method` (separated by `&` or
+/// `;`; see [`is_method_name`]). Cheap for the usual query: the separators are found with
+/// `memchr`, and only a name starting with `_`, `%`, `.` or `+` is looked at further.
 fn overrides_method(query: &str) -> bool {
     let q = query.as_bytes();
     let mut start = 0;
     loop {
         let end = memchr::memchr2(b'&', b';', &q[start..]).map_or(q.len(), |i| start + i);
         let param = &q[start..end];
-        if matches!(param.first(), Some(b'_' | b'%')) {
+        if matches!(param.first(), Some(b'_' | b'%' | b'.' | b'+')) {
             let name = memchr::memchr(b'=', param).map_or(param, |i| &param[..i]);
             if is_method_name(name) {
                 return true;
@@ -214,34 +214,45 @@ fn overrides_method(query: &str) -> bool {
     }
 }
 
-/// Whether `name`, percent-decoded, is `_method` in any case.
+/// Whether `name` is `_method` once decoded as the frameworks that honour it decode it: in
+/// any case (Express, Rails), percent-encoded or not, `+` as a space; and as PHP names its
+/// query variables (Laravel, Symfony): leading spaces dropped, a space or `.` read as `_`,
+/// the name ending at `[` (array notation: `_method[]`) or a NUL. So `.method`, `+_method`,
+/// `%20_method` and `_method[]` are all `_method` to a PHP provider.
 fn is_method_name(name: &[u8]) -> bool {
     const NAME: &[u8] = b"_method";
-    if name.len() > 3 * NAME.len() {
-        return false;
-    }
-    let mut decoded = [0u8; 3 * NAME.len()];
+    let mut seen = [0u8; NAME.len()];
     let (mut i, mut n) = (0, 0);
     while i < name.len() {
-        let b = if name[i] == b'%' {
-            let hex = name
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok());
-            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                Some(b) => {
-                    i += 2;
-                    b
+        let b = match name[i] {
+            b'%' => {
+                let hex = name
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        i += 2;
+                        b
+                    }
+                    None => return false,
                 }
-                None => return false,
             }
-        } else {
-            name[i]
+            b'+' => b' ',
+            b => b,
         };
-        decoded[n] = b;
-        n += 1;
         i += 1;
+        match b {
+            b'[' | 0 => break,
+            b' ' if n == 0 => continue,
+            _ => {}
+        }
+        if n == NAME.len() {
+            return false;
+        }
+        seen[n] = if matches!(b, b' ' | b'.') { b'_' } else { b };
+        n += 1;
     }
-    decoded[..n].eq_ignore_ascii_case(NAME)
+    seen[..n].eq_ignore_ascii_case(NAME)
 }
 
 /// `path` starts with `/` (guaranteed by the caller).
@@ -556,6 +567,15 @@ mod tests {
             "/https://h/x/Slot?%5Fmethod=DELETE",
             "/https://h/x/Slot?_%6d%65thod=DELETE",
             "/https://h/x/Slot?_method",
+            // As PHP reads a query variable's name (Laravel, Symfony honour `_method`).
+            "/https://h/x/Appointment?.method=DELETE",
+            "/https://h/x/Appointment?%2Emethod=DELETE",
+            "/https://h/x/Appointment?+_method=DELETE",
+            "/https://h/x/Appointment?%20%20_method=DELETE",
+            "/https://h/x/Appointment?++.method=DELETE",
+            "/https://h/x/Appointment?_method[]=DELETE",
+            "/https://h/x/Appointment?_method%5B0%5D=DELETE",
+            "/https://h/x/Appointment?_method%00x=DELETE",
         ] {
             assert_eq!(
                 parse_target(bad).err(),
@@ -568,6 +588,8 @@ mod tests {
             "/https://h/x/Slot?method=x&x_method=y&_methods=z",
             "/https://h/x/Slot?%5=1&_%zz=2",
             "/https://h/x/Slot?a=_method",
+            "/https://h/x/Slot?_method_=x&_meth=y&[_method]=z&x+_method=w",
+            "/https://h/x/Slot?%2B_method=x",
         ] {
             assert!(parse_target(ok).is_ok(), "{ok}");
         }
