@@ -1385,6 +1385,55 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
     h.stop().await;
 }
 
+/// A client certificate whose Key Usage does not allow signing (here `keyEncipherment` alone,
+/// issued by the trusted CA with the consumer's name and the clientAuth purpose) is refused at
+/// the handshake, counted as `bad_certificate`: its key may not sign the handshake (RFC 8446
+/// §4.4.2.2, RFC 5280 §4.2.1.3). Before, webpki, which does not read Key Usage, let it in and
+/// its requests were authorised. The consumer's own certificate still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_whose_key_usage_does_not_allow_signing_is_refused() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let pair = Pair {
+        cert: h.world.dir.join("ku-cert.pem"),
+        key: h.world.dir.join("ku-key.pem"),
+    };
+    h.world
+        .authority
+        .issue(&LeafSpec {
+            usage: Usage::ClientKeyEnciphermentOnly,
+            ..LeafSpec::client(&["consumer.dev.local"])
+        })
+        .expect("issue")
+        .write(&pair.cert, &pair.key)
+        .expect("write");
+    let refused = h.world.client(&pair, h.gateway).handshake().await;
+    if let Ok(mut stream) = refused {
+        // TLS 1.3: the client's handshake ends before the server has judged its certificate;
+        // the refusal comes as an alert on the first read.
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("answered");
+        assert!(
+            !matches!(read, Ok(n) if n > 0),
+            "the gateway accepted the certificate"
+        );
+    }
+    let a = h.consumer_metadata().await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &text,
+            "ssp_tls_handshake_failures_total{reason=\"bad_certificate\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}
+
 /// Over HTTP/2 a GET Slot search with a body (DATA with a `content-length`, or DATA without
 /// one after a HEADERS frame that did not end the stream) is the gateway's own 400, audited,
 /// and never forwarded (hyper's HTTP/2 client would otherwise drop the body unseen);

@@ -33,6 +33,29 @@ pub const CAPACITY: usize = 10_000;
 /// name. Real chains have one or two (NHS: issuing CA, sometimes its root too).
 pub const MAX_INTERMEDIATES: usize = 4;
 
+/// A client certificate whose Key Usage extension does not allow signing: RFC 8446 §4.4.2.2
+/// (and RFC 5246 §7.4.6 for TLS 1.2) says the certificate MUST allow its key to sign the
+/// handshake, that is, have `digitalSignature` when the extension is present (RFC 5280
+/// §4.2.1.3). webpki does not look at Key Usage; a CA that issued such a certificate (a
+/// key-encipherment-only leaf, or one meant for signing certificates) did not issue it for
+/// TLS client authentication.
+#[derive(Debug, thiserror::Error)]
+#[error("the client certificate's Key Usage {0}")]
+pub struct KeyUsageNotForSigning(&'static str);
+
+/// Refuses an end-entity certificate whose Key Usage (when present) lacks `digitalSignature`,
+/// or whose extensions cannot be read.
+fn check_key_usage(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<(), KeyUsageNotForSigning> {
+    match cert.key_usage() {
+        Ok(None) => Ok(()),
+        Ok(Some(ku)) if ku.value.digital_signature() => Ok(()),
+        Ok(Some(_)) => Err(KeyUsageNotForSigning("does not include digitalSignature")),
+        Err(_) => Err(KeyUsageNotForSigning("cannot be read")),
+    }
+}
+
 /// A client chain refused before path building (see [`MAX_INTERMEDIATES`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the client sent {0} intermediate certificates; at most {MAX_INTERMEDIATES} are accepted")]
@@ -74,10 +97,12 @@ impl ChainCache {
         map.get(key).is_some_and(|until| now < *until)
     }
 
-    fn remember(&self, key: [u8; 32], end_entity: &CertificateDer<'_>, now: u64) {
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity.as_ref()) else {
-            return;
-        };
+    fn remember(
+        &self,
+        key: [u8; 32],
+        cert: &x509_parser::certificate::X509Certificate<'_>,
+        now: u64,
+    ) {
         let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
         let mut until = now.saturating_add(TTL.as_secs()).min(not_after);
         if let Some(horizon) = self.crl_horizon {
@@ -156,7 +181,16 @@ impl ClientCertVerifier for ChainCache {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        self.remember(key, end_entity, now_secs);
+        // The wrapped verifier parsed it already; a leaf that does not parse here is refused.
+        let refuse = |e: KeyUsageNotForSigning| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        };
+        let (_, cert) = x509_parser::parse_x509_certificate(end_entity.as_ref())
+            .map_err(|_| refuse(KeyUsageNotForSigning("cannot be read")))?;
+        check_key_usage(&cert).map_err(refuse)?;
+        self.remember(key, &cert, now_secs);
         Ok(verified)
     }
 

@@ -95,6 +95,10 @@ pub enum Usage {
     Client,
     /// Both.
     Both,
+    /// TLS client authentication by its extended key usage, with a Key Usage of
+    /// `keyEncipherment` alone: a mis-issued certificate whose key may not sign the handshake
+    /// (for tests of the listener's refusal).
+    ClientKeyEnciphermentOnly,
 }
 
 /// The validity window of a leaf certificate, relative to now.
@@ -266,16 +270,19 @@ impl Ca {
         let serial_number = random_serial()?;
         params.serial_number = Some(serial_number.clone());
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = match spec.key {
-            KeyKind::EcdsaP256 => vec![KeyUsagePurpose::DigitalSignature],
-            KeyKind::Rsa2048 => vec![
+        params.key_usages = match (spec.key, spec.usage) {
+            (_, Usage::ClientKeyEnciphermentOnly) => vec![KeyUsagePurpose::KeyEncipherment],
+            (KeyKind::EcdsaP256, _) => vec![KeyUsagePurpose::DigitalSignature],
+            (KeyKind::Rsa2048, _) => vec![
                 KeyUsagePurpose::DigitalSignature,
                 KeyUsagePurpose::KeyEncipherment,
             ],
         };
         params.extended_key_usages = match spec.usage {
             Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Client | Usage::ClientKeyEnciphermentOnly => {
+                vec![ExtendedKeyUsagePurpose::ClientAuth]
+            }
             Usage::Both => vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
