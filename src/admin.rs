@@ -35,8 +35,14 @@ pub struct Readiness {
     pub directory: OnceLock<Directory>,
     /// The audit writer's view of the trail (`None`: not reported).
     pub audit_writable: Option<Arc<AtomicBool>>,
-    /// The earliest nextUpdate of each component's CRLs in force, `listener` and `upstream`
-    /// (the reader `ssp_crl_next_update_seconds` uses; set once at start).
+    /// The earliest nextUpdate of each component's CRLs in force (the reader
+    /// `ssp_crl_next_update_seconds` and the CRL watcher use; set once at start). Only the
+    /// `listener`'s and the `upstream`'s are checks of their own. The `directory`'s (LDAPS
+    /// `ldap_crls`) is not: past it, the LDAP connection is retired and every new handshake
+    /// fails, so lookups fail and the directory's prober reports the backend down
+    /// (`directory_usable`), which is the check that weighs it against the cached parties that
+    /// can still be served. A check of its own would make the instance unready while those
+    /// cached parties are still served.
     pub crl_horizons: OnceLock<crate::metrics::CrlHorizonsFn>,
 }
 

@@ -1,4 +1,5 @@
-//! Watches the CRLs in force (the listener's and the upstream client's) and says, once, when
+//! Watches the CRLs in force (the listener's, the upstream client's and the LDAPS directory
+//! client's) and says, once, when
 //! they matter: a WARN line when CRLs with less than [`LITTLE_LEFT`] to their nextUpdate are
 //! taken into force (at start or by a reload), an ERROR line when the CRLs in force pass their
 //! nextUpdate (from then every check against them fails: for the listener, every consumer
@@ -122,6 +123,7 @@ fn consequence(component: &str) -> &'static str {
     match component {
         "listener" => "every consumer TLS handshake is refused (crl_expired) and /readyz is not ready until a current CRL is loaded",
         "upstream" => "every new provider connection is refused and /readyz is not ready until a current CRL is loaded",
+        "directory" => "every new LDAPS connection is refused (the one open is retired at the nextUpdate), so directory lookups fail and cached parties are served only up to max_stale until a current CRL is loaded",
         _ => "every certificate checked against them is refused until a current CRL is loaded",
     }
 }
@@ -264,6 +266,35 @@ mod tests {
             }]
         );
         assert_eq!(w.observe(fresh + 2, &[("upstream", None)]), []);
+    }
+
+    /// The LDAPS directory's CRLs (`ldap_crls`) are watched beside the listener's and the
+    /// upstream's, and their stale line says what stops.
+    #[test]
+    fn the_directory_crls_are_watched_like_the_others() {
+        let mut w = CrlWatch::default();
+        let next = 1_000 + 2 * HOUR;
+        let horizons = [
+            ("listener", None),
+            ("upstream", None),
+            ("directory", Some(next)),
+        ];
+        assert_eq!(
+            w.observe(1_000, &horizons),
+            [CrlEvent::LittleLeft {
+                component: "directory",
+                next_update: next,
+                left: 2 * HOUR
+            }]
+        );
+        assert_eq!(
+            w.observe(next, &horizons),
+            [CrlEvent::Stale {
+                component: "directory",
+                next_update: next
+            }]
+        );
+        assert!(consequence("directory").contains("LDAPS"));
     }
 
     #[test]

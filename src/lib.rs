@@ -125,9 +125,13 @@ pub struct Components {
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<tls::ListenerTls>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
     pub ldif: Option<Arc<LdifBackend>>,
-    /// LDAPS: when the directory client certificate chain and CA bundle run out (read at
-    /// start; they are not reloaded); `None` for the other backends.
+    /// LDAPS: when the directory client certificate chain and CA bundle run out, as loaded now
+    /// (what `check-config` warns of; the metrics read [`Components::directory_tls`] in force);
+    /// `None` for the other backends.
     pub directory_certificates: Option<tls::Expiry>,
+    /// The remote directory's TLS material (`ldaps://`, or the FHIR API's CA bundle), reloaded
+    /// like the listener's; `None` for the LDIF backend and `ldap://`.
+    pub directory_tls: Option<directory::DirectoryTls>,
     /// The audit writer, started by `start` (it opens the trail).
     pub audit_writer: audit::PendingWriter,
     /// The span exporter, when `[tracing] otlp_endpoint` is set.
@@ -292,6 +296,9 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 telemetry::Tracer::prepare(&config.tracing, metrics.tracing.clone());
             server_tls.count_in(metrics.reloads.clone());
             client_tls.count_in(metrics.reloads.clone());
+            if let Some(directory_tls) = &backend.tls {
+                directory_tls.count_in(metrics.reloads.clone());
+            }
             let upstream = forward::Upstream::with_metrics(
                 &config.upstream,
                 client_tls.clone(),
@@ -324,7 +331,8 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 client_tls,
                 mock_provider,
                 ldif: backend.ldif,
-                directory_certificates: backend.certificate_expiry,
+                directory_certificates: backend.tls.as_ref().and_then(|t| t.ldap_expiry()),
+                directory_tls: backend.tls,
                 audit_writer,
                 span_exporter,
             })
@@ -423,7 +431,8 @@ fn reload_poll(config: &Config) -> std::time::Duration {
     }
 }
 
-/// Reloads the listener's and the upstream client's TLS material on SIGHUP and file change.
+/// Reloads the listener's, the upstream client's and the remote directory's TLS material on
+/// SIGHUP and file change.
 fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let poll = reload_poll(config);
     let (listener, alpn) = (config.listener.tls.clone(), listener_alpn(config));
@@ -442,6 +451,9 @@ fn watch_tls(config: &Config, c: &Components, shutdown: &CancellationToken, task
         shutdown.clone(),
         tasks,
     );
+    if let Some(directory) = &c.directory_tls {
+        directory.watch(poll, shutdown.clone(), tasks);
+    }
 }
 
 /// The mock provider's listener TLS (not reloaded).
@@ -528,9 +540,8 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let metrics = components.gateway.metrics.clone();
     {
         // Read at scrape time from the snapshots in force, so a renewal by hot reload shows.
-        // The LDAPS directory's certificates are read at start (not reloaded).
         let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
-        let directory = components.directory_certificates;
+        let directory = components.directory_tls.clone();
         metrics.register_certificates(Arc::new(move || {
             let (listener, upstream) = (listener.current().expiry, upstream.current().expiry);
             let mut expiries = vec![
@@ -539,21 +550,26 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
                 ("upstream_client", upstream.chain),
                 ("upstream_ca", upstream.ca_bundle),
             ];
-            if let Some(directory) = directory {
-                expiries.push(("directory_client", directory.chain));
-                expiries.push(("directory_ca", directory.ca_bundle));
+            if let Some(directory) = &directory {
+                directory.certificate_expiries(&mut expiries);
             }
             expiries
         }));
     }
-    // The CRLs in force (after hot reloads): the metric and `/readyz` read them alike.
+    // The CRLs in force (after hot reloads): the metric, the CRL watcher and `/readyz` read
+    // them alike (`/readyz` the listener's and the upstream's only: see `admin::Readiness`).
     let crl_horizons: metrics::CrlHorizonsFn = {
         let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
+        let directory = components.directory_tls.clone();
         Arc::new(move || {
-            vec![
+            let mut horizons = vec![
                 ("listener", listener.current().crl_horizon()),
                 ("upstream", upstream.current().crl_horizon),
-            ]
+            ];
+            if let Some(directory) = &directory {
+                horizons.push(("directory", directory.crl_horizon()));
+            }
+            horizons
         })
     };
     metrics.register_crl_next_update(crl_horizons.clone());

@@ -1,6 +1,7 @@
 //! The SDS FHIR API directory backend (`GET {base}/Device` and `/Endpoint`, FHIR R4, API-key
-//! auth). Owns the HTTP client (pooled; HTTPS with a CA bundle, or plain HTTP to a loopback
-//! test server only), the query encoding, and the mapping of `Device` and `Endpoint` resources
+//! auth). Owns the HTTP client (pooled; HTTPS with a CA bundle, hot-reloaded with a new client
+//! and pool for each bundle ([`FhirTls`]), or plain HTTP to a loopback test server only), the
+//! query encoding, and the mapping of `Device` and `Endpoint` resources
 //! to the directory model. It only sends GET requests to the configured base URL, with the
 //! `apikey` header and a fresh `X-Correlation-Id` per request; it never logs the API key.
 //!
@@ -65,6 +66,7 @@ use super::{
     check_handlers, is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler,
     Party,
 };
+use crate::reload::Reloadable;
 use crate::tls;
 
 const BACKEND: &str = "fhir";
@@ -143,7 +145,10 @@ pub struct FhirBackend {
     asid_ods: BTreeMap<String, String>,
     /// The catalogue's interaction ids, in the order they are tried.
     interactions: Vec<String>,
-    client: Client<Connector, Empty<Bytes>>,
+    /// The client in force: a new one (and pool) after each reload of `fhir_ca`.
+    api: Arc<Reloadable<ApiClient>>,
+    /// For `https://`: the CA bundle and what rebuilds the client from it; `None` for `http://`.
+    tls: Option<FhirTls>,
     query_timeout: Duration,
     /// The time a whole lookup may take ([`LOOKUP_BUDGET_QUERIES`] × `query_timeout`).
     lookup_budget: Duration,
@@ -196,28 +201,35 @@ impl FhirBackend {
             }
             _ => return Err(url_error("must be an https:// URL")),
         };
-        let (api_key, tls) = match (
+        let connect_timeout = settings.connect_timeout;
+        let (api_key, client) = match (
             read_api_key(&settings.api_key_file),
-            ca.map(|ca| client_tls(ca)).transpose(),
+            ca.map(|ca| ApiClient::with_ca(ca, connect_timeout))
+                .transpose(),
         ) {
-            (Ok(api_key), Ok(tls)) => (api_key, tls),
-            (api_key, tls) => return Err(api_key.err().into_iter().chain(tls.err()).collect()),
+            (Ok(api_key), Ok(client)) => (api_key, client),
+            (api_key, client) => {
+                return Err(api_key.err().into_iter().chain(client.err()).collect())
+            }
         };
-        let connector = Connector {
-            tls: tls.map(tokio_rustls::TlsConnector::from),
-            connect_timeout: settings.connect_timeout,
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let client = client.unwrap_or_else(|| ApiClient::new(None, connect_timeout, None));
+        let api = Reloadable::new(
+            super::TLS_COMPONENT,
+            Arc::new(client),
+            ca.iter().map(|ca| ca.to_path_buf()).collect(),
+        );
+        let tls = ca.map(|ca| FhirTls {
+            api: api.clone(),
+            ca: ca.to_path_buf(),
+            connect_timeout,
+        });
         Ok(Self {
             base: settings.base_url.clone(),
             api_key,
             asid_ods: settings.asid_ods.clone(),
             interactions,
-            client,
+            api,
+            tls,
             query_timeout: settings.query_timeout,
             lookup_budget: settings.query_timeout.saturating_mul(LOOKUP_BUDGET_QUERIES),
         })
@@ -226,6 +238,11 @@ impl FhirBackend {
     /// The configured base URL.
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// For `https://`: the CA bundle in force and its reloader; `None` for `http://`.
+    pub fn tls(&self) -> Option<&FhirTls> {
+        self.tls.as_ref()
     }
 
     async fn lookup(&self, asid: &str) -> Result<Option<Party>, DirectoryError> {
@@ -320,8 +337,11 @@ impl FhirBackend {
             .header("x-correlation-id", &correlation_id)
             .body(Empty::new())
             .map_err(|e| backend_error(format!("{what}: cannot build the request: {e}")))?;
+        // One load of the client in force; a reload swaps in a new one (and pool) for the
+        // requests after it.
+        let api = self.api.current();
         let exchange = async {
-            let response = self
+            let response = api
                 .client
                 .request(request)
                 .await
@@ -417,6 +437,83 @@ fn read_api_key(path: &Path) -> Result<HeaderValue, FhirSetupError> {
         .map_err(|_| fail("not a valid header value (one line of visible ASCII)".into()))?;
     value.set_sensitive(true);
     Ok(value)
+}
+
+/// The API client as one reloadable snapshot: a pooled HTTP client made with the CA bundle in
+/// force. A reload makes a new client, with a new pool: connections made under the previous
+/// bundle are not used for new requests (they close once the requests still on them finish).
+pub struct ApiClient {
+    client: Client<Connector, Empty<Bytes>>,
+    /// The earliest notAfter of the CA bundle (unix seconds); `None` for `http://`.
+    ca_expiry: Option<i64>,
+}
+
+impl ApiClient {
+    fn new(
+        tls: Option<Arc<rustls::ClientConfig>>,
+        connect_timeout: Duration,
+        ca_expiry: Option<i64>,
+    ) -> Self {
+        let connector = Connector {
+            tls: tls.map(tokio_rustls::TlsConnector::from),
+            connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Self { client, ca_expiry }
+    }
+
+    /// A client for `https://` that trusts the CA bundle `ca` (blocking file I/O).
+    fn with_ca(ca: &Path, connect_timeout: Duration) -> Result<Self, FhirSetupError> {
+        let config = client_tls(ca)?;
+        // The bundle was read and checked just now; its notAfter is read from the same file.
+        let expiry = tls::load_certs(ca)?
+            .iter()
+            .filter_map(|c| tls::not_after(c).ok())
+            .min()
+            .unwrap_or(i64::MIN);
+        Ok(Self::new(Some(config), connect_timeout, Some(expiry)))
+    }
+
+    /// When the CA bundle of this client runs out (its earliest notAfter, unix seconds);
+    /// `None` for `http://`.
+    pub fn ca_expiry(&self) -> Option<i64> {
+        self.ca_expiry
+    }
+}
+
+/// The `https://` client's CA bundle (`fhir_ca`) and what rebuilds the client from it: reloaded
+/// on SIGHUP and file change (component [`super::TLS_COMPONENT`]), like the listener's TLS.
+/// Clones share the client in force.
+#[derive(Clone)]
+pub struct FhirTls {
+    api: Arc<Reloadable<ApiClient>>,
+    ca: PathBuf,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for FhirTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FhirTls")
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FhirTls {
+    /// The client in force and its reloader.
+    pub fn reloadable(&self) -> &Arc<Reloadable<ApiClient>> {
+        &self.api
+    }
+
+    /// A new client from the CA bundle as it is now (blocking file I/O: the reloader runs it on
+    /// the blocking pool).
+    pub fn rebuild(&self) -> Result<ApiClient, FhirSetupError> {
+        ApiClient::with_ca(&self.ca, self.connect_timeout)
+    }
 }
 
 /// A client config that verifies the API's certificate against `ca` and presents none.

@@ -1,7 +1,8 @@
 //! The LDAP directory backend: the real SDS interface. Owns the SDS search filters (RFC 4515
 //! escaped), the one reused connection (`ldap://`, or `ldaps://` with the gateway's client
 //! certificate and a CA bundle, as SDS requires), per-query timeouts, reconnection after the
-//! server goes away, and the mapping of `nhsAs`/`nhsMhs` entries to the directory model with
+//! server goes away, the `ldaps://` TLS material as a hot-reloadable snapshot ([`LdapTls`]: a
+//! connection opened under an earlier snapshot is not used for new searches), and the mapping of `nhsAs`/`nhsMhs` entries to the directory model with
 //! the same rules the LDIF backend applies. It only reads: it never binds with credentials,
 //! never writes, and never filters on `nhsMhsFQDN` (that attribute has no EQUALITY rule in SDS,
 //! so such a filter never matches: FQDNs are compared on fetched values).
@@ -19,8 +20,9 @@
 //! backend answers for the same data.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -30,7 +32,8 @@ use super::{
     check_handlers, is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler,
     Party,
 };
-use crate::tls::{self, ClientTls};
+use crate::reload::Reloadable;
+use crate::tls::{self, ClientTls, UpstreamTls};
 
 const BACKEND: &str = "ldap";
 
@@ -139,20 +142,75 @@ enum SearchFailure {
     Answer(String),
 }
 
+/// The `ldaps://` client's TLS material (`ldap_cert`, `ldap_key`, `ldap_ca`, `ldap_crls`) as
+/// one snapshot in a [`Reloadable`] (component [`super::TLS_COMPONENT`]), and what rebuilds it
+/// from the files: reloaded on SIGHUP and file change like the listener's and the upstream
+/// client's, never to a CRL older than one loaded before (a [`tls::CrlFloor`] of its own). A
+/// new connection is opened with the snapshot in force. Clones share the snapshot.
+#[derive(Clone)]
+pub struct LdapTls {
+    snapshot: Arc<Reloadable<UpstreamTls>>,
+    files: ClientTls,
+    floor: tls::CrlFloor,
+}
+
+impl std::fmt::Debug for LdapTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LdapTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LdapTls {
+    /// Loads the files (blocking file I/O: at start-up); every problem names its key.
+    fn load(files: ClientTls) -> Result<Self, tls::TlsProblems> {
+        let floor = tls::CrlFloor::default();
+        let initial = tls::upstream_tls_above(&files, &crate::config::LDAP_TLS_KEYS, &[], &floor)?;
+        let mut watched: Vec<PathBuf> =
+            vec![files.cert.clone(), files.key.clone(), files.ca.clone()];
+        watched.extend(files.crls.iter().cloned());
+        Ok(Self {
+            snapshot: Reloadable::new(super::TLS_COMPONENT, Arc::new(initial), watched),
+            files,
+            floor,
+        })
+    }
+
+    /// The snapshot in force and its reloader.
+    pub fn reloadable(&self) -> &Arc<Reloadable<UpstreamTls>> {
+        &self.snapshot
+    }
+
+    /// A new snapshot from the files as they are now, refused when a CRL is older than one
+    /// loaded before (blocking file I/O: the reloader runs it on the blocking pool).
+    pub fn rebuild(&self) -> Result<UpstreamTls, tls::TlsProblems> {
+        tls::upstream_tls_above(&self.files, &crate::config::LDAP_TLS_KEYS, &[], &self.floor)
+    }
+}
+
+/// The shared connection: its number, the handle, and the TLS snapshot it was opened with
+/// (`None` for `ldap://`).
+struct Open {
+    id: u64,
+    ldap: Ldap,
+    tls: Option<Arc<UpstreamTls>>,
+}
+
 /// A [`DirectoryBackend`] that asks an SDS-shaped LDAP server, over one reused connection.
 pub struct LdapBackend {
     settings: LdapSettings,
+    /// Without the TLS config: it is taken from the snapshot in force at each connection.
     conn_settings: LdapConnSettings,
-    /// The connection in use, if any, with its number. Cloning an `Ldap` handle is cheap (a
-    /// channel sender); concurrent searches share the connection (message ids multiplex them).
-    conn: Mutex<Option<(u64, Ldap)>>,
+    /// The connection in use, if any. Cloning an `Ldap` handle is cheap (a channel sender);
+    /// concurrent searches share the connection (message ids multiplex them).
+    conn: Mutex<Option<Open>>,
     /// Numbers connections, so a failed search drops only the connection it used.
     opened: AtomicU64,
     /// Held while connecting, so concurrent lookups open one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
-    /// For `ldaps://`: when the client certificate chain and the CA bundle run out (read at
-    /// start: the LDAP TLS files are not reloaded).
-    certificate_expiry: Option<tls::Expiry>,
+    /// For `ldaps://`: the TLS material in force (hot-reloaded).
+    tls: Option<LdapTls>,
 }
 
 impl std::fmt::Debug for LdapBackend {
@@ -178,19 +236,10 @@ impl LdapBackend {
         } else {
             return Err(url_error("must start with ldap:// or ldaps://"));
         };
-        let mut conn_settings = LdapConnSettings::new().set_conn_timeout(settings.connect_timeout);
-        let mut certificate_expiry = None;
+        let conn_settings = LdapConnSettings::new().set_conn_timeout(settings.connect_timeout);
+        let mut tls = None;
         match (&settings.tls, secure) {
-            (Some(client), true) => {
-                let loaded = tls::upstream_tls_above(
-                    client,
-                    &crate::config::LDAP_TLS_KEYS,
-                    &[],
-                    &tls::CrlFloor::default(),
-                )?;
-                certificate_expiry = Some(loaded.expiry);
-                conn_settings = conn_settings.set_config(loaded.config);
-            }
+            (Some(client), true) => tls = Some(LdapTls::load(client.clone())?),
             (None, true) => {
                 return Err(url_error(
                     "ldaps:// needs ldap_cert, ldap_key and ldap_ca (SDS requires mutual TLS)",
@@ -206,7 +255,7 @@ impl LdapBackend {
         Ok(Self {
             settings,
             conn_settings,
-            certificate_expiry,
+            tls,
             conn: Mutex::new(None),
             opened: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
@@ -218,10 +267,9 @@ impl LdapBackend {
         &self.settings.url
     }
 
-    /// For `ldaps://`: when the client certificate chain (`ldap_cert`) and the CA bundle
-    /// (`ldap_ca`) in use run out; `None` for `ldap://`.
-    pub fn certificate_expiry(&self) -> Option<tls::Expiry> {
-        self.certificate_expiry
+    /// For `ldaps://`: the TLS material in force and its reloader; `None` for `ldap://`.
+    pub fn tls(&self) -> Option<&LdapTls> {
+        self.tls.as_ref()
     }
 
     /// The accredited system with this ASID, or `None`.
@@ -386,8 +434,8 @@ impl LdapBackend {
             .collect()
     }
 
-    /// The shared connection and its number, opening one if there is none (or it has closed).
-    /// The flag says whether it was already open.
+    /// The shared connection and its number, opening one if there is none (or it may not be
+    /// used any more: see [`current`](Self::current)). The flag says whether it was already open.
     async fn connection(&self) -> Result<(u64, Ldap, bool), DirectoryError> {
         if let Some((id, ldap)) = self.current() {
             return Ok((id, ldap, true));
@@ -396,7 +444,12 @@ impl LdapBackend {
         if let Some((id, ldap)) = self.current() {
             return Ok((id, ldap, true));
         }
-        let connect = LdapConnAsync::with_settings(self.conn_settings.clone(), &self.settings.url);
+        let snapshot = self.tls.as_ref().map(|t| t.snapshot.current());
+        let conn_settings = match &snapshot {
+            Some(tls) => self.conn_settings.clone().set_config(tls.config.clone()),
+            None => self.conn_settings.clone(),
+        };
+        let connect = LdapConnAsync::with_settings(conn_settings, &self.settings.url);
         let limit = self.settings.connect_timeout;
         let (conn, ldap) = match tokio::time::timeout(limit, connect).await {
             Err(_) => {
@@ -422,27 +475,54 @@ impl LdapBackend {
         let id = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(url = %self.settings.url, connection = id, "LDAP connection open");
         if let Ok(mut slot) = self.conn.lock() {
-            *slot = Some((id, ldap.clone()));
+            *slot = Some(Open {
+                id,
+                ldap: ldap.clone(),
+                tls: snapshot,
+            });
         }
         Ok((id, ldap, false))
     }
 
-    /// The open connection, if there is one that has not closed.
+    /// The open connection, if there is one that may still be used: not closed, opened with
+    /// the TLS snapshot in force (after a reload, the next search opens a connection with the
+    /// new material; searches already running on the old one finish, and it closes when the
+    /// last of them drops its handle), and not past its CRLs' nextUpdate (from then the next
+    /// search opens a connection, whose handshake is checked against the CRLs in force: it
+    /// fails while they are stale, as the upstream client's connections do).
     fn current(&self) -> Option<(u64, Ldap)> {
+        let in_force = self.tls.as_ref().map(|t| t.snapshot.current());
         let mut slot = self.conn.lock().ok()?;
-        let (id, ldap) = slot.as_mut()?;
-        if ldap.is_closed() {
+        let open = slot.as_mut()?;
+        let reloaded = match (&open.tls, &in_force) {
+            (Some(opened_with), Some(in_force)) => !Arc::ptr_eq(opened_with, in_force),
+            _ => false,
+        };
+        let crls_passed = open
+            .tls
+            .as_ref()
+            .and_then(|t| t.crl_horizon)
+            .is_some_and(|h| crate::unix_now() >= h);
+        if open.ldap.is_closed() || reloaded || crls_passed {
+            if reloaded || crls_passed {
+                tracing::info!(
+                    url = %self.settings.url,
+                    connection = open.id,
+                    reason = if reloaded { "TLS material reloaded" } else { "CRLs past their nextUpdate" },
+                    "LDAP connection retired; the next search opens a new one"
+                );
+            }
             *slot = None;
             return None;
         }
-        Some((*id, ldap.clone()))
+        Some((open.id, open.ldap.clone()))
     }
 
     /// Drops the shared connection if it is still connection `id` (another task may already
     /// have replaced it); the next search opens a fresh one.
     fn forget(&self, id: u64) {
         if let Ok(mut slot) = self.conn.lock() {
-            if matches!(slot.as_ref(), Some((current, _)) if *current == id) {
+            if matches!(slot.as_ref(), Some(open) if open.id == id) {
                 *slot = None;
             }
         }

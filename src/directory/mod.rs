@@ -190,6 +190,97 @@ pub fn check_handlers(handlers: &[MessageHandler]) -> Result<(), String> {
     Ok(())
 }
 
+/// The `component` label of the remote directory's TLS reloads (`ldaps://`'s `ldap_cert`,
+/// `ldap_key`, `ldap_ca`, `ldap_crls`, or the FHIR API's `fhir_ca`) in `ssp_reloads_total`:
+/// one backend is configured at a time.
+pub const TLS_COMPONENT: &str = "directory TLS";
+
+/// The remote backend's TLS material in force, hot-reloaded on SIGHUP and file change like the
+/// listener's and the upstream client's; what the expiry and CRL metrics and the CRL watcher
+/// read. Clones share the material in force.
+#[derive(Clone, Debug)]
+pub enum DirectoryTls {
+    /// `ldaps://`: client certificate, key, CA bundle and CRLs.
+    Ldap(ldap::LdapTls),
+    /// The SDS FHIR API over `https://`: its CA bundle.
+    Fhir(fhir::FhirTls),
+}
+
+impl DirectoryTls {
+    /// Counts the reloads in `metrics` (`ssp_reloads_total{component="directory TLS"}`,
+    /// `ssp_reload_last_ok`).
+    pub fn count_in(&self, metrics: crate::metrics::ReloadMetrics) {
+        match self {
+            DirectoryTls::Ldap(t) => t.reloadable().count_in(metrics),
+            DirectoryTls::Fhir(t) => t.reloadable().count_in(metrics),
+        }
+    }
+
+    /// Reloads on SIGHUP and when a file changes (checked every `poll`) until `shutdown`.
+    pub fn watch(
+        &self,
+        poll: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
+        match self {
+            DirectoryTls::Ldap(t) => {
+                let rebuild = t.clone();
+                t.reloadable()
+                    .watch(move || rebuild.rebuild(), poll, shutdown, tasks)
+            }
+            DirectoryTls::Fhir(t) => {
+                let rebuild = t.clone();
+                t.reloadable()
+                    .watch(move || rebuild.rebuild(), poll, shutdown, tasks)
+            }
+        }
+    }
+
+    /// The reload counts (for tests and logs).
+    pub fn stats(&self) -> &crate::reload::ReloadStats {
+        match self {
+            DirectoryTls::Ldap(t) => t.reloadable().stats(),
+            DirectoryTls::Fhir(t) => t.reloadable().stats(),
+        }
+    }
+
+    /// `ldaps://`: when the client certificate chain and the CA bundle in force run out; `None`
+    /// for the FHIR API (it presents no client certificate).
+    pub fn ldap_expiry(&self) -> Option<crate::tls::Expiry> {
+        match self {
+            DirectoryTls::Ldap(t) => Some(t.reloadable().current().expiry),
+            DirectoryTls::Fhir(_) => None,
+        }
+    }
+
+    /// The `ssp_certificate_expiry_seconds` series of the material in force, added to `out`:
+    /// `directory_client` (`ldap_cert`'s chain) and `directory_ca` (`ldap_ca`, or `fhir_ca`).
+    pub fn certificate_expiries(&self, out: &mut Vec<(&'static str, i64)>) {
+        match self {
+            DirectoryTls::Ldap(t) => {
+                let expiry = t.reloadable().current().expiry;
+                out.push(("directory_client", expiry.chain));
+                out.push(("directory_ca", expiry.ca_bundle));
+            }
+            DirectoryTls::Fhir(t) => {
+                if let Some(ca) = t.reloadable().current().ca_expiry() {
+                    out.push(("directory_ca", ca));
+                }
+            }
+        }
+    }
+
+    /// The earliest nextUpdate (unix seconds) of the CRLs in force: `ldaps://` with `ldap_crls`
+    /// that have one; `None` otherwise (the FHIR API client takes no CRLs).
+    pub fn crl_horizon(&self) -> Option<u64> {
+        match self {
+            DirectoryTls::Ldap(t) => t.reloadable().current().crl_horizon,
+            DirectoryTls::Fhir(_) => None,
+        }
+    }
+}
+
 /// A backend built from the `[directory]` configuration.
 pub struct OpenedBackend {
     pub backend: Arc<dyn DirectoryBackend>,
@@ -197,9 +288,9 @@ pub struct OpenedBackend {
     pub ldif: Option<Arc<ldif::LdifBackend>>,
     /// What it is, for operators: e.g. `ldap ldaps://sds.example:636`.
     pub description: String,
-    /// LDAPS: when its client certificate chain and CA bundle run out (for the expiry metric
-    /// and `check-config`); `None` for the other backends.
-    pub certificate_expiry: Option<crate::tls::Expiry>,
+    /// `ldaps://` or the FHIR API over `https://`: the TLS material in force, for reloading and
+    /// the metrics; `None` for the LDIF backend and `ldap://`.
+    pub tls: Option<DirectoryTls>,
 }
 
 /// Builds the configured backend: loads the LDIF file, or prepares the LDAP or FHIR client
@@ -221,7 +312,7 @@ pub fn open_backend(
                 backend: backend.clone(),
                 description: format!("ldif {}", file.display()),
                 ldif: Some(backend),
-                certificate_expiry: None,
+                tls: None,
             })
         }
         DirectoryBackendConfig::Ldap(settings) => {
@@ -233,7 +324,7 @@ pub fn open_backend(
             })?;
             Ok(OpenedBackend {
                 description: format!("ldap {} (base {})", settings.url, settings.search_base),
-                certificate_expiry: backend.certificate_expiry(),
+                tls: backend.tls().cloned().map(DirectoryTls::Ldap),
                 backend: Arc::new(backend),
                 ldif: None,
             })
@@ -248,9 +339,9 @@ pub fn open_backend(
                     settings.base_url,
                     settings.asid_ods.len()
                 ),
+                tls: backend.tls().cloned().map(DirectoryTls::Fhir),
                 backend: Arc::new(backend),
                 ldif: None,
-                certificate_expiry: None,
             })
         }
     }
