@@ -469,7 +469,8 @@ impl ApiClient {
     /// A client for `https://` that trusts the CA bundle `ca` (blocking file I/O).
     fn with_ca(ca: &Path, connect_timeout: Duration) -> Result<Self, FhirSetupError> {
         let config = client_tls(ca)?;
-        // The bundle was read and checked just now; its notAfter is read from the same file.
+        // The file is read a second time for the notAfter: were it replaced in between, its
+        // new size or modification time would have it reloaded at the next poll.
         let expiry = tls::load_certs(ca)?
             .iter()
             .filter_map(|c| tls::not_after(c).ok())
