@@ -269,13 +269,7 @@ impl Upstream {
         // Only a rejection or a log line needs it as a `String`.
         let url = target.without_query();
         let Some(out) = Outgoing::new(target, traceparent, client_addr) else {
-            return Forwarded {
-                answer: Err(Rejection::UpstreamError {
-                    url: url.to_owned(),
-                }),
-                attempts: 0,
-                failure: Some(UpstreamFailure::Other),
-            };
+            return Forwarded::upstream_error(url, 0, Some(UpstreamFailure::Other));
         };
         let (mut head, body) = req.into_parts();
         head.uri = out.uri;
@@ -336,13 +330,7 @@ impl Upstream {
                         // The request's own attempt failed (that failure may be what opened
                         // the circuit): an upstream error, not a fast failure.
                         self.count_retry(RetryOutcome::CircuitOpen);
-                        return Forwarded {
-                            answer: Err(Rejection::UpstreamError {
-                                url: url.to_owned(),
-                            }),
-                            attempts: attempt - 1,
-                            failure: failed,
-                        };
+                        return Forwarded::upstream_error(url, attempt - 1, failed);
                     }
                     return Forwarded {
                         answer: Err(circuit_open),
@@ -362,13 +350,7 @@ impl Upstream {
             ) else {
                 // Unreachable: a retry only starts once the body came back, and the head is
                 // only taken by the last attempt.
-                return Forwarded {
-                    answer: Err(Rejection::UpstreamError {
-                        url: url.to_owned(),
-                    }),
-                    attempts: attempt - 1,
-                    failure: failed,
-                };
+                return Forwarded::upstream_error(url, attempt - 1, failed);
             };
             let (this_body, returned) = Reclaimable::new(this_body, retry_left);
             let req = Request::from_parts(this_head, this_body);
@@ -399,14 +381,15 @@ impl Upstream {
                 }
                 Ok(Err(e)) => {
                     let connect = is_retryable_connect_error(&e);
-                    let failure = UpstreamFailure::of(&e);
                     // The connection could not be made, or the request went (or was going) out
                     // and no usable head came back: closed or reset before it, or a head that
                     // does not parse. The provider's failure, as much as a connect failure is,
                     // unless the consumer's request body stalled or went past the cap (the
-                    // ticket then drops with no verdict).
+                    // ticket then drops with no verdict, and no provider failure is recorded).
+                    let provider_at_fault = connect || !progress.consumer_at_fault();
+                    let failure = provider_at_fault.then(|| UpstreamFailure::of(&e));
                     if let Some(t) = ticket {
-                        if connect || !progress.consumer_at_fault() {
+                        if provider_at_fault {
                             t.failure(Instant::now());
                         }
                     }
@@ -429,13 +412,14 @@ impl Upstream {
                                 error = %error_chain(&e),
                                 "upstream connect failed; nothing was sent, retrying"
                             );
-                            failed = Some(failure);
+                            failed = failure;
                             body = Some(unread);
                             tokio::time::sleep(backoff).await;
                             continue;
                         }
                         _ => {
-                            tracing::warn!(%request_id, target_url = %url, attempt, cause = failure.as_label(), error = %error_chain(&e), "upstream request failed");
+                            let cause = failure.map_or("-", UpstreamFailure::as_label);
+                            tracing::warn!(%request_id, target_url = %url, attempt, cause, error = %error_chain(&e), "upstream request failed");
                             let outcome = if connect {
                                 RetryOutcome::ConnectError
                             } else {
@@ -446,7 +430,7 @@ impl Upstream {
                                 Rejection::UpstreamError {
                                     url: url.to_owned(),
                                 },
-                                Some(failure),
+                                failure,
                             ))
                         }
                     }
@@ -524,6 +508,19 @@ pub struct Forwarded {
     /// Why no usable answer came, when that is the provider's side (not for a refusal of the
     /// gateway's own, such as an open circuit, nor for the consumer's body failing).
     pub failure: Option<UpstreamFailure>,
+}
+
+impl Forwarded {
+    /// A 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>` after `attempts` connections.
+    fn upstream_error(url: &str, attempts: u32, failure: Option<UpstreamFailure>) -> Forwarded {
+        Forwarded {
+            answer: Err(Rejection::UpstreamError {
+                url: url.to_owned(),
+            }),
+            attempts,
+            failure,
+        }
+    }
 }
 
 /// Why a provider's response head that hyper accepted is not an answer the gateway passes on,
@@ -639,30 +636,49 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
-    /// Every label, for the metric's zeroed series and the README.
-    pub const LABELS: [&'static str; 18] = [
-        "tcp_refused",
-        "tcp_error",
-        "connect_timeout",
-        "tls_certificate_expired",
-        "tls_certificate_not_yet_valid",
-        "tls_certificate_revoked",
-        "tls_crl_expired",
-        "tls_unknown_issuer",
-        "tls_name_mismatch",
-        "tls_bad_certificate",
-        "tls_alert_received",
-        "tls_error",
-        "closed_before_answer",
-        "reset",
-        "malformed_head",
-        "malformed_answer",
-        "response_timeout",
-        "other",
+    /// Every failure, for the metric's series zeroed at start.
+    pub const ALL: [UpstreamFailure; 18] = [
+        UpstreamFailure::TcpRefused,
+        UpstreamFailure::TcpError,
+        UpstreamFailure::ConnectTimeout,
+        UpstreamFailure::TlsCertificateExpired,
+        UpstreamFailure::TlsCertificateNotYetValid,
+        UpstreamFailure::TlsCertificateRevoked,
+        UpstreamFailure::TlsCrlExpired,
+        UpstreamFailure::TlsUnknownIssuer,
+        UpstreamFailure::TlsNameMismatch,
+        UpstreamFailure::TlsBadCertificate,
+        UpstreamFailure::TlsAlertReceived,
+        UpstreamFailure::TlsError,
+        UpstreamFailure::ClosedBeforeAnswer,
+        UpstreamFailure::Reset,
+        UpstreamFailure::MalformedHead,
+        UpstreamFailure::MalformedAnswer,
+        UpstreamFailure::ResponseTimeout,
+        UpstreamFailure::Other,
     ];
 
     pub fn as_label(self) -> &'static str {
-        Self::LABELS[self as usize]
+        match self {
+            UpstreamFailure::TcpRefused => "tcp_refused",
+            UpstreamFailure::TcpError => "tcp_error",
+            UpstreamFailure::ConnectTimeout => "connect_timeout",
+            UpstreamFailure::TlsCertificateExpired => "tls_certificate_expired",
+            UpstreamFailure::TlsCertificateNotYetValid => "tls_certificate_not_yet_valid",
+            UpstreamFailure::TlsCertificateRevoked => "tls_certificate_revoked",
+            UpstreamFailure::TlsCrlExpired => "tls_crl_expired",
+            UpstreamFailure::TlsUnknownIssuer => "tls_unknown_issuer",
+            UpstreamFailure::TlsNameMismatch => "tls_name_mismatch",
+            UpstreamFailure::TlsBadCertificate => "tls_bad_certificate",
+            UpstreamFailure::TlsAlertReceived => "tls_alert_received",
+            UpstreamFailure::TlsError => "tls_error",
+            UpstreamFailure::ClosedBeforeAnswer => "closed_before_answer",
+            UpstreamFailure::Reset => "reset",
+            UpstreamFailure::MalformedHead => "malformed_head",
+            UpstreamFailure::MalformedAnswer => "malformed_answer",
+            UpstreamFailure::ResponseTimeout => "response_timeout",
+            UpstreamFailure::Other => "other",
+        }
     }
 
     /// The failure a client error reports: the connector's own classification when the
@@ -718,25 +734,24 @@ impl UpstreamFailure {
         }
     }
 
+    /// As the listener classifies a consumer's handshake failure ([`HandshakeFailure`]), with
+    /// a name mismatch told apart (a provider's certificate is checked against its host).
     fn of_tls(e: &rustls::Error) -> UpstreamFailure {
+        use crate::tls::HandshakeFailure as H;
         use rustls::CertificateError as C;
-        match e {
-            rustls::Error::InvalidCertificate(c) => match c {
-                C::Expired | C::ExpiredContext { .. } => UpstreamFailure::TlsCertificateExpired,
-                C::NotValidYet | C::NotValidYetContext { .. } => {
-                    UpstreamFailure::TlsCertificateNotYetValid
-                }
-                C::Revoked => UpstreamFailure::TlsCertificateRevoked,
-                C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => {
-                    UpstreamFailure::TlsCrlExpired
-                }
-                C::UnknownIssuer => UpstreamFailure::TlsUnknownIssuer,
-                C::NotValidForName | C::NotValidForNameContext { .. } => {
-                    UpstreamFailure::TlsNameMismatch
-                }
+        match H::from_rustls(e) {
+            H::CertificateExpired => UpstreamFailure::TlsCertificateExpired,
+            H::CertificateNotYetValid => UpstreamFailure::TlsCertificateNotYetValid,
+            H::CertificateRevoked => UpstreamFailure::TlsCertificateRevoked,
+            H::CrlExpired => UpstreamFailure::TlsCrlExpired,
+            H::UnknownIssuer => UpstreamFailure::TlsUnknownIssuer,
+            H::BadCertificate => match e {
+                rustls::Error::InvalidCertificate(
+                    C::NotValidForName | C::NotValidForNameContext { .. },
+                ) => UpstreamFailure::TlsNameMismatch,
                 _ => UpstreamFailure::TlsBadCertificate,
             },
-            rustls::Error::AlertReceived(_) => UpstreamFailure::TlsAlertReceived,
+            H::AlertReceived => UpstreamFailure::TlsAlertReceived,
             _ => UpstreamFailure::TlsError,
         }
     }

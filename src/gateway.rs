@@ -450,9 +450,9 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, Rejection> {
         // An HTTP/2 GET whose HEADERS did not end its stream: whether its body is empty after
         // all is waited for (up to EMPTY_BODY_WAIT) only once the consumer is proven, within
-        // its rate, and about to be forwarded (step 5): streams held open by anyone else, such
-        // as a certificate registered nowhere, are refused at once instead of holding the
-        // gateway's in-flight slots while they wait.
+        // its rate and its JWT checked, about to be forwarded: streams held open by anyone
+        // else, such as a certificate registered nowhere, are refused at once instead of
+        // holding the gateway's in-flight slots while they wait.
         let h2_get_open = req.method() == Method::GET
             && req.version() == http::Version::HTTP_2
             && !http_body::Body::is_end_stream(req.body())
@@ -569,15 +569,15 @@ impl Gateway {
                 });
             }
         }
+        // 6. The JWT, per policy.
+        self.check_jwt(policy, &token, &interaction.scopes, record)?;
+
         // The HTTP/2 GET left open at its HEADERS (see above): no body after all, or refused.
         if h2_get_open && !settle_empty_body(req.body_mut()).await {
             return Err(Rejection::BodyNotAllowed {
                 method: interaction.method.as_str().to_owned(),
             });
         }
-
-        // 6. The JWT, per policy.
-        self.check_jwt(policy, &token, &interaction.scopes, record)?;
 
         // 7. The audit record, durable before the provider sees anything.
         record.audited = true;

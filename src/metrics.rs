@@ -589,8 +589,8 @@ fn zero_known_labels(
     for reason in crate::forward::BodyCut::LABELS {
         touch(bodies_cut, reason);
     }
-    for cause in crate::forward::UpstreamFailure::LABELS {
-        touch(upstream_failures, cause);
+    for cause in crate::forward::UpstreamFailure::ALL {
+        touch(upstream_failures, cause.as_label());
     }
 }
 
@@ -988,6 +988,9 @@ mod tests {
         assert_eq!(count("ssp_upstream_connect_errors_total{"), 4);
         assert_eq!(count("ssp_upstream_retries_total{"), 5);
         assert_eq!(count("ssp_upstream_bodies_cut_total{"), 2);
+        // Every cause once, each a distinct label.
+        assert_eq!(count("ssp_upstream_failures_total{"), 18);
+        assert!(text.contains("ssp_upstream_failures_total{cause=\"tls_name_mismatch\"} 0"));
     }
 
     #[test]

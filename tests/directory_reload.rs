@@ -328,7 +328,8 @@ async fn a_stale_ldaps_crl_retires_the_directory_connection() {
     let live = base.join("live");
     point(&live, &v1);
     let crl = base.join("sds.crl");
-    let stale_at = now() + 8;
+    // Time enough for slapd, the gateway and the first lookup on a loaded 2-core CI machine.
+    let stale_at = now() + 20;
     let pem = world
         .authority
         .crl_between(&[], now() - 60, stale_at)
@@ -338,7 +339,7 @@ async fn a_stale_ldaps_crl_retires_the_directory_connection() {
 
     let text = scrape(h.admin).await;
     let left = directory_crl(&text).unwrap_or_else(|| panic!("no directory CRL in\n{text}"));
-    assert!(left <= 8.0, "{left}");
+    assert!(left <= 20.0, "{left}");
     let answer = h.consumer_metadata().await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(opened.load(Ordering::SeqCst), 1);

@@ -751,6 +751,23 @@ async fn the_optional_body_cap_refuses_large_bodies_declared_or_streamed() {
         Err(e) => assert!(!e.is_empty()),
     }
     assert!(h.recorder.body_bytes.load(Ordering::SeqCst) <= 1024 + 64 * 1024);
+    // The consumer's doing, not the provider's: no provider failure is counted or audited.
+    wait_until("the streamed refusal audited", || {
+        audit_records(&h.audit_dir)
+            .iter()
+            .any(|r| r["kind"] == "outcome" && r["status"] == 413)
+    })
+    .await;
+    for r in audit_records(&h.audit_dir) {
+        assert!(r.get("upstream_failure").is_none(), "{r}");
+    }
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    let failures: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("ssp_upstream_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(failures, 0.0, "{text}");
     // Under the cap: forwarded.
     let a = c
         .gpc(Gpc::new(Method::POST, book, IX_BOOK).body("{}"))

@@ -468,14 +468,7 @@ impl ApiClient {
 
     /// A client for `https://` that trusts the CA bundle `ca` (blocking file I/O).
     fn with_ca(ca: &Path, connect_timeout: Duration) -> Result<Self, FhirSetupError> {
-        let config = client_tls(ca)?;
-        // The file is read a second time for the notAfter: were it replaced in between, its
-        // new size or modification time would have it reloaded at the next poll.
-        let expiry = tls::load_certs(ca)?
-            .iter()
-            .filter_map(|c| tls::not_after(c).ok())
-            .min()
-            .unwrap_or(i64::MIN);
+        let (config, expiry) = client_tls(ca)?;
         Ok(Self::new(Some(config), connect_timeout, Some(expiry)))
     }
 
@@ -517,9 +510,10 @@ impl FhirTls {
     }
 }
 
-/// A client config that verifies the API's certificate against `ca` and presents none.
-fn client_tls(ca: &Path) -> Result<Arc<rustls::ClientConfig>, FhirSetupError> {
-    let roots = tls::load_ca_bundle(ca)?;
+/// A client config that verifies the API's certificate against `ca` and presents none, and
+/// the bundle's earliest notAfter (unix seconds), from the same read of the file.
+fn client_tls(ca: &Path) -> Result<(Arc<rustls::ClientConfig>, i64), FhirSetupError> {
+    let (roots, expiry) = tls::load_ca_bundle_with_expiry(ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -533,7 +527,7 @@ fn client_tls(ca: &Path) -> Result<Arc<rustls::ClientConfig>, FhirSetupError> {
     // No session is resumed: a resumed session skips the check of the API's certificate, so
     // one that has run out would go on being accepted (as for providers and LDAPS).
     config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), expiry))
 }
 
 /// `issue[0].diagnostics` of an OperationOutcome body, shortened, for error messages.
@@ -884,7 +878,7 @@ mod tests {
             .expect("ca");
         let path = dir.join("ca.pem");
         std::fs::write(&path, ca.cert_pem()).expect("write");
-        let config = client_tls(&path).expect("client config");
+        let (config, _) = client_tls(&path).expect("client config");
         std::fs::remove_dir_all(&dir).ok();
         let seen = format!("{:?}", config.resumption);
         let disabled = format!("{:?}", rustls::client::Resumption::disabled());

@@ -704,6 +704,17 @@ pub fn load_ca_bundle(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(ca_bundle(path)?.1)
 }
 
+/// [`load_ca_bundle`] with the bundle's earliest notAfter (unix seconds), from the same read.
+pub fn load_ca_bundle_with_expiry(path: &Path) -> Result<(RootCertStore, i64), TlsError> {
+    let (certs, roots) = ca_bundle(path)?;
+    let earliest = certs
+        .iter()
+        .filter_map(|c| not_after(c).ok())
+        .min()
+        .unwrap_or(i64::MIN);
+    Ok((roots, earliest))
+}
+
 /// The CA bundle's certificates, each checked to be a CA, and the trust anchors made of them.
 fn ca_bundle(path: &Path) -> Result<(Vec<CertificateDer<'static>>, RootCertStore), TlsError> {
     let bad = |reason: String| TlsError::BadCaBundle {
