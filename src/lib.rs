@@ -675,6 +675,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let directory = components.gateway.directory.clone();
     let refusals = components.gateway.audit.clone();
     let refused_heads = metrics.http_refused_heads.clone();
+    let http2_violations = metrics.http2_violations.clone();
     let gateway = Arc::new(components.gateway);
     let opts = ServeOptions {
         name: "gateway",
@@ -697,6 +698,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
                 refusals.refused_head(client, head.status.as_u16(), head.reason);
             },
         )),
+        http2_violations: Some(http2_violations),
     };
     let serve = server::serve_tls_observed(
         listener,

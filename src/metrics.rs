@@ -215,6 +215,9 @@ pub struct Metrics {
     /// Forwarded requests the provider gave no usable answer to, by
     /// `forward::UpstreamFailure`.
     pub upstream_failures: IntCounterVec,
+    /// HTTP/2 connections ended with a GOAWAY for the client's violation, by
+    /// `server::HTTP2_VIOLATIONS`.
+    pub http2_violations: IntCounterVec,
     /// Hot reloads by component and result (`ok`, `refused`), and the last one's outcome.
     pub reloads: ReloadMetrics,
     pub audit: AuditMetrics,
@@ -319,6 +322,14 @@ impl Metrics {
             &["cause"],
         )
         .expect("static metric definition is valid");
+        let http2_violations = IntCounterVec::new(
+            Opts::new(
+                "ssp_http2_connection_errors_total",
+                "HTTP/2 connections the gateway ended with a GOAWAY for the client's violation of the protocol, by error code (enhance_your_calm: a flood of resets, CONTINUATION frames or pending resets).",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
         let reloads = ReloadMetrics::new();
         let audit = AuditMetrics {
             queue_depth: IntGauge::new(
@@ -394,15 +405,40 @@ impl Metrics {
             .expect("static metric definition is valid"),
         };
         audit.writable.set(1);
-        zero_known_labels(
-            &rejections,
-            &tls_handshake_failures,
-            &http_refused_heads,
-            &upstream_connect_errors,
-            &upstream_retries,
-            &upstream_bodies_cut,
-            &upstream_failures,
-        );
+        {
+            use crate::forward::{BodyCut, RetryOutcome, UpstreamFailure};
+            zero_labels(
+                &rejections,
+                crate::ssp::outcome::Rejection::REASONS.iter().copied(),
+            );
+            zero_labels(
+                &tls_handshake_failures,
+                crate::tls::HandshakeFailure::ALL.map(|f| f.as_label()),
+            );
+            zero_labels(&tls_handshake_failures, LISTENER_FAILURE_REASONS);
+            zero_labels(
+                &http_refused_heads,
+                crate::h1::HeadError::LABELS.iter().copied(),
+            );
+            zero_labels(&upstream_connect_errors, UPSTREAM_CONNECT_ERROR_REASONS);
+            zero_labels(
+                &upstream_retries,
+                [
+                    RetryOutcome::Answered,
+                    RetryOutcome::ConnectError,
+                    RetryOutcome::Timeout,
+                    RetryOutcome::Error,
+                    RetryOutcome::CircuitOpen,
+                ]
+                .map(RetryOutcome::as_str),
+            );
+            zero_labels(&upstream_bodies_cut, BodyCut::LABELS.iter().copied());
+            zero_labels(
+                &upstream_failures,
+                UpstreamFailure::ALL.map(UpstreamFailure::as_label),
+            );
+            zero_labels(&http2_violations, crate::server::HTTP2_VIOLATIONS);
+        }
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
             Box::new(rejections.clone()),
@@ -418,6 +454,7 @@ impl Metrics {
             Box::new(upstream_retries.clone()),
             Box::new(upstream_bodies_cut.clone()),
             Box::new(upstream_failures.clone()),
+            Box::new(http2_violations.clone()),
             Box::new(reloads.total.clone()),
             Box::new(reloads.last_ok.clone()),
             Box::new(audit.queue_depth.clone()),
@@ -455,6 +492,7 @@ impl Metrics {
             upstream_retries,
             upstream_bodies_cut,
             upstream_failures,
+            http2_violations,
             reloads,
             audit,
             tracing,
@@ -544,53 +582,13 @@ impl Metrics {
     }
 }
 
-/// Creates every series of the labelled counters whose labels are a known, bounded set, at 0:
-/// a series that appears only with its first event has no earlier sample, so `increase()` and
+/// Creates every series of a labelled counter whose labels are a known, bounded set, at 0: a
+/// series that appears only with its first event has no earlier sample, so `increase()` and
 /// `rate()` miss that first incident. (`ssp_reloads_total` is set up by each component as it
 /// registers: `ReloadMetrics::register_component`.)
-fn zero_known_labels(
-    rejections: &IntCounterVec,
-    handshake_failures: &IntCounterVec,
-    refused_heads: &IntCounterVec,
-    connect_errors: &IntCounterVec,
-    retries: &IntCounterVec,
-    bodies_cut: &IntCounterVec,
-    upstream_failures: &IntCounterVec,
-) {
-    use crate::forward::RetryOutcome;
-    use crate::h1::HeadError;
-    let touch = |counter: &IntCounterVec, label: &str| {
+fn zero_labels<'l>(counter: &IntCounterVec, labels: impl IntoIterator<Item = &'l str>) {
+    for label in labels {
         counter.with_label_values(&[label]);
-    };
-    for reason in crate::ssp::outcome::Rejection::REASONS {
-        touch(rejections, reason);
-    }
-    for failure in crate::tls::HandshakeFailure::ALL {
-        touch(handshake_failures, failure.as_label());
-    }
-    for reason in LISTENER_FAILURE_REASONS {
-        touch(handshake_failures, reason);
-    }
-    for label in HeadError::LABELS {
-        touch(refused_heads, label);
-    }
-    for reason in UPSTREAM_CONNECT_ERROR_REASONS {
-        touch(connect_errors, reason);
-    }
-    for outcome in [
-        RetryOutcome::Answered,
-        RetryOutcome::ConnectError,
-        RetryOutcome::Timeout,
-        RetryOutcome::Error,
-        RetryOutcome::CircuitOpen,
-    ] {
-        touch(retries, outcome.as_str());
-    }
-    for reason in crate::forward::BodyCut::LABELS {
-        touch(bodies_cut, reason);
-    }
-    for cause in crate::forward::UpstreamFailure::ALL {
-        touch(upstream_failures, cause.as_label());
     }
 }
 
@@ -990,6 +988,7 @@ mod tests {
         assert_eq!(count("ssp_upstream_bodies_cut_total{"), 2);
         // Every cause once, each a distinct label.
         assert_eq!(count("ssp_upstream_failures_total{"), 18);
+        assert_eq!(count("ssp_http2_connection_errors_total{"), 6);
         assert!(text.contains("ssp_upstream_failures_total{cause=\"tls_name_mismatch\"} 0"));
     }
 

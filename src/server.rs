@@ -125,6 +125,43 @@ pub struct RefusedHead {
 /// `ssp_http_refused_heads_total` and audits them).
 pub type OnRefusedHead = Arc<dyn Fn(&ConnInfo, RefusedHead) + Send + Sync>;
 
+/// The `reason`s of `ssp_http2_connection_errors_total`: the GOAWAY error codes (RFC 9113
+/// §7) with which the gateway's HTTP/2 ended a connection for the client's violation.
+pub const HTTP2_VIOLATIONS: [&str; 6] = [
+    "protocol_error",
+    "flow_control_error",
+    "frame_size_error",
+    "compression_error",
+    "enhance_your_calm",
+    "other",
+];
+
+/// The violation an HTTP/2 connection's end reports, as a [`HTTP2_VIOLATIONS`] label: a GOAWAY
+/// that hyper's HTTP/2 (h2) sent because the client broke the protocol (a malformed frame,
+/// flow-control or HPACK errors) or flooded it (`enhance_your_calm`: rapid resets, too many
+/// CONTINUATION frames or pending resets). `None` for any other end: clean, the client's own
+/// GOAWAY, an I/O error.
+fn h2_violation(e: &hyper::Error) -> Option<&'static str> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            if !(h2e.is_go_away() && h2e.is_library()) {
+                return None;
+            }
+            return Some(match h2e.reason()? {
+                h2::Reason::PROTOCOL_ERROR => "protocol_error",
+                h2::Reason::FLOW_CONTROL_ERROR => "flow_control_error",
+                h2::Reason::FRAME_SIZE_ERROR => "frame_size_error",
+                h2::Reason::COMPRESSION_ERROR => "compression_error",
+                h2::Reason::ENHANCE_YOUR_CALM => "enhance_your_calm",
+                _ => "other",
+            });
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// What a listener counts about its connections (the gateway's metrics; empty for others).
 #[derive(Clone, Default)]
 pub struct ConnMetrics {
@@ -135,6 +172,8 @@ pub struct ConnMetrics {
     /// Told of every request head refused before any handler saw it, over HTTP/1.1 and
     /// HTTP/2.
     pub on_refused: Option<OnRefusedHead>,
+    /// HTTP/2 connections ended for the client's violation, by [`HTTP2_VIOLATIONS`] label.
+    pub http2_violations: Option<prometheus::IntCounterVec>,
 }
 
 impl ConnMetrics {
@@ -469,6 +508,8 @@ async fn serve_h2<H, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (name, remote) = (shared.name, info.remote);
+    // For the log line of a connection ended for a violation (`info` moves into the service).
+    let peer = info.peer.clone();
     let (idle_limit, send_limit) = (shared.idle_limit, shared.send_limit);
     let max_headers = shared.max_headers;
     let on_refused = shared.metrics.on_refused.clone();
@@ -561,7 +602,22 @@ async fn serve_h2<H, Fut, B>(
         }
     };
     if let Err(e) = ended {
-        tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error");
+        match h2_violation(&e) {
+            Some(reason) => {
+                if let Some(c) = &shared.metrics.http2_violations {
+                    c.with_label_values(&[reason]).inc();
+                }
+                // A flood makes one line a second, with the number held back.
+                static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+                if let Some(held_back) = LOG.allow() {
+                    let peer = peer.names.first().map_or("-", String::as_str);
+                    tracing::warn!(listener = name, %remote, peer, reason, held_back, error = %e, "HTTP/2 connection ended: the client broke the protocol or flooded it");
+                }
+            }
+            None => {
+                tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error")
+            }
+        }
     }
 }
 

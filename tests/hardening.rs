@@ -32,6 +32,19 @@ async fn wait_until<F: Fn() -> bool>(what: &str, f: F) {
     }
 }
 
+/// The value of `series` once it reaches `want` (or what it was after 20 s).
+async fn scraped_within_20s(admin: std::net::SocketAddr, series: &str, want: f64) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http_get(admin, "/metrics").await;
+        let value = sample(&text, series).unwrap_or(f64::NAN);
+        if value == want || tokio::time::Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_certificate_renewal_under_load_drops_nothing() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
@@ -845,6 +858,16 @@ async fn an_http2_reset_flood_loses_its_connection_and_nobody_else_notices() {
         refused || matches!(closed, Ok(Ok(Err(_)))),
         "the flood was tolerated: {closed:?}"
     );
+    // Counted for operators (and logged), by its GOAWAY's code.
+    assert_eq!(
+        scraped_within_20s(
+            h.admin,
+            "ssp_http2_connection_errors_total{reason=\"enhance_your_calm\"}",
+            1.0
+        )
+        .await,
+        1.0
+    );
     // Everyone else is served.
     let other = h.world.client(&h.world.readonly, h.gateway);
     let req = Gpc::new(
@@ -859,6 +882,45 @@ async fn an_http2_reset_flood_loses_its_connection_and_nobody_else_notices() {
         .expect("answered")
         .expect("request");
     assert_eq!(a.status, StatusCode::OK);
+    h.stop().await;
+}
+
+/// A client that breaks HTTP/2 at the connection level (here a SETTINGS_INITIAL_WINDOW_SIZE
+/// above 2^31-1, RFC 9113 §6.5.2; h2 answers it with PROTOCOL_ERROR) gets a GOAWAY with that
+/// code, and the gateway counts it in `ssp_http2_connection_errors_total{reason}` (before, it was a DEBUG
+/// line only: a client probing the HTTP/2 stack left no trace an operator would see).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_protocol_violation_is_counted_by_its_goaway_code() {
+    use raw_h2::*;
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let mut tls = h2_tls(&client).await;
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 2^31: over the maximum.
+    hello.extend(frame(SETTINGS, 0, 0, &[0x00, 0x04, 0x80, 0x00, 0x00, 0x00]));
+    write(&mut tls, &hello).await;
+    let goaway = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let f = read_frame(&mut tls)
+                .await
+                .expect("a GOAWAY before the close");
+            if f.kind == GOAWAY {
+                break f;
+            }
+        }
+    })
+    .await
+    .expect("answered");
+    // Last stream id (4 bytes), then the error code: PROTOCOL_ERROR is 0x1.
+    assert_eq!(&goaway.payload[4..8], &[0, 0, 0, 1]);
+    let counted = "ssp_http2_connection_errors_total{reason=\"protocol_error\"}";
+    assert_eq!(scraped_within_20s(h.admin, counted, 1.0).await, 1.0);
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    let flood = "ssp_http2_connection_errors_total{reason=\"enhance_your_calm\"}";
+    assert_eq!(sample(&text, flood), Some(0.0));
+    // Others are served as before.
+    assert_eq!(h.consumer_metadata().await.status, StatusCode::OK);
     h.stop().await;
 }
 
