@@ -746,6 +746,12 @@ fn listener_limits(s: &mut Section<'_, '_>) -> Limits {
         s.uint(key, default as u64, min, max) as usize
     };
     let max_connections = uint("max_connections", d.max_connections, 1, 10_000_000);
+    let max_connections_per_certificate = uint(
+        "max_connections_per_certificate",
+        d.max_connections_per_certificate,
+        1,
+        10_000_000,
+    );
     let max_header_bytes = uint(
         "max_header_bytes",
         d.max_header_bytes,
@@ -767,6 +773,7 @@ fn listener_limits(s: &mut Section<'_, '_>) -> Limits {
     );
     Limits {
         max_connections,
+        max_connections_per_certificate,
         max_header_bytes,
         max_headers,
         send_timeout: s.duration("send_timeout", d.send_timeout),

@@ -33,8 +33,12 @@ pub const UNKNOWN_INTERACTION: &str = "unknown";
 
 /// The `reason`s of `ssp_tls_handshake_failures_total` the listener adds to
 /// `HandshakeFailure`'s (`server::serve_tls_observed`).
-pub const LISTENER_FAILURE_REASONS: [&str; 3] =
-    ["timeout", "connection_limit", "unreadable_certificate"];
+pub const LISTENER_FAILURE_REASONS: [&str; 4] = [
+    "timeout",
+    "connection_limit",
+    "certificate_connection_limit",
+    "unreadable_certificate",
+];
 
 /// The `reason`s of `ssp_upstream_connect_errors_total` (`forward::TlsConnector`).
 pub const UPSTREAM_CONNECT_ERROR_REASONS: [&str; 4] = ["tcp", "tls", "timeout", "other"];

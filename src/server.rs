@@ -79,6 +79,9 @@ pub struct ServeOptions {
 pub struct Limits {
     /// Open connections at most; beyond it new connections are accepted and closed at once.
     pub max_connections: usize,
+    /// Open connections with one client certificate at most; beyond it a new connection with
+    /// that certificate is closed after its handshake.
+    pub max_connections_per_certificate: usize,
     /// Largest request head (request line + headers), bytes.
     pub max_header_bytes: usize,
     /// Most header fields in one request.
@@ -100,6 +103,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 20_000,
+            max_connections_per_certificate: 1_000,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             send_timeout: Duration::from_secs(60),
@@ -201,6 +205,7 @@ mod conn_log {
     pub static NO_CERTIFICATE: Every = Every::second();
     pub static UNREADABLE: Every = Every::second();
     pub static CONNECTION_LIMIT: Every = Every::second();
+    pub static CERTIFICATE_LIMIT: Every = Every::second();
 
     /// The limit of "TLS handshake failed" lines for `reason`.
     pub fn failed(reason: HandshakeFailure) -> &'static Every {
@@ -324,6 +329,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         handshake_timeout: opts.handshake_timeout,
         http2: opts.http2,
         max_headers: limits.max_headers,
+        max_per_certificate: limits.max_connections_per_certificate,
         idle_limit: opts.header_read_timeout,
         send_limit: limits.send_timeout,
     });
@@ -403,6 +409,8 @@ struct Listener<H> {
     handshake_timeout: Duration,
     http2: bool,
     max_headers: usize,
+    /// Open connections per client certificate at most.
+    max_per_certificate: usize,
     /// HTTP/2's idle limit (the header read timeout) and send limit.
     idle_limit: Duration,
     send_limit: Duration,
@@ -473,6 +481,18 @@ async fn connection<H, Fut, B>(
     };
     client.accepted(&listener_tls, rustls::pki_types::UnixTime::now());
     drop(listener_tls);
+    // One certificate (registered or not: nothing is looked up yet) cannot take every
+    // connection slot: past its own limit its new connections are closed.
+    let Some(_counted) = client.open_connection(shared.max_per_certificate) else {
+        shared
+            .metrics
+            .handshake_failed("certificate_connection_limit");
+        if let Some(held_back) = conn_log::CERTIFICATE_LIMIT.allow() {
+            let peer = client.identity.names.first().map_or("-", String::as_str);
+            tracing::warn!(listener = name, %remote, peer, limit = shared.max_per_certificate, held_back, "connection limit of this client certificate reached; closing");
+        }
+        return;
+    };
     let _active = ActiveGuard::new(shared.metrics.active.clone());
     let info = Arc::new(ConnInfo::new(remote, client, shared.tls.clone()));
     // The protocol is the one ALPN negotiated (h2 over TLS requires ALPN, RFC 9113 §3.2); no

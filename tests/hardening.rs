@@ -1464,6 +1464,61 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
     h.stop().await;
 }
 
+/// One certificate cannot take every connection slot: past `max_connections_per_certificate`
+/// its new connections are closed after the handshake (counted as
+/// `certificate_connection_limit`), while another certificate still connects and is served,
+/// and a slot given back is usable again. Before, only the listener's global limit applied:
+/// a certificate registered nowhere held all 200 of a gateway's slots and every consumer's
+/// connection was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_cannot_take_every_connection() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            extra_listener: "max_connections_per_certificate = 2",
+            ..Default::default()
+        },
+    )
+    .await;
+    let limited_client = h.world.client(&h.world.readonly, h.gateway);
+    let first = limited_client.handshake().await.expect("first");
+    let _second = limited_client.handshake().await.expect("second");
+    // The third with the same certificate: closed after its handshake.
+    if let Ok(mut third) = limited_client.handshake().await {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+            .await
+            .expect("closed");
+        assert!(
+            !matches!(read, Ok(n) if n > 0),
+            "a third connection was kept"
+        );
+    }
+    // Another certificate is served.
+    let a = h.consumer_metadata().await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let limited = "ssp_tls_handshake_failures_total{reason=\"certificate_connection_limit\"}";
+    assert_eq!(scraped_within_20s(h.admin, limited, 1.0).await, 1.0);
+    // A slot given back is taken again.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut again = limited_client.handshake().await.expect("handshake");
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(500), again.read(&mut buf)).await;
+        if read.is_err() {
+            break; // still open: accepted
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.stop().await;
+}
+
 /// A client certificate whose Key Usage does not allow signing (here `keyEncipherment` alone,
 /// issued by the trusted CA with the consumer's name and the clientAuth purpose) is refused at
 /// the handshake, counted as `bad_certificate`: its key may not sign the handshake (RFC 8446

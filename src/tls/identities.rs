@@ -32,6 +32,20 @@ pub struct ClientCert {
     /// The leaf's notAfter, unix seconds.
     not_after: u64,
     verdict: Mutex<Verdict>,
+    /// Connections open with this certificate (see [`ClientCert::open_connection`]).
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+/// One open connection of a certificate, counted until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<ClientCert>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The listener's latest verdict on a certificate.
@@ -45,6 +59,19 @@ struct Verdict {
 }
 
 impl ClientCert {
+    /// Counts a new connection with this certificate, unless `limit` are open already (then
+    /// `None`: the connection is to be closed). One certificate, registered or not, cannot
+    /// take every connection of the listener.
+    pub fn open_connection(self: &Arc<Self>, limit: usize) -> Option<OpenConnection> {
+        use std::sync::atomic::Ordering;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then(|| n + 1)
+            })
+            .ok()
+            .map(|_| OpenConnection(self.clone()))
+    }
+
     /// Whether the listener's TLS `tls` still accepts this certificate at `now`. The verdict
     /// is reached again when `tls` is a snapshot other than the one that reached the last (a
     /// reload of the CA bundle or a CRL), and at the earliest of: a minute after it was
@@ -137,6 +164,7 @@ impl Identities {
                 until: 0,
                 refused: None,
             }),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         });
         let mut inner = self.lock();
         if inner.by_digest.len() >= inner.sweep_at.max(MIN_SWEEP) {
