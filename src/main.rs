@@ -227,10 +227,15 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// provider's; any in its file's chain) running out within [`EXPIRY_WARNING_DAYS`], an LDIF
 /// directory with no accredited system or no message handler (every request would be refused),
 /// a remote directory backend that does not answer now (the gateway would start unready), a
-/// CORS allowlist of `"*"` (any web page could call through a clinician's browser).
+/// CORS allowlist of `"*"` (any web page could call through a clinician's browser), an
+/// open-files hard limit below what the connection limits can take.
 /// Warnings, not problems: the gateway runs with each of them.
 fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<String> {
     let mut warnings = Vec::new();
+    // `run` raises the soft limit to the hard one: the hard limit is what it will have.
+    if let Ok((_, hard)) = ssp_gateway::files::open_files_limit() {
+        warnings.extend(ssp_gateway::files::open_files_warning(config, hard));
+    }
     if config.policy.cors_allowed_origins.is_any() {
         warnings.push(
             "policy.cors_allowed_origins: \"*\" lets any web page a clinician opens make their \
@@ -397,6 +402,15 @@ fn serve(config: Config, mock_only: bool) -> ExitCode {
 
 fn serve_logged(config: Config, mock_only: bool) -> ExitCode {
     ssp_gateway::memory::start_trimmer();
+    // Up to the hard limit, and said when even that is short of what the limits can take.
+    match ssp_gateway::files::raise_open_files_limit() {
+        Ok(limit) => {
+            if let Some(warning) = ssp_gateway::files::open_files_warning(&config, limit) {
+                tracing::warn!("{warning}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -576,6 +576,19 @@ fn check_config_warns_of_what_would_not_serve_well() {
         "{said}"
     );
     assert_eq!(said.matches("warning").count(), 1, "{said}");
+    // More connections allowed than the process may open files (no machine allows 10 million
+    // by default): accepting would fail before the limit refuses.
+    let fds = variant(
+        "fds",
+        "max_connections = 10000\n",
+        "max_connections = 10000000\n",
+    );
+    let said = check(&fds);
+    assert!(said.contains("warning: the open-files limit is "), "{said}");
+    assert!(
+        said.contains("listener.max_connections (10000000)"),
+        "{said}"
+    );
 }
 
 struct Child(std::process::Child);

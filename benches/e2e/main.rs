@@ -621,6 +621,8 @@ crls = ["{d}/ca.crl.pem"]
 http2 = true
 handshake_timeout = "10s"
 header_read_timeout = "300s"
+# The idle workload opens 10,000 connections with the one load-generator certificate.
+max_connections_per_certificate = 20000
 
 [admin]
 address = "127.0.0.1:{admin}"
