@@ -46,6 +46,8 @@ const DEFAULT_AUDIT_QUEUE_CAPACITY: u64 = 65_536;
 const DEFAULT_AUDIT_QUEUE_MAX_BYTES: u64 = 128 << 20;
 const DEFAULT_DIRECTORY_QUERIES_PER_SECOND: u64 = 20;
 const DEFAULT_DIRECTORY_QUERY_BURST: u64 = 200;
+const DEFAULT_REFUSALS_PER_SECOND: u64 = 20;
+const DEFAULT_REFUSAL_BURST: u64 = 100;
 const DEFAULT_AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_AUDIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
@@ -129,6 +131,10 @@ pub struct RateLimitConfig {
     /// cached), before anything shows the certificate is registered, with the same
     /// `reject_delay` and `max_tracked` as the per-consumer limits; `None`: unbounded.
     pub directory_queries: Option<crate::ratelimit::RateLimitPolicy>,
+    /// The gateway's own 4xx refusals per client certificate answered at once; past it each
+    /// is held `reject_delay` (as a 429 is), so a flood of refusals (malformed headers, an
+    /// unregistered certificate) cannot take the CPU other consumers need; `None`: no bound.
+    pub refusals: Option<crate::ratelimit::RateLimitPolicy>,
 }
 
 /// How often watched files are checked for changes (TLS material; SIGHUP reloads at once).
@@ -723,7 +729,20 @@ fn rate_limit_config(s: &mut Section<'_, '_>) -> RateLimitConfig {
         1,
         10_000_000,
     ) as u32;
+    let refusal_rate = s.uint(
+        "refusals_per_second",
+        DEFAULT_REFUSALS_PER_SECOND,
+        0,
+        10_000_000,
+    ) as u32;
+    let refusal_burst = s.uint("refusal_burst", DEFAULT_REFUSAL_BURST, 1, 10_000_000) as u32;
     RateLimitConfig {
+        refusals: (refusal_rate > 0).then(|| RateLimitPolicy {
+            default: Limit::per_second(refusal_rate, refusal_burst),
+            overrides: Default::default(),
+            max_tracked,
+            reject_delay,
+        }),
         per_consumer: enabled.then(|| RateLimitPolicy {
             default: Limit::per_second(requests, burst),
             overrides,

@@ -71,55 +71,37 @@ pub fn open_files_limit() -> io::Result<(u64, u64)> {
 
 /// Raises the open-files soft limit to the hard limit (what a server is allowed without
 /// privilege; many distributions start services at a soft limit of 1,024), and returns the
-/// limit in force after it.
+/// limit in force after it. An unlimited hard limit (not allowed for open files on Linux;
+/// refused by `setrlimit` elsewhere) leaves the soft limit as it is.
 pub fn raise_open_files_limit() -> io::Result<u64> {
     let (soft, hard) = open_files_limit()?;
-    if soft < hard {
-        let limit = libc::rlimit {
-            rlim_cur: if hard == u64::MAX {
-                libc::RLIM_INFINITY
-            } else {
-                hard
-            },
-            rlim_max: if hard == u64::MAX {
-                libc::RLIM_INFINITY
-            } else {
-                hard
-            },
-        };
-        // SAFETY: setrlimit reads the struct it is given, nothing else.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        return Ok(hard);
+    if soft >= hard || hard == u64::MAX {
+        return Ok(soft);
     }
-    Ok(soft)
+    let limit = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct it is given, nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(hard)
 }
 
-/// Descriptors the gateway needs for its connection limit to be what refuses connections: one
-/// for each of `listener.max_connections`, and a margin for everything else (the provider
-/// connections of the requests in flight and the idle pool, the audit trail, the admin
-/// listener, the directory, the log).
-pub fn descriptors_needed(config: &crate::config::Config) -> u64 {
-    (config.listener.limits.max_connections as u64).saturating_add(DESCRIPTOR_MARGIN)
-}
-
-/// Descriptors kept beside the consumer connections in [`descriptors_needed`].
-const DESCRIPTOR_MARGIN: u64 = 1024;
-
-/// A warning when `limit` (open files) is below [`descriptors_needed`]: past it, accepting
-/// fails with "Too many open files" (the admin listener too) before the connection limit is
-/// reached.
+/// A warning when `limit` (open files) is below `listener.max_connections`: the connection
+/// limit could never be what refuses connections, since accepting fails with "Too many open
+/// files" first (the admin listener's too). Only that certain shortfall is warned of: provider
+/// connections, the audit trail and the rest need descriptors on top, as the text says.
 pub fn open_files_warning(config: &crate::config::Config, limit: u64) -> Option<String> {
-    let needed = descriptors_needed(config);
-    (limit < needed).then(|| {
+    let connections = config.listener.limits.max_connections as u64;
+    (limit < connections).then(|| {
         format!(
-            "the open-files limit is {limit}, below the {needed} descriptors that \
-             listener.max_connections ({}) needs with a margin of {DESCRIPTOR_MARGIN} for \
-             provider connections and files: past it new connections (and the admin \
-             listener's) fail with \"Too many open files\" before the connection limit refuses \
-             them; raise the limit (LimitNOFILE=, ulimit -n) or lower max_connections",
-            config.listener.limits.max_connections
+            "the open-files limit is {limit}, below listener.max_connections ({connections}): \
+             new connections (and the admin listener's) would fail with \"Too many open files\" \
+             before the connection limit refuses them; raise the limit (LimitNOFILE=, ulimit -n) \
+             above max_connections with room for provider connections and files, or lower \
+             max_connections"
         )
     })
 }

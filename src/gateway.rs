@@ -55,6 +55,9 @@ pub struct Gateway {
     /// Requests needing a directory query, per client certificate (keyed by its SHA-256;
     /// `None`: unbounded).
     pub directory_budget: Option<RateLimiter>,
+    /// The gateway's own 4xx refusals answered at once, per client certificate (keyed by its
+    /// SHA-256; `None`: no bound): past it each is held `reject_delay`.
+    pub refusal_budget: Option<RateLimiter>,
     /// The bound on requests in flight (load shedding).
     pub overload: Overload,
 }
@@ -160,7 +163,7 @@ impl Gateway {
         let cors = policy.cors_allowed_origins.judge(req.headers());
 
         // Load shedding first: past the bound, answer at once rather than queue.
-        let permit = self.overload.try_acquire();
+        let mut permit = self.overload.try_acquire();
         let result = match permit {
             Some(_) => {
                 let mut unfinished = Unfinished {
@@ -181,7 +184,7 @@ impl Gateway {
         let rate_limited = record.rate_limit.is_some();
         if rate_limited {
             // A refused request gives its in-flight slot back at once: its 429 is held below.
-            drop(permit);
+            drop(permit.take());
         }
         let mut response = match result {
             Ok(resp) => resp,
@@ -248,15 +251,46 @@ impl Gateway {
             self.access_log(&conn, &ctx, &record, status, latency_us);
         }
         self.record_span(&ctx, &record, status);
+        // The gateway's own refusal of what the consumer sent (4xx, not a 429: those are held
+        // below anyway), over the certificate's budget for answering them at once.
+        let refusal_held = match (&self.refusal_budget, record.reason) {
+            (Some(budget), Some(_)) if !rate_limited && (400..500).contains(&status) => {
+                let over = !budget
+                    .check(&conn.peer.fingerprint_sha256, Instant::now())
+                    .allowed;
+                if over {
+                    self.metrics.refusals_held.inc();
+                    if version == http::Version::HTTP_2 {
+                        // Holding a stream is undone by opening another: no new streams on
+                        // this connection (a new one costs the client a handshake).
+                        conn.request_close();
+                    }
+                    static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+                    if let Some(held_back) = LOG.allow() {
+                        let peer = conn.peer_name();
+                        tracing::warn!(client = %conn.remote, peer, held_back, delay = ?budget.reject_delay(), "this client certificate's refusals are over their budget; each is held");
+                    }
+                }
+                over.then(|| budget.reject_delay())
+            }
+            _ => None,
+        };
         let response = self.record_outcome(&conn, &ctx, record, response);
-        // Both limiters hold the configured `reject_delay`.
-        if let (true, Some(limiter)) = (
-            rate_limited,
-            self.limiter.as_ref().or(self.directory_budget.as_ref()),
-        ) {
-            // A flood of refusals must not take the CPU from other consumers: the 429 waits
-            // (its in-flight slot already given back), so a connection gets one per delay.
-            tokio::time::sleep(limiter.reject_delay()).await;
+        // Both limiters hold the configured `reject_delay`, as does the refusal budget.
+        let hold = match (rate_limited, refusal_held) {
+            (true, _) => self
+                .limiter
+                .as_ref()
+                .or(self.directory_budget.as_ref())
+                .map(RateLimiter::reject_delay),
+            (false, held) => held,
+        };
+        if let Some(delay) = hold {
+            // A flood of refusals must not take the CPU from other consumers: the answer waits
+            // (its in-flight slot given back first), so a connection (or HTTP/2 stream) gets one
+            // per delay.
+            drop(permit);
+            tokio::time::sleep(delay).await;
         }
         response
     }
@@ -350,7 +384,7 @@ impl Gateway {
             from: record.from.as_deref().unwrap_or("-"),
             to: record.to.as_deref().unwrap_or("-"),
             client: conn.remote,
-            peer: conn.peer.names.first().map(String::as_str).unwrap_or("-"),
+            peer: conn.peer_name(),
             method: ctx.method.as_str(),
             status,
             latency_us,

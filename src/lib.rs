@@ -252,6 +252,10 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         &config.rate_limit.directory_queries,
         "rate_limit.directory_queries_per_second",
     );
+    let refusal_budget = limiter(
+        &config.rate_limit.refusals,
+        "rate_limit.refusals_per_second",
+    );
     let limiter = limiter(&config.rate_limit.per_consumer, "rate_limit");
     let overload = ratelimit::Overload::new(config.rate_limit.max_in_flight)
         .map_err(|e| problems.push(format!("rate_limit.max_in_flight: {e}")))
@@ -266,6 +270,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
         backend,
         limiter,
         directory_budget,
+        refusal_budget,
         overload,
         breakers,
     ) {
@@ -276,6 +281,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
             Some(backend),
             Some(limiter),
             Some(directory_budget),
+            Some(refusal_budget),
             Some(overload),
             Some(breakers),
         ) if problems.is_empty() => {
@@ -321,6 +327,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 tracer,
                 limiter,
                 directory_budget,
+                refusal_budget,
                 overload,
             };
             Ok(Components {

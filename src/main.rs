@@ -232,7 +232,8 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// Warnings, not problems: the gateway runs with each of them.
 fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<String> {
     let mut warnings = Vec::new();
-    // `run` raises the soft limit to the hard one: the hard limit is what it will have.
+    // `run` raises the soft limit to the hard one: the hard limit is what it will have if it
+    // runs as this user (a service manager may set another: systemd's LimitNOFILE=).
     if let Ok((_, hard)) = ssp_gateway::files::open_files_limit() {
         warnings.extend(ssp_gateway::files::open_files_warning(config, hard));
     }

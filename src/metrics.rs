@@ -222,6 +222,9 @@ pub struct Metrics {
     /// HTTP/2 connections ended with a GOAWAY for the client's violation, by
     /// `server::HTTP2_VIOLATIONS`.
     pub http2_violations: IntCounterVec,
+    /// The gateway's own 4xx refusals held `reject_delay` because their certificate's were
+    /// over its refusal budget.
+    pub refusals_held: prometheus::IntCounter,
     /// Hot reloads by component and result (`ok`, `refused`), and the last one's outcome.
     pub reloads: ReloadMetrics,
     pub audit: AuditMetrics,
@@ -332,6 +335,11 @@ impl Metrics {
                 "HTTP/2 connections the gateway ended with a GOAWAY for the client's violation of the protocol, by error code (enhance_your_calm: a flood of resets, CONTINUATION frames or pending resets).",
             ),
             &["reason"],
+        )
+        .expect("static metric definition is valid");
+        let refusals_held = prometheus::IntCounter::new(
+            "ssp_refusals_held_total",
+            "The gateway's own 4xx refusals (not 429s) held reject_delay because their client certificate's refusals were over rate_limit.refusals_per_second.",
         )
         .expect("static metric definition is valid");
         let reloads = ReloadMetrics::new();
@@ -459,6 +467,7 @@ impl Metrics {
             Box::new(upstream_bodies_cut.clone()),
             Box::new(upstream_failures.clone()),
             Box::new(http2_violations.clone()),
+            Box::new(refusals_held.clone()),
             Box::new(reloads.total.clone()),
             Box::new(reloads.last_ok.clone()),
             Box::new(audit.queue_depth.clone()),
@@ -497,6 +506,7 @@ impl Metrics {
             upstream_bodies_cut,
             upstream_failures,
             http2_violations,
+            refusals_held,
             reloads,
             audit,
             tracing,
@@ -985,7 +995,7 @@ mod tests {
         }
         let count = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
         assert_eq!(count("ssp_rejections_total{"), 25);
-        assert_eq!(count("ssp_tls_handshake_failures_total{"), 15);
+        assert_eq!(count("ssp_tls_handshake_failures_total{"), 16);
         assert_eq!(count("ssp_http_refused_heads_total{"), 6);
         assert_eq!(count("ssp_upstream_connect_errors_total{"), 4);
         assert_eq!(count("ssp_upstream_retries_total{"), 5);

@@ -30,6 +30,8 @@ pub struct ConnInfo {
     /// The certificate itself, and the listener's TLS, to judge it again.
     client: Arc<ClientCert>,
     tls: Arc<Reloadable<ListenerTls>>,
+    /// The request path asked for the connection to end (see [`ConnInfo::request_close`]).
+    close_requested: std::sync::atomic::AtomicBool,
 }
 
 impl ConnInfo {
@@ -39,7 +41,27 @@ impl ConnInfo {
             peer: client.identity.clone(),
             client,
             tls,
+            close_requested: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Asks an HTTP/2 connection to end gracefully: a GOAWAY within a second (no new streams;
+    /// those open finish). The request path asks it of a client whose refusals are over their
+    /// budget, so that holding each refused stream is not undone by opening more streams.
+    /// (HTTP/1.1 needs no such thing: a held answer holds its connection.)
+    pub fn request_close(&self) {
+        self.close_requested
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn close_requested(&self) -> bool {
+        self.close_requested
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The certificate's first name (its SAN or CN), or `-`, for log lines.
+    pub fn peer_name(&self) -> &str {
+        self.peer.names.first().map_or("-", String::as_str)
     }
 
     /// Whether the listener would still accept the client certificate this connection was
@@ -528,8 +550,8 @@ async fn serve_h2<H, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (name, remote) = (shared.name, info.remote);
-    // For the log line of a connection ended for a violation (`info` moves into the service).
-    let peer = info.peer.clone();
+    // For the connection's own checks and log lines (`info` moves into the service).
+    let conn_info = info.clone();
     let (idle_limit, send_limit) = (shared.idle_limit, shared.send_limit);
     let max_headers = shared.max_headers;
     let on_refused = shared.metrics.on_refused.clone();
@@ -600,25 +622,35 @@ async fn serve_h2<H, Fut, B>(
                 conn.as_mut().graceful_shutdown();
                 goaway_sent = true;
             }
-            _ = check.tick() => match activity.check(idle_limit, send_limit) {
-                crate::h2watch::Verdict::Stalled => {
-                    // Like HTTP/1.1's send timeout: the connection goes, and with it the
-                    // provider's streams; the outcome records say not completed.
-                    tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading a response; closing");
-                    break Ok(());
-                }
-                crate::h2watch::Verdict::Idle if !goaway_sent => {
-                    tracing::debug!(listener = name, %remote, "HTTP/2 connection idle; closing");
+            _ = check.tick() => {
+                if conn_info.close_requested() && !goaway_sent {
+                    // The request path asked (a client over its refusal budget): no new
+                    // streams; those open finish.
+                    tracing::debug!(listener = name, %remote, "HTTP/2 connection asked to close; GOAWAY");
                     conn.as_mut().graceful_shutdown();
                     goaway_sent = true;
                     give_up = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
                 }
-                _ if give_up.is_some_and(|at| tokio::time::Instant::now() >= at) => {
-                    // A client that never sent its preface, or ignores the GOAWAY.
-                    break Ok(());
+                match activity.check(idle_limit, send_limit) {
+                    crate::h2watch::Verdict::Stalled => {
+                        // Like HTTP/1.1's send timeout: the connection goes, and with it the
+                        // provider's streams; the outcome records say not completed.
+                        tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading a response; closing");
+                        break Ok(());
+                    }
+                    crate::h2watch::Verdict::Idle if !goaway_sent => {
+                        tracing::debug!(listener = name, %remote, "HTTP/2 connection idle; closing");
+                        conn.as_mut().graceful_shutdown();
+                        goaway_sent = true;
+                        give_up = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
+                    }
+                    _ if give_up.is_some_and(|at| tokio::time::Instant::now() >= at) => {
+                        // A client that never sent its preface, or ignores the GOAWAY.
+                        break Ok(());
+                    }
+                    _ => {}
                 }
-                _ => {}
-            },
+            }
         }
     };
     if let Err(e) = ended {
@@ -630,7 +662,7 @@ async fn serve_h2<H, Fut, B>(
                 // A flood makes one line a second, with the number held back.
                 static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
                 if let Some(held_back) = LOG.allow() {
-                    let peer = peer.names.first().map_or("-", String::as_str);
+                    let peer = conn_info.peer_name();
                     tracing::warn!(listener = name, %remote, peer, reason, held_back, error = %e, "HTTP/2 connection ended: the client broke the protocol or flooded it");
                 }
             }

@@ -885,9 +885,64 @@ async fn an_http2_reset_flood_loses_its_connection_and_nobody_else_notices() {
     h.stop().await;
 }
 
+/// Over HTTP/2, holding a refused stream past the certificate's refusal budget would be undone
+/// by opening more streams: the connection also gets a GOAWAY (no new streams; a new
+/// connection costs the client a handshake, and the certificate's connections are capped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_over_its_refusal_budget_is_sent_a_goaway() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            rate_limit: "refusals_per_second = 1\nrefusal_burst = 1\nreject_delay = \"100ms\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (mut sender, conn) = h2::client::handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    for _ in 0..2 {
+        let built = Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            "urn:not:an:interaction",
+        )
+        .build();
+        let mut req = http::Request::builder()
+            .method("GET")
+            .uri(format!("https://localhost{}", built.uri()));
+        for (name, value) in built.headers() {
+            if name != http::header::HOST {
+                req = req.header(name, value);
+            }
+        }
+        sender = sender.ready().await.expect("ready");
+        let (resp, _) = sender
+            .send_request(req.body(()).expect("request"), true)
+            .expect("sent");
+        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+            .await
+            .expect("answered")
+            .expect("response");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+    // The second was over the budget: held, and the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(ended.is_ok(), "the connection was kept open");
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    assert_eq!(sample(&text, "ssp_refusals_held_total"), Some(1.0));
+    // A new connection is served.
+    assert_eq!(h.consumer_metadata().await.status, StatusCode::OK);
+    h.stop().await;
+}
+
 /// A client that breaks HTTP/2 at the connection level (here a SETTINGS_INITIAL_WINDOW_SIZE
-/// above 2^31-1, RFC 9113 §6.5.2; h2 answers it with PROTOCOL_ERROR) gets a GOAWAY with that
-/// code, and the gateway counts it in `ssp_http2_connection_errors_total{reason}` (before, it was a DEBUG
+/// above 2^31-1, which RFC 9113 §6.5.2 makes a FLOW_CONTROL_ERROR; h2 0.4 sends
+/// PROTOCOL_ERROR for it, and the test asserts what h2 does) gets a GOAWAY with that code, and
+/// the gateway counts it in `ssp_http2_connection_errors_total{reason}` (before, it was a DEBUG
 /// line only: a client probing the HTTP/2 stack left no trace an operator would see).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_protocol_violation_is_counted_by_its_goaway_code() {
@@ -1482,8 +1537,18 @@ async fn one_certificate_cannot_take_every_connection() {
     )
     .await;
     let limited_client = h.world.client(&h.world.readonly, h.gateway);
+    // Each counted (the server's side of the handshake done) before the next: with TLS 1.3
+    // the client's handshake ends first.
     let first = limited_client.handshake().await.expect("first");
+    assert_eq!(
+        scraped_within_20s(h.admin, "ssp_active_connections", 1.0).await,
+        1.0
+    );
     let _second = limited_client.handshake().await.expect("second");
+    assert_eq!(
+        scraped_within_20s(h.admin, "ssp_active_connections", 2.0).await,
+        2.0
+    );
     // The third with the same certificate: closed after its handshake.
     if let Ok(mut third) = limited_client.handshake().await {
         let mut buf = [0u8; 1];

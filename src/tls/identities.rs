@@ -151,7 +151,8 @@ impl Identities {
             return Ok(id);
         }
         // Parsed outside the lock; two handshakes racing on a new certificate both parse it,
-        // and the map keeps the later one (both are equal).
+        // and the first to insert wins: the other takes the one in the map, so that every
+        // connection of a certificate is counted on one object (its connection limit).
         let (identity, not_after) = identity_with_digest(leaf, &digest)?;
         let not_after = u64::try_from(not_after).unwrap_or(0);
         let id = Arc::new(ClientCert {
@@ -167,6 +168,9 @@ impl Identities {
             connections: std::sync::atomic::AtomicUsize::new(0),
         });
         let mut inner = self.lock();
+        if let Some(live) = inner.by_digest.get(&digest).and_then(Weak::upgrade) {
+            return Ok(live);
+        }
         if inner.by_digest.len() >= inner.sweep_at.max(MIN_SWEEP) {
             inner.by_digest.retain(|_, id| id.strong_count() > 0);
             inner.sweep_at = 2 * inner.by_digest.len();
@@ -220,6 +224,39 @@ mod tests {
         assert_eq!(*first.identity, peer_identity(&a.cert_der).expect("parse"));
         assert_eq!(*other.identity, peer_identity(&b.cert_der).expect("parse"));
         assert_eq!(other.identity.names, ["b.example"]);
+    }
+
+    /// Handshakes racing on a new certificate all get the one object the map keeps, so its
+    /// connection count is one count: before, each racer parsed and inserted its own, and the
+    /// connections counted on the ones overwritten counted against no limit.
+    #[test]
+    fn racing_handshakes_on_a_new_certificate_share_one_identity_and_one_count() {
+        let ca = ca();
+        let leaf = ca
+            .issue(&LeafSpec::client(&["race.example"]))
+            .expect("leaf");
+        let ids = Arc::new(Identities::default());
+        let start = Arc::new(std::sync::Barrier::new(8));
+        let got: Vec<Arc<ClientCert>> = (0..8)
+            .map(|_| {
+                let (ids, start, der) = (ids.clone(), start.clone(), leaf.cert_der.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    ids.get(std::slice::from_ref(&der)).expect("identity")
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        assert!(got.iter().all(|id| Arc::ptr_eq(id, &got[0])));
+        let open: Vec<_> = got.iter().filter_map(|id| id.open_connection(3)).collect();
+        assert_eq!(open.len(), 3, "the limit counts every racer's connection");
+        drop(open);
+        assert!(
+            got[5].open_connection(1).is_some(),
+            "given back when dropped"
+        );
     }
 
     #[test]
