@@ -137,24 +137,14 @@ async fn api_errors_are_directory_errors_naming_the_correlation_id() {
     assert!(nowhere.party(PROVIDER_ASID).await.is_err());
 }
 
-fn server_tls(world: &World) -> Arc<rustls::ServerConfig> {
-    let certs = ssp_gateway::tls::load_certs(&world.provider.cert).expect("certs");
-    let key = ssp_gateway::tls::load_private_key(&world.provider.key).expect("key");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .expect("server config");
-    Arc::new(config)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_verifies_the_api_certificate_against_the_configured_ca() {
     let world = World::ecdsa();
-    let api = FhirApi::start(&world_ldif(), Some(server_tls(&world))).await;
+    let api = FhirApi::start(
+        &world_ldif(),
+        Some(directory_support::api_server_tls(&world)),
+    )
+    .await;
     let fhir = backend(api.https_base_url(), API_KEY, Some(world.ca.clone()));
     let provider = fhir
         .party(PROVIDER_ASID)

@@ -357,21 +357,6 @@ async fn a_stale_ldaps_crl_retires_the_directory_connection() {
     h.stop().await;
 }
 
-/// The API's server TLS: the provider certificate (it names localhost).
-fn api_tls(world: &World) -> Arc<rustls::ServerConfig> {
-    let certs = ssp_gateway::tls::load_certs(&world.provider.cert).expect("certs");
-    let key = ssp_gateway::tls::load_private_key(&world.provider.key).expect("key");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .expect("server config");
-    Arc::new(config)
-}
-
 /// The earliest notAfter of a CA bundle file.
 fn bundle_not_after(path: &Path) -> i64 {
     ssp_gateway::tls::load_certs(path)
@@ -389,7 +374,7 @@ fn bundle_not_after(path: &Path) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fhir_ca_is_measured_and_reloaded_with_a_new_client() {
     let world = World::ecdsa();
-    let api = Arc::new(FhirApi::start("", Some(api_tls(&world))).await);
+    let api = Arc::new(FhirApi::start("", Some(directory_support::api_server_tls(&world))).await);
     let dir = scratch_dir("fhir-ca");
     let key = dir.join("apikey");
     std::fs::write(&key, API_KEY).expect("write key");

@@ -820,6 +820,9 @@ async fn an_http2_reset_flood_loses_its_connection_and_nobody_else_notices() {
         Behaviour::Echo,
         GatewayOptions {
             extra_listener: "http2_max_pending_reset_streams = 5",
+            // The flood's streams are refused (no Ssp headers): without a refusal budget, so
+            // that the reset-flood defence, not the budget's GOAWAY, is what ends it.
+            rate_limit: "enabled = false\nrefusals_per_second = 0",
             ..Default::default()
         },
     )

@@ -668,3 +668,19 @@ pub async fn until_readiness(addr: SocketAddr, expected: (u16, Option<bool>), wh
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A TLS server config with the world's provider certificate (it names localhost): the SDS
+/// FHIR API's, for the tests that start one over HTTPS.
+pub fn api_server_tls(world: &crate::common::World) -> std::sync::Arc<rustls::ServerConfig> {
+    let certs = ssp_gateway::tls::load_certs(&world.provider.cert).expect("certs");
+    let key = ssp_gateway::tls::load_private_key(&world.provider.key).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    std::sync::Arc::new(config)
+}
