@@ -136,6 +136,10 @@ pub struct Identities {
 #[derive(Debug, Default)]
 struct Inner {
     by_digest: HashMap<[u8; 32], Weak<ClientCert>>,
+    /// By the SHA-256 of the signed part: one certificate presented as other DER bytes (an
+    /// ECDSA signature's other form) is the same object, with the same connection count and
+    /// the same fingerprint for the budgets keyed by it.
+    by_signed: HashMap<[u8; 32], Weak<ClientCert>>,
     sweep_at: usize,
 }
 
@@ -153,7 +157,7 @@ impl Identities {
         // Parsed outside the lock; two handshakes racing on a new certificate both parse it,
         // and the first to insert wins: the other takes the one in the map, so that every
         // connection of a certificate is counted on one object (its connection limit).
-        let (identity, not_after) = identity_with_digest(leaf, &digest)?;
+        let (identity, not_after, signed) = identity_with_digest(leaf, &digest)?;
         let not_after = u64::try_from(not_after).unwrap_or(0);
         let id = Arc::new(ClientCert {
             identity: Arc::new(identity),
@@ -173,9 +177,16 @@ impl Identities {
         }
         if inner.by_digest.len() >= inner.sweep_at.max(MIN_SWEEP) {
             inner.by_digest.retain(|_, id| id.strong_count() > 0);
+            inner.by_signed.retain(|_, id| id.strong_count() > 0);
             inner.sweep_at = 2 * inner.by_digest.len();
         }
+        // The same certificate under another encoding: the one already shared.
+        if let Some(live) = inner.by_signed.get(&signed).and_then(Weak::upgrade) {
+            inner.by_digest.insert(digest, Arc::downgrade(&live));
+            return Ok(live);
+        }
         inner.by_digest.insert(digest, Arc::downgrade(&id));
+        inner.by_signed.insert(signed, Arc::downgrade(&id));
         Ok(id)
     }
 
@@ -224,6 +235,44 @@ mod tests {
         assert_eq!(*first.identity, peer_identity(&a.cert_der).expect("parse"));
         assert_eq!(*other.identity, peer_identity(&b.cert_der).expect("parse"));
         assert_eq!(other.identity.names, ["b.example"]);
+    }
+
+    /// One certificate presented as other DER bytes (its signature re-encoded: an ECDSA
+    /// signature (r, s) verifies as (r, n−s) too) is the same identity, with one connection
+    /// count: keyed by its bytes alone, it got a second count and a second fingerprint for the
+    /// budgets. Another certificate is still another identity.
+    #[test]
+    fn one_certificate_under_another_encoding_is_one_identity() {
+        let ca = ca();
+        let leaf = ca
+            .issue(&LeafSpec::client(&["same.example"]))
+            .expect("leaf");
+        // The last byte of the DER is the signature's: the signed part is unchanged.
+        let mut bytes = leaf.cert_der.to_vec();
+        *bytes.last_mut().expect("not empty") ^= 1;
+        let other_bytes = CertificateDer::from(bytes);
+        assert_ne!(sha256(&other_bytes), sha256(&leaf.cert_der));
+        let ids = Identities::default();
+        let first = ids
+            .get(std::slice::from_ref(&leaf.cert_der))
+            .expect("identity");
+        let again = ids
+            .get(std::slice::from_ref(&other_bytes))
+            .expect("identity");
+        assert!(Arc::ptr_eq(&first, &again), "one identity per certificate");
+        let open = first.open_connection(1);
+        assert!(open.is_some());
+        assert!(again.open_connection(1).is_none(), "one count");
+        let another = ca
+            .issue(&LeafSpec::client(&["same.example"]))
+            .expect("leaf");
+        let third = ids
+            .get(std::slice::from_ref(&another.cert_der))
+            .expect("identity");
+        assert!(
+            !Arc::ptr_eq(&first, &third),
+            "a re-issued certificate is its own"
+        );
     }
 
     /// Handshakes racing on a new certificate all get the one object the map keeps, so its

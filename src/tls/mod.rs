@@ -1290,16 +1290,22 @@ fn certified_key(
 
 /// The identity of a verified peer, from its leaf certificate.
 pub fn peer_identity(leaf: &CertificateDer<'_>) -> Result<PeerIdentity, TlsError> {
-    identity_with_digest(leaf, &sha256(leaf)).map(|(identity, _)| identity)
+    identity_with_digest(leaf, &sha256(leaf)).map(|(identity, ..)| identity)
 }
 
 /// `peer_identity`, with the SHA-256 of `leaf` already computed, and the certificate's
 /// `notAfter` (Unix seconds) from the same parse.
+/// The identity of `leaf` (whose SHA-256 is `digest`), its notAfter, and the SHA-256 of its
+/// signed part (`tbsCertificate`): what tells one certificate from another whatever the
+/// encoding of its signature (an ECDSA signature (r, s) verifies as (r, n−s) too, so a holder
+/// can present the same certificate as other DER bytes, with another `digest`). Not issuer
+/// and serial: two CAs of one name (a key rollover) may both number from 1.
 fn identity_with_digest(
     leaf: &CertificateDer<'_>,
     digest: &[u8; 32],
-) -> Result<(PeerIdentity, i64), TlsError> {
+) -> Result<(PeerIdentity, i64, [u8; 32]), TlsError> {
     let cert = parse_peer(leaf)?;
+    let signed = sha256(cert.tbs_certificate.as_ref());
     let not_after = cert.validity().not_after.timestamp();
     let mut names = Vec::new();
     let san = cert
@@ -1328,7 +1334,7 @@ fn identity_with_digest(
         serial: serial_hex(cert.raw_serial()),
         fingerprint_sha256: hex(digest),
     };
-    Ok((identity, not_after))
+    Ok((identity, not_after, signed))
 }
 
 /// The certificate's `notAfter`, in Unix seconds (for expiry metrics).
