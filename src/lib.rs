@@ -125,10 +125,6 @@ pub struct Components {
     pub mock_provider: Option<(Arc<MockProvider>, Arc<Reloadable<tls::ListenerTls>>)>,
     /// The LDIF directory backend, for reloading; `None` for the remote backends.
     pub ldif: Option<Arc<LdifBackend>>,
-    /// LDAPS: when the directory client certificate chain and CA bundle run out, as loaded now
-    /// (what `check-config` warns of; the metrics read [`Components::directory_tls`] in force);
-    /// `None` for the other backends.
-    pub directory_certificates: Option<tls::Expiry>,
     /// The remote directory's TLS material (`ldaps://`, or the FHIR API's CA bundle), reloaded
     /// like the listener's; `None` for the LDIF backend and `ldap://`.
     pub directory_tls: Option<directory::DirectoryTls>,
@@ -338,7 +334,6 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
                 client_tls,
                 mock_provider,
                 ldif: backend.ldif,
-                directory_certificates: backend.tls.as_ref().and_then(|t| t.ldap_expiry()),
                 directory_tls: backend.tls,
                 audit_writer,
                 span_exporter,

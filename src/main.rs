@@ -261,8 +261,12 @@ fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<
             components.client_tls.current().expiry.chain,
         ),
     ];
+    let ldap_expiry = components
+        .directory_tls
+        .as_ref()
+        .and_then(|t| t.ldap_expiry());
     if let (DirectoryBackendConfig::Ldap(ldap), Some(expiry)) =
-        (&config.directory.backend, components.directory_certificates)
+        (&config.directory.backend, ldap_expiry)
     {
         if let Some(tls) = &ldap.tls {
             own.push(("directory.ldap_cert", &tls.cert, expiry.chain));
