@@ -144,14 +144,9 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> Watched {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match s.read(&mut byte).await {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
+                let Some(mut head) = read_request_head(&mut s).await else {
+                    return;
+                };
                 requests.fetch_add(1, Ordering::SeqCst);
                 match fault {
                     Fault::Scripted => loop {
@@ -173,16 +168,11 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> Watched {
                             return;
                         }
                         // The next request on this connection, or its close.
-                        head.clear();
-                        while !head.ends_with(b"\r\n\r\n") {
-                            match s.read(&mut byte).await {
-                                Ok(1) => head.push(byte[0]),
-                                _ => {
-                                    hung_up.fetch_add(1, Ordering::SeqCst);
-                                    return;
-                                }
-                            }
-                        }
+                        let Some(next) = read_request_head(&mut s).await else {
+                            hung_up.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        };
+                        head = next;
                         requests.fetch_add(1, Ordering::SeqCst);
                     },
                     Fault::Garbage => {

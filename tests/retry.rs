@@ -244,14 +244,9 @@ async fn reads_then_hangs_up(world: &World) -> (u16, Arc<AtomicUsize>) {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match s.read(&mut byte).await {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
+                let Some(head) = read_request_head(&mut s).await else {
+                    return;
+                };
                 let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 let length: usize = text
                     .lines()

@@ -1179,3 +1179,18 @@ pub async fn tcp_front(resets: usize, upstream: SocketAddr) -> (u16, Arc<AtomicU
     });
     (port, accepted)
 }
+
+/// One request head, up to and including its blank line, read a byte at a time so that nothing
+/// after it is taken from `s`; `None` when the stream ends or fails first.
+pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
