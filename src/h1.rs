@@ -1264,13 +1264,23 @@ fn write_head(
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
+    // The provider's own reason phrase when it was not the canonical one (hyper's client keeps
+    // it, checked to be reason-phrase bytes: no CR, LF or NUL), as a proxy passes it on. An empty
+    // one (which is also what httparse makes of a phrase with obs-text bytes) gets the canonical.
+    match parts
+        .extensions
+        .get::<hyper::ext::ReasonPhrase>()
+        .filter(|r| !r.as_bytes().is_empty())
+    {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("Unknown")
+                .as_bytes(),
+        ),
+    }
     out.extend_from_slice(b"\r\n");
     for (name, value) in parts.headers.iter() {
         if name == header::TRANSFER_ENCODING

@@ -81,6 +81,19 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "via",
         b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nVia: 1.1 provider-edge\r\nVia: 1.0 provider-lb\r\nContent-Length: 2\r\n\r\n{}",
     ),
+    // Well formed, with reason phrases of the provider's own.
+    (
+        "own-reason",
+        b"HTTP/1.1 200 Slots Found\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
+    ),
+    (
+        "own-reason-404",
+        b"HTTP/1.1 404 No Such Slot\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
+    ),
+    (
+        "obs-text-reason",
+        b"HTTP/1.1 404 No Such Slot \xc2\xa0here\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
+    ),
     // No answer: the connection closed (TLS close_notify, then FIN) after the request.
     ("hang-up", b""),
     // No answer: the connection reset (TCP RST) after the request.
@@ -1058,6 +1071,41 @@ async fn provider_answers_carry_the_gateways_via_after_the_providers() {
         assert_eq!(a.status, StatusCode::BAD_GATEWAY, "http2 {http2}");
         assert!(via(&a).is_empty(), "http2 {http2}: {:?}", via(&a));
     }
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider's own reason phrase reaches an HTTP/1.1 consumer as the provider sent it, as a proxy passes a status line on (RFC 9112 §4); a canonical one
+/// stays canonical, and the gateway's own answers carry the canonical phrase. Before, every
+/// status line was rewritten with the canonical phrase. HTTP/2 has no reason phrase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_own_reason_phrase_reaches_an_http1_consumer() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let (_config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
+    let client = world.client_with(&world.consumer, running.gateway_addr, false);
+    for (answer, status, reason) in [
+        ("own-reason", StatusCode::OK, Some("Slots Found")),
+        (
+            "own-reason-404",
+            StatusCode::NOT_FOUND,
+            Some("No Such Slot"),
+        ),
+        // httparse gives a phrase with obs-text bytes as empty: the canonical one goes instead.
+        ("obs-text-reason", StatusCode::NOT_FOUND, None),
+        ("via", StatusCode::OK, None),
+        ("gzip", StatusCode::BAD_GATEWAY, None),
+    ] {
+        let (a, _) = scripted_metadata(&client, &target, answer).await;
+        let a = a.unwrap_or_else(|e| panic!("{answer}: {e}"));
+        assert_eq!(a.status, status, "{answer}: {}", a.text());
+        assert_eq!(a.reason.as_deref(), reason, "{answer}");
+    }
+    let client = world.client_with(&world.consumer, running.gateway_addr, true);
+    let (a, _) = scripted_metadata(&client, &target, "own-reason-404").await;
+    let a = a.unwrap_or_else(|e| panic!("http2: {e}"));
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.reason, None);
     shutdown.cancel();
     running.wait().await;
 }

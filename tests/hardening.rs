@@ -219,12 +219,7 @@ async fn on_open_connection(
     use http_body_util::BodyExt;
     let resp = sender.send_request(req).await.expect("response");
     let (parts, body) = resp.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.expect("body").to_bytes(),
-        version: parts.version,
-    }
+    Answer::of(parts, body.collect().await.expect("body").to_bytes())
 }
 
 /// A connection opened before a CRL revoking its certificate was published does not live on

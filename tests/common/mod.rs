@@ -815,9 +815,25 @@ pub struct Answer {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub version: http::Version,
+    /// The status line's reason phrase when it was not the status's canonical one (HTTP/1.1).
+    pub reason: Option<String>,
 }
 
 impl Answer {
+    /// The answer of a response's head and collected body.
+    pub fn of(parts: http::response::Parts, body: Bytes) -> Answer {
+        Answer {
+            reason: parts
+                .extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned()),
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version: parts.version,
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
@@ -940,12 +956,7 @@ impl Client {
         };
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-            version: parts.version,
-        })
+        Ok(Answer::of(parts, body))
     }
 
     /// Sends a GP Connect request through the gateway with valid Ssp headers and JWT.
