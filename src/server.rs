@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::h1::{BodyError, RequestBody};
 
 use crate::reload::Reloadable;
-use crate::tls::identities::{ClientCert, Identities};
+use crate::tls::identities::{ClientCert, Identities, OpenConnection};
 use crate::tls::{HandshakeFailure, ListenerTls, PeerIdentity};
 
 /// What the request path knows about the connection a request came on.
@@ -32,16 +32,26 @@ pub struct ConnInfo {
     tls: Arc<Reloadable<ListenerTls>>,
     /// The request path asked for the connection to end (see [`ConnInfo::request_close`]).
     close_requested: std::sync::atomic::AtomicBool,
+    /// The connection's place in its certificate's count, given back when the last holder of
+    /// this info ends: the connection, and each of its requests (an HTTP/2 request runs in a
+    /// task of its own, which outlives a connection the client closed).
+    _counted: OpenConnection,
 }
 
 impl ConnInfo {
-    fn new(remote: SocketAddr, client: Arc<ClientCert>, tls: Arc<Reloadable<ListenerTls>>) -> Self {
+    fn new(
+        remote: SocketAddr,
+        client: Arc<ClientCert>,
+        tls: Arc<Reloadable<ListenerTls>>,
+        counted: OpenConnection,
+    ) -> Self {
         ConnInfo {
             remote,
             peer: client.identity.clone(),
             client,
             tls,
             close_requested: std::sync::atomic::AtomicBool::new(false),
+            _counted: counted,
         }
     }
 
@@ -505,7 +515,7 @@ async fn connection<H, Fut, B>(
     drop(listener_tls);
     // One certificate (registered or not: nothing is looked up yet) cannot take every
     // connection slot: past its own limit its new connections are closed.
-    let Some(_counted) = client.open_connection(shared.max_per_certificate) else {
+    let Some(counted) = client.open_connection(shared.max_per_certificate) else {
         shared
             .metrics
             .handshake_failed("certificate_connection_limit");
@@ -516,7 +526,7 @@ async fn connection<H, Fut, B>(
         return;
     };
     let _active = ActiveGuard::new(shared.metrics.active.clone());
-    let info = Arc::new(ConnInfo::new(remote, client, shared.tls.clone()));
+    let info = Arc::new(ConnInfo::new(remote, client, shared.tls.clone(), counted));
     // The protocol is the one ALPN negotiated (h2 over TLS requires ALPN, RFC 9113 §3.2); no
     // sniffing of the first bytes, so a silent client meets the header read timeout.
     let negotiated_h2 = handshaken.alpn.as_deref() == Some(b"h2".as_slice());

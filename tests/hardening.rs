@@ -1588,6 +1588,75 @@ async fn one_certificate_cannot_take_every_connection() {
     h.stop().await;
 }
 
+/// An HTTP/2 connection's place in its certificate's count is held until its last request
+/// ends, not only until the connection closes: each request runs in a task of its own, which
+/// outlives a connection the client closed. Before, a certificate could open a connection,
+/// start its requests, close it and open the next, and have any number of them running past
+/// `max_connections_per_certificate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_http2_connections_running_request_still_counts_against_its_certificate() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Hold(gate.clone()),
+        GatewayOptions {
+            extra_listener: "max_connections_per_certificate = 1",
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let tls = client.handshake().await.expect("handshake");
+    let (sender, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let (req, trace) = h2_metadata(&h);
+    let mut sender = sender.ready().await.expect("ready");
+    let (_resp, _stream) = sender.send_request(req, true).expect("sent");
+    wait_until("the request reached the provider", || {
+        h.recorder.seen() == 1
+    })
+    .await;
+    // The client goes: its TCP connection closes with the request still at the provider.
+    conn.abort();
+    drop((sender, _resp, _stream));
+    assert_eq!(
+        scraped_within_20s(h.admin, "ssp_active_connections", 0.0).await,
+        0.0
+    );
+    // The certificate's one place is still the running request's.
+    if let Ok(mut refused) = client.handshake().await {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), refused.read(&mut buf))
+            .await
+            .expect("closed");
+        assert!(
+            !matches!(read, Ok(n) if n > 0),
+            "a second connection was kept while the first's request ran"
+        );
+    }
+    let limited = "ssp_tls_handshake_failures_total{reason=\"certificate_connection_limit\"}";
+    assert_eq!(scraped_within_20s(h.admin, limited, 1.0).await, 1.0);
+    // The request ends (its outcome recorded): the place is given back. (The provider answers
+    // every request from now.)
+    gate.add_permits(1000);
+    let record = outcome_of(&h, &trace).await;
+    assert_eq!(record["status"], 200, "{record}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = h.consumer_metadata().await;
+        if a.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never given back: {}",
+            a.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.stop().await;
+}
+
 /// A client certificate whose Key Usage does not allow signing (here `keyEncipherment` alone,
 /// issued by the trusted CA with the consumer's name and the clientAuth purpose) is refused at
 /// the handshake, counted as `bad_certificate`: its key may not sign the handshake (RFC 8446
