@@ -1,8 +1,12 @@
 //! Hot reload of what the gateway loads from files (TLS material first): a new snapshot is
 //! built off the hot path — on SIGHUP or when a watched file's size or modification time
 //! changes — and swapped in atomically. A snapshot that fails to build is refused, logged and
-//! counted; the previous one stays in force. Connections already open keep the snapshot they
-//! were accepted with; nothing is dropped.
+//! counted; the previous one stays in force, and the build is tried again every
+//! [`retry_refused`] while it stays refused: what refused it may pass with no change to the
+//! files' size or time (a renewed certificate whose notBefore is still ahead, a key made
+//! readable by `chown`). A retry refused for the same reason again is not logged or counted a
+//! second time. Connections already open keep the snapshot they were accepted with; nothing is
+//! dropped.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +43,12 @@ pub struct Reloadable<T> {
     stats: ReloadStats,
     /// `ssp_reloads_total{component, result}` and `ssp_reload_last_ok`, when metrics are on.
     counter: std::sync::OnceLock<crate::metrics::ReloadMetrics>,
+}
+
+/// How long after a refused reload it is tried again, files changed or not: twice the poll
+/// interval, at most 10 s (and 10 s when only SIGHUP reloads).
+pub fn retry_refused(poll: Duration) -> Duration {
+    poll.saturating_mul(2).min(Duration::from_secs(10))
 }
 
 /// What a watched file looked like at the last check: (modified, length), or absent.
@@ -91,15 +101,35 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
 
     /// Rebuilds with `build` and swaps the result in; on failure keeps the old value.
     pub fn reload_with<E: std::fmt::Display>(&self, build: impl FnOnce() -> Result<T, E>) -> bool {
+        self.attempt(build, None).is_ok()
+    }
+
+    /// [`Reloadable::reload_with`], saying why it was refused. `again`: the reason of the
+    /// refusal this retries unchanged; refused for that same reason, it is neither logged nor
+    /// counted again (the refusal stands, as `ssp_reload_last_ok` 0 says).
+    fn attempt<E: std::fmt::Display>(
+        &self,
+        build: impl FnOnce() -> Result<T, E>,
+        again: Option<&str>,
+    ) -> Result<(), String> {
         match build() {
             Ok(value) => {
                 self.value.store(Arc::new(value));
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
                 self.count(true);
-                tracing::info!(component = self.name, "reloaded");
-                true
+                if again.is_some() {
+                    tracing::info!(component = self.name, "reloaded on retry");
+                } else {
+                    tracing::info!(component = self.name, "reloaded");
+                }
+                Ok(())
             }
             Err(e) => {
+                let e = e.to_string();
+                if again == Some(e.as_str()) {
+                    tracing::debug!(component = self.name, error = %e, "reload still refused");
+                    return Err(e);
+                }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 self.count(false);
                 tracing::error!(
@@ -107,13 +137,14 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     error = %e,
                     "reload refused; the previous version stays in force"
                 );
-                false
+                Err(e)
             }
         }
     }
 
     /// Watches the files (every `poll`) and SIGHUP until `shutdown`, rebuilding with `build`
-    /// (run on the blocking pool: it reads files and parses certificates).
+    /// (run on the blocking pool: it reads files and parses certificates), and, while the last
+    /// rebuild is refused, every [`retry_refused`] of `poll`.
     pub fn watch<E, F>(
         self: &Arc<Self>,
         build: F,
@@ -129,27 +160,45 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         // Taken now, not when the task first runs, so a change made meanwhile is not missed.
         let mut watched = this.files.load_full();
         let mut seen: Vec<Fingerprint> = watched.iter().map(fingerprint).collect();
+        let retry = retry_refused(poll);
         tasks.spawn(async move {
             let mut hangup = hangup_signal();
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The last rebuild's refusal, and when it is tried again.
+            let mut refused: Option<(String, tokio::time::Instant)> = None;
             loop {
-                let forced = tokio::select! {
+                let retry_at = refused.as_ref().map(|(_, at)| *at);
+                let (forced, retrying) = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => false,
-                    _ = next_hangup(&mut hangup) => true,
+                    _ = tick.tick() => (false, false),
+                    _ = next_hangup(&mut hangup) => (true, false),
+                    _ = sleep_until(retry_at) => (false, true),
                 };
                 let now: Vec<Fingerprint> = watched.iter().map(fingerprint).collect();
-                if !forced && now == seen {
+                let changed = now != seen;
+                if !forced && !changed && !retrying {
                     continue;
                 }
                 seen = now;
+                // A retry of files as they were refused: the same refusal is not news.
+                let again = match &refused {
+                    Some((e, _)) if !forced && !changed => Some(e.clone()),
+                    _ => None,
+                };
                 let (this2, build) = (this.clone(), build.clone());
-                let joined =
-                    tokio::task::spawn_blocking(move || this2.reload_with(|| build())).await;
-                if let Err(e) = joined {
-                    tracing::error!(component = this.name, error = %e, "reload task failed");
-                }
+                let joined = tokio::task::spawn_blocking(move || {
+                    this2.attempt(|| build(), again.as_deref())
+                })
+                .await;
+                refused = match joined {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some((e, tokio::time::Instant::now() + retry)),
+                    Err(e) => {
+                        tracing::error!(component = this.name, error = %e, "reload task failed");
+                        None
+                    }
+                };
                 let files = this.files.load_full();
                 if files != watched {
                     // The reload named other files: they are as it read them.
@@ -180,6 +229,14 @@ fn hangup_signal() -> Hangup {
 #[cfg(not(unix))]
 fn hangup_signal() -> Hangup {
     None
+}
+
+/// Sleeps until `at`; never resolves for `None`.
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_hangup(h: &mut Hangup) {
@@ -278,6 +335,81 @@ mod tests {
         tasks.close();
         tasks.wait().await;
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A refused rebuild is tried again with the files unchanged, and taken once what refused
+    /// it passes (here a flag; in life a certificate's notBefore reached, a key made readable).
+    /// The same refusal again is counted once; another reason is counted. Before, nothing but
+    /// a change of a file's size or time, or SIGHUP, tried it again.
+    #[tokio::test]
+    async fn a_refused_reload_is_tried_again_until_it_passes() {
+        use std::sync::atomic::AtomicU32;
+        let dir = std::env::temp_dir().join(format!(
+            "ssp-reload-retry-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("value.txt");
+        std::fs::write(&file, "1").expect("write");
+        let r = Reloadable::new("test", Arc::new(1u32), vec![file.clone()]);
+        // 0: refused "not yet"; 1: refused "other"; 2: the file's value.
+        let state = Arc::new(AtomicU32::new(0));
+        let builds = Arc::new(AtomicU32::new(0));
+        let (path, st, n) = (file.clone(), state.clone(), builds.clone());
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        r.watch(
+            move || {
+                n.fetch_add(1, Ordering::SeqCst);
+                match st.load(Ordering::SeqCst) {
+                    0 => Err("not yet".to_owned()),
+                    1 => Err("other".to_owned()),
+                    _ => std::fs::read_to_string(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| t.trim().parse::<u32>().map_err(|e| e.to_string())),
+                }
+            },
+            Duration::from_millis(10),
+            shutdown.clone(),
+            &tasks,
+        );
+        async fn until(what: &str, done: impl Fn() -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(tokio::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        std::fs::write(&file, "7").expect("write");
+        until("the change was never tried", || r.stats().failed() == 1).await;
+        // Retried, unchanged, and refused for the same reason: counted once.
+        let tried = builds.load(Ordering::SeqCst);
+        until("never retried", || {
+            builds.load(Ordering::SeqCst) >= tried + 3
+        })
+        .await;
+        assert_eq!(r.stats().failed(), 1, "the same refusal counted again");
+        assert_eq!(*r.current(), 1);
+        // Refused for another reason: counted.
+        state.store(1, Ordering::SeqCst);
+        until("the new reason was not counted", || r.stats().failed() == 2).await;
+        // What refused it passes, with the file as it was: taken on the next retry.
+        state.store(2, Ordering::SeqCst);
+        until("never taken on retry", || *r.current() == 7).await;
+        assert_eq!((r.stats().succeeded(), r.stats().failed()), (1, 2));
+        // Taken: no more retries.
+        let tried = builds.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            builds.load(Ordering::SeqCst),
+            tried,
+            "retried after success"
+        );
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -121,6 +121,69 @@ async fn server_certificate_renewal_under_load_drops_nothing() {
     h.stop().await;
 }
 
+/// A renewed server certificate published before its notBefore is refused (the old one stays
+/// in force), and taken by the reload's own retry once it is valid, with no further change to
+/// the files and no SIGHUP; the refusal is counted once, not at every retry. Before, it was
+/// never taken until a file changed again or SIGHUP came, and the old certificate ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_published_before_its_not_before_is_taken_once_valid() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.consumer();
+    let before = served_serial(&client).await;
+    let valid_from = now() + 4;
+    let renewed = h
+        .world
+        .authority
+        .issue(&LeafSpec {
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+            common_name: "localhost".into(),
+            key: KeyKind::EcdsaP256,
+            usage: Usage::Server,
+            validity: Validity::From(valid_from),
+        })
+        .expect("issue");
+    // Written beside and renamed into place, so no poll sees a certificate without its key.
+    let (cert, key) = (
+        h.world.dir.join("early.pem"),
+        h.world.dir.join("early-key.pem"),
+    );
+    renewed
+        .write(&cert, &key)
+        .expect("write renewed certificate");
+    std::fs::rename(&cert, &h.world.gateway.cert).expect("rename");
+    std::fs::rename(&key, &h.world.gateway.key).expect("rename");
+    listener_tls_reload_refused(&h, "the early renewal was never refused").await;
+    if now() < valid_from {
+        assert_eq!(
+            served_serial(&client).await,
+            before,
+            "taken before its notBefore"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while served_serial(&client).await != renewed.serial {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewal was never taken once valid"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    let series = |result: &str| {
+        sample(
+            &text,
+            &format!("ssp_reloads_total{{component=\"listener TLS\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(series("refused"), Some(1.0), "each retry counted");
+    assert_eq!(series("ok"), Some(1.0));
+    assert_eq!(
+        sample(&text, "ssp_reload_last_ok{component=\"listener TLS\"}"),
+        Some(1.0)
+    );
+    h.stop().await;
+}
+
 /// Waits until the metrics count a refused reload of the listener's TLS material; fails with
 /// `what` after 20 s.
 async fn listener_tls_reload_refused(h: &Harness, what: &str) {

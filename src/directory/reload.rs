@@ -75,6 +75,8 @@ impl Settle {
 enum Trigger {
     FileChanged,
     Sighup,
+    /// The last load was refused: the file is tried again.
+    Retry,
 }
 
 impl Trigger {
@@ -83,6 +85,7 @@ impl Trigger {
         match self {
             Trigger::FileChanged => "file changed",
             Trigger::Sighup => "SIGHUP",
+            Trigger::Retry => "retry of a refused load",
         }
     }
 }
@@ -96,6 +99,17 @@ pub async fn reload_now(
     directory: &Directory,
     reloads: Option<&crate::metrics::ReloadMetrics>,
 ) -> Result<Stats, Arc<LdifLoadError>> {
+    reload_again(backend, directory, reloads, None).await
+}
+
+/// [`reload_now`]; `again`: the reason of the refusal this retries with the file unchanged,
+/// which, refused for that same reason, is neither logged nor counted again.
+async fn reload_again(
+    backend: &Arc<LdifBackend>,
+    directory: &Directory,
+    reloads: Option<&crate::metrics::ReloadMetrics>,
+    again: Option<&str>,
+) -> Result<Stats, Arc<LdifLoadError>> {
     let worker = backend.clone();
     let result = match tokio::task::spawn_blocking(move || worker.reload()).await {
         Ok(result) => result.map_err(Arc::new),
@@ -104,6 +118,12 @@ pub async fn reload_now(
             source: std::io::Error::other(format!("reload task failed: {e}")),
         })),
     };
+    if let (Some(again), Err(e)) = (again, &result) {
+        if e.to_string() == again {
+            tracing::debug!(error = %e, "directory reload still refused");
+            return result;
+        }
+    }
     if let Some(reloads) = reloads {
         reloads.record(COMPONENT, result.is_ok());
     }
@@ -129,8 +149,11 @@ pub async fn reload_now(
 
 /// Watches the LDIF file of `backend` until `shutdown`: reloads when its modification time or
 /// size changed and then stayed so for one poll (checked every `poll_interval`; `None` turns
-/// polling off), and on SIGHUP at once. A file that failed to load is not retried until it
-/// changes again. Reloads are counted in `reloads` when given (see [`reload_now`]).
+/// polling off), and on SIGHUP at once. A file that failed to load is tried again every
+/// [`crate::reload::retry_refused`] of the poll interval while it stays refused (what refused
+/// it may pass with no change to its size or time, e.g. a `chown`), and a retry refused for the
+/// same reason is not logged or counted again. Reloads are counted in `reloads` when given
+/// (see [`reload_now`]).
 pub async fn watch(
     backend: Arc<LdifBackend>,
     path: PathBuf,
@@ -146,10 +169,15 @@ pub async fn watch(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t
     });
+    let retry = crate::reload::retry_refused(poll_interval.unwrap_or(Duration::MAX));
+    // The last load's refusal, and when it is tried again.
+    let mut refused: Option<(String, tokio::time::Instant)> = None;
     loop {
+        let retry_at = refused.as_ref().map(|(_, at)| *at);
         let trigger = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick(&mut ticker) => Trigger::FileChanged,
+            _ = crate::reload::sleep_until(retry_at) => Trigger::Retry,
             received = recv(&mut hangup) => {
                 if received {
                     Trigger::Sighup
@@ -168,9 +196,21 @@ pub async fn watch(
                 }
             }
             Trigger::Sighup => settle.loaded(now),
+            // The file as refused (a change since is loaded as a change, once settled).
+            Trigger::Retry => {}
         }
-        tracing::info!(file = %path.display(), trigger = trigger.as_str(), "reloading the directory");
-        let _ = reload_now(&backend, &directory, reloads.as_ref()).await;
+        let again = match (&refused, trigger) {
+            (Some((e, _)), Trigger::Retry) => Some(e.clone()),
+            _ => None,
+        };
+        if again.is_none() {
+            tracing::info!(file = %path.display(), trigger = trigger.as_str(), "reloading the directory");
+        }
+        refused = match reload_again(&backend, &directory, reloads.as_ref(), again.as_deref()).await
+        {
+            Ok(_) => None,
+            Err(e) => Some((e.to_string(), tokio::time::Instant::now() + retry)),
+        };
     }
 }
 
@@ -245,6 +285,66 @@ mod tests {
         assert!(!settle.poll(at(3, 130)));
         settle.loaded(at(3, 130));
         assert!(!settle.poll(at(3, 130)));
+    }
+
+    /// A refused file is tried again while it stays refused, though its size and modification
+    /// time do not change (as when a `chown` makes it readable), and the same refusal is
+    /// counted once. Here the fixed file has the refused one's size and time.
+    #[tokio::test]
+    async fn a_refused_file_is_tried_again_with_its_size_and_time_unchanged() {
+        let dir = std::env::temp_dir().join(format!("ssp-gateway-retry-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("directory.ldif");
+        std::fs::write(&path, AS_ENTRY).unwrap();
+        let backend = Arc::new(LdifBackend::from_path(&path).unwrap());
+        let as_dyn: Arc<dyn DirectoryBackend> = backend.clone();
+        let directory = Directory::new(as_dyn, CachePolicy::default());
+        let reloads = crate::metrics::ReloadMetrics::new();
+        let shutdown = CancellationToken::new();
+        let watcher = tokio::spawn(watch(
+            backend.clone(),
+            path.clone(),
+            directory.clone(),
+            Some(Duration::from_millis(20)),
+            Some(reloads.clone()),
+            shutdown.clone(),
+        ));
+        let count = |result: &str| reloads.total.with_label_values(&[COMPONENT, result]).get();
+        // Refused: a line that is not LDIF, in a file of the good one's size.
+        let fixed = AS_ENTRY.replace("=1,", "=2,").replace(": 1\n", ": 2\n");
+        let broken = fixed.replace("objectClass: nhsAs", "objectClass  nhsAs");
+        assert_eq!(broken.len(), fixed.len());
+        // (The first file is of the same size: its modification time must differ.)
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(&path, &broken).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while count("refused") == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refused_at = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // Refused again on retry, for the same reason: counted once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(count("refused"), 1, "the same refusal counted again");
+        // Fixed in place, its size and time as refused.
+        std::fs::write(&path, &fixed).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(refused_at)
+            .unwrap();
+        while directory.party("2").await.unwrap().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the fixed file was never loaded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((count("ok"), count("refused")), (1, 1));
+        shutdown.cancel();
+        watcher.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -113,6 +113,9 @@ pub enum Validity {
     /// From an hour ago until this Unix time (seconds): a certificate that runs out while in
     /// use.
     Until(i64),
+    /// From this Unix time (seconds) for [`LEAF_DAYS`] days: a renewal published before its
+    /// notBefore.
+    From(i64),
 }
 
 /// What to put in a leaf certificate.
@@ -264,6 +267,7 @@ impl Ca {
             Validity::Expired => (now - 30 * DAY_SECS, now - DAY_SECS),
             Validity::NotYetValid => (now + DAY_SECS, now + 30 * DAY_SECS),
             Validity::Until(until) => (now - BACKDATE_SECS, until),
+            Validity::From(from) => (from, from + LEAF_DAYS * DAY_SECS),
         };
         params.not_before = time_at(from)?.to_datetime();
         params.not_after = time_at(until)?.to_datetime();
