@@ -306,6 +306,9 @@ impl Upstream {
         if let Some(host) = out.host {
             head.headers.insert(header::HOST, host);
         }
+        // A request with a body: a provider that refuses it may not have read it (see
+        // `reuse_unsafe`).
+        let with_body = http_body::Body::size_hint(&body).exact() != Some(0);
         let progress = Arc::new(BodyProgress::default());
         let mut body = Some(Counted {
             limit: self.max_request_body,
@@ -353,7 +356,10 @@ impl Upstream {
                 return Forwarded::upstream_error(url, attempt - 1, failed);
             };
             let (this_body, returned) = Reclaimable::new(this_body, retry_left);
-            let req = Request::from_parts(this_head, this_body);
+            let mut req = Request::from_parts(this_head, this_body);
+            // The connection the answer comes on, to keep it out of the pool when the answer
+            // leaves it unsafe to reuse (see `reuse_unsafe`).
+            let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
             let result = tokio::time::timeout_at(deadline, self.pool().client.request(req)).await;
             let answer = match result {
                 Err(_) if progress.awaiting_consumer() => {
@@ -438,6 +444,11 @@ impl Upstream {
                 Ok(Ok(mut resp)) => match malformed_answer(&resp) {
                     Some(problem) => {
                         // As an answer hyper could not parse: 502, and a failure for the breaker.
+                        // Its connection is never used again: what the provider sent past the
+                        // head is not known to be where hyper took its end to be.
+                        if let Some(c) = connection.connection_metadata().as_ref() {
+                            c.poison();
+                        }
                         if let Some(t) = ticket {
                             t.failure(Instant::now());
                         }
@@ -458,6 +469,12 @@ impl Upstream {
                         ))
                     }
                     None => {
+                        if let Some(why) = reuse_unsafe(&resp, with_body) {
+                            if let Some(c) = connection.connection_metadata().as_ref() {
+                                c.poison();
+                            }
+                            tracing::debug!(%request_id, target_url = %url, status = resp.status().as_u16(), why, "the provider connection is not reused after this answer");
+                        }
                         strip_hop_by_hop(resp.headers_mut());
                         // RFC 9110 §7.6.3: the gateway's entry on each answer it passes on,
                         // after any the provider's side added, with the protocol it came in
@@ -528,6 +545,9 @@ impl Forwarded {
 /// - a 1xx status as the final answer: the gateway never asks for an upgrade, and hyper hands
 ///   on a `101 Switching Protocols` as the response (an HTTP/1.1 consumer given it would wait
 ///   for the switched protocol, an HTTP/2 one cannot be given it at all);
+/// - a status above 599, which is no HTTP status (hyper accepts up to 999);
+/// - a 204 or 205 announcing content (`Content-Length` other than 0, or `Transfer-Encoding`):
+///   hyper reads none, and an HTTP/2 consumer resets a stream whose 204 says otherwise;
 /// - `Transfer-Encoding` with `Content-Length`: RFC 9112 §6.3 says such a message "ought to be
 ///   handled as an error" (response splitting); hyper decodes the chunked body, and the
 ///   provider's `Content-Length` would go to the consumer with it;
@@ -535,16 +555,25 @@ impl Forwarded {
 ///   chunked framing, so the consumer would get the other coding's bytes with nothing saying so
 ///   (`Transfer-Encoding` is hop-by-hop and removed).
 ///
-/// The answer's body is dropped unread. A connection whose answer hyper had not read to its end
-/// closes with it (a 101, a body to the connection's close); one whose answer it had read
-/// whole, framed by its chunks (which RFC 9112 puts before `Content-Length`), goes back to the
-/// pool as after any answer: hyper closes an idle connection with bytes past an answer's end,
-/// so a second answer sent after the chunks is never taken for the next request's.
-/// (Poisoning that connection would need its handle on every response, an allocation per
-/// request.)
+/// The answer's body is dropped unread, and its connection is poisoned (never used again): a
+/// connection whose answer hyper had read whole by its own reading (chunks before
+/// `Content-Length`, no content on a 204) would otherwise go back to the pool, and content the
+/// provider meant, sent late, would be taken for the next request's answer.
 fn malformed_answer<B>(resp: &Response<B>) -> Option<&'static str> {
-    if resp.status().is_informational() {
+    let status = resp.status();
+    if status.is_informational() {
         return Some("an interim (1xx) status as its final answer");
+    }
+    if status.as_u16() > 599 {
+        // RFC 9110 §15: three digits from 100 to 599; hyper accepts up to 999.
+        return Some("a status code above 599");
+    }
+    if (status == http::StatusCode::NO_CONTENT || status == http::StatusCode::RESET_CONTENT)
+        && announces_content(resp.headers())
+    {
+        // RFC 9110 §15.3.5, §15.3.6, RFC 9112 §6.1: no content, no Transfer-Encoding. hyper
+        // reads none; the content announced would come after it, as the next answer's start.
+        return Some("content announced on a 204 or 205");
     }
     let mut codings = resp.headers().get_all(header::TRANSFER_ENCODING).iter();
     let first = codings.next()?;
@@ -560,6 +589,35 @@ fn malformed_answer<B>(resp: &Response<B>) -> Option<&'static str> {
         return Some("a transfer coding other than chunked alone");
     }
     None
+}
+
+/// Whether `headers` announce content: a `Transfer-Encoding`, or a `Content-Length` other
+/// than 0.
+fn announces_content(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().trim_ascii() != b"0")
+}
+
+/// Why the connection an answer `resp` came on is not to be used for another request, though
+/// the answer is passed on: `None` for nearly every answer (a status compare). hyper returns a
+/// connection to the pool once it has read what it takes to be the answer's end, and whatever
+/// the provider sends after that would be read as the answer to the next request on it, which
+/// may be another consumer's (the late bytes of a provider's bug become that consumer's
+/// answer, or the answer to a request hidden in a body the provider did not read).
+/// - a 304 announcing content (`Content-Length` is allowed on it, RFC 9110 §15.4.5, but
+///   hyper reads none: a provider that sends it anyway would answer the next request);
+/// - a 4xx or 5xx to a request with a body (`with_body`): a provider that refuses early may
+///   leave the body unread on the connection, to be parsed as the start of the next request.
+///   Refusals are rare, so a new connection after one costs little.
+fn reuse_unsafe<B>(resp: &Response<B>, with_body: bool) -> Option<&'static str> {
+    let status = resp.status();
+    if status.as_u16() >= 400 {
+        return with_body.then_some("a refusal of a request with a body, which may be unread");
+    }
+    (status == http::StatusCode::NOT_MODIFIED && announces_content(resp.headers()))
+        .then_some("a 304 announcing content")
 }
 
 /// What became of a connect retry (the `outcome` label of `ssp_upstream_retries_total`).
@@ -626,8 +684,9 @@ pub enum UpstreamFailure {
     Reset,
     /// The response head does not parse (or is too large).
     MalformedHead,
-    /// The response head parsed but is not passed on (a 1xx final status, Transfer-Encoding
-    /// with Content-Length, a coding other than chunked alone).
+    /// The response head parsed but is not passed on (a 1xx final status, a status above 599,
+    /// content announced on a 204 or 205, Transfer-Encoding with Content-Length, a coding other
+    /// than chunked alone).
     MalformedAnswer,
     /// No response head within the response timeout.
     ResponseTimeout,

@@ -94,6 +94,27 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "obs-text-reason",
         b"HTTP/1.1 404 No Such Slot \xc2\xa0here\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
     ),
+    // Content announced where there is none (RFC 9110 §15.3.5): 47 bytes of it come late (see
+    // `LATE`), once the next request is on the connection.
+    (
+        "204-with-length",
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 47\r\n\r\n",
+    ),
+    // Allowed on a 304 (the length of what it stands for), with no content after it; but a
+    // provider that sends it anyway would answer the next request with it.
+    (
+        "304-with-length",
+        b"HTTP/1.1 304 Not Modified\r\nETag: W/\"1\"\r\nContent-Length: 47\r\n\r\n",
+    ),
+    // A refusal, and a status beyond HTTP's.
+    (
+        "refusal",
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
+    ),
+    (
+        "status-999",
+        b"HTTP/1.1 999 Weird\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
+    ),
     // No answer: the connection closed (TLS close_notify, then FIN) after the request.
     ("hang-up", b""),
     // No answer: the connection reset (TCP RST) after the request.
@@ -101,6 +122,14 @@ const SCRIPTED: &[(&str, &[u8])] = &[
     // Not HTTP, then the connection closed.
     ("garbage", b"SSH-2.0-OpenSSH_9.2 this is not HTTP\r\n\r\n"),
 ];
+
+/// Bytes a [`SCRIPTED`] answer's provider sends late: once the next request has come on the
+/// connection (or after 300 ms without one), before it answers that request, as a provider
+/// whose content announced on a 204 is written after the head would. 47 bytes: a whole answer.
+const LATE: &[(&str, &[u8])] = &[(
+    "204-with-length",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n\"smuggle\"",
+)];
 
 /// The [`SCRIPTED`] answers after which the provider closes the connection.
 const HANGS_UP: &[&str] = &["hang-up", "reset", "garbage"];
@@ -181,7 +210,25 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> Watched {
                             return;
                         }
                         // The next request on this connection, or its close.
-                        let Some(next) = read_request_head(&mut s).await else {
+                        let next = match LATE.iter().find(|(n, _)| *n == name) {
+                            Some((_, late)) => {
+                                let next = tokio::time::timeout(
+                                    Duration::from_millis(300),
+                                    read_request_head(&mut s),
+                                )
+                                .await;
+                                if s.write_all(late).await.is_err() || s.flush().await.is_err() {
+                                    hung_up.fetch_add(1, Ordering::SeqCst);
+                                    return;
+                                }
+                                match next {
+                                    Ok(next) => next,
+                                    Err(_) => read_request_head(&mut s).await,
+                                }
+                            }
+                            None => read_request_head(&mut s).await,
+                        };
+                        let Some(next) = next else {
                             hung_up.fetch_add(1, Ordering::SeqCst);
                             return;
                         };
@@ -1106,6 +1153,103 @@ async fn a_providers_own_reason_phrase_reaches_an_http1_consumer() {
     let a = a.unwrap_or_else(|e| panic!("http2: {e}"));
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(a.reason, None);
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider connection is not used again after an answer that leaves it unsafe: what the
+/// provider sends past what hyper took to be the answer's end would be read as the next
+/// request's answer, which may be another consumer's (found by a hostile-provider review).
+/// - A 204 announcing content is a 502 (RFC 9110 §15.3.5), and the 47 bytes the provider sends
+///   late, a whole answer, never reach the next request: it gets its own answer on a new
+///   connection. Before, the 204 passed with its `Content-Length` and the late bytes were the
+///   next request's answer.
+/// - A 304 announcing content passes, its connection closed.
+/// - A refusal (4xx, 5xx) of a request with a body passes, its connection closed (the provider
+///   may have left the body unread, to be parsed as the next request); a refusal of a GET
+///   keeps its connection.
+/// - A status above 599 is a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_connection_is_not_reused_after_an_answer_that_leaves_it_unsafe() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let (_config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
+    let client = world.client_with(&world.consumer, running.gateway_addr, false);
+    let hung_up = provider.hung_up.clone();
+    let closed = || hung_up.load(Ordering::SeqCst);
+    let closed_within_10s = |before: usize| {
+        let hung_up = hung_up.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while hung_up.load(Ordering::SeqCst) == before {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the connection was kept"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let token = format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}");
+
+    // A good answer first: its connection is pooled and kept.
+    let (a, _) = scripted_metadata(&client, &target, "chunked").await;
+    assert_eq!(a.expect("answer").status, StatusCode::OK);
+    let before = closed();
+    let (a, _) = scripted_metadata(&client, &target, "204-with-length").await;
+    let a = a.expect("answer");
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
+    a.assert_outcome(502, None, &token);
+    // The next request at once: its own answer, not the late bytes.
+    let (a, _) = scripted_metadata(&client, &target, "via").await;
+    let a = a.expect("answer");
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(
+        a.text(),
+        "{}",
+        "the late bytes were taken for the next answer"
+    );
+    closed_within_10s(before).await;
+
+    // (A connection not to be reused is given up when the next request would take it.)
+    let before = closed();
+    let (a, _) = scripted_metadata(&client, &target, "304-with-length").await;
+    assert_eq!(a.expect("answer").status, StatusCode::NOT_MODIFIED);
+    let (a, _) = scripted_metadata(&client, &target, "chunked").await;
+    assert_eq!(a.expect("answer").status, StatusCode::OK);
+    closed_within_10s(before).await;
+
+    let (a, _) = scripted_metadata(&client, &target, "status-999").await;
+    let a = a.expect("answer");
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    a.assert_outcome(502, None, &token);
+
+    // A refused GET keeps its connection (checked after the POST's, which closes one).
+    let (a, _) = scripted_metadata(&client, &target, "chunked").await;
+    assert_eq!(a.expect("answer").status, StatusCode::OK);
+    let before = closed();
+    let (a, _) = scripted_metadata(&client, &target, "refusal").await;
+    assert_eq!(a.expect("answer").status, StatusCode::BAD_REQUEST);
+    let book = Gpc::new(
+        Method::POST,
+        format!("{}/Appointment", target.trim_end_matches("/metadata")),
+        IX_BOOK,
+    )
+    .header("x-answer", "refusal")
+    .body("{\"resourceType\":\"Appointment\"}")
+    .build();
+    let a = client.send(book).await.expect("answer");
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text());
+    assert_eq!(a.text(), "{}", "not the provider's refusal");
+    let (a, _) = scripted_metadata(&client, &target, "chunked").await;
+    assert_eq!(a.expect("answer").status, StatusCode::OK);
+    closed_within_10s(before).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        closed(),
+        before + 1,
+        "the refused GET's connection was closed too"
+    );
     shutdown.cancel();
     running.wait().await;
 }
