@@ -4,8 +4,12 @@
 //! every metric the rules and the Grafana dashboard name is one the gateway exposes, and every
 //! dashboard query parses (`promtool check rules`); the Kubernetes manifests, container build
 //! and systemd unit carry the properties the project promises (probes on the admin endpoints,
-//! non-root, read-only root filesystem, the audit volume, resources, spread, HPA, PDB). The
-//! container image is not built here (no container engine on the test machines).
+//! non-root, read-only root filesystem, the audit volume, resources, spread, HPA, PDB); the
+//! kustomization, rendered by `kubectl kustomize` and laid out as the kubelet mounts it, mounts
+//! what the gateway hot-reloads as whole directories of stable-named objects, revocation-checks
+//! consumers and providers with CRLs from a mount, and starts and reloads a CRL there. The
+//! container image is not built here (no container engine on the test machines), and no
+//! Kubernetes cluster runs.
 
 mod common;
 
@@ -389,4 +393,411 @@ fn the_container_build_is_multi_stage_and_non_root_and_the_unit_is_hardened() {
     ] {
         assert!(u.contains(needle), "the unit lacks {needle:?}");
     }
+}
+
+/// The objects `kubectl kustomize` renders from `dir`, as JSON (`kubectl label --local`
+/// re-prints them unchanged: every one already carries that label). No cluster is needed.
+fn kustomize(dir: &Path) -> Vec<serde_json::Value> {
+    let run = |args: &[&str]| {
+        let out = Command::new("kubectl")
+            .args(args)
+            .output()
+            .expect("kubectl (its built-in kustomize) must be installed");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let yaml = dir.join("rendered.yaml");
+    std::fs::write(&yaml, run(&["kustomize", &dir.to_string_lossy()])).expect("write");
+    let json = run(&[
+        "label",
+        "--local",
+        "--overwrite",
+        "-o",
+        "json",
+        "-f",
+        &yaml.to_string_lossy(),
+        "app.kubernetes.io/name=ssp-gateway",
+    ]);
+    serde_json::Deserializer::from_slice(&json)
+        .into_iter::<serde_json::Value>()
+        .map(|v| v.expect("kubectl prints JSON objects"))
+        .collect()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// The files of a ConfigMap or Secret, by key, decoded.
+fn volume_files(object: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    // kustomize folds long base64 into lines, which the API server's decoder skips (Go's).
+    let b64 = |v: &serde_json::Value| {
+        let text: String = v
+            .as_str()
+            .expect("base64 text")
+            .chars()
+            .filter(|c| !matches!(c, '\n' | '\r'))
+            .collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .expect("base64")
+    };
+    let mut files = Vec::new();
+    let secret = object["kind"] == "Secret";
+    for (field, encoded) in [("data", secret), ("binaryData", true)] {
+        if let Some(map) = object[field].as_object() {
+            for (key, value) in map {
+                let bytes = if encoded {
+                    b64(value)
+                } else {
+                    value.as_str().expect("text").as_bytes().to_vec()
+                };
+                files.push((key.clone(), bytes));
+            }
+        }
+    }
+    files
+}
+
+/// Writes `files` into `mount` as the kubelet lays out a ConfigMap or Secret volume: the
+/// contents in a timestamped directory `stamp`, the `..data` link to it (replaced in one
+/// rename, as the kubelet updates a volume), and each key a link through `..data`.
+fn project(mount: &Path, stamp: &str, files: &[(String, Vec<u8>)]) {
+    let dir = mount.join(stamp);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for (key, bytes) in files {
+        std::fs::write(dir.join(key), bytes).expect("write");
+        let link = mount.join(key);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(key), link).expect("symlink");
+        }
+    }
+    let tmp = mount.join("..data_tmp");
+    std::os::unix::fs::symlink(stamp, &tmp).expect("symlink");
+    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
+}
+
+/// Kills the gateway when the test ends, however it ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Kubernetes example, rendered by `kubectl kustomize` with a real PKI, CRLs and LDIF in
+/// place of the files an operator puts in certs/, crls/ and files/, and laid out in a scratch
+/// root as the kubelet mounts it: what the gateway hot-reloads comes from stable-named
+/// ConfigMaps and Secrets mounted as whole directories (a subPath mount is never updated;
+/// a hashed name makes every change a rollout), gateway.toml alone rolls the pods, every file
+/// the config names is in a mount or the image, consumer and provider certificates are
+/// revocation-checked against the mounted CRLs, and the gateway started on those mounts
+/// (`check-config`, then `run`) refuses a consumer revoked by a CRL swapped in as the kubelet
+/// swaps a volume's `..data`. (No Kubernetes cluster runs here: that the kubelet updates such
+/// volumes in place and never a subPath is Kubernetes' documented behaviour, not tested.)
+#[tokio::test]
+async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_are_checked() {
+    let world = common::World::ecdsa();
+    let scratch = common::scratch_dir("k8s-example");
+    let kustomization = scratch.join("kustomize");
+    copy_tree(&repo_path("deploy/kubernetes"), &kustomization);
+    let pem = |p: &Path| std::fs::read(p).expect("read PEM");
+    let crl_pem = pem(&world.crl);
+    let crl_der = <rustls_pki_types::CertificateRevocationListDer as rustls_pki_types::pem::PemObject>::from_pem_slice(&crl_pem)
+        .expect("CRL PEM");
+    for (file, bytes) in [
+        ("certs/gateway.pem", pem(&world.gateway.cert)),
+        ("certs/gateway-key.pem", pem(&world.gateway.key)),
+        ("certs/gateway-client.pem", pem(&world.gateway_client.cert)),
+        (
+            "certs/gateway-client-key.pem",
+            pem(&world.gateway_client.key),
+        ),
+        ("certs/consumer-ca.pem", pem(&world.ca)),
+        ("certs/provider-ca.pem", pem(&world.ca)),
+        // A distribution point serves DER (a ConfigMap's binaryData); PEM works as well.
+        ("crls/consumer-ca.crl", crl_der.to_vec()),
+        ("crls/provider-ca.crl", crl_pem.clone()),
+        (
+            "files/directory.ldif",
+            pem(&repo_path("config/directory.ldif")),
+        ),
+    ] {
+        std::fs::write(kustomization.join(file), bytes).expect("write placeholder");
+    }
+    let objects = kustomize(&kustomization);
+    let named = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+    };
+
+    // What hot-reloads keeps its name (kustomize adds no hash suffix), so an update changes
+    // the object in place rather than the pod template.
+    let stable = [
+        ("ConfigMap", "ssp-gateway-directory"),
+        ("ConfigMap", "ssp-gateway-listener-trust"),
+        ("ConfigMap", "ssp-gateway-upstream-trust"),
+        ("Secret", "ssp-gateway-server-tls"),
+        ("Secret", "ssp-gateway-upstream-tls"),
+    ];
+    for (kind, name) in stable {
+        assert!(
+            named(kind, name).is_some(),
+            "no {kind} named exactly {name}: a hashed name rolls the pods on every change"
+        );
+    }
+    let deployment = named("Deployment", "ssp-gateway").expect("the Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let volume = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+    };
+    // gateway.toml's ConfigMap has a hashed name, which kustomize writes into the pod
+    // template: a change to it rolls the pods.
+    let config_map = volume("config")["configMap"]["name"]
+        .as_str()
+        .expect("the config volume is a ConfigMap");
+    assert!(
+        config_map.starts_with("ssp-gateway-config-") && named("ConfigMap", config_map).is_some(),
+        "gateway.toml's ConfigMap {config_map:?} should carry its content hash"
+    );
+
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg"))
+        .collect();
+    assert_eq!(args[..2], ["run", "--config"]);
+    let config_path = Path::new(args[2]);
+
+    // Lay the pod's filesystem out under `root`: every mount as the kubelet makes it, the
+    // image's interaction catalogue where the Dockerfile puts it.
+    let root = scratch.join("pod");
+    let rooted = |p: &Path| root.join(p.strip_prefix("/").expect("absolute path"));
+    let (gateway_port, admin_port) = (free_port(), free_port());
+    // (mount path, object kind, object name, keys)
+    let mut mounts: Vec<(String, String, String, Vec<String>)> = Vec::new();
+    for mount in container["volumeMounts"].as_array().expect("volumeMounts") {
+        let name = mount["name"].as_str().expect("mount name");
+        let path = mount["mountPath"].as_str().expect("mountPath");
+        let v = volume(name);
+        let (kind, object_name) = if let Some(n) = v["configMap"]["name"].as_str() {
+            ("ConfigMap", n)
+        } else if let Some(n) = v["secret"]["secretName"].as_str() {
+            ("Secret", n)
+        } else {
+            assert_eq!(name, "audit", "only the audit volume is neither");
+            std::fs::create_dir_all(rooted(Path::new(path))).expect("mkdir audit");
+            continue;
+        };
+        assert!(
+            mount.get("subPath").is_none() && mount.get("subPathExpr").is_none(),
+            "{name} is mounted with a subPath, which the kubelet never updates"
+        );
+        assert!(
+            v["configMap"].get("items").is_none() && v["secret"].get("items").is_none(),
+            "{name} projects only some keys"
+        );
+        let object = named(kind, object_name)
+            .unwrap_or_else(|| panic!("volume {name} names {kind} {object_name}, not rendered"));
+        let mut files = volume_files(object);
+        if name == "config" {
+            // Run it here: paths under `root`, listeners on free loopback ports.
+            for (key, bytes) in &mut files {
+                if Path::new(path).join(&*key) == config_path {
+                    *bytes = String::from_utf8(bytes.clone())
+                        .expect("UTF-8")
+                        .replace("\"/", &format!("\"{}/", root.display()))
+                        .replace("0.0.0.0:8443", &format!("127.0.0.1:{gateway_port}"))
+                        .replace("0.0.0.0:9100", &format!("127.0.0.1:{admin_port}"))
+                        .into_bytes();
+                }
+            }
+        }
+        project(
+            &rooted(Path::new(path)),
+            "..2026_01_01_00_00_00.000000001",
+            &files,
+        );
+        let keys = files.into_iter().map(|(k, _)| k).collect();
+        mounts.push((
+            path.to_owned(),
+            kind.to_owned(),
+            object_name.to_owned(),
+            keys,
+        ));
+    }
+    let dockerfile = read("deploy/container/Dockerfile");
+    let catalogue = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("COPY config/interactions.toml "))
+        .map(Path::new)
+        .expect("the image ships the interaction catalogue");
+    std::fs::create_dir_all(rooted(catalogue).parent().expect("parent")).expect("mkdir");
+    std::fs::copy(repo_path("config/interactions.toml"), rooted(catalogue)).expect("copy");
+
+    let config = Config::load(&rooted(config_path)).unwrap_or_else(|e| panic!("{e}"));
+    let in_pod = |p: &Path| {
+        Path::new("/").join(
+            p.strip_prefix(&root)
+                .unwrap_or_else(|_| panic!("{} is outside the pod", p.display())),
+        )
+    };
+    // The catalogue is the image's, and no mount hides it.
+    assert_eq!(in_pod(&config.policy.interactions_file), catalogue);
+    for (path, ..) in &mounts {
+        assert!(
+            !catalogue.starts_with(path),
+            "{path} is mounted over the image's {}",
+            catalogue.display()
+        );
+    }
+    // Every file the gateway hot-reloads is a key of a stable-named object mounted whole.
+    let ssp_gateway::config::DirectoryBackendConfig::Ldif { file: ldif, .. } =
+        &config.directory.backend
+    else {
+        panic!("the example's directory is an LDIF");
+    };
+    let (listener, upstream) = (&config.listener.tls, &config.upstream.tls);
+    assert!(
+        !listener.crls.is_empty(),
+        "consumer certificates are not revocation-checked"
+    );
+    assert!(
+        !upstream.crls.is_empty(),
+        "provider certificates are not revocation-checked"
+    );
+    let mut reloaded = vec![
+        &listener.cert,
+        &listener.key,
+        &listener.client_ca,
+        &upstream.cert,
+        &upstream.key,
+        &upstream.ca,
+        ldif,
+    ];
+    reloaded.extend(listener.crls.iter().chain(&upstream.crls));
+    for file in reloaded {
+        let file = in_pod(file);
+        let (dir, key) = (
+            file.parent().expect("dir").to_string_lossy(),
+            file.file_name().expect("name").to_string_lossy(),
+        );
+        let (_, kind, name, _) = mounts
+            .iter()
+            .find(|(path, .., keys)| *path == dir && keys.iter().any(|k| *k == key))
+            .unwrap_or_else(|| panic!("{} is in no mount", file.display()));
+        assert!(
+            stable.contains(&(kind.as_str(), name.as_str())),
+            "{} comes from {kind} {name}, which is not stable-named",
+            file.display()
+        );
+    }
+
+    // The gateway accepts everything mounted (each CRL signed by a CA of its bundle, current).
+    let check = Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+        .args(["check-config", "--config"])
+        .arg(rooted(config_path))
+        .output()
+        .expect("run check-config");
+    assert!(
+        check.status.success(),
+        "check-config: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Started on those mounts, it refuses the certificate the mounted CRL revokes; a new CRL
+    // swapped in as the kubelet updates the ConfigMap's volume is in force at the next poll.
+    let _gateway = Running(
+        Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+            .args(["run", "--config"])
+            .arg(rooted(config_path))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ssp-gateway run"),
+    );
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let gateway = std::net::SocketAddr::from(([127, 0, 0, 1], gateway_port));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(admin).await.is_err()
+        || common::http_get(admin, "/readyz").await.0 != 200
+    {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let consumer = world.client(&world.consumer, gateway);
+    assert!(consumer.handshake().await.is_ok(), "consumer refused");
+    let revoked = world.client(&world.revoked, gateway);
+    assert!(
+        revoked.handshake().await.is_err(),
+        "a revoked consumer was let in"
+    );
+
+    let trust = mounts
+        .iter()
+        .find(|(.., name, _)| name == "ssp-gateway-listener-trust")
+        .expect("the listener-trust mount");
+    let crl = in_pod(&listener.crls[0]);
+    // (The world does not keep the first revoked certificate as issued: this CRL, a later
+    // one of the same CA, revokes the consumer alone.)
+    let newer = world.authority.crl(&[&world.consumer_issued]).expect("CRL");
+    let files: Vec<(String, Vec<u8>)> = trust
+        .3
+        .iter()
+        .map(|key| {
+            let bytes = if Path::new(&trust.0).join(key) == crl {
+                newer.clone().into_bytes()
+            } else {
+                std::fs::read(rooted(Path::new(&trust.0)).join(key)).expect("read")
+            };
+            (key.clone(), bytes)
+        })
+        .collect();
+    project(
+        &rooted(Path::new(&trust.0)),
+        "..2026_01_01_00_00_00.000000002",
+        &files,
+    );
+    let series = "ssp_reloads_total{component=\"listener TLS\",result=\"ok\"}";
+    while common::sample(&common::http_get(admin, "/metrics").await.1, series) != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new CRL was not reloaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        consumer.handshake().await.is_err(),
+        "the consumer revoked by the new CRL was let in"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
