@@ -13,6 +13,7 @@ NEEDED=(
   "prometheus:prometheus"
   "sslscan:sslscan"
   "openssl:openssl"
+  "python3:python3"
 )
 # slapd's tools live in /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -20,6 +21,8 @@ missing=()
 for pair in "${NEEDED[@]+"${NEEDED[@]}"}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
+# PyYAML, with which tests/deploy.rs reads the Kubernetes manifests, is a module, not a command.
+python3 -c 'import yaml' >/dev/null 2>&1 || missing+=("python3-yaml")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

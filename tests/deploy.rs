@@ -5,11 +5,11 @@
 //! dashboard query parses (`promtool check rules`); the Kubernetes manifests, container build
 //! and systemd unit carry the properties the project promises (probes on the admin endpoints,
 //! non-root, read-only root filesystem, the audit volume, resources, spread, HPA, PDB); the
-//! kustomization, rendered by `kubectl kustomize` and laid out as the kubelet mounts it, mounts
-//! what the gateway hot-reloads as whole directories of stable-named objects, revocation-checks
-//! consumers and providers with CRLs from a mount, and starts and reloads a CRL there. The
-//! container image is not built here (no container engine on the test machines), and no
-//! Kubernetes cluster runs.
+//! kustomization, read as kustomize renders it (its YAML parsed with PyYAML) and laid out as the
+//! kubelet mounts it, mounts what the gateway hot-reloads as whole directories of stable-named
+//! objects, revocation-checks consumers and providers with CRLs from a mount, and starts and
+//! reloads a CRL there. The container image is not built here (no container engine on the test
+//! machines), and neither kubectl nor a Kubernetes cluster runs.
 
 mod common;
 
@@ -395,37 +395,161 @@ fn the_container_build_is_multi_stage_and_non_root_and_the_unit_is_hardened() {
     }
 }
 
-/// The objects `kubectl kustomize` renders from `dir`, as JSON (`kubectl label --local`
-/// re-prints them unchanged: every one already carries that label). No cluster is needed.
-fn kustomize(dir: &Path) -> Vec<serde_json::Value> {
-    let run = |args: &[&str]| {
-        let out = Command::new("kubectl")
-            .args(args)
-            .output()
-            .expect("kubectl (its built-in kustomize) must be installed");
+/// The YAML documents of `file` as JSON values, parsed by PyYAML (empty documents left out).
+fn yaml_documents(file: &Path) -> Vec<serde_json::Value> {
+    const TO_JSON: &str = "import sys, yaml, json; json.dump([d for d in \
+        yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout, default=str)";
+    let input = std::fs::File::open(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let out = Command::new("python3")
+        .args(["-c", TO_JSON])
+        .stdin(input)
+        .output()
+        .expect("python3 must be installed: scripts/test.sh installs it");
+    assert!(
+        out.status.success(),
+        "PyYAML (Debian package python3-yaml, which scripts/test.sh installs) on {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("python3 prints a JSON list")
+}
+
+/// Asserts that `object` (a mapping) has no key outside `known`.
+fn only_keys(what: &str, object: &serde_json::Value, known: &[&str]) {
+    let map = object
+        .as_object()
+        .unwrap_or_else(|| panic!("{what} is not a mapping"));
+    for key in map.keys() {
         assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            known.contains(&key.as_str()),
+            "{what} uses {key:?}, which this test does not read as kustomize would: \
+             handle it in tests/deploy.rs `kustomize`"
         );
-        out.stdout
+    }
+}
+
+/// A ConfigMap or Secret a generator of the kustomization makes.
+struct Generated {
+    kind: &'static str,
+    /// The name as written, and as the pod template names it.
+    name: String,
+    /// Whether kustomize appends a hash of the contents to the name (and to every reference
+    /// to it in the pod template): no `disableNameSuffixHash`, its own or `generatorOptions`'.
+    hashed: bool,
+    /// Its keys and their files' contents: what a volume of it holds.
+    files: Vec<(String, Vec<u8>)>,
+}
+
+/// The kustomization in `dir` as `kustomize build` renders it, for the part of kustomize it
+/// uses: the objects of its `resources` (files, as written), and the ConfigMaps and Secrets of
+/// its `configMapGenerator` and `secretGenerator` (`files`, `key=path` or a bare path, with
+/// `disableNameSuffixHash` per generator or in `generatorOptions`). `namespace`, `labels` and
+/// `images` rename nothing and touch no volume, so are not applied. Any other kustomize field
+/// (patches, name prefixes, bases, literals, ...) fails the test, to be handled here first.
+fn kustomize(dir: &Path) -> (Vec<serde_json::Value>, Vec<Generated>) {
+    let file = dir.join("kustomization.yaml");
+    let docs = yaml_documents(&file);
+    let [k] = &docs[..] else {
+        panic!("{} holds {} documents, not one", file.display(), docs.len());
     };
-    let yaml = dir.join("rendered.yaml");
-    std::fs::write(&yaml, run(&["kustomize", &dir.to_string_lossy()])).expect("write");
-    let json = run(&[
-        "label",
-        "--local",
-        "--overwrite",
-        "-o",
-        "json",
-        "-f",
-        &yaml.to_string_lossy(),
-        "app.kubernetes.io/name=ssp-gateway",
-    ]);
-    serde_json::Deserializer::from_slice(&json)
-        .into_iter::<serde_json::Value>()
-        .map(|v| v.expect("kubectl prints JSON objects"))
-        .collect()
+    only_keys(
+        "kustomization.yaml",
+        k,
+        &[
+            "apiVersion",
+            "kind",
+            "namespace",
+            "resources",
+            "configMapGenerator",
+            "secretGenerator",
+            "generatorOptions",
+            "labels",
+            "images",
+        ],
+    );
+    assert_eq!(k["apiVersion"], "kustomize.config.k8s.io/v1beta1");
+    assert_eq!(k["kind"], "Kustomization");
+    let list = |field: &str| match &k[field] {
+        serde_json::Value::Null => Vec::new(),
+        v => v
+            .as_array()
+            .unwrap_or_else(|| panic!("{field} is not a list"))
+            .clone(),
+    };
+
+    let mut resources = Vec::new();
+    for resource in list("resources") {
+        let path = dir.join(resource.as_str().expect("a resource is a path"));
+        assert!(
+            path.is_file(),
+            "resource {resource} is not a file (a base or remote resource is not read here)"
+        );
+        resources.extend(yaml_documents(&path));
+    }
+
+    only_keys(
+        "generatorOptions",
+        &k.get("generatorOptions")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({})),
+        &["disableNameSuffixHash"],
+    );
+    let no_hash = |options: &serde_json::Value| match &options["disableNameSuffixHash"] {
+        serde_json::Value::Null => false,
+        v => v.as_bool().expect("disableNameSuffixHash is true or false"),
+    };
+    let no_hash_anywhere = no_hash(&k["generatorOptions"]);
+    let mut generated: Vec<Generated> = Vec::new();
+    for (field, kind) in [
+        ("configMapGenerator", "ConfigMap"),
+        ("secretGenerator", "Secret"),
+    ] {
+        for g in list(field) {
+            let known: &[&str] = if kind == "Secret" {
+                &["name", "files", "options", "type"]
+            } else {
+                &["name", "files", "options"]
+            };
+            only_keys(field, &g, known);
+            let name = g["name"].as_str().expect("a generator's name").to_owned();
+            let what = format!("{field} {name}");
+            if let Some(options) = g.get("options") {
+                only_keys(
+                    &format!("{what} options"),
+                    options,
+                    &["disableNameSuffixHash"],
+                );
+            }
+            let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+            for entry in g["files"].as_array().expect("a generator's files") {
+                let entry = entry.as_str().expect("a files entry is a string");
+                let (key, path) = entry.split_once('=').unwrap_or_else(|| {
+                    let key = Path::new(entry).file_name().expect("a file name");
+                    (key.to_str().expect("UTF-8"), entry)
+                });
+                assert!(
+                    files.iter().all(|(k, _)| k != key),
+                    "{what} has key {key} twice"
+                );
+                let bytes =
+                    std::fs::read(dir.join(path)).unwrap_or_else(|e| panic!("{what}: {path}: {e}"));
+                files.push((key.to_owned(), bytes));
+            }
+            assert!(
+                generated
+                    .iter()
+                    .all(|o| (o.kind, &*o.name) != (kind, &*name)),
+                "{what} is generated twice"
+            );
+            generated.push(Generated {
+                kind,
+                hashed: !(no_hash_anywhere || no_hash(&g["options"])),
+                name,
+                files,
+            });
+        }
+    }
+    (resources, generated)
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -438,38 +562,6 @@ fn copy_tree(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).expect("copy");
         }
     }
-}
-
-/// The files of a ConfigMap or Secret, by key, decoded.
-fn volume_files(object: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
-    use base64::Engine as _;
-    // kustomize folds long base64 into lines, which the API server's decoder skips (Go's).
-    let b64 = |v: &serde_json::Value| {
-        let text: String = v
-            .as_str()
-            .expect("base64 text")
-            .chars()
-            .filter(|c| !matches!(c, '\n' | '\r'))
-            .collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .expect("base64")
-    };
-    let mut files = Vec::new();
-    let secret = object["kind"] == "Secret";
-    for (field, encoded) in [("data", secret), ("binaryData", true)] {
-        if let Some(map) = object[field].as_object() {
-            for (key, value) in map {
-                let bytes = if encoded {
-                    b64(value)
-                } else {
-                    value.as_str().expect("text").as_bytes().to_vec()
-                };
-                files.push((key.clone(), bytes));
-            }
-        }
-    }
-    files
 }
 
 /// Writes `files` into `mount` as the kubelet lays out a ConfigMap or Secret volume: the
@@ -500,9 +592,9 @@ impl Drop for Running {
     }
 }
 
-/// The Kubernetes example, rendered by `kubectl kustomize` with a real PKI, CRLs and LDIF in
-/// place of the files an operator puts in certs/, crls/ and files/, and laid out in a scratch
-/// root as the kubelet mounts it: what the gateway hot-reloads comes from stable-named
+/// The Kubernetes example, read as kustomize renders it (`kustomize`), with a real PKI, CRLs
+/// and LDIF in place of the files an operator puts in certs/, crls/ and files/, and laid out in
+/// a scratch root as the kubelet mounts it: what the gateway hot-reloads comes from stable-named
 /// ConfigMaps and Secrets mounted as whole directories (a subPath mount is never updated;
 /// a hashed name makes every change a rollout), gateway.toml alone rolls the pods, every file
 /// the config names is in a mount or the image, consumer and provider certificates are
@@ -530,7 +622,7 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
         ),
         ("certs/consumer-ca.pem", pem(&world.ca)),
         ("certs/provider-ca.pem", pem(&world.ca)),
-        // A distribution point serves DER (a ConfigMap's binaryData); PEM works as well.
+        // A distribution point serves DER; PEM works as well.
         ("crls/consumer-ca.crl", crl_der.to_vec()),
         ("crls/provider-ca.crl", crl_pem.clone()),
         (
@@ -540,11 +632,12 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
     ] {
         std::fs::write(kustomization.join(file), bytes).expect("write placeholder");
     }
-    let objects = kustomize(&kustomization);
-    let named = |kind: &str, name: &str| {
-        objects
+    let (resources, generated) = kustomize(&kustomization);
+    let generated = |kind: &str, name: &str| {
+        generated
             .iter()
-            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .find(|g| g.kind == kind && g.name == name)
+            .unwrap_or_else(|| panic!("no generator makes {kind} {name}"))
     };
 
     // What hot-reloads keeps its name (kustomize adds no hash suffix), so an update changes
@@ -558,11 +651,14 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
     ];
     for (kind, name) in stable {
         assert!(
-            named(kind, name).is_some(),
-            "no {kind} named exactly {name}: a hashed name rolls the pods on every change"
+            !generated(kind, name).hashed,
+            "{kind} {name} gets a hashed name (no disableNameSuffixHash): every change rolls the pods"
         );
     }
-    let deployment = named("Deployment", "ssp-gateway").expect("the Deployment");
+    let deployment = resources
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "ssp-gateway")
+        .expect("the Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
     let volumes = pod["volumes"].as_array().expect("volumes");
     let volume = |name: &str| {
@@ -577,7 +673,7 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
         .as_str()
         .expect("the config volume is a ConfigMap");
     assert!(
-        config_map.starts_with("ssp-gateway-config-") && named("ConfigMap", config_map).is_some(),
+        generated("ConfigMap", config_map).hashed,
         "gateway.toml's ConfigMap {config_map:?} should carry its content hash"
     );
 
@@ -619,9 +715,7 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
             v["configMap"].get("items").is_none() && v["secret"].get("items").is_none(),
             "{name} projects only some keys"
         );
-        let object = named(kind, object_name)
-            .unwrap_or_else(|| panic!("volume {name} names {kind} {object_name}, not rendered"));
-        let mut files = volume_files(object);
+        let mut files = generated(kind, object_name).files.clone();
         if name == "config" {
             // Run it here: paths under `root`, listeners on free loopback ports.
             for (key, bytes) in &mut files {
