@@ -475,7 +475,7 @@ impl Upstream {
                             }
                             tracing::debug!(%request_id, target_url = %url, status = resp.status().as_u16(), why, "the provider connection is not reused after this answer");
                         }
-                        strip_hop_by_hop(resp.headers_mut());
+                        prepare_answer_headers(resp.headers_mut());
                         // RFC 9110 §7.6.3: the gateway's entry on each answer it passes on,
                         // after any the provider's side added, with the protocol it came in
                         // (HTTP/1.1 on the provider leg; 1.0 when the provider answered so).
@@ -1051,10 +1051,58 @@ fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any named in `Connection`.
-/// `Transfer-Encoding` is hyper's to set per hop and is removed too.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip(headers, is_hop_by_hop);
+/// Makes a provider's answer headers fit for the consumer: hop-by-hop ones removed, and those
+/// that speak for the gateway's whole origin, which every provider shares behind it, so that
+/// one provider cannot set them for the others: `Set-Cookie` (a cookie of one provider's would
+/// go with requests to every provider), `Alt-Svc` (would send the consumer to another host for
+/// the gateway's origin), `Clear-Site-Data`, `Strict-Transport-Security` (the gateway's own is
+/// set on every answer) and `Proxy-Authentication-Info`.
+pub fn prepare_answer_headers(headers: &mut HeaderMap) {
+    strip(headers, |name| {
+        is_hop_by_hop(name)
+            || matches!(
+                name.as_str(),
+                "set-cookie"
+                    | "set-cookie2"
+                    | "alt-svc"
+                    | "clear-site-data"
+                    | "strict-transport-security"
+                    | "proxy-authentication-info"
+            )
+    });
+}
+
+/// A field the gateway does not pass on in a trailer section: hop-by-hop ones, and those RFC
+/// 9110 §6.5.1 says a trailer must not carry (framing, routing, request modifiers,
+/// authentication, response control data, how to process the content), and those that speak
+/// for the gateway's origin (see [`prepare_answer_headers`]).
+fn is_not_a_trailer(name: &HeaderName) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name.as_str(),
+            "content-length"
+                | "host"
+                | "cache-control"
+                | "expect"
+                | "max-forwards"
+                | "pragma"
+                | "range"
+                | "authorization"
+                | "www-authenticate"
+                | "set-cookie"
+                | "age"
+                | "expires"
+                | "date"
+                | "location"
+                | "retry-after"
+                | "vary"
+                | "content-encoding"
+                | "content-type"
+                | "content-range"
+                | "alt-svc"
+                | "clear-site-data"
+                | "strict-transport-security"
+        )
 }
 
 /// The consumer's headers the gateway sets itself or does not pass on, beside hop-by-hop ones.
@@ -1555,8 +1603,14 @@ impl http_body::Body for UpstreamBody {
         };
         match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Pending => {}
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 this.moved = true;
+                if let Some(trailers) = frame.trailers_mut() {
+                    // Trailers pass with the fields a trailer section may carry: not framing,
+                    // routing or connection ones (RFC 9110 §6.5.1), which an HTTP/2 consumer
+                    // would take as a malformed stream.
+                    strip(trailers, is_not_a_trailer);
+                }
                 // hyper may stop polling once the body says it is at its end, or once it has
                 // the trailers, which are always a body's last frame (its HTTP/2 server ends
                 // the stream with them).
@@ -1924,7 +1978,11 @@ mod tests {
             (103, &[], "interim"),
             (200, &[(te, "chunked"), (cl, "1")], "Content-Length"),
             (200, &[(cl, "1"), (te, "chunked")], "Content-Length"),
-            (204, &[(te, "chunked"), (cl, "0")], "Content-Length"),
+            (204, &[(te, "chunked"), (cl, "0")], "204 or 205"),
+            (204, &[(cl, "47")], "204 or 205"),
+            (205, &[(te, "chunked")], "204 or 205"),
+            (600, &[(cl, "2")], "above 599"),
+            (999, &[], "above 599"),
             (200, &[(te, "gzip, chunked")], "other than chunked"),
             (200, &[(te, "gzip")], "other than chunked"),
             (200, &[(te, "chunked, chunked")], "other than chunked"),
@@ -1946,7 +2004,10 @@ mod tests {
             (200, &[(te, " Chunked\t")]),
             (503, &[(te, "CHUNKED")]),
             (204, &[]),
+            (204, &[(cl, "0")]),
+            (205, &[(cl, " 0 ")]),
             (304, &[(cl, "12")]),
+            (599, &[(cl, "2")]),
         ] {
             assert_eq!(head(status, fields), None, "{status} {fields:?}");
         }

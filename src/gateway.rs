@@ -211,8 +211,7 @@ impl Gateway {
         };
         response
             .headers_mut()
-            .entry(header::STRICT_TRANSPORT_SECURITY)
-            .or_insert(HSTS);
+            .insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
         cors.apply(response.headers_mut());
         if ctx.method == Method::HEAD {
             // Only ever refused (405), and a HEAD answer has no body: hyper resets an HTTP/2

@@ -76,6 +76,16 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "trailers",
         b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n2\r\n{}\r\n0\r\nX-Checksum: abc\r\n\r\n",
     ),
+    // Trailer fields a trailer section may not carry (RFC 9110 §6.5.1), beside one it may.
+    (
+        "trailers-forbidden",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nConnection: close\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\nX-Checksum: abc\r\n\r\n",
+    ),
+    // Fields that speak for the gateway's whole origin, which every provider shares.
+    (
+        "origin-fields",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nSet-Cookie: sess=providerA; Path=/\r\nAlt-Svc: h2=\"evil.example:443\"\r\nClear-Site-Data: \"*\"\r\nStrict-Transport-Security: max-age=0\r\nProxy-Authentication-Info: nextnonce=\"x\"\r\nETag: W/\"7\"\r\nContent-Length: 2\r\n\r\n{}",
+    ),
     // Well formed, having passed through the provider's own proxies.
     (
         "via",
@@ -857,12 +867,20 @@ async fn an_answer_ended_by_trailers_is_audited_as_completed() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
     let (config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
-    for http2 in [true, false] {
+    // With fields a trailer section may not carry too (`Connection`, `Content-Length`,
+    // `Transfer-Encoding`): they are not passed on. Before, HTTP/2 consumers had the stream
+    // reset with no body while the audit said completed.
+    for (http2, answer) in [
+        (true, "trailers"),
+        (false, "trailers"),
+        (true, "trailers-forbidden"),
+        (false, "trailers-forbidden"),
+    ] {
         let client = world.client_with(&world.consumer, running.gateway_addr, http2);
-        let (a, trace) = scripted_metadata(&client, &target, "trailers").await;
-        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
+        let (a, trace) = scripted_metadata(&client, &target, answer).await;
+        let a = a.unwrap_or_else(|e| panic!("http2 {http2}, {answer}: {e}"));
         assert_eq!(a.status, StatusCode::OK, "http2 {http2}: {}", a.text());
-        assert_eq!(a.text(), "{}", "http2 {http2}");
+        assert_eq!(a.text(), "{}", "http2 {http2}, {answer}");
         let record = final_record_of(&config.audit.dir, &trace).await;
         assert_eq!(record["kind"], "outcome", "http2 {http2}: {record}");
         assert_eq!(record["completed"], true, "http2 {http2}: {record}");
@@ -1250,6 +1268,52 @@ async fn a_provider_connection_is_not_reused_after_an_answer_that_leaves_it_unsa
         before + 1,
         "the refused GET's connection was closed too"
     );
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider cannot set what speaks for the gateway's whole origin, which every provider
+/// shares behind it: `Set-Cookie` (its cookie would go with requests to every provider),
+/// `Alt-Svc`, `Clear-Site-Data`, `Proxy-Authentication-Info` are not passed on, and
+/// `Strict-Transport-Security` is the gateway's own; the rest (`ETag`) passes. Before, all
+/// passed, and a provider's `max-age=0` replaced the gateway's HSTS (found by a
+/// hostile-provider review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_cannot_set_fields_that_speak_for_the_gateways_origin() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let (_config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
+    for http2 in [false, true] {
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        let (a, _) = scripted_metadata(&client, &target, "origin-fields").await;
+        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
+        assert_eq!(a.status, StatusCode::OK, "http2 {http2}: {}", a.text());
+        for gone in [
+            "set-cookie",
+            "alt-svc",
+            "clear-site-data",
+            "proxy-authentication-info",
+        ] {
+            assert!(
+                !a.headers.contains_key(gone),
+                "http2 {http2}: {gone} passed"
+            );
+        }
+        let hsts: Vec<_> = a
+            .headers
+            .get_all(http::header::STRICT_TRANSPORT_SECURITY)
+            .iter()
+            .collect();
+        assert_eq!(hsts.len(), 1, "http2 {http2}: {hsts:?}");
+        assert!(
+            hsts[0]
+                .to_str()
+                .expect("ascii")
+                .starts_with("max-age=31536000"),
+            "http2 {http2}: {hsts:?}"
+        );
+        assert_eq!(a.headers["etag"], "W/\"7\"", "http2 {http2}");
+    }
     shutdown.cancel();
     running.wait().await;
 }
