@@ -12,10 +12,16 @@
 //! - every certificate of the client's chain (except the trust anchor) is checked against the
 //!   CRLs, so a revoked intermediate is refused as well as a revoked leaf;
 //! - a certificate whose issuer has no CRL loaded has an unknown status, which is allowed (CRLs
-//!   are configured per issuing CA; the other CAs of the bundle are not revocation-checked);
+//!   are configured per issuing CA; the other CAs of the bundle are not revocation-checked, and
+//!   each is named in a warning, logged at load and reload and printed by `check-config`);
 //! - a CRL whose `nextUpdate` has passed fails every handshake it would decide (fail closed: a
 //!   stale CRL cannot vouch for a certificate). [`load_crls`] refuses CRLs that are already stale,
-//!   so a bad file is caught at load or reload rather than at the first handshake.
+//!   so a bad file is caught at load or reload rather than at the first handshake;
+//! - a CRL is loaded only when a CA of the bundle verifies its signature; one that no CA of the
+//!   bundle issued is ignored, with a warning, and the other CRLs load (`crl_issuer`);
+//! - rustls (webpki) checks a certificate against the first CRL whose issuer name is its issuer's,
+//!   so two CAs of one name with different keys (a re-key) are refused while a CRL of that name
+//!   is listed (`same_name_cas`), and the CRL floor is kept per issuer key ([`CrlFloor`]).
 //!
 //! There is no session resumption on the listener: no tickets and no session cache, so every
 //! connection runs a full handshake and its client certificate is checked against the current
@@ -266,6 +272,17 @@ impl Found {
         });
     }
 
+    /// `note`, at `at` among the problems noted so far (to keep them in the order of their keys).
+    fn note_at(&mut self, at: usize, key: impl Into<String>, error: TlsError) {
+        self.0.insert(
+            at,
+            FileProblem {
+                key: key.into(),
+                error,
+            },
+        );
+    }
+
     fn count(&self) -> usize {
         self.0.len()
     }
@@ -405,25 +422,36 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError>
     Ok(key)
 }
 
-/// The highest CRL Number loaded so far for each issuer, so that a reload never goes back to
-/// an older CRL (one that may not list a certificate revoked since): a CRL published by
-/// mistake from an old copy, or put back by someone who wants a revoked certificate to work
-/// again. Shared by the clones of one listener's reloader.
+/// The highest CRL Number loaded so far for each issuer key (and scope), so that a reload
+/// never goes back to an older CRL (one that may not list a certificate revoked since): a CRL
+/// published by mistake from an old copy, or put back by someone who wants a revoked
+/// certificate to work again. Shared by the clones of one listener's reloader.
+///
+/// Keyed by the issuer's key as well as its name (`FloorKey`): a CA re-keyed under the same
+/// name numbers its CRLs on its own, so one key's CRL is neither an older nor a newer version
+/// of the other's, and going back to the old CA with its own CRL is a reload like any other.
 #[derive(Debug, Default, Clone)]
-pub struct CrlFloor(Arc<std::sync::Mutex<HashMap<String, CrlNumber>>>);
+pub struct CrlFloor(Arc<std::sync::Mutex<HashMap<FloorKey, CrlNumber>>>);
+
+/// What one floor entry is for: a CRL's scope (issuer name, and distribution point) and the
+/// SHA-256 of the SubjectPublicKeyInfo of the CA of the bundle whose key verifies it (`None`
+/// only where no bundle loaded, and then nothing reaches the floor).
+type FloorKey = (String, Option<[u8; 32]>);
 
 impl CrlFloor {
-    /// What refuses `numbered`: each CRL older than the one of its issuer already loaded, or
-    /// with its CRL Number and other contents (RFC 5280 §5.2.3: each new CRL of an issuer has a
-    /// greater number), with its index in the CRL list.
-    /// And each CRL loaded whose scope the new set has none for, while its issuer is still one
-    /// of `cas` (no index: it is a CRL missing from the list): with revocation status unknown
-    /// allowed (CRLs are per issuing CA), dropping a CA's CRL, or putting another CA's in its
-    /// file, would let every certificate it revoked in again.
+    /// What refuses `numbered`: each CRL older than the one of its issuer key and scope already
+    /// loaded, or with its CRL Number and other contents (RFC 5280 §5.2.3: each new CRL of an
+    /// issuer has a greater number), with its index in the CRL list.
+    /// And each CRL loaded whose issuer key and scope the new set has none for, while that CA
+    /// (name and key) is still one of `cas` (no index: it is a CRL missing from the list):
+    /// with revocation status unknown allowed (CRLs are per issuing CA), dropping a CA's CRL,
+    /// or putting another CA's in its file, would let every certificate it revoked in again.
+    /// A CRL ignored for want of its CA ([`CrlIssuer::Absent`]) is not in `numbered`, and was
+    /// never in the floor.
     fn check(
         &self,
         numbered: &[CrlNumber],
-        cas: &[CertificateDer<'_>],
+        cas: &[BundleCa<'_>],
         ca_path: &Path,
     ) -> Vec<(Option<usize>, TlsError)> {
         let floor = self
@@ -433,14 +461,17 @@ impl CrlFloor {
         let mut refused = Vec::new();
         let mut missing: Vec<&CrlNumber> = floor
             .values()
-            .filter(|loaded| !numbered.iter().any(|n| n.scope == loaded.scope))
+            .filter(|loaded| {
+                !numbered
+                    .iter()
+                    .any(|n| n.scope == loaded.scope && n.issuer_key == loaded.issuer_key)
+            })
             .collect();
         // In a stable order (the floor is a map).
-        missing.sort_by(|a, b| a.scope.cmp(&b.scope));
+        missing.sort_by(|a, b| (&a.scope, a.issuer_key).cmp(&(&b.scope, b.issuer_key)));
         for loaded in missing {
             let still_a_ca = cas.iter().any(|ca| {
-                x509_parser::parse_x509_certificate(ca.as_ref())
-                    .is_ok_and(|(_, ca)| ca.subject().as_raw() == loaded.issuer.as_slice())
+                ca.subject() == loaded.issuer.as_slice() && Some(ca.key) == loaded.issuer_key
             });
             if still_a_ca {
                 refused.push((
@@ -451,7 +482,7 @@ impl CrlFloor {
                             "the new CRLs have none for {}, whose CRL Number {} is loaded, while \
                              it is still a CA in {}: its revoked certificates would be let in \
                              again (remove the CA from the bundle as well, or restart the gateway)",
-                            loaded.scope,
+                            loaded.described(),
                             loaded.number,
                             ca_path.display()
                         ),
@@ -460,7 +491,7 @@ impl CrlFloor {
             }
         }
         for new in numbered {
-            let Some(loaded) = floor.get(&new.scope) else {
+            let Some(loaded) = floor.get(&new.floor_key()) else {
                 continue;
             };
             let reason = if new.number < loaded.number {
@@ -477,7 +508,7 @@ impl CrlFloor {
                     reason: format!(
                         "CRL Number {} for {} {reason} ({})",
                         new.number,
-                        new.scope,
+                        new.described(),
                         loaded.path.display()
                     ),
                 },
@@ -493,10 +524,11 @@ impl CrlFloor {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for new in numbered {
-            match floor.get(&new.scope) {
+            let key = new.floor_key();
+            match floor.get(&key) {
                 Some(loaded) if loaded.number >= new.number => {}
                 _ => {
-                    floor.insert(new.scope.clone(), new);
+                    floor.insert(key, new);
                 }
             }
         }
@@ -504,17 +536,20 @@ impl CrlFloor {
 }
 
 /// Reads CRLs from `paths`: each file holds PEM `X509 CRL` sections or one DER CRL. A CRL that
-/// does not parse, or whose `nextUpdate` has already passed, is refused with its file named
-/// (the first such file).
+/// does not parse, has no CRL Number, or whose `nextUpdate` has already passed, is refused with
+/// its file named (the first such file); so are two different CRLs of one issuer. No CA bundle
+/// is consulted here (see `checked_crls` for what a configuration's CRLs must also pass).
 pub fn load_crls(
     paths: &[PathBuf],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let mut crls = Vec::new();
     let mut numbered = Vec::new();
     for (index, path) in paths.iter().enumerate() {
-        let (in_file, numbers) = load_crl_file(path, index)?;
-        crls.extend(in_file);
-        numbered.extend(numbers);
+        for crl in read_crl_file(path)? {
+            let parsed = parse_crl(path, &crl)?;
+            numbered.push(crl_number(path, index, &crl, &parsed)?);
+            crls.push(crl);
+        }
     }
     match second_crls(&numbered).into_iter().next() {
         Some((_, e)) => Err(e),
@@ -529,12 +564,80 @@ struct Bundle<'a> {
     roots: &'a RootCertStore,
 }
 
+/// A CA of a loaded bundle, parsed for checking CRLs against it.
+struct BundleCa<'a> {
+    /// Its place in the bundle file, from 1.
+    number: usize,
+    cert: x509_parser::certificate::X509Certificate<'a>,
+    /// The SHA-256 of its SubjectPublicKeyInfo: which key it is.
+    key: [u8; 32],
+    /// The SHA-256 of the certificate (what `openssl x509 -fingerprint -sha256` shows).
+    fingerprint: [u8; 32],
+}
+
+impl<'a> BundleCa<'a> {
+    /// Every CA of `cas` (each parsed already by [`ca_bundle`], so none is left out).
+    fn all(cas: &'a [CertificateDer<'static>]) -> Vec<BundleCa<'a>> {
+        cas.iter()
+            .enumerate()
+            .filter_map(|(i, der)| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                Some(BundleCa {
+                    number: i + 1,
+                    key: sha256(cert.public_key().raw),
+                    fingerprint: sha256(der),
+                    cert,
+                })
+            })
+            .collect()
+    }
+
+    /// Its subject name, DER.
+    fn subject(&self) -> &[u8] {
+        self.cert.subject().as_raw()
+    }
+
+    /// Its subject key identifier, when it has one.
+    fn key_id(&self) -> Option<&[u8]> {
+        self.cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0),
+                _ => None,
+            })
+    }
+
+    /// How an error or a warning names it: subject, place in the bundle and fingerprint.
+    fn described(&self) -> String {
+        format!(
+            "{} (certificate #{}, SHA-256 fingerprint {})",
+            rfc4514(self.cert.subject()),
+            self.number,
+            hex(&self.fingerprint)
+        )
+    }
+}
+
+/// The CRLs of a configuration's CRL list that load, their numbers, and the warnings about
+/// them: each CRL ignored for want of its CA in the bundle, and, when the list is not empty,
+/// each CA of the bundle with no CRL loaded (its certificates are not revocation-checked).
+struct CheckedCrls {
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    numbered: Vec<CrlNumber>,
+    warnings: Vec<String>,
+}
+
 /// The CRLs of `paths` (the list `keys.crls`), each problem noted in `found` against the file's
-/// key (`crls[i]`): each file read (numbered, not stale) and, when the CA bundle loaded, each
-/// CRL signed by a CA of it and accepted by webpki on its own (`webpki_accepts`, so a CRL
-/// webpki refuses names its file); no second CRL for what another covers; and, when every file
-/// is good, none older than `floor` has seen and none missing that it has. The CRLs returned
-/// are those of the good files. The floor is raised by the caller once its config is built.
+/// key (`crls[i]`): each file read and, for each CRL in it, when the CA bundle loaded, its
+/// issuer found in the bundle ([`crl_issuer`]: a CRL no CA of the bundle issued is ignored with
+/// a warning; one named for a CA of it but not signed by its key is refused), then numbered and
+/// not stale, and accepted by webpki on its own (`webpki_accepts`, so a CRL webpki refuses
+/// names its file); no second CRL for what another covers; no two CAs of one name with
+/// different keys in the bundle while a CRL of that name is listed ([`same_name_cas`]); and,
+/// when every file is good, none older than `floor` has seen and none missing that it has. The
+/// CRLs returned are those of the good files. The floor is raised by the caller once its
+/// config is built.
 fn checked_crls(
     paths: &[PathBuf],
     keys: &TlsKeys,
@@ -545,49 +648,181 @@ fn checked_crls(
         &CertificateRevocationListDer<'static>,
     ) -> Result<(), rustls::Error>,
     found: &mut Found,
-) -> (Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>) {
+) -> CheckedCrls {
     let before = found.count();
-    let mut crls = Vec::new();
-    let mut numbered = Vec::new();
+    let cas = bundle
+        .as_ref()
+        .map(|b| BundleCa::all(b.cas))
+        .unwrap_or_default();
+    let mut checked = CheckedCrls {
+        crls: Vec::new(),
+        numbered: Vec::new(),
+        warnings: Vec::new(),
+    };
+    // The issuer names of every CRL parsed, kept or not.
+    let mut named = Vec::new();
     for (index, path) in paths.iter().enumerate() {
-        let checked = load_crl_file(path, index).and_then(|(in_file, numbers)| {
-            if let Some(bundle) = &bundle {
-                for crl in &in_file {
-                    check_crl_issuer(path, crl, bundle.cas, bundle.path)?;
-                    webpki_accepts(bundle.roots, crl).map_err(|e| TlsError::BadCrl {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                }
+        let key = keys.crl(index);
+        let Some(in_file) = found.take(key.clone(), read_crl_file(path)) else {
+            continue;
+        };
+        let mut kept = Vec::new();
+        let mut ignored = Vec::new();
+        let mut check = |crl: CertificateRevocationListDer<'static>| -> Result<(), TlsError> {
+            let parsed = parse_crl(path, &crl)?;
+            named.push(parsed.issuer().as_raw().to_vec());
+            let issuer_key = match &bundle {
+                None => None,
+                Some(b) => match crl_issuer(path, &parsed, &cas, b.path)? {
+                    CrlIssuer::Ca(ca) => Some(cas[ca].key),
+                    CrlIssuer::Absent(why) => {
+                        ignored.push(format!(
+                            "{key}: {}: a CRL {why}: it is ignored (not loaded; the other CRLs \
+                             load as usual); add its CA to {} to check certificates against it",
+                            path.display(),
+                            keys.ca
+                        ));
+                        return Ok(());
+                    }
+                },
+            };
+            let mut number = crl_number(path, index, &crl, &parsed)?;
+            number.issuer_key = issuer_key;
+            if let Some(b) = &bundle {
+                webpki_accepts(b.roots, &crl).map_err(|e| TlsError::BadCrl {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             }
-            Ok((in_file, numbers))
-        });
-        if let Some((in_file, numbers)) = found.take(keys.crl(index), checked) {
-            crls.extend(in_file);
-            numbered.extend(numbers);
+            kept.push((crl, number));
+            Ok(())
+        };
+        let file = in_file.into_iter().try_for_each(&mut check);
+        if found.take(key, file).is_some() {
+            for (crl, number) in kept {
+                checked.crls.push(crl);
+                checked.numbered.push(number);
+            }
+            checked.warnings.extend(ignored);
         }
     }
-    for (index, e) in second_crls(&numbered) {
+    let Some(bundle) = &bundle else {
+        for (index, e) in second_crls(&checked.numbered) {
+            found.note(keys.crl(index), e);
+        }
+        return checked;
+    };
+    let overlapping = same_name_cas(&cas, &named);
+    // Problems of the bundle come before those of the CRL list.
+    for (at, (cas_of_a_name, _)) in overlapping.iter().enumerate() {
+        found.note_at(
+            before + at,
+            keys.ca,
+            TlsError::BadCaBundle {
+                path: bundle.path.to_owned(),
+                reason: same_name_reason(cas_of_a_name, &cas, keys),
+            },
+        );
+    }
+    // A second CRL of a name refused above would say nothing more.
+    let apart = checked
+        .numbered
+        .iter()
+        .filter(|n| !overlapping.iter().any(|(_, name)| *name == n.issuer));
+    for (index, e) in second_crls(apart) {
         found.note(keys.crl(index), e);
     }
-    if let Some(bundle) = &bundle {
-        if found.count() == before {
-            for (index, e) in floor.check(&numbered, bundle.cas, bundle.path) {
-                match index {
-                    Some(index) => found.note(keys.crl(index), e),
-                    None => found.note(keys.crls, e),
-                }
+    if found.count() == before {
+        for (index, e) in floor.check(&checked.numbered, &cas, bundle.path) {
+            match index {
+                Some(index) => found.note(keys.crl(index), e),
+                None => found.note(keys.crls, e),
             }
         }
     }
-    (crls, numbered)
+    if !paths.is_empty() {
+        for ca in &cas {
+            let has_a_crl = checked
+                .numbered
+                .iter()
+                .any(|n| n.issuer == ca.subject() && n.issuer_key == Some(ca.key));
+            if !has_a_crl {
+                checked.warnings.push(format!(
+                    "{}: no CRL for {} in {}: the certificates it issues are accepted without a \
+                     revocation check; add its CRL to {}, or take the CA out of the bundle",
+                    keys.crls,
+                    ca.described(),
+                    bundle.path.display(),
+                    keys.crls
+                ));
+            }
+        }
+    }
+    checked
+}
+
+/// The CAs of `cas` that share a subject name with another of a different key, for each name
+/// that a CRL of `crl_issuers` is issued under (as indices into `cas`, with the name, DER).
+/// webpki checks a certificate against the first CRL whose issuer name is its issuer's, and
+/// verifies that CRL with the key of the CA the certificate chains to: with two keys of one
+/// name in the bundle, one key's CRL is checked against the other key's certificates, and each
+/// of them is refused (`BadSignature`). Without a CRL of that name both CAs are fine: path
+/// building tries each by signature.
+fn same_name_cas(cas: &[BundleCa<'_>], crl_issuers: &[Vec<u8>]) -> Vec<(Vec<usize>, Vec<u8>)> {
+    let mut overlapping: Vec<(Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, ca) in cas.iter().enumerate() {
+        if overlapping
+            .iter()
+            .any(|(_, name)| name.as_slice() == ca.subject())
+            || !crl_issuers
+                .iter()
+                .any(|name| name.as_slice() == ca.subject())
+        {
+            continue;
+        }
+        let of_the_name: Vec<usize> = (i..cas.len())
+            .filter(|&j| cas[j].subject() == ca.subject())
+            .collect();
+        if of_the_name.iter().any(|&j| cas[j].key != ca.key) {
+            overlapping.push((of_the_name, ca.subject().to_vec()));
+        }
+    }
+    overlapping
+}
+
+/// Why the CAs `of_the_name` (indices into `cas`, one name, more than one key) are refused,
+/// and what to do instead.
+fn same_name_reason(of_the_name: &[usize], cas: &[BundleCa<'_>], keys: &TlsKeys) -> String {
+    let listed: Vec<String> = of_the_name
+        .iter()
+        .map(|&i| {
+            format!(
+                "#{} (SHA-256 fingerprint {})",
+                cas[i].number,
+                hex(&cas[i].fingerprint)
+            )
+        })
+        .collect();
+    format!(
+        "the CAs {} are all named {} but have different keys, and {} has a CRL issued under that \
+         name: rustls checks a certificate against the first CRL whose issuer name is its \
+         issuer's and verifies it with the key of the CA the certificate chains to, so one key's \
+         CRL would be checked against the other key's certificates and every one of them \
+         refused (BadSignature). Give the new CA a name of its own; where the name cannot \
+         change, do not overlap them while CRLs are checked: swap the old CA and its CRL for the \
+         new CA and its CRL in one reload (either way round)",
+        listed.join(", "),
+        rfc4514(cas[of_the_name[0]].cert.subject()),
+        keys.crls
+    )
 }
 
 /// Each second, different CRL for what an earlier one covers, with its index in the list:
-/// webpki checks a certificate against the first CRL of its issuer only, so a second one, older
-/// say, would be the one consulted, or never. (The same CRL twice, as PEM and DER say, is
-/// harmless.)
-fn second_crls(numbered: &[CrlNumber]) -> Vec<(usize, TlsError)> {
+/// webpki checks a certificate against the first CRL of its issuer's name only, so a second
+/// one, older say, would be the one consulted, or never. (The same CRL twice, as PEM and DER
+/// say, is harmless.) By name, not key: webpki does not tell keys apart here.
+fn second_crls<'a>(numbered: impl IntoIterator<Item = &'a CrlNumber>) -> Vec<(usize, TlsError)> {
+    let numbered: Vec<&CrlNumber> = numbered.into_iter().collect();
     let mut seconds = Vec::new();
     for (i, crl) in numbered.iter().enumerate() {
         let earlier = &numbered[..i];
@@ -615,7 +850,8 @@ fn second_crls(numbered: &[CrlNumber]) -> Vec<(usize, TlsError)> {
 }
 
 /// What identifies a loaded CRL: its file (and the file's index in its CRL list), what it
-/// covers (issuer, and distribution point), its CRL Number and the SHA-256 of its bytes.
+/// covers (issuer, and distribution point), its issuer's key, its CRL Number and the SHA-256
+/// of its bytes.
 #[derive(Debug)]
 struct CrlNumber {
     path: PathBuf,
@@ -623,17 +859,29 @@ struct CrlNumber {
     scope: String,
     /// The issuer's name, DER (to find it among the CAs of a bundle).
     issuer: Vec<u8>,
+    /// The SHA-256 of the SubjectPublicKeyInfo of the CA of the bundle that verifies it;
+    /// `None` when read without a bundle.
+    issuer_key: Option<[u8; 32]>,
     number: x509_parser::num_bigint::BigUint,
     digest: [u8; 32],
 }
 
-/// The CRLs of one file, `index` in its CRL list, with each CRL's number (one for each CRL
-/// returned, in the same order): each must parse, have a CRL Number and not be stale.
-fn load_crl_file(
-    path: &Path,
-    index: usize,
-) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<CrlNumber>), TlsError> {
-    let now = x509_parser::time::ASN1Time::now();
+impl CrlNumber {
+    fn floor_key(&self) -> FloorKey {
+        (self.scope.clone(), self.issuer_key)
+    }
+
+    /// Its scope, with its issuer's key when known: what the floor's refusals name.
+    fn described(&self) -> String {
+        match &self.issuer_key {
+            Some(key) => format!("{} (issuer key SHA-256 {})", self.scope, hex(key)),
+            None => self.scope.clone(),
+        }
+    }
+}
+
+/// The CRLs of one file: PEM `X509 CRL` sections, or one DER CRL; at least one.
+fn read_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let bytes = read(path)?;
     let bad = |reason: String| TlsError::BadCrl {
         path: path.to_owned(),
@@ -651,52 +899,75 @@ fn load_crl_file(
             "no PEM CRL found (expected a -----BEGIN X509 CRL----- section)".to_owned(),
         ));
     }
-    let mut numbers = Vec::with_capacity(in_file.len());
-    for crl in &in_file {
-        let parsed = match x509_parser::parse_x509_crl(crl) {
-            Ok(([], parsed)) => parsed,
-            Ok(_) => return Err(bad("trailing data after the CRL".to_owned())),
-            Err(e) => return Err(bad(format!("not a valid X.509 CRL: {e}"))),
-        };
-        let Some(number) = parsed.crl_number() else {
-            // webpki requires it and would say only "ParseError".
-            return Err(bad(format!(
-                "no CRL Number extension (RFC 5280 §5.2.3), which is required; `openssl ca \
-                 -gencrl` adds one when a crlnumber file is configured (issuer {})",
-                rfc4514(parsed.issuer())
-            )));
-        };
-        if let Some(next) = parsed.next_update() {
-            if next < now {
-                return Err(bad(format!(
-                    "stale: nextUpdate {} has passed; fetch a current CRL from {}",
-                    next,
-                    rfc4514(parsed.issuer()),
-                )));
-            }
-        }
-        // What a CRL covers: its issuer, and its issuing distribution point when the issuer
-        // partitions its revocations over several CRLs.
-        let mut scope = rfc4514(parsed.issuer());
-        if let Some(idp) = parsed
-            .extensions()
-            .iter()
-            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT)
-        {
-            scope.push_str(" (issuing distribution point ");
-            scope.push_str(&hex(idp.value));
-            scope.push(')');
-        }
-        numbers.push(CrlNumber {
-            path: path.to_owned(),
-            index,
-            scope,
-            issuer: parsed.issuer().as_raw().to_vec(),
-            number: number.clone(),
-            digest: sha256(crl.as_ref()),
-        });
+    Ok(in_file)
+}
+
+/// One CRL of the file `path`, parsed: X.509, nothing after it.
+fn parse_crl<'a>(
+    path: &Path,
+    crl: &'a CertificateRevocationListDer<'_>,
+) -> Result<x509_parser::revocation_list::CertificateRevocationList<'a>, TlsError> {
+    let bad = |reason: String| TlsError::BadCrl {
+        path: path.to_owned(),
+        reason,
+    };
+    match x509_parser::parse_x509_crl(crl) {
+        Ok(([], parsed)) => Ok(parsed),
+        Ok(_) => Err(bad("trailing data after the CRL".to_owned())),
+        Err(e) => Err(bad(format!("not a valid X.509 CRL: {e}"))),
     }
-    Ok((in_file, numbers))
+}
+
+/// The number of `crl` (`parsed`), of the file `path`, `index` in its CRL list: it must have a
+/// CRL Number and not be stale. Its issuer's key is left for the caller to fill in.
+fn crl_number(
+    path: &Path,
+    index: usize,
+    crl: &CertificateRevocationListDer<'_>,
+    parsed: &x509_parser::revocation_list::CertificateRevocationList<'_>,
+) -> Result<CrlNumber, TlsError> {
+    let bad = |reason: String| TlsError::BadCrl {
+        path: path.to_owned(),
+        reason,
+    };
+    let Some(number) = parsed.crl_number() else {
+        // webpki requires it and would say only "ParseError".
+        return Err(bad(format!(
+            "no CRL Number extension (RFC 5280 §5.2.3), which is required; `openssl ca \
+             -gencrl` adds one when a crlnumber file is configured (issuer {})",
+            rfc4514(parsed.issuer())
+        )));
+    };
+    if let Some(next) = parsed.next_update() {
+        if next < x509_parser::time::ASN1Time::now() {
+            return Err(bad(format!(
+                "stale: nextUpdate {} has passed; fetch a current CRL from {}",
+                next,
+                rfc4514(parsed.issuer()),
+            )));
+        }
+    }
+    // What a CRL covers: its issuer, and its issuing distribution point when the issuer
+    // partitions its revocations over several CRLs.
+    let mut scope = rfc4514(parsed.issuer());
+    if let Some(idp) = parsed
+        .extensions()
+        .iter()
+        .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT)
+    {
+        scope.push_str(" (issuing distribution point ");
+        scope.push_str(&hex(idp.value));
+        scope.push(')');
+    }
+    Ok(CrlNumber {
+        path: path.to_owned(),
+        index,
+        scope,
+        issuer: parsed.issuer().as_raw().to_vec(),
+        issuer_key: None,
+        number: number.clone(),
+        digest: sha256(crl.as_ref()),
+    })
 }
 
 /// Reads a CA bundle: one or more PEM CA certificates, each usable as a trust anchor.
@@ -744,49 +1015,77 @@ fn ca_bundle(path: &Path) -> Result<(Vec<CertificateDer<'static>>, RootCertStore
     Ok((certs, roots))
 }
 
-/// Refuses a CRL that no CA of `client_ca` issued (it would check nothing: webpki applies a
-/// CRL only to certificates of its issuer) or whose signature does not verify with its
-/// issuer's key. webpki checks the signature only when a client of that CA connects, so a
-/// forged or mis-signed CRL had loaded (at start and on reload) and then failed every handshake.
-fn check_crl_issuer(
+/// Who issued a CRL, among the CAs of the bundle.
+enum CrlIssuer {
+    /// The CA (an index into the bundle's CAs) whose key verifies its signature.
+    Ca(usize),
+    /// No CA of the bundle, for the reason given: the CRL is ignored, since it could check
+    /// nothing the bundle lets in (a CRL is loaded only when a CA of the bundle verifies it).
+    Absent(String),
+}
+
+/// The issuer of `parsed` (a CRL of the file `path`) among `cas` (of the bundle `client_ca`):
+/// the CA of its issuer name whose key verifies its signature. A CRL whose issuer name no CA
+/// has, or whose authority key identifier is the subject key identifier of no CA of that name
+/// (another key's CRL: the old or the new key of a CA re-keyed under the same name, its
+/// certificate not in the bundle), is another CA's, and ignored. One named for a CA of the
+/// bundle, for its key as far as key identifiers tell, whose signature verifies with no CA's
+/// key is forged or corrupted, and refused: webpki checks the signature only when a client of
+/// that CA connects, so it had loaded (at start and on reload) and then failed every handshake.
+fn crl_issuer(
     path: &Path,
-    crl: &CertificateRevocationListDer<'_>,
-    cas: &[CertificateDer<'_>],
+    parsed: &x509_parser::revocation_list::CertificateRevocationList<'_>,
+    cas: &[BundleCa<'_>],
     client_ca: &Path,
-) -> Result<(), TlsError> {
-    let bad = |reason: String| TlsError::BadCrl {
-        path: path.to_owned(),
-        reason,
-    };
-    let (_, parsed) =
-        x509_parser::parse_x509_crl(crl).map_err(|e| bad(format!("not a valid X.509 CRL: {e}")))?;
+) -> Result<CrlIssuer, TlsError> {
     let issuer = parsed.issuer();
-    let mut named = false;
-    for ca in cas {
-        let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca) else {
-            continue;
-        };
-        if ca.subject().as_raw() != issuer.as_raw() {
-            continue;
-        }
-        named = true;
-        if parsed.verify_signature(ca.public_key()).is_ok() {
-            return Ok(());
+    let of_the_name: Vec<usize> = (0..cas.len())
+        .filter(|&i| cas[i].subject() == issuer.as_raw())
+        .collect();
+    if of_the_name.is_empty() {
+        return Ok(CrlIssuer::Absent(format!(
+            "issued by {}, which is not a CA in {}",
+            rfc4514(issuer),
+            client_ca.display()
+        )));
+    }
+    if let Some(&ca) = of_the_name
+        .iter()
+        .find(|&&i| parsed.verify_signature(cas[i].cert.public_key()).is_ok())
+    {
+        return Ok(CrlIssuer::Ca(ca));
+    }
+    let signer = parsed
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|id| id.0)
+            }
+            _ => None,
+        });
+    if let Some(signer) = signer {
+        if of_the_name
+            .iter()
+            .all(|&i| cas[i].key_id().is_some_and(|id| id != signer))
+        {
+            return Ok(CrlIssuer::Absent(format!(
+                "issued by {} under a key no CA of that name in {} has (authority key \
+                 identifier {})",
+                rfc4514(issuer),
+                client_ca.display(),
+                hex(signer)
+            )));
         }
     }
-    Err(bad(if named {
-        format!(
+    Err(TlsError::BadCrl {
+        path: path.to_owned(),
+        reason: format!(
             "its signature does not verify with the key of {}, its issuer in {}",
             rfc4514(issuer),
             client_ca.display()
-        )
-    } else {
-        format!(
-            "issued by {}, which is not a CA in {}: it would check nothing",
-            rfc4514(issuer),
-            client_ca.display()
-        )
-    }))
+        ),
+    })
 }
 
 /// The listener's TLS as one reloadable snapshot: the rustls config, and the client certificate
@@ -800,6 +1099,9 @@ pub struct ListenerTls {
     generation: u64,
     /// When this snapshot's certificates run out (for expiry metrics).
     pub expiry: Expiry,
+    /// What it loaded with but does not check as one might think (a CA with no CRL while
+    /// CRLs are configured, a CRL ignored): logged as it is taken up, shown by `check-config`.
+    pub warnings: Vec<String>,
 }
 
 /// The earliest notAfter (unix seconds) of a snapshot's own certificate chain (leaf and every
@@ -919,12 +1221,22 @@ pub fn listener_tls_above(
             )
         })?;
     floor.raise(m.numbered);
+    log_warnings(&m.warnings);
     Ok(ListenerTls {
         config,
         verifier,
         generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
         expiry: m.expiry,
+        warnings: m.warnings,
     })
+}
+
+/// Logs each warning of a configuration as it is taken into force (at start, on each reload):
+/// once per load, since a reload runs only when a file changed or on SIGHUP.
+fn log_warnings(warnings: &[String]) {
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
 }
 
 /// The files of one TLS configuration.
@@ -944,6 +1256,8 @@ struct Material {
     crls: Vec<CertificateRevocationListDer<'static>>,
     numbered: Vec<CrlNumber>,
     expiry: Expiry,
+    /// What loads but is not checked as one might think ([`CheckedCrls`]).
+    warnings: Vec<String>,
 }
 
 /// Loads every file of `files` — the own chain (its leaf checked for `own` when given), its
@@ -991,7 +1305,7 @@ fn load_material(
         _ => None,
     };
     let bundle = found.take(keys.ca, ca_bundle(files.ca));
-    let (crls, numbered) = checked_crls(
+    let checked = checked_crls(
         files.crls,
         keys,
         bundle.as_ref().map(|(cas, roots)| Bundle {
@@ -1009,8 +1323,9 @@ fn load_material(
             expiry: Expiry::of(&certified.cert, &cas),
             certified,
             roots,
-            crls,
-            numbered,
+            crls: checked.crls,
+            numbered: checked.numbered,
+            warnings: checked.warnings,
         }),
         _ => Err(TlsProblems(found.0)),
     }
@@ -1084,6 +1399,8 @@ pub struct UpstreamTls {
     pub crl_horizon: Option<u64>,
     /// When this snapshot's client certificate chain and CA bundle run out.
     pub expiry: Expiry,
+    /// Likewise [`ListenerTls::warnings`].
+    pub warnings: Vec<String>,
 }
 
 /// [`own_client_config_above`] with the CRLs' horizon: what the gateway forwards with.
@@ -1150,10 +1467,12 @@ fn build_client_config(
         config.resumption = rustls::client::Resumption::disabled();
     }
     floor.raise(m.numbered);
+    log_warnings(&m.warnings);
     Ok(UpstreamTls {
         config: Arc::new(config),
         crl_horizon,
         expiry: m.expiry,
+        warnings: m.warnings,
     })
 }
 
@@ -1771,8 +2090,8 @@ mod tests {
             ]
         );
 
-        // With the bundle good: a key that is not the certificate's, a CRL of a CA not in the
-        // bundle, a stale one.
+        // With the bundle good: a key that is not the certificate's and a stale CRL. (A CRL
+        // of a CA not in the bundle is no problem: it is ignored, with a warning.)
         s.cert = good_cert;
         s.client_ca = good_ca;
         let (_, other_key) = files.leaf("other", &client_leaf(&ca, &["other.example"]));
@@ -1783,7 +2102,6 @@ mod tests {
             keyed(listener_tls_above(&s, &keys, ALPN, &floor)),
             [
                 ("listener.key".to_owned(), other_key),
-                ("listener.crls[1]".to_owned(), stranger_path),
                 ("listener.crls[2]".to_owned(), stale_path.clone()),
             ]
         );
@@ -1809,42 +2127,337 @@ mod tests {
         );
     }
 
-    /// A CRL is checked against the client CAs when it is loaded: one signed by another key
-    /// under the CA's name, or from a CA that is not trusted, is refused naming its file (the
-    /// first had loaded and then failed every handshake; the second checked nothing).
+    /// `crl` (PEM) with the last byte of its signature changed: what a corrupted CRL looks like
+    /// (it parses, names its issuer and its issuer's key identifier, and does not verify).
+    fn corrupted(crl: &str) -> Vec<u8> {
+        let mut der = CertificateRevocationListDer::from_pem_slice(crl.as_bytes())
+            .expect("der")
+            .as_ref()
+            .to_vec();
+        *der.last_mut().expect("a signature") ^= 0x01;
+        der
+    }
+
+    /// How `listener` judges `leaf` (a client certificate its bundle's CA issued directly).
+    fn judged(listener: &ListenerTls, leaf: &Issued) -> Result<(), HandshakeFailure> {
+        listener
+            .verify_client_chain(
+                std::slice::from_ref(&leaf.cert_der),
+                rustls::pki_types::UnixTime::now(),
+            )
+            .map_err(|e| HandshakeFailure::from_rustls(&e))
+    }
+
+    /// A CRL is checked against the client CAs when it is loaded: one named for a CA of the
+    /// bundle, and for its key (its authority key identifier is the CA's), whose signature does
+    /// not verify with that key is corrupted or forged, and refused naming its file (it had
+    /// loaded and then failed every handshake of that CA's clients).
     #[test]
-    fn crls_must_be_signed_by_a_trusted_ca() {
+    fn a_corrupted_crl_of_a_trusted_ca_is_refused() {
         let files = Files::new("crl-issuer");
         let ca = ecdsa_ca("Listener CA");
-        let impostor = ecdsa_ca("Listener CA");
-        let stranger = ecdsa_ca("Stranger CA");
         let own = ca.crl(&[]).expect("crl");
         assert!(server_config(
             &files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&own]),
             ALPN
         )
         .is_ok());
-        for (crl, says) in [
-            (impostor.crl(&[]).expect("crl"), "signature does not verify"),
-            (stranger.crl(&[]).expect("crl"), "not a CA in"),
-        ] {
-            let tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[&own, &crl]);
-            match only(server_config(&tls, ALPN)) {
-                Err(e @ TlsError::BadCrl { .. }) => {
-                    assert!(e.to_string().contains(says), "{e}");
-                    assert!(e.to_string().contains("crl1.pem"), "{e}");
+        let mut tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
+        let bad = files.text("corrupted.crl", corrupted(&own));
+        tls.crls = vec![bad.clone()];
+        match only(server_config(&tls, ALPN)) {
+            Err(TlsError::BadCrl { path, reason }) => {
+                assert_eq!(path, bad);
+                assert!(reason.contains("signature does not verify"), "{reason}");
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
+    }
+
+    /// A CRL no CA of the bundle issued (its CA not added yet, or a whole hierarchy's CRLs
+    /// fetched) is ignored with a warning naming it and its file, even a stale one, and the
+    /// other CRLs of its file and of the list load: before, it refused the whole load, so a
+    /// reload left the trusted CAs' CRLs to go stale. So is the CRL of another key of a CA's
+    /// name (the old key of a CA re-keyed under the same name, its certificate gone from the
+    /// bundle): its authority key identifier is no CA's of the bundle.
+    #[test]
+    fn a_crl_of_a_ca_not_in_the_bundle_is_ignored_with_a_warning() {
+        let files = Files::new("crl-foreign");
+        let ca = ecdsa_ca("Trusted CA");
+        let stranger = ecdsa_ca("Stranger CA");
+        let old_key = ecdsa_ca("Trusted CA");
+        let revoked = client_leaf(&ca, &["revoked.example"]);
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let stale_stranger = stranger
+            .crl_between(&[], now - 7200, now - 3600)
+            .expect("crl");
+        let own = ca.crl(&[&revoked]).expect("crl");
+        let mut tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
+        let hierarchy = files.text(
+            "hierarchy.pem",
+            format!("{}{own}", stranger.crl(&[]).expect("crl")),
+        );
+        let stale = files.text("stale-stranger.pem", &stale_stranger);
+        let old = files.text("old-key.pem", old_key.crl(&[]).expect("crl"));
+        tls.crls = vec![hierarchy.clone(), stale.clone(), old.clone()];
+        let floor = CrlFloor::default();
+        let listener = only(listener_tls_above(&tls, &TlsKeys::SERVER_TLS, ALPN, &floor))
+            .expect("the trusted CA's CRL loads");
+        assert_eq!(
+            judged(&listener, &revoked),
+            Err(HandshakeFailure::CertificateRevoked)
+        );
+        let warnings = &listener.warnings;
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        for (warning, (key, path)) in warnings.iter().zip([
+            ("crls[0]", &hierarchy),
+            ("crls[1]", &stale),
+            ("crls[2]", &old),
+        ]) {
+            assert!(
+                warning.starts_with(&format!("{key}: {}: ", path.display())),
+                "{warning}"
+            );
+            assert!(warning.contains("it is ignored"), "{warning}");
+        }
+        assert!(
+            warnings[0].contains("issued by CN=Stranger CA,")
+                && warnings[0].contains(", which is not a CA in"),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[2].contains("under a key no CA of that name in"),
+            "{}",
+            warnings[2]
+        );
+        // The load with the foreign CRLs raised the floor for the trusted CA's only: a
+        // reload without them is a reload like any other.
+        tls.crls = vec![files.text("own.pem", &own)];
+        let again = only(listener_tls_above(&tls, &TlsKeys::SERVER_TLS, ALPN, &floor))
+            .expect("without the foreign CRLs");
+        assert!(again.warnings.is_empty(), "{:?}", again.warnings);
+    }
+
+    /// Two CAs of one name with different keys (a CA re-keyed under the same name, both in the
+    /// bundle for an overlap) are refused while a CRL of that name is listed: webpki checks
+    /// a certificate against the first CRL of its issuer's name and verifies it with the key
+    /// of the CA the certificate chains to, so every certificate of the other key was refused
+    /// (BadSignature) while the load had been accepted. The error names the subject, both
+    /// CAs by fingerprint, why and what to do. Without a CRL of that name they are allowed.
+    #[tokio::test]
+    async fn two_cas_of_one_name_with_different_keys_are_refused_while_its_crl_is_listed() {
+        let files = Files::new("crl-same-name");
+        let (old, new, other) = (
+            ecdsa_ca("Rekeyed CA"),
+            ecdsa_ca("Rekeyed CA"),
+            ecdsa_ca("Other CA"),
+        );
+        let fingerprint = |ca: &Ca| hex(&sha256(ca.cert_der()));
+        let bundle: [&Ca; 3] = [&old, &new, &other];
+        let (old_crl, new_crl) = (old.crl(&[]).expect("crl"), new.crl(&[]).expect("crl"));
+        let other_crl = other.crl(&[]).expect("crl");
+        let refused = |crls: &[&str]| {
+            let tls = files.server(&other, KeyKind::EcdsaP256, &bundle, crls);
+            match only(listener_tls(&tls, ALPN)) {
+                Err(TlsError::BadCaBundle { path, reason }) => {
+                    assert_eq!(path, tls.client_ca);
+                    reason
                 }
-                other => panic!("{says}: {other:?}"),
+                other => panic!("expected BadCaBundle, got {other:?}"),
+            }
+        };
+        // Either key's CRL, or both (one problem: the bundle's, not a second CRL's too).
+        for crls in [
+            vec![old_crl.as_str(), other_crl.as_str()],
+            vec![new_crl.as_str()],
+            vec![old_crl.as_str(), new_crl.as_str()],
+        ] {
+            let reason = refused(&crls);
+            for says in [
+                format!("#1 (SHA-256 fingerprint {})", fingerprint(&old)),
+                format!("#2 (SHA-256 fingerprint {})", fingerprint(&new)),
+                "are all named CN=Rekeyed CA,".to_owned(),
+                "but have different keys".to_owned(),
+                "crls has a CRL issued under that name".to_owned(),
+                "BadSignature".to_owned(),
+                "Give the new CA a name of its own".to_owned(),
+            ] {
+                assert!(reason.contains(&says), "{says:?} not in {reason}");
+            }
+            assert!(!reason.contains(&fingerprint(&other)), "{reason}");
+        }
+        // Without a CRL of that name, webpki's path building tries each by signature: both
+        // CAs' clients are accepted.
+        let tls = files.server(&other, KeyKind::EcdsaP256, &bundle, &[&other_crl]);
+        let listener = listener_tls(&tls, ALPN).expect("no CRL of that name");
+        for ca in [&old, &new] {
+            assert_eq!(judged(&listener, &client_leaf(ca, &["c.example"])), Ok(()));
+        }
+        // What the refusal prevents: the old key's CRL with the new key in the bundle fails
+        // every client of the new key (checked here without the loader's refusal).
+        let provider = provider();
+        let verifier = client_verifier(
+            &provider,
+            load_ca_bundle(&files.ca("overlap.pem", &bundle)).expect("roots"),
+            vec![CertificateRevocationListDer::from_pem_slice(old_crl.as_bytes()).expect("der")],
+        )
+        .expect("verifier");
+        use rustls::server::danger::ClientCertVerifier;
+        let refused_by_webpki = verifier
+            .verify_client_cert(
+                &client_leaf(&new, &["c.example"]).cert_der,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .expect_err("the old key's CRL against the new key's client");
+        assert_eq!(
+            HandshakeFailure::from_rustls(&refused_by_webpki),
+            HandshakeFailure::BadCertificate,
+            "{refused_by_webpki}"
+        );
+    }
+
+    /// The CRL floor is per issuer key: a CA re-keyed under the same name numbers its CRLs on
+    /// its own, so going over to the new CA (bundle and CRL) and back to the old one with its
+    /// own CRL are both accepted; before, the floor merged the keys' CRL Numbers and refused the
+    /// way back as "older". Each key's CRL still never goes back below its own floor, and a
+    /// CA still in the bundle may not lose its CRL.
+    #[test]
+    fn a_ca_re_keyed_under_its_name_can_be_rolled_back_with_its_own_crl() {
+        let files = Files::new("crl-rekeyed");
+        let (old, new) = (ecdsa_ca("Rekeyed CA"), ecdsa_ca("Rekeyed CA"));
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let numbered = |ca: &Ca, number| {
+            ca.crl_numbered(&[], now - 60, now + 3600, number)
+                .expect("crl")
+        };
+        let floor = CrlFloor::default();
+        let build = |ca: &Ca, crls: &[&str]| {
+            only(listener_tls_above(
+                &files.server(ca, KeyKind::EcdsaP256, &[ca], crls),
+                &TlsKeys::SERVER_TLS,
+                ALPN,
+                &floor,
+            ))
+        };
+        let old_crl = numbered(&old, 5);
+        build(&old, &[&old_crl]).expect("the old CA");
+        build(&new, &[&numbered(&new, 1000)]).expect("over to the new CA");
+        build(&old, &[&old_crl]).expect("back to the old CA with its own CRL");
+        build(&new, &[&numbered(&new, 1001)]).expect("over again");
+        for (ca, crls, says) in [
+            (
+                &new,
+                vec![numbered(&new, 999)],
+                "is older than the one loaded",
+            ),
+            (
+                &old,
+                vec![numbered(&old, 4)],
+                "is older than the one loaded",
+            ),
+            (&old, vec![], "is still a CA in"),
+        ] {
+            let crls: Vec<&str> = crls.iter().map(String::as_str).collect();
+            match build(ca, &crls) {
+                Err(TlsError::BadCrl { reason, .. }) => {
+                    assert!(reason.contains(says), "{says}: {reason}");
+                    assert!(reason.contains("issuer key SHA-256"), "{reason}");
+                }
+                other => panic!("{says}: expected BadCrl, got {other:?}"),
             }
         }
-        // Both CAs trusted: each CRL is checked against its own issuer.
-        let both = files.server(
-            &ca,
+    }
+
+    /// The warnings of a configuration are logged (WARN) as it is built, once for each load
+    /// (start, each reload), each as the snapshot holds it.
+    #[test]
+    fn a_configurations_warnings_are_logged_when_it_loads() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().expect("log buffer").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let files = Files::new("crl-logged");
+        let (one, two) = (ecdsa_ca("Logged CA"), ecdsa_ca("Unlogged CA"));
+        let tls = files.server(
+            &one,
             KeyKind::EcdsaP256,
-            &[&ca, &stranger],
-            &[&own, &stranger.crl(&[]).expect("crl")],
+            &[&one, &two],
+            &[&one.crl(&[]).expect("crl")],
         );
-        assert!(server_config(&both, ALPN).is_ok());
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let listener = tracing::subscriber::with_default(subscriber, || {
+            listener_tls(&tls, ALPN).expect("loads")
+        });
+        let log = String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8");
+        assert_eq!(listener.warnings.len(), 1);
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(lines[0].ends_with(&listener.warnings[0]), "{log}");
+    }
+
+    /// While CRLs are configured, each CA of the bundle with no CRL loaded is named in a
+    /// warning (subject, place, fingerprint): its clients are accepted without a revocation
+    /// check, which before went unsaid. Without CRLs (revocation checking off) there is none.
+    #[test]
+    fn a_ca_without_a_crl_is_named_in_a_warning_while_crls_are_configured() {
+        let files = Files::new("crl-uncovered");
+        let (one, two) = (ecdsa_ca("Covered CA"), ecdsa_ca("Uncovered CA"));
+        let crl_one = one.crl(&[]).expect("crl");
+        let warnings = |crls: &[&str]| {
+            listener_tls(
+                &files.server(&one, KeyKind::EcdsaP256, &[&one, &two], crls),
+                ALPN,
+            )
+            .expect("loads")
+            .warnings
+        };
+        let said = warnings(&[&crl_one]);
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("crls: no CRL for CN=Uncovered CA,")
+                && said[0].contains(&format!(
+                    " (certificate #2, SHA-256 fingerprint {}) in ",
+                    hex(&sha256(two.cert_der()))
+                )),
+            "{}",
+            said[0]
+        );
+        assert!(
+            said[0].contains("accepted without a revocation check"),
+            "{}",
+            said[0]
+        );
+        assert!(
+            warnings(&[]).is_empty(),
+            "no CRLs: revocation checking is off"
+        );
+        assert!(warnings(&[&crl_one, &two.crl(&[]).expect("crl")]).is_empty());
+
+        // The upstream client's CRLs (the same loader), likewise.
+        let leaf = one
+            .issue(&LeafSpec::client(&["gateway.example"]))
+            .expect("client cert");
+        let mut c = files.client("upstream", &leaf, &one);
+        c.ca = files.ca("upstream-ca.pem", &[&one, &two]);
+        c.crls = vec![files.text("upstream-crl.pem", &crl_one)];
+        let upstream = upstream_tls_above(&c, &TlsKeys::CLIENT_TLS, &[], &CrlFloor::default())
+            .expect("upstream");
+        assert_eq!(upstream.warnings.len(), 1, "{:?}", upstream.warnings);
+        assert!(upstream.warnings[0].contains("CN=Uncovered CA"));
     }
 
     /// A snapshot's expiry is the earliest notAfter of its whole chain (not just the leaf's)
@@ -2862,16 +3475,31 @@ mod tests {
         let (_, connected) = connect(&[]).await;
         assert!(connected.is_ok(), "{connected:?}");
 
-        let foreign = files.text("foreign.pem", other.crl(&[]).expect("crl"));
-        match only(client_config(&with_crls(&[&foreign]), &[])) {
-            Err(TlsError::BadCrl { path, reason }) => {
-                assert_eq!(path, foreign);
-                assert!(reason.contains("not a CA in"), "{reason}");
-            }
-            other => panic!("expected BadCrl, got {other:?}"),
-        }
+        // A CRL of a CA not in the bundle is ignored, with a warning (and another: the
+        // provider's CA then has no CRL).
         let floor = CrlFloor::default();
         let keys = TlsKeys::CLIENT_TLS;
+        let foreign = files.text("foreign.pem", other.crl(&[]).expect("crl"));
+        let warned = only(upstream_tls_above(
+            &with_crls(&[&foreign]),
+            &keys,
+            &[],
+            &floor,
+        ))
+        .expect("the foreign CRL is ignored")
+        .warnings;
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert!(
+            warned[0].starts_with(&format!("crls[0]: {}: ", foreign.display()))
+                && warned[0].contains("not a CA in"),
+            "{}",
+            warned[0]
+        );
+        assert!(
+            warned[1].contains("no CRL for CN=Provider CA,"),
+            "{}",
+            warned[1]
+        );
         own_client_config_above(&with_crls(&[&clean]), &keys, &[], &floor).expect("the newer CRL");
         match only(own_client_config_above(
             &with_crls(&[&revoking]),
