@@ -228,7 +228,8 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// directory with no accredited system or no message handler (every request would be refused),
 /// a remote directory backend that does not answer now (the gateway would start unready), a
 /// CORS allowlist of `"*"` (any web page could call through a clinician's browser), an
-/// open-files hard limit below what the connection limits can take.
+/// open-files hard limit below what the connection limits can take, and the TLS material's own
+/// warnings (a CA with no CRL while CRLs are configured, a CRL of a CA not in the bundle).
 /// Warnings, not problems: the gateway runs with each of them.
 fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<String> {
     let mut warnings = Vec::new();
@@ -236,6 +237,13 @@ fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<
     // runs as this user (a service manager may set another: systemd's LimitNOFILE=).
     if let Ok((_, hard)) = ssp_gateway::files::open_files_limit() {
         warnings.extend(ssp_gateway::files::open_files_warning(config, hard));
+    }
+    // The TLS material's own, as `run` logs them: a CA with no CRL while CRLs are configured, a
+    // CRL ignored (its CA not in the bundle).
+    warnings.extend(components.server_tls.current().warnings.iter().cloned());
+    warnings.extend(components.client_tls.current().warnings.iter().cloned());
+    if let Some((_, tls)) = &components.mock_provider {
+        warnings.extend(tls.current().warnings.iter().cloned());
     }
     if config.policy.cors_allowed_origins.is_any() {
         warnings.push(
