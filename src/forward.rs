@@ -608,13 +608,19 @@ fn announces_content(headers: &HeaderMap) -> bool {
 /// answer, or the answer to a request hidden in a body the provider did not read).
 /// - a 304 announcing content (`Content-Length` is allowed on it, RFC 9110 §15.4.5, but
 ///   hyper reads none: a provider that sends it anyway would answer the next request);
-/// - a 4xx or 5xx to a request with a body (`with_body`): a provider that refuses early may
-///   leave the body unread on the connection, to be parsed as the start of the next request.
-///   Refusals are rare, so a new connection after one costs little.
+/// - an answer other than 2xx to a request with a body (`with_body`): a provider that
+///   refuses or redirects early may leave the body unread on the connection, to be parsed as
+///   the start of the next request (a request a consumer hid in its body would run unchecked,
+///   its answer the next request's). Such answers are rare, so a new connection after one costs
+///   little.
+///
+/// A connection is poisoned once the gateway has the answer's head. hyper-util returns the
+/// connection of an answer with no body (a 204, a `Content-Length: 0`) to the pool just before
+/// that: a request that takes a connection in those microseconds may still get it.
 fn reuse_unsafe<B>(resp: &Response<B>, with_body: bool) -> Option<&'static str> {
     let status = resp.status();
-    if status.as_u16() >= 400 {
-        return with_body.then_some("a refusal of a request with a body, which may be unread");
+    if !status.is_success() && with_body {
+        return Some("an answer other than 2xx to a request with a body, which may be unread");
     }
     (status == http::StatusCode::NOT_MODIFIED && announces_content(resp.headers()))
         .then_some("a 304 announcing content")

@@ -45,10 +45,12 @@ pub struct Reloadable<T> {
     counter: std::sync::OnceLock<crate::metrics::ReloadMetrics>,
 }
 
-/// How long after a refused reload it is tried again, files changed or not: twice the poll
-/// interval, at most 10 s (and 10 s when only SIGHUP reloads).
+/// How long after a refused reload it is tried again with its files as they were refused:
+/// twice the poll interval, from 5 s to 10 s (10 s when only SIGHUP reloads), so a refused
+/// snapshot (large CRLs, a large LDIF) is not parsed again more often than that.
 pub fn retry_refused(poll: Duration) -> Duration {
-    poll.saturating_mul(2).min(Duration::from_secs(10))
+    poll.saturating_mul(2)
+        .clamp(Duration::from_secs(5), Duration::from_secs(10))
 }
 
 /// What a watched file looked like at the last check: (modified, length), or absent.
@@ -155,12 +157,29 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         E: std::fmt::Display + Send + 'static,
         F: Fn() -> Result<T, E> + Send + Sync + 'static,
     {
+        self.watch_retrying(build, poll, retry_refused(poll), shutdown, tasks);
+    }
+
+    /// [`Reloadable::watch`], a refused rebuild tried again every `retry` while its files are
+    /// as they were refused. A file changed since waits for the poll that sees it (a change is
+    /// built as such) or, when only SIGHUP reloads, for SIGHUP: a retry never builds files
+    /// the watch has not seen change.
+    fn watch_retrying<E, F>(
+        self: &Arc<Self>,
+        build: F,
+        poll: Duration,
+        retry: Duration,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) where
+        E: std::fmt::Display + Send + 'static,
+        F: Fn() -> Result<T, E> + Send + Sync + 'static,
+    {
         let this = self.clone();
         let build = Arc::new(build);
         // Taken now, not when the task first runs, so a change made meanwhile is not missed.
         let mut watched = this.files.load_full();
         let mut seen: Vec<Fingerprint> = watched.iter().map(fingerprint).collect();
-        let retry = retry_refused(poll);
         tasks.spawn(async move {
             let mut hangup = hangup_signal();
             let mut tick = tokio::time::interval(poll);
@@ -176,16 +195,19 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     _ = sleep_until(retry_at) => (false, true),
                 };
                 let now: Vec<Fingerprint> = watched.iter().map(fingerprint).collect();
-                let changed = now != seen;
-                if !forced && !changed && !retrying {
-                    continue;
-                }
-                seen = now;
-                // A retry of files as they were refused: the same refusal is not news.
-                let again = match &refused {
-                    Some((e, _)) if !forced && !changed => Some(e.clone()),
-                    _ => None,
+                let again = match wake(forced, now != seen, retrying) {
+                    Wake::Nothing => continue,
+                    Wake::Defer => {
+                        if let Some((_, at)) = &mut refused {
+                            *at = tokio::time::Instant::now() + retry;
+                        }
+                        continue;
+                    }
+                    Wake::Build => None,
+                    // The same refusal again is not news.
+                    Wake::Retry => refused.as_ref().map(|(e, _)| e.clone()),
                 };
+                seen = now;
                 let (this2, build) = (this.clone(), build.clone());
                 let joined = tokio::task::spawn_blocking(move || {
                     this2.attempt(|| build(), again.as_deref())
@@ -207,6 +229,33 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 }
             }
         });
+    }
+}
+
+/// What one wake-up of a watch does.
+#[derive(Debug, PartialEq, Eq)]
+enum Wake {
+    /// Nothing changed, and nothing to retry.
+    Nothing,
+    /// Build the files as they are now: SIGHUP, or a poll that saw them change.
+    Build,
+    /// Build again the files as they were refused.
+    Retry,
+    /// A retry's time came, but the files changed since the refusal: a poll that sees the
+    /// change builds them as a change, or, when only SIGHUP reloads, SIGHUP does; a retry
+    /// never builds files nobody asked for. The retry waits its interval again.
+    Defer,
+}
+
+/// What a wake-up by SIGHUP (`forced`), the poll, or the retry timer (`retrying`) does, the
+/// watched files having `changed` since they were last built.
+fn wake(forced: bool, changed: bool, retrying: bool) -> Wake {
+    match (forced, changed, retrying) {
+        (true, _, _) => Wake::Build,
+        (false, true, false) => Wake::Build,
+        (false, true, true) => Wake::Defer,
+        (false, false, true) => Wake::Retry,
+        (false, false, false) => Wake::Nothing,
     }
 }
 
@@ -253,6 +302,28 @@ async fn next_hangup(h: &mut Hangup) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A retry builds only files as they were refused; files changed since wait for the poll
+    /// that sees them, or for SIGHUP when only SIGHUP reloads (whose poll never comes): a
+    /// half-made edit across files is not taken up by a retry.
+    #[test]
+    fn a_retry_never_builds_changed_files() {
+        assert_eq!(wake(false, true, true), Wake::Defer);
+        assert_eq!(wake(false, false, true), Wake::Retry);
+        assert_eq!(wake(false, true, false), Wake::Build);
+        assert_eq!(wake(true, true, true), Wake::Build);
+        assert_eq!(wake(true, false, false), Wake::Build);
+        assert_eq!(wake(false, false, false), Wake::Nothing);
+        assert_eq!(
+            retry_refused(Duration::from_millis(100)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            retry_refused(Duration::from_secs(5)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(retry_refused(Duration::MAX), Duration::from_secs(10));
+    }
 
     #[test]
     fn a_failed_rebuild_keeps_the_old_value() {
@@ -359,7 +430,7 @@ mod tests {
         let (path, st, n) = (file.clone(), state.clone(), builds.clone());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        r.watch(
+        r.watch_retrying(
             move || {
                 n.fetch_add(1, Ordering::SeqCst);
                 match st.load(Ordering::SeqCst) {
@@ -371,6 +442,7 @@ mod tests {
                 }
             },
             Duration::from_millis(10),
+            Duration::from_millis(20),
             shutdown.clone(),
             &tasks,
         );
@@ -381,7 +453,8 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        std::fs::write(&file, "7").expect("write");
+        // (Of another size: a same-size write within the clock's tick may keep the mtime.)
+        std::fs::write(&file, "77").expect("write");
         until("the change was never tried", || r.stats().failed() == 1).await;
         // Retried, unchanged, and refused for the same reason: counted once.
         let tried = builds.load(Ordering::SeqCst);
@@ -396,7 +469,7 @@ mod tests {
         until("the new reason was not counted", || r.stats().failed() == 2).await;
         // What refused it passes, with the file as it was: taken on the next retry.
         state.store(2, Ordering::SeqCst);
-        until("never taken on retry", || *r.current() == 7).await;
+        until("never taken on retry", || *r.current() == 77).await;
         assert_eq!((r.stats().succeeded(), r.stats().failed()), (1, 2));
         // Taken: no more retries.
         let tried = builds.load(Ordering::SeqCst);

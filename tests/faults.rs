@@ -122,6 +122,10 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
     ),
     (
+        "redirect",
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n",
+    ),
+    (
         "status-999",
         b"HTTP/1.1 999 Weird\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
     ),
@@ -1183,9 +1187,9 @@ async fn a_providers_own_reason_phrase_reaches_an_http1_consumer() {
 ///   connection. Before, the 204 passed with its `Content-Length` and the late bytes were the
 ///   next request's answer.
 /// - A 304 announcing content passes, its connection closed.
-/// - A refusal (4xx, 5xx) of a request with a body passes, its connection closed (the provider
-///   may have left the body unread, to be parsed as the next request); a refusal of a GET
-///   keeps its connection.
+/// - A refusal (4xx, 5xx) or a redirect of a request with a body passes, its connection closed
+///   (the provider may have left the body unread, to be parsed as the next request); a refusal
+///   of a GET keeps its connection.
 /// - A status above 599 is a 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_connection_is_not_reused_after_an_answer_that_leaves_it_unsafe() {
@@ -1262,12 +1266,23 @@ async fn a_provider_connection_is_not_reused_after_an_answer_that_leaves_it_unsa
     let (a, _) = scripted_metadata(&client, &target, "chunked").await;
     assert_eq!(a.expect("answer").status, StatusCode::OK);
     closed_within_10s(before).await;
+    // A redirect of a request with a body, likewise.
+    let before = closed();
+    let book = Gpc::new(
+        Method::POST,
+        format!("{}/Appointment", target.trim_end_matches("/metadata")),
+        IX_BOOK,
+    )
+    .header("x-answer", "redirect")
+    .body("{\"resourceType\":\"Appointment\"}")
+    .build();
+    let a = client.send(book).await.expect("answer");
+    assert_eq!(a.status, StatusCode::TEMPORARY_REDIRECT, "{}", a.text());
+    let (a, _) = scripted_metadata(&client, &target, "chunked").await;
+    assert_eq!(a.expect("answer").status, StatusCode::OK);
+    closed_within_10s(before).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        closed(),
-        before + 1,
-        "the refused GET's connection was closed too"
-    );
+    assert_eq!(closed(), before + 1, "a GET's connection was closed too");
     shutdown.cancel();
     running.wait().await;
 }

@@ -123,7 +123,7 @@ async fn server_certificate_renewal_under_load_drops_nothing() {
 
 /// A renewed server certificate published before its notBefore is refused (the old one stays
 /// in force), and taken by the reload's own retry once it is valid, with no further change to
-/// the files and no SIGHUP; the refusal is counted once, not at every retry. Before, it was
+/// the files and no SIGHUP; the refusal is counted once, not at every retry (every 5 s here). Before, it was
 /// never taken until a file changed again or SIGHUP came, and the old certificate ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_published_before_its_not_before_is_taken_once_valid() {
@@ -142,7 +142,8 @@ async fn a_renewal_published_before_its_not_before_is_taken_once_valid() {
             validity: Validity::From(valid_from),
         })
         .expect("issue");
-    // Written beside and renamed into place, so no poll sees a certificate without its key.
+    // Written beside and renamed into place: a poll that falls between the two renames sees
+    // the new certificate with the old key, a refusal for another reason (counted too).
     let (cert, key) = (
         h.world.dir.join("early.pem"),
         h.world.dir.join("early-key.pem"),
@@ -175,7 +176,11 @@ async fn a_renewal_published_before_its_not_before_is_taken_once_valid() {
             &format!("ssp_reloads_total{{component=\"listener TLS\",result=\"{result}\"}}"),
         )
     };
-    assert_eq!(series("refused"), Some(1.0), "each retry counted");
+    let refused = series("refused").unwrap_or(0.0);
+    assert!(
+        (1.0..=2.0).contains(&refused),
+        "each retry counted: {refused}"
+    );
     assert_eq!(series("ok"), Some(1.0));
     assert_eq!(
         sample(&text, "ssp_reload_last_ok{component=\"listener TLS\"}"),

@@ -162,6 +162,32 @@ pub async fn watch(
     reloads: Option<crate::metrics::ReloadMetrics>,
     shutdown: CancellationToken,
 ) {
+    let retry = crate::reload::retry_refused(poll_interval.unwrap_or(Duration::MAX));
+    watch_retrying(
+        backend,
+        path,
+        directory,
+        poll_interval,
+        retry,
+        reloads,
+        shutdown,
+    )
+    .await
+}
+
+/// [`watch`], a refused file tried again every `retry` while it is as it was refused (the
+/// same modification time and size): a file changed since is loaded once a poll sees it
+/// settled, or on SIGHUP when polling is off, never by a retry (which could take a copy in
+/// progress).
+async fn watch_retrying(
+    backend: Arc<LdifBackend>,
+    path: PathBuf,
+    directory: Directory,
+    poll_interval: Option<Duration>,
+    retry: Duration,
+    reloads: Option<crate::metrics::ReloadMetrics>,
+    shutdown: CancellationToken,
+) {
     let mut hangup = sighup();
     let mut settle = Settle::new(signature(&path).await);
     let mut ticker = poll_interval.map(|every| {
@@ -169,7 +195,6 @@ pub async fn watch(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t
     });
-    let retry = crate::reload::retry_refused(poll_interval.unwrap_or(Duration::MAX));
     // The last load's refusal, and when it is tried again.
     let mut refused: Option<(String, tokio::time::Instant)> = None;
     loop {
@@ -196,8 +221,16 @@ pub async fn watch(
                 }
             }
             Trigger::Sighup => settle.loaded(now),
-            // The file as refused (a change since is loaded as a change, once settled).
-            Trigger::Retry => {}
+            Trigger::Retry => {
+                if now != settle.loaded {
+                    // Changed since it was refused: loaded as a change once a poll sees it
+                    // settled (or on SIGHUP), not half-way by a retry.
+                    if let Some((_, at)) = &mut refused {
+                        *at = tokio::time::Instant::now() + retry;
+                    }
+                    continue;
+                }
+            }
         }
         let again = match (&refused, trigger) {
             (Some((e, _)), Trigger::Retry) => Some(e.clone()),
@@ -301,11 +334,12 @@ mod tests {
         let directory = Directory::new(as_dyn, CachePolicy::default());
         let reloads = crate::metrics::ReloadMetrics::new();
         let shutdown = CancellationToken::new();
-        let watcher = tokio::spawn(watch(
+        let watcher = tokio::spawn(watch_retrying(
             backend.clone(),
             path.clone(),
             directory.clone(),
             Some(Duration::from_millis(20)),
+            Duration::from_millis(40),
             Some(reloads.clone()),
             shutdown.clone(),
         ));
