@@ -229,7 +229,7 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// a remote directory backend that does not answer now (the gateway would start unready), a
 /// CORS allowlist of `"*"` (any web page could call through a clinician's browser), an
 /// open-files hard limit below what the connection limits can take, and the TLS material's own
-/// warnings (a CA with no CRL while CRLs are configured, a CRL of a CA not in the bundle).
+/// warnings (a CA with no CRL while CRLs are configured).
 /// Warnings, not problems: the gateway runs with each of them.
 fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<String> {
     let mut warnings = Vec::new();
@@ -238,8 +238,7 @@ fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<
     if let Ok((_, hard)) = ssp_gateway::files::open_files_limit() {
         warnings.extend(ssp_gateway::files::open_files_warning(config, hard));
     }
-    // The TLS material's own, as `run` logs them: a CA with no CRL while CRLs are configured, a
-    // CRL ignored (its CA not in the bundle).
+    // The TLS material's own, as `run` logs them: a CA with no CRL while CRLs are configured.
     warnings.extend(components.server_tls.current().warnings.iter().cloned());
     warnings.extend(components.client_tls.current().warnings.iter().cloned());
     if let Some((_, tls)) = &components.mock_provider {

@@ -18,7 +18,8 @@
 //!   stale CRL cannot vouch for a certificate). [`load_crls`] refuses CRLs that are already stale,
 //!   so a bad file is caught at load or reload rather than at the first handshake;
 //! - a CRL is loaded only when a CA of the bundle verifies its signature; one that no CA of the
-//!   bundle issued is ignored, with a warning, and the other CRLs load (`crl_issuer`);
+//!   bundle issued (an intermediate's not in the bundle, another CA's, another key's) refuses
+//!   the configuration (`crl_issuer`): left out, it would let in what it revokes;
 //! - rustls (webpki) checks a certificate against the first CRL whose issuer name is its issuer's,
 //!   so two CAs of one name with different keys (a re-key) are refused while a CRL of that name
 //!   is listed (`same_name_cas`), and the CRL floor is kept per issuer key ([`CrlFloor`]).
@@ -446,8 +447,6 @@ impl CrlFloor {
     /// (name and key) is still one of `cas` (no index: it is a CRL missing from the list):
     /// with revocation status unknown allowed (CRLs are per issuing CA), dropping a CA's CRL,
     /// or putting another CA's in its file, would let every certificate it revoked in again.
-    /// A CRL ignored for want of its CA ([`CrlIssuer::Absent`]) is not in `numbered`, and was
-    /// never in the floor.
     fn check(
         &self,
         numbered: &[CrlNumber],
@@ -620,8 +619,8 @@ impl<'a> BundleCa<'a> {
 }
 
 /// The CRLs of a configuration's CRL list that load, their numbers, and the warnings about
-/// them: each CRL ignored for want of its CA in the bundle, and, when the list is not empty,
-/// each CA of the bundle with no CRL loaded (its certificates are not revocation-checked).
+/// them: when the list is not empty, each CA of the bundle with no CRL loaded (its
+/// certificates are not revocation-checked).
 struct CheckedCrls {
     crls: Vec<CertificateRevocationListDer<'static>>,
     numbered: Vec<CrlNumber>,
@@ -630,10 +629,10 @@ struct CheckedCrls {
 
 /// The CRLs of `paths` (the list `keys.crls`), each problem noted in `found` against the file's
 /// key (`crls[i]`): each file read and, for each CRL in it, when the CA bundle loaded, its
-/// issuer found in the bundle ([`crl_issuer`]: a CRL no CA of the bundle issued is ignored with
-/// a warning; one named for a CA of it but not signed by its key is refused), then numbered and
-/// not stale, and accepted by webpki on its own (`webpki_accepts`, so a CRL webpki refuses
-/// names its file); no second CRL for what another covers; no two CAs of one name with
+/// issuer found in the bundle ([`crl_issuer`]: a CRL no CA of the bundle issued, or one named
+/// for a CA of it but not signed by its key, is refused), then numbered and not stale, and
+/// accepted by webpki on its own (`webpki_accepts`, so a CRL webpki refuses names its file);
+/// no second CRL for what another covers; no two CAs of one name with
 /// different keys in the bundle while a CRL of that name is listed ([`same_name_cas`]); and,
 /// when every file is good, none older than `floor` has seen and none missing that it has. The
 /// CRLs returned are those of the good files. The floor is raised by the caller once its
@@ -667,24 +666,12 @@ fn checked_crls(
             continue;
         };
         let mut kept = Vec::new();
-        let mut ignored = Vec::new();
         let mut check = |crl: CertificateRevocationListDer<'static>| -> Result<(), TlsError> {
             let parsed = parse_crl(path, &crl)?;
             named.push(parsed.issuer().as_raw().to_vec());
             let issuer_key = match &bundle {
                 None => None,
-                Some(b) => match crl_issuer(path, &parsed, &cas, b.path)? {
-                    CrlIssuer::Ca(ca) => Some(cas[ca].key),
-                    CrlIssuer::Absent(why) => {
-                        ignored.push(format!(
-                            "{key}: {}: a CRL {why}: it is ignored (not loaded; the other CRLs \
-                             load as usual); add its CA to {} to check certificates against it",
-                            path.display(),
-                            keys.ca
-                        ));
-                        return Ok(());
-                    }
-                },
+                Some(b) => Some(cas[crl_issuer(path, &parsed, &cas, b.path, keys)?].key),
             };
             let mut number = crl_number(path, index, &crl, &parsed)?;
             number.issuer_key = issuer_key;
@@ -703,7 +690,6 @@ fn checked_crls(
                 checked.crls.push(crl);
                 checked.numbered.push(number);
             }
-            checked.warnings.extend(ignored);
         }
     }
     let Some(bundle) = &bundle else {
@@ -1015,45 +1001,61 @@ fn ca_bundle(path: &Path) -> Result<(Vec<CertificateDer<'static>>, RootCertStore
     Ok((certs, roots))
 }
 
-/// Who issued a CRL, among the CAs of the bundle.
-enum CrlIssuer {
-    /// The CA (an index into the bundle's CAs) whose key verifies its signature.
-    Ca(usize),
-    /// No CA of the bundle, for the reason given: the CRL is ignored, since it could check
-    /// nothing the bundle lets in (a CRL is loaded only when a CA of the bundle verifies it).
-    Absent(String),
-}
-
 /// The issuer of `parsed` (a CRL of the file `path`) among `cas` (of the bundle `client_ca`):
-/// the CA of its issuer name whose key verifies its signature. A CRL whose issuer name no CA
-/// has, or whose authority key identifier is the subject key identifier of no CA of that name
-/// (another key's CRL: the old or the new key of a CA re-keyed under the same name, its
-/// certificate not in the bundle), is another CA's, and ignored. One named for a CA of the
-/// bundle, for its key as far as key identifiers tell, whose signature verifies with no CA's
-/// key is forged or corrupted, and refused: webpki checks the signature only when a client of
-/// that CA connects, so it had loaded (at start and on reload) and then failed every handshake.
+/// the index of the CA of its issuer name whose key verifies its signature. Every other CRL is
+/// refused, naming its issuer and what to do:
+/// - one whose issuer name no CA of the bundle has: it is not left out with a warning, since it
+///   may well check something. A client may send intermediate CAs, and webpki checks each
+///   certificate of the chain against the CRL of its issuer's name, verified with the key of
+///   the issuer the client sent: an intermediate's CRL protects its leaves with only the root
+///   in the bundle. The loader honours it only with the intermediate in the bundle (where its
+///   signature is checked), so left out it would let the intermediate's revoked certificates
+///   in; and a CRL for the wrong CA (two CRL files swapped) would start with revocation
+///   checking off. Fail closed, as a stale CRL does;
+/// - one whose authority key identifier is the subject key identifier of no CA of its name
+///   (another key's CRL: the old or the new key of a CA re-keyed under the same name, its
+///   certificate not in the bundle), for the same reason;
+/// - one named for a CA of the bundle, for its key as far as key identifiers tell, whose
+///   signature verifies with no CA's key: forged or corrupted. webpki checks the signature only
+///   when a client of that CA connects, so it had loaded (at start and on reload) and then
+///   failed every handshake.
 fn crl_issuer(
     path: &Path,
     parsed: &x509_parser::revocation_list::CertificateRevocationList<'_>,
     cas: &[BundleCa<'_>],
     client_ca: &Path,
-) -> Result<CrlIssuer, TlsError> {
+    keys: &TlsKeys,
+) -> Result<usize, TlsError> {
     let issuer = parsed.issuer();
+    let bad = |reason: String| TlsError::BadCrl {
+        path: path.to_owned(),
+        reason,
+    };
+    // The CRL as an operator finds it: its issuer, and its number (it may share its file).
+    let the_crl = match parsed.crl_number() {
+        Some(number) => format!("the CRL of {} (CRL Number {number})", rfc4514(issuer)),
+        None => format!("the CRL of {}", rfc4514(issuer)),
+    };
     let of_the_name: Vec<usize> = (0..cas.len())
         .filter(|&i| cas[i].subject() == issuer.as_raw())
         .collect();
     if of_the_name.is_empty() {
-        return Ok(CrlIssuer::Absent(format!(
-            "issued by {}, which is not a CA in {}",
-            rfc4514(issuer),
-            client_ca.display()
+        return Err(bad(format!(
+            "{the_crl} is issued by a CA that is not in {bundle} ({ca_key}): a CRL is \
+             loaded only when a CA of the bundle verifies it, and leaving this one out would \
+             turn revocation checking off for its CA; add its CA to the bundle, or take the CRL \
+             out of {crls}. An intermediate CA's CRL is honoured only with the intermediate in \
+             the bundle, even where clients send the intermediate in their chain",
+            bundle = client_ca.display(),
+            ca_key = keys.ca,
+            crls = keys.crls,
         )));
     }
     if let Some(&ca) = of_the_name
         .iter()
         .find(|&&i| parsed.verify_signature(cas[i].cert.public_key()).is_ok())
     {
-        return Ok(CrlIssuer::Ca(ca));
+        return Ok(ca);
     }
     let signer = parsed
         .extensions()
@@ -1069,23 +1071,24 @@ fn crl_issuer(
             .iter()
             .all(|&i| cas[i].key_id().is_some_and(|id| id != signer))
         {
-            return Ok(CrlIssuer::Absent(format!(
-                "issued by {} under a key no CA of that name in {} has (authority key \
-                 identifier {})",
-                rfc4514(issuer),
-                client_ca.display(),
-                hex(signer)
+            return Err(bad(format!(
+                "{the_crl} is signed under a key that no CA of that name in {bundle} \
+                 ({ca_key}) has (authority key identifier {}): its CA was re-keyed under that \
+                 name, and the CA of that key is not in the bundle; list the CRL of the key in \
+                 the bundle instead, put the CA of that key in the bundle in place of the other \
+                 of its name, or take the CRL out of {crls}",
+                hex(signer),
+                bundle = client_ca.display(),
+                ca_key = keys.ca,
+                crls = keys.crls,
             )));
         }
     }
-    Err(TlsError::BadCrl {
-        path: path.to_owned(),
-        reason: format!(
-            "its signature does not verify with the key of {}, its issuer in {}",
-            rfc4514(issuer),
-            client_ca.display()
-        ),
-    })
+    Err(bad(format!(
+        "its signature does not verify with the key of {}, its issuer in {}",
+        rfc4514(issuer),
+        client_ca.display()
+    )))
 }
 
 /// The listener's TLS as one reloadable snapshot: the rustls config, and the client certificate
@@ -1100,7 +1103,7 @@ pub struct ListenerTls {
     /// When this snapshot's certificates run out (for expiry metrics).
     pub expiry: Expiry,
     /// What it loaded with but does not check as one might think (a CA with no CRL while
-    /// CRLs are configured, a CRL ignored): logged as it is taken up, shown by `check-config`.
+    /// CRLs are configured): logged as it is taken up, shown by `check-config`.
     pub warnings: Vec<String>,
 }
 
@@ -2090,8 +2093,8 @@ mod tests {
             ]
         );
 
-        // With the bundle good: a key that is not the certificate's and a stale CRL. (A CRL
-        // of a CA not in the bundle is no problem: it is ignored, with a warning.)
+        // With the bundle good: a key that is not the certificate's, a CRL of a CA not in the
+        // bundle, a stale one.
         s.cert = good_cert;
         s.client_ca = good_ca;
         let (_, other_key) = files.leaf("other", &client_leaf(&ca, &["other.example"]));
@@ -2102,6 +2105,7 @@ mod tests {
             keyed(listener_tls_above(&s, &keys, ALPN, &floor)),
             [
                 ("listener.key".to_owned(), other_key),
+                ("listener.crls[1]".to_owned(), stranger_path),
                 ("listener.crls[2]".to_owned(), stale_path.clone()),
             ]
         );
@@ -2174,14 +2178,17 @@ mod tests {
         }
     }
 
-    /// A CRL no CA of the bundle issued (its CA not added yet, or a whole hierarchy's CRLs
-    /// fetched) is ignored with a warning naming it and its file, even a stale one, and the
-    /// other CRLs of its file and of the list load: before, it refused the whole load, so a
-    /// reload left the trusted CAs' CRLs to go stale. So is the CRL of another key of a CA's
-    /// name (the old key of a CA re-keyed under the same name, its certificate gone from the
-    /// bundle): its authority key identifier is no CA's of the bundle.
+    /// A CRL no CA of the bundle issued refuses the configuration, naming its file, its issuer
+    /// and what to do, even with the other CRLs of its file and of the list good, and nothing is
+    /// loaded of it (the floor is not raised): left out with a warning, it would let in what it
+    /// revokes (an intermediate's CRL checks the intermediate's clients with only the root in
+    /// the bundle), and a CRL for the wrong CA (two files swapped) would start the gateway with
+    /// revocation checking off. So is a stale one (refused as not the bundle's, before its
+    /// date), and the CRL of another key of a CA's name (the old key of a CA re-keyed under the
+    /// same name, its certificate gone from the bundle): its authority key identifier is no
+    /// CA's of the bundle.
     #[test]
-    fn a_crl_of_a_ca_not_in_the_bundle_is_ignored_with_a_warning() {
+    fn a_crl_of_a_ca_not_in_the_bundle_refuses_the_configuration() {
         let files = Files::new("crl-foreign");
         let ca = ecdsa_ca("Trusted CA");
         let stranger = ecdsa_ca("Stranger CA");
@@ -2195,48 +2202,231 @@ mod tests {
         let mut tls = files.server(&ca, KeyKind::EcdsaP256, &[&ca], &[]);
         let hierarchy = files.text(
             "hierarchy.pem",
-            format!("{}{own}", stranger.crl(&[]).expect("crl")),
+            format!(
+                "{}{own}",
+                stranger
+                    .crl_numbered(&[], now - 60, now + 3600, 7)
+                    .expect("crl")
+            ),
         );
         let stale = files.text("stale-stranger.pem", &stale_stranger);
         let old = files.text("old-key.pem", old_key.crl(&[]).expect("crl"));
         tls.crls = vec![hierarchy.clone(), stale.clone(), old.clone()];
         let floor = CrlFloor::default();
-        let listener = only(listener_tls_above(&tls, &TlsKeys::SERVER_TLS, ALPN, &floor))
-            .expect("the trusted CA's CRL loads");
-        assert_eq!(
-            judged(&listener, &revoked),
-            Err(HandshakeFailure::CertificateRevoked)
-        );
-        let warnings = &listener.warnings;
-        assert_eq!(warnings.len(), 3, "{warnings:?}");
-        for (warning, (key, path)) in warnings.iter().zip([
+        let problems: Vec<FileProblem> =
+            listener_tls_above(&tls, &TlsKeys::SERVER_TLS, ALPN, &floor)
+                .expect_err("refused")
+                .into_iter()
+                .collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        let bundle = tls.client_ca.display().to_string();
+        for (problem, (key, path)) in problems.iter().zip([
             ("crls[0]", &hierarchy),
             ("crls[1]", &stale),
             ("crls[2]", &old),
         ]) {
+            assert_eq!(problem.key, key);
+            let TlsError::BadCrl { path: file, reason } = &problem.error else {
+                panic!("{key}: expected BadCrl, got {:?}", problem.error);
+            };
+            assert_eq!(file, path);
             assert!(
-                warning.starts_with(&format!("{key}: {}: ", path.display())),
-                "{warning}"
+                reason.contains(&format!(" in {bundle} (client_ca)")),
+                "{reason}"
             );
-            assert!(warning.contains("it is ignored"), "{warning}");
+            assert!(reason.contains("or take the CRL out of crls"), "{reason}");
+        }
+        let reason = |i: usize| problems[i].error.to_string();
+        for says in [
+            "the CRL of CN=Stranger CA,",
+            "(CRL Number 7) is issued by a CA that is not in",
+            "add its CA to the bundle",
+            "An intermediate CA's CRL is honoured only with the intermediate in the bundle",
+        ] {
+            assert!(reason(0).contains(says), "{says:?} not in {}", reason(0));
         }
         assert!(
-            warnings[0].contains("issued by CN=Stranger CA,")
-                && warnings[0].contains(", which is not a CA in"),
+            reason(1).contains("is issued by a CA that is not in"),
             "{}",
-            warnings[0]
+            reason(1)
         );
-        assert!(
-            warnings[2].contains("under a key no CA of that name in"),
-            "{}",
-            warnings[2]
-        );
-        // The load with the foreign CRLs raised the floor for the trusted CA's only: a
-        // reload without them is a reload like any other.
+        for says in [
+            "the CRL of CN=Trusted CA,",
+            "is signed under a key that no CA of that name in",
+            "(authority key identifier ",
+            "list the CRL of the key in the bundle instead",
+        ] {
+            assert!(reason(2).contains(says), "{says:?} not in {}", reason(2));
+        }
+        // Nothing of the refused load reached the floor: the trusted CA's CRL alone loads, as
+        // a first CRL, and refuses its revoked client.
         tls.crls = vec![files.text("own.pem", &own)];
-        let again = only(listener_tls_above(&tls, &TlsKeys::SERVER_TLS, ALPN, &floor))
+        let listener = only(listener_tls_above(&tls, &TlsKeys::SERVER_TLS, ALPN, &floor))
             .expect("without the foreign CRLs");
-        assert!(again.warnings.is_empty(), "{:?}", again.warnings);
+        assert!(listener.warnings.is_empty(), "{:?}", listener.warnings);
+        assert_eq!(
+            judged(&listener, &revoked),
+            Err(HandshakeFailure::CertificateRevoked)
+        );
+    }
+
+    /// A CA hierarchy made with rcgen directly (the test PKI's CAs sign leaves only): a root, an
+    /// intermediate CA it issued, and a revoked and a good client of the intermediate.
+    struct Hierarchy {
+        root_pem: String,
+        intermediate_pem: String,
+        intermediate: CertificateDer<'static>,
+        revoked: CertificateDer<'static>,
+        good: CertificateDer<'static>,
+        /// The intermediate's CRL, revoking `revoked`.
+        crl: String,
+    }
+
+    impl Hierarchy {
+        fn new() -> Hierarchy {
+            use rcgen::{
+                BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+                ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
+                RevocationReason, RevokedCertParams, SerialNumber,
+            };
+            let now = x509_parser::time::ASN1Time::now().timestamp();
+            let at = |t: i64| {
+                rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(t as u64)
+            };
+            let ca_params = |name: &str, depth: BasicConstraints| {
+                let mut p = CertificateParams::default();
+                p.distinguished_name.push(DnType::CommonName, name);
+                p.is_ca = IsCa::Ca(depth);
+                p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+                p.not_before = at(now - 3600);
+                p.not_after = at(now + 86_400);
+                p
+            };
+            let key = || KeyPair::generate().expect("key");
+            let root_key = key();
+            let root = ca_params("Hierarchy Root CA", BasicConstraints::Constrained(1))
+                .self_signed(&root_key)
+                .expect("root");
+            let intermediate_key = key();
+            let intermediate = ca_params(
+                "Hierarchy Intermediate CA",
+                BasicConstraints::Constrained(0),
+            )
+            .signed_by(&intermediate_key, &root, &root_key)
+            .expect("intermediate");
+            let leaf = |serial: u64| {
+                let mut p =
+                    CertificateParams::new(vec!["client.example".to_owned()]).expect("params");
+                p.distinguished_name
+                    .push(DnType::CommonName, "client.example");
+                p.is_ca = IsCa::ExplicitNoCa;
+                p.serial_number = Some(SerialNumber::from(serial));
+                p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+                p.not_before = at(now - 3600);
+                p.not_after = at(now + 86_400);
+                p.use_authority_key_identifier_extension = true;
+                p.signed_by(&key(), &intermediate, &intermediate_key)
+                    .expect("leaf")
+                    .der()
+                    .clone()
+            };
+            let crl = CertificateRevocationListParams {
+                this_update: at(now - 60),
+                next_update: at(now + 3600),
+                crl_number: SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: vec![RevokedCertParams {
+                    serial_number: SerialNumber::from(2u64),
+                    revocation_time: at(now - 60),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }],
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&intermediate, &intermediate_key)
+            .and_then(|crl| crl.pem())
+            .expect("crl");
+            Hierarchy {
+                root_pem: root.pem(),
+                intermediate_pem: intermediate.pem(),
+                intermediate: intermediate.der().clone(),
+                revoked: leaf(2),
+                good: leaf(3),
+                crl,
+            }
+        }
+    }
+
+    /// An intermediate CA's CRL listed while only the root is in the bundle (clients send the
+    /// intermediate in their chain) refuses the configuration, saying to add the intermediate:
+    /// webpki would check the intermediate's clients against it (by issuer name, verified with
+    /// the key of the intermediate the client sent), so the CRL does protect them, and leaving
+    /// it out with a warning, as the loader once did, let its revoked clients in. With the
+    /// intermediate in the bundle it loads and refuses them.
+    #[test]
+    fn an_intermediates_crl_without_the_intermediate_in_the_bundle_refuses_the_configuration() {
+        let files = Files::new("crl-intermediate");
+        let h = Hierarchy::new();
+        let listener_ca = ecdsa_ca("Listener CA");
+        let mut tls = files.server(&listener_ca, KeyKind::EcdsaP256, &[&listener_ca], &[]);
+        tls.client_ca = files.text("root-only.pem", &h.root_pem);
+        let crl = files.text("intermediate-crl.pem", &h.crl);
+        tls.crls = vec![crl.clone()];
+        match only(listener_tls(&tls, ALPN)) {
+            Err(TlsError::BadCrl { path, reason }) => {
+                assert_eq!(path, crl);
+                for says in [
+                    "the CRL of CN=Hierarchy Intermediate CA (CRL Number 1) is issued by a CA \
+                     that is not in",
+                    "An intermediate CA's CRL is honoured only with the intermediate in the bundle",
+                ] {
+                    assert!(reason.contains(says), "{says:?} not in {reason}");
+                }
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
+        let now = rustls::pki_types::UnixTime::now();
+        // What the CRL does with only the root in the bundle (webpki, without the loader's
+        // refusal): the revoked client is refused as revoked, and let in without the CRL.
+        let root_only = || load_ca_bundle(&tls.client_ca).expect("roots");
+        let sent = std::slice::from_ref(&h.intermediate);
+        use rustls::server::danger::ClientCertVerifier;
+        let with_crl = client_verifier(
+            &provider(),
+            root_only(),
+            vec![CertificateRevocationListDer::from_pem_slice(h.crl.as_bytes()).expect("der")],
+        )
+        .expect("verifier");
+        let refused = with_crl
+            .verify_client_cert(&h.revoked, sent, now)
+            .expect_err("the intermediate's CRL revokes it");
+        assert_eq!(
+            HandshakeFailure::from_rustls(&refused),
+            HandshakeFailure::CertificateRevoked
+        );
+        let without = client_verifier(&provider(), root_only(), vec![]).expect("verifier");
+        assert!(without.verify_client_cert(&h.revoked, sent, now).is_ok());
+
+        // With the intermediate in the bundle, the CRL loads and refuses the revoked client
+        // (sent with its intermediate, or alone); the good one is let in.
+        tls.client_ca = files.text(
+            "root-and-intermediate.pem",
+            format!("{}{}", h.root_pem, h.intermediate_pem),
+        );
+        let listener = listener_tls(&tls, ALPN).expect("the intermediate in the bundle");
+        for chain in [
+            vec![h.revoked.clone(), h.intermediate.clone()],
+            vec![h.revoked.clone()],
+        ] {
+            let judged = listener
+                .verify_client_chain(&chain, now)
+                .map_err(|e| HandshakeFailure::from_rustls(&e));
+            assert_eq!(judged, Err(HandshakeFailure::CertificateRevoked));
+        }
+        listener
+            .verify_client_chain(&[h.good.clone(), h.intermediate.clone()], now)
+            .expect("the good client");
     }
 
     /// Two CAs of one name with different keys (a CA re-keyed under the same name, both in the
@@ -3475,31 +3665,27 @@ mod tests {
         let (_, connected) = connect(&[]).await;
         assert!(connected.is_ok(), "{connected:?}");
 
-        // A CRL of a CA not in the bundle is ignored, with a warning (and another: the
-        // provider's CA then has no CRL).
+        // A CRL of a CA not in the bundle (the consumer side's, say, put in the provider
+        // side's list) refuses the upstream client's configuration, as the listener's.
         let floor = CrlFloor::default();
         let keys = TlsKeys::CLIENT_TLS;
         let foreign = files.text("foreign.pem", other.crl(&[]).expect("crl"));
-        let warned = only(upstream_tls_above(
+        match only(upstream_tls_above(
             &with_crls(&[&foreign]),
             &keys,
             &[],
             &floor,
-        ))
-        .expect("the foreign CRL is ignored")
-        .warnings;
-        assert_eq!(warned.len(), 2, "{warned:?}");
-        assert!(
-            warned[0].starts_with(&format!("crls[0]: {}: ", foreign.display()))
-                && warned[0].contains("not a CA in"),
-            "{}",
-            warned[0]
-        );
-        assert!(
-            warned[1].contains("no CRL for CN=Provider CA,"),
-            "{}",
-            warned[1]
-        );
+        )) {
+            Err(TlsError::BadCrl { path, reason }) => {
+                assert_eq!(path, foreign);
+                assert!(
+                    reason.contains("the CRL of CN=Unrelated CA")
+                        && reason.contains("is issued by a CA that is not in"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
         own_client_config_above(&with_crls(&[&clean]), &keys, &[], &floor).expect("the newer CRL");
         match only(own_client_config_above(
             &with_crls(&[&revoking]),
