@@ -229,7 +229,8 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// a remote directory backend that does not answer now (the gateway would start unready), a
 /// CORS allowlist of `"*"` (any web page could call through a clinician's browser), an
 /// open-files hard limit below what the connection limits can take, and the TLS material's own
-/// warnings (a CA with no CRL while CRLs are configured).
+/// warnings (the listener's, the upstream client's, the LDAPS directory client's, the mock
+/// provider's: a CA with no CRL while CRLs are configured).
 /// Warnings, not problems: the gateway runs with each of them.
 fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<String> {
     let mut warnings = Vec::new();
@@ -241,6 +242,9 @@ fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<
     // The TLS material's own, as `run` logs them: a CA with no CRL while CRLs are configured.
     warnings.extend(components.server_tls.current().warnings.iter().cloned());
     warnings.extend(components.client_tls.current().warnings.iter().cloned());
+    if let Some(directory) = &components.directory_tls {
+        warnings.extend(directory.warnings());
+    }
     if let Some((_, tls)) = &components.mock_provider {
         warnings.extend(tls.current().warnings.iter().cloned());
     }

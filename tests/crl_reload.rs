@@ -2,9 +2,10 @@
 //! under the same name: going over to the new key and back to the old one, each with its own
 //! CRL, and the overlap (both keys in the bundle while a CRL of the name is listed) refused by
 //! the reload and by `check-config` alike, as is a CRL whose CA is not in the bundle;
-//! `check-config` warns of a CA with no CRL.
+//! `check-config` warns of a CA with no CRL, the listener's and the LDAPS directory's.
 
 mod common;
+mod directory_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -356,5 +357,73 @@ async fn both_keys_of_a_re_keyed_ca_with_its_crl_are_refused_by_reload_and_check
     );
     // The running gateway takes the same files up: the unchecked CA's consumer gets in.
     accepted_within_20s(&unchecked_consumer, "the bundle was never taken up").await;
+    h.stop().await;
+}
+
+/// `check-config` prints the LDAPS directory client's TLS warnings as it does the listener's:
+/// a CA of `directory.ldap_ca` with no CRL while `directory.ldap_crls` are configured (before,
+/// `run` logged it and `check-config` said nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_warns_of_an_ldap_ca_with_no_crl() {
+    use directory_support::{until_readiness, Slapd, SlapdTls};
+    use std::sync::{Arc, Mutex};
+    let world = World::ecdsa();
+    let unchecked = Partner::new("Unchecked LDAP CA", 1);
+    let ldap_ca = world.dir.join("ldap-ca.pem");
+    std::fs::write(
+        &ldap_ca,
+        format!("{}{}", world.authority.cert_pem(), unchecked.ca.cert_pem()),
+    )
+    .expect("write the LDAP CA bundle");
+    let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
+    let started = slapd.clone();
+    let (server_cert, server_key) = (world.provider.cert.clone(), world.provider.key.clone());
+    let (cert, key) = (
+        world.gateway_client.cert.clone(),
+        world.gateway_client.key.clone(),
+    );
+    let (ca, crl) = (world.ca.clone(), world.crl.clone());
+    let bundle = ldap_ca.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            let server = Slapd::start(
+                ldif,
+                Some(SlapdTls {
+                    cert: server_cert.clone(),
+                    key: server_key.clone(),
+                    ca: ca.clone(),
+                }),
+            );
+            let url = server.ldaps_url();
+            *started.lock().expect("lock") = Some(server);
+            format!(
+                "backend = \"ldap\"\nldap_url = \"{url}\"\nldap_cert = \"{}\"\n\
+                 ldap_key = \"{}\"\nldap_ca = \"{}\"\nldap_crls = [\"{}\"]\n",
+                cert.display(),
+                key.display(),
+                bundle.display(),
+                crl.display()
+            )
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(world, Behaviour::Echo, opts).await;
+    until_readiness(h.admin, (200, Some(true)), "ready over LDAPS").await;
+    let (code, stdout, stderr) = check_config(&h.config_path);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains("crls")).collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(
+        warnings[0].starts_with("warning: directory.ldap_crls: no CRL for CN=Unchecked LDAP CA,")
+            && warnings[0].contains(&format!(
+                " (certificate #2, SHA-256 fingerprint {}) in {}: ",
+                ssp_gateway::tls::peer_identity(unchecked.ca.cert_der())
+                    .expect("identity")
+                    .fingerprint_sha256,
+                ldap_ca.display()
+            ))
+            && warnings[0].contains("accepted without a revocation check"),
+        "{stdout}"
+    );
     h.stop().await;
 }

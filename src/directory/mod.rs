@@ -271,6 +271,16 @@ impl DirectoryTls {
         }
     }
 
+    /// The warnings of the material in force (`ldaps://`: a CA of `ldap_ca` with no CRL while
+    /// `ldap_crls` are configured), as logged when it loaded; none for the FHIR API (it takes
+    /// no CRLs).
+    pub fn warnings(&self) -> Vec<String> {
+        match self {
+            DirectoryTls::Ldap(t) => t.reloadable().current().warnings.clone(),
+            DirectoryTls::Fhir(_) => Vec::new(),
+        }
+    }
+
     /// The earliest nextUpdate (unix seconds) of the CRLs in force: `ldaps://` with `ldap_crls`
     /// that have one; `None` otherwise (the FHIR API client takes no CRLs).
     pub fn crl_horizon(&self) -> Option<u64> {
