@@ -331,7 +331,7 @@ async fn both_keys_of_a_re_keyed_ca_with_its_crl_are_refused_by_reload_and_check
             " (CRL Number 1) is issued by a CA that is not in {} (listener.client_ca): ",
             h.world.ca.display()
         ),
-        "add its CA to the bundle, or take the CRL out of listener.crls",
+        "take the CRL out of listener.crls if it is not one of this listener's CAs",
         "An intermediate CA's CRL is honoured only with the intermediate in the bundle",
     ] {
         assert!(line.contains(says), "{says:?} not in {line}");
@@ -365,7 +365,7 @@ async fn both_keys_of_a_re_keyed_ca_with_its_crl_are_refused_by_reload_and_check
 /// `run` logged it and `check-config` said nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_warns_of_an_ldap_ca_with_no_crl() {
-    use directory_support::{until_readiness, Slapd, SlapdTls};
+    use directory_support::{ldaps_section, until_readiness, Slapd, SlapdTls};
     use std::sync::{Arc, Mutex};
     let world = World::ecdsa();
     let unchecked = Partner::new("Unchecked LDAP CA", 1);
@@ -376,35 +376,20 @@ async fn check_config_warns_of_an_ldap_ca_with_no_crl() {
     )
     .expect("write the LDAP CA bundle");
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
-    let started = slapd.clone();
-    let (server_cert, server_key) = (world.provider.cert.clone(), world.provider.key.clone());
-    let (cert, key) = (
-        world.gateway_client.cert.clone(),
-        world.gateway_client.key.clone(),
+    let server = SlapdTls {
+        cert: world.provider.cert.clone(),
+        key: world.provider.key.clone(),
+        ca: world.ca.clone(),
+    };
+    let keys = format!(
+        "ldap_cert = \"{}\"\nldap_key = \"{}\"\nldap_ca = \"{}\"\nldap_crls = [\"{}\"]\n",
+        world.gateway_client.cert.display(),
+        world.gateway_client.key.display(),
+        ldap_ca.display(),
+        world.crl.display()
     );
-    let (ca, crl) = (world.ca.clone(), world.crl.clone());
-    let bundle = ldap_ca.clone();
     let opts = GatewayOptions {
-        directory: Some(Box::new(move |ldif: &str| {
-            let server = Slapd::start(
-                ldif,
-                Some(SlapdTls {
-                    cert: server_cert.clone(),
-                    key: server_key.clone(),
-                    ca: ca.clone(),
-                }),
-            );
-            let url = server.ldaps_url();
-            *started.lock().expect("lock") = Some(server);
-            format!(
-                "backend = \"ldap\"\nldap_url = \"{url}\"\nldap_cert = \"{}\"\n\
-                 ldap_key = \"{}\"\nldap_ca = \"{}\"\nldap_crls = [\"{}\"]\n",
-                cert.display(),
-                key.display(),
-                bundle.display(),
-                crl.display()
-            )
-        })),
+        directory: Some(ldaps_section(slapd.clone(), server, Slapd::ldaps_url, keys)),
         ..Default::default()
     };
     let h = start_with_recorder(world, Behaviour::Echo, opts).await;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use directory_support::{directory_readiness, until_readiness, Slapd, SlapdTls};
+use directory_support::{directory_readiness, ldaps_section, until_readiness, Slapd, SlapdTls};
 use http::Method;
 
 /// Polls `f` until it returns `Some`, failing the test after `limit`.
@@ -347,29 +347,19 @@ async fn the_ldaps_client_certificate_expiry_is_measured_and_warned_of() {
         .write(&client.cert, &client.key)
         .expect("write the LDAPS client certificate");
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
-    let started = slapd.clone();
-    let (server_cert, server_key) = (world.provider.cert.clone(), world.provider.key.clone());
-    let (cert, key, ca) = (client.cert.clone(), client.key.clone(), world.ca.clone());
+    let server = SlapdTls {
+        cert: world.provider.cert.clone(),
+        key: world.provider.key.clone(),
+        ca: world.ca.clone(),
+    };
+    let keys = format!(
+        "ldap_cert = \"{}\"\nldap_key = \"{}\"\nldap_ca = \"{}\"\n",
+        client.cert.display(),
+        client.key.display(),
+        world.ca.display()
+    );
     let opts = GatewayOptions {
-        directory: Some(Box::new(move |ldif: &str| {
-            let server = Slapd::start(
-                ldif,
-                Some(SlapdTls {
-                    cert: server_cert.clone(),
-                    key: server_key.clone(),
-                    ca: ca.clone(),
-                }),
-            );
-            let url = server.ldaps_url();
-            *started.lock().expect("lock") = Some(server);
-            format!(
-                "backend = \"ldap\"\nldap_url = \"{url}\"\nldap_cert = \"{}\"\n\
-                 ldap_key = \"{}\"\nldap_ca = \"{}\"\n",
-                cert.display(),
-                key.display(),
-                ca.display()
-            )
-        })),
+        directory: Some(ldaps_section(slapd.clone(), server, Slapd::ldaps_url, keys)),
         ..Default::default()
     };
     let h = start_with_recorder(world, Behaviour::Echo, opts).await;

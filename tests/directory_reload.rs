@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use directory_support::{admin, until_readiness, FhirApi, Slapd, SlapdTls, API_KEY};
+use directory_support::{admin, ldaps_section, until_readiness, FhirApi, Slapd, SlapdTls, API_KEY};
 use http::Method;
 use ssp_gateway::tls::pki::{Ca, Issued, KeyKind, LeafSpec, Usage, Validity};
 
@@ -137,35 +137,26 @@ struct Ldaps {
 async fn start_ldaps(world: World, live: &Path, crl: &Path) -> Ldaps {
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
     let opened = Arc::new(Mutex::new(None));
-    let (started, counted) = (slapd.clone(), opened.clone());
-    let (server_cert, server_key, ca) = (
-        world.provider.cert.clone(),
-        world.provider.key.clone(),
-        world.ca.clone(),
+    let counted = opened.clone();
+    let server = SlapdTls {
+        cert: world.provider.cert.clone(),
+        key: world.provider.key.clone(),
+        ca: world.ca.clone(),
+    };
+    let client = format!(
+        "ldap_cert = \"{}\"\nldap_key = \"{}\"\nldap_ca = \"{}\"\nldap_crls = [\"{}\"]\n",
+        live.join("cert.pem").display(),
+        live.join("key.pem").display(),
+        world.ca.display(),
+        crl.display()
     );
-    let (cert, key, crl) = (live.join("cert.pem"), live.join("key.pem"), crl.to_owned());
+    let url = move |server: &Slapd| {
+        let (front, accepted) = counting_front(server.tls_port.expect("ldaps port"));
+        *counted.lock().expect("lock") = Some(accepted);
+        format!("ldaps://localhost:{front}")
+    };
     let opts = GatewayOptions {
-        directory: Some(Box::new(move |ldif: &str| {
-            let server = Slapd::start(
-                ldif,
-                Some(SlapdTls {
-                    cert: server_cert.clone(),
-                    key: server_key.clone(),
-                    ca: ca.clone(),
-                }),
-            );
-            let (front, accepted) = counting_front(server.tls_port.expect("ldaps port"));
-            *counted.lock().expect("lock") = Some(accepted);
-            *started.lock().expect("lock") = Some(server);
-            format!(
-                "backend = \"ldap\"\nldap_url = \"ldaps://localhost:{front}\"\n\
-                 ldap_cert = \"{}\"\nldap_key = \"{}\"\nldap_ca = \"{}\"\nldap_crls = [\"{}\"]\n",
-                cert.display(),
-                key.display(),
-                ca.display(),
-                crl.display()
-            )
-        })),
+        directory: Some(ldaps_section(slapd.clone(), server, url, client)),
         ..Default::default()
     };
     let h = start_with_recorder(world, Behaviour::Echo, opts).await;

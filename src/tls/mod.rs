@@ -10,7 +10,9 @@
 //!
 //! Revocation policy of the listener, when CRLs are configured:
 //! - every certificate of the client's chain (except the trust anchor) is checked against the
-//!   CRLs, so a revoked intermediate is refused as well as a revoked leaf;
+//!   CRLs, so a revoked intermediate is refused as well as a revoked leaf; every certificate of
+//!   the bundle is a trust anchor, never itself checked, so a CRL that revokes one refuses the
+//!   configuration (`revoked_ca`);
 //! - a certificate whose issuer has no CRL loaded has an unknown status, which is allowed (CRLs
 //!   are configured per issuing CA; the other CAs of the bundle are not revocation-checked, and
 //!   each is named in a warning, logged at load and reload and printed by `check-config`);
@@ -673,6 +675,9 @@ fn checked_crls(
                 None => None,
                 Some(b) => Some(cas[crl_issuer(path, &parsed, &cas, b.path, keys)?].key),
             };
+            if let Some(b) = &bundle {
+                revoked_ca(path, &parsed, &cas, b.path)?;
+            }
             let mut number = crl_number(path, index, &crl, &parsed)?;
             number.issuer_key = issuer_key;
             if let Some(b) = &bundle {
@@ -745,6 +750,37 @@ fn checked_crls(
         }
     }
     checked
+}
+
+/// Refuses a CRL (of the file `path`, issued by a CA of the bundle `client_ca`) that revokes
+/// a CA of the bundle: every certificate of the bundle is a trust anchor, and webpki never
+/// checks an anchor's own revocation, so a revoked intermediate kept in the bundle would go on
+/// vouching for the certificates it issued, its issuer's CRL notwithstanding.
+fn revoked_ca(
+    path: &Path,
+    parsed: &x509_parser::revocation_list::CertificateRevocationList<'_>,
+    cas: &[BundleCa<'_>],
+    client_ca: &Path,
+) -> Result<(), TlsError> {
+    let issuer = parsed.issuer().as_raw();
+    for ca in cas.iter().filter(|ca| ca.cert.issuer().as_raw() == issuer) {
+        let serial = ca.cert.raw_serial();
+        if parsed
+            .iter_revoked_certificates()
+            .any(|r| r.raw_serial() == serial)
+        {
+            return Err(TlsError::BadCrl {
+                path: path.to_owned(),
+                reason: format!(
+                    "the CRL of {} revokes {}, a CA of {}: a CA in the bundle is a trust anchor,                      whose own revocation is never checked, so the certificates it issued would                      still be accepted; take the revoked CA out of the bundle",
+                    rfc4514(parsed.issuer()),
+                    ca.described(),
+                    client_ca.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The CAs of `cas` that share a subject name with another of a different key, for each name
@@ -1043,9 +1079,11 @@ fn crl_issuer(
         return Err(bad(format!(
             "{the_crl} is issued by a CA that is not in {bundle} ({ca_key}): a CRL is \
              loaded only when a CA of the bundle verifies it, and leaving this one out would \
-             turn revocation checking off for its CA; add its CA to the bundle, or take the CRL \
-             out of {crls}. An intermediate CA's CRL is honoured only with the intermediate in \
-             the bundle, even where clients send the intermediate in their chain",
+             turn revocation checking off for its CA; take the CRL out of {crls} if it is not \
+             one of this listener's CAs (check the right file is listed), or, for a CA the \
+             bundle is meant to trust, add that CA to the bundle. An intermediate CA's CRL is \
+             honoured only with the intermediate in the bundle, even where clients send the \
+             intermediate in their chain",
             bundle = client_ca.display(),
             ca_key = keys.ca,
             crls = keys.crls,
@@ -2234,13 +2272,14 @@ mod tests {
                 reason.contains(&format!(" in {bundle} (client_ca)")),
                 "{reason}"
             );
-            assert!(reason.contains("or take the CRL out of crls"), "{reason}");
+            assert!(reason.contains("take the CRL out of crls"), "{reason}");
         }
         let reason = |i: usize| problems[i].error.to_string();
         for says in [
             "the CRL of CN=Stranger CA,",
             "(CRL Number 7) is issued by a CA that is not in",
-            "add its CA to the bundle",
+            "take the CRL out of crls if it is not one of this listener's CAs",
+            "add that CA to the bundle",
             "An intermediate CA's CRL is honoured only with the intermediate in the bundle",
         ] {
             assert!(reason(0).contains(says), "{says:?} not in {}", reason(0));
@@ -2280,6 +2319,9 @@ mod tests {
         good: CertificateDer<'static>,
         /// The intermediate's CRL, revoking `revoked`.
         crl: String,
+        /// The root's CRL revoking the intermediate, and one revoking nothing.
+        root_crl_revoking_intermediate: String,
+        root_crl: String,
     }
 
     impl Hierarchy {
@@ -2308,12 +2350,14 @@ mod tests {
                 .self_signed(&root_key)
                 .expect("root");
             let intermediate_key = key();
-            let intermediate = ca_params(
+            let mut intermediate_params = ca_params(
                 "Hierarchy Intermediate CA",
                 BasicConstraints::Constrained(0),
-            )
-            .signed_by(&intermediate_key, &root, &root_key)
-            .expect("intermediate");
+            );
+            intermediate_params.serial_number = Some(SerialNumber::from(7u64));
+            let intermediate = intermediate_params
+                .signed_by(&intermediate_key, &root, &root_key)
+                .expect("intermediate");
             let leaf = |serial: u64| {
                 let mut p =
                     CertificateParams::new(vec!["client.example".to_owned()]).expect("params");
@@ -2347,7 +2391,30 @@ mod tests {
             .signed_by(&intermediate, &intermediate_key)
             .and_then(|crl| crl.pem())
             .expect("crl");
+            let root_crl = |revoked: &[u64]| {
+                CertificateRevocationListParams {
+                    this_update: at(now - 60),
+                    next_update: at(now + 3600),
+                    crl_number: SerialNumber::from(1u64),
+                    issuing_distribution_point: None,
+                    revoked_certs: revoked
+                        .iter()
+                        .map(|&serial| RevokedCertParams {
+                            serial_number: SerialNumber::from(serial),
+                            revocation_time: at(now - 60),
+                            reason_code: Some(RevocationReason::CaCompromise),
+                            invalidity_date: None,
+                        })
+                        .collect(),
+                    key_identifier_method: KeyIdMethod::Sha256,
+                }
+                .signed_by(&root, &root_key)
+                .and_then(|crl| crl.pem())
+                .expect("root crl")
+            };
             Hierarchy {
+                root_crl_revoking_intermediate: root_crl(&[7]),
+                root_crl: root_crl(&[]),
                 root_pem: root.pem(),
                 intermediate_pem: intermediate.pem(),
                 intermediate: intermediate.der().clone(),
@@ -2356,6 +2423,36 @@ mod tests {
                 crl,
             }
         }
+    }
+
+    /// A CRL that revokes a CA of the bundle refuses the configuration: every certificate of
+    /// the bundle is a trust anchor, whose own revocation webpki never checks, so the revoked
+    /// intermediate would go on vouching for its clients. The root's CRL revoking nothing loads.
+    #[test]
+    fn a_crl_revoking_a_ca_of_the_bundle_refuses_the_configuration() {
+        let files = Files::new("crl-revoked-ca");
+        let h = Hierarchy::new();
+        let listener_ca = ecdsa_ca("Listener CA");
+        let mut tls = files.server(&listener_ca, KeyKind::EcdsaP256, &[&listener_ca], &[]);
+        tls.client_ca = files.text(
+            "root-and-intermediate.pem",
+            format!("{}{}", h.root_pem, h.intermediate_pem),
+        );
+        let intermediate_crl = files.text("intermediate-crl.pem", &h.crl);
+        let revoking = files.text("root-crl-revoking.pem", &h.root_crl_revoking_intermediate);
+        tls.crls = vec![intermediate_crl.clone(), revoking.clone()];
+        match only(listener_tls(&tls, ALPN)) {
+            Err(TlsError::BadCrl { path, reason }) => {
+                assert_eq!(path, revoking);
+                assert!(
+                    reason.contains("revokes CN=Hierarchy Intermediate CA (certificate #2"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected BadCrl, got {other:?}"),
+        }
+        tls.crls = vec![intermediate_crl, files.text("root-crl.pem", &h.root_crl)];
+        listener_tls(&tls, ALPN).expect("a root CRL revoking nothing loads");
     }
 
     /// An intermediate CA's CRL listed while only the root is in the bundle (clients send the

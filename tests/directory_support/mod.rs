@@ -68,6 +68,31 @@ pub struct SlapdTls {
     pub ca: PathBuf,
 }
 
+/// A gateway's `[directory]` section over LDAPS: each call starts slapd with `ldif` and the
+/// server TLS `server`, keeps it in `slot` (killed with it), and gives `backend = "ldap"`,
+/// `ldap_url` as `url` makes it of the slapd (its `ldaps://` URL, or a front's), then `client`
+/// (the gateway's `ldap_*` keys, each line ending in a newline).
+pub fn ldaps_section(
+    slot: std::sync::Arc<std::sync::Mutex<Option<Slapd>>>,
+    server: SlapdTls,
+    url: impl Fn(&Slapd) -> String + 'static,
+    client: String,
+) -> crate::common::DirectorySection {
+    Box::new(move |ldif: &str| {
+        let started = Slapd::start(
+            ldif,
+            Some(SlapdTls {
+                cert: server.cert.clone(),
+                key: server.key.clone(),
+                ca: server.ca.clone(),
+            }),
+        );
+        let url = url(&started);
+        *slot.lock().expect("lock") = Some(started);
+        format!("backend = \"ldap\"\nldap_url = \"{url}\"\n{client}")
+    })
+}
+
 /// A private slapd: SDS schema, `o=nhs` loaded from an LDIF with slapadd, listening on free
 /// loopback ports. Killed on drop.
 pub struct Slapd {
