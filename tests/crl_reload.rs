@@ -376,11 +376,7 @@ async fn check_config_warns_of_an_ldap_ca_with_no_crl() {
     )
     .expect("write the LDAP CA bundle");
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
-    let server = SlapdTls {
-        cert: world.provider.cert.clone(),
-        key: world.provider.key.clone(),
-        ca: world.ca.clone(),
-    };
+    let server = SlapdTls::of_provider(&world);
     let keys = format!(
         "ldap_cert = \"{}\"\nldap_key = \"{}\"\nldap_ca = \"{}\"\nldap_crls = [\"{}\"]\n",
         world.gateway_client.cert.display(),

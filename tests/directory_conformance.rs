@@ -277,14 +277,7 @@ async fn the_ldap_backend_reconnects_after_slapd_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ldap_backend_speaks_ldaps_with_a_client_certificate() {
     let world = World::ecdsa();
-    let slapd = Slapd::start(
-        &world_ldif(),
-        Some(SlapdTls {
-            cert: world.provider.cert.clone(),
-            key: world.provider.key.clone(),
-            ca: world.ca.clone(),
-        }),
-    );
+    let slapd = Slapd::start(&world_ldif(), Some(SlapdTls::of_provider(&world)));
     let client = |pair: &Pair| ClientTls {
         cert: pair.cert.clone(),
         key: pair.key.clone(),

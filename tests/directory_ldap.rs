@@ -347,11 +347,7 @@ async fn the_ldaps_client_certificate_expiry_is_measured_and_warned_of() {
         .write(&client.cert, &client.key)
         .expect("write the LDAPS client certificate");
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
-    let server = SlapdTls {
-        cert: world.provider.cert.clone(),
-        key: world.provider.key.clone(),
-        ca: world.ca.clone(),
-    };
+    let server = SlapdTls::of_provider(&world);
     let keys = format!(
         "ldap_cert = \"{}\"\nldap_key = \"{}\"\nldap_ca = \"{}\"\n",
         client.cert.display(),

@@ -138,11 +138,7 @@ async fn start_ldaps(world: World, live: &Path, crl: &Path) -> Ldaps {
     let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
     let opened = Arc::new(Mutex::new(None));
     let counted = opened.clone();
-    let server = SlapdTls {
-        cert: world.provider.cert.clone(),
-        key: world.provider.key.clone(),
-        ca: world.ca.clone(),
-    };
+    let server = SlapdTls::of_provider(&world);
     let client = format!(
         "ldap_cert = \"{}\"\nldap_key = \"{}\"\nldap_ca = \"{}\"\nldap_crls = [\"{}\"]\n",
         live.join("cert.pem").display(),

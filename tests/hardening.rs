@@ -45,6 +45,18 @@ async fn scraped_within_20s(admin: std::net::SocketAddr, series: &str, want: f64
     }
 }
 
+/// A server certificate for `localhost` and `127.0.0.1` (ECDSA P-256), as the world's gateway
+/// and provider have, with `validity`.
+fn localhost_server(validity: Validity) -> LeafSpec {
+    LeafSpec {
+        names: vec!["localhost".into(), "127.0.0.1".into()],
+        common_name: "localhost".into(),
+        key: KeyKind::EcdsaP256,
+        usage: Usage::Server,
+        validity,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_certificate_renewal_under_load_drops_nothing() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
@@ -81,13 +93,7 @@ async fn server_certificate_renewal_under_load_drops_nothing() {
     let renewed = h
         .world
         .authority
-        .issue(&LeafSpec {
-            names: vec!["localhost".into(), "127.0.0.1".into()],
-            common_name: "localhost".into(),
-            key: KeyKind::EcdsaP256,
-            usage: Usage::Server,
-            validity: Validity::Current,
-        })
+        .issue(&localhost_server(Validity::Current))
         .expect("issue");
     renewed
         .write(&h.world.gateway.cert, &h.world.gateway.key)
@@ -135,13 +141,7 @@ async fn a_renewal_published_before_its_not_before_is_taken_once_valid() {
     let renewed = h
         .world
         .authority
-        .issue(&LeafSpec {
-            names: vec!["localhost".into(), "127.0.0.1".into()],
-            common_name: "localhost".into(),
-            key: KeyKind::EcdsaP256,
-            usage: Usage::Server,
-            validity: Validity::From(valid_from),
-        })
+        .issue(&localhost_server(Validity::From(valid_from)))
         .expect("issue");
     // Written beside and renamed into place: a poll that falls between the two renames sees
     // the new certificate with the old key, a refusal for another reason (counted too).
@@ -506,13 +506,7 @@ async fn a_pooled_provider_connection_is_not_used_past_the_provider_certificate_
     let expires_at = now() + 8;
     world
         .authority
-        .issue(&LeafSpec {
-            names: vec!["localhost".into(), "127.0.0.1".into()],
-            common_name: "localhost".into(),
-            key: KeyKind::EcdsaP256,
-            usage: Usage::Server,
-            validity: Validity::Until(expires_at),
-        })
+        .issue(&localhost_server(Validity::Until(expires_at)))
         .expect("issue")
         .write(&world.provider.cert, &world.provider.key)
         .expect("write the provider certificate");
@@ -537,13 +531,7 @@ async fn an_expired_provider_certificate_is_refused_though_the_provider_offers_r
     let expires_at = now() + 8;
     world
         .authority
-        .issue(&LeafSpec {
-            names: vec!["localhost".into(), "127.0.0.1".into()],
-            common_name: "localhost".into(),
-            key: KeyKind::EcdsaP256,
-            usage: Usage::Server,
-            validity: Validity::Until(expires_at),
-        })
+        .issue(&localhost_server(Validity::Until(expires_at)))
         .expect("issue")
         .write(&world.provider.cert, &world.provider.key)
         .expect("write the provider certificate");

@@ -320,18 +320,25 @@ mod tests {
         assert!(!settle.poll(at(3, 130)));
     }
 
-    /// A refused file is tried again while it stays refused, though its size and modification
-    /// time do not change (as when a `chown` makes it readable), and the same refusal is
-    /// counted once. Here the fixed file has the refused one's size and time.
-    #[tokio::test]
-    async fn a_refused_file_is_tried_again_with_its_size_and_time_unchanged() {
-        let dir = std::env::temp_dir().join(format!("ssp-gateway-retry-{}", uuid::Uuid::new_v4()));
+    /// A scratch directory holding `directory.ldif` with [`AS_ENTRY`], loaded: the directory,
+    /// the file, its backend and a directory over it.
+    fn one_system(name: &str) -> (PathBuf, PathBuf, Arc<LdifBackend>, Directory) {
+        let dir = std::env::temp_dir().join(format!("ssp-gateway-{name}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("directory.ldif");
         std::fs::write(&path, AS_ENTRY).unwrap();
         let backend = Arc::new(LdifBackend::from_path(&path).unwrap());
         let as_dyn: Arc<dyn DirectoryBackend> = backend.clone();
         let directory = Directory::new(as_dyn, CachePolicy::default());
+        (dir, path, backend, directory)
+    }
+
+    /// A refused file is tried again while it stays refused, though its size and modification
+    /// time do not change (as when a `chown` makes it readable), and the same refusal is
+    /// counted once. Here the fixed file has the refused one's size and time.
+    #[tokio::test]
+    async fn a_refused_file_is_tried_again_with_its_size_and_time_unchanged() {
+        let (dir, path, backend, directory) = one_system("retry");
         let reloads = crate::metrics::ReloadMetrics::new();
         let shutdown = CancellationToken::new();
         let watcher = tokio::spawn(watch_retrying(
@@ -383,13 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn reload_now_swaps_data_empties_the_cache_and_keeps_old_data_on_error() {
-        let dir = std::env::temp_dir().join(format!("ssp-gateway-reload-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("directory.ldif");
-        std::fs::write(&path, AS_ENTRY).unwrap();
-        let backend = Arc::new(LdifBackend::from_path(&path).unwrap());
-        let as_dyn: Arc<dyn DirectoryBackend> = backend.clone();
-        let directory = Directory::new(as_dyn, CachePolicy::default());
+        let (dir, path, backend, directory) = one_system("reload");
         assert!(directory.party("1").await.unwrap().is_some());
 
         std::fs::write(

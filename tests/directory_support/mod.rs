@@ -93,6 +93,18 @@ pub fn ldaps_section(
     })
 }
 
+impl SlapdTls {
+    /// slapd serving the world's provider certificate, demanding client certificates of the
+    /// world's CA.
+    pub fn of_provider(world: &crate::common::World) -> SlapdTls {
+        SlapdTls {
+            cert: world.provider.cert.clone(),
+            key: world.provider.key.clone(),
+            ca: world.ca.clone(),
+        }
+    }
+}
+
 /// A private slapd: SDS schema, `o=nhs` loaded from an LDIF with slapadd, listening on free
 /// loopback ports. Killed on drop.
 pub struct Slapd {
