@@ -4,8 +4,11 @@
 //! taken into force (at start or by a reload), an ERROR line when the CRLs in force pass their
 //! nextUpdate (from then every check against them fails: for the listener, every consumer
 //! handshake, a total outage), and an INFO line when current CRLs replace stale ones. The
-//! per-handshake `TLS handshake failed … crl_expired` lines are the server's, unchanged. It only
-//! reads the TLS snapshots in force and logs; it never changes them.
+//! per-handshake `TLS handshake failed … crl_expired` lines are the server's, unchanged. The
+//! gateway's own certificates (server, upstream client, LDAPS directory client) are watched
+//! alike ([`watch_certificates`]): a WARN line when one with less than 14 days left is taken
+//! into force, an ERROR line when the one in force runs out. It only reads the TLS snapshots in
+//! force and logs; it never changes them.
 
 use std::time::Duration;
 
@@ -49,18 +52,35 @@ struct Seen {
 }
 
 /// The decisions, apart from the clock and the log: fed what is in force at each look.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CrlWatch {
     seen: Vec<Seen>,
+    /// Less than this left (seconds) when taken into force is warned of.
+    little_left: u64,
+}
+
+impl Default for CrlWatch {
+    fn default() -> Self {
+        CrlWatch::warning_within(LITTLE_LEFT)
+    }
 }
 
 impl CrlWatch {
+    /// A watch that warns of what is taken into force with less than `little_left` left.
+    pub fn warning_within(little_left: Duration) -> Self {
+        CrlWatch {
+            seen: Vec::new(),
+            little_left: little_left.as_secs(),
+        }
+    }
+
     /// The events since the last look, given the earliest nextUpdate (unix seconds) of each
     /// component's CRLs in force at `now` (`None`: no CRLs, or none with a nextUpdate). New
     /// CRLs are told apart by their earliest nextUpdate: a reload that leaves it unchanged
     /// says nothing again.
     pub fn observe(&mut self, now: u64, horizons: &[(&'static str, Option<u64>)]) -> Vec<CrlEvent> {
         let mut events = Vec::new();
+        let little_left = self.little_left;
         for &(component, horizon) in horizons {
             let i = match self.seen.iter().position(|s| s.component == component) {
                 Some(i) => i,
@@ -82,7 +102,7 @@ impl CrlWatch {
                     if was_stale {
                         events.push(CrlEvent::CurrentAgain { component });
                     }
-                    if h - now < LITTLE_LEFT.as_secs() {
+                    if h - now < little_left {
                         events.push(CrlEvent::LittleLeft {
                             component,
                             next_update: h,
@@ -167,9 +187,113 @@ pub async fn watch(horizons: CrlHorizonsFn, shutdown: CancellationToken) {
     }
 }
 
+/// Own certificates taken into force with less than this left are warned of (the
+/// `SspGatewayCertificateExpiresSoon` alert's threshold).
+pub const CERTIFICATE_LITTLE_LEFT: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// What the gateway's own certificate `role` (as `ssp_certificate_expiry_seconds` names it)
+/// stops once it has run out.
+fn certificate_consequence(role: &str) -> &'static str {
+    match role {
+        "server" => "consumers refuse the gateway's TLS handshake (certificate expired), so every request fails",
+        "upstream_client" => "providers refuse the gateway's client certificate, so every new provider connection fails (502)",
+        "directory_client" => "the directory refuses the gateway's client certificate, so directory lookups fail and cached parties are served only up to max_stale",
+        _ => "every TLS handshake it is presented in fails",
+    }
+}
+
+/// Logs, for the gateway's own certificates that `expiries` reads (`server`,
+/// `upstream_client`, `directory_client`; CA bundles are not the gateway's to renew), a WARN
+/// line when one with less than [`CERTIFICATE_LITTLE_LEFT`] left is taken into force (at start
+/// or by a reload), an ERROR line when the one in force runs out, and an INFO line when a
+/// current one replaces it; looking every second, until `shutdown`.
+pub async fn watch_certificates(
+    expiries: crate::metrics::CertificateExpiriesFn,
+    shutdown: CancellationToken,
+) {
+    let mut watch = CrlWatch::warning_within(CERTIFICATE_LITTLE_LEFT);
+    let own = |expiries: Vec<(&'static str, i64)>| -> Vec<(&'static str, Option<u64>)> {
+        expiries
+            .into_iter()
+            .filter(|(role, _)| matches!(*role, "server" | "upstream_client" | "directory_client"))
+            .map(|(role, not_after)| (role, Some(u64::try_from(not_after).unwrap_or(0))))
+            .collect()
+    };
+    loop {
+        for event in watch.observe(crate::unix_now(), &own(expiries())) {
+            match event {
+                CrlEvent::LittleLeft {
+                    component,
+                    next_update,
+                    left,
+                } => tracing::warn!(
+                    certificate = component,
+                    not_after = %time(next_update),
+                    left = %humantime::format_duration(Duration::from_secs(left)),
+                    "the certificate taken into force runs out soon: renew it before then, or {}",
+                    certificate_consequence(component)
+                ),
+                CrlEvent::Stale {
+                    component,
+                    next_update,
+                } => tracing::error!(
+                    certificate = component,
+                    not_after = %time(next_update),
+                    "the certificate in force has run out: {}; renew it (a reload takes the new one)",
+                    certificate_consequence(component)
+                ),
+                CrlEvent::CurrentAgain { component } => tracing::info!(
+                    certificate = component,
+                    "a current certificate is in force again"
+                ),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Own certificates: warned of within 14 days when taken into force (12 hours is the
+    /// CRLs'), said once when one runs out, and once when a renewed one replaces it.
+    #[test]
+    fn a_certificate_is_warned_of_within_fourteen_days_and_when_it_runs_out() {
+        let mut w = CrlWatch::warning_within(CERTIFICATE_LITTLE_LEFT);
+        let now = 100 * 24 * HOUR;
+        let not_after = now + 10 * 24 * HOUR;
+        assert_eq!(
+            w.observe(now, &[("server", Some(not_after))]),
+            [CrlEvent::LittleLeft {
+                component: "server",
+                next_update: not_after,
+                left: 10 * 24 * HOUR
+            }]
+        );
+        assert_eq!(w.observe(not_after - 1, &[("server", Some(not_after))]), []);
+        assert_eq!(
+            w.observe(not_after, &[("server", Some(not_after))]),
+            [CrlEvent::Stale {
+                component: "server",
+                next_update: not_after
+            }]
+        );
+        assert_eq!(w.observe(not_after + 5, &[("server", Some(not_after))]), []);
+        let renewed = not_after + 365 * 24 * HOUR;
+        assert_eq!(
+            w.observe(not_after + 6, &[("server", Some(renewed))]),
+            [CrlEvent::CurrentAgain {
+                component: "server"
+            }]
+        );
+        // A CRL watch would not have warned of 10 days left.
+        let mut crls = CrlWatch::default();
+        assert_eq!(crls.observe(now, &[("listener", Some(not_after))]), []);
+    }
 
     const HOUR: u64 = 3600;
 

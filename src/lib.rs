@@ -544,7 +544,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         // Read at scrape time from the snapshots in force, so a renewal by hot reload shows.
         let (listener, upstream) = (components.server_tls.clone(), components.client_tls.clone());
         let directory = components.directory_tls.clone();
-        metrics.register_certificates(Arc::new(move || {
+        let expiries: metrics::CertificateExpiriesFn = Arc::new(move || {
             let (listener, upstream) = (listener.current().expiry, upstream.current().expiry);
             let mut expiries = vec![
                 ("server", listener.chain),
@@ -556,7 +556,9 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
                 directory.certificate_expiries(&mut expiries);
             }
             expiries
-        }));
+        });
+        metrics.register_certificates(expiries.clone());
+        tasks.spawn(crlwatch::watch_certificates(expiries, shutdown.clone()));
     }
     // The CRLs in force (after hot reloads): the metric, the CRL watcher and `/readyz` read
     // them alike (`/readyz` the listener's and the upstream's only: see `admin::Readiness`).

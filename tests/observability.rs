@@ -741,6 +741,73 @@ async fn a_stale_listener_crl_is_one_error_line_and_a_short_lived_one_a_warning(
     assert_eq!(gw.logged("ERROR", CRLS_STALE).len(), 1);
 }
 
+const CERTIFICATE_RUN_OUT: &str = "the certificate in force has run out";
+const CERTIFICATE_RUNS_OUT_SOON: &str = "the certificate taken into force runs out soon";
+
+/// The gateway's own server certificate running out in force is one ERROR line (every
+/// consumer's handshake then fails), and taking one with less than 14 days left into force a
+/// WARN; a renewal by hot reload ends it. Before, nothing was logged: only
+/// `ssp_certificate_expiry_seconds` went negative (found by a reload review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_own_certificate_running_out_in_force_is_one_error_line() {
+    use ssp_gateway::tls::pki::{KeyKind, LeafSpec, Usage, Validity};
+    let world = World::ecdsa();
+    let server = |validity| LeafSpec {
+        names: vec!["localhost".into(), "127.0.0.1".into()],
+        common_name: "localhost".into(),
+        key: KeyKind::EcdsaP256,
+        usage: Usage::Server,
+        validity,
+    };
+    let runs_out = now() + 6;
+    world
+        .authority
+        .issue(&server(Validity::Until(runs_out)))
+        .expect("issue")
+        .write(&world.gateway.cert, &world.gateway.key)
+        .expect("write the server certificate");
+    let config = gateway_config(&world, 9, &GatewayOptions::default());
+    let gw = RunningBinary::start(&config.source).await;
+    let soon = gw.until_logged("WARN", CERTIFICATE_RUNS_OUT_SOON).await;
+    assert_eq!(soon.len(), 1, "{soon:#?}");
+    assert_eq!(soon[0]["certificate"], "server", "{soon:#?}");
+    assert!(gw.logged("ERROR", CERTIFICATE_RUN_OUT).is_empty());
+
+    let out = gw.until_logged("ERROR", CERTIFICATE_RUN_OUT).await;
+    assert!(now() >= runs_out);
+    assert_eq!(out[0]["certificate"], "server", "{out:#?}");
+    assert!(
+        out[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("consumers refuse the gateway's TLS handshake")),
+        "{out:#?}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        gw.logged("ERROR", CERTIFICATE_RUN_OUT).len(),
+        1,
+        "said once"
+    );
+
+    // Renewed by hot reload (its INFO line is below the test's log level): consumers get in,
+    // with no more warnings (it has a year) and no more errors.
+    world
+        .authority
+        .issue(&server(Validity::Current))
+        .expect("issue")
+        .write(&world.gateway.cert, &world.gateway.key)
+        .expect("renew the server certificate");
+    let consumer = world.client(&world.consumer, gw.gateway);
+    let started = Instant::now();
+    while consumer.handshake().await.is_err() {
+        assert!(started.elapsed() < DEADLINE, "the renewal was never taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gw.logged("WARN", CERTIFICATE_RUNS_OUT_SOON).len(), 1);
+    assert_eq!(gw.logged("ERROR", CERTIFICATE_RUN_OUT).len(), 1);
+}
+
 /// `ssp_certificate_expiry_seconds` shows the certificates in force: after a renewal by hot
 /// reload, the renewed one. Before, it kept the notAfter read at start however often the
 /// certificate was renewed.
