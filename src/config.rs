@@ -88,11 +88,37 @@ pub const LDAP_TLS_KEYS: TlsKeys = TlsKeys {
     crls: "directory.ldap_crls",
 };
 
+/// The dotted keys whose values differ between the tables `old` and `new` (a key in one only
+/// included), under `prefix`, in order: what an operator changed in the file.
+pub fn keys_changed(old: &toml::Table, new: &toml::Table, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut changed = Vec::new();
+    for key in keys {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (old.get(key), new.get(key)) {
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                changed.extend(keys_changed(a, b, &dotted));
+            }
+            (a, b) if a != b => changed.push(dotted),
+            _ => {}
+        }
+    }
+    changed
+}
+
 /// The validated configuration of one gateway process.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file this was read from (for messages).
     pub source: PathBuf,
+    /// The file's TOML as read, to name the keys a reload cannot apply ([`keys_changed`]).
+    pub raw: toml::Table,
     pub listener: ListenerConfig,
     pub admin: AdminConfig,
     pub upstream: UpstreamConfig,
@@ -339,6 +365,7 @@ impl Config {
         if problems.is_empty() {
             Ok(Config {
                 source: source.to_path_buf(),
+                raw: table,
                 ..config
             })
         } else {
@@ -646,6 +673,7 @@ fn build(root: &mut Section<'_, '_>) -> Config {
 
     Config {
         source: PathBuf::new(),
+        raw: toml::Table::new(),
         listener,
         admin,
         upstream,
@@ -1656,6 +1684,22 @@ ldif_file = "directory.ldif"
 
     /// A bare word that is not a level would be read as a target at TRACE, turning every
     /// other log line off; a poll interval under 100ms keeps an idle gateway busy.
+    /// The keys a changed file differs in, dotted, nested tables walked, added and removed
+    /// keys included.
+    #[test]
+    fn the_keys_a_file_changed_are_named() {
+        let table = |t: &str| t.parse::<toml::Table>().expect("toml");
+        let old = table("[listener]\naddress = \"a\"\nhttp2 = true\n[audit]\ndir = \"x\"\n");
+        let new = table(
+            "[listener]\naddress = \"b\"\nhttp2 = true\nmax_headers = 9\n[log]\nlevel = \"info\"\n",
+        );
+        assert_eq!(
+            keys_changed(&old, &new, ""),
+            ["audit", "listener.address", "listener.max_headers", "log"]
+        );
+        assert!(keys_changed(&old, &old, "").is_empty());
+    }
+
     #[test]
     fn log_levels_and_poll_intervals_are_checked() {
         for ok in [

@@ -363,17 +363,31 @@ fn policy_files(config: &Config) -> Vec<std::path::PathBuf> {
 /// Reloads `[policy]` and the interaction catalogue from the configuration file (other
 /// sections need a restart and are not applied; a file that no longer validates is refused),
 /// and the files to watch from then on (the catalogue may have moved).
-fn reload_policy(running: &Config) -> Result<(Policy, Vec<std::path::PathBuf>), String> {
+fn reload_policy(
+    running: &Config,
+    restart_pending: &prometheus::IntGauge,
+) -> Result<(Policy, Vec<std::path::PathBuf>), String> {
     let config = Config::load(&running.source).map_err(|e| e.to_string())?;
     let catalogue = Catalogue::load(&config.policy.interactions_file)
         .map_err(|e| format!("policy.interactions: {e}"))?;
     let unapplied = sections_changed(running, &config);
     if !unapplied.is_empty() {
+        // The keys the operator changed in those sections, as the file has them.
+        let keys: Vec<String> = config::keys_changed(&running.raw, &config.raw, "")
+            .into_iter()
+            .filter(|k| {
+                unapplied
+                    .iter()
+                    .any(|s| k == s || k.starts_with(&format!("{s}.")))
+            })
+            .collect();
         tracing::warn!(
             sections = %unapplied.join(", "),
+            keys = %keys.join(", "),
             "configuration changed outside [policy]: not applied until a restart"
         );
     }
+    restart_pending.set(i64::from(!unapplied.is_empty()));
     Ok((policy_from(&config, catalogue), policy_files(&config)))
 }
 
@@ -519,9 +533,10 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     {
         let running = config.clone();
         let policy = Arc::downgrade(&components.gateway.policy);
+        let restart_pending = components.gateway.metrics.reloads.restart_pending.clone();
         components.gateway.policy.watch(
             move || {
-                let (new, files) = reload_policy(&running)?;
+                let (new, files) = reload_policy(&running, &restart_pending)?;
                 if let Some(policy) = policy.upgrade() {
                     policy.watch_files(files);
                 }

@@ -111,6 +111,9 @@ impl Default for CircuitMetrics {
 pub struct ReloadMetrics {
     pub total: IntCounterVec,
     pub last_ok: IntGaugeVec,
+    /// `ssp_config_restart_pending`: 1 while the configuration file holds changes outside
+    /// `[policy]`, which a reload does not apply.
+    pub restart_pending: IntGauge,
 }
 
 impl ReloadMetrics {
@@ -131,6 +134,11 @@ impl ReloadMetrics {
                     "1 if the component's last hot reload loaded (or none has run since start), 0 if it was refused and the previous version is still in force.",
                 ),
                 &["component"],
+            )
+            .expect("static metric definition is valid"),
+            restart_pending: IntGauge::new(
+                "ssp_config_restart_pending",
+                "1 while the configuration file holds changes outside [policy] (named in the last reload's WARN line), which wait for a restart; 0 when what runs is what the file says.",
             )
             .expect("static metric definition is valid"),
         }
@@ -470,6 +478,7 @@ impl Metrics {
             Box::new(refusals_held.clone()),
             Box::new(reloads.total.clone()),
             Box::new(reloads.last_ok.clone()),
+            Box::new(reloads.restart_pending.clone()),
             Box::new(audit.queue_depth.clone()),
             Box::new(audit.queue_bytes.clone()),
             Box::new(audit.fsync_duration.clone()),

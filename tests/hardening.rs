@@ -755,6 +755,33 @@ async fn policy_changes_apply_without_a_restart_and_a_broken_file_is_refused() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    let pending = "ssp_config_restart_pending";
+    let (_, metrics) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, pending),
+        Some(0.0),
+        "a [policy] change is applied"
+    );
+
+    // A change outside [policy] (the listener's address) waits for a restart, and says so:
+    // `ssp_config_restart_pending` 1 (the WARN line names the key). Before, only the section
+    // was named, in the log alone.
+    assert!(text.contains("address = \"127.0.0.1:0\""));
+    std::fs::write(
+        &h.config_path,
+        text.replacen("address = \"127.0.0.1:0\"", "address = \"127.0.0.1:9\"", 1)
+            .replace("jwt = \"enforce\"", "jwt = \"log\""),
+    )
+    .expect("write");
+    assert_eq!(scraped_within_20s(h.admin, pending, 1.0).await, 1.0);
+    // Put back as it runs: nothing waits.
+    std::fs::write(
+        &h.config_path,
+        text.replace("jwt = \"enforce\"", "jwt = \"log\"") + "\n",
+    )
+    .expect("write");
+    assert_eq!(scraped_within_20s(h.admin, pending, 0.0).await, 0.0);
+
     // A file that no longer validates is refused and the policy in force stays.
     std::fs::write(
         &h.config_path,
