@@ -128,7 +128,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             }
             Err(e) => {
                 let e = e.to_string();
-                if again == Some(e.as_str()) {
+                if told(again, &e) {
                     tracing::debug!(component = self.name, error = %e, "reload still refused");
                     return Err(e);
                 }
@@ -184,28 +184,24 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             let mut hangup = hangup_signal();
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The last rebuild's refusal, and when it is tried again.
-            let mut refused: Option<(String, tokio::time::Instant)> = None;
+            let mut refused = Refused::every(retry);
             loop {
-                let retry_at = refused.as_ref().map(|(_, at)| *at);
                 let (forced, retrying) = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => (false, false),
                     _ = next_hangup(&mut hangup) => (true, false),
-                    _ = sleep_until(retry_at) => (false, true),
+                    _ = refused.due() => (false, true),
                 };
                 let now: Vec<Fingerprint> = watched.iter().map(fingerprint).collect();
                 let again = match wake(forced, now != seen, retrying) {
                     Wake::Nothing => continue,
                     Wake::Defer => {
-                        if let Some((_, at)) = &mut refused {
-                            *at = tokio::time::Instant::now() + retry;
-                        }
+                        refused.defer();
                         continue;
                     }
                     Wake::Build => None,
                     // The same refusal again is not news.
-                    Wake::Retry => refused.as_ref().map(|(e, _)| e.clone()),
+                    Wake::Retry => refused.reason(),
                 };
                 seen = now;
                 let (this2, build) = (this.clone(), build.clone());
@@ -213,14 +209,13 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     this2.attempt(|| build(), again.as_deref())
                 })
                 .await;
-                refused = match joined {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some((e, tokio::time::Instant::now() + retry)),
+                refused.settle(match joined {
+                    Ok(built) => built.err(),
                     Err(e) => {
                         tracing::error!(component = this.name, error = %e, "reload task failed");
                         None
                     }
-                };
+                });
                 let files = this.files.load_full();
                 if files != watched {
                     // The reload named other files: they are as it read them.
@@ -280,12 +275,55 @@ fn hangup_signal() -> Hangup {
     None
 }
 
-/// Sleeps until `at`; never resolves for `None`.
-pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// The refusal a watch tries again: its reason, and when the files as refused are next built.
+/// Shared by [`Reloadable`]'s watch and the LDIF directory's.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    refusal: Option<(String, tokio::time::Instant)>,
+    every: Duration,
+}
+
+impl Refused {
+    /// None yet; a refusal is tried again every `every`.
+    pub(crate) fn every(every: Duration) -> Refused {
+        Refused {
+            refusal: None,
+            every,
+        }
     }
+
+    /// Resolves when the refusal is due to be tried again; never without one.
+    pub(crate) async fn due(&self) {
+        match &self.refusal {
+            Some((_, at)) => tokio::time::sleep_until(*at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The files changed since the refusal: not retried now (the change is built as one), the
+    /// retry waits its interval again.
+    pub(crate) fn defer(&mut self) {
+        if let Some((_, at)) = &mut self.refusal {
+            *at = tokio::time::Instant::now() + self.every;
+        }
+    }
+
+    /// The reason a retry is compared with ([`told`]).
+    pub(crate) fn reason(&self) -> Option<String> {
+        self.refusal.as_ref().map(|(e, _)| e.clone())
+    }
+
+    /// The outcome of a build: a refusal (its reason) is tried again after the interval, a
+    /// success ends the retries.
+    pub(crate) fn settle(&mut self, refused: Option<String>) {
+        self.refusal = refused.map(|e| (e, tokio::time::Instant::now() + self.every));
+    }
+}
+
+/// Whether a refusal for `reason` was already told: a retry (`again`, the reason it retries)
+/// refused for the same reason is neither logged nor counted a second time.
+pub(crate) fn told(again: Option<&str>, reason: &str) -> bool {
+    again == Some(reason)
 }
 
 async fn next_hangup(h: &mut Hangup) {

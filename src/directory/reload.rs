@@ -118,8 +118,8 @@ async fn reload_again(
             source: std::io::Error::other(format!("reload task failed: {e}")),
         })),
     };
-    if let (Some(again), Err(e)) = (again, &result) {
-        if e.to_string() == again {
+    if let Err(e) = &result {
+        if crate::reload::told(again, &e.to_string()) {
             tracing::debug!(error = %e, "directory reload still refused");
             return result;
         }
@@ -195,14 +195,12 @@ async fn watch_retrying(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t
     });
-    // The last load's refusal, and when it is tried again.
-    let mut refused: Option<(String, tokio::time::Instant)> = None;
+    let mut refused = crate::reload::Refused::every(retry);
     loop {
-        let retry_at = refused.as_ref().map(|(_, at)| *at);
         let trigger = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick(&mut ticker) => Trigger::FileChanged,
-            _ = crate::reload::sleep_until(retry_at) => Trigger::Retry,
+            _ = refused.due() => Trigger::Retry,
             received = recv(&mut hangup) => {
                 if received {
                     Trigger::Sighup
@@ -225,25 +223,20 @@ async fn watch_retrying(
                 if now != settle.loaded {
                     // Changed since it was refused: loaded as a change once a poll sees it
                     // settled (or on SIGHUP), not half-way by a retry.
-                    if let Some((_, at)) = &mut refused {
-                        *at = tokio::time::Instant::now() + retry;
-                    }
+                    refused.defer();
                     continue;
                 }
             }
         }
-        let again = match (&refused, trigger) {
-            (Some((e, _)), Trigger::Retry) => Some(e.clone()),
+        let again = match trigger {
+            Trigger::Retry => refused.reason(),
             _ => None,
         };
         if again.is_none() {
             tracing::info!(file = %path.display(), trigger = trigger.as_str(), "reloading the directory");
         }
-        refused = match reload_again(&backend, &directory, reloads.as_ref(), again.as_deref()).await
-        {
-            Ok(_) => None,
-            Err(e) => Some((e.to_string(), tokio::time::Instant::now() + retry)),
-        };
+        let loaded = reload_again(&backend, &directory, reloads.as_ref(), again.as_deref()).await;
+        refused.settle(loaded.err().map(|e| e.to_string()));
     }
 }
 
