@@ -151,7 +151,7 @@ fn consequence(component: &str) -> &'static str {
 /// Logs the [`CrlEvent`]s of the CRLs `horizons` reads, looking every second, until `shutdown`.
 pub async fn watch(horizons: CrlHorizonsFn, shutdown: CancellationToken) {
     let mut watch = CrlWatch::default();
-    loop {
+    every_second(shutdown, || {
         for event in watch.observe(crate::unix_now(), &horizons()) {
             match event {
                 CrlEvent::LittleLeft {
@@ -180,6 +180,14 @@ pub async fn watch(horizons: CrlHorizonsFn, shutdown: CancellationToken) {
                 }
             }
         }
+    })
+    .await
+}
+
+/// Runs `look` every [`EVERY`] until `shutdown`.
+async fn every_second(shutdown: CancellationToken, mut look: impl FnMut()) {
+    loop {
+        look();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(EVERY) => {}
@@ -219,7 +227,7 @@ pub async fn watch_certificates(
             .map(|(role, not_after)| (role, Some(u64::try_from(not_after).unwrap_or(0))))
             .collect()
     };
-    loop {
+    every_second(shutdown, || {
         for event in watch.observe(crate::unix_now(), &own(expiries())) {
             match event {
                 CrlEvent::LittleLeft {
@@ -248,11 +256,8 @@ pub async fn watch_certificates(
                 ),
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(EVERY) => {}
-        }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
