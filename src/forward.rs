@@ -446,9 +446,7 @@ impl Upstream {
                         // As an answer hyper could not parse: 502, and a failure for the breaker.
                         // Its connection is never used again: what the provider sent past the
                         // head is not known to be where hyper took its end to be.
-                        if let Some(c) = connection.connection_metadata().as_ref() {
-                            c.poison();
-                        }
+                        never_reused(&connection);
                         if let Some(t) = ticket {
                             t.failure(Instant::now());
                         }
@@ -470,9 +468,7 @@ impl Upstream {
                     }
                     None => {
                         if let Some(why) = reuse_unsafe(&resp, with_body) {
-                            if let Some(c) = connection.connection_metadata().as_ref() {
-                                c.poison();
-                            }
+                            never_reused(&connection);
                             tracing::debug!(%request_id, target_url = %url, status = resp.status().as_u16(), why, "the provider connection is not reused after this answer");
                         }
                         prepare_answer_headers(resp.headers_mut());
@@ -589,6 +585,13 @@ fn malformed_answer<B>(resp: &Response<B>) -> Option<&'static str> {
         return Some("a transfer coding other than chunked alone");
     }
     None
+}
+
+/// Keeps the connection an answer came on out of the pool from now (see [`reuse_unsafe`]).
+fn never_reused(connection: &hyper_util::client::legacy::connect::CaptureConnection) {
+    if let Some(c) = connection.connection_metadata().as_ref() {
+        c.poison();
+    }
 }
 
 /// Whether `headers` announce content: a `Transfer-Encoding`, or a `Content-Length` other
@@ -1065,17 +1068,22 @@ fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
 /// set on every answer) and `Proxy-Authentication-Info`.
 pub fn prepare_answer_headers(headers: &mut HeaderMap) {
     strip(headers, |name| {
-        is_hop_by_hop(name)
-            || matches!(
-                name.as_str(),
-                "set-cookie"
-                    | "set-cookie2"
-                    | "alt-svc"
-                    | "clear-site-data"
-                    | "strict-transport-security"
-                    | "proxy-authentication-info"
-            )
+        is_hop_by_hop(name) || speaks_for_origin(name)
     });
+}
+
+/// A field of a provider's answer that would speak for the gateway's whole origin (see
+/// [`prepare_answer_headers`]).
+fn speaks_for_origin(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "set-cookie"
+            | "set-cookie2"
+            | "alt-svc"
+            | "clear-site-data"
+            | "strict-transport-security"
+            | "proxy-authentication-info"
+    )
 }
 
 /// A field the gateway does not pass on in a trailer section: hop-by-hop ones, and those RFC
@@ -1084,6 +1092,7 @@ pub fn prepare_answer_headers(headers: &mut HeaderMap) {
 /// for the gateway's origin (see [`prepare_answer_headers`]).
 fn is_not_a_trailer(name: &HeaderName) -> bool {
     is_hop_by_hop(name)
+        || speaks_for_origin(name)
         || matches!(
             name.as_str(),
             "content-length"
@@ -1095,7 +1104,6 @@ fn is_not_a_trailer(name: &HeaderName) -> bool {
                 | "range"
                 | "authorization"
                 | "www-authenticate"
-                | "set-cookie"
                 | "age"
                 | "expires"
                 | "date"
@@ -1105,9 +1113,6 @@ fn is_not_a_trailer(name: &HeaderName) -> bool {
                 | "content-encoding"
                 | "content-type"
                 | "content-range"
-                | "alt-svc"
-                | "clear-site-data"
-                | "strict-transport-security"
         )
 }
 
