@@ -266,7 +266,7 @@ impl Gateway {
                     }
                     static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
                     if let Some(held_back) = LOG.allow() {
-                        let peer = conn.peer_name();
+                        let peer = conn.peer.name();
                         tracing::warn!(client = %conn.remote, peer, held_back, delay = ?budget.reject_delay(), "this client certificate's refusals are over their budget; each is held");
                     }
                 }
@@ -383,7 +383,7 @@ impl Gateway {
             from: record.from.as_deref().unwrap_or("-"),
             to: record.to.as_deref().unwrap_or("-"),
             client: conn.remote,
-            peer: conn.peer_name(),
+            peer: conn.peer.name(),
             method: ctx.method.as_str(),
             status,
             latency_us,

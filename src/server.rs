@@ -69,11 +69,6 @@ impl ConnInfo {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The certificate's first name (its SAN or CN), or `-`, for log lines.
-    pub fn peer_name(&self) -> &str {
-        self.peer.names.first().map_or("-", String::as_str)
-    }
-
     /// Whether the listener would still accept the client certificate this connection was
     /// opened with: a CA bundle or CRL reloaded since, or the certificate's expiry, can end
     /// that while the connection stays open. Judged again only when one of those may have
@@ -520,7 +515,7 @@ async fn connection<H, Fut, B>(
             .metrics
             .handshake_failed("certificate_connection_limit");
         if let Some(held_back) = conn_log::CERTIFICATE_LIMIT.allow() {
-            let peer = client.identity.names.first().map_or("-", String::as_str);
+            let peer = client.identity.name();
             tracing::warn!(listener = name, %remote, peer, limit = shared.max_per_certificate, held_back, "connection limit of this client certificate reached; closing");
         }
         return;
@@ -672,7 +667,7 @@ async fn serve_h2<H, Fut, B>(
                 // A flood makes one line a second, with the number held back.
                 static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
                 if let Some(held_back) = LOG.allow() {
-                    let peer = conn_info.peer_name();
+                    let peer = conn_info.peer.name();
                     tracing::warn!(listener = name, %remote, peer, reason, held_back, error = %e, "HTTP/2 connection ended: the client broke the protocol or flooded it");
                 }
             }

@@ -76,6 +76,13 @@ pub struct PeerIdentity {
     pub fingerprint_sha256: String,
 }
 
+impl PeerIdentity {
+    /// Its first name (SAN or CN), or `-`, for log lines.
+    pub fn name(&self) -> &str {
+        self.names.first().map_or("-", String::as_str)
+    }
+}
+
 /// Why loading TLS material or building a TLS config failed. Every variant names the file it is
 /// about; none ever carries key material.
 #[derive(Debug, thiserror::Error)]
