@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use http::{Method, StatusCode};
-use ssp_gateway::tls::pki::{KeyKind, LeafSpec, Usage, Validity};
+use ssp_gateway::tls::pki::{LeafSpec, Usage, Validity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The serial number of the certificate the gateway presents on a new connection.
@@ -49,11 +49,8 @@ async fn scraped_within_20s(admin: std::net::SocketAddr, series: &str, want: f64
 /// and provider have, with `validity`.
 fn localhost_server(validity: Validity) -> LeafSpec {
     LeafSpec {
-        names: vec!["localhost".into(), "127.0.0.1".into()],
-        common_name: "localhost".into(),
-        key: KeyKind::EcdsaP256,
-        usage: Usage::Server,
         validity,
+        ..LeafSpec::server(&["localhost", "127.0.0.1"])
     }
 }
 

@@ -750,14 +750,11 @@ const CERTIFICATE_RUNS_OUT_SOON: &str = "the certificate taken into force runs o
 /// `ssp_certificate_expiry_seconds` went negative (found by a reload review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_own_certificate_running_out_in_force_is_one_error_line() {
-    use ssp_gateway::tls::pki::{KeyKind, LeafSpec, Usage, Validity};
+    use ssp_gateway::tls::pki::{LeafSpec, Validity};
     let world = World::ecdsa();
     let server = |validity| LeafSpec {
-        names: vec!["localhost".into(), "127.0.0.1".into()],
-        common_name: "localhost".into(),
-        key: KeyKind::EcdsaP256,
-        usage: Usage::Server,
         validity,
+        ..LeafSpec::server(&["localhost", "127.0.0.1"])
     };
     let runs_out = now() + 6;
     world
