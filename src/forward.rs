@@ -5,7 +5,8 @@
 //! URL that `authorise` has proven to be a registered endpoint; it never decides where to go
 //! itself. A provider's answer whose head hyper accepts but which cannot be passed on as it
 //! came (a 1xx final status, `Transfer-Encoding` with `Content-Length`, a transfer coding
-//! other than `chunked` alone) is a 502, as one hyper cannot parse is (`malformed_answer`).
+//! other than `chunked` alone) is a 502, as one hyper cannot parse is (`malformed_answer`), and
+//! so are more than [`MAX_INTERIM_ANSWERS`] interim (1xx) answers before the final one.
 //! Each provider answer passed on gets the gateway's `Via` entry, after the provider's.
 //!
 //! A request whose connection to the provider could not be made is sent again on a new one
@@ -360,7 +361,39 @@ impl Upstream {
             // The connection the answer comes on, to keep it out of the pool when the answer
             // leaves it unsafe to reuse (see `reuse_unsafe`).
             let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
-            let result = tokio::time::timeout_at(deadline, self.pool().client.request(req)).await;
+            let counter = progress.clone();
+            hyper::ext::on_informational(&mut req, move |_| counter.interim_answer());
+            let exchange = tokio::time::timeout_at(deadline, self.pool().client.request(req));
+            let result = tokio::select! {
+                biased;
+                result = exchange => result,
+                () = progress.flooded() => {
+                    // Dropping the exchange drops hyper's wait for the answer, and with it the
+                    // connection (hyper closes one whose answer nobody waits for).
+                    never_reused(&connection);
+                    if let Some(t) = ticket {
+                        t.failure(Instant::now());
+                    }
+                    tracing::warn!(
+                        %request_id,
+                        target_url = %url,
+                        attempt,
+                        limit = MAX_INTERIM_ANSWERS,
+                        "the provider sent more interim (1xx) answers than the limit; the answer is not passed on"
+                    );
+                    let answer = Err((
+                        RetryOutcome::Error,
+                        Rejection::UpstreamError {
+                            url: url.to_owned(),
+                        },
+                        Some(UpstreamFailure::MalformedAnswer),
+                    ));
+                    if attempt > 1 {
+                        self.count_retry(RetryOutcome::Error);
+                    }
+                    return Forwarded::from_attempt(answer, attempt);
+                }
+            };
             let answer = match result {
                 Err(_) if progress.awaiting_consumer() => {
                     // The time ran out waiting for the consumer's body, not for the provider:
@@ -496,21 +529,14 @@ impl Upstream {
                     Err((outcome, _, _)) => *outcome,
                 });
             }
-            return match answer {
-                Ok(resp) => Forwarded {
-                    answer: Ok(resp),
-                    attempts: attempt,
-                    failure: None,
-                },
-                Err((_, rejection, failure)) => Forwarded {
-                    answer: Err(rejection),
-                    attempts: attempt,
-                    failure,
-                },
-            };
+            return Forwarded::from_attempt(answer, attempt);
         }
     }
 }
+
+/// How an attempt ended: the provider's answer, or why there is none (how the retry counter
+/// counts it, the refusal, the provider's failure if it was one).
+type Attempt = Result<Response<UpstreamBody>, (RetryOutcome, Rejection, Option<UpstreamFailure>)>;
 
 /// What [`Upstream::forward_counted`] made of a request.
 pub struct Forwarded {
@@ -524,6 +550,22 @@ pub struct Forwarded {
 }
 
 impl Forwarded {
+    /// What the last of `attempts` attempts made of the request.
+    fn from_attempt(answer: Attempt, attempts: u32) -> Forwarded {
+        match answer {
+            Ok(resp) => Forwarded {
+                answer: Ok(resp),
+                attempts,
+                failure: None,
+            },
+            Err((_, rejection, failure)) => Forwarded {
+                answer: Err(rejection),
+                attempts,
+                failure,
+            },
+        }
+    }
+
     /// A 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>` after `attempts` connections.
     fn upstream_error(url: &str, attempts: u32, failure: Option<UpstreamFailure>) -> Forwarded {
         Forwarded {
@@ -1429,9 +1471,25 @@ pub struct Counted<B> {
 
 /// What the consumer's request body was doing when the exchange ended, so that a consumer
 /// that stopped sending its body, or sent a broken one, is not taken for a failing provider
-/// (a 504 or 502, and a failure counted against the provider's circuit).
+/// (a 504 or 502, and a failure counted against the provider's circuit). It also counts the
+/// provider's interim (1xx) answers to the request, and wakes the forwarder once they pass
+/// [`MAX_INTERIM_ANSWERS`] (see [`BodyProgress::interim_answer`]).
 #[derive(Debug, Default)]
-pub struct BodyProgress(std::sync::atomic::AtomicU8);
+pub struct BodyProgress {
+    state: std::sync::atomic::AtomicU8,
+    /// Interim answers the provider has sent to the request.
+    interim: std::sync::atomic::AtomicU32,
+    /// Notified once `interim` goes past [`MAX_INTERIM_ANSWERS`].
+    flooded: tokio::sync::Notify,
+}
+
+/// The most interim (1xx) answers a provider may send before its final answer: beyond it, the
+/// exchange is a malformed answer (502, a failure for the provider's circuit, the connection
+/// dropped). hyper's client reads and discards interim answers without end, and without reading
+/// the consumer's pace: a provider sending `102 Processing` in a loop had the gateway parse
+/// them on one core until the response timeout. A real provider sends one `100 Continue`, a
+/// few `103 Early Hints`, or a `102 Processing` now and then.
+pub const MAX_INTERIM_ANSWERS: u32 = 32;
 
 impl BodyProgress {
     /// Not asked for a frame yet, or the last frame asked for was delivered (or the end).
@@ -1444,22 +1502,36 @@ impl BodyProgress {
     const CONSUMER_OVER_CAP: u8 = 3;
 
     fn set(&self, state: u8) {
-        self.0.store(state, Ordering::Relaxed);
+        self.state.store(state, Ordering::Relaxed);
     }
 
     fn awaiting_consumer(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == Self::AWAITING_CONSUMER
+        self.state.load(Ordering::Relaxed) == Self::AWAITING_CONSUMER
     }
 
     fn consumer_failed(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == Self::CONSUMER_FAILED
+        self.state.load(Ordering::Relaxed) == Self::CONSUMER_FAILED
+    }
+
+    /// One more interim answer from the provider (hyper's `on_informational`, called on the
+    /// connection's task as it parses one); the one past [`MAX_INTERIM_ANSWERS`] wakes
+    /// [`BodyProgress::flooded`]. A permit is kept when nobody waits yet, so none is lost.
+    fn interim_answer(&self) {
+        if self.interim.fetch_add(1, Ordering::Relaxed) == MAX_INTERIM_ANSWERS {
+            self.flooded.notify_one();
+        }
+    }
+
+    /// Resolves once the provider has sent more than [`MAX_INTERIM_ANSWERS`] interim answers.
+    async fn flooded(&self) {
+        self.flooded.notified().await;
     }
 
     /// Whether the exchange may have ended for the consumer's sake: the client was waiting
     /// for its body, or its body failed or went past the cap (which breaks the provider's
     /// connection, and so a response body still coming on it).
     fn consumer_at_fault(&self) -> bool {
-        self.0.load(Ordering::Relaxed) != Self::FLOWING
+        self.state.load(Ordering::Relaxed) != Self::FLOWING
     }
 }
 

@@ -133,6 +133,13 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "status-999",
         b"HTTP/1.1 999 Weird\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
     ),
+    // Interim answers before the final one, as many as a real provider might send.
+    (
+        "interims",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
+    ),
+    // Sent again and again, in batches of 64, until the gateway hangs up (see `FLOOD`).
+    ("interim-flood", b"HTTP/1.1 102 Processing\r\n\r\n"),
     // No answer: the connection closed (TLS close_notify, then FIN) after the request.
     ("hang-up", b""),
     // No answer: the connection reset (TCP RST) after the request.
@@ -148,6 +155,10 @@ const LATE: &[(&str, &[u8])] = &[(
     "204-with-length",
     b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n\"smuggle\"",
 )];
+
+/// The [`SCRIPTED`] answer the provider sends without end, until the gateway hangs up (counted
+/// in `hung_up`).
+const FLOOD: &str = "interim-flood";
 
 /// The [`SCRIPTED`] answers after which the provider closes the connection.
 const HANGS_UP: &[&str] = &["hang-up", "reset", "garbage"];
@@ -232,6 +243,12 @@ async fn raw_provider_watched(world: &World, fault: Fault) -> Watched {
                             // SO_LINGER 0: close with a TCP RST, as a crashed provider would.
                             #[allow(deprecated)]
                             let _ = tcp.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
+                        if name == FLOOD {
+                            let batch = answer.repeat(64);
+                            while s.write_all(&batch).await.is_ok() && s.flush().await.is_ok() {}
+                            hung_up.fetch_add(1, Ordering::SeqCst);
                             return;
                         }
                         if s.write_all(answer).await.is_err() || s.flush().await.is_err() {
@@ -1311,6 +1328,54 @@ async fn a_provider_cannot_set_fields_that_speak_for_the_gateways_origin() {
         );
         assert_eq!(a.headers["etag"], "W/\"7\"", "http2 {http2}");
     }
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider may send interim (1xx) answers before its final one, and they are not passed
+/// on; one that sends them without end gets a 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`
+/// once it passes the limit (32), audited and counted as a malformed answer, and its
+/// connection is dropped. Before, hyper's client parsed them until the response timeout (a
+/// 504), on one core (found by a hostile-provider review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_flooding_interim_answers_is_a_502_and_hung_up_on() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let (config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
+    let client = world.client_with(&world.consumer, running.gateway_addr, false);
+    let (a, _) = scripted_metadata(&client, &target, "interims").await;
+    let a = a.expect("answer");
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.text(), "{}");
+    let (a, trace) = scripted_metadata(&client, &target, "interim-flood").await;
+    let a = a.expect("answer");
+    a.assert_outcome(
+        502,
+        None,
+        &format!("ERROR_COMMUNICATING_TO_ENDPOINT_URL_{target}"),
+    );
+    let record = final_record_of(&config.audit.dir, &trace).await;
+    assert_eq!(record["status"], 502, "{record}");
+    assert_eq!(record["upstream_failure"], "malformed_answer", "{record}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while provider.hung_up.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flooding connection was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, text) = http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(
+        sample(
+            &text,
+            "ssp_upstream_failures_total{cause=\"malformed_answer\"}"
+        ),
+        Some(1.0)
+    );
+    // The gateway still answers the provider's good answers.
+    let (a, _) = scripted_metadata(&client, &target, "chunked").await;
+    assert_eq!(a.expect("answer").status, StatusCode::OK);
     shutdown.cancel();
     running.wait().await;
 }
