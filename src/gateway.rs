@@ -91,6 +91,36 @@ struct Record<'a> {
     rate_limit: Option<Decision>,
 }
 
+impl<'a> Record<'a> {
+    /// Fills in what the request declared of itself, each part that is well formed on its own
+    /// ([`envelope::declared`], the target URL, the interaction's name when the catalogue has
+    /// the declared ID), for a request refused before its envelope passed as a whole. Only
+    /// on the refusal path: what is already recorded is kept.
+    fn declared(&mut self, policy: &'a Policy, req: &Request<RequestBody>, path_and_query: &str) {
+        let declared = envelope::declared(req.headers());
+        let fill = |field: &mut Option<String>, value: Option<&str>| {
+            if field.is_none() {
+                *field = value.map(str::to_owned);
+            }
+        };
+        fill(&mut self.trace_id, declared.trace_id);
+        fill(&mut self.from, declared.from);
+        fill(&mut self.to, declared.to);
+        fill(&mut self.interaction_id, declared.interaction_id);
+        if self.interaction.is_none() {
+            self.interaction = declared
+                .interaction_id
+                .and_then(|id| policy.catalogue.get(id))
+                .map(|ix| ix.name.as_str());
+        }
+        if self.target_url.is_none() {
+            self.target_url = envelope::parse_target(path_and_query)
+                .ok()
+                .map(|target| target.url().to_owned());
+        }
+    }
+}
+
 /// Guards a request while it is processed: if its future is dropped after the request record
 /// was submitted and before the response took the outcome over (the grace period ran out at
 /// shutdown while the provider had not answered), the outcome record is written here, with
@@ -496,12 +526,7 @@ impl Gateway {
         //    or the CRLs, or its expiry, may have changed the handshake's verdict.
         if let Err(failure) = conn.certificate_standing() {
             // Who the refused request said it was from, for the audit record, where it says.
-            if let Ok(headers) = envelope::parse_headers(req.headers()) {
-                record.trace_id = Some(headers.trace_id);
-                record.from = Some(headers.from);
-                record.to = Some(headers.to);
-                record.interaction_id = Some(headers.interaction_id);
-            }
+            record.declared(policy, &req, path_and_query);
             return Err(Rejection::CertificateNoLongerAccepted {
                 reason: failure.as_label(),
             });
@@ -524,11 +549,25 @@ impl Gateway {
             record.jwt = Some(decoded.shared_claims());
         }
 
-        // 1. The SSP envelope: method, target URL, Ssp-* headers.
-        envelope::check_method(req.method())?;
-        let target = envelope::parse_target(path_and_query)?;
+        // 1. The SSP envelope: method, target URL, Ssp-* headers. A request refused here has
+        //    what it declared well formed in its audit record all the same.
+        let envelope = envelope::check_method(req.method())
+            .and_then(|()| envelope::parse_target(path_and_query))
+            .and_then(|target| Ok((target, envelope::parse_headers(req.headers())?)));
+        let (target, headers) = match envelope {
+            Ok(checked) => checked,
+            Err(mut rejection) => {
+                record.declared(policy, &req, path_and_query);
+                // A method the gateway never takes: `Allow` names what the target takes.
+                if let Rejection::MethodNotAllowed { allow, .. } = &mut rejection {
+                    if let Ok(target) = envelope::parse_target(path_and_query) {
+                        *allow = policy.catalogue.allow_for_target(&target);
+                    }
+                }
+                return Err(rejection);
+            }
+        };
         record.target_url = Some(target.url().to_owned());
-        let headers = envelope::parse_headers(req.headers())?;
         record.trace_id = Some(headers.trace_id.clone());
         record.from = Some(headers.from.clone());
         record.to = Some(headers.to.clone());
@@ -744,6 +783,7 @@ impl Gateway {
         if methods.is_empty() {
             return Err(Rejection::MethodNotAllowed {
                 method: Method::OPTIONS.to_string(),
+                allow: String::new(),
             });
         }
         let allowed = methods
@@ -1086,17 +1126,11 @@ fn reject(
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert("x-request-id", v);
     }
-    if let Rejection::MethodNotAllowed { method } = rejection {
-        // OPTIONS is refused only on a path no interaction has: no method is allowed there
-        // (an empty `Allow`, RFC 9110 §10.2.1).
-        h.insert(
-            header::ALLOW,
-            HeaderValue::from_static(if method == "OPTIONS" {
-                ""
-            } else {
-                "GET, POST, PUT, OPTIONS"
-            }),
-        );
+    if let Rejection::MethodNotAllowed { allow, .. } = rejection {
+        // The target's methods (RFC 9110 §15.5.6); empty on a path no interaction has.
+        if let Ok(v) = HeaderValue::from_str(allow) {
+            h.insert(header::ALLOW, v);
+        }
     }
     if let Rejection::InvalidJwt { reason } = rejection {
         // RFC 6750 §3.1, which GP Connect's JWT guidance follows: no error code when there was

@@ -955,3 +955,89 @@ async fn amend_and_cancel_are_told_apart_only_by_the_header() {
     assert_eq!(h.recorder.seen(), 1);
     h.stop().await;
 }
+
+/// A request refused before its envelope passed as a whole keeps in its audit record each
+/// Spine header it sent well formed, and its target: a 405 and a request with one bad header
+/// still say who they were from and what they said they were. Before, a DELETE's record had no
+/// Ssp-TraceID, From, To or interaction, and one bad header lost the other three (found by an
+/// audit review). A 405's `Allow` names the target's methods (RFC 9110 §15.5.6), as the
+/// preflight does; before, it was always `GET, POST, PUT, OPTIONS` (found by a conformance
+/// review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_keeps_what_it_declared_and_a_405_allows_its_targets_methods() {
+    let h = via_recorder(GatewayOptions::default()).await;
+    let c = h.consumer();
+    let ep = h.endpoint();
+    let record_of = |request_id: String| {
+        let dir = h.audit_dir.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                if let Some(r) = audit_records(&dir)
+                    .into_iter()
+                    .find(|r| r["request_id"] == request_id.as_str())
+                {
+                    return r;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no record");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for (target, interaction, allow) in [
+        (
+            format!("{ep}/Appointment/1"),
+            IX_READ_APPOINTMENT,
+            "GET, PUT, OPTIONS",
+        ),
+        (
+            format!("{ep}/Slot?{}", slot_query()),
+            IX_SEARCH_SLOT,
+            "GET, OPTIONS",
+        ),
+        (format!("{ep}/Appointment"), IX_BOOK, "POST, OPTIONS"),
+        (format!("{ep}/Nothing"), IX_METADATA, ""),
+    ] {
+        let req = Gpc::new(Method::DELETE, target.clone(), interaction).build();
+        let trace = req.headers()["ssp-traceid"].clone();
+        let a = c.send(req).await.expect("answer");
+        a.assert_outcome(405, Some("BAD_REQUEST"), "METHOD_NOT_ALLOWED_DELETE");
+        assert_eq!(a.headers[http::header::ALLOW], allow, "{target}");
+        let r = record_of(
+            a.headers["x-request-id"]
+                .to_str()
+                .expect("ascii")
+                .to_owned(),
+        )
+        .await;
+        assert_eq!(r["kind"], "rejection", "{r}");
+        assert_eq!(r["ssp_trace_id"], trace.to_str().expect("ascii"), "{r}");
+        assert_eq!(r["from"], CONSUMER_ASID, "{r}");
+        assert_eq!(r["to"], PROVIDER_ASID, "{r}");
+        assert_eq!(r["interaction"], interaction, "{r}");
+        assert_eq!(r["target_url"], target.as_str(), "{r}");
+    }
+    // One header not well formed: the other three are kept, the bad one is not recorded.
+    let mut req = Gpc::new(Method::GET, format!("{ep}/metadata"), IX_METADATA).build();
+    req.headers_mut()
+        .insert("ssp-traceid", http::HeaderValue::from_static("not-a-uuid"));
+    let a = c.send(req).await.expect("answer");
+    a.assert_outcome(
+        400,
+        Some("BAD_REQUEST"),
+        "MISSING_OR_INVALID_HEADER_Ssp-TraceID",
+    );
+    let r = record_of(
+        a.headers["x-request-id"]
+            .to_str()
+            .expect("ascii")
+            .to_owned(),
+    )
+    .await;
+    assert!(r["ssp_trace_id"].is_null(), "{r}");
+    assert_eq!(r["from"], CONSUMER_ASID, "{r}");
+    assert_eq!(r["to"], PROVIDER_ASID, "{r}");
+    assert_eq!(r["interaction"], IX_METADATA, "{r}");
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+}

@@ -8,15 +8,21 @@ use http::{HeaderMap, HeaderName, Method};
 use super::outcome::Rejection;
 
 /// Accept only the methods GP Connect 1.2.7 uses (GET, POST, PUT). OPTIONS (CORS preflight) is
-/// answered by the caller before this check; anything else is 405.
+/// answered by the caller before this check; anything else is 405, whose `Allow` is every
+/// method the gateway takes until the caller narrows it to the target's (see
+/// `Catalogue::allow_for_target`).
 pub fn check_method(method: &Method) -> Result<(), Rejection> {
     match *method {
         Method::GET | Method::POST | Method::PUT => Ok(()),
         _ => Err(Rejection::MethodNotAllowed {
             method: method.as_str().to_owned(),
+            allow: ALL_METHODS.to_owned(),
         }),
     }
 }
+
+/// Every method the gateway takes, for a 405 whose target is not known.
+pub const ALL_METHODS: &str = "GET, POST, PUT, OPTIONS";
 
 const SCHEME: &str = "https://";
 
@@ -409,6 +415,39 @@ pub fn parse_headers(headers: &HeaderMap) -> Result<SspHeaders, Rejection> {
     })
 }
 
+/// What a request declared of itself, header by header: each Spine header that is present once
+/// and well formed, whatever the others are. For the audit record of a request refused before
+/// its envelope passed as a whole (a method not allowed, a target URL or another header that
+/// is invalid), so that an investigator still sees who it said it was from and what it said it
+/// was; a header not well formed is left out, never recorded as sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Declared<'h> {
+    /// `Ssp-TraceID`.
+    pub trace_id: Option<&'h str>,
+    /// `Ssp-From`.
+    pub from: Option<&'h str>,
+    /// `Ssp-To`.
+    pub to: Option<&'h str>,
+    /// `Ssp-InteractionID`.
+    pub interaction_id: Option<&'h str>,
+}
+
+/// The well-formed Spine headers of `headers`, each on its own (see [`Declared`]).
+pub fn declared(headers: &HeaderMap) -> Declared<'_> {
+    Declared {
+        trace_id: header(headers, &TRACE_ID_NAME, TRACE_ID, is_uuid).ok(),
+        from: header(headers, &FROM_NAME, FROM, is_asid).ok(),
+        to: header(headers, &TO_NAME, TO, is_asid).ok(),
+        interaction_id: header(
+            headers,
+            &INTERACTION_ID_NAME,
+            INTERACTION_ID,
+            is_interaction_id,
+        )
+        .ok(),
+    }
+}
+
 fn header<'h>(
     headers: &'h HeaderMap,
     name: &HeaderName,
@@ -503,7 +542,8 @@ mod tests {
             assert_eq!(
                 check_method(&m),
                 Err(Rejection::MethodNotAllowed {
-                    method: m.as_str().to_owned()
+                    method: m.as_str().to_owned(),
+                    allow: ALL_METHODS.to_owned(),
                 })
             );
         }

@@ -284,6 +284,23 @@ impl Catalogue {
         }
         methods
     }
+
+    /// The `Allow` of `target`: the methods some interaction takes on its path, then OPTIONS
+    /// (the CORS preflight, answered on every such path); empty when no interaction has the
+    /// path (RFC 9110 §10.2.1: no method is allowed there).
+    pub fn allow_for_target(&self, target: &Target) -> String {
+        let methods = self.methods_for_target(target);
+        if methods.is_empty() {
+            return String::new();
+        }
+        let mut allow = String::with_capacity(24);
+        for method in &methods {
+            allow.push_str(method.as_str());
+            allow.push_str(", ");
+        }
+        allow.push_str("OPTIONS");
+        allow
+    }
 }
 
 impl<'a> IntoIterator for &'a Catalogue {

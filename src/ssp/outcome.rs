@@ -14,8 +14,9 @@ use serde::Serialize;
 /// Why the gateway refused a request. Each variant knows its HTTP status, Spine code and token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    /// 405 `METHOD_NOT_ALLOWED_<METHOD>`
-    MethodNotAllowed { method: String },
+    /// 405 `METHOD_NOT_ALLOWED_<METHOD>`, with the `Allow` of the target resource (RFC 9110
+    /// §15.5.6: the methods it supports, empty when none).
+    MethodNotAllowed { method: String, allow: String },
     /// 400 `INVALID_TARGET_URL`
     InvalidTargetUrl,
     /// 400 `MISSING_OR_INVALID_HEADER_<Header-Name>` (canonical name, e.g. `Ssp-TraceID`)
@@ -232,7 +233,7 @@ impl Rejection {
     /// The diagnostics token (also the SSP coding's display). Contains request data.
     pub fn token(&self) -> String {
         match self {
-            Rejection::MethodNotAllowed { method } => {
+            Rejection::MethodNotAllowed { method, .. } => {
                 format!("METHOD_NOT_ALLOWED_{}", method.to_ascii_uppercase())
             }
             Rejection::InvalidTargetUrl => "INVALID_TARGET_URL".to_owned(),
@@ -654,6 +655,7 @@ mod tests {
             (
                 Rejection::MethodNotAllowed {
                     method: "delete".into(),
+                    allow: String::new(),
                 },
                 405,
                 Some("BAD_REQUEST"),
