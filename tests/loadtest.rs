@@ -76,6 +76,7 @@ async fn searches_and_bookings_through_the_gateway_reach_the_mock_provider() {
     assert!(r.latency_ms.p50 > 0.0 && r.latency_ms.p50 <= r.latency_ms.p99);
     assert!(r.latency_ms.p999 <= r.latency_ms.max);
     assert!(r.rps > 0.0);
+    assert_eq!(r.accounted(), r.due, "{r:?}");
     // The setup search and the warm-up reached the provider too.
     assert!(h.recorder.seen() as u64 > r.responses);
     let (method, uri, headers) = h.recorder.last_head();
@@ -223,6 +224,8 @@ async fn idle_mode_opens_and_holds_connections() {
         "{r:?}"
     );
     assert_eq!(r.responses, 25);
+    assert_eq!(r.due, 25);
+    assert_eq!(r.shape.warmup_s, 0.0, "the idle mode has no warm-up");
     assert_eq!(server.connections(), 25);
 }
 
@@ -254,7 +257,7 @@ async fn fixed_rate_latency_counts_from_the_intended_send_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_ends_with_its_duration_even_if_the_server_never_answers() {
+async fn a_run_ends_with_its_duration_and_drain_even_if_the_server_never_answers() {
     let h = start_with_recorder(
         World::ecdsa(),
         Behaviour::Slow(Duration::from_secs(120)),
@@ -268,12 +271,20 @@ async fn a_run_ends_with_its_duration_even_if_the_server_never_answers() {
     a.warmup = Duration::ZERO;
     a.duration = Duration::from_millis(400);
     a.timeout = Duration::from_secs(300);
+    a.drain = Some(Duration::from_millis(300));
+    let started = std::time::Instant::now();
     let r = run(&a).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "bounded by the drain"
+    );
     assert_eq!(r.responses, 0, "{r:?}");
     assert_eq!(
         r.unfinished, 2,
-        "both connections' requests abandoned at the end"
+        "both connections' requests abandoned after the drain"
     );
+    assert_eq!(r.errors, 2, "requests without an answer are errors: {r:?}");
+    assert_eq!(r.due, 2, "{r:?}");
     assert!(r.failures.is_empty());
     h.stop().await;
 }
@@ -429,6 +440,8 @@ async fn the_command_reports_and_fails_when_nothing_succeeds() {
     let report: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("JSON report");
     assert!(report["responses"].as_u64().unwrap_or(0) > 0, "{report}");
     assert_eq!(report["errors"], 0);
+    assert_eq!(report["due"], report["responses"], "{report}");
+    assert!(report["failures"].as_object().is_some_and(|f| f.is_empty()));
     assert!(report["latency_ms"]["p99"].as_f64().unwrap_or(0.0) > 0.0);
 
     let refused = run_binary(&["--to", "999999999999"]).await.expect("join");

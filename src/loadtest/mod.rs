@@ -7,11 +7,18 @@
 //! latencies, throughput and errors by status, as text or JSON. It is what `cargo bench --bench
 //! e2e` drives and what an operator runs against staging.
 //!
-//! A run is always bounded by its warm-up plus duration: requests still in flight then are
-//! abandoned and counted as unfinished. It never retries a request, never follows redirects,
-//! and sends only to the address the URL (or `--connect-to`) names.
+//! Every request of the measured window is accounted for: a response, a failure (by kind, with
+//! the first error in words), unfinished (sent, no answer by the end), or not sent (due at a
+//! fixed rate while every connection was busy, and still not sent at the end). Requests still
+//! in flight from the warm-up when the window opens count in it. At the end of the duration no
+//! request starts; those in flight get until their `--timeout`, at most `--drain`. A request is
+//! sent a second time only when the server had closed its reused connection before it had the
+//! request; a connection a failure closed is reopened after a pause (20 ms, doubling to 1 s).
+//! It never follows redirects, and sends only to the address the URL (or `--connect-to`)
+//! names.
 
 mod conn;
+mod link;
 mod pace;
 mod report;
 mod request;
@@ -20,20 +27,28 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
 use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
 
-pub use conn::{Exchange, Failure};
-pub use report::{IdleReport, InteractionReport, Latency, Report, RunShape, Stats};
-pub use request::{booking_bodies, default_search_query, Bookings, Kind, Mix, ServiceRoot};
+pub use conn::{Exchange, Failed, Failure};
+pub use report::{
+    FailureReport, IdleReport, InteractionReport, Latency, Report, RunShape, Scheduled, Sending,
+    Stats, Window,
+};
+pub use request::{
+    booking_bodies, default_search_query, Bookings, Identity, Kind, Mix, ServiceRoot, DEV_ISSUER,
+    DEV_ROLE_PROFILE, DEV_USER_ID,
+};
 
-use conn::{exchange, Dialer, Sender};
-use pace::Pacer;
+use conn::{exchange, Dialer};
+use link::{Link, Notes};
+use pace::{Pacer, Slot};
 use request::Factory;
 
 /// The highest `--rate`: one request slot per microsecond. Far beyond what one generator can
@@ -61,9 +76,8 @@ pub const MAX_CONNECTIONS: usize = 100_000;
 pub const MAX_THREADS: usize = 256;
 /// The largest setup search response read for free slots.
 const MAX_SETUP_BODY: usize = 64 * 1024 * 1024;
-/// Pause after a failed connect before the worker tries again (keeps a down server from
-/// turning the run into a connect storm).
-const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
+/// The exit code of a run ended by Ctrl-C (128 + SIGINT, as a shell reports it).
+const INTERRUPTED: u8 = 130;
 
 /// What went wrong before any load was sent.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +103,8 @@ pub enum LoadtestError {
     Runtime(std::io::Error),
     #[error("cannot start the fixed-rate pacer thread: {0}")]
     Pacer(std::io::Error),
+    #[error("interrupted before the load started")]
+    Interrupted,
 }
 
 /// The command line of `ssp-gateway loadtest`.
@@ -126,9 +142,20 @@ pub struct Args {
     /// Logical id of the patient generated bookings are for.
     #[arg(long, default_value = "1")]
     pub patient: String,
-    /// ODS code of the booking organisation in generated bookings.
-    #[arg(long, default_value = DEV_ODS)]
+    /// ODS code of the consumer organisation: the JWT's requesting_organization and the
+    /// booking organisation of generated bookings.
+    #[arg(long, visible_alias = "consumer-ods", default_value = DEV_ODS)]
     pub ods: String,
+    /// The JWT's `iss`: the consumer system's URL (its device and user-guid identifiers are
+    /// `{iss}/Id/device` and `{iss}/Id/user-guid`).
+    #[arg(long, default_value = DEV_ISSUER)]
+    pub jwt_issuer: String,
+    /// The JWT practitioner's SDS user id.
+    #[arg(long, default_value = DEV_USER_ID)]
+    pub sds_user_id: String,
+    /// The JWT practitioner's SDS role profile id.
+    #[arg(long, default_value = DEV_ROLE_PROFILE)]
+    pub sds_role_profile_id: String,
     /// Ssp-From: the sending system's ASID.
     #[arg(long, default_value = DEV_FROM)]
     pub from: String,
@@ -161,6 +188,14 @@ pub struct Args {
     /// A request without a complete response in this time counts as a timeout.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// After the duration, requests in flight get until their --timeout, but no longer than
+    /// this, to finish (default: --timeout); those still without an answer are unfinished.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain: Option<Duration>,
+    /// Exit 1 when more than this share (0 to 1) of the requests due got no 2xx answer.
+    /// Without it, only a run in which nothing succeeded exits 1.
+    #[arg(long)]
+    pub max_error_ratio: Option<f64>,
     /// Open this many connections (the first request of the mix on each), then hold them idle
     /// until the duration is over: for memory measurements. `--connections` open at once.
     #[arg(long)]
@@ -192,6 +227,9 @@ impl Args {
             book_body: None,
             patient: "1".into(),
             ods: DEV_ODS.into(),
+            jwt_issuer: DEV_ISSUER.into(),
+            sds_user_id: DEV_USER_ID.into(),
+            sds_role_profile_id: DEV_ROLE_PROFILE.into(),
             from: DEV_FROM.into(),
             to: DEV_TO.into(),
             connections: 32,
@@ -202,6 +240,8 @@ impl Args {
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(2),
             timeout: Duration::from_secs(10),
+            drain: None,
+            max_error_ratio: None,
             idle: None,
             threads: None,
             json: false,
@@ -245,11 +285,13 @@ pub struct Settings {
     pub warmup: Duration,
     pub duration: Duration,
     pub timeout: Duration,
+    pub drain: Duration,
+    pub max_error_ratio: Option<f64>,
     pub mix: Mix,
     pub search_query: String,
     pub book_body: Option<Bytes>,
     pub patient: String,
-    pub ods: String,
+    pub identity: Identity,
     pub from: String,
     pub to: String,
     pub markers: bool,
@@ -293,11 +335,19 @@ impl Settings {
         if args.timeout.is_zero() {
             return Err(bad("--timeout", "must be above 0"));
         }
+        if args
+            .max_error_ratio
+            .is_some_and(|r| !(0.0..=1.0).contains(&r))
+        {
+            return Err(bad("--max-error-ratio", "must be from 0 to 1"));
+        }
+        let drain = args.drain.unwrap_or(args.timeout);
         // Beyond these the run's deadlines overflow the clock (a panic, not a long run).
         for (flag, value, most) in [
             ("--duration", args.duration, MAX_RUN),
             ("--warmup", args.warmup, MAX_RUN),
             ("--timeout", args.timeout, MAX_TIMEOUT),
+            ("--drain", drain, MAX_TIMEOUT),
         ] {
             if value > most {
                 let most = humantime::format_duration(most);
@@ -353,11 +403,18 @@ impl Settings {
             warmup: args.warmup,
             duration: args.duration,
             timeout: args.timeout,
+            drain,
+            max_error_ratio: args.max_error_ratio,
             mix,
             search_query,
             book_body,
             patient: args.patient.clone(),
-            ods: args.ods.clone(),
+            identity: Identity {
+                issuer: args.jwt_issuer.clone(),
+                ods: args.ods.clone(),
+                user_id: args.sds_user_id.clone(),
+                role_profile: args.sds_role_profile_id.clone(),
+            },
             from: args.from.clone(),
             to: args.to.clone(),
             markers: args.markers,
@@ -373,23 +430,35 @@ impl Settings {
             streams_per_connection: self.streams,
             rate: self.rate,
             mix: self.mix.describe(),
-            warmup_s: self.warmup.as_secs_f64(),
+            // The idle mode has no warm-up: its whole duration is the hold.
+            warmup_s: match self.mode {
+                Mode::Idle(_) => 0.0,
+                _ => self.warmup.as_secs_f64(),
+            },
             duration_s: self.duration.as_secs_f64(),
+            drain_s: self.drain.as_secs_f64(),
         }
     }
 }
 
-/// `ssp-gateway loadtest`: runs, prints the report, and exits non-zero when nothing succeeded
-/// or the run could not start.
+/// `ssp-gateway loadtest`: runs, prints the report, and exits 1 when nothing succeeded, the
+/// error ratio is above `--max-error-ratio` or the run could not start (with `--json`, then a
+/// JSON object with an `error` field on stdout), 130 after a Ctrl-C (the first ends the run and
+/// prints the partial report; a second exits at once).
 pub fn cli(args: Args) -> ExitCode {
+    let failed = |e: &LoadtestError| {
+        eprintln!("error: {e}");
+        if args.json {
+            println!("{}", serde_json::json!({ "error": e.to_string() }));
+        }
+        ExitCode::FAILURE
+    };
     // Checked before the runtime is built with the threads asked for.
     let settings = match Settings::from_args(&args) {
         Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return failed(&e),
     };
+    let max_error_ratio = settings.max_error_ratio;
     let threads = args
         .threads
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
@@ -405,28 +474,58 @@ pub fn cli(args: Args) -> ExitCode {
             .enable_all()
             .build()
     };
-    let result = runtime
-        .map_err(LoadtestError::Runtime)
-        .and_then(|rt| rt.block_on(run(settings)));
-    match result {
-        Ok(report) => {
-            if args.json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{}", report.to_text());
-            }
-            let succeeded = report.ok > 0 || report.idle.as_ref().is_some_and(|i| i.open > 0);
-            if succeeded {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("loadtest: no request succeeded");
-                ExitCode::FAILURE
-            }
+    let result = runtime.map_err(LoadtestError::Runtime).and_then(|rt| {
+        rt.block_on(async {
+            let interrupt = CancellationToken::new();
+            let ctrl_c = tokio::spawn(on_ctrl_c(interrupt.clone()));
+            let result = run_until(settings, interrupt).await;
+            ctrl_c.abort();
+            result
+        })
+    });
+    let report = match result {
+        Ok(report) => report,
+        Err(LoadtestError::Interrupted) => {
+            let e = LoadtestError::Interrupted;
+            failed(&e);
+            return ExitCode::from(INTERRUPTED);
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => return failed(&e),
+    };
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    let succeeded = report.ok > 0 || report.idle.as_ref().is_some_and(|i| i.open > 0);
+    if report.interrupted {
+        eprintln!("loadtest: interrupted; the report is of the part measured");
+        ExitCode::from(INTERRUPTED)
+    } else if !succeeded {
+        eprintln!("loadtest: no request succeeded");
+        ExitCode::FAILURE
+    } else if let Some(most) = max_error_ratio.filter(|&most| report.error_ratio() > most) {
+        eprintln!(
+            "loadtest: {} errors in {} requests due ({:.4}), above --max-error-ratio {most}",
+            report.errors,
+            report.due,
+            report.error_ratio()
+        );
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The first Ctrl-C ends the run (its report is printed); a second exits at once.
+async fn on_ctrl_c(interrupt: CancellationToken) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    eprintln!("loadtest: interrupted, ending the run (Ctrl-C again to exit at once)");
+    interrupt.cancel();
+    if tokio::signal::ctrl_c().await.is_ok() {
+        std::process::exit(i32::from(INTERRUPTED));
     }
 }
 
@@ -437,10 +536,15 @@ struct Run {
     mix: Mix,
     mode: Mode,
     http2: bool,
-    /// Start of the measured window and the end of the run.
+    /// Start of the measured window, its end, and the end of the drain after it.
     measure_from: Instant,
     end: Instant,
+    drain_end: Instant,
     timeout: Duration,
+    /// Ctrl-C: the run ends now (requests in flight are unfinished).
+    interrupt: CancellationToken,
+    /// When it was interrupted.
+    interrupted_at: OnceLock<Instant>,
     /// At a fixed rate, the slots and their due times.
     pacer: Option<Pacer>,
     /// What the workers measured. Shared, not one per worker: a worker's histograms would be
@@ -480,46 +584,92 @@ impl StatShards {
 }
 
 impl Run {
-    fn in_window(&self, t: Instant) -> bool {
-        t >= self.measure_from && t < self.end
+    /// The next request to send: at a fixed rate, the next released slot (None once none is
+    /// left, or a late one after the end); closed loop, now (None once the run is over).
+    async fn next_slot(&self) -> Option<Slot> {
+        match &self.pacer {
+            Some(pacer) => pacer.next(self.end, &self.interrupt).await,
+            None => {
+                let now = Instant::now();
+                (now < self.end && !self.interrupt.is_cancelled()).then_some(Slot {
+                    due: now,
+                    late: false,
+                })
+            }
+        }
     }
 
-    /// When the next request starts: at a fixed rate, the next released slot's due time (None
-    /// once no slot is left); closed loop, now (None once the run is over).
-    async fn next_start(&self) -> Option<Instant> {
-        match &self.pacer {
-            Some(pacer) => pacer.next().await,
-            None => Some(Instant::now()).filter(|&now| now < self.end),
+    /// The end of the window: its planned end, or the interruption before it.
+    fn window_end(&self) -> Instant {
+        self.interrupted_at
+            .get()
+            .map_or(self.end, |&at| at.min(self.end))
+    }
+
+    /// What the window was, once every worker has stopped.
+    fn window(&self) -> Window {
+        let window_end = self.window_end();
+        let schedule = self.pacer.as_ref().map(|pacer| {
+            let taken = pacer.taken();
+            let total = pacer.due_before(window_end).max(taken);
+            let first_in_window = pacer.due_before(self.measure_from);
+            Scheduled {
+                due_in_window: total.saturating_sub(first_in_window),
+                not_sent: total - taken,
+                not_sent_from_warmup: first_in_window.saturating_sub(taken),
+            }
+        });
+        Window {
+            measured: window_end.saturating_duration_since(self.measure_from),
+            interrupted: self.interrupted_at.get().is_some(),
+            schedule,
         }
     }
 }
 
 /// Runs the load described by `settings` and reports what was measured.
 pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
+    run_until(settings, CancellationToken::new()).await
+}
+
+/// [`run`], ended early when `interrupt` is cancelled: the report is then of the part
+/// measured, marked as interrupted.
+pub async fn run_until(
+    settings: Settings,
+    interrupt: CancellationToken,
+) -> Result<Report, LoadtestError> {
     let root = settings.root.clone();
     let server_name =
         ServerName::try_from(root.host.clone()).map_err(|_| LoadtestError::BadUrl {
             url: settings.url.clone(),
             reason: "the host is not a valid TLS server name".into(),
         })?;
-    let addr = resolve(&root, settings.connect_to, settings.timeout).await?;
-    let dialer = Dialer {
-        addr,
+    let mut dialer = Dialer {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         server_name,
         tls: tokio_rustls::TlsConnector::from(settings.tls.clone()),
         http2: settings.http2,
     };
-    let bookings = if settings.mix.contains(Kind::Book) {
-        Some(match &settings.book_body {
-            Some(body) => Bookings::Replay(body.clone()),
-            None => free_slot_bookings(&settings, &dialer).await?,
-        })
-    } else {
-        None
+    let setup = async {
+        dialer.addr = resolve(&root, settings.connect_to, settings.timeout, &dialer).await?;
+        let bookings = if settings.mix.contains(Kind::Book) {
+            Some(match &settings.book_body {
+                Some(body) => Bookings::Replay(body.clone()),
+                None => free_slot_bookings(&settings, &dialer).await?,
+            })
+        } else {
+            None
+        };
+        Ok::<_, LoadtestError>(bookings)
+    };
+    let bookings = tokio::select! {
+        bookings = setup => bookings?,
+        () = interrupt.cancelled() => return Err(LoadtestError::Interrupted),
     };
     let book_slots = bookings.as_ref().and_then(Bookings::slots);
     let factory = Factory::new(
         root,
+        settings.identity.clone(),
         &settings.from,
         &settings.to,
         &settings.search_query,
@@ -557,7 +707,10 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
         http2: settings.http2,
         measure_from,
         end,
+        drain_end: end + settings.drain,
         timeout: settings.timeout,
+        interrupt: interrupt.clone(),
+        interrupted_at: OnceLock::new(),
         pacer,
         stats: StatShards::new(),
     });
@@ -572,13 +725,29 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
             }
         })
     };
+    let watcher = {
+        let run = run.clone();
+        tokio::spawn(async move {
+            run.interrupt.cancelled().await;
+            let _ = run.interrupted_at.set(Instant::now());
+            if let Some(pacer) = &run.pacer {
+                pacer.stop();
+            }
+        })
+    };
     let markers = settings.markers.then(|| {
         let run = run.clone();
         tokio::spawn(async move {
             if !matches!(run.mode, Mode::Idle(_)) {
-                sleep_until(run.measure_from).await;
+                tokio::select! {
+                    () = sleep_until(run.measure_from) => {}
+                    () = run.interrupt.cancelled() => return,
+                }
                 eprintln!("loadtest: measuring");
-                sleep_until(run.end).await;
+                tokio::select! {
+                    () = sleep_until(run.end) => {}
+                    () = run.interrupt.cancelled() => {}
+                }
                 eprintln!("loadtest: measured");
             }
         })
@@ -595,24 +764,32 @@ pub async fn run(settings: Settings) -> Result<Report, LoadtestError> {
         ),
     };
     refresher.abort();
+    // The watcher may not have run yet; a Ctrl-C after the last worker stopped changes
+    // nothing.
+    watcher.abort();
+    let _ = watcher.await;
+    if run.interrupt.is_cancelled() {
+        let _ = run.interrupted_at.set(Instant::now());
+    }
     if let Some(m) = markers {
         let _ = m.await;
     }
     Ok(Report::new(
         settings.shape(),
         &stats,
-        settings.duration,
+        run.window(),
         book_slots,
         idle,
     ))
 }
 
-/// The address to connect to: `--connect-to`, or the first resolved address that accepts a
-/// TCP connection.
+/// The address to connect to: `--connect-to`, or the first resolved address that answers a TLS
+/// handshake (see [`Dialer::probe`]).
 async fn resolve(
     root: &ServiceRoot,
     connect_to: Option<SocketAddr>,
     limit: Duration,
+    dialer: &Dialer,
 ) -> Result<SocketAddr, LoadtestError> {
     if let Some(addr) = connect_to {
         return Ok(addr);
@@ -628,10 +805,9 @@ async fn resolve(
         .collect();
     let mut last = String::from("the name has no address");
     for addr in addrs {
-        match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(_)) => return Ok(addr),
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: connect timed out"),
+        match dialer.probe(addr, limit).await {
+            Ok(()) => return Ok(addr),
+            Err(reason) => last = reason,
         }
     }
     Err(unreachable(last))
@@ -645,6 +821,7 @@ async fn free_slot_bookings(
     let setup = |reason: String| LoadtestError::Setup(reason);
     let factory = Factory::new(
         settings.root.clone(),
+        settings.identity.clone(),
         &settings.from,
         &settings.to,
         &settings.search_query,
@@ -652,16 +829,14 @@ async fn free_slot_bookings(
         false,
     )?;
     let fetch = async {
-        let mut sender = dialer
+        let mut conn = dialer
             .open()
             .await
-            .map_err(|f| setup(format!("{f} failure")))?;
+            .map_err(|f| setup(format!("connecting: {f}")))?;
         let req = factory.build(Kind::Search, settings.http2);
-        let resp = match &mut sender {
-            Sender::H1(s) => s.send_request(req).await,
-            Sender::H2(s) => s.send_request(req).await,
-        }
-        .map_err(|e| setup(format!("request failed: {e}")))?;
+        let resp = conn::send(&mut conn.sender, &conn.wire, req)
+            .await
+            .map_err(|e| setup(format!("request failed: {}", e.failed)))?;
         let status = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_SETUP_BODY)
             .collect()
@@ -678,7 +853,7 @@ async fn free_slot_bookings(
         .await
         .map_err(|_| setup("no answer within --timeout".into()))??;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
-    let bodies = booking_bodies(&body, &settings.patient, &settings.ods, &now);
+    let bodies = booking_bodies(&body, &settings.patient, &settings.identity.ods, &now);
     if bodies.is_empty() {
         return Err(setup(
             "the search found no free slot; widen --search-query or replay a recorded body with --book-body".into(),
@@ -699,24 +874,16 @@ fn workers_per_connection(settings: &Settings) -> usize {
     }
 }
 
-/// Keep-alive or new-connection load: `connections` connections, each with `per_connection`
-/// workers (HTTP/2 streams) sending until the end.
+/// Keep-alive or new-connection load: `connections` links, each with `per_connection` workers
+/// (HTTP/2 streams sharing its connection) sending until the end.
 async fn drive(run: &Arc<Run>, connections: usize, per_connection: usize) -> Stats {
     let mut tasks = Vec::with_capacity(connections);
     for c in 0..connections {
         let run = run.clone();
         tasks.push(tokio::spawn(async move {
-            if per_connection > 1 {
-                // One shared HTTP/2 connection, `per_connection` workers on it.
-                let shared = open_until_end(&run, c).await;
-                let workers = (0..per_connection).map(|s| {
-                    let sender = shared.as_ref().and_then(Sender::share);
-                    worker(&run, c * per_connection + s, sender)
-                });
-                futures_util::future::join_all(workers).await;
-            } else {
-                worker(&run, c, None).await;
-            }
+            let link = Link::new(run.mode == Mode::NewConnection, run.http2);
+            let workers = (0..per_connection).map(|s| worker(&run, c * per_connection + s, &link));
+            futures_util::future::join_all(workers).await;
         }));
     }
     for task in tasks {
@@ -727,77 +894,83 @@ async fn drive(run: &Arc<Run>, connections: usize, per_connection: usize) -> Sta
     run.stats.total()
 }
 
-/// Opens a connection, retrying after failures until the run ends (failures in the measured
-/// window are counted).
-async fn open_until_end(run: &Run, id: usize) -> Option<Sender> {
-    loop {
-        let attempt = Instant::now();
-        if attempt >= run.end {
-            return None;
-        }
-        match timeout_at(run.end, run.dialer.open()).await {
-            Ok(Ok(sender)) => return Some(sender),
-            Ok(Err(failure)) => {
-                if run.in_window(attempt) {
-                    run.stats.record(id, |s| s.failure(failure));
-                }
-                let _ = timeout_at(run.end, tokio::time::sleep(RECONNECT_PAUSE)).await;
-            }
-            Err(_) => return None,
-        }
-    }
+/// How one request ended.
+enum Outcome {
+    Response(Exchange),
+    Failed(Failed),
+    /// No complete response within `--timeout`.
+    Timeout,
+    /// Still in flight when the drain was over or the run was interrupted.
+    Unfinished,
 }
 
 /// One worker: sends request after request (or one per due time at a fixed rate) until the
-/// run ends, reconnecting after failures.
-async fn worker(run: &Run, id: usize, mut sender: Option<Sender>) {
+/// run ends, then lets its last one finish within the drain.
+async fn worker(run: &Run, id: usize, link: &Link) {
     let mut n = id;
-    // Closed loop: each request's clock starts as it is sent. Fixed rate: at its due time.
-    while let Some(started) = run.next_start().await {
-        let counted = run.in_window(started);
+    loop {
+        // After a failure that closed the connection, the link pauses before the next
+        // attempt; closed loop, that pause is no request's latency.
+        if let Some(at) = link.paused_until().await {
+            tokio::select! {
+                () = sleep_until(at.min(run.end)) => {}
+                () = run.interrupt.cancelled() => break,
+            }
+        }
+        let Some(slot) = run.next_slot().await else {
+            break;
+        };
         let kind = run.mix.kind(n);
         n += 1;
-        let deadline = (Instant::now() + run.timeout).min(run.end);
-        let fresh = run.mode == Mode::NewConnection;
-        let attempt = async {
-            let mut conn = match sender.take() {
-                Some(s) if !fresh => s,
-                _ => run.dialer.open().await?,
-            };
-            let result = exchange(&mut conn, run.factory.build(kind, run.http2)).await;
-            Ok::<_, Failure>((result, conn))
+        let body = run.factory.body(kind);
+        let limit = Instant::now() + run.timeout;
+        let mut notes = Notes::default();
+        let outcome = {
+            let build = || run.factory.request(kind, run.http2, body.clone());
+            let exchange = link.exchange(&run.dialer, build, &mut notes);
+            tokio::select! {
+                result = exchange => match result {
+                    Ok(done) => Outcome::Response(done),
+                    Err(failed) => Outcome::Failed(failed),
+                },
+                () = sleep_until(limit.min(run.drain_end)) => {
+                    if limit <= run.drain_end {
+                        Outcome::Timeout
+                    } else {
+                        Outcome::Unfinished
+                    }
+                }
+                () = run.interrupt.cancelled() => Outcome::Unfinished,
+            }
         };
-        match timeout_at(deadline, attempt).await {
-            Ok(Ok((Ok(done), conn))) => {
-                if counted {
-                    let latency = started.elapsed();
-                    run.stats.record(id, |s| {
-                        s.response(kind, done.status.as_u16(), latency, done.bytes)
-                    });
+        let done = Instant::now();
+        if done >= run.measure_from {
+            let sending = Sending {
+                from_warmup: slot.due < run.measure_from,
+                late: slot.late,
+                reconnects: notes.reconnects,
+                retried: notes.retried,
+            };
+            run.stats.record(id, |s| {
+                s.request(sending);
+                match &outcome {
+                    Outcome::Response(r) => {
+                        let latency = done - slot.due;
+                        s.response(kind, r.status.as_u16(), latency, r.bytes, done >= run.end);
+                    }
+                    Outcome::Failed(f) => s.failure(f.kind, done.into_std(), || f.message()),
+                    Outcome::Timeout => s.failure(Failure::Timeout, done.into_std(), || {
+                        let limit = humantime::format_duration(run.timeout);
+                        format!("no complete response within --timeout {limit}")
+                    }),
+                    Outcome::Unfinished => s.unfinished(),
                 }
-                if !fresh {
-                    sender = Some(conn);
-                }
-            }
-            Ok(Ok((Err(failure), _))) | Ok(Err(failure)) => {
-                if counted {
-                    run.stats.record(id, |s| s.failure(failure));
-                }
-                if matches!(failure, Failure::Connect | Failure::Tls) {
-                    let _ = timeout_at(run.end, tokio::time::sleep(RECONNECT_PAUSE)).await;
-                }
-            }
-            Err(_) if Instant::now() >= run.end => {
-                if counted {
-                    run.stats.record(id, Stats::unfinished);
-                }
-                break;
-            }
-            Err(_) => {
-                if counted {
-                    run.stats.record(id, |s| s.failure(Failure::Timeout));
-                }
-            }
+            });
+        }
+        match outcome {
+            Outcome::Response(_) | Outcome::Failed(_) => {}
+            Outcome::Timeout => link.abandoned().await,
+            Outcome::Unfinished => break,
         }
     }
 }
@@ -825,24 +998,29 @@ async fn hold_idle(
                 let attempt = async {
                     let mut conn = run.dialer.open().await?;
                     let done = exchange(&mut conn, run.factory.build(kind, run.http2)).await?;
-                    Ok::<_, Failure>((done, conn))
+                    Ok::<_, Failed>((done, conn))
                 };
-                match timeout_at((t + run.timeout).min(run.end), attempt).await {
-                    Ok(Ok((done, conn))) => {
-                        let latency = t.elapsed();
-                        run.stats.record(id, |s| {
-                            s.response(kind, done.status.as_u16(), latency, done.bytes)
-                        });
-                        held.push(conn);
+                let result = tokio::select! {
+                    r = timeout_at((t + run.timeout).min(run.end), attempt) => r,
+                    () = run.interrupt.cancelled() => break,
+                };
+                let at = Instant::now();
+                run.stats.record(id, |s| {
+                    s.request(Sending::default());
+                    match &result {
+                        Ok(Ok((done, _))) => {
+                            let status = done.status.as_u16();
+                            s.response(kind, status, at - t, done.bytes, false);
+                        }
+                        Ok(Err(f)) => s.failure(f.kind, at.into_std(), || f.message()),
+                        Err(_) => s.failure(Failure::Timeout, at.into_std(), || {
+                            "no complete response within --timeout".to_owned()
+                        }),
                     }
-                    Ok(Err(failure)) => {
-                        run.stats.record(id, |s| s.failure(failure));
-                        failed += 1;
-                    }
-                    Err(_) => {
-                        run.stats.record(id, |s| s.failure(Failure::Timeout));
-                        failed += 1;
-                    }
+                });
+                match result {
+                    Ok(Ok((_, conn))) => held.push(conn),
+                    _ => failed += 1,
                 }
                 if Instant::now() >= run.end {
                     break;
@@ -866,7 +1044,10 @@ async fn hold_idle(
     if markers {
         eprintln!("loadtest: idle open {}", held.len());
     }
-    sleep_until(run.end).await;
+    tokio::select! {
+        () = sleep_until(run.end) => {}
+        () = run.interrupt.cancelled() => {}
+    }
     let report = IdleReport {
         requested: count,
         open: held.len(),

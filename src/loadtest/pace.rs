@@ -10,7 +10,10 @@
 //! (its timer slack set to 1 µs) and hands the slot over through a semaphore.
 //!
 //! Coordinated omission is still accounted for: when every worker is busy, released slots wait
-//! as permits, and the worker that takes one counts its latency from the slot's due time.
+//! as permits, and the worker that takes one counts its latency from the slot's due time (the
+//! slot is *late*: no worker was free when it fell due). Once the run's end has passed, a late
+//! slot is no longer taken: it stays not sent, and the report counts it from the schedule
+//! ([`Pacer::due_before`] and [`Pacer::taken`]). Every slot is thus sent or counted as not sent.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The longest the pacer thread sleeps before it checks whether the run was abandoned.
 const MAX_NAP: Duration = Duration::from_millis(50);
@@ -27,7 +31,7 @@ pub(super) struct Pacer {
     /// One permit per released slot, then one per worker once every slot is out.
     released: Arc<Semaphore>,
     schedule: Schedule,
-    /// The next slot a worker takes.
+    /// The next slot a worker takes (slots are taken in order).
     taken: AtomicU64,
     /// Set when the run is dropped, so the thread stops early.
     stop: Arc<AtomicBool>,
@@ -42,6 +46,17 @@ struct Schedule {
 }
 
 impl Schedule {
+    /// How many slots are due before `t` (and before the end).
+    fn due_before(&self, t: std::time::Instant) -> u64 {
+        let t = t.min(self.end);
+        let Some(span) = t.checked_duration_since(self.start) else {
+            return 0;
+        };
+        let interval = self.interval.as_nanos().max(1);
+        let n = span.as_nanos().div_ceil(interval);
+        u64::try_from(n).unwrap_or(u64::MAX)
+    }
+
     /// Slot `n`'s due time, or None when it is not before the end.
     fn due(&self, n: u64) -> Option<std::time::Instant> {
         let nanos = self.interval.as_nanos().checked_mul(u128::from(n))?;
@@ -82,16 +97,58 @@ impl Pacer {
         })
     }
 
-    /// Waits for the next released slot and returns its due time (now, or earlier when the
-    /// workers were all busy at that time); None once every slot before the end is taken.
-    pub(super) async fn next(&self) -> Option<Instant> {
+    /// Waits for the next released slot and returns it: its due time (now, or earlier when
+    /// every worker was busy at that time) and whether it was late. None once every slot before
+    /// the end is taken, when `interrupt` is cancelled, or when the slot is late and `end` has
+    /// passed (it is then never sent).
+    pub(super) async fn next(&self, end: Instant, interrupt: &CancellationToken) -> Option<Slot> {
+        let asked = Instant::now();
         // The pacer never closes the semaphore: a closed one would refuse the permits still
         // waiting, which are slots already due.
-        let permit = self.released.acquire().await.ok()?;
-        permit.forget();
-        let n = self.taken.fetch_add(1, Ordering::Relaxed);
-        self.schedule.due(n).map(Instant::from_std)
+        tokio::select! {
+            permit = self.released.acquire() => permit.ok()?.forget(),
+            () = interrupt.cancelled() => return None,
+        }
+        loop {
+            let n = self.taken.load(Ordering::Acquire);
+            let due = Instant::from_std(self.schedule.due(n)?);
+            let late = due < asked;
+            if interrupt.is_cancelled() || (late && Instant::now() >= end) {
+                return None;
+            }
+            if self
+                .taken
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Some(Slot { due, late });
+            }
+        }
     }
+
+    /// How many slots are due before `t` (never more than the run has).
+    pub(super) fn due_before(&self, t: Instant) -> u64 {
+        self.schedule.due_before(t.into_std())
+    }
+
+    /// How many slots workers have taken.
+    pub(super) fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Acquire)
+    }
+
+    /// Stops releasing slots (the run was interrupted).
+    pub(super) fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A request slot taken by a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slot {
+    /// When it was due: the intended send time, from which its latency counts.
+    pub due: Instant,
+    /// Every worker was busy when it fell due: it waited for one.
+    pub late: bool,
 }
 
 impl Drop for Pacer {
@@ -149,7 +206,10 @@ mod tests {
             let pacer = pacer.clone();
             tokio::spawn(async move {
                 let mut got = Vec::new();
-                while let Some(due) = pacer.next().await {
+                // (Taken whenever the machine lets the workers run: no end for late slots.)
+                let never = end + Duration::from_secs(3600);
+                let interrupt = CancellationToken::new();
+                while let Some(Slot { due, .. }) = pacer.next(never, &interrupt).await {
                     let at = Instant::now();
                     assert!(at >= due, "slot due at {due:?} released early, at {at:?}");
                     got.push(due);
@@ -165,23 +225,50 @@ mod tests {
         let want: Vec<Instant> = (0..60).map(|n| start + interval * n).collect();
         assert_eq!(all, want, "each slot exactly once");
         assert!(Instant::now() >= start + interval * 59);
+        assert_eq!(pacer.due_before(end), 60);
+        assert!(pacer.taken() >= 60, "every slot taken");
     }
 
     #[tokio::test]
-    async fn slots_released_while_every_worker_was_busy_are_still_sent() {
-        // The one worker is busy for the whole run; afterwards it gets every slot, each with
-        // its own due time (so its latency counts the wait), then the end.
+    async fn slots_released_while_every_worker_was_busy_are_sent_late() {
+        // The one worker is busy for the first 9 ms; then it gets the slots due meanwhile, each
+        // with its own due time (so its latency counts the wait) and marked late.
         let start = Instant::now();
         let interval = Duration::from_millis(2);
         let end = start + Duration::from_millis(20);
         let pacer = Pacer::start(start, interval, end, 1).expect("pacer thread");
-        tokio::time::sleep_until(end + Duration::from_millis(20)).await;
+        tokio::time::sleep_until(start + Duration::from_millis(9)).await;
+        let never = end + Duration::from_secs(3600);
+        let interrupt = CancellationToken::new();
         let mut got = Vec::new();
-        while let Some(due) = pacer.next().await {
-            got.push(due);
+        while let Some(slot) = pacer.next(never, &interrupt).await {
+            got.push(slot);
         }
         let want: Vec<Instant> = (0..10).map(|n| start + interval * n).collect();
-        assert_eq!(got, want);
+        assert_eq!(got.iter().map(|s| s.due).collect::<Vec<_>>(), want);
+        assert!(
+            got[..5].iter().all(|s| s.late),
+            "due at 0 to 8 ms, asked for at 9 ms: {got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn late_slots_are_not_taken_after_the_end_nor_any_once_interrupted() {
+        let start = Instant::now();
+        let interval = Duration::from_millis(2);
+        let end = start + Duration::from_millis(20);
+        let pacer = Pacer::start(start, interval, end, 1).expect("pacer thread");
+        tokio::time::sleep_until(end + Duration::from_millis(5)).await;
+        let interrupt = CancellationToken::new();
+        assert_eq!(pacer.next(end, &interrupt).await, None);
+        assert_eq!(pacer.taken(), 0, "not sent, all ten");
+        assert_eq!(pacer.due_before(end), 10);
+
+        let pacer =
+            Pacer::start(Instant::now(), interval, end + interval * 100, 1).expect("pacer thread");
+        interrupt.cancel();
+        assert_eq!(pacer.next(end + interval * 100, &interrupt).await, None);
+        assert_eq!(pacer.taken(), 0);
     }
 
     #[test]
@@ -196,6 +283,16 @@ mod tests {
         assert_eq!(s.due(2), Some(start + Duration::from_millis(20)));
         assert_eq!(s.due(3), None, "due exactly at the end: not sent");
         assert_eq!(s.due(u64::MAX), None);
+        assert_eq!(s.due_before(start), 0);
+        assert_eq!(s.due_before(start + Duration::from_nanos(1)), 1);
+        assert_eq!(s.due_before(start + Duration::from_millis(10)), 1);
+        assert_eq!(s.due_before(start + Duration::from_millis(11)), 2);
+        assert_eq!(
+            s.due_before(start + Duration::from_secs(60)),
+            3,
+            "the end bounds it"
+        );
+        assert_eq!(s.due_before(start - Duration::from_millis(1)), 0);
         let fast = Schedule {
             interval: Duration::from_nanos(1),
             end: start + Duration::from_secs(10),

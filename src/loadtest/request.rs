@@ -343,6 +343,72 @@ pub fn booking_bodies(bundle: &[u8], patient: &str, ods: &str, now: &str) -> Vec
         .collect()
 }
 
+/// Who the requests' JWTs say is asking: the consumer organisation, its system and the
+/// practitioner. The development world's consumer unless the command line names another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `iss`: the consumer system's URL; its device and user-guid identifiers are in its
+    /// namespace (`{iss}/Id/device`).
+    pub issuer: String,
+    /// `requesting_organization`'s ODS code.
+    pub ods: String,
+    /// The practitioner's SDS user id.
+    pub user_id: String,
+    /// The practitioner's SDS role profile id.
+    pub role_profile: String,
+}
+
+/// The development consumer's system (`iss`).
+pub const DEV_ISSUER: &str = "https://consumer.dev.local/";
+/// The development practitioner's SDS user id.
+pub const DEV_USER_ID: &str = "G13579135";
+/// The development practitioner's SDS role profile id.
+pub const DEV_ROLE_PROFILE: &str = "200000000359";
+
+impl Identity {
+    /// The claims of a token for `scope` issued at `now` for `audience`: the GP Connect 1.2.7
+    /// shape of `jwt::dev_claims`, with this identity in it.
+    fn claims(&self, scope: &str, now: i64, audience: &str) -> Value {
+        let namespace = self.issuer.trim_end_matches('/');
+        json!({
+            "iss": self.issuer,
+            "sub": "1",
+            "aud": audience,
+            "exp": now.saturating_add(jwt::LIFETIME_SECS),
+            "iat": now,
+            "reason_for_request": jwt::DIRECT_CARE,
+            "requesting_device": {
+                "resourceType": "Device",
+                "identifier": [{
+                    "system": format!("{namespace}/Id/device"),
+                    "value": "ssp-gateway-loadtest"
+                }],
+                "model": "ssp-gateway loadtest",
+                "version": env!("CARGO_PKG_VERSION")
+            },
+            "requesting_organization": {
+                "resourceType": "Organization",
+                "identifier": [{ "system": jwt::ODS_SYSTEM, "value": self.ods }],
+                "name": "ssp-gateway loadtest consumer"
+            },
+            "requesting_practitioner": {
+                "resourceType": "Practitioner",
+                "id": "1",
+                "identifier": [
+                    { "system": jwt::SDS_USER_ID_SYSTEM, "value": self.user_id },
+                    { "system": jwt::SDS_ROLE_PROFILE_SYSTEM, "value": self.role_profile },
+                    {
+                        "system": format!("{namespace}/Id/user-guid"),
+                        "value": "98ed4f78-814d-4266-8d5b-cde742f3093c"
+                    }
+                ],
+                "name": [{ "family": "Practitioner", "given": ["Development"], "prefix": ["Dr"] }]
+            },
+            "requested_scope": scope
+        })
+    }
+}
+
 /// `Authorization` values for each scope, replaced before they expire.
 struct Tokens {
     organization_read: HeaderValue,
@@ -351,9 +417,9 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn new(audience: &str, now: i64) -> Tokens {
+    fn new(identity: &Identity, audience: &str, now: i64) -> Tokens {
         let bearer = |scope: Scope| {
-            let token = jwt::encode_unsigned(&jwt::dev_claims(scope.as_str(), now, audience));
+            let token = jwt::encode_unsigned(&identity.claims(scope.as_str(), now, audience));
             HeaderValue::from_str(&format!("Bearer {token}"))
                 .expect("base64url and dots are valid header characters")
         };
@@ -389,6 +455,7 @@ pub struct Factory {
     to: HeaderValue,
     uris_h1: [Uri; 3],
     uris_h2: [Uri; 3],
+    identity: Identity,
     tokens: ArcSwap<Tokens>,
     bookings: Option<Bookings>,
     close: bool,
@@ -399,6 +466,7 @@ impl Factory {
     /// mode).
     pub fn new(
         root: ServiceRoot,
+        identity: Identity,
         from: &str,
         to: &str,
         search_query: &str,
@@ -430,7 +498,8 @@ impl Factory {
             host: header("--url", &root.authority)?,
             from: header("--from", from)?,
             to: header("--to", to)?,
-            tokens: ArcSwap::from_pointee(Tokens::new(&root.endpoint, unix_now())),
+            tokens: ArcSwap::from_pointee(Tokens::new(&identity, &root.endpoint, unix_now())),
+            identity,
             root,
             uris_h1,
             uris_h2,
@@ -443,21 +512,34 @@ impl Factory {
     pub fn refresh_tokens(&self) {
         let now = unix_now();
         if now - self.tokens.load().issued_at >= TOKEN_REFRESH_SECS {
-            self.tokens
-                .store(Arc::new(Tokens::new(&self.root.endpoint, now)));
+            self.tokens.store(Arc::new(Tokens::new(
+                &self.identity,
+                &self.root.endpoint,
+                now,
+            )));
         }
     }
 
-    /// One request of `kind`, with a fresh `Ssp-TraceID`.
+    /// One request of `kind`, with a fresh `Ssp-TraceID` (and, for a booking, the next body).
     pub fn build(&self, kind: Kind, http2: bool) -> Request<Full<Bytes>> {
+        self.request(kind, http2, self.body(kind))
+    }
+
+    /// The body of the next request of `kind`: the next booking, else none.
+    pub fn body(&self, kind: Kind) -> Bytes {
+        match (kind, &self.bookings) {
+            (Kind::Book, Some(b)) => b.next(),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// A request of `kind` with `body` and a fresh `Ssp-TraceID` (a request sent again on a
+    /// new connection is built again with the same body).
+    pub fn request(&self, kind: Kind, http2: bool, body: Bytes) -> Request<Full<Bytes>> {
         let uri = if http2 {
             self.uris_h2[kind.index()].clone()
         } else {
             self.uris_h1[kind.index()].clone()
-        };
-        let body = match (kind, &self.bookings) {
-            (Kind::Book, Some(b)) => b.next(),
-            _ => Bytes::new(),
         };
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = kind.method();
@@ -563,6 +645,7 @@ mod tests {
             ServiceRoot::parse("https://localhost:8443/https://localhost:9443/B/gpc").expect("url");
         let factory = Factory::new(
             root,
+            dev_identity(),
             "200000000359",
             "918999198993",
             "status=free",
@@ -593,7 +676,12 @@ mod tests {
             unix_now(),
             0,
         );
-        assert!(claims.is_ok(), "{claims:?}");
+        let claims = claims.expect("valid claims");
+        assert_eq!(claims.organization_ods_code.as_deref(), Some("A20047"));
+        assert_eq!(
+            claims.sds_role_profile_id.as_deref(),
+            Some(DEV_ROLE_PROFILE)
+        );
 
         let book = factory.build(Kind::Book, true);
         assert_eq!(book.method(), Method::POST);
@@ -613,6 +701,41 @@ mod tests {
             book.headers()["ssp-interactionid"],
             "urn:nhs:names:services:gpconnect:fhir:rest:create:appointment-1"
         );
+    }
+
+    fn dev_identity() -> Identity {
+        Identity {
+            issuer: DEV_ISSUER.into(),
+            ods: "A20047".into(),
+            user_id: DEV_USER_ID.into(),
+            role_profile: DEV_ROLE_PROFILE.into(),
+        }
+    }
+
+    #[test]
+    fn the_jwt_carries_the_identity_asked_for() {
+        let root = ServiceRoot::parse("https://gw:8443/https://p/B/gpc").expect("url");
+        let identity = Identity {
+            issuer: "https://consumer.example.org".into(),
+            ods: "Y12345".into(),
+            user_id: "U999".into(),
+            role_profile: "R888".into(),
+        };
+        let factory =
+            Factory::new(root, identity, "1", "2", "status=free", None, false).expect("factory");
+        let req = factory.build(Kind::Metadata, false);
+        let auth = req.headers().get(header::AUTHORIZATION);
+        let claims = jwt::check(auth, &["organization/*.read".to_owned()], unix_now(), 0)
+            .expect("a valid GP Connect token");
+        assert_eq!(claims.iss.as_deref(), Some("https://consumer.example.org"));
+        assert_eq!(claims.organization_ods_code.as_deref(), Some("Y12345"));
+        assert_eq!(claims.sds_user_id.as_deref(), Some("U999"));
+        assert_eq!(claims.sds_role_profile_id.as_deref(), Some("R888"));
+        assert_eq!(
+            claims.device_identifier.as_deref(),
+            Some("https://consumer.example.org/Id/device|ssp-gateway-loadtest")
+        );
+        assert_eq!(claims.aud.as_deref(), Some("https://p/B/gpc"));
     }
 
     #[test]
