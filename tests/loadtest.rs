@@ -362,6 +362,21 @@ async fn bad_arguments_are_refused_before_any_load() {
         }
     }
 
+    // A drain whose end would overflow the clock, and error ratios outside 0 to 1.
+    let mut a = base.clone();
+    a.drain = Some(forever);
+    let e = Settings::from_args(&a).err().expect("drain too long");
+    assert!(e.to_string().contains("--drain: must be at most"), "{e}");
+    for ratio in [-0.1, 1.5, f64::NAN] {
+        let mut a = base.clone();
+        a.max_error_ratio = Some(ratio);
+        let e = Settings::from_args(&a).err().expect("ratio out of range");
+        assert!(e.to_string().contains("--max-error-ratio"), "{e}");
+    }
+    let mut a = base.clone();
+    a.max_error_ratio = Some(0.0);
+    assert!(Settings::from_args(&a).is_ok());
+
     let mut a = base.clone();
     a.book_body = Some("/nonexistent/booking.json".into());
     let e = Settings::from_args(&a).err().expect("missing body file");
