@@ -542,7 +542,23 @@ fn build(root: &mut Section<'_, '_>) -> Config {
         retry_interval: s.duration("retry_interval", DEFAULT_AUDIT_RETRY_INTERVAL),
         group_commit_window: duration_or_zero(&mut s, "group_commit_window", Duration::ZERO),
         fsync_follow_up: duration_or_zero(&mut s, "fsync_follow_up", DEFAULT_AUDIT_FSYNC_FOLLOW_UP),
+        key_file: s.optional_path("key_file"),
     };
+    if let Some(key_file) = &audit.key_file {
+        // Its bytes are read where the other keys are (`check-config`, and the writer at
+        // start: the development key is made with the development certificates).
+        if crate::audit::key::inside_dir(key_file, &audit.dir) {
+            s.problem(
+                "key_file",
+                format!(
+                    "{} is inside the audit directory {}: whoever can write the trail could \
+                     replace the key; keep it elsewhere, readable by the gateway alone",
+                    key_file.display(),
+                    audit.dir.display()
+                ),
+            );
+        }
+    }
     if audit.group_commit_window > MAX_GROUP_COMMIT_WINDOW {
         s.problem("group_commit_window", "must be at most 10ms".into());
     }
@@ -1664,6 +1680,29 @@ ldif_file = "directory.ldif"
             Duration::ZERO,
             "0s: every record synced at once"
         );
+
+        // The chain key: a path, never inside the audit directory (read at start, not here).
+        assert_eq!(c.audit.key_file, None, "not keyed by default");
+        let c = parse(&format!(
+            "{MINIMAL}\n[audit]\nkey_file = \"/etc/ssp/audit-key\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.audit.key_file, Some(PathBuf::from("/etc/ssp/audit-key")));
+        for inside in [
+            "dir = \"/etc/ssp/audit\"\nkey_file = \"/etc/ssp/audit/key\"",
+            "key_file = \"/etc/ssp/audit/sub/../key\"",
+            "dir = \"/var/a\"\nkey_file = \"/var/b/../a/key\"",
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[audit]\n{inside}\n")).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{err}");
+            assert_eq!(err.problems[0].key, "audit.key_file");
+            assert!(
+                err.problems[0]
+                    .reason
+                    .contains("inside the audit directory"),
+                "{err}"
+            );
+        }
 
         let err = parse(&format!(
             "{MINIMAL}\n[audit]\ndurability = \"sometimes\"\nmax_file_bytes = 10\nrotate = 1\ngroup_commit_window = \"1s\"\nfsync_follow_up = \"2s\"\n[tracing]\notlp_endpoint = \"https://collector\"\n"

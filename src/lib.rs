@@ -167,8 +167,10 @@ fn load_catalogue_and_directory(
 }
 
 /// The audit directory, or the nearest part of its path that exists (it is created when
-/// missing), must be a directory.
-fn check_audit_dir(config: &Config, problems: &mut Vec<String>) {
+/// missing), must be a directory; the chain key file, when one is named, must hold a key
+/// (`make_dev_key`: unless it is the development key that `run` is about to make beside the
+/// development certificates).
+fn check_audit_dir(config: &Config, problems: &mut Vec<String>, make_dev_key: bool) {
     let audit_dir = &config.audit.dir;
     if let Some(existing) = audit_dir.ancestors().find(|p| p.symlink_metadata().is_ok()) {
         if !existing.is_dir() {
@@ -176,6 +178,16 @@ fn check_audit_dir(config: &Config, problems: &mut Vec<String>) {
                 "audit.dir: {} is not a directory",
                 existing.display()
             ));
+        }
+    }
+    if let Some(key_file) = &config.audit.key_file {
+        let made_later = make_dev_key
+            && *key_file == config.dev.certs_dir.join(tls::pki::DEV_AUDIT_KEY)
+            && key_file.symlink_metadata().is_err();
+        if !made_later {
+            if let Err(e) = audit::key::ChainKey::load(key_file) {
+                problems.push(format!("audit.key_file: {e}"));
+            }
         }
     }
 }
@@ -199,7 +211,7 @@ pub fn check_without_certificates(config: &Config) -> Vec<String> {
     } else {
         load_catalogue_and_directory(config, &mut problems);
     }
-    check_audit_dir(config, &mut problems);
+    check_audit_dir(config, &mut problems, true);
     problems
 }
 
@@ -226,7 +238,7 @@ pub fn load_components(config: &Config) -> Result<Components, Vec<String>> {
     .map_err(|e| problems.extend(lines(e)))
     .ok();
     let (catalogue, backend) = load_catalogue_and_directory(config, &mut problems);
-    check_audit_dir(config, &mut problems);
+    check_audit_dir(config, &mut problems, false);
     let mock_provider = config.mock_provider.as_ref().and_then(|m| {
         mock_provider_tls(m)
             .map_err(|e| problems.extend(lines(e)))

@@ -78,6 +78,12 @@ enum AuditCommand {
     /// Prove that audit files form one unbroken hash chain (across rotated files, in any
     /// order), or name the first broken record. Exit 0: intact; 1: broken; 2: unreadable.
     Verify {
+        /// The trail's chain key ([audit] key_file): every link must then be the HMAC-SHA256
+        /// of the line before under one of the keys given (give each key the trail was
+        /// written with, e.g. the old and the new one after a key change), never its plain
+        /// SHA-256. Without --key, every link must be the SHA-256.
+        #[arg(long = "key", value_name = "FILE")]
+        keys: Vec<PathBuf>,
         /// The audit files, e.g. /var/lib/ssp-gateway/audit/*.jsonl
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -137,22 +143,38 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Audit {
-            command: AuditCommand::Verify { files },
-        } => match ssp_gateway::audit::verify::verify_files(&files) {
-            Ok(report) => {
-                println!("{report}");
-                if report.intact() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+            command: AuditCommand::Verify { keys, files },
+        } => audit_verify(&keys, &files),
         Command::Loadtest(args) => ssp_gateway::loadtest::cli(*args),
+    }
+}
+
+/// `audit verify`: exit 0 intact, 1 broken, 2 when a key or a file cannot be read.
+fn audit_verify(keys: &[PathBuf], files: &[PathBuf]) -> ExitCode {
+    use ssp_gateway::audit::{key::ChainKey, verify};
+    let mut options = verify::Options::default();
+    for path in keys {
+        match ChainKey::load(path) {
+            Ok(key) => options.keys.push(key),
+            Err(e) => {
+                eprintln!("error: --key {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match verify::verify_files(files, &options) {
+        Ok(report) => {
+            println!("{report}");
+            if report.intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -329,6 +329,7 @@ fn kubernetes_manifests_have_probes_security_audit_volume_and_scaling() {
     assert!(kustomization.contains("configMapGenerator"));
     assert!(kustomization.contains("ssp-gateway-server-tls"));
     assert!(kustomization.contains("ssp-gateway-upstream-tls"));
+    assert!(kustomization.contains("ssp-gateway-audit-key"));
 
     let d = read(&format!("{k}/deployment.yaml"));
     for needle in [
@@ -349,6 +350,8 @@ fn kubernetes_manifests_have_probes_security_audit_volume_and_scaling() {
         "limits:\n              cpu:",
         "secretName: ssp-gateway-server-tls",
         "secretName: ssp-gateway-upstream-tls",
+        "secretName: ssp-gateway-audit-key",
+        "- name: audit-key\n              mountPath: /etc/ssp-gateway/audit-key\n              readOnly: true",
         "terminationGracePeriodSeconds: 45",
     ] {
         assert!(d.contains(needle), "deployment.yaml lacks {needle:?}");
@@ -366,6 +369,13 @@ fn kubernetes_manifests_have_probes_security_audit_volume_and_scaling() {
     );
     assert!(config.mock_provider.is_none());
     assert!(!config.dev.generate_certs);
+    // The trail is keyed, with a key kept apart from the audit volume.
+    let key_file = config.audit.key_file.as_deref().expect("audit.key_file");
+    assert_eq!(
+        key_file,
+        Path::new("/etc/ssp-gateway/audit-key/audit-chain.key")
+    );
+    assert!(!key_file.starts_with(&config.audit.dir));
 }
 
 #[test]
@@ -629,6 +639,10 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
             "files/directory.ldif",
             pem(&repo_path("config/directory.ldif")),
         ),
+        (
+            "certs/audit-chain.key",
+            b"a test audit chain key of 40 bytes......".to_vec(),
+        ),
     ] {
         std::fs::write(kustomization.join(file), bytes).expect("write placeholder");
     }
@@ -675,6 +689,14 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
     assert!(
         generated("ConfigMap", config_map).hashed,
         "gateway.toml's ConfigMap {config_map:?} should carry its content hash"
+    );
+    // The audit chain key is read at start only: a new one rolls the pods.
+    let audit_key = volume("audit-key")["secret"]["secretName"]
+        .as_str()
+        .expect("the audit key volume is a Secret");
+    assert!(
+        generated("Secret", audit_key).hashed,
+        "the audit key's Secret {audit_key:?} should carry its content hash"
     );
 
     let container = &pod["containers"][0];
@@ -767,6 +789,31 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
             catalogue.display()
         );
     }
+    // The audit chain key comes from a Secret mounted whole and read-only, apart from the audit
+    // volume.
+    let key_file = in_pod(config.audit.key_file.as_deref().expect("audit.key_file"));
+    let key_mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| {
+            m["mountPath"]
+                .as_str()
+                .is_some_and(|p| key_file.parent() == Some(Path::new(p)))
+        })
+        .expect("the audit key's mount");
+    assert_eq!(
+        key_mount["readOnly"], true,
+        "the audit key is mounted writable"
+    );
+    let (_, kind, _, keys) = mounts
+        .iter()
+        .find(|(path, ..)| key_file.parent() == Some(Path::new(path)))
+        .expect("the audit key's mount");
+    assert_eq!(kind, "Secret");
+    assert!(keys.iter().any(|k| key_file.ends_with(k)));
+    assert!(!key_file.starts_with(in_pod(&config.audit.dir)));
+
     // Every file the gateway hot-reloads is a key of a stable-named object mounted whole.
     let ssp_gateway::config::DirectoryBackendConfig::Ldif { file: ldif, .. } =
         &config.directory.backend
@@ -824,7 +871,7 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
 
     // Started on those mounts, it refuses the certificate the mounted CRL revokes; a new CRL
     // swapped in as the kubelet updates the ConfigMap's volume is in force at the next poll.
-    let _gateway = Running(
+    let mut gateway_process = Running(
         Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
             .args(["run", "--config"])
             .arg(rooted(config_path))
@@ -887,6 +934,47 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
         consumer.handshake().await.is_err(),
         "the consumer revoked by the new CRL was let in"
     );
+
+    // Requests the gateway refuses are audited; stopped, its trail verifies with the key the
+    // Secret holds, and only with it.
+    for _ in 0..2 {
+        let answer = world
+            .client(&world.gateway_client, gateway)
+            .gpc(common::Gpc::new(
+                http::Method::GET,
+                "not-a-target".into(),
+                common::IX_METADATA,
+            ))
+            .await;
+        assert_eq!(answer.status, 400, "{}", answer.text());
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &gateway_process.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = gateway_process.0.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    let audit_dir = rooted(&in_pod(&config.audit.dir));
+    let verify = |keys: &[&Path]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ssp-gateway"));
+        cmd.args(["audit", "verify"]);
+        for k in keys {
+            cmd.arg("--key").arg(k);
+        }
+        cmd.arg(audit_dir.join("audit.jsonl"));
+        let out = cmd.output().expect("audit verify");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let key = rooted(&key_file);
+    let (code, out) = verify(&[&key]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("ok: 2 records"), "{out}");
+    let (code, out) = verify(&[]);
+    assert_eq!(code, Some(1), "keyed, so not a SHA-256 chain: {out}");
 }
 
 fn free_port() -> u16 {

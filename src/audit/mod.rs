@@ -5,9 +5,11 @@
 //! before the provider sees the request; outcomes and rejections are `enqueue`d and kept until
 //! written. When the trail cannot be written, `commit` fails (the gateway answers 503
 //! `AUDIT_UNAVAILABLE`), `/readyz` turns unready, and the writer keeps retrying until it works.
-//! `verify` proves a chain of files. This module never drops a record of a forwarded request
-//! and never writes anything but whole lines.
+//! Each record's `prev` links it to the line before: its SHA-256, or with `[audit] key_file` its
+//! HMAC-SHA256 under a secret key (`key`). `verify` proves a chain of files. This module never
+//! drops a record of a forwarded request and never writes anything but whole lines.
 
+pub mod key;
 pub mod record;
 pub mod verify;
 mod writer;
@@ -74,6 +76,10 @@ pub struct AuditConfig {
     /// of its own this long after the last. Zero: each is synced at once (which, when requests
     /// do not overlap, means two fsyncs per forwarded request).
     pub fsync_follow_up: Duration,
+    /// The file holding the chain's secret key: each record's `prev` is then the HMAC-SHA256
+    /// of the line before under it, not its SHA-256. Read when the writer starts (a changed
+    /// file takes effect at the next start); never inside `dir`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// Why the trail could not be opened, or a record not written.
@@ -86,6 +92,8 @@ pub enum AuditError {
     },
     #[error("audit directory {dir} is in use by another gateway process")]
     Locked { dir: PathBuf },
+    #[error("audit.key_file: {0}")]
+    Key(#[from] key::KeyError),
     #[error("audit file {path}: {reason} (run `ssp-gateway audit verify` on the trail)")]
     Corrupt { path: PathBuf, reason: String },
     /// The writer could not write or sync the record.
@@ -392,6 +400,7 @@ mod tests {
             retry_interval: Duration::from_millis(50),
             group_commit_window: Duration::ZERO,
             fsync_follow_up: Duration::from_millis(10),
+            key_file: None,
         }
     }
 
@@ -472,7 +481,7 @@ mod tests {
 
             run_once(&dir, buffered, 2).await;
             let all = files(&dir);
-            let report = verify::verify_files(&all).expect("verify");
+            let report = verify::verify_files(&all, &verify::Options::default()).expect("verify");
             assert!(report.intact(), "{report}");
             assert!(report.torn.is_empty(), "{report}");
             assert_eq!(

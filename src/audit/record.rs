@@ -1,6 +1,7 @@
-//! One audit record and the chain that links records: the fields a record carries
-//! (ARCHITECTURE.md "Audit trail"), how it is framed as one JSON line with its sequence number and
-//! the SHA-256 of the line before it, and how a line is hashed. Pure: no I/O here.
+//! One audit record and how it is placed in the chain: the fields a record carries
+//! (ARCHITECTURE.md "Audit trail"), and how it is framed as one JSON line with its sequence
+//! number and the link value of the line before it (`key::Link`: its SHA-256, or its HMAC).
+//! Pure: no I/O here.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -344,11 +345,6 @@ pub fn frame_into(out: &mut Vec<u8>, seq: u64, prev: &[u8; 32], body: &str) -> u
     }
     out.push(b'}');
     start
-}
-
-/// SHA-256 of one stored line (without its newline): the next record's `prev`.
-pub fn line_hash(line: &[u8]) -> [u8; 32] {
-    sha256(line)
 }
 
 /// SHA-256 (audit chain, certificate fingerprints, the listener's chain cache), from the

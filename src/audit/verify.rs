@@ -1,15 +1,18 @@
-//! `ssp-gateway audit verify FILE...`: proves that audit files form one unbroken chain — each
-//! record's `seq` follows the one before and its `prev` is the SHA-256 of the line before —
-//! across rotated files (taken in the order of their first record, whatever order they are
-//! given in), or names the first record where the chain breaks. A torn last line (a crash
-//! mid-write) is reported and tolerated: the chain carries on from the last whole record.
+//! `ssp-gateway audit verify [--key FILE]... FILE...`: proves that audit files form one unbroken
+//! chain — each record's `seq` follows the one before and its `prev` is the link value of the
+//! line before: its SHA-256 or, with keys given, its HMAC-SHA256 under one of them (never a
+//! plain SHA-256 then: that would let whoever rewrote the trail without the key pass) — across
+//! rotated files (taken in the order of their first record, whatever order they are given in),
+//! or names the first record where the chain breaks. A torn last line (a crash mid-write) is
+//! reported and tolerated: the chain carries on from the last whole record.
 //! Read-only: it never changes a file.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use super::record::{hex, line_hash, GENESIS};
+use super::key::ChainKey;
+use super::record::{hex, sha256, GENESIS};
 
 /// How every record line starts (`seq` is written first): a torn line is a prefix of a record.
 const RECORD_START: &[u8] = b"{\"seq\":";
@@ -36,6 +39,46 @@ pub(super) fn could_start_next_record(line: &[u8], expected: Option<u64>) -> boo
         }
         Some(_) => false,
     }
+}
+
+/// What the chain is checked against.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Empty: every link is the SHA-256 of the line before. Otherwise every link must be the
+    /// HMAC-SHA256 of the line before under one of these keys (several when the key was
+    /// changed at a restart).
+    pub keys: Vec<ChainKey>,
+}
+
+/// The link values of one line, one per way it may be linked (the SHA-256, or its HMAC under
+/// each key given), in the order of `Options::keys`.
+fn link_values(options: &Options, line: &[u8]) -> Vec<[u8; 32]> {
+    if options.keys.is_empty() {
+        vec![sha256(line)]
+    } else {
+        options.keys.iter().map(|k| k.hmac(line)).collect()
+    }
+}
+
+/// Why `prev` (hex) is not a link value of the line before (`values`, of `line`, record `seq`).
+fn link_mismatch(options: &Options, prev_hex: &str, seq: u64, line: &[u8]) -> String {
+    if options.keys.is_empty() {
+        return format!(
+            "prev {prev_hex} is not the SHA-256 of record {seq} ({}): the record before was \
+             altered or replaced, or this is a keyed trail (give --key)",
+            hex(&sha256(line))
+        );
+    }
+    if prev_hex == hex(&sha256(line)) {
+        return format!(
+            "prev {prev_hex} is the plain SHA-256 of record {seq}, not its HMAC under a key \
+             given: written before the trail was keyed, or rewritten by someone without the key"
+        );
+    }
+    format!(
+        "prev {prev_hex} is not the HMAC of record {seq} under any key given: the record before \
+         was altered or replaced, or the trail was keyed with another key"
+    )
 }
 
 /// A file could not be read.
@@ -84,8 +127,12 @@ pub struct Report {
     pub last_seq: Option<u64>,
     /// `prev` of the first record checked (64 zeros at the very start of a trail).
     pub anchor: Option<String>,
-    /// SHA-256 of the last record checked: anchor it elsewhere to make the end tamper-evident.
+    /// The link value of the last record checked (what the next record's `prev` would be):
+    /// anchor it elsewhere to make the end tamper-evident. With keys, under the key that
+    /// proved the last link (the last key given when none did).
     pub head: Option<String>,
+    /// How the links were checked: `sha256` or `hmac-sha256`.
+    pub link: &'static str,
     pub torn: Vec<Torn>,
     pub broken: Option<Broken>,
 }
@@ -131,9 +178,15 @@ impl fmt::Display for Report {
                 };
                 write!(
                     f,
-                    "ok: {} records, seq {first}..={last}, {} file(s), chain intact {start}; head sha256 {}",
+                    "ok: {} records, seq {first}..={last}, {} file(s), chain intact {start}, every link {}; head {} {}",
                     self.records,
                     self.files.len(),
+                    if self.link == "sha256" {
+                        "the SHA-256 of the line before"
+                    } else {
+                        "the HMAC-SHA256 of the line before under a key given"
+                    },
+                    self.link,
                     self.head.as_deref().unwrap_or("-")
                 )
             }
@@ -173,7 +226,7 @@ fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
 }
 
 /// Checks the chain through `paths`.
-pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
+pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, VerifyError> {
     let mut ordered = Vec::with_capacity(paths.len());
     for p in paths {
         ordered.push((first_seq(p)?, p.clone()));
@@ -181,8 +234,18 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
     // Chain order: by first record; files with no whole record last, as given.
     ordered.sort_by_key(|(seq, _)| seq.unwrap_or(u64::MAX));
 
-    let mut report = Report::default();
-    let mut prev: Option<(u64, [u8; 32])> = None;
+    let mut report = Report {
+        link: if options.keys.is_empty() {
+            "sha256"
+        } else {
+            "hmac-sha256"
+        },
+        ..Report::default()
+    };
+    // The last record: its seq, its line, and its link values.
+    let mut prev: Option<(u64, Vec<u8>, Vec<[u8; 32]>)> = None;
+    // Which way of linking (key) proved the last link.
+    let mut proved_by = options.keys.len().saturating_sub(1);
     for (_, path) in ordered {
         let err = |source| VerifyError {
             path: path.clone(),
@@ -207,7 +270,7 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
             if buf.last() != Some(&b'\n') {
                 // A write cut short leaves the start of a record; anything else (NULs, text)
                 // is not a torn record but something that is not the trail.
-                if !could_start_next_record(&buf, prev.map(|(seq, _)| seq + 1)) {
+                if !could_start_next_record(&buf, prev.as_ref().map(|(seq, ..)| seq + 1)) {
                     report.broken = Some(Broken {
                         path: path.clone(),
                         line: line_no,
@@ -240,9 +303,10 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
                     break;
                 }
             };
-            match prev {
+            match &prev {
                 None => report.anchor = Some(prev_hex.clone()),
-                Some((prev_seq, prev_hash)) => {
+                Some((prev_seq, prev_line, prev_values)) => {
+                    let prev_seq = *prev_seq;
                     if seq != prev_seq + 1 {
                         report.broken = Some(broken(
                             Some(seq),
@@ -252,19 +316,20 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
                         ));
                         break;
                     }
-                    if prev_hex != hex(&prev_hash) {
-                        report.broken = Some(broken(
-                            Some(seq),
-                            format!(
-                                "prev {prev_hex} is not the SHA-256 of record {prev_seq} ({}): the record before was altered or replaced",
-                                hex(&prev_hash)
-                            ),
-                        ));
-                        break;
+                    match prev_values.iter().position(|v| hex(v) == prev_hex) {
+                        Some(i) => proved_by = i,
+                        None => {
+                            report.broken = Some(broken(
+                                Some(seq),
+                                link_mismatch(options, &prev_hex, prev_seq, prev_line),
+                            ));
+                            break;
+                        }
                     }
                 }
             }
-            prev = Some((seq, line_hash(&buf)));
+            let values = link_values(options, &buf);
+            prev = Some((seq, std::mem::take(&mut buf), values));
             file.records += 1;
             file.first_seq.get_or_insert(seq);
             file.last_seq = Some(seq);
@@ -277,7 +342,7 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<Report, VerifyError> {
             break;
         }
     }
-    report.head = prev.map(|(_, h)| hex(&h));
+    report.head = prev.map(|(.., values)| hex(&values[proved_by.min(values.len() - 1)]));
     Ok(report)
 }
 
@@ -295,7 +360,7 @@ mod tests {
                 &prev,
                 &format!("{{\"kind\":\"rejection\",\"n\":{i}}}"),
             );
-            prev = line_hash(line.as_bytes());
+            prev = sha256(line.as_bytes());
             lines.push(line);
         }
         (lines, prev)
@@ -326,7 +391,7 @@ mod tests {
         let (b, _) = chain(4, h, 2);
         let fa = write(&d, "audit-a.jsonl", &a, "");
         let fb = write(&d, "audit.jsonl", &b, "");
-        let r = verify_files(&[fb, fa]).expect("read");
+        let r = verify_files(&[fb, fa], &Options::default()).expect("read");
         assert!(r.intact(), "{r}");
         assert_eq!((r.records, r.first_seq, r.last_seq), (5, Some(1), Some(5)));
         assert!(r.to_string().contains("from the start of the trail"), "{r}");
@@ -338,7 +403,7 @@ mod tests {
         let (mut a, _) = chain(1, GENESIS, 4);
         a[1] = a[1].replace("\"n\":1", "\"n\":9");
         let f = write(&d, "audit.jsonl", &a, "");
-        let r = verify_files(std::slice::from_ref(&f)).expect("read");
+        let r = verify_files(std::slice::from_ref(&f), &Options::default()).expect("read");
         let b = r.broken.expect("broken");
         assert_eq!((b.line, b.seq), (3, Some(3)));
         assert!(b.reason.contains("altered"), "{}", b.reason);
@@ -350,7 +415,10 @@ mod tests {
         let (mut a, _) = chain(1, GENESIS, 4);
         a.remove(2);
         let f = write(&d, "audit.jsonl", &a, "");
-        let b = verify_files(&[f]).expect("read").broken.expect("broken");
+        let b = verify_files(&[f], &Options::default())
+            .expect("read")
+            .broken
+            .expect("broken");
         assert_eq!((b.line, b.seq), (3, Some(4)));
         assert!(b.reason.contains("missing"), "{}", b.reason);
     }
@@ -362,7 +430,7 @@ mod tests {
         let (b, _) = chain(3, h, 1);
         let fa = write(&d, "audit-1.jsonl", &a, "{\"seq\":3,\"prev\":\"ab");
         let fb = write(&d, "audit.jsonl", &b, "");
-        let r = verify_files(&[fa.clone(), fb]).expect("read");
+        let r = verify_files(&[fa.clone(), fb], &Options::default()).expect("read");
         assert!(r.intact(), "{r}");
         assert_eq!(r.records, 3);
         assert_eq!(r.torn.len(), 1);
@@ -388,7 +456,7 @@ mod tests {
         ] {
             let f = d.join(name);
             std::fs::write(&f, &junk).expect("write");
-            let r = verify_files(&[fa.clone(), f, fc.clone()]).expect("read");
+            let r = verify_files(&[fa.clone(), f, fc.clone()], &Options::default()).expect("read");
             let b = r.broken.expect(name);
             assert!(
                 b.reason.contains("not the start of the next one"),
@@ -400,9 +468,133 @@ mod tests {
         for torn in ["{", "{\"se", "{\"seq\":", "{\"seq\":3", "{\"seq\":3,\"pr"] {
             let f = d.join("short.jsonl");
             std::fs::write(&f, torn).expect("write");
-            let r = verify_files(&[fa.clone(), f]).expect("read");
+            let r = verify_files(&[fa.clone(), f], &Options::default()).expect("read");
             assert!(r.intact(), "{torn}: {r}");
             assert_eq!(r.torn.len(), 1, "{torn}");
+        }
+    }
+
+    /// A chain linked by HMAC under `key` (as the writer links it with `[audit] key_file`).
+    fn keyed_chain(
+        start_seq: u64,
+        prev: [u8; 32],
+        n: usize,
+        key: &ChainKey,
+    ) -> (Vec<String>, [u8; 32]) {
+        let mut lines = Vec::new();
+        let mut prev = prev;
+        for i in 0..n {
+            let line = frame(
+                start_seq + i as u64,
+                &prev,
+                &format!("{{\"kind\":\"rejection\",\"n\":{i}}}"),
+            );
+            prev = key.hmac(line.as_bytes());
+            lines.push(line);
+        }
+        (lines, prev)
+    }
+
+    fn keys(keys: &[&ChainKey]) -> Options {
+        Options {
+            keys: keys.iter().map(|k| (*k).clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_keyed_chain_verifies_with_its_key_only() {
+        let d = scratch();
+        let key = ChainKey::from_bytes(&[3u8; 32]).expect("key");
+        let other = ChainKey::from_bytes(&[4u8; 32]).expect("key");
+        let (a, head) = keyed_chain(1, GENESIS, 4, &key);
+        let f = write(&d, "audit.jsonl", &a, "");
+        let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
+        assert!(r.intact(), "{r}");
+        assert_eq!(r.head, Some(hex(&head)));
+        assert!(r.to_string().contains("head hmac-sha256"), "{r}");
+        // Without the key: the links are not SHA-256, and the message says what that means.
+        let b = verify_files(std::slice::from_ref(&f), &Options::default())
+            .expect("read")
+            .broken
+            .expect("broken");
+        assert_eq!((b.line, b.seq), (2, Some(2)));
+        assert!(b.reason.contains("give --key"), "{}", b.reason);
+        // Under another key: not the HMAC under any key given.
+        let b = verify_files(std::slice::from_ref(&f), &keys(&[&other]))
+            .expect("read")
+            .broken
+            .expect("broken");
+        assert!(
+            b.reason
+                .contains("not the HMAC of record 1 under any key given"),
+            "{}",
+            b.reason
+        );
+        // Either of several keys.
+        assert!(verify_files(&[f], &keys(&[&other, &key]))
+            .expect("read")
+            .intact());
+    }
+
+    /// Whoever can write the files but not read the key edits a record and links every later
+    /// record again with plain SHA-256: that passes a check without --key, never one with it.
+    #[test]
+    fn a_trail_rewritten_and_chained_again_without_the_key_fails_with_it() {
+        let d = scratch();
+        let key = ChainKey::from_bytes(&[5u8; 32]).expect("key");
+        let (a, _) = keyed_chain(1, GENESIS, 5, &key);
+        let mut prev = GENESIS;
+        let mut forged = Vec::new();
+        for (i, line) in a.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json");
+            let mut body = v.as_object().expect("object").clone();
+            body.remove("seq");
+            body.remove("prev");
+            if i == 2 {
+                body.insert("n".into(), 99.into());
+            }
+            let body = serde_json::to_string(&body).expect("json");
+            let line = frame(i as u64 + 1, &prev, &body);
+            prev = sha256(line.as_bytes());
+            forged.push(line);
+        }
+        let f = write(&d, "audit.jsonl", &forged, "");
+        assert!(verify_files(std::slice::from_ref(&f), &Options::default())
+            .expect("read")
+            .intact());
+        let b = verify_files(&[f], &keys(&[&key]))
+            .expect("read")
+            .broken
+            .expect("broken");
+        assert_eq!((b.line, b.seq), (2, Some(2)));
+        assert!(
+            b.reason.contains("plain SHA-256 of record 1"),
+            "{}",
+            b.reason
+        );
+    }
+
+    /// A key changed at a restart: links before it under the old key, after it under the new.
+    #[test]
+    fn a_key_change_verifies_with_both_keys() {
+        let d = scratch();
+        let old = ChainKey::from_bytes(&[6u8; 32]).expect("key");
+        let new = ChainKey::from_bytes(&[7u8; 40]).expect("key");
+        let (a, _) = keyed_chain(1, GENESIS, 3, &old);
+        // The writer restarted with the new key links the old last line under it.
+        let (b, head) = keyed_chain(4, new.hmac(a[2].as_bytes()), 2, &new);
+        let fa = write(&d, "audit-1.jsonl", &a, "");
+        let fb = write(&d, "audit.jsonl", &b, "");
+        let both = [fa, fb];
+        let r = verify_files(&both, &keys(&[&old, &new])).expect("read");
+        assert!(r.intact(), "{r}");
+        assert_eq!(
+            r.head,
+            Some(hex(&head)),
+            "the head under the key of the last link"
+        );
+        for one in [&old, &new] {
+            assert!(!verify_files(&both, &keys(&[one])).expect("read").intact());
         }
     }
 
@@ -412,7 +604,10 @@ mod tests {
         let (mut a, _) = chain(1, GENESIS, 3);
         a.insert(1, "not json".into());
         let f = write(&d, "audit.jsonl", &a, "");
-        let b = verify_files(&[f]).expect("read").broken.expect("broken");
+        let b = verify_files(&[f], &Options::default())
+            .expect("read")
+            .broken
+            .expect("broken");
         assert_eq!((b.line, b.seq), (2, None));
     }
 }

@@ -18,7 +18,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::record::{frame_into, hex, line_hash, GENESIS};
+use super::key::Link;
+use super::record::{frame_into, hex, GENESIS};
 use super::{
     AuditConfig, AuditError, Durability, Msg, Pending, Shared, ACTIVE_FILE, BUFFERED_WRITE_DELAY,
 };
@@ -37,7 +38,7 @@ const RECOVERY_UNIT_BYTES: usize = 64 * 1024;
 /// The lock file in the audit directory: the process writing the trail holds it (`flock`).
 const LOCK_FILE: &str = ".lock";
 
-/// The last record written: the next one's `seq - 1` and `prev`.
+/// The last record written: the next one's `seq - 1` and `prev` (its line's link value).
 #[derive(Debug, Clone, Copy)]
 struct Head {
     seq: u64,
@@ -61,6 +62,9 @@ pub(super) struct Writer {
     retry_interval: Duration,
     active: Option<Active>,
     head: Head,
+    /// How a line's link value (the next record's `prev`) is made: SHA-256, or HMAC-SHA256
+    /// under the key read at start.
+    link: Link,
     /// Bytes of the active file known to be durable.
     synced_len: u64,
     /// Bytes written to the active file: `synced_len + unsynced.len()`.
@@ -257,13 +261,13 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> AuditError {
     }
 }
 
-/// The head of the chain as stored in `line` of `path`.
-fn head_of(path: &Path, line: &[u8]) -> Result<Head, AuditError> {
+/// The head of the chain as stored in `line` of `path`, linked by `link`.
+fn head_of(path: &Path, line: &[u8], link: &Link) -> Result<Head, AuditError> {
     let seq =
         line_seq(line).ok_or_else(|| corrupt(path, "its last line is not an audit record"))?;
     Ok(Head {
         seq,
-        hash: line_hash(line),
+        hash: link.of(line),
     })
 }
 
@@ -284,7 +288,7 @@ fn newest_rotated(dir: &Path) -> io::Result<Option<PathBuf>> {
 }
 
 /// The last record of the newest rotated file, if there is one.
-fn newest_head(dir: &Path) -> Result<Option<Head>, AuditError> {
+fn newest_head(dir: &Path, link: &Link) -> Result<Option<Head>, AuditError> {
     let io_err = |source: io::Error| AuditError::Open {
         dir: dir.to_path_buf(),
         source,
@@ -293,7 +297,7 @@ fn newest_head(dir: &Path) -> Result<Option<Head>, AuditError> {
         return Ok(None);
     };
     match read_tail(&rotated).map_err(io_err)?.last {
-        Some(line) => Ok(Some(head_of(&rotated, &line)?)),
+        Some(line) => Ok(Some(head_of(&rotated, &line, link)?)),
         None => Ok(None),
     }
 }
@@ -330,6 +334,8 @@ impl Writer {
             dir: dir.clone(),
             source,
         };
+        // The key first: a trail is never continued with a link the operator did not ask for.
+        let link = Link::load(config.key_file.as_deref())?;
         create_dir(&dir).map_err(io_err)?;
         let lock = lock_dir(&dir)?;
 
@@ -339,7 +345,7 @@ impl Writer {
         if active_path.exists() {
             let tail = read_tail(&active_path).map_err(io_err)?;
             if let Some(line) = &tail.last {
-                head = Some(head_of(&active_path, line)?);
+                head = Some(head_of(&active_path, line, &link)?);
             }
             let first_seq = tail.first.as_deref().and_then(line_seq);
             if let Some(from) = tail.torn_from {
@@ -348,7 +354,7 @@ impl Writer {
                 // own, kept for inspection, and the chain carries on from the last whole record,
                 // so `audit verify` finds the trail intact.
                 if head.is_none() {
-                    head = newest_head(&dir)?;
+                    head = newest_head(&dir, &link)?;
                 }
                 let next = head.map_or(1, |h| h.seq + 1);
                 let (kept, bytes) = move_out_tail(&dir, &active_path, from).map_err(io_err)?;
@@ -387,7 +393,7 @@ impl Writer {
             }
         }
         if head.is_none() {
-            head = newest_head(&dir)?;
+            head = newest_head(&dir, &link)?;
         }
         let head = head.unwrap_or(Head {
             seq: 0,
@@ -401,12 +407,25 @@ impl Writer {
                 0
             }
         };
-        tracing::info!(
-            dir = %dir.display(),
-            next_seq = head.seq + 1,
-            prev = %hex(&head.hash),
-            "audit trail open"
-        );
+        match &link {
+            Link::Hmac(key) => tracing::info!(
+                dir = %dir.display(),
+                next_seq = head.seq + 1,
+                prev = %hex(&head.hash),
+                chain = link.name(),
+                key_file = %config.key_file.as_deref().unwrap_or(Path::new("")).display(),
+                key_id = key.id(),
+                "audit trail open, keyed: each record's prev is the HMAC-SHA256 of the line before"
+            ),
+            Link::Sha256 => tracing::info!(
+                dir = %dir.display(),
+                next_seq = head.seq + 1,
+                prev = %hex(&head.hash),
+                chain = link.name(),
+                "audit trail open, not keyed: each record's prev is the SHA-256 of the line before \
+                 (set [audit] key_file to make a rewritten trail detectable)"
+            ),
+        }
         let now = Instant::now();
         Ok(Writer {
             dir,
@@ -416,6 +435,7 @@ impl Writer {
             retry_interval: config.retry_interval,
             active,
             head,
+            link,
             synced_len: len,
             written_len: len,
             unsynced: Vec::new(),
@@ -641,7 +661,7 @@ impl Writer {
                 }
                 head = Head {
                     seq: head.seq + 1,
-                    hash: line_hash(&bytes[start..]),
+                    hash: self.link.of(&bytes[start..]),
                 };
                 bytes.push(b'\n');
                 if let Some(p) = pending.next() {

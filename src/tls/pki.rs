@@ -380,6 +380,13 @@ pub const DEV_CA: &str = "ca.pem";
 pub const DEV_CA_KEY: &str = "ca-key.pem";
 /// The CA's CRL, revoking `revoked.pem`.
 pub const DEV_CRL: &str = "ca.crl.pem";
+/// The development audit trail's chain key (`[audit] key_file` of `config/gateway.toml`): 32
+/// random bytes, mode 0600. Made when missing, with the certificates or after them, and never
+/// replaced, not even by `--force`: the development trail written with it stays verifiable
+/// (`ssp-gateway audit verify --key certs-dev/audit-chain.key audit-dev`).
+pub const DEV_AUDIT_KEY: &str = "audit-chain.key";
+/// Bytes of [`DEV_AUDIT_KEY`].
+const DEV_AUDIT_KEY_BYTES: usize = 32;
 
 /// One leaf of the development world: `<stem>.pem` and `<stem>-key.pem`.
 struct DevLeaf {
@@ -459,8 +466,10 @@ pub struct DevCertsReport {
     pub dir: PathBuf,
     /// What was done.
     pub action: DevCertsAction,
-    /// Every file of the set, in the directory.
+    /// Every file of the set, in the directory (the audit chain key last).
     pub files: Vec<PathBuf>,
+    /// The audit chain key was missing and has been made.
+    pub audit_key_created: bool,
 }
 
 impl fmt::Display for DevCertsReport {
@@ -475,13 +484,32 @@ impl fmt::Display for DevCertsReport {
             "{verb} the development PKI in {} ({} files; for development only)",
             self.dir.display(),
             self.files.len()
-        )
+        )?;
+        if self.audit_key_created {
+            write!(f, "; created its audit chain key {DEV_AUDIT_KEY}")?;
+        }
+        Ok(())
     }
 }
 
-/// Whether every file of the development world exists in `dir`.
+/// Whether every file of the development world exists in `dir`, the audit chain key included.
 pub fn dev_certs_present(dir: &Path) -> bool {
-    dev_cert_files().iter().all(|f| dir.join(f).is_file())
+    dev_cert_files().iter().all(|f| dir.join(f).is_file()) && dir.join(DEV_AUDIT_KEY).is_file()
+}
+
+/// Makes the development audit chain key in `dir` when it is missing; `true` when it did.
+fn ensure_dev_audit_key(dir: &Path) -> Result<bool, PkiError> {
+    let path = dir.join(DEV_AUDIT_KEY);
+    if path.symlink_metadata().is_ok() {
+        return Ok(false);
+    }
+    let mut key = [0u8; DEV_AUDIT_KEY_BYTES];
+    OsRng.fill_bytes(&mut key);
+    let written = write_atomic(&path, &key, KEY_MODE);
+    zeroize::Zeroize::zeroize(&mut key);
+    written?;
+    sync_dir(dir)?;
+    Ok(true)
 }
 
 /// Writes the development world into `dir` (created if missing): a CA, the gateway's server and
@@ -502,19 +530,22 @@ pub fn write_dev_certs(dir: &Path, force: bool) -> Result<DevCertsReport, PkiErr
         });
     }
     let names = dev_cert_files();
-    let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    let mut files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     let missing: Vec<String> = names
         .iter()
         .zip(&files)
         .filter(|(_, path)| !path.is_file())
         .map(|(name, _)| name.clone())
         .collect();
+    files.push(dir.join(DEV_AUDIT_KEY));
     if !force {
         if missing.is_empty() {
+            let audit_key_created = ensure_dev_audit_key(dir)?;
             return Ok(DevCertsReport {
                 dir: dir.to_owned(),
                 action: DevCertsAction::Kept,
                 files,
+                audit_key_created,
             });
         }
         if missing.len() < names.len() {
@@ -558,10 +589,12 @@ pub fn write_dev_certs(dir: &Path, force: bool) -> Result<DevCertsReport, PkiErr
     }
     write_atomic(&dir.join(DEV_CRL), crl.as_bytes(), CERT_MODE)?;
     sync_dir(dir)?;
+    let audit_key_created = ensure_dev_audit_key(dir)?;
     Ok(DevCertsReport {
         dir: dir.to_owned(),
         action,
         files,
+        audit_key_created,
     })
 }
 
@@ -896,15 +929,19 @@ pub(crate) mod tests {
 
         let report = write_dev_certs(&dir, false).expect("write");
         assert_eq!(report.action, DevCertsAction::Created);
-        assert_eq!(report.files.len(), 17);
+        assert_eq!(report.files.len(), 18);
+        assert!(report.audit_key_created);
         assert!(dev_certs_present(&dir));
+        let audit_key = fs::read(dir.join(DEV_AUDIT_KEY)).expect("audit key");
+        assert_eq!(audit_key.len(), 32);
+        assert!(crate::audit::key::ChainKey::load(&dir.join(DEV_AUDIT_KEY)).is_ok());
         for file in &report.files {
             let name = file
                 .file_name()
                 .expect("name")
                 .to_string_lossy()
                 .into_owned();
-            let expected = if name.ends_with("-key.pem") {
+            let expected = if name.ends_with("-key.pem") || name == DEV_AUDIT_KEY {
                 0o600
             } else {
                 0o644
@@ -948,6 +985,21 @@ pub(crate) mod tests {
         assert_eq!(again.action, DevCertsAction::Kept);
         assert_eq!(fs::read(dir.join("consumer.pem")).expect("read"), before);
         assert!(again.to_string().contains("kept"));
+        assert!(!again.audit_key_created);
+
+        // A set made before the audit key existed gets one, and keeps its certificates.
+        fs::remove_file(dir.join(DEV_AUDIT_KEY)).expect("remove");
+        assert!(!dev_certs_present(&dir));
+        let keyed = write_dev_certs(&dir, false).expect("key");
+        assert_eq!(keyed.action, DevCertsAction::Kept);
+        assert!(keyed.audit_key_created);
+        assert!(
+            keyed.to_string().contains("created its audit chain key"),
+            "{keyed}"
+        );
+        assert_eq!(fs::read(dir.join("consumer.pem")).expect("read"), before);
+        assert_eq!(mode(&dir.join(DEV_AUDIT_KEY)), 0o600);
+        let audit_key = fs::read(dir.join(DEV_AUDIT_KEY)).expect("audit key");
 
         // A file, or a dangling link, where the directory should be is named as such.
         let file = dir.join("consumer.pem");
@@ -974,6 +1026,11 @@ pub(crate) mod tests {
         assert!(dev_certs_present(&dir));
         assert_ne!(fs::read(dir.join("consumer.pem")).expect("read"), before);
         assert_eq!(mode(&dir.join("rogue-key.pem")), 0o600);
+        assert_eq!(
+            fs::read(dir.join(DEV_AUDIT_KEY)).expect("read"),
+            audit_key,
+            "--force keeps the audit chain key"
+        );
     }
 
     #[test]

@@ -1,0 +1,454 @@
+//! A keyed audit trail (`[audit] key_file`), with the gateway binary really started: every
+//! record's `prev` is the HMAC-SHA256 of the line before under the key, so a trail rewritten
+//! and chained again by someone without the key fails `audit verify --key`; key files that are
+//! not keys stop `check-config` and `run`; a key change waits for a restart, after which the
+//! trail verifies with both keys; the development configuration makes and uses its key.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The gateway binary, killed when the test ends however it ends.
+struct Gateway {
+    child: Child,
+    gateway: SocketAddr,
+    admin: SocketAddr,
+    /// Its standard output and error.
+    log: PathBuf,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A recording provider for `world`, and its port.
+async fn provider(world: &World, stop: &CancellationToken) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    serve_recorder(
+        world,
+        listener,
+        Recorder::new(Behaviour::Echo),
+        stop.clone(),
+    );
+    port
+}
+
+/// A configuration for the binary (fixed free ports; `audit` keys in its `[audit]` section):
+/// its path, the gateway and admin addresses, and the audit directory.
+fn config_for(
+    world: &World,
+    provider_port: u16,
+    audit: &str,
+) -> (PathBuf, SocketAddr, SocketAddr, PathBuf) {
+    let opts = GatewayOptions {
+        extra_sections: format!("[audit]\n{audit}"),
+        ..Default::default()
+    };
+    let config = gateway_config(world, provider_port, &opts);
+    let gateway: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let text = std::fs::read_to_string(&config.source)
+        .expect("read config")
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{gateway}\""),
+            1,
+        )
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{admin}\""),
+            1,
+        );
+    std::fs::write(&config.source, text).expect("write config");
+    (config.source, gateway, admin, config.audit.dir)
+}
+
+/// Starts `ssp-gateway run --config config` (log level info) and waits until it is ready.
+async fn spawn(config: &Path, gateway: SocketAddr, admin: SocketAddr) -> Gateway {
+    let log = config.with_extension(format!("{}.log", uuid::Uuid::new_v4()));
+    let out = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn the gateway");
+    let g = Gateway {
+        child,
+        gateway,
+        admin,
+        log,
+    };
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(admin).await.is_err()
+        || http_get(admin, "/readyz").await.0 != StatusCode::OK
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "never ready: {}",
+            std::fs::read_to_string(&g.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    g
+}
+
+/// SIGTERM, then its exit status.
+async fn stop(g: &mut Gateway) -> ExitStatus {
+    let term = Command::new("kill")
+        .args(["-TERM", &g.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = g.child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `n` metadata requests through the gateway, each answered 200.
+async fn requests(world: &World, g: &Gateway, provider_port: u16, n: usize) {
+    for _ in 0..n {
+        let a = world
+            .client(&world.consumer, g.gateway)
+            .gpc(Gpc::new(
+                Method::GET,
+                format!("{}/metadata", endpoint(provider_port)),
+                IX_METADATA,
+            ))
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+}
+
+/// The trail's files (`*.jsonl`), by name.
+fn trail(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("audit dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `ssp-gateway audit verify` with `--key` for each of `keys`, on `files`: exit code and output.
+fn verify(keys: &[&Path], files: &[PathBuf]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["audit", "verify"]);
+    for k in keys {
+        cmd.arg("--key").arg(k);
+    }
+    let out = cmd.args(files).output().expect("run audit verify");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A fresh key of 41 printable bytes (so a test can look for it in the log).
+fn new_key(path: &Path) -> String {
+    let key = format!("test-key-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(path, &key).expect("write key");
+    key
+}
+
+/// Edits the first record holding `"method":"GET"` to say PUT, then sets every record's
+/// `prev` (in chain order, across the files) to the plain SHA-256 of the line before it: what
+/// someone who can write the files but not read the key can do.
+fn rewrite_and_chain_again(files: &[PathBuf]) {
+    let mut ordered: Vec<(u64, PathBuf)> = files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).expect("read");
+            let first: serde_json::Value =
+                serde_json::from_str(text.lines().next().expect("a record")).expect("json");
+            (first["seq"].as_u64().expect("seq"), f.clone())
+        })
+        .collect();
+    ordered.sort();
+    let mut prev: Option<String> = None;
+    let mut edited = false;
+    for (_, f) in ordered {
+        let mut out = String::new();
+        for line in std::fs::read_to_string(&f).expect("read").lines() {
+            let mut line = line.to_owned();
+            if !edited && line.contains("\"method\":\"GET\"") {
+                line = line.replacen("\"method\":\"GET\"", "\"method\":\"PUT\"", 1);
+                edited = true;
+            }
+            if let Some(p) = &prev {
+                let at = line.find("\"prev\":\"").expect("prev") + 8;
+                line.replace_range(at..at + 64, p);
+            }
+            prev = Some(ssp_gateway::audit::record::hex(
+                &ssp_gateway::audit::record::sha256(line.as_bytes()),
+            ));
+            out.push_str(&line);
+            out.push('\n');
+        }
+        std::fs::write(&f, out).expect("write");
+    }
+    assert!(edited, "no record to edit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
+    let world = World::ecdsa();
+    let stop_provider = CancellationToken::new();
+    let port = provider(&world, &stop_provider).await;
+    let keys = scratch_dir("audit-keys");
+    let (k1, k2) = (keys.join("k1"), keys.join("k2"));
+    let secret = new_key(&k1);
+    let audit = format!("key_file = \"{}\"\nmax_file_bytes = 4096\n", k1.display());
+    let (config, gw, admin, dir) = config_for(&world, port, &audit);
+
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 6).await;
+    // A changed key_file waits for a restart, like the rest of [audit].
+    let text = std::fs::read_to_string(&config).expect("read");
+    new_key(&k2);
+    std::fs::write(
+        &config,
+        text.replace(&k1.display().to_string(), &k2.display().to_string()),
+    )
+    .expect("write");
+    let start = Instant::now();
+    while sample(
+        &http_get(g.admin, "/metrics").await.1,
+        "ssp_config_restart_pending",
+    ) != Some(1.0)
+    {
+        assert!(start.elapsed() < DEADLINE, "no restart pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    requests(&world, &g, port, 2).await;
+    assert!(stop(&mut g).await.success());
+    let log = std::fs::read_to_string(&g.log).expect("log");
+    assert!(
+        log.contains("audit trail open, keyed") && log.contains("key_id="),
+        "{log}"
+    );
+    assert!(!log.contains(&secret), "the key is in the log:\n{log}");
+
+    let files = trail(&dir);
+    assert!(files.len() >= 3, "rotated: {files:?}");
+    let (code, out) = verify(&[&k1], &files);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 16 records"), "{out}");
+    assert!(out.contains("under a key given"), "{out}");
+    // The key change was not applied: the new key alone proves nothing.
+    let (code, out) = verify(&[&k2], &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("not the HMAC of record 1 under any key given"),
+        "{out}"
+    );
+    let (code, out) = verify(&[], &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("give --key"), "{out}");
+
+    // Restarted with the new key: the trail goes on under it, and verifies with both.
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 2).await;
+    assert!(stop(&mut g).await.success());
+    let files = trail(&dir);
+    let (code, out) = verify(&[&k1, &k2], &files);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 20 records"), "{out}");
+    for one in [&k1, &k2] {
+        let (code, out) = verify(&[one], &files);
+        assert_eq!(code, 1, "{} alone: {out}", one.display());
+    }
+
+    // Rewritten and chained again with plain SHA-256: a check without a key passes it, the
+    // keyed check does not.
+    rewrite_and_chain_again(&files);
+    let (code, out) = verify(&[], &files);
+    assert_eq!(code, 0, "the forgery is a valid SHA-256 chain: {out}");
+    let (code, out) = verify(&[&k1, &k2], &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("is the plain SHA-256 of record") && out.contains("(seq 2)"),
+        "{out}"
+    );
+    stop_provider.cancel();
+}
+
+/// A key file that is no key (too short, empty, missing, a directory) is named by
+/// `check-config` and stops `run`, with the same line; one inside the audit directory is a
+/// configuration error.
+#[tokio::test]
+async fn key_files_that_are_not_keys_stop_check_config_and_run() {
+    let world = World::ecdsa();
+    let stop_provider = CancellationToken::new();
+    let port = provider(&world, &stop_provider).await;
+    let keys = scratch_dir("bad-audit-keys");
+    let short = keys.join("short");
+    std::fs::write(&short, [1u8; 31]).expect("write");
+    let empty = keys.join("empty");
+    std::fs::write(&empty, b"").expect("write");
+    for (key, reason) in [
+        (short, "31 bytes; the key must be at least 32"),
+        (empty, "empty; the key must be at least 32 bytes"),
+        (keys.join("missing"), "No such file or directory"),
+        (keys.clone(), "a directory, not a file"),
+    ] {
+        let (config, ..) = config_for(&world, port, &format!("key_file = \"{}\"\n", key.display()));
+        let expected = format!("audit.key_file: {}: {reason}", key.display());
+        for command in ["check-config", "run"] {
+            let out = Command::new(BIN)
+                .args([command, "--config"])
+                .arg(&config)
+                .output()
+                .expect("run");
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(out.status.code(), Some(1), "{command}: {said}");
+            assert!(
+                said.contains(&expected),
+                "{command}: {expected} not in:\n{said}"
+            );
+        }
+    }
+    // Inside the audit directory: refused when the file is read as configuration.
+    let (config, _, _, dir) = config_for(&world, port, "");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[audit]\n",
+            &format!("[audit]\nkey_file = \"{}\"\n", dir.join("key").display()),
+        ),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("audit.key_file") && said.contains("is inside the audit directory"),
+        "{said}"
+    );
+    stop_provider.cancel();
+}
+
+/// The shipped development configuration: `check-config` before the development PKI exists
+/// does not ask for the key `run` will make with it; `run` makes certificates and key, and
+/// its trail verifies with that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_development_configuration_makes_its_key_and_its_trail_verifies_with_it() {
+    let (gw, admin, mock) = (free_port(), free_port(), free_port());
+    let root = scratch_dir("dev-audit-key");
+    let config_dir = root.join("config");
+    std::fs::create_dir_all(&config_dir).expect("mkdir");
+    for name in [
+        "gateway.toml",
+        "interactions.toml",
+        "directory.ldif",
+        "sds.schema",
+    ] {
+        let text = std::fs::read_to_string(repo_path(&format!("config/{name}")))
+            .expect("read")
+            .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+            .replace("127.0.0.1:9100", &format!("127.0.0.1:{admin}"))
+            .replace("127.0.0.1:9443", &format!("127.0.0.1:{mock}"))
+            .replace(
+                "https://localhost:9443/",
+                &format!("https://localhost:{mock}/"),
+            );
+        std::fs::write(config_dir.join(name), text).expect("write");
+    }
+    let config = config_dir.join("gateway.toml");
+    let check = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check-config");
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let mut g = spawn(
+        &config,
+        ([127, 0, 0, 1], gw).into(),
+        ([127, 0, 0, 1], admin).into(),
+    )
+    .await;
+    let certs = root.join("certs-dev");
+    let key = certs.join("audit-chain.key");
+    assert_eq!(std::fs::read(&key).expect("the development key").len(), 32);
+    let tls = ssp_gateway::tls::client_config(
+        &ssp_gateway::tls::ClientTls {
+            cert: certs.join("consumer.pem"),
+            key: certs.join("consumer-key.pem"),
+            ca: certs.join("ca.pem"),
+            crls: Vec::new(),
+        },
+        &[b"http/1.1"],
+    )
+    .expect("client TLS");
+    let consumer = Client {
+        tls,
+        addr: g.gateway,
+    };
+    let a = consumer
+        .gpc(Gpc::new(
+            Method::GET,
+            format!("https://localhost:{mock}/B82617/STU3/1/gpconnect/metadata"),
+            IX_METADATA,
+        ))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert!(stop(&mut g).await.success());
+    let log = std::fs::read_to_string(&g.log).expect("log");
+    assert!(log.contains("audit trail open, keyed"), "{log}");
+
+    let files = trail(&root.join("audit-dev"));
+    let (code, out) = verify(&[&key], &files);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 2 records"), "{out}");
+    let (code, out) = verify(&[], &files);
+    assert_eq!(code, 1, "{out}");
+}
