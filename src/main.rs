@@ -84,6 +84,15 @@ enum AuditCommand {
         /// SHA-256. Without --key, every link must be the SHA-256.
         #[arg(long = "key", value_name = "FILE")]
         keys: Vec<PathBuf>,
+        /// An anchor for the end of the trail kept outside it: record SEQ must be in the trail
+        /// and HEX the link value of its line (what the next record's prev would be), as the
+        /// gateway logs them at each rotation and at shutdown (`last_seq=SEQ head=HEX`).
+        /// Repeat for several.
+        #[arg(long = "head", value_name = "SEQ:HEX")]
+        heads: Vec<ssp_gateway::audit::verify::Head>,
+        /// The trail must reach seq N (e.g. the highest ssp_audit_last_seq Prometheus saw).
+        #[arg(long, value_name = "N")]
+        min_seq: Option<u64>,
         /// The audit files, e.g. /var/lib/ssp-gateway/audit/*.jsonl
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -143,16 +152,31 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Audit {
-            command: AuditCommand::Verify { keys, files },
-        } => audit_verify(&keys, &files),
+            command:
+                AuditCommand::Verify {
+                    keys,
+                    heads,
+                    min_seq,
+                    files,
+                },
+        } => audit_verify(&keys, heads, min_seq, &files),
         Command::Loadtest(args) => ssp_gateway::loadtest::cli(*args),
     }
 }
 
 /// `audit verify`: exit 0 intact, 1 broken, 2 when a key or a file cannot be read.
-fn audit_verify(keys: &[PathBuf], files: &[PathBuf]) -> ExitCode {
+fn audit_verify(
+    keys: &[PathBuf],
+    heads: Vec<ssp_gateway::audit::verify::Head>,
+    min_seq: Option<u64>,
+    files: &[PathBuf],
+) -> ExitCode {
     use ssp_gateway::audit::{key::ChainKey, verify};
-    let mut options = verify::Options::default();
+    let mut options = verify::Options {
+        heads,
+        min_seq,
+        ..verify::Options::default()
+    };
     for path in keys {
         match ChainKey::load(path) {
             Ok(key) => options.keys.push(key),

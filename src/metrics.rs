@@ -187,6 +187,9 @@ pub struct AuditMetrics {
     pub batch_records: Histogram,
     /// 1 while the trail can be written, 0 while it cannot.
     pub writable: IntGauge,
+    /// The `seq` of the last record known durable (fsync'd, or found in the trail at start):
+    /// Prometheus' history of it is an anchor for the end of the trail kept outside it.
+    pub last_seq: IntGauge,
 }
 
 /// The span exporter's metrics.
@@ -406,6 +409,11 @@ impl Metrics {
                 "1 while the audit trail can be written, 0 while it cannot.",
             )
             .expect("static metric definition is valid"),
+            last_seq: IntGauge::new(
+                "ssp_audit_last_seq",
+                "The seq of the last audit record written durably (fsync'd, or found in the trail at start); 0 before the first. Its history anchors the end of the trail: audit verify --min-seq.",
+            )
+            .expect("static metric definition is valid"),
         };
         let tracing = TracingMetrics {
             spans_exported: IntCounter::new(
@@ -488,6 +496,7 @@ impl Metrics {
             Box::new(audit.records_dropped.clone()),
             Box::new(audit.batch_records.clone()),
             Box::new(audit.writable.clone()),
+            Box::new(audit.last_seq.clone()),
             Box::new(tracing.spans_exported.clone()),
             Box::new(tracing.spans_dropped.clone()),
             Box::new(tracing.export_failures.clone()),
@@ -1043,6 +1052,7 @@ mod tests {
             "ssp_directory_stale_served_total 3",
             "ssp_directory_cache_entries 5",
             "ssp_audit_writable 1",
+            "ssp_audit_last_seq 0",
             "process_resident_memory_bytes",
             "process_open_fds",
         ] {

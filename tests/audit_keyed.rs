@@ -2,7 +2,9 @@
 //! record's `prev` is the HMAC-SHA256 of the line before under the key, so a trail rewritten
 //! and chained again by someone without the key fails `audit verify --key`; key files that are
 //! not keys stop `check-config` and `run`; a key change waits for a restart, after which the
-//! trail verifies with both keys; the development configuration makes and uses its key.
+//! trail verifies with both keys; the development configuration makes and uses its key. And
+//! its end, which no chain protects, anchored outside it: the head the gateway logs
+//! (`--head`) and `ssp_audit_last_seq` (`--min-seq`) catch records cut off the end.
 
 mod common;
 
@@ -451,4 +453,110 @@ async fn the_development_configuration_makes_its_key_and_its_trail_verifies_with
     assert!(out.contains("ok: 2 records"), "{out}");
     let (code, out) = verify(&[], &files);
     assert_eq!(code, 1, "{out}");
+}
+
+/// The last `last_seq=N head=HEX` the gateway logged.
+fn logged_head(log: &str) -> (u64, String) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("audit trail closed"))
+        .unwrap_or_else(|| panic!("no closing line in:\n{log}"));
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .to_owned()
+    };
+    (field("last_seq=").parse().expect("a seq"), field("head="))
+}
+
+async fn last_seq_gauge(admin: SocketAddr) -> Option<f64> {
+    sample(&http_get(admin, "/metrics").await.1, "ssp_audit_last_seq")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_cut_off_the_end_are_caught_by_the_logged_head_and_the_gauge() {
+    let world = World::ecdsa();
+    let stop_provider = CancellationToken::new();
+    let port = provider(&world, &stop_provider).await;
+    let key = scratch_dir("anchor-key").join("k");
+    new_key(&key);
+    let (config, gw, admin, dir) =
+        config_for(&world, port, &format!("key_file = \"{}\"\n", key.display()));
+    let mut g = spawn(&config, gw, admin).await;
+    assert_eq!(last_seq_gauge(g.admin).await, Some(0.0), "an empty trail");
+    requests(&world, &g, port, 3).await;
+    // Outcome records nobody waits on are durable within fsync_follow_up.
+    let start = Instant::now();
+    while last_seq_gauge(g.admin).await != Some(6.0) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ssp_audit_last_seq never reached 6"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stop(&mut g).await.success());
+    let (last_seq, head) = logged_head(&std::fs::read_to_string(&g.log).expect("log"));
+    assert_eq!(last_seq, 6);
+    let anchored = |extra: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["audit", "verify", "--key"]).arg(&key).args(extra);
+        let out = cmd.args(trail(&dir)).output().expect("audit verify");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let head_arg = format!("6:{head}");
+    let (code, out) = anchored(&["--head", &head_arg, "--min-seq", "6"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("anchor: record 6 is there"), "{out}");
+    assert!(
+        out.contains(&format!("--head {head_arg}")),
+        "the report offers the same: {out}"
+    );
+
+    // The last two records removed: still a valid chain, but short of both anchors.
+    let active = dir.join("audit.jsonl");
+    let whole = std::fs::read_to_string(&active).expect("read");
+    let lines: Vec<&str> = whole.lines().collect();
+    let cut: String = lines[..lines.len() - 2]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&active, &cut).expect("write");
+    let (code, out) = anchored(&[]);
+    assert_eq!(code, 0, "without an anchor the cut is invisible: {out}");
+    let (code, out) = anchored(&["--head", &head_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "the trail ends at seq 4, before the anchored seq 6: records removed from its end"
+        ),
+        "{out}"
+    );
+    let (code, out) = anchored(&["--min-seq", "6"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("the trail ends at seq 4, before seq 6 (--min-seq)"),
+        "{out}"
+    );
+    // The last record altered instead: not the one anchored.
+    let mut altered = lines.clone();
+    let last = altered[lines.len() - 1].replacen("\"method\":\"GET\"", "\"method\":\"PUT\"", 1);
+    assert_ne!(last, altered[lines.len() - 1]);
+    altered[lines.len() - 1] = &last;
+    let altered: String = altered.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&active, altered).expect("write");
+    let (code, out) = anchored(&["--head", &head_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("record 6 is not the one anchored"), "{out}");
+
+    // Started on the cut trail, the gateway's gauge says so: Prometheus' history shows the drop.
+    std::fs::write(&active, &cut).expect("write");
+    let mut g = spawn(&config, gw, admin).await;
+    assert_eq!(last_seq_gauge(g.admin).await, Some(4.0));
+    assert!(stop(&mut g).await.success());
+    stop_provider.cancel();
 }

@@ -4,8 +4,11 @@
 //! plain SHA-256 then: that would let whoever rewrote the trail without the key pass) — across
 //! rotated files (taken in the order of their first record, whatever order they are given in),
 //! or names the first record where the chain breaks. A torn last line (a crash mid-write) is
-//! reported and tolerated: the chain carries on from the last whole record.
-//! Read-only: it never changes a file.
+//! reported and tolerated: the chain carries on from the last whole record. The end of the
+//! trail, which the chain alone cannot protect (records cut off its end leave a shorter valid
+//! chain), is checked against anchors kept elsewhere: `--head SEQ:HEX` (record SEQ is there and
+//! its link value is HEX, as the gateway logs it) and `--min-seq N` (the trail reaches seq N,
+//! e.g. from `ssp_audit_last_seq`'s history). Read-only: it never changes a file.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader};
@@ -48,6 +51,38 @@ pub struct Options {
     /// HMAC-SHA256 of the line before under one of these keys (several when the key was
     /// changed at a restart).
     pub keys: Vec<ChainKey>,
+    /// Records that must be in the trail with the link values given (`--head SEQ:HEX`).
+    pub heads: Vec<Head>,
+    /// The seq the trail must reach, at least (`--min-seq N`).
+    pub min_seq: Option<u64>,
+}
+
+/// An anchor for the end of the trail kept outside it: the record `seq` and its line's link
+/// value (what the next record's `prev` would be), as the gateway logs them (`last_seq=…
+/// head=…` at each rotation and at shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub link: [u8; 32],
+}
+
+impl std::str::FromStr for Head {
+    type Err = String;
+
+    /// `SEQ:HEX`, HEX being 64 hex digits.
+    fn from_str(s: &str) -> Result<Head, String> {
+        let bad = || format!("`{s}` is not SEQ:HEX (a seq, then 64 hex digits)");
+        let (seq, hex_digits) = s.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse::<u64>().map_err(|_| bad())?;
+        if hex_digits.len() != 64 || !hex_digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut link = [0u8; 32];
+        for (i, byte) in link.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex_digits[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Head { seq, link })
+    }
 }
 
 /// The link values of one line, one per way it may be linked (the SHA-256, or its HMAC under
@@ -115,6 +150,8 @@ pub struct FileReport {
     pub records: u64,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
+    /// Lines read (whole or torn).
+    pub lines: u64,
 }
 
 /// What `verify_files` found.
@@ -135,6 +172,8 @@ pub struct Report {
     pub link: &'static str,
     pub torn: Vec<Torn>,
     pub broken: Option<Broken>,
+    /// The `--head` anchors found in the trail with their link values.
+    pub heads_found: Vec<u64>,
 }
 
 impl Report {
@@ -176,9 +215,16 @@ impl fmt::Display for Report {
                         self.anchor.as_deref().unwrap_or("-")
                     )
                 };
+                for seq in &self.heads_found {
+                    writeln!(
+                        f,
+                        "anchor: record {seq} is there with the link value --head gave"
+                    )?;
+                }
+                let head = self.head.as_deref().unwrap_or("-");
                 write!(
                     f,
-                    "ok: {} records, seq {first}..={last}, {} file(s), chain intact {start}, every link {}; head {} {}",
+                    "ok: {} records, seq {first}..={last}, {} file(s), chain intact {start}, every link {}; head {} {head} (anchor the end elsewhere: --head {last}:{head})",
                     self.records,
                     self.files.len(),
                     if self.link == "sha256" {
@@ -187,7 +233,6 @@ impl fmt::Display for Report {
                         "the HMAC-SHA256 of the line before under a key given"
                     },
                     self.link,
-                    self.head.as_deref().unwrap_or("-")
                 )
             }
             _ => write!(f, "ok: no complete records"),
@@ -257,6 +302,7 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
             records: 0,
             first_seq: None,
             last_seq: None,
+            lines: 0,
         };
         let mut line_no = 0u64;
         let mut buf = Vec::new();
@@ -267,6 +313,7 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
                 break;
             }
             line_no += 1;
+            file.lines = line_no;
             if buf.last() != Some(&b'\n') {
                 // A write cut short leaves the start of a record; anything else (NULs, text)
                 // is not a torn record but something that is not the trail.
@@ -329,6 +376,32 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
                 }
             }
             let values = link_values(options, &buf);
+            for head in options.heads.iter().filter(|h| h.seq == seq) {
+                if !values.contains(&head.link) {
+                    report.broken = Some(broken(
+                        Some(seq),
+                        format!(
+                            "record {seq} is not the one anchored: the anchor (--head) says its \
+                             link value is {}, {}: the record was altered or replaced{}",
+                            hex(&head.link),
+                            match &values[..] {
+                                [one] => format!("it is {}", hex(one)),
+                                _ => "it is not that under any key given".to_owned(),
+                            },
+                            if options.keys.is_empty() {
+                                ", or this is a keyed trail (give --key)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ));
+                } else if !report.heads_found.contains(&seq) {
+                    report.heads_found.push(seq);
+                }
+            }
+            if report.broken.is_some() {
+                break;
+            }
             prev = Some((seq, std::mem::take(&mut buf), values));
             file.records += 1;
             file.first_seq.get_or_insert(seq);
@@ -343,7 +416,63 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
         }
     }
     report.head = prev.map(|(.., values)| hex(&values[proved_by.min(values.len() - 1)]));
+    if report.broken.is_none() {
+        report.broken = check_end(&report, options);
+    }
     Ok(report)
+}
+
+/// Whether the trail reaches the anchors given for its end (`--head`, `--min-seq`): a trail
+/// cut short is still a valid chain, so only an anchor kept outside it tells.
+fn check_end(report: &Report, options: &Options) -> Option<Broken> {
+    let (path, line) = report
+        .files
+        .iter()
+        .rev()
+        .find(|f| f.records > 0)
+        .or(report.files.last())
+        .map(|f| (f.path.clone(), f.lines))
+        .unwrap_or_default();
+    let ends = report
+        .last_seq
+        .map_or("the trail holds no record".to_owned(), |s| {
+            format!("the trail ends at seq {s}")
+        });
+    let at_end = |reason: String| Broken {
+        path: path.clone(),
+        line,
+        seq: report.last_seq,
+        reason,
+    };
+    let last = report.last_seq.unwrap_or(0);
+    let highest_anchor = options.heads.iter().map(|h| h.seq).max();
+    if let Some(anchored) = highest_anchor.filter(|s| *s > last) {
+        return Some(at_end(format!(
+            "{ends}, before the anchored seq {anchored}: records removed from its end"
+        )));
+    }
+    if let Some(min) = options.min_seq.filter(|m| *m > last) {
+        return Some(at_end(format!(
+            "{ends}, before seq {min} (--min-seq): records removed from its end"
+        )));
+    }
+    let first = report.first_seq.unwrap_or(0);
+    if let Some(missing) = options
+        .heads
+        .iter()
+        .find(|h| !report.heads_found.contains(&h.seq))
+    {
+        let why = if missing.seq < first {
+            format!("it is before the first record given (seq {first}): give the files before")
+        } else {
+            "the records around it are not in order".to_owned()
+        };
+        return Some(at_end(format!(
+            "the anchored record {} (--head) is not in the trail: {why}",
+            missing.seq
+        )));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -498,6 +627,7 @@ mod tests {
     fn keys(keys: &[&ChainKey]) -> Options {
         Options {
             keys: keys.iter().map(|k| (*k).clone()).collect(),
+            ..Options::default()
         }
     }
 
@@ -595,6 +725,86 @@ mod tests {
         );
         for one in [&old, &new] {
             assert!(!verify_files(&both, &keys(&[one])).expect("read").intact());
+        }
+    }
+
+    #[test]
+    fn the_end_is_checked_against_the_anchors_given() {
+        let d = scratch();
+        let (a, _) = chain(1, GENESIS, 5);
+        let link = |i: usize| sha256(a[i].as_bytes());
+        let f = write(&d, "audit.jsonl", &a, "");
+        let check = |heads: Vec<Head>, min_seq: Option<u64>, files: &[PathBuf]| {
+            let options = Options {
+                heads,
+                min_seq,
+                ..Options::default()
+            };
+            verify_files(files, &options).expect("read")
+        };
+        let at = |seq: u64, link: [u8; 32]| Head { seq, link };
+        let all = std::slice::from_ref(&f);
+        let r = check(vec![at(3, link(2)), at(5, link(4))], Some(5), all);
+        assert!(r.intact(), "{r}");
+        assert_eq!(r.heads_found, [3, 5]);
+        assert!(r.to_string().contains("anchor: record 3 is there"), "{r}");
+
+        let b = check(vec![at(3, link(3))], None, all)
+            .broken
+            .expect("altered");
+        assert_eq!((b.line, b.seq), (3, Some(3)));
+        assert!(
+            b.reason.contains("record 3 is not the one anchored"),
+            "{}",
+            b.reason
+        );
+
+        // The last two records cut off: a valid chain, short of the anchors.
+        let cut = write(&d, "cut.jsonl", &a[..3], "");
+        let cut = std::slice::from_ref(&cut);
+        assert!(check(vec![], None, cut).intact());
+        let b = check(vec![at(5, link(4))], None, cut).broken.expect("cut");
+        assert_eq!(
+            (b.path.clone(), b.line, b.seq),
+            (cut[0].clone(), 3, Some(3))
+        );
+        assert_eq!(
+            b.reason,
+            "the trail ends at seq 3, before the anchored seq 5: records removed from its end"
+        );
+        let b = check(vec![], Some(4), cut).broken.expect("cut");
+        assert!(
+            b.reason
+                .contains("the trail ends at seq 3, before seq 4 (--min-seq)"),
+            "{}",
+            b.reason
+        );
+        // An anchor before the first file given cannot be checked.
+        let (later, _) = chain(6, link(4), 2);
+        let later = write(&d, "later.jsonl", &later, "");
+        let b = check(vec![at(5, link(4))], None, &[later])
+            .broken
+            .expect("before");
+        assert!(
+            b.reason.contains("before the first record given (seq 6)"),
+            "{}",
+            b.reason
+        );
+    }
+
+    #[test]
+    fn a_head_is_seq_colon_64_hex_digits() {
+        let head: Head = format!("42:{}", "ab".repeat(32)).parse().expect("head");
+        assert_eq!((head.seq, head.link), (42, [0xab; 32]));
+        for bad in [
+            "42",
+            "x:ab",
+            "42:abc",
+            &format!("42:{}", "zz".repeat(32)),
+            "",
+        ] {
+            let e = bad.parse::<Head>().expect_err(bad);
+            assert!(e.contains("is not SEQ:HEX"), "{e}");
         }
     }
 

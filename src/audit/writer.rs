@@ -154,6 +154,11 @@ fn empty_after_sync(buf: &mut Vec<u8>) {
     }
 }
 
+/// A seq as a gauge's value.
+fn gauge(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
 fn rotated_name(first_seq: u64) -> String {
     let time = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
     format!("audit-{time}-{first_seq:012}.jsonl")
@@ -426,6 +431,9 @@ impl Writer {
                  (set [audit] key_file to make a rewritten trail detectable)"
             ),
         }
+        // What the trail holds now is durable (the active file was synced above; rotated
+        // files were at their rotation).
+        shared.metrics.last_seq.set(gauge(head.seq));
         let now = Instant::now();
         Ok(Writer {
             dir,
@@ -680,6 +688,10 @@ impl Writer {
             match self.write_unit(&bytes, waited_on) {
                 Ok(()) => {
                     self.head = head;
+                    if self.unsynced.is_empty() {
+                        // Synced with the unit.
+                        self.note_durable();
+                    }
                     if let Some(a) = self.active.as_mut() {
                         a.first_seq.get_or_insert(first_seq);
                     }
@@ -760,6 +772,7 @@ impl Writer {
             Ok(()) => {
                 self.synced_len = self.written_len;
                 empty_after_sync(&mut self.unsynced);
+                self.note_durable();
                 Ok(())
             }
             Err(e) => {
@@ -768,6 +781,13 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// Everything written so far is durable: `ssp_audit_last_seq` says up to which record.
+    /// (Called from a sync inside `write_unit` before the unit's head is taken, it says the
+    /// record before the unit; `write_records` says the unit's once it has its head.)
+    fn note_durable(&self) {
+        self.shared.metrics.last_seq.set(gauge(self.head.seq));
     }
 
     fn sync_if_due(&mut self) {
@@ -850,6 +870,7 @@ impl Writer {
             self.written_len = self.synced_len;
             self.unsynced.clear();
             self.needs_repair = false;
+            self.note_durable();
         }
         Ok(())
     }
