@@ -483,7 +483,7 @@ mod tests {
             let all = files(&dir);
             let report = verify::verify_files(&all, &verify::Options::default()).expect("verify");
             assert!(report.intact(), "{report}");
-            assert!(report.torn.is_empty(), "{report}");
+            assert!(report.torn.is_none(), "{report}");
             assert_eq!(
                 (report.first_seq, report.last_seq),
                 (Some(1), Some(7)),

@@ -3,15 +3,17 @@
 //! line before: its SHA-256 or, with keys given, its HMAC-SHA256 under one of them (never a
 //! plain SHA-256 then: that would let whoever rewrote the trail without the key pass) — across
 //! rotated files (taken in the order of their first record, whatever order they are given in),
-//! or names the first record where the chain breaks. A torn last line (a crash mid-write) is
-//! reported and tolerated: the chain carries on from the last whole record. The end of the
+//! or names the first record where the chain breaks. A torn line (a write cut short by a
+//! crash) is reported and tolerated only where the gateway can leave one — at the very end of
+//! the last file, the start of a record and shorter than [`MAX_TORN_BYTES`]; anywhere else it
+//! is a break. The end of the
 //! trail, which the chain alone cannot protect (records cut off its end leave a shorter valid
 //! chain), is checked against anchors kept elsewhere: `--head SEQ:HEX` (record SEQ is there and
 //! its link value is HEX, as the gateway logs it) and `--min-seq N` (the trail reaches seq N,
 //! e.g. from `ssp_audit_last_seq`'s history). Read-only: it never changes a file.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use super::key::ChainKey;
@@ -19,6 +21,64 @@ use super::record::{hex, sha256, GENESIS};
 
 /// How every record line starts (`seq` is written first): a torn line is a prefix of a record.
 const RECORD_START: &[u8] = b"{\"seq\":";
+
+/// A torn line this long or longer is not tolerated: the gateway's records are far shorter (a
+/// record holds the request's target URL and JWT claims, both from a request head of at most
+/// `[listener] max_header_bytes`, 64 KiB by default). The writer itself puts no bound on a
+/// record, so this is the `audit verify` bound, not the writer's.
+pub const MAX_TORN_BYTES: usize = 1 << 20;
+
+/// The longest line read whole; a longer one is a break, skipped to its end without being held.
+const MAX_LINE_BYTES: usize = 128 << 20;
+
+/// Reads one line (with its newline, when it has one) into `buf`. Returns its length in the
+/// file, 0 at the end; a line longer than `max` is read to its end but only its first `max`
+/// bytes are kept.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let n = (&mut *reader).take(max as u64).read_until(b'\n', buf)?;
+    if n < max || buf.last() == Some(&b'\n') {
+        return Ok(n);
+    }
+    let mut total = n;
+    loop {
+        let (used, done) = {
+            let available = reader.fill_buf()?;
+            match memchr::memchr(b'\n', available) {
+                _ if available.is_empty() => (0, true),
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            }
+        };
+        reader.consume(used);
+        total += used;
+        if done {
+            return Ok(total);
+        }
+    }
+}
+
+/// Why a line without a newline, `len` bytes long of which `line` was kept, cannot be the
+/// torn end of the trail (`last`: it ends the last file; `expected`: the next seq).
+fn not_torn(line: &[u8], len: usize, last: bool, expected: Option<u64>) -> Option<String> {
+    if !last {
+        return Some(format!(
+            "{len} bytes without a newline at the end of a file that is not the last of the \
+             trail: the gateway never leaves a line cut short there (a file cut, or edited)"
+        ));
+    }
+    if !line.starts_with(RECORD_START) || !could_start_next_record(line, expected) {
+        return Some(format!(
+            "not an audit record: {len} bytes without a newline that are not the start of the next one"
+        ));
+    }
+    if len >= MAX_TORN_BYTES {
+        return Some(format!(
+            "{len} bytes without a newline: longer than a record cut short can be ({} bytes at most)",
+            MAX_TORN_BYTES - 1
+        ));
+    }
+    None
+}
 
 /// Whether a line cut short can be the start of the next record: a prefix of [`RECORD_START`],
 /// then digits, and once they are complete (a `,` follows), `expected` when known.
@@ -135,7 +195,8 @@ pub struct Broken {
     pub reason: String,
 }
 
-/// A final line without its newline.
+/// The trail's last line without its newline, tolerated: the start of the next record, cut
+/// short.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Torn {
     pub path: PathBuf,
@@ -170,7 +231,8 @@ pub struct Report {
     pub head: Option<String>,
     /// How the links were checked: `sha256` or `hmac-sha256`.
     pub link: &'static str,
-    pub torn: Vec<Torn>,
+    /// At the end of the last file only.
+    pub torn: Option<Torn>,
     pub broken: Option<Broken>,
     /// The `--head` anchors found in the trail with their link values.
     pub heads_found: Vec<u64>,
@@ -185,10 +247,11 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for t in &self.torn {
+        if let Some(t) = &self.torn {
             writeln!(
                 f,
-                "torn: {} line {}: {} bytes without a newline (a write cut short); tolerated",
+                "torn: {} line {}: {} bytes without a newline at the end of the trail (the start \
+                 of the next record: a write cut short by a crash, or an edit); tolerated",
                 t.path.display(),
                 t.line,
                 t.bytes
@@ -263,7 +326,7 @@ fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
     };
     let mut reader = BufReader::new(crate::files::open_regular(path).map_err(err)?);
     let mut line = Vec::new();
-    reader.read_until(b'\n', &mut line).map_err(err)?;
+    read_line(&mut reader, &mut line, MAX_LINE_BYTES).map_err(err)?;
     if line.pop() != Some(b'\n') {
         return Ok(None);
     }
@@ -291,7 +354,8 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
     let mut prev: Option<(u64, Vec<u8>, Vec<[u8; 32]>)> = None;
     // Which way of linking (key) proved the last link.
     let mut proved_by = options.keys.len().saturating_sub(1);
-    for (_, path) in ordered {
+    let last_file = ordered.len().saturating_sub(1);
+    for (index, (_, path)) in ordered.into_iter().enumerate() {
         let err = |source| VerifyError {
             path: path.clone(),
             source,
@@ -308,32 +372,44 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
         let mut buf = Vec::new();
         loop {
             buf.clear();
-            let n = reader.read_until(b'\n', &mut buf).map_err(err)?;
+            let n = read_line(&mut reader, &mut buf, MAX_LINE_BYTES).map_err(err)?;
             if n == 0 {
                 break;
             }
             line_no += 1;
             file.lines = line_no;
-            if buf.last() != Some(&b'\n') {
-                // A write cut short leaves the start of a record; anything else (NULs, text)
-                // is not a torn record but something that is not the trail.
-                if !could_start_next_record(&buf, prev.as_ref().map(|(seq, ..)| seq + 1)) {
-                    report.broken = Some(Broken {
-                        path: path.clone(),
-                        line: line_no,
-                        seq: None,
-                        reason: format!(
-                            "not an audit record: {} bytes without a newline that are not the start of the next one",
-                            buf.len()
-                        ),
-                    });
-                    break;
-                }
-                report.torn.push(Torn {
+            if n > MAX_LINE_BYTES {
+                report.broken = Some(Broken {
                     path: path.clone(),
                     line: line_no,
-                    bytes: buf.len(),
+                    seq: None,
+                    reason: format!(
+                        "not an audit record: a line of {n} bytes, longer than any record ({MAX_LINE_BYTES} bytes at most)"
+                    ),
                 });
+                break;
+            }
+            if buf.last() != Some(&b'\n') {
+                // A write cut short leaves the start of a record, at the very end of the
+                // trail; anything else (NULs, text, a cut elsewhere) is not the trail.
+                let expected = prev.as_ref().map(|(seq, ..)| seq + 1);
+                match not_torn(&buf, n, index == last_file, expected) {
+                    Some(reason) => {
+                        report.broken = Some(Broken {
+                            path: path.clone(),
+                            line: line_no,
+                            seq: None,
+                            reason,
+                        })
+                    }
+                    None => {
+                        report.torn = Some(Torn {
+                            path: path.clone(),
+                            line: line_no,
+                            bytes: n,
+                        })
+                    }
+                }
                 break;
             }
             buf.pop();
@@ -553,22 +629,43 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_final_line_is_reported_and_tolerated() {
+    fn a_torn_line_at_the_end_of_the_trail_is_reported_and_tolerated() {
+        let d = scratch();
+        let (a, h) = chain(1, GENESIS, 2);
+        let (b, _) = chain(3, h, 1);
+        let fa = write(&d, "audit-1.jsonl", &a, "");
+        let fb = write(&d, "audit.jsonl", &b, "{\"seq\":4,\"prev\":\"ab");
+        let r = verify_files(&[fb.clone(), fa], &Options::default()).expect("read");
+        assert!(r.intact(), "{r}");
+        assert_eq!(r.records, 3);
+        let torn = r.torn.clone().expect("torn");
+        assert_eq!((torn.path, torn.line, torn.bytes), (fb, 2, 19));
+        assert!(r.to_string().starts_with("torn: "), "{r}");
+    }
+
+    /// The gateway never leaves a line cut short at the end of a file it rotated: there it is
+    /// a break, as is one cut short before the very end of the trail.
+    #[test]
+    fn a_torn_line_before_the_last_file_is_broken() {
         let d = scratch();
         let (a, h) = chain(1, GENESIS, 2);
         let (b, _) = chain(3, h, 1);
         let fa = write(&d, "audit-1.jsonl", &a, "{\"seq\":3,\"prev\":\"ab");
         let fb = write(&d, "audit.jsonl", &b, "");
         let r = verify_files(&[fa.clone(), fb], &Options::default()).expect("read");
-        assert!(r.intact(), "{r}");
-        assert_eq!(r.records, 3);
-        assert_eq!(r.torn.len(), 1);
-        assert_eq!((r.torn[0].path.clone(), r.torn[0].line), (fa, 3));
-        assert!(r.to_string().starts_with("torn: "), "{r}");
+        let b = r.broken.expect("broken");
+        assert_eq!((b.path, b.line), (fa, 3));
+        assert!(
+            b.reason.contains("not the last of the trail"),
+            "{}",
+            b.reason
+        );
+        assert!(r.torn.is_none());
     }
 
-    /// A line cut short is the start of a record; bytes without a newline that are not (a file
-    /// of NULs, text) are broken, not "torn and tolerated", even between two rotated files.
+    /// Tolerated: the start of a record (`{"seq":`, then the next seq once it is complete),
+    /// shorter than 1 MiB. Anything else without a newline (NULs, text, a shorter prefix, the
+    /// wrong seq, a megabyte) is not the trail.
     #[test]
     fn an_unterminated_line_that_is_no_record_start_is_broken() {
         let d = scratch();
@@ -576,31 +673,74 @@ mod tests {
         let (c, _) = chain(3, h, 1);
         let fa = write(&d, "audit-1.jsonl", &a, "");
         let fc = write(&d, "audit.jsonl", &c, "");
-        for (name, junk) in [
-            ("nul.jsonl", vec![0u8; 100]),
-            ("text.jsonl", b"aaaaaaaa".to_vec()),
-            ("late.jsonl", b"{\"seq\"x".to_vec()),
-            ("string.jsonl", b"{\"seq\":\"x".to_vec()),
-            ("wrong.jsonl", b"{\"seq\":51,\"prev\":\"ab".to_vec()),
+        let mut long = b"{\"seq\":4,\"prev\":\"".to_vec();
+        long.resize(MAX_TORN_BYTES, b'a');
+        for (name, junk, reason) in [
+            ("nul", vec![0u8; 100], "not the start of the next one"),
+            (
+                "text",
+                b"aaaaaaaa".to_vec(),
+                "not the start of the next one",
+            ),
+            ("brace", b"{".to_vec(), "not the start of the next one"),
+            ("short", b"{\"se".to_vec(), "not the start of the next one"),
+            (
+                "late",
+                b"{\"seq\"x".to_vec(),
+                "not the start of the next one",
+            ),
+            (
+                "string",
+                b"{\"seq\":\"x".to_vec(),
+                "not the start of the next one",
+            ),
+            (
+                "wrong",
+                b"{\"seq\":51,\"prev\":\"ab".to_vec(),
+                "not the start of the next one",
+            ),
+            (
+                "long",
+                long.clone(),
+                "longer than a record cut short can be",
+            ),
         ] {
-            let f = d.join(name);
-            std::fs::write(&f, &junk).expect("write");
-            let r = verify_files(&[fa.clone(), f, fc.clone()], &Options::default()).expect("read");
+            let mut text: String = c.iter().map(|l| format!("{l}\n")).collect();
+            text.push_str(&String::from_utf8_lossy(&junk));
+            std::fs::write(&fc, text).expect("write");
+            let r = verify_files(&[fa.clone(), fc.clone()], &Options::default()).expect("read");
             let b = r.broken.expect(name);
-            assert!(
-                b.reason.contains("not the start of the next one"),
-                "{name}: {}",
-                b.reason
-            );
+            assert_eq!((b.path.clone(), b.line), (fc.clone(), 2), "{name}");
+            assert!(b.reason.contains(reason), "{name}: {}", b.reason);
         }
-        // A prefix of a record, however short, is torn.
-        for torn in ["{", "{\"se", "{\"seq\":", "{\"seq\":3", "{\"seq\":3,\"pr"] {
-            let f = d.join("short.jsonl");
-            std::fs::write(&f, torn).expect("write");
-            let r = verify_files(&[fa.clone(), f], &Options::default()).expect("read");
-            assert!(r.intact(), "{torn}: {r}");
-            assert_eq!(r.torn.len(), 1, "{torn}");
+        long.truncate(MAX_TORN_BYTES - 1);
+        for torn in [
+            b"{\"seq\":".to_vec(),
+            b"{\"seq\":4".to_vec(),
+            b"{\"seq\":4,\"pr".to_vec(),
+            long,
+        ] {
+            let mut text: String = c.iter().map(|l| format!("{l}\n")).collect();
+            text.push_str(&String::from_utf8_lossy(&torn));
+            std::fs::write(&fc, text).expect("write");
+            let r = verify_files(&[fa.clone(), fc.clone()], &Options::default()).expect("read");
+            assert!(r.intact(), "{}: {r}", torn.len());
+            assert_eq!(r.torn.map(|t| t.bytes), Some(torn.len()));
         }
+    }
+
+    /// A line longer than the bound is read to its end without being held whole.
+    #[test]
+    fn an_over_long_line_is_skipped_to_its_end() {
+        let mut reader = io::BufReader::with_capacity(8, &b"0123456789abcdef\nnext\n"[..]);
+        let mut buf = Vec::new();
+        assert_eq!(read_line(&mut reader, &mut buf, 10).expect("read"), 17);
+        assert_eq!(buf, b"0123456789");
+        buf.clear();
+        assert_eq!(read_line(&mut reader, &mut buf, 10).expect("read"), 5);
+        assert_eq!(buf, b"next\n");
+        buf.clear();
+        assert_eq!(read_line(&mut reader, &mut buf, 10).expect("read"), 0);
     }
 
     /// A chain linked by HMAC under `key` (as the writer links it with `[audit] key_file`).

@@ -354,10 +354,11 @@ impl Writer {
             }
             let first_seq = tail.first.as_deref().and_then(line_seq);
             if let Some(from) = tail.torn_from {
-                // Bytes after the last whole record: a record cut short by a crash, or what a
-                // power cut left (NULs). They are moved out of the trail into a file of their
-                // own, kept for inspection, and the chain carries on from the last whole record,
-                // so `audit verify` finds the trail intact.
+                // Bytes after the last whole record: a record cut short by a crash, what a
+                // power cut left (NULs), or an edit: the gateway cannot tell which, so it does
+                // not say. They are moved out of the trail into a file of their own, kept for
+                // inspection, and the chain carries on from the last whole record, so `audit
+                // verify` finds the trail intact.
                 if head.is_none() {
                     head = newest_head(&dir, &link)?;
                 }
@@ -367,15 +368,16 @@ impl Writer {
                     tracing::warn!(
                         file = %kept.display(),
                         bytes = bytes.len(),
-                        "audit file ended in a record cut short (the process stopped mid-write); \
-                         moved out of the trail"
+                        "bytes after the last whole audit record, the start of a record: a write \
+                         cut short by a crash, or an edit; moved out of the trail for inspection"
                     );
                 } else {
                     tracing::error!(
                         file = %kept.display(),
                         bytes = bytes.len(),
-                        "audit file ended in bytes that are not a record (a power cut, or written \
-                         by something else); moved out of the trail for inspection"
+                        "bytes after the last whole audit record that are not the start of a \
+                         record (such as the NULs a power cut can leave, or an edit); moved out \
+                         of the trail for inspection"
                     );
                 }
             }

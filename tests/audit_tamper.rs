@@ -1,10 +1,12 @@
-//! A keyed audit trail (`[audit] key_file`), with the gateway binary really started: every
-//! record's `prev` is the HMAC-SHA256 of the line before under the key, so a trail rewritten
-//! and chained again by someone without the key fails `audit verify --key`; key files that are
-//! not keys stop `check-config` and `run`; a key change waits for a restart, after which the
-//! trail verifies with both keys; the development configuration makes and uses its key. And
-//! its end, which no chain protects, anchored outside it: the head the gateway logs
-//! (`--head`) and `ssp_audit_last_seq` (`--min-seq`) catch records cut off the end.
+//! The audit trail against someone who can write its files, with the gateway binary really
+//! started. A keyed trail (`[audit] key_file`): every record's `prev` is the HMAC-SHA256 of the
+//! line before under the key, so a trail rewritten and chained again by someone without the key
+//! fails `audit verify --key`; key files that are not keys stop `check-config` and `run`; a key
+//! change waits for a restart, after which the trail verifies with both keys; the development
+//! configuration makes and uses its key. Its end, which no chain protects, anchored outside
+//! it: the head the gateway logs (`--head`) and `ssp_audit_last_seq` (`--min-seq`) catch
+//! records cut off the end. A line cut short is tolerated only at the very end of the trail,
+//! and what the gateway moves aside at start is reported without guessing its cause.
 
 mod common;
 
@@ -558,5 +560,73 @@ async fn records_cut_off_the_end_are_caught_by_the_logged_head_and_the_gauge() {
     let mut g = spawn(&config, gw, admin).await;
     assert_eq!(last_seq_gauge(g.admin).await, Some(4.0));
     assert!(stop(&mut g).await.success());
+    stop_provider.cancel();
+}
+
+/// A line cut short is tolerated at the end of the trail only; on start the gateway moves it
+/// aside with a WARN line that does not claim a cause, and the trail verifies after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_cut_short_is_tolerated_only_at_the_end_and_moved_aside_without_a_cause() {
+    let world = World::ecdsa();
+    let stop_provider = CancellationToken::new();
+    let port = provider(&world, &stop_provider).await;
+    let (config, gw, admin, dir) = config_for(&world, port, "max_file_bytes = 4096\n");
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 4).await;
+    assert!(stop(&mut g).await.success());
+    let files = trail(&dir);
+    assert!(files.len() >= 2, "rotated: {files:?}");
+    let active = dir.join("audit.jsonl");
+    let rotated = files
+        .iter()
+        .find(|f| **f != active)
+        .expect("a rotated file")
+        .clone();
+
+    // Cut short at the end of a rotated file: the gateway never leaves that.
+    let whole = std::fs::read(&rotated).expect("read");
+    let mut cut = whole.clone();
+    cut.truncate(whole.len() - 10);
+    std::fs::write(&rotated, &cut).expect("write");
+    let (code, out) = verify(&[], &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not the last of the trail"), "{out}");
+    std::fs::write(&rotated, &whole).expect("restore");
+
+    // At the end of the active file, the start of the next record: tolerated.
+    let mut text = std::fs::read(&active).expect("read");
+    text.extend_from_slice(b"{\"seq\":9,\"prev\":\"0123");
+    std::fs::write(&active, &text).expect("write");
+    let (code, out) = verify(&[], &files);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("torn: ") && out.contains("tolerated"), "{out}");
+
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 1).await;
+    assert!(stop(&mut g).await.success());
+    let log = std::fs::read_to_string(&g.log).expect("log");
+    let warn = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("bytes after the last whole audit record"))
+        .unwrap_or_else(|| panic!("no WARN line in:\n{log}"));
+    assert!(
+        warn.contains("a write cut short by a crash, or an edit") && warn.contains("bytes=21"),
+        "{warn}"
+    );
+    assert!(!warn.contains("the process stopped mid-write"), "{warn}");
+    let kept: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "partial"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        std::fs::read(&kept[0]).expect("read"),
+        b"{\"seq\":9,\"prev\":\"0123"
+    );
+    let (code, out) = verify(&[], &trail(&dir));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 10 records"), "{out}");
+    assert!(!out.contains("torn"), "{out}");
     stop_provider.cancel();
 }
