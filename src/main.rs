@@ -76,7 +76,8 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Prove that audit files form one unbroken hash chain (across rotated files, in any
-    /// order), or name the first broken record. Exit 0: intact; 1: broken; 2: unreadable.
+    /// order), or name every break (file, line, seq and what is wrong; the first 100, then a
+    /// count). Exit 0: intact; 1: broken; 2: unreadable.
     Verify {
         /// The trail's chain key ([audit] key_file): every link must then be the HMAC-SHA256
         /// of the line before under one of the keys given (give each key the trail was

@@ -630,3 +630,63 @@ async fn a_line_cut_short_is_tolerated_only_at_the_end_and_moved_aside_without_a
     assert!(!out.contains("torn"), "{out}");
     stop_provider.cancel();
 }
+
+/// `audit verify` names every break, each with its file, line, seq and what is wrong, not
+/// only the first, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_every_break_not_only_the_first() {
+    let world = World::ecdsa();
+    let stop_provider = CancellationToken::new();
+    let port = provider(&world, &stop_provider).await;
+    let (config, gw, admin, dir) = config_for(&world, port, "max_file_bytes = 4096\n");
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 6).await;
+    assert!(stop(&mut g).await.success());
+    let files = trail(&dir);
+    // The files of two records or more, in chain order.
+    let mut by_first: Vec<(u64, PathBuf)> = files
+        .iter()
+        .filter_map(|f| {
+            let text = std::fs::read_to_string(f).expect("read");
+            let v: serde_json::Value = serde_json::from_str(text.lines().next()?).expect("json");
+            (text.lines().count() >= 2).then(|| (v["seq"].as_u64().expect("seq"), f.clone()))
+        })
+        .collect();
+    by_first.sort();
+    assert!(by_first.len() >= 2, "{files:?}");
+    let (first, last) = (&by_first[0].1, &by_first[by_first.len() - 1].1);
+    // The first record of the first such file and of the last altered.
+    for f in [first, last] {
+        let text = std::fs::read_to_string(f).expect("read");
+        std::fs::write(
+            f,
+            text.replacen("\"method\":\"GET\"", "\"method\":\"PUT\"", 1),
+        )
+        .expect("write");
+    }
+    let (code, out) = verify(&[], &files);
+    assert_eq!(code, 1, "{out}");
+    let broken: Vec<&str> = out.lines().filter(|l| l.starts_with("BROKEN: /")).collect();
+    assert_eq!(broken.len(), 2, "{out}");
+    assert!(
+        broken[0].starts_with(&format!(
+            "BROKEN: {} line 2 (seq 2): prev ",
+            first.display()
+        )) && broken[0].contains("is not the SHA-256 of record 1"),
+        "{out}"
+    );
+    let seq = by_first[by_first.len() - 1].0;
+    assert!(
+        broken[1].starts_with(&format!(
+            "BROKEN: {} line 2 (seq {}): prev ",
+            last.display(),
+            seq + 1
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("BROKEN: 2 break(s) in 12 records, seq 1..=12"),
+        "{out}"
+    );
+    stop_provider.cancel();
+}

@@ -184,15 +184,31 @@ pub struct VerifyError {
     pub source: io::Error,
 }
 
-/// Where the chain breaks.
+/// Breaks kept, and printed, one by one; past them they are counted.
+pub const MAX_BREAKS_LISTED: usize = 100;
+
+/// One place where the chain breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broken {
     pub path: PathBuf,
-    /// 1-based line number in `path`.
+    /// 1-based line number in `path` (0: the file as a whole).
     pub line: u64,
     /// The record's `seq`, when it has one.
     pub seq: Option<u64>,
     pub reason: String,
+}
+
+impl fmt::Display for Broken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BROKEN: {}", self.path.display())?;
+        if self.line > 0 {
+            write!(f, " line {}", self.line)?;
+        }
+        if let Some(seq) = self.seq {
+            write!(f, " (seq {seq})")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
 }
 
 /// The trail's last line without its newline, tolerated: the start of the next record, cut
@@ -220,8 +236,10 @@ pub struct FileReport {
 pub struct Report {
     /// In chain order.
     pub files: Vec<FileReport>,
+    /// Whole records read (those in a break included).
     pub records: u64,
     pub first_seq: Option<u64>,
+    /// The seq of the last record read, in chain order.
     pub last_seq: Option<u64>,
     /// `prev` of the first record checked (64 zeros at the very start of a trail).
     pub anchor: Option<String>,
@@ -233,15 +251,31 @@ pub struct Report {
     pub link: &'static str,
     /// At the end of the last file only.
     pub torn: Option<Torn>,
-    pub broken: Option<Broken>,
+    /// The first [`MAX_BREAKS_LISTED`] breaks, in the order found.
+    pub breaks: Vec<Broken>,
+    /// Breaks found past those.
+    pub more_breaks: u64,
     /// The `--head` anchors found in the trail with their link values.
     pub heads_found: Vec<u64>,
 }
 
 impl Report {
-    /// No broken link (torn final lines are tolerated).
+    /// No break (a torn line at the end is tolerated).
     pub fn intact(&self) -> bool {
-        self.broken.is_none()
+        self.breaks.is_empty()
+    }
+
+    /// Every break found, those listed and those counted.
+    pub fn break_count(&self) -> u64 {
+        self.breaks.len() as u64 + self.more_breaks
+    }
+
+    fn broke(&mut self, broken: Broken) {
+        if self.breaks.len() < MAX_BREAKS_LISTED {
+            self.breaks.push(broken);
+        } else {
+            self.more_breaks += 1;
+        }
     }
 }
 
@@ -257,19 +291,37 @@ impl fmt::Display for Report {
                 t.bytes
             )?;
         }
-        if let Some(b) = &self.broken {
-            let seq = b.seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+        for seq in &self.heads_found {
+            writeln!(
+                f,
+                "anchor: record {seq} is there with the link value --head gave"
+            )?;
+        }
+        let seqs = match (self.first_seq, self.last_seq) {
+            (Some(first), Some(last)) => format!("seq {first}..={last}"),
+            _ => "no complete records".to_owned(),
+        };
+        if !self.intact() {
+            for b in &self.breaks {
+                writeln!(f, "{b}")?;
+            }
+            if self.more_breaks > 0 {
+                writeln!(
+                    f,
+                    "BROKEN: … and {} more break(s), not listed",
+                    self.more_breaks
+                )?;
+            }
             return write!(
                 f,
-                "BROKEN: {} line {}{}: {}",
-                b.path.display(),
-                b.line,
-                seq,
-                b.reason
+                "BROKEN: {} break(s) in {} records, {seqs}, {} file(s)",
+                self.break_count(),
+                self.records,
+                self.files.len()
             );
         }
-        match (self.first_seq, self.last_seq) {
-            (Some(first), Some(last)) => {
+        match self.last_seq {
+            Some(last) => {
                 let start = if self.anchor.as_deref() == Some(&hex(&GENESIS)) {
                     "from the start of the trail".to_owned()
                 } else {
@@ -278,16 +330,10 @@ impl fmt::Display for Report {
                         self.anchor.as_deref().unwrap_or("-")
                     )
                 };
-                for seq in &self.heads_found {
-                    writeln!(
-                        f,
-                        "anchor: record {seq} is there with the link value --head gave"
-                    )?;
-                }
                 let head = self.head.as_deref().unwrap_or("-");
                 write!(
                     f,
-                    "ok: {} records, seq {first}..={last}, {} file(s), chain intact {start}, every link {}; head {} {head} (anchor the end elsewhere: --head {last}:{head})",
+                    "ok: {} records, {seqs}, {} file(s), chain intact {start}, every link {}; head {} {head} (anchor the end elsewhere: --head {last}:{head})",
                     self.records,
                     self.files.len(),
                     if self.link == "sha256" {
@@ -298,7 +344,7 @@ impl fmt::Display for Report {
                     self.link,
                 )
             }
-            _ => write!(f, "ok: no complete records"),
+            None => write!(f, "ok: no complete records"),
         }
     }
 }
@@ -333,7 +379,15 @@ fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
     Ok(parse_line(&line).ok().map(|(seq, _)| seq))
 }
 
-/// Checks the chain through `paths`.
+/// The last record accepted into the chain: the next one is checked against it.
+struct Last {
+    seq: u64,
+    /// Its link values (`link_values`).
+    values: Vec<[u8; 32]>,
+}
+
+/// Checks the chain through `paths`, and reports every break (the first
+/// [`MAX_BREAKS_LISTED`] of them one by one).
 pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, VerifyError> {
     let mut ordered = Vec::with_capacity(paths.len());
     for p in paths {
@@ -350,11 +404,15 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
         },
         ..Report::default()
     };
-    // The last record: its seq, its line, and its link values.
-    let mut prev: Option<(u64, Vec<u8>, Vec<[u8; 32]>)> = None;
+    let mut last: Option<Last> = None;
+    // The line of `last`, for saying what a link that does not match is.
+    let mut last_line = Vec::new();
     // Which way of linking (key) proved the last link.
     let mut proved_by = options.keys.len().saturating_sub(1);
     let last_file = ordered.len().saturating_sub(1);
+    let mut buf = Vec::new();
+    // The `--head` anchors whose record was read, matching or not.
+    let mut anchors_read = Vec::new();
     for (index, (_, path)) in ordered.into_iter().enumerate() {
         let err = |source| VerifyError {
             path: path.clone(),
@@ -368,44 +426,38 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
             last_seq: None,
             lines: 0,
         };
-        let mut line_no = 0u64;
-        let mut buf = Vec::new();
         loop {
             buf.clear();
             let n = read_line(&mut reader, &mut buf, MAX_LINE_BYTES).map_err(err)?;
             if n == 0 {
                 break;
             }
-            line_no += 1;
-            file.lines = line_no;
+            file.lines += 1;
+            let at = |seq, reason: String| Broken {
+                path: path.clone(),
+                line: file.lines,
+                seq,
+                reason,
+            };
             if n > MAX_LINE_BYTES {
-                report.broken = Some(Broken {
-                    path: path.clone(),
-                    line: line_no,
-                    seq: None,
-                    reason: format!(
+                report.broke(at(
+                    None,
+                    format!(
                         "not an audit record: a line of {n} bytes, longer than any record ({MAX_LINE_BYTES} bytes at most)"
                     ),
-                });
-                break;
+                ));
+                continue;
             }
             if buf.last() != Some(&b'\n') {
                 // A write cut short leaves the start of a record, at the very end of the
                 // trail; anything else (NULs, text, a cut elsewhere) is not the trail.
-                let expected = prev.as_ref().map(|(seq, ..)| seq + 1);
+                let expected = last.as_ref().map(|l| l.seq + 1);
                 match not_torn(&buf, n, index == last_file, expected) {
-                    Some(reason) => {
-                        report.broken = Some(Broken {
-                            path: path.clone(),
-                            line: line_no,
-                            seq: None,
-                            reason,
-                        })
-                    }
+                    Some(reason) => report.broke(at(None, reason)),
                     None => {
                         report.torn = Some(Torn {
                             path: path.clone(),
-                            line: line_no,
+                            line: file.lines,
                             bytes: n,
                         })
                     }
@@ -413,72 +465,62 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
                 break;
             }
             buf.pop();
-            let broken = |seq, reason: String| Broken {
-                path: path.clone(),
-                line: line_no,
-                seq,
-                reason,
-            };
             let (seq, prev_hex) = match parse_line(&buf) {
                 Ok(x) => x,
                 Err(reason) => {
-                    report.broken = Some(broken(None, format!("not an audit record: {reason}")));
-                    break;
+                    // Not part of the chain: the next record is checked against the last one.
+                    report.broke(at(None, format!("not an audit record: {reason}")));
+                    continue;
                 }
             };
-            match &prev {
+            // Everything wrong with this record, as one break.
+            let mut wrong = Vec::new();
+            match &last {
                 None => report.anchor = Some(prev_hex.clone()),
-                Some((prev_seq, prev_line, prev_values)) => {
-                    let prev_seq = *prev_seq;
-                    if seq != prev_seq + 1 {
-                        report.broken = Some(broken(
-                            Some(seq),
-                            format!(
-                                "seq {seq} does not follow {prev_seq}: a record is missing, repeated or out of order"
-                            ),
+                Some(l) => {
+                    if seq != l.seq + 1 {
+                        wrong.push(format!(
+                            "seq {seq} does not follow {}: a record is missing, repeated or out of order",
+                            l.seq
                         ));
-                        break;
                     }
-                    match prev_values.iter().position(|v| hex(v) == prev_hex) {
+                    match l.values.iter().position(|v| hex(v) == prev_hex) {
                         Some(i) => proved_by = i,
-                        None => {
-                            report.broken = Some(broken(
-                                Some(seq),
-                                link_mismatch(options, &prev_hex, prev_seq, prev_line),
-                            ));
-                            break;
-                        }
+                        // With the seq already wrong, the link to the record before says
+                        // nothing new unless it was kept (records removed, chained again).
+                        None if !wrong.is_empty() => {}
+                        None => wrong.push(link_mismatch(options, &prev_hex, l.seq, &last_line)),
                     }
                 }
             }
             let values = link_values(options, &buf);
             for head in options.heads.iter().filter(|h| h.seq == seq) {
+                anchors_read.push(seq);
                 if !values.contains(&head.link) {
-                    report.broken = Some(broken(
-                        Some(seq),
-                        format!(
-                            "record {seq} is not the one anchored: the anchor (--head) says its \
-                             link value is {}, {}: the record was altered or replaced{}",
-                            hex(&head.link),
-                            match &values[..] {
-                                [one] => format!("it is {}", hex(one)),
-                                _ => "it is not that under any key given".to_owned(),
-                            },
-                            if options.keys.is_empty() {
-                                ", or this is a keyed trail (give --key)"
-                            } else {
-                                ""
-                            }
-                        ),
+                    wrong.push(format!(
+                        "record {seq} is not the one anchored: the anchor (--head) says its \
+                         link value is {}, {}: the record was altered or replaced{}",
+                        hex(&head.link),
+                        match &values[..] {
+                            [one] => format!("it is {}", hex(one)),
+                            _ => "it is not that under any key given".to_owned(),
+                        },
+                        if options.keys.is_empty() {
+                            ", or this is a keyed trail (give --key)"
+                        } else {
+                            ""
+                        }
                     ));
                 } else if !report.heads_found.contains(&seq) {
                     report.heads_found.push(seq);
                 }
             }
-            if report.broken.is_some() {
-                break;
+            if !wrong.is_empty() {
+                report.broke(at(Some(seq), wrong.join("; and ")));
             }
-            prev = Some((seq, std::mem::take(&mut buf), values));
+            // The chain carries on from this record, so that each break is reported once.
+            last = Some(Last { seq, values });
+            std::mem::swap(&mut last_line, &mut buf);
             file.records += 1;
             file.first_seq.get_or_insert(seq);
             file.last_seq = Some(seq);
@@ -487,20 +529,17 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
             report.last_seq = Some(seq);
         }
         report.files.push(file);
-        if report.broken.is_some() {
-            break;
-        }
     }
-    report.head = prev.map(|(.., values)| hex(&values[proved_by.min(values.len() - 1)]));
-    if report.broken.is_none() {
-        report.broken = check_end(&report, options);
+    report.head = last.map(|l| hex(&l.values[proved_by.min(l.values.len() - 1)]));
+    for broken in check_end(&report, options, &anchors_read) {
+        report.broke(broken);
     }
     Ok(report)
 }
 
 /// Whether the trail reaches the anchors given for its end (`--head`, `--min-seq`): a trail
 /// cut short is still a valid chain, so only an anchor kept outside it tells.
-fn check_end(report: &Report, options: &Options) -> Option<Broken> {
+fn check_end(report: &Report, options: &Options, anchors_read: &[u64]) -> Vec<Broken> {
     let (path, line) = report
         .files
         .iter()
@@ -520,35 +559,36 @@ fn check_end(report: &Report, options: &Options) -> Option<Broken> {
         seq: report.last_seq,
         reason,
     };
+    let mut broken = Vec::new();
     let last = report.last_seq.unwrap_or(0);
+    let first = report.first_seq.unwrap_or(0);
     let highest_anchor = options.heads.iter().map(|h| h.seq).max();
     if let Some(anchored) = highest_anchor.filter(|s| *s > last) {
-        return Some(at_end(format!(
+        broken.push(at_end(format!(
             "{ends}, before the anchored seq {anchored}: records removed from its end"
         )));
     }
     if let Some(min) = options.min_seq.filter(|m| *m > last) {
-        return Some(at_end(format!(
+        broken.push(at_end(format!(
             "{ends}, before seq {min} (--min-seq): records removed from its end"
         )));
     }
-    let first = report.first_seq.unwrap_or(0);
-    if let Some(missing) = options
+    for missing in options
         .heads
         .iter()
-        .find(|h| !report.heads_found.contains(&h.seq))
+        .filter(|h| h.seq <= last && !anchors_read.contains(&h.seq))
     {
         let why = if missing.seq < first {
             format!("it is before the first record given (seq {first}): give the files before")
         } else {
-            "the records around it are not in order".to_owned()
+            "the records around it are missing or out of order".to_owned()
         };
-        return Some(at_end(format!(
+        broken.push(at_end(format!(
             "the anchored record {} (--head) is not in the trail: {why}",
             missing.seq
         )));
     }
-    None
+    broken
 }
 
 #[cfg(test)]
@@ -609,7 +649,7 @@ mod tests {
         a[1] = a[1].replace("\"n\":1", "\"n\":9");
         let f = write(&d, "audit.jsonl", &a, "");
         let r = verify_files(std::slice::from_ref(&f), &Options::default()).expect("read");
-        let b = r.broken.expect("broken");
+        let b = r.breaks.first().cloned().expect("broken");
         assert_eq!((b.line, b.seq), (3, Some(3)));
         assert!(b.reason.contains("altered"), "{}", b.reason);
     }
@@ -622,7 +662,9 @@ mod tests {
         let f = write(&d, "audit.jsonl", &a, "");
         let b = verify_files(&[f], &Options::default())
             .expect("read")
-            .broken
+            .breaks
+            .first()
+            .cloned()
             .expect("broken");
         assert_eq!((b.line, b.seq), (3, Some(4)));
         assert!(b.reason.contains("missing"), "{}", b.reason);
@@ -653,7 +695,7 @@ mod tests {
         let fa = write(&d, "audit-1.jsonl", &a, "{\"seq\":3,\"prev\":\"ab");
         let fb = write(&d, "audit.jsonl", &b, "");
         let r = verify_files(&[fa.clone(), fb], &Options::default()).expect("read");
-        let b = r.broken.expect("broken");
+        let b = r.breaks.first().cloned().expect("broken");
         assert_eq!((b.path, b.line), (fa, 3));
         assert!(
             b.reason.contains("not the last of the trail"),
@@ -709,7 +751,7 @@ mod tests {
             text.push_str(&String::from_utf8_lossy(&junk));
             std::fs::write(&fc, text).expect("write");
             let r = verify_files(&[fa.clone(), fc.clone()], &Options::default()).expect("read");
-            let b = r.broken.expect(name);
+            let b = r.breaks.first().cloned().expect(name);
             assert_eq!((b.path.clone(), b.line), (fc.clone(), 2), "{name}");
             assert!(b.reason.contains(reason), "{name}: {}", b.reason);
         }
@@ -785,14 +827,18 @@ mod tests {
         // Without the key: the links are not SHA-256, and the message says what that means.
         let b = verify_files(std::slice::from_ref(&f), &Options::default())
             .expect("read")
-            .broken
+            .breaks
+            .first()
+            .cloned()
             .expect("broken");
         assert_eq!((b.line, b.seq), (2, Some(2)));
         assert!(b.reason.contains("give --key"), "{}", b.reason);
         // Under another key: not the HMAC under any key given.
         let b = verify_files(std::slice::from_ref(&f), &keys(&[&other]))
             .expect("read")
-            .broken
+            .breaks
+            .first()
+            .cloned()
             .expect("broken");
         assert!(
             b.reason
@@ -834,7 +880,9 @@ mod tests {
             .intact());
         let b = verify_files(&[f], &keys(&[&key]))
             .expect("read")
-            .broken
+            .breaks
+            .first()
+            .cloned()
             .expect("broken");
         assert_eq!((b.line, b.seq), (2, Some(2)));
         assert!(
@@ -890,7 +938,9 @@ mod tests {
         assert!(r.to_string().contains("anchor: record 3 is there"), "{r}");
 
         let b = check(vec![at(3, link(3))], None, all)
-            .broken
+            .breaks
+            .first()
+            .cloned()
             .expect("altered");
         assert_eq!((b.line, b.seq), (3, Some(3)));
         assert!(
@@ -903,7 +953,11 @@ mod tests {
         let cut = write(&d, "cut.jsonl", &a[..3], "");
         let cut = std::slice::from_ref(&cut);
         assert!(check(vec![], None, cut).intact());
-        let b = check(vec![at(5, link(4))], None, cut).broken.expect("cut");
+        let b = check(vec![at(5, link(4))], None, cut)
+            .breaks
+            .first()
+            .cloned()
+            .expect("cut");
         assert_eq!(
             (b.path.clone(), b.line, b.seq),
             (cut[0].clone(), 3, Some(3))
@@ -912,7 +966,11 @@ mod tests {
             b.reason,
             "the trail ends at seq 3, before the anchored seq 5: records removed from its end"
         );
-        let b = check(vec![], Some(4), cut).broken.expect("cut");
+        let b = check(vec![], Some(4), cut)
+            .breaks
+            .first()
+            .cloned()
+            .expect("cut");
         assert!(
             b.reason
                 .contains("the trail ends at seq 3, before seq 4 (--min-seq)"),
@@ -923,7 +981,9 @@ mod tests {
         let (later, _) = chain(6, link(4), 2);
         let later = write(&d, "later.jsonl", &later, "");
         let b = check(vec![at(5, link(4))], None, &[later])
-            .broken
+            .breaks
+            .first()
+            .cloned()
             .expect("before");
         assert!(
             b.reason.contains("before the first record given (seq 6)"),
@@ -948,6 +1008,92 @@ mod tests {
         }
     }
 
+    /// Every break is named (file, line, seq, what), not only the first; the chain carries on
+    /// from each, so none is reported twice.
+    #[test]
+    fn every_break_is_reported() {
+        let d = scratch();
+        let (mut a, h) = chain(1, GENESIS, 6);
+        let (mut b, _) = chain(7, h, 6);
+        a[2] = a[2].replace("\"n\":2", "\"n\":9"); // record 3 altered: 4's link breaks
+        a.remove(4); // record 5 removed: 6 does not follow 4
+        b.insert(2, "not json".into()); // after record 8
+        b[4] = b[4].replace("\"seq\":10", "\"seq\":11"); // 10 renumbered: 11 twice
+        let fa = write(&d, "audit-a.jsonl", &a, "");
+        let fb = write(&d, "audit.jsonl", &b, "");
+        let r = verify_files(&[fb.clone(), fa.clone()], &Options::default()).expect("read");
+        let found: Vec<(PathBuf, u64, Option<u64>)> = r
+            .breaks
+            .iter()
+            .map(|b| (b.path.clone(), b.line, b.seq))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (fa.clone(), 4, Some(4)),
+                (fa.clone(), 5, Some(6)),
+                (fb.clone(), 3, None),
+                (fb.clone(), 5, Some(11)),
+                (fb.clone(), 6, Some(11)),
+            ],
+            "{r}"
+        );
+        assert!(
+            r.breaks[0].reason.contains("not the SHA-256 of record 3"),
+            "{r}"
+        );
+        assert!(
+            r.breaks[1].reason.contains("seq 6 does not follow 4"),
+            "{r}"
+        );
+        assert!(r.breaks[2].reason.contains("not an audit record"), "{r}");
+        assert!(
+            r.breaks[3].reason.contains("seq 11 does not follow 9"),
+            "{r}"
+        );
+        assert!(
+            r.breaks[4].reason.contains("seq 11 does not follow 11"),
+            "{r}"
+        );
+        assert_eq!(r.records, 11);
+        let text = r.to_string();
+        assert_eq!(text.matches("BROKEN: ").count(), 6, "{text}");
+        assert!(
+            text.ends_with("BROKEN: 5 break(s) in 11 records, seq 1..=12, 2 file(s)"),
+            "{text}"
+        );
+    }
+
+    /// Past 100 breaks the rest are counted, not listed (nor held).
+    #[test]
+    fn past_a_hundred_breaks_the_rest_are_counted() {
+        let d = scratch();
+        // Every second record altered: the link of each record after one breaks (149).
+        let (a, _) = chain(1, GENESIS, 300);
+        let a: Vec<String> = a
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i % 2 == 1 {
+                    l.replacen("\"kind\"", "\"kind2\"", 1)
+                } else {
+                    l.clone()
+                }
+            })
+            .collect();
+        let f = write(&d, "audit.jsonl", &a, "");
+        let r = verify_files(&[f], &Options::default()).expect("read");
+        assert_eq!(r.breaks.len(), MAX_BREAKS_LISTED);
+        assert_eq!((r.break_count(), r.more_breaks), (149, 49));
+        let text = r.to_string();
+        assert_eq!(text.lines().count(), MAX_BREAKS_LISTED + 2, "{text}");
+        assert!(
+            text.contains("BROKEN: … and 49 more break(s), not listed"),
+            "{text}"
+        );
+        assert!(text.ends_with("BROKEN: 149 break(s) in 300 records, seq 1..=300, 1 file(s)"));
+    }
+
     #[test]
     fn garbage_in_the_middle_is_broken() {
         let d = scratch();
@@ -956,7 +1102,9 @@ mod tests {
         let f = write(&d, "audit.jsonl", &a, "");
         let b = verify_files(&[f], &Options::default())
             .expect("read")
-            .broken
+            .breaks
+            .first()
+            .cloned()
             .expect("broken");
         assert_eq!((b.line, b.seq), (2, None));
     }
