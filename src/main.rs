@@ -94,8 +94,11 @@ enum AuditCommand {
         /// The trail must reach seq N (e.g. the highest ssp_audit_last_seq Prometheus saw).
         #[arg(long, value_name = "N")]
         min_seq: Option<u64>,
-        /// The audit files, e.g. /var/lib/ssp-gateway/audit/*.jsonl
-        #[arg(required = true)]
+        /// The audit directory (its trail files are listed and read, and listed and read
+        /// again should the trail rotate meanwhile), or audit files, e.g.
+        /// /var/lib/ssp-gateway/audit/*.jsonl. An audit-tail-*.partial file (set aside by the
+        /// gateway) is named and not read; a file given twice is read once.
+        #[arg(required = true, value_name = "DIR|FILE")]
         files: Vec<PathBuf>,
     },
 }

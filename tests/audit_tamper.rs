@@ -628,6 +628,18 @@ async fn a_line_cut_short_is_tolerated_only_at_the_end_and_moved_aside_without_a
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: 10 records"), "{out}");
     assert!(!out.contains("torn"), "{out}");
+    // Given the directory, or the set-aside file itself: named, not read, no failure.
+    let mut given = vec![dir.clone()];
+    given.extend(kept.iter().cloned());
+    let (code, out) = verify(&[], &given);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 10 records"), "{out}");
+    let aside = format!(
+        "set aside: {}: kept aside by the gateway, not part of the chain; not read",
+        kept[0].display()
+    );
+    assert_eq!(out.matches("set aside: ").count(), 1, "named once: {out}");
+    assert!(out.contains(&aside), "{out}");
     stop_provider.cancel();
 }
 
@@ -688,5 +700,73 @@ async fn verify_names_every_break_not_only_the_first() {
         out.contains("BROKEN: 2 break(s) in 12 records, seq 1..=12"),
         "{out}"
     );
+    stop_provider.cancel();
+}
+
+/// `audit verify DIR` on a live trail that rotates every few records under load: every run
+/// finds it intact (a rotation while it lists or reads is no missing record, no "No such
+/// file"), and each reads further than the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_reads_a_directory_whose_trail_rotates_meanwhile() {
+    let world = World::ecdsa();
+    let stop_provider = CancellationToken::new();
+    let port = provider(&world, &stop_provider).await;
+    let (config, gw, admin, dir) = config_for(&world, port, "max_file_bytes = 4096\n");
+    let mut g = spawn(&config, gw, admin).await;
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let client = world.client(&world.consumer, g.gateway);
+            let target = format!("{}/metadata", endpoint(port));
+            let stop = stop_load.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = client
+                        .send(Gpc::new(Method::GET, target.clone(), IX_METADATA).build())
+                        .await;
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    while trail(&dir).len() < 3 {
+        assert!(start.elapsed() < DEADLINE, "no rotation under load");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut seen = 0;
+    for run in 0..100 {
+        let dir = dir.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["audit", "verify"])
+                .arg(&dir)
+                .output()
+                .expect("audit verify")
+        })
+        .await
+        .expect("join");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0), "run {run}: {text}");
+        let records: u64 = text
+            .split("ok: ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("run {run}: {text}"));
+        assert!(records >= seen, "run {run}: {records} after {seen}");
+        seen = records;
+    }
+    stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    assert!(stop(&mut g).await.success());
+    let (code, out) = verify(&[], std::slice::from_ref(&dir));
+    assert_eq!(code, 0, "{out}");
+    assert!(trail(&dir).len() > 20, "it rotated: {out}");
     stop_provider.cancel();
 }

@@ -1,19 +1,22 @@
-//! `ssp-gateway audit verify [--key FILE]... FILE...`: proves that audit files form one unbroken
-//! chain — each record's `seq` follows the one before and its `prev` is the link value of the
-//! line before: its SHA-256 or, with keys given, its HMAC-SHA256 under one of them (never a
-//! plain SHA-256 then: that would let whoever rewrote the trail without the key pass) — across
-//! rotated files (taken in the order of their first record, whatever order they are given in),
-//! or names the first record where the chain breaks. A torn line (a write cut short by a
-//! crash) is reported and tolerated only where the gateway can leave one — at the very end of
-//! the last file, the start of a record and shorter than [`MAX_TORN_BYTES`]; anywhere else it
-//! is a break. The end of the
-//! trail, which the chain alone cannot protect (records cut off its end leave a shorter valid
-//! chain), is checked against anchors kept elsewhere: `--head SEQ:HEX` (record SEQ is there and
-//! its link value is HEX, as the gateway logs it) and `--min-seq N` (the trail reaches seq N,
-//! e.g. from `ssp_audit_last_seq`'s history). Read-only: it never changes a file.
+//! `ssp-gateway audit verify [--key FILE]... DIR|FILE...`: proves that audit files form one
+//! unbroken chain — each record's `seq` follows the one before and its `prev` is the link value
+//! of the line before: its SHA-256 or, with keys given, its HMAC-SHA256 under one of them (never
+//! a plain SHA-256 then: that would let whoever rewrote the trail without the key pass) — across
+//! rotated files (taken in the order of their first record, whatever order they are given in;
+//! a rotated file's first record must be the seq its name says), or names every break. A torn
+//! line (a write cut short by a crash) is reported and tolerated only where the gateway can
+//! leave one — at the very end of the last file, the start of a record and shorter than
+//! [`MAX_TORN_BYTES`]; anywhere else it is a break. The end of the trail, which the chain alone
+//! cannot protect (records cut off its end leave a shorter valid chain), is checked against
+//! anchors kept elsewhere: `--head SEQ:HEX` (record SEQ is there and its link value is HEX, as
+//! the gateway logs it) and `--min-seq N` (the trail reaches seq N, e.g. from
+//! `ssp_audit_last_seq`'s history). Given a directory, it lists the trail files itself, and
+//! lists and reads them again when the trail rotated meanwhile; files the gateway set aside
+//! (`audit-tail-*.partial`) are named, not read. Read-only: it never changes a file.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::key::ChainKey;
@@ -257,6 +260,13 @@ pub struct Report {
     pub more_breaks: u64,
     /// The `--head` anchors found in the trail with their link values.
     pub heads_found: Vec<u64>,
+    /// Files the gateway set aside (`audit-tail-*.partial`), given or found: not read.
+    pub set_aside: Vec<PathBuf>,
+    /// Paths given more than once (the same file): read once.
+    pub given_twice: Vec<PathBuf>,
+    /// How many times a directory given was listed and read again because its trail rotated
+    /// while it was read.
+    pub read_again: u32,
 }
 
 impl Report {
@@ -281,6 +291,23 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.set_aside {
+            writeln!(
+                f,
+                "set aside: {}: kept aside by the gateway, not part of the chain; not read",
+                p.display()
+            )?;
+        }
+        for p in &self.given_twice {
+            writeln!(f, "note: {} given twice; read once", p.display())?;
+        }
+        if self.read_again > 0 {
+            writeln!(
+                f,
+                "note: the trail rotated while it was read; listed and read again ({} time(s))",
+                self.read_again
+            )?;
+        }
         if let Some(t) = &self.torn {
             writeln!(
                 f,
@@ -365,18 +392,177 @@ fn parse_line(line: &[u8]) -> Result<(u64, String), String> {
     Ok((seq, prev.to_owned()))
 }
 
-fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
-    let err = |source| VerifyError {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut reader = BufReader::new(crate::files::open_regular(path).map_err(err)?);
+/// The seq of the first record of an open file (read from its start; the file is left at
+/// its start again).
+fn first_seq(file: &mut File) -> io::Result<Option<u64>> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = BufReader::new(&mut *file);
     let mut line = Vec::new();
-    read_line(&mut reader, &mut line, MAX_LINE_BYTES).map_err(err)?;
+    read_line(&mut reader, &mut line, MAX_LINE_BYTES)?;
+    drop(reader);
+    file.seek(SeekFrom::Start(0))?;
     if line.pop() != Some(b'\n') {
         return Ok(None);
     }
     Ok(parse_line(&line).ok().map(|(seq, _)| seq))
+}
+
+/// How many times `audit verify DIR` lists and reads the trail when it rotated meanwhile.
+const READS: u32 = 3;
+
+/// The first-record seq a rotated file's name says, for names the gateway gives
+/// (`audit-<UTC time>-<first seq>.jsonl`, e.g. `audit-20260101T000000.000000Z-000000000042.jsonl`).
+pub fn rotated_name_seq(name: &str) -> Option<u64> {
+    let stem = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
+    let (time, seq) = stem.rsplit_once('-')?;
+    let time_ok = time.len() == 23
+        && time.ends_with('Z')
+        && time.as_bytes()[8] == b'T'
+        && time.bytes().filter(u8::is_ascii_digit).count() == 20;
+    (time_ok && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| seq.parse().ok())
+        .flatten()
+}
+
+/// What the gateway sets aside (`audit-tail-<time>.partial`): kept, not part of the chain.
+fn set_aside_name(name: &str) -> bool {
+    name.starts_with("audit-tail-") && name.ends_with(".partial")
+}
+
+/// A trail file's name, as the gateway names them: the active one or a rotated one.
+fn trail_name(name: &str) -> bool {
+    name == super::ACTIVE_FILE || (name.starts_with("audit-") && name.ends_with(".jsonl"))
+}
+
+/// One trail file, open.
+struct Opened {
+    path: PathBuf,
+    file: File,
+}
+
+/// The files to read, open, and what was said about the paths given.
+#[derive(Default)]
+struct Gathered {
+    files: Vec<Opened>,
+    set_aside: Vec<PathBuf>,
+    given_twice: Vec<PathBuf>,
+    /// Each directory given, with the trail file names it held when listed.
+    listings: Vec<(PathBuf, Vec<String>)>,
+}
+
+/// The trail file names in `dir` (sorted), and the files it sets aside.
+fn list_dir(dir: &Path) -> io::Result<(Vec<String>, Vec<PathBuf>)> {
+    let (mut names, mut aside) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if set_aside_name(&name) {
+            aside.push(entry.path());
+        } else if trail_name(&name) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    aside.sort();
+    Ok((names, aside))
+}
+
+/// Why a gathering failed: a file could not be read, or (in a directory) vanished after it
+/// was listed, which a rotation or a retention job does.
+enum GatherError {
+    Unreadable(VerifyError),
+    Vanished(VerifyError),
+}
+
+/// Opens what `paths` name: files as given (an `audit-tail-*.partial` is set aside, a path
+/// given twice read once), directories by listing their trail files. A directory's active
+/// file is opened before its listing, so that a rotation while it is listed or read leaves a
+/// consistent set: the file held is either listed under its new name (read once) or rotated
+/// after the listing (the newer files are not read).
+fn gather(paths: &[PathBuf]) -> Result<Gathered, GatherError> {
+    let mut g = Gathered::default();
+    let mut canonical: Vec<PathBuf> = Vec::new();
+    let mut held: Vec<(u64, u64)> = Vec::new();
+    let unreadable = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| GatherError::Unreadable(VerifyError { path, source })
+    };
+    let mut open = |g: &mut Gathered, path: &Path, in_dir: bool| -> Result<(), GatherError> {
+        let file = match crate::files::open_regular(path) {
+            Ok(f) => f,
+            Err(e) if in_dir && e.kind() == io::ErrorKind::NotFound => {
+                return Err(GatherError::Vanished(VerifyError {
+                    path: path.to_path_buf(),
+                    source: e,
+                }))
+            }
+            Err(e) => return Err(unreadable(path)(e)),
+        };
+        let meta = file.metadata().map_err(unreadable(path))?;
+        let id = (
+            std::os::unix::fs::MetadataExt::dev(&meta),
+            std::os::unix::fs::MetadataExt::ino(&meta),
+        );
+        if held.contains(&id) {
+            // The same file under another name: the active file rotated after it was opened.
+            return Ok(());
+        }
+        held.push(id);
+        g.files.push(Opened {
+            path: path.to_path_buf(),
+            file,
+        });
+        Ok(())
+    };
+    for path in paths {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if path.is_dir() {
+            let active = path.join(super::ACTIVE_FILE);
+            if active.exists() {
+                open(&mut g, &active, true)?;
+            }
+            let (names, aside) = list_dir(path).map_err(unreadable(path))?;
+            for name in &names {
+                if name != super::ACTIVE_FILE {
+                    open(&mut g, &path.join(name), true)?;
+                }
+            }
+            g.set_aside.extend(aside);
+            g.listings.push((path.clone(), names));
+            continue;
+        }
+        if set_aside_name(name) {
+            g.set_aside.push(path.clone());
+            continue;
+        }
+        match path.canonicalize() {
+            Ok(c) if canonical.contains(&c) => {
+                g.given_twice.push(path.clone());
+                continue;
+            }
+            Ok(c) => canonical.push(c),
+            Err(e) => return Err(unreadable(path)(e)),
+        }
+        open(&mut g, path, false)?;
+    }
+    // A set-aside file found in a directory and also given is named once.
+    let mut seen = Vec::new();
+    g.set_aside.retain(|p| {
+        let c = p.canonicalize().unwrap_or_else(|_| p.clone());
+        let new = !seen.contains(&c);
+        seen.push(c);
+        new
+    });
+    Ok(g)
+}
+
+/// Whether a directory given holds other trail files now than when it was listed.
+fn relisted_differently(listings: &[(PathBuf, Vec<String>)]) -> bool {
+    listings
+        .iter()
+        .any(|(dir, names)| list_dir(dir).map_or(true, |(now, _)| now != *names))
 }
 
 /// The last record accepted into the chain: the next one is checked against it.
@@ -386,17 +572,49 @@ struct Last {
     values: Vec<[u8; 32]>,
 }
 
-/// Checks the chain through `paths`, and reports every break (the first
-/// [`MAX_BREAKS_LISTED`] of them one by one).
+/// Checks the chain through `paths` (files, or directories whose trail files are listed),
+/// and reports every break (the first [`MAX_BREAKS_LISTED`] of them one by one). A directory
+/// whose trail rotated while it was read (a file listed then gone, or other files there after
+/// a read that found a break) is listed and read again, up to [`READS`] times in all.
 pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, VerifyError> {
-    let mut ordered = Vec::with_capacity(paths.len());
-    for p in paths {
-        ordered.push((first_seq(p)?, p.clone()));
+    let mut read = 1;
+    loop {
+        let gathered = match gather(paths) {
+            Ok(g) => g,
+            Err(GatherError::Vanished(_)) if read < READS => {
+                read += 1;
+                continue;
+            }
+            Err(GatherError::Vanished(e) | GatherError::Unreadable(e)) => return Err(e),
+        };
+        let listings = gathered.listings.clone();
+        let mut report = check(gathered, options)?;
+        if !report.intact() && read < READS && relisted_differently(&listings) {
+            read += 1;
+            continue;
+        }
+        report.read_again = read - 1;
+        return Ok(report);
     }
-    // Chain order: by first record; files with no whole record last, as given.
-    ordered.sort_by_key(|(seq, _)| seq.unwrap_or(u64::MAX));
+}
+
+/// Checks the chain through the files gathered.
+fn check(gathered: Gathered, options: &Options) -> Result<Report, VerifyError> {
+    // Chain order: by first record; files with no whole record last, as given. Read once all
+    // are open: a file found empty now is the newest of those held, whatever rotated since.
+    let mut ordered = Vec::with_capacity(gathered.files.len());
+    for mut opened in gathered.files {
+        let first = first_seq(&mut opened.file).map_err(|source| VerifyError {
+            path: opened.path.clone(),
+            source,
+        })?;
+        ordered.push((first, opened));
+    }
+    ordered.sort_by_key(|(first, _)| first.unwrap_or(u64::MAX));
 
     let mut report = Report {
+        set_aside: gathered.set_aside,
+        given_twice: gathered.given_twice,
         link: if options.keys.is_empty() {
             "sha256"
         } else {
@@ -413,12 +631,18 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
     let mut buf = Vec::new();
     // The `--head` anchors whose record was read, matching or not.
     let mut anchors_read = Vec::new();
-    for (index, (_, path)) in ordered.into_iter().enumerate() {
+    for (index, (_, opened)) in ordered.into_iter().enumerate() {
+        let path = opened.path;
         let err = |source| VerifyError {
             path: path.clone(),
             source,
         };
-        let mut reader = BufReader::new(crate::files::open_regular(&path).map_err(err)?);
+        // The seq a rotated file's name says its first record has.
+        let named_seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(rotated_name_seq);
+        let mut reader = BufReader::new(opened.file);
         let mut file = FileReport {
             path: path.clone(),
             records: 0,
@@ -475,6 +699,12 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
             };
             // Everything wrong with this record, as one break.
             let mut wrong = Vec::new();
+            if let Some(named) = named_seq.filter(|n| file.records == 0 && *n != seq) {
+                wrong.push(format!(
+                    "the file's name says its first record is seq {named}, but it is seq {seq}: \
+                     renamed, or records removed from (or added to) its start"
+                ));
+            }
             match &last {
                 None => report.anchor = Some(prev_hex.clone()),
                 Some(l) => {
@@ -527,6 +757,17 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
             report.records += 1;
             report.first_seq.get_or_insert(seq);
             report.last_seq = Some(seq);
+        }
+        if let (Some(named), 0) = (named_seq, file.records) {
+            report.broke(Broken {
+                path: path.clone(),
+                line: 0,
+                seq: None,
+                reason: format!(
+                    "the file's name says its first record is seq {named}, but it holds none: \
+                     emptied (the gateway never rotates an empty file)"
+                ),
+            });
         }
         report.files.push(file);
     }
@@ -1092,6 +1333,118 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("BROKEN: 149 break(s) in 300 records, seq 1..=300, 1 file(s)"));
+    }
+
+    const ROTATED_1: &str = "audit-20260101T000000.000000Z-000000000001.jsonl";
+    const ROTATED_4: &str = "audit-20260101T000001.000000Z-000000000004.jsonl";
+
+    #[test]
+    fn a_rotated_name_says_its_first_seq() {
+        assert_eq!(rotated_name_seq(ROTATED_4), Some(4));
+        for not in [
+            "audit.jsonl",
+            "audit-1.jsonl",
+            "audit-a.jsonl",
+            "audit-20260101T000000.000000Z-.jsonl",
+            "audit-20260101T000000.000000Z-x1.jsonl",
+            "audit-tail-20260101T000000.000000Z.partial",
+        ] {
+            assert_eq!(rotated_name_seq(not), None, "{not}");
+        }
+    }
+
+    /// A rotated file must start at the seq its name says: a file renamed, or cut at its
+    /// start, is a break even when the chain through it holds.
+    #[test]
+    fn a_rotated_file_whose_first_record_is_not_its_name_is_broken() {
+        let d = scratch();
+        let (a, h) = chain(1, GENESIS, 3);
+        let (b, _) = chain(4, h, 2);
+        let fa = write(&d, ROTATED_1, &a, "");
+        let fb = write(&d, "audit.jsonl", &b, "");
+        assert!(verify_files(&[fa.clone(), fb.clone()], &Options::default())
+            .expect("read")
+            .intact());
+        // The first file's first record removed: its name says 1, it starts at 2.
+        write(&d, ROTATED_1, &a[1..], "");
+        let r = verify_files(&[fa.clone(), fb.clone()], &Options::default()).expect("read");
+        let b0 = r.breaks.first().cloned().expect("broken");
+        assert_eq!((b0.path, b0.line, b0.seq), (fa.clone(), 1, Some(2)), "{r}");
+        assert!(
+            b0.reason
+                .contains("the file's name says its first record is seq 1, but it is seq 2"),
+            "{r}"
+        );
+        // Renamed to another rotated name; emptied.
+        let renamed = d.join(ROTATED_4);
+        std::fs::rename(&fa, &renamed).expect("rename");
+        write(&d, ROTATED_1, &[], "");
+        let r = verify_files(&[fa.clone(), renamed.clone()], &Options::default()).expect("read");
+        let reasons: Vec<&str> = r.breaks.iter().map(|b| b.reason.as_str()).collect();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("says its first record is seq 4, but it is seq 2")),
+            "{r}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("but it holds none")),
+            "{r}"
+        );
+    }
+
+    /// The same file given twice is read once and named as such, not taken for a gap; what
+    /// the gateway set aside is named and not read.
+    #[test]
+    fn a_file_given_twice_is_read_once_and_what_is_set_aside_is_not_read() {
+        let d = scratch();
+        let (a, _) = chain(1, GENESIS, 3);
+        let f = write(&d, "audit.jsonl", &a, "");
+        let again = d.join(".").join("audit.jsonl");
+        let tail = d.join("audit-tail-20260101T000000.000000Z.partial");
+        std::fs::write(&tail, [0u8; 40]).expect("write");
+        let r = verify_files(
+            &[f.clone(), tail.clone(), again.clone()],
+            &Options::default(),
+        )
+        .expect("read");
+        assert!(r.intact(), "{r}");
+        assert_eq!(r.records, 3);
+        assert_eq!(r.given_twice, std::slice::from_ref(&again));
+        assert_eq!(r.set_aside, std::slice::from_ref(&tail));
+        let text = r.to_string();
+        assert!(
+            text.contains(&format!("note: {} given twice; read once", again.display())),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "set aside: {}: kept aside by the gateway, not part of the chain; not read",
+                tail.display()
+            )),
+            "{text}"
+        );
+    }
+
+    /// Given the directory, it lists the trail files itself (rotated ones and the active
+    /// one; what is set aside named; nothing else read).
+    #[test]
+    fn a_directory_is_read_as_its_trail() {
+        let d = scratch();
+        let (a, h) = chain(1, GENESIS, 3);
+        let (b, _) = chain(4, h, 2);
+        write(&d, ROTATED_1, &a, "");
+        write(&d, "audit.jsonl", &b, "{\"seq\":6,");
+        std::fs::write(d.join("audit-tail-20260101T000000.000000Z.partial"), b"x").expect("w");
+        std::fs::write(d.join(".lock"), b"").expect("write");
+        std::fs::write(d.join("notes.txt"), b"not the trail").expect("write");
+        let r = verify_files(std::slice::from_ref(&d), &Options::default()).expect("read");
+        assert!(r.intact(), "{r}");
+        assert_eq!((r.records, r.files.len(), r.set_aside.len()), (5, 2, 1));
+        assert!(r.torn.is_some());
+        assert_eq!(r.read_again, 0);
+        // A directory that is not there is unreadable, not an empty trail.
+        assert!(verify_files(&[d.join("missing")], &Options::default()).is_err());
     }
 
     #[test]

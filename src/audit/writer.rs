@@ -1011,6 +1011,8 @@ mod tests {
             "{name}"
         );
         assert_eq!(rotated_seq(&name), Some(42));
+        // `audit verify` reads the same seq from the name, and checks the file against it.
+        assert_eq!(super::super::verify::rotated_name_seq(&name), Some(42));
         assert_eq!(rotated_seq("audit.jsonl"), None);
         assert_eq!(rotated_seq("notes.txt"), None);
     }
