@@ -588,7 +588,8 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
             Err(GatherError::Vanished(e) | GatherError::Unreadable(e)) => return Err(e),
         };
         let listings = gathered.listings.clone();
-        let mut report = check(gathered, options)?;
+        let given = paths.first().cloned().unwrap_or_default();
+        let mut report = check(gathered, options, &given)?;
         if !report.intact() && read < READS && relisted_differently(&listings) {
             read += 1;
             continue;
@@ -598,8 +599,9 @@ pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, Veri
     }
 }
 
-/// Checks the chain through the files gathered.
-fn check(gathered: Gathered, options: &Options) -> Result<Report, VerifyError> {
+/// Checks the chain through the files gathered (`given`: the first path given, to name when
+/// there is no file).
+fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, VerifyError> {
     // Chain order: by first record; files with no whole record last, as given. Read once all
     // are open: a file found empty now is the newest of those held, whatever rotated since.
     let mut ordered = Vec::with_capacity(gathered.files.len());
@@ -772,7 +774,7 @@ fn check(gathered: Gathered, options: &Options) -> Result<Report, VerifyError> {
         report.files.push(file);
     }
     report.head = last.map(|l| hex(&l.values[proved_by.min(l.values.len() - 1)]));
-    for broken in check_end(&report, options, &anchors_read) {
+    for broken in check_end(&report, options, &anchors_read, given) {
         report.broke(broken);
     }
     Ok(report)
@@ -780,15 +782,19 @@ fn check(gathered: Gathered, options: &Options) -> Result<Report, VerifyError> {
 
 /// Whether the trail reaches the anchors given for its end (`--head`, `--min-seq`): a trail
 /// cut short is still a valid chain, so only an anchor kept outside it tells.
-fn check_end(report: &Report, options: &Options, anchors_read: &[u64]) -> Vec<Broken> {
+fn check_end(
+    report: &Report,
+    options: &Options,
+    anchors_read: &[u64],
+    given: &Path,
+) -> Vec<Broken> {
     let (path, line) = report
         .files
         .iter()
         .rev()
         .find(|f| f.records > 0)
         .or(report.files.last())
-        .map(|f| (f.path.clone(), f.lines))
-        .unwrap_or_default();
+        .map_or((given.to_path_buf(), 0), |f| (f.path.clone(), f.lines));
     let ends = report
         .last_seq
         .map_or("the trail holds no record".to_owned(), |s| {
@@ -1445,6 +1451,21 @@ mod tests {
         assert_eq!(r.read_again, 0);
         // A directory that is not there is unreadable, not an empty trail.
         assert!(verify_files(&[d.join("missing")], &Options::default()).is_err());
+        // An empty one holds no record: short of any anchor, named by the directory.
+        let empty = d.join("empty");
+        std::fs::create_dir(&empty).expect("mkdir");
+        let options = Options {
+            min_seq: Some(1),
+            ..Options::default()
+        };
+        let r = verify_files(std::slice::from_ref(&empty), &options).expect("read");
+        assert_eq!(
+            r.breaks.first().map(|b| b.to_string()),
+            Some(format!(
+                "BROKEN: {}: the trail holds no record, before seq 1 (--min-seq): records removed from its end",
+                empty.display()
+            ))
+        );
     }
 
     #[test]
