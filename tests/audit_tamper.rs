@@ -305,7 +305,7 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     let (code, out) = verify(&[&k1, &k2], &files);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("is the plain SHA-256 of record") && out.contains("(seq 2)"),
+        out.contains("no link is the HMAC under a key given"),
         "{out}"
     );
     stop_provider.cancel();

@@ -159,7 +159,13 @@ fn link_values(options: &Options, line: &[u8]) -> Vec<[u8; 32]> {
 }
 
 /// Why `prev` (hex) is not a link value of the line before (`values`, of `line`, record `seq`).
-fn link_mismatch(options: &Options, prev_hex: &str, seq: u64, line: &[u8]) -> String {
+fn link_mismatch(
+    options: &Options,
+    prev_hex: &str,
+    seq: u64,
+    line: &[u8],
+    keyed_seen: bool,
+) -> String {
     if options.keys.is_empty() {
         return format!(
             "prev {prev_hex} is not the SHA-256 of record {seq} ({}): the record before was \
@@ -167,10 +173,10 @@ fn link_mismatch(options: &Options, prev_hex: &str, seq: u64, line: &[u8]) -> St
             hex(&sha256(line))
         );
     }
-    if prev_hex == hex(&sha256(line)) {
+    if keyed_seen && prev_hex == hex(&sha256(line)) {
         return format!(
-            "prev {prev_hex} is the plain SHA-256 of record {seq}, not its HMAC under a key \
-             given: written before the trail was keyed, or rewritten by someone without the key"
+            "prev {prev_hex} is the plain SHA-256 of record {seq}, after links under a key \
+             given: rewritten by someone without the key (a keyed trail never goes back)"
         );
     }
     format!(
@@ -252,6 +258,11 @@ pub struct Report {
     pub head: Option<String>,
     /// How the links were checked: `sha256` or `hmac-sha256`.
     pub link: &'static str,
+    /// With keys: the last record of a trail begun before it was keyed, whose links up to it
+    /// are plain SHA-256 (accepted only before the first keyed link, which covers them all:
+    /// the keyed link of the record after it is the HMAC of its line, which holds the SHA-256
+    /// of the line before, and so on back).
+    pub unkeyed_through: Option<u64>,
     /// At the end of the last file only.
     pub torn: Option<Torn>,
     /// The first [`MAX_BREAKS_LISTED`] breaks, in the order found.
@@ -358,6 +369,13 @@ impl fmt::Display for Report {
                     )
                 };
                 let head = self.head.as_deref().unwrap_or("-");
+                if let Some(through) = self.unkeyed_through {
+                    writeln!(
+                        f,
+                        "note: the links up to record {through} are plain SHA-256 (written before \
+                         the trail was keyed); the first keyed link, after it, covers them"
+                    )?;
+                }
                 write!(
                     f,
                     "ok: {} records, {seqs}, {} file(s), chain intact {start}, every link {}; head {} {head} (anchor the end elsewhere: --head {last}:{head})",
@@ -629,6 +647,9 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
     let mut last_line = Vec::new();
     // Which way of linking (key) proved the last link.
     let mut proved_by = options.keys.len().saturating_sub(1);
+    // With keys: whether a link under one was seen. Before it, plain SHA-256 links are the
+    // trail from before the key was set; after it, one is a rewrite (never a way back).
+    let mut keyed_seen = false;
     let last_file = ordered.len().saturating_sub(1);
     let mut buf = Vec::new();
     // The `--head` anchors whose record was read, matching or not.
@@ -717,11 +738,24 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
                         ));
                     }
                     match l.values.iter().position(|v| hex(v) == prev_hex) {
-                        Some(i) => proved_by = i,
+                        Some(i) => {
+                            proved_by = i;
+                            keyed_seen |= !options.keys.is_empty();
+                        }
                         // With the seq already wrong, the link to the record before says
                         // nothing new unless it was kept (records removed, chained again).
                         None if !wrong.is_empty() => {}
-                        None => wrong.push(link_mismatch(options, &prev_hex, l.seq, &last_line)),
+                        // The trail from before the key was set: plain SHA-256 links, until
+                        // the first keyed one.
+                        None if !options.keys.is_empty()
+                            && !keyed_seen
+                            && prev_hex == hex(&sha256(&last_line)) =>
+                        {
+                            report.unkeyed_through = Some(seq);
+                        }
+                        None => wrong.push(link_mismatch(
+                            options, &prev_hex, l.seq, &last_line, keyed_seen,
+                        )),
                     }
                 }
             }
@@ -774,6 +808,18 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
         report.files.push(file);
     }
     report.head = last.map(|l| hex(&l.values[proved_by.min(l.values.len() - 1)]));
+    // Keys given, links checked, none keyed: nothing shows the key was ever used.
+    if !options.keys.is_empty() && report.unkeyed_through.is_some() && !keyed_seen {
+        report.broke(Broken {
+            path: given.to_path_buf(),
+            line: 0,
+            seq: report.last_seq,
+            reason: "no link is the HMAC under a key given, every one a plain SHA-256: a trail \
+                     never keyed with these keys, or one whose keyed records were removed or \
+                     rewritten by someone without the key"
+                .to_owned(),
+        });
+    }
     for broken in check_end(&report, options, &anchors_read, given) {
         report.broke(broken);
     }
@@ -1099,41 +1145,123 @@ mod tests {
             .intact());
     }
 
+    /// `lines` linked again from the first: each line's body kept (record `edit`'s `n` set to
+    /// 99), its `prev` the plain SHA-256 of the line before for the records before `keyed_from`
+    /// (1-based seq) and the HMAC under `key` from it on, as whoever writes the files could, or
+    /// as a trail begun before its key was set is.
+    fn relinked(
+        lines: &[String],
+        edit: Option<usize>,
+        keyed_from: u64,
+        key: &ChainKey,
+    ) -> Vec<String> {
+        let mut prev = GENESIS;
+        let mut out = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json");
+            let mut body = v.as_object().expect("object").clone();
+            body.remove("seq");
+            body.remove("prev");
+            if Some(i + 1) == edit {
+                body.insert("n".into(), 99.into());
+            }
+            let body = serde_json::to_string(&body).expect("json");
+            let seq = i as u64 + 1;
+            let line = frame(seq, &prev, &body);
+            prev = if seq + 1 >= keyed_from {
+                key.hmac(line.as_bytes())
+            } else {
+                sha256(line.as_bytes())
+            };
+            out.push(line);
+        }
+        out
+    }
+
     /// Whoever can write the files but not read the key edits a record and links every later
-    /// record again with plain SHA-256: that passes a check without --key, never one with it.
+    /// record again with plain SHA-256: that passes a check without --key, never one with it;
+    /// nor does linking again with SHA-256 only from the edit on (a keyed trail never goes back
+    /// to SHA-256).
     #[test]
     fn a_trail_rewritten_and_chained_again_without_the_key_fails_with_it() {
         let d = scratch();
         let key = ChainKey::from_bytes(&[5u8; 32]).expect("key");
         let (a, _) = keyed_chain(1, GENESIS, 5, &key);
-        let mut prev = GENESIS;
-        let mut forged = Vec::new();
-        for (i, line) in a.iter().enumerate() {
-            let v: serde_json::Value = serde_json::from_str(line).expect("json");
-            let mut body = v.as_object().expect("object").clone();
-            body.remove("seq");
-            body.remove("prev");
-            if i == 2 {
-                body.insert("n".into(), 99.into());
-            }
-            let body = serde_json::to_string(&body).expect("json");
-            let line = frame(i as u64 + 1, &prev, &body);
-            prev = sha256(line.as_bytes());
-            forged.push(line);
-        }
+        // All of it, from the genesis: no keyed link is left.
+        let forged = relinked(&a, Some(3), u64::MAX, &key);
         let f = write(&d, "audit.jsonl", &forged, "");
         assert!(verify_files(std::slice::from_ref(&f), &Options::default())
             .expect("read")
             .intact());
-        let b = verify_files(&[f], &keys(&[&key]))
-            .expect("read")
-            .breaks
-            .first()
-            .cloned()
-            .expect("broken");
-        assert_eq!((b.line, b.seq), (2, Some(2)));
+        let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
+        assert_eq!(r.break_count(), 1, "{r}");
+        let b = r.breaks[0].clone();
+        assert_eq!((b.line, b.seq), (0, Some(5)));
         assert!(
-            b.reason.contains("plain SHA-256 of record 1"),
+            b.reason.contains("no link is the HMAC under a key given"),
+            "{}",
+            b.reason
+        );
+        // From the edit on: records 1 to 3 as written (3 edited, its keyed prev kept), 4 and 5
+        // linked with SHA-256.
+        let mut forged = a[..2].to_vec();
+        forged.push(a[2].replace("\"n\":2", "\"n\":99"));
+        assert_ne!(forged[2], a[2]);
+        let mut prev = sha256(forged[2].as_bytes());
+        for (i, line) in a.iter().enumerate().skip(3) {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json");
+            let mut body = v.as_object().expect("object").clone();
+            body.remove("seq");
+            body.remove("prev");
+            let line = frame(
+                i as u64 + 1,
+                &prev,
+                &serde_json::to_string(&body).expect("json"),
+            );
+            prev = sha256(line.as_bytes());
+            forged.push(line);
+        }
+        let f = write(&d, "audit.jsonl", &forged, "");
+        let r = verify_files(&[f], &keys(&[&key])).expect("read");
+        let b = r.breaks.first().cloned().expect("broken");
+        assert_eq!((b.line, b.seq), (4, Some(4)), "{r}");
+        assert!(
+            b.reason
+                .contains("plain SHA-256 of record 3, after links under a key given"),
+            "{}",
+            b.reason
+        );
+    }
+
+    /// A trail begun before `[audit] key_file` was set: its first links are plain SHA-256, the
+    /// rest keyed. It verifies with the key, saying so; the first keyed link covers the records
+    /// before it, so an edit among them breaks it.
+    #[test]
+    fn a_trail_keyed_after_it_began_verifies_and_its_unkeyed_start_is_covered() {
+        let d = scratch();
+        let key = ChainKey::from_bytes(&[8u8; 32]).expect("key");
+        let (a, _) = keyed_chain(1, GENESIS, 6, &key);
+        // Records 2 to 4 link with SHA-256, 5 and 6 with the HMAC.
+        let lines = relinked(&a, None, 5, &key);
+        let f = write(&d, "audit.jsonl", &lines, "");
+        let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
+        assert!(r.intact(), "{r}");
+        assert_eq!(r.unkeyed_through, Some(4));
+        assert!(
+            r.to_string()
+                .contains("links up to record 4 are plain SHA-256"),
+            "{r}"
+        );
+        // Record 2 edited and linked again with SHA-256 up to 4: the keyed link of 5 breaks.
+        let mut forged = relinked(&a, Some(2), u64::MAX, &key)[..4].to_vec();
+        forged.extend(lines[4..].iter().cloned());
+        let f = write(&d, "audit.jsonl", &forged, "");
+        let r = verify_files(&[f], &keys(&[&key])).expect("read");
+        let b = r.breaks.first().cloned().expect("broken");
+        assert_eq!((b.line, b.seq), (5, Some(5)), "{r}");
+        assert!(
+            b.reason
+                .contains("not the HMAC of record 4 under any key given"),
             "{}",
             b.reason
         );
