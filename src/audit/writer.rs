@@ -203,54 +203,70 @@ struct Tail {
 fn read_tail(path: &Path) -> io::Result<Tail> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok(Tail {
-            last: None,
-            torn_from: None,
-            first: None,
-        });
-    }
-    // The last complete line: grow the window backwards until it holds one whole line.
-    let mut window = TAIL_CHUNK.min(len);
-    let (last, torn_from) = loop {
-        let start = len - window;
-        file.seek(SeekFrom::Start(start))?;
-        let mut buf = vec![0u8; window as usize];
-        file.read_exact(&mut buf)?;
-        let last_newline = buf.iter().rposition(|b| *b == b'\n');
-        // Read only once the window holds the last newline, or the whole file.
-        let torn_from = (buf.last() != Some(&b'\n'))
-            .then(|| last_newline.map_or(start, |i| start + i as u64 + 1));
-        let complete = match last_newline {
-            Some(i) => &buf[..i],
-            None if start == 0 => break (None, torn_from),
-            None => {
-                window = (window * 2).min(len);
-                continue;
-            }
-        };
-        match complete.iter().rposition(|b| *b == b'\n') {
-            Some(i) => break (Some(complete[i + 1..].to_vec()), torn_from),
-            None if start == 0 => break (Some(complete.to_vec()), torn_from),
-            None => window = (window * 2).min(len),
+    // After the last newline: the bytes of a record cut short, or what else was left there.
+    let end = match newline_before(&mut file, len)? {
+        Some(i) => i,
+        None => {
+            // No newline at all: no whole line.
+            return Ok(Tail {
+                last: None,
+                torn_from: (len > 0).then_some(0),
+                first: None,
+            });
         }
     };
-    // The first complete line.
+    let torn_from = (end + 1 < len).then_some(end + 1);
+    // The last complete line: from after the newline before it (or the start) to `end`.
+    let begin = newline_before(&mut file, end)?.map_or(0, |i| i + 1);
+    let last_len = end - begin;
+    if last_len > MAX_LINE_READ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "its last line is {last_len} bytes long, longer than any audit record \
+                 ({MAX_LINE_READ} bytes at most)"
+            ),
+        ));
+    }
+    let mut last = vec![0u8; last_len as usize];
+    file.seek(SeekFrom::Start(begin))?;
+    file.read_exact(&mut last)?;
+    // The first complete line (read no further than a record can be long).
     file.seek(SeekFrom::Start(0))?;
     let mut first = Vec::new();
-    let mut reader = io::BufReader::new(file.take(len));
-    let first = match io::BufRead::read_until(&mut reader, b'\n', &mut first)? {
-        _ if first.last() == Some(&b'\n') => {
-            first.pop();
-            Some(first)
-        }
-        _ => None,
-    };
+    let mut reader = io::BufReader::new((&mut file).take((end + 1).min(MAX_LINE_READ + 1)));
+    io::BufRead::read_until(&mut reader, b'\n', &mut first)?;
+    let first = (first.last() == Some(&b'\n')).then(|| {
+        first.pop();
+        first
+    });
     Ok(Tail {
-        last,
+        last: Some(last),
         torn_from,
         first,
     })
+}
+
+/// The longest line the writer reads back at start (the last and the first record of a file):
+/// far longer than any record it writes, whose text comes from a request head.
+const MAX_LINE_READ: u64 = 16 << 20;
+
+/// The offset of the last newline in `file` before `before`, looking back [`TAIL_CHUNK`] bytes
+/// at a time (memory stays bounded whatever the file holds), or `None` when there is none.
+fn newline_before(file: &mut File, before: u64) -> io::Result<Option<u64>> {
+    let mut buf = vec![0u8; TAIL_CHUNK as usize];
+    let mut end = before;
+    while end > 0 {
+        let start = end.saturating_sub(TAIL_CHUNK);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            return Ok(Some(start + i as u64));
+        }
+        end = start;
+    }
+    Ok(None)
 }
 
 /// `seq` of a stored line.
@@ -310,12 +326,10 @@ fn newest_head(dir: &Path, link: &Link) -> Result<Option<Head>, AuditError> {
 /// Moves the active file's bytes from `start` (just after its last newline, as [`read_tail`]
 /// found it) into a file of their own beside it (`audit-tail-<time>.partial`, 0600, synced),
 /// then cuts the active file back to its last whole line. Returns that file and the bytes.
-fn move_out_tail(dir: &Path, active: &Path, start: u64) -> io::Result<(PathBuf, Vec<u8>)> {
+fn move_out_tail(dir: &Path, active: &Path, start: u64) -> io::Result<MovedOut> {
     let mut file = OpenOptions::new().read(true).write(true).open(active)?;
     let len = file.metadata()?.len();
-    let mut bytes = vec![0u8; len.saturating_sub(start) as usize];
-    file.seek(SeekFrom::Start(start))?;
-    file.read_exact(&mut bytes)?;
+    let bytes = len.saturating_sub(start);
     let time = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
     let kept = dir.join(format!("audit-tail-{time}.partial"));
     let mut out = OpenOptions::new()
@@ -323,13 +337,37 @@ fn move_out_tail(dir: &Path, active: &Path, start: u64) -> io::Result<(PathBuf, 
         .create_new(true)
         .mode(0o600)
         .open(&kept)?;
-    out.write_all(&bytes)?;
+    // Copied through a small buffer: what follows the last record may be any size.
+    file.seek(SeekFrom::Start(start))?;
+    let mut head = vec![0u8; bytes.min(MOVED_OUT_HEAD) as usize];
+    file.read_exact(&mut head)?;
+    out.write_all(&head)?;
+    let copied = io::copy(&mut (&mut file).take(bytes - head.len() as u64), &mut out)?;
+    if copied + head.len() as u64 != bytes {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the audit file shrank while its tail was moved out",
+        ));
+    }
     out.sync_all()?;
     sync_dir(dir)?;
     // Only once the bytes are safe elsewhere.
     file.set_len(start)?;
     file.sync_all()?;
-    Ok((kept, bytes))
+    Ok(MovedOut { kept, head, bytes })
+}
+
+/// How much of the bytes moved out [`move_out_tail`] keeps to say what they are.
+const MOVED_OUT_HEAD: u64 = 64;
+
+/// What [`move_out_tail`] moved out of the trail.
+struct MovedOut {
+    /// The file they are kept in.
+    kept: PathBuf,
+    /// Their first [`MOVED_OUT_HEAD`] bytes.
+    head: Vec<u8>,
+    /// How many there were.
+    bytes: u64,
 }
 
 impl Writer {
@@ -363,18 +401,21 @@ impl Writer {
                     head = newest_head(&dir, &link)?;
                 }
                 let next = head.map_or(1, |h| h.seq + 1);
-                let (kept, bytes) = move_out_tail(&dir, &active_path, from).map_err(io_err)?;
-                if super::verify::could_start_next_record(&bytes, Some(next)) {
+                let MovedOut { kept, head, bytes } =
+                    move_out_tail(&dir, &active_path, from).map_err(io_err)?;
+                if bytes < super::verify::MAX_TORN_BYTES as u64
+                    && super::verify::could_start_next_record(&head, Some(next))
+                {
                     tracing::warn!(
                         file = %kept.display(),
-                        bytes = bytes.len(),
+                        bytes,
                         "bytes after the last whole audit record, the start of a record: a write \
                          cut short by a crash, or an edit; moved out of the trail for inspection"
                     );
                 } else {
                     tracing::error!(
                         file = %kept.display(),
-                        bytes = bytes.len(),
+                        bytes,
                         "bytes after the last whole audit record that are not the start of a \
                          record (such as the NULs a power cut can leave, or an edit); moved out \
                          of the trail for inspection"
@@ -1001,6 +1042,61 @@ mod tests {
         let cap = buf.capacity();
         empty_after_sync(&mut buf);
         assert_eq!(buf.capacity(), cap, "small buffers are not churned");
+    }
+
+    fn scratch() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "ssp-writer-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        fs::create_dir_all(&d).expect("scratch");
+        d
+    }
+
+    /// The end of a file is found looking back a chunk at a time: lines across chunk
+    /// boundaries, and a tail of many chunks after the last newline, are read right, and the
+    /// tail is moved out whole, byte for byte, through a small buffer (before, both were read
+    /// into memory whole: bytes appended to the trail could exhaust the gateway's at start).
+    #[test]
+    fn the_end_of_a_file_is_read_and_its_tail_moved_out_a_chunk_at_a_time() {
+        let d = scratch();
+        let path = d.join("audit.jsonl");
+        let first = format!("{{\"seq\":1,\"x\":\"{}\"}}", "a".repeat(100_000));
+        let last = format!("{{\"seq\":2,\"x\":\"{}\"}}", "b".repeat(150_000));
+        let tail = vec![b'Z'; 3 * TAIL_CHUNK as usize + 17];
+        let mut bytes = format!("{first}\n{last}\n").into_bytes();
+        let whole = bytes.len() as u64;
+        bytes.extend_from_slice(&tail);
+        fs::write(&path, &bytes).expect("write");
+        let t = read_tail(&path).expect("tail");
+        assert_eq!(t.first.as_deref(), Some(first.as_bytes()));
+        assert_eq!(t.last.as_deref(), Some(last.as_bytes()));
+        assert_eq!(t.torn_from, Some(whole));
+        let moved = move_out_tail(&d, &path, whole).expect("moved");
+        assert_eq!(moved.bytes, tail.len() as u64);
+        assert_eq!(moved.head, &tail[..MOVED_OUT_HEAD as usize]);
+        assert_eq!(fs::read(&moved.kept).expect("kept"), tail);
+        assert_eq!(fs::read(&path).expect("trail").len() as u64, whole);
+        // Whole lines only, then none at all.
+        let t = read_tail(&path).expect("tail");
+        assert_eq!(
+            (t.last.as_deref(), t.torn_from),
+            (Some(last.as_bytes()), None)
+        );
+        fs::write(&path, &tail).expect("write");
+        let t = read_tail(&path).expect("tail");
+        assert_eq!((t.last, t.first, t.torn_from), (None, None, Some(0)));
+        // A last line longer than any record is refused, not read.
+        let mut huge = vec![b'{'; MAX_LINE_READ as usize + 1];
+        huge.push(b'\n');
+        fs::write(&path, &huge).expect("write");
+        let err = read_tail(&path).err().expect("refused");
+        assert!(
+            err.to_string().contains("longer than any audit record"),
+            "{err}"
+        );
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
