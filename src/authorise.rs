@@ -123,7 +123,9 @@ mod tests {
                 product_name: None,
                 product_version: None,
             },
+            registered_fqdns: handlers.iter().map(|h| h.fqdn.clone()).collect(),
             handlers,
+            unusable: Vec::new(),
         }
     }
 

@@ -276,6 +276,7 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 /// certificate (the listener's, the upstream client's, the LDAPS directory client's, the mock
 /// provider's; any in its file's chain) running out within [`EXPIRY_WARNING_DAYS`], an LDIF
 /// directory with no accredited system or no message handler (every request would be refused),
+/// or with message handlers it cannot use or values it uses only trimmed (each with its line),
 /// a remote directory backend that does not answer now (the gateway would start unready), a
 /// CORS allowlist of `"*"` (any web page could call through a clinician's browser), an
 /// open-files hard limit below what the connection limits can take, and the TLS material's own
@@ -363,6 +364,10 @@ fn check_warnings(config: &Config, components: &ssp_gateway::Components) -> Vec<
                     ldif.origin()
                 ));
             }
+        }
+        // Message handlers it cannot use, values it uses trimmed: each with its line.
+        for warning in ldif.warnings() {
+            warnings.push(format!("directory: {}: {warning}", ldif.origin()));
         }
     } else {
         let backend = components.gateway.directory.backend().clone();

@@ -74,12 +74,19 @@ fn fhir(api: &FhirApi) -> FhirBackend {
     FhirBackend::new(&settings, interactions).expect("FHIR backend")
 }
 
-/// A party in a canonical form: handlers ordered by MHS id, interactions sorted. Order carries
-/// no meaning in SDS (multi-valued attributes and search results are sets).
+/// A party in a canonical form: handlers ordered by MHS id, interactions, FQDNs and what
+/// cannot be used sorted. Order carries no meaning in SDS (multi-valued attributes and search
+/// results are sets).
 fn canonical(party: Option<Party>) -> Option<Party> {
     party.map(|mut p| {
         p.system.interactions.sort();
         p.handlers.sort_by(|a, b| a.id.cmp(&b.id));
+        p.registered_fqdns.sort();
+        for u in &mut p.unusable {
+            u.handlers.sort();
+        }
+        p.unusable
+            .sort_by(|a, b| (&a.interaction, &a.handlers).cmp(&(&b.interaction, &b.handlers)));
         p
     })
 }
@@ -158,45 +165,125 @@ async fn ldif_ldap_and_fhir_give_the_same_answers_on_the_development_world() {
     assert_eq!(ids.len(), seen.len(), "a fresh correlation id per request");
 }
 
-/// Directory data the LDIF backend refuses at load (an endpoint no request can be forwarded to)
-/// is a backend error from LDAP and FHIR too, naming the handler: never a party that lists it.
+/// Real SDS data's quirks ([`directory_support::quirky_world`]) take no party down, on any
+/// backend: an unforwardable endpoint, two endpoints, or two handlers for one catalogue
+/// interaction make that interaction unusable for the party, with the same reason from every
+/// backend, and leave its other interactions and its FQDNs; a consumer's OpenTest-like handler
+/// outside the catalogue only supplies its FQDN; values with a trailing space are used trimmed;
+/// and an MHS record of another organisation under the party key is not the party's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_no_request_can_reach_is_an_error_from_every_backend() {
-    const GOOD: &str = "nhsMHSEndPoint: https://localhost:9443/B82617/STU3/1/gpconnect\n";
-    let world = world_ldif();
-    assert!(world.contains(GOOD));
-    for bad in [
-        "https://localhost:9443/B82617/STU3/1/gpconnect/",
-        "http://localhost:9443/B82617/STU3/1/gpconnect",
-        "https://localhost:99999/B82617/STU3/1/gpconnect",
-        "https://localhost:9443/B82617/STU3/1/gpconnect?x=1",
-        "https://user@localhost:9443/B82617/STU3/1/gpconnect",
-    ] {
-        // Only the first handler's endpoint goes bad.
-        let ldif_text = world.replacen(GOOD, &format!("nhsMHSEndPoint: {bad}\n"), 1);
-        assert!(
-            LdifBackend::parse(&ldif_text, "test").is_err(),
-            "the LDIF backend refuses {bad}"
-        );
-        let slapd = Slapd::start(&ldif_text, None);
-        let api = FhirApi::start(&ldif_text, None).await;
-        let from_ldap = DirectoryBackend::party(&ldap(slapd.url(), None), PROVIDER_ASID).await;
-        let from_fhir = DirectoryBackend::party(&fhir(&api), PROVIDER_ASID).await;
-        for (backend, answer) in [("ldap", from_ldap), ("fhir", from_fhir)] {
-            let err = answer.expect_err(backend).to_string();
-            assert!(
-                err.contains(&format!("nhsMhsEndPoint {bad:?}")) && err.contains("forward"),
-                "{backend} {bad}: {err}"
-            );
-        }
-        // The consumer's own entries are sound, so it is still answered.
-        assert!(
-            DirectoryBackend::party(&ldap(slapd.url(), None), CONSUMER_ASID)
-                .await
-                .expect("consumer")
-                .is_some()
+async fn real_sds_quirks_take_out_one_interaction_not_the_party_on_every_backend() {
+    let ldif_text = directory_support::quirky_world(&world_ldif());
+    let slapd = Slapd::start(&ldif_text, None);
+    let api = FhirApi::start(&ldif_text, None).await;
+    let ldif = LdifBackend::parse(&ldif_text, "quirky world").expect("the LDIF loads");
+    let ldap = ldap(slapd.url(), None);
+    let fhir = fhir(&api);
+
+    for asid in ASIDS {
+        let expected = canonical(DirectoryBackend::party(&ldif, asid).await.expect("ldif"));
+        let from_ldap = canonical(DirectoryBackend::party(&ldap, asid).await.expect("ldap"));
+        let from_fhir = canonical(DirectoryBackend::party(&fhir, asid).await.expect("fhir"));
+        assert_eq!(from_ldap, expected, "LDAP vs LDIF for {asid}");
+        assert_eq!(
+            from_fhir,
+            without_product(expected.clone()),
+            "FHIR vs LDIF for {asid}"
         );
     }
+
+    // What they agree on.
+    let provider = canonical(
+        DirectoryBackend::party(&ldap, PROVIDER_ASID)
+            .await
+            .expect("ldap"),
+    )
+    .expect("provider");
+    assert_eq!(provider.handlers.len(), 12, "15 less three unusable");
+    for usable in [IX_READ_LOCATION, IX_SEARCH_ORGANIZATION, IX_BOOK] {
+        assert!(provider.may(usable), "{usable}");
+        assert!(provider.handler_for(usable).is_some(), "{usable}");
+    }
+    let reasons: Vec<(&str, Vec<&str>, &str)> = provider
+        .unusable
+        .iter()
+        .map(|u| {
+            (
+                u.interaction.as_str(),
+                u.handlers.iter().map(String::as_str).collect(),
+                u.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:#?}");
+    assert_eq!(
+        reasons[0],
+        (
+            IX_METADATA,
+            vec![directory_support::METADATA_MHS],
+            "nhsMHSEndPoint \"https://localhost:9443/B82617/STU3/1/gpconnect/\": not an https:// \
+             endpoint the gateway can forward to (host, port 1-65535, a path of non-empty \
+             segments, no query)"
+        )
+    );
+    assert_eq!(reasons[1].0, IX_READ_PATIENT);
+    assert!(
+        reasons[1].2.starts_with("2 nhsMHSEndPoint values"),
+        "{reasons:#?}"
+    );
+    assert_eq!(reasons[2].0, IX_SEARCH_SLOT);
+    assert!(reasons[2]
+        .1
+        .contains(&directory_support::DUPLICATE_SLOT_MHS));
+    assert!(reasons[2]
+        .2
+        .starts_with("2 message handlers for one interaction under party key B82617-0000806"));
+    for unusable in [IX_METADATA, IX_READ_PATIENT, IX_SEARCH_SLOT] {
+        assert!(provider.handler_for(unusable).is_none(), "{unusable}");
+    }
+    assert_eq!(
+        provider.fqdns().collect::<Vec<_>>(),
+        ["localhost"],
+        "another organisation's handler gives no FQDN"
+    );
+    let consumer = DirectoryBackend::party(&fhir, CONSUMER_ASID)
+        .await
+        .expect("fhir")
+        .expect("consumer");
+    assert_eq!(consumer.system.party_key, "A20047-821870");
+    assert!(consumer.unusable.is_empty(), "{:?}", consumer.unusable);
+    assert!(consumer.has_fqdn("consumer.dev.local") && consumer.has_fqdn("opentest.dev.local"));
+
+    // The LDIF backend says so at load, each with its line; the same file without the quirks
+    // says nothing.
+    let warnings = ldif.warnings();
+    let unusable: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains("the interaction is refused for this party"))
+        .collect();
+    assert_eq!(unusable.len(), 3, "{warnings:#?}");
+    assert!(
+        unusable.iter().all(|w| w.starts_with("line")),
+        "{warnings:#?}"
+    );
+    assert_eq!(
+        warnings
+            .iter()
+            .filter(|w| w.contains("white space removed"))
+            .count(),
+        3,
+        "{warnings:#?}"
+    );
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.contains(directory_support::OPENTEST_MHS)),
+        "{warnings:#?}"
+    );
+    assert!(LdifBackend::parse(&world_ldif(), "world")
+        .expect("world")
+        .warnings()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,14 +314,37 @@ async fn the_ldap_backend_asks_the_sds_questions_exactly() {
             .expect("search"),
         None
     );
-    let by_lower = ldap.handlers("b82617-0000806").await.expect("search");
+    let by_lower = ldap
+        .handlers("b82617-0000806", "B82617")
+        .await
+        .expect("search");
     assert_eq!(by_lower.len(), 15);
+    // The ODS code joins too, exactly (`nhsIDCode` is caseExactMatch in SDS).
+    assert!(ldap
+        .handlers("B82617-0000806", "A20047")
+        .await
+        .expect("search")
+        .is_empty());
+    assert!(ldap
+        .handlers("B82617-0000806", "b82617")
+        .await
+        .expect("search")
+        .is_empty());
 
     // Filter values are escaped: a `*` is a character, not a wildcard; a `)(` cannot widen.
-    assert!(ldap.handlers("B82617-*").await.expect("search").is_empty());
-    assert!(ldap.handlers("*").await.expect("search").is_empty());
     assert!(ldap
-        .handlers("B82617-0000806)(objectClass=*")
+        .handlers("B82617-*", "B82617")
+        .await
+        .expect("search")
+        .is_empty());
+    assert!(ldap.handlers("*", "*").await.expect("search").is_empty());
+    assert!(ldap
+        .handlers("B82617-0000806)(objectClass=*", "B82617")
+        .await
+        .expect("search")
+        .is_empty());
+    assert!(ldap
+        .handlers("B82617-0000806", "B82617)(objectClass=*")
         .await
         .expect("search")
         .is_empty());

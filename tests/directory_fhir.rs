@@ -200,8 +200,8 @@ async fn the_gateway_runs_on_the_fhir_backend() {
     h.stop().await;
 }
 
-/// The consumer's own MHS endpoint in the development LDIF.
-const CONSUMER_ENDPOINT: &str = "https://consumer.dev.local/reliablemessaging/reliablerequest";
+/// The consumer's own MHS record's CPA id line in the development LDIF.
+const CONSUMER_CPA_ID: &str = "nhsMhsCPAId: f547f3250008191f91b9\n";
 
 /// `/readyz` follows whether the API answers, not what the last lookup did: cached "not
 /// found" answers are no fallback during an outage; after the API recovers, the gateway's
@@ -277,12 +277,9 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
     );
     assert_eq!(h.recorder.seen(), 0);
 
-    // One party's bad data (an endpoint no request could be forwarded to): with nothing cached
-    // its lookup fails, but the API answers, so the gateway stays ready.
-    let broken = served
-        .lock()
-        .expect("lock")
-        .replace(CONSUMER_ENDPOINT, &format!("{CONSUMER_ENDPOINT}/"));
+    // One party's bad data (an Endpoint without the CPA id every MHS record has): with nothing
+    // cached its lookup fails, but the API answers, so the gateway stays ready.
+    let broken = served.lock().expect("lock").replace(CONSUMER_CPA_ID, "");
     api.serve(&broken);
     let (status, _) = admin(h.admin, Method::POST, "/directory/invalidate").await;
     assert_eq!(status, 200);
@@ -293,7 +290,7 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
         .party(CONSUMER_ASID)
         .await
         .expect_err("the consumer's data is bad");
-    assert!(err.to_string().contains("nhsMhsEndPoint"), "{err}");
+    assert!(err.to_string().contains("nhsMhsCPAId"), "{err}");
     // The failed lookup woke the prober: its probe is answered.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !directory.healthy() {
@@ -317,8 +314,8 @@ async fn a_lookup_ends_when_its_time_budget_is_spent() {
     let catalogue = Catalogue::load(&repo_path("config/interactions.toml")).expect("catalogue");
     let interactions: Vec<String> = catalogue.iter().map(|i| i.id.clone()).collect();
     assert!(
-        interactions.len() >= 10,
-        "the catalogue has many interactions"
+        interactions.len() >= 13,
+        "the catalogue has more interactions than two rounds of searches"
     );
     let unknown = "123456789012";
     let settings = FhirSettings {
@@ -336,9 +333,10 @@ async fn a_lookup_ends_when_its_time_budget_is_spent() {
     assert_eq!(fhir.party(unknown).await.expect("lookup"), None);
     assert_eq!(api.seen().len(), interactions.len());
 
-    // Slow (each answer well within query_timeout, all of them far past the budget of 1.2 s).
-    api.delay_ms.store(300, Ordering::SeqCst);
-    let asked = api.seen().len();
+    // Slow: each answer within query_timeout, but three rounds of six searches take 1.5 s,
+    // past the budget of 1.2 s.
+    api.delay_ms.store(500, Ordering::SeqCst);
+    let started = std::time::Instant::now();
     let err = fhir
         .party(unknown)
         .await
@@ -350,10 +348,153 @@ async fn a_lookup_ends_when_its_time_budget_is_spent() {
         )),
         "{err}"
     );
-    let searched = api.seen().len() - asked;
+    let took = started.elapsed();
     assert!(
-        searched < interactions.len() / 2,
-        "{searched} of {} searches made",
-        interactions.len()
+        took >= Duration::from_millis(1200) && took < Duration::from_millis(1450),
+        "the budget, not the searches, ended it: {took:?}"
     );
+}
+
+/// The `/Device` searches of a lookup after the first run six at a time, answers taken in
+/// catalogue order: a party found only by the catalogue's last interactions (an Access Record
+/// Structured provider) takes about four round trips (and one more for `/Endpoint`), where one
+/// search at a time would spend the whole budget (16 × 0.25 s, against 2 × 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_searches_run_six_at_a_time() {
+    let structured = "urn:nhs:names:services:gpconnect:fhir:operation:gpc.getstructuredrecord-1";
+    let ldif = world_ldif()
+        .lines()
+        .filter(|l| !l.starts_with("nhsAsSvcIA: "))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "uniqueIdentifier: 918999198993\n",
+            &format!("uniqueIdentifier: 918999198993\nnhsAsSvcIA: {structured}\n"),
+        );
+    let api = FhirApi::start(&ldif, None).await;
+    let catalogue = Catalogue::load(&repo_path("config/interactions.toml")).expect("catalogue");
+    let interactions: Vec<String> = catalogue.iter().map(|i| i.id.clone()).collect();
+    let position = interactions
+        .iter()
+        .position(|i| i == structured)
+        .expect("in the catalogue");
+    assert!(position >= 12, "found late in the catalogue: {position}");
+    let settings = FhirSettings {
+        base_url: api.base_url(),
+        api_key_file: key_file(API_KEY),
+        ca: None,
+        asid_ods: [(PROVIDER_ASID.to_string(), "B82617".to_string())].into(),
+        connect_timeout: Duration::from_secs(5),
+        query_timeout: Duration::from_secs(1),
+    };
+    let fhir = FhirBackend::new(&settings, interactions.clone()).expect("FHIR backend");
+    api.delay_ms.store(250, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let provider = fhir
+        .party(PROVIDER_ASID)
+        .await
+        .expect("within the budget")
+        .expect("registered");
+    let took = started.elapsed();
+    assert_eq!(provider.system.interactions, [structured]);
+    assert_eq!(provider.handlers.len(), 15);
+    assert!(took < Duration::from_millis(1800), "{took:?}");
+    assert_eq!(api.max_in_flight.load(Ordering::SeqCst), 6);
+    // Every search up to the one that found it, and at most the five after it that were in
+    // flight, then the /Endpoint search.
+    let seen = api.seen();
+    let devices = seen
+        .iter()
+        .filter(|s| s.path_and_query.contains("/Device?"))
+        .count();
+    assert!(
+        devices > position && devices <= (position + 6).min(interactions.len()),
+        "{devices} /Device searches"
+    );
+    assert!(seen
+        .last()
+        .expect("requests")
+        .path_and_query
+        .contains("/Endpoint?"));
+}
+
+/// The gateway on the FHIR backend with real SDS data's quirks: an interaction whose handler
+/// cannot be used is refused 403 PARTYKEY_INTERACTION_CHECK_FAILED, not 503, and nothing
+/// reaches the provider; the party's other interactions are forwarded; no lookup failed. An
+/// Endpoint that is not `active` is not used (403), nor is a Device that is `inactive` (the
+/// sender is not registered: 403 ASID_CHECK_FAILED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_only_what_cannot_be_used_on_the_fhir_backend() {
+    let api = Arc::new(FhirApi::start("", None).await);
+    let key = key_file(API_KEY);
+    let serving = api.clone();
+    let base = api.base_url();
+    let served = Arc::new(Mutex::new(String::new()));
+    let kept = served.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            let quirky = directory_support::quirky_world(ldif);
+            serving.serve(&quirky);
+            *kept.lock().expect("lock") = quirky;
+            format!(
+                "backend = \"fhir\"\nfhir_base_url = \"{base}\"\nfhir_api_key_file = \"{}\"\n\
+                 fhir_asid_ods = {{ \"{PROVIDER_ASID}\" = \"B82617\", \"{CONSUMER_ASID}\" = \"A20047\" }}\n",
+                key.display()
+            )
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let directory = h.directory();
+    let location = || {
+        Gpc::new(
+            Method::GET,
+            format!("{}/Location/1", h.endpoint()),
+            IX_READ_LOCATION,
+        )
+    };
+
+    let answer = h.consumer_metadata().await;
+    answer.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_{PROVIDER_ASID}"),
+    );
+    assert_eq!(h.recorder.seen(), 0);
+    let answer = h.consumer().gpc(location()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(h.recorder.seen(), 1);
+    assert_eq!(directory.stats().backend_errors, 0);
+
+    // The location handler's Endpoint is switched off.
+    let location_mhs =
+        directory_support::mhs_id(&served.lock().expect("lock"), IX_READ_LOCATION, "B82617");
+    api.statuses
+        .lock()
+        .expect("lock")
+        .insert(location_mhs, "off".into());
+    let (status, _) = admin(h.admin, Method::POST, "/directory/invalidate").await;
+    assert_eq!(status, 200);
+    h.consumer().gpc(location()).await.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_{PROVIDER_ASID}"),
+    );
+    assert_eq!(h.recorder.seen(), 1);
+
+    // The consumer's Device is inactive.
+    api.statuses
+        .lock()
+        .expect("lock")
+        .insert(CONSUMER_ASID.into(), "inactive".into());
+    let (status, _) = admin(h.admin, Method::POST, "/directory/invalidate").await;
+    assert_eq!(status, 200);
+    h.consumer_metadata().await.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("ASID_CHECK_FAILED_MESSAGESENDER_{CONSUMER_ASID}"),
+    );
+    assert_eq!(h.recorder.seen(), 1);
+    assert_eq!(directory.stats().backend_errors, 0);
+    h.stop().await;
 }

@@ -586,6 +586,24 @@ async fn keep(inner: &Inner, asid: &str, generation: u64, slot: Slot) {
     }
 }
 
+/// Logs (WARN, at most one line a second) what a party just looked up holds that the gateway
+/// cannot use: once per lookup, not per request (the party is cached with it).
+fn warn_unusable(backend: &'static str, party: &Party) {
+    static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+    if let Some(held_back) = LOG.allow() {
+        let unusable: Vec<String> = party.unusable.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            backend,
+            asid = %party.system.asid,
+            party_key = %party.system.party_key,
+            ods_code = %party.system.ods_code,
+            unusable = %unusable.join("; "),
+            held_back,
+            "directory: message handlers of this party cannot be used; the rest of the party is"
+        );
+    }
+}
+
 /// One refresh of `asid`: what a refresh that finished just before left behind, the stale party
 /// within `stale_retry` of a failure, or else the backend's answer (stale party on failure).
 async fn refresh_now(inner: &Inner, asid: &str, generation: u64) -> Outcome {
@@ -607,6 +625,9 @@ async fn refresh_now(inner: &Inner, asid: &str, generation: u64) -> Outcome {
     match result {
         Ok(found) => {
             inner.state.store(ANSWERING, Ordering::Release);
+            if let Some(party) = found.as_ref().filter(|p| !p.unusable.is_empty()) {
+                warn_unusable(inner.backend.name(), party);
+            }
             let found = found.map(Arc::new);
             keep(
                 inner,
@@ -682,6 +703,8 @@ mod tests {
                 fqdn: "localhost".into(),
                 cpa_id: "a".into(),
             }],
+            registered_fqdns: vec!["localhost".into()],
+            unusable: Vec::new(),
         }
     }
 

@@ -60,8 +60,9 @@ fn describe_party(out: &mut String, p: &Party) {
     }
     let _ = writeln!(
         out,
-        "  message handlers (nhsMhs with party key {}): {}",
+        "  message handlers (nhsMhs with party key {} and ODS code {}): {}",
         s.party_key,
+        s.ods_code,
         p.handlers.len()
     );
     for h in &p.handlers {
@@ -74,6 +75,16 @@ fn describe_party(out: &mut String, p: &Party) {
             "      MHS id, ODS code:          {}, {}",
             h.id, h.ods_code
         );
+    }
+    if !p.unusable.is_empty() {
+        let _ = writeln!(
+            out,
+            "  unusable message handlers (not forwarded to; the rest of the party is used): {}",
+            p.unusable.len()
+        );
+        for u in &p.unusable {
+            let _ = writeln!(out, "    {u}");
+        }
     }
     let fqdns: Vec<&str> = p.fqdns().collect();
     let _ = writeln!(
@@ -154,9 +165,16 @@ fn describe_decision(
                 interaction.path_template(),
                 h.cpa_id
             ),
-            None => format!(
-                "refused: accredited, but no message handler (endpoint) for it: 403 {refused}"
-            ),
+            None => match p.unusable_for(id) {
+                Some(u) => format!(
+                    "refused: accredited, but its message handler cannot be used ({}: {}): 403 {refused}",
+                    u.handlers.join(", "),
+                    u.reason
+                ),
+                None => format!(
+                    "refused: accredited, but no message handler (endpoint) for it: 403 {refused}"
+                ),
+            },
         },
         Some(_) => format!("refused: not accredited for it (not in nhsAsSvcIA): 403 {refused}"),
         None => format!("refused: ASID not registered: 403 {refused}"),
@@ -194,9 +212,12 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("message handlers (nhsMhs with party key B82617-0000806): 15"),
+            text.contains(
+                "message handlers (nhsMhs with party key B82617-0000806 and ODS code B82617): 15"
+            ),
             "{text}"
         );
+        assert!(!text.contains("unusable"), "{text}");
         assert!(
             text.contains("as receiver (Ssp-To):  allowed for requests to https://localhost:9443/B82617/STU3/1/gpconnect/Slot"),
             "{text}"
@@ -223,6 +244,55 @@ mod tests {
             text.contains("refused: accredited, but no message handler (endpoint) for it"),
             "{text}"
         );
+    }
+
+    /// An interaction whose message handler cannot be used is shown, with why, in the party
+    /// and in the decision; the party's other interactions are allowed.
+    #[test]
+    fn an_unusable_interaction_is_shown_with_why() {
+        let ldif = crate::directory::ldif::DEVELOPMENT_WORLD.replacen(
+            "nhsMHSEndPoint: https://localhost:9443/B82617/STU3/1/gpconnect\n",
+            "nhsMHSEndPoint: https://localhost:9443/B82617/STU3/1/gpconnect/\n",
+            1,
+        );
+        let world = LdifBackend::parse(&ldif, "test").unwrap();
+        let p = world.lookup("918999198993").unwrap();
+        let metadata = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
+        let text = describe(
+            "ldif",
+            "918999198993",
+            Some(&p),
+            &catalogue(),
+            Some(metadata),
+        );
+        assert!(
+            text.contains(
+                "message handlers (nhsMhs with party key B82617-0000806 and ODS code B82617): 14"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "  unusable message handlers (not forwarded to; the rest of the party is used): 1\n    \
+                 {metadata}: message handler 4312b49572e113d450cf: nhsMHSEndPoint \
+                 \"https://localhost:9443/B82617/STU3/1/gpconnect/\": not an https:// endpoint"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "as receiver (Ssp-To):  refused: accredited, but its message handler cannot be used \
+                 (4312b49572e113d450cf: nhsMHSEndPoint \"https://localhost:9443/B82617/STU3/1/gpconnect/\": \
+                 not an https:// endpoint"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("403 PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_918999198993"),
+            "{text}"
+        );
+        let text = describe("ldif", "918999198993", Some(&p), &catalogue(), Some(SLOT));
+        assert!(text.contains("as receiver (Ssp-To):  allowed"), "{text}");
     }
 
     #[test]

@@ -13,11 +13,14 @@
 //! |---|---|
 //! | the accredited system with this ASID | `(&(objectClass=nhsAs)(uniqueIdentifier=<asid>))` |
 //! | the message handler of a party key for an interaction (SDS route lookup) | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>)(nhsMhsSvcIA=<interaction>))` |
-//! | every message handler (and so every FQDN) of a party key | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>))` |
+//! | every message handler (and so every FQDN) of a party key and ODS code | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>)(nhsIDCode=<ODS code>))` |
 //! | readiness probe: does the server answer (scope base, on the search base, no attributes) | `(objectClass=*)` |
 //!
-//! [`DirectoryBackend::party`] is the first search then the third: the same [`Party`] the LDIF
-//! backend answers for the same data.
+//! [`DirectoryBackend::party`] is the first search then the third (with the AS record's party
+//! key and ODS code, as the GP Connect SDS searches join on `nhsIDCode`): the same [`Party`]
+//! the LDIF backend answers for the same data. Values are used with their leading and trailing
+//! white space removed, as LDAP's own matching ignores it (a filter matches `nhsAsSvcIA` stored
+//! with a trailing space).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,8 +32,8 @@ use futures_util::future::BoxFuture;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
 
 use super::{
-    check_handlers, is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler,
-    Party,
+    is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler, MhsRecord, Party,
+    PartyHandlers, Requestable,
 };
 use crate::reload::Reloadable;
 use crate::tls::{self, ClientTls, UpstreamTls};
@@ -124,11 +127,13 @@ pub fn handler_filter(party_key: &str, interaction: &str) -> String {
     )
 }
 
-/// Every message handler of a party key (their `nhsMhsFQDN`s are the party's FQDNs).
-pub fn handlers_filter(party_key: &str) -> String {
+/// Every message handler of a party key and ODS code (their `nhsMhsFQDN`s are the party's
+/// FQDNs).
+pub fn handlers_filter(party_key: &str, ods_code: &str) -> String {
     format!(
-        "(&(objectClass=nhsMhs)(nhsMHSPartyKey={}))",
-        escape_filter_value(party_key)
+        "(&(objectClass=nhsMhs)(nhsMHSPartyKey={})(nhsIDCode={}))",
+        escape_filter_value(party_key),
+        escape_filter_value(ods_code)
     )
 }
 
@@ -211,6 +216,8 @@ pub struct LdapBackend {
     connecting: tokio::sync::Mutex<()>,
     /// For `ldaps://`: the TLS material in force (hot-reloaded).
     tls: Option<LdapTls>,
+    /// The interactions whose unusable message handlers a party reports.
+    requestable: Requestable,
 }
 
 impl std::fmt::Debug for LdapBackend {
@@ -259,7 +266,15 @@ impl LdapBackend {
             conn: Mutex::new(None),
             opened: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
+            requestable: Requestable::builtin(),
         })
+    }
+
+    /// Reports the unusable message handlers of `requestable`'s interactions (the catalogue in
+    /// force) rather than the built-in catalogue's.
+    pub fn reporting(mut self, requestable: Requestable) -> Self {
+        self.requestable = requestable;
+        self
     }
 
     /// The configured server URL.
@@ -297,7 +312,8 @@ impl LdapBackend {
         }
     }
 
-    /// The message handler of `party_key` for `interaction`, or `None`.
+    /// The message handler of `party_key` for `interaction` a request could be forwarded to,
+    /// or `None` (none, or none usable: see [`PartyHandlers::judge`]).
     pub async fn handler(
         &self,
         party_key: &str,
@@ -310,35 +326,51 @@ impl LdapBackend {
                 &MHS_ATTRS,
             )
             .await?;
-        let mut handlers = entries
+        let records = entries
             .iter()
-            .map(message_handler)
+            .map(mhs_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        check_handlers(&handlers).map_err(backend_error)?;
-        Ok(handlers.pop())
+        Ok(PartyHandlers::judge(records, &self.requestable)
+            .usable
+            .into_iter()
+            .find(|h| h.interaction == interaction))
     }
 
-    /// Every message handler of `party_key`.
-    pub async fn handlers(&self, party_key: &str) -> Result<Vec<MessageHandler>, DirectoryError> {
+    /// Every MHS record of `party_key` and `ods_code`, as read (see [`PartyHandlers::judge`]
+    /// for what the gateway makes of them). The server matches the party key ignoring case and
+    /// the ODS code exactly (the schema's rules); so does this, ignoring ASCII case for the ODS
+    /// code, on what comes back.
+    pub async fn handlers(
+        &self,
+        party_key: &str,
+        ods_code: &str,
+    ) -> Result<Vec<MhsRecord>, DirectoryError> {
         let entries = self
-            .search(Scope::Subtree, &handlers_filter(party_key), &MHS_ATTRS)
+            .search(
+                Scope::Subtree,
+                &handlers_filter(party_key, ods_code),
+                &MHS_ATTRS,
+            )
             .await?;
-        let handlers = entries
+        let mut records = entries
             .iter()
-            .map(message_handler)
+            .map(mhs_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        check_handlers(&handlers).map_err(backend_error)?;
-        Ok(handlers)
+        records.retain(|r| {
+            r.party_key.eq_ignore_ascii_case(party_key) && r.ods_code.eq_ignore_ascii_case(ods_code)
+        });
+        Ok(records)
     }
 
     async fn lookup(&self, asid: &str) -> Result<Option<Party>, DirectoryError> {
         let Some(system) = self.system(asid).await? else {
             return Ok(None);
         };
-        let handlers = self.handlers(&system.party_key).await?;
-        Ok(Some(Party { system, handlers }))
+        let records = self.handlers(&system.party_key, &system.ods_code).await?;
+        let handlers = PartyHandlers::judge(records, &self.requestable);
+        Ok(Some(Party::new(system, handlers)))
     }
 
     /// Whether the server answers now: a base-scope search of the search base for its entry
@@ -617,20 +649,21 @@ impl<'e> Values<'e> {
             .unwrap_or(&[])
     }
 
-    /// At most one value; when present, non-empty and without leading or trailing white space
-    /// (the rules the LDIF backend applies).
-    fn optional(&self, name: &str) -> Result<Option<String>, String> {
+    /// Every value, without leading or trailing white space (LDAP's matching ignores it).
+    fn trimmed(&self, name: &str) -> Result<Vec<String>, String> {
         if self.binary.contains(&name.to_ascii_lowercase()) {
             return Err(format!("entry {}: {name}: value is not UTF-8", self.dn));
         }
-        match self.all(name) {
+        Ok(self.all(name).iter().map(|v| v.trim().to_owned()).collect())
+    }
+
+    /// At most one value; when present, non-empty once trimmed (the rules the LDIF backend
+    /// applies).
+    fn optional(&self, name: &str) -> Result<Option<String>, String> {
+        match self.trimmed(name)?.as_mut_slice() {
             [] => Ok(None),
             [value] if value.is_empty() => Err(format!("entry {}: {name}: empty value", self.dn)),
-            [value] if value.trim() != value => Err(format!(
-                "entry {}: {name}: leading or trailing white space",
-                self.dn
-            )),
-            [value] => Ok(Some(value.clone())),
+            [value] => Ok(Some(std::mem::take(value))),
             values => Err(format!(
                 "entry {}: {name} must have exactly one value, found {}",
                 self.dn,
@@ -658,21 +691,36 @@ fn accredited_system(entry: &SearchEntry) -> Result<AccreditedSystem, String> {
         asid,
         ods_code: v.required("nhsIDCode")?,
         party_key: v.required("nhsMHSPartyKey")?,
-        interactions: v.all("nhsAsSvcIA").to_vec(),
+        interactions: v.trimmed("nhsAsSvcIA")?,
         product_name: v.optional("nhsProductName")?,
         product_version: v.optional("nhsProductVersion")?,
     })
 }
 
-fn message_handler(entry: &SearchEntry) -> Result<MessageHandler, String> {
+/// An `nhsMhs` entry: its identity, CPA id and at least one endpoint are required (the SDS
+/// schema makes them MUST); whether its endpoints and FQDN can be used is judged with its
+/// party's other handlers ([`PartyHandlers::judge`]), so one record's problem is not the
+/// party's.
+fn mhs_record(entry: &SearchEntry) -> Result<MhsRecord, String> {
     let v = Values::new(entry);
-    Ok(MessageHandler {
+    let endpoints = v.trimmed("nhsMHSEndPoint")?;
+    if endpoints.is_empty() {
+        return Err(format!("entry {}: missing nhsMHSEndPoint", v.dn));
+    }
+    let fqdn = match v.trimmed("nhsMhsFQDN").as_deref() {
+        Err(_) => Err("value is not UTF-8".to_owned()),
+        Ok([]) => Err("missing".to_owned()),
+        Ok([one]) if one.is_empty() => Err("empty value".to_owned()),
+        Ok([one]) => Ok(one.clone()),
+        Ok(many) => Err(format!("{} values, expected one", many.len())),
+    };
+    Ok(MhsRecord {
         id: v.required("uniqueIdentifier")?,
         ods_code: v.required("nhsIDCode")?,
         party_key: v.required("nhsMHSPartyKey")?,
         interaction: v.required("nhsMhsSvcIA")?,
-        endpoint: v.required("nhsMHSEndPoint")?,
-        fqdn: v.required("nhsMhsFQDN")?,
+        endpoints,
+        fqdn,
         cpa_id: v.required("nhsMhsCPAId")?,
     })
 }
@@ -721,13 +769,17 @@ mod tests {
             "(&(objectClass=nhsMhs)(nhsMHSPartyKey=B82617-0000806)(nhsMhsSvcIA=urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1))"
         );
         assert_eq!(
-            handlers_filter("B82617-0000806"),
-            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=B82617-0000806))"
+            handlers_filter("B82617-0000806", "B82617"),
+            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=B82617-0000806)(nhsIDCode=B82617))"
+        );
+        assert_eq!(
+            handlers_filter("p", "X*)(a=b"),
+            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=p)(nhsIDCode=X\\2a\\29\\28a=b))"
         );
         for filter in [
             system_filter("1"),
             handler_filter("p", "i"),
-            handlers_filter("p"),
+            handlers_filter("p", "o"),
         ] {
             assert!(!filter.to_lowercase().contains("fqdn"), "{filter}");
         }
@@ -763,9 +815,56 @@ mod tests {
                 ("nhsMhsCPAId", &["m"]),
             ],
         );
-        let h = message_handler(&e).unwrap();
-        assert_eq!(h.endpoint, "https://x.example/a");
-        assert_eq!(h.fqdn, "x.example");
+        let h = mhs_record(&e).unwrap();
+        assert_eq!(h.endpoints, ["https://x.example/a"]);
+        assert_eq!(h.fqdn.as_deref(), Ok("x.example"));
+    }
+
+    /// Values are trimmed, as LDAP's matching ignores leading and trailing spaces; an MHS
+    /// record's endpoints and FQDN are read whatever they hold, to be judged with the party.
+    #[test]
+    fn values_are_trimmed_and_endpoints_and_fqdns_judged_later() {
+        let e = entry(
+            "uniqueIdentifier=1,ou=services,o=nhs",
+            &[
+                ("uniqueIdentifier", &["1 "]),
+                ("nhsIDCode", &[" B82617"]),
+                ("nhsMHSPartyKey", &["V60-1 "]),
+                ("nhsAsSvcIA", &["urn:a ", "urn:b"]),
+            ],
+        );
+        let s = accredited_system(&e).unwrap();
+        assert_eq!(
+            (s.asid.as_str(), s.ods_code.as_str(), s.party_key.as_str()),
+            ("1", "B82617", "V60-1")
+        );
+        assert_eq!(s.interactions, ["urn:a", "urn:b"]);
+
+        let e = entry(
+            "uniqueIdentifier=m,ou=services,o=nhs",
+            &[
+                ("uniqueIdentifier", &["m"]),
+                ("nhsIDCode", &["B82617"]),
+                ("nhsMHSPartyKey", &["B82617-1"]),
+                ("nhsMhsSvcIA", &["urn:a"]),
+                (
+                    "nhsMhsEndPoint",
+                    &["https://x.example/a/ ", "https://y.example/b"],
+                ),
+                ("nhsMhsFQDN", &["a.example", "b.example"]),
+                ("nhsMhsCPAId", &["m"]),
+            ],
+        );
+        let h = mhs_record(&e).unwrap();
+        assert_eq!(h.endpoints, ["https://x.example/a/", "https://y.example/b"]);
+        assert_eq!(h.fqdn, Err("2 values, expected one".to_owned()));
+        let mut no_endpoint = e.clone();
+        no_endpoint.attrs.remove("nhsMhsEndPoint");
+        no_endpoint.attrs.remove("nhsMhsFQDN");
+        assert_eq!(
+            mhs_record(&no_endpoint).unwrap_err(),
+            "entry uniqueIdentifier=m,ou=services,o=nhs: missing nhsMHSEndPoint"
+        );
     }
 
     #[test]
@@ -791,11 +890,11 @@ mod tests {
         assert!(accredited_system(&entry(dn, &letters))
             .unwrap_err()
             .contains("ASCII digits"));
-        let mut padded = base.clone();
-        padded[1] = ("nhsIDCode", &[" B82617"]);
-        assert!(accredited_system(&entry(dn, &padded))
+        let mut blank = base.clone();
+        blank[1] = ("nhsIDCode", &["  "]);
+        assert!(accredited_system(&entry(dn, &blank))
             .unwrap_err()
-            .contains("white space"));
+            .contains("nhsIDCode: empty value"));
         let mut binary = entry(dn, &base);
         binary.attrs.remove("nhsIDCode");
         binary

@@ -14,7 +14,10 @@ use arc_swap::ArcSwap;
 use base64::Engine as _;
 use futures_util::future::{self, BoxFuture};
 
-use super::{AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler, Party};
+use super::{
+    AccreditedSystem, DirectoryBackend, DirectoryError, MhsRecord, Party, PartyHandlers,
+    Requestable,
+};
 
 /// The development world (`config/directory.ldif`), compiled in as the default directory.
 pub const DEVELOPMENT_WORLD: &str = include_str!("../../config/directory.ldif");
@@ -89,8 +92,9 @@ pub fn parse_records_bytes(bytes: &[u8]) -> Result<Vec<Record>, LdifError> {
 /// with one space continues the previous one), `attr: value`, `attr:: base64` (must decode to
 /// UTF-8), case-insensitive attribute names, LF or CRLF line ends, records separated by blank
 /// lines. Rejected with an error: change records (`changetype:`, `control:`), URL values
-/// (`attr:< url`), attribute options (`cn;lang-en`), and unencoded values that end in a space,
-/// contain NUL or CR, or start with `:` or `<`.
+/// (`attr:< url`), attribute options (`cn;lang-en`), and unencoded values that contain NUL or
+/// CR, or start with `:` or `<`. An unencoded value that ends in a space keeps it (the model
+/// removes it from the values it reads, with a warning).
 pub fn parse_records(text: &str) -> Result<Vec<Record>, LdifError> {
     let mut records = Vec::new();
     let mut current: Option<Record> = None;
@@ -249,14 +253,8 @@ fn parse_attr_line(line: &str, number: usize) -> Result<(String, String), LdifEr
             format!("{name}: value contains NUL or CR; base64-encode it"),
         ));
     }
-    if value.ends_with(' ') {
-        return Err(LdifError::new(
-            number,
-            format!(
-                "{name}: value ends with a space; base64-encode it ('{name}:: ...') if intended"
-            ),
-        ));
-    }
+    // A value ending in a space is kept as written (RFC 2849 only advises base64 for it): the
+    // model removes leading and trailing white space from the values it reads, with a warning.
     Ok((name, value.to_owned()))
 }
 
@@ -371,7 +369,7 @@ pub enum ModelError {
         line: usize,
         attribute: &'static str,
     },
-    /// A value the model cannot use (empty, padded with white space, a non-digit ASID).
+    /// A value the model cannot use (empty, a non-digit ASID).
     #[error("line {line}: entry {dn}: {attribute}: {reason}")]
     Invalid {
         dn: String,
@@ -390,15 +388,6 @@ pub enum ModelError {
         asid: String,
         first_line: usize,
     },
-    /// Two `nhsMhs` entries serve one interaction for one party key (SDS allows one).
-    #[error("line {line}: entry {dn}: party key {party_key} already has a message handler for {interaction} (line {first_line})")]
-    DuplicateHandler {
-        dn: String,
-        line: usize,
-        party_key: String,
-        interaction: String,
-        first_line: usize,
-    },
 }
 
 /// What a loaded directory holds.
@@ -410,6 +399,8 @@ pub struct Stats {
     pub systems: usize,
     /// `nhsMhs` records.
     pub handlers: usize,
+    /// Warnings about the data ([`LdifBackend::warnings`]).
+    pub warnings: usize,
 }
 
 /// The lookup tables built from one LDIF file. Immutable once built.
@@ -417,9 +408,18 @@ pub struct Stats {
 struct Index {
     /// ASID (digits) -> AS record.
     systems: HashMap<String, AccreditedSystem>,
-    /// Lowercased party key -> its MHS records, in file order.
-    handlers: HashMap<String, Vec<MessageHandler>>,
+    /// (lowercased party key, ASCII-lowercased ODS code) -> its MHS records, judged.
+    handlers: HashMap<(String, String), PartyHandlers>,
     stats: Stats,
+    /// What the data holds that the gateway cannot use, or used only after trimming it, each
+    /// starting `line N: `, in line order.
+    warnings: Vec<String>,
+}
+
+/// The key that joins an AS record to its MHS records: the party key (compared ignoring case,
+/// as SDS's `caseIgnoreMatch` does) and the ODS code (compared ignoring ASCII case).
+fn join_key(party_key: &str, ods_code: &str) -> (String, String) {
+    (party_key.to_lowercase(), ods_code.to_ascii_lowercase())
 }
 
 impl Index {
@@ -427,21 +427,30 @@ impl Index {
         let system = self.systems.get(asid)?;
         let handlers = self
             .handlers
-            .get(&system.party_key.to_lowercase())
+            .get(&join_key(&system.party_key, &system.ods_code))
             .cloned()
             .unwrap_or_default();
-        Some(Party {
-            system: system.clone(),
-            handlers,
-        })
+        Some(Party::new(system.clone(), handlers))
     }
 }
 
-/// Build the index from parsed records.
-fn build_index(records: &[Record]) -> Result<Index, ModelError> {
+/// Warnings about the data, with the line each is about.
+type Warnings = Vec<(usize, String)>;
+
+/// An `nhsMhs` record read, with where it is.
+struct Placed {
+    record: MhsRecord,
+    line: usize,
+    dn: String,
+}
+
+/// Build the index from parsed records. Unusable message handlers (judged with `requestable`,
+/// see [`PartyHandlers::judge`]) and values with white space removed are warnings, not errors.
+fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, ModelError> {
     let mut index = Index::default();
+    let mut warnings: Warnings = Vec::new();
     let mut asid_lines: HashMap<String, usize> = HashMap::new();
-    let mut handler_lines: HashMap<(String, String), usize> = HashMap::new();
+    let mut groups: HashMap<(String, String), Vec<Placed>> = HashMap::new();
 
     for record in records {
         index.stats.entries += 1;
@@ -458,7 +467,7 @@ fn build_index(records: &[Record]) -> Result<Index, ModelError> {
                 })
             }
             (true, false) => {
-                let system = accredited_system(record)?;
+                let system = accredited_system(record, &mut warnings)?;
                 if let Some(first_line) = asid_lines.insert(system.asid.clone(), record.line) {
                     return Err(ModelError::DuplicateAsid {
                         dn: record.dn.clone(),
@@ -471,32 +480,57 @@ fn build_index(records: &[Record]) -> Result<Index, ModelError> {
                 index.systems.insert(system.asid.clone(), system);
             }
             (false, true) => {
-                let handler = message_handler(record)?;
-                let key = handler.party_key.to_lowercase();
-                let slot = (key.clone(), handler.interaction.clone());
-                if let Some(first_line) = handler_lines.insert(slot, record.line) {
-                    return Err(ModelError::DuplicateHandler {
-                        dn: record.dn.clone(),
-                        line: record.line,
-                        party_key: handler.party_key,
-                        interaction: handler.interaction,
-                        first_line,
-                    });
-                }
+                let mhs = mhs_record(record, &mut warnings)?;
                 index.stats.handlers += 1;
-                index.handlers.entry(key).or_default().push(handler);
+                groups
+                    .entry(join_key(&mhs.party_key, &mhs.ods_code))
+                    .or_default()
+                    .push(Placed {
+                        record: mhs,
+                        line: record.line,
+                        dn: record.dn.clone(),
+                    });
             }
             (false, false) => {}
         }
     }
+    for (key, placed) in groups {
+        let judged = PartyHandlers::judge(
+            placed.iter().map(|p| p.record.clone()).collect(),
+            requestable,
+        );
+        for unusable in &judged.unusable {
+            let at: Vec<&Placed> = placed
+                .iter()
+                .filter(|p| {
+                    p.record.interaction == unusable.interaction
+                        && unusable.handlers.contains(&p.record.id)
+                })
+                .collect();
+            let Some(first) = at.first() else { continue };
+            let lines: Vec<String> = at.iter().map(|p| p.line.to_string()).collect();
+            let text = match at.as_slice() {
+                [one] => format!("line {}: entry {}: {unusable}", one.line, one.dn),
+                _ => format!("lines {}: {unusable}", lines.join(", ")),
+            };
+            warnings.push((first.line, text));
+        }
+        index.handlers.insert(key, judged);
+    }
+    warnings.sort_by_key(|(line, _)| *line);
+    index.stats.warnings = warnings.len();
+    index.warnings = warnings.into_iter().map(|(_, text)| text).collect();
     Ok(index)
 }
 
 /// The longest ASID a request can name (`Ssp-From`, `Ssp-To`).
 const MAX_ASID_DIGITS: usize = 32;
 
-fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
-    let asid = required(record, UNIQUE_IDENTIFIER)?;
+fn accredited_system(
+    record: &Record,
+    warnings: &mut Warnings,
+) -> Result<AccreditedSystem, ModelError> {
+    let asid = required(record, UNIQUE_IDENTIFIER, warnings)?;
     if !asid.bytes().all(|b| b.is_ascii_digit()) {
         return Err(invalid(
             record,
@@ -516,35 +550,46 @@ fn accredited_system(record: &Record) -> Result<AccreditedSystem, ModelError> {
     }
     Ok(AccreditedSystem {
         asid: asid.to_owned(),
-        ods_code: required(record, ID_CODE)?.to_owned(),
-        party_key: required(record, PARTY_KEY)?.to_owned(),
-        interactions: record
-            .values(AS_SVC_IA.lower)
-            .map(|v| v.value.clone())
-            .collect(),
-        product_name: optional(record, PRODUCT_NAME)?.map(str::to_owned),
-        product_version: optional(record, PRODUCT_VERSION)?.map(str::to_owned),
+        ods_code: required(record, ID_CODE, warnings)?.to_owned(),
+        party_key: required(record, PARTY_KEY, warnings)?.to_owned(),
+        interactions: all(record, AS_SVC_IA, warnings),
+        product_name: optional(record, PRODUCT_NAME, warnings)?.map(str::to_owned),
+        product_version: optional(record, PRODUCT_VERSION, warnings)?.map(str::to_owned),
     })
 }
 
-fn message_handler(record: &Record) -> Result<MessageHandler, ModelError> {
-    let endpoint = required(record, MHS_END_POINT)?;
-    if !super::is_forwardable_endpoint(endpoint) {
-        return Err(invalid(
-            record,
-            MHS_END_POINT,
-            value_line(record, MHS_END_POINT),
-            super::UNFORWARDABLE_ENDPOINT,
-        ));
+/// An `nhsMhs` record: its identity, CPA id and at least one endpoint are required (SDS's
+/// schema makes them MUST, and slapd would refuse the entry without them); whether its
+/// endpoints and FQDN can be used is judged with its party's other handlers.
+fn mhs_record(record: &Record, warnings: &mut Warnings) -> Result<MhsRecord, ModelError> {
+    let endpoints = all(record, MHS_END_POINT, warnings);
+    if endpoints.is_empty() {
+        return Err(ModelError::Missing {
+            dn: record.dn.clone(),
+            line: record.line,
+            attribute: MHS_END_POINT.name,
+        });
     }
-    Ok(MessageHandler {
-        id: required(record, UNIQUE_IDENTIFIER)?.to_owned(),
-        ods_code: required(record, ID_CODE)?.to_owned(),
-        party_key: required(record, PARTY_KEY)?.to_owned(),
-        interaction: required(record, MHS_SVC_IA)?.to_owned(),
-        endpoint: endpoint.to_owned(),
-        fqdn: required(record, MHS_FQDN)?.to_owned(),
-        cpa_id: required(record, MHS_CPA_ID)?.to_owned(),
+    let fqdn = match record.values(MHS_FQDN.lower).collect::<Vec<_>>().as_slice() {
+        [] => Err("missing".to_owned()),
+        [one] => {
+            let value = trimmed(record, MHS_FQDN, one, warnings);
+            if value.is_empty() {
+                Err("empty value".to_owned())
+            } else {
+                Ok(value.to_owned())
+            }
+        }
+        many => Err(format!("{} values, expected one", many.len())),
+    };
+    Ok(MhsRecord {
+        id: required(record, UNIQUE_IDENTIFIER, warnings)?.to_owned(),
+        ods_code: required(record, ID_CODE, warnings)?.to_owned(),
+        party_key: required(record, PARTY_KEY, warnings)?.to_owned(),
+        interaction: required(record, MHS_SVC_IA, warnings)?.to_owned(),
+        endpoints,
+        fqdn,
+        cpa_id: required(record, MHS_CPA_ID, warnings)?.to_owned(),
     })
 }
 
@@ -556,17 +601,54 @@ fn value_line(record: &Record, attr: Attr) -> usize {
         .map_or(record.line, |v| v.line)
 }
 
-/// Exactly one value, non-empty, without leading or trailing white space.
-fn required(record: &Record, attr: Attr) -> Result<&str, ModelError> {
-    optional(record, attr)?.ok_or_else(|| ModelError::Missing {
+/// `value` without leading or trailing white space; a warning when there was some (LDAP's
+/// matching ignores it, so the gateway does too).
+fn trimmed<'r>(
+    record: &Record,
+    attr: Attr,
+    value: &'r AttributeValue,
+    warnings: &mut Warnings,
+) -> &'r str {
+    let trimmed = value.value.trim();
+    if trimmed.len() != value.value.len() {
+        warnings.push((
+            value.line,
+            format!(
+                "line {}: entry {}: {}: leading or trailing white space removed from {:?}",
+                value.line, record.dn, attr.name, value.value
+            ),
+        ));
+    }
+    trimmed
+}
+
+/// Every value of `attr`, trimmed (see [`trimmed`]).
+fn all(record: &Record, attr: Attr, warnings: &mut Warnings) -> Vec<String> {
+    record
+        .values(attr.lower)
+        .map(|v| trimmed(record, attr, v, warnings).to_owned())
+        .collect()
+}
+
+/// Exactly one value, non-empty once trimmed (see [`trimmed`]).
+fn required<'r>(
+    record: &'r Record,
+    attr: Attr,
+    warnings: &mut Warnings,
+) -> Result<&'r str, ModelError> {
+    optional(record, attr, warnings)?.ok_or_else(|| ModelError::Missing {
         dn: record.dn.clone(),
         line: record.line,
         attribute: attr.name,
     })
 }
 
-/// At most one value; when present, non-empty and without leading or trailing white space.
-fn optional(record: &Record, attr: Attr) -> Result<Option<&str>, ModelError> {
+/// At most one value; when present, non-empty once trimmed (see [`trimmed`]).
+fn optional<'r>(
+    record: &'r Record,
+    attr: Attr,
+    warnings: &mut Warnings,
+) -> Result<Option<&'r str>, ModelError> {
     let mut values = record.values(attr.lower);
     let Some(first) = values.next() else {
         return Ok(None);
@@ -578,18 +660,11 @@ fn optional(record: &Record, attr: Attr) -> Result<Option<&str>, ModelError> {
             attribute: attr.name,
         });
     }
-    if first.value.is_empty() {
+    let value = trimmed(record, attr, first, warnings);
+    if value.is_empty() {
         return Err(invalid(record, attr, first.line, "empty value"));
     }
-    if first.value.trim() != first.value {
-        return Err(invalid(
-            record,
-            attr,
-            first.line,
-            "leading or trailing white space",
-        ));
-    }
-    Ok(Some(&first.value))
+    Ok(Some(value))
 }
 
 fn invalid(record: &Record, attribute: Attr, line: usize, reason: &'static str) -> ModelError {
@@ -663,18 +738,51 @@ pub struct LdifBackend {
     path: Option<PathBuf>,
     /// Name used in errors: the path, or the text's source name.
     origin: String,
+    /// The interactions whose unusable message handlers are warnings.
+    requestable: Requestable,
     index: ArcSwap<Index>,
 }
 
+/// At most this many of a load's warnings are logged (all of them are in
+/// [`LdifBackend::warnings`] and `check-config`'s report).
+const LOGGED_WARNINGS: usize = 20;
+
+/// Logs the warnings of a load of `origin` (WARN), at most [`LOGGED_WARNINGS`] of them.
+fn log_warnings(origin: &str, warnings: &[String]) {
+    for warning in warnings.iter().take(LOGGED_WARNINGS) {
+        tracing::warn!(file = origin, "directory data: {warning}");
+    }
+    if warnings.len() > LOGGED_WARNINGS {
+        tracing::warn!(
+            file = origin,
+            more = warnings.len() - LOGGED_WARNINGS,
+            "directory data: more warnings not logged; `ssp-gateway check-config` lists them all"
+        );
+    }
+}
+
 impl LdifBackend {
-    /// Load and index the LDIF file at `path` (at most [`MAX_LDIF_BYTES`]). Blocking file I/O:
+    /// Load and index the LDIF file at `path` (at most [`MAX_LDIF_BYTES`]), reporting the
+    /// unusable message handlers of the built-in catalogue's interactions. Blocking file I/O:
     /// call it at start-up or from `spawn_blocking`.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self, LdifLoadError> {
+        Self::from_path_with(path, Requestable::builtin())
+    }
+
+    /// [`from_path`](Self::from_path), reporting the unusable message handlers of
+    /// `requestable`'s interactions (the catalogue in force). Its warnings are logged.
+    pub fn from_path_with(
+        path: impl AsRef<Path>,
+        requestable: Requestable,
+    ) -> Result<Self, LdifLoadError> {
         let path = path.as_ref().to_path_buf();
-        let (index, _) = load_file(&path)?;
+        let (index, _) = load_file(&path, &requestable)?;
+        let origin = path.display().to_string();
+        log_warnings(&origin, &index.warnings);
         Ok(Self {
-            origin: path.display().to_string(),
+            origin,
             path: Some(path),
+            requestable,
             index: ArcSwap::from_pointee(index),
         })
     }
@@ -682,10 +790,13 @@ impl LdifBackend {
     /// Index LDIF `text`; `source` names it in errors (e.g. "embedded development world").
     pub fn parse(text: &str, source: impl Into<String>) -> Result<Self, LdifLoadError> {
         let origin = source.into();
-        let index = index_text(text, &origin)?;
+        let requestable = Requestable::builtin();
+        let index = index_text(text, &origin, &requestable)?;
+        log_warnings(&origin, &index.warnings);
         Ok(Self {
             path: None,
             origin,
+            requestable,
             index: ArcSwap::from_pointee(index),
         })
     }
@@ -703,7 +814,7 @@ impl LdifBackend {
                 origin: self.origin.clone(),
             });
         };
-        let (index, finished) = load_file(path)?;
+        let (index, finished) = load_file(path, &self.requestable)?;
         let stats = index.stats;
         let before = self.index.load().stats;
         for (now, in_service, what) in [
@@ -723,6 +834,7 @@ impl LdifBackend {
                 origin: self.origin.clone(),
             });
         }
+        log_warnings(&self.origin, &index.warnings);
         self.index.store(Arc::new(index));
         Ok(stats)
     }
@@ -730,6 +842,15 @@ impl LdifBackend {
     /// What the current data holds.
     pub fn stats(&self) -> Stats {
         self.index.load().stats
+    }
+
+    /// What the current data holds that the gateway cannot use, or uses only once trimmed,
+    /// each starting `line N: ` (or `lines N, M: `), in line order: message handlers of a
+    /// catalogue interaction that is refused for their party (an endpoint no request can be
+    /// forwarded to, several endpoints, several handlers for the interaction under one party
+    /// key), FQDNs that cannot be read, values with leading or trailing white space.
+    pub fn warnings(&self) -> Vec<String> {
+        self.index.load().warnings.clone()
     }
 
     /// The file path or text source name.
@@ -765,7 +886,7 @@ impl DirectoryBackend for LdifBackend {
 }
 
 /// The file's index, and whether the file ends with a newline (as a finished LDIF file does).
-fn load_file(path: &Path) -> Result<(Index, bool), LdifLoadError> {
+fn load_file(path: &Path, requestable: &Requestable) -> Result<(Index, bool), LdifLoadError> {
     let io = |source| LdifLoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -792,11 +913,12 @@ fn load_file(path: &Path) -> Result<(Index, bool), LdifLoadError> {
         error,
     })?;
     let finished = bytes.is_empty() || bytes.ends_with(b"\n");
-    let index = build_index(&records).map_err(|error| LdifLoadError::Model { origin, error })?;
+    let index = build_index(&records, requestable)
+        .map_err(|error| LdifLoadError::Model { origin, error })?;
     Ok((index, finished))
 }
 
-fn index_text(text: &str, origin: &str) -> Result<Index, LdifLoadError> {
+fn index_text(text: &str, origin: &str, requestable: &Requestable) -> Result<Index, LdifLoadError> {
     if text.len() as u64 > MAX_LDIF_BYTES {
         return Err(LdifLoadError::TooLarge {
             origin: origin.to_owned(),
@@ -807,7 +929,7 @@ fn index_text(text: &str, origin: &str) -> Result<Index, LdifLoadError> {
         origin: origin.to_owned(),
         error,
     })?;
-    build_index(&records).map_err(|error| LdifLoadError::Model {
+    build_index(&records, requestable).map_err(|error| LdifLoadError::Model {
         origin: origin.to_owned(),
         error,
     })
@@ -930,7 +1052,6 @@ mod tests {
             ("dn: o=nhs\nbad name: x\n", 2, "invalid attribute name"),
             ("dn: o=nhs\n1abc: x\n", 2, "invalid attribute name"),
             ("dn: o=nhs\n: x\n", 2, "missing attribute name"),
-            ("dn: o=nhs\no: nhs \n", 2, "ends with a space"),
             ("dn: o=nhs\no: :nhs\n", 2, "must be base64-encoded"),
             ("dn: o=nhs\no: <nhs\n", 2, "must be base64-encoded"),
             ("dn: o=nhs\no: a\0b\n", 2, "NUL or CR"),
@@ -962,6 +1083,14 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// RFC 2849 only advises base64 for a value ending in a space: the parser keeps it as
+    /// written (the model trims the values it reads, with a warning).
+    #[test]
+    fn unencoded_trailing_spaces_are_kept() {
+        let records = parse_records("dn: o=nhs\no: nhs  \n").unwrap();
+        assert_eq!(records[0].attributes[0].value, "nhs  ");
     }
 
     #[test]
@@ -999,7 +1128,10 @@ mod tests {
     }
 
     fn model(text: &str) -> Result<Index, ModelError> {
-        build_index(&parse_records(text).expect("test LDIF parses"))
+        build_index(
+            &parse_records(text).expect("test LDIF parses"),
+            &Requestable::builtin(),
+        )
     }
 
     fn model_err(text: &str) -> ModelError {
@@ -1025,7 +1157,8 @@ mod tests {
             Stats {
                 entries: 5,
                 systems: 1,
-                handlers: 3
+                handlers: 3,
+                warnings: 0
             }
         );
         let party = index.party("918999198993").unwrap();
@@ -1058,7 +1191,8 @@ mod tests {
             Stats {
                 entries: 1,
                 systems: 0,
-                handlers: 0
+                handlers: 0,
+                warnings: 0
             }
         );
     }
@@ -1095,7 +1229,6 @@ mod tests {
             ("nhsMHSPartyKey: P-1\n".to_owned(), "nhsMHSPartyKey"),
             (format!("nhsMhsSvcIA: {interaction}\n"), "nhsMhsSvcIA"),
             (format!("nhsMHSEndPoint: {ENDPOINT}\n"), "nhsMHSEndPoint"),
-            ("nhsMhsFQDN: localhost\n".to_owned(), "nhsMhsFQDN"),
             ("nhsMhsCPAId: ab\n".to_owned(), "nhsMhsCPAId"),
         ] {
             let err = model_err(&full_mhs.replace(&attr, ""));
@@ -1127,21 +1260,6 @@ mod tests {
                 ),
                 11,
                 "nhsMhsSvcIA",
-            ),
-            (
-                mhs_entry(
-                    "ab",
-                    "P-1",
-                    &interaction,
-                    "nhsMHSEndPoint: https://other/\n",
-                ),
-                11,
-                "nhsMHSEndPoint",
-            ),
-            (
-                mhs_entry("ab", "P-1", &interaction, "nhsMhsFQDN: other\n"),
-                11,
-                "nhsMhsFQDN",
             ),
             (
                 mhs_entry("ab", "P-1", &interaction, "nhsMhsCPAId: other\n"),
@@ -1193,43 +1311,6 @@ mod tests {
             }
         ));
 
-        let padded = as_entry("1", "P-1", "").replace(
-            "nhsIDCode: B82617",
-            &format!("nhsIDCode:: {}", b64(b" B82617")),
-        );
-        assert!(matches!(
-            model_err(&padded),
-            ModelError::Invalid {
-                line: 5,
-                attribute: "nhsIDCode",
-                reason: "leading or trailing white space",
-                ..
-            }
-        ));
-
-        let interaction = format!("{GPC}fhir:rest:search:slot-1");
-        for bad in [
-            "https://localhost:99999/B82617/STU3/1/gpconnect",
-            "https://localhost:9443/B82617/STU3/1/gpconnect/",
-            "http://localhost:9443/B82617/STU3/1/gpconnect",
-            "not a url",
-            "https://u@localhost/gpconnect",
-            "https://localhost/gpconnect?x=1",
-            "https://localhost/a/../gpconnect",
-        ] {
-            let text = mhs_entry("ab", "P-1", &interaction, "").replace(ENDPOINT, bad);
-            assert!(
-                matches!(
-                    model_err(&text),
-                    ModelError::Invalid {
-                        attribute: "nhsMHSEndPoint",
-                        ..
-                    }
-                ),
-                "{bad}"
-            );
-        }
-
         let long = as_entry(&"9".repeat(33), "P-1", "");
         assert!(matches!(
             model_err(&long),
@@ -1254,7 +1335,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_asids_and_handlers_are_errors() {
+    fn duplicate_asids_are_errors() {
         let text = format!("{}\n{}", as_entry("7", "P-1", ""), as_entry("7", "P-2", ""));
         assert_eq!(
             model_err(&text),
@@ -1265,34 +1346,164 @@ mod tests {
                 first_line: 1
             }
         );
+    }
 
+    /// A value with leading or trailing white space is used trimmed (LDAP's matching ignores
+    /// it), with a warning naming its line: not a refused file, nor a party no request can
+    /// reach.
+    #[test]
+    fn padded_values_are_trimmed_with_a_warning() {
         let interaction = format!("{GPC}fhir:rest:read:metadata-1");
         let text = format!(
             "{}\n{}",
-            mhs_entry("a1", "P-1", &interaction, ""),
-            mhs_entry("a2", "p-1", &interaction, "")
+            as_entry("1", "P-1", "")
+                .replace(
+                    "nhsIDCode: B82617",
+                    &format!("nhsIDCode:: {}", b64(b" B82617"))
+                )
+                .replace(&interaction, &format!("{interaction} ")),
+            mhs_entry("ab", "P-1", &interaction, "")
+                .replace("nhsMHSPartyKey: P-1", "nhsMHSPartyKey: P-1  ")
+                .replace(ENDPOINT, &format!("{ENDPOINT} "))
         );
-        let err = model_err(&text);
+        let index = model(&text).unwrap();
+        let party = index.party("1").unwrap();
+        assert_eq!(party.system.ods_code, "B82617");
+        assert!(party.may(&interaction));
+        let handler = party.handler_for(&interaction).expect("joined and usable");
+        assert_eq!(handler.endpoint, ENDPOINT);
+        assert_eq!(handler.party_key, "P-1");
+        assert_eq!(index.stats.warnings, 4, "{:#?}", index.warnings);
+        assert_eq!(
+            index.warnings[0],
+            "line 5: entry uniqueIdentifier=1,ou=services,o=nhs: nhsIDCode: leading or trailing \
+             white space removed from \" B82617\""
+        );
         assert!(
-            matches!(
-                &err,
-                ModelError::DuplicateHandler {
-                    line: 12,
-                    first_line: 1,
-                    ..
-                }
-            ),
-            "{err}"
+            index.warnings[1].starts_with("line 7: "),
+            "{:?}",
+            index.warnings
         );
+        assert!(index.warnings[2]
+            .starts_with("line 14: entry uniqueIdentifier=ab,ou=services,o=nhs: nhsMHSPartyKey: "));
+        assert!(index.warnings[3]
+            .starts_with("line 16: entry uniqueIdentifier=ab,ou=services,o=nhs: nhsMHSEndPoint: "));
+    }
 
-        // Same interaction under another party key, or another interaction: fine.
+    /// The message handlers of a catalogue interaction that cannot be used (an endpoint no
+    /// request can be forwarded to, two endpoints, two handlers for the interaction) make that
+    /// interaction unusable for the party: the file loads, each is a warning with its line,
+    /// and the party's other interactions and FQDNs stay. Handlers of interactions outside the
+    /// catalogue only supply their FQDN: nothing about them is reported.
+    #[test]
+    fn unusable_handlers_are_warnings_not_errors() {
+        let metadata = format!("{GPC}fhir:rest:read:metadata-1");
+        let slot = format!("{GPC}fhir:rest:search:slot-1");
+        let book = format!("{GPC}fhir:rest:create:appointment-1");
+        let patient = format!("{GPC}fhir:rest:read:patient-1");
+        let mcci = "urn:nhs:names:services:psis:MCCI_IN010000UK13";
+        let entries = [
+            as_entry("1", "P-1", ""),
+            mhs_entry("m1", "P-1", &metadata, ""),
+            // An endpoint with a trailing `/`: slot is unusable (the entry at line 20).
+            mhs_entry("s1", "P-1", &slot, "").replace(ENDPOINT, &format!("{ENDPOINT}/")),
+            // Two handlers for book, the second under the party key in another case (lines
+            // 31, 42).
+            mhs_entry("b1", "P-1", &book, ""),
+            mhs_entry("b2", "p-1", &book, ""),
+            // Two endpoints (line 53).
+            mhs_entry(
+                "p1",
+                "P-1",
+                &patient,
+                "nhsMHSEndPoint: https://localhost/x\n",
+            ),
+            // Outside the catalogue: a trailing `/`, and twice; no FQDN on the second.
+            mhs_entry("o1", "P-1", mcci, "")
+                .replace(ENDPOINT, "https://vpn-client-1411.opentest.hscic.gov.uk/")
+                .replace("nhsMhsFQDN: localhost", "nhsMhsFQDN: vpn.example"),
+            mhs_entry("o2", "P-1", mcci, "").replace("nhsMhsFQDN: localhost\n", ""),
+        ];
+        let text = entries.join("\n");
+        let index = model(&text).unwrap();
+        let party = index.party("1").unwrap();
+        assert!(
+            party.handler_for(&metadata).is_some(),
+            "the sound one stays"
+        );
+        for refused in [&slot, &book, &patient] {
+            assert!(party.handler_for(refused).is_none(), "{refused}");
+            assert!(party.unusable_for(refused).is_some(), "{refused}");
+        }
+        assert!(party.handler_for(mcci).is_none());
+        assert_eq!(
+            party.fqdns().collect::<Vec<_>>(),
+            ["localhost", "vpn.example"]
+        );
+        assert_eq!(index.warnings.len(), 4, "{:#?}", index.warnings);
+        assert_eq!(
+            index.warnings[0],
+            format!(
+                "line 20: entry uniqueIdentifier=s1,ou=services,o=nhs: {slot}: message handler \
+                 s1: nhsMHSEndPoint \"{ENDPOINT}/\": {}: the interaction is refused for this \
+                 party (403)",
+                super::super::UNFORWARDABLE_ENDPOINT
+            )
+        );
+        assert!(
+            index.warnings[1].starts_with(&format!(
+                "lines 31, 42: {book}: message handlers b1, b2: 2 message handlers for one \
+                 interaction under party key P-1"
+            )),
+            "{}",
+            index.warnings[1]
+        );
+        assert!(
+            index.warnings[2].starts_with(&format!(
+                "line 53: entry uniqueIdentifier=p1,ou=services,o=nhs: {patient}: message \
+                 handler p1: 2 nhsMHSEndPoint values"
+            )),
+            "{}",
+            index.warnings[2]
+        );
+        assert_eq!(
+            index.warnings[3],
+            format!(
+                "line 76: entry uniqueIdentifier=o2,ou=services,o=nhs: message handler o2 \
+                 ({mcci}): nhsMhsFQDN: missing: its FQDN is not one a client certificate may \
+                 present"
+            )
+        );
+    }
+
+    /// An AS record joins the MHS records of its party key (ignoring case) AND its ODS code
+    /// (ignoring ASCII case), as the FHIR API's `/Endpoint` search does: an MHS record of
+    /// another organisation under the same party key adds no endpoint and no FQDN.
+    #[test]
+    fn the_ods_code_joins_as_records_to_mhs_records_too() {
+        let metadata = format!("{GPC}fhir:rest:read:metadata-1");
+        let slot = format!("{GPC}fhir:rest:search:slot-1");
         let text = format!(
             "{}\n{}\n{}",
-            mhs_entry("a1", "P-1", &interaction, ""),
-            mhs_entry("a2", "P-2", &interaction, ""),
-            mhs_entry("a3", "P-1", &format!("{GPC}fhir:rest:search:slot-1"), "")
+            as_entry("1", "P-1", ""),
+            mhs_entry("m1", "P-1", &metadata, "").replace("nhsIDCode: B82617", "nhsIDCode: b82617"),
+            mhs_entry("s1", "P-1", &slot, "")
+                .replace("nhsIDCode: B82617", "nhsIDCode: X99999")
+                .replace("nhsMhsFQDN: localhost", "nhsMhsFQDN: rogue.example"),
         );
-        assert_eq!(model(&text).unwrap().stats.handlers, 3);
+        let index = model(&text).unwrap();
+        let party = index.party("1").unwrap();
+        assert_eq!(
+            party
+                .handlers
+                .iter()
+                .map(|h| h.id.as_str())
+                .collect::<Vec<_>>(),
+            ["m1"]
+        );
+        assert!(party.handler_for(&slot).is_none());
+        assert!(!party.has_fqdn("rogue.example"));
+        assert!(index.warnings.is_empty(), "{:?}", index.warnings);
     }
 
     #[test]
@@ -1349,6 +1560,7 @@ mod tests {
             entries: 22,
             systems: 3,
             handlers: 17,
+            warnings: 0,
         };
         assert_eq!(from_file.stats(), expected);
         assert_eq!(embedded.stats(), expected);
@@ -1561,7 +1773,8 @@ mod tests {
             Stats {
                 entries: 2,
                 systems: 1,
-                handlers: 1
+                handlers: 1,
+                warnings: 0
             }
         );
         assert!(backend.lookup("1").is_none());
@@ -1673,7 +1886,7 @@ mod tests {
         #[test]
         fn parser_never_panics_on_arbitrary_text(text in ".*") {
             if let Ok(records) = parse_records(&text) {
-                let _ = build_index(&records);
+                let _ = build_index(&records, &Requestable::builtin());
             }
         }
 
@@ -1685,7 +1898,7 @@ mod tests {
         #[test]
         fn parser_and_model_never_panic_on_ldif_like_text(text in ldif_like()) {
             match parse_records(&text) {
-                Ok(records) => { let _ = build_index(&records); }
+                Ok(records) => { let _ = build_index(&records, &Requestable::builtin()); }
                 Err(e) => prop_assert!(e.line >= 1 && e.line <= text.split('\n').count()),
             }
         }

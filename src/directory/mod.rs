@@ -38,7 +38,8 @@ pub struct AccreditedSystem {
     pub product_version: Option<String>,
 }
 
-/// A message handler (`nhsMhs`): one endpoint for one interaction of one party key.
+/// A message handler (`nhsMhs`) a request can be forwarded to: one endpoint for one interaction
+/// of one party key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageHandler {
     /// `uniqueIdentifier` of the MHS record.
@@ -55,12 +56,219 @@ pub struct MessageHandler {
     pub cpa_id: String,
 }
 
-/// Everything the gateway needs to know about one ASID: its AS record and the message handlers
-/// that share its party key.
+/// An `nhsMhs` record as a backend read it, before the party's rules are applied
+/// ([`PartyHandlers::judge`]). Values have their leading and trailing white space removed (as
+/// LDAP's matching ignores it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MhsRecord {
+    /// `uniqueIdentifier`.
+    pub id: String,
+    /// `nhsIDCode`.
+    pub ods_code: String,
+    /// `nhsMHSPartyKey`.
+    pub party_key: String,
+    /// `nhsMhsSvcIA`.
+    pub interaction: String,
+    /// Every `nhsMHSEndPoint` value, in directory order (the attribute is multi-valued in SDS);
+    /// at least one.
+    pub endpoints: Vec<String>,
+    /// `nhsMhsFQDN`, or why the record has none the gateway can use (none, empty, several).
+    pub fqdn: Result<String, String>,
+    /// `nhsMhsCPAId`.
+    pub cpa_id: String,
+}
+
+/// What the gateway does without the message handlers an [`Unusable`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// The interaction (one of the catalogue's) is refused for this party as receiver: 403
+    /// `PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_<asid>`, as for a party with no
+    /// handler for it. The party's other interactions are not affected.
+    Interaction,
+    /// The handler's FQDN is not one a client certificate may present for the party.
+    Fqdn,
+}
+
+/// Message handlers of a party the gateway cannot use, and why: found when the party is built
+/// from the directory's answer, never per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unusable {
+    /// `nhsMhsSvcIA` of the handlers.
+    pub interaction: String,
+    /// Their `uniqueIdentifier`s, in directory order.
+    pub handlers: Vec<String>,
+    /// What is wrong with them, for operators.
+    pub reason: String,
+    pub effect: Effect,
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (noun, ids) = match self.handlers.as_slice() {
+            [one] => ("message handler", one.clone()),
+            many => ("message handlers", many.join(", ")),
+        };
+        match self.effect {
+            Effect::Interaction => write!(
+                f,
+                "{}: {noun} {ids}: {}: the interaction is refused for this party (403)",
+                self.interaction, self.reason
+            ),
+            Effect::Fqdn => write!(
+                f,
+                "{noun} {ids} ({}): {}: its FQDN is not one a client certificate may present",
+                self.interaction, self.reason
+            ),
+        }
+    }
+}
+
+/// The interactions requests can name (the interaction catalogue's, when the backend was
+/// opened): the handlers whose problems are reported. A handler for any other interaction is
+/// never forwarded to, so its endpoint and its duplicates are not reported (they still supply
+/// their FQDN). Clones share the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requestable(Arc<[String]>);
+
+impl Requestable {
+    /// These interaction ids, in this order.
+    pub fn new(ids: impl IntoIterator<Item = String>) -> Requestable {
+        Requestable(ids.into_iter().collect())
+    }
+
+    /// The interactions of a catalogue, in its order.
+    pub fn of(catalogue: &Catalogue) -> Requestable {
+        Requestable::new(catalogue.iter().map(|i| i.id.clone()))
+    }
+
+    /// The built-in catalogue's (`config/interactions.toml` as shipped).
+    pub fn builtin() -> Requestable {
+        Requestable::of(&Catalogue::builtin())
+    }
+
+    /// Whether requests can name `interaction` (compared case-exact).
+    pub fn contains(&self, interaction: &str) -> bool {
+        self.0.iter().any(|i| i == interaction)
+    }
+
+    /// The ids, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.0.iter()
+    }
+}
+
+/// The message handlers of one party key (and ODS code) with the gateway's rules applied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartyHandlers {
+    /// The handlers requests can be forwarded to, in directory order.
+    pub usable: Vec<MessageHandler>,
+    /// Every handler's `nhsMhsFQDN` that can be read (usable handler or not), distinct ignoring
+    /// ASCII case, in directory order.
+    pub fqdns: Vec<String>,
+    /// What cannot be used, and why (see [`PartyHandlers::judge`]).
+    pub unusable: Vec<Unusable>,
+}
+
+impl PartyHandlers {
+    /// Applies the rules SDS promises and the gateway relies on to one party's MHS records:
+    ///
+    /// - one handler per interaction under a party key: two or more for one interaction make
+    ///   that interaction unusable (the gateway cannot tell which is registered);
+    /// - one `nhsMHSEndPoint`, one a request can be forwarded to ([`is_forwardable_endpoint`]):
+    ///   otherwise the handler's interaction is unusable;
+    /// - a readable `nhsMhsFQDN`: otherwise that handler supplies no FQDN.
+    ///
+    /// Each problem takes out only what it concerns: the party's other interactions and FQDNs
+    /// stay. Problems with handlers for interactions not in `requestable` are not reported
+    /// (such a handler is never forwarded to: it only supplies its FQDN); a bad FQDN always is.
+    pub fn judge(records: Vec<MhsRecord>, requestable: &Requestable) -> PartyHandlers {
+        let mut out = PartyHandlers::default();
+        let mut seen_fqdns = std::collections::HashSet::new();
+        // Interactions in directory order, each with its records.
+        let mut order: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut slot: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (i, r) in records.iter().enumerate() {
+            match &r.fqdn {
+                Ok(fqdn) => {
+                    if seen_fqdns.insert(fqdn.to_ascii_lowercase()) {
+                        out.fqdns.push(fqdn.clone());
+                    }
+                }
+                Err(reason) => out.unusable.push(Unusable {
+                    interaction: r.interaction.clone(),
+                    handlers: vec![r.id.clone()],
+                    reason: format!("nhsMhsFQDN: {reason}"),
+                    effect: Effect::Fqdn,
+                }),
+            }
+            match slot.get(r.interaction.as_str()) {
+                Some(&at) => order[at].1.push(i),
+                None => {
+                    slot.insert(&r.interaction, order.len());
+                    order.push((&r.interaction, vec![i]));
+                }
+            }
+        }
+        for (interaction, at) in order {
+            let first = &records[at[0]];
+            let reason = match (at.len(), first.endpoints.as_slice()) {
+                (1, [endpoint]) if is_forwardable_endpoint(endpoint) => {
+                    out.usable.push(MessageHandler {
+                        id: first.id.clone(),
+                        ods_code: first.ods_code.clone(),
+                        party_key: first.party_key.clone(),
+                        interaction: first.interaction.clone(),
+                        endpoint: endpoint.clone(),
+                        fqdn: first.fqdn.clone().unwrap_or_default(),
+                        cpa_id: first.cpa_id.clone(),
+                    });
+                    continue;
+                }
+                (1, [endpoint]) => format!("nhsMHSEndPoint {endpoint:?}: {UNFORWARDABLE_ENDPOINT}"),
+                (1, endpoints) => format!(
+                    "{} nhsMHSEndPoint values ({}): the gateway cannot tell which one is registered",
+                    endpoints.len(),
+                    endpoints
+                        .iter()
+                        .map(|e| format!("{e:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                (n, _) => format!(
+                    "{n} message handlers for one interaction under party key {}: SDS allows one, \
+                     and the gateway cannot tell which is registered",
+                    first.party_key
+                ),
+            };
+            if requestable.contains(interaction) {
+                out.unusable.push(Unusable {
+                    interaction: interaction.to_owned(),
+                    handlers: at.iter().map(|&i| records[i].id.clone()).collect(),
+                    reason,
+                    effect: Effect::Interaction,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Everything the gateway needs to know about one ASID: its AS record and what the message
+/// handlers sharing its party key and ODS code give it (endpoints to forward to, FQDNs a client
+/// certificate may present), decided when the party is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Party {
     pub system: AccreditedSystem,
+    /// The message handlers requests can be forwarded to (see [`PartyHandlers::judge`]), in
+    /// directory order: at most one per interaction.
     pub handlers: Vec<MessageHandler>,
+    /// The names a client certificate may present for this ASID: the `nhsMhsFQDN` of every
+    /// message handler sharing its party key, usable or not (a handler whose FQDN cannot be
+    /// read gives none), distinct ignoring ASCII case, in directory order.
+    pub registered_fqdns: Vec<String>,
+    /// The handlers that cannot be used, and why (catalogue interactions refused for this party,
+    /// FQDNs not accepted).
+    pub unusable: Vec<Unusable>,
 }
 
 /// Why the directory could not answer (distinct from "no such ASID", which is `Ok(None)`).
@@ -110,37 +318,49 @@ pub fn probe_bound(config: &DirectoryBackendConfig) -> Option<std::time::Duratio
 }
 
 impl Party {
+    /// The party of `system` with its message handlers, judged.
+    pub fn new(system: AccreditedSystem, handlers: PartyHandlers) -> Party {
+        Party {
+            system,
+            handlers: handlers.usable,
+            registered_fqdns: handlers.fqdns,
+            unusable: handlers.unusable,
+        }
+    }
+
     /// Whether this system is accredited for `interaction` (`nhsAsSvcIA`, compared case-exact as
     /// the SDS `caseExactMatch` rule does).
     pub fn may(&self, interaction: &str) -> bool {
         self.system.interactions.iter().any(|i| i == interaction)
     }
 
-    /// The message handler (endpoint) registered for `interaction` under this party key, compared
-    /// case-exact. SDS allows one per party key and interaction; the LDIF backend enforces that.
+    /// The message handler (endpoint) a request for `interaction` can be forwarded to under this
+    /// party key, compared case-exact; `None` when there is none, or none usable (see
+    /// [`Party::unusable_for`]).
     pub fn handler_for(&self, interaction: &str) -> Option<&MessageHandler> {
         self.handlers.iter().find(|h| h.interaction == interaction)
+    }
+
+    /// Why the party's handlers for `interaction` cannot be used, if they cannot.
+    pub fn unusable_for(&self, interaction: &str) -> Option<&Unusable> {
+        self.unusable
+            .iter()
+            .find(|u| u.effect == Effect::Interaction && u.interaction == interaction)
     }
 
     /// The distinct `nhsMhsFQDN`s of this party's message handlers (the names a client
     /// certificate may present for this ASID), in directory order, duplicates (ignoring ASCII
     /// case) removed.
     pub fn fqdns(&self) -> impl Iterator<Item = &str> {
-        let handlers = &self.handlers;
-        handlers.iter().enumerate().filter_map(move |(i, h)| {
-            let seen = handlers[..i]
-                .iter()
-                .any(|earlier| earlier.fqdn.eq_ignore_ascii_case(&h.fqdn));
-            (!seen).then_some(h.fqdn.as_str())
-        })
+        self.registered_fqdns.iter().map(String::as_str)
     }
 
     /// Whether `name` is one of this party's registered FQDNs. DNS names compare ASCII
     /// case-insensitively; nothing else is normalised.
     pub fn has_fqdn(&self, name: &str) -> bool {
-        self.handlers
+        self.registered_fqdns
             .iter()
-            .any(|h| h.fqdn.eq_ignore_ascii_case(name))
+            .any(|fqdn| fqdn.eq_ignore_ascii_case(name))
     }
 }
 
@@ -164,31 +384,6 @@ pub fn is_forwardable_endpoint(endpoint: &str) -> bool {
 /// Why an endpoint [`is_forwardable_endpoint`] refuses is refused, for operators.
 pub const UNFORWARDABLE_ENDPOINT: &str = "not an https:// endpoint the gateway can forward to \
      (host, port 1-65535, a path of non-empty segments, no query)";
-
-/// Checks what SDS promises of one party's message handlers and the LDIF backend enforces at
-/// load time: one handler per interaction (party keys compare ignoring case, as
-/// `caseIgnoreMatch` does), each at an endpoint a request can be forwarded to. Remote backends
-/// call it on every answer.
-pub fn check_handlers(handlers: &[MessageHandler]) -> Result<(), String> {
-    for (i, h) in handlers.iter().enumerate() {
-        if !is_forwardable_endpoint(&h.endpoint) {
-            return Err(format!(
-                "message handler {}: nhsMhsEndPoint {:?}: {UNFORWARDABLE_ENDPOINT}",
-                h.id, h.endpoint
-            ));
-        }
-        if let Some(first) = handlers[..i].iter().find(|earlier| {
-            earlier.interaction == h.interaction
-                && earlier.party_key.eq_ignore_ascii_case(&h.party_key)
-        }) {
-            return Err(format!(
-                "party key {} has two message handlers for {}: {} and {}",
-                h.party_key, h.interaction, first.id, h.id
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// The `component` label of the remote directory's TLS reloads (`ldaps://`'s `ldap_cert`,
 /// `ldap_key`, `ldap_ca`, `ldap_crls`, or the FHIR API's `fhir_ca`) in `ssp_reloads_total`:
@@ -305,17 +500,19 @@ pub struct OpenedBackend {
 
 /// Builds the configured backend: loads the LDIF file, or prepares the LDAP or FHIR client
 /// (TLS material, API key). Remote backends connect on first use. `catalogue` gives the FHIR
-/// backend the interactions it resolves ASIDs with. Blocking file I/O: call at start-up.
+/// backend the interactions it resolves ASIDs with, and every backend the interactions whose
+/// unusable message handlers it reports ([`Requestable`]). Blocking file I/O: call at start-up.
 /// Fails with every problem found, each naming its `[directory]` key (`directory.ldif_file: …`,
 /// `directory.ldap_crls[0]: …`) and the file.
 pub fn open_backend(
     config: &DirectoryBackendConfig,
     catalogue: &Catalogue,
 ) -> Result<OpenedBackend, Vec<String>> {
+    let requestable = Requestable::of(catalogue);
     match config {
         DirectoryBackendConfig::Ldif { file, .. } => {
             let backend = Arc::new(
-                ldif::LdifBackend::from_path(file)
+                ldif::LdifBackend::from_path_with(file, requestable)
                     .map_err(|e| vec![format!("directory.ldif_file: {e}")])?,
             );
             Ok(OpenedBackend {
@@ -326,12 +523,14 @@ pub fn open_backend(
             })
         }
         DirectoryBackendConfig::Ldap(settings) => {
-            let backend = ldap::LdapBackend::new(settings.clone()).map_err(|e| match e {
-                ldap::LdapSetupError::Tls(problems) => {
-                    problems.into_iter().map(|p| p.to_string()).collect()
-                }
-                other => vec![other.to_string()],
-            })?;
+            let backend = ldap::LdapBackend::new(settings.clone())
+                .map_err(|e| match e {
+                    ldap::LdapSetupError::Tls(problems) => {
+                        problems.into_iter().map(|p| p.to_string()).collect()
+                    }
+                    other => vec![other.to_string()],
+                })?
+                .reporting(requestable);
             Ok(OpenedBackend {
                 description: format!("ldap {} (base {})", settings.url, settings.search_base),
                 tls: backend.tls().cloned().map(DirectoryTls::Ldap),
@@ -340,9 +539,10 @@ pub fn open_backend(
             })
         }
         DirectoryBackendConfig::Fhir(settings) => {
-            let interactions = catalogue.iter().map(|i| i.id.clone()).collect();
-            let backend = fhir::FhirBackend::new(settings, interactions)
-                .map_err(|problems| problems.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+            let backend = fhir::FhirBackend::new(settings, requestable.iter().cloned().collect())
+                .map_err(|problems| {
+                problems.iter().map(ToString::to_string).collect::<Vec<_>>()
+            })?;
             Ok(OpenedBackend {
                 description: format!(
                     "fhir {} ({} ASIDs mapped to ODS codes)",
@@ -363,58 +563,62 @@ mod tests {
 
     const METADATA: &str = "urn:nhs:names:services:gpconnect:fhir:rest:read:metadata-1";
     const SLOT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1";
+    const MCCI: &str = "urn:nhs:names:services:psis:MCCI_IN010000UK13";
+    const ENDPOINT: &str = "https://localhost:9443/B82617/STU3/1/gpconnect";
 
-    fn handler(id: &str, interaction: &str, fqdn: &str) -> MessageHandler {
-        MessageHandler {
+    fn record(id: &str, interaction: &str, fqdn: &str) -> MhsRecord {
+        MhsRecord {
             id: id.into(),
             ods_code: "B82617".into(),
             party_key: "B82617-0000806".into(),
             interaction: interaction.into(),
-            endpoint: "https://localhost:9443/B82617/STU3/1/gpconnect".into(),
-            fqdn: fqdn.into(),
+            endpoints: vec![ENDPOINT.into()],
+            fqdn: Ok(fqdn.into()),
             cpa_id: id.into(),
         }
     }
 
-    fn party(asid: &str) -> Party {
-        Party {
-            system: AccreditedSystem {
-                asid: asid.into(),
-                ods_code: "B82617".into(),
-                party_key: "B82617-0000806".into(),
-                interactions: vec![METADATA.into(), SLOT.into()],
-                product_name: None,
-                product_version: None,
-            },
-            handlers: vec![
-                handler("a", METADATA, "localhost"),
-                handler("b", SLOT, "LocalHost"),
-                handler(
-                    "c",
-                    "urn:nhs:names:services:psis:MCCI_IN010000UK13",
-                    "mhs.example",
-                ),
-            ],
+    fn system(asid: &str) -> AccreditedSystem {
+        AccreditedSystem {
+            asid: asid.into(),
+            ods_code: "B82617".into(),
+            party_key: "B82617-0000806".into(),
+            interactions: vec![METADATA.into(), SLOT.into()],
+            product_name: None,
+            product_version: None,
         }
+    }
+
+    fn judged(records: Vec<MhsRecord>) -> Party {
+        Party::new(
+            system("1"),
+            PartyHandlers::judge(records, &Requestable::builtin()),
+        )
+    }
+
+    fn party() -> Party {
+        judged(vec![
+            record("a", METADATA, "localhost"),
+            record("b", SLOT, "LocalHost"),
+            record("c", MCCI, "mhs.example"),
+        ])
     }
 
     #[test]
     fn may_and_handler_for_are_case_exact() {
-        let p = party("1");
+        let p = party();
         assert!(p.may(METADATA));
         assert!(!p.may(&METADATA.to_uppercase()));
-        assert!(
-            !p.may("urn:nhs:names:services:psis:MCCI_IN010000UK13"),
-            "an MHS record is not accreditation"
-        );
+        assert!(!p.may(MCCI), "an MHS record is not accreditation");
         assert_eq!(p.handler_for(SLOT).map(|h| h.id.as_str()), Some("b"));
         assert!(p.handler_for(&SLOT.to_uppercase()).is_none());
         assert!(p.handler_for("urn:unknown").is_none());
+        assert!(p.unusable.is_empty());
     }
 
     #[test]
     fn fqdns_are_distinct_ignoring_case_and_match_case_insensitively() {
-        let p = party("1");
+        let p = party();
         assert_eq!(p.fqdns().collect::<Vec<_>>(), ["localhost", "mhs.example"]);
         assert!(p.has_fqdn("LOCALHOST"));
         assert!(p.has_fqdn("mhs.example"));
@@ -432,16 +636,101 @@ mod tests {
         }
     }
 
+    /// Two handlers for one catalogue interaction make that interaction unusable, and only it:
+    /// the party's other interactions and every FQDN stay.
     #[test]
-    fn two_handlers_for_one_interaction_are_refused() {
-        let p = party("1");
-        assert_eq!(check_handlers(&p.handlers), Ok(()));
-        let mut twice = p.handlers.clone();
-        let mut again = handler("z", METADATA, "other");
-        again.party_key = "b82617-0000806".into();
-        twice.push(again);
-        let err = check_handlers(&twice).unwrap_err();
-        assert!(err.contains("two message handlers"), "{err}");
-        assert!(err.contains(": a and z"), "{err}");
+    fn two_handlers_for_one_interaction_make_it_unusable() {
+        let mut records = party_records();
+        records.push(record("z", METADATA, "other.example"));
+        let p = judged(records);
+        assert!(p.handler_for(METADATA).is_none());
+        assert_eq!(p.handler_for(SLOT).map(|h| h.id.as_str()), Some("b"));
+        assert_eq!(
+            p.fqdns().collect::<Vec<_>>(),
+            ["localhost", "mhs.example", "other.example"]
+        );
+        assert_eq!(p.unusable.len(), 1, "{:?}", p.unusable);
+        let u = p.unusable_for(METADATA).expect("reported");
+        assert_eq!(u.handlers, ["a", "z"]);
+        assert!(
+            u.reason
+                .starts_with("2 message handlers for one interaction"),
+            "{u}"
+        );
+        assert_eq!(
+            u.to_string(),
+            format!(
+                "{METADATA}: message handlers a, z: 2 message handlers for one interaction under \
+                 party key B82617-0000806: SDS allows one, and the gateway cannot tell which is \
+                 registered: the interaction is refused for this party (403)"
+            )
+        );
+    }
+
+    fn party_records() -> Vec<MhsRecord> {
+        vec![
+            record("a", METADATA, "localhost"),
+            record("b", SLOT, "LocalHost"),
+            record("c", MCCI, "mhs.example"),
+        ]
+    }
+
+    /// An endpoint no request could be forwarded to, or two of them, on a catalogue
+    /// interaction's handler: that interaction is unusable, reported with the reason.
+    #[test]
+    fn an_unforwardable_endpoint_or_two_make_the_interaction_unusable() {
+        let mut records = party_records();
+        records[0].endpoints = vec![format!("{ENDPOINT}/")];
+        records[1].endpoints = vec![ENDPOINT.into(), format!("{ENDPOINT}2")];
+        let p = judged(records);
+        assert!(p.handlers.is_empty() || p.handlers.iter().all(|h| h.interaction == MCCI));
+        assert_eq!(p.handlers.len(), 1);
+        let metadata = p.unusable_for(METADATA).expect("metadata");
+        assert_eq!(
+            metadata.reason,
+            format!("nhsMHSEndPoint \"{ENDPOINT}/\": {UNFORWARDABLE_ENDPOINT}")
+        );
+        let slot = p.unusable_for(SLOT).expect("slot");
+        assert!(slot.reason.starts_with("2 nhsMHSEndPoint values"), "{slot}");
+        assert_eq!(p.fqdns().count(), 2, "their FQDNs stay");
+    }
+
+    /// A handler for an interaction outside the catalogue is never forwarded to: its endpoint
+    /// and its duplicates are not reported, and it still supplies its FQDN (the OpenTest MHS
+    /// record's endpoint ends in `/`).
+    #[test]
+    fn handlers_outside_the_catalogue_only_supply_their_fqdn() {
+        let mut records = party_records();
+        records[2].endpoints = vec!["https://vpn-client-1411.opentest.hscic.gov.uk/".into()];
+        let mut twin = record("d", MCCI, "twin.example");
+        twin.endpoints = vec![" not a url".into(), "x".into()];
+        records.push(twin);
+        let p = judged(records);
+        assert!(p.unusable.is_empty(), "{:?}", p.unusable);
+        assert!(p.handler_for(MCCI).is_none(), "never forwarded to");
+        assert_eq!(
+            p.fqdns().collect::<Vec<_>>(),
+            ["localhost", "mhs.example", "twin.example"]
+        );
+        assert!(p.handler_for(METADATA).is_some() && p.handler_for(SLOT).is_some());
+    }
+
+    /// A handler whose FQDN cannot be read supplies none, reported; its endpoint stays usable.
+    #[test]
+    fn a_bad_fqdn_is_skipped_and_reported() {
+        let mut records = party_records();
+        records[2].fqdn = Err("2 values, expected one".into());
+        let p = judged(records);
+        assert_eq!(p.fqdns().collect::<Vec<_>>(), ["localhost"]);
+        assert_eq!(p.unusable.len(), 1);
+        assert_eq!(p.unusable[0].effect, Effect::Fqdn);
+        assert!(p.unusable_for(MCCI).is_none(), "not an interaction problem");
+        assert_eq!(
+            p.unusable[0].to_string(),
+            format!(
+                "message handler c ({MCCI}): nhsMhsFQDN: 2 values, expected one: its FQDN is not \
+                 one a client certificate may present"
+            )
+        );
     }
 }

@@ -272,7 +272,8 @@ pub struct Seen {
 
 /// An in-process SDS FHIR API over an LDIF world, behaving as the real one does (API key
 /// required, X-Correlation-Id checked and echoed, search parameter rules, Bundles with fresh
-/// ids). Plain HTTP on loopback, or HTTPS with the given server config.
+/// ids, values matched ignoring leading and trailing spaces as its LDAP does). Plain HTTP on
+/// loopback, or HTTPS with the given server config.
 pub struct FhirApi {
     pub addr: SocketAddr,
     /// The LDIF records it answers from (replaceable with `serve`).
@@ -283,6 +284,12 @@ pub struct FhirApi {
     pub requests: Arc<AtomicUsize>,
     /// How long each answer is held back, in milliseconds (a slow API).
     pub delay_ms: Arc<AtomicU64>,
+    /// Requests being answered now, and the most there have been at once.
+    pub in_flight: Arc<AtomicUsize>,
+    pub max_in_flight: Arc<AtomicUsize>,
+    /// `status` of the Endpoints of an MHS record (by its `uniqueIdentifier`) when not
+    /// `active`, and of the Device of an ASID (the real API sends none).
+    pub statuses: Arc<Mutex<HashMap<String, String>>>,
     stop: CancellationToken,
 }
 
@@ -300,6 +307,9 @@ impl FhirApi {
             failing: Arc::new(AtomicBool::new(false)),
             requests: Arc::new(AtomicUsize::new(0)),
             delay_ms: Arc::new(AtomicU64::new(0)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: Arc::new(AtomicUsize::new(0)),
+            statuses: Arc::new(Mutex::new(HashMap::new())),
             stop: CancellationToken::new(),
         };
         let (seen, failing, requests, delay_ms, stop) = (
@@ -308,6 +318,11 @@ impl FhirApi {
             api.requests.clone(),
             api.delay_ms.clone(),
             api.stop.clone(),
+        );
+        let (in_flight, max_in_flight, statuses) = (
+            api.in_flight.clone(),
+            api.max_in_flight.clone(),
+            api.statuses.clone(),
         );
         let scheme = if tls.is_some() { "https" } else { "http" };
         let base = format!("{scheme}://localhost:{}{BASE_PATH}", addr.port());
@@ -330,9 +345,13 @@ impl FhirApi {
                     base.clone(),
                     acceptor.clone(),
                 );
+                let (in_flight, max_in_flight, statuses) =
+                    (in_flight.clone(), max_in_flight.clone(), statuses.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         requests.fetch_add(1, Ordering::SeqCst);
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        max_in_flight.fetch_max(now, Ordering::SeqCst);
                         let header = |n: &str| {
                             req.headers()
                                 .get(n)
@@ -353,11 +372,14 @@ impl FhirApi {
                         let resp = if failing.load(Ordering::SeqCst) {
                             outcome(StatusCode::BAD_GATEWAY, "LDAP error", None)
                         } else {
-                            answer(&req, &records, &base)
+                            let statuses = statuses.lock().expect("lock").clone();
+                            answer(&req, &records, &base, &statuses)
                         };
                         let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                        let in_flight = in_flight.clone();
                         async move {
                             tokio::time::sleep(delay).await;
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
@@ -449,13 +471,23 @@ fn first<'r>(r: &'r Record, name: &str) -> Option<&'r str> {
     values(r, name).first().copied()
 }
 
+/// A value as LDAP matches it: leading and trailing spaces are not significant.
+fn matched<'r>(r: &'r Record, name: &str) -> Option<&'r str> {
+    first(r, name).map(str::trim)
+}
+
 fn is_class(r: &Record, class: &str) -> bool {
     values(r, "objectClass")
         .iter()
         .any(|c| c.eq_ignore_ascii_case(class))
 }
 
-fn answer(req: &Request<Incoming>, records: &[Record], base: &str) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    records: &[Record],
+    base: &str,
+    statuses: &HashMap<String, String>,
+) -> Response<Full<Bytes>> {
     let correlation = req
         .headers()
         .get("x-correlation-id")
@@ -516,7 +548,7 @@ fn answer(req: &Request<Incoming>, records: &[Record], base: &str) -> Response<F
     }
     let matches_pk = |r: &Record, pk: &Option<String>| {
         pk.as_ref().map_or(true, |pk| {
-            first(r, "nhsMHSPartyKey").is_some_and(|v| v.eq_ignore_ascii_case(pk))
+            matched(r, "nhsMHSPartyKey").is_some_and(|v| v.eq_ignore_ascii_case(pk))
         })
     };
     let mut resources = Vec::new();
@@ -530,14 +562,16 @@ fn answer(req: &Request<Incoming>, records: &[Record], base: &str) -> Response<F
                 );
             };
             for r in records.iter().filter(|r| is_class(r, "nhsAs")) {
-                if first(r, "nhsIDCode") == Some(org.as_str())
-                    && values(r, "nhsAsSvcIA").contains(&interaction.as_str())
+                if matched(r, "nhsIDCode") == Some(org.as_str())
+                    && values(r, "nhsAsSvcIA")
+                        .iter()
+                        .any(|v| v.trim() == interaction.as_str())
                     && matches_pk(r, &party_key)
                     && manufacturer.as_ref().map_or(true, |m| {
                         first(r, "nhsMhsManufacturerOrg").is_some_and(|v| v.eq_ignore_ascii_case(m))
                     })
                 {
-                    resources.push(device(r));
+                    resources.push(device(r, statuses));
                 }
             }
         }
@@ -555,13 +589,13 @@ fn answer(req: &Request<Incoming>, records: &[Record], base: &str) -> Response<F
             for r in records.iter().filter(|r| is_class(r, "nhsMhs")) {
                 if org
                     .as_ref()
-                    .map_or(true, |o| first(r, "nhsIDCode") == Some(o.as_str()))
+                    .map_or(true, |o| matched(r, "nhsIDCode") == Some(o.as_str()))
                     && interaction
                         .as_ref()
-                        .map_or(true, |i| first(r, "nhsMhsSvcIA") == Some(i.as_str()))
+                        .map_or(true, |i| matched(r, "nhsMhsSvcIA") == Some(i.as_str()))
                     && matches_pk(r, &party_key)
                 {
-                    resources.extend(endpoints(r));
+                    resources.extend(endpoints(r, statuses));
                 }
             }
         }
@@ -590,8 +624,9 @@ fn interaction_ext(id: &str) -> Value {
     json!({ "url": EXT_INTERACTION, "valueReference": reference(INTERACTION, id) })
 }
 
-/// An `nhsAs` record as the API maps it (`fhir_json_mapper.py`).
-fn device(r: &Record) -> Value {
+/// An `nhsAs` record as the API maps it (`fhir_json_mapper.py`): no `status`, unless the test
+/// set one for its ASID.
+fn device(r: &Record, statuses: &HashMap<String, String>) -> Value {
     let mut extensions = Vec::new();
     if let Some(m) = first(r, "nhsMhsManufacturerOrg") {
         extensions.push(json!({
@@ -608,11 +643,18 @@ fn device(r: &Record) -> Value {
     if let Some(client) = first(r, "nhsAsClient") {
         device["owner"] = reference(ODS, client);
     }
+    if let Some(status) = matched(r, "uniqueIdentifier").and_then(|id| statuses.get(id)) {
+        device["status"] = json!(status);
+    }
     device
 }
 
-/// An `nhsMhs` record as the API maps it: one Endpoint per `nhsMHSEndPoint` value.
-fn endpoints(r: &Record) -> Vec<Value> {
+/// An `nhsMhs` record as the API maps it: one Endpoint per `nhsMHSEndPoint` value, `status`
+/// `active` unless the test set another for its `uniqueIdentifier`.
+fn endpoints(r: &Record, statuses: &HashMap<String, String>) -> Vec<Value> {
+    let status = matched(r, "uniqueIdentifier")
+        .and_then(|id| statuses.get(id))
+        .map_or("active", String::as_str);
     let mut reliability = Vec::new();
     let attrs: HashMap<&str, &str> = [
         ("nhsMHSSyncReplyMode", "valueString"),
@@ -633,7 +675,7 @@ fn endpoints(r: &Record) -> Vec<Value> {
         .map(|address| {
             json!({
                 "resourceType": "Endpoint", "id": uuid::Uuid::new_v4().to_string().to_uppercase(),
-                "status": "active",
+                "status": status,
                 "connectionType": { "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
                                     "code": "hl7-fhir-msg", "display": "HL7 FHIR Messaging" },
                 "payloadType": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/endpoint-payload-type",
@@ -720,4 +762,197 @@ pub fn api_server_tls(world: &crate::common::World) -> std::sync::Arc<rustls::Se
     .with_single_cert(certs, key)
     .expect("server config");
     std::sync::Arc::new(config)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Real SDS data's quirks
+// ------------------------------------------------------------------------------------------------
+
+/// The `uniqueIdentifier` of the provider's MHS record for `read:metadata-1`.
+pub const METADATA_MHS: &str = "4312b49572e113d450cf";
+/// A second MHS record for the provider's `search:slot-1`.
+pub const DUPLICATE_SLOT_MHS: &str = "5d0b1e5a0000000000d2";
+/// An MHS record under the provider's party key but another organisation's ODS code.
+pub const OTHER_ODS_MHS: &str = "0d5c0de00000000000e1";
+/// A second MHS record of the consumer's, OpenTest-like (a trailing `/`), outside the catalogue.
+pub const OPENTEST_MHS: &str = "S918999410559";
+
+/// The LDIF blocks (entries with their comments) of `ldif`, edited by `edit` where a block has
+/// every line of `entry`; panics if none has.
+fn edit_blocks(ldif: &str, entry: &[&str], edit: impl Fn(&str) -> String) -> String {
+    let mut hit = false;
+    let edited: Vec<String> = ldif
+        .split("\n\n")
+        .map(|block| {
+            if entry.iter().all(|e| block.lines().any(|l| l == *e)) {
+                hit = true;
+                edit(block)
+            } else {
+                block.to_string()
+            }
+        })
+        .collect();
+    assert!(hit, "no LDIF entry has {entry:?}");
+    edited.join("\n\n")
+}
+
+/// `v` as line slices.
+fn lines(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The block of `ldif` with every line of `entry`.
+fn block_of(ldif: &str, entry: &[&str]) -> String {
+    ldif.split("\n\n")
+        .find(|block| entry.iter().all(|e| block.lines().any(|l| l == *e)))
+        .unwrap_or_else(|| panic!("no LDIF entry has {entry:?}"))
+        .to_string()
+}
+
+/// `name:: base64(value)`: how LDIF writes a value with a trailing space.
+fn encoded(name: &str, value: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "{name}:: {}",
+        base64::engine::general_purpose::STANDARD.encode(value)
+    )
+}
+
+/// The lines of `block` that start with `prefix`, each replaced by `with(line)`.
+fn map_lines(block: &str, prefix: &str, with: impl Fn(&str) -> String) -> String {
+    block
+        .lines()
+        .map(|l| {
+            if l.starts_with(prefix) {
+                with(l)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The development world (`ldif`, its endpoints possibly moved) with what real SDS data holds
+/// and the gateway must survive, every entry still valid for slapd:
+///
+/// - the provider's `read:metadata-1` handler at an endpoint with a trailing `/` (unusable);
+/// - a second handler for the provider's `search:slot-1` (unusable: two);
+/// - a second `nhsMHSEndPoint` on the provider's `read:patient-1` handler (unusable: two);
+/// - `read:location-1` on the provider's AS record, and the party key of its handler, with a
+///   trailing space (usable: trimmed);
+/// - a handler of another organisation (ODS code X99999) under the provider's party key, for
+///   `search:organization-1`, FQDN `rogue.dev.local` (not the provider's: neither a duplicate
+///   nor an FQDN);
+/// - the consumer's own (non-GP Connect) handler at an endpoint with a trailing `/`, and a
+///   second one for the same interaction, OpenTest-like, FQDN `opentest.dev.local` (outside
+///   the catalogue: both FQDNs count, nothing reported);
+/// - the consumer's AS party key with a trailing space (trimmed).
+pub fn quirky_world(ldif: &str) -> String {
+    let gpc = "urn:nhs:names:services:gpconnect:fhir:rest:";
+    let provider_mhs = |ix: &str| -> Vec<String> {
+        vec![
+            "objectClass: nhsMhs".into(),
+            "nhsIDCode: B82617".into(),
+            format!("nhsMhsSvcIA: {gpc}{ix}"),
+        ]
+    };
+
+    let metadata = provider_mhs("read:metadata-1");
+    let mut out = edit_blocks(ldif, &lines(&metadata), |b| {
+        map_lines(b, "nhsMHSEndPoint: ", |l| format!("{l}/"))
+    });
+    let patient = provider_mhs("read:patient-1");
+    out = edit_blocks(&out, &lines(&patient), |b| {
+        map_lines(b, "nhsMHSEndPoint: ", |l| {
+            format!(
+                "{l}\nnhsMHSEndPoint: {}/second",
+                &l["nhsMHSEndPoint: ".len()..]
+            )
+        })
+    });
+    let location = provider_mhs("read:location-1");
+    out = edit_blocks(&out, &lines(&location), |b| {
+        map_lines(b, "nhsMHSPartyKey: ", |_| {
+            encoded("nhsMHSPartyKey", "B82617-0000806 ")
+        })
+    });
+    out = edit_blocks(
+        &out,
+        &["objectClass: nhsAs", "uniqueIdentifier: 918999198993"],
+        |b| {
+            map_lines(b, &format!("nhsAsSvcIA: {gpc}read:location-1"), |_| {
+                encoded("nhsAsSvcIA", &format!("{gpc}read:location-1 "))
+            })
+        },
+    );
+    let slot = block_of(&out, &lines(&provider_mhs("search:slot-1")));
+    let slot_id = slot
+        .lines()
+        .find_map(|l| l.strip_prefix("uniqueIdentifier: "))
+        .expect("slot MHS id")
+        .to_string();
+    let duplicate_slot = slot.replace(&slot_id, DUPLICATE_SLOT_MHS);
+    let organization = block_of(&out, &lines(&provider_mhs("search:organization-1")));
+    let organization_id = organization
+        .lines()
+        .find_map(|l| l.strip_prefix("uniqueIdentifier: "))
+        .expect("organization MHS id")
+        .to_string();
+    let other_ods = map_lines(
+        &map_lines(
+            &organization.replace(&organization_id, OTHER_ODS_MHS),
+            "nhsIDCode: ",
+            |_| "nhsIDCode: X99999".into(),
+        ),
+        "nhsMhsFQDN: ",
+        |_| "nhsMhsFQDN: rogue.dev.local".into(),
+    );
+
+    let consumer_mhs = [
+        "objectClass: nhsMhs",
+        "nhsIDCode: A20047",
+        "uniqueIdentifier: f547f3250008191f91b9",
+    ];
+    out = edit_blocks(&out, &consumer_mhs, |b| {
+        map_lines(b, "nhsMHSEndPoint: ", |l| format!("{l}/"))
+    });
+    let opentest = map_lines(
+        &map_lines(
+            &block_of(&out, &consumer_mhs).replace("f547f3250008191f91b9", OPENTEST_MHS),
+            "nhsMHSEndPoint: ",
+            |_| "nhsMHSEndPoint: https://vpn-client-1411.opentest.hscic.gov.uk/".into(),
+        ),
+        "nhsMhsFQDN: ",
+        |_| "nhsMhsFQDN: opentest.dev.local".into(),
+    );
+    out = edit_blocks(
+        &out,
+        &["objectClass: nhsAs", "uniqueIdentifier: 200000000359"],
+        |b| {
+            map_lines(b, "nhsMHSPartyKey: ", |_| {
+                encoded("nhsMHSPartyKey", "A20047-821870 ")
+            })
+        },
+    );
+    format!(
+        "{}\n\n{duplicate_slot}\n\n{other_ods}\n\n{opentest}\n",
+        out.trim_end()
+    )
+}
+
+/// The `uniqueIdentifier` of the MHS record in `ldif` for `interaction` with ODS code `ods`.
+pub fn mhs_id(ldif: &str, interaction: &str, ods: &str) -> String {
+    block_of(
+        ldif,
+        &[
+            "objectClass: nhsMhs",
+            &format!("nhsIDCode: {ods}"),
+            &format!("nhsMhsSvcIA: {interaction}"),
+        ],
+    )
+    .lines()
+    .find_map(|l| l.strip_prefix("uniqueIdentifier: "))
+    .expect("an MHS id")
+    .to_string()
 }
