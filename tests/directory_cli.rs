@@ -150,3 +150,73 @@ fn check_config_refuses_a_fhir_base_url_with_a_fragment_or_query() {
         );
     }
 }
+
+/// `directory lookup` shows an interaction whose message handler cannot be used, and why, on
+/// real SDS data's quirks (directory_support::quirky_world), from the LDIF file and from
+/// slapd alike.
+#[test]
+fn lookup_shows_an_unusable_interaction_and_why() {
+    let world = std::fs::read_to_string(repo_path("config/directory.ldif")).expect("LDIF");
+    let quirky = directory_support::quirky_world(&world);
+    let ldif_path = scratch_dir("cli-quirks").join("directory.ldif");
+    std::fs::write(&ldif_path, &quirky).expect("write LDIF");
+    let config = directory_config(&format!(
+        "backend = \"ldif\"\nldif_file = \"{}\"",
+        ldif_path.display()
+    ));
+    let (ok, out, err) = lookup(
+        &config,
+        &["--asid", PROVIDER_ASID, "--interaction", IX_METADATA],
+    );
+    assert!(ok, "{err}");
+    let mhs = directory_support::METADATA_MHS;
+    let why =
+        "nhsMHSEndPoint \"https://localhost:9443/B82617/STU3/1/gpconnect/\": not an https:// \
+               endpoint the gateway can forward to";
+    assert!(
+        out.contains(
+            "  unusable message handlers (not forwarded to; the rest of the party is used): 3\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("    {IX_METADATA}: message handler {mhs}: {why}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "as receiver (Ssp-To):  refused: accredited, but its message handler cannot be used \
+             ({mhs}: {why}"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "403 PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_{PROVIDER_ASID}"
+        )),
+        "{out}"
+    );
+    let (ok, out, _) = lookup(
+        &config,
+        &["--asid", PROVIDER_ASID, "--interaction", IX_READ_LOCATION],
+    );
+    assert!(ok);
+    assert!(out.contains("as receiver (Ssp-To):  allowed"), "{out}");
+
+    // The consumer, from slapd as from the file: its OpenTest-like records outside the
+    // catalogue give their FQDNs and nothing to report.
+    let slapd = Slapd::start(&quirky, None);
+    let args = ["--asid", CONSUMER_ASID, "--interaction", IX_SEARCH_SLOT];
+    let (ok, from_ldap, err) = lookup(&ldap_config(&slapd.url()), &args);
+    assert!(ok, "{err}");
+    let (_, from_ldif, _) = lookup(&config, &args);
+    let body = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(body(&from_ldap), body(&from_ldif));
+    assert!(
+        from_ldap.contains(
+            "client certificate names accepted for this ASID: consumer.dev.local, opentest.dev.local"
+        ),
+        "{from_ldap}"
+    );
+    assert!(!from_ldap.contains("unusable"), "{from_ldap}");
+}

@@ -3,6 +3,7 @@
 //! previous data kept, a good one taking effect without a restart.
 
 mod common;
+mod directory_support;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -275,5 +276,176 @@ async fn the_ldif_file_reloads_on_change_and_a_broken_file_is_refused() {
     };
     assert_eq!(count("ok"), Some(2.0), "{metrics}");
     assert_eq!(count("refused"), Some(1.0), "{metrics}");
+    h.stop().await;
+}
+
+/// The 1-based line of `needle` (a whole line) in `text`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l == needle)
+        .unwrap_or_else(|| panic!("no line {needle:?}"))
+        + 1
+}
+
+/// Real SDS data's quirks in the LDIF file (directory_support::quirky_world): the gateway
+/// starts, and each MHS record it cannot use is a warning with its line, at load, in
+/// check-config and on reload. An interaction whose handler cannot be used is refused 403
+/// PARTYKEY_INTERACTION_CHECK_FAILED (nothing reaches the provider) and logged once per
+/// lookup, not per request; the party's other interactions are forwarded; a consumer whose
+/// own MHS records are OpenTest-like still sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_handlers_in_the_ldif_refuse_their_interaction_not_the_file() {
+    capture_logs();
+    let ldif_path = scratch_dir("quirks").join("directory.ldif");
+    let written = ldif_path.clone();
+    let plain = std::sync::Arc::new(Mutex::new(String::new()));
+    let kept = plain.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            *kept.lock().expect("lock") = ldif.to_string();
+            std::fs::write(&written, directory_support::quirky_world(ldif)).expect("write LDIF");
+            format!(
+                "ldif_file = \"{}\"\nldif_poll_interval = \"100ms\"\n",
+                written.display()
+            )
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let directory = h.directory();
+    let quirky = std::fs::read_to_string(&ldif_path).expect("read LDIF");
+    let metadata_line = line_of(
+        &quirky,
+        &format!(
+            "dn: uniqueIdentifier={},ou=services,o=nhs",
+            directory_support::METADATA_MHS
+        ),
+    );
+    let endpoint = h.endpoint();
+    let expected = format!(
+        "directory data: line {metadata_line}: entry uniqueIdentifier={mhs},ou=services,o=nhs: \
+         {IX_METADATA}: message handler {mhs}: nhsMHSEndPoint \"{endpoint}/\": not an https:// \
+         endpoint the gateway can forward to",
+        mhs = directory_support::METADATA_MHS
+    );
+    assert!(logs().contains(&expected), "{expected}\n{}", logs());
+
+    let refused = format!("PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_{PROVIDER_ASID}");
+    for _ in 0..3 {
+        h.consumer_metadata()
+            .await
+            .assert_outcome(403, Some("ACCESS_DENIED"), &refused);
+    }
+    assert_eq!(h.recorder.seen(), 0);
+    let location = || {
+        Gpc::new(
+            Method::GET,
+            format!("{endpoint}/Location/1"),
+            IX_READ_LOCATION,
+        )
+    };
+    let answer = h.consumer().gpc(location()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(h.recorder.seen(), 1);
+    let stats = directory.stats();
+    assert_eq!((stats.misses, stats.backend_errors), (2, 0));
+    // One warning for the provider's lookup, naming the party, the interactions, the MHS
+    // records and why; none for the consumer (its quirks are outside the catalogue).
+    let warned: Vec<String> = logs()
+        .lines()
+        .filter(|l| l.contains("message handlers of this party cannot be used"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    for part in [
+        &format!("asid={PROVIDER_ASID}"),
+        "party_key=B82617-0000806",
+        &format!(
+            "{IX_METADATA}: message handler {}",
+            directory_support::METADATA_MHS
+        ),
+        &format!("{IX_SEARCH_SLOT}: message handlers "),
+        directory_support::DUPLICATE_SLOT_MHS,
+        "2 nhsMHSEndPoint values",
+    ] {
+        assert!(warned[0].contains(part), "{part}: {}", warned[0]);
+    }
+
+    // check-config passes the file, listing the same warnings with their lines.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&h.config_path)
+        .output()
+        .expect("run check-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "warning: directory: {}: line {metadata_line}: entry uniqueIdentifier={}",
+            ldif_path.display(),
+            directory_support::METADATA_MHS
+        )),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.contains("the interaction is refused for this party"))
+            .count(),
+        3,
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+
+    // Reloaded: the plain world serves metadata; then the location handler's endpoint gains a
+    // trailing `/`: the reload is taken, warned of with its line, and location is refused.
+    let plain = plain.lock().expect("lock").clone();
+    std::fs::write(&ldif_path, &plain).expect("write LDIF");
+    until("metadata is served after the reload", || async {
+        h.consumer_metadata().await.status == 200
+    })
+    .await;
+    let location_mhs = directory_support::mhs_id(&plain, IX_READ_LOCATION, "B82617");
+    let broken = plain.replace(
+        &format!("nhsMhsSvcIA: {IX_READ_LOCATION}\nnhsMHsSN: urn:nhs:names:services:gpconnect\nnhsMHsIN: fhir:rest:read:location-1\nnhsMHSEndPoint: {endpoint}\n"),
+        &format!("nhsMhsSvcIA: {IX_READ_LOCATION}\nnhsMHsSN: urn:nhs:names:services:gpconnect\nnhsMHsIN: fhir:rest:read:location-1\nnhsMHSEndPoint: {endpoint}/\n"),
+    );
+    assert_ne!(broken, plain);
+    std::fs::write(&ldif_path, &broken).expect("write LDIF");
+    let location_line = line_of(
+        &broken,
+        &format!("dn: uniqueIdentifier={location_mhs},ou=services,o=nhs"),
+    );
+    until(
+        "the location handler is refused after the reload",
+        || async { h.consumer().gpc(location()).await.status == 403 },
+    )
+    .await;
+    h.consumer()
+        .gpc(location())
+        .await
+        .assert_outcome(403, Some("ACCESS_DENIED"), &refused);
+    assert!(
+        logs().contains(&format!(
+            "directory data: line {location_line}: entry uniqueIdentifier={location_mhs}"
+        )),
+        "{}",
+        logs()
+    );
+    assert_eq!(h.consumer_metadata().await.status, 200);
+    let (_, metrics) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "ssp_reloads_total{component=\"directory\",result=\"refused\"}"
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
     h.stop().await;
 }

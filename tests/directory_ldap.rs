@@ -168,6 +168,82 @@ async fn with_nothing_cached_a_directory_outage_is_503_never_403() {
     h.stop().await;
 }
 
+/// Real SDS data's quirks in slapd (directory_support::quirky_world): an interaction whose
+/// handler cannot be used is refused 403 PARTYKEY_INTERACTION_CHECK_FAILED, never 503, and
+/// nothing reaches the provider; the party's other interactions are forwarded, among them one
+/// whose `nhsAsSvcIA` and handler's party key slapd stores with a trailing space (its filters
+/// ignore it, and so does the gateway); a consumer whose AS party key has a trailing space,
+/// and whose own MHS records are OpenTest-like, still sends. No lookup fails, so the
+/// backend-errors alert has nothing to count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_sds_quirks_in_slapd_refuse_one_interaction_not_the_party() {
+    let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
+    let started = slapd.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            let server = Slapd::start(&directory_support::quirky_world(ldif), None);
+            let url = server.url();
+            *started.lock().expect("lock") = Some(server);
+            format!("backend = \"ldap\"\nldap_url = \"{url}\"\n")
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let refused = format!("PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_{PROVIDER_ASID}");
+    h.consumer_metadata()
+        .await
+        .assert_outcome(403, Some("ACCESS_DENIED"), &refused);
+    let slot = Gpc::new(
+        Method::GET,
+        format!("{}/Slot?start=ge2025-01-01", h.endpoint()),
+        IX_SEARCH_SLOT,
+    );
+    h.consumer()
+        .gpc(slot)
+        .await
+        .assert_outcome(403, Some("ACCESS_DENIED"), &refused);
+    assert_eq!(h.recorder.seen(), 0);
+    for (path, interaction) in [
+        ("Location/1", IX_READ_LOCATION),
+        ("Organization?identifier=x", IX_SEARCH_ORGANIZATION),
+    ] {
+        let answer = h
+            .consumer()
+            .gpc(Gpc::new(
+                Method::GET,
+                format!("{}/{path}", h.endpoint()),
+                interaction,
+            ))
+            .await;
+        assert_eq!(answer.status, 200, "{interaction}: {}", answer.text());
+    }
+    assert_eq!(h.recorder.seen(), 2);
+    // Another consumer, another unusable interaction (its handler has two endpoints): refused
+    // the same way, by the receiver check.
+    let readonly = h.world.client(&h.world.readonly, h.gateway);
+    let answer = readonly
+        .gpc(
+            Gpc::new(
+                Method::GET,
+                format!("{}/Patient/1", h.endpoint()),
+                IX_READ_PATIENT,
+            )
+            .from(READONLY_ASID),
+        )
+        .await;
+    answer.assert_outcome(403, Some("ACCESS_DENIED"), &refused);
+    let directory = h.directory();
+    assert_eq!(directory.stats().backend_errors, 0);
+    let provider = directory
+        .party(PROVIDER_ASID)
+        .await
+        .expect("lookup")
+        .expect("provider");
+    assert_eq!(provider.unusable.len(), 3, "{:?}", provider.unusable);
+    assert!(!provider.has_fqdn("rogue.dev.local"));
+    h.stop().await;
+}
+
 /// `/readyz` checked every 100 ms for `during`: each answer must be `expected`.
 async fn readiness_stays(
     admin: std::net::SocketAddr,
