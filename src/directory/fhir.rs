@@ -317,7 +317,7 @@ impl FhirBackend {
             .await?;
         let records =
             endpoints(&bundle, &system.party_key, &system.ods_code).map_err(backend_error)?;
-        let handlers = PartyHandlers::judge(records, &self.interactions);
+        let handlers = PartyHandlers::judge(&records, &self.interactions);
         Ok(Some(Party::new(system, handlers)))
     }
 

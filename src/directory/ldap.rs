@@ -331,7 +331,7 @@ impl LdapBackend {
             .map(mhs_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        Ok(PartyHandlers::judge(records, &self.requestable)
+        Ok(PartyHandlers::judge(&records, &self.requestable)
             .usable
             .into_iter()
             .find(|h| h.interaction == interaction))
@@ -369,7 +369,7 @@ impl LdapBackend {
             return Ok(None);
         };
         let records = self.handlers(&system.party_key, &system.ods_code).await?;
-        let handlers = PartyHandlers::judge(records, &self.requestable);
+        let handlers = PartyHandlers::judge(&records, &self.requestable);
         Ok(Some(Party::new(system, handlers)))
     }
 

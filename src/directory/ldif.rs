@@ -437,11 +437,11 @@ impl Index {
 /// Warnings about the data, with the line each is about.
 type Warnings = Vec<(usize, String)>;
 
-/// An `nhsMhs` record read, with where it is.
-struct Placed {
-    record: MhsRecord,
-    line: usize,
-    dn: String,
+/// The `nhsMhs` records of one party key and ODS code, with where each is (line, DN).
+#[derive(Default)]
+struct Group {
+    records: Vec<MhsRecord>,
+    places: Vec<(usize, String)>,
 }
 
 /// Build the index from parsed records. Unusable message handlers (judged with `requestable`,
@@ -450,7 +450,7 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
     let mut index = Index::default();
     let mut warnings: Warnings = Vec::new();
     let mut asid_lines: HashMap<String, usize> = HashMap::new();
-    let mut groups: HashMap<(String, String), Vec<Placed>> = HashMap::new();
+    let mut groups: HashMap<(String, String), Group> = HashMap::new();
 
     for record in records {
         index.stats.entries += 1;
@@ -482,38 +482,39 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
             (false, true) => {
                 let mhs = mhs_record(record, &mut warnings)?;
                 index.stats.handlers += 1;
-                groups
+                let group = groups
                     .entry(join_key(&mhs.party_key, &mhs.ods_code))
-                    .or_default()
-                    .push(Placed {
-                        record: mhs,
-                        line: record.line,
-                        dn: record.dn.clone(),
-                    });
+                    .or_default();
+                group.records.push(mhs);
+                group.places.push((record.line, record.dn.clone()));
             }
             (false, false) => {}
         }
     }
-    for (key, placed) in groups {
-        let judged = PartyHandlers::judge(
-            placed.iter().map(|p| p.record.clone()).collect(),
-            requestable,
-        );
+    for (key, group) in groups {
+        let judged = PartyHandlers::judge(&group.records, requestable);
         for unusable in &judged.unusable {
-            let at: Vec<&Placed> = placed
+            let at: Vec<&(usize, String)> = group
+                .records
                 .iter()
-                .filter(|p| {
-                    p.record.interaction == unusable.interaction
-                        && unusable.handlers.contains(&p.record.id)
+                .zip(&group.places)
+                .filter(|(r, _)| {
+                    r.interaction == unusable.interaction && unusable.handlers.contains(&r.id)
                 })
+                .map(|(_, place)| place)
                 .collect();
-            let Some(first) = at.first() else { continue };
-            let lines: Vec<String> = at.iter().map(|p| p.line.to_string()).collect();
             let text = match at.as_slice() {
-                [one] => format!("line {}: entry {}: {unusable}", one.line, one.dn),
-                _ => format!("lines {}: {unusable}", lines.join(", ")),
+                [] => continue,
+                [(line, dn)] => format!("line {line}: entry {dn}: {unusable}"),
+                many => format!(
+                    "lines {}: {unusable}",
+                    many.iter()
+                        .map(|(line, _)| line.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             };
-            warnings.push((first.line, text));
+            warnings.push((at[0].0, text));
         }
         index.handlers.insert(key, judged);
     }

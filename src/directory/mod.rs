@@ -181,7 +181,7 @@ impl PartyHandlers {
     /// Each problem takes out only what it concerns: the party's other interactions and FQDNs
     /// stay. Problems with handlers for interactions not in `requestable` are not reported
     /// (such a handler is never forwarded to: it only supplies its FQDN); a bad FQDN always is.
-    pub fn judge(records: Vec<MhsRecord>, requestable: &Requestable) -> PartyHandlers {
+    pub fn judge(records: &[MhsRecord], requestable: &Requestable) -> PartyHandlers {
         let mut out = PartyHandlers::default();
         let mut seen_fqdns = std::collections::HashSet::new();
         // Interactions in directory order, each with its records.
@@ -592,7 +592,7 @@ mod tests {
     fn judged(records: Vec<MhsRecord>) -> Party {
         Party::new(
             system("1"),
-            PartyHandlers::judge(records, &Requestable::builtin()),
+            PartyHandlers::judge(&records, &Requestable::builtin()),
         )
     }
 

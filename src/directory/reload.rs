@@ -134,6 +134,7 @@ async fn reload_again(
                 file = backend.origin(),
                 systems = stats.systems,
                 handlers = stats.handlers,
+                warnings = stats.warnings,
                 "directory reloaded; cache emptied"
             );
         }
