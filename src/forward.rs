@@ -364,16 +364,16 @@ impl Upstream {
             let counter = progress.clone();
             hyper::ext::on_informational(&mut req, move |_| counter.interim_answer());
             let exchange = tokio::time::timeout_at(deadline, self.pool().client.request(req));
+            // `None`: the provider passed the interim-answer limit. Dropping the exchange drops
+            // hyper's wait for the answer, and with it the connection (hyper closes one whose
+            // answer nobody waits for).
             let result = tokio::select! {
                 biased;
-                result = exchange => result,
-                () = progress.flooded() => {
-                    // Dropping the exchange drops hyper's wait for the answer, and with it the
-                    // connection (hyper closes one whose answer nobody waits for).
-                    never_reused(&connection);
-                    if let Some(t) = ticket {
-                        t.failure(Instant::now());
-                    }
+                result = exchange => Some(result),
+                () = progress.flooded() => None,
+            };
+            let answer = match result {
+                None => {
                     tracing::warn!(
                         %request_id,
                         target_url = %url,
@@ -381,28 +381,16 @@ impl Upstream {
                         limit = MAX_INTERIM_ANSWERS,
                         "the provider sent more interim (1xx) answers than the limit; the answer is not passed on"
                     );
-                    let answer = Err((
-                        RetryOutcome::Error,
-                        Rejection::UpstreamError {
-                            url: url.to_owned(),
-                        },
-                        Some(UpstreamFailure::MalformedAnswer),
-                    ));
-                    if attempt > 1 {
-                        self.count_retry(RetryOutcome::Error);
-                    }
-                    return Forwarded::from_attempt(answer, attempt);
+                    not_passed_on(&connection, ticket, url)
                 }
-            };
-            let answer = match result {
-                Err(_) if progress.awaiting_consumer() => {
+                Some(Err(_)) if progress.awaiting_consumer() => {
                     // The time ran out waiting for the consumer's body, not for the provider:
                     // nothing is held against the provider's circuit. (The ticket, dropped
                     // unused, counts as neither.)
                     tracing::warn!(%request_id, target_url = %url, "the consumer stopped sending its request body; the response timeout ran out");
                     Err((RetryOutcome::Timeout, Rejection::RequestBodyTimeout, None))
                 }
-                Err(_) => {
+                Some(Err(_)) => {
                     if let Some(t) = ticket {
                         t.failure(Instant::now());
                     }
@@ -414,11 +402,11 @@ impl Upstream {
                         Some(UpstreamFailure::ResponseTimeout),
                     ))
                 }
-                Ok(Err(e)) if progress.consumer_failed() => {
+                Some(Ok(Err(e))) if progress.consumer_failed() => {
                     tracing::warn!(%request_id, target_url = %url, error = %error_chain(&e), "the consumer's request body broke off or was malformed");
                     Err((RetryOutcome::Error, Rejection::InvalidRequestBody, None))
                 }
-                Ok(Err(e)) => {
+                Some(Ok(Err(e))) => {
                     let connect = is_retryable_connect_error(&e);
                     // The connection could not be made, or the request went (or was going) out
                     // and no usable head came back: closed or reset before it, or a head that
@@ -474,15 +462,11 @@ impl Upstream {
                         }
                     }
                 }
-                Ok(Ok(mut resp)) => match malformed_answer(&resp) {
+                Some(Ok(Ok(mut resp))) => match malformed_answer(&resp) {
                     Some(problem) => {
                         // As an answer hyper could not parse: 502, and a failure for the breaker.
                         // Its connection is never used again: what the provider sent past the
                         // head is not known to be where hyper took its end to be.
-                        never_reused(&connection);
-                        if let Some(t) = ticket {
-                            t.failure(Instant::now());
-                        }
                         tracing::warn!(
                             %request_id,
                             target_url = %url,
@@ -491,13 +475,7 @@ impl Upstream {
                             problem,
                             "the provider's answer is malformed; it is not passed on"
                         );
-                        Err((
-                            RetryOutcome::Error,
-                            Rejection::UpstreamError {
-                                url: url.to_owned(),
-                            },
-                            Some(UpstreamFailure::MalformedAnswer),
-                        ))
+                        not_passed_on(&connection, ticket, url)
                     }
                     None => {
                         if let Some(why) = reuse_unsafe(&resp, with_body) {
@@ -532,6 +510,28 @@ impl Upstream {
             return Forwarded::from_attempt(answer, attempt);
         }
     }
+}
+
+/// An answer not passed on (malformed, or past the interim-answer limit): a 502
+/// `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>`, a failure for the provider's circuit, and its
+/// connection never used again (what the provider sent past what hyper read is not known to
+/// be where hyper took the answer's end to be).
+fn not_passed_on(
+    connection: &hyper_util::client::legacy::connect::CaptureConnection,
+    ticket: Option<Ticket>,
+    url: &str,
+) -> Attempt {
+    never_reused(connection);
+    if let Some(t) = ticket {
+        t.failure(Instant::now());
+    }
+    Err((
+        RetryOutcome::Error,
+        Rejection::UpstreamError {
+            url: url.to_owned(),
+        },
+        Some(UpstreamFailure::MalformedAnswer),
+    ))
 }
 
 /// How an attempt ended: the provider's answer, or why there is none (how the retry counter
