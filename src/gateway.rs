@@ -93,10 +93,9 @@ struct Record<'a> {
 
 impl<'a> Record<'a> {
     /// Fills in what the request declared of itself, each part that is well formed on its own
-    /// ([`envelope::declared`], the target URL, the interaction's name when the catalogue has
-    /// the declared ID), for a request refused before its envelope passed as a whole. Only
-    /// on the refusal path: what is already recorded is kept.
-    fn declared(&mut self, policy: &'a Policy, req: &Request<RequestBody>, path_and_query: &str) {
+    /// ([`envelope::declared`], the target URL), for a request refused before its envelope
+    /// passed as a whole. Only on the refusal path: what is already recorded is kept.
+    fn declared(&mut self, req: &Request<RequestBody>, path_and_query: &str) {
         let declared = envelope::declared(req.headers());
         let fill = |field: &mut Option<String>, value: Option<&str>| {
             if field.is_none() {
@@ -106,13 +105,9 @@ impl<'a> Record<'a> {
         fill(&mut self.trace_id, declared.trace_id);
         fill(&mut self.from, declared.from);
         fill(&mut self.to, declared.to);
+        // The declared ID only: the interaction's name (the metrics' label) stays unknown for
+        // a request whose envelope did not pass, as before.
         fill(&mut self.interaction_id, declared.interaction_id);
-        if self.interaction.is_none() {
-            self.interaction = declared
-                .interaction_id
-                .and_then(|id| policy.catalogue.get(id))
-                .map(|ix| ix.name.as_str());
-        }
         if self.target_url.is_none() {
             self.target_url = envelope::parse_target(path_and_query)
                 .ok()
@@ -526,7 +521,7 @@ impl Gateway {
         //    or the CRLs, or its expiry, may have changed the handshake's verdict.
         if let Err(failure) = conn.certificate_standing() {
             // Who the refused request said it was from, for the audit record, where it says.
-            record.declared(policy, &req, path_and_query);
+            record.declared(&req, path_and_query);
             return Err(Rejection::CertificateNoLongerAccepted {
                 reason: failure.as_label(),
             });
@@ -557,7 +552,7 @@ impl Gateway {
         let (target, headers) = match envelope {
             Ok(checked) => checked,
             Err(mut rejection) => {
-                record.declared(policy, &req, path_and_query);
+                record.declared(&req, path_and_query);
                 // A method the gateway never takes: `Allow` names what the target takes.
                 if let Rejection::MethodNotAllowed { allow, .. } = &mut rejection {
                     if let Ok(target) = envelope::parse_target(path_and_query) {

@@ -94,6 +94,13 @@ enum AuditCommand {
         /// The trail must reach seq N (e.g. the highest ssp_audit_last_seq Prometheus saw).
         #[arg(long, value_name = "N")]
         min_seq: Option<u64>,
+        /// With --key: a trail begun before its key was set, whose records up to seq N are
+        /// linked by plain SHA-256 and the rest under a key. N is the seq the gateway logged
+        /// when it first ran keyed on the trail (`keyed from the next record:
+        /// unkeyed_through=N`); never taken from the trail itself, which a rewrite without the
+        /// key would make look the same.
+        #[arg(long, value_name = "N", requires = "keys")]
+        unkeyed_through: Option<u64>,
         /// The audit directory (its trail files are listed and read, and listed and read
         /// again should the trail rotate meanwhile), or audit files, e.g.
         /// /var/lib/ssp-gateway/audit/*.jsonl. An audit-tail-*.partial file (set aside by the
@@ -161,26 +168,39 @@ fn main() -> ExitCode {
                     keys,
                     heads,
                     min_seq,
+                    unkeyed_through,
                     files,
                 },
-        } => audit_verify(&keys, heads, min_seq, &files),
+        } => audit_verify(
+            &keys,
+            verify_options(heads, min_seq, unkeyed_through),
+            &files,
+        ),
         Command::Loadtest(args) => ssp_gateway::loadtest::cli(*args),
+    }
+}
+
+/// `audit verify`'s anchors and unkeyed start (its keys are read by [`audit_verify`]).
+fn verify_options(
+    heads: Vec<ssp_gateway::audit::verify::Head>,
+    min_seq: Option<u64>,
+    unkeyed_through: Option<u64>,
+) -> ssp_gateway::audit::verify::Options {
+    ssp_gateway::audit::verify::Options {
+        heads,
+        min_seq,
+        unkeyed_through,
+        ..Default::default()
     }
 }
 
 /// `audit verify`: exit 0 intact, 1 broken, 2 when a key or a file cannot be read.
 fn audit_verify(
     keys: &[PathBuf],
-    heads: Vec<ssp_gateway::audit::verify::Head>,
-    min_seq: Option<u64>,
+    mut options: ssp_gateway::audit::verify::Options,
     files: &[PathBuf],
 ) -> ExitCode {
     use ssp_gateway::audit::{key::ChainKey, verify};
-    let mut options = verify::Options {
-        heads,
-        min_seq,
-        ..verify::Options::default()
-    };
     for path in keys {
         match ChainKey::load(path) {
             Ok(key) => options.keys.push(key),

@@ -305,9 +305,81 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     let (code, out) = verify(&[&k1, &k2], &files);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("no link is the HMAC under a key given"),
+        out.contains("is the plain SHA-256 of record") && out.contains("(seq 2)"),
         "{out}"
     );
+    // The gateway restarted on the rewritten trail links onto it under its key, but the
+    // rewrite stays a break, and the restart says what it found, in a line kept elsewhere.
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 1).await;
+    assert!(stop(&mut g).await.success());
+    let log = std::fs::read_to_string(&g.log).expect("log");
+    assert!(log.contains("unkeyed_through=20"), "{log}");
+    let files = trail(&dir);
+    let (code, out) = verify(&[&k1, &k2], &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is the plain SHA-256 of record 1"), "{out}");
+    stop_provider.cancel();
+}
+
+/// A trail begun before `[audit] key_file` was set: the gateway, started keyed on it, says in
+/// its log where the keyed chain starts (`unkeyed_through=N`), and `audit verify --key
+/// --unkeyed-through N` proves the whole trail; without it the plain SHA-256 links are breaks
+/// (never taken as an unkeyed start from the trail itself: a trail rewritten without the key
+/// looks the same, found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_keyed_after_it_began_verifies_with_the_seq_the_gateway_logged() {
+    let world = World::ecdsa();
+    let stop_provider = CancellationToken::new();
+    let port = provider(&world, &stop_provider).await;
+    let keys = scratch_dir("audit-keys");
+    let key = keys.join("k");
+    new_key(&key);
+    let (config, gw, admin, dir) = config_for(&world, port, "");
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 3).await;
+    assert!(stop(&mut g).await.success());
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[audit]\n",
+            &format!("[audit]\nkey_file = \"{}\"\n", key.display()),
+        ),
+    )
+    .expect("write");
+    let mut g = spawn(&config, gw, admin).await;
+    requests(&world, &g, port, 2).await;
+    assert!(stop(&mut g).await.success());
+    let log = std::fs::read_to_string(&g.log).expect("log");
+    assert!(log.contains("audit trail open, keyed"), "{log}");
+    assert!(log.contains("unkeyed_through=6"), "{log}");
+
+    let files = trail(&dir);
+    let (code, out) = verify(&[&key], &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("--unkeyed-through"), "{out}");
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--unkeyed-through", "6", "--key"])
+        .arg(&key)
+        .args(&files)
+        .output()
+        .expect("verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("ok: 10 records"), "{text}");
+    assert!(
+        text.contains("links up to record 6 are plain SHA-256"),
+        "{text}"
+    );
+    // A later seq would take keyed links for plain ones: broken.
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--unkeyed-through", "8", "--key"])
+        .arg(&key)
+        .args(&files)
+        .output()
+        .expect("verify");
+    assert_eq!(out.status.code(), Some(1));
     stop_provider.cancel();
 }
 

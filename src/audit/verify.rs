@@ -69,7 +69,7 @@ fn not_torn(line: &[u8], len: usize, last: bool, expected: Option<u64>) -> Optio
              trail: the gateway never leaves a line cut short there (a file cut, or edited)"
         ));
     }
-    if !line.starts_with(RECORD_START) || !could_start_next_record(line, expected) {
+    if !starts_next_record(line, expected) {
         return Some(format!(
             "not an audit record: {len} bytes without a newline that are not the start of the next one"
         ));
@@ -83,9 +83,22 @@ fn not_torn(line: &[u8], len: usize, last: bool, expected: Option<u64>) -> Optio
     None
 }
 
+/// Whether the bytes after the last whole record, `len` of them starting with `head`, are what
+/// a write cut short leaves and `audit verify` tolerates: the start of the next record (all of
+/// `{"seq":`, then its seq), shorter than [`MAX_TORN_BYTES`]. The writer, at start, says so of
+/// what it moves out by the same rule.
+pub(super) fn torn_record(head: &[u8], len: u64, expected: Option<u64>) -> bool {
+    starts_next_record(head, expected) && len < MAX_TORN_BYTES as u64
+}
+
+/// [`could_start_next_record`], `{"seq":` whole.
+fn starts_next_record(line: &[u8], expected: Option<u64>) -> bool {
+    line.starts_with(RECORD_START) && could_start_next_record(line, expected)
+}
+
 /// Whether a line cut short can be the start of the next record: a prefix of [`RECORD_START`],
 /// then digits, and once they are complete (a `,` follows), `expected` when known.
-pub(super) fn could_start_next_record(line: &[u8], expected: Option<u64>) -> bool {
+fn could_start_next_record(line: &[u8], expected: Option<u64>) -> bool {
     let Some(rest) = line.strip_prefix(RECORD_START) else {
         return RECORD_START.starts_with(line);
     };
@@ -118,6 +131,11 @@ pub struct Options {
     pub heads: Vec<Head>,
     /// The seq the trail must reach, at least (`--min-seq N`).
     pub min_seq: Option<u64>,
+    /// With keys: the last record of a trail begun before its key was set (`--unkeyed-through
+    /// N`, the seq the gateway logged when it first ran keyed on it): the links of records up
+    /// to it are plain SHA-256, those after it under a key. Never inferred from the trail: a
+    /// trail rewritten without the key looks the same, until the gateway links onto it.
+    pub unkeyed_through: Option<u64>,
 }
 
 /// An anchor for the end of the trail kept outside it: the record `seq` and its line's link
@@ -148,10 +166,11 @@ impl std::str::FromStr for Head {
     }
 }
 
-/// The link values of one line, one per way it may be linked (the SHA-256, or its HMAC under
-/// each key given), in the order of `Options::keys`.
-fn link_values(options: &Options, line: &[u8]) -> Vec<[u8; 32]> {
-    if options.keys.is_empty() {
+/// The link values of the line of record `seq`, one per way the next record may link to it
+/// (the SHA-256, or its HMAC under each key given, in the order of `Options::keys`; the
+/// SHA-256 again before `Options::unkeyed_through`).
+fn link_values(options: &Options, seq: u64, line: &[u8]) -> Vec<[u8; 32]> {
+    if options.keys.is_empty() || options.unkeyed_through.is_some_and(|n| seq < n) {
         vec![sha256(line)]
     } else {
         options.keys.iter().map(|k| k.hmac(line)).collect()
@@ -159,24 +178,25 @@ fn link_values(options: &Options, line: &[u8]) -> Vec<[u8; 32]> {
 }
 
 /// Why `prev` (hex) is not a link value of the line before (`values`, of `line`, record `seq`).
-fn link_mismatch(
-    options: &Options,
-    prev_hex: &str,
-    seq: u64,
-    line: &[u8],
-    keyed_seen: bool,
-) -> String {
-    if options.keys.is_empty() {
+fn link_mismatch(options: &Options, prev_hex: &str, seq: u64, line: &[u8]) -> String {
+    if options.keys.is_empty() || options.unkeyed_through.is_some_and(|n| seq < n) {
         return format!(
             "prev {prev_hex} is not the SHA-256 of record {seq} ({}): the record before was \
-             altered or replaced, or this is a keyed trail (give --key)",
-            hex(&sha256(line))
+             altered or replaced{}",
+            hex(&sha256(line)),
+            if options.keys.is_empty() {
+                ", or this is a keyed trail (give --key)"
+            } else {
+                ""
+            }
         );
     }
-    if keyed_seen && prev_hex == hex(&sha256(line)) {
+    if prev_hex == hex(&sha256(line)) {
         return format!(
-            "prev {prev_hex} is the plain SHA-256 of record {seq}, after links under a key \
-             given: rewritten by someone without the key (a keyed trail never goes back)"
+            "prev {prev_hex} is the plain SHA-256 of record {seq}, not its HMAC under a key \
+             given: rewritten by someone without the key, or written before the trail was keyed \
+             (then give --unkeyed-through with the seq the gateway logged when it first ran \
+             keyed on this trail)"
         );
     }
     format!(
@@ -258,11 +278,13 @@ pub struct Report {
     pub head: Option<String>,
     /// How the links were checked: `sha256` or `hmac-sha256`.
     pub link: &'static str,
-    /// With keys: the last record of a trail begun before it was keyed, whose links up to it
-    /// are plain SHA-256 (accepted only before the first keyed link, which covers them all:
-    /// the keyed link of the record after it is the HMAC of its line, which holds the SHA-256
-    /// of the line before, and so on back).
+    /// With keys and `--unkeyed-through`: the seq given, whose records' links are plain
+    /// SHA-256 (the first keyed link, after it, covers them: it is the HMAC of a line that holds
+    /// the SHA-256 of the line before, and so on back).
     pub unkeyed_through: Option<u64>,
+    /// With keys: links checked under one (none: a trail of one record, or all of it before
+    /// `--unkeyed-through`).
+    pub keyed_links: u64,
     /// At the end of the last file only.
     pub torn: Option<Torn>,
     /// The first [`MAX_BREAKS_LISTED`] breaks, in the order found.
@@ -360,7 +382,9 @@ impl fmt::Display for Report {
         }
         match self.last_seq {
             Some(last) => {
-                let start = if self.anchor.as_deref() == Some(&hex(&GENESIS)) {
+                let start = if self.anchor.as_deref() == Some(&hex(&GENESIS))
+                    && self.first_seq == Some(1)
+                {
                     "from the start of the trail".to_owned()
                 } else {
                     format!(
@@ -372,8 +396,15 @@ impl fmt::Display for Report {
                 if let Some(through) = self.unkeyed_through {
                     writeln!(
                         f,
-                        "note: the links up to record {through} are plain SHA-256 (written before \
-                         the trail was keyed); the first keyed link, after it, covers them"
+                        "note: the links up to record {through} are plain SHA-256 (--unkeyed-through: \
+                         written before the trail was keyed); the first keyed link, after it, \
+                         covers them"
+                    )?;
+                }
+                if self.link != "sha256" && self.keyed_links == 0 {
+                    writeln!(
+                        f,
+                        "note: no link was checked under a key (the trail holds no keyed link)"
                     )?;
                 }
                 write!(
@@ -395,7 +426,7 @@ impl fmt::Display for Report {
 }
 
 /// `seq` and `prev` of a stored line, or why it is not an audit record.
-fn parse_line(line: &[u8]) -> Result<(u64, String), String> {
+pub(super) fn parse_line(line: &[u8]) -> Result<(u64, String), String> {
     let v: serde_json::Value =
         serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
     let seq = v
@@ -647,9 +678,9 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
     let mut last_line = Vec::new();
     // Which way of linking (key) proved the last link.
     let mut proved_by = options.keys.len().saturating_sub(1);
-    // With keys: whether a link under one was seen. Before it, plain SHA-256 links are the
-    // trail from before the key was set; after it, one is a rewrite (never a way back).
-    let mut keyed_seen = false;
+    // With keys: the index of the latest key a link was proved under; keys are used in the
+    // order given (an old key after a new one is a forgery under a key given up).
+    let mut key_floor = 0usize;
     let last_file = ordered.len().saturating_sub(1);
     let mut buf = Vec::new();
     // The `--head` anchors whose record was read, matching or not.
@@ -728,6 +759,12 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
                      renamed, or records removed from (or added to) its start"
                 ));
             }
+            if prev_hex == hex(&GENESIS) && seq != 1 {
+                wrong.push(format!(
+                    "prev is 64 zeros, the start of a trail, but the record is seq {seq}: a \
+                     trail begins at seq 1 (records replaced by a trail of another start)"
+                ));
+            }
             match &last {
                 None => report.anchor = Some(prev_hex.clone()),
                 Some(l) => {
@@ -737,32 +774,38 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
                             l.seq
                         ));
                     }
+                    let keyed = !options.keys.is_empty()
+                        && !options.unkeyed_through.is_some_and(|n| l.seq < n);
                     match l.values.iter().position(|v| hex(v) == prev_hex) {
+                        Some(i) if keyed && i < key_floor => wrong.push(format!(
+                            "prev is the HMAC of record {} under key {} given, after links under \
+                             key {}: keys are used in the order given, so this link was made under \
+                             a key given up (by someone holding it)",
+                            l.seq,
+                            i + 1,
+                            key_floor + 1
+                        )),
                         Some(i) => {
                             proved_by = i;
-                            keyed_seen |= !options.keys.is_empty();
+                            if keyed {
+                                key_floor = i;
+                                report.keyed_links += 1;
+                            }
                         }
                         // With the seq already wrong, the link to the record before says
                         // nothing new unless it was kept (records removed, chained again).
                         None if !wrong.is_empty() => {}
-                        // The trail from before the key was set: plain SHA-256 links, until
-                        // the first keyed one.
-                        None if !options.keys.is_empty()
-                            && !keyed_seen
-                            && prev_hex == hex(&sha256(&last_line)) =>
-                        {
-                            report.unkeyed_through = Some(seq);
-                        }
-                        None => wrong.push(link_mismatch(
-                            options, &prev_hex, l.seq, &last_line, keyed_seen,
-                        )),
+                        None => wrong.push(link_mismatch(options, &prev_hex, l.seq, &last_line)),
                     }
                 }
             }
-            let values = link_values(options, &buf);
+            let values = link_values(options, seq, &buf);
             for head in options.heads.iter().filter(|h| h.seq == seq) {
                 anchors_read.push(seq);
-                if !values.contains(&head.link) {
+                // Anchored while the trail was not yet keyed: its SHA-256 then.
+                let unkeyed_head =
+                    options.unkeyed_through.is_some_and(|n| seq <= n) && sha256(&buf) == head.link;
+                if !unkeyed_head && !values.contains(&head.link) {
                     wrong.push(format!(
                         "record {seq} is not the one anchored: the anchor (--head) says its \
                          link value is {}, {}: the record was altered or replaced{}",
@@ -808,18 +851,7 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
         report.files.push(file);
     }
     report.head = last.map(|l| hex(&l.values[proved_by.min(l.values.len() - 1)]));
-    // Keys given, links checked, none keyed: nothing shows the key was ever used.
-    if !options.keys.is_empty() && report.unkeyed_through.is_some() && !keyed_seen {
-        report.broke(Broken {
-            path: given.to_path_buf(),
-            line: 0,
-            seq: report.last_seq,
-            reason: "no link is the HMAC under a key given, every one a plain SHA-256: a trail \
-                     never keyed with these keys, or one whose keyed records were removed or \
-                     rewritten by someone without the key"
-                .to_owned(),
-        });
-    }
+    report.unkeyed_through = options.unkeyed_through.filter(|_| !options.keys.is_empty());
     for broken in check_end(&report, options, &anchors_read, given) {
         report.broke(broken);
     }
@@ -1187,18 +1219,19 @@ mod tests {
         let d = scratch();
         let key = ChainKey::from_bytes(&[5u8; 32]).expect("key");
         let (a, _) = keyed_chain(1, GENESIS, 5, &key);
-        // All of it, from the genesis: no keyed link is left.
+        // All of it, from the genesis: every link is a break.
         let forged = relinked(&a, Some(3), u64::MAX, &key);
         let f = write(&d, "audit.jsonl", &forged, "");
         assert!(verify_files(std::slice::from_ref(&f), &Options::default())
             .expect("read")
             .intact());
         let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
-        assert_eq!(r.break_count(), 1, "{r}");
+        assert_eq!(r.break_count(), 4, "{r}");
         let b = r.breaks[0].clone();
-        assert_eq!((b.line, b.seq), (0, Some(5)));
+        assert_eq!((b.line, b.seq), (2, Some(2)));
         assert!(
-            b.reason.contains("no link is the HMAC under a key given"),
+            b.reason
+                .contains("plain SHA-256 of record 1, not its HMAC under a key given"),
             "{}",
             b.reason
         );
@@ -1226,16 +1259,16 @@ mod tests {
         let b = r.breaks.first().cloned().expect("broken");
         assert_eq!((b.line, b.seq), (4, Some(4)), "{r}");
         assert!(
-            b.reason
-                .contains("plain SHA-256 of record 3, after links under a key given"),
+            b.reason.contains("plain SHA-256 of record 3, not its HMAC"),
             "{}",
             b.reason
         );
     }
 
     /// A trail begun before `[audit] key_file` was set: its first links are plain SHA-256, the
-    /// rest keyed. It verifies with the key, saying so; the first keyed link covers the records
-    /// before it, so an edit among them breaks it.
+    /// rest keyed. It verifies with the key and the seq the gateway logged as the last unkeyed
+    /// one (never inferred: a rewrite looks the same), saying so; the first keyed link covers
+    /// the records before it, so an edit among them breaks it.
     #[test]
     fn a_trail_keyed_after_it_began_verifies_and_its_unkeyed_start_is_covered() {
         let d = scratch();
@@ -1244,19 +1277,36 @@ mod tests {
         // Records 2 to 4 link with SHA-256, 5 and 6 with the HMAC.
         let lines = relinked(&a, None, 5, &key);
         let f = write(&d, "audit.jsonl", &lines, "");
-        let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
+        let b = verify_files(std::slice::from_ref(&f), &keys(&[&key]))
+            .expect("read")
+            .breaks
+            .first()
+            .cloned()
+            .expect("not inferred");
+        assert!(b.reason.contains("--unkeyed-through"), "{}", b.reason);
+        let unkeyed = |through| Options {
+            unkeyed_through: Some(through),
+            ..keys(&[&key])
+        };
+        let r = verify_files(std::slice::from_ref(&f), &unkeyed(4)).expect("read");
         assert!(r.intact(), "{r}");
-        assert_eq!(r.unkeyed_through, Some(4));
+        assert_eq!((r.unkeyed_through, r.keyed_links), (Some(4), 2));
         assert!(
             r.to_string()
                 .contains("links up to record 4 are plain SHA-256"),
             "{r}"
         );
+        // A seq too early or too late: broken.
+        for through in [3, 5] {
+            assert!(!verify_files(std::slice::from_ref(&f), &unkeyed(through))
+                .expect("read")
+                .intact());
+        }
         // Record 2 edited and linked again with SHA-256 up to 4: the keyed link of 5 breaks.
         let mut forged = relinked(&a, Some(2), u64::MAX, &key)[..4].to_vec();
         forged.extend(lines[4..].iter().cloned());
         let f = write(&d, "audit.jsonl", &forged, "");
-        let r = verify_files(&[f], &keys(&[&key])).expect("read");
+        let r = verify_files(&[f], &unkeyed(4)).expect("read");
         let b = r.breaks.first().cloned().expect("broken");
         assert_eq!((b.line, b.seq), (5, Some(5)), "{r}");
         assert!(
@@ -1265,6 +1315,48 @@ mod tests {
             "{}",
             b.reason
         );
+    }
+
+    /// A trail replaced by one record that claims the start of a trail at another seq is a
+    /// break, and with keys a trail whose links were none checked under one says so.
+    #[test]
+    fn a_start_of_trail_at_another_seq_is_broken() {
+        let d = scratch();
+        let key = ChainKey::from_bytes(&[9u8; 32]).expect("key");
+        let (one, _) = keyed_chain(41, GENESIS, 1, &key);
+        let f = write(&d, "audit.jsonl", &one, "");
+        let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
+        let b = r.breaks.first().cloned().expect("broken");
+        assert_eq!((b.line, b.seq), (1, Some(41)), "{r}");
+        assert!(b.reason.contains("a trail begins at seq 1"), "{}", b.reason);
+        let (one, _) = keyed_chain(1, GENESIS, 1, &key);
+        let f = write(&d, "audit.jsonl", &one, "");
+        let r = verify_files(&[f], &keys(&[&key])).expect("read");
+        assert!(r.intact(), "{r}");
+        assert!(
+            r.to_string().contains("no link was checked under a key"),
+            "{r}"
+        );
+    }
+
+    /// Keys are used in the order given: a link under the old key after links under the new
+    /// one was made under a key given up (as after a leak), and is a break.
+    #[test]
+    fn an_old_key_after_a_new_one_is_broken() {
+        let d = scratch();
+        let old = ChainKey::from_bytes(&[10u8; 32]).expect("key");
+        let new = ChainKey::from_bytes(&[11u8; 32]).expect("key");
+        let (a, _) = keyed_chain(1, GENESIS, 3, &old);
+        let (b, _) = keyed_chain(4, new.hmac(a[2].as_bytes()), 2, &new);
+        let (c, _) = keyed_chain(6, old.hmac(b[1].as_bytes()), 2, &old);
+        let lines: Vec<String> = a.into_iter().chain(b).chain(c).collect();
+        let f = write(&d, "audit.jsonl", &lines, "");
+        let r = verify_files(std::slice::from_ref(&f), &keys(&[&old, &new])).expect("read");
+        let b = r.breaks.first().cloned().expect("broken");
+        assert_eq!((b.line, b.seq), (6, Some(6)), "{r}");
+        assert!(b.reason.contains("a key given up"), "{}", b.reason);
+        // Each link under the old key after the new one (records 6 and 7).
+        assert_eq!(r.break_count(), 2, "{r}");
     }
 
     /// A key changed at a restart: links before it under the old key, after it under the new.

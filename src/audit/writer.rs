@@ -198,6 +198,9 @@ struct Tail {
     torn_from: Option<u64>,
     /// The first complete line, if any.
     first: Option<Vec<u8>>,
+    /// The complete line before the last, if the file holds one (and it is no longer than
+    /// [`MAX_LINE_READ`]): what the last record's `prev` links to.
+    before_last: Option<Vec<u8>>,
 }
 
 fn read_tail(path: &Path) -> io::Result<Tail> {
@@ -212,6 +215,7 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
                 last: None,
                 torn_from: (len > 0).then_some(0),
                 first: None,
+                before_last: None,
             });
         }
     };
@@ -231,6 +235,21 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
     let mut last = vec![0u8; last_len as usize];
     file.seek(SeekFrom::Start(begin))?;
     file.read_exact(&mut last)?;
+    // The line before it, ending at the newline just before `begin`.
+    let before_last = match begin.checked_sub(1) {
+        Some(newline) => {
+            let start = newline_before(&mut file, newline)?.map_or(0, |i| i + 1);
+            if newline - start <= MAX_LINE_READ {
+                let mut line = vec![0u8; (newline - start) as usize];
+                file.seek(SeekFrom::Start(start))?;
+                file.read_exact(&mut line)?;
+                Some(line)
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
     // The first complete line (read no further than a record can be long).
     file.seek(SeekFrom::Start(0))?;
     let mut first = Vec::new();
@@ -244,6 +263,7 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
         last: Some(last),
         torn_from,
         first,
+        before_last,
     })
 }
 
@@ -308,8 +328,8 @@ fn newest_rotated(dir: &Path) -> io::Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
-/// The last record of the newest rotated file, if there is one.
-fn newest_head(dir: &Path, link: &Link) -> Result<Option<Head>, AuditError> {
+/// The end of the newest rotated file, if there is one.
+fn newest_tail(dir: &Path) -> Result<Option<(PathBuf, Tail)>, AuditError> {
     let io_err = |source: io::Error| AuditError::Open {
         dir: dir.to_path_buf(),
         source,
@@ -317,9 +337,79 @@ fn newest_head(dir: &Path, link: &Link) -> Result<Option<Head>, AuditError> {
     let Some(rotated) = newest_rotated(dir).map_err(io_err)? else {
         return Ok(None);
     };
-    match read_tail(&rotated).map_err(io_err)?.last {
-        Some(line) => Ok(Some(head_of(&rotated, &line, link)?)),
+    let tail = read_tail(&rotated).map_err(io_err)?;
+    Ok(Some((rotated, tail)))
+}
+
+/// The last record of the newest rotated file, if there is one, with its line and the line
+/// before it.
+fn newest_head(dir: &Path, link: &Link) -> Result<Option<(Head, EndLines)>, AuditError> {
+    let Some((rotated, tail)) = newest_tail(dir)? else {
+        return Ok(None);
+    };
+    match tail.last {
+        Some(line) => Ok(Some((
+            head_of(&rotated, &line, link)?,
+            EndLines {
+                last: line,
+                before: tail.before_last,
+            },
+        ))),
         None => Ok(None),
+    }
+}
+
+/// The trail's last record's line and the line before it (when it could be read).
+struct EndLines {
+    last: Vec<u8>,
+    before: Option<Vec<u8>>,
+}
+
+/// How the trail the writer carries on ends, as its link mode sees it: whether the last
+/// record's `prev` is the link the writer would have made to the line before it. Logged, never
+/// refused (refusing would let whoever can write the files stop the gateway); `audit verify`
+/// is what proves the trail.
+fn judge_end(link: &Link, end: &EndLines) {
+    let Ok((seq, prev)) = super::verify::parse_line(&end.last) else {
+        return;
+    };
+    if seq == 1 {
+        if prev != hex(&GENESIS) {
+            tracing::error!(
+                seq,
+                "the trail's last record is seq 1 but its prev is not 64 zeros: the trail was \
+                 altered or replaced"
+            );
+        }
+        return;
+    }
+    let Some(before) = &end.before else {
+        // The line before is in a file no longer there (retention), or too long to read.
+        return;
+    };
+    let sha = hex(&super::record::sha256(before)) == prev;
+    match link {
+        Link::Hmac(key) if hex(&key.hmac(before)) == prev => {}
+        Link::Hmac(_) if sha => tracing::warn!(
+            unkeyed_through = seq,
+            "keyed from the next record: unkeyed_through={seq}; the trail's records up to seq \
+             {seq} are linked by plain SHA-256: begun before [audit] key_file was set, or \
+             rewritten by someone without the key (keep this line: `audit verify --key … \
+             --unkeyed-through {seq}` takes it from here, and a second such line for one trail \
+             means the second is a rewrite)"
+        ),
+        Link::Hmac(_) => tracing::warn!(
+            seq,
+            "the trail's last record is linked neither under the key nor by plain SHA-256: \
+             written under another key (the key was changed), or the trail's end was altered"
+        ),
+        Link::Sha256 if sha => {}
+        Link::Sha256 => tracing::warn!(
+            seq,
+            "the trail's last record is not linked by the SHA-256 of the one before: a keyed \
+             trail carried on without its key ([audit] key_file removed?), or the trail's end \
+             was altered"
+        ),
     }
 }
 
@@ -384,11 +474,22 @@ impl Writer {
 
         let active_path = dir.join(ACTIVE_FILE);
         let mut head = None;
+        // The trail's last record's line and the one before it, for `judge_end`.
+        let mut end = None;
         let mut active = None;
         if active_path.exists() {
             let tail = read_tail(&active_path).map_err(io_err)?;
             if let Some(line) = &tail.last {
                 head = Some(head_of(&active_path, line, &link)?);
+                let before = match tail.before_last.clone() {
+                    Some(before) => Some(before),
+                    // The active file's first record links to the newest rotated file's last.
+                    None => newest_tail(&dir)?.and_then(|(_, t)| t.last),
+                };
+                end = Some(EndLines {
+                    last: line.clone(),
+                    before,
+                });
             }
             let first_seq = tail.first.as_deref().and_then(line_seq);
             if let Some(from) = tail.torn_from {
@@ -398,14 +499,15 @@ impl Writer {
                 // inspection, and the chain carries on from the last whole record, so `audit
                 // verify` finds the trail intact.
                 if head.is_none() {
-                    head = newest_head(&dir, &link)?;
+                    if let Some((h, lines)) = newest_head(&dir, &link)? {
+                        head = Some(h);
+                        end = Some(lines);
+                    }
                 }
                 let next = head.map_or(1, |h| h.seq + 1);
                 let MovedOut { kept, head, bytes } =
                     move_out_tail(&dir, &active_path, from).map_err(io_err)?;
-                if bytes < super::verify::MAX_TORN_BYTES as u64
-                    && super::verify::could_start_next_record(&head, Some(next))
-                {
+                if super::verify::torn_record(&head, bytes, Some(next)) {
                     tracing::warn!(
                         file = %kept.display(),
                         bytes,
@@ -441,7 +543,13 @@ impl Writer {
             }
         }
         if head.is_none() {
-            head = newest_head(&dir, &link)?;
+            if let Some((h, lines)) = newest_head(&dir, &link)? {
+                head = Some(h);
+                end = Some(lines);
+            }
+        }
+        if let Some(end) = &end {
+            judge_end(&link, end);
         }
         let head = head.unwrap_or(Head {
             seq: 0,
