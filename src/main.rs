@@ -201,6 +201,10 @@ fn audit_verify(
     files: &[PathBuf],
 ) -> ExitCode {
     use ssp_gateway::audit::{key::ChainKey, verify};
+    // The trail's files are all held open while they are read (so that one rotated or
+    // removed meanwhile is still the one listed): a long trail needs more than the usual soft
+    // limit of 1,024. Best effort: past the hard limit, the file that cannot be opened is named.
+    let _ = ssp_gateway::files::raise_open_files_limit();
     for path in keys {
         match ChainKey::load(path) {
             Ok(key) => options.keys.push(key),

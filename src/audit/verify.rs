@@ -32,7 +32,7 @@ const RECORD_START: &[u8] = b"{\"seq\":";
 pub const MAX_TORN_BYTES: usize = 1 << 20;
 
 /// The longest line read whole; a longer one is a break, skipped to its end without being held.
-const MAX_LINE_BYTES: usize = 128 << 20;
+pub(super) const MAX_LINE_BYTES: usize = 128 << 20;
 
 /// Reads one line (with its newline, when it has one) into `buf`. Returns its length in the
 /// file, 0 at the end; a line longer than `max` is read to its end but only its first `max`

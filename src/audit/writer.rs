@@ -268,8 +268,10 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
 }
 
 /// The longest line the writer reads back at start (the last and the first record of a file):
-/// far longer than any record it writes, whose text comes from a request head.
-const MAX_LINE_READ: u64 = 16 << 20;
+/// `audit verify`'s bound, longer than any record it writes (whose text, the target URL twice
+/// and the JWT's claims, comes from a request head of at most `[listener] max_header_bytes`,
+/// 16 MiB at most).
+const MAX_LINE_READ: u64 = super::verify::MAX_LINE_BYTES as u64;
 
 /// The offset of the last newline in `file` before `before`, looking back [`TAIL_CHUNK`] bytes
 /// at a time (memory stays bounded whatever the file holds), or `None` when there is none.
