@@ -575,10 +575,15 @@ async fn the_exit_code_follows_the_error_ratio_and_failures_to_start_are_json_to
     assert!(failed["error"].is_string(), "{failed}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_ends_the_run_with_its_partial_report() {
-    let world = World::ecdsa();
-    let t = target(&world, Behave::Ok).await;
+/// Runs `ssp-gateway loadtest --json` at 200 requests/s for a minute with `--warmup
+/// warmup` against `t`, sends it SIGINT 400 ms after `ready` says so, and returns its exit
+/// code, its JSON report and the rest of its stderr.
+async fn interrupted(
+    world: &World,
+    t: &Target,
+    warmup: &str,
+    ready: fn(&str, usize) -> bool,
+) -> (Option<i32>, serde_json::Value, Vec<String>) {
     let mut all: Vec<String> = vec![
         "loadtest".into(),
         "--url".into(),
@@ -598,7 +603,7 @@ async fn ctrl_c_ends_the_run_with_its_partial_report() {
         "--threads",
         "1",
         "--warmup",
-        "0s",
+        warmup,
         "--duration",
         "60s",
         "--rate",
@@ -608,7 +613,8 @@ async fn ctrl_c_ends_the_run_with_its_partial_report() {
     ] {
         all.push(arg.into());
     }
-    let out = tokio::task::spawn_blocking(move || {
+    let requests = t.requests.clone();
+    let (out, rest) = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
             .args(&all)
@@ -617,43 +623,99 @@ async fn ctrl_c_ends_the_run_with_its_partial_report() {
             .spawn()
             .expect("start ssp-gateway loadtest");
         let stderr = child.stderr.take().expect("stderr");
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        for line in lines.by_ref() {
-            if line.expect("stderr line") == "loadtest: measuring" {
-                break;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut before = Vec::new();
+        let mut line = String::new();
+        while !ready(&line, requests.load(Ordering::SeqCst)) {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("never ready: {before:?}");
+            }
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(20)) {
+                before.push(l.clone());
+                line = l;
             }
         }
+        let mut rest = Vec::new();
         std::thread::sleep(Duration::from_millis(400));
         let pid = i32::try_from(child.id()).expect("pid");
         // SAFETY: sends SIGINT to the child this test started.
         unsafe {
             libc::kill(pid, libc::SIGINT);
         }
-        let rest: Vec<String> = lines.map_while(Result::ok).collect();
         let out = child.wait_with_output().expect("wait");
+        reader.join().expect("stderr reader");
+        rest.extend(rx.try_iter());
         (out, rest)
     })
     .await
     .expect("join");
-    let (out, stderr) = out;
-    assert_eq!(out.status.code(), Some(130), "{stderr:?}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("JSON report ({e}): {rest:?}"));
+    (out.status.code(), report, rest)
+}
+
+/// Asserts `due` = `responses` + failures + `unfinished` + `not_sent` and `sent` = `due` -
+/// `not_sent` in a JSON report; returns `due`.
+fn accounted_for(report: &serde_json::Value) -> u64 {
+    let due = report["due"].as_u64().expect("due");
+    let failed: u64 = report["failures"]
+        .as_object()
+        .map(|f| f.values().filter_map(|k| k["count"].as_u64()).sum())
+        .unwrap_or(0);
+    let accounted = ["responses", "unfinished", "not_sent"]
+        .iter()
+        .map(|k| report[k].as_u64().unwrap_or(0))
+        .sum::<u64>()
+        + failed;
+    assert_eq!(due, accounted, "{report}");
+    let not_sent = report["not_sent"].as_u64().expect("not_sent");
+    assert_eq!(report["sent"].as_u64(), Some(due - not_sent), "{report}");
+    due
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_ends_the_run_with_its_partial_report() {
+    let world = World::ecdsa();
+    let t = target(&world, Behave::Ok).await;
+    let (code, report, stderr) =
+        interrupted(&world, &t, "0s", |line, _| line == "loadtest: measuring").await;
+    assert_eq!(code, Some(130), "{stderr:?}");
     assert_eq!(report["interrupted"], true, "{report}");
     let measured = report["measured_s"].as_f64().expect("measured_s");
     assert!(measured > 0.2 && measured < 30.0, "{report}");
     assert!(report["ok"].as_u64().unwrap_or(0) > 10, "{report}");
-    let due = report["due"].as_u64().expect("due");
-    let accounted = ["responses", "unfinished", "not_sent"]
-        .iter()
-        .map(|k| report[k].as_u64().unwrap_or(0))
-        .sum::<u64>();
-    assert_eq!(due, accounted, "{report}");
+    let due = accounted_for(&report);
     // About 200 a second for the time measured, not for the minute asked for.
     assert!((due as f64) < measured * 200.0 + 5.0, "{report}");
     assert!(
         stderr.iter().any(|l| l.contains("interrupted")),
         "{stderr:?}"
     );
+
+    // Interrupted in a minute's warm-up, after some requests were answered: the window never
+    // opened, so nothing of it was due, and none of the warm-up's slots count either.
+    let t = target(&world, Behave::Ok).await;
+    let (code, report, stderr) = interrupted(&world, &t, "60s", |_, seen| seen > 0).await;
+    assert_eq!(code, Some(130), "{stderr:?}");
+    assert!(t.requests.load(Ordering::SeqCst) > 10, "{report}");
+    assert_eq!(report["interrupted"], true, "{report}");
+    assert_eq!(report["measured_s"].as_f64(), Some(0.0), "{report}");
+    assert_eq!(accounted_for(&report), 0, "{report}");
+    for k in ["sent", "from_warmup", "not_sent", "responses", "errors"] {
+        assert_eq!(report[k].as_u64(), Some(0), "{k}: {report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -606,10 +606,19 @@ impl Run {
             .map_or(self.end, |&at| at.min(self.end))
     }
 
-    /// What the window was, once every worker has stopped.
+    /// What the window was, once every worker has stopped. Interrupted in the warm-up, the
+    /// window never opened: nothing of it was due, and the warm-up's slots not yet sent were
+    /// never waiting at its start (they are not `from_warmup`).
     fn window(&self) -> Window {
         let window_end = self.window_end();
         let schedule = self.pacer.as_ref().map(|pacer| {
+            if window_end <= self.measure_from {
+                return Scheduled {
+                    due_in_window: 0,
+                    not_sent: 0,
+                    not_sent_from_warmup: 0,
+                };
+            }
             let taken = pacer.taken();
             let total = pacer.due_before(window_end).max(taken);
             let first_in_window = pacer.due_before(self.measure_from);
