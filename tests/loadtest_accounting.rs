@@ -1,9 +1,10 @@
 //! `ssp-gateway loadtest` keeps its books against targets that misbehave: every request due is
 //! a response, a failure (with its first error), unfinished or not sent; requests in flight at
 //! the end are drained and those from the warm-up count; connections the server closes are
-//! replaced (a request the server never had is sent again once); failures that close a
-//! connection pause the next attempt; HTTP/2 streams share the replacement; Ctrl-C ends the run
-//! with its partial report; exit codes and JSON for automation. The targets are small TLS
+//! replaced (a request the server never had is sent again once, a booking the server may have
+//! had never); failures that close a connection pause the next attempt; HTTP/2 streams share
+//! the replacement; Ctrl-C ends the run with its partial report (in the warm-up, nothing due);
+//! exit codes and JSON for automation. The targets are small TLS
 //! servers written here, each told how to misbehave.
 
 mod common;
@@ -50,6 +51,8 @@ struct Target {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// Of `requests`, the POSTs, each read to the end of its body.
+    posts: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -67,20 +70,29 @@ async fn target(world: &World, behave: Behave) -> Target {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let accepted = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
+    let posts = Arc::new(AtomicUsize::new(0));
     let task = {
         let accepted = accepted.clone();
         let requests = requests.clone();
+        let posts = posts.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let requests = requests.clone();
+                let posts = posts.clone();
                 tokio::spawn(async move {
                     let Ok(mut s) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let mut on_this = 0usize;
-                    while read_request_head(&mut s).await.is_some() {
+                    while let Some(head) = read_request_head(&mut s).await {
+                        if read_request_body(&mut s, &head).await.is_none() {
+                            return;
+                        }
+                        if head.starts_with(b"POST ") {
+                            posts.fetch_add(1, Ordering::SeqCst);
+                        }
                         let n = requests.fetch_add(1, Ordering::SeqCst);
                         on_this += 1;
                         let ok: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
@@ -125,8 +137,25 @@ async fn target(world: &World, behave: Behave) -> Target {
         addr,
         accepted,
         requests,
+        posts,
         task,
     }
+}
+
+/// Reads the body `head` announces with Content-Length (none without it); None when the
+/// connection ends first.
+async fn read_request_body<S: tokio::io::AsyncRead + Unpin>(s: &mut S, head: &[u8]) -> Option<()> {
+    use tokio::io::AsyncReadExt;
+    let head = String::from_utf8_lossy(head);
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .map_or(0, |(_, v)| {
+            v.trim().parse::<usize>().expect("Content-Length")
+        });
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.ok().map(drop)
 }
 
 fn url(addr: SocketAddr) -> String {
@@ -347,6 +376,40 @@ async fn a_request_the_server_hung_up_on_unanswered_is_sent_again_once_on_a_new_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_the_server_hung_up_on_unanswered_is_a_failure_never_sent_again() {
+    // The target reads each reused connection's booking to the end of its body and hangs up
+    // without a byte: it may have booked the slot, so the POST is not sent again (RFC 9110
+    // §9.2.2); it is an http failure, and the target saw each booking once.
+    let world = World::ecdsa();
+    let t = target(&world, Behave::DropSecond).await;
+    let body = world.dir.join("loadtest-booking.json");
+    std::fs::write(
+        &body,
+        br#"{"resourceType":"Appointment","status":"booked"}"#,
+    )
+    .expect("write the booking");
+    let mut a = args(&world, t.addr);
+    a.mix = "book".into();
+    a.book_body = Some(body);
+    let r = run(&a).await;
+    assert_eq!(r.retries, 0, "{r:?}");
+    assert!(r.responses >= 2, "{r:?}");
+    let http = &r.failures["http"];
+    assert!(http.count >= 2, "{r:?}");
+    assert!(
+        http.first_error.contains("closed") || http.first_error.contains("close_notify"),
+        "{r:?}"
+    );
+    let posts = t.posts.load(Ordering::SeqCst) as u64;
+    assert_eq!(posts, t.requests.load(Ordering::SeqCst) as u64, "{r:?}");
+    assert_eq!(
+        posts, r.sent,
+        "each booking sent reached the target once: {r:?}"
+    );
+    assert_eq!(posts, r.responses + http.count + r.unfinished, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_client_certificate_is_a_tls_failure_and_the_attempts_back_off() {
     // A certificate of a CA the target does not trust: refused in the handshake, under TLS 1.3
     // as an alert the client reads after its side of the handshake is done.
@@ -425,6 +488,7 @@ async fn h2_target(world: &World, per_connection: usize) -> Target {
         addr,
         accepted,
         requests,
+        posts: Arc::new(AtomicUsize::new(0)),
         task,
     }
 }

@@ -1,7 +1,8 @@
 //! One of a run's `--connections` as its workers see it: the connection while it is open
 //! (HTTP/2 streams share it; a new one replaces it once, for all of them, when it closes), the
 //! back-off after a failure that closed it, and the one second chance a request gets when the
-//! server had closed a reused connection before the request reached it. Owns no statistics:
+//! server had closed a reused connection before the request reached it (a booking's POST only
+//! when none of it was written). Owns no statistics:
 //! it tells the worker what happened ([`Notes`]).
 
 use std::sync::Arc;
@@ -108,8 +109,10 @@ impl Link {
     /// Sends one request (built by `build`, again if it is sent a second time) and reads its
     /// response, opening a connection when none is open. A request gets a second connection
     /// only when the server had closed the reused one before any of the request was written,
-    /// or, over HTTP/1.1, before any byte of its response: then the server never had it, or
-    /// closed an idle connection as the request arrived.
+    /// or, for an idempotent request over HTTP/1.1, before any byte of its response: then the
+    /// server never had it, or closed an idle connection as the request arrived. A booking's
+    /// POST that got no byte of response is a failure, never sent again: the server may have
+    /// booked the slot before it closed (RFC 9110 §9.2.2).
     pub(super) async fn exchange(
         &self,
         dialer: &Dialer,
@@ -120,7 +123,9 @@ impl Link {
         loop {
             let mut lease = self.checkout(dialer, notes).await?;
             let read_before = lease.wire.read();
-            match conn::send(&mut lease.sender, &lease.wire, build()).await {
+            let req = build();
+            let idempotent = req.method().is_idempotent();
+            match conn::send(&mut lease.sender, &lease.wire, req).await {
                 Ok(resp) => {
                     let closing = conn::closes_after(&resp);
                     let result = conn::read_body(resp, &lease.wire).await;
@@ -135,7 +140,11 @@ impl Link {
                 Err(e) => {
                     let h1 = matches!(lease.sender, Sender::H1(_));
                     let never_had_it = e.unsent
-                        || (h1 && e.ended && lease.wire.read() == read_before && !tls(&e.failed));
+                        || (h1
+                            && idempotent
+                            && e.ended
+                            && lease.wire.read() == read_before
+                            && !tls(&e.failed));
                     if lease.reused && never_had_it && second_chance && !self.fresh_each {
                         second_chance = false;
                         if !e.closed_before {
