@@ -293,15 +293,15 @@ async fn the_ldap_backend_asks_the_sds_questions_exactly() {
     let ldif = LdifBackend::development_world().expect("LDIF");
     let provider = ldif.lookup(PROVIDER_ASID).expect("provider");
 
-    // Route lookup: the message handler of a party key for one interaction.
+    // Route lookup: the message handler of a party key and ODS code for one interaction.
     let handler = ldap
-        .handler("B82617-0000806", IX_SEARCH_SLOT)
+        .handler("B82617-0000806", "B82617", IX_SEARCH_SLOT)
         .await
         .expect("search")
         .expect("found");
     assert_eq!(Some(&handler), provider.handler_for(IX_SEARCH_SLOT));
     assert_eq!(
-        ldap.handler("A20047-821870", IX_SEARCH_SLOT)
+        ldap.handler("A20047-821870", "A20047", IX_SEARCH_SLOT)
             .await
             .expect("search"),
         None,
@@ -309,10 +309,17 @@ async fn the_ldap_backend_asks_the_sds_questions_exactly() {
     );
     // Interactions match case-exactly, party keys case-insensitively (the schema's rules).
     assert_eq!(
-        ldap.handler("B82617-0000806", &IX_SEARCH_SLOT.to_uppercase())
+        ldap.handler("B82617-0000806", "B82617", &IX_SEARCH_SLOT.to_uppercase())
             .await
             .expect("search"),
         None
+    );
+    assert_eq!(
+        ldap.handler("B82617-0000806", "A20047", IX_SEARCH_SLOT)
+            .await
+            .expect("search"),
+        None,
+        "the ODS code joins the route lookup too"
     );
     let by_lower = ldap
         .handlers("b82617-0000806", "B82617")
@@ -355,6 +362,61 @@ async fn the_ldap_backend_asks_the_sds_questions_exactly() {
         DirectoryBackend::party(&ldap, asid).await.expect("party");
     }
     assert_eq!(ldap.connections_opened(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_lookup_and_the_party_lookup_join_by_ods_code_alike() {
+    // Under the provider's party key, a handler of another organisation (X99999) for
+    // search:organization-1 beside the provider's own: each ODS code sees only its own, and
+    // for every interaction of the provider the route lookup answers what the party has.
+    let slapd = Slapd::start(&directory_support::quirky_world(&world_ldif()), None);
+    let ldap = ldap(slapd.url(), None);
+    let party = DirectoryBackend::party(&ldap, PROVIDER_ASID)
+        .await
+        .expect("party")
+        .expect("the provider");
+    let records = ldap
+        .handlers("B82617-0000806", "B82617")
+        .await
+        .expect("search");
+    let mut interactions: Vec<&str> = records.iter().map(|r| r.interaction.as_str()).collect();
+    interactions.sort_unstable();
+    interactions.dedup();
+    assert!(
+        interactions.contains(&IX_SEARCH_ORGANIZATION),
+        "{interactions:?}"
+    );
+    for interaction in interactions {
+        assert_eq!(
+            ldap.handler("B82617-0000806", "B82617", interaction)
+                .await
+                .expect("search")
+                .as_ref(),
+            party.handler_for(interaction),
+            "{interaction}"
+        );
+    }
+    let own = ldap
+        .handler("B82617-0000806", "B82617", IX_SEARCH_ORGANIZATION)
+        .await
+        .expect("search")
+        .expect("the provider's own handler, not made unusable by the other's");
+    assert_eq!(own.ods_code, "B82617");
+    assert_ne!(own.id, directory_support::OTHER_ODS_MHS);
+    let other = ldap
+        .handler("B82617-0000806", "X99999", IX_SEARCH_ORGANIZATION)
+        .await
+        .expect("search")
+        .expect("the other organisation's handler");
+    assert_eq!(other.id, directory_support::OTHER_ODS_MHS);
+    assert_eq!(other.fqdn, "rogue.dev.local");
+    assert_eq!(
+        ldap.handler("B82617-0000806", "X99999", IX_SEARCH_SLOT)
+            .await
+            .expect("search"),
+        None,
+        "X99999 has no slot handler under this party key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

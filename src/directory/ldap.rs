@@ -12,7 +12,7 @@
 //! | question | filter |
 //! |---|---|
 //! | the accredited system with this ASID | `(&(objectClass=nhsAs)(uniqueIdentifier=<asid>))` |
-//! | the message handler of a party key for an interaction (SDS route lookup) | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>)(nhsMhsSvcIA=<interaction>))` |
+//! | the message handler of a party key and ODS code for an interaction (SDS route lookup) | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>)(nhsIDCode=<ODS code>)(nhsMhsSvcIA=<interaction>))` |
 //! | every message handler (and so every FQDN) of a party key and ODS code | `(&(objectClass=nhsMhs)(nhsMHSPartyKey=<party key>)(nhsIDCode=<ODS code>))` |
 //! | readiness probe: does the server answer (scope base, on the search base, no attributes) | `(objectClass=*)` |
 //!
@@ -118,11 +118,13 @@ pub fn system_filter(asid: &str) -> String {
     )
 }
 
-/// The message handler of a party key for one interaction (the SDS route lookup).
-pub fn handler_filter(party_key: &str, interaction: &str) -> String {
+/// The message handler of a party key and ODS code for one interaction (the SDS route lookup,
+/// joined by ODS code as [`handlers_filter`] is).
+pub fn handler_filter(party_key: &str, ods_code: &str, interaction: &str) -> String {
     format!(
-        "(&(objectClass=nhsMhs)(nhsMHSPartyKey={})(nhsMhsSvcIA={}))",
+        "(&(objectClass=nhsMhs)(nhsMHSPartyKey={})(nhsIDCode={})(nhsMhsSvcIA={}))",
         escape_filter_value(party_key),
+        escape_filter_value(ods_code),
         escape_filter_value(interaction)
     )
 }
@@ -135,6 +137,14 @@ pub fn handlers_filter(party_key: &str, ods_code: &str) -> String {
         escape_filter_value(party_key),
         escape_filter_value(ods_code)
     )
+}
+
+/// Whether an MHS record the server returned for `party_key` and `ods_code` is theirs: the
+/// server matches the party key ignoring case and the ODS code exactly; this checks both
+/// ignoring ASCII case.
+fn joins(record: &MhsRecord, party_key: &str, ods_code: &str) -> bool {
+    record.party_key.eq_ignore_ascii_case(party_key)
+        && record.ods_code.eq_ignore_ascii_case(ods_code)
 }
 
 /// A search failure, split by whether the connection is still usable.
@@ -312,25 +322,29 @@ impl LdapBackend {
         }
     }
 
-    /// The message handler of `party_key` for `interaction` a request could be forwarded to,
-    /// or `None` (none, or none usable: see [`PartyHandlers::judge`]).
+    /// The message handler of `party_key` and `ods_code` for `interaction` a request could be
+    /// forwarded to, or `None` (none, or none usable: see [`PartyHandlers::judge`]). Joined as
+    /// [`LdapBackend::handlers`] joins (an AS's party key and ODS code), so it is the handler a
+    /// [`Party`] looked up for that AS has for the interaction.
     pub async fn handler(
         &self,
         party_key: &str,
+        ods_code: &str,
         interaction: &str,
     ) -> Result<Option<MessageHandler>, DirectoryError> {
         let entries = self
             .search(
                 Scope::Subtree,
-                &handler_filter(party_key, interaction),
+                &handler_filter(party_key, ods_code, interaction),
                 &MHS_ATTRS,
             )
             .await?;
-        let records = entries
+        let mut records = entries
             .iter()
             .map(mhs_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
+        records.retain(|r| joins(r, party_key, ods_code) && r.interaction == interaction);
         Ok(PartyHandlers::judge(&records, &self.requestable)
             .usable
             .into_iter()
@@ -358,9 +372,7 @@ impl LdapBackend {
             .map(mhs_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        records.retain(|r| {
-            r.party_key.eq_ignore_ascii_case(party_key) && r.ods_code.eq_ignore_ascii_case(ods_code)
-        });
+        records.retain(|r| joins(r, party_key, ods_code));
         Ok(records)
     }
 
@@ -750,8 +762,8 @@ mod tests {
         assert_eq!(escape_filter_value("a\0b\nc"), "a\\00b\\0ac");
         assert_eq!(escape_filter_value("é"), "é", "UTF-8 passes as is");
         assert_eq!(
-            handler_filter("*", "x)(objectClass=*"),
-            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=\\2a)(nhsMhsSvcIA=x\\29\\28objectClass=\\2a))"
+            handler_filter("*", "B*", "x)(objectClass=*"),
+            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=\\2a)(nhsIDCode=B\\2a)(nhsMhsSvcIA=x\\29\\28objectClass=\\2a))"
         );
     }
 
@@ -764,9 +776,10 @@ mod tests {
         assert_eq!(
             handler_filter(
                 "B82617-0000806",
+                "B82617",
                 "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1"
             ),
-            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=B82617-0000806)(nhsMhsSvcIA=urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1))"
+            "(&(objectClass=nhsMhs)(nhsMHSPartyKey=B82617-0000806)(nhsIDCode=B82617)(nhsMhsSvcIA=urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1))"
         );
         assert_eq!(
             handlers_filter("B82617-0000806", "B82617"),
@@ -778,7 +791,7 @@ mod tests {
         );
         for filter in [
             system_filter("1"),
-            handler_filter("p", "i"),
+            handler_filter("p", "o", "i"),
             handlers_filter("p", "o"),
         ] {
             assert!(!filter.to_lowercase().contains("fqdn"), "{filter}");
