@@ -774,18 +774,13 @@ impl Gateway {
             // mismatch says so.
             ix.match_preflight(&target)?;
         }
-        let methods = policy.catalogue.methods_for_target(&target);
-        if methods.is_empty() {
+        let allowed = policy.catalogue.methods_text(&target);
+        if allowed.is_empty() {
             return Err(Rejection::MethodNotAllowed {
                 method: Method::OPTIONS.to_string(),
                 allow: String::new(),
             });
         }
-        let allowed = methods
-            .iter()
-            .map(Method::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut builder = Response::builder().status(StatusCode::OK);
         // An allowed origin's grant (and its `Vary`) is added by `Grant::apply`, as on every
         // answer; without `Origin`, the answer still depends on it, and `["*"]` grants `*`.

@@ -289,17 +289,24 @@ impl Catalogue {
     /// (the CORS preflight, answered on every such path); empty when no interaction has the
     /// path (RFC 9110 §10.2.1: no method is allowed there).
     pub fn allow_for_target(&self, target: &Target) -> String {
-        let methods = self.methods_for_target(target);
-        if methods.is_empty() {
-            return String::new();
+        let mut allow = self.methods_text(target);
+        if !allow.is_empty() {
+            allow.push_str(", OPTIONS");
         }
-        let mut allow = String::with_capacity(24);
-        for method in &methods {
-            allow.push_str(method.as_str());
-            allow.push_str(", ");
-        }
-        allow.push_str("OPTIONS");
         allow
+    }
+
+    /// The methods some interaction takes on `target`'s path, as a list (`GET, PUT`; what a
+    /// preflight answers), empty when none does.
+    pub fn methods_text(&self, target: &Target) -> String {
+        let mut text = String::with_capacity(24);
+        for method in self.methods_for_target(target) {
+            if !text.is_empty() {
+                text.push_str(", ");
+            }
+            text.push_str(method.as_str());
+        }
+        text
     }
 }
 
