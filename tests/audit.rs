@@ -528,13 +528,6 @@ async fn recording_provider(world: &World) -> Provider {
     Provider { port, seen, stop }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// The gateway binary on a config written for `world` and `provider_port`.
 struct Spawned {
     child: Child,

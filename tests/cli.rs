@@ -14,13 +14,6 @@ use ssp_gateway::tls::ClientTls;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A copy of the shipped `config/` under a scratch root, with `certs-dev/` beside it.
 fn copy_config(ports: Option<(u16, u16, u16)>) -> (PathBuf, PathBuf) {
     let root = scratch_dir("cli");

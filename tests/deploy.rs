@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use common::repo_path;
+use common::{free_port, repo_path};
 use ssp_gateway::config::Config;
 use ssp_gateway::metrics::Metrics;
 
@@ -975,11 +975,4 @@ async fn kubernetes_hot_reloaded_files_are_stable_named_whole_mounts_and_crls_ar
     assert!(out.contains("ok: 2 records"), "{out}");
     let (code, out) = verify(&[]);
     assert_eq!(code, Some(1), "keyed, so not a SHA-256 chain: {out}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }

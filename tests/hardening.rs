@@ -1946,13 +1946,6 @@ impl Drop for Spawned {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 async fn spawn_gateway(name: &str) -> Spawned {
     let (gw, admin, mock) = (free_port(), free_port(), free_port());
     let root = scratch_dir(name);

@@ -49,6 +49,14 @@ pub const IX_CANCEL: &str = "urn:nhs:names:services:gpconnect:fhir:rest:cancel:a
 pub const IX_PATIENT_APPOINTMENTS: &str =
     "urn:nhs:names:services:gpconnect:fhir:rest:search:patient_appointments-1";
 
+/// A TCP port free on 127.0.0.1 a moment ago, for a gateway binary's fixed addresses.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 /// A unique, empty scratch directory (`ssp-gateway-test-{name}-{pid}-{nanos}-{n}`). The first
 /// call in a test process removes those of earlier test processes that have ended, once they
 /// are an hour old, so a machine keeps about an hour's runs (a run's own stay while it runs:
