@@ -397,8 +397,9 @@ impl fmt::Display for Report {
                     writeln!(
                         f,
                         "note: the links up to record {through} are plain SHA-256 (--unkeyed-through: \
-                         written before the trail was keyed); the first keyed link, after it, \
-                         covers them"
+                         written before the trail was keyed; take it from the first \
+                         `unkeyed_through=` line the gateway logged for this trail, a later one is \
+                         a rewrite); the first keyed link, after it, covers them"
                     )?;
                 }
                 if self.link != "sha256" && self.keyed_links == 0 {
@@ -729,7 +730,7 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
             if buf.last() != Some(&b'\n') {
                 // A write cut short leaves the start of a record, at the very end of the
                 // trail; anything else (NULs, text, a cut elsewhere) is not the trail.
-                let expected = last.as_ref().map(|l| l.seq + 1);
+                let expected = last.as_ref().and_then(|l| l.seq.checked_add(1));
                 match not_torn(&buf, n, index == last_file, expected) {
                     Some(reason) => report.broke(at(None, reason)),
                     None => {
@@ -765,10 +766,17 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
                      trail begins at seq 1 (records replaced by a trail of another start)"
                 ));
             }
+            if seq == 1 && prev_hex != hex(&GENESIS) {
+                wrong.push(
+                    "seq 1, the start of a trail, but prev is not 64 zeros: a trail begins \
+                     with them"
+                        .to_owned(),
+                );
+            }
             match &last {
                 None => report.anchor = Some(prev_hex.clone()),
                 Some(l) => {
-                    if seq != l.seq + 1 {
+                    if l.seq.checked_add(1) != Some(seq) {
                         wrong.push(format!(
                             "seq {seq} does not follow {}: a record is missing, repeated or out of order",
                             l.seq
@@ -852,6 +860,20 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
     }
     report.head = last.map(|l| hex(&l.values[proved_by.min(l.values.len() - 1)]));
     report.unkeyed_through = options.unkeyed_through.filter(|_| !options.keys.is_empty());
+    // An unkeyed start the trail does not go past: nothing keyed covers it.
+    if let (Some(through), Some(last)) = (report.unkeyed_through, report.last_seq) {
+        if last <= through {
+            report.broke(Broken {
+                path: given.to_path_buf(),
+                line: 0,
+                seq: Some(last),
+                reason: format!(
+                    "the trail ends at seq {last}, not past --unkeyed-through {through}: no \
+                     keyed link covers its records (plain SHA-256 links anyone can make again)"
+                ),
+            });
+        }
+    }
     for broken in check_end(&report, options, &anchors_read, given) {
         report.broke(broken);
     }
@@ -1335,6 +1357,47 @@ mod tests {
         assert!(r.intact(), "{r}");
         assert!(
             r.to_string().contains("no link was checked under a key"),
+            "{r}"
+        );
+    }
+
+    /// Seq 1 with a prev other than 64 zeros is no start of a trail; and an unkeyed start the
+    /// trail does not go past leaves nothing keyed to cover it: both are breaks.
+    #[test]
+    fn a_start_without_zeros_and_an_unkeyed_start_not_passed_are_broken() {
+        let d = scratch();
+        let (a, _) = chain(1, [7u8; 32], 2);
+        let f = write(&d, "audit.jsonl", &a, "");
+        let r = verify_files(&[f], &Options::default()).expect("read");
+        let b = r.breaks.first().cloned().expect("broken");
+        assert_eq!((b.line, b.seq), (1, Some(1)), "{r}");
+        assert!(b.reason.contains("prev is not 64 zeros"), "{}", b.reason);
+        let key = ChainKey::from_bytes(&[12u8; 32]).expect("key");
+        let (a, _) = chain(1, GENESIS, 3);
+        let f = write(&d, "audit.jsonl", &a, "");
+        for (through, intact) in [(3, false), (9, false), (2, false)] {
+            let r = verify_files(
+                std::slice::from_ref(&f),
+                &Options {
+                    unkeyed_through: Some(through),
+                    ..keys(&[&key])
+                },
+            )
+            .expect("read");
+            assert_eq!(r.intact(), intact, "{through}: {r}");
+        }
+        let r = verify_files(
+            &[f],
+            &Options {
+                unkeyed_through: Some(3),
+                ..keys(&[&key])
+            },
+        )
+        .expect("read");
+        assert!(
+            r.breaks
+                .iter()
+                .any(|b| b.reason.contains("not past --unkeyed-through 3")),
             "{r}"
         );
     }

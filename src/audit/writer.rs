@@ -35,6 +35,8 @@ const SHUTDOWN_RETRY_FOR: Duration = Duration::from_secs(5);
 /// failure) as one unit, so that a nearly full disk takes what fits instead of refusing the
 /// whole backlog again and again.
 const RECOVERY_UNIT_BYTES: usize = 64 * 1024;
+/// How often, at most, the durable head of a growing trail is logged (`audit head`).
+const HEAD_LOG_EVERY: Duration = Duration::from_secs(60);
 /// The lock file in the audit directory: the process writing the trail holds it (`flock`).
 const LOCK_FILE: &str = ".lock";
 
@@ -86,6 +88,8 @@ pub(super) struct Writer {
     fsync_follow_up: Duration,
     last_attempt: Instant,
     last_sync: Instant,
+    /// When the durable head was last logged (`audit head`), and its seq then.
+    head_logged: (Instant, u64),
     shared: Arc<Shared>,
     /// The directory's lock: one process per audit directory.
     lock: DirLock,
@@ -201,10 +205,13 @@ struct Tail {
     /// The complete line before the last, if the file holds one (and it is no longer than
     /// [`MAX_LINE_READ`]): what the last record's `prev` links to.
     before_last: Option<Vec<u8>>,
+    /// The last complete line is the file's first: the line before it is in another file.
+    last_is_first: bool,
 }
 
 fn read_tail(path: &Path) -> io::Result<Tail> {
-    let mut file = File::open(path)?;
+    // Not a FIFO or a device put in the trail's place: it would hang the start.
+    let mut file = crate::files::open_regular(path)?;
     let len = file.metadata()?.len();
     // After the last newline: the bytes of a record cut short, or what else was left there.
     let end = match newline_before(&mut file, len)? {
@@ -216,6 +223,7 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
                 torn_from: (len > 0).then_some(0),
                 first: None,
                 before_last: None,
+                last_is_first: false,
             });
         }
     };
@@ -264,6 +272,7 @@ fn read_tail(path: &Path) -> io::Result<Tail> {
         torn_from,
         first,
         before_last,
+        last_is_first: begin == 0,
     })
 }
 
@@ -308,6 +317,12 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> AuditError {
 fn head_of(path: &Path, line: &[u8], link: &Link) -> Result<Head, AuditError> {
     let seq =
         line_seq(line).ok_or_else(|| corrupt(path, "its last line is not an audit record"))?;
+    if seq == u64::MAX {
+        return Err(corrupt(
+            path,
+            "its last record's seq is the largest there is",
+        ));
+    }
     Ok(Head {
         seq,
         hash: link.of(line),
@@ -373,6 +388,7 @@ struct EndLines {
 /// is what proves the trail.
 fn judge_end(link: &Link, end: &EndLines) {
     let Ok((seq, prev)) = super::verify::parse_line(&end.last) else {
+        tracing::warn!("the trail's last record has no prev to check: not one the writer wrote");
         return;
     };
     if seq == 1 {
@@ -392,13 +408,13 @@ fn judge_end(link: &Link, end: &EndLines) {
     let sha = hex(&super::record::sha256(before)) == prev;
     match link {
         Link::Hmac(key) if hex(&key.hmac(before)) == prev => {}
-        Link::Hmac(_) if sha => tracing::warn!(
+        Link::Hmac(_) if sha => tracing::error!(
             unkeyed_through = seq,
             "keyed from the next record: unkeyed_through={seq}; the trail's records up to seq \
-             {seq} are linked by plain SHA-256: begun before [audit] key_file was set, or \
-             rewritten by someone without the key (keep this line: `audit verify --key … \
-             --unkeyed-through {seq}` takes it from here, and a second such line for one trail \
-             means the second is a rewrite)"
+             {seq} are linked by plain SHA-256: begun before [audit] key_file was set, or, if \
+             this trail was ever keyed, rewritten by someone without the key (keep this line: \
+             `audit verify --key … --unkeyed-through N` takes N from the FIRST such line for a \
+             trail; any later one is a rewrite)"
         ),
         Link::Hmac(_) => tracing::warn!(
             seq,
@@ -486,7 +502,8 @@ impl Writer {
                 let before = match tail.before_last.clone() {
                     Some(before) => Some(before),
                     // The active file's first record links to the newest rotated file's last.
-                    None => newest_tail(&dir)?.and_then(|(_, t)| t.last),
+                    None if tail.last_is_first => newest_tail(&dir)?.and_then(|(_, t)| t.last),
+                    None => None,
                 };
                 end = Some(EndLines {
                     last: line.clone(),
@@ -611,6 +628,7 @@ impl Writer {
             fsync_follow_up: config.fsync_follow_up,
             last_attempt: now,
             last_sync: now,
+            head_logged: (now, head.seq),
             shared,
             lock,
         })
@@ -939,8 +957,19 @@ impl Writer {
     /// Everything written so far is durable: `ssp_audit_last_seq` says up to which record.
     /// (Called from a sync inside `write_unit` before the unit's head is taken, it says the
     /// record before the unit; `write_records` says the unit's once it has its head.)
-    fn note_durable(&self) {
+    fn note_durable(&mut self) {
         self.shared.metrics.last_seq.set(gauge(self.head.seq));
+        // An anchor for the end of the trail at most once a minute while it grows, so that
+        // after a crash (no `audit trail closed` line) records older than a minute are still
+        // covered by one kept outside the trail.
+        if self.head.seq != self.head_logged.1 && self.head_logged.0.elapsed() >= HEAD_LOG_EVERY {
+            self.head_logged = (Instant::now(), self.head.seq);
+            tracing::info!(
+                last_seq = self.head.seq,
+                head = %hex(&self.head.hash),
+                "audit head"
+            );
+        }
     }
 
     fn sync_if_due(&mut self) {
@@ -1206,6 +1235,23 @@ mod tests {
             err.to_string().contains("longer than any audit record"),
             "{err}"
         );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A last record at the largest seq cannot be carried on (the next would wrap), and a FIFO
+    /// in the active file's place is refused at once, not waited on.
+    #[test]
+    fn a_trail_at_the_largest_seq_or_a_fifo_is_refused_not_carried_on() {
+        let d = scratch();
+        let path = d.join("audit.jsonl");
+        let line = format!("{{\"seq\":{},\"prev\":\"{}\"}}", u64::MAX, hex(&GENESIS));
+        let err = head_of(&path, line.as_bytes(), &Link::Sha256).expect_err("refused");
+        assert!(err.to_string().contains("largest"), "{err}");
+        let fifo =
+            std::ffi::CString::new(d.join("fifo").as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(read_tail(&d.join("fifo")).is_err());
         let _ = fs::remove_dir_all(&d);
     }
 
