@@ -105,13 +105,26 @@ impl ChainKey {
     }
 }
 
-/// How the next record's `prev` is made from the line before it.
+/// How the next record's `prev` is made from the line before it, and, keyed, how a record is
+/// sealed (its own `mac`, last in its line).
 #[derive(Debug, Clone)]
 pub enum Link {
     /// Its SHA-256: anyone can recompute it.
     Sha256,
-    /// Its HMAC-SHA256 under the key.
+    /// Its HMAC-SHA256 under the key: a keyed record's `mac` (the HMAC of its line up to the
+    /// `mac`), or, for a line with none (written before the trail was keyed), of the line.
     Hmac(ChainKey),
+}
+
+impl ChainKey {
+    /// The link value of `line` under this key: its `mac` made again (the HMAC of the line up
+    /// to it) when it has one, else the HMAC of the whole line.
+    pub fn link_of(&self, line: &[u8]) -> [u8; 32] {
+        match super::record::sealed_parts(line) {
+            Some((signed, _)) => self.hmac(signed),
+            None => self.hmac(line),
+        }
+    }
 }
 
 impl Link {
@@ -127,7 +140,25 @@ impl Link {
     pub fn of(&self, line: &[u8]) -> [u8; 32] {
         match self {
             Link::Sha256 => sha256(line),
-            Link::Hmac(key) => key.hmac(line),
+            Link::Hmac(key) => key.link_of(line),
+        }
+    }
+
+    /// Ends the record framed in `out[start..]` (its closing `}` last): keyed, with its own
+    /// `mac` (the HMAC of the line so far, which holds `prev`), so that the record, the last
+    /// one included, shows any change made without the key. Returns the line's link value: the
+    /// `mac`, or the SHA-256 of the line.
+    pub fn seal(&self, out: &mut Vec<u8>, start: usize) -> [u8; 32] {
+        match self {
+            Link::Sha256 => sha256(&out[start..]),
+            Link::Hmac(key) => {
+                out.pop();
+                let mac = key.hmac(&out[start..]);
+                out.extend_from_slice(super::record::MAC_FIELD);
+                super::record::hex_into(out, &mac);
+                out.extend_from_slice(b"\"}");
+                mac
+            }
         }
     }
 
@@ -216,6 +247,16 @@ mod tests {
         );
         let link = Link::Hmac(key.clone());
         assert_eq!(link.of(b"x"), key.hmac(b"x"));
+        // A sealed line: its mac made again, from the line up to it.
+        let mut line = b"{\"seq\":1}".to_vec();
+        let mac = link.seal(&mut line, 0);
+        assert_eq!(mac, key.hmac(b"{\"seq\":1"));
+        assert!(line.ends_with(format!(",\"mac\":\"{}\"}}", hex(&mac)).as_bytes()));
+        assert_eq!(link.of(&line), mac);
+        assert_eq!(
+            super::super::record::sealed_parts(&line).map(|p| p.1),
+            Some(mac)
+        );
         assert_ne!(link.of(b"x"), Link::Sha256.of(b"x"));
     }
 

@@ -347,6 +347,28 @@ pub fn frame_into(out: &mut Vec<u8>, seq: u64, prev: &[u8; 32], body: &str) -> u
     start
 }
 
+/// How a keyed record's own MAC is written, last in its line: `,"mac":"<64 hex>"}`.
+pub const MAC_FIELD: &[u8] = b",\"mac\":\"";
+
+/// The bytes of a sealed line (a keyed record) its `mac` is the HMAC of, and that `mac`: the
+/// line up to `,"mac":"`, which ends it with 64 hex digits, `"` and `}`. `None`: no `mac` there.
+pub fn sealed_parts(line: &[u8]) -> Option<(&[u8], [u8; 32])> {
+    let tail = MAC_FIELD.len() + 64 + 2;
+    let pos = line.len().checked_sub(tail)?;
+    let (signed, rest) = line.split_at(pos);
+    let digits = rest.strip_prefix(MAC_FIELD)?.strip_suffix(b"\"}")?;
+    let mut mac = [0u8; 32];
+    for (i, byte) in mac.iter_mut().enumerate() {
+        let pair = std::str::from_utf8(&digits[2 * i..2 * i + 2]).ok()?;
+        // Lowercase, as the writer writes it: one spelling per MAC.
+        if pair.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some((signed, mac))
+}
+
 /// SHA-256 (audit chain, certificate fingerprints, the listener's chain cache), from the
 /// *ring* provider's TLS 1.3 suite hash.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -371,7 +393,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Appends `bytes` in lowercase hex to `out`.
-fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(super) fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
     for b in bytes {
         out.extend_from_slice(&hex_pair(*b));
     }

@@ -173,7 +173,7 @@ fn link_values(options: &Options, seq: u64, line: &[u8]) -> Vec<[u8; 32]> {
     if options.keys.is_empty() || options.unkeyed_through.is_some_and(|n| seq < n) {
         vec![sha256(line)]
     } else {
-        options.keys.iter().map(|k| k.hmac(line)).collect()
+        options.keys.iter().map(|k| k.link_of(line)).collect()
     }
 }
 
@@ -808,6 +808,24 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
                 }
             }
             let values = link_values(options, seq, &buf);
+            // A keyed record (past any unkeyed start) carries its own mac, the HMAC of its line
+            // up to it: the record itself, the last one included, shows a change.
+            if !options.keys.is_empty() && !options.unkeyed_through.is_some_and(|n| seq <= n) {
+                match super::record::sealed_parts(&buf) {
+                    Some((_, mac)) if values.contains(&mac) => {}
+                    Some(_) => wrong.push(
+                        "its mac is not the HMAC of the record under any key given: the record \
+                         was altered"
+                            .to_owned(),
+                    ),
+                    None => wrong.push(
+                        "no mac: every record of a keyed trail ends with its own (a record \
+                         written by someone without the key, or one from before the trail was \
+                         keyed: then give --unkeyed-through)"
+                            .to_owned(),
+                    ),
+                }
+            }
             for head in options.heads.iter().filter(|h| h.seq == seq) {
                 anchors_read.push(seq);
                 // Anchored while the trail was not yet keyed: its SHA-256 then.
@@ -1147,10 +1165,19 @@ mod tests {
                 &prev,
                 &format!("{{\"kind\":\"rejection\",\"n\":{i}}}"),
             );
-            prev = key.hmac(line.as_bytes());
+            let (line, mac) = seal(line, key);
+            prev = mac;
             lines.push(line);
         }
         (lines, prev)
+    }
+
+    /// `line` ended with its own mac under `key`, as the writer seals a keyed record; and that
+    /// mac, the next record's `prev`.
+    fn seal(line: String, key: &ChainKey) -> (String, [u8; 32]) {
+        let mut bytes = line.into_bytes();
+        let mac = super::super::key::Link::Hmac(key.clone()).seal(&mut bytes, 0);
+        (String::from_utf8(bytes).expect("utf-8"), mac)
     }
 
     fn keys(keys: &[&ChainKey]) -> Options {
@@ -1180,18 +1207,15 @@ mod tests {
             .expect("broken");
         assert_eq!((b.line, b.seq), (2, Some(2)));
         assert!(b.reason.contains("give --key"), "{}", b.reason);
-        // Under another key: not the HMAC under any key given.
-        let b = verify_files(std::slice::from_ref(&f), &keys(&[&other]))
-            .expect("read")
-            .breaks
-            .first()
-            .cloned()
-            .expect("broken");
+        // Under another key: no record's mac, no link, is the HMAC under any key given.
+        let r = verify_files(std::slice::from_ref(&f), &keys(&[&other])).expect("read");
+        let b = r.breaks.first().cloned().expect("broken");
+        assert_eq!((b.line, b.seq), (1, Some(1)), "{r}");
+        assert!(b.reason.contains("its mac is not the HMAC"), "{}", b.reason);
         assert!(
-            b.reason
+            r.to_string()
                 .contains("not the HMAC of record 1 under any key given"),
-            "{}",
-            b.reason
+            "{r}"
         );
         // Either of several keys.
         assert!(verify_files(&[f], &keys(&[&other, &key]))
@@ -1216,14 +1240,19 @@ mod tests {
             let mut body = v.as_object().expect("object").clone();
             body.remove("seq");
             body.remove("prev");
+            body.remove("mac");
             if Some(i + 1) == edit {
                 body.insert("n".into(), 99.into());
             }
             let body = serde_json::to_string(&body).expect("json");
             let seq = i as u64 + 1;
-            let line = frame(seq, &prev, &body);
+            let mut line = frame(seq, &prev, &body);
+            // Keyed records (from `keyed_from` on) are sealed with their own mac.
+            if seq >= keyed_from {
+                line = seal(line, key).0;
+            }
             prev = if seq + 1 >= keyed_from {
-                key.hmac(line.as_bytes())
+                key.link_of(line.as_bytes())
             } else {
                 sha256(line.as_bytes())
             };
@@ -1248,14 +1277,15 @@ mod tests {
             .expect("read")
             .intact());
         let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
-        assert_eq!(r.break_count(), 4, "{r}");
+        assert_eq!(r.break_count(), 5, "{r}");
         let b = r.breaks[0].clone();
-        assert_eq!((b.line, b.seq), (2, Some(2)));
+        assert_eq!((b.line, b.seq), (1, Some(1)));
+        assert!(b.reason.contains("no mac"), "{}", b.reason);
         assert!(
-            b.reason
+            r.breaks[1]
+                .reason
                 .contains("plain SHA-256 of record 1, not its HMAC under a key given"),
-            "{}",
-            b.reason
+            "{r}"
         );
         // From the edit on: records 1 to 3 as written (3 edited, its keyed prev kept), 4 and 5
         // linked with SHA-256.
@@ -1278,12 +1308,28 @@ mod tests {
         }
         let f = write(&d, "audit.jsonl", &forged, "");
         let r = verify_files(&[f], &keys(&[&key])).expect("read");
+        // The edited record shows it itself (its mac), and the SHA-256 link after it.
         let b = r.breaks.first().cloned().expect("broken");
-        assert_eq!((b.line, b.seq), (4, Some(4)), "{r}");
+        assert_eq!((b.line, b.seq), (3, Some(3)), "{r}");
+        assert!(b.reason.contains("its mac is not the HMAC"), "{}", b.reason);
         assert!(
-            b.reason.contains("plain SHA-256 of record 3, not its HMAC"),
-            "{}",
-            b.reason
+            r.breaks[1]
+                .reason
+                .contains("plain SHA-256 of record 3, not its HMAC"),
+            "{r}"
+        );
+        // The last record edited, its prev kept (nothing links to it): its own mac shows it.
+        // Before the records were sealed, only an anchor kept elsewhere could.
+        let mut forged = a.clone();
+        forged[4] = forged[4].replace("\"n\":4", "\"n\":44");
+        assert_ne!(forged[4], a[4]);
+        let f = write(&d, "audit.jsonl", &forged, "");
+        let r = verify_files(&[f], &keys(&[&key])).expect("read");
+        assert_eq!(r.break_count(), 1, "{r}");
+        assert_eq!((r.breaks[0].line, r.breaks[0].seq), (5, Some(5)), "{r}");
+        assert!(
+            r.breaks[0].reason.contains("its mac is not the HMAC"),
+            "{r}"
         );
     }
 
@@ -1410,8 +1456,8 @@ mod tests {
         let old = ChainKey::from_bytes(&[10u8; 32]).expect("key");
         let new = ChainKey::from_bytes(&[11u8; 32]).expect("key");
         let (a, _) = keyed_chain(1, GENESIS, 3, &old);
-        let (b, _) = keyed_chain(4, new.hmac(a[2].as_bytes()), 2, &new);
-        let (c, _) = keyed_chain(6, old.hmac(b[1].as_bytes()), 2, &old);
+        let (b, _) = keyed_chain(4, new.link_of(a[2].as_bytes()), 2, &new);
+        let (c, _) = keyed_chain(6, old.link_of(b[1].as_bytes()), 2, &old);
         let lines: Vec<String> = a.into_iter().chain(b).chain(c).collect();
         let f = write(&d, "audit.jsonl", &lines, "");
         let r = verify_files(std::slice::from_ref(&f), &keys(&[&old, &new])).expect("read");
@@ -1430,7 +1476,7 @@ mod tests {
         let new = ChainKey::from_bytes(&[7u8; 40]).expect("key");
         let (a, _) = keyed_chain(1, GENESIS, 3, &old);
         // The writer restarted with the new key links the old last line under it.
-        let (b, head) = keyed_chain(4, new.hmac(a[2].as_bytes()), 2, &new);
+        let (b, head) = keyed_chain(4, new.link_of(a[2].as_bytes()), 2, &new);
         let fa = write(&d, "audit-1.jsonl", &a, "");
         let fb = write(&d, "audit.jsonl", &b, "");
         let both = [fa, fb];

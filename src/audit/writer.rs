@@ -391,6 +391,16 @@ fn judge_end(link: &Link, end: &EndLines) {
         tracing::warn!("the trail's last record has no prev to check: not one the writer wrote");
         return;
     };
+    // Keyed, the last record carries its own mac: a change to it (its prev kept) shows.
+    if let (Link::Hmac(key), Some((signed, mac))) = (link, super::record::sealed_parts(&end.last)) {
+        if key.hmac(signed) != mac {
+            tracing::error!(
+                seq,
+                "the trail's last record's mac is not its HMAC under the key: the record was \
+                 altered, or written under another key (the key was changed)"
+            );
+        }
+    }
     if seq == 1 {
         if prev != hex(&GENESIS) {
             tracing::error!(
@@ -407,7 +417,7 @@ fn judge_end(link: &Link, end: &EndLines) {
     };
     let sha = hex(&super::record::sha256(before)) == prev;
     match link {
-        Link::Hmac(key) if hex(&key.hmac(before)) == prev => {}
+        Link::Hmac(key) if hex(&key.link_of(before)) == prev => {}
         Link::Hmac(_) if sha => tracing::error!(
             unkeyed_through = seq,
             "keyed from the next record: unkeyed_through={seq}; the trail's records up to seq \
@@ -829,6 +839,7 @@ impl Writer {
             let mut unit = Vec::new();
             while let Some(p) = pending.peek() {
                 let start = frame_into(&mut bytes, head.seq + 1, &head.hash, &p.body);
+                let hash = self.link.seal(&mut bytes, start);
                 let need = (bytes.len() + 1) as u64;
                 if need > room && (self.written_len > 0 || start > 0) {
                     bytes.truncate(start);
@@ -840,7 +851,7 @@ impl Writer {
                 }
                 head = Head {
                     seq: head.seq + 1,
-                    hash: self.link.of(&bytes[start..]),
+                    hash,
                 };
                 bytes.push(b'\n');
                 if let Some(p) = pending.next() {
