@@ -94,6 +94,10 @@ enum AuditCommand {
         /// The trail must reach seq N (e.g. the highest ssp_audit_last_seq Prometheus saw).
         #[arg(long, value_name = "N")]
         min_seq: Option<u64>,
+        /// The trail must begin at seq N (1: its very start; after retention, the first seq
+        /// kept), so that files removed from its start show.
+        #[arg(long, value_name = "N")]
+        first_seq: Option<u64>,
         /// With --key: a trail begun before its key was set, whose records up to seq N are
         /// linked by plain SHA-256 and the rest under a key. N is the seq the gateway logged
         /// when it first ran keyed on the trail (`keyed from the next record:
@@ -168,29 +172,22 @@ fn main() -> ExitCode {
                     keys,
                     heads,
                     min_seq,
+                    first_seq,
                     unkeyed_through,
                     files,
                 },
         } => audit_verify(
             &keys,
-            verify_options(heads, min_seq, unkeyed_through),
+            ssp_gateway::audit::verify::Options {
+                heads,
+                min_seq,
+                first_seq,
+                unkeyed_through,
+                ..Default::default()
+            },
             &files,
         ),
         Command::Loadtest(args) => ssp_gateway::loadtest::cli(*args),
-    }
-}
-
-/// `audit verify`'s anchors and unkeyed start (its keys are read by [`audit_verify`]).
-fn verify_options(
-    heads: Vec<ssp_gateway::audit::verify::Head>,
-    min_seq: Option<u64>,
-    unkeyed_through: Option<u64>,
-) -> ssp_gateway::audit::verify::Options {
-    ssp_gateway::audit::verify::Options {
-        heads,
-        min_seq,
-        unkeyed_through,
-        ..Default::default()
     }
 }
 

@@ -131,6 +131,9 @@ pub struct Options {
     pub heads: Vec<Head>,
     /// The seq the trail must reach, at least (`--min-seq N`).
     pub min_seq: Option<u64>,
+    /// The seq the trail must begin at (`--first-seq N`; 1: its very start), so that files
+    /// removed from its start, which leave a shorter valid chain, show.
+    pub first_seq: Option<u64>,
     /// With keys: the last record of a trail begun before its key was set (`--unkeyed-through
     /// N`, the seq the gateway logged when it first ran keyed on it): the links of records up
     /// to it are plain SHA-256, those after it under a key. Never inferred from the trail: a
@@ -938,6 +941,25 @@ fn check_end(
             "{ends}, before seq {min} (--min-seq): records removed from its end"
         )));
     }
+    if let Some(from) = options.first_seq.filter(|f| report.first_seq != Some(*f)) {
+        let begins = report
+            .first_seq
+            .map_or("the trail holds no record".to_owned(), |s| {
+                format!("the trail begins at seq {s}")
+            });
+        broken.push(Broken {
+            path: report
+                .files
+                .first()
+                .map_or(given.to_path_buf(), |f| f.path.clone()),
+            line: 1,
+            seq: report.first_seq,
+            reason: format!(
+                "{begins}, not at seq {from} (--first-seq): records removed from its start, or \
+                 the files before not given"
+            ),
+        });
+    }
     for missing in options
         .heads
         .iter()
@@ -1405,6 +1427,33 @@ mod tests {
             r.to_string().contains("no link was checked under a key"),
             "{r}"
         );
+    }
+
+    /// `--first-seq`: a trail whose first files were removed (or not given) is a break; one
+    /// that begins there is not.
+    #[test]
+    fn a_trail_must_begin_at_the_first_seq_given() {
+        let d = scratch();
+        let (a, h) = chain(1, GENESIS, 2);
+        let (b, _) = chain(3, h, 2);
+        let fa = write(&d, "audit-1.jsonl", &a, "");
+        let fb = write(&d, "audit.jsonl", &b, "");
+        let from = |n| Options {
+            first_seq: Some(n),
+            ..Options::default()
+        };
+        assert!(verify_files(&[fa.clone(), fb.clone()], &from(1))
+            .expect("read")
+            .intact());
+        let r = verify_files(std::slice::from_ref(&fb), &from(1)).expect("read");
+        assert_eq!(r.break_count(), 1, "{r}");
+        assert!(
+            r.breaks[0]
+                .reason
+                .contains("the trail begins at seq 3, not at seq 1 (--first-seq)"),
+            "{r}"
+        );
+        assert!(verify_files(&[fb], &from(3)).expect("read").intact());
     }
 
     /// Seq 1 with a prev other than 64 zeros is no start of a trail; and an unkeyed start the
