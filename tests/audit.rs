@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,9 +22,6 @@ use ssp_gateway::server::RequestBody;
 use ssp_gateway::server::{ConnInfo, ServeOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-const BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
-const DEADLINE: Duration = Duration::from_secs(30);
 
 fn audit_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -45,7 +42,7 @@ fn records(dir: &Path) -> Vec<serde_json::Value> {
 
 /// `ssp-gateway audit verify FILES...`: exit code and output.
 fn verify(files: &[PathBuf]) -> (i32, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(GATEWAY_BIN)
         .arg("audit")
         .arg("verify")
         .args(files)
@@ -94,7 +91,10 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < BINARY_DEADLINE,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -373,7 +373,10 @@ async fn an_unwritable_trail_refuses_traffic_with_503_and_recovers_by_itself() {
         if http_get(h.admin, "/readyz").await.0 == StatusCode::OK {
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "never became ready again");
+        assert!(
+            start.elapsed() < BINARY_DEADLINE,
+            "never became ready again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(h.consumer().gpc(metadata()).await.status, StatusCode::OK);
@@ -438,7 +441,10 @@ async fn buffered_forwards_without_waiting_but_never_loses_or_skips_a_record() {
         }
         assert_eq!(a.status, StatusCode::OK);
         kept.push(echoed_trace(&a));
-        assert!(start.elapsed() < DEADLINE, "the writer never noticed");
+        assert!(
+            start.elapsed() < BINARY_DEADLINE,
+            "the writer never noticed"
+        );
     };
     refused.assert_outcome(503, Some("INTERNAL_SERVER_ERROR"), "AUDIT_UNAVAILABLE");
     let seen = h.recorder.seen();
@@ -457,7 +463,10 @@ async fn buffered_forwards_without_waiting_but_never_loses_or_skips_a_record() {
     std::fs::rename(&moved, &dir).expect("put the audit dir back");
     let start = Instant::now();
     while http_get(h.admin, "/readyz").await.0 != StatusCode::OK {
-        assert!(start.elapsed() < DEADLINE, "never became ready again");
+        assert!(
+            start.elapsed() < BINARY_DEADLINE,
+            "never became ready again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     h.stop().await;
@@ -528,109 +537,6 @@ async fn recording_provider(world: &World) -> Provider {
     Provider { port, seen, stop }
 }
 
-/// The gateway binary on a config written for `world` and `provider_port`.
-struct Spawned {
-    child: Child,
-    gateway: SocketAddr,
-    admin: SocketAddr,
-    audit_dir: PathBuf,
-    /// Its log (standard output and error), beside its config.
-    log: PathBuf,
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Writes the config (ports fixed, `extra` sections appended) and returns its path.
-fn spawned_config(
-    world: &World,
-    provider_port: u16,
-    extra: &str,
-) -> (PathBuf, SocketAddr, SocketAddr, PathBuf) {
-    let opts = GatewayOptions {
-        extra_sections: extra.to_owned(),
-        ..Default::default()
-    };
-    let config = gateway_config(world, provider_port, &opts);
-    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let text = std::fs::read_to_string(&config.source).expect("read config");
-    let text = text
-        .replacen(
-            "address = \"127.0.0.1:0\"",
-            &format!("address = \"{gateway}\""),
-            1,
-        )
-        .replacen(
-            "address = \"127.0.0.1:0\"",
-            &format!("address = \"{admin}\""),
-            1,
-        );
-    std::fs::write(&config.source, text).expect("write config");
-    (
-        config.source.clone(),
-        gateway,
-        admin,
-        config.audit.dir.clone(),
-    )
-}
-
-async fn spawn_gateway(
-    config: &Path,
-    gateway: SocketAddr,
-    admin: SocketAddr,
-    audit_dir: &Path,
-    wrap: &[&str],
-) -> Spawned {
-    let mut cmd = if wrap.is_empty() {
-        Command::new(BIN)
-    } else {
-        let mut c = Command::new(wrap[0]);
-        c.args(&wrap[1..]).arg(BIN);
-        c
-    };
-    let log = config.with_extension("log");
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .expect("open the gateway's log");
-    let err = out.try_clone().expect("log");
-    let child = cmd
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn the gateway");
-    let spawned = Spawned {
-        child,
-        gateway,
-        admin,
-        audit_dir: audit_dir.to_path_buf(),
-        log,
-    };
-    let start = Instant::now();
-    loop {
-        if let Ok(tcp) = tokio::net::TcpStream::connect(admin).await {
-            drop(tcp);
-            if http_get(admin, "/readyz").await.0 == StatusCode::OK {
-                return spawned;
-            }
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the gateway binary never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// Sends requests from `workers` concurrent clients until `stop`; returns how many got 200.
 fn load(
     world: &World,
@@ -673,7 +579,7 @@ async fn sigkill_under_load_loses_no_record_of_a_forwarded_request() {
     let start = Instant::now();
     while provider.seen.lock().expect("lock").len() < 150 {
         assert!(
-            start.elapsed() < DEADLINE,
+            start.elapsed() < BINARY_DEADLINE,
             "load never reached the provider"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -807,7 +713,10 @@ async fn stopped_while_the_disk_is_full_it_waits_for_room_before_giving_up_recor
     assert!(lifted.success(), "the gateway had already exited");
     let start = Instant::now();
     while g.child.try_wait().expect("wait").is_none() {
-        assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
+        assert!(
+            start.elapsed() < BINARY_DEADLINE,
+            "the gateway did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     each_on_record_and_the_chain_intact(&g.audit_dir, &refusals);
@@ -892,7 +801,7 @@ async fn after_a_full_disk_some_room_takes_what_fits_of_the_backlog() {
     assert!(lifted.success());
     let start = Instant::now();
     while http_get(g.admin, "/readyz").await.0 != StatusCode::OK {
-        assert!(start.elapsed() < DEADLINE, "never recovered");
+        assert!(start.elapsed() < BINARY_DEADLINE, "never recovered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(client.gpc(metadata()).await.status, StatusCode::OK);
@@ -949,7 +858,7 @@ async fn a_full_disk_refuses_traffic_and_recovers_without_a_torn_record() {
     assert!(lifted.success());
     let start = Instant::now();
     while http_get(g.admin, "/readyz").await.0 != StatusCode::OK {
-        assert!(start.elapsed() < DEADLINE, "never recovered");
+        assert!(start.elapsed() < BINARY_DEADLINE, "never recovered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let a = client
@@ -1006,27 +915,6 @@ fn last_seen(provider: &Provider) -> String {
         .clone()
 }
 
-/// SIGTERM, then the exit status (within the deadline).
-async fn stop_gateway(g: &mut Spawned) -> std::process::ExitStatus {
-    let term = Command::new("kill")
-        .args(["-TERM", &g.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(term.success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = g.child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn log_of(g: &Spawned) -> String {
-    std::fs::read_to_string(&g.log).expect("the gateway's log")
-}
-
 /// The config of a second gateway (ports of its own) on the audit directory `dir`.
 fn second_config(world: &World, provider_port: u16, audit: &str, dir: &Path) -> Spawned2 {
     let audit = format!("{audit}dir = \"{}\"\n", dir.display());
@@ -1056,7 +944,7 @@ async fn second_gateway_refused(
     let second = second_config(world, provider_port, audit, dir);
     let out = second.config.with_extension("out");
     let file = std::fs::File::create(&out).expect("output file");
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(GATEWAY_BIN)
         .arg("run")
         .arg("--config")
         .arg(&second.config)
@@ -1071,7 +959,7 @@ async fn second_gateway_refused(
         }
         // It binds its listeners only once the trail is open.
         let listening = tokio::net::TcpStream::connect(second.admin).await.is_ok();
-        if start.elapsed() > DEADLINE || listening {
+        if start.elapsed() > BINARY_DEADLINE || listening {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -1241,7 +1129,7 @@ async fn a_directory_another_gateway_took_is_not_written_until_it_is_free() {
     .await;
     let start = Instant::now();
     while http_get(g.admin, "/readyz").await.0 != StatusCode::OK {
-        assert!(start.elapsed() < DEADLINE, "never ready again");
+        assert!(start.elapsed() < BINARY_DEADLINE, "never ready again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let a = client.gpc(metadata()).await;

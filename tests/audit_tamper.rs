@@ -12,32 +12,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use http::{Method, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-const BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
-const DEADLINE: Duration = Duration::from_secs(30);
-
-/// The gateway binary, killed when the test ends however it ends.
-struct Gateway {
-    child: Child,
-    gateway: SocketAddr,
-    admin: SocketAddr,
-    /// Its standard output and error.
-    log: PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A recording provider for `world`, and its port.
 async fn provider(world: &World, stop: &CancellationToken) -> u16 {
@@ -52,87 +33,28 @@ async fn provider(world: &World, stop: &CancellationToken) -> u16 {
     port
 }
 
-/// A configuration for the binary (fixed free ports; `audit` keys in its `[audit]` section):
-/// its path, the gateway and admin addresses, and the audit directory.
+/// A configuration for the binary (`spawned_config`, `audit` keys in its `[audit]` section,
+/// logging at info: the trail's open, head and closing lines are what these tests read): its
+/// path, the gateway and admin addresses, and the audit directory.
 fn config_for(
     world: &World,
     provider_port: u16,
     audit: &str,
 ) -> (PathBuf, SocketAddr, SocketAddr, PathBuf) {
-    let opts = GatewayOptions {
-        extra_sections: format!("[audit]\n{audit}"),
-        ..Default::default()
-    };
-    let config = gateway_config(world, provider_port, &opts);
-    let gateway: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let text = std::fs::read_to_string(&config.source)
-        .expect("read config")
-        .replacen(
-            "address = \"127.0.0.1:0\"",
-            &format!("address = \"{gateway}\""),
-            1,
-        )
-        .replacen(
-            "address = \"127.0.0.1:0\"",
-            &format!("address = \"{admin}\""),
-            1,
-        );
-    std::fs::write(&config.source, text).expect("write config");
-    (config.source, gateway, admin, config.audit.dir)
-}
-
-/// Starts `ssp-gateway run --config config` (log level info) and waits until it is ready.
-async fn spawn(config: &Path, gateway: SocketAddr, admin: SocketAddr) -> Gateway {
-    let log = config.with_extension(format!("{}.log", uuid::Uuid::new_v4()));
-    let out = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(out.try_clone().expect("log"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn the gateway");
-    let g = Gateway {
-        child,
-        gateway,
-        admin,
-        log,
-    };
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(admin).await.is_err()
-        || http_get(admin, "/readyz").await.0 != StatusCode::OK
-    {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "never ready: {}",
-            std::fs::read_to_string(&g.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    g
-}
-
-/// SIGTERM, then its exit status.
-async fn stop(g: &mut Gateway) -> ExitStatus {
-    let term = Command::new("kill")
-        .args(["-TERM", &g.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(term.success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = g.child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(start.elapsed() < DEADLINE, "the gateway did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (config, gateway, admin, dir) =
+        spawned_config(world, provider_port, &format!("[audit]\n{audit}"));
+    let text = std::fs::read_to_string(&config).expect("read config");
+    assert!(text.contains("level = \"warn\""), "{text}");
+    std::fs::write(
+        &config,
+        text.replacen("level = \"warn\"", "level = \"info\"", 1),
+    )
+    .expect("write config");
+    (config, gateway, admin, dir)
 }
 
 /// `n` metadata requests through the gateway, each answered 200.
-async fn requests(world: &World, g: &Gateway, provider_port: u16, n: usize) {
+async fn requests(world: &World, g: &Spawned, provider_port: u16, n: usize) {
     for _ in 0..n {
         let a = world
             .client(&world.consumer, g.gateway)
@@ -159,7 +81,7 @@ fn trail(dir: &Path) -> Vec<PathBuf> {
 
 /// `ssp-gateway audit verify` with `--key` for each of `keys`, on `files`: exit code and output.
 fn verify(keys: &[&Path], files: &[PathBuf]) -> (i32, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(GATEWAY_BIN);
     cmd.args(["audit", "verify"]);
     for k in keys {
         cmd.arg("--key").arg(k);
@@ -232,7 +154,7 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     let audit = format!("key_file = \"{}\"\nmax_file_bytes = 4096\n", k1.display());
     let (config, gw, admin, dir) = config_for(&world, port, &audit);
 
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 6).await;
     // A changed key_file waits for a restart, like the rest of [audit].
     let text = std::fs::read_to_string(&config).expect("read");
@@ -248,11 +170,11 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
         "ssp_config_restart_pending",
     ) != Some(1.0)
     {
-        assert!(start.elapsed() < DEADLINE, "no restart pending");
+        assert!(start.elapsed() < BINARY_DEADLINE, "no restart pending");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     requests(&world, &g, port, 2).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let log = std::fs::read_to_string(&g.log).expect("log");
     assert!(
         log.contains("audit trail open, keyed") && log.contains("key_id="),
@@ -278,9 +200,9 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     assert!(out.contains("give --key"), "{out}");
 
     // Restarted with the new key: the trail goes on under it, and verifies with both.
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 2).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let files = trail(&dir);
     let (code, out) = verify(&[&k1, &k2], &files);
     assert_eq!(code, 0, "{out}");
@@ -303,9 +225,9 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     );
     // The gateway restarted on the rewritten trail links onto it under its key, but the
     // rewrite stays a break, and the restart says what it found, in a line kept elsewhere.
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 1).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let log = std::fs::read_to_string(&g.log).expect("log");
     assert!(log.contains("unkeyed_through=20"), "{log}");
     let files = trail(&dir);
@@ -329,9 +251,9 @@ async fn a_trail_keyed_after_it_began_verifies_with_the_seq_the_gateway_logged()
     let key = keys.join("k");
     new_key(&key);
     let (config, gw, admin, dir) = config_for(&world, port, "");
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 3).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let text = std::fs::read_to_string(&config).expect("read");
     std::fs::write(
         &config,
@@ -341,9 +263,9 @@ async fn a_trail_keyed_after_it_began_verifies_with_the_seq_the_gateway_logged()
         ),
     )
     .expect("write");
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 2).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let log = std::fs::read_to_string(&g.log).expect("log");
     assert!(log.contains("audit trail open, keyed"), "{log}");
     assert!(log.contains("unkeyed_through=6"), "{log}");
@@ -352,7 +274,7 @@ async fn a_trail_keyed_after_it_began_verifies_with_the_seq_the_gateway_logged()
     let (code, out) = verify(&[&key], &files);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("--unkeyed-through"), "{out}");
-    let out = Command::new(BIN)
+    let out = Command::new(GATEWAY_BIN)
         .args(["audit", "verify", "--unkeyed-through", "6", "--key"])
         .arg(&key)
         .args(&files)
@@ -366,7 +288,7 @@ async fn a_trail_keyed_after_it_began_verifies_with_the_seq_the_gateway_logged()
         "{text}"
     );
     // A later seq would take keyed links for plain ones: broken.
-    let out = Command::new(BIN)
+    let out = Command::new(GATEWAY_BIN)
         .args(["audit", "verify", "--unkeyed-through", "8", "--key"])
         .arg(&key)
         .args(&files)
@@ -398,7 +320,7 @@ async fn key_files_that_are_not_keys_stop_check_config_and_run() {
         let (config, ..) = config_for(&world, port, &format!("key_file = \"{}\"\n", key.display()));
         let expected = format!("audit.key_file: {}: {reason}", key.display());
         for command in ["check-config", "run"] {
-            let out = Command::new(BIN)
+            let out = Command::new(GATEWAY_BIN)
                 .args([command, "--config"])
                 .arg(&config)
                 .output()
@@ -426,7 +348,7 @@ async fn key_files_that_are_not_keys_stop_check_config_and_run() {
         ),
     )
     .expect("write");
-    let out = Command::new(BIN)
+    let out = Command::new(GATEWAY_BIN)
         .args(["check-config", "--config"])
         .arg(&config)
         .output()
@@ -467,7 +389,7 @@ async fn the_development_configuration_makes_its_key_and_its_trail_verifies_with
         std::fs::write(config_dir.join(name), text).expect("write");
     }
     let config = config_dir.join("gateway.toml");
-    let check = Command::new(BIN)
+    let check = Command::new(GATEWAY_BIN)
         .args(["check-config", "--config"])
         .arg(&config)
         .output()
@@ -479,10 +401,12 @@ async fn the_development_configuration_makes_its_key_and_its_trail_verifies_with
         String::from_utf8_lossy(&check.stderr)
     );
 
-    let mut g = spawn(
+    let mut g = spawn_gateway(
         &config,
         ([127, 0, 0, 1], gw).into(),
         ([127, 0, 0, 1], admin).into(),
+        &root.join("audit-dev"),
+        &[],
     )
     .await;
     let certs = root.join("certs-dev");
@@ -510,7 +434,7 @@ async fn the_development_configuration_makes_its_key_and_its_trail_verifies_with
         ))
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let log = std::fs::read_to_string(&g.log).expect("log");
     assert!(log.contains("audit trail open, keyed"), "{log}");
 
@@ -551,23 +475,23 @@ async fn records_cut_off_the_end_are_caught_by_the_logged_head_and_the_gauge() {
     new_key(&key);
     let (config, gw, admin, dir) =
         config_for(&world, port, &format!("key_file = \"{}\"\n", key.display()));
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     assert_eq!(last_seq_gauge(g.admin).await, Some(0.0), "an empty trail");
     requests(&world, &g, port, 3).await;
     // Outcome records nobody waits on are durable within fsync_follow_up.
     let start = Instant::now();
     while last_seq_gauge(g.admin).await != Some(6.0) {
         assert!(
-            start.elapsed() < DEADLINE,
+            start.elapsed() < BINARY_DEADLINE,
             "ssp_audit_last_seq never reached 6"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let (last_seq, head) = logged_head(&std::fs::read_to_string(&g.log).expect("log"));
     assert_eq!(last_seq, 6);
     let anchored = |extra: &[&str]| {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(GATEWAY_BIN);
         cmd.args(["audit", "verify", "--key"]).arg(&key).args(extra);
         let out = cmd.args(trail(&dir)).output().expect("audit verify");
         (
@@ -622,9 +546,9 @@ async fn records_cut_off_the_end_are_caught_by_the_logged_head_and_the_gauge() {
 
     // Started on the cut trail, the gateway's gauge says so: Prometheus' history shows the drop.
     std::fs::write(&active, &cut).expect("write");
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     assert_eq!(last_seq_gauge(g.admin).await, Some(4.0));
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     stop_provider.cancel();
 }
 
@@ -636,9 +560,9 @@ async fn a_line_cut_short_is_tolerated_only_at_the_end_and_moved_aside_without_a
     let stop_provider = CancellationToken::new();
     let port = provider(&world, &stop_provider).await;
     let (config, gw, admin, dir) = config_for(&world, port, "max_file_bytes = 4096\n");
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 4).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let files = trail(&dir);
     assert!(files.len() >= 2, "rotated: {files:?}");
     let active = dir.join("audit.jsonl");
@@ -666,9 +590,9 @@ async fn a_line_cut_short_is_tolerated_only_at_the_end_and_moved_aside_without_a
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("torn: ") && out.contains("tolerated"), "{out}");
 
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 1).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let log = std::fs::read_to_string(&g.log).expect("log");
     let warn = log
         .lines()
@@ -716,9 +640,9 @@ async fn verify_names_every_break_not_only_the_first() {
     let stop_provider = CancellationToken::new();
     let port = provider(&world, &stop_provider).await;
     let (config, gw, admin, dir) = config_for(&world, port, "max_file_bytes = 4096\n");
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 6).await;
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let files = trail(&dir);
     // The files of two records or more, in chain order.
     let mut by_first: Vec<(u64, PathBuf)> = files
@@ -777,7 +701,7 @@ async fn verify_reads_a_directory_whose_trail_rotates_meanwhile() {
     let stop_provider = CancellationToken::new();
     let port = provider(&world, &stop_provider).await;
     let (config, gw, admin, dir) = config_for(&world, port, "max_file_bytes = 4096\n");
-    let mut g = spawn(&config, gw, admin).await;
+    let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = (0..8)
         .map(|_| {
@@ -795,14 +719,14 @@ async fn verify_reads_a_directory_whose_trail_rotates_meanwhile() {
         .collect();
     let start = Instant::now();
     while trail(&dir).len() < 3 {
-        assert!(start.elapsed() < DEADLINE, "no rotation under load");
+        assert!(start.elapsed() < BINARY_DEADLINE, "no rotation under load");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut seen = 0;
     for run in 0..100 {
         let dir = dir.clone();
         let out = tokio::task::spawn_blocking(move || {
-            Command::new(BIN)
+            Command::new(GATEWAY_BIN)
                 .args(["audit", "verify"])
                 .arg(&dir)
                 .output()
@@ -829,7 +753,7 @@ async fn verify_reads_a_directory_whose_trail_rotates_meanwhile() {
     for w in workers {
         let _ = w.await;
     }
-    assert!(stop(&mut g).await.success());
+    assert!(stop_gateway(&mut g).await.success());
     let (code, out) = verify(&[], std::slice::from_ref(&dir));
     assert_eq!(code, 0, "{out}");
     assert!(trail(&dir).len() > 20, "it rotated: {out}");

@@ -4,9 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -1212,4 +1213,138 @@ pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Op
         }
     }
     Some(head)
+}
+
+// The gateway binary itself (`ssp-gateway run`), on a configuration written for a test world.
+
+/// The gateway binary the tests start.
+pub const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
+/// How long the binary has to become ready or to exit.
+pub const BINARY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The gateway binary on a config written for `world` and `provider_port`.
+pub struct Spawned {
+    pub child: Child,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    pub audit_dir: PathBuf,
+    /// Its log (standard output and error), beside its config.
+    pub log: PathBuf,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the config (ports fixed, `extra` sections appended) and returns its path.
+pub fn spawned_config(
+    world: &World,
+    provider_port: u16,
+    extra: &str,
+) -> (PathBuf, SocketAddr, SocketAddr, PathBuf) {
+    let opts = GatewayOptions {
+        extra_sections: extra.to_owned(),
+        ..Default::default()
+    };
+    let config = gateway_config(world, provider_port, &opts);
+    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let text = std::fs::read_to_string(&config.source).expect("read config");
+    let text = text
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{gateway}\""),
+            1,
+        )
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"{admin}\""),
+            1,
+        );
+    std::fs::write(&config.source, text).expect("write config");
+    (
+        config.source.clone(),
+        gateway,
+        admin,
+        config.audit.dir.clone(),
+    )
+}
+
+pub async fn spawn_gateway(
+    config: &Path,
+    gateway: SocketAddr,
+    admin: SocketAddr,
+    audit_dir: &Path,
+    wrap: &[&str],
+) -> Spawned {
+    let mut cmd = if wrap.is_empty() {
+        Command::new(GATEWAY_BIN)
+    } else {
+        let mut c = Command::new(wrap[0]);
+        c.args(&wrap[1..]).arg(GATEWAY_BIN);
+        c
+    };
+    let log = config.with_extension("log");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("open the gateway's log");
+    let err = out.try_clone().expect("log");
+    let child = cmd
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn the gateway");
+    let spawned = Spawned {
+        child,
+        gateway,
+        admin,
+        audit_dir: audit_dir.to_path_buf(),
+        log,
+    };
+    let start = Instant::now();
+    loop {
+        if let Ok(tcp) = tokio::net::TcpStream::connect(admin).await {
+            drop(tcp);
+            if http_get(admin, "/readyz").await.0 == StatusCode::OK {
+                return spawned;
+            }
+        }
+        assert!(
+            start.elapsed() < BINARY_DEADLINE,
+            "the gateway binary never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// SIGTERM, then the exit status (within the deadline).
+pub async fn stop_gateway(g: &mut Spawned) -> std::process::ExitStatus {
+    let term = Command::new("kill")
+        .args(["-TERM", &g.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = g.child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            start.elapsed() < BINARY_DEADLINE,
+            "the gateway did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn log_of(g: &Spawned) -> String {
+    std::fs::read_to_string(&g.log).expect("the gateway's log")
 }
