@@ -92,27 +92,15 @@ struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
-    /// Fills in what the request declared of itself, each part that is well formed on its own
-    /// ([`envelope::declared`], the target URL), for a request refused before its envelope
-    /// passed as a whole. Only on the refusal path: what is already recorded is kept.
-    fn declared(&mut self, req: &Request<RequestBody>, path_and_query: &str) {
+    /// The Spine headers a request refused before its envelope passed as a whole declared,
+    /// each that is well formed on its own ([`envelope::declared`]). The declared ID only: the
+    /// interaction's name (the metrics' label) stays unknown for such a request.
+    fn declared(&mut self, req: &Request<RequestBody>) {
         let declared = envelope::declared(req.headers());
-        let fill = |field: &mut Option<String>, value: Option<&str>| {
-            if field.is_none() {
-                *field = value.map(str::to_owned);
-            }
-        };
-        fill(&mut self.trace_id, declared.trace_id);
-        fill(&mut self.from, declared.from);
-        fill(&mut self.to, declared.to);
-        // The declared ID only: the interaction's name (the metrics' label) stays unknown for
-        // a request whose envelope did not pass, as before.
-        fill(&mut self.interaction_id, declared.interaction_id);
-        if self.target_url.is_none() {
-            self.target_url = envelope::parse_target(path_and_query)
-                .ok()
-                .map(|target| target.url().to_owned());
-        }
+        self.trace_id = declared.trace_id.map(str::to_owned);
+        self.from = declared.from.map(str::to_owned);
+        self.to = declared.to.map(str::to_owned);
+        self.interaction_id = declared.interaction_id.map(str::to_owned);
     }
 }
 
@@ -521,7 +509,10 @@ impl Gateway {
         //    or the CRLs, or its expiry, may have changed the handshake's verdict.
         if let Err(failure) = conn.certificate_standing() {
             // Who the refused request said it was from, for the audit record, where it says.
-            record.declared(&req, path_and_query);
+            record.declared(&req);
+            if let Ok(target) = envelope::parse_target(path_and_query) {
+                record.target_url = Some(target.url().to_owned());
+            }
             return Err(Rejection::CertificateNoLongerAccepted {
                 reason: failure.as_label(),
             });
@@ -545,24 +536,24 @@ impl Gateway {
         }
 
         // 1. The SSP envelope: method, target URL, Ssp-* headers. A request refused here has
-        //    what it declared well formed in its audit record all the same.
-        let envelope = envelope::check_method(req.method())
-            .and_then(|()| envelope::parse_target(path_and_query))
-            .and_then(|target| Ok((target, envelope::parse_headers(req.headers())?)));
-        let (target, headers) = match envelope {
-            Ok(checked) => checked,
-            Err(mut rejection) => {
-                record.declared(&req, path_and_query);
-                // A method the gateway never takes: `Allow` names what the target takes.
-                if let Rejection::MethodNotAllowed { allow, .. } = &mut rejection {
-                    if let Ok(target) = envelope::parse_target(path_and_query) {
-                        *allow = policy.catalogue.allow_for_target(&target);
-                    }
-                }
-                return Err(rejection);
+        //    its target and what it declared well formed in its audit record all the same.
+        let target = envelope::parse_target(path_and_query);
+        if let Ok(target) = &target {
+            record.target_url = Some(target.url().to_owned());
+        }
+        if let Err(mut rejection) = envelope::check_method(req.method()) {
+            record.declared(&req);
+            // A method the gateway never takes: `Allow` names what the target takes.
+            if let (Rejection::MethodNotAllowed { allow, .. }, Ok(target)) =
+                (&mut rejection, &target)
+            {
+                *allow = policy.catalogue.allow_for_target(target);
             }
-        };
-        record.target_url = Some(target.url().to_owned());
+            return Err(rejection);
+        }
+        let target = target.inspect_err(|_| record.declared(&req))?;
+        let headers =
+            envelope::parse_headers(req.headers()).inspect_err(|_| record.declared(&req))?;
         record.trace_id = Some(headers.trace_id.clone());
         record.from = Some(headers.from.clone());
         record.to = Some(headers.to.clone());

@@ -800,20 +800,10 @@ async fn a_consumer_that_stops_reading_is_cut_off_at_the_send_timeout() {
 /// The last record (outcome or rejection) of the request with this Ssp-TraceID, once it is in
 /// the trail in `dir`.
 async fn final_record_of(dir: &std::path::Path, trace: &str) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(r) = audit_records(dir).into_iter().find(|r| {
-            (r["kind"] == "outcome" || r["kind"] == "rejection")
-                && r["ssp_trace_id"].as_str() == Some(trace)
-        }) {
-            return r;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no final record of {trace}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    audit_record_where(dir, &format!("the end of {trace}"), |r| {
+        is_final_record(r) && r["ssp_trace_id"].as_str() == Some(trace)
+    })
+    .await
 }
 
 /// A GET metadata through `client` asking the [`Fault::Scripted`] provider for `answer`: the

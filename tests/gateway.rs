@@ -968,22 +968,6 @@ async fn a_refused_request_keeps_what_it_declared_and_a_405_allows_its_targets_m
     let h = via_recorder(GatewayOptions::default()).await;
     let c = h.consumer();
     let ep = h.endpoint();
-    let record_of = |request_id: String| {
-        let dir = h.audit_dir.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-            loop {
-                if let Some(r) = audit_records(&dir)
-                    .into_iter()
-                    .find(|r| r["request_id"] == request_id.as_str())
-                {
-                    return r;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "no record");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    };
     for (target, interaction, allow) in [
         (
             format!("{ep}/Appointment/1"),
@@ -1003,13 +987,7 @@ async fn a_refused_request_keeps_what_it_declared_and_a_405_allows_its_targets_m
         let a = c.send(req).await.expect("answer");
         a.assert_outcome(405, Some("BAD_REQUEST"), "METHOD_NOT_ALLOWED_DELETE");
         assert_eq!(a.headers[http::header::ALLOW], allow, "{target}");
-        let r = record_of(
-            a.headers["x-request-id"]
-                .to_str()
-                .expect("ascii")
-                .to_owned(),
-        )
-        .await;
+        let r = audited_answer(&h.audit_dir, &a).await;
         assert_eq!(r["kind"], "rejection", "{r}");
         assert_eq!(r["ssp_trace_id"], trace.to_str().expect("ascii"), "{r}");
         assert_eq!(r["from"], CONSUMER_ASID, "{r}");
@@ -1027,13 +1005,7 @@ async fn a_refused_request_keeps_what_it_declared_and_a_405_allows_its_targets_m
         Some("BAD_REQUEST"),
         "MISSING_OR_INVALID_HEADER_Ssp-TraceID",
     );
-    let r = record_of(
-        a.headers["x-request-id"]
-            .to_str()
-            .expect("ascii")
-            .to_owned(),
-    )
-    .await;
+    let r = audited_answer(&h.audit_dir, &a).await;
     assert!(r["ssp_trace_id"].is_null(), "{r}");
     assert_eq!(r["from"], CONSUMER_ASID, "{r}");
     assert_eq!(r["to"], PROVIDER_ASID, "{r}");

@@ -365,15 +365,14 @@ pub struct SspHeaders {
 ///   header it imitates: servers that read headers through CGI-style names (where `-` becomes
 ///   `_`) would take it for the checked one.
 pub fn parse_headers(headers: &HeaderMap) -> Result<SspHeaders, Rejection> {
-    let trace_id = header(headers, &TRACE_ID_NAME, TRACE_ID, is_uuid)?;
-    let from = header(headers, &FROM_NAME, FROM, is_asid)?;
-    let to = header(headers, &TO_NAME, TO, is_asid)?;
-    let interaction_id = header(
-        headers,
-        &INTERACTION_ID_NAME,
-        INTERACTION_ID,
-        is_interaction_id,
-    )?;
+    let declared = declared(headers);
+    let invalid = |header| Rejection::MissingOrInvalidHeader { header };
+    let trace_id = declared.trace_id.ok_or_else(|| invalid(TRACE_ID))?;
+    let from = declared.from.ok_or_else(|| invalid(FROM))?;
+    let to = declared.to.ok_or_else(|| invalid(TO))?;
+    let interaction_id = declared
+        .interaction_id
+        .ok_or_else(|| invalid(INTERACTION_ID))?;
     for (name, value) in headers {
         if name == http::header::CONNECTION {
             let names_checked = value
@@ -420,7 +419,7 @@ pub fn parse_headers(headers: &HeaderMap) -> Result<SspHeaders, Rejection> {
 /// its envelope passed as a whole (a method not allowed, a target URL or another header that
 /// is invalid), so that an investigator still sees who it said it was from and what it said it
 /// was; a header not well formed is left out, never recorded as sent.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Declared<'h> {
     /// `Ssp-TraceID`.
     pub trace_id: Option<&'h str>,
@@ -432,7 +431,8 @@ pub struct Declared<'h> {
     pub interaction_id: Option<&'h str>,
 }
 
-/// The well-formed Spine headers of `headers`, each on its own (see [`Declared`]).
+/// The well-formed Spine headers of `headers`, each on its own (see [`Declared`]); what
+/// [`parse_headers`] requires all four of.
 pub fn declared(headers: &HeaderMap) -> Declared<'_> {
     Declared {
         trace_id: header(headers, &TRACE_ID_NAME, TRACE_ID, is_uuid).ok(),

@@ -1150,24 +1150,51 @@ pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits until the audit trail in `dir` holds the final record (`outcome` or `rejection`) of a
-/// request answered with `status`, and returns it.
-pub async fn audited(dir: &Path, status: u16) -> serde_json::Value {
+/// Waits (up to 20 s) until the audit trail in `dir` holds a record `wanted` accepts, and
+/// returns it; `what` names it in the failure.
+pub async fn audit_record_where(
+    dir: &Path,
+    what: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(r) = audit_records(dir)
-            .into_iter()
-            .find(|r| (r["kind"] == "outcome" || r["kind"] == "rejection") && r["status"] == status)
-        {
+        if let Some(r) = audit_records(dir).into_iter().find(|r| wanted(r)) {
             return r;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no audit record of the {status} in {}",
+            "no audit record of {what} in {}",
             dir.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Whether an audit record is a request's last (`outcome` or `rejection`).
+pub fn is_final_record(r: &serde_json::Value) -> bool {
+    r["kind"] == "outcome" || r["kind"] == "rejection"
+}
+
+/// Waits until the audit trail in `dir` holds the final record (`outcome` or `rejection`) of a
+/// request answered with `status`, and returns it.
+pub async fn audited(dir: &Path, status: u16) -> serde_json::Value {
+    audit_record_where(dir, &format!("the {status}"), |r| {
+        is_final_record(r) && r["status"] == status
+    })
+    .await
+}
+
+/// The audit record of the answer `a` (by its `x-request-id`: a refusal's).
+pub async fn audited_answer(dir: &Path, a: &Answer) -> serde_json::Value {
+    let id = a.headers["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    audit_record_where(dir, &format!("request {id}"), |r| {
+        r["request_id"] == id.as_str()
+    })
+    .await
 }
 
 /// A TCP front for a provider: resets the first `resets` connections as soon as they are
