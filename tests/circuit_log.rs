@@ -97,9 +97,7 @@ async fn a_circuit_logs_its_opening_and_closing_once_not_each_refused_request() 
 
     // The provider's port is reserved but nobody listens yet.
     let world = World::ecdsa();
-    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = reserved.local_addr().expect("addr").port();
-    drop(reserved);
+    let port = free_port();
     let config = gateway_config(
         &world,
         port,
@@ -212,9 +210,7 @@ async fn a_failed_probe_is_logged_and_fast_failed_requests_say_circuit_open() {
     capture_logs();
     // Nobody listens on the provider's port.
     let world = World::ecdsa();
-    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = reserved.local_addr().expect("addr").port();
-    drop(reserved);
+    let port = free_port();
     let config = gateway_config(
         &world,
         port,

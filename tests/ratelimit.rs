@@ -213,9 +213,7 @@ async fn past_max_in_flight_requests_are_shed_with_503() {
 async fn a_dead_provider_trips_its_circuit_and_a_probe_closes_it() {
     // The provider's port is reserved but nobody listens yet.
     let world = World::ecdsa();
-    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = reserved.local_addr().expect("addr").port();
-    drop(reserved);
+    let port = free_port();
     let config = gateway_config(
         &world,
         port,
