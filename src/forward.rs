@@ -255,7 +255,7 @@ impl Upstream {
     /// the circuit, and an open circuit ends them (502, reason `circuit_open`). An attempt with
     /// no usable response head (none in time, the connection closed or reset before it, a head
     /// that does not parse or is malformed) is the provider's failure, unless the consumer's
-    /// request body may be the cause ([`BodyProgress`]): then it has no verdict. No retry
+    /// request body may be the cause ([`ExchangeProgress`]): then it has no verdict. No retry
     /// starts that could not finish its backoff before the response timeout. A request that
     /// ends with no usable answer says why in [`Forwarded::failure`] (the last attempt's).
     pub async fn forward_counted(
@@ -310,7 +310,7 @@ impl Upstream {
         // A request with a body: a provider that refuses it may not have read it (see
         // `reuse_unsafe`).
         let with_body = http_body::Body::size_hint(&body).exact() != Some(0);
-        let progress = Arc::new(BodyProgress::default());
+        let progress = Arc::new(ExchangeProgress::default());
         let mut body = Some(Counted {
             limit: self.max_request_body,
             inner: body,
@@ -507,7 +507,15 @@ impl Upstream {
                     Err((outcome, _, _)) => *outcome,
                 });
             }
-            return Forwarded::from_attempt(answer, attempt);
+            let (answer, failure) = match answer {
+                Ok(resp) => (Ok(resp), None),
+                Err((_, rejection, failure)) => (Err(rejection), failure),
+            };
+            return Forwarded {
+                answer,
+                attempts: attempt,
+                failure,
+            };
         }
     }
 }
@@ -550,22 +558,6 @@ pub struct Forwarded {
 }
 
 impl Forwarded {
-    /// What the last of `attempts` attempts made of the request.
-    fn from_attempt(answer: Attempt, attempts: u32) -> Forwarded {
-        match answer {
-            Ok(resp) => Forwarded {
-                answer: Ok(resp),
-                attempts,
-                failure: None,
-            },
-            Err((_, rejection, failure)) => Forwarded {
-                answer: Err(rejection),
-                attempts,
-                failure,
-            },
-        }
-    }
-
     /// A 502 `ERROR_COMMUNICATING_TO_ENDPOINT_URL_<url>` after `attempts` connections.
     fn upstream_error(url: &str, attempts: u32, failure: Option<UpstreamFailure>) -> Forwarded {
         Forwarded {
@@ -1466,16 +1458,18 @@ pub struct Counted<B> {
     bytes: Arc<AtomicU64>,
     /// Past this many bytes the body fails (the optional request-body cap).
     limit: Option<u64>,
-    progress: Arc<BodyProgress>,
+    progress: Arc<ExchangeProgress>,
 }
 
-/// What the consumer's request body was doing when the exchange ended, so that a consumer
-/// that stopped sending its body, or sent a broken one, is not taken for a failing provider
-/// (a 504 or 502, and a failure counted against the provider's circuit). It also counts the
-/// provider's interim (1xx) answers to the request, and wakes the forwarder once they pass
-/// [`MAX_INTERIM_ANSWERS`] (see [`BodyProgress::interim_answer`]).
+/// How one exchange with the provider is going, shared (one `Arc`) by the forwarder, the
+/// request body and hyper's interim-answer callback:
+/// - what the consumer's request body was doing when the exchange ended, so that a consumer
+///   that stopped sending its body, or sent a broken one, is not taken for a failing provider
+///   (a 504 or 502, and a failure counted against the provider's circuit);
+/// - the provider's interim (1xx) answers to the request, waking the forwarder once they pass
+///   [`MAX_INTERIM_ANSWERS`] (see [`ExchangeProgress::interim_answer`]).
 #[derive(Debug, Default)]
-pub struct BodyProgress {
+pub struct ExchangeProgress {
     state: std::sync::atomic::AtomicU8,
     /// Interim answers the provider has sent to the request.
     interim: std::sync::atomic::AtomicU32,
@@ -1489,9 +1483,9 @@ pub struct BodyProgress {
 /// the consumer's pace: a provider sending `102 Processing` in a loop had the gateway parse
 /// them on one core until the response timeout. A real provider sends one `100 Continue`, a
 /// few `103 Early Hints`, or a `102 Processing` now and then.
-pub const MAX_INTERIM_ANSWERS: u32 = 32;
+const MAX_INTERIM_ANSWERS: u32 = 32;
 
-impl BodyProgress {
+impl ExchangeProgress {
     /// Not asked for a frame yet, or the last frame asked for was delivered (or the end).
     const FLOWING: u8 = 0;
     /// The last frame asked for was not there yet: the client waits for the consumer.
@@ -1515,7 +1509,7 @@ impl BodyProgress {
 
     /// One more interim answer from the provider (hyper's `on_informational`, called on the
     /// connection's task as it parses one); the one past [`MAX_INTERIM_ANSWERS`] wakes
-    /// [`BodyProgress::flooded`]. A permit is kept when nobody waits yet, so none is lost.
+    /// [`ExchangeProgress::flooded`]. A permit is kept when nobody waits yet, so none is lost.
     fn interim_answer(&self) {
         if self.interim.fetch_add(1, Ordering::Relaxed) == MAX_INTERIM_ANSWERS {
             self.flooded.notify_one();
@@ -1555,16 +1549,16 @@ where
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         this.progress.set(match &polled {
-            Poll::Pending => BodyProgress::AWAITING_CONSUMER,
-            Poll::Ready(Some(Err(_))) => BodyProgress::CONSUMER_FAILED,
-            Poll::Ready(_) => BodyProgress::FLOWING,
+            Poll::Pending => ExchangeProgress::AWAITING_CONSUMER,
+            Poll::Ready(Some(Err(_))) => ExchangeProgress::CONSUMER_FAILED,
+            Poll::Ready(_) => ExchangeProgress::FLOWING,
         });
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 let total =
                     this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
                 if let Some(limit) = this.limit.filter(|limit| total > *limit) {
-                    this.progress.set(BodyProgress::CONSUMER_OVER_CAP);
+                    this.progress.set(ExchangeProgress::CONSUMER_OVER_CAP);
                     return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
                 }
             }
@@ -1607,7 +1601,7 @@ const VIA_HTTP10: HeaderValue = HeaderValue::from_static("1.0 ssp-gateway");
 /// empty from the start — HEAD, 204, 304, `Content-Length: 0` — when it is made); failure when
 /// it stalls past the idle timeout or the provider's connection breaks mid-body (hyper's body
 /// error: reset, closed early, malformed chunks), unless the consumer's request body may be the
-/// cause ([`BodyProgress`]); none when it is dropped before its end (the consumer went away).
+/// cause ([`ExchangeProgress`]); none when it is dropped before its end (the consumer went away).
 pub struct UpstreamBody {
     /// `None` once the body timed out (and the provider's connection was let go).
     inner: Option<Incoming>,
@@ -1624,7 +1618,7 @@ pub struct UpstreamBody {
 struct Verdict {
     /// `None` when the gateway runs without circuit breakers.
     ticket: Option<Ticket>,
-    progress: Arc<BodyProgress>,
+    progress: Arc<ExchangeProgress>,
 }
 
 /// Gives the breaker its verdict on a body that ended, `completed` or broken, once.
@@ -1931,6 +1925,27 @@ mod tests {
     use super::*;
     use http_body::Body as _;
     use http_body_util::{BodyExt, Full};
+
+    /// A trailer section loses what speaks for the gateway's whole origin, as the answer's
+    /// head does (one list, `speaks_for_origin`), besides what RFC 9110 §6.5.1 keeps out of
+    /// trailers; a checksum passes.
+    #[test]
+    fn trailers_lose_origin_wide_and_forbidden_fields() {
+        for gone in [
+            "set-cookie",
+            "set-cookie2",
+            "alt-svc",
+            "clear-site-data",
+            "strict-transport-security",
+            "proxy-authentication-info",
+            "connection",
+            "content-length",
+            "transfer-encoding",
+        ] {
+            assert!(is_not_a_trailer(&HeaderName::from_static(gone)), "{gone}");
+        }
+        assert!(!is_not_a_trailer(&HeaderName::from_static("x-checksum")));
+    }
 
     #[tokio::test]
     async fn an_unread_body_comes_back_and_a_read_one_never_does() {
@@ -2431,7 +2446,7 @@ mod tests {
         #[tokio::test]
         async fn a_request_body_over_the_cap_is_the_consumers_doing() {
             for (limit, at_fault) in [(Some(3), true), (Some(7), false), (None, false)] {
-                let progress = Arc::new(BodyProgress::default());
+                let progress = Arc::new(ExchangeProgress::default());
                 let mut body = Counted {
                     inner: http_body_util::Full::new(Bytes::from_static(b"booking")),
                     bytes: Arc::default(),
@@ -2449,9 +2464,9 @@ mod tests {
         #[tokio::test]
         async fn a_body_ended_for_the_consumers_sake_gives_no_verdict() {
             for state in [
-                BodyProgress::AWAITING_CONSUMER,
-                BodyProgress::CONSUMER_FAILED,
-                BodyProgress::CONSUMER_OVER_CAP,
+                ExchangeProgress::AWAITING_CONSUMER,
+                ExchangeProgress::CONSUMER_FAILED,
+                ExchangeProgress::CONSUMER_OVER_CAP,
             ] {
                 let (b, t0, probe) = probing();
                 probe.progress.set(state);
