@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::audit::record::hex_to;
+use crate::audit::record::{decode_hex, hex_to};
 use crate::config::{LogConfig, LogFormat};
 
 /// Installs the process-wide subscriber, writing through `logwriter` (call `logwriter::flush`
@@ -96,23 +96,6 @@ pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
         return None;
     }
     Some((trace_id, parent, flags))
-}
-
-/// Lowercase hex only, as W3C requires.
-fn decode_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
-    if s.len() != N * 2 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; N];
-    for (i, pair) in s.chunks(2).enumerate() {
-        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
 }
 
 /// Random bytes for ids (trace, span and request ids): unique and unpredictable enough for

@@ -103,6 +103,15 @@ impl ChainKey {
         out.copy_from_slice(hmac::sign(&self.key, line).as_ref());
         out
     }
+
+    /// The link value of `line` under this key: its `mac` made again (the HMAC of the line up
+    /// to it) when it has one, else the HMAC of the whole line.
+    pub fn link_of(&self, line: &[u8]) -> [u8; 32] {
+        match super::record::sealed_parts(line) {
+            Some((signed, _)) => self.hmac(signed),
+            None => self.hmac(line),
+        }
+    }
 }
 
 /// How the next record's `prev` is made from the line before it, and, keyed, how a record is
@@ -114,17 +123,6 @@ pub enum Link {
     /// Its HMAC-SHA256 under the key: a keyed record's `mac` (the HMAC of its line up to the
     /// `mac`), or, for a line with none (written before the trail was keyed), of the line.
     Hmac(ChainKey),
-}
-
-impl ChainKey {
-    /// The link value of `line` under this key: its `mac` made again (the HMAC of the line up
-    /// to it) when it has one, else the HMAC of the whole line.
-    pub fn link_of(&self, line: &[u8]) -> [u8; 32] {
-        match super::record::sealed_parts(line) {
-            Some((signed, _)) => self.hmac(signed),
-            None => self.hmac(line),
-        }
-    }
 }
 
 impl Link {
@@ -159,14 +157,6 @@ impl Link {
                 out.extend_from_slice(b"\"}");
                 mac
             }
-        }
-    }
-
-    /// What the link is, as logs and `audit verify` say it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Link::Sha256 => "sha256",
-            Link::Hmac(_) => "hmac-sha256",
         }
     }
 }

@@ -357,16 +357,8 @@ pub fn sealed_parts(line: &[u8]) -> Option<(&[u8], [u8; 32])> {
     let pos = line.len().checked_sub(tail)?;
     let (signed, rest) = line.split_at(pos);
     let digits = rest.strip_prefix(MAC_FIELD)?.strip_suffix(b"\"}")?;
-    let mut mac = [0u8; 32];
-    for (i, byte) in mac.iter_mut().enumerate() {
-        let pair = std::str::from_utf8(&digits[2 * i..2 * i + 2]).ok()?;
-        // Lowercase, as the writer writes it: one spelling per MAC.
-        if pair.bytes().any(|b| b.is_ascii_uppercase()) {
-            return None;
-        }
-        *byte = u8::from_str_radix(pair, 16).ok()?;
-    }
-    Some((signed, mac))
+    // Lowercase, as the writer writes it: one spelling per MAC.
+    Some((signed, decode_hex(digits)?))
 }
 
 /// SHA-256 (audit chain, certificate fingerprints, the listener's chain cache), from the
@@ -390,6 +382,24 @@ pub fn hex(bytes: &[u8]) -> String {
     hex_into(&mut out, bytes);
     // Only ASCII hex digits were written.
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// `N` bytes from `2N` lowercase hex digits (as `hex` writes them, and as W3C trace context
+/// requires), or `None`.
+pub(crate) fn decode_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.len() != N * 2 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, pair) in s.chunks(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Appends `bytes` in lowercase hex to `out`.

@@ -91,16 +91,11 @@ pub(super) fn torn_record(head: &[u8], len: u64, expected: Option<u64>) -> bool 
     starts_next_record(head, expected) && len < MAX_TORN_BYTES as u64
 }
 
-/// [`could_start_next_record`], `{"seq":` whole.
+/// Whether a line cut short can be the start of the next record: all of [`RECORD_START`], then
+/// digits, and once they are complete (a `,` follows), `expected` when known.
 fn starts_next_record(line: &[u8], expected: Option<u64>) -> bool {
-    line.starts_with(RECORD_START) && could_start_next_record(line, expected)
-}
-
-/// Whether a line cut short can be the start of the next record: a prefix of [`RECORD_START`],
-/// then digits, and once they are complete (a `,` follows), `expected` when known.
-fn could_start_next_record(line: &[u8], expected: Option<u64>) -> bool {
     let Some(rest) = line.strip_prefix(RECORD_START) else {
-        return RECORD_START.starts_with(line);
+        return false;
     };
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     match rest.get(digits) {
@@ -158,13 +153,9 @@ impl std::str::FromStr for Head {
         let bad = || format!("`{s}` is not SEQ:HEX (a seq, then 64 hex digits)");
         let (seq, hex_digits) = s.split_once(':').ok_or_else(bad)?;
         let seq = seq.parse::<u64>().map_err(|_| bad())?;
-        if hex_digits.len() != 64 || !hex_digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        let mut link = [0u8; 32];
-        for (i, byte) in link.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex_digits[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
+        // Either case from the command line; the gateway logs it in lowercase.
+        let link = super::record::decode_hex(hex_digits.to_ascii_lowercase().as_bytes())
+            .ok_or_else(bad)?;
         Ok(Head { seq, link })
     }
 }
@@ -279,8 +270,8 @@ pub struct Report {
     /// anchor it elsewhere to make the end tamper-evident. With keys, under the key that
     /// proved the last link (the last key given when none did).
     pub head: Option<String>,
-    /// How the links were checked: `sha256` or `hmac-sha256`.
-    pub link: &'static str,
+    /// The links were checked as HMACs under keys given (`--key`), not as SHA-256s.
+    pub keyed: bool,
     /// With keys and `--unkeyed-through`: the seq given, whose records' links are plain
     /// SHA-256 (the first keyed link, after it, covers them: it is the HMAC of a line that holds
     /// the SHA-256 of the line before, and so on back).
@@ -405,7 +396,7 @@ impl fmt::Display for Report {
                          a rewrite); the first keyed link, after it, covers them"
                     )?;
                 }
-                if self.link != "sha256" && self.keyed_links == 0 {
+                if self.keyed && self.keyed_links == 0 {
                     writeln!(
                         f,
                         "note: no link was checked under a key (the trail holds no keyed link)"
@@ -416,12 +407,12 @@ impl fmt::Display for Report {
                     "ok: {} records, {seqs}, {} file(s), chain intact {start}, every link {}; head {} {head} (anchor the end elsewhere: --head {last}:{head})",
                     self.records,
                     self.files.len(),
-                    if self.link == "sha256" {
-                        "the SHA-256 of the line before"
-                    } else {
+                    if self.keyed {
                         "the HMAC-SHA256 of the line before under a key given"
+                    } else {
+                        "the SHA-256 of the line before"
                     },
-                    self.link,
+                    if self.keyed { "hmac-sha256" } else { "sha256" },
                 )
             }
             None => write!(f, "ok: no complete records"),
@@ -462,20 +453,6 @@ fn first_seq(file: &mut File) -> io::Result<Option<u64>> {
 
 /// How many times `audit verify DIR` lists and reads the trail when it rotated meanwhile.
 const READS: u32 = 3;
-
-/// The first-record seq a rotated file's name says, for names the gateway gives
-/// (`audit-<UTC time>-<first seq>.jsonl`, e.g. `audit-20260101T000000.000000Z-000000000042.jsonl`).
-pub fn rotated_name_seq(name: &str) -> Option<u64> {
-    let stem = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
-    let (time, seq) = stem.rsplit_once('-')?;
-    let time_ok = time.len() == 23
-        && time.ends_with('Z')
-        && time.as_bytes()[8] == b'T'
-        && time.bytes().filter(u8::is_ascii_digit).count() == 20;
-    (time_ok && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| seq.parse().ok())
-        .flatten()
-}
 
 /// What the gateway sets aside (`audit-tail-<time>.partial`): kept, not part of the chain.
 fn set_aside_name(name: &str) -> bool {
@@ -670,11 +647,7 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
     let mut report = Report {
         set_aside: gathered.set_aside,
         given_twice: gathered.given_twice,
-        link: if options.keys.is_empty() {
-            "sha256"
-        } else {
-            "hmac-sha256"
-        },
+        keyed: !options.keys.is_empty(),
         ..Report::default()
     };
     let mut last: Option<Last> = None;
@@ -699,7 +672,7 @@ fn check(gathered: Gathered, options: &Options, given: &Path) -> Result<Report, 
         let named_seq = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(rotated_name_seq);
+            .and_then(super::writer::rotated_seq);
         let mut reader = BufReader::new(opened.file);
         let mut file = FileReport {
             path: path.clone(),
@@ -1724,7 +1697,7 @@ mod tests {
 
     #[test]
     fn a_rotated_name_says_its_first_seq() {
-        assert_eq!(rotated_name_seq(ROTATED_4), Some(4));
+        assert_eq!(super::super::writer::rotated_seq(ROTATED_4), Some(4));
         for not in [
             "audit.jsonl",
             "audit-1.jsonl",
@@ -1733,7 +1706,7 @@ mod tests {
             "audit-20260101T000000.000000Z-x1.jsonl",
             "audit-tail-20260101T000000.000000Z.partial",
         ] {
-            assert_eq!(rotated_name_seq(not), None, "{not}");
+            assert_eq!(super::super::writer::rotated_seq(not), None, "{not}");
         }
     }
 

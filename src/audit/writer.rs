@@ -168,10 +168,20 @@ fn rotated_name(first_seq: u64) -> String {
     format!("audit-{time}-{first_seq:012}.jsonl")
 }
 
-/// The first-record seq in a rotated file's name.
+/// The first-record seq a rotated file's name says, for names the gateway gives
+/// (`audit-<UTC time>-<first seq>.jsonl`, e.g. `audit-20260101T000000.000000Z-000000000042.jsonl`):
+/// what the writer looks for its newest rotated file by, and what `audit verify` checks each
+/// rotated file's first record against.
 pub(super) fn rotated_seq(name: &str) -> Option<u64> {
     let stem = name.strip_prefix("audit-")?.strip_suffix(".jsonl")?;
-    stem.rsplit('-').next()?.parse().ok()
+    let (time, seq) = stem.rsplit_once('-')?;
+    let time_ok = time.len() == 23
+        && time.ends_with('Z')
+        && time.as_bytes()[8] == b'T'
+        && time.bytes().filter(u8::is_ascii_digit).count() == 20;
+    (time_ok && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| seq.parse().ok())
+        .flatten()
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -597,7 +607,7 @@ impl Writer {
                 dir = %dir.display(),
                 next_seq = head.seq + 1,
                 prev = %hex(&head.hash),
-                chain = link.name(),
+                chain = "hmac-sha256",
                 key_file = %config.key_file.as_deref().unwrap_or(Path::new("")).display(),
                 key_id = key.id(),
                 "audit trail open, keyed: each record's prev is the HMAC-SHA256 of the line before"
@@ -606,7 +616,7 @@ impl Writer {
                 dir = %dir.display(),
                 next_seq = head.seq + 1,
                 prev = %hex(&head.hash),
-                chain = link.name(),
+                chain = "sha256",
                 "audit trail open, not keyed: each record's prev is the SHA-256 of the line before \
                  (set [audit] key_file to make a rewritten trail detectable)"
             ),
@@ -970,9 +980,10 @@ impl Writer {
     /// record before the unit; `write_records` says the unit's once it has its head.)
     fn note_durable(&mut self) {
         self.shared.metrics.last_seq.set(gauge(self.head.seq));
-        // An anchor for the end of the trail at most once a minute while it grows, so that
-        // after a crash (no `audit trail closed` line) records older than a minute are still
-        // covered by one kept outside the trail.
+        // An anchor for the end of the trail, logged at the first durable write a minute or
+        // more after the last one, so that after a crash (no `audit trail closed` line) the
+        // records up to it are covered by a line kept outside the trail (those written after
+        // it, or by a trail that then stopped growing, are not).
         if self.head.seq != self.head_logged.1 && self.head_logged.0.elapsed() >= HEAD_LOG_EVERY {
             self.head_logged = (Instant::now(), self.head.seq);
             tracing::info!(
@@ -1274,8 +1285,6 @@ mod tests {
             "{name}"
         );
         assert_eq!(rotated_seq(&name), Some(42));
-        // `audit verify` reads the same seq from the name, and checks the file against it.
-        assert_eq!(super::super::verify::rotated_name_seq(&name), Some(42));
         assert_eq!(rotated_seq("audit.jsonl"), None);
         assert_eq!(rotated_seq("notes.txt"), None);
     }
