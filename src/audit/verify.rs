@@ -953,22 +953,42 @@ fn check_end(
 
 #[cfg(test)]
 mod tests {
+    use super::super::key::Link;
     use super::super::record::frame;
     use super::*;
 
-    fn chain(start_seq: u64, prev: [u8; 32], n: usize) -> (Vec<String>, [u8; 32]) {
+    /// `n` records from `start_seq`, the first linked to `prev`, each ended by `link` as the
+    /// writer ends it (sealed with its own mac when keyed); and the last one's link value.
+    fn linked(start_seq: u64, prev: [u8; 32], n: usize, link: &Link) -> (Vec<String>, [u8; 32]) {
         let mut lines = Vec::new();
         let mut prev = prev;
         for i in 0..n {
-            let line = frame(
+            let mut line = frame(
                 start_seq + i as u64,
                 &prev,
                 &format!("{{\"kind\":\"rejection\",\"n\":{i}}}"),
-            );
-            prev = sha256(line.as_bytes());
-            lines.push(line);
+            )
+            .into_bytes();
+            prev = link.seal(&mut line, 0);
+            lines.push(String::from_utf8(line).expect("utf-8"));
         }
         (lines, prev)
+    }
+
+    /// A chain linked by SHA-256.
+    fn chain(start_seq: u64, prev: [u8; 32], n: usize) -> (Vec<String>, [u8; 32]) {
+        linked(start_seq, prev, n, &Link::Sha256)
+    }
+
+    /// The first break `audit verify` finds in `files`, and the whole report (for messages).
+    fn first_break(files: &[PathBuf], options: &Options) -> (Broken, Report) {
+        let r = verify_files(files, options).expect("read");
+        let b = r
+            .breaks
+            .first()
+            .cloned()
+            .unwrap_or_else(|| panic!("intact: {r}"));
+        (b, r)
     }
 
     fn write(dir: &Path, name: &str, lines: &[String], tail: &str) -> PathBuf {
@@ -1008,8 +1028,7 @@ mod tests {
         let (mut a, _) = chain(1, GENESIS, 4);
         a[1] = a[1].replace("\"n\":1", "\"n\":9");
         let f = write(&d, "audit.jsonl", &a, "");
-        let r = verify_files(std::slice::from_ref(&f), &Options::default()).expect("read");
-        let b = r.breaks.first().cloned().expect("broken");
+        let (b, _) = first_break(std::slice::from_ref(&f), &Options::default());
         assert_eq!((b.line, b.seq), (3, Some(3)));
         assert!(b.reason.contains("altered"), "{}", b.reason);
     }
@@ -1020,12 +1039,7 @@ mod tests {
         let (mut a, _) = chain(1, GENESIS, 4);
         a.remove(2);
         let f = write(&d, "audit.jsonl", &a, "");
-        let b = verify_files(&[f], &Options::default())
-            .expect("read")
-            .breaks
-            .first()
-            .cloned()
-            .expect("broken");
+        let (b, _) = first_break(&[f], &Options::default());
         assert_eq!((b.line, b.seq), (3, Some(4)));
         assert!(b.reason.contains("missing"), "{}", b.reason);
     }
@@ -1054,8 +1068,7 @@ mod tests {
         let (b, _) = chain(3, h, 1);
         let fa = write(&d, "audit-1.jsonl", &a, "{\"seq\":3,\"prev\":\"ab");
         let fb = write(&d, "audit.jsonl", &b, "");
-        let r = verify_files(&[fa.clone(), fb], &Options::default()).expect("read");
-        let b = r.breaks.first().cloned().expect("broken");
+        let (b, r) = first_break(&[fa.clone(), fb], &Options::default());
         assert_eq!((b.path, b.line), (fa, 3));
         assert!(
             b.reason.contains("not the last of the trail"),
@@ -1145,33 +1158,22 @@ mod tests {
         assert_eq!(read_line(&mut reader, &mut buf, 10).expect("read"), 0);
     }
 
-    /// A chain linked by HMAC under `key` (as the writer links it with `[audit] key_file`).
+    /// A chain linked by HMAC under `key`, each record sealed (as the writer links it with
+    /// `[audit] key_file`).
     fn keyed_chain(
         start_seq: u64,
         prev: [u8; 32],
         n: usize,
         key: &ChainKey,
     ) -> (Vec<String>, [u8; 32]) {
-        let mut lines = Vec::new();
-        let mut prev = prev;
-        for i in 0..n {
-            let line = frame(
-                start_seq + i as u64,
-                &prev,
-                &format!("{{\"kind\":\"rejection\",\"n\":{i}}}"),
-            );
-            let (line, mac) = seal(line, key);
-            prev = mac;
-            lines.push(line);
-        }
-        (lines, prev)
+        linked(start_seq, prev, n, &Link::Hmac(key.clone()))
     }
 
     /// `line` ended with its own mac under `key`, as the writer seals a keyed record; and that
     /// mac, the next record's `prev`.
     fn seal(line: String, key: &ChainKey) -> (String, [u8; 32]) {
         let mut bytes = line.into_bytes();
-        let mac = super::super::key::Link::Hmac(key.clone()).seal(&mut bytes, 0);
+        let mac = Link::Hmac(key.clone()).seal(&mut bytes, 0);
         (String::from_utf8(bytes).expect("utf-8"), mac)
     }
 
@@ -1194,17 +1196,11 @@ mod tests {
         assert_eq!(r.head, Some(hex(&head)));
         assert!(r.to_string().contains("head hmac-sha256"), "{r}");
         // Without the key: the links are not SHA-256, and the message says what that means.
-        let b = verify_files(std::slice::from_ref(&f), &Options::default())
-            .expect("read")
-            .breaks
-            .first()
-            .cloned()
-            .expect("broken");
+        let (b, _) = first_break(std::slice::from_ref(&f), &Options::default());
         assert_eq!((b.line, b.seq), (2, Some(2)));
         assert!(b.reason.contains("give --key"), "{}", b.reason);
         // Under another key: no record's mac, no link, is the HMAC under any key given.
-        let r = verify_files(std::slice::from_ref(&f), &keys(&[&other])).expect("read");
-        let b = r.breaks.first().cloned().expect("broken");
+        let (b, r) = first_break(std::slice::from_ref(&f), &keys(&[&other]));
         assert_eq!((b.line, b.seq), (1, Some(1)), "{r}");
         assert!(b.reason.contains("its mac is not the HMAC"), "{}", b.reason);
         assert!(
@@ -1340,12 +1336,7 @@ mod tests {
         // Records 2 to 4 link with SHA-256, 5 and 6 with the HMAC.
         let lines = relinked(&a, None, 5, &key);
         let f = write(&d, "audit.jsonl", &lines, "");
-        let b = verify_files(std::slice::from_ref(&f), &keys(&[&key]))
-            .expect("read")
-            .breaks
-            .first()
-            .cloned()
-            .expect("not inferred");
+        let (b, _) = first_break(std::slice::from_ref(&f), &keys(&[&key]));
         assert!(b.reason.contains("--unkeyed-through"), "{}", b.reason);
         let unkeyed = |through| Options {
             unkeyed_through: Some(through),
@@ -1369,8 +1360,7 @@ mod tests {
         let mut forged = relinked(&a, Some(2), u64::MAX, &key)[..4].to_vec();
         forged.extend(lines[4..].iter().cloned());
         let f = write(&d, "audit.jsonl", &forged, "");
-        let r = verify_files(&[f], &unkeyed(4)).expect("read");
-        let b = r.breaks.first().cloned().expect("broken");
+        let (b, r) = first_break(&[f], &unkeyed(4));
         assert_eq!((b.line, b.seq), (5, Some(5)), "{r}");
         assert!(
             b.reason
@@ -1388,8 +1378,7 @@ mod tests {
         let key = ChainKey::from_bytes(&[9u8; 32]).expect("key");
         let (one, _) = keyed_chain(41, GENESIS, 1, &key);
         let f = write(&d, "audit.jsonl", &one, "");
-        let r = verify_files(std::slice::from_ref(&f), &keys(&[&key])).expect("read");
-        let b = r.breaks.first().cloned().expect("broken");
+        let (b, r) = first_break(std::slice::from_ref(&f), &keys(&[&key]));
         assert_eq!((b.line, b.seq), (1, Some(41)), "{r}");
         assert!(b.reason.contains("a trail begins at seq 1"), "{}", b.reason);
         let (one, _) = keyed_chain(1, GENESIS, 1, &key);
@@ -1436,8 +1425,7 @@ mod tests {
         let d = scratch();
         let (a, _) = chain(1, [7u8; 32], 2);
         let f = write(&d, "audit.jsonl", &a, "");
-        let r = verify_files(&[f], &Options::default()).expect("read");
-        let b = r.breaks.first().cloned().expect("broken");
+        let (b, r) = first_break(&[f], &Options::default());
         assert_eq!((b.line, b.seq), (1, Some(1)), "{r}");
         assert!(b.reason.contains("prev is not 64 zeros"), "{}", b.reason);
         let key = ChainKey::from_bytes(&[12u8; 32]).expect("key");
@@ -1482,8 +1470,7 @@ mod tests {
         let (c, _) = keyed_chain(6, old.link_of(b[1].as_bytes()), 2, &old);
         let lines: Vec<String> = a.into_iter().chain(b).chain(c).collect();
         let f = write(&d, "audit.jsonl", &lines, "");
-        let r = verify_files(std::slice::from_ref(&f), &keys(&[&old, &new])).expect("read");
-        let b = r.breaks.first().cloned().expect("broken");
+        let (b, r) = first_break(std::slice::from_ref(&f), &keys(&[&old, &new]));
         assert_eq!((b.line, b.seq), (6, Some(6)), "{r}");
         assert!(b.reason.contains("a key given up"), "{}", b.reason);
         // Each link under the old key after the new one (records 6 and 7).
@@ -1825,12 +1812,7 @@ mod tests {
         let (mut a, _) = chain(1, GENESIS, 3);
         a.insert(1, "not json".into());
         let f = write(&d, "audit.jsonl", &a, "");
-        let b = verify_files(&[f], &Options::default())
-            .expect("read")
-            .breaks
-            .first()
-            .cloned()
-            .expect("broken");
+        let (b, _) = first_break(&[f], &Options::default());
         assert_eq!((b.line, b.seq), (2, None));
     }
 }
