@@ -586,12 +586,13 @@ impl StatShards {
 impl Run {
     /// The next request to send: at a fixed rate, the next released slot (None once none is
     /// left, or a late one after the end); closed loop, now (None once the run is over).
-    async fn next_slot(&self) -> Option<Slot> {
+    /// `interrupt` is the asking worker's child of the run's token.
+    async fn next_slot(&self, interrupt: &CancellationToken) -> Option<Slot> {
         match &self.pacer {
-            Some(pacer) => pacer.next(self.end, &self.interrupt).await,
+            Some(pacer) => pacer.next(self.end, interrupt).await,
             None => {
                 let now = Instant::now();
-                (now < self.end && !self.interrupt.is_cancelled()).then_some(Slot {
+                (now < self.end && !interrupt.is_cancelled()).then_some(Slot {
                     due: now,
                     late: false,
                 })
@@ -916,6 +917,9 @@ enum Outcome {
 /// One worker: sends request after request (or one per due time at a fixed rate) until the
 /// run ends, then lets its last one finish within the drain.
 async fn worker(run: &Run, id: usize, link: &Link) {
+    // The worker's own token: waiting on the run's shared one would register on its one lock
+    // with every request of every worker.
+    let interrupt = run.interrupt.child_token();
     let mut n = id;
     loop {
         // After a failure that closed the connection, the link pauses before the next
@@ -923,10 +927,10 @@ async fn worker(run: &Run, id: usize, link: &Link) {
         if let Some(at) = link.paused_until().await {
             tokio::select! {
                 () = sleep_until(at.min(run.end)) => {}
-                () = run.interrupt.cancelled() => break,
+                () = interrupt.cancelled() => break,
             }
         }
-        let Some(slot) = run.next_slot().await else {
+        let Some(slot) = run.next_slot(&interrupt).await else {
             break;
         };
         let kind = run.mix.kind(n);
@@ -949,7 +953,7 @@ async fn worker(run: &Run, id: usize, link: &Link) {
                         Outcome::Unfinished
                     }
                 }
-                () = run.interrupt.cancelled() => Outcome::Unfinished,
+                () = interrupt.cancelled() => Outcome::Unfinished,
             }
         };
         let done = Instant::now();
@@ -999,6 +1003,7 @@ async fn hold_idle(
         let run = run.clone();
         let claimed = claimed.clone();
         openers.push(tokio::spawn(async move {
+            let interrupt = run.interrupt.child_token();
             let mut held = Vec::new();
             let mut failed = 0usize;
             while claimed.fetch_add(1, Ordering::Relaxed) < count {
@@ -1011,7 +1016,7 @@ async fn hold_idle(
                 };
                 let result = tokio::select! {
                     r = timeout_at((t + run.timeout).min(run.end), attempt) => r,
-                    () = run.interrupt.cancelled() => break,
+                    () = interrupt.cancelled() => break,
                 };
                 let at = Instant::now();
                 run.stats.record(id, |s| {

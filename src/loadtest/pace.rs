@@ -100,7 +100,8 @@ impl Pacer {
     /// Waits for the next released slot and returns it: its due time (now, or earlier when
     /// every worker was busy at that time) and whether it was late. None once every slot before
     /// the end is taken, when `interrupt` is cancelled, or when the slot is late and `end` has
-    /// passed (it is then never sent).
+    /// passed (it is then never sent). Each worker passes its own child of the run's token, so
+    /// that waiting here takes no lock the other workers share.
     pub(super) async fn next(&self, end: Instant, interrupt: &CancellationToken) -> Option<Slot> {
         let asked = Instant::now();
         // The pacer never closes the semaphore: a closed one would refuse the permits still
