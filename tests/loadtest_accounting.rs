@@ -1,8 +1,8 @@
 //! `ssp-gateway loadtest` keeps its books against targets that misbehave: every request due is
 //! a response, a failure (with its first error), unfinished or not sent; requests in flight at
 //! the end are drained and those from the warm-up count; connections the server closes are
-//! replaced (a request the server never had is sent again once, a booking the server may have
-//! had never); failures that close a connection pause the next attempt; HTTP/2 streams share
+//! replaced (a request not sent at all, or a GET that got no byte of answer, is sent again
+//! once; a booking the server may have processed never); failures that close a connection pause the next attempt; HTTP/2 streams share
 //! the replacement; Ctrl-C ends the run with its partial report (in the warm-up, nothing due);
 //! exit codes and JSON for automation. The targets are small TLS
 //! servers written here, each told how to misbehave.

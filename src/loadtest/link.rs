@@ -1,9 +1,10 @@
 //! One of a run's `--connections` as its workers see it: the connection while it is open
 //! (HTTP/2 streams share it; a new one replaces it once, for all of them, when it closes), the
-//! back-off after a failure that closed it, and the one second chance a request gets when the
-//! server had closed a reused connection before the request reached it (a booking's POST only
-//! when none of it was written). Owns no statistics:
-//! it tells the worker what happened ([`Notes`]).
+//! back-off after a failure that closed it, and the one second chance a request gets when a
+//! reused connection closed under it: not sent at all, or (HTTP/1.1) an idempotent request
+//! (GET, PUT) that got no byte of answer before the connection closed (RFC 9110 §9.2.2); never
+//! a POST that may have been processed. Owns no statistics: it tells the worker what happened
+//! ([`Notes`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +28,9 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub(super) struct Notes {
     /// New connections opened for it to replace one that had closed.
     pub reconnects: u32,
-    /// It was sent again on a new connection: the server had closed the reused one before the
-    /// request reached it.
+    /// It was sent again on a new connection after the reused one closed under it: not sent
+    /// at all, or (HTTP/1.1) an idempotent request (GET, PUT) that got no byte of answer before
+    /// the connection closed (RFC 9110 §9.2.2); never a POST that may have been processed.
     pub retried: bool,
 }
 
@@ -107,12 +109,11 @@ impl Link {
     }
 
     /// Sends one request (built by `build`, again if it is sent a second time) and reads its
-    /// response, opening a connection when none is open. A request gets a second connection
-    /// only when the server had closed the reused one before any of the request was written,
-    /// or, for an idempotent request over HTTP/1.1, before any byte of its response: then the
-    /// server never had it, or closed an idle connection as the request arrived. A booking's
-    /// POST that got no byte of response is a failure, never sent again: the server may have
-    /// booked the slot before it closed (RFC 9110 §9.2.2).
+    /// response, opening a connection when none is open. A request gets a second connection,
+    /// once, only when the reused one closed under it and it was not sent at all, or (HTTP/1.1)
+    /// it is an idempotent request (GET, PUT) that got no byte of answer before the connection
+    /// closed (RFC 9110 §9.2.2); never a POST that may have been processed: a booking's POST
+    /// that got no byte of answer is a failure, never sent again.
     pub(super) async fn exchange(
         &self,
         dialer: &Dialer,

@@ -12,8 +12,10 @@
 //! fixed rate while every connection was busy, and still not sent at the end). Requests still
 //! in flight from the warm-up when the window opens count in it. At the end of the duration no
 //! request starts; those in flight get until their `--timeout`, at most `--drain`. A request is
-//! sent a second time only when the server had closed its reused connection before it had the
-//! request; a connection a failure closed is reopened after a pause (20 ms, doubling to 1 s).
+//! sent a second time, once, on a new connection only when its reused connection closed and it
+//! was not sent at all, or (HTTP/1.1) it is an idempotent request (GET, PUT) that got no byte
+//! of answer before the connection closed (RFC 9110 §9.2.2); never a POST that may have been
+//! processed. A connection a failure closed is reopened after a pause (20 ms, doubling to 1 s).
 //! It never follows redirects, and sends only to the address the URL (or `--connect-to`)
 //! names.
 

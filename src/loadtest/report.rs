@@ -82,7 +82,9 @@ pub struct Sending {
     pub late: bool,
     /// New connections opened for it to replace one that had closed.
     pub reconnects: u32,
-    /// Sent again on a new connection after the server closed the reused one first.
+    /// Sent again on a new connection after the reused one closed under it: not sent at all,
+    /// or (HTTP/1.1) an idempotent request (GET, PUT) that got no byte of answer before the
+    /// connection closed (RFC 9110 §9.2.2); never a POST that may have been processed.
     pub retried: bool,
 }
 
@@ -315,8 +317,10 @@ pub struct Report {
     pub not_sent: u64,
     /// New connections opened to replace one the server or a failure had closed.
     pub reconnects: u64,
-    /// Requests sent again on a new connection because the server had closed the reused one
-    /// before it had them.
+    /// Requests sent again on a new connection after the reused one closed under them: not
+    /// sent at all, or (HTTP/1.1) idempotent requests (GET, PUT) that got no byte of answer
+    /// before the connection closed (RFC 9110 §9.2.2); never a POST that may have been
+    /// processed.
     pub retries: u64,
     pub bytes_received: u64,
     pub interactions: BTreeMap<String, InteractionReport>,
