@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -433,8 +432,9 @@ async fn a_refused_client_certificate_is_a_tls_failure_and_the_attempts_back_off
 }
 
 /// An HTTP/2 target that closes each connection gracefully (GOAWAY) after `per_connection`
-/// requests on it.
-async fn h2_target(world: &World, per_connection: usize) -> Target {
+/// requests on it, and resets the stream (RST_STREAM, the service failing) of every
+/// `reset_every`th request of all connections (0: none).
+async fn h2_target(world: &World, per_connection: usize, reset_every: usize) -> Target {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let tls = ssp_gateway::tls::server_config(&world.server_tls(&world.provider), &[b"h2"])
@@ -459,14 +459,16 @@ async fn h2_target(world: &World, per_connection: usize) -> Target {
                     let service = {
                         let closing = closing.clone();
                         hyper::service::service_fn(move |_req| {
-                            requests.fetch_add(1, Ordering::SeqCst);
+                            let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
                             if on_this.fetch_add(1, Ordering::SeqCst) + 1 == per_connection {
                                 closing.notify_one();
                             }
-                            async {
-                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                                    b"{}",
-                                ))))
+                            let reset = reset_every > 0 && n % reset_every == 0;
+                            async move {
+                                if reset {
+                                    return Err(std::io::Error::other("reset this stream"));
+                                }
+                                Ok(Response::new(Full::new(Bytes::from_static(b"{}"))))
                             }
                         })
                     };
@@ -496,7 +498,7 @@ async fn h2_target(world: &World, per_connection: usize) -> Target {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_share_the_connection_that_replaces_a_closed_one() {
     let world = World::ecdsa();
-    let t = h2_target(&world, 20).await;
+    let t = h2_target(&world, 20, 0).await;
     let mut a = args(&world, t.addr);
     a.http2 = true;
     a.streams = 8;
@@ -511,6 +513,27 @@ async fn http2_streams_share_the_connection_that_replaces_a_closed_one() {
     );
     assert_eq!(r.reconnects as usize, connections - 1, "{r:?}");
     assert!(r.ok > 0, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_http2_stream_is_a_failure_of_its_request_alone() {
+    let world = World::ecdsa();
+    let t = h2_target(&world, usize::MAX, 5).await;
+    let mut a = args(&world, t.addr);
+    a.http2 = true;
+    a.streams = 4;
+    let r = run(&a).await;
+    let served = t.requests.load(Ordering::SeqCst) as u64;
+    let http = r.failures.get("http").map_or(0, |f| f.count);
+    assert!(served >= 50, "{served} requests: {r:?}");
+    assert!(http >= 5, "every fifth stream reset: {r:?}");
+    assert_eq!(
+        t.accepted.load(Ordering::SeqCst),
+        1,
+        "the other streams keep the connection, no new one: {r:?}"
+    );
+    assert_eq!((r.reconnects, r.retries), (0, 0), "{r:?}");
+    assert!(r.ok >= 3 * http, "four answers to each reset: {r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,15 @@ impl Failed {
             Cause::Tls(text) => text.clone(),
         }
     }
+
+    /// Whether only the request's HTTP/2 stream failed (RST_STREAM, REFUSED_STREAM included),
+    /// not its connection: a GOAWAY, an I/O or TLS error ends the connection.
+    pub fn stream_reset(&self) -> bool {
+        match &self.cause {
+            Cause::Hyper(e) => find::<h2::Error>(e).is_some_and(|h2| h2.is_reset()),
+            Cause::Io(_) | Cause::Tls(_) => false,
+        }
+    }
 }
 
 impl fmt::Display for Failed {

@@ -1,5 +1,6 @@
 //! One of a run's `--connections` as its workers see it: the connection while it is open
-//! (HTTP/2 streams share it; a new one replaces it once, for all of them, when it closes), the
+//! (HTTP/2 streams share it; a new one replaces it once, for all of them, when it closes; a
+//! stream reset alone leaves it open to the others), the
 //! back-off after a failure that closed it, and the one second chance a request gets when a
 //! reused connection closed under it: not sent at all, or (HTTP/1.1) an idempotent request
 //! (GET, PUT) that got no byte of answer before the connection closed (RFC 9110 §9.2.2); never
@@ -79,6 +80,8 @@ enum After {
     Closed,
     /// A failure closed it: pause before the next attempt.
     Failed,
+    /// Only its HTTP/2 stream failed (reset); the connection stays for the other streams.
+    StreamFailed,
 }
 
 impl Link {
@@ -131,6 +134,7 @@ impl Link {
                     let closing = conn::closes_after(&resp);
                     let result = conn::read_body(resp, &lease.wire).await;
                     let after = match (&result, closing) {
+                        (Err(failed), _) if self.stream_only(&lease, failed) => After::StreamFailed,
                         (Err(_), _) => After::Failed,
                         (Ok(_), true) => After::Closed,
                         (Ok(_), false) => After::Keep,
@@ -146,19 +150,36 @@ impl Link {
                             && e.ended
                             && lease.wire.read() == read_before
                             && !tls(&e.failed));
+                    let stream_only = self.stream_only(&lease, &e.failed);
                     if lease.reused && never_had_it && second_chance && !self.fresh_each {
                         second_chance = false;
                         if !e.closed_before {
                             notes.retried = true;
                         }
-                        self.give_back(lease, After::Closed).await;
+                        let after = if stream_only {
+                            After::StreamFailed
+                        } else {
+                            After::Closed
+                        };
+                        self.give_back(lease, after).await;
                         continue;
                     }
-                    self.give_back(lease, After::Failed).await;
+                    let after = if stream_only {
+                        After::StreamFailed
+                    } else {
+                        After::Failed
+                    };
+                    self.give_back(lease, after).await;
                     return Err(e.failed);
                 }
             }
         }
+    }
+
+    /// Whether a failure was of the request's HTTP/2 stream alone, on a shared connection that
+    /// is still open: the other streams keep it, and no pause follows.
+    fn stream_only(&self, lease: &Lease, failed: &Failed) -> bool {
+        self.http2 && !self.fresh_each && failed.stream_reset() && !lease.sender.is_closed()
     }
 
     /// A request on the link was abandoned at its timeout. Over HTTP/1.1 its connection went
@@ -256,8 +277,8 @@ impl Link {
                 state.open = None;
                 state.generation += 1;
             }
-            // Another stream already gave this connection up.
-            After::Closed | After::Failed => {}
+            // Another stream already gave this connection up, or only this stream failed.
+            After::Closed | After::Failed | After::StreamFailed => {}
         }
     }
 }
