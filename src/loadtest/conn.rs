@@ -25,6 +25,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::forward::error_chain;
+
 /// Why a request got no response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Failure {
@@ -79,8 +81,8 @@ impl Failed {
     /// What went wrong, with every cause in the error's chain.
     pub fn message(&self) -> String {
         match &self.cause {
-            Cause::Io(e) => chain(e),
-            Cause::Hyper(e) => chain(e),
+            Cause::Io(e) => error_chain(e),
+            Cause::Hyper(e) => error_chain(e),
             Cause::Tls(text) => text.clone(),
         }
     }
@@ -99,21 +101,6 @@ impl fmt::Display for Failed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.kind, self.message())
     }
-}
-
-/// An error and its sources, `: `-separated (hyper's own text names only the outermost).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let more = cause.to_string();
-        if !text.ends_with(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        next = cause.source();
-    }
-    text
 }
 
 /// What a completed exchange returned.

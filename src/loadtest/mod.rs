@@ -38,14 +38,14 @@ use rustls::pki_types::ServerName;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::ssp::jwt::{DEV_ISSUER, DEV_ODS, DEV_ROLE_PROFILE, DEV_USER_ID};
 pub use conn::{Exchange, Failed, Failure};
 pub use report::{
     FailureReport, IdleReport, InteractionReport, Latency, Report, RunShape, Scheduled, Sending,
     Stats, Window,
 };
 pub use request::{
-    booking_bodies, default_search_query, Bookings, Identity, Kind, Mix, ServiceRoot, DEV_ISSUER,
-    DEV_ROLE_PROFILE, DEV_USER_ID,
+    booking_bodies, default_search_query, Bookings, Identity, Kind, Mix, ServiceRoot,
 };
 
 use conn::{exchange, Dialer};
@@ -70,8 +70,6 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEV_FROM: &str = "200000000359";
 /// The development world's provider ASID (`Ssp-To`).
 pub const DEV_TO: &str = "918999198993";
-/// The development consumer's ODS code, the booking organisation of generated bookings.
-pub const DEV_ODS: &str = "A20047";
 /// The most connections (or idle connections) one run opens.
 pub const MAX_CONNECTIONS: usize = 100_000;
 /// Most runtime threads `--threads` may ask for.

@@ -358,54 +358,20 @@ pub struct Identity {
     pub role_profile: String,
 }
 
-/// The development consumer's system (`iss`).
-pub const DEV_ISSUER: &str = "https://consumer.dev.local/";
-/// The development practitioner's SDS user id.
-pub const DEV_USER_ID: &str = "G13579135";
-/// The development practitioner's SDS role profile id.
-pub const DEV_ROLE_PROFILE: &str = "200000000359";
-
 impl Identity {
-    /// The claims of a token for `scope` issued at `now` for `audience`: the GP Connect 1.2.7
-    /// shape of `jwt::dev_claims`, with this identity in it.
+    /// The claims of a token for `scope` issued at `now` for `audience`: [`jwt::claims`] with
+    /// this identity in it, and the load generator as its device.
     fn claims(&self, scope: &str, now: i64, audience: &str) -> Value {
-        let namespace = self.issuer.trim_end_matches('/');
-        json!({
-            "iss": self.issuer,
-            "sub": "1",
-            "aud": audience,
-            "exp": now.saturating_add(jwt::LIFETIME_SECS),
-            "iat": now,
-            "reason_for_request": jwt::DIRECT_CARE,
-            "requesting_device": {
-                "resourceType": "Device",
-                "identifier": [{
-                    "system": format!("{namespace}/Id/device"),
-                    "value": "ssp-gateway-loadtest"
-                }],
-                "model": "ssp-gateway loadtest",
-                "version": env!("CARGO_PKG_VERSION")
-            },
-            "requesting_organization": {
-                "resourceType": "Organization",
-                "identifier": [{ "system": jwt::ODS_SYSTEM, "value": self.ods }],
-                "name": "ssp-gateway loadtest consumer"
-            },
-            "requesting_practitioner": {
-                "resourceType": "Practitioner",
-                "id": "1",
-                "identifier": [
-                    { "system": jwt::SDS_USER_ID_SYSTEM, "value": self.user_id },
-                    { "system": jwt::SDS_ROLE_PROFILE_SYSTEM, "value": self.role_profile },
-                    {
-                        "system": format!("{namespace}/Id/user-guid"),
-                        "value": "98ed4f78-814d-4266-8d5b-cde742f3093c"
-                    }
-                ],
-                "name": [{ "family": "Practitioner", "given": ["Development"], "prefix": ["Dr"] }]
-            },
-            "requested_scope": scope
-        })
+        let requester = jwt::Requester {
+            issuer: &self.issuer,
+            ods: &self.ods,
+            organization_name: "ssp-gateway loadtest consumer",
+            device: "ssp-gateway-loadtest",
+            device_model: "ssp-gateway loadtest",
+            user_id: &self.user_id,
+            role_profile: &self.role_profile,
+        };
+        jwt::claims(&requester, scope, now, audience)
     }
 }
 
@@ -572,6 +538,7 @@ impl Factory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ssp::jwt::{DEV_ISSUER, DEV_ROLE_PROFILE, DEV_USER_ID};
 
     #[test]
     fn mix_is_exact_and_interleaved() {

@@ -530,11 +530,50 @@ pub fn encode_unsigned(claims_json: &Value) -> String {
     token
 }
 
-/// A valid claim set for the development world's full-access consumer (ODS A20047), modelled
-/// on the recorded GP Connect 1.2.7 booking token: issued `now_unix`, expiring 300 s later.
-pub fn dev_claims(scope: &str, now_unix: i64, audience: &str) -> Value {
+/// The development consumer's system (`iss`).
+pub const DEV_ISSUER: &str = "https://consumer.dev.local/";
+/// The development consumer's ODS code.
+pub const DEV_ODS: &str = "A20047";
+/// The development practitioner's SDS user id.
+pub const DEV_USER_ID: &str = "G13579135";
+/// The development practitioner's SDS role profile id.
+pub const DEV_ROLE_PROFILE: &str = "200000000359";
+
+/// Who a token built by [`claims`] says is asking: the consumer organisation, its system (and
+/// the device it names) and the practitioner.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester<'a> {
+    /// `iss`: the consumer system's URL; its device and user-guid identifiers are in its
+    /// namespace (`{iss}/Id/device`).
+    pub issuer: &'a str,
+    /// `requesting_organization`'s ODS code and name.
+    pub ods: &'a str,
+    pub organization_name: &'a str,
+    /// `requesting_device`'s identifier value and model.
+    pub device: &'a str,
+    pub device_model: &'a str,
+    /// The practitioner's SDS user id and role profile id.
+    pub user_id: &'a str,
+    pub role_profile: &'a str,
+}
+
+/// The development world's full-access consumer (ODS A20047), as `dev-jwt` names it.
+pub const DEV_REQUESTER: Requester<'static> = Requester {
+    issuer: DEV_ISSUER,
+    ods: DEV_ODS,
+    organization_name: "Development consumer practice",
+    device: "ssp-gateway-dev-jwt",
+    device_model: "ssp-gateway dev-jwt",
+    user_id: DEV_USER_ID,
+    role_profile: DEV_ROLE_PROFILE,
+};
+
+/// A valid claim set for `requester`, modelled on the recorded GP Connect 1.2.7 booking token:
+/// issued `now_unix`, expiring 300 s later.
+pub fn claims(requester: &Requester, scope: &str, now_unix: i64, audience: &str) -> Value {
+    let namespace = requester.issuer.trim_end_matches('/');
     json!({
-        "iss": "https://consumer.dev.local/",
+        "iss": requester.issuer,
         "sub": "1",
         "aud": audience,
         "exp": now_unix.saturating_add(LIFETIME_SECS),
@@ -543,25 +582,25 @@ pub fn dev_claims(scope: &str, now_unix: i64, audience: &str) -> Value {
         "requesting_device": {
             "resourceType": "Device",
             "identifier": [{
-                "system": "https://consumer.dev.local/Id/device",
-                "value": "ssp-gateway-dev-jwt"
+                "system": format!("{namespace}/Id/device"),
+                "value": requester.device
             }],
-            "model": "ssp-gateway dev-jwt",
+            "model": requester.device_model,
             "version": env!("CARGO_PKG_VERSION")
         },
         "requesting_organization": {
             "resourceType": "Organization",
-            "identifier": [{ "system": ODS_SYSTEM, "value": "A20047" }],
-            "name": "Development consumer practice"
+            "identifier": [{ "system": ODS_SYSTEM, "value": requester.ods }],
+            "name": requester.organization_name
         },
         "requesting_practitioner": {
             "resourceType": "Practitioner",
             "id": "1",
             "identifier": [
-                { "system": SDS_USER_ID_SYSTEM, "value": "G13579135" },
-                { "system": SDS_ROLE_PROFILE_SYSTEM, "value": "200000000359" },
+                { "system": SDS_USER_ID_SYSTEM, "value": requester.user_id },
+                { "system": SDS_ROLE_PROFILE_SYSTEM, "value": requester.role_profile },
                 {
-                    "system": "https://consumer.dev.local/Id/user-guid",
+                    "system": format!("{namespace}/Id/user-guid"),
                     "value": "98ed4f78-814d-4266-8d5b-cde742f3093c"
                 }
             ],
@@ -569,6 +608,12 @@ pub fn dev_claims(scope: &str, now_unix: i64, audience: &str) -> Value {
         },
         "requested_scope": scope
     })
+}
+
+/// A valid claim set for the development world's full-access consumer ([`DEV_REQUESTER`]):
+/// issued `now_unix`, expiring 300 s later.
+pub fn dev_claims(scope: &str, now_unix: i64, audience: &str) -> Value {
+    claims(&DEV_REQUESTER, scope, now_unix, audience)
 }
 
 /// The token after `Bearer` and spaces; the length limit applies to the token itself.
@@ -1325,6 +1370,54 @@ mod tests {
             claims.practitioner_name.as_deref(),
             Some("Development Practitioner")
         );
+    }
+
+    #[test]
+    fn claims_name_the_requester_and_its_namespace() {
+        let c = dev_claims("patient/*.read", NOW, AUD);
+        assert_eq!(c["iss"], "https://consumer.dev.local/");
+        let device = &c["requesting_device"];
+        assert_eq!(
+            device["identifier"][0]["system"],
+            "https://consumer.dev.local/Id/device"
+        );
+        assert_eq!(device["identifier"][0]["value"], "ssp-gateway-dev-jwt");
+        assert_eq!(device["model"], "ssp-gateway dev-jwt");
+        let org = &c["requesting_organization"];
+        assert_eq!(org["name"], "Development consumer practice");
+        let ids = &c["requesting_practitioner"]["identifier"];
+        assert_eq!(ids[0]["value"], "G13579135");
+        assert_eq!(ids[1]["value"], "200000000359");
+        assert_eq!(ids[2]["system"], "https://consumer.dev.local/Id/user-guid");
+
+        let other = Requester {
+            issuer: "https://other.example/x/",
+            ods: "Y1",
+            organization_name: "Other",
+            device: "d",
+            device_model: "m",
+            user_id: "U1",
+            role_profile: "R1",
+        };
+        let c = claims(&other, "organization/*.read", NOW, AUD);
+        assert_eq!(c["iss"], "https://other.example/x/");
+        let device = &c["requesting_device"];
+        assert_eq!(
+            device["identifier"][0]["system"],
+            "https://other.example/x/Id/device"
+        );
+        assert_eq!(
+            (&device["identifier"][0]["value"], &device["model"]),
+            (&"d".into(), &"m".into())
+        );
+        assert_eq!(c["requesting_organization"]["identifier"][0]["value"], "Y1");
+        assert_eq!(c["requesting_organization"]["name"], "Other");
+        let ids = &c["requesting_practitioner"]["identifier"];
+        assert_eq!(
+            (&ids[0]["value"], &ids[1]["value"]),
+            (&"U1".into(), &"R1".into())
+        );
+        assert_eq!(c["requested_scope"], "organization/*.read");
     }
 
     #[test]
