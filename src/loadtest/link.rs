@@ -35,6 +35,16 @@ pub(super) struct Notes {
     pub retried: bool,
 }
 
+/// Why an exchange brought no response.
+#[derive(Debug)]
+pub(super) enum Missed {
+    /// The request failed (sent or not).
+    Failed(Failed),
+    /// The run's end came during the pause before the connection attempt (another stream's
+    /// failure started it after this request was taken): the request was not sent.
+    Ended,
+}
+
 /// A connection slot.
 pub(super) struct Link {
     state: Mutex<State>,
@@ -117,15 +127,24 @@ impl Link {
     /// it is an idempotent request (GET, PUT) that got no byte of answer before the connection
     /// closed (RFC 9110 §9.2.2); never a POST that may have been processed: a booking's POST
     /// that got no byte of answer is a failure, never sent again.
+    /// A pause before the connection attempt that lasts until `end` sends nothing
+    /// ([`Missed::Ended`]; on the second chance, the first attempt's failure stands).
     pub(super) async fn exchange(
         &self,
         dialer: &Dialer,
         build: impl Fn() -> Request<Full<Bytes>>,
+        end: Instant,
         notes: &mut Notes,
-    ) -> Result<Exchange, Failed> {
-        let mut second_chance = true;
+    ) -> Result<Exchange, Missed> {
+        let mut first_failure: Option<Failed> = None;
         loop {
-            let mut lease = self.checkout(dialer, notes).await?;
+            let mut lease = match self.checkout(dialer, end, notes).await {
+                Ok(lease) => lease,
+                Err(Missed::Ended) => {
+                    return Err(first_failure.map_or(Missed::Ended, Missed::Failed))
+                }
+                Err(missed) => return Err(missed),
+            };
             let read_before = lease.wire.read();
             let req = build();
             let idempotent = req.method().is_idempotent();
@@ -140,7 +159,7 @@ impl Link {
                         (Ok(_), false) => After::Keep,
                     };
                     self.give_back(lease, after).await;
-                    return result;
+                    return result.map_err(Missed::Failed);
                 }
                 Err(e) => {
                     let h1 = matches!(lease.sender, Sender::H1(_));
@@ -151,8 +170,8 @@ impl Link {
                             && lease.wire.read() == read_before
                             && !tls(&e.failed));
                     let stream_only = self.stream_only(&lease, &e.failed);
+                    let second_chance = first_failure.is_none();
                     if lease.reused && never_had_it && second_chance && !self.fresh_each {
-                        second_chance = false;
                         if !e.closed_before {
                             notes.retried = true;
                         }
@@ -162,6 +181,7 @@ impl Link {
                             After::Closed
                         };
                         self.give_back(lease, after).await;
+                        first_failure = Some(e.failed);
                         continue;
                     }
                     let after = if stream_only {
@@ -170,7 +190,7 @@ impl Link {
                         After::Failed
                     };
                     self.give_back(lease, after).await;
-                    return Err(e.failed);
+                    return Err(Missed::Failed(e.failed));
                 }
             }
         }
@@ -182,9 +202,9 @@ impl Link {
         self.http2 && !self.fresh_each && failed.stream_reset() && !lease.sender.is_closed()
     }
 
-    /// A request on the link was abandoned at its timeout. Over HTTP/1.1 its connection went
-    /// with it (a pause follows, as after any failure that closes one); an HTTP/2 stream is
-    /// reset and the connection stays.
+    /// A request on the link was abandoned at its timeout. Over HTTP/1.1, and in new-connection
+    /// mode over either protocol, its connection went with it (a pause follows, as after any
+    /// failure that closes one); a keep-alive HTTP/2 stream is reset and the connection stays.
     pub(super) async fn abandoned(&self) {
         let mut state = self.state.lock().await;
         if !self.http2 || self.fresh_each {
@@ -194,8 +214,14 @@ impl Link {
         }
     }
 
-    /// The open connection, or a new one (after any pause another stream's failure started).
-    async fn checkout(&self, dialer: &Dialer, notes: &mut Notes) -> Result<Lease, Failed> {
+    /// The open connection, or a new one (after any pause another stream's failure started;
+    /// none when that pause lasts until `end`).
+    async fn checkout(
+        &self,
+        dialer: &Dialer,
+        end: Instant,
+        notes: &mut Notes,
+    ) -> Result<Lease, Missed> {
         let mut state = self.state.lock().await;
         if let Some(open) = state.open.take() {
             if !open.sender.is_closed() {
@@ -220,6 +246,9 @@ impl Link {
             state.generation += 1;
         }
         if let Some(at) = state.retry_after.filter(|&t| t > Instant::now()) {
+            if at >= end {
+                return Err(Missed::Ended);
+            }
             sleep_until(at).await;
         }
         match dialer.open().await {
@@ -248,7 +277,7 @@ impl Link {
             }
             Err(failed) => {
                 state.pause();
-                Err(failed)
+                Err(Missed::Failed(failed))
             }
         }
     }
@@ -313,5 +342,49 @@ mod tests {
         assert_eq!(until - Instant::now(), MAX_BACKOFF);
         tokio::time::advance(MAX_BACKOFF).await;
         assert_eq!(link.paused_until().await, None, "over once it has passed");
+    }
+
+    /// A dialer to a port nothing listens on: any attempt is a `connect` failure.
+    fn refused() -> Dialer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("default versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Dialer {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            server_name: "localhost".try_into().expect("a server name"),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            http2: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_that_lasts_until_the_end_sends_nothing() {
+        let dialer = refused();
+        let build = || Request::new(Full::new(Bytes::new()));
+        let link = Link::new(false, false);
+        link.abandoned().await;
+        let mut notes = Notes::default();
+        let end = Instant::now() + MIN_BACKOFF / 2;
+        let missed = link.exchange(&dialer, build, end, &mut notes).await;
+        assert!(matches!(missed, Err(Missed::Ended)), "{missed:?}");
+        assert_eq!(
+            Instant::now() + MIN_BACKOFF / 2,
+            end,
+            "no wait for the pause"
+        );
+
+        let end = Instant::now() + MIN_BACKOFF * 2;
+        let missed = link.exchange(&dialer, build, end, &mut notes).await;
+        let Err(Missed::Failed(failed)) = missed else {
+            panic!("a pause over before the end, then an attempt: {missed:?}");
+        };
+        assert_eq!(failed.kind, Failure::Connect);
     }
 }

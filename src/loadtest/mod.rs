@@ -9,9 +9,10 @@
 //!
 //! Every request of the measured window is accounted for: a response, a failure (by kind, with
 //! the first error in words), unfinished (sent, no answer by the end), or not sent (due at a
-//! fixed rate while every connection was busy, and still not sent at the end). Requests still
-//! in flight from the warm-up when the window opens count in it. At the end of the duration no
-//! request starts; those in flight get until their `--timeout`, at most `--drain`. A request is
+//! fixed rate while every connection was busy, and still not sent at the end, or waiting for
+//! its connection's pause after a failure to end past the end). Requests still in flight from
+//! the warm-up when the window opens count in it. At the end of the duration no request
+//! starts; those in flight get until their `--timeout`, at most `--drain`. A request is
 //! sent a second time, once, on a new connection only when its reused connection closed and it
 //! was not sent at all, or (HTTP/1.1) it is an idempotent request (GET, PUT) that got no byte
 //! of answer before the connection closed (RFC 9110 §9.2.2); never a POST that may have been
@@ -49,7 +50,7 @@ pub use request::{
 };
 
 use conn::{exchange, Dialer};
-use link::{Link, Notes};
+use link::{Link, Missed, Notes};
 use pace::{Pacer, Slot};
 use request::Factory;
 
@@ -444,7 +445,8 @@ impl Settings {
 /// `ssp-gateway loadtest`: runs, prints the report, and exits 1 when nothing succeeded, the
 /// error ratio is above `--max-error-ratio` or the run could not start (with `--json`, then a
 /// JSON object with an `error` field on stdout), 130 after a Ctrl-C (the first ends the run and
-/// prints the partial report; a second exits at once).
+/// prints the partial report; a second exits at once; before the load starts, it ends the
+/// command with that JSON error and no report).
 pub fn cli(args: Args) -> ExitCode {
     let failed = |e: &LoadtestError| {
         eprintln!("error: {e}");
@@ -912,6 +914,8 @@ enum Outcome {
     Timeout,
     /// Still in flight when the drain was over or the run was interrupted.
     Unfinished,
+    /// Not sent: the run's end came while its connection was pausing after a failure.
+    NotSent,
 }
 
 /// One worker: sends request after request (or one per due time at a fixed rate) until the
@@ -940,11 +944,12 @@ async fn worker(run: &Run, id: usize, link: &Link) {
         let mut notes = Notes::default();
         let outcome = {
             let build = || run.factory.request(kind, run.http2, body.clone());
-            let exchange = link.exchange(&run.dialer, build, &mut notes);
+            let exchange = link.exchange(&run.dialer, build, run.end, &mut notes);
             tokio::select! {
                 result = exchange => match result {
                     Ok(done) => Outcome::Response(done),
-                    Err(failed) => Outcome::Failed(failed),
+                    Err(Missed::Failed(failed)) => Outcome::Failed(failed),
+                    Err(Missed::Ended) => Outcome::NotSent,
                 },
                 () = sleep_until(limit.min(run.drain_end)) => {
                     if limit <= run.drain_end {
@@ -977,13 +982,14 @@ async fn worker(run: &Run, id: usize, link: &Link) {
                         format!("no complete response within --timeout {limit}")
                     }),
                     Outcome::Unfinished => s.unfinished(),
+                    Outcome::NotSent => s.not_sent(),
                 }
             });
         }
         match outcome {
             Outcome::Response(_) | Outcome::Failed(_) => {}
             Outcome::Timeout => link.abandoned().await,
-            Outcome::Unfinished => break,
+            Outcome::Unfinished | Outcome::NotSent => break,
         }
     }
 }

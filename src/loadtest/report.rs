@@ -35,6 +35,8 @@ pub struct Stats {
     failures: BTreeMap<Failure, FailureStat>,
     bytes: u64,
     unfinished: u64,
+    /// Requests taken to be sent but not sent: the end came while their connection paused.
+    not_sent: u64,
     /// Requests due (or, closed loop, sent) in the window.
     in_window: u64,
     /// Requests due (or sent) during the warm-up whose outcome came in the window.
@@ -63,6 +65,7 @@ impl Default for Stats {
             failures: BTreeMap::new(),
             bytes: 0,
             unfinished: 0,
+            not_sent: 0,
             in_window: 0,
             from_warmup: 0,
             late: 0,
@@ -135,6 +138,12 @@ impl Stats {
         self.unfinished += 1;
     }
 
+    /// A request taken to be sent but not sent: the run's end came while its connection was
+    /// pausing after a failure.
+    pub fn not_sent(&mut self) {
+        self.not_sent += 1;
+    }
+
     /// Adds another worker's counts.
     pub fn merge(&mut self, other: &Stats) {
         // Same bounds on both sides, so adding cannot fail.
@@ -160,6 +169,7 @@ impl Stats {
         }
         self.bytes += other.bytes;
         self.unfinished += other.unfinished;
+        self.not_sent += other.not_sent;
         self.in_window += other.in_window;
         self.from_warmup += other.from_warmup;
         self.late += other.late;
@@ -351,9 +361,14 @@ impl Report {
         let (not_sent, from_warmup, due) = match window.schedule {
             Some(s) => {
                 let from_warmup = stats.from_warmup + s.not_sent_from_warmup;
-                (s.not_sent, from_warmup, s.due_in_window + from_warmup)
+                let not_sent = s.not_sent + stats.not_sent;
+                (not_sent, from_warmup, s.due_in_window + from_warmup)
             }
-            None => (0, stats.from_warmup, stats.in_window + stats.from_warmup),
+            None => (
+                stats.not_sent,
+                stats.from_warmup,
+                stats.in_window + stats.from_warmup,
+            ),
         };
         let secs = window.measured.as_secs_f64();
         let interactions = Kind::ALL
@@ -718,6 +733,29 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_request_taken_but_not_sent_is_not_sent() {
+        let mut stats = Stats::default();
+        stats.request(Sending::default());
+        stats.response(Kind::Search, 200, Duration::from_millis(3), 1, false);
+        stats.request(Sending::default());
+        stats.not_sent();
+        let r = Report::new(shape(), &stats, window(1), None, None);
+        assert_eq!((r.due, r.sent, r.not_sent, r.errors), (2, 1, 1, 1));
+        assert_eq!(r.accounted(), r.due);
+        let w = Window {
+            measured: Duration::from_secs(1),
+            interrupted: false,
+            schedule: Some(Scheduled {
+                due_in_window: 3,
+                not_sent: 1,
+                not_sent_from_warmup: 0,
+            }),
+        };
+        let r = Report::new(shape(), &stats, w, None, None);
+        assert_eq!((r.due, r.sent, r.not_sent, r.errors), (3, 1, 2, 2));
     }
 
     #[test]
