@@ -439,7 +439,7 @@ async fn the_command_reports_and_fails_when_nothing_succeeds() {
         let mut args = base.clone();
         args.extend(extra.iter().map(|s| s.to_string()));
         tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
+            std::process::Command::new(GATEWAY_BIN)
                 .args(&args)
                 .output()
                 .expect("run ssp-gateway loadtest")
