@@ -877,13 +877,11 @@ impl Writer {
             }
             let first_seq = self.head.seq + 1;
             let waited_on = unit.iter().any(|p| p.ack.is_some());
+            // The head the unit ends at, in place before the unit is written: a sync with it
+            // makes this head durable (`note_durable`). Put back if the unit fails.
+            let before = std::mem::replace(&mut self.head, head);
             match self.write_unit(&bytes, waited_on) {
                 Ok(()) => {
-                    self.head = head;
-                    if self.unsynced.is_empty() {
-                        // Synced with the unit.
-                        self.note_durable();
-                    }
                     if let Some(a) = self.active.as_mut() {
                         a.first_seq.get_or_insert(first_seq);
                     }
@@ -902,6 +900,7 @@ impl Writer {
                     self.recovered();
                 }
                 Err(e) => {
+                    self.head = before;
                     unit.extend(pending);
                     return self.fail(e, unit);
                 }
@@ -975,9 +974,8 @@ impl Writer {
         }
     }
 
-    /// Everything written so far is durable: `ssp_audit_last_seq` says up to which record.
-    /// (Called from a sync inside `write_unit` before the unit's head is taken, it says the
-    /// record before the unit; `write_records` says the unit's once it has its head.)
+    /// Everything written so far, up to the head, is durable: `ssp_audit_last_seq` says up to
+    /// which record (`write_records` puts a unit's head in place before writing it).
     fn note_durable(&mut self) {
         self.shared.metrics.last_seq.set(gauge(self.head.seq));
         // An anchor for the end of the trail, logged at the first durable write a minute or
