@@ -396,14 +396,15 @@ struct EndLines {
 /// record's `prev` is the link the writer would have made to the line before it. Logged, never
 /// refused (refusing would let whoever can write the files stop the gateway); `audit verify`
 /// is what proves the trail.
-fn judge_end(link: &Link, end: &EndLines) {
+fn judge_end(link: &Link, end: &EndLines, head: &Head) {
     let Ok((seq, prev)) = super::verify::parse_line(&end.last) else {
         tracing::warn!("the trail's last record has no prev to check: not one the writer wrote");
         return;
     };
-    // Keyed, the last record carries its own mac: a change to it (its prev kept) shows.
-    if let (Link::Hmac(key), Some((signed, mac))) = (link, super::record::sealed_parts(&end.last)) {
-        if key.hmac(signed) != mac {
+    // Keyed, the last record carries its own mac: a change to it (its prev kept) shows. The
+    // head's link value is that mac made again (`head_of`).
+    if let (Link::Hmac(_), Some((_, mac))) = (link, super::record::sealed_parts(&end.last)) {
+        if head.hash != mac {
             tracing::error!(
                 seq,
                 "the trail's last record's mac is not its HMAC under the key: the record was \
@@ -511,25 +512,35 @@ impl Writer {
         let lock = lock_dir(&dir)?;
 
         let active_path = dir.join(ACTIVE_FILE);
+        let mut tail = if active_path.exists() {
+            Some(read_tail(&active_path).map_err(io_err)?)
+        } else {
+            None
+        };
+        // The head the trail ends at: the active file's last whole record, or the newest
+        // rotated file's; and that record's line and the one before it, for `judge_end`.
         let mut head = None;
-        // The trail's last record's line and the one before it, for `judge_end`.
         let mut end = None;
-        let mut active = None;
-        if active_path.exists() {
-            let tail = read_tail(&active_path).map_err(io_err)?;
-            if let Some(line) = &tail.last {
-                head = Some(head_of(&active_path, line, &link)?);
-                let before = match tail.before_last.clone() {
+        if let Some(t) = tail.as_mut() {
+            if let Some(line) = t.last.take() {
+                head = Some(head_of(&active_path, &line, &link)?);
+                let before = match t.before_last.take() {
                     Some(before) => Some(before),
                     // The active file's first record links to the newest rotated file's last.
-                    None if tail.last_is_first => newest_tail(&dir)?.and_then(|(_, t)| t.last),
+                    None if t.last_is_first => newest_tail(&dir)?.and_then(|(_, t)| t.last),
                     None => None,
                 };
-                end = Some(EndLines {
-                    last: line.clone(),
-                    before,
-                });
+                end = Some(EndLines { last: line, before });
             }
+        }
+        if head.is_none() {
+            if let Some((h, lines)) = newest_head(&dir, &link)? {
+                head = Some(h);
+                end = Some(lines);
+            }
+        }
+        let mut active = None;
+        if let Some(tail) = tail {
             let first_seq = tail.first.as_deref().and_then(line_seq);
             if let Some(from) = tail.torn_from {
                 // Bytes after the last whole record: a record cut short by a crash, what a
@@ -537,12 +548,6 @@ impl Writer {
                 // not say. They are moved out of the trail into a file of their own, kept for
                 // inspection, and the chain carries on from the last whole record, so `audit
                 // verify` finds the trail intact.
-                if head.is_none() {
-                    if let Some((h, lines)) = newest_head(&dir, &link)? {
-                        head = Some(h);
-                        end = Some(lines);
-                    }
-                }
                 let next = head.map_or(1, |h| h.seq + 1);
                 let MovedOut { kept, head, bytes } =
                     move_out_tail(&dir, &active_path, from).map_err(io_err)?;
@@ -581,14 +586,8 @@ impl Writer {
                 });
             }
         }
-        if head.is_none() {
-            if let Some((h, lines)) = newest_head(&dir, &link)? {
-                head = Some(h);
-                end = Some(lines);
-            }
-        }
-        if let Some(end) = &end {
-            judge_end(&link, end);
+        if let (Some(end), Some(head)) = (&end, &head) {
+            judge_end(&link, end, head);
         }
         let head = head.unwrap_or(Head {
             seq: 0,
