@@ -170,7 +170,8 @@ async fn ldif_ldap_and_fhir_give_the_same_answers_on_the_development_world() {
 /// interaction make that interaction unusable for the party, with the same reason from every
 /// backend, and leave its other interactions and its FQDNs; a consumer's OpenTest-like handler
 /// outside the catalogue only supplies its FQDN; values with a trailing space are used trimmed;
-/// and an MHS record of another organisation under the party key is not the party's.
+/// and an MHS record of another organisation under the party key, or of its ODS code in another
+/// case (`nhsIDCode` is `caseExactMatch`), is not the party's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_sds_quirks_take_out_one_interaction_not_the_party_on_every_backend() {
     let ldif_text = directory_support::quirky_world(&world_ldif());
@@ -244,8 +245,9 @@ async fn real_sds_quirks_take_out_one_interaction_not_the_party_on_every_backend
     assert_eq!(
         provider.fqdns().collect::<Vec<_>>(),
         ["localhost"],
-        "another organisation's handler gives no FQDN"
+        "another organisation's handler, and one of its ODS code in lower case, give no FQDN"
     );
+    assert!(provider.handler_for(IX_SEARCH_PRACTITIONER).is_some());
     let consumer = DirectoryBackend::party(&fhir, CONSUMER_ASID)
         .await
         .expect("fhir")

@@ -22,10 +22,10 @@
 //!    not a match;
 //! 3. `GET /Endpoint?organization=<ods>&identifier=<nhsMhsPartyKey>|<party key>`: every message
 //!    handler (`address`, `nhsMhsFQDN`, `nhsMhsCPAId`, `nhsMHSId`, interaction) of the party key.
-//!    An Endpoint whose party key is another (ignoring case, as LDAP's `caseIgnoreMatch`), whose
-//!    `managingOrganization` is another ODS code (ignoring ASCII case), or whose `status` is not
-//!    `active` (the API sends `active`) is dropped with a debug log: its FQDN must not become one
-//!    the ASID's certificate may present. The API sends one Endpoint per `nhsMHSEndPoint` value:
+//!    An Endpoint whose party key is another (ignoring ASCII case, as LDAP's `caseIgnoreMatch`),
+//!    whose `managingOrganization` is another ODS code (exactly, as `caseExactMatch`), or whose
+//!    `status` is not `active` (the API sends `active`) is dropped with a debug log: its FQDN
+//!    must not become one the ASID's certificate may present. The API sends one Endpoint per `nhsMHSEndPoint` value:
 //!    Endpoints with one `nhsMHSId` and interaction are one MHS record with several addresses.
 //!    What the gateway makes of the records is [`PartyHandlers::judge`]'s, as for the other
 //!    backends.
@@ -76,8 +76,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{
-    is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MhsRecord, Party, PartyHandlers,
-    Requestable,
+    is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MhsRecord, Party,
+    PartyHandlers, Requestable,
 };
 use crate::reload::Reloadable;
 use crate::tls;
@@ -745,13 +745,14 @@ pub fn device_with_asid(
 }
 
 /// The MHS records of `party_key` and `ods` in an `/Endpoint` Bundle, for
-/// [`PartyHandlers::judge`]. An Endpoint with another party key (compared ignoring case, as
-/// SDS's `caseIgnoreMatch` and the LDIF backend's grouping do) or another `managingOrganization`
-/// (ignoring ASCII case) is not this party's, whatever the API returned, and one whose `status`
+/// [`PartyHandlers::judge`]. An Endpoint with another party key or `managingOrganization`
+/// (compared as every backend joins, [`JoinKey`]: the party key ignoring ASCII case, the ODS
+/// code exactly) is not this party's, whatever the API returned, and one whose `status`
 /// is not `active` is not in service: each is dropped, so its FQDN never becomes one a
 /// certificate may present for this ASID. The API sends one Endpoint per `nhsMHSEndPoint`
 /// value: Endpoints with the same `nhsMHSId` and interaction make one record.
 pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRecord>, String> {
+    let join = JoinKey::new(party_key, ods);
     let mut records: Vec<MhsRecord> = Vec::new();
     for endpoint in resources(bundle, "Endpoint")? {
         let key = one_identifier(endpoint, PARTY_KEY_SYSTEM)?;
@@ -764,10 +765,8 @@ pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRe
             .ok_or_else(|| format!("{}: no managingOrganization ODS code", label(endpoint)))?;
         let managing = clean(endpoint, "managingOrganization", managing)?;
         let status = endpoint.get("status").and_then(Value::as_str);
-        let dropped = if !key.eq_ignore_ascii_case(party_key) {
-            Some("of another party key")
-        } else if !managing.eq_ignore_ascii_case(ods) {
-            Some("of another ODS code")
+        let dropped = if JoinKey::new(&key, &managing) != join {
+            Some("of another party key or ODS code")
         } else if status != Some("active") {
             Some("not active")
         } else {
@@ -1111,7 +1110,7 @@ mod tests {
     fn values_are_trimmed_and_addresses_of_one_record_gathered() {
         let mut padded = endpoint("aaa", SLOT, " https://x/1 ");
         padded["identifier"][1]["value"] = json!("B82617-0000806 ");
-        padded["managingOrganization"]["identifier"]["value"] = json!(" b82617");
+        padded["managingOrganization"]["identifier"]["value"] = json!(" B82617");
         let b = bundle(vec![padded, endpoint("aaa", SLOT, "https://x/2")]);
         let records = endpoints(&b, "B82617-0000806", "B82617").unwrap();
         assert_eq!(records.len(), 1);
@@ -1129,7 +1128,8 @@ mod tests {
     }
 
     /// An Endpoint of another party key or ODS code is not the party's: dropped, so its FQDN is
-    /// never one the ASID's certificate may present. Party keys compare ignoring case.
+    /// never one the ASID's certificate may present. Party keys compare ignoring case, ODS codes
+    /// exactly.
     #[test]
     fn endpoints_of_another_party_key_are_dropped() {
         let mut foreign = endpoint("ccc", "urn:c", "https://rogue.example/x");
@@ -1161,6 +1161,12 @@ mod tests {
         assert!(endpoints(&b, "b82617-0000806", "A20047")
             .unwrap()
             .is_empty());
+        assert!(
+            endpoints(&b, "B82617-0000806", "b82617")
+                .unwrap()
+                .is_empty(),
+            "the ODS code is compared exactly"
+        );
     }
 
     #[test]

@@ -32,8 +32,8 @@ use futures_util::future::BoxFuture;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
 
 use super::{
-    is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, MessageHandler, MhsRecord, Party,
-    PartyHandlers, Requestable,
+    is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MessageHandler,
+    MhsRecord, Party, PartyHandlers, Requestable,
 };
 use crate::reload::Reloadable;
 use crate::tls::{self, ClientTls, UpstreamTls};
@@ -137,14 +137,6 @@ pub fn handlers_filter(party_key: &str, ods_code: &str) -> String {
         escape_filter_value(party_key),
         escape_filter_value(ods_code)
     )
-}
-
-/// Whether an MHS record the server returned for `party_key` and `ods_code` is theirs: the
-/// server matches the party key ignoring case and the ODS code exactly; this checks both
-/// ignoring ASCII case.
-fn joins(record: &MhsRecord, party_key: &str, ods_code: &str) -> bool {
-    record.party_key.eq_ignore_ascii_case(party_key)
-        && record.ods_code.eq_ignore_ascii_case(ods_code)
 }
 
 /// A search failure, split by whether the connection is still usable.
@@ -344,7 +336,8 @@ impl LdapBackend {
             .map(mhs_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        records.retain(|r| joins(r, party_key, ods_code) && r.interaction == interaction);
+        let join = JoinKey::new(party_key, ods_code);
+        records.retain(|r| r.join_key() == join && r.interaction == interaction);
         Ok(PartyHandlers::judge(&records, &self.requestable)
             .usable
             .into_iter()
@@ -353,8 +346,8 @@ impl LdapBackend {
 
     /// Every MHS record of `party_key` and `ods_code`, as read (see [`PartyHandlers::judge`]
     /// for what the gateway makes of them). The server matches the party key ignoring case and
-    /// the ODS code exactly (the schema's rules); so does this, ignoring ASCII case for the ODS
-    /// code, on what comes back.
+    /// the ODS code exactly (the schema's rules); what comes back is checked with the join every
+    /// backend applies ([`JoinKey`]).
     pub async fn handlers(
         &self,
         party_key: &str,
@@ -372,7 +365,8 @@ impl LdapBackend {
             .map(mhs_record)
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        records.retain(|r| joins(r, party_key, ods_code));
+        let join = JoinKey::new(party_key, ods_code);
+        records.retain(|r| r.join_key() == join);
         Ok(records)
     }
 

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use futures_util::future::{self, BoxFuture};
 
 use super::{
-    AccreditedSystem, DirectoryBackend, DirectoryError, MhsRecord, Party, PartyHandlers,
+    AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MhsRecord, Party, PartyHandlers,
     Requestable,
 };
 
@@ -408,18 +408,12 @@ pub struct Stats {
 struct Index {
     /// ASID (digits) -> AS record.
     systems: HashMap<String, AccreditedSystem>,
-    /// (lowercased party key, ASCII-lowercased ODS code) -> its MHS records, judged.
-    handlers: HashMap<(String, String), PartyHandlers>,
+    /// The MHS records of each party key and ODS code ([`JoinKey`]), judged.
+    handlers: HashMap<JoinKey, PartyHandlers>,
     stats: Stats,
     /// What the data holds that the gateway cannot use, or used only after trimming it, each
     /// starting `line N: `, in line order.
     warnings: Vec<String>,
-}
-
-/// The key that joins an AS record to its MHS records: the party key (compared ignoring case,
-/// as SDS's `caseIgnoreMatch` does) and the ODS code (compared ignoring ASCII case).
-fn join_key(party_key: &str, ods_code: &str) -> (String, String) {
-    (party_key.to_lowercase(), ods_code.to_ascii_lowercase())
 }
 
 impl Index {
@@ -427,7 +421,7 @@ impl Index {
         let system = self.systems.get(asid)?;
         let handlers = self
             .handlers
-            .get(&join_key(&system.party_key, &system.ods_code))
+            .get(&system.join_key())
             .cloned()
             .unwrap_or_default();
         Some(Party::new(system.clone(), handlers))
@@ -450,7 +444,7 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
     let mut index = Index::default();
     let mut warnings: Warnings = Vec::new();
     let mut asid_lines: HashMap<String, usize> = HashMap::new();
-    let mut groups: HashMap<(String, String), Group> = HashMap::new();
+    let mut groups: HashMap<JoinKey, Group> = HashMap::new();
 
     for record in records {
         index.stats.entries += 1;
@@ -482,9 +476,7 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
             (false, true) => {
                 let mhs = mhs_record(record, &mut warnings)?;
                 index.stats.handlers += 1;
-                let group = groups
-                    .entry(join_key(&mhs.party_key, &mhs.ods_code))
-                    .or_default();
+                let group = groups.entry(mhs.join_key()).or_default();
                 group.records.push(mhs);
                 group.places.push((record.line, record.dn.clone()));
             }
@@ -1478,19 +1470,23 @@ mod tests {
     }
 
     /// An AS record joins the MHS records of its party key (ignoring case) AND its ODS code
-    /// (ignoring ASCII case), as the FHIR API's `/Endpoint` search does: an MHS record of
-    /// another organisation under the same party key adds no endpoint and no FQDN.
+    /// (exactly, as slapd's filter on `nhsIDCode`, `caseExactMatch`, and the FHIR API's
+    /// `/Endpoint` search do): an MHS record of another organisation under the same party key,
+    /// or of its ODS code in another case, adds no endpoint and no FQDN.
     #[test]
     fn the_ods_code_joins_as_records_to_mhs_records_too() {
         let metadata = format!("{GPC}fhir:rest:read:metadata-1");
         let slot = format!("{GPC}fhir:rest:search:slot-1");
         let text = format!(
-            "{}\n{}\n{}",
+            "{}\n{}\n{}\n{}",
             as_entry("1", "P-1", ""),
-            mhs_entry("m1", "P-1", &metadata, "").replace("nhsIDCode: B82617", "nhsIDCode: b82617"),
+            mhs_entry("m1", "P-1", &metadata, ""),
             mhs_entry("s1", "P-1", &slot, "")
                 .replace("nhsIDCode: B82617", "nhsIDCode: X99999")
                 .replace("nhsMhsFQDN: localhost", "nhsMhsFQDN: rogue.example"),
+            mhs_entry("s2", "P-1", &slot, "")
+                .replace("nhsIDCode: B82617", "nhsIDCode: b82617")
+                .replace("nhsMhsFQDN: localhost", "nhsMhsFQDN: lower.example"),
         );
         let index = model(&text).unwrap();
         let party = index.party("1").unwrap();
@@ -1504,6 +1500,10 @@ mod tests {
         );
         assert!(party.handler_for(&slot).is_none());
         assert!(!party.has_fqdn("rogue.example"));
+        assert!(
+            !party.has_fqdn("lower.example"),
+            "the ODS code is case-exact"
+        );
         assert!(index.warnings.is_empty(), "{:?}", index.warnings);
     }
 

@@ -56,6 +56,42 @@ pub struct MessageHandler {
     pub cpa_id: String,
 }
 
+/// What joins an AS record to its MHS records, on every backend: the party key compared
+/// ignoring ASCII case (SDS's `caseIgnoreMatch`; party keys are ASCII) and the ODS code compared
+/// exactly (`nhsIDCode` is `caseExactMatch` in SDS: slapd's filter and the FHIR API's
+/// `organization` search match it so). An MHS record joins an AS record when their keys are
+/// equal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JoinKey {
+    /// ASCII-lowercased.
+    party_key: String,
+    ods_code: String,
+}
+
+impl JoinKey {
+    /// The key of a record with this party key and ODS code.
+    pub fn new(party_key: &str, ods_code: &str) -> JoinKey {
+        JoinKey {
+            party_key: party_key.to_ascii_lowercase(),
+            ods_code: ods_code.to_owned(),
+        }
+    }
+}
+
+impl AccreditedSystem {
+    /// The key its MHS records have ([`JoinKey`]).
+    pub fn join_key(&self) -> JoinKey {
+        JoinKey::new(&self.party_key, &self.ods_code)
+    }
+}
+
+impl MhsRecord {
+    /// The key of the AS records it belongs to ([`JoinKey`]).
+    pub fn join_key(&self) -> JoinKey {
+        JoinKey::new(&self.party_key, &self.ods_code)
+    }
+}
+
 /// An `nhsMhs` record as a backend read it, before the party's rules are applied
 /// ([`PartyHandlers::judge`]). Values have their leading and trailing white space removed (as
 /// LDAP's matching ignores it).
@@ -625,6 +661,21 @@ mod tests {
         assert!(!p.has_fqdn("mhs.example."));
         assert!(!p.has_fqdn("rogue.dev.local"));
         assert!(!p.has_fqdn(""));
+    }
+
+    /// The join: party keys ignoring ASCII case, ODS codes exactly.
+    #[test]
+    fn the_join_ignores_the_party_keys_case_not_the_ods_codes() {
+        let system = system("1");
+        let mut r = record("a", METADATA, "localhost");
+        assert_eq!(r.join_key(), system.join_key());
+        r.party_key = "b82617-0000806".into();
+        assert_eq!(r.join_key(), system.join_key(), "party key case ignored");
+        r.ods_code = "b82617".into();
+        assert_ne!(r.join_key(), system.join_key(), "ODS code case-exact");
+        r.ods_code = "B82617".into();
+        r.party_key = "B82617-0000807".into();
+        assert_ne!(r.join_key(), system.join_key());
     }
 
     #[test]

@@ -774,6 +774,9 @@ pub const METADATA_MHS: &str = "4312b49572e113d450cf";
 pub const DUPLICATE_SLOT_MHS: &str = "5d0b1e5a0000000000d2";
 /// An MHS record under the provider's party key but another organisation's ODS code.
 pub const OTHER_ODS_MHS: &str = "0d5c0de00000000000e1";
+/// An MHS record under the provider's party key whose ODS code is the provider's in lower case
+/// (`nhsIDCode` is `caseExactMatch`: not the provider's).
+pub const LOWER_ODS_MHS: &str = "0d5c0de00000000000e2";
 /// A second MHS record of the consumer's, OpenTest-like (a trailing `/`), outside the catalogue.
 pub const OPENTEST_MHS: &str = "S918999410559";
 
@@ -844,6 +847,9 @@ fn map_lines(block: &str, prefix: &str, with: impl Fn(&str) -> String) -> String
 /// - a handler of another organisation (ODS code X99999) under the provider's party key, for
 ///   `search:organization-1`, FQDN `rogue.dev.local` (not the provider's: neither a duplicate
 ///   nor an FQDN);
+/// - a handler under the provider's party key whose ODS code is the provider's in lower case
+///   (`b82617`), for `search:practitioner-1`, FQDN `lower-ods.dev.local` (not the provider's:
+///   `nhsIDCode` is `caseExactMatch`);
 /// - the consumer's own (non-GP Connect) handler at an endpoint with a trailing `/`, and a
 ///   second one for the same interaction, OpenTest-like, FQDN `opentest.dev.local` (outside
 ///   the catalogue: both FQDNs count, nothing reported);
@@ -908,6 +914,21 @@ pub fn quirky_world(ldif: &str) -> String {
         "nhsMhsFQDN: ",
         |_| "nhsMhsFQDN: rogue.dev.local".into(),
     );
+    let practitioner = block_of(&out, &lines(&provider_mhs("search:practitioner-1")));
+    let practitioner_id = practitioner
+        .lines()
+        .find_map(|l| l.strip_prefix("uniqueIdentifier: "))
+        .expect("practitioner MHS id")
+        .to_string();
+    let lower_ods = map_lines(
+        &map_lines(
+            &practitioner.replace(&practitioner_id, LOWER_ODS_MHS),
+            "nhsIDCode: ",
+            |_| "nhsIDCode: b82617".into(),
+        ),
+        "nhsMhsFQDN: ",
+        |_| "nhsMhsFQDN: lower-ods.dev.local".into(),
+    );
 
     let consumer_mhs = [
         "objectClass: nhsMhs",
@@ -936,7 +957,7 @@ pub fn quirky_world(ldif: &str) -> String {
         },
     );
     format!(
-        "{}\n\n{duplicate_slot}\n\n{other_ods}\n\n{opentest}\n",
+        "{}\n\n{duplicate_slot}\n\n{other_ods}\n\n{lower_ods}\n\n{opentest}\n",
         out.trim_end()
     )
 }
