@@ -76,8 +76,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{
-    is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MhsRecord, Party,
-    PartyHandlers, Requestable,
+    is_asid, mhs_fqdn, trim_value, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey,
+    MhsRecord, Party, PartyHandlers, Requestable,
 };
 use crate::reload::Reloadable;
 use crate::tls;
@@ -635,7 +635,7 @@ fn label(resource: &Value) -> String {
 /// A value the model can use: without leading or trailing white space (the LDAP behind the
 /// API ignores it when matching), and then not empty.
 fn clean(resource: &Value, what: &str, value: &str) -> Result<String, String> {
-    let value = value.trim();
+    let value = trim_value(value);
     if value.is_empty() {
         return Err(format!("{}: {what}: empty value", label(resource)));
     }
@@ -715,7 +715,7 @@ pub fn device_with_asid(
     for device in resources(bundle, "Device")? {
         if !identifiers(device, ASID_SYSTEM)
             .iter()
-            .any(|id| id.trim() == asid)
+            .any(|id| trim_value(id) == asid)
         {
             continue;
         }
@@ -798,8 +798,8 @@ pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRe
         let address = endpoint
             .get("address")
             .and_then(Value::as_str)
+            .map(trim_value)
             .ok_or_else(|| format!("{}: no address", label(endpoint)))?
-            .trim()
             .to_owned();
         let id = one_identifier(endpoint, MHS_ID_SYSTEM)?;
         if let Some(record) = records
@@ -809,12 +809,7 @@ pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRe
             record.endpoints.push(address);
             continue;
         }
-        let fqdn = match identifiers(endpoint, FQDN_SYSTEM).as_slice() {
-            [] => Err("missing".to_owned()),
-            [one] if one.trim().is_empty() => Err("empty value".to_owned()),
-            [one] => Ok(one.trim().to_owned()),
-            many => Err(format!("{} values, expected one", many.len())),
-        };
+        let fqdn = mhs_fqdn(&identifiers(endpoint, FQDN_SYSTEM));
         records.push(MhsRecord {
             id,
             ods_code: managing,

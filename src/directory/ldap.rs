@@ -32,8 +32,8 @@ use futures_util::future::BoxFuture;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
 
 use super::{
-    is_asid, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MessageHandler,
-    MhsRecord, Party, PartyHandlers, Requestable,
+    is_asid, mhs_fqdn, trim_value, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey,
+    MessageHandler, MhsRecord, Party, PartyHandlers, Requestable,
 };
 use crate::reload::Reloadable;
 use crate::tls::{self, ClientTls, UpstreamTls};
@@ -655,12 +655,21 @@ impl<'e> Values<'e> {
             .unwrap_or(&[])
     }
 
-    /// Every value, without leading or trailing white space (LDAP's matching ignores it).
-    fn trimmed(&self, name: &str) -> Result<Vec<String>, String> {
+    /// Every value, as sent; an error when the server sent them as binary (not UTF-8).
+    fn utf8(&self, name: &str) -> Result<&'e [String], String> {
         if self.binary.contains(&name.to_ascii_lowercase()) {
             return Err(format!("entry {}: {name}: value is not UTF-8", self.dn));
         }
-        Ok(self.all(name).iter().map(|v| v.trim().to_owned()).collect())
+        Ok(self.all(name))
+    }
+
+    /// Every value, trimmed ([`trim_value`]).
+    fn trimmed(&self, name: &str) -> Result<Vec<String>, String> {
+        Ok(self
+            .utf8(name)?
+            .iter()
+            .map(|v| trim_value(v).to_owned())
+            .collect())
     }
 
     /// At most one value; when present, non-empty once trimmed (the rules the LDIF backend
@@ -713,12 +722,9 @@ fn mhs_record(entry: &SearchEntry) -> Result<MhsRecord, String> {
     if endpoints.is_empty() {
         return Err(format!("entry {}: missing nhsMHSEndPoint", v.dn));
     }
-    let fqdn = match v.trimmed("nhsMhsFQDN").as_deref() {
+    let fqdn = match v.utf8("nhsMhsFQDN") {
         Err(_) => Err("value is not UTF-8".to_owned()),
-        Ok([]) => Err("missing".to_owned()),
-        Ok([one]) if one.is_empty() => Err("empty value".to_owned()),
-        Ok([one]) => Ok(one.clone()),
-        Ok(many) => Err(format!("{} values, expected one", many.len())),
+        Ok(values) => mhs_fqdn(values),
     };
     Ok(MhsRecord {
         id: v.required("uniqueIdentifier")?,

@@ -15,8 +15,8 @@ use base64::Engine as _;
 use futures_util::future::{self, BoxFuture};
 
 use super::{
-    AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MhsRecord, Party, PartyHandlers,
-    Requestable,
+    mhs_fqdn, trim_value, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MhsRecord,
+    Party, PartyHandlers, Requestable,
 };
 
 /// The development world (`config/directory.ldif`), compiled in as the default directory.
@@ -563,18 +563,12 @@ fn mhs_record(record: &Record, warnings: &mut Warnings) -> Result<MhsRecord, Mod
             attribute: MHS_END_POINT.name,
         });
     }
-    let fqdn = match record.values(MHS_FQDN.lower).collect::<Vec<_>>().as_slice() {
-        [] => Err("missing".to_owned()),
-        [one] => {
-            let value = trimmed(record, MHS_FQDN, one, warnings);
-            if value.is_empty() {
-                Err("empty value".to_owned())
-            } else {
-                Ok(value.to_owned())
-            }
-        }
-        many => Err(format!("{} values, expected one", many.len())),
-    };
+    let fqdns: Vec<&AttributeValue> = record.values(MHS_FQDN.lower).collect();
+    if let [one] = fqdns.as_slice() {
+        // The one value is used trimmed: say so, with its line.
+        trimmed(record, MHS_FQDN, one, warnings);
+    }
+    let fqdn = mhs_fqdn(&fqdns.iter().map(|v| &v.value).collect::<Vec<_>>());
     Ok(MhsRecord {
         id: required(record, UNIQUE_IDENTIFIER, warnings)?.to_owned(),
         ods_code: required(record, ID_CODE, warnings)?.to_owned(),
@@ -602,7 +596,7 @@ fn trimmed<'r>(
     value: &'r AttributeValue,
     warnings: &mut Warnings,
 ) -> &'r str {
-    let trimmed = value.value.trim();
+    let trimmed = trim_value(&value.value);
     if trimmed.len() != value.value.len() {
         warnings.push((
             value.line,

@@ -114,6 +114,26 @@ pub struct MhsRecord {
     pub cpa_id: String,
 }
 
+/// A directory value as every backend uses it: without leading or trailing white space (LDAP's
+/// matching ignores it, so a filter matches a value stored with a trailing space).
+pub fn trim_value(value: &str) -> &str {
+    value.trim()
+}
+
+/// An MHS record's FQDN from its `nhsMhsFQDN` values, as every backend reads it: exactly one,
+/// non-empty once trimmed ([`trim_value`]); otherwise why the record has none the gateway can
+/// use (`missing`, `empty value`, `N values, expected one`), for [`MhsRecord::fqdn`].
+pub fn mhs_fqdn<S: AsRef<str>>(values: &[S]) -> Result<String, String> {
+    match values {
+        [] => Err("missing".to_owned()),
+        [one] => match trim_value(one.as_ref()) {
+            "" => Err("empty value".to_owned()),
+            fqdn => Ok(fqdn.to_owned()),
+        },
+        many => Err(format!("{} values, expected one", many.len())),
+    }
+}
+
 /// What the gateway does without the message handlers an [`Unusable`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
@@ -676,6 +696,17 @@ mod tests {
         r.ods_code = "B82617".into();
         r.party_key = "B82617-0000807".into();
         assert_ne!(r.join_key(), system.join_key());
+    }
+
+    #[test]
+    fn an_fqdn_is_one_value_not_empty_once_trimmed() {
+        assert_eq!(mhs_fqdn(&[" mhs.example "]), Ok("mhs.example".to_owned()));
+        assert_eq!(mhs_fqdn::<&str>(&[]), Err("missing".to_owned()));
+        assert_eq!(mhs_fqdn(&[" "]), Err("empty value".to_owned()));
+        assert_eq!(
+            mhs_fqdn(&["a.example", "b.example"]),
+            Err("2 values, expected one".to_owned())
+        );
     }
 
     #[test]
