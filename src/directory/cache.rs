@@ -586,8 +586,10 @@ async fn keep(inner: &Inner, asid: &str, generation: u64, slot: Slot) {
     }
 }
 
-/// Logs (WARN, at most one line a second) what a party just looked up holds that the gateway
-/// cannot use: once per lookup, not per request (the party is cached with it).
+/// Logs (WARN) what a party a backend lookup just returned holds that the gateway cannot use:
+/// per lookup, not per request (the party is cached with it). One limit for every party: at
+/// most one line a second in all; the lines over it are dropped, and the next line that goes
+/// out counts them (`held_back`).
 fn warn_unusable(backend: &'static str, party: &Party) {
     static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
     if let Some(held_back) = LOG.allow() {
