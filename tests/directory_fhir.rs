@@ -305,6 +305,25 @@ async fn readiness_follows_the_api_not_the_last_lookup() {
     h.stop().await;
 }
 
+/// A Device with the ASID that is not `active` ends the lookup: the ASID is not registered,
+/// found by the first `/Device` search, with no other search (each would find the same Device)
+/// and no `/Endpoint` search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inactive_device_ends_the_lookup_as_not_registered() {
+    let api = FhirApi::start(&world_ldif(), None).await;
+    let fhir = backend(api.base_url(), API_KEY, None);
+    assert!(fhir.party(CONSUMER_ASID).await.expect("lookup").is_some());
+    let active = api.seen().len();
+    api.statuses
+        .lock()
+        .expect("lock")
+        .insert(CONSUMER_ASID.into(), "inactive".into());
+    assert_eq!(fhir.party(CONSUMER_ASID).await.expect("lookup"), None);
+    let seen = api.seen()[active..].to_vec();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert!(seen[0].path_and_query.contains("/Device?"), "{seen:#?}");
+}
+
 /// A lookup has one time budget for all its requests (twice query_timeout), not one per
 /// request: on a slow API, an ASID that no catalogue interaction's `/Device` search finds is a
 /// backend error once the budget is spent, not one slow request per catalogue interaction later.

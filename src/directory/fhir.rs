@@ -19,7 +19,7 @@
 //!    (the searches still running when one finds it are dropped). A Device lists every `nhsAsSvcIA` of its AS record, so one
 //!    match gives the whole accreditation; no match for any catalogue interaction is "not
 //!    registered". A Device whose `status` is there and not `active` (the API sends none) is
-//!    not a match;
+//!    not a match, and ends the lookup: the ASID is not registered (no further searches);
 //! 3. `GET /Endpoint?organization=<ods>&identifier=<nhsMhsPartyKey>|<party key>`: every message
 //!    handler (`address`, `nhsMhsFQDN`, `nhsMhsCPAId`, `nhsMHSId`, interaction) of the party key.
 //!    An Endpoint whose party key is another (ignoring ASCII case, as LDAP's `caseIgnoreMatch`),
@@ -279,14 +279,14 @@ impl FhirBackend {
         // with the ASID, or the first failure, decides as it would one search at a time; the
         // searches still running then are dropped.
         let mut interactions = self.interactions.iter();
-        let mut system = match interactions.next() {
+        let mut found = match interactions.next() {
             Some(first) => {
                 let bundle = self.devices(organization, first).await?;
                 device_with_asid(&bundle, asid, ods).map_err(backend_error)?
             }
-            None => None,
+            None => DeviceMatch::Absent,
         };
-        if system.is_none() {
+        if found == DeviceMatch::Absent {
             // (Futures do nothing until polled: `buffered` starts them as it takes them.)
             let searches: Vec<_> = interactions
                 .map(|interaction| self.devices(organization, interaction))
@@ -294,14 +294,20 @@ impl FhirBackend {
             let mut searches =
                 std::pin::pin!(stream::iter(searches).buffered(DEVICE_SEARCHES_IN_FLIGHT));
             while let Some(bundle) = searches.next().await {
-                system = device_with_asid(&bundle?, asid, ods).map_err(backend_error)?;
-                if system.is_some() {
+                found = device_with_asid(&bundle?, asid, ods).map_err(backend_error)?;
+                if found != DeviceMatch::Absent {
                     break;
                 }
             }
         }
-        let Some(system) = system else {
-            return Ok(None);
+        let system = match found {
+            DeviceMatch::Active(system) => system,
+            DeviceMatch::Absent => return Ok(None),
+            DeviceMatch::Inactive => {
+                // Every catalogue search would find the same Device: not registered, now.
+                tracing::debug!(asid, "the ASID's Device is not active: not registered");
+                return Ok(None);
+            }
         };
         let bundle = self
             .get(
@@ -704,14 +710,22 @@ fn interaction_ids(resource: &Value) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// What a `/Device` Bundle says of an ASID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceMatch {
+    /// No Device has the ASID.
+    Absent,
+    /// The AS record of the one Device with the ASID that is `active` or says nothing.
+    Active(AccreditedSystem),
+    /// Devices have the ASID, none of them active: the ASID is not registered.
+    Inactive,
+}
+
 /// The AS record among a `/Device` Bundle's Devices whose ASID is `asid`, if any. `ods` is the
 /// ODS code searched for (the API filters on the AS record's `nhsIDCode` but does not return it).
-pub fn device_with_asid(
-    bundle: &Value,
-    asid: &str,
-    ods: &str,
-) -> Result<Option<AccreditedSystem>, String> {
+pub fn device_with_asid(bundle: &Value, asid: &str, ods: &str) -> Result<DeviceMatch, String> {
     let mut found = Vec::new();
+    let mut inactive = false;
     for device in resources(bundle, "Device")? {
         if !identifiers(device, ASID_SYSTEM)
             .iter()
@@ -725,6 +739,7 @@ pub fn device_with_asid(
             Some(Value::String(status)) if status == "active" => {}
             Some(status) => {
                 tracing::debug!(device = %label(device), %status, "a Device with the ASID is not active; not used");
+                inactive = true;
                 continue;
             }
         }
@@ -738,9 +753,11 @@ pub fn device_with_asid(
             product_version: None,
         });
     }
-    match found.len() {
-        0 | 1 => Ok(found.pop()),
-        n => Err(format!("{n} Devices have ASID {asid}")),
+    match (found.len(), inactive) {
+        (0, false) => Ok(DeviceMatch::Absent),
+        (0, true) => Ok(DeviceMatch::Inactive),
+        (1, _) => Ok(found.pop().map_or(DeviceMatch::Absent, DeviceMatch::Active)),
+        (n, _) => Err(format!("{n} Devices have ASID {asid}")),
     }
 }
 
@@ -1005,15 +1022,21 @@ mod tests {
             device("111", "B82617-1", &["urn:a"]),
             device("918999198993", "B82617-0000806", &[SLOT, "urn:b"]),
         ]);
-        let s = device_with_asid(&b, "918999198993", "B82617")
-            .unwrap()
-            .unwrap();
+        let DeviceMatch::Active(s) = device_with_asid(&b, "918999198993", "B82617").unwrap() else {
+            panic!("found")
+        };
         assert_eq!(s.party_key, "B82617-0000806");
         assert_eq!(s.interactions, [SLOT, "urn:b"]);
         assert_eq!(s.ods_code, "B82617");
-        assert_eq!(device_with_asid(&b, "222", "B82617").unwrap(), None);
+        assert_eq!(
+            device_with_asid(&b, "222", "B82617").unwrap(),
+            DeviceMatch::Absent
+        );
         let empty = json!({ "resourceType": "Bundle", "type": "searchset", "total": 0 });
-        assert_eq!(device_with_asid(&empty, "1", "X").unwrap(), None);
+        assert_eq!(
+            device_with_asid(&empty, "1", "X").unwrap(),
+            DeviceMatch::Absent
+        );
 
         let twice = bundle(vec![device("1", "P-1", &[]), device("1", "P-2", &[])]);
         assert!(device_with_asid(&twice, "1", "X")
@@ -1095,8 +1118,18 @@ mod tests {
                 d["status"] = json!(status);
             }
             let found = device_with_asid(&bundle(vec![d]), "918999198993", "B82617").unwrap();
-            assert_eq!(found.is_some(), used, "{status:?}");
+            if used {
+                assert!(matches!(found, DeviceMatch::Active(_)), "{status:?}");
+            } else {
+                assert_eq!(found, DeviceMatch::Inactive, "{status:?}");
+            }
         }
+        // An inactive Device beside the active one with the ASID: the active one is used.
+        let mut off = device("918999198993", "B82617-0000806", &[SLOT]);
+        off["status"] = json!("inactive");
+        let on = device("918999198993", "B82617-0000806", &[SLOT]);
+        let found = device_with_asid(&bundle(vec![off, on]), "918999198993", "B82617").unwrap();
+        assert!(matches!(found, DeviceMatch::Active(_)), "{found:?}");
     }
 
     /// Values are trimmed, as the LDAP behind the API matches them; two Endpoints of one MHS
@@ -1114,9 +1147,11 @@ mod tests {
 
         let mut d = device("918999198993 ", " B82617-0000806", &[SLOT]);
         d["extension"][1]["valueReference"]["identifier"]["value"] = json!(format!("{SLOT} "));
-        let s = device_with_asid(&bundle(vec![d]), "918999198993", "B82617")
-            .unwrap()
-            .expect("found");
+        let DeviceMatch::Active(s) =
+            device_with_asid(&bundle(vec![d]), "918999198993", "B82617").unwrap()
+        else {
+            panic!("found")
+        };
         assert_eq!(s.asid, "918999198993");
         assert_eq!(s.party_key, "B82617-0000806");
         assert_eq!(s.interactions, [SLOT]);
