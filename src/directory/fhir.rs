@@ -273,31 +273,15 @@ impl FhirBackend {
             return Ok(None);
         };
         let organization = format!("{ODS_SYSTEM}|{ods}");
-        let organization = &organization;
-        // The first catalogue interaction alone (GP Connect parties are found by it), then the
-        // others several at once, their answers taken in catalogue order: the first Device
-        // with the ASID, or the first failure, decides as it would one search at a time; the
-        // searches still running then are dropped.
-        let mut interactions = self.interactions.iter();
-        let mut found = match interactions.next() {
-            Some(first) => {
-                let bundle = self.devices(organization, first).await?;
-                device_with_asid(&bundle, asid, ods).map_err(backend_error)?
-            }
-            None => DeviceMatch::Absent,
-        };
-        if found == DeviceMatch::Absent {
-            // (Futures do nothing until polled: `buffered` starts them as it takes them.)
-            let searches: Vec<_> = interactions
-                .map(|interaction| self.devices(organization, interaction))
-                .collect();
-            let mut searches =
-                std::pin::pin!(stream::iter(searches).buffered(DEVICE_SEARCHES_IN_FLIGHT));
-            while let Some(bundle) = searches.next().await {
-                found = device_with_asid(&bundle?, asid, ods).map_err(backend_error)?;
-                if found != DeviceMatch::Absent {
-                    break;
-                }
+        let organization = organization.as_str();
+        // The first Device with the ASID, or the first failure, decides as it would one search
+        // at a time; the searches still running then are dropped.
+        let mut searches = std::pin::pin!(self.device_searches(organization));
+        let mut found = DeviceMatch::Absent;
+        while let Some(bundle) = searches.next().await {
+            found = device_with_asid(&bundle?, asid, ods).map_err(backend_error)?;
+            if found != DeviceMatch::Absent {
+                break;
             }
         }
         let system = match found {
@@ -327,10 +311,29 @@ impl FhirBackend {
         Ok(Some(Party::new(system, handlers)))
     }
 
+    /// The `/Device` searches of `organization` for the catalogue's interactions, answers in
+    /// catalogue order: the first interaction alone (GP Connect parties are found by it), then
+    /// the others [`DEVICE_SEARCHES_IN_FLIGHT`] at a time. Futures do nothing until polled:
+    /// `chain` polls the others only once the first has answered, and `buffered` starts them
+    /// as it takes them.
+    fn device_searches<'a>(
+        &'a self,
+        organization: &'a str,
+    ) -> impl futures_util::Stream<Item = Result<Value, DirectoryError>> + Send + 'a {
+        let mut interactions = self.interactions.iter();
+        let first = interactions
+            .next()
+            .map(|interaction| self.devices(organization, interaction));
+        let rest = interactions.map(|interaction| self.devices(organization, interaction));
+        stream::iter(first)
+            .then(|search| search)
+            .chain(stream::iter(rest).buffered(DEVICE_SEARCHES_IN_FLIGHT))
+    }
+
     /// `GET /Device?organization=<organization>&identifier=<interaction>`.
     async fn devices(
         &self,
-        organization: &String,
+        organization: &str,
         interaction: &str,
     ) -> Result<Value, DirectoryError> {
         self.get(
@@ -369,11 +372,7 @@ impl FhirBackend {
     }
 
     /// `GET {base}/{resource}?{params}` → the Bundle, or an error naming the correlation id.
-    async fn get(
-        &self,
-        resource: &str,
-        params: &[(&str, &String)],
-    ) -> Result<Value, DirectoryError> {
+    async fn get(&self, resource: &str, params: &[(&str, &str)]) -> Result<Value, DirectoryError> {
         let query = params
             .iter()
             .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, QUERY_VALUE)))
