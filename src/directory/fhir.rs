@@ -765,34 +765,42 @@ pub fn device_with_asid(bundle: &Value, asid: &str, ods: &str) -> Result<DeviceM
 /// (compared as every backend joins, [`JoinKey`]: the party key ignoring ASCII case, the ODS
 /// code exactly) is not this party's, whatever the API returned, and one whose `status`
 /// is not `active` is not in service: each is dropped, so its FQDN never becomes one a
-/// certificate may present for this ASID. The API sends one Endpoint per `nhsMHSEndPoint`
-/// value: Endpoints with the same `nhsMHSId` and interaction make one record.
+/// certificate may present for this ASID. That is decided first, on what the Endpoint has: a
+/// dropped Endpoint needs no readable party key or `managingOrganization`; one kept does. The
+/// API sends one Endpoint per `nhsMHSEndPoint` value: Endpoints with the same `nhsMHSId` and
+/// interaction make one record.
 pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRecord>, String> {
     let join = JoinKey::new(party_key, ods);
     let mut records: Vec<MhsRecord> = Vec::new();
     for endpoint in resources(bundle, "Endpoint")? {
-        let key = one_identifier(endpoint, PARTY_KEY_SYSTEM)?;
+        // Whether the Endpoint is dropped is decided first, on what it has: its party key and
+        // ODS code are required only of the Endpoints kept.
+        let key = one_identifier(endpoint, PARTY_KEY_SYSTEM);
         let managing = endpoint
             .get("managingOrganization")
             .and_then(|o| o.get("identifier"))
             .filter(|i| i.get("system").and_then(Value::as_str) == Some(ODS_SYSTEM))
             .and_then(|i| i.get("value"))
             .and_then(Value::as_str)
-            .ok_or_else(|| format!("{}: no managingOrganization ODS code", label(endpoint)))?;
-        let managing = clean(endpoint, "managingOrganization", managing)?;
+            .ok_or_else(|| format!("{}: no managingOrganization ODS code", label(endpoint)))
+            .and_then(|managing| clean(endpoint, "managingOrganization", managing));
         let status = endpoint.get("status").and_then(Value::as_str);
-        let dropped = if JoinKey::new(&key, &managing) != join {
-            Some("of another party key or ODS code")
-        } else if status != Some("active") {
+        let dropped = if status != Some("active") {
             Some("not active")
+        } else if JoinKey::new(
+            key.as_deref().unwrap_or(party_key),
+            managing.as_deref().unwrap_or(ods),
+        ) != join
+        {
+            Some("of another party key or ODS code")
         } else {
             None
         };
         if let Some(why) = dropped {
             tracing::debug!(
                 endpoint = %label(endpoint),
-                endpoint_party_key = %key,
-                endpoint_ods = %managing,
+                endpoint_party_key = key.as_deref().unwrap_or("(unreadable)"),
+                endpoint_ods = managing.as_deref().unwrap_or("(unreadable)"),
                 endpoint_status = status.unwrap_or("(none)"),
                 party_key,
                 ods,
@@ -800,6 +808,7 @@ pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRe
             );
             continue;
         }
+        let (key, managing) = (key?, managing?);
         let interaction = match interaction_ids(endpoint)?.as_slice() {
             [one] => one.clone(),
             other => {
@@ -1195,6 +1204,41 @@ mod tests {
                 .unwrap()
                 .is_empty(),
             "the ODS code is compared exactly"
+        );
+    }
+
+    /// Whether an Endpoint is dropped is decided before its fields are required: an inactive
+    /// one, or one of another party key, without a managingOrganization (or party key) does
+    /// not fail the party; an active one of the party's without them does.
+    #[test]
+    fn only_endpoints_kept_need_a_party_key_and_managing_organization() {
+        let address = "https://localhost:9443/B82617/STU3/1/gpconnect";
+        let mut inactive = endpoint("ccc", "urn:c", address);
+        inactive["status"] = json!("off");
+        inactive
+            .as_object_mut()
+            .unwrap()
+            .remove("managingOrganization");
+        inactive["identifier"] = json!([{ "system": MHS_ID_SYSTEM, "value": "ccc" }]);
+        let mut foreign = endpoint("ddd", "urn:d", address);
+        foreign
+            .as_object_mut()
+            .unwrap()
+            .remove("managingOrganization");
+        foreign["identifier"][1]["value"] = json!("X99999-0000001");
+        let b = bundle(vec![inactive, foreign, endpoint("aaa", SLOT, address)]);
+        let records = endpoints(&b, "B82617-0000806", "B82617").unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["aaa"]
+        );
+
+        let mut own = endpoint("eee", SLOT, address);
+        own["id"] = json!("own");
+        own.as_object_mut().unwrap().remove("managingOrganization");
+        assert_eq!(
+            endpoints(&bundle(vec![own]), "B82617-0000806", "B82617").unwrap_err(),
+            "Endpoint/own: no managingOrganization ODS code"
         );
     }
 
