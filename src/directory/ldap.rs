@@ -338,10 +338,10 @@ impl LdapBackend {
             .map_err(backend_error)?;
         let join = JoinKey::new(party_key, ods_code);
         records.retain(|r| r.join_key() == join && r.interaction == interaction);
+        // All of one interaction: at most one is usable.
         Ok(PartyHandlers::judge(&records, &self.requestable)
             .usable
-            .into_iter()
-            .find(|h| h.interaction == interaction))
+            .pop())
     }
 
     /// Every MHS record of `party_key` and `ods_code`, as read (see [`PartyHandlers::judge`]
