@@ -1,8 +1,9 @@
 //! The LDIF directory backend: SDS-schema entries from an LDIF file (RFC 2849 content records),
 //! indexed in memory and swapped atomically on reload.
 //! Owns the LDIF parser, the model builder (`nhsAs` -> [`AccreditedSystem`], `nhsMhs` ->
-//! [`MessageHandler`]) and [`LdifBackend`]. It never does I/O on a lookup: only
-//! [`LdifBackend::from_path`] and [`LdifBackend::reload`] read the file.
+//! [`MhsRecord`], judged per party key and ODS code into [`PartyHandlers`]) and
+//! [`LdifBackend`]. It never does I/O on a lookup: only [`LdifBackend::from_path`] and
+//! [`LdifBackend::reload`] read the file.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -652,17 +652,9 @@ mod tests {
         )
     }
 
-    fn party() -> Party {
-        judged(vec![
-            record("a", METADATA, "localhost"),
-            record("b", SLOT, "LocalHost"),
-            record("c", MCCI, "mhs.example"),
-        ])
-    }
-
     #[test]
     fn may_and_handler_for_are_case_exact() {
-        let p = party();
+        let p = judged(party_records());
         assert!(p.may(METADATA));
         assert!(!p.may(&METADATA.to_uppercase()));
         assert!(!p.may(MCCI), "an MHS record is not accreditation");
@@ -674,7 +666,7 @@ mod tests {
 
     #[test]
     fn fqdns_are_distinct_ignoring_case_and_match_case_insensitively() {
-        let p = party();
+        let p = judged(party_records());
         assert_eq!(p.fqdns().collect::<Vec<_>>(), ["localhost", "mhs.example"]);
         assert!(p.has_fqdn("LOCALHOST"));
         assert!(p.has_fqdn("mhs.example"));
