@@ -23,16 +23,6 @@ use ssp_gateway::server::{ConnInfo, ServeOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-fn audit_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("audit dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    files
-}
-
 /// Every whole record in the directory's files, in chain order.
 fn records(dir: &Path) -> Vec<serde_json::Value> {
     let mut out = audit_records(dir);

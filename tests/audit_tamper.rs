@@ -68,17 +68,6 @@ async fn requests(world: &World, g: &Spawned, provider_port: u16, n: usize) {
     }
 }
 
-/// The trail's files (`*.jsonl`), by name.
-fn trail(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("audit dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    files
-}
-
 /// `ssp-gateway audit verify` with `--key` for each of `keys`, on `files`: exit code and output.
 fn verify(keys: &[&Path], files: &[PathBuf]) -> (i32, String) {
     let mut cmd = Command::new(GATEWAY_BIN);
@@ -182,7 +171,7 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     );
     assert!(!log.contains(&secret), "the key is in the log:\n{log}");
 
-    let files = trail(&dir);
+    let files = audit_files(&dir);
     assert!(files.len() >= 3, "rotated: {files:?}");
     let (code, out) = verify(&[&k1], &files);
     assert_eq!(code, 0, "{out}");
@@ -203,7 +192,7 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 2).await;
     assert!(stop_gateway(&mut g).await.success());
-    let files = trail(&dir);
+    let files = audit_files(&dir);
     let (code, out) = verify(&[&k1, &k2], &files);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: 20 records"), "{out}");
@@ -230,7 +219,7 @@ async fn a_keyed_trail_verifies_with_its_keys_and_a_rechained_one_does_not() {
     assert!(stop_gateway(&mut g).await.success());
     let log = std::fs::read_to_string(&g.log).expect("log");
     assert!(log.contains("unkeyed_through=20"), "{log}");
-    let files = trail(&dir);
+    let files = audit_files(&dir);
     let (code, out) = verify(&[&k1, &k2], &files);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("is the plain SHA-256 of record 1"), "{out}");
@@ -270,7 +259,7 @@ async fn a_trail_keyed_after_it_began_verifies_with_the_seq_the_gateway_logged()
     assert!(log.contains("audit trail open, keyed"), "{log}");
     assert!(log.contains("unkeyed_through=6"), "{log}");
 
-    let files = trail(&dir);
+    let files = audit_files(&dir);
     let (code, out) = verify(&[&key], &files);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("--unkeyed-through"), "{out}");
@@ -369,26 +358,7 @@ async fn key_files_that_are_not_keys_stop_check_config_and_run() {
 async fn the_development_configuration_makes_its_key_and_its_trail_verifies_with_it() {
     let (gw, admin, mock) = (free_port(), free_port(), free_port());
     let root = scratch_dir("dev-audit-key");
-    let config_dir = root.join("config");
-    std::fs::create_dir_all(&config_dir).expect("mkdir");
-    for name in [
-        "gateway.toml",
-        "interactions.toml",
-        "directory.ldif",
-        "sds.schema",
-    ] {
-        let text = std::fs::read_to_string(repo_path(&format!("config/{name}")))
-            .expect("read")
-            .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
-            .replace("127.0.0.1:9100", &format!("127.0.0.1:{admin}"))
-            .replace("127.0.0.1:9443", &format!("127.0.0.1:{mock}"))
-            .replace(
-                "https://localhost:9443/",
-                &format!("https://localhost:{mock}/"),
-            );
-        std::fs::write(config_dir.join(name), text).expect("write");
-    }
-    let config = config_dir.join("gateway.toml");
+    let config = shipped_config(&root, Some((gw, admin, mock)));
     let check = Command::new(GATEWAY_BIN)
         .args(["check-config", "--config"])
         .arg(&config)
@@ -438,7 +408,7 @@ async fn the_development_configuration_makes_its_key_and_its_trail_verifies_with
     let log = std::fs::read_to_string(&g.log).expect("log");
     assert!(log.contains("audit trail open, keyed"), "{log}");
 
-    let files = trail(&root.join("audit-dev"));
+    let files = audit_files(&root.join("audit-dev"));
     let (code, out) = verify(&[&key], &files);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: 2 records"), "{out}");
@@ -493,7 +463,7 @@ async fn records_cut_off_the_end_are_caught_by_the_logged_head_and_the_gauge() {
     let anchored = |extra: &[&str]| {
         let mut cmd = Command::new(GATEWAY_BIN);
         cmd.args(["audit", "verify", "--key"]).arg(&key).args(extra);
-        let out = cmd.args(trail(&dir)).output().expect("audit verify");
+        let out = cmd.args(audit_files(&dir)).output().expect("audit verify");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -563,7 +533,7 @@ async fn a_line_cut_short_is_tolerated_only_at_the_end_and_moved_aside_without_a
     let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 4).await;
     assert!(stop_gateway(&mut g).await.success());
-    let files = trail(&dir);
+    let files = audit_files(&dir);
     assert!(files.len() >= 2, "rotated: {files:?}");
     let active = dir.join("audit.jsonl");
     let rotated = files
@@ -613,7 +583,7 @@ async fn a_line_cut_short_is_tolerated_only_at_the_end_and_moved_aside_without_a
         std::fs::read(&kept[0]).expect("read"),
         b"{\"seq\":9,\"prev\":\"0123"
     );
-    let (code, out) = verify(&[], &trail(&dir));
+    let (code, out) = verify(&[], &audit_files(&dir));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok: 10 records"), "{out}");
     assert!(!out.contains("torn"), "{out}");
@@ -643,7 +613,7 @@ async fn verify_names_every_break_not_only_the_first() {
     let mut g = spawn_gateway(&config, gw, admin, &dir, &[]).await;
     requests(&world, &g, port, 6).await;
     assert!(stop_gateway(&mut g).await.success());
-    let files = trail(&dir);
+    let files = audit_files(&dir);
     // The files of two records or more, in chain order.
     let mut by_first: Vec<(u64, PathBuf)> = files
         .iter()
@@ -718,7 +688,7 @@ async fn verify_reads_a_directory_whose_trail_rotates_meanwhile() {
         })
         .collect();
     let start = Instant::now();
-    while trail(&dir).len() < 3 {
+    while audit_files(&dir).len() < 3 {
         assert!(start.elapsed() < BINARY_DEADLINE, "no rotation under load");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -756,6 +726,6 @@ async fn verify_reads_a_directory_whose_trail_rotates_meanwhile() {
     assert!(stop_gateway(&mut g).await.success());
     let (code, out) = verify(&[], std::slice::from_ref(&dir));
     assert_eq!(code, 0, "{out}");
-    assert!(trail(&dir).len() > 20, "it rotated: {out}");
+    assert!(audit_files(&dir).len() > 20, "it rotated: {out}");
     stop_provider.cancel();
 }

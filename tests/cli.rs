@@ -17,28 +17,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_ssp-gateway");
 /// A copy of the shipped `config/` under a scratch root, with `certs-dev/` beside it.
 fn copy_config(ports: Option<(u16, u16, u16)>) -> (PathBuf, PathBuf) {
     let root = scratch_dir("cli");
-    let config_dir = root.join("config");
-    std::fs::create_dir_all(&config_dir).expect("mkdir");
-    for name in [
-        "gateway.toml",
-        "interactions.toml",
-        "directory.ldif",
-        "sds.schema",
-    ] {
-        let mut text = std::fs::read_to_string(repo_path(&format!("config/{name}"))).expect("read");
-        if let Some((gw, admin, mock)) = ports {
-            text = text
-                .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
-                .replace("127.0.0.1:9100", &format!("127.0.0.1:{admin}"))
-                .replace("127.0.0.1:9443", &format!("127.0.0.1:{mock}"))
-                .replace(
-                    "https://localhost:9443/",
-                    &format!("https://localhost:{mock}/"),
-                );
-        }
-        std::fs::write(config_dir.join(name), text).expect("write");
-    }
-    (root, config_dir.join("gateway.toml"))
+    let config = shipped_config(&root, ports);
+    (root, config)
 }
 
 #[test]

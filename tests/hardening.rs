@@ -1949,29 +1949,11 @@ impl Drop for Spawned {
 async fn spawn_gateway(name: &str) -> Spawned {
     let (gw, admin, mock) = (free_port(), free_port(), free_port());
     let root = scratch_dir(name);
-    let config_dir = root.join("config");
-    std::fs::create_dir_all(&config_dir).expect("mkdir");
-    for file in [
-        "gateway.toml",
-        "interactions.toml",
-        "directory.ldif",
-        "sds.schema",
-    ] {
-        let text = std::fs::read_to_string(repo_path(&format!("config/{file}")))
-            .expect("read")
-            .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
-            .replace("127.0.0.1:9100", &format!("127.0.0.1:{admin}"))
-            .replace("127.0.0.1:9443", &format!("127.0.0.1:{mock}"))
-            .replace(
-                "https://localhost:9443/",
-                &format!("https://localhost:{mock}/"),
-            );
-        std::fs::write(config_dir.join(file), text).expect("write");
-    }
+    let config = shipped_config(&root, Some((gw, admin, mock)));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))
         .arg("run")
         .arg("--config")
-        .arg(config_dir.join("gateway.toml"))
+        .arg(&config)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

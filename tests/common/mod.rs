@@ -1375,3 +1375,42 @@ pub async fn stop_gateway(g: &mut Spawned) -> std::process::ExitStatus {
 pub fn log_of(g: &Spawned) -> String {
     std::fs::read_to_string(&g.log).expect("the gateway's log")
 }
+
+/// A copy of the shipped `config/` (gateway.toml and the files beside it) into `root/config`,
+/// with the gateway, admin and mock provider ports moved to `ports` when given; the copied
+/// `gateway.toml`. Its relative paths (`certs-dev/`, `audit-dev/`) resolve under `root`.
+pub fn shipped_config(root: &Path, ports: Option<(u16, u16, u16)>) -> PathBuf {
+    let config_dir = root.join("config");
+    std::fs::create_dir_all(&config_dir).expect("mkdir");
+    for name in [
+        "gateway.toml",
+        "interactions.toml",
+        "directory.ldif",
+        "sds.schema",
+    ] {
+        let mut text = std::fs::read_to_string(repo_path(&format!("config/{name}"))).expect("read");
+        if let Some((gw, admin, mock)) = ports {
+            text = text
+                .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+                .replace("127.0.0.1:9100", &format!("127.0.0.1:{admin}"))
+                .replace("127.0.0.1:9443", &format!("127.0.0.1:{mock}"))
+                .replace(
+                    "https://localhost:9443/",
+                    &format!("https://localhost:{mock}/"),
+                );
+        }
+        std::fs::write(config_dir.join(name), text).expect("write");
+    }
+    config_dir.join("gateway.toml")
+}
+
+/// The audit trail's files (`*.jsonl`) in `dir`, by name.
+pub fn audit_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("audit dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
