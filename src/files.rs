@@ -110,14 +110,8 @@ pub fn open_files_warning(config: &crate::config::Config, limit: u64) -> Option<
 mod tests {
     use super::*;
 
-    fn scratch() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "ssp-files-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::create_dir_all(&dir).expect("dir");
-        dir
+    fn scratch() -> crate::tempdir::TempDir {
+        crate::tempdir::TempDir::new("files")
     }
 
     #[test]
@@ -144,6 +138,5 @@ mod tests {
             read(&dir.join("missing")).expect_err("missing").kind(),
             io::ErrorKind::NotFound
         );
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -49,6 +49,8 @@ pub mod reload;
 pub mod server;
 pub mod ssp;
 pub mod telemetry;
+#[cfg(test)]
+mod tempdir;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -393,12 +393,7 @@ mod tests {
     /// before, the old path stayed watched and edits to the new one were never picked up.
     #[tokio::test]
     async fn a_file_named_by_a_reload_is_watched_from_then_on() {
-        let dir = std::env::temp_dir().join(format!(
-            "ssp-reload-moved-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = crate::tempdir::TempDir::new("reload-moved");
         let (pointer, a, b) = (dir.join("pointer"), dir.join("a"), dir.join("b"));
         std::fs::write(&a, "1").expect("write");
         std::fs::write(&b, "2").expect("write");
@@ -443,7 +438,6 @@ mod tests {
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// A refused rebuild is tried again with the files unchanged, and taken once what refused
@@ -453,12 +447,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_reload_is_tried_again_until_it_passes() {
         use std::sync::atomic::AtomicU32;
-        let dir = std::env::temp_dir().join(format!(
-            "ssp-reload-retry-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = crate::tempdir::TempDir::new("reload-retry");
         let file = dir.join("value.txt");
         std::fs::write(&file, "1").expect("write");
         let r = Reloadable::new("test", Arc::new(1u32), vec![file.clone()]);
@@ -520,13 +509,11 @@ mod tests {
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn a_changed_file_is_picked_up() {
-        let dir = std::env::temp_dir().join(format!("ssp-reload-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = crate::tempdir::TempDir::new("reload");
         let file = dir.join("value.txt");
         std::fs::write(&file, "1").expect("write");
         let r = Reloadable::new("test", Arc::new(1u32), vec![file.clone()]);
@@ -565,6 +552,5 @@ mod tests {
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -212,14 +212,8 @@ fn normal(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn scratch() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "ssp-key-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
+    fn scratch() -> crate::tempdir::TempDir {
+        crate::tempdir::TempDir::new("key")
     }
 
     /// RFC 4231 test case 2 would need a 4-byte key, below the minimum; case 6's key is 131
@@ -281,7 +275,7 @@ mod tests {
                 "not a key file",
             ),
             (d.join("missing"), "No such file"),
-            (d.clone(), "a directory"),
+            (d.0.clone(), "a directory"),
         ];
         for (path, reason) in cases {
             let e = ChainKey::load(&path).expect_err(reason);

@@ -379,14 +379,8 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
 
-    fn scratch() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "ssp-audit-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
+    fn scratch() -> crate::tempdir::TempDir {
+        crate::tempdir::TempDir::new("audit")
     }
 
     fn config(dir: &std::path::Path, durability: Durability) -> AuditConfig {

@@ -999,14 +999,8 @@ mod tests {
         p
     }
 
-    fn scratch() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "ssp-verify-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
+    fn scratch() -> crate::tempdir::TempDir {
+        crate::tempdir::TempDir::new("verify")
     }
 
     #[test]
@@ -1782,7 +1776,7 @@ mod tests {
         std::fs::write(d.join("audit-tail-20260101T000000.000000Z.partial"), b"x").expect("w");
         std::fs::write(d.join(".lock"), b"").expect("write");
         std::fs::write(d.join("notes.txt"), b"not the trail").expect("write");
-        let r = verify_files(std::slice::from_ref(&d), &Options::default()).expect("read");
+        let r = verify_files(std::slice::from_ref(&d.0), &Options::default()).expect("read");
         assert!(r.intact(), "{r}");
         assert_eq!((r.records, r.files.len(), r.set_aside.len()), (5, 2, 1));
         assert!(r.torn.is_some());

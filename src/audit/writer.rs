@@ -1202,14 +1202,8 @@ mod tests {
         assert_eq!(buf.capacity(), cap, "small buffers are not churned");
     }
 
-    fn scratch() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "ssp-writer-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        fs::create_dir_all(&d).expect("scratch");
-        d
+    fn scratch() -> crate::tempdir::TempDir {
+        crate::tempdir::TempDir::new("writer")
     }
 
     /// The end of a file is found looking back a chunk at a time: lines across chunk
@@ -1254,7 +1248,6 @@ mod tests {
             err.to_string().contains("longer than any audit record"),
             "{err}"
         );
-        let _ = fs::remove_dir_all(&d);
     }
 
     /// A last record at the largest seq cannot be carried on (the next would wrap), and a FIFO
@@ -1271,7 +1264,6 @@ mod tests {
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         assert!(read_tail(&d.join("fifo")).is_err());
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -969,14 +969,12 @@ mod tests {
     /// the API's certificate, so one that had run out would go on being accepted.
     #[test]
     fn the_api_client_never_resumes_a_session() {
-        let dir = std::env::temp_dir().join(format!("fhir-resume-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = crate::tempdir::TempDir::new("fhir-resume");
         let ca = crate::tls::pki::Ca::new("FHIR resume CA", crate::tls::pki::KeyKind::EcdsaP256)
             .expect("ca");
         let path = dir.join("ca.pem");
         std::fs::write(&path, ca.cert_pem()).expect("write");
         let (config, _) = client_tls(&path).expect("client config");
-        std::fs::remove_dir_all(&dir).ok();
         let seen = format!("{:?}", config.resumption);
         let disabled = format!("{:?}", rustls::client::Resumption::disabled());
         let default = format!("{:?}", rustls::client::Resumption::default());
@@ -1299,8 +1297,7 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        let dir = std::env::temp_dir().join(format!("ssp-gateway-fhir-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::tempdir::TempDir::new("fhir");
         let key = dir.join("apikey");
         std::fs::write(&key, "secret-key\n").unwrap();
         assert!(
@@ -1359,7 +1356,6 @@ mod tests {
             )),
             "{problems:?}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -316,9 +316,15 @@ mod tests {
 
     /// A scratch directory holding `directory.ldif` with [`AS_ENTRY`], loaded: the directory,
     /// the file, its backend and a directory over it.
-    fn one_system(name: &str) -> (PathBuf, PathBuf, Arc<LdifBackend>, Directory) {
-        let dir = std::env::temp_dir().join(format!("ssp-gateway-{name}-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
+    fn one_system(
+        name: &str,
+    ) -> (
+        crate::tempdir::TempDir,
+        PathBuf,
+        Arc<LdifBackend>,
+        Directory,
+    ) {
+        let dir = crate::tempdir::TempDir::new(name);
         let path = dir.join("directory.ldif");
         std::fs::write(&path, AS_ENTRY).unwrap();
         let backend = Arc::new(LdifBackend::from_path(&path).unwrap());
@@ -332,7 +338,7 @@ mod tests {
     /// counted once. Here the fixed file has the refused one's size and time.
     #[tokio::test]
     async fn a_refused_file_is_tried_again_with_its_size_and_time_unchanged() {
-        let (dir, path, backend, directory) = one_system("retry");
+        let (_dir, path, backend, directory) = one_system("retry");
         let reloads = crate::metrics::ReloadMetrics::new();
         let shutdown = CancellationToken::new();
         let watcher = tokio::spawn(watch_retrying(
@@ -379,12 +385,11 @@ mod tests {
         assert_eq!((count("ok"), count("refused")), (1, 1));
         shutdown.cancel();
         watcher.await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn reload_now_swaps_data_empties_the_cache_and_keeps_old_data_on_error() {
-        let (dir, path, backend, directory) = one_system("reload");
+        let (_dir, path, backend, directory) = one_system("reload");
         assert!(directory.party("1").await.unwrap().is_some());
 
         std::fs::write(
@@ -418,6 +423,5 @@ mod tests {
             directory.party("2").await.unwrap().is_some(),
             "old data stays"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

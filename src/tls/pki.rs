@@ -739,38 +739,9 @@ fn time_at(unix: i64) -> Result<ASN1Time, PkiError> {
 pub(crate) mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use x509_parser::extensions::GeneralName;
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new(tag: &str) -> TempDir {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let dir = std::env::temp_dir().join(format!(
-                "ssp-gateway-{tag}-{}-{}-{nanos}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::create_dir_all(&dir).expect("create a test temp dir");
-            TempDir(dir)
-        }
-
-        pub(crate) fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    pub(crate) use crate::tempdir::TempDir;
 
     fn mode(path: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
