@@ -85,15 +85,19 @@ fn not_torn(line: &[u8], len: usize, last: bool, expected: Option<u64>) -> Optio
 
 /// Whether the bytes after the last whole record, `len` of them starting with `head`, are what
 /// a write cut short leaves and `audit verify` tolerates: the start of the next record (all of
-/// `{"seq":`, then its seq), shorter than [`MAX_TORN_BYTES`]. The writer, at start, says so of
+/// `{"seq":`, or a part of it, then its seq), shorter than [`MAX_TORN_BYTES`]. The writer, at start, says so of
 /// what it moves out by the same rule.
 pub(super) fn torn_record(head: &[u8], len: u64, expected: Option<u64>) -> bool {
     starts_next_record(head, expected) && len < MAX_TORN_BYTES as u64
 }
 
-/// Whether a line cut short can be the start of the next record: all of [`RECORD_START`], then
-/// digits, and once they are complete (a `,` follows), `expected` when known.
+/// Whether a line cut short can be the start of the next record: a part of [`RECORD_START`]
+/// (a write cut after its first byte), or all of it, then digits, and once they are complete
+/// (a `,` follows), `expected` when known.
 fn starts_next_record(line: &[u8], expected: Option<u64>) -> bool {
+    if !line.is_empty() && line.len() < RECORD_START.len() {
+        return RECORD_START.starts_with(line);
+    }
     let Some(rest) = line.strip_prefix(RECORD_START) else {
         return false;
     };
@@ -1072,9 +1076,10 @@ mod tests {
         assert!(r.torn.is_none());
     }
 
-    /// Tolerated: the start of a record (`{"seq":`, then the next seq once it is complete),
-    /// shorter than 1 MiB. Anything else without a newline (NULs, text, a shorter prefix, the
-    /// wrong seq, a megabyte) is not the trail.
+    /// Tolerated: the start of a record (`{"seq":` or a part of it, as short as its first byte,
+    /// then the next seq once it is complete), shorter than 1 MiB: a power cut can leave any of
+    /// them. Anything else without a newline (NULs, text, another key, the wrong seq, a
+    /// megabyte) is not the trail.
     #[test]
     fn an_unterminated_line_that_is_no_record_start_is_broken() {
         let d = scratch();
@@ -1091,8 +1096,8 @@ mod tests {
                 b"aaaaaaaa".to_vec(),
                 "not the start of the next one",
             ),
-            ("brace", b"{".to_vec(), "not the start of the next one"),
-            ("short", b"{\"se".to_vec(), "not the start of the next one"),
+            ("key", b"{\"sex".to_vec(), "not the start of the next one"),
+            ("space", b"{ ".to_vec(), "not the start of the next one"),
             (
                 "late",
                 b"{\"seq\"x".to_vec(),
@@ -1124,6 +1129,9 @@ mod tests {
         }
         long.truncate(MAX_TORN_BYTES - 1);
         for torn in [
+            b"{".to_vec(),
+            b"{\"se".to_vec(),
+            b"{\"seq\"".to_vec(),
             b"{\"seq\":".to_vec(),
             b"{\"seq\":4".to_vec(),
             b"{\"seq\":4,\"pr".to_vec(),
