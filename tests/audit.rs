@@ -864,6 +864,74 @@ async fn a_full_disk_refuses_traffic_and_recovers_without_a_torn_record() {
     provider.stop.cancel();
 }
 
+/// Bytes after the last whole record are copied out of the trail at start before they are cut
+/// from it; when the copy cannot be finished (the disk full), the gateway does not start, the
+/// bytes stay in the trail and no half copy is left beside them, and the next start, with room,
+/// moves them out whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_that_cannot_be_moved_out_stays_in_the_trail_with_no_half_copy() {
+    let world = World::ecdsa();
+    let provider = recording_provider(&world).await;
+    let (config, gw, admin, audit_dir) = spawned_config(&world, provider.port, FSYNC);
+    std::fs::create_dir_all(&audit_dir).expect("audit dir");
+    std::fs::set_permissions(&audit_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    // A record cut short, 40 KiB long: more than the 24 KiB the first start may write.
+    let mut torn = b"{\"seq\":1,\"prev\":\"".to_vec();
+    torn.resize(40 * 1024, b'a');
+    let active = audit_dir.join("audit.jsonl");
+    std::fs::write(&active, &torn).expect("write");
+    let partials = || -> Vec<PathBuf> {
+        std::fs::read_dir(&audit_dir)
+            .expect("list")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "partial"))
+            .collect()
+    };
+
+    let out = Command::new("timeout")
+        .args(["60", "sh", "-c"])
+        .arg("trap '' XFSZ; exec prlimit --fsize=24576:unlimited \"$0\" \"$@\"")
+        .arg(GATEWAY_BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run the gateway");
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "started with the disk full: {log}");
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "hung instead of failing: {log}"
+    );
+    assert!(log.contains("audit"), "{log}");
+    assert_eq!(
+        partials(),
+        Vec::<PathBuf>::new(),
+        "a half copy was left: {log}"
+    );
+    assert_eq!(
+        std::fs::read(&active).expect("read"),
+        torn,
+        "the bytes stay in the trail"
+    );
+
+    let mut g = spawn_gateway(&config, gw, admin, &audit_dir, &[]).await;
+    let kept = partials();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        std::fs::read(&kept[0]).expect("read"),
+        torn,
+        "moved out whole"
+    );
+    stop_gateway(&mut g).await;
+    let (code, out) = verify(&audit_files(&audit_dir));
+    assert_eq!(code, 0, "{out}");
+    provider.stop.cancel();
+}
+
 // The audit directory taken away from a running gateway, and stops with records lost.
 
 /// `[audit]` for each durability, retrying every 100 ms.

@@ -467,18 +467,31 @@ fn move_out_tail(dir: &Path, active: &Path, start: u64) -> io::Result<MovedOut> 
         .mode(0o600)
         .open(&kept)?;
     // Copied through a small buffer: what follows the last record may be any size.
-    file.seek(SeekFrom::Start(start))?;
-    let mut head = vec![0u8; bytes.min(MOVED_OUT_HEAD) as usize];
-    file.read_exact(&mut head)?;
-    out.write_all(&head)?;
-    let copied = io::copy(&mut (&mut file).take(bytes - head.len() as u64), &mut out)?;
-    if copied + head.len() as u64 != bytes {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the audit file shrank while its tail was moved out",
-        ));
-    }
-    out.sync_all()?;
+    let copy = |file: &mut File, out: &mut File| -> io::Result<Vec<u8>> {
+        file.seek(SeekFrom::Start(start))?;
+        let mut head = vec![0u8; bytes.min(MOVED_OUT_HEAD) as usize];
+        file.read_exact(&mut head)?;
+        out.write_all(&head)?;
+        let copied = io::copy(&mut file.take(bytes - head.len() as u64), out)?;
+        if copied + head.len() as u64 != bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the audit file shrank while its tail was moved out",
+            ));
+        }
+        out.sync_all()?;
+        Ok(head)
+    };
+    let head = match copy(&mut file, &mut out) {
+        Ok(head) => head,
+        Err(e) => {
+            // The bytes are still in the trail, and the next start copies them again: a copy
+            // cut short (a full disk) is not left beside them.
+            drop(out);
+            let _ = fs::remove_file(&kept);
+            return Err(e);
+        }
+    };
     sync_dir(dir)?;
     // Only once the bytes are safe elsewhere.
     file.set_len(start)?;
