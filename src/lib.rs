@@ -647,16 +647,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
         components
             .gateway
             .metrics
-            .register_directory_stats(Arc::new(move || {
-                let s = directory.stats();
-                [
-                    s.hits,
-                    s.misses,
-                    s.stale_served,
-                    s.backend_errors,
-                    s.entries,
-                ]
-            }));
+            .register_directory_stats(Arc::new(move || directory.stats()));
     }
     if let Some(bound) = directory::probe_bound(&config.directory.backend) {
         // A remote backend is probed now and whenever it stops answering, so readiness

@@ -580,8 +580,7 @@ impl Metrics {
     }
 
     /// Registers the directory cache metrics (`ssp_directory_*`), read at scrape time from
-    /// `stats`, which returns `[hits, misses, stale_served, backend_errors, entries]` (the
-    /// fields of `DirectoryStats`, in that order).
+    /// `stats`.
     pub fn register_directory_stats(&self, stats: DirectoryStatsFn) {
         self.register(Box::new(DirectoryCollector::new(stats)));
     }
@@ -624,8 +623,8 @@ fn zero_labels<'l>(counter: &IntCounterVec, labels: impl IntoIterator<Item = &'l
     }
 }
 
-/// Reads the directory's counters: `[hits, misses, stale_served, backend_errors, entries]`.
-pub type DirectoryStatsFn = Arc<dyn Fn() -> [u64; 5] + Send + Sync>;
+/// Reads the directory's counters.
+pub type DirectoryStatsFn = Arc<dyn Fn() -> crate::directory::DirectoryStats + Send + Sync>;
 
 /// Reads the certificates in force: `(role, earliest notAfter)` for each role.
 pub type CertificateExpiriesFn = Arc<dyn Fn() -> Vec<(&'static str, i64)> + Send + Sync>;
@@ -739,6 +738,7 @@ struct DirectoryCollector {
     misses: IntCounter,
     stale: IntCounter,
     backend_errors: IntCounter,
+    unusable_handlers: IntCounter,
     entries: IntGauge,
     scrape: Mutex<()>,
 }
@@ -766,6 +766,10 @@ impl DirectoryCollector {
                 "ssp_directory_backend_errors_total",
                 "Directory backend lookups that failed.",
             ),
+            unusable_handlers: counter(
+                "ssp_directory_unusable_handlers_total",
+                "Message handlers a directory lookup returned that cannot be used (their interaction is refused for that party), counted per lookup.",
+            ),
             entries: IntGauge::new(
                 "ssp_directory_cache_entries",
                 "Entries in the directory cache.",
@@ -782,6 +786,7 @@ impl Collector for DirectoryCollector {
         d.extend(self.misses.desc());
         d.extend(self.stale.desc());
         d.extend(self.backend_errors.desc());
+        d.extend(self.unusable_handlers.desc());
         d.extend(self.entries.desc());
         d
     }
@@ -789,21 +794,24 @@ impl Collector for DirectoryCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         // One scrape at a time: the counters are set by reset + add.
         let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
-        let [hits, misses, stale, errors, entries] = (self.stats)();
+        let s = (self.stats)();
         for (counter, value) in [
-            (&self.hits, hits),
-            (&self.misses, misses),
-            (&self.stale, stale),
-            (&self.backend_errors, errors),
+            (&self.hits, s.hits),
+            (&self.misses, s.misses),
+            (&self.stale, s.stale_served),
+            (&self.backend_errors, s.backend_errors),
+            (&self.unusable_handlers, s.unusable_handlers),
         ] {
             counter.reset();
             counter.inc_by(value);
         }
-        self.entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.entries
+            .set(i64::try_from(s.entries).unwrap_or(i64::MAX));
         let mut out = self.hits.collect();
         out.extend(self.misses.collect());
         out.extend(self.stale.collect());
         out.extend(self.backend_errors.collect());
+        out.extend(self.unusable_handlers.collect());
         out.extend(self.entries.collect());
         out
     }
@@ -1039,7 +1047,14 @@ mod tests {
         m.observe_request(Some("search_slot"), 200, 0.0004);
         let server = unix_now() + 86_400;
         m.register_certificates(Arc::new(move || vec![("server", server)]));
-        m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
+        m.register_directory_stats(Arc::new(|| crate::directory::DirectoryStats {
+            hits: 1,
+            misses: 2,
+            stale_served: 3,
+            backend_errors: 4,
+            unusable_handlers: 6,
+            entries: 5,
+        }));
         let listener_crl = (unix_now() + 3_600) as u64;
         m.register_crl_next_update(Arc::new(move || {
             vec![("listener", Some(listener_crl)), ("upstream", None)]
@@ -1051,6 +1066,7 @@ mod tests {
             "ssp_build_info{version=",
             "ssp_directory_stale_served_total 3",
             "ssp_directory_cache_entries 5",
+            "ssp_directory_unusable_handlers_total 6",
             "ssp_audit_writable 1",
             "ssp_audit_last_seq 0",
             "process_resident_memory_bytes",

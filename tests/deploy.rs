@@ -66,6 +66,7 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
         "SspGatewayUpstreamCircuitFlapping",
         "SspGatewayDirectoryBackendErrors",
         "SspGatewayDirectoryUnavailable",
+        "SspGatewayDirectoryUnusableHandlers",
         "SspGatewayNotReady",
     ] {
         assert!(
@@ -179,7 +180,7 @@ fn exposed_names() -> BTreeSet<String> {
     m.upstream_connect_errors.with_label_values(&["tcp"]).inc();
     m.http_refused_heads.with_label_values(&["framing"]).inc();
     m.register_certificates(Arc::new(|| vec![("server", 0)]));
-    m.register_directory_stats(Arc::new(|| [1, 2, 3, 4, 5]));
+    m.register_directory_stats(Arc::new(ssp_gateway::directory::DirectoryStats::default));
     m.register_crl_next_update(Arc::new(|| vec![("listener", Some(0))]));
     m.reloads.register_component("policy");
     ssp_gateway::admin::Readiness::with_audit(Arc::new(AtomicBool::new(true))).register_metrics(&m);
@@ -272,6 +273,7 @@ fn the_rules_and_the_dashboard_use_only_metrics_the_gateway_exposes() {
         "ssp_upstream_circuit_transitions_total",
         "ssp_upstream_retries_total",
         "ssp_directory_backend_errors_total",
+        "ssp_directory_unusable_handlers_total",
         "ssp_reloads_total",
         "ssp_reload_last_ok",
         "ssp_ready",

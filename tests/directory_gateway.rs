@@ -349,6 +349,9 @@ async fn unusable_handlers_in_the_ldif_refuse_their_interaction_not_the_file() {
     assert_eq!(h.recorder.seen(), 1);
     let stats = directory.stats();
     assert_eq!((stats.misses, stats.backend_errors), (2, 0));
+    // The provider's three unusable interactions (read:metadata, search:slot, read:patient),
+    // counted for ssp_directory_unusable_handlers_total once, at its one lookup.
+    assert_eq!(stats.unusable_handlers, 3);
     // One warning for the provider's lookup, naming the party, the interactions, the MHS
     // records and why; none for the consumer (its quirks are outside the catalogue).
     let warned: Vec<String> = logs()

@@ -106,6 +106,10 @@ pub struct DirectoryStats {
     pub stale_served: u64,
     /// Backend queries that failed.
     pub backend_errors: u64,
+    /// Message handlers the backend returned that cannot be used (each interaction taken out
+    /// of a party by one), counted at each lookup that returned them: while the directory
+    /// holds them, this grows at the rate the parties holding them are looked up.
+    pub unusable_handlers: u64,
     /// Cached ASIDs now (moka's estimate: it settles after pending maintenance).
     pub entries: u64,
 }
@@ -204,6 +208,7 @@ struct Counters {
     misses: AtomicU64,
     stale_served: AtomicU64,
     backend_errors: AtomicU64,
+    unusable_handlers: AtomicU64,
 }
 
 struct Inner {
@@ -437,6 +442,7 @@ impl Directory {
             misses: c.misses.load(Ordering::Relaxed),
             stale_served: c.stale_served.load(Ordering::Relaxed),
             backend_errors: c.backend_errors.load(Ordering::Relaxed),
+            unusable_handlers: c.unusable_handlers.load(Ordering::Relaxed),
             entries: self.inner.cache.entry_count(),
         }
     }
@@ -628,6 +634,10 @@ async fn refresh_now(inner: &Inner, asid: &str, generation: u64) -> Outcome {
         Ok(found) => {
             inner.state.store(ANSWERING, Ordering::Release);
             if let Some(party) = found.as_ref().filter(|p| !p.unusable.is_empty()) {
+                inner
+                    .counters
+                    .unusable_handlers
+                    .fetch_add(party.unusable.len() as u64, Ordering::Relaxed);
                 warn_unusable(inner.backend.name(), party);
             }
             let found = found.map(Arc::new);
@@ -837,6 +847,41 @@ mod tests {
         let now = Instant::now();
         assert!(later(now, Duration::MAX) > now);
         assert_eq!(later(now, Duration::ZERO), now);
+    }
+
+    /// What a lookup found unusable is counted for the metric once per backend lookup that
+    /// returned it, not per request served from the cache.
+    #[tokio::test]
+    async fn unusable_handlers_are_counted_per_backend_lookup() {
+        let mut backend = CountingBackend::with_gate(&["1", "2"], None);
+        let bad = backend.parties.get_mut("1").expect("party");
+        for interaction in [
+            SLOT,
+            "urn:nhs:names:services:gpconnect:fhir:rest:create:appointment-1",
+        ] {
+            bad.unusable.push(crate::directory::Unusable {
+                interaction: interaction.into(),
+                handlers: vec!["x".into()],
+                reason: "a trailing /".into(),
+                effect: crate::directory::Effect::Interaction,
+            });
+        }
+        let backend = Arc::new(backend);
+        let dir = directory(&backend, policy(LONG, LONG));
+        for _ in 0..3 {
+            dir.party("1").await.unwrap().unwrap();
+            dir.party("2").await.unwrap().unwrap();
+        }
+        assert_eq!(backend.calls(), 2);
+        assert_eq!(
+            dir.stats().unusable_handlers,
+            2,
+            "once per lookup, not per hit"
+        );
+        dir.invalidate("1").await;
+        dir.party("1").await.unwrap().unwrap();
+        assert_eq!(backend.calls(), 3);
+        assert_eq!(dir.stats().unusable_handlers, 4);
     }
 
     #[tokio::test]
