@@ -131,7 +131,19 @@ enum DirectoryCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `loadtest --json` is read by programs: its argument errors are JSON on stdout too.
+        Err(e) if e.use_stderr() && loadtest_json(std::env::args_os()) => {
+            let _ = e.print();
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let reason = first.strip_prefix("error: ").unwrap_or(first);
+            println!("{}", serde_json::json!({ "error": reason }));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Run { config } => with_config(&config, |c| serve(c, false)),
         Command::MockProvider { config } => with_config(&config, |c| serve(c, true)),
@@ -189,6 +201,13 @@ fn main() -> ExitCode {
         ),
         Command::Loadtest(args) => ssp_gateway::loadtest::cli(*args),
     }
+}
+
+/// Whether the command line is `loadtest` with `--json` (before a `--`).
+fn loadtest_json(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    let mut args = args.skip(1);
+    args.next().is_some_and(|c| c == "loadtest")
+        && args.take_while(|a| a != "--").any(|a| a == "--json")
 }
 
 /// `audit verify`: exit 0 intact, 1 broken, 2 when a key or a file cannot be read.

@@ -661,6 +661,23 @@ async fn the_exit_code_follows_the_error_ratio_and_failures_to_start_are_json_to
             .is_some_and(|e| e.contains("--max-error-ratio: must be from 0 to 1")),
         "{failed}"
     );
+    // An argument clap refuses: its usage error (exit 2), as JSON on stdout with --json.
+    let (code, out, err) = command(&world, t.addr, &["--json", "--rate", "fast"]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--rate"), "{err}");
+    let failed: serde_json::Value = serde_json::from_str(&out).expect("JSON error");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("'fast'") && e.contains("--rate")),
+        "{failed}"
+    );
+    let (code, out, _) = command(&world, t.addr, &["--rate", "fast"]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(2), ""),
+        "no JSON without --json"
+    );
     let free = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let dead = free.local_addr().expect("addr");
     drop(free);
