@@ -1100,10 +1100,19 @@ fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
 /// go with requests to every provider), `Alt-Svc` (would send the consumer to another host for
 /// the gateway's origin), `Clear-Site-Data`, `Strict-Transport-Security` (the gateway's own is
 /// set on every answer) and `Proxy-Authentication-Info`.
+///
+/// A `Content-Length` the provider repeated (hyper takes the answer only when every value is
+/// the same) goes on once: RFC 9110 §8.6 lets a recipient collapse them, and a strict consumer
+/// refuses the repeated field.
 pub fn prepare_answer_headers(headers: &mut HeaderMap) {
     strip(headers, |name| {
         is_hop_by_hop(name) || speaks_for_origin(name)
     });
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
+        let first = first.clone();
+        headers.insert(header::CONTENT_LENGTH, first);
+    }
 }
 
 /// A field of a provider's answer that would speak for the gateway's whole origin (see

@@ -129,6 +129,11 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "redirect",
         b"HTTP/1.1 307 Temporary Redirect\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n",
     ),
+    // The same length twice (hyper takes it: the values agree).
+    (
+        "length-twice",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    ),
     (
         "status-999",
         b"HTTP/1.1 999 Weird\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}",
@@ -1204,6 +1209,26 @@ async fn a_providers_own_reason_phrase_reaches_an_http1_consumer() {
     let a = a.unwrap_or_else(|e| panic!("http2: {e}"));
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(a.reason, None);
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// A provider's `Content-Length` repeated with one value reaches the consumer once (RFC 9110
+/// §8.6), over both protocols, with its body. Before, an HTTP/1.1 consumer got the field twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_repeated_content_length_reaches_the_consumer_once() {
+    let world = World::ecdsa();
+    let provider = raw_provider_watched(&world, Fault::Scripted).await;
+    let (_config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
+    for http2 in [false, true] {
+        let client = world.client_with(&world.consumer, running.gateway_addr, http2);
+        let (a, _) = scripted_metadata(&client, &target, "length-twice").await;
+        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
+        assert_eq!(a.status, StatusCode::OK, "http2 {http2}: {}", a.text());
+        assert_eq!(a.text(), "{}");
+        let lengths: Vec<_> = a.headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["2"], "http2 {http2}");
+    }
     shutdown.cancel();
     running.wait().await;
 }

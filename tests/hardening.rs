@@ -1416,6 +1416,31 @@ async fn a_repeated_content_length_is_forwarded_as_one() {
     h.stop().await;
 }
 
+/// A body of 4,000 one-byte chunks, sent at once, reaches the provider whole and in a few
+/// pieces (the chunks the gateway has read are handed on as one), not as 4,000 writes and TLS
+/// records to the provider, each costing the gateway a hand-over and a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_tiny_chunks_is_forwarded_whole_in_few_pieces() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let book = format!("{}/Appointment", h.endpoint());
+    let mut head = raw_head(Gpc::new(Method::POST, book, IX_BOOK));
+    head.push_str("Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    head.push_str(&"1\r\nx\r\n".repeat(4000));
+    head.push_str("0\r\n\r\n");
+    let text = exchange(&h.consumer(), &head).await;
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.contains("\"body_length\":4000"), "{text}");
+    let pieces = h
+        .recorder
+        .body_pieces
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=40).contains(&pieces),
+        "{pieces} pieces for 4,000 chunks"
+    );
+    h.stop().await;
+}
+
 /// A chunked body that turns malformed after the request went out is the consumer's error
 /// (400 `INVALID_REQUEST_BODY`), not the provider's (502).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

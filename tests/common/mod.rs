@@ -669,6 +669,8 @@ pub struct Recorder {
     pub behaviour: Behaviour,
     pub count: AtomicUsize,
     pub body_bytes: AtomicUsize,
+    /// Pieces of request body data the provider was handed, in all.
+    pub body_pieces: AtomicUsize,
     pub peers: Mutex<Vec<Vec<String>>>,
     pub heads: Mutex<Vec<(Method, String, HeaderMap)>>,
     /// Signalled each time a request arrives.
@@ -681,6 +683,7 @@ impl Recorder {
             behaviour,
             count: AtomicUsize::new(0),
             body_bytes: AtomicUsize::new(0),
+            body_pieces: AtomicUsize::new(0),
             peers: Mutex::new(Vec::new()),
             heads: Mutex::new(Vec::new()),
             arrived: tokio::sync::Notify::new(),
@@ -720,6 +723,7 @@ impl Recorder {
                 Ok(f) => {
                     if let Some(d) = f.data_ref() {
                         len += d.len();
+                        self.body_pieces.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 Err(_) => break,
