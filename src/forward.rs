@@ -1270,7 +1270,7 @@ fn replace_consumer_headers(
         if name == header::COOKIE {
             cookies.set(cookies.get() + 1);
         }
-        is_hop_by_hop(name) || is_from_consumer(name)
+        is_hop_by_hop(name) || is_from_consumer(name) || imitates_a_stripped_field(name)
     });
     if cookies.get() > 1 {
         join_cookies(headers);
@@ -1281,6 +1281,21 @@ fn replace_consumer_headers(
     if let Some(v) = address {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
+}
+
+/// A name with `_` where a field the gateway removes or sets itself has `-` (`X_Forwarded_For`,
+/// `X_Real_IP`, `Transfer_Encoding`, `Content_Length`): CGI, WSGI, PHP and Rack give both
+/// spellings the same variable (`HTTP_X_FORWARDED_FOR`), so a provider on such a stack could
+/// take the consumer's look-alike for the field the gateway replaced. Looked at only for names
+/// with `_`, which requests seldom carry.
+fn imitates_a_stripped_field(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    if !name.as_bytes().contains(&b'_') {
+        return false;
+    }
+    HeaderName::from_bytes(name.replace('_', "-").as_bytes()).is_ok_and(|dashed| {
+        is_hop_by_hop(&dashed) || is_from_consumer(&dashed) || dashed == header::CONTENT_LENGTH
+    })
 }
 
 fn join_cookies(headers: &mut HeaderMap) {
@@ -2210,6 +2225,12 @@ mod tests {
         h.insert("client-cert", HeaderValue::from_static(":AA==:"));
         h.insert("x-request-id", HeaderValue::from_static("kept"));
         h.insert("ssp-traceid", HeaderValue::from_static("kept"));
+        // Look-alikes with `_` of fields removed or replaced (CGI reads both alike).
+        h.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x_real_ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("transfer_encoding", HeaderValue::from_static("chunked"));
+        h.insert("content_length", HeaderValue::from_static("5"));
+        h.insert("x_custom_field", HeaderValue::from_static("kept"));
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer kept"),
@@ -2234,16 +2255,21 @@ mod tests {
             "x-original-url",
             "true-client-ip",
             "client-cert",
+            "x_forwarded_for",
+            "x_real_ip",
+            "transfer_encoding",
+            "content_length",
         ] {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
+        assert_eq!(h["x_custom_field"], "kept");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h[header::FORWARDED], "for=10.1.2.3;proto=https");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["ssp-traceid"], "kept");
         assert_eq!(h[header::AUTHORIZATION], "Bearer kept");
         assert_eq!(h["x-request-id"], "kept");
-        assert_eq!(h.len(), 5, "only the kept and the gateway's own: {h:?}");
+        assert_eq!(h.len(), 6, "only the kept and the gateway's own: {h:?}");
 
         let mut h = HeaderMap::new();
         prepare_request_headers(&mut h, "[::1]:5555".parse().expect("addr"));
