@@ -649,8 +649,13 @@ async fn serve_h2<H, Fut, B>(
                         goaway_sent = true;
                         give_up = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
                     }
-                    _ if give_up.is_some_and(|at| tokio::time::Instant::now() >= at) => {
-                        // A client that never sent its preface, or ignores the GOAWAY.
+                    _ if activity.open() == 0
+                        && give_up.is_some_and(|at| tokio::time::Instant::now() >= at) =>
+                    {
+                        // A client that never sent its preface, or ignores the GOAWAY. Never
+                        // while a stream is open: those finish (each is bounded by the response,
+                        // body and send timeouts), or a request the provider took would come
+                        // back as a reset.
                         break Ok(());
                     }
                     _ => {}

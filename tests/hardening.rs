@@ -1025,6 +1025,78 @@ async fn an_http2_client_over_its_refusal_budget_is_sent_a_goaway() {
     h.stop().await;
 }
 
+/// The GOAWAY for a client over its refusal budget lets the streams already open finish: a
+/// request held at the provider for longer than the connection's 5 s close limit still gets
+/// its answer, then the connection ends. Before, the connection was dropped 5 s after the
+/// GOAWAY whatever its streams were doing: a booking the provider had taken came back as a
+/// stream reset, and the consumer could book again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_goaway_for_the_refusal_budget_lets_open_streams_finish() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Hold(gate.clone()),
+        GatewayOptions {
+            rate_limit: "refusals_per_second = 1\nrefusal_burst = 1\nreject_delay = \"100ms\"",
+            response_timeout: "30s",
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (mut sender, conn) = h2::client::handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let (held, trace) = h2_metadata(&h);
+    sender = sender.ready().await.expect("ready");
+    let (held, _) = sender.send_request(held, true).expect("sent");
+    wait_until("the request reached the provider", || {
+        h.recorder.seen() == 1
+    })
+    .await;
+    for _ in 0..2 {
+        let (mut req, _) = h2_metadata(&h);
+        req.headers_mut().insert(
+            "ssp-interactionid",
+            http::HeaderValue::from_static("urn:not:an:interaction"),
+        );
+        sender = sender.ready().await.expect("ready");
+        let (resp, _) = sender.send_request(req, true).expect("sent");
+        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+            .await
+            .expect("answered")
+            .expect("response");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+    // Past the GOAWAY's close limit (5 s, checked every second), the held stream is still open.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        !conn.is_finished(),
+        "the connection was dropped with a stream open"
+    );
+    gate.add_permits(1);
+    let resp = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("answered")
+        .expect("the held stream got its answer, not a reset");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut len = 0;
+    while let Some(chunk) = body.data().await {
+        len += chunk.expect("body").len();
+    }
+    assert!(len > 0);
+    let record = outcome_of(&h, &trace).await;
+    assert_eq!(record["completed"], true, "{record}");
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the connection was kept open after its last stream"
+    );
+    h.stop().await;
+}
+
 /// A client that breaks HTTP/2 at the connection level (here a SETTINGS_INITIAL_WINDOW_SIZE
 /// above 2^31-1, which RFC 9113 §6.5.2 makes a FLOW_CONTROL_ERROR; h2 0.4 sends
 /// PROTOCOL_ERROR for it, and the test asserts what h2 does) gets a GOAWAY with that code, and
