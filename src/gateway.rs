@@ -637,6 +637,20 @@ impl Gateway {
             });
         }
 
+        // The optional body cap: a declared length over it is refused before anything is sent
+        // or audited as about to be (the refusal is the request's one record).
+        let cap = self.upstream.max_request_body();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(cap), Some(len)) = (cap, declared) {
+            if len > cap {
+                return Err(Rejection::BodyTooLarge);
+            }
+        }
+
         // 7. The audit record, durable before the provider sees anything.
         record.audited = true;
         let text = RecordText::new(ctx);
@@ -655,18 +669,6 @@ impl Gateway {
 
         // 8. Forward to the registered endpoint, with this span as the provider's parent; the
         //    provider's answer passes back unchanged.
-        // The optional body cap: a declared length over it is refused before anything is sent.
-        let cap = self.upstream.max_request_body();
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if let (Some(cap), Some(len)) = (cap, declared) {
-            if len > cap {
-                return Err(Rejection::BodyTooLarge);
-            }
-        }
         let request_bytes = Arc::new(AtomicU64::new(0));
         record.request_bytes = Some(request_bytes.clone());
         let sent = Instant::now();
@@ -681,7 +683,11 @@ impl Gateway {
                 &ctx.request_id,
             )
             .await;
-        record.upstream_latency = Some(sent.elapsed());
+        // The provider's time: only when it answered or its side failed (not an open circuit,
+        // nothing sent; nor the consumer's body failing, the consumer's time).
+        if forwarded.attempts > 0 && (forwarded.answer.is_ok() || forwarded.failure.is_some()) {
+            record.upstream_latency = Some(sent.elapsed());
+        }
         record.upstream_attempts = Some(forwarded.attempts);
         record.upstream_failure = forwarded.failure;
         // A streamed body that went past the cap was cut off: say so, not "provider error".

@@ -1058,6 +1058,11 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
         );
         assert_eq!(record["reason"], "circuit_open", "{kind}: {record}");
         assert!(record.get("upstream_failure").is_none(), "{kind}: {record}");
+        // Nothing was sent: no provider time (nor a sample of ssp_upstream_duration_seconds).
+        assert!(
+            record.get("upstream_latency_us").is_none(),
+            "{kind}: {record}"
+        );
         assert_eq!(
             circuit_metrics(running.admin_addr).await,
             [1.0, 0.0, 1.0, 0.0, 0.0, 2.0, 1.0],

@@ -824,6 +824,17 @@ async fn the_optional_body_cap_refuses_large_bodies_declared_or_streamed() {
         .await;
     a.assert_outcome(413, Some("BAD_REQUEST"), "REQUEST_BODY_TOO_LARGE");
     assert_eq!(h.recorder.seen(), 0);
+    // Refused before it was audited as about to be forwarded: its one record is the refusal.
+    let id = a.headers["x-request-id"].to_str().expect("id").to_owned();
+    let kinds = || -> Vec<serde_json::Value> {
+        audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| r["request_id"] == id.as_str())
+            .map(|r| r["kind"].clone())
+            .collect()
+    };
+    wait_until("the declared refusal audited", || !kinds().is_empty()).await;
+    assert_eq!(kinds(), ["rejection"]);
     // Streamed without a length: cut off at the cap.
     let (parts, _) = Gpc::new(Method::POST, book.clone(), IX_BOOK)
         .build()
