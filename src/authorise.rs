@@ -26,28 +26,28 @@ pub struct Facts<'a> {
     pub sharing_agreements: Option<&'a BTreeSet<(String, String)>>,
 }
 
-/// Decides whether the request may be forwarded; on success returns the receiver's message
-/// handler for the interaction, whose endpoint the target URL is proven to start with.
-pub fn authorise<'a>(f: &Facts<'a>) -> Result<&'a MessageHandler, Rejection> {
-    let id = f.interaction.id.as_str();
-    let from = f.headers.from.as_str();
-    let to = f.headers.to.as_str();
-
-    // 1. Sender: an accredited system whose interactions include the declared one.
-    let sender = match f.sender {
-        Some(p) if p.may(id) => p,
+/// The first two checks of [`authorise`], which need only the sender's directory answer (the
+/// gateway runs them alone when the receiver's lookup failed, so that a sender it can judge is
+/// refused as such, not with 503): 1. the sender is an accredited system whose interactions
+/// include the declared one; 2. the certificate's FQDN is one registered for its party key.
+pub fn check_sender(
+    headers: &SspHeaders,
+    interaction: &Interaction,
+    peer: &PeerIdentity,
+    sender: Option<&Party>,
+) -> Result<(), Rejection> {
+    let from = headers.from.as_str();
+    let sender = match sender {
+        Some(p) if p.may(interaction.id.as_str()) => p,
         _ => {
             return Err(Rejection::AsidCheckFailed {
                 sender: from.to_string(),
             })
         }
     };
-
-    // 2. Identity: the certificate's FQDN is one registered for the sender's party key.
-    if !f.peer.names.iter().any(|name| sender.has_fqdn(name)) {
+    if !peer.names.iter().any(|name| sender.has_fqdn(name)) {
         return Err(Rejection::FqdnNotRegistered {
-            fqdn: f
-                .peer
+            fqdn: peer
                 .names
                 .first()
                 .cloned()
@@ -55,6 +55,18 @@ pub fn authorise<'a>(f: &Facts<'a>) -> Result<&'a MessageHandler, Rejection> {
             asid: from.to_string(),
         });
     }
+    Ok(())
+}
+
+/// Decides whether the request may be forwarded; on success returns the receiver's message
+/// handler for the interaction, whose endpoint the target URL is proven to start with.
+pub fn authorise<'a>(f: &Facts<'a>) -> Result<&'a MessageHandler, Rejection> {
+    let id = f.interaction.id.as_str();
+    let from = f.headers.from.as_str();
+    let to = f.headers.to.as_str();
+
+    // 1 and 2: sender and identity.
+    check_sender(f.headers, f.interaction, f.peer, f.sender)?;
 
     // 3. Receiver: accredited for the interaction, with a message handler (endpoint) for it.
     let handler = match f.receiver {

@@ -595,10 +595,22 @@ impl Gateway {
         );
         let (sender, receiver) = match (sender, receiver) {
             (Ok(s), Ok(r)) => (s, r),
-            (Err(e), _) | (_, Err(e)) => {
-                static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
-                if let Some(held_back) = LOG.allow() {
-                    tracing::error!(error = %e, held_back, "directory lookup failed");
+            (sender, receiver) => {
+                // The sender's checks come first: one the directory answered for (cached, say)
+                // and that fails them is refused as such, not with 503.
+                if let Ok(sender) = &sender {
+                    crate::authorise::check_sender(
+                        &headers,
+                        interaction,
+                        &conn.peer,
+                        sender.as_deref(),
+                    )?;
+                }
+                if let Some(e) = sender.err().or(receiver.err()) {
+                    static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+                    if let Some(held_back) = LOG.allow() {
+                        tracing::error!(error = %e, held_back, "directory lookup failed");
+                    }
                 }
                 return Err(Rejection::DirectoryUnavailable);
             }

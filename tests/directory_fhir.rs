@@ -231,6 +231,40 @@ fn served_by(
 /// The consumer's own MHS record's CPA id line in the development LDIF.
 const CONSUMER_CPA_ID: &str = "nhsMhsCPAId: f547f3250008191f91b9\n";
 
+/// While the directory fails, a sender it did answer for (cached) and that fails the sender's
+/// checks is refused as such, 403 `ASID_CHECK_FAILED_MESSAGESENDER`, as the documented order
+/// (sender, identity, receiver) says, not 503 because the receiver's lookup failed beside it.
+/// Nothing reaches the provider either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_sender_that_fails_is_refused_as_such_while_the_directory_fails() {
+    let api = Arc::new(FhirApi::start("", None).await);
+    let (opts, _served) = served_by(&api, str::to_string);
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let directory = h.directory();
+    // The read-only consumer is not in fhir_asid_ods: "not registered", cached.
+    assert_eq!(directory.party(READONLY_ASID).await.expect("lookup"), None);
+    api.failing.store(true, Ordering::SeqCst);
+    let from_unregistered = Gpc::new(
+        Method::GET,
+        format!("{}/metadata", h.endpoint()),
+        IX_METADATA,
+    )
+    .from(READONLY_ASID);
+    h.consumer().gpc(from_unregistered).await.assert_outcome(
+        403,
+        Some("ACCESS_DENIED"),
+        &format!("ASID_CHECK_FAILED_MESSAGESENDER_{READONLY_ASID}"),
+    );
+    // A sender the directory cannot answer for: 503.
+    h.consumer_metadata().await.assert_outcome(
+        503,
+        Some("INTERNAL_SERVER_ERROR"),
+        "DIRECTORY_UNAVAILABLE",
+    );
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+}
+
 /// `/readyz` follows whether the API answers, not what the last lookup did: cached "not
 /// found" answers are no fallback during an outage; after the API recovers, the gateway's
 /// prober finds it and it is ready again with no request through the gateway (an unready pod
