@@ -485,6 +485,25 @@ impl Breakers {
         }
     }
 
+    /// Whether [`before`](Self::before) would refuse a call to `host` at `now` (open within its
+    /// cool-down, or half-open with its probe out), without taking a ticket or tracking the
+    /// host: for refusing before anything is done for the call. A call it lets through may
+    /// still be refused by `before`, which decides.
+    pub fn refuses(&self, host: &str, now: Instant) -> bool {
+        let hosts = self.hosts.load();
+        let Some(entry) = hosts.get(host) else {
+            return false;
+        };
+        let word = entry.word.load(Ordering::Acquire);
+        match unpack(word) {
+            (State::Closed, _) => false,
+            (State::HalfOpen, _) => word & 3 != VACANT,
+            (State::Open, since) => {
+                self.clock.nanos(now).saturating_sub(since) < self.clock.cool_down
+            }
+        }
+    }
+
     /// Each tracked host's state, sorted by host (at most `max_hosts` rows).
     #[cfg(test)]
     fn snapshot(&self) -> Vec<(String, State)> {
@@ -683,6 +702,29 @@ mod tests {
         assert!(b.before(H, t0 + COOL - Duration::from_nanos(1)).is_err());
         // Other hosts are not affected.
         b.before("other.example:443", t0).expect("closed").success();
+    }
+
+    /// `refuses` says what `before` would, without taking a ticket: never for a host it does
+    /// not track or a closed circuit, always while open within the cool-down and while a probe
+    /// is out, and not once the cool-down is over (the next call is the probe).
+    #[test]
+    fn refuses_agrees_with_before_and_takes_nothing() {
+        let t0 = Instant::now();
+        let b = breakers(1, 16);
+        assert!(!b.refuses(H, t0), "untracked");
+        assert_eq!(b.state(H), None, "a look does not track the host");
+        b.before(H, t0).expect("closed").success();
+        assert!(!b.refuses(H, t0), "closed");
+        fail(&b, H, t0, 1);
+        assert!(b.refuses(H, t0 + COOL / 2), "open");
+        assert!(b.before(H, t0 + COOL / 2).is_err());
+        let t1 = t0 + COOL;
+        assert!(!b.refuses(H, t1), "the cool-down is over");
+        assert!(!b.refuses(H, t1), "looking twice takes no probe");
+        let probe = b.before(H, t1).expect("the probe");
+        assert!(b.refuses(H, t1), "the probe is out");
+        drop(probe);
+        assert!(!b.refuses(H, t1), "the dropped probe's place is free");
     }
 
     #[test]

@@ -214,6 +214,19 @@ impl Upstream {
     }
 
     /// Asks the host's breaker for leave to send; `Err` when its circuit is open.
+    /// The fast failure of a request to `target` whose provider host's circuit is open (see
+    /// [`Breakers::refuses`]), decided before anything is done for it.
+    pub fn circuit_refuses(&self, target: &Target, request_id: &uuid::Uuid) -> Option<Rejection> {
+        let breakers = self.breakers.as_ref()?;
+        let key = endpoint_key(target.authority());
+        breakers.refuses(&key, Instant::now()).then(|| {
+            tracing::debug!(%request_id, host = %key, "circuit open: failing fast");
+            Rejection::CircuitOpen {
+                url: target.without_query().to_owned(),
+            }
+        })
+    }
+
     fn ticket(
         &self,
         key: &str,

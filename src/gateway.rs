@@ -663,6 +663,12 @@ impl Gateway {
             }
         }
 
+        // A provider host whose circuit is open: failed fast, before the request is audited as
+        // about to be forwarded (nothing is sent; the refusal is its one record).
+        if let Some(open) = self.upstream.circuit_refuses(&target, &ctx.request_id) {
+            return Err(open);
+        }
+
         // 7. The audit record, durable before the provider sees anything.
         record.audited = true;
         let text = RecordText::new(ctx);

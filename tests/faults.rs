@@ -1057,6 +1057,8 @@ async fn a_provider_that_gives_no_usable_answer_trips_its_circuit() {
             "{record}"
         );
         assert_eq!(record["reason"], "circuit_open", "{kind}: {record}");
+        // Nothing was sent: the refusal is its one record (no request record, no fsync).
+        assert_eq!(record["kind"], "rejection", "{kind}: {record}");
         assert!(record.get("upstream_failure").is_none(), "{kind}: {record}");
         // Nothing was sent: no provider time (nor a sample of ssp_upstream_duration_seconds).
         assert!(
