@@ -1524,6 +1524,63 @@ async fn a_body_of_tiny_chunks_is_forwarded_whole_in_few_pieces() {
     h.stop().await;
 }
 
+/// Over HTTP/2, a body of tiny DATA frames is a flood h2 itself cuts off: after about a hundred
+/// frames far below their framing overhead (h2's data-frame budget), the connection is ended
+/// with GOAWAY `ENHANCE_YOUR_CALM`, counted, and the provider never gets a body of 4,000
+/// pieces. Asserted here so that a change of h2 that drops the budget is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_body_of_tiny_frames_ends_its_connection() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let built = Gpc::new(
+        Method::POST,
+        format!("{}/Appointment", h.endpoint()),
+        IX_BOOK,
+    )
+    .build();
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost{}", built.uri()));
+    for (name, value) in built.headers() {
+        if name != http::header::HOST && name != http::header::CONTENT_LENGTH {
+            req = req.header(name, value);
+        }
+    }
+    let mut sender = sender.ready().await.expect("ready");
+    let (resp, mut stream) = sender
+        .send_request(req.body(()).expect("request"), false)
+        .expect("sent");
+    stream.reserve_capacity(4000);
+    for _ in 0..4000 {
+        stream
+            .send_data(bytes::Bytes::from_static(b"x"), false)
+            .expect("data");
+    }
+    stream.send_data(bytes::Bytes::new(), true).expect("end");
+    let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+        .await
+        .expect("answered");
+    assert!(resp.is_err(), "a body of 4,000 one-byte frames was taken");
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &text,
+            "ssp_http2_connection_errors_total{reason=\"enhance_your_calm\"}"
+        ),
+        Some(1.0)
+    );
+    let pieces = h
+        .recorder
+        .body_pieces
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(pieces <= 200, "{pieces} pieces reached the provider");
+    h.stop().await;
+}
+
 /// A chunked body that turns malformed after the request went out is the consumer's error
 /// (400 `INVALID_REQUEST_BODY`), not the provider's (502).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
