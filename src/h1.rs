@@ -589,7 +589,7 @@ pub(crate) enum HeadError {
     Host(&'static str),
     /// 431: larger than `max_header_bytes` or more than `max_headers` fields.
     TooLarge,
-    /// 501: a transfer coding other than `chunked`.
+    /// 501: a transfer coding other than `chunked` before a final `chunked`.
     Unsupported,
     /// 408: the head did not arrive within the header read timeout.
     Timeout,
@@ -788,11 +788,12 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
             ));
         }
         if !chunked {
-            return Err(if codings == 1 {
-                HeadError::Unsupported
-            } else {
-                HeadError::Framing("chunked is not the final transfer coding")
-            });
+            // RFC 9112 §6.3: without a final `chunked` the body's length cannot be known; a
+            // server MUST answer 400 and close (this before §6.1's 501 for a coding it does not
+            // know, which `gzip, chunked` gets below).
+            return Err(HeadError::Framing(
+                "chunked is not the final transfer coding",
+            ));
         }
         if codings > 1 {
             // e.g. `gzip, chunked`: the body would reach the provider still coded.
@@ -1544,7 +1545,9 @@ mod tests {
             ("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", StatusCode::BAD_REQUEST),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", StatusCode::NOT_IMPLEMENTED),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n", StatusCode::BAD_REQUEST),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n", StatusCode::BAD_REQUEST),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: \r\nContent-Length: 3\r\n\r\n", StatusCode::BAD_REQUEST),
