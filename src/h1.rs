@@ -589,6 +589,8 @@ pub(crate) enum HeadError {
     Host(&'static str),
     /// 431: larger than `max_header_bytes` or more than `max_headers` fields.
     TooLarge,
+    /// 414: a request line (its target) longer than `max_header_bytes` by itself (RFC 9112 §3).
+    UriTooLong,
     /// 501: a transfer coding other than `chunked` before a final `chunked`.
     Unsupported,
     /// 408: the head did not arrive within the header read timeout.
@@ -602,6 +604,7 @@ impl HeadError {
                 StatusCode::BAD_REQUEST
             }
             HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
             HeadError::Unsupported => StatusCode::NOT_IMPLEMENTED,
             HeadError::Timeout => StatusCode::REQUEST_TIMEOUT,
         }
@@ -617,6 +620,7 @@ impl HeadError {
             HeadError::Framing(_) => "framing",
             HeadError::Host(_) => "host",
             HeadError::TooLarge => "too_large",
+            HeadError::UriTooLong => "uri_too_long",
             HeadError::Unsupported => "unsupported_coding",
             HeadError::Timeout => "timeout",
         }
@@ -626,7 +630,7 @@ impl HeadError {
     /// looping on bad heads must not flood the log; the metric counts every one.
     fn log_limit(self) -> &'static crate::loglimit::Every {
         use crate::loglimit::Every;
-        static LINES: [Every; 6] = [const { Every::second() }; 6];
+        static LINES: [Every; 7] = [const { Every::second() }; 7];
         &LINES[match self {
             HeadError::Bad(_) => 0,
             HeadError::Framing(_) => 1,
@@ -634,6 +638,7 @@ impl HeadError {
             HeadError::TooLarge => 3,
             HeadError::Unsupported => 4,
             HeadError::Timeout => 5,
+            HeadError::UriTooLong => 6,
         }]
     }
 
@@ -641,6 +646,7 @@ impl HeadError {
         match self {
             HeadError::Bad(why) | HeadError::Framing(why) | HeadError::Host(why) => why,
             HeadError::TooLarge => "request head too large",
+            HeadError::UriTooLong => "request line longer than the request head limit",
             HeadError::Unsupported => "unsupported transfer coding",
             HeadError::Timeout => "request head not complete within the header read timeout",
         }
@@ -672,6 +678,16 @@ fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName
     HeaderName::from_bytes(raw)
 }
 
+/// Why a head longer than `max` bytes is refused: 414 when its request line alone is (its
+/// target is what makes it so: RFC 9112 §3), else 431.
+fn over_limit(buf: &[u8], max: usize) -> HeadError {
+    if buf[..max.min(buf.len())].contains(&b'\n') {
+        HeadError::TooLarge
+    } else {
+        HeadError::UriTooLong
+    }
+}
+
 /// Parses the head at the start of `buf`, removing it: `None` while it is incomplete.
 fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadError> {
     let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
@@ -693,10 +709,10 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
-            return if buf.len() > opts.max_header_bytes {
-                Err(HeadError::TooLarge)
-            } else {
+            return if buf.len() <= opts.max_header_bytes {
                 Ok(None)
+            } else {
+                Err(over_limit(buf, opts.max_header_bytes))
             };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -704,7 +720,7 @@ fn parse_head(buf: &mut BytesMut, opts: &Options) -> Result<Option<Head>, HeadEr
         Err(_) => return Err(HeadError::Bad("malformed request head")),
     };
     if len > opts.max_header_bytes {
-        return Err(HeadError::TooLarge);
+        return Err(over_limit(buf, opts.max_header_bytes));
     }
     let method = req
         .method
@@ -1528,6 +1544,12 @@ mod tests {
             .is_none());
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
         assert_eq!(parse(&big).err(), Some(HeadError::TooLarge));
+        // A target longer than the limit by itself: 414, whole or still arriving.
+        let long = format!("GET /{} HTTP/1.1\r\nHost: g\r\n\r\n", "a".repeat(2000));
+        assert_eq!(parse(&long).err(), Some(HeadError::UriTooLong));
+        assert_eq!(HeadError::UriTooLong.status(), StatusCode::URI_TOO_LONG);
+        let arriving = format!("GET /{}", "a".repeat(2000));
+        assert_eq!(parse(&arriving).err(), Some(HeadError::UriTooLong));
         let many: String = (0..9).map(|i| format!("X-{i}: 1\r\n")).collect();
         assert_eq!(
             parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),

@@ -816,6 +816,16 @@ async fn heads_up_to_max_header_bytes_pass_and_larger_get_431() {
         "an oversized head reached the provider"
     );
     assert_still_serves(&h, "an oversized head").await;
+    // A request line over the limit by itself: its target is too long (RFC 9112 §3: 414).
+    let mut w = Wire::open(&h).await;
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "a".repeat(MAX_HEADER_BYTES + 256)
+    );
+    assert!(w.send(long.as_bytes()).await, "write");
+    w.expect_refused(&[414], false, "a target over the limit")
+        .await;
+    assert_eq!(h.recorder.seen(), 2, "only the two good requests reached it");
     h.stop().await;
 }
 
