@@ -104,10 +104,12 @@ impl<'a> Record<'a> {
     }
 }
 
-/// Guards a request while it is processed: if its future is dropped after the request record
-/// was submitted and before the response took the outcome over (the grace period ran out at
-/// shutdown while the provider had not answered), the outcome record is written here, with
-/// `completed: false` and no status, so no forwarded request is left without one.
+/// Guards a request while it is processed: if its future is dropped before the response took
+/// the outcome over (the grace period ran out at shutdown), its record is written here, with
+/// `completed: false` and no status, so no request is left without one: the outcome record
+/// after a request record (the provider had not answered), or else its one record, a
+/// rejection with the reason `stopped_at_shutdown` (it was still being checked: waiting on the
+/// directory, or on an HTTP/2 GET's end); and its access line.
 struct Unfinished<'g, 'r, 'a> {
     gateway: &'g Gateway,
     conn: &'g ConnInfo,
@@ -118,26 +120,47 @@ struct Unfinished<'g, 'r, 'a> {
 
 impl Drop for Unfinished<'_, '_, '_> {
     fn drop(&mut self) {
-        if !(self.armed && self.record.audited) {
+        if !self.armed {
             return;
         }
         let text = RecordText::new(self.ctx);
-        let mut outcome =
-            audit_record(RecordKind::Outcome, self.conn, self.ctx, self.record, &text);
-        outcome.completed = Some(false);
-        outcome.request_bytes = request_bytes(self.record);
         let latency_us = self.ctx.started.elapsed().as_micros() as u64;
-        outcome.total_latency_us = Some(latency_us);
-        self.gateway.audit.enqueue(&outcome);
-        tracing::warn!(
-            request_id = %self.ctx.request_id,
-            "request stopped before the provider answered; outcome recorded as not completed"
-        );
+        if self.record.audited {
+            let mut outcome =
+                audit_record(RecordKind::Outcome, self.conn, self.ctx, self.record, &text);
+            outcome.completed = Some(false);
+            outcome.request_bytes = request_bytes(self.record);
+            outcome.total_latency_us = Some(latency_us);
+            self.gateway.audit.enqueue(&outcome);
+            tracing::warn!(
+                request_id = %self.ctx.request_id,
+                "request stopped before the provider answered; outcome recorded as not completed"
+            );
+        } else {
+            self.record.reason = Some(STOPPED_AT_SHUTDOWN);
+            let mut rejection = audit_record(
+                RecordKind::Rejection,
+                self.conn,
+                self.ctx,
+                self.record,
+                &text,
+            );
+            rejection.completed = Some(false);
+            rejection.total_latency_us = Some(latency_us);
+            self.gateway.audit.enqueue(&rejection);
+            tracing::warn!(
+                request_id = %self.ctx.request_id,
+                "request stopped at shutdown before it was forwarded; recorded as not completed"
+            );
+        }
         // Its access line too, like every request's: status 0, as nothing was answered.
         self.gateway
             .access_log(self.conn, self.ctx, self.record, 0, latency_us);
     }
 }
+
+/// The reason of the record of a request stopped at shutdown before it was forwarded.
+const STOPPED_AT_SHUTDOWN: &str = "stopped_at_shutdown";
 
 /// The fixed facts of one request.
 struct Ctx {

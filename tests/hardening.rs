@@ -1627,6 +1627,46 @@ async fn a_reset_http2_stream_still_gets_its_outcome_record() {
     h.stop().await;
 }
 
+/// A request stopped at the end of the shutdown grace period before it was forwarded (here an
+/// HTTP/2 GET left open at its HEADERS, which the gateway waits on for its end) still leaves
+/// its one record: a rejection, `stopped_at_shutdown`, not completed, with no status. Before,
+/// it left none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stopped_at_shutdown_before_forwarding_has_its_record() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            grace_period: "300ms",
+            ..Default::default()
+        },
+    )
+    .await;
+    let audit_dir = h.audit_dir.clone();
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let (req, trace) = h2_metadata(&h);
+    let mut sender = sender.ready().await.expect("ready");
+    // No END_STREAM: the gateway waits for the stream's end before it forwards.
+    let (_resp, _stream) = sender.send_request(req, false).expect("sent");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+    let records: Vec<serde_json::Value> = audit_records(&audit_dir)
+        .into_iter()
+        .filter(|r| r["ssp_trace_id"].as_str() == Some(trace.as_str()))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r["kind"], "rejection", "{r}");
+    assert_eq!(r["reason"], "stopped_at_shutdown", "{r}");
+    assert_eq!(r["completed"], false, "{r}");
+    assert!(r.get("status").is_none(), "{r}");
+}
+
 /// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
 fn h2_metadata(h: &Harness) -> (http::Request<()>, String) {
     let built = Gpc::new(

@@ -825,7 +825,11 @@ async fn heads_up_to_max_header_bytes_pass_and_larger_get_431() {
     assert!(w.send(long.as_bytes()).await, "write");
     w.expect_refused(&[414], false, "a target over the limit")
         .await;
-    assert_eq!(h.recorder.seen(), 2, "only the two good requests reached it");
+    assert_eq!(
+        h.recorder.seen(),
+        2,
+        "only the two good requests reached it"
+    );
     h.stop().await;
 }
 
