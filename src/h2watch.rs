@@ -10,7 +10,9 @@
 //! hyper and is not yet asked for the next: hyper asks for the next frame only once the client's window and the stream's
 //! send buffer have room, so a frame not followed by a request for the next is one the client
 //! is not taking. (A body waiting on the provider is waiting on the provider, not the client,
-//! and is not counted.) The connection's task checks the activity once a second.
+//! and is not counted.) The connection's task checks the activity once a second. A stream
+//! the client stopped reading gets the connection a GOAWAY, and the streams it reads finish;
+//! the connection is closed once only unread streams are left (for another send limit).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,7 +41,12 @@ pub enum Verdict {
     Carry,
     /// No stream open for the idle limit: close gracefully (GOAWAY).
     Idle,
-    /// A response frame not taken for the send limit: the client stopped reading.
+    /// A response frame not taken for the send limit on some streams, while others are open:
+    /// the client stopped reading those (its window for them left shut). No new streams
+    /// (GOAWAY); the others finish.
+    PartlyStalled,
+    /// Every open stream's response frame not taken for the send limit: the client stopped
+    /// reading. Close.
     Stalled,
 }
 
@@ -88,16 +95,27 @@ impl Activity {
     pub fn check(&self, idle_limit: Duration, send_limit: Duration) -> Verdict {
         let now = self.now_ms();
         let sending = self.sending.lock().unwrap_or_else(PoisonError::into_inner);
-        let stalled = sending.iter().filter_map(Weak::upgrade).any(|handed| {
-            let at = handed.load(Ordering::Acquire);
-            at != 0 && now.saturating_sub(at - 1) >= send_limit.as_millis() as u64
-        });
+        let stalled = sending
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|handed| {
+                let at = handed.load(Ordering::Acquire);
+                at != 0 && now.saturating_sub(at - 1) >= send_limit.as_millis() as u64
+            })
+            .count();
         drop(sending);
-        if stalled {
-            return Verdict::Stalled;
+        let open = self.open.load(Ordering::Acquire);
+        if stalled > 0 {
+            // A stream the client stopped reading holds its provider connection; those it
+            // reads (or that wait on their provider) are bounded by their own timeouts.
+            return if stalled >= open {
+                Verdict::Stalled
+            } else {
+                Verdict::PartlyStalled
+            };
         }
         let idle_for = now.saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
-        if self.open.load(Ordering::Acquire) == 0 && idle_for >= idle_limit.as_millis() as u64 {
+        if open == 0 && idle_for >= idle_limit.as_millis() as u64 {
             return Verdict::Idle;
         }
         Verdict::Carry
@@ -207,6 +225,21 @@ mod tests {
             activity.check(Duration::ZERO, Duration::ZERO),
             Verdict::Idle
         );
+        // Two streams, one of them not read: partly stalled until the other is done.
+        let read = activity.watch(Full::new(Bytes::from_static(b"a")), activity.opened());
+        let unread = activity.watch(Full::new(Bytes::from_static(b"b")), activity.opened());
+        let mut read = read;
+        // Its frame taken, and asked for the next (its end).
+        let _ = read.frame().await;
+        assert!(read.frame().await.is_none());
+        assert_eq!(
+            activity.check(LONG, Duration::ZERO),
+            Verdict::PartlyStalled,
+            "one stream's frame not taken, the other's taken"
+        );
+        drop(read);
+        assert_eq!(activity.check(LONG, Duration::ZERO), Verdict::Stalled);
+        drop(unread);
         assert_eq!(activity.check(LONG, Duration::ZERO), Verdict::Carry);
     }
 }

@@ -619,6 +619,8 @@ async fn serve_h2<H, Fut, B>(
     // (at shutdown the grace period bounds it).
     let mut goaway_sent = false;
     let mut give_up: Option<tokio::time::Instant> = None;
+    // Since when every open stream has been stalled, after a GOAWAY.
+    let mut all_stalled_since: Option<tokio::time::Instant> = None;
     let ended = loop {
         tokio::select! {
             ended = conn.as_mut() => break ended,
@@ -636,12 +638,33 @@ async fn serve_h2<H, Fut, B>(
                     goaway_sent = true;
                     give_up = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
                 }
-                match activity.check(idle_limit, send_limit) {
-                    crate::h2watch::Verdict::Stalled => {
+                let verdict = activity.check(idle_limit, send_limit);
+                if verdict != crate::h2watch::Verdict::Stalled {
+                    all_stalled_since = None;
+                }
+                match verdict {
+                    crate::h2watch::Verdict::Stalled if goaway_sent => {
                         // Like HTTP/1.1's send timeout: the connection goes, and with it the
-                        // provider's streams; the outcome records say not completed.
-                        tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading a response; closing");
-                        break Ok(());
+                        // provider's streams; the outcome records say not completed. Only once
+                        // every open stream has been stalled for another send limit: a stream
+                        // just done has handed hyper its last frames, which may still be on
+                        // their way to the client.
+                        let now = tokio::time::Instant::now();
+                        let since = *all_stalled_since.get_or_insert(now);
+                        if now.duration_since(since) >= send_limit {
+                            tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading its responses; closing");
+                            break Ok(());
+                        }
+                    }
+                    crate::h2watch::Verdict::Stalled | crate::h2watch::Verdict::PartlyStalled
+                        if !goaway_sent =>
+                    {
+                        // GOAWAY first (RFC 9113 §6.8): no new streams, and the client learns
+                        // which were processed. Streams it reads finish; once only those it
+                        // does not read are left, the connection closes (next check).
+                        tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading a response; GOAWAY, its other streams finish");
+                        conn.as_mut().graceful_shutdown();
+                        goaway_sent = true;
                     }
                     crate::h2watch::Verdict::Idle if !goaway_sent => {
                         tracing::debug!(listener = name, %remote, "HTTP/2 connection idle; closing");

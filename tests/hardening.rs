@@ -1810,6 +1810,59 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
     h.stop().await;
 }
 
+/// A client that stops reading one HTTP/2 stream (its window for it left shut) while it reads
+/// another: the connection gets a GOAWAY, the stream it reads finishes whole, and only then is
+/// the connection closed. Before, the whole connection was dropped at the send timeout with no
+/// GOAWAY, the healthy stream cut off with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_not_read_does_not_cut_off_the_others() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Big(1 << 20),
+        GatewayOptions {
+            extra_listener: "send_timeout = \"1s\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let tls = h2_tls(&client).await;
+    let (sender, conn): (h2::client::SendRequest<bytes::Bytes>, _) = h2::client::Builder::new()
+        .initial_connection_window_size(16 << 20)
+        .handshake(tls)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let (unread, unread_trace) = h2_metadata(&h);
+    let (read, read_trace) = h2_metadata(&h);
+    let mut sender = sender.ready().await.expect("ready");
+    let (unread, _) = sender.send_request(unread, true).expect("sent");
+    let mut sender = sender.ready().await.expect("ready");
+    let (read, _) = sender.send_request(read, true).expect("sent");
+    // The first stream's data is never released: its window stays shut after 64 KiB.
+    let _unread = unread.await.expect("response head");
+    // The second is read slowly, well past the send timeout, its window given back as read.
+    let mut body = read.await.expect("response head").into_body();
+    let mut len = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the read stream is not cut off");
+        len += chunk.len();
+        body.flow_control()
+            .release_capacity(chunk.len())
+            .expect("release");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(len, 1 << 20, "the read stream came whole");
+    let ended = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the connection was kept for the unread stream"
+    );
+    assert_eq!(outcome_of(&h, &read_trace).await["completed"], true);
+    assert_eq!(outcome_of(&h, &unread_trace).await["completed"], false);
+    h.stop().await;
+}
+
 /// A new connection of `client` is closed by the gateway after its handshake (or refused in
 /// it): with TLS 1.3 the client's handshake ends first, and its first read gets no byte.
 async fn closed_after_handshake(client: &Client, kept: &str) {
