@@ -666,10 +666,17 @@ impl Gateway {
         self.check_jwt(policy, &token, &interaction.scopes, record)?;
 
         // The HTTP/2 GET left open at its HEADERS (see above): no body after all, or refused.
-        if h2_get_open && !settle_empty_body(req.body_mut()).await {
-            return Err(Rejection::BodyNotAllowed {
-                method: interaction.method.as_str().to_owned(),
-            });
+        if h2_get_open {
+            match settle_empty_body(req.body_mut()).await {
+                Settled::Empty => {}
+                Settled::Body => {
+                    return Err(Rejection::BodyNotAllowed {
+                        method: interaction.method.as_str().to_owned(),
+                    })
+                }
+                // Reset or cut off by the consumer before its end: not a body it sent.
+                Settled::Broken => return Err(Rejection::InvalidRequestBody),
+            }
         }
 
         // The optional body cap: a declared length over it is refused before anything is sent
@@ -1063,23 +1070,33 @@ const EMPTY_BODY_WAIT: Duration = Duration::from_secs(5);
 
 /// An HTTP/2 request whose HEADERS frame did not end its stream may still have no body: RFC
 /// 9113 lets a client end it with an empty DATA frame, and some clients send a GET so. Awaits
-/// the stream's end (empty DATA frames skipped, at most [`EMPTY_BODY_WAIT`]): `true`, and the
-/// body replaced by an empty one, when it ends without a byte; `false` when a byte or a
-/// trailer comes, the body fails, or it does not end in time (the request is then refused as
-/// a GET with a body; what was read of the body is not kept, since it is never forwarded).
-async fn settle_empty_body(body: &mut RequestBody) -> bool {
+/// the stream's end (empty DATA frames skipped, at most [`EMPTY_BODY_WAIT`]): see [`Settled`].
+/// What was read of a body is not kept, since it is never forwarded.
+async fn settle_empty_body(body: &mut RequestBody) -> Settled {
     use http_body_util::BodyExt as _;
     let deadline = tokio::time::Instant::now() + EMPTY_BODY_WAIT;
     loop {
         match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(None) => {
                 *body = RequestBody::empty();
-                return true;
+                return Settled::Empty;
             }
             Ok(Some(Ok(frame))) if frame.data_ref().is_some_and(bytes::Bytes::is_empty) => {}
-            Ok(Some(_)) | Err(_) => return false,
+            Ok(Some(Ok(_))) | Err(_) => return Settled::Body,
+            Ok(Some(Err(_))) => return Settled::Broken,
         }
     }
+}
+
+/// How an HTTP/2 GET's stream left open at its HEADERS ended ([`settle_empty_body`]).
+enum Settled {
+    /// Without a byte: the body is replaced by an empty one.
+    Empty,
+    /// A byte or a trailer came, or it did not end in time: refused as a GET with a body.
+    Body,
+    /// The stream failed before its end (reset by the consumer, its connection gone): refused
+    /// as a body broken off (`INVALID_REQUEST_BODY`), not as a body it never sent.
+    Broken,
 }
 
 /// The format the consumer wants errors in: `_format` in the target's query, then `Accept`,

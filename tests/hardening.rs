@@ -1667,6 +1667,29 @@ async fn a_request_stopped_at_shutdown_before_forwarding_has_its_record() {
     assert!(r.get("status").is_none(), "{r}");
 }
 
+/// An HTTP/2 GET left open at its HEADERS and then reset by the consumer sent no body: it is
+/// recorded as a body broken off (`INVALID_REQUEST_BODY`), not as a GET with a body. Nothing
+/// reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_get_reset_before_its_end_is_not_a_get_with_a_body() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let (req, trace) = h2_metadata(&h);
+    let mut sender = sender.ready().await.expect("ready");
+    let (_resp, mut stream) = sender.send_request(req, false).expect("sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    let record = outcome_or_rejection_of(&h, &trace).await;
+    assert_eq!(record["kind"], "rejection", "{record}");
+    assert_eq!(record["token"], "INVALID_REQUEST_BODY", "{record}");
+    assert_eq!(h.recorder.seen(), 0);
+    h.stop().await;
+}
+
 /// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
 fn h2_metadata(h: &Harness) -> (http::Request<()>, String) {
     let built = Gpc::new(
