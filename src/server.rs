@@ -267,6 +267,23 @@ impl Drop for ActiveGuard {
 #[error("stopped at the end of the shutdown grace period")]
 struct StoppedAtShutdown;
 
+/// The size of an HTTP/2 request's header list as RFC 9113 §6.5.2 counts it (each field's
+/// name and value, and 32 bytes), pseudo-header fields included.
+fn header_list_size<B>(req: &Request<B>) -> usize {
+    // `:method`, `:scheme`, `:authority` and `:path`: their names' lengths and their values'.
+    let pseudo = [
+        7 + req.method().as_str().len(),
+        7 + req.uri().scheme_str().map_or(0, str::len),
+        10 + req.uri().authority().map_or(0, |a| a.as_str().len()),
+        5 + req.uri().path_and_query().map_or(0, |p| p.as_str().len()),
+    ];
+    let fields = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32);
+    pseudo.iter().map(|n| n + 32).chain(fields).sum()
+}
+
 /// How often an HTTP/2 connection's streams are checked (see `h2watch`).
 const H2_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle HTTP/2 connection gets to close after its GOAWAY.
@@ -329,7 +346,12 @@ pub async fn serve_tls_observed<H, Fut, B>(
     });
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Twice the limit: a header list over `max_header_bytes` but under this is refused by
+        // the service below, counted and audited as HTTP/1.1's is; h2 refuses one over this
+        // itself, unseen, but it has cost the client twice the limit in HPACK-coded bytes.
+        .max_header_list_size(
+            u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        )
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .keep_alive_interval(limits.h2_keep_alive_interval)
@@ -356,6 +378,7 @@ pub async fn serve_tls_observed<H, Fut, B>(
         handshake_timeout: opts.handshake_timeout,
         http2: opts.http2,
         max_headers: limits.max_headers,
+        max_header_bytes: limits.max_header_bytes,
         max_per_certificate: limits.max_connections_per_certificate,
         idle_limit: opts.header_read_timeout,
         send_limit: limits.send_timeout,
@@ -436,6 +459,7 @@ struct Listener<H> {
     handshake_timeout: Duration,
     http2: bool,
     max_headers: usize,
+    max_header_bytes: usize,
     /// Open connections per client certificate at most.
     max_per_certificate: usize,
     /// HTTP/2's idle limit (the header read timeout) and send limit.
@@ -558,7 +582,7 @@ async fn serve_h2<H, Fut, B>(
     // For the connection's own checks and log lines (`info` moves into the service).
     let conn_info = info.clone();
     let (idle_limit, send_limit) = (shared.idle_limit, shared.send_limit);
-    let max_headers = shared.max_headers;
+    let (max_headers, max_header_bytes) = (shared.max_headers, shared.max_header_bytes);
     let on_refused = shared.metrics.on_refused.clone();
     let requests = shared.requests.clone();
     let request_stop = shared.request_stop.clone();
@@ -569,10 +593,10 @@ async fn serve_h2<H, Fut, B>(
         // Open from now until its response body is done.
         let stream = streams.opened();
         let streams = streams.clone();
-        // The field-count limit HTTP/1.1's parser applies (hyper's HTTP/2 bounds only the
-        // header list's size).
+        // The limits HTTP/1.1's parser applies: the field count (hyper's HTTP/2 bounds only
+        // the header list's size) and the size, as RFC 9113 counts a header list.
         let task =
-            if req.headers().len() > max_headers {
+            if req.headers().len() > max_headers || header_list_size(&req) > max_header_bytes {
                 if let Some(tell) = &on_refused {
                     tell(
                         &info,
