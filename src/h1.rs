@@ -598,7 +598,7 @@ pub(crate) enum HeadError {
 }
 
 impl HeadError {
-    fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             HeadError::Bad(_) | HeadError::Framing(_) | HeadError::Host(_) => {
                 StatusCode::BAD_REQUEST

@@ -284,6 +284,35 @@ fn header_list_size<B>(req: &Request<B>) -> usize {
     pseudo.iter().map(|n| n + 32).chain(fields).sum()
 }
 
+/// What is wrong with an HTTP/2 request's `:authority` and `Host`, as HTTP/1.1's `Host` is
+/// checked: userinfo in `:authority` (RFC 9113 §8.3.1: MUST NOT), or a `Host` field that is
+/// not the `:authority` (§8.3.1: the request is then malformed) or is there more than once.
+fn h2_authority_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let authority = req.uri().authority().map(http::uri::Authority::as_str);
+    if authority.is_some_and(|a| a.contains('@')) {
+        return Some("userinfo in :authority");
+    }
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("more than one Host"),
+        (Some(host), None) => {
+            // The same entity: the same name, in any case, and the same port (443 when none
+            // is given).
+            let entity = |v: &[u8]| -> Vec<u8> {
+                let v = v.strip_suffix(b":443").unwrap_or(v);
+                v.to_ascii_lowercase()
+            };
+            match authority {
+                Some(a) if entity(host.as_bytes()) != entity(a.as_bytes()) => {
+                    Some("Host is not the :authority")
+                }
+                _ => None,
+            }
+        }
+    }
+}
+
 /// How often an HTTP/2 connection's streams are checked (see `h2watch`).
 const H2_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle HTTP/2 connection gets to close after its GOAWAY.
@@ -595,32 +624,37 @@ async fn serve_h2<H, Fut, B>(
         let streams = streams.clone();
         // The limits HTTP/1.1's parser applies: the field count (hyper's HTTP/2 bounds only
         // the header list's size) and the size, as RFC 9113 counts a header list.
-        let task =
+        let refused =
             if req.headers().len() > max_headers || header_list_size(&req) > max_header_bytes {
+                Some(crate::h1::HeadError::TooLarge)
+            } else {
+                h2_authority_problem(&req).map(crate::h1::HeadError::Host)
+            };
+        let task = match refused {
+            Some(problem) => {
                 if let Some(tell) = &on_refused {
                     tell(
                         &info,
                         RefusedHead {
-                            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            reason: crate::h1::HeadError::TooLarge.label(),
+                            status: problem.status(),
+                            reason: problem.label(),
                         },
                     );
                 }
-                None
-            } else {
-                // Its own task: hyper drops a stream's future when the client resets the stream,
-                // and a request already forwarded must still get its outcome record (as over
-                // HTTP/1.1, where a closed connection does not stop it).
-                Some(requests.spawn(
-                    request_stop.clone().run_until_cancelled_owned(handler(
-                        info.clone(),
-                        req.map(RequestBody::http2),
-                    )),
-                ))
-            };
+                Err(problem.status())
+            }
+            // Its own task: hyper drops a stream's future when the client resets the stream,
+            // and a request already forwarded must still get its outcome record (as over
+            // HTTP/1.1, where a closed connection does not stop it).
+            None => Ok(requests.spawn(
+                request_stop
+                    .clone()
+                    .run_until_cancelled_owned(handler(info.clone(), req.map(RequestBody::http2))),
+            )),
+        };
         async move {
             match task {
-                Some(task) => match task.await {
+                Ok(task) => match task.await {
                     Ok(Some(resp)) => {
                         Ok(resp.map(|body| Either::Left(streams.watch(body, stream))))
                     }
@@ -631,7 +665,7 @@ async fn serve_h2<H, Fut, B>(
                     // A handler never panics; if one did, its stream gets a 500.
                     Err(_) => Ok(bare(StatusCode::INTERNAL_SERVER_ERROR)),
                 },
-                None => Ok(bare(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
+                Err(status) => Ok(bare(status)),
             }
         }
     });

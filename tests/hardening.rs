@@ -1692,6 +1692,64 @@ async fn an_http2_get_reset_before_its_end_is_not_a_get_with_a_body() {
     h.stop().await;
 }
 
+/// Over HTTP/2, `:authority` and `Host` are checked as HTTP/1.1's `Host` is (RFC 9113
+/// §8.3.1): userinfo in `:authority`, or a `Host` naming another entity, is 400, counted and
+/// audited (`REQUEST_HEAD_REFUSED_HOST`), and never forwarded; a `Host` naming the same entity
+/// (other case, the default port) passes. Before, each was forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_authority_and_host_are_checked() {
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+
+    let status = |req: http::Request<()>| {
+        let mut s = sender.clone();
+        async move {
+            s = s.ready().await.expect("ready");
+            let (resp, _) = s.send_request(req, true).expect("sent");
+            tokio::time::timeout(Duration::from_secs(20), resp)
+                .await
+                .expect("answered")
+                .expect("response")
+                .status()
+        }
+    };
+    let (mut other_host, _) = h2_metadata(&h);
+    other_host.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("evil.example"),
+    );
+    assert_eq!(status(other_host).await, StatusCode::BAD_REQUEST);
+    let (mut userinfo, _) = h2_metadata(&h);
+    let uri = userinfo
+        .uri()
+        .to_string()
+        .replace("https://localhost", "https://u@localhost");
+    *userinfo.uri_mut() = uri.parse().expect("uri");
+    assert_eq!(status(userinfo).await, StatusCode::BAD_REQUEST);
+    assert_eq!(h.recorder.seen(), 0);
+    let (mut same, _) = h2_metadata(&h);
+    same.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("LOCALHOST:443"),
+    );
+    assert_eq!(status(same).await, StatusCode::OK);
+    assert_eq!(h.recorder.seen(), 1);
+    wait_until("both refusals audited", || {
+        audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| r["token"] == "REQUEST_HEAD_REFUSED_HOST")
+            .count()
+            == 2
+    })
+    .await;
+    drop(sender);
+    h.stop().await;
+}
+
 /// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
 fn h2_metadata(h: &Harness) -> (http::Request<()>, String) {
     let built = Gpc::new(
