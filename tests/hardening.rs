@@ -998,11 +998,7 @@ async fn an_http2_client_over_its_refusal_budget_is_sent_a_goaway() {
         },
     )
     .await;
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let (mut sender, conn) = h2::client::handshake(h2_tls(&client).await)
-        .await
-        .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2_consumer(&h).await;
     for _ in 0..2 {
         let built = Gpc::new(
             Method::GET,
@@ -1056,11 +1052,7 @@ async fn an_http2_goaway_for_the_refusal_budget_lets_open_streams_finish() {
         },
     )
     .await;
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let (mut sender, conn) = h2::client::handshake(h2_tls(&client).await)
-        .await
-        .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2_consumer(&h).await;
     let (held, trace) = h2_metadata(&h);
     sender = sender.ready().await.expect("ready");
     let (held, _) = sender.send_request(held, true).expect("sent");
@@ -1533,11 +1525,7 @@ async fn a_body_of_tiny_chunks_is_forwarded_whole_in_few_pieces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_body_of_tiny_frames_ends_its_connection() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (sender, _conn) = h2_consumer(&h).await;
     let built = Gpc::new(
         Method::POST,
         format!("{}/Appointment", h.endpoint()),
@@ -1645,11 +1633,7 @@ async fn a_request_stopped_at_shutdown_before_forwarding_has_its_record() {
     )
     .await;
     let audit_dir = h.audit_dir.clone();
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (sender, _conn) = h2_consumer(&h).await;
     let (req, trace) = h2_metadata(&h);
     let mut sender = sender.ready().await.expect("ready");
     // No END_STREAM: the gateway waits for the stream's end before it forwards.
@@ -1675,11 +1659,7 @@ async fn a_request_stopped_at_shutdown_before_forwarding_has_its_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_get_reset_before_its_end_is_not_a_get_with_a_body() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (sender, _conn) = h2_consumer(&h).await;
     let (req, trace) = h2_metadata(&h);
     let mut sender = sender.ready().await.expect("ready");
     let (_resp, mut stream) = sender.send_request(req, false).expect("sent");
@@ -1699,11 +1679,7 @@ async fn an_http2_get_reset_before_its_end_is_not_a_get_with_a_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_authority_and_host_are_checked() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(conn);
+    let (sender, _conn) = h2_consumer(&h).await;
 
     let status = |req: http::Request<()>| {
         let mut s = sender.clone();
@@ -1748,6 +1724,46 @@ async fn http2_authority_and_host_are_checked() {
     .await;
     drop(sender);
     h.stop().await;
+}
+
+/// An HTTP/2 connection of the consumer to `h`'s gateway: its sender, and the connection's
+/// task, which ends when the connection does.
+async fn h2_consumer(
+    h: &Harness,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    h2_consumer_with(h, &h2::client::Builder::new()).await
+}
+
+/// [`h2_consumer`] with the client's settings of `builder`.
+async fn h2_consumer_with(
+    h: &Harness,
+    builder: &h2::client::Builder,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (sender, conn) = builder
+        .handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    (sender, tokio::spawn(conn))
+}
+
+/// The gateway in front of a provider that answers `size` bytes, with a send timeout of 1 s.
+async fn big_answers_with_a_short_send_timeout(size: usize) -> Harness {
+    start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Big(size),
+        GatewayOptions {
+            extra_listener: "send_timeout = \"1s\"",
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
@@ -1859,23 +1875,9 @@ async fn an_idle_http2_connection_is_closed_at_the_header_read_timeout() {
 /// request's outcome record says it did not complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
-    let h = start_with_recorder(
-        World::ecdsa(),
-        Behaviour::Big(4 << 20),
-        GatewayOptions {
-            extra_listener: "send_timeout = \"1s\"",
-            ..Default::default()
-        },
-    )
-    .await;
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let tls = h2_tls(&client).await;
-    let (sender, conn): (h2::client::SendRequest<bytes::Bytes>, _) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake(tls)
-        .await
-        .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
+    let h = big_answers_with_a_short_send_timeout(4 << 20).await;
+    let (sender, conn) =
+        h2_consumer_with(&h, h2::client::Builder::new().initial_window_size(0)).await;
     let (req, trace) = h2_metadata(&h);
     let mut sender = sender.ready().await.expect("ready");
     let (resp, _) = sender.send_request(req, true).expect("sent");
@@ -1899,23 +1901,12 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
 /// GOAWAY, the healthy stream cut off with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_stream_not_read_does_not_cut_off_the_others() {
-    let h = start_with_recorder(
-        World::ecdsa(),
-        Behaviour::Big(1 << 20),
-        GatewayOptions {
-            extra_listener: "send_timeout = \"1s\"",
-            ..Default::default()
-        },
+    let h = big_answers_with_a_short_send_timeout(1 << 20).await;
+    let (sender, conn) = h2_consumer_with(
+        &h,
+        h2::client::Builder::new().initial_connection_window_size(16 << 20),
     )
     .await;
-    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
-    let tls = h2_tls(&client).await;
-    let (sender, conn): (h2::client::SendRequest<bytes::Bytes>, _) = h2::client::Builder::new()
-        .initial_connection_window_size(16 << 20)
-        .handshake(tls)
-        .await
-        .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
     let (unread, unread_trace) = h2_metadata(&h);
     let (read, read_trace) = h2_metadata(&h);
     let mut sender = sender.ready().await.expect("ready");
