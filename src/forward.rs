@@ -213,7 +213,6 @@ impl Upstream {
         }
     }
 
-    /// Asks the host's breaker for leave to send; `Err` when its circuit is open.
     /// The fast failure of a request to `target` whose provider host's circuit is open (see
     /// [`Breakers::refuses`]), decided before anything is done for it.
     pub fn circuit_refuses(&self, target: &Target, request_id: &uuid::Uuid) -> Option<Rejection> {
@@ -227,6 +226,7 @@ impl Upstream {
         })
     }
 
+    /// Asks the host's breaker for leave to send; `Err` when its circuit is open.
     fn ticket(
         &self,
         key: &str,
@@ -1114,17 +1114,28 @@ fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
 /// the gateway's origin), `Clear-Site-Data`, `Strict-Transport-Security` (the gateway's own is
 /// set on every answer) and `Proxy-Authentication-Info`.
 ///
-/// A `Content-Length` the provider repeated (hyper takes the answer only when every value is
-/// the same) goes on once: RFC 9110 §8.6 lets a recipient collapse them, and a strict consumer
-/// refuses the repeated field.
+/// A `Content-Length` the provider repeated, as fields or as a list (hyper takes the answer
+/// only when every value is the same), goes on once: RFC 9110 §8.6 lets a recipient collapse
+/// them, and a strict consumer (an HTTP/2 one above all) refuses the repeated form.
 pub fn prepare_answer_headers(headers: &mut HeaderMap) {
     strip(headers, |name| {
         is_hop_by_hop(name) || speaks_for_origin(name)
     });
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
-        let first = first.clone();
-        headers.insert(header::CONTENT_LENGTH, first);
+    let Some(first) = lengths.next() else {
+        return;
+    };
+    if lengths.next().is_some() || first.as_bytes().contains(&b',') {
+        // Repeated, as fields or as a list (`2, 2`): hyper took the answer, so every value is
+        // the same number; it goes on once.
+        let one = first
+            .as_bytes()
+            .split(|&b| b == b',')
+            .next()
+            .unwrap_or_default();
+        if let Ok(one) = HeaderValue::from_bytes(one.trim_ascii()) {
+            headers.insert(header::CONTENT_LENGTH, one);
+        }
     }
 }
 

@@ -434,7 +434,13 @@ fn decode_chunked(
                 };
             }
             Chunked::Data(left) => {
-                if buf.is_empty() {
+                let joining = data.len() > 0;
+                if buf.is_empty()
+                    || joining && (data.len() >= JOIN_UP_TO || left >= JOIN_UP_TO as u64)
+                {
+                    // A chunk of `JOIN_UP_TO` or more, or one after a piece that size, goes on
+                    // its own (its data is not copied): joining is for chunks too small to be
+                    // worth a hand-over each.
                     return Ok(data.so_far());
                 }
                 let n = left.min(buf.len() as u64) as usize;
@@ -473,6 +479,10 @@ fn decode_chunked(
     }
 }
 
+/// How much data [`decode_chunked`] joins into one piece: chunks smaller than this are copied
+/// into one piece while it is smaller than this; a larger chunk goes on its own, uncopied.
+const JOIN_UP_TO: usize = 4096;
+
 /// The data of the chunks one step of [`decode_chunked`] decoded: a single chunk's as it was
 /// split off the buffer (no copy), several joined.
 enum Joined {
@@ -496,6 +506,14 @@ impl Joined {
                 Joined::Many(many)
             }
         };
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Joined::None => 0,
+            Joined::One(bytes) => bytes.len(),
+            Joined::Many(many) => many.len(),
+        }
     }
 
     fn into_bytes(self) -> Option<Bytes> {
@@ -681,7 +699,8 @@ fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName
 /// Why a head longer than `max` bytes is refused: 414 when its request line alone is (its
 /// target is what makes it so: RFC 9112 §3), else 431.
 fn over_limit(buf: &[u8], max: usize) -> HeadError {
-    if buf[..max.min(buf.len())].contains(&b'\n') {
+    // The request line with its CRLF within the limit: its `\n` at `max + 1` at the latest.
+    if buf[..max.saturating_add(2).min(buf.len())].contains(&b'\n') {
         HeadError::TooLarge
     } else {
         HeadError::UriTooLong
@@ -1550,6 +1569,11 @@ mod tests {
         assert_eq!(HeadError::UriTooLong.status(), StatusCode::URI_TOO_LONG);
         let arriving = format!("GET /{}", "a".repeat(2000));
         assert_eq!(parse(&arriving).err(), Some(HeadError::UriTooLong));
+        // A request line of the limit exactly (its CRLF past it), with fields over it: 431.
+        let line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(1024 - 14));
+        assert_eq!(line.len(), 1024 + 2);
+        let full = format!("{line}X: {}\r\n\r\n", "b".repeat(100));
+        assert_eq!(parse(&full).err(), Some(HeadError::TooLarge));
         let many: String = (0..9).map(|i| format!("X-{i}: 1\r\n")).collect();
         assert_eq!(
             parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
@@ -1717,6 +1741,18 @@ mod tests {
             .expect("valid")
             .expect("data");
         assert_eq!((&data[..], last), (&b"cde"[..], true));
+        // A large chunk after small ones, and small ones after a large one, are not joined to
+        // it: it goes on its own, uncopied.
+        let mut state = Chunked::Size;
+        let mut buf = BytesMut::from(&b"1\r\na\r\n"[..]);
+        buf.extend_from_slice(format!("{:x}\r\n", JOIN_UP_TO).as_bytes());
+        buf.extend_from_slice(&vec![b'b'; JOIN_UP_TO]);
+        buf.extend_from_slice(b"\r\n1\r\nc\r\n");
+        let mut pieces = Vec::new();
+        while let Some((data, _)) = decode_chunked(&mut state, &mut buf, 256).expect("valid") {
+            pieces.push(data.len());
+        }
+        assert_eq!(pieces, [1, JOIN_UP_TO, 1]);
         // One chunk whole in the buffer: handed on as it was split off, not copied.
         let mut buf = BytesMut::from(&b"4\r\nwxyz\r\n"[..]);
         let at = buf[3..].as_ptr();

@@ -86,12 +86,12 @@ impl Activity {
         }
     }
 
-    /// Whether the connection should go on, be closed as idle, or as stalled.
     /// Streams open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 
+    /// Whether the connection should go on, be closed as idle, or as stalled.
     pub fn check(&self, idle_limit: Duration, send_limit: Duration) -> Verdict {
         let now = self.now_ms();
         let sending = self.sending.lock().unwrap_or_else(PoisonError::into_inner);

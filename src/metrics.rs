@@ -1006,6 +1006,7 @@ mod tests {
             "ssp_http_refused_heads_total{reason=\"framing\"} 0",
             "ssp_http_refused_heads_total{reason=\"unsupported_coding\"} 0",
             "ssp_http_refused_heads_total{reason=\"host\"} 0",
+            "ssp_http_refused_heads_total{reason=\"uri_too_long\"} 0",
             "ssp_rejections_total{reason=\"request_body_not_allowed\"} 0",
             "ssp_rejections_total{reason=\"cors_origin_not_allowed\"} 0",
             "ssp_upstream_connect_errors_total{reason=\"tls\"} 0",
@@ -1022,7 +1023,7 @@ mod tests {
         let count = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
         assert_eq!(count("ssp_rejections_total{"), 25);
         assert_eq!(count("ssp_tls_handshake_failures_total{"), 16);
-        assert_eq!(count("ssp_http_refused_heads_total{"), 6);
+        assert_eq!(count("ssp_http_refused_heads_total{"), 7);
         assert_eq!(count("ssp_upstream_connect_errors_total{"), 4);
         assert_eq!(count("ssp_upstream_retries_total{"), 5);
         assert_eq!(count("ssp_upstream_bodies_cut_total{"), 2);

@@ -299,12 +299,11 @@ fn h2_authority_problem<B>(req: &Request<B>) -> Option<&'static str> {
         (Some(host), None) => {
             // The same entity: the same name, in any case, and the same port (443 when none
             // is given).
-            let entity = |v: &[u8]| -> Vec<u8> {
-                let v = v.strip_suffix(b":443").unwrap_or(v);
-                v.to_ascii_lowercase()
-            };
+            fn entity(v: &[u8]) -> &[u8] {
+                v.strip_suffix(b":443").unwrap_or(v)
+            }
             match authority {
-                Some(a) if entity(host.as_bytes()) != entity(a.as_bytes()) => {
+                Some(a) if !entity(host.as_bytes()).eq_ignore_ascii_case(entity(a.as_bytes())) => {
                     Some("Host is not the :authority")
                 }
                 _ => None,
@@ -723,6 +722,9 @@ async fn serve_h2<H, Fut, B>(
                         tracing::info!(listener = name, %remote, ?send_limit, "HTTP/2 client stopped reading a response; GOAWAY, its other streams finish");
                         conn.as_mut().graceful_shutdown();
                         goaway_sent = true;
+                        // Once no stream is open, the connection goes even if h2 still holds
+                        // bytes the client does not take (a last frame handed over).
+                        give_up = Some(tokio::time::Instant::now() + send_limit);
                     }
                     crate::h2watch::Verdict::Idle if !goaway_sent => {
                         tracing::debug!(listener = name, %remote, "HTTP/2 connection idle; closing");

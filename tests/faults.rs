@@ -129,10 +129,14 @@ const SCRIPTED: &[(&str, &[u8])] = &[
         "redirect",
         b"HTTP/1.1 307 Temporary Redirect\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n",
     ),
-    // The same length twice (hyper takes it: the values agree).
+    // The same length twice (hyper takes it: the values agree), as fields and as a list.
     (
         "length-twice",
         b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    ),
+    (
+        "length-list",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2, 2\r\n\r\n{}",
     ),
     (
         "status-999",
@@ -1227,14 +1231,24 @@ async fn a_providers_repeated_content_length_reaches_the_consumer_once() {
     let world = World::ecdsa();
     let provider = raw_provider_watched(&world, Fault::Scripted).await;
     let (_config, shutdown, running, target) = gateway_in_front(&world, provider.port, "").await;
-    for http2 in [false, true] {
+    for (http2, answer) in [
+        (false, "length-twice"),
+        (true, "length-twice"),
+        (false, "length-list"),
+        (true, "length-list"),
+    ] {
         let client = world.client_with(&world.consumer, running.gateway_addr, http2);
-        let (a, _) = scripted_metadata(&client, &target, "length-twice").await;
-        let a = a.unwrap_or_else(|e| panic!("http2 {http2}: {e}"));
-        assert_eq!(a.status, StatusCode::OK, "http2 {http2}: {}", a.text());
+        let (a, _) = scripted_metadata(&client, &target, answer).await;
+        let a = a.unwrap_or_else(|e| panic!("{answer} http2 {http2}: {e}"));
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "{answer} http2 {http2}: {}",
+            a.text()
+        );
         assert_eq!(a.text(), "{}");
         let lengths: Vec<_> = a.headers.get_all("content-length").iter().collect();
-        assert_eq!(lengths, ["2"], "http2 {http2}");
+        assert_eq!(lengths, ["2"], "{answer} http2 {http2}");
     }
     shutdown.cancel();
     running.wait().await;

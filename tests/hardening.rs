@@ -1518,12 +1518,13 @@ async fn a_body_of_tiny_chunks_is_forwarded_whole_in_few_pieces() {
     h.stop().await;
 }
 
-/// Over HTTP/2, a body of tiny DATA frames is a flood h2 itself cuts off: after about a hundred
-/// frames far below their framing overhead (h2's data-frame budget), the connection is ended
-/// with GOAWAY `ENHANCE_YOUR_CALM`, counted, and the provider never gets a body of 4,000
-/// pieces. Asserted here so that a change of h2 that drops the budget is seen.
+/// Over HTTP/2, a body of 4,000 one-byte DATA frames sent at once is either taken whole (the
+/// provider gets all 4,000 bytes and the consumer its answer) or, when the frames pile up
+/// unread, cut off by h2's own data-frame budget (GOAWAY `ENHANCE_YOUR_CALM`, counted): never
+/// a hang, nor a body passed on short as if complete. Which one depends on how fast the
+/// gateway reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_body_of_tiny_frames_ends_its_connection() {
+async fn an_http2_body_of_tiny_frames_is_taken_whole_or_cut_off() {
     let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, GatewayOptions::default()).await;
     let (sender, _conn) = h2_consumer(&h).await;
     let built = Gpc::new(
@@ -1554,20 +1555,34 @@ async fn an_http2_body_of_tiny_frames_ends_its_connection() {
     let resp = tokio::time::timeout(Duration::from_secs(20), resp)
         .await
         .expect("answered");
-    assert!(resp.is_err(), "a body of 4,000 one-byte frames was taken");
-    let (_, text) = http_get(h.admin, "/metrics").await;
-    assert_eq!(
-        sample(
-            &text,
-            "ssp_http2_connection_errors_total{reason=\"enhance_your_calm\"}"
-        ),
-        Some(1.0)
-    );
-    let pieces = h
-        .recorder
-        .body_pieces
-        .load(std::sync::atomic::Ordering::SeqCst);
-    assert!(pieces <= 200, "{pieces} pieces reached the provider");
+    match resp {
+        Ok(resp) => {
+            assert_eq!(resp.status(), StatusCode::OK);
+            let mut body = resp.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                text.extend_from_slice(&chunk.expect("body"));
+            }
+            let text = String::from_utf8_lossy(&text);
+            assert!(text.contains("\"body_length\":4000"), "{text}");
+            assert_eq!(
+                h.recorder
+                    .body_bytes
+                    .load(std::sync::atomic::Ordering::SeqCst),
+                4000
+            );
+        }
+        Err(_) => {
+            let (_, text) = http_get(h.admin, "/metrics").await;
+            assert_eq!(
+                sample(
+                    &text,
+                    "ssp_http2_connection_errors_total{reason=\"enhance_your_calm\"}"
+                ),
+                Some(1.0)
+            );
+        }
+    }
     h.stop().await;
 }
 

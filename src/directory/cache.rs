@@ -317,7 +317,10 @@ impl Directory {
             }
         }
         self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-        match self.refresh(asid).await {
+        // Boxed: the refresh's state (the backend query) is large, and held only on a miss;
+        // inline, every request's future would carry it (twice: sender and receiver), and be
+        // copied whole where the request's future is boxed.
+        match Box::pin(self.refresh(asid)).await {
             Outcome::Answer(answer) => Ok(answer),
             Outcome::Stale(party) => {
                 self.inner
