@@ -574,24 +574,9 @@ struct RunningBinary {
 
 impl RunningBinary {
     async fn start(config: &std::path::Path) -> RunningBinary {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-        };
-        let (gateway, admin) = (free(), free());
+        let (gateway, admin) = fix_listener_ports(config);
         let text = std::fs::read_to_string(config)
             .expect("read config")
-            .replacen(
-                "address = \"127.0.0.1:0\"",
-                &format!("address = \"{gateway}\""),
-                1,
-            )
-            .replacen(
-                "address = \"127.0.0.1:0\"",
-                &format!("address = \"{admin}\""),
-                1,
-            )
             .replace("[log]\n", "[log]\nformat = \"json\"\n");
         std::fs::write(config, text).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ssp-gateway"))

@@ -1281,10 +1281,23 @@ pub fn spawned_config(
         ..Default::default()
     };
     let config = gateway_config(world, provider_port, &opts);
+    let (gateway, admin) = fix_listener_ports(&config.source);
+    (
+        config.source.clone(),
+        gateway,
+        admin,
+        config.audit.dir.clone(),
+    )
+}
+
+/// Gives the gateway's listener and then its admin listener, written `127.0.0.1:0` in the
+/// config file at `config` (a process started from it cannot say which ports it took), free
+/// ports of their own; returns them (listener, admin).
+pub fn fix_listener_ports(config: &Path) -> (SocketAddr, SocketAddr) {
     let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let text = std::fs::read_to_string(&config.source).expect("read config");
-    let text = text
+    let text = std::fs::read_to_string(config)
+        .expect("read config")
         .replacen(
             "address = \"127.0.0.1:0\"",
             &format!("address = \"{gateway}\""),
@@ -1295,13 +1308,8 @@ pub fn spawned_config(
             &format!("address = \"{admin}\""),
             1,
         );
-    std::fs::write(&config.source, text).expect("write config");
-    (
-        config.source.clone(),
-        gateway,
-        admin,
-        config.audit.dir.clone(),
-    )
+    std::fs::write(config, text).expect("write config");
+    (gateway, admin)
 }
 
 pub async fn spawn_gateway(
