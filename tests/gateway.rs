@@ -612,6 +612,31 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
         .as_str()
         .unwrap_or_default()
         .starts_with("INVALID_JWT_"));
+    // A claim twice: a reader keeping the first would see a write scope where the gateway
+    // (keeping the last, as RFC 7519 allows) saw a read one.
+    let twice = {
+        use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+        let mut payload = ssp_gateway::ssp::jwt::dev_claims(
+            "patient/*.write",
+            now(),
+            "https://authorize.fhir.nhs.net/token",
+        )
+        .to_string();
+        payload.pop();
+        payload.push_str(&format!(
+            r#","requested_scope":"{}"}}"#,
+            scope_for(IX_SEARCH_SLOT)
+        ));
+        format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(payload)
+        )
+    };
+    let a = c
+        .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).jwt(Some(twice)))
+        .await;
+    a.assert_outcome(400, Some("BAD_REQUEST"), "INVALID_JWT_MALFORMED");
     let a = c
         .gpc(Gpc::new(Method::GET, slot.clone(), IX_SEARCH_SLOT).jwt(Some(jwt("patient/*.write"))))
         .await;

@@ -70,7 +70,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn invalid(&self, what: &'static str) -> Invalid {
+    /// The problem `what`, found at the reader's position.
+    pub fn invalid(&self, what: &'static str) -> Invalid {
         Invalid { what, at: self.pos }
     }
 

@@ -470,8 +470,7 @@ pub fn parse(authorization: Option<&HeaderValue>) -> Result<DecodedJwt, JwtError
     BASE64URL
         .decode_vec(header, &mut json)
         .map_err(|_| JwtError::Malformed("header is not base64url"))?;
-    let header =
-        json_object::<Header>(&json).ok_or(JwtError::Malformed("header is not a JSON object"))?;
+    let header = json_object::<Header>(&json, "header is not a JSON object")?;
     if header.alg.get().map(AsRef::as_ref) != Some("none") {
         return Err(JwtError::AlgNotNone);
     }
@@ -487,8 +486,7 @@ pub fn parse(authorization: Option<&HeaderValue>) -> Result<DecodedJwt, JwtError
     BASE64URL
         .decode_vec(payload, &mut json)
         .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
-    let payload =
-        json_object::<Payload>(&json).ok_or(JwtError::Malformed("payload is not a JSON object"))?;
+    let payload = json_object::<Payload>(&json, "payload is not a JSON object")?;
     let rules = judge(&payload);
     Ok(DecodedJwt {
         claims: std::sync::Arc::new(payload.claims()),
@@ -637,18 +635,31 @@ fn bearer_token(value: &[u8]) -> Result<&[u8], JwtError> {
 
 // Decoding. The header and payload are read straight into the typed views below by a strict
 // JSON reader (`ssp::json`), borrowing strings from the decoded bytes (escaped strings are
-// copied). Every member is read the way a `serde_json::Value` would have been: a later
-// duplicate member replaces an earlier one, and a member the gateway does not use is still
-// read in full (`skip_value`), so malformed or too deeply nested JSON anywhere in a part makes
-// the part malformed. A member of the wrong JSON type is recorded as such (`Slot::Wrong`),
-// never a parse error, so `decode` stays lenient and `check` can name the claim.
+// copied). Every member is read the way a `serde_json::Value` would have been, except that a
+// member the gateway reads (`member`) may appear only once in its object: RFC 7515 §5.2 and
+// RFC 7519 §4 let a parser either reject duplicate names or keep the last, and the provider,
+// which reads the same token after the gateway, may keep the first (cJSON, some streaming
+// readers), so a token whose checked claims two readers could see differently is refused. A
+// member the gateway does not use is still read in full (`skip_value`), so malformed or too
+// deeply nested JSON anywhere in a part makes the part malformed. A member of the wrong JSON
+// type is recorded as such (`Slot::Wrong`), never a parse error, so `decode` stays lenient and
+// `check` can name the claim.
 
-/// Parse one decoded part, which must be a single JSON object.
-fn json_object<'a, T: Shape<'a>>(json: &'a [u8]) -> Option<T> {
+/// `Invalid::what` for a member the gateway reads that appears twice in its object.
+const DUPLICATE_MEMBER: &str = "a member the gateway reads appears twice";
+
+/// Parse one decoded part, which must be a single JSON object: `not_object` names the part
+/// when it is not one; a part with a duplicate member the gateway reads is malformed too, and
+/// said so.
+fn json_object<'a, T: Shape<'a>>(json: &'a [u8], not_object: &'static str) -> Result<T, JwtError> {
     let mut slot = Slot::Absent;
     match Reader::whole(json, |reader| read_into(reader, &mut slot)) {
-        Ok(()) => slot.into_is(),
-        Err(_) => None,
+        Ok(()) => slot.into_is().ok_or(JwtError::Malformed(not_object)),
+        Err(Invalid {
+            what: DUPLICATE_MEMBER,
+            ..
+        }) => Err(JwtError::Malformed(DUPLICATE_MEMBER)),
+        Err(_) => Err(JwtError::Malformed(not_object)),
     }
 }
 
@@ -746,6 +757,15 @@ fn read_into<'a, T: Shape<'a>>(reader: &mut Reader<'a>, slot: &mut Slot<T>) -> R
     Ok(())
 }
 
+/// Reads the value of an object's member into its `slot`, which must not have been filled by
+/// an earlier member of the same name ([`DUPLICATE_MEMBER`]).
+fn member<'a, T: Shape<'a>>(reader: &mut Reader<'a>, slot: &mut Slot<T>) -> Result<(), Invalid> {
+    match slot {
+        Slot::Absent => read_into(reader, slot),
+        _ => Err(reader.invalid(DUPLICATE_MEMBER)),
+    }
+}
+
 /// Reads the next value as a `T` if it has that shape.
 fn read<'a, T: Shape<'a>>(reader: &mut Reader<'a>) -> Result<Slot<T>, Invalid> {
     let mut slot = Slot::Absent;
@@ -789,8 +809,8 @@ impl<'a> Shape<'a> for Header<'a> {
         let header = slot.set(Header::default());
         members(reader, |reader, name| {
             match name {
-                "alg" => read_into(reader, &mut header.alg)?,
-                "typ" => read_into(reader, &mut header.typ)?,
+                "alg" => member(reader, &mut header.alg)?,
+                "typ" => member(reader, &mut header.typ)?,
                 _ => reader.skip_value()?,
             }
             Ok(())
@@ -818,16 +838,16 @@ impl<'a> Shape<'a> for Payload<'a> {
         let p = slot.set(Payload::default());
         members(reader, |reader, name| {
             match name {
-                "iss" => read_into(reader, &mut p.iss)?,
-                "sub" => read_into(reader, &mut p.sub)?,
-                "aud" => read_into(reader, &mut p.aud)?,
-                "iat" => read_into(reader, &mut p.iat)?,
-                "exp" => read_into(reader, &mut p.exp)?,
-                "reason_for_request" => read_into(reader, &mut p.reason_for_request)?,
-                "requested_scope" => read_into(reader, &mut p.requested_scope)?,
-                "requesting_device" => read_into(reader, &mut p.requesting_device)?,
-                "requesting_organization" => read_into(reader, &mut p.requesting_organization)?,
-                "requesting_practitioner" => read_into(reader, &mut p.requesting_practitioner)?,
+                "iss" => member(reader, &mut p.iss)?,
+                "sub" => member(reader, &mut p.sub)?,
+                "aud" => member(reader, &mut p.aud)?,
+                "iat" => member(reader, &mut p.iat)?,
+                "exp" => member(reader, &mut p.exp)?,
+                "reason_for_request" => member(reader, &mut p.reason_for_request)?,
+                "requested_scope" => member(reader, &mut p.requested_scope)?,
+                "requesting_device" => member(reader, &mut p.requesting_device)?,
+                "requesting_organization" => member(reader, &mut p.requesting_organization)?,
+                "requesting_practitioner" => member(reader, &mut p.requesting_practitioner)?,
                 _ => reader.skip_value()?,
             }
             Ok(())
@@ -894,12 +914,12 @@ impl<'a> Shape<'a> for Resource<'a> {
         let r = slot.set(Resource::default());
         members(reader, |reader, name| {
             match name {
-                "resourceType" => read_into(reader, &mut r.resource_type)?,
-                "id" => read_into(reader, &mut r.id)?,
-                "identifier" => read_into(reader, &mut r.identifier)?,
-                "name" => read_into(reader, &mut r.name)?,
-                "model" => read_into(reader, &mut r.model)?,
-                "version" => read_into(reader, &mut r.version)?,
+                "resourceType" => member(reader, &mut r.resource_type)?,
+                "id" => member(reader, &mut r.id)?,
+                "identifier" => member(reader, &mut r.identifier)?,
+                "name" => member(reader, &mut r.name)?,
+                "model" => member(reader, &mut r.model)?,
+                "version" => member(reader, &mut r.version)?,
                 _ => reader.skip_value()?,
             }
             Ok(())
@@ -942,8 +962,8 @@ impl<'a> Shape<'a> for Identifier<'a> {
         let identifier = slot.set(Identifier::default());
         members(reader, |reader, name| {
             match name {
-                "system" => read_into(reader, &mut identifier.system)?,
-                "value" => read_into(reader, &mut identifier.value)?,
+                "system" => member(reader, &mut identifier.system)?,
+                "value" => member(reader, &mut identifier.value)?,
                 _ => reader.skip_value()?,
             }
             Ok(())
@@ -1083,9 +1103,9 @@ impl HumanName<'_> {
 impl<'a> HumanName<'a> {
     fn member(&mut self, reader: &mut Reader<'a>, name: &str) -> Result<(), Invalid> {
         match name {
-            "given" => read_into(reader, &mut self.given),
-            "family" => read_into(reader, &mut self.family),
-            "text" => read_into(reader, &mut self.text),
+            "given" => member(reader, &mut self.given),
+            "family" => member(reader, &mut self.family),
+            "text" => member(reader, &mut self.text),
             _ => reader.skip_value(),
         }
     }
@@ -1872,11 +1892,7 @@ mod tests {
 
     /// A token whose payload is this exact JSON text (for shapes `json!` cannot build).
     fn raw(payload: &str) -> HeaderValue {
-        bearer(&format!(
-            "{}.{}.",
-            URL_SAFE_NO_PAD.encode(HEADER_JSON),
-            URL_SAFE_NO_PAD.encode(payload)
-        ))
+        raw_with_header(HEADER_JSON, payload)
     }
 
     fn raw_reason(payload: &str) -> &'static str {
@@ -1890,23 +1906,83 @@ mod tests {
         .reason()
     }
 
+    /// A token whose payload is `payload` under the header `header`.
+    fn raw_with_header(header: &str, payload: &str) -> HeaderValue {
+        bearer(&format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        ))
+    }
+
     #[test]
-    fn duplicate_members_last_one_wins() {
-        let body = &RECORDED[1..];
+    fn a_member_the_gateway_reads_may_appear_once_in_its_object() {
+        let duplicated = JwtError::Malformed(DUPLICATE_MEMBER);
         let allowed = scopes(&["patient/*.write"]);
-        let first_bad = format!(r#"{{"sub":7,"reason_for_request":"x",{body}"#);
-        assert!(check(Some(&raw(&first_bad)), &allowed, NOW + 10, 0).is_ok());
-        let last_bad = format!(r#"{}, "sub": 7}}"#, &RECORDED[..RECORDED.len() - 1]);
-        assert_eq!(raw_reason(&last_bad), "CLAIM_TYPE_SUB");
-        let last_null = format!(r#"{}, "iss": null}}"#, &RECORDED[..RECORDED.len() - 1]);
-        assert_eq!(raw_reason(&last_null), "MISSING_CLAIM_ISS");
-        let nested = RECORDED.replace(
-            r#""resourceType":"Device","#,
-            r#""resourceType":"Device","identifier":7,"#,
+        let verdict = |payload: &str| check(Some(&raw(payload)), &allowed, NOW + 10, 0);
+        let without_end = &RECORDED[..RECORDED.len() - 1];
+        // The same claim twice, whichever copy is the valid one, null or escaped.
+        for twice in [
+            format!(r#"{{"sub":7,"reason_for_request":"x",{}"#, &RECORDED[1..]),
+            format!(r#"{without_end}, "sub": "1"}}"#),
+            format!(r#"{without_end}, "iss": null}}"#),
+            format!(r#"{without_end}, "iss": "https://ConsumerSystemURL"}}"#),
+            format!(r#"{without_end}, "requested_scope": "patient/*.read"}}"#),
+        ] {
+            assert_eq!(verdict(&twice), Err(duplicated.clone()), "{twice}");
+            assert_eq!(decode(Some(&raw(&twice))), Err(duplicated.clone()));
+        }
+        // In a resource, an identifier, a HumanName (in its array and alone).
+        for (from, to) in [
+            (
+                r#""resourceType":"Device","#,
+                r#""resourceType":"Device","identifier":7,"#,
+            ),
+            (r#","model":"v1""#, r#","model":"v1","model":"v2""#),
+            (
+                r#""value":"GPCA0001""#,
+                r#""value":"GPCA0001","value":"GPCA0002""#,
+            ),
+            (
+                r#""family":"AssurancePractitioner""#,
+                r#""family":"AssurancePractitioner","family":"Other""#,
+            ),
+            (
+                r#""name":[{"family":"AssurancePractitioner","given":["AssuranceTest"],"prefix":["Mr"]}]"#,
+                r#""name":{"given":"A","given":"B","family":"C"}"#,
+            ),
+        ] {
+            let twice = RECORDED.replace(from, to);
+            assert_ne!(twice, RECORDED, "{from}");
+            assert_eq!(verdict(&twice), Err(duplicated.clone()), "{twice}");
+        }
+        // In the header.
+        let header = r#"{"alg":"none","typ":"JWT","alg":"none"}"#;
+        assert_eq!(
+            check(
+                Some(&raw_with_header(header, RECORDED)),
+                &allowed,
+                NOW + 10,
+                0
+            ),
+            Err(duplicated.clone())
         );
-        assert!(check(Some(&raw(&nested)), &allowed, NOW + 10, 0).is_ok());
-        let nested = RECORDED.replace(r#","model":"v1""#, r#","model":"v1","identifier":[]"#);
-        assert_eq!(raw_reason(&nested), "INVALID_RESOURCE_REQUESTING_DEVICE");
+        assert_eq!(duplicated.reason(), "MALFORMED");
+        // Members the gateway does not read may repeat (their reading decides nothing here),
+        // and a name may appear once in each of several objects.
+        let unread = format!(r#"{without_end}, "jti": "a", "jti": "b"}}"#);
+        assert!(verdict(&unread).is_ok());
+        let unread = RECORDED.replace(r#""prefix":["Mr"]"#, r#""prefix":["Mr"],"prefix":[]"#);
+        assert!(verdict(&unread).is_ok());
+        let header = r#"{"alg":"none","typ":"JWT","kid":"a","kid":"b"}"#;
+        assert!(check(
+            Some(&raw_with_header(header, RECORDED)),
+            &allowed,
+            NOW + 10,
+            0
+        )
+        .is_ok());
+        assert!(verdict(RECORDED).is_ok());
     }
 
     #[test]
@@ -2015,7 +2091,7 @@ mod tests {
         assert_eq!(reason(r#"{"alg":"none","typ":null}"#), Err("TYP_NOT_JWT"));
         assert_eq!(reason(r#"{"alg":null}"#), Err("ALG_NOT_NONE"));
         assert_eq!(reason(r#"{"alg":["none"]}"#), Err("ALG_NOT_NONE"));
-        assert_eq!(reason(r#"{"alg":"HS256","alg":"none"}"#), Ok(()));
+        assert_eq!(reason(r#"{"alg":"HS256","alg":"none"}"#), Err("MALFORMED"));
         assert_eq!(reason(r#"{"alg":"n\u006fne","kid":{"x":[1]}}"#), Ok(()));
         assert_eq!(reason(r#" {"alg":"none"} "#), Ok(()));
         assert_eq!(reason(""), Err("MALFORMED"));
@@ -2098,8 +2174,8 @@ mod tests {
             (Some("A B".into()), Ok(()))
         );
         assert_eq!(
-            name(r#"[{"given":["A",1,"","C"],"family":"F","given":["D"]}]"#),
-            (Some("D F".into()), Ok(()))
+            name(r#"[{"given":["A",1,"","C"],"family":"F"}]"#),
+            (Some("A C F".into()), Ok(()))
         );
         assert_eq!(
             name(r#"[{"family":["F",2,"G"],"given":["A"]}]"#),
@@ -2107,8 +2183,8 @@ mod tests {
         );
         // Decoded for the audit record whatever the verdict; refused without both names.
         assert_eq!(
-            name(r#"[{"given":["A",1,"","C"],"text":"T","given":["D"]}]"#),
-            (Some("D".into()), prac)
+            name(r#"[{"given":["A",1,"","C"],"text":"T"}]"#),
+            (Some("A C".into()), prac)
         );
         assert_eq!(
             name(r#"[{"text":" Dr T ","family":""}]"#),
@@ -2394,8 +2470,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
         /// The claims `decode` extracts are those a plain reading of the payload through
-        /// serde_json gives, whatever is put where the extraction looks, and with a later
-        /// duplicate of a member (which replaces the first in both).
+        /// serde_json gives, whatever is put where the extraction looks; a second copy of a
+        /// member the gateway reads makes the token malformed.
         #[test]
         fn decoded_claims_are_those_of_a_plain_reading(
             edits in proptest::collection::vec((0..EXTRACTION_PATHS.len(), extraction_value()), 1..4),
@@ -2408,14 +2484,17 @@ mod tests {
                 }
             }
             let mut payload = claims.to_string();
-            if let Some((path, value)) = duplicate {
+            if let Some((path, ref value)) = duplicate {
                 let name = EXTRACTION_PATHS[path].trim_start_matches('/').split('/').next().unwrap_or("iat");
                 payload.pop();
                 payload.push_str(&format!(",{}:{value}}}", json!(name)));
             }
             let plain: Value = serde_json::from_str(&payload).expect("serde reads it");
-            let decoded = decode(Some(&raw(&payload))).expect("decodes");
-            prop_assert_eq!(decoded, claims_through_value(&plain), "{}", payload);
+            let decoded = decode(Some(&raw(&payload)));
+            match duplicate {
+                Some(_) => prop_assert_eq!(decoded, Err(JwtError::Malformed(DUPLICATE_MEMBER))),
+                None => prop_assert_eq!(decoded, Ok(claims_through_value(&plain)), "{}", payload),
+            }
         }
 
         #[test]
