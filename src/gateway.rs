@@ -288,25 +288,9 @@ impl Gateway {
         self.record_span(&ctx, &record, status);
         // The gateway's own refusal of what the consumer sent (4xx, not a 429: those are held
         // below anyway), over the certificate's budget for answering them at once.
-        let refusal_held = match (&self.refusal_budget, record.reason) {
-            (Some(budget), Some(_)) if !rate_limited && (400..500).contains(&status) => {
-                let over = !budget
-                    .check(&conn.peer.fingerprint_sha256, Instant::now())
-                    .allowed;
-                if over {
-                    self.metrics.refusals_held.inc();
-                    if version == http::Version::HTTP_2 {
-                        // Holding a stream is undone by opening another: no new streams on
-                        // this connection (a new one costs the client a handshake).
-                        conn.request_close();
-                    }
-                    static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
-                    if let Some(held_back) = LOG.allow() {
-                        let peer = conn.peer.name();
-                        tracing::warn!(client = %conn.remote, peer, held_back, delay = ?budget.reject_delay(), "this client certificate's refusals are over their budget; each is held");
-                    }
-                }
-                over.then(|| budget.reject_delay())
+        let refusal_held = match record.reason {
+            Some(_) if !rate_limited && (400..500).contains(&status) => {
+                self.hold_refusal(&conn, version == http::Version::HTTP_2)
             }
             _ => None,
         };
@@ -328,6 +312,54 @@ impl Gateway {
             tokio::time::sleep(delay).await;
         }
         response
+    }
+
+    /// One of the gateway's own refusals of what a client sent: `None` while the client
+    /// certificate's refusals are within their budget (`rate_limit.refusals_per_second`), else
+    /// how long to hold the answer. Over HTTP/2, the connection is also asked to close: holding
+    /// a stream is undone by opening another (a new connection costs the client a handshake).
+    fn hold_refusal(&self, conn: &ConnInfo, http2: bool) -> Option<Duration> {
+        let budget = self.refusal_budget.as_ref()?;
+        if budget
+            .check(&conn.peer.fingerprint_sha256, Instant::now())
+            .allowed
+        {
+            return None;
+        }
+        self.metrics.refusals_held.inc();
+        if http2 {
+            conn.request_close();
+        }
+        static LOG: crate::loglimit::Every = crate::loglimit::Every::second();
+        if let Some(held_back) = LOG.allow() {
+            let peer = conn.peer.name();
+            tracing::warn!(client = %conn.remote, peer, held_back, delay = ?budget.reject_delay(), "this client certificate's refusals are over their budget; each is held");
+        }
+        Some(budget.reject_delay())
+    }
+
+    /// A request head refused before any handler saw it (`server::RefusedHead`): counted in
+    /// `ssp_http_refused_heads_total`, audited as `REQUEST_HEAD_REFUSED_<REASON>`, and within
+    /// the same refusal budget as the request path's own refusals, so that neither an HTTP/2
+    /// connection's streams nor new connections make audit records and answers at will. Returns
+    /// how long to hold the answer.
+    pub fn refused_head(
+        &self,
+        conn: &ConnInfo,
+        head: crate::server::RefusedHead,
+    ) -> Option<Duration> {
+        self.metrics
+            .http_refused_heads
+            .with_label_values(&[head.reason])
+            .inc();
+        let client = crate::audit::ClientInfo {
+            address: conn.remote,
+            certificate: conn.peer.clone(),
+        };
+        self.audit
+            .refused_head(client, head.status.as_u16(), head.reason);
+        // A refused HTTP/1.1 head ends its connection anyway: asking it to close is harmless.
+        self.hold_refusal(conn, true)
     }
 
     /// The request's last audit record: a `rejection` or `preflight` now, or the `outcome` of a

@@ -979,16 +979,16 @@ pub(crate) async fn serve<H, Fut, B>(
                 if let Some(held_back) = e.log_limit().allow() {
                     tracing::info!(remote = %info.remote, reason = e.reason(), held_back, "refused an HTTP/1.1 request head");
                 }
-                if let Some(tell) = &opts.on_refused {
+                let hold = opts.on_refused.as_ref().and_then(|tell| {
                     tell(
                         &info,
                         crate::server::RefusedHead {
                             status: e.status(),
                             reason: e.label(),
                         },
-                    );
-                }
-                refused = Some(e.status());
+                    )
+                });
+                refused = Some((e.status(), hold));
                 break;
             }
         };
@@ -1014,7 +1014,9 @@ pub(crate) async fn serve<H, Fut, B>(
     }
     // Boxed too, for the same reason as the exchange.
     match refused {
-        Some(status) => Box::pin(refuse(&mut io, status, opts.send_timeout)).await,
+        Some((status, hold)) => {
+            Box::pin(refuse(&mut io, status, hold, &shutdown, opts.send_timeout)).await
+        }
         // close_notify: bounded too, the client may have stopped reading.
         None => {
             let _ = Box::pin(tokio::time::timeout(opts.send_timeout, io.shutdown())).await;
@@ -1022,8 +1024,21 @@ pub(crate) async fn serve<H, Fut, B>(
     }
 }
 
-/// Answers a refused head with its status, then lingers so the answer is read.
-async fn refuse(io: &mut ServerStream<TcpStream>, status: StatusCode, send_timeout: Duration) {
+/// Answers a refused head with its status, after `hold` (a client over its refusal budget;
+/// cut short at shutdown), then lingers so the answer is read.
+async fn refuse(
+    io: &mut ServerStream<TcpStream>,
+    status: StatusCode,
+    hold: Option<Duration>,
+    shutdown: &CancellationToken,
+    send_timeout: Duration,
+) {
+    if let Some(hold) = hold {
+        tokio::select! {
+            _ = tokio::time::sleep(hold) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
     let mut out = Vec::with_capacity(160);
     error_response(&mut out, status);
     if write_all_parts(io, &[&out], send_timeout).await.is_ok() {

@@ -697,8 +697,6 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     ));
 
     let directory = components.gateway.directory.clone();
-    let refusals = components.gateway.audit.clone();
-    let refused_heads = metrics.http_refused_heads.clone();
     let http2_violations = metrics.http2_violations.clone();
     let gateway = Arc::new(components.gateway);
     let opts = ServeOptions {
@@ -712,16 +710,12 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Runni
     let conn_metrics = server::ConnMetrics {
         active: Some(metrics.active_connections.clone()),
         handshake_failures: Some(metrics.tls_handshake_failures.clone()),
-        on_refused: Some(Arc::new(
-            move |conn: &server::ConnInfo, head: server::RefusedHead| {
-                refused_heads.with_label_values(&[head.reason]).inc();
-                let client = audit::ClientInfo {
-                    address: conn.remote,
-                    certificate: conn.peer.clone(),
-                };
-                refusals.refused_head(client, head.status.as_u16(), head.reason);
-            },
-        )),
+        on_refused: Some({
+            let gateway = gateway.clone();
+            Arc::new(move |conn: &server::ConnInfo, head: server::RefusedHead| {
+                gateway.refused_head(conn, head)
+            })
+        }),
         http2_violations: Some(http2_violations),
     };
     let serve = server::serve_tls_observed(

@@ -153,8 +153,9 @@ pub struct RefusedHead {
 }
 
 /// Told of each refused head with the connection it came on (the gateway counts them in
-/// `ssp_http_refused_heads_total` and audits them).
-pub type OnRefusedHead = Arc<dyn Fn(&ConnInfo, RefusedHead) + Send + Sync>;
+/// `ssp_http_refused_heads_total` and audits them); returns how long to hold the answer (a
+/// client over its refusal budget).
+pub type OnRefusedHead = Arc<dyn Fn(&ConnInfo, RefusedHead) -> Option<Duration> + Send + Sync>;
 
 /// The `reason`s of `ssp_http2_connection_errors_total`: the GOAWAY error codes (RFC 9113
 /// §7) with which the gateway's HTTP/2 ended a connection for the client's violation.
@@ -631,16 +632,16 @@ async fn serve_h2<H, Fut, B>(
             };
         let task = match refused {
             Some(problem) => {
-                if let Some(tell) = &on_refused {
+                let hold = on_refused.as_ref().and_then(|tell| {
                     tell(
                         &info,
                         RefusedHead {
                             status: problem.status(),
                             reason: problem.label(),
                         },
-                    );
-                }
-                Err(problem.status())
+                    )
+                });
+                Err((problem.status(), hold))
             }
             // Its own task: hyper drops a stream's future when the client resets the stream,
             // and a request already forwarded must still get its outcome record (as over
@@ -664,7 +665,12 @@ async fn serve_h2<H, Fut, B>(
                     // A handler never panics; if one did, its stream gets a 500.
                     Err(_) => Ok(bare(StatusCode::INTERNAL_SERVER_ERROR)),
                 },
-                Err(status) => Ok(bare(status)),
+                Err((status, hold)) => {
+                    if let Some(hold) = hold {
+                        tokio::time::sleep(hold).await;
+                    }
+                    Ok(bare(status))
+                }
             }
         }
     });

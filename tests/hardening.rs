@@ -1034,6 +1034,72 @@ async fn an_http2_client_over_its_refusal_budget_is_sent_a_goaway() {
     h.stop().await;
 }
 
+/// Refused heads (here a `Host` naming another entity) count against the certificate's
+/// refusal budget as the request path's refusals do: past it each is held, and an HTTP/2
+/// connection gets a GOAWAY. Before, an HTTP/2 connection could have any number of streams
+/// refused at once, each with its audit record, and new HTTP/1.1 connections likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_heads_count_against_the_refusal_budget() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            rate_limit: "refusals_per_second = 1\nrefusal_burst = 1\nreject_delay = \"100ms\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let (mut sender, conn) = h2_consumer(&h).await;
+    for _ in 0..2 {
+        let (mut other_host, _) = h2_metadata(&h);
+        other_host.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("evil.example"),
+        );
+        sender = sender.ready().await.expect("ready");
+        let (resp, _) = sender.send_request(other_host, true).expect("sent");
+        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+            .await
+            .expect("answered")
+            .expect("response");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+    // The second was over the budget: held, and the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    assert!(ended.is_ok(), "the connection was kept open");
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    assert_eq!(sample(&text, "ssp_refusals_held_total"), Some(1.0));
+    // HTTP/1.1: each refused head (userinfo in Host) on its own connection, within the same
+    // budget (it refills one a second: the next two cannot both be within it).
+    let c = h.world.client_with(&h.world.consumer, h.gateway, false);
+    for _ in 0..2 {
+        let userinfo = Gpc::new(
+            Method::GET,
+            format!("{}/metadata", h.endpoint()),
+            IX_METADATA,
+        )
+        .header("Host", "u@localhost");
+        let a = c.send(userinfo.build()).await.expect("answered");
+        assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    }
+    let (_, text) = http_get(h.admin, "/metrics").await;
+    let held = sample(&text, "ssp_refusals_held_total").unwrap_or(0.0);
+    assert!(held >= 2.0, "{held}");
+    assert_eq!(h.recorder.seen(), 0);
+    // Every refusal is still audited.
+    wait_until("the four refusals audited", || {
+        audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| r["token"] == "REQUEST_HEAD_REFUSED_HOST")
+            .count()
+            == 4
+    })
+    .await;
+    // A good request on a new connection is served.
+    assert_eq!(h.consumer_metadata().await.status, StatusCode::OK);
+    h.stop().await;
+}
+
 /// The GOAWAY for a client over its refusal budget lets the streams already open finish: a
 /// request held at the provider for longer than the connection's 5 s close limit still gets
 /// its answer, then the connection ends. Before, the connection was dropped 5 s after the
