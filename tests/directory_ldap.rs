@@ -244,6 +244,88 @@ async fn real_sds_quirks_in_slapd_refuse_one_interaction_not_the_party() {
     h.stop().await;
 }
 
+/// An attribute loaded into slapd under both its name and its OID comes back in two blocks of
+/// the entry: a second endpoint on the slot handler, written by `nhsMHSEndPoint`'s OID, makes
+/// the interaction unusable (403, nothing forwarded to either endpoint), and a second ASID on
+/// the provider's AS record, by `uniqueIdentifier`'s OID, is an error for both ASIDs, never a
+/// registration. Before, only the last block was read: requests went to the OID's endpoint, and
+/// the record answered for the OID's ASID alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attribute_slapd_holds_under_its_oid_too_is_read_whole() {
+    const SECOND_ASID: &str = "200000000999";
+    let slapd: Arc<Mutex<Option<Slapd>>> = Arc::new(Mutex::new(None));
+    let started = slapd.clone();
+    let opts = GatewayOptions {
+        directory: Some(Box::new(move |ldif: &str| {
+            let slot = "nhsMhsSvcIA: urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1";
+            let edited: Vec<String> = ldif
+                .split("\n\n")
+                .map(|block| {
+                    let mut block = block.to_string();
+                    if block.lines().any(|l| l == slot) {
+                        block.push_str(
+                            "\n1.2.826.0.1285.0.2.1.84: https://localhost:1/B82617/STU3/1/gpconnect",
+                        );
+                    }
+                    if block.lines().any(|l| l == "objectClass: nhsAs")
+                        && block
+                            .lines()
+                            .any(|l| l == format!("uniqueIdentifier: {READONLY_ASID}"))
+                    {
+                        block.push_str(&format!("\n0.9.2342.19200300.100.1.44: {SECOND_ASID}"));
+                    }
+                    block
+                })
+                .collect();
+            let server = Slapd::start(&edited.join("\n\n"), None);
+            let url = server.url();
+            *started.lock().expect("lock") = Some(server);
+            format!("backend = \"ldap\"\nldap_url = \"{url}\"\n")
+        })),
+        ..Default::default()
+    };
+    let h = start_with_recorder(World::ecdsa(), Behaviour::Echo, opts).await;
+    let directory = h.directory();
+    for asid in [READONLY_ASID, SECOND_ASID] {
+        let refused = directory
+            .party(asid)
+            .await
+            .expect_err("an error, not a party");
+        assert!(
+            refused.to_string().contains("exactly one value, found 2"),
+            "{asid}: {refused}"
+        );
+    }
+    // The slot handler's two endpoints make its interaction unusable.
+    let slot = Gpc::new(
+        Method::GET,
+        format!("{}/Slot?start=ge2025-01-01", h.endpoint()),
+        IX_SEARCH_SLOT,
+    );
+    let refused = format!("PARTYKEY_INTERACTION_CHECK_FAILED_MESSAGERECEIVER_{PROVIDER_ASID}");
+    h.consumer()
+        .gpc(slot)
+        .await
+        .assert_outcome(403, Some("ACCESS_DENIED"), &refused);
+    let provider = directory
+        .party(PROVIDER_ASID)
+        .await
+        .expect("lookup")
+        .expect("provider");
+    assert!(
+        provider
+            .unusable
+            .iter()
+            .any(|u| format!("{u:?}").contains("slot-1")),
+        "{:?}",
+        provider.unusable
+    );
+    // The provider's other interactions are forwarded.
+    assert_eq!(h.consumer_metadata().await.status, 200);
+    assert_eq!(h.recorder.seen(), 1);
+    h.stop().await;
+}
+
 /// `/readyz` checked every 100 ms for `during`: each answer must be `expected`.
 async fn readiness_stays(
     admin: std::net::SocketAddr,

@@ -463,11 +463,9 @@ impl LdapBackend {
         entries
             .into_iter()
             .map(|raw| {
-                // `construct` panics on a malformed entry; a server must not crash the gateway.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    SearchEntry::construct(raw)
-                }))
-                .map_err(|_| SearchFailure::Answer("the server sent a malformed entry".into()))
+                entry_of(raw.0).ok_or_else(|| {
+                    SearchFailure::Answer("the server sent a malformed entry".into())
+                })
             })
             .collect()
     }
@@ -623,6 +621,39 @@ fn result_name(rc: u32) -> &'static str {
     }
 }
 
+/// One entry of a search answer, read from its BER (RFC 4511 §4.5.2, SearchResultEntry), with
+/// every block of an attribute kept: its values are merged under the attribute's name,
+/// lowercased. slapd answers an attribute in two blocks when an entry was loaded with it under
+/// both its name and its OID; ldap3's `SearchEntry::construct` keeps only the last block, so a
+/// second endpoint, handler interaction or ASID went unseen (and the rules for several values
+/// never applied), and it panics on a malformed entry. `None` when the entry is malformed.
+fn entry_of(raw: ldap3::asn1::StructureTag) -> Option<SearchEntry> {
+    let mut parts = raw.match_id(4)?.expect_constructed()?.into_iter();
+    let dn = String::from_utf8(parts.next()?.expect_primitive()?).ok()?;
+    let mut attrs: HashMap<String, Vec<String>> = HashMap::new();
+    let mut bin_attrs: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for attribute in parts.next()?.expect_constructed()? {
+        let mut attribute = attribute.expect_constructed()?.into_iter();
+        let name = String::from_utf8(attribute.next()?.expect_primitive()?)
+            .ok()?
+            .to_ascii_lowercase();
+        for value in attribute.next()?.expect_constructed()? {
+            match String::from_utf8(value.expect_primitive()?) {
+                Ok(text) => attrs.entry(name.clone()).or_default().push(text),
+                Err(binary) => bin_attrs
+                    .entry(name.clone())
+                    .or_default()
+                    .push(binary.into_bytes()),
+            }
+        }
+    }
+    Some(SearchEntry {
+        dn,
+        attrs,
+        bin_attrs,
+    })
+}
+
 /// The values of one entry, by lowercased attribute name (LDAP names are case-insensitive and
 /// servers answer with the schema's spelling, not the request's).
 struct Values<'e> {
@@ -751,6 +782,114 @@ mod tests {
                 .collect(),
             bin_attrs: HashMap::new(),
         }
+    }
+
+    /// A SearchResultEntry's BER: `dn` and each attribute block as sent.
+    fn raw_entry(dn: &[u8], blocks: &[(&str, &[&[u8]])]) -> ldap3::asn1::StructureTag {
+        use ldap3::asn1::{StructureTag, TagClass, PL};
+        let octets = |bytes: &[u8]| StructureTag {
+            class: TagClass::Universal,
+            id: 4,
+            payload: PL::P(bytes.to_vec()),
+        };
+        let constructed = |class, id, inner| StructureTag {
+            class,
+            id,
+            payload: PL::C(inner),
+        };
+        let attributes = blocks
+            .iter()
+            .map(|(name, values)| {
+                let values = values.iter().map(|v| octets(v)).collect();
+                constructed(
+                    TagClass::Universal,
+                    16,
+                    vec![
+                        octets(name.as_bytes()),
+                        constructed(TagClass::Universal, 17, values),
+                    ],
+                )
+            })
+            .collect();
+        constructed(
+            TagClass::Application,
+            4,
+            vec![octets(dn), constructed(TagClass::Universal, 16, attributes)],
+        )
+    }
+
+    /// slapd answers an attribute loaded under its name and its OID in two blocks: both are
+    /// kept, so a second endpoint or ASID is seen and the rules for several values apply. A
+    /// malformed entry is refused, never a panic.
+    #[test]
+    fn every_block_of_an_attribute_is_kept() {
+        let handler = entry_of(raw_entry(
+            b"uniqueIdentifier=m,ou=services,o=nhs",
+            &[
+                ("uniqueIdentifier", &[b"m"]),
+                ("nhsIDCode", &[b"B82617"]),
+                ("nhsMHSPartyKey", &[b"B82617-1"]),
+                ("nhsMhsSvcIA", &[b"urn:a"]),
+                ("nhsMHSEndPoint", &[b"https://x.example/a"]),
+                ("nhsMhsCPAId", &[b"m"]),
+                ("nhsMHSEndPoint", &[b"https://evil.example/b"]),
+                ("NHSMHSENDPOINT", &[b"https://evil.example/c"]),
+            ],
+        ))
+        .expect("well formed");
+        let h = mhs_record(&handler).expect("a record");
+        assert_eq!(
+            h.endpoints,
+            [
+                "https://x.example/a",
+                "https://evil.example/b",
+                "https://evil.example/c"
+            ]
+        );
+        let system = entry_of(raw_entry(
+            b"uniqueIdentifier=1,ou=services,o=nhs",
+            &[
+                ("uniqueIdentifier", &[b"1"]),
+                ("nhsIDCode", &[b"B82617"]),
+                ("nhsMHSPartyKey", &[b"B82617-1"]),
+                ("uniqueIdentifier", &[b"2"]),
+            ],
+        ))
+        .expect("well formed");
+        let refused = accredited_system(&system).expect_err("two ASIDs");
+        assert!(refused.contains("exactly one value, found 2"), "{refused}");
+        // A binary value in one block makes the attribute not UTF-8, whichever block.
+        let binary = entry_of(raw_entry(
+            b"uniqueIdentifier=1,ou=services,o=nhs",
+            &[("nhsIDCode", &[b"B82617"]), ("nhsIDCode", &[b"\xff"])],
+        ))
+        .expect("well formed");
+        assert!(Values::new(&binary).utf8("nhsIDCode").is_err());
+
+        use ldap3::asn1::{StructureTag, TagClass, PL};
+        let bare = |payload| StructureTag {
+            class: TagClass::Application,
+            id: 4,
+            payload,
+        };
+        assert!(entry_of(bare(PL::P(vec![1]))).is_none());
+        assert!(entry_of(bare(PL::C(Vec::new()))).is_none());
+        assert!(
+            entry_of(raw_entry(b"\xff", &[])).is_none(),
+            "a DN not UTF-8"
+        );
+        let mut wrong_id = raw_entry(b"dn", &[]);
+        wrong_id.id = 5;
+        assert!(entry_of(wrong_id).is_none());
+        let mut no_values = raw_entry(b"dn", &[("a", &[b"1"])]);
+        if let PL::C(parts) = &mut no_values.payload {
+            if let PL::C(attributes) = &mut parts[1].payload {
+                if let PL::C(attribute) = &mut attributes[0].payload {
+                    attribute.truncate(1);
+                }
+            }
+        }
+        assert!(entry_of(no_values).is_none());
     }
 
     #[test]
