@@ -136,12 +136,16 @@ fn check_target(path_and_query: &str) -> Result<Target, &'static str> {
 
 /// Splits an authority into its host and port: `host`, `host:port`, `[v6]` or `[v6]:port`,
 /// with a non-empty host and a port of 1 to 65535 in decimal digits. `None` for anything else
-/// (an empty host, an empty port, `:99999`, two colons outside brackets): a port that does not
-/// fit is not quietly dropped, which would send the request to the scheme's default port.
+/// (an empty host, an empty port, `:99999`, two colons outside brackets, brackets around
+/// anything but an IPv6 address, a bracket in a name): a port that does not fit is not quietly
+/// dropped, which would send the request to the scheme's default port, and `[localhost]` is
+/// not read as `localhost`.
 pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     let (host, port) = match authority.strip_prefix('[') {
         Some(rest) => {
-            let end = rest.find(']')? + 2;
+            let inside = rest.find(']')?;
+            rest[..inside].parse::<std::net::Ipv6Addr>().ok()?;
+            let end = inside + 2;
             let port = match &authority[end..] {
                 "" => None,
                 after => Some(after.strip_prefix(':')?),
@@ -153,7 +157,7 @@ pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
             None => (authority, None),
         },
     };
-    if host.is_empty() || host == "[]" {
+    if host.is_empty() || (!host.starts_with('[') && host.contains(['[', ']'])) {
         return None;
     }
     let port = match port {
@@ -590,6 +594,28 @@ mod tests {
         assert_eq!(split_authority("[::1]:9443"), Some(("[::1]", Some(9443))));
         assert_eq!(split_authority("[::1]"), Some(("[::1]", None)));
         assert_eq!(split_authority("localhost"), Some(("localhost", None)));
+        assert_eq!(
+            split_authority("[2001:db8::a]:443"),
+            Some(("[2001:db8::a]", Some(443)))
+        );
+        // Brackets hold an IPv6 address, nothing else; a name holds no bracket (the forwarder
+        // would strip them and connect to `localhost`).
+        for bad in [
+            "[localhost]:9443",
+            "[evil.example]",
+            "[]",
+            "[::1",
+            "[1.2.3.4]",
+            "[v1.x]",
+            "[fe80::1%25eth0]",
+            "a[b]:9443",
+            "a]b",
+            "[::1]x",
+        ] {
+            assert_eq!(split_authority(bad), None, "{bad}");
+            let target = format!("/https://{bad}/x/Slot");
+            assert!(parse_target(&target).is_err(), "{target}");
+        }
         let t = parse_target("/https://h/x/Slot?").expect("valid");
         assert_eq!(t.query(), Some(""));
         assert_eq!(t.path(), "/x/Slot");
