@@ -729,3 +729,21 @@ async fn verify_reads_a_directory_whose_trail_rotates_meanwhile() {
     assert!(audit_files(&dir).len() > 20, "it rotated: {out}");
     stop_provider.cancel();
 }
+
+/// A directory with no trail file in it (a mistyped audit path, the config directory) is not
+/// an intact trail: exit 2, naming the directory; an audit directory whose trail has no
+/// complete record yet is still ok.
+#[test]
+fn verify_refuses_a_directory_with_no_trail_file() {
+    let dir = std::env::temp_dir().join(format!("ssp-verify-none-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("gateway.toml"), "[listener]\n").expect("write");
+    let (code, out) = verify(&[], std::slice::from_ref(&dir));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no audit trail file here"), "{out}");
+    assert!(out.contains(&dir.display().to_string()), "{out}");
+    std::fs::write(dir.join("audit.jsonl"), "").expect("write");
+    let (code, out) = verify(&[], std::slice::from_ref(&dir));
+    assert_eq!(code, 0, "{out}");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}

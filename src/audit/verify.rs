@@ -515,7 +515,11 @@ enum GatherError {
 /// file is opened before its listing, so that a rotation while it is listed or read leaves a
 /// consistent set: the file held is either listed under its new name (read once) or rotated
 /// after the listing (the newer files are not read).
-fn gather(paths: &[PathBuf]) -> Result<Gathered, GatherError> {
+///
+/// A directory with no trail file in it is an error when `anchored` is false: a mistyped path
+/// is not an intact trail. With anchors (`--head`, `--min-seq`, `--first-seq`) it is read as
+/// an empty trail, which the anchors then show broken (every file removed).
+fn gather(paths: &[PathBuf], anchored: bool) -> Result<Gathered, GatherError> {
     let mut g = Gathered::default();
     let mut canonical: Vec<PathBuf> = Vec::new();
     let mut held: Vec<(u64, u64)> = Vec::new();
@@ -558,6 +562,15 @@ fn gather(paths: &[PathBuf]) -> Result<Gathered, GatherError> {
                 open(&mut g, &active, true)?;
             }
             let (names, aside) = list_dir(path).map_err(unreadable(path))?;
+            if names.is_empty() && !anchored {
+                return Err(unreadable(path)(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "no audit trail file here ({} or audit-<seq>.jsonl)",
+                        super::ACTIVE_FILE
+                    ),
+                )));
+            }
             for name in &names {
                 if name != super::ACTIVE_FILE {
                     open(&mut g, &path.join(name), true)?;
@@ -613,7 +626,9 @@ struct Last {
 pub fn verify_files(paths: &[PathBuf], options: &Options) -> Result<Report, VerifyError> {
     let mut read = 1;
     loop {
-        let gathered = match gather(paths) {
+        let anchored =
+            !options.heads.is_empty() || options.min_seq.is_some() || options.first_seq.is_some();
+        let gathered = match gather(paths, anchored) {
             Ok(g) => g,
             Err(GatherError::Vanished(_)) if read < READS => {
                 read += 1;
@@ -1791,9 +1806,18 @@ mod tests {
         assert_eq!(r.read_again, 0);
         // A directory that is not there is unreadable, not an empty trail.
         assert!(verify_files(&[d.join("missing")], &Options::default()).is_err());
-        // An empty one holds no record: short of any anchor, named by the directory.
+        // An empty one holds no record: short of any anchor, named by the directory; with no
+        // anchor it is no trail at all (a mistyped path), not an intact one.
         let empty = d.join("empty");
         std::fs::create_dir(&empty).expect("mkdir");
+        let none = verify_files(std::slice::from_ref(&empty), &Options::default())
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            none.as_deref()
+                .is_some_and(|e| e.contains("no audit trail file here")),
+            "{none:?}"
+        );
         let options = Options {
             min_seq: Some(1),
             ..Options::default()
