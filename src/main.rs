@@ -269,7 +269,18 @@ fn check_config(path: &Path) -> ExitCode {
         }
     };
     let mut problems = Vec::new();
-    if config.dev.generate_certs && !ssp_gateway::tls::pki::dev_certs_present(&config.dev.certs_dir)
+    let certs_dir = &config.dev.certs_dir;
+    let missing = ssp_gateway::tls::pki::missing_dev_certs(certs_dir);
+    let all = ssp_gateway::tls::pki::dev_cert_files().len();
+    if config.dev.generate_certs && !missing.is_empty() && missing.len() < all {
+        // `run` would refuse this set, not make it.
+        let partial = ssp_gateway::tls::pki::PkiError::PartialSet {
+            dir: certs_dir.clone(),
+            missing,
+        };
+        problems.push(format!("dev.certs_dir: {}: {partial}", certs_dir.display()));
+    } else if config.dev.generate_certs
+        && !ssp_gateway::tls::pki::dev_certs_present(&config.dev.certs_dir)
     {
         println!(
             "note: {} is missing; `ssp-gateway run` will create it (or run `ssp-gateway dev-certs`); \

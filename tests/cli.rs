@@ -81,6 +81,46 @@ fn dev_certs_writes_the_development_pki_once() {
     );
 }
 
+/// A partial development PKI is a problem for `check-config` as it is for `run` (before,
+/// check-config said the set was missing and would be made, and passed), and the error names
+/// the directory once and the command that regenerates that directory.
+#[test]
+fn a_partial_development_pki_is_a_problem_for_check_config_and_dev_certs() {
+    let (root, config) = copy_config(None);
+    let certs = root.join("certs-dev");
+    let made = Command::new(BIN)
+        .args(["dev-certs", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("dev-certs");
+    assert!(made.status.success());
+    std::fs::remove_file(certs.join("consumer.pem")).expect("remove");
+    let check = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check-config");
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("dev.certs_dir: ") && err.contains("missing consumer.pem"),
+        "{err}"
+    );
+    let again = Command::new(BIN)
+        .args(["dev-certs", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("dev-certs");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{err}");
+    let dir = certs.display().to_string();
+    assert_eq!(err.matches(&format!("{dir}:")).count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("ssp-gateway dev-certs --out {dir} --force")),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_config_passes_the_shipped_config_and_lists_every_problem() {
     let (root, config) = copy_config(None);

@@ -64,10 +64,12 @@ pub enum PkiError {
         /// The I/O error.
         source: io::Error,
     },
-    /// Some, but not all, development files exist; `--force` regenerates them all.
+    /// Some, but not all, development files exist; `--force` regenerates them all. (The
+    /// directory is not in the text: those who report the error name it first.)
     #[error(
-        "{dir}: incomplete development PKI, missing {}; run `ssp-gateway dev-certs --force` to regenerate all of it",
-        missing.join(", ")
+        "incomplete development PKI, missing {}; run `ssp-gateway dev-certs --out {} --force` to regenerate all of it",
+        missing.join(", "),
+        dir.display()
     )]
     PartialSet {
         /// The directory.
@@ -497,6 +499,16 @@ pub fn dev_certs_present(dir: &Path) -> bool {
     dev_cert_files().iter().all(|f| dir.join(f).is_file()) && dir.join(DEV_AUDIT_KEY).is_file()
 }
 
+/// The development certificate and key files missing from `dir` (the audit key aside, which
+/// is made when missing): all of them when there is no set, none when it is complete; any
+/// other answer is a partial set ([`PkiError::PartialSet`]).
+pub fn missing_dev_certs(dir: &Path) -> Vec<String> {
+    dev_cert_files()
+        .into_iter()
+        .filter(|name| !dir.join(name).is_file())
+        .collect()
+}
+
 /// Makes the development audit chain key in `dir` when it is missing; `true` when it did.
 fn ensure_dev_audit_key(dir: &Path) -> Result<bool, PkiError> {
     let path = dir.join(DEV_AUDIT_KEY);
@@ -531,12 +543,7 @@ pub fn write_dev_certs(dir: &Path, force: bool) -> Result<DevCertsReport, PkiErr
     }
     let names = dev_cert_files();
     let mut files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
-    let missing: Vec<String> = names
-        .iter()
-        .zip(&files)
-        .filter(|(_, path)| !path.is_file())
-        .map(|(name, _)| name.clone())
-        .collect();
+    let missing = missing_dev_certs(dir);
     files.push(dir.join(DEV_AUDIT_KEY));
     if !force {
         if missing.is_empty() {
