@@ -65,21 +65,19 @@ impl AllowedOrigins {
                 format!("lists {} origins; at most {MAX_ORIGINS}", entries.len()),
             ));
         }
-        if entries.contains(&"*") {
-            if entries.len() > 1 {
-                problems.push((
-                    None,
-                    "\"*\" (any origin) must be the only entry when it is listed".to_owned(),
-                ));
-            }
-            return if problems.is_empty() {
-                Ok(AllowedOrigins::Any)
-            } else {
-                Err(problems)
-            };
+        let any = entries.contains(&"*");
+        if any && entries.len() > 1 {
+            problems.push((
+                None,
+                "\"*\" (any origin) must be the only entry when it is listed".to_owned(),
+            ));
         }
+        // Every other entry is checked too, so that one run lists every problem.
         let mut origins = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter().enumerate() {
+            if *entry == "*" {
+                continue;
+            }
             match check_origin(entry) {
                 Ok(()) => origins.push(Box::from(*entry)),
                 Err(reason) => problems.push((Some(i), reason)),
@@ -87,6 +85,8 @@ impl AllowedOrigins {
         }
         if !problems.is_empty() {
             Err(problems)
+        } else if any {
+            Ok(AllowedOrigins::Any)
         } else if origins.is_empty() {
             Ok(AllowedOrigins::None)
         } else {
@@ -333,6 +333,11 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].0, None);
         assert!(e[0].1.contains("only entry"), "{}", e[0].1);
+        // Beside a `*`, every other bad entry is named too (one run lists every problem).
+        let e = AllowedOrigins::parse(&["https://ok.example", "null", "*", "https://x.example/"])
+            .unwrap_err();
+        let at: Vec<_> = e.iter().map(|(i, _)| *i).collect();
+        assert_eq!(at, [None, Some(1), Some(3)]);
 
         let e = AllowedOrigins::parse(&["https://ok.example", "https://a.example/", "null"])
             .unwrap_err();
