@@ -2,8 +2,8 @@
 # Search -> book -> read -> cancel through the gateway with the development certificates.
 # Needs the gateway running (`cargo run --release -- run`), curl and jq.
 set -euo pipefail
-GW=https://localhost:8443
-EP=https://localhost:9443/B82617/STU3/1/gpconnect   # the provider's registered endpoint (SDS nhsMhsEndPoint)
+GW=${GW:-https://localhost:8443}   # the gateway (GW=... to point elsewhere)
+EP=${EP:-https://localhost:9443/B82617/STU3/1/gpconnect}   # the provider's registered endpoint (SDS nhsMhsEndPoint)
 BIN=${BIN:-target/release/ssp-gateway}
 TLS=(--cacert certs-dev/ca.pem --cert certs-dev/consumer.pem --key certs-dev/consumer-key.pem)
 IX=urn:nhs:names:services:gpconnect:fhir:rest
