@@ -278,8 +278,10 @@ impl FhirBackend {
         // at a time; the searches still running then are dropped.
         let mut searches = std::pin::pin!(self.device_searches(organization));
         let mut found = DeviceMatch::Absent;
-        while let Some(bundle) = searches.next().await {
-            found = device_with_asid(&bundle?, asid, ods).map_err(backend_error)?;
+        while let Some(answer) = searches.next().await {
+            let answer = answer?;
+            found = device_with_asid(&answer.body, asid, ods)
+                .map_err(|e| backend_error(format!("{}, ASID {asid}: {e}", answer.what)))?;
             if found != DeviceMatch::Absent {
                 break;
             }
@@ -293,7 +295,7 @@ impl FhirBackend {
                 return Ok(None);
             }
         };
-        let bundle = self
+        let answer = self
             .get(
                 "Endpoint",
                 &[
@@ -305,8 +307,8 @@ impl FhirBackend {
                 ],
             )
             .await?;
-        let records =
-            endpoints(&bundle, &system.party_key, &system.ods_code).map_err(backend_error)?;
+        let records = endpoints(&answer.body, &system.party_key, &system.ods_code)
+            .map_err(|e| backend_error(format!("{}, ASID {asid}: {e}", answer.what)))?;
         let handlers = PartyHandlers::judge(&records, &self.interactions);
         Ok(Some(Party::new(system, handlers)))
     }
@@ -319,7 +321,7 @@ impl FhirBackend {
     fn device_searches<'a>(
         &'a self,
         organization: &'a str,
-    ) -> impl futures_util::Stream<Item = Result<Value, DirectoryError>> + Send + 'a {
+    ) -> impl futures_util::Stream<Item = Result<Answer, DirectoryError>> + Send + 'a {
         let mut interactions = self.interactions.iter();
         let first = interactions
             .next()
@@ -335,7 +337,7 @@ impl FhirBackend {
         &self,
         organization: &str,
         interaction: &str,
-    ) -> Result<Value, DirectoryError> {
+    ) -> Result<Answer, DirectoryError> {
         self.get(
             "Device",
             &[
@@ -357,7 +359,7 @@ impl FhirBackend {
         ) else {
             return Ok(());
         };
-        let bundle = self
+        let answer = self
             .get(
                 "Device",
                 &[
@@ -366,13 +368,13 @@ impl FhirBackend {
                 ],
             )
             .await?;
-        resources(&bundle, "Device")
+        resources(&answer.body, "Device")
             .map(|_| ())
-            .map_err(|e| backend_error(format!("GET /Device (readiness probe): {e}")))
+            .map_err(|e| backend_error(format!("{} (readiness probe): {e}", answer.what)))
     }
 
     /// `GET {base}/{resource}?{params}` → the Bundle, or an error naming the correlation id.
-    async fn get(&self, resource: &str, params: &[(&str, &str)]) -> Result<Value, DirectoryError> {
+    async fn get(&self, resource: &str, params: &[(&str, &str)]) -> Result<Answer, DirectoryError> {
         let query = params
             .iter()
             .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, QUERY_VALUE)))
@@ -397,14 +399,21 @@ impl FhirBackend {
                 .await
                 .map_err(|e| format!("{what}: {}", crate::forward::error_chain(&e)))?;
             let status = response.status();
+            // None is asked for (no Accept-Encoding): a coded body is not JSON, say why.
+            let coding = response
+                .headers()
+                .get(http::header::CONTENT_ENCODING)
+                .map(|v| printable(&String::from_utf8_lossy(v.as_bytes()), 40))
+                .filter(|coding| !coding.trim().eq_ignore_ascii_case("identity"));
             let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
                 .collect()
                 .await
                 .map_err(|e| format!("{what}: reading the response: {e}"))?
                 .to_bytes();
-            Ok::<_, String>((status, body))
+            Ok::<_, String>((status, coding, body))
         };
-        let (status, body) = match tokio::time::timeout(self.query_timeout, exchange).await {
+        let (status, coding, body) = match tokio::time::timeout(self.query_timeout, exchange).await
+        {
             Err(_) => {
                 return Err(backend_error(format!(
                     "{what}: no answer within {:?}",
@@ -421,7 +430,16 @@ impl FhirBackend {
                     .unwrap_or_default()
             )));
         }
+        if let Some(coding) = coding {
+            return Err(backend_error(format!(
+                "{what}: the response has Content-Encoding {coding}, which the gateway does not ask for"
+            )));
+        }
         serde_json::from_slice(&body)
+            .map(|body| Answer {
+                body,
+                what: what.clone(),
+            })
             .map_err(|e| backend_error(format!("{what}: the response is not JSON: {e}")))
     }
 }
@@ -580,37 +598,98 @@ fn client_tls(ca: &Path) -> Result<(Arc<rustls::ClientConfig>, i64), FhirSetupEr
     Ok((Arc::new(config), expiry))
 }
 
-/// `issue[0].diagnostics` of an OperationOutcome body, shortened, for error messages.
+/// An answer of the API: its JSON, and what asked for it (`GET /Device (X-Correlation-Id …)`),
+/// to name in an error about what it holds.
+struct Answer {
+    body: Value,
+    what: String,
+}
+
+/// `issue[0].diagnostics` of an OperationOutcome body, shortened and with control characters
+/// escaped ([`printable`]), for error messages.
 fn diagnostics(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let d = v.get("issue")?.get(0)?.get("diagnostics")?.as_str()?;
-    Some(d.chars().take(200).collect())
+    Some(printable(d, 200))
+}
+
+/// Text from the API as it may go into an error, a log line or the CLI's output: at most `max`
+/// characters, control characters escaped (`\n`, `\u{1b}`), so that a hostile answer cannot
+/// start a log line of its own or drive a terminal.
+fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .flat_map(|c| {
+            let escaped = c.is_control().then(|| c.escape_debug());
+            let plain = (!c.is_control()).then_some(c);
+            escaped.into_iter().flatten().chain(plain)
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------------------------------------
 // Mapping (pure)
 // ------------------------------------------------------------------------------------------------
 
-/// The resources of `kind` in a searchset Bundle.
+/// The resources of `kind` in a searchset Bundle, which must be whole: a `type` other than
+/// `searchset`, a `total` other than the number of entries, a `next` link (any case) or an
+/// entry whose `search.mode` is not `match` is an error, never a shorter answer (which would be
+/// cached as the party's whole registration).
 fn resources<'b>(bundle: &'b Value, kind: &str) -> Result<Vec<&'b Value>, String> {
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err("the response is not a FHIR Bundle".into());
     }
-    let links = bundle.get("link").and_then(Value::as_array);
-    if links.is_some_and(|links| {
-        links
-            .iter()
-            .any(|l| l.get("relation").and_then(Value::as_str) == Some("next"))
+    match bundle.get("type") {
+        None => {}
+        Some(Value::String(t)) if t == "searchset" => {}
+        Some(other) => {
+            return Err(format!(
+                "Bundle.type is {}, expected searchset",
+                printable(&other.to_string(), 40)
+            ))
+        }
+    }
+    let links = match bundle.get("link") {
+        None => &[][..],
+        Some(Value::Array(links)) => links.as_slice(),
+        Some(_) => return Err("Bundle.link is not an array".into()),
+    };
+    if links.iter().any(|l| {
+        l.get("relation")
+            .and_then(Value::as_str)
+            .is_some_and(|r| r.trim().eq_ignore_ascii_case("next"))
     }) {
         return Err("the Bundle is paged (has a `next` link); paging is not supported".into());
     }
-    let Some(entries) = bundle.get("entry") else {
-        return Ok(Vec::new());
+    let entries = match bundle.get("entry") {
+        None => &[][..],
+        Some(entries) => entries
+            .as_array()
+            .ok_or("Bundle.entry is not an array")?
+            .as_slice(),
     };
-    let entries = entries.as_array().ok_or("Bundle.entry is not an array")?;
+    if let Some(total) = bundle.get("total") {
+        if total.as_u64() != Some(entries.len() as u64) {
+            return Err(format!(
+                "Bundle.total is {} but the Bundle holds {} entries: an incomplete answer",
+                printable(&total.to_string(), 40),
+                entries.len()
+            ));
+        }
+    }
     entries
         .iter()
         .map(|entry| {
+            match entry.get("search").and_then(|s| s.get("mode")) {
+                None => {}
+                Some(Value::String(mode)) if mode == "match" => {}
+                Some(mode) => {
+                    return Err(format!(
+                        "a Bundle entry's search.mode is {}, expected match",
+                        printable(&mode.to_string(), 40)
+                    ))
+                }
+            }
             let resource = entry
                 .get("resource")
                 .ok_or("a Bundle entry has no resource")?;
@@ -618,23 +697,22 @@ fn resources<'b>(bundle: &'b Value, kind: &str) -> Result<Vec<&'b Value>, String
                 Some(t) if t == kind => Ok(resource),
                 other => Err(format!(
                     "a Bundle entry is {}, expected {kind}",
-                    other.unwrap_or("not a resource")
+                    printable(other.unwrap_or("not a resource"), 40)
                 )),
             }
         })
         .collect()
 }
 
-/// Where a value came from, for error messages.
+/// Where a value came from, for error messages ([`printable`]).
 fn label(resource: &Value) -> String {
-    format!(
-        "{}/{}",
-        resource
-            .get("resourceType")
-            .and_then(Value::as_str)
-            .unwrap_or("?"),
-        resource.get("id").and_then(Value::as_str).unwrap_or("?")
-    )
+    let text = |name: &str| {
+        printable(
+            resource.get(name).and_then(Value::as_str).unwrap_or("?"),
+            80,
+        )
+    };
+    format!("{}/{}", text("resourceType"), text("id"))
 }
 
 /// A value the model can use: without leading or trailing white space (the LDAP behind the
@@ -647,23 +725,28 @@ fn clean(resource: &Value, what: &str, value: &str) -> Result<String, String> {
     Ok(value.to_string())
 }
 
-/// The values of `resource.identifier[]` with `system`.
-fn identifiers<'r>(resource: &'r Value, system: &str) -> Vec<&'r str> {
-    resource
-        .get("identifier")
-        .and_then(Value::as_array)
-        .map(|ids| {
-            ids.iter()
-                .filter(|id| id.get("system").and_then(Value::as_str) == Some(system))
-                .filter_map(|id| id.get("value").and_then(Value::as_str))
-                .collect()
+/// The values of `resource.identifier[]` with `system`; one that is not a string is an error
+/// (never skipped: a second ASID written as a number is still a second ASID).
+fn identifiers<'r>(resource: &'r Value, system: &str) -> Result<Vec<&'r str>, String> {
+    let Some(ids) = resource.get("identifier").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    ids.iter()
+        .filter(|id| id.get("system").and_then(Value::as_str) == Some(system))
+        .map(|id| {
+            id.get("value").and_then(Value::as_str).ok_or_else(|| {
+                format!(
+                    "{}: an identifier {system} whose value is not a string",
+                    label(resource)
+                )
+            })
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Exactly one identifier with `system`.
 fn one_identifier(resource: &Value, system: &str) -> Result<String, String> {
-    match identifiers(resource, system).as_slice() {
+    match identifiers(resource, system)?.as_slice() {
         [value] => clean(resource, system, value),
         [] => Err(format!("{}: no identifier {system}", label(resource))),
         values => Err(format!(
@@ -726,7 +809,7 @@ pub fn device_with_asid(bundle: &Value, asid: &str, ods: &str) -> Result<DeviceM
     let mut found = Vec::new();
     let mut inactive = false;
     for device in resources(bundle, "Device")? {
-        if !identifiers(device, ASID_SYSTEM)
+        if !identifiers(device, ASID_SYSTEM)?
             .iter()
             .any(|id| trim_value(id) == asid)
         {
@@ -767,8 +850,10 @@ pub fn device_with_asid(bundle: &Value, asid: &str, ods: &str) -> Result<DeviceM
 /// is not `active` is not in service: each is dropped, so its FQDN never becomes one a
 /// certificate may present for this ASID. That is decided first, on what the Endpoint has: a
 /// dropped Endpoint needs no readable party key or `managingOrganization`; one kept does. The
-/// API sends one Endpoint per `nhsMHSEndPoint` value: Endpoints with the same `nhsMHSId` and
-/// interaction make one record.
+/// API sends one Endpoint per `nhsMHSEndPoint` value: Endpoints with the same `nhsMHSId` make
+/// one record, so they must agree on all else the record holds (an MHS record has one
+/// interaction, party key, ODS code, FQDN and CPA id: the LDAP backend refuses a record with
+/// two), and the same address twice is one value (an LDAP attribute holds a value once).
 pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRecord>, String> {
     let join = JoinKey::new(party_key, ods);
     let mut records: Vec<MhsRecord> = Vec::new();
@@ -827,14 +912,28 @@ pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRe
             .ok_or_else(|| format!("{}: no address", label(endpoint)))?
             .to_owned();
         let id = one_identifier(endpoint, MHS_ID_SYSTEM)?;
-        if let Some(record) = records
-            .iter_mut()
-            .find(|r| r.id == id && r.interaction == interaction)
-        {
-            record.endpoints.push(address);
+        let fqdn = mhs_fqdn(&identifiers(endpoint, FQDN_SYSTEM)?);
+        let cpa_id = one_identifier(endpoint, CPA_ID_SYSTEM)?;
+        if let Some(record) = records.iter_mut().find(|r| r.id == id) {
+            let differs = [
+                ("interaction", record.interaction != interaction),
+                ("party key", record.party_key != key),
+                ("ODS code", record.ods_code != managing),
+                ("FQDN", record.fqdn != fqdn),
+                ("CPA id", record.cpa_id != cpa_id),
+            ];
+            if let Some((what, _)) = differs.iter().find(|(_, differs)| *differs) {
+                return Err(format!(
+                    "{}: nhsMHSId {} is on Endpoints with another {what}: one MHS record cannot hold both",
+                    label(endpoint),
+                    printable(&id, 80)
+                ));
+            }
+            if !record.endpoints.contains(&address) {
+                record.endpoints.push(address);
+            }
             continue;
         }
-        let fqdn = mhs_fqdn(&identifiers(endpoint, FQDN_SYSTEM));
         records.push(MhsRecord {
             id,
             ods_code: managing,
@@ -842,7 +941,7 @@ pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRe
             interaction,
             endpoints: vec![address],
             fqdn,
-            cpa_id: one_identifier(endpoint, CPA_ID_SYSTEM)?,
+            cpa_id,
         });
     }
     Ok(records)
@@ -1378,5 +1477,149 @@ mod tests {
         ] {
             assert!(!is_loopback(host), "{host}");
         }
+    }
+
+    /// Endpoints with one `nhsMHSId` are one MHS record: they must agree on its interaction,
+    /// party key, ODS code, FQDN and CPA id (else the answer is refused, as the LDAP backend
+    /// refuses a record with two values of one), and the same address twice is one endpoint.
+    /// Before, Endpoints of one id with two interactions made two usable handlers, and the
+    /// gateway forwarded to the second's address.
+    #[test]
+    fn endpoints_of_one_mhs_id_are_one_record() {
+        let address = "https://localhost:9443/B82617/STU3/1/gpconnect";
+        let twice = bundle(vec![
+            endpoint("aaa", SLOT, address),
+            endpoint("aaa", SLOT, address),
+        ]);
+        let records = endpoints(&twice, "B82617-0000806", "B82617").expect("one record");
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].endpoints, [address]);
+        let two = bundle(vec![
+            endpoint("aaa", SLOT, address),
+            endpoint("aaa", SLOT, "https://localhost:9443/other"),
+        ]);
+        let records = endpoints(&two, "B82617-0000806", "B82617").expect("one record");
+        assert_eq!(records[0].endpoints.len(), 2, "two values: judged unusable");
+
+        let other_interaction = bundle(vec![
+            endpoint("aaa", SLOT, address),
+            endpoint("aaa", "urn:b", "https://evil.example/x"),
+        ]);
+        let e = endpoints(&other_interaction, "B82617-0000806", "B82617").unwrap_err();
+        assert!(
+            e.contains("nhsMHSId aaa") && e.contains("another interaction"),
+            "{e}"
+        );
+        let with = |system: &str, value: &str| {
+            let mut e = endpoint("aaa", SLOT, address);
+            for id in e["identifier"].as_array_mut().expect("identifiers") {
+                if id["system"] == system {
+                    id["value"] = json!(value);
+                }
+            }
+            e
+        };
+        for (system, value, what) in [
+            (FQDN_SYSTEM, "rogue.example", "another FQDN"),
+            (CPA_ID_SYSTEM, "other-cpa", "another CPA id"),
+            (PARTY_KEY_SYSTEM, "b82617-0000806", "another party key"),
+        ] {
+            let b = bundle(vec![endpoint("aaa", SLOT, address), with(system, value)]);
+            let e = endpoints(&b, "B82617-0000806", "B82617").unwrap_err();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+    }
+
+    /// A Bundle that is not a whole searchset answer is an error, never a shorter answer
+    /// cached as the party's whole registration.
+    #[test]
+    fn only_a_whole_searchset_bundle_is_read() {
+        let whole = bundle(vec![device("1", "B82617-1", &[SLOT])]);
+        assert_eq!(resources(&whole, "Device").expect("whole").len(), 1);
+        let edited = |edit: &dyn Fn(&mut Value)| {
+            let mut b = whole.clone();
+            edit(&mut b);
+            resources(&b, "Device").map(|r| r.len())
+        };
+        let refused = |edit: &dyn Fn(&mut Value), why: &str| {
+            let e = edited(edit).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+        };
+        refused(
+            &|b| {
+                b.as_object_mut().expect("object").remove("entry");
+            },
+            "Bundle.total is 1 but the Bundle holds 0 entries",
+        );
+        refused(&|b| b["total"] = json!(40), "Bundle.total is 40");
+        refused(&|b| b["total"] = json!("1"), "Bundle.total is \"1\"");
+        refused(
+            &|b| b["type"] = json!("transaction-response"),
+            "Bundle.type is \"transaction-response\"",
+        );
+        refused(
+            &|b| b["link"] = json!({ "relation": "next", "url": "https://x/2" }),
+            "Bundle.link is not an array",
+        );
+        refused(
+            &|b| b["link"] = json!([{ "relation": "Next", "url": "https://x/2" }]),
+            "paged",
+        );
+        refused(
+            &|b| b["entry"][0]["search"]["mode"] = json!("include"),
+            "search.mode is \"include\"",
+        );
+        // What a whole answer may leave out.
+        assert_eq!(
+            edited(&|b| {
+                let b = b.as_object_mut().expect("object");
+                b.remove("total");
+                b.remove("type");
+                b.remove("link");
+            }),
+            Ok(1)
+        );
+        assert_eq!(
+            edited(&|b| {
+                b["entry"][0]
+                    .as_object_mut()
+                    .expect("entry")
+                    .remove("search");
+            }),
+            Ok(1)
+        );
+    }
+
+    /// An identifier whose value is not a string is an error, never skipped: a second ASID
+    /// written as a number is a second ASID, and an ASID only as a number is no registration
+    /// said silently.
+    #[test]
+    fn an_identifier_value_that_is_not_a_string_is_refused() {
+        let mut d = device("918999198993", "B82617-0000806", &[SLOT]);
+        d["identifier"]
+            .as_array_mut()
+            .expect("identifiers")
+            .push(json!({ "system": ASID_SYSTEM, "value": 918999198994u64 }));
+        let e = device_with_asid(&bundle(vec![d]), "918999198993", "B82617").unwrap_err();
+        assert!(e.contains("not a string"), "{e}");
+        let mut e = endpoint("aaa", SLOT, "https://localhost:9443/x");
+        e["identifier"][0]["value"] = json!(["localhost"]);
+        let refused = endpoints(&bundle(vec![e]), "B82617-0000806", "B82617").unwrap_err();
+        assert!(refused.contains("not a string"), "{refused}");
+    }
+
+    /// Text from the API goes into errors and logs with its control characters escaped.
+    #[test]
+    fn api_text_in_errors_is_printable() {
+        assert_eq!(
+            printable("LDAP error\n2026 INFO forged \u{1b}[31mX", 200),
+            "LDAP error\\n2026 INFO forged \\u{1b}[31mX"
+        );
+        assert_eq!(printable("ünïcode stays", 200), "ünïcode stays");
+        assert_eq!(printable("abcdef", 3), "abc");
+        let body = br#"{"issue":[{"diagnostics":"a\nb"}]}"#;
+        assert_eq!(diagnostics(body).as_deref(), Some("a\\nb"));
+        let d = json!({ "resourceType": "Device", "id": "x\ny" });
+        assert_eq!(label(&d), "Device/x\\ny");
     }
 }
