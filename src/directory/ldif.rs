@@ -6,7 +6,7 @@
 //! [`LdifBackend::reload`] read the file.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +16,8 @@ use base64::Engine as _;
 use futures_util::future::{self, BoxFuture};
 
 use super::{
-    mhs_fqdn, trim_value, AccreditedSystem, DirectoryBackend, DirectoryError, JoinKey, MhsRecord,
-    Party, PartyHandlers, Requestable,
+    mhs_fqdn, trim_value, AccreditedSystem, DirectoryBackend, DirectoryError, Effect, JoinKey,
+    MhsRecord, Party, PartyHandlers, Requestable, Unusable,
 };
 
 /// The development world (`config/directory.ldif`), compiled in as the default directory.
@@ -439,6 +439,69 @@ struct Group {
     places: Vec<(usize, String)>,
 }
 
+/// Where the records an [`Unusable`] names are in their [`Group`], found in time linear in the
+/// group's size: a party may have tens of thousands of message handlers, each unusable (no
+/// `nhsMhsFQDN`), and matching each against every record would take minutes to load.
+struct Places<'g> {
+    records: &'g [MhsRecord],
+    /// Each interaction's records (indices into the group), in file order.
+    by_interaction: HashMap<&'g str, Vec<usize>>,
+    /// The records of each (interaction, MHS id) whose FQDN cannot be read, in file order, not
+    /// yet matched to their [`Effect::Fqdn`] entry ([`PartyHandlers::judge`] gives one per
+    /// such record, in record order).
+    bad_fqdn: HashMap<(&'g str, &'g str), VecDeque<usize>>,
+}
+
+impl<'g> Places<'g> {
+    fn of(records: &'g [MhsRecord]) -> Self {
+        let mut places = Places {
+            records,
+            by_interaction: HashMap::new(),
+            bad_fqdn: HashMap::new(),
+        };
+        for (i, r) in records.iter().enumerate() {
+            places
+                .by_interaction
+                .entry(r.interaction.as_str())
+                .or_default()
+                .push(i);
+            if r.fqdn.is_err() {
+                places
+                    .bad_fqdn
+                    .entry((r.interaction.as_str(), r.id.as_str()))
+                    .or_default()
+                    .push_back(i);
+            }
+        }
+        places
+    }
+
+    /// The records `unusable` names, in file order: for an FQDN entry the one record it is
+    /// about (records sharing an MHS id each have their own entry), otherwise the records of
+    /// its interaction with one of its MHS ids.
+    fn of_unusable(&mut self, unusable: &'g Unusable) -> Vec<usize> {
+        let interaction = unusable.interaction.as_str();
+        if let (Effect::Fqdn, [id]) = (unusable.effect, unusable.handlers.as_slice()) {
+            if let Some(i) = self
+                .bad_fqdn
+                .get_mut(&(interaction, id.as_str()))
+                .and_then(VecDeque::pop_front)
+            {
+                return vec![i];
+            }
+        }
+        let ids: HashSet<&str> = unusable.handlers.iter().map(String::as_str).collect();
+        let Some(records) = self.by_interaction.get(interaction) else {
+            return Vec::new();
+        };
+        records
+            .iter()
+            .copied()
+            .filter(|&i| ids.contains(self.records[i].id.as_str()))
+            .collect()
+    }
+}
+
 /// Build the index from parsed records. Unusable message handlers (judged with `requestable`,
 /// see [`PartyHandlers::judge`]) and values with white space removed are warnings, not errors.
 fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, ModelError> {
@@ -486,15 +549,12 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
     }
     for (key, group) in groups {
         let judged = PartyHandlers::judge(&group.records, requestable);
+        let mut places = Places::of(&group.records);
         for unusable in &judged.unusable {
-            let at: Vec<&(usize, String)> = group
-                .records
-                .iter()
-                .zip(&group.places)
-                .filter(|(r, _)| {
-                    r.interaction == unusable.interaction && unusable.handlers.contains(&r.id)
-                })
-                .map(|(_, place)| place)
+            let at: Vec<&(usize, String)> = places
+                .of_unusable(unusable)
+                .into_iter()
+                .map(|i| &group.places[i])
                 .collect();
             let text = match at.as_slice() {
                 [] => continue,
@@ -1461,6 +1521,66 @@ mod tests {
                  ({mcci}): nhsMhsFQDN: missing: its FQDN is not one a client certificate may \
                  present"
             )
+        );
+    }
+
+    /// A party with tens of thousands of unusable message handlers (here 20,000 with no
+    /// `nhsMhsFQDN`, as a 38 MB file under the size limit can hold 48,000) loads with one
+    /// warning per handler naming its own line. Each warning is matched to its record through
+    /// an index built once per party (`Places`), not by scanning the party's records for each
+    /// warning, which made loading such a file quadratic (93 s for 48,000 in a debug build).
+    #[test]
+    fn many_unusable_handlers_each_name_their_own_line() {
+        const HANDLERS: usize = 20_000;
+        let mcci = "urn:nhs:names:services:psis:MCCI_IN010000UK13";
+        let mut text = as_entry("1", "P-1", "");
+        for i in 0..HANDLERS {
+            text.push('\n');
+            text.push_str(
+                &mhs_entry(&format!("m{i}"), "P-1", mcci, "")
+                    .replace("nhsMhsFQDN: localhost\n", ""),
+            );
+        }
+        let records = parse_records(&text).unwrap();
+        let index = build_index(&records, &Requestable::builtin()).unwrap();
+        assert_eq!(index.stats.handlers, HANDLERS);
+        assert_eq!(index.warnings.len(), HANDLERS);
+        for (warning, record) in index.warnings.iter().zip(&records[1..]) {
+            let expected = format!(
+                "line {}: entry {}: message handler ",
+                record.line, record.dn
+            );
+            assert!(warning.starts_with(&expected), "{warning}");
+        }
+    }
+
+    /// Message handlers sharing an MHS id and interaction (distinct DNs) each have their own
+    /// unreadable FQDN: each warning names its own line, not every line with that id (which
+    /// made the warnings, as well as the time to find them, grow with the square of such
+    /// records).
+    #[test]
+    fn unusable_fqdns_of_handlers_sharing_an_id_name_their_own_line() {
+        let mcci = "urn:nhs:names:services:psis:MCCI_IN010000UK13";
+        let mut text = as_entry("1", "P-1", "");
+        for ou in ["a", "b", "c"] {
+            text.push('\n');
+            text.push_str(
+                &mhs_entry("dup", "P-1", mcci, "")
+                    .replace("nhsMhsFQDN: localhost\n", "")
+                    .replace(",ou=services,", &format!(",ou={ou},ou=services,")),
+            );
+        }
+        let index = model(&text).unwrap();
+        let lines: Vec<_> = index
+            .warnings
+            .iter()
+            .map(|w| w.split(':').next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            lines,
+            ["line 9", "line 19", "line 29"],
+            "{:#?}",
+            index.warnings
         );
     }
 
