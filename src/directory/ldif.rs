@@ -61,7 +61,10 @@ pub struct Record {
 /// One `attr: value` line of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttributeValue {
-    /// The attribute name, ASCII-lowercased (LDAP attribute names are case-insensitive).
+    /// The attribute name, ASCII-lowercased (LDAP attribute names are case-insensitive); an
+    /// attribute of the SDS schema (or `objectClass`, `uniqueIdentifier`, `ou`, `o`) written by
+    /// its numeric OID or another name is given its schema name, as slapd reads it (so
+    /// `1.2.826.0.1285.0.2.1.84:` is `nhsmhsendpoint`). Other OIDs stay as written.
     pub name: String,
     /// The value, base64-decoded when it was written `attr:: ...`.
     pub value: String,
@@ -91,9 +94,12 @@ pub fn parse_records_bytes(bytes: &[u8]) -> Result<Vec<Record>, LdifError> {
 ///
 /// Supported: an optional leading `version: 1`, `#` comments, folded lines (a line starting
 /// with one space continues the previous one), `attr: value`, `attr:: base64` (must decode to
-/// UTF-8), case-insensitive attribute names, LF or CRLF line ends, records separated by blank
-/// lines. Rejected with an error: change records (`changetype:`, `control:`), URL values
-/// (`attr:< url`), attribute options (`cn;lang-en`), and unencoded values that contain NUL or
+/// UTF-8), case-insensitive attribute names, numeric OIDs for attribute names (those of the
+/// SDS schema and the standard attributes it uses read as their names, see
+/// [`AttributeValue::name`]), LF or CRLF line ends, records separated by blank lines. Rejected
+/// with an error: change records (`changetype:`, `control:`), URL values (`attr:< url`),
+/// attribute options (`cn;lang-en`: slapd would store `nhsMHSEndPoint;lang-en` as another
+/// endpoint of the record, the gateway refuses the file), and unencoded values that contain NUL or
 /// CR, or start with `:` or `<`. An unencoded value that ends in a space keeps it (the model
 /// removes it from the values it reads, with a warning).
 pub fn parse_records(text: &str) -> Result<Vec<Record>, LdifError> {
@@ -221,7 +227,7 @@ fn parse_attr_line(line: &str, number: usize) -> Result<(String, String), LdifEr
         return Err(LdifError::new(number, "expected 'attribute: value'"));
     };
     check_attr_name(name, number)?;
-    let name = name.to_ascii_lowercase();
+    let name = attribute_key(name);
 
     if let Some(encoded) = rest.strip_prefix(':') {
         let encoded = encoded.trim_matches(' ');
@@ -260,7 +266,9 @@ fn parse_attr_line(line: &str, number: usize) -> Result<(String, String), LdifEr
 }
 
 /// Attribute names: a keystring (`ALPHA *(ALPHA / DIGIT / "-")`) or a numeric OID. Options
-/// (`;lang-en`, `;binary`) are rejected: the SDS schema uses none.
+/// (`;lang-en`, `;binary`) are rejected: the SDS schema uses none, and slapd would read an
+/// attribute with options as one more value of the attribute (a second endpoint, a second
+/// interaction), which the model would have to merge; refusing the file is the clear answer.
 fn check_attr_name(name: &str, number: usize) -> Result<(), LdifError> {
     if let Some((base, _)) = name.split_once(';') {
         return Err(LdifError::new(
@@ -293,6 +301,221 @@ fn check_attr_name(name: &str, number: usize) -> Result<(), LdifError> {
 fn line_of_offset(bytes: &[u8], offset: usize) -> usize {
     let end = offset.min(bytes.len());
     bytes[..end].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+// ------------------------------------------------------------------------------------------------
+// Schema
+// ------------------------------------------------------------------------------------------------
+
+/// How slapd compares an attribute's values: its EQUALITY rule, once insignificant spaces are
+/// removed (leading and trailing, and runs of inner spaces taken as one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Equality {
+    /// `caseExactMatch`.
+    Exact,
+    /// `caseIgnoreMatch` (and `objectIdentifierMatch`, whose values are ASCII names or OIDs).
+    IgnoreCase,
+    /// No EQUALITY rule: no value ever matches (slapd refuses such an attribute in a DN).
+    None,
+}
+
+/// The attribute types the backend knows by OID and by every name: those of
+/// `config/sds.schema` (every `nhs*` attribute), and the standard ones an SDS file names
+/// (`objectClass`, `uniqueIdentifier`, and `ou` and `o` of the search base). Each is (numeric
+/// OID, names with the schema's spelling first, equality). An attribute written by OID or by
+/// another name is read as its first name, as slapd reads it.
+const ATTRIBUTE_TYPES: &[(&str, &[&str], Equality)] = &[
+    ("2.5.4.0", &["objectClass"], Equality::IgnoreCase),
+    (
+        "0.9.2342.19200300.100.1.44",
+        &["uniqueIdentifier"],
+        Equality::IgnoreCase,
+    ),
+    ("2.5.4.10", &["o", "organizationName"], Equality::IgnoreCase),
+    (
+        "2.5.4.11",
+        &["ou", "organizationalUnitName"],
+        Equality::IgnoreCase,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.216",
+        &["nhsApproverURP"],
+        Equality::None,
+    ),
+    ("1.2.826.0.1285.0.2.1.121", &["nhsAsACF"], Equality::Exact),
+    (
+        "1.2.826.0.1285.0.2.1.176",
+        &["nhsAsCategoryBag"],
+        Equality::IgnoreCase,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.175",
+        &["nhsAsClient"],
+        Equality::IgnoreCase,
+    ),
+    ("1.2.826.0.1285.0.2.1.122", &["nhsAsSvcIA"], Equality::Exact),
+    (
+        "1.2.826.0.1285.0.2.1.223",
+        &["nhsContractPropertyTemplateKey"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.217",
+        &["nhsDateApproved"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.219",
+        &["nhsDateDNSApproved"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.215",
+        &["nhsDateRequested"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.218",
+        &["nhsDNSApprover"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.222",
+        &["nhsEPInteractionType"],
+        Equality::None,
+    ),
+    ("1.2.826.0.1285.0.1.10", &["nhsIDCode"], Equality::Exact),
+    (
+        "1.2.826.0.1285.0.2.1.91",
+        &["nhsMHSAckRequested"],
+        Equality::None,
+    ),
+    ("1.2.826.0.1285.0.2.1.93", &["nhsMHSActor"], Equality::Exact),
+    (
+        "1.2.826.0.1285.0.2.1.124",
+        &["nhsMhsCPAId"],
+        Equality::Exact,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.92",
+        &["nhsMHSDuplicateElimination"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.84",
+        &["nhsMHSEndPoint"],
+        Equality::Exact,
+    ),
+    ("1.2.826.0.1285.0.2.1.224", &["nhsMhsFQDN"], Equality::None),
+    ("1.2.826.0.1285.0.2.1.127", &["nhsMHsIN"], Equality::None),
+    (
+        "1.2.826.0.1285.0.2.1.225",
+        &["nhsMhsIPAddress"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.86",
+        &["nhsMHSIsAuthenticated"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.299",
+        &["nhsMhsManufacturerOrg"],
+        Equality::IgnoreCase,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.226",
+        &["nhsMhsNetwork"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.82",
+        &["nhsMHSPartyKey"],
+        Equality::IgnoreCase,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.87",
+        &["nhsMHSPersistDuration"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.88",
+        &["nhsMHSRetries"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.89",
+        &["nhsMHSRetryInterval"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.85",
+        &["nhsMHSServiceDescription"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.227",
+        &["nhsMhsSinCode"],
+        Equality::None,
+    ),
+    ("1.2.826.0.1285.0.2.1.126", &["nhsMHsSN"], Equality::None),
+    (
+        "1.2.826.0.1285.0.2.1.123",
+        &["nhsMhsSvcIA"],
+        Equality::Exact,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.90",
+        &["nhsMHSSyncReplyMode"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.220",
+        &["nhsProductKey"],
+        Equality::None,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.157",
+        &["nhsProductName"],
+        Equality::IgnoreCase,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.158",
+        &["nhsProductVersion"],
+        Equality::IgnoreCase,
+    ),
+    (
+        "1.2.826.0.1285.0.2.1.214",
+        &["nhsRequestorURP"],
+        Equality::None,
+    ),
+];
+
+/// The known attribute type `name` (a name in any case, or a numeric OID) is.
+fn attribute_type(
+    name: &str,
+) -> Option<&'static (&'static str, &'static [&'static str], Equality)> {
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        ATTRIBUTE_TYPES.iter().find(|(oid, _, _)| *oid == name)
+    } else {
+        ATTRIBUTE_TYPES
+            .iter()
+            .find(|(_, names, _)| names.iter().any(|n| n.eq_ignore_ascii_case(name)))
+    }
+}
+
+/// The name the model reads attribute `name` by, lowercase: a known attribute's first name
+/// (whether written by OID or by another name), otherwise `name` lowercased.
+fn attribute_key(name: &str) -> String {
+    // Only OIDs and the two long names are rewritten (every other known attribute has one
+    // name), so most lines skip the table.
+    let rewritten = name.starts_with(|c: char| c.is_ascii_digit())
+        || name.eq_ignore_ascii_case("organizationName")
+        || name.eq_ignore_ascii_case("organizationalUnitName");
+    match attribute_type(name) {
+        Some((_, names, _)) if rewritten => names[0].to_ascii_lowercase(),
+        _ => name.to_ascii_lowercase(),
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1063,10 +1286,58 @@ mod tests {
         assert_eq!(codes, ["B82617", "x"]);
     }
 
+    /// slapd reads an attribute written by its numeric OID (or another of its names) as the
+    /// attribute itself: so does the parser, for the attributes of the SDS schema and the
+    /// standard ones it uses; other OIDs stay as written (the model reads none of them).
     #[test]
-    fn numeric_oid_attribute_names_parse() {
-        let records = parse_records("dn: o=nhs\n0.9.2342.19200300.100.1.44: 1\n").unwrap();
-        assert_eq!(records[0].attributes[0].name, "0.9.2342.19200300.100.1.44");
+    fn numeric_oid_attribute_names_read_as_their_schema_names() {
+        let text = "dn: o=nhs\n0.9.2342.19200300.100.1.44: 1\n2.5.4.0: nhsAs\n\
+                    1.2.826.0.1285.0.2.1.84: https://x\n1.2.826.0.1285.0.1.10: B82617\n\
+                    organizationName: nhs\nORGANIZATIONALUNITNAME: services\n2.5.4.3: x\n";
+        let records = parse_records(text).unwrap();
+        let names: Vec<_> = records[0]
+            .attributes
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "uniqueidentifier",
+                "objectclass",
+                "nhsmhsendpoint",
+                "nhsidcode",
+                "o",
+                "ou",
+                "2.5.4.3"
+            ]
+        );
+    }
+
+    /// The OIDs and names of the SDS attributes are those of `config/sds.schema`, every one.
+    #[test]
+    fn attribute_table_matches_the_sds_schema() {
+        let schema = include_str!("../../config/sds.schema");
+        let mut defined = Vec::new();
+        for line in schema.lines().filter(|l| l.starts_with("attributetype ")) {
+            let mut words = line.split_whitespace();
+            let oid = words.nth(2).unwrap();
+            let name = words.nth(1).unwrap().trim_matches('\'');
+            let equality = match line.split(" EQUALITY ").nth(1) {
+                Some(rule) if rule.starts_with("caseExactMatch") => Equality::Exact,
+                Some(rule) if rule.starts_with("caseIgnoreMatch") => Equality::IgnoreCase,
+                Some(rule) => panic!("unexpected rule {rule}"),
+                None => Equality::None,
+            };
+            defined.push((oid, name, equality));
+        }
+        assert_eq!(defined.len(), 36);
+        let table: Vec<_> = ATTRIBUTE_TYPES
+            .iter()
+            .filter(|(oid, _, _)| oid.starts_with("1.2.826.0.1285."))
+            .map(|(oid, names, equality)| (*oid, names[0], *equality))
+            .collect();
+        assert_eq!(table, defined);
     }
 
     #[test]
@@ -1522,6 +1793,41 @@ mod tests {
                  present"
             )
         );
+    }
+
+    /// Attributes written by numeric OID are the attributes themselves, as slapd stores them:
+    /// a second handler whose `objectClass` is written `2.5.4.0` makes two handlers for the
+    /// interaction, and an `nhsMHSEndPoint` written `1.2.826.0.1285.0.2.1.84` a second
+    /// endpoint: each interaction is unusable, as on LDAP (before, both were not seen, and
+    /// the first handler was used).
+    #[test]
+    fn attributes_written_by_oid_count_with_their_named_values() {
+        let slot = format!("{GPC}fhir:rest:search:slot-1");
+        let patient = format!("{GPC}fhir:rest:read:patient-1");
+        let text = [
+            as_entry("1", "P-1", "")
+                .replace("uniqueIdentifier: 1\n", "0.9.2342.19200300.100.1.44: 1\n"),
+            mhs_entry("s1", "P-1", &slot, ""),
+            mhs_entry("s2", "P-1", &slot, "").replace("objectClass: nhsMhs", "2.5.4.0: nhsMhs"),
+            mhs_entry(
+                "p1",
+                "P-1",
+                &patient,
+                "1.2.826.0.1285.0.2.1.84: https://localhost:9443/other\n",
+            ),
+        ]
+        .join("\n");
+        let index = model(&text).unwrap();
+        assert_eq!(index.stats.handlers, 3);
+        let party = index
+            .party("1")
+            .expect("the ASID written by OID is registered");
+        for interaction in [&slot, &patient] {
+            assert!(party.handler_for(interaction).is_none(), "{interaction}");
+            assert!(party.unusable_for(interaction).is_some(), "{interaction}");
+        }
+        assert!(index.warnings[0].contains("2 message handlers for one interaction"));
+        assert!(index.warnings[1].contains("2 nhsMHSEndPoint values"));
     }
 
     /// A party with tens of thousands of unusable message handlers (here 20,000 with no
