@@ -518,6 +518,82 @@ fn attribute_key(name: &str) -> String {
     }
 }
 
+/// The object classes slapd knows when loaded with the schemas the file is for (its built-in
+/// classes, `core.schema`, `cosine.schema`, `config/sds.schema`), each (numeric OID, names):
+/// slapd refuses an entry with any other `objectClass` value, matching names ignoring ASCII case
+/// (`NHSAS` is `nhsAs`) and OIDs exactly, but not white space (`nhsAs ` is unknown). Left out:
+/// classes slapd knows but refuses in an `o=nhs` entry (`OpenLDAProotDSE`).
+pub const OBJECT_CLASSES: &[(&str, &[&str])] = &[
+    // config/sds.schema
+    ("1.2.826.0.1285.0.2.0.107", &["nhsAs"]),
+    ("1.2.826.0.1285.0.2.0.108", &["nhsMhs"]),
+    // slapd's own
+    ("2.5.6.0", &["top"]),
+    ("1.3.6.1.4.1.1466.101.120.111", &["extensibleObject"]),
+    ("2.5.6.1", &["alias"]),
+    ("2.16.840.1.113730.3.2.6", &["referral"]),
+    ("2.5.17.0", &["subentry"]),
+    ("2.5.20.1", &["subschema"]),
+    ("1.3.6.1.4.1.1466.101.119.2", &["dynamicObject"]),
+    ("1.3.6.1.4.1.4203.666.3.4", &["glue"]),
+    ("1.3.6.1.4.1.4203.666.3.5", &["syncConsumerSubentry"]),
+    ("1.3.6.1.4.1.4203.666.3.6", &["syncProviderSubentry"]),
+    // core.schema
+    ("2.5.6.2", &["country"]),
+    ("2.5.6.3", &["locality"]),
+    ("2.5.6.4", &["organization"]),
+    ("2.5.6.5", &["organizationalUnit"]),
+    ("2.5.6.6", &["person"]),
+    ("2.5.6.7", &["organizationalPerson"]),
+    ("2.5.6.8", &["organizationalRole"]),
+    ("2.5.6.9", &["groupOfNames"]),
+    ("2.5.6.10", &["residentialPerson"]),
+    ("2.5.6.11", &["applicationProcess"]),
+    ("2.5.6.12", &["applicationEntity"]),
+    ("2.5.6.13", &["dSA"]),
+    ("2.5.6.14", &["device"]),
+    ("2.5.6.15", &["strongAuthenticationUser"]),
+    ("2.5.6.16", &["certificationAuthority"]),
+    ("2.5.6.16.2", &["certificationAuthority-V2"]),
+    ("2.5.6.17", &["groupOfUniqueNames"]),
+    ("2.5.6.18", &["userSecurityInformation"]),
+    ("2.5.6.19", &["cRLDistributionPoint"]),
+    ("2.5.6.20", &["dmd"]),
+    ("2.5.6.21", &["pkiUser"]),
+    ("2.5.6.22", &["pkiCA"]),
+    ("2.5.6.23", &["deltaCRL"]),
+    ("1.3.6.1.4.1.250.3.15", &["labeledURIObject"]),
+    ("0.9.2342.19200300.100.4.19", &["simpleSecurityObject"]),
+    ("1.3.6.1.4.1.1466.344", &["dcObject"]),
+    ("1.3.6.1.1.3.1", &["uidObject"]),
+    // cosine.schema
+    (
+        "0.9.2342.19200300.100.4.4",
+        &["pilotPerson", "newPilotPerson"],
+    ),
+    ("0.9.2342.19200300.100.4.5", &["account"]),
+    ("0.9.2342.19200300.100.4.6", &["document"]),
+    ("0.9.2342.19200300.100.4.7", &["room"]),
+    ("0.9.2342.19200300.100.4.9", &["documentSeries"]),
+    ("0.9.2342.19200300.100.4.13", &["domain"]),
+    ("0.9.2342.19200300.100.4.14", &["RFC822localPart"]),
+    ("0.9.2342.19200300.100.4.15", &["dNSDomain"]),
+    ("0.9.2342.19200300.100.4.17", &["domainRelatedObject"]),
+    ("0.9.2342.19200300.100.4.18", &["friendlyCountry"]),
+    ("0.9.2342.19200300.100.4.20", &["pilotOrganization"]),
+    ("0.9.2342.19200300.100.4.21", &["pilotDSA"]),
+    ("0.9.2342.19200300.100.4.22", &["qualityLabelledData"]),
+];
+
+/// The object class `value` (an `objectClass` value as stored) names, by its first name; `None`
+/// when slapd would not know it ([`OBJECT_CLASSES`]).
+fn object_class(value: &str) -> Option<&'static str> {
+    OBJECT_CLASSES
+        .iter()
+        .find(|(oid, names)| *oid == value || names.iter().any(|n| n.eq_ignore_ascii_case(value)))
+        .map(|(_, names)| names[0])
+}
+
 // ------------------------------------------------------------------------------------------------
 // Model builder
 // ------------------------------------------------------------------------------------------------
@@ -601,6 +677,20 @@ pub enum ModelError {
         attribute: &'static str,
         reason: &'static str,
     },
+    /// An `objectClass` value slapd does not know ([`OBJECT_CLASSES`]): slapd refuses the file.
+    #[error(
+        "line {line}: entry {dn}: objectClass {value:?} is not an object class of the schema \
+         (core, cosine, config/sds.schema; names match ignoring case, not white space): slapd \
+         refuses it"
+    )]
+    UnknownObjectClass {
+        dn: String,
+        line: usize,
+        value: String,
+    },
+    /// An entry with no `objectClass` (a misspelt attribute name?): slapd refuses the file.
+    #[error("line {line}: entry {dn} has no objectClass: slapd refuses it")]
+    NoObjectClass { dn: String, line: usize },
     /// One entry claims both structural classes.
     #[error("line {line}: entry {dn} is both nhsAs and nhsMhs")]
     BothClasses { dn: String, line: usize },
@@ -735,11 +825,8 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
 
     for record in records {
         index.stats.entries += 1;
-        let is_class = |class: &str| {
-            record
-                .values(OBJECT_CLASS.lower)
-                .any(|v| v.value.eq_ignore_ascii_case(class))
-        };
+        let classes = object_classes(record)?;
+        let is_class = |class: &str| classes.contains(&class);
         match (is_class("nhsAs"), is_class("nhsMhs")) {
             (true, true) => {
                 return Err(ModelError::BothClasses {
@@ -798,6 +885,29 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
     index.stats.warnings = warnings.len();
     index.warnings = warnings.into_iter().map(|(_, text)| text).collect();
     Ok(index)
+}
+
+/// The classes of `record`, each by its first name ([`object_class`]); an error for a value
+/// slapd would not know, or none at all, as slapd refuses the file then (an `nhsAs ` or `nhsAS1`
+/// taken as no class would silently leave its ASID unregistered).
+fn object_classes(record: &Record) -> Result<Vec<&'static str>, ModelError> {
+    let classes = record
+        .values(OBJECT_CLASS.lower)
+        .map(|v| {
+            object_class(&v.value).ok_or_else(|| ModelError::UnknownObjectClass {
+                dn: record.dn.clone(),
+                line: v.line,
+                value: v.value.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if classes.is_empty() {
+        return Err(ModelError::NoObjectClass {
+            dn: record.dn.clone(),
+            line: record.line,
+        });
+    }
+    Ok(classes)
 }
 
 /// The longest ASID a request can name (`Ssp-From`, `Ssp-To`).
@@ -1504,14 +1614,88 @@ mod tests {
 
     #[test]
     fn other_object_classes_are_ignored() {
-        let index = model("dn: cn=x,o=nhs\nobjectClass: nhsOrg\ncn: x\n").unwrap();
+        let text = "dn: cn=x,o=nhs\nobjectClass: organizationalRole\ncn: x\n\n\
+                    dn: cn=y,o=nhs\nobjectClass: 2.5.6.8\nobjectClass: TOP\ncn: y\n";
+        let index = model(text).unwrap();
         assert_eq!(
             index.stats,
             Stats {
-                entries: 1,
+                entries: 2,
                 systems: 0,
                 handlers: 0,
                 warnings: 0
+            }
+        );
+    }
+
+    /// slapd knows object classes by name ignoring case, and by OID: so does the model. A
+    /// value that is no class slapd knows (`nhsAs ` with a trailing space, a misspelling), or
+    /// an entry with no `objectClass` at all, makes slapd refuse the file: the model refuses it
+    /// too, naming the line, where it used to ignore the entry (its ASID "not registered", or
+    /// a duplicate message handler not seen and the first one used).
+    #[test]
+    fn object_classes_are_those_slapd_knows() {
+        for class in ["NHSAS", "nhsas", "1.2.826.0.1285.0.2.0.107"] {
+            let text = as_entry("1", "P-1", "")
+                .replace("objectClass: nhsAs", &format!("objectClass: {class}"));
+            assert!(model(&text).unwrap().party("1").is_some(), "{class}");
+        }
+        let slot = format!("{GPC}fhir:rest:search:slot-1");
+        let mhs_oid = mhs_entry("s2", "P-1", &slot, "").replace(
+            "objectClass: nhsMhs",
+            "objectClass: 1.2.826.0.1285.0.2.0.108",
+        );
+        let text = format!(
+            "{}\n{}\n{mhs_oid}",
+            as_entry("1", "P-1", ""),
+            mhs_entry("s1", "P-1", &slot, "")
+        );
+        let index = model(&text).unwrap();
+        let party = index.party("1").unwrap();
+        assert!(party.unusable_for(&slot).is_some(), "two handlers for slot");
+
+        for (class, encoded) in [
+            ("nhsAs ", "objectClass: nhsAs ".to_owned()),
+            (" nhsAs", format!("objectClass:: {}", b64(b" nhsAs"))),
+            ("nhsAs1", "objectClass: nhsAs1".to_owned()),
+            ("", "objectClass:".to_owned()),
+            (
+                "1.2.826.0.1285.0.2.0.1070",
+                "objectClass: 1.2.826.0.1285.0.2.0.1070".to_owned(),
+            ),
+        ] {
+            let text = as_entry("1", "P-1", "").replace("objectClass: nhsAs", &encoded);
+            let err = model_err(&text);
+            assert_eq!(
+                err,
+                ModelError::UnknownObjectClass {
+                    dn: "uniqueIdentifier=1,ou=services,o=nhs".into(),
+                    line: 3,
+                    value: class.into(),
+                },
+                "{encoded}"
+            );
+            assert!(err.to_string().starts_with("line 3: "), "{err}");
+        }
+        // A second handler with a padded class: refused, not a lone first handler used.
+        let padded = mhs_entry("s2", "P-1", &slot, "")
+            .replace("objectClass: nhsMhs", "objectClass: nhsMhs ");
+        let text = format!(
+            "{}\n{}\n{padded}",
+            as_entry("1", "P-1", ""),
+            mhs_entry("s1", "P-1", &slot, "")
+        );
+        assert!(matches!(
+            model_err(&text),
+            ModelError::UnknownObjectClass { line: 22, .. }
+        ));
+
+        let misspelt = as_entry("1", "P-1", "").replace("objectClass:", "objectClas:");
+        assert_eq!(
+            model_err(&misspelt),
+            ModelError::NoObjectClass {
+                dn: "uniqueIdentifier=1,ou=services,o=nhs".into(),
+                line: 1
             }
         );
     }
@@ -1530,12 +1714,15 @@ mod tests {
             ("nhsIDCode: B82617\n", "nhsIDCode"),
             ("nhsMHSPartyKey: P-1\n", "nhsMHSPartyKey"),
         ] {
-            let text = format!("dn: o=nhs\no: nhs\n\n{}", full_as.replace(attr, ""));
+            let text = format!(
+                "dn: o=nhs\nobjectClass: organization\no: nhs\n\n{}",
+                full_as.replace(attr, "")
+            );
             assert_eq!(
                 model_err(&text),
                 ModelError::Missing {
                     dn: "uniqueIdentifier=1,ou=services,o=nhs".into(),
-                    line: 4,
+                    line: 5,
                     attribute: name
                 },
             );
