@@ -594,6 +594,129 @@ fn object_class(value: &str) -> Option<&'static str> {
         .map(|(_, names)| names[0])
 }
 
+/// One attribute-value assertion of an RDN: the attribute as the model reads it
+/// ([`attribute_key`]) and the value, escapes decoded.
+type Ava = (String, String);
+
+/// The RDNs of `dn`, the entry's own first, each a list of assertions (more than one when
+/// joined by `+`). RFC 4514, with the leniencies slapd accepts: spaces around `,` `+` `=`, `;`
+/// between RDNs, `"quoted"` values. A `#` (BER hex) value is not supported.
+fn parse_dn(dn: &str) -> Result<Vec<Vec<Ava>>, String> {
+    let mut rdns = Vec::new();
+    let mut rdn = Vec::new();
+    let mut rest = dn;
+    loop {
+        let (name, after) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("{:?} has no '='", rest.trim()))?;
+        let name = name.trim_matches(' ');
+        check_attr_name(name, 0).map_err(|e| e.reason)?;
+        let (value, after) = dn_value(after.trim_start_matches(' '))?;
+        rdn.push((attribute_key(name), value));
+        let mut chars = after.chars();
+        match chars.next() {
+            None => {
+                rdns.push(rdn);
+                return Ok(rdns);
+            }
+            Some('+') => {}
+            Some(',' | ';') => rdns.push(std::mem::take(&mut rdn)),
+            Some(other) => return Err(format!("unexpected {other:?} after a value")),
+        }
+        rest = chars.as_str();
+    }
+}
+
+/// One DN value from the start of `text` (leading spaces skipped), escapes decoded and
+/// unescaped trailing spaces dropped, and the text after it (from its separator, if any).
+fn dn_value(text: &str) -> Result<(String, &str), String> {
+    if text.starts_with('#') {
+        return Err("a '#' (BER hex) value is not supported: write the value as a string".into());
+    }
+    let quoted = text.starts_with('"');
+    let mut bytes = Vec::new();
+    // Length of `bytes` up to its last escaped or non-space byte.
+    let mut kept = 0;
+    let mut iter = text.char_indices().skip(usize::from(quoted));
+    let mut end = text.len();
+    let mut closed = !quoted;
+    while let Some((at, c)) = iter.next() {
+        match c {
+            '\\' => {
+                let (_, first) = iter.next().ok_or("a DN ends with '\\'")?;
+                if let Some(high) = first.to_digit(16) {
+                    let low = iter
+                        .next()
+                        .and_then(|(_, c)| c.to_digit(16))
+                        .ok_or("'\\' and one hex digit: escape a byte with two")?;
+                    // Two hex digits are one byte: at most 255.
+                    bytes.push((high * 16 + low) as u8);
+                } else if " \"#+,;<=>\\".contains(first) {
+                    bytes.push(first as u8);
+                } else {
+                    return Err(format!("'\\{first}' is not an escape"));
+                }
+                kept = bytes.len();
+            }
+            '"' if quoted => {
+                end = at + 1;
+                closed = true;
+                break;
+            }
+            ',' | ';' | '+' if !quoted => {
+                end = at;
+                break;
+            }
+            '"' | '\0' => return Err(format!("unescaped {c:?} in a value")),
+            c => {
+                let mut buf = [0; 4];
+                bytes.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                if c != ' ' || quoted {
+                    kept = bytes.len();
+                }
+            }
+        }
+    }
+    if !closed {
+        return Err("a quoted value is not closed".into());
+    }
+    bytes.truncate(kept);
+    let value = String::from_utf8(bytes).map_err(|_| "an escaped value is not UTF-8".to_owned())?;
+    let after = text[end..].trim_start_matches(' ');
+    Ok((value, after))
+}
+
+/// `value` as `equality` compares it: insignificant spaces removed (leading, trailing, runs of
+/// inner ones taken as one), case folded for [`Equality::IgnoreCase`].
+fn normalized(value: &str, equality: Equality) -> String {
+    let spaced = value
+        .split(' ')
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match equality {
+        Equality::IgnoreCase => spaced.to_lowercase(),
+        Equality::Exact | Equality::None => spaced,
+    }
+}
+
+/// Whether two RDNs are the same (the same assertions in any order, values compared by each
+/// attribute's equality, unknown attributes ignoring case).
+fn same_rdn(a: &[Ava], b: &[Ava]) -> bool {
+    let key = |rdn: &[Ava]| {
+        let mut avas: Vec<(String, String)> = rdn
+            .iter()
+            .map(|(name, value)| {
+                let equality = attribute_type(name).map_or(Equality::IgnoreCase, |t| t.2);
+                (name.clone(), normalized(value, equality))
+            })
+            .collect();
+        avas.sort();
+        avas
+    };
+    key(a) == key(b)
+}
+
 // ------------------------------------------------------------------------------------------------
 // Model builder
 // ------------------------------------------------------------------------------------------------
@@ -691,6 +814,38 @@ pub enum ModelError {
     /// An entry with no `objectClass` (a misspelt attribute name?): slapd refuses the file.
     #[error("line {line}: entry {dn} has no objectClass: slapd refuses it")]
     NoObjectClass { dn: String, line: usize },
+    /// The DN of an `nhsAs` or `nhsMhs` entry does not parse, or names it by an attribute
+    /// slapd refuses in a DN.
+    #[error("line {line}: entry {dn}: DN: {reason}")]
+    Dn {
+        dn: String,
+        line: usize,
+        reason: String,
+    },
+    /// The DN names the entry by a value the entry does not hold (`uniqueIdentifier=1` with
+    /// `uniqueIdentifier: 2`): slapadd would add it as another value (two ASIDs), or refuse
+    /// the entry for a single-valued attribute.
+    #[error(
+        "line {line}: entry {dn}: the DN names it {attribute}={value}, which is not one of its \
+         {attribute} values: slapd would add that value to the entry, or refuse it"
+    )]
+    NamingValue {
+        dn: String,
+        line: usize,
+        attribute: String,
+        value: String,
+    },
+    /// An `nhsAs` or `nhsMhs` entry outside the search base, where an LDAP search would not
+    /// find it.
+    #[error(
+        "line {line}: entry {dn} is not under {base}, where SDS keeps services and the LDAP \
+         backend searches: an LDAP search would not find it (move it under {base})"
+    )]
+    OutsideBase {
+        dn: String,
+        line: usize,
+        base: &'static str,
+    },
     /// One entry claims both structural classes.
     #[error("line {line}: entry {dn} is both nhsAs and nhsMhs")]
     BothClasses { dn: String, line: usize },
@@ -822,11 +977,15 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
     let mut warnings: Warnings = Vec::new();
     let mut asid_lines: HashMap<String, usize> = HashMap::new();
     let mut groups: HashMap<JoinKey, Group> = HashMap::new();
+    let base = parse_dn(SEARCH_BASE).expect("SEARCH_BASE is a valid DN (see its unit test)");
 
     for record in records {
         index.stats.entries += 1;
         let classes = object_classes(record)?;
         let is_class = |class: &str| classes.contains(&class);
+        if is_class("nhsAs") || is_class("nhsMhs") {
+            check_dn(record, &base)?;
+        }
         match (is_class("nhsAs"), is_class("nhsMhs")) {
             (true, true) => {
                 return Err(ModelError::BothClasses {
@@ -908,6 +1067,61 @@ fn object_classes(record: &Record) -> Result<Vec<&'static str>, ModelError> {
         });
     }
     Ok(classes)
+}
+
+/// The base the model's entries must be under: the LDAP backend's default search base, SDS's
+/// `ou=services,o=nhs`. (The LDIF backend has no setting for it: a file that loads into slapd
+/// is searched there.)
+const SEARCH_BASE: &str = super::ldap::DEFAULT_SEARCH_BASE;
+
+/// An `nhsAs` or `nhsMhs` entry must be where an LDAP search finds it, under `base`, and hold
+/// the value its DN names it by: otherwise slapd's answers would differ from the model's (an
+/// entry an LDAP search never returns; an entry with the DN's value added, e.g. a second ASID).
+/// DNs match as slapd matches them: attribute names ignoring case (or by OID), values by
+/// each attribute's equality rule.
+fn check_dn(record: &Record, base: &[Vec<Ava>]) -> Result<(), ModelError> {
+    let dn_error = |reason: String| ModelError::Dn {
+        dn: record.dn.clone(),
+        line: record.line,
+        reason,
+    };
+    let rdns = parse_dn(&record.dn).map_err(dn_error)?;
+    let under_base = rdns.len() >= base.len()
+        && rdns[rdns.len() - base.len()..]
+            .iter()
+            .zip(base)
+            .all(|(a, b)| same_rdn(a, b));
+    if !under_base {
+        return Err(ModelError::OutsideBase {
+            dn: record.dn.clone(),
+            line: record.line,
+            base: SEARCH_BASE,
+        });
+    }
+    for (name, value) in &rdns[0] {
+        let (attribute, equality) = match attribute_type(name) {
+            Some((_, names, equality)) => (names[0], *equality),
+            None => (name.as_str(), Equality::IgnoreCase),
+        };
+        if equality == Equality::None {
+            return Err(dn_error(format!(
+                "{attribute} has no equality rule: slapd refuses it in a DN"
+            )));
+        }
+        let wanted = normalized(value, equality);
+        if !record
+            .values(name)
+            .any(|v| normalized(&v.value, equality) == wanted)
+        {
+            return Err(ModelError::NamingValue {
+                dn: record.dn.clone(),
+                line: record.line,
+                attribute: attribute.to_owned(),
+                value: value.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The longest ASID a request can name (`Ssp-From`, `Ssp-To`).
@@ -1607,7 +1821,7 @@ mod tests {
 
     #[test]
     fn object_classes_and_attribute_names_match_case_insensitively() {
-        let text = "dn: uniqueIdentifier=1,o=nhs\nOBJECTCLASS: NHSAS\nUNIQUEIDENTIFIER: 1\nNhsIdCode: X\nNHSMHSPARTYKEY: X-1\n";
+        let text = "dn: UNIQUEIDENTIFIER=1,OU=Services,O=NHS\nOBJECTCLASS: NHSAS\nUNIQUEIDENTIFIER: 1\nNhsIdCode: X\nNHSMHSPARTYKEY: X-1\n";
         let index = model(text).unwrap();
         assert_eq!(index.party("1").unwrap().system.party_key, "X-1");
     }
@@ -1700,32 +1914,173 @@ mod tests {
         );
     }
 
+    /// An `nhsAs` or `nhsMhs` entry must hold the value its DN names it by (slapadd adds the
+    /// DN's value: `uniqueIdentifier=200000000360` over `uniqueIdentifier: 200000000999` is an
+    /// entry with two ASIDs in slapd, which the gateway used to register as 200000000999
+    /// alone), and be under `ou=services,o=nhs`, where the LDAP backend searches (it used to be
+    /// used wherever it was). DNs are read as slapd reads them.
+    #[test]
+    fn dns_are_checked_as_slapd_reads_them() {
+        let slot = format!("{GPC}fhir:rest:search:slot-1");
+        let renamed = as_entry("200000000999", "P-1", "").replacen(
+            "uniqueIdentifier=200000000999",
+            "uniqueIdentifier=200000000360",
+            1,
+        );
+        let err = model_err(&renamed);
+        assert_eq!(
+            err,
+            ModelError::NamingValue {
+                dn: "uniqueIdentifier=200000000360,ou=services,o=nhs".into(),
+                line: 1,
+                attribute: "uniqueIdentifier".into(),
+                value: "200000000360".into(),
+            }
+        );
+        assert!(err
+            .to_string()
+            .starts_with("line 1: entry uniqueIdentifier=200000000360,"));
+        let mhs = mhs_entry("ab", "P-1", &slot, "").replacen("=ab,", "=cd,", 1);
+        assert!(matches!(
+            model_err(&mhs),
+            ModelError::NamingValue { line: 1, .. }
+        ));
+        // nhsIDCode is caseExact: slapd refuses the entry (a second value of a single-valued
+        // attribute); nhsMhsFQDN has no equality rule: slapd refuses it in a DN.
+        let ods = mhs_entry("ab", "P-1", &slot, "").replace(
+            "dn: uniqueIdentifier=ab,",
+            "dn: nhsIDCode=b82617+uniqueIdentifier=ab,",
+        );
+        assert!(
+            matches!(model_err(&ods), ModelError::NamingValue { ref attribute, .. } if attribute == "nhsIDCode")
+        );
+        let fqdn = mhs_entry("ab", "P-1", &slot, "")
+            .replace("dn: uniqueIdentifier=ab,", "dn: nhsMhsFQDN=localhost,");
+        assert!(
+            model_err(&fqdn)
+                .to_string()
+                .contains("nhsMhsFQDN has no equality rule"),
+            "{}",
+            model_err(&fqdn)
+        );
+
+        for outside in [
+            "uniqueIdentifier=1,o=nhs",
+            "uniqueIdentifier=1,ou=people,o=nhs",
+            "uniqueIdentifier=1,ou=services,o=nhs2",
+            "uniqueIdentifier=1",
+        ] {
+            let text =
+                as_entry("1", "P-1", "").replace("uniqueIdentifier=1,ou=services,o=nhs", outside);
+            assert_eq!(
+                model_err(&text),
+                ModelError::OutsideBase {
+                    dn: outside.into(),
+                    line: 1,
+                    base: "ou=services,o=nhs"
+                }
+            );
+        }
+        // Other entries may be anywhere (slapd's own `o=nhs`, `ou=people`).
+        let other = "dn: cn=x,ou=people,o=nhs\nobjectClass: organizationalRole\ncn: y\n";
+        assert_eq!(model(other).unwrap().stats.entries, 1);
+
+        for accepted in [
+            "uniqueIdentifier=1 , OU=Services;  o=NHS",
+            "0.9.2342.19200300.100.1.44=1,2.5.4.11=services,organizationName=nhs",
+            "uniqueIdentifier=\"1\",ou=\"Services\",o=nhs",
+            "uniqueIdentifier=\\31,ou=serv\\69ces,o=nhs",
+            "uniqueIdentifier=1,ou=x,ou=services,o=nhs",
+            "cn=x+uniqueIdentifier=1,ou=services,o=nhs",
+        ] {
+            let text = as_entry("1", "P-1", "")
+                .replace("uniqueIdentifier=1,ou=services,o=nhs", accepted)
+                .replace("uniqueIdentifier: 1\n", "uniqueIdentifier: 1\ncn: X\n");
+            let index = model(&text).unwrap_or_else(|e| panic!("{accepted}: {e}"));
+            assert!(index.party("1").is_some(), "{accepted}");
+        }
+        let upper = mhs_entry("ab", "P-1", &slot, "").replacen("=ab,", "=AB,", 1);
+        assert!(model(&upper).is_ok(), "uniqueIdentifier is caseIgnore");
+
+        for (bad, why) in [
+            ("uniqueIdentifier=#3101,ou=services,o=nhs", "BER"),
+            ("uniqueIdentifier", "has no '='"),
+            ("uniqueIdentifier=\"1,ou=services,o=nhs", "not closed"),
+            ("uniqueIdentifier=1\\", "ends with"),
+            ("uniqueIdentifier=1\\4,ou=services,o=nhs", "two"),
+            ("uniqueIdentifier=1\\q,ou=services,o=nhs", "not an escape"),
+            ("uniqueIdentifier=\\ff,ou=services,o=nhs", "not UTF-8"),
+            (
+                "unique identifier=1,ou=services,o=nhs",
+                "invalid attribute name",
+            ),
+            ("uniqueIdentifier=\"1\"x,ou=services,o=nhs", "unexpected"),
+        ] {
+            let text =
+                as_entry("1", "P-1", "").replace("uniqueIdentifier=1,ou=services,o=nhs", bad);
+            let err = model_err(&text);
+            assert!(
+                matches!(err, ModelError::Dn { line: 1, ref reason, .. } if reason.contains(why)),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_search_base_parses() {
+        let base = parse_dn(SEARCH_BASE).unwrap();
+        assert_eq!(
+            base,
+            [
+                vec![("ou".to_owned(), "services".to_owned())],
+                vec![("o".to_owned(), "nhs".to_owned())]
+            ]
+        );
+    }
+
     #[test]
     fn a_system_with_no_handlers_has_an_empty_list() {
         let index = model(&as_entry("5", "P-5", "")).unwrap();
         assert!(index.party("5").unwrap().handlers.is_empty());
     }
 
+    /// (Without its `uniqueIdentifier`, an entry is named by its party key here: a DN naming
+    /// a value the entry lacks is an error of its own, see `dns_are_checked_as_slapd_reads_them`.)
     #[test]
     fn missing_required_attributes_are_named_with_dn_and_line() {
-        let full_as = as_entry("1", "P-1", "");
+        let full_as = as_entry("1", "P-1", "").replace(
+            "dn: uniqueIdentifier=1,",
+            "dn: nhsMHSPartyKey=P-1+uniqueIdentifier=1,",
+        );
+        let named_by_party_key = |text: String| {
+            text.replace(
+                "nhsMHSPartyKey=P-1+uniqueIdentifier=1,",
+                "nhsMHSPartyKey=P-1,",
+            )
+            .replace("dn: uniqueIdentifier=ab,", "dn: nhsMHSPartyKey=P-1,")
+        };
         for (attr, name) in [
             ("uniqueIdentifier: 1\n", "uniqueIdentifier"),
             ("nhsIDCode: B82617\n", "nhsIDCode"),
             ("nhsMHSPartyKey: P-1\n", "nhsMHSPartyKey"),
         ] {
-            let text = format!(
+            let mut text = format!(
                 "dn: o=nhs\nobjectClass: organization\no: nhs\n\n{}",
                 full_as.replace(attr, "")
             );
-            assert_eq!(
-                model_err(&text),
-                ModelError::Missing {
-                    dn: "uniqueIdentifier=1,ou=services,o=nhs".into(),
-                    line: 5,
-                    attribute: name
-                },
-            );
+            if name == "uniqueIdentifier" {
+                text = named_by_party_key(text);
+            } else if name == "nhsMHSPartyKey" {
+                text = text.replace("nhsMHSPartyKey=P-1+", "");
+            }
+            let ModelError::Missing {
+                line, attribute, ..
+            } = model_err(&text)
+            else {
+                panic!("{name}: {}", model_err(&text));
+            };
+            assert_eq!((line, attribute), (5, name));
         }
         let interaction = format!("{GPC}fhir:rest:read:metadata-1");
         let full_mhs = mhs_entry("ab", "P-1", &interaction, "");
@@ -1737,18 +2092,24 @@ mod tests {
             (format!("nhsMHSEndPoint: {ENDPOINT}\n"), "nhsMHSEndPoint"),
             ("nhsMhsCPAId: ab\n".to_owned(), "nhsMhsCPAId"),
         ] {
-            let err = model_err(&full_mhs.replace(&attr, ""));
+            let mut text = full_mhs.replace(&attr, "");
+            let mut dn = "uniqueIdentifier=ab,ou=services,o=nhs";
+            if name == "uniqueIdentifier" {
+                text = named_by_party_key(text);
+                dn = "nhsMHSPartyKey=P-1,ou=services,o=nhs";
+            }
+            let err = model_err(&text);
             assert_eq!(
                 err,
                 ModelError::Missing {
-                    dn: "uniqueIdentifier=ab,ou=services,o=nhs".into(),
+                    dn: dn.into(),
                     line: 1,
                     attribute: name
                 }
             );
             assert_eq!(
                 err.to_string(),
-                format!("line 1: entry uniqueIdentifier=ab,ou=services,o=nhs: missing {name}")
+                format!("line 1: entry {dn}: missing {name}")
             );
         }
     }
