@@ -397,6 +397,37 @@ async fn bad_arguments_are_refused_before_any_load() {
         Some(LoadtestError::BadUrl { .. })
     ));
 
+    // Values no request can carry are refused with the arguments, before any connection (they
+    // were found only once the server had answered, so an unreachable one hid them).
+    type Text = fn(&mut Args) -> &mut String;
+    let texts: [(&str, Text, &str); 4] = [
+        (
+            "--url / --search-query",
+            |a| &mut a.url,
+            "https://localhost:1/B\u{7f}/gpc",
+        ),
+        (
+            "--url / --search-query",
+            |a| a.search_query.insert(String::new()),
+            "a b",
+        ),
+        ("--from", |a| &mut a.from, "2000\u{7f}"),
+        ("--to", |a| &mut a.to, "9189\n"),
+    ];
+    for (flag, field, value) in texts {
+        let mut a = base.clone();
+        *field(&mut a) = value.into();
+        let e = Settings::from_args(&a)
+            .err()
+            .unwrap_or_else(|| panic!("{value:?} accepted"));
+        assert!(matches!(e, LoadtestError::BadArg { .. }), "{value:?}: {e}");
+        assert!(e.to_string().starts_with(&format!("{flag}: ")), "{e}");
+    }
+    let mut a = base.clone();
+    a.url = "https://exa_mple..org/B82617/STU3/1/gpconnect".into();
+    let e = Settings::from_args(&a).err().expect("no TLS server name");
+    assert!(e.to_string().contains("not a valid TLS server name"), "{e}");
+
     // Nothing listens on the address: the run says so instead of reporting zeroes.
     let free = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = free.local_addr().expect("addr");

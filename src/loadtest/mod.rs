@@ -52,7 +52,7 @@ pub use request::{
 use conn::{exchange, Dialer};
 use link::{Link, Missed, Notes};
 use pace::{Pacer, Slot};
-use request::Factory;
+use request::{Addressing, Factory};
 
 /// The highest `--rate`: one request slot per microsecond. Far beyond what one generator can
 /// send, and the pacer's clock needs a slot interval it can step (at 1e99/s the interval is
@@ -296,6 +296,10 @@ pub struct Settings {
     pub from: String,
     pub to: String,
     pub markers: bool,
+    /// The TLS server name: the URL's host.
+    server_name: ServerName<'static>,
+    /// Every request's target and Host, Ssp-From and Ssp-To values.
+    addressing: Addressing,
 }
 
 impl Settings {
@@ -391,6 +395,14 @@ impl Settings {
             .search_query
             .clone()
             .unwrap_or_else(|| default_search_query(chrono::Utc::now().date_naive()));
+        // Checked here, not when the first request is made: an argument no request can carry
+        // is refused before any connection, not hidden behind an unreachable server.
+        let server_name =
+            ServerName::try_from(root.host.clone()).map_err(|_| LoadtestError::BadUrl {
+                url: args.url.clone(),
+                reason: "the host is not a valid TLS server name".into(),
+            })?;
+        let addressing = Addressing::new(&root, &args.from, &args.to, &search_query)?;
         Ok(Settings {
             root,
             url: args.url.clone(),
@@ -419,6 +431,8 @@ impl Settings {
             from: args.from.clone(),
             to: args.to.clone(),
             markers: args.markers,
+            server_name,
+            addressing,
         })
     }
 
@@ -651,14 +665,9 @@ pub async fn run_until(
     interrupt: CancellationToken,
 ) -> Result<Report, LoadtestError> {
     let root = settings.root.clone();
-    let server_name =
-        ServerName::try_from(root.host.clone()).map_err(|_| LoadtestError::BadUrl {
-            url: settings.url.clone(),
-            reason: "the host is not a valid TLS server name".into(),
-        })?;
     let mut dialer = Dialer {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        server_name,
+        server_name: settings.server_name.clone(),
         tls: tokio_rustls::TlsConnector::from(settings.tls.clone()),
         http2: settings.http2,
     };
@@ -682,12 +691,10 @@ pub async fn run_until(
     let factory = Factory::new(
         root,
         settings.identity.clone(),
-        &settings.from,
-        &settings.to,
-        &settings.search_query,
+        settings.addressing.clone(),
         bookings,
         settings.mode == Mode::NewConnection,
-    )?;
+    );
 
     let start = Instant::now();
     let (measure_from, end) = match settings.mode {
@@ -834,12 +841,10 @@ async fn free_slot_bookings(
     let factory = Factory::new(
         settings.root.clone(),
         settings.identity.clone(),
-        &settings.from,
-        &settings.to,
-        &settings.search_query,
+        settings.addressing.clone(),
         None,
         false,
-    )?;
+    );
     let fetch = async {
         let mut conn = dialer
             .open()

@@ -413,36 +413,32 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Builds every request of a run. Shared by all workers.
-pub struct Factory {
-    root: ServiceRoot,
+/// What every request of a run is addressed with, from the command line: each kind's request
+/// target (origin-form for HTTP/1.1, absolute-form for HTTP/2) and the `Host`, `Ssp-From` and
+/// `Ssp-To` values. Made while the arguments are checked, before anything is sent, so that a
+/// value no request can carry is refused as an argument.
+#[derive(Debug, Clone)]
+pub struct Addressing {
     host: HeaderValue,
     from: HeaderValue,
     to: HeaderValue,
     uris_h1: [Uri; 3],
     uris_h2: [Uri; 3],
-    identity: Identity,
-    tokens: ArcSwap<Tokens>,
-    bookings: Option<Bookings>,
-    close: bool,
 }
 
-impl Factory {
-    /// `close`: ask the server to close the connection after the response (new-connection
-    /// mode).
+impl Addressing {
+    /// Checks that the service root, the ASIDs and the slot search's query make valid
+    /// requests.
     pub fn new(
-        root: ServiceRoot,
-        identity: Identity,
+        root: &ServiceRoot,
         from: &str,
         to: &str,
         search_query: &str,
-        bookings: Option<Bookings>,
-        close: bool,
-    ) -> Result<Factory, LoadtestError> {
+    ) -> Result<Addressing, LoadtestError> {
         let header = |what: &'static str, v: &str| {
             HeaderValue::from_str(v).map_err(|_| LoadtestError::BadArg {
                 what,
-                reason: format!("`{v}` is not a valid header value"),
+                reason: format!("`{}` is not a valid header value", v.escape_debug()),
             })
         };
         let paths = [
@@ -453,25 +449,54 @@ impl Factory {
         let uri = |text: String| {
             text.parse::<Uri>().map_err(|e| LoadtestError::BadArg {
                 what: "--url / --search-query",
-                reason: format!("`{text}` is not a valid request target: {e}"),
+                reason: format!(
+                    "`{}` is not a valid request target: {e}",
+                    text.escape_debug()
+                ),
             })
         };
         let [m, s, b] = paths;
         let uris_h1 = [uri(m.clone())?, uri(s.clone())?, uri(b.clone())?];
         let abs = |p: &str| format!("https://{}{p}", root.authority);
         let uris_h2 = [uri(abs(&m))?, uri(abs(&s))?, uri(abs(&b))?];
-        Ok(Factory {
+        Ok(Addressing {
             host: header("--url", &root.authority)?,
             from: header("--from", from)?,
             to: header("--to", to)?,
+            uris_h1,
+            uris_h2,
+        })
+    }
+}
+
+/// Builds every request of a run. Shared by all workers.
+pub struct Factory {
+    root: ServiceRoot,
+    addressing: Addressing,
+    identity: Identity,
+    tokens: ArcSwap<Tokens>,
+    bookings: Option<Bookings>,
+    close: bool,
+}
+
+impl Factory {
+    /// Requests to `root` addressed with `addressing`, with JWTs for `identity`. `close`: ask
+    /// the server to close the connection after the response (new-connection mode).
+    pub fn new(
+        root: ServiceRoot,
+        identity: Identity,
+        addressing: Addressing,
+        bookings: Option<Bookings>,
+        close: bool,
+    ) -> Factory {
+        Factory {
             tokens: ArcSwap::from_pointee(Tokens::new(&identity, &root.endpoint, unix_now())),
             identity,
             root,
-            uris_h1,
-            uris_h2,
+            addressing,
             bookings,
             close,
-        })
+        }
     }
 
     /// Re-issues the tokens when they are older than a minute. Cheap when they are not.
@@ -502,17 +527,18 @@ impl Factory {
     /// A request of `kind` with `body` and a fresh `Ssp-TraceID` (a request sent again on a
     /// new connection is built again with the same body).
     pub fn request(&self, kind: Kind, http2: bool, body: Bytes) -> Request<Full<Bytes>> {
+        let a = &self.addressing;
         let uri = if http2 {
-            self.uris_h2[kind.index()].clone()
+            a.uris_h2[kind.index()].clone()
         } else {
-            self.uris_h1[kind.index()].clone()
+            a.uris_h1[kind.index()].clone()
         };
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = kind.method();
         *req.uri_mut() = uri;
         let h = req.headers_mut();
         if !http2 {
-            h.insert(header::HOST, self.host.clone());
+            h.insert(header::HOST, a.host.clone());
         }
         let mut trace = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let trace = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut trace);
@@ -520,8 +546,8 @@ impl Factory {
             "ssp-traceid",
             HeaderValue::from_str(trace).expect("a hyphenated UUID is a valid header value"),
         );
-        h.insert("ssp-from", self.from.clone());
-        h.insert("ssp-to", self.to.clone());
+        h.insert("ssp-from", a.from.clone());
+        h.insert("ssp-to", a.to.clone());
         h.insert("ssp-interactionid", kind.interaction_id());
         h.insert(header::AUTHORIZATION, self.tokens.load().get(kind.scope()));
         h.insert(header::ACCEPT, FHIR_JSON);
@@ -610,16 +636,15 @@ mod tests {
     fn requests_carry_the_envelope_and_a_valid_jwt() {
         let root =
             ServiceRoot::parse("https://localhost:8443/https://localhost:9443/B/gpc").expect("url");
+        let addressing =
+            Addressing::new(&root, "200000000359", "918999198993", "status=free").expect("valid");
         let factory = Factory::new(
             root,
             dev_identity(),
-            "200000000359",
-            "918999198993",
-            "status=free",
+            addressing,
             Some(Bookings::Replay(Bytes::from_static(b"{}"))),
             true,
-        )
-        .expect("factory");
+        );
         let search = factory.build(Kind::Search, false);
         assert_eq!(search.method(), Method::GET);
         assert_eq!(
@@ -688,8 +713,8 @@ mod tests {
             user_id: "U999".into(),
             role_profile: "R888".into(),
         };
-        let factory =
-            Factory::new(root, identity, "1", "2", "status=free", None, false).expect("factory");
+        let addressing = Addressing::new(&root, "1", "2", "status=free").expect("valid");
+        let factory = Factory::new(root, identity, addressing, None, false);
         let req = factory.build(Kind::Metadata, false);
         let auth = req.headers().get(header::AUTHORIZATION);
         let claims = jwt::check(auth, &["organization/*.read".to_owned()], unix_now(), 0)
