@@ -611,6 +611,11 @@ async fn command(world: &World, addr: SocketAddr, args: &[&str]) -> (Option<i32>
         &["--connections", "1", "--threads", "1", "--warmup", "0s"],
     );
     all.extend(args.iter().map(|s| s.to_string()));
+    exec(all).await
+}
+
+/// Runs `ssp-gateway` with `all`; its exit code, stdout and stderr.
+async fn exec(all: Vec<String>) -> (Option<i32>, String, String) {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(GATEWAY_BIN)
             .args(&all)
@@ -650,17 +655,41 @@ async fn the_exit_code_follows_the_error_ratio_and_failures_to_start_are_json_to
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("above --max-error-ratio 0.2"), "{err}");
 
-    // Failing before any load: the reason on stderr, and as JSON on stdout with --json.
-    let (code, out, err) = command(&world, t.addr, &["--max-error-ratio", "2", "--json"]).await;
-    assert_eq!(code, Some(1));
-    assert!(err.contains("--max-error-ratio"), "{err}");
-    let failed: serde_json::Value = serde_json::from_str(&out).expect("JSON error");
-    assert!(
-        failed["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("--max-error-ratio: must be from 0 to 1")),
-        "{failed}"
+    // A value the loadtest refuses: exit 2 as for clap's usage errors (1 is a run that could
+    // not start), the reason on stderr, and as JSON on stdout with --json.
+    for (arg, value, reason) in [
+        (
+            "--max-error-ratio",
+            "2",
+            "--max-error-ratio: must be from 0 to 1",
+        ),
+        ("--connections", "0", "--connections: must be 1 to 100000"),
+        ("--rate", "0", "--rate: must be from"),
+        ("--rate", "nan", "--rate: must be from"),
+        ("--duration", "0s", "--duration: must be above 0"),
+        ("--mix", "serch=1", "--mix serch=1: unknown interaction"),
+        (
+            "--book-body",
+            "/nonexistent/b.json",
+            "--book-body /nonexistent/b.json: ",
+        ),
+    ] {
+        let (code, out, err) = exec(argv(&world, t.addr, &[arg, value, "--json"])).await;
+        assert_eq!(code, Some(2), "{arg} {value}: {err}");
+        assert!(err.contains(reason), "{arg} {value}: {err}");
+        let failed: serde_json::Value = serde_json::from_str(&out).expect("JSON error");
+        assert!(
+            failed["error"].as_str().is_some_and(|e| e.contains(reason)),
+            "{arg} {value}: {failed}"
+        );
+    }
+    let (code, out, err) = exec(argv(&world, t.addr, &["--connections", "0"])).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(2), ""),
+        "no JSON without --json"
     );
+    assert!(err.contains("--connections: must be 1 to 100000"), "{err}");
     // An argument clap refuses: its usage error (exit 2), as JSON on stdout with --json.
     let (code, out, err) = command(&world, t.addr, &["--json", "--rate", "fast"]).await;
     assert_eq!(code, Some(2), "{err}");
@@ -685,6 +714,45 @@ async fn the_exit_code_follows_the_error_ratio_and_failures_to_start_are_json_to
     assert_eq!(code, Some(1), "the setup search cannot connect");
     let failed: serde_json::Value = serde_json::from_str(&out).expect("JSON error");
     assert!(failed["error"].is_string(), "{failed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_argument_no_request_can_carry_is_refused_before_the_server_is_sought() {
+    // Nothing listens at the URL's address and there is no --connect-to: the bad argument is
+    // what is reported (exit 2), not that the server cannot be reached (exit 1).
+    let world = World::ecdsa();
+    let free = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead = free.local_addr().expect("addr");
+    drop(free);
+    for (arg, value, reason) in [
+        (
+            "--search-query",
+            "status=free&start=ge 2026",
+            "--url / --search-query: ",
+        ),
+        ("--from", "2000\u{7f}", "--from: "),
+        ("--to", "9189\u{1}", "--to: "),
+    ] {
+        let mut all = argv(&world, dead, &[arg, value, "--threads", "1", "--json"]);
+        let at = all
+            .iter()
+            .position(|a| a == "--connect-to")
+            .expect("--connect-to");
+        all.drain(at..at + 2);
+        let (code, out, err) = exec(all).await;
+        assert_eq!(code, Some(2), "{arg}: {err}");
+        assert!(
+            err.contains(reason) && !err.contains("cannot reach"),
+            "{arg}: {err}"
+        );
+        let failed: serde_json::Value = serde_json::from_str(&out).expect("JSON error");
+        assert!(
+            failed["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(reason)),
+            "{failed}"
+        );
+    }
 }
 
 /// Runs `ssp-gateway loadtest --json` at 200 requests/s for a minute with `--warmup

@@ -456,11 +456,14 @@ impl Settings {
     }
 }
 
+/// The exit code of a refused argument, as clap's own usage errors.
+const REFUSED: u8 = 2;
+
 /// `ssp-gateway loadtest`: runs, prints the report, and exits 1 when nothing succeeded, the
-/// error ratio is above `--max-error-ratio` or the run could not start (with `--json`, then a
-/// JSON object with an `error` field on stdout), 130 after a Ctrl-C (the first ends the run and
-/// prints the partial report; a second exits at once; before the load starts, it ends the
-/// command with that JSON error and no report).
+/// error ratio is above `--max-error-ratio` or the run could not start, 2 when an argument is
+/// refused (both with `--json` also as a JSON object with an `error` field on stdout), 130
+/// after a Ctrl-C (the first ends the run and prints the partial report; a second exits at
+/// once; before the load starts, it ends the command with that JSON error and no report).
 pub fn cli(args: Args) -> ExitCode {
     let failed = |e: &LoadtestError| {
         eprintln!("error: {e}");
@@ -469,10 +472,15 @@ pub fn cli(args: Args) -> ExitCode {
         }
         ExitCode::FAILURE
     };
-    // Checked before the runtime is built with the threads asked for.
+    // Checked before the runtime is built with the threads asked for, and before any
+    // connection: whatever is wrong here is the command line's (a value, a combination, a file
+    // it names), so it exits as clap's usage errors do.
     let settings = match Settings::from_args(&args) {
         Ok(settings) => settings,
-        Err(e) => return failed(&e),
+        Err(e) => {
+            failed(&e);
+            return ExitCode::from(REFUSED);
+        }
     };
     let max_error_ratio = settings.max_error_ratio;
     let threads = args
