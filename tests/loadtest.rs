@@ -310,6 +310,31 @@ async fn bad_arguments_are_refused_before_any_load() {
     let e = Settings::from_args(&a).err().expect("streams without h2");
     assert!(e.to_string().contains("--streams"), "{e}");
 
+    // Each bounded alone, the two multiply into the requests in flight at once (100,000 ×
+    // 1,000 aborted the run on a failed allocation); at most 100,000 of them.
+    for (connections, streams, ok) in [
+        (100_000, 1000, false),
+        (1000, 101, false),
+        (100_000, 1, true),
+        (100, 1000, true),
+    ] {
+        let mut a = base.clone();
+        a.http2 = true;
+        (a.connections, a.streams) = (connections, streams);
+        match Settings::from_args(&a) {
+            Ok(_) => assert!(ok, "{connections} × {streams} accepted"),
+            Err(e) => {
+                assert!(!ok, "{connections} × {streams} refused: {e}");
+                let want = format!(
+                    "--connections × --streams: {connections} × {streams} = {} requests in \
+                     flight at once; at most 100000",
+                    connections * streams
+                );
+                assert_eq!(e.to_string(), want);
+            }
+        }
+    }
+
     // A rate the pacer cannot step (its slot interval would be zero), and the highest it can;
     // one whose interval a Duration cannot hold (1e-300 panicked), and the lowest it can.
     for (rate, ok) in [

@@ -73,6 +73,13 @@ pub const DEV_FROM: &str = "200000000359";
 pub const DEV_TO: &str = "918999198993";
 /// The most connections (or idle connections) one run opens.
 pub const MAX_CONNECTIONS: usize = 100_000;
+/// The most requests one HTTP/2 connection carries at once (`--streams`).
+pub const MAX_STREAMS: usize = 1000;
+/// The most requests one run keeps in flight at once: `--connections` × `--streams`. Each is
+/// a task with its own request, response and HTTP/2 stream state; as many as the most
+/// connections a run opens, so streams add no more than connections alone could (at 100,000 ×
+/// 1,000 the run aborted on a failed memory allocation before sending anything).
+pub const MAX_IN_FLIGHT: usize = MAX_CONNECTIONS;
 /// Most runtime threads `--threads` may ask for.
 pub const MAX_THREADS: usize = 256;
 /// The largest setup search response read for free slots.
@@ -166,7 +173,8 @@ pub struct Args {
     /// Concurrent connections (keep-alive), or concurrent connection openers.
     #[arg(long, default_value_t = 32)]
     pub connections: usize,
-    /// Concurrent requests per connection (HTTP/2 only).
+    /// Concurrent requests per connection (HTTP/2 keep-alive connections only), at most 1,000;
+    /// `--connections` × `--streams` at most 100,000.
     #[arg(long, default_value_t = 1)]
     pub streams: usize,
     /// Use HTTP/2 (ALPN h2) instead of HTTP/1.1.
@@ -317,8 +325,8 @@ impl Settings {
         if args.threads.is_some_and(|n| n == 0 || n > MAX_THREADS) {
             return Err(bad("--threads", &format!("must be 1 to {MAX_THREADS}")));
         }
-        if args.streams == 0 || args.streams > 1000 {
-            return Err(bad("--streams", "must be 1 to 1000"));
+        if args.streams == 0 || args.streams > MAX_STREAMS {
+            return Err(bad("--streams", &format!("must be 1 to {MAX_STREAMS}")));
         }
         if args.streams > 1 && !args.http2 {
             return Err(bad(
@@ -370,6 +378,17 @@ impl Settings {
             (false, Some(n)) => Mode::Idle(n),
             (false, None) => Mode::KeepAlive,
         };
+        // (Both are bounded above, so the product cannot overflow.)
+        let in_flight = args.connections * args.streams;
+        if in_flight > MAX_IN_FLIGHT {
+            let (c, s) = (args.connections, args.streams);
+            return Err(bad(
+                "--connections × --streams",
+                &format!(
+                    "{c} × {s} = {in_flight} requests in flight at once; at most {MAX_IN_FLIGHT}"
+                ),
+            ));
+        }
         if args.rate.is_some() && matches!(mode, Mode::Idle(_)) {
             return Err(bad("--rate", "has no meaning with --idle"));
         }
