@@ -310,6 +310,27 @@ async fn bad_arguments_are_refused_before_any_load() {
     let e = Settings::from_args(&a).err().expect("streams without h2");
     assert!(e.to_string().contains("--streams"), "{e}");
 
+    // Without keep-alive connections there is one request per connection: --streams was
+    // ignored there, and the report still said it was used.
+    for (flag, new_connection, idle) in
+        [("--new-connection", true, None), ("--idle", false, Some(4))]
+    {
+        let mut a = base.clone();
+        (a.http2, a.streams, a.new_connection, a.idle) = (true, 4, new_connection, idle);
+        let e = Settings::from_args(&a)
+            .err()
+            .expect("streams without keep-alive");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--streams: several requests per connection need keep-alive connections; \
+                 {flag} sends one request per connection"
+            )
+        );
+        a.streams = 1;
+        assert!(Settings::from_args(&a).is_ok(), "{flag} alone");
+    }
+
     // Each bounded alone, the two multiply into the requests in flight at once (100,000 ×
     // 1,000 aborted the run on a failed allocation); at most 100,000 of them.
     for (connections, streams, ok) in [

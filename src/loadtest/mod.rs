@@ -378,6 +378,20 @@ impl Settings {
             (false, Some(n)) => Mode::Idle(n),
             (false, None) => Mode::KeepAlive,
         };
+        if args.streams > 1 && mode != Mode::KeepAlive {
+            return Err(bad(
+                "--streams",
+                &format!(
+                    "several requests per connection need keep-alive connections; --{} sends \
+                     one request per connection",
+                    if args.new_connection {
+                        "new-connection"
+                    } else {
+                        "idle"
+                    }
+                ),
+            ));
+        }
         // (Both are bounded above, so the product cannot overflow.)
         let in_flight = args.connections * args.streams;
         if in_flight > MAX_IN_FLIGHT {
@@ -732,7 +746,9 @@ pub async fn run_until(
             start + settings.warmup + settings.duration,
         ),
     };
-    let per_connection = workers_per_connection(&settings);
+    // Workers sharing one connection: above one only on keep-alive HTTP/2 connections
+    // (`Settings::from_args` refuses `--streams` otherwise).
+    let per_connection = settings.streams;
     let pacer = match settings.rate {
         Some(rate) if !matches!(settings.mode, Mode::Idle(_)) => Some(
             Pacer::start(
@@ -907,15 +923,6 @@ async fn free_slot_bookings(
         bodies,
         next: AtomicUsize::new(0),
     })
-}
-
-/// Workers sharing one connection: `--streams` on a keep-alive HTTP/2 connection, else one.
-fn workers_per_connection(settings: &Settings) -> usize {
-    if settings.mode == Mode::KeepAlive && settings.http2 {
-        settings.streams
-    } else {
-        1
-    }
 }
 
 /// Keep-alive or new-connection load: `connections` links, each with `per_connection` workers
