@@ -548,5 +548,16 @@ async fn the_command_reports_and_fails_when_nothing_succeeds() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+
+    // The idle mode holds connections whose one request was refused: none succeeded.
+    let idle = run_binary(&["--to", "999999999999", "--idle", "2", "--json"])
+        .await
+        .expect("join");
+    let stderr = String::from_utf8_lossy(&idle.stderr);
+    assert_eq!(idle.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no request succeeded"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&idle.stdout).expect("JSON report");
+    assert_eq!(report["status"]["403"], 2, "{report}");
+    assert_eq!(report["ok"], 0, "{report}");
     h.stop().await;
 }

@@ -554,7 +554,9 @@ pub fn cli(args: Args) -> ExitCode {
     } else {
         print!("{}", report.to_text());
     }
-    let succeeded = report.ok > 0 || report.idle.as_ref().is_some_and(|i| i.open > 0);
+    // Only a 2xx answer is a success, in the idle mode too: a connection held after a refusal
+    // (a 403, a 429) is no sign that the target works.
+    let succeeded = report.ok > 0;
     if report.interrupted {
         eprintln!("loadtest: interrupted; the report is of the part measured");
         ExitCode::from(INTERRUPTED)
