@@ -230,6 +230,29 @@ async fn a_target_stalled_for_the_whole_run_leaves_every_request_due_accounted_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_idle_connection_asked_for_is_accounted_for_when_the_duration_ends_first() {
+    // One opener at a time, and the target never answers: the first attempt is still going
+    // when the duration ends, long before its --timeout, and the other 49 never start.
+    let world = World::ecdsa();
+    let t = target(&world, Behave::StallAfter(0)).await;
+    let mut a = args(&world, t.addr);
+    a.idle = Some(50);
+    a.duration = Duration::from_millis(300);
+    a.timeout = Duration::from_secs(60);
+    let r = run(&a).await;
+    assert_eq!(r.due, 50, "every connection asked for: {r:?}");
+    assert_eq!((r.sent, r.unfinished, r.not_sent), (1, 1, 49), "{r:?}");
+    assert!(r.failures.is_empty(), "--timeout was not reached: {r:?}");
+    assert_eq!((r.responses, r.errors), (0, 50), "{r:?}");
+    let idle = r.idle.clone().expect("idle report");
+    assert_eq!(
+        (idle.requested, idle.open, idle.failed),
+        (50, 0, 0),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_stalls_midway_shows_the_rest_as_unfinished_and_not_sent() {
     let world = World::ecdsa();
     let t = target(&world, Behave::StallAfter(10)).await;

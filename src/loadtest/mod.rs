@@ -36,7 +36,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::ssp::jwt::{DEV_ISSUER, DEV_ODS, DEV_ROLE_PROFILE, DEV_USER_ID};
@@ -1036,7 +1036,8 @@ async fn worker(run: &Run, id: usize, link: &Link) {
 }
 
 /// Idle mode: opens `count` connections, `parallel` at a time, sends one request on each, and
-/// holds them all until the run ends.
+/// holds them all until the run ends. Every one of `count` is accounted for: an attempt still
+/// going at the end (or at Ctrl-C) is unfinished, and one never started is not sent.
 async fn hold_idle(
     run: &Arc<Run>,
     count: usize,
@@ -1053,54 +1054,87 @@ async fn hold_idle(
             let interrupt = run.interrupt.child_token();
             let mut held = Vec::new();
             let mut failed = 0usize;
-            while claimed.fetch_add(1, Ordering::Relaxed) < count {
+            let mut attempted = 0usize;
+            // No attempt starts once the run is over (the claim comes last: a connection
+            // claimed is attempted).
+            while Instant::now() < run.end
+                && !interrupt.is_cancelled()
+                && claimed.fetch_add(1, Ordering::Relaxed) < count
+            {
+                attempted += 1;
                 let t = Instant::now();
+                let limit = t + run.timeout;
                 let kind = run.mix.kind(0);
                 let attempt = async {
                     let mut conn = run.dialer.open().await?;
                     let done = exchange(&mut conn, run.factory.build(kind, run.http2)).await?;
                     Ok::<_, Failed>((done, conn))
                 };
-                let result = tokio::select! {
-                    r = timeout_at((t + run.timeout).min(run.end), attempt) => r,
-                    () = interrupt.cancelled() => break,
+                let mut conn = None;
+                let outcome = tokio::select! {
+                    biased;
+                    r = attempt => match r {
+                        Ok((done, c)) => {
+                            conn = Some(c);
+                            Outcome::Response(done)
+                        }
+                        Err(f) => Outcome::Failed(f),
+                    },
+                    () = sleep_until(limit.min(run.end)) => {
+                        if limit <= run.end {
+                            Outcome::Timeout
+                        } else {
+                            Outcome::Unfinished
+                        }
+                    }
+                    () = interrupt.cancelled() => Outcome::Unfinished,
                 };
                 let at = Instant::now();
                 run.stats.record(id, |s| {
                     s.request(Sending::default());
-                    match &result {
-                        Ok(Ok((done, _))) => {
+                    match &outcome {
+                        Outcome::Response(done) => {
                             let status = done.status.as_u16();
                             s.response(kind, status, at - t, done.bytes, false);
                         }
-                        Ok(Err(f)) => s.failure(f.kind, at.into_std(), || f.message()),
-                        Err(_) => s.failure(Failure::Timeout, at.into_std(), || {
-                            "no complete response within --timeout".to_owned()
+                        Outcome::Failed(f) => s.failure(f.kind, at.into_std(), || f.message()),
+                        Outcome::Timeout => s.failure(Failure::Timeout, at.into_std(), || {
+                            let limit = humantime::format_duration(run.timeout);
+                            format!("no complete response within --timeout {limit}")
                         }),
+                        Outcome::Unfinished => s.unfinished(),
+                        Outcome::NotSent => s.not_sent(),
                     }
                 });
-                match result {
-                    Ok(Ok((_, conn))) => held.push(conn),
-                    _ => failed += 1,
-                }
-                if Instant::now() >= run.end {
-                    break;
+                match (conn, outcome) {
+                    (Some(conn), _) => held.push(conn),
+                    (None, Outcome::Unfinished) => break,
+                    (None, _) => failed += 1,
                 }
             }
-            (held, failed)
+            (held, failed, attempted)
         }));
     }
     let mut held = Vec::with_capacity(count);
     let mut failed = 0;
+    let mut attempted = 0;
     for opener in openers {
         match opener.await {
-            Ok((h, f)) => {
+            Ok((h, f, a)) => {
                 held.extend(h);
                 failed += f;
+                attempted += a;
             }
             Err(e) => eprintln!("loadtest: an opener failed: {e}"),
         }
     }
+    // The connections the run ended (or was interrupted) before attempting.
+    run.stats.record(0, |s| {
+        for _ in attempted..count {
+            s.request(Sending::default());
+            s.not_sent();
+        }
+    });
     let open_after = started.elapsed();
     if markers {
         eprintln!("loadtest: idle open {}", held.len());

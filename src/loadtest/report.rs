@@ -35,7 +35,8 @@ pub struct Stats {
     failures: BTreeMap<Failure, FailureStat>,
     bytes: u64,
     unfinished: u64,
-    /// Requests taken to be sent but not sent: the end came while their connection paused.
+    /// Requests taken to be sent but not sent: the end came while their connection paused (or,
+    /// idle mode, before their connection was attempted).
     not_sent: u64,
     /// Requests due (or, closed loop, sent) in the window.
     in_window: u64,
@@ -139,7 +140,7 @@ impl Stats {
     }
 
     /// A request taken to be sent but not sent: the run's end came while its connection was
-    /// pausing after a failure.
+    /// pausing after a failure (or, idle mode, before its connection was attempted).
     pub fn not_sent(&mut self) {
         self.not_sent += 1;
     }
@@ -323,7 +324,8 @@ pub struct Report {
     /// latency figures.
     pub unfinished: u64,
     /// Requests due that were never sent: every connection was still busy (or pausing after
-    /// failures) at the end. Not in the latency figures.
+    /// failures) at the end; in the idle mode, connections the run ended before attempting.
+    /// Not in the latency figures.
     pub not_sent: u64,
     /// New connections opened to replace one the server or a failure had closed.
     pub reconnects: u64,
