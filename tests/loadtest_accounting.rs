@@ -250,6 +250,8 @@ async fn every_idle_connection_asked_for_is_accounted_for_when_the_duration_ends
         (50, 0, 0),
         "{r:?}"
     );
+    let text = r.to_text();
+    assert!(text.contains("due 50, sent 1, not sent 49"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -507,6 +507,10 @@ impl Report {
                 " ({} late: every connection busy), not sent {}",
                 self.late, self.not_sent
             );
+        } else if self.not_sent > 0 {
+            // Closed loop too: requests whose connection paused past the end, idle
+            // connections never attempted.
+            let _ = write!(requests, ", not sent {}", self.not_sent);
         }
         let _ = writeln!(out, "{requests}");
         let _ = writeln!(
@@ -747,6 +751,13 @@ mod tests {
         let r = Report::new(shape(), &stats, window(1), None, None);
         assert_eq!((r.due, r.sent, r.not_sent, r.errors), (2, 1, 1, 1));
         assert_eq!(r.accounted(), r.due);
+        let text = r.to_text();
+        assert!(
+            text.contains("due 2, sent 1, not sent 1\n"),
+            "closed loop: {text}"
+        );
+        let all_sent = Report::new(shape(), &Stats::default(), window(1), None, None);
+        assert!(!all_sent.to_text().contains("not sent"));
         let w = Window {
             measured: Duration::from_secs(1),
             interrupted: false,
