@@ -270,6 +270,24 @@ async fn a_target_that_stalls_midway_shows_the_rest_as_unfinished_and_not_sent()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_slot_is_on_time_while_every_connection_is_free() {
+    // One request a second for half a second: the one slot is due as the run starts, when
+    // both connections are free; the workers only ask for it a moment later. It was counted
+    // late ("every connection busy") in every fixed-rate run.
+    let world = World::ecdsa();
+    let t = target(&world, Behave::Ok).await;
+    let mut a = args(&world, t.addr);
+    a.connections = 2;
+    a.rate = Some(1.0);
+    let r = run(&a).await;
+    assert_eq!((r.due, r.sent, r.ok), (1, 1, 1), "{r:?}");
+    assert_eq!(r.late, 0, "{r:?}");
+    assert!(r
+        .to_text()
+        .contains("sent 1 (0 late: every connection busy)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_the_connections_can_send_is_counted_late_or_not_sent() {
     // A million a second for 300 ms over two connections: most slots find every connection
     // busy; those sent went late, the rest were never sent.

@@ -595,6 +595,8 @@ struct Run {
     mix: Mix,
     mode: Mode,
     http2: bool,
+    /// When the run (its warm-up, its fixed-rate schedule) began.
+    start: Instant,
     /// Start of the measured window, its end, and the end of the drain after it.
     measure_from: Instant,
     end: Instant,
@@ -644,11 +646,12 @@ impl StatShards {
 
 impl Run {
     /// The next request to send: at a fixed rate, the next released slot (None once none is
-    /// left, or a late one after the end); closed loop, now (None once the run is over).
-    /// `interrupt` is the asking worker's child of the run's token.
-    async fn next_slot(&self, interrupt: &CancellationToken) -> Option<Slot> {
+    /// left, or a late one after the end), late when due before `free_since`, when the asking
+    /// worker became free; closed loop, now (None once the run is over). `interrupt` is the
+    /// asking worker's child of the run's token.
+    async fn next_slot(&self, free_since: Instant, interrupt: &CancellationToken) -> Option<Slot> {
         match &self.pacer {
-            Some(pacer) => pacer.next(self.end, interrupt).await,
+            Some(pacer) => pacer.next(free_since, self.end, interrupt).await,
             None => {
                 let now = Instant::now();
                 (now < self.end && !interrupt.is_cancelled()).then_some(Slot {
@@ -769,6 +772,7 @@ pub async fn run_until(
         mix: settings.mix.clone(),
         mode: settings.mode,
         http2: settings.http2,
+        start,
         measure_from,
         end,
         drain_end: end + settings.drain,
@@ -966,6 +970,11 @@ async fn worker(run: &Run, id: usize, link: &Link) {
     // with every request of every worker.
     let interrupt = run.interrupt.child_token();
     let mut n = id;
+    // Since when the worker has been free to send, for `late`: for its first request, the
+    // run's start (it was idle, only perhaps not yet running: a slot due before it first asks
+    // is not late); then the end of its last request, or the end of its connection's pause
+    // (None: when it asks).
+    let mut free_since = Some(run.start);
     loop {
         // After a failure that closed the connection, the link pauses before the next
         // attempt; closed loop, that pause is no request's latency.
@@ -974,8 +983,10 @@ async fn worker(run: &Run, id: usize, link: &Link) {
                 () = sleep_until(at.min(run.end)) => {}
                 () = interrupt.cancelled() => break,
             }
+            free_since = None;
         }
-        let Some(slot) = run.next_slot(&interrupt).await else {
+        let asked = free_since.take().unwrap_or_else(Instant::now);
+        let Some(slot) = run.next_slot(asked, &interrupt).await else {
             break;
         };
         let kind = run.mix.kind(n);
@@ -1028,7 +1039,7 @@ async fn worker(run: &Run, id: usize, link: &Link) {
             });
         }
         match outcome {
-            Outcome::Response(_) | Outcome::Failed(_) => {}
+            Outcome::Response(_) | Outcome::Failed(_) => free_since = Some(done),
             Outcome::Timeout => link.abandoned().await,
             Outcome::Unfinished | Outcome::NotSent => break,
         }

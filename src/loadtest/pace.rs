@@ -98,12 +98,18 @@ impl Pacer {
     }
 
     /// Waits for the next released slot and returns it: its due time (now, or earlier when
-    /// every worker was busy at that time) and whether it was late. None once every slot before
-    /// the end is taken, when `interrupt` is cancelled, or when the slot is late and `end` has
+    /// every worker was busy at that time) and whether it was late: due before `free_since`,
+    /// when the asking worker became free to send it (the schedule's start for a worker's first
+    /// request: it was idle until then, if not yet running). None once every slot before the
+    /// end is taken, when `interrupt` is cancelled, or when the slot is late and `end` has
     /// passed (it is then never sent). Each worker passes its own child of the run's token, so
     /// that waiting here takes no lock the other workers share.
-    pub(super) async fn next(&self, end: Instant, interrupt: &CancellationToken) -> Option<Slot> {
-        let asked = Instant::now();
+    pub(super) async fn next(
+        &self,
+        free_since: Instant,
+        end: Instant,
+        interrupt: &CancellationToken,
+    ) -> Option<Slot> {
         // The pacer never closes the semaphore: a closed one would refuse the permits still
         // waiting, which are slots already due.
         tokio::select! {
@@ -113,7 +119,7 @@ impl Pacer {
         loop {
             let n = self.taken.load(Ordering::Acquire);
             let due = Instant::from_std(self.schedule.due(n)?);
-            let late = due < asked;
+            let late = due < free_since;
             if interrupt.is_cancelled() || (late && Instant::now() >= end) {
                 return None;
             }
@@ -210,7 +216,9 @@ mod tests {
                 // (Taken whenever the machine lets the workers run: no end for late slots.)
                 let never = end + Duration::from_secs(3600);
                 let interrupt = CancellationToken::new();
-                while let Some(Slot { due, .. }) = pacer.next(never, &interrupt).await {
+                while let Some(Slot { due, .. }) =
+                    pacer.next(Instant::now(), never, &interrupt).await
+                {
                     let at = Instant::now();
                     assert!(at >= due, "slot due at {due:?} released early, at {at:?}");
                     got.push(due);
@@ -242,7 +250,7 @@ mod tests {
         let never = end + Duration::from_secs(3600);
         let interrupt = CancellationToken::new();
         let mut got = Vec::new();
-        while let Some(slot) = pacer.next(never, &interrupt).await {
+        while let Some(slot) = pacer.next(Instant::now(), never, &interrupt).await {
             got.push(slot);
         }
         let want: Vec<Instant> = (0..10).map(|n| start + interval * n).collect();
@@ -254,6 +262,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_worker_free_since_the_start_is_on_time_however_late_it_first_asks() {
+        // The worker is first polled 5 ms after the schedule started (spawning workers takes
+        // time): it was free all along, so the slots already due are on time, not late. Busy
+        // from 5 ms to 9 ms, it is late for the slots due meanwhile.
+        let start = Instant::now();
+        let interval = Duration::from_millis(2);
+        let end = start + Duration::from_millis(20);
+        let pacer = Pacer::start(start, interval, end, 1).expect("pacer thread");
+        tokio::time::sleep_until(start + Duration::from_millis(5)).await;
+        let never = end + Duration::from_secs(3600);
+        let interrupt = CancellationToken::new();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.extend(pacer.next(start, never, &interrupt).await);
+        }
+        let busy_until = start + Duration::from_millis(9);
+        tokio::time::sleep_until(busy_until).await;
+        got.extend(pacer.next(busy_until, never, &interrupt).await);
+        let want: Vec<Slot> = (0..4)
+            .map(|n| Slot {
+                due: start + interval * n,
+                late: n == 3,
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
     async fn late_slots_are_not_taken_after_the_end_nor_any_once_interrupted() {
         let start = Instant::now();
         let interval = Duration::from_millis(2);
@@ -261,14 +297,15 @@ mod tests {
         let pacer = Pacer::start(start, interval, end, 1).expect("pacer thread");
         tokio::time::sleep_until(end + Duration::from_millis(5)).await;
         let interrupt = CancellationToken::new();
-        assert_eq!(pacer.next(end, &interrupt).await, None);
+        assert_eq!(pacer.next(Instant::now(), end, &interrupt).await, None);
         assert_eq!(pacer.taken(), 0, "not sent, all ten");
         assert_eq!(pacer.due_before(end), 10);
 
         let pacer =
             Pacer::start(Instant::now(), interval, end + interval * 100, 1).expect("pacer thread");
         interrupt.cancel();
-        assert_eq!(pacer.next(end + interval * 100, &interrupt).await, None);
+        let (now, later) = (Instant::now(), end + interval * 100);
+        assert_eq!(pacer.next(now, later, &interrupt).await, None);
         assert_eq!(pacer.taken(), 0);
     }
 
