@@ -108,7 +108,8 @@ impl Mix {
             mix: text.to_owned(),
             reason,
         };
-        let mut weights = [0u32; 3];
+        // Summed wide: a sum capped at u32::MAX would be reported as the sum.
+        let mut weights = [0u128; 3];
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, weight) = match part.split_once('=') {
                 Some((n, w)) => (n.trim(), w.trim()),
@@ -119,20 +120,30 @@ impl Mix {
                     "unknown interaction `{name}` (known: metadata, search, book)"
                 ))
             })?;
-            let weight: u32 = weight
-                .parse()
-                .map_err(|_| bad(format!("`{weight}` is not a whole number")))?;
-            weights[kind.index()] = weights[kind.index()].saturating_add(weight);
+            let weight: u64 = weight.parse().map_err(|_| {
+                if !weight.is_empty() && weight.bytes().all(|b| b.is_ascii_digit()) {
+                    bad(format!(
+                        "`{weight}` is too large: the weights add up to at most {MAX_MIX_WEIGHT}"
+                    ))
+                } else {
+                    bad(format!("`{weight}` is not a whole number"))
+                }
+            })?;
+            // (A u64 per part cannot reach u128::MAX in any command line.)
+            weights[kind.index()] = weights[kind.index()].saturating_add(u128::from(weight));
         }
-        let total: u32 = weights.iter().fold(0u32, |a, w| a.saturating_add(*w));
+        let total: u128 = weights.iter().sum();
         if total == 0 {
             return Err(bad("no interaction has a weight above 0".into()));
         }
-        if total > MAX_MIX_WEIGHT {
+        if total > u128::from(MAX_MIX_WEIGHT) {
             return Err(bad(format!(
                 "the weights add up to {total}; at most {MAX_MIX_WEIGHT}"
             )));
         }
+        // Each at most the total, at most MAX_MIX_WEIGHT: they fit.
+        let weights = weights.map(|w| w as u32);
+        let total = total as u32;
         // Interleave: at each step take the kind furthest behind its share (smooth weighted
         // round robin), so a 9:1 mix is nine searches then a booking, not 90 then 10.
         let mut credit = [0i64; 3];
@@ -589,6 +600,19 @@ mod tests {
             ("serch=1", "unknown interaction `serch`"),
             ("search=x", "`x` is not a whole number"),
             ("search=10001", "at most 10000"),
+            (
+                "search=1,search=4294967295",
+                "the weights add up to 4294967296; at most 10000",
+            ),
+            (
+                "search=18446744073709551615,book=18446744073709551615,search=5",
+                "the weights add up to 36893488147419103235; at most 10000",
+            ),
+            (
+                "search=99999999999999999999",
+                "`99999999999999999999` is too large: the weights add up to at most 10000",
+            ),
+            ("search=-1", "`-1` is not a whole number"),
         ] {
             let err = Mix::parse(text).expect_err(text).to_string();
             assert!(err.contains(reason), "{text}: {err}");
