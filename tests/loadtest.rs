@@ -486,6 +486,30 @@ async fn bad_arguments_are_refused_before_any_load() {
     assert!(matches!(e, LoadtestError::Unreachable { .. }), "{e}");
 }
 
+#[tokio::test]
+async fn a_server_that_stalls_the_handshake_is_unreachable_for_that_reason() {
+    // It accepts the TCP connection and never answers the ClientHello: not a connect timeout.
+    let world = World::ecdsa();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let url = format!("https://127.0.0.1:{}{BASE_PATH}", addr.port());
+    let mut a = args(&world, &url, addr);
+    a.connect_to = None;
+    a.timeout = Duration::from_millis(300);
+    let settings = Settings::from_args(&a).expect("settings");
+    let e = loadtest::run(settings).await.expect_err("unreachable");
+    assert!(matches!(e, LoadtestError::Unreachable { .. }), "{e}");
+    let want = format!("{addr}: the TLS handshake timed out (the TCP connection was accepted)");
+    assert!(e.to_string().ends_with(&want), "{e}");
+    silent.abort();
+}
+
 /// `ssp-gateway loadtest` itself: text and JSON reports, and a failing exit code when no request
 /// succeeded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

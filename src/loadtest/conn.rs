@@ -258,12 +258,22 @@ pub struct Conn {
 impl Dialer {
     /// TCP connect and the TLS handshake.
     async fn tls(&self) -> Result<TlsStream<TcpStream>, Failed> {
+        self.handshake(self.connect().await?).await
+    }
+
+    /// TCP connect, without Nagle.
+    async fn connect(&self) -> Result<TcpStream, Failed> {
         let tcp = TcpStream::connect(self.addr).await.map_err(|e| Failed {
             kind: Failure::Connect,
             cause: Cause::Io(e),
         })?;
         // Best effort: a request still goes through with Nagle on, only slower.
         let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    /// The TLS handshake on a connected `tcp`.
+    async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, Failed> {
         self.tls
             .connect(self.server_name.clone(), tcp)
             .await
@@ -311,11 +321,19 @@ impl Dialer {
             addr,
             ..self.clone()
         };
-        match tokio::time::timeout(limit, dialer.tls()).await {
-            Err(_) => Err(format!("{addr}: connect timed out")),
-            Ok(Err(failed)) if failed.kind == Failure::Connect => {
-                Err(format!("{addr}: {}", failed.message()))
-            }
+        let deadline = tokio::time::Instant::now() + limit;
+        let tcp = match tokio::time::timeout_at(deadline, dialer.connect()).await {
+            Err(_) => return Err(format!("{addr}: connect timed out")),
+            Ok(Err(failed)) => return Err(format!("{addr}: {}", failed.message())),
+            Ok(Ok(tcp)) => tcp,
+        };
+        // A server that takes the TCP connection but never finishes the handshake (a port
+        // forwarded to nothing, a TLS terminator whose backend is down) is unreachable too,
+        // and said to be so.
+        match tokio::time::timeout_at(deadline, dialer.handshake(tcp)).await {
+            Err(_) => Err(format!(
+                "{addr}: the TLS handshake timed out (the TCP connection was accepted)"
+            )),
             Ok(Err(_)) => Ok(()),
             Ok(Ok(mut tls)) => {
                 let _ = tokio::time::timeout(limit, tls.shutdown()).await;
