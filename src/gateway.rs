@@ -358,7 +358,12 @@ impl Gateway {
         };
         self.audit
             .refused_head(client, head.status.as_u16(), head.reason);
-        // A refused HTTP/1.1 head ends its connection anyway: asking it to close is harmless.
+        // Only the client's faults (4xx), as for the request path: a 501 for a coding the
+        // gateway does not take is not one. A refused HTTP/1.1 head ends its connection anyway:
+        // asking it to close is harmless.
+        if !head.status.is_client_error() {
+            return None;
+        }
         self.hold_refusal(conn, true)
     }
 

@@ -32,6 +32,8 @@ pub struct ConnInfo {
     tls: Arc<Reloadable<ListenerTls>>,
     /// The request path asked for the connection to end (see [`ConnInfo::request_close`]).
     close_requested: std::sync::atomic::AtomicBool,
+    /// The HTTP/2 connection's task, woken when the request path asks it to close.
+    close_waker: futures_util::task::AtomicWaker,
     /// The connection's place in its certificate's count, given back when the last holder of
     /// this info ends: the connection, and each of its requests (an HTTP/2 request runs in a
     /// task of its own, which outlives a connection the client closed).
@@ -51,22 +53,38 @@ impl ConnInfo {
             client,
             tls,
             close_requested: std::sync::atomic::AtomicBool::new(false),
+            close_waker: futures_util::task::AtomicWaker::new(),
             _counted: counted,
         }
     }
 
-    /// Asks an HTTP/2 connection to end gracefully: a GOAWAY within a second (no new streams;
-    /// those open finish). The request path asks it of a client whose refusals are over their
-    /// budget, so that holding each refused stream is not undone by opening more streams.
-    /// (HTTP/1.1 needs no such thing: a held answer holds its connection.)
+    /// Asks an HTTP/2 connection to end gracefully: a GOAWAY at once (no new streams; those
+    /// open finish). The request path asks it of a client whose refusals are over their
+    /// budget, so that holding each refused stream is not undone by opening more streams, or
+    /// by resetting each held stream and sending the next. (HTTP/1.1 needs no such thing: a
+    /// held answer holds its connection.)
     pub fn request_close(&self) {
         self.close_requested
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.close_waker.wake();
     }
 
     fn close_requested(&self) -> bool {
         self.close_requested
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Ready once [`request_close`](Self::request_close) has been called: the HTTP/2
+    /// connection's task waits on it beside its streams.
+    fn close_asked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.close_requested() {
+            return std::task::Poll::Ready(());
+        }
+        self.close_waker.register(cx.waker());
+        match self.close_requested() {
+            true => std::task::Poll::Ready(()),
+            false => std::task::Poll::Pending,
+        }
     }
 
     /// Whether the listener would still accept the client certificate this connection was
@@ -618,6 +636,7 @@ async fn serve_h2<H, Fut, B>(
     let handler = shared.handler.clone();
     let activity = crate::h2watch::Activity::new();
     let streams = activity.clone();
+    let draining = shared.draining.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         // Open from now until its response body is done.
         let stream = streams.opened();
@@ -641,7 +660,7 @@ async fn serve_h2<H, Fut, B>(
                         },
                     )
                 });
-                Err((problem.status(), hold))
+                Err((problem.status(), hold.map(|hold| (hold, draining.clone()))))
             }
             // Its own task: hyper drops a stream's future when the client resets the stream,
             // and a request already forwarded must still get its outcome record (as over
@@ -666,8 +685,12 @@ async fn serve_h2<H, Fut, B>(
                     Err(_) => Ok(bare(StatusCode::INTERNAL_SERVER_ERROR)),
                 },
                 Err((status, hold)) => {
-                    if let Some(hold) = hold {
-                        tokio::time::sleep(hold).await;
+                    if let Some((hold, draining)) = hold {
+                        // Cut short when the listener drains, as HTTP/1.1's is at shutdown.
+                        tokio::select! {
+                            _ = tokio::time::sleep(hold) => {}
+                            _ = draining.cancelled() => {}
+                        }
                     }
                     Ok(bare(status))
                 }
@@ -692,15 +715,16 @@ async fn serve_h2<H, Fut, B>(
                 conn.as_mut().graceful_shutdown();
                 goaway_sent = true;
             }
+            () = std::future::poll_fn(|cx| conn_info.close_asked(cx)), if !goaway_sent => {
+                // The request path asked (a client over its refusal budget): no new streams;
+                // those open finish. At once: a client resetting each held stream and sending
+                // the next would have its refusals answered and audited at will until then.
+                tracing::debug!(listener = name, %remote, "HTTP/2 connection asked to close; GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                goaway_sent = true;
+                give_up = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
+            }
             _ = check.tick() => {
-                if conn_info.close_requested() && !goaway_sent {
-                    // The request path asked (a client over its refusal budget): no new
-                    // streams; those open finish.
-                    tracing::debug!(listener = name, %remote, "HTTP/2 connection asked to close; GOAWAY");
-                    conn.as_mut().graceful_shutdown();
-                    goaway_sent = true;
-                    give_up = Some(tokio::time::Instant::now() + H2_CLOSE_LIMIT);
-                }
                 let verdict = activity.check(idle_limit, send_limit);
                 if verdict != crate::h2watch::Verdict::Stalled {
                     all_stalled_since = None;
