@@ -623,7 +623,7 @@ fn result_name(rc: u32) -> &'static str {
 
 /// One entry of a search answer, read from its BER (RFC 4511 §4.5.2, SearchResultEntry), with
 /// every block of an attribute kept: its values are merged under the attribute's name,
-/// lowercased. slapd answers an attribute in two blocks when an entry was loaded with it under
+/// lowercased and without options (`;lang-en`). slapd answers an attribute in two blocks when an entry was loaded with it under
 /// both its name and its OID; ldap3's `SearchEntry::construct` keeps only the last block, so a
 /// second endpoint, handler interaction or ASID went unseen (and the rules for several values
 /// never applied), and it panics on a malformed entry. `None` when the entry is malformed.
@@ -634,8 +634,13 @@ fn entry_of(raw: ldap3::asn1::StructureTag) -> Option<SearchEntry> {
     let mut bin_attrs: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
     for attribute in parts.next()?.expect_constructed()? {
         let mut attribute = attribute.expect_constructed()?.into_iter();
-        let name = String::from_utf8(attribute.next()?.expect_primitive()?)
-            .ok()?
+        // An attribute description with options (`nhsMHSEndPoint;lang-en`) is a subtype of
+        // the attribute: its values are the attribute's too (RFC 4512 §2.5), as slapd counts them.
+        let description = String::from_utf8(attribute.next()?.expect_primitive()?).ok()?;
+        let name = description
+            .split(';')
+            .next()
+            .unwrap_or_default()
             .to_ascii_lowercase();
         for value in attribute.next()?.expect_constructed()? {
             match String::from_utf8(value.expect_primitive()?) {
@@ -834,6 +839,7 @@ mod tests {
                 ("nhsMhsCPAId", &[b"m"]),
                 ("nhsMHSEndPoint", &[b"https://evil.example/b"]),
                 ("NHSMHSENDPOINT", &[b"https://evil.example/c"]),
+                ("nhsMHSEndPoint;lang-en", &[b"https://evil.example/d"]),
             ],
         ))
         .expect("well formed");
@@ -843,7 +849,8 @@ mod tests {
             [
                 "https://x.example/a",
                 "https://evil.example/b",
-                "https://evil.example/c"
+                "https://evil.example/c",
+                "https://evil.example/d"
             ]
         );
         let system = entry_of(raw_entry(
