@@ -512,9 +512,9 @@ fn attribute_key(name: &str) -> String {
     let rewritten = name.starts_with(|c: char| c.is_ascii_digit())
         || name.eq_ignore_ascii_case("organizationName")
         || name.eq_ignore_ascii_case("organizationalUnitName");
-    match attribute_type(name) {
-        Some((_, names, _)) if rewritten => names[0].to_ascii_lowercase(),
-        _ => name.to_ascii_lowercase(),
+    match rewritten.then(|| attribute_type(name)).flatten() {
+        Some((_, names, _)) => names[0].to_ascii_lowercase(),
+        None => name.to_ascii_lowercase(),
     }
 }
 
@@ -835,6 +835,18 @@ pub enum ModelError {
         attribute: String,
         value: String,
     },
+    /// An attribute of an `nhsAs` or `nhsMhs` entry holds one value twice (as its equality
+    /// rule compares values): slapadd refuses the entry.
+    #[error(
+        "line {line}: entry {dn}: {attribute} holds {value:?} twice (as its equality rule \
+         compares values): slapd refuses the entry"
+    )]
+    DuplicateValue {
+        dn: String,
+        line: usize,
+        attribute: String,
+        value: String,
+    },
     /// An `nhsAs` or `nhsMhs` entry outside the search base, where an LDAP search would not
     /// find it.
     #[error(
@@ -985,6 +997,7 @@ fn build_index(records: &[Record], requestable: &Requestable) -> Result<Index, M
         let is_class = |class: &str| classes.contains(&class);
         if is_class("nhsAs") || is_class("nhsMhs") {
             check_dn(record, &base)?;
+            check_distinct_values(record)?;
         }
         match (is_class("nhsAs"), is_class("nhsMhs")) {
             (true, true) => {
@@ -1120,6 +1133,36 @@ fn check_dn(record: &Record, base: &[Vec<Ava>]) -> Result<(), ModelError> {
                 value: value.clone(),
             });
         }
+    }
+    Ok(())
+}
+
+/// No attribute of the entry holds one value twice, as its equality rule compares them
+/// (`nhsMHSEndPoint: X` twice, or `X` and `X ` with a trailing space): slapadd refuses such an
+/// entry, so an LDAP directory never answers it, and the FHIR API, one Endpoint per value,
+/// would answer it as one endpoint where this backend would count two.
+fn check_distinct_values(record: &Record) -> Result<(), ModelError> {
+    let mut seen: Vec<(&str, String)> = Vec::with_capacity(record.attributes.len());
+    for attribute in &record.attributes {
+        let Some((_, names, equality)) = attribute_type(&attribute.name) else {
+            continue;
+        };
+        if *equality == Equality::None {
+            continue;
+        }
+        let value = normalized(&attribute.value, *equality);
+        if seen
+            .iter()
+            .any(|(name, v)| *name == attribute.name && *v == value)
+        {
+            return Err(ModelError::DuplicateValue {
+                dn: record.dn.clone(),
+                line: attribute.line,
+                attribute: names[0].to_owned(),
+                value: attribute.value.clone(),
+            });
+        }
+        seen.push((&attribute.name, value));
     }
     Ok(())
 }
@@ -1919,6 +1962,53 @@ mod tests {
     /// entry with two ASIDs in slapd, which the gateway used to register as 200000000999
     /// alone), and be under `ou=services,o=nhs`, where the LDAP backend searches (it used to be
     /// used wherever it was). DNs are read as slapd reads them.
+    /// One value twice in an attribute, as its equality rule compares values (caseExact
+    /// `nhsMHSEndPoint` again with a trailing space, or by its OID; `uniqueIdentifier` again):
+    /// refused, as slapadd refuses the entry; other values, and attributes with no equality
+    /// rule, may repeat.
+    #[test]
+    fn a_value_held_twice_is_refused_as_slapd_refuses_it() {
+        let slot = format!("{GPC}fhir:rest:search:slot-1");
+        let twice = mhs_entry(
+            "ab",
+            "P-1",
+            &slot,
+            &format!("nhsMHSEndPoint: {ENDPOINT} \n"),
+        );
+        match model_err(&twice) {
+            ModelError::DuplicateValue {
+                line, attribute, ..
+            } => {
+                assert_eq!((line, attribute.as_str()), (11, "nhsMHSEndPoint"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let by_oid = mhs_entry(
+            "ab",
+            "P-1",
+            &slot,
+            &format!("1.2.826.0.1285.0.2.1.84: {ENDPOINT}\n"),
+        );
+        assert!(matches!(
+            model_err(&by_oid),
+            ModelError::DuplicateValue { .. }
+        ));
+        let asid = as_entry("200000000999", "P-1", "uniqueIdentifier: 200000000999\n");
+        assert!(matches!(
+            model_err(&asid),
+            ModelError::DuplicateValue { .. }
+        ));
+        // Two different endpoints are two values (the handler is unusable, not refused); the
+        // same endpoint in another case is another value for caseExact.
+        let two = mhs_entry(
+            "ab",
+            "P-1",
+            &slot,
+            &format!("nhsMHSEndPoint: {}\n", ENDPOINT.to_uppercase()),
+        );
+        assert!(model(&two).is_ok());
+    }
+
     #[test]
     fn dns_are_checked_as_slapd_reads_them() {
         let slot = format!("{GPC}fhir:rest:search:slot-1");
