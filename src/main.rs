@@ -278,6 +278,8 @@ fn check_config(path: &Path) -> ExitCode {
             dir: certs_dir.clone(),
             missing,
         };
+        // Everything but the certificates is still checked: one run lists every problem.
+        problems = ssp_gateway::check_without_certificates(&config);
         problems.push(format!("dev.certs_dir: {}: {partial}", certs_dir.display()));
     } else if config.dev.generate_certs
         && !ssp_gateway::tls::pki::dev_certs_present(&config.dev.certs_dir)

@@ -612,8 +612,8 @@ async fn every_rejection_answers_its_token_and_reaches_no_provider() {
         .as_str()
         .unwrap_or_default()
         .starts_with("INVALID_JWT_"));
-    // A claim twice: a reader keeping the first would see a write scope where the gateway
-    // (keeping the last, as RFC 7519 allows) saw a read one.
+    // A claim twice: a reader keeping the first would see a write scope, one keeping the last
+    // (as RFC 7519 allows) a read one. Refused, never forwarded.
     let twice = {
         use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
         let mut payload = ssp_gateway::ssp::jwt::dev_claims(

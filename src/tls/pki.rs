@@ -69,7 +69,7 @@ pub enum PkiError {
     #[error(
         "incomplete development PKI, missing {}; run `ssp-gateway dev-certs --out {} --force` to regenerate all of it",
         missing.join(", "),
-        dir.display()
+        shell_word(dir)
     )]
     PartialSet {
         /// The directory.
@@ -497,6 +497,20 @@ impl fmt::Display for DevCertsReport {
 /// Whether every file of the development world exists in `dir`, the audit chain key included.
 pub fn dev_certs_present(dir: &Path) -> bool {
     dev_cert_files().iter().all(|f| dir.join(f).is_file()) && dir.join(DEV_AUDIT_KEY).is_file()
+}
+
+/// `path` as one word of a shell command to paste: as it is when it holds only letters,
+/// digits and `/._-`, else single-quoted.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    if !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+    {
+        return text;
+    }
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// The development certificate and key files missing from `dir` (the audit key aside, which
@@ -989,6 +1003,15 @@ pub(crate) mod tests {
         }
         fs::remove_file(&dangling).expect("remove");
 
+        // The regeneration command in the error is pasteable as one shell word.
+        assert_eq!(
+            shell_word(Path::new("/etc/ssp/certs-dev")),
+            "/etc/ssp/certs-dev"
+        );
+        assert_eq!(
+            shell_word(Path::new("/my certs/it's")),
+            r"'/my certs/it'\''s'"
+        );
         // A partial set is an error naming what is missing, and nothing is rewritten.
         fs::remove_file(dir.join("rogue-key.pem")).expect("remove");
         match write_dev_certs(&dir, false) {
