@@ -853,8 +853,10 @@ pub fn device_with_asid(bundle: &Value, asid: &str, ods: &str) -> Result<DeviceM
 /// API sends one Endpoint per `nhsMHSEndPoint` value: Endpoints with the same `nhsMHSId` make
 /// one record, so they must agree on all else the record holds (an MHS record has one
 /// interaction, FQDN and CPA id: the LDAP backend refuses a record with two; the party key and
-/// ODS code already agree, as the join compares them), and the same address twice is one
-/// value (an LDAP attribute holds a value once).
+/// ODS code already agree, as the join compares them). Endpoints of one id are not told apart
+/// from two entries of one id (the API says nothing of the entry): the same address twice is
+/// two values, an unusable handler, as the LDAP backend finds two handlers unusable; two
+/// interactions under one id are refused, where the LDAP backend would take two entries.
 pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRecord>, String> {
     let join = JoinKey::new(party_key, ods);
     let mut records: Vec<MhsRecord> = Vec::new();
@@ -928,9 +930,10 @@ pub fn endpoints(bundle: &Value, party_key: &str, ods: &str) -> Result<Vec<MhsRe
                     printable(&id, 80)
                 ));
             }
-            if !record.endpoints.contains(&address) {
-                record.endpoints.push(address);
-            }
+            // The same address twice is two values, as LDAP answers it: slapd refuses one
+            // entry holding a value twice, so the API can only have read it from two entries of
+            // one id, which the LDAP backend finds to be two handlers (unusable either way).
+            record.endpoints.push(address);
             continue;
         }
         records.push(MhsRecord {
@@ -1479,8 +1482,9 @@ mod tests {
     }
 
     /// Endpoints with one `nhsMHSId` are one MHS record: they must agree on its interaction,
-    /// FQDN and CPA id (else the answer is refused, as the LDAP backend
-    /// refuses a record with two values of one), and the same address twice is one endpoint.
+    /// FQDN and CPA id (else the answer is refused, as the LDAP backend refuses a record with
+    /// two values of one), and the same address twice is two values (unusable), as LDAP
+    /// answers two entries of one id.
     /// Before, Endpoints of one id with two interactions made two usable handlers, and the
     /// gateway forwarded to the second's address.
     #[test]
@@ -1492,7 +1496,7 @@ mod tests {
         ]);
         let records = endpoints(&twice, "B82617-0000806", "B82617").expect("one record");
         assert_eq!(records.len(), 1);
-        assert_eq!(records[0].endpoints, [address]);
+        assert_eq!(records[0].endpoints, [address, address]);
         let two = bundle(vec![
             endpoint("aaa", SLOT, address),
             endpoint("aaa", SLOT, "https://localhost:9443/other"),

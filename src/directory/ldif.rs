@@ -690,7 +690,7 @@ fn dn_value(text: &str) -> Result<(String, &str), String> {
 /// inner ones taken as one), case folded for [`Equality::IgnoreCase`].
 fn normalized(value: &str, equality: Equality) -> String {
     let spaced = value
-        .split(' ')
+        .split(super::is_insignificant_space)
         .filter(|w| !w.is_empty())
         .collect::<Vec<_>>()
         .join(" ");

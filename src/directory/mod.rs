@@ -114,10 +114,22 @@ pub struct MhsRecord {
     pub cpa_id: String,
 }
 
-/// A directory value as every backend uses it: without leading or trailing white space (LDAP's
-/// matching ignores it, so a filter matches a value stored with a trailing space).
+/// A directory value as every backend uses it: without the leading or trailing spaces LDAP's
+/// matching ignores (a filter matches a value stored with a trailing space), and no others.
+/// slapd ignores a space, a no-break space and the other spaces of [`is_insignificant_space`],
+/// but not a tab, a line or paragraph separator or an Ogham space mark (measured with
+/// `ldapsearch`): a party key ending in a tab is another party key there, so it is here too.
 pub fn trim_value(value: &str) -> &str {
-    value.trim()
+    value.trim_matches(is_insignificant_space)
+}
+
+/// The space characters slapd's matching ignores at the ends of a value and takes as one space
+/// inside it: U+0020, U+00A0, U+2000 to U+200A, U+202F, U+205F and U+3000.
+pub fn is_insignificant_space(c: char) -> bool {
+    matches!(
+        c,
+        ' ' | '\u{a0}' | '\u{2000}'..='\u{200a}' | '\u{202f}' | '\u{205f}' | '\u{3000}'
+    )
 }
 
 /// An MHS record's FQDN from its `nhsMhsFQDN` values, as every backend reads it: exactly one,
@@ -621,6 +633,31 @@ mod tests {
     const SLOT: &str = "urn:nhs:names:services:gpconnect:fhir:rest:search:slot-1";
     const MCCI: &str = "urn:nhs:names:services:psis:MCCI_IN010000UK13";
     const ENDPOINT: &str = "https://localhost:9443/B82617/STU3/1/gpconnect";
+
+    /// Only the spaces slapd's matching ignores are trimmed: a value ending in a tab (or a line
+    /// separator, or an Ogham space mark) is another value there, so it is here too. Before,
+    /// every Unicode white space was trimmed, and the LDIF backend joined a handler whose party
+    /// key ends in a tab to a party slapd never joins it to.
+    #[test]
+    fn only_the_spaces_ldap_ignores_are_trimmed() {
+        for ignored in [
+            " ", "\u{a0}", "\u{2000}", "\u{2009}", "\u{200a}", "\u{202f}", "\u{205f}", "\u{3000}",
+        ] {
+            assert_eq!(
+                trim_value(&format!("{ignored}B82617-1{ignored}")),
+                "B82617-1",
+                "{ignored:?}"
+            );
+        }
+        for kept in [
+            "\t", "\n", "\u{b}", "\u{c}", "\r", "\u{85}", "\u{1680}", "\u{2028}", "\u{2029}",
+            "\u{200b}",
+        ] {
+            let value = format!("B82617-1{kept}");
+            assert_eq!(trim_value(&value), value, "{kept:?}");
+        }
+        assert_eq!(trim_value(" \u{a0} "), "");
+    }
 
     fn record(id: &str, interaction: &str, fqdn: &str) -> MhsRecord {
         MhsRecord {
