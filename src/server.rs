@@ -281,10 +281,17 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// An HTTP/2 request stopped when the grace period ran out (hyper resets its stream).
+/// Why an HTTP/2 stream is reset rather than answered (hyper resets it with the reason of the
+/// `h2::Error` among the error's sources, else INTERNAL_ERROR).
 #[derive(Debug, thiserror::Error)]
-#[error("stopped at the end of the shutdown grace period")]
-struct StoppedAtShutdown;
+enum StreamEnd {
+    /// A request stopped when the grace period ran out.
+    #[error("stopped at the end of the shutdown grace period")]
+    StoppedAtShutdown,
+    /// A stream opened after the connection was sent a GOAWAY for its client's refusals.
+    #[error("a stream opened after the GOAWAY for the client's refusals")]
+    NotTaken(#[source] h2::Error),
+}
 
 /// The size of an HTTP/2 request's header list as RFC 9113 §6.5.2 counts it (each field's
 /// name and value, and 32 bytes), pseudo-header fields included.
@@ -650,6 +657,12 @@ async fn serve_h2<H, Fut, B>(
                 h2_authority_problem(&req).map(crate::h1::HeadError::Host)
             };
         let task = match refused {
+            // The connection was sent a GOAWAY for its client's refusals (over their budget),
+            // and the client goes on opening streams (h2's graceful GOAWAY admits them until
+            // the client answers its PING, which a hostile one never does): each is reset
+            // with REFUSED_STREAM (nothing was done; a client may send it again on a new
+            // connection), neither run, answered nor audited.
+            _ if info.close_requested() => Err(None),
             Some(problem) => {
                 let hold = on_refused.as_ref().and_then(|tell| {
                     tell(
@@ -660,7 +673,10 @@ async fn serve_h2<H, Fut, B>(
                         },
                     )
                 });
-                Err((problem.status(), hold.map(|hold| (hold, draining.clone()))))
+                Err(Some((
+                    problem.status(),
+                    hold.map(|hold| (hold, draining.clone())),
+                )))
             }
             // Its own task: hyper drops a stream's future when the client resets the stream,
             // and a request already forwarded must still get its outcome record (as over
@@ -680,11 +696,12 @@ async fn serve_h2<H, Fut, B>(
                     // Stopped at the end of the grace period: the stream is reset, as an
                     // HTTP/1.1 request's connection is closed; its outcome record says it did
                     // not complete, with no status.
-                    Ok(None) => Err(StoppedAtShutdown),
+                    Ok(None) => Err(StreamEnd::StoppedAtShutdown),
                     // A handler never panics; if one did, its stream gets a 500.
                     Err(_) => Ok(bare(StatusCode::INTERNAL_SERVER_ERROR)),
                 },
-                Err((status, hold)) => {
+                Err(None) => Err(StreamEnd::NotTaken(h2::Reason::REFUSED_STREAM.into())),
+                Err(Some((status, hold))) => {
                     if let Some((hold, draining)) = hold {
                         // Cut short when the listener drains, as HTTP/1.1's is at shutdown.
                         tokio::select! {
