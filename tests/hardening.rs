@@ -1014,15 +1014,9 @@ async fn an_http2_client_over_its_refusal_budget_is_sent_a_goaway() {
                 req = req.header(name, value);
             }
         }
-        sender = sender.ready().await.expect("ready");
-        let (resp, _) = sender
-            .send_request(req.body(()).expect("request"), true)
-            .expect("sent");
-        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
-            .await
-            .expect("answered")
-            .expect("response");
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let status;
+        (sender, status) = h2_status(sender, req.body(()).expect("request")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
     // The second was over the budget: held, and the connection ends.
     let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
@@ -1031,6 +1025,61 @@ async fn an_http2_client_over_its_refusal_budget_is_sent_a_goaway() {
     assert_eq!(sample(&text, "ssp_refusals_held_total"), Some(1.0));
     // A new connection is served.
     assert_eq!(h.consumer_metadata().await.status, StatusCode::OK);
+    h.stop().await;
+}
+
+/// A stream the client opens after the refusal that took it over its budget (and got the
+/// connection its GOAWAY) is reset with REFUSED_STREAM, neither run, answered nor audited:
+/// h2's graceful GOAWAY admits streams until the client answers its PING, and a client that
+/// never did could go on making refusals and audit records at will.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_after_the_refusal_goaway_are_refused_unseen() {
+    let h = start_with_recorder(
+        World::ecdsa(),
+        Behaviour::Echo,
+        GatewayOptions {
+            rate_limit: "refusals_per_second = 1\nrefusal_burst = 1\nreject_delay = \"2s\"",
+            ..Default::default()
+        },
+    )
+    .await;
+    let other_host = || {
+        let (mut req, _) = h2_metadata(&h);
+        req.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("evil.example"),
+        );
+        req
+    };
+    let (sender, _conn) = h2_consumer(&h).await;
+    let (sender, status) = h2_status(sender, other_host()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "within the budget");
+    // Over it: held (2 s), and the next stream, sent before any GOAWAY can arrive, is refused.
+    let mut sender = sender.ready().await.expect("ready");
+    let (held, _) = sender.send_request(other_host(), true).expect("sent");
+    let mut sender = sender.ready().await.expect("ready");
+    let (after, _) = sender.send_request(h2_metadata(&h).0, true).expect("sent");
+    let after = tokio::time::timeout(Duration::from_secs(20), after)
+        .await
+        .expect("answered");
+    let reason = after.expect_err("reset, not answered").reason();
+    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM));
+    let held = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("answered")
+        .expect("response");
+    assert_eq!(held.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(h.recorder.seen(), 0, "the refused stream was not run");
+    wait_until("both refusals audited", || {
+        audit_records(&h.audit_dir)
+            .into_iter()
+            .filter(|r| r["token"] == "REQUEST_HEAD_REFUSED_HOST")
+            .count()
+            == 2
+    })
+    .await;
+    let records = audit_records(&h.audit_dir);
+    assert_eq!(records.len(), 2, "only the two refusals: {records:?}");
     h.stop().await;
 }
 
@@ -1056,13 +1105,9 @@ async fn refused_heads_count_against_the_refusal_budget() {
             http::header::HOST,
             http::HeaderValue::from_static("evil.example"),
         );
-        sender = sender.ready().await.expect("ready");
-        let (resp, _) = sender.send_request(other_host, true).expect("sent");
-        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
-            .await
-            .expect("answered")
-            .expect("response");
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let status;
+        (sender, status) = h2_status(sender, other_host).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
     // The second was over the budget: held, and the connection ends.
     let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
@@ -1132,13 +1177,9 @@ async fn an_http2_goaway_for_the_refusal_budget_lets_open_streams_finish() {
             "ssp-interactionid",
             http::HeaderValue::from_static("urn:not:an:interaction"),
         );
-        sender = sender.ready().await.expect("ready");
-        let (resp, _) = sender.send_request(req, true).expect("sent");
-        let resp = tokio::time::timeout(Duration::from_secs(20), resp)
-            .await
-            .expect("answered")
-            .expect("response");
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let status;
+        (sender, status) = h2_status(sender, req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
     // Past the GOAWAY's close limit (5 s, checked every second), the held stream is still open.
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -1857,6 +1898,20 @@ async fn big_answers_with_a_short_send_timeout(size: usize) -> Harness {
 }
 
 /// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
+/// Sends `req` (no body) when `sender` is ready: the sender back, and the answer's status.
+async fn h2_status(
+    sender: h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+) -> (h2::client::SendRequest<bytes::Bytes>, StatusCode) {
+    let mut sender = sender.ready().await.expect("ready");
+    let (resp, _) = sender.send_request(req, true).expect("sent");
+    let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+        .await
+        .expect("answered")
+        .expect("response");
+    (sender, resp.status())
+}
+
 fn h2_metadata(h: &Harness) -> (http::Request<()>, String) {
     let built = Gpc::new(
         Method::GET,
