@@ -792,6 +792,33 @@ fn interaction_ids(resource: &Value) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// Whether `device` has `asid` among its ASID identifiers. One of them that is not a string
+/// is an error only when its JSON text is `asid` (the Device looked for, malformed): a
+/// malformed Device of another ASID does not stop the lookup of the organisation's others.
+/// The Device found is read strictly after this ([`one_identifier`]).
+fn names_asid(device: &Value, asid: &str) -> Result<bool, String> {
+    let Some(ids) = device.get("identifier").and_then(Value::as_array) else {
+        return Ok(false);
+    };
+    for id in ids
+        .iter()
+        .filter(|id| id.get("system").and_then(Value::as_str) == Some(ASID_SYSTEM))
+    {
+        match id.get("value") {
+            Some(Value::String(value)) if trim_value(value) == asid => return Ok(true),
+            Some(Value::String(_)) | None => {}
+            Some(other) if trim_value(&other.to_string()) == asid => {
+                return Err(format!(
+                    "{}: an identifier {ASID_SYSTEM} whose value is not a string",
+                    label(device)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(false)
+}
+
 /// What a `/Device` Bundle says of an ASID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceMatch {
@@ -809,10 +836,7 @@ pub fn device_with_asid(bundle: &Value, asid: &str, ods: &str) -> Result<DeviceM
     let mut found = Vec::new();
     let mut inactive = false;
     for device in resources(bundle, "Device")? {
-        if !identifiers(device, ASID_SYSTEM)?
-            .iter()
-            .any(|id| trim_value(id) == asid)
-        {
+        if !names_asid(device, asid)? {
             continue;
         }
         // The API sends no status; a Device that says it is not active is not a registration.
@@ -1613,8 +1637,20 @@ mod tests {
             .as_array_mut()
             .expect("identifiers")
             .push(json!({ "system": ASID_SYSTEM, "value": 918999198994u64 }));
-        let e = device_with_asid(&bundle(vec![d]), "918999198993", "B82617").unwrap_err();
+        let e = device_with_asid(&bundle(vec![d.clone()]), "918999198993", "B82617").unwrap_err();
         assert!(e.contains("not a string"), "{e}");
+        // Only the numeric ASID: the Device looked for, malformed.
+        let mut only_number = device("918999198993", "B82617-0000806", &[SLOT]);
+        only_number["identifier"][0]["value"] = json!(918999198993u64);
+        let b = bundle(vec![only_number.clone()]);
+        let e = device_with_asid(&b, "918999198993", "B82617").unwrap_err();
+        assert!(e.contains("not a string"), "{e}");
+        // Another ASID's malformed Device does not stop the lookup of this one.
+        let b = bundle(vec![only_number, device("111", "B82617-1", &[SLOT])]);
+        assert!(matches!(
+            device_with_asid(&b, "111", "B82617"),
+            Ok(DeviceMatch::Active(_))
+        ));
         let mut e = endpoint("aaa", SLOT, "https://localhost:9443/x");
         e["identifier"][0]["value"] = json!(["localhost"]);
         let refused = endpoints(&bundle(vec![e]), "B82617-0000806", "B82617").unwrap_err();
