@@ -617,14 +617,15 @@ fn diagnostics(body: &[u8]) -> Option<String> {
 /// characters, control characters escaped (`\n`, `\u{1b}`), so that a hostile answer cannot
 /// start a log line of its own or drive a terminal.
 fn printable(text: &str, max: usize) -> String {
-    text.chars()
-        .take(max)
-        .flat_map(|c| {
-            let escaped = c.is_control().then(|| c.escape_debug());
-            let plain = (!c.is_control()).then_some(c);
-            escaped.into_iter().flatten().chain(plain)
-        })
-        .collect()
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars().take(max) {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -727,25 +728,40 @@ fn clean(resource: &Value, what: &str, value: &str) -> Result<String, String> {
 
 /// The values of `resource.identifier[]` with `system`; one that is not a string is an error
 /// (never skipped: a second ASID written as a number is still a second ASID).
-fn identifiers<'r>(resource: &'r Value, system: &str) -> Result<Vec<&'r str>, String> {
-    let Some(ids) = resource.get("identifier").and_then(Value::as_array) else {
-        return Ok(Vec::new());
-    };
-    ids.iter()
-        .filter(|id| id.get("system").and_then(Value::as_str) == Some(system))
-        .map(|id| {
-            id.get("value").and_then(Value::as_str).ok_or_else(|| {
-                format!(
-                    "{}: an identifier {system} whose value is not a string",
-                    label(resource)
-                )
-            })
+fn identifiers<'r>(resource: &'r Value, system: &'static str) -> Result<Vec<&'r str>, String> {
+    identifier_values(resource, system)
+        .map(|value| {
+            value
+                .and_then(Value::as_str)
+                .ok_or_else(|| not_a_string(resource, system))
         })
         .collect()
 }
 
+/// The `value` of each of `resource.identifier[]` with `system`, as it is (`None`: absent).
+fn identifier_values<'r>(
+    resource: &'r Value,
+    system: &'static str,
+) -> impl Iterator<Item = Option<&'r Value>> + 'r {
+    resource
+        .get("identifier")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(move |id| id.get("system").and_then(Value::as_str) == Some(system))
+        .map(|id| id.get("value"))
+}
+
+/// The error for an identifier of `system` on `resource` whose value is not a string.
+fn not_a_string(resource: &Value, system: &str) -> String {
+    format!(
+        "{}: an identifier {system} whose value is not a string",
+        label(resource)
+    )
+}
+
 /// Exactly one identifier with `system`.
-fn one_identifier(resource: &Value, system: &str) -> Result<String, String> {
+fn one_identifier(resource: &Value, system: &'static str) -> Result<String, String> {
     match identifiers(resource, system)?.as_slice() {
         [value] => clean(resource, system, value),
         [] => Err(format!("{}: no identifier {system}", label(resource))),
@@ -797,21 +813,12 @@ fn interaction_ids(resource: &Value) -> Result<Vec<String>, String> {
 /// malformed Device of another ASID does not stop the lookup of the organisation's others.
 /// The Device found is read strictly after this ([`one_identifier`]).
 fn names_asid(device: &Value, asid: &str) -> Result<bool, String> {
-    let Some(ids) = device.get("identifier").and_then(Value::as_array) else {
-        return Ok(false);
-    };
-    for id in ids
-        .iter()
-        .filter(|id| id.get("system").and_then(Value::as_str) == Some(ASID_SYSTEM))
-    {
-        match id.get("value") {
+    for value in identifier_values(device, ASID_SYSTEM) {
+        match value {
             Some(Value::String(value)) if trim_value(value) == asid => return Ok(true),
             Some(Value::String(_)) | None => {}
             Some(other) if trim_value(&other.to_string()) == asid => {
-                return Err(format!(
-                    "{}: an identifier {ASID_SYSTEM} whose value is not a string",
-                    label(device)
-                ))
+                return Err(not_a_string(device, ASID_SYSTEM))
             }
             Some(_) => {}
         }

@@ -496,7 +496,7 @@ impl fmt::Display for DevCertsReport {
 
 /// Whether every file of the development world exists in `dir`, the audit chain key included.
 pub fn dev_certs_present(dir: &Path) -> bool {
-    dev_cert_files().iter().all(|f| dir.join(f).is_file()) && dir.join(DEV_AUDIT_KEY).is_file()
+    missing_dev_certs(dir).is_empty() && dir.join(DEV_AUDIT_KEY).is_file()
 }
 
 /// `path` as one word of a shell command to paste: as it is when it holds only letters,
