@@ -340,9 +340,10 @@ impl Gateway {
 
     /// A request head refused before any handler saw it (`server::RefusedHead`): counted in
     /// `ssp_http_refused_heads_total`, audited as `REQUEST_HEAD_REFUSED_<REASON>`, and within
-    /// the same refusal budget as the request path's own refusals, so that neither an HTTP/2
-    /// connection's streams nor new connections make audit records and answers at will. Returns
-    /// how long to hold the answer.
+    /// the same refusal budget as the request path's own refusals: past it the answer is held
+    /// and an HTTP/2 connection is closed (its later streams refused unseen), so a client's
+    /// refused heads cost it a held answer per connection, or a new connection. Returns how
+    /// long to hold the answer.
     pub fn refused_head(
         &self,
         conn: &ConnInfo,
