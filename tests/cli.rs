@@ -21,6 +21,23 @@ fn copy_config(ports: Option<(u16, u16, u16)>) -> (PathBuf, PathBuf) {
     (root, config)
 }
 
+/// `ssp-gateway dev-certs --out DIR`, run.
+fn dev_certs_into(dir: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["dev-certs", "--out"])
+        .arg(dir)
+        .output()
+        .expect("dev-certs")
+}
+
+/// The development PKI made in `root/certs-dev`, where the shipped config copied under `root`
+/// looks for it.
+fn dev_certs_beside(root: &Path) -> PathBuf {
+    let certs = root.join("certs-dev");
+    assert!(dev_certs_into(&certs).status.success());
+    certs
+}
+
 #[test]
 fn dev_certs_writes_the_development_pki_once() {
     let out = scratch_dir("devcerts").join("certs");
@@ -87,13 +104,7 @@ fn dev_certs_writes_the_development_pki_once() {
 #[test]
 fn a_partial_development_pki_is_a_problem_for_check_config_and_dev_certs() {
     let (root, config) = copy_config(None);
-    let certs = root.join("certs-dev");
-    let made = Command::new(BIN)
-        .args(["dev-certs", "--out"])
-        .arg(&certs)
-        .output()
-        .expect("dev-certs");
-    assert!(made.status.success());
+    let certs = dev_certs_beside(&root);
     std::fs::remove_file(certs.join("consumer.pem")).expect("remove");
     let check = Command::new(BIN)
         .args(["check-config", "--config"])
@@ -106,11 +117,7 @@ fn a_partial_development_pki_is_a_problem_for_check_config_and_dev_certs() {
         err.contains("dev.certs_dir: ") && err.contains("missing consumer.pem"),
         "{err}"
     );
-    let again = Command::new(BIN)
-        .args(["dev-certs", "--out"])
-        .arg(&certs)
-        .output()
-        .expect("dev-certs");
+    let again = dev_certs_into(&certs);
     let err = String::from_utf8_lossy(&again.stderr);
     assert_eq!(again.status.code(), Some(1), "{err}");
     let dir = certs.display().to_string();
@@ -159,12 +166,7 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
         assert!(report.contains(expected), "{expected} not in:\n{report}");
     }
 
-    let made = Command::new(BIN)
-        .args(["dev-certs", "--out"])
-        .arg(&certs)
-        .output()
-        .expect("dev-certs");
-    assert!(made.status.success());
+    assert!(dev_certs_into(&certs).status.success());
     let ok = Command::new(BIN)
         .arg("check-config")
         .arg("--config")
@@ -240,12 +242,7 @@ fn check_config_passes_the_shipped_config_and_lists_every_problem() {
 fn check_config_and_run_name_the_key_and_file_of_every_bad_file() {
     let (gw, admin, mock) = (free_port(), free_port(), free_port());
     let (root, config) = copy_config(Some((gw, admin, mock)));
-    let made = Command::new(BIN)
-        .args(["dev-certs", "--out"])
-        .arg(root.join("certs-dev"))
-        .output()
-        .expect("dev-certs");
-    assert!(made.status.success());
+    dev_certs_beside(&root);
     let bad = root.join("bad");
     std::fs::create_dir_all(&bad).expect("mkdir");
     let not_a_crl = bad.join("not-a-crl.pem");
@@ -427,13 +424,7 @@ async fn metadata_via(certs: &Path, gw: u16, mock: u16) -> Answer {
 #[test]
 fn check_config_warns_of_what_would_not_serve_well() {
     let (root, config) = copy_config(None);
-    let certs = root.join("certs-dev");
-    let made = Command::new(BIN)
-        .args(["dev-certs", "--out"])
-        .arg(&certs)
-        .output()
-        .expect("dev-certs");
-    assert!(made.status.success());
+    let certs = dev_certs_beside(&root);
     let check = |config: &std::path::Path| {
         let out = Command::new(BIN)
             .arg("check-config")

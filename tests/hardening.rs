@@ -1043,22 +1043,23 @@ async fn streams_after_the_refusal_goaway_are_refused_unseen() {
         },
     )
     .await;
-    let other_host = || {
-        let (mut req, _) = h2_metadata(&h);
-        req.headers_mut().insert(
-            http::header::HOST,
-            http::HeaderValue::from_static("evil.example"),
-        );
-        req
-    };
-    let (sender, _conn) = h2_consumer(&h).await;
-    let (sender, status) = h2_status(sender, other_host()).await;
+    // A second connection, ready first (so that the refill of the budget, one a second, does
+    // not come between the two refusals) and not polled yet.
+    let client = h.world.client_with(&h.world.consumer, h.gateway, true);
+    let (sender, conn) = h2::client::handshake(h2_tls(&client).await)
+        .await
+        .expect("h2 handshake");
+    let (first, _first_conn) = h2_consumer(&h).await;
+    let (_, status) = h2_status(first, h2_other_host(&h)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "within the budget");
-    // Over it: held (2 s), and the next stream, sent before any GOAWAY can arrive, is refused.
+    // Over it, on the second connection: the refusal that takes the certificate over its
+    // budget (held 2 s) and the next stream, both queued before the connection is first
+    // polled, so that they reach the gateway in one write, before it can send any GOAWAY.
     let mut sender = sender.ready().await.expect("ready");
-    let (held, _) = sender.send_request(other_host(), true).expect("sent");
+    let (held, _) = sender.send_request(h2_other_host(&h), true).expect("sent");
     let mut sender = sender.ready().await.expect("ready");
     let (after, _) = sender.send_request(h2_metadata(&h).0, true).expect("sent");
+    let _conn = tokio::spawn(conn);
     let after = tokio::time::timeout(Duration::from_secs(20), after)
         .await
         .expect("answered");
@@ -1100,13 +1101,8 @@ async fn refused_heads_count_against_the_refusal_budget() {
     .await;
     let (mut sender, conn) = h2_consumer(&h).await;
     for _ in 0..2 {
-        let (mut other_host, _) = h2_metadata(&h);
-        other_host.headers_mut().insert(
-            http::header::HOST,
-            http::HeaderValue::from_static("evil.example"),
-        );
         let status;
-        (sender, status) = h2_status(sender, other_host).await;
+        (sender, status) = h2_status(sender, h2_other_host(&h)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
     // The second was over the budget: held, and the connection ends.
@@ -1824,12 +1820,7 @@ async fn http2_authority_and_host_are_checked() {
                 .status()
         }
     };
-    let (mut other_host, _) = h2_metadata(&h);
-    other_host.headers_mut().insert(
-        http::header::HOST,
-        http::HeaderValue::from_static("evil.example"),
-    );
-    assert_eq!(status(other_host).await, StatusCode::BAD_REQUEST);
+    assert_eq!(status(h2_other_host(&h)).await, StatusCode::BAD_REQUEST);
     let (mut userinfo, _) = h2_metadata(&h);
     let uri = userinfo
         .uri()
@@ -1897,7 +1888,6 @@ async fn big_answers_with_a_short_send_timeout(size: usize) -> Harness {
     .await
 }
 
-/// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
 /// Sends `req` (no body) when `sender` is ready: the sender back, and the answer's status.
 async fn h2_status(
     sender: h2::client::SendRequest<bytes::Bytes>,
@@ -1912,6 +1902,18 @@ async fn h2_status(
     (sender, resp.status())
 }
 
+/// [`h2_metadata`] with a `Host` naming another entity than its `:authority`: a head the
+/// gateway refuses (400, `REQUEST_HEAD_REFUSED_HOST`).
+fn h2_other_host(h: &Harness) -> http::Request<()> {
+    let (mut req, _) = h2_metadata(h);
+    req.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("evil.example"),
+    );
+    req
+}
+
+/// A GP Connect metadata read for an `h2` client, and its Ssp-TraceID.
 fn h2_metadata(h: &Harness) -> (http::Request<()>, String) {
     let built = Gpc::new(
         Method::GET,
